@@ -1,0 +1,48 @@
+"""maas-worker: secure asynchronous model-inference jobs on Celery and Redis."""
+
+from __future__ import annotations
+
+from .client import Client, Job
+from .errors import (
+    ConfigError,
+    InputTooLarge,
+    InvalidEnvelope,
+    JobError,
+    JobFailed,
+    JobRejected,
+    KeyringError,
+    MaasError,
+    ModelError,
+    PolicyDenied,
+    ResultTimeout,
+    SubmitError,
+    UnknownJob,
+    UnknownModel,
+    UnknownTenant,
+)
+from .settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # client
+    "Client",
+    "Job",
+    "Settings",
+    # errors
+    "ConfigError",
+    "InputTooLarge",
+    "InvalidEnvelope",
+    "JobError",
+    "JobFailed",
+    "JobRejected",
+    "KeyringError",
+    "MaasError",
+    "ModelError",
+    "PolicyDenied",
+    "ResultTimeout",
+    "SubmitError",
+    "UnknownJob",
+    "UnknownModel",
+    "UnknownTenant",
+]

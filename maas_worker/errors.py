@@ -1,0 +1,117 @@
+"""Every error maas-worker raises, under one root.
+
+::
+
+    MaasError
+    ├── ConfigError            bad settings, flags or environment
+    ├── KeyringError           keyring missing, unreadable, unsafe or inconsistent
+    │   └── UnknownTenant      no such tenant, or it has no usable key
+    ├── InvalidEnvelope        ANY failure to open untrusted bytes (one opaque error)
+    │   └── EnvelopeRejected   the same, carrying the audit reason (worker side only)
+    ├── SubmitError            a job refused at the client before anything was enqueued
+    │   ├── UnknownModel       no worker serves that model
+    │   ├── PolicyDenied       the tenant may not use that model or priority
+    │   └── InputTooLarge      the sealed job would exceed the size limit
+    ├── JobError               a submitted job did not produce a result
+    │   ├── JobRejected        a worker refused the job (reason: see `maas-worker audit`)
+    │   ├── JobFailed          the model ran and failed
+    │   └── UnknownJob         no such job (never submitted, or expired)
+    ├── ResultTimeout          no result within the timeout (also a TimeoutError)
+    └── ModelError             a model could not run an input (becomes JobFailed)
+
+Untrusted input never gets a specific error: opening an envelope fails with
+`InvalidEnvelope` whatever went wrong, and the reason goes to the audit log.
+`ValueError`/`TypeError` are kept for programmer mistakes.
+"""
+
+from __future__ import annotations
+
+
+class MaasError(Exception):
+    """Root of every maas-worker error."""
+
+
+class ConfigError(MaasError):
+    """Raised when settings, flags or environment variables are invalid."""
+
+
+class KeyringError(MaasError):
+    """Raised when the keyring is missing, unreadable, unsafe or inconsistent."""
+
+
+class UnknownTenant(KeyringError):
+    """Raised when a tenant is not in the keyring or has no usable key."""
+
+
+class InvalidEnvelope(MaasError):
+    """Raised for every failure to open an envelope; deliberately carries no reason."""
+
+    def __init__(self) -> None:
+        super().__init__("invalid envelope")
+
+
+class SubmitError(MaasError):
+    """Raised when a job is refused at the client, before anything is enqueued."""
+
+
+class UnknownModel(SubmitError):
+    """Raised when no worker serves the requested model."""
+
+
+class PolicyDenied(SubmitError):
+    """Raised when the tenant's policy forbids the model or the priority."""
+
+
+class InputTooLarge(SubmitError):
+    """Raised when a job's sealed size exceeds the configured limit."""
+
+
+class JobError(MaasError):
+    """Raised when a submitted job did not produce a result."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(f"job {job_id}: {message}")
+        self.job_id = job_id
+
+
+class JobRejected(JobError):
+    """Raised when a worker refused the job; the reason is in the audit log only."""
+
+
+class JobFailed(JobError):
+    """Raised when the model ran and failed; `reason` is a short code, never payload."""
+
+    def __init__(self, job_id: str, reason: str, message: str) -> None:
+        super().__init__(job_id, f"failed ({reason}): {message}")
+        self.reason = reason
+
+
+class UnknownJob(JobError):
+    """Raised when no job with this id is known (never submitted, or expired)."""
+
+
+class ResultTimeout(MaasError, TimeoutError):
+    """Raised when a result did not arrive within the timeout."""
+
+
+class ModelError(MaasError):
+    """Raised by a model that cannot run an input; the message must not echo payload."""
+
+    def __init__(self, message: str, reason: str = "model_error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class EnvelopeRejected(InvalidEnvelope):
+    """Raised inside the worker with the audit reason; still prints as "invalid envelope".
+
+    ``reason`` is for the audit log only; ``unverified_header`` is whatever
+    header could be parsed, which is untrusted unless ``authenticated``.
+    """
+
+    def __init__(self, reason: str, unverified_header: object | None = None,
+                 *, authenticated: bool = False) -> None:
+        super().__init__()
+        self.reason = reason
+        self.unverified_header = unverified_header
+        self.authenticated = authenticated

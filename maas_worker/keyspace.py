@@ -1,0 +1,39 @@
+"""Names of every Redis key maas-worker writes in the result backend, in one place.
+
+None of them ever holds plaintext: results are sealed envelopes, the rest
+are markers, holder ids and audit records without payload.
+"""
+
+from __future__ import annotations
+
+PREFIX = "maas:"
+AUDIT_STREAM = PREFIX + "audit"
+#: Sorted set: model reference -> last time (unix s) a worker said it serves it.
+CATALOG = PREFIX + "catalog"
+#: Sorted set: worker node name -> last heartbeat (unix s).
+NODES = PREFIX + "nodes"
+
+
+def claim(job_id: str) -> str:
+    """Replay claim and lease: holder id while running, ``done`` once finished."""
+    return f"{PREFIX}claim:{job_id}"
+
+
+def result(job_id: str) -> str:
+    """The sealed result envelope (write-once)."""
+    return f"{PREFIX}result:{job_id}"
+
+
+def done(job_id: str) -> str:
+    """A list a waiting client blocks on; one element is pushed when the job ends."""
+    return f"{PREFIX}done:{job_id}"
+
+
+def rejected(job_id: str) -> str:
+    """Marker: a worker refused a message carrying this job id."""
+    return f"{PREFIX}rejected:{job_id}"
+
+
+def submitted(job_id: str) -> str:
+    """Marker written by the client: the job was enqueued (status ``queued``)."""
+    return f"{PREFIX}job:{job_id}"

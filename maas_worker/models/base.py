@@ -1,0 +1,80 @@
+"""The model interface and the registry a worker resolves model references with."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from ..errors import ModelError
+
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$")
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None]:
+    """Split ``name`` or ``name@version``; ValueError with one line if invalid."""
+    name, _, version = ref.partition("@")
+    if not MODEL_NAME_RE.match(name) or (version and not VERSION_RE.match(version)):
+        raise ValueError(f"invalid model reference {ref!r}: use name or name@version")
+    return name, version or None
+
+
+def _version_key(version: str) -> tuple[tuple[int, Any], ...]:
+    # "10" sorts after "9": numeric parts compare as numbers.
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", version))
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What a worker runs. Implementations must be safe to call repeatedly.
+
+    ``predict`` receives the decrypted JSON input and returns a JSON-ready
+    dict. It raises `ModelError` for input it cannot handle; the message must
+    describe the problem without echoing the input.
+    """
+
+    name: str
+    version: str
+
+    def predict(self, inputs: Any) -> dict[str, Any]:
+        """Run the model on one job's input."""
+        ...
+
+
+class ModelRegistry:
+    """Models by name and version; ``name`` alone means the newest version."""
+
+    def __init__(self, models: Iterable[Model] = ()) -> None:
+        self._models: dict[str, dict[str, Model]] = {}
+        for m in models:
+            self.register(m)
+
+    def register(self, model: Model) -> None:
+        """Add (or replace) one model version."""
+        parse_model_ref(f"{model.name}@{model.version}")
+        self._models.setdefault(model.name, {})[model.version] = model
+
+    def resolve(self, ref: str) -> Model:
+        """The model for ``name`` or ``name@version``; `ModelError("unknown model")`."""
+        try:
+            name, version = parse_model_ref(ref)
+        except ValueError:
+            raise ModelError("unknown model", reason="unknown_model") from None
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelError("unknown model", reason="unknown_model")
+        if version is None:
+            return versions[max(versions, key=_version_key)]
+        try:
+            return versions[version]
+        except KeyError:
+            raise ModelError("unknown model version", reason="unknown_model") from None
+
+    def refs(self) -> list[str]:
+        """Every servable reference: each ``name`` and each ``name@version``."""
+        out = []
+        for name, versions in sorted(self._models.items()):
+            out.append(name)
+            out.extend(f"{name}@{v}" for v in sorted(versions, key=_version_key))
+        return out

@@ -1,0 +1,123 @@
+"""Per-process worker state: keyring, Redis clients, guard, audit log, models.
+
+Built once per worker process (after the prefork fork, never shared across
+it) and reused by every job. The main worker process also advertises the
+models it serves, so clients can refuse an unknown model before enqueueing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+
+import redis
+
+from . import keyspace
+from .audit import AuditLog
+from .guard import JobGuard, LeaseKeeper
+from .keys import KeyringSource
+from .models import EchoModel, ModelRegistry, SleepModel
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: How often a worker refreshes its entry in the model catalogue and node list.
+ADVERTISE_INTERVAL_S = 10.0
+#: A catalogue entry older than this is no longer offered to clients.
+CATALOG_TTL_S = 3600.0
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    """The models this deployment serves."""
+    registry = ModelRegistry()
+    if settings.diagnostic_models:
+        registry.register(EchoModel())
+        registry.register(SleepModel())
+    return registry
+
+
+def backend_client(settings: Settings) -> redis.Redis:
+    """A Redis client for the result backend (claims, results, audit)."""
+    return redis.Redis.from_url(settings.result_backend, health_check_interval=25,
+                                socket_keepalive=True)
+
+
+class WorkerRuntime:
+    """Everything a job needs that is worth building only once per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keyring = KeyringSource(settings.keyring_path)
+        self.backend = backend_client(settings)
+        self.guard = JobGuard(self.backend, lease_s=settings.lease_s)
+        self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen)
+        self.registry = build_registry(settings)
+        self._lease_keeper = LeaseKeeper(self.guard)
+        self._lease_keeper.start()
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_pid: int | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> WorkerRuntime:
+    """This process's runtime, built on first use (and rebuilt after a fork)."""
+    global _runtime, _runtime_pid
+    pid = os.getpid()
+    if _runtime is None or _runtime_pid != pid:
+        with _runtime_lock:
+            if _runtime is None or _runtime_pid != pid:
+                _runtime = WorkerRuntime(Settings.from_env())
+                _runtime_pid = pid
+    return _runtime
+
+
+def advertise(client: redis.Redis, node: str, refs: list[str]) -> None:
+    """Record that ``node`` is alive and serves ``refs``."""
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(keyspace.NODES, {node: now})
+    if refs:
+        pipe.zadd(keyspace.CATALOG, dict.fromkeys(refs, now))
+    pipe.zremrangebyscore(keyspace.CATALOG, "-inf", now - CATALOG_TTL_S)
+    pipe.zremrangebyscore(keyspace.NODES, "-inf", now - CATALOG_TTL_S)
+    pipe.execute()
+
+
+def withdraw(client: redis.Redis, node: str) -> None:
+    """Remove ``node`` from the live node list (clean shutdown)."""
+    client.zrem(keyspace.NODES, node)
+
+
+class Advertiser:
+    """Daemon thread in the main worker process keeping its advertisement fresh."""
+
+    def __init__(self, settings: Settings, node: str | None = None) -> None:
+        self.node = node or socket.gethostname()
+        self._client = backend_client(settings)
+        self._refs = build_registry(settings).refs()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maas-advertise", daemon=True)
+
+    def start(self) -> None:
+        """Advertise now and then every `ADVERTISE_INTERVAL_S`."""
+        advertise(self._client, self.node, self._refs)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and withdraw the node."""
+        self._stop.set()
+        with contextlib.suppress(redis.RedisError):
+            withdraw(self._client, self.node)
+
+    def _run(self) -> None:
+        while not self._stop.wait(ADVERTISE_INTERVAL_S):
+            try:
+                advertise(self._client, self.node, self._refs)
+            except redis.RedisError:
+                log.warning("could not refresh the model catalogue; retrying")

@@ -1,0 +1,196 @@
+"""The ``maas.infer`` task: open the sealed job, run the model, seal the result.
+
+Checks run in this order and fail closed (docs/security.md explains each):
+size -> version/type -> key lookup -> time window -> HMAC -> task name/id
+binding -> replay claim -> decrypt -> tenant policy -> model -> run -> seal ->
+store write-once. A rejected message is acknowledged, audited and marked so
+its client learns of it; the worker carries on with the next message.
+
+The binding check sits before the claim (the design lists it after decrypt)
+because after the HMAC the header is already authentic: checking it first
+means an envelope copied into a message with another task id can never take
+the real job's claim.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+from celery import Task, shared_task, signals
+from celery.exceptions import Reject
+
+from .envelope import Header, Verified, now_ms, seal, verify
+from .errors import EnvelopeRejected, KeyringError, ModelError
+from .runtime import Advertiser, WorkerRuntime, build_registry, get_runtime
+from .settings import Settings, queue_for
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "maas.infer"
+#: Pause before handing a message back when Redis or the keyring is unavailable,
+#: so an outage is not a hot loop.
+INFRA_BACKOFF_S = 1.0
+
+
+def _reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
+            *, authenticated: bool) -> None:
+    tenant = header.tenant if header is not None else ""
+    rt.audit.record(job_id=job_id, tenant=tenant, reason=reason, verified=authenticated)
+    if reason != "replayed":
+        rt.guard.mark_rejected(job_id, ttl_s=rt.settings.result_ttl_s,
+                               authenticated=authenticated)
+    log.warning("job %r rejected: %s", job_id[:64], reason)
+
+
+def _run_model(rt: WorkerRuntime, header: Header, plaintext: bytes) -> dict[str, Any] | str:
+    """The result document, or an audit reason if the job must be rejected instead."""
+    try:
+        inputs = json.loads(plaintext)
+    except ValueError:
+        return "malformed"
+    try:
+        model = rt.registry.resolve(header.model)
+    except ModelError:
+        return "policy"
+    try:
+        return {"ok": True, "output": model.predict(inputs)}
+    except ModelError as exc:
+        return {"ok": False, "error": exc.reason, "message": str(exc)}
+    except Exception as exc:
+        # The exception text may quote the input: log its type only.
+        log.error("job %s: model %s raised %s", header.job_id, header.model,
+                  type(exc).__name__)
+        return {"ok": False, "error": "internal_error", "message": "the model failed"}
+
+
+def _seal_result(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> bytes:
+    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    if len(body) > rt.settings.max_result_bytes:
+        body = json.dumps({"ok": False, "error": "oversize",
+                           "message": "the result exceeds the size limit"}).encode()
+    req = verified.header
+    issued = now_ms()
+    header = Header("result", req.key_version, issued, issued + rt.settings.result_ttl_s * 1000,
+                    req.priority, req.tenant, req.job_id, req.task, req.model,
+                    req.digest())
+    return seal(verified.keys, header, body)
+
+
+def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> str:
+    """Run one delivery through the pipeline; returns the outcome (for logs and tests)."""
+    job_id = str(task.request.id or "")
+    s = rt.settings
+    # -- checks on untrusted bytes -------------------------------------------
+    if len(args) != 1 or kwargs or not isinstance(args[0], str):
+        _reject(rt, job_id, "malformed", None, authenticated=False)
+        return "malformed"
+    text = args[0]
+    if len(text) > s.max_envelope_chars:
+        _reject(rt, job_id, "oversize", None, authenticated=False)
+        return "oversize"
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        _reject(rt, job_id, "malformed", None, authenticated=False)
+        return "malformed"
+    try:
+        verified = verify(data, expect="request", keyring=rt.keyring.get(),
+                          max_bytes=s.max_envelope_chars, skew_ms=s.clock_skew_s * 1000)
+    except EnvelopeRejected as exc:
+        header = exc.unverified_header if isinstance(exc.unverified_header, Header) else None
+        _reject(rt, job_id, exc.reason, header, authenticated=False)
+        return exc.reason
+    header = verified.header
+    # -- authenticated from here on ------------------------------------------
+    routed = (task.request.delivery_info or {}).get("routing_key")
+    if header.job_id != job_id or header.task != task.name or (
+            routed is not None and routed != queue_for(header.priority)):
+        _reject(rt, job_id, "tampered", header, authenticated=False)
+        return "tampered"
+    outcome = rt.guard.claim(header.job_id)
+    if outcome == "replayed":
+        _reject(rt, job_id, "replayed", header, authenticated=True)
+        return "replayed"
+    if outcome == "busy":
+        # Another live worker runs this job. Do not run it twice, and do not
+        # drop this copy either: if that worker dies, this copy is the job.
+        raise task.retry(countdown=s.lease_s, max_retries=None)
+    try:
+        plaintext = verified.decrypt()
+    except EnvelopeRejected:
+        _reject(rt, job_id, "tampered", header, authenticated=True)
+        return "tampered"
+    try:
+        policy = rt.keyring.get().tenant(header.tenant).policy
+    except KeyringError:
+        _reject(rt, job_id, "unknown_key", header, authenticated=True)
+        return "unknown_key"
+    if not (policy.allows_model(header.model) and policy.allows_priority(header.priority)):
+        _reject(rt, job_id, "policy", header, authenticated=True)
+        return "policy"
+    doc = _run_model(rt, header, plaintext)
+    del plaintext
+    if isinstance(doc, str):
+        _reject(rt, job_id, doc, header, authenticated=True)
+        return doc
+    sealed = _seal_result(rt, verified, doc)
+    replay_window_ms = max(0, header.expires_at_ms - now_ms()) + s.clock_skew_s * 1000
+    stored = rt.guard.store_result(header.job_id, sealed, result_ttl_s=s.result_ttl_s,
+                                   replay_window_ms=replay_window_ms)
+    return ("succeeded" if doc["ok"] else "failed") if stored else "duplicate"
+
+
+@shared_task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True)
+def infer(self: Task, *args: Any, **kwargs: Any) -> None:
+    """Celery entry point. Takes exactly one argument: the base64 envelope.
+
+    Returns nothing: the sealed result is stored by the pipeline, so neither
+    Celery's result backend nor Flower ever sees it.
+    """
+    try:
+        rt = get_runtime()
+        process(rt, self, args, kwargs)
+    except (redis.RedisError, KeyringError, OSError) as exc:
+        # Infrastructure, not the message: hand it back so nothing accepted is
+        # lost. Give up our claim so the next delivery can take the job.
+        log.error("job %s: %s; requeueing", self.request.id, type(exc).__name__)
+        try:
+            get_runtime().guard.release(str(self.request.id))
+        except Exception:
+            log.debug("claim release failed", exc_info=False)
+        time.sleep(INFRA_BACKOFF_S)
+        raise Reject(type(exc).__name__, requeue=True) from None
+
+
+_advertiser: Advertiser | None = None
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    global _advertiser
+    settings = Settings.from_env()
+    node = getattr(sender, "hostname", None)
+    _advertiser = Advertiser(settings, node)
+    _advertiser.start()
+    log.info("maas worker %s ready; models: %s", _advertiser.node,
+             ", ".join(build_registry(settings).refs()) or "(none)")
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    if _advertiser is not None:
+        _advertiser.stop()
+
+
+@signals.worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    # Build the runtime (and its lease thread) in each pool child up front, so
+    # the first job does not pay for it and configuration errors show at start.
+    get_runtime()
