@@ -1,0 +1,7 @@
+"""``python -m maas_worker`` is the ``maas-worker`` command."""
+
+from __future__ import annotations
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""The ``maas-worker`` command line (also ``python -m maas_worker``).
+
+Every failure prints one line, ``maas-worker: error: ...``, on stderr and
+exits non-zero; stdout carries only results (job ids, JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from .errors import ConfigError, MaasError
+from .settings import PRIORITIES, Settings, redact_url
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        broker_url=getattr(args, "broker_url", None),
+        keyring_path=Path(args.keyring) if getattr(args, "keyring", None) else None,
+        tenant=getattr(args, "tenant", None),
+    )
+
+
+# -- keys ----------------------------------------------------------------------
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .keys import Keyring, KeyState, TenantPolicy, edit_keyring, load_keyring
+
+    settings = _settings(args)
+    path = settings.keyring_path
+    if args.keys_cmd == "list":
+        rows = load_keyring(path).summary()
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+        else:
+            print(f"{'TENANT':<24} {'VERSION':>7}  {'STATE':<13} CREATED")
+            for row in rows:
+                print(f"{row['tenant']:<24} {row['version']:>7}  {row['state']:<13} "
+                      f"{row['created_at']}")
+        return 0
+    if args.keys_cmd == "init":
+        policy = TenantPolicy(
+            tuple(m for m in args.allow_models.split(",") if m) if args.allow_models else None,
+            args.max_priority)
+        with edit_keyring(path, create=True) as box:
+            box[0] = box[0].with_new_tenant(args.tenant, policy)
+        print(f"tenant {args.tenant}: key version 1 is primary ({path})")
+        return 0
+    if args.keys_cmd == "rotate":
+        with edit_keyring(path) as box:
+            box[0], version = box[0].with_rotation(args.tenant, stage=args.stage)
+        what = "decrypt-only (promote it once every host has it)" if args.stage else "primary"
+        print(f"tenant {args.tenant}: key version {version} is {what}")
+        return 0
+    if args.keys_cmd in ("promote", "retire"):
+        state: KeyState = "primary" if args.keys_cmd == "promote" else "retired"
+        with edit_keyring(path) as box:
+            box[0] = box[0].with_state(args.tenant, args.version, state)
+        print(f"tenant {args.tenant}: key version {args.version} is {state}")
+        return 0
+    if args.keys_cmd == "export":
+        from .keys import save_keyring
+
+        ring: Keyring = load_keyring(path).only(args.tenant)
+        save_keyring(Path(args.out), ring)
+        print(f"wrote {args.out} with tenant {args.tenant} only (mode 0600)")
+        return 0
+    raise ConfigError(f"unknown keys command {args.keys_cmd!r}")
+
+
+# -- Celery processes --------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .app import QUEUE_NAMES, app, celery_config
+    from .keys import load_keyring
+
+    settings = Settings.from_env()
+    load_keyring(settings.keyring_path)  # refuse to start without a usable keyring
+    app.conf.update(celery_config(settings))
+    argv = ["worker", "-Q", ",".join(QUEUE_NAMES), "--loglevel", args.loglevel]
+    if args.concurrency:
+        argv += ["--concurrency", str(args.concurrency)]
+    if args.autoscale:
+        argv += ["--autoscale", args.autoscale]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    if args.pool:
+        argv += ["--pool", args.pool]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    from .app import app, celery_config
+
+    app.conf.update(celery_config(Settings.from_env()))
+    app.start(["beat", "--loglevel", args.loglevel])
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    import os
+
+    from .app import app, celery_config
+
+    settings = Settings.from_env()
+    auth = os.environ.get("MAAS_FLOWER_BASIC_AUTH")
+    if not auth and not args.unauthenticated:
+        raise ConfigError("refusing to start Flower without authentication: set "
+                          "MAAS_FLOWER_BASIC_AUTH=user:password (or pass --unauthenticated)")
+    app.conf.update(celery_config(settings))
+    argv = ["flower", f"--port={args.port}", f"--address={args.address}"]
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    app.start(argv)
+    return 0
+
+
+# -- jobs ------------------------------------------------------------------------------
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client
+
+    return Client(settings=_settings(args))
+
+
+def _read_input(args: argparse.Namespace) -> Any:
+    if args.input_file:
+        try:
+            text = Path(args.input_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {args.input_file}: {exc.strerror}") from None
+    else:
+        text = args.input
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--input is not valid JSON ({exc.msg} at position {exc.pos})") from None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    inputs = _read_input(args)
+    client = _client(args)
+    job = client.submit(args.model, inputs, priority=args.priority, ttl_s=args.ttl)
+    if not args.wait:
+        print(job.id)
+        return 0
+    print(json.dumps(job.result(timeout=args.timeout)))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print(_client(args).job(args.job_id).status())
+    return 0
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).job(args.job_id).result(timeout=args.timeout)))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import AuditLog
+    from .runtime import backend_client
+
+    settings = _settings(args)
+    records = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen).latest(args.limit)
+    for rec in records:
+        if args.json:
+            print(json.dumps(rec.to_json()))
+        else:
+            when = datetime.fromtimestamp(rec.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{when}  {rec.reason:<12} tenant={rec.tenant or '-'}"
+                  f"{'' if rec.verified else '(unverified)'}  job={rec.job_id}  "
+                  f"worker={rec.worker}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from . import keyspace
+    from .app import QUEUE_NAMES
+    from .runtime import backend_client
+
+    settings = _settings(args)
+    # redis-py types replies as unions; these are plain bytes/float replies.
+    backend: Any = backend_client(settings)
+    broker: Any = redis.Redis.from_url(settings.broker_url)
+    nodes = backend.zrange(keyspace.NODES, 0, -1, withscores=True)
+    depth = {q.removeprefix("maas."): int(broker.llen(q)) for q in QUEUE_NAMES}
+    now = time.time()
+    workers = [{"worker": n.decode(), "last_seen_s_ago": round(now - score, 1)}
+               for n, score in nodes]
+    if args.json:
+        print(json.dumps({"backlog": depth, "workers": workers}))
+    else:
+        print("backlog: " + "  ".join(f"{k}={v}" for k, v in depth.items()))
+        for w in workers:
+            print(f"{w['worker']:<40} last seen {w['last_seen_s_ago']} s ago")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(jobs_per_priority=args.jobs)
+
+
+# -- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    p = argparse.ArgumentParser(prog="maas-worker",
+                                description="Secure asynchronous model-inference jobs.")
+    p.add_argument("--broker-url", help="Redis URL (default: $MAAS_BROKER_URL)")
+    p.add_argument("--keyring", help="keyring file (default: $MAAS_KEYRING)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    keys = sub.add_parser("keys", help="manage tenant keys")
+    ks = keys.add_subparsers(dest="keys_cmd", required=True)
+    k = ks.add_parser("init", help="create a tenant with a fresh primary key")
+    k.add_argument("--tenant", required=True)
+    k.add_argument("--allow-models", help="comma-separated models the tenant may use (default all)")
+    k.add_argument("--max-priority", choices=PRIORITIES, default="high")
+    k = ks.add_parser("rotate", help="add a new key version and make it primary")
+    k.add_argument("--tenant", required=True)
+    k.add_argument("--stage", action="store_true",
+                   help="add it decrypt-only (step 1 of a multi-host rotation)")
+    for name, text in (("promote", "make a version primary"), ("retire", "retire a version")):
+        k = ks.add_parser(name, help=text)
+        k.add_argument("--tenant", required=True)
+        k.add_argument("--version", type=int, required=True)
+    k = ks.add_parser("list", help="tenants, versions and states (never secrets)")
+    k.add_argument("--json", action="store_true")
+    k = ks.add_parser("export", help="write a keyring holding one tenant (for its clients)")
+    k.add_argument("--tenant", required=True)
+    k.add_argument("--out", required=True)
+
+    w = sub.add_parser("worker", help="run a Celery worker")
+    w.add_argument("--concurrency", type=int)
+    w.add_argument("--autoscale", metavar="MAX,MIN")
+    w.add_argument("--hostname", "-n", help="node name (default celery@HOST)")
+    w.add_argument("--pool", choices=("prefork", "solo", "threads"))
+    w.add_argument("--loglevel", default="INFO")
+    b = sub.add_parser("beat", help="run Celery beat (exactly one per deployment)")
+    b.add_argument("--loglevel", default="INFO")
+    f = sub.add_parser("flower", help="run Flower (authentication required)")
+    f.add_argument("--port", type=int, default=5555)
+    f.add_argument("--address", default="127.0.0.1")
+    f.add_argument("--unauthenticated", action="store_true",
+                   help="allow Flower without authentication (local debugging only)")
+
+    s = sub.add_parser("submit", help="submit a job")
+    s.add_argument("--model", required=True)
+    s.add_argument("--priority", choices=PRIORITIES, default="normal")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="the input as JSON")
+    src.add_argument("--input-file", help="a file holding the input as JSON")
+    s.add_argument("--wait", action="store_true", help="wait and print the result as JSON")
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--ttl", type=int, help="seconds the job may wait in the queue")
+    s.add_argument("--tenant", help="tenant (default: $MAAS_TENANT)")
+
+    st = sub.add_parser("status", help="a job's status")
+    st.add_argument("job_id")
+    st.add_argument("--tenant")
+    r = sub.add_parser("result", help="wait for a job's result and print it as JSON")
+    r.add_argument("job_id")
+    r.add_argument("--timeout", type=float, default=60.0)
+    r.add_argument("--tenant")
+
+    a = sub.add_parser("audit", help="security events, newest first")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--limit", type=int, default=50)
+    sa = sub.add_parser("stats", help="workers and backlog")
+    sa.add_argument("--json", action="store_true")
+    d = sub.add_parser("demo", help="run the whole system locally and exit")
+    d.add_argument("--jobs", type=int, default=2, help="echo jobs per priority")
+    return p
+
+
+COMMANDS = {
+    "keys": cmd_keys, "worker": cmd_worker, "beat": cmd_beat, "flower": cmd_flower,
+    "submit": cmd_submit, "status": cmd_status, "result": cmd_result, "audit": cmd_audit,
+    "stats": cmd_stats, "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MaasError as exc:
+        print(f"maas-worker: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except redis.RedisError as exc:
+        url = redact_url(Settings.from_env().broker_url)
+        print(f"maas-worker: error: Redis unavailable ({url}): {type(exc).__name__}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
