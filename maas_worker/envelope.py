@@ -143,11 +143,17 @@ def parse_unverified_header(data: bytes) -> Header:
                   req_hash, bytes(data[:size]))
 
 
-def seal(keys: DerivedKeys, header: Header, plaintext: bytes) -> bytes:
-    """Encrypt ``plaintext`` under ``header`` and return the envelope bytes."""
+def seal(keys: DerivedKeys, header: Header, plaintext: bytes, *,
+         _nonce_for_test_vectors: bytes | None = None) -> bytes:
+    """Encrypt ``plaintext`` under ``header`` and return the envelope bytes.
+
+    The nonce is always 12 fresh bytes from the OS; the keyword exists only so
+    known-answer tests can reproduce a vector, and must never be used otherwise
+    (a repeated nonce under one key breaks GCM).
+    """
     raw = encode_header(header)
     enc_key = keys.request_enc if header.kind == "request" else keys.result_enc
-    nonce = os.urandom(NONCE_BYTES)
+    nonce = _nonce_for_test_vectors or os.urandom(NONCE_BYTES)
     cipher = AES.new(enc_key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
     cipher.update(raw)
     ciphertext, tag = cipher.encrypt_and_digest(plaintext)
