@@ -156,7 +156,8 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
     """
     try:
         rt = get_runtime()
-        process(rt, self, args, kwargs)
+        outcome = process(rt, self, args, kwargs)
+        log.info("job %r %s", str(self.request.id)[:64], outcome)
     except (redis.RedisError, KeyringError, OSError) as exc:
         # Infrastructure, not the message: hand it back so nothing accepted is
         # lost. Give up our claim so the next delivery can take the job.

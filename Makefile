@@ -1,0 +1,45 @@
+# `make demo` and `make test` work on a fresh machine with only Python 3.11+:
+# both create .venv and install the project into it first.
+
+# The first Python >= 3.11 found on PATH (override: make test PYTHON=python3.12).
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && echo $$p && break; done)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test check lint typecheck unit integration clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "maas-worker needs Python 3.11 or newer on PATH" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/maas-worker demo
+
+## test: lint, type-check, then every test (unit and integration)
+test: check
+	$(BIN)/pytest
+
+check: lint typecheck
+
+lint: venv
+	$(BIN)/ruff check maas_worker tests benchmarks
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+integration: venv
+	$(BIN)/pytest tests/integration
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,178 @@
+"""Integration fixtures: a real Redis server and real worker processes.
+
+Each `Stack` is a private Redis-compatible server (the embedded Valkey, on a
+free port) with its own keyring and workers, torn down after the test. With
+``MAAS_TEST_REDIS_URL`` set, stacks use that server instead, one database
+each, flushed before use (it is the URL we were given).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from maas_worker import Client
+from maas_worker.audit import AuditLog, AuditRecord
+from maas_worker.embedded import EmbeddedRedis
+from maas_worker.keys import Keyring, TenantPolicy, save_keyring
+from maas_worker.processes import WorkerProcess
+from maas_worker.settings import Settings
+
+WAIT_S = 60.0
+_db_counter = iter(range(1, 16))
+
+
+@dataclass
+class Stack:
+    """One isolated deployment: Redis, keyring, environment, workers."""
+
+    url: str
+    tmp: Path
+    keyring_path: Path
+    env: dict[str, str]
+    backend: redis.Redis
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.from_env(self.env)
+
+    def client(self, tenant: str = "acme", **kw: Any) -> Client:
+        return Client(settings=Settings.from_env({**self.env, "MAAS_TENANT": tenant}), **kw)
+
+    def start_worker(self, name: str | None = None, *, concurrency: int = 2,
+                     env: dict[str, str] | None = None) -> WorkerProcess:
+        name = name or f"w{len(self.workers) + 1}"
+        w = WorkerProcess(env={**self.env, **(env or {})}, name=name,
+                          log_path=self.tmp / f"{name}.log", concurrency=concurrency)
+        self.workers.append(w)
+        w.start()
+        w.wait_ready(self.backend)
+        return w
+
+    def worker_logs(self) -> str:
+        return "\n".join(w.log_path.read_text(errors="replace") for w in self.workers
+                         if w.log_path.exists())
+
+    def audit(self) -> list[AuditRecord]:
+        return AuditLog(self.backend, maxlen=10_000).latest(10_000)
+
+    def wait_audit(self, job_id: str, reason: str, timeout: float = WAIT_S) -> AuditRecord:
+        """Wait until an audit record for ``job_id`` with ``reason`` exists."""
+        def found() -> AuditRecord | None:
+            return next((r for r in self.audit() if r.job_id == job_id and r.reason == reason),
+                        None)
+        return wait_for(found, timeout, f"audit {reason} for {job_id}")
+
+    def queued_messages(self, queue: str) -> list[bytes]:
+        return list(self.backend.lrange(queue, 0, -1))
+
+    def rotate_keyring(self, ring: Keyring) -> None:
+        save_keyring(self.keyring_path, ring)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def make_keyring() -> Keyring:
+    ring = Keyring().with_new_tenant("acme")
+    return ring.with_new_tenant("globex", TenantPolicy(("echo",), "normal"))
+
+
+def _redis_url() -> tuple[str, EmbeddedRedis | None]:
+    given = os.environ.get("MAAS_TEST_REDIS_URL")
+    if given:
+        base = redis.Redis.from_url(given)
+        db = next(_db_counter)
+        url = given.rsplit("/", 1)[0] + f"/{db}" if given.count("/") >= 3 else f"{given}/{db}"
+        redis.Redis.from_url(url).flushdb()
+        base.close()
+        return url, None
+    server = EmbeddedRedis().start()
+    return server.url, server
+
+
+@pytest.fixture
+def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Stack]]:
+    """Factory: ``make_stack(**env)`` gives a fresh, isolated `Stack`."""
+    made: list[tuple[Stack, EmbeddedRedis | None]] = []
+
+    def factory(**extra_env: str) -> Stack:
+        tmp = tmp_path_factory.mktemp("stack")
+        url, server = _redis_url()
+        keyring_path = tmp / "keyring.json"
+        save_keyring(keyring_path, make_keyring())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+        env.update({
+            "MAAS_BROKER_URL": url, "MAAS_KEYRING": str(keyring_path),
+            "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_TENANT": "acme",
+            "MAAS_MODEL_DIR": str(tmp / "models"),
+            **extra_env,
+        })
+        stack = Stack(url, tmp, keyring_path, env, redis.Redis.from_url(url))
+        made.append((stack, server))
+        return stack
+
+    yield factory
+    for stack, server in made:
+        for w in stack.workers:
+            w.stop()
+        stack.backend.close()
+        if server is not None:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack with one running worker, shared by the tests of a module."""
+    tmp = tmp_path_factory.mktemp("shared")
+    url, server = _redis_url()
+    keyring_path = tmp / "keyring.json"
+    save_keyring(keyring_path, make_keyring())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    env.update({"MAAS_BROKER_URL": url, "MAAS_KEYRING": str(keyring_path),
+                "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_TENANT": "acme"})
+    stack = Stack(url, tmp, keyring_path, env, redis.Redis.from_url(url))
+    stack.start_worker("shared", concurrency=2)
+    yield stack
+    for w in stack.workers:
+        w.stop()
+    stack.backend.close()
+    if server is not None:
+        server.stop()
+
+
+def message_envelope(raw: bytes) -> tuple[dict[str, Any], str]:
+    """Decode a kombu Redis message: (message dict, the envelope argument)."""
+    import base64
+
+    msg = json.loads(raw)
+    body = json.loads(base64.b64decode(msg["body"]))
+    return msg, body[0][0]
+
+
+def replace_envelope(raw: bytes, envelope: str) -> bytes:
+    """Re-encode a kombu Redis message with another envelope argument."""
+    import base64
+
+    msg = json.loads(raw)
+    body = json.loads(base64.b64decode(msg["body"]))
+    body[0][0] = envelope
+    msg["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    return json.dumps(msg).encode()

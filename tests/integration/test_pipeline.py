@@ -1,0 +1,308 @@
+"""The secure pipeline end to end: real Redis server, real worker processes."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+
+import pytest
+
+from maas_worker import (
+    InputTooLarge,
+    JobFailed,
+    JobRejected,
+    KeyringError,
+    PolicyDenied,
+    SubmitError,
+    UnknownJob,
+    UnknownModel,
+    UnknownTenant,
+)
+from maas_worker.app import TASK_NAME
+from maas_worker.demo import scan_for
+from maas_worker.envelope import Header, now_ms, seal
+from maas_worker.keys import load_keyring
+from maas_worker.settings import queue_for
+
+from .conftest import Stack, message_envelope, replace_envelope, wait_for
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 60.0
+
+
+def outcome_lines(stack: Stack, job_id: str) -> list[str]:
+    return re.findall(rf"job '{re.escape(job_id)}' (\w+)\n", stack.worker_logs())
+
+
+# -- the happy path ---------------------------------------------------------------
+@pytest.mark.parametrize("priority", ["high", "normal", "low"])
+def test_round_trip_every_priority(shared_stack: Stack, priority: str) -> None:
+    client = shared_stack.client()
+    job = client.submit("echo", {"text": f"hello {priority}", "n": [1, 2.5, None]},
+                        priority=priority)
+    assert job.result(timeout=TIMEOUT) == {"echo": {"text": f"hello {priority}",
+                                                     "n": [1, 2.5, None]}}
+    assert job.status() == "succeeded"
+
+
+def test_status_moves_from_running_to_succeeded(shared_stack: Stack) -> None:
+    job = shared_stack.client().submit("sleep", {"seconds": 1.5})
+    wait_for(lambda: job.status() == "running", TIMEOUT, "status running")
+    assert job.result(timeout=TIMEOUT)["slept"] >= 1.5
+    assert job.status() == "succeeded"
+
+
+def test_model_error_fails_the_job_with_a_reason(shared_stack: Stack) -> None:
+    job = shared_stack.client().submit("sleep", {"seconds": "forever"})
+    with pytest.raises(JobFailed) as err:
+        job.result(timeout=TIMEOUT)
+    assert err.value.reason == "bad_input"
+    assert job.status() == "failed"
+
+
+def test_unknown_job_id(shared_stack: Stack) -> None:
+    with pytest.raises(UnknownJob):
+        shared_stack.client().job("no-such-job").status()
+
+
+# -- bad input at the client: nothing is enqueued ------------------------------------------
+def _queued(stack: Stack) -> int:
+    return sum(int(stack.backend.llen(queue_for(p))) for p in ("high", "normal", "low"))
+
+
+def test_client_refuses_bad_input_before_enqueueing(shared_stack: Stack) -> None:
+    client = shared_stack.client()
+    before = _queued(shared_stack)
+    with pytest.raises(UnknownModel, match="unknown model 'nope'"):
+        client.submit("nope", {})
+    with pytest.raises(SubmitError, match="not JSON"):
+        client.submit("echo", {"x": object()})
+    with pytest.raises(SubmitError, match="not JSON"):
+        client.submit("echo", {"x": float("nan")})
+    with pytest.raises(InputTooLarge, match="limit"):
+        client.submit("echo", {"x": "a" * (client.settings.max_input_bytes + 1)})
+    with pytest.raises(SubmitError, match="priority"):
+        client.submit("echo", {}, priority="urgent")
+    globex = shared_stack.client("globex")
+    with pytest.raises(PolicyDenied, match="priority"):
+        globex.submit("echo", {}, priority="high")
+    with pytest.raises(PolicyDenied, match="model"):
+        globex.submit("sleep", {"seconds": 0})
+    with pytest.raises(UnknownTenant):
+        shared_stack.client("initech")
+    assert _queued(shared_stack) == before
+    assert not shared_stack.backend.keys("maas:job:*") or all(
+        shared_stack.client().job(k.decode().split(":", 2)[2]).status() != "queued"
+        for k in shared_stack.backend.keys("maas:job:*"))
+
+
+def test_missing_keyring_is_one_clear_error(shared_stack: Stack) -> None:
+    from maas_worker import Client
+    from maas_worker.settings import Settings
+
+    env = {**shared_stack.env, "MAAS_KEYRING": str(shared_stack.tmp / "absent.json")}
+    with pytest.raises(KeyringError, match="not found.*keys init"):
+        Client(settings=Settings.from_env(env))
+
+
+# -- attacks through Redis --------------------------------------------------------------------
+def test_message_altered_in_redis_is_rejected_and_audited(make_stack) -> None:
+    stack = make_stack()
+    client = stack.client()
+    victim = client.submit("echo", {"text": "original"}, priority="high")
+    raw = stack.backend.lindex(queue_for("high"), 0)
+    _, envelope = message_envelope(raw)
+    data = bytearray(base64.b64decode(envelope))
+    data[-40] ^= 0x80  # inside the GCM tag
+    stack.backend.lset(queue_for("high"), 0,
+                       replace_envelope(raw, base64.b64encode(bytes(data)).decode()))
+    stack.start_worker()
+    with pytest.raises(JobRejected):
+        victim.result(timeout=TIMEOUT)
+    rec = stack.wait_audit(victim.id, "tampered")
+    assert rec.tenant == "acme" and not rec.verified
+    assert victim.status() == "rejected"
+    # the worker carries on
+    assert client.submit("echo", {"n": 1}).result(timeout=TIMEOUT) == {"echo": {"n": 1}}
+
+
+def test_every_header_field_altered_in_redis_is_rejected(make_stack) -> None:
+    """Priority, model, tenant, job id...: any header change is caught before running."""
+    stack = make_stack()
+    client = stack.client()
+    jobs = []
+    for offset in (1, 5, 10, 20, 24, 26, 30, 40, 60, 80):
+        job = client.submit("echo", {"text": "x"}, priority="low")
+        raw = stack.backend.lpop(queue_for("low"))  # the newest (kombu LPUSHes); put back altered
+        _, envelope = message_envelope(raw)
+        data = bytearray(base64.b64decode(envelope))
+        data[offset] ^= 0x01
+        stack.backend.lpush(queue_for("low"),
+                            replace_envelope(raw, base64.b64encode(bytes(data)).decode()))
+        jobs.append(job)
+    stack.start_worker()
+    for job in jobs:
+        with pytest.raises(JobRejected):
+            job.result(timeout=TIMEOUT)
+    reasons = {r.job_id: r.reason for r in stack.audit()}
+    assert set(reasons) == {j.id for j in jobs}
+    assert set(reasons.values()) <= {"tampered", "malformed", "unknown_key", "expired"}
+    for job in jobs:
+        assert "succeeded" not in outcome_lines(stack, job.id)
+
+
+def test_byte_identical_replay_is_refused_and_the_first_result_stays(make_stack) -> None:
+    stack = make_stack()
+    client = stack.client()
+    job = client.submit("echo", {"text": "once"}, priority="normal")
+    raw = stack.backend.lindex(queue_for("normal"), 0)
+    stack.start_worker()
+    assert job.result(timeout=TIMEOUT) == {"echo": {"text": "once"}}
+    stored = stack.backend.get(f"maas:result:{job.id}")
+    stack.backend.lpush(queue_for("normal"), raw)  # the attacker's copy
+    rec = stack.wait_audit(job.id, "replayed")
+    assert rec.verified
+    assert stack.backend.get(f"maas:result:{job.id}") == stored
+    assert job.status() == "succeeded"
+    assert outcome_lines(stack, job.id) == ["succeeded", "replayed"]
+
+
+def test_envelope_moved_to_another_task_id_is_refused(make_stack) -> None:
+    stack = make_stack()
+    client = stack.client()
+    header, envelope = client.seal("echo", {"text": "x"}, priority="high")
+    client.app.send_task(TASK_NAME, args=[envelope], task_id="someone-else",
+                         queue=queue_for("high"))
+    client.app.send_task(TASK_NAME, args=[envelope], task_id=header.job_id,
+                         queue=queue_for("low"))  # moved to another priority queue
+    stack.start_worker()
+    stack.wait_audit("someone-else", "tampered")
+    stack.wait_audit(header.job_id, "tampered")
+
+
+def test_expired_job_is_not_run(make_stack) -> None:
+    stack = make_stack(MAAS_CLOCK_SKEW_S="0")
+    job = stack.client().submit("echo", {"text": "late"}, ttl_s=1)
+    # the job must wait in the queue past its expiry: wait on the clock itself
+    expiry = time.time() + 1.05
+    while time.time() < expiry:
+        time.sleep(expiry - time.time())
+    stack.start_worker()
+    with pytest.raises(JobRejected):
+        job.result(timeout=TIMEOUT)
+    stack.wait_audit(job.id, "expired")
+
+
+def test_unknown_key_and_worker_side_policy(make_stack) -> None:
+    stack = make_stack()
+    # A tenant the workers do not know seals with its own keyring.
+    from maas_worker.keys import Keyring, save_keyring
+
+    foreign = stack.tmp / "foreign.json"
+    save_keyring(foreign, Keyring().with_new_tenant("intruder"))
+    intruder = stack.client("intruder", keyring=foreign)
+    j1 = intruder.submit("echo", {"text": "x"})
+    # A client that skips its own policy check: globex may not use "sleep".
+    ring = load_keyring(stack.keyring_path)
+    kv = ring.tenant("globex").primary()
+    h = Header("request", kv.version, now_ms(), now_ms() + 60_000, "normal", "globex",
+               "bypass-1", TASK_NAME, "sleep")
+    env = base64.b64encode(seal(kv.keys("globex"), h, b'{"seconds": 0}')).decode()
+    stack.client().app.send_task(TASK_NAME, args=[env], task_id="bypass-1",
+                                 queue=queue_for("normal"))
+    stack.start_worker()
+    stack.wait_audit(j1.id, "unknown_key")
+    rec = stack.wait_audit("bypass-1", "policy")
+    assert rec.tenant == "globex" and rec.verified
+
+
+@pytest.mark.parametrize(("args", "kwargs"), [
+    ([], {}), ([1], {}), (["a", "b"], {}), (["not base64!"], {}), (["QUJD"], {}),
+    ([{"envelope": "x"}], {}), (["QUJD"], {"extra": 1}),
+])
+def test_hostile_task_arguments_are_rejected_and_the_worker_carries_on(
+        shared_stack: Stack, args: list[object], kwargs: dict[str, object]) -> None:
+    client = shared_stack.client()
+    task_id = f"hostile-{time.time_ns()}"
+    client.app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=task_id,
+                         queue=queue_for("high"))
+    rec = shared_stack.wait_audit(task_id, "malformed")
+    assert rec.tenant == ""
+    assert client.submit("echo", {"ok": 1}).result(timeout=TIMEOUT) == {"echo": {"ok": 1}}
+
+
+# -- rotation with jobs in flight ------------------------------------------------------------
+def test_rotation_with_jobs_in_flight(make_stack) -> None:
+    stack = make_stack()
+    v1_ring = load_keyring(stack.keyring_path)
+    old_client = stack.client(keyring=v1_ring)  # a client that has not seen the rotation
+    in_flight = old_client.submit("echo", {"v": 1})  # sealed under version 1
+    ring, v2 = v1_ring.with_rotation("acme")
+    assert v2 == 2
+    stack.rotate_keyring(ring)
+    new_client = stack.client()
+    fresh = new_client.submit("echo", {"v": 2})
+    worker = stack.start_worker()
+    # the old client gets its result (sealed under v1, which it still holds)
+    assert in_flight.result(timeout=TIMEOUT) == {"echo": {"v": 1}}
+    assert fresh.result(timeout=TIMEOUT) == {"echo": {"v": 2}}
+    # once v1 is retired, a v1 job is refused
+    worker.stop()
+    stack.rotate_keyring(load_keyring(stack.keyring_path).with_state("acme", 1, "retired"))
+    late = old_client.submit("echo", {"v": 1})
+    stack.start_worker()
+    with pytest.raises(JobRejected):
+        late.result(timeout=TIMEOUT)
+    stack.wait_audit(late.id, "unknown_key")
+
+
+# -- crashes and duplicates -------------------------------------------------------------------
+def test_job_of_a_killed_worker_is_redelivered_and_completes_once(make_stack) -> None:
+    stack = make_stack(MAAS_VISIBILITY_TIMEOUT_S="2", MAAS_LEASE_S="3")
+    client = stack.client()
+    first = stack.start_worker("doomed", concurrency=1)
+    job = client.submit("sleep", {"seconds": 2})
+    wait_for(lambda: job.status() == "running", TIMEOUT, "the job to start")
+    first.kill()  # SIGKILL: no ack, no result, the lease stops being renewed
+    stack.start_worker("rescuer", concurrency=1)
+    assert job.result(timeout=TIMEOUT)["slept"] >= 2
+    assert outcome_lines(stack, job.id).count("succeeded") == 1
+    assert not [r for r in stack.audit() if r.job_id == job.id]
+
+
+def test_duplicate_delivery_while_running_is_not_run_twice(make_stack) -> None:
+    stack = make_stack(MAAS_LEASE_S="3")
+    client = stack.client()
+    job = client.submit("sleep", {"seconds": 2}, priority="normal")
+    raw = stack.backend.lindex(queue_for("normal"), 0)
+    stack.start_worker(concurrency=2)
+    wait_for(lambda: job.status() == "running", TIMEOUT, "the job to start")
+    stack.backend.lpush(queue_for("normal"), raw)  # a second copy, e.g. redelivery
+    assert job.result(timeout=TIMEOUT)["slept"] >= 2
+    stack.wait_audit(job.id, "replayed")  # the copy waited, then saw the result
+    assert outcome_lines(stack, job.id).count("succeeded") == 1
+
+
+# -- no plaintext anywhere -------------------------------------------------------------------
+def test_no_plaintext_in_redis_or_worker_logs(make_stack) -> None:
+    stack = make_stack()
+    client = stack.client()
+    marker = f"secret-input-{time.time_ns()}"
+    stack.start_worker()
+    jobs = [client.submit("echo", {"text": marker, "i": i}, priority=p)
+            for i, p in enumerate(["high", "normal", "low"] * 3)]
+    failing = client.submit("sleep", {"seconds": marker})  # error path too
+    for job in jobs:
+        assert job.result(timeout=TIMEOUT)["echo"]["text"] == marker
+    with pytest.raises(JobFailed):
+        failing.result(timeout=TIMEOUT)
+    keys_read, hits = scan_for(stack.backend, [marker.encode()])
+    assert keys_read > 10
+    assert hits == []
+    logs = stack.worker_logs()
+    assert marker not in logs
+    assert "succeeded" in logs  # the log we searched is the real one
+    secret = load_keyring(stack.keyring_path).tenant("acme").primary().secret
+    assert base64.b64encode(secret).decode() not in logs
+    assert secret.hex() not in logs

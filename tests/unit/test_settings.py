@@ -1,0 +1,281 @@
+"""Settings.from_env: defaults, every MAAS_* variable, validation, overrides, redaction."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from maas_worker import settings as settings_module
+from maas_worker.errors import ConfigError
+from maas_worker.settings import (
+    DEFAULT_AUDIT_MAXLEN,
+    DEFAULT_BROKER_URL,
+    DEFAULT_CLOCK_SKEW_S,
+    DEFAULT_JOB_TTL_S,
+    DEFAULT_LEASE_S,
+    DEFAULT_MAX_INPUT_BYTES,
+    DEFAULT_MAX_RESULT_BYTES,
+    DEFAULT_RESULT_TTL_S,
+    DEFAULT_VISIBILITY_TIMEOUT_S,
+    MAX_JOB_TTL_S,
+    PRIORITIES,
+    Settings,
+    queue_for,
+    redact_url,
+)
+
+HOME_ENV = {"XDG_CONFIG_HOME": "/cfg", "XDG_DATA_HOME": "/data"}
+
+
+def test_defaults() -> None:
+    s = Settings.from_env(HOME_ENV)
+    assert s.broker_url == DEFAULT_BROKER_URL == "redis://127.0.0.1:6379/0"
+    assert s.result_backend == DEFAULT_BROKER_URL
+    assert s.keyring_path == Path("/cfg/maas-worker/keyring.json")
+    assert s.tenant is None
+    assert s.model_dir == Path("/data/maas-worker/models")
+    assert s.visibility_timeout_s == DEFAULT_VISIBILITY_TIMEOUT_S
+    assert s.diagnostic_models is False
+    assert s.job_ttl_s == DEFAULT_JOB_TTL_S
+    assert s.result_ttl_s == DEFAULT_RESULT_TTL_S
+    assert s.max_input_bytes == DEFAULT_MAX_INPUT_BYTES
+    assert s.max_result_bytes == DEFAULT_MAX_RESULT_BYTES
+    assert s.clock_skew_s == DEFAULT_CLOCK_SKEW_S
+    assert s.lease_s == DEFAULT_LEASE_S
+    assert s.audit_maxlen == DEFAULT_AUDIT_MAXLEN
+
+
+def test_default_paths_without_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    s = Settings.from_env({})
+    assert s.keyring_path == tmp_path / ".config" / "maas-worker" / "keyring.json"
+    assert s.model_dir == tmp_path / ".local" / "share" / "maas-worker" / "models"
+
+
+def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAAS_TENANT", "acme")
+    monkeypatch.setenv("MAAS_LEASE_S", "20")
+    s = Settings.from_env()
+    assert s.tenant == "acme"
+    assert s.lease_s == 20
+
+
+def test_not_built_at_import() -> None:
+    assert not any(isinstance(v, Settings) for v in vars(settings_module).values())
+
+
+def test_frozen() -> None:
+    s = Settings.from_env(HOME_ENV)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.tenant = "acme"  # type: ignore[misc]
+
+
+def test_every_variable_is_read() -> None:
+    env = {
+        "MAAS_BROKER_URL": "redis://broker:6380/1",
+        "MAAS_RESULT_BACKEND": "rediss://backend:6390/2",
+        "MAAS_KEYRING": "/etc/maas/keyring.json",
+        "MAAS_TENANT": "acme",
+        "MAAS_MODEL_DIR": "/srv/models",
+        "MAAS_VISIBILITY_TIMEOUT_S": "120",
+        "MAAS_DIAGNOSTIC_MODELS": "1",
+        "MAAS_JOB_TTL_S": "600",
+        "MAAS_RESULT_TTL_S": "900",
+        "MAAS_MAX_INPUT_BYTES": "2048",
+        "MAAS_MAX_RESULT_BYTES": "4096",
+        "MAAS_CLOCK_SKEW_S": "5",
+        "MAAS_LEASE_S": "9",
+        "MAAS_AUDIT_MAXLEN": "500",
+    }
+    s = Settings.from_env(env)
+    assert s.broker_url == "redis://broker:6380/1"
+    assert s.result_backend == "rediss://backend:6390/2"
+    assert s.keyring_path == Path("/etc/maas/keyring.json")
+    assert s.tenant == "acme"
+    assert s.model_dir == Path("/srv/models")
+    assert s.visibility_timeout_s == 120
+    assert s.diagnostic_models is True
+    assert s.job_ttl_s == 600
+    assert s.result_ttl_s == 900
+    assert s.max_input_bytes == 2048
+    assert s.max_result_bytes == 4096
+    assert s.clock_skew_s == 5
+    assert s.lease_s == 9
+    assert s.audit_maxlen == 500
+
+
+def test_every_setting_has_a_variable() -> None:
+    """Each field but the two URL/path pairs maps to MAAS_<FIELD>; none is left unread."""
+    source = Path(settings_module.__file__).read_text()
+    names = {f.name for f in dataclasses.fields(Settings)}
+    special = {"broker_url": "MAAS_BROKER_URL", "result_backend": "MAAS_RESULT_BACKEND",
+               "keyring_path": "MAAS_KEYRING", "diagnostic_models": "MAAS_DIAGNOSTIC_MODELS"}
+    for name in names:
+        assert f'"{special.get(name, "MAAS_" + name.upper())}"' in source, name
+
+
+def test_result_backend_defaults_to_the_broker_url() -> None:
+    s = Settings.from_env({"MAAS_BROKER_URL": "redis://:pw@broker:6380/3"})
+    assert s.result_backend == "redis://:pw@broker:6380/3"
+    s = Settings.from_env({"MAAS_BROKER_URL": "redis://broker/1", "MAAS_RESULT_BACKEND": ""})
+    assert s.result_backend == "redis://broker/1"
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:1/0", "rediss://h/0", "redis+socket:///tmp/r.sock", "unix:///tmp/r.sock"]
+)
+def test_accepted_url_schemes(url: str) -> None:
+    s = Settings.from_env({"MAAS_BROKER_URL": url})
+    assert s.broker_url == url
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "on", " 1 "])
+def test_diagnostic_models_on(value: str) -> None:
+    assert Settings.from_env({"MAAS_DIAGNOSTIC_MODELS": value}).diagnostic_models is True
+
+
+@pytest.mark.parametrize("value", ["", "0", "false", "no", "off"])
+def test_diagnostic_models_off(value: str) -> None:
+    assert Settings.from_env({"MAAS_DIAGNOSTIC_MODELS": value}).diagnostic_models is False
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["MAAS_TENANT", "MAAS_KEYRING", "MAAS_MODEL_DIR", "MAAS_BROKER_URL", "MAAS_LEASE_S"],
+)
+def test_empty_values_mean_default(name: str) -> None:
+    assert Settings.from_env({**HOME_ENV, name: ""}) == Settings.from_env(HOME_ENV)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAAS_BROKER_URL", "http://broker:6379"),
+        ("MAAS_BROKER_URL", "amqp://guest@rabbit//"),
+        ("MAAS_BROKER_URL", "broker:6379"),
+        ("MAAS_RESULT_BACKEND", "db+sqlite:///results.db"),
+        ("MAAS_VISIBILITY_TIMEOUT_S", "ten"),
+        ("MAAS_VISIBILITY_TIMEOUT_S", "0"),
+        ("MAAS_VISIBILITY_TIMEOUT_S", "1.5"),
+        ("MAAS_JOB_TTL_S", "-1"),
+        ("MAAS_JOB_TTL_S", str(MAX_JOB_TTL_S + 1)),
+        ("MAAS_RESULT_TTL_S", "0"),
+        ("MAAS_MAX_INPUT_BYTES", "1MB"),
+        ("MAAS_MAX_RESULT_BYTES", "0"),
+        ("MAAS_CLOCK_SKEW_S", "-1"),
+        ("MAAS_LEASE_S", "2"),
+        ("MAAS_AUDIT_MAXLEN", "99"),
+        ("MAAS_AUDIT_MAXLEN", "lots"),
+    ],
+)
+def test_invalid_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({name: value})
+    message = str(info.value)
+    assert name in message
+    assert "\n" not in message
+
+
+def test_limits_at_their_minimum_are_accepted() -> None:
+    s = Settings.from_env({"MAAS_CLOCK_SKEW_S": "0", "MAAS_LEASE_S": "3",
+                           "MAAS_AUDIT_MAXLEN": "100", "MAAS_JOB_TTL_S": str(MAX_JOB_TTL_S)})
+    assert (s.clock_skew_s, s.lease_s, s.audit_maxlen, s.job_ttl_s) == (0, 3, 100, MAX_JOB_TTL_S)
+
+
+def test_overrides_win() -> None:
+    env = {"MAAS_BROKER_URL": "redis://env/0", "MAAS_TENANT": "acme",
+           "MAAS_KEYRING": "/env/keyring.json", "MAAS_LEASE_S": "9"}
+    s = Settings.from_env(env, tenant="globex", keyring_path=Path("/flag/keyring.json"),
+                          broker_url="redis://flag/1", lease_s=30)
+    assert s.tenant == "globex"
+    assert s.keyring_path == Path("/flag/keyring.json")
+    assert s.broker_url == "redis://flag/1"
+    assert s.lease_s == 30
+
+
+def test_none_overrides_are_ignored() -> None:
+    env = {"MAAS_TENANT": "acme", "MAAS_BROKER_URL": "redis://env/0"}
+    s = Settings.from_env(env, tenant=None, broker_url=None, keyring_path=None)
+    assert s == Settings.from_env(env)
+
+
+def test_unknown_override_is_a_programmer_error() -> None:
+    with pytest.raises(TypeError):
+        Settings.from_env({}, no_such_setting=1)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Settings.from_env derives result_backend from the broker URL *before* applying "
+    "overrides, so `--broker-url` without MAAS_RESULT_BACKEND leaves the result backend on "
+    "the old/default broker",
+)
+def test_broker_url_override_moves_the_default_result_backend() -> None:
+    s = Settings.from_env({}, broker_url="redis://other:6380/1")
+    assert s.result_backend == "redis://other:6380/1"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="overrides bypass validation: Settings.from_env(broker_url='http://...') is "
+    "accepted although MAAS_BROKER_URL with the same value raises ConfigError",
+)
+def test_overrides_are_validated() -> None:
+    with pytest.raises(ConfigError, match="broker"):
+        Settings.from_env({}, broker_url="http://not-redis:80")
+
+
+def test_repr_never_contains_a_url_password() -> None:
+    env = {"MAAS_BROKER_URL": "redis://user:s3cr3t-broker@broker:6379/0",
+           "MAAS_RESULT_BACKEND": "rediss://:s3cr3t-backend@backend:6380/0"}
+    s = Settings.from_env(env)
+    for text in (repr(s), str(s), repr(Settings.from_env({}, broker_url=env["MAAS_BROKER_URL"]))):
+        assert "s3cr3t" not in text
+    assert s.broker_url.endswith("@broker:6379/0")  # the value itself is intact
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
+        ("redis://user:pw@host:6379/0", "redis://user:***@host:6379/0"),
+        ("rediss://user:p%40ss@host/1", "rediss://user:***@host/1"),
+        ("redis://user:p@ss@host:6379", "redis://user:***@host:6379"),
+        ("redis://:pw@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("redis://user@host:6379/0", "redis://user@host:6379/0"),
+        ("redis+socket:///tmp/redis.sock", "redis+socket:///tmp/redis.sock"),
+        ("", ""),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="redact_url only redacts the userinfo password; redis-py also takes the password "
+    "as a query parameter (unix:///path?password=...), which is then printed by the CLI's "
+    "'Redis unavailable (URL)' error",
+)
+@pytest.mark.parametrize(
+    "url", ["unix:///tmp/redis.sock?db=0&password=s3cr3t", "redis://host:6379/0?password=s3cr3t"]
+)
+def test_redact_url_query_password(url: str) -> None:
+    assert "s3cr3t" not in redact_url(url)
+
+
+def test_queue_for() -> None:
+    assert PRIORITIES == ("high", "normal", "low")
+    assert [queue_for(p) for p in PRIORITIES] == ["maas.high", "maas.normal", "maas.low"]
+    with pytest.raises(ConfigError, match="urgent"):
+        queue_for("urgent")
+
+
+def test_max_envelope_chars_grows_with_the_input_limit() -> None:
+    small = Settings.from_env({"MAAS_MAX_INPUT_BYTES": "1000"})
+    large = Settings.from_env({"MAAS_MAX_INPUT_BYTES": "100000"})
+    assert small.max_envelope_chars > 1000 * 4 // 3
+    assert large.max_envelope_chars > small.max_envelope_chars
