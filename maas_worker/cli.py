@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,11 +26,7 @@ EXIT_USAGE = 2
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(
-        broker_url=getattr(args, "broker_url", None),
-        keyring_path=Path(args.keyring) if getattr(args, "keyring", None) else None,
-        tenant=getattr(args, "tenant", None),
-    )
+    return Settings.from_env(tenant=getattr(args, "tenant", None))
 
 
 # -- keys ----------------------------------------------------------------------
@@ -109,8 +106,6 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
-    import os
-
     from .app import app, celery_config
 
     settings = Settings.from_env()
@@ -296,6 +291,12 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = build_parser().parse_args(argv)
+    # Global flags override the environment for this process and every process
+    # it starts (worker pool children read their settings from it).
+    if args.broker_url:
+        os.environ["MAAS_BROKER_URL"] = args.broker_url
+    if args.keyring:
+        os.environ["MAAS_KEYRING"] = args.keyring
     try:
         return COMMANDS[args.command](args)
     except MaasError as exc:

@@ -102,7 +102,7 @@ def test_missing_keyring_is_one_clear_error(shared_stack: Stack) -> None:
     from maas_worker.settings import Settings
 
     env = {**shared_stack.env, "MAAS_KEYRING": str(shared_stack.tmp / "absent.json")}
-    with pytest.raises(KeyringError, match="not found.*keys init"):
+    with pytest.raises(KeyringError, match=r"not found.*keys init"):
         Client(settings=Settings.from_env(env))
 
 
@@ -306,3 +306,21 @@ def test_no_plaintext_in_redis_or_worker_logs(make_stack) -> None:
     secret = load_keyring(stack.keyring_path).tenant("acme").primary().secret
     assert base64.b64encode(secret).decode() not in logs
     assert secret.hex() not in logs
+
+
+# -- priority ------------------------------------------------------------------------------------
+def test_queues_are_consumed_high_then_normal_then_low(make_stack) -> None:
+    stack = make_stack()
+    client = stack.client()
+    lows = [client.submit("sleep", {"seconds": 0.05}, priority="low") for _ in range(12)]
+    normal = client.submit("echo", {"p": "normal"}, priority="normal")
+    high = client.submit("echo", {"p": "high"}, priority="high")
+    stack.start_worker(concurrency=1)
+    for job in [high, normal, *lows]:
+        job.result(timeout=TIMEOUT)
+    order = re.findall(r"job '([0-9a-f-]+)' succeeded\n", stack.worker_logs())
+    assert len(order) == 14
+    # with one process and prefetch 1, at most one low job is reserved ahead
+    assert order.index(high.id) <= 1
+    assert order.index(normal.id) <= 2
+    assert order.index(high.id) < order.index(normal.id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import random
 import re
 import struct
@@ -306,8 +307,6 @@ def test_swapping_the_tenant_for_another_known_tenant_is_tampered() -> None:
 
 
 def test_ciphertext_with_a_recomputed_mac_fails_the_gcm_tag() -> None:
-    import hmac
-
     mutated = bytearray(kat_request()[:-32])
     mutated[HEADER_LEN + 12] ^= 0x01  # first ciphertext byte
     forged = bytes(mutated) + hmac.digest(KEYS.mac, bytes(mutated), "sha256")
@@ -448,6 +447,26 @@ def test_invalid_utf8_in_a_string_is_malformed() -> None:
     env = bytearray(kat_request())
     env[31] = 0xFF  # first byte of the job id
     assert reason(bytes(env)) == "malformed"
+
+
+def _signed(header_tail: bytes, *, header_len: int | None = None) -> bytes:
+    """A request whose header ends in ``header_tail``, with a valid MAC (no valid GCM tag)."""
+    size = 25 + len(header_tail) if header_len is None else header_len
+    fixed = struct.pack(">BBHIQQB", 1, 1, size, 1, IAT, EXP, 0)
+    body = fixed + header_tail + bytes(12 + 4 + 16)
+    return body + hmac.digest(KEYS.mac, body, "sha256")
+
+
+def test_zero_length_string_is_malformed_even_with_a_valid_mac() -> None:
+    good = b"\x04acme\x08job-0001\x0amaas.infer\x06echo@1"
+    assert reason(_signed(good)) == "tampered"  # control: parses, MAC ok, GCM tag wrong
+    assert reason(_signed(b"\x04acme\x00\x0amaas.infer\x06echo@1")) == "malformed"
+
+
+@pytest.mark.parametrize("delta", [-1, 1, 12])
+def test_header_len_must_match_the_fields(delta: int) -> None:
+    tail = b"\x04acme\x08job-0001\x0amaas.infer\x06echo@1"
+    assert reason(_signed(tail, header_len=25 + len(tail) + delta)) == "malformed"
 
 
 def test_error_text_does_not_reveal_the_reason() -> None:

@@ -1,0 +1,102 @@
+"""The command line as a user runs it: real processes, real Redis, real worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+
+def run(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "maas_worker", *args], env=stack.env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_submit_wait_prints_the_result_as_json(shared_stack: Stack) -> None:
+    out = run(shared_stack, "submit", "--model", "echo", "--priority", "high",
+              "--input", '{"text": "cli"}', "--wait", "--timeout", "60")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"echo": {"text": "cli"}}
+
+
+def test_submit_then_status_and_result(shared_stack: Stack, tmp_path) -> None:
+    path = tmp_path / "input.json"
+    path.write_text('{"seconds": 0.1}')
+    out = run(shared_stack, "submit", "--model", "sleep", "--input-file", str(path))
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip()
+    assert len(out.stdout.splitlines()) == 1
+    res = run(shared_stack, "result", job_id, "--timeout", "60")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["slept"] >= 0.1
+    st = run(shared_stack, "status", job_id)
+    assert (st.returncode, st.stdout.strip()) == (0, "succeeded")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["submit", "--model", "echo", "--input", "{not json"], "not valid JSON"),
+    (["submit", "--model", "nope", "--input", "{}"], "unknown model 'nope'"),
+    (["submit", "--model", "echo", "--input", "{}", "--tenant", "initech"], "unknown tenant"),
+    (["submit", "--model", "echo", "--input-file", "/nonexistent.json"], "cannot read"),
+    (["--keyring", "/nonexistent/k.json", "submit", "--model", "echo", "--input", "{}"],
+     "keys init"),
+    (["status", "no-such-job"], "unknown job"),
+    (["result", "no-such-job", "--timeout", "0.2"], "no result within"),
+])
+def test_errors_are_one_line_on_stderr_and_exit_nonzero(shared_stack: Stack, args: list[str],
+                                                        message: str) -> None:
+    out = run(shared_stack, *args)
+    assert out.returncode == 1
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("maas-worker: error: ")
+    assert message in lines[0]
+
+
+def test_rejected_job_exits_nonzero_and_shows_in_audit(shared_stack: Stack) -> None:
+    from maas_worker.app import TASK_NAME
+    from maas_worker.settings import queue_for
+
+    client = shared_stack.client()
+    client.app.send_task(TASK_NAME, args=["Zm9yZ2Vk"], task_id="cli-forged-1",
+                         queue=queue_for("high"))
+    res = run(shared_stack, "result", "cli-forged-1", "--timeout", "60")
+    assert res.returncode == 1
+    assert "rejected" in res.stderr
+    audit = run(shared_stack, "audit", "--json", "--limit", "1000")
+    assert audit.returncode == 0
+    records = [json.loads(line) for line in audit.stdout.splitlines()]
+    mine = [r for r in records if r["job_id"] == "cli-forged-1"]
+    assert mine and mine[0]["reason"] == "malformed"
+    assert {"job_id", "tenant", "reason", "at"} <= set(mine[0])
+    ats = [r["at"] for r in records]
+    assert ats == sorted(ats, reverse=True)  # newest first
+    text = run(shared_stack, "audit", "--limit", "5")
+    assert "cli-forged-1" in text.stdout
+
+
+def test_stats_lists_the_worker_and_backlog(shared_stack: Stack) -> None:
+    out = run(shared_stack, "stats", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert set(doc["backlog"]) == {"high", "normal", "low"}
+    assert any(w["worker"].startswith("shared@") for w in doc["workers"])
+
+
+def test_demo_runs_the_whole_system_and_exits_zero(tmp_path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "maas_worker", "demo"], env=env,
+                         capture_output=True, text=True, timeout=180, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for priority in ("high", "normal", "low"):
+        assert f"[{priority:<6}] echo" in out.stdout
+    assert "rejected, audit: tampered" in out.stdout
+    assert "none found" in out.stdout
+    assert out.stdout.rstrip().endswith("OK")
