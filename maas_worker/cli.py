@@ -109,7 +109,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     from .app import app, celery_config
 
     settings = Settings.from_env()
-    auth = os.environ.get("MAAS_FLOWER_BASIC_AUTH")
+    auth = settings.flower_basic_auth
     if not auth and not args.unauthenticated:
         raise ConfigError("refusing to start Flower without authentication: set "
                           "MAAS_FLOWER_BASIC_AUTH=user:password (or pass --unauthenticated)")
@@ -303,8 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"maas-worker: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except redis.RedisError as exc:
-        url = redact_url(Settings.from_env().broker_url)
-        print(f"maas-worker: error: Redis unavailable ({url}): {type(exc).__name__}",
+        s = Settings.from_env()
+        where = redact_url(s.broker_url) if s.result_backend == s.broker_url else \
+            f"broker {redact_url(s.broker_url)} or result backend {redact_url(s.result_backend)}"
+        print(f"maas-worker: error: Redis unavailable ({where}): {type(exc).__name__}",
               file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

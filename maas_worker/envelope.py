@@ -73,8 +73,13 @@ class Header:
     raw: bytes = field(default=b"", repr=False, compare=False)
 
     def digest(self) -> bytes:
-        """SHA-256 of the header bytes as sent: what a result binds itself to."""
-        return hashlib.sha256(self.raw or encode_header(self)).digest()
+        """SHA-256 of the header bytes: what a result binds itself to.
+
+        Computed from the fields (the encoding is canonical: a parsed header
+        re-encodes to exactly its ``raw`` bytes), so a modified copy made with
+        `dataclasses.replace` can never hash stale bytes.
+        """
+        return hashlib.sha256(encode_header(self)).digest()
 
 
 def _str8(value: str, name: str) -> bytes:
@@ -92,6 +97,10 @@ def encode_header(h: Header) -> bytes:
         raise ValueError("results, and only results, carry a request hash")
     if h.request_hash is not None and len(h.request_hash) != HASH_BYTES:
         raise ValueError("request_hash must be 32 bytes")
+    if not 0 <= h.key_version < 2**32:
+        raise ValueError("key_version must fit in 32 bits")
+    if not (0 <= h.issued_at_ms < 2**64 and 0 <= h.expires_at_ms < 2**64):
+        raise ValueError("timestamps must be non-negative milliseconds below 2**64")
     tail = b"".join((
         _str8(h.tenant, "tenant"), _str8(h.job_id, "job_id"),
         _str8(h.task, "task"), _str8(h.model, "model"),
@@ -153,7 +162,10 @@ def seal(keys: DerivedKeys, header: Header, plaintext: bytes, *,
     """
     raw = encode_header(header)
     enc_key = keys.request_enc if header.kind == "request" else keys.result_enc
-    nonce = _nonce_for_test_vectors or os.urandom(NONCE_BYTES)
+    if _nonce_for_test_vectors is not None and len(_nonce_for_test_vectors) != NONCE_BYTES:
+        raise ValueError("a nonce is 12 bytes")
+    nonce = _nonce_for_test_vectors if _nonce_for_test_vectors is not None \
+        else os.urandom(NONCE_BYTES)
     cipher = AES.new(enc_key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
     cipher.update(raw)
     ciphertext, tag = cipher.encrypt_and_digest(plaintext)
@@ -221,7 +233,7 @@ def open_envelope(data: bytes, *, expect: Kind, keyring: Keyring, max_bytes: int
         verified = verify(data, expect=expect, keyring=keyring, max_bytes=max_bytes,
                           at_ms=at_ms, skew_ms=skew_ms)
         return verified.header, verified.decrypt()
-    except InvalidEnvelope:
-        raise
-    except Exception:  # defence in depth: no other exception type may escape
+    except Exception:
+        # One opaque error: no reason attribute, no unverified header, and no
+        # other exception type may escape (defence in depth).
         raise InvalidEnvelope() from None

@@ -67,10 +67,14 @@ end
 return 0
 """
 
-# A rejection never touches a stored result. ARGV[2] = '1' when the message was
-# authenticated: then the claim is closed too, so the job cannot run later.
+# A rejection never touches a stored result, nor a job another live holder is
+# running (that run decides the outcome: a stale or forged copy must not make
+# its client give up). ARGV[2] = '1' when the message was authenticated: then
+# the claim is closed too, so the job cannot run later.
 _REJECT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local cur = redis.call('GET', KEYS[4])
+if cur and cur ~= 'done' and cur ~= ARGV[3] then return 0 end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
 redis.call('RPUSH', KEYS[3], '1')
 redis.call('PEXPIRE', KEYS[3], ARGV[1])
@@ -137,7 +141,7 @@ class JobGuard:
         self._reject(
             keys=[keyspace.result(job_id), keyspace.rejected(job_id), keyspace.done(job_id),
                   keyspace.claim(job_id)],
-            args=[ttl_s * 1000, "1" if authenticated else "0"])
+            args=[ttl_s * 1000, "1" if authenticated else "0", self.holder])
 
     def _forget(self, job_id: str) -> None:
         with self._held_lock:

@@ -46,7 +46,8 @@ KeyState = Literal["decrypt-only", "primary", "retired"]
 KEY_STATES: tuple[KeyState, ...] = ("decrypt-only", "primary", "retired")
 SECRET_BYTES = 32
 KEYRING_FORMAT = 1
-TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+TENANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+MAX_KEY_VERSION = 2**32 - 1  # a u32 in the envelope header
 #: HKDF "info" labels: one per derived key, so no key is ever used for two jobs.
 INFO_REQUEST_ENC = b"maas-worker/v1/request-enc"
 INFO_RESULT_ENC = b"maas-worker/v1/result-enc"
@@ -57,7 +58,7 @@ RELOAD_CHECK_S = 1.0
 
 def check_tenant_name(tenant: str) -> str:
     """Return ``tenant`` if it is a valid tenant name, else raise `KeyringError`."""
-    if not isinstance(tenant, str) or not TENANT_RE.match(tenant):
+    if not isinstance(tenant, str) or not TENANT_RE.fullmatch(tenant):
         raise KeyringError(
             f"invalid tenant name {tenant!r}: use 1-63 of a-z 0-9 . _ - (starting alphanumeric)"
         )
@@ -233,8 +234,13 @@ class Keyring:
         if state not in KEY_STATES:
             raise KeyringError(f"invalid key state {state!r}")
         t = self.tenant(name)
-        if not any(kv.version == version for kv in t.versions):
+        current = next((kv for kv in t.versions if kv.version == version), None)
+        if current is None:
             raise KeyringError(f"tenant {name!r} has no key version {version}")
+        if current.state == "retired" and state != "retired":
+            # A retired secret may have been exposed since; never bring it back.
+            raise KeyringError(f"tenant {name!r} key version {version} is retired for good; "
+                               "rotate to a new version instead")
         versions = []
         for kv in t.versions:
             if kv.version == version:
@@ -298,9 +304,12 @@ class Keyring:
                                     str(k.get("created_at", "")))
                 except (KeyError, TypeError, ValueError):
                     raise KeyringError(f"tenant {name!r}: malformed key entry") from None
-                if kv.state not in KEY_STATES or len(secret) != SECRET_BYTES or kv.version < 1:
+                if kv.state not in KEY_STATES or len(secret) != SECRET_BYTES \
+                        or not 1 <= kv.version <= MAX_KEY_VERSION:
                     raise KeyringError(f"tenant {name!r}: invalid key version {kv.version}")
                 versions.append(kv)
+            if not versions:
+                raise KeyringError(f"tenant {name!r} has no keys")
             if sum(kv.state == "primary" for kv in versions) > 1:
                 raise KeyringError(f"tenant {name!r} has more than one primary key")
             if len({kv.version for kv in versions}) != len(versions):

@@ -8,6 +8,7 @@ lists them all. Command-line flags override by passing keyword arguments to
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -64,23 +65,38 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+    raw = env.get(name, "").strip().lower()
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"", "0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+
+
+_QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe to print or log)."""
+    """Return ``url`` with any password replaced by ``***`` (safe to print or log).
+
+    Covers the userinfo part and redis-py's ``?password=`` query parameter.
+    """
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.query:
+        parts = parts._replace(query=_QUERY_PASSWORD.sub(r"\1\2***", parts.query))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    return urlunsplit(parts) if parts.query or parts.password is not None \
+        or "***" in parts.netloc else url
 
 
 def _check_url(name: str, url: str) -> str:
     scheme = urlsplit(url).scheme
     if scheme not in {"redis", "rediss", "redis+socket", "unix"}:
-        raise ConfigError(f"{name} must be a redis://, rediss:// or redis+socket:// URL")
+        what = "broker" if name == "MAAS_BROKER_URL" else "result backend"
+        raise ConfigError(f"the {what} URL ({name}) must be redis://, rediss:// or "
+                          "redis+socket://")
     return url
 
 
@@ -90,6 +106,7 @@ class Settings:
 
     broker_url: str = field(default=DEFAULT_BROKER_URL, repr=False)
     result_backend: str = field(default=DEFAULT_BROKER_URL, repr=False)
+    flower_basic_auth: str | None = field(default=None, repr=False)
     keyring_path: Path = field(default_factory=lambda: _default_keyring(os.environ))
     tenant: str | None = None
     model_dir: Path = field(default_factory=lambda: _default_model_dir(os.environ))
@@ -110,8 +127,10 @@ class Settings:
         Raises `ConfigError` with one clear line for an invalid value.
         """
         env = os.environ if env is None else env
-        broker = _check_url("MAAS_BROKER_URL", env.get("MAAS_BROKER_URL") or DEFAULT_BROKER_URL)
-        backend = _check_url("MAAS_RESULT_BACKEND", env.get("MAAS_RESULT_BACKEND") or broker)
+        broker = _check_url("MAAS_BROKER_URL", overrides.get("broker_url")
+                            or env.get("MAAS_BROKER_URL") or DEFAULT_BROKER_URL)
+        backend = _check_url("MAAS_RESULT_BACKEND", overrides.get("result_backend")
+                             or env.get("MAAS_RESULT_BACKEND") or broker)
         job_ttl = _int(env, "MAAS_JOB_TTL_S", DEFAULT_JOB_TTL_S)
         if job_ttl > MAX_JOB_TTL_S:
             raise ConfigError(f"MAAS_JOB_TTL_S must be <= {MAX_JOB_TTL_S}")
@@ -133,7 +152,10 @@ class Settings:
             clock_skew_s=_int(env, "MAAS_CLOCK_SKEW_S", DEFAULT_CLOCK_SKEW_S, minimum=0),
             lease_s=_int(env, "MAAS_LEASE_S", DEFAULT_LEASE_S, minimum=3),
             audit_maxlen=_int(env, "MAAS_AUDIT_MAXLEN", DEFAULT_AUDIT_MAXLEN, minimum=100),
+            flower_basic_auth=env.get("MAAS_FLOWER_BASIC_AUTH") or None,
         )
+        overrides.pop("broker_url", None)
+        overrides.pop("result_backend", None)
         clean = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **clean) if clean else settings
 

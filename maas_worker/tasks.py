@@ -73,7 +73,8 @@ def _seal_result(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> 
     body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     if len(body) > rt.settings.max_result_bytes:
         body = json.dumps({"ok": False, "error": "oversize",
-                           "message": "the result exceeds the size limit"}).encode()
+                           "message": "the result exceeds the size limit"},
+                          separators=(",", ":")).encode()
     req = verified.header
     issued = now_ms()
     header = Header("result", req.key_version, issued, issued + rt.settings.result_ttl_s * 1000,

@@ -8,14 +8,14 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ModelError
 
-MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$")
+MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,31}")
 
 
 def parse_model_ref(ref: str) -> tuple[str, str | None]:
     """Split ``name`` or ``name@version``; ValueError with one line if invalid."""
     name, _, version = ref.partition("@")
-    if not MODEL_NAME_RE.match(name) or (version and not VERSION_RE.match(version)):
+    if not MODEL_NAME_RE.fullmatch(name) or (version and not VERSION_RE.fullmatch(version)):
         raise ValueError(f"invalid model reference {ref!r}: use name or name@version")
     return name, version or None
 

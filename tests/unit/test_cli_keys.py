@@ -105,14 +105,7 @@ def test_second_tenant_is_added(keyring: Path, capsys: pytest.CaptureFixture[str
         "a b",
         "../x",
         "",
-        pytest.param(
-            "acme\n",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="keys.TENANT_RE uses `$`, so a trailing newline passes and the tenant "
-                "is written to the keyring (then `keys list` prints a broken row)",
-            ),
-        ),
+        "acme\n",
     ],
 )
 def test_init_refuses_invalid_tenant_names(

@@ -281,13 +281,6 @@ def test_store_result_forgets_the_claim(r: fakeredis.FakeRedis, a: JobGuard) -> 
     assert r.pttl(keyspace.claim(JOB)) <= 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_REJECT sets the rejected marker and pushes the done list even when a live holder "
-    "runs the job; an unauthenticated copy (e.g. a busy-retried or redelivered copy that has "
-    "since expired) then makes Job.result() raise JobRejected although the job is running and "
-    "will store a result",
-)
 def test_unauthenticated_rejection_does_not_mark_a_running_job_rejected(
     r: fakeredis.FakeRedis, a: JobGuard, b: JobGuard
 ) -> None:

@@ -206,22 +206,11 @@ def test_unknown_override_is_a_programmer_error() -> None:
         Settings.from_env({}, no_such_setting=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Settings.from_env derives result_backend from the broker URL *before* applying "
-    "overrides, so `--broker-url` without MAAS_RESULT_BACKEND leaves the result backend on "
-    "the old/default broker",
-)
 def test_broker_url_override_moves_the_default_result_backend() -> None:
     s = Settings.from_env({}, broker_url="redis://other:6380/1")
     assert s.result_backend == "redis://other:6380/1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="overrides bypass validation: Settings.from_env(broker_url='http://...') is "
-    "accepted although MAAS_BROKER_URL with the same value raises ConfigError",
-)
 def test_overrides_are_validated() -> None:
     with pytest.raises(ConfigError, match="broker"):
         Settings.from_env({}, broker_url="http://not-redis:80")
@@ -254,12 +243,6 @@ def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redact_url only redacts the userinfo password; redis-py also takes the password "
-    "as a query parameter (unix:///path?password=...), which is then printed by the CLI's "
-    "'Redis unavailable (URL)' error",
-)
 @pytest.mark.parametrize(
     "url", ["unix:///tmp/redis.sock?db=0&password=s3cr3t", "redis://host:6379/0?password=s3cr3t"]
 )
