@@ -30,7 +30,7 @@ test: check
 check: lint typecheck
 
 lint: venv
-	$(BIN)/ruff check maas_worker tests benchmarks
+	$(BIN)/ruff check maas_worker tests $(wildcard benchmarks/*.py)
 
 typecheck: venv
 	$(BIN)/mypy
