@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue  # type: ignore[attr-defined]
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from .settings import PRIORITIES, Settings, queue_for
 
 TASK_NAME = "maas.infer"
 #: Queues in the order a worker consumes them: high first, low last.
 QUEUE_NAMES: tuple[str, ...] = tuple(queue_for(p) for p in PRIORITIES)
+EXCHANGE = "maas"
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -55,8 +56,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The job claim already marks a job running; STARTED would cost a GET,
         # a SET and a PUBLISH per job.
         "task_track_started": False,
-        "task_queues": [Queue(name, routing_key=name)  # type: ignore[no-untyped-call]
-                        for name in QUEUE_NAMES],
+        "task_queues": [
+            Queue(name, Exchange(EXCHANGE, type="direct"),  # type: ignore[no-untyped-call]
+                  routing_key=name)
+            for name in QUEUE_NAMES],
+        "task_default_exchange": EXCHANGE,
         "task_default_queue": queue_for("normal"),
         "task_create_missing_queues": False,
         "broker_transport_options": transport_options(settings),

@@ -9,14 +9,17 @@ the worker is the authority.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from . import keyspace
 from .app import TASK_NAME, make_app
@@ -28,6 +31,7 @@ from .errors import (
     JobRejected,
     PolicyDenied,
     ResultTimeout,
+    ServiceUnavailable,
     SubmitError,
     UnknownJob,
     UnknownModel,
@@ -35,7 +39,7 @@ from .errors import (
 from .keys import Keyring, KeyringSource
 from .models.base import parse_model_ref
 from .runtime import CATALOG_TTL_S, backend_client, build_registry
-from .settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for
+from .settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
 
 #: Longest single blocking wait on Redis while waiting for a result; short so a
 #: second waiter whose wake-up was taken still notices the result soon.
@@ -124,7 +128,8 @@ class Client:
     def served_models(self) -> set[str]:
         """Model references that live workers advertise (plus local diagnostics)."""
         since = time.time() - CATALOG_TTL_S
-        rows: list[bytes] = self.backend.zrangebyscore(keyspace.CATALOG, since, "+inf")  # type: ignore[assignment]
+        with _backend_errors(self.settings):
+            rows: list[bytes] = self.backend.zrangebyscore(keyspace.CATALOG, since, "+inf")  # type: ignore[assignment]
         refs = {r.decode() for r in rows}
         return refs | set(build_registry(self.settings).refs())
 
@@ -175,21 +180,39 @@ class Client:
         refuses it (``expired``) after that.
         """
         header, envelope = self.seal(model, inputs, priority=priority, ttl_s=ttl_s)
-        # Marker first, so a status query never reports an enqueued job unknown.
-        self.backend.set(keyspace.submitted(header.job_id), "1",
-                         ex=(header.expires_at_ms - header.issued_at_ms) // 1000
-                         + self.settings.result_ttl_s)
-        self.app.send_task(
-            TASK_NAME, args=[envelope], task_id=header.job_id, queue=queue_for(priority),
-            # Celery copies args into message headers and events for display;
-            # say what it is instead of repeating the ciphertext.
-            argsrepr="('<sealed envelope>',)", kwargsrepr="{}",
-        )
+        try:
+            self.app.send_task(
+                TASK_NAME, args=[envelope], task_id=header.job_id, queue=queue_for(priority),
+                # Celery copies args into message headers and events for display;
+                # say what it is instead of repeating the ciphertext.
+                argsrepr="('<sealed envelope>',)", kwargsrepr="{}",
+            )
+        except OperationalError:
+            raise ServiceUnavailable(
+                f"broker unavailable ({redact_url(self.settings.broker_url)}); "
+                "the job was not submitted, retry later") from None
+        # After the send: a marker for a job that never got enqueued would
+        # report it "queued" forever. A result, if one is already there, wins.
+        with _backend_errors(self.settings):
+            self.backend.set(keyspace.submitted(header.job_id), "1",
+                             ex=(header.expires_at_ms - header.issued_at_ms) // 1000
+                             + self.settings.result_ttl_s)
         return Job(self, header.job_id, request_hash=header.digest())
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job, by id."""
         return Job(self, job_id)
+
+
+@contextlib.contextmanager
+def _backend_errors(settings: Settings) -> Iterator[None]:
+    """Turn connection failures of the result backend into `ServiceUnavailable`."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise ServiceUnavailable(
+            f"result backend unavailable ({redact_url(settings.result_backend)}); "
+            "retry later") from None
 
 
 def _fields(s: Settings) -> dict[str, Any]:
@@ -229,7 +252,8 @@ class Job:
         pipe.exists(keyspace.rejected(self.id))
         pipe.get(keyspace.claim(self.id))
         pipe.exists(keyspace.submitted(self.id))
-        sealed, rejected, claim, submitted = pipe.execute()
+        with _backend_errors(self.client.settings):
+            sealed, rejected, claim, submitted = pipe.execute()
         if sealed is not None:
             return "succeeded" if self._open(sealed).get("ok") else "failed"
         if rejected:
@@ -244,9 +268,14 @@ class Job:
         """Wait for the result and return the model's output.
 
         Raises `JobFailed` if the model failed, `JobRejected` if a worker
-        refused the job, `ResultTimeout` after ``timeout`` seconds, and
-        `InvalidEnvelope` if what is stored is not a genuine result for this job.
+        refused the job, `ResultTimeout` after ``timeout`` seconds,
+        `ServiceUnavailable` if Redis cannot be reached, and `InvalidEnvelope`
+        if what is stored is not a genuine result for this job.
         """
+        with _backend_errors(self.client.settings):
+            return self._wait(timeout)
+
+    def _wait(self, timeout: float | None) -> dict[str, Any]:
         r = self.client.backend
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

@@ -17,6 +17,7 @@
     │   ├── JobFailed          the model ran and failed
     │   └── UnknownJob         no such job (never submitted, or expired)
     ├── ResultTimeout          no result within the timeout (also a TimeoutError)
+    ├── ServiceUnavailable     Redis (broker or result backend) unreachable: retry later
     └── ModelError             a model could not run an input (becomes JobFailed)
 
 Untrusted input never gets a specific error: opening an envelope fails with
@@ -92,6 +93,10 @@ class UnknownJob(JobError):
 
 class ResultTimeout(MaasError, TimeoutError):
     """Raised when a result did not arrive within the timeout."""
+
+
+class ServiceUnavailable(MaasError):
+    """Raised when the broker or result backend cannot be reached; safe to retry."""
 
 
 class ModelError(MaasError):

@@ -6,7 +6,9 @@ A job's claim key is both the replay cache and a lease:
 * holds a live holder   -> ``busy``: another worker is running it right now;
   the message is retried later rather than dropped, so if that worker dies the
   job is not lost;
-* holds ``done``, or a result is stored -> ``replayed``: never run again.
+* holds ``done``, or a result is stored -> ``replayed``: never run again;
+* a job that has already started `DEFAULT_MAX_ATTEMPTS` times, each run ended
+  by a dead worker -> ``exhausted``: failed (``worker_lost``), not run again.
 
 While a job runs, its holder renews the claim's short TTL (the lease) from a
 heartbeat thread. A worker killed mid-job stops renewing; once the lease lapses
@@ -30,14 +32,24 @@ from . import keyspace
 
 log = logging.getLogger(__name__)
 
-ClaimOutcome = Literal["claimed", "busy", "replayed"]
+ClaimOutcome = Literal["claimed", "busy", "replayed", "exhausted"]
 
+#: Runs a job may start before it is failed with ``worker_lost`` instead: a
+#: job that kills its worker every time must not be redelivered forever.
+DEFAULT_MAX_ATTEMPTS = 3
+#: How long the attempt count is remembered when the caller gives no window.
+DEFAULT_ATTEMPTS_WINDOW_MS = 24 * 3600 * 1000
+
+# KEYS: claim, result, attempts. ARGV: holder, lease ms, attempts window ms, max attempts.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'replayed' end
 local cur = redis.call('GET', KEYS[1])
 if cur == 'done' then return 'replayed' end
 if cur then return 'busy' end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local n = redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+if n > tonumber(ARGV[4]) then return 'exhausted' end
 return 'claimed'
 """
 
@@ -91,9 +103,11 @@ def new_holder_id() -> str:
 class JobGuard:
     """Claims, leases and write-once results for one process."""
 
-    def __init__(self, client: redis.Redis, *, lease_s: int, holder: str | None = None) -> None:
+    def __init__(self, client: redis.Redis, *, lease_s: int, holder: str | None = None,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
         self._r = client
         self.lease_ms = lease_s * 1000
+        self.max_attempts = max_attempts
         self.holder = holder or new_holder_id()
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
@@ -103,12 +117,20 @@ class JobGuard:
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
 
-    def claim(self, job_id: str) -> ClaimOutcome:
-        """Try to take the job (see the module docstring for the three outcomes)."""
-        out = self._claim(keys=[keyspace.claim(job_id), keyspace.result(job_id)],
-                          args=[self.holder, self.lease_ms])
+    def claim(self, job_id: str, *,
+              window_ms: int = DEFAULT_ATTEMPTS_WINDOW_MS) -> ClaimOutcome:
+        """Try to take the job (see the module docstring for the outcomes).
+
+        ``exhausted`` means this process now holds the claim, but the job has
+        already started `max_attempts` times (each ended by a dead worker): the
+        caller must fail it without running it. ``window_ms`` is how long the
+        attempt count is kept (the request's remaining lifetime).
+        """
+        out = self._claim(
+            keys=[keyspace.claim(job_id), keyspace.result(job_id), keyspace.attempts(job_id)],
+            args=[self.holder, self.lease_ms, max(window_ms, 1), self.max_attempts])
         outcome = out.decode() if isinstance(out, bytes) else str(out)
-        if outcome == "claimed":
+        if outcome in ("claimed", "exhausted"):
             with self._held_lock:
                 self._held.add(job_id)
         return outcome  # type: ignore[return-value]

@@ -19,6 +19,11 @@ def claim(job_id: str) -> str:
     return f"{PREFIX}claim:{job_id}"
 
 
+def attempts(job_id: str) -> str:
+    """How many times the job has been started (crash loops end after a few)."""
+    return f"{PREFIX}attempts:{job_id}"
+
+
 def result(job_id: str) -> str:
     """The sealed result envelope (write-once)."""
     return f"{PREFIX}result:{job_id}"

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 #: How often a worker refreshes its entry in the model catalogue and node list.
 ADVERTISE_INTERVAL_S = 10.0
+#: Longer than the longest blocking call (a client's 1 s BLPOP slice).
+BACKEND_SOCKET_TIMEOUT_S = 10.0
 #: A catalogue entry older than this is no longer offered to clients.
 CATALOG_TTL_S = 3600.0
 
@@ -42,8 +44,10 @@ def build_registry(settings: Settings) -> ModelRegistry:
 
 def backend_client(settings: Settings) -> redis.Redis:
     """A Redis client for the result backend (claims, results, audit)."""
+    # Timeouts: a dead or unreachable server must become an error, not a hang.
     return redis.Redis.from_url(settings.result_backend, health_check_interval=25,
-                                socket_keepalive=True)
+                                socket_keepalive=True, socket_connect_timeout=5,
+                                socket_timeout=BACKEND_SOCKET_TIMEOUT_S)
 
 
 class WorkerRuntime:

@@ -115,7 +115,8 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
             routed is not None and routed != queue_for(header.priority)):
         _reject(rt, job_id, "tampered", header, authenticated=False)
         return "tampered"
-    outcome = rt.guard.claim(header.job_id)
+    replay_window_ms = max(0, header.expires_at_ms - now_ms()) + s.clock_skew_s * 1000
+    outcome = rt.guard.claim(header.job_id, window_ms=replay_window_ms)
     if outcome == "replayed":
         _reject(rt, job_id, "replayed", header, authenticated=True)
         return "replayed"
@@ -123,6 +124,14 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
         # Another live worker runs this job. Do not run it twice, and do not
         # drop this copy either: if that worker dies, this copy is the job.
         raise task.retry(countdown=s.lease_s, max_retries=None)
+    if outcome == "exhausted":
+        log.error("job %s started %d times, each ending with a dead worker; failing it",
+                  header.job_id, rt.guard.max_attempts)
+        lost: dict[str, Any] = {
+            "ok": False, "error": "worker_lost",
+            "message": f"the job was started {rt.guard.max_attempts} times and its worker "
+                       "died each time"}
+        return _finish(rt, verified, lost)
     try:
         plaintext = verified.decrypt()
     except EnvelopeRejected:
@@ -141,6 +150,13 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
     if isinstance(doc, str):
         _reject(rt, job_id, doc, header, authenticated=True)
         return doc
+    return _finish(rt, verified, doc)
+
+
+def _finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
+    """Seal and store the result write-once; the outcome for the log."""
+    s = rt.settings
+    header = verified.header
     sealed = _seal_result(rt, verified, doc)
     replay_window_ms = max(0, header.expires_at_ms - now_ms()) + s.clock_skew_s * 1000
     stored = rt.guard.store_result(header.job_id, sealed, result_ttl_s=s.result_ttl_s,

@@ -324,3 +324,37 @@ def test_queues_are_consumed_high_then_normal_then_low(make_stack) -> None:
     assert order.index(high.id) <= 1
     assert order.index(normal.id) <= 2
     assert order.index(high.id) < order.index(normal.id)
+
+
+def test_a_job_that_keeps_killing_its_worker_fails_as_worker_lost(make_stack) -> None:
+    """Crash-loop protection: after max_attempts starts, each ended by a dead worker."""
+    from maas_worker.guard import DEFAULT_MAX_ATTEMPTS
+
+    stack = make_stack(MAAS_VISIBILITY_TIMEOUT_S="1", MAAS_LEASE_S="3")
+    job = stack.client().submit("sleep", {"seconds": 30})
+    for attempt in range(DEFAULT_MAX_ATTEMPTS):
+        worker = stack.start_worker(f"crash{attempt}", concurrency=1)
+        started = str(attempt + 1).encode()
+        wait_for(lambda n=started: stack.backend.get(f"maas:attempts:{job.id}") == n
+                 and job.status() == "running", TIMEOUT, f"start #{attempt + 1}")
+        worker.kill()
+    stack.start_worker("last", concurrency=1)
+    with pytest.raises(JobFailed) as err:
+        job.result(timeout=TIMEOUT)
+    assert err.value.reason == "worker_lost"
+    assert outcome_lines(stack, job.id) == ["failed"]
+
+
+def test_redis_down_is_a_clear_retryable_error_not_a_hang(make_stack) -> None:
+    from maas_worker import ServiceUnavailable
+    from maas_worker.embedded import free_port
+
+    stack = make_stack()
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    stack.env.update(MAAS_BROKER_URL=dead, MAAS_RESULT_BACKEND=dead)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match="retry later"):
+        stack.client().submit("echo", {})
+    with pytest.raises(ServiceUnavailable, match="retry later"):
+        stack.client().job("any").result(timeout=30)
+    assert time.monotonic() - started < 30

@@ -288,3 +288,27 @@ def test_unauthenticated_rejection_does_not_mark_a_running_job_rejected(
     b.mark_rejected(JOB, ttl_s=60, authenticated=False)
     assert not r.exists(keyspace.rejected(JOB))
     assert r.llen(keyspace.done(JOB)) == 0
+
+
+def test_a_job_that_keeps_killing_its_worker_is_exhausted(
+    r: fakeredis.FakeRedis, a: JobGuard
+) -> None:
+    """Each start counts; past max_attempts the claim says `exhausted`, not `claimed`."""
+    outcomes = []
+    for _ in range(a.max_attempts + 1):
+        outcomes.append(a.claim(JOB, window_ms=60_000))
+        _die(r)
+    assert outcomes == ["claimed"] * a.max_attempts + ["exhausted"]
+    assert 0 < r.pttl(keyspace.attempts(JOB)) <= 60_000
+
+
+def test_busy_and_replayed_sightings_do_not_count_as_attempts(
+    r: fakeredis.FakeRedis, a: JobGuard, b: JobGuard
+) -> None:
+    assert a.claim(JOB) == "claimed"
+    for _ in range(5):
+        assert b.claim(JOB) == "busy"
+    _store(a, b"sealed")
+    for _ in range(5):
+        assert b.claim(JOB) == "replayed"
+    assert int(r.get(keyspace.attempts(JOB))) == 1
