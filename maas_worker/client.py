@@ -38,7 +38,7 @@ from .errors import (
 )
 from .keys import Keyring, KeyringSource
 from .models.base import parse_model_ref
-from .runtime import CATALOG_TTL_S, backend_client, build_registry
+from .runtime import CATALOG_TTL_S, backend_client, diagnostic_refs
 from .settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
 
 #: Longest single blocking wait on Redis while waiting for a result; short so a
@@ -126,12 +126,16 @@ class Client:
 
     # -- submitting --------------------------------------------------------------
     def served_models(self) -> set[str]:
-        """Model references that live workers advertise (plus local diagnostics)."""
+        """Model references that workers advertised within the last hour.
+
+        Plus the diagnostic models when this client enables them, so a client
+        can submit before any worker has started in a test or the demo.
+        """
         since = time.time() - CATALOG_TTL_S
         with _backend_errors(self.settings):
             rows: list[bytes] = self.backend.zrangebyscore(keyspace.CATALOG, since, "+inf")  # type: ignore[assignment]
         refs = {r.decode() for r in rows}
-        return refs | set(build_registry(self.settings).refs())
+        return refs | set(diagnostic_refs(self.settings))
 
     def _check(self, model: str, priority: str) -> None:
         try:

@@ -33,8 +33,15 @@ BACKEND_SOCKET_TIMEOUT_S = 10.0
 CATALOG_TTL_S = 3600.0
 
 
+def diagnostic_refs(settings: Settings) -> list[str]:
+    """References of the diagnostic models, if enabled (cheap: loads nothing)."""
+    if not settings.diagnostic_models:
+        return []
+    return ModelRegistry([EchoModel(), SleepModel()]).refs()
+
+
 def build_registry(settings: Settings) -> ModelRegistry:
-    """The models this deployment serves."""
+    """The models this worker serves (workers only: may load model files)."""
     registry = ModelRegistry()
     if settings.diagnostic_models:
         registry.register(EchoModel())
