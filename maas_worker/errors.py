@@ -19,6 +19,7 @@
     ├── ResultTimeout          no result within the timeout (also a TimeoutError)
     ├── ServiceUnavailable     Redis (broker or result backend) unreachable: retry later
     └── ModelError             a model could not run an input (becomes JobFailed)
+        └── ModelRejected      a model artifact failed verification and is not served
 
 Untrusted input never gets a specific error: opening an envelope fails with
 `InvalidEnvelope` whatever went wrong, and the reason goes to the audit log.
@@ -105,6 +106,16 @@ class ModelError(MaasError):
     def __init__(self, message: str, reason: str = "model_error") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ModelRejected(ModelError):
+    """Raised when a model artifact fails verification (signature, signer, hash, decryption).
+
+    The message names the check that failed, never a path or key material.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="model_rejected")
 
 
 class EnvelopeRejected(InvalidEnvelope):

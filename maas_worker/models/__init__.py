@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .base import Model, ModelRegistry, parse_model_ref
+from .base import Model, ModelRegistry, ModelSource, parse_model_ref
 from .diagnostic import EchoModel, SleepModel
 
-__all__ = ["EchoModel", "Model", "ModelRegistry", "SleepModel", "parse_model_ref"]
+# The repository, signing and encryption live in their own modules
+# (`repository`, `signing`, `artifact_crypto`, `manifest`, `onnx_runner`) and are
+# imported where needed, so that clients never import ONNX Runtime.
+__all__ = ["EchoModel", "Model", "ModelRegistry", "ModelSource", "SleepModel", "parse_model_ref"]

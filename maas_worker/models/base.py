@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ModelError
@@ -20,9 +20,12 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
     return name, version or None
 
 
-def _version_key(version: str) -> tuple[tuple[int, Any], ...]:
-    # "10" sorts after "9": numeric parts compare as numbers.
+def version_key(version: str) -> tuple[tuple[int, Any], ...]:
+    """Sort key for versions: "10" sorts after "9" (numeric parts compare as numbers)."""
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[._-]", version))
+
+
+_version_key = version_key
 
 
 @runtime_checkable
@@ -42,27 +45,63 @@ class Model(Protocol):
         ...
 
 
-class ModelRegistry:
-    """Models by name and version; ``name`` alone means the newest version."""
+class ModelSource(Protocol):
+    """Models that come from outside the code, e.g. the signed-model repository."""
 
-    def __init__(self, models: Iterable[Model] = ()) -> None:
+    def refs(self) -> list[str]:
+        """Every servable ``name`` and ``name@version``; cheap (loads nothing)."""
+        ...
+
+    def get(self, name: str, version: str | None, *,
+            signers: Collection[str] | None = None) -> Model | None:
+        """The model, or None if unknown (or not signed by one of ``signers``).
+
+        Raises `ModelRejected` if it exists but fails verification.
+        """
+        ...
+
+
+class ModelRegistry:
+    """Models by name and version; ``name`` alone means the newest version.
+
+    Registered models (the built-in diagnostics) come first, then each source
+    in order. ``signers`` restricts source models to those signed by one of
+    the given key ids; built-in models are code, not artifacts, and are
+    governed by the tenant's ``allowed_models`` only.
+    """
+
+    def __init__(self, models: Iterable[Model] = (),
+                 sources: Iterable[ModelSource] = ()) -> None:
         self._models: dict[str, dict[str, Model]] = {}
+        self._sources = list(sources)
         for m in models:
             self.register(m)
+
+    def add_source(self, source: ModelSource) -> None:
+        """Resolve names this registry does not hold in ``source`` too."""
+        self._sources.append(source)
 
     def register(self, model: Model) -> None:
         """Add (or replace) one model version."""
         parse_model_ref(f"{model.name}@{model.version}")
         self._models.setdefault(model.name, {})[model.version] = model
 
-    def resolve(self, ref: str) -> Model:
-        """The model for ``name`` or ``name@version``; `ModelError("unknown model")`."""
+    def resolve(self, ref: str, *, signers: Collection[str] | None = None) -> Model:
+        """The model for ``name`` or ``name@version``; `ModelError("unknown model")`.
+
+        Raises `ModelRejected` (a `ModelError`) for a model that exists but
+        fails verification.
+        """
         try:
             name, version = parse_model_ref(ref)
         except ValueError:
             raise ModelError("unknown model", reason="unknown_model") from None
         versions = self._models.get(name)
         if not versions:
+            for source in self._sources:
+                model = source.get(name, version, signers=signers)
+                if model is not None:
+                    return model
             raise ModelError("unknown model", reason="unknown_model")
         if version is None:
             return versions[max(versions, key=_version_key)]
@@ -77,4 +116,7 @@ class ModelRegistry:
         for name, versions in sorted(self._models.items()):
             out.append(name)
             out.extend(f"{name}@{v}" for v in sorted(versions, key=_version_key))
+        for source in self._sources:
+            out.extend(r for r in source.refs()
+                       if r.partition("@")[0] not in self._models and r not in out)
         return out

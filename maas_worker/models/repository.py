@@ -1,0 +1,378 @@
+"""The model repository: signed (optionally encrypted) ONNX models under ``MAAS_MODEL_DIR``.
+
+Layout: ``<root>/<name>/<version>/`` holds ``manifest.json``, ``manifest.sig``
+and the files the manifest lists. Directory names that are not valid model
+names or versions (``.staging``, say) are ignored, so a version can be staged
+beside the live ones and renamed into place atomically.
+
+What is checked when:
+
+- **scan** (every `DEFAULT_RESCAN_INTERVAL_S` at most, when models are listed
+  or resolved): the manifest signature against the trusted signers, then the
+  manifest (canonical, names this directory's name and version and the signer
+  that verified it), then every listed file's presence and size. Cheap, so it
+  also runs in the worker's main process for the model catalogue.
+- **load** (once per version per worker process, on first use): the same
+  again, then every file's SHA-256, then for an encrypted artifact AES-GCM
+  decryption chunk by chunk into an anonymous in-memory file (``memfd``; the
+  plaintext never touches disk), then ONNX Runtime builds the session and the
+  graph is checked against the manifest. The artifact is read once: the hash
+  covers exactly the bytes that are decrypted, and nothing decrypted is used
+  before both the hash and every chunk's tag have verified.
+
+A version that fails is refused with `ModelRejected` and reported through the
+``on_reject`` hook (the worker writes a ``model_rejected`` audit record); every
+other model keeps being served. A version that changes on disk is verified
+afresh, and only a replacement that verifies takes the place of one already
+loaded. A name without a version resolves to the newest version that verifies
+(and, for a tenant restricted to some signers, was signed by one of them).
+Changing the trusted signers re-verifies everything: removing a key revokes the
+models it signed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import io
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from ..errors import ModelRejected
+from .artifact_crypto import ModelKeys, decrypt_stream, is_encrypted
+from .base import MODEL_NAME_RE, VERSION_RE, Model, version_key
+from .manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from .signing import MAX_SIGNATURE_FILE, TrustedSigners
+
+if TYPE_CHECKING:
+    from .onnx_runner import OnnxModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESCAN_INTERVAL_S = 2.0
+MAX_MANIFEST_BYTES = 1024 * 1024
+READ_CHUNK_BYTES = 1024 * 1024
+#: Called with (model reference, why, stage) when a version is refused;
+#: stage is "scan" (signature/manifest) or "load" (hashes, decryption, runtime).
+RejectHook = Callable[[str, str, str], None]
+Stamp = tuple[tuple[str, int, int, int], ...]
+
+
+def _read_small(path: Path, limit: int, missing: str) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        raise ModelRejected(missing) from None
+    except OSError:
+        raise ModelRejected(f"{path.name} is unreadable") from None
+    if len(data) > limit:
+        raise ModelRejected(f"{path.name} is too large")
+    return data
+
+
+def verify_manifest(version_dir: Path, signers: TrustedSigners) -> Manifest:
+    """Signature, then manifest, then every file's presence and size; `ModelRejected`."""
+    sig = _read_small(version_dir / SIGNATURE_FILE, MAX_SIGNATURE_FILE,
+                      "unsigned (no manifest.sig)")
+    raw = _read_small(version_dir / MANIFEST_FILE, MAX_MANIFEST_BYTES,
+                      "no manifest.json")
+    signer = signers.verify(raw, sig)
+    try:
+        manifest = Manifest.parse_verified(raw)
+    except ValueError as exc:
+        raise ModelRejected(str(exc)) from None
+    if manifest.signer != signer:
+        raise ModelRejected("the manifest names another signer than the one that signed it")
+    if (manifest.name, manifest.version) != (version_dir.parent.name, version_dir.name):
+        raise ModelRejected("the manifest is for another model or version than its directory")
+    for name, entry in manifest.files.items():
+        try:
+            st = (version_dir / name).lstat()
+        except FileNotFoundError:
+            raise ModelRejected(f"file {name} is missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelRejected(f"file {name} is not a regular file")
+        if st.st_size != entry.size:
+            raise ModelRejected(f"file {name} has the wrong size (truncated or altered)")
+    return manifest
+
+
+class _HashingReader:
+    """Reads from a file and hashes every byte read."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.digest = hashlib.sha256()
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._f.read(n)
+        self.digest.update(data)
+        return data
+
+
+def _check_digest(name: str, digest: str, expected: str) -> None:
+    if not hmac.compare_digest(digest, expected):
+        raise ModelRejected(f"file {name} does not match its hash (altered)")
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(READ_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_verified(version_dir: Path, manifest: Manifest,
+                  model_keys: Callable[[], ModelKeys]) -> OnnxModel:
+    """Hash every file, decrypt the artifact in memory if needed, build the session.
+
+    ``manifest`` must come from `verify_manifest`. Raises `ModelRejected`.
+    """
+    from .onnx_runner import OnnxModel, create_session
+
+    for name, entry in manifest.files.items():
+        if name != manifest.artifact:
+            try:
+                _check_digest(name, _hash_file(version_dir / name), entry.sha256)
+            except OSError:
+                raise ModelRejected(f"file {name} is unreadable") from None
+    entry = manifest.files[manifest.artifact]
+    try:
+        with (version_dir / manifest.artifact).open("rb") as f:
+            if not entry.encrypted:
+                data = f.read(entry.size + 1)
+                if len(data) != entry.size:
+                    raise ModelRejected(f"file {manifest.artifact} changed size while read")
+                _check_digest(manifest.artifact, hashlib.sha256(data).hexdigest(), entry.sha256)
+                return OnnxModel(manifest, create_session(data))
+            assert manifest.encryption_key_id is not None
+            key = model_keys().get(manifest.encryption_key_id)
+            reader = _HashingReader(f)
+            with _plaintext_sink() as (sink, source):
+                try:
+                    decrypt_stream(reader, entry.size, sink, key)
+                finally:
+                    # Hash what was read even when decryption stopped early: an
+                    # altered file is reported as altered, not as undecryptable.
+                    while reader.read(READ_CHUNK_BYTES):
+                        pass
+                    _check_digest(manifest.artifact, reader.digest.hexdigest(), entry.sha256)
+                return OnnxModel(manifest, create_session(source()))
+    except OSError:
+        raise ModelRejected(f"file {manifest.artifact} is unreadable") from None
+
+
+@contextlib.contextmanager
+def _plaintext_sink() -> Iterator[tuple[BinaryIO, Callable[[], bytes | str]]]:
+    """Where decrypted bytes go: an anonymous in-memory file, never a file on disk.
+
+    Yields the sink and a function giving what ONNX Runtime should load: the
+    memfd's ``/proc/self/fd`` path (no second copy in Python), or the bytes
+    where memfd is unavailable.
+    """
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("maas-model", os.MFD_CLOEXEC)
+        with os.fdopen(fd, "w+b") as mem:
+            def path() -> str:
+                mem.flush()
+                return f"/proc/self/fd/{mem.fileno()}"
+            yield mem, path
+    else:  # pragma: no cover - not Linux
+        buf = io.BytesIO()
+        yield buf, buf.getvalue
+
+
+@dataclass
+class _Entry:
+    """One version directory as last examined."""
+
+    path: Path
+    stamp: Stamp
+    manifest: Manifest | None  # verified; None: refused, nothing to serve
+    rejected: str | None = None
+    model: OnnxModel | None = None
+    failed: bool = False  # the artifact failed verification at load (for this stamp)
+
+
+def _stamp(version_dir: Path) -> Stamp:
+    out = []
+    with contextlib.suppress(OSError), os.scandir(version_dir) as it:
+        for e in it:
+            with contextlib.suppress(OSError):
+                st = e.stat(follow_symlinks=False)
+                out.append((e.name, st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(out))
+
+
+class ModelRepository:
+    """The signed models under one folder, verified, loaded lazily and hot-reloaded.
+
+    ``signers`` and ``model_keys`` are called for the current trusted signers
+    (with a flag saying whether they changed) and model keys; both may re-read
+    files. Thread-safe: a lock serialises scans and loads.
+    """
+
+    def __init__(self, root: Path, *, signers: Callable[[], tuple[TrustedSigners, bool]],
+                 model_keys: Callable[[], ModelKeys], on_reject: RejectHook | None = None,
+                 rescan_interval_s: float = DEFAULT_RESCAN_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = root
+        self._signers = signers
+        self._model_keys = model_keys
+        self._on_reject = on_reject
+        self._interval = rescan_interval_s
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._scanned_at: float | None = None
+
+    # -- public ---------------------------------------------------------------
+    def refs(self) -> list[str]:
+        """Every servable ``name`` and ``name@version`` (scans if due; loads nothing)."""
+        with self._lock:
+            self._maybe_scan()
+            by_name: dict[str, list[str]] = {}
+            for (name, version), e in self._entries.items():
+                if self._servable(e):
+                    by_name.setdefault(name, []).append(version)
+        out = []
+        for name in sorted(by_name):
+            out.append(name)
+            out.extend(f"{name}@{v}" for v in sorted(by_name[name], key=version_key))
+        return out
+
+    def get(self, name: str, version: str | None, *,
+            signers: Collection[str] | None = None) -> Model | None:
+        """The loaded model, None if there is no such (allowed) model.
+
+        Raises `ModelRejected` when the asked-for version (or, for a bare
+        name, every version) fails verification.
+        """
+        with self._lock:
+            self._maybe_scan()
+            if version is not None:
+                entry = self._entries.get((name, version))
+                if entry is None:
+                    return None
+                if entry.manifest is not None and signers is not None \
+                        and entry.manifest.signer not in signers:
+                    return None
+                return self._loaded(name, version, entry)
+            candidates = sorted(((v, e) for (n, v), e in self._entries.items() if n == name),
+                                key=lambda ve: version_key(ve[0]), reverse=True)
+            refused = None
+            for v, entry in candidates:
+                if signers is not None and entry.manifest is not None \
+                        and entry.manifest.signer not in signers:
+                    continue
+                try:
+                    return self._loaded(name, v, entry)
+                except ModelRejected as exc:
+                    refused = refused or exc
+            if refused is not None:
+                raise ModelRejected(f"{name}: no version verifies") from None
+            return None
+
+    def scan(self) -> None:
+        """Rescan now."""
+        with self._lock:
+            self._scan()
+
+    # -- internals ------------------------------------------------------------
+    @staticmethod
+    def _servable(e: _Entry) -> bool:
+        return e.manifest is not None and not e.failed
+
+    def _maybe_scan(self) -> None:
+        now = self._clock()
+        if self._scanned_at is None or now - self._scanned_at >= self._interval:
+            self._scan()
+
+    def _reject(self, ref: str, why: str, stage: str) -> None:
+        log.warning("model %s refused: %s", ref, why)
+        if self._on_reject is not None:
+            try:
+                self._on_reject(ref, why, stage)
+            except Exception:
+                log.exception("model rejection hook failed")
+
+    def _loaded(self, name: str, version: str, entry: _Entry) -> Model:
+        ref = f"{name}@{version}"
+        if entry.manifest is None or entry.failed:
+            raise ModelRejected(f"{ref}: {entry.rejected or 'refused'}")
+        if entry.model is None:
+            try:
+                entry.model = load_verified(entry.path, entry.manifest, self._model_keys)
+            except ModelRejected as exc:
+                entry.failed, entry.rejected = True, str(exc)
+                self._reject(ref, str(exc), "load")
+                raise ModelRejected(f"{ref}: {exc}") from None
+            log.info("model %s loaded (signer %s%s)", ref, entry.manifest.signer,
+                     ", encrypted" if entry.manifest.encrypted else "")
+        return entry.model
+
+    def _scan(self) -> None:
+        self._scanned_at = self._clock()
+        signers, changed = self._signers()
+        if changed:
+            self._entries.clear()  # re-verify everything under the new set (revocation)
+        seen: set[tuple[str, str]] = set()
+        for version_dir in self._version_dirs():
+            key = (version_dir.parent.name, version_dir.name)
+            seen.add(key)
+            stamp = _stamp(version_dir)
+            old = self._entries.get(key)
+            if old is not None and old.stamp == stamp:
+                continue
+            ref = f"{key[0]}@{key[1]}"
+            try:
+                manifest = verify_manifest(version_dir, signers)
+            except ModelRejected as exc:
+                self._reject(ref, str(exc), "scan")
+                if old is not None and old.model is not None:
+                    old.stamp = stamp  # keep serving what was verified before
+                else:
+                    self._entries[key] = _Entry(version_dir, stamp, None, str(exc))
+                continue
+            new = _Entry(version_dir, stamp, manifest)
+            if old is not None and old.model is not None:
+                # Loaded and changed on disk: swap only to a replacement that verifies.
+                try:
+                    new.model = load_verified(version_dir, manifest, self._model_keys)
+                except ModelRejected as exc:
+                    self._reject(ref, str(exc), "load")
+                    old.stamp = stamp
+                    continue
+            self._entries[key] = new
+        for key in set(self._entries) - seen:
+            del self._entries[key]
+
+    def _version_dirs(self) -> list[Path]:
+        out: list[Path] = []
+        try:
+            names = sorted(self.root.iterdir())
+        except OSError:
+            return out
+        for name_dir in names:
+            if not MODEL_NAME_RE.fullmatch(name_dir.name) or not name_dir.is_dir():
+                continue
+            with contextlib.suppress(OSError):
+                out.extend(v for v in sorted(name_dir.iterdir())
+                           if VERSION_RE.fullmatch(v.name) and v.is_dir())
+        return out
+
+
+def is_encrypted_file(path: Path) -> bool:
+    """True if the file at ``path`` is an encrypted artifact (by its magic)."""
+    with path.open("rb") as f:
+        return is_encrypted(f.read(16))
