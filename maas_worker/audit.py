@@ -2,7 +2,9 @@
 
 A record holds the job id, the tenant (as claimed by the message, with
 ``verified`` saying whether its MAC checked), the reason, the time and the
-worker; never payload, keys or ciphertext.
+worker; never payload, keys or ciphertext. ``model_rejected`` records a model
+version refused at load (job id and tenant empty) and carries a ``detail``:
+the model reference and the check that failed, never a path or model bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 #: The reasons a record may carry (the contract's list).
 REASONS: frozenset[str] = frozenset({
     "tampered", "replayed", "expired", "unknown_key", "malformed", "oversize", "policy",
-    "rate_limited",
+    "rate_limited", "model_rejected",
 })
 #: Longest job id or tenant stored; anything longer is cut (it is untrusted).
 _MAX_FIELD = 128
@@ -38,6 +40,7 @@ class AuditRecord:
     at: float
     worker: str = ""
     verified: bool = False
+    detail: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (``at`` in Unix seconds)."""
@@ -62,13 +65,20 @@ class AuditLog:
         self._maxlen = maxlen
         self._worker = socket.gethostname()
 
-    def record(self, *, job_id: str, tenant: str, reason: str, verified: bool) -> None:
-        """Append one record; never raises (a failed write is logged, not fatal)."""
+    def record(self, *, job_id: str, tenant: str, reason: str, verified: bool,
+               detail: str = "") -> None:
+        """Append one record; never raises (a failed write is logged, not fatal).
+
+        ``detail`` (optional, cut to 128 printable characters) must hold no
+        payload, key or path: e.g. ``digits@2: signature does not verify``.
+        """
         if reason not in REASONS:
             raise ValueError(f"unknown audit reason {reason!r}")
         fields = {"job_id": _clean(job_id), "tenant": _clean(tenant), "reason": reason,
                   "at": f"{time.time():.6f}", "worker": self._worker,
                   "verified": "1" if verified else "0"}
+        if detail:
+            fields["detail"] = _clean(detail)
         try:
             self._r.xadd(keyspace.AUDIT_STREAM, fields,  # type: ignore[arg-type]
                          maxlen=self._maxlen, approximate=True)
@@ -84,5 +94,6 @@ class AuditLog:
             out.append(AuditRecord(job_id=f.get("job_id", ""), tenant=f.get("tenant", ""),
                                    reason=f.get("reason", ""), at=float(f.get("at", 0)),
                                    worker=f.get("worker", ""),
-                                   verified=f.get("verified") == "1"))
+                                   verified=f.get("verified") == "1",
+                                   detail=f.get("detail", "")))
         return out

@@ -50,6 +50,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
         policy = TenantPolicy(
             tuple(m for m in args.allow_models.split(",") if m) if args.allow_models else None,
             args.max_priority)
+        if args.allow_signers:
+            policy = TenantPolicy.from_json({**policy.to_json(), "allowed_signers": [
+                s for s in args.allow_signers.split(",") if s]})
         with edit_keyring(path, create=True) as box:
             box[0] = box[0].with_new_tenant(args.tenant, policy)
         print(f"tenant {args.tenant}: key version 1 is primary ({path})")
@@ -83,6 +86,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     load_keyring(settings.keyring_path)  # refuse to start without a usable keyring
+    from .models.signing import TrustedSigners
+
+    TrustedSigners.from_paths(settings.trusted_signers)  # ... or without its model signers
     app.conf.update(celery_config(settings))
     argv = ["worker", "-Q", ",".join(QUEUE_NAMES), "--loglevel", args.loglevel]
     if args.concurrency:
@@ -176,7 +182,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             when = datetime.fromtimestamp(rec.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
             print(f"{when}  {rec.reason:<12} tenant={rec.tenant or '-'}"
                   f"{'' if rec.verified else '(unverified)'}  job={rec.job_id}  "
-                  f"worker={rec.worker}")
+                  f"worker={rec.worker}{'  ' + rec.detail if rec.detail else ''}")
     return 0
 
 
@@ -209,6 +215,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(jobs_per_priority=args.jobs)
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import commands
+
+    return commands.run(args)
+
+
 # -- parser -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for the docs and tests)."""
@@ -224,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tenant", required=True)
     k.add_argument("--allow-models", help="comma-separated models the tenant may use (default all)")
     k.add_argument("--max-priority", choices=PRIORITIES, default="high")
+    k.add_argument("--allow-signers", help="comma-separated key ids of the model signers "
+                   "whose models the tenant may run (default: every trusted signer)")
     k = ks.add_parser("rotate", help="add a new key version and make it primary")
     k.add_argument("--tenant", required=True)
     k.add_argument("--stage", action="store_true",
@@ -278,13 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--json", action="store_true")
     d = sub.add_parser("demo", help="run the whole system locally and exit")
     d.add_argument("--jobs", type=int, default=2, help="echo jobs per priority")
+    from .models import commands as model_commands
+
+    model_commands.add_parser(sub)
     return p
 
 
 COMMANDS = {
     "keys": cmd_keys, "worker": cmd_worker, "beat": cmd_beat, "flower": cmd_flower,
     "submit": cmd_submit, "status": cmd_status, "result": cmd_result, "audit": cmd_audit,
-    "stats": cmd_stats, "demo": cmd_demo,
+    "stats": cmd_stats, "demo": cmd_demo, "models": cmd_models,
 }
 
 

@@ -47,6 +47,8 @@ KEY_STATES: tuple[KeyState, ...] = ("decrypt-only", "primary", "retired")
 SECRET_BYTES = 32
 KEYRING_FORMAT = 1
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+#: A model signer's key id (see maas_worker.models.signing.key_id).
+SIGNER_ID_RE = re.compile(r"[0-9a-f]{16,64}")
 MAX_KEY_VERSION = 2**32 - 1  # a u32 in the envelope header
 #: HKDF "info" labels: one per derived key, so no key is ever used for two jobs.
 INFO_REQUEST_ENC = b"maas-worker/v1/request-enc"
@@ -113,6 +115,10 @@ class TenantPolicy:
     allowed_models: tuple[str, ...] | None = None
     max_priority: str = "high"
 
+    #: Key ids of the model signers whose (repository) models this tenant may
+    #: run; ``None`` allows every trusted signer. Built-in models are unaffected.
+    allowed_signers: tuple[str, ...] | None = None
+
     def allows_model(self, model: str) -> bool:
         """True if the policy admits ``model`` (``name`` or ``name@version``)."""
         if self.allowed_models is None:
@@ -129,10 +135,24 @@ class TenantPolicy:
         out: dict[str, Any] = {"max_priority": self.max_priority}
         if self.allowed_models is not None:
             out["allowed_models"] = list(self.allowed_models)
+        if self.allowed_signers is not None:
+            out["allowed_signers"] = list(self.allowed_signers)
         return out
 
     @classmethod
     def from_json(cls, raw: Any) -> TenantPolicy:
+        """Parse a policy object; `KeyringError` if it is malformed."""
+        policy = cls._from_json(raw)
+        signers = raw.get("allowed_signers") if isinstance(raw, dict) else None
+        if signers is None:
+            return policy
+        if not (isinstance(signers, list) and all(
+                isinstance(s, str) and SIGNER_ID_RE.fullmatch(s) for s in signers)):
+            raise KeyringError("allowed_signers must be a list of signer key ids (hex)")
+        return replace(policy, allowed_signers=tuple(signers))
+
+    @classmethod
+    def _from_json(cls, raw: Any) -> TenantPolicy:
         if raw is None:
             return cls()
         if not isinstance(raw, dict):

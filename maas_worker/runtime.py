@@ -21,6 +21,7 @@ from .audit import AuditLog
 from .guard import JobGuard, LeaseKeeper
 from .keys import KeyringSource
 from .models import EchoModel, ModelRegistry, SleepModel
+from .models.repository import RejectHook
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,40 @@ def diagnostic_refs(settings: Settings) -> list[str]:
     return ModelRegistry([EchoModel(), SleepModel()]).refs()
 
 
-def build_registry(settings: Settings) -> ModelRegistry:
-    """The models this worker serves (workers only: may load model files)."""
+def build_registry(settings: Settings, on_reject: RejectHook | None = None) -> ModelRegistry:
+    """The models this worker serves: the diagnostics (if enabled) and the signed repository.
+
+    Cheap to build and to list: the repository verifies signatures when it
+    scans and loads a model (hashes, decryption, session) only when a job first
+    resolves it. ``on_reject`` hears of every refused version.
+    """
+    from .models.artifact_crypto import ModelKeysSource
+    from .models.repository import ModelRepository
+    from .models.signing import TrustedSignersSource
+
     registry = ModelRegistry()
     if settings.diagnostic_models:
         registry.register(EchoModel())
         registry.register(SleepModel())
+    registry.add_source(ModelRepository(
+        settings.model_dir, signers=TrustedSignersSource(settings.trusted_signers).get,
+        model_keys=ModelKeysSource(settings.model_keys_path).get, on_reject=on_reject))
     return registry
+
+
+def audit_rejections(audit: AuditLog, *, stage: str) -> RejectHook:
+    """A hook recording refused model versions of one stage as ``model_rejected``.
+
+    The main worker process records what its periodic scan refuses (bad or
+    missing signature, manifest); each pool process records what it failed to
+    load (hashes, decryption, runtime), so each refusal is recorded where it
+    happens and not once per process.
+    """
+    def hook(ref: str, why: str, at: str) -> None:
+        if at == stage:
+            audit.record(job_id="", tenant="", reason="model_rejected", verified=False,
+                         detail=f"{ref}: {why}")
+    return hook
 
 
 def backend_client(settings: Settings) -> redis.Redis:
@@ -66,7 +94,8 @@ class WorkerRuntime:
         self.backend = backend_client(settings)
         self.guard = JobGuard(self.backend, lease_s=settings.lease_s)
         self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen)
-        self.registry = build_registry(settings)
+        self.registry = build_registry(settings,
+                                       on_reject=audit_rejections(self.audit, stage="load"))
         self._lease_keeper = LeaseKeeper(self.guard)
         self._lease_keeper.start()
 
@@ -111,13 +140,15 @@ class Advertiser:
     def __init__(self, settings: Settings, node: str | None = None) -> None:
         self.node = node or socket.gethostname()
         self._client = backend_client(settings)
-        self._refs = build_registry(settings).refs()
+        self._registry = build_registry(settings, on_reject=audit_rejections(
+            AuditLog(self._client, maxlen=settings.audit_maxlen), stage="scan"))
+        self._refs: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="maas-advertise", daemon=True)
 
     def start(self) -> None:
         """Advertise now and then every `ADVERTISE_INTERVAL_S`."""
-        advertise(self._client, self.node, self._refs)
+        advertise(self._client, self.node, self.refs())
         self._thread.start()
 
     def stop(self) -> None:
@@ -126,9 +157,17 @@ class Advertiser:
         with contextlib.suppress(redis.RedisError):
             withdraw(self._client, self.node)
 
+    def refs(self) -> list[str]:
+        """What this worker serves now: recomputed each time, so new versions appear."""
+        try:
+            self._refs = self._registry.refs()
+        except Exception:
+            log.exception("could not list the models; advertising the previous list")
+        return self._refs
+
     def _run(self) -> None:
         while not self._stop.wait(ADVERTISE_INTERVAL_S):
             try:
-                advertise(self._client, self.node, self._refs)
+                advertise(self._client, self.node, self.refs())
             except redis.RedisError:
                 log.warning("could not refresh the model catalogue; retrying")

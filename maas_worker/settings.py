@@ -46,9 +46,25 @@ def _default_keyring(env: Mapping[str, str]) -> Path:
     return Path(base) / "maas-worker" / "keyring.json"
 
 
+#: The signed models that ship inside the package (the ``digits`` classifier).
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "bundled"
+#: The public key(s) the bundled models are signed with.
+BUNDLED_SIGNERS_DIR = Path(__file__).resolve().parent / "models" / "trusted_signers"
+
+
 def _default_model_dir(env: Mapping[str, str]) -> Path:
-    base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "maas-worker" / "models"
+    # The bundled repository, so `digits` is served out of the box.
+    return BUNDLED_MODEL_DIR
+
+
+def _default_model_keys(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "maas-worker" / "model-keys.json"
+
+
+def _paths(raw: str) -> tuple[Path, ...]:
+    """``a:b:c`` (os.pathsep) as paths; empty parts are ignored."""
+    return tuple(Path(p) for p in raw.split(os.pathsep) if p)
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
@@ -110,6 +126,8 @@ class Settings:
     keyring_path: Path = field(default_factory=lambda: _default_keyring(os.environ))
     tenant: str | None = None
     model_dir: Path = field(default_factory=lambda: _default_model_dir(os.environ))
+    trusted_signers: tuple[Path, ...] = (BUNDLED_SIGNERS_DIR,)
+    model_keys_path: Path = field(default_factory=lambda: _default_model_keys(os.environ))
     visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
     diagnostic_models: bool = False
     job_ttl_s: int = DEFAULT_JOB_TTL_S
@@ -142,6 +160,10 @@ class Settings:
             tenant=env.get("MAAS_TENANT") or None,
             model_dir=Path(env["MAAS_MODEL_DIR"]) if env.get("MAAS_MODEL_DIR")
             else _default_model_dir(env),
+            trusted_signers=_paths(env.get("MAAS_TRUSTED_SIGNERS", ""))
+            or (BUNDLED_SIGNERS_DIR,),
+            model_keys_path=Path(env["MAAS_MODEL_KEYS"]) if env.get("MAAS_MODEL_KEYS")
+            else _default_model_keys(env),
             visibility_timeout_s=_int(env, "MAAS_VISIBILITY_TIMEOUT_S",
                                       DEFAULT_VISIBILITY_TIMEOUT_S),
             diagnostic_models=_flag(env, "MAAS_DIAGNOSTIC_MODELS"),

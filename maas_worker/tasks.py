@@ -26,7 +26,7 @@ from celery import Task, shared_task, signals
 from celery.exceptions import Reject
 
 from .envelope import Header, Verified, now_ms, seal, verify
-from .errors import EnvelopeRejected, KeyringError, ModelError
+from .errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
 from .runtime import Advertiser, WorkerRuntime, build_registry, get_runtime
 from .settings import Settings, queue_for
 
@@ -48,6 +48,11 @@ def _reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
     log.warning("job %r rejected: %s", job_id[:64], reason)
 
 
+def _allowed_signers(rt: WorkerRuntime, header: Header) -> tuple[str, ...] | None:
+    """The model signers the job's tenant accepts (None: any trusted signer)."""
+    return rt.keyring.get().tenant(header.tenant).policy.allowed_signers
+
+
 def _run_model(rt: WorkerRuntime, header: Header, plaintext: bytes) -> dict[str, Any] | str:
     """The result document, or an audit reason if the job must be rejected instead."""
     try:
@@ -55,7 +60,11 @@ def _run_model(rt: WorkerRuntime, header: Header, plaintext: bytes) -> dict[str,
     except ValueError:
         return "malformed"
     try:
-        model = rt.registry.resolve(header.model)
+        model = rt.registry.resolve(header.model, signers=_allowed_signers(rt, header))
+    except ModelRejected as exc:
+        # The model exists but fails verification (audited model_rejected when
+        # its load was refused): fail the job clearly; the worker serves on.
+        return {"ok": False, "error": exc.reason, "message": str(exc)}
     except ModelError:
         return "policy"
     try:

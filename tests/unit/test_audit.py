@@ -15,6 +15,8 @@ from maas_worker.audit import REASONS, AuditLog, AuditRecord
 
 CONTRACT_REASONS = {"tampered", "replayed", "expired", "unknown_key", "malformed", "oversize",
                     "policy", "rate_limited"}
+#: Added by the signed-model repository: a model version refused at load.
+MODEL_REASONS = {"model_rejected"}
 
 
 @pytest.fixture
@@ -28,7 +30,7 @@ def audit(server: fakeredis.FakeServer) -> AuditLog:
 
 
 def test_reasons_are_the_contract_list() -> None:
-    assert set(REASONS) == CONTRACT_REASONS
+    assert set(REASONS) == CONTRACT_REASONS | MODEL_REASONS
 
 
 def test_records_round_trip_newest_first(audit: AuditLog) -> None:
@@ -122,6 +124,16 @@ def test_record_holds_no_other_fields(server: fakeredis.FakeServer, audit: Audit
     audit.record(job_id="j1", tenant="acme", reason="tampered", verified=False)
     ((_id, fields),) = fakeredis.FakeRedis(server=server).xrange(keyspace.AUDIT_STREAM)
     assert set(fields) == {b"job_id", b"tenant", b"reason", b"at", b"worker", b"verified"}
+
+
+def test_detail_is_stored_only_when_given_and_cleaned(
+        server: fakeredis.FakeServer, audit: AuditLog) -> None:
+    audit.record(job_id="", tenant="", reason="model_rejected", verified=False,
+                 detail="digits@2: signature does not verify\n" + "x" * 500)
+    rec = audit.latest(1)[0]
+    assert rec.reason == "model_rejected"
+    assert rec.detail == ("digits@2: signature does not verify?" + "x" * 500)[:128]
+    assert rec.to_json()["detail"] == rec.detail
 
 
 def test_stream_is_bounded(server: fakeredis.FakeServer) -> None:

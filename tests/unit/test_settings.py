@@ -10,6 +10,8 @@ import pytest
 from maas_worker import settings as settings_module
 from maas_worker.errors import ConfigError
 from maas_worker.settings import (
+    BUNDLED_MODEL_DIR,
+    BUNDLED_SIGNERS_DIR,
     DEFAULT_AUDIT_MAXLEN,
     DEFAULT_BROKER_URL,
     DEFAULT_CLOCK_SKEW_S,
@@ -35,7 +37,11 @@ def test_defaults() -> None:
     assert s.result_backend == DEFAULT_BROKER_URL
     assert s.keyring_path == Path("/cfg/maas-worker/keyring.json")
     assert s.tenant is None
-    assert s.model_dir == Path("/data/maas-worker/models")
+    assert s.model_dir == BUNDLED_MODEL_DIR
+    assert (BUNDLED_MODEL_DIR / "digits" / "1" / "manifest.sig").is_file()
+    assert s.trusted_signers == (BUNDLED_SIGNERS_DIR,)
+    assert any(BUNDLED_SIGNERS_DIR.glob("*.pub"))
+    assert s.model_keys_path == Path("/cfg/maas-worker/model-keys.json")
     assert s.visibility_timeout_s == DEFAULT_VISIBILITY_TIMEOUT_S
     assert s.diagnostic_models is False
     assert s.job_ttl_s == DEFAULT_JOB_TTL_S
@@ -51,7 +57,8 @@ def test_default_paths_without_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("HOME", str(tmp_path))
     s = Settings.from_env({})
     assert s.keyring_path == tmp_path / ".config" / "maas-worker" / "keyring.json"
-    assert s.model_dir == tmp_path / ".local" / "share" / "maas-worker" / "models"
+    assert s.model_dir == BUNDLED_MODEL_DIR
+    assert s.model_keys_path == tmp_path / ".config" / "maas-worker" / "model-keys.json"
 
 
 def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,6 +86,8 @@ def test_every_variable_is_read() -> None:
         "MAAS_KEYRING": "/etc/maas/keyring.json",
         "MAAS_TENANT": "acme",
         "MAAS_MODEL_DIR": "/srv/models",
+        "MAAS_TRUSTED_SIGNERS": "/etc/maas/signers:/etc/maas/extra.pub",
+        "MAAS_MODEL_KEYS": "/etc/maas/model-keys.json",
         "MAAS_VISIBILITY_TIMEOUT_S": "120",
         "MAAS_DIAGNOSTIC_MODELS": "1",
         "MAAS_JOB_TTL_S": "600",
@@ -95,6 +104,8 @@ def test_every_variable_is_read() -> None:
     assert s.keyring_path == Path("/etc/maas/keyring.json")
     assert s.tenant == "acme"
     assert s.model_dir == Path("/srv/models")
+    assert s.trusted_signers == (Path("/etc/maas/signers"), Path("/etc/maas/extra.pub"))
+    assert s.model_keys_path == Path("/etc/maas/model-keys.json")
     assert s.visibility_timeout_s == 120
     assert s.diagnostic_models is True
     assert s.job_ttl_s == 600
@@ -111,7 +122,8 @@ def test_every_setting_has_a_variable() -> None:
     source = Path(settings_module.__file__).read_text()
     names = {f.name for f in dataclasses.fields(Settings)}
     special = {"broker_url": "MAAS_BROKER_URL", "result_backend": "MAAS_RESULT_BACKEND",
-               "keyring_path": "MAAS_KEYRING", "diagnostic_models": "MAAS_DIAGNOSTIC_MODELS"}
+               "keyring_path": "MAAS_KEYRING", "diagnostic_models": "MAAS_DIAGNOSTIC_MODELS",
+               "model_keys_path": "MAAS_MODEL_KEYS"}
     for name in names:
         assert f'"{special.get(name, "MAAS_" + name.upper())}"' in source, name
 

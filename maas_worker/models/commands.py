@@ -1,0 +1,184 @@
+"""``maas-worker models keygen|sign|verify|encrypt|list``: the model owner's and operator's tools.
+
+keygen
+    an Ed25519 signing key pair (private key 0600, ``.pub`` beside it), or
+    with ``--encryption`` a model encryption key added to the model keys file;
+sign
+    write ``manifest.json`` (hashes of every file, input and outputs read from
+    the ONNX graph) and ``manifest.sig`` for a ``<name>/<version>/`` directory;
+encrypt
+    encrypt an artifact (AES-256-GCM, chunked) for a version directory;
+verify
+    check versions exactly as a worker loads them (signature, hashes,
+    decryption, ONNX Runtime); exit 1 if any is refused;
+list
+    every version in the repository: signer, encrypted or not, verifies or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, ModelRejected
+from ..settings import Settings
+from .artifact_crypto import DEFAULT_CHUNK_BYTES, ModelKey, ModelKeys
+from .base import MODEL_NAME_RE, VERSION_RE
+from .manifest import MANIFEST_FILE, SIGNATURE_FILE
+from .signing import SigningKey, TrustedSigners
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``models`` and its subcommands to the top-level subparsers."""
+    m = sub.add_parser("models", help="sign, encrypt, verify and list models")
+    ms = m.add_subparsers(dest="models_cmd", required=True)
+    k = ms.add_parser("keygen", help="new signing key pair, or (--encryption) model key")
+    k.add_argument("--out", type=Path, help="private signing key file to create (0600)")
+    k.add_argument("--encryption", action="store_true",
+                   help="add a model encryption key to the model keys file instead")
+    k.add_argument("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
+    s = ms.add_parser("sign", help="write and sign the manifest of <name>/<version>/")
+    s.add_argument("version_dir", type=Path)
+    s.add_argument("--key", type=Path, required=True, help="private signing key")
+    s.add_argument("--artifact", help="the model file (default: the one *.onnx[.enc])")
+    s.add_argument("--input-key", default="inputs",
+                   help="member of the job's JSON input holding the tensor (default inputs)")
+    s.add_argument("--output", action="append", default=[], metavar="NAME[=KEY]",
+                   help="graph output to return, under KEY (repeat; default all, by name)")
+    s.add_argument("--max-batch", type=int, default=1024)
+    s.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="signed metadata (repeat)")
+    s.add_argument("--keys", type=Path, help="model keys, to read an encrypted artifact")
+    e = ms.add_parser("encrypt", help="encrypt a model file (AES-256-GCM, chunked)")
+    e.add_argument("src", type=Path)
+    e.add_argument("dst", type=Path)
+    e.add_argument("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
+    e.add_argument("--key-id", help="which model key (default: the only one)")
+    e.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    v = ms.add_parser("verify", help="verify versions as a worker would load them")
+    v.add_argument("paths", type=Path, nargs="*",
+                   help="version dirs, model dirs or repositories (default: $MAAS_MODEL_DIR)")
+    for p in (v, ms.add_parser("list", help="every version: signer, encrypted, verifies")):
+        p.add_argument("--json", action="store_true")
+
+
+def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
+    return args.keys or settings.model_keys_path
+
+
+def _is_version_dir(path: Path) -> bool:
+    return path.is_dir() and (any((path / f).exists() for f in (MANIFEST_FILE, SIGNATURE_FILE))
+                              or any(path.glob("*.onnx*")))
+
+
+def _version_dirs(path: Path) -> list[Path]:
+    """The version directories ``path`` is, holds (a model) or holds two levels down."""
+    if _is_version_dir(path):
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory")
+    children = [c for c in sorted(path.iterdir()) if c.is_dir()]
+    if any(_is_version_dir(c) for c in children):
+        return [c for c in children if VERSION_RE.fullmatch(c.name)]
+    return [v for c in children if MODEL_NAME_RE.fullmatch(c.name)
+            for v in sorted(c.iterdir()) if v.is_dir() and VERSION_RE.fullmatch(v.name)]
+
+
+def inspect_version(version_dir: Path, signers: TrustedSigners,
+                    keys_path: Path) -> dict[str, Any]:
+    """Verify one version as a worker loads it; a row for ``list``/``verify``."""
+    from .repository import load_verified, verify_manifest
+
+    row: dict[str, Any] = {"name": version_dir.parent.name, "version": version_dir.name,
+                           "signer": None, "encrypted": None, "verifies": False,
+                           "error": None}
+
+    def keys() -> ModelKeys:
+        try:
+            return ModelKeys.load(keys_path)
+        except ConfigError:
+            raise ModelRejected("the model keys are unavailable (MAAS_MODEL_KEYS)") from None
+
+    try:
+        manifest = verify_manifest(version_dir, signers)
+        row.update(signer=manifest.signer, encrypted=manifest.encrypted)
+        load_verified(version_dir, manifest, keys)
+        row["verifies"] = True
+    except ModelRejected as exc:
+        row["error"] = str(exc)
+    return row
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"{'MODEL':<24} {'VERSION':<10} {'SIGNER':<34} {'ENCRYPTED':<10} VERIFIES")
+    for r in rows:
+        enc = "-" if r["encrypted"] is None else ("yes" if r["encrypted"] else "no")
+        ok = "yes" if r["verifies"] else f"NO: {r['error']}"
+        print(f"{r['name']:<24} {r['version']:<10} {r['signer'] or '-':<34} {enc:<10} {ok}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one ``models`` subcommand; returns the exit status."""
+    settings = Settings.from_env()
+    cmd = args.models_cmd
+    if cmd == "keygen":
+        if args.encryption:
+            path = _keys_path(args, settings)
+            keys = ModelKeys.load(path) if path.exists() else ModelKeys()
+            key = ModelKey.generate()
+            keys.with_key(key).save(path)
+            print(f"model key {key.key_id} added to {path} (mode 0600)")
+            return 0
+        if args.out is None:
+            raise ConfigError("keygen needs --out PATH for the private signing key "
+                              "(keep it off the workers)")
+        signing = SigningKey.generate()
+        pub = signing.save(args.out)
+        print(f"signing key {signing.key_id}: private {args.out} (mode 0600), public {pub}")
+        return 0
+    if cmd == "sign":
+        from .publish import sign_version
+
+        outputs = dict(o.split("=", 1) if "=" in o else (o, o) for o in args.output)
+        meta = dict(m.split("=", 1) for m in args.meta if "=" in m)
+        model_keys = ModelKeys.load(args.keys) if args.keys else None
+        manifest = sign_version(args.version_dir, SigningKey.load(args.key),
+                                artifact=args.artifact, input_key=args.input_key,
+                                output_keys=outputs or None, max_batch=args.max_batch,
+                                metadata=meta, model_keys=model_keys)
+        print(f"signed {manifest.ref} ({len(manifest.files)} file(s), signer "
+              f"{manifest.signer}{', encrypted' if manifest.encrypted else ''})")
+        return 0
+    if cmd == "encrypt":
+        from .publish import encrypt_file
+
+        keys = ModelKeys.load(_keys_path(args, settings))
+        if args.key_id is None and len(keys.keys) != 1:
+            raise ConfigError("the model keys file holds several keys: choose one with --key-id")
+        key_id = args.key_id or next(iter(keys.keys))
+        try:
+            key = keys.get(key_id)
+        except ModelRejected:
+            raise ConfigError(f"no model key {key_id}") from None
+        written = encrypt_file(args.src, args.dst, key, chunk_bytes=args.chunk_bytes)
+        print(f"encrypted {args.src} -> {args.dst} ({written} bytes, model key {key_id})")
+        return 0
+    signers = TrustedSigners.from_paths(settings.trusted_signers)
+    keys_path = settings.model_keys_path
+    if cmd == "verify":
+        dirs = [d for p in (args.paths or [settings.model_dir]) for d in _version_dirs(p)]
+    else:
+        dirs = _version_dirs(settings.model_dir) if settings.model_dir.is_dir() else []
+    rows = [inspect_version(d, signers, keys_path) for d in dirs]
+    _print_rows(rows, args.json)
+    if cmd == "verify":
+        if not rows:
+            raise ConfigError("no model versions found")
+        return 0 if all(r["verifies"] for r in rows) else 1
+    return 0
