@@ -1,0 +1,102 @@
+"""Test helpers: a model repository signed with a throw-away key, built from the bundled digits.
+
+No private key of the project is needed: tests generate their own signer and
+trust only it. Plaintext model bytes given to `ModelKit.publish` with
+``encrypt=True`` are encrypted from memory and never written to disk.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from maas_worker.models.artifact_crypto import ModelKey, ModelKeys, encrypt_stream
+from maas_worker.models.publish import sign_version
+from maas_worker.models.signing import SigningKey
+from maas_worker.settings import BUNDLED_MODEL_DIR
+
+BUNDLED_DIGITS = BUNDLED_MODEL_DIR / "digits" / "1" / "model.onnx"
+DIGITS_OUTPUTS = {"label": "labels", "probabilities": "probabilities"}
+HOLDOUT = Path(__file__).parent / "data" / "digits_holdout.json"
+
+
+def holdout() -> dict[str, Any]:
+    """Held-out digits: ``inputs`` (64 ints each), true ``labels``, ``sklearn_predictions``."""
+    data: dict[str, Any] = json.loads(HOLDOUT.read_text())
+    return data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def with_marker(model: bytes, marker: bytes) -> bytes:
+    """``model`` plus an unknown protobuf field holding ``marker`` (ONNX Runtime ignores it).
+
+    Makes a model whose bytes exist nowhere else, to look for on disk.
+    """
+    return model + _varint((1000 << 3) | 2) + _varint(len(marker)) + marker
+
+
+@dataclass
+class ModelKit:
+    """A repository folder, its trusted signer folder and model keys file."""
+
+    tmp: Path
+    root: Path
+    key: SigningKey
+    signers_dir: Path
+    keys_path: Path
+    model_key: ModelKey
+
+    def env(self) -> dict[str, str]:
+        """The ``MAAS_*`` variables that make a worker serve this repository."""
+        return {"MAAS_MODEL_DIR": str(self.root), "MAAS_TRUSTED_SIGNERS": str(self.signers_dir),
+                "MAAS_MODEL_KEYS": str(self.keys_path)}
+
+    def publish(self, name: str, version: str, *, model: bytes | None = None,
+                encrypt: bool = False, key: SigningKey | None = None,
+                extra_files: dict[str, bytes] | None = None) -> Path:
+        """Stage, sign and rename ``<name>/<version>`` into the repository; its path."""
+        stage_root = self.tmp / f".stage-{secrets.token_hex(4)}"
+        stage = stage_root / name / version
+        stage.mkdir(parents=True)
+        data = model if model is not None else BUNDLED_DIGITS.read_bytes()
+        if encrypt:
+            with (stage / "model.onnx.enc").open("wb") as f:
+                encrypt_stream(io.BytesIO(data), f, self.model_key, chunk_bytes=4096)
+        else:
+            (stage / "model.onnx").write_bytes(data)
+        for fname, content in (extra_files or {}).items():
+            (stage / fname).write_bytes(content)
+        sign_version(stage, key or self.key, output_keys=DIGITS_OUTPUTS,
+                     model_keys=ModelKeys().with_key(self.model_key))
+        target = self.root / name / version
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage.rename(target)
+        return target
+
+
+def make_kit(tmp: Path) -> ModelKit:
+    """A fresh signer (trusted), model key and empty repository under ``tmp``."""
+    key = SigningKey.generate()
+    signers = tmp / "signers"
+    key_file = tmp / "owner" / "owner.key"
+    pub = key.save(key_file)
+    signers.mkdir()
+    (signers / "owner.pub").write_text(pub.read_text())
+    model_key = ModelKey.generate()
+    keys_path = tmp / "model-keys.json"
+    ModelKeys().with_key(model_key).save(keys_path)
+    root = tmp / "models"
+    root.mkdir()
+    return ModelKit(tmp, root, key, signers, keys_path, model_key)

@@ -1,0 +1,108 @@
+"""``maas-worker models keygen|sign|encrypt|verify|list`` and ``keys init --allow-signers``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from maas_worker.cli import main
+from maas_worker.keys import TenantPolicy, load_keyring
+from tests.modelkit import BUNDLED_DIGITS
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for var in ("MAAS_MODEL_DIR", "MAAS_TRUSTED_SIGNERS", "MAAS_MODEL_KEYS", "MAAS_KEYRING"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MAAS_MODEL_DIR", str(tmp_path / "repo"))
+    monkeypatch.setenv("MAAS_TRUSTED_SIGNERS", str(tmp_path / "owner.key.pub"))
+    monkeypatch.setenv("MAAS_MODEL_KEYS", str(tmp_path / "model-keys.json"))
+    monkeypatch.setenv("MAAS_KEYRING", str(tmp_path / "keyring.json"))
+    return tmp_path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_whole_owner_workflow(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "models", "keygen", "--out", str(env / "owner.key"))
+    assert code == 0 and "signing key" in out
+    assert stat.S_IMODE((env / "owner.key").stat().st_mode) == 0o600
+    assert "PRIVATE" not in (env / "owner.key.pub").read_text()
+    code, out, _ = run(capsys, "models", "keygen", "--encryption")
+    assert code == 0 and "model key" in out
+    assert stat.S_IMODE((env / "model-keys.json").stat().st_mode) == 0o600
+
+    plain = env / "repo" / "digits" / "1"
+    plain.mkdir(parents=True)
+    shutil.copy(BUNDLED_DIGITS, plain / "model.onnx")
+    code, out, _ = run(capsys, "models", "sign", str(plain), "--key", str(env / "owner.key"),
+                       "--output", "label=labels", "--output", "probabilities",
+                       "--meta", "owner=ml-team")
+    assert code == 0 and "signed digits@1" in out
+    manifest = json.loads((plain / "manifest.json").read_text())
+    assert manifest["metadata"] == {"owner": "ml-team"}
+    assert [o["key"] for o in manifest["outputs"]] == ["labels", "probabilities"]
+
+    enc = env / "repo" / "digits" / "2"
+    enc.mkdir()
+    code, out, _ = run(capsys, "models", "encrypt", str(BUNDLED_DIGITS),
+                       str(enc / "model.onnx.enc"))
+    assert code == 0 and "encrypted" in out
+    code, out, _ = run(capsys, "models", "sign", str(enc), "--key", str(env / "owner.key"),
+                       "--keys", str(env / "model-keys.json"))
+    assert code == 0 and "encrypted" in out
+
+    code, out, _ = run(capsys, "models", "list", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["version"], r["encrypted"], r["verifies"]) for r in rows] == [
+        ("1", False, True), ("2", True, True)]
+    code, out, _ = run(capsys, "models", "verify")
+    assert code == 0 and out.count(" yes") == 3  # two verifies + one encrypted
+
+    # Tamper: verify names the version and exits 1; list shows why.
+    data = bytearray((enc / "model.onnx.enc").read_bytes())
+    data[500] ^= 1
+    (enc / "model.onnx.enc").write_bytes(bytes(data))
+    code, out, _ = run(capsys, "models", "verify", str(enc))
+    assert code == 1 and "NO: file model.onnx.enc does not match its hash" in out
+    code, out, _ = run(capsys, "models", "list")
+    assert code == 0 and "digits" in out and "NO:" in out
+
+
+def test_errors_are_one_line(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "models", "keygen")
+    assert code == 1 and err.startswith("maas-worker: error: keygen needs --out")
+    run(capsys, "models", "keygen", "--out", str(env / "owner.key"))
+    code, _, err = run(capsys, "models", "keygen", "--out", str(env / "owner.key"))
+    assert code == 1 and "refusing to overwrite" in err
+    code, _, err = run(capsys, "models", "encrypt", "a", "b")
+    assert code == 1 and "model keys" in err and len(err.strip().splitlines()) == 1
+    empty = env / "repo" / "x" / "1"
+    empty.mkdir(parents=True)
+    code, _, err = run(capsys, "models", "sign", str(empty), "--key", str(env / "owner.key"))
+    assert code == 1 and "expected exactly one *.onnx" in err
+
+
+def test_keys_init_allow_signers(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    signer = "ab" * 16
+    code, _, _ = run(capsys, "keys", "init", "--tenant", "acme", "--allow-signers", signer)
+    assert code == 0
+    policy = load_keyring(env / "keyring.json").tenant("acme").policy
+    assert policy.allowed_signers == (signer,)
+    code, _, err = run(capsys, "keys", "init", "--tenant", "b", "--allow-signers", "nothex")
+    assert code == 1 and "allowed_signers" in err
+
+
+def test_tenant_policy_allowed_signers_round_trip() -> None:
+    assert TenantPolicy().allowed_signers is None
+    p = TenantPolicy.from_json({"allowed_signers": ["ab" * 16]})
+    assert TenantPolicy.from_json(p.to_json()) == p
+    assert "allowed_signers" not in TenantPolicy().to_json()
