@@ -11,12 +11,17 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
+from .monitoring import celery_options as monitoring_options
+from .monitoring import monitor_queue
+from .scheduling import STRATEGY
 from .settings import PRIORITIES, Settings, queue_for
 
 TASK_NAME = "maas.infer"
 #: Queues in the order a worker consumes them: high first, low last.
 QUEUE_NAMES: tuple[str, ...] = tuple(queue_for(p) for p in PRIORITIES)
 EXCHANGE = "maas"
+#: Modules holding tasks and worker hooks, imported by workers only.
+WORKER_MODULES = ["maas_worker.tasks", "maas_worker.monitor_tasks"]
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -30,7 +35,8 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     vt = settings.visibility_timeout_s
     return {
         "visibility_timeout": vt,
-        "queue_order_strategy": "priority",
+        # Priority order with a reserved share for normal and low (scheduling.py).
+        "queue_order_strategy": STRATEGY,
         "unacked_restore_interval": max(1, min(10, vt // 4)),
         "unacked_restore_throttle": 1,
     }
@@ -59,7 +65,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_queues": [
             Queue(name, Exchange(EXCHANGE, type="direct"),  # type: ignore[no-untyped-call]
                   routing_key=name)
-            for name in QUEUE_NAMES],
+            for name in QUEUE_NAMES] + [monitor_queue()],
         "task_default_exchange": EXCHANGE,
         "task_default_queue": queue_for("normal"),
         "task_create_missing_queues": False,
@@ -68,12 +74,20 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
         "task_default_rate_limit": None,
+        # Task events for Flower, the resource-sample schedule, the autoscaler.
+        **monitoring_options(settings),
+        # Per-job limits are the watchdog's (watchdog.py, from the worker's own
+        # settings); Celery's hard limit is only a backstop behind them.
+        "task_time_limit": max([settings.hard_time_limit_s,
+                                *(h for _, h in settings.time_limits.values())]) + 60,
+        # Replace a pool child whose resident memory grew past the limit (KiB).
+        "worker_max_memory_per_child": settings.max_memory_per_child_mb * 1024 or None,
     }
 
 
 def make_app(settings: Settings | None = None, *, include_tasks: bool = True) -> Celery:
     """A configured Celery app; producers pass ``include_tasks=False``."""
-    app = Celery("maas_worker", include=["maas_worker.tasks"] if include_tasks else [])
+    app = Celery("maas_worker", include=WORKER_MODULES if include_tasks else [])
     if settings is None:
         app.add_defaults(lambda: celery_config(Settings.from_env()))
     else:

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from .errors import ConfigError, MaasError
+from .errors import ConfigError, JobError, MaasError
 from .settings import PRIORITIES, Settings, redact_url
 
 EXIT_ERROR = 1
@@ -160,7 +160,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    print(_client(args).job(args.job_id).status())
+    info = _client(args).job(args.job_id).info()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(info["state"] + (f" ({info['reason']})" if info["reason"] else ""))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = _client(args).job(args.job_id)
+    if not job.cancel():
+        raise JobError(args.job_id, "already finished; nothing to cancel")
+    print(job.status())
     return 0
 
 
@@ -188,24 +200,77 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from . import keyspace
-    from .app import QUEUE_NAMES
+    from .fleet import read_fleet
+    from .monitoring import summarize
     from .runtime import backend_client
 
     settings = _settings(args)
     # redis-py types replies as unions; these are plain bytes/float replies.
     backend: Any = backend_client(settings)
-    broker: Any = redis.Redis.from_url(settings.broker_url)
-    nodes = backend.zrange(keyspace.NODES, 0, -1, withscores=True)
-    depth = {q.removeprefix("maas."): int(broker.llen(q)) for q in QUEUE_NAMES}
+    reading = read_fleet(settings, backend=backend)
     now = time.time()
-    workers = [{"worker": n.decode(), "last_seen_s_ago": round(now - score, 1)}
-               for n, score in nodes]
+    seen = {n.decode(): score for n, score in backend.zrange(keyspace.NODES, 0, -1,
+                                                             withscores=True)}
+    names = sorted(set(seen) | set(reading.samples))
+    workers: list[dict[str, Any]] = [
+        {"worker": name,
+         "last_seen_s_ago": round(now - seen[name], 1) if name in seen else None,
+         "sample": reading.samples.get(name)}
+        for name in names]
+    backlog = reading.backlog
     if args.json:
-        print(json.dumps({"backlog": depth, "workers": workers}))
-    else:
-        print("backlog: " + "  ".join(f"{k}={v}" for k, v in depth.items()))
-        for w in workers:
-            print(f"{w['worker']:<40} last seen {w['last_seen_s_ago']} s ago")
+        print(json.dumps({"backlog": dict(backlog.depth),
+                          "oldest_age_s": dict(backlog.oldest_age_s),
+                          "sample_interval_s": settings.sample_interval_s,
+                          "workers": workers}))
+        return 0
+    oldest = backlog.oldest_s
+    print("backlog: " + "  ".join(f"{k}={v}" for k, v in backlog.depth.items())
+          + (f"  (oldest job waiting {oldest:.1f} s)" if oldest is not None else ""))
+    for w in workers:
+        seen_text = "never" if w["last_seen_s_ago"] is None else f"{w['last_seen_s_ago']} s ago"
+        sample = w["sample"]
+        if sample is None:
+            print(f"{w['worker']}  (seen {seen_text}; no current sample)")
+            continue
+        text = summarize(sample)
+        print(f"{w['worker']}  (seen {seen_text}; sampled {now - sample['at']:.1f} s ago)")
+        print(f"    cpu {text['cpu']}  memory {text['memory']}  swap {text['swap']}")
+        print(f"    load {text['load']}  pool {text['pool']}  gpu {text['gpu']}  "
+              f"jobs {text['jobs']}")
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from .fleet import read_fleet
+
+    settings = _settings(args)
+    reading = read_fleet(settings)
+    advice = reading.advice
+    if args.json:
+        print(json.dumps({**advice.to_json(), "backlog_by_priority": dict(reading.backlog.depth)}))
+        return 0
+    print(f"desired worker nodes: {advice.desired_nodes} (now {advice.current_nodes})")
+    print(f"  {advice.reason}; backlog {advice.backlog}, throughput "
+          f"{advice.throughput_jobs_per_s:g} jobs/s, target wait {advice.target_wait_s:g} s")
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    import threading
+
+    from .exporter import FleetCollector
+    from .metrics import serve
+
+    settings = _settings(args)
+    port = settings.fleet_metrics_port if args.port is None else args.port
+    address = args.address or settings.metrics_address
+    if port == 0:
+        raise ConfigError("the fleet exporter needs a port (--port or MAAS_FLEET_METRICS_PORT)")
+    if serve(FleetCollector(settings), port=port, address=address) is None:
+        raise ConfigError(f"cannot serve metrics on {address}:{port} (port in use?)")
+    print(f"maas-worker: fleet metrics on http://{address}:{port}/metrics", file=sys.stderr)
+    threading.Event().wait()  # until a signal ends the process
     return 0
 
 
@@ -256,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--concurrency", type=int)
     w.add_argument("--autoscale", metavar="MAX,MIN")
     w.add_argument("--hostname", "-n", help="node name (default celery@HOST)")
-    w.add_argument("--pool", choices=("prefork", "solo", "threads"))
+    # Not "threads": time limits and cancellation interrupt the job's own thread.
+    w.add_argument("--pool", choices=("prefork", "solo"))
     w.add_argument("--loglevel", default="INFO")
     b = sub.add_parser("beat", help="run Celery beat (exactly one per deployment)")
     b.add_argument("--loglevel", default="INFO")
@@ -277,9 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ttl", type=int, help="seconds the job may wait in the queue")
     s.add_argument("--tenant", help="tenant (default: $MAAS_TENANT)")
 
-    st = sub.add_parser("status", help="a job's status")
+    st = sub.add_parser("status", help="a job's state (and the reason if it failed)")
     st.add_argument("job_id")
+    st.add_argument("--json", action="store_true", help='{"job_id", "state", "reason"}')
     st.add_argument("--tenant")
+    c = sub.add_parser("cancel", help="cancel a queued or running job")
+    c.add_argument("job_id")
+    c.add_argument("--tenant")
     r = sub.add_parser("result", help="wait for a job's result and print it as JSON")
     r.add_argument("job_id")
     r.add_argument("--timeout", type=float, default=60.0)
@@ -288,8 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", help="security events, newest first")
     a.add_argument("--json", action="store_true")
     a.add_argument("--limit", type=int, default=50)
-    sa = sub.add_parser("stats", help="workers and backlog")
+    sa = sub.add_parser("stats", help="each worker's latest resource sample, and the backlog")
     sa.add_argument("--json", action="store_true")
+    sc = sub.add_parser("scale", help="how many worker nodes the backlog calls for")
+    sc.add_argument("--json", action="store_true")
+    me = sub.add_parser("metrics", help="serve the fleet's Prometheus metrics")
+    me.add_argument("--port", type=int, help="default $MAAS_FLEET_METRICS_PORT or 9541")
+    me.add_argument("--address", help="default $MAAS_METRICS_ADDRESS or 127.0.0.1")
     d = sub.add_parser("demo", help="run the whole system locally and exit")
     d.add_argument("--jobs", type=int, default=2, help="echo jobs per priority")
     from .models import commands as model_commands
@@ -300,8 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "keys": cmd_keys, "worker": cmd_worker, "beat": cmd_beat, "flower": cmd_flower,
-    "submit": cmd_submit, "status": cmd_status, "result": cmd_result, "audit": cmd_audit,
+    "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "result": cmd_result,
+    "audit": cmd_audit,
     "stats": cmd_stats, "demo": cmd_demo, "models": cmd_models,
+    "scale": cmd_scale, "metrics": cmd_metrics,
 }
 
 

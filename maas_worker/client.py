@@ -23,13 +23,18 @@ from kombu.exceptions import OperationalError
 
 from . import keyspace
 from .app import TASK_NAME, make_app
+from .cancellation import make_token, verify_token
 from .envelope import Header, now_ms, open_envelope, seal
 from .errors import (
     InputTooLarge,
     InvalidEnvelope,
+    JobCancelled,
+    JobExpired,
     JobFailed,
     JobRejected,
     PolicyDenied,
+    QueueFull,
+    RateLimited,
     ResultTimeout,
     ServiceUnavailable,
     SubmitError,
@@ -38,7 +43,8 @@ from .errors import (
 )
 from .keys import Keyring, KeyringSource
 from .models.base import parse_model_ref
-from .runtime import CATALOG_TTL_S, backend_client, diagnostic_refs
+from .quota import Quotas
+from .runtime import CATALOG_TTL_S, backend_client, diagnostic_refs, redis_client
 from .settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
 
 #: Longest single blocking wait on Redis while waiting for a result; short so a
@@ -46,6 +52,24 @@ from .settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
 _WAIT_SLICE_S = 1.0
 #: Bytes an envelope adds around a result's plaintext (header, nonce, tag, MAC).
 _ENVELOPE_OVERHEAD = 1024
+#: Retry-after hint when a queue is full.
+QUEUE_FULL_RETRY_S = 1.0
+
+# Cancel: never after a result; keep an earlier request; wake waiting clients.
+# KEYS: result, cancel, done, submitted. ARGV: token, default ttl ms, result ttl ms.
+_CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local ttl = tonumber(ARGV[2])
+local exp = tonumber(redis.call('GET', KEYS[4]) or '')
+if exp then
+  local t = redis.call('TIME')
+  ttl = math.max(exp - (tonumber(t[1]) * 1000), 0) + tonumber(ARGV[3])
+end
+redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ttl)
+redis.call('RPUSH', KEYS[3], '1')
+redis.call('PEXPIRE', KEYS[3], ttl)
+return 1
+"""
 
 
 class Client:
@@ -79,6 +103,9 @@ class Client:
         self.keyring.tenant(self.tenant).primary()  # fail now, not at the first submit
         self._app: Celery | None = None
         self._backend: redis.Redis | None = None
+        self._broker: redis.Redis | None = None
+        self._quotas: Quotas | None = None
+        self._cancel: Any = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
@@ -102,6 +129,26 @@ class Client:
         return self._app
 
     @property
+    def broker(self) -> redis.Redis:
+        """Redis client of the broker (queue depths)."""
+        if self._broker is None:
+            self._broker = redis_client(self.settings.broker_url)
+        return self._broker
+
+    @property
+    def quotas(self) -> Quotas:
+        """Tenant quota admission (in the result backend)."""
+        if self._quotas is None:
+            self._quotas = Quotas(self.backend)
+        return self._quotas
+
+    @property
+    def _cancel_script(self) -> Any:
+        if self._cancel is None:
+            self._cancel = self.backend.register_script(_CANCEL)
+        return self._cancel
+
+    @property
     def backend(self) -> redis.Redis:
         """Redis client of the result backend."""
         if self._backend is None:
@@ -110,8 +157,9 @@ class Client:
 
     def close(self) -> None:
         """Release connections."""
-        if self._backend is not None:
-            self._backend.close()
+        for conn in (self._backend, self._broker):
+            if conn is not None:
+                conn.close()
         if self._app is not None:
             self._app.close()
 
@@ -184,6 +232,8 @@ class Client:
         refuses it (``expired``) after that.
         """
         header, envelope = self.seal(model, inputs, priority=priority, ttl_s=ttl_s)
+        self._check_depth(priority)
+        self._admit(header)
         try:
             self.app.send_task(
                 TASK_NAME, args=[envelope], task_id=header.job_id, queue=queue_for(priority),
@@ -198,10 +248,39 @@ class Client:
         # After the send: a marker for a job that never got enqueued would
         # report it "queued" forever. A result, if one is already there, wins.
         with _backend_errors(self.settings):
-            self.backend.set(keyspace.submitted(header.job_id), "1",
+            # The marker holds the expiry, so status can tell queued from expired.
+            self.backend.set(keyspace.submitted(header.job_id), str(header.expires_at_ms),
                              ex=(header.expires_at_ms - header.issued_at_ms) // 1000
                              + self.settings.result_ttl_s)
         return Job(self, header.job_id, request_hash=header.digest())
+
+    def _check_depth(self, priority: str) -> None:
+        """Backpressure: refuse while the priority's queue is at its maximum depth."""
+        limit = self.settings.max_queue_depth[priority]
+        try:
+            depth = int(self.broker.llen(queue_for(priority)))
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise ServiceUnavailable(
+                f"broker unavailable ({redact_url(self.settings.broker_url)}); "
+                "the job was not submitted, retry later") from None
+        if depth >= limit:
+            raise QueueFull(f"the {priority} queue is full ({depth} jobs, limit {limit}, "
+                            "MAAS_MAX_QUEUE_DEPTH); retry later", QUEUE_FULL_RETRY_S)
+
+    def _admit(self, header: Header) -> None:
+        """Charge the tenant's quota now, for fast feedback (workers check again)."""
+        policy = self.keyring.tenant(self.tenant).policy
+        with _backend_errors(self.settings):
+            verdict = self.quotas.admit(self.tenant, header.job_id, policy, header.expires_at_ms)
+        if verdict.admitted:
+            return
+        if verdict.over == "rate":
+            raise RateLimited(
+                f"tenant {self.tenant!r} is over its rate limit ({policy.rate_per_s:g} jobs/s, "
+                f"burst {policy.effective_burst}); retry after {verdict.retry_after_s:.3f} s",
+                verdict.retry_after_s)
+        raise RateLimited(f"tenant {self.tenant!r} has {policy.max_in_flight} jobs in flight, "
+                          "its maximum; retry when one finishes", None)
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job, by id."""
@@ -224,7 +303,7 @@ def _fields(s: Settings) -> dict[str, Any]:
 
 
 class Job:
-    """One submitted job: its id, status and (sealed-for-you) result."""
+    """One submitted job: its id, state and (sealed-for-you) result."""
 
     def __init__(self, client: Client, job_id: str, *, request_hash: bytes | None = None) -> None:
         self.client = client
@@ -245,34 +324,79 @@ class Job:
         doc: dict[str, Any] = json.loads(body)
         return doc
 
-    def status(self) -> str:
-        """``queued``, ``running``, ``succeeded``, ``failed`` or ``rejected``.
+    def _cancelled(self, token: bytes | None) -> bool:
+        return verify_token(token, self.client.keyring, self.client.tenant, self.id)
 
-        Raises `UnknownJob` if no such job is known (or it has expired).
+    def info(self) -> dict[str, Any]:
+        """``{"job_id", "state", "reason"}``; ``reason`` is set for failed jobs only.
+
+        States: ``queued``, ``running``, ``succeeded``, ``failed``, ``rejected``,
+        ``cancelled``, ``expired``. The reason is a short code (``timeout``,
+        ``bad_input``, ``worker_lost``, ...), never payload; why a job was
+        rejected is in the audit log only. Raises `UnknownJob` for an unknown
+        (or long expired) job id.
         """
         r = self.client.backend
         pipe = r.pipeline(transaction=False)
-        pipe.get(keyspace.result(self.id))
-        pipe.exists(keyspace.rejected(self.id))
-        pipe.get(keyspace.claim(self.id))
-        pipe.exists(keyspace.submitted(self.id))
+        for key in (keyspace.result(self.id), keyspace.rejected(self.id),
+                    keyspace.cancel(self.id), keyspace.claim(self.id),
+                    keyspace.submitted(self.id)):
+            pipe.get(key)
         with _backend_errors(self.client.settings):
-            sealed, rejected, claim, submitted = pipe.execute()
+            sealed, rejected, cancel, claim, submitted = pipe.execute()
+        state, reason = self._state(sealed, rejected, cancel, claim, submitted)
+        return {"job_id": self.id, "state": state, "reason": reason}
+
+    def _state(self, sealed: bytes | None, rejected: bytes | None, cancel: bytes | None,
+               claim: bytes | None, submitted: bytes | None) -> tuple[str, str | None]:
         if sealed is not None:
-            return "succeeded" if self._open(sealed).get("ok") else "failed"
-        if rejected:
-            return "rejected"
+            doc = self._open(sealed)
+            if doc.get("ok"):
+                return "succeeded", None
+            error = str(doc.get("error", "error"))
+            return ("cancelled", None) if error == "cancelled" else ("failed", error)
+        if rejected is not None:
+            return ("expired" if rejected == b"expired" else "rejected"), None
+        if cancel is not None and self._cancelled(cancel):
+            return "cancelled", None
         if claim is not None and claim != b"done":
-            return "running"
-        if submitted:
-            return "queued"
+            return "running", None
+        if submitted is not None:
+            expires = int(submitted) if submitted.isdigit() else None
+            skew_ms = self.client.settings.clock_skew_s * 1000
+            if expires is not None and now_ms() > expires + skew_ms:
+                return "expired", None
+            return "queued", None
         raise UnknownJob(self.id, "unknown job (never submitted, or expired)")
+
+    def status(self) -> str:
+        """The job's state (see `info`)."""
+        return str(self.info()["state"])
+
+    def cancel(self) -> bool:
+        """Ask for the job to be cancelled; False if it had already finished.
+
+        A queued job then never runs; a running one is interrupted within about
+        a second (its process is ended if it does not stop within a few more).
+        The request is kept in Redis, so it survives worker restarts, and is
+        signed with this tenant's key: no other tenant can cancel the job.
+        """
+        token = make_token(self.client.keyring, self.client.tenant, self.id)
+        s = self.client.settings
+        default_ms = (s.job_ttl_s + s.result_ttl_s) * 1000
+        with _backend_errors(s):
+            done = self.client._cancel_script(
+                keys=[keyspace.result(self.id), keyspace.cancel(self.id),
+                      keyspace.done(self.id), keyspace.submitted(self.id)],
+                args=[token, default_ms, s.result_ttl_s * 1000])
+        return bool(done)
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the result and return the model's output.
 
-        Raises `JobFailed` if the model failed, `JobRejected` if a worker
-        refused the job, `ResultTimeout` after ``timeout`` seconds,
+        Raises `JobFailed` if the model failed (``reason`` says why: ``timeout``,
+        ``bad_input``, ...), `JobCancelled`, `JobExpired`, `JobRejected` if a
+        worker refused the job, `ResultTimeout` after ``timeout`` seconds,
         `ServiceUnavailable` if Redis cannot be reached, and `InvalidEnvelope`
         if what is stored is not a genuine result for this job.
         """
@@ -284,18 +408,27 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             pipe = r.pipeline(transaction=False)
-            pipe.get(keyspace.result(self.id))
-            pipe.exists(keyspace.rejected(self.id))
-            sealed, rejected = pipe.execute()
+            for key in (keyspace.result(self.id), keyspace.rejected(self.id),
+                        keyspace.cancel(self.id), keyspace.claim(self.id)):
+                pipe.get(key)
+            sealed, rejected, cancel, claim = pipe.execute()
             if sealed is not None:
                 doc = self._open(sealed)
                 if doc.get("ok"):
                     output: dict[str, Any] = doc.get("output", {})
                     return output
-                raise JobFailed(self.id, str(doc.get("error", "error")),
-                                str(doc.get("message", "")))
-            if rejected:
+                error = str(doc.get("error", "error"))
+                if error == "cancelled":
+                    raise JobCancelled(self.id, "cancelled")
+                raise JobFailed(self.id, error, str(doc.get("message", "")))
+            if rejected == b"expired":
+                raise JobExpired(self.id, "expired in the queue before a worker ran it")
+            if rejected is not None:
                 raise JobRejected(self.id, "rejected by a worker (see `maas-worker audit`)")
+            # A running job still stores a (cancelled) result: wait for it.
+            if cancel is not None and (claim is None or claim == b"done") \
+                    and self._cancelled(cancel):
+                raise JobCancelled(self.id, "cancelled")
             wait = _WAIT_SLICE_S
             if deadline is not None:
                 remaining = deadline - time.monotonic()

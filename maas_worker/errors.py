@@ -11,10 +11,14 @@
     ├── SubmitError            a job refused at the client before anything was enqueued
     │   ├── UnknownModel       no worker serves that model
     │   ├── PolicyDenied       the tenant may not use that model or priority
-    │   └── InputTooLarge      the sealed job would exceed the size limit
+    │   ├── InputTooLarge      the sealed job would exceed the size limit
+    │   ├── RateLimited        the tenant is over its rate or in-flight quota (retry_after_s)
+    │   └── QueueFull          the priority's queue is at its maximum depth (retry_after_s)
     ├── JobError               a submitted job did not produce a result
     │   ├── JobRejected        a worker refused the job (reason: see `maas-worker audit`)
-    │   ├── JobFailed          the model ran and failed
+    │   │   └── JobExpired     ...because it waited in the queue past its expiry
+    │   ├── JobFailed          the model ran and failed (reason: timeout, bad_input, ...)
+    │   ├── JobCancelled       the job was cancelled
     │   └── UnknownJob         no such job (never submitted, or expired)
     ├── ResultTimeout          no result within the timeout (also a TimeoutError)
     ├── ServiceUnavailable     Redis (broker or result backend) unreachable: retry later
@@ -68,6 +72,26 @@ class InputTooLarge(SubmitError):
     """Raised when a job's sealed size exceeds the configured limit."""
 
 
+class RateLimited(SubmitError):
+    """Raised when the tenant is over its rate limit or its cap on jobs in flight.
+
+    ``retry_after_s`` says when a token will be available (None when the cap on
+    jobs in flight is the limit: retry once one of them has finished).
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(SubmitError):
+    """Raised when the priority's queue is at its maximum depth (backpressure)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class JobError(MaasError):
     """Raised when a submitted job did not produce a result."""
 
@@ -86,6 +110,14 @@ class JobFailed(JobError):
     def __init__(self, job_id: str, reason: str, message: str) -> None:
         super().__init__(job_id, f"failed ({reason}): {message}")
         self.reason = reason
+
+
+class JobCancelled(JobError):
+    """Raised when the job was cancelled before it produced a result."""
+
+
+class JobExpired(JobRejected):
+    """Raised when the job waited in the queue past its expiry and was not run."""
 
 
 class UnknownJob(JobError):

@@ -24,15 +24,18 @@ import os
 import socket
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Literal
 
 import redis
 
 from . import keyspace
+from .quota import ADMIT_FUNCTION
 
 log = logging.getLogger(__name__)
 
-ClaimOutcome = Literal["claimed", "busy", "replayed", "exhausted"]
+ClaimOutcome = Literal["claimed", "busy", "replayed", "exhausted", "cancelled",
+                       "rate_limited"]
 
 #: Runs a job may start before it is failed with ``worker_lost`` instead: a
 #: job that kills its worker every time must not be redelivered forever.
@@ -40,17 +43,41 @@ DEFAULT_MAX_ATTEMPTS = 3
 #: How long the attempt count is remembered when the caller gives no window.
 DEFAULT_ATTEMPTS_WINDOW_MS = 24 * 3600 * 1000
 
-# KEYS: claim, result, attempts. ARGV: holder, lease ms, attempts window ms, max attempts.
-_CLAIM = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 'replayed' end
+# KEYS: claim, result, attempts, cancel [, bucket, in-flight, admitted].
+# ARGV: holder, lease ms, attempts window ms, max attempts, ignore cancel
+#       [, job, rate, burst, max in flight, expiry ms].
+# Replies {outcome, detail}: the cancel token for 'cancelled', the wait in ms
+# for 'rate_limited' ('' when over the in-flight cap).
+_CLAIM = ADMIT_FUNCTION + """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'replayed', ''} end
 local cur = redis.call('GET', KEYS[1])
-if cur == 'done' then return 'replayed' end
-if cur then return 'busy' end
+if cur == 'done' then return {'replayed', ''} end
+if cur then return {'busy', ''} end
+if ARGV[5] ~= '1' then
+  local c = redis.call('GET', KEYS[4])
+  if c then return {'cancelled', c} end
+end
+if #KEYS > 4 then
+  local v = admit(KEYS[5], KEYS[6], KEYS[7], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]),
+                  tonumber(ARGV[9]), tonumber(ARGV[10]))
+  if v[1] == 0 then return {'rate_limited', tostring(v[2])} end
+  if v[1] == -1 then return {'rate_limited', ''} end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local n = redis.call('INCR', KEYS[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
-if n > tonumber(ARGV[4]) then return 'exhausted' end
-return 'claimed'
+if n > tonumber(ARGV[4]) then return {'exhausted', ''} end
+return {'claimed', ''}
+"""
+
+# Close a job that will never run (cancelled before it started): replays of it
+# are recognised, and a waiting client wakes up.
+_CLOSE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[2], 'done', 'PX', ARGV[1])
+redis.call('RPUSH', KEYS[3], '1')
+redis.call('PEXPIRE', KEYS[3], ARGV[1])
+return 1
 """
 
 _RENEW = """
@@ -82,17 +109,32 @@ return 0
 # A rejection never touches a stored result, nor a job another live holder is
 # running (that run decides the outcome: a stale or forged copy must not make
 # its client give up). ARGV[2] = '1' when the message was authenticated: then
-# the claim is closed too, so the job cannot run later.
+# the claim is closed too, so the job cannot run later. ARGV[4] is the state a
+# client sees: 'expired' or 'rejected'.
 _REJECT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local cur = redis.call('GET', KEYS[4])
 if cur and cur ~= 'done' and cur ~= ARGV[3] then return 0 end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[1])
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[1])
 redis.call('RPUSH', KEYS[3], '1')
 redis.call('PEXPIRE', KEYS[3], ARGV[1])
 if ARGV[2] == '1' then redis.call('SET', KEYS[4], 'done', 'PX', ARGV[1]) end
 return 1
 """
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `JobGuard.claim_job` decided, with its detail.
+
+    ``cancel_token`` is the (unverified) cancellation request for
+    ``cancelled``; ``retry_after_s`` the wait for ``rate_limited`` (None when
+    the tenant is over its in-flight cap rather than its rate).
+    """
+
+    outcome: ClaimOutcome
+    cancel_token: str | None = None
+    retry_after_s: float | None = None
 
 
 def new_holder_id() -> str:
@@ -114,26 +156,56 @@ class JobGuard:
         self._release = client.register_script(_RELEASE)
         self._store = client.register_script(_STORE)
         self._reject = client.register_script(_REJECT)
+        self._close = client.register_script(_CLOSE)
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
 
     def claim(self, job_id: str, *,
               window_ms: int = DEFAULT_ATTEMPTS_WINDOW_MS) -> ClaimOutcome:
-        """Try to take the job (see the module docstring for the outcomes).
+        """`claim_job` without quotas, returning only the outcome."""
+        return self.claim_job(job_id, window_ms=window_ms).outcome
+
+    def claim_job(self, job_id: str, *, window_ms: int = DEFAULT_ATTEMPTS_WINDOW_MS,
+                  admission: tuple[list[str], list[str | float]] | None = None,
+                  ignore_cancel: bool = False) -> Claim:
+        """Try to take the job (see the module docstring), in one round trip.
 
         ``exhausted`` means this process now holds the claim, but the job has
         already started `max_attempts` times (each ended by a dead worker): the
         caller must fail it without running it. ``window_ms`` is how long the
-        attempt count is kept (the request's remaining lifetime).
+        attempt count is kept (the request's remaining lifetime). ``admission``
+        (keys and args from `quota`) charges the tenant's quota unless the
+        client already did; ``cancelled`` returns the cancel request for the
+        caller to verify (the job is not claimed).
         """
-        out = self._claim(
-            keys=[keyspace.claim(job_id), keyspace.result(job_id), keyspace.attempts(job_id)],
-            args=[self.holder, self.lease_ms, max(window_ms, 1), self.max_attempts])
-        outcome = out.decode() if isinstance(out, bytes) else str(out)
+        keys = [keyspace.claim(job_id), keyspace.result(job_id), keyspace.attempts(job_id),
+                keyspace.cancel(job_id)]
+        args: list[str | float] = [self.holder, self.lease_ms, max(window_ms, 1),
+                                   self.max_attempts, "1" if ignore_cancel else "0"]
+        if admission is not None:
+            keys += admission[0]
+            args += admission[1]
+        raw_outcome, raw_detail = self._claim(keys=keys, args=args)
+        outcome = _text(raw_outcome)
+        detail = _text(raw_detail)
         if outcome in ("claimed", "exhausted"):
             with self._held_lock:
                 self._held.add(job_id)
-        return outcome  # type: ignore[return-value]
+        if outcome == "cancelled":
+            return Claim("cancelled", cancel_token=detail)
+        if outcome == "rate_limited":
+            return Claim("rate_limited", retry_after_s=int(detail) / 1000 if detail else None)
+        return Claim(outcome)  # type: ignore[arg-type]
+
+    def close(self, job_id: str, *, window_ms: int) -> None:
+        """Close a job that will never run (cancelled): replays are recognised as such."""
+        self._close(keys=[keyspace.result(job_id), keyspace.claim(job_id),
+                          keyspace.done(job_id)], args=[max(window_ms, 1)])
+
+    def held(self) -> list[str]:
+        """Jobs this process is running now."""
+        with self._held_lock:
+            return list(self._held)
 
     def renew_all(self) -> None:
         """Extend the lease of every job this process holds (heartbeat thread)."""
@@ -157,17 +229,27 @@ class JobGuard:
             args=[sealed, result_ttl_s * 1000, keep_ms])
         return bool(stored)
 
-    def mark_rejected(self, job_id: str, *, ttl_s: int, authenticated: bool) -> None:
-        """Record that a message with this job id was refused (never over a result)."""
+    def mark_rejected(self, job_id: str, *, ttl_s: int, authenticated: bool,
+                      state: str = "rejected") -> None:
+        """Record that a message with this job id was refused (never over a result).
+
+        ``state`` is what the client's status shows: ``rejected`` or ``expired``.
+        """
         self._forget(job_id)
         self._reject(
             keys=[keyspace.result(job_id), keyspace.rejected(job_id), keyspace.done(job_id),
                   keyspace.claim(job_id)],
-            args=[ttl_s * 1000, "1" if authenticated else "0", self.holder])
+            args=[ttl_s * 1000, "1" if authenticated else "0", self.holder, state])
 
     def _forget(self, job_id: str) -> None:
         with self._held_lock:
             self._held.discard(job_id)
+
+
+def _text(value: bytes | str | int | None) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return "" if value is None else str(value)
 
 
 class LeaseKeeper:

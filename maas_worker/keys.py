@@ -110,10 +110,26 @@ class TenantPolicy:
     """What a tenant may ask for; kept beside its keys.
 
     ``allowed_models`` of ``None`` allows every model the workers serve.
+    Quotas (0 = unlimited): ``rate_per_s`` jobs per second with bursts of up
+    to ``burst`` jobs (a token bucket), and at most ``max_in_flight`` jobs
+    queued or running at once.
     """
 
     allowed_models: tuple[str, ...] | None = None
     max_priority: str = "high"
+    rate_per_s: float = 0.0
+    burst: int = 0
+    max_in_flight: int = 0
+
+    @property
+    def limited(self) -> bool:
+        """True if any quota applies (so admission must be checked in Redis)."""
+        return self.rate_per_s > 0 or self.max_in_flight > 0
+
+    @property
+    def effective_burst(self) -> int:
+        """The bucket size: ``burst``, or one second's worth of jobs (at least 1)."""
+        return self.burst or max(1, int(self.rate_per_s))
 
     #: Key ids of the model signers whose (repository) models this tenant may
     #: run; ``None`` allows every trusted signer. Built-in models are unaffected.
@@ -137,6 +153,11 @@ class TenantPolicy:
             out["allowed_models"] = list(self.allowed_models)
         if self.allowed_signers is not None:
             out["allowed_signers"] = list(self.allowed_signers)
+        if self.rate_per_s:
+            out["rate_per_s"] = self.rate_per_s
+            out["burst"] = self.effective_burst
+        if self.max_in_flight:
+            out["max_in_flight"] = self.max_in_flight
         return out
 
     @classmethod
@@ -165,7 +186,14 @@ class TenantPolicy:
             isinstance(models, list) and all(isinstance(m, str) for m in models)
         ):
             raise KeyringError("allowed_models must be a list of model names")
-        return cls(tuple(models) if models is not None else None, max_priority)
+        quota: dict[str, Any] = {}
+        for name, kind in (("rate_per_s", float), ("burst", int), ("max_in_flight", int)):
+            value = raw.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 \
+                    or (kind is int and not float(value).is_integer()):
+                raise KeyringError(f"{name} must be a non-negative {kind.__name__}")
+            quota[name] = kind(value)
+        return cls(tuple(models) if models is not None else None, max_priority, **quota)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,40 @@ def rejected(job_id: str) -> str:
     return f"{PREFIX}rejected:{job_id}"
 
 
+def cancel(job_id: str) -> str:
+    """Persisted cancellation request (a MAC by the job's tenant), survives restarts."""
+    return f"{PREFIX}cancel:{job_id}"
+
+
+def admitted(job_id: str) -> str:
+    """Marker: the job has been charged against its tenant's quota (once)."""
+    return f"{PREFIX}admit:{job_id}"
+
+
+def bucket(tenant: str) -> str:
+    """A tenant's token bucket (hash: tokens, ts)."""
+    return f"{PREFIX}bucket:{tenant}"
+
+
+def in_flight(tenant: str) -> str:
+    """Sorted set of a tenant's jobs queued or running, scored by expiry (ms)."""
+    return f"{PREFIX}inflight:{tenant}"
+
+
+def killed(job_id: str) -> str:
+    """Marker: the worker process was ended to stop this job (hard limit, cancel)."""
+    return f"{PREFIX}killed:{job_id}"
+
+
 def submitted(job_id: str) -> str:
     """Marker written by the client: the job was enqueued (status ``queued``)."""
     return f"{PREFIX}job:{job_id}"
+
+
+#: Sorted set: worker node -> time (unix s) of its latest resource sample.
+SAMPLES = PREFIX + "samples"
+
+
+def sample(node: str) -> str:
+    """A worker node's latest resource sample (JSON, expires a few intervals after)."""
+    return f"{PREFIX}sample:{node}"

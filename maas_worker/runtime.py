@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+import psutil
 import redis
 
 from . import keyspace
@@ -22,12 +23,15 @@ from .guard import JobGuard, LeaseKeeper
 from .keys import KeyringSource
 from .models import EchoModel, ModelRegistry, SleepModel
 from .models.repository import RejectHook
+from .quota import Quotas
 from .settings import Settings
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
 #: How often a worker refreshes its entry in the model catalogue and node list.
 ADVERTISE_INTERVAL_S = 10.0
+MEMORY_CHECK_INTERVAL_S = 1.0
 #: Longer than the longest blocking call (a client's 1 s BLPOP slice).
 BACKEND_SOCKET_TIMEOUT_S = 10.0
 #: A catalogue entry older than this is no longer offered to clients.
@@ -77,12 +81,20 @@ def audit_rejections(audit: AuditLog, *, stage: str) -> RejectHook:
     return hook
 
 
+def redis_client(url: str) -> redis.Redis:
+    """A redis-py client for one of our URLs (``redis+socket://`` is kombu's unix socket).
+
+    Timeouts: a dead or unreachable server must become an error, not a hang.
+    """
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    return redis.Redis.from_url(url, health_check_interval=25, socket_keepalive=True,
+                                socket_connect_timeout=5, socket_timeout=BACKEND_SOCKET_TIMEOUT_S)
+
+
 def backend_client(settings: Settings) -> redis.Redis:
     """A Redis client for the result backend (claims, results, audit)."""
-    # Timeouts: a dead or unreachable server must become an error, not a hang.
-    return redis.Redis.from_url(settings.result_backend, health_check_interval=25,
-                                socket_keepalive=True, socket_connect_timeout=5,
-                                socket_timeout=BACKEND_SOCKET_TIMEOUT_S)
+    return redis_client(settings.result_backend)
 
 
 class WorkerRuntime:
@@ -96,8 +108,28 @@ class WorkerRuntime:
         self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen)
         self.registry = build_registry(settings,
                                        on_reject=audit_rejections(self.audit, stage="load"))
+        self.quotas = Quotas(self.backend)
         self._lease_keeper = LeaseKeeper(self.guard)
         self._lease_keeper.start()
+        self._watchdog: Watchdog | None = None
+        self._memory_checked = 0.0
+        self._memory_high = False
+
+    @property
+    def watchdog(self) -> Watchdog:
+        """The job watchdog (created on first use, in the thread that runs jobs)."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog()
+        return self._watchdog
+
+    def memory_pressure(self) -> bool:
+        """True while host memory use is above the high-water mark (checked at most 1/s)."""
+        now = time.monotonic()
+        if now - self._memory_checked >= MEMORY_CHECK_INTERVAL_S:
+            self._memory_checked = now
+            used = psutil.virtual_memory().percent
+            self._memory_high = used > self.settings.memory_high_water_pct
+        return self._memory_high
 
 
 _runtime: WorkerRuntime | None = None

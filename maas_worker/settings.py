@@ -27,8 +27,24 @@ DEFAULT_CLOCK_SKEW_S = 30
 #: A claim holder is presumed dead when its liveness key is this old.
 DEFAULT_LEASE_S = 15
 DEFAULT_AUDIT_MAXLEN = 10_000
+#: Per-job time limits unless the model or MAAS_TIME_LIMITS says otherwise.
+DEFAULT_SOFT_TIME_LIMIT_S = 300.0
+DEFAULT_HARD_TIME_LIMIT_S = 330.0
+DEFAULT_MAX_QUEUE_DEPTH = 10_000
+#: A worker does not start a job while host memory use is above this.
+DEFAULT_MEMORY_HIGH_WATER_PCT = 90.0
+#: A pool child is replaced after a job leaves it above this resident size.
+DEFAULT_MAX_MEMORY_PER_CHILD_MB = 2048
+#: Share of fetches guaranteed to normal and to low jobs while they wait.
+DEFAULT_LOW_PRIORITY_SHARE = 0.05
 #: Longest lifetime a client may ask for; bounds how long replay state is kept.
 MAX_JOB_TTL_S = 7 * 24 * 3600
+#: Beat asks every worker node for a resource sample this often (docs/monitoring.md).
+DEFAULT_SAMPLE_INTERVAL_S = 15.0
+#: Prometheus endpoints: each worker's own, and the fleet exporter (`maas-worker metrics`).
+DEFAULT_METRICS_PORT = 9540
+DEFAULT_FLEET_METRICS_PORT = 9541
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 QUEUE_PREFIX = "maas."
@@ -80,6 +96,59 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     return value
 
 
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
+    return value
+
+
+def _per_priority(env: Mapping[str, str], name: str, default: int) -> dict[str, int]:
+    """``1000`` (every priority) or ``high=100,normal=1000,low=10000``."""
+    raw = env.get(name, "").strip()
+    out = dict.fromkeys(PRIORITIES, default)
+    if not raw:
+        return out
+    try:
+        if "=" not in raw:
+            return dict.fromkeys(PRIORITIES, max(1, int(raw)))
+        for part in raw.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() not in out:
+                raise ValueError
+            out[key.strip()] = max(1, int(value))
+    except ValueError:
+        raise ConfigError(f"{name} must be a number or high=N,normal=N,low=N") from None
+    return out
+
+
+def _time_limits(env: Mapping[str, str], name: str) -> dict[str, tuple[float, float]]:
+    """``sleep=5:10,digits=2:4``: model -> (soft, hard) seconds."""
+    raw = env.get(name, "").strip()
+    out: dict[str, tuple[float, float]] = {}
+    if not raw:
+        return out
+    try:
+        for part in raw.split(","):
+            model, _, limits = part.partition("=")
+            soft, _, hard = limits.partition(":")
+            soft_s = float(soft)
+            hard_s = float(hard) if hard else soft_s + 30
+            if not 0 < soft_s <= hard_s:
+                raise ValueError
+            out[model.strip()] = (soft_s, hard_s)
+    except ValueError:
+        raise ConfigError(f"{name} must look like model=SOFT:HARD,... "
+                          "(seconds, 0 < SOFT <= HARD)") from None
+    return out
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw in {"1", "true", "yes", "on"}:
@@ -117,12 +186,73 @@ def _check_url(name: str, url: str) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AutoscalePolicy:
+    """How ``worker --autoscale MAX,MIN`` sizes its pool (autoscale.py)."""
+
+    #: How often the backlog and the host's headroom are read.
+    interval_s: float = 1.0
+    #: A pool shrinks only after this long without a waiting job.
+    keepalive_s: float = 30.0
+    #: Grow only for a job that has waited at least this long (not for a blip).
+    grow_after_s: float = 1.0
+    #: Refuse to grow while host memory use (percent) is above this.
+    max_memory_pct: float = 85.0
+    #: Refuse to grow while host CPU use (percent, all cores) is above this.
+    max_cpu_pct: float = 90.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AutoscalePolicy:
+        """Read the ``MAAS_AUTOSCALE_*`` variables."""
+        d = cls()
+        return cls(
+            interval_s=_float(env, "MAAS_AUTOSCALE_INTERVAL_S", d.interval_s, 0.05, 60),
+            keepalive_s=_float(env, "MAAS_AUTOSCALE_KEEPALIVE_S", d.keepalive_s, 0.1, 86400),
+            grow_after_s=_float(env, "MAAS_AUTOSCALE_GROW_AFTER_S", d.grow_after_s, 0, 3600),
+            max_memory_pct=_float(env, "MAAS_AUTOSCALE_MAX_MEMORY_PCT", d.max_memory_pct,
+                                  0, 100),
+            max_cpu_pct=_float(env, "MAAS_AUTOSCALE_MAX_CPU_PCT", d.max_cpu_pct, 0, 100))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetPolicy:
+    """How ``maas-worker scale`` sizes the fleet of worker nodes (fleet.py)."""
+
+    min_nodes: int = 1
+    max_nodes: int = 20
+    #: The longest a job should wait in the queue: the backlog is to drain within it.
+    target_wait_s: float = 30.0
+    #: Jobs one node is assumed to clear per target wait before any is measured.
+    backlog_per_node: int = 10
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> FleetPolicy:
+        """Read the ``MAAS_FLEET_*`` variables."""
+        d = cls()
+        policy = cls(
+            min_nodes=_int(env, "MAAS_FLEET_MIN_NODES", d.min_nodes, minimum=0),
+            max_nodes=_int(env, "MAAS_FLEET_MAX_NODES", d.max_nodes),
+            target_wait_s=_float(env, "MAAS_FLEET_TARGET_WAIT_S", d.target_wait_s, 0.1, 86400),
+            backlog_per_node=_int(env, "MAAS_FLEET_BACKLOG_PER_NODE", d.backlog_per_node))
+        if policy.min_nodes > policy.max_nodes:
+            raise ConfigError("MAAS_FLEET_MIN_NODES must be <= MAAS_FLEET_MAX_NODES")
+        return policy
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """Deployment settings; build with `Settings.from_env`."""
 
     broker_url: str = field(default=DEFAULT_BROKER_URL, repr=False)
     result_backend: str = field(default=DEFAULT_BROKER_URL, repr=False)
     flower_basic_auth: str | None = field(default=None, repr=False)
+    soft_time_limit_s: float = DEFAULT_SOFT_TIME_LIMIT_S
+    hard_time_limit_s: float = DEFAULT_HARD_TIME_LIMIT_S
+    time_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
+    max_queue_depth: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH))
+    memory_high_water_pct: float = DEFAULT_MEMORY_HIGH_WATER_PCT
+    max_memory_per_child_mb: int = DEFAULT_MAX_MEMORY_PER_CHILD_MB
+    low_priority_share: float = DEFAULT_LOW_PRIORITY_SHARE
     keyring_path: Path = field(default_factory=lambda: _default_keyring(os.environ))
     tenant: str | None = None
     model_dir: Path = field(default_factory=lambda: _default_model_dir(os.environ))
@@ -137,6 +267,12 @@ class Settings:
     clock_skew_s: int = DEFAULT_CLOCK_SKEW_S
     lease_s: int = DEFAULT_LEASE_S
     audit_maxlen: int = DEFAULT_AUDIT_MAXLEN
+    sample_interval_s: float = DEFAULT_SAMPLE_INTERVAL_S
+    metrics_port: int = DEFAULT_METRICS_PORT
+    fleet_metrics_port: int = DEFAULT_FLEET_METRICS_PORT
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    autoscale: AutoscalePolicy = field(default_factory=AutoscalePolicy)
+    fleet: FleetPolicy = field(default_factory=FleetPolicy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -175,11 +311,38 @@ class Settings:
             lease_s=_int(env, "MAAS_LEASE_S", DEFAULT_LEASE_S, minimum=3),
             audit_maxlen=_int(env, "MAAS_AUDIT_MAXLEN", DEFAULT_AUDIT_MAXLEN, minimum=100),
             flower_basic_auth=env.get("MAAS_FLOWER_BASIC_AUTH") or None,
+            sample_interval_s=_float(env, "MAAS_SAMPLE_INTERVAL_S", DEFAULT_SAMPLE_INTERVAL_S,
+                                     0.2, 3600),
+            metrics_port=_int(env, "MAAS_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0),
+            fleet_metrics_port=_int(env, "MAAS_FLEET_METRICS_PORT", DEFAULT_FLEET_METRICS_PORT,
+                                    minimum=0),
+            metrics_address=env.get("MAAS_METRICS_ADDRESS") or DEFAULT_METRICS_ADDRESS,
+            autoscale=AutoscalePolicy.from_env(env),
+            fleet=FleetPolicy.from_env(env),
+            soft_time_limit_s=_float(env, "MAAS_SOFT_TIME_LIMIT_S", DEFAULT_SOFT_TIME_LIMIT_S,
+                                     0.001, 86400),
+            hard_time_limit_s=_float(env, "MAAS_HARD_TIME_LIMIT_S", DEFAULT_HARD_TIME_LIMIT_S,
+                                     0.001, 86400),
+            time_limits=_time_limits(env, "MAAS_TIME_LIMITS"),
+            max_queue_depth=_per_priority(env, "MAAS_MAX_QUEUE_DEPTH", DEFAULT_MAX_QUEUE_DEPTH),
+            memory_high_water_pct=_float(env, "MAAS_MEMORY_HIGH_WATER_PCT",
+                                         DEFAULT_MEMORY_HIGH_WATER_PCT, 1, 100),
+            max_memory_per_child_mb=_int(env, "MAAS_MAX_MEMORY_PER_CHILD_MB",
+                                         DEFAULT_MAX_MEMORY_PER_CHILD_MB, minimum=0),
+            low_priority_share=_float(env, "MAAS_LOW_PRIORITY_SHARE", DEFAULT_LOW_PRIORITY_SHARE,
+                                      0, 0.5),
         )
         overrides.pop("broker_url", None)
         overrides.pop("result_backend", None)
         clean = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **clean) if clean else settings
+
+    def limits_for(self, model: str) -> tuple[float, float]:
+        """(soft, hard) time limit in seconds for ``model`` (``name`` or ``name@version``)."""
+        name = model.split("@", 1)[0]
+        soft, hard = self.time_limits.get(model) or self.time_limits.get(name) or (
+            self.soft_time_limit_s, self.hard_time_limit_s)
+        return soft, max(hard, soft)
 
     @property
     def max_envelope_chars(self) -> int:

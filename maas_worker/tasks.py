@@ -2,9 +2,11 @@
 
 Checks run in this order and fail closed (docs/security.md explains each):
 size -> version/type -> key lookup -> time window -> HMAC -> task name/id
-binding -> replay claim -> decrypt -> tenant policy -> model -> run -> seal ->
-store write-once. A rejected message is acknowledged, audited and marked so
-its client learns of it; the worker carries on with the next message.
+binding -> memory headroom -> replay claim with cancel check and quota
+admission (one Lua script) -> decrypt -> tenant policy -> model -> run under
+the watchdog (time limits, cancellation) -> seal -> store write-once. A
+rejected message is acknowledged, audited and marked so its client learns of
+it; the worker carries on with the next message.
 
 The binding check sits before the claim (the design lists it after decrypt)
 because after the HMAC the header is already authentic: checking it first
@@ -25,10 +27,15 @@ import redis
 from celery import Task, shared_task, signals
 from celery.exceptions import Reject
 
+from . import keyspace, metrics
+from .cancellation import verify_token
 from .envelope import Header, Verified, now_ms, seal, verify
 from .errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
+from .keys import TenantPolicy
+from .quota import admission_args, admission_keys
 from .runtime import Advertiser, WorkerRuntime, build_registry, get_runtime
 from .settings import Settings, queue_for
+from .watchdog import JobInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,8 @@ TASK_NAME = "maas.infer"
 #: Pause before handing a message back when Redis or the keyring is unavailable,
 #: so an outage is not a hot loop.
 INFRA_BACKOFF_S = 1.0
+#: How long a job waits (re-queued with a delay) while the host is short of memory.
+MEMORY_BACKOFF_S = 5.0
 
 
 def _reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
@@ -44,7 +53,8 @@ def _reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
     rt.audit.record(job_id=job_id, tenant=tenant, reason=reason, verified=authenticated)
     if reason != "replayed":
         rt.guard.mark_rejected(job_id, ttl_s=rt.settings.result_ttl_s,
-                               authenticated=authenticated)
+                               authenticated=authenticated,
+                               state="expired" if reason == "expired" else "rejected")
     log.warning("job %r rejected: %s", job_id[:64], reason)
 
 
@@ -53,8 +63,9 @@ def _allowed_signers(rt: WorkerRuntime, header: Header) -> tuple[str, ...] | Non
     return rt.keyring.get().tenant(header.tenant).policy.allowed_signers
 
 
-def _run_model(rt: WorkerRuntime, header: Header, plaintext: bytes) -> dict[str, Any] | str:
+def _run_model(rt: WorkerRuntime, verified: Verified, plaintext: bytes) -> dict[str, Any] | str:
     """The result document, or an audit reason if the job must be rejected instead."""
+    header = verified.header
     try:
         inputs = json.loads(plaintext)
     except ValueError:
@@ -67,8 +78,24 @@ def _run_model(rt: WorkerRuntime, header: Header, plaintext: bytes) -> dict[str,
         return {"ok": False, "error": exc.reason, "message": str(exc)}
     except ModelError:
         return "policy"
+    soft_s, hard_s = rt.settings.limits_for(header.model)
+
+    def is_cancelled() -> bool:
+        token = rt.backend.get(keyspace.cancel(header.job_id))
+        return verify_token(token, rt.keyring.get(), header.tenant, header.job_id)
+
+    def on_hard(reason: str) -> None:
+        # Runs in the watchdog thread just before this process is ended.
+        rt.backend.set(keyspace.killed(header.job_id), "1", ex=rt.settings.result_ttl_s)
+        _finish(rt, verified, _interrupted(reason, soft_s))
+
     try:
-        return {"ok": True, "output": model.predict(inputs)}
+        with rt.watchdog.running(header.job_id, soft_limit_s=soft_s, hard_limit_s=hard_s,
+                                 is_cancelled=is_cancelled, on_hard=on_hard):
+            output = metrics.timed_predict(header, model, inputs)
+        return {"ok": True, "output": output}
+    except JobInterrupted as exc:
+        return _interrupted(exc.reason, soft_s)
     except ModelError as exc:
         return {"ok": False, "error": exc.reason, "message": str(exc)}
     except Exception as exc:
@@ -76,6 +103,13 @@ def _run_model(rt: WorkerRuntime, header: Header, plaintext: bytes) -> dict[str,
         log.error("job %s: model %s raised %s", header.job_id, header.model,
                   type(exc).__name__)
         return {"ok": False, "error": "internal_error", "message": "the model failed"}
+
+
+def _interrupted(reason: str, soft_s: float) -> dict[str, Any]:
+    if reason == "cancelled":
+        return {"ok": False, "error": "cancelled", "message": "the job was cancelled"}
+    return {"ok": False, "error": "timeout",
+            "message": f"the job exceeded its time limit ({soft_s:g} s)"}
 
 
 def _seal_result(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> bytes:
@@ -124,37 +158,82 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
             routed is not None and routed != queue_for(header.priority)):
         _reject(rt, job_id, "tampered", header, authenticated=False)
         return "tampered"
-    replay_window_ms = max(0, header.expires_at_ms - now_ms()) + s.clock_skew_s * 1000
-    outcome = rt.guard.claim(header.job_id, window_ms=replay_window_ms)
-    if outcome == "replayed":
-        _reject(rt, job_id, "replayed", header, authenticated=True)
-        return "replayed"
-    if outcome == "busy":
-        # Another live worker runs this job. Do not run it twice, and do not
-        # drop this copy either: if that worker dies, this copy is the job.
-        raise task.retry(countdown=s.lease_s, max_retries=None)
-    if outcome == "exhausted":
-        log.error("job %s started %d times, each ending with a dead worker; failing it",
-                  header.job_id, rt.guard.max_attempts)
-        lost: dict[str, Any] = {
-            "ok": False, "error": "worker_lost",
-            "message": f"the job was started {rt.guard.max_attempts} times and its worker "
-                       "died each time"}
-        return _finish(rt, verified, lost)
-    try:
-        plaintext = verified.decrypt()
-    except EnvelopeRejected:
-        _reject(rt, job_id, "tampered", header, authenticated=True)
-        return "tampered"
+    if rt.memory_pressure():
+        # Not started, not claimed, not counted as an attempt: back in a while.
+        log.warning("job %s waits: host memory above %g%%", header.job_id,
+                    s.memory_high_water_pct)
+        raise task.retry(countdown=MEMORY_BACKOFF_S, max_retries=None)
     try:
         policy = rt.keyring.get().tenant(header.tenant).policy
     except KeyringError:
         _reject(rt, job_id, "unknown_key", header, authenticated=True)
         return "unknown_key"
+    outcome = _claim(rt, verified, policy)
+    if outcome == "busy":
+        # Another live worker runs this job. Do not run it twice, and do not
+        # drop this copy either: if that worker dies, this copy is the job.
+        raise task.retry(countdown=s.lease_s, max_retries=None)
+    if outcome != "claimed":
+        return outcome
+    try:
+        return _run_claimed(rt, verified, policy)
+    finally:
+        rt.quotas.release(header.tenant, header.job_id, policy)
+
+
+def _window_ms(rt: WorkerRuntime, header: Header) -> int:
+    """How long replay state for this job must be kept: its remaining lifetime."""
+    return max(0, header.expires_at_ms - now_ms()) + rt.settings.clock_skew_s * 1000
+
+
+def _claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> str:
+    """Take the job; anything but ``claimed`` is final for this delivery (or a retry)."""
+    header = verified.header
+    job_id = header.job_id
+    admission = (admission_keys(header.tenant, job_id),
+                 admission_args(job_id, policy, header.expires_at_ms)) if policy.limited else None
+    claim = rt.guard.claim_job(job_id, window_ms=_window_ms(rt, header), admission=admission)
+    if claim.outcome == "cancelled":
+        if verify_token(claim.cancel_token, rt.keyring.get(), header.tenant, job_id):
+            rt.guard.close(job_id, window_ms=_window_ms(rt, header))
+            rt.quotas.release(header.tenant, job_id, policy)
+            return "cancelled"
+        # Not a cancel by the job's tenant: refuse the request, run the job.
+        rt.audit.record(job_id=job_id, tenant=header.tenant, reason="tampered", verified=False)
+        rt.backend.delete(keyspace.cancel(job_id))
+        claim = rt.guard.claim_job(job_id, window_ms=_window_ms(rt, header),
+                                   admission=admission, ignore_cancel=True)
+    if claim.outcome == "replayed":
+        if rt.backend.delete(keyspace.killed(job_id)):
+            return "finished"  # the copy of a job whose process was ended on purpose
+        _reject(rt, job_id, "replayed", header, authenticated=True)
+        return "replayed"
+    if claim.outcome == "rate_limited":
+        _reject(rt, job_id, "rate_limited", header, authenticated=True)
+        return "rate_limited"
+    if claim.outcome == "exhausted":
+        log.error("job %s started %d times, each ending with a dead worker; failing it",
+                  job_id, rt.guard.max_attempts)
+        lost: dict[str, Any] = {
+            "ok": False, "error": "worker_lost",
+            "message": f"the job was started {rt.guard.max_attempts} times and its worker "
+                       "died each time"}
+        return _finish(rt, verified, lost)
+    return claim.outcome
+
+
+def _run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> str:
+    header = verified.header
+    job_id = header.job_id
+    try:
+        plaintext = verified.decrypt()
+    except EnvelopeRejected:
+        _reject(rt, job_id, "tampered", header, authenticated=True)
+        return "tampered"
     if not (policy.allows_model(header.model) and policy.allows_priority(header.priority)):
         _reject(rt, job_id, "policy", header, authenticated=True)
         return "policy"
-    doc = _run_model(rt, header, plaintext)
+    doc = _run_model(rt, verified, plaintext)
     del plaintext
     if isinstance(doc, str):
         _reject(rt, job_id, doc, header, authenticated=True)
@@ -167,9 +246,8 @@ def _finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
     s = rt.settings
     header = verified.header
     sealed = _seal_result(rt, verified, doc)
-    replay_window_ms = max(0, header.expires_at_ms - now_ms()) + s.clock_skew_s * 1000
     stored = rt.guard.store_result(header.job_id, sealed, result_ttl_s=s.result_ttl_s,
-                                   replay_window_ms=replay_window_ms)
+                                   replay_window_ms=_window_ms(rt, header))
     return ("succeeded" if doc["ok"] else "failed") if stored else "duplicate"
 
 
@@ -184,6 +262,7 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         rt = get_runtime()
         outcome = process(rt, self, args, kwargs)
         log.info("job %r %s", str(self.request.id)[:64], outcome)
+        metrics.job_finished(str(self.request.id), outcome)
     except (redis.RedisError, KeyringError, OSError) as exc:
         # Infrastructure, not the message: hand it back so nothing accepted is
         # lost. Give up our claim so the next delivery can take the job.
@@ -220,4 +299,5 @@ def _on_worker_shutdown(**_: Any) -> None:
 def _on_process_init(**_: Any) -> None:
     # Build the runtime (and its lease thread) in each pool child up front, so
     # the first job does not pay for it and configuration errors show at start.
-    get_runtime()
+    # The watchdog installs a signal handler: it must be made in this thread.
+    get_runtime().watchdog.ensure_started()

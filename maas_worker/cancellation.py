@@ -1,0 +1,46 @@
+"""Cancellation requests that only the job's own tenant can make.
+
+A request is a marker in the result backend, ``maas:cancel:<job>``, holding
+``tenant:key_version:HMAC`` where the HMAC (SHA-256, under the tenant's MAC
+key) covers a fixed label and the job id. Workers honour it only if it
+verifies for the tenant in the job's authenticated header, so neither another
+tenant nor someone who can merely write Redis can cancel a job; and because it
+lives in Redis, not in a worker's memory (as Celery's revoke list does), it
+survives worker restarts.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from .keys import Keyring
+
+LABEL = b"maas-worker/v1/cancel\x00"
+
+
+def make_token(keyring: Keyring, tenant: str, job_id: str) -> str:
+    """A cancel request for ``job_id`` signed with the tenant's primary key."""
+    kv = keyring.tenant(tenant).primary()
+    mac = hmac.digest(kv.keys(tenant).mac, LABEL + job_id.encode(), "sha256")
+    return f"{tenant}:{kv.version}:{mac.hex()}"
+
+
+def verify_token(token: str | bytes | None, keyring: Keyring, tenant: str, job_id: str) -> bool:
+    """True if ``token`` is a genuine cancel request by ``tenant`` for ``job_id``."""
+    if token is None:
+        return False
+    if isinstance(token, bytes):
+        token = token.decode("ascii", errors="replace")
+    claimed_tenant, _, rest = token.partition(":")
+    version, _, mac_hex = rest.partition(":")
+    if claimed_tenant != tenant or not version.isdigit() or len(mac_hex) != 64:
+        return False
+    kv = keyring.usable(tenant, int(version))
+    if kv is None:
+        return False
+    try:
+        mac = bytes.fromhex(mac_hex)
+    except ValueError:
+        return False
+    expected = hmac.digest(kv.keys(tenant).mac, LABEL + job_id.encode(), "sha256")
+    return hmac.compare_digest(expected, mac)
