@@ -264,16 +264,14 @@ class ModelRepository:
                 entry = self._entries.get((name, version))
                 if entry is None:
                     return None
-                if entry.manifest is not None and signers is not None \
-                        and entry.manifest.signer not in signers:
+                if not self._allowed(entry, signers):
                     return None
                 return self._loaded(name, version, entry)
             candidates = sorted(((v, e) for (n, v), e in self._entries.items() if n == name),
                                 key=lambda ve: version_key(ve[0]), reverse=True)
             refused = None
             for v, entry in candidates:
-                if signers is not None and entry.manifest is not None \
-                        and entry.manifest.signer not in signers:
+                if not self._allowed(entry, signers):
                     continue
                 try:
                     return self._loaded(name, v, entry)
@@ -289,6 +287,12 @@ class ModelRepository:
             self._scan()
 
     # -- internals ------------------------------------------------------------
+    @staticmethod
+    def _allowed(e: _Entry, signers: Collection[str] | None) -> bool:
+        # Under a signer restriction, a version whose signer is not verified
+        # (refused manifest) is not the tenant's to see, not even as refused.
+        return signers is None or (e.manifest is not None and e.manifest.signer in signers)
+
     @staticmethod
     def _servable(e: _Entry) -> bool:
         return e.manifest is not None and not e.failed

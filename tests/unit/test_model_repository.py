@@ -340,3 +340,12 @@ def test_manifest_graph_mismatch_is_refused(kit: ModelKit, make_repo: Any) -> No
     with pytest.raises(ModelRejected, match="does not match its manifest"):
         repo.get("digits", "1")
     assert rejected[0][2] == "load"
+
+
+def test_signer_restriction_ignores_refused_versions(kit: ModelKit, make_repo: Any) -> None:
+    kit.publish("digits", "1")
+    kit.publish("digits", "2", key=SigningKey.generate())  # untrusted: refused at scan
+    repo, _, _ = make_repo()
+    assert repo.get("digits", None, signers=["00" * 16]) is None
+    assert repo.get("digits", "2", signers=["00" * 16]) is None
+    assert repo.get("digits", None, signers=[kit.key.key_id]).version == "1"
