@@ -41,7 +41,8 @@ local function admit(bucket, inflight, marker, job, rate, burst, maxf, exp_ms)
     redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'ts', tostring(now))
     redis.call('PEXPIRE', bucket, math.ceil(burst * 1000 / rate) + 1000)
   end
-  local keep = math.max(exp_ms - now, 0) + 1000
+  -- Lua numbers are doubles printed with 14 digits: keep TTLs small integers.
+  local keep = math.min(math.max(exp_ms - now, 0), 691200000) + 1000
   if maxf > 0 then
     redis.call('ZADD', inflight, exp_ms, job)
     if redis.call('PTTL', inflight) < keep then redis.call('PEXPIRE', inflight, keep) end
