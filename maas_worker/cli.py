@@ -7,6 +7,7 @@ exits non-zero; stdout carries only results (job ids, JSON).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -56,6 +57,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
         with edit_keyring(path, create=True) as box:
             box[0] = box[0].with_new_tenant(args.tenant, policy)
         print(f"tenant {args.tenant}: key version 1 is primary ({path})")
+        return 0
+    if args.keys_cmd == "policy":
+        with edit_keyring(path) as box:
+            current = box[0].tenant(args.tenant).policy
+            models = current.allowed_models
+            if args.allow_models is not None:
+                models = tuple(m for m in args.allow_models.split(",") if m) \
+                    if args.allow_models not in ("", "*") else None
+            updated = dataclasses.replace(
+                current,
+                allowed_models=models,
+                max_priority=args.max_priority or current.max_priority,
+                rate_per_s=current.rate_per_s if args.rate is None else args.rate,
+                burst=current.burst if args.burst is None else args.burst,
+                max_in_flight=current.max_in_flight if args.max_in_flight is None
+                else args.max_in_flight,
+            )
+            box[0] = box[0].with_policy(args.tenant, updated)
+        print(f"tenant {args.tenant}: {json.dumps(updated.to_json())}")
         return 0
     if args.keys_cmd == "rotate":
         with edit_keyring(path) as box:
@@ -303,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--max-priority", choices=PRIORITIES, default="high")
     k.add_argument("--allow-signers", help="comma-separated key ids of the model signers "
                    "whose models the tenant may run (default: every trusted signer)")
+    k = ks.add_parser("policy", help="show or change a tenant's policy and quotas")
+    k.add_argument("--tenant", required=True)
+    k.add_argument("--allow-models", help="comma-separated models, or * for all")
+    k.add_argument("--max-priority", choices=PRIORITIES)
+    k.add_argument("--rate", type=float, help="jobs per second (0 = unlimited)")
+    k.add_argument("--burst", type=int, help="jobs allowed in one burst")
+    k.add_argument("--max-in-flight", type=int, help="jobs queued or running at once (0 = no cap)")
     k = ks.add_parser("rotate", help="add a new key version and make it primary")
     k.add_argument("--tenant", required=True)
     k.add_argument("--stage", action="store_true",

@@ -266,3 +266,22 @@ def test_corrupt_keyring_is_one_line_error(
     keyring.write_text("{ not json")
     err = one_line_error(capsys, "keys", "list")
     assert "not valid JSON" in err
+
+
+def test_policy_sets_and_shows_quotas(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from maas_worker.cli import main
+    from maas_worker.keys import load_keyring
+
+    path = tmp_path / "k.json"
+    monkeypatch.setenv("MAAS_KEYRING", str(path))
+    assert main(["keys", "init", "--tenant", "acme"]) == 0
+    assert main(["keys", "policy", "--tenant", "acme", "--rate", "5", "--burst", "10",
+                 "--max-in-flight", "3", "--allow-models", "echo", "--max-priority",
+                 "normal"]) == 0
+    policy = load_keyring(path).tenant("acme").policy
+    assert (policy.rate_per_s, policy.burst, policy.max_in_flight) == (5.0, 10, 3)
+    assert policy.allowed_models == ("echo",) and policy.max_priority == "normal"
+    assert main(["keys", "policy", "--tenant", "acme", "--allow-models", "*"]) == 0
+    policy = load_keyring(path).tenant("acme").policy
+    assert policy.allowed_models is None and policy.rate_per_s == 5.0
+    assert '"rate_per_s": 5.0' in capsys.readouterr().out
