@@ -65,15 +65,18 @@ class ModelKit:
 
     def publish(self, name: str, version: str, *, model: bytes | None = None,
                 encrypt: bool = False, key: SigningKey | None = None,
-                extra_files: dict[str, bytes] | None = None) -> Path:
-        """Stage, sign and rename ``<name>/<version>`` into the repository; its path."""
+                extra_files: dict[str, bytes] | None = None, chunk_bytes: int = 4096) -> Path:
+        """Stage, sign and rename ``<name>/<version>`` into the repository; its path.
+
+        Small chunks by default, so that even the 21 KB digits model spans several.
+        """
         stage_root = self.tmp / f".stage-{secrets.token_hex(4)}"
         stage = stage_root / name / version
         stage.mkdir(parents=True)
         data = model if model is not None else BUNDLED_DIGITS.read_bytes()
         if encrypt:
             with (stage / "model.onnx.enc").open("wb") as f:
-                encrypt_stream(io.BytesIO(data), f, self.model_key, chunk_bytes=4096)
+                encrypt_stream(io.BytesIO(data), f, self.model_key, chunk_bytes=chunk_bytes)
         else:
             (stage / "model.onnx").write_bytes(data)
         for fname, content in (extra_files or {}).items():
