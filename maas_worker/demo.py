@@ -22,6 +22,7 @@ from .app import TASK_NAME
 from .audit import AuditLog
 from .client import Client, Job
 from .embedded import EmbeddedRedis
+from .envelope import NONCE_BYTES, encode_header
 from .errors import JobRejected, MaasError
 from .keys import Keyring, save_keyring
 from .processes import WorkerProcess
@@ -70,7 +71,7 @@ def _forge(client: Client) -> str:
     """Send a job whose ciphertext was altered after sealing (what a Redis writer could do)."""
     header, envelope = client.seal("echo", {"text": "forged"}, priority="high")
     raw = bytearray(base64.b64decode(envelope))
-    raw[len(header.raw) + 20] ^= 0x01  # one bit inside the ciphertext
+    raw[len(encode_header(header)) + NONCE_BYTES + 2] ^= 0x01  # one bit of the ciphertext
     client.app.send_task(TASK_NAME, args=[base64.b64encode(bytes(raw)).decode()],
                          task_id=header.job_id, queue=queue_for("high"),
                          argsrepr="('<sealed envelope>',)", kwargsrepr="{}")
