@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -68,15 +69,17 @@ def _worker_open_files(stack: Stack) -> list[str]:
     return targets
 
 
-def _files_containing(needle: bytes, roots: list[Path]) -> list[str]:
+def _files_containing(needle: bytes, roots: list[Path], since: float = 0.0) -> list[str]:
+    """Files under ``roots`` (changed after ``since``) that contain ``needle``."""
     found = []
     for root in roots:
         for dirpath, _dirs, files in os.walk(root):
             for name in files:
                 path = Path(dirpath) / name
                 try:
-                    if path.is_file() and path.stat().st_size < 64 * 1024 * 1024 \
-                            and needle in path.read_bytes():
+                    st = path.stat()
+                    if path.is_file() and st.st_mtime >= since \
+                            and st.st_size < 64 * 1024 * 1024 and needle in path.read_bytes():
                         found.append(str(path))
                 except OSError:
                     continue
@@ -93,6 +96,7 @@ def test_signed_repository_in_a_running_worker(make_stack, tmp_path: Path) -> No
 
     # A second version, encrypted at rest, is picked up by the running worker.
     marker = b"PLAINTEXT-MODEL-" + secrets.token_hex(16).encode()
+    since = time.time() - 1  # any plaintext written from now on would be newer
     kit.publish("digits", "2", model=with_marker(BUNDLED_DIGITS.read_bytes(), marker),
                 encrypt=True)
     wait_for(lambda: "digits@2" in catalogue(stack), TIMEOUT, "digits@2 advertised")
@@ -101,7 +105,7 @@ def test_signed_repository_in_a_running_worker(make_stack, tmp_path: Path) -> No
     # It was decrypted in memory only: no file anywhere we can see holds the
     # plaintext, and the worker keeps no in-memory file (memfd) open.
     roots = [tmp_path, stack.tmp, Path(tempfile.gettempdir())]
-    assert _files_containing(marker, roots) == []
+    assert _files_containing(marker, roots, since) == []
     open_files = _worker_open_files(stack)
     assert not [t for t in open_files if "memfd:" in t]
     assert _files_containing(marker, [Path(t) for t in open_files if t.startswith("/")

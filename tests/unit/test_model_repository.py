@@ -8,6 +8,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -193,14 +194,17 @@ def _open_memfds() -> list[str]:
     return out
 
 
-def _files_containing(needle: bytes, *roots: Path) -> list[Path]:
+def _files_containing(needle: bytes, since: float, *roots: Path) -> list[Path]:
+    """Files under ``roots`` changed after ``since`` that contain ``needle``."""
     found = []
     for root in roots:
         for dirpath, _dirs, files in os.walk(root):
             for name in files:
                 p = Path(dirpath) / name
                 try:
-                    if p.is_file() and needle in p.read_bytes():
+                    st = p.stat()
+                    if p.is_file() and st.st_mtime >= since and st.st_size < 2**26 \
+                            and needle in p.read_bytes():
                         found.append(p)
                 except OSError:
                     continue
@@ -212,11 +216,15 @@ def test_no_plaintext_model_bytes_on_disk_after_an_encrypted_load(
         kit: ModelKit, make_repo: Any) -> None:
     marker = b"PLAINTEXT-MODEL-" + secrets.token_hex(16).encode()
     plain = with_marker(BUNDLED_DIGITS.read_bytes(), marker)
+    since = time.time() - 1
     kit.publish("digits", "1", model=plain, encrypt=True)
     before = set(_open_memfds())
     model = make_repo()[0].get("digits", None)
     assert labels(model) == SAMPLES["sklearn_predictions"][:5]
-    assert _files_containing(marker, kit.tmp, Path(tempfile.gettempdir())) == []
+    assert _files_containing(marker, since, kit.tmp, Path(tempfile.gettempdir())) == []
+    control = kit.tmp / "control.bin"  # the scan does find plaintext where there is some
+    control.write_bytes(plain)
+    assert _files_containing(marker, since, kit.tmp) == [control]
     assert set(_open_memfds()) == before  # the in-memory file is closed after the load
 
 
