@@ -74,6 +74,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 max_in_flight=current.max_in_flight if args.max_in_flight is None
                 else args.max_in_flight,
             )
+            if args.allow_signers is not None:
+                ids = None if args.allow_signers in ("", "*") else [
+                    s for s in args.allow_signers.split(",") if s]
+                updated = dataclasses.replace(updated, allowed_signers=TenantPolicy.from_json(
+                    {"allowed_signers": ids}).allowed_signers)  # validates the ids
             box[0] = box[0].with_policy(args.tenant, updated)
         print(f"tenant {args.tenant}: {json.dumps(updated.to_json())}")
         return 0
@@ -330,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--rate", type=float, help="jobs per second (0 = unlimited)")
     k.add_argument("--burst", type=int, help="jobs allowed in one burst")
     k.add_argument("--max-in-flight", type=int, help="jobs queued or running at once (0 = no cap)")
+    k.add_argument("--allow-signers",
+                   help="comma-separated model signer key ids, or * for every trusted signer")
     k = ks.add_parser("rotate", help="add a new key version and make it primary")
     k.add_argument("--tenant", required=True)
     k.add_argument("--stage", action="store_true",

@@ -106,3 +106,19 @@ def test_tenant_policy_allowed_signers_round_trip() -> None:
     p = TenantPolicy.from_json({"allowed_signers": ["ab" * 16]})
     assert TenantPolicy.from_json(p.to_json()) == p
     assert "allowed_signers" not in TenantPolicy().to_json()
+
+
+def test_keys_policy_sets_and_clears_allow_signers(
+        env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    signer = "cd" * 16
+    run(capsys, "keys", "init", "--tenant", "acme", "--max-priority", "normal")
+    code, out, _ = run(capsys, "keys", "policy", "--tenant", "acme", "--allow-signers", signer)
+    assert code == 0 and signer in out
+    policy = load_keyring(env / "keyring.json").tenant("acme").policy
+    assert policy.allowed_signers == (signer,) and policy.max_priority == "normal"
+    code, _, _ = run(capsys, "keys", "policy", "--tenant", "acme", "--max-priority", "low")
+    assert load_keyring(env / "keyring.json").tenant("acme").policy.allowed_signers == (signer,)
+    code, _, _ = run(capsys, "keys", "policy", "--tenant", "acme", "--allow-signers", "*")
+    assert load_keyring(env / "keyring.json").tenant("acme").policy.allowed_signers is None
+    code, _, err = run(capsys, "keys", "policy", "--tenant", "acme", "--allow-signers", "zz")
+    assert code == 1 and "allowed_signers" in err
