@@ -24,6 +24,7 @@ from .settings import PRIORITIES, Settings, redact_url
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+FLOWER_TASK_COLUMNS = "name,uuid,state,args,result,received,runtime,worker"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -145,7 +146,10 @@ def cmd_flower(args: argparse.Namespace) -> int:
         raise ConfigError("refusing to start Flower without authentication: set "
                           "MAAS_FLOWER_BASIC_AUTH=user:password (or pass --unauthenticated)")
     app.conf.update(celery_config(settings))
-    argv = ["flower", f"--port={args.port}", f"--address={args.address}"]
+    # Arguments and results are shown: jobs' are "<sealed envelope>" and None,
+    # resource samples' result is the sample in readable form.
+    argv = ["flower", f"--port={args.port}", f"--address={args.address}",
+            f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
     if auth:
         argv.append(f"--basic-auth={auth}")
     app.start(argv)
