@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,12 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from . import keyspace
+from . import aead, keyspace
 from .app import TASK_NAME, make_app
 from .cancellation import make_token, verify_token
 from .envelope import Header, now_ms, open_envelope, seal
 from .errors import (
+    ConfigError,
     InputTooLarge,
     InvalidEnvelope,
     JobCancelled,
@@ -52,6 +53,10 @@ from .settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
 _WAIT_SLICE_S = 1.0
 #: Bytes an envelope adds around a result's plaintext (header, nonce, tag, MAC).
 _ENVELOPE_OVERHEAD = 1024
+#: How long the model catalogue read from Redis is reused by a client.
+CATALOG_CACHE_S = 5.0
+#: How long a queue length read from Redis is reused (plus our own submits).
+DEPTH_CACHE_S = 0.25
 #: Retry-after hint when a queue is full.
 QUEUE_FULL_RETRY_S = 1.0
 
@@ -96,6 +101,10 @@ class Client:
             k: v for k, v in overrides.items() if v is not None}})
         if self.settings.tenant is None:
             raise SubmitError("no tenant: set MAAS_TENANT or pass tenant=")
+        try:
+            aead.use(self.settings.crypto_backend)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.tenant = self.settings.tenant
         self._static_ring = keyring if isinstance(keyring, Keyring) else None
         self._ring_source = None if self._static_ring else KeyringSource(
@@ -106,6 +115,8 @@ class Client:
         self._broker: redis.Redis | None = None
         self._quotas: Quotas | None = None
         self._cancel: Any = None
+        self._served: tuple[float, set[str]] = (0.0, set())
+        self._depth: dict[str, tuple[float, int]] = {}
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
@@ -132,7 +143,7 @@ class Client:
     def broker(self) -> redis.Redis:
         """Redis client of the broker (queue depths)."""
         if self._broker is None:
-            self._broker = redis_client(self.settings.broker_url)
+            self._broker = redis_client(self.settings.broker_url, tls=self.settings.redis_tls)
         return self._broker
 
     @property
@@ -182,8 +193,19 @@ class Client:
         since = time.time() - CATALOG_TTL_S
         with _backend_errors(self.settings):
             rows: list[bytes] = self.backend.zrangebyscore(keyspace.CATALOG, since, "+inf")  # type: ignore[assignment]
-        refs = {r.decode() for r in rows}
-        return refs | set(diagnostic_refs(self.settings))
+        refs = {r.decode() for r in rows} | set(diagnostic_refs(self.settings))
+        self._served = (time.monotonic() + CATALOG_CACHE_S, refs)
+        return refs
+
+    def _serves(self, model: str) -> set[str] | None:
+        """None if ``model`` is served; else the served set (re-read if the cache is stale)."""
+        expires, refs = self._served
+        if time.monotonic() < expires and model in refs:
+            return None
+        # Unknown to the cache, or the cache is old: ask Redis (a model deployed
+        # a moment ago is found at once).
+        refs = self.served_models()
+        return None if model in refs else refs
 
     def _check(self, model: str, priority: str) -> None:
         try:
@@ -198,8 +220,8 @@ class Client:
         if not policy.allows_priority(priority):
             raise PolicyDenied(f"tenant {self.tenant!r} may not submit at priority {priority!r}"
                                f" (highest allowed: {policy.max_priority})")
-        served = self.served_models()
-        if model not in served:
+        served = self._serves(model)
+        if served is not None:
             offer = ", ".join(sorted(r for r in served if "@" not in r)) or "none"
             raise UnknownModel(f"unknown model {model!r} (served: {offer})")
 
@@ -231,49 +253,87 @@ class Client:
         ``ttl_s`` bounds how long the job may wait in the queue: a worker
         refuses it (``expired``) after that.
         """
-        header, envelope = self.seal(model, inputs, priority=priority, ttl_s=ttl_s)
-        self._check_depth(priority)
-        self._admit(header)
+        return self.submit_many(model, [inputs], priority=priority, ttl_s=ttl_s)[0]
+
+    def submit_many(self, model: str, inputs: Sequence[Any], *, priority: str = "normal",
+                    ttl_s: int | None = None) -> list[Job]:
+        """Seal each of ``inputs`` as its own job and enqueue them all in one go.
+
+        Every job is sealed, audited and acknowledged on its own, exactly as
+        with `submit`; only the trip to Redis is shared (one pipeline for the
+        messages, one for the markers). All or nothing: if any input fails a
+        check, or the batch does not fit the tenant's quota or the queue,
+        nothing is enqueued.
+        """
+        if isinstance(inputs, str | bytes) or not isinstance(inputs, Sequence):
+            raise SubmitError("submit_many takes a list of inputs")
+        if not inputs:
+            return []
+        sealed = [self.seal(model, item, priority=priority, ttl_s=ttl_s) for item in inputs]
+        self._check_depth(priority, len(sealed))
+        self._admit([h for h, _ in sealed])
+        queue = queue_for(priority)
         try:
-            self.app.send_task(
-                TASK_NAME, args=[envelope], task_id=header.job_id, queue=queue_for(priority),
-                # Celery copies args into message headers and events for display;
-                # say what it is instead of repeating the ciphertext.
-                argsrepr="('<sealed envelope>',)", kwargsrepr="{}",
-            )
+            # kombu's producer batch puts every message (and its task-sent
+            # event) into one Redis pipeline: one round trip, not two per job.
+            with self.app.producer_or_acquire() as producer, producer.batch():
+                for header, envelope in sealed:
+                    self.app.send_task(
+                        TASK_NAME, args=[envelope], task_id=header.job_id, queue=queue,
+                        producer=producer,
+                        # Celery copies args into message headers and events for
+                        # display; say what it is instead of repeating the ciphertext.
+                        argsrepr="('<sealed envelope>',)", kwargsrepr="{}",
+                    )
         except OperationalError:
             raise ServiceUnavailable(
                 f"broker unavailable ({redact_url(self.settings.broker_url)}); "
-                "the job was not submitted, retry later") from None
+                "the jobs were not submitted, retry later") from None
         # After the send: a marker for a job that never got enqueued would
-        # report it "queued" forever. A result, if one is already there, wins.
+        # report it "queued" forever. It holds the expiry, so status can tell
+        # queued from expired.
         with _backend_errors(self.settings):
-            # The marker holds the expiry, so status can tell queued from expired.
-            self.backend.set(keyspace.submitted(header.job_id), str(header.expires_at_ms),
-                             ex=(header.expires_at_ms - header.issued_at_ms) // 1000
-                             + self.settings.result_ttl_s)
-        return Job(self, header.job_id, request_hash=header.digest())
+            pipe = self.backend.pipeline(transaction=False)
+            for header, _ in sealed:
+                pipe.set(keyspace.submitted(header.job_id), str(header.expires_at_ms),
+                         ex=(header.expires_at_ms - header.issued_at_ms) // 1000
+                         + self.settings.result_ttl_s)
+            pipe.execute()
+        return [Job(self, h.job_id, request_hash=h.digest()) for h, _ in sealed]
 
-    def _check_depth(self, priority: str) -> None:
+    def _check_depth(self, priority: str, adding: int = 1) -> None:
         """Backpressure: refuse while the priority's queue is at its maximum depth."""
         limit = self.settings.max_queue_depth[priority]
-        try:
-            depth = int(self.broker.llen(queue_for(priority)))
-        except (redis.ConnectionError, redis.TimeoutError):
-            raise ServiceUnavailable(
-                f"broker unavailable ({redact_url(self.settings.broker_url)}); "
-                "the job was not submitted, retry later") from None
-        if depth >= limit:
+        now = time.monotonic()
+        read_at, depth = self._depth.get(priority, (0.0, 0))
+        # Re-read the length at most every DEPTH_CACHE_S, and always when close
+        # to the limit; in between, count our own submits.
+        if now - read_at > DEPTH_CACHE_S or depth + adding >= limit * 0.9:
+            try:
+                depth = int(self.broker.llen(queue_for(priority)))
+            except (redis.ConnectionError, redis.TimeoutError):
+                raise ServiceUnavailable(
+                    f"broker unavailable ({redact_url(self.settings.broker_url)}); "
+                    "the job was not submitted, retry later") from None
+            read_at = now
+        self._depth[priority] = (read_at, depth + adding)
+        if depth + adding > limit:
+            self._depth.pop(priority, None)
             raise QueueFull(f"the {priority} queue is full ({depth} jobs, limit {limit}, "
                             "MAAS_MAX_QUEUE_DEPTH); retry later", QUEUE_FULL_RETRY_S)
 
-    def _admit(self, header: Header) -> None:
+    def _admit(self, headers: list[Header]) -> None:
         """Charge the tenant's quota now, for fast feedback (workers check again)."""
         policy = self.keyring.tenant(self.tenant).policy
         with _backend_errors(self.settings):
-            verdict = self.quotas.admit(self.tenant, header.job_id, policy, header.expires_at_ms)
+            verdict = self.quotas.admit_many(self.tenant, [h.job_id for h in headers], policy,
+                                             max(h.expires_at_ms for h in headers))
         if verdict.admitted:
             return
+        if verdict.over == "rate" and verdict.retry_after_s is None:
+            raise RateLimited(f"a batch of {len(headers)} jobs is larger than tenant "
+                              f"{self.tenant!r}'s burst ({policy.effective_burst}); "
+                              "submit fewer at a time", None)
         if verdict.over == "rate":
             raise RateLimited(
                 f"tenant {self.tenant!r} is over its rate limit ({policy.rate_per_s:g} jobs/s, "

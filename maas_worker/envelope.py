@@ -28,8 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from Crypto.Cipher import AES
-
+from . import aead
 from .errors import EnvelopeRejected, InvalidEnvelope
 from .keys import DerivedKeys, Keyring
 
@@ -166,10 +165,7 @@ def seal(keys: DerivedKeys, header: Header, plaintext: bytes, *,
         raise ValueError("a nonce is 12 bytes")
     nonce = _nonce_for_test_vectors if _nonce_for_test_vectors is not None \
         else os.urandom(NONCE_BYTES)
-    cipher = AES.new(enc_key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
-    cipher.update(raw)
-    ciphertext, tag = cipher.encrypt_and_digest(plaintext)
-    signed = b"".join((raw, nonce, ciphertext, tag))
+    signed = b"".join((raw, nonce, aead.seal(enc_key, nonce, plaintext, raw)))
     return signed + hmac.digest(keys.mac, signed, "sha256")
 
 
@@ -184,14 +180,10 @@ class Verified:
     def decrypt(self) -> bytes:
         """Decrypt and check the GCM tag; `EnvelopeRejected("tampered")` on failure."""
         body = self._body
-        nonce = body[:NONCE_BYTES]
-        ciphertext = body[NONCE_BYTES:-TAG_BYTES]
-        tag = body[-TAG_BYTES:]
         key = self.keys.request_enc if self.header.kind == "request" else self.keys.result_enc
-        cipher = AES.new(key, AES.MODE_GCM, nonce=bytes(nonce), mac_len=TAG_BYTES)
-        cipher.update(self.header.raw)
         try:
-            plaintext: bytes = cipher.decrypt_and_verify(ciphertext, tag)
+            plaintext = aead.open_sealed(key, bytes(body[:NONCE_BYTES]), body[NONCE_BYTES:],
+                                         self.header.raw)
         except ValueError:
             raise EnvelopeRejected("tampered", self.header, authenticated=True) from None
         return plaintext

@@ -17,14 +17,14 @@ import time
 import psutil
 import redis
 
-from . import keyspace
+from . import aead, keyspace
 from .audit import AuditLog
 from .guard import JobGuard, LeaseKeeper
 from .keys import KeyringSource
 from .models import EchoModel, ModelRegistry, SleepModel
 from .models.repository import RejectHook
 from .quota import Quotas
-from .settings import Settings
+from .settings import RedisTLS, Settings, is_tls_url
 from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -81,20 +81,25 @@ def audit_rejections(audit: AuditLog, *, stage: str) -> RejectHook:
     return hook
 
 
-def redis_client(url: str) -> redis.Redis:
-    """A redis-py client for one of our URLs (``redis+socket://`` is kombu's unix socket).
+def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
+    """A redis-py client for one of our URLs; every client of a user URL is made here.
 
-    Timeouts: a dead or unreachable server must become an error, not a hang.
+    ``redis+socket://`` is kombu's unix socket. A ``rediss://`` URL gets the
+    TLS options of ``tls`` (certificate and host name checked by default);
+    user and password come from the URL. Timeouts: a dead or unreachable
+    server must become an error, not a hang.
     """
     if url.startswith("redis+socket://"):
         url = "unix://" + url.removeprefix("redis+socket://")
+    ssl_options = tls.options() if is_tls_url(url) else {}
     return redis.Redis.from_url(url, health_check_interval=25, socket_keepalive=True,
-                                socket_connect_timeout=5, socket_timeout=BACKEND_SOCKET_TIMEOUT_S)
+                                socket_connect_timeout=5, socket_timeout=BACKEND_SOCKET_TIMEOUT_S,
+                                **ssl_options)
 
 
 def backend_client(settings: Settings) -> redis.Redis:
     """A Redis client for the result backend (claims, results, audit)."""
-    return redis_client(settings.result_backend)
+    return redis_client(settings.result_backend, tls=settings.redis_tls)
 
 
 class WorkerRuntime:
@@ -102,6 +107,7 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        aead.use(settings.crypto_backend)
         self.keyring = KeyringSource(settings.keyring_path)
         self.backend = backend_client(settings)
         self.guard = JobGuard(self.backend, lease_s=settings.lease_s)

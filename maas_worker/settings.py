@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -149,6 +150,13 @@ def _time_limits(env: Mapping[str, str], name: str) -> dict[str, tuple[float, fl
     return out
 
 
+def _choice(env: Mapping[str, str], name: str, options: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or options[0]
+    if raw not in options:
+        raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+    return raw
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw in {"1", "true", "yes", "on"}:
@@ -176,13 +184,97 @@ def redact_url(url: str) -> str:
         or "***" in parts.netloc else url
 
 
+#: TLS options in a URL's query (redis-py and kombu read them) would bypass MAAS_REDIS_TLS_*.
+_QUERY_TLS = re.compile(r"(?i)(^|&)ssl[a-z_]*=")
+
+
 def _check_url(name: str, url: str) -> str:
-    scheme = urlsplit(url).scheme
-    if scheme not in {"redis", "rediss", "redis+socket", "unix"}:
-        what = "broker" if name == "MAAS_BROKER_URL" else "result backend"
+    parts = urlsplit(url)
+    what = "broker" if name == "MAAS_BROKER_URL" else "result backend"
+    if parts.scheme not in {"redis", "rediss", "redis+socket", "unix"}:
         raise ConfigError(f"the {what} URL ({name}) must be redis://, rediss:// or "
                           "redis+socket://")
+    if _QUERY_TLS.search(parts.query):
+        raise ConfigError(f"the {what} URL ({name}) must not carry ssl_* options: "
+                          "set MAAS_REDIS_TLS_CA, _CERT, _KEY and _VERIFY instead")
     return url
+
+
+def is_tls_url(url: str) -> bool:
+    """True for a ``rediss://`` URL (Redis over TLS)."""
+    return urlsplit(url).scheme == "rediss"
+
+
+#: ``MAAS_REDIS_TLS_VERIFY`` values: check the server's certificate chain and
+#: host name (the default), or check nothing (encrypted, but open to a
+#: man in the middle: for tests only).
+TLS_VERIFY_MODES: tuple[str, ...] = ("required", "none")
+
+
+def _existing_file(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "")
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"{name}: {path} is not a readable file")
+    return path
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisTLS:
+    """TLS for every ``rediss://`` connection: Celery's broker and each redis-py client.
+
+    The server's certificate is checked against ``ca_file`` (the system's CAs
+    when None) and its name against the URL's host, unless ``verify`` is
+    False. ``cert_file`` and ``key_file`` present a client certificate (for a
+    server started with ``tls-auth-clients yes``). The ACL user and password
+    travel in the URL (``rediss://user:password@host:port/db``).
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    verify: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RedisTLS:
+        """Read ``MAAS_REDIS_TLS_CA``, ``_CERT``, ``_KEY`` and ``_VERIFY``."""
+        verify = (env.get("MAAS_REDIS_TLS_VERIFY") or "required").strip().lower()
+        if verify not in TLS_VERIFY_MODES:
+            raise ConfigError("MAAS_REDIS_TLS_VERIFY must be required or none, "
+                              f"got {verify!r}")
+        tls = cls(ca_file=_existing_file(env, "MAAS_REDIS_TLS_CA"),
+                  cert_file=_existing_file(env, "MAAS_REDIS_TLS_CERT"),
+                  key_file=_existing_file(env, "MAAS_REDIS_TLS_KEY"),
+                  verify=verify == "required")
+        if tls.key_file is not None and tls.cert_file is None:
+            raise ConfigError("MAAS_REDIS_TLS_KEY needs MAAS_REDIS_TLS_CERT (the client "
+                              "certificate it belongs to)")
+        return tls
+
+    @property
+    def configured(self) -> bool:
+        """True when any TLS option differs from the defaults."""
+        return self != RedisTLS()
+
+    def options(self) -> dict[str, Any]:
+        """Connection options for a ``rediss://`` URL.
+
+        They are redis-py keyword arguments and, as they are, Celery's
+        ``broker_use_ssl`` (kombu and Flower hand them to redis-py).
+        """
+        opts: dict[str, Any] = {
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if self.verify else ssl.CERT_NONE,
+            "ssl_check_hostname": self.verify,
+        }
+        if self.ca_file is not None:
+            opts["ssl_ca_certs"] = str(self.ca_file)
+        if self.cert_file is not None:
+            opts["ssl_certfile"] = str(self.cert_file)
+        if self.key_file is not None:
+            opts["ssl_keyfile"] = str(self.key_file)
+        return opts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,6 +345,7 @@ class Settings:
     memory_high_water_pct: float = DEFAULT_MEMORY_HIGH_WATER_PCT
     max_memory_per_child_mb: int = DEFAULT_MAX_MEMORY_PER_CHILD_MB
     low_priority_share: float = DEFAULT_LOW_PRIORITY_SHARE
+    crypto_backend: str = "auto"
     keyring_path: Path = field(default_factory=lambda: _default_keyring(os.environ))
     tenant: str | None = None
     model_dir: Path = field(default_factory=lambda: _default_model_dir(os.environ))
@@ -273,6 +366,7 @@ class Settings:
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     autoscale: AutoscalePolicy = field(default_factory=AutoscalePolicy)
     fleet: FleetPolicy = field(default_factory=FleetPolicy)
+    redis_tls: RedisTLS = field(default_factory=RedisTLS)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -288,6 +382,12 @@ class Settings:
         job_ttl = _int(env, "MAAS_JOB_TTL_S", DEFAULT_JOB_TTL_S)
         if job_ttl > MAX_JOB_TTL_S:
             raise ConfigError(f"MAAS_JOB_TTL_S must be <= {MAX_JOB_TTL_S}")
+        tls = RedisTLS.from_env(env)
+        if tls.configured and not (is_tls_url(broker) or is_tls_url(backend)):
+            # Certificates configured for plain connections: the operator
+            # believes the traffic is protected and it is not.
+            raise ConfigError("MAAS_REDIS_TLS_* is set but neither MAAS_BROKER_URL nor "
+                              "MAAS_RESULT_BACKEND is rediss://")
         settings = cls(
             broker_url=broker,
             result_backend=backend,
@@ -319,6 +419,7 @@ class Settings:
             metrics_address=env.get("MAAS_METRICS_ADDRESS") or DEFAULT_METRICS_ADDRESS,
             autoscale=AutoscalePolicy.from_env(env),
             fleet=FleetPolicy.from_env(env),
+            redis_tls=tls,
             soft_time_limit_s=_float(env, "MAAS_SOFT_TIME_LIMIT_S", DEFAULT_SOFT_TIME_LIMIT_S,
                                      0.001, 86400),
             hard_time_limit_s=_float(env, "MAAS_HARD_TIME_LIMIT_S", DEFAULT_HARD_TIME_LIMIT_S,
@@ -331,11 +432,17 @@ class Settings:
                                          DEFAULT_MAX_MEMORY_PER_CHILD_MB, minimum=0),
             low_priority_share=_float(env, "MAAS_LOW_PRIORITY_SHARE", DEFAULT_LOW_PRIORITY_SHARE,
                                       0, 0.5),
+            crypto_backend=_choice(env, "MAAS_CRYPTO_BACKEND",
+                                   ("auto", "pycryptodome", "openssl")),
         )
         overrides.pop("broker_url", None)
         overrides.pop("result_backend", None)
         clean = {k: v for k, v in overrides.items() if v is not None}
         return replace(settings, **clean) if clean else settings
+
+    def redis_ssl(self, url: str) -> dict[str, Any] | None:
+        """TLS options for a connection to ``url`` (`RedisTLS.options`); None unless rediss://."""
+        return self.redis_tls.options() if is_tls_url(url) else None
 
     def limits_for(self, model: str) -> tuple[float, float]:
         """(soft, hard) time limit in seconds for ``model`` (``name`` or ``name@version``)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,6 +62,30 @@ class Stack:
     def worker_logs(self) -> str:
         return "\n".join(w.log_path.read_text(errors="replace") for w in self.workers
                          if w.log_path.exists())
+
+    def outcomes(self, job_id: str, at_least: int = 1) -> list[str]:
+        """The outcome lines the workers logged for ``job_id``, in order.
+
+        A worker logs the outcome just after storing the result, so a client
+        can hold the result a moment before the line is written: wait for it.
+        """
+        pattern = re.compile(rf"job '{re.escape(job_id)}' (\w+)\n")
+
+        def lines() -> list[str]:
+            found = pattern.findall(self.worker_logs())
+            return found if len(found) >= at_least else []
+        result: list[str] = wait_for(lines, WAIT_S, f"{at_least} outcome line(s) for {job_id}")
+        return result
+
+    def finished_order(self, job_ids: list[str]) -> list[str]:
+        """Job ids in the order workers finished them, once all of ``job_ids`` have."""
+        pattern = re.compile(r"job '([0-9a-f-]+)' (?:succeeded|failed)\n")
+
+        def order() -> list[str]:
+            found = pattern.findall(self.worker_logs())
+            return found if set(job_ids) <= set(found) else []
+        result: list[str] = wait_for(order, WAIT_S, "the jobs' outcome lines")
+        return result
 
     def audit(self) -> list[AuditRecord]:
         return AuditLog(self.backend, maxlen=10_000).latest(10_000)

@@ -27,10 +27,6 @@ pytestmark = pytest.mark.integration
 TIMEOUT = 60.0
 
 
-def finished_order(stack: Stack) -> list[str]:
-    return re.findall(r"job '([0-9a-f-]+)' (?:succeeded|failed)\n", stack.worker_logs())
-
-
 def with_policy(stack: Stack, tenant: str, policy: TenantPolicy) -> None:
     ring = load_keyring(stack.keyring_path)
     if tenant not in ring.tenants:
@@ -58,7 +54,7 @@ def test_high_job_overtakes_a_backlog_of_1000_low_jobs(make_stack) -> None:
     concurrency = 2
     stack.start_worker(concurrency=concurrency)
     assert high.result(timeout=TIMEOUT) == {"echo": {"urgent": True}}
-    order = finished_order(stack)
+    order = stack.finished_order([high.id])
     lows_before = order.index(high.id)
     # at most what the pool had reserved, plus one reserved-share delivery
     assert lows_before <= concurrency + 2, lows_before
@@ -74,7 +70,7 @@ def test_low_jobs_progress_under_a_steady_high_load(make_stack) -> None:
     stack.start_worker(concurrency=1)
     for job in lows:
         job.result(timeout=TIMEOUT)
-    order = finished_order(stack)
+    order = stack.finished_order([j.id for j in lows])
     positions = sorted(order.index(j.id) for j in lows)
     # every ~10th delivery goes to the starved low queue, high load or not
     assert positions[-1] < 45, positions

@@ -12,6 +12,7 @@ import hmac
 import random
 import re
 import struct
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +29,15 @@ from maas_worker.envelope import (
 )
 from maas_worker.errors import EnvelopeRejected, InvalidEnvelope
 from maas_worker.keys import DerivedKeys, Keyring, KeyVersion, Tenant, derive_keys
+
+
+@pytest.fixture(autouse=True, params=["pycryptodome", "openssl"])
+def aes_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test here runs with both AES-GCM implementations."""
+    from maas_worker import aead
+
+    yield aead.use(request.param)
+    aead.use("auto")
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "envelope.md"
 
