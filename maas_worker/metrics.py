@@ -191,7 +191,7 @@ def job_finished(job_id: str, outcome: str) -> None:
 
 def observe_model_load(model_ref: str, seconds: float) -> None:
     """Record how long loading ``model_ref`` (a verified, registered reference) took."""
-    _m().load.labels(model_ref).observe(seconds)
+    _safely(lambda: _m().load.labels(model_ref).observe(seconds))
 
 
 @contextlib.contextmanager

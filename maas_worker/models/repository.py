@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import ModelRejected
+from ..metrics import model_load_timer
 from .artifact_crypto import ModelKeys, decrypt_stream, is_encrypted
 from .base import MODEL_NAME_RE, VERSION_RE, Model, version_key
 from .manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
@@ -316,7 +317,8 @@ class ModelRepository:
             raise ModelRejected(f"{ref}: {entry.rejected or 'refused'}")
         if entry.model is None:
             try:
-                entry.model = load_verified(entry.path, entry.manifest, self._model_keys)
+                with model_load_timer(ref):
+                    entry.model = load_verified(entry.path, entry.manifest, self._model_keys)
             except ModelRejected as exc:
                 entry.failed, entry.rejected = True, str(exc)
                 self._reject(ref, str(exc), "load")
@@ -352,7 +354,8 @@ class ModelRepository:
             if old is not None and old.model is not None:
                 # Loaded and changed on disk: swap only to a replacement that verifies.
                 try:
-                    new.model = load_verified(version_dir, manifest, self._model_keys)
+                    with model_load_timer(ref):
+                        new.model = load_verified(version_dir, manifest, self._model_keys)
                 except ModelRejected as exc:
                     self._reject(ref, str(exc), "load")
                     old.stamp = stamp

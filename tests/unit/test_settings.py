@@ -124,7 +124,13 @@ def test_every_setting_has_a_variable() -> None:
     special = {"broker_url": "MAAS_BROKER_URL", "result_backend": "MAAS_RESULT_BACKEND",
                "keyring_path": "MAAS_KEYRING", "diagnostic_models": "MAAS_DIAGNOSTIC_MODELS",
                "model_keys_path": "MAAS_MODEL_KEYS"}
+    # Grouped settings: each field of the group maps to MAAS_<GROUP>_<FIELD>.
+    groups = {"autoscale": "MAAS_AUTOSCALE_", "fleet": "MAAS_FLEET_"}
     for name in names:
+        if name in groups:
+            for sub in dataclasses.fields(getattr(Settings(), name)):
+                assert f'"{groups[name]}{sub.name.upper()}"' in source, f"{name}.{sub.name}"
+            continue
         assert f'"{special.get(name, "MAAS_" + name.upper())}"' in source, name
 
 
