@@ -1,0 +1,132 @@
+"""Worker metrics: outcome labels, timing, and multiprocess aggregation across pool children."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from maas_worker import metrics
+from maas_worker.errors import ModelError
+
+
+@pytest.mark.parametrize(("outcome", "failure", "labels"), [
+    ("succeeded", None, ("succeeded", "none")),
+    ("failed", "bad_input", ("failed", "bad_input")),
+    ("failed", None, ("failed", "unknown")),
+    ("tampered", None, ("rejected", "tampered")),
+    ("rate_limited", None, ("rejected", "rate_limited")),
+    ("duplicate", None, ("duplicate", "none")),
+    ("cancelled", None, ("cancelled", "none")),
+    ("something_new", None, ("other", "something_new")),
+    ("Not A Label {x}", None, ("other", "other")),
+])
+def test_outcome_labels_come_from_closed_sets(outcome: str, failure: str | None,
+                                              labels: tuple[str, str]) -> None:
+    assert metrics.outcome_labels(outcome, failure) == labels
+
+
+@dataclass(frozen=True)
+class FakeHeader:
+    job_id: str
+    model: str
+    issued_at_ms: int
+
+
+class Boom:
+    def predict(self, inputs: Any) -> dict[str, Any]:
+        raise ModelError("bad shape", reason="bad_input")
+
+
+class Fine:
+    def predict(self, inputs: Any) -> dict[str, Any]:
+        return {"echo": inputs}
+
+
+def _count(outcome: str, reason: str) -> float:
+    return float(metrics._m().jobs.labels(outcome, reason)._value.get())
+
+
+def test_timed_predict_returns_and_records_the_failure_reason() -> None:
+    header = FakeHeader("job-t1", "echo@1", 0)
+    assert metrics.timed_predict(header, Fine(), {"a": 1}) == {"echo": {"a": 1}}
+    before = _count("failed", "bad_input")
+    with pytest.raises(ModelError):
+        metrics.timed_predict(FakeHeader("job-t2", "echo@1", 0), Boom(), {})
+    metrics.job_finished("job-t2", "failed")
+    assert _count("failed", "bad_input") == before + 1
+    assert "job-t2" not in metrics._failures
+
+
+AGGREGATE = textwrap.dedent("""
+    import json, os, sys
+    from maas_worker import metrics
+
+    path = metrics.init_multiprocess_dir()      # as the worker's main process does
+
+    def child(n):
+        pid = os.fork()
+        if pid == 0:                            # a pool child: jobs, then exit
+            for i in range(n):
+                metrics.job_finished(f"j{i}", "succeeded")
+                metrics.task_started(f"j{i}")
+                metrics.task_ended(f"j{i}")
+            metrics._m().run.labels("echo@1").observe(0.02)
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+    def totals():
+        jobs = runs = 0.0
+        for fam in metrics.read_families(path, compact=True):
+            for s in fam.samples:
+                if s.name == "maas_jobs_total":
+                    jobs += s.value
+                if s.name == "maas_job_run_seconds_count":
+                    runs += s.value
+        return jobs, runs
+
+    for n in (3, 4, 5):
+        child(n)
+    first = totals()
+    files = sorted(p.name for p in path.glob("*.db"))
+    child(2)                                    # autoscaling: a new child, later
+    second = totals()
+    files_after = sorted(p.name for p in path.glob("*.db"))
+    from prometheus_client import CollectorRegistry, generate_latest
+    reg = CollectorRegistry()
+    reg.register(metrics.WorkerCollector(path, "w@h", lambda: {"current": 1, "desired": 3,
+                                                               "min": 1, "max": 3}))
+    text = generate_latest(reg).decode()
+    metrics.remove_multiprocess_dir()
+    print(json.dumps({"first": first, "second": second, "files": files,
+                      "files_after": files_after, "gone": not path.exists(), "text": text}))
+""")
+
+
+def test_children_that_exit_are_folded_and_nothing_is_lost() -> None:
+    out = subprocess.run([sys.executable, "-c", AGGREGATE], capture_output=True, text=True,
+                         timeout=60, check=True)
+    doc = json.loads(out.stdout)
+    assert doc["first"] == [12.0, 3.0]
+    assert doc["second"] == [14.0, 4.0]
+    # three dead children's files folded into one archive per type: bounded
+    assert doc["files"] == ["counter_archive.db", "histogram_archive.db"]
+    assert doc["files_after"] == ["counter_archive.db", "histogram_archive.db"]
+    assert doc["gone"]
+    text = doc["text"]
+    assert 'maas_jobs_total{outcome="succeeded",reason="none"} 14.0' in text
+    assert 'maas_autoscaler_desired_pool_size{worker="w@h"} 3.0' in text
+    for name, (typ, _) in metrics.WORKER_FAMILIES.items():  # present before any data
+        exposed = f"{name}_total" if typ == "counter" else name
+        assert f"# TYPE {exposed} {typ}" in text
+
+
+def test_an_empty_directory_still_lists_every_family(tmp_path: Any) -> None:
+    (tmp_path / ".lock").touch()
+    names = {f.name for f in metrics.WorkerCollector(tmp_path, "w@h").collect()}
+    assert set(metrics.WORKER_FAMILIES) <= names
