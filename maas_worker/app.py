@@ -71,6 +71,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_create_missing_queues": False,
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
+        # rediss://: verify the server (kombu alone would silently use CERT_NONE)
+        # and present the client certificate; Flower's broker view reads it too.
+        "broker_use_ssl": settings.redis_ssl(settings.broker_url) or False,
         "worker_hijack_root_logger": True,
         "worker_redirect_stdouts": False,
         "task_default_rate_limit": None,

@@ -74,8 +74,10 @@ def redis_url_for_client(url: str) -> str:
 
 def broker_client(settings: Settings) -> redis.Redis:
     """A Redis client for the broker (reads queue lengths only)."""
-    return redis.Redis.from_url(redis_url_for_client(settings.broker_url),
-                                socket_connect_timeout=5, socket_timeout=10)
+    # The one factory (runtime.redis_client): rediss:// gets MAAS_REDIS_TLS_*.
+    from .runtime import redis_client
+
+    return redis_client(settings.broker_url, tls=settings.redis_tls)
 
 
 def _unverified_issued_at_ms(message_prefix: bytes) -> int | None:

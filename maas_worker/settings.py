@@ -225,16 +225,18 @@ def _existing_file(env: Mapping[str, str], name: str) -> Path | None:
 class RedisTLS:
     """TLS for every ``rediss://`` connection: Celery's broker and each redis-py client.
 
-    The server's certificate is checked against ``ca_file`` (the system's CAs
+    The server's certificate is checked against ``ca`` (the system's CAs
     when None) and its name against the URL's host, unless ``verify`` is
-    False. ``cert_file`` and ``key_file`` present a client certificate (for a
+    False. ``cert`` and ``key`` present a client certificate (for a
     server started with ``tls-auth-clients yes``). The ACL user and password
     travel in the URL (``rediss://user:password@host:port/db``).
     """
 
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    #: CA bundle (PEM) the server's certificate must chain to.
+    ca: Path | None = None
+    #: Client certificate (PEM) and its private key, for mutual TLS.
+    cert: Path | None = None
+    key: Path | None = None
     verify: bool = True
 
     @classmethod
@@ -244,11 +246,11 @@ class RedisTLS:
         if verify not in TLS_VERIFY_MODES:
             raise ConfigError("MAAS_REDIS_TLS_VERIFY must be required or none, "
                               f"got {verify!r}")
-        tls = cls(ca_file=_existing_file(env, "MAAS_REDIS_TLS_CA"),
-                  cert_file=_existing_file(env, "MAAS_REDIS_TLS_CERT"),
-                  key_file=_existing_file(env, "MAAS_REDIS_TLS_KEY"),
+        tls = cls(ca=_existing_file(env, "MAAS_REDIS_TLS_CA"),
+                  cert=_existing_file(env, "MAAS_REDIS_TLS_CERT"),
+                  key=_existing_file(env, "MAAS_REDIS_TLS_KEY"),
                   verify=verify == "required")
-        if tls.key_file is not None and tls.cert_file is None:
+        if tls.key is not None and tls.cert is None:
             raise ConfigError("MAAS_REDIS_TLS_KEY needs MAAS_REDIS_TLS_CERT (the client "
                               "certificate it belongs to)")
         return tls
@@ -268,12 +270,12 @@ class RedisTLS:
             "ssl_cert_reqs": ssl.CERT_REQUIRED if self.verify else ssl.CERT_NONE,
             "ssl_check_hostname": self.verify,
         }
-        if self.ca_file is not None:
-            opts["ssl_ca_certs"] = str(self.ca_file)
-        if self.cert_file is not None:
-            opts["ssl_certfile"] = str(self.cert_file)
-        if self.key_file is not None:
-            opts["ssl_keyfile"] = str(self.key_file)
+        if self.ca is not None:
+            opts["ssl_ca_certs"] = str(self.ca)
+        if self.cert is not None:
+            opts["ssl_certfile"] = str(self.cert)
+        if self.key is not None:
+            opts["ssl_keyfile"] = str(self.key)
         return opts
 
 

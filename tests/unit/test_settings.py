@@ -125,7 +125,8 @@ def test_every_setting_has_a_variable() -> None:
                "keyring_path": "MAAS_KEYRING", "diagnostic_models": "MAAS_DIAGNOSTIC_MODELS",
                "model_keys_path": "MAAS_MODEL_KEYS"}
     # Grouped settings: each field of the group maps to MAAS_<GROUP>_<FIELD>.
-    groups = {"autoscale": "MAAS_AUTOSCALE_", "fleet": "MAAS_FLEET_"}
+    groups = {"autoscale": "MAAS_AUTOSCALE_", "fleet": "MAAS_FLEET_",
+              "redis_tls": "MAAS_REDIS_TLS_"}
     for name in names:
         if name in groups:
             for sub in dataclasses.fields(getattr(Settings(), name)):
