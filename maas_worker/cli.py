@@ -156,6 +156,28 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ping(args: argparse.Namespace) -> int:
+    """Ask one worker node to answer through the broker (a container's HEALTHCHECK)."""
+    from celery.utils.nodenames import default_nodename
+    from kombu.exceptions import OperationalError
+
+    from .app import app, celery_config
+    from .errors import ServiceUnavailable
+
+    settings = Settings.from_env()
+    app.conf.update(celery_config(settings))
+    node = args.node or default_nodename(None)  # the worker's default: celery@<this host>
+    try:
+        replies = app.control.ping(destination=[node], timeout=args.timeout)
+    except OperationalError:
+        raise ServiceUnavailable(
+            f"broker unavailable ({redact_url(settings.broker_url)})") from None
+    if not any(node in reply for reply in replies or ()):
+        raise ServiceUnavailable(f"worker {node} did not answer within {args.timeout:g} s")
+    print(f"{node}: pong")
+    return 0
+
+
 # -- jobs ------------------------------------------------------------------------------
 def _client(args: argparse.Namespace) -> Any:
     from .client import Client
@@ -370,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--unauthenticated", action="store_true",
                    help="allow Flower without authentication (local debugging only)")
 
+    pi = sub.add_parser("ping", help="check that a worker node answers (exit 1 if not)")
+    pi.add_argument("--node", help="worker node name (default: celery@<this host>)")
+    pi.add_argument("--timeout", type=float, default=5.0)
     s = sub.add_parser("submit", help="submit a job")
     s.add_argument("--model", required=True)
     s.add_argument("--priority", choices=PRIORITIES, default="normal")
@@ -414,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "keys": cmd_keys, "worker": cmd_worker, "beat": cmd_beat, "flower": cmd_flower,
     "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "result": cmd_result,
-    "audit": cmd_audit,
+    "audit": cmd_audit, "ping": cmd_ping,
     "stats": cmd_stats, "demo": cmd_demo, "models": cmd_models,
     "scale": cmd_scale, "metrics": cmd_metrics,
 }
