@@ -381,8 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--concurrency", type=int)
     w.add_argument("--autoscale", metavar="MAX,MIN")
     w.add_argument("--hostname", "-n", help="node name (default celery@HOST)")
-    # Not "threads": time limits and cancellation interrupt the job's own thread.
-    w.add_argument("--pool", choices=("prefork", "solo"))
+    # "threads" is for dynamic batching (MAAS_BATCH): there a running job
+    # cannot be interrupted, only failed at its soft limit (docs/compute.md).
+    w.add_argument("--pool", choices=("prefork", "solo", "threads"))
     w.add_argument("--loglevel", default="INFO")
     b = sub.add_parser("beat", help="run Celery beat (exactly one per deployment)")
     b.add_argument("--loglevel", default="INFO")
@@ -391,10 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--address", default="127.0.0.1")
     f.add_argument("--unauthenticated", action="store_true",
                    help="allow Flower without authentication (local debugging only)")
-
     pi = sub.add_parser("ping", help="check that a worker node answers (exit 1 if not)")
     pi.add_argument("--node", help="worker node name (default: celery@<this host>)")
     pi.add_argument("--timeout", type=float, default=5.0)
+
     s = sub.add_parser("submit", help="submit a job")
     s.add_argument("--model", required=True)
     s.add_argument("--priority", choices=PRIORITIES, default="normal")

@@ -19,9 +19,10 @@ import redis
 
 from . import aead, keyspace
 from .audit import AuditLog
+from .batching import DynamicBatcher
 from .guard import JobGuard, LeaseKeeper
 from .keys import KeyringSource
-from .models import EchoModel, ModelRegistry, SleepModel
+from .models import EchoModel, Model, ModelRegistry, SleepModel
 from .models.repository import RejectHook
 from .quota import Quotas
 from .settings import RedisTLS, Settings, is_tls_url
@@ -118,8 +119,24 @@ class WorkerRuntime:
         self._lease_keeper = LeaseKeeper(self.guard)
         self._lease_keeper.start()
         self._watchdog: Watchdog | None = None
+        self._batchers: dict[tuple[str, str, int], DynamicBatcher] = {}
+        self._batchers_lock = threading.Lock()
         self._memory_checked = 0.0
         self._memory_high = False
+
+    def batcher_for(self, model: Model) -> DynamicBatcher | None:
+        """The dynamic batcher of ``model`` if ``MAAS_BATCH`` lists it and it can batch."""
+        spec = self.settings.batching.get(model.name) or self.settings.batching.get(
+            f"{model.name}@{model.version}")
+        if spec is None or not hasattr(model, "predict_batch"):
+            return None
+        key = (model.name, model.version, id(model))  # a hot-reloaded model gets its own
+        with self._batchers_lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                batcher = self._batchers[key] = DynamicBatcher(
+                    model, max_batch=spec[0], max_wait_s=spec[1] / 1000)  # type: ignore[arg-type]
+        return batcher
 
     @property
     def watchdog(self) -> Watchdog:

@@ -150,6 +150,26 @@ def _time_limits(env: Mapping[str, str], name: str) -> dict[str, tuple[float, fl
     return out
 
 
+def _batching(env: Mapping[str, str], name: str) -> dict[str, tuple[int, float]]:
+    """``digits=32:5``: model -> (largest batch, longest wait in ms)."""
+    raw = env.get(name, "").strip()
+    out: dict[str, tuple[int, float]] = {}
+    if not raw:
+        return out
+    try:
+        for part in raw.split(","):
+            model, _, spec = part.partition("=")
+            size, _, wait = spec.partition(":")
+            batch, wait_ms = int(size), float(wait or 2)
+            if not (1 <= batch <= 4096 and 0 <= wait_ms <= 1000) or not model.strip():
+                raise ValueError
+            out[model.strip()] = (batch, wait_ms)
+    except ValueError:
+        raise ConfigError(f"{name} must look like model=MAX_BATCH:MAX_WAIT_MS,... "
+                          "(1..4096 jobs, 0..1000 ms)") from None
+    return out
+
+
 def _choice(env: Mapping[str, str], name: str, options: tuple[str, ...]) -> str:
     raw = env.get(name, "").strip().lower() or options[0]
     if raw not in options:
@@ -348,6 +368,7 @@ class Settings:
     max_memory_per_child_mb: int = DEFAULT_MAX_MEMORY_PER_CHILD_MB
     low_priority_share: float = DEFAULT_LOW_PRIORITY_SHARE
     crypto_backend: str = "auto"
+    batching: dict[str, tuple[int, float]] = field(default_factory=dict)
     keyring_path: Path = field(default_factory=lambda: _default_keyring(os.environ))
     tenant: str | None = None
     model_dir: Path = field(default_factory=lambda: _default_model_dir(os.environ))
@@ -436,6 +457,7 @@ class Settings:
                                       0, 0.5),
             crypto_backend=_choice(env, "MAAS_CRYPTO_BACKEND",
                                    ("auto", "pycryptodome", "openssl")),
+            batching=_batching(env, "MAAS_BATCH"),
         )
         overrides.pop("broker_url", None)
         overrides.pop("result_backend", None)

@@ -20,6 +20,7 @@ import base64
 import binascii
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ from celery import Task, shared_task, signals
 from celery.exceptions import Reject
 
 from . import keyspace, metrics
+from .batching import DynamicBatcher
 from .cancellation import verify_token
 from .envelope import Header, Verified, now_ms, seal, verify
 from .errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
@@ -89,10 +91,14 @@ def _run_model(rt: WorkerRuntime, verified: Verified, plaintext: bytes) -> dict[
         rt.backend.set(keyspace.killed(header.job_id), "1", ex=rt.settings.result_ttl_s)
         _finish(rt, verified, _interrupted(reason, soft_s))
 
+    # In the threads pool, a model listed in MAAS_BATCH runs in shared batches.
+    batcher = rt.batcher_for(model) if threading.current_thread() \
+        is not threading.main_thread() else None
+    runner = _Batched(batcher, soft_s) if batcher is not None else model
     try:
         with rt.watchdog.running(header.job_id, soft_limit_s=soft_s, hard_limit_s=hard_s,
                                  is_cancelled=is_cancelled, on_hard=on_hard):
-            output = metrics.timed_predict(header, model, inputs)
+            output = metrics.timed_predict(header, runner, inputs)
         return {"ok": True, "output": output}
     except JobInterrupted as exc:
         return _interrupted(exc.reason, soft_s)
@@ -103,6 +109,19 @@ def _run_model(rt: WorkerRuntime, verified: Verified, plaintext: bytes) -> dict[
         log.error("job %s: model %s raised %s", header.job_id, header.model,
                   type(exc).__name__)
         return {"ok": False, "error": "internal_error", "message": "the model failed"}
+
+
+class _Batched:
+    """A model's `predict`, run through its dynamic batcher."""
+
+    def __init__(self, batcher: DynamicBatcher, timeout_s: float) -> None:
+        self._batcher = batcher
+        self._timeout_s = timeout_s
+        self.name = batcher.model.name
+        self.version = batcher.model.version
+
+    def predict(self, inputs: Any) -> dict[str, Any]:
+        return self._batcher.predict(inputs, timeout_s=self._timeout_s)
 
 
 def _interrupted(reason: str, soft_s: float) -> dict[str, Any]:

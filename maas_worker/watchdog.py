@@ -1,7 +1,7 @@
 """Stop a running job: soft time limit, hard time limit, cancellation.
 
-One job runs at a time in a worker process (prefork child or solo pool), in
-its main thread. The watchdog interrupts it there:
+In the prefork and solo pools one job runs at a time per process, in its
+main thread. The watchdog interrupts it there:
 
 * **soft limit / cancel**: ``SIGALRM`` is delivered to the main thread (by the
   interval timer, or by the watchdog thread for a cancel); the handler raises
@@ -14,6 +14,11 @@ its main thread. The watchdog interrupts it there:
   itself and ends the process (``os._exit``). Celery replaces the pool child;
   the message comes back (``task_reject_on_worker_lost``) and is recognised as
   finished. Nothing but the process can stop a runaway C call.
+
+In the threads pool (used for dynamic batching, `batching.py`) jobs run in
+worker threads, which signals cannot reach: there the soft limit is enforced
+by the caller's own wait (`batching.DynamicBatcher`), a cancel is honoured only
+before the job starts, and the hard limit still ends the process.
 
 Celery's own time limits come from message headers that whoever can write
 Redis could change; these come from the worker's settings and the model.
@@ -35,9 +40,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds a cancelled job gets to stop before its process is ended.
 CANCEL_GRACE_S = 5.0
-#: How often the watchdog thread looks at the running job (and for a cancel).
+#: How often the watchdog thread looks at the running jobs (and for a cancel).
 TICK_S = 0.25
-#: How often a cancel marker is looked up in Redis for the running job.
+#: How often a cancel marker is looked up in Redis for a running job.
 CANCEL_POLL_S = 1.0
 EXIT_CODE = 70  # EX_SOFTWARE
 
@@ -53,6 +58,8 @@ class JobInterrupted(BaseException):
 @dataclass
 class _Running:
     job_id: str
+    thread: int
+    interruptible: bool
     soft_deadline: float
     hard_deadline: float
     is_cancelled: Callable[[], bool]
@@ -66,12 +73,14 @@ class Watchdog:
     """One per worker process. `running` wraps the execution of one job."""
 
     def __init__(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("the watchdog must be created in the main thread")
         self._main_ident = threading.main_thread().ident
-        self._job: _Running | None = None
+        self._jobs: dict[int, _Running] = {}
         self._lock = threading.Lock()
-        signal.signal(signal.SIGALRM, self._on_alarm)
+        # Signals reach the main thread only; created elsewhere, we cannot
+        # interrupt a job, only end the process at its hard limit.
+        self.interruptible = threading.current_thread() is threading.main_thread()
+        if self.interruptible:
+            signal.signal(signal.SIGALRM, self._on_alarm)
         self._thread = threading.Thread(target=self._loop, name="maas-watchdog", daemon=True)
         self._thread.start()
 
@@ -79,11 +88,10 @@ class Watchdog:
         """No-op: construction already started it (kept explicit for readers)."""
 
     def _on_alarm(self, _signum: int, _frame: FrameType | None) -> None:
-        job = self._job
+        job = self._jobs.get(threading.get_ident())
         if job is None:
             return  # the job already ended: nothing to interrupt
-        reason = job.pending or "timeout"
-        raise JobInterrupted(reason)
+        raise JobInterrupted(job.pending or "timeout")
 
     @contextmanager
     def running(self, job_id: str, *, soft_limit_s: float, hard_limit_s: float,
@@ -91,39 +99,42 @@ class Watchdog:
                 on_hard: Callable[[str], None]) -> Iterator[None]:
         """Run the body as job ``job_id``; raises `JobInterrupted` to stop it."""
         now = time.monotonic()
-        job = _Running(job_id, now + soft_limit_s, now + max(hard_limit_s, soft_limit_s),
-                       is_cancelled, on_hard)
+        ident = threading.get_ident()
+        interruptible = self.interruptible and ident == self._main_ident
+        job = _Running(job_id, ident, interruptible, now + soft_limit_s,
+                       now + max(hard_limit_s, soft_limit_s), is_cancelled, on_hard)
         with self._lock:
-            self._job = job
-        signal.setitimer(signal.ITIMER_REAL, max(soft_limit_s, 0.001))
+            self._jobs[ident] = job
+        if interruptible:
+            signal.setitimer(signal.ITIMER_REAL, max(soft_limit_s, 0.001))
         try:
             yield
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            if interruptible:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             with self._lock:
-                self._job = None
+                self._jobs.pop(ident, None)
 
     def _loop(self) -> None:
         while True:
             time.sleep(TICK_S)
             try:
-                self._tick()
+                with self._lock:
+                    jobs = list(self._jobs.values())
+                for job in jobs:
+                    self._tick(job)
             except Exception:
                 log.exception("watchdog tick failed")
 
-    def _tick(self) -> None:
-        with self._lock:
-            job = self._job
-        if job is None:
-            return
+    def _tick(self, job: _Running) -> None:
         now = time.monotonic()
-        if job.cancel_seen_at is None and now >= job.next_cancel_poll:
+        if job.interruptible and job.cancel_seen_at is None and now >= job.next_cancel_poll:
             job.next_cancel_poll = now + CANCEL_POLL_S
             if job.is_cancelled():
                 job.cancel_seen_at = now
                 job.pending = "cancelled"
                 log.info("job %s cancelled; interrupting it", job.job_id)
-                signal.pthread_kill(self._main_ident, signal.SIGALRM)  # type: ignore[arg-type]
+                signal.pthread_kill(job.thread, signal.SIGALRM)
         if job.cancel_seen_at is not None and now >= job.cancel_seen_at + CANCEL_GRACE_S:
             self._end_process(job, "cancelled")
         elif now >= job.hard_deadline:
@@ -131,7 +142,7 @@ class Watchdog:
 
     def _end_process(self, job: _Running, reason: str) -> None:
         with self._lock:
-            if self._job is not job:
+            if self._jobs.get(job.thread) is not job:
                 return  # it finished in the meantime
         log.error("job %s did not stop (%s); ending this worker process", job.job_id, reason)
         try:

@@ -130,3 +130,38 @@ class OnnxModel:
                 raise ModelError("the model produced a non-finite value")
             result[spec.key] = value.tolist()
         return result
+
+    def predict_batch(self, batch: list[Any]) -> list[dict[str, Any] | ModelError]:
+        """Run several jobs' inputs in ONE session call (dynamic batching).
+
+        Each input is validated on its own (a bad one fails only its job); the
+        valid ones are stacked along the batch axis, run once, and the outputs
+        split back by each job's row count. Same results as `predict` per job.
+        """
+        out: list[dict[str, Any] | ModelError] = []
+        arrays: list[tuple[int, np.ndarray[Any, Any]]] = []
+        for i, inputs in enumerate(batch):
+            try:
+                arrays.append((i, self.validate(inputs)))
+                out.append({})
+            except ModelError as exc:
+                out.append(exc)
+        if not arrays:
+            return out
+        stacked = np.concatenate([a for _, a in arrays], axis=0)
+        outputs = self._session.run(self._output_names, {self.manifest.input.name: stacked})
+        values = [np.asarray(raw) for raw in outputs]
+        start = 0
+        for i, array in arrays:
+            rows = array.shape[0]
+            result: dict[str, Any] = {}
+            for spec, value in zip(self.manifest.outputs, values, strict=True):
+                part = value[start:start + rows]
+                if part.dtype.kind == "f" and not np.isfinite(part).all():
+                    out[i] = ModelError("the model produced a non-finite value")
+                    break
+                result[spec.key] = part.tolist()
+            else:
+                out[i] = result
+            start += rows
+        return out

@@ -50,10 +50,12 @@ class Stack:
         return Client(settings=Settings.from_env({**self.env, "MAAS_TENANT": tenant}), **kw)
 
     def start_worker(self, name: str | None = None, *, concurrency: int = 2,
-                     env: dict[str, str] | None = None) -> WorkerProcess:
+                     env: dict[str, str] | None = None,
+                     args: tuple[str, ...] = ()) -> WorkerProcess:
         name = name or f"w{len(self.workers) + 1}"
         w = WorkerProcess(env={**self.env, **(env or {})}, name=name,
-                          log_path=self.tmp / f"{name}.log", concurrency=concurrency)
+                          log_path=self.tmp / f"{name}.log", concurrency=concurrency,
+                          extra_args=args)
         self.workers.append(w)
         w.start()
         w.wait_ready(self.backend)
