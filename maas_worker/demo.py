@@ -26,9 +26,22 @@ from .envelope import NONCE_BYTES, encode_header
 from .errors import JobRejected, MaasError
 from .keys import Keyring, save_keyring
 from .processes import WorkerProcess
-from .settings import PRIORITIES, Settings, queue_for
+from .settings import BUNDLED_MODEL_DIR, PRIORITIES, Settings, queue_for
 
 DEMO_TENANT = "demo"
+#: Three 8x8 handwritten digits from scikit-learn's held-out set (labels 2, 0, 4).
+DIGITS_SAMPLES = [
+    [0, 0, 7, 16, 14, 3, 0, 0, 0, 0, 9, 14, 11, 15, 0, 0, 0, 0, 1, 5, 0, 15, 5, 0, 0, 0, 0, 0,
+     0, 16, 5, 0, 0, 0, 0, 0, 3, 16, 4, 0, 0, 0, 0, 1, 12, 14, 1, 0, 0, 0, 5, 12, 16, 16, 14,
+     1, 0, 0, 8, 16, 14, 10, 13, 3],
+    [0, 0, 2, 14, 13, 3, 0, 0, 0, 0, 13, 13, 9, 11, 0, 0, 0, 0, 16, 7, 0, 12, 0, 0, 0, 3, 16,
+     5, 0, 10, 5, 0, 0, 5, 16, 1, 0, 8, 5, 0, 0, 3, 16, 1, 0, 10, 5, 0, 0, 0, 16, 8, 5, 14, 3,
+     0, 0, 0, 4, 16, 16, 9, 1, 0],
+    [0, 0, 0, 10, 9, 0, 0, 0, 0, 0, 5, 15, 0, 0, 9, 5, 0, 0, 14, 10, 0, 7, 16, 4, 0, 5, 16, 7,
+     5, 16, 6, 0, 0, 11, 16, 16, 16, 14, 0, 0, 0, 3, 4, 11, 16, 8, 0, 0, 0, 0, 0, 7, 16, 2, 0,
+     0, 0, 0, 0, 12, 12, 0, 0, 0],
+]
+DIGITS_LABELS = [2, 0, 4]
 RESULT_TIMEOUT_S = 60.0
 
 
@@ -87,7 +100,11 @@ def run_demo(jobs_per_priority: int = 2) -> int:
         save_keyring(keyring_path, Keyring().with_new_tenant(DEMO_TENANT))
         env = {**os.environ, "MAAS_BROKER_URL": server.url, "MAAS_RESULT_BACKEND": server.url,
                "MAAS_KEYRING": str(keyring_path), "MAAS_TENANT": DEMO_TENANT,
-               "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_VISIBILITY_TIMEOUT_S": "60"}
+               "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_VISIBILITY_TIMEOUT_S": "60",
+               # the signed models shipped in the package (the digits classifier)
+               "MAAS_MODEL_DIR": str(BUNDLED_MODEL_DIR)}
+        for name in ("MAAS_TRUSTED_SIGNERS", "MAAS_MODEL_KEYS"):
+            env.pop(name, None)
         print(f"demo: embedded Valkey at {server.url}; keyring {keyring_path} (mode 0600)")
         worker = WorkerProcess(env=env, name="demo", log_path=tmpdir / "worker.log",
                                concurrency=2)
@@ -107,14 +124,19 @@ def run_demo(jobs_per_priority: int = 2) -> int:
                     jobs.append((priority, "echo", job, time.monotonic()))
             job = client.submit("sleep", {"seconds": 0.2}, priority="normal")
             jobs.append(("normal", "sleep", job, time.monotonic()))
+            # the real model: three handwritten digits (true labels 2, 0, 4)
+            digits = client.submit("digits", {"inputs": DIGITS_SAMPLES}, priority="high")
+            jobs.append(("high", "digits", digits, time.monotonic()))
             forged_id = _forge(client)
 
             ok = 0
             for priority, model, job, t0 in jobs:
                 out = job.result(timeout=RESULT_TIMEOUT_S)
                 ms = (time.monotonic() - t0) * 1000
-                print(f"  [{priority:<6}] {model:<5} {job.id}  {ms:6.0f} ms  -> {json.dumps(out)}")
+                shown = {"labels": out["labels"]} if model == "digits" else out
+                print(f"  [{priority:<6}] {model:<6} {job.id} {ms:6.0f} ms -> {json.dumps(shown)}")
                 ok += 1
+            digits_ok = digits.result(timeout=RESULT_TIMEOUT_S)["labels"] == DIGITS_LABELS
             try:
                 client.job(forged_id).result(timeout=RESULT_TIMEOUT_S)
                 print("demo: FAILED: the forged job produced a result")
@@ -129,7 +151,7 @@ def run_demo(jobs_per_priority: int = 2) -> int:
             print(f"demo: scanned {keys_read} Redis keys for the plaintext: "
                   f"{'none found' if not hits else 'FOUND in ' + ', '.join(hits)}")
             elapsed = time.monotonic() - started
-            passed = rec is not None and rec.reason == "tampered" and not hits
+            passed = rec is not None and rec.reason == "tampered" and not hits and digits_ok
             print(f"demo: {ok} jobs succeeded ({', '.join(PRIORITIES)}), 1 forged job rejected "
                   f"and audited, {'no leak' if not hits else 'LEAK'}; {elapsed:.1f} s "
                   f"{'OK' if passed else 'FAILED'}")
