@@ -1,0 +1,270 @@
+"""Static checks of the deployment files: docker/, the Procfile and .dockerignore.
+
+No Docker engine runs here, so nothing in docker/ is built or started by the
+tests (docs/operations.md says what was run and what was not). What can be
+checked without one is checked: the compose files parse, every command they
+and the Dockerfile run is a real ``maas-worker`` command line, nothing runs as
+root, the base image is pinned, exactly one beat, Flower authenticated, Redis
+with an ACL and an append-only file, and no secret in any file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from maas_worker.cli import build_parser
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is in the dev extra")
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+COMPOSE_TLS = DOCKER / "compose.tls.yaml"
+DOCKERFILE = DOCKER / "Dockerfile"
+PROCFILE = ROOT / "Procfile"
+#: Services that run the maas-worker image.
+MAAS_SERVICES = {"worker", "beat", "flower", "metrics", "producer", "cli"}
+
+_VAR = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>\w+)")
+
+
+def interpolate(value: Any, env: dict[str, str] | None = None) -> Any:
+    """Compose/shell ``${VAR:-default}`` and ``${VAR:?error}`` with ``env`` (else defaults)."""
+    env = env or {}
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group("name") or m.group("bare")
+        if name in env:
+            return env[name]
+        if m.group("op") in (":-", "-"):
+            return m.group("arg")
+        return f"<{name}>"  # required (:?) or unset: a placeholder, never a value
+
+    return _VAR.sub(sub, value.replace("$$", "\0")).replace("\0", "$")
+
+
+def load(path: Path) -> dict[str, Any]:
+    doc = yaml.safe_load(path.read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load(COMPOSE)
+
+
+def assert_cli_command(argv: list[str], where: str) -> None:
+    """``argv`` is ``maas-worker ...`` and the real parser accepts it."""
+    assert argv and argv[0] == "maas-worker", f"{where}: {argv} is not a maas-worker command"
+    try:
+        build_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"{where}: `{shlex.join(argv)}` is not a valid maas-worker command line")
+
+
+def assert_healthcheck(test: list[str], where: str) -> None:
+    assert test[0] in ("CMD", "CMD-SHELL"), where
+    if test[1] == "python":
+        assert test[2] == "-c", where
+        compile(test[3], where, "exec")
+    else:
+        assert_cli_command(test[1:], where)
+
+
+# -- compose.yaml --------------------------------------------------------------------------
+def test_compose_has_the_services_of_the_issue(compose: dict[str, Any]) -> None:
+    assert set(compose["services"]) == MAAS_SERVICES | {"redis"}
+
+
+def test_every_command_and_healthcheck_is_a_real_cli_command(compose: dict[str, Any]) -> None:
+    for name in MAAS_SERVICES:
+        svc = interpolate(compose["services"][name])
+        assert_cli_command(svc["command"], f"compose service {name}")
+        health = svc.get("healthcheck", {})
+        if "test" in health:
+            assert_healthcheck(health["test"], f"compose service {name} healthcheck")
+
+
+def test_exactly_one_beat_and_the_worker_scales(compose: dict[str, Any]) -> None:
+    services = interpolate(compose["services"])
+    beats = [n for n, s in services.items() if s.get("command", [None, None])[:2]
+             == ["maas-worker", "beat"]]
+    assert beats == ["beat"]
+    assert services["beat"].get("deploy", {}).get("replicas", 1) == 1
+    worker = services["worker"]
+    # `--scale worker=N` needs no fixed container name and no published host port.
+    assert "container_name" not in worker and "ports" not in worker
+    assert worker["command"][:2] == ["maas-worker", "worker"]
+
+
+def test_flower_requires_authentication(compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    assert "--unauthenticated" not in flower["command"]
+    auth = flower["environment"]["MAAS_FLOWER_BASIC_AUTH"]
+    assert re.fullmatch(r"\$\{MAAS_FLOWER_BASIC_AUTH:\?[^}]+\}", auth), \
+        "Flower's credentials must come from the environment, and be required"
+    for port in flower.get("ports", []):
+        assert str(port).startswith("127.0.0.1:"), "Flower is published on loopback only"
+
+
+def test_redis_has_an_acl_and_an_append_only_file_and_is_not_published(
+        compose: dict[str, Any]) -> None:
+    redis_svc = compose["services"]["redis"]
+    cmd = redis_svc["command"]
+    assert cmd[cmd.index("--appendonly") + 1] == "yes"
+    acl = cmd[cmd.index("--aclfile") + 1]
+    assert acl == "/run/secrets/redis-users.acl" and "redis-users.acl" in redis_svc["secrets"]
+    assert "ports" not in redis_svc
+    assert re.fullmatch(r"valkey/valkey:\d+\.\d+\.\d+-alpine", redis_svc["image"])
+    assert any(str(v).endswith(":/data") for v in redis_svc["volumes"])
+    # Clients authenticate as the ACL user, password from .env.
+    url = compose["x-maas-env"]["MAAS_BROKER_URL"]
+    assert re.fullmatch(r"redis://maas:\$\{MAAS_REDIS_PASSWORD:\?[^}]+\}@redis:6379/0", url)
+
+
+def test_nothing_runs_as_root_or_privileged(compose: dict[str, Any]) -> None:
+    for name, svc in interpolate(compose["services"], {"MAAS_UID": "1000",
+                                                       "MAAS_GID": "1000"}).items():
+        assert svc.get("user"), f"{name} sets no user"
+        assert svc["user"].split(":")[0] not in {"0", "root"}, name
+        assert not svc.get("privileged"), name
+        raw_user = compose["services"][name]["user"]
+        assert raw_user.startswith("${MAAS_UID:?"), f"{name}: the uid must be given, no default"
+
+
+def test_keyring_and_models_are_mounted_not_baked(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    worker_mounts = {v.split(":")[1]: v for v in services["worker"]["volumes"]}
+    # The keyring's folder (rotation replaces the file by rename), read-only.
+    assert worker_mounts["/run/maas/keyring"] == "./secrets/keyring:/run/maas/keyring:ro"
+    assert worker_mounts["/srv/models"].endswith(":ro")
+    producer = services["producer"]["volumes"][0]
+    assert producer.startswith("./secrets/clients/") and producer.endswith(":/run/maas/keyring:ro")
+    dockerfile = DOCKERFILE.read_text()
+    assert "MAAS_KEYRING=/run/maas/keyring/keyring.json" in dockerfile
+    assert "MAAS_MODEL_DIR=/srv/models" in dockerfile
+
+
+# -- compose.tls.yaml ------------------------------------------------------------------------
+def test_tls_overlay_puts_every_connection_on_rediss_with_certificates(
+        compose: dict[str, Any]) -> None:
+    tls = load(COMPOSE_TLS)
+    assert set(tls["services"]) == set(compose["services"])
+    cmd = tls["services"]["redis"]["command"]
+    assert cmd[cmd.index("--port") + 1] == "0", "no plaintext port"
+    assert cmd[cmd.index("--tls-auth-clients") + 1] == "yes"
+    assert cmd[cmd.index("--appendonly") + 1] == "yes" and "--aclfile" in cmd
+    targets = {f"/run/secrets/{s}" for s in tls["services"]["redis"]["secrets"]}
+    for flag in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file", "--aclfile"):
+        assert cmd[cmd.index(flag) + 1] in targets, flag
+    for name in MAAS_SERVICES:
+        svc = tls["services"][name]
+        env = svc["environment"]
+        assert env["MAAS_BROKER_URL"].startswith("rediss://maas:${MAAS_REDIS_PASSWORD:?")
+        mounted = {f"/run/secrets/{s}" for s in svc["secrets"]}
+        for var in ("MAAS_REDIS_TLS_CA", "MAAS_REDIS_TLS_CERT", "MAAS_REDIS_TLS_KEY"):
+            assert env[var] in mounted, (name, var)
+        assert "MAAS_REDIS_TLS_VERIFY" not in env  # verification stays on
+    assert set(tls["secrets"]) >= {s for svc in tls["services"].values()
+                                   for s in svc.get("secrets", []) if s != "redis-users.acl"}
+
+
+# -- Dockerfile ------------------------------------------------------------------------------
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    out = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_base_image_is_pinned_to_a_version() -> None:
+    instructions = dockerfile_instructions()
+    args = dict(a.split("=", 1) for kind, a in instructions if kind == "ARG" and "=" in a)
+    froms = [interpolate(rest.split()[0], args) for kind, rest in instructions if kind == "FROM"]
+    assert froms
+    for image in froms:
+        assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", image), image
+
+
+def test_dockerfile_runs_as_a_non_root_user() -> None:
+    users = [rest for kind, rest in dockerfile_instructions() if kind == "USER"]
+    assert users, "no USER: the image would run as root"
+    assert users[-1].split(":")[0] not in {"0", "root"}
+
+
+def test_dockerfile_commands_are_real_cli_commands() -> None:
+    instructions = dockerfile_instructions()
+    cmd = [json.loads(rest) for kind, rest in instructions if kind == "CMD"]
+    assert len(cmd) == 1
+    assert_cli_command(cmd[0], "Dockerfile CMD")
+    health = [rest for kind, rest in instructions if kind == "HEALTHCHECK"]
+    assert len(health) == 1
+    probe = json.loads(health[0][health[0].index("CMD ") + 4:])
+    assert_cli_command(probe, "Dockerfile HEALTHCHECK")
+    assert probe[:2] == ["maas-worker", "ping"]  # it asks the worker
+
+
+def test_dockerfile_copies_only_the_package_sources() -> None:
+    copies = [rest for kind, rest in dockerfile_instructions() if kind == "COPY"]
+    sources = [c.split()[:-1] for c in copies if not c.startswith("--from=")]
+    assert sorted(s for group in sources for s in group) == \
+        ["README.md", "maas_worker", "pyproject.toml"]
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("**")] == "**"  # everything else stays out of the context
+    assert {"**/*.key", "**/keyring*.json", "**/.env"} <= set(ignore)
+
+
+# -- Procfile ------------------------------------------------------------------------------
+def procfile() -> dict[str, str]:
+    entries = {}
+    for line in PROCFILE.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, command = line.partition(":")
+            entries[name.strip()] = command.strip()
+    return entries
+
+
+def test_procfile_runs_every_process_the_system_needs() -> None:
+    entries = procfile()
+    assert set(entries) == {"worker", "beat", "flower", "metrics"}
+    for name, command in entries.items():
+        assert_cli_command(shlex.split(interpolate(command)), f"Procfile {name}")
+    assert "--unauthenticated" not in entries["flower"]
+
+
+# -- no secrets anywhere -------------------------------------------------------------------------
+_SECRET_PATTERNS = {
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "password in a URL": re.compile(r"rediss?://[^:/@\s]*:(?!\$\{)[^@\s]+@"),
+    "literal requirepass": re.compile(r"requirepass\s+(?!\$)\S+"),
+    "ACL password or hash": re.compile(r"\buser\s+\w+\s+on\s+[^\n]*[>#](?!%s)\S+"),
+    "random-looking token": re.compile(r"\b[0-9a-fA-F]{32,}\b"),
+    # user:password with a literal password (a ${VAR} or a $(command) is fine).
+    "literal basic auth": re.compile(r"BASIC_AUTH(?:=|:\s)\s*[\"']?[^:$\s]*:(?![$\"'])\S+"),
+}
+
+
+@pytest.mark.parametrize("path", sorted(
+    [p for p in DOCKER.iterdir() if p.is_file() and p.name != ".gitignore"]
+    + [PROCFILE, ROOT / ".dockerignore"]), ids=lambda p: p.name)
+def test_no_secret_values_in_deployment_files(path: Path) -> None:
+    text = path.read_text()
+    for what, pattern in _SECRET_PATTERNS.items():
+        assert not pattern.search(text), f"{path.name}: {what}: {pattern.search(text)}"
