@@ -467,11 +467,15 @@ class Job:
         r = self.client.backend
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            pipe = r.pipeline(transaction=False)
-            for key in (keyspace.result(self.id), keyspace.rejected(self.id),
-                        keyspace.cancel(self.id), keyspace.claim(self.id)):
-                pipe.get(key)
-            sealed, rejected, cancel, claim = pipe.execute()
+            # Fast path: most results are already there when asked for.
+            sealed: Any = r.get(keyspace.result(self.id))
+            rejected = cancel = claim = None
+            if sealed is None:
+                pipe = r.pipeline(transaction=False)
+                for key in (keyspace.result(self.id), keyspace.rejected(self.id),
+                            keyspace.cancel(self.id), keyspace.claim(self.id)):
+                    pipe.get(key)
+                sealed, rejected, cancel, claim = pipe.execute()
             if sealed is not None:
                 doc = self._open(sealed)
                 if doc.get("ok"):
