@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test check lint typecheck unit integration clean
+.PHONY: venv demo test check lint typecheck unit integration bench clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "maas-worker needs Python 3.11 or newer on PATH" >&2; exit 1; }
@@ -40,6 +40,14 @@ unit: venv
 
 integration: venv
 	$(BIN)/pytest tests/integration
+
+## bench: every benchmark (minutes; figures go to docs/benchmarks.md by hand)
+bench: venv
+	$(BIN)/python benchmarks/micro.py
+	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/compute.py
+	$(BIN)/python benchmarks/models.py
+	$(BIN)/python benchmarks/batching.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

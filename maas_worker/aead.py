@@ -21,15 +21,15 @@ from Crypto.Cipher import AES
 TAG_BYTES = 16
 BACKENDS = ("auto", "pycryptodome", "openssl")
 
-Sealer = Callable[[bytes, bytes, bytes, bytes], bytes]
+Sealer = Callable[[bytes, bytes, bytes, bytes], tuple[bytes, ...]]
 Opener = Callable[[bytes, bytes, Any, bytes], bytes]
 
 
-def _pyc_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+def _pyc_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, ...]:
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
     cipher.update(aad)
     ciphertext, tag = cipher.encrypt_and_digest(plaintext)
-    return bytes(ciphertext) + tag
+    return ciphertext, tag  # pieces: the caller joins once (no extra copy of the body)
 
 
 def _pyc_open(key: bytes, nonce: bytes, sealed: Any, aad: bytes) -> bytes:
@@ -60,8 +60,8 @@ def _openssl() -> tuple[Sealer, Opener] | None:
             c = cache[key] = AESGCM(key)
         return c
 
-    def seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-        return cipher(key).encrypt(nonce, plaintext, aad)
+    def seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, ...]:
+        return (cipher(key).encrypt(nonce, plaintext, aad),)
 
     def open_(key: bytes, nonce: bytes, sealed: Any, aad: bytes) -> bytes:
         try:
@@ -104,9 +104,14 @@ def _current() -> tuple[str, Sealer, Opener]:
     return _active
 
 
+def seal_parts(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> tuple[bytes, ...]:
+    """AES-256-GCM encrypt: ciphertext || 16-byte tag, as pieces to join once."""
+    return _current()[1](key, nonce, plaintext, aad)
+
+
 def seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
     """AES-256-GCM encrypt: returns ciphertext || 16-byte tag."""
-    return _current()[1](key, nonce, plaintext, aad)
+    return b"".join(seal_parts(key, nonce, plaintext, aad))
 
 
 def open_sealed(key: bytes, nonce: bytes, sealed: Any, aad: bytes) -> bytes:

@@ -165,8 +165,12 @@ def seal(keys: DerivedKeys, header: Header, plaintext: bytes, *,
         raise ValueError("a nonce is 12 bytes")
     nonce = _nonce_for_test_vectors if _nonce_for_test_vectors is not None \
         else os.urandom(NONCE_BYTES)
-    signed = b"".join((raw, nonce, aead.seal(enc_key, nonce, plaintext, raw)))
-    return signed + hmac.digest(keys.mac, signed, "sha256")
+    parts = (raw, nonce, *aead.seal_parts(enc_key, nonce, plaintext, raw))
+    mac = hmac.new(keys.mac, digestmod="sha256")
+    for part in parts:
+        mac.update(part)
+    # One join: a large body is copied once, not once per step.
+    return b"".join((*parts, mac.digest()))
 
 
 @dataclass(frozen=True)
