@@ -65,13 +65,6 @@ class Backlog:
                 "total": self.total}
 
 
-def redis_url_for_client(url: str) -> str:
-    """A kombu/Celery Redis URL as redis-py accepts it (``redis+socket://`` -> ``unix://``)."""
-    if url.startswith("redis+socket://"):
-        return "unix://" + url.removeprefix("redis+socket://")
-    return url
-
-
 def broker_client(settings: Settings) -> redis.Redis:
     """A Redis client for the broker (reads queue lengths only)."""
     # The one factory (runtime.redis_client): rediss:// gets MAAS_REDIS_TLS_*.

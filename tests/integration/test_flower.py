@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,9 +62,10 @@ def test_flower_in_a_browser_shows_samples_and_only_sealed_jobs(
         assert http_get(f"{base}/api/tasks", auth=(USER, "wrong"))[0] == 401
         job = stack.client().submit("echo", {"text": SECRET}, priority="high")
         job.result(timeout=WAIT_S)
-        wait_for(lambda: job.id in http_get(f"{base}/api/tasks?taskname=maas.infer",
-                                            auth=(USER, PASSWORD))[1],
-                 WAIT_S, "Flower to have seen the job")
+        seen = wait_for(lambda: _task(base, job.id), WAIT_S, "Flower to have seen the job")
+        # the producer's task-sent event: a job shows in Flower from the moment it is queued
+        assert seen["sent"] is not None
+        assert (seen["args"], seen["result"]) == ("('<sealed envelope>',)", "None")
         sample_id = wait_for(lambda: _a_sample_id(base), WAIT_S,
                              "Flower to have seen a resource sample")
         shots = (tmp_path / "flower-tasks.png", tmp_path / "flower-sample.png")
@@ -81,6 +83,12 @@ def test_flower_in_a_browser_shows_samples_and_only_sealed_jobs(
     if target:
         shutil.copyfile(shots[0], target)
         shutil.copyfile(shots[1], Path(target).with_name("flower-sample.png"))
+
+
+def _task(base: str, task_id: str) -> dict[str, Any] | None:
+    status, body = http_get(f"{base}/api/task/info/{task_id}", auth=(USER, PASSWORD))
+    task: dict[str, Any] = json.loads(body) if status == 200 else {}
+    return task if task.get("state") == "SUCCESS" else None
 
 
 def _a_sample_id(base: str) -> str | None:

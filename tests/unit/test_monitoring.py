@@ -10,7 +10,7 @@ import fakeredis
 import pytest
 
 from maas_worker import keyspace
-from maas_worker.backlog import _unverified_issued_at_ms, read_backlog, redis_url_for_client
+from maas_worker.backlog import _unverified_issued_at_ms, read_backlog
 from maas_worker.monitoring import (
     SAMPLE_TTL_INTERVALS,
     SampleStore,
@@ -81,11 +81,6 @@ def test_a_clock_ahead_is_zero_age_and_junk_far_ahead_is_none(r: fakeredis.FakeR
     r.lpush("maas.high", kombu_message(ENVELOPE_B64))
     assert read_backlog(r, now=IAT_MS / 1000 - 5).oldest_age_s["high"] == 0.0
     assert read_backlog(r, now=IAT_MS / 1000 - 3600).oldest_age_s["high"] is None
-
-
-def test_socket_urls_are_translated_for_redis_py() -> None:
-    assert redis_url_for_client("redis+socket:///run/redis.sock") == "unix:///run/redis.sock"
-    assert redis_url_for_client("redis://h:1/0") == "redis://h:1/0"
 
 
 # -- samples -------------------------------------------------------------------------------------
