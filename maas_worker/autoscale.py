@@ -1,10 +1,10 @@
 """Pool autoscaling inside a worker: ``maas-worker worker --autoscale MAX,MIN``.
 
 Celery's own autoscaler sizes the pool by the requests the worker has
-already reserved. With ``acks_late`` and a prefetch of one per process that
-is the wrong signal: the jobs that should make a pool grow are still in
-Redis, where only `backlog.read_backlog` sees them. This autoscaler
-(``worker_autoscaler`` in app.celery_config) sizes the pool by
+already reserved, which with ``acks_late`` is at most the prefetch window
+(MAX under ``--autoscale``): it never sees the jobs still in Redis, how long
+they have waited, or whether the host has room for another process. This
+autoscaler (``worker_autoscaler`` in app.celery_config) sizes the pool by
 
 - demand: jobs running + jobs reserved and waiting for a process + jobs
   queued in Redis (all priorities; every node consumes all of them);
