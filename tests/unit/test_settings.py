@@ -123,7 +123,7 @@ def test_every_setting_has_a_variable() -> None:
     names = {f.name for f in dataclasses.fields(Settings)}
     special = {"broker_url": "MAAS_BROKER_URL", "result_backend": "MAAS_RESULT_BACKEND",
                "keyring_path": "MAAS_KEYRING", "diagnostic_models": "MAAS_DIAGNOSTIC_MODELS",
-               "model_keys_path": "MAAS_MODEL_KEYS"}
+               "model_keys_path": "MAAS_MODEL_KEYS", "batching": "MAAS_BATCH"}
     # Grouped settings: each field of the group maps to MAAS_<GROUP>_<FIELD>.
     groups = {"autoscale": "MAAS_AUTOSCALE_", "fleet": "MAAS_FLEET_",
               "redis_tls": "MAAS_REDIS_TLS_"}
