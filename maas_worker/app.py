@@ -17,6 +17,8 @@ from .scheduling import STRATEGY
 from .settings import PRIORITIES, Settings, queue_for
 
 TASK_NAME = "maas.infer"
+#: The task argument that says "the sealed request is at maas:payload:<job id>".
+PAYLOAD_REF = "ref:payload"
 #: Queues in the order a worker consumes them: high first, low last.
 QUEUE_NAMES: tuple[str, ...] = tuple(queue_for(p) for p in PRIORITIES)
 EXCHANGE = "maas"

@@ -22,7 +22,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from . import aead, keyspace
-from .app import TASK_NAME, make_app
+from .app import PAYLOAD_REF, TASK_NAME, make_app
 from .cancellation import make_token, verify_token
 from .envelope import Header, now_ms, open_envelope, seal
 from .errors import (
@@ -57,6 +57,8 @@ _ENVELOPE_OVERHEAD = 1024
 CATALOG_CACHE_S = 5.0
 #: How long a queue length read from Redis is reused (plus our own submits).
 DEPTH_CACHE_S = 0.25
+#: Sealed requests larger than this (base64 characters) travel by claim check.
+INLINE_MAX_CHARS = 64 * 1024
 #: Retry-after hint when a queue is full.
 QUEUE_FULL_RETRY_S = 1.0
 
@@ -273,13 +275,25 @@ class Client:
         self._check_depth(priority, len(sealed))
         self._admit([h for h, _ in sealed])
         queue = queue_for(priority)
+        # Claim check: a large sealed request goes to Redis as raw bytes, and
+        # the Celery message only points at it, so its megabytes are not
+        # base64-encoded twice (ours, then kombu's) and JSON-escaped between.
+        large = [(h, e) for h, e in sealed if len(e) > INLINE_MAX_CHARS]
+        if large:
+            with _backend_errors(self.settings):
+                pipe = self.backend.pipeline(transaction=False)
+                for header, envelope in large:
+                    pipe.set(keyspace.payload(header.job_id), base64.b64decode(envelope),
+                             px=header.expires_at_ms - header.issued_at_ms + 60_000)
+                pipe.execute()
         try:
             # kombu's producer batch puts every message (and its task-sent
             # event) into one Redis pipeline: one round trip, not two per job.
             with self.app.producer_or_acquire() as producer, producer.batch():
                 for header, envelope in sealed:
+                    arg = PAYLOAD_REF if len(envelope) > INLINE_MAX_CHARS else envelope
                     self.app.send_task(
-                        TASK_NAME, args=[envelope], task_id=header.job_id, queue=queue,
+                        TASK_NAME, args=[arg], task_id=header.job_id, queue=queue,
                         producer=producer,
                         # Celery copies args into message headers and events for
                         # display; say what it is instead of repeating the ciphertext.

@@ -70,9 +70,16 @@ if n > tonumber(ARGV[4]) then return {'exhausted', ''} end
 return {'claimed', ''}
 """
 
+# Read a claim-checked request without pulling an oversized one over the wire.
+_FETCH = """
+if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return -1 end
+return redis.call('GET', KEYS[1])
+"""
+
 # Close a job that will never run (cancelled before it started): replays of it
 # are recognised, and a waiting client wakes up.
 _CLOSE = """
+redis.call('DEL', KEYS[4])
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[2], 'done', 'PX', ARGV[1])
 redis.call('RPUSH', KEYS[3], '1')
@@ -98,6 +105,7 @@ return 0
 _STORE = """
 local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 redis.call('SET', KEYS[2], 'done', 'PX', ARGV[3])
+redis.call('DEL', KEYS[4])
 if stored then
   redis.call('RPUSH', KEYS[3], '1')
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
@@ -118,7 +126,10 @@ if cur and cur ~= 'done' and cur ~= ARGV[3] then return 0 end
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[1])
 redis.call('RPUSH', KEYS[3], '1')
 redis.call('PEXPIRE', KEYS[3], ARGV[1])
-if ARGV[2] == '1' then redis.call('SET', KEYS[4], 'done', 'PX', ARGV[1]) end
+if ARGV[2] == '1' then
+  redis.call('SET', KEYS[4], 'done', 'PX', ARGV[1])
+  redis.call('DEL', KEYS[5])
+end
 return 1
 """
 
@@ -157,6 +168,7 @@ class JobGuard:
         self._store = client.register_script(_STORE)
         self._reject = client.register_script(_REJECT)
         self._close = client.register_script(_CLOSE)
+        self._fetch = client.register_script(_FETCH)
         self._held: set[str] = set()
         self._held_lock = threading.Lock()
 
@@ -200,7 +212,8 @@ class JobGuard:
     def close(self, job_id: str, *, window_ms: int) -> None:
         """Close a job that will never run (cancelled): replays are recognised as such."""
         self._close(keys=[keyspace.result(job_id), keyspace.claim(job_id),
-                          keyspace.done(job_id)], args=[max(window_ms, 1)])
+                          keyspace.done(job_id), keyspace.payload(job_id)],
+                    args=[max(window_ms, 1)])
 
     def held(self) -> list[str]:
         """Jobs this process is running now."""
@@ -225,9 +238,17 @@ class JobGuard:
         self._forget(job_id)
         keep_ms = max(replay_window_ms, result_ttl_s * 1000, 1)
         stored = self._store(
-            keys=[keyspace.result(job_id), keyspace.claim(job_id), keyspace.done(job_id)],
+            keys=[keyspace.result(job_id), keyspace.claim(job_id), keyspace.done(job_id),
+                  keyspace.payload(job_id)],
             args=[sealed, result_ttl_s * 1000, keep_ms])
         return bool(stored)
+
+    def fetch_payload(self, job_id: str, max_bytes: int) -> bytes | int | None:
+        """The job's claim-checked request; None if absent, -1 if over ``max_bytes``."""
+        data = self._fetch(keys=[keyspace.payload(job_id)], args=[max_bytes])
+        if data == -1:
+            return -1
+        return data if isinstance(data, bytes) and data else None
 
     def mark_rejected(self, job_id: str, *, ttl_s: int, authenticated: bool,
                       state: str = "rejected") -> None:
@@ -238,7 +259,7 @@ class JobGuard:
         self._forget(job_id)
         self._reject(
             keys=[keyspace.result(job_id), keyspace.rejected(job_id), keyspace.done(job_id),
-                  keyspace.claim(job_id)],
+                  keyspace.claim(job_id), keyspace.payload(job_id)],
             args=[ttl_s * 1000, "1" if authenticated else "0", self.holder, state])
 
     def _forget(self, job_id: str) -> None:

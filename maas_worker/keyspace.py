@@ -64,6 +64,11 @@ def killed(job_id: str) -> str:
     return f"{PREFIX}killed:{job_id}"
 
 
+def payload(job_id: str) -> str:
+    """A large sealed request, stored raw beside its small Celery message (claim check)."""
+    return f"{PREFIX}payload:{job_id}"
+
+
 def submitted(job_id: str) -> str:
     """Marker written by the client: the job was enqueued (status ``queued``)."""
     return f"{PREFIX}job:{job_id}"

@@ -29,6 +29,7 @@ from celery import Task, shared_task, signals
 from celery.exceptions import Reject
 
 from . import keyspace, metrics
+from .app import PAYLOAD_REF
 from .batching import DynamicBatcher
 from .cancellation import verify_token
 from .envelope import Header, Verified, now_ms, seal, verify
@@ -158,11 +159,28 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
     if len(text) > s.max_envelope_chars:
         _reject(rt, job_id, "oversize", None, authenticated=False)
         return "oversize"
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        _reject(rt, job_id, "malformed", None, authenticated=False)
-        return "malformed"
+    if text == PAYLOAD_REF:
+        # A large request: the sealed bytes wait raw in Redis (see client.py).
+        # Whatever is there is untrusted exactly like a message body.
+        fetched = rt.guard.fetch_payload(job_id, s.max_envelope_chars)
+        if fetched == -1:
+            _reject(rt, job_id, "oversize", None, authenticated=False)
+            return "oversize"
+        if not isinstance(fetched, bytes):
+            # A finished job's request is deleted with its result stored: this
+            # is a redelivery or a replay of it, not a broken message.
+            if rt.backend.delete(keyspace.killed(job_id)):
+                return "finished"
+            reason = "replayed" if rt.backend.exists(keyspace.result(job_id)) else "malformed"
+            _reject(rt, job_id, reason, None, authenticated=False)
+            return reason
+        data = fetched
+    else:
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            _reject(rt, job_id, "malformed", None, authenticated=False)
+            return "malformed"
     try:
         verified = verify(data, expect="request", keyring=rt.keyring.get(),
                           max_bytes=s.max_envelope_chars, skew_ms=s.clock_skew_s * 1000)

@@ -357,3 +357,27 @@ def test_redis_down_is_a_clear_retryable_error_not_a_hang(make_stack) -> None:
     with pytest.raises(ServiceUnavailable, match="retry later"):
         stack.client().job("any").result(timeout=30)
     assert time.monotonic() - started < 30
+
+
+def test_large_requests_travel_by_claim_check(make_stack) -> None:
+    """A sealed request over 64 KiB waits raw in Redis; the message only points at it."""
+    stack = make_stack(MAAS_MAX_INPUT_BYTES=str(4 << 20), MAAS_MAX_RESULT_BYTES=str(8 << 20))
+    client = stack.client()
+    marker = f"big-secret-{time.time_ns()}"
+    big = {"text": marker + "y" * (1 << 20)}
+    job = client.submit("echo", big, priority="normal")
+    raw = stack.backend.lindex(queue_for("normal"), 0)
+    assert len(raw) < 8192  # the message is small: no double-encoded megabytes
+    assert stack.backend.strlen(f"maas:payload:{job.id}") > 1 << 20
+    stack.start_worker()
+    assert job.result(timeout=TIMEOUT) == {"echo": big}
+    assert not stack.backend.exists(f"maas:payload:{job.id}")  # gone with the result
+    _, hits = scan_for(stack.backend, [marker.encode()])
+    assert hits == []
+    # replaying the small message finds no request: refused, not run
+    stack.backend.lpush(queue_for("normal"), raw)
+    stack.wait_audit(job.id, "replayed")
+    # a pointer to a request that was never stored is malformed
+    client.app.send_task(TASK_NAME, args=["ref:payload"], task_id="no-payload",
+                         queue=queue_for("normal"))
+    stack.wait_audit("no-payload", "malformed")
