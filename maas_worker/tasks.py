@@ -28,7 +28,7 @@ import redis
 from celery import Task, shared_task, signals
 from celery.exceptions import Reject
 
-from . import keyspace, metrics
+from . import keyspace, metrics, transport
 from .app import PAYLOAD_REF
 from .batching import DynamicBatcher
 from .cancellation import verify_token
@@ -41,6 +41,10 @@ from .settings import Settings, queue_for
 from .watchdog import JobInterrupted
 
 log = logging.getLogger(__name__)
+
+# Worker processes import this module before their consumer connects: from
+# then on what a Redis writer puts in a queue is checked before Celery sees it.
+transport.install()
 
 TASK_NAME = "maas.infer"
 #: Pause before handing a message back when Redis or the keyring is unavailable,
