@@ -203,7 +203,7 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
         # Not started, not claimed, not counted as an attempt: back in a while.
         log.warning("job %s waits: host memory above %g%%", header.job_id,
                     s.memory_high_water_pct)
-        raise task.retry(countdown=MEMORY_BACKOFF_S, max_retries=None)
+        raise task.retry(countdown=_retry_delay_s(s, MEMORY_BACKOFF_S), max_retries=None)
     try:
         policy = rt.keyring.get().tenant(header.tenant).policy
     except KeyringError:
@@ -213,13 +213,23 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
     if outcome == "busy":
         # Another live worker runs this job. Do not run it twice, and do not
         # drop this copy either: if that worker dies, this copy is the job.
-        raise task.retry(countdown=s.lease_s, max_retries=None)
+        raise task.retry(countdown=_retry_delay_s(s, s.lease_s), max_retries=None)
     if outcome != "claimed":
         return outcome
     try:
         return _run_claimed(rt, verified, policy)
     finally:
         rt.quotas.release(header.tenant, header.job_id, policy)
+
+
+def _retry_delay_s(s: Settings, wanted_s: float) -> float:
+    """How long a message handed back with a delay waits: at most half the visibility timeout.
+
+    The delayed copy is held unacknowledged by this worker until it is due;
+    held longer than the visibility timeout, kombu's sweep would put a second
+    copy back in the queue (each extra copy ends as a spurious ``replayed``).
+    """
+    return max(0.5, min(wanted_s, s.visibility_timeout_s / 2))
 
 
 def _window_ms(rt: WorkerRuntime, header: Header) -> int:
