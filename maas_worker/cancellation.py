@@ -33,7 +33,10 @@ def verify_token(token: str | bytes | None, keyring: Keyring, tenant: str, job_i
         token = token.decode("ascii", errors="replace")
     claimed_tenant, _, rest = token.partition(":")
     version, _, mac_hex = rest.partition(":")
-    if claimed_tenant != tenant or not version.isdigit() or len(mac_hex) != 64:
+    # Untrusted text from Redis: ASCII digits only (str.isdigit also accepts
+    # "²" or "①", which int() refuses) and short enough for int() to parse.
+    if claimed_tenant != tenant or not (version.isascii() and version.isdigit()) \
+            or len(version) > 10 or len(mac_hex) != 64:
         return False
     kv = keyring.usable(tenant, int(version))
     if kv is None:

@@ -269,7 +269,9 @@ class JobGuard:
 
 def _text(value: bytes | str | int | None) -> str:
     if isinstance(value, bytes):
-        return value.decode()
+        # The cancel request comes back as the detail: whatever a Redis writer
+        # stored there, it must fail verification, not the decoding.
+        return value.decode(errors="replace")
     return "" if value is None else str(value)
 
 
