@@ -307,7 +307,7 @@ def compose_service(tls: TLSDeployment, name: str
     """(argv, environment, path mapper) of a compose service with the TLS overlay, on this host.
 
     Container paths become the host folders and secret files compose would
-    mount there; the host name ``redis`` becomes the test server.
+    mount there; ``redis:6379/0`` becomes database 1 of the test server.
     """
     yaml = pytest.importorskip("yaml", reason="PyYAML is in the dev extra")
     base = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
@@ -329,7 +329,9 @@ def compose_service(tls: TLSDeployment, name: str
         for target, source in mounts.items():
             if value == target or value.startswith(target + "/"):
                 return str(source) + value[len(target):]
-        return value.replace("@redis:6379/", f"@127.0.0.1:{tls.port}/")
+        # Database 1: this module's other worker (tls_stack, another keyring)
+        # consumes database 0 of the same server and would take these jobs.
+        return value.replace("@redis:6379/0", f"@127.0.0.1:{tls.port}/1")
 
     env = {k: host(v) for k, v in env.items() if v}
     env.update(PATH=os.environ["PATH"], HOME=str(tls.dir), MAAS_METRICS_PORT="0")
