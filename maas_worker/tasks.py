@@ -24,9 +24,8 @@ import threading
 import time
 from typing import Any
 
-import redis
 from celery import Task, shared_task, signals
-from celery.exceptions import Reject
+from celery.exceptions import Reject, Retry
 
 from . import keyspace, metrics, transport
 from .app import PAYLOAD_REF
@@ -203,7 +202,7 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
         # Not started, not claimed, not counted as an attempt: back in a while.
         log.warning("job %s waits: host memory above %g%%", header.job_id,
                     s.memory_high_water_pct)
-        raise task.retry(countdown=_retry_delay_s(s, MEMORY_BACKOFF_S), max_retries=None)
+        raise task.retry(countdown=_retry_delay_s(s, MEMORY_BACKOFF_S))
     try:
         policy = rt.keyring.get().tenant(header.tenant).policy
     except KeyringError:
@@ -213,7 +212,7 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
     if outcome == "busy":
         # Another live worker runs this job. Do not run it twice, and do not
         # drop this copy either: if that worker dies, this copy is the job.
-        raise task.retry(countdown=_retry_delay_s(s, s.lease_s), max_retries=None)
+        raise task.retry(countdown=_retry_delay_s(s, s.lease_s))
     if outcome != "claimed":
         return outcome
     try:
@@ -302,7 +301,9 @@ def _finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
     return ("succeeded" if doc["ok"] else "failed") if stored else "duplicate"
 
 
-@shared_task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True)
+# max_retries=None: a retry (another worker runs the job, or memory is short)
+# must never turn into a failure that acks the message; expiry bounds it.
+@shared_task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def infer(self: Task, *args: Any, **kwargs: Any) -> None:
     """Celery entry point. Takes exactly one argument: the base64 envelope.
 
@@ -314,9 +315,14 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         outcome = process(rt, self, args, kwargs)
         log.info("job %r %s", str(self.request.id)[:64], outcome)
         metrics.job_finished(str(self.request.id), outcome)
-    except (redis.RedisError, KeyringError, OSError) as exc:
-        # Infrastructure, not the message: hand it back so nothing accepted is
-        # lost. Give up our claim so the next delivery can take the job.
+    except (Retry, Reject):
+        raise
+    except Exception as exc:
+        # Infrastructure (Redis, the keyring file) or a bug of ours, not the
+        # message: hand it back so nothing accepted is lost (Celery would ack a
+        # failed task). Give up our claim so the next delivery can take the
+        # job; its expiry and the attempt count bound the retries. Log the
+        # type only: an exception's text could quote data.
         log.error("job %s: %s; requeueing", self.request.id, type(exc).__name__)
         try:
             get_runtime().guard.release(str(self.request.id))

@@ -1,0 +1,24 @@
+"""The task and app settings that the no-loss guarantees rest on."""
+
+from __future__ import annotations
+
+from maas_worker.app import celery_config
+from maas_worker.settings import Settings
+from maas_worker.tasks import infer
+
+
+def test_retries_never_turn_into_an_acked_failure() -> None:
+    # Celery's retry(max_retries=None) means "the task's limit" (3 by default):
+    # a job waiting on a busy copy would fail, be acked and be lost.
+    assert infer.max_retries is None
+    assert infer.acks_late is True
+    assert infer.ignore_result is True
+
+
+def test_app_settings_behind_the_guarantees() -> None:
+    conf = celery_config(Settings.from_env({}))
+    assert conf["accept_content"] == ["json"]
+    assert conf["task_reject_on_worker_lost"] is True  # a killed child hands its job back
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_track_started"] is False
+    assert conf["result_backend"] is None  # results never go through Celery's backend
