@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
 from . import aead, keyspace
 from .app import PAYLOAD_REF, TASK_NAME, make_app
@@ -47,6 +48,8 @@ from .models.base import parse_model_ref
 from .quota import Quotas
 from .runtime import CATALOG_TTL_S, backend_client, diagnostic_refs, redis_client
 from .settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
+
+log = logging.getLogger(__name__)
 
 #: Longest single blocking wait on Redis while waiting for a result; short so a
 #: second waiter whose wake-up was taken still notices the result soon.
@@ -303,16 +306,31 @@ class Client:
             raise ServiceUnavailable(
                 f"broker unavailable ({redact_url(self.settings.broker_url)}); "
                 "the jobs were not submitted, retry later") from None
+        except BatchPublishError:
+            # The connection broke while the batch was being sent: some jobs
+            # may be queued all the same. Say so, and which, rather than
+            # invite a blind resubmission that would run them twice.
+            raise ServiceUnavailable(
+                f"broker connection lost while submitting "
+                f"({redact_url(self.settings.broker_url)}); these jobs may or may not have "
+                "been enqueued: check their status (ServiceUnavailable.job_ids) once the "
+                "broker is back, before submitting them again",
+                job_ids=[h.job_id for h, _ in sealed]) from None
         # After the send: a marker for a job that never got enqueued would
         # report it "queued" forever. It holds the expiry, so status can tell
-        # queued from expired.
-        with _backend_errors(self.settings):
+        # queued from expired. The jobs are enqueued by now: if the markers
+        # cannot be written, they are still accepted (status is unknown until
+        # a worker takes them), not reported as failed and submitted twice.
+        try:
             pipe = self.backend.pipeline(transaction=False)
             for header, _ in sealed:
                 pipe.set(keyspace.submitted(header.job_id), str(header.expires_at_ms),
                          ex=(header.expires_at_ms - header.issued_at_ms) // 1000
                          + self.settings.result_ttl_s)
             pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError):
+            log.warning("%d job(s) enqueued, but their queued markers could not be written",
+                        len(sealed))
         return [Job(self, h.job_id, request_hash=h.digest()) for h, _ in sealed]
 
     def _check_depth(self, priority: str, adding: int = 1) -> None:

@@ -129,7 +129,16 @@ class ResultTimeout(MaasError, TimeoutError):
 
 
 class ServiceUnavailable(MaasError):
-    """Raised when the broker or result backend cannot be reached; safe to retry."""
+    """Raised when the broker or result backend cannot be reached; safe to retry.
+
+    ``job_ids`` is set when a submit lost its connection while sending: those
+    jobs may have been enqueued all the same, so check their status once the
+    broker is back before submitting them again.
+    """
+
+    def __init__(self, message: str, *, job_ids: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.job_ids = tuple(job_ids)
 
 
 class ModelError(MaasError):
