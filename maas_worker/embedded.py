@@ -146,6 +146,11 @@ class EmbeddedRedis:
         self._requested_port = self.port
         self.start()
 
+    def shutdown(self) -> None:
+        """SIGTERM the server, keeping its data and port; `start` brings it back."""
+        self._stop_process()
+        self._requested_port = self.port
+
     def kill(self) -> None:
         """SIGKILL the server (a crash); `start` brings it back on the same port."""
         if self._proc is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 from collections.abc import Callable
 from queue import Empty
@@ -125,11 +126,58 @@ class _Auditor:
 
 
 _auditor = _Auditor()
+#: Messages popped from a queue whose reservation could not be recorded (the
+#: connection broke in between), waiting to be put back: (queue, message).
+_orphans: list[tuple[str, Any]] = []
+
+
+class HardenedQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, whose bookkeeping on a lost connection cannot stop the worker.
+
+    When the connection to Redis is lost, Celery closes the channel: closing
+    puts this worker's reserved messages back in their queues, and jobs that
+    were running then finish and ack or reject their message on that closed
+    channel. With the connection gone each of these can fail inside kombu with
+    an AttributeError (its transport is already torn down), not a connection
+    error, which Celery treats as unrecoverable: the worker stopped instead of
+    reconnecting. Found by the reliability suite (Redis killed mid-run).
+    Nothing is lost by skipping them: the messages are still in the unacked
+    set in Redis, and the visibility sweep brings them back (a finished job's
+    copy is then refused as already done).
+    """
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        """Put reserved messages back now if possible; else leave them to the sweep."""
+        try:
+            return super().restore_unacked_once(stderr)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            _left_to_sweep("put back", len(self._delivered), exc)
+            return None
+
+    def ack(self, delivery_tag: str) -> None:
+        """Acknowledge; on a channel torn down by a lost connection, leave it to the sweep."""
+        try:
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+        except AttributeError as exc:
+            _left_to_sweep("acknowledge", 1, exc)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """Reject; on a channel torn down by a lost connection, leave it to the sweep."""
+        try:
+            super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        except AttributeError as exc:
+            _left_to_sweep("reject", 1, exc)
+
+
+def _left_to_sweep(what: str, count: int, exc: Exception) -> None:
+    log.warning("could not %s %d reserved message(s) on a closed connection (%s); they return "
+                "after the visibility timeout", what, count, type(exc).__name__)
 
 
 class HardenedChannel(kombu_redis.Channel):
     """kombu's Redis channel, refusing queue entries that are not our messages."""
 
+    QoS = HardenedQoS
     _max_body_chars: int | None = None
 
     def _limit(self) -> int:
@@ -141,6 +189,7 @@ class HardenedChannel(kombu_redis.Channel):
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         """Consume ``queue``, every delivery checked first (see the module docstring)."""
+        self._put_back_orphans()
         ret = super().basic_consume(queue, *args, **kwargs)  # type: ignore[no-untyped-call]
         inner: Callable[[Any], Any] = self.connection._callbacks[queue]
         fanout = queue in self._fanout_queues
@@ -160,6 +209,13 @@ class HardenedChannel(kombu_redis.Channel):
             try:
                 return inner(raw)
             except (*self.connection.connection_errors, *self.connection.channel_errors):
+                # Redis went away between the BRPOP that took this message
+                # and the write recording it as reserved: now only this
+                # process holds it. Keep it and put it back on reconnection.
+                if raw["properties"]["delivery_tag"] not in self.qos._delivered:
+                    _orphans.append((queue, raw))
+                    log.warning("queue %s: connection lost while taking a message; it is "
+                                "kept and put back when the connection returns", queue)
                 raise
             except Exception as exc:
                 # Celery could not take it after all. Drop it from the
@@ -175,6 +231,18 @@ class HardenedChannel(kombu_redis.Channel):
 
         self.connection._callbacks[queue] = deliver
         return ret
+
+    def _put_back_orphans(self) -> None:
+        """Return messages taken when the connection broke to the head of their queue."""
+        while _orphans:
+            queue, raw = _orphans[0]
+            try:
+                with self.conn_or_acquire() as client:
+                    client.rpush(queue, json.dumps(raw))  # BRPOP takes from the right: next
+            except (*self.connection.connection_errors, *self.connection.channel_errors):
+                return  # still down: the next consumer start tries again
+            _orphans.pop(0)
+            log.warning("queue %s: put back a message taken when the connection broke", queue)
 
     def _brpop_read(self, **options: Any) -> Any:
         try:

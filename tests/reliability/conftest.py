@@ -29,7 +29,7 @@ from maas_worker.keys import Keyring, save_keyring
 
 from ..integration.conftest import Stack, wait_for
 
-__all__ = ["SIZE", "TENANTS", "Stack", "outcome_counts", "wait_for"]
+__all__ = ["SIZE", "TENANTS", "Stack", "assert_once", "outcome_counts", "wait_for"]
 
 TENANTS = ("acme", "globex", "initech")
 SCALE = os.environ.get("MAAS_RELIABILITY_SCALE", "small")
@@ -132,6 +132,26 @@ def outcome_counts(logs: str) -> dict[str, Counter[str]]:
     counts: dict[str, Counter[str]] = {}
     for job_id, outcome in _OUTCOME.findall(logs):
         counts.setdefault(job_id, Counter())[outcome] += 1
+    return counts
+
+
+def assert_once(stack: Stack, jobs: list[Any]) -> dict[str, Counter[str]]:
+    """Each job (all have a stored result) completed one run, never two.
+
+    A worker logs ``succeeded`` just after storing the result; if it died or
+    lost Redis in between, the job's next delivery logs ``replayed`` instead,
+    so a job has one ``succeeded`` line, or none and a ``replayed`` one. A
+    ``duplicate`` line would be a second completed run (its result discarded
+    by the write-once store): that must never happen.
+    """
+    def all_logged() -> dict[str, Counter[str]] | None:
+        counts = outcome_counts(stack.worker_logs())
+        ok = all(counts.get(j.id, Counter())["succeeded"]
+                 or counts.get(j.id, Counter())["replayed"] for j in jobs)
+        return counts if ok else None
+    counts: dict[str, Counter[str]] = wait_for(all_logged, 60.0, "every job's outcome line")
+    assert {j.id: counts[j.id] for j in jobs if counts[j.id]["succeeded"] > 1
+            or counts[j.id]["duplicate"]} == {}
     return counts
 
 

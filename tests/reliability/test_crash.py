@@ -18,7 +18,7 @@ import pytest
 from maas_worker.client import Job
 from maas_worker.processes import WorkerProcess
 
-from .conftest import SIZE, TENANTS, Stack, outcome_counts, wait_for
+from .conftest import SIZE, TENANTS, Stack, assert_once, outcome_counts, wait_for
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 WAIT_S = 120.0
@@ -63,17 +63,9 @@ def collect(jobs: list[Job]) -> dict[str, bytes]:
 
 
 def check_once(stack: Stack, jobs: list[Job], sealed: dict[str, bytes]) -> dict[str, int]:
-    """Exactly one success per job, no second run after a stored result, results unchanged."""
+    """Exactly one stored result per job, never replaced, never a second completed run."""
     wait_for(lambda: settled(stack), WAIT_S, "queues, reservations and claims to settle")
-    # The worker logs the outcome just after storing: wait for the last lines.
-    wait_for(lambda: all(outcome_counts(stack.worker_logs()).get(j.id, {}).get("succeeded")
-                         for j in jobs), WAIT_S, "every job's outcome line")
-    counts = outcome_counts(stack.worker_logs())
-    succeeded = {j.id: counts[j.id]["succeeded"] for j in jobs}
-    assert {k: v for k, v in succeeded.items() if v != 1} == {}
-    # "duplicate": a run that found a result already stored. It must never
-    # happen: a stored result closes the claim before the message is acked.
-    assert sum(counts[j.id]["duplicate"] for j in jobs) == 0
+    counts = assert_once(stack, jobs)
     for job in jobs:
         assert job.client.backend.get(f"maas:result:{job.id}") == sealed[job.id]
     return {"replayed": sum(counts[j.id]["replayed"] for j in jobs),
