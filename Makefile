@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test check lint typecheck unit integration bench clean
+.PHONY: venv demo test check lint typecheck unit integration reliability bench clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "maas-worker needs Python 3.11 or newer on PATH" >&2; exit 1; }
@@ -40,6 +40,11 @@ unit: venv
 
 integration: venv
 	$(BIN)/pytest tests/integration
+
+## reliability: faults, fuzzing, load and leak checks at full size (docs/reliability.md);
+## `make test` runs the same suite at its small size
+reliability: venv
+	MAAS_RELIABILITY_SCALE=full $(BIN)/pytest -m reliability tests/reliability
 
 ## bench: every benchmark (minutes; figures go to docs/benchmarks.md by hand)
 bench: venv

@@ -72,6 +72,7 @@ return {'claimed', ''}
 
 # Read a claim-checked request without pulling an oversized one over the wire.
 _FETCH = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return false end
 if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return -1 end
 return redis.call('GET', KEYS[1])
 """

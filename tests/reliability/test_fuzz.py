@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maas_worker import transport
+from maas_worker.app import PAYLOAD_REF
 from maas_worker.audit import REASONS
 from maas_worker.cancellation import make_token, verify_token
 from maas_worker.client import Client
@@ -301,16 +302,22 @@ def worker_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
 
 @st.composite
 def task_calls(draw: st.DrawFn) -> tuple[list[Any], dict[str, Any], str, str | None,
-                                         str | bytes | None, bool]:
-    """(args, kwargs, task id, routing key, a cancel request found in Redis, and
-    whether it is a genuine, unaltered job bound to its task id and queue)."""
+                                         str | bytes | None, Any, bool]:
+    """(args, kwargs, task id, routing key, a cancel request and a claim-checked
+    payload found in Redis, and whether it is a genuine, unaltered job bound to
+    its task id and queue)."""
     header, env = draw(genuine())
     data, _ = draw(untrusted())
-    text = draw(st.sampled_from(["genuine", "b64", "text", "huge"]))
+    text = draw(st.sampled_from(["genuine", "b64", "text", "huge", "payload"]))
     arg: Any = {"genuine": base64.b64encode(env).decode(),
                 "b64": base64.b64encode(data).decode(),
                 "text": draw(st.text(max_size=200)),
-                "huge": "A" * draw(st.integers(1 << 20, 3 << 20))}[text]
+                "huge": "A" * draw(st.integers(1 << 20, 3 << 20)),
+                "payload": PAYLOAD_REF}[text]
+    # What a claim-checked request points at: untrusted bytes, or a key of
+    # another type, or nothing.
+    payload = draw(st.one_of(st.just(data), st.just(env), st.none(),
+                             st.sampled_from([["list"], {"hash": "x"}])))
     args: list[Any] = [arg]
     if draw(st.booleans()):  # wrong types, missing or extra values at any position
         args = draw(st.lists(st.one_of(json_values, st.just(arg)), max_size=3))
@@ -320,17 +327,21 @@ def task_calls(draw: st.DrawFn) -> tuple[list[Any], dict[str, Any], str, str | N
     routing = draw(st.one_of(st.none(), st.sampled_from(
         ["maas.high", "maas.normal", "maas.low"]), st.text(max_size=20)))
     cancel = draw(st.one_of(st.none(), tokens, st.binary(max_size=80)))
-    return args, kwargs, task_id, routing, cancel, _bound(args, kwargs, task_id, routing)
+    return args, kwargs, task_id, routing, cancel, payload, _bound(
+        args, kwargs, task_id, routing, payload)
 
 
-def _bound(args: list[Any], kwargs: dict[str, Any], task_id: str, routing: str | None) -> bool:
+def _bound(args: list[Any], kwargs: dict[str, Any], task_id: str, routing: str | None,
+           payload: Any) -> bool:
     """True for a genuine request that a worker must accept: one argument that
     verifies, bound to this task id and queue (whichever strategy built it)."""
     if kwargs or len(args) != 1 or not isinstance(args[0], str):
         return False
     try:
-        header = verify(base64.b64decode(args[0], validate=True), expect="request",
-                        keyring=RING, max_bytes=MAX_BYTES).header
+        data = payload if args[0] == PAYLOAD_REF else base64.b64decode(args[0], validate=True)
+        if not isinstance(data, bytes):
+            return False
+        header = verify(data, expect="request", keyring=RING, max_bytes=MAX_BYTES).header
     except (InvalidEnvelope, ValueError):
         return False
     return (header.job_id == task_id and header.task == "maas.infer"
@@ -345,9 +356,16 @@ def test_the_task_entry_point_rejects_bad_input_and_never_raises(
 
     _count("task")
     backend, outcomes = worker_env
-    args, kwargs, task_id, routing, cancel, bound = call
+    args, kwargs, task_id, routing, cancel, payload, bound = call
     if cancel is not None:
         backend.set(f"maas:cancel:{task_id}", cancel)
+    backend.delete(f"maas:payload:{task_id}")
+    if isinstance(payload, bytes):
+        backend.set(f"maas:payload:{task_id}", payload)
+    elif isinstance(payload, list):
+        backend.rpush(f"maas:payload:{task_id}", *payload)
+    elif isinstance(payload, dict):
+        backend.hset(f"maas:payload:{task_id}", mapping=payload)
     audited = backend.xlen("maas:audit")
     outcomes.last = None
     result = infer.apply(args=args, kwargs=kwargs, task_id=task_id, routing_key=routing)
