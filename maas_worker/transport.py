@@ -21,6 +21,12 @@ else is dropped (it was already popped, so it is gone), logged and audited as
 ``malformed`` (``oversize`` for a body over the limit). It never deserialises
 a refused body. Connection errors still propagate, so kombu reconnects.
 
+A lost connection must not stop the worker or lose a message either:
+`HardenedQoS` leaves to the visibility sweep what kombu cannot put back,
+acknowledge or reject on a channel the lost connection tore down, and a
+message popped just as the connection broke (before its reservation was
+recorded) is kept and pushed back to its queue on reconnection.
+
 Installed in worker processes by `install` (``tasks.py`` imports it): every
 Redis URL form (``redis://``, ``rediss://``, ``redis+socket://``) resolves to
 kombu's one Redis transport class, whose channel class this replaces.

@@ -5,8 +5,12 @@ no restart of either: while Redis is down a client gets `ServiceUnavailable`
 quickly (never a hang), and once it is back both reconnect on their own and
 every job accepted (a submit that returned) completes exactly once.
 
-Half the outages are crashes (SIGKILL; ``appendfsync always`` so that what
-Redis acknowledged is on disk) and half are clean restarts (SIGTERM).
+One variant restarts the server cleanly (SIGTERM: Valkey writes the AOF and
+exits), the other crashes it (SIGKILL; ``appendfsync always`` so that what
+Redis acknowledged is on disk). One loss is still possible in both, and is
+counted rather than hidden: a BRPOP that the server executed and persisted
+but whose reply never reached the worker (kombu pops and then reserves, in
+two commands). Any other loss fails the test; see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -170,10 +174,8 @@ def test_redis_outages_mid_run_lose_no_accepted_job(make_stack: Any, report: Any
         f"maas:job:{j.id}"]]
     other = {j.id: traces[j.id] for j in missing if j.id not in vanished}
     assert other == {}, "jobs lost otherwise than in the BRPOP window"
-    if kind == "restart":
-        assert vanished == []
-    else:
-        assert len(vanished) <= SIZE.restarts * len(workers)
+    # At most one per worker blocked in BRPOP at the moment the server went.
+    assert len(vanished) <= SIZE.restarts * len(workers)
     # Submits cut off mid-send: each job either never got in, or ran once.
     uncertain_ran = 0
     for job in producer.uncertain:
