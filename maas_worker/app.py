@@ -26,6 +26,12 @@ EXCHANGE = "maas"
 WORKER_MODULES = ["maas_worker.tasks", "maas_worker.monitor_tasks"]
 
 
+#: A broker command (a publish, a reservation) waiting longer than this is an
+#: error, not a hang; longer than kombu's 1 s BRPOP poll.
+BROKER_SOCKET_TIMEOUT_S = 10.0
+BROKER_CONNECT_TIMEOUT_S = 5.0
+
+
 def transport_options(settings: Settings) -> dict[str, Any]:
     """Redis transport options derived from the settings.
 
@@ -41,6 +47,12 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "queue_order_strategy": STRATEGY,
         "unacked_restore_interval": max(1, min(10, vt // 4)),
         "unacked_restore_throttle": 1,
+        # kombu waits for ever by default: a Redis that stops answering
+        # without closing the connection (frozen, failover, partition) hung
+        # every submit and left workers blocked instead of reconnecting.
+        "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+        "socket_keepalive": True,
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -150,6 +151,17 @@ class EmbeddedRedis:
         """SIGTERM the server, keeping its data and port; `start` brings it back."""
         self._stop_process()
         self._requested_port = self.port
+
+    def freeze(self) -> None:
+        """SIGSTOP: the server stops answering but keeps every connection open
+        (what a hung server or a network partition looks like); `thaw` resumes it."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: resume a frozen server."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL the server (a crash); `start` brings it back on the same port."""

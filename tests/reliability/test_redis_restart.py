@@ -47,6 +47,7 @@ class Producer(threading.Thread):
         self.uncertain: list[Job] = []  # the connection broke mid-send
         self.refused = 0
         self.slowest_refusal_s = 0.0
+        self.slowest_call_s = 0.0  # any submit, answered or refused: never a hang
         self.other_errors: list[str] = []
         self.stop = threading.Event()
 
@@ -67,6 +68,7 @@ class Producer(threading.Thread):
                 self.stop.wait(0.05)
             except Exception as exc:  # anything else is a finding: keep it
                 self.other_errors.append(f"{type(exc).__name__}: {exc}")
+            self.slowest_call_s = max(self.slowest_call_s, time.monotonic() - started)
             # Pace the producer so the outage falls mid-run, not after it.
             self.stop.wait(0.01)
 
@@ -89,10 +91,12 @@ def where_are(stack: Stack, job_ids: list[str]) -> dict[str, list[str]]:
     return found
 
 
-def outage(server: EmbeddedRedis, stack: Stack, crash: bool) -> dict[str, float]:
+def outage(server: EmbeddedRedis, stack: Stack, kind: str) -> dict[str, float]:
     """Take Redis down, check the client side fails fast, bring it back."""
-    if crash:
+    if kind == "crash":
         server.kill()
+    elif kind == "freeze":
+        server.freeze()  # no answers, connections left open: only timeouts notice
     else:
         server.shutdown()  # SIGTERM: Valkey writes the AOF and exits
     probe = stack.client("acme")
@@ -105,7 +109,10 @@ def outage(server: EmbeddedRedis, stack: Stack, crash: bool) -> dict[str, float]
         probe.job("any-job").result(timeout=60)
     result_s = time.monotonic() - started
     assert submit_s < FAIL_FAST_S and result_s < FAIL_FAST_S
-    server.start()
+    if kind == "freeze":
+        server.thaw()
+    else:
+        server.start()
     return {"submit_error_s": submit_s, "result_error_s": result_s}
 
 
@@ -140,10 +147,11 @@ def wait_results(stack: Stack, jobs: list[Job], quiet_s: float) -> list[Job]:
     return pending
 
 
-@pytest.mark.parametrize("kind", ["restart", "crash"])
+@pytest.mark.parametrize("kind", ["restart", "crash", "freeze"])
 def test_redis_outages_mid_run_lose_no_accepted_job(make_stack: Any, report: Any,
                                                     kind: str) -> None:
-    """restart: SIGTERM (Valkey writes the AOF and exits); crash: SIGKILL."""
+    """restart: SIGTERM (Valkey writes the AOF and exits); crash: SIGKILL;
+    freeze: SIGSTOP, then SIGCONT (a hung server: nothing answers, nothing closes)."""
     visibility_s = 5
     stack, server = make_stack(appendonly=True, server_args=("--appendfsync", "always"),
                                MAAS_VISIBILITY_TIMEOUT_S=str(visibility_s), MAAS_LEASE_S="3")
@@ -156,9 +164,10 @@ def test_redis_outages_mid_run_lose_no_accepted_job(make_stack: Any, report: Any
     for i in range(SIZE.restarts):
         wait_for(lambda n=(i + 1) * per_round: len(producer.accepted) >= n, WAIT_S,
                  f"{(i + 1) * per_round} accepted jobs")
-        timings.append(outage(server, stack, crash=kind == "crash"))
+        timings.append(outage(server, stack, kind))
     producer.join(WAIT_S)
-    assert not producer.is_alive()
+    assert not producer.is_alive()  # no submit hung
+    assert producer.slowest_call_s < FAIL_FAST_S
     assert producer.other_errors == []
     # Same processes throughout: they reconnected on their own.
     assert [w.proc.pid for w in workers if w.proc is not None and w.proc.poll() is None] == pids
@@ -192,6 +201,7 @@ def test_redis_outages_mid_run_lose_no_accepted_job(make_stack: Any, report: Any
     report(jobs=len(jobs), outages=SIZE.restarts, kind=kind,
            refused_submits_while_down=producer.refused,
            slowest_refusal_s=round(producer.slowest_refusal_s, 2),
+           slowest_submit_s=round(producer.slowest_call_s, 2),
            slowest_client_error_s=round(max(max(t.values()) for t in timings), 2),
            lost=len(vanished), lost_in_brpop_window=len(vanished), duplicated=0,
            cut_off_mid_send=len(producer.uncertain), cut_off_but_enqueued=uncertain_ran,
