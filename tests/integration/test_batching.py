@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from maas_worker import JobFailed
 from maas_worker.settings import BUNDLED_MODEL_DIR
 
 from ..modelkit import holdout
@@ -32,6 +33,9 @@ def test_digits_jobs_are_batched_and_each_gets_its_own_result(make_stack) -> Non
                                           {"inputs": [samples[1]]}])
     assert mixed[0].result(timeout=TIMEOUT)["labels"] == [expected[0]]
     assert mixed[2].result(timeout=TIMEOUT)["labels"] == [expected[1]]
+    # Its batch-mates finishing first says nothing about when it finishes: wait for it.
+    with pytest.raises(JobFailed):
+        mixed[1].result(timeout=TIMEOUT)
     assert mixed[1].info()["state"] == "failed"
     assert mixed[1].info()["reason"] == "bad_input"
     sizes = wait_for(lambda: [int(n) for n in re.findall(r"batch of (\d+) for digits",
