@@ -60,8 +60,9 @@ _ENVELOPE_OVERHEAD = 1024
 CATALOG_CACHE_S = 5.0
 #: How long a queue length read from Redis is reused (plus our own submits).
 DEPTH_CACHE_S = 0.25
-#: Sealed requests larger than this (base64 characters) travel by claim check.
-INLINE_MAX_CHARS = 64 * 1024
+#: Sealed requests larger than this (bytes; 64 KiB once base64-encoded) travel
+#: by claim check.
+INLINE_MAX_BYTES = 48 * 1024
 #: Retry-after hint when a queue is full.
 QUEUE_FULL_RETRY_S = 1.0
 
@@ -233,6 +234,13 @@ class Client:
     def seal(self, model: str, inputs: Any, *, priority: str = "normal",
              ttl_s: int | None = None, job_id: str | None = None) -> tuple[Header, str]:
         """Validate and seal a job without sending it: (header, base64 envelope)."""
+        header, sealed = self._seal_raw(model, inputs, priority=priority, ttl_s=ttl_s,
+                                        job_id=job_id)
+        return header, base64.b64encode(sealed).decode("ascii")
+
+    def _seal_raw(self, model: str, inputs: Any, *, priority: str, ttl_s: int | None,
+                  job_id: str | None = None) -> tuple[Header, bytes]:
+        """`seal` without the base64: a claim-checked request is stored raw."""
         self._check(model, priority)
         try:
             body = json.dumps(inputs, separators=(",", ":"), allow_nan=False).encode()
@@ -248,8 +256,7 @@ class Client:
         issued = now_ms()
         header = Header("request", kv.version, issued, issued + ttl * 1000, priority,
                         self.tenant, job_id or str(uuid.uuid4()), TASK_NAME, model)
-        sealed = seal(kv.keys(self.tenant), header, body)
-        return header, base64.b64encode(sealed).decode("ascii")
+        return header, seal(kv.keys(self.tenant), header, body)
 
     def submit(self, model: str, inputs: Any, *, priority: str = "normal",
                ttl_s: int | None = None) -> Job:
@@ -274,27 +281,30 @@ class Client:
             raise SubmitError("submit_many takes a list of inputs")
         if not inputs:
             return []
-        sealed = [self.seal(model, item, priority=priority, ttl_s=ttl_s) for item in inputs]
+        sealed = [self._seal_raw(model, item, priority=priority, ttl_s=ttl_s)
+                  for item in inputs]
         self._check_depth(priority, len(sealed))
         self._admit([h for h, _ in sealed])
         queue = queue_for(priority)
         # Claim check: a large sealed request goes to Redis as raw bytes, and
         # the Celery message only points at it, so its megabytes are not
         # base64-encoded twice (ours, then kombu's) and JSON-escaped between.
-        large = [(h, e) for h, e in sealed if len(e) > INLINE_MAX_CHARS]
+        large = [(h, raw) for h, raw in sealed if len(raw) > INLINE_MAX_BYTES]
         if large:
             with _backend_errors(self.settings):
                 pipe = self.backend.pipeline(transaction=False)
-                for header, envelope in large:
-                    pipe.set(keyspace.payload(header.job_id), base64.b64decode(envelope),
+                for header, raw in large:
+                    pipe.set(keyspace.payload(header.job_id), raw,
                              px=header.expires_at_ms - header.issued_at_ms + 60_000)
                 pipe.execute()
         try:
             # kombu's producer batch puts every message (and its task-sent
             # event) into one Redis pipeline: one round trip, not two per job.
             with self.app.producer_or_acquire() as producer, producer.batch():
-                for header, envelope in sealed:
-                    arg = PAYLOAD_REF if len(envelope) > INLINE_MAX_CHARS else envelope
+                for header, raw in sealed:
+                    # base64 only what travels inside the message
+                    arg = PAYLOAD_REF if len(raw) > INLINE_MAX_BYTES \
+                        else base64.b64encode(raw).decode("ascii")
                     self.app.send_task(
                         TASK_NAME, args=[arg], task_id=header.job_id, queue=queue,
                         producer=producer,
