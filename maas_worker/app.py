@@ -15,6 +15,7 @@ from .monitoring import celery_options as monitoring_options
 from .monitoring import monitor_queue
 from .scheduling import STRATEGY
 from .settings import PRIORITIES, Settings, queue_for
+from .transport import TRANSPORT
 
 TASK_NAME = "maas.infer"
 #: The task argument that says "the sealed request is at maas:payload:<job id>".
@@ -60,6 +61,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The complete Celery configuration for producers and workers."""
     return {
         "broker_url": settings.broker_url,
+        # kombu's Redis transport with atomic takes and wake-ups (transport.py).
+        "broker_transport": TRANSPORT,
         # Results never go through Celery's backend: the task stores its sealed
         # result write-once itself (guard.JobGuard.store_result).
         "result_backend": None,

@@ -2,7 +2,7 @@
 
 Read straight from the broker's lists (``LLEN``), not from what a worker has
 reserved, so it counts what no worker has taken yet. The oldest job is the
-tail of each list (kombu ``LPUSH``-es and ``BRPOP``-s); its age comes from
+tail of each list (kombu ``LPUSH``-es, workers pop from the right); its age comes from
 the issued-at time in its envelope header, read WITHOUT verifying anything:
 a forged message can only make the backlog look older, which an attacker who
 can write Redis achieves anyway by flooding it. Only a prefix of the message

@@ -1,11 +1,11 @@
 """Queue order for the Redis transport: strict priority, with a reserved share.
 
 kombu's ``priority`` strategy always asks Redis for ``high`` first, then
-``normal``, then ``low`` (one BRPOP over the three lists, which pops from the
-first non-empty one). Under a steady flow of high jobs, low jobs would never
+``normal``, then ``low`` (one take over the three lists, which pops from the
+first non-empty one: ``fetch.py``). Under a steady flow of high jobs, low jobs would never
 run. This strategy keeps that order, except that when ``normal`` (or ``low``)
 has had no delivery for ``1/share`` deliveries in a row, it is asked first
-once. An empty queue costs nothing (BRPOP falls through to the next list), so
+once. An empty queue costs nothing (the take falls through to the next list), so
 the policy is:
 
 * a high job waits behind at most the jobs already reserved by the worker
@@ -44,7 +44,7 @@ class ReservedShareCycle(priority_cycle):
         if not self.every:
             return items
         # Starved queues go first, longest-waiting first; an empty one costs
-        # nothing (BRPOP falls through), so it cannot block the next one's turn.
+        # nothing (the take falls through), so it cannot block the next one's turn.
         due = sorted((q for q in self._lower if q in items and self._since[q] >= self.every),
                      key=lambda q: -self._since[q])
         return due + [q for q in items if q not in due]

@@ -1,6 +1,6 @@
 """The worker's guard at the Redis transport: what a Redis writer puts in a queue.
 
-kombu's Redis channel pops a message with ``BRPOP``, parses it and hands it to
+kombu's Redis channel takes a message from a queue, parses it and hands it to
 Celery. Whatever sits in a queue list was written by someone with Redis write
 access, so before this guard:
 
@@ -21,15 +21,18 @@ else is dropped (it was already popped, so it is gone), logged and audited as
 ``malformed`` (``oversize`` for a body over the limit). It never deserialises
 a refused body. Connection errors still propagate, so kombu reconnects.
 
-A lost connection must not stop the worker or lose a message either:
-`HardenedQoS` leaves to the visibility sweep what kombu cannot put back,
-acknowledge or reject on a channel the lost connection tore down, and a
-message popped just as the connection broke (before its reservation was
-recorded) is kept and pushed back to its queue on reconnection.
+Taking a message is atomic: instead of kombu's ``BRPOP`` followed by a
+separate write recording the reservation (a Redis crash between the two lost
+the message), the channel pops and reserves in one Lua script (`fetch`), and
+an idle channel waits on the wake-up list its producers ring with every
+publish. A lost connection must not stop the worker either: `HardenedQoS`
+leaves to the visibility sweep what kombu cannot put back, acknowledge or
+reject on a channel the lost connection tore down.
 
-Installed in worker processes by `install` (``tasks.py`` imports it): every
-Redis URL form (``redis://``, ``rediss://``, ``redis+socket://``) resolves to
-kombu's one Redis transport class, whose channel class this replaces.
+`Transport` is the app's ``broker_transport`` (producers ring the wake-up
+list; workers take atomically). Worker processes also `install` it over
+kombu's Redis transport (``tasks.py`` does), because a ``redis+socket://``
+URL names kombu's transport itself.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ import json
 import logging
 from collections.abc import Callable
 from queue import Empty
+from time import monotonic
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
+from . import fetch
 from .monitoring import MONITOR_EXCHANGE, SAMPLE_TASK
 from .settings import PRIORITIES, Settings, queue_for
 
@@ -132,9 +138,6 @@ class _Auditor:
 
 
 _auditor = _Auditor()
-#: Messages popped from a queue whose reservation could not be recorded (the
-#: connection broke in between), waiting to be put back: (queue, message).
-_orphans: list[tuple[str, Any]] = []
 
 
 class HardenedQoS(kombu_redis.QoS):
@@ -150,7 +153,31 @@ class HardenedQoS(kombu_redis.QoS):
     Nothing is lost by skipping them: the messages are still in the unacked
     set in Redis, and the visibility sweep brings them back (a finished job's
     copy is then refused as already done).
+
+    A message taken by `fetch` is already reserved in Redis: recording it
+    again would only cost a round trip, so only the local bookkeeping is done.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        #: Delivery tags taken and reserved in one step, not yet appended.
+        self.prereserved: set[str] = set()
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Record a delivered message as reserved (locally only if `fetch` reserved it)."""
+        if delivery_tag in self.prereserved:
+            self.prereserved.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+        else:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def forget(self, delivery_tag: str) -> None:
+        """Drop the reservation of a taken message that will not be delivered."""
+        self.prereserved.discard(delivery_tag)
+        if delivery_tag in self._delivered:
+            self.ack(delivery_tag)
+        else:
+            self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
 
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         """Put reserved messages back now if possible; else leave them to the sweep."""
@@ -181,10 +208,14 @@ def _left_to_sweep(what: str, count: int, exc: Exception) -> None:
 
 
 class HardenedChannel(kombu_redis.Channel):
-    """kombu's Redis channel, refusing queue entries that are not our messages."""
+    """kombu's Redis channel: atomic takes, wake-ups, and refusal of foreign entries."""
 
     QoS = HardenedQoS
     _max_body_chars: int | None = None
+    #: Whether the next poll takes (EVAL) rather than waits for a wake-up (BRPOP).
+    _ready = True
+    #: What the command in flight on the poll connection is: "take" or "wait".
+    _sent = "wait"
 
     def _limit(self) -> int:
         if self._max_body_chars is None:
@@ -193,9 +224,40 @@ class HardenedChannel(kombu_redis.Channel):
                                     + _MESSAGE_OVERHEAD) * 4 // 3
         return self._max_body_chars
 
+    # -- producing -------------------------------------------------------------
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """Push ``message`` to ``queue`` and ring the wake-up list, in one round trip."""
+        batch = kwargs.pop("_publish_batch", None)
+        pri = self._get_message_priority(message, reverse=False)  # type: ignore[no-untyped-call]
+        key = self._q_for_pri(queue, pri)  # type: ignore[no-untyped-call]
+        expires = self._expires.get(queue) if self._expires else None
+        if batch is not None:
+            batch.add("lpush", key, json.dumps(message))
+            batch.add("lpush", fetch.WAKE_KEY, "1")
+            batch.add("ltrim", fetch.WAKE_KEY, 0, fetch.WAKE_MAX - 1)
+            if expires:
+                for pri in self.priority_steps:
+                    batch.add("pexpire", self._q_for_pri(queue, pri),  # type: ignore[no-untyped-call]
+                              expires)
+            return
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            pipe.lpush(key, json.dumps(message))
+            fetch.ring(pipe)
+            if expires:
+                for pri in self.priority_steps:
+                    pipe.pexpire(self._q_for_pri(queue, pri),  # type: ignore[no-untyped-call]
+                                 expires)
+            pipe.execute()
+
+    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str,
+                            pipe: Any, leftmost: bool = False) -> None:
+        super()._do_restore_message(  # type: ignore[no-untyped-call]
+            payload, exchange, routing_key, pipe, leftmost)
+        fetch.ring(pipe)  # a put-back message is work too: wake a consumer
+
+    # -- consuming -------------------------------------------------------------
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         """Consume ``queue``, every delivery checked first (see the module docstring)."""
-        self._put_back_orphans()
         ret = super().basic_consume(queue, *args, **kwargs)  # type: ignore[no-untyped-call]
         inner: Callable[[Any], Any] = self.connection._callbacks[queue]
         fanout = queue in self._fanout_queues
@@ -205,6 +267,7 @@ class HardenedChannel(kombu_redis.Channel):
                 check_message(raw, queue, max_body_chars=self._limit())
             except _Refused as exc:
                 log.warning("queue %s: refused an entry (%s): %s", queue, exc.reason, exc)
+                self._forget(raw)
                 _auditor.record(raw, exc.reason)
                 return None
             if not fanout:
@@ -215,54 +278,102 @@ class HardenedChannel(kombu_redis.Channel):
             try:
                 return inner(raw)
             except (*self.connection.connection_errors, *self.connection.channel_errors):
-                # Redis went away between the BRPOP that took this message
-                # and the write recording it as reserved: now only this
-                # process holds it. Keep it and put it back on reconnection.
-                if raw["properties"]["delivery_tag"] not in self.qos._delivered:
-                    _orphans.append((queue, raw))
-                    log.warning("queue %s: connection lost while taking a message; it is "
-                                "kept and put back when the connection returns", queue)
+                # The message is reserved in Redis (and held here): closing
+                # the channel or the visibility sweep puts it back.
                 raise
             except Exception as exc:
-                # Celery could not take it after all. Drop it from the
-                # reservations too: a message held unacknowledged forever
-                # would use up the prefetch and stop this worker consuming.
+                # Celery could not take it after all. Drop its reservation too:
+                # a message held unacknowledged forever would use up the
+                # prefetch and stop this worker consuming.
                 log.warning("queue %s: refused an entry Celery could not read (%s)",
                             queue, type(exc).__name__)
-                tag = raw["properties"]["delivery_tag"]
-                if tag in self.qos._delivered:
-                    self.qos.ack(tag)
+                self._forget(raw)
                 _auditor.record(raw, "malformed")
                 return None
 
         self.connection._callbacks[queue] = deliver
         return ret
 
-    def _put_back_orphans(self) -> None:
-        """Return messages taken when the connection broke to the head of their queue."""
-        while _orphans:
-            queue, raw = _orphans[0]
-            try:
-                with self.conn_or_acquire() as client:
-                    client.rpush(queue, json.dumps(raw))  # BRPOP takes from the right: next
-            except (*self.connection.connection_errors, *self.connection.channel_errors):
-                return  # still down: the next consumer start tries again
-            _orphans.pop(0)
-            log.warning("queue %s: put back a message taken when the connection broke", queue)
+    def _forget(self, raw: Any) -> None:
+        props = raw.get("properties") if isinstance(raw, dict) else None
+        tag = _str_field(props, "delivery_tag")
+        if tag and (tag in self.qos.prereserved or tag in self.qos._delivered):
+            self.qos.forget(tag)
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        """Send the next poll: take a message if there may be one, else wait for a wake-up."""
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        prefix = self.global_keyprefix or ""
+        if self._ready:
+            args = fetch.command(queues, count=1, max_chars=self._limit(),
+                                 unacked_key=self.unacked_key,
+                                 index_key=self.unacked_index_key, prefix=prefix)
+            self._sent = "take"
+        else:
+            args = ["BRPOP", prefix + fetch.WAKE_KEY, timeout or 0]
+            self._sent = "wait"
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        self.client.connection.send_command(*args)
 
     def _brpop_read(self, **options: Any) -> Any:
+        sent = self._sent
         try:
-            return super()._brpop_read(**options)  # type: ignore[no-untyped-call]
-        except (Empty, *self.connection.connection_errors,
-                *self.connection.channel_errors):
-            raise
-        except Exception as exc:
-            # An entry kombu could not even parse (not JSON): it has been
-            # popped; drop it instead of letting it stop the worker.
-            log.warning("refused a queue entry that is not a message (%s)",
-                        type(exc).__name__)
+            try:
+                reply = self.client.parse_response(
+                    self.client.connection, "EVAL" if sent == "take" else "BRPOP", **options)
+            except self.connection_errors:
+                # Reconnect on the next poll, and take first: the wake-up
+                # tokens may have been lost with the server.
+                self._ready = True
+                self.client.connection.disconnect()
+                raise
+            if sent == "wait":
+                # Woken (or timed out: something may have arrived without a
+                # token, such as a message put back by the sweep): take next.
+                self._ready = True
+                raise Empty()
+            taken = fetch.parse(reply, self.global_keyprefix or "")
+            if not taken:
+                self._ready = False
+                raise Empty()
+            self._ready = True
+            return self._deliver_taken(taken[0])
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()  # type: ignore[no-untyped-call]
+
+    def _deliver_taken(self, taken: fetch.Taken) -> bool:
+        self._queue_cycle.rotate(taken.queue)
+        try:
+            raw = json.loads(taken.raw)
+        except ValueError:
+            # Not a message at all (it was popped, unreserved): drop it
+            # instead of letting it stop the worker.
+            log.warning("queue %s: refused a queue entry that is not a message", taken.queue)
             _auditor.record(None, "malformed")
             return True
+        if taken.reserved:
+            props = raw.get("properties") if isinstance(raw, dict) else None
+            tag = _str_field(props, "delivery_tag")
+            if tag:
+                self.qos.prereserved.add(tag)
+        self.connection._deliver(raw, taken.queue)
+        return True
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with `HardenedChannel` (the app's ``broker_transport``)."""
+
+    Channel = HardenedChannel
+
+
+#: The value of Celery's ``broker_transport`` setting selecting `Transport`.
+TRANSPORT = "maas_worker.transport:Transport"
 
 
 def install() -> None:

@@ -17,7 +17,7 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from maas_worker import transport
+from maas_worker import fetch, transport
 from maas_worker.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.reliability
@@ -43,7 +43,6 @@ def consumer(server: EmbeddedRedis) -> Iterator[tuple[Connection, list[Any]]]:
     try:
         yield conn, got
     finally:
-        transport._orphans.clear()
         conn.release()
 
 
@@ -61,25 +60,70 @@ def drain(conn: Connection) -> None:
         conn.drain_events(timeout=2)
 
 
-def test_a_message_taken_as_the_connection_breaks_is_put_back(
-        server: EmbeddedRedis, consumer: tuple[Connection, list[Any]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    conn, _ = consumer
-    publish(server)
+def test_a_take_whose_reply_is_lost_leaves_the_message_reserved_for_the_sweep(
+        server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]) -> None:
+    """Redis runs the take, then the connection dies before the reply arrives.
 
-    def broken(self: Any, message: Any, delivery_tag: str) -> None:
-        raise redis.ConnectionError("connection lost after BRPOP")
-    monkeypatch.setattr(transport.HardenedQoS, "append", broken)
-    with pytest.raises(redis.ConnectionError):
-        drain(conn)
+    With kombu's BRPOP the message was then gone: popped by Redis, never
+    recorded. The take pops and reserves in one script, so it is in the
+    unacked hash, and the visibility sweep puts it back in its queue.
+    """
+    conn, got = consumer
+    publish(server)
+    channel = conn.default_channel
+    channel._ready = True
+    conn.transport.cycle._register_BRPOP(channel)  # the take is sent ...
     r = redis.Redis.from_url(server.url)
-    assert r.llen(QUEUE) == 0 and r.hlen("unacked") == 0  # popped, not reserved
-    assert len(transport._orphans) == 1
-    monkeypatch.undo()
-    conn.default_channel.basic_consume(QUEUE, False, lambda m: None, "again")  # reconnection
-    assert transport._orphans == []
-    assert r.llen(QUEUE) == 1
-    assert json.loads(r.lindex(QUEUE, 0))["headers"]["task"] == "maas.infer"
+    assert r.llen(QUEUE) == 0 and r.hlen("unacked") == 1  # ... and run by Redis
+    channel.client.connection.disconnect()  # ... and its reply never read
+    channel._in_poll = None
+    assert got == []
+    channel.qos.visibility_timeout = 0  # as if the timeout had passed
+    channel.qos.restore_visible(num=10, interval=1)
+    assert r.hlen("unacked") == 0 and r.llen(QUEUE) == 1
+    restored = json.loads(r.lindex(QUEUE, 0))
+    assert restored["headers"]["id"] == "job-1"
+    assert restored["properties"]["delivery_info"]["redelivered"] is True
+    drain(conn)  # and the consumer takes it again
+    assert [m.headers["id"] for m in got] == ["job-1"]
+    r.close()
+
+
+def test_an_idle_consumer_is_woken_by_a_publish_not_by_its_poll_timeout(
+        server: EmbeddedRedis) -> None:
+    transport.install()
+    # A poll timeout far longer than the wait below: only the wake-up token
+    # published with the message can end the idle wait in time.
+    conn = Connection(server.url, transport_options={"brpop_timeout": 60})
+    got: list[Any] = []
+    queue = Queue(QUEUE, Exchange("maas", type="direct"), routing_key=QUEUE)
+    consumer = conn.Consumer([queue], callbacks=[lambda body, msg: got.append(msg)],
+                             accept=["json"])
+    consumer.consume()
+    try:
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.5)  # finds the queue empty, starts waiting
+        assert conn.default_channel._sent == "wait"
+        publish(server)
+        conn.drain_events(timeout=10)  # the token wakes it: it takes at once
+        assert [m.headers["id"] for m in got] == ["job-1"]
+    finally:
+        conn.release()
+
+
+def test_every_publish_rings_the_wake_up_list_which_stays_bounded(
+        server: EmbeddedRedis) -> None:
+    r = redis.Redis.from_url(server.url)
+    publish(server)
+    assert r.llen(fetch.WAKE_KEY) == 1
+    for _ in range(3):
+        with Connection(server.url) as conn, conn.Producer() as producer:
+            for _ in range(100):
+                producer.publish([["QUJD"], {}, {}], exchange="maas", routing_key=QUEUE,
+                                 headers={"task": "maas.infer", "id": "job-n"},
+                                 serializer="json")
+    assert r.llen(QUEUE) == 301
+    assert r.llen(fetch.WAKE_KEY) == fetch.WAKE_MAX
     r.close()
 
 
@@ -116,4 +160,7 @@ def test_a_refused_entry_is_dropped_and_the_consumer_goes_on(
     # Stamped with the list it was taken from, whatever the message said.
     assert got[0].delivery_info["routing_key"] == QUEUE
     assert r.llen(QUEUE) == 0
+    # Refused entries were taken and reserved like any other: the reservation
+    # is dropped with them; only the one delivered message is reserved.
+    assert r.hkeys("unacked") == [got[0].delivery_tag.encode()]
     r.close()

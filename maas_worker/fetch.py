@@ -1,0 +1,183 @@
+"""Taking messages from the job queues atomically: pop and reserve in one step.
+
+kombu's Redis transport takes a message with ``BRPOP`` and records it as
+reserved (in the ``unacked`` hash and its ``unacked_index``) with a second
+command. Between the two only the worker holds the message: if Redis dies
+after executing the ``BRPOP`` but before its reply reaches the worker, the
+message is gone from the queue and was never recorded anywhere. The
+reliability suite saw that lose a job in about one Redis crash out of twenty.
+
+Here one Lua script does both: it pops the first message of the first
+non-empty list (in the order given: priority order) and, in the same atomic
+step, writes it to the ``unacked`` hash and index exactly as kombu would
+(``[message, exchange, routing_key]`` under its delivery tag, scored with the
+time). Redis persists the script's effects together, so after any crash the
+message is either still in its queue or reserved, and kombu's visibility
+sweep returns reserved messages whose worker never acknowledged them.
+
+A script cannot block, so waiting for work is separate: producers using the
+maas transport push a token to `WAKE_KEY` with every message they publish,
+and an idle consumer waits on it with ``BRPOP`` (tokens are only a hint: the
+wait also ends after a timeout, so a message published without one, or put
+back by the sweep, is found within that timeout).
+
+Used by the Celery consumer (`transport.HardenedChannel`, one message at a
+time) and by anything that takes batches of messages (`take` with a count).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: kombu's names for the reservation hash and its time index (Channel defaults).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+#: Hint list: one token per published message, so idle consumers wake at once.
+WAKE_KEY = "maas:wake"
+#: Tokens kept at most: enough to wake every idle consumer, bounded if none listen.
+WAKE_MAX = 256
+#: kombu's priority sub-queues: message priority 0-9 goes to one of these steps.
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITY_SEP = "\x06\x16"
+
+# KEYS: unacked hash, unacked index, then the lists to pop from, in order.
+# ARGV: how many messages at most, now (seconds, kombu's index score),
+#       the longest message worth decoding (longer ones are popped unreserved:
+#       the consumer refuses them anyway), kombu's priority separator, the
+#       key prefix (stripped from the queue name recorded for restoring).
+# Reply: a flat list {list, message, reserved ('1' or '0'), ...}.
+# An entry that is not JSON or has no delivery tag cannot be reserved under a
+# tag: it is popped and returned unreserved, and the consumer drops it.
+POP_RESERVE = """
+local out = {}
+local want = tonumber(ARGV[1])
+local maxlen = tonumber(ARGV[3])
+for i = 3, #KEYS do
+  while #out < want * 3 do
+    local msg = redis.call('RPOP', KEYS[i])
+    if not msg then break end
+    local reserved = '0'
+    if #msg <= maxlen then
+      local ok, m = pcall(cjson.decode, msg)
+      local tag = ok and type(m) == 'table' and type(m.properties) == 'table'
+                  and m.properties.delivery_tag
+      if type(tag) == 'string' and tag ~= '' then
+        local q = string.sub(KEYS[i], #ARGV[5] + 1)
+        local sep = string.find(q, ARGV[4], 1, true)
+        if sep then q = string.sub(q, 1, sep - 1) end
+        -- The message text itself, not a re-encoding: cjson would turn an
+        -- empty list into an object and round numbers.
+        redis.call('HSET', KEYS[1], tag, '[' .. msg .. ',"",' .. cjson.encode(q) .. ']')
+        redis.call('ZADD', KEYS[2], ARGV[2], tag)
+        reserved = '1'
+      end
+    end
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = msg
+    out[#out + 1] = reserved
+  end
+  if #out >= want * 3 then break end
+end
+return out
+"""
+
+
+@dataclass(frozen=True)
+class Taken:
+    """One message taken from a queue."""
+
+    #: The queue it came from (without kombu's priority suffix).
+    queue: str
+    #: The message exactly as it sat in the list (kombu's JSON).
+    raw: str
+    #: True when it is recorded in the unacked hash: it must be acknowledged.
+    reserved: bool
+
+
+def expand(queues: Sequence[str]) -> list[str]:
+    """The Redis lists behind ``queues``, in kombu's order (each priority step, then queue)."""
+    return [q if pri == 0 else f"{q}{PRIORITY_SEP}{pri}"
+            for pri in PRIORITY_STEPS for q in queues]
+
+
+def base_queue(key: str, prefix: str = "") -> str:
+    """The queue a Redis list belongs to (strips kombu's priority suffix and key prefix)."""
+    if prefix and key.startswith(prefix):
+        key = key[len(prefix):]
+    return key.split(PRIORITY_SEP, 1)[0]
+
+
+def command(queues: Sequence[str], *, count: int, max_chars: int, now: float | None = None,
+            unacked_key: str = UNACKED_KEY, index_key: str = UNACKED_INDEX_KEY,
+            prefix: str = "") -> list[Any]:
+    """The ``EVAL`` command taking up to ``count`` messages from ``queues`` (in order).
+
+    Sent as a raw command by the Celery consumer (its event loop waits for the
+    reply on the socket); `take` runs it through a client. ``prefix`` is
+    kombu's ``global_keyprefix``, if one is set.
+    """
+    keys = [prefix + k for k in (unacked_key, index_key, *expand(queues))]
+    return ["EVAL", POP_RESERVE, len(keys), *keys, count,
+            repr(time.time() if now is None else now), max_chars, PRIORITY_SEP, prefix]
+
+
+def parse(reply: Any, prefix: str = "") -> list[Taken]:
+    """The messages in a `command` reply."""
+    items = list(reply or [])
+    out = []
+    for i in range(0, len(items) - 2, 3):
+        key, raw, reserved = (_text(x) for x in items[i:i + 3])
+        out.append(Taken(base_queue(key, prefix), raw, reserved == "1"))
+    return out
+
+
+def take(client: Any, queues: Sequence[str], *, count: int, max_chars: int,
+         now: float | None = None) -> list[Taken]:
+    """Pop and reserve up to ``count`` messages from ``queues``, first queue first.
+
+    ``client`` is a redis-py client on the broker database. Every message
+    returned with ``reserved`` set is in kombu's unacked hash until `ack`
+    (or the visibility sweep puts it back).
+    """
+    return parse(client.execute_command(*command(queues, count=count, max_chars=max_chars,
+                                                 now=now)))
+
+
+def ack(client: Any, tags: Iterable[str]) -> None:
+    """Acknowledge reserved messages by delivery tag, in one round trip."""
+    tags = list(tags)
+    if not tags:
+        return
+    pipe = client.pipeline(transaction=False)
+    pipe.zrem(UNACKED_INDEX_KEY, *tags)
+    pipe.hdel(UNACKED_KEY, *tags)
+    pipe.execute()
+
+
+def delivery_tag(raw: str) -> str | None:
+    """The delivery tag of a kombu message (None if it has none)."""
+    try:
+        tag = json.loads(raw)["properties"]["delivery_tag"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return tag if isinstance(tag, str) and tag else None
+
+
+def ring(pipe: Any, count: int = 1) -> None:
+    """Add wake-up tokens for ``count`` new messages to ``pipe`` (a redis-py pipeline)."""
+    pipe.lpush(WAKE_KEY, *("1" * min(count, WAKE_MAX)))
+    pipe.ltrim(WAKE_KEY, 0, WAKE_MAX - 1)
+
+
+def wait(client: Any, timeout_s: float) -> bool:
+    """Block until a wake-up token arrives (True) or ``timeout_s`` passes (False)."""
+    return client.brpop([WAKE_KEY], timeout=timeout_s) is not None
+
+
+def _text(value: Any) -> str:
+    # surrogateescape: a hostile entry need not be UTF-8; it is refused later.
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)

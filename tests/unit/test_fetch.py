@@ -1,0 +1,109 @@
+"""The atomic take (fetch.py): the Lua script against fakeredis, kombu's formats.
+
+The real consumer path (a kombu channel of a real server, a lost reply, the
+sweep bringing the message back) is in tests/reliability/test_transport_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fakeredis
+import pytest
+
+from maas_worker import fetch
+
+HIGH, LOW = "maas.high", "maas.low"
+
+
+def message(tag: str, **props: Any) -> str:
+    return json.dumps({"body": "QUJD", "content-type": "application/json",
+                       "headers": {"task": "maas.infer", "id": tag, "empty": [], "map": {}},
+                       "properties": {"delivery_tag": tag, **props}})
+
+
+@pytest.fixture
+def r() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+def test_takes_in_queue_order_and_reserves_each_in_kombus_format(
+        r: fakeredis.FakeRedis) -> None:
+    r.lpush(LOW, message("l1"))
+    r.lpush(HIGH, message("h1"), message("h2"))  # h1 is the oldest: taken first
+    taken = fetch.take(r, [HIGH, LOW], count=2, max_chars=10_000, now=100.5)
+    assert [(t.queue, json.loads(t.raw)["headers"]["id"], t.reserved) for t in taken] == [
+        (HIGH, "h1", True), (HIGH, "h2", True)]
+    assert r.llen(HIGH) == 0 and r.llen(LOW) == 1
+    # kombu's QoS reads these back to restore: [message, exchange, routing key].
+    stored, exchange, routing_key = json.loads(r.hget("unacked", "h1"))
+    assert stored == json.loads(taken[0].raw)  # the text itself: [] stays [], {} stays {}
+    assert (exchange, routing_key) == ("", HIGH)
+    assert r.zscore("unacked_index", "h1") == 100.5
+    assert [t.queue for t in fetch.take(r, [HIGH, LOW], count=5, max_chars=10_000)] == [LOW]
+    assert fetch.take(r, [HIGH, LOW], count=5, max_chars=10_000) == []
+
+
+def test_priority_sub_queues_come_after_every_plain_queue_like_kombus_brpop(
+        r: fakeredis.FakeRedis) -> None:
+    r.lpush(HIGH + fetch.PRIORITY_SEP + "3", message("h3"))
+    r.lpush(LOW, message("l0"))
+    taken = fetch.take(r, [HIGH, LOW], count=2, max_chars=10_000)
+    assert [(t.queue, fetch.delivery_tag(t.raw)) for t in taken] == [(LOW, "l0"), (HIGH, "h3")]
+    # Recorded under the queue's own name: restoring routes it by the message priority.
+    assert json.loads(r.hget("unacked", "h3"))[2] == HIGH
+
+
+def test_the_recorded_queue_is_where_it_was_taken_not_what_it_claims(
+        r: fakeredis.FakeRedis) -> None:
+    r.lpush(LOW, message("x", delivery_info={"exchange": "", "routing_key": HIGH}))
+    fetch.take(r, [HIGH, LOW], count=1, max_chars=10_000)
+    assert json.loads(r.hget("unacked", "x"))[2] == LOW
+
+
+@pytest.mark.parametrize("entry", [
+    b"not json", b"\xff\xfe binary", b"[1, 2]", b'{"properties": "x"}',
+    b'{"properties": {"delivery_tag": 7}}', b'{"properties": {"delivery_tag": ""}}'])
+def test_an_entry_without_a_delivery_tag_is_taken_unreserved(
+        r: fakeredis.FakeRedis, entry: bytes) -> None:
+    r.lpush(HIGH, entry)
+    [taken] = fetch.take(r, [HIGH], count=1, max_chars=10_000)
+    assert taken.reserved is False and taken.queue == HIGH
+    assert taken.raw.encode("utf-8", "surrogateescape") == entry
+    assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0
+
+
+def test_an_entry_over_the_size_limit_is_not_decoded_nor_reserved(
+        r: fakeredis.FakeRedis) -> None:
+    r.lpush(HIGH, message("big") + " " * 1000)
+    [taken] = fetch.take(r, [HIGH], count=1, max_chars=500)
+    assert not taken.reserved and r.hlen("unacked") == 0
+
+
+def test_ack_removes_many_reservations_at_once(r: fakeredis.FakeRedis) -> None:
+    r.lpush(HIGH, *(message(f"t{i}") for i in range(5)))
+    taken = fetch.take(r, [HIGH], count=5, max_chars=10_000)
+    fetch.ack(r, [fetch.delivery_tag(t.raw) or "" for t in taken[:3]])
+    assert sorted(r.hkeys("unacked")) == [b"t3", b"t4"]
+    assert sorted(r.zrange("unacked_index", 0, -1)) == [b"t3", b"t4"]
+
+
+def test_key_prefix_applies_to_every_key_and_not_to_the_recorded_queue(
+        r: fakeredis.FakeRedis) -> None:
+    r.lpush("p:" + HIGH, message("t"))
+    reply = r.execute_command(*fetch.command([HIGH], count=1, max_chars=10_000, prefix="p:"))
+    [taken] = fetch.parse(reply, "p:")
+    assert taken.queue == HIGH
+    assert json.loads(r.hget("p:unacked", "t"))[2] == HIGH
+    assert r.zcard("p:unacked_index") == 1
+
+
+def test_wake_up_tokens_are_bounded_and_wait_returns_on_one(r: fakeredis.FakeRedis) -> None:
+    pipe = r.pipeline()
+    fetch.ring(pipe, fetch.WAKE_MAX + 50)
+    pipe.execute()
+    assert r.llen(fetch.WAKE_KEY) == fetch.WAKE_MAX
+    assert fetch.wait(r, 0.01) is True
+    r.delete(fetch.WAKE_KEY)
+    assert fetch.wait(r, 0.01) is False
