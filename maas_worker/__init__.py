@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .client import Client, Job
+from .client import Client
 from .errors import (
     ConfigError,
     InputTooLarge,
@@ -26,6 +26,7 @@ from .errors import (
     UnknownModel,
     UnknownTenant,
 )
+from .job import Job
 from .settings import Settings
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The producer side: `Client` seals and submits jobs; `Job` follows one to its result.
+"""The producer side: `Client` seals and submits jobs (`Job`, in job.py, follows one).
 
 Everything a client can check is checked before anything is enqueued
 (tenant and key, model, policy, JSON input, size), each failure one clear
@@ -9,12 +9,11 @@ the worker is the authority.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +23,18 @@ from kombu.exceptions import BatchPublishError, OperationalError
 
 from . import aead, keyspace
 from .app import PAYLOAD_REF, TASK_NAME, make_app
-from .cancellation import make_token, verify_token
-from .envelope import Header, now_ms, open_envelope, seal
+from .envelope import Header, now_ms, seal
 from .errors import (
     ConfigError,
     InputTooLarge,
-    InvalidEnvelope,
-    JobCancelled,
-    JobExpired,
-    JobFailed,
-    JobRejected,
     PolicyDenied,
     QueueFull,
     RateLimited,
-    ResultTimeout,
     ServiceUnavailable,
     SubmitError,
-    UnknownJob,
     UnknownModel,
 )
+from .job import Job, backend_errors
 from .keys import Keyring, KeyringSource
 from .models.base import parse_model_ref
 from .quota import Quotas
@@ -51,11 +43,6 @@ from .settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
 
 log = logging.getLogger(__name__)
 
-#: Longest single blocking wait on Redis while waiting for a result; short so a
-#: second waiter whose wake-up was taken still notices the result soon.
-_WAIT_SLICE_S = 1.0
-#: Bytes an envelope adds around a result's plaintext (header, nonce, tag, MAC).
-_ENVELOPE_OVERHEAD = 1024
 #: How long the model catalogue read from Redis is reused by a client.
 CATALOG_CACHE_S = 5.0
 #: How long a queue length read from Redis is reused (plus our own submits).
@@ -123,6 +110,7 @@ class Client:
         self._cancel: Any = None
         self._served: tuple[float, set[str]] = (0.0, set())
         self._depth: dict[str, tuple[float, int]] = {}
+        self._own: tuple[Keyring | None, Keyring] = (None, self.keyring)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
@@ -137,6 +125,13 @@ class Client:
             return self._static_ring
         assert self._ring_source is not None
         return self._ring_source.get()
+
+    def own_keyring(self) -> Keyring:
+        """This tenant's keys only (what opens its results), rebuilt when the keyring changes."""
+        ring = self.keyring
+        if self._own[0] is not ring:
+            self._own = (ring, ring.only(self.tenant))
+        return self._own[1]
 
     @property
     def app(self) -> Celery:
@@ -160,7 +155,8 @@ class Client:
         return self._quotas
 
     @property
-    def _cancel_script(self) -> Any:
+    def cancel_script(self) -> Any:
+        """The cancel request script (job.py), registered on first use."""
         if self._cancel is None:
             self._cancel = self.backend.register_script(_CANCEL)
         return self._cancel
@@ -197,7 +193,7 @@ class Client:
         can submit before any worker has started in a test or the demo.
         """
         since = time.time() - CATALOG_TTL_S
-        with _backend_errors(self.settings):
+        with backend_errors(self.settings):
             rows: list[bytes] = self.backend.zrangebyscore(keyspace.CATALOG, since, "+inf")  # type: ignore[assignment]
         refs = {r.decode() for r in rows} | set(diagnostic_refs(self.settings))
         self._served = (time.monotonic() + CATALOG_CACHE_S, refs)
@@ -291,7 +287,7 @@ class Client:
         # base64-encoded twice (ours, then kombu's) and JSON-escaped between.
         large = [(h, raw) for h, raw in sealed if len(raw) > INLINE_MAX_BYTES]
         if large:
-            with _backend_errors(self.settings):
+            with backend_errors(self.settings):
                 pipe = self.backend.pipeline(transaction=False)
                 for header, raw in large:
                     pipe.set(keyspace.payload(header.job_id), raw,
@@ -367,7 +363,7 @@ class Client:
     def _admit(self, headers: list[Header]) -> None:
         """Charge the tenant's quota now, for fast feedback (workers check again)."""
         policy = self.keyring.tenant(self.tenant).policy
-        with _backend_errors(self.settings):
+        with backend_errors(self.settings):
             verdict = self.quotas.admit_many(self.tenant, [h.job_id for h in headers], policy,
                                              max(h.expires_at_ms for h in headers))
         if verdict.admitted:
@@ -389,156 +385,5 @@ class Client:
         return Job(self, job_id)
 
 
-@contextlib.contextmanager
-def _backend_errors(settings: Settings) -> Iterator[None]:
-    """Turn connection failures of the result backend into `ServiceUnavailable`."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError):
-        raise ServiceUnavailable(
-            f"result backend unavailable ({redact_url(settings.result_backend)}); "
-            "retry later") from None
-
-
 def _fields(s: Settings) -> dict[str, Any]:
     return {f: getattr(s, f) for f in s.__dataclass_fields__}
-
-
-class Job:
-    """One submitted job: its id, state and (sealed-for-you) result."""
-
-    def __init__(self, client: Client, job_id: str, *, request_hash: bytes | None = None) -> None:
-        self.client = client
-        self.id = job_id
-        self._request_hash = request_hash
-
-    def __repr__(self) -> str:
-        return f"Job(id={self.id!r})"
-
-    def _open(self, sealed: bytes) -> dict[str, Any]:
-        s = self.client.settings
-        header, body = open_envelope(
-            sealed, expect="result", keyring=self.client.keyring.only(self.client.tenant),
-            max_bytes=s.max_result_bytes + _ENVELOPE_OVERHEAD, skew_ms=s.clock_skew_s * 1000)
-        if header.job_id != self.id or header.tenant != self.client.tenant or (
-                self._request_hash is not None and header.request_hash != self._request_hash):
-            raise InvalidEnvelope()
-        doc: dict[str, Any] = json.loads(body)
-        return doc
-
-    def _cancelled(self, token: bytes | None) -> bool:
-        return verify_token(token, self.client.keyring, self.client.tenant, self.id)
-
-    def info(self) -> dict[str, Any]:
-        """``{"job_id", "state", "reason"}``; ``reason`` is set for failed jobs only.
-
-        States: ``queued``, ``running``, ``succeeded``, ``failed``, ``rejected``,
-        ``cancelled``, ``expired``. The reason is a short code (``timeout``,
-        ``bad_input``, ``worker_lost``, ...), never payload; why a job was
-        rejected is in the audit log only. Raises `UnknownJob` for an unknown
-        (or long expired) job id.
-        """
-        r = self.client.backend
-        pipe = r.pipeline(transaction=False)
-        for key in (keyspace.result(self.id), keyspace.rejected(self.id),
-                    keyspace.cancel(self.id), keyspace.claim(self.id),
-                    keyspace.submitted(self.id)):
-            pipe.get(key)
-        with _backend_errors(self.client.settings):
-            sealed, rejected, cancel, claim, submitted = pipe.execute()
-        state, reason = self._state(sealed, rejected, cancel, claim, submitted)
-        return {"job_id": self.id, "state": state, "reason": reason}
-
-    def _state(self, sealed: bytes | None, rejected: bytes | None, cancel: bytes | None,
-               claim: bytes | None, submitted: bytes | None) -> tuple[str, str | None]:
-        if sealed is not None:
-            doc = self._open(sealed)
-            if doc.get("ok"):
-                return "succeeded", None
-            error = str(doc.get("error", "error"))
-            return ("cancelled", None) if error == "cancelled" else ("failed", error)
-        if rejected is not None:
-            return ("expired" if rejected == b"expired" else "rejected"), None
-        if cancel is not None and self._cancelled(cancel):
-            return "cancelled", None
-        if claim is not None and claim != b"done":
-            return "running", None
-        if submitted is not None:
-            expires = int(submitted) if submitted.isdigit() else None
-            skew_ms = self.client.settings.clock_skew_s * 1000
-            if expires is not None and now_ms() > expires + skew_ms:
-                return "expired", None
-            return "queued", None
-        raise UnknownJob(self.id, "unknown job (never submitted, or expired)")
-
-    def status(self) -> str:
-        """The job's state (see `info`)."""
-        return str(self.info()["state"])
-
-    def cancel(self) -> bool:
-        """Ask for the job to be cancelled; False if it had already finished.
-
-        A queued job then never runs; a running one is interrupted within about
-        a second (its process is ended if it does not stop within a few more).
-        The request is kept in Redis, so it survives worker restarts, and is
-        signed with this tenant's key: no other tenant can cancel the job.
-        """
-        token = make_token(self.client.keyring, self.client.tenant, self.id)
-        s = self.client.settings
-        default_ms = (s.job_ttl_s + s.result_ttl_s) * 1000
-        with _backend_errors(s):
-            done = self.client._cancel_script(
-                keys=[keyspace.result(self.id), keyspace.cancel(self.id),
-                      keyspace.done(self.id), keyspace.submitted(self.id)],
-                args=[token, default_ms, s.result_ttl_s * 1000])
-        return bool(done)
-
-    def result(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for the result and return the model's output.
-
-        Raises `JobFailed` if the model failed (``reason`` says why: ``timeout``,
-        ``bad_input``, ...), `JobCancelled`, `JobExpired`, `JobRejected` if a
-        worker refused the job, `ResultTimeout` after ``timeout`` seconds,
-        `ServiceUnavailable` if Redis cannot be reached, and `InvalidEnvelope`
-        if what is stored is not a genuine result for this job.
-        """
-        with _backend_errors(self.client.settings):
-            return self._wait(timeout)
-
-    def _wait(self, timeout: float | None) -> dict[str, Any]:
-        r = self.client.backend
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            # Fast path: most results are already there when asked for.
-            sealed: Any = r.get(keyspace.result(self.id))
-            rejected = cancel = claim = None
-            if sealed is None:
-                pipe = r.pipeline(transaction=False)
-                for key in (keyspace.result(self.id), keyspace.rejected(self.id),
-                            keyspace.cancel(self.id), keyspace.claim(self.id)):
-                    pipe.get(key)
-                sealed, rejected, cancel, claim = pipe.execute()
-            if sealed is not None:
-                doc = self._open(sealed)
-                if doc.get("ok"):
-                    output: dict[str, Any] = doc.get("output", {})
-                    return output
-                error = str(doc.get("error", "error"))
-                if error == "cancelled":
-                    raise JobCancelled(self.id, "cancelled")
-                raise JobFailed(self.id, error, str(doc.get("message", "")))
-            if rejected == b"expired":
-                raise JobExpired(self.id, "expired in the queue before a worker ran it")
-            if rejected is not None:
-                raise JobRejected(self.id, "rejected by a worker (see `maas-worker audit`)")
-            # A running job still stores a (cancelled) result: wait for it.
-            if cancel is not None and (claim is None or claim == b"done") \
-                    and self._cancelled(cancel):
-                raise JobCancelled(self.id, "cancelled")
-            wait = _WAIT_SLICE_S
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ResultTimeout(f"job {self.id}: no result within {timeout:g} s")
-                wait = min(wait, remaining)
-            r.blpop([keyspace.done(self.id)], timeout=max(wait, 0.01))

@@ -20,10 +20,11 @@ import redis
 
 from .app import TASK_NAME
 from .audit import AuditLog
-from .client import Client, Job
+from .client import Client
 from .embedded import EmbeddedRedis
 from .envelope import NONCE_BYTES, encode_header
 from .errors import JobRejected, MaasError
+from .job import Job
 from .keys import Keyring, save_keyring
 from .processes import WorkerProcess
 from .settings import BUNDLED_MODEL_DIR, PRIORITIES, Settings, queue_for

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from maas_worker.client import Job
+from maas_worker.job import Job
 from maas_worker.processes import WorkerProcess
 
 from .conftest import SIZE, TENANTS, Stack, assert_once, outcome_counts, wait_for

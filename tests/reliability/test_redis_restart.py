@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from maas_worker import ServiceUnavailable, UnknownJob
-from maas_worker.client import Job
 from maas_worker.embedded import EmbeddedRedis
+from maas_worker.job import Job
 
 from .conftest import SIZE, TENANTS, Stack, assert_once, wait_for
 
