@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
+
+V = TypeVar("V")
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT_S = 600
@@ -38,6 +40,10 @@ DEFAULT_MEMORY_HIGH_WATER_PCT = 90.0
 DEFAULT_MAX_MEMORY_PER_CHILD_MB = 2048
 #: Share of fetches guaranteed to normal and to low jobs while they wait.
 DEFAULT_LOW_PRIORITY_SHARE = 0.05
+#: Batch consumer (``worker --batch-consumer``): most jobs taken and run per
+#: batch, and how long a batch that is not full waits for more (0: no wait).
+DEFAULT_CONSUMER_BATCH = 64
+DEFAULT_CONSUMER_WAIT_MS = 0.0
 #: Longest lifetime a client may ask for; bounds how long replay state is kept.
 MAX_JOB_TTL_S = 7 * 24 * 3600
 #: Beat asks every worker node for a resource sample this often (docs/monitoring.md).
@@ -110,64 +116,63 @@ def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: flo
     return value
 
 
-def _per_priority(env: Mapping[str, str], name: str, default: int) -> dict[str, int]:
-    """``1000`` (every priority) or ``high=100,normal=1000,low=10000``."""
+def _pairs(env: Mapping[str, str], name: str, value: Callable[[str, str], V],
+           usage: str) -> dict[str, V]:
+    """Parse ``key=VALUE,key=VALUE``; ``value(key, text)`` raises ValueError when wrong."""
     raw = env.get(name, "").strip()
-    out = dict.fromkeys(PRIORITIES, default)
+    out: dict[str, V] = {}
     if not raw:
         return out
     try:
-        if "=" not in raw:
-            return dict.fromkeys(PRIORITIES, max(1, int(raw)))
         for part in raw.split(","):
-            key, _, value = part.partition("=")
-            if key.strip() not in out:
+            key, _, text = part.partition("=")
+            if not key.strip():
                 raise ValueError
-            out[key.strip()] = max(1, int(value))
+            out[key.strip()] = value(key.strip(), text)
     except ValueError:
-        raise ConfigError(f"{name} must be a number or high=N,normal=N,low=N") from None
+        raise ConfigError(f"{name} must look like {usage}") from None
     return out
+
+
+def _per_priority(env: Mapping[str, str], name: str, default: int) -> dict[str, int]:
+    """``1000`` (every priority) or ``high=100,normal=1000,low=10000``."""
+    raw = env.get(name, "").strip()
+    usage = "a number or high=N,normal=N,low=N"
+    if raw and "=" not in raw:
+        try:
+            return dict.fromkeys(PRIORITIES, max(1, int(raw)))
+        except ValueError:
+            raise ConfigError(f"{name} must look like {usage}") from None
+
+    def count(priority: str, text: str) -> int:
+        if priority not in PRIORITIES:
+            raise ValueError
+        return max(1, int(text))
+    return {**dict.fromkeys(PRIORITIES, default), **_pairs(env, name, count, usage)}
 
 
 def _time_limits(env: Mapping[str, str], name: str) -> dict[str, tuple[float, float]]:
     """``sleep=5:10,digits=2:4``: model -> (soft, hard) seconds."""
-    raw = env.get(name, "").strip()
-    out: dict[str, tuple[float, float]] = {}
-    if not raw:
-        return out
-    try:
-        for part in raw.split(","):
-            model, _, limits = part.partition("=")
-            soft, _, hard = limits.partition(":")
-            soft_s = float(soft)
-            hard_s = float(hard) if hard else soft_s + 30
-            if not 0 < soft_s <= hard_s:
-                raise ValueError
-            out[model.strip()] = (soft_s, hard_s)
-    except ValueError:
-        raise ConfigError(f"{name} must look like model=SOFT:HARD,... "
-                          "(seconds, 0 < SOFT <= HARD)") from None
-    return out
+    def limits(_: str, text: str) -> tuple[float, float]:
+        soft, _, hard = text.partition(":")
+        soft_s = float(soft)
+        hard_s = float(hard) if hard else soft_s + 30
+        if not 0 < soft_s <= hard_s:
+            raise ValueError
+        return soft_s, hard_s
+    return _pairs(env, name, limits, "model=SOFT:HARD,... (seconds, 0 < SOFT <= HARD)")
 
 
 def _batching(env: Mapping[str, str], name: str) -> dict[str, tuple[int, float]]:
     """``digits=32:5``: model -> (largest batch, longest wait in ms)."""
-    raw = env.get(name, "").strip()
-    out: dict[str, tuple[int, float]] = {}
-    if not raw:
-        return out
-    try:
-        for part in raw.split(","):
-            model, _, spec = part.partition("=")
-            size, _, wait = spec.partition(":")
-            batch, wait_ms = int(size), float(wait or 2)
-            if not (1 <= batch <= 4096 and 0 <= wait_ms <= 1000) or not model.strip():
-                raise ValueError
-            out[model.strip()] = (batch, wait_ms)
-    except ValueError:
-        raise ConfigError(f"{name} must look like model=MAX_BATCH:MAX_WAIT_MS,... "
-                          "(1..4096 jobs, 0..1000 ms)") from None
-    return out
+    def spec(_: str, text: str) -> tuple[int, float]:
+        size, _, wait = text.partition(":")
+        batch, wait_ms = int(size), float(wait or 2)
+        if not (1 <= batch <= 4096 and 0 <= wait_ms <= 1000):
+            raise ValueError
+        return batch, wait_ms
+    return _pairs(env, name, spec,
+                  "model=MAX_BATCH:MAX_WAIT_MS,... (1..4096 jobs, 0..1000 ms)")
 
 
 def _choice(env: Mapping[str, str], name: str, options: tuple[str, ...]) -> str:
@@ -369,6 +374,8 @@ class Settings:
     low_priority_share: float = DEFAULT_LOW_PRIORITY_SHARE
     crypto_backend: str = "auto"
     batching: dict[str, tuple[int, float]] = field(default_factory=dict)
+    consumer_batch: int = DEFAULT_CONSUMER_BATCH
+    consumer_wait_ms: float = DEFAULT_CONSUMER_WAIT_MS
     keyring_path: Path = field(default_factory=lambda: _default_keyring(os.environ))
     tenant: str | None = None
     model_dir: Path = field(default_factory=lambda: _default_model_dir(os.environ))
@@ -458,6 +465,9 @@ class Settings:
             crypto_backend=_choice(env, "MAAS_CRYPTO_BACKEND",
                                    ("auto", "pycryptodome", "openssl")),
             batching=_batching(env, "MAAS_BATCH"),
+            consumer_batch=_int(env, "MAAS_CONSUMER_BATCH", DEFAULT_CONSUMER_BATCH),
+            consumer_wait_ms=_float(env, "MAAS_CONSUMER_WAIT_MS", DEFAULT_CONSUMER_WAIT_MS,
+                                    0, 1000),
         )
         overrides.pop("broker_url", None)
         overrides.pop("result_backend", None)
