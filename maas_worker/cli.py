@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from .errors import ConfigError, JobError, MaasError
+from .errors import ConfigError, JobError, MaasError, connection_cause
 from .settings import PRIORITIES, Settings, redact_url
 
 EXIT_ERROR = 1
@@ -117,7 +117,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     TrustedSigners.from_paths(settings.trusted_signers)  # ... or without its model signers
     app.conf.update(celery_config(settings))
     argv = ["worker", "-Q", ",".join(QUEUE_NAMES), "--loglevel", args.loglevel]
-    if args.concurrency:
+    if args.batch_consumer:
+        # The job queues go to batch consumer processes (supervisor.py); the
+        # Celery worker keeps remote control and the broadcast queue, and runs
+        # the resource samples in its own process.
+        if args.autoscale or args.pool:
+            raise ConfigError("--batch-consumer sizes its own processes (--concurrency); "
+                              "it does not take --autoscale or --pool")
+        from . import supervisor
+        from .monitoring import MONITOR_EXCHANGE
+
+        supervisor.configure(processes=args.concurrency or os.cpu_count() or 1,
+                             loglevel=args.loglevel)
+        argv = ["worker", "-Q", MONITOR_EXCHANGE, "--pool", "solo", "--loglevel", args.loglevel]
+    elif args.concurrency:
         argv += ["--concurrency", str(args.concurrency)]
     if args.autoscale:
         argv += ["--autoscale", args.autoscale]
@@ -127,6 +140,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         argv += ["--pool", args.pool]
     app.worker_main(argv)
     return 0
+
+
+def cmd_batch_consumer(args: argparse.Namespace) -> int:
+    """One batch consumer process (started by ``worker --batch-consumer``)."""
+    from .consumer import serve
+
+    return serve(name=args.name, loglevel=args.loglevel, ready_fd=args.ready_fd)
 
 
 def cmd_beat(args: argparse.Namespace) -> int:
@@ -169,9 +189,10 @@ def cmd_ping(args: argparse.Namespace) -> int:
     node = args.node or default_nodename(None)  # the worker's default: celery@<this host>
     try:
         replies = app.control.ping(destination=[node], timeout=args.timeout)
-    except OperationalError:
+    except OperationalError as exc:
         raise ServiceUnavailable(
-            f"broker unavailable ({redact_url(settings.broker_url)})") from None
+            f"broker unavailable ({redact_url(settings.broker_url)}: "
+            f"{connection_cause(exc)})") from None
     if not any(node in reply for reply in replies or ()):
         raise ServiceUnavailable(f"worker {node} did not answer within {args.timeout:g} s")
     print(f"{node}: pong")
@@ -384,7 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     # "threads" is for dynamic batching (MAAS_BATCH): there a running job
     # cannot be interrupted, only failed at its soft limit (docs/compute.md).
     w.add_argument("--pool", choices=("prefork", "solo", "threads"))
+    w.add_argument("--batch-consumer", action="store_true",
+                   help="take the job queues in batches: one round trip per stage for many "
+                   "jobs, one model call per batch (--concurrency processes; docs/operations.md)")
     w.add_argument("--loglevel", default="INFO")
+    bc = sub.add_parser("batch-consumer", help=argparse.SUPPRESS)
+    bc.add_argument("--name", default="consumer")
+    bc.add_argument("--ready-fd", type=int)
+    bc.add_argument("--loglevel", default="INFO")
     b = sub.add_parser("beat", help="run Celery beat (exactly one per deployment)")
     b.add_argument("--loglevel", default="INFO")
     f = sub.add_parser("flower", help="run Flower (authentication required)")
@@ -438,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {
-    "keys": cmd_keys, "worker": cmd_worker, "beat": cmd_beat, "flower": cmd_flower,
+    "keys": cmd_keys, "worker": cmd_worker, "batch-consumer": cmd_batch_consumer,
+    "beat": cmd_beat, "flower": cmd_flower,
     "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "result": cmd_result,
     "audit": cmd_audit, "ping": cmd_ping,
     "stats": cmd_stats, "demo": cmd_demo, "models": cmd_models,
@@ -464,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         s = Settings.from_env()
         where = redact_url(s.broker_url) if s.result_backend == s.broker_url else \
             f"broker {redact_url(s.broker_url)} or result backend {redact_url(s.result_backend)}"
-        print(f"maas-worker: error: Redis unavailable ({where}): {type(exc).__name__}",
+        print(f"maas-worker: error: Redis unavailable ({where}): {connection_cause(exc)}",
               file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

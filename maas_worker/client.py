@@ -33,6 +33,7 @@ from .errors import (
     ServiceUnavailable,
     SubmitError,
     UnknownModel,
+    connection_cause,
 )
 from .job import Job, backend_errors
 from .keys import Keyring, KeyringSource
@@ -308,10 +309,10 @@ class Client:
                         # display; say what it is instead of repeating the ciphertext.
                         argsrepr="('<sealed envelope>',)", kwargsrepr="{}",
                     )
-        except OperationalError:
+        except OperationalError as exc:
             raise ServiceUnavailable(
-                f"broker unavailable ({redact_url(self.settings.broker_url)}); "
-                "the jobs were not submitted, retry later") from None
+                f"broker unavailable ({redact_url(self.settings.broker_url)}: "
+                f"{connection_cause(exc)}); the jobs were not submitted, retry later") from None
         except BatchPublishError:
             # The connection broke while the batch was being sent: some jobs
             # may be queued all the same. Say so, and which, rather than
@@ -349,10 +350,11 @@ class Client:
         if now - read_at > DEPTH_CACHE_S or depth + adding >= limit * 0.9:
             try:
                 depth = int(self.broker.llen(queue_for(priority)))
-            except (redis.ConnectionError, redis.TimeoutError):
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise ServiceUnavailable(
-                    f"broker unavailable ({redact_url(self.settings.broker_url)}); "
-                    "the job was not submitted, retry later") from None
+                    f"broker unavailable ({redact_url(self.settings.broker_url)}: "
+                    f"{connection_cause(exc)}); the job was not submitted, retry later"
+                ) from None
             read_at = now
         self._depth[priority] = (read_at, depth + adding)
         if depth + adding > limit:

@@ -172,3 +172,42 @@ class EnvelopeRejected(InvalidEnvelope):
         self.reason = reason
         self.unverified_header = unverified_header
         self.authenticated = authenticated
+
+
+def connection_cause(exc: BaseException) -> str:
+    """Why a connection to Redis failed, in a few words that carry no data.
+
+    Looks through the exception chain (redis-py and kombu wrap the socket or
+    TLS error) for what an operator can act on: a certificate that does not
+    verify, a refused or timed-out connection, a wrong password. Never the
+    exception text of the outer errors, which can quote a URL.
+    """
+    import socket
+    import ssl
+
+    import redis
+
+    chain: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return "TLS: certificate verify failed" + (
+                f": {e.verify_message}" if e.verify_message else "")
+        if isinstance(e, ssl.SSLEOFError):
+            return "TLS: the server ended the handshake (does it require a client certificate?)"
+        if isinstance(e, ssl.SSLError):
+            return f"TLS: {(e.reason or type(e).__name__).lower().replace('_', ' ')}"
+    for e in chain:
+        if isinstance(e, redis.AuthenticationError) or "WRONGPASS" in str(e)[:64]:
+            return "authentication failed"
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, TimeoutError | socket.timeout | redis.TimeoutError):
+            return "timed out"
+        if isinstance(e, ConnectionResetError):
+            return "connection reset by the server"
+    return type(chain[-1]).__name__
+

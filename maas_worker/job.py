@@ -28,6 +28,7 @@ from .errors import (
     ResultTimeout,
     ServiceUnavailable,
     UnknownJob,
+    connection_cause,
 )
 from .settings import Settings, redact_url
 
@@ -46,10 +47,10 @@ def backend_errors(settings: Settings) -> Iterator[None]:
     """Turn connection failures of the result backend into `ServiceUnavailable`."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError):
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise ServiceUnavailable(
-            f"result backend unavailable ({redact_url(settings.result_backend)}); "
-            "retry later") from None
+            f"result backend unavailable ({redact_url(settings.result_backend)}: "
+            f"{connection_cause(exc)}); retry later") from None
 
 
 

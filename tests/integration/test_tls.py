@@ -251,9 +251,18 @@ def test_connections_that_must_fail_fail_cleanly_without_the_password(
         "plain redis://": {"MAAS_BROKER_URL": t.url(scheme="redis"), "MAAS_REDIS_TLS_CA": "",
                            "MAAS_REDIS_TLS_CERT": "", "MAAS_REDIS_TLS_KEY": ""},
     }[case]
+    # What the one-line error says went wrong: something an operator can act on.
+    cause = {
+        "system CAs only": "TLS: certificate verify failed",
+        "no client certificate": "TLS: the server ended the handshake",
+        "wrong password": "authentication failed",
+        "host name not in the certificate": "TLS: certificate verify failed: IP address mismatch",
+        "plain redis://": "connection reset by the server",
+    }[case]
     cli_env = {k: v for k, v in {**tls_stack.env, **env}.items() if v}
     with pytest.raises(ServiceUnavailable) as err:
         Client(settings=Settings.from_env(cli_env)).submit("echo", {})
+    assert cause in str(err.value)
     for secret in (t.password, wrong):
         assert secret not in str(err.value)
     done = run_cli(cli_env, "status", "00000000-0000-0000-0000-000000000000")
