@@ -24,10 +24,13 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from . import keyspace
 from .quota import ADMIT_FUNCTION
@@ -136,6 +139,15 @@ return 1
 
 
 @dataclass(frozen=True)
+class ClaimRequest:
+    """One job of `JobGuard.claim_many`: its id, replay window and quota admission."""
+
+    job_id: str
+    window_ms: int
+    admission: tuple[list[str], list[str | float]] | None = None
+
+
+@dataclass(frozen=True)
 class Claim:
     """What `JobGuard.claim_job` decided, with its detail.
 
@@ -198,7 +210,26 @@ class JobGuard:
         if admission is not None:
             keys += admission[0]
             args += admission[1]
-        raw_outcome, raw_detail = self._claim(keys=keys, args=args)
+        return self._claimed(job_id, self._claim(keys=keys, args=args))
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]:
+        """`claim_job` for many jobs in ONE round trip (the same script, pipelined)."""
+        calls = []
+        for req in requests:
+            keys = [keyspace.claim(req.job_id), keyspace.result(req.job_id),
+                    keyspace.attempts(req.job_id), keyspace.cancel(req.job_id)]
+            args: list[str | float] = [self.holder, self.lease_ms, max(req.window_ms, 1),
+                                       self.max_attempts, "0"]
+            if req.admission is not None:
+                keys += req.admission[0]
+                args += req.admission[1]
+            calls.append((keys, args))
+        replies = self._eval_many(self._claim, calls)
+        return [self._claimed(req.job_id, reply) for req, reply in zip(requests, replies,
+                                                                        strict=True)]
+
+    def _claimed(self, job_id: str, reply: Any) -> Claim:
+        raw_outcome, raw_detail = reply
         outcome = _text(raw_outcome)
         detail = _text(raw_detail)
         if outcome in ("claimed", "exhausted"):
@@ -243,6 +274,50 @@ class JobGuard:
                   keyspace.payload(job_id)],
             args=[sealed, result_ttl_s * 1000, keep_ms])
         return bool(stored)
+
+    def store_many(self, results: Sequence[tuple[str, bytes, int]], *,
+                   result_ttl_s: int) -> list[bool]:
+        """`store_result` for many ``(job id, sealed, replay window ms)`` in ONE round trip."""
+        for job_id, _, _ in results:
+            self._forget(job_id)
+        replies = self._eval_many(self._store, [
+            ([keyspace.result(job_id), keyspace.claim(job_id), keyspace.done(job_id),
+              keyspace.payload(job_id)],
+             [sealed, result_ttl_s * 1000, max(window, result_ttl_s * 1000, 1)])
+            for job_id, sealed, window in results])
+        return [bool(r) for r in replies]
+
+    def fetch_payloads(self, job_ids: Sequence[str],
+                       max_bytes: int) -> list[bytes | int | None]:
+        """`fetch_payload` for many jobs in ONE round trip."""
+        replies = self._eval_many(self._fetch, [([keyspace.payload(j)], [max_bytes])
+                                                for j in job_ids])
+        return [-1 if r == -1 else r if isinstance(r, bytes) and r else None for r in replies]
+
+    def _eval_many(self, script: Script,
+                   calls: Sequence[tuple[list[str], Sequence[Any]]]) -> list[Any]:
+        """Run ``script`` once per call in one pipeline; the replies, in order.
+
+        EVALSHA directly: a pipeline given redis-py Script objects checks
+        ``SCRIPT EXISTS`` first, a second round trip every time. After a Redis
+        restart (empty script cache) the script is loaded and the calls rerun:
+        a NOSCRIPT reply means the call did nothing.
+        """
+        if not calls:
+            return []
+        for attempt in range(2):
+            pipe = self._r.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            if attempt == 0:
+                script.sha = self._r.script_load(script.script)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return list(replies)
 
     def fetch_payload(self, job_id: str, max_bytes: int) -> bytes | int | None:
         """The job's claim-checked request; None if absent, -1 if over ``max_bytes``."""

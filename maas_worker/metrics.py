@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -156,6 +156,52 @@ def timed_predict(header: _Header, model: _Model, inputs: Any) -> dict[str, Any]
     finally:
         elapsed = time.perf_counter() - start
         _safely(lambda: _m().run.labels(ref).observe(elapsed))
+
+
+class _BatchModel(Protocol):
+    def predict_batch(self, batch: list[Any]) -> list[Any]: ...
+
+
+def timed_predict_batch(headers: Sequence[_Header], model: _BatchModel,
+                        inputs: list[Any]) -> list[Any]:
+    """``model.predict_batch(inputs)`` for the jobs of ``headers``, recording each job.
+
+    Every job's queue wait is recorded, and as its run time the time of the
+    shared call. A job whose output is an error (or every job, if the call
+    raises) has its failure reason remembered for `job_finished`.
+    """
+    now = time.time()
+    waits = [(h.model, max(0.0, now - h.issued_at_ms / 1000)) for h in headers]
+    _safely(lambda: _observe_all(_m().queue_wait, waits))
+    start = time.perf_counter()
+    try:
+        outputs = model.predict_batch(inputs)
+    except BaseException as exc:
+        for header in headers:
+            _remember_failure(header.job_id, _reason_of(exc))
+        raise
+    finally:
+        elapsed = time.perf_counter() - start
+        _safely(lambda: _observe_all(_m().run, [(h.model, elapsed) for h in headers]))
+    for header, out in zip(headers, outputs, strict=True):
+        if isinstance(out, Exception):
+            _remember_failure(header.job_id, _reason_of(out))
+    return outputs
+
+
+def _observe_all(histogram: Any, values: list[tuple[str, float]]) -> None:
+    for ref, value in values:
+        histogram.labels(ref).observe(value)
+
+
+def _reason_of(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return reason if isinstance(reason, str) else "internal_error"
+
+
+def add_busy(seconds: float) -> None:
+    """Add time spent on jobs by a process outside Celery's tasks (the batch consumer)."""
+    _safely(lambda: _m().busy.inc(seconds))
 
 
 def _safely(record: Callable[[], None]) -> None:

@@ -160,3 +160,10 @@ class Quotas:
         """The job ended: it no longer counts against ``max_in_flight``."""
         if policy.max_in_flight:
             self._r.zrem(keyspace.in_flight(tenant), job_id)
+
+    def release_many(self, jobs: list[tuple[str, str]]) -> None:
+        """`release` for many ``(tenant, job id)`` of in-flight-capped tenants, one round trip."""
+        pipe = self._r.pipeline(transaction=False)
+        for tenant, job_id in jobs:
+            pipe.zrem(keyspace.in_flight(tenant), job_id)
+        pipe.execute()

@@ -1,0 +1,425 @@
+"""The job pipeline's stages, shared by the ``maas.infer`` task and the batch consumer.
+
+Checks run in this order and fail closed (docs/security.md explains each):
+size -> version/type -> key lookup -> time window -> HMAC -> task name/id
+binding -> memory headroom -> replay claim with cancel check and quota
+admission (one Lua script) -> decrypt -> tenant policy -> model -> run under
+the watchdog (time limits, cancellation) -> seal -> store write-once. A
+rejected message is audited and marked so its client learns of it; the
+caller acknowledges it and carries on with the next message.
+
+The binding check sits before the claim (the design lists it after decrypt)
+because after the HMAC the header is already authentic: checking it first
+means an envelope copied into a message with another task id can never take
+the real job's claim.
+
+Each stage either returns what the next one needs or raises `Stop` (the
+delivery is over, with its outcome: already audited and recorded) or `Defer`
+(keep the message and try again later: the job is busy elsewhere, or memory
+is short). The Celery task (tasks.py) runs the stages for one message; the
+batch consumer (consumer.py) runs each stage for a whole batch, with the
+Redis work of a stage pipelined across the batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import keyspace, metrics
+from .app import PAYLOAD_REF
+from .batching import DynamicBatcher
+from .cancellation import verify_token
+from .envelope import Header, Verified, now_ms, seal, verify
+from .errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
+from .guard import Claim
+from .keys import TenantPolicy
+from .models import Model
+from .quota import admission_args, admission_keys
+from .runtime import WorkerRuntime
+from .settings import Settings, queue_for
+from .watchdog import JobInterrupted
+
+log = logging.getLogger(__name__)
+
+#: How long a job waits (handed back with a delay) while the host is short of memory.
+MEMORY_BACKOFF_S = 5.0
+
+
+class Stop(Exception):
+    """The delivery is finished with ``outcome`` (a result stored or a rejection recorded)."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+class Defer(Exception):
+    """Not now: keep the message and try it again after ``delay_s`` seconds."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.delay_s = delay_s
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A claimed, decrypted, policy-checked job with its model, ready to run."""
+
+    model: Model
+    inputs: Any
+    soft_s: float
+    hard_s: float
+
+
+HardHook = Callable[[], None]
+
+
+def reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
+           *, authenticated: bool) -> None:
+    """Audit a refused delivery and mark the job so its client learns of it."""
+    tenant = header.tenant if header is not None else ""
+    rt.audit.record(job_id=job_id, tenant=tenant, reason=reason, verified=authenticated)
+    if reason != "replayed":
+        rt.guard.mark_rejected(job_id, ttl_s=rt.settings.result_ttl_s,
+                               authenticated=authenticated,
+                               state="expired" if reason == "expired" else "rejected")
+    log.warning("job %r rejected: %s", job_id[:64], reason)
+
+
+def _stop(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None = None, *,
+          authenticated: bool = False) -> Stop:
+    reject(rt, job_id, reason, header, authenticated=authenticated)
+    return Stop(reason)
+
+
+# -- checks on untrusted bytes ------------------------------------------------------------
+def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
+    """The task's one argument (the base64 envelope or `PAYLOAD_REF`), size-checked."""
+    if not isinstance(args, list | tuple) or len(args) != 1 or kwargs \
+            or not isinstance(args[0], str):
+        raise _stop(rt, job_id, "malformed")
+    text: str = args[0]
+    if len(text) > rt.settings.max_envelope_chars:
+        raise _stop(rt, job_id, "oversize")
+    return text
+
+
+def needs_payload(text: str) -> bool:
+    """True when the sealed request waits in Redis (a large request, see client.py)."""
+    return text == PAYLOAD_REF
+
+
+def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
+                  fetched: bytes | int | None = None) -> bytes:
+    """The sealed request: base64-decoded, or ``fetched`` from Redis for `PAYLOAD_REF`.
+
+    ``fetched`` is what `JobGuard.fetch_payload` returned for this job. Whatever
+    is there is untrusted exactly like a message body.
+    """
+    if not needs_payload(text):
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise _stop(rt, job_id, "malformed") from None
+    if fetched == -1:
+        raise _stop(rt, job_id, "oversize")
+    if not isinstance(fetched, bytes):
+        # A finished job's request is deleted with its result stored: this
+        # is a redelivery or a replay of it, not a broken message.
+        if rt.backend.delete(keyspace.killed(job_id)):
+            raise Stop("finished")
+        reason = "replayed" if rt.backend.exists(keyspace.result(job_id)) else "malformed"
+        raise _stop(rt, job_id, reason)
+    return fetched
+
+
+def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: str,
+                   routed: str | None) -> Verified:
+    """Verify the envelope, then bind it to the message's task id, task name and queue."""
+    s = rt.settings
+    try:
+        verified = verify(data, expect="request", keyring=rt.keyring.get(),
+                          max_bytes=s.max_envelope_chars, skew_ms=s.clock_skew_s * 1000)
+    except EnvelopeRejected as exc:
+        header = exc.unverified_header if isinstance(exc.unverified_header, Header) else None
+        raise _stop(rt, job_id, exc.reason, header) from None
+    header = verified.header
+    # -- authenticated from here on --------------------------------------------
+    if header.job_id != job_id or header.task != task_name or (
+            routed is not None and routed != queue_for(header.priority)):
+        raise _stop(rt, job_id, "tampered", header)
+    return verified
+
+
+def check_memory(rt: WorkerRuntime, header: Header) -> None:
+    """`Defer` while the host is short of memory: not started, not claimed, not counted."""
+    if rt.memory_pressure():
+        log.warning("job %s waits: host memory above %g%%", header.job_id,
+                    rt.settings.memory_high_water_pct)
+        raise Defer(retry_delay_s(rt.settings, MEMORY_BACKOFF_S))
+
+
+def tenant_policy(rt: WorkerRuntime, header: Header) -> TenantPolicy:
+    """The job's tenant policy (``unknown_key`` if the tenant left the keyring)."""
+    try:
+        return rt.keyring.get().tenant(header.tenant).policy
+    except KeyringError:
+        raise _stop(rt, header.job_id, "unknown_key", header, authenticated=True) from None
+
+
+def retry_delay_s(s: Settings, wanted_s: float) -> float:
+    """How long a message kept back waits: at most half the visibility timeout.
+
+    The message is held unacknowledged until it is due; held longer than the
+    visibility timeout, kombu's sweep would put a second copy back in the
+    queue (each extra copy ends as a spurious ``replayed``).
+    """
+    return max(0.5, min(wanted_s, s.visibility_timeout_s / 2))
+
+
+# -- the claim ----------------------------------------------------------------------------
+def window_ms(rt: WorkerRuntime, header: Header) -> int:
+    """How long replay state for this job must be kept: its remaining lifetime."""
+    return max(0, header.expires_at_ms - now_ms()) + rt.settings.clock_skew_s * 1000
+
+
+def admission(header: Header,
+              policy: TenantPolicy) -> tuple[list[str], list[str | float]] | None:
+    """The quota admission the claim script runs with (None: the tenant has no quotas)."""
+    if not policy.limited:
+        return None
+    return (admission_keys(header.tenant, header.job_id),
+            admission_args(header.job_id, policy, header.expires_at_ms))
+
+
+def claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Claim:
+    """Try to take the job (one round trip); `settle_claim` decides what follows."""
+    header = verified.header
+    return rt.guard.claim_job(header.job_id, window_ms=window_ms(rt, header),
+                              admission=admission(header, policy))
+
+
+def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
+                 first: Claim) -> None:
+    """Return if the job is ours to run; else `Stop` (final) or `Defer` (``busy``)."""
+    header = verified.header
+    job_id = header.job_id
+    outcome = first
+    if outcome.outcome == "cancelled":
+        if verify_token(outcome.cancel_token, rt.keyring.get(), header.tenant, job_id):
+            rt.guard.close(job_id, window_ms=window_ms(rt, header))
+            rt.quotas.release(header.tenant, job_id, policy)
+            raise Stop("cancelled")
+        # Not a cancel by the job's tenant: refuse the request, run the job.
+        rt.audit.record(job_id=job_id, tenant=header.tenant, reason="tampered", verified=False)
+        rt.backend.delete(keyspace.cancel(job_id))
+        outcome = rt.guard.claim_job(job_id, window_ms=window_ms(rt, header),
+                                     admission=admission(header, policy), ignore_cancel=True)
+    if outcome.outcome == "replayed":
+        if rt.backend.delete(keyspace.killed(job_id)):
+            raise Stop("finished")  # the copy of a job whose process was ended on purpose
+        raise _stop(rt, job_id, "replayed", header, authenticated=True)
+    if outcome.outcome == "rate_limited":
+        raise _stop(rt, job_id, "rate_limited", header, authenticated=True)
+    if outcome.outcome == "exhausted":
+        log.error("job %s started %d times, each ending with a dead worker; failing it",
+                  job_id, rt.guard.max_attempts)
+        lost: dict[str, Any] = {
+            "ok": False, "error": "worker_lost",
+            "message": f"the job was started {rt.guard.max_attempts} times and its worker "
+                       "died each time"}
+        raise Stop(finish(rt, verified, lost))
+    if outcome.outcome == "busy":
+        # Another live worker runs this job. Do not run it twice, and do not
+        # drop this copy either: if that worker dies, this copy is the job.
+        raise Defer(retry_delay_s(rt.settings, rt.settings.lease_s))
+
+
+# -- running ------------------------------------------------------------------------------
+def prepare(rt: WorkerRuntime, verified: Verified,
+            policy: TenantPolicy) -> Prepared | dict[str, Any]:
+    """Decrypt, check the tenant policy, parse, resolve the model.
+
+    Returns the job ready to run, or a failed result document to store
+    (a model that fails verification); raises `Stop` for a rejection.
+    """
+    header = verified.header
+    job_id = header.job_id
+    try:
+        plaintext = verified.decrypt()
+    except EnvelopeRejected:
+        raise _stop(rt, job_id, "tampered", header, authenticated=True) from None
+    if not (policy.allows_model(header.model) and policy.allows_priority(header.priority)):
+        raise _stop(rt, job_id, "policy", header, authenticated=True)
+    try:
+        inputs = json.loads(plaintext)
+    except ValueError:
+        raise _stop(rt, job_id, "malformed", header, authenticated=True) from None
+    del plaintext
+    try:
+        signers = rt.keyring.get().tenant(header.tenant).policy.allowed_signers
+        model = rt.registry.resolve(header.model, signers=signers)
+    except ModelRejected as exc:
+        # The model exists but fails verification (audited model_rejected when
+        # its load was refused): fail the job clearly; the worker serves on.
+        return {"ok": False, "error": exc.reason, "message": str(exc)}
+    except ModelError:
+        raise _stop(rt, job_id, "policy", header, authenticated=True) from None
+    soft_s, hard_s = rt.settings.limits_for(header.model)
+    return Prepared(model, inputs, soft_s, hard_s)
+
+
+def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
+            on_hard_also: HardHook | None = None) -> dict[str, Any]:
+    """Run one job under the watchdog; the result document.
+
+    ``on_hard_also`` runs (in the watchdog thread) just before the process is
+    ended at the hard limit, after this job's failed result is stored.
+    """
+    header = verified.header
+
+    def is_cancelled() -> bool:
+        token = rt.backend.get(keyspace.cancel(header.job_id))
+        return verify_token(token, rt.keyring.get(), header.tenant, header.job_id)
+
+    def on_hard(reason: str) -> None:
+        # Runs in the watchdog thread just before this process is ended.
+        rt.backend.set(keyspace.killed(header.job_id), "1", ex=rt.settings.result_ttl_s)
+        finish(rt, verified, interrupted(reason, job.soft_s))
+        if on_hard_also is not None:
+            on_hard_also()
+
+    # In the threads pool, a model listed in MAAS_BATCH runs in shared batches.
+    batcher = rt.batcher_for(job.model) if threading.current_thread() \
+        is not threading.main_thread() else None
+    runner = _Batched(batcher, job.soft_s) if batcher is not None else job.model
+    try:
+        with rt.watchdog.running(header.job_id, soft_limit_s=job.soft_s,
+                                 hard_limit_s=job.hard_s, is_cancelled=is_cancelled,
+                                 on_hard=on_hard):
+            output = metrics.timed_predict(header, runner, job.inputs)
+        return {"ok": True, "output": output}
+    except JobInterrupted as exc:
+        return interrupted(exc.reason, job.soft_s)
+    except ModelError as exc:
+        return {"ok": False, "error": exc.reason, "message": str(exc)}
+    except Exception as exc:
+        # The exception text may quote the input: log its type only.
+        log.error("job %s: model %s raised %s", header.job_id, header.model,
+                  type(exc).__name__)
+        return _internal_error()
+
+
+def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
+              on_hard_also: HardHook | None = None) -> list[dict[str, Any]]:
+    """Run jobs of one model in ONE ``predict_batch`` call; a result document each.
+
+    The batch runs under the watchdog with the model's limits (every job of a
+    batch has the same model, hence the same limits): past the soft limit
+    every job of the call fails with ``timeout``; at the hard limit each gets
+    that failed result stored before the process is ended. A cancel is
+    honoured before a job starts (the claim), not inside a shared call.
+    """
+    first = jobs[0][1]
+    model: Any = first.model
+
+    def on_hard(reason: str) -> None:
+        for verified, job in jobs:
+            rt.backend.set(keyspace.killed(verified.header.job_id), "1",
+                           ex=rt.settings.result_ttl_s)
+            finish(rt, verified, interrupted(reason, job.soft_s))
+        if on_hard_also is not None:
+            on_hard_also()
+
+    label = f"batch of {len(jobs)} ({jobs[0][0].header.job_id}, ...)"
+    try:
+        with rt.watchdog.running(label, soft_limit_s=first.soft_s, hard_limit_s=first.hard_s,
+                                 is_cancelled=lambda: False, on_hard=on_hard):
+            outputs = metrics.timed_predict_batch([v.header for v, _ in jobs], model,
+                                                  [j.inputs for _, j in jobs])
+    except JobInterrupted as exc:
+        return [interrupted(exc.reason, first.soft_s)] * len(jobs)
+    except Exception as exc:
+        log.error("batch of %d for %s raised %s", len(jobs), model.name, type(exc).__name__)
+        return [_internal_error()] * len(jobs)
+    log.debug("batch of %d for %s", len(jobs), model.name)
+    return [{"ok": False, "error": out.reason, "message": str(out)}
+            if isinstance(out, ModelError) else {"ok": True, "output": out}
+            for out in outputs]
+
+
+def can_batch(model: Model) -> bool:
+    """Whether ``model`` runs many jobs' inputs in one call (``predict_batch``)."""
+    return callable(getattr(model, "predict_batch", None))
+
+
+def _internal_error() -> dict[str, Any]:
+    return {"ok": False, "error": "internal_error", "message": "the model failed"}
+
+
+class _Batched:
+    """A model's `predict`, run through its dynamic batcher."""
+
+    def __init__(self, batcher: DynamicBatcher, timeout_s: float) -> None:
+        self._batcher = batcher
+        self._timeout_s = timeout_s
+        self.name = batcher.model.name
+        self.version = batcher.model.version
+
+    def predict(self, inputs: Any) -> dict[str, Any]:
+        return self._batcher.predict(inputs, timeout_s=self._timeout_s)
+
+
+def interrupted(reason: str, soft_s: float) -> dict[str, Any]:
+    """The failed result of a job stopped by its time limit or a cancel."""
+    if reason == "cancelled":
+        return {"ok": False, "error": "cancelled", "message": "the job was cancelled"}
+    return {"ok": False, "error": "timeout",
+            "message": f"the job exceeded its time limit ({soft_s:g} s)"}
+
+
+# -- the result ---------------------------------------------------------------------------
+def seal_result(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> bytes:
+    """The result envelope for ``doc``, bound to the request (its own nonce)."""
+    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    if len(body) > rt.settings.max_result_bytes:
+        body = json.dumps({"ok": False, "error": "oversize",
+                           "message": "the result exceeds the size limit"},
+                          separators=(",", ":")).encode()
+    req = verified.header
+    issued = now_ms()
+    header = Header("result", req.key_version, issued, issued + rt.settings.result_ttl_s * 1000,
+                    req.priority, req.tenant, req.job_id, req.task, req.model,
+                    req.digest())
+    return seal(verified.keys, header, body)
+
+
+def finished_outcome(doc: dict[str, Any], stored: bool) -> str:
+    """The log outcome of a result that was (or, ``duplicate``, was not) stored."""
+    return ("succeeded" if doc["ok"] else "failed") if stored else "duplicate"
+
+
+def finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
+    """Seal and store the result write-once; the outcome for the log."""
+    header = verified.header
+    sealed = seal_result(rt, verified, doc)
+    stored = rt.guard.store_result(header.job_id, sealed, result_ttl_s=rt.settings.result_ttl_s,
+                                   replay_window_ms=window_ms(rt, header))
+    return finished_outcome(doc, stored)
+
+
+def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> str:
+    """Everything after the claim, for one job: the outcome."""
+    try:
+        job = prepare(rt, verified, policy)
+    except Stop as stop:
+        return stop.outcome
+    doc = job if isinstance(job, dict) else run_one(rt, verified, job)
+    return finish(rt, verified, doc)
