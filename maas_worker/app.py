@@ -61,8 +61,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """The complete Celery configuration for producers and workers."""
     return {
         "broker_url": settings.broker_url,
-        # kombu's Redis transport with atomic takes and wake-ups (transport.py).
-        "broker_transport": TRANSPORT,
         # Results never go through Celery's backend: the task stores its sealed
         # result write-once itself (guard.JobGuard.store_result).
         "result_backend": None,
@@ -108,6 +106,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_app(settings: Settings | None = None, *, include_tasks: bool = True) -> Celery:
     """A configured Celery app; producers pass ``include_tasks=False``."""
     app = Celery("maas_worker", include=WORKER_MODULES if include_tasks else [])
+    if not include_tasks:
+        # Producers ring the wake-up list with each publish (transport.py).
+        # Workers install the same channel over kombu's own instead (tasks.py):
+        # that keeps the redis:// scheme that Celery's banner and Flower's
+        # broker view know, and covers redis+socket:// URLs, which name
+        # kombu's transport whatever this setting says.
+        app.conf.broker_transport = TRANSPORT
     if settings is None:
         app.add_defaults(lambda: celery_config(Settings.from_env()))
     else:

@@ -29,10 +29,11 @@ publish. A lost connection must not stop the worker either: `HardenedQoS`
 leaves to the visibility sweep what kombu cannot put back, acknowledge or
 reject on a channel the lost connection tore down.
 
-`Transport` is the app's ``broker_transport`` (producers ring the wake-up
-list; workers take atomically). Worker processes also `install` it over
-kombu's Redis transport (``tasks.py`` does), because a ``redis+socket://``
-URL names kombu's transport itself.
+Producers (`Client`) select `Transport` as their app's ``broker_transport``
+so that they ring the wake-up list; worker processes `install` the channel
+over kombu's Redis transport (``tasks.py`` does). A producer on a
+``redis+socket://`` URL gets kombu's plain transport (the URL names it):
+its jobs are found by the idle poll instead, within a second.
 """
 
 from __future__ import annotations
@@ -367,7 +368,7 @@ class HardenedChannel(kombu_redis.Channel):
 
 
 class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with `HardenedChannel` (the app's ``broker_transport``)."""
+    """kombu's Redis transport with `HardenedChannel` (producers' ``broker_transport``)."""
 
     Channel = HardenedChannel
 
