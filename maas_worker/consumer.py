@@ -140,13 +140,41 @@ class BatchConsumer:
     # -- the loop ---------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; then finish the batch, acknowledge, hand back."""
-        while not stop.is_set():
+        done = threading.Event()
+        keeper = threading.Thread(target=self._keep_reserved, args=(done,),
+                                  name="maas-reservations", daemon=True)
+        keeper.start()
+        try:
+            while not stop.is_set():
+                try:
+                    self.step()
+                except Exception as exc:
+                    self._recover(exc)
+                    stop.wait(INFRA_BACKOFF_S)
+            self._shutdown()
+        finally:
+            done.set()
+
+    def _keep_reserved(self, done: threading.Event) -> None:
+        """Refresh the reservation time of every message this process holds.
+
+        A batch (or a job) that runs longer than the visibility timeout would
+        otherwise have its messages put back by the sweep while it runs: a
+        second copy, refused as ``replayed`` once the first finishes. Once the
+        process is gone the refreshes stop, and the sweep returns what it held
+        one visibility timeout later.
+        """
+        interval = max(0.25, self.rt.settings.visibility_timeout_s / 4)
+        while not done.wait(interval):
+            tags = [d.tag for d in list(self._current) if d.tag is not None]
+            tags += [t for t in (fetch.delivery_tag(t.raw) for _, t in list(self._deferred)) if t]
+            if not tags:
+                continue
             try:
-                self.step()
-            except Exception as exc:
-                self._recover(exc)
-                stop.wait(INFRA_BACKOFF_S)
-        self._shutdown()
+                now = time.time()
+                self.broker.zadd(fetch.UNACKED_INDEX_KEY, dict.fromkeys(tags, now), xx=True)
+            except redis.RedisError:
+                log.debug("reservation refresh failed", exc_info=False)
 
     def step(self) -> int:
         """Take one batch (or wait a little if there is none) and run it; jobs taken."""
@@ -236,18 +264,22 @@ class BatchConsumer:
         d = _Delivery(taken, fetch.delivery_tag(taken.raw) if taken.reserved else None)
         if not taken.reserved:
             # Popped but not reserved: over the size limit or not a message at all.
-            self._refuse(d, None, "oversize" if len(taken.raw) > self._max_chars
+            self._refuse(d, "oversize" if len(taken.raw) > self._max_chars
                          else "malformed", "not a message that can be reserved")
             return d
         try:
             raw = json.loads(taken.raw)
-            check_message(raw, taken.queue, max_body_chars=self._max_chars)
-        except Exception as exc:
-            self._refuse(d, None, getattr(exc, "reason", "malformed"), str(exc))
-            return d
-        headers = raw.get("headers") or {}
-        job_id = headers.get("id")
+        except ValueError:
+            raw = None
+        headers = raw.get("headers") if isinstance(raw, dict) else None
+        job_id = headers.get("id") if isinstance(headers, dict) else None
         d.job_id = job_id if isinstance(job_id, str) else ""
+        try:
+            check_message(raw, taken.queue, max_body_chars=self._max_chars)
+        except Exception as exc:  # transport's refusal, carrying the audit reason
+            self._refuse(d, getattr(exc, "reason", "malformed"), str(exc))
+            return d
+        assert isinstance(raw, dict)
         try:
             body = json.loads(base64.b64decode(raw.get("body") or ""))
             if not isinstance(body, list) or len(body) != 3 or not isinstance(body[1], dict):
@@ -261,7 +293,7 @@ class BatchConsumer:
         self._stage(d, lambda d: setattr(d, "text", request_text(rt, d.job_id, args, kwargs)))
         return d
 
-    def _refuse(self, d: _Delivery, raw: Any, reason: str, why: str) -> None:
+    def _refuse(self, d: _Delivery, reason: str, why: str) -> None:
         log.warning("queue %s: refused an entry (%s): %s", d.taken.queue, reason, why)
         self.rt.audit.record(job_id=d.job_id, tenant="", reason=reason, verified=False)
         d.outcome = reason

@@ -41,6 +41,8 @@ class Stack:
     env: dict[str, str]
     backend: redis.Redis
     workers: list[WorkerProcess] = field(default_factory=list)
+    #: Flags every worker of this stack starts with (``--batch-consumer``).
+    worker_args: tuple[str, ...] = ()
 
     @property
     def settings(self) -> Settings:
@@ -55,7 +57,7 @@ class Stack:
         name = name or f"w{len(self.workers) + 1}"
         w = WorkerProcess(env={**self.env, **(env or {})}, name=name,
                           log_path=self.tmp / f"{name}.log", concurrency=concurrency,
-                          extra_args=args)
+                          extra_args=(*self.worker_args, *args))
         self.workers.append(w)
         w.start()
         w.wait_ready(self.backend)

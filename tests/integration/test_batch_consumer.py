@@ -1,0 +1,186 @@
+"""The batch consumer (``worker --batch-consumer``): real Redis server, real worker processes.
+
+The pipeline's end-to-end tests (test_pipeline.py) run here again against
+batch consumers, so every per-job semantic is checked on both paths; the
+tests below add what is particular to batches.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from maas_worker import InvalidEnvelope, JobRejected
+from maas_worker.app import TASK_NAME
+from maas_worker.settings import BUNDLED_MODEL_DIR, queue_for
+
+from ..modelkit import holdout
+from . import test_pipeline as pipeline_tests
+from .conftest import Stack, message_envelope, replace_envelope, wait_for
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 60.0
+BATCH = ("--batch-consumer",)
+
+
+@pytest.fixture
+def batch_stack(make_stack: Callable[..., Stack]) -> Callable[..., Stack]:
+    """`make_stack`, whose workers run batch consumers."""
+    def factory(**env: str) -> Stack:
+        stack = make_stack(**env)
+        stack.worker_args = BATCH
+        return stack
+    return factory
+
+
+@pytest.mark.parametrize("test", [
+    pipeline_tests.test_message_altered_in_redis_is_rejected_and_audited,
+    pipeline_tests.test_every_header_field_altered_in_redis_is_rejected,
+    pipeline_tests.test_byte_identical_replay_is_refused_and_the_first_result_stays,
+    pipeline_tests.test_envelope_moved_to_another_task_id_is_refused,
+    pipeline_tests.test_expired_job_is_not_run,
+    pipeline_tests.test_unknown_key_and_worker_side_policy,
+    pipeline_tests.test_job_of_a_killed_worker_is_redelivered_and_completes_once,
+    pipeline_tests.test_duplicate_delivery_while_running_is_not_run_twice,
+    pipeline_tests.test_no_plaintext_in_redis_or_worker_logs,
+    pipeline_tests.test_queues_are_consumed_high_then_normal_then_low,
+    pipeline_tests.test_a_job_that_keeps_killing_its_worker_fails_as_worker_lost,
+    pipeline_tests.test_large_requests_travel_by_claim_check,
+], ids=lambda t: t.__name__.removeprefix("test_"))
+def test_pipeline_semantics_hold_in_the_batch_consumer(
+        batch_stack: Callable[..., Stack], test: Callable[[Callable[..., Stack]], None]) -> None:
+    test(batch_stack)
+
+
+def _job_reservations(stack: Stack) -> int:
+    """Job messages reserved (taken, not yet acknowledged) in kombu's unacked hash."""
+    queues = {queue_for(p) for p in ("high", "normal", "low")}
+    return sum(1 for entry in stack.backend.hvals("unacked") if json.loads(entry)[2] in queues)
+
+
+def _batch_sizes(stack: Stack) -> list[int]:
+    return [int(n) for n in re.findall(r"batch of (\d+) for digits", stack.worker_logs())]
+
+
+def test_batches_give_each_job_its_own_result_opened_with_its_tenant_key(
+        batch_stack: Callable[..., Stack]) -> None:
+    stack = batch_stack(MAAS_MODEL_DIR=str(BUNDLED_MODEL_DIR), MAAS_CONSUMER_BATCH="32")
+    data = holdout()
+    samples, expected = data["inputs"][:60], data["sklearn_predictions"][:60]
+    stack.start_worker("batch", concurrency=1, args=("--loglevel", "DEBUG"))
+    acme, globex = stack.client("acme"), stack.client("globex")
+    # one pipeline: the consumer finds many jobs at once
+    digits = acme.submit_many("digits", [{"inputs": [s]} for s in samples])
+    bad = acme.submit("digits", {"inputs": [[1, 2]]})  # fails alone, inside a batch
+    echoes = [globex.submit("echo", {"i": i}) for i in range(5)]
+    assert [j.result(timeout=TIMEOUT)["labels"] for j in digits] == [[e] for e in expected]
+    assert [j.result(timeout=TIMEOUT) for j in echoes] == [{"echo": {"i": i}} for i in range(5)]
+    wait_for(lambda: bad.info()["state"] == "failed", TIMEOUT, "the bad job's failure")
+    assert bad.info()["reason"] == "bad_input"
+    # every result is sealed for its own tenant: another tenant cannot open it
+    with pytest.raises(InvalidEnvelope):
+        globex.job(digits[0].id).result(timeout=TIMEOUT)
+    with pytest.raises(InvalidEnvelope):
+        acme.job(echoes[0].id).result(timeout=TIMEOUT)
+    sizes = wait_for(lambda: sum(_batch_sizes(stack)) == 61 and _batch_sizes(stack),
+                     TIMEOUT, "batch log lines for 61 digits jobs")
+    assert max(sizes) > 1 and len(sizes) < 61  # jobs really shared model calls
+    for job in [*digits, bad, *echoes]:
+        assert len(stack.outcomes(job.id)) == 1
+
+
+def test_hostile_entries_are_audited_and_the_consumer_keeps_consuming(
+        batch_stack: Callable[..., Stack]) -> None:
+    stack = batch_stack()
+    client = stack.client()
+    # task arguments the pipeline refuses (the Celery path: test_pipeline.py)
+    hostile_args: list[tuple[list[Any], dict[str, Any]]] = [
+        ([], {}), ([1], {}), (["a", "b"], {}), (["not base64!"], {}), (["QUJD"], {}),
+        ([{"envelope": "x"}], {}), (["QUJD"], {"extra": 1})]
+    for i, (args, kwargs) in enumerate(hostile_args):
+        client.app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=f"hostile-{i}",
+                             queue=queue_for("high"))
+    # queue entries that are not our messages at all
+    good = client.submit("echo", {"n": 0}, priority="high")
+    raw = stack.backend.lindex(queue_for("high"), 0)
+    msg = json.loads(raw)
+    wrong_task = {**msg, "headers": {**msg["headers"], "task": "maas.sample", "id": "wrong"}}
+    stack.backend.lpush(queue_for("high"), b"not json at all", b'{"no": "properties"}',
+                        json.dumps(wrong_task))
+    # a forged envelope (random bytes) and a tampered one
+    forged = client.submit("echo", {"n": 1}, priority="normal")
+    raw_forged = stack.backend.lpop(queue_for("normal"))
+    stack.backend.lpush(queue_for("normal"), replace_envelope(
+        raw_forged, base64.b64encode(b"\x01" + bytes(200)).decode()))
+    tampered = client.submit("echo", {"n": 2}, priority="normal")
+    raw_t = stack.backend.lpop(queue_for("normal"))
+    data = bytearray(base64.b64decode(message_envelope(raw_t)[1]))
+    data[-5] ^= 0x01  # inside the MAC
+    stack.backend.lpush(queue_for("normal"),
+                        replace_envelope(raw_t, base64.b64encode(bytes(data)).decode()))
+    stack.start_worker(concurrency=1)
+    assert good.result(timeout=TIMEOUT) == {"echo": {"n": 0}}
+    for i in range(len(hostile_args)):
+        assert stack.wait_audit(f"hostile-{i}", "malformed").tenant == ""
+    stack.wait_audit("wrong", "malformed")
+    wait_for(lambda: sum(1 for r in stack.audit() if r.job_id == "" and r.reason == "malformed")
+             >= 2, TIMEOUT, "the two non-messages audited")
+    for job in (forged, tampered):
+        with pytest.raises(JobRejected):
+            job.result(timeout=TIMEOUT)
+    stack.wait_audit(tampered.id, "tampered")
+    # the consumer carries on, and holds nothing unacknowledged
+    assert client.submit("echo", {"n": 3}).result(timeout=TIMEOUT) == {"echo": {"n": 3}}
+    wait_for(lambda: _job_reservations(stack) == 0, TIMEOUT, "every message acknowledged")
+
+
+def test_sigkill_mid_batch_loses_nothing_and_delivers_nothing_twice(
+        batch_stack: Callable[..., Stack]) -> None:
+    stack = batch_stack(MAAS_VISIBILITY_TIMEOUT_S="3", MAAS_LEASE_S="3")
+    client = stack.client()
+    sleepers = [client.submit("sleep", {"seconds": 0.3}, priority=p)
+                for p in ("high", "normal", "low") for _ in range(3)]
+    echoes = client.submit_many("echo", [{"i": i} for i in range(30)], priority="low")
+    doomed = stack.start_worker("doomed", concurrency=1)
+    # a batch is under way: its first job is claimed and running
+    wait_for(lambda: any(j.status() == "running" for j in sleepers), TIMEOUT, "a running job")
+    doomed.kill()  # SIGKILL, consumer and Celery worker alike: no ack, no result
+    assert _job_reservations(stack) > 0  # the batch's messages are reserved in Redis, not lost
+    stack.start_worker("rescuer", concurrency=2)
+    jobs = [*sleepers, *echoes]
+    results = [j.result(timeout=TIMEOUT) for j in jobs]
+    assert results[len(sleepers):] == [{"echo": {"i": i}} for i in range(30)]
+    assert all(r["slept"] >= 0.3 for r in results[:len(sleepers)])
+    for job in jobs:  # exactly one result per job, never replaced
+        assert stack.outcomes(job.id).count("succeeded") == 1
+        assert "duplicate" not in stack.outcomes(job.id)
+    wait_for(lambda: _job_reservations(stack) == 0, TIMEOUT, "every message acknowledged")
+    assert all(stack.backend.llen(queue_for(p)) == 0 for p in ("high", "normal", "low"))
+
+
+def test_warm_shutdown_finishes_the_batch_and_the_node_answers_remote_control(
+        batch_stack: Callable[..., Stack]) -> None:
+    stack = batch_stack()
+    client = stack.client()
+    worker = stack.start_worker("warm", concurrency=1)
+    ping = subprocess.run([sys.executable, "-m", "maas_worker", "ping", "--node", worker.node],
+                          env=stack.env, capture_output=True, text=True, timeout=TIMEOUT,
+                          check=False)
+    assert ping.returncode == 0, ping.stderr
+    assert "pong" in ping.stdout
+    jobs = [client.submit("sleep", {"seconds": 0.2}) for _ in range(5)]
+    wait_for(lambda: any(j.status() == "running" for j in jobs), TIMEOUT, "a running job")
+    assert worker.stop() == 0  # SIGTERM: the batch finishes and is acknowledged
+    assert "finishing the current batch" in worker.log_path.read_text()
+    assert _job_reservations(stack) == 0
+    stack.start_worker("next", concurrency=1)
+    for job in jobs:
+        assert job.result(timeout=TIMEOUT)["slept"] >= 0.2
+        assert stack.outcomes(job.id).count("succeeded") == 1
