@@ -172,8 +172,24 @@ def cmd_flower(args: argparse.Namespace) -> int:
             f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
     if auth:
         argv.append(f"--basic-auth={auth}")
+        _authenticate_flower_metrics()
     app.start(argv)
     return 0
+
+
+def _authenticate_flower_metrics() -> None:
+    """Make Flower's own ``/metrics`` ask for the credentials every other page asks for.
+
+    Flower serves it without authentication (worker and task names, event
+    counts); its ``/healthcheck`` stays open for container health checks.
+    """
+    import tornado.web
+    from flower.views.monitor import Metrics  # type: ignore[import-untyped]
+
+    if not getattr(Metrics.get, "maas_authenticated", False):
+        guarded = tornado.web.authenticated(Metrics.get)
+        guarded.maas_authenticated = True  # type: ignore[attr-defined]
+        Metrics.get = guarded
 
 
 def cmd_ping(args: argparse.Namespace) -> int:

@@ -60,6 +60,9 @@ def test_flower_in_a_browser_shows_samples_and_only_sealed_jobs(
         # authentication is on: no or wrong credentials are refused
         assert http_get(f"{base}/tasks")[0] == 401
         assert http_get(f"{base}/api/tasks", auth=(USER, "wrong"))[0] == 401
+        assert http_get(f"{base}/metrics")[0] == 401  # Flower's own leaves it open
+        assert http_get(f"{base}/metrics", auth=(USER, PASSWORD))[0] == 200
+        assert http_get(f"{base}/healthcheck")[0] == 200  # for container health checks
         job = stack.client().submit("echo", {"text": SECRET}, priority="high")
         job.result(timeout=WAIT_S)
         seen = wait_for(lambda: _task(base, job.id), WAIT_S, "Flower to have seen the job")
