@@ -256,7 +256,6 @@ class BatchConsumer:
         self.jobs += len(ds)
         metrics.add_busy(time.perf_counter() - started)
         self._settle(ds)
-        self._current = []
 
     def _open(self, taken: fetch.Taken) -> _Delivery:
         """Check the queue entry and decode the Celery message around the envelope."""
@@ -365,6 +364,8 @@ class BatchConsumer:
                 self._to_touch.append(d.tag)
             elif d.tag is not None:
                 self._to_ack.append(d.tag)
+        # Decided: from here a failure only delays the flush (retried next step).
+        self._current = []
         self._flush()
 
     # -- acknowledgements, hand-backs, failures --------------------------------------------

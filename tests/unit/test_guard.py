@@ -312,3 +312,49 @@ def test_busy_and_replayed_sightings_do_not_count_as_attempts(
     for _ in range(5):
         assert b.claim(JOB) == "replayed"
     assert int(r.get(keyspace.attempts(JOB))) == 1
+
+
+# -- the batch consumer's pipelined forms --------------------------------------------------
+def test_claim_many_matches_one_claim_each(r: fakeredis.FakeRedis, a: JobGuard,
+                                           b: JobGuard) -> None:
+    from maas_worker.guard import ClaimRequest
+
+    assert b.claim("busy-job") == "claimed"
+    a.store_result("done-job", b"sealed", result_ttl_s=RESULT_TTL_S,
+                   replay_window_ms=REPLAY_WINDOW_MS)
+    claims = a.claim_many([ClaimRequest(j, REPLAY_WINDOW_MS)
+                           for j in ("new-job", "busy-job", "done-job", "new-job")])
+    # the same job twice in one batch: the second copy finds it held (busy), never runs
+    assert [c.outcome for c in claims] == ["claimed", "busy", "replayed", "busy"]
+    assert a.held() == ["new-job"]
+    assert r.get(keyspace.claim("new-job")) == b"worker-a"
+
+
+def test_store_many_is_write_once_per_job(r: fakeredis.FakeRedis, a: JobGuard) -> None:
+    a.store_result("j1", b"first", result_ttl_s=RESULT_TTL_S, replay_window_ms=REPLAY_WINDOW_MS)
+    assert a.claim("j2") == "claimed"
+    stored = a.store_many([("j1", b"second", REPLAY_WINDOW_MS), ("j2", b"r2", REPLAY_WINDOW_MS)],
+                          result_ttl_s=RESULT_TTL_S)
+    assert stored == [False, True]
+    assert r.get(keyspace.result("j1")) == b"first"
+    assert r.get(keyspace.result("j2")) == b"r2"
+    assert r.get(keyspace.claim("j2")) == b"done"
+    assert a.held() == []
+    assert a.claim("j2") == "replayed"
+
+
+def test_fetch_payloads_reads_each_within_the_limit(r: fakeredis.FakeRedis, a: JobGuard) -> None:
+    r.set(keyspace.payload("small"), b"abc")
+    r.set(keyspace.payload("big"), b"x" * 100)
+    r.rpush(keyspace.payload("list"), b"a")
+    assert a.fetch_payloads(["small", "big", "missing", "list"], 10) == [b"abc", -1, None, None]
+    assert a.fetch_payloads([], 10) == []
+
+
+def test_pipelined_scripts_are_reloaded_after_a_script_flush(r: fakeredis.FakeRedis,
+                                                             a: JobGuard) -> None:
+    from maas_worker.guard import ClaimRequest
+
+    assert [c.outcome for c in a.claim_many([ClaimRequest("x", REPLAY_WINDOW_MS)])] == ["claimed"]
+    r.script_flush()  # a Redis restart empties the script cache
+    assert [c.outcome for c in a.claim_many([ClaimRequest("y", REPLAY_WINDOW_MS)])] == ["claimed"]
