@@ -47,7 +47,7 @@ _LOCK_NAME = ".lock"
 _DIR_PREFIX = "maas-metrics-"
 _ARCHIVE = "archive"
 
-#: Job outcomes as the pipeline reports them (tasks.process) besides rejections.
+#: Job outcomes as the pipeline reports them (tasks.process, the batch consumer) besides rejections.
 OUTCOMES = frozenset({"succeeded", "failed", "duplicate", "cancelled", "finished"})
 #: Audit reasons: a job refused for one of these counts as outcome ``rejected``.
 REJECT_REASONS = frozenset({"tampered", "replayed", "expired", "unknown_key", "malformed",
