@@ -76,7 +76,7 @@ from .pipeline import (
 )
 from .runtime import WorkerRuntime
 from .scheduling import ReservedShareCycle
-from .transport import _MESSAGE_OVERHEAD, check_message
+from .transport import Refused, check_message, max_body_chars
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class BatchConsumer:
         self.jobs = 0
         s = rt.settings
         # The same limit the Celery consumer applies (transport.HardenedChannel).
-        self._max_chars = (s.max_envelope_chars + _MESSAGE_OVERHEAD) * 4 // 3
+        self._max_chars = max_body_chars(s)
         self._cycle = ReservedShareCycle(list(QUEUE_NAMES), share=s.low_priority_share)
         self._share_n = max(1, round(max_jobs * s.low_priority_share))
         self._deferred: list[tuple[float, fetch.Taken]] = []
@@ -275,8 +275,8 @@ class BatchConsumer:
         d.job_id = job_id if isinstance(job_id, str) else ""
         try:
             check_message(raw, taken.queue, max_body_chars=self._max_chars)
-        except Exception as exc:  # transport's refusal, carrying the audit reason
-            self._refuse(d, getattr(exc, "reason", "malformed"), str(exc))
+        except Refused as exc:
+            self._refuse(d, exc.reason, str(exc))
             return d
         assert isinstance(raw, dict)
         try:

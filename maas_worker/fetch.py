@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +48,10 @@ PRIORITY_SEP = "\x06\x16"
 # ARGV: how many messages at most, now (seconds, kombu's index score),
 #       the longest message worth decoding (longer ones are popped unreserved:
 #       the consumer refuses them anyway), kombu's priority separator, the
-#       key prefix (stripped from the queue name recorded for restoring).
+#       key prefix (stripped from the queue name recorded for restoring),
+#       one flag per list: '1' reserve what is taken, '0' do not (a no-ack
+#       consumer's queue, such as a remote-control reply: never acknowledged,
+#       a reservation would be put back by the sweep again and again).
 # Reply: a flat list {list, message, reserved ('1' or '0'), ...}.
 # An entry that is not JSON or has no delivery tag cannot be reserved under a
 # tag: it is popped and returned unreserved, and the consumer drops it.
@@ -61,7 +64,7 @@ for i = 3, #KEYS do
     local msg = redis.call('RPOP', KEYS[i])
     if not msg then break end
     local reserved = '0'
-    if #msg <= maxlen then
+    if #msg <= maxlen and string.sub(ARGV[6], i - 2, i - 2) == '1' then
       local ok, m = pcall(cjson.decode, msg)
       local tag = ok and type(m) == 'table' and type(m.properties) == 'table'
                   and m.properties.delivery_tag
@@ -113,16 +116,19 @@ def base_queue(key: str, prefix: str = "") -> str:
 
 def command(queues: Sequence[str], *, count: int, max_chars: int, now: float | None = None,
             unacked_key: str = UNACKED_KEY, index_key: str = UNACKED_INDEX_KEY,
-            prefix: str = "") -> list[Any]:
+            prefix: str = "", unreserved: Collection[str] = ()) -> list[Any]:
     """The ``EVAL`` command taking up to ``count`` messages from ``queues`` (in order).
 
     Sent as a raw command by the Celery consumer (its event loop waits for the
     reply on the socket); `take` runs it through a client. ``prefix`` is
-    kombu's ``global_keyprefix``, if one is set.
+    kombu's ``global_keyprefix``, if one is set; messages of the queues in
+    ``unreserved`` (consumed without acknowledgement) are taken unreserved.
     """
-    keys = [prefix + k for k in (unacked_key, index_key, *expand(queues))]
+    lists = expand(queues)
+    flags = "".join("0" if base_queue(k) in unreserved else "1" for k in lists)
+    keys = [prefix + k for k in (unacked_key, index_key, *lists)]
     return ["EVAL", POP_RESERVE, len(keys), *keys, count,
-            repr(time.time() if now is None else now), max_chars, PRIORITY_SEP, prefix]
+            repr(time.time() if now is None else now), max_chars, PRIORITY_SEP, prefix, flags]
 
 
 def parse(reply: Any, prefix: str = "") -> list[Taken]:

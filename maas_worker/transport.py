@@ -64,7 +64,12 @@ _TASK_OF_QUEUE: dict[str, str] = {
 _MESSAGE_OVERHEAD = 16 * 1024
 
 
-class _Refused(Exception):
+def max_body_chars(settings: Settings) -> int:
+    """The longest message a job queue may hold: base64 of JSON around the base64 envelope."""
+    return (settings.max_envelope_chars + _MESSAGE_OVERHEAD) * 4 // 3
+
+
+class Refused(Exception):
     """A queue entry that must not reach Celery; ``reason`` is the audit reason."""
 
     def __init__(self, reason: str, why: str) -> None:
@@ -78,40 +83,41 @@ def _str_field(mapping: Any, key: str) -> str | None:
 
 
 def check_message(raw: Any, queue: str, *, max_body_chars: int) -> None:
-    """Raise `_Refused` unless ``raw`` is a message this queue may carry.
+    """Raise `Refused` (its ``reason``: ``malformed`` or ``oversize``) unless ``raw``
+    is a message this queue may carry.
 
     Checks the structure kombu relies on (for every queue), and for our queues
     the content type, the task name and the body size, without decoding the body.
     """
     if not isinstance(raw, dict) or not isinstance(raw.get("properties"), dict):
-        raise _Refused("malformed", "not a kombu message")
+        raise Refused("malformed", "not a kombu message")
     props = raw["properties"]
     if not _str_field(props, "delivery_tag"):
-        raise _Refused("malformed", "no delivery tag")
+        raise Refused("malformed", "no delivery tag")
     info = props.get("delivery_info")
     if info is not None and not isinstance(info, dict):
-        raise _Refused("malformed", "bad delivery_info")
+        raise Refused("malformed", "bad delivery_info")
     body = raw.get("body")
     if body is not None and not isinstance(body, str):
-        raise _Refused("malformed", "body is not text")
+        raise Refused("malformed", "body is not text")
     if not isinstance(raw.get("headers", {}), dict):
-        raise _Refused("malformed", "headers are not a mapping")
+        raise Refused("malformed", "headers are not a mapping")
     expected_task = _TASK_OF_QUEUE.get(queue)
     if expected_task is None:
         return  # Celery's own queues (remote control, events): structure only
     if raw.get("content-type") != "application/json" or \
             raw.get("content-encoding") not in ("utf-8", None):
-        raise _Refused("malformed", "content type is not JSON")
+        raise Refused("malformed", "content type is not JSON")
     if props.get("body_encoding") not in ("base64", None):
-        raise _Refused("malformed", "unknown body encoding")
+        raise Refused("malformed", "unknown body encoding")
     if _str_field(raw.get("headers"), "task") != expected_task:
-        raise _Refused("malformed", f"not a {expected_task} message")
+        raise Refused("malformed", f"not a {expected_task} message")
     if body is not None and len(body) > max_body_chars:
-        raise _Refused("oversize", "body over the size limit")
+        raise Refused("oversize", "body over the size limit")
     try:
         base64.b64decode(body or "", validate=True)
     except (binascii.Error, ValueError):
-        raise _Refused("malformed", "body is not base64") from None
+        raise Refused("malformed", "body is not base64") from None
 
 
 def _job_id(raw: Any) -> str:
@@ -218,11 +224,14 @@ class HardenedChannel(kombu_redis.Channel):
     #: What the command in flight on the poll connection is: "take" or "wait".
     _sent = "wait"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: Queues consumed without acknowledgement (remote-control replies).
+        self._no_ack: set[str] = set()
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+
     def _limit(self) -> int:
         if self._max_body_chars is None:
-            # The whole message is base64 of JSON around the base64 envelope.
-            self._max_body_chars = (Settings.from_env().max_envelope_chars
-                                    + _MESSAGE_OVERHEAD) * 4 // 3
+            self._max_body_chars = max_body_chars(Settings.from_env())
         return self._max_body_chars
 
     # -- producing -------------------------------------------------------------
@@ -257,16 +266,21 @@ class HardenedChannel(kombu_redis.Channel):
         fetch.ring(pipe)  # a put-back message is work too: wake a consumer
 
     # -- consuming -------------------------------------------------------------
-    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
         """Consume ``queue``, every delivery checked first (see the module docstring)."""
-        ret = super().basic_consume(queue, *args, **kwargs)  # type: ignore[no-untyped-call]
+        if no_ack:
+            self._no_ack.add(queue)  # taken unreserved: nothing will acknowledge them
+        else:
+            self._no_ack.discard(queue)
+        ret = super().basic_consume(  # type: ignore[no-untyped-call]
+            queue, no_ack, *args, **kwargs)
         inner: Callable[[Any], Any] = self.connection._callbacks[queue]
         fanout = queue in self._fanout_queues
 
         def deliver(raw: Any) -> Any:
             try:
                 check_message(raw, queue, max_body_chars=self._limit())
-            except _Refused as exc:
+            except Refused as exc:
                 log.warning("queue %s: refused an entry (%s): %s", queue, exc.reason, exc)
                 self._forget(raw)
                 _auditor.record(raw, exc.reason)
@@ -312,7 +326,8 @@ class HardenedChannel(kombu_redis.Channel):
         if self._ready:
             args = fetch.command(queues, count=1, max_chars=self._limit(),
                                  unacked_key=self.unacked_key,
-                                 index_key=self.unacked_index_key, prefix=prefix)
+                                 index_key=self.unacked_index_key, prefix=prefix,
+                                 unreserved=self._no_ack)
             self._sent = "take"
         else:
             args = ["BRPOP", prefix + fetch.WAKE_KEY, timeout or 0]

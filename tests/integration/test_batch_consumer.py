@@ -175,6 +175,8 @@ def test_warm_shutdown_finishes_the_batch_and_the_node_answers_remote_control(
                           check=False)
     assert ping.returncode == 0, ping.stderr
     assert "pong" in ping.stdout
+    # The reply was consumed without acknowledgement: nothing left reserved.
+    assert stack.backend.hlen("unacked") == 0
     jobs = [client.submit("sleep", {"seconds": 0.2}) for _ in range(5)]
     wait_for(lambda: any(j.status() == "running" for j in jobs), TIMEOUT, "a running job")
     assert worker.stop() == 0  # SIGTERM: the batch finishes and is acknowledged

@@ -246,7 +246,7 @@ def test_the_queue_guard_refuses_or_passes_never_raises(raw: Any, queue: str) ->
     _count("queue")
     try:
         transport.check_message(raw, queue, max_body_chars=4096)
-    except transport._Refused as exc:
+    except transport.Refused as exc:
         assert exc.reason in ("malformed", "oversize")
 
 

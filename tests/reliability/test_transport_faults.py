@@ -111,6 +111,27 @@ def test_an_idle_consumer_is_woken_by_a_publish_not_by_its_poll_timeout(
         conn.release()
 
 
+def test_a_no_ack_consumer_leaves_nothing_reserved(server: EmbeddedRedis) -> None:
+    """Remote-control replies are consumed without acknowledgement: a reservation
+    of one would never be cleared, and the sweep would put it back for ever."""
+    transport.install()
+    conn = Connection(server.url)
+    got: list[Any] = []
+    queue = Queue(QUEUE, Exchange("maas", type="direct"), routing_key=QUEUE)
+    consumer = conn.Consumer([queue], callbacks=[lambda body, msg: got.append(msg)],
+                             accept=["json"], no_ack=True)
+    consumer.consume()
+    try:
+        publish(server)
+        drain(conn)
+        assert [m.headers["id"] for m in got] == ["job-1"]
+        r = redis.Redis.from_url(server.url)
+        assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0
+        r.close()
+    finally:
+        conn.release()
+
+
 def test_every_publish_rings_the_wake_up_list_which_stays_bounded(
         server: EmbeddedRedis) -> None:
     r = redis.Redis.from_url(server.url)

@@ -107,3 +107,15 @@ def test_wake_up_tokens_are_bounded_and_wait_returns_on_one(r: fakeredis.FakeRed
     assert fetch.wait(r, 0.01) is True
     r.delete(fetch.WAKE_KEY)
     assert fetch.wait(r, 0.01) is False
+
+
+def test_queues_of_no_ack_consumers_are_taken_unreserved(r: fakeredis.FakeRedis) -> None:
+    # A remote-control reply queue: nothing ever acknowledges its messages, so a
+    # reservation would only be put back by the sweep, again and again.
+    reply = "abc.reply.celery.pidbox"
+    r.lpush(reply, message("pong"))
+    r.lpush(HIGH, message("job"))
+    reply_ = r.execute_command(*fetch.command([reply, HIGH], count=2, max_chars=10_000,
+                                              unreserved={reply}))
+    assert [(t.queue, t.reserved) for t in fetch.parse(reply_)] == [(reply, False), (HIGH, True)]
+    assert r.hkeys("unacked") == [b"job"]
