@@ -7,7 +7,11 @@ measured alternately with the secure pipeline (seal -> Redis -> verify, claim,
 decrypt -> seal -> write-once store -> open) so drift hits both.
 
 Per payload size: throughput (N jobs submitted, then all results awaited),
-latency p50/p99 (sequential jobs), and bytes held in Redis per job.
+latency p50/p99 (sequential jobs), bytes held in Redis per job, and the CPU
+time each job costs the client, the worker (all its processes) and Redis
+during the throughput runs. CPU time is what the pipelines cost whatever else
+the machine is doing, so it compares them more steadily than jobs/s on a
+shared box.
 
     .venv/bin/python benchmarks/pipeline.py [--repeat 3] [--jobs 2000] [--sizes 1024,65536]
 """
@@ -29,6 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import psutil
 import redis
 
 from maas_worker.client import Client
@@ -36,6 +41,21 @@ from maas_worker.embedded import EmbeddedRedis
 from maas_worker.keys import Keyring, save_keyring
 from maas_worker.processes import WorkerProcess
 from maas_worker.settings import Settings
+
+
+def cpu_s(pid: int, *, tree: bool) -> float:
+    """User + system CPU seconds of a process (and, with ``tree``, its live children)."""
+    procs = [psutil.Process(pid)]
+    if tree:
+        procs += procs[0].children(recursive=True)
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def pct(values: list[float], p: float) -> float:
@@ -56,6 +76,7 @@ class Plain:
         from benchmarks.plain_app import app, echo
 
         self.app, self.echo = app, echo
+        self.pid = self.proc.pid
         deadline = time.monotonic() + 60
         while not self.app.control.ping(timeout=0.5):
             if time.monotonic() > deadline:
@@ -81,6 +102,8 @@ class Secure:
         self.client = Client(settings=Settings.from_env(env))
         self.worker.start()
         self.worker.wait_ready(self.client.backend)
+        assert self.worker.proc is not None
+        self.pid = self.worker.proc.pid
 
     def submit(self, payload: dict[str, Any]) -> Any:
         return self.client.submit("echo", payload, priority="normal")
@@ -93,12 +116,19 @@ class Secure:
         self.worker.stop()
 
 
-def throughput(system: Any, payload: dict[str, Any], n: int) -> float:
+def throughput(system: Any, payload: dict[str, Any], n: int,
+               redis_pid: int) -> tuple[float, dict[str, float]]:
+    """Jobs/s, and CPU ms per job of the client, the worker and Redis."""
+    parts = {"client": (os.getpid(), False), "worker": (system.pid, True),
+             "redis": (redis_pid, False)}
+    before = {k: cpu_s(pid, tree=tree) for k, (pid, tree) in parts.items()}
     t = time.perf_counter()
     handles = [system.submit(payload) for _ in range(n)]
     for h in handles:
         system.wait(h)
-    return n / (time.perf_counter() - t)
+    elapsed = time.perf_counter() - t
+    cpu = {k: (cpu_s(pid, tree=tree) - before[k]) * 1000 / n for k, (pid, tree) in parts.items()}
+    return n / elapsed, cpu
 
 
 def latencies(system: Any, payload: dict[str, Any], n: int) -> list[float]:
@@ -147,10 +177,13 @@ def main() -> None:
                 res: dict[str, dict[str, list[float]]] = {"plain": {}, "secure": {}}
                 for _ in range(args.repeat):
                     for name, system in (("plain", plain), ("secure", secure)):
-                        tp = throughput(system, payload, n)
+                        tp, cpu = throughput(system, payload, n, server.pid)
                         lat = latencies(system, payload, max(20, n // 10))
                         row = res[name]
                         row.setdefault("jobs/s", []).append(tp)
+                        for part, ms in cpu.items():
+                            row.setdefault(part, []).append(ms)
+                        row.setdefault("cpu", []).append(sum(cpu.values()))
                         row.setdefault("p50", []).append(pct(lat, 50))
                         row.setdefault("p99", []).append(pct(lat, 99))
                 per_job = {name: stored_bytes(r, lambda: None, system, payload, min(n, 200))
@@ -163,10 +196,22 @@ def main() -> None:
                           f"p50 {statistics.median(row['p50']):7.2f} ms  "
                           f"p99 {statistics.median(row['p99']):7.2f} ms  "
                           f"Redis {per_job[name] / 1024:8.1f} KiB/job")
+                for name in ("plain", "secure"):
+                    row = res[name]
+                    print(f"  {name:<7} CPU ms/job: client "
+                          f"{statistics.median(row['client']):.3f}, worker "
+                          f"{statistics.median(row['worker']):.3f}, Redis "
+                          f"{statistics.median(row['redis']):.3f}, total "
+                          f"{statistics.median(row['cpu']):.3f} "
+                          f"[{min(row['cpu']):.3f}-{max(row['cpu']):.3f}]")
                 ratio = [s / p for s, p in zip(res["secure"]["jobs/s"], res["plain"]["jobs/s"],
                                                strict=True)]
                 print(f"  secure/plain throughput: median {statistics.median(ratio):.3f} "
                       f"(runs: {', '.join(f'{x:.3f}' for x in ratio)})")
+                cpu_ratio = [s / p for s, p in zip(res["secure"]["cpu"], res["plain"]["cpu"],
+                                                   strict=True)]
+                print(f"  secure/plain CPU per job: median {statistics.median(cpu_ratio):.3f} "
+                      f"(runs: {', '.join(f'{x:.3f}' for x in cpu_ratio)})")
         finally:
             plain.stop()
             secure.stop()

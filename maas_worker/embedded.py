@@ -152,6 +152,13 @@ class EmbeddedRedis:
         self._stop_process()
         self._requested_port = self.port
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (it must be running)."""
+        if self._proc is None:
+            raise RuntimeError("the embedded server is not running")
+        return self._proc.pid
+
     def freeze(self) -> None:
         """SIGSTOP: the server stops answering but keeps every connection open
         (what a hung server or a network partition looks like); `thaw` resumes it."""

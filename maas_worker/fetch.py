@@ -27,6 +27,7 @@ time) and by anything that takes batches of messages (`take` with a count).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Collection, Iterable, Sequence
@@ -89,6 +90,10 @@ return out
 """
 
 
+#: The script's SHA-1: after the first ``EVAL`` a consumer sends ``EVALSHA``.
+POP_RESERVE_SHA = hashlib.sha1(POP_RESERVE.encode(), usedforsecurity=False).hexdigest()
+
+
 @dataclass(frozen=True)
 class Taken:
     """One message taken from a queue."""
@@ -116,18 +121,22 @@ def base_queue(key: str, prefix: str = "") -> str:
 
 def command(queues: Sequence[str], *, count: int, max_chars: int, now: float | None = None,
             unacked_key: str = UNACKED_KEY, index_key: str = UNACKED_INDEX_KEY,
-            prefix: str = "", unreserved: Collection[str] = ()) -> list[Any]:
+            prefix: str = "", unreserved: Collection[str] = (),
+            by_sha: bool = False) -> list[Any]:
     """The ``EVAL`` command taking up to ``count`` messages from ``queues`` (in order).
 
     Sent as a raw command by the Celery consumer (its event loop waits for the
     reply on the socket); `take` runs it through a client. ``prefix`` is
     kombu's ``global_keyprefix``, if one is set; messages of the queues in
     ``unreserved`` (consumed without acknowledgement) are taken unreserved.
+    ``by_sha`` sends ``EVALSHA`` (the server must have seen the script: on
+    ``NOSCRIPT``, send it once more without).
     """
     lists = expand(queues)
     flags = "".join("0" if base_queue(k) in unreserved else "1" for k in lists)
     keys = [prefix + k for k in (unacked_key, index_key, *lists)]
-    return ["EVAL", POP_RESERVE, len(keys), *keys, count,
+    script = ["EVALSHA", POP_RESERVE_SHA] if by_sha else ["EVAL", POP_RESERVE]
+    return [*script, len(keys), *keys, count,
             repr(time.time() if now is None else now), max_chars, PRIORITY_SEP, prefix, flags]
 
 

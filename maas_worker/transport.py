@@ -49,6 +49,7 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from redis.exceptions import NoScriptError
 
 from . import fetch
 from .monitoring import MONITOR_EXCHANGE, SAMPLE_TASK
@@ -223,11 +224,30 @@ class HardenedChannel(kombu_redis.Channel):
     _ready = True
     #: What the command in flight on the poll connection is: "take" or "wait".
     _sent = "wait"
+    #: Whether the server has the take script cached (EVALSHA, not EVAL).
+    _script_known = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         #: Queues consumed without acknowledgement (remote-control replies).
         self._no_ack: set[str] = set()
+        self._sync_client: Any = None
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        """A redis-py client on the channel's pool, reused for every synchronous command.
+
+        kombu builds a new client object for each acknowledgement and each
+        event it publishes: about 8% of a busy worker's main-process CPU in a
+        py-spy profile (docs/benchmarks.md). A redis-py client is thread-safe
+        (each command borrows a connection from the pool), so one per pool
+        does; a new pool (after a reconnection) gets a new client.
+        """
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        pool = self.pool
+        if self._sync_client is None or self._sync_client.connection_pool is not pool:
+            self._sync_client = super()._create_client()  # type: ignore[no-untyped-call]
+        return self._sync_client
 
     def _limit(self) -> int:
         if self._max_body_chars is None:
@@ -327,7 +347,7 @@ class HardenedChannel(kombu_redis.Channel):
             args = fetch.command(queues, count=1, max_chars=self._limit(),
                                  unacked_key=self.unacked_key,
                                  index_key=self.unacked_index_key, prefix=prefix,
-                                 unreserved=self._no_ack)
+                                 unreserved=self._no_ack, by_sha=self._script_known)
             self._sent = "take"
         else:
             args = ["BRPOP", prefix + fetch.WAKE_KEY, timeout or 0]
@@ -346,13 +366,20 @@ class HardenedChannel(kombu_redis.Channel):
                 # Reconnect on the next poll, and take first: the wake-up
                 # tokens may have been lost with the server.
                 self._ready = True
+                self._script_known = False
                 self.client.connection.disconnect()
                 raise
+            except NoScriptError:
+                # A restarted (or flushed) server: send the script itself next.
+                self._script_known = False
+                self._ready = True
+                raise Empty() from None
             if sent == "wait":
                 # Woken (or timed out: something may have arrived without a
                 # token, such as a message put back by the sweep): take next.
                 self._ready = True
                 raise Empty()
+            self._script_known = True
             taken = fetch.parse(reply, self.global_keyprefix or "")
             if not taken:
                 self._ready = False

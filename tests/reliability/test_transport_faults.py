@@ -111,6 +111,21 @@ def test_an_idle_consumer_is_woken_by_a_publish_not_by_its_poll_timeout(
         conn.release()
 
 
+def test_a_server_that_forgot_the_take_script_gets_it_again(
+        server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]) -> None:
+    conn, got = consumer
+    publish(server)
+    drain(conn)
+    assert conn.default_channel._script_known  # takes now go by EVALSHA
+    r = redis.Redis.from_url(server.url)
+    r.script_flush()  # what a restarted server looks like to a live connection
+    publish(server)
+    drain(conn)  # NOSCRIPT, then the script itself: nothing lost, no error
+    assert [m.headers["id"] for m in got] == ["job-1", "job-1"]
+    assert r.llen(QUEUE) == 0 and r.hlen("unacked") == 2
+    r.close()
+
+
 def test_a_no_ack_consumer_leaves_nothing_reserved(server: EmbeddedRedis) -> None:
     """Remote-control replies are consumed without acknowledgement: a reservation
     of one would never be cleared, and the sweep would put it back for ever."""
