@@ -147,15 +147,19 @@ def wait_results(stack: Stack, jobs: list[Job], quiet_s: float) -> list[Job]:
     return pending
 
 
-@pytest.mark.parametrize("kind", ["restart", "crash", "freeze"])
+@pytest.mark.parametrize("kind, mode", [
+    ("restart", "celery"), ("crash", "celery"), ("freeze", "celery"),
+    ("crash", "batch"), ("freeze", "batch")])
 def test_redis_outages_mid_run_lose_no_accepted_job(make_stack: Any, report: Any,
-                                                    kind: str) -> None:
+                                                    kind: str, mode: str) -> None:
     """restart: SIGTERM (Valkey writes the AOF and exits); crash: SIGKILL;
-    freeze: SIGSTOP, then SIGCONT (a hung server: nothing answers, nothing closes)."""
+    freeze: SIGSTOP, then SIGCONT (a hung server: nothing answers, nothing closes).
+    mode: Celery's task consumer, or the batch consumer (``--batch-consumer``)."""
     visibility_s = 5
     stack, server = make_stack(appendonly=True, server_args=("--appendfsync", "always"),
                                MAAS_VISIBILITY_TIMEOUT_S=str(visibility_s), MAAS_LEASE_S="3")
-    workers = [stack.start_worker(f"r{i}", concurrency=2) for i in range(2)]
+    args = ("--batch-consumer",) if mode == "batch" else ()
+    workers = [stack.start_worker(f"r{i}", concurrency=2, args=args) for i in range(2)]
     pids = [w.proc.pid for w in workers if w.proc is not None]
     producer = Producer(stack, SIZE.restart_jobs)
     producer.start()
@@ -192,7 +196,7 @@ def test_redis_outages_mid_run_lose_no_accepted_job(make_stack: Any, report: Any
     for job in done:
         assert job.result(timeout=WAIT_S)["echo"]["n"] >= 0
     assert_once(stack, done)
-    report(jobs=len(jobs), outages=SIZE.restarts, kind=kind,
+    report(jobs=len(jobs), outages=SIZE.restarts, kind=kind, mode=mode,
            refused_submits_while_down=producer.refused,
            slowest_refusal_s=round(producer.slowest_refusal_s, 2),
            slowest_submit_s=round(producer.slowest_call_s, 2),
