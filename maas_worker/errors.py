@@ -199,7 +199,10 @@ def connection_cause(exc: BaseException) -> str:
         if isinstance(e, ssl.SSLEOFError):
             return "TLS: the server ended the handshake (does it require a client certificate?)"
         if isinstance(e, ssl.SSLError):
-            return f"TLS: {(e.reason or type(e).__name__).lower().replace('_', ' ')}"
+            reason = e.reason or type(e).__name__
+            if "CERTIFICATE_REQUIRED" in reason:
+                return "TLS: the server requires a client certificate"
+            return f"TLS: {reason.lower().replace('_', ' ')}"
     for e in chain:
         if isinstance(e, redis.AuthenticationError) or "WRONGPASS" in str(e)[:64]:
             return "authentication failed"

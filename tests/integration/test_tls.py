@@ -254,7 +254,11 @@ def test_connections_that_must_fail_fail_cleanly_without_the_password(
     # What the one-line error says went wrong: something an operator can act on.
     cause = {
         "system CAs only": "TLS: certificate verify failed",
-        "no client certificate": "TLS: the server ended the handshake",
+        # TLS 1.3: the server checks the client certificate after the client
+        # thinks the handshake is done, so the refusal arrives as the server's
+        # alert or, depending on timing, as the connection closing.
+        "no client certificate": "TLS: the server requires a client certificate|"
+                                 "TLS: the server ended the handshake|connection reset",
         "wrong password": "authentication failed",
         "host name not in the certificate": "TLS: certificate verify failed: IP address mismatch",
         "plain redis://": "connection reset by the server",
@@ -262,7 +266,7 @@ def test_connections_that_must_fail_fail_cleanly_without_the_password(
     cli_env = {k: v for k, v in {**tls_stack.env, **env}.items() if v}
     with pytest.raises(ServiceUnavailable) as err:
         Client(settings=Settings.from_env(cli_env)).submit("echo", {})
-    assert cause in str(err.value)
+    assert re.search(cause, str(err.value))
     for secret in (t.password, wrong):
         assert secret not in str(err.value)
     done = run_cli(cli_env, "status", "00000000-0000-0000-0000-000000000000")
