@@ -151,6 +151,13 @@ def stored_bytes(r: redis.Redis, before: Callable[[], None], system: Any,
     return (int(r.info("memory")["used_memory"]) - m0) / n
 
 
+def print_ratio(what: str, secure: list[float], plain: list[float]) -> None:
+    """The secure/plain ratio of each run (same run, same machine state) and their median."""
+    ratio = [s / p for s, p in zip(secure, plain, strict=True)]
+    print(f"  secure/plain {what}: median {statistics.median(ratio):.3f} "
+          f"(runs: {', '.join(f'{x:.3f}' for x in ratio)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -191,27 +198,16 @@ def main() -> None:
                 print(f"\npayload {size} B, {n} jobs per throughput run")
                 for name in ("plain", "secure"):
                     row = res[name]
-                    print(f"  {name:<7} jobs/s {statistics.median(row['jobs/s']):8.1f} "
+                    med = {k: statistics.median(v) for k, v in row.items()}
+                    print(f"  {name:<7} jobs/s {med['jobs/s']:8.1f} "
                           f"[{min(row['jobs/s']):.0f}-{max(row['jobs/s']):.0f}]  "
-                          f"p50 {statistics.median(row['p50']):7.2f} ms  "
-                          f"p99 {statistics.median(row['p99']):7.2f} ms  "
-                          f"Redis {per_job[name] / 1024:8.1f} KiB/job")
-                for name in ("plain", "secure"):
-                    row = res[name]
-                    print(f"  {name:<7} CPU ms/job: client "
-                          f"{statistics.median(row['client']):.3f}, worker "
-                          f"{statistics.median(row['worker']):.3f}, Redis "
-                          f"{statistics.median(row['redis']):.3f}, total "
-                          f"{statistics.median(row['cpu']):.3f} "
-                          f"[{min(row['cpu']):.3f}-{max(row['cpu']):.3f}]")
-                ratio = [s / p for s, p in zip(res["secure"]["jobs/s"], res["plain"]["jobs/s"],
-                                               strict=True)]
-                print(f"  secure/plain throughput: median {statistics.median(ratio):.3f} "
-                      f"(runs: {', '.join(f'{x:.3f}' for x in ratio)})")
-                cpu_ratio = [s / p for s, p in zip(res["secure"]["cpu"], res["plain"]["cpu"],
-                                                   strict=True)]
-                print(f"  secure/plain CPU per job: median {statistics.median(cpu_ratio):.3f} "
-                      f"(runs: {', '.join(f'{x:.3f}' for x in cpu_ratio)})")
+                          f"p50 {med['p50']:7.2f} ms  p99 {med['p99']:7.2f} ms  "
+                          f"Redis {per_job[name] / 1024:8.1f} KiB/job\n"
+                          f"  {name:<7} CPU ms/job: client {med['client']:.3f}, worker "
+                          f"{med['worker']:.3f}, Redis {med['redis']:.3f}, total "
+                          f"{med['cpu']:.3f} [{min(row['cpu']):.3f}-{max(row['cpu']):.3f}]")
+                print_ratio("throughput", res["secure"]["jobs/s"], res["plain"]["jobs/s"])
+                print_ratio("CPU per job", res["secure"]["cpu"], res["plain"]["cpu"])
         finally:
             plain.stop()
             secure.stop()

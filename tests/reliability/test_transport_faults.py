@@ -30,16 +30,21 @@ def server() -> Iterator[EmbeddedRedis]:
         yield s
 
 
-@pytest.fixture
-def consumer(server: EmbeddedRedis) -> Iterator[tuple[Connection, list[Any]]]:
+def open_consumer(server: EmbeddedRedis, *, no_ack: bool = False,
+                  **transport_options: Any) -> tuple[Connection, list[Any]]:
     """A hardened kombu connection consuming the high queue; the messages it got."""
     transport.install()
-    conn = Connection(server.url)
+    conn = Connection(server.url, transport_options=transport_options)
     got: list[Any] = []
     queue = Queue(QUEUE, Exchange("maas", type="direct"), routing_key=QUEUE)
-    consumer = conn.Consumer([queue], callbacks=[lambda body, msg: got.append(msg)],
-                             accept=["json"])
-    consumer.consume()
+    conn.Consumer([queue], callbacks=[lambda body, msg: got.append(msg)],
+                  accept=["json"], no_ack=no_ack).consume()
+    return conn, got
+
+
+@pytest.fixture
+def consumer(server: EmbeddedRedis) -> Iterator[tuple[Connection, list[Any]]]:
+    conn, got = open_consumer(server)
     try:
         yield conn, got
     finally:
@@ -91,15 +96,9 @@ def test_a_take_whose_reply_is_lost_leaves_the_message_reserved_for_the_sweep(
 
 def test_an_idle_consumer_is_woken_by_a_publish_not_by_its_poll_timeout(
         server: EmbeddedRedis) -> None:
-    transport.install()
     # A poll timeout far longer than the wait below: only the wake-up token
     # published with the message can end the idle wait in time.
-    conn = Connection(server.url, transport_options={"brpop_timeout": 60})
-    got: list[Any] = []
-    queue = Queue(QUEUE, Exchange("maas", type="direct"), routing_key=QUEUE)
-    consumer = conn.Consumer([queue], callbacks=[lambda body, msg: got.append(msg)],
-                             accept=["json"])
-    consumer.consume()
+    conn, got = open_consumer(server, brpop_timeout=60)
     try:
         with pytest.raises(TimeoutError):
             conn.drain_events(timeout=0.5)  # finds the queue empty, starts waiting
@@ -129,13 +128,7 @@ def test_a_server_that_forgot_the_take_script_gets_it_again(
 def test_a_no_ack_consumer_leaves_nothing_reserved(server: EmbeddedRedis) -> None:
     """Remote-control replies are consumed without acknowledgement: a reservation
     of one would never be cleared, and the sweep would put it back for ever."""
-    transport.install()
-    conn = Connection(server.url)
-    got: list[Any] = []
-    queue = Queue(QUEUE, Exchange("maas", type="direct"), routing_key=QUEUE)
-    consumer = conn.Consumer([queue], callbacks=[lambda body, msg: got.append(msg)],
-                             accept=["json"], no_ack=True)
-    consumer.consume()
+    conn, got = open_consumer(server, no_ack=True)
     try:
         publish(server)
         drain(conn)
