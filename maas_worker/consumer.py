@@ -74,9 +74,9 @@ from .pipeline import (
     verify_request,
     window_ms,
 )
+from .queue_entries import Refused, check_message, max_body_chars
 from .runtime import WorkerRuntime
 from .scheduling import ReservedShareCycle
-from .transport import Refused, check_message, max_body_chars
 
 log = logging.getLogger(__name__)
 

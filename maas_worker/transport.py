@@ -13,13 +13,14 @@ access, so before this guard:
 * any registered task name (``maas.sample``, Celery's own ``celery.*``
   built-ins) could be sent to the job queues.
 
-`HardenedChannel` keeps the consumer alive and the queue truthful: on the
-job queues it lets through only well-formed protocol-2 JSON messages of
-``maas.infer`` no larger than the envelope limit allows, and stamps each with
-the queue it came from; on the monitoring queue only ``maas.sample``. Anything
-else is dropped (it was already popped, so it is gone), logged and audited as
-``malformed`` (``oversize`` for a body over the limit). It never deserialises
-a refused body. Connection errors still propagate, so kombu reconnects.
+`HardenedChannel` keeps the consumer alive and the queue truthful: each
+entry must pass `queue_entries.check_message` (on the job queues only
+well-formed protocol-2 JSON messages of ``maas.infer`` no larger than the
+envelope limit allows; on the monitoring queue only ``maas.sample``), and is
+stamped with the queue it came from. Anything else is dropped (it was already
+popped, so it is gone), logged and audited as ``malformed`` (``oversize`` for
+a body over the limit). It never deserialises a refused body. Connection
+errors still propagate, so kombu reconnects.
 
 Taking a message is atomic: instead of kombu's ``BRPOP`` followed by a
 separate write recording the reservation (a Redis crash between the two lost
@@ -38,8 +39,6 @@ its jobs are found by the idle poll instead, within a second.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 from collections.abc import Callable
@@ -52,78 +51,14 @@ from kombu.transport import virtual
 from redis.exceptions import NoScriptError
 
 from . import fetch
-from .monitoring import MONITOR_EXCHANGE, SAMPLE_TASK
-from .settings import PRIORITIES, Settings, queue_for
+from .queue_entries import Refused, check_message, max_body_chars, str_field
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-INFER_TASK = "maas.infer"
-#: The only task each consumed queue may carry.
-_TASK_OF_QUEUE: dict[str, str] = {
-    **{queue_for(p): INFER_TASK for p in PRIORITIES}, MONITOR_EXCHANGE: SAMPLE_TASK}
-#: Bytes of a Celery message around the envelope (headers, properties, JSON, base64).
-_MESSAGE_OVERHEAD = 16 * 1024
-
-
-def max_body_chars(settings: Settings) -> int:
-    """The longest message a job queue may hold: base64 of JSON around the base64 envelope."""
-    return (settings.max_envelope_chars + _MESSAGE_OVERHEAD) * 4 // 3
-
-
-class Refused(Exception):
-    """A queue entry that must not reach Celery; ``reason`` is the audit reason."""
-
-    def __init__(self, reason: str, why: str) -> None:
-        super().__init__(why)
-        self.reason = reason
-
-
-def _str_field(mapping: Any, key: str) -> str | None:
-    value = mapping.get(key) if isinstance(mapping, dict) else None
-    return value if isinstance(value, str) else None
-
-
-def check_message(raw: Any, queue: str, *, max_body_chars: int) -> None:
-    """Raise `Refused` (its ``reason``: ``malformed`` or ``oversize``) unless ``raw``
-    is a message this queue may carry.
-
-    Checks the structure kombu relies on (for every queue), and for our queues
-    the content type, the task name and the body size, without decoding the body.
-    """
-    if not isinstance(raw, dict) or not isinstance(raw.get("properties"), dict):
-        raise Refused("malformed", "not a kombu message")
-    props = raw["properties"]
-    if not _str_field(props, "delivery_tag"):
-        raise Refused("malformed", "no delivery tag")
-    info = props.get("delivery_info")
-    if info is not None and not isinstance(info, dict):
-        raise Refused("malformed", "bad delivery_info")
-    body = raw.get("body")
-    if body is not None and not isinstance(body, str):
-        raise Refused("malformed", "body is not text")
-    if not isinstance(raw.get("headers", {}), dict):
-        raise Refused("malformed", "headers are not a mapping")
-    expected_task = _TASK_OF_QUEUE.get(queue)
-    if expected_task is None:
-        return  # Celery's own queues (remote control, events): structure only
-    if raw.get("content-type") != "application/json" or \
-            raw.get("content-encoding") not in ("utf-8", None):
-        raise Refused("malformed", "content type is not JSON")
-    if props.get("body_encoding") not in ("base64", None):
-        raise Refused("malformed", "unknown body encoding")
-    if _str_field(raw.get("headers"), "task") != expected_task:
-        raise Refused("malformed", f"not a {expected_task} message")
-    if body is not None and len(body) > max_body_chars:
-        raise Refused("oversize", "body over the size limit")
-    try:
-        base64.b64decode(body or "", validate=True)
-    except (binascii.Error, ValueError):
-        raise Refused("malformed", "body is not base64") from None
-
-
 def _job_id(raw: Any) -> str:
     headers = raw.get("headers") if isinstance(raw, dict) else None
-    return _str_field(headers, "id") or ""
+    return str_field(headers, "id") or ""
 
 
 class _Auditor:
@@ -331,7 +266,7 @@ class HardenedChannel(kombu_redis.Channel):
 
     def _forget(self, raw: Any) -> None:
         props = raw.get("properties") if isinstance(raw, dict) else None
-        tag = _str_field(props, "delivery_tag")
+        tag = str_field(props, "delivery_tag")
         if tag and (tag in self.qos.prereserved or tag in self.qos._delivered):
             self.qos.forget(tag)
 
@@ -402,7 +337,7 @@ class HardenedChannel(kombu_redis.Channel):
             return True
         if taken.reserved:
             props = raw.get("properties") if isinstance(raw, dict) else None
-            tag = _str_field(props, "delivery_tag")
+            tag = str_field(props, "delivery_tag")
             if tag:
                 self.qos.prereserved.add(tag)
         self.connection._deliver(raw, taken.queue)

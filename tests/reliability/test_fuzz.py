@@ -8,7 +8,7 @@
   a real Redis): any argument list and keyword arguments, wrong types at
   every position, any task id and routing key;
 * what a client reads back (a result envelope, a cancel token);
-* the worker's queue guard (`transport.check_message`) on arbitrary JSON.
+* the worker's queue guard (`queue_entries.check_message`) on arbitrary JSON.
 
 The only outcome allowed for bad input is the generic rejection (one error
 type, or an audited rejection reason): never another exception, never a hang
@@ -32,7 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maas_worker import transport
+from maas_worker import queue_entries
 from maas_worker.app import PAYLOAD_REF
 from maas_worker.audit import REASONS
 from maas_worker.cancellation import make_token, verify_token
@@ -245,8 +245,8 @@ def raw_messages(draw: st.DrawFn) -> Any:
 def test_the_queue_guard_refuses_or_passes_never_raises(raw: Any, queue: str) -> None:
     _count("queue")
     try:
-        transport.check_message(raw, queue, max_body_chars=4096)
-    except transport.Refused as exc:
+        queue_entries.check_message(raw, queue, max_body_chars=4096)
+    except queue_entries.Refused as exc:
         assert exc.reason in ("malformed", "oversize")
 
 
