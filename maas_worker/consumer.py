@@ -77,6 +77,7 @@ from .pipeline import (
 from .queue_entries import Refused, check_message, max_body_chars
 from .runtime import WorkerRuntime
 from .scheduling import ReservedShareCycle
+from .task_events import TaskEvents
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,9 @@ class BatchConsumer:
     """Takes batches of job messages and runs them through the pipeline (one process)."""
 
     def __init__(self, rt: WorkerRuntime, broker: redis.Redis, *, max_jobs: int,
-                 wait_s: float = 0.0) -> None:
+                 wait_s: float = 0.0, events: TaskEvents | None = None) -> None:
         self.rt = rt
+        self.events = events
         self.broker = broker
         self.max_jobs = max_jobs
         self.wait_s = wait_s
@@ -228,6 +230,7 @@ class BatchConsumer:
         """Run ``batch`` through every stage, then acknowledge what is finished."""
         rt = self.rt
         started = time.perf_counter()
+        received_at = time.time()
         self._current = ds = [self._open(t) for t in batch]
         need = [d for d in ds if d.pending and needs_payload(d.text)]
         for d, got in zip(need, rt.guard.fetch_payloads(
@@ -248,14 +251,20 @@ class BatchConsumer:
         self._run_models([d for d in ds if d.pending and d.doc is None])
         self._store([d for d in ds if d.pending and d.doc is not None])
         self._release_quotas([d for d in ds if d.claimed and d.policy is not None])
+        runtime_s = time.perf_counter() - started
         for d in ds:
             if d.outcome is not None and not d.refused:
                 log.info("job %r %s", d.job_id[:64], d.outcome)
                 metrics.job_finished(d.job_id, d.outcome)
+                if self.events is not None:
+                    self.events.finished(d.job_id, received_at=received_at,
+                                         runtime_s=runtime_s)
         self.batches += 1
         self.jobs += len(ds)
-        metrics.add_busy(time.perf_counter() - started)
+        metrics.add_busy(runtime_s)
         self._settle(ds)
+        if self.events is not None:
+            self.events.flush()
 
     def _open(self, taken: fetch.Taken) -> _Delivery:
         """Check the queue entry and decode the Celery message around the envelope."""
@@ -379,6 +388,8 @@ class BatchConsumer:
         with self.broker.pipeline(transaction=True) as pipe:
             for b in back:
                 pipe.rpush(b.queue, b.raw)  # taken from the right: it is next
+            if back:
+                fetch.ring(pipe, len(back))  # work for idle consumers
             if tags:
                 pipe.zrem(fetch.UNACKED_INDEX_KEY, *tags)
                 pipe.hdel(fetch.UNACKED_KEY, *tags)
@@ -483,13 +494,16 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Task events under the worker node's name (``node/index`` is this process).
+    events = TaskEvents(settings, name.rsplit("/", 1)[0], task_name=TASK_NAME)
     consumer = BatchConsumer(rt, broker, max_jobs=settings.consumer_batch,
-                             wait_s=settings.consumer_wait_ms / 1000)
+                             wait_s=settings.consumer_wait_ms / 1000, events=events)
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
     log.info("batch consumer %s ready (pid %d)", name, os.getpid())
     consumer.run(stop)
+    events.close()
     log.info("batch consumer %s stopped after %d jobs in %d batches", name, consumer.jobs,
              consumer.batches)
     return 0

@@ -12,13 +12,15 @@ import json
 import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from maas_worker import InvalidEnvelope, JobRejected
-from maas_worker.app import TASK_NAME
+from maas_worker.app import TASK_NAME, make_app
 from maas_worker.settings import BUNDLED_MODEL_DIR, queue_for
 
 from ..modelkit import holdout
@@ -186,3 +188,44 @@ def test_warm_shutdown_finishes_the_batch_and_the_node_answers_remote_control(
     for job in jobs:
         assert job.result(timeout=TIMEOUT)["slept"] >= 0.2
         assert stack.outcomes(job.id).count("succeeded") == 1
+
+
+def test_flower_sees_batch_jobs_finish_through_celery_task_events(
+        batch_stack: Callable[..., Stack]) -> None:
+    """Without task events Flower would show every batch job as sent, for ever."""
+    stack = batch_stack()
+    worker = stack.start_worker("ev", concurrency=1)
+    client = stack.client()
+    app = make_app(stack.settings, include_tasks=False)
+    seen: list[dict[str, Any]] = []
+    marker = f"event-marker-{time.time_ns()}"
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": seen.append})
+        errors: list[BaseException] = []
+
+        def listen() -> None:
+            try:
+                receiver.capture(limit=None, timeout=TIMEOUT, wakeup=False)
+            except BaseException as exc:
+                errors.append(exc)
+        listener = threading.Thread(target=listen, daemon=True)
+        listener.start()
+        ids: list[str] = []
+
+        def a_finished_job() -> list[dict[str, Any]]:
+            # Events are not stored: submit until the receiver, subscribed by
+            # now, has seen one of our jobs finish.
+            job = client.submit("echo", {"text": marker})
+            job.result(timeout=TIMEOUT)
+            ids.append(job.id)
+            return [e for e in list(seen) if e["type"] == "task-succeeded" and e["uuid"] in ids]
+
+        done = wait_for(a_finished_job, TIMEOUT, "a task-succeeded event of a batch job")[0]
+        receiver.should_stop = True
+        listener.join(TIMEOUT)
+    assert errors == []
+    assert done["hostname"] == worker.node and done["result"] == "None"
+    received = [e for e in seen if e["type"] == "task-received" and e["uuid"] == done["uuid"]]
+    assert [(e["name"], e["args"], e["kwargs"]) for e in received] == [
+        (TASK_NAME, "('<sealed envelope>',)", "{}")]
+    assert marker not in json.dumps(seen, default=str)  # an event never carries the data
