@@ -15,7 +15,6 @@ from .monitoring import celery_options as monitoring_options
 from .monitoring import monitor_queue
 from .scheduling import STRATEGY
 from .settings import PRIORITIES, Settings, queue_for
-from .transport import TRANSPORT
 
 TASK_NAME = "maas.infer"
 #: The task argument that says "the sealed request is at maas:payload:<job id>".
@@ -23,6 +22,9 @@ PAYLOAD_REF = "ref:payload"
 #: Queues in the order a worker consumes them: high first, low last.
 QUEUE_NAMES: tuple[str, ...] = tuple(queue_for(p) for p in PRIORITIES)
 EXCHANGE = "maas"
+#: Producers' ``broker_transport``: kombu's Redis transport with the wake-up ring
+#: (transport.py; named, not imported, so kombu loads it only when connecting).
+TRANSPORT = "maas_worker.transport:Transport"
 #: Modules holding tasks and worker hooks, imported by workers only.
 WORKER_MODULES = ["maas_worker.tasks", "maas_worker.monitor_tasks"]
 

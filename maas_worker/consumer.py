@@ -94,7 +94,6 @@ class _Delivery:
     """One message of a batch as it goes through the stages."""
 
     taken: fetch.Taken
-    tag: str | None
     job_id: str = ""
     text: str = ""
     fetched: bytes | int | None = None
@@ -109,6 +108,11 @@ class _Delivery:
     outcome: str | None = None
     #: Set when the message is kept and retried after this many seconds.
     defer_s: float | None = None
+
+    @property
+    def tag(self) -> str | None:
+        """The delivery tag it is reserved under (None: taken unreserved)."""
+        return self.taken.tag
 
     @property
     def pending(self) -> bool:
@@ -169,7 +173,7 @@ class BatchConsumer:
         interval = max(0.25, self.rt.settings.visibility_timeout_s / 4)
         while not done.wait(interval):
             tags = [d.tag for d in list(self._current) if d.tag is not None]
-            tags += [t for t in (fetch.delivery_tag(t.raw) for _, t in list(self._deferred)) if t]
+            tags += [t.tag for _, t in list(self._deferred) if t.tag is not None]
             if not tags:
                 continue
             try:
@@ -269,7 +273,7 @@ class BatchConsumer:
     def _open(self, taken: fetch.Taken) -> _Delivery:
         """Check the queue entry and decode the Celery message around the envelope."""
         rt = self.rt
-        d = _Delivery(taken, fetch.delivery_tag(taken.raw) if taken.reserved else None)
+        d = _Delivery(taken)
         if not taken.reserved:
             # Popped but not reserved: over the size limit or not a message at all.
             self._refuse(d, "oversize" if len(taken.raw) > self._max_chars
@@ -383,7 +387,7 @@ class BatchConsumer:
         if not (self._to_ack or self._to_hand_back or self._to_touch):
             return
         back = self._to_hand_back
-        tags = self._to_ack + [t for t in (fetch.delivery_tag(b.raw) for b in back) if t]
+        tags = self._to_ack + [b.tag for b in back if b.tag is not None]
         touch = self._to_touch
         with self.broker.pipeline(transaction=True) as pipe:
             for b in back:
@@ -403,7 +407,7 @@ class BatchConsumer:
         if gone:
             # The sweep put these back in their queue: that copy is the job now.
             self._deferred = [(w, t) for w, t in self._deferred
-                              if fetch.delivery_tag(t.raw) not in gone]
+                              if t.tag not in gone]
 
     def _recover(self, exc: Exception) -> None:
         """After an error mid-batch: give back claims, keep what is decided for later."""

@@ -28,7 +28,6 @@ time) and by anything that takes batches of messages (`take` with a count).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ PRIORITY_SEP = "\x06\x16"
 #       one flag per list: '1' reserve what is taken, '0' do not (a no-ack
 #       consumer's queue, such as a remote-control reply: never acknowledged,
 #       a reservation would be put back by the sweep again and again).
-# Reply: a flat list {list, message, reserved ('1' or '0'), ...}.
+# Reply: a flat list {list, message, delivery tag ('' when not reserved), ...}.
 # An entry that is not JSON or has no delivery tag cannot be reserved under a
 # tag: it is popped and returned unreserved, and the consumer drops it.
 POP_RESERVE = """
@@ -64,7 +63,7 @@ for i = 3, #KEYS do
   while #out < want * 3 do
     local msg = redis.call('RPOP', KEYS[i])
     if not msg then break end
-    local reserved = '0'
+    local reserved_as = ''
     if #msg <= maxlen and string.sub(ARGV[6], i - 2, i - 2) == '1' then
       local ok, m = pcall(cjson.decode, msg)
       local tag = ok and type(m) == 'table' and type(m.properties) == 'table'
@@ -77,12 +76,12 @@ for i = 3, #KEYS do
         -- empty list into an object and round numbers.
         redis.call('HSET', KEYS[1], tag, '[' .. msg .. ',"",' .. cjson.encode(q) .. ']')
         redis.call('ZADD', KEYS[2], ARGV[2], tag)
-        reserved = '1'
+        reserved_as = tag
       end
     end
     out[#out + 1] = KEYS[i]
     out[#out + 1] = msg
-    out[#out + 1] = reserved
+    out[#out + 1] = reserved_as
   end
   if #out >= want * 3 then break end
 end
@@ -102,8 +101,14 @@ class Taken:
     queue: str
     #: The message exactly as it sat in the list (kombu's JSON).
     raw: str
-    #: True when it is recorded in the unacked hash: it must be acknowledged.
-    reserved: bool
+    #: Its delivery tag when it is recorded in the unacked hash (it must then be
+    #: acknowledged); None when it was taken unreserved.
+    tag: str | None
+
+    @property
+    def reserved(self) -> bool:
+        """Whether the message is in the unacked hash, under `tag`."""
+        return self.tag is not None
 
 
 def expand(queues: Sequence[str]) -> list[str]:
@@ -145,8 +150,8 @@ def parse(reply: Any, prefix: str = "") -> list[Taken]:
     items = list(reply or [])
     out = []
     for i in range(0, len(items) - 2, 3):
-        key, raw, reserved = (_text(x) for x in items[i:i + 3])
-        out.append(Taken(base_queue(key, prefix), raw, reserved == "1"))
+        key, raw, tag = (_text(x) for x in items[i:i + 3])
+        out.append(Taken(base_queue(key, prefix), raw, tag or None))
     return out
 
 
@@ -171,15 +176,6 @@ def ack(client: Any, tags: Iterable[str]) -> None:
     pipe.zrem(UNACKED_INDEX_KEY, *tags)
     pipe.hdel(UNACKED_KEY, *tags)
     pipe.execute()
-
-
-def delivery_tag(raw: str) -> str | None:
-    """The delivery tag of a kombu message (None if it has none)."""
-    try:
-        tag = json.loads(raw)["properties"]["delivery_tag"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return tag if isinstance(tag, str) and tag else None
 
 
 def ring(pipe: Any, count: int = 1) -> None:

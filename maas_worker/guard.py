@@ -203,30 +203,27 @@ class JobGuard:
         client already did; ``cancelled`` returns the cancel request for the
         caller to verify (the job is not claimed).
         """
-        keys = [keyspace.claim(job_id), keyspace.result(job_id), keyspace.attempts(job_id),
-                keyspace.cancel(job_id)]
-        args: list[str | float] = [self.holder, self.lease_ms, max(window_ms, 1),
-                                   self.max_attempts, "1" if ignore_cancel else "0"]
-        if admission is not None:
-            keys += admission[0]
-            args += admission[1]
+        keys, args = self._claim_call(ClaimRequest(job_id, window_ms, admission),
+                                      ignore_cancel=ignore_cancel)
         return self._claimed(job_id, self._claim(keys=keys, args=args))
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]:
         """`claim_job` for many jobs in ONE round trip (the same script, pipelined)."""
-        calls = []
-        for req in requests:
-            keys = [keyspace.claim(req.job_id), keyspace.result(req.job_id),
-                    keyspace.attempts(req.job_id), keyspace.cancel(req.job_id)]
-            args: list[str | float] = [self.holder, self.lease_ms, max(req.window_ms, 1),
-                                       self.max_attempts, "0"]
-            if req.admission is not None:
-                keys += req.admission[0]
-                args += req.admission[1]
-            calls.append((keys, args))
-        replies = self._eval_many(self._claim, calls)
+        replies = self._eval_many(self._claim, [self._claim_call(req) for req in requests])
         return [self._claimed(req.job_id, reply) for req, reply in zip(requests, replies,
                                                                         strict=True)]
+
+    def _claim_call(self, req: ClaimRequest, *,
+                    ignore_cancel: bool = False) -> tuple[list[str], list[Any]]:
+        """The claim script's keys and arguments for one job."""
+        keys = [keyspace.claim(req.job_id), keyspace.result(req.job_id),
+                keyspace.attempts(req.job_id), keyspace.cancel(req.job_id)]
+        args: list[Any] = [self.holder, self.lease_ms, max(req.window_ms, 1),
+                           self.max_attempts, "1" if ignore_cancel else "0"]
+        if req.admission is not None:
+            keys += req.admission[0]
+            args += req.admission[1]
+        return keys, args
 
     def _claimed(self, job_id: str, reply: Any) -> Claim:
         raw_outcome, raw_detail = reply
@@ -268,23 +265,16 @@ class JobGuard:
                      replay_window_ms: int) -> bool:
         """Store the sealed result once; False if a result was already stored."""
         self._forget(job_id)
-        keep_ms = max(replay_window_ms, result_ttl_s * 1000, 1)
-        stored = self._store(
-            keys=[keyspace.result(job_id), keyspace.claim(job_id), keyspace.done(job_id),
-                  keyspace.payload(job_id)],
-            args=[sealed, result_ttl_s * 1000, keep_ms])
-        return bool(stored)
+        keys, args = _store_call(job_id, sealed, replay_window_ms, result_ttl_s)
+        return bool(self._store(keys=keys, args=args))
 
     def store_many(self, results: Sequence[tuple[str, bytes, int]], *,
                    result_ttl_s: int) -> list[bool]:
         """`store_result` for many ``(job id, sealed, replay window ms)`` in ONE round trip."""
         for job_id, _, _ in results:
             self._forget(job_id)
-        replies = self._eval_many(self._store, [
-            ([keyspace.result(job_id), keyspace.claim(job_id), keyspace.done(job_id),
-              keyspace.payload(job_id)],
-             [sealed, result_ttl_s * 1000, max(window, result_ttl_s * 1000, 1)])
-            for job_id, sealed, window in results])
+        replies = self._eval_many(self._store, [_store_call(job_id, sealed, window, result_ttl_s)
+                                                for job_id, sealed, window in results])
         return [bool(r) for r in replies]
 
     def fetch_payloads(self, job_ids: Sequence[str],
@@ -341,6 +331,14 @@ class JobGuard:
     def _forget(self, job_id: str) -> None:
         with self._held_lock:
             self._held.discard(job_id)
+
+
+def _store_call(job_id: str, sealed: bytes, replay_window_ms: int,
+                result_ttl_s: int) -> tuple[list[str], list[Any]]:
+    """The store script's keys and arguments for one result."""
+    keep_ms = max(replay_window_ms, result_ttl_s * 1000, 1)
+    return ([keyspace.result(job_id), keyspace.claim(job_id), keyspace.done(job_id),
+             keyspace.payload(job_id)], [sealed, result_ttl_s * 1000, keep_ms])
 
 
 def _text(value: bytes | str | int | None) -> str:

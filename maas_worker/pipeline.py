@@ -264,8 +264,7 @@ def prepare(rt: WorkerRuntime, verified: Verified,
         raise _stop(rt, job_id, "malformed", header, authenticated=True) from None
     del plaintext
     try:
-        signers = rt.keyring.get().tenant(header.tenant).policy.allowed_signers
-        model = rt.registry.resolve(header.model, signers=signers)
+        model = rt.registry.resolve(header.model, signers=policy.allowed_signers)
     except ModelRejected as exc:
         # The model exists but fails verification (audited model_rejected when
         # its load was refused): fail the job clearly; the worker serves on.

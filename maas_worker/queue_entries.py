@@ -15,13 +15,13 @@ import base64
 import binascii
 from typing import Any
 
+from .app import TASK_NAME
 from .monitoring import MONITOR_EXCHANGE, SAMPLE_TASK
 from .settings import PRIORITIES, Settings, queue_for
 
-INFER_TASK = "maas.infer"
 #: The only task each consumed queue may carry.
 _TASK_OF_QUEUE: dict[str, str] = {
-    **{queue_for(p): INFER_TASK for p in PRIORITIES}, MONITOR_EXCHANGE: SAMPLE_TASK}
+    **{queue_for(p): TASK_NAME for p in PRIORITIES}, MONITOR_EXCHANGE: SAMPLE_TASK}
 #: Bytes of a Celery message around the envelope (headers, properties, JSON, base64).
 _MESSAGE_OVERHEAD = 16 * 1024
 

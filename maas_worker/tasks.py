@@ -20,6 +20,7 @@ from celery import Task, shared_task, signals
 from celery.exceptions import Reject, Retry
 
 from . import metrics, supervisor, transport
+from .app import TASK_NAME
 from .pipeline import (
     Defer,
     Stop,
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 # then on what a Redis writer puts in a queue is checked before Celery sees it.
 transport.install()
 
-TASK_NAME = "maas.infer"
 #: Pause before handing a message back when Redis or the keyring is unavailable,
 #: so an outage is not a hot loop.
 INFRA_BACKOFF_S = 1.0

@@ -335,11 +335,8 @@ class HardenedChannel(kombu_redis.Channel):
             log.warning("queue %s: refused a queue entry that is not a message", taken.queue)
             _auditor.record(None, "malformed")
             return True
-        if taken.reserved:
-            props = raw.get("properties") if isinstance(raw, dict) else None
-            tag = str_field(props, "delivery_tag")
-            if tag:
-                self.qos.prereserved.add(tag)
+        if taken.tag is not None:
+            self.qos.prereserved.add(taken.tag)
         self.connection._deliver(raw, taken.queue)
         return True
 
@@ -349,9 +346,6 @@ class Transport(kombu_redis.Transport):
 
     Channel = HardenedChannel
 
-
-#: The value of Celery's ``broker_transport`` setting selecting `Transport`.
-TRANSPORT = "maas_worker.transport:Transport"
 
 
 def install() -> None:

@@ -50,7 +50,7 @@ def test_priority_sub_queues_come_after_every_plain_queue_like_kombus_brpop(
     r.lpush(HIGH + fetch.PRIORITY_SEP + "3", message("h3"))
     r.lpush(LOW, message("l0"))
     taken = fetch.take(r, [HIGH, LOW], count=2, max_chars=10_000)
-    assert [(t.queue, fetch.delivery_tag(t.raw)) for t in taken] == [(LOW, "l0"), (HIGH, "h3")]
+    assert [(t.queue, t.tag) for t in taken] == [(LOW, "l0"), (HIGH, "h3")]
     # Recorded under the queue's own name: restoring routes it by the message priority.
     assert json.loads(r.hget("unacked", "h3"))[2] == HIGH
 
@@ -84,7 +84,7 @@ def test_an_entry_over_the_size_limit_is_not_decoded_nor_reserved(
 def test_ack_removes_many_reservations_at_once(r: fakeredis.FakeRedis) -> None:
     r.lpush(HIGH, *(message(f"t{i}") for i in range(5)))
     taken = fetch.take(r, [HIGH], count=5, max_chars=10_000)
-    fetch.ack(r, [fetch.delivery_tag(t.raw) or "" for t in taken[:3]])
+    fetch.ack(r, [t.tag or "" for t in taken[:3]])
     assert sorted(r.hkeys("unacked")) == [b"t3", b"t4"]
     assert sorted(r.zrange("unacked_index", 0, -1)) == [b"t3", b"t4"]
 
