@@ -11,14 +11,18 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
+from .keys import TENANT_RE
 from .monitoring import celery_options as monitoring_options
 from .monitoring import monitor_queue
 from .scheduling import STRATEGY
 from .settings import PRIORITIES, Settings, queue_for
 
 TASK_NAME = "maas.infer"
-#: The task argument that says "the sealed request is at maas:payload:<job id>".
-PAYLOAD_REF = "ref:payload"
+#: What a job's argument shows as (Celery's ``argsrepr``: Flower, events, logs).
+ARGS_REPR = "('<sealed envelope>',)"
+#: A task argument ``ref:payload:<tenant>`` says "the sealed request waits at
+#: the tenant's payload key of this job" (a large request: claim check).
+PAYLOAD_REF_PREFIX = "ref:payload:"
 #: Queues in the order a worker consumes them: high first, low last.
 QUEUE_NAMES: tuple[str, ...] = tuple(queue_for(p) for p in PRIORITIES)
 EXCHANGE = "maas"
@@ -33,6 +37,25 @@ WORKER_MODULES = ["maas_worker.tasks", "maas_worker.monitor_tasks"]
 #: error, not a hang; longer than kombu's 1 s BRPOP poll.
 BROKER_SOCKET_TIMEOUT_S = 10.0
 BROKER_CONNECT_TIMEOUT_S = 5.0
+
+
+def payload_ref(tenant: str) -> str:
+    """The task argument of a claim-checked request of ``tenant``."""
+    return PAYLOAD_REF_PREFIX + tenant
+
+
+def payload_ref_tenant(arg: str) -> str | None:
+    """The tenant named by a claim-check argument; None if ``arg`` is not one.
+
+    Unverified (whoever wrote the queue entry chose it): it only says where to
+    look, and the envelope found there must be that tenant's (pipeline.py).
+    An argument that starts like a reference but names no valid tenant gives
+    ``""``.
+    """
+    if not arg.startswith(PAYLOAD_REF_PREFIX):
+        return None
+    tenant = arg[len(PAYLOAD_REF_PREFIX):]
+    return tenant if TENANT_RE.fullmatch(tenant) else ""
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:

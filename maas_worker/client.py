@@ -21,8 +21,8 @@ import redis
 from celery import Celery
 from kombu.exceptions import BatchPublishError, OperationalError
 
-from . import aead, keyspace
-from .app import PAYLOAD_REF, TASK_NAME, make_app
+from . import aead, jsonlimits, keyspace
+from .app import ARGS_REPR, TASK_NAME, make_app, payload_ref
 from .envelope import Header, now_ms, seal
 from .errors import (
     ConfigError,
@@ -32,6 +32,7 @@ from .errors import (
     RateLimited,
     ServiceUnavailable,
     SubmitError,
+    UnknownJob,
     UnknownModel,
     connection_cause,
 )
@@ -54,19 +55,26 @@ INLINE_MAX_BYTES = 48 * 1024
 #: Retry-after hint when a queue is full.
 QUEUE_FULL_RETRY_S = 1.0
 
-# Cancel: never after a result; keep an earlier request; wake waiting clients.
-# KEYS: result, cancel, done, submitted. ARGV: token, default ttl ms, result ttl ms.
+# Cancel a job of the client's own tenant: never after a result or a refusal;
+# never for a job the tenant does not have (a foreign or unknown id writes
+# nothing); the newest request stands (a stale or planted value cannot block
+# the owner's); wake waiting clients.
+# KEYS: result, cancel, done, submitted, rejected, claim.
+# ARGV: token, default ttl ms, result ttl ms.
+# Returns 1 requested, 0 already finished, -1 no such job of this tenant.
 _CANCEL = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
+local sub = redis.call('GET', KEYS[4])
+if not sub and redis.call('EXISTS', KEYS[6]) == 0 then return -1 end
 local ttl = tonumber(ARGV[2])
-local exp = tonumber(redis.call('GET', KEYS[4]) or '')
+local exp = tonumber(sub or '')
 if exp then
   local t = redis.call('TIME')
-  ttl = math.max(exp - (tonumber(t[1]) * 1000), 0) + tonumber(ARGV[3])
+  ttl = math.min(math.max(exp - (tonumber(t[1]) * 1000), 0) + tonumber(ARGV[3]), 2592000000)
 end
-redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ttl)
+redis.call('SET', KEYS[2], ARGV[1], 'PX', math.max(ttl, 1))
 redis.call('RPUSH', KEYS[3], '1')
-redis.call('PEXPIRE', KEYS[3], ttl)
+redis.call('PEXPIRE', KEYS[3], math.max(ttl, 1))
 return 1
 """
 
@@ -239,13 +247,21 @@ class Client:
                   job_id: str | None = None) -> tuple[Header, bytes]:
         """`seal` without the base64: a claim-checked request is stored raw."""
         self._check(model, priority)
+        if job_id is not None and not keyspace.is_job_id(job_id):
+            raise SubmitError("job_id must be a UUID in canonical form (lowercase, hyphenated)")
         try:
             body = json.dumps(inputs, separators=(",", ":"), allow_nan=False).encode()
+        except RecursionError:
+            raise SubmitError("inputs nest too deeply (the limit is "
+                              f"{jsonlimits.MAX_INPUT_DEPTH} levels)") from None
         except (TypeError, ValueError) as exc:
             raise SubmitError(f"inputs are not JSON-serialisable: {exc}") from None
         if len(body) > self.settings.max_input_bytes:
             raise InputTooLarge(f"input is {len(body)} bytes; the limit is "
                                 f"{self.settings.max_input_bytes} (MAAS_MAX_INPUT_BYTES)")
+        if not jsonlimits.depth_within(body, jsonlimits.MAX_INPUT_DEPTH):
+            raise SubmitError(f"inputs nest deeper than {jsonlimits.MAX_INPUT_DEPTH} levels, "
+                              "the limit")
         ttl = self.settings.job_ttl_s if ttl_s is None else ttl_s
         if not 0 < ttl <= MAX_JOB_TTL_S:
             raise SubmitError(f"ttl_s must be in 1..{MAX_JOB_TTL_S}")
@@ -291,23 +307,24 @@ class Client:
             with backend_errors(self.settings):
                 pipe = self.backend.pipeline(transaction=False)
                 for header, raw in large:
-                    pipe.set(keyspace.payload(header.job_id), raw,
+                    pipe.set(keyspace.payload(self.tenant, header.job_id), raw,
                              px=header.expires_at_ms - header.issued_at_ms + 60_000)
                 pipe.execute()
         try:
             # kombu's producer batch puts every message (and its task-sent
             # event) into one Redis pipeline: one round trip, not two per job.
             with self.app.producer_or_acquire() as producer, producer.batch():
+                ref = payload_ref(self.tenant)
                 for header, raw in sealed:
                     # base64 only what travels inside the message
-                    arg = PAYLOAD_REF if len(raw) > INLINE_MAX_BYTES \
+                    arg = ref if len(raw) > INLINE_MAX_BYTES \
                         else base64.b64encode(raw).decode("ascii")
                     self.app.send_task(
                         TASK_NAME, args=[arg], task_id=header.job_id, queue=queue,
                         producer=producer,
                         # Celery copies args into message headers and events for
                         # display; say what it is instead of repeating the ciphertext.
-                        argsrepr="('<sealed envelope>',)", kwargsrepr="{}",
+                        argsrepr=ARGS_REPR, kwargsrepr="{}",
                     )
         except OperationalError as exc:
             raise ServiceUnavailable(
@@ -331,7 +348,8 @@ class Client:
         try:
             pipe = self.backend.pipeline(transaction=False)
             for header, _ in sealed:
-                pipe.set(keyspace.submitted(header.job_id), str(header.expires_at_ms),
+                pipe.set(keyspace.submitted(self.tenant, header.job_id),
+                         str(header.expires_at_ms),
                          ex=(header.expires_at_ms - header.issued_at_ms) // 1000
                          + self.settings.result_ttl_s)
             pipe.execute()
@@ -363,11 +381,11 @@ class Client:
                             "MAAS_MAX_QUEUE_DEPTH); retry later", QUEUE_FULL_RETRY_S)
 
     def _admit(self, headers: list[Header]) -> None:
-        """Charge the tenant's quota now, for fast feedback (workers check again)."""
+        """Check the tenant's quota now, for fast feedback (advisory: workers charge it)."""
         policy = self.keyring.tenant(self.tenant).policy
         with backend_errors(self.settings):
-            verdict = self.quotas.admit_many(self.tenant, [h.job_id for h in headers], policy,
-                                             max(h.expires_at_ms for h in headers))
+            verdict = self.quotas.advise_many(self.tenant, [h.job_id for h in headers], policy,
+                                              max(h.expires_at_ms for h in headers))
         if verdict.admitted:
             return
         if verdict.over == "rate" and verdict.retry_after_s is None:
@@ -383,7 +401,11 @@ class Client:
                           "its maximum; retry when one finishes", None)
 
     def job(self, job_id: str) -> Job:
-        """A handle on an existing job, by id."""
+        """A handle on an existing job of this client's tenant, by id (`UnknownJob` if the
+        id is not a job id)."""
+        if not keyspace.is_job_id(job_id):
+            raise UnknownJob(repr(job_id[:64]), "not a job id (job ids are UUIDs such as "
+                             "0b7e8c6a-3f1d-4c2e-9a7b-5d6e4f3a2b1c)")
         return Job(self, job_id)
 
 

@@ -26,7 +26,11 @@ Nothing accepted is lost, nothing runs twice:
   stays reserved here and is retried after a delay; each retry refreshes the
   reservation's time so the sweep does not put a second copy back; on
   shutdown it is handed back to its queue;
-* on a Redis or keyring error mid-batch, claims of unfinished jobs are given
+* an error while handling one job (its parse, claim, model or store raised)
+  is that job's alone: it is retried a few times, then failed and audited
+  (pipeline.fault); the rest of the batch goes on, and a job whose shared
+  model call raised runs again on its own;
+* when Redis is out of reach mid-batch, claims of unfinished jobs are given
   back and their messages handed back to their queues (once Redis answers);
 * a process that dies (killed, or ended at a hard time limit) leaves its
   messages reserved: the visibility sweep (supervisor.py) returns them after
@@ -36,9 +40,7 @@ Nothing accepted is lost, nothing runs twice:
 
 from __future__ import annotations
 
-import base64
 import functools
-import json
 import logging
 import threading
 import time
@@ -54,16 +56,18 @@ from .envelope import Verified
 from .guard import Claim, ClaimRequest
 from .keys import TenantPolicy
 from .pipeline import (
+    REDIS_DOWN,
     Defer,
     Prepared,
     Stop,
     admission,
     can_batch,
     check_memory,
+    fault,
     finished_outcome,
-    needs_payload,
+    payload_tenant,
     prepare,
-    reject,
+    refuse_unreadable,
     request_bytes,
     request_text,
     run_batch,
@@ -74,7 +78,7 @@ from .pipeline import (
     verify_request,
     window_ms,
 )
-from .queue_entries import Refused, check_message, max_body_chars
+from .queue_entries import Refused, check_message, max_body_chars, parse_entry
 from .runtime import WorkerRuntime
 from .scheduling import ReservedShareCycle
 from .task_events import TaskEvents
@@ -101,6 +105,7 @@ class _Delivery:
     policy: TenantPolicy | None = None
     job: Prepared | None = None
     doc: dict[str, Any] | None = None
+    #: This process holds the job's claim (its quota is released after the batch).
     claimed: bool = False
     #: Refused at the transport check: audited, never a job outcome line.
     refused: bool = False
@@ -236,17 +241,22 @@ class BatchConsumer:
         started = time.perf_counter()
         received_at = time.time()
         self._current = ds = [self._open(t) for t in batch]
-        need = [d for d in ds if d.pending and needs_payload(d.text)]
+        need = [d for d in ds if d.pending and payload_tenant(d.text)]
         for d, got in zip(need, rt.guard.fetch_payloads(
-                [d.job_id for d in need], rt.settings.max_envelope_chars), strict=True):
+                [(payload_tenant(d.text) or "", d.job_id) for d in need],
+                rt.settings.max_envelope_chars), strict=True):
             d.fetched = got
         for d in ds:
             if d.pending:
                 self._stage(d, self._authenticate)
         to_claim = [d for d in ds if d.pending]
         claims = rt.guard.claim_many([
-            ClaimRequest(d.job_id, window_ms(rt, _verified(d).header),
+            ClaimRequest(_verified(d).header.tenant, d.job_id,
+                         window_ms(rt, _verified(d).header),
                          admission(_verified(d).header, _policy(d))) for d in to_claim])
+        for d, first in zip(to_claim, claims, strict=True):
+            # Held from here: if anything fails before it runs, it is given back.
+            d.claimed = first.outcome in ("claimed", "exhausted")
         for d, first in zip(to_claim, claims, strict=True):
             self._stage(d, functools.partial(self._settle_claim, first=first))
         for d in ds:
@@ -279,28 +289,16 @@ class BatchConsumer:
             self._refuse(d, "oversize" if len(taken.raw) > self._max_chars
                          else "malformed", "not a message that can be reserved")
             return d
-        try:
-            raw = json.loads(taken.raw)
-        except ValueError:
-            raw = None
+        raw = parse_entry(taken.raw, max_chars=self._max_chars)
         headers = raw.get("headers") if isinstance(raw, dict) else None
         job_id = headers.get("id") if isinstance(headers, dict) else None
         d.job_id = job_id if isinstance(job_id, str) else ""
         try:
-            check_message(raw, taken.queue, max_body_chars=self._max_chars)
+            body = check_message(raw, taken.queue, max_body_chars=self._max_chars)
         except Refused as exc:
             self._refuse(d, exc.reason, str(exc))
             return d
-        assert isinstance(raw, dict)
-        try:
-            body = json.loads(base64.b64decode(raw.get("body") or ""))
-            if not isinstance(body, list) or len(body) != 3 or not isinstance(body[1], dict):
-                raise ValueError
-        except ValueError:
-            # A job message Celery could not have run: refused like a bad argument.
-            reject(rt, d.job_id, "malformed", None, authenticated=False)
-            d.outcome = "malformed"
-            return d
+        assert body is not None  # a job queue's message: its task call
         args, kwargs = body[0], body[1]
         self._stage(d, lambda d: setattr(d, "text", request_text(rt, d.job_id, args, kwargs)))
         return d
@@ -311,23 +309,47 @@ class BatchConsumer:
         d.outcome = reason
         d.refused = True
 
-    @staticmethod
-    def _stage(d: _Delivery, run: Callable[[_Delivery], None]) -> None:
-        """Run one stage for ``d``, recording a `Stop` or `Defer` on it."""
+    def _stage(self, d: _Delivery, run: Callable[[_Delivery], None]) -> None:
+        """Run one stage for ``d``, recording a `Stop`, a `Defer` or this job's own error.
+
+        Redis out of reach concerns the whole batch: it propagates (`_recover`).
+        """
         try:
             run(d)
         except Stop as stop:
             d.outcome = stop.outcome
         except Defer as defer:
             d.defer_s = defer.delay_s
+        except REDIS_DOWN:
+            raise
+        except Exception as exc:
+            self._fault(d, exc)
+
+    def _fault(self, d: _Delivery, exc: Exception) -> None:
+        """``d``'s handling raised: refuse it (not yet authenticated) or count a fault."""
+        rt = self.rt
+        if d.verified is None:
+            d.outcome = refuse_unreadable(rt, d.job_id, exc).outcome
+            return
+        header = d.verified.header
+        if d.claimed:
+            rt.guard.release(header.tenant, header.job_id)
+            if d.policy is not None:
+                rt.quotas.release(header.tenant, header.job_id, d.policy)
+            d.claimed = False
+        verdict = fault(rt, d.verified, exc)
+        if isinstance(verdict, Stop):
+            d.outcome = verdict.outcome
+        else:
+            d.defer_s = verdict.delay_s
 
     def _authenticate(self, d: _Delivery) -> None:
         rt = self.rt
         data = request_bytes(rt, d.job_id, d.text, d.fetched)
         d.verified = verify_request(rt, d.job_id, data, task_name=TASK_NAME,
-                                    routed=d.taken.queue)
-        check_memory(rt, d.verified.header)
+                                    routed=d.taken.queue, text=d.text)
         d.policy = tenant_policy(rt, d.verified.header)
+        check_memory(rt, d.verified.header)
 
     def _settle_claim(self, d: _Delivery, first: Claim) -> None:
         settle_claim(self.rt, _verified(d), _policy(d), first)
@@ -356,11 +378,16 @@ class BatchConsumer:
 
     def _store(self, done: list[_Delivery]) -> None:
         rt = self.rt
-        sealed = [(d.job_id, seal_result(rt, _verified(d), d.doc or {}),
-                   window_ms(rt, _verified(d).header)) for d in done]
-        stored = rt.guard.store_many(sealed, result_ttl_s=rt.settings.result_ttl_s)
-        for d, ok in zip(done, stored, strict=True):
-            d.outcome = finished_outcome(d.doc or {}, ok)
+        sealed = [seal_result(rt, _verified(d), d.doc or {}) for d in done]
+        stored = rt.guard.store_many(
+            [(_verified(d).header.tenant, d.job_id, envelope, window_ms(rt, _verified(d).header))
+             for d, (envelope, _) in zip(done, sealed, strict=True)],
+            result_ttl_s=rt.settings.result_ttl_s)
+        for d, (_, ok), reply in zip(done, sealed, stored, strict=True):
+            if isinstance(reply, Exception):
+                self._fault(d, reply)
+            else:
+                d.outcome = finished_outcome(ok, reply)
 
     def _release_quotas(self, claimed: list[_Delivery]) -> None:
         limited = [(_verified(d).header.tenant, d.job_id) for d in claimed
@@ -419,9 +446,9 @@ class BatchConsumer:
                 self._deferred.append((time.monotonic() + d.defer_s, d.taken))
             elif d.tag is not None:
                 self._to_hand_back.append(d.taken)
-            if d.claimed and d.outcome is None:
+            if d.claimed and d.outcome is None and d.verified is not None:
                 try:
-                    self.rt.guard.release(d.job_id)
+                    self.rt.guard.release(d.verified.header.tenant, d.job_id)
                 except Exception:
                     log.debug("claim release failed", exc_info=False)
         self._current = []
@@ -437,10 +464,14 @@ class BatchConsumer:
         rt = self.rt
         for d in self._current:
             try:
-                if d.outcome is not None and d.verified is not None:
-                    rt.backend.set(keyspace.killed(d.job_id), "1", ex=rt.settings.result_ttl_s)
-                elif d.claimed and d.outcome is None:
-                    rt.guard.release(d.job_id)  # a no-op once its result is stored
+                if d.verified is None:
+                    continue
+                tenant = d.verified.header.tenant
+                if d.outcome is not None:
+                    rt.backend.set(keyspace.killed(tenant, d.job_id), "1",
+                                   ex=rt.settings.result_ttl_s)
+                elif d.claimed:
+                    rt.guard.release(tenant, d.job_id)  # a no-op once its result is stored
             except Exception:
                 log.debug("hard-limit bookkeeping failed", exc_info=False)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis
 
-from .app import TASK_NAME
+from .app import ARGS_REPR, TASK_NAME
 from .audit import AuditLog
 from .client import Client
 from .embedded import EmbeddedRedis
@@ -88,7 +88,7 @@ def _forge(client: Client) -> str:
     raw[len(encode_header(header)) + NONCE_BYTES + 2] ^= 0x01  # one bit of the ciphertext
     client.app.send_task(TASK_NAME, args=[base64.b64encode(bytes(raw)).decode()],
                          task_id=header.job_id, queue=queue_for("high"),
-                         argsrepr="('<sealed envelope>',)", kwargsrepr="{}")
+                         argsrepr=ARGS_REPR, kwargsrepr="{}")
     return header.job_id
 
 

@@ -13,7 +13,7 @@ Wire layout (all integers big-endian; docs/envelope.md is the full spec)::
 The header is the GCM associated data byte for byte, and the MAC covers it
 too, so every field that steers routing or policy is authenticated twice.
 Opening checks, in order and failing closed: size, version and type, key
-lookup, time window, HMAC (constant time); only then may a caller claim the
+lookup, HMAC (constant time), time window; only then may a caller claim the
 job and decrypt. Every failure is `InvalidEnvelope`; the worker reads the
 audit reason from `EnvelopeRejected.reason`.
 """
@@ -194,11 +194,16 @@ class Verified:
 
 
 def verify(data: bytes, *, expect: Kind, keyring: Keyring, max_bytes: int,
-           at_ms: int | None = None, skew_ms: int = 30_000) -> Verified:
+           at_ms: int | None = None, skew_ms: int = 30_000,
+           max_lifetime_ms: int | None = None) -> Verified:
     """Run every check that needs no Redis and no decryption, in the documented order.
 
     Raises `EnvelopeRejected` (an `InvalidEnvelope`) with the audit reason:
-    ``oversize``, ``malformed``, ``unknown_key``, ``expired`` or ``tampered``.
+    ``oversize``, ``malformed``, ``unknown_key``, ``tampered`` or ``expired``.
+    The MAC is checked before the time window, so every refusal after it
+    (``expired``, and ``malformed`` for a lifetime over ``max_lifetime_ms``,
+    the worker's cap whatever lifetime the sender chose) is authenticated:
+    it names the tenant that really sent the envelope.
     """
     if len(data) > max_bytes:
         raise EnvelopeRejected("oversize")
@@ -210,15 +215,19 @@ def verify(data: bytes, *, expect: Kind, keyring: Keyring, max_bytes: int,
     kv = keyring.usable(header.tenant, header.key_version)
     if kv is None:
         raise EnvelopeRejected("unknown_key", header)
-    now = now_ms() if at_ms is None else at_ms
-    if header.issued_at_ms > now + skew_ms or header.expires_at_ms <= now - skew_ms \
-            or header.expires_at_ms < header.issued_at_ms:
-        raise EnvelopeRejected("expired", header)
     keys = kv.keys(header.tenant)
     view = memoryview(data)
     expected = hmac.digest(keys.mac, view[:-MAC_BYTES], "sha256")
     if not hmac.compare_digest(expected, view[-MAC_BYTES:]):
         raise EnvelopeRejected("tampered", header)
+    # -- authenticated from here on ---------------------------------------------
+    now = now_ms() if at_ms is None else at_ms
+    if header.issued_at_ms > now + skew_ms or header.expires_at_ms <= now - skew_ms \
+            or header.expires_at_ms < header.issued_at_ms:
+        raise EnvelopeRejected("expired", header, authenticated=True)
+    if max_lifetime_ms is not None \
+            and header.expires_at_ms - header.issued_at_ms > max_lifetime_ms:
+        raise EnvelopeRejected("malformed", header, authenticated=True)
     return Verified(header, keys, view[len(header.raw):-MAC_BYTES])
 
 

@@ -1,9 +1,11 @@
 """Following one submitted job: its state, its result, cancelling it.
 
 A `Job` comes from `Client.submit` (or `Client.job` for an id known from
-elsewhere). Everything it reads from Redis is untrusted: a result counts only
-once it opens with this tenant's key and names this job (and, for a job this
-client submitted, this exact request).
+elsewhere). A job is (tenant, job id): a handle reads and writes only its
+client's tenant's keys, so it never sees, waits on or cancels another
+tenant's job of the same id. Everything it reads from Redis is untrusted: a
+result counts only once it opens with this tenant's key and names this job
+(and, for a job this client submitted, this exact request).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 
@@ -61,6 +63,7 @@ class Job:
         self.client = client
         self.id = job_id
         self._request_hash = request_hash
+        self.tenant = client.tenant
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r})"
@@ -89,10 +92,10 @@ class Job:
         (or long expired) job id.
         """
         r = self.client.backend
+        t, j = self.tenant, self.id
         pipe = r.pipeline(transaction=False)
-        for key in (keyspace.result(self.id), keyspace.rejected(self.id),
-                    keyspace.cancel(self.id), keyspace.claim(self.id),
-                    keyspace.submitted(self.id)):
+        for key in (keyspace.result(t, j), keyspace.rejected(t, j), keyspace.cancel(t, j),
+                    keyspace.claim(t, j), keyspace.submitted(t, j)):
             pipe.get(key)
         with backend_errors(self.client.settings):
             sealed, rejected, cancel, claim, submitted = pipe.execute()
@@ -132,15 +135,21 @@ class Job:
         a second (its process is ended if it does not stop within a few more).
         The request is kept in Redis, so it survives worker restarts, and is
         signed with this tenant's key: no other tenant can cancel the job.
+        Raises `UnknownJob` if this tenant has no job of this id (another
+        tenant's job id is unknown here too: nothing is written).
         """
-        token = make_token(self.client.keyring, self.client.tenant, self.id)
+        token = make_token(self.client.keyring, self.tenant, self.id)
         s = self.client.settings
         default_ms = (s.job_ttl_s + s.result_ttl_s) * 1000
+        t, j = self.tenant, self.id
         with backend_errors(s):
-            done = self.client.cancel_script(
-                keys=[keyspace.result(self.id), keyspace.cancel(self.id),
-                      keyspace.done(self.id), keyspace.submitted(self.id)],
-                args=[token, default_ms, s.result_ttl_s * 1000])
+            done = int(self.client.cancel_script(
+                keys=[keyspace.result(t, j), keyspace.cancel(t, j), keyspace.done(t, j),
+                      keyspace.submitted(t, j), keyspace.rejected(t, j), keyspace.claim(t, j)],
+                args=[token, default_ms, s.result_ttl_s * 1000]))
+        if done < 0:
+            raise UnknownJob(self.id, f"no job of tenant {self.tenant!r} with this id "
+                             "(never submitted by this tenant, or expired); nothing cancelled")
         return bool(done)
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
@@ -157,15 +166,16 @@ class Job:
 
     def _wait(self, timeout: float | None) -> dict[str, Any]:
         r = self.client.backend
+        t, j = self.tenant, self.id
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             # Fast path: most results are already there when asked for.
-            sealed: Any = r.get(keyspace.result(self.id))
+            sealed: Any = r.get(keyspace.result(t, j))
             rejected = cancel = claim = None
             if sealed is None:
                 pipe = r.pipeline(transaction=False)
-                for key in (keyspace.result(self.id), keyspace.rejected(self.id),
-                            keyspace.cancel(self.id), keyspace.claim(self.id)):
+                for key in (keyspace.result(t, j), keyspace.rejected(t, j),
+                            keyspace.cancel(t, j), keyspace.claim(t, j)):
                     pipe.get(key)
                 sealed, rejected, cancel, claim = pipe.execute()
             if sealed is not None:
@@ -189,6 +199,23 @@ class Job:
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ResultTimeout(f"job {self.id}: no result within {timeout:g} s")
+                    self._timed_out(timeout, claim)
                 wait = min(wait, remaining)
-            r.blpop([keyspace.done(self.id)], timeout=max(wait, 0.01))
+            r.blpop([keyspace.done(t, j)], timeout=max(wait, 0.01))
+
+    def _timed_out(self, timeout: float | None, claim: bytes | None) -> NoReturn:
+        """Raise at the end of a wait: `ResultTimeout`, or `JobRejected` if the job never
+        started and a worker refused a message naming it that did not authenticate.
+
+        That message may have been this job's own, altered in Redis (the job is
+        then gone), or a forgery sent to make it look refused (the job is then
+        still queued and may yet run): only the wait's end tells them apart.
+        """
+        suspect = claim is None and self.client.backend.exists(
+            keyspace.suspect(self.tenant, self.id))
+        if suspect:
+            raise JobRejected(self.id, f"no result within {timeout:g} s; a worker refused a "
+                              "message carrying this job id that failed authentication "
+                              "(altered or forged in Redis; see `maas-worker audit`); the job "
+                              "has not started")
+        raise ResultTimeout(f"job {self.id}: no result within {timeout:g} s")

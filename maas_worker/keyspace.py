@@ -1,10 +1,29 @@
 """Names of every Redis key maas-worker writes in the result backend, in one place.
 
+A job is the pair (tenant, job id): every key of a job's state lives under
+its tenant, ``maas:{<tenant>}:<kind>:<job id>``, so a job id chosen by one
+tenant can never close, pre-empt, cancel or read another tenant's job of
+the same id. The braces are Redis Cluster's hash tag: all of one tenant's
+keys (its jobs and its quota) hash to one slot, as the claim script that
+charges the quota needs. The tenant is always the authenticated one (from a
+verified header, or the client's own); tenant names are restricted by
+`keys.TENANT_RE`, job ids to canonical UUIDs (`is_job_id`), so the parts
+cannot run into each other.
+
+Who writes what (the least-privilege roles of docs/security.md follow it):
+
+* producers: ``job`` (queued marker), ``payload`` (claim check), ``cancel``,
+  ``pending`` (advisory quota), and they pop their ``done`` list;
+* workers: everything else (claims, results, attempts, faults, rejections,
+  the quota bucket and in-flight set, the audit stream).
+
 None of them ever holds plaintext: results are sealed envelopes, the rest
 are markers, holder ids and audit records without payload.
 """
 
 from __future__ import annotations
+
+import re
 
 PREFIX = "maas:"
 AUDIT_STREAM = PREFIX + "audit"
@@ -12,70 +31,111 @@ AUDIT_STREAM = PREFIX + "audit"
 CATALOG = PREFIX + "catalog"
 #: Sorted set: worker node name -> last heartbeat (unix s).
 NODES = PREFIX + "nodes"
+#: Sorted set: worker node -> time (unix s) of its latest resource sample.
+SAMPLES = PREFIX + "samples"
+
+#: The only job id form accepted anywhere: a UUID, lowercase, hyphenated.
+JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+#: Longest a Redis TTL handed over by us may be (ms): a little over the longest
+#: job lifetime (7 days) plus the longest result lifetime we allow.
+MAX_TTL_MS = 30 * 24 * 3600 * 1000
 
 
-def claim(job_id: str) -> str:
+def is_job_id(value: object) -> bool:
+    """True for a canonical UUID string (the only job ids a worker accepts)."""
+    return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
+
+
+def clamp_ttl_ms(ms: float) -> int:
+    """A TTL Redis accepts: at least 1 ms, at most `MAX_TTL_MS` (never an error)."""
+    return int(min(max(ms, 1), MAX_TTL_MS))
+
+
+def tenant_prefix(tenant: str) -> str:
+    """Every key of ``tenant``'s jobs and quota starts with this (hash tag included)."""
+    return f"{PREFIX}{{{tenant}}}:"
+
+
+def _job(kind: str, tenant: str, job_id: str) -> str:
+    return f"{tenant_prefix(tenant)}{kind}:{job_id}"
+
+
+def claim(tenant: str, job_id: str) -> str:
     """Replay claim and lease: holder id while running, ``done`` once finished."""
-    return f"{PREFIX}claim:{job_id}"
+    return _job("claim", tenant, job_id)
 
 
-def attempts(job_id: str) -> str:
+def attempts(tenant: str, job_id: str) -> str:
     """How many times the job has been started (crash loops end after a few)."""
-    return f"{PREFIX}attempts:{job_id}"
+    return _job("attempts", tenant, job_id)
 
 
-def result(job_id: str) -> str:
+def faults(tenant: str, job_id: str) -> str:
+    """How many times handling the job raised an error (it is dead-lettered after a few)."""
+    return _job("faults", tenant, job_id)
+
+
+def result(tenant: str, job_id: str) -> str:
     """The sealed result envelope (write-once)."""
-    return f"{PREFIX}result:{job_id}"
+    return _job("result", tenant, job_id)
 
 
-def done(job_id: str) -> str:
+def done(tenant: str, job_id: str) -> str:
     """A list a waiting client blocks on; one element is pushed when the job ends."""
-    return f"{PREFIX}done:{job_id}"
+    return _job("done", tenant, job_id)
 
 
-def rejected(job_id: str) -> str:
-    """Marker: a worker refused a message carrying this job id."""
-    return f"{PREFIX}rejected:{job_id}"
+def rejected(tenant: str, job_id: str) -> str:
+    """Marker: a worker refused an authenticated message of this job (``rejected``/``expired``)."""
+    return _job("rejected", tenant, job_id)
 
 
-def cancel(job_id: str) -> str:
+def suspect(tenant: str, job_id: str) -> str:
+    """Marker: a worker refused a message naming this job that did NOT authenticate.
+
+    It never changes the job's state (anyone who can write a queue could
+    have sent that message); a client whose wait times out says so.
+    """
+    return _job("suspect", tenant, job_id)
+
+
+def cancel(tenant: str, job_id: str) -> str:
     """Persisted cancellation request (a MAC by the job's tenant), survives restarts."""
-    return f"{PREFIX}cancel:{job_id}"
+    return _job("cancel", tenant, job_id)
 
 
-def admitted(job_id: str) -> str:
-    """Marker: the job has been charged against its tenant's quota (once)."""
-    return f"{PREFIX}admit:{job_id}"
+def killed(tenant: str, job_id: str) -> str:
+    """Marker: the worker process was ended to stop this job (hard limit, cancel)."""
+    return _job("killed", tenant, job_id)
+
+
+def payload(tenant: str, job_id: str) -> str:
+    """A large sealed request, stored raw beside its small Celery message (claim check)."""
+    return _job("payload", tenant, job_id)
+
+
+def submitted(tenant: str, job_id: str) -> str:
+    """Marker written by the client: the job was enqueued; holds its expiry (Unix ms)."""
+    return _job("job", tenant, job_id)
 
 
 def bucket(tenant: str) -> str:
-    """A tenant's token bucket (hash: tokens, ts)."""
-    return f"{PREFIX}bucket:{tenant}"
+    """A tenant's token bucket (hash: tokens, ts), charged by workers only."""
+    return f"{tenant_prefix(tenant)}bucket"
 
 
 def in_flight(tenant: str) -> str:
-    """Sorted set of a tenant's jobs queued or running, scored by expiry (ms)."""
-    return f"{PREFIX}inflight:{tenant}"
+    """Sorted set of a tenant's jobs running now (charged by a worker), scored by expiry (ms)."""
+    return f"{tenant_prefix(tenant)}inflight"
 
 
-def killed(job_id: str) -> str:
-    """Marker: the worker process was ended to stop this job (hard limit, cancel)."""
-    return f"{PREFIX}killed:{job_id}"
+def pending(tenant: str) -> str:
+    """Sorted set of a tenant's jobs submitted but not yet started, scored by expiry (ms).
 
-
-def payload(job_id: str) -> str:
-    """A large sealed request, stored raw beside its small Celery message (claim check)."""
-    return f"{PREFIX}payload:{job_id}"
-
-
-def submitted(job_id: str) -> str:
-    """Marker written by the client: the job was enqueued (status ``queued``)."""
-    return f"{PREFIX}job:{job_id}"
-
-
-#: Sorted set: worker node -> time (unix s) of its latest resource sample.
-SAMPLES = PREFIX + "samples"
+    Written by the tenant's own clients for their advisory quota check; a
+    worker removes a job from it when it starts it. Nothing is enforced from it.
+    """
+    return f"{tenant_prefix(tenant)}pending"
 
 
 def sample(node: str) -> str:

@@ -1,12 +1,17 @@
 """The job pipeline's stages, shared by the ``maas.infer`` task and the batch consumer.
 
 Checks run in this order and fail closed (docs/security.md explains each):
-size -> version/type -> key lookup -> time window -> HMAC -> task name/id
-binding -> memory headroom -> replay claim with cancel check and quota
-admission (one Lua script) -> decrypt -> tenant policy -> model -> run under
-the watchdog (time limits, cancellation) -> seal -> store write-once. A
-rejected message is audited and marked so its client learns of it; the
-caller acknowledges it and carries on with the next message.
+size -> version/type -> key lookup -> HMAC -> time window and lifetime cap
+-> task name/id binding -> tenant policy -> memory headroom -> replay claim
+with cancel check and quota charge (one Lua script) -> decrypt -> bounded
+parse -> model -> run under the watchdog (time limits, cancellation) -> seal
+-> store write-once. A rejected message is audited; an authenticated one is
+also marked so its client learns of it (a message that did not authenticate
+never changes any job's state). The caller acknowledges it and carries on.
+
+A job is (tenant, job id), the tenant the authenticated one: every key a
+stage reads or writes is that tenant's, so one tenant's job can never close,
+pre-empt, cancel or read another's of the same id.
 
 The binding check sits before the claim (the design lists it after decrypt)
 because after the HMAC the header is already authentic: checking it first
@@ -16,9 +21,12 @@ the real job's claim.
 Each stage either returns what the next one needs or raises `Stop` (the
 delivery is over, with its outcome: already audited and recorded) or `Defer`
 (keep the message and try again later: the job is busy elsewhere, or memory
-is short). The Celery task (tasks.py) runs the stages for one message; the
-batch consumer (consumer.py) runs each stage for a whole batch, with the
-Redis work of a stage pipelined across the batch.
+is short). Any other error while handling an authenticated job is that job's
+own fault (`fault`): it is retried a few times, then failed and audited,
+never requeued for ever and never charged to another job. The Celery task
+(tasks.py) runs the stages for one message; the batch consumer (consumer.py)
+runs each stage for a whole batch, with the Redis work of a stage pipelined
+across the batch.
 """
 
 from __future__ import annotations
@@ -32,24 +40,31 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import keyspace, metrics
-from .app import PAYLOAD_REF
+import redis
+
+from . import jsonlimits, keyspace, metrics
+from .app import payload_ref_tenant
 from .batching import DynamicBatcher
-from .cancellation import verify_token
+from .cancellation import token_actor, verify_token
 from .envelope import Header, Verified, now_ms, seal, verify
 from .errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
 from .guard import Claim
-from .keys import TenantPolicy
+from .keys import TENANT_RE, TenantPolicy
 from .models import Model
 from .quota import admission_args, admission_keys
 from .runtime import WorkerRuntime
-from .settings import Settings, queue_for
+from .settings import MAX_JOB_TTL_S, Settings, queue_for
 from .watchdog import JobInterrupted
 
 log = logging.getLogger(__name__)
 
 #: How long a job waits (handed back with a delay) while the host is short of memory.
 MEMORY_BACKOFF_S = 5.0
+#: How long a job waits before it is retried after an error of its own (`fault`).
+FAULT_BACKOFF_S = 1.0
+#: Errors that mean Redis is out of reach: the whole delivery (or batch) is
+#: handed back and retried once Redis answers; they are no job's fault.
+REDIS_DOWN: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
 class Stop(Exception):
@@ -81,16 +96,35 @@ class Prepared:
 HardHook = Callable[[], None]
 
 
+def log_id(job_id: str) -> str:
+    """A job id fit for a log line: a canonical id as it is, anything else quoted and cut."""
+    return job_id if keyspace.is_job_id(job_id) else repr(job_id[:64])
+
+
 def reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
-           *, authenticated: bool) -> None:
-    """Audit a refused delivery and mark the job so its client learns of it."""
+           *, authenticated: bool, detail: str = "") -> None:
+    """Audit a refused delivery; tell the job's client if the refusal is authenticated.
+
+    An authenticated refusal (the header's MAC verified) is about the job
+    the header names, of the header's tenant: that job is closed and its
+    client's wait ends with `JobRejected` (the message's own task id, which
+    whoever wrote the queue entry chose, is not trusted for that). A message
+    that did not authenticate could have been sent by anyone with access to
+    a queue, so it changes no job's state: it is audited, and a note lets
+    the named job's client say so if its own wait times out.
+    """
     tenant = header.tenant if header is not None else ""
-    rt.audit.record(job_id=job_id, tenant=tenant, reason=reason, verified=authenticated)
-    if reason != "replayed":
-        rt.guard.mark_rejected(job_id, ttl_s=rt.settings.result_ttl_s,
-                               authenticated=authenticated,
-                               state="expired" if reason == "expired" else "rejected")
-    log.warning("job %r rejected: %s", job_id[:64], reason)
+    if authenticated and header is not None:
+        job_id = header.job_id
+    rt.audit.record(job_id=job_id, tenant=tenant, reason=reason, verified=authenticated,
+                    detail=detail)
+    if reason != "replayed" and keyspace.is_job_id(job_id):
+        if authenticated:
+            rt.guard.mark_rejected(tenant, job_id, ttl_s=rt.settings.result_ttl_s,
+                                   state="expired" if reason == "expired" else "rejected")
+        elif TENANT_RE.fullmatch(tenant):
+            rt.guard.mark_suspect(tenant, job_id, ttl_s=rt.settings.result_ttl_s)
+    log.warning("job %s rejected: %s", log_id(job_id), reason)
 
 
 def _stop(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None = None, *,
@@ -99,9 +133,22 @@ def _stop(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None = N
     return Stop(reason)
 
 
+def refuse_unreadable(rt: WorkerRuntime, job_id: str, exc: BaseException) -> Stop:
+    """A delivery our own pre-authentication code could not handle: refused ``malformed``.
+
+    Only unauthenticated bytes have been read at that point, so no job's
+    state changes; the error type (never its text) is logged and audited.
+    """
+    log.error("job %s: refusing a message that raised %s before it was authenticated",
+              log_id(job_id), type(exc).__name__)
+    reject(rt, job_id, "malformed", None, authenticated=False,
+           detail=f"unreadable: {type(exc).__name__}")
+    return Stop("malformed")
+
+
 # -- checks on untrusted bytes ------------------------------------------------------------
 def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
-    """The task's one argument (the base64 envelope or `PAYLOAD_REF`), size-checked."""
+    """The task's one argument (the base64 envelope or a payload reference), size-checked."""
     if not isinstance(args, list | tuple) or len(args) != 1 or kwargs \
             or not isinstance(args[0], str):
         raise _stop(rt, job_id, "malformed")
@@ -111,49 +158,67 @@ def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
     return text
 
 
+def payload_tenant(text: str) -> str | None:
+    """The tenant whose payload key holds the request (a large request), else None.
+
+    Unverified; ``""`` for a reference naming no valid tenant. See app.py.
+    """
+    return payload_ref_tenant(text)
+
+
 def needs_payload(text: str) -> bool:
     """True when the sealed request waits in Redis (a large request, see client.py)."""
-    return text == PAYLOAD_REF
+    return bool(payload_tenant(text))
 
 
 def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
                   fetched: bytes | int | None = None) -> bytes:
-    """The sealed request: base64-decoded, or ``fetched`` from Redis for `PAYLOAD_REF`.
+    """The sealed request: base64-decoded, or ``fetched`` from Redis for a payload reference.
 
     ``fetched`` is what `JobGuard.fetch_payload` returned for this job. Whatever
     is there is untrusted exactly like a message body.
     """
-    if not needs_payload(text):
+    tenant = payload_tenant(text)
+    if tenant is None:
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise _stop(rt, job_id, "malformed") from None
+    if not tenant or not keyspace.is_job_id(job_id):
+        raise _stop(rt, job_id, "malformed")
     if fetched == -1:
         raise _stop(rt, job_id, "oversize")
     if not isinstance(fetched, bytes):
         # A finished job's request is deleted with its result stored: this
         # is a redelivery or a replay of it, not a broken message.
-        if rt.backend.delete(keyspace.killed(job_id)):
+        if rt.backend.delete(keyspace.killed(tenant, job_id)):
             raise Stop("finished")
-        reason = "replayed" if rt.backend.exists(keyspace.result(job_id)) else "malformed"
+        reason = "replayed" if rt.backend.exists(keyspace.result(tenant, job_id)) \
+            else "malformed"
         raise _stop(rt, job_id, reason)
     return fetched
 
 
 def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: str,
-                   routed: str | None) -> Verified:
-    """Verify the envelope, then bind it to the message's task id, task name and queue."""
+                   routed: str | None, text: str = "") -> Verified:
+    """Verify the envelope, then bind it to the message's task id, task name, queue and
+    payload reference (``text``, the task argument)."""
     s = rt.settings
     try:
         verified = verify(data, expect="request", keyring=rt.keyring.get(),
-                          max_bytes=s.max_envelope_chars, skew_ms=s.clock_skew_s * 1000)
+                          max_bytes=s.max_envelope_chars, skew_ms=s.clock_skew_s * 1000,
+                          max_lifetime_ms=MAX_JOB_TTL_S * 1000 + s.clock_skew_s * 1000)
     except EnvelopeRejected as exc:
         header = exc.unverified_header if isinstance(exc.unverified_header, Header) else None
-        raise _stop(rt, job_id, exc.reason, header) from None
+        raise _stop(rt, job_id, exc.reason, header, authenticated=exc.authenticated) from None
     header = verified.header
     # -- authenticated from here on --------------------------------------------
+    if not keyspace.is_job_id(header.job_id):
+        raise _stop(rt, header.job_id, "malformed", header, authenticated=True)
+    ref_tenant = payload_tenant(text)
     if header.job_id != job_id or header.task != task_name or (
-            routed is not None and routed != queue_for(header.priority)):
+            routed is not None and routed != queue_for(header.priority)) or (
+            ref_tenant is not None and ref_tenant != header.tenant):
         raise _stop(rt, job_id, "tampered", header)
     return verified
 
@@ -167,11 +232,19 @@ def check_memory(rt: WorkerRuntime, header: Header) -> None:
 
 
 def tenant_policy(rt: WorkerRuntime, header: Header) -> TenantPolicy:
-    """The job's tenant policy (``unknown_key`` if the tenant left the keyring)."""
+    """The job's tenant policy, checked against the job's model and priority.
+
+    Before the claim, so a job its tenant may not run is refused (``policy``)
+    before it takes a claim or is charged; ``unknown_key`` if the tenant left
+    the keyring.
+    """
     try:
-        return rt.keyring.get().tenant(header.tenant).policy
+        policy = rt.keyring.get().tenant(header.tenant).policy
     except KeyringError:
         raise _stop(rt, header.job_id, "unknown_key", header, authenticated=True) from None
+    if not (policy.allows_model(header.model) and policy.allows_priority(header.priority)):
+        raise _stop(rt, header.job_id, "policy", header, authenticated=True)
+    return policy
 
 
 def retry_delay_s(s: Settings, wanted_s: float) -> float:
@@ -186,23 +259,24 @@ def retry_delay_s(s: Settings, wanted_s: float) -> float:
 
 # -- the claim ----------------------------------------------------------------------------
 def window_ms(rt: WorkerRuntime, header: Header) -> int:
-    """How long replay state for this job must be kept: its remaining lifetime."""
-    return max(0, header.expires_at_ms - now_ms()) + rt.settings.clock_skew_s * 1000
+    """How long replay state for this job must be kept: its remaining lifetime (clamped)."""
+    return keyspace.clamp_ttl_ms(max(0, header.expires_at_ms - now_ms())
+                                 + rt.settings.clock_skew_s * 1000)
 
 
 def admission(header: Header,
               policy: TenantPolicy) -> tuple[list[str], list[str | float]] | None:
-    """The quota admission the claim script runs with (None: the tenant has no quotas)."""
+    """The quota charge the claim script runs with (None: the tenant has no quotas)."""
     if not policy.limited:
         return None
-    return (admission_keys(header.tenant, header.job_id),
+    return (admission_keys(header.tenant),
             admission_args(header.job_id, policy, header.expires_at_ms))
 
 
 def claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Claim:
     """Try to take the job (one round trip); `settle_claim` decides what follows."""
     header = verified.header
-    return rt.guard.claim_job(header.job_id, window_ms=window_ms(rt, header),
+    return rt.guard.claim_job(header.tenant, header.job_id, window_ms=window_ms(rt, header),
                               admission=admission(header, policy))
 
 
@@ -210,20 +284,21 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
                  first: Claim) -> None:
     """Return if the job is ours to run; else `Stop` (final) or `Defer` (``busy``)."""
     header = verified.header
-    job_id = header.job_id
+    tenant, job_id = header.tenant, header.job_id
     outcome = first
+    if outcome.outcome == "error":
+        assert outcome.error is not None
+        raise outcome.error
     if outcome.outcome == "cancelled":
-        if verify_token(outcome.cancel_token, rt.keyring.get(), header.tenant, job_id):
-            rt.guard.close(job_id, window_ms=window_ms(rt, header))
-            rt.quotas.release(header.tenant, job_id, policy)
+        if verify_token(outcome.cancel_token, rt.keyring.get(), tenant, job_id):
+            rt.guard.close(tenant, job_id, window_ms=window_ms(rt, header))
+            rt.quotas.release(tenant, job_id, policy)
             raise Stop("cancelled")
-        # Not a cancel by the job's tenant: refuse the request, run the job.
-        rt.audit.record(job_id=job_id, tenant=header.tenant, reason="tampered", verified=False)
-        rt.backend.delete(keyspace.cancel(job_id))
-        outcome = rt.guard.claim_job(job_id, window_ms=window_ms(rt, header),
+        refuse_cancel(rt, header, outcome.cancel_token)
+        outcome = rt.guard.claim_job(tenant, job_id, window_ms=window_ms(rt, header),
                                      admission=admission(header, policy), ignore_cancel=True)
     if outcome.outcome == "replayed":
-        if rt.backend.delete(keyspace.killed(job_id)):
+        if rt.backend.delete(keyspace.killed(tenant, job_id)):
             raise Stop("finished")  # the copy of a job whose process was ended on purpose
         raise _stop(rt, job_id, "replayed", header, authenticated=True)
     if outcome.outcome == "rate_limited":
@@ -242,10 +317,50 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
         raise Defer(retry_delay_s(rt.settings, rt.settings.lease_s))
 
 
+def refuse_cancel(rt: WorkerRuntime, header: Header, token: str | None) -> None:
+    """A cancel request for this job that its own tenant did not make: audit it, drop it.
+
+    The record names who made it: another tenant whose own key signed it
+    (``policy``, verified), or whatever it claims (``tampered``, unverified).
+    The request is deleted, so it blocks nothing: the job runs, and its own
+    tenant's cancel request still counts.
+    """
+    actor, genuine = token_actor(token, rt.keyring.get(), header.job_id)
+    rt.audit.record(job_id=header.job_id, tenant=actor,
+                    reason="policy" if genuine else "tampered", verified=genuine,
+                    detail="cancel request for another tenant's job")
+    log.warning("job %s: refused a cancel request not made by its tenant", header.job_id)
+    rt.backend.delete(keyspace.cancel(header.tenant, header.job_id))
+
+
+def fault(rt: WorkerRuntime, verified: Verified, exc: BaseException) -> Stop | Defer:
+    """An error while handling this authenticated job: retry it, or give up on it.
+
+    Counted per job in Redis; under `JobGuard.max_faults` the job is retried
+    after `FAULT_BACKOFF_S` (`Defer`), and at the limit it ends ``failed``
+    (``internal_error``) with a dead-letter audit record under its tenant
+    (`Stop`). A Redis error while counting propagates: the caller hands the
+    delivery back as for any outage. The caller has released the job's claim.
+    """
+    header = verified.header
+    n = rt.guard.record_fault(header.tenant, header.job_id, window_ms=window_ms(rt, header))
+    name = type(exc).__name__
+    if n < rt.guard.max_faults:
+        log.error("job %s: %s while handling it (%d of %d); retrying", header.job_id, name,
+                  n, rt.guard.max_faults)
+        return Defer(retry_delay_s(rt.settings, FAULT_BACKOFF_S))
+    log.error("job %s: %s while handling it, %d times; failing it", header.job_id, name, n)
+    rt.audit.record(job_id=header.job_id, tenant=header.tenant, reason="malformed",
+                    verified=True, detail=f"dead letter after {n} errors ({name})")
+    doc = {"ok": False, "error": "internal_error",
+           "message": f"handling the job failed {n} times; it will not be retried"}
+    return Stop(finish(rt, verified, doc))
+
+
 # -- running ------------------------------------------------------------------------------
 def prepare(rt: WorkerRuntime, verified: Verified,
             policy: TenantPolicy) -> Prepared | dict[str, Any]:
-    """Decrypt, check the tenant policy, parse, resolve the model.
+    """Decrypt, parse (bounded in size and depth), resolve the model.
 
     Returns the job ready to run, or a failed result document to store
     (a model that fails verification); raises `Stop` for a rejection.
@@ -256,10 +371,10 @@ def prepare(rt: WorkerRuntime, verified: Verified,
         plaintext = verified.decrypt()
     except EnvelopeRejected:
         raise _stop(rt, job_id, "tampered", header, authenticated=True) from None
-    if not (policy.allows_model(header.model) and policy.allows_priority(header.priority)):
-        raise _stop(rt, job_id, "policy", header, authenticated=True)
+    if len(plaintext) > rt.settings.max_input_bytes:
+        raise _stop(rt, job_id, "oversize", header, authenticated=True)
     try:
-        inputs = json.loads(plaintext)
+        inputs = jsonlimits.loads(plaintext, max_depth=jsonlimits.MAX_INPUT_DEPTH)
     except ValueError:
         raise _stop(rt, job_id, "malformed", header, authenticated=True) from None
     del plaintext
@@ -285,12 +400,13 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
     header = verified.header
 
     def is_cancelled() -> bool:
-        token = rt.backend.get(keyspace.cancel(header.job_id))
+        token = rt.backend.get(keyspace.cancel(header.tenant, header.job_id))
         return verify_token(token, rt.keyring.get(), header.tenant, header.job_id)
 
     def on_hard(reason: str) -> None:
         # Runs in the watchdog thread just before this process is ended.
-        rt.backend.set(keyspace.killed(header.job_id), "1", ex=rt.settings.result_ttl_s)
+        rt.backend.set(keyspace.killed(header.tenant, header.job_id), "1",
+                       ex=rt.settings.result_ttl_s)
         finish(rt, verified, interrupted(reason, job.soft_s))
         if on_hard_also is not None:
             on_hard_also()
@@ -323,16 +439,18 @@ def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
     The batch runs under the watchdog with the model's limits (every job of a
     batch has the same model, hence the same limits): past the soft limit
     every job of the call fails with ``timeout``; at the hard limit each gets
-    that failed result stored before the process is ended. A cancel is
-    honoured before a job starts (the claim), not inside a shared call.
+    that failed result stored before the process is ended. If the shared
+    call raises, each job is run again on its own (`run_one`), so an input
+    that breaks the model fails only its own job. A cancel is honoured before
+    a job starts (the claim), not inside a shared call.
     """
     first = jobs[0][1]
     model: Any = first.model
 
     def on_hard(reason: str) -> None:
         for verified, job in jobs:
-            rt.backend.set(keyspace.killed(verified.header.job_id), "1",
-                           ex=rt.settings.result_ttl_s)
+            rt.backend.set(keyspace.killed(verified.header.tenant, verified.header.job_id),
+                           "1", ex=rt.settings.result_ttl_s)
             finish(rt, verified, interrupted(reason, job.soft_s))
         if on_hard_also is not None:
             on_hard_also()
@@ -347,7 +465,10 @@ def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
         return [interrupted(exc.reason, first.soft_s)] * len(jobs)
     except Exception as exc:
         log.error("batch of %d for %s raised %s", len(jobs), model.name, type(exc).__name__)
-        return [_internal_error()] * len(jobs)
+        if len(jobs) == 1:
+            return [_internal_error()]
+        log.info("running the %d jobs of that batch one by one", len(jobs))
+        return [run_one(rt, v, j, on_hard_also=on_hard_also) for v, j in jobs]
     log.debug("batch of %d for %s", len(jobs), model.name)
     return [{"ok": False, "error": out.reason, "message": str(out)}
             if isinstance(out, ModelError) else {"ok": True, "output": out}
@@ -385,33 +506,48 @@ def interrupted(reason: str, soft_s: float) -> dict[str, Any]:
 
 
 # -- the result ---------------------------------------------------------------------------
-def seal_result(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> bytes:
-    """The result envelope for ``doc``, bound to the request (its own nonce)."""
-    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+def _result_body(rt: WorkerRuntime, doc: dict[str, Any]) -> tuple[bytes, bool]:
+    """The result document as JSON (or a failure document if it cannot be one), and ok."""
+    try:
+        body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError):
+        # A model's output that is not JSON (NaN, an object): this job fails,
+        # with no detail that could quote its data.
+        doc = {"ok": False, "error": "internal_error",
+               "message": "the model's output is not JSON"}
+        body = json.dumps(doc, separators=(",", ":")).encode()
     if len(body) > rt.settings.max_result_bytes:
-        body = json.dumps({"ok": False, "error": "oversize",
-                           "message": "the result exceeds the size limit"},
-                          separators=(",", ":")).encode()
+        doc = {"ok": False, "error": "oversize", "message": "the result exceeds the size limit"}
+        body = json.dumps(doc, separators=(",", ":")).encode()
+    return body, bool(doc.get("ok"))
+
+
+def seal_result(rt: WorkerRuntime, verified: Verified,
+                doc: dict[str, Any]) -> tuple[bytes, bool]:
+    """The result envelope for ``doc``, bound to the request (its own nonce), and whether
+    it holds a success (a failure document replaces output that cannot be stored)."""
+    body, ok = _result_body(rt, doc)
     req = verified.header
     issued = now_ms()
     header = Header("result", req.key_version, issued, issued + rt.settings.result_ttl_s * 1000,
                     req.priority, req.tenant, req.job_id, req.task, req.model,
                     req.digest())
-    return seal(verified.keys, header, body)
+    return seal(verified.keys, header, body), ok
 
 
-def finished_outcome(doc: dict[str, Any], stored: bool) -> str:
+def finished_outcome(ok: bool, stored: bool) -> str:
     """The log outcome of a result that was (or, ``duplicate``, was not) stored."""
-    return ("succeeded" if doc["ok"] else "failed") if stored else "duplicate"
+    return ("succeeded" if ok else "failed") if stored else "duplicate"
 
 
 def finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
     """Seal and store the result write-once; the outcome for the log."""
     header = verified.header
-    sealed = seal_result(rt, verified, doc)
-    stored = rt.guard.store_result(header.job_id, sealed, result_ttl_s=rt.settings.result_ttl_s,
+    sealed, ok = seal_result(rt, verified, doc)
+    stored = rt.guard.store_result(header.tenant, header.job_id, sealed,
+                                   result_ttl_s=rt.settings.result_ttl_s,
                                    replay_window_ms=window_ms(rt, header))
-    return finished_outcome(doc, stored)
+    return finished_outcome(ok, stored)
 
 
 def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> str:

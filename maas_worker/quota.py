@@ -1,12 +1,19 @@
 """Tenant quotas: a token bucket (rate with burst) and a cap on jobs in flight.
 
-Each job is charged once, by whichever side admits it first: the client at
-submit (fast feedback: `RateLimited` with a retry-after) or, if a client
-skipped that, the worker at execution start (authoritative: the job is
-refused as ``rate_limited``). The admission marker keyed by job id makes the
-second check free and keeps a redelivered job from being charged twice.
+The authority is the worker: a job is charged as a worker starts it, inside
+the claim script (guard.py), against a bucket and an in-flight set that only
+workers write. A job over the rate or the cap is refused ``rate_limited``.
+There is no "already charged" marker a producer could set: a job is charged
+every time a worker starts it (once, unless its worker died and it runs
+again), and a copy that finds the job busy elsewhere is not charged.
 
-Everything runs inside one Lua script per admission, on Redis's own clock
+A client checks first, for fast feedback (`RateLimited` with a retry-after),
+but that check is advisory and writes only the tenant's ``pending`` set: the
+jobs it has queued and no worker has started yet. Counting them keeps an
+honest client from queueing more than its quota lets workers start; a client
+that skips the check gains nothing, its extra jobs are refused by workers.
+
+Everything runs inside one Lua script per call, on Redis's own clock
 (``TIME``), so concurrent clients and workers on hosts with different clocks
 share one consistent bucket.
 """
@@ -20,17 +27,17 @@ import redis
 from . import keyspace
 from .keys import TenantPolicy
 
-#: Lua function shared by the client's admission script and the worker's claim
-#: script. Returns {1, 0} admitted, {0, wait_ms} over the rate, {-1, 0} over
-#: the in-flight cap.
+#: Lua function of the worker's claim script. Charges one start of ``job``:
+#: {1, 0} admitted, {0, wait_ms} over the rate, {-1, 0} over the in-flight cap.
+#: A job already in the in-flight set (restarted) does not count twice there.
 ADMIT_FUNCTION = """
-local function admit(bucket, inflight, marker, job, rate, burst, maxf, exp_ms)
-  if redis.call('EXISTS', marker) == 1 then return {1, 0} end
+local function admit(bucket, inflight, pending, job, rate, burst, maxf, exp_ms)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if maxf > 0 then
     redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
-    if redis.call('ZCARD', inflight) >= maxf then return {-1, 0} end
+    if not redis.call('ZSCORE', inflight, job)
+        and redis.call('ZCARD', inflight) >= maxf then return {-1, 0} end
   end
   if rate > 0 then
     local b = redis.call('HMGET', bucket, 'tokens', 'ts')
@@ -47,52 +54,40 @@ local function admit(bucket, inflight, marker, job, rate, burst, maxf, exp_ms)
     redis.call('ZADD', inflight, exp_ms, job)
     if redis.call('PTTL', inflight) < keep then redis.call('PEXPIRE', inflight, keep) end
   end
-  redis.call('SET', marker, '1', 'PX', keep)
+  redis.call('ZREM', pending, job)
   return {1, 0}
 end
 """
 
-_ADMIT = ADMIT_FUNCTION + """
-return admit(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]),
-             tonumber(ARGV[4]), tonumber(ARGV[5]))
-"""
-
-
-# All or nothing for a batch of jobs (Client.submit_many): KEYS bucket,
-# in-flight set, then one admission marker per job; ARGV rate, burst, max in
-# flight, expiry ms, then the job ids. Same replies as `admit`.
-_ADMIT_MANY = """
+# The client's advisory check for a batch of jobs (Client.submit_many), all or
+# nothing: KEYS bucket, in-flight set, pending set; ARGV rate, burst, max in
+# flight, expiry ms, then the job ids. Reads the bucket without charging it;
+# counts the tenant's jobs already queued (pending) as spent; records the
+# batch as pending. Same replies as `admit` ({0, -1}: larger than the burst).
+_ADVISE_MANY = """
 local rate, burst, maxf, exp_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
                                   tonumber(ARGV[4])
+local n = #ARGV - 4
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local todo = {}
-for i = 3, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 0 then table.insert(todo, i) end
-end
-local n = #todo
-if n == 0 then return {1, 0} end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local queued = redis.call('ZCARD', KEYS[3])
 if maxf > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if redis.call('ZCARD', KEYS[2]) + n > maxf then return {-1, 0} end
+  if redis.call('ZCARD', KEYS[2]) + queued + n > maxf then return {-1, 0} end
 end
-local tokens = 0
 if rate > 0 then
+  if n > burst then return {0, -1} end
   local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-  tokens = tonumber(b[1]) or burst
+  local tokens = tonumber(b[1]) or burst
   local ts = tonumber(b[2]) or now
   if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate / 1000) end
-  if n > burst then return {0, -1} end
-  if tokens < n then return {0, math.ceil((n - tokens) * 1000 / rate)} end
-  redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - n), 'ts', tostring(now))
-  redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+  local free = tokens - queued
+  if free < n then return {0, math.ceil((n - free) * 1000 / rate)} end
 end
+for i = 5, #ARGV do redis.call('ZADD', KEYS[3], exp_ms, ARGV[i]) end
 local keep = math.min(math.max(exp_ms - now, 0), 691200000) + 1000
-for _, i in ipairs(todo) do
-  if maxf > 0 then redis.call('ZADD', KEYS[2], exp_ms, ARGV[i + 2]) end
-  redis.call('SET', KEYS[i], '1', 'PX', keep)
-end
-if maxf > 0 and redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
+if redis.call('PTTL', KEYS[3]) < keep then redis.call('PEXPIRE', KEYS[3], keep) end
 return {1, 0}
 """
 
@@ -106,9 +101,9 @@ class Verdict:
     over: str | None = None  # "rate" or "in_flight"
 
 
-def admission_keys(tenant: str, job_id: str) -> list[str]:
-    """KEYS for `ADMIT_FUNCTION`: bucket, in-flight set, admission marker."""
-    return [keyspace.bucket(tenant), keyspace.in_flight(tenant), keyspace.admitted(job_id)]
+def admission_keys(tenant: str) -> list[str]:
+    """KEYS for `ADMIT_FUNCTION`: the tenant's bucket, in-flight set and pending set."""
+    return [keyspace.bucket(tenant), keyspace.in_flight(tenant), keyspace.pending(tenant)]
 
 
 def admission_args(job_id: str, policy: TenantPolicy, expires_at_ms: int) -> list[str | float]:
@@ -118,7 +113,7 @@ def admission_args(job_id: str, policy: TenantPolicy, expires_at_ms: int) -> lis
 
 
 def verdict(code: int, wait_ms: int) -> Verdict:
-    """Turn the script's reply into a `Verdict`."""
+    """Turn a script's reply into a `Verdict`."""
     if code == 1:
         return Verdict(True)
     if code == 0:
@@ -128,30 +123,23 @@ def verdict(code: int, wait_ms: int) -> Verdict:
 
 
 class Quotas:
-    """Admit jobs against their tenant's quota and release them when done."""
+    """The client's advisory quota check, and the worker's release of a finished job."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._r = client
-        self._admit = client.register_script(_ADMIT)
-        self._admit_many = client.register_script(_ADMIT_MANY)
+        self._advise_many = client.register_script(_ADVISE_MANY)
 
-    def admit(self, tenant: str, job_id: str, policy: TenantPolicy,
-              expires_at_ms: int) -> Verdict:
-        """Charge the job once; a tenant without quotas is admitted without a round trip."""
-        if not policy.limited:
-            return Verdict(True)
-        code, wait_ms = self._admit(keys=admission_keys(tenant, job_id),
-                                    args=admission_args(job_id, policy, expires_at_ms))
-        return verdict(int(code), int(wait_ms))
+    def advise_many(self, tenant: str, job_ids: list[str], policy: TenantPolicy,
+                    expires_at_ms: int) -> Verdict:
+        """Whether workers will start this batch now (all or none); records it as pending.
 
-    def admit_many(self, tenant: str, job_ids: list[str], policy: TenantPolicy,
-                   expires_at_ms: int) -> Verdict:
-        """Charge a batch all at once, or none of it."""
+        Advisory: nothing is charged here (workers charge each job as they
+        start it); a tenant without quotas needs no round trip.
+        """
         if not policy.limited or not job_ids:
             return Verdict(True)
-        code, wait_ms = self._admit_many(
-            keys=[keyspace.bucket(tenant), keyspace.in_flight(tenant),
-                  *(keyspace.admitted(j) for j in job_ids)],
+        code, wait_ms = self._advise_many(
+            keys=admission_keys(tenant),
             args=[policy.rate_per_s, policy.effective_burst, policy.max_in_flight,
                   expires_at_ms, *job_ids])
         return verdict(int(code), int(wait_ms))

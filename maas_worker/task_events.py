@@ -20,12 +20,10 @@ import logging
 import time
 from typing import Any
 
+from .app import ARGS_REPR
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-#: What Flower shows as a job's arguments (the argsrepr the client sends: client.py).
-ARGS_REPR = "('<sealed envelope>',)"
 
 
 class TaskEvents:

@@ -1,13 +1,20 @@
 """The ``maas.infer`` task: open the sealed job, run the model, seal the result.
 
 The stages and their order are in pipeline.py (shared with the batch
-consumer, consumer.py): size -> version/type -> key lookup -> time window ->
-HMAC -> task name/id binding -> memory headroom -> replay claim with cancel
-check and quota admission -> decrypt -> tenant policy -> model -> run under
-the watchdog -> seal -> store write-once. A rejected message is acknowledged,
-audited and marked so its client learns of it; the worker carries on with the
-next message. A job that must wait (busy elsewhere, memory short) is retried
-with a delay.
+consumer, consumer.py): size -> version/type -> key lookup -> HMAC -> time
+window -> task name/id binding -> tenant policy -> memory headroom -> replay
+claim with cancel check and quota charge -> decrypt -> bounded parse ->
+model -> run under the watchdog -> seal -> store write-once. A rejected
+message is acknowledged and audited (and, if authenticated, marked so its
+client learns of it); the worker carries on with the next message. A job
+that must wait (busy elsewhere, memory short) is retried with a delay. An
+error while handling one job is that job's own: it is retried a few times,
+then failed (`pipeline.fault`); only Redis out of reach hands the message
+back as it is.
+
+Celery's remote ``revoke`` (and ``terminate``, and revoking by stamped
+headers) would make a worker discard a job silently: on maas-worker nodes
+they are refused with a pointer to ``maas-worker cancel``, and audited.
 """
 
 from __future__ import annotations
@@ -18,15 +25,24 @@ from typing import Any
 
 from celery import Task, shared_task, signals
 from celery.exceptions import Reject, Retry
+from celery.worker.control import control_command
 
 from . import metrics, supervisor, transport
 from .app import TASK_NAME
+from .audit import AuditLog
+from .envelope import Verified
+from .keys import TenantPolicy
 from .pipeline import (
+    REDIS_DOWN,
     Defer,
     Stop,
     check_memory,
     claim,
+    fault,
+    log_id,
     needs_payload,
+    payload_tenant,
+    refuse_unreadable,
     request_bytes,
     request_text,
     run_claimed,
@@ -34,7 +50,7 @@ from .pipeline import (
     tenant_policy,
     verify_request,
 )
-from .runtime import Advertiser, WorkerRuntime, build_registry, get_runtime
+from .runtime import Advertiser, WorkerRuntime, backend_client, build_registry, get_runtime
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,32 +66,71 @@ INFRA_BACKOFF_S = 1.0
 
 def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
             kwargs: dict[str, Any]) -> str:
-    """Run one delivery through the pipeline; returns the outcome (for logs and tests)."""
+    """Run one delivery through the pipeline; returns the outcome (for logs and tests).
+
+    Raises `Retry` for a job that must wait, and a Redis connection error
+    when Redis is out of reach (the task hands the message back).
+    """
     job_id = str(task.request.id or "")
     routed = (task.request.delivery_info or {}).get("routing_key")
     try:
         text = request_text(rt, job_id, args, kwargs)
-        fetched = rt.guard.fetch_payload(job_id, rt.settings.max_envelope_chars) \
+        fetched = rt.guard.fetch_payload(payload_tenant(text) or "", job_id,
+                                         rt.settings.max_envelope_chars) \
             if needs_payload(text) else None
         data = request_bytes(rt, job_id, text, fetched)
-        verified = verify_request(rt, job_id, data, task_name=task.name, routed=routed)
-        check_memory(rt, verified.header)
+        verified = verify_request(rt, job_id, data, task_name=task.name, routed=routed,
+                                  text=text)
+    except Stop as stop:
+        return stop.outcome
+    except REDIS_DOWN:
+        raise
+    except Exception as exc:
+        return refuse_unreadable(rt, job_id, exc).outcome
+    policy: TenantPolicy | None = None
+    claimed = False
+    try:
         policy = tenant_policy(rt, verified.header)
+        check_memory(rt, verified.header)
         settle_claim(rt, verified, policy, claim(rt, verified, policy))
+        claimed = True
+        return run_claimed(rt, verified, policy)
     except Stop as stop:
         return stop.outcome
     except Defer as defer:
         # Not started (or another live worker runs it): back after a delay.
         raise task.retry(countdown=defer.delay_s) from None
+    except Retry:
+        raise
+    except Exception as exc:
+        verdict = _fault(rt, verified, exc, holding=claimed)
+        if isinstance(verdict, Stop):
+            return verdict.outcome
+        raise task.retry(countdown=verdict.delay_s) from None
+    finally:
+        if claimed and policy is not None:
+            rt.quotas.release(verified.header.tenant, verified.header.job_id, policy)
+
+
+def _fault(rt: WorkerRuntime, verified: Verified, exc: Exception, *,
+           holding: bool) -> Stop | Defer:
+    """Give the job's claim back and count the fault (`pipeline.fault`).
+
+    The claim may be ours even when ``holding`` is False (the error came
+    from the claim's own step): releasing a claim held by another worker is
+    a no-op. If Redis is out of reach the original error propagates.
+    """
     header = verified.header
     try:
-        return run_claimed(rt, verified, policy)
-    finally:
-        rt.quotas.release(header.tenant, header.job_id, policy)
+        rt.guard.release(header.tenant, header.job_id)
+        return fault(rt, verified, exc)
+    except REDIS_DOWN:
+        raise exc from None
 
 
-# max_retries=None: a retry (another worker runs the job, or memory is short)
-# must never turn into a failure that acks the message; expiry bounds it.
+# max_retries=None: a retry (another worker runs the job, memory is short, or
+# the job's own error is retried) must never turn into a failure that acks
+# the message; expiry and the fault count bound it.
 @shared_task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
 def infer(self: Task, *args: Any, **kwargs: Any) -> None:
     """Celery entry point. Takes exactly one argument: the base64 envelope.
@@ -86,23 +141,59 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
     try:
         rt = get_runtime()
         outcome = process(rt, self, args, kwargs)
-        log.info("job %r %s", str(self.request.id)[:64], outcome)
+        log.info("job %s %s", log_id(str(self.request.id)), outcome)
         metrics.job_finished(str(self.request.id), outcome)
     except (Retry, Reject):
         raise
     except Exception as exc:
-        # Infrastructure (Redis, the keyring file) or a bug of ours, not the
-        # message: hand it back so nothing accepted is lost (Celery would ack a
-        # failed task). Give up our claim so the next delivery can take the
-        # job; its expiry and the attempt count bound the retries. Log the
+        # Redis out of reach (or the keyring file unreadable), not the
+        # message: hand it back so nothing accepted is lost (Celery would ack
+        # a failed task). The pipeline gave up any claim it held. Log the
         # type only: an exception's text could quote data.
-        log.error("job %s: %s; requeueing", self.request.id, type(exc).__name__)
-        try:
-            get_runtime().guard.release(str(self.request.id))
-        except Exception:
-            log.debug("claim release failed", exc_info=False)
+        log.error("job %s: %s; requeueing", log_id(str(self.request.id)), type(exc).__name__)
         time.sleep(INFRA_BACKOFF_S)
         raise Reject(type(exc).__name__, requeue=True) from None
+
+
+_REVOKE_REFUSED = ("revoke is disabled on maas-worker nodes (it would drop jobs silently): "
+                   "cancel a job with `maas-worker cancel JOB_ID`, signed by its tenant")
+
+
+def _refuse_revoke(command: str, ids: Any) -> dict[str, str]:
+    """Refuse a remote revoke: log it, audit it (one record per command), reply an error."""
+    listed = [i for i in (ids if isinstance(ids, list | tuple | set) else [ids])
+              if isinstance(i, str)]
+    log.warning("refused a remote %s of %d task(s)", command, len(listed))
+    try:
+        settings = Settings.from_env()
+        AuditLog(backend_client(settings), maxlen=settings.audit_maxlen).record(
+            job_id=listed[0] if len(listed) == 1 else "", tenant="", reason="policy",
+            verified=False, detail=f"remote {command} refused")
+    except Exception:
+        log.error("could not audit a refused remote %s", command, exc_info=False)
+    return {"error": _REVOKE_REFUSED}
+
+
+@control_command(variadic="task_id", signature="[id1 [id2 [... [idN]]]]")
+def revoke(state: Any, task_id: Any = None, terminate: bool = False, signal: Any = None,
+           **kwargs: Any) -> dict[str, str]:
+    """Refused on maas-worker nodes (see the module docstring)."""
+    return _refuse_revoke("revoke", task_id)
+
+
+@control_command(variadic="task_id", args=[("signal", str)],
+                 signature="<signal> [id1 [id2 [... [idN]]]]")
+def terminate(state: Any, signal: Any = None, task_id: Any = None,
+              **kwargs: Any) -> dict[str, str]:
+    """Refused on maas-worker nodes (see the module docstring)."""
+    return _refuse_revoke("terminate", task_id)
+
+
+@control_command(variadic="headers", signature="[key1=value1 [key2=value2 [... [keyN=valueN]]]]")
+def revoke_by_stamped_headers(state: Any, headers: Any = None, terminate: bool = False,
+                              signal: Any = None, **kwargs: Any) -> dict[str, str]:
+    """Refused on maas-worker nodes (see the module docstring)."""
+    return _refuse_revoke("revoke_by_stamped_headers", [])
 
 
 _advertiser: Advertiser | None = None

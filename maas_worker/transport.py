@@ -15,12 +15,15 @@ access, so before this guard:
 
 `HardenedChannel` keeps the consumer alive and the queue truthful: each
 entry must pass `queue_entries.check_message` (on the job queues only
-well-formed protocol-2 JSON messages of ``maas.infer`` no larger than the
-envelope limit allows; on the monitoring queue only ``maas.sample``), and is
-stamped with the queue it came from. Anything else is dropped (it was already
-popped, so it is gone), logged and audited as ``malformed`` (``oversize`` for
-a body over the limit). It never deserialises a refused body. Connection
-errors still propagate, so kombu reconnects.
+well-formed protocol-2 JSON messages of ``maas.infer`` with a UUID task id,
+no larger than the envelope limit allows, whose body is a plain task call;
+on the monitoring queue only ``maas.sample``), and is stamped with the queue
+it came from. A job message's Celery headers are then replaced with ours
+(`queue_entries.sanitize_headers`): no ``expires``, ``timelimit`` or far
+``eta`` a Redis writer set decides whether or when a job runs. Anything else
+is dropped (it was already popped, so it is gone), logged and audited as
+``malformed`` (``oversize`` for a body over the limit). JSON is parsed with
+bounded depth. Connection errors still propagate, so kombu reconnects.
 
 Taking a message is atomic: instead of kombu's ``BRPOP`` followed by a
 separate write recording the reservation (a Redis crash between the two lost
@@ -51,7 +54,15 @@ from kombu.transport import virtual
 from redis.exceptions import NoScriptError
 
 from . import fetch
-from .queue_entries import Refused, check_message, max_body_chars, str_field
+from .queue_entries import (
+    JOB_QUEUES,
+    Refused,
+    check_message,
+    max_body_chars,
+    parse_entry,
+    sanitize_headers,
+    str_field,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -155,6 +166,7 @@ class HardenedChannel(kombu_redis.Channel):
 
     QoS = HardenedQoS
     _max_body_chars: int | None = None
+    _max_eta_s: float | None = None
     #: Whether the next poll takes (EVAL) rather than waits for a wake-up (BRPOP).
     _ready = True
     #: What the command in flight on the poll connection is: "take" or "wait".
@@ -188,6 +200,12 @@ class HardenedChannel(kombu_redis.Channel):
         if self._max_body_chars is None:
             self._max_body_chars = max_body_chars(Settings.from_env())
         return self._max_body_chars
+
+    def _eta_limit(self) -> float:
+        if self._max_eta_s is None:
+            # The longest delay our own retries set (pipeline.retry_delay_s).
+            self._max_eta_s = Settings.from_env().visibility_timeout_s / 2
+        return self._max_eta_s
 
     # -- producing -------------------------------------------------------------
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
@@ -245,6 +263,8 @@ class HardenedChannel(kombu_redis.Channel):
                 # pipeline checks the sealed priority against this, and a
                 # restored (unacked) message goes back to this same list.
                 raw["properties"]["delivery_info"] = {"exchange": "", "routing_key": queue}
+            if queue in JOB_QUEUES:
+                sanitize_headers(raw, max_eta_s=self._eta_limit())
             try:
                 return inner(raw)
             except (*self.connection.connection_errors, *self.connection.channel_errors):
@@ -327,11 +347,14 @@ class HardenedChannel(kombu_redis.Channel):
 
     def _deliver_taken(self, taken: fetch.Taken) -> bool:
         self._queue_cycle.rotate(taken.queue)
-        try:
-            raw = json.loads(taken.raw)
-        except ValueError:
-            # Not a message at all (it was popped, unreserved): drop it
-            # instead of letting it stop the worker.
+        raw = parse_entry(taken.raw, max_chars=self._limit())
+        if not isinstance(raw, dict):
+            # Not a message at all (it was popped, unreserved, or reserved
+            # and too deep to parse): drop it instead of letting it stop the
+            # worker.
+            if taken.tag is not None:
+                self.qos.prereserved.add(taken.tag)
+                self.qos.forget(taken.tag)
             log.warning("queue %s: refused a queue entry that is not a message", taken.queue)
             _auditor.record(None, "malformed")
             return True
