@@ -73,7 +73,9 @@ if ARGV[5] ~= '1' then
   if type(c) == 'string' then return {'cancelled', c} end
 end
 local prev = redis.pcall('GET', KEYS[3])
-local n = (type(prev) == 'string' and tonumber(prev) or 0) + 1
+local n = type(prev) == 'string' and tonumber(prev) or 0
+if n ~= n or n < 0 then n = 0 end
+n = math.min(math.floor(n), 1000000) + 1
 if n > tonumber(ARGV[4]) then
   -- Held so that the caller can store its failed result; never run, never charged.
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -83,7 +85,7 @@ end
 if #KEYS > 4 then
   local v = admit(KEYS[5], KEYS[6], KEYS[7], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]),
                   tonumber(ARGV[9]), tonumber(ARGV[10]))
-  if v[1] == 0 then return {'rate_limited', tostring(v[2])} end
+  if v[1] == 0 then return {'rate_limited', string.format('%d', v[2])} end
   if v[1] == -1 then return {'rate_limited', ''} end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -104,8 +106,8 @@ _CLOSE = """
 redis.call('DEL', KEYS[4])
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[2], 'done', 'PX', ARGV[1])
-redis.call('RPUSH', KEYS[3], '1')
-redis.call('PEXPIRE', KEYS[3], ARGV[1])
+redis.pcall('RPUSH', KEYS[3], '1')
+redis.pcall('PEXPIRE', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -123,14 +125,16 @@ return 0
 
 # Store once; mark the claim done for as long as the request could be replayed;
 # wake a waiting client. Returns 1 if this call stored the result, 0 if one was
-# already there (the first result is kept unchanged).
+# already there (the first result is kept unchanged). The wake-up list is
+# popped by clients (a producer's key), so pushing to it is a pcall here and
+# below: nothing a client left there can fail a store or a refusal.
 _STORE = """
 local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 redis.call('SET', KEYS[2], 'done', 'PX', ARGV[3])
 redis.call('DEL', KEYS[4])
 if stored then
-  redis.call('RPUSH', KEYS[3], '1')
-  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+  redis.pcall('RPUSH', KEYS[3], '1')
+  redis.pcall('PEXPIRE', KEYS[3], ARGV[2])
   return 1
 end
 return 0
@@ -146,11 +150,11 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local cur = redis.pcall('GET', KEYS[4])
 if type(cur) == 'string' and cur ~= 'done' and cur ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[1])
-redis.call('RPUSH', KEYS[3], '1')
-redis.call('PEXPIRE', KEYS[3], ARGV[1])
+redis.pcall('RPUSH', KEYS[3], '1')
+redis.pcall('PEXPIRE', KEYS[3], ARGV[1])
 redis.call('SET', KEYS[4], 'done', 'PX', ARGV[1])
 redis.call('DEL', KEYS[5])
-redis.call('ZREM', KEYS[6], ARGV[4])
+redis.pcall('ZREM', KEYS[6], ARGV[4])
 return 1
 """
 

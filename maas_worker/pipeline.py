@@ -96,11 +96,6 @@ class Prepared:
 HardHook = Callable[[], None]
 
 
-def log_id(job_id: str) -> str:
-    """A job id fit for a log line: a canonical id as it is, anything else quoted and cut."""
-    return job_id if keyspace.is_job_id(job_id) else repr(job_id[:64])
-
-
 def reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
            *, authenticated: bool, detail: str = "") -> None:
     """Audit a refused delivery; tell the job's client if the refusal is authenticated.
@@ -124,7 +119,7 @@ def reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
                                    state="expired" if reason == "expired" else "rejected")
         elif TENANT_RE.fullmatch(tenant):
             rt.guard.mark_suspect(tenant, job_id, ttl_s=rt.settings.result_ttl_s)
-    log.warning("job %s rejected: %s", log_id(job_id), reason)
+    log.warning("job %r rejected: %s", job_id[:64], reason)
 
 
 def _stop(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None = None, *,
@@ -139,8 +134,8 @@ def refuse_unreadable(rt: WorkerRuntime, job_id: str, exc: BaseException) -> Sto
     Only unauthenticated bytes have been read at that point, so no job's
     state changes; the error type (never its text) is logged and audited.
     """
-    log.error("job %s: refusing a message that raised %s before it was authenticated",
-              log_id(job_id), type(exc).__name__)
+    log.error("job %r: refusing a message that raised %s before it was authenticated",
+              job_id[:64], type(exc).__name__)
     reject(rt, job_id, "malformed", None, authenticated=False,
            detail=f"unreadable: {type(exc).__name__}")
     return Stop("malformed")

@@ -44,7 +44,7 @@ local function admit(bucket, inflight, pending, job, rate, burst, maxf, exp_ms)
     local tokens = tonumber(b[1]) or burst
     local ts = tonumber(b[2]) or now
     if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate / 1000) end
-    if tokens < 1 then return {0, math.ceil((1 - tokens) * 1000 / rate)} end
+    if tokens < 1 then return {0, math.min(math.ceil((1 - tokens) * 1000 / rate), 86400000)} end
     redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'ts', tostring(now))
     redis.call('PEXPIRE', bucket, math.ceil(burst * 1000 / rate) + 1000)
   end
@@ -54,7 +54,9 @@ local function admit(bucket, inflight, pending, job, rate, burst, maxf, exp_ms)
     redis.call('ZADD', inflight, exp_ms, job)
     if redis.call('PTTL', inflight) < keep then redis.call('PEXPIRE', inflight, keep) end
   end
-  redis.call('ZREM', pending, job)
+  -- pcall: the pending set is the producers' (advisory); whatever they left
+  -- there must not fail a charge already made.
+  redis.pcall('ZREM', pending, job)
   return {1, 0}
 end
 """
@@ -83,7 +85,7 @@ if rate > 0 then
   local ts = tonumber(b[2]) or now
   if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate / 1000) end
   local free = tokens - queued
-  if free < n then return {0, math.ceil((n - free) * 1000 / rate)} end
+  if free < n then return {0, math.min(math.ceil((n - free) * 1000 / rate), 86400000)} end
 end
 for i = 5, #ARGV do redis.call('ZADD', KEYS[3], exp_ms, ARGV[i]) end
 local keep = math.min(math.max(exp_ms - now, 0), 691200000) + 1000

@@ -39,7 +39,6 @@ from .pipeline import (
     check_memory,
     claim,
     fault,
-    log_id,
     needs_payload,
     payload_tenant,
     refuse_unreadable,
@@ -141,7 +140,7 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
     try:
         rt = get_runtime()
         outcome = process(rt, self, args, kwargs)
-        log.info("job %s %s", log_id(str(self.request.id)), outcome)
+        log.info("job %r %s", str(self.request.id)[:64], outcome)
         metrics.job_finished(str(self.request.id), outcome)
     except (Retry, Reject):
         raise
@@ -150,7 +149,7 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         # message: hand it back so nothing accepted is lost (Celery would ack
         # a failed task). The pipeline gave up any claim it held. Log the
         # type only: an exception's text could quote data.
-        log.error("job %s: %s; requeueing", log_id(str(self.request.id)), type(exc).__name__)
+        log.error("job %r: %s; requeueing", str(self.request.id)[:64], type(exc).__name__)
         time.sleep(INFRA_BACKOFF_S)
         raise Reject(type(exc).__name__, requeue=True) from None
 

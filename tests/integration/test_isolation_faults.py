@@ -1,0 +1,115 @@
+"""Attack 2: one job's failure is that job's alone, in both worker modes.
+
+Before: an authentic job whose input nested ~200,000 levels deep raised
+`RecursionError` in the batch consumer's parse; the whole batch was handed
+back again and again, and after three rounds every other tenant's job in it
+ended ``worker_lost`` without running. A Redis writer got the same with a
+deeply nested message body. Now JSON from anyone else is bounded before it
+is parsed, output that cannot be stored fails only its job, and any other
+error while handling a job is counted against that job alone: retried a few
+times, then failed (``internal_error``) and audited once: a dead letter.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from maas_worker import JobFailed, JobRejected
+from maas_worker.keys import TenantPolicy
+
+from .attacker import (
+    Attacker,
+    assert_victims_done,
+    celery_message,
+    keyspace,
+    set_policy,
+    victims,
+    wait_audited_once,
+    wait_drained,
+)
+from .conftest import Stack
+
+pytestmark = pytest.mark.integration
+DEPTH = 100_000  # far past Python's recursion limit (about 1,000)
+
+
+def test_deeply_nested_input_is_refused_and_its_batch_mates_run(
+        iso_stack: Callable[..., Stack]) -> None:
+    stack = iso_stack()
+    attacker = Attacker(stack)
+    job_id = str(uuid.uuid4())
+    _, envelope = attacker.seal(b"[" * DEPTH + b"]" * DEPTH, job_id=job_id)
+    attacker.send(envelope, job_id=job_id)
+    jobs = victims(stack, 8, priority="normal")  # behind it: the same batch
+    stack.start_worker()
+    assert_victims_done(jobs)
+    wait_audited_once(stack, job_id, "malformed", "globex")
+    with pytest.raises(JobRejected):
+        attacker.job(job_id).result(timeout=5)
+    wait_drained(stack)
+    assert "RecursionError" not in stack.worker_logs()
+
+
+def test_a_redis_writers_deeply_nested_message_is_refused_and_the_rest_run(
+        iso_stack: Callable[..., Stack]) -> None:
+    stack = iso_stack()
+    attacker = Attacker(stack)
+    deep_body = uuid.uuid4()
+    message = celery_message(str(deep_body), "x")
+    message["body"] = base64.b64encode(b"[" * DEPTH + b"]" * DEPTH).decode()
+    attacker.push_raw("normal", message)
+    # A whole entry nested too deep to parse, and one deep in its headers.
+    attacker.push_raw("normal", json.loads("[" * 900 + "]" * 900))  # type: ignore[arg-type]
+    deep_headers = celery_message(str(uuid.uuid4()), "x", origin=json.loads("[" * 500 + "]" * 500))
+    attacker.push_raw("normal", deep_headers)
+    jobs = victims(stack, 8, priority="normal")
+    stack.start_worker()
+    assert_victims_done(jobs)
+    wait_audited_once(stack, str(deep_body), "malformed", "", verified=False)
+    wait_drained(stack)
+    assert "RecursionError" not in stack.worker_logs()
+
+
+def test_output_that_cannot_be_stored_fails_only_its_own_job(
+        iso_stack: Callable[..., Stack]) -> None:
+    stack = iso_stack()
+    attacker = Attacker(stack)
+    job_id = str(uuid.uuid4())
+    # Python's parser accepts NaN; a result never may (strict JSON): echo
+    # hands it back, and the result cannot be stored as it is.
+    _, envelope = attacker.seal(b'{"x": NaN}', job_id=job_id)
+    attacker.send(envelope, job_id=job_id)
+    jobs = victims(stack, 8, priority="normal")
+    stack.start_worker()
+    assert_victims_done(jobs)
+    with pytest.raises(JobFailed) as failed:
+        attacker.job(job_id).result(timeout=20)
+    assert failed.value.reason == "internal_error"
+    wait_drained(stack)
+
+
+def test_a_job_that_keeps_failing_is_dead_lettered_not_requeued_for_ever(
+        iso_stack: Callable[..., Stack]) -> None:
+    """An error in a job's own claim (its tenant's bucket made unusable in Redis)."""
+    stack = iso_stack()
+    set_policy(stack, "globex", TenantPolicy(("echo",), "normal", rate_per_s=100, burst=100))
+    attacker = Attacker(stack)
+    stack.backend.rpush(keyspace.bucket("globex"), "not", "a", "hash")
+    job_id = str(uuid.uuid4())
+    _, envelope = attacker.seal(b'{"x": 1}', job_id=job_id)
+    attacker.send(envelope, job_id=job_id)
+    jobs = victims(stack, 8, priority="normal")
+    stack.start_worker()
+    assert_victims_done(jobs)
+    with pytest.raises(JobFailed) as failed:
+        attacker.job(job_id).result(timeout=30)
+    assert failed.value.reason == "internal_error"
+    rec = wait_audited_once(stack, job_id, "malformed", "globex")
+    assert "dead letter" in rec.detail
+    wait_drained(stack)
+    assert stack.outcomes(job_id) == ["failed"]
