@@ -158,6 +158,13 @@ redis.pcall('ZREM', KEYS[6], ARGV[4])
 return 1
 """
 
+# Delete a cancel request only if it is still the one that was refused: the
+# job's own tenant may have written its genuine request since.
+_DROP_CANCEL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # Count one fault of a job; the count so far.
 _FAULT = """
 local n = redis.call('INCR', KEYS[1])
@@ -221,6 +228,7 @@ class JobGuard:
         self._close = client.register_script(_CLOSE)
         self._fetch = client.register_script(_FETCH)
         self._fault = client.register_script(_FAULT)
+        self._drop_cancel = client.register_script(_DROP_CANCEL)
         self._held: set[tuple[str, str]] = set()
         self._held_lock = threading.Lock()
 
@@ -386,6 +394,10 @@ class JobGuard:
             keys=[keyspace.result(t, j), keyspace.rejected(t, j), keyspace.done(t, j),
                   keyspace.claim(t, j), keyspace.payload(t, j), keyspace.pending(t)],
             args=[keyspace.clamp_ttl_ms(ttl_s * 1000), self.holder, state, j])
+
+    def drop_cancel(self, tenant: str, job_id: str, token: str | bytes) -> None:
+        """Delete the job's cancel request if it still is ``token`` (a refused one)."""
+        self._drop_cancel(keys=[keyspace.cancel(tenant, job_id)], args=[token])
 
     def mark_suspect(self, tenant: str, job_id: str, *, ttl_s: int) -> None:
         """Note that a message naming this job failed authentication (state unchanged)."""

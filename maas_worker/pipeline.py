@@ -312,20 +312,21 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
         raise Defer(retry_delay_s(rt.settings, rt.settings.lease_s))
 
 
-def refuse_cancel(rt: WorkerRuntime, header: Header, token: str | None) -> None:
+def refuse_cancel(rt: WorkerRuntime, header: Header, token: str | bytes | None) -> None:
     """A cancel request for this job that its own tenant did not make: audit it, drop it.
 
     The record names who made it: another tenant whose own key signed it
     (``policy``, verified), or whatever it claims (``tampered``, unverified).
-    The request is deleted, so it blocks nothing: the job runs, and its own
-    tenant's cancel request still counts.
+    The request is deleted (unless the job's tenant has replaced it since),
+    so it blocks nothing: the job runs, and its own tenant's cancel counts.
     """
     actor, genuine = token_actor(token, rt.keyring.get(), header.job_id)
     rt.audit.record(job_id=header.job_id, tenant=actor,
                     reason="policy" if genuine else "tampered", verified=genuine,
                     detail="cancel request for another tenant's job")
     log.warning("job %s: refused a cancel request not made by its tenant", header.job_id)
-    rt.backend.delete(keyspace.cancel(header.tenant, header.job_id))
+    if token is not None:
+        rt.guard.drop_cancel(header.tenant, header.job_id, token)
 
 
 def fault(rt: WorkerRuntime, verified: Verified, exc: BaseException) -> Stop | Defer:
@@ -394,9 +395,17 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
     """
     header = verified.header
 
+    refused: set[bytes | str] = set()
+
     def is_cancelled() -> bool:
         token = rt.backend.get(keyspace.cancel(header.tenant, header.job_id))
-        return verify_token(token, rt.keyring.get(), header.tenant, header.job_id)
+        if token is None or token in refused:
+            return False
+        if verify_token(token, rt.keyring.get(), header.tenant, header.job_id):
+            return True
+        refused.add(token)  # audited once, however often the watchdog asks
+        refuse_cancel(rt, header, token)
+        return False
 
     def on_hard(reason: str) -> None:
         # Runs in the watchdog thread just before this process is ended.
