@@ -207,3 +207,18 @@ def replace_envelope(raw: bytes, envelope: str) -> bytes:
     body[0][0] = envelope
     msg["body"] = base64.b64encode(json.dumps(body).encode()).decode()
     return json.dumps(msg).encode()
+
+
+#: The two worker modes every tenant-isolation test runs against.
+WORKER_MODES: dict[str, tuple[str, ...]] = {"task": (), "batch": ("--batch-consumer",)}
+
+
+@pytest.fixture(params=list(WORKER_MODES))
+def iso_stack(request: pytest.FixtureRequest,
+              make_stack: Callable[..., Stack]) -> Callable[..., Stack]:
+    """`make_stack` whose workers run in one of the two modes (a test using it runs in both)."""
+    def factory(**env: str) -> Stack:
+        stack = make_stack(**env)
+        stack.worker_args = WORKER_MODES[request.param]
+        return stack
+    return factory
