@@ -112,7 +112,8 @@ class TenantPolicy:
     ``allowed_models`` of ``None`` allows every model the workers serve.
     Quotas (0 = unlimited): ``rate_per_s`` jobs per second with bursts of up
     to ``burst`` jobs (a token bucket), and at most ``max_in_flight`` jobs
-    queued or running at once.
+    running at once (workers enforce both as they start a job; a client's
+    advisory check also counts its tenant's queued jobs, quota.py).
     """
 
     allowed_models: tuple[str, ...] | None = None

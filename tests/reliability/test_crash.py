@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from maas_worker import keyspace
 from maas_worker.job import Job
 from maas_worker.processes import WorkerProcess
 
@@ -47,7 +48,7 @@ def settled(stack: Stack) -> bool:
     r = stack.backend
     if any(r.llen(f"maas.{p}") for p in PRIORITIES) or r.hlen("unacked"):
         return False
-    return all(r.get(k) == b"done" for k in r.scan_iter("maas:claim:*", count=1000))
+    return all(r.get(k) == b"done" for k in r.scan_iter(keyspace.claim("*", "*"), count=1000))
 
 
 def collect(jobs: list[Job]) -> dict[str, bytes]:
@@ -56,7 +57,7 @@ def collect(jobs: list[Job]) -> dict[str, bytes]:
     for job in jobs:
         out = job.result(timeout=WAIT_S)
         assert out["slept"] >= 0
-        raw = job.client.backend.get(f"maas:result:{job.id}")
+        raw = job.client.backend.get(keyspace.result(job.tenant, job.id))
         assert raw is not None
         sealed[job.id] = raw
     return sealed
@@ -67,7 +68,7 @@ def check_once(stack: Stack, jobs: list[Job], sealed: dict[str, bytes]) -> dict[
     wait_for(lambda: settled(stack), WAIT_S, "queues, reservations and claims to settle")
     counts = assert_once(stack, jobs)
     for job in jobs:
-        assert job.client.backend.get(f"maas:result:{job.id}") == sealed[job.id]
+        assert job.client.backend.get(keyspace.result(job.tenant, job.id)) == sealed[job.id]
     return {"replayed": sum(counts[j.id]["replayed"] for j in jobs),
             "rejected_other": sum(sum(c.values()) - c["succeeded"] - c["replayed"]
                                   for c in (counts[j.id] for j in jobs))}
@@ -80,11 +81,11 @@ def held_by(stack: Stack, worker: WorkerProcess) -> set[str]:
     assert worker.proc is not None
     pids = {worker.proc.pid} | {c.pid for c in psutil.Process(worker.proc.pid).children()}
     held = set()
-    for key in stack.backend.scan_iter("maas:claim:*", count=1000):
+    for key in stack.backend.scan_iter(keyspace.claim("*", "*"), count=1000):
         holder = (stack.backend.get(key) or b"").decode()
         parts = holder.split(":")
         if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) in pids:
-            held.add(key.decode().split(":", 2)[2])
+            held.add(key.decode().rsplit(":", 1)[1])  # maas:{<tenant>}:claim:<job id>
     return held
 
 
@@ -100,7 +101,7 @@ def test_sigkill_under_load_loses_nothing_and_runs_each_job_once(
         jobs += batch
         # Kill it while it holds jobs and after it has finished some.
         wait_for(lambda v=victim, b=batch: held_by(stack, v) and sum(
-            1 for j in b if stack.backend.exists(f"maas:result:{j.id}")) > 3,
+            1 for j in b if stack.backend.exists(keyspace.result(j.tenant, j.id))) > 3,
             WAIT_S, "the victim to be busy")
         killed_holding += len(held_by(stack, victim))
         victim.kill()
@@ -120,12 +121,12 @@ def test_result_stored_before_the_crash_is_not_run_again(make_stack: Any, report
     # Freeze the main process (it acks); its pool child finishes the job alone.
     os.kill(doomed.proc.pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: stack.backend.exists(f"maas:result:{job.id}"), WAIT_S,
+        wait_for(lambda: stack.backend.exists(keyspace.result(job.tenant, job.id)), WAIT_S,
                  "the result to be stored")
         assert stack.backend.hlen("unacked") == 1  # stored, never acknowledged
     finally:
         doomed.kill()  # SIGKILL reaches the stopped process too
-    sealed = stack.backend.get(f"maas:result:{job.id}")
+    sealed = stack.backend.get(keyspace.result(job.tenant, job.id))
     assert job.result(timeout=WAIT_S)["slept"] >= 1.0
     stack.start_worker("rescuer", concurrency=1)
     # The message comes back after the visibility timeout and is refused.
@@ -134,7 +135,7 @@ def test_result_stored_before_the_crash_is_not_run_again(make_stack: Any, report
     wait_for(lambda: settled(stack), WAIT_S, "the redelivered copy to be consumed")
     counts = outcome_counts(stack.worker_logs())[job.id]
     assert counts["succeeded"] == 1 and counts["replayed"] == 1 and counts["duplicate"] == 0
-    assert stack.backend.get(f"maas:result:{job.id}") == sealed
+    assert stack.backend.get(keyspace.result(job.tenant, job.id)) == sealed
     report(jobs=1, workers_killed=1, redelivered=1, run_again=0)
 
 
@@ -146,7 +147,8 @@ def test_sigterm_under_load_finishes_running_jobs_and_requeues_the_rest(
     stopping = stack.start_worker("stopping", concurrency=2)
     jobs = submit_mixed(stack, SIZE.shutdown_jobs, seconds=0.3)
     held = wait_for(lambda: held_by(stack, stopping) if sum(
-        1 for j in jobs if stack.backend.exists(f"maas:result:{j.id}")) >= 2 else None,
+        1 for j in jobs if stack.backend.exists(keyspace.result(j.tenant, j.id))) >= 2
+        else None,
         WAIT_S, "the worker to be running jobs")
     assert stopping.proc is not None
     stopping.proc.send_signal(signal.SIGTERM)  # warm shutdown

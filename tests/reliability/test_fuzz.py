@@ -6,9 +6,12 @@
   with inconsistent lengths and invalid UTF-8;
 * the task entry point (`maas.infer`, run through Celery's `apply` against
   a real Redis): any argument list and keyword arguments, wrong types at
-  every position, any task id and routing key;
+  every position, any task id and routing key, claim-check references naming
+  any tenant;
 * what a client reads back (a result envelope, a cancel token);
-* the worker's queue guard (`queue_entries.check_message`) on arbitrary JSON.
+* the worker's queue guard (`queue_entries.check_message`) on arbitrary JSON,
+  including task ids that are not UUIDs and bodies that are not plain task
+  calls (or nest too deeply).
 
 The only outcome allowed for bad input is the generic rejection (one error
 type, or an audited rejection reason): never another exception, never a hang
@@ -26,14 +29,14 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from maas_worker import queue_entries
-from maas_worker.app import PAYLOAD_REF
+from maas_worker import keyspace, queue_entries
+from maas_worker.app import PAYLOAD_REF_PREFIX, payload_ref, payload_ref_tenant
 from maas_worker.audit import REASONS
 from maas_worker.cancellation import make_token, verify_token
 from maas_worker.client import Client
@@ -220,6 +223,35 @@ def _message(task_id: str, envelope: str) -> dict[str, Any]:
                            "delivery_info": {"exchange": "", "routing_key": "maas.high"}}}
 
 
+#: Task ids as a Redis writer could set them: UUIDs in other forms, and anything else.
+task_ids = st.one_of(st.builds(lambda: str(uuid.uuid4()).upper()),
+                     st.builds(lambda: uuid.uuid4().hex),
+                     st.builds(lambda: f"{{{uuid.uuid4()}}}"),
+                     st.builds(lambda: f" {uuid.uuid4()}"),
+                     st.text(max_size=40), json_values)
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> str:
+    """A base64 body that decodes to anything, a task call or not, nested up to very deep."""
+    choice = draw(st.sampled_from(["json", "call", "workflow", "deep", "bytes"]))
+    if choice == "bytes":
+        return base64.b64encode(draw(st.binary(max_size=64))).decode()
+    if choice == "json":
+        text = json.dumps(draw(json_values))
+    elif choice == "call":
+        text = json.dumps([draw(json_values), draw(json_values), draw(json_values)])
+    elif choice == "workflow":
+        embed = {draw(st.sampled_from(["callbacks", "errbacks", "chain", "chord"])):
+                 draw(json_values)}
+        text = json.dumps([["QUJD"], {}, embed])
+    else:
+        n = draw(st.integers(1, 200_000))
+        text = "[" * n + "]" * n if draw(st.booleans()) \
+            else '[["QUJD"],{},' + '{"a":' * n + "1" + "}" * n + "]"
+    return base64.b64encode(text.encode()).decode()
+
+
 @st.composite
 def raw_messages(draw: st.DrawFn) -> Any:
     if draw(st.booleans()):
@@ -228,26 +260,39 @@ def raw_messages(draw: st.DrawFn) -> Any:
     for _ in range(draw(st.integers(1, 3))):  # replace any one value, at any depth
         where: Any = msg
         path = draw(st.sampled_from([("body",), ("content-type",), ("headers",),
-                                     ("headers", "task"), ("properties",),
+                                     ("headers", "task"), ("headers", "id"), ("properties",),
                                      ("properties", "delivery_tag"),
                                      ("properties", "delivery_info"),
                                      ("properties", "body_encoding")]))
         for key in path[:-1]:
             where = where.get(key) if isinstance(where, dict) else None
         if isinstance(where, dict):
-            where[path[-1]] = draw(json_values)
+            values = task_ids if path == ("headers", "id") \
+                else st.one_of(json_values, bodies()) if path == ("body",) else json_values
+            where[path[-1]] = draw(values)
     return msg
 
 
 @settings(FUZZ, max_examples=SIZE.fuzz_queue)
 @given(raw=raw_messages(), queue=st.sampled_from(["maas.high", "maas.low", "maas.monitor",
-                                                  "celery.pidbox", "other"]))
-def test_the_queue_guard_refuses_or_passes_never_raises(raw: Any, queue: str) -> None:
+                                                  "celery.pidbox", "other"]),
+       limit=st.sampled_from([4096, 1 << 20]))
+def test_the_queue_guard_refuses_or_passes_never_raises(raw: Any, queue: str,
+                                                        limit: int) -> None:
     _count("queue")
     try:
-        queue_entries.check_message(raw, queue, max_body_chars=4096)
+        call = queue_entries.check_message(raw, queue, max_body_chars=limit)
     except queue_entries.Refused as exc:
         assert exc.reason in ("malformed", "oversize")
+        return
+    # What passes onto a job queue has a canonical task id and is a plain task call.
+    if queue in queue_entries.JOB_QUEUES:
+        assert keyspace.is_job_id(raw["headers"]["id"])
+        assert isinstance(call, list) and len(call) == 3 and isinstance(call[1], dict)
+        assert not any((call[2] or {}).get(k) for k in ("callbacks", "errbacks", "chain",
+                                                         "chord"))
+    else:
+        assert call is None
 
 
 # -- the task entry point ----------------------------------------------------------------------
@@ -259,7 +304,7 @@ class _Outcomes(logging.Handler):
         self.last: str | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "job %r %s" and isinstance(record.args, tuple):
+        if record.msg in ("job %r %s", "job %s %s") and isinstance(record.args, tuple):
             self.last = str(record.args[1])
 
 
@@ -300,20 +345,39 @@ def worker_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
         server.stop()
 
 
+class TaskCall(NamedTuple):
+    """One call of the task entry point and what a Redis writer left for it."""
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    task_id: str
+    routing: str | None
+    #: A cancel request found under this tenant's cancel key of the task id.
+    cancel_tenant: str
+    cancel: str | bytes | None
+    #: What the payload key of the tenant a claim-check reference names holds.
+    payload: Any
+    #: Whether it is a genuine, unaltered job bound to its task id, queue and reference.
+    bound: bool
+
+
 @st.composite
-def task_calls(draw: st.DrawFn) -> tuple[list[Any], dict[str, Any], str, str | None,
-                                         str | bytes | None, Any, bool]:
-    """(args, kwargs, task id, routing key, a cancel request and a claim-checked
-    payload found in Redis, and whether it is a genuine, unaltered job bound to
-    its task id and queue)."""
+def task_calls(draw: st.DrawFn) -> TaskCall:
     header, env = draw(genuine())
     data, _ = draw(untrusted())
     text = draw(st.sampled_from(["genuine", "b64", "text", "huge", "payload"]))
+    # A claim-check reference: to the job's own tenant, another tenant, one
+    # that does not exist, an invalid name, or the old form without a tenant.
+    ref = draw(st.one_of(st.just(payload_ref(header.tenant)),
+                         st.sampled_from([payload_ref(t) for t in TENANTS]),
+                         st.just(payload_ref("nosuchtenant")),
+                         st.builds(lambda t: PAYLOAD_REF_PREFIX + t, st.text(max_size=12)),
+                         st.just(PAYLOAD_REF_PREFIX.rstrip(":"))))
     arg: Any = {"genuine": base64.b64encode(env).decode(),
                 "b64": base64.b64encode(data).decode(),
                 "text": draw(st.text(max_size=200)),
                 "huge": "A" * draw(st.integers(1 << 20, 3 << 20)),
-                "payload": PAYLOAD_REF}[text]
+                "payload": ref}[text]
     # What a claim-checked request points at: untrusted bytes, or a key of
     # another type, or nothing.
     payload = draw(st.one_of(st.just(data), st.just(env), st.none(),
@@ -326,59 +390,78 @@ def task_calls(draw: st.DrawFn) -> tuple[list[Any], dict[str, Any], str, str | N
     task_id = draw(st.one_of(st.just(header.job_id), st.text(min_size=1, max_size=300)))
     routing = draw(st.one_of(st.none(), st.sampled_from(
         ["maas.high", "maas.normal", "maas.low"]), st.text(max_size=20)))
+    cancel_tenant = draw(st.one_of(st.just(header.tenant), st.sampled_from(TENANTS)))
     cancel = draw(st.one_of(st.none(), tokens, st.binary(max_size=80)))
-    return args, kwargs, task_id, routing, cancel, payload, _bound(
-        args, kwargs, task_id, routing, payload)
+    return TaskCall(args, kwargs, task_id, routing, cancel_tenant, cancel, payload,
+                    _bound(args, kwargs, task_id, routing, payload))
 
 
 def _bound(args: list[Any], kwargs: dict[str, Any], task_id: str, routing: str | None,
            payload: Any) -> bool:
     """True for a genuine request that a worker must accept: one argument that
-    verifies, bound to this task id and queue (whichever strategy built it)."""
+    verifies, bound to this task id and queue, and (claim-checked) found under
+    its own tenant's payload key (whichever strategy built it)."""
     if kwargs or len(args) != 1 or not isinstance(args[0], str):
         return False
+    ref_tenant = payload_ref_tenant(args[0])
+    if ref_tenant == "":
+        return False  # a reference that names no valid tenant
     try:
-        data = payload if args[0] == PAYLOAD_REF else base64.b64decode(args[0], validate=True)
+        data = payload if ref_tenant is not None \
+            else base64.b64decode(args[0], validate=True)
         if not isinstance(data, bytes):
             return False
         header = verify(data, expect="request", keyring=RING, max_bytes=MAX_BYTES).header
     except (InvalidEnvelope, ValueError):
         return False
     return (header.job_id == task_id and header.task == "maas.infer"
-            and routing in (None, f"maas.{header.priority}"))
+            and routing in (None, f"maas.{header.priority}")
+            and ref_tenant in (None, header.tenant))
+
+
+def _payload_key(arg: Any, task_id: str) -> str | None:
+    """The key a worker reads the claim-checked request of ``arg`` from (None: no reference)."""
+    tenant = payload_ref_tenant(arg) if isinstance(arg, str) else None
+    return keyspace.payload(tenant, task_id) if tenant else None
 
 
 @settings(FUZZ, max_examples=SIZE.fuzz_task)
 @given(call=task_calls())
 def test_the_task_entry_point_rejects_bad_input_and_never_raises(
-        worker_env: tuple[Any, _Outcomes], call: tuple[Any, ...]) -> None:
+        worker_env: tuple[Any, _Outcomes], call: TaskCall) -> None:
     from maas_worker.tasks import infer
 
     _count("task")
     backend, outcomes = worker_env
-    args, kwargs, task_id, routing, cancel, payload, bound = call
-    if cancel is not None:
-        backend.set(f"maas:cancel:{task_id}", cancel)
-    backend.delete(f"maas:payload:{task_id}")
-    if isinstance(payload, bytes):
-        backend.set(f"maas:payload:{task_id}", payload)
-    elif isinstance(payload, list):
-        backend.rpush(f"maas:payload:{task_id}", *payload)
-    elif isinstance(payload, dict):
-        backend.hset(f"maas:payload:{task_id}", mapping=payload)
-    audited = backend.xlen("maas:audit")
+    task_id = call.task_id
+    if call.cancel is not None:
+        backend.set(keyspace.cancel(call.cancel_tenant, task_id), call.cancel)
+    for arg in call.args:
+        key = _payload_key(arg, task_id)
+        if key is None:
+            continue
+        backend.delete(key)
+        if isinstance(call.payload, bytes):
+            backend.set(key, call.payload)
+        elif isinstance(call.payload, list):
+            backend.rpush(key, *call.payload)
+        elif isinstance(call.payload, dict):
+            backend.hset(key, mapping=call.payload)
+    audited = backend.xlen(keyspace.AUDIT_STREAM)
     outcomes.last = None
-    result = infer.apply(args=args, kwargs=kwargs, task_id=task_id, routing_key=routing)
+    result = infer.apply(args=call.args, kwargs=call.kwargs, task_id=task_id,
+                         routing_key=call.routing)
     assert result.state == "SUCCESS", result.traceback
     assert result.result is None
-    if bound:
+    event(f"{'bound' if call.bound else 'unbound'}: {outcomes.last}")
+    if call.bound:
         # A genuine job: it may run (an authenticated tenant's input, any
         # JSON) or be refused by policy or time; never raise.
         assert outcomes.last in {"succeeded", "failed", "replayed", "policy", "expired",
                                  "malformed"}
     else:
         assert outcomes.last in REJECTIONS, outcomes.last
-        assert backend.xlen("maas:audit") > audited  # every rejection is audited
+        assert backend.xlen(keyspace.AUDIT_STREAM) > audited  # every rejection is audited
 
 
 def test_fuzz_case_count(report: Any) -> None:

@@ -2,10 +2,12 @@
 
 Someone with Redis write access pushes what a real client never sends: other
 content types (pickle, YAML, raw data), entries that are not messages at all,
-the wrong number of arguments, another task's name, a huge body, a sealed job
-moved to a queue of another priority with a matching forged routing key.
-Each must be refused without being deserialised, audited where it reaches
-our code, and the worker must keep consuming, in the same process.
+the wrong number of arguments, another task's name, a task id that is not a
+UUID, a body that is not a plain task call (a workflow, nesting too deep), a
+huge body, a sealed job moved to a queue of another priority with a matching
+forged routing key. Each must be refused without being deserialised, audited
+where it reaches our code, and the worker must keep consuming, in the same
+process.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def message(*, body: bytes, content_type: str = "application/json", task: str = 
             task_id: str | None = None, queue: str = QUEUE,
             headers: dict[str, Any] | None = None) -> tuple[str, str]:
     """A kombu Redis message as a producer would write it: (JSON text, task id)."""
-    task_id = task_id or f"hostile-{uuid.uuid4()}"
+    task_id = task_id or str(uuid.uuid4())
     hdrs = {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "retries": 0,
             "argsrepr": "('<sealed envelope>',)", "kwargsrepr": "{}"}
     if headers is not None:
@@ -95,11 +97,21 @@ def test_hostile_queue_entries_are_refused_audited_and_the_worker_carries_on(
         {"task": TASK_NAME, "id": str(uuid.uuid4()), "args": [envelope], "kwargs": {}}).encode(),
         headers={}), by_id=False)
     add("huge body", message(body=celery_body(["A" * (SIZE.huge_body_mb << 20)])))
+    add("task id not a UUID", message(body=celery_body([envelope]),
+                                      task_id=f"hostile-{uuid.uuid4()}"))
+    add("task id of another form", message(body=celery_body([envelope]),
+                                           task_id=str(uuid.uuid4()).upper()))
+    add("workflow", message(body=json.dumps(
+        [[envelope], {}, {"callbacks": [{"task": "celery.accumulate", "args": []}]}]).encode()))
+    add("not a task call", message(body=json.dumps({"args": [envelope]}).encode()))
+    add("nested too deep", message(  # [args, kwargs, embed], kwargs 100,000 levels deep
+        body=b'[["' + envelope.encode() + b'"], {"x": ' + b"[" * 100_000 + b"]" * 100_000
+        + b"}, {}]"))
     add("not JSON", "this is not a kombu message")
     add("JSON, not a message", "[1, 2, 3]")
     add("no delivery tag", json.dumps({"body": "", "headers": {}, "properties": {}}))
     add("bad base64 body", message(body=b"")[0].replace('"body": ""', '"body": "%%%"'), False)
-    add("empty body", message(body=b""))  # Celery itself fails on it, after reserving it
+    add("empty body", message(body=b""))  # not a task call: refused before Celery reads it
     # A sealed low job moved to the high queue, its routing key forged to say "low".
     add("moved priority", message(body=celery_body([low_job[1]]), task_id=low_job[0].job_id,
                                   queue="maas.low"))

@@ -18,11 +18,12 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
 
-from maas_worker import ServiceUnavailable, UnknownJob
+from maas_worker import ServiceUnavailable, UnknownJob, keyspace
 from maas_worker.embedded import EmbeddedRedis
 from maas_worker.job import Job
 
@@ -106,7 +107,7 @@ def outage(server: EmbeddedRedis, stack: Stack, kind: str) -> dict[str, float]:
     submit_s = time.monotonic() - started
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable, match="retry later"):
-        probe.job("any-job").result(timeout=60)
+        probe.job(str(uuid.uuid4())).result(timeout=60)
     result_s = time.monotonic() - started
     assert submit_s < FAIL_FAST_S and result_s < FAIL_FAST_S
     if kind == "freeze":
@@ -121,7 +122,7 @@ def settled(stack: Stack) -> bool:
     r = stack.backend
     if any(r.llen(f"maas.{p}") for p in ("high", "normal", "low")) or r.hlen("unacked"):
         return False
-    return all(r.get(k) == b"done" for k in r.scan_iter("maas:claim:*", count=1000))
+    return all(r.get(k) == b"done" for k in r.scan_iter(keyspace.claim("*", "*"), count=1000))
 
 
 def wait_results(stack: Stack, jobs: list[Job], quiet_s: float) -> list[Job]:
@@ -133,7 +134,7 @@ def wait_results(stack: Stack, jobs: list[Job], quiet_s: float) -> list[Job]:
     while time.monotonic() < deadline:
         pipe = stack.backend.pipeline(transaction=False)
         for job in pending:
-            pipe.exists(f"maas:result:{job.id}")
+            pipe.exists(keyspace.result(job.tenant, job.id))
         pending = [j for j, there in zip(pending, pipe.execute(), strict=True) if not there]
         if not pending:
             return []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,8 @@ from maas_worker.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.reliability
 QUEUE = "maas.high"
+#: Job messages carry a canonical UUID task id (anything else is refused).
+JOB_ID = str(uuid.uuid4())
 
 
 @pytest.fixture
@@ -51,12 +54,13 @@ def consumer(server: EmbeddedRedis) -> Iterator[tuple[Connection, list[Any]]]:
         conn.release()
 
 
-def publish(server: EmbeddedRedis, task: str = "maas.infer", **extra: Any) -> None:
+def publish(server: EmbeddedRedis, task: str = "maas.infer", job_id: str = JOB_ID,
+            **extra: Any) -> None:
     with Connection(server.url) as conn:
         conn.Producer().publish([["QUJD"], {}, {}], exchange="maas", routing_key=QUEUE,
                                 declare=[Queue(QUEUE, Exchange("maas", type="direct"),
                                                routing_key=QUEUE)],
-                                headers={"task": task, "id": "job-1"}, serializer="json",
+                                headers={"task": task, "id": job_id}, serializer="json",
                                 **extra)
 
 
@@ -87,10 +91,10 @@ def test_a_take_whose_reply_is_lost_leaves_the_message_reserved_for_the_sweep(
     channel.qos.restore_visible(num=10, interval=1)
     assert r.hlen("unacked") == 0 and r.llen(QUEUE) == 1
     restored = json.loads(r.lindex(QUEUE, 0))
-    assert restored["headers"]["id"] == "job-1"
+    assert restored["headers"]["id"] == JOB_ID
     assert restored["properties"]["delivery_info"]["redelivered"] is True
     drain(conn)  # and the consumer takes it again
-    assert [m.headers["id"] for m in got] == ["job-1"]
+    assert [m.headers["id"] for m in got] == [JOB_ID]
     r.close()
 
 
@@ -105,7 +109,7 @@ def test_an_idle_consumer_is_woken_by_a_publish_not_by_its_poll_timeout(
         assert conn.default_channel._sent == "wait"
         publish(server)
         conn.drain_events(timeout=10)  # the token wakes it: it takes at once
-        assert [m.headers["id"] for m in got] == ["job-1"]
+        assert [m.headers["id"] for m in got] == [JOB_ID]
     finally:
         conn.release()
 
@@ -120,7 +124,7 @@ def test_a_server_that_forgot_the_take_script_gets_it_again(
     r.script_flush()  # what a restarted server looks like to a live connection
     publish(server)
     drain(conn)  # NOSCRIPT, then the script itself: nothing lost, no error
-    assert [m.headers["id"] for m in got] == ["job-1", "job-1"]
+    assert [m.headers["id"] for m in got] == [JOB_ID, JOB_ID]
     assert r.llen(QUEUE) == 0 and r.hlen("unacked") == 2
     r.close()
 
@@ -132,7 +136,7 @@ def test_a_no_ack_consumer_leaves_nothing_reserved(server: EmbeddedRedis) -> Non
     try:
         publish(server)
         drain(conn)
-        assert [m.headers["id"] for m in got] == ["job-1"]
+        assert [m.headers["id"] for m in got] == [JOB_ID]
         r = redis.Redis.from_url(server.url)
         assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0
         r.close()
@@ -149,7 +153,7 @@ def test_every_publish_rings_the_wake_up_list_which_stays_bounded(
         with Connection(server.url) as conn, conn.Producer() as producer:
             for _ in range(100):
                 producer.publish([["QUJD"], {}, {}], exchange="maas", routing_key=QUEUE,
-                                 headers={"task": "maas.infer", "id": "job-n"},
+                                 headers={"task": "maas.infer", "id": JOB_ID},
                                  serializer="json")
     assert r.llen(QUEUE) == 301
     assert r.llen(fetch.WAKE_KEY) == fetch.WAKE_MAX
@@ -182,10 +186,12 @@ def test_a_refused_entry_is_dropped_and_the_consumer_goes_on(
     r = redis.Redis.from_url(server.url)
     r.lpush(QUEUE, b"not a message")
     publish(server, task="celery.accumulate")
+    publish(server, job_id="job-1")  # a task id that is not a canonical UUID
+    publish(server, job_id=JOB_ID.upper())
     publish(server)
-    for _ in range(3):
+    for _ in range(5):
         drain(conn)
-    assert [m.headers["task"] for m in got] == ["maas.infer"]
+    assert [(m.headers["task"], m.headers["id"]) for m in got] == [("maas.infer", JOB_ID)]
     # Stamped with the list it was taken from, whatever the message said.
     assert got[0].delivery_info["routing_key"] == QUEUE
     assert r.llen(QUEUE) == 0
