@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from .app import ARGS_REPR, TASK_NAME
-from .audit import AuditLog
+from .audit import AuditLog, AuditRecord
 from .client import Client
 from .embedded import EmbeddedRedis
 from .envelope import NONCE_BYTES, encode_header
@@ -92,6 +92,17 @@ def _forge(client: Client) -> str:
     return header.job_id
 
 
+def _wait_audit(audit: AuditLog, job_id: str, timeout_s: float) -> AuditRecord | None:
+    """The audit record for ``job_id``, once a worker has written it (None after the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rec = next((r for r in audit.latest(20) if r.job_id == job_id), None)
+        if rec is not None:
+            return rec
+        time.sleep(0.05)
+    return None
+
+
 def run_demo(jobs_per_priority: int = 2) -> int:
     """Run the demo; returns the exit status (0 when every check passed)."""
     started = time.monotonic()
@@ -138,16 +149,19 @@ def run_demo(jobs_per_priority: int = 2) -> int:
                 print(f"  [{priority:<6}] {model:<6} {job.id} {ms:6.0f} ms -> {json.dumps(shown)}")
                 ok += 1
             digits_ok = digits.result(timeout=RESULT_TIMEOUT_S)["labels"] == DIGITS_LABELS
+            # A message that fails authentication is refused and audited, and
+            # changes no job's state (anyone who can write a queue could have
+            # sent it); the waiting client hears of it when its wait ends.
+            audit_log = AuditLog(backend, maxlen=settings.audit_maxlen)
+            rec = _wait_audit(audit_log, forged_id, RESULT_TIMEOUT_S)
             try:
-                client.job(forged_id).result(timeout=RESULT_TIMEOUT_S)
+                client.job(forged_id).result(timeout=0.5)
                 print("demo: FAILED: the forged job produced a result")
                 return 1
             except JobRejected:
                 pass
-            audit = AuditLog(backend, maxlen=settings.audit_maxlen).latest(5)
-            rec = next((r for r in audit if r.job_id == forged_id), None)
-            print(f"  [forged] one bit flipped in Redis -> rejected, audit: "
-                  f"{rec.reason if rec else 'MISSING'}")
+            print(f"  [forged] one bit flipped in Redis -> refused, audit: "
+                  f"{rec.reason if rec else 'MISSING'}; the model never ran")
             keys_read, hits = scan_for(backend, [marker.encode(), b"forged"])
             print(f"demo: scanned {keys_read} Redis keys for the plaintext: "
                   f"{'none found' if not hits else 'FOUND in ' + ', '.join(hits)}")
