@@ -51,12 +51,12 @@ from typing import Any
 import redis
 
 from . import fetch, keyspace, metrics
-from .app import QUEUE_NAMES, TASK_NAME
+from .app import QUEUE_NAMES, TASK_NAME, payload_ref_tenant
 from .envelope import Verified
 from .guard import Claim, ClaimRequest
 from .keys import TenantPolicy
 from .pipeline import (
-    REDIS_DOWN,
+    UNAVAILABLE,
     Defer,
     Prepared,
     Stop,
@@ -65,7 +65,6 @@ from .pipeline import (
     check_memory,
     fault,
     finished_outcome,
-    payload_tenant,
     prepare,
     refuse_unreadable,
     request_bytes,
@@ -241,9 +240,9 @@ class BatchConsumer:
         started = time.perf_counter()
         received_at = time.time()
         self._current = ds = [self._open(t) for t in batch]
-        need = [d for d in ds if d.pending and payload_tenant(d.text)]
+        need = [d for d in ds if d.pending and payload_ref_tenant(d.text)]
         for d, got in zip(need, rt.guard.fetch_payloads(
-                [(payload_tenant(d.text) or "", d.job_id) for d in need],
+                [(payload_ref_tenant(d.text) or "", d.job_id) for d in need],
                 rt.settings.max_envelope_chars), strict=True):
             d.fetched = got
         for d in ds:
@@ -320,7 +319,7 @@ class BatchConsumer:
             d.outcome = stop.outcome
         except Defer as defer:
             d.defer_s = defer.delay_s
-        except REDIS_DOWN:
+        except UNAVAILABLE:
             raise
         except Exception as exc:
             self._fault(d, exc)
@@ -331,13 +330,8 @@ class BatchConsumer:
         if d.verified is None:
             d.outcome = refuse_unreadable(rt, d.job_id, exc).outcome
             return
-        header = d.verified.header
-        if d.claimed:
-            rt.guard.release(header.tenant, header.job_id)
-            if d.policy is not None:
-                rt.quotas.release(header.tenant, header.job_id, d.policy)
-            d.claimed = False
-        verdict = fault(rt, d.verified, exc)
+        d.claimed = False  # given back by fault()
+        verdict = fault(rt, d.verified, d.policy, exc)
         if isinstance(verdict, Stop):
             d.outcome = verdict.outcome
         else:

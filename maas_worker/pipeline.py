@@ -62,9 +62,11 @@ log = logging.getLogger(__name__)
 MEMORY_BACKOFF_S = 5.0
 #: How long a job waits before it is retried after an error of its own (`fault`).
 FAULT_BACKOFF_S = 1.0
-#: Errors that mean Redis is out of reach: the whole delivery (or batch) is
-#: handed back and retried once Redis answers; they are no job's fault.
-REDIS_DOWN: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError)
+#: Errors that are no job's fault: Redis out of reach, the keyring file
+#: unreadable. The whole delivery (or batch) is handed back and retried once
+#: they pass; nothing is counted against a job.
+UNAVAILABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError,
+                                            KeyringError)
 
 
 class Stop(Exception):
@@ -153,17 +155,9 @@ def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
     return text
 
 
-def payload_tenant(text: str) -> str | None:
-    """The tenant whose payload key holds the request (a large request), else None.
-
-    Unverified; ``""`` for a reference naming no valid tenant. See app.py.
-    """
-    return payload_ref_tenant(text)
-
-
 def needs_payload(text: str) -> bool:
     """True when the sealed request waits in Redis (a large request, see client.py)."""
-    return bool(payload_tenant(text))
+    return bool(payload_ref_tenant(text))
 
 
 def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
@@ -173,7 +167,7 @@ def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
     ``fetched`` is what `JobGuard.fetch_payload` returned for this job. Whatever
     is there is untrusted exactly like a message body.
     """
-    tenant = payload_tenant(text)
+    tenant = payload_ref_tenant(text)
     if tenant is None:
         try:
             return base64.b64decode(text, validate=True)
@@ -210,7 +204,7 @@ def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: st
     # -- authenticated from here on --------------------------------------------
     if not keyspace.is_job_id(header.job_id):
         raise _stop(rt, header.job_id, "malformed", header, authenticated=True)
-    ref_tenant = payload_tenant(text)
+    ref_tenant = payload_ref_tenant(text)
     if header.job_id != job_id or header.task != task_name or (
             routed is not None and routed != queue_for(header.priority)) or (
             ref_tenant is not None and ref_tenant != header.tenant):
@@ -329,16 +323,21 @@ def refuse_cancel(rt: WorkerRuntime, header: Header, token: str | bytes | None) 
         rt.guard.drop_cancel(header.tenant, header.job_id, token)
 
 
-def fault(rt: WorkerRuntime, verified: Verified, exc: BaseException) -> Stop | Defer:
+def fault(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy | None,
+          exc: BaseException) -> Stop | Defer:
     """An error while handling this authenticated job: retry it, or give up on it.
 
-    Counted per job in Redis; under `JobGuard.max_faults` the job is retried
-    after `FAULT_BACKOFF_S` (`Defer`), and at the limit it ends ``failed``
-    (``internal_error``) with a dead-letter audit record under its tenant
-    (`Stop`). A Redis error while counting propagates: the caller hands the
-    delivery back as for any outage. The caller has released the job's claim.
+    Gives back the job's claim and in-flight count (no-ops unless this
+    process holds them), then counts the error per job in Redis: under
+    `JobGuard.max_faults` the job is retried after `FAULT_BACKOFF_S`
+    (`Defer`); at the limit it ends ``failed`` (``internal_error``) with a
+    dead-letter audit record under its tenant (`Stop`). A Redis error here
+    propagates: the caller hands the delivery back as for any outage.
     """
     header = verified.header
+    rt.guard.release(header.tenant, header.job_id)
+    if policy is not None:
+        rt.quotas.release(header.tenant, header.job_id, policy)
     n = rt.guard.record_fault(header.tenant, header.job_id, window_ms=window_ms(rt, header))
     name = type(exc).__name__
     if n < rt.guard.max_faults:

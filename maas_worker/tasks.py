@@ -19,6 +19,7 @@ they are refused with a pointer to ``maas-worker cancel``, and audited.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -28,19 +29,17 @@ from celery.exceptions import Reject, Retry
 from celery.worker.control import control_command
 
 from . import metrics, supervisor, transport
-from .app import TASK_NAME
+from .app import TASK_NAME, payload_ref_tenant
 from .audit import AuditLog
-from .envelope import Verified
 from .keys import TenantPolicy
 from .pipeline import (
-    REDIS_DOWN,
+    UNAVAILABLE,
     Defer,
     Stop,
     check_memory,
     claim,
     fault,
     needs_payload,
-    payload_tenant,
     refuse_unreadable,
     request_bytes,
     request_text,
@@ -67,14 +66,15 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
             kwargs: dict[str, Any]) -> str:
     """Run one delivery through the pipeline; returns the outcome (for logs and tests).
 
-    Raises `Retry` for a job that must wait, and a Redis connection error
-    when Redis is out of reach (the task hands the message back).
+    Raises `Retry` for a job that must wait, and one of `UNAVAILABLE` when
+    Redis is out of reach or the keyring unreadable (the task hands the
+    message back).
     """
     job_id = str(task.request.id or "")
     routed = (task.request.delivery_info or {}).get("routing_key")
     try:
         text = request_text(rt, job_id, args, kwargs)
-        fetched = rt.guard.fetch_payload(payload_tenant(text) or "", job_id,
+        fetched = rt.guard.fetch_payload(payload_ref_tenant(text) or "", job_id,
                                          rt.settings.max_envelope_chars) \
             if needs_payload(text) else None
         data = request_bytes(rt, job_id, text, fetched)
@@ -82,7 +82,7 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
                                   text=text)
     except Stop as stop:
         return stop.outcome
-    except REDIS_DOWN:
+    except UNAVAILABLE:
         raise
     except Exception as exc:
         return refuse_unreadable(rt, job_id, exc).outcome
@@ -101,30 +101,23 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
         raise task.retry(countdown=defer.delay_s) from None
     except Retry:
         raise
+    except UNAVAILABLE:
+        # No job's fault: infer() hands the message back. Give the claim back
+        # now if Redis lets us (else its lease lapses on its own).
+        with contextlib.suppress(Exception):
+            rt.guard.release(verified.header.tenant, verified.header.job_id)
+        raise
     except Exception as exc:
-        verdict = _fault(rt, verified, exc, holding=claimed)
+        # This job's own error (a Redis error while counting it propagates:
+        # the message is handed back).
+        claimed = False
+        verdict = fault(rt, verified, policy, exc)
         if isinstance(verdict, Stop):
             return verdict.outcome
         raise task.retry(countdown=verdict.delay_s) from None
     finally:
         if claimed and policy is not None:
             rt.quotas.release(verified.header.tenant, verified.header.job_id, policy)
-
-
-def _fault(rt: WorkerRuntime, verified: Verified, exc: Exception, *,
-           holding: bool) -> Stop | Defer:
-    """Give the job's claim back and count the fault (`pipeline.fault`).
-
-    The claim may be ours even when ``holding`` is False (the error came
-    from the claim's own step): releasing a claim held by another worker is
-    a no-op. If Redis is out of reach the original error propagates.
-    """
-    header = verified.header
-    try:
-        rt.guard.release(header.tenant, header.job_id)
-        return fault(rt, verified, exc)
-    except REDIS_DOWN:
-        raise exc from None
 
 
 # max_retries=None: a retry (another worker runs the job, memory is short, or
