@@ -280,10 +280,6 @@ def test_keys_a_client_writes_get_no_job_past_the_charge(
     assert outcomes == ["claimed", "claimed", "rate_limited"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ADMIT_FUNCTION's ZREM on the producer-writable pending key uses redis.call; "
-    "a wrong-typed pending key fails the claim script after the bucket was charged and "
-    "the job added to the in-flight set"))
 def test_a_wrong_typed_pending_key_does_not_break_the_charge(
     guard: JobGuard, r: fakeredis.FakeRedis
 ) -> None:
@@ -292,9 +288,6 @@ def test_a_wrong_typed_pending_key_does_not_break_the_charge(
     assert start(guard, J1, policy).outcome == "claimed"
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG: the claim script returns the wait as tostring() of a Lua number, '1e+15' for a "
-    "rate the keyring accepts (1e-12/s), and JobGuard._claimed does int(detail)"))
 def test_a_very_slow_rate_gives_a_retry_after(guard: JobGuard) -> None:
     policy = TenantPolicy.from_json({"rate_per_s": 1e-12, "burst": 1})
     assert start(guard, J1, policy).outcome == "claimed"
