@@ -1,4 +1,4 @@
-"""Benchmark: priority latency under backlog, and the cost of quota admission.
+"""Benchmark: priority latency under backlog, and the cost of quotas.
 
 Not a test: prints medians (and spread) of repeated measurements taken in ONE
 run, so every figure is compared with a baseline from the same minute on the
@@ -7,9 +7,11 @@ same (shared, noisy) machine.
 1. High-job latency (submit -> result in hand), p50 and p99:
    idle system vs behind a backlog of 2,000 low jobs (each a 20 ms `sleep`),
    one worker with 2 pool processes. Baseline: the idle figure.
-2. Quota admission cost per job: the Lua token bucket (`Quotas.admit`) vs a
-   plain Redis round trip (PING) on the same connection, and end-to-end
-   `Client.submit` for a tenant with and without quotas.
+2. Quota cost per job: the worker's claim script with the quota charge
+   (token bucket and in-flight set, `JobGuard.claim_job` with an admission)
+   and without it, the client's advisory check (`Quotas.advise_many`, one
+   job), each vs a plain Redis round trip (PING) on the same connection; and
+   end-to-end `Client.submit` for a tenant with and without quotas.
 
     .venv/bin/python benchmarks/compute.py [--repeat 3] [--backlog 2000]
 """
@@ -31,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from maas_worker.client import Client
 from maas_worker.embedded import EmbeddedRedis
 from maas_worker.envelope import now_ms
+from maas_worker.guard import JobGuard
 from maas_worker.keys import Keyring, TenantPolicy, save_keyring
 from maas_worker.processes import WorkerProcess
-from maas_worker.quota import Quotas
+from maas_worker.quota import Quotas, admission_args, admission_keys
 from maas_worker.settings import Settings, queue_for
 
 
@@ -74,8 +77,10 @@ def bench_priority(client: Client, backlog: int, repeat: int) -> Rows:
 def bench_quota(settings: Settings, repeat: int, n: int) -> dict[str, list[float]]:
     client = Client(settings=settings)
     quotas = Quotas(client.backend)
+    guard = JobGuard(client.backend, lease_s=60)
     policy = TenantPolicy(rate_per_s=1e9, burst=10**9, max_in_flight=10**9)
-    out: dict[str, list[float]] = {"ping": [], "admit": [], "submit_plain": [], "submit_quota": []}
+    out: dict[str, list[float]] = {"ping": [], "claim_plain": [], "claim_quota": [],
+                                   "advise": [], "submit_plain": [], "submit_quota": []}
     metered = Client(settings=Settings.from_env({**os.environ, "MAAS_TENANT": "metered",
                                                   "MAAS_KEYRING": str(settings.keyring_path),
                                                   "MAAS_BROKER_URL": settings.broker_url,
@@ -86,10 +91,18 @@ def bench_quota(settings: Settings, repeat: int, n: int) -> dict[str, list[float
             client.backend.ping()
         out["ping"].append((time.perf_counter() - t) / n * 1e6)
         exp = now_ms() + 3_600_000
+        for name, charged in (("claim_plain", False), ("claim_quota", True)):
+            ids = [str(uuid.uuid4()) for _ in range(n)]
+            t = time.perf_counter()
+            for job_id in ids:
+                admission = (admission_keys("bench"), admission_args(job_id, policy, exp)) \
+                    if charged else None
+                guard.claim_job("bench", job_id, window_ms=3_600_000, admission=admission)
+            out[name].append((time.perf_counter() - t) / n * 1e6)
         t = time.perf_counter()
         for _ in range(n):
-            quotas.admit("bench", uuid.uuid4().hex, policy, exp)
-        out["admit"].append((time.perf_counter() - t) / n * 1e6)
+            quotas.advise_many("bench", [str(uuid.uuid4())], policy, exp)
+        out["advise"].append((time.perf_counter() - t) / n * 1e6)
         for name, c in (("submit_plain", client), ("submit_quota", metered)):
             t = time.perf_counter()
             for _ in range(n):
@@ -116,13 +129,15 @@ def main() -> None:
                "MAAS_MAX_QUEUE_DEPTH": "1000000"}
         settings = Settings.from_env(env)
         quota = bench_quota(settings, args.repeat, 2000)
-        print("\nquota admission, us per job (median of runs [min-max]):")
+        print("\nquota cost, us per job (median of runs [min-max]):")
         for name, values in quota.items():
             print(f"  {name:<13} {statistics.median(values):8.1f}  "
                   f"[{min(values):.1f}-{max(values):.1f}]")
         base = statistics.median(quota["ping"])
         ratio = statistics.median(quota["submit_quota"]) / statistics.median(quota["submit_plain"])
-        print(f"  admit / ping = {statistics.median(quota['admit']) / base:.2f}; "
+        charge = statistics.median(quota["claim_quota"]) - statistics.median(quota["claim_plain"])
+        print(f"  quota charge in the claim / ping = {charge / base:.2f}; "
+              f"advise / ping = {statistics.median(quota['advise']) / base:.2f}; "
               f"submit with quota / without = {ratio:.2f}")
         worker = WorkerProcess(env=env, name="bench", log_path=Path(tmp) / "w.log", concurrency=2)
         worker.start()

@@ -77,7 +77,13 @@ from .pipeline import (
     verify_request,
     window_ms,
 )
-from .queue_entries import Refused, check_message, max_body_chars, parse_entry
+from .queue_entries import (
+    Refused,
+    check_message,
+    max_body_chars,
+    parse_entry,
+    unverified_entry_id,
+)
 from .runtime import WorkerRuntime
 from .scheduling import ReservedShareCycle
 from .task_events import TaskEvents
@@ -285,13 +291,17 @@ class BatchConsumer:
         d = _Delivery(taken)
         if not taken.reserved:
             # Popped but not reserved: over the size limit or not a message at all.
+            d.job_id = unverified_entry_id(taken.raw)
             self._refuse(d, "oversize" if len(taken.raw) > self._max_chars
                          else "malformed", "not a message that can be reserved")
             return d
         raw = parse_entry(taken.raw, max_chars=self._max_chars)
         headers = raw.get("headers") if isinstance(raw, dict) else None
         job_id = headers.get("id") if isinstance(headers, dict) else None
-        d.job_id = job_id if isinstance(job_id, str) else ""
+        d.job_id = job_id if isinstance(job_id, str) else unverified_entry_id(taken.raw)
+        if raw is None and len(taken.raw) > self._max_chars:
+            self._refuse(d, "oversize", "over the size limit")
+            return d
         try:
             body = check_message(raw, taken.queue, max_body_chars=self._max_chars)
         except Refused as exc:

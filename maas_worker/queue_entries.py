@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -64,6 +65,18 @@ def str_field(mapping: Any, key: str) -> str | None:
     """``mapping[key]`` if ``mapping`` is a dict and the value a string, else None."""
     value = mapping.get(key) if isinstance(mapping, dict) else None
     return value if isinstance(value, str) else None
+
+
+# A task id as kombu writes it in a message's headers: ``"id": "<uuid>"``. Bodies
+# are base64 (no quotes) and other ids are named otherwise (``root_id``).
+_ID_FIELD = re.compile(r'"id"\s*:\s*"([0-9a-f-]{36})"')
+
+
+def unverified_entry_id(text: str) -> str:
+    """The task id a queue entry too large or too deep to parse seems to carry, for its
+    audit record only (whoever wrote the entry chose it); ``""`` if none."""
+    m = _ID_FIELD.search(text)
+    return m.group(1) if m else ""
 
 
 def parse_entry(text: str | bytes, *, max_chars: int) -> Any:

@@ -62,6 +62,7 @@ from .queue_entries import (
     parse_entry,
     sanitize_headers,
     str_field,
+    unverified_entry_id,
 )
 from .settings import Settings
 
@@ -78,7 +79,8 @@ class _Auditor:
     def __init__(self) -> None:
         self._audit: Any = None
 
-    def record(self, raw: Any, reason: str) -> None:
+    def record(self, raw: Any, reason: str, *, job_id: str | None = None) -> None:
+        """One record for a refused entry: its id from ``raw`` (parsed) or ``job_id``."""
         try:
             if self._audit is None:
                 from .audit import AuditLog
@@ -86,7 +88,8 @@ class _Auditor:
 
                 settings = Settings.from_env()
                 self._audit = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen)
-            self._audit.record(job_id=_job_id(raw), tenant="", reason=reason, verified=False)
+            self._audit.record(job_id=_job_id(raw) if job_id is None else job_id, tenant="",
+                               reason=reason, verified=False)
         except Exception:  # never let auditing stop the consumer
             log.error("could not audit a refused queue entry", exc_info=False)
 
@@ -355,8 +358,10 @@ class HardenedChannel(kombu_redis.Channel):
             if taken.tag is not None:
                 self.qos.prereserved.add(taken.tag)
                 self.qos.forget(taken.tag)
-            log.warning("queue %s: refused a queue entry that is not a message", taken.queue)
-            _auditor.record(None, "malformed")
+            reason = "oversize" if len(taken.raw) > self._limit() else "malformed"
+            log.warning("queue %s: refused a queue entry (%s) that cannot be read as a "
+                        "message", taken.queue, reason)
+            _auditor.record(None, reason, job_id=unverified_entry_id(taken.raw))
             return True
         if taken.tag is not None:
             self.qos.prereserved.add(taken.tag)

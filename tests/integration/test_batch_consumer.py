@@ -14,12 +14,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from maas_worker import InvalidEnvelope, JobRejected
+from maas_worker import InvalidEnvelope, JobRejected, ResultTimeout, UnknownJob, keyspace
 from maas_worker.app import TASK_NAME, make_app
 from maas_worker.settings import BUNDLED_MODEL_DIR, queue_for
 
@@ -86,11 +87,15 @@ def test_batches_give_each_job_its_own_result_opened_with_its_tenant_key(
     assert [j.result(timeout=TIMEOUT) for j in echoes] == [{"echo": {"i": i}} for i in range(5)]
     wait_for(lambda: bad.info()["state"] == "failed", TIMEOUT, "the bad job's failure")
     assert bad.info()["reason"] == "bad_input"
-    # every result is sealed for its own tenant: another tenant cannot open it
-    with pytest.raises(InvalidEnvelope):
-        globex.job(digits[0].id).result(timeout=TIMEOUT)
-    with pytest.raises(InvalidEnvelope):
-        acme.job(echoes[0].id).result(timeout=TIMEOUT)
+    # every result is sealed for its own tenant: another tenant cannot open it,
+    # nor even see the job (its keys are the job's tenant's)
+    for owner, other, job in (("acme", globex, digits[0]), ("globex", acme, echoes[0])):
+        sealed = stack.backend.get(keyspace.result(owner, job.id))
+        assert sealed is not None
+        with pytest.raises(InvalidEnvelope):
+            other.job(job.id)._open(sealed)
+        with pytest.raises(UnknownJob):
+            other.job(job.id).status()
     sizes = wait_for(lambda: sum(_batch_sizes(stack)) == 61 and _batch_sizes(stack),
                      TIMEOUT, "batch log lines for 61 digits jobs")
     assert max(sizes) > 1 and len(sizes) < 61  # jobs really shared model calls
@@ -106,16 +111,24 @@ def test_hostile_entries_are_audited_and_the_consumer_keeps_consuming(
     hostile_args: list[tuple[list[Any], dict[str, Any]]] = [
         ([], {}), ([1], {}), (["a", "b"], {}), (["not base64!"], {}), (["QUJD"], {}),
         ([{"envelope": "x"}], {}), (["QUJD"], {"extra": 1})]
-    for i, (args, kwargs) in enumerate(hostile_args):
-        client.app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=f"hostile-{i}",
+    hostile_ids = [str(uuid.uuid4()) for _ in hostile_args]
+    for task_id, (args, kwargs) in zip(hostile_ids, hostile_args, strict=True):
+        client.app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=task_id,
                              queue=queue_for("high"))
     # queue entries that are not our messages at all
     good = client.submit("echo", {"n": 0}, priority="high")
     raw = stack.backend.lindex(queue_for("high"), 0)
     msg = json.loads(raw)
-    wrong_task = {**msg, "headers": {**msg["headers"], "task": "maas.sample", "id": "wrong"}}
+    wrong_id = str(uuid.uuid4())
+    wrong_task = {**msg, "headers": {**msg["headers"], "task": "maas.sample", "id": wrong_id}}
+    # a task id that is not a canonical UUID, and a body that is not a plain task call
+    bad_id = {**msg, "headers": {**msg["headers"], "id": "hostile-1"}}
+    workflow_id = str(uuid.uuid4())
+    workflow = {**msg, "headers": {**msg["headers"], "id": workflow_id},
+                "body": base64.b64encode(json.dumps(
+                    [["QUJD"], {}, {"callbacks": [{"task": "maas.infer"}]}]).encode()).decode()}
     stack.backend.lpush(queue_for("high"), b"not json at all", b'{"no": "properties"}',
-                        json.dumps(wrong_task))
+                        json.dumps(wrong_task), json.dumps(bad_id), json.dumps(workflow))
     # a forged envelope (random bytes) and a tampered one
     forged = client.submit("echo", {"n": 1}, priority="normal")
     raw_forged = stack.backend.lpop(queue_for("normal"))
@@ -129,15 +142,25 @@ def test_hostile_entries_are_audited_and_the_consumer_keeps_consuming(
                         replace_envelope(raw_t, base64.b64encode(bytes(data)).decode()))
     stack.start_worker(concurrency=1)
     assert good.result(timeout=TIMEOUT) == {"echo": {"n": 0}}
-    for i in range(len(hostile_args)):
-        assert stack.wait_audit(f"hostile-{i}", "malformed").tenant == ""
-    stack.wait_audit("wrong", "malformed")
+    for task_id in hostile_ids:
+        assert stack.wait_audit(task_id, "malformed").tenant == ""
+    for task_id in (wrong_id, "hostile-1", workflow_id):
+        stack.wait_audit(task_id, "malformed")
     wait_for(lambda: sum(1 for r in stack.audit() if r.job_id == "" and r.reason == "malformed")
              >= 2, TIMEOUT, "the two non-messages audited")
+    # Neither the forged nor the tampered message authenticates: both are
+    # audited and change no job's state (anyone who can write a queue could
+    # have sent them). The tampered one still names its tenant, so its
+    # client is told when its wait ends; the forged one names no one.
+    assert not stack.wait_audit(forged.id, "malformed").verified
+    rec = stack.wait_audit(tampered.id, "tampered")
+    assert rec.tenant == "acme" and not rec.verified
     for job in (forged, tampered):
-        with pytest.raises(JobRejected):
-            job.result(timeout=TIMEOUT)
-    stack.wait_audit(tampered.id, "tampered")
+        assert job.status() == "queued"
+    with pytest.raises(ResultTimeout):
+        forged.result(timeout=1)
+    with pytest.raises(JobRejected, match="failed authentication"):
+        tampered.result(timeout=1)
     # the consumer carries on, and holds nothing unacknowledged
     assert client.submit("echo", {"n": 3}).result(timeout=TIMEOUT) == {"echo": {"n": 3}}
     wait_for(lambda: _job_reservations(stack) == 0, TIMEOUT, "every message acknowledged")

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 
 import pytest
 
 from .conftest import Stack
 
 pytestmark = pytest.mark.integration
+#: A well-formed job id that no job has.
+NO_SUCH_JOB = str(uuid.uuid4())
 
 
 def run(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -46,8 +49,11 @@ def test_submit_then_status_and_result(shared_stack: Stack, tmp_path) -> None:
     (["submit", "--model", "echo", "--input-file", "/nonexistent.json"], "cannot read"),
     (["--keyring", "/nonexistent/k.json", "submit", "--model", "echo", "--input", "{}"],
      "keys init"),
-    (["status", "no-such-job"], "unknown job"),
-    (["result", "no-such-job", "--timeout", "0.2"], "no result within"),
+    (["status", NO_SUCH_JOB], "unknown job"),
+    (["result", NO_SUCH_JOB, "--timeout", "0.2"], "no result within"),
+    (["status", "no-such-job"], "not a job id"),
+    (["result", "no-such-job", "--timeout", "0.2"], "not a job id"),
+    (["cancel", NO_SUCH_JOB], "no job of tenant 'acme'"),
 ])
 def test_errors_are_one_line_on_stderr_and_exit_nonzero(shared_stack: Stack, args: list[str],
                                                         message: str) -> None:
@@ -61,25 +67,28 @@ def test_errors_are_one_line_on_stderr_and_exit_nonzero(shared_stack: Stack, arg
 
 
 def test_rejected_job_exits_nonzero_and_shows_in_audit(shared_stack: Stack) -> None:
-    from maas_worker.app import TASK_NAME
-    from maas_worker.settings import queue_for
+    from maas_worker.demo import _forge
 
-    client = shared_stack.client()
-    client.app.send_task(TASK_NAME, args=["Zm9yZ2Vk"], task_id="cli-forged-1",
-                         queue=queue_for("high"))
-    res = run(shared_stack, "result", "cli-forged-1", "--timeout", "60")
+    # A job whose ciphertext was altered in Redis: it does not authenticate, so
+    # the worker only audits it (anyone who can write a queue could have sent
+    # it); the job's client learns of it when its wait ends.
+    forged = _forge(shared_stack.client())
+    shared_stack.wait_audit(forged, "tampered")
+    res = run(shared_stack, "result", forged, "--timeout", "1")
     assert res.returncode == 1
-    assert "rejected" in res.stderr
+    assert "failed authentication" in res.stderr
     audit = run(shared_stack, "audit", "--json", "--limit", "1000")
     assert audit.returncode == 0
     records = [json.loads(line) for line in audit.stdout.splitlines()]
-    mine = [r for r in records if r["job_id"] == "cli-forged-1"]
-    assert mine and mine[0]["reason"] == "malformed"
+    mine = [r for r in records if r["job_id"] == forged]
+    assert mine and mine[0]["reason"] == "tampered"
+    assert mine[0]["tenant"] == "acme" and mine[0]["verified"] is False
     assert {"job_id", "tenant", "reason", "at"} <= set(mine[0])
     ats = [r["at"] for r in records]
     assert ats == sorted(ats, reverse=True)  # newest first
     text = run(shared_stack, "audit", "--limit", "5")
-    assert "cli-forged-1" in text.stdout
+    assert forged in text.stdout
+    assert "(unverified)" in text.stdout
 
 
 def test_stats_lists_the_worker_and_backlog(shared_stack: Stack) -> None:
@@ -97,6 +106,6 @@ def test_demo_runs_the_whole_system_and_exits_zero(tmp_path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     for priority in ("high", "normal", "low"):
         assert f"[{priority:<6}] echo" in out.stdout
-    assert "rejected, audit: tampered" in out.stdout
+    assert "refused, audit: tampered; the model never ran" in out.stdout
     assert "none found" in out.stdout
     assert out.stdout.rstrip().endswith("OK")

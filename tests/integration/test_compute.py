@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import re
 import time
+import uuid
 
 import pytest
 
@@ -15,8 +16,12 @@ from maas_worker import (
     JobRejected,
     QueueFull,
     RateLimited,
+    ResultTimeout,
+    UnknownJob,
+    keyspace,
 )
 from maas_worker.app import TASK_NAME
+from maas_worker.cancellation import make_token
 from maas_worker.envelope import Header, now_ms, seal
 from maas_worker.keys import TenantPolicy, load_keyring
 from maas_worker.settings import queue_for
@@ -101,14 +106,15 @@ def test_tenant_over_its_rate_gets_rate_limited_and_others_are_unaffected(make_s
 def test_worker_holds_a_client_that_skips_the_rate_check(make_stack) -> None:
     stack = make_stack()
     with_policy(stack, "metered", TenantPolicy(rate_per_s=0.1, burst=1))
-    for i in range(3):
-        bypass(stack, "metered", "echo", b'{"n": 1}', job_id=f"bypass-{i}")
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    for job_id in ids:
+        bypass(stack, "metered", "echo", b'{"n": 1}', job_id=job_id)
     stack.start_worker(concurrency=1)
-    limited = [stack.wait_audit(f"bypass-{i}", "rate_limited") for i in (1, 2)]
+    limited = [stack.wait_audit(job_id, "rate_limited") for job_id in ids[1:]]
     assert all(r.tenant == "metered" and r.verified for r in limited)
-    assert stack.client("metered").job("bypass-0").result(timeout=TIMEOUT) == {"echo": {"n": 1}}
+    assert stack.client("metered").job(ids[0]).result(timeout=TIMEOUT) == {"echo": {"n": 1}}
     with pytest.raises(JobRejected):
-        stack.client("metered").job("bypass-1").result(timeout=TIMEOUT)
+        stack.client("metered").job(ids[1]).result(timeout=TIMEOUT)
 
 
 def test_max_in_flight_caps_a_tenant(make_stack) -> None:
@@ -152,9 +158,12 @@ def test_oversize_input_and_result(make_stack) -> None:
     # a result larger than the worker's limit fails the job, reason oversize
     echo_big = client.submit("echo", {"x": "b" * 1900})  # echo wraps it: result > 2000 ok
     stack.start_worker(env={"MAAS_MAX_RESULT_BYTES": "1000"})
-    with pytest.raises(JobRejected):
-        too_big.result(timeout=TIMEOUT)
-    stack.wait_audit(too_big.id, "oversize")
+    # Refused on its size before it is authenticated: audited, and no job's
+    # state changes (anyone who can write a queue could have sent it).
+    assert not stack.wait_audit(too_big.id, "oversize").verified
+    assert too_big.status() == "queued"
+    with pytest.raises(ResultTimeout):
+        too_big.result(timeout=1)
     with pytest.raises(JobFailed) as err:
         echo_big.result(timeout=TIMEOUT)
     assert err.value.reason == "oversize"
@@ -217,12 +226,26 @@ def test_cancel_a_running_job_stops_it(make_stack) -> None:
 
 def test_another_tenant_cannot_cancel_a_job(make_stack) -> None:
     stack = make_stack()
-    job = stack.client().submit("echo", {"mine": 1})
-    assert stack.client("globex").job(job.id).cancel() is True  # it writes a request...
+    client = stack.client()
+    job, other = client.submit("echo", {"mine": 1}), client.submit("echo", {"mine": 2})
+    # Through its client, another tenant has no such job: nothing is written.
+    with pytest.raises(UnknownJob):
+        stack.client("globex").job(job.id).cancel()
+    assert not stack.backend.exists(keyspace.cancel("acme", job.id))
+    assert job.status() == "queued"
+    # Written straight into Redis under the job's own tenant's key, a request
+    # signed with another tenant's key, and one that no key signed...
+    ring = load_keyring(stack.keyring_path)
+    stack.backend.set(keyspace.cancel("acme", job.id), make_token(ring, "globex", job.id))
+    stack.backend.set(keyspace.cancel("acme", other.id), f"acme:1:{'0' * 64}")
     stack.start_worker()
-    assert job.result(timeout=TIMEOUT) == {"echo": {"mine": 1}}  # ...that is refused
-    rec = stack.wait_audit(job.id, "tampered")
-    assert not rec.verified
+    # ...are refused: the jobs run,
+    assert job.result(timeout=TIMEOUT) == {"echo": {"mine": 1}}
+    assert other.result(timeout=TIMEOUT) == {"echo": {"mine": 2}}
+    # and each refusal is audited under whoever really made the request
+    rec = stack.wait_audit(job.id, "policy")
+    assert rec.tenant == "globex" and rec.verified
+    assert not stack.wait_audit(other.id, "tampered").verified
 
 
 def test_cancel_after_the_result_is_a_no_op(shared_stack: Stack) -> None:
