@@ -58,9 +58,10 @@ QUEUE_FULL_RETRY_S = 1.0
 # Cancel a job of the client's own tenant: never after a result or a refusal;
 # never for a job the tenant does not have (a foreign or unknown id writes
 # nothing); the newest request stands (a stale or planted value cannot block
-# the owner's); wake waiting clients.
-# KEYS: result, cancel, done, submitted, rejected, claim.
-# ARGV: token, default ttl ms, result ttl ms.
+# the owner's); wake waiting clients; a job not started no longer counts as
+# queued in the tenant's advisory pending set.
+# KEYS: result, cancel, done, submitted, rejected, claim, pending.
+# ARGV: token, default ttl ms, result ttl ms, job id.
 # Returns 1 requested, 0 already finished, -1 no such job of this tenant.
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
@@ -75,6 +76,7 @@ end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', math.max(ttl, 1))
 redis.call('RPUSH', KEYS[3], '1')
 redis.call('PEXPIRE', KEYS[3], math.max(ttl, 1))
+if redis.call('EXISTS', KEYS[6]) == 0 then redis.pcall('ZREM', KEYS[7], ARGV[4]) end
 return 1
 """
 

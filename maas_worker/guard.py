@@ -101,9 +101,11 @@ return redis.call('GET', KEYS[1])
 """
 
 # Close a job that will never run (cancelled before it started): replays of it
-# are recognised, and a waiting client wakes up.
+# are recognised, a waiting client wakes up, and it no longer counts as queued
+# in its tenant's (advisory) pending set.
 _CLOSE = """
 redis.call('DEL', KEYS[4])
+redis.pcall('ZREM', KEYS[5], ARGV[2])
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[2], 'done', 'PX', ARGV[1])
 redis.pcall('RPUSH', KEYS[3], '1')
@@ -295,8 +297,9 @@ class JobGuard:
     def close(self, tenant: str, job_id: str, *, window_ms: int) -> None:
         """Close a job that will never run (cancelled): replays are recognised as such."""
         self._close(keys=[keyspace.result(tenant, job_id), keyspace.claim(tenant, job_id),
-                          keyspace.done(tenant, job_id), keyspace.payload(tenant, job_id)],
-                    args=[keyspace.clamp_ttl_ms(window_ms)])
+                          keyspace.done(tenant, job_id), keyspace.payload(tenant, job_id),
+                          keyspace.pending(tenant)],
+                    args=[keyspace.clamp_ttl_ms(window_ms), job_id])
 
     def held(self) -> list[tuple[str, str]]:
         """(tenant, job id) of the jobs this process is running now."""

@@ -301,3 +301,38 @@ def test_policy_json_round_trip_with_quotas() -> None:
     assert TenantPolicy.from_json(p.to_json()) == p
     with pytest.raises(Exception, match="burst"):
         TenantPolicy.from_json({"burst": 1.5})
+
+
+def _cancel(r: fakeredis.FakeRedis, job_id: str) -> int:
+    """The client's cancel script (client.py), as `Job.cancel` runs it."""
+    from maas_worker.client import _CANCEL
+
+    t = TENANT
+    return int(r.register_script(_CANCEL)(
+        keys=[keyspace.result(t, job_id), keyspace.cancel(t, job_id), keyspace.done(t, job_id),
+              keyspace.submitted(t, job_id), keyspace.rejected(t, job_id),
+              keyspace.claim(t, job_id), keyspace.pending(t)],
+        args=["token", 60_000, 60_000, job_id]))
+
+
+def test_a_cancelled_queued_job_frees_its_place_at_once(r: fakeredis.FakeRedis, q: Quotas) -> None:
+    policy = TenantPolicy(max_in_flight=1)
+    assert q.advise_many(TENANT, [J1], policy, FAR).admitted
+    r.set(keyspace.submitted(TENANT, J1), str(FAR))
+    assert not q.advise_many(TENANT, [J2], policy, FAR).admitted
+    assert _cancel(r, J1) == 1
+    assert q.advise_many(TENANT, [J2], policy, FAR).admitted
+
+
+def test_a_cancel_of_no_job_of_this_tenant_writes_nothing(r: fakeredis.FakeRedis) -> None:
+    assert _cancel(r, J1) == -1
+    assert r.keys("*") == []
+
+
+def test_a_job_closed_by_a_worker_leaves_the_pending_set(r: fakeredis.FakeRedis,
+                                                          q: Quotas) -> None:
+    policy = TenantPolicy(max_in_flight=1)
+    assert q.advise_many(TENANT, [J1], policy, FAR).admitted
+    JobGuard(r, lease_s=15, holder="w").close(TENANT, J1, window_ms=60_000)
+    assert r.zcard(keyspace.pending(TENANT)) == 0
+    assert q.advise_many(TENANT, [J2], policy, FAR).admitted
