@@ -49,6 +49,7 @@ reliability: venv
 ## bench: every benchmark (minutes; figures go to docs/benchmarks.md by hand)
 bench: venv
 	$(BIN)/python benchmarks/micro.py
+	$(BIN)/python benchmarks/guards.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/compute.py
 	$(BIN)/python benchmarks/models.py

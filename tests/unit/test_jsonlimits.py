@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from maas_worker import jsonlimits
 from maas_worker.jsonlimits import depth_within, loads
@@ -35,24 +36,19 @@ def test_shallow_documents_pass_and_parse_as_json_does(doc: str | bytes) -> None
 
 
 def test_few_brackets_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # With no more brackets than the limit there is nothing to scan.
+    # With no more brackets than the limit there is nothing to measure.
     class Boom:
-        """A token scanner that fails the test once iterated (creating it is fine)."""
+        """A string-literal pattern that fails the test once used."""
 
-        def finditer(self, _data: Any) -> Iterator[Any]:
-            return self
-
-        def __iter__(self) -> Iterator[Any]:
-            return self
-
-        def __next__(self) -> Any:
+        def sub(self, *_: Any) -> Any:
             raise AssertionError("scanned")
 
-    monkeypatch.setattr(jsonlimits, "_TOKENS_S", Boom())
-    monkeypatch.setattr(jsonlimits, "_TOKENS_B", Boom())
+    monkeypatch.setattr(jsonlimits, "_STRING", Boom())
     doc = '{"a": [1, 2, {"b": [null]}]}'
     assert depth_within(doc, 4)
     assert depth_within(doc.encode(), 4)
+    with pytest.raises(AssertionError, match="scanned"):
+        depth_within(doc, 3)  # more brackets than the limit: measured
 
 
 @pytest.mark.parametrize("doc", as_bytes_too("[" * ABYSS) + as_bytes_too(nested(ABYSS))
@@ -139,3 +135,28 @@ def test_size_is_refused_before_parsing() -> None:
 def test_invalid_documents_are_value_errors(doc: str | bytes) -> None:
     with pytest.raises(ValueError):
         loads(doc, max_depth=4)
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    return 0
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab,:'),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), inner, max_size=4),
+    max_leaves=40)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON)
+def test_depth_matches_the_parsed_documents_on_any_json(value: Any) -> None:
+    text = json.dumps(value)
+    true_depth = _depth(value)
+    for limit in range(true_depth + 2):
+        assert depth_within(text, limit) == (true_depth <= limit)
+        assert depth_within(text.encode(), limit) == (true_depth <= limit)
