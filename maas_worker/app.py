@@ -73,6 +73,14 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "queue_order_strategy": STRATEGY,
         "unacked_restore_interval": max(1, min(10, vt // 4)),
         "unacked_restore_throttle": 1,
+        # The sweep holds a Redis lock while it puts messages back. If Redis
+        # stops answering mid-sweep, the lock cannot be released and stays
+        # until it expires: kombu's 300 s then blocked every sweep, leaving a
+        # lost take's reserved messages stuck that long (the reliability
+        # suite's frozen-Redis outage saw it in CI). A sweep pass takes
+        # milliseconds; if one ever outlasts this, a message is put back
+        # twice and its copy refused as replayed, never lost.
+        "unacked_mutex_expire": max(10, vt // 10),
         # kombu waits for ever by default: a Redis that stops answering
         # without closing the connection (frozen, failover, partition) hung
         # every submit and left workers blocked instead of reconnecting.

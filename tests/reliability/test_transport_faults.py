@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -96,6 +97,37 @@ def test_a_take_whose_reply_is_lost_leaves_the_message_reserved_for_the_sweep(
     drain(conn)  # and the consumer takes it again
     assert [m.headers["id"] for m in got] == [JOB_ID]
     r.close()
+
+
+def test_a_sweep_lock_left_behind_by_a_cut_off_sweep_only_delays_the_sweep(
+        server: EmbeddedRedis) -> None:
+    """A sweep that loses Redis mid-pass cannot release its lock; the next sweeps
+    skip until the lock expires (`app.transport_options` keeps that to seconds).
+    Then a message whose take reply was lost is put back as usual."""
+    conn, _ = open_consumer(server, unacked_mutex_expire=1)
+    try:
+        publish(server)
+        channel = conn.default_channel
+        channel._ready = True
+        conn.transport.cycle._register_BRPOP(channel)  # the take runs; its reply is lost
+        channel.client.connection.disconnect()
+        channel._in_poll = None
+        r = redis.Redis.from_url(server.url)
+        stale = r.lock("unacked_mutex", timeout=1)  # the cut-off sweep's lock
+        assert stale.acquire(blocking=False)
+        channel.qos.visibility_timeout = 0
+        channel.qos.restore_visible(num=10, interval=1)
+        assert r.hlen("unacked") == 1 and r.llen(QUEUE) == 0  # held off by the lock
+        assert 0 < r.pttl("unacked_mutex") <= 1000
+        deadline = time.monotonic() + 10
+        while r.exists("unacked_mutex"):  # expires on Redis's own clock
+            assert time.monotonic() < deadline, "the stale sweep lock never expired"
+            time.sleep(0.05)
+        channel.qos.restore_visible(num=10, interval=1)
+        assert r.hlen("unacked") == 0 and r.llen(QUEUE) == 1
+        r.close()
+    finally:
+        conn.release()
 
 
 def test_an_idle_consumer_is_woken_by_a_publish_not_by_its_poll_timeout(

@@ -22,3 +22,16 @@ def test_app_settings_behind_the_guarantees() -> None:
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["task_track_started"] is False
     assert conf["result_backend"] is None  # results never go through Celery's backend
+
+
+def test_a_sweep_lock_left_behind_expires_in_seconds_not_minutes() -> None:
+    # A sweep cut off by Redis mid-pass cannot release its lock: until the
+    # lock expires no sweep runs, and messages whose take reply was lost stay
+    # reserved (kombu's default: 300 s). Ours: a tenth of the visibility
+    # timeout, at least 10 s.
+    from maas_worker.app import transport_options
+
+    for vt_s, expire_s in ((5, 10), (600, 60), (3600, 360)):
+        opts = transport_options(Settings.from_env({"MAAS_VISIBILITY_TIMEOUT_S": str(vt_s)}))
+        assert opts["unacked_mutex_expire"] == expire_s
+        assert opts["unacked_mutex_expire"] >= opts["unacked_restore_interval"]
