@@ -208,15 +208,17 @@ class Job:
         """Raise at the end of a wait: `ResultTimeout`, or `JobRejected` if the job never
         started and a worker refused a message naming it that did not authenticate.
 
-        That message may have been this job's own, altered in Redis (the job is
-        then gone), or a forgery sent to make it look refused (the job is then
-        still queued and may yet run): only the wait's end tells them apart.
+        That message may have been this job's own, altered in Redis or sealed
+        with a key version the workers have retired (the job is then gone), or
+        a forgery sent to make it look refused (the job is then still queued
+        and may yet run): only the wait's end tells them apart.
         """
         suspect = claim is None and self.client.backend.exists(
             keyspace.suspect(self.tenant, self.id))
         if suspect:
             raise JobRejected(self.id, f"no result within {timeout:g} s; a worker refused a "
-                              "message carrying this job id that failed authentication "
-                              "(altered or forged in Redis; see `maas-worker audit`); the job "
-                              "has not started")
+                              "message carrying this job id that did not authenticate "
+                              "(altered or forged in Redis, or sealed with a key the "
+                              "workers do not hold; see `maas-worker audit`); the job has "
+                              "not started")
         raise ResultTimeout(f"job {self.id}: no result within {timeout:g} s")

@@ -76,7 +76,7 @@ def test_rejected_job_exits_nonzero_and_shows_in_audit(shared_stack: Stack) -> N
     shared_stack.wait_audit(forged, "tampered")
     res = run(shared_stack, "result", forged, "--timeout", "1")
     assert res.returncode == 1
-    assert "failed authentication" in res.stderr
+    assert "did not authenticate" in res.stderr
     audit = run(shared_stack, "audit", "--json", "--limit", "1000")
     assert audit.returncode == 0
     records = [json.loads(line) for line in audit.stdout.splitlines()]

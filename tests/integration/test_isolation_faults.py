@@ -38,59 +38,40 @@ pytestmark = pytest.mark.integration
 DEPTH = 100_000  # far past Python's recursion limit (about 1,000)
 
 
-def test_deeply_nested_input_is_refused_and_its_batch_mates_run(
+def test_poison_jobs_and_entries_fail_alone_and_their_batch_mates_run(
         iso_stack: Callable[..., Stack]) -> None:
     stack = iso_stack()
     attacker = Attacker(stack)
-    job_id = str(uuid.uuid4())
-    _, envelope = attacker.seal(b"[" * DEPTH + b"]" * DEPTH, job_id=job_id)
-    attacker.send(envelope, job_id=job_id)
-    jobs = victims(stack, 8, priority="normal")  # behind it: the same batch
-    stack.start_worker()
-    assert_victims_done(jobs)
-    wait_audited_once(stack, job_id, "malformed", "globex")
-    with pytest.raises(JobRejected):
-        attacker.job(job_id).result(timeout=5)
-    wait_drained(stack)
-    assert "RecursionError" not in stack.worker_logs()
-
-
-def test_a_redis_writers_deeply_nested_message_is_refused_and_the_rest_run(
-        iso_stack: Callable[..., Stack]) -> None:
-    stack = iso_stack()
-    attacker = Attacker(stack)
-    deep_body = uuid.uuid4()
-    message = celery_message(str(deep_body), "x")
+    # An authentic job whose input nests far past Python's recursion limit.
+    deep_input = str(uuid.uuid4())
+    _, envelope = attacker.seal(b"[" * DEPTH + b"]" * DEPTH, job_id=deep_input)
+    attacker.send(envelope, job_id=deep_input)
+    # An authentic job whose output cannot be stored: Python's parser accepts
+    # NaN, a result never may (strict JSON), and echo hands it back.
+    nan_output = str(uuid.uuid4())
+    _, envelope = attacker.seal(b'{"x": NaN}', job_id=nan_output)
+    attacker.send(envelope, job_id=nan_output)
+    # A Redis writer's entries: a body nested as deep, a whole entry too deep
+    # to parse, and one deep in its headers.
+    deep_body = str(uuid.uuid4())
+    message = celery_message(deep_body, "x")
     message["body"] = base64.b64encode(b"[" * DEPTH + b"]" * DEPTH).decode()
     attacker.push_raw("normal", message)
-    # A whole entry nested too deep to parse, and one deep in its headers.
     attacker.push_raw("normal", json.loads("[" * 900 + "]" * 900))  # type: ignore[arg-type]
-    deep_headers = celery_message(str(uuid.uuid4()), "x", origin=json.loads("[" * 500 + "]" * 500))
-    attacker.push_raw("normal", deep_headers)
-    jobs = victims(stack, 8, priority="normal")
+    attacker.push_raw("normal", celery_message(str(uuid.uuid4()), "x",
+                                               origin=json.loads("[" * 500 + "]" * 500)))
+    jobs = victims(stack, 8, priority="normal")  # behind them: the same batch
     stack.start_worker()
     assert_victims_done(jobs)
-    wait_audited_once(stack, str(deep_body), "malformed", "", verified=False)
+    wait_audited_once(stack, deep_input, "malformed", "globex")
+    with pytest.raises(JobRejected):
+        attacker.job(deep_input).result(timeout=5)
+    with pytest.raises(JobFailed) as failed:
+        attacker.job(nan_output).result(timeout=20)
+    assert failed.value.reason == "internal_error"
+    wait_audited_once(stack, deep_body, "malformed", "", verified=False)
     wait_drained(stack)
     assert "RecursionError" not in stack.worker_logs()
-
-
-def test_output_that_cannot_be_stored_fails_only_its_own_job(
-        iso_stack: Callable[..., Stack]) -> None:
-    stack = iso_stack()
-    attacker = Attacker(stack)
-    job_id = str(uuid.uuid4())
-    # Python's parser accepts NaN; a result never may (strict JSON): echo
-    # hands it back, and the result cannot be stored as it is.
-    _, envelope = attacker.seal(b'{"x": NaN}', job_id=job_id)
-    attacker.send(envelope, job_id=job_id)
-    jobs = victims(stack, 8, priority="normal")
-    stack.start_worker()
-    assert_victims_done(jobs)
-    with pytest.raises(JobFailed) as failed:
-        attacker.job(job_id).result(timeout=20)
-    assert failed.value.reason == "internal_error"
-    wait_drained(stack)
 
 
 def test_a_job_that_keeps_failing_is_dead_lettered_not_requeued_for_ever(
