@@ -61,7 +61,7 @@ QUEUE_FULL_RETRY_S = 1.0
 # the owner's); wake waiting clients; a job not started no longer counts as
 # queued in the tenant's advisory pending set.
 # KEYS: result, cancel, done, submitted, rejected, claim, pending.
-# ARGV: token, default ttl ms, result ttl ms, job id.
+# ARGV: token, default ttl ms, result ttl ms, job id, longest ttl ms.
 # Returns 1 requested, 0 already finished, -1 no such job of this tenant.
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
@@ -71,7 +71,8 @@ local ttl = tonumber(ARGV[2])
 local exp = tonumber(sub or '')
 if exp then
   local t = redis.call('TIME')
-  ttl = math.min(math.max(exp - (tonumber(t[1]) * 1000), 0) + tonumber(ARGV[3]), 2592000000)
+  ttl = math.min(math.max(exp - (tonumber(t[1]) * 1000), 0) + tonumber(ARGV[3]),
+                 tonumber(ARGV[5]))
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', math.max(ttl, 1))
 redis.call('RPUSH', KEYS[3], '1')

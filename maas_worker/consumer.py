@@ -246,9 +246,9 @@ class BatchConsumer:
         started = time.perf_counter()
         received_at = time.time()
         self._current = ds = [self._open(t) for t in batch]
-        need = [d for d in ds if d.pending and payload_ref_tenant(d.text)]
-        for d, got in zip(need, rt.guard.fetch_payloads(
-                [(payload_ref_tenant(d.text) or "", d.job_id) for d in need],
+        need = [(d, tenant) for d in ds if d.pending and (tenant := payload_ref_tenant(d.text))]
+        for (d, _), got in zip(need, rt.guard.fetch_payloads(
+                [(tenant, d.job_id) for d, tenant in need],
                 rt.settings.max_envelope_chars), strict=True):
             d.fetched = got
         for d in ds:

@@ -120,7 +120,9 @@ end
 return 0
 """
 
-_RELEASE = """
+# Delete a key only if it still holds ARGV[1]: a claim only by its holder, a
+# refused cancel request only if the job's own tenant has not replaced it.
+_DELETE_IF = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -158,13 +160,6 @@ redis.call('SET', KEYS[4], 'done', 'PX', ARGV[1])
 redis.call('DEL', KEYS[5])
 redis.pcall('ZREM', KEYS[6], ARGV[4])
 return 1
-"""
-
-# Delete a cancel request only if it is still the one that was refused: the
-# job's own tenant may have written its genuine request since.
-_DROP_CANCEL = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 
 # Count one fault of a job; the count so far.
@@ -224,13 +219,12 @@ class JobGuard:
         self.holder = holder or new_holder_id()
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._delete_if = client.register_script(_DELETE_IF)
         self._store = client.register_script(_STORE)
         self._reject = client.register_script(_REJECT)
         self._close = client.register_script(_CLOSE)
         self._fetch = client.register_script(_FETCH)
         self._fault = client.register_script(_FAULT)
-        self._drop_cancel = client.register_script(_DROP_CANCEL)
         self._held: set[tuple[str, str]] = set()
         self._held_lock = threading.Lock()
 
@@ -314,7 +308,7 @@ class JobGuard:
     def release(self, tenant: str, job_id: str) -> None:
         """Give a claim back without a result (the job will be retried)."""
         self._forget(tenant, job_id)
-        self._release(keys=[keyspace.claim(tenant, job_id)], args=[self.holder])
+        self._delete_if(keys=[keyspace.claim(tenant, job_id)], args=[self.holder])
 
     def record_fault(self, tenant: str, job_id: str, *, window_ms: int) -> int:
         """Count one error while handling the job; how many it has had (`max_faults` ends it)."""
@@ -400,7 +394,7 @@ class JobGuard:
 
     def drop_cancel(self, tenant: str, job_id: str, token: str | bytes) -> None:
         """Delete the job's cancel request if it still is ``token`` (a refused one)."""
-        self._drop_cancel(keys=[keyspace.cancel(tenant, job_id)], args=[token])
+        self._delete_if(keys=[keyspace.cancel(tenant, job_id)], args=[token])
 
     def mark_suspect(self, tenant: str, job_id: str, *, ttl_s: int) -> None:
         """Note that a message naming this job failed authentication (state unchanged)."""

@@ -147,7 +147,7 @@ class Job:
                 keys=[keyspace.result(t, j), keyspace.cancel(t, j), keyspace.done(t, j),
                       keyspace.submitted(t, j), keyspace.rejected(t, j), keyspace.claim(t, j),
                       keyspace.pending(t)],
-                args=[token, default_ms, s.result_ttl_s * 1000, j]))
+                args=[token, default_ms, s.result_ttl_s * 1000, j, keyspace.MAX_TTL_MS]))
         if done < 0:
             raise UnknownJob(self.id, f"no job of tenant {self.tenant!r} with this id "
                              "(never submitted by this tenant, or expired); nothing cancelled")

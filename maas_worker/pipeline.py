@@ -155,11 +155,6 @@ def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
     return text
 
 
-def needs_payload(text: str) -> bool:
-    """True when the sealed request waits in Redis (a large request, see client.py)."""
-    return bool(payload_ref_tenant(text))
-
-
 def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
                   fetched: bytes | int | None = None) -> bytes:
     """The sealed request: base64-decoded, or ``fetched`` from Redis for a payload reference.
@@ -189,7 +184,7 @@ def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
 
 
 def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: str,
-                   routed: str | None, text: str = "") -> Verified:
+                   routed: str | None, text: str) -> Verified:
     """Verify the envelope, then bind it to the message's task id, task name, queue and
     payload reference (``text``, the task argument)."""
     s = rt.settings
@@ -243,7 +238,7 @@ def retry_delay_s(s: Settings, wanted_s: float) -> float:
     visibility timeout, kombu's sweep would put a second copy back in the
     queue (each extra copy ends as a spurious ``replayed``).
     """
-    return max(0.5, min(wanted_s, s.visibility_timeout_s / 2))
+    return max(0.5, min(wanted_s, s.max_retry_delay_s))
 
 
 # -- the claim ----------------------------------------------------------------------------

@@ -27,30 +27,49 @@ import redis
 from . import keyspace
 from .keys import TenantPolicy
 
+# Lua helpers of both quota scripts: Redis's own clock, the bucket's tokens now
+# (refilled at ``rate`` a second up to ``burst``), the wait for ``need`` more
+# tokens, and how long a tenant's sets live. Lua numbers are doubles printed
+# with 14 digits: keep waits and TTLs small integers.
+_QUOTA_HELPERS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function tokens_at(bucket, rate, burst, now)
+  local b = redis.call('HMGET', bucket, 'tokens', 'ts')
+  local tokens = tonumber(b[1]) or burst
+  local ts = tonumber(b[2]) or now
+  if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate / 1000) end
+  return tokens
+end
+local function wait_ms(need, rate)
+  return math.min(math.ceil(need * 1000 / rate), 86400000)
+end
+local function keep_ms(exp_ms, now)
+  return math.min(math.max(exp_ms - now, 0), 691200000) + 1000
+end
+"""
+
 #: Lua function of the worker's claim script. Charges one start of ``job``:
 #: {1, 0} admitted, {0, wait_ms} over the rate, {-1, 0} over the in-flight cap.
 #: A job already in the in-flight set (restarted) does not count twice there.
-ADMIT_FUNCTION = """
+ADMIT_FUNCTION = _QUOTA_HELPERS + """
 local function admit(bucket, inflight, pending, job, rate, burst, maxf, exp_ms)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   if maxf > 0 then
     redis.call('ZREMRANGEBYSCORE', inflight, '-inf', now)
     if not redis.call('ZSCORE', inflight, job)
         and redis.call('ZCARD', inflight) >= maxf then return {-1, 0} end
   end
   if rate > 0 then
-    local b = redis.call('HMGET', bucket, 'tokens', 'ts')
-    local tokens = tonumber(b[1]) or burst
-    local ts = tonumber(b[2]) or now
-    if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate / 1000) end
-    if tokens < 1 then return {0, math.min(math.ceil((1 - tokens) * 1000 / rate), 86400000)} end
+    local tokens = tokens_at(bucket, rate, burst, now)
+    if tokens < 1 then return {0, wait_ms(1 - tokens, rate)} end
     redis.call('HSET', bucket, 'tokens', tostring(tokens - 1), 'ts', tostring(now))
     redis.call('PEXPIRE', bucket, math.ceil(burst * 1000 / rate) + 1000)
   end
-  -- Lua numbers are doubles printed with 14 digits: keep TTLs small integers.
-  local keep = math.min(math.max(exp_ms - now, 0), 691200000) + 1000
   if maxf > 0 then
+    local keep = keep_ms(exp_ms, now)
     redis.call('ZADD', inflight, exp_ms, job)
     if redis.call('PTTL', inflight) < keep then redis.call('PEXPIRE', inflight, keep) end
   end
@@ -66,12 +85,11 @@ end
 # flight, expiry ms, then the job ids. Reads the bucket without charging it;
 # counts the tenant's jobs already queued (pending) as spent; records the
 # batch as pending. Same replies as `admit` ({0, -1}: larger than the burst).
-_ADVISE_MANY = """
+_ADVISE_MANY = _QUOTA_HELPERS + """
 local rate, burst, maxf, exp_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
                                   tonumber(ARGV[4])
 local n = #ARGV - 4
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local queued = redis.call('ZCARD', KEYS[3])
 if maxf > 0 then
@@ -80,15 +98,11 @@ if maxf > 0 then
 end
 if rate > 0 then
   if n > burst then return {0, -1} end
-  local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-  local tokens = tonumber(b[1]) or burst
-  local ts = tonumber(b[2]) or now
-  if now > ts then tokens = math.min(burst, tokens + (now - ts) * rate / 1000) end
-  local free = tokens - queued
-  if free < n then return {0, math.min(math.ceil((n - free) * 1000 / rate), 86400000)} end
+  local free = tokens_at(KEYS[1], rate, burst, now) - queued
+  if free < n then return {0, wait_ms(n - free, rate)} end
 end
 for i = 5, #ARGV do redis.call('ZADD', KEYS[3], exp_ms, ARGV[i]) end
-local keep = math.min(math.max(exp_ms - now, 0), 691200000) + 1000
+local keep = keep_ms(exp_ms, now)
 if redis.call('PTTL', KEYS[3]) < keep then redis.call('PEXPIRE', KEYS[3], keep) end
 return {1, 0}
 """

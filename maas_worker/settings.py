@@ -489,3 +489,9 @@ class Settings:
     def max_envelope_chars(self) -> int:
         """Largest request a worker accepts: base64 of the input plus header and tags."""
         return (self.max_input_bytes + 1024) * 4 // 3 + 4
+
+    @property
+    def max_retry_delay_s(self) -> float:
+        """Longest a worker holds a message back before retrying it: half the visibility
+        timeout (held longer, kombu's sweep would put a second copy back)."""
+        return self.visibility_timeout_s / 2

@@ -30,7 +30,6 @@ from celery.worker.control import control_command
 
 from . import metrics, supervisor, transport
 from .app import TASK_NAME, payload_ref_tenant
-from .audit import AuditLog
 from .keys import TenantPolicy
 from .pipeline import (
     UNAVAILABLE,
@@ -39,7 +38,6 @@ from .pipeline import (
     check_memory,
     claim,
     fault,
-    needs_payload,
     refuse_unreadable,
     request_bytes,
     request_text,
@@ -48,7 +46,7 @@ from .pipeline import (
     tenant_policy,
     verify_request,
 )
-from .runtime import Advertiser, WorkerRuntime, backend_client, build_registry, get_runtime
+from .runtime import Advertiser, WorkerRuntime, build_registry, get_runtime
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,9 +72,9 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
     routed = (task.request.delivery_info or {}).get("routing_key")
     try:
         text = request_text(rt, job_id, args, kwargs)
-        fetched = rt.guard.fetch_payload(payload_ref_tenant(text) or "", job_id,
-                                         rt.settings.max_envelope_chars) \
-            if needs_payload(text) else None
+        ref_tenant = payload_ref_tenant(text)
+        fetched = rt.guard.fetch_payload(ref_tenant, job_id, rt.settings.max_envelope_chars) \
+            if ref_tenant else None
         data = request_bytes(rt, job_id, text, fetched)
         verified = verify_request(rt, job_id, data, task_name=task.name, routed=routed,
                                   text=text)
@@ -99,8 +97,6 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
     except Defer as defer:
         # Not started (or another live worker runs it): back after a delay.
         raise task.retry(countdown=defer.delay_s) from None
-    except Retry:
-        raise
     except UNAVAILABLE:
         # No job's fault: infer() hands the message back. Give the claim back
         # now if Redis lets us (else its lease lapses on its own).
@@ -156,13 +152,8 @@ def _refuse_revoke(command: str, ids: Any) -> dict[str, str]:
     listed = [i for i in (ids if isinstance(ids, list | tuple | set) else [ids])
               if isinstance(i, str)]
     log.warning("refused a remote %s of %d task(s)", command, len(listed))
-    try:
-        settings = Settings.from_env()
-        AuditLog(backend_client(settings), maxlen=settings.audit_maxlen).record(
-            job_id=listed[0] if len(listed) == 1 else "", tenant="", reason="policy",
-            verified=False, detail=f"remote {command} refused")
-    except Exception:
-        log.error("could not audit a refused remote %s", command, exc_info=False)
+    transport.auditor.record(None, "policy", job_id=listed[0] if len(listed) == 1 else "",
+                             detail=f"remote {command} refused")
     return {"error": _REVOKE_REFUSED}
 
 

@@ -79,8 +79,10 @@ class _Auditor:
     def __init__(self) -> None:
         self._audit: Any = None
 
-    def record(self, raw: Any, reason: str, *, job_id: str | None = None) -> None:
-        """One record for a refused entry: its id from ``raw`` (parsed) or ``job_id``."""
+    def record(self, raw: Any, reason: str, *, job_id: str | None = None,
+               detail: str = "") -> None:
+        """One record for a refused entry (or control command): its id from ``raw``
+        (parsed) or ``job_id``."""
         try:
             if self._audit is None:
                 from .audit import AuditLog
@@ -89,12 +91,13 @@ class _Auditor:
                 settings = Settings.from_env()
                 self._audit = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen)
             self._audit.record(job_id=_job_id(raw) if job_id is None else job_id, tenant="",
-                               reason=reason, verified=False)
+                               reason=reason, verified=False, detail=detail)
         except Exception:  # never let auditing stop the consumer
             log.error("could not audit a refused queue entry", exc_info=False)
 
 
-_auditor = _Auditor()
+#: Audit records from the worker's main process (refused entries and control commands).
+auditor = _Auditor()
 
 
 class HardenedQoS(kombu_redis.QoS):
@@ -168,8 +171,7 @@ class HardenedChannel(kombu_redis.Channel):
     """kombu's Redis channel: atomic takes, wake-ups, and refusal of foreign entries."""
 
     QoS = HardenedQoS
-    _max_body_chars: int | None = None
-    _max_eta_s: float | None = None
+    _settings: Settings | None = None
     #: Whether the next poll takes (EVAL) rather than waits for a wake-up (BRPOP).
     _ready = True
     #: What the command in flight on the poll connection is: "take" or "wait".
@@ -199,16 +201,13 @@ class HardenedChannel(kombu_redis.Channel):
             self._sync_client = super()._create_client()  # type: ignore[no-untyped-call]
         return self._sync_client
 
-    def _limit(self) -> int:
-        if self._max_body_chars is None:
-            self._max_body_chars = max_body_chars(Settings.from_env())
-        return self._max_body_chars
+    def _worker_settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.from_env()
+        return self._settings
 
-    def _eta_limit(self) -> float:
-        if self._max_eta_s is None:
-            # The longest delay our own retries set (pipeline.retry_delay_s).
-            self._max_eta_s = Settings.from_env().visibility_timeout_s / 2
-        return self._max_eta_s
+    def _limit(self) -> int:
+        return max_body_chars(self._worker_settings())
 
     # -- producing -------------------------------------------------------------
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
@@ -259,7 +258,7 @@ class HardenedChannel(kombu_redis.Channel):
             except Refused as exc:
                 log.warning("queue %s: refused an entry (%s): %s", queue, exc.reason, exc)
                 self._forget(raw)
-                _auditor.record(raw, exc.reason)
+                auditor.record(raw, exc.reason)
                 return None
             if not fanout:
                 # The list it was popped from, not what the message claims: the
@@ -267,7 +266,8 @@ class HardenedChannel(kombu_redis.Channel):
                 # restored (unacked) message goes back to this same list.
                 raw["properties"]["delivery_info"] = {"exchange": "", "routing_key": queue}
             if queue in JOB_QUEUES:
-                sanitize_headers(raw, max_eta_s=self._eta_limit())
+                # An eta no further ahead than our own retries set one.
+                sanitize_headers(raw, max_eta_s=self._worker_settings().max_retry_delay_s)
             try:
                 return inner(raw)
             except (*self.connection.connection_errors, *self.connection.channel_errors):
@@ -281,7 +281,7 @@ class HardenedChannel(kombu_redis.Channel):
                 log.warning("queue %s: refused an entry Celery could not read (%s)",
                             queue, type(exc).__name__)
                 self._forget(raw)
-                _auditor.record(raw, "malformed")
+                auditor.record(raw, "malformed")
                 return None
 
         self.connection._callbacks[queue] = deliver
@@ -361,7 +361,7 @@ class HardenedChannel(kombu_redis.Channel):
             reason = "oversize" if len(taken.raw) > self._limit() else "malformed"
             log.warning("queue %s: refused a queue entry (%s) that cannot be read as a "
                         "message", taken.queue, reason)
-            _auditor.record(None, reason, job_id=unverified_entry_id(taken.raw))
+            auditor.record(None, reason, job_id=unverified_entry_id(taken.raw))
             return True
         if taken.tag is not None:
             self.qos.prereserved.add(taken.tag)

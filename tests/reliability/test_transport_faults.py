@@ -99,6 +99,28 @@ def test_a_take_whose_reply_is_lost_leaves_the_message_reserved_for_the_sweep(
     r.close()
 
 
+def test_a_command_sent_into_a_frozen_redis_still_runs_after_the_thaw(
+        server: EmbeddedRedis) -> None:
+    """Why a sweep can be cut off holding its lock (the test below): a client that
+    timed out on a frozen server has still sent its command, which runs later."""
+    r = redis.Redis.from_url(server.url, socket_timeout=0.5)
+    r.ping()  # an established connection, as a pooled sweeper has
+    server.freeze()
+    try:
+        with pytest.raises(redis.TimeoutError):
+            r.lock("unacked_mutex", timeout=300).acquire(blocking=False)
+    finally:
+        server.thaw()
+    check = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 10
+    while not check.exists("unacked_mutex"):
+        assert time.monotonic() < deadline, "the timed-out command never ran"
+        time.sleep(0.05)
+    assert 0 < check.ttl("unacked_mutex") <= 300  # held by a client that gave up
+    check.close()
+    r.close()
+
+
 def test_a_sweep_lock_left_behind_by_a_cut_off_sweep_only_delays_the_sweep(
         server: EmbeddedRedis) -> None:
     """A sweep that loses Redis mid-pass cannot release its lock; the next sweeps

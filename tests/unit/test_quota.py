@@ -312,7 +312,7 @@ def _cancel(r: fakeredis.FakeRedis, job_id: str) -> int:
         keys=[keyspace.result(t, job_id), keyspace.cancel(t, job_id), keyspace.done(t, job_id),
               keyspace.submitted(t, job_id), keyspace.rejected(t, job_id),
               keyspace.claim(t, job_id), keyspace.pending(t)],
-        args=["token", 60_000, 60_000, job_id]))
+        args=["token", 60_000, 60_000, job_id, keyspace.MAX_TTL_MS]))
 
 
 def test_a_cancelled_queued_job_frees_its_place_at_once(r: fakeredis.FakeRedis, q: Quotas) -> None:
