@@ -15,7 +15,8 @@ Who writes what (the least-privilege roles of docs/security.md follow it):
 * producers: ``job`` (queued marker), ``payload`` (claim check), ``cancel``,
   ``pending`` (advisory quota), and they pop their ``done`` list;
 * workers: everything else (claims, results, attempts, faults, rejections,
-  the quota bucket and in-flight set, the audit stream).
+  the quota bucket and in-flight set, the audit stream, the model release
+  floor ``releases``).
 
 None of them ever holds plaintext: results are sealed envelopes, the rest
 are markers, holder ids and audit records without payload.
@@ -33,6 +34,9 @@ CATALOG = PREFIX + "catalog"
 NODES = PREFIX + "nodes"
 #: Sorted set: worker node -> time (unix s) of its latest resource sample.
 SAMPLES = PREFIX + "samples"
+#: Hash: model name -> highest release serial any worker has seen (the rollback
+#: floor of `models.release`); written by workers only, never lowered.
+RELEASES = PREFIX + "releases"
 
 #: The only job id form accepted anywhere: a UUID, lowercase, hyphenated.
 JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

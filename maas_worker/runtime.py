@@ -46,12 +46,53 @@ def diagnostic_refs(settings: Settings) -> list[str]:
     return ModelRegistry([EchoModel(), SleepModel()]).refs()
 
 
-def build_registry(settings: Settings, on_reject: RejectHook | None = None) -> ModelRegistry:
+#: Highest release serial seen per model: store ARGV[2] if it is higher than
+#: the stored one; return the highest now stored (as stored, so never rounded).
+_RECORD_RELEASE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local cur = tonumber(raw)
+if cur == nil or tonumber(ARGV[2]) > cur then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return ARGV[2]
+end
+return raw
+"""
+
+
+class RedisReleaseFloor:
+    """The model release floor (`models.release.ReleaseFloor`) in a Redis hash.
+
+    `keyspace.RELEASES` maps a model name to the highest release serial any
+    worker has seen for it, so a restarted worker still refuses an older
+    release copied back. Only workers write it. Unreachable Redis (or a value
+    that is not a number) gives None: the repository keeps its in-memory
+    floor and asks again later, so a Redis blip never stops model loading.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._record = client.register_script(_RECORD_RELEASE)
+
+    def record(self, name: str, serial: int) -> int | None:
+        """Store ``serial`` for ``name`` if higher; the highest stored (None: unreachable)."""
+        try:
+            raw = self._record(keys=[keyspace.RELEASES], args=[name, serial])
+            return int(raw)
+        except redis.RedisError as exc:
+            log.warning("release floor unavailable (%s)", type(exc).__name__)
+        except (TypeError, ValueError):
+            log.warning("release floor of %s is not a number", name)
+        return None
+
+
+def build_registry(settings: Settings, on_reject: RejectHook | None = None,
+                   backend: redis.Redis | None = None) -> ModelRegistry:
     """The models this worker serves: the diagnostics (if enabled) and the signed repository.
 
     Cheap to build and to list: the repository verifies signatures when it
     scans and loads a model (hashes, decryption, session) only when a job first
-    resolves it. ``on_reject`` hears of every refused version.
+    resolves it. ``on_reject`` hears of every refused version. With
+    ``backend``, the highest release serial seen per model is persisted there
+    (`RedisReleaseFloor`); without, it is kept in memory only.
     """
     from .models.artifact_crypto import ModelKeysSource
     from .models.repository import ModelRepository
@@ -63,7 +104,8 @@ def build_registry(settings: Settings, on_reject: RejectHook | None = None) -> M
         registry.register(SleepModel())
     registry.add_source(ModelRepository(
         settings.model_dir, signers=TrustedSignersSource(settings.trusted_signers).get,
-        model_keys=ModelKeysSource(settings.model_keys_path).get, on_reject=on_reject))
+        model_keys=ModelKeysSource(settings.model_keys_path).get, on_reject=on_reject,
+        release_floor=RedisReleaseFloor(backend) if backend is not None else None))
     return registry
 
 
@@ -73,7 +115,9 @@ def audit_rejections(audit: AuditLog, *, stage: str) -> RejectHook:
     The main worker process records what its periodic scan refuses (bad or
     missing signature, manifest); each pool process records what it failed to
     load (hashes, decryption, runtime), so each refusal is recorded where it
-    happens and not once per process.
+    happens and not once per process. A bare name made unavailable by its
+    release (missing, refused, rolled back) is a scan refusal, recorded by the
+    main process once per change with the bare name as the reference.
     """
     def hook(ref: str, why: str, at: str) -> None:
         if at == stage:
@@ -114,7 +158,8 @@ class WorkerRuntime:
         self.guard = JobGuard(self.backend, lease_s=settings.lease_s)
         self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen)
         self.registry = build_registry(settings,
-                                       on_reject=audit_rejections(self.audit, stage="load"))
+                                       on_reject=audit_rejections(self.audit, stage="load"),
+                                       backend=self.backend)
         self.quotas = Quotas(self.backend)
         self._lease_keeper = LeaseKeeper(self.guard)
         self._lease_keeper.start()
@@ -196,7 +241,8 @@ class Advertiser:
         self.node = node or socket.gethostname()
         self._client = backend_client(settings)
         self._registry = build_registry(settings, on_reject=audit_rejections(
-            AuditLog(self._client, maxlen=settings.audit_maxlen), stage="scan"))
+            AuditLog(self._client, maxlen=settings.audit_maxlen), stage="scan"),
+            backend=self._client)
         self._refs: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="maas-advertise", daemon=True)

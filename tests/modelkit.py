@@ -3,6 +3,8 @@
 No private key of the project is needed: tests generate their own signer and
 trust only it. Plaintext model bytes given to `ModelKit.publish` with
 ``encrypt=True`` are encrypted from memory and never written to disk.
+`ModelKit.publish` also releases the version (signs ``<name>/release.json``,
+serial + 1) unless told ``release=False``, as ``maas-worker models sign`` does.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import io
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from maas_worker.models.artifact_crypto import ModelKey, ModelKeys, encrypt_stream
 from maas_worker.models.publish import sign_version
-from maas_worker.models.signing import SigningKey
+from maas_worker.models.release import Release, write_release
+from maas_worker.models.repository import verify_manifest
+from maas_worker.models.signing import SigningKey, TrustedSigners
 from maas_worker.settings import BUNDLED_MODEL_DIR
 
 BUNDLED_DIGITS = BUNDLED_MODEL_DIR / "digits" / "1" / "model.onnx"
@@ -57,6 +61,8 @@ class ModelKit:
     signers_dir: Path
     keys_path: Path
     model_key: ModelKey
+    #: The last release serial this kit signed, per model.
+    serials: dict[str, int] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         """The ``MAAS_*`` variables that make a worker serve this repository."""
@@ -65,10 +71,13 @@ class ModelKit:
 
     def publish(self, name: str, version: str, *, model: bytes | None = None,
                 encrypt: bool = False, key: SigningKey | None = None,
-                extra_files: dict[str, bytes] | None = None, chunk_bytes: int = 4096) -> Path:
+                extra_files: dict[str, bytes] | None = None, chunk_bytes: int = 4096,
+                max_batch: int = 1024, release: bool = True) -> Path:
         """Stage, sign and rename ``<name>/<version>`` into the repository; its path.
 
-        Small chunks by default, so that even the 21 KB digits model spans several.
+        Small chunks by default, so that even the 21 KB digits model spans
+        several. Then releases it (signed by the same key) unless ``release``
+        is False.
         """
         stage_root = self.tmp / f".stage-{secrets.token_hex(4)}"
         stage = stage_root / name / version
@@ -81,12 +90,24 @@ class ModelKit:
             (stage / "model.onnx").write_bytes(data)
         for fname, content in (extra_files or {}).items():
             (stage / fname).write_bytes(content)
-        sign_version(stage, key or self.key, output_keys=DIGITS_OUTPUTS,
+        sign_version(stage, key or self.key, output_keys=DIGITS_OUTPUTS, max_batch=max_batch,
                      model_keys=ModelKeys().with_key(self.model_key))
         target = self.root / name / version
         target.parent.mkdir(parents=True, exist_ok=True)
         stage.rename(target)
+        if release:
+            self.release(name, version, key=key)
         return target
+
+    def release(self, name: str, version: str, *, key: SigningKey | None = None,
+                serial: int | None = None) -> Release:
+        """Sign ``<name>/release.json`` naming ``version`` (serial: the kit's last + 1)."""
+        key = key or self.key
+        signers = TrustedSigners({key.key_id: key.key.public_key()})
+        manifest = verify_manifest(self.root / name / version, signers)
+        serial = serial or self.serials.get(name, 0) + 1
+        self.serials[name] = max(serial, self.serials.get(name, 0))
+        return write_release(self.root / name, key, manifest, serial)
 
 
 def make_kit(tmp: Path) -> ModelKit:

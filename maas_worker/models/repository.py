@@ -24,10 +24,19 @@ A version that fails is refused with `ModelRejected` and reported through the
 ``on_reject`` hook (the worker writes a ``model_rejected`` audit record); every
 other model keeps being served. A version that changes on disk is verified
 afresh, and only a replacement that verifies takes the place of one already
-loaded. A name without a version resolves to the newest version that verifies
-(and, for a tenant restricted to some signers, was signed by one of them).
-Changing the trusted signers re-verifies everything: removing a key revokes the
-models it signed.
+loaded. Changing the trusted signers re-verifies everything: removing a key
+revokes the models it signed.
+
+A name without a version resolves ONLY to the version named by the model's
+signed release pointer (``<name>/release.json``, see `release`), never to
+another one: no release, a release that does not verify, names another model,
+is not signed by the signer of the version it names, names a version that is
+missing or refused (at scan or load), or whose ``serial`` is below the highest
+serial seen for the model (the floor: in memory, and persisted through the
+optional `ReleaseFloor`), and the bare name is unavailable (`ModelRejected`,
+reported through ``on_reject`` under the bare name, once per change). A
+tenant restricted to some signers sees only releases signed by one of them.
+``name@version`` is unaffected: the client sealed that choice.
 """
 
 from __future__ import annotations
@@ -51,6 +60,14 @@ from ..metrics import model_load_timer
 from .artifact_crypto import ModelKeys, decrypt_stream, is_encrypted
 from .base import MODEL_NAME_RE, VERSION_RE, Model, version_key
 from .manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from .release import (
+    Release,
+    ReleaseFloor,
+    manifest_digest,
+    mismatch,
+    read_release,
+    release_stamp,
+)
 from .signing import MAX_SIGNATURE_FILE, TrustedSigners
 
 if TYPE_CHECKING:
@@ -59,10 +76,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_RESCAN_INTERVAL_S = 2.0
+#: How long to wait before asking an unreachable `ReleaseFloor` again.
+FLOOR_RETRY_S = 10.0
 MAX_MANIFEST_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 1024 * 1024
 #: Called with (model reference, why, stage) when a version is refused;
 #: stage is "scan" (signature/manifest) or "load" (hashes, decryption, runtime).
+#: A bare name made unavailable by its release (missing, refused, rolled back,
+#: naming a version that is missing or refused at scan) is reported as
+#: (name, why, "scan"), once per change.
 RejectHook = Callable[[str, str, str], None]
 Stamp = tuple[tuple[str, int, int, int], ...]
 
@@ -203,6 +225,23 @@ class _Entry:
     rejected: str | None = None
     model: OnnxModel | None = None
     failed: bool = False  # the artifact failed verification at load (for this stamp)
+    digest: str | None = None  # SHA-256 of the verified manifest.json
+
+    def __post_init__(self) -> None:
+        if self.manifest is not None and self.digest is None:
+            self.digest = manifest_digest(self.manifest)
+
+
+@dataclass
+class _ReleaseState:
+    """A model's release file as last examined."""
+
+    stamp: tuple[int, int, int, int] | None
+    release: Release | None  # signature and name verified; None: refused or missing
+    error: str | None = None  # why ``release`` is None
+    floor_checked: bool = False  # its serial was compared with the floor
+    floor_high: int = 0  # the highest serial known when it was compared
+    floor_retry_at: float | None = None  # the persisted floor was unreachable: ask again
 
 
 def _stamp(version_dir: Path) -> Stamp:
@@ -220,44 +259,58 @@ class ModelRepository:
 
     ``signers`` and ``model_keys`` are called for the current trusted signers
     (with a flag saying whether they changed) and model keys; both may re-read
-    files. Thread-safe: a lock serialises scans and loads.
+    files. ``release_floor`` persists the highest release serial seen per
+    model (without it, or while it is unreachable, the floor is this
+    instance's memory only). Thread-safe: a lock serialises scans and loads.
     """
 
     def __init__(self, root: Path, *, signers: Callable[[], tuple[TrustedSigners, bool]],
                  model_keys: Callable[[], ModelKeys], on_reject: RejectHook | None = None,
                  rescan_interval_s: float = DEFAULT_RESCAN_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 release_floor: ReleaseFloor | None = None) -> None:
         self.root = root
         self._signers = signers
         self._model_keys = model_keys
         self._on_reject = on_reject
         self._interval = rescan_interval_s
         self._clock = clock
+        self._release_floor = release_floor
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], _Entry] = {}
+        self._releases: dict[str, _ReleaseState] = {}
+        #: The highest release serial accepted per model (never forgotten).
+        self._floor: dict[str, int] = {}
+        #: Why each bare name is unavailable (None: served), as last reported.
+        self._problems: dict[str, str | None] = {}
         self._scanned_at: float | None = None
 
     # -- public ---------------------------------------------------------------
     def refs(self) -> list[str]:
-        """Every servable ``name`` and ``name@version`` (scans if due; loads nothing)."""
+        """Every servable ``name`` and ``name@version`` (scans if due; loads nothing).
+
+        A bare ``name`` is listed only when its release makes it servable.
+        """
         with self._lock:
             self._maybe_scan()
             by_name: dict[str, list[str]] = {}
             for (name, version), e in self._entries.items():
                 if self._servable(e):
                     by_name.setdefault(name, []).append(version)
+            released = {name for name in self._releases if self._status(name)[1] is None}
         out = []
-        for name in sorted(by_name):
-            out.append(name)
-            out.extend(f"{name}@{v}" for v in sorted(by_name[name], key=version_key))
+        for name in sorted(by_name.keys() | released):
+            if name in released:
+                out.append(name)
+            out.extend(f"{name}@{v}" for v in sorted(by_name.get(name, ()), key=version_key))
         return out
 
     def get(self, name: str, version: str | None, *,
             signers: Collection[str] | None = None) -> Model | None:
         """The loaded model, None if there is no such (allowed) model.
 
-        Raises `ModelRejected` when the asked-for version (or, for a bare
-        name, every version) fails verification.
+        Raises `ModelRejected` when the asked-for version fails verification,
+        or, for a bare name, when its release does not make it servable.
         """
         with self._lock:
             self._maybe_scan()
@@ -268,19 +321,31 @@ class ModelRepository:
                 if not self._allowed(entry, signers):
                     return None
                 return self._loaded(name, version, entry)
-            candidates = sorted(((v, e) for (n, v), e in self._entries.items() if n == name),
-                                key=lambda ve: version_key(ve[0]), reverse=True)
-            refused = None
-            for v, entry in candidates:
-                if not self._allowed(entry, signers):
-                    continue
-                try:
-                    return self._loaded(name, v, entry)
-                except ModelRejected as exc:
-                    refused = refused or exc
-            if refused is not None:
-                raise ModelRejected(f"{name}: no version verifies") from None
-            return None
+            state = self._releases.get(name)
+            if state is None:
+                return None  # no such model folder
+            release = state.release
+            if signers is not None and (release is None or release.signer not in signers):
+                # The tenant sees only releases signed by an allowed signer; a
+                # release that does not verify has no authenticated signer.
+                return None
+            entry, problem = self._status(name)
+            if problem is not None or entry is None or release is None:
+                raise ModelRejected(f"{name}: {problem or 'unavailable'}")
+            try:
+                return self._loaded(name, release.version, entry)
+            except ModelRejected:
+                raise ModelRejected(f"{name}: released version {release.ref} is refused: "
+                                    f"{entry.rejected or 'refused'}") from None
+
+    def released(self, name: str) -> tuple[Release | None, str | None]:
+        """The model's verified release and why its bare name is unavailable (None: served)."""
+        with self._lock:
+            self._maybe_scan()
+            state = self._releases.get(name)
+            if state is None:
+                return None, "no such model"
+            return state.release, self._status(name)[1]
 
     def scan(self) -> None:
         """Rescan now."""
@@ -327,13 +392,63 @@ class ModelRepository:
                      ", encrypted" if entry.manifest.encrypted else "")
         return entry.model
 
+    def _status(self, name: str) -> tuple[_Entry | None, str | None]:
+        """The entry a bare ``name`` resolves to, and why it is unavailable (None: it is not).
+
+        Compares the release's serial with the floor the first time the
+        release is found consistent with the version it names.
+        """
+        state = self._releases.get(name)
+        if state is None or state.release is None:
+            return None, state.error if state is not None else "no signed release"
+        release = state.release
+        entry = self._entries.get((name, release.version))
+        if entry is None:
+            return None, f"released version {release.ref} is missing"
+        if entry.manifest is None:
+            return None, f"released version {release.ref} is refused: {entry.rejected}"
+        wrong = mismatch(release, entry.manifest, entry.digest)
+        if wrong is not None:
+            return None, wrong
+        self._check_floor(name, state)
+        if release.serial < state.floor_high:
+            return None, (f"release serial {release.serial} is below the highest seen "
+                          f"({state.floor_high}): rollback refused")
+        if entry.failed:
+            return entry, f"released version {release.ref} is refused: {entry.rejected}"
+        return entry, None
+
+    def _check_floor(self, name: str, state: _ReleaseState) -> None:
+        assert state.release is not None
+        now = self._clock()
+        if state.floor_checked and (state.floor_retry_at is None or now < state.floor_retry_at):
+            return
+        serial = state.release.serial
+        persisted: int | None = None
+        if self._release_floor is not None:
+            try:
+                persisted = self._release_floor.record(name, serial)
+            except Exception:
+                log.exception("could not record the release serial of %s", name)
+            state.floor_retry_at = now + FLOOR_RETRY_S if persisted is None else None
+            if persisted is None:
+                log.warning("release floor unreachable: %s checked against this process's "
+                            "memory only, for now", name)
+        high = max(self._floor.get(name, 0), persisted or 0, serial)
+        state.floor_checked, state.floor_high = True, high
+        if serial >= high:
+            self._floor[name] = serial
+
     def _scan(self) -> None:
         self._scanned_at = self._clock()
         signers, changed = self._signers()
         if changed:
-            self._entries.clear()  # re-verify everything under the new set (revocation)
+            # Re-verify everything under the new set (revocation); the floor stays.
+            self._entries.clear()
+            self._releases.clear()
         seen: set[tuple[str, str]] = set()
-        for version_dir in self._version_dirs():
+        layout = self._layout()
+        for version_dir in (v for _, versions in layout.values() for v in versions):
             key = (version_dir.parent.name, version_dir.name)
             seen.add(key)
             stamp = _stamp(version_dir)
@@ -363,9 +478,41 @@ class ModelRepository:
             self._entries[key] = new
         for key in set(self._entries) - seen:
             del self._entries[key]
+        self._scan_releases(layout, signers)
 
-    def _version_dirs(self) -> list[Path]:
-        out: list[Path] = []
+    def _scan_releases(self, layout: dict[str, tuple[Path, list[Path]]],
+                       signers: TrustedSigners) -> None:
+        names = {name for name, (model_dir, versions) in layout.items()
+                 if versions or release_stamp(model_dir) is not None}
+        for name in set(self._releases) - names:
+            del self._releases[name]
+        for name in sorted(names):
+            model_dir = layout[name][0]
+            stamp = release_stamp(model_dir)  # before reading: a later change is seen next time
+            old = self._releases.get(name)
+            if old is None or old.stamp != stamp:
+                if stamp is None:
+                    state = _ReleaseState(None, None, "no signed release (release.json)")
+                else:
+                    try:
+                        state = _ReleaseState(stamp, read_release(model_dir, signers))
+                    except ModelRejected as exc:
+                        state = _ReleaseState(stamp, None, str(exc))
+                self._releases[name] = state
+            problem = self._status(name)[1]
+            if problem != self._problems.get(name):
+                self._problems[name] = problem
+                if problem is not None:
+                    self._reject(name, problem, "scan")
+                elif (release := self._releases[name].release) is not None:
+                    log.info("model %s released: %s (serial %d)", name, release.ref,
+                             release.serial)
+        for name in set(self._problems) - names:
+            del self._problems[name]
+
+    def _layout(self) -> dict[str, tuple[Path, list[Path]]]:
+        """Every model folder: its path and its version directories."""
+        out: dict[str, tuple[Path, list[Path]]] = {}
         try:
             names = sorted(self.root.iterdir())
         except OSError:
@@ -373,9 +520,11 @@ class ModelRepository:
         for name_dir in names:
             if not MODEL_NAME_RE.fullmatch(name_dir.name) or not name_dir.is_dir():
                 continue
+            versions: list[Path] = []
             with contextlib.suppress(OSError):
-                out.extend(v for v in sorted(name_dir.iterdir())
-                           if VERSION_RE.fullmatch(v.name) and v.is_dir())
+                versions = [v for v in sorted(name_dir.iterdir())
+                            if VERSION_RE.fullmatch(v.name) and v.is_dir()]
+            out[name_dir.name] = (name_dir, versions)
         return out
 
 

@@ -69,9 +69,13 @@ class SigningKey:
         assert isinstance(pem, str)
         return pem + "\n"
 
-    def sign(self, manifest_bytes: bytes) -> bytes:
-        """The ``manifest.sig`` content for these manifest bytes."""
-        sig = eddsa.new(self.key, "rfc8032").sign(SIGNATURE_CONTEXT + manifest_bytes)
+    def sign(self, manifest_bytes: bytes, *, context: bytes = SIGNATURE_CONTEXT) -> bytes:
+        """The ``manifest.sig`` content for these manifest bytes.
+
+        ``context`` is the domain-separation label (another document type,
+        such as a release pointer, signs under its own label).
+        """
+        sig = eddsa.new(self.key, "rfc8032").sign(context + manifest_bytes)
         return canonical_json({"key_id": self.key_id,
                                "signature": base64.b64encode(sig).decode()})
 
@@ -158,11 +162,13 @@ class TrustedSigners:
             keys[key_id(key)] = key
         return cls(keys)
 
-    def verify(self, manifest_bytes: bytes, signature_file: bytes) -> str:
+    def verify(self, manifest_bytes: bytes, signature_file: bytes, *,
+               context: bytes = SIGNATURE_CONTEXT) -> str:
         """Check ``manifest.sig`` over the manifest bytes; return the signer's key id.
 
         Raises `ModelRejected` (unsigned/malformed signature, untrusted signer,
-        bad signature). Nothing in the manifest is looked at.
+        bad signature). Nothing in the manifest is looked at. ``context`` is
+        the label the document type was signed under (see `SigningKey.sign`).
         """
         try:
             doc = json.loads(signature_file)
@@ -176,7 +182,7 @@ class TrustedSigners:
         if key is None:
             raise ModelRejected("signed by an untrusted key")
         try:
-            eddsa.new(key, "rfc8032").verify(SIGNATURE_CONTEXT + manifest_bytes, sig)
+            eddsa.new(key, "rfc8032").verify(context + manifest_bytes, sig)
         except ValueError:
             raise ModelRejected("signature does not verify") from None
         return kid

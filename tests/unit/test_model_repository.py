@@ -1,4 +1,7 @@
-"""The signed-model repository: tamper every file, untrusted keys, encryption, hot reload."""
+"""The signed-model repository: tamper every file, untrusted keys, encryption, hot reload.
+
+The release pointer's own rules are tried in test_model_release.py.
+"""
 
 from __future__ import annotations
 
@@ -125,22 +128,31 @@ def test_tampering_is_refused_audited_and_others_keep_serving(
     with pytest.raises(ModelRejected) as err:
         repo.get("digits", "1")
     assert err.value.reason == "model_rejected"
-    assert len(rejected) == 1 and rejected[0][0] == "digits@1"
-    assert re.search(why, rejected[0][1]), rejected
-    assert str(kit.tmp) not in str(err.value) and str(kit.tmp) not in rejected[0][1]
+    versions = [r for r in rejected if r[0] == "digits@1"]
+    assert len(versions) == 1
+    assert re.search(why, versions[0][1]), rejected
+    assert str(kit.tmp) not in str(err.value) and str(kit.tmp) not in versions[0][1]
     assert labels(repo.get("other", None)) == SAMPLES["sklearn_predictions"][:5]
-    with pytest.raises(ModelRejected, match="no version verifies"):
+    # The bare name is unavailable too (its release names digits@1), never another version.
+    with pytest.raises(ModelRejected, match="released version digits@1 is refused"):
         repo.get("digits", None)
-    assert "digits@1" not in repo.refs()
+    assert "digits@1" not in repo.refs() and "digits" not in repo.refs()
     repo.get("other", "1")
-    assert len(rejected) == 1  # refused once per change, not on every lookup
+    count = len(rejected)
+    repo.get("other", None)
+    with pytest.raises(ModelRejected):
+        repo.get("digits", None)
+    assert len(rejected) == count  # refused once per change, not on every lookup
+    assert len([r for r in rejected if r[0] == "digits@1"]) == 1
+    assert all(r[0] in ("digits", "digits@1") for r in rejected)
 
 
 def test_valid_signature_from_an_untrusted_key_is_refused(kit: ModelKit, make_repo: Any) -> None:
     kit.publish("digits", "1", key=SigningKey.generate())
     repo, rejected, _ = make_repo()
     assert repo.refs() == []
-    assert rejected == [("digits@1", "signed by an untrusted key", "scan")]
+    assert rejected == [("digits@1", "signed by an untrusted key", "scan"),
+                        ("digits", "release signed by an untrusted key", "scan")]
     with pytest.raises(ModelRejected, match="untrusted"):
         repo.get("digits", "1")
 
@@ -152,8 +164,9 @@ def test_a_signed_version_moved_to_another_name_or_version_is_refused(
     shutil.copytree(v1, kit.root / "evil" / "1")
     repo, rejected, _ = make_repo()
     assert repo.refs() == ["digits", "digits@1"]
-    assert sorted(r[0] for r in rejected) == ["digits@9", "evil@1"]
-    assert all("another model or version" in r[1] for r in rejected)
+    assert sorted(r[0] for r in rejected) == ["digits@9", "evil", "evil@1"]
+    assert all("another model or version" in r[1] for r in rejected if "@" in r[0])
+    assert ("evil", "no signed release (release.json)", "scan") in rejected
 
 
 def test_encrypted_model_loads_and_serves(kit: ModelKit, make_repo: Any) -> None:
@@ -244,34 +257,40 @@ def test_wrong_input_shape_is_a_clear_bad_input_without_echoing(
     assert labels(model) == SAMPLES["sklearn_predictions"][:5]  # and it still works
 
 
-def test_newest_valid_version_and_hot_reload(kit: ModelKit, make_repo: Any) -> None:
+def test_released_version_and_hot_reload(kit: ModelKit, make_repo: Any) -> None:
     kit.publish("digits", "1")
     repo, rejected, clock = make_repo()
     v1 = repo.get("digits", None)
     assert v1.version == "1"
-    kit.publish("digits", "2")
+    kit.publish("digits", "2")  # and released
     assert repo.get("digits", None) is v1  # not rescanned yet
     clock.tick()
     assert repo.refs() == ["digits", "digits@1", "digits@2"]
     assert repo.get("digits", None).version == "2"
-    # A bad newer version never replaces the good one.
-    bad = kit.publish("digits", "10")
+    # Newer versions that are not released change nothing, bad or good.
+    bad = kit.publish("digits", "10", release=False)
     _flip(bad / "model.onnx", 300)
+    kit.publish("digits", "9", release=False)
     clock.tick()
     assert repo.get("digits", None).version == "2"
+    with pytest.raises(ModelRejected):
+        repo.get("digits", "10")
     assert rejected == [("digits@10", "file model.onnx does not match its hash (altered)",
                          "load")]
-    assert "digits@10" not in repo.refs()
+    assert "digits@10" not in repo.refs() and "digits@9" in repo.refs()
     unsigned = kit.root / "digits" / "11"
     unsigned.mkdir()
     shutil.copy(BUNDLED_DIGITS, unsigned / "model.onnx")
     clock.tick()
     assert repo.get("digits", None).version == "2"
     assert rejected[-1][:1] == ("digits@11",) and "unsigned" in rejected[-1][1]
-    # Removed from disk: no longer served.
+    # The released version removed from disk: the bare name is unavailable, not rolled back.
     shutil.rmtree(kit.root / "digits" / "2")
     clock.tick()
-    assert repo.get("digits", None).version == "1"
+    with pytest.raises(ModelRejected, match="released version digits@2 is missing"):
+        repo.get("digits", None)
+    assert rejected[-1] == ("digits", "released version digits@2 is missing", "scan")
+    assert "digits" not in repo.refs() and repo.get("digits", "1") is v1
 
 
 def test_a_loaded_version_altered_on_disk_keeps_its_verified_session(
@@ -301,15 +320,18 @@ def test_removing_a_trusted_signer_revokes_its_models(kit: ModelKit, make_repo: 
         repo.get("digits", "1")
 
 
-def test_signer_restriction_picks_the_newest_allowed_version(
+def test_signer_restriction_sees_only_releases_of_allowed_signers(
         kit: ModelKit, make_repo: Any) -> None:
     other = SigningKey.generate()
     (kit.signers_dir / "other.pub").write_text(other.public_pem())
     kit.publish("digits", "1")
-    kit.publish("digits", "2", key=other)
+    kit.publish("digits", "2", key=other)  # released by its signer
     repo, _, _ = make_repo()
     assert repo.get("digits", None).version == "2"
-    assert repo.get("digits", None, signers=[kit.key.key_id]).version == "1"
+    assert repo.get("digits", None, signers=[other.key_id]).version == "2"
+    # Not the newest version the tenant's signer signed: the release is not theirs.
+    assert repo.get("digits", None, signers=[kit.key.key_id]) is None
+    assert repo.get("digits", "1", signers=[kit.key.key_id]).version == "1"
     assert repo.get("digits", "2", signers=[kit.key.key_id]) is None
     assert repo.get("digits", None, signers=[]) is None
 
@@ -336,7 +358,7 @@ def test_build_registry_serves_the_bundled_digits_by_default() -> None:
 
 
 def test_manifest_graph_mismatch_is_refused(kit: ModelKit, make_repo: Any) -> None:
-    path = kit.publish("digits", "1")
+    path = kit.publish("digits", "1", release=False)
     doc = json.loads((path / "manifest.json").read_bytes())
     doc["input"]["shape"] = [None, 32]
     from maas_worker.models.manifest import canonical_json
@@ -352,7 +374,7 @@ def test_manifest_graph_mismatch_is_refused(kit: ModelKit, make_repo: Any) -> No
 
 def test_signer_restriction_ignores_refused_versions(kit: ModelKit, make_repo: Any) -> None:
     kit.publish("digits", "1")
-    kit.publish("digits", "2", key=SigningKey.generate())  # untrusted: refused at scan
+    kit.publish("digits", "2", key=SigningKey.generate(), release=False)  # untrusted
     repo, _, _ = make_repo()
     assert repo.get("digits", None, signers=["00" * 16]) is None
     assert repo.get("digits", "2", signers=["00" * 16]) is None
