@@ -158,6 +158,7 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
+    from . import control
     from .app import app, celery_config
 
     settings = Settings.from_env()
@@ -173,6 +174,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
     if auth:
         argv.append(f"--basic-auth={auth}")
         _authenticate_flower_metrics()
+    # Its buttons (shut down, pool, consumers, rate limits, revoke) do what the
+    # workers would allow, no more.
+    control.lock_flower(settings.remote_control)
     app.start(argv)
     return 0
 

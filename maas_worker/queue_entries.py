@@ -38,6 +38,9 @@ from .settings import PRIORITIES, Settings, queue_for
 #: The only task each consumed queue may carry.
 _TASK_OF_QUEUE: dict[str, str] = {
     **{queue_for(p): TASK_NAME for p in PRIORITIES}, MONITOR_EXCHANGE: SAMPLE_TASK}
+#: Every list queue a worker consumes (besides Celery's own fanout and reply
+#: queues): nothing else is, whatever ``add_consumer`` names.
+CONSUMED_QUEUES: frozenset[str] = frozenset(_TASK_OF_QUEUE)
 #: Bytes of a Celery message around the envelope (headers, properties, JSON, base64).
 _MESSAGE_OVERHEAD = 16 * 1024
 #: The job queues: messages there are jobs, run by the pipeline.

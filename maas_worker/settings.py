@@ -22,6 +22,9 @@ V = TypeVar("V")
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT_S = 600
+#: Values of MAAS_REMOTE_CONTROL; the first is the default.
+REMOTE_CONTROL_MODES = ("inspect", "operator")
+DEFAULT_REMOTE_CONTROL = REMOTE_CONTROL_MODES[0]
 DEFAULT_JOB_TTL_S = 3600
 DEFAULT_RESULT_TTL_S = 3600
 DEFAULT_MAX_INPUT_BYTES = 1024 * 1024
@@ -364,6 +367,10 @@ class Settings:
     broker_url: str = field(default=DEFAULT_BROKER_URL, repr=False)
     result_backend: str = field(default=DEFAULT_BROKER_URL, repr=False)
     flower_basic_auth: str | None = field(default=None, repr=False)
+    #: Celery remote control on worker nodes (control.py): ``inspect`` answers
+    #: the read-only commands only; ``operator`` also obeys shutdown, pool and
+    #: consumer changes, rate and time limits.
+    remote_control: str = DEFAULT_REMOTE_CONTROL
     soft_time_limit_s: float = DEFAULT_SOFT_TIME_LIMIT_S
     hard_time_limit_s: float = DEFAULT_HARD_TIME_LIMIT_S
     time_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -441,6 +448,7 @@ class Settings:
             lease_s=_int(env, "MAAS_LEASE_S", DEFAULT_LEASE_S, minimum=3),
             audit_maxlen=_int(env, "MAAS_AUDIT_MAXLEN", DEFAULT_AUDIT_MAXLEN, minimum=100),
             flower_basic_auth=env.get("MAAS_FLOWER_BASIC_AUTH") or None,
+            remote_control=_choice(env, "MAAS_REMOTE_CONTROL", REMOTE_CONTROL_MODES),
             sample_interval_s=_float(env, "MAAS_SAMPLE_INTERVAL_S", DEFAULT_SAMPLE_INTERVAL_S,
                                      0.2, 3600),
             metrics_port=_int(env, "MAAS_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0),

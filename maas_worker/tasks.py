@@ -12,9 +12,9 @@ error while handling one job is that job's own: it is retried a few times,
 then failed (`pipeline.fault`); only Redis out of reach hands the message
 back as it is.
 
-Celery's remote ``revoke`` (and ``terminate``, and revoking by stamped
-headers) would make a worker discard a job silently: on maas-worker nodes
-they are refused with a pointer to ``maas-worker cancel``, and audited.
+Celery's remote control is read-only on these nodes unless an operator
+opens it (control.py): ``revoke`` and friends, which would discard a job
+silently, are refused with a pointer to ``maas-worker cancel``, and audited.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from typing import Any
 
 from celery import Task, shared_task, signals
 from celery.exceptions import Reject, Retry
-from celery.worker.control import control_command
 
-from . import metrics, supervisor, transport
+from . import control, metrics, supervisor, transport
 from .app import TASK_NAME, payload_ref_tenant
 from .keys import TenantPolicy
 from .pipeline import (
@@ -143,40 +142,13 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         raise Reject(type(exc).__name__, requeue=True) from None
 
 
-_REVOKE_REFUSED = ("revoke is disabled on maas-worker nodes (it would drop jobs silently): "
-                   "cancel a job with `maas-worker cancel JOB_ID`, signed by its tenant")
-
-
-def _refuse_revoke(command: str, ids: Any) -> dict[str, str]:
-    """Refuse a remote revoke: log it, audit it (one record per command), reply an error."""
-    listed = [i for i in (ids if isinstance(ids, list | tuple | set) else [ids])
-              if isinstance(i, str)]
-    log.warning("refused a remote %s of %d task(s)", command, len(listed))
-    transport.auditor.record(None, "policy", job_id=listed[0] if len(listed) == 1 else "",
-                             detail=f"remote {command} refused")
-    return {"error": _REVOKE_REFUSED}
-
-
-@control_command(variadic="task_id", signature="[id1 [id2 [... [idN]]]]")
-def revoke(state: Any, task_id: Any = None, terminate: bool = False, signal: Any = None,
-           **kwargs: Any) -> dict[str, str]:
-    """Refused on maas-worker nodes (see the module docstring)."""
-    return _refuse_revoke("revoke", task_id)
-
-
-@control_command(variadic="task_id", args=[("signal", str)],
-                 signature="<signal> [id1 [id2 [... [idN]]]]")
-def terminate(state: Any, signal: Any = None, task_id: Any = None,
-              **kwargs: Any) -> dict[str, str]:
-    """Refused on maas-worker nodes (see the module docstring)."""
-    return _refuse_revoke("terminate", task_id)
-
-
-@control_command(variadic="headers", signature="[key1=value1 [key2=value2 [... [keyN=valueN]]]]")
-def revoke_by_stamped_headers(state: Any, headers: Any = None, terminate: bool = False,
-                              signal: Any = None, **kwargs: Any) -> dict[str, str]:
-    """Refused on maas-worker nodes (see the module docstring)."""
-    return _refuse_revoke("revoke_by_stamped_headers", [])
+@signals.worker_init.connect
+def _lock_remote_control(sender: Any = None, **_: Any) -> None:
+    # Before the consumer builds its pidbox node: from the first command on,
+    # only what MAAS_REMOTE_CONTROL allows runs (control.py).
+    app = sender.app
+    control.configure(app, mode=Settings.from_env().remote_control,
+                      queues=[q.name for q in app.conf.task_queues or ()])
 
 
 _advertiser: Advertiser | None = None

@@ -55,6 +55,7 @@ from redis.exceptions import NoScriptError
 
 from . import fetch
 from .queue_entries import (
+    CONSUMED_QUEUES,
     JOB_QUEUES,
     Refused,
     check_message,
@@ -67,6 +68,10 @@ from .queue_entries import (
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+#: Queues kombu declares for the replies to a remote-control broadcast
+#: (``<uuid>.reply.celery.pidbox``): the sender consumes its own.
+REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
 
 def _job_id(raw: Any) -> str:
     headers = raw.get("headers") if isinstance(raw, dict) else None
@@ -242,7 +247,18 @@ class HardenedChannel(kombu_redis.Channel):
 
     # -- consuming -------------------------------------------------------------
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
-        """Consume ``queue``, every delivery checked first (see the module docstring)."""
+        """Consume ``queue``, every delivery checked first (see the module docstring).
+
+        Only our own queues and Celery's remote-control and event queues are
+        consumed: a queue named by anything else (``add_consumer`` sent by
+        whoever could publish) is not, so no message there is ever run.
+        """
+        if not (queue in CONSUMED_QUEUES or queue in self._fanout_queues
+                or queue.endswith(REPLY_QUEUE_SUFFIX)):
+            log.warning("not consuming queue %.64r: not one of this deployment's queues", queue)
+            auditor.record(None, "policy", job_id="",
+                           detail=f"queue {queue[:64]!r} is not configured: not consumed")
+            return kwargs.get("consumer_tag") or (args[1] if len(args) > 1 else None)
         if no_ack:
             self._no_ack.add(queue)  # taken unreserved: nothing will acknowledge them
         else:
