@@ -1,10 +1,12 @@
-"""Build, sign and bundle the `digits` model (needs the `train` extra).
+"""Build, sign and release the bundled `digits` model (training needs the `train` extra).
 
 Trains a small neural network on scikit-learn's bundled 8x8 digits (1,797
 images; nothing is downloaded), exports it to ONNX with skl2onnx, signs it with
-the model owner's Ed25519 key and writes the signed version into the package:
+the model owner's Ed25519 key, writes the signed version into the package and
+releases it (the signed pointer that makes the bare name ``digits`` mean it):
 
     maas_worker/models/bundled/digits/<version>/   model.onnx, manifest.json, manifest.sig
+    maas_worker/models/bundled/digits/release.json the release (serial = previous + 1)
     maas_worker/models/trusted_signers/maas-worker-models.pub   (public key only)
     tests/data/digits_holdout.json                 held-out samples for the tests
 
@@ -12,35 +14,41 @@ The PRIVATE key stays outside the repository (default
 ~/.config/maas-worker/signing/maas-worker-models.key, mode 0600); if it does
 not exist a new one is generated and the bundled public key replaced.
 
+``--resign-only`` trains nothing and needs no extra: it checks the shipped
+version under the bundled public key as it is now (every byte, as a worker
+loads it), re-signs that same manifest with the owner key (the artifact is
+unchanged; only ``manifest.json``/``manifest.sig`` change), replaces the
+bundled public key and signs a new release. This is how a new owner takes
+over when the previous private key is lost.
+
     .venv/bin/pip install -e '.[train]'
     .venv/bin/python scripts/build_digits_model.py [--key PATH] [--version 1]
+    .venv/bin/python scripts/build_digits_model.py --resign-only [--key PATH] [--version 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from skl2onnx import to_onnx
-from skl2onnx.common.data_types import FloatTensorType
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-
+from maas_worker.errors import ModelRejected
 from maas_worker.models.artifact_crypto import ModelKeys
+from maas_worker.models.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
 from maas_worker.models.publish import sign_version
-from maas_worker.models.repository import load_verified, verify_manifest
+from maas_worker.models.release import Release, read_release, write_release
+from maas_worker.models.repository import ModelRepository, load_verified, verify_manifest
 from maas_worker.models.signing import SigningKey, TrustedSigners
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "maas_worker" / "models"
+BUNDLED = PACKAGE / "bundled"
+SIGNERS_DIR = PACKAGE / "trusted_signers"
 KEY_NAME = "maas-worker-models"
 DEFAULT_KEY = Path.home() / ".config" / "maas-worker" / "signing" / f"{KEY_NAME}.key"
 SEED = 0
@@ -49,11 +57,92 @@ TEST_SIZE = 0.25
 TARGET_OPSET = 17
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--key", type=Path, default=DEFAULT_KEY, help="private signing key")
-    p.add_argument("--version", default="1")
-    args = p.parse_args()
+def owner_key(path: Path) -> SigningKey:
+    """The owner's private key at ``path``, generated (mode 0600) if there is none."""
+    if path.exists():
+        return SigningKey.load(path)
+    key = SigningKey.generate()
+    key.save(path)
+    print(f"generated a new signing key {key.key_id} at {path} (keep it private)")
+    return key
+
+
+def current_release(signers: TrustedSigners) -> Release | None:
+    """The shipped release of digits, if one verifies under ``signers``."""
+    try:
+        return read_release(BUNDLED / "digits", signers)
+    except ModelRejected:
+        return None
+
+
+def release(key: SigningKey, manifest: Manifest, previous: Release | None) -> Release:
+    """Sign ``digits/release.json`` naming ``manifest``'s version (serial = previous + 1)."""
+    rel = write_release(BUNDLED / "digits", key, manifest,
+                        previous.serial + 1 if previous is not None else 1)
+    print(f"released {rel.ref} (serial {rel.serial}, signer {rel.signer})")
+    return rel
+
+
+def check_served(key: SigningKey, version: str) -> None:
+    """Resolve the bare name as a worker does, trusting only the new public key."""
+    signers = TrustedSigners.from_paths([SIGNERS_DIR])
+    if set(signers.keys) != {key.key_id}:
+        raise SystemExit(f"{SIGNERS_DIR} holds other keys than {key.key_id}")
+    repo = ModelRepository(BUNDLED, signers=lambda: (signers, False), model_keys=ModelKeys)
+    model = repo.get("digits", None)
+    if model is None or model.version != version:
+        raise SystemExit(f"digits does not resolve to digits@{version}")
+
+
+def resign(key_path: Path, version: str) -> int:
+    """Re-sign the shipped version, unchanged, with the owner key; release it."""
+    target = BUNDLED / "digits" / version
+    old_signers = TrustedSigners.from_paths([SIGNERS_DIR])
+    try:
+        manifest = verify_manifest(target, old_signers)
+        load_verified(target, manifest, ModelKeys)  # every byte as the old owner signed it
+    except ModelRejected as exc:
+        print(f"digits@{version} does not verify under the bundled public key ({exc}); "
+              "refusing to re-sign what nobody signed", file=sys.stderr)
+        return 1
+    previous = current_release(old_signers)
+    key = owner_key(key_path)
+    if manifest.signer != key.key_id:
+        new = dataclasses.replace(manifest, signer=key.key_id)
+        # Stage the re-signed version beside the live one (a dot-directory, never
+        # taken for a model), check it with the new key, then swap it in.
+        with tempfile.TemporaryDirectory(prefix=".resign-", dir=BUNDLED) as tmp:
+            stage = Path(tmp) / "digits" / version
+            shutil.copytree(target, stage)
+            data = new.to_bytes()
+            (stage / MANIFEST_FILE).write_bytes(data)
+            (stage / SIGNATURE_FILE).write_bytes(key.sign(data))
+            mine = TrustedSigners({key.key_id: key.key.public_key()})
+            load_verified(stage, verify_manifest(stage, mine), ModelKeys)
+            old = Path(tmp) / "old"
+            target.rename(old)
+            stage.rename(target)
+        manifest = new
+        print(f"re-signed digits@{version} with {key.key_id} (model.onnx unchanged)")
+    (SIGNERS_DIR / f"{KEY_NAME}.pub").write_text(key.public_pem())
+    for other in SIGNERS_DIR.iterdir():
+        if other.name != f"{KEY_NAME}.pub" and other.suffix in (".pub", ".pem"):
+            print(f"note: {other} is trusted too")
+    release(key, manifest, previous)
+    check_served(key, version)
+    return 0
+
+
+def train(key_path: Path, version: str) -> int:
+    """Train, export, sign, check and release a new build of digits@version."""
+    import numpy as np
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
@@ -66,21 +155,17 @@ def main() -> int:
     onx = to_onnx(clf, initial_types=[("float_input", FloatTensorType([None, 64]))],
                   options={"zipmap": False}, target_opset=TARGET_OPSET)
 
-    if args.key.exists():
-        key = SigningKey.load(args.key)
-    else:
-        key = SigningKey.generate()
-        key.save(args.key)
-        print(f"generated a new signing key {key.key_id} at {args.key} (keep it private)")
-    signers_dir = PACKAGE / "trusted_signers"
-    signers_dir.mkdir(exist_ok=True)
-    (signers_dir / f"{KEY_NAME}.pub").write_text(key.public_pem())
+    previous = current_release(TrustedSigners.from_paths([SIGNERS_DIR])) \
+        if SIGNERS_DIR.is_dir() else None
+    key = owner_key(key_path)
+    SIGNERS_DIR.mkdir(exist_ok=True)
+    (SIGNERS_DIR / f"{KEY_NAME}.pub").write_text(key.public_pem())
 
-    target = PACKAGE / "bundled" / "digits" / args.version
-    (PACKAGE / "bundled").mkdir(exist_ok=True)
+    target = BUNDLED / "digits" / version
+    BUNDLED.mkdir(exist_ok=True)
     # A dot-directory: never mistaken for a model by a worker scanning meanwhile.
-    with tempfile.TemporaryDirectory(prefix=".stage-", dir=PACKAGE / "bundled") as tmp:
-        stage = Path(tmp) / "digits" / args.version
+    with tempfile.TemporaryDirectory(prefix=".stage-", dir=BUNDLED) as tmp:
+        stage = Path(tmp) / "digits" / version
         stage.mkdir(parents=True)
         (stage / "model.onnx").write_bytes(onx.SerializeToString())
         manifest = sign_version(
@@ -90,28 +175,43 @@ def main() -> int:
                       "held_out_samples": len(y_test),
                       "held_out_accuracy": round(accuracy, 4)})
         # Check it the way a worker will, before it replaces anything.
-        signers = TrustedSigners.from_paths([signers_dir])
+        signers = TrustedSigners.from_paths([SIGNERS_DIR])
         model = load_verified(stage, verify_manifest(stage, signers), ModelKeys)
         ort_pred = model.predict({"inputs": x_test.tolist()})["labels"]
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         stage.rename(target)
+    release(key, manifest, previous)
+    check_served(key, version)
 
     agree = float((np.array(ort_pred) == sk_pred).mean())
     ort_acc = float((np.array(ort_pred) == y_test).mean())
     holdout = ROOT / "tests" / "data" / "digits_holdout.json"
     holdout.parent.mkdir(exist_ok=True)
-    holdout.write_text(json.dumps({
+    doc: dict[str, Any] = {
         "note": "held-out split of sklearn's digits (test_size=0.25, random_state=0, "
                 "stratified); written by scripts/build_digits_model.py",
         "inputs": x_test.astype(int).tolist(), "labels": y_test.tolist(),
-        "sklearn_predictions": sk_pred.tolist()}, separators=(",", ":")) + "\n")
+        "sklearn_predictions": sk_pred.tolist()}
+    holdout.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
     print(f"digits@{manifest.version}: signer {key.key_id}, "
           f"{manifest.files['model.onnx'].size} bytes")
     print(f"held-out accuracy: scikit-learn {accuracy:.4f}, ONNX Runtime {ort_acc:.4f} "
           f"({len(y_test)} samples; agreement {agree:.4f})")
     return 0 if accuracy >= 0.95 and agree == 1.0 else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--key", type=Path, default=DEFAULT_KEY, help="private signing key")
+    p.add_argument("--version", default="1")
+    p.add_argument("--resign-only", action="store_true",
+                   help="re-sign the shipped version with --key and release it; no training")
+    args = p.parse_args()
+    if args.resign_only:
+        return resign(args.key, args.version)
+    return train(args.key, args.version)
 
 
 if __name__ == "__main__":

@@ -366,6 +366,7 @@ def test_manifest_graph_mismatch_is_refused(kit: ModelKit, make_repo: Any) -> No
     data = canonical_json(doc)
     (path / "manifest.json").write_bytes(data)
     (path / "manifest.sig").write_bytes(kit.key.sign(data))
+    kit.release("digits", "1")
     repo, rejected, _ = make_repo()
     with pytest.raises(ModelRejected, match="does not match its manifest"):
         repo.get("digits", "1")

@@ -1,4 +1,4 @@
 {
-  "key_id": "59e3c56d8c5e1a929cd9e2942064e5cf",
-  "signature": "XNZeCO5iqCOI52YLBBCXqSbX1ewSzFkg3Eu1eddZWanLQaOXpujwyxFuKPrHu3ny9LNZC/hLIn415BwQ02p5Cg=="
+  "key_id": "14e4784c3d697ba62a57177d09d83fcb",
+  "signature": "cXQv8QyE0gPNH0wLG6wIv8GqqcF40ONa/gk5rOLsY+hp6VmbLMAhkFkhM1L3W1+OaU77WCx7geynxZOyQPWHDw=="
 }
