@@ -83,7 +83,10 @@ class Job:
         return verify_token(token, self.client.keyring, self.client.tenant, self.id)
 
     def info(self) -> dict[str, Any]:
-        """``{"job_id", "state", "reason"}``; ``reason`` is set for failed jobs only.
+        """``{"job_id", "state", "reason", "model"}``; ``reason`` is set for failed jobs only.
+
+        ``model`` is the ``name@version`` that ran the job, from its sealed
+        result (None until there is one, and for jobs that never ran).
 
         States: ``queued``, ``running``, ``succeeded``, ``failed``, ``rejected``,
         ``cancelled``, ``expired``. The reason is a short code (``timeout``,
@@ -99,13 +102,15 @@ class Job:
             pipe.get(key)
         with backend_errors(self.client.settings):
             sealed, rejected, cancel, claim, submitted = pipe.execute()
-        state, reason = self._state(sealed, rejected, cancel, claim, submitted)
-        return {"job_id": self.id, "state": state, "reason": reason}
+        doc = self._open(sealed) if sealed is not None else None
+        state, reason = self._state(doc, rejected, cancel, claim, submitted)
+        model = doc.get("model") if doc is not None else None
+        return {"job_id": self.id, "state": state, "reason": reason,
+                "model": model if isinstance(model, str) else None}
 
-    def _state(self, sealed: bytes | None, rejected: bytes | None, cancel: bytes | None,
+    def _state(self, doc: dict[str, Any] | None, rejected: bytes | None, cancel: bytes | None,
                claim: bytes | None, submitted: bytes | None) -> tuple[str, str | None]:
-        if sealed is not None:
-            doc = self._open(sealed)
+        if doc is not None:
             if doc.get("ok"):
                 return "succeeded", None
             error = str(doc.get("error", "error"))

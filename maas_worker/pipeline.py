@@ -405,7 +405,7 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
         # Runs in the watchdog thread just before this process is ended.
         rt.backend.set(keyspace.killed(header.tenant, header.job_id), "1",
                        ex=rt.settings.result_ttl_s)
-        finish(rt, verified, interrupted(reason, job.soft_s))
+        finish(rt, verified, produced_by(job.model, interrupted(reason, job.soft_s)))
         if on_hard_also is not None:
             on_hard_also()
 
@@ -418,16 +418,17 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
                                  hard_limit_s=job.hard_s, is_cancelled=is_cancelled,
                                  on_hard=on_hard):
             output = metrics.timed_predict(header, runner, job.inputs)
-        return {"ok": True, "output": output}
+        doc = {"ok": True, "output": output}
     except JobInterrupted as exc:
-        return interrupted(exc.reason, job.soft_s)
+        doc = interrupted(exc.reason, job.soft_s)
     except ModelError as exc:
-        return {"ok": False, "error": exc.reason, "message": str(exc)}
+        doc = {"ok": False, "error": exc.reason, "message": str(exc)}
     except Exception as exc:
         # The exception text may quote the input: log its type only.
         log.error("job %s: model %s raised %s", header.job_id, header.model,
                   type(exc).__name__)
-        return _internal_error()
+        doc = _internal_error()
+    return produced_by(job.model, doc)
 
 
 def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
@@ -449,7 +450,7 @@ def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
         for verified, job in jobs:
             rt.backend.set(keyspace.killed(verified.header.tenant, verified.header.job_id),
                            "1", ex=rt.settings.result_ttl_s)
-            finish(rt, verified, interrupted(reason, job.soft_s))
+            finish(rt, verified, produced_by(job.model, interrupted(reason, job.soft_s)))
         if on_hard_also is not None:
             on_hard_also()
 
@@ -460,22 +461,32 @@ def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
             outputs = metrics.timed_predict_batch([v.header for v, _ in jobs], model,
                                                   [j.inputs for _, j in jobs])
     except JobInterrupted as exc:
-        return [interrupted(exc.reason, first.soft_s)] * len(jobs)
+        return [produced_by(model, interrupted(exc.reason, first.soft_s)) for _ in jobs]
     except Exception as exc:
         log.error("batch of %d for %s raised %s", len(jobs), model.name, type(exc).__name__)
         if len(jobs) == 1:
-            return [_internal_error()]
+            return [produced_by(model, _internal_error())]
         log.info("running the %d jobs of that batch one by one", len(jobs))
         return [run_one(rt, v, j, on_hard_also=on_hard_also) for v, j in jobs]
     log.debug("batch of %d for %s", len(jobs), model.name)
-    return [{"ok": False, "error": out.reason, "message": str(out)}
-            if isinstance(out, ModelError) else {"ok": True, "output": out}
+    return [produced_by(model, {"ok": False, "error": out.reason, "message": str(out)}
+                        if isinstance(out, ModelError) else {"ok": True, "output": out})
             for out in outputs]
 
 
 def can_batch(model: Model) -> bool:
     """Whether ``model`` runs many jobs' inputs in one call (``predict_batch``)."""
     return callable(getattr(model, "predict_batch", None))
+
+
+def produced_by(model: Model, doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` naming the model version that ran the job (``name@version``).
+
+    Sealed with the result, so its client learns which version answered (a
+    bare model name resolves to the owner's signed release: docs/models.md).
+    """
+    doc["model"] = f"{model.name}@{model.version}"
+    return doc
 
 
 def _internal_error() -> dict[str, Any]:
@@ -504,6 +515,10 @@ def interrupted(reason: str, soft_s: float) -> dict[str, Any]:
 
 
 # -- the result ---------------------------------------------------------------------------
+def _model_of(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"model": doc["model"]} if isinstance(doc.get("model"), str) else {}
+
+
 def _result_body(rt: WorkerRuntime, doc: dict[str, Any]) -> tuple[bytes, bool]:
     """The result document as JSON (or a failure document if it cannot be one), and ok."""
     try:
@@ -512,10 +527,11 @@ def _result_body(rt: WorkerRuntime, doc: dict[str, Any]) -> tuple[bytes, bool]:
         # A model's output that is not JSON (NaN, an object): this job fails,
         # with no detail that could quote its data.
         doc = {"ok": False, "error": "internal_error",
-               "message": "the model's output is not JSON"}
+               "message": "the model's output is not JSON", **_model_of(doc)}
         body = json.dumps(doc, separators=(",", ":")).encode()
     if len(body) > rt.settings.max_result_bytes:
-        doc = {"ok": False, "error": "oversize", "message": "the result exceeds the size limit"}
+        doc = {"ok": False, "error": "oversize", "message": "the result exceeds the size limit",
+               **_model_of(doc)}
         body = json.dumps(doc, separators=(",", ":")).encode()
     return body, bool(doc.get("ok"))
 

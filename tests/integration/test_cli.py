@@ -40,6 +40,10 @@ def test_submit_then_status_and_result(shared_stack: Stack, tmp_path) -> None:
     assert json.loads(res.stdout)["slept"] >= 0.1
     st = run(shared_stack, "status", job_id)
     assert (st.returncode, st.stdout.strip()) == (0, "succeeded")
+    # which model version answered is in the sealed result, shown by status --json
+    st = run(shared_stack, "status", job_id, "--json")
+    assert json.loads(st.stdout) == {"job_id": job_id, "state": "succeeded", "reason": None,
+                                     "model": "sleep@1"}
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -179,7 +179,8 @@ def test_job_past_its_time_limit_fails_and_the_worker_carries_on(make_stack) -> 
         job.result(timeout=TIMEOUT)
     assert err.value.reason == "timeout"
     assert time.monotonic() - started < 20
-    assert job.info() == {"job_id": job.id, "state": "failed", "reason": "timeout"}
+    assert job.info() == {"job_id": job.id, "state": "failed", "reason": "timeout",
+                          "model": "sleep@1"}
     assert client.submit("echo", {"next": 1}).result(timeout=TIMEOUT) == {"echo": {"next": 1}}
 
 
