@@ -122,3 +122,63 @@ def test_keys_policy_sets_and_clears_allow_signers(
     assert load_keyring(env / "keyring.json").tenant("acme").policy.allowed_signers is None
     code, _, err = run(capsys, "keys", "policy", "--tenant", "acme", "--allow-signers", "zz")
     assert code == 1 and "allowed_signers" in err
+
+
+def test_release_command_sign_no_release_and_list(
+        env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = str(env / "owner.key")
+    run(capsys, "models", "keygen", "--out", key)
+    repo = env / "repo" / "digits"
+    for v in ("1", "2"):
+        (repo / v).mkdir(parents=True)
+        shutil.copy(BUNDLED_DIGITS, repo / v / "model.onnx")
+    code, out, _ = run(capsys, "models", "sign", str(repo / "1"), "--key", key)
+    assert code == 0 and "released digits@1 (serial 1" in out
+    code, out, _ = run(capsys, "models", "sign", str(repo / "2"), "--key", key, "--no-release")
+    assert code == 0 and "staged, not released" in out
+    assert json.loads((repo / "release.json").read_text())["release"]["version"] == "1"
+
+    code, out, _ = run(capsys, "models", "list", "--json")
+    rows = {r["version"]: r for r in map(json.loads, out.splitlines())}
+    assert (rows["1"]["released"], rows["1"]["serial"]) == (True, 1)
+    assert (rows["2"]["released"], rows["2"]["serial"]) == (False, None)
+    assert rows["1"]["release_error"] is None
+    code, out, _ = run(capsys, "models", "list")
+    assert "RELEASED" in out and "serial 1" in out and "NOT served" not in out
+
+    code, out, _ = run(capsys, "models", "release", "digits", "2", "--key", key)
+    assert code == 0 and "released digits@2 (serial 2" in out
+    # The owner rolls back on purpose: a new release (serial 3) naming version 1.
+    code, out, _ = run(capsys, "models", "release", "digits", "1", "--key", key,
+                       "--model-dir", str(env / "repo"))
+    assert code == 0 and "released digits@1 (serial 3" in out
+    code, _, err = run(capsys, "models", "release", "digits", "1", "--key", key, "--serial", "3")
+    assert code == 1 and "not above the current release's serial 3" in err
+    code, out, _ = run(capsys, "models", "release", "digits", "1", "--key", key, "--serial", "10")
+    assert code == 0 and "serial 10" in out
+
+    # Refused: no such version, a version that does not verify, another signer's key.
+    code, _, err = run(capsys, "models", "release", "digits", "7", "--key", key)
+    assert code == 1 and "no version digits@7" in err
+    data = bytearray((repo / "2" / "model.onnx").read_bytes())
+    data[300] ^= 1
+    (repo / "2" / "model.onnx").write_bytes(bytes(data))
+    code, _, err = run(capsys, "models", "release", "digits", "2", "--key", key)
+    assert code == 1 and "does not verify" in err and "nothing released" in err
+    run(capsys, "models", "keygen", "--out", str(env / "other.key"))
+    code, _, err = run(capsys, "models", "release", "digits", "1", "--key", str(env / "other.key"))
+    assert code == 1 and "a release is signed by the version's own signer" in err
+    assert json.loads((repo / "release.json").read_text())["release"]["serial"] == 10
+
+    # A release that no longer holds shows in the listing.
+    code, out, _ = run(capsys, "models", "release", "digits", "1", "--key", key)
+    (repo / "1" / "model.onnx").write_bytes(bytes(data))  # digits@1 altered too
+    code, out, _ = run(capsys, "models", "list")
+    assert "digits: the bare name is NOT served: released version digits@1 is refused" in out
+    # A release file that does not verify says nothing about the serial: ask for one.
+    shutil.copy(BUNDLED_DIGITS, repo / "1" / "model.onnx")
+    (repo / "release.json").write_text("{}")
+    code, _, err = run(capsys, "models", "release", "digits", "1", "--key", key)
+    assert code == 1 and "pass --serial" in err
+    code, out, _ = run(capsys, "models", "release", "digits", "1", "--key", key, "--serial", "12")
+    assert code == 0 and "serial 12" in out
