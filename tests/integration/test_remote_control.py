@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -111,6 +113,29 @@ def test_workers_answer_inspect_and_refuse_every_other_command(
     # The queue add_consumer named was never consumed: its starmap is still there.
     assert stack.backend.llen("evil") == 1
     assert "celery.starmap" not in stack.worker_logs()
+
+
+def _celery(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "maas_worker.app", *args],
+                          env=stack.env, capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_celery_inspect_works_and_celery_control_says_why_not(
+        make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+    worker = stack.start_worker(concurrency=1)
+    out = _celery(stack, "inspect", "active_queues", "-d", worker.node, "--json")
+    assert out.returncode == 0, out.stderr
+    (answer,) = json.loads(out.stdout).values()
+    assert {q["name"] for q in answer} >= {"maas.high", "maas.normal", "maas.low"}
+    out = _celery(stack, "inspect", "stats", "-d", worker.node)
+    assert out.returncode == 0 and "pool" in out.stdout, out.stderr
+    out = _celery(stack, "control", "rate_limit", "maas.infer", "1/m", "-d", worker.node)
+    # (celery's CLI prints an error reply but exits 0 whatever the replies say)
+    assert "error" in out.stdout and "MAAS_REMOTE_CONTROL=operator" in out.stdout
+    assert wait_for(lambda: _refusals(stack), WAIT_S, "the audit record") == [
+        "remote rate_limit refused"]
 
 
 def test_an_operator_can_open_the_control_but_not_other_queues_nor_revoke(
