@@ -133,7 +133,7 @@ def test_celery_inspect_works_and_celery_control_says_why_not(
     assert out.returncode == 0 and "pool" in out.stdout, out.stderr
     out = _celery(stack, "control", "rate_limit", "maas.infer", "1/m", "-d", worker.node)
     # (celery's CLI prints an error reply but exits 0 whatever the replies say)
-    assert "error" in out.stdout and "MAAS_REMOTE_CONTROL=operator" in out.stdout
+    assert "ERROR" in out.stdout and "MAAS_REMOTE_CONTROL=operator" in out.stdout
     assert wait_for(lambda: _refusals(stack), WAIT_S, "the audit record") == [
         "remote rate_limit refused"]
 
