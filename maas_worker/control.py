@@ -15,7 +15,9 @@ it consume a queue nobody checks. Here the worker's pidbox node is a
 * never: ``revoke``, ``terminate`` and ``revoke_by_stamped_headers`` (they
   drop a job without telling its client: ``maas-worker cancel`` is signed by
   the job's tenant and reported), and ``add_consumer`` of a queue that is not
-  configured (transport.py does not consume one either).
+  configured (transport.py does not consume one either). Revoked ids that
+  Celery's start-up sync (``hello``) would merge from other nodes are
+  refused too.
 
 A refused command gets an error reply (``{"error": ...}``, which ``celery
 inspect``/``control`` and Flower print) and one audit record ``policy``
@@ -124,11 +126,32 @@ class GatedNode(Node):
         return {"error": why}
 
 
+def _refuse_merge(task_ids: Any) -> None:
+    """Stands in for Celery's ``worker.state.merge_revoked``: nothing is ever revoked here.
+
+    Celery's start-up sync (``hello``, both as the command and as the replies
+    a starting worker collects) merges other nodes' revoked ids into this
+    one's: a revoke by another name. No honest node has any (revoke is
+    refused everywhere), so ids arriving this way are refused and audited.
+    """
+    ids = list(task_ids or ())
+    if not ids:
+        return
+    from . import transport
+
+    log.warning("refused %d revoked task id(s) offered by another node", len(ids))
+    transport.auditor.record(None, "policy", job_id=_single_task_id({"task_id": ids}),
+                             detail="remote revoke refused (revoked ids in a hello)")
+
+
 def configure(app: Any, *, mode: str, queues: Collection[str]) -> None:
     """Make ``app``'s worker build a `GatedNode` for its pidbox (call at ``worker_init``)."""
+    from celery.worker import state as worker_state
+
     GatedNode.mode = mode
     GatedNode.queues = frozenset(queues)
     app.control.mailbox.node_cls = GatedNode
+    worker_state.merge_revoked = _refuse_merge
 
 
 def lock_flower(mode: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from maas_worker.embedded import free_port
 
+from .attacker import Attacker
 from .conftest import WAIT_S, Stack, wait_for
 from .services import Service, http_get
 
@@ -102,6 +103,18 @@ def test_workers_answer_inspect_and_refuse_every_other_command(
     expected = [f"remote {c} refused" for c, _ in OPERATOR_COMMANDS]
     assert sorted(wait_for(lambda: len(_refusals(stack)) >= len(expected) and _refusals(stack),
                            WAIT_S, "an audit record per refused command")) == sorted(expected)
+
+    # Celery's start-up sync would merge "revoked" ids another node offers: not here.
+    attacker = Attacker(stack)
+    target = str(uuid.uuid4())
+    answer = _ask(stack, worker.node, "hello", {"from_node": "evil@x", "revoked": [target]})
+    assert answer["revoked"] == []
+    expected.append("remote revoke refused (revoked ids in a hello)")
+    _, envelope = attacker.seal(b'{"not": "revoked"}', job_id=target)
+    attacker.send(envelope, job_id=target)
+    assert attacker.job(target).result(timeout=WAIT_S) == {"echo": {"not": "revoked"}}
+    assert sorted(wait_for(lambda: len(_refusals(stack)) >= len(expected) and _refusals(stack),
+                           WAIT_S, "the hello's audit record")) == sorted(expected)
 
     # The worker is up, consumes what it did, at its own pace and limits.
     assert _alive(worker)
