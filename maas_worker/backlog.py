@@ -6,7 +6,8 @@ tail of each list (kombu ``LPUSH``-es, workers pop from the right); its age come
 the issued-at time in its envelope header, read WITHOUT verifying anything:
 a forged message can only make the backlog look older, which an attacker who
 can write Redis achieves anyway by flooding it. Only a prefix of the message
-is fetched (a Lua ``string.sub``), so a 1 MiB job costs a few KiB per read.
+is fetched (a Lua ``string.sub``, run as the read-only library function
+`functions.TAIL_PREFIX`), so a 1 MiB job costs a few KiB per read.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 import redis
 
+from . import functions
 from .envelope import TYPE_REQUEST, VERSION
 from .settings import PRIORITIES, Settings, queue_for
 
@@ -101,11 +103,12 @@ def _unverified_issued_at_ms(message_prefix: bytes) -> int | None:
 def read_backlog(broker: redis.Redis, *, now: float | None = None) -> Backlog:
     """Queue lengths and oldest-job ages of every priority, in one round trip."""
     now = time.time() if now is None else now
-    pipe = broker.pipeline(transaction=False)
-    for priority in PRIORITIES:
-        pipe.llen(queue_for(priority))
-        pipe.eval(_TAIL_PREFIX, 1, queue_for(priority), _PREFIX_CHARS)
-    replies: list[Any] = pipe.execute()
+
+    def build(pipe: Any) -> None:
+        for priority in PRIORITIES:
+            pipe.llen(queue_for(priority))
+            pipe.fcall_ro(functions.TAIL_PREFIX, 1, queue_for(priority), _PREFIX_CHARS)
+    replies = functions.execute(broker, build)
     depth: dict[str, int] = {}
     ages: dict[str, float | None] = {}
     for i, priority in enumerate(PRIORITIES):

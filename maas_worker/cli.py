@@ -167,6 +167,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
         raise ConfigError("refusing to start Flower without authentication: set "
                           "MAAS_FLOWER_BASIC_AUTH=user:password (or pass --unauthenticated)")
     app.conf.update(celery_config(settings))
+    # No expiry on Flower's inspect reply queue: kombu keeps an expiring one
+    # alive with Lua, which the flower Redis role may not run (acl.py).
+    app.conf.control_queue_expires = None
     # Arguments and results are shown: jobs' are "<sealed envelope>" and None,
     # resource samples' result is the sample in readable form.
     argv = ["flower", f"--port={args.port}", f"--address={args.address}",
@@ -366,6 +369,12 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_acl(args: argparse.Namespace) -> int:
+    from . import acl
+
+    return acl.run(args, _settings(args))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -477,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("metrics", help="serve the fleet's Prometheus metrics")
     me.add_argument("--port", type=int, help="default $MAAS_FLEET_METRICS_PORT or 9541")
     me.add_argument("--address", help="default $MAAS_METRICS_ADDRESS or 127.0.0.1")
+    from . import acl
+
+    acl.add_parser(sub)
     d = sub.add_parser("demo", help="run the whole system locally and exit")
     d.add_argument("--jobs", type=int, default=2, help="echo jobs per priority")
     from .models import commands as model_commands
@@ -491,7 +503,7 @@ COMMANDS = {
     "submit": cmd_submit, "status": cmd_status, "cancel": cmd_cancel, "result": cmd_result,
     "audit": cmd_audit, "ping": cmd_ping,
     "stats": cmd_stats, "demo": cmd_demo, "models": cmd_models,
-    "scale": cmd_scale, "metrics": cmd_metrics,
+    "scale": cmd_scale, "metrics": cmd_metrics, "acl": cmd_acl,
 }
 
 

@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import BatchPublishError, OperationalError
 
-from . import aead, jsonlimits, keyspace
+from . import aead, functions, jsonlimits, keyspace
 from .app import ARGS_REPR, TASK_NAME, make_app, payload_ref
 from .envelope import Header, now_ms, seal
 from .errors import (
@@ -54,6 +54,9 @@ DEPTH_CACHE_S = 0.25
 INLINE_MAX_BYTES = 48 * 1024
 #: Retry-after hint when a queue is full.
 QUEUE_FULL_RETRY_S = 1.0
+#: A channel no one subscribes to: publishing nothing there tells whether the
+#: client's Redis user may publish at all (a producer role may not).
+PUBLISH_PROBE_CHANNEL = "maas:publish-probe"
 
 # Cancel a job of the client's own tenant: never after a result or a refusal;
 # never for a job the tenant does not have (a foreign or unknown id writes
@@ -63,6 +66,8 @@ QUEUE_FULL_RETRY_S = 1.0
 # KEYS: result, cancel, done, submitted, rejected, claim, pending.
 # ARGV: token, default ttl ms, result ttl ms, job id, longest ttl ms.
 # Returns 1 requested, 0 already finished, -1 no such job of this tenant.
+# Run as a Redis function (functions.CANCEL), not EVAL: a producer's Redis
+# user may call the library's functions but not send Lua of its own.
 _CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[5]) == 1 then return 0 end
 local sub = redis.call('GET', KEYS[4])
@@ -149,8 +154,26 @@ class Client:
     def app(self) -> Celery:
         """The producer's Celery app (created on first use)."""
         if self._app is None:
-            self._app = make_app(self.settings, include_tasks=False)
+            app = make_app(self.settings, include_tasks=False)
+            if not self._may_publish():
+                # A producer's Redis user may not publish (docs/security.md,
+                # Redis roles): no task-sent event, or every submit would fail.
+                app.conf.task_send_sent_event = False
+            self._app = app
         return self._app
+
+    def _may_publish(self) -> bool:
+        """Whether this client's Redis user may publish (its task-sent events).
+
+        Asked once, by publishing nothing to a channel no one listens on.
+        """
+        try:
+            self.broker.publish(PUBLISH_PROBE_CHANNEL, b"")
+        except redis.exceptions.NoPermissionError:
+            return False
+        except redis.RedisError:
+            pass  # not reachable now: the send says so, as it always did
+        return True
 
     @property
     def broker(self) -> redis.Redis:
@@ -168,9 +191,16 @@ class Client:
 
     @property
     def cancel_script(self) -> Any:
-        """The cancel request script (job.py), registered on first use."""
+        """The cancel request script (job.py): ``cancel_script(keys=..., args=...)``.
+
+        It calls the library function `functions.CANCEL` (``FCALL``).
+        """
         if self._cancel is None:
-            self._cancel = self.backend.register_script(_CANCEL)
+            backend = self.backend
+
+            def cancel(keys: Sequence[str], args: Sequence[Any]) -> Any:
+                return functions.call(backend, functions.CANCEL, keys, args)
+            self._cancel = cancel
         return self._cancel
 
     @property
@@ -328,6 +358,10 @@ class Client:
                         # Celery copies args into message headers and events for
                         # display; say what it is instead of repeating the ciphertext.
                         argsrepr=ARGS_REPR, kwargsrepr="{}",
+                        # Declare nothing: the job queues are the workers' (they
+                        # bind them), and a producer's Redis user may only push
+                        # to them (docs/security.md, Redis roles).
+                        declare=[],
                     )
         except OperationalError as exc:
             raise ServiceUnavailable(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import redis
 
-from . import keyspace
+from . import functions, keyspace
 from .keys import TenantPolicy
 
 # Lua helpers of both quota scripts: Redis's own clock, the bucket's tokens now
@@ -85,6 +85,11 @@ end
 # flight, expiry ms, then the job ids. Reads the bucket without charging it;
 # counts the tenant's jobs already queued (pending) as spent; records the
 # batch as pending. Same replies as `admit` ({0, -1}: larger than the burst).
+# The in-flight set is the workers' (a producer's Redis user may not write
+# it, docs/security.md "Redis roles"): expired entries are pruned only where
+# the caller may (no ACL, workers, the operator), and only the live ones
+# (score = expiry, later than now) are counted either way. Run as a Redis
+# function (functions.py), not EVAL.
 _ADVISE_MANY = _QUOTA_HELPERS + """
 local rate, burst, maxf, exp_ms = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]),
                                   tonumber(ARGV[4])
@@ -93,8 +98,10 @@ local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local queued = redis.call('ZCARD', KEYS[3])
 if maxf > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  if redis.call('ZCARD', KEYS[2]) + queued + n > maxf then return {-1, 0} end
+  if not redis.acl_check_cmd or redis.acl_check_cmd('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  end
+  if redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf') + queued + n > maxf then return {-1, 0} end
 end
 if rate > 0 then
   if n > burst then return {0, -1} end
@@ -143,7 +150,6 @@ class Quotas:
 
     def __init__(self, client: redis.Redis) -> None:
         self._r = client
-        self._advise_many = client.register_script(_ADVISE_MANY)
 
     def advise_many(self, tenant: str, job_ids: list[str], policy: TenantPolicy,
                     expires_at_ms: int) -> Verdict:
@@ -154,10 +160,10 @@ class Quotas:
         """
         if not policy.limited or not job_ids:
             return Verdict(True)
-        code, wait_ms = self._advise_many(
-            keys=admission_keys(tenant),
-            args=[policy.rate_per_s, policy.effective_burst, policy.max_in_flight,
-                  expires_at_ms, *job_ids])
+        code, wait_ms = functions.call(
+            self._r, functions.ADVISE_MANY, admission_keys(tenant),
+            [policy.rate_per_s, policy.effective_burst, policy.max_in_flight,
+             expires_at_ms, *job_ids])
         return verdict(int(code), int(wait_ms))
 
     def release(self, tenant: str, job_id: str, policy: TenantPolicy) -> None:

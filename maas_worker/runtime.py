@@ -17,9 +17,10 @@ import time
 import psutil
 import redis
 
-from . import aead, keyspace
+from . import aead, functions, keyspace
 from .audit import AuditLog
 from .batching import DynamicBatcher
+from .errors import ConfigError
 from .guard import JobGuard, LeaseKeeper
 from .keys import KeyringSource
 from .models import EchoModel, Model, ModelRegistry, SleepModel
@@ -248,7 +249,14 @@ class Advertiser:
         self._thread = threading.Thread(target=self._run, name="maas-advertise", daemon=True)
 
     def start(self) -> None:
-        """Advertise now and then every `ADVERTISE_INTERVAL_S`."""
+        """Load the function library, advertise now and then every `ADVERTISE_INTERVAL_S`."""
+        try:
+            # Before the node is announced: clients that wait for a worker
+            # find the library producers and monitors call (functions.py).
+            functions.load(self._client)
+        except (ConfigError, redis.RedisError) as exc:
+            log.warning("could not load the Redis function library %s: %s",
+                        functions.LIBRARY, exc)
         advertise(self._client, self.node, self.refs())
         self._thread.start()
 
