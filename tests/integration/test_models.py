@@ -1,4 +1,7 @@
-"""Signed models in real workers: digits end to end, hot reload, tampering, encryption at rest."""
+"""Signed models in real workers: digits end to end, hot reload, tampering, encryption at rest.
+
+The release pointer against a real worker: test_model_release.py.
+"""
 
 from __future__ import annotations
 
@@ -111,9 +114,10 @@ def test_signed_repository_in_a_running_worker(make_stack, tmp_path: Path) -> No
     assert _files_containing(marker, [Path(t) for t in open_files if t.startswith("/")
                                       and Path(t).is_file()]) == []
 
-    # A newer version whose artifact was altered after signing: refused at load,
-    # audited; asked for by name it fails the job clearly, and the worker serves on.
-    v3 = kit.publish("digits", "3")
+    # A newer version, staged (signed, not released), whose artifact was altered
+    # after signing: refused at load, audited; asked for by name it fails the
+    # job clearly, and the worker serves on.
+    v3 = kit.publish("digits", "3", release=False)
     data = bytearray((v3 / "model.onnx").read_bytes())
     data[400] ^= 0x01
     (v3 / "model.onnx").write_bytes(bytes(data))
@@ -123,11 +127,11 @@ def test_signed_repository_in_a_running_worker(make_stack, tmp_path: Path) -> No
     assert err.value.reason == "model_rejected" and "digits@3" in str(err.value)
     assert "digits@3: file model.onnx does not match its hash (altered)" \
         in model_rejections(stack)
-    # "digits" still means the newest version that verifies.
+    # "digits" still means the released version (digits@2).
     assert client.submit("digits", FEW).result(timeout=TIMEOUT)["labels"] == FEW_LABELS
 
     # Validly signed, but by a key the workers do not trust: never advertised.
-    kit.publish("digits", "4", key=SigningKey.generate())
+    kit.publish("digits", "4", key=SigningKey.generate(), release=False)
     wait_for(lambda: "digits@4: signed by an untrusted key" in model_rejections(stack),
              TIMEOUT, "audit of digits@4")
     assert "digits@4" not in catalogue(stack)
