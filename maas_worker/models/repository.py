@@ -338,15 +338,6 @@ class ModelRepository:
                 raise ModelRejected(f"{name}: released version {release.ref} is refused: "
                                     f"{entry.rejected or 'refused'}") from None
 
-    def released(self, name: str) -> tuple[Release | None, str | None]:
-        """The model's verified release and why its bare name is unavailable (None: served)."""
-        with self._lock:
-            self._maybe_scan()
-            state = self._releases.get(name)
-            if state is None:
-                return None, "no such model"
-            return state.release, self._status(name)[1]
-
     def scan(self) -> None:
         """Rescan now."""
         with self._lock:
