@@ -123,7 +123,8 @@ class Release:
         except (ValueError, RecursionError):
             raise ModelRejected("release.json is not JSON") from None
         if not isinstance(doc, dict) or set(doc) != {"release", "signature"} \
-                or not isinstance(doc["release"], dict) or not isinstance(doc["signature"], dict):
+                or not isinstance(doc["release"], dict) or not isinstance(doc["signature"], dict) \
+                or set(doc["signature"]) != {"key_id", "signature"}:
             raise ModelRejected("release.json is malformed")
         try:
             body_bytes = canonical_json(doc["release"])
