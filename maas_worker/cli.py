@@ -158,18 +158,28 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
+    from celery import Celery
+
     from . import control
-    from .app import app, celery_config
+    from .app import celery_config
 
     settings = Settings.from_env()
     auth = settings.flower_basic_auth
     if not auth and not args.unauthenticated:
         raise ConfigError("refusing to start Flower without authentication: set "
                           "MAAS_FLOWER_BASIC_AUTH=user:password (or pass --unauthenticated)")
-    app.conf.update(celery_config(settings))
-    # No expiry on Flower's inspect reply queue: kombu keeps an expiring one
-    # alive with Lua, which the flower Redis role may not run (acl.py).
-    app.conf.control_queue_expires = None
+    # Flower's own app, without the worker's modules (Flower imports an app's
+    # modules, and the worker's install its transport, which takes with Lua),
+    # and no expiry on its event and reply queues (kombu keeps expiring ones
+    # with Lua): the flower Redis role runs no Lua and writes no queue
+    # (acl.py). Nor does it sweep reserved messages back into the queues: it
+    # reserves none (replies are taken unacknowledged), workers sweep.
+    from kombu.transport import redis as kombu_redis
+
+    kombu_redis.QoS.restore_visible = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+    app = Celery("maas_worker")
+    app.conf.update(celery_config(settings), control_queue_expires=None,
+                    event_queue_expires=None)
     # Arguments and results are shown: jobs' are "<sealed envelope>" and None,
     # resource samples' result is the sample in readable form.
     argv = ["flower", f"--port={args.port}", f"--address={args.address}",
