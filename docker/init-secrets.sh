@@ -2,9 +2,12 @@
 # Create what a deployment needs and must never commit or bake into an image,
 # next to docker/compose.yaml (or in the folder given):
 #
-#   .env                      MAAS_REDIS_PASSWORD, MAAS_FLOWER_BASIC_AUTH, MAAS_UID/GID
-#   secrets/redis-password    the Redis ACL user's password (random, 256 bits)
-#   secrets/redis-users.acl   Redis ACL file: `default` off, user `maas` (SHA-256 of the password)
+#   .env                      MAAS_REDIS_PASSWORD_<ROLE> (one per Redis role, below),
+#                             MAAS_FLOWER_BASIC_AUTH, MAAS_UID/GID
+#   secrets/redis-passwords/  one password file per Redis role (random, 256 bits):
+#                             operator worker beat monitor flower producer-<example tenant>
+#   secrets/redis-acl/        users.acl: only `default` off until `maas-worker acl` writes
+#                             every role's user into it (after `keys init`)
 #   secrets/tls/              a private CA, the Redis server certificate and a client
 #                             certificate (for docker/compose.tls.yaml, or any rediss:// setup)
 #   secrets/keyring/          empty: `maas-worker keys init` goes here (workers read it)
@@ -12,38 +15,42 @@
 #   secrets/model-keys/       empty: model-keys.json for encrypted models, if any
 #   data/redis/  models/  signers/
 #
-# Existing files are kept, so running it again is safe. Everything is created
+# Existing files are kept (a .env without the role passwords gets them appended),
+# so running it again is safe. Everything is created
 # mode 0600/0700 and owned by you; the containers run as your uid (MAAS_UID)
 # so they can read it. Needs bash and openssl. Usage:
 #   docker/init-secrets.sh [DIR]          (DIR defaults to this script's folder)
 # MAAS_TLS_SERVER_NAMES (default DNS:redis,DNS:localhost,IP:127.0.0.1) names
-# the Redis server in its certificate; MAAS_TLS_DAYS (default 825) its lifetime.
+# the Redis server in its certificate; MAAS_TLS_DAYS (default 825) its lifetime;
+# MAAS_EXAMPLE_TENANT (default acme) the tenant of the example producer.
 set -euo pipefail
 umask 077
 
 here=$(cd "$(dirname "$0")" && pwd)
 dir=${1:-$here}
 names=${MAAS_TLS_SERVER_NAMES:-DNS:redis,DNS:localhost,IP:127.0.0.1}
+example_tenant=${MAAS_EXAMPLE_TENANT:-acme}
 days=${MAAS_TLS_DAYS:-825}
 command -v openssl >/dev/null 2>&1 || { echo "init-secrets: openssl is required" >&2; exit 1; }
 
 secrets=$dir/secrets
 tls=$secrets/tls
 mkdir -p "$secrets/keyring" "$secrets/clients" "$secrets/model-keys" "$tls" "$dir/data/redis" \
-    "$dir/models" "$dir/signers"
+    "$dir/models" "$dir/signers" "$secrets/redis-passwords" "$secrets/redis-acl"
 
 random_hex() { openssl rand -hex 32; }
 
-# -- Redis ACL: one user for every maas-worker process; the default user is off.
-[ -s "$secrets/redis-password" ] || random_hex > "$secrets/redis-password"
-password=$(cat "$secrets/redis-password")
-if [ ! -s "$secrets/redis-users.acl" ]; then
-    digest=$(printf '%s' "$password" | openssl dgst -sha256 -r | cut -d' ' -f1)
-    # All keys and channels; no administrative or dangerous commands (KEYS,
-    # FLUSHALL, CONFIG, DEBUG, SHUTDOWN, ACL, MONITOR, ...).
-    printf 'user default off\nuser maas on #%s ~* &* +@all -@admin -@dangerous\n' \
-        "$digest" > "$secrets/redis-users.acl"
-fi
+# -- Redis: one ACL user per role, each with a password of its own. Only the
+# passwords are made here; `maas-worker acl` (run in the cli service after
+# `keys init`) keeps them and writes every role's user, with its least
+# privilege, into redis-acl/users.acl (docs/operations.md, Redis roles).
+# Until then the file only turns the default user off: nobody can connect.
+roles="operator worker beat monitor flower producer-$example_tenant"
+for role in $roles; do
+    [ -s "$secrets/redis-passwords/$role" ] || random_hex > "$secrets/redis-passwords/$role"
+done
+[ -s "$secrets/redis-acl/users.acl" ] || echo "user default reset off" \
+    > "$secrets/redis-acl/users.acl"
 
 # -- TLS: a private CA, the server's certificate, one client certificate.
 cnf=$(mktemp)
@@ -100,19 +107,27 @@ fi
 if [ ! -s "$dir/.env" ]; then
     {
         echo "# Written by init-secrets.sh. Secrets: never commit this file."
-        echo "MAAS_REDIS_PASSWORD=$password"
         echo "MAAS_FLOWER_BASIC_AUTH=ops:$(random_hex)"
         echo "MAAS_UID=$uid"
         echo "MAAS_GID=$gid"
     } > "$dir/.env"
 fi
+# Each role's password for compose (MAAS_REDIS_PASSWORD_WORKER, ..._PRODUCER for
+# the example producer), added to an existing .env when missing.
+for role in $roles; do
+    case $role in producer-*) name=PRODUCER ;; *) name=$(echo "$role" | tr a-z A-Z) ;; esac
+    grep -q "^MAAS_REDIS_PASSWORD_$name=" "$dir/.env" \
+        || echo "MAAS_REDIS_PASSWORD_$name=$(cat "$secrets/redis-passwords/$role")" >> "$dir/.env"
+done
 
 cat <<EOF
 Created in $dir (existing files were kept). Next, from the folder of compose.yaml:
   docker compose build
-  docker compose --profile tools run --rm cli maas-worker keys init --tenant acme
-  docker compose --profile tools run --rm cli maas-worker keys export --tenant acme \\
-      --out /run/maas/clients/acme/keyring.json
+  docker compose --profile tools run --rm --no-deps cli maas-worker keys init --tenant $example_tenant
+  docker compose --profile tools run --rm --no-deps cli maas-worker keys export \\
+      --tenant $example_tenant --out /run/maas/clients/$example_tenant/keyring.json
+  docker compose --profile tools run --rm --no-deps cli maas-worker acl \\
+      --acl-file /run/maas/redis-acl/users.acl --passwords /run/maas/redis-passwords
   docker compose up --detach --scale worker=2
   docker compose --profile example run --rm producer
 EOF

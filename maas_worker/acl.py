@@ -2,25 +2,11 @@
 
 ``maas-worker acl`` writes ``users.acl`` from the keyring's tenants: the
 ``default`` user off, and one user per role (docs/operations.md, "Redis
-roles"; the guarantees are in docs/security.md):
+roles"; the guarantees are in docs/security.md, "Redis roles"):
 
-* ``producer-<tenant>``: what `Client`, `Job` and ``submit``/``status``/
-  ``result``/``cancel`` do for that tenant and nothing else: write its own
-  queued markers, payloads, cancel requests and pending set, pop its own
-  ``done`` lists, read its own keys, push to the job queues (no pop, no
-  trim, no delete, no read beyond their length), ring the wake-up list, read
-  the model catalogue, and call the function library (``+fcall``: no
-  ``EVAL``, no ``FUNCTION LOAD``, no Pub/Sub at all);
-* ``worker``: the maas keys, the queues, kombu's reservation and binding keys,
-  the pidbox, event and sample channels, ``EVAL`` for its own scripts,
-  loading the function library; no ``@admin`` or ``@dangerous`` command;
-* ``beat``: publishes the resource-sample request (and its task-sent event);
-* ``monitor``: reads queue lengths, samples, nodes and the catalogue (fleet
-  exporter, ``stats``, ``scale``, KEDA's list scaler);
-* ``flower``: task events, queue lengths, and inspect commands through the
-  pidbox with a reply queue;
-* ``operator``: every key and channel, no ``@dangerous`` command but ``ACL
-  LOAD`` (and ``ACL LOG``, ``INFO``).
+``producer-<tenant>`` (one per tenant), ``worker``, ``beat``, ``monitor``,
+``flower`` and ``operator``, each allowed what its process does and no
+more (the ``*_rules`` functions below say what).
 
 Rules use Redis 7 key permissions (``%R~`` read, ``%W~`` write) and
 selectors (``(...)``: a command allowed only on the keys of its selector).
@@ -59,8 +45,13 @@ from .settings import PRIORITIES, Settings, queue_for
 #: The fixed roles, in the order they are written (producers follow, by tenant).
 ROLES = ("operator", "worker", "beat", "monitor", "flower")
 PRODUCER_PREFIX = "producer-"
-#: Commands every user needs to connect: redis-py's handshake and health checks.
-_CONNECT = ("+ping", "+hello", "+client|setinfo", "+select", "+multi", "+exec", "+discard")
+#: What every user needs to connect: redis-py's handshake (HELLO, CLIENT SETINFO on
+#: Redis 7.2+, named through its category: Redis 7.0 refuses the unknown
+#: subcommand), PING, SELECT, MULTI/EXEC; no key tracking (its broadcast mode
+#: would report other tenants' key names) and nothing administrative.
+_CONNECT = ("+@connection", "-@admin", "-@dangerous", "-client|tracking", "-client|caching",
+            "-client|trackinginfo", "-client|getredir", "+select", "+multi", "+exec",
+            "+discard")
 _JOB_QUEUES = tuple(queue_for(p) for p in PRIORITIES)
 #: Celery's remote-control (pidbox) exchange and kombu's keys around it.
 _PIDBOX = "celery.pidbox"
@@ -88,7 +79,14 @@ def _channels(dbs: Sequence[int], *names: str) -> list[str]:
 
 
 def producer_rules(tenant: str) -> list[str]:
-    """What ``tenant``'s producers may do (see the module docstring)."""
+    """What `Client`/`Job` and ``submit``, ``status``, ``result``, ``cancel`` do for ``tenant``.
+
+    Write its queued markers, payloads, cancel requests and pending set
+    (keyspace.py), pop its ``done`` lists, read its own keys, push to the job
+    queues (no pop, trim, delete or read beyond their length), ring the
+    wake-up list, read the catalogue, call the library (no EVAL, no FUNCTION
+    LOAD); no Pub/Sub, no other tenant's key.
+    """
     t = keyspace.tenant_prefix(tenant)
     return [
         *_CONNECT, "+time",
@@ -178,16 +176,11 @@ def password_digest(password: str) -> str:
 def acl_text(passwords: dict[str, str], *, dbs: Sequence[int] = (0,)) -> str:
     """The ACL file for ``passwords`` (role -> password): ``default`` off, then each role."""
     lines = ["user default reset off"]
-    for role in roles_in_order(passwords):
+    # Fixed roles first, in `ROLES` order, then producers by tenant.
+    for role in sorted(passwords, key=lambda r: (ROLES.index(r) if r in ROLES else 99, r)):
         rules = " ".join(role_rules(role, dbs=dbs))
         lines.append(f"user {role} reset on #{password_digest(passwords[role])} {rules}")
     return "\n".join(lines) + "\n"
-
-
-def roles_in_order(roles: Iterable[str]) -> list[str]:
-    """Fixed roles first (in `ROLES` order), then producers by tenant."""
-    names = set(roles)
-    return [r for r in ROLES if r in names] + sorted(r for r in names if r not in ROLES)
 
 
 def roles_for(tenants: Iterable[str]) -> list[str]:
@@ -314,10 +307,15 @@ def apply(server: str, password: str, roles: dict[str, str], settings: Settings)
     from . import functions
     from .runtime import redis_client
 
-    client: Any = redis_client(role_url(server, "operator", password), tls=settings.redis_tls)
+    url = role_url(server, "operator", password)
     where = server_url(server)
     try:
-        client.execute_command("ACL", "LOAD")
+        loader: Any = redis_client(url, tls=settings.redis_tls)
+        # Redis 7.0 then drops every connection (Valkey keeps those whose user
+        # is unchanged): clients reconnect, and so do we.
+        with contextlib.closing(loader), contextlib.suppress(redis.ConnectionError):
+            loader.execute_command("ACL", "LOAD")
+        client: Any = redis_client(url, tls=settings.redis_tls)
         functions.load(client)
         # The server read ITS file: make sure it is the one just written.
         for role, secret in roles.items():
@@ -328,11 +326,10 @@ def apply(server: str, password: str, roles: dict[str, str], settings: Settings)
                     f"{where} reloaded an ACL file without user {role} (or with another "
                     "password): is --acl-file the file the server was started with "
                     "(--aclfile)?") from None
+        client.close()
     except redis.RedisError as exc:
         raise ConfigError(f"cannot apply the ACL on {where} as the operator: "
                           f"{connection_cause(exc)}") from None
-    finally:
-        client.close()
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

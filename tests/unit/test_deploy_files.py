@@ -3,9 +3,10 @@
 No Docker engine runs here, so nothing in docker/ is built or started by the
 tests (docs/operations.md says what was run and what was not). What can be
 checked without one is checked: the compose files parse, every command they
-and the Dockerfile run is a real ``maas-worker`` command line, nothing runs as
-root, the base image is pinned, exactly one beat, Flower authenticated, Redis
-with an ACL and an append-only file, and no secret in any file.
+and the Dockerfile run (and the steps they document) is a real ``maas-worker``
+command line, nothing runs as root, the base image is pinned, exactly one beat,
+Flower authenticated, Redis with an ACL and an append-only file, every service
+on its own Redis role, and no secret in any file.
 """
 
 from __future__ import annotations
@@ -125,14 +126,83 @@ def test_redis_has_an_acl_and_an_append_only_file_and_is_not_published(
     redis_svc = compose["services"]["redis"]
     cmd = redis_svc["command"]
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
-    acl = cmd[cmd.index("--aclfile") + 1]
-    assert acl == "/run/secrets/redis-users.acl" and "redis-users.acl" in redis_svc["secrets"]
+    acl_file = cmd[cmd.index("--aclfile") + 1]
+    # The ACL file's folder, read-only (not a single-file mount: `maas-worker acl`
+    # replaces the file by rename, and ACL LOAD must read the new one).
+    assert acl_file == "/run/maas/redis-acl/users.acl"
+    assert "./secrets/redis-acl:/run/maas/redis-acl:ro" in redis_svc["volumes"]
     assert "ports" not in redis_svc
     assert re.fullmatch(r"valkey/valkey:\d+\.\d+\.\d+-alpine", redis_svc["image"])
     assert any(str(v).endswith(":/data") for v in redis_svc["volumes"])
-    # Clients authenticate as the ACL user, password from .env.
-    url = compose["x-maas-env"]["MAAS_BROKER_URL"]
-    assert re.fullmatch(r"redis://maas:\$\{MAAS_REDIS_PASSWORD:\?[^}]+\}@redis:6379/0", url)
+    # No shared URL: every client service has its own role's (below).
+    assert "MAAS_BROKER_URL" not in compose["x-maas-env"]
+
+
+#: The Redis role (ACL user) each service connects as, and its password variable in .env.
+SERVICE_ROLES = {"worker": ("worker", "WORKER"), "beat": ("beat", "BEAT"),
+                 "flower": ("flower", "FLOWER"), "metrics": ("monitor", "MONITOR"),
+                 "cli": ("operator", "OPERATOR"),
+                 "producer": ("producer-${MAAS_EXAMPLE_TENANT:-acme}", "PRODUCER")}
+
+
+def role_url(service: str, scheme: str = "redis") -> str:
+    user, var = SERVICE_ROLES[service]
+    return (rf"{scheme}://{re.escape(user)}:\$\{{MAAS_REDIS_PASSWORD_{var}:\?[^}}]+\}}"
+            r"@redis:6379/0")
+
+
+def test_every_service_connects_as_its_own_least_privilege_role(
+        compose: dict[str, Any]) -> None:
+    from maas_worker import acl
+
+    assert set(SERVICE_ROLES) == MAAS_SERVICES
+    assert {user for user, _ in SERVICE_ROLES.values()} - {
+        "producer-${MAAS_EXAMPLE_TENANT:-acme}"} == set(acl.ROLES)
+    for name in MAAS_SERVICES:
+        url = compose["services"][name]["environment"]["MAAS_BROKER_URL"]
+        assert re.fullmatch(role_url(name), url), (name, url)
+    # Only the operator's cli writes the ACL and the password files; Redis reads
+    # the ACL file only and never sees a password.
+    cli = set(compose["services"]["cli"]["volumes"])
+    assert {"./secrets/redis-acl:/run/maas/redis-acl",
+            "./secrets/redis-passwords:/run/maas/redis-passwords"} <= cli
+    for name, svc in compose["services"].items():
+        for volume in svc.get("volumes", []):
+            if "redis-passwords" in volume or "redis-acl" in volume:
+                assert name in ("cli", "redis"), (name, volume)
+                assert name == "cli" or volume.endswith(":ro")
+
+
+def test_init_secrets_makes_the_password_of_every_role_compose_uses() -> None:
+    script = (DOCKER / "init-secrets.sh").read_text()
+    roles = re.search(r'^roles="([^"]+)"$', script, re.MULTILINE)
+    assert roles, "init-secrets.sh lists the roles it makes passwords for"
+    made = {("PRODUCER" if r.startswith("producer-") else r.upper()) for r in
+            roles.group(1).split()}
+    used = set(re.findall(r"MAAS_REDIS_PASSWORD_(\w+)",
+                          COMPOSE.read_text() + COMPOSE_TLS.read_text()))
+    assert used == made
+    assert "producer-$example_tenant" in roles.group(1)
+
+
+def documented_commands(text: str) -> list[list[str]]:
+    """The ``maas-worker ...`` command lines in ``docker compose ... run`` instructions."""
+    joined = re.sub(r"\\+\n[#\s]*", " ", text)  # backslash continuations, in comments too
+    found = []
+    for line in joined.splitlines():
+        if "docker compose" in line and " run " in line and "maas-worker" in line:
+            words = shlex.split(line.split("maas-worker", 1)[1].split("#", 1)[0])
+            found.append(["maas-worker", *words])
+    return found
+
+
+@pytest.mark.parametrize("path", [COMPOSE, DOCKER / "init-secrets.sh"], ids=lambda p: p.name)
+def test_the_documented_steps_are_real_cli_commands(path: Path) -> None:
+    commands = documented_commands(path.read_text())
+    assert any(c[:2] == ["maas-worker", "acl"] for c in commands), "the acl step is documented"
+    for argv in commands:
+        assert_cli_command([interpolate(a, {"example_tenant": "acme"}) for a in argv],
+                           path.name)
 
 
 def test_nothing_runs_as_root_or_privileged(compose: dict[str, Any]) -> None:
@@ -168,12 +238,15 @@ def test_tls_overlay_puts_every_connection_on_rediss_with_certificates(
     assert cmd[cmd.index("--tls-auth-clients") + 1] == "yes"
     assert cmd[cmd.index("--appendonly") + 1] == "yes" and "--aclfile" in cmd
     targets = {f"/run/secrets/{s}" for s in tls["services"]["redis"]["secrets"]}
-    for flag in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file", "--aclfile"):
+    for flag in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
         assert cmd[cmd.index(flag) + 1] in targets, flag
+    base = compose["services"]["redis"]["command"]
+    assert cmd[cmd.index("--aclfile") + 1] == base[base.index("--aclfile") + 1]
     for name in MAAS_SERVICES:
         svc = tls["services"][name]
         env = svc["environment"]
-        assert env["MAAS_BROKER_URL"].startswith("rediss://maas:${MAAS_REDIS_PASSWORD:?")
+        # The same role as without TLS, over rediss://.
+        assert re.fullmatch(role_url(name, "rediss"), env["MAAS_BROKER_URL"]), name
         mounted = {f"/run/secrets/{s}" for s in svc["secrets"]}
         for var in ("MAAS_REDIS_TLS_CA", "MAAS_REDIS_TLS_CERT", "MAAS_REDIS_TLS_KEY"):
             assert env[var] in mounted, (name, var)
@@ -252,7 +325,8 @@ def test_procfile_runs_every_process_the_system_needs() -> None:
 # -- no secrets anywhere -------------------------------------------------------------------------
 _SECRET_PATTERNS = {
     "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    "password in a URL": re.compile(r"rediss?://[^:/@\s]*:(?!\$\{)[^@\s]+@"),
+    # The user part may be a ${VAR} itself (producer-${MAAS_EXAMPLE_TENANT:-acme}).
+    "password in a URL": re.compile(r"rediss?://(?:[^:/@\s$]|\$\{[^}]*\})*:(?!\$\{)[^@\s]+@"),
     "literal requirepass": re.compile(r"requirepass\s+(?!\$)\S+"),
     "ACL password or hash": re.compile(r"\buser\s+\w+\s+on\s+[^\n]*[>#](?!%s)\S+"),
     "random-looking token": re.compile(r"\b[0-9a-fA-F]{32,}\b"),
