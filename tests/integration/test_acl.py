@@ -76,6 +76,24 @@ class Deployment:
                               timeout=120, check=False)
 
 
+def denials(operator: redis.Redis) -> list[tuple[str, str, str]]:
+    """(user, reason, object) of each refusal the server logged since the last call."""
+    rows: Any = operator.execute_command("ACL", "LOG", 128)
+    operator.execute_command("ACL", "LOG", "RESET")
+    out = []
+    for row in rows:
+        entry = row if isinstance(row, dict) else dict(zip(row[::2], row[1::2], strict=True))
+        text = {(k.decode() if isinstance(k, bytes) else k):
+                (v.decode() if isinstance(v, bytes) else v) for k, v in entry.items()}
+        out.append((text["username"], text["reason"], text["object"]))
+    return out
+
+
+#: The one refusal a producer meets by design: the client asks once whether it may
+#: publish (its task-sent event) by trying, and goes without the event.
+PROBE = ("producer-acme", "command", "publish")
+
+
 def _start_server(d: Path, port: int, acl_file: Path, operator: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [str(server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -115,8 +133,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     worker_url = acl.role_url(f"redis://127.0.0.1:{port}/0", "worker",
                               (passwords / "worker").read_text().strip())
     stack = Stack(operator_url, tmp, keyring_path, {**env, "MAAS_BROKER_URL": worker_url},
-                  redis.Redis.from_url(operator_url))
-    worker = stack.start_worker("aclw", concurrency=2)
+                  redis.Redis.from_url(operator_url), worker_args=())
+    # --autoscale: the autoscaler reads the backlog (a read-only library function).
+    worker = stack.start_worker("aclw", concurrency=2, args=("--autoscale", "2,1"))
+    denials(stack.backend)
     try:
         yield Deployment(stack, port, acl_file, passwords, worker)
     finally:
@@ -142,6 +162,22 @@ def test_a_producer_submits_waits_and_cancels_with_its_role(deployment: Deployme
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["state"] == "succeeded"
     assert "NOPERM" not in deployment.stack.worker_logs()
+    # Nothing the producer or the worker did was refused, but the probe.
+    assert set(denials(deployment.stack.backend)) <= {PROBE}
+
+
+def test_a_batch_consumer_worker_runs_jobs_with_the_worker_role(
+        deployment: Deployment) -> None:
+    batch = deployment.stack.start_worker("aclb", concurrency=1, args=("--batch-consumer",))
+    try:
+        with deployment.client() as client:
+            jobs = client.submit_many("echo", [{"b": i} for i in range(8)], priority="low")
+            assert [j.result(timeout=WAIT_S) for j in jobs] == \
+                [{"echo": {"b": i}} for i in range(8)]
+    finally:
+        batch.stop(timeout_s=10)
+    assert "no permissions" not in batch.log_path.read_text()
+    assert set(denials(deployment.stack.backend)) <= {PROBE}
 
 
 def test_beat_monitor_and_operator_roles_do_their_jobs(deployment: Deployment) -> None:
@@ -168,6 +204,7 @@ def test_beat_monitor_and_operator_roles_do_their_jobs(deployment: Deployment) -
     stats = json.loads(deployment.cli("monitor", "stats", "--json").stdout)
     assert deployment.worker.node in {w["worker"] for w in stats["workers"]}
     assert "Traceback" not in beat.log() + exporter.log()
+    assert denials(deployment.stack.backend) == []
 
 
 def test_flower_serves_with_its_role_and_the_operator_inspects(deployment: Deployment) -> None:
@@ -191,6 +228,7 @@ def test_flower_serves_with_its_role_and_the_operator_inspects(deployment: Deplo
     finally:
         flower.stop()
     assert "no permissions" not in flower.log() and "NOPERM" not in flower.log()
+    assert set(denials(deployment.stack.backend)) <= {PROBE}
     inspect = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "maas_worker.app", "inspect", "ping", "-t", "5",
          "-d", deployment.worker.node], env=deployment.env("operator"), capture_output=True,
@@ -317,20 +355,20 @@ def test_replaying_a_finished_job_after_trying_to_delete_its_state_fails(
 
 
 # -- the function library and the generator against the server ---------------------------------
-def test_a_producer_without_the_library_says_how_to_load_it(deployment: Deployment) -> None:
+def test_a_producer_without_the_library_says_how_to_load_it(
+        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A library version this server lacks (a worker here would load the real
+    # one again at once: its autoscaler reads the backlog with it).
+    monkeypatch.setattr(functions, "CANCEL", "maas_v0_cancel")
+    with deployment.client() as client, \
+            pytest.raises(ConfigError, match=r"may not load it: run `maas-worker acl "
+                          r"--load-functions` as the operator"):
+        client.job(JOB).cancel()
+    monkeypatch.undo()
     operator = deployment.stack.backend
     operator.function_delete(functions.LIBRARY)
-    try:
-        with deployment.client() as client:
-            job = client.job(JOB)
-            with pytest.raises(ConfigError, match=r"maas-worker acl --load-functions"):
-                job.cancel()
-        done = deployment.cli("producer-acme", "cancel", JOB, MAAS_TENANT="acme")
-        assert done.returncode == 1
-        assert done.stderr.count("\n") == 1 and "--load-functions" in done.stderr
-    finally:
-        loaded = deployment.cli("operator", "acl", "--load-functions")
-        assert loaded.returncode == 0, loaded.stderr
+    loaded = deployment.cli("operator", "acl", "--load-functions")
+    assert loaded.returncode == 0, loaded.stderr
     assert operator.function_list(library=functions.LIBRARY)
     with deployment.client() as client, \
             pytest.raises(Exception, match="no job of tenant 'acme'"):
