@@ -189,3 +189,13 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("maas-worker: error: ")
     assert message in err
+
+
+def test_an_apply_that_fails_says_so_in_one_line_after_writing(
+        env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["acl", "--apply", "--server", "redis://127.0.0.1:1/0"]) == 1
+    _, err = capsys.readouterr()
+    wrote, error = err.splitlines()  # the files are written; then the reload fails
+    assert wrote.startswith("wrote users.acl")
+    assert error.startswith("maas-worker: error: cannot apply the ACL on "
+                            "redis://127.0.0.1:1/0 as the operator: ")
