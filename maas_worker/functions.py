@@ -25,7 +25,6 @@ naming the fix.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,9 +46,10 @@ LOAD_HINT = ("run `maas-worker acl --load-functions` as the operator, or start a
              "(it loads the library)")
 
 
-@functools.cache
 def library_code() -> str:
-    """The library's source, as FUNCTION LOAD takes it (built once from the scripts)."""
+    """The library's source, as FUNCTION LOAD takes it (built from the scripts; only
+    loading needs it, which is rare: not cached, so it always names the functions
+    as this module does)."""
     from .backlog import _TAIL_PREFIX
     from .client import _CANCEL
     from .quota import _ADVISE_MANY, _QUOTA_HELPERS
