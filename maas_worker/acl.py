@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import os
 import secrets
 import stat
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ import redis
 
 from . import fetch, keyspace
 from .errors import ConfigError, connection_cause
+from .files import write_atomic
 from .keys import TENANT_RE
 from .settings import PRIORITIES, Settings, queue_for
 
@@ -193,21 +192,10 @@ def roles_for(tenants: Iterable[str]) -> list[str]:
 
 # -- files ---------------------------------------------------------------------------------
 def write_private(path: Path, data: str) -> None:
-    """Write ``path`` atomically (temp file, fsync, rename), mode 0600."""
+    """Write ``path`` atomically (`files.write_atomic`), mode 0600; `ConfigError` if it cannot."""
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)  # mode 0600
+        write_atomic(path, data.encode(), private=True)
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
 
 

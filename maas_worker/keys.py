@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +40,7 @@ from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
 
 from .errors import KeyringError, UnknownTenant
+from .files import write_atomic
 
 KeyState = Literal["decrypt-only", "primary", "retired"]
 KEY_STATES: tuple[KeyState, ...] = ("decrypt-only", "primary", "retired")
@@ -401,24 +401,7 @@ def load_keyring(path: Path) -> Keyring:
 
 def save_keyring(path: Path, ring: Keyring) -> None:
     """Write the keyring atomically (temp file + fsync + rename), mode 0600."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    data = json.dumps(ring.to_json(), indent=2).encode()
-    fd, tmp = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)  # mkstemp: 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, json.dumps(ring.to_json(), indent=2).encode(), private=True)
 
 
 @contextlib.contextmanager

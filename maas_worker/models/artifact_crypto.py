@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import secrets
 import threading
 from collections.abc import Mapping
@@ -40,6 +39,7 @@ from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
 
 from ..errors import ConfigError, ModelRejected
+from ..files import write_atomic
 
 MAGIC = b"MAASMOD1"
 KEY_ID_BYTES = 8
@@ -213,14 +213,7 @@ class ModelKeys:
         doc = {"format": MODEL_KEYS_FORMAT,
                "keys": {k.key_id: base64.b64encode(k.secret).decode()
                         for k in self.keys.values()}}
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(doc, indent=2).encode(), private=True)
 
 
 class ModelKeysSource:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ModelRejected
+from ..files import write_atomic
 from .artifact_crypto import (
     DEFAULT_CHUNK_BYTES,
     ModelKey,
@@ -41,15 +42,6 @@ from .signing import SigningKey
 _DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
            "tensor(int32)": "int32", "tensor(int64)": "int64"}
 ARTIFACT_SUFFIXES = (".onnx", ".onnx.enc")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def encrypt_file(src: Path, dst: Path, key: ModelKey, *,
@@ -178,6 +170,6 @@ def sign_version(version_dir: Path, key: SigningKey, **spec: Any) -> Manifest:
     """
     manifest = build_manifest(version_dir, key.key_id, **spec)
     data = manifest.to_bytes()
-    _write_atomic(version_dir / MANIFEST_FILE, data)
-    _write_atomic(version_dir / SIGNATURE_FILE, key.sign(data))
+    write_atomic(version_dir / MANIFEST_FILE, data, private=False)
+    write_atomic(version_dir / SIGNATURE_FILE, key.sign(data), private=False)
     return manifest

@@ -31,11 +31,9 @@ directories as versions, so ``release.json`` is never mistaken for one.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import ModelRejected
+from ..files import write_atomic
 from .base import MODEL_NAME_RE, VERSION_RE
 from .manifest import KEY_ID_RE, Manifest, canonical_json, now_iso
 from .signing import SigningKey, TrustedSigners
@@ -239,16 +238,5 @@ def write_release(model_dir: Path, key: SigningKey, manifest: Manifest, serial: 
         raise ValueError(f"serial must be from 1 to {MAX_SERIAL}")
     release = Release(manifest.name, manifest.version, serial, manifest_digest(manifest),
                       key.key_id, now_iso())
-    data = release.to_file(key)
-    tmp = model_dir / f".{RELEASE_FILE}.{secrets.token_hex(4)}"
-    try:
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, model_dir / RELEASE_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    write_atomic(model_dir / RELEASE_FILE, release.to_file(key), private=False)
     return release
