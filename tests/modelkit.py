@@ -110,6 +110,23 @@ class ModelKit:
         return write_release(self.root / name, key, manifest, serial)
 
 
+class Clock:
+    """A repository's rescan clock that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, s: float = 60.0) -> None:
+        self.now += s
+
+
+#: What a repository's ``on_reject`` hook was called with: (reference, why, stage).
+Rejections = list[tuple[str, str, str]]
+
+
 def make_kit(tmp: Path) -> ModelKit:
     """A fresh signer (trusted), model key and empty repository under ``tmp``."""
     key = SigningKey.generate()

@@ -34,29 +34,10 @@ from maas_worker.models.repository import ModelRepository, verify_manifest
 from maas_worker.models.signing import SigningKey, TrustedSigners, TrustedSignersSource
 from maas_worker.runtime import RedisReleaseFloor, audit_rejections, build_registry
 from maas_worker.settings import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR, Settings
-from tests.modelkit import ModelKit, holdout, make_kit
+from tests.modelkit import Clock, ModelKit, Rejections, holdout
 
 SAMPLES = holdout()
 ROWS4 = {"inputs": SAMPLES["inputs"][:4]}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, s: float = 60.0) -> None:
-        self.now += s
-
-
-Rejections = list[tuple[str, str, str]]
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> ModelKit:
-    return make_kit(tmp_path)
 
 
 @pytest.fixture

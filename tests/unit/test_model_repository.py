@@ -26,26 +26,14 @@ from maas_worker.models.repository import ModelRepository
 from maas_worker.models.signing import SigningKey, TrustedSignersSource
 from maas_worker.runtime import build_registry
 from maas_worker.settings import Settings
-from tests.modelkit import BUNDLED_DIGITS, ModelKit, holdout, make_kit, with_marker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, s: float = 60.0) -> None:
-        self.now += s
-
-
-@pytest.fixture
-def kit(tmp_path: Path) -> ModelKit:
-    return make_kit(tmp_path)
-
-
-Rejections = list[tuple[str, str, str]]
+from tests.modelkit import (
+    BUNDLED_DIGITS,
+    Clock,
+    ModelKit,
+    Rejections,
+    holdout,
+    with_marker,
+)
 
 
 @pytest.fixture
