@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maas_worker.client import Client
-from maas_worker.embedded import EmbeddedRedis
-from maas_worker.keys import Keyring, save_keyring
-from maas_worker.processes import WorkerProcess
+from maas_worker.client.client import Client
+from maas_worker.local.embedded import EmbeddedRedis
+from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
+from maas_worker.tenancy.keyring import Keyring, save_keyring
 from tests.modelkit import holdout
 
 

@@ -30,14 +30,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maas_worker.client import Client
-from maas_worker.embedded import EmbeddedRedis
-from maas_worker.envelope import now_ms
-from maas_worker.guard import JobGuard
-from maas_worker.keys import Keyring, TenantPolicy, save_keyring
-from maas_worker.processes import WorkerProcess
-from maas_worker.quota import Quotas, admission_args, admission_keys
+from maas_worker.backend.claims import JobGuard
+from maas_worker.client.client import Client
+from maas_worker.crypto.envelope import now_ms
+from maas_worker.local.embedded import EmbeddedRedis
+from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings, queue_for
+from maas_worker.tenancy.keyring import Keyring, TenantPolicy, save_keyring
+from maas_worker.tenancy.quota import Quotas, admission_args, admission_keys
 
 
 def pct(values: list[float], p: float) -> float:

@@ -37,7 +37,7 @@ from kombu.transport import memory
 
 from maas_worker import jsonlimits
 from maas_worker.app import ARGS_REPR, TASK_NAME
-from maas_worker.queue_entries import (
+from maas_worker.broker.entries import (
     check_message,
     max_body_chars,
     parse_entry,

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from Crypto.Cipher import AES
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from maas_worker import aead
-from maas_worker.envelope import Header, now_ms, seal, verify
-from maas_worker.keys import Keyring
+from maas_worker.crypto import aead
+from maas_worker.crypto.envelope import Header, now_ms, seal, verify
+from maas_worker.tenancy.keyring import Keyring
 
 SIZES = [1024, 65536, 1 << 20, 8 << 20]
 

@@ -31,15 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onnxruntime as ort
 
-from maas_worker.client import Client
-from maas_worker.embedded import EmbeddedRedis
-from maas_worker.keys import Keyring, save_keyring
+from maas_worker.client.client import Client
+from maas_worker.local.embedded import EmbeddedRedis
+from maas_worker.local.processes import WorkerProcess
 from maas_worker.models.artifact_crypto import DEFAULT_CHUNK_BYTES, ModelKeys
 from maas_worker.models.onnx_runner import session_options
 from maas_worker.models.repository import load_verified, verify_manifest
 from maas_worker.models.signing import TrustedSigners
-from maas_worker.processes import WorkerProcess
 from maas_worker.settings import Settings
+from maas_worker.tenancy.keyring import Keyring, save_keyring
 from tests.modelkit import BUNDLED_DIGITS, holdout, make_kit, with_marker
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .client import Client
-from .errors import (
+from maas_worker import _moved
+from maas_worker.client import Client, Job
+from maas_worker.errors import (
     ConfigError,
     InputTooLarge,
     InvalidEnvelope,
@@ -26,10 +27,11 @@ from .errors import (
     UnknownModel,
     UnknownTenant,
 )
-from .job import Job
-from .settings import Settings
+from maas_worker.settings import Settings
 
 __version__ = "0.1.0"
+
+_moved.install()
 
 __all__ = [
     # client

@@ -11,11 +11,11 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
-from .keys import TENANT_RE
-from .monitoring import celery_options as monitoring_options
-from .monitoring import monitor_queue
-from .scheduling import STRATEGY
-from .settings import PRIORITIES, Settings, queue_for
+from maas_worker.broker.scheduling import STRATEGY
+from maas_worker.monitoring.samples import celery_options as monitoring_options
+from maas_worker.monitoring.samples import monitor_queue
+from maas_worker.settings import PRIORITIES, Settings, queue_for
+from maas_worker.tenancy.keyring import TENANT_RE
 
 TASK_NAME = "maas.infer"
 #: What a job's argument shows as (Celery's ``argsrepr``: Flower, events, logs).
@@ -28,9 +28,9 @@ QUEUE_NAMES: tuple[str, ...] = tuple(queue_for(p) for p in PRIORITIES)
 EXCHANGE = "maas"
 #: Producers' ``broker_transport``: kombu's Redis transport with the wake-up ring
 #: (transport.py; named, not imported, so kombu loads it only when connecting).
-TRANSPORT = "maas_worker.transport:Transport"
+TRANSPORT = "maas_worker.broker.transport:Transport"
 #: Modules holding tasks and worker hooks, imported by workers only.
-WORKER_MODULES = ["maas_worker.tasks", "maas_worker.monitor_tasks"]
+WORKER_MODULES = ["maas_worker.worker.tasks", "maas_worker.monitoring.tasks"]
 
 
 #: A broker command (a publish, a reservation) waiting longer than this is an

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import ConfigError
+from maas_worker.errors import ConfigError
 
 V = TypeVar("V")
 

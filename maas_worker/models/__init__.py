@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Model, ModelRegistry, ModelSource, parse_model_ref
-from .diagnostic import EchoModel, SleepModel
+from maas_worker.models.base import Model, ModelRegistry, ModelSource, parse_model_ref
+from maas_worker.models.diagnostic import EchoModel, SleepModel
 
 # The repository, signing and encryption live in their own modules
 # (`repository`, `signing`, `artifact_crypto`, `manifest`, `onnx_runner`) and are

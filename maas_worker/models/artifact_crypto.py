@@ -38,8 +38,8 @@ from Crypto.Cipher import AES
 from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF
 
-from ..errors import ConfigError, ModelRejected
-from ..files import write_atomic
+from maas_worker.errors import ConfigError, ModelRejected
+from maas_worker.files import write_atomic
 
 MAGIC = b"MAASMOD1"
 KEY_ID_BYTES = 8

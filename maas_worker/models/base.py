@@ -6,7 +6,7 @@ import re
 from collections.abc import Collection, Iterable
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import ModelError
+from maas_worker.errors import ModelError
 
 MODEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,31}")

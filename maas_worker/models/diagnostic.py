@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..errors import ModelError
+from maas_worker.errors import ModelError
 
 MAX_SLEEP_S = 300.0
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .base import MODEL_NAME_RE, VERSION_RE
+from maas_worker.models.base import MODEL_NAME_RE, VERSION_RE
 
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"

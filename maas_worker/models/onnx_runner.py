@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import ModelError, ModelRejected
-from .manifest import InputSpec, Manifest
+from maas_worker.errors import ModelError, ModelRejected
+from maas_worker.models.manifest import InputSpec, Manifest
 
 #: ONNX Runtime's tensor type names for the dtypes a manifest may declare.
 ORT_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)",

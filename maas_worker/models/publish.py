@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, ModelRejected
-from ..files import write_atomic
-from .artifact_crypto import (
+from maas_worker.errors import ConfigError, ModelRejected
+from maas_worker.files import write_atomic
+from maas_worker.models.artifact_crypto import (
     DEFAULT_CHUNK_BYTES,
     ModelKey,
     ModelKeys,
@@ -24,8 +24,8 @@ from .artifact_crypto import (
     is_encrypted,
     key_id_of,
 )
-from .base import MODEL_NAME_RE, VERSION_RE
-from .manifest import (
+from maas_worker.models.base import MODEL_NAME_RE, VERSION_RE
+from maas_worker.models.manifest import (
     DEFAULT_MAX_BATCH,
     MANIFEST_FILE,
     SIGNATURE_FILE,
@@ -36,7 +36,7 @@ from .manifest import (
     check_file_name,
     now_iso,
 )
-from .signing import SigningKey
+from maas_worker.models.signing import SigningKey
 
 #: ONNX Runtime's type names back to numpy dtype names.
 _DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
@@ -87,7 +87,7 @@ def _plain_model_bytes(path: Path, model_keys: ModelKeys | None) -> bytes:
 
 def introspect(model_bytes: bytes) -> tuple[InputSpec, list[str]]:
     """The model's single input (key ``inputs``) and its output names, from the graph."""
-    from .onnx_runner import create_session
+    from maas_worker.models.onnx_runner import create_session
 
     try:
         session = create_session(model_bytes)

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import ModelRejected
-from ..files import write_atomic
-from .base import MODEL_NAME_RE, VERSION_RE
-from .manifest import KEY_ID_RE, Manifest, canonical_json, now_iso
-from .signing import SigningKey, TrustedSigners
+from maas_worker.errors import ModelRejected
+from maas_worker.files import write_atomic
+from maas_worker.models.base import MODEL_NAME_RE, VERSION_RE
+from maas_worker.models.manifest import KEY_ID_RE, Manifest, canonical_json, now_iso
+from maas_worker.models.signing import SigningKey, TrustedSigners
 
 RELEASE_FILE = "release.json"
 RELEASE_FORMAT = 1

@@ -55,12 +55,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from ..errors import ModelRejected
-from ..metrics import model_load_timer
-from .artifact_crypto import ModelKeys, decrypt_stream, is_encrypted
-from .base import MODEL_NAME_RE, VERSION_RE, Model, version_key
-from .manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
-from .release import (
+from maas_worker.errors import ModelRejected
+from maas_worker.models.artifact_crypto import ModelKeys, decrypt_stream, is_encrypted
+from maas_worker.models.base import MODEL_NAME_RE, VERSION_RE, Model, version_key
+from maas_worker.models.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from maas_worker.models.release import (
     Release,
     ReleaseFloor,
     manifest_digest,
@@ -68,10 +67,11 @@ from .release import (
     read_release,
     release_stamp,
 )
-from .signing import MAX_SIGNATURE_FILE, TrustedSigners
+from maas_worker.models.signing import MAX_SIGNATURE_FILE, TrustedSigners
+from maas_worker.monitoring.metrics import model_load_timer
 
 if TYPE_CHECKING:
-    from .onnx_runner import OnnxModel
+    from maas_worker.models.onnx_runner import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def load_verified(version_dir: Path, manifest: Manifest,
 
     ``manifest`` must come from `verify_manifest`. Raises `ModelRejected`.
     """
-    from .onnx_runner import OnnxModel, create_session
+    from maas_worker.models.onnx_runner import OnnxModel, create_session
 
     for name, entry in manifest.files.items():
         if name != manifest.artifact:

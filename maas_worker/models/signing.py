@@ -29,8 +29,8 @@ from pathlib import Path
 from Crypto.PublicKey import ECC
 from Crypto.Signature import eddsa
 
-from ..errors import ConfigError, ModelRejected
-from .manifest import canonical_json
+from maas_worker.errors import ConfigError, ModelRejected
+from maas_worker.models.manifest import canonical_json
 
 #: Prefixed to the manifest bytes before signing: a signature made for
 #: anything else (another protocol, another file) never verifies here.

@@ -18,13 +18,14 @@ import time
 import uuid
 from typing import Any
 
-from maas_worker import Client, Job, keyspace
+from maas_worker import Client, Job
 from maas_worker.app import ARGS_REPR, TASK_NAME
-from maas_worker.audit import AuditRecord
-from maas_worker.envelope import Header, now_ms, seal
-from maas_worker.fetch import ring
-from maas_worker.keys import TenantPolicy, load_keyring, save_keyring
+from maas_worker.backend import keyspace
+from maas_worker.backend.audit import AuditRecord
+from maas_worker.broker.fetch import ring
+from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.settings import queue_for
+from maas_worker.tenancy.keyring import TenantPolicy, load_keyring, save_keyring
 
 from .conftest import Stack, wait_for
 

@@ -21,11 +21,11 @@ import pytest
 import redis
 
 from maas_worker import Client
-from maas_worker.audit import AuditLog, AuditRecord
-from maas_worker.embedded import EmbeddedRedis
-from maas_worker.keys import Keyring, TenantPolicy, save_keyring
-from maas_worker.processes import WorkerProcess
+from maas_worker.backend.audit import AuditLog, AuditRecord
+from maas_worker.local.embedded import EmbeddedRedis
+from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
+from maas_worker.tenancy.keyring import Keyring, TenantPolicy, save_keyring
 
 WAIT_S = 60.0
 _db_counter = iter(range(1, 16))

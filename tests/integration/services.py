@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from maas_worker.processes import WorkerProcess
+from maas_worker.local.processes import WorkerProcess
 
 from .conftest import Stack
 

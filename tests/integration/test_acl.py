@@ -1,4 +1,4 @@
-"""Least-privilege Redis roles (`maas_worker.acl`) against a real server with the ACL loaded.
+"""Least-privilege Redis roles (`maas_worker.tenancy.acl`) against a real server with ACLs.
 
 One server per module, started with the ``users.acl`` that ``maas-worker
 acl`` writes (the embedded Valkey; the TLS tests load the same rules into
@@ -28,13 +28,15 @@ import pytest
 import redis
 from kombu.transport import redis as kombu_redis
 
-from maas_worker import Client, acl, functions, keyspace
-from maas_worker.audit import AuditLog
-from maas_worker.embedded import free_port, server_binary
+from maas_worker import Client
+from maas_worker.backend import functions, keyspace
+from maas_worker.backend.audit import AuditLog
 from maas_worker.errors import ConfigError, JobCancelled
-from maas_worker.keys import Keyring, TenantPolicy, load_keyring, save_keyring
-from maas_worker.processes import WorkerProcess
+from maas_worker.local.embedded import free_port, server_binary
+from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
+from maas_worker.tenancy import acl
+from maas_worker.tenancy.keyring import Keyring, TenantPolicy, load_keyring, save_keyring
 
 from .conftest import Stack, wait_for
 from .services import Service, http_get

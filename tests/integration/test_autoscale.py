@@ -9,7 +9,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 
-from maas_worker.embedded import free_port
+from maas_worker.local.embedded import free_port
 
 from .conftest import Stack, wait_for
 from .services import http_get, pool_size, start_worker

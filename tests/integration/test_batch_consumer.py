@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from maas_worker import InvalidEnvelope, JobRejected, ResultTimeout, UnknownJob, keyspace
+from maas_worker import InvalidEnvelope, JobRejected, ResultTimeout, UnknownJob
 from maas_worker.app import TASK_NAME, make_app
+from maas_worker.backend import keyspace
 from maas_worker.settings import BUNDLED_MODEL_DIR, queue_for
 
 from ..modelkit import holdout

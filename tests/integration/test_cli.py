@@ -71,7 +71,7 @@ def test_errors_are_one_line_on_stderr_and_exit_nonzero(shared_stack: Stack, arg
 
 
 def test_rejected_job_exits_nonzero_and_shows_in_audit(shared_stack: Stack) -> None:
-    from maas_worker.demo import _forge
+    from maas_worker.local.demo import _forge
 
     # A job whose ciphertext was altered in Redis: it does not authenticate, so
     # the worker only audits it (anyone who can write a queue could have sent

@@ -18,13 +18,13 @@ from maas_worker import (
     RateLimited,
     ResultTimeout,
     UnknownJob,
-    keyspace,
 )
 from maas_worker.app import TASK_NAME
-from maas_worker.cancellation import make_token
-from maas_worker.envelope import Header, now_ms, seal
-from maas_worker.keys import TenantPolicy, load_keyring
+from maas_worker.backend import keyspace
+from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.settings import queue_for
+from maas_worker.tenancy.cancellation import make_token
+from maas_worker.tenancy.keyring import TenantPolicy, load_keyring
 
 from .conftest import Stack, wait_for
 

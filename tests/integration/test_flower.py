@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from maas_worker.embedded import free_port
+from maas_worker.local.embedded import free_port
 
 from .browser import chromium, chromium_path
 from .conftest import Stack, wait_for

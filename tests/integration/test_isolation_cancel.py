@@ -18,8 +18,8 @@ from collections.abc import Callable
 import pytest
 
 from maas_worker import JobCancelled
-from maas_worker.cancellation import make_token
-from maas_worker.keys import load_keyring
+from maas_worker.tenancy.cancellation import make_token
+from maas_worker.tenancy.keyring import load_keyring
 
 from .attacker import Attacker, assert_victims_done, keyspace, victims, wait_audited_once
 from .conftest import Stack, wait_for

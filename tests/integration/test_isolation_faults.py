@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pytest
 
 from maas_worker import JobFailed, JobRejected
-from maas_worker.keys import TenantPolicy
+from maas_worker.tenancy.keyring import TenantPolicy
 
 from .attacker import (
     Attacker,

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import pytest
 
-from maas_worker.keys import TenantPolicy
 from maas_worker.settings import queue_for
+from maas_worker.tenancy.keyring import TenantPolicy
 
 from .attacker import (
     Attacker,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pytest
 
 from maas_worker import JobRejected
-from maas_worker.envelope import now_ms
+from maas_worker.crypto.envelope import now_ms
 from maas_worker.settings import DEFAULT_CLOCK_SKEW_S, MAX_JOB_TTL_S
 
 from .attacker import (

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import pytest
 
-from maas_worker.envelope import now_ms
-from maas_worker.keys import TenantPolicy
+from maas_worker.crypto.envelope import now_ms
+from maas_worker.tenancy.keyring import TenantPolicy
 
 from .attacker import (
     Attacker,

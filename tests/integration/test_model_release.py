@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from maas_worker import JobFailed, keyspace
+from maas_worker import JobFailed
+from maas_worker.backend import keyspace
 from maas_worker.models.release import RELEASE_FILE
 from tests.modelkit import holdout, make_kit
 

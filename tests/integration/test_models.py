@@ -14,9 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from maas_worker import JobFailed, JobRejected, keyspace
-from maas_worker.keys import TenantPolicy, load_keyring
+from maas_worker import JobFailed, JobRejected
+from maas_worker.backend import keyspace
 from maas_worker.models.signing import SigningKey
+from maas_worker.tenancy.keyring import TenantPolicy, load_keyring
 from tests.modelkit import BUNDLED_DIGITS, holdout, make_kit, with_marker
 
 from .conftest import Stack, wait_for

@@ -19,10 +19,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from maas_worker.embedded import free_port
-from maas_worker.keys import save_keyring
-from maas_worker.monitoring import SAMPLE_TTL_INTERVALS, SampleStore
-from maas_worker.processes import WorkerProcess
+from maas_worker.local.embedded import free_port
+from maas_worker.local.processes import WorkerProcess
+from maas_worker.monitoring.samples import SAMPLE_TTL_INTERVALS, SampleStore
+from maas_worker.tenancy.keyring import save_keyring
 
 from .conftest import Stack, _redis_url, make_keyring, wait_for
 from .services import Service, http_get, start_worker

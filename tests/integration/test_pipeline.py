@@ -18,14 +18,14 @@ from maas_worker import (
     UnknownJob,
     UnknownModel,
     UnknownTenant,
-    keyspace,
 )
 from maas_worker.app import TASK_NAME
-from maas_worker.audit import AuditRecord
-from maas_worker.demo import scan_for
-from maas_worker.envelope import Header, now_ms, seal
-from maas_worker.keys import load_keyring
+from maas_worker.backend import keyspace
+from maas_worker.backend.audit import AuditRecord
+from maas_worker.crypto.envelope import Header, now_ms, seal
+from maas_worker.local.demo import scan_for
 from maas_worker.settings import queue_for
+from maas_worker.tenancy.keyring import load_keyring
 
 from .conftest import Stack, message_envelope, replace_envelope, wait_for
 
@@ -208,7 +208,7 @@ def test_expired_job_is_not_run(make_stack) -> None:
 def test_unknown_key_and_worker_side_policy(make_stack) -> None:
     stack = make_stack()
     # A tenant the workers do not know seals with its own keyring.
-    from maas_worker.keys import Keyring, save_keyring
+    from maas_worker.tenancy.keyring import Keyring, save_keyring
 
     foreign = stack.tmp / "foreign.json"
     save_keyring(foreign, Keyring().with_new_tenant("intruder"))
@@ -346,7 +346,7 @@ def test_queues_are_consumed_high_then_normal_then_low(make_stack) -> None:
 
 def test_a_job_that_keeps_killing_its_worker_fails_as_worker_lost(make_stack) -> None:
     """Crash-loop protection: after max_attempts starts, each ended by a dead worker."""
-    from maas_worker.guard import DEFAULT_MAX_ATTEMPTS
+    from maas_worker.backend.claims import DEFAULT_MAX_ATTEMPTS
 
     stack = make_stack(MAAS_VISIBILITY_TIMEOUT_S="1", MAAS_LEASE_S="3")
     job = stack.client().submit("sleep", {"seconds": 30})
@@ -365,7 +365,7 @@ def test_a_job_that_keeps_killing_its_worker_fails_as_worker_lost(make_stack) ->
 
 def test_redis_down_is_a_clear_retryable_error_not_a_hang(make_stack) -> None:
     from maas_worker import ServiceUnavailable
-    from maas_worker.embedded import free_port
+    from maas_worker.local.embedded import free_port
 
     stack = make_stack()
     dead = f"redis://127.0.0.1:{free_port()}/0"

@@ -26,8 +26,8 @@ import psutil
 import pytest
 from celery.utils.nodenames import default_nodename
 
-from maas_worker import keyspace
-from maas_worker.embedded import free_port
+from maas_worker.backend import keyspace
+from maas_worker.local.embedded import free_port
 
 from .conftest import Stack, wait_for
 

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from maas_worker.embedded import free_port
+from maas_worker.local.embedded import free_port
 
 from .attacker import Attacker
 from .conftest import WAIT_S, Stack, wait_for

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import redis
 
-from maas_worker.embedded import EmbeddedRedis
-from maas_worker.keys import Keyring, save_keyring
+from maas_worker.local.embedded import EmbeddedRedis
+from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 from ..integration.conftest import Stack, wait_for
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from maas_worker import keyspace
-from maas_worker.job import Job
-from maas_worker.processes import WorkerProcess
+from maas_worker.backend import keyspace
+from maas_worker.client.job import Job
+from maas_worker.local.processes import WorkerProcess
 
 from .conftest import SIZE, TENANTS, Stack, assert_once, outcome_counts, wait_for
 

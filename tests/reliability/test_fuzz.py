@@ -9,7 +9,7 @@
   every position, any task id and routing key, claim-check references naming
   any tenant;
 * what a client reads back (a result envelope, a cancel token);
-* the worker's queue guard (`queue_entries.check_message`) on arbitrary JSON,
+* the worker's queue guard (`entries.check_message`) on arbitrary JSON,
   including task ids that are not UUIDs and bodies that are not plain task
   calls (or nest too deeply).
 
@@ -35,13 +35,12 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from maas_worker import keyspace, queue_entries
 from maas_worker.app import PAYLOAD_REF_PREFIX, payload_ref, payload_ref_tenant
-from maas_worker.audit import REASONS
-from maas_worker.cancellation import make_token, verify_token
-from maas_worker.client import Client
-from maas_worker.embedded import EmbeddedRedis
-from maas_worker.envelope import (
+from maas_worker.backend import keyspace
+from maas_worker.backend.audit import REASONS
+from maas_worker.broker import entries
+from maas_worker.client.client import Client
+from maas_worker.crypto.envelope import (
     Header,
     now_ms,
     open_envelope,
@@ -50,8 +49,10 @@ from maas_worker.envelope import (
     verify,
 )
 from maas_worker.errors import EnvelopeRejected, InvalidEnvelope
-from maas_worker.keys import save_keyring
+from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.settings import Settings
+from maas_worker.tenancy.cancellation import make_token, verify_token
+from maas_worker.tenancy.keyring import save_keyring
 
 from .conftest import SIZE, TENANTS, make_keyring
 
@@ -281,12 +282,12 @@ def test_the_queue_guard_refuses_or_passes_never_raises(raw: Any, queue: str,
                                                         limit: int) -> None:
     _count("queue")
     try:
-        call = queue_entries.check_message(raw, queue, max_body_chars=limit)
-    except queue_entries.Refused as exc:
+        call = entries.check_message(raw, queue, max_body_chars=limit)
+    except entries.Refused as exc:
         assert exc.reason in ("malformed", "oversize")
         return
     # What passes onto a job queue has a canonical task id and is a plain task call.
-    if queue in queue_entries.JOB_QUEUES:
+    if queue in entries.JOB_QUEUES:
         assert keyspace.is_job_id(raw["headers"]["id"])
         assert isinstance(call, list) and len(call) == 3 and isinstance(call[1], dict)
         assert not any((call[2] or {}).get(k) for k in ("callbacks", "errbacks", "chain",
@@ -313,7 +314,7 @@ def worker_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, 
     """This process as a worker process: a real Redis server, the keyring, the runtime."""
     import redis
 
-    from maas_worker import runtime, tasks
+    from maas_worker.worker import runtime, tasks
 
     tmp: Path = tmp_path_factory.mktemp("fuzz")
     server = EmbeddedRedis().start()
@@ -429,7 +430,7 @@ def _payload_key(arg: Any, task_id: str) -> str | None:
 @given(call=task_calls())
 def test_the_task_entry_point_rejects_bad_input_and_never_raises(
         worker_env: tuple[Any, _Outcomes], call: TaskCall) -> None:
-    from maas_worker.tasks import infer
+    from maas_worker.worker.tasks import infer
 
     _count("task")
     backend, outcomes = worker_env

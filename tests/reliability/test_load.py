@@ -23,14 +23,14 @@ from typing import Any
 import psutil
 import pytest
 
-from maas_worker import keyspace
-from maas_worker.client import Job
-from maas_worker.demo import scan_for
-from maas_worker.embedded import free_port
-from maas_worker.envelope import open_envelope
+from maas_worker.backend import keyspace
+from maas_worker.client.client import Job
+from maas_worker.crypto.envelope import open_envelope
 from maas_worker.errors import InvalidEnvelope
-from maas_worker.keys import load_keyring
-from maas_worker.processes import WorkerProcess
+from maas_worker.local.demo import scan_for
+from maas_worker.local.embedded import free_port
+from maas_worker.local.processes import WorkerProcess
+from maas_worker.tenancy.keyring import load_keyring
 
 from ..integration.services import Service
 from .conftest import SCALE, SIZE, TENANTS, Stack, assert_once, wait_for
@@ -202,6 +202,6 @@ def _renamed(tenant: Any, name: str) -> Any:
     """A keyring with ``tenant``'s keys filed under ``name`` (a forged key for that tenant)."""
     from dataclasses import replace
 
-    from maas_worker.keys import Keyring
+    from maas_worker.tenancy.keyring import Keyring
 
     return Keyring({name: replace(tenant, name=name)})

@@ -10,7 +10,7 @@ exits), the other crashes it (SIGKILL; ``appendfsync always`` so that what
 Redis acknowledged is on disk). Any loss fails the test, including the one
 kombu's own consume path allowed (a BRPOP the server executed and persisted
 whose reply never reached the worker): takes pop and reserve in one script
-(maas_worker/fetch.py); see docs/reliability.md.
+(maas_worker/broker/fetch.py); see docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 
-from maas_worker import ServiceUnavailable, UnknownJob, keyspace
-from maas_worker.embedded import EmbeddedRedis
-from maas_worker.job import Job
+from maas_worker import ServiceUnavailable, UnknownJob
+from maas_worker.backend import keyspace
+from maas_worker.client.job import Job
+from maas_worker.local.embedded import EmbeddedRedis
 
 from .conftest import SIZE, TENANTS, Stack, assert_once, wait_for
 

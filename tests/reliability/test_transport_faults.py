@@ -19,8 +19,8 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from maas_worker import fetch, transport
-from maas_worker.embedded import EmbeddedRedis
+from maas_worker.broker import fetch, transport
+from maas_worker.local.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.reliability
 QUEUE = "maas.high"

@@ -1,4 +1,4 @@
-"""The Redis ACL generator (`maas_worker.acl`, ``maas-worker acl``), without a server.
+"""The Redis ACL generator (`maas_worker.tenancy.acl`, ``maas-worker acl``), without a server.
 
 What the file looks like, how passwords are hashed and kept, that a rerun
 changes nothing, that everything written is private, and that each tenant
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from maas_worker import acl, keyspace
+from maas_worker.backend import keyspace
 from maas_worker.cli import main
 from maas_worker.errors import ConfigError
-from maas_worker.keys import Keyring, save_keyring
+from maas_worker.tenancy import acl
+from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 TENANTS = ("acme", "globex", "initech")
 USER_LINE = re.compile(

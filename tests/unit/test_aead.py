@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from maas_worker import aead
-from maas_worker.envelope import Header, open_envelope, seal
+from maas_worker.crypto import aead
+from maas_worker.crypto.envelope import Header, open_envelope, seal
 from maas_worker.errors import InvalidEnvelope
-from maas_worker.keys import Keyring
+from maas_worker.tenancy.keyring import Keyring
 
 SIZES = [0, 1, 15, 16, 17, 1024, 65_536 + 3]
 

@@ -10,8 +10,8 @@ import time
 import fakeredis
 import pytest
 
-from maas_worker import keyspace
-from maas_worker.audit import REASONS, AuditLog, AuditRecord
+from maas_worker.backend import keyspace
+from maas_worker.backend.audit import REASONS, AuditLog, AuditRecord
 
 CONTRACT_REASONS = {"tampered", "replayed", "expired", "unknown_key", "malformed", "oversize",
                     "policy", "rate_limited"}
@@ -151,7 +151,7 @@ def test_redis_error_while_recording_does_not_raise(
     server: fakeredis.FakeServer, audit: AuditLog, caplog: pytest.LogCaptureFixture
 ) -> None:
     server.connected = False
-    with caplog.at_level(logging.ERROR, logger="maas_worker.audit"):
+    with caplog.at_level(logging.ERROR, logger="maas_worker.backend.audit"):
         audit.record(job_id="j1\nx", tenant="acme", reason="tampered", verified=False)
     assert "audit write failed" in caplog.text
     assert "j1?x" in caplog.text

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from maas_worker.autoscale import Decision, PoolView, decide
 from maas_worker.errors import ConfigError
+from maas_worker.monitoring.autoscale import Decision, PoolView, decide
 from maas_worker.settings import AutoscalePolicy, Settings
 
 POLICY = AutoscalePolicy(keepalive_s=30, grow_after_s=1.0, max_memory_pct=85, max_cpu_pct=90)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from maas_worker.cli import main
-from maas_worker.keys import load_keyring
+from maas_worker.tenancy.keyring import load_keyring
 
 
 @pytest.fixture
@@ -270,7 +270,7 @@ def test_corrupt_keyring_is_one_line_error(
 
 def test_policy_sets_and_shows_quotas(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     from maas_worker.cli import main
-    from maas_worker.keys import load_keyring
+    from maas_worker.tenancy.keyring import load_keyring
 
     path = tmp_path / "k.json"
     monkeypatch.setenv("MAAS_KEYRING", str(path))

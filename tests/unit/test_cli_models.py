@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from maas_worker.cli import main
-from maas_worker.keys import TenantPolicy, load_keyring
+from maas_worker.tenancy.keyring import TenantPolicy, load_keyring
 from tests.modelkit import BUNDLED_DIGITS
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from celery.worker.control import Panel
 
-from maas_worker.control import INSPECT_COMMANDS, NEVER_COMMANDS, refusal
 from maas_worker.errors import ConfigError
 from maas_worker.settings import Settings
+from maas_worker.worker.control import INSPECT_COMMANDS, NEVER_COMMANDS, refusal
 
 QUEUES = {"maas.high", "maas.normal", "maas.low", "maas.monitor"}
 

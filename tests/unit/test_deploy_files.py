@@ -153,7 +153,7 @@ def role_url(service: str, scheme: str = "redis") -> str:
 
 def test_every_service_connects_as_its_own_least_privilege_role(
         compose: dict[str, Any]) -> None:
-    from maas_worker import acl
+    from maas_worker.tenancy import acl
 
     assert set(SERVICE_ROLES) == MAAS_SERVICES
     assert {user for user, _ in SERVICE_ROLES.values()} - {

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from maas_worker.envelope import (
+from maas_worker.crypto.envelope import (
     MIN_ENVELOPE,
     Header,
     encode_header,
@@ -28,13 +28,13 @@ from maas_worker.envelope import (
     verify,
 )
 from maas_worker.errors import EnvelopeRejected, InvalidEnvelope
-from maas_worker.keys import DerivedKeys, Keyring, KeyVersion, Tenant, derive_keys
+from maas_worker.tenancy.keyring import DerivedKeys, Keyring, KeyVersion, Tenant, derive_keys
 
 
 @pytest.fixture(autouse=True, params=["pycryptodome", "openssl"])
 def aes_backend(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test here runs with both AES-GCM implementations."""
-    from maas_worker import aead
+    from maas_worker.crypto import aead
 
     yield aead.use(request.param)
     aead.use("auto")

@@ -12,7 +12,7 @@ from typing import Any
 import fakeredis
 import pytest
 
-from maas_worker import fetch
+from maas_worker.broker import fetch
 
 HIGH, LOW = "maas.high", "maas.low"
 

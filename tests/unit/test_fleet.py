@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from maas_worker.backlog import Backlog
+from maas_worker.broker.backlog import Backlog
 from maas_worker.errors import ConfigError
-from maas_worker.fleet import node_capacity, recommend
+from maas_worker.monitoring.fleet import node_capacity, recommend
 from maas_worker.settings import FleetPolicy, Settings
 
 POLICY = FleetPolicy(min_nodes=1, max_nodes=20, target_wait_s=30, backlog_per_node=10)

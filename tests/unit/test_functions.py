@@ -1,4 +1,4 @@
-"""The Redis function library (`maas_worker.functions`) on fakeredis.
+"""The Redis function library (`maas_worker.backend.functions`) on fakeredis.
 
 The library wraps the scripts' text unchanged; its name is versioned, so a
 change to any script must come with a new version (the pin below).
@@ -12,11 +12,11 @@ import fakeredis
 import pytest
 import redis
 
-from maas_worker import functions, keyspace
-from maas_worker.backlog import _TAIL_PREFIX
-from maas_worker.client import _CANCEL
+from maas_worker.backend import functions, keyspace
+from maas_worker.broker.backlog import _TAIL_PREFIX
+from maas_worker.client.client import _CANCEL
 from maas_worker.errors import ConfigError
-from maas_worker.quota import _ADVISE_MANY, _QUOTA_HELPERS
+from maas_worker.tenancy.quota import _ADVISE_MANY, _QUOTA_HELPERS
 
 #: sha256 of `functions.library_code()` for each library version. Changed a
 #: script? Bump `functions.LIBRARY` and add its hash here: old and new

@@ -13,11 +13,11 @@ import fakeredis
 import pytest
 import redis
 
-from maas_worker import keyspace
-from maas_worker.envelope import now_ms
-from maas_worker.guard import ClaimRequest, JobGuard, new_holder_id
-from maas_worker.keys import TenantPolicy
-from maas_worker.quota import admission_args, admission_keys
+from maas_worker.backend import keyspace
+from maas_worker.backend.claims import ClaimRequest, JobGuard, new_holder_id
+from maas_worker.crypto.envelope import now_ms
+from maas_worker.tenancy.keyring import TenantPolicy
+from maas_worker.tenancy.quota import admission_args, admission_keys
 
 LEASE_S = 15
 RESULT_TTL_S = 60

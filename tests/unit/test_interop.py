@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from maas_worker.envelope import Header, open_envelope, seal
+from maas_worker.crypto.envelope import Header, open_envelope, seal
 from maas_worker.errors import InvalidEnvelope
-from maas_worker.keys import Keyring, KeyVersion, Tenant, derive_keys
+from maas_worker.tenancy.keyring import Keyring, KeyVersion, Tenant, derive_keys
 
 # == independent implementation (docs/envelope.md) ======================================
 LABELS = {

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from maas_worker.errors import KeyringError, UnknownTenant
-from maas_worker.keys import (
+from maas_worker.tenancy.keyring import (
     SECRET_BYTES,
     DerivedKeys,
     Keyring,
@@ -325,7 +325,7 @@ def test_save_failure_leaves_no_temp_file(path: Path, monkeypatch: pytest.Monkey
     def fail(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("maas_worker.keys.os.replace", fail)
+    monkeypatch.setattr("maas_worker.tenancy.keyring.os.replace", fail)
     with pytest.raises(OSError):
         save_keyring(path, _ring("globex"))
     assert path.read_bytes() == before

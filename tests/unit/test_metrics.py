@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from maas_worker import metrics
 from maas_worker.errors import ModelError
+from maas_worker.monitoring import metrics
 
 
 @pytest.mark.parametrize(("outcome", "failure", "labels"), [
@@ -65,7 +65,7 @@ def test_timed_predict_returns_and_records_the_failure_reason() -> None:
 
 AGGREGATE = textwrap.dedent("""
     import json, os, sys
-    from maas_worker import metrics
+    from maas_worker.monitoring import metrics
 
     path = metrics.init_multiprocess_dir()      # as the worker's main process does
 

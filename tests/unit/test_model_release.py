@@ -16,8 +16,8 @@ import fakeredis
 import pytest
 import redis
 
-from maas_worker import keyspace
-from maas_worker.audit import AuditLog
+from maas_worker.backend import keyspace
+from maas_worker.backend.audit import AuditLog
 from maas_worker.errors import ModelRejected
 from maas_worker.models import ModelRegistry
 from maas_worker.models.artifact_crypto import ModelKeysSource
@@ -32,8 +32,8 @@ from maas_worker.models.release import (
 )
 from maas_worker.models.repository import ModelRepository, verify_manifest
 from maas_worker.models.signing import SigningKey, TrustedSigners, TrustedSignersSource
-from maas_worker.runtime import RedisReleaseFloor, audit_rejections, build_registry
 from maas_worker.settings import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR, Settings
+from maas_worker.worker.runtime import RedisReleaseFloor, audit_rejections, build_registry
 from tests.modelkit import Clock, ModelKit, Rejections, holdout
 
 SAMPLES = holdout()

@@ -24,8 +24,8 @@ from maas_worker.models.artifact_crypto import ModelKeysSource
 from maas_worker.models.onnx_runner import OnnxModel
 from maas_worker.models.repository import ModelRepository
 from maas_worker.models.signing import SigningKey, TrustedSignersSource
-from maas_worker.runtime import build_registry
 from maas_worker.settings import Settings
+from maas_worker.worker.runtime import build_registry
 from tests.modelkit import (
     BUNDLED_DIGITS,
     Clock,

@@ -9,9 +9,9 @@ import os
 import fakeredis
 import pytest
 
-from maas_worker import keyspace
-from maas_worker.backlog import _unverified_issued_at_ms, read_backlog
-from maas_worker.monitoring import (
+from maas_worker.backend import keyspace
+from maas_worker.broker.backlog import _unverified_issued_at_ms, read_backlog
+from maas_worker.monitoring.samples import (
     SAMPLE_TTL_INTERVALS,
     SampleStore,
     celery_options,
@@ -190,7 +190,7 @@ def test_celery_options_enable_events_and_schedule_the_sample() -> None:
     assert entry["schedule"] == 5.0
     assert entry["options"]["expires"] == 5.0
     assert entry["options"]["exchange"] == "maas.monitor"
-    assert opts["worker_autoscaler"] == "maas_worker.autoscale:BacklogAutoscaler"
+    assert opts["worker_autoscaler"] == "maas_worker.monitoring.autoscale:BacklogAutoscaler"
 
 
 def test_the_app_is_json_only_and_consumes_the_broadcast_queue() -> None:

@@ -22,8 +22,7 @@ from kombu.transport import memory
 
 from maas_worker import jsonlimits
 from maas_worker.app import ARGS_REPR, TASK_NAME
-from maas_worker.monitoring import MONITOR_EXCHANGE, SAMPLE_TASK
-from maas_worker.queue_entries import (
+from maas_worker.broker.entries import (
     JOB_QUEUES,
     Refused,
     check_message,
@@ -31,6 +30,7 @@ from maas_worker.queue_entries import (
     parse_entry,
     sanitize_headers,
 )
+from maas_worker.monitoring.samples import MONITOR_EXCHANGE, SAMPLE_TASK
 from maas_worker.settings import Settings
 
 LIMIT = max_body_chars(Settings.from_env({}))

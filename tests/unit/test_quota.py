@@ -13,11 +13,11 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from maas_worker import keyspace
-from maas_worker.envelope import now_ms
-from maas_worker.guard import Claim, JobGuard
-from maas_worker.keys import TenantPolicy
-from maas_worker.quota import Quotas, admission_args, admission_keys
+from maas_worker.backend import keyspace
+from maas_worker.backend.claims import Claim, JobGuard
+from maas_worker.crypto.envelope import now_ms
+from maas_worker.tenancy.keyring import TenantPolicy
+from maas_worker.tenancy.quota import Quotas, admission_args, admission_keys
 
 FAR = now_ms() + 3_600_000  # an expiry an hour ahead (ms)
 TENANT = "acme"
@@ -305,7 +305,7 @@ def test_policy_json_round_trip_with_quotas() -> None:
 
 def _cancel(r: fakeredis.FakeRedis, job_id: str) -> int:
     """The client's cancel script (client.py), as `Job.cancel` runs it."""
-    from maas_worker.client import _CANCEL
+    from maas_worker.client.client import _CANCEL
 
     t = TENANT
     return int(r.register_script(_CANCEL)(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from maas_worker.scheduling import ReservedShareCycle
+from maas_worker.broker.scheduling import ReservedShareCycle
 
 QUEUES = ["maas.high", "maas.normal", "maas.low"]
 

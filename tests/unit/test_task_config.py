@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from maas_worker.app import celery_config
 from maas_worker.settings import Settings
-from maas_worker.tasks import infer
+from maas_worker.worker.tasks import infer
 
 
 def test_retries_never_turn_into_an_acked_failure() -> None:

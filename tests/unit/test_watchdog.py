@@ -6,7 +6,7 @@ import multiprocessing as mp
 import signal
 import time
 
-from maas_worker.watchdog import EXIT_CODE, JobInterrupted, Watchdog
+from maas_worker.worker.watchdog import EXIT_CODE, JobInterrupted, Watchdog
 
 CTX = mp.get_context("fork")
 

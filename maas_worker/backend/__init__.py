@@ -1,0 +1,1 @@
+"""The result store (``MAAS_RESULT_BACKEND``): key names, claims, results, audit, Lua."""

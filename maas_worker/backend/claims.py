@@ -1,0 +1,449 @@
+"""Replay protection, the job lease, and the write-once result store.
+
+A job's claim key is both the replay cache and a lease:
+
+* absent, no result     -> ``claimed``: this worker runs the job;
+* holds a live holder   -> ``busy``: another worker is running it right now;
+  the message is retried later rather than dropped, so if that worker dies the
+  job is not lost;
+* holds ``done``, or a result is stored -> ``replayed``: never run again;
+* a job that has already started `DEFAULT_MAX_ATTEMPTS` times, each run ended
+  by a dead worker -> ``exhausted``: failed (``worker_lost``), not run again.
+
+Keys are the job's tenant's (keyspace.py): a job is (tenant, job id), so
+one tenant's job id can never close or pre-empt another tenant's job.
+
+While a job runs, its holder renews the claim's short TTL (the lease) from a
+heartbeat thread. A worker killed mid-job stops renewing; once the lease lapses
+the redelivered message finds no claim and no result and runs the job again, so
+a crash loses nothing. Each transition is one Lua script, so two workers can
+never both win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+
+from maas_worker.backend import keyspace
+from maas_worker.tenancy.quota import ADMIT_FUNCTION
+
+log = logging.getLogger(__name__)
+
+ClaimOutcome = Literal["claimed", "busy", "replayed", "exhausted", "cancelled",
+                       "rate_limited", "error"]
+
+#: Runs a job may start before it is failed with ``worker_lost`` instead: a
+#: job that kills its worker every time must not be redelivered forever.
+DEFAULT_MAX_ATTEMPTS = 3
+#: How long the attempt count is remembered when the caller gives no window.
+DEFAULT_ATTEMPTS_WINDOW_MS = 24 * 3600 * 1000
+#: Errors while handling one job (its parse, claim, model or store raised)
+#: before it is failed (``internal_error``) instead of retried: a poison job
+#: is dead-lettered, never requeued for ever.
+DEFAULT_MAX_FAULTS = 3
+
+# KEYS: claim, result, attempts, cancel [, bucket, in-flight, pending].
+# ARGV: holder, lease ms, attempts window ms, max attempts, ignore cancel
+#       [, job, rate, burst, max in flight, expiry ms].
+# Replies {outcome, detail}: the cancel token for 'cancelled', the wait in ms
+# for 'rate_limited' ('' when over the in-flight cap).
+# Every check comes before the first write, and no step can fail on what a
+# Redis writer left in a key (a GET of another type, a count that is not a
+# number): a script error here once left a job claimed and its attempt
+# counted, and the job requeued for ever.
+_CLAIM = ADMIT_FUNCTION + """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'replayed', ''} end
+local cur = redis.pcall('GET', KEYS[1])
+if type(cur) == 'table' then cur = false end
+if cur == 'done' then return {'replayed', ''} end
+if cur then return {'busy', ''} end
+if ARGV[5] ~= '1' then
+  local c = redis.pcall('GET', KEYS[4])
+  if type(c) == 'string' then return {'cancelled', c} end
+end
+local prev = redis.pcall('GET', KEYS[3])
+local n = type(prev) == 'string' and tonumber(prev) or 0
+if n ~= n or n < 0 then n = 0 end
+n = math.min(math.floor(n), 1000000) + 1
+if n > tonumber(ARGV[4]) then
+  -- Held so that the caller can store its failed result; never run, never charged.
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[3], n, 'PX', ARGV[3])
+  return {'exhausted', ''}
+end
+if #KEYS > 4 then
+  local v = admit(KEYS[5], KEYS[6], KEYS[7], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]),
+                  tonumber(ARGV[9]), tonumber(ARGV[10]))
+  if v[1] == 0 then return {'rate_limited', string.format('%d', v[2])} end
+  if v[1] == -1 then return {'rate_limited', ''} end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[3], n, 'PX', ARGV[3])
+return {'claimed', ''}
+"""
+
+# Read a claim-checked request without pulling an oversized one over the wire.
+_FETCH = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return false end
+if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return -1 end
+return redis.call('GET', KEYS[1])
+"""
+
+# Close a job that will never run (cancelled before it started): replays of it
+# are recognised, a waiting client wakes up, and it no longer counts as queued
+# in its tenant's (advisory) pending set.
+_CLOSE = """
+redis.call('DEL', KEYS[4])
+redis.pcall('ZREM', KEYS[5], ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[2], 'done', 'PX', ARGV[1])
+redis.pcall('RPUSH', KEYS[3], '1')
+redis.pcall('PEXPIRE', KEYS[3], ARGV[1])
+return 1
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# Delete a key only if it still holds ARGV[1]: a claim only by its holder, a
+# refused cancel request only if the job's own tenant has not replaced it.
+_DELETE_IF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Store once; mark the claim done for as long as the request could be replayed;
+# wake a waiting client. Returns 1 if this call stored the result, 0 if one was
+# already there (the first result is kept unchanged). The wake-up list is
+# popped by clients (a producer's key), so pushing to it is a pcall here and
+# below: nothing a client left there can fail a store or a refusal.
+_STORE = """
+local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+redis.call('SET', KEYS[2], 'done', 'PX', ARGV[3])
+redis.call('DEL', KEYS[4])
+if stored then
+  redis.pcall('RPUSH', KEYS[3], '1')
+  redis.pcall('PEXPIRE', KEYS[3], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# An authenticated rejection: never over a stored result, nor over a job another
+# live holder is running (that run decides the outcome: a stale copy must not
+# make its client give up). The claim is closed, so the job cannot run later,
+# and the job leaves the tenant's pending set. ARGV[3] is the state a client
+# sees: 'expired' or 'rejected'.
+_REJECT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local cur = redis.pcall('GET', KEYS[4])
+if type(cur) == 'string' and cur ~= 'done' and cur ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[1])
+redis.pcall('RPUSH', KEYS[3], '1')
+redis.pcall('PEXPIRE', KEYS[3], ARGV[1])
+redis.call('SET', KEYS[4], 'done', 'PX', ARGV[1])
+redis.call('DEL', KEYS[5])
+redis.pcall('ZREM', KEYS[6], ARGV[4])
+return 1
+"""
+
+# Count one fault of a job; the count so far.
+_FAULT = """
+local n = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return n
+"""
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """One job of `JobGuard.claim_many`: its tenant, id, replay window and quota admission."""
+
+    tenant: str
+    job_id: str
+    window_ms: int
+    admission: tuple[list[str], list[str | float]] | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `JobGuard.claim_job` decided, with its detail.
+
+    ``cancel_token`` is the (unverified) cancellation request for
+    ``cancelled``; ``retry_after_s`` the wait for ``rate_limited`` (None when
+    the tenant is over its in-flight cap rather than its rate); ``error`` the
+    Redis error of this job's script for ``error`` (`claim_many` only: the
+    other jobs of the batch are unaffected).
+    """
+
+    outcome: ClaimOutcome
+    cancel_token: str | None = None
+    retry_after_s: float | None = None
+    error: Exception | None = None
+
+
+def new_holder_id() -> str:
+    """A claim holder id unique to this process (host, pid and a random part)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class JobGuard:
+    """Claims, leases and write-once results for one process.
+
+    A job is the pair (tenant, job id), the tenant always the authenticated
+    one: every method takes both, and every key is the tenant's (keyspace.py).
+    """
+
+    def __init__(self, client: redis.Redis, *, lease_s: int, holder: str | None = None,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 max_faults: int = DEFAULT_MAX_FAULTS) -> None:
+        self._r = client
+        self.lease_ms = lease_s * 1000
+        self.max_attempts = max_attempts
+        self.max_faults = max_faults
+        self.holder = holder or new_holder_id()
+        self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._delete_if = client.register_script(_DELETE_IF)
+        self._store = client.register_script(_STORE)
+        self._reject = client.register_script(_REJECT)
+        self._close = client.register_script(_CLOSE)
+        self._fetch = client.register_script(_FETCH)
+        self._fault = client.register_script(_FAULT)
+        self._held: set[tuple[str, str]] = set()
+        self._held_lock = threading.Lock()
+
+    def claim(self, tenant: str, job_id: str, *,
+              window_ms: int = DEFAULT_ATTEMPTS_WINDOW_MS) -> ClaimOutcome:
+        """`claim_job` without quotas, returning only the outcome."""
+        return self.claim_job(tenant, job_id, window_ms=window_ms).outcome
+
+    def claim_job(self, tenant: str, job_id: str, *,
+                  window_ms: int = DEFAULT_ATTEMPTS_WINDOW_MS,
+                  admission: tuple[list[str], list[str | float]] | None = None,
+                  ignore_cancel: bool = False) -> Claim:
+        """Try to take the job (see the module docstring), in one round trip.
+
+        ``exhausted`` means this process now holds the claim, but the job has
+        already started `max_attempts` times (each ended by a dead worker): the
+        caller must fail it without running it. ``window_ms`` is how long the
+        attempt count is kept (the request's remaining lifetime). ``admission``
+        (keys and args from `quota`) charges the tenant's quota as the job
+        starts; ``cancelled`` returns the cancel request for the caller to
+        verify (the job is not claimed). A Redis error raises.
+        """
+        keys, args = self._claim_call(ClaimRequest(tenant, job_id, window_ms, admission),
+                                      ignore_cancel=ignore_cancel)
+        return self._claimed(tenant, job_id, self._claim(keys=keys, args=args))
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]:
+        """`claim_job` for many jobs in ONE round trip (the same script, pipelined).
+
+        A job whose script fails gets outcome ``error`` (with the error); the
+        others are decided as usual. A lost connection raises.
+        """
+        replies = self._eval_many(self._claim, [self._claim_call(req) for req in requests])
+        return [Claim("error", error=reply) if isinstance(reply, Exception)
+                else self._claimed(req.tenant, req.job_id, reply)
+                for req, reply in zip(requests, replies, strict=True)]
+
+    def _claim_call(self, req: ClaimRequest, *,
+                    ignore_cancel: bool = False) -> tuple[list[str], list[Any]]:
+        """The claim script's keys and arguments for one job."""
+        t, j = req.tenant, req.job_id
+        keys = [keyspace.claim(t, j), keyspace.result(t, j), keyspace.attempts(t, j),
+                keyspace.cancel(t, j)]
+        args: list[Any] = [self.holder, self.lease_ms, keyspace.clamp_ttl_ms(req.window_ms),
+                           self.max_attempts, "1" if ignore_cancel else "0"]
+        if req.admission is not None:
+            keys += req.admission[0]
+            args += req.admission[1]
+        return keys, args
+
+    def _claimed(self, tenant: str, job_id: str, reply: Any) -> Claim:
+        raw_outcome, raw_detail = reply
+        outcome = _text(raw_outcome)
+        detail = _text(raw_detail)
+        if outcome in ("claimed", "exhausted"):
+            with self._held_lock:
+                self._held.add((tenant, job_id))
+        if outcome == "cancelled":
+            return Claim("cancelled", cancel_token=detail)
+        if outcome == "rate_limited":
+            return Claim("rate_limited", retry_after_s=int(detail) / 1000 if detail else None)
+        return Claim(outcome)  # type: ignore[arg-type]
+
+    def close(self, tenant: str, job_id: str, *, window_ms: int) -> None:
+        """Close a job that will never run (cancelled): replays are recognised as such."""
+        self._close(keys=[keyspace.result(tenant, job_id), keyspace.claim(tenant, job_id),
+                          keyspace.done(tenant, job_id), keyspace.payload(tenant, job_id),
+                          keyspace.pending(tenant)],
+                    args=[keyspace.clamp_ttl_ms(window_ms), job_id])
+
+    def held(self) -> list[tuple[str, str]]:
+        """(tenant, job id) of the jobs this process is running now."""
+        with self._held_lock:
+            return list(self._held)
+
+    def renew_all(self) -> None:
+        """Extend the lease of every job this process holds (heartbeat thread)."""
+        for tenant, job_id in self.held():
+            self._renew(keys=[keyspace.claim(tenant, job_id)], args=[self.holder, self.lease_ms])
+
+    def release(self, tenant: str, job_id: str) -> None:
+        """Give a claim back without a result (the job will be retried)."""
+        self._forget(tenant, job_id)
+        self._delete_if(keys=[keyspace.claim(tenant, job_id)], args=[self.holder])
+
+    def record_fault(self, tenant: str, job_id: str, *, window_ms: int) -> int:
+        """Count one error while handling the job; how many it has had (`max_faults` ends it)."""
+        return int(self._fault(keys=[keyspace.faults(tenant, job_id)],
+                               args=[keyspace.clamp_ttl_ms(window_ms)]))
+
+    def store_result(self, tenant: str, job_id: str, sealed: bytes, *, result_ttl_s: int,
+                     replay_window_ms: int) -> bool:
+        """Store the sealed result once; False if a result was already stored."""
+        self._forget(tenant, job_id)
+        keys, args = _store_call(tenant, job_id, sealed, replay_window_ms, result_ttl_s)
+        return bool(self._store(keys=keys, args=args))
+
+    def store_many(self, results: Sequence[tuple[str, str, bytes, int]], *,
+                   result_ttl_s: int) -> list[bool | Exception]:
+        """`store_result` for many ``(tenant, job id, sealed, replay window ms)``, ONE round trip.
+
+        A job whose store fails gets its error in place (the others are stored);
+        a lost connection raises.
+        """
+        for tenant, job_id, _, _ in results:
+            self._forget(tenant, job_id)
+        replies = self._eval_many(self._store, [
+            _store_call(tenant, job_id, sealed, window, result_ttl_s)
+            for tenant, job_id, sealed, window in results])
+        return [r if isinstance(r, Exception) else bool(r) for r in replies]
+
+    def fetch_payloads(self, jobs: Sequence[tuple[str, str]],
+                       max_bytes: int) -> list[bytes | int | None]:
+        """`fetch_payload` for many (tenant, job id) in ONE round trip."""
+        replies = self._eval_many(self._fetch, [([keyspace.payload(t, j)], [max_bytes])
+                                                for t, j in jobs])
+        return [-1 if r == -1 else r if isinstance(r, bytes) and r else None for r in replies]
+
+    def _eval_many(self, script: Script,
+                   calls: Sequence[tuple[list[str], Sequence[Any]]]) -> list[Any]:
+        """Run ``script`` once per call in one pipeline; the replies, in order.
+
+        A call whose script failed has its `redis.ResponseError` in place of a
+        reply, so one job's error never decides another's; a lost connection
+        raises. EVALSHA directly: a pipeline given redis-py Script objects
+        checks ``SCRIPT EXISTS`` first, a second round trip every time. After
+        a Redis restart (empty script cache) the script is loaded and the
+        calls rerun: a NOSCRIPT reply means the call did nothing.
+        """
+        if not calls:
+            return []
+        for attempt in range(2):
+            pipe = self._r.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            replies = pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            if attempt == 0:
+                script.sha = self._r.script_load(script.script)
+        for reply in replies:
+            if isinstance(reply, Exception) and not isinstance(reply, redis.ResponseError):
+                raise reply
+        return list(replies)
+
+    def fetch_payload(self, tenant: str, job_id: str, max_bytes: int) -> bytes | int | None:
+        """The job's claim-checked request; None if absent, -1 if over ``max_bytes``."""
+        data = self._fetch(keys=[keyspace.payload(tenant, job_id)], args=[max_bytes])
+        if data == -1:
+            return -1
+        return data if isinstance(data, bytes) and data else None
+
+    def mark_rejected(self, tenant: str, job_id: str, *, ttl_s: int,
+                      state: str = "rejected") -> None:
+        """Record that an authenticated message of this job was refused (never over a result).
+
+        ``state`` is what the client's status shows: ``rejected`` or ``expired``.
+        Only for authenticated refusals: a message that did not authenticate
+        never changes a job's state (`mark_suspect`).
+        """
+        self._forget(tenant, job_id)
+        t, j = tenant, job_id
+        self._reject(
+            keys=[keyspace.result(t, j), keyspace.rejected(t, j), keyspace.done(t, j),
+                  keyspace.claim(t, j), keyspace.payload(t, j), keyspace.pending(t)],
+            args=[keyspace.clamp_ttl_ms(ttl_s * 1000), self.holder, state, j])
+
+    def drop_cancel(self, tenant: str, job_id: str, token: str | bytes) -> None:
+        """Delete the job's cancel request if it still is ``token`` (a refused one)."""
+        self._delete_if(keys=[keyspace.cancel(tenant, job_id)], args=[token])
+
+    def mark_suspect(self, tenant: str, job_id: str, *, ttl_s: int) -> None:
+        """Note that a message naming this job failed authentication (state unchanged)."""
+        self._r.set(keyspace.suspect(tenant, job_id), "1",
+                    px=keyspace.clamp_ttl_ms(ttl_s * 1000))
+
+    def _forget(self, tenant: str, job_id: str) -> None:
+        with self._held_lock:
+            self._held.discard((tenant, job_id))
+
+
+def _store_call(tenant: str, job_id: str, sealed: bytes, replay_window_ms: int,
+                result_ttl_s: int) -> tuple[list[str], list[Any]]:
+    """The store script's keys and arguments for one result."""
+    keep_ms = keyspace.clamp_ttl_ms(max(replay_window_ms, result_ttl_s * 1000))
+    t, j = tenant, job_id
+    return ([keyspace.result(t, j), keyspace.claim(t, j), keyspace.done(t, j),
+             keyspace.payload(t, j)],
+            [sealed, keyspace.clamp_ttl_ms(result_ttl_s * 1000), keep_ms])
+
+
+def _text(value: bytes | str | int | None) -> str:
+    if isinstance(value, bytes):
+        # The cancel request comes back as the detail: whatever a Redis writer
+        # stored there, it must fail verification, not the decoding.
+        return value.decode(errors="replace")
+    return "" if value is None else str(value)
+
+
+class LeaseKeeper:
+    """Daemon thread renewing this process's leases every third of the lease."""
+
+    def __init__(self, guard: JobGuard) -> None:
+        self._guard = guard
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maas-lease", daemon=True)
+
+    def start(self) -> None:
+        """Start renewing."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing (leases then lapse on their own)."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        interval = self._guard.lease_ms / 3000
+        while not self._stop.wait(interval):
+            try:
+                self._guard.renew_all()
+            except redis.RedisError:
+                log.warning("lease renewal failed; retrying", exc_info=False)

@@ -1,0 +1,125 @@
+"""The real backlog: how many jobs wait in each priority queue, and for how long.
+
+Read straight from the broker's lists (``LLEN``), not from what a worker has
+reserved, so it counts what no worker has taken yet. The oldest job is the
+tail of each list (kombu ``LPUSH``-es, workers pop from the right); its age comes from
+the issued-at time in its envelope header, read WITHOUT verifying anything:
+a forged message can only make the backlog look older, which an attacker who
+can write Redis achieves anyway by flooding it. Only a prefix of the message
+is fetched (a Lua ``string.sub``, run as the read-only library function
+`functions.TAIL_PREFIX`), so a 1 MiB job costs a few KiB per read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from maas_worker.backend import functions
+from maas_worker.crypto.envelope import TYPE_REQUEST, VERSION
+from maas_worker.settings import PRIORITIES, Settings, queue_for
+
+#: Enough of a message to reach the envelope's fixed header through two layers
+#: of base64 (kombu's body encoding, then the envelope argument itself).
+_PREFIX_CHARS = 512
+_TAIL_PREFIX = """
+local m = redis.call('LINDEX', KEYS[1], -1)
+if not m then return false end
+return string.sub(m, 1, tonumber(ARGV[1]))
+"""
+#: version:u8 type:u8 header_len:u16 key_version:u32 issued_at_ms:u64 (docs/envelope.md).
+_FIXED_PREFIX = struct.Struct(">BBHIQ")
+_BODY_RE = re.compile(r'"body"\s*:\s*"([A-Za-z0-9+/=]*)')
+_ARG_RE = re.compile(r'^\[\s*\[\s*"([A-Za-z0-9+/=]*)')
+#: An issued-at further in the future than this is not a clock difference but junk.
+_MAX_FUTURE_S = 300.0
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Queued jobs per priority and the age (seconds) of the oldest of each."""
+
+    depth: Mapping[str, int]
+    oldest_age_s: Mapping[str, float | None]
+
+    @property
+    def total(self) -> int:
+        """Jobs waiting in all priorities together."""
+        return sum(self.depth.values())
+
+    @property
+    def oldest_s(self) -> float | None:
+        """Age of the oldest waiting job of any priority (None if unknown or empty)."""
+        ages = [a for a in self.oldest_age_s.values() if a is not None]
+        return max(ages) if ages else None
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"depth": {...}, "oldest_age_s": {...}, "total": n}``."""
+        return {"depth": dict(self.depth), "oldest_age_s": dict(self.oldest_age_s),
+                "total": self.total}
+
+
+def broker_client(settings: Settings) -> redis.Redis:
+    """A Redis client for the broker (reads queue lengths only)."""
+    # The one factory (runtime.redis_client): rediss:// gets MAAS_REDIS_TLS_*.
+    from maas_worker.worker.runtime import redis_client
+
+    return redis_client(settings.broker_url, tls=settings.redis_tls)
+
+
+def _unverified_issued_at_ms(message_prefix: bytes) -> int | None:
+    """The issued-at of the envelope inside a kombu message prefix; unverified.
+
+    Returns None for anything that does not look like a request envelope.
+    """
+    try:
+        text = message_prefix.decode("utf-8", "replace")
+        body = _BODY_RE.search(text)
+        if body is None:
+            return None
+        b64 = body.group(1)
+        celery_body = base64.b64decode(b64[: len(b64) // 4 * 4]).decode("utf-8", "replace")
+        arg = _ARG_RE.match(celery_body)
+        if arg is None:
+            return None
+        env_b64 = arg.group(1)
+        raw = base64.b64decode(env_b64[: len(env_b64) // 4 * 4])
+        version, type_, _, _, issued_at_ms = _FIXED_PREFIX.unpack_from(raw, 0)
+    except (binascii.Error, ValueError, struct.error):
+        return None
+    if version != VERSION or type_ != TYPE_REQUEST:
+        return None
+    return int(issued_at_ms)
+
+
+def read_backlog(broker: redis.Redis, *, now: float | None = None) -> Backlog:
+    """Queue lengths and oldest-job ages of every priority, in one round trip."""
+    now = time.time() if now is None else now
+
+    def build(pipe: Any) -> None:
+        for priority in PRIORITIES:
+            pipe.llen(queue_for(priority))
+            pipe.fcall_ro(functions.TAIL_PREFIX, 1, queue_for(priority), _PREFIX_CHARS)
+    replies = functions.execute(broker, build)
+    depth: dict[str, int] = {}
+    ages: dict[str, float | None] = {}
+    for i, priority in enumerate(PRIORITIES):
+        depth[priority] = int(replies[2 * i])
+        tail = replies[2 * i + 1]
+        issued = _unverified_issued_at_ms(tail) if isinstance(tail, bytes) else None
+        age = None if issued is None else now - issued / 1000
+        ages[priority] = None if age is None or age < -_MAX_FUTURE_S else max(0.0, age)
+    return Backlog(depth, ages)
+
+
+def empty_backlog() -> Backlog:
+    """No job waiting anywhere."""
+    return Backlog(dict.fromkeys(PRIORITIES, 0), dict.fromkeys(PRIORITIES, None))

@@ -1,0 +1,397 @@
+"""The worker's guard at the Redis transport: what a Redis writer puts in a queue.
+
+kombu's Redis channel takes a message from a queue, parses it and hands it to
+Celery. Whatever sits in a queue list was written by someone with Redis write
+access, so before this guard:
+
+* one entry that is not a kombu message (not JSON, no ``properties``, no
+  delivery tag, a ``delivery_info`` without an exchange) raised inside the
+  consumer loop, and Celery stopped the whole worker ("Unrecoverable error");
+* ``delivery_info["routing_key"]``, which the pipeline compares with the
+  priority in the sealed header, was whatever the message said, not the queue
+  it was actually taken from;
+* any registered task name (``maas.sample``, Celery's own ``celery.*``
+  built-ins) could be sent to the job queues.
+
+`HardenedChannel` keeps the consumer alive and the queue truthful: each
+entry must pass `queue_entries.check_message` (on the job queues only
+well-formed protocol-2 JSON messages of ``maas.infer`` with a UUID task id,
+no larger than the envelope limit allows, whose body is a plain task call;
+on the monitoring queue only ``maas.sample``), and is stamped with the queue
+it came from. A job message's Celery headers are then replaced with ours
+(`queue_entries.sanitize_headers`): no ``expires``, ``timelimit`` or far
+``eta`` a Redis writer set decides whether or when a job runs. Anything else
+is dropped (it was already popped, so it is gone), logged and audited as
+``malformed`` (``oversize`` for a body over the limit). JSON is parsed with
+bounded depth. Connection errors still propagate, so kombu reconnects.
+
+Taking a message is atomic: instead of kombu's ``BRPOP`` followed by a
+separate write recording the reservation (a Redis crash between the two lost
+the message), the channel pops and reserves in one Lua script (`fetch`), and
+an idle channel waits on the wake-up list its producers ring with every
+publish. A lost connection must not stop the worker either: `HardenedQoS`
+leaves to the visibility sweep what kombu cannot put back, acknowledge or
+reject on a channel the lost connection tore down.
+
+Producers (`Client`) select `Transport` as their app's ``broker_transport``
+so that they ring the wake-up list; worker processes `install` the channel
+over kombu's Redis transport (``tasks.py`` does). A producer on a
+``redis+socket://`` URL gets kombu's plain transport (the URL names it):
+its jobs are found by the idle poll instead, within a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from queue import Empty
+from time import monotonic
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from redis.exceptions import NoScriptError
+
+from maas_worker.broker import fetch
+from maas_worker.broker.entries import (
+    CONSUMED_QUEUES,
+    JOB_QUEUES,
+    Refused,
+    check_message,
+    max_body_chars,
+    parse_entry,
+    sanitize_headers,
+    str_field,
+    unverified_entry_id,
+)
+from maas_worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Queues kombu declares for the replies to a remote-control broadcast
+#: (``<uuid>.reply.celery.pidbox``): the sender consumes its own.
+REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
+
+def _job_id(raw: Any) -> str:
+    headers = raw.get("headers") if isinstance(raw, dict) else None
+    return str_field(headers, "id") or ""
+
+
+class _Auditor:
+    """Audit records for refused queue entries, from the worker's main process."""
+
+    def __init__(self) -> None:
+        self._audit: Any = None
+
+    def record(self, raw: Any, reason: str, *, job_id: str | None = None,
+               detail: str = "") -> None:
+        """One record for a refused entry (or control command): its id from ``raw``
+        (parsed) or ``job_id``."""
+        try:
+            if self._audit is None:
+                from maas_worker.backend.audit import AuditLog
+                from maas_worker.worker.runtime import backend_client
+
+                settings = Settings.from_env()
+                self._audit = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen)
+            self._audit.record(job_id=_job_id(raw) if job_id is None else job_id, tenant="",
+                               reason=reason, verified=False, detail=detail)
+        except Exception:  # never let auditing stop the consumer
+            log.error("could not audit a refused queue entry", exc_info=False)
+
+
+#: Audit records from the worker's main process (refused entries and control commands).
+auditor = _Auditor()
+
+
+class HardenedQoS(kombu_redis.QoS):
+    """kombu's Redis QoS, whose bookkeeping on a lost connection cannot stop the worker.
+
+    When the connection to Redis is lost, Celery closes the channel: closing
+    puts this worker's reserved messages back in their queues, and jobs that
+    were running then finish and ack or reject their message on that closed
+    channel. With the connection gone each of these can fail inside kombu with
+    an AttributeError (its transport is already torn down), not a connection
+    error, which Celery treats as unrecoverable: the worker stopped instead of
+    reconnecting. Found by the reliability suite (Redis killed mid-run).
+    Nothing is lost by skipping them: the messages are still in the unacked
+    set in Redis, and the visibility sweep brings them back (a finished job's
+    copy is then refused as already done).
+
+    A message taken by `fetch` is already reserved in Redis: recording it
+    again would only cost a round trip, so only the local bookkeeping is done.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        #: Delivery tags taken and reserved in one step, not yet appended.
+        self.prereserved: set[str] = set()
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Record a delivered message as reserved (locally only if `fetch` reserved it)."""
+        if delivery_tag in self.prereserved:
+            self.prereserved.discard(delivery_tag)
+            virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+        else:
+            super().append(message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def forget(self, delivery_tag: str) -> None:
+        """Drop the reservation of a taken message that will not be delivered."""
+        self.prereserved.discard(delivery_tag)
+        if delivery_tag in self._delivered:
+            self.ack(delivery_tag)
+        else:
+            self._remove_from_indices(delivery_tag).execute()  # type: ignore[no-untyped-call]
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        """Put reserved messages back now if possible; else leave them to the sweep."""
+        try:
+            return super().restore_unacked_once(stderr)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            _left_to_sweep("put back", len(self._delivered), exc)
+            return None
+
+    def ack(self, delivery_tag: str) -> None:
+        """Acknowledge; on a channel torn down by a lost connection, leave it to the sweep."""
+        try:
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]
+        except AttributeError as exc:
+            _left_to_sweep("acknowledge", 1, exc)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """Reject; on a channel torn down by a lost connection, leave it to the sweep."""
+        try:
+            super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        except AttributeError as exc:
+            _left_to_sweep("reject", 1, exc)
+
+
+def _left_to_sweep(what: str, count: int, exc: Exception) -> None:
+    log.warning("could not %s %d reserved message(s) on a closed connection (%s); they return "
+                "after the visibility timeout", what, count, type(exc).__name__)
+
+
+class HardenedChannel(kombu_redis.Channel):
+    """kombu's Redis channel: atomic takes, wake-ups, and refusal of foreign entries."""
+
+    QoS = HardenedQoS
+    _settings: Settings | None = None
+    #: Whether the next poll takes (EVAL) rather than waits for a wake-up (BRPOP).
+    _ready = True
+    #: What the command in flight on the poll connection is: "take" or "wait".
+    _sent = "wait"
+    #: Whether the server has the take script cached (EVALSHA, not EVAL).
+    _script_known = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        #: Queues consumed without acknowledgement (remote-control replies).
+        self._no_ack: set[str] = set()
+        self._sync_client: Any = None
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        """A redis-py client on the channel's pool, reused for every synchronous command.
+
+        kombu builds a new client object for each acknowledgement and each
+        event it publishes: about 8% of a busy worker's main-process CPU in a
+        py-spy profile (docs/benchmarks.md). A redis-py client is thread-safe
+        (each command borrows a connection from the pool), so one per pool
+        does; a new pool (after a reconnection) gets a new client.
+        """
+        if asynchronous:
+            return super()._create_client(asynchronous=True)  # type: ignore[no-untyped-call]
+        pool = self.pool
+        if self._sync_client is None or self._sync_client.connection_pool is not pool:
+            self._sync_client = super()._create_client()  # type: ignore[no-untyped-call]
+        return self._sync_client
+
+    def _worker_settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = Settings.from_env()
+        return self._settings
+
+    def _limit(self) -> int:
+        return max_body_chars(self._worker_settings())
+
+    # -- producing -------------------------------------------------------------
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """Push ``message`` to ``queue`` and ring the wake-up list, in one round trip."""
+        batch = kwargs.pop("_publish_batch", None)
+        pri = self._get_message_priority(message, reverse=False)  # type: ignore[no-untyped-call]
+        key = self._q_for_pri(queue, pri)  # type: ignore[no-untyped-call]
+        expires = self._expires.get(queue) if self._expires else None
+        if batch is not None:
+            batch.add("lpush", key, json.dumps(message))
+            batch.add("lpush", fetch.WAKE_KEY, "1")
+            batch.add("ltrim", fetch.WAKE_KEY, 0, fetch.WAKE_MAX - 1)
+            if expires:
+                for pri in self.priority_steps:
+                    batch.add("pexpire", self._q_for_pri(queue, pri),  # type: ignore[no-untyped-call]
+                              expires)
+            return
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            pipe.lpush(key, json.dumps(message))
+            fetch.ring(pipe)
+            if expires:
+                for pri in self.priority_steps:
+                    pipe.pexpire(self._q_for_pri(queue, pri),  # type: ignore[no-untyped-call]
+                                 expires)
+            pipe.execute()
+
+    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str,
+                            pipe: Any, leftmost: bool = False) -> None:
+        super()._do_restore_message(  # type: ignore[no-untyped-call]
+            payload, exchange, routing_key, pipe, leftmost)
+        fetch.ring(pipe)  # a put-back message is work too: wake a consumer
+
+    # -- consuming -------------------------------------------------------------
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        """Consume ``queue``, every delivery checked first (see the module docstring).
+
+        Only our own queues and Celery's remote-control and event queues are
+        consumed: a queue named by anything else (``add_consumer`` sent by
+        whoever could publish) is not, so no message there is ever run.
+        """
+        if not (queue in CONSUMED_QUEUES or queue in self._fanout_queues
+                or queue.endswith(REPLY_QUEUE_SUFFIX)):
+            log.warning("not consuming queue %.64r: not one of this deployment's queues", queue)
+            auditor.record(None, "policy", job_id="",
+                           detail=f"queue {queue[:64]!r} is not configured: not consumed")
+            return kwargs.get("consumer_tag") or (args[1] if len(args) > 1 else None)
+        if no_ack:
+            self._no_ack.add(queue)  # taken unreserved: nothing will acknowledge them
+        else:
+            self._no_ack.discard(queue)
+        ret = super().basic_consume(  # type: ignore[no-untyped-call]
+            queue, no_ack, *args, **kwargs)
+        inner: Callable[[Any], Any] = self.connection._callbacks[queue]
+        fanout = queue in self._fanout_queues
+
+        def deliver(raw: Any) -> Any:
+            try:
+                check_message(raw, queue, max_body_chars=self._limit())
+            except Refused as exc:
+                log.warning("queue %s: refused an entry (%s): %s", queue, exc.reason, exc)
+                self._forget(raw)
+                auditor.record(raw, exc.reason)
+                return None
+            if not fanout:
+                # The list it was popped from, not what the message claims: the
+                # pipeline checks the sealed priority against this, and a
+                # restored (unacked) message goes back to this same list.
+                raw["properties"]["delivery_info"] = {"exchange": "", "routing_key": queue}
+            if queue in JOB_QUEUES:
+                # An eta no further ahead than our own retries set one.
+                sanitize_headers(raw, max_eta_s=self._worker_settings().max_retry_delay_s)
+            try:
+                return inner(raw)
+            except (*self.connection.connection_errors, *self.connection.channel_errors):
+                # The message is reserved in Redis (and held here): closing
+                # the channel or the visibility sweep puts it back.
+                raise
+            except Exception as exc:
+                # Celery could not take it after all. Drop its reservation too:
+                # a message held unacknowledged forever would use up the
+                # prefetch and stop this worker consuming.
+                log.warning("queue %s: refused an entry Celery could not read (%s)",
+                            queue, type(exc).__name__)
+                self._forget(raw)
+                auditor.record(raw, "malformed")
+                return None
+
+        self.connection._callbacks[queue] = deliver
+        return ret
+
+    def _forget(self, raw: Any) -> None:
+        props = raw.get("properties") if isinstance(raw, dict) else None
+        tag = str_field(props, "delivery_tag")
+        if tag and (tag in self.qos.prereserved or tag in self.qos._delivered):
+            self.qos.forget(tag)
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        """Send the next poll: take a message if there may be one, else wait for a wake-up."""
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        prefix = self.global_keyprefix or ""
+        if self._ready:
+            args = fetch.command(queues, count=1, max_chars=self._limit(),
+                                 unacked_key=self.unacked_key,
+                                 index_key=self.unacked_index_key, prefix=prefix,
+                                 unreserved=self._no_ack, by_sha=self._script_known)
+            self._sent = "take"
+        else:
+            args = ["BRPOP", prefix + fetch.WAKE_KEY, timeout or 0]
+            self._sent = "wait"
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]
+        self.client.connection.send_command(*args)
+
+    def _brpop_read(self, **options: Any) -> Any:
+        sent = self._sent
+        try:
+            try:
+                reply = self.client.parse_response(
+                    self.client.connection, "EVAL" if sent == "take" else "BRPOP", **options)
+            except self.connection_errors:
+                # Reconnect on the next poll, and take first: the wake-up
+                # tokens may have been lost with the server.
+                self._ready = True
+                self._script_known = False
+                self.client.connection.disconnect()
+                raise
+            except NoScriptError:
+                # A restarted (or flushed) server: send the script itself next.
+                self._script_known = False
+                self._ready = True
+                raise Empty() from None
+            if sent == "wait":
+                # Woken (or timed out: something may have arrived without a
+                # token, such as a message put back by the sweep): take next.
+                self._ready = True
+                raise Empty()
+            self._script_known = True
+            taken = fetch.parse(reply, self.global_keyprefix or "")
+            if not taken:
+                self._ready = False
+                raise Empty()
+            self._ready = True
+            return self._deliver_taken(taken[0])
+        finally:
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()  # type: ignore[no-untyped-call]
+
+    def _deliver_taken(self, taken: fetch.Taken) -> bool:
+        self._queue_cycle.rotate(taken.queue)
+        raw = parse_entry(taken.raw, max_chars=self._limit())
+        if not isinstance(raw, dict):
+            # Not a message at all (it was popped, unreserved, or reserved
+            # and too deep to parse): drop it instead of letting it stop the
+            # worker.
+            if taken.tag is not None:
+                self.qos.prereserved.add(taken.tag)
+                self.qos.forget(taken.tag)
+            reason = "oversize" if len(taken.raw) > self._limit() else "malformed"
+            log.warning("queue %s: refused a queue entry (%s) that cannot be read as a "
+                        "message", taken.queue, reason)
+            auditor.record(None, reason, job_id=unverified_entry_id(taken.raw))
+            return True
+        if taken.tag is not None:
+            self.qos.prereserved.add(taken.tag)
+        self.connection._deliver(raw, taken.queue)
+        return True
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with `HardenedChannel` (producers' ``broker_transport``)."""
+
+    Channel = HardenedChannel
+
+
+
+def install() -> None:
+    """Make kombu's Redis transport use `HardenedChannel` in this process (idempotent)."""
+    kombu_redis.Transport.Channel = HardenedChannel

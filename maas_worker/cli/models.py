@@ -1,0 +1,356 @@
+"""``maas-worker models keygen|sign|release|encrypt|verify|list``: owners' and operators' tools.
+
+keygen
+    an Ed25519 signing key pair (private key 0600, ``.pub`` beside it), or
+    with ``--encryption`` a model encryption key added to the model keys file;
+sign
+    write ``manifest.json`` (hashes of every file, input and outputs read from
+    the ONNX graph) and ``manifest.sig`` for a ``<name>/<version>/`` directory,
+    then release that version (``<name>/release.json``, serial + 1) unless
+    ``--no-release`` stages it;
+release
+    sign a new release pointer: the bare model name then means that version
+    (serial = the current release's + 1, or ``--serial``); the version must
+    exist, verify under the trusted signers and be signed by the same key;
+encrypt
+    encrypt an artifact (AES-256-GCM, chunked) for a version directory;
+verify
+    check versions exactly as a worker loads them (signature, hashes,
+    decryption, ONNX Runtime); exit 1 if any is refused;
+list
+    every version in the repository: signer, encrypted or not, verifies or
+    not, and which one the model's release names (with its serial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from maas_worker.errors import ConfigError, ModelRejected
+from maas_worker.models.artifact_crypto import DEFAULT_CHUNK_BYTES, ModelKey, ModelKeys
+from maas_worker.models.base import MODEL_NAME_RE, VERSION_RE
+from maas_worker.models.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from maas_worker.models.release import (
+    MAX_SERIAL,
+    RELEASE_FILE,
+    Release,
+    mismatch,
+    read_release,
+    write_release,
+)
+from maas_worker.models.signing import SigningKey, TrustedSigners
+from maas_worker.settings import Settings
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``models`` and its subcommands to the top-level subparsers."""
+    m = sub.add_parser("models", help="sign, encrypt, verify and list models")
+    ms = m.add_subparsers(dest="models_cmd", required=True)
+    k = ms.add_parser("keygen", help="new signing key pair, or (--encryption) model key")
+    k.add_argument("--out", type=Path, help="private signing key file to create (0600)")
+    k.add_argument("--encryption", action="store_true",
+                   help="add a model encryption key to the model keys file instead")
+    k.add_argument("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
+    s = ms.add_parser("sign", help="write and sign the manifest of <name>/<version>/")
+    s.add_argument("version_dir", type=Path)
+    s.add_argument("--key", type=Path, required=True, help="private signing key")
+    s.add_argument("--artifact", help="the model file (default: the one *.onnx[.enc])")
+    s.add_argument("--input-key", default="inputs",
+                   help="member of the job's JSON input holding the tensor (default inputs)")
+    s.add_argument("--output", action="append", default=[], metavar="NAME[=KEY]",
+                   help="graph output to return, under KEY (repeat; default all, by name)")
+    s.add_argument("--max-batch", type=int, default=1024)
+    s.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="signed metadata (repeat)")
+    s.add_argument("--keys", type=Path, help="model keys, to read an encrypted artifact")
+    s.add_argument("--no-release", action="store_true",
+                   help="stage the version: do not point the bare model name at it")
+    s.add_argument("--serial", type=_serial, help="release serial (default: current + 1)")
+    r = ms.add_parser("release", help="point the bare model name at a version (signed)")
+    r.add_argument("name")
+    r.add_argument("version")
+    r.add_argument("--key", type=Path, required=True,
+                   help="private signing key (the version's signer)")
+    r.add_argument("--model-dir", type=Path, help="the repository (default: $MAAS_MODEL_DIR)")
+    r.add_argument("--serial", type=_serial, help="release serial (default: current + 1)")
+    e = ms.add_parser("encrypt", help="encrypt a model file (AES-256-GCM, chunked)")
+    e.add_argument("src", type=Path)
+    e.add_argument("dst", type=Path)
+    e.add_argument("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
+    e.add_argument("--key-id", help="which model key (default: the only one)")
+    e.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
+    v = ms.add_parser("verify", help="verify versions as a worker would load them")
+    v.add_argument("paths", type=Path, nargs="*",
+                   help="version dirs, model dirs or repositories (default: $MAAS_MODEL_DIR)")
+    for p in (v, ms.add_parser("list", help="every version: signer, encrypted, verifies")):
+        p.add_argument("--json", action="store_true")
+
+
+def _serial(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be an integer") from None
+    if not 1 <= value <= MAX_SERIAL:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_SERIAL}")
+    return value
+
+
+def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
+    return args.keys or settings.model_keys_path
+
+
+def _is_version_dir(path: Path) -> bool:
+    return path.is_dir() and (any((path / f).exists() for f in (MANIFEST_FILE, SIGNATURE_FILE))
+                              or any(path.glob("*.onnx*")))
+
+
+def _version_dirs(path: Path) -> list[Path]:
+    """The version directories ``path`` is, holds (a model) or holds two levels down."""
+    if _is_version_dir(path):
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory")
+    children = [c for c in sorted(path.iterdir()) if c.is_dir()]
+    if any(_is_version_dir(c) for c in children):
+        return [c for c in children if VERSION_RE.fullmatch(c.name)]
+    return [v for c in children if MODEL_NAME_RE.fullmatch(c.name)
+            for v in sorted(c.iterdir()) if v.is_dir() and VERSION_RE.fullmatch(v.name)]
+
+
+def inspect_version(version_dir: Path, signers: TrustedSigners,
+                    keys_path: Path) -> dict[str, Any]:
+    """Verify one version as a worker loads it; a row for ``list``/``verify``."""
+    from maas_worker.models.repository import load_verified, verify_manifest
+
+    row: dict[str, Any] = {"name": version_dir.parent.name, "version": version_dir.name,
+                           "signer": None, "encrypted": None, "verifies": False,
+                           "error": None}
+
+    def keys() -> ModelKeys:
+        try:
+            return ModelKeys.load(keys_path)
+        except ConfigError:
+            raise ModelRejected("the model keys are unavailable (MAAS_MODEL_KEYS)") from None
+
+    try:
+        manifest = verify_manifest(version_dir, signers)
+        row.update(signer=manifest.signer, encrypted=manifest.encrypted)
+        load_verified(version_dir, manifest, keys)
+        row["verifies"] = True
+    except ModelRejected as exc:
+        row["error"] = str(exc)
+    return row
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"{'MODEL':<24} {'VERSION':<10} {'SIGNER':<34} {'ENCRYPTED':<10} VERIFIES")
+    for r in rows:
+        enc = "-" if r["encrypted"] is None else ("yes" if r["encrypted"] else "no")
+        ok = "yes" if r["verifies"] else f"NO: {r['error']}"
+        print(f"{r['name']:<24} {r['version']:<10} {r['signer'] or '-':<34} {enc:<10} {ok}")
+
+
+def _print_listing(rows: list[dict[str, Any]], as_json: bool) -> None:
+    """``list``: the version rows with the release of each model."""
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return
+    print(f"{'MODEL':<24} {'VERSION':<10} {'SIGNER':<34} {'ENCRYPTED':<10} "
+          f"{'RELEASED':<10} VERIFIES")
+    for r in rows:
+        if r["version"] is None:
+            continue
+        enc = "-" if r["encrypted"] is None else ("yes" if r["encrypted"] else "no")
+        rel = f"serial {r['serial']}" if r["released"] else "-"
+        ok = "yes" if r["verifies"] else f"NO: {r['error']}"
+        print(f"{r['name']:<24} {r['version']:<10} {r['signer'] or '-':<34} {enc:<10} "
+              f"{rel:<10} {ok}")
+    problems = {r["name"]: r["release_error"] for r in rows if r["release_error"]}
+    for name, why in sorted(problems.items()):
+        print(f"{name}: the bare name is NOT served: {why}")
+
+
+def release_status(model_dir: Path, signers: TrustedSigners,
+                   rows: list[dict[str, Any]]) -> tuple[Release | None, str | None]:
+    """The model's release and why its bare name would not be served (None: it would).
+
+    ``rows`` are the model's `inspect_version` rows. Checks what a worker
+    checks, except the floor of serials workers have seen (kept in Redis).
+    """
+    from maas_worker.models.repository import verify_manifest
+
+    try:
+        release = read_release(model_dir, signers)
+    except ModelRejected as exc:
+        return None, str(exc)
+    row = next((r for r in rows if r["version"] == release.version), None)
+    if row is None:
+        return release, f"released version {release.ref} is missing"
+    if not row["verifies"]:
+        return release, f"released version {release.ref} is refused: {row['error']}"
+    try:
+        manifest = verify_manifest(model_dir / release.version, signers)
+    except ModelRejected as exc:
+        return release, f"released version {release.ref} is refused: {exc}"
+    return release, mismatch(release, manifest)
+
+
+def _with_key(signers: TrustedSigners, key: SigningKey) -> TrustedSigners:
+    return TrustedSigners({**signers.keys, key.key_id: key.key.public_key()})
+
+
+def _trusted_or_none(settings: Settings) -> TrustedSigners:
+    try:
+        return TrustedSigners.from_paths(settings.trusted_signers)
+    except ConfigError:
+        return TrustedSigners()
+
+
+def next_serial(model_dir: Path, signers: TrustedSigners, given: int | None) -> int:
+    """The serial of a new release in ``model_dir``: ``given``, or the current one's + 1.
+
+    Only a release that verifies under ``signers`` counts as current (an
+    unverified file could claim any serial); if one is there but does not
+    verify, ``given`` is required.
+    """
+    current = None
+    if (model_dir / RELEASE_FILE).exists() or (model_dir / RELEASE_FILE).is_symlink():
+        try:
+            current = read_release(model_dir, signers)
+        except ModelRejected as exc:
+            if given is None:
+                raise ConfigError(
+                    f"{model_dir / RELEASE_FILE} does not verify ({exc}); pass --serial N "
+                    "above the highest serial workers have seen (their model_rejected "
+                    "audit records name it)") from None
+    if given is None:
+        return current.serial + 1 if current is not None else 1
+    if current is not None and given <= current.serial:
+        raise ConfigError(f"--serial {given} is not above the current release's serial "
+                          f"{current.serial}: workers would refuse it as a rollback")
+    return given
+
+
+def _release(model_dir: Path, key: SigningKey, manifest: Manifest,
+             signers: TrustedSigners, serial: int | None) -> Release:
+    release = write_release(model_dir, key, manifest,
+                            next_serial(model_dir, _with_key(signers, key), serial))
+    print(f"released {release.ref} (serial {release.serial}, signer {release.signer}): "
+          f"{model_dir / RELEASE_FILE}")
+    return release
+
+
+def _cmd_release(args: argparse.Namespace, settings: Settings) -> int:
+    from maas_worker.models.repository import verify_manifest
+
+    root = args.model_dir or settings.model_dir
+    if not MODEL_NAME_RE.fullmatch(args.name) or not VERSION_RE.fullmatch(args.version):
+        raise ConfigError(f"invalid model name or version {args.name}@{args.version}")
+    ref = f"{args.name}@{args.version}"
+    version_dir = root / args.name / args.version
+    if not version_dir.is_dir():
+        raise ConfigError(f"no version {ref} in {root}; nothing released")
+    key = SigningKey.load(args.key)
+    signers = TrustedSigners.from_paths(settings.trusted_signers)
+    row = inspect_version(version_dir, signers, settings.model_keys_path)
+    if not row["verifies"]:
+        raise ConfigError(f"{ref} does not verify ({row['error']}); nothing released")
+    manifest = verify_manifest(version_dir, signers)
+    if manifest.signer != key.key_id:
+        raise ConfigError(f"{ref} is signed by {manifest.signer}, not by this key "
+                          f"({key.key_id}): a release is signed by the version's own signer")
+    _release(root / args.name, key, manifest, signers, args.serial)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one ``models`` subcommand; returns the exit status."""
+    settings = Settings.from_env()
+    cmd = args.models_cmd
+    if cmd == "keygen":
+        if args.encryption:
+            path = _keys_path(args, settings)
+            keys = ModelKeys.load(path) if path.exists() else ModelKeys()
+            key = ModelKey.generate()
+            keys.with_key(key).save(path)
+            print(f"model key {key.key_id} added to {path} (mode 0600)")
+            return 0
+        if args.out is None:
+            raise ConfigError("keygen needs --out PATH for the private signing key "
+                              "(keep it off the workers)")
+        signing = SigningKey.generate()
+        pub = signing.save(args.out)
+        print(f"signing key {signing.key_id}: private {args.out} (mode 0600), public {pub}")
+        return 0
+    if cmd == "sign":
+        from maas_worker.models.publish import sign_version
+
+        outputs = dict(o.split("=", 1) if "=" in o else (o, o) for o in args.output)
+        meta = dict(m.split("=", 1) for m in args.meta if "=" in m)
+        model_keys = ModelKeys.load(args.keys) if args.keys else None
+        signing = SigningKey.load(args.key)
+        manifest = sign_version(args.version_dir, signing,
+                                artifact=args.artifact, input_key=args.input_key,
+                                output_keys=outputs or None, max_batch=args.max_batch,
+                                metadata=meta, model_keys=model_keys)
+        print(f"signed {manifest.ref} ({len(manifest.files)} file(s), signer "
+              f"{manifest.signer}{', encrypted' if manifest.encrypted else ''})")
+        if args.no_release:
+            print(f"staged, not released: the bare name {manifest.name} is unchanged")
+        else:
+            _release(args.version_dir.resolve().parent, signing, manifest,
+                     _trusted_or_none(settings), args.serial)
+        return 0
+    if cmd == "release":
+        return _cmd_release(args, settings)
+    if cmd == "encrypt":
+        from maas_worker.models.publish import encrypt_file
+
+        keys = ModelKeys.load(_keys_path(args, settings))
+        if args.key_id is None and len(keys.keys) != 1:
+            raise ConfigError("the model keys file holds several keys: choose one with --key-id")
+        key_id = args.key_id or next(iter(keys.keys))
+        try:
+            key = keys.get(key_id)
+        except ModelRejected:
+            raise ConfigError(f"no model key {key_id}") from None
+        written = encrypt_file(args.src, args.dst, key, chunk_bytes=args.chunk_bytes)
+        print(f"encrypted {args.src} -> {args.dst} ({written} bytes, model key {key_id})")
+        return 0
+    signers = TrustedSigners.from_paths(settings.trusted_signers)
+    keys_path = settings.model_keys_path
+    if cmd == "verify":
+        dirs = [d for p in (args.paths or [settings.model_dir]) for d in _version_dirs(p)]
+    else:
+        dirs = _version_dirs(settings.model_dir) if settings.model_dir.is_dir() else []
+    rows = [inspect_version(d, signers, keys_path) for d in dirs]
+    if cmd == "verify":
+        _print_rows(rows, args.json)
+        if not rows:
+            raise ConfigError("no model versions found")
+        return 0 if all(r["verifies"] for r in rows) else 1
+    names = sorted({r["name"] for r in rows} | {
+        d.name for d in (settings.model_dir.iterdir() if settings.model_dir.is_dir() else ())
+        if MODEL_NAME_RE.fullmatch(d.name) and (d / RELEASE_FILE).exists()})
+    for name in names:
+        own = [r for r in rows if r["name"] == name]
+        release, problem = release_status(settings.model_dir / name, signers, own)
+        for r in own:
+            is_it = release is not None and r["version"] == release.version
+            r.update(released=is_it, serial=release.serial if is_it and release else None,
+                     release_error=problem)
+        if not own:  # a release but no version at all
+            rows.append({"name": name, "version": None, "signer": None, "encrypted": None,
+                         "verifies": False, "error": None, "released": False,
+                         "serial": None, "release_error": problem})
+    _print_listing(rows, args.json)
+    return 0

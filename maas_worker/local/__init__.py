@@ -1,0 +1,1 @@
+"""Everything on one machine, for the demo and the tests: embedded Redis, worker processes, demo."""

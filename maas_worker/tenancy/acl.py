@@ -1,0 +1,385 @@
+"""Least-privilege Redis ACL users, one per role, written as a Redis ACL file.
+
+``maas-worker acl`` writes ``users.acl`` from the keyring's tenants: the
+``default`` user off, and one user per role (docs/operations.md, "Redis
+roles"; the guarantees are in docs/security.md, "Redis roles"):
+
+``producer-<tenant>`` (one per tenant), ``worker``, ``beat``, ``monitor``,
+``flower`` and ``operator``, each allowed what its process does and no
+more (the ``*_rules`` functions below say what).
+
+Rules use Redis 7 key permissions (``%R~`` read, ``%W~`` write) and
+selectors (``(...)``: a command allowed only on the keys of its selector).
+Commands that a library function runs are checked against the caller's
+rules too, so ``+fcall`` grants nothing a user could not do itself.
+
+Each user gets a random 256-bit password, kept in a file of its own (mode
+0600) in the passwords folder; the ACL file holds only its SHA-256. Existing
+password files are kept, so running it again after adding a tenant adds that
+tenant's user and changes no one else's password.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import secrets
+import stat
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import redis
+
+from maas_worker.backend import keyspace
+from maas_worker.broker import fetch
+from maas_worker.errors import ConfigError, connection_cause
+from maas_worker.files import write_atomic
+from maas_worker.settings import PRIORITIES, Settings, queue_for
+from maas_worker.tenancy.keyring import TENANT_RE
+
+#: The fixed roles, in the order they are written (producers follow, by tenant).
+ROLES = ("operator", "worker", "beat", "monitor", "flower")
+PRODUCER_PREFIX = "producer-"
+#: What every user needs to connect: redis-py's handshake (HELLO, CLIENT SETINFO on
+#: Redis 7.2+, named through its category: Redis 7.0 refuses the unknown
+#: subcommand), PING, SELECT, MULTI/EXEC; no key tracking (its broadcast mode
+#: would report other tenants' key names) and nothing administrative.
+_CONNECT = ("+@connection", "-@admin", "-@dangerous", "-client|tracking", "-client|caching",
+            "-client|trackinginfo", "-client|getredir", "+select", "+multi", "+exec",
+            "+discard")
+_JOB_QUEUES = tuple(queue_for(p) for p in PRIORITIES)
+#: Celery's remote-control (pidbox) exchange and kombu's keys around it.
+_PIDBOX = "celery.pidbox"
+_REPLY_KEYS = ("~*.reply.celery.pidbox*", "~_kombu.binding.reply.celery.pidbox",
+               "~_kombu.binding_permanent.reply.celery.pidbox")
+
+
+def producer(tenant: str) -> str:
+    """The ACL user name of ``tenant``'s producers."""
+    return PRODUCER_PREFIX + tenant
+
+
+def _sel(*rules: str) -> str:
+    """A selector: its commands are allowed on its own keys and channels only."""
+    return "(" + " ".join(rules) + ")"
+
+
+def _channels(dbs: Sequence[int], *names: str) -> list[str]:
+    """Channel rules for kombu's fanout topics (``/<db>.<exchange>...``) in each database.
+
+    ``PSUBSCRIBE`` needs its pattern listed literally, so the subscribed
+    patterns are rules of their own.
+    """
+    return [f"&/{db}.{name}" for db in dbs for name in names]
+
+
+def producer_rules(tenant: str) -> list[str]:
+    """What `Client`/`Job` and ``submit``, ``status``, ``result``, ``cancel`` do for ``tenant``.
+
+    Write its queued markers, payloads, cancel requests and pending set
+    (keyspace.py), pop its ``done`` lists, read its own keys, push to the job
+    queues (no pop, trim, delete or read beyond their length), ring the
+    wake-up list, read the catalogue, call the library (no EVAL, no FUNCTION
+    LOAD); no Pub/Sub, no other tenant's key.
+    """
+    t = keyspace.tenant_prefix(tenant)
+    return [
+        *_CONNECT, "+time",
+        # Read its own keys (status, results, the cancel and quota scripts'
+        # reads) and the model catalogue.
+        f"%R~{t}*", f"%R~{keyspace.CATALOG}",
+        "+get", "+exists", "+hmget", "+zcount", "+zrangebyscore",
+        _sel("+llen", *(f"%R~{q}" for q in _JOB_QUEUES)),  # backpressure: length only
+        _sel("+lpush", *(f"%W~{q}" for q in _JOB_QUEUES)),  # publish: push only
+        _sel("+lpush", "+ltrim", f"~{fetch.WAKE_KEY}"),
+        _sel("+set", f"~{t}job:*", f"~{t}payload:*", f"~{t}cancel:*"),
+        _sel("+blpop", "+rpush", "+pexpire", f"~{t}done:*"),
+        _sel("+zadd", "+zrem", "+zremrangebyscore", "+zcard", "+pttl", "+pexpire",
+             f"~{keyspace.pending(tenant)}"),
+        # The library's functions on its own keys; what they run is checked
+        # against the rules above (the in-flight set and bucket: read only).
+        _sel("+fcall", f"~{t}*"),
+    ]
+
+
+def worker_rules(dbs: Sequence[int]) -> list[str]:
+    """What ``maas-worker worker`` (and its consumers, advertiser, samples) may do."""
+    return [
+        "~maas:*", "~maas.*", f"~{fetch.UNACKED_KEY}", f"~{fetch.UNACKED_INDEX_KEY}",
+        "~unacked_mutex", "~_kombu.binding.*", "~_kombu.binding_permanent.*",
+        "~_kombu.binding_deadlines", f"~*.{_PIDBOX}*", "~celeryev.*",
+        *_channels(dbs, _PIDBOX, "celeryev/*", "celeryev/worker.*", "maas.monitor/maas.monitor"),
+        "+@all", "-@admin", "-@dangerous",
+        # Nothing that drops or kills other clients' scripts and functions.
+        "-script|flush", "-script|kill", "-function|flush", "-function|delete",
+        "-function|restore", "-function|kill",
+    ]
+
+
+def beat_rules(dbs: Sequence[int]) -> list[str]:
+    """What ``maas-worker beat`` may do: publish the sample request and its event."""
+    return [*_CONNECT, "+publish",
+            *_channels(dbs, "maas.monitor/maas.monitor", "celeryev/task.sent")]
+
+
+def monitor_rules() -> list[str]:
+    """Read-only: the fleet exporter, ``stats``, ``scale``, a KEDA list scaler."""
+    return [
+        *_CONNECT,
+        *(f"%R~{q}*" for q in _JOB_QUEUES),
+        f"%R~{keyspace.NODES}", f"%R~{keyspace.SAMPLES}", f"%R~{keyspace.PREFIX}sample:*",
+        f"%R~{keyspace.CATALOG}",
+        "+llen", "+lindex", "+fcall_ro", "+get", "+mget", "+exists", "+zrange",
+        "+zrangebyscore", "+zcard", "+zscore",
+    ]
+
+
+def flower_rules(dbs: Sequence[int]) -> list[str]:
+    """Flower: events, queue lengths, and inspect commands with a reply queue."""
+    return [
+        *_CONNECT, "+psubscribe", "+punsubscribe", *_channels(dbs, "celeryev/*"),
+        "%R~maas.*", "+llen",
+        _sel("+publish", *_channels(dbs, _PIDBOX)),
+        _sel("+sadd", "+srem", "+smembers", "+llen", "+rpop", "+brpop", "+del", "+exists",
+             *_REPLY_KEYS, "~celeryev.*", "~_kombu.binding.celeryev",
+             "~_kombu.binding_permanent.celeryev"),
+    ]
+
+
+def operator_rules() -> list[str]:
+    """The administrator: every key and channel; no dangerous command but ACL LOAD."""
+    return ["~*", "&*", "+@all", "-@admin", "-@dangerous", "+acl|load", "+acl|log",
+            "+acl|whoami", "+info"]
+
+
+def role_rules(role: str, *, dbs: Sequence[int] = (0,)) -> list[str]:
+    """The rules of ``role`` (a fixed role or ``producer-<tenant>``)."""
+    if role.startswith(PRODUCER_PREFIX):
+        return producer_rules(role[len(PRODUCER_PREFIX):])
+    if role in ("worker", "beat", "flower"):
+        return {"worker": worker_rules, "beat": beat_rules, "flower": flower_rules}[role](dbs)
+    if role in ("operator", "monitor"):
+        return operator_rules() if role == "operator" else monitor_rules()
+    raise ConfigError(f"unknown role {role!r}")
+
+
+def password_digest(password: str) -> str:
+    """SHA-256 of a password, as Redis ACL files hold it (``#<hex>``)."""
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def acl_text(passwords: dict[str, str], *, dbs: Sequence[int] = (0,)) -> str:
+    """The ACL file for ``passwords`` (role -> password): ``default`` off, then each role."""
+    lines = ["user default reset off"]
+    # Fixed roles first, in `ROLES` order, then producers by tenant.
+    for role in sorted(passwords, key=lambda r: (ROLES.index(r) if r in ROLES else 99, r)):
+        rules = " ".join(role_rules(role, dbs=dbs))
+        lines.append(f"user {role} reset on #{password_digest(passwords[role])} {rules}")
+    return "\n".join(lines) + "\n"
+
+
+def roles_for(tenants: Iterable[str]) -> list[str]:
+    """Every role of a deployment whose keyring holds ``tenants``."""
+    for t in tenants:
+        if not TENANT_RE.fullmatch(t):
+            raise ConfigError(f"invalid tenant name {t!r}")
+    return [*ROLES, *(producer(t) for t in sorted(tenants))]
+
+
+# -- files ---------------------------------------------------------------------------------
+def write_private(path: Path, data: str) -> None:
+    """Write ``path`` atomically (`files.write_atomic`), mode 0600; `ConfigError` if it cannot."""
+    try:
+        write_atomic(path, data.encode(), private=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _read_password(path: Path) -> str:
+    try:
+        st = path.stat()
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"password file {path} is accessible by group or others "
+                              f"(mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}")
+        password = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from None
+    if len(password) < 32 or any(c.isspace() for c in password):
+        raise ConfigError(f"password file {path} holds no usable password (at least 32 "
+                          "characters, no spaces); delete it to get a new one")
+    return password
+
+
+def ensure_passwords(folder: Path, roles: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """Each role's password, read from ``folder/<role>`` or made (and written, 0600).
+
+    Returns (role -> password, the roles whose password was made now).
+    """
+    passwords: dict[str, str] = {}
+    made: list[str] = []
+    for role in roles:
+        path = folder / role
+        if path.exists():
+            passwords[role] = _read_password(path)
+            continue
+        passwords[role] = secrets.token_hex(32)  # 256 bits
+        write_private(path, passwords[role] + "\n")
+        made.append(role)
+    return passwords, made
+
+
+@dataclass(frozen=True)
+class Written:
+    """What `generate` did."""
+
+    acl_file: Path
+    passwords_dir: Path
+    roles: list[str]
+    #: Roles whose password was created by this run (the others were kept).
+    new: list[str]
+    changed: bool
+
+
+def generate(tenants: Iterable[str], *, acl_file: Path, passwords_dir: Path,
+             dbs: Sequence[int] = (0,)) -> Written:
+    """Write the ACL file and any missing password file for ``tenants``' deployment."""
+    roles = roles_for(tenants)
+    passwords, new = ensure_passwords(passwords_dir, roles)
+    text = acl_text(passwords, dbs=dbs)
+    try:
+        unchanged = acl_file.read_text() == text
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        write_private(acl_file, text)
+    return Written(acl_file, passwords_dir, roles, new, not unchanged)
+
+
+# -- URLs ----------------------------------------------------------------------------------
+def server_url(url: str) -> str:
+    """``url`` without its user and password (the server each role's URL points at)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def database(url: str) -> int:
+    """The database number of a Redis URL (0 when it names none)."""
+    path = urlsplit(url).path.strip("/")
+    if not path:
+        return 0
+    if not path.isdigit():
+        raise ConfigError(f"cannot tell the database number of {server_url(url)}")
+    return int(path)
+
+
+def role_url(server: str, role: str, password: str | None) -> str:
+    """The URL ``role`` connects with; ``****`` in place of the password if it is None."""
+    parts = urlsplit(server_url(server))
+    secret = "****" if password is None else quote(password, safe="")
+    netloc = f"{quote(role, safe='')}:{secret}@{parts.netloc}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+# -- the command -----------------------------------------------------------------------------
+def apply(server: str, password: str, roles: dict[str, str], settings: Settings) -> None:
+    """As the operator: ``ACL LOAD`` on ``server``, check every role's password, load the
+    function library. Raises `ConfigError` with one line if any step fails."""
+    from maas_worker.backend import functions
+    from maas_worker.worker.runtime import redis_client
+
+    url = role_url(server, "operator", password)
+    where = server_url(server)
+    try:
+        loader: Any = redis_client(url, tls=settings.redis_tls)
+        # Redis 7.0 then drops every connection (Valkey keeps those whose user
+        # is unchanged): clients reconnect, and so do we.
+        with contextlib.closing(loader), contextlib.suppress(redis.ConnectionError):
+            loader.execute_command("ACL", "LOAD")
+        client: Any = redis_client(url, tls=settings.redis_tls)
+        functions.load(client)
+        # The server read ITS file: make sure it is the one just written.
+        for role, secret in roles.items():
+            try:
+                client.execute_command("AUTH", role, secret)
+            except redis.AuthenticationError:
+                raise ConfigError(
+                    f"{where} reloaded an ACL file without user {role} (or with another "
+                    "password): is --acl-file the file the server was started with "
+                    "(--aclfile)?") from None
+        client.close()
+    except redis.RedisError as exc:
+        raise ConfigError(f"cannot apply the ACL on {where} as the operator: "
+                          f"{connection_cause(exc)}") from None
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """``maas-worker acl``: write the files, print each role's URL, optionally apply."""
+    from maas_worker.backend import functions
+    from maas_worker.tenancy.keyring import load_keyring
+    from maas_worker.worker.runtime import redis_client
+
+    if args.load_functions:
+        client = redis_client(settings.broker_url, tls=settings.redis_tls)
+        try:
+            functions.load(client)
+        finally:
+            client.close()
+        print(f"loaded the function library {functions.LIBRARY} on "
+              f"{server_url(settings.broker_url)}", file=sys.stderr)
+        return 0
+    server = args.server or settings.broker_url
+    known = set(load_keyring(settings.keyring_path).tenants)
+    tenants = args.tenant or sorted(known)
+    unknown = sorted(set(tenants) - known)
+    if unknown:
+        raise ConfigError(f"unknown tenant {unknown[0]!r} (the keyring "
+                          f"{settings.keyring_path} has: {', '.join(sorted(known)) or 'none'})")
+    dbs = sorted(set(args.db or [database(server)]))
+    done = generate(tenants, acl_file=Path(args.acl_file), passwords_dir=Path(args.passwords),
+                    dbs=dbs)
+    passwords, _ = ensure_passwords(done.passwords_dir, done.roles)
+    print(f"{'wrote' if done.changed else 'kept (unchanged)'} {done.acl_file}: "
+          f"{len(done.roles)} users, default off; passwords in {done.passwords_dir}/<user> "
+          f"(mode 0600; new: {', '.join(done.new) or 'none'})", file=sys.stderr)
+    for role in done.roles:
+        print(f"{role:<24} {role_url(server, role, passwords[role] if args.urls else None)}")
+    if args.apply:
+        apply(server, passwords["operator"], passwords, settings)
+        print(f"applied on {server_url(server)}: ACL LOAD, function library loaded",
+              file=sys.stderr)
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    """The ``acl`` command's arguments (registered by cli.py)."""
+    a = sub.add_parser("acl", help="write least-privilege Redis ACL users, one per role "
+                       "and tenant (docs/operations.md)")
+    a.add_argument("--acl-file", default="users.acl",
+                   help="the Redis ACL file to write (default ./users.acl)")
+    a.add_argument("--passwords", default="redis-passwords",
+                   help="folder of the password files, one per user, kept when they exist "
+                   "(default ./redis-passwords)")
+    a.add_argument("--tenant", action="append",
+                   help="a producer user for this tenant only (repeatable; default: every "
+                   "tenant in the keyring)")
+    a.add_argument("--server", help="the server's URL, for the printed URLs and --apply "
+                   "(default: $MAAS_BROKER_URL; user and password ignored)")
+    a.add_argument("--db", type=int, action="append",
+                   help="database number the deployment uses (repeatable; default: the "
+                   "server URL's)")
+    a.add_argument("--urls", action="store_true",
+                   help="print the URLs with their passwords (default: ****)")
+    a.add_argument("--apply", action="store_true",
+                   help="then, as the operator: ACL LOAD on the server and load the "
+                   "function library")
+    a.add_argument("--load-functions", action="store_true",
+                   help="only load the function library, with $MAAS_BROKER_URL's user")

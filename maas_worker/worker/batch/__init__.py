@@ -1,0 +1,1 @@
+"""The batch consumer: processes that take many jobs per round trip through the pipeline."""

@@ -1,0 +1,576 @@
+"""The job pipeline's stages, shared by the ``maas.infer`` task and the batch consumer.
+
+Checks run in this order and fail closed (docs/security.md explains each):
+size -> version/type -> key lookup -> HMAC -> time window and lifetime cap
+-> task name/id binding -> tenant policy -> memory headroom -> replay claim
+with cancel check and quota charge (one Lua script) -> decrypt -> bounded
+parse -> model -> run under the watchdog (time limits, cancellation) -> seal
+-> store write-once. A rejected message is audited; an authenticated one is
+also marked so its client learns of it (a message that did not authenticate
+never changes any job's state). The caller acknowledges it and carries on.
+
+A job is (tenant, job id), the tenant the authenticated one: every key a
+stage reads or writes is that tenant's, so one tenant's job can never close,
+pre-empt, cancel or read another's of the same id.
+
+The binding check sits before the claim (the design lists it after decrypt)
+because after the HMAC the header is already authentic: checking it first
+means an envelope copied into a message with another task id can never take
+the real job's claim.
+
+Each stage either returns what the next one needs or raises `Stop` (the
+delivery is over, with its outcome: already audited and recorded) or `Defer`
+(keep the message and try again later: the job is busy elsewhere, or memory
+is short). Any other error while handling an authenticated job is that job's
+own fault (`fault`): it is retried a few times, then failed and audited,
+never requeued for ever and never charged to another job. The Celery task
+(tasks.py) runs the stages for one message; the batch consumer (consumer.py)
+runs each stage for a whole batch, with the Redis work of a stage pipelined
+across the batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from maas_worker import jsonlimits
+from maas_worker.app import payload_ref_tenant
+from maas_worker.backend import keyspace
+from maas_worker.backend.claims import Claim
+from maas_worker.crypto.envelope import Header, Verified, now_ms, seal, verify
+from maas_worker.errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
+from maas_worker.models import Model
+from maas_worker.monitoring import metrics
+from maas_worker.settings import MAX_JOB_TTL_S, Settings, queue_for
+from maas_worker.tenancy.cancellation import token_actor, verify_token
+from maas_worker.tenancy.keyring import TENANT_RE, TenantPolicy
+from maas_worker.tenancy.quota import admission_args, admission_keys
+from maas_worker.worker.batching import DynamicBatcher
+from maas_worker.worker.runtime import WorkerRuntime
+from maas_worker.worker.watchdog import JobInterrupted
+
+log = logging.getLogger(__name__)
+
+#: How long a job waits (handed back with a delay) while the host is short of memory.
+MEMORY_BACKOFF_S = 5.0
+#: How long a job waits before it is retried after an error of its own (`fault`).
+FAULT_BACKOFF_S = 1.0
+#: Errors that are no job's fault: Redis out of reach, the keyring file
+#: unreadable. The whole delivery (or batch) is handed back and retried once
+#: they pass; nothing is counted against a job.
+UNAVAILABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError,
+                                            KeyringError)
+
+
+class Stop(Exception):
+    """The delivery is finished with ``outcome`` (a result stored or a rejection recorded)."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+class Defer(Exception):
+    """Not now: keep the message and try it again after ``delay_s`` seconds."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.delay_s = delay_s
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A claimed, decrypted, policy-checked job with its model, ready to run."""
+
+    model: Model
+    inputs: Any
+    soft_s: float
+    hard_s: float
+
+
+HardHook = Callable[[], None]
+
+
+def reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
+           *, authenticated: bool, detail: str = "") -> None:
+    """Audit a refused delivery; tell the job's client if the refusal is authenticated.
+
+    An authenticated refusal (the header's MAC verified) is about the job
+    the header names, of the header's tenant: that job is closed and its
+    client's wait ends with `JobRejected` (the message's own task id, which
+    whoever wrote the queue entry chose, is not trusted for that). A message
+    that did not authenticate could have been sent by anyone with access to
+    a queue, so it changes no job's state: it is audited, and a note lets
+    the named job's client say so if its own wait times out.
+    """
+    tenant = header.tenant if header is not None else ""
+    if authenticated and header is not None:
+        job_id = header.job_id
+    rt.audit.record(job_id=job_id, tenant=tenant, reason=reason, verified=authenticated,
+                    detail=detail)
+    if reason != "replayed" and keyspace.is_job_id(job_id):
+        if authenticated:
+            rt.guard.mark_rejected(tenant, job_id, ttl_s=rt.settings.result_ttl_s,
+                                   state="expired" if reason == "expired" else "rejected")
+        elif TENANT_RE.fullmatch(tenant):
+            rt.guard.mark_suspect(tenant, job_id, ttl_s=rt.settings.result_ttl_s)
+    log.warning("job %r rejected: %s", job_id[:64], reason)
+
+
+def _stop(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None = None, *,
+          authenticated: bool = False) -> Stop:
+    reject(rt, job_id, reason, header, authenticated=authenticated)
+    return Stop(reason)
+
+
+def refuse_unreadable(rt: WorkerRuntime, job_id: str, exc: BaseException) -> Stop:
+    """A delivery our own pre-authentication code could not handle: refused ``malformed``.
+
+    Only unauthenticated bytes have been read at that point, so no job's
+    state changes; the error type (never its text) is logged and audited.
+    """
+    log.error("job %r: refusing a message that raised %s before it was authenticated",
+              job_id[:64], type(exc).__name__)
+    reject(rt, job_id, "malformed", None, authenticated=False,
+           detail=f"unreadable: {type(exc).__name__}")
+    return Stop("malformed")
+
+
+# -- checks on untrusted bytes ------------------------------------------------------------
+def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
+    """The task's one argument (the base64 envelope or a payload reference), size-checked."""
+    if not isinstance(args, list | tuple) or len(args) != 1 or kwargs \
+            or not isinstance(args[0], str):
+        raise _stop(rt, job_id, "malformed")
+    text: str = args[0]
+    if len(text) > rt.settings.max_envelope_chars:
+        raise _stop(rt, job_id, "oversize")
+    return text
+
+
+def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
+                  fetched: bytes | int | None = None) -> bytes:
+    """The sealed request: base64-decoded, or ``fetched`` from Redis for a payload reference.
+
+    ``fetched`` is what `JobGuard.fetch_payload` returned for this job. Whatever
+    is there is untrusted exactly like a message body.
+    """
+    tenant = payload_ref_tenant(text)
+    if tenant is None:
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise _stop(rt, job_id, "malformed") from None
+    if not tenant or not keyspace.is_job_id(job_id):
+        raise _stop(rt, job_id, "malformed")
+    if fetched == -1:
+        raise _stop(rt, job_id, "oversize")
+    if not isinstance(fetched, bytes):
+        # A finished job's request is deleted with its result stored: this
+        # is a redelivery or a replay of it, not a broken message.
+        if rt.backend.delete(keyspace.killed(tenant, job_id)):
+            raise Stop("finished")
+        reason = "replayed" if rt.backend.exists(keyspace.result(tenant, job_id)) \
+            else "malformed"
+        raise _stop(rt, job_id, reason)
+    return fetched
+
+
+def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: str,
+                   routed: str | None, text: str) -> Verified:
+    """Verify the envelope, then bind it to the message's task id, task name, queue and
+    payload reference (``text``, the task argument)."""
+    s = rt.settings
+    try:
+        verified = verify(data, expect="request", keyring=rt.keyring.get(),
+                          max_bytes=s.max_envelope_chars, skew_ms=s.clock_skew_s * 1000,
+                          max_lifetime_ms=MAX_JOB_TTL_S * 1000 + s.clock_skew_s * 1000)
+    except EnvelopeRejected as exc:
+        header = exc.unverified_header if isinstance(exc.unverified_header, Header) else None
+        raise _stop(rt, job_id, exc.reason, header, authenticated=exc.authenticated) from None
+    header = verified.header
+    # -- authenticated from here on --------------------------------------------
+    if not keyspace.is_job_id(header.job_id):
+        raise _stop(rt, header.job_id, "malformed", header, authenticated=True)
+    ref_tenant = payload_ref_tenant(text)
+    if header.job_id != job_id or header.task != task_name or (
+            routed is not None and routed != queue_for(header.priority)) or (
+            ref_tenant is not None and ref_tenant != header.tenant):
+        raise _stop(rt, job_id, "tampered", header)
+    return verified
+
+
+def check_memory(rt: WorkerRuntime, header: Header) -> None:
+    """`Defer` while the host is short of memory: not started, not claimed, not counted."""
+    if rt.memory_pressure():
+        log.warning("job %s waits: host memory above %g%%", header.job_id,
+                    rt.settings.memory_high_water_pct)
+        raise Defer(retry_delay_s(rt.settings, MEMORY_BACKOFF_S))
+
+
+def tenant_policy(rt: WorkerRuntime, header: Header) -> TenantPolicy:
+    """The job's tenant policy, checked against the job's model and priority.
+
+    Before the claim, so a job its tenant may not run is refused (``policy``)
+    before it takes a claim or is charged; ``unknown_key`` if the tenant left
+    the keyring.
+    """
+    try:
+        policy = rt.keyring.get().tenant(header.tenant).policy
+    except KeyringError:
+        raise _stop(rt, header.job_id, "unknown_key", header, authenticated=True) from None
+    if not (policy.allows_model(header.model) and policy.allows_priority(header.priority)):
+        raise _stop(rt, header.job_id, "policy", header, authenticated=True)
+    return policy
+
+
+def retry_delay_s(s: Settings, wanted_s: float) -> float:
+    """How long a message kept back waits: at most half the visibility timeout.
+
+    The message is held unacknowledged until it is due; held longer than the
+    visibility timeout, kombu's sweep would put a second copy back in the
+    queue (each extra copy ends as a spurious ``replayed``).
+    """
+    return max(0.5, min(wanted_s, s.max_retry_delay_s))
+
+
+# -- the claim ----------------------------------------------------------------------------
+def window_ms(rt: WorkerRuntime, header: Header) -> int:
+    """How long replay state for this job must be kept: its remaining lifetime (clamped)."""
+    return keyspace.clamp_ttl_ms(max(0, header.expires_at_ms - now_ms())
+                                 + rt.settings.clock_skew_s * 1000)
+
+
+def admission(header: Header,
+              policy: TenantPolicy) -> tuple[list[str], list[str | float]] | None:
+    """The quota charge the claim script runs with (None: the tenant has no quotas)."""
+    if not policy.limited:
+        return None
+    return (admission_keys(header.tenant),
+            admission_args(header.job_id, policy, header.expires_at_ms))
+
+
+def claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Claim:
+    """Try to take the job (one round trip); `settle_claim` decides what follows."""
+    header = verified.header
+    return rt.guard.claim_job(header.tenant, header.job_id, window_ms=window_ms(rt, header),
+                              admission=admission(header, policy))
+
+
+def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
+                 first: Claim) -> None:
+    """Return if the job is ours to run; else `Stop` (final) or `Defer` (``busy``)."""
+    header = verified.header
+    tenant, job_id = header.tenant, header.job_id
+    outcome = first
+    if outcome.outcome == "error":
+        assert outcome.error is not None
+        raise outcome.error
+    if outcome.outcome == "cancelled":
+        if verify_token(outcome.cancel_token, rt.keyring.get(), tenant, job_id):
+            rt.guard.close(tenant, job_id, window_ms=window_ms(rt, header))
+            rt.quotas.release(tenant, job_id, policy)
+            raise Stop("cancelled")
+        refuse_cancel(rt, header, outcome.cancel_token)
+        outcome = rt.guard.claim_job(tenant, job_id, window_ms=window_ms(rt, header),
+                                     admission=admission(header, policy), ignore_cancel=True)
+    if outcome.outcome == "replayed":
+        if rt.backend.delete(keyspace.killed(tenant, job_id)):
+            raise Stop("finished")  # the copy of a job whose process was ended on purpose
+        raise _stop(rt, job_id, "replayed", header, authenticated=True)
+    if outcome.outcome == "rate_limited":
+        raise _stop(rt, job_id, "rate_limited", header, authenticated=True)
+    if outcome.outcome == "exhausted":
+        log.error("job %s started %d times, each ending with a dead worker; failing it",
+                  job_id, rt.guard.max_attempts)
+        lost: dict[str, Any] = {
+            "ok": False, "error": "worker_lost",
+            "message": f"the job was started {rt.guard.max_attempts} times and its worker "
+                       "died each time"}
+        raise Stop(finish(rt, verified, lost))
+    if outcome.outcome == "busy":
+        # Another live worker runs this job. Do not run it twice, and do not
+        # drop this copy either: if that worker dies, this copy is the job.
+        raise Defer(retry_delay_s(rt.settings, rt.settings.lease_s))
+
+
+def refuse_cancel(rt: WorkerRuntime, header: Header, token: str | bytes | None) -> None:
+    """A cancel request for this job that its own tenant did not make: audit it, drop it.
+
+    The record names who made it: another tenant whose own key signed it
+    (``policy``, verified), or whatever it claims (``tampered``, unverified).
+    The request is deleted (unless the job's tenant has replaced it since),
+    so it blocks nothing: the job runs, and its own tenant's cancel counts.
+    """
+    actor, genuine = token_actor(token, rt.keyring.get(), header.job_id)
+    rt.audit.record(job_id=header.job_id, tenant=actor,
+                    reason="policy" if genuine else "tampered", verified=genuine,
+                    detail="cancel request for another tenant's job")
+    log.warning("job %s: refused a cancel request not made by its tenant", header.job_id)
+    if token is not None:
+        rt.guard.drop_cancel(header.tenant, header.job_id, token)
+
+
+def fault(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy | None,
+          exc: BaseException) -> Stop | Defer:
+    """An error while handling this authenticated job: retry it, or give up on it.
+
+    Gives back the job's claim and in-flight count (no-ops unless this
+    process holds them), then counts the error per job in Redis: under
+    `JobGuard.max_faults` the job is retried after `FAULT_BACKOFF_S`
+    (`Defer`); at the limit it ends ``failed`` (``internal_error``) with a
+    dead-letter audit record under its tenant (`Stop`). A Redis error here
+    propagates: the caller hands the delivery back as for any outage.
+    """
+    header = verified.header
+    rt.guard.release(header.tenant, header.job_id)
+    if policy is not None:
+        rt.quotas.release(header.tenant, header.job_id, policy)
+    n = rt.guard.record_fault(header.tenant, header.job_id, window_ms=window_ms(rt, header))
+    name = type(exc).__name__
+    if n < rt.guard.max_faults:
+        log.error("job %s: %s while handling it (%d of %d); retrying", header.job_id, name,
+                  n, rt.guard.max_faults)
+        return Defer(retry_delay_s(rt.settings, FAULT_BACKOFF_S))
+    log.error("job %s: %s while handling it, %d times; failing it", header.job_id, name, n)
+    rt.audit.record(job_id=header.job_id, tenant=header.tenant, reason="malformed",
+                    verified=True, detail=f"dead letter after {n} errors ({name})")
+    doc = {"ok": False, "error": "internal_error",
+           "message": f"handling the job failed {n} times; it will not be retried"}
+    return Stop(finish(rt, verified, doc))
+
+
+# -- running ------------------------------------------------------------------------------
+def prepare(rt: WorkerRuntime, verified: Verified,
+            policy: TenantPolicy) -> Prepared | dict[str, Any]:
+    """Decrypt, parse (bounded in size and depth), resolve the model.
+
+    Returns the job ready to run, or a failed result document to store
+    (a model that fails verification); raises `Stop` for a rejection.
+    """
+    header = verified.header
+    job_id = header.job_id
+    try:
+        plaintext = verified.decrypt()
+    except EnvelopeRejected:
+        raise _stop(rt, job_id, "tampered", header, authenticated=True) from None
+    if len(plaintext) > rt.settings.max_input_bytes:
+        raise _stop(rt, job_id, "oversize", header, authenticated=True)
+    try:
+        inputs = jsonlimits.loads(plaintext, max_depth=jsonlimits.MAX_INPUT_DEPTH)
+    except ValueError:
+        raise _stop(rt, job_id, "malformed", header, authenticated=True) from None
+    del plaintext
+    try:
+        model = rt.registry.resolve(header.model, signers=policy.allowed_signers)
+    except ModelRejected as exc:
+        # The model exists but fails verification (audited model_rejected when
+        # its load was refused): fail the job clearly; the worker serves on.
+        return {"ok": False, "error": exc.reason, "message": str(exc)}
+    except ModelError:
+        raise _stop(rt, job_id, "policy", header, authenticated=True) from None
+    soft_s, hard_s = rt.settings.limits_for(header.model)
+    return Prepared(model, inputs, soft_s, hard_s)
+
+
+def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
+            on_hard_also: HardHook | None = None) -> dict[str, Any]:
+    """Run one job under the watchdog; the result document.
+
+    ``on_hard_also`` runs (in the watchdog thread) just before the process is
+    ended at the hard limit, after this job's failed result is stored.
+    """
+    header = verified.header
+
+    refused: set[bytes | str] = set()
+
+    def is_cancelled() -> bool:
+        token = rt.backend.get(keyspace.cancel(header.tenant, header.job_id))
+        if token is None or token in refused:
+            return False
+        if verify_token(token, rt.keyring.get(), header.tenant, header.job_id):
+            return True
+        refused.add(token)  # audited once, however often the watchdog asks
+        refuse_cancel(rt, header, token)
+        return False
+
+    def on_hard(reason: str) -> None:
+        # Runs in the watchdog thread just before this process is ended.
+        rt.backend.set(keyspace.killed(header.tenant, header.job_id), "1",
+                       ex=rt.settings.result_ttl_s)
+        finish(rt, verified, produced_by(job.model, interrupted(reason, job.soft_s)))
+        if on_hard_also is not None:
+            on_hard_also()
+
+    # In the threads pool, a model listed in MAAS_BATCH runs in shared batches.
+    batcher = rt.batcher_for(job.model) if threading.current_thread() \
+        is not threading.main_thread() else None
+    runner = _Batched(batcher, job.soft_s) if batcher is not None else job.model
+    try:
+        with rt.watchdog.running(header.job_id, soft_limit_s=job.soft_s,
+                                 hard_limit_s=job.hard_s, is_cancelled=is_cancelled,
+                                 on_hard=on_hard):
+            output = metrics.timed_predict(header, runner, job.inputs)
+        doc = {"ok": True, "output": output}
+    except JobInterrupted as exc:
+        doc = interrupted(exc.reason, job.soft_s)
+    except ModelError as exc:
+        doc = {"ok": False, "error": exc.reason, "message": str(exc)}
+    except Exception as exc:
+        # The exception text may quote the input: log its type only.
+        log.error("job %s: model %s raised %s", header.job_id, header.model,
+                  type(exc).__name__)
+        doc = _internal_error()
+    return produced_by(job.model, doc)
+
+
+def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
+              on_hard_also: HardHook | None = None) -> list[dict[str, Any]]:
+    """Run jobs of one model in ONE ``predict_batch`` call; a result document each.
+
+    The batch runs under the watchdog with the model's limits (every job of a
+    batch has the same model, hence the same limits): past the soft limit
+    every job of the call fails with ``timeout``; at the hard limit each gets
+    that failed result stored before the process is ended. If the shared
+    call raises, each job is run again on its own (`run_one`), so an input
+    that breaks the model fails only its own job. A cancel is honoured before
+    a job starts (the claim), not inside a shared call.
+    """
+    first = jobs[0][1]
+    model: Any = first.model
+
+    def on_hard(reason: str) -> None:
+        for verified, job in jobs:
+            rt.backend.set(keyspace.killed(verified.header.tenant, verified.header.job_id),
+                           "1", ex=rt.settings.result_ttl_s)
+            finish(rt, verified, produced_by(job.model, interrupted(reason, job.soft_s)))
+        if on_hard_also is not None:
+            on_hard_also()
+
+    label = f"batch of {len(jobs)} ({jobs[0][0].header.job_id}, ...)"
+    try:
+        with rt.watchdog.running(label, soft_limit_s=first.soft_s, hard_limit_s=first.hard_s,
+                                 is_cancelled=lambda: False, on_hard=on_hard):
+            outputs = metrics.timed_predict_batch([v.header for v, _ in jobs], model,
+                                                  [j.inputs for _, j in jobs])
+    except JobInterrupted as exc:
+        return [produced_by(model, interrupted(exc.reason, first.soft_s)) for _ in jobs]
+    except Exception as exc:
+        log.error("batch of %d for %s raised %s", len(jobs), model.name, type(exc).__name__)
+        if len(jobs) == 1:
+            return [produced_by(model, _internal_error())]
+        log.info("running the %d jobs of that batch one by one", len(jobs))
+        return [run_one(rt, v, j, on_hard_also=on_hard_also) for v, j in jobs]
+    log.debug("batch of %d for %s", len(jobs), model.name)
+    return [produced_by(model, {"ok": False, "error": out.reason, "message": str(out)}
+                        if isinstance(out, ModelError) else {"ok": True, "output": out})
+            for out in outputs]
+
+
+def can_batch(model: Model) -> bool:
+    """Whether ``model`` runs many jobs' inputs in one call (``predict_batch``)."""
+    return callable(getattr(model, "predict_batch", None))
+
+
+def produced_by(model: Model, doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` naming the model version that ran the job (``name@version``).
+
+    Sealed with the result, so its client learns which version answered (a
+    bare model name resolves to the owner's signed release: docs/models.md).
+    """
+    doc["model"] = f"{model.name}@{model.version}"
+    return doc
+
+
+def _internal_error() -> dict[str, Any]:
+    return {"ok": False, "error": "internal_error", "message": "the model failed"}
+
+
+class _Batched:
+    """A model's `predict`, run through its dynamic batcher."""
+
+    def __init__(self, batcher: DynamicBatcher, timeout_s: float) -> None:
+        self._batcher = batcher
+        self._timeout_s = timeout_s
+        self.name = batcher.model.name
+        self.version = batcher.model.version
+
+    def predict(self, inputs: Any) -> dict[str, Any]:
+        return self._batcher.predict(inputs, timeout_s=self._timeout_s)
+
+
+def interrupted(reason: str, soft_s: float) -> dict[str, Any]:
+    """The failed result of a job stopped by its time limit or a cancel."""
+    if reason == "cancelled":
+        return {"ok": False, "error": "cancelled", "message": "the job was cancelled"}
+    return {"ok": False, "error": "timeout",
+            "message": f"the job exceeded its time limit ({soft_s:g} s)"}
+
+
+# -- the result ---------------------------------------------------------------------------
+def _model_of(doc: dict[str, Any]) -> dict[str, Any]:
+    return {"model": doc["model"]} if isinstance(doc.get("model"), str) else {}
+
+
+def _result_body(rt: WorkerRuntime, doc: dict[str, Any]) -> tuple[bytes, bool]:
+    """The result document as JSON (or a failure document if it cannot be one), and ok."""
+    try:
+        body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError, RecursionError):
+        # A model's output that is not JSON (NaN, an object): this job fails,
+        # with no detail that could quote its data.
+        doc = {"ok": False, "error": "internal_error",
+               "message": "the model's output is not JSON", **_model_of(doc)}
+        body = json.dumps(doc, separators=(",", ":")).encode()
+    if len(body) > rt.settings.max_result_bytes:
+        doc = {"ok": False, "error": "oversize", "message": "the result exceeds the size limit",
+               **_model_of(doc)}
+        body = json.dumps(doc, separators=(",", ":")).encode()
+    return body, bool(doc.get("ok"))
+
+
+def seal_result(rt: WorkerRuntime, verified: Verified,
+                doc: dict[str, Any]) -> tuple[bytes, bool]:
+    """The result envelope for ``doc``, bound to the request (its own nonce), and whether
+    it holds a success (a failure document replaces output that cannot be stored)."""
+    body, ok = _result_body(rt, doc)
+    req = verified.header
+    issued = now_ms()
+    header = Header("result", req.key_version, issued, issued + rt.settings.result_ttl_s * 1000,
+                    req.priority, req.tenant, req.job_id, req.task, req.model,
+                    req.digest())
+    return seal(verified.keys, header, body), ok
+
+
+def finished_outcome(ok: bool, stored: bool) -> str:
+    """The log outcome of a result that was (or, ``duplicate``, was not) stored."""
+    return ("succeeded" if ok else "failed") if stored else "duplicate"
+
+
+def finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
+    """Seal and store the result write-once; the outcome for the log."""
+    header = verified.header
+    sealed, ok = seal_result(rt, verified, doc)
+    stored = rt.guard.store_result(header.tenant, header.job_id, sealed,
+                                   result_ttl_s=rt.settings.result_ttl_s,
+                                   replay_window_ms=window_ms(rt, header))
+    return finished_outcome(ok, stored)
+
+
+def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> str:
+    """Everything after the claim, for one job: the outcome."""
+    try:
+        job = prepare(rt, verified, policy)
+    except Stop as stop:
+        return stop.outcome
+    doc = job if isinstance(job, dict) else run_one(rt, verified, job)
+    return finish(rt, verified, doc)

@@ -1,0 +1,283 @@
+"""Per-process worker state: keyring, Redis clients, guard, audit log, models.
+
+Built once per worker process (after the prefork fork, never shared across
+it) and reused by every job. The main worker process also advertises the
+models it serves, so clients can refuse an unknown model before enqueueing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+
+import psutil
+import redis
+
+from maas_worker.backend import functions, keyspace
+from maas_worker.backend.audit import AuditLog
+from maas_worker.backend.claims import JobGuard, LeaseKeeper
+from maas_worker.crypto import aead
+from maas_worker.errors import ConfigError
+from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
+from maas_worker.models.repository import RejectHook
+from maas_worker.settings import RedisTLS, Settings, is_tls_url
+from maas_worker.tenancy.keyring import KeyringSource
+from maas_worker.tenancy.quota import Quotas
+from maas_worker.worker.batching import DynamicBatcher
+from maas_worker.worker.watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+#: How often a worker refreshes its entry in the model catalogue and node list.
+ADVERTISE_INTERVAL_S = 10.0
+MEMORY_CHECK_INTERVAL_S = 1.0
+#: Longer than the longest blocking call (a client's 1 s BLPOP slice).
+BACKEND_SOCKET_TIMEOUT_S = 10.0
+#: A catalogue entry older than this is no longer offered to clients.
+CATALOG_TTL_S = 3600.0
+
+
+def diagnostic_refs(settings: Settings) -> list[str]:
+    """References of the diagnostic models, if enabled (cheap: loads nothing)."""
+    if not settings.diagnostic_models:
+        return []
+    return ModelRegistry([EchoModel(), SleepModel()]).refs()
+
+
+#: Highest release serial seen per model: store ARGV[2] if it is higher than
+#: the stored one; return the highest now stored (as stored, so never rounded).
+_RECORD_RELEASE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local cur = tonumber(raw)
+if cur == nil or tonumber(ARGV[2]) > cur then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  return ARGV[2]
+end
+return raw
+"""
+
+
+class RedisReleaseFloor:
+    """The model release floor (`models.release.ReleaseFloor`) in a Redis hash.
+
+    `keyspace.RELEASES` maps a model name to the highest release serial any
+    worker has seen for it, so a restarted worker still refuses an older
+    release copied back. Only workers write it. Unreachable Redis (or a value
+    that is not a number) gives None: the repository keeps its in-memory
+    floor and asks again later, so a Redis blip never stops model loading.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._record = client.register_script(_RECORD_RELEASE)
+
+    def record(self, name: str, serial: int) -> int | None:
+        """Store ``serial`` for ``name`` if higher; the highest stored (None: unreachable)."""
+        try:
+            raw = self._record(keys=[keyspace.RELEASES], args=[name, serial])
+            return int(raw)
+        except redis.RedisError as exc:
+            log.warning("release floor unavailable (%s)", type(exc).__name__)
+        except (TypeError, ValueError):
+            log.warning("release floor of %s is not a number", name)
+        return None
+
+
+def build_registry(settings: Settings, on_reject: RejectHook | None = None,
+                   backend: redis.Redis | None = None) -> ModelRegistry:
+    """The models this worker serves: the diagnostics (if enabled) and the signed repository.
+
+    Cheap to build and to list: the repository verifies signatures when it
+    scans and loads a model (hashes, decryption, session) only when a job first
+    resolves it. ``on_reject`` hears of every refused version. With
+    ``backend``, the highest release serial seen per model is persisted there
+    (`RedisReleaseFloor`); without, it is kept in memory only.
+    """
+    from maas_worker.models.artifact_crypto import ModelKeysSource
+    from maas_worker.models.repository import ModelRepository
+    from maas_worker.models.signing import TrustedSignersSource
+
+    registry = ModelRegistry()
+    if settings.diagnostic_models:
+        registry.register(EchoModel())
+        registry.register(SleepModel())
+    registry.add_source(ModelRepository(
+        settings.model_dir, signers=TrustedSignersSource(settings.trusted_signers).get,
+        model_keys=ModelKeysSource(settings.model_keys_path).get, on_reject=on_reject,
+        release_floor=RedisReleaseFloor(backend) if backend is not None else None))
+    return registry
+
+
+def audit_rejections(audit: AuditLog, *, stage: str) -> RejectHook:
+    """A hook recording refused model versions of one stage as ``model_rejected``.
+
+    The main worker process records what its periodic scan refuses (bad or
+    missing signature, manifest); each pool process records what it failed to
+    load (hashes, decryption, runtime), so each refusal is recorded where it
+    happens and not once per process. A bare name made unavailable by its
+    release (missing, refused, rolled back) is a scan refusal, recorded by the
+    main process once per change with the bare name as the reference.
+    """
+    def hook(ref: str, why: str, at: str) -> None:
+        if at == stage:
+            audit.record(job_id="", tenant="", reason="model_rejected", verified=False,
+                         detail=f"{ref}: {why}")
+    return hook
+
+
+def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
+    """A redis-py client for one of our URLs; every client of a user URL is made here.
+
+    ``redis+socket://`` is kombu's unix socket. A ``rediss://`` URL gets the
+    TLS options of ``tls`` (certificate and host name checked by default);
+    user and password come from the URL. Timeouts: a dead or unreachable
+    server must become an error, not a hang.
+    """
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    ssl_options = tls.options() if is_tls_url(url) else {}
+    return redis.Redis.from_url(url, health_check_interval=25, socket_keepalive=True,
+                                socket_connect_timeout=5, socket_timeout=BACKEND_SOCKET_TIMEOUT_S,
+                                **ssl_options)
+
+
+def backend_client(settings: Settings) -> redis.Redis:
+    """A Redis client for the result backend (claims, results, audit)."""
+    return redis_client(settings.result_backend, tls=settings.redis_tls)
+
+
+class WorkerRuntime:
+    """Everything a job needs that is worth building only once per process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        aead.use(settings.crypto_backend)
+        self.keyring = KeyringSource(settings.keyring_path)
+        self.backend = backend_client(settings)
+        self.guard = JobGuard(self.backend, lease_s=settings.lease_s)
+        self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen)
+        self.registry = build_registry(settings,
+                                       on_reject=audit_rejections(self.audit, stage="load"),
+                                       backend=self.backend)
+        self.quotas = Quotas(self.backend)
+        self._lease_keeper = LeaseKeeper(self.guard)
+        self._lease_keeper.start()
+        self._watchdog: Watchdog | None = None
+        self._batchers: dict[tuple[str, str, int], DynamicBatcher] = {}
+        self._batchers_lock = threading.Lock()
+        self._memory_checked = 0.0
+        self._memory_high = False
+
+    def batcher_for(self, model: Model) -> DynamicBatcher | None:
+        """The dynamic batcher of ``model`` if ``MAAS_BATCH`` lists it and it can batch."""
+        spec = self.settings.batching.get(model.name) or self.settings.batching.get(
+            f"{model.name}@{model.version}")
+        if spec is None or not hasattr(model, "predict_batch"):
+            return None
+        key = (model.name, model.version, id(model))  # a hot-reloaded model gets its own
+        with self._batchers_lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                batcher = self._batchers[key] = DynamicBatcher(
+                    model, max_batch=spec[0], max_wait_s=spec[1] / 1000)  # type: ignore[arg-type]
+        return batcher
+
+    @property
+    def watchdog(self) -> Watchdog:
+        """The job watchdog (created on first use, in the thread that runs jobs)."""
+        if self._watchdog is None:
+            self._watchdog = Watchdog()
+        return self._watchdog
+
+    def memory_pressure(self) -> bool:
+        """True while host memory use is above the high-water mark (checked at most 1/s)."""
+        now = time.monotonic()
+        if now - self._memory_checked >= MEMORY_CHECK_INTERVAL_S:
+            self._memory_checked = now
+            used = psutil.virtual_memory().percent
+            self._memory_high = used > self.settings.memory_high_water_pct
+        return self._memory_high
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_pid: int | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> WorkerRuntime:
+    """This process's runtime, built on first use (and rebuilt after a fork)."""
+    global _runtime, _runtime_pid
+    pid = os.getpid()
+    if _runtime is None or _runtime_pid != pid:
+        with _runtime_lock:
+            if _runtime is None or _runtime_pid != pid:
+                _runtime = WorkerRuntime(Settings.from_env())
+                _runtime_pid = pid
+    return _runtime
+
+
+def advertise(client: redis.Redis, node: str, refs: list[str]) -> None:
+    """Record that ``node`` is alive and serves ``refs``."""
+    now = time.time()
+    pipe = client.pipeline(transaction=False)
+    pipe.zadd(keyspace.NODES, {node: now})
+    if refs:
+        pipe.zadd(keyspace.CATALOG, dict.fromkeys(refs, now))
+    pipe.zremrangebyscore(keyspace.CATALOG, "-inf", now - CATALOG_TTL_S)
+    pipe.zremrangebyscore(keyspace.NODES, "-inf", now - CATALOG_TTL_S)
+    pipe.execute()
+
+
+def withdraw(client: redis.Redis, node: str) -> None:
+    """Remove ``node`` from the live node list (clean shutdown)."""
+    client.zrem(keyspace.NODES, node)
+
+
+class Advertiser:
+    """Daemon thread in the main worker process keeping its advertisement fresh."""
+
+    def __init__(self, settings: Settings, node: str | None = None) -> None:
+        self.node = node or socket.gethostname()
+        self._client = backend_client(settings)
+        self._registry = build_registry(settings, on_reject=audit_rejections(
+            AuditLog(self._client, maxlen=settings.audit_maxlen), stage="scan"),
+            backend=self._client)
+        self._refs: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maas-advertise", daemon=True)
+
+    def start(self) -> None:
+        """Load the function library, advertise now and then every `ADVERTISE_INTERVAL_S`."""
+        try:
+            # Before the node is announced: clients that wait for a worker
+            # find the library producers and monitors call (functions.py).
+            functions.load(self._client)
+        except (ConfigError, redis.RedisError) as exc:
+            log.warning("could not load the Redis function library %s: %s",
+                        functions.LIBRARY, exc)
+        advertise(self._client, self.node, self.refs())
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and withdraw the node."""
+        self._stop.set()
+        with contextlib.suppress(redis.RedisError):
+            withdraw(self._client, self.node)
+
+    def refs(self) -> list[str]:
+        """What this worker serves now: recomputed each time, so new versions appear."""
+        try:
+            self._refs = self._registry.refs()
+        except Exception:
+            log.exception("could not list the models; advertising the previous list")
+        return self._refs
+
+    def _run(self) -> None:
+        while not self._stop.wait(ADVERTISE_INTERVAL_S):
+            try:
+                advertise(self._client, self.node, self.refs())
+            except redis.RedisError:
+                log.warning("could not refresh the model catalogue; retrying")

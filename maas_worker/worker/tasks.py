@@ -1,0 +1,197 @@
+"""The ``maas.infer`` task: open the sealed job, run the model, seal the result.
+
+The stages and their order are in pipeline.py (shared with the batch
+consumer, consumer.py): size -> version/type -> key lookup -> HMAC -> time
+window -> task name/id binding -> tenant policy -> memory headroom -> replay
+claim with cancel check and quota charge -> decrypt -> bounded parse ->
+model -> run under the watchdog -> seal -> store write-once. A rejected
+message is acknowledged and audited (and, if authenticated, marked so its
+client learns of it); the worker carries on with the next message. A job
+that must wait (busy elsewhere, memory short) is retried with a delay. An
+error while handling one job is that job's own: it is retried a few times,
+then failed (`pipeline.fault`); only Redis out of reach hands the message
+back as it is.
+
+Celery's remote control is read-only on these nodes unless an operator
+opens it (control.py): ``revoke`` and friends, which would discard a job
+silently, are refused with a pointer to ``maas-worker cancel``, and audited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+from celery import Task, shared_task, signals
+from celery.exceptions import Reject, Retry
+
+from maas_worker.app import TASK_NAME, payload_ref_tenant
+from maas_worker.broker import transport
+from maas_worker.monitoring import metrics
+from maas_worker.settings import Settings
+from maas_worker.tenancy.keyring import TenantPolicy
+from maas_worker.worker import control
+from maas_worker.worker.batch import supervisor
+from maas_worker.worker.pipeline import (
+    UNAVAILABLE,
+    Defer,
+    Stop,
+    check_memory,
+    claim,
+    fault,
+    refuse_unreadable,
+    request_bytes,
+    request_text,
+    run_claimed,
+    settle_claim,
+    tenant_policy,
+    verify_request,
+)
+from maas_worker.worker.runtime import Advertiser, WorkerRuntime, build_registry, get_runtime
+
+log = logging.getLogger(__name__)
+
+# Worker processes import this module before their consumer connects: from
+# then on what a Redis writer puts in a queue is checked before Celery sees it.
+transport.install()
+
+#: Pause before handing a message back when Redis or the keyring is unavailable,
+#: so an outage is not a hot loop.
+INFRA_BACKOFF_S = 1.0
+
+
+def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
+            kwargs: dict[str, Any]) -> str:
+    """Run one delivery through the pipeline; returns the outcome (for logs and tests).
+
+    Raises `Retry` for a job that must wait, and one of `UNAVAILABLE` when
+    Redis is out of reach or the keyring unreadable (the task hands the
+    message back).
+    """
+    job_id = str(task.request.id or "")
+    routed = (task.request.delivery_info or {}).get("routing_key")
+    try:
+        text = request_text(rt, job_id, args, kwargs)
+        ref_tenant = payload_ref_tenant(text)
+        fetched = rt.guard.fetch_payload(ref_tenant, job_id, rt.settings.max_envelope_chars) \
+            if ref_tenant else None
+        data = request_bytes(rt, job_id, text, fetched)
+        verified = verify_request(rt, job_id, data, task_name=task.name, routed=routed,
+                                  text=text)
+    except Stop as stop:
+        return stop.outcome
+    except UNAVAILABLE:
+        raise
+    except Exception as exc:
+        return refuse_unreadable(rt, job_id, exc).outcome
+    policy: TenantPolicy | None = None
+    claimed = False
+    try:
+        policy = tenant_policy(rt, verified.header)
+        check_memory(rt, verified.header)
+        settle_claim(rt, verified, policy, claim(rt, verified, policy))
+        claimed = True
+        return run_claimed(rt, verified, policy)
+    except Stop as stop:
+        return stop.outcome
+    except Defer as defer:
+        # Not started (or another live worker runs it): back after a delay.
+        raise task.retry(countdown=defer.delay_s) from None
+    except UNAVAILABLE:
+        # No job's fault: infer() hands the message back. Give the claim back
+        # now if Redis lets us (else its lease lapses on its own).
+        with contextlib.suppress(Exception):
+            rt.guard.release(verified.header.tenant, verified.header.job_id)
+        raise
+    except Exception as exc:
+        # This job's own error (a Redis error while counting it propagates:
+        # the message is handed back).
+        claimed = False
+        verdict = fault(rt, verified, policy, exc)
+        if isinstance(verdict, Stop):
+            return verdict.outcome
+        raise task.retry(countdown=verdict.delay_s) from None
+    finally:
+        if claimed and policy is not None:
+            rt.quotas.release(verified.header.tenant, verified.header.job_id, policy)
+
+
+# max_retries=None: a retry (another worker runs the job, memory is short, or
+# the job's own error is retried) must never turn into a failure that acks
+# the message; expiry and the fault count bound it.
+@shared_task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
+def infer(self: Task, *args: Any, **kwargs: Any) -> None:
+    """Celery entry point. Takes exactly one argument: the base64 envelope.
+
+    Returns nothing: the sealed result is stored by the pipeline, so neither
+    Celery's result backend nor Flower ever sees it.
+    """
+    try:
+        rt = get_runtime()
+        outcome = process(rt, self, args, kwargs)
+        log.info("job %r %s", str(self.request.id)[:64], outcome)
+        metrics.job_finished(str(self.request.id), outcome)
+    except (Retry, Reject):
+        raise
+    except Exception as exc:
+        # Redis out of reach (or the keyring file unreadable), not the
+        # message: hand it back so nothing accepted is lost (Celery would ack
+        # a failed task). The pipeline gave up any claim it held. Log the
+        # type only: an exception's text could quote data.
+        log.error("job %r: %s; requeueing", str(self.request.id)[:64], type(exc).__name__)
+        time.sleep(INFRA_BACKOFF_S)
+        raise Reject(type(exc).__name__, requeue=True) from None
+
+
+@signals.worker_init.connect
+def _lock_remote_control(sender: Any = None, **_: Any) -> None:
+    # Before the consumer builds its pidbox node: from the first command on,
+    # only what MAAS_REMOTE_CONTROL allows runs (control.py).
+    app = sender.app
+    control.configure(app, mode=Settings.from_env().remote_control,
+                      queues=[q.name for q in app.conf.task_queues or ()])
+
+
+_advertiser: Advertiser | None = None
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    global _advertiser
+    settings = Settings.from_env()
+    node = getattr(sender, "hostname", None)
+    # With --batch-consumer, the consumer processes take the job queues: the
+    # node is announced (clients and tests wait for that) once they are ready.
+    supervisor.start_configured(node)
+    _advertiser = Advertiser(settings, node)
+    _advertiser.start()
+    log.info("maas worker %s ready; models: %s", _advertiser.node,
+             ", ".join(build_registry(settings).refs()) or "(none)")
+
+
+@signals.worker_shutdown.connect
+def _on_worker_shutdown(**_: Any) -> None:
+    # Consumers finish their batch and acknowledge it before the node goes.
+    supervisor.stop_running()
+    if _advertiser is not None:
+        _advertiser.stop()
+
+
+@signals.worker_process_init.connect
+def _on_process_init(**_: Any) -> None:
+    # Build the runtime (and its lease thread) in each pool child up front, so
+    # the first job does not pay for it and configuration errors show at start.
+    # The watchdog installs a signal handler: it must be made in this thread.
+    get_runtime().watchdog.ensure_started()
+
+
+@signals.after_setup_logger.connect
+def _quiet_per_task_lines(**_: Any) -> None:
+    # Celery logs two INFO lines per task ("Received task", "Task ... succeeded
+    # in"); the pipeline logs one with the job's actual outcome (succeeded,
+    # failed, rejected: reason, cancelled, ...). One line a job is plenty and
+    # measurably cheaper at hundreds of jobs a second.
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
