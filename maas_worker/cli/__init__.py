@@ -294,7 +294,7 @@ def cmd_result(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from maas_worker.backend.audit import AuditLog
-    from maas_worker.worker.runtime import backend_client
+    from maas_worker.backend.redis import backend_client
 
     settings = _settings(args)
     records = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen).latest(args.limit)
@@ -311,9 +311,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from maas_worker.backend import keyspace
+    from maas_worker.backend.redis import backend_client
     from maas_worker.monitoring.fleet import read_fleet
     from maas_worker.monitoring.samples import summarize
-    from maas_worker.worker.runtime import backend_client
 
     settings = _settings(args)
     # redis-py types replies as unions; these are plain bytes/float replies.

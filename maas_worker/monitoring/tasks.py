@@ -25,6 +25,7 @@ import redis
 from celery import Task, shared_task, signals
 
 from maas_worker.app import TASK_NAME
+from maas_worker.backend.redis import backend_client
 from maas_worker.monitoring import metrics
 from maas_worker.monitoring.autoscale import pool_state
 from maas_worker.monitoring.samples import (
@@ -35,7 +36,6 @@ from maas_worker.monitoring.samples import (
     take_sample,
 )
 from maas_worker.settings import Settings
-from maas_worker.worker.runtime import backend_client
 
 log = logging.getLogger(__name__)
 

@@ -516,8 +516,9 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
     import os
     import signal
 
+    from maas_worker.backend.redis import redis_client
     from maas_worker.settings import Settings
-    from maas_worker.worker.runtime import get_runtime, redis_client
+    from maas_worker.worker.runtime import get_runtime
 
     logging.basicConfig(level=loglevel.upper(),
                         format=f"[%(asctime)s: %(levelname)s/{name}] %(message)s")
