@@ -22,9 +22,9 @@ from celery import Celery
 from kombu.exceptions import BatchPublishError, OperationalError
 
 from maas_worker import jsonlimits
-from maas_worker.app import ARGS_REPR, TASK_NAME, make_app, payload_ref
 from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.redis import backend_client, redis_client
+from maas_worker.broker.app import ARGS_REPR, TASK_NAME, make_producer_app, payload_ref
 from maas_worker.client.job import Job, backend_errors
 from maas_worker.crypto import aead
 from maas_worker.crypto.envelope import Header, now_ms, seal
@@ -157,7 +157,7 @@ class Client:
     def app(self) -> Celery:
         """The producer's Celery app (created on first use)."""
         if self._app is None:
-            app = make_app(self.settings, include_tasks=False)
+            app = make_producer_app(self.settings)
             if not self._may_publish():
                 # A producer's Redis user may not publish (docs/security.md,
                 # Redis roles): no task-sent event, or every submit would fail.

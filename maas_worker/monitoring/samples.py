@@ -84,9 +84,8 @@ def celery_options(settings: Settings) -> dict[str, Any]:
     """Celery settings for monitoring and scaling, merged into app.celery_config."""
     return {
         # Flower shows jobs from the moment they are queued: task events from
-        # workers, and the task-sent event from producers.
+        # workers (the task-sent event is the producers', broker/app.py).
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
         "task_routes": {SAMPLE_TASK: {"queue": MONITOR_EXCHANGE}},
         "beat_schedule": {"maas-sample": {
             "task": SAMPLE_TASK, "schedule": settings.sample_interval_s,

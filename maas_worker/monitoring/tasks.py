@@ -24,8 +24,8 @@ from typing import Any
 import redis
 from celery import Task, shared_task, signals
 
-from maas_worker.app import TASK_NAME
 from maas_worker.backend.redis import backend_client
+from maas_worker.broker.app import TASK_NAME
 from maas_worker.monitoring import metrics
 from maas_worker.monitoring.autoscale import pool_state
 from maas_worker.monitoring.samples import (

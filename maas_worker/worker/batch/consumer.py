@@ -50,10 +50,10 @@ from typing import Any
 
 import redis
 
-from maas_worker.app import QUEUE_NAMES, TASK_NAME, payload_ref_tenant
 from maas_worker.backend import keyspace
 from maas_worker.backend.claims import Claim, ClaimRequest
 from maas_worker.broker import fetch
+from maas_worker.broker.app import QUEUE_NAMES, TASK_NAME, payload_ref_tenant
 from maas_worker.broker.entries import (
     Refused,
     check_message,
