@@ -26,6 +26,7 @@ from maas_worker.crypto import aead
 from maas_worker.errors import ConfigError
 from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
 from maas_worker.models.repository import RejectHook
+from maas_worker.monitoring import metrics
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import KeyringSource
 from maas_worker.tenancy.quota import Quotas
@@ -98,6 +99,7 @@ def build_registry(settings: Settings, on_reject: RejectHook | None = None,
     registry.add_source(ModelRepository(
         settings.model_dir, signers=TrustedSignersSource(settings.trusted_signers).get,
         model_keys=ModelKeysSource(settings.model_keys_path).get, on_reject=on_reject,
+        on_load=metrics.observe_model_load,
         release_floor=RedisReleaseFloor(backend) if backend is not None else None))
     return registry
 
