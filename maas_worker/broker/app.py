@@ -18,9 +18,13 @@ from maas_worker.broker.scheduling import STRATEGY
 from maas_worker.settings import PRIORITIES, Settings, queue_for
 from maas_worker.tenancy.keyring import TENANT_RE
 
-# TASK_NAME and ARGS_REPR are wire vocabulary: they are defined here, below the
-# worker, until protocol.py takes them (#14).
+# TASK_NAME, ARGS_REPR, SAMPLE_TASK and MONITOR_EXCHANGE are wire vocabulary:
+# defined here, below the worker and monitoring (the queue-entry checks of every
+# transport, a producer's included, name them), until protocol.py takes them (#14).
 TASK_NAME = "maas.infer"
+SAMPLE_TASK = "maas.sample"
+#: Fanout exchange (and the broadcast queue's name) that carries sample requests.
+MONITOR_EXCHANGE = "maas.monitor"
 #: What a job's argument shows as (Celery's ``argsrepr``: Flower, events, logs).
 ARGS_REPR = "('<sealed envelope>',)"
 #: A task argument ``ref:payload:<tenant>`` says "the sealed request waits at

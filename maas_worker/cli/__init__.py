@@ -130,7 +130,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if args.autoscale or args.pool:
             raise ConfigError("--batch-consumer sizes its own processes (--concurrency); "
                               "it does not take --autoscale or --pool")
-        from maas_worker.monitoring.samples import MONITOR_EXCHANGE
+        from maas_worker.broker.app import MONITOR_EXCHANGE
         from maas_worker.worker.batch import supervisor
 
         supervisor.configure(processes=args.concurrency or os.cpu_count() or 1,
