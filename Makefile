@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test check lint typecheck unit integration reliability bench clean
+.PHONY: venv demo test check lint typecheck imports unit integration reliability bench clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "maas-worker needs Python 3.11 or newer on PATH" >&2; exit 1; }
@@ -28,13 +28,17 @@ demo: venv
 test: check
 	$(BIN)/pytest --durations=20
 
-check: lint typecheck
+check: lint typecheck imports
 
 lint: venv
 	$(BIN)/ruff check maas_worker tests $(wildcard benchmarks/*.py)
 
 typecheck: venv
 	$(BIN)/mypy
+
+## imports: the layers and forbidden-import contracts ([tool.importlinter] in pyproject.toml)
+imports: venv
+	$(BIN)/lint-imports
 
 unit: venv
 	$(BIN)/pytest tests/unit
