@@ -41,8 +41,8 @@ def init(settings: Settings, tenant: str, allow_models: str | None, max_priority
     if allow_signers:
         policy = TenantPolicy.from_json({**policy.to_json(), "allowed_signers": [
             s for s in allow_signers.split(",") if s]})
-    with edit_keyring(path, create=True) as box:
-        box[0] = box[0].with_new_tenant(tenant, policy)
+    with edit_keyring(path, create=True) as editor:
+        editor.ring = editor.ring.with_new_tenant(tenant, policy)
     print(f"tenant {tenant}: key version 1 is primary ({path})")
     return 0
 
@@ -65,8 +65,8 @@ def policy(settings: Settings, *, tenant: str, allow_models: str | None,
     """Show or change a tenant's policy and quotas (options not given stay as they are)."""
     from maas_worker.tenancy.keyring import TenantPolicy, edit_keyring
 
-    with edit_keyring(settings.keyring_path) as box:
-        current = box[0].tenant(tenant).policy
+    with edit_keyring(settings.keyring_path) as editor:
+        current = editor.ring.tenant(tenant).policy
         models = current.allowed_models
         if allow_models is not None:
             models = tuple(m for m in allow_models.split(",") if m) \
@@ -84,7 +84,7 @@ def policy(settings: Settings, *, tenant: str, allow_models: str | None,
                 s for s in allow_signers.split(",") if s]
             updated = dataclasses.replace(updated, allowed_signers=TenantPolicy.from_json(
                 {"allowed_signers": ids}).allowed_signers)  # validates the ids
-        box[0] = box[0].with_policy(tenant, updated)
+        editor.ring = editor.ring.with_policy(tenant, updated)
     print(f"tenant {tenant}: {json.dumps(updated.to_json())}")
     return 0
 
@@ -98,8 +98,8 @@ def rotate(settings: Settings, tenant: str, stage: bool) -> int:
     """Add a new key version and make it primary (or, with --stage, decrypt-only)."""
     from maas_worker.tenancy.keyring import edit_keyring
 
-    with edit_keyring(settings.keyring_path) as box:
-        box[0], version = box[0].with_rotation(tenant, stage=stage)
+    with edit_keyring(settings.keyring_path) as editor:
+        editor.ring, version = editor.ring.with_rotation(tenant, stage=stage)
     what = "decrypt-only (promote it once every host has it)" if stage else "primary"
     print(f"tenant {tenant}: key version {version} is {what}")
     return 0
@@ -109,8 +109,8 @@ def _set_state(settings: Settings, tenant: str, version: int, state: str) -> int
     from maas_worker.tenancy.keyring import KeyState, edit_keyring
 
     new_state: KeyState = "primary" if state == "primary" else "retired"
-    with edit_keyring(settings.keyring_path) as box:
-        box[0] = box[0].with_state(tenant, version, new_state)
+    with edit_keyring(settings.keyring_path) as editor:
+        editor.ring = editor.ring.with_state(tenant, version, new_state)
     print(f"tenant {tenant}: key version {version} is {new_state}")
     return 0
 
