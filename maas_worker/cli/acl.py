@@ -6,11 +6,11 @@ import argparse
 
 import click
 
-from maas_worker.cli.context import CONTEXT_SETTINGS, pass_settings
+from maas_worker.cli.context import Command, pass_settings
 from maas_worker.settings import Settings
 
 
-@click.command(context_settings=CONTEXT_SETTINGS,
+@click.command(cls=Command,
                short_help="write least-privilege Redis ACL users, one per role and tenant "
                "(docs/operations.md)")
 @click.option("--acl-file", default="users.acl",

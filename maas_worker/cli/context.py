@@ -30,8 +30,58 @@ R = TypeVar("R")
 CONTEXT_SETTINGS: dict[str, Any] = {"help_option_names": ["-h", "--help"]}
 
 
+def spell_out_prefixes(command: click.Command, ctx: click.Context, args: list[str]) -> list[str]:
+    """``args`` with each long option given by a unique prefix spelled out in full.
+
+    argparse took ``--conc 4`` for ``--concurrency 4`` and scripts may rely on
+    it; click does not. A group only looks at its own options, before the
+    subcommand's name; ``--`` ends the options.
+    """
+    longs = {name: param for param in command.get_params(ctx) if isinstance(param, click.Option)
+             for name in (*param.opts, *param.secondary_opts) if name.startswith("--")}
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--" or (isinstance(command, click.Group) and not arg.startswith("-")):
+            out.extend(args[i:])  # the rest: operands, or the subcommand and its arguments
+            break
+        i += 1
+        if not arg.startswith("--"):
+            out.append(arg)
+            continue
+        name, eq, value = arg.partition("=")
+        matches = [n for n in longs if n.startswith(name)]
+        if name not in longs and len(matches) == 1:
+            name = matches[0]
+        elif name not in longs and matches:
+            raise click.UsageError(f"ambiguous option: {name} could match "
+                                   f"{', '.join(matches)}", ctx)
+        out.append(name + eq + value)
+        option = longs.get(name)
+        if option is not None and not option.is_flag and not eq and i < len(args):
+            out.append(args[i])  # the option's value, whatever it looks like
+            i += 1
+    return out
+
+
+class Command(click.Command):
+    """A command that takes a unique prefix of a long option, as argparse did."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse ``args`` once abbreviated long options are spelled out."""
+        return super().parse_args(ctx, spell_out_prefixes(self, ctx, args))
+
+
 class Group(click.Group):
-    """A command group that lists its commands in the order they were added (as argparse did)."""
+    """A command group that lists its commands in the order they were added and takes a
+    unique prefix of a long option, as argparse did."""
+
+    command_class = Command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse the group's own options once abbreviated ones are spelled out."""
+        return super().parse_args(ctx, spell_out_prefixes(self, ctx, args))
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         """The commands, in the order they were added."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from maas_worker.cli.context import CONTEXT_SETTINGS, json_option, pass_settings
+from maas_worker.cli.context import Command, json_option, pass_settings
 from maas_worker.errors import ConfigError
 from maas_worker.settings import Settings
 
@@ -18,7 +18,8 @@ from maas_worker.settings import Settings
 DEFAULT_AUDIT_LIMIT = 50
 
 
-@click.command(context_settings=CONTEXT_SETTINGS, short_help="security events, newest first")
+@click.command(cls=Command,
+               short_help="security events, newest first")
 @json_option("one JSON object per record instead of text")
 @click.option("--limit", type=int, default=DEFAULT_AUDIT_LIMIT,
               help="how many records (default 50)")
@@ -40,7 +41,7 @@ def audit(settings: Settings, as_json: bool, limit: int) -> int:
     return 0
 
 
-@click.command(context_settings=CONTEXT_SETTINGS,
+@click.command(cls=Command,
                short_help="each worker's latest resource sample, and the backlog")
 @json_option("one JSON document instead of text")
 @pass_settings
@@ -87,7 +88,7 @@ def stats(settings: Settings, as_json: bool) -> int:
     return 0
 
 
-@click.command(context_settings=CONTEXT_SETTINGS,
+@click.command(cls=Command,
                short_help="how many worker nodes the backlog calls for")
 @json_option("one JSON document instead of text")
 @pass_settings
@@ -106,7 +107,7 @@ def scale(settings: Settings, as_json: bool) -> int:
     return 0
 
 
-@click.command(context_settings=CONTEXT_SETTINGS,
+@click.command(cls=Command,
                short_help="serve the fleet's Prometheus metrics")
 @click.option("--port", type=int, help="default $MAAS_FLEET_METRICS_PORT or 9541")
 @click.option("--address", help="default $MAAS_METRICS_ADDRESS or 127.0.0.1")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from maas_worker.cli.context import Invocation, json_option, pass_invocation, tenant_option
+from maas_worker.cli.context import Command, Invocation, json_option, pass_invocation, tenant_option
 from maas_worker.errors import ConfigError, JobError
 from maas_worker.settings import PRIORITIES
 
@@ -34,7 +34,7 @@ def _read_input(text: str | None, input_file: str | None) -> Any:
         raise ConfigError(f"--input is not valid JSON ({exc.msg} at position {exc.pos})") from None
 
 
-class _SubmitCommand(click.Command):
+class _SubmitCommand(Command):
     """``submit``: exactly one of --input and --input-file, checked as the line is parsed."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -77,7 +77,7 @@ def submit(inv: Invocation, *, model: str, priority: str, input_text: str | None
     return 0
 
 
-@click.command(short_help="a job's state (and the reason if it failed)")
+@click.command(cls=Command, short_help="a job's state (and the reason if it failed)")
 @click.argument("job_id")
 @json_option('{"job_id", "state", "reason"}')
 @tenant_option("the job's tenant (default: $MAAS_TENANT)")
@@ -92,7 +92,7 @@ def status(inv: Invocation, job_id: str, as_json: bool, tenant: str | None) -> i
     return 0
 
 
-@click.command(short_help="cancel a queued or running job")
+@click.command(cls=Command, short_help="cancel a queued or running job")
 @click.argument("job_id")
 @tenant_option("the job's tenant (default: $MAAS_TENANT)")
 @pass_invocation
@@ -105,7 +105,7 @@ def cancel(inv: Invocation, job_id: str, tenant: str | None) -> int:
     return 0
 
 
-@click.command(short_help="wait for a job's result and print it as JSON")
+@click.command(cls=Command, short_help="wait for a job's result and print it as JSON")
 @click.argument("job_id")
 @click.option("--timeout", type=float, default=DEFAULT_WAIT_S,
               help="seconds to wait for the result (default 60)")

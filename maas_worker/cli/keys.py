@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
-from maas_worker.cli.context import CONTEXT_SETTINGS, Group, json_option, pass_settings
+from maas_worker.cli.context import Group, json_option, pass_settings
 from maas_worker.settings import PRIORITIES, Settings
 
 TENANT_HELP = "the tenant (a lowercase name)"
 
 
-@click.group(cls=Group, context_settings=CONTEXT_SETTINGS, no_args_is_help=False,
+@click.group(cls=Group, no_args_is_help=False,
              short_help="manage tenant keys")
 def keys() -> None:
     """Manage tenant keys."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from maas_worker.cli.context import CONTEXT_SETTINGS, Group, json_option, pass_settings
+from maas_worker.cli.context import Group, json_option, pass_settings
 from maas_worker.errors import ConfigError, ModelRejected
 from maas_worker.models.artifact_crypto import DEFAULT_CHUNK_BYTES, ModelKey, ModelKeys
 from maas_worker.models.base import MODEL_NAME_RE, VERSION_RE
@@ -207,7 +207,7 @@ def _output_key(text: str) -> tuple[str, str]:
     return (name, key) if sep else (name, name)
 
 
-@click.group(cls=Group, context_settings=CONTEXT_SETTINGS, no_args_is_help=False,
+@click.group(cls=Group, no_args_is_help=False,
              short_help="sign, encrypt, verify and list models")
 def models() -> None:
     """Sign, encrypt, verify and list models."""

@@ -12,7 +12,7 @@ import os
 
 import click
 
-from maas_worker.cli.context import CONTEXT_SETTINGS, Invocation, pass_invocation
+from maas_worker.cli.context import Command, Invocation, pass_invocation
 from maas_worker.errors import ConfigError, connection_cause
 from maas_worker.settings import redact_url
 
@@ -29,7 +29,8 @@ LOGLEVEL_HELP = "Celery's log level (default INFO)"
 _loglevel = click.option("--loglevel", default="INFO", help=LOGLEVEL_HELP)
 
 
-@click.command(context_settings=CONTEXT_SETTINGS, short_help="run a Celery worker")
+@click.command(cls=Command,
+               short_help="run a Celery worker")
 @click.option("--concurrency", type=int,
               help="pool processes (threads with --pool threads; batch consumers with "
               "--batch-consumer); default: the number of CPUs")
@@ -83,7 +84,7 @@ def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
     return 0
 
 
-@click.command("batch-consumer", hidden=True, context_settings=CONTEXT_SETTINGS)
+@click.command("batch-consumer", cls=Command, hidden=True)
 @click.option("--name", default="consumer", help="this consumer's name in logs and metrics")
 @click.option("--ready-fd", type=int,
               help="file descriptor to write to once ready (set by the supervisor)")
@@ -97,7 +98,7 @@ def batch_consumer(inv: Invocation, name: str, ready_fd: int | None, loglevel: s
     return serve(name=name, loglevel=loglevel, ready_fd=ready_fd)
 
 
-@click.command(context_settings=CONTEXT_SETTINGS,
+@click.command(cls=Command,
                short_help="run Celery beat (exactly one per deployment)")
 @_loglevel
 @pass_invocation
@@ -111,7 +112,7 @@ def beat(inv: Invocation, loglevel: str) -> int:
     return 0
 
 
-@click.command(context_settings=CONTEXT_SETTINGS,
+@click.command(cls=Command,
                short_help="run Flower (authentication required)")
 @click.option("--port", type=int, default=DEFAULT_FLOWER_PORT,
               help="the port Flower listens on (default 5555)")
@@ -174,7 +175,7 @@ def _authenticate_flower_metrics() -> None:
         Metrics.get = guarded
 
 
-@click.command(context_settings=CONTEXT_SETTINGS,
+@click.command(cls=Command,
                short_help="check that a worker node answers (exit 1 if not)")
 @click.option("--node", help="worker node name (default: celery@<this host>)")
 @click.option("--timeout", type=float, default=DEFAULT_PING_TIMEOUT_S,
@@ -203,7 +204,7 @@ def ping(inv: Invocation, node: str | None, timeout: float) -> int:
     return 0
 
 
-@click.command(context_settings=CONTEXT_SETTINGS,
+@click.command(cls=Command,
                short_help="run the whole system locally and exit")
 @click.option("--jobs", type=int, default=2, help="echo jobs per priority")
 def demo(jobs: int) -> int:

@@ -163,3 +163,19 @@ def test_click_runner_invokes_the_group_too(clean_env: Path) -> None:
     out = CliRunner().invoke(cli, ["--keyring", str(ring), "keys", "init", "--tenant", "acme"])
     assert out.exit_code == 0, out.output
     assert out.output == f"tenant acme: key version 1 is primary ({ring})\n"
+
+
+def test_a_unique_prefix_of_a_long_option_is_taken_as_argparse_took_it(
+        clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ring = clean_env / "ring.json"
+    assert main(["--keyr", str(ring), "keys", "init", "--ten=acme", "--max-p", "low"]) == 0
+    assert main(["--keyring", str(ring), "keys", "list", "--js"]) == 0
+    out = capsys.readouterr().out
+    assert '"tenant": "acme"' in out
+    # --key is a prefix of the group's --keyring: it belongs to `models sign`, not the group
+    validate(["models", "sign", "d", "--key", "k", "--max-b", "8"])
+    # an option's value is never read as an option, and ambiguous prefixes are refused
+    validate(["submit", "--model", "--wai", "--input", "{}"])
+    assert main(["keys", "policy", "--tenant", "acme", "--max", "low"]) == 2
+    assert "ambiguous option: --max could match --max-priority, --max-in-flight" in \
+        capsys.readouterr().err
