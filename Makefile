@@ -9,13 +9,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test check lint typecheck unit integration reliability bench clean
+.PHONY: venv demo test check lint typecheck imports unit integration reliability bench clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "maas-worker needs Python 3.11 or newer on PATH" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,worker,flower,local]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -28,13 +28,17 @@ demo: venv
 test: check
 	$(BIN)/pytest --durations=20
 
-check: lint typecheck
+check: lint typecheck imports
 
 lint: venv
 	$(BIN)/ruff check maas_worker tests $(wildcard benchmarks/*.py)
 
 typecheck: venv
 	$(BIN)/mypy
+
+## imports: the layers and forbidden-import contracts ([tool.importlinter] in pyproject.toml)
+imports: venv
+	$(BIN)/lint-imports
 
 unit: venv
 	$(BIN)/pytest tests/unit

@@ -24,6 +24,7 @@ from typing import Any
 import redis
 
 from maas_worker.backend import functions
+from maas_worker.backend.redis import redis_client
 from maas_worker.crypto.envelope import TYPE_REQUEST, VERSION
 from maas_worker.settings import PRIORITIES, Settings, queue_for
 
@@ -64,9 +65,7 @@ class Backlog:
 
 def broker_client(settings: Settings) -> redis.Redis:
     """A Redis client for the broker (reads queue lengths only)."""
-    # The one factory (runtime.redis_client): rediss:// gets MAAS_REDIS_TLS_*.
-    from maas_worker.worker.runtime import redis_client
-
+    # The one factory (backend.redis): rediss:// gets MAAS_REDIS_TLS_*.
     return redis_client(settings.broker_url, tls=settings.redis_tls)
 
 

@@ -30,9 +30,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from maas_worker import jsonlimits
-from maas_worker.app import ARGS_REPR, TASK_NAME
 from maas_worker.backend.keyspace import is_job_id
-from maas_worker.monitoring.samples import MONITOR_EXCHANGE, SAMPLE_TASK
+from maas_worker.broker.app import ARGS_REPR, MONITOR_EXCHANGE, SAMPLE_TASK, TASK_NAME
 from maas_worker.settings import PRIORITIES, Settings, queue_for
 
 #: The only task each consumed queue may carry.

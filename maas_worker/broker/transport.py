@@ -91,7 +91,7 @@ class _Auditor:
         try:
             if self._audit is None:
                 from maas_worker.backend.audit import AuditLog
-                from maas_worker.worker.runtime import backend_client
+                from maas_worker.backend.redis import backend_client
 
                 settings = Settings.from_env()
                 self._audit = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen)

@@ -27,7 +27,7 @@ DEFAULT_AUDIT_LIMIT = 50
 def audit(settings: Settings, as_json: bool, limit: int) -> int:
     """Security events (refused, tampered, expired jobs...), newest first."""
     from maas_worker.backend.audit import AuditLog
-    from maas_worker.worker.runtime import backend_client
+    from maas_worker.backend.redis import backend_client
 
     records = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen).latest(limit)
     for rec in records:
@@ -48,9 +48,9 @@ def audit(settings: Settings, as_json: bool, limit: int) -> int:
 def stats(settings: Settings, as_json: bool) -> int:
     """Each worker's latest resource sample, and the backlog of each queue."""
     from maas_worker.backend import keyspace
+    from maas_worker.backend.redis import backend_client
     from maas_worker.monitoring.fleet import read_fleet
     from maas_worker.monitoring.samples import summarize
-    from maas_worker.worker.runtime import backend_client
 
     # redis-py types replies as unions; these are plain bytes/float replies.
     backend: Any = backend_client(settings)

@@ -67,7 +67,7 @@ def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
         if autoscale or pool:
             raise ConfigError("--batch-consumer sizes its own processes (--concurrency); "
                               "it does not take --autoscale or --pool")
-        from maas_worker.monitoring.samples import MONITOR_EXCHANGE
+        from maas_worker.broker.app import MONITOR_EXCHANGE
         from maas_worker.worker.batch import supervisor
 
         supervisor.configure(processes=concurrency or os.cpu_count() or 1, loglevel=loglevel)

@@ -22,8 +22,9 @@ from celery import Celery
 from kombu.exceptions import BatchPublishError, OperationalError
 
 from maas_worker import jsonlimits
-from maas_worker.app import ARGS_REPR, TASK_NAME, make_app, payload_ref
-from maas_worker.backend import functions, keyspace
+from maas_worker.backend import catalog, functions, keyspace
+from maas_worker.backend.redis import backend_client, redis_client
+from maas_worker.broker.app import ARGS_REPR, TASK_NAME, make_producer_app, payload_ref
 from maas_worker.client.job import Job, backend_errors
 from maas_worker.crypto import aead
 from maas_worker.crypto.envelope import Header, now_ms, seal
@@ -40,10 +41,10 @@ from maas_worker.errors import (
     connection_cause,
 )
 from maas_worker.models.base import parse_model_ref
+from maas_worker.models.diagnostic import diagnostic_refs
 from maas_worker.settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
 from maas_worker.tenancy.keyring import Keyring, KeyringSource
 from maas_worker.tenancy.quota import Quotas
-from maas_worker.worker.runtime import CATALOG_TTL_S, backend_client, diagnostic_refs, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Client:
     def app(self) -> Celery:
         """The producer's Celery app (created on first use)."""
         if self._app is None:
-            app = make_app(self.settings, include_tasks=False)
+            app = make_producer_app(self.settings)
             if not self._may_publish():
                 # A producer's Redis user may not publish (docs/security.md,
                 # Redis roles): no task-sent event, or every submit would fail.
@@ -207,10 +208,10 @@ class Client:
         Plus the diagnostic models when this client enables them, so a client
         can submit before any worker has started in a test or the demo.
         """
-        since = time.time() - CATALOG_TTL_S
         with backend_errors(self.settings):
-            rows: list[bytes] = self.backend.zrangebyscore(keyspace.CATALOG, since, "+inf")  # type: ignore[assignment]
-        refs = {r.decode() for r in rows} | set(diagnostic_refs(self.settings))
+            refs = catalog.advertised(self.backend)
+        if self.settings.diagnostic_models:
+            refs |= set(diagnostic_refs())
         self._served = (time.monotonic() + CATALOG_CACHE_S, refs)
         return refs
 

@@ -26,11 +26,10 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from maas_worker.crypto import aead
 from maas_worker.errors import EnvelopeRejected, InvalidEnvelope
-from maas_worker.tenancy.keyring import DerivedKeys, Keyring
 
 VERSION = 0x01
 TYPE_REQUEST = 0x01
@@ -48,6 +47,38 @@ _FIXED = struct.Struct(">BBHIQQB")  # version type header_len key_version iat ex
 MAX_STR = 255
 #: Smallest possible envelope: fixed part, four 1-byte strings, nonce, tag, mac.
 MIN_ENVELOPE = _FIXED.size + 4 * 2 + NONCE_BYTES + TAG_BYTES + MAC_BYTES
+
+
+# What the envelope needs of a keyring, as protocols: the format layer reads no
+# keyring file (tenancy.keyring's Keyring, KeyVersion and DerivedKeys fit them).
+class EnvelopeKeys(Protocol):
+    """The three keys of one tenant key version (HKDF-derived; docs/envelope.md)."""
+
+    @property
+    def request_enc(self) -> bytes:
+        """AES-256-GCM key of requests."""
+
+    @property
+    def result_enc(self) -> bytes:
+        """AES-256-GCM key of results."""
+
+    @property
+    def mac(self) -> bytes:
+        """HMAC-SHA256 key of both."""
+
+
+class UsableKey(Protocol):
+    """A key version that may open envelopes."""
+
+    def keys(self, tenant: str) -> EnvelopeKeys:
+        """Its derived keys for ``tenant``."""
+
+
+class KeyLookup(Protocol):
+    """Finds the key version an envelope names (``tenancy.keyring.Keyring`` is one)."""
+
+    def usable(self, tenant: str, version: int) -> UsableKey | None:
+        """The version if it may open envelopes; None if unknown or retired."""
 
 
 def now_ms() -> int:
@@ -151,7 +182,7 @@ def parse_unverified_header(data: bytes) -> Header:
                   req_hash, bytes(data[:size]))
 
 
-def seal(keys: DerivedKeys, header: Header, plaintext: bytes, *,
+def seal(keys: EnvelopeKeys, header: Header, plaintext: bytes, *,
          _nonce_for_test_vectors: bytes | None = None) -> bytes:
     """Encrypt ``plaintext`` under ``header`` and return the envelope bytes.
 
@@ -178,7 +209,7 @@ class Verified:
     """An envelope whose MAC and time window passed; its plaintext is still sealed."""
 
     header: Header
-    keys: DerivedKeys = field(repr=False)
+    keys: EnvelopeKeys = field(repr=False)
     _body: memoryview = field(repr=False)
 
     def decrypt(self) -> bytes:
@@ -193,7 +224,7 @@ class Verified:
         return plaintext
 
 
-def verify(data: bytes, *, expect: Kind, keyring: Keyring, max_bytes: int,
+def verify(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
            at_ms: int | None = None, skew_ms: int = 30_000,
            max_lifetime_ms: int | None = None) -> Verified:
     """Run every check that needs no Redis and no decryption, in the documented order.
@@ -231,7 +262,7 @@ def verify(data: bytes, *, expect: Kind, keyring: Keyring, max_bytes: int,
     return Verified(header, keys, view[len(header.raw):-MAC_BYTES])
 
 
-def open_envelope(data: bytes, *, expect: Kind, keyring: Keyring, max_bytes: int,
+def open_envelope(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
                   at_ms: int | None = None, skew_ms: int = 30_000) -> tuple[Header, bytes]:
     """Verify and decrypt in one step; any failure is `InvalidEnvelope` (no reason)."""
     try:

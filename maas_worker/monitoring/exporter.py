@@ -20,10 +20,10 @@ from typing import Any
 
 import redis
 
+from maas_worker.backend.redis import backend_client
 from maas_worker.broker.backlog import broker_client
 from maas_worker.monitoring.fleet import read_fleet
 from maas_worker.settings import Settings
-from maas_worker.worker.runtime import backend_client
 
 
 def _sample_gauges(samples: dict[str, dict[str, Any]], now: float) -> Iterator[Any]:

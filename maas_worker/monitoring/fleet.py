@@ -130,7 +130,7 @@ class FleetReading:
 
 def read_fleet(settings: Settings, *, broker: Any = None, backend: Any = None) -> FleetReading:
     """Read the backlog (broker) and the current samples (result backend), and advise."""
-    from maas_worker.worker.runtime import backend_client
+    from maas_worker.backend.redis import backend_client
 
     broker = broker if broker is not None else broker_client(settings)
     backend = backend if backend is not None else backend_client(settings)

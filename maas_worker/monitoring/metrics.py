@@ -240,14 +240,6 @@ def observe_model_load(model_ref: str, seconds: float) -> None:
     _safely(lambda: _m().load.labels(model_ref).observe(seconds))
 
 
-@contextlib.contextmanager
-def model_load_timer(model_ref: str) -> Iterator[None]:
-    """``with model_load_timer("digits@1"): load()`` records the load time."""
-    start = time.perf_counter()
-    yield
-    observe_model_load(model_ref, time.perf_counter() - start)
-
-
 def task_started(task_id: str) -> None:
     """A ``maas.infer`` task starts in this process (Celery's task_prerun)."""
     if len(_started) >= _MAX_PENDING:

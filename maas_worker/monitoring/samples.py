@@ -37,11 +37,9 @@ import psutil
 import redis
 
 from maas_worker.backend import keyspace
+from maas_worker.broker.app import MONITOR_EXCHANGE, SAMPLE_TASK
 from maas_worker.settings import Settings
 
-SAMPLE_TASK = "maas.sample"
-#: Fanout exchange (and the broadcast queue's name) that carries sample requests.
-MONITOR_EXCHANGE = "maas.monitor"
 #: A sample older than this many intervals is not current (and its key is gone).
 SAMPLE_TTL_INTERVALS = 3
 #: CPU use is measured over this window when the sample is taken.
@@ -84,9 +82,8 @@ def celery_options(settings: Settings) -> dict[str, Any]:
     """Celery settings for monitoring and scaling, merged into app.celery_config."""
     return {
         # Flower shows jobs from the moment they are queued: task events from
-        # workers, and the task-sent event from producers.
+        # workers (the task-sent event is the producers', broker/app.py).
         "worker_send_task_events": True,
-        "task_send_sent_event": True,
         "task_routes": {SAMPLE_TASK: {"queue": MONITOR_EXCHANGE}},
         "beat_schedule": {"maas-sample": {
             "task": SAMPLE_TASK, "schedule": settings.sample_interval_s,

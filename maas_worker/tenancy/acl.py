@@ -294,7 +294,7 @@ def apply(server: str, password: str, roles: dict[str, str], settings: Settings)
     """As the operator: ``ACL LOAD`` on ``server``, check every role's password, load the
     function library. Raises `ConfigError` with one line if any step fails."""
     from maas_worker.backend import functions
-    from maas_worker.worker.runtime import redis_client
+    from maas_worker.backend.redis import redis_client
 
     url = role_url(server, "operator", password)
     where = server_url(server)
@@ -324,8 +324,8 @@ def apply(server: str, password: str, roles: dict[str, str], settings: Settings)
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """``maas-worker acl``: write the files, print each role's URL, optionally apply."""
     from maas_worker.backend import functions
+    from maas_worker.backend.redis import redis_client
     from maas_worker.tenancy.keyring import load_keyring
-    from maas_worker.worker.runtime import redis_client
 
     if args.load_functions:
         client = redis_client(settings.broker_url, tls=settings.redis_tls)

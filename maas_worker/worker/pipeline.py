@@ -43,9 +43,9 @@ from typing import Any
 import redis
 
 from maas_worker import jsonlimits
-from maas_worker.app import payload_ref_tenant
 from maas_worker.backend import keyspace
 from maas_worker.backend.claims import Claim
+from maas_worker.broker.app import payload_ref_tenant
 from maas_worker.crypto.envelope import Header, Verified, now_ms, seal, verify
 from maas_worker.errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
 from maas_worker.models import Model

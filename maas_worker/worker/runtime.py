@@ -19,12 +19,15 @@ import redis
 
 from maas_worker.backend import functions, keyspace, scripts
 from maas_worker.backend.audit import AuditLog
+from maas_worker.backend.catalog import advertise, withdraw
 from maas_worker.backend.claims import JobGuard, LeaseKeeper
+from maas_worker.backend.redis import backend_client
 from maas_worker.crypto import aead
 from maas_worker.errors import ConfigError
 from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
 from maas_worker.models.repository import RejectHook
-from maas_worker.settings import RedisTLS, Settings, is_tls_url
+from maas_worker.monitoring import metrics
+from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import KeyringSource
 from maas_worker.tenancy.quota import Quotas
 from maas_worker.worker.batching import DynamicBatcher
@@ -35,17 +38,6 @@ log = logging.getLogger(__name__)
 #: How often a worker refreshes its entry in the model catalogue and node list.
 ADVERTISE_INTERVAL_S = 10.0
 MEMORY_CHECK_INTERVAL_S = 1.0
-#: Longer than the longest blocking call (a client's 1 s BLPOP slice).
-BACKEND_SOCKET_TIMEOUT_S = 10.0
-#: A catalogue entry older than this is no longer offered to clients.
-CATALOG_TTL_S = 3600.0
-
-
-def diagnostic_refs(settings: Settings) -> list[str]:
-    """References of the diagnostic models, if enabled (cheap: loads nothing)."""
-    if not settings.diagnostic_models:
-        return []
-    return ModelRegistry([EchoModel(), SleepModel()]).refs()
 
 
 class RedisReleaseFloor:
@@ -94,6 +86,7 @@ def build_registry(settings: Settings, on_reject: RejectHook | None = None,
     registry.add_source(ModelRepository(
         settings.model_dir, signers=TrustedSignersSource(settings.trusted_signers).get,
         model_keys=ModelKeysSource(settings.model_keys_path).get, on_reject=on_reject,
+        on_load=metrics.observe_model_load,
         release_floor=RedisReleaseFloor(backend) if backend is not None else None))
     return registry
 
@@ -113,27 +106,6 @@ def audit_rejections(audit: AuditLog, *, stage: str) -> RejectHook:
             audit.record(job_id="", tenant="", reason="model_rejected", verified=False,
                          detail=f"{ref}: {why}")
     return hook
-
-
-def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
-    """A redis-py client for one of our URLs; every client of a user URL is made here.
-
-    ``redis+socket://`` is kombu's unix socket. A ``rediss://`` URL gets the
-    TLS options of ``tls`` (certificate and host name checked by default);
-    user and password come from the URL. Timeouts: a dead or unreachable
-    server must become an error, not a hang.
-    """
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
-    ssl_options = tls.options() if is_tls_url(url) else {}
-    return redis.Redis.from_url(url, health_check_interval=25, socket_keepalive=True,
-                                socket_connect_timeout=5, socket_timeout=BACKEND_SOCKET_TIMEOUT_S,
-                                **ssl_options)
-
-
-def backend_client(settings: Settings) -> redis.Redis:
-    """A Redis client for the result backend (claims, results, audit)."""
-    return redis_client(settings.result_backend, tls=settings.redis_tls)
 
 
 class WorkerRuntime:
@@ -204,23 +176,6 @@ def get_runtime() -> WorkerRuntime:
                 _runtime = WorkerRuntime(Settings.from_env())
                 _runtime_pid = pid
     return _runtime
-
-
-def advertise(client: redis.Redis, node: str, refs: list[str]) -> None:
-    """Record that ``node`` is alive and serves ``refs``."""
-    now = time.time()
-    pipe = client.pipeline(transaction=False)
-    pipe.zadd(keyspace.NODES, {node: now})
-    if refs:
-        pipe.zadd(keyspace.CATALOG, dict.fromkeys(refs, now))
-    pipe.zremrangebyscore(keyspace.CATALOG, "-inf", now - CATALOG_TTL_S)
-    pipe.zremrangebyscore(keyspace.NODES, "-inf", now - CATALOG_TTL_S)
-    pipe.execute()
-
-
-def withdraw(client: redis.Redis, node: str) -> None:
-    """Remove ``node`` from the live node list (clean shutdown)."""
-    client.zrem(keyspace.NODES, node)
 
 
 class Advertiser:

@@ -33,12 +33,12 @@ import redis
 
 from maas_worker import Client
 from maas_worker.backend import keyspace
+from maas_worker.backend.redis import backend_client
 from maas_worker.errors import ServiceUnavailable
 from maas_worker.local.embedded import free_port, server_binary
 from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import save_keyring
-from maas_worker.worker.runtime import backend_client
 
 from .conftest import make_keyring, wait_for
 from .test_procfile import http_status

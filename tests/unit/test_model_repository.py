@@ -183,6 +183,23 @@ def test_encrypted_model_tampered_or_without_its_key_is_refused(
     assert [r[0] for r in rejected] == ["digits@1", "digits@2"]
 
 
+def test_load_hook_hears_each_successful_load_with_its_duration(kit: ModelKit) -> None:
+    # The worker wires on_load to its load-time metric; a refused load is not timed.
+    kit.publish("digits", "1")
+    path = kit.publish("digits", "2", encrypt=True)
+    _flip(path / "model.onnx.enc", 3000)
+    loads: list[tuple[str, float]] = []
+    repo = ModelRepository(kit.root, signers=TrustedSignersSource([kit.signers_dir]).get,
+                           model_keys=ModelKeysSource(kit.keys_path).get,
+                           on_load=lambda ref, s: loads.append((ref, s)))
+    repo.get("digits", "1")
+    repo.get("digits", "1")  # loaded once, reused
+    with pytest.raises(ModelRejected):
+        repo.get("digits", "2")
+    assert [ref for ref, _ in loads] == ["digits@1"]
+    assert 0 < loads[0][1] < 60
+
+
 def _open_memfds() -> list[str]:
     out = []
     for fd in os.listdir("/proc/self/fd"):

@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from maas_worker.app import celery_config
+from maas_worker.backend.redis import backend_client, redis_client
 from maas_worker.errors import ConfigError
 from maas_worker.settings import RedisTLS, Settings, redact_url
-from maas_worker.worker.runtime import backend_client, redis_client
 
 PASSWORD = "s3cr3t-Pa55"
 TLS_URL = f"rediss://maas:{PASSWORD}@redis.internal:6380/0"

@@ -50,10 +50,10 @@ from typing import Any
 
 import redis
 
-from maas_worker.app import QUEUE_NAMES, TASK_NAME, payload_ref_tenant
 from maas_worker.backend import keyspace
 from maas_worker.backend.claims import Claim, ClaimRequest
 from maas_worker.broker import fetch
+from maas_worker.broker.app import QUEUE_NAMES, TASK_NAME, payload_ref_tenant
 from maas_worker.broker.entries import (
     Refused,
     check_message,
@@ -516,8 +516,9 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
     import os
     import signal
 
+    from maas_worker.backend.redis import redis_client
     from maas_worker.settings import Settings
-    from maas_worker.worker.runtime import get_runtime, redis_client
+    from maas_worker.worker.runtime import get_runtime
 
     logging.basicConfig(level=loglevel.upper(),
                         format=f"[%(asctime)s: %(levelname)s/{name}] %(message)s")

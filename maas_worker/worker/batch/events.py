@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Any
 
-from maas_worker.app import ARGS_REPR
+from maas_worker.broker.app import ARGS_REPR, make_producer_app
 from maas_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,9 @@ class TaskEvents:
     """Buffers the task events of finished jobs and publishes them in one message."""
 
     def __init__(self, settings: Settings, hostname: str, *, task_name: str) -> None:
-        from maas_worker.app import make_app
-
         self.hostname = hostname
         self.task_name = task_name
-        self._app = make_app(settings, include_tasks=False)
+        self._app = make_producer_app(settings)
         self._conn: Any = None
         self._dispatcher: Any = None
         self._warned = False

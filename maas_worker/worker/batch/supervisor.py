@@ -130,7 +130,7 @@ class Sweeper:
     """kombu's visibility sweep, run from a thread (see the module docstring)."""
 
     def __init__(self, settings: Settings) -> None:
-        from maas_worker.app import transport_options
+        from maas_worker.broker.app import transport_options
 
         self.settings = settings
         self.options = transport_options(settings)

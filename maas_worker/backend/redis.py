@@ -1,0 +1,36 @@
+"""The one factory of redis-py clients for our URLs (broker and result backend).
+
+Producers, workers, monitors and the operator's tools all connect here, so a
+``rediss://`` URL gets the same TLS options everywhere and no client can hang
+on a server that stops answering.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from maas_worker.settings import RedisTLS, Settings, is_tls_url
+
+#: Longer than the longest blocking call (a client's 1 s BLPOP slice).
+BACKEND_SOCKET_TIMEOUT_S = 10.0
+
+
+def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
+    """A redis-py client for one of our URLs; every client of a user URL is made here.
+
+    ``redis+socket://`` is kombu's unix socket. A ``rediss://`` URL gets the
+    TLS options of ``tls`` (certificate and host name checked by default);
+    user and password come from the URL. Timeouts: a dead or unreachable
+    server must become an error, not a hang.
+    """
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    ssl_options = tls.options() if is_tls_url(url) else {}
+    return redis.Redis.from_url(url, health_check_interval=25, socket_keepalive=True,
+                                socket_connect_timeout=5, socket_timeout=BACKEND_SOCKET_TIMEOUT_S,
+                                **ssl_options)
+
+
+def backend_client(settings: Settings) -> redis.Redis:
+    """A Redis client for the result backend (claims, results, audit)."""
+    return redis_client(settings.result_backend, tls=settings.redis_tls)

@@ -1,0 +1,142 @@
+"""The producer's Celery configuration: what a process that only sends jobs needs.
+
+Queues, exchange, serializers, transport options (socket timeouts, the
+visibility sweep), TLS and the claim-check argument. `make_producer_app` is the
+app of `Client` and of the batch consumer's task events; the worker's app
+(``maas_worker.app``, the composition root) is built on `producer_config`. Nothing
+here imports the worker or monitoring code, so a producer loads neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue  # type: ignore[attr-defined]
+
+from maas_worker.broker.scheduling import STRATEGY
+from maas_worker.settings import PRIORITIES, Settings, queue_for
+from maas_worker.tenancy.keyring import TENANT_RE
+
+# TASK_NAME, ARGS_REPR, SAMPLE_TASK and MONITOR_EXCHANGE are wire vocabulary:
+# defined here, below the worker and monitoring (the queue-entry checks of every
+# transport, a producer's included, name them), until protocol.py takes them (#14).
+TASK_NAME = "maas.infer"
+SAMPLE_TASK = "maas.sample"
+#: Fanout exchange (and the broadcast queue's name) that carries sample requests.
+MONITOR_EXCHANGE = "maas.monitor"
+#: What a job's argument shows as (Celery's ``argsrepr``: Flower, events, logs).
+ARGS_REPR = "('<sealed envelope>',)"
+#: A task argument ``ref:payload:<tenant>`` says "the sealed request waits at
+#: the tenant's payload key of this job" (a large request: claim check).
+PAYLOAD_REF_PREFIX = "ref:payload:"
+#: Queues in the order a worker consumes them: high first, low last.
+QUEUE_NAMES: tuple[str, ...] = tuple(queue_for(p) for p in PRIORITIES)
+EXCHANGE = "maas"
+#: Producers' ``broker_transport``: kombu's Redis transport with the wake-up ring
+#: (transport.py; named, not imported, so kombu loads it only when connecting).
+TRANSPORT = "maas_worker.broker.transport:Transport"
+
+
+#: A broker command (a publish, a reservation) waiting longer than this is an
+#: error, not a hang; longer than kombu's 1 s BRPOP poll.
+BROKER_SOCKET_TIMEOUT_S = 10.0
+BROKER_CONNECT_TIMEOUT_S = 5.0
+
+
+def payload_ref(tenant: str) -> str:
+    """The task argument of a claim-checked request of ``tenant``."""
+    return PAYLOAD_REF_PREFIX + tenant
+
+
+def payload_ref_tenant(arg: str) -> str | None:
+    """The tenant named by a claim-check argument; None if ``arg`` is not one.
+
+    Unverified (whoever wrote the queue entry chose it): it only says where to
+    look, and the envelope found there must be that tenant's (pipeline.py).
+    An argument that starts like a reference but names no valid tenant gives
+    ``""``.
+    """
+    if not arg.startswith(PAYLOAD_REF_PREFIX):
+        return None
+    tenant = arg[len(PAYLOAD_REF_PREFIX):]
+    return tenant if TENANT_RE.fullmatch(tenant) else ""
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """Redis transport options derived from the settings.
+
+    The sweep that puts a dead worker's unacked messages back runs every
+    ``unacked_restore_interval * unacked_restore_throttle`` seconds (about
+    100 s by default), so the visibility timeout alone would not bound
+    recovery: the sweep is scaled to it.
+    """
+    vt = settings.visibility_timeout_s
+    return {
+        "visibility_timeout": vt,
+        # Priority order with a reserved share for normal and low (scheduling.py).
+        "queue_order_strategy": STRATEGY,
+        "unacked_restore_interval": max(1, min(10, vt // 4)),
+        "unacked_restore_throttle": 1,
+        # The sweep holds a Redis lock while it puts messages back. If Redis
+        # stops answering mid-sweep, the lock cannot be released and stays
+        # until it expires: kombu's 300 s then blocked every sweep, leaving a
+        # lost take's reserved messages stuck that long (the reliability
+        # suite's frozen-Redis outage saw it in CI). A sweep pass takes
+        # milliseconds; if one ever outlasts this, a message is put back
+        # twice and its copy refused as replayed, never lost.
+        "unacked_mutex_expire": max(10, vt // 10),
+        # kombu waits for ever by default: a Redis that stops answering
+        # without closing the connection (frozen, failover, partition) hung
+        # every submit and left workers blocked instead of reconnecting.
+        "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+        "socket_keepalive": True,
+    }
+
+
+def job_queues() -> list[Any]:
+    """The three job queues (kombu ``Queue``), high first, on the direct exchange."""
+    return [Queue(name, Exchange(EXCHANGE, type="direct"),  # type: ignore[no-untyped-call]
+                  routing_key=name)
+            for name in QUEUE_NAMES]
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration a producer needs (the worker's starts from it)."""
+    return {
+        "broker_url": settings.broker_url,
+        # Results never go through Celery's backend: the task stores its sealed
+        # result write-once itself (guard.JobGuard.store_result).
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        # Flower shows jobs from the moment they are queued: the producer's
+        # task-sent event (workers send the rest).
+        "task_send_sent_event": True,
+        "task_queues": job_queues(),
+        "task_default_exchange": EXCHANGE,
+        "task_default_queue": queue_for("normal"),
+        "task_create_missing_queues": False,
+        "broker_transport_options": transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        # rediss://: verify the server (kombu alone would silently use CERT_NONE)
+        # and present the client certificate; Flower's broker view reads it too.
+        "broker_use_ssl": settings.redis_ssl(settings.broker_url) or False,
+    }
+
+
+def make_producer_app(settings: Settings) -> Celery:
+    """A Celery app that sends jobs (and task events) and runs none."""
+    app = Celery("maas_worker", include=[])
+    # Producers ring the wake-up list with each publish (transport.py).
+    # Workers install the same channel over kombu's own instead (tasks.py):
+    # that keeps the redis:// scheme that Celery's banner and Flower's
+    # broker view know, and covers redis+socket:// URLs, which name
+    # kombu's transport whatever this setting says.
+    app.conf.broker_transport = TRANSPORT
+    app.conf.update(producer_config(settings))
+    return app
