@@ -2,9 +2,9 @@
 
 Two implementations of the same operations, both core dependencies:
 ``openssl`` (OpenSSL through ``cryptography``) and ``pycryptodome``. They give
-identical bytes (tests/unit/test_primitives.py seals, derives and signs with
-one and checks with the other), so what a process chose never shows on the
-wire, and clients and workers may differ.
+identical bytes (tests/unit/test_aead.py and test_primitives.py seal, derive
+and sign with one and check with the other, known answers on both), so what a
+process chose never shows on the wire, and clients and workers may differ.
 
 An implementation is an immutable `CryptoBackend`, picked once by name with
 `crypto_backend` (``auto`` is OpenSSL: ~0.6 us per 1 KiB AES-GCM message here
