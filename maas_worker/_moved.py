@@ -21,7 +21,7 @@ import warnings
 MOVED: dict[str, str] = {
     f"maas_worker.{old}": f"maas_worker.{new}"
     for old, new in {
-        "aead": "crypto.aead",
+        "aead": "crypto.primitives",
         "envelope": "crypto.envelope",
         "keys": "tenancy.keyring",
         "quota": "tenancy.quota",

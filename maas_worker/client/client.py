@@ -26,8 +26,8 @@ from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.redis import backend_client, redis_client
 from maas_worker.broker.app import ARGS_REPR, TASK_NAME, make_producer_app, payload_ref
 from maas_worker.client.job import Job, backend_errors
-from maas_worker.crypto import aead
 from maas_worker.crypto.envelope import Header, now_ms, seal
+from maas_worker.crypto.primitives import CryptoBackend, crypto_backend
 from maas_worker.errors import (
     ConfigError,
     InputTooLarge,
@@ -86,7 +86,8 @@ class Client:
         if self.settings.tenant is None:
             raise SubmitError("no tenant: set MAAS_TENANT or pass tenant=")
         try:
-            aead.use(self.settings.crypto_backend)
+            #: AES-GCM for every envelope this client seals or opens (MAAS_CRYPTO_BACKEND).
+            self.crypto: CryptoBackend = crypto_backend(self.settings.crypto_backend)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self.tenant = self.settings.tenant
@@ -276,7 +277,7 @@ class Client:
         issued = now_ms()
         header = Header("request", kv.version, issued, issued + ttl * 1000, priority,
                         self.tenant, job_id or str(uuid.uuid4()), TASK_NAME, model)
-        return header, seal(kv.keys(self.tenant), header, body)
+        return header, seal(kv.keys(self.tenant), header, body, crypto=self.crypto)
 
     def submit(self, model: str, inputs: Any, *, priority: str = "normal",
                ttl_s: int | None = None) -> Job:

@@ -72,7 +72,8 @@ class Job:
         s = self.client.settings
         header, body = open_envelope(
             sealed, expect="result", keyring=self.client.own_keyring(),
-            max_bytes=s.max_result_bytes + _ENVELOPE_OVERHEAD, skew_ms=s.clock_skew_s * 1000)
+            max_bytes=s.max_result_bytes + _ENVELOPE_OVERHEAD, skew_ms=s.clock_skew_s * 1000,
+            crypto=self.client.crypto)
         if header.job_id != self.id or header.tenant != self.client.tenant or (
                 self._request_hash is not None and header.request_hash != self._request_hash):
             raise InvalidEnvelope()

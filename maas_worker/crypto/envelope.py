@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from maas_worker.crypto import aead
+from maas_worker.crypto.primitives import DEFAULT, CryptoBackend
 from maas_worker.errors import EnvelopeRejected, InvalidEnvelope
 
 VERSION = 0x01
@@ -183,8 +183,12 @@ def parse_unverified_header(data: bytes) -> Header:
 
 
 def seal(keys: EnvelopeKeys, header: Header, plaintext: bytes, *,
+         crypto: CryptoBackend = DEFAULT,
          _nonce_for_test_vectors: bytes | None = None) -> bytes:
     """Encrypt ``plaintext`` under ``header`` and return the envelope bytes.
+
+    ``crypto`` is the AES-GCM implementation (the process's choice; every one
+    gives the same bytes).
 
     The nonce is always 12 fresh bytes from the OS; the keyword exists only so
     known-answer tests can reproduce a vector, and must never be used otherwise
@@ -196,7 +200,7 @@ def seal(keys: EnvelopeKeys, header: Header, plaintext: bytes, *,
         raise ValueError("a nonce is 12 bytes")
     nonce = _nonce_for_test_vectors if _nonce_for_test_vectors is not None \
         else os.urandom(NONCE_BYTES)
-    parts = (raw, nonce, *aead.seal_parts(enc_key, nonce, plaintext, raw))
+    parts = (raw, nonce, *crypto.seal_parts(enc_key, nonce, plaintext, raw))
     mac = hmac.new(keys.mac, digestmod="sha256")
     for part in parts:
         mac.update(part)
@@ -211,13 +215,14 @@ class Verified:
     header: Header
     keys: EnvelopeKeys = field(repr=False)
     _body: memoryview = field(repr=False)
+    crypto: CryptoBackend = field(default=DEFAULT, repr=False)
 
     def decrypt(self) -> bytes:
         """Decrypt and check the GCM tag; `EnvelopeRejected("tampered")` on failure."""
         body = self._body
         key = self.keys.request_enc if self.header.kind == "request" else self.keys.result_enc
         try:
-            plaintext = aead.open_sealed(key, bytes(body[:NONCE_BYTES]), body[NONCE_BYTES:],
+            plaintext = self.crypto.open(key, bytes(body[:NONCE_BYTES]), body[NONCE_BYTES:],
                                          self.header.raw)
         except ValueError:
             raise EnvelopeRejected("tampered", self.header, authenticated=True) from None
@@ -226,7 +231,8 @@ class Verified:
 
 def verify(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
            at_ms: int | None = None, skew_ms: int = 30_000,
-           max_lifetime_ms: int | None = None) -> Verified:
+           max_lifetime_ms: int | None = None,
+           crypto: CryptoBackend = DEFAULT) -> Verified:
     """Run every check that needs no Redis and no decryption, in the documented order.
 
     Raises `EnvelopeRejected` (an `InvalidEnvelope`) with the audit reason:
@@ -234,7 +240,8 @@ def verify(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
     The MAC is checked before the time window, so every refusal after it
     (``expired``, and ``malformed`` for a lifetime over ``max_lifetime_ms``,
     the worker's cap whatever lifetime the sender chose) is authenticated:
-    it names the tenant that really sent the envelope.
+    it names the tenant that really sent the envelope. ``crypto`` is what
+    `Verified.decrypt` will use.
     """
     if len(data) > max_bytes:
         raise EnvelopeRejected("oversize")
@@ -259,15 +266,16 @@ def verify(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
     if max_lifetime_ms is not None \
             and header.expires_at_ms - header.issued_at_ms > max_lifetime_ms:
         raise EnvelopeRejected("malformed", header, authenticated=True)
-    return Verified(header, keys, view[len(header.raw):-MAC_BYTES])
+    return Verified(header, keys, view[len(header.raw):-MAC_BYTES], crypto)
 
 
 def open_envelope(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
-                  at_ms: int | None = None, skew_ms: int = 30_000) -> tuple[Header, bytes]:
+                  at_ms: int | None = None, skew_ms: int = 30_000,
+                  crypto: CryptoBackend = DEFAULT) -> tuple[Header, bytes]:
     """Verify and decrypt in one step; any failure is `InvalidEnvelope` (no reason)."""
     try:
         verified = verify(data, expect=expect, keyring=keyring, max_bytes=max_bytes,
-                          at_ms=at_ms, skew_ms=skew_ms)
+                          at_ms=at_ms, skew_ms=skew_ms, crypto=crypto)
         return verified.header, verified.decrypt()
     except Exception:
         # One opaque error: no reason attribute, no unverified header, and no

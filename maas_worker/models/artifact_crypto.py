@@ -34,10 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from Crypto.Cipher import AES
-from Crypto.Hash import SHA256
-from Crypto.Protocol.KDF import HKDF
-
+from maas_worker.crypto import primitives
 from maas_worker.errors import ConfigError, ModelRejected
 from maas_worker.files import write_atomic
 
@@ -88,9 +85,7 @@ def is_encrypted(head: bytes) -> bool:
 
 
 def _file_key(secret: bytes, salt: bytes) -> bytes:
-    key = HKDF(secret, 32, salt, SHA256, context=FILE_KEY_INFO)
-    assert isinstance(key, bytes)
-    return key
+    return primitives.DEFAULT.hkdf_sha256(secret, info=FILE_KEY_INFO, salt=salt)
 
 
 def _nonce(index: int, last: bool) -> bytes:
@@ -111,10 +106,8 @@ def encrypt_stream(src: BinaryIO, dst: BinaryIO, key: ModelKey, *,
     while True:
         following = src.read(chunk_bytes) if len(chunk) == chunk_bytes else b""
         last = not following
-        cipher = AES.new(file_key, AES.MODE_GCM, nonce=_nonce(index, last))
-        cipher.update(header)
-        ct, tag = cipher.encrypt_and_digest(chunk)
-        written += dst.write(ct) + dst.write(tag)
+        for part in primitives.DEFAULT.seal_parts(file_key, _nonce(index, last), chunk, header):
+            written += dst.write(part)
         if last:
             return written
         chunk, index = following, index + 1
@@ -153,10 +146,8 @@ def decrypt_stream(src: Readable, size: int, sink: Writable, key: ModelKey) -> i
         data = src.read(want)
         if len(data) != want or want < TAG_BYTES:
             raise ModelRejected("encrypted artifact is truncated")
-        cipher = AES.new(file_key, AES.MODE_GCM, nonce=_nonce(index, last))
-        cipher.update(header)
         try:
-            plain = cipher.decrypt_and_verify(data[:-TAG_BYTES], data[-TAG_BYTES:])
+            plain = primitives.DEFAULT.open(file_key, _nonce(index, last), data, header)
         except ValueError:
             raise ModelRejected("encrypted artifact fails authentication") from None
         total += sink.write(plain)

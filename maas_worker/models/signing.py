@@ -26,9 +26,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from Crypto.PublicKey import ECC
-from Crypto.Signature import eddsa
-
+from maas_worker.crypto.primitives import Ed25519PrivateKey, Ed25519PublicKey, load_ed25519_pem
 from maas_worker.errors import ConfigError, ModelRejected
 from maas_worker.models.manifest import canonical_json
 
@@ -41,33 +39,30 @@ MAX_SIGNATURE_FILE = 4096
 PUBLIC_KEY_SUFFIXES = (".pub", ".pem")
 
 
-def key_id(public_key: ECC.EccKey) -> str:
+def key_id(public_key: Ed25519PublicKey) -> str:
     """The key id of an Ed25519 public key: hex of SHA-256(raw key)[:16]."""
-    raw = public_key.public_key().export_key(format="raw")
-    return hashlib.sha256(raw).hexdigest()[:32]
+    return hashlib.sha256(public_key.raw).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
 class SigningKey:
     """A model owner's Ed25519 private key (never printed)."""
 
-    key: ECC.EccKey = field(repr=False)
+    key: Ed25519PrivateKey = field(repr=False)
 
     @property
     def key_id(self) -> str:
         """The id of its public key."""
-        return key_id(self.key)
+        return key_id(self.key.public_key())
 
     @classmethod
     def generate(cls) -> SigningKey:
         """A fresh key from the OS RNG."""
-        return cls(ECC.generate(curve="Ed25519"))
+        return cls(Ed25519PrivateKey.generate())
 
     def public_pem(self) -> str:
         """The public key as PEM (SubjectPublicKeyInfo)."""
-        pem = self.key.public_key().export_key(format="PEM")
-        assert isinstance(pem, str)
-        return pem + "\n"
+        return self.key.public_key().pem()
 
     def sign(self, manifest_bytes: bytes, *, context: bytes = SIGNATURE_CONTEXT) -> bytes:
         """The ``manifest.sig`` content for these manifest bytes.
@@ -75,7 +70,7 @@ class SigningKey:
         ``context`` is the domain-separation label (another document type,
         such as a release pointer, signs under its own label).
         """
-        sig = eddsa.new(self.key, "rfc8032").sign(context + manifest_bytes)
+        sig = self.key.sign(context + manifest_bytes)
         return canonical_json({"key_id": self.key_id,
                                "signature": base64.b64encode(sig).decode()})
 
@@ -84,15 +79,14 @@ class SigningKey:
 
         Returns the public key's path.
         """
-        pem = self.key.export_key(format="PEM")
-        assert isinstance(pem, str)
+        pem = self.key.pem()
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             raise ConfigError(f"{path} exists; refusing to overwrite a signing key") from None
         with os.fdopen(fd, "w") as f:
-            f.write(pem + "\n")
+            f.write(pem)
         pub = path.with_name(path.name + ".pub")
         pub.write_text(self.public_pem())
         return pub
@@ -109,27 +103,25 @@ class SigningKey:
             raise ConfigError(f"signing key {path} is accessible by group or others; "
                               f"run: chmod 600 {path}")
         try:
-            key = ECC.import_key(text)
-        except (ValueError, IndexError, TypeError):
+            key = load_ed25519_pem(text)
+        except ValueError:
             raise ConfigError(f"{path} is not an Ed25519 private key") from None
-        if key.curve != "Ed25519" or not key.has_private():
+        if not isinstance(key, Ed25519PrivateKey):
             raise ConfigError(f"{path} is not an Ed25519 private key")
         return cls(key)
 
 
-def load_public_key(path: Path) -> ECC.EccKey:
+def load_public_key(path: Path) -> Ed25519PublicKey:
     """Read one Ed25519 public key (PEM); `ConfigError` if it is anything else."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
         raise ConfigError(f"cannot read public key {path}") from None
     try:
-        key = ECC.import_key(text)
-    except (ValueError, IndexError, TypeError):
+        key = load_ed25519_pem(text)
+    except ValueError:
         raise ConfigError(f"{path} is not an Ed25519 public key (PEM)") from None
-    if key.curve != "Ed25519":
-        raise ConfigError(f"{path} is not an Ed25519 public key (PEM)")
-    if key.has_private():
+    if isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path} holds a PRIVATE key; workers must hold public keys only")
     return key
 
@@ -151,7 +143,7 @@ def _key_files(paths: Iterable[Path]) -> list[Path]:
 class TrustedSigners:
     """The public keys models may be signed with, by key id."""
 
-    keys: Mapping[str, ECC.EccKey] = field(default_factory=dict)
+    keys: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)
 
     @classmethod
     def from_paths(cls, paths: Iterable[Path]) -> TrustedSigners:
@@ -181,10 +173,8 @@ class TrustedSigners:
         key = self.keys.get(kid)
         if key is None:
             raise ModelRejected("signed by an untrusted key")
-        try:
-            eddsa.new(key, "rfc8032").verify(context + manifest_bytes, sig)
-        except ValueError:
-            raise ModelRejected("signature does not verify") from None
+        if not key.verify(context + manifest_bytes, sig):
+            raise ModelRejected("signature does not verify")
         return kid
 
 

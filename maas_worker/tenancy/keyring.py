@@ -36,9 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from Crypto.Hash import SHA256
-from Crypto.Protocol.KDF import HKDF
-
+from maas_worker.crypto import primitives
 from maas_worker.errors import KeyringError, UnknownTenant
 from maas_worker.files import write_atomic
 
@@ -84,9 +82,7 @@ def _info(label: bytes, tenant: str, version: int) -> bytes:
 def derive_keys(secret: bytes, tenant: str, version: int) -> DerivedKeys:
     """Derive (and cache) the request, result and MAC keys of one key version."""
     def one(label: bytes) -> bytes:
-        key = HKDF(secret, 32, b"", SHA256, context=_info(label, tenant, version))
-        assert isinstance(key, bytes)
-        return key
+        return primitives.DEFAULT.hkdf_sha256(secret, info=_info(label, tenant, version))
 
     return DerivedKeys(one(INFO_REQUEST_ENC), one(INFO_RESULT_ENC), one(INFO_MAC))
 

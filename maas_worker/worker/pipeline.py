@@ -193,7 +193,8 @@ def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: st
     try:
         verified = verify(data, expect="request", keyring=rt.keyring.get(),
                           max_bytes=s.max_envelope_chars, skew_ms=s.clock_skew_s * 1000,
-                          max_lifetime_ms=MAX_JOB_TTL_S * 1000 + s.clock_skew_s * 1000)
+                          max_lifetime_ms=MAX_JOB_TTL_S * 1000 + s.clock_skew_s * 1000,
+                          crypto=rt.crypto)
     except EnvelopeRejected as exc:
         header = exc.unverified_header if isinstance(exc.unverified_header, Header) else None
         raise _stop(rt, job_id, exc.reason, header, authenticated=exc.authenticated) from None
@@ -548,7 +549,7 @@ def seal_result(rt: WorkerRuntime, verified: Verified,
     header = Header("result", req.key_version, issued, issued + rt.settings.result_ttl_s * 1000,
                     req.priority, req.tenant, req.job_id, req.task, req.model,
                     req.digest())
-    return seal(verified.keys, header, body), ok
+    return seal(verified.keys, header, body, crypto=rt.crypto), ok
 
 
 def finished_outcome(ok: bool, stored: bool) -> str:

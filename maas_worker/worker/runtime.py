@@ -22,7 +22,7 @@ from maas_worker.backend.audit import AuditLog
 from maas_worker.backend.catalog import advertise, withdraw
 from maas_worker.backend.claims import JobGuard, LeaseKeeper
 from maas_worker.backend.redis import backend_client
-from maas_worker.crypto import aead
+from maas_worker.crypto.primitives import CryptoBackend, crypto_backend
 from maas_worker.errors import ConfigError
 from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
 from maas_worker.models.repository import RejectHook
@@ -113,7 +113,8 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        aead.use(settings.crypto_backend)
+        #: AES-GCM for every envelope this process opens or seals (MAAS_CRYPTO_BACKEND).
+        self.crypto: CryptoBackend = crypto_backend(settings.crypto_backend)
         self.keyring = KeyringSource(settings.keyring_path)
         self.backend = backend_client(settings)
         self.guard = JobGuard(self.backend, lease_s=settings.lease_s)
