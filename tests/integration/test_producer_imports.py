@@ -83,3 +83,17 @@ def test_the_cli_without_the_worker_extras_submits_and_waits(stack: Stack) -> No
     proc = _run(stack, _CLI, "submit", "--model", "echo", "--input", '{"text": "cli"}', "--wait")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"echo": {"text": "cli"}}
+
+
+@pytest.mark.parametrize(("command", "extra"), [
+    (("stats",), "worker"),
+    (("worker", "--concurrency", "1"), "worker"),
+    (("metrics",), "worker"),
+    (("demo",), "worker"),
+])
+def test_a_worker_side_command_without_its_extra_says_which_to_install(
+        stack: Stack, command: tuple[str, ...], extra: str) -> None:
+    proc = _run(stack, _CLI, *command)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"pip install 'maas-worker[{extra}]'" in proc.stderr
