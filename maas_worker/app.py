@@ -31,6 +31,10 @@ EXCHANGE = "maas"
 TRANSPORT = "maas_worker.broker.transport:Transport"
 #: Modules holding tasks and worker hooks, imported by workers only.
 WORKER_MODULES = ["maas_worker.worker.tasks", "maas_worker.monitoring.tasks"]
+#: The worker node's bootsteps (worker/node.py), by blueprint; named, not imported,
+#: so producers load none of the worker's code.
+WORKER_STEPS = {"worker": "maas_worker.worker.node:NodeStep",
+                "consumer": "maas_worker.worker.node:ServeStep"}
 
 
 #: A broker command (a publish, a reservation) waiting longer than this is an
@@ -139,6 +143,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def make_app(settings: Settings | None = None, *, include_tasks: bool = True) -> Celery:
     """A configured Celery app; producers pass ``include_tasks=False``."""
     app = Celery("maas_worker", include=WORKER_MODULES if include_tasks else [])
+    if include_tasks:
+        for blueprint, step in WORKER_STEPS.items():
+            app.steps[blueprint].add(step)
     if not include_tasks:
         # Producers ring the wake-up list with each publish (transport.py).
         # Workers install the same channel over kombu's own instead (tasks.py):
