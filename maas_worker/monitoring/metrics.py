@@ -109,7 +109,7 @@ _started: dict[str, float] = {}
 
 
 def _m() -> _JobMetrics:
-    global _metrics
+    global _metrics  # noqa: PLW0603 -- per process: each writes its own metric files
     if _metrics is None:
         with _metrics_lock:
             if _metrics is None:
