@@ -69,7 +69,7 @@ class Node:
         self._abandoned = False
 
     def prepare(self) -> None:
-        """Before the consumer is built and the pool forks (in that process)."""
+        """In the worker's main process, before its consumer is built and its pool forks."""
         # From the first command on, only what MAAS_REMOTE_CONTROL allows runs.
         control.configure(self.app, mode=self.settings.remote_control,
                           queues=[q.name for q in self.app.conf.task_queues or ()])
@@ -145,7 +145,8 @@ class NodeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is unty
 
     Celery creates every step before it starts any, and the consumer step
     (``last``) after all others: `create` runs before the consumer builds its
-    pidbox node and before the pool forks.
+    pidbox node and before the pool forks. The node is ``w.maas_node``, where
+    `ServeStep` finds it (as Celery's own steps share ``w.pool``, ``w.autoscaler``).
     """
 
     label = "maas node"
