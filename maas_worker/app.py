@@ -52,6 +52,10 @@ __all__ = [
 
 #: Modules holding tasks and worker hooks, imported by workers only.
 WORKER_MODULES = ["maas_worker.worker.tasks", "maas_worker.monitoring.tasks"]
+#: The worker node's bootsteps (worker/node.py), by blueprint; named, not imported,
+#: so producers load none of the worker's code.
+WORKER_STEPS = {"worker": "maas_worker.worker.node:NodeStep",
+                "consumer": "maas_worker.worker.node:ServeStep"}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -88,6 +92,9 @@ def make_app(settings: Settings | None = None, *, include_tasks: bool = True) ->
     A process that only sends jobs wants `maas_worker.broker.app.make_producer_app`.
     """
     app = Celery("maas_worker", include=WORKER_MODULES if include_tasks else [])
+    if include_tasks:
+        for blueprint, step in WORKER_STEPS.items():
+            app.steps[blueprint].add(step)
     if not include_tasks:
         # Producers ring the wake-up list with each publish (broker/app.py).
         app.conf.broker_transport = TRANSPORT

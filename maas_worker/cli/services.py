@@ -70,7 +70,7 @@ def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
         from maas_worker.broker.app import MONITOR_EXCHANGE
         from maas_worker.worker.batch import supervisor
 
-        supervisor.configure(processes=concurrency or os.cpu_count() or 1, loglevel=loglevel)
+        supervisor.configure(app, processes=concurrency or os.cpu_count() or 1, loglevel=loglevel)
         argv = ["worker", "-Q", MONITOR_EXCHANGE, "--pool", "solo", "--loglevel", loglevel]
     elif concurrency:
         argv += ["--concurrency", str(concurrency)]

@@ -142,13 +142,9 @@ class HeadroomProbe:
                                 float(psutil.cpu_percent(interval=None)), time.monotonic())
 
 
-_active: BacklogAutoscaler | None = None
-
-
-def pool_state() -> dict[str, int] | None:
-    """Current, desired, min and max pool size of this worker's autoscaler (None if off)."""
-    scaler = _active
-    if scaler is None:
+def pool_state(scaler: Any) -> dict[str, int] | None:
+    """Current, desired, min and max pool size of a worker's autoscaler (None if not ours)."""
+    if not isinstance(scaler, BacklogAutoscaler):
         return None
     decision = scaler.last_decision
     current = scaler.processes
@@ -172,8 +168,6 @@ class BacklogAutoscaler(Autoscaler):  # type: ignore[misc]  # Celery is untyped
         self._probe: HeadroomProbe | None = None
         self._quiet_since = time.monotonic()
         self.last_decision: Decision | None = None
-        global _active
-        _active = self
 
     # Celery's hooks ------------------------------------------------------------------------
     def _maybe_scale(self, req: Any = None) -> bool:

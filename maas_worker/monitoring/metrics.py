@@ -109,7 +109,7 @@ _started: dict[str, float] = {}
 
 
 def _m() -> _JobMetrics:
-    global _metrics
+    global _metrics  # noqa: PLW0603 -- per process: each writes its own metric files
     if _metrics is None:
         with _metrics_lock:
             if _metrics is None:
@@ -256,25 +256,20 @@ def task_ended(task_id: str) -> None:
 
 
 # -- the multiprocess directory (worker main process) -----------------------------------------
-_own_dir: tuple[int, Path] | None = None
-
-
 def init_multiprocess_dir() -> Path:
     """Create this worker's private metrics directory and enable multiprocess mode.
 
     Must run in the worker's main process before the pool forks; children
-    inherit the environment variable. Idempotent.
+    inherit the environment variable. The caller owns the directory and
+    removes it with `remove_multiprocess_dir` (worker/node.py).
     """
-    global _own_dir
-    if _own_dir is None or _own_dir[0] != os.getpid():
-        _sweep_stale_dirs()
-        path = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
-        path.chmod(0o700)
-        Path(path, _LOCK_NAME).touch(mode=0o600)
-        _own_dir = (os.getpid(), path)
-    os.environ[MULTIPROC_ENV] = str(_own_dir[1])
+    _sweep_stale_dirs()
+    path = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
+    path.chmod(0o700)
+    Path(path, _LOCK_NAME).touch(mode=0o600)
+    os.environ[MULTIPROC_ENV] = str(path)
     _enable_multiprocess_values()
-    return _own_dir[1]
+    return path
 
 
 def _sweep_stale_dirs() -> None:
@@ -298,14 +293,11 @@ def _enable_multiprocess_values() -> None:
         values.ValueClass = get_value_class()
 
 
-def remove_multiprocess_dir() -> None:
-    """Delete the metrics directory this process made (worker shutdown)."""
-    global _own_dir
-    if _own_dir is not None and _own_dir[0] == os.getpid():
-        shutil.rmtree(_own_dir[1], ignore_errors=True)
-        if os.environ.get(MULTIPROC_ENV) == str(_own_dir[1]):
-            del os.environ[MULTIPROC_ENV]
-        _own_dir = None
+def remove_multiprocess_dir(path: Path) -> None:
+    """Delete the metrics directory `init_multiprocess_dir` made (worker shutdown)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if os.environ.get(MULTIPROC_ENV) == str(path):
+        del os.environ[MULTIPROC_ENV]
 
 
 def multiprocess_dir() -> Path | None:

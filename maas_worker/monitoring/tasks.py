@@ -1,36 +1,29 @@
-"""The ``maas.sample`` task and the worker hooks behind monitoring and metrics.
+"""The ``maas.sample`` task and the per-task hooks behind the busy-time metric.
 
 ``maas.sample`` takes no arguments and never sees a job: it samples the host
 and this worker's pool (monitoring.py), stores the sample, and returns a
 short readable summary, which is what Flower shows as its result.
 
-Worker hooks (Celery signals):
-- worker_init (main process, before the pool forks): the private metrics
-  directory (metrics.py), and the broadcast queue added to whatever ``-Q``
-  selected, so ``celery -A maas_worker.app worker -Q ...`` samples too;
-- worker_ready: the worker's ``/metrics`` endpoint (``MAAS_METRICS_PORT``);
-- task_prerun/task_postrun (the process running the task): busy time;
-- worker_shutdown: the node's sample is withdrawn at once and the metrics
-  directory removed (a crashed node's sample expires on its own).
+Task hooks (Celery signals: Celery has no bootstep per task):
+task_prerun/task_postrun, in the process running the task: busy time. The
+node's start and stop (the metrics directory and endpoint, the broadcast
+queue, withdrawing the node's sample) are bootsteps: worker/node.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from typing import Any
 
-import redis
+from billiard.process import current_process  # type: ignore[import-untyped]
 from celery import Task, shared_task, signals
 
 from maas_worker.backend.redis import backend_client
 from maas_worker.broker.app import SAMPLE_TASK, TASK_NAME
 from maas_worker.monitoring import metrics
-from maas_worker.monitoring.autoscale import pool_state
 from maas_worker.monitoring.samples import (
     SampleStore,
-    monitor_queue,
     summarize,
     take_sample,
 )
@@ -38,10 +31,7 @@ from maas_worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Set in the worker's main process before the pool forks; children inherit them.
-_main_pid: int | None = None
-_node: str | None = None
-_server: Any = None
+#: Each process's own sample store (the task runs in pool children).
 _stores: dict[int, SampleStore] = {}
 
 
@@ -57,40 +47,15 @@ def _store(settings: Settings) -> SampleStore:
 def sample(self: Task) -> dict[str, str]:
     """Record this node's resource sample; the readable summary is the result (Flower)."""
     settings = Settings.from_env()
-    node = _node or str(self.request.hostname or "")
-    taken = take_sample(node, main_pid=_main_pid or os.getpid(),
+    node = str(self.request.hostname or "")
+    taken = take_sample(node, main_pid=_main_pid(),
                         interval_s=settings.sample_interval_s, jobs=metrics.local_job_totals())
     return summarize(_store(settings).record(taken))
 
 
-@signals.worker_init.connect
-def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    global _main_pid, _node
-    _main_pid = os.getpid()
-    _node = getattr(sender, "hostname", None)
-    metrics.init_multiprocess_dir()
-    if sender is not None:
-        sender.app.amqp.queues.select_add(monitor_queue())
-
-
-@signals.worker_ready.connect
-def _on_worker_ready(**_: Any) -> None:
-    global _server
-    settings = Settings.from_env()
-    path = metrics.multiprocess_dir()
-    if path is not None and _node:
-        _server = metrics.serve(metrics.WorkerCollector(path, _node, pool_state),
-                                port=settings.metrics_port, address=settings.metrics_address)
-
-
-@signals.worker_shutdown.connect
-def _on_worker_shutdown(**_: Any) -> None:
-    if _server is not None:
-        _server.shutdown()
-    if _node:
-        with contextlib.suppress(redis.RedisError):
-            _store(Settings.from_env()).forget(_node)
-    metrics.remove_multiprocess_dir()
+def _main_pid() -> int:
+    """The worker's main process: a prefork pool child's parent, else this process."""
+    return os.getppid() if current_process().name != "MainProcess" else os.getpid()
 
 
 @signals.task_prerun.connect

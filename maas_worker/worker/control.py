@@ -147,7 +147,7 @@ def _refuse_merge(task_ids: Any) -> None:
 
 
 def configure(app: Any, *, mode: str, queues: Collection[str]) -> None:
-    """Make ``app``'s worker build a `GatedNode` for its pidbox (call at ``worker_init``)."""
+    """Make ``app``'s worker build a `GatedNode` for its pidbox (before its consumer exists)."""
     from celery.worker import state as worker_state
 
     GatedNode.mode = mode

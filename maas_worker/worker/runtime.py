@@ -169,7 +169,7 @@ _runtime_lock = threading.Lock()
 
 def get_runtime() -> WorkerRuntime:
     """This process's runtime, built on first use (and rebuilt after a fork)."""
-    global _runtime, _runtime_pid
+    global _runtime, _runtime_pid  # noqa: PLW0603 -- a per-process cache, one per pool child
     pid = os.getpid()
     if _runtime is None or _runtime_pid != pid:
         with _runtime_lock:

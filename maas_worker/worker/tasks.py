@@ -30,10 +30,7 @@ from celery.exceptions import Reject, Retry
 from maas_worker.broker import transport
 from maas_worker.broker.app import TASK_NAME, payload_ref_tenant
 from maas_worker.monitoring import metrics
-from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import TenantPolicy
-from maas_worker.worker import control
-from maas_worker.worker.batch import supervisor
 from maas_worker.worker.pipeline import (
     UNAVAILABLE,
     Defer,
@@ -49,7 +46,7 @@ from maas_worker.worker.pipeline import (
     tenant_policy,
     verify_request,
 )
-from maas_worker.worker.runtime import Advertiser, WorkerRuntime, build_registry, get_runtime
+from maas_worker.worker.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -145,40 +142,9 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         raise Reject(type(exc).__name__, requeue=True) from None
 
 
-@signals.worker_init.connect
-def _lock_remote_control(sender: Any = None, **_: Any) -> None:
-    # Before the consumer builds its pidbox node: from the first command on,
-    # only what MAAS_REMOTE_CONTROL allows runs (control.py).
-    app = sender.app
-    control.configure(app, mode=Settings.from_env().remote_control,
-                      queues=[q.name for q in app.conf.task_queues or ()])
-
-
-_advertiser: Advertiser | None = None
-
-
-@signals.worker_ready.connect
-def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    global _advertiser
-    settings = Settings.from_env()
-    node = getattr(sender, "hostname", None)
-    # With --batch-consumer, the consumer processes take the job queues: the
-    # node is announced (clients and tests wait for that) once they are ready.
-    supervisor.start_configured(node)
-    _advertiser = Advertiser(settings, node)
-    _advertiser.start()
-    log.info("maas worker %s ready; models: %s", _advertiser.node,
-             ", ".join(build_registry(settings).refs()) or "(none)")
-
-
-@signals.worker_shutdown.connect
-def _on_worker_shutdown(**_: Any) -> None:
-    # Consumers finish their batch and acknowledge it before the node goes.
-    supervisor.stop_running()
-    if _advertiser is not None:
-        _advertiser.stop()
-
-
+# The node's start and stop (remote-control gate, advertisement, batch
+# consumers) are Celery bootsteps: worker/node.py. Signals remain where Celery
+# has no step: each pool child's start, and the logging setup.
 @signals.worker_process_init.connect
 def _on_process_init(**_: Any) -> None:
     # Build the runtime (and its lease thread) in each pool child up front, so

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import celery
 import kombu
+from celery.worker import autoscale, components, worker
 from celery.worker import control as worker_control
 from celery.worker import state as worker_state
-from celery.worker.consumer import mingle
+from celery.worker.consumer import Consumer, mingle
 from celery.worker.control import Panel
 from kombu import pidbox
 from kombu.transport import redis as kombu_redis
@@ -81,6 +82,17 @@ def test_the_remote_control_members_exist() -> None:
     assert "state.merge_revoked(" in _source(mingle)
     assert {"ping", "stats", "revoke", "shutdown", "add_consumer"} <= set(Panel.data)
 
+
+def test_the_worker_members_the_node_steps_lean_on_exist() -> None:
+    # worker/node.py: NodeStep.create runs before the consumer (and its
+    # pidbox node) is built because the consumer step is created last; the
+    # consumer reaches the worker as `controller`, which holds the autoscaler;
+    # ServeStep.shutdown runs once, after the worker's steps (the pool) stopped.
+    assert components.Consumer.last is True
+    assert "controller=w" in _source(components.Consumer.create)
+    assert "w.autoscaler = " in _source(autoscale.WorkerComponent.create)
+    assert "self.consumer.shutdown()" in _source(worker.WorkController.on_stopped)
+    assert "'shutdown'" in _source(Consumer.Blueprint.shutdown)
 
 def test_kombu_and_celery_are_pinned_to_the_tested_minor() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()

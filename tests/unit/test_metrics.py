@@ -102,7 +102,7 @@ AGGREGATE = textwrap.dedent("""
     reg.register(metrics.WorkerCollector(path, "w@h", lambda: {"current": 1, "desired": 3,
                                                                "min": 1, "max": 3}))
     text = generate_latest(reg).decode()
-    metrics.remove_multiprocess_dir()
+    metrics.remove_multiprocess_dir(path)
     print(json.dumps({"first": first, "second": second, "files": files,
                       "files_after": files_after, "gone": not path.exists(), "text": text}))
 """)

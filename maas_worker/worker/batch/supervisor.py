@@ -3,12 +3,13 @@
 The Celery worker keeps what makes it a node of the fleet: remote control
 (``ping``, Flower), the broadcast queue beat's resource samples arrive on,
 task events, the metrics endpoint and the model advertisement. It no longer
-consumes the job queues: at ``worker_ready`` it starts ``--concurrency``
+consumes the job queues: once it is ready it starts ``--concurrency``
 consumer processes (`consumer.BatchConsumer`, one each, in its main thread so
 the watchdog can interrupt a job at its soft limit) and waits until each has
 built its runtime; it restarts one that dies (a hard time limit ends its
-process, like a pool child) and at ``worker_shutdown`` asks each to finish its
-batch, acknowledge it and stop (SIGTERM), waiting for them.
+process, like a pool child) and at a warm shutdown asks each to finish its
+batch, acknowledge it and stop (SIGTERM), waiting for them. The worker's node
+(worker/node.py) starts and stops the `ConsumerPool`.
 
 The processes are the Celery worker's children: resource samples count them
 as its pool, and their job metrics land in its multiprocess directory.
@@ -169,26 +170,20 @@ class Sweeper:
                 self._conn = None
 
 
-_configured: dict[str, Any] | None = None
-_pool: ConsumerPool | None = None
+#: The worker app's configuration key asking for batch consumers (`configure`). The
+#: leading underscore keeps it out of ``celery inspect conf`` replies.
+CONF_KEY = "_maas_batch_consumers"
 
 
-def configure(*, processes: int, loglevel: str) -> None:
-    """Make this worker run batch consumers (called by ``worker --batch-consumer``)."""
-    global _configured
-    _configured = {"processes": processes, "loglevel": loglevel}
+def configure(app: Any, *, processes: int, loglevel: str) -> None:
+    """Make the worker of ``app`` run batch consumers (called by ``worker --batch-consumer``).
+
+    The worker's node (worker/node.py) starts them once it is ready.
+    """
+    app.conf[CONF_KEY] = {"processes": processes, "loglevel": loglevel}
 
 
-def start_configured(node: str | None) -> None:
-    """Start the consumers if `configure` was called (the worker is ready)."""
-    global _pool
-    if _configured is None or _pool is not None:
-        return
-    _pool = ConsumerPool(Settings.from_env(), node=node or "maas", **_configured)
-    _pool.start()
-
-
-def stop_running() -> None:
-    """Warm-stop the consumers, if any."""
-    if _pool is not None:
-        _pool.stop()
+def requested(app: Any) -> dict[str, Any] | None:
+    """What `configure` asked of ``app``'s worker: ConsumerPool's keywords; None if nothing."""
+    wanted: dict[str, Any] | None = app.conf.get(CONF_KEY)
+    return wanted

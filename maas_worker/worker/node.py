@@ -1,0 +1,207 @@
+"""The worker node: what a Celery worker's main process runs besides its consumer and pool.
+
+One `Node` per worker main process owns the node's objects and their order:
+
+- before the consumer and the pool exist (`Node.prepare`): the remote-control
+  gate (control.py), which the consumer's pidbox node is built with; the
+  private metrics directory (metrics.py), which the pool's children inherit;
+  the broadcast queue of resource samples, added to whatever ``-Q`` selected
+  (so ``celery -A maas_worker.app worker -Q ...`` samples too);
+- once the node can serve (`Node.serve`): the batch-consumer processes if
+  ``worker --batch-consumer`` asked for them (supervisor.py), then the model
+  advertisement (`runtime.Advertiser`: the node is announced, which is what
+  clients and tests wait for), then the ``/metrics`` endpoint, whose pool
+  gauges read the worker's autoscaler;
+- at a warm shutdown, after the pool has drained (`Node.close`): the batch
+  consumers finish their batch and stop, the node is withdrawn, the endpoint
+  closes, the node's resource sample is withdrawn and the metrics directory
+  removed. A cold shutdown leaves all that to expire on its own, as a crash
+  does.
+
+Two Celery bootsteps drive it (app.py registers them on the worker app):
+`NodeStep` in the worker's blueprint, `ServeStep` in its consumer's.
+
+Celery signals remain only where Celery has no step: the pool-child init
+(``worker_process_init``, in each prefork child: worker/tasks.py), the
+logging setup (``after_setup_logger``: worker/tasks.py) and the per-task
+hooks (``task_prerun``/``task_postrun``: monitoring/tasks.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import bootsteps
+
+from maas_worker.backend.redis import backend_client
+from maas_worker.monitoring import autoscale, metrics
+from maas_worker.monitoring.samples import SampleStore, monitor_queue
+from maas_worker.settings import Settings
+from maas_worker.worker import control
+from maas_worker.worker.batch import supervisor
+from maas_worker.worker.runtime import Advertiser, build_registry
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """One worker node's objects, in its main process (see the module docstring).
+
+    ``batch`` is `supervisor.ConsumerPool`'s keywords when the node runs batch
+    consumers, else None.
+    """
+
+    def __init__(self, app: Any, name: str, settings: Settings, *,
+                 batch: dict[str, Any] | None = None) -> None:
+        self.app = app
+        self.name = name
+        self.settings = settings
+        self.batch = batch
+        self.metrics_dir: Path | None = None
+        self.autoscaler: Any = None
+        self.consumers: supervisor.ConsumerPool | None = None
+        self.advertiser: Advertiser | None = None
+        self.metrics_server: Any = None
+        self._serving = False
+        self._abandoned = False
+
+    def prepare(self) -> None:
+        """In the worker's main process, before its consumer is built and its pool forks."""
+        # From the first command on, only what MAAS_REMOTE_CONTROL allows runs.
+        control.configure(self.app, mode=self.settings.remote_control,
+                          queues=[q.name for q in self.app.conf.task_queues or ()])
+        try:
+            self.metrics_dir = metrics.init_multiprocess_dir()
+        except OSError as exc:  # metrics are never a reason for a worker not to run
+            log.warning("no metrics directory (%s); continuing without metrics",
+                        exc.strerror or type(exc).__name__)
+        self.app.amqp.queues.select_add(monitor_queue())
+
+    def serve(self, autoscaler: Any = None) -> None:
+        """The node can serve: start its consumers, announce it, open ``/metrics``. Once."""
+        if self._serving:
+            return
+        self._serving = True
+        self.autoscaler = autoscaler
+        try:
+            # With --batch-consumer, the consumer processes take the job queues:
+            # the node is announced once they are ready.
+            if self.batch is not None:
+                self.consumers = supervisor.ConsumerPool(self.settings, node=self.name or "maas",
+                                                         **self.batch)
+                self.consumers.start()
+            self.advertiser = Advertiser(self.settings, self.name)
+            self.advertiser.start()
+            log.info("maas worker %s ready; models: %s", self.advertiser.node,
+                     ", ".join(build_registry(self.settings).refs()) or "(none)")
+        except Exception:
+            log.exception("could not start the node's consumers or advertisement")
+        try:
+            if self.metrics_dir is not None and self.name:
+                self.metrics_server = metrics.serve(
+                    metrics.WorkerCollector(self.metrics_dir, self.name, self.pool_state),
+                    port=self.settings.metrics_port, address=self.settings.metrics_address)
+        except Exception:
+            log.exception("could not start the metrics endpoint")
+
+    def pool_state(self) -> dict[str, int] | None:
+        """Current, desired, min and max pool size (None without our autoscaler)."""
+        return autoscale.pool_state(self.autoscaler)
+
+    def abandon(self) -> None:
+        """Cold shutdown: `close` does nothing; the node's entries expire on their own."""
+        self._abandoned = True
+
+    def close(self) -> None:
+        """Warm shutdown, once the pool has drained: stop and withdraw what `serve` started."""
+        if self._abandoned:
+            return
+        try:
+            # Consumers finish their batch and acknowledge it before the node goes.
+            if self.consumers is not None:
+                self.consumers.stop()
+            if self.advertiser is not None:
+                self.advertiser.stop()
+        except Exception:
+            log.exception("could not stop the node's consumers or advertisement")
+        try:
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+            if self.name:
+                with contextlib.suppress(redis.RedisError):
+                    SampleStore(backend_client(self.settings),
+                                interval_s=self.settings.sample_interval_s).forget(self.name)
+            if self.metrics_dir is not None:
+                metrics.remove_multiprocess_dir(self.metrics_dir)
+        except Exception:
+            log.exception("could not withdraw the node's sample or metrics")
+
+
+class NodeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
+    """Worker step: makes the worker's `Node` and prepares it before the consumer exists.
+
+    Celery creates every step before it starts any, and the consumer step
+    (``last``) after all others: `create` runs before the consumer builds its
+    pidbox node and before the pool forks. The node is ``w.maas_node``, where
+    `ServeStep` finds it (as Celery's own steps share ``w.pool``, ``w.autoscaler``).
+    """
+
+    label = "maas node"
+
+    def __init__(self, w: Any, **kwargs: Any) -> None:
+        w.maas_node = None
+        super().__init__(w, **kwargs)
+
+    def create(self, w: Any) -> Node:
+        """The node of worker ``w``, prepared."""
+        node = w.maas_node = Node(w.app, w.hostname, Settings.from_env(),
+                                  batch=supervisor.requested(w.app))
+        node.prepare()
+        return node
+
+    def start(self, w: Any) -> None:
+        """Nothing yet: `ServeStep` starts the node once the consumer serves."""
+
+    def stop(self, w: Any) -> None:
+        """Nothing yet: `ServeStep.shutdown` closes the node once the pool has drained."""
+
+    def terminate(self, w: Any) -> None:
+        """Cold shutdown: leave the node's entries to expire, as before (`Node.abandon`)."""
+        if self.obj is not None:
+            self.obj.abandon()
+
+
+class ServeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
+    """Consumer step: serves the worker's `Node` once the consumer does; closes it at the end.
+
+    Celery stops and starts a consumer's steps again at each broker
+    reconnection: the node is served at the first start and stays announced
+    through reconnections; it is closed at the consumer's ``shutdown``, which
+    Celery calls once, after the worker's other steps (the pool too) stopped.
+    """
+
+    label = "maas node ready"
+    # Started after the steps that make the node serve: the task consumer,
+    # remote control, heartbeats and gossip (all that Celery starts before its
+    # event loop, where it would send ``worker_ready``).
+    requires = ("celery.worker.consumer.tasks:Tasks", "celery.worker.consumer.control:Control",
+                "celery.worker.consumer.heart:Heart", "celery.worker.consumer.gossip:Gossip")
+
+    def start(self, c: Any) -> None:
+        """Serve the node (the first time only)."""
+        node: Node | None = getattr(c.controller, "maas_node", None)
+        if node is not None:
+            node.serve(autoscaler=getattr(c.controller, "autoscaler", None))
+
+    def stop(self, c: Any) -> None:
+        """A reconnection: the node stays announced."""
+
+    def shutdown(self, c: Any) -> None:
+        """The worker stops: close the node."""
+        node: Node | None = getattr(c.controller, "maas_node", None)
+        if node is not None:
+            node.close()
