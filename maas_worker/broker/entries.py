@@ -30,10 +30,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from maas_worker import jsonlimits
-from maas_worker.app import ARGS_REPR, TASK_NAME
 from maas_worker.backend.keyspace import is_job_id
-from maas_worker.monitoring.samples import MONITOR_EXCHANGE, SAMPLE_TASK
-from maas_worker.settings import PRIORITIES, Settings, queue_for
+from maas_worker.protocol import (
+    ARGS_REPR,
+    MONITOR_EXCHANGE,
+    PRIORITIES,
+    SAMPLE_TASK,
+    TASK_NAME,
+    queue_for,
+)
+from maas_worker.settings import Settings
 
 #: The only task each consumed queue may carry.
 _TASK_OF_QUEUE: dict[str, str] = {

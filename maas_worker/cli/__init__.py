@@ -20,7 +20,8 @@ from typing import Any
 import redis
 
 from maas_worker.errors import ConfigError, JobError, MaasError, connection_cause
-from maas_worker.settings import PRIORITIES, Settings, redact_url
+from maas_worker.protocol import PRIORITIES
+from maas_worker.settings import Settings, redact_url
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -113,7 +114,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 # -- Celery processes --------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace) -> int:
-    from maas_worker.app import QUEUE_NAMES, app, celery_config
+    from maas_worker.app import app, celery_config
+    from maas_worker.protocol import QUEUE_NAMES
     from maas_worker.tenancy.keyring import load_keyring
 
     settings = Settings.from_env()
@@ -130,7 +132,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if args.autoscale or args.pool:
             raise ConfigError("--batch-consumer sizes its own processes (--concurrency); "
                               "it does not take --autoscale or --pool")
-        from maas_worker.monitoring.samples import MONITOR_EXCHANGE
+        from maas_worker.protocol import MONITOR_EXCHANGE
         from maas_worker.worker.batch import supervisor
 
         supervisor.configure(processes=args.concurrency or os.cpu_count() or 1,

@@ -22,7 +22,7 @@ from celery import Celery
 from kombu.exceptions import BatchPublishError, OperationalError
 
 from maas_worker import jsonlimits
-from maas_worker.app import ARGS_REPR, TASK_NAME, make_app, payload_ref
+from maas_worker.app import make_app
 from maas_worker.backend import functions, keyspace
 from maas_worker.client.job import Job, backend_errors
 from maas_worker.crypto import aead
@@ -40,7 +40,8 @@ from maas_worker.errors import (
     connection_cause,
 )
 from maas_worker.models.base import parse_model_ref
-from maas_worker.settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
+from maas_worker.protocol import ARGS_REPR, PRIORITIES, TASK_NAME, payload_ref, queue_for
+from maas_worker.settings import MAX_JOB_TTL_S, Settings, redact_url
 from maas_worker.tenancy.keyring import Keyring, KeyringSource
 from maas_worker.tenancy.quota import Quotas
 from maas_worker.worker.runtime import CATALOG_TTL_S, backend_client, diagnostic_refs, redis_client

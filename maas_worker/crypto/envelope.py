@@ -30,6 +30,7 @@ from typing import Literal
 
 from maas_worker.crypto import aead
 from maas_worker.errors import EnvelopeRejected, InvalidEnvelope
+from maas_worker.protocol import PRIORITY_CODES
 from maas_worker.tenancy.keyring import DerivedKeys, Keyring
 
 VERSION = 0x01
@@ -37,7 +38,6 @@ TYPE_REQUEST = 0x01
 TYPE_RESULT = 0x02
 Kind = Literal["request", "result"]
 _TYPE_OF: dict[Kind, int] = {"request": TYPE_REQUEST, "result": TYPE_RESULT}
-PRIORITY_CODES: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
 _PRIORITY_NAMES = {v: k for k, v in PRIORITY_CODES.items()}
 
 NONCE_BYTES = 12

@@ -18,7 +18,6 @@ from typing import Any
 
 import redis
 
-from maas_worker.app import ARGS_REPR, TASK_NAME
 from maas_worker.backend.audit import AuditLog, AuditRecord
 from maas_worker.client.client import Client
 from maas_worker.client.job import Job
@@ -26,7 +25,8 @@ from maas_worker.crypto.envelope import NONCE_BYTES, encode_header
 from maas_worker.errors import JobRejected, MaasError
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
-from maas_worker.settings import BUNDLED_MODEL_DIR, PRIORITIES, Settings, queue_for
+from maas_worker.protocol import ARGS_REPR, PRIORITIES, TASK_NAME, queue_for
+from maas_worker.settings import BUNDLED_MODEL_DIR, Settings
 from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 DEMO_TENANT = "demo"

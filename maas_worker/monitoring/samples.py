@@ -37,11 +37,9 @@ import psutil
 import redis
 
 from maas_worker.backend import keyspace
+from maas_worker.protocol import MONITOR_EXCHANGE, SAMPLE_TASK
 from maas_worker.settings import Settings
 
-SAMPLE_TASK = "maas.sample"
-#: Fanout exchange (and the broadcast queue's name) that carries sample requests.
-MONITOR_EXCHANGE = "maas.monitor"
 #: A sample older than this many intervals is not current (and its key is gone).
 SAMPLE_TTL_INTERVALS = 3
 #: CPU use is measured over this window when the sample is taken.

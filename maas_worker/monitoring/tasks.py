@@ -24,16 +24,10 @@ from typing import Any
 import redis
 from celery import Task, shared_task, signals
 
-from maas_worker.app import TASK_NAME
 from maas_worker.monitoring import metrics
 from maas_worker.monitoring.autoscale import pool_state
-from maas_worker.monitoring.samples import (
-    SAMPLE_TASK,
-    SampleStore,
-    monitor_queue,
-    summarize,
-    take_sample,
-)
+from maas_worker.monitoring.samples import SampleStore, monitor_queue, summarize, take_sample
+from maas_worker.protocol import SAMPLE_TASK, TASK_NAME
 from maas_worker.settings import Settings
 from maas_worker.worker.runtime import backend_client
 

@@ -43,16 +43,16 @@ from typing import Any
 import redis
 
 from maas_worker import jsonlimits
-from maas_worker.app import payload_ref_tenant
 from maas_worker.backend import keyspace
 from maas_worker.backend.claims import Claim
 from maas_worker.crypto.envelope import Header, Verified, now_ms, seal, verify
 from maas_worker.errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
 from maas_worker.models import Model
 from maas_worker.monitoring import metrics
-from maas_worker.settings import MAX_JOB_TTL_S, Settings, queue_for
+from maas_worker.protocol import TENANT_RE, payload_ref_tenant, queue_for
+from maas_worker.settings import MAX_JOB_TTL_S, Settings
 from maas_worker.tenancy.cancellation import token_actor, verify_token
-from maas_worker.tenancy.keyring import TENANT_RE, TenantPolicy
+from maas_worker.tenancy.keyring import TenantPolicy
 from maas_worker.tenancy.quota import admission_args, admission_keys
 from maas_worker.worker.batching import DynamicBatcher
 from maas_worker.worker.runtime import WorkerRuntime

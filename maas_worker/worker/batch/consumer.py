@@ -50,7 +50,6 @@ from typing import Any
 
 import redis
 
-from maas_worker.app import QUEUE_NAMES, TASK_NAME, payload_ref_tenant
 from maas_worker.backend import keyspace
 from maas_worker.backend.claims import Claim, ClaimRequest
 from maas_worker.broker import fetch
@@ -64,6 +63,7 @@ from maas_worker.broker.entries import (
 from maas_worker.broker.scheduling import ReservedShareCycle
 from maas_worker.crypto.envelope import Verified
 from maas_worker.monitoring import metrics
+from maas_worker.protocol import QUEUE_NAMES, TASK_NAME, payload_ref_tenant
 from maas_worker.tenancy.keyring import TenantPolicy
 from maas_worker.worker.batch.events import TaskEvents
 from maas_worker.worker.pipeline import (

@@ -20,7 +20,7 @@ import logging
 import time
 from typing import Any
 
-from maas_worker.app import ARGS_REPR
+from maas_worker.protocol import ARGS_REPR
 from maas_worker.settings import Settings
 
 log = logging.getLogger(__name__)
