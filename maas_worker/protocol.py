@@ -154,6 +154,10 @@ class Outcome(StrEnum):
     FINISHED = "finished"
 
 
+#: How the pipeline ended a delivery: an `Outcome`, or the `AuditReason` it was refused for.
+JobOutcome = Outcome | AuditReason
+
+
 class FailureCode(StrEnum):
     """The ``error`` codes the worker itself writes into a failed `ResultDoc`.
 

@@ -44,12 +44,20 @@ import redis
 
 from maas_worker import jsonlimits
 from maas_worker.backend import keyspace
-from maas_worker.backend.claims import Claim
+from maas_worker.backend.claims import Claim, ClaimOutcome
 from maas_worker.crypto.envelope import Header, Verified, now_ms, seal, verify
 from maas_worker.errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
 from maas_worker.models import Model
 from maas_worker.monitoring import metrics
-from maas_worker.protocol import TENANT_RE, payload_ref_tenant, queue_for
+from maas_worker.protocol import (
+    TENANT_RE,
+    AuditReason,
+    JobOutcome,
+    JobState,
+    Outcome,
+    payload_ref_tenant,
+    queue_for,
+)
 from maas_worker.settings import MAX_JOB_TTL_S, Settings
 from maas_worker.tenancy.cancellation import token_actor, verify_token
 from maas_worker.tenancy.keyring import TenantPolicy
@@ -74,7 +82,7 @@ UNAVAILABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.Timeout
 class Stop(Exception):
     """The delivery is finished with ``outcome`` (a result stored or a rejection recorded)."""
 
-    def __init__(self, outcome: str) -> None:
+    def __init__(self, outcome: JobOutcome) -> None:
         super().__init__(outcome)
         self.outcome = outcome
 
@@ -100,7 +108,7 @@ class Prepared:
 HardHook = Callable[[], None]
 
 
-def reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
+def reject(rt: WorkerRuntime, job_id: str, reason: AuditReason, header: Header | None,
            *, authenticated: bool, detail: str = "") -> None:
     """Audit a refused delivery; tell the job's client if the refusal is authenticated.
 
@@ -117,16 +125,17 @@ def reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
         job_id = header.job_id
     rt.audit.record(job_id=job_id, tenant=tenant, reason=reason, verified=authenticated,
                     detail=detail)
-    if reason != "replayed" and keyspace.is_job_id(job_id):
+    if reason != AuditReason.REPLAYED and keyspace.is_job_id(job_id):
         if authenticated:
             rt.guard.mark_rejected(tenant, job_id, ttl_s=rt.settings.result_ttl_s,
-                                   state="expired" if reason == "expired" else "rejected")
+                                   state=JobState.EXPIRED if reason == AuditReason.EXPIRED
+                                   else JobState.REJECTED)
         elif TENANT_RE.fullmatch(tenant):
             rt.guard.mark_suspect(tenant, job_id, ttl_s=rt.settings.result_ttl_s)
     log.warning("job %r rejected: %s", job_id[:64], reason)
 
 
-def _stop(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None = None, *,
+def _stop(rt: WorkerRuntime, job_id: str, reason: AuditReason, header: Header | None = None, *,
           authenticated: bool = False) -> Stop:
     reject(rt, job_id, reason, header, authenticated=authenticated)
     return Stop(reason)
@@ -140,9 +149,9 @@ def refuse_unreadable(rt: WorkerRuntime, job_id: str, exc: BaseException) -> Sto
     """
     log.error("job %r: refusing a message that raised %s before it was authenticated",
               job_id[:64], type(exc).__name__)
-    reject(rt, job_id, "malformed", None, authenticated=False,
+    reject(rt, job_id, AuditReason.MALFORMED, None, authenticated=False,
            detail=f"unreadable: {type(exc).__name__}")
-    return Stop("malformed")
+    return Stop(AuditReason.MALFORMED)
 
 
 # -- checks on untrusted bytes ------------------------------------------------------------
@@ -150,10 +159,10 @@ def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
     """The task's one argument (the base64 envelope or a payload reference), size-checked."""
     if not isinstance(args, list | tuple) or len(args) != 1 or kwargs \
             or not isinstance(args[0], str):
-        raise _stop(rt, job_id, "malformed")
+        raise _stop(rt, job_id, AuditReason.MALFORMED)
     text: str = args[0]
     if len(text) > rt.settings.max_envelope_chars:
-        raise _stop(rt, job_id, "oversize")
+        raise _stop(rt, job_id, AuditReason.OVERSIZE)
     return text
 
 
@@ -169,18 +178,18 @@ def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise _stop(rt, job_id, "malformed") from None
+            raise _stop(rt, job_id, AuditReason.MALFORMED) from None
     if not tenant or not keyspace.is_job_id(job_id):
-        raise _stop(rt, job_id, "malformed")
+        raise _stop(rt, job_id, AuditReason.MALFORMED)
     if fetched == -1:
-        raise _stop(rt, job_id, "oversize")
+        raise _stop(rt, job_id, AuditReason.OVERSIZE)
     if not isinstance(fetched, bytes):
         # A finished job's request is deleted with its result stored: this
         # is a redelivery or a replay of it, not a broken message.
         if rt.backend.delete(keyspace.killed(tenant, job_id)):
-            raise Stop("finished")
-        reason = "replayed" if rt.backend.exists(keyspace.result(tenant, job_id)) \
-            else "malformed"
+            raise Stop(Outcome.FINISHED)
+        reason = AuditReason.REPLAYED if rt.backend.exists(keyspace.result(tenant, job_id)) \
+            else AuditReason.MALFORMED
         raise _stop(rt, job_id, reason)
     return fetched
 
@@ -200,12 +209,12 @@ def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: st
     header = verified.header
     # -- authenticated from here on --------------------------------------------
     if not keyspace.is_job_id(header.job_id):
-        raise _stop(rt, header.job_id, "malformed", header, authenticated=True)
+        raise _stop(rt, header.job_id, AuditReason.MALFORMED, header, authenticated=True)
     ref_tenant = payload_ref_tenant(text)
     if header.job_id != job_id or header.task != task_name or (
             routed is not None and routed != queue_for(header.priority)) or (
             ref_tenant is not None and ref_tenant != header.tenant):
-        raise _stop(rt, job_id, "tampered", header)
+        raise _stop(rt, job_id, AuditReason.TAMPERED, header)
     return verified
 
 
@@ -227,9 +236,10 @@ def tenant_policy(rt: WorkerRuntime, header: Header) -> TenantPolicy:
     try:
         policy = rt.keyring.get().tenant(header.tenant).policy
     except KeyringError:
-        raise _stop(rt, header.job_id, "unknown_key", header, authenticated=True) from None
+        raise _stop(rt, header.job_id, AuditReason.UNKNOWN_KEY, header,
+                    authenticated=True) from None
     if not (policy.allows_model(header.model) and policy.allows_priority(header.priority)):
-        raise _stop(rt, header.job_id, "policy", header, authenticated=True)
+        raise _stop(rt, header.job_id, AuditReason.POLICY, header, authenticated=True)
     return policy
 
 
@@ -272,24 +282,25 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
     header = verified.header
     tenant, job_id = header.tenant, header.job_id
     outcome = first
-    if outcome.outcome == "error":
+    if outcome.outcome == ClaimOutcome.ERROR:
         assert outcome.error is not None
         raise outcome.error
-    if outcome.outcome == "cancelled":
+    if outcome.outcome == ClaimOutcome.CANCELLED:
         if verify_token(outcome.cancel_token, rt.keyring.get(), tenant, job_id):
             rt.guard.close(tenant, job_id, window_ms=window_ms(rt, header))
             rt.quotas.release(tenant, job_id, policy)
-            raise Stop("cancelled")
+            raise Stop(Outcome.CANCELLED)
         refuse_cancel(rt, header, outcome.cancel_token)
         outcome = rt.guard.claim_job(tenant, job_id, window_ms=window_ms(rt, header),
                                      admission=admission(header, policy), ignore_cancel=True)
-    if outcome.outcome == "replayed":
+    if outcome.outcome == ClaimOutcome.REPLAYED:
         if rt.backend.delete(keyspace.killed(tenant, job_id)):
-            raise Stop("finished")  # the copy of a job whose process was ended on purpose
-        raise _stop(rt, job_id, "replayed", header, authenticated=True)
-    if outcome.outcome == "rate_limited":
-        raise _stop(rt, job_id, "rate_limited", header, authenticated=True)
-    if outcome.outcome == "exhausted":
+            # the copy of a job whose process was ended on purpose
+            raise Stop(Outcome.FINISHED)
+        raise _stop(rt, job_id, AuditReason.REPLAYED, header, authenticated=True)
+    if outcome.outcome == ClaimOutcome.RATE_LIMITED:
+        raise _stop(rt, job_id, AuditReason.RATE_LIMITED, header, authenticated=True)
+    if outcome.outcome == ClaimOutcome.EXHAUSTED:
         log.error("job %s started %d times, each ending with a dead worker; failing it",
                   job_id, rt.guard.max_attempts)
         lost: dict[str, Any] = {
@@ -297,7 +308,7 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
             "message": f"the job was started {rt.guard.max_attempts} times and its worker "
                        "died each time"}
         raise Stop(finish(rt, verified, lost))
-    if outcome.outcome == "busy":
+    if outcome.outcome == ClaimOutcome.BUSY:
         # Another live worker runs this job. Do not run it twice, and do not
         # drop this copy either: if that worker dies, this copy is the job.
         raise Defer(retry_delay_s(rt.settings, rt.settings.lease_s))
@@ -313,7 +324,8 @@ def refuse_cancel(rt: WorkerRuntime, header: Header, token: str | bytes | None) 
     """
     actor, genuine = token_actor(token, rt.keyring.get(), header.job_id)
     rt.audit.record(job_id=header.job_id, tenant=actor,
-                    reason="policy" if genuine else "tampered", verified=genuine,
+                    reason=AuditReason.POLICY if genuine else AuditReason.TAMPERED,
+                    verified=genuine,
                     detail="cancel request for another tenant's job")
     log.warning("job %s: refused a cancel request not made by its tenant", header.job_id)
     if token is not None:
@@ -342,7 +354,7 @@ def fault(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy | None,
                   n, rt.guard.max_faults)
         return Defer(retry_delay_s(rt.settings, FAULT_BACKOFF_S))
     log.error("job %s: %s while handling it, %d times; failing it", header.job_id, name, n)
-    rt.audit.record(job_id=header.job_id, tenant=header.tenant, reason="malformed",
+    rt.audit.record(job_id=header.job_id, tenant=header.tenant, reason=AuditReason.MALFORMED,
                     verified=True, detail=f"dead letter after {n} errors ({name})")
     doc = {"ok": False, "error": "internal_error",
            "message": f"handling the job failed {n} times; it will not be retried"}
@@ -362,13 +374,13 @@ def prepare(rt: WorkerRuntime, verified: Verified,
     try:
         plaintext = verified.decrypt()
     except EnvelopeRejected:
-        raise _stop(rt, job_id, "tampered", header, authenticated=True) from None
+        raise _stop(rt, job_id, AuditReason.TAMPERED, header, authenticated=True) from None
     if len(plaintext) > rt.settings.max_input_bytes:
-        raise _stop(rt, job_id, "oversize", header, authenticated=True)
+        raise _stop(rt, job_id, AuditReason.OVERSIZE, header, authenticated=True)
     try:
         inputs = jsonlimits.loads(plaintext, max_depth=jsonlimits.MAX_INPUT_DEPTH)
     except ValueError:
-        raise _stop(rt, job_id, "malformed", header, authenticated=True) from None
+        raise _stop(rt, job_id, AuditReason.MALFORMED, header, authenticated=True) from None
     del plaintext
     try:
         model = rt.registry.resolve(header.model, signers=policy.allowed_signers)
@@ -377,7 +389,7 @@ def prepare(rt: WorkerRuntime, verified: Verified,
         # its load was refused): fail the job clearly; the worker serves on.
         return {"ok": False, "error": exc.reason, "message": str(exc)}
     except ModelError:
-        raise _stop(rt, job_id, "policy", header, authenticated=True) from None
+        raise _stop(rt, job_id, AuditReason.POLICY, header, authenticated=True) from None
     soft_s, hard_s = rt.settings.limits_for(header.model)
     return Prepared(model, inputs, soft_s, hard_s)
 
@@ -551,12 +563,12 @@ def seal_result(rt: WorkerRuntime, verified: Verified,
     return seal(verified.keys, header, body), ok
 
 
-def finished_outcome(ok: bool, stored: bool) -> str:
+def finished_outcome(ok: bool, stored: bool) -> Outcome:
     """The log outcome of a result that was (or, ``duplicate``, was not) stored."""
-    return ("succeeded" if ok else "failed") if stored else "duplicate"
+    return (Outcome.SUCCEEDED if ok else Outcome.FAILED) if stored else Outcome.DUPLICATE
 
 
-def finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
+def finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> Outcome:
     """Seal and store the result write-once; the outcome for the log."""
     header = verified.header
     sealed, ok = seal_result(rt, verified, doc)
@@ -566,7 +578,7 @@ def finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
     return finished_outcome(ok, stored)
 
 
-def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> str:
+def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> JobOutcome:
     """Everything after the claim, for one job: the outcome."""
     try:
         job = prepare(rt, verified, policy)

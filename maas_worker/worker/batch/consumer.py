@@ -51,7 +51,7 @@ from typing import Any
 import redis
 
 from maas_worker.backend import keyspace
-from maas_worker.backend.claims import Claim, ClaimRequest
+from maas_worker.backend.claims import Claim, ClaimOutcome, ClaimRequest
 from maas_worker.broker import fetch
 from maas_worker.broker.entries import (
     Refused,
@@ -63,7 +63,13 @@ from maas_worker.broker.entries import (
 from maas_worker.broker.scheduling import ReservedShareCycle
 from maas_worker.crypto.envelope import Verified
 from maas_worker.monitoring import metrics
-from maas_worker.protocol import QUEUE_NAMES, TASK_NAME, payload_ref_tenant
+from maas_worker.protocol import (
+    QUEUE_NAMES,
+    TASK_NAME,
+    AuditReason,
+    JobOutcome,
+    payload_ref_tenant,
+)
 from maas_worker.tenancy.keyring import TenantPolicy
 from maas_worker.worker.batch.events import TaskEvents
 from maas_worker.worker.pipeline import (
@@ -117,7 +123,7 @@ class _Delivery:
     #: Refused at the transport check: audited, never a job outcome line.
     refused: bool = False
     #: Final outcome (the message is acknowledged); None while undecided.
-    outcome: str | None = None
+    outcome: JobOutcome | None = None
     #: Set when the message is kept and retried after this many seconds.
     defer_s: float | None = None
 
@@ -263,7 +269,7 @@ class BatchConsumer:
                          admission(_verified(d).header, _policy(d))) for d in to_claim])
         for d, first in zip(to_claim, claims, strict=True):
             # Held from here: if anything fails before it runs, it is given back.
-            d.claimed = first.outcome in ("claimed", "exhausted")
+            d.claimed = first.outcome in (ClaimOutcome.CLAIMED, ClaimOutcome.EXHAUSTED)
         for d, first in zip(to_claim, claims, strict=True):
             self._stage(d, functools.partial(self._settle_claim, first=first))
         for d in ds:
@@ -294,15 +300,15 @@ class BatchConsumer:
         if not taken.reserved:
             # Popped but not reserved: over the size limit or not a message at all.
             d.job_id = unverified_entry_id(taken.raw)
-            self._refuse(d, "oversize" if len(taken.raw) > self._max_chars
-                         else "malformed", "not a message that can be reserved")
+            self._refuse(d, AuditReason.OVERSIZE if len(taken.raw) > self._max_chars
+                         else AuditReason.MALFORMED, "not a message that can be reserved")
             return d
         raw = parse_entry(taken.raw, max_chars=self._max_chars)
         headers = raw.get("headers") if isinstance(raw, dict) else None
         job_id = headers.get("id") if isinstance(headers, dict) else None
         d.job_id = job_id if isinstance(job_id, str) else unverified_entry_id(taken.raw)
         if raw is None and len(taken.raw) > self._max_chars:
-            self._refuse(d, "oversize", "over the size limit")
+            self._refuse(d, AuditReason.OVERSIZE, "over the size limit")
             return d
         try:
             body = check_message(raw, taken.queue, max_body_chars=self._max_chars)
@@ -314,7 +320,7 @@ class BatchConsumer:
         self._stage(d, lambda d: setattr(d, "text", request_text(rt, d.job_id, args, kwargs)))
         return d
 
-    def _refuse(self, d: _Delivery, reason: str, why: str) -> None:
+    def _refuse(self, d: _Delivery, reason: AuditReason, why: str) -> None:
         log.warning("queue %s: refused an entry (%s): %s", d.taken.queue, reason, why)
         self.rt.audit.record(job_id=d.job_id, tenant="", reason=reason, verified=False)
         d.outcome = reason
