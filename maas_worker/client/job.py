@@ -11,7 +11,6 @@ result counts only once it opens with this tenant's key and names this job
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -31,6 +30,7 @@ from maas_worker.errors import (
     UnknownJob,
     connection_cause,
 )
+from maas_worker.protocol import ResultDoc
 from maas_worker.settings import Settings, redact_url
 from maas_worker.tenancy.cancellation import make_token, verify_token
 
@@ -68,7 +68,7 @@ class Job:
     def __repr__(self) -> str:
         return f"Job(id={self.id!r})"
 
-    def _open(self, sealed: bytes) -> dict[str, Any]:
+    def _open(self, sealed: bytes) -> ResultDoc:
         s = self.client.settings
         header, body = open_envelope(
             sealed, expect="result", keyring=self.client.own_keyring(),
@@ -76,8 +76,7 @@ class Job:
         if header.job_id != self.id or header.tenant != self.client.tenant or (
                 self._request_hash is not None and header.request_hash != self._request_hash):
             raise InvalidEnvelope()
-        doc: dict[str, Any] = json.loads(body)
-        return doc
+        return ResultDoc.from_json(body)
 
     def _cancelled(self, token: bytes | None) -> bool:
         return verify_token(token, self.client.keyring, self.client.tenant, self.id)
@@ -104,17 +103,15 @@ class Job:
             sealed, rejected, cancel, claim, submitted = pipe.execute()
         doc = self._open(sealed) if sealed is not None else None
         state, reason = self._state(doc, rejected, cancel, claim, submitted)
-        model = doc.get("model") if doc is not None else None
         return {"job_id": self.id, "state": state, "reason": reason,
-                "model": model if isinstance(model, str) else None}
+                "model": doc.model if doc is not None else None}
 
-    def _state(self, doc: dict[str, Any] | None, rejected: bytes | None, cancel: bytes | None,
+    def _state(self, doc: ResultDoc | None, rejected: bytes | None, cancel: bytes | None,
                claim: bytes | None, submitted: bytes | None) -> tuple[str, str | None]:
         if doc is not None:
-            if doc.get("ok"):
+            if doc.ok:
                 return "succeeded", None
-            error = str(doc.get("error", "error"))
-            return ("cancelled", None) if error == "cancelled" else ("failed", error)
+            return ("cancelled", None) if doc.cancelled else ("failed", doc.error)
         if rejected is not None:
             return ("expired" if rejected == b"expired" else "rejected"), None
         if cancel is not None and self._cancelled(cancel):
@@ -186,13 +183,12 @@ class Job:
                 sealed, rejected, cancel, claim = pipe.execute()
             if sealed is not None:
                 doc = self._open(sealed)
-                if doc.get("ok"):
-                    output: dict[str, Any] = doc.get("output", {})
+                if doc.ok:
+                    output: dict[str, Any] = doc.output
                     return output
-                error = str(doc.get("error", "error"))
-                if error == "cancelled":
+                if doc.cancelled:
                     raise JobCancelled(self.id, "cancelled")
-                raise JobFailed(self.id, error, str(doc.get("message", "")))
+                raise JobFailed(self.id, str(doc.error), doc.message)
             if rejected == b"expired":
                 raise JobExpired(self.id, "expired in the queue before a worker ran it")
             if rejected is not None:

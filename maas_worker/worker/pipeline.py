@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -52,9 +51,11 @@ from maas_worker.monitoring import metrics
 from maas_worker.protocol import (
     TENANT_RE,
     AuditReason,
+    FailureCode,
     JobOutcome,
     JobState,
     Outcome,
+    ResultDoc,
     payload_ref_tenant,
     queue_for,
 )
@@ -303,10 +304,9 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
     if outcome.outcome == ClaimOutcome.EXHAUSTED:
         log.error("job %s started %d times, each ending with a dead worker; failing it",
                   job_id, rt.guard.max_attempts)
-        lost: dict[str, Any] = {
-            "ok": False, "error": "worker_lost",
-            "message": f"the job was started {rt.guard.max_attempts} times and its worker "
-                       "died each time"}
+        lost = ResultDoc.failure(
+            FailureCode.WORKER_LOST,
+            f"the job was started {rt.guard.max_attempts} times and its worker died each time")
         raise Stop(finish(rt, verified, lost))
     if outcome.outcome == ClaimOutcome.BUSY:
         # Another live worker runs this job. Do not run it twice, and do not
@@ -356,14 +356,14 @@ def fault(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy | None,
     log.error("job %s: %s while handling it, %d times; failing it", header.job_id, name, n)
     rt.audit.record(job_id=header.job_id, tenant=header.tenant, reason=AuditReason.MALFORMED,
                     verified=True, detail=f"dead letter after {n} errors ({name})")
-    doc = {"ok": False, "error": "internal_error",
-           "message": f"handling the job failed {n} times; it will not be retried"}
+    doc = ResultDoc.failure(FailureCode.INTERNAL_ERROR,
+                            f"handling the job failed {n} times; it will not be retried")
     return Stop(finish(rt, verified, doc))
 
 
 # -- running ------------------------------------------------------------------------------
 def prepare(rt: WorkerRuntime, verified: Verified,
-            policy: TenantPolicy) -> Prepared | dict[str, Any]:
+            policy: TenantPolicy) -> Prepared | ResultDoc:
     """Decrypt, parse (bounded in size and depth), resolve the model.
 
     Returns the job ready to run, or a failed result document to store
@@ -387,7 +387,7 @@ def prepare(rt: WorkerRuntime, verified: Verified,
     except ModelRejected as exc:
         # The model exists but fails verification (audited model_rejected when
         # its load was refused): fail the job clearly; the worker serves on.
-        return {"ok": False, "error": exc.reason, "message": str(exc)}
+        return ResultDoc.failure(exc.reason, str(exc))
     except ModelError:
         raise _stop(rt, job_id, AuditReason.POLICY, header, authenticated=True) from None
     soft_s, hard_s = rt.settings.limits_for(header.model)
@@ -395,7 +395,7 @@ def prepare(rt: WorkerRuntime, verified: Verified,
 
 
 def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
-            on_hard_also: HardHook | None = None) -> dict[str, Any]:
+            on_hard_also: HardHook | None = None) -> ResultDoc:
     """Run one job under the watchdog; the result document.
 
     ``on_hard_also`` runs (in the watchdog thread) just before the process is
@@ -432,11 +432,11 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
                                  hard_limit_s=job.hard_s, is_cancelled=is_cancelled,
                                  on_hard=on_hard):
             output = metrics.timed_predict(header, runner, job.inputs)
-        doc = {"ok": True, "output": output}
+        doc = ResultDoc.success(output)
     except JobInterrupted as exc:
         doc = interrupted(exc.reason, job.soft_s)
     except ModelError as exc:
-        doc = {"ok": False, "error": exc.reason, "message": str(exc)}
+        doc = ResultDoc.failure(exc.reason, str(exc))
     except Exception as exc:
         # The exception text may quote the input: log its type only.
         log.error("job %s: model %s raised %s", header.job_id, header.model,
@@ -446,7 +446,7 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
 
 
 def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
-              on_hard_also: HardHook | None = None) -> list[dict[str, Any]]:
+              on_hard_also: HardHook | None = None) -> list[ResultDoc]:
     """Run jobs of one model in ONE ``predict_batch`` call; a result document each.
 
     The batch runs under the watchdog with the model's limits (every job of a
@@ -483,8 +483,8 @@ def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
         log.info("running the %d jobs of that batch one by one", len(jobs))
         return [run_one(rt, v, j, on_hard_also=on_hard_also) for v, j in jobs]
     log.debug("batch of %d for %s", len(jobs), model.name)
-    return [produced_by(model, {"ok": False, "error": out.reason, "message": str(out)}
-                        if isinstance(out, ModelError) else {"ok": True, "output": out})
+    return [produced_by(model, ResultDoc.failure(out.reason, str(out))
+                        if isinstance(out, ModelError) else ResultDoc.success(out))
             for out in outputs]
 
 
@@ -493,18 +493,17 @@ def can_batch(model: Model) -> bool:
     return callable(getattr(model, "predict_batch", None))
 
 
-def produced_by(model: Model, doc: dict[str, Any]) -> dict[str, Any]:
+def produced_by(model: Model, doc: ResultDoc) -> ResultDoc:
     """``doc`` naming the model version that ran the job (``name@version``).
 
     Sealed with the result, so its client learns which version answered (a
     bare model name resolves to the owner's signed release: docs/models.md).
     """
-    doc["model"] = f"{model.name}@{model.version}"
-    return doc
+    return doc.produced_by(f"{model.name}@{model.version}")
 
 
-def _internal_error() -> dict[str, Any]:
-    return {"ok": False, "error": "internal_error", "message": "the model failed"}
+def _internal_error() -> ResultDoc:
+    return ResultDoc.failure(FailureCode.INTERNAL_ERROR, "the model failed")
 
 
 class _Batched:
@@ -520,38 +519,34 @@ class _Batched:
         return self._batcher.predict(inputs, timeout_s=self._timeout_s)
 
 
-def interrupted(reason: str, soft_s: float) -> dict[str, Any]:
+def interrupted(reason: str, soft_s: float) -> ResultDoc:
     """The failed result of a job stopped by its time limit or a cancel."""
     if reason == "cancelled":
-        return {"ok": False, "error": "cancelled", "message": "the job was cancelled"}
-    return {"ok": False, "error": "timeout",
-            "message": f"the job exceeded its time limit ({soft_s:g} s)"}
+        return ResultDoc.failure(FailureCode.CANCELLED, "the job was cancelled")
+    return ResultDoc.failure(FailureCode.TIMEOUT,
+                             f"the job exceeded its time limit ({soft_s:g} s)")
 
 
 # -- the result ---------------------------------------------------------------------------
-def _model_of(doc: dict[str, Any]) -> dict[str, Any]:
-    return {"model": doc["model"]} if isinstance(doc.get("model"), str) else {}
-
-
-def _result_body(rt: WorkerRuntime, doc: dict[str, Any]) -> tuple[bytes, bool]:
+def _result_body(rt: WorkerRuntime, doc: ResultDoc) -> tuple[bytes, bool]:
     """The result document as JSON (or a failure document if it cannot be one), and ok."""
     try:
-        body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        body = doc.to_json()
     except (TypeError, ValueError, RecursionError):
         # A model's output that is not JSON (NaN, an object): this job fails,
         # with no detail that could quote its data.
-        doc = {"ok": False, "error": "internal_error",
-               "message": "the model's output is not JSON", **_model_of(doc)}
-        body = json.dumps(doc, separators=(",", ":")).encode()
+        doc = ResultDoc.failure(FailureCode.INTERNAL_ERROR, "the model's output is not JSON",
+                                model=doc.model)
+        body = doc.to_json()
     if len(body) > rt.settings.max_result_bytes:
-        doc = {"ok": False, "error": "oversize", "message": "the result exceeds the size limit",
-               **_model_of(doc)}
-        body = json.dumps(doc, separators=(",", ":")).encode()
-    return body, bool(doc.get("ok"))
+        doc = ResultDoc.failure(FailureCode.OVERSIZE, "the result exceeds the size limit",
+                                model=doc.model)
+        body = doc.to_json()
+    return body, doc.ok
 
 
 def seal_result(rt: WorkerRuntime, verified: Verified,
-                doc: dict[str, Any]) -> tuple[bytes, bool]:
+                doc: ResultDoc) -> tuple[bytes, bool]:
     """The result envelope for ``doc``, bound to the request (its own nonce), and whether
     it holds a success (a failure document replaces output that cannot be stored)."""
     body, ok = _result_body(rt, doc)
@@ -568,7 +563,7 @@ def finished_outcome(ok: bool, stored: bool) -> Outcome:
     return (Outcome.SUCCEEDED if ok else Outcome.FAILED) if stored else Outcome.DUPLICATE
 
 
-def finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> Outcome:
+def finish(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> Outcome:
     """Seal and store the result write-once; the outcome for the log."""
     header = verified.header
     sealed, ok = seal_result(rt, verified, doc)
@@ -584,5 +579,5 @@ def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> 
         job = prepare(rt, verified, policy)
     except Stop as stop:
         return stop.outcome
-    doc = job if isinstance(job, dict) else run_one(rt, verified, job)
+    doc = job if isinstance(job, ResultDoc) else run_one(rt, verified, job)
     return finish(rt, verified, doc)

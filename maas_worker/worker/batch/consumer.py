@@ -68,6 +68,7 @@ from maas_worker.protocol import (
     TASK_NAME,
     AuditReason,
     JobOutcome,
+    ResultDoc,
     payload_ref_tenant,
 )
 from maas_worker.tenancy.keyring import TenantPolicy
@@ -117,7 +118,7 @@ class _Delivery:
     verified: Verified | None = None
     policy: TenantPolicy | None = None
     job: Prepared | None = None
-    doc: dict[str, Any] | None = None
+    doc: ResultDoc | None = None
     #: This process holds the job's claim (its quota is released after the batch).
     claimed: bool = False
     #: Refused at the transport check: audited, never a job outcome line.
@@ -369,7 +370,7 @@ class BatchConsumer:
 
     def _prepare(self, d: _Delivery) -> None:
         job = prepare(self.rt, _verified(d), _policy(d))
-        if isinstance(job, dict):
+        if isinstance(job, ResultDoc):
             d.doc = job
         else:
             d.job = job
@@ -390,7 +391,7 @@ class BatchConsumer:
 
     def _store(self, done: list[_Delivery]) -> None:
         rt = self.rt
-        sealed = [seal_result(rt, _verified(d), d.doc or {}) for d in done]
+        sealed = [seal_result(rt, _verified(d), _doc(d)) for d in done]
         stored = rt.guard.store_many(
             [(_verified(d).header.tenant, d.job_id, envelope, window_ms(rt, _verified(d).header))
              for d, (envelope, _) in zip(done, sealed, strict=True)],
@@ -510,6 +511,11 @@ def _verified(d: _Delivery) -> Verified:
 def _policy(d: _Delivery) -> TenantPolicy:
     assert d.policy is not None
     return d.policy
+
+
+def _doc(d: _Delivery) -> ResultDoc:
+    assert d.doc is not None
+    return d.doc
 
 
 def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> int:
