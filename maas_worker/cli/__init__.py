@@ -275,9 +275,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     info = _client(args).job(args.job_id).info()
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps(info.as_dict()))
     else:
-        print(info["state"] + (f" ({info['reason']})" if info["reason"] else ""))
+        print(info.state + (f" ({info.reason})" if info.reason else ""))
     return 0
 
 

@@ -40,7 +40,14 @@ from maas_worker.errors import (
     connection_cause,
 )
 from maas_worker.models.base import parse_model_ref
-from maas_worker.protocol import ARGS_REPR, PRIORITIES, TASK_NAME, payload_ref, queue_for
+from maas_worker.protocol import (
+    ARGS_REPR,
+    PRIORITIES,
+    TASK_NAME,
+    Priority,
+    payload_ref,
+    queue_for,
+)
 from maas_worker.settings import MAX_JOB_TTL_S, Settings, redact_url
 from maas_worker.tenancy.keyring import Keyring, KeyringSource
 from maas_worker.tenancy.quota import Quotas
@@ -282,6 +289,8 @@ class Client:
     def _seal_raw(self, model: str, inputs: Any, *, priority: str, ttl_s: int | None,
                   job_id: str | None = None) -> tuple[Header, bytes]:
         """`seal` without the base64: a claim-checked request is stored raw."""
+        if isinstance(priority, Priority):
+            priority = priority.value  # the header and the error messages hold the plain name
         self._check(model, priority)
         if job_id is not None and not keyspace.is_job_id(job_id):
             raise SubmitError("job_id must be a UUID in canonical form (lowercase, hyphenated)")
@@ -311,7 +320,8 @@ class Client:
                ttl_s: int | None = None) -> Job:
         """Seal ``inputs`` for ``model`` and enqueue it; returns the `Job`.
 
-        ``ttl_s`` bounds how long the job may wait in the queue: a worker
+        ``priority`` is a `Priority` or its name (``"high"``, ``"normal"``,
+        ``"low"``). ``ttl_s`` bounds how long the job may wait in the queue: a worker
         refuses it (``expired``) after that.
         """
         return self.submit_many(model, [inputs], priority=priority, ttl_s=ttl_s)[0]

@@ -30,7 +30,7 @@ from maas_worker.errors import (
     UnknownJob,
     connection_cause,
 )
-from maas_worker.protocol import ResultDoc
+from maas_worker.protocol import JobInfo, JobState, ResultDoc
 from maas_worker.settings import Settings, redact_url
 from maas_worker.tenancy.cancellation import make_token, verify_token
 
@@ -81,8 +81,8 @@ class Job:
     def _cancelled(self, token: bytes | None) -> bool:
         return verify_token(token, self.client.keyring, self.client.tenant, self.id)
 
-    def info(self) -> dict[str, Any]:
-        """``{"job_id", "state", "reason", "model"}``; ``reason`` is set for failed jobs only.
+    def info(self) -> JobInfo:
+        """The job's id, `JobState`, ``reason`` (failed jobs only) and ``model``.
 
         ``model`` is the ``name@version`` that ran the job, from its sealed
         result (None until there is one, and for jobs that never ran).
@@ -103,32 +103,33 @@ class Job:
             sealed, rejected, cancel, claim, submitted = pipe.execute()
         doc = self._open(sealed) if sealed is not None else None
         state, reason = self._state(doc, rejected, cancel, claim, submitted)
-        return {"job_id": self.id, "state": state, "reason": reason,
-                "model": doc.model if doc is not None else None}
+        return JobInfo(self.id, state, reason, doc.model if doc is not None else None)
 
     def _state(self, doc: ResultDoc | None, rejected: bytes | None, cancel: bytes | None,
-               claim: bytes | None, submitted: bytes | None) -> tuple[str, str | None]:
+               claim: bytes | None, submitted: bytes | None) -> tuple[JobState, str | None]:
         if doc is not None:
             if doc.ok:
-                return "succeeded", None
-            return ("cancelled", None) if doc.cancelled else ("failed", doc.error)
+                return JobState.SUCCEEDED, None
+            return (JobState.CANCELLED, None) if doc.cancelled else (JobState.FAILED, doc.error)
         if rejected is not None:
-            return ("expired" if rejected == b"expired" else "rejected"), None
+            # The worker wrote the state a client sees (claims.JobGuard.mark_rejected).
+            expired = rejected == JobState.EXPIRED.value.encode()
+            return (JobState.EXPIRED if expired else JobState.REJECTED), None
         if cancel is not None and self._cancelled(cancel):
-            return "cancelled", None
+            return JobState.CANCELLED, None
         if claim is not None and claim != b"done":
-            return "running", None
+            return JobState.RUNNING, None
         if submitted is not None:
             expires = int(submitted) if submitted.isdigit() else None
             skew_ms = self.client.settings.clock_skew_s * 1000
             if expires is not None and now_ms() > expires + skew_ms:
-                return "expired", None
-            return "queued", None
+                return JobState.EXPIRED, None
+            return JobState.QUEUED, None
         raise UnknownJob(self.id, "unknown job (never submitted, or expired)")
 
-    def status(self) -> str:
-        """The job's state (see `info`)."""
-        return str(self.info()["state"])
+    def status(self) -> JobState:
+        """The job's state (see `info`): a `JobState`, equal to its string (``"queued"``)."""
+        return self.info().state
 
     def cancel(self) -> bool:
         """Ask for the job to be cancelled; False if it had already finished.
@@ -189,7 +190,7 @@ class Job:
                 if doc.cancelled:
                     raise JobCancelled(self.id, "cancelled")
                 raise JobFailed(self.id, str(doc.error), doc.message)
-            if rejected == b"expired":
+            if rejected == JobState.EXPIRED.value.encode():
                 raise JobExpired(self.id, "expired in the queue before a worker ran it")
             if rejected is not None:
                 raise JobRejected(self.id, "rejected by a worker (see `maas-worker audit`)")
