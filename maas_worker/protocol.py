@@ -120,11 +120,11 @@ class AuditReason(StrEnum):
     TAMPERED = "tampered"
     #: The job already ran or is closed: a copy, never run twice.
     REPLAYED = "replayed"
-    #: Past the envelope's expiry (or its lifetime is over the cap).
+    #: Outside the envelope's time window (past its expiry, or issued in the future).
     EXPIRED = "expired"
     #: The tenant or key version is not (or no longer) in the keyring.
     UNKNOWN_KEY = "unknown_key"
-    #: Not a well-formed message, envelope or input.
+    #: Not a well-formed message, envelope or input; a lifetime over the cap; a dead letter.
     MALFORMED = "malformed"
     #: Over a size limit.
     OVERSIZE = "oversize"

@@ -113,7 +113,7 @@ class Job:
             return (JobState.CANCELLED, None) if doc.cancelled else (JobState.FAILED, doc.error)
         if rejected is not None:
             # The worker wrote the state a client sees (claims.JobGuard.mark_rejected).
-            expired = rejected == JobState.EXPIRED.value.encode()
+            expired = rejected == JobState.EXPIRED.encode()
             return (JobState.EXPIRED if expired else JobState.REJECTED), None
         if cancel is not None and self._cancelled(cancel):
             return JobState.CANCELLED, None
@@ -190,7 +190,7 @@ class Job:
                 if doc.cancelled:
                     raise JobCancelled(self.id, "cancelled")
                 raise JobFailed(self.id, str(doc.error), doc.message)
-            if rejected == JobState.EXPIRED.value.encode():
+            if rejected == JobState.EXPIRED.encode():
                 raise JobExpired(self.id, "expired in the queue before a worker ran it")
             if rejected is not None:
                 raise JobRejected(self.id, "rejected by a worker (see `maas-worker audit`)")

@@ -296,8 +296,7 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
                                      admission=admission(header, policy), ignore_cancel=True)
     if outcome.outcome == ClaimOutcome.REPLAYED:
         if rt.backend.delete(keyspace.killed(tenant, job_id)):
-            # the copy of a job whose process was ended on purpose
-            raise Stop(Outcome.FINISHED)
+            raise Stop(Outcome.FINISHED)  # the copy of a job whose process was ended on purpose
         raise _stop(rt, job_id, AuditReason.REPLAYED, header, authenticated=True)
     if outcome.outcome == ClaimOutcome.RATE_LIMITED:
         raise _stop(rt, job_id, AuditReason.RATE_LIMITED, header, authenticated=True)
