@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 
+from maas_worker import protocol
 from maas_worker.errors import ConfigError, InvalidEnvelope
 from maas_worker.protocol import (
+    ARGS_REPR,
+    MONITOR_EXCHANGE,
     PRIORITIES,
     PRIORITY_CODES,
     QUEUE_NAMES,
+    SAMPLE_TASK,
+    TASK_NAME,
     AuditReason,
     FailureCode,
     JobInfo,
@@ -23,6 +30,23 @@ from maas_worker.protocol import (
     payload_ref_tenant,
     queue_for,
 )
+
+
+def test_protocol_is_the_bottom_layer() -> None:
+    # It may import errors only, so that every layer (crypto included) can import it.
+    tree = ast.parse(Path(protocol.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+    assert {m for m in imported if m.startswith("maas_worker")} == {"maas_worker.errors"}
+
+
+def test_task_names_are_the_documented_ones() -> None:
+    # docs/envelope.md (header task), docs/monitoring.md (the sample broadcast)
+    assert (TASK_NAME, SAMPLE_TASK, MONITOR_EXCHANGE) == ("maas.infer", "maas.sample",
+                                                         "maas.monitor")
+    assert ARGS_REPR == "('<sealed envelope>',)"
 
 
 def test_priorities_and_queues_are_the_documented_names() -> None:
