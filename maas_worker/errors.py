@@ -32,11 +32,6 @@ Untrusted input never gets a specific error: opening an envelope fails with
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from maas_worker.protocol import AuditReason
-
 
 class MaasError(Exception):
     """Root of every maas-worker error."""
@@ -171,7 +166,7 @@ class EnvelopeRejected(InvalidEnvelope):
     header could be parsed, which is untrusted unless ``authenticated``.
     """
 
-    def __init__(self, reason: AuditReason, unverified_header: object | None = None,
+    def __init__(self, reason: str, unverified_header: object | None = None,
                  *, authenticated: bool = False) -> None:
         super().__init__()
         self.reason = reason

@@ -206,7 +206,9 @@ def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: st
                           max_lifetime_ms=MAX_JOB_TTL_S * 1000 + s.clock_skew_s * 1000)
     except EnvelopeRejected as exc:
         header = exc.unverified_header if isinstance(exc.unverified_header, Header) else None
-        raise _stop(rt, job_id, exc.reason, header, authenticated=exc.authenticated) from None
+        # errors.py sits below protocol.py, so the error carries the reason as a string.
+        raise _stop(rt, job_id, AuditReason(exc.reason), header,
+                    authenticated=exc.authenticated) from None
     header = verified.header
     # -- authenticated from here on --------------------------------------------
     if not keyspace.is_job_id(header.job_id):
