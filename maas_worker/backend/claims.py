@@ -33,12 +33,9 @@ from enum import StrEnum
 from typing import Any
 
 import redis
-from redis.commands.core import Script
-from redis.exceptions import NoScriptError
 
-from maas_worker.backend import keyspace
+from maas_worker.backend import keyspace, scripts
 from maas_worker.protocol import JobState
-from maas_worker.tenancy.quota import ADMIT_FUNCTION
 
 log = logging.getLogger(__name__)
 
@@ -71,123 +68,6 @@ DEFAULT_ATTEMPTS_WINDOW_MS = 24 * 3600 * 1000
 #: before it is failed (``internal_error``) instead of retried: a poison job
 #: is dead-lettered, never requeued for ever.
 DEFAULT_MAX_FAULTS = 3
-
-# KEYS: claim, result, attempts, cancel [, bucket, in-flight, pending].
-# ARGV: holder, lease ms, attempts window ms, max attempts, ignore cancel
-#       [, job, rate, burst, max in flight, expiry ms].
-# Replies {outcome, detail}: the cancel token for 'cancelled', the wait in ms
-# for 'rate_limited' ('' when over the in-flight cap).
-# Every check comes before the first write, and no step can fail on what a
-# Redis writer left in a key (a GET of another type, a count that is not a
-# number): a script error here once left a job claimed and its attempt
-# counted, and the job requeued for ever.
-_CLAIM = ADMIT_FUNCTION + """
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'replayed', ''} end
-local cur = redis.pcall('GET', KEYS[1])
-if type(cur) == 'table' then cur = false end
-if cur == 'done' then return {'replayed', ''} end
-if cur then return {'busy', ''} end
-if ARGV[5] ~= '1' then
-  local c = redis.pcall('GET', KEYS[4])
-  if type(c) == 'string' then return {'cancelled', c} end
-end
-local prev = redis.pcall('GET', KEYS[3])
-local n = type(prev) == 'string' and tonumber(prev) or 0
-if n ~= n or n < 0 then n = 0 end
-n = math.min(math.floor(n), 1000000) + 1
-if n > tonumber(ARGV[4]) then
-  -- Held so that the caller can store its failed result; never run, never charged.
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  redis.call('SET', KEYS[3], n, 'PX', ARGV[3])
-  return {'exhausted', ''}
-end
-if #KEYS > 4 then
-  local v = admit(KEYS[5], KEYS[6], KEYS[7], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]),
-                  tonumber(ARGV[9]), tonumber(ARGV[10]))
-  if v[1] == 0 then return {'rate_limited', string.format('%d', v[2])} end
-  if v[1] == -1 then return {'rate_limited', ''} end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SET', KEYS[3], n, 'PX', ARGV[3])
-return {'claimed', ''}
-"""
-
-# Read a claim-checked request without pulling an oversized one over the wire.
-_FETCH = """
-if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return false end
-if redis.call('STRLEN', KEYS[1]) > tonumber(ARGV[1]) then return -1 end
-return redis.call('GET', KEYS[1])
-"""
-
-# Close a job that will never run (cancelled before it started): replays of it
-# are recognised, a waiting client wakes up, and it no longer counts as queued
-# in its tenant's (advisory) pending set.
-_CLOSE = """
-redis.call('DEL', KEYS[4])
-redis.pcall('ZREM', KEYS[5], ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('SET', KEYS[2], 'done', 'PX', ARGV[1])
-redis.pcall('RPUSH', KEYS[3], '1')
-redis.pcall('PEXPIRE', KEYS[3], ARGV[1])
-return 1
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# Delete a key only if it still holds ARGV[1]: a claim only by its holder, a
-# refused cancel request only if the job's own tenant has not replaced it.
-_DELETE_IF = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-# Store once; mark the claim done for as long as the request could be replayed;
-# wake a waiting client. Returns 1 if this call stored the result, 0 if one was
-# already there (the first result is kept unchanged). The wake-up list is
-# popped by clients (a producer's key), so pushing to it is a pcall here and
-# below: nothing a client left there can fail a store or a refusal.
-_STORE = """
-local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-redis.call('SET', KEYS[2], 'done', 'PX', ARGV[3])
-redis.call('DEL', KEYS[4])
-if stored then
-  redis.pcall('RPUSH', KEYS[3], '1')
-  redis.pcall('PEXPIRE', KEYS[3], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# An authenticated rejection: never over a stored result, nor over a job another
-# live holder is running (that run decides the outcome: a stale copy must not
-# make its client give up). The claim is closed, so the job cannot run later,
-# and the job leaves the tenant's pending set. ARGV[3] is the state a client
-# sees: 'expired' or 'rejected'.
-_REJECT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local cur = redis.pcall('GET', KEYS[4])
-if type(cur) == 'string' and cur ~= 'done' and cur ~= ARGV[2] then return 0 end
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[1])
-redis.pcall('RPUSH', KEYS[3], '1')
-redis.pcall('PEXPIRE', KEYS[3], ARGV[1])
-redis.call('SET', KEYS[4], 'done', 'PX', ARGV[1])
-redis.call('DEL', KEYS[5])
-redis.pcall('ZREM', KEYS[6], ARGV[4])
-return 1
-"""
-
-# Count one fault of a job; the count so far.
-_FAULT = """
-local n = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return n
-"""
-
 
 @dataclass(frozen=True)
 class ClaimRequest:
@@ -236,14 +116,15 @@ class JobGuard:
         self.max_attempts = max_attempts
         self.max_faults = max_faults
         self.holder = holder or new_holder_id()
-        self._claim = client.register_script(_CLAIM)
-        self._renew = client.register_script(_RENEW)
-        self._delete_if = client.register_script(_DELETE_IF)
-        self._store = client.register_script(_STORE)
-        self._reject = client.register_script(_REJECT)
-        self._close = client.register_script(_CLOSE)
-        self._fetch = client.register_script(_FETCH)
-        self._fault = client.register_script(_FAULT)
+        # backend/lua/*.lua: each transition is one script (its header: KEYS, ARGV).
+        self._claim = scripts.register(client, "claim")
+        self._renew = scripts.register(client, "renew")
+        self._delete_if = scripts.register(client, "delete_if")
+        self._store = scripts.register(client, "store")
+        self._reject = scripts.register(client, "reject")
+        self._close = scripts.register(client, "close")
+        self._fetch = scripts.register(client, "fetch_payload")
+        self._fault = scripts.register(client, "fault")
         self._held: set[tuple[str, str]] = set()
         self._held_lock = threading.Lock()
 
@@ -276,7 +157,8 @@ class JobGuard:
         A job whose script fails gets outcome ``error`` (with the error); the
         others are decided as usual. A lost connection raises.
         """
-        replies = self._eval_many(self._claim, [self._claim_call(req) for req in requests])
+        replies = scripts.eval_many(self._r, self._claim,
+                                    [self._claim_call(req) for req in requests])
         return [Claim(ClaimOutcome.ERROR, error=reply) if isinstance(reply, Exception)
                 else self._claimed(req.tenant, req.job_id, reply)
                 for req, reply in zip(requests, replies, strict=True)]
@@ -350,7 +232,7 @@ class JobGuard:
         """
         for tenant, job_id, _, _ in results:
             self._forget(tenant, job_id)
-        replies = self._eval_many(self._store, [
+        replies = scripts.eval_many(self._r, self._store, [
             _store_call(tenant, job_id, sealed, window, result_ttl_s)
             for tenant, job_id, sealed, window in results])
         return [r if isinstance(r, Exception) else bool(r) for r in replies]
@@ -358,36 +240,9 @@ class JobGuard:
     def fetch_payloads(self, jobs: Sequence[tuple[str, str]],
                        max_bytes: int) -> list[bytes | int | None]:
         """`fetch_payload` for many (tenant, job id) in ONE round trip."""
-        replies = self._eval_many(self._fetch, [([keyspace.payload(t, j)], [max_bytes])
-                                                for t, j in jobs])
+        replies = scripts.eval_many(self._r, self._fetch,
+                                    [([keyspace.payload(t, j)], [max_bytes]) for t, j in jobs])
         return [-1 if r == -1 else r if isinstance(r, bytes) and r else None for r in replies]
-
-    def _eval_many(self, script: Script,
-                   calls: Sequence[tuple[list[str], Sequence[Any]]]) -> list[Any]:
-        """Run ``script`` once per call in one pipeline; the replies, in order.
-
-        A call whose script failed has its `redis.ResponseError` in place of a
-        reply, so one job's error never decides another's; a lost connection
-        raises. EVALSHA directly: a pipeline given redis-py Script objects
-        checks ``SCRIPT EXISTS`` first, a second round trip every time. After
-        a Redis restart (empty script cache) the script is loaded and the
-        calls rerun: a NOSCRIPT reply means the call did nothing.
-        """
-        if not calls:
-            return []
-        for attempt in range(2):
-            pipe = self._r.pipeline(transaction=False)
-            for keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            replies = pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, NoScriptError) for r in replies):
-                break
-            if attempt == 0:
-                script.sha = self._r.script_load(script.script)
-        for reply in replies:
-            if isinstance(reply, Exception) and not isinstance(reply, redis.ResponseError):
-                raise reply
-        return list(replies)
 
     def fetch_payload(self, tenant: str, job_id: str, max_bytes: int) -> bytes | int | None:
         """The job's claim-checked request; None if absent, -1 if over ``max_bytes``."""

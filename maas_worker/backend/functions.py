@@ -10,9 +10,11 @@ operator, ``maas-worker acl --load-functions``), and the roles that only
 call them get ``+fcall`` / ``+fcall_ro`` (docs/operations.md, Redis roles).
 Every command a function runs is still checked against the caller's ACL.
 
-The scripts' text stays where it was written (``client._CANCEL``,
-``quota._ADVISE_MANY``, ``backlog._TAIL_PREFIX``); the library wraps each
-body, unchanged, in a function whose parameters are named ``KEYS`` and
+The scripts are ``.lua`` files like every other (`backend.scripts`:
+``backend/lua/cancel.lua``, ``backend/lua/advise_many.lua``,
+``broker/lua/tail_prefix.lua``, their headers documenting KEYS, ARGV and
+replies); the library is their preludes (``bucket.lua``), then each body,
+unchanged, wrapped in a function whose parameters are named ``KEYS`` and
 ``ARGV``. The library's name carries a version (`LIBRARY`): a change to any
 script needs a new version, so that a rolling upgrade never runs new
 callers against old code or the reverse (tests/unit/test_functions.py pins
@@ -30,15 +32,16 @@ from typing import Any
 
 import redis
 
+from maas_worker.backend import scripts
 from maas_worker.errors import ConfigError
 
 #: Library name; bump the number whenever the text of `library_code` changes.
 LIBRARY = "maas_v1"
-#: `client._CANCEL`: a tenant's cancel request (KEYS and ARGV as the script's).
+#: ``cancel.lua``: a tenant's cancel request (KEYS and ARGV as the script's).
 CANCEL = LIBRARY + "_cancel"
-#: `quota._ADVISE_MANY`: a client's advisory quota check for a batch.
+#: ``advise_many.lua``: a client's advisory quota check for a batch.
 ADVISE_MANY = LIBRARY + "_advise_many"
-#: `backlog._TAIL_PREFIX`: a prefix of a queue's oldest message (read-only: FCALL_RO).
+#: ``tail_prefix.lua``: a prefix of a queue's oldest message (read-only: FCALL_RO).
 TAIL_PREFIX = LIBRARY + "_tail_prefix"
 
 #: The fix, as said to a caller that may not load the library.
@@ -50,17 +53,14 @@ def library_code() -> str:
     """The library's source, as FUNCTION LOAD takes it (built from the scripts; only
     loading needs it, which is rare: not cached, so it always names the functions
     as this module does)."""
-    from maas_worker.broker.backlog import _TAIL_PREFIX
-    from maas_worker.client.client import _CANCEL
-    from maas_worker.tenancy.quota import _ADVISE_MANY, _QUOTA_HELPERS
-
-    advise_body = _ADVISE_MANY.removeprefix(_QUOTA_HELPERS)
+    bodies = ("cancel", "advise_many", "tail_prefix")
+    # The library is one Lua chunk: the preludes its scripts use, once, before them all.
+    preludes = dict.fromkeys(p for name in bodies for p in scripts.preludes(name))
     return "\n".join([
         f"#!lua name={LIBRARY}",
-        _QUOTA_HELPERS,
-        "local function cancel(KEYS, ARGV)", _CANCEL, "end",
-        "local function advise_many(KEYS, ARGV)", advise_body, "end",
-        "local function tail_prefix(KEYS, ARGV)", _TAIL_PREFIX, "end",
+        "".join(scripts.source(p).code for p in preludes),
+        *(line for name in bodies
+          for line in (f"local function {name}(KEYS, ARGV)", scripts.source(name).code, "end")),
         f"redis.register_function('{CANCEL}', cancel)",
         f"redis.register_function('{ADVISE_MANY}', advise_many)",
         f"redis.register_function{{function_name='{TAIL_PREFIX}', callback=tail_prefix, "

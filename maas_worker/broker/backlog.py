@@ -31,11 +31,6 @@ from maas_worker.settings import Settings
 #: Enough of a message to reach the envelope's fixed header through two layers
 #: of base64 (kombu's body encoding, then the envelope argument itself).
 _PREFIX_CHARS = 512
-_TAIL_PREFIX = """
-local m = redis.call('LINDEX', KEYS[1], -1)
-if not m then return false end
-return string.sub(m, 1, tonumber(ARGV[1]))
-"""
 #: version:u8 type:u8 header_len:u16 key_version:u32 issued_at_ms:u64 (docs/envelope.md).
 _FIXED_PREFIX = struct.Struct(">BBHIQ")
 _BODY_RE = re.compile(r'"body"\s*:\s*"([A-Za-z0-9+/=]*)')

@@ -33,6 +33,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from maas_worker.backend import scripts
+
 #: kombu's names for the reservation hash and its time index (Channel defaults).
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
@@ -44,49 +46,8 @@ WAKE_MAX = 256
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEP = "\x06\x16"
 
-# KEYS: unacked hash, unacked index, then the lists to pop from, in order.
-# ARGV: how many messages at most, now (seconds, kombu's index score),
-#       the longest message worth decoding (longer ones are popped unreserved:
-#       the consumer refuses them anyway), kombu's priority separator, the
-#       key prefix (stripped from the queue name recorded for restoring),
-#       one flag per list: '1' reserve what is taken, '0' do not (a no-ack
-#       consumer's queue, such as a remote-control reply: never acknowledged,
-#       a reservation would be put back by the sweep again and again).
-# Reply: a flat list {list, message, delivery tag ('' when not reserved), ...}.
-# An entry that is not JSON or has no delivery tag cannot be reserved under a
-# tag: it is popped and returned unreserved, and the consumer drops it.
-POP_RESERVE = """
-local out = {}
-local want = tonumber(ARGV[1])
-local maxlen = tonumber(ARGV[3])
-for i = 3, #KEYS do
-  while #out < want * 3 do
-    local msg = redis.call('RPOP', KEYS[i])
-    if not msg then break end
-    local reserved_as = ''
-    if #msg <= maxlen and string.sub(ARGV[6], i - 2, i - 2) == '1' then
-      local ok, m = pcall(cjson.decode, msg)
-      local tag = ok and type(m) == 'table' and type(m.properties) == 'table'
-                  and m.properties.delivery_tag
-      if type(tag) == 'string' and tag ~= '' then
-        local q = string.sub(KEYS[i], #ARGV[5] + 1)
-        local sep = string.find(q, ARGV[4], 1, true)
-        if sep then q = string.sub(q, 1, sep - 1) end
-        -- The message text itself, not a re-encoding: cjson would turn an
-        -- empty list into an object and round numbers.
-        redis.call('HSET', KEYS[1], tag, '[' .. msg .. ',"",' .. cjson.encode(q) .. ']')
-        redis.call('ZADD', KEYS[2], ARGV[2], tag)
-        reserved_as = tag
-      end
-    end
-    out[#out + 1] = KEYS[i]
-    out[#out + 1] = msg
-    out[#out + 1] = reserved_as
-  end
-  if #out >= want * 3 then break end
-end
-return out
-"""
+#: The take script (broker/lua/pop_reserve.lua; its header: KEYS, ARGV, reply).
+POP_RESERVE = scripts.text("pop_reserve")
 
 
 #: The script's SHA-1: after the first ``EVAL`` a consumer sends ``EVALSHA``.

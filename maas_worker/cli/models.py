@@ -24,11 +24,13 @@ list
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
+import click
+
+from maas_worker.cli.context import Group, json_option, pass_settings
 from maas_worker.errors import ConfigError, ModelRejected
 from maas_worker.models.artifact_crypto import DEFAULT_CHUNK_BYTES, ModelKey, ModelKeys
 from maas_worker.models.base import MODEL_NAME_RE, VERSION_RE
@@ -45,62 +47,11 @@ from maas_worker.models.signing import SigningKey, TrustedSigners
 from maas_worker.settings import Settings
 
 
-def add_parser(sub: Any) -> None:
-    """Add ``models`` and its subcommands to the top-level subparsers."""
-    m = sub.add_parser("models", help="sign, encrypt, verify and list models")
-    ms = m.add_subparsers(dest="models_cmd", required=True)
-    k = ms.add_parser("keygen", help="new signing key pair, or (--encryption) model key")
-    k.add_argument("--out", type=Path, help="private signing key file to create (0600)")
-    k.add_argument("--encryption", action="store_true",
-                   help="add a model encryption key to the model keys file instead")
-    k.add_argument("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
-    s = ms.add_parser("sign", help="write and sign the manifest of <name>/<version>/")
-    s.add_argument("version_dir", type=Path)
-    s.add_argument("--key", type=Path, required=True, help="private signing key")
-    s.add_argument("--artifact", help="the model file (default: the one *.onnx[.enc])")
-    s.add_argument("--input-key", default="inputs",
-                   help="member of the job's JSON input holding the tensor (default inputs)")
-    s.add_argument("--output", action="append", default=[], metavar="NAME[=KEY]",
-                   help="graph output to return, under KEY (repeat; default all, by name)")
-    s.add_argument("--max-batch", type=int, default=1024)
-    s.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
-                   help="signed metadata (repeat)")
-    s.add_argument("--keys", type=Path, help="model keys, to read an encrypted artifact")
-    s.add_argument("--no-release", action="store_true",
-                   help="stage the version: do not point the bare model name at it")
-    s.add_argument("--serial", type=_serial, help="release serial (default: current + 1)")
-    r = ms.add_parser("release", help="point the bare model name at a version (signed)")
-    r.add_argument("name")
-    r.add_argument("version")
-    r.add_argument("--key", type=Path, required=True,
-                   help="private signing key (the version's signer)")
-    r.add_argument("--model-dir", type=Path, help="the repository (default: $MAAS_MODEL_DIR)")
-    r.add_argument("--serial", type=_serial, help="release serial (default: current + 1)")
-    e = ms.add_parser("encrypt", help="encrypt a model file (AES-256-GCM, chunked)")
-    e.add_argument("src", type=Path)
-    e.add_argument("dst", type=Path)
-    e.add_argument("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
-    e.add_argument("--key-id", help="which model key (default: the only one)")
-    e.add_argument("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES)
-    v = ms.add_parser("verify", help="verify versions as a worker would load them")
-    v.add_argument("paths", type=Path, nargs="*",
-                   help="version dirs, model dirs or repositories (default: $MAAS_MODEL_DIR)")
-    for p in (v, ms.add_parser("list", help="every version: signer, encrypted, verifies")):
-        p.add_argument("--json", action="store_true")
-
-
-def _serial(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("must be an integer") from None
-    if not 1 <= value <= MAX_SERIAL:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_SERIAL}")
+def _serial(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    """``--serial``: an integer from 1 to `MAX_SERIAL`."""
+    if value is not None and not 1 <= value <= MAX_SERIAL:
+        raise click.BadParameter(f"must be from 1 to {MAX_SERIAL}")
     return value
-
-
-def _keys_path(args: argparse.Namespace, settings: Settings) -> Path:
-    return args.keys or settings.model_keys_path
 
 
 def _is_version_dir(path: Path) -> bool:
@@ -249,108 +200,193 @@ def _release(model_dir: Path, key: SigningKey, manifest: Manifest,
     return release
 
 
-def _cmd_release(args: argparse.Namespace, settings: Settings) -> int:
+
+def _output_key(text: str) -> tuple[str, str]:
+    """``--output NAME[=KEY]`` as (graph output, key in the result)."""
+    name, sep, key = text.partition("=")
+    return (name, key) if sep else (name, name)
+
+
+@click.group(cls=Group, no_args_is_help=False,
+             short_help="sign, encrypt, verify and list models")
+def models() -> None:
+    """Sign, encrypt, verify and list models."""
+
+
+@models.command(short_help="new signing key pair, or (--encryption) model key")
+@click.option("--out", type=Path, help="private signing key file to create (0600)")
+@click.option("--encryption", is_flag=True,
+              help="add a model encryption key to the model keys file instead")
+@click.option("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
+@pass_settings
+def keygen(settings: Settings, out: Path | None, encryption: bool, keys: Path | None) -> int:
+    """A new Ed25519 signing key pair (private key 0600, .pub beside it), or with
+    --encryption a model encryption key added to the model keys file."""
+    if encryption:
+        path = keys or settings.model_keys_path
+        ring = ModelKeys.load(path) if path.exists() else ModelKeys()
+        key = ModelKey.generate()
+        ring.with_key(key).save(path)
+        print(f"model key {key.key_id} added to {path} (mode 0600)")
+        return 0
+    if out is None:
+        raise ConfigError("keygen needs --out PATH for the private signing key "
+                          "(keep it off the workers)")
+    signing = SigningKey.generate()
+    pub = signing.save(out)
+    print(f"signing key {signing.key_id}: private {out} (mode 0600), public {pub}")
+    return 0
+
+
+@models.command(short_help="write and sign the manifest of <name>/<version>/")
+@click.argument("version_dir", type=Path)
+@click.option("--key", type=Path, required=True, help="private signing key")
+@click.option("--artifact", help="the model file (default: the one *.onnx[.enc])")
+@click.option("--input-key", default="inputs",
+              help="member of the job's JSON input holding the tensor (default inputs)")
+@click.option("--output", multiple=True, metavar="NAME[=KEY]",
+              help="graph output to return, under KEY (repeat; default all, by name)")
+@click.option("--max-batch", type=int, default=1024,
+              help="the most inputs one model call takes (default 1024)")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="signed metadata (repeat)")
+@click.option("--keys", type=Path, help="model keys, to read an encrypted artifact")
+@click.option("--no-release", is_flag=True,
+              help="stage the version: do not point the bare model name at it")
+@click.option("--serial", type=int, callback=_serial,
+              help="release serial (default: current + 1)")
+@pass_settings
+def sign(settings: Settings, *, version_dir: Path, key: Path, artifact: str | None,
+         input_key: str, output: tuple[str, ...], max_batch: int, meta: tuple[str, ...],
+         keys: Path | None, no_release: bool, serial: int | None) -> int:
+    """Write manifest.json (hashes of every file, input and outputs read from the ONNX
+    graph) and manifest.sig for a <name>/<version>/ directory, then release that version
+    (<name>/release.json, serial + 1) unless --no-release stages it."""
+    from maas_worker.models.publish import sign_version
+
+    outputs = dict(_output_key(o) for o in output)
+    metadata = dict(m.split("=", 1) for m in meta if "=" in m)
+    model_keys = ModelKeys.load(keys) if keys else None
+    signing = SigningKey.load(key)
+    manifest = sign_version(version_dir, signing,
+                            artifact=artifact, input_key=input_key,
+                            output_keys=outputs or None, max_batch=max_batch,
+                            metadata=metadata, model_keys=model_keys)
+    print(f"signed {manifest.ref} ({len(manifest.files)} file(s), signer "
+          f"{manifest.signer}{', encrypted' if manifest.encrypted else ''})")
+    if no_release:
+        print(f"staged, not released: the bare name {manifest.name} is unchanged")
+    else:
+        _release(version_dir.resolve().parent, signing, manifest,
+                 _trusted_or_none(settings), serial)
+    return 0
+
+
+@models.command(short_help="point the bare model name at a version (signed)")
+@click.argument("name")
+@click.argument("version")
+@click.option("--key", type=Path, required=True,
+              help="private signing key (the version's signer)")
+@click.option("--model-dir", type=Path, help="the repository (default: $MAAS_MODEL_DIR)")
+@click.option("--serial", type=int, callback=_serial,
+              help="release serial (default: current + 1)")
+@pass_settings
+def release(settings: Settings, *, name: str, version: str, key: Path, model_dir: Path | None,
+            serial: int | None) -> int:
+    """Sign a new release pointer: the bare model NAME then means VERSION.
+
+    The version must exist, verify under the trusted signers and be signed by
+    the same key; the serial is the current release's + 1 unless --serial.
+    """
     from maas_worker.models.repository import verify_manifest
 
-    root = args.model_dir or settings.model_dir
-    if not MODEL_NAME_RE.fullmatch(args.name) or not VERSION_RE.fullmatch(args.version):
-        raise ConfigError(f"invalid model name or version {args.name}@{args.version}")
-    ref = f"{args.name}@{args.version}"
-    version_dir = root / args.name / args.version
+    root = model_dir or settings.model_dir
+    if not MODEL_NAME_RE.fullmatch(name) or not VERSION_RE.fullmatch(version):
+        raise ConfigError(f"invalid model name or version {name}@{version}")
+    ref = f"{name}@{version}"
+    version_dir = root / name / version
     if not version_dir.is_dir():
         raise ConfigError(f"no version {ref} in {root}; nothing released")
-    key = SigningKey.load(args.key)
+    signing = SigningKey.load(key)
     signers = TrustedSigners.from_paths(settings.trusted_signers)
     row = inspect_version(version_dir, signers, settings.model_keys_path)
     if not row["verifies"]:
         raise ConfigError(f"{ref} does not verify ({row['error']}); nothing released")
     manifest = verify_manifest(version_dir, signers)
-    if manifest.signer != key.key_id:
+    if manifest.signer != signing.key_id:
         raise ConfigError(f"{ref} is signed by {manifest.signer}, not by this key "
-                          f"({key.key_id}): a release is signed by the version's own signer")
-    _release(root / args.name, key, manifest, signers, args.serial)
+                          f"({signing.key_id}): a release is signed by the version's own signer")
+    _release(root / name, signing, manifest, signers, serial)
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run one ``models`` subcommand; returns the exit status."""
-    settings = Settings.from_env()
-    cmd = args.models_cmd
-    if cmd == "keygen":
-        if args.encryption:
-            path = _keys_path(args, settings)
-            keys = ModelKeys.load(path) if path.exists() else ModelKeys()
-            key = ModelKey.generate()
-            keys.with_key(key).save(path)
-            print(f"model key {key.key_id} added to {path} (mode 0600)")
-            return 0
-        if args.out is None:
-            raise ConfigError("keygen needs --out PATH for the private signing key "
-                              "(keep it off the workers)")
-        signing = SigningKey.generate()
-        pub = signing.save(args.out)
-        print(f"signing key {signing.key_id}: private {args.out} (mode 0600), public {pub}")
-        return 0
-    if cmd == "sign":
-        from maas_worker.models.publish import sign_version
+@models.command(short_help="encrypt a model file (AES-256-GCM, chunked)")
+@click.argument("src", type=Path)
+@click.argument("dst", type=Path)
+@click.option("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
+@click.option("--key-id", help="which model key (default: the only one)")
+@click.option("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+              help=f"plaintext bytes per sealed chunk (default {DEFAULT_CHUNK_BYTES})")
+@pass_settings
+def encrypt(settings: Settings, *, src: Path, dst: Path, keys: Path | None, key_id: str | None,
+            chunk_bytes: int) -> int:
+    """Encrypt the model file SRC to DST (AES-256-GCM, chunked) for a version directory."""
+    from maas_worker.models.publish import encrypt_file
 
-        outputs = dict(o.split("=", 1) if "=" in o else (o, o) for o in args.output)
-        meta = dict(m.split("=", 1) for m in args.meta if "=" in m)
-        model_keys = ModelKeys.load(args.keys) if args.keys else None
-        signing = SigningKey.load(args.key)
-        manifest = sign_version(args.version_dir, signing,
-                                artifact=args.artifact, input_key=args.input_key,
-                                output_keys=outputs or None, max_batch=args.max_batch,
-                                metadata=meta, model_keys=model_keys)
-        print(f"signed {manifest.ref} ({len(manifest.files)} file(s), signer "
-              f"{manifest.signer}{', encrypted' if manifest.encrypted else ''})")
-        if args.no_release:
-            print(f"staged, not released: the bare name {manifest.name} is unchanged")
-        else:
-            _release(args.version_dir.resolve().parent, signing, manifest,
-                     _trusted_or_none(settings), args.serial)
-        return 0
-    if cmd == "release":
-        return _cmd_release(args, settings)
-    if cmd == "encrypt":
-        from maas_worker.models.publish import encrypt_file
+    ring = ModelKeys.load(keys or settings.model_keys_path)
+    if key_id is None and len(ring.keys) != 1:
+        raise ConfigError("the model keys file holds several keys: choose one with --key-id")
+    key_id = key_id or next(iter(ring.keys))
+    try:
+        key = ring.get(key_id)
+    except ModelRejected:
+        raise ConfigError(f"no model key {key_id}") from None
+    written = encrypt_file(src, dst, key, chunk_bytes=chunk_bytes)
+    print(f"encrypted {src} -> {dst} ({written} bytes, model key {key_id})")
+    return 0
 
-        keys = ModelKeys.load(_keys_path(args, settings))
-        if args.key_id is None and len(keys.keys) != 1:
-            raise ConfigError("the model keys file holds several keys: choose one with --key-id")
-        key_id = args.key_id or next(iter(keys.keys))
-        try:
-            key = keys.get(key_id)
-        except ModelRejected:
-            raise ConfigError(f"no model key {key_id}") from None
-        written = encrypt_file(args.src, args.dst, key, chunk_bytes=args.chunk_bytes)
-        print(f"encrypted {args.src} -> {args.dst} ({written} bytes, model key {key_id})")
-        return 0
+
+@models.command(short_help="verify versions as a worker would load them")
+@click.argument("paths", type=Path, nargs=-1)
+@json_option("one JSON object per version instead of a table")
+@pass_settings
+def verify(settings: Settings, paths: tuple[Path, ...], as_json: bool) -> int:
+    """Check versions exactly as a worker loads them (signature, hashes, decryption,
+    ONNX Runtime); exit 1 if any is refused.
+
+    PATHS are version dirs, model dirs or repositories (default: $MAAS_MODEL_DIR).
+    """
     signers = TrustedSigners.from_paths(settings.trusted_signers)
-    keys_path = settings.model_keys_path
-    if cmd == "verify":
-        dirs = [d for p in (args.paths or [settings.model_dir]) for d in _version_dirs(p)]
-    else:
-        dirs = _version_dirs(settings.model_dir) if settings.model_dir.is_dir() else []
-    rows = [inspect_version(d, signers, keys_path) for d in dirs]
-    if cmd == "verify":
-        _print_rows(rows, args.json)
-        if not rows:
-            raise ConfigError("no model versions found")
-        return 0 if all(r["verifies"] for r in rows) else 1
+    dirs = [d for p in (paths or (settings.model_dir,)) for d in _version_dirs(p)]
+    rows = [inspect_version(d, signers, settings.model_keys_path) for d in dirs]
+    _print_rows(rows, as_json)
+    if not rows:
+        raise ConfigError("no model versions found")
+    return 0 if all(r["verifies"] for r in rows) else 1
+
+
+@models.command("list", short_help="every version: signer, encrypted, verifies")
+@json_option("one JSON object per version instead of a table")
+@pass_settings
+def list_models(settings: Settings, as_json: bool) -> int:
+    """Every version in the repository: signer, encrypted or not, verifies or not, and
+    which one the model's release names (with its serial)."""
+    signers = TrustedSigners.from_paths(settings.trusted_signers)
+    model_dir = settings.model_dir
+    dirs = _version_dirs(model_dir) if model_dir.is_dir() else []
+    rows = [inspect_version(d, signers, settings.model_keys_path) for d in dirs]
     names = sorted({r["name"] for r in rows} | {
-        d.name for d in (settings.model_dir.iterdir() if settings.model_dir.is_dir() else ())
+        d.name for d in (model_dir.iterdir() if model_dir.is_dir() else ())
         if MODEL_NAME_RE.fullmatch(d.name) and (d / RELEASE_FILE).exists()})
     for name in names:
         own = [r for r in rows if r["name"] == name]
-        release, problem = release_status(settings.model_dir / name, signers, own)
+        current, problem = release_status(model_dir / name, signers, own)
         for r in own:
-            is_it = release is not None and r["version"] == release.version
-            r.update(released=is_it, serial=release.serial if is_it and release else None,
+            is_it = current is not None and r["version"] == current.version
+            r.update(released=is_it, serial=current.serial if is_it and current else None,
                      release_error=problem)
         if not own:  # a release but no version at all
             rows.append({"name": name, "version": None, "signer": None, "encrypted": None,
                          "verifies": False, "error": None, "released": False,
                          "serial": None, "release_error": problem})
-    _print_listing(rows, args.json)
+    _print_listing(rows, as_json)
     return 0

@@ -357,29 +357,3 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"applied on {server_url(server)}: ACL LOAD, function library loaded",
               file=sys.stderr)
     return 0
-
-
-def add_parser(sub: Any) -> None:
-    """The ``acl`` command's arguments (registered by cli.py)."""
-    a = sub.add_parser("acl", help="write least-privilege Redis ACL users, one per role "
-                       "and tenant (docs/operations.md)")
-    a.add_argument("--acl-file", default="users.acl",
-                   help="the Redis ACL file to write (default ./users.acl)")
-    a.add_argument("--passwords", default="redis-passwords",
-                   help="folder of the password files, one per user, kept when they exist "
-                   "(default ./redis-passwords)")
-    a.add_argument("--tenant", action="append",
-                   help="a producer user for this tenant only (repeatable; default: every "
-                   "tenant in the keyring)")
-    a.add_argument("--server", help="the server's URL, for the printed URLs and --apply "
-                   "(default: $MAAS_BROKER_URL; user and password ignored)")
-    a.add_argument("--db", type=int, action="append",
-                   help="database number the deployment uses (repeatable; default: the "
-                   "server URL's)")
-    a.add_argument("--urls", action="store_true",
-                   help="print the URLs with their passwords (default: ****)")
-    a.add_argument("--apply", action="store_true",
-                   help="then, as the operator: ACL LOAD on the server and load the "
-                   "function library")
-    a.add_argument("--load-functions", action="store_true",
-                   help="only load the function library, with $MAAS_BROKER_URL's user")

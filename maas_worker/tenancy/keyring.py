@@ -403,22 +403,41 @@ def save_keyring(path: Path, ring: Keyring) -> None:
     write_atomic(path, json.dumps(ring.to_json(), indent=2).encode(), private=True)
 
 
-@contextlib.contextmanager
-def edit_keyring(path: Path, *, create: bool = False) -> Iterator[list[Keyring]]:
-    """Lock, load, let the caller replace ``box[0]``, then save atomically.
+class KeyringEditor:
+    """The keyring inside one `edit_keyring` block: assign a new `ring` to have it saved.
 
-    The lock file serialises concurrent ``keys`` commands on one host.
+    Keyrings are immutable; an edit builds a new one (``with_rotation`` and so
+    on) and puts it here.
+    """
+
+    def __init__(self, ring: Keyring) -> None:
+        #: The keyring as loaded, until the caller replaces it.
+        self.ring = ring
+        self._loaded = ring
+
+    @property
+    def changed(self) -> bool:
+        """True once `ring` was replaced (the block then ends by saving it)."""
+        return self.ring is not self._loaded
+
+
+@contextlib.contextmanager
+def edit_keyring(path: Path, *, create: bool = False) -> Iterator[KeyringEditor]:
+    """Lock, load, let the caller replace ``editor.ring``, then save it atomically.
+
+    The lock file serialises concurrent ``keys`` commands on one host. Nothing is
+    written when the ring is not replaced or the block raises.
     """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock_path = path.with_name(path.name + ".lock")
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        ring = load_keyring(path) if (path.exists() or not create) else Keyring()
-        box = [ring]
-        yield box
-        if box[0] is not ring:
-            save_keyring(path, box[0])
+        editor = KeyringEditor(load_keyring(path) if (path.exists() or not create)
+                               else Keyring())
+        yield editor
+        if editor.changed:
+            save_keyring(path, editor.ring)
     finally:
         os.close(fd)
 

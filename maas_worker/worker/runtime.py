@@ -17,7 +17,7 @@ import time
 import psutil
 import redis
 
-from maas_worker.backend import functions, keyspace
+from maas_worker.backend import functions, keyspace, scripts
 from maas_worker.backend.audit import AuditLog
 from maas_worker.backend.claims import JobGuard, LeaseKeeper
 from maas_worker.crypto import aead
@@ -49,19 +49,6 @@ def diagnostic_refs(settings: Settings) -> list[str]:
     return ModelRegistry([EchoModel(), SleepModel()]).refs()
 
 
-#: Highest release serial seen per model: store ARGV[2] if it is higher than
-#: the stored one; return the highest now stored (as stored, so never rounded).
-_RECORD_RELEASE = """
-local raw = redis.call('HGET', KEYS[1], ARGV[1])
-local cur = tonumber(raw)
-if cur == nil or tonumber(ARGV[2]) > cur then
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  return ARGV[2]
-end
-return raw
-"""
-
-
 class RedisReleaseFloor:
     """The model release floor (`models.release.ReleaseFloor`) in a Redis hash.
 
@@ -73,7 +60,7 @@ class RedisReleaseFloor:
     """
 
     def __init__(self, client: redis.Redis) -> None:
-        self._record = client.register_script(_RECORD_RELEASE)
+        self._record = scripts.register(client, "record_release")
 
     def record(self, name: str, serial: int) -> int | None:
         """Store ``serial`` for ``name`` if higher; the highest stored (None: unreachable)."""

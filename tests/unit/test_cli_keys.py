@@ -285,3 +285,20 @@ def test_policy_sets_and_shows_quotas(tmp_path, monkeypatch, capsys) -> None:  #
     policy = load_keyring(path).tenant("acme").policy
     assert policy.allowed_models is None and policy.rate_per_s == 5.0
     assert '"rate_per_s": 5.0' in capsys.readouterr().out
+
+
+def test_the_keyring_editor_saves_only_a_replaced_ring(keyring: Path) -> None:
+    from maas_worker.tenancy.keyring import edit_keyring
+
+    with edit_keyring(keyring, create=True) as editor:
+        assert not editor.changed
+    assert not keyring.exists()  # nothing replaced: nothing written
+    with edit_keyring(keyring, create=True) as editor:
+        editor.ring = editor.ring.with_new_tenant("acme")
+        assert editor.changed
+    assert load_keyring(keyring).tenants.keys() == {"acme"}
+    before = keyring.read_bytes()
+    with pytest.raises(RuntimeError), edit_keyring(keyring) as editor:
+        editor.ring = editor.ring.with_new_tenant("globex")
+        raise RuntimeError("the edit fails half way")
+    assert keyring.read_bytes() == before

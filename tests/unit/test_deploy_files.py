@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from maas_worker.cli import build_parser
+from maas_worker.cli import validate
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is in the dev extra")
 
@@ -68,10 +68,10 @@ def compose() -> dict[str, Any]:
 
 
 def assert_cli_command(argv: list[str], where: str) -> None:
-    """``argv`` is ``maas-worker ...`` and the real parser accepts it."""
+    """``argv`` is ``maas-worker ...`` and the real command line accepts it."""
     assert argv and argv[0] == "maas-worker", f"{where}: {argv} is not a maas-worker command"
     try:
-        build_parser().parse_args(argv[1:])
+        validate(argv[1:])
     except SystemExit:
         pytest.fail(f"{where}: `{shlex.join(argv)}` is not a valid maas-worker command line")
 

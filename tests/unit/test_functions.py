@@ -12,11 +12,8 @@ import fakeredis
 import pytest
 import redis
 
-from maas_worker.backend import functions, keyspace
-from maas_worker.broker.backlog import _TAIL_PREFIX
-from maas_worker.client.client import _CANCEL
+from maas_worker.backend import functions, keyspace, scripts
 from maas_worker.errors import ConfigError
-from maas_worker.tenancy.quota import _ADVISE_MANY, _QUOTA_HELPERS
 
 #: sha256 of `functions.library_code()` for each library version. Changed a
 #: script? Bump `functions.LIBRARY` and add its hash here: old and new
@@ -30,8 +27,8 @@ def test_the_library_text_is_pinned_to_its_version() -> None:
     assert code.startswith(f"#!lua name={functions.LIBRARY}\n")
     assert hashlib.sha256(code.encode()).hexdigest() == PINNED[functions.LIBRARY], \
         "the library changed: bump functions.LIBRARY and pin the new text in PINNED"
-    for body in (_CANCEL, _ADVISE_MANY.removeprefix(_QUOTA_HELPERS), _TAIL_PREFIX):
-        assert body in code  # the scripts' bodies, unchanged
+    for name in ("bucket", "cancel", "advise_many", "tail_prefix"):
+        assert scripts.source(name).code in code  # the scripts' bodies, unchanged
 
 
 def test_loading_is_idempotent_and_a_missing_library_is_loaded_by_the_caller() -> None:
@@ -51,7 +48,7 @@ def test_loading_is_idempotent_and_a_missing_library_is_loaded_by_the_caller() -
     # Same as the script sent with EVAL (what test_quota.py checks in depth).
     r2 = fakeredis.FakeRedis()
     r2.set(keyspace.submitted("acme", JOB), "99999999999999")
-    assert r2.register_script(_CANCEL)(keys=keys, args=args) == 1
+    assert scripts.register(r2, "cancel")(keys=keys, args=args) == 1
 
 
 def test_a_pipeline_is_sent_again_once_the_library_is_loaded() -> None:

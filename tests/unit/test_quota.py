@@ -13,7 +13,7 @@ from __future__ import annotations
 import fakeredis
 import pytest
 
-from maas_worker.backend import keyspace
+from maas_worker.backend import keyspace, scripts
 from maas_worker.backend.claims import Claim, JobGuard
 from maas_worker.crypto.envelope import now_ms
 from maas_worker.tenancy.keyring import TenantPolicy
@@ -304,11 +304,9 @@ def test_policy_json_round_trip_with_quotas() -> None:
 
 
 def _cancel(r: fakeredis.FakeRedis, job_id: str) -> int:
-    """The client's cancel script (client.py), as `Job.cancel` runs it."""
-    from maas_worker.client.client import _CANCEL
-
+    """The client's cancel script (cancel.lua), as `Job.cancel` runs it."""
     t = TENANT
-    return int(r.register_script(_CANCEL)(
+    return int(scripts.register(r, "cancel")(
         keys=[keyspace.result(t, job_id), keyspace.cancel(t, job_id), keyspace.done(t, job_id),
               keyspace.submitted(t, job_id), keyspace.rejected(t, job_id),
               keyspace.claim(t, job_id), keyspace.pending(t)],

@@ -1,0 +1,147 @@
+"""The Lua that runs in Redis, read from the ``lua/`` folders, and its pipelined calls.
+
+Each plane keeps its scripts next to its Python: ``backend/lua/*.lua`` (claims,
+results, quotas, the cancel request, the release floor) and ``broker/lua/*.lua``
+(taking messages, reading the backlog). A script's name is its file name
+without ``.lua``, unique across both folders.
+
+Every file starts with a header of ``--`` lines: what the script does, one
+``-- KEYS[n] = …`` and ``-- ARGV[n] = …`` line per key and argument
+(``KEYS[3..]`` for a variable tail), and ``-- returns …``. A *prelude*
+(``-- prelude: …``) only defines Lua functions that several scripts share; a
+script names the preludes it needs with ``-- uses: a, b`` and they are
+prepended to it (with the preludes they use, each once). ``bucket.lua``, the
+token bucket, is so written once for the worker's charge (``admit.lua``, inside
+``claim.lua``) and the client's advisory check (``advise_many.lua``).
+
+The header is documentation and is not sent. The text Redis runs is the code
+below it, as one block between a leading and a trailing newline (so preludes
+and scripts concatenate line by line): byte for byte the text the scripts had
+as Python strings, with the same SHA1s, and the same function library
+(functions.py, whose text is pinned per version).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+
+#: The packages whose ``lua/`` folder holds scripts (package data, pyproject.toml).
+PACKAGES = ("maas_worker.backend", "maas_worker.broker")
+
+_USES = re.compile(r"^-- uses: (.+)$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One ``.lua`` file, split: its header lines, the preludes it names, its code."""
+
+    name: str
+    #: The leading ``--`` lines, as written.
+    header: tuple[str, ...]
+    #: The preludes of its ``-- uses:`` line, in order (not those they use).
+    uses: tuple[str, ...]
+    #: The code below the header, starting and ending with a newline.
+    code: str
+
+    @property
+    def is_prelude(self) -> bool:
+        """Whether it only defines functions for other scripts (``-- prelude:``)."""
+        return any(line.startswith("-- prelude:") for line in self.header)
+
+
+@functools.cache
+def _files() -> dict[str, Traversable]:
+    found: dict[str, Traversable] = {}
+    for package in PACKAGES:
+        for entry in (files(package) / "lua").iterdir():
+            name = entry.name.removesuffix(".lua")
+            if entry.name.endswith(".lua"):
+                if name in found:
+                    raise RuntimeError(f"two Lua scripts named {name!r}")
+                found[name] = entry
+    return found
+
+
+def names() -> list[str]:
+    """Every script and prelude, by name (sorted)."""
+    return sorted(_files())
+
+
+@functools.cache
+def source(name: str) -> Source:
+    """The file of script ``name``, split into header and code.
+
+    Raises `KeyError` for an unknown name.
+    """
+    lines = _files()[name].read_text(encoding="utf-8").splitlines(keepends=True)
+    n = 0
+    while n < len(lines) and lines[n].startswith("--"):
+        n += 1
+    header = tuple(line.rstrip("\n") for line in lines[:n])
+    uses = tuple(u.strip() for line in header if (m := _USES.match(line))
+                 for u in m.group(1).split(","))
+    return Source(name, header, uses, "\n" + "".join(lines[n:]).strip("\n") + "\n")
+
+
+def preludes(name: str) -> list[str]:
+    """The preludes ``name`` needs, in the order they are prepended, each once."""
+    out: list[str] = []
+    for used in source(name).uses:
+        for prelude in (*preludes(used), used):
+            if prelude not in out:
+                out.append(prelude)
+    return out
+
+
+def text(name: str) -> str:
+    """The Lua sent to Redis for script ``name``: its preludes' code, then its own."""
+    return "".join(source(p).code for p in preludes(name)) + source(name).code
+
+
+def register(client: redis.Redis, name: str) -> Script:
+    """Script ``name`` registered on ``client`` (redis-py: EVALSHA, loaded on NOSCRIPT)."""
+    return client.register_script(text(name))
+
+
+def eval_many(client: redis.Redis, script: Script,
+              calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+    """Run ``script`` once per ``(keys, args)`` in ONE pipeline; the replies, in order.
+
+    A call whose script failed has its `redis.ResponseError` in place of a
+    reply, so one job's error never decides another's; a lost connection
+    raises.
+
+    Why not redis-py's own way (`Script` objects queued on a pipeline): that
+    pipeline sends ``SCRIPT EXISTS`` for its scripts before every execute
+    (``Pipeline.load_scripts``), a second round trip each time, and the batch
+    consumer's claims, stores and payload reads are each budgeted as one round
+    trip per batch (docs/benchmarks.md). So this sends ``EVALSHA`` directly and
+    handles the rare miss itself: after a Redis restart (an empty script
+    cache) every call answers ``NOSCRIPT``, which means the call did nothing,
+    so the script is loaded and the calls are sent once more.
+    """
+    if not calls:
+        return []
+    for attempt in range(2):
+        pipe = client.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = pipe.execute(raise_on_error=False)
+        if not any(isinstance(r, NoScriptError) for r in replies):
+            break
+        if attempt == 0:
+            script.sha = client.script_load(script.script)
+    for reply in replies:
+        if isinstance(reply, Exception) and not isinstance(reply, redis.ResponseError):
+            raise reply
+    return list(replies)

@@ -1,0 +1,215 @@
+"""``maas-worker worker|batch-consumer|beat|flower|ping|demo``: the long-running processes.
+
+Celery's worker, beat and Flower read ``MAAS_*`` variables in their own
+modules and child processes, so a global flag reaches them through the
+environment of a fresh process image (`Invocation.exec_with_flags`), never by
+this process writing its own ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from maas_worker.cli.context import Command, Invocation, pass_invocation
+from maas_worker.errors import ConfigError, connection_cause
+from maas_worker.settings import redact_url
+
+FLOWER_TASK_COLUMNS = "name,uuid,state,args,result,received,runtime,worker"
+#: Flower's listening port and address by default.
+DEFAULT_FLOWER_PORT = 5555
+DEFAULT_FLOWER_ADDRESS = "127.0.0.1"
+#: Seconds ``ping`` waits for the node's answer by default.
+DEFAULT_PING_TIMEOUT_S = 5.0
+
+LOGLEVEL_HELP = "Celery's log level (default INFO)"
+
+
+_loglevel = click.option("--loglevel", default="INFO", help=LOGLEVEL_HELP)
+
+
+@click.command(cls=Command,
+               short_help="run a Celery worker")
+@click.option("--concurrency", type=int,
+              help="pool processes (threads with --pool threads; batch consumers with "
+              "--batch-consumer); default: the number of CPUs")
+@click.option("--autoscale", metavar="MAX,MIN",
+              help="grow and shrink the pool between MIN and MAX processes")
+@click.option("--hostname", "-n", help="node name (default celery@HOST)")
+# "threads" is for dynamic batching (MAAS_BATCH): there a running job
+# cannot be interrupted, only failed at its soft limit (docs/compute.md).
+@click.option("--pool", type=click.Choice(("prefork", "solo", "threads")),
+              help="the pool (default prefork; threads for dynamic batching, MAAS_BATCH)")
+@click.option("--batch-consumer", is_flag=True,
+              help="take the job queues in batches: one round trip per stage for many "
+              "jobs, one model call per batch (--concurrency processes; docs/operations.md)")
+@_loglevel
+@pass_invocation
+def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
+           hostname: str | None, pool: str | None, batch_consumer: bool, loglevel: str) -> int:
+    """Run a Celery worker on the job queues (high, then normal, then low)."""
+    inv.exec_with_flags()
+    from maas_worker.app import app, celery_config
+    from maas_worker.protocol import QUEUE_NAMES
+    from maas_worker.tenancy.keyring import load_keyring
+
+    settings = inv.settings
+    load_keyring(settings.keyring_path)  # refuse to start without a usable keyring
+    from maas_worker.models.signing import TrustedSigners
+
+    TrustedSigners.from_paths(settings.trusted_signers)  # ... or without its model signers
+    app.conf.update(celery_config(settings))
+    argv = ["worker", "-Q", ",".join(QUEUE_NAMES), "--loglevel", loglevel]
+    if batch_consumer:
+        # The job queues go to batch consumer processes (supervisor.py); the
+        # Celery worker keeps remote control and the broadcast queue, and runs
+        # the resource samples in its own process.
+        if autoscale or pool:
+            raise ConfigError("--batch-consumer sizes its own processes (--concurrency); "
+                              "it does not take --autoscale or --pool")
+        from maas_worker.protocol import MONITOR_EXCHANGE
+        from maas_worker.worker.batch import supervisor
+
+        supervisor.configure(processes=concurrency or os.cpu_count() or 1, loglevel=loglevel)
+        argv = ["worker", "-Q", MONITOR_EXCHANGE, "--pool", "solo", "--loglevel", loglevel]
+    elif concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    if autoscale:
+        argv += ["--autoscale", autoscale]
+    if hostname:
+        argv += ["--hostname", hostname]
+    if pool:
+        argv += ["--pool", pool]
+    app.worker_main(argv)
+    return 0
+
+
+@click.command("batch-consumer", cls=Command, hidden=True)
+@click.option("--name", default="consumer", help="this consumer's name in logs and metrics")
+@click.option("--ready-fd", type=int,
+              help="file descriptor to write to once ready (set by the supervisor)")
+@_loglevel
+@pass_invocation
+def batch_consumer(inv: Invocation, name: str, ready_fd: int | None, loglevel: str) -> int:
+    """One batch consumer process (started by ``worker --batch-consumer``)."""
+    inv.exec_with_flags()
+    from maas_worker.worker.batch.consumer import serve
+
+    return serve(name=name, loglevel=loglevel, ready_fd=ready_fd)
+
+
+@click.command(cls=Command,
+               short_help="run Celery beat (exactly one per deployment)")
+@_loglevel
+@pass_invocation
+def beat(inv: Invocation, loglevel: str) -> int:
+    """Run Celery beat: the resource-sample schedule (exactly one per deployment)."""
+    inv.exec_with_flags()
+    from maas_worker.app import app, celery_config
+
+    app.conf.update(celery_config(inv.settings))
+    app.start(["beat", "--loglevel", loglevel])
+    return 0
+
+
+@click.command(cls=Command,
+               short_help="run Flower (authentication required)")
+@click.option("--port", type=int, default=DEFAULT_FLOWER_PORT,
+              help="the port Flower listens on (default 5555)")
+@click.option("--address", default=DEFAULT_FLOWER_ADDRESS,
+              help="the address Flower listens on (default 127.0.0.1)")
+@click.option("--unauthenticated", is_flag=True,
+              help="allow Flower without authentication (local debugging only)")
+@pass_invocation
+def flower(inv: Invocation, port: int, address: str, unauthenticated: bool) -> int:
+    """Run Flower, the monitoring web UI, behind $MAAS_FLOWER_BASIC_AUTH."""
+    inv.exec_with_flags()
+    from celery import Celery
+
+    from maas_worker.app import celery_config
+    from maas_worker.worker import control
+
+    settings = inv.settings
+    auth = settings.flower_basic_auth
+    if not auth and not unauthenticated:
+        raise ConfigError("refusing to start Flower without authentication: set "
+                          "MAAS_FLOWER_BASIC_AUTH=user:password (or pass --unauthenticated)")
+    # Flower's own app, without the worker's modules (Flower imports an app's
+    # modules, and the worker's install its transport, which takes with Lua),
+    # and no expiry on its event and reply queues (kombu keeps expiring ones
+    # with Lua): the flower Redis role runs no Lua and writes no queue
+    # (acl.py). Nor does it sweep reserved messages back into the queues: it
+    # reserves none (replies are taken unacknowledged), workers sweep.
+    from kombu.transport import redis as kombu_redis
+
+    kombu_redis.QoS.restore_visible = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
+    app = Celery("maas_worker")
+    app.conf.update(celery_config(settings), control_queue_expires=None,
+                    event_queue_expires=None)
+    # Arguments and results are shown: jobs' are "<sealed envelope>" and None,
+    # resource samples' result is the sample in readable form.
+    argv = ["flower", f"--port={port}", f"--address={address}",
+            f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+        _authenticate_flower_metrics()
+    # Its buttons (shut down, pool, consumers, rate limits, revoke) do what the
+    # workers would allow, no more.
+    control.lock_flower(settings.remote_control)
+    app.start(argv)
+    return 0
+
+
+def _authenticate_flower_metrics() -> None:
+    """Make Flower's own ``/metrics`` ask for the credentials every other page asks for.
+
+    Flower serves it without authentication (worker and task names, event
+    counts); its ``/healthcheck`` stays open for container health checks.
+    """
+    import tornado.web
+    from flower.views.monitor import Metrics  # type: ignore[import-untyped]
+
+    if not getattr(Metrics.get, "maas_authenticated", False):
+        guarded = tornado.web.authenticated(Metrics.get)
+        guarded.maas_authenticated = True  # type: ignore[attr-defined]
+        Metrics.get = guarded
+
+
+@click.command(cls=Command,
+               short_help="check that a worker node answers (exit 1 if not)")
+@click.option("--node", help="worker node name (default: celery@<this host>)")
+@click.option("--timeout", type=float, default=DEFAULT_PING_TIMEOUT_S,
+              help="seconds to wait for the answer (default 5)")
+@pass_invocation
+def ping(inv: Invocation, node: str | None, timeout: float) -> int:
+    """Ask one worker node to answer through the broker (a container's HEALTHCHECK)."""
+    from celery.utils.nodenames import default_nodename
+    from kombu.exceptions import OperationalError
+
+    from maas_worker.app import app, celery_config
+    from maas_worker.errors import ServiceUnavailable
+
+    settings = inv.settings
+    app.conf.update(celery_config(settings))
+    node = node or default_nodename(None)  # the worker's default: celery@<this host>
+    try:
+        replies = app.control.ping(destination=[node], timeout=timeout)
+    except OperationalError as exc:
+        raise ServiceUnavailable(
+            f"broker unavailable ({redact_url(settings.broker_url)}: "
+            f"{connection_cause(exc)})") from None
+    if not any(node in reply for reply in replies or ()):
+        raise ServiceUnavailable(f"worker {node} did not answer within {timeout:g} s")
+    print(f"{node}: pong")
+    return 0
+
+
+@click.command(cls=Command,
+               short_help="run the whole system locally and exit")
+@click.option("--jobs", type=int, default=2, help="echo jobs per priority")
+def demo(jobs: int) -> int:
+    """Run the whole system locally (embedded Valkey, a worker, every priority) and exit."""
+    from maas_worker.local.demo import run_demo
+
+    return run_demo(jobs_per_priority=jobs)
