@@ -35,7 +35,8 @@ from maas_worker.client.client import Client
 from maas_worker.crypto.envelope import now_ms
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
-from maas_worker.settings import Settings, queue_for
+from maas_worker.protocol import queue_for
+from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import Keyring, TenantPolicy, save_keyring
 from maas_worker.tenancy.quota import Quotas, admission_args, admission_keys
 

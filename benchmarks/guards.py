@@ -36,13 +36,13 @@ from celery import Celery
 from kombu.transport import memory
 
 from maas_worker import jsonlimits
-from maas_worker.app import ARGS_REPR, TASK_NAME
 from maas_worker.broker.entries import (
     check_message,
     max_body_chars,
     parse_entry,
     sanitize_headers,
 )
+from maas_worker.protocol import ARGS_REPR, TASK_NAME
 from maas_worker.settings import Settings
 
 QUEUE = "maas.normal"

@@ -27,6 +27,7 @@ from maas_worker.errors import (
     UnknownModel,
     UnknownTenant,
 )
+from maas_worker.protocol import JobInfo, JobState, Priority
 from maas_worker.settings import Settings
 
 __version__ = "0.1.0"
@@ -37,6 +38,9 @@ __all__ = [
     # client
     "Client",
     "Job",
+    "JobInfo",
+    "JobState",
+    "Priority",
     "Settings",
     # errors
     "ConfigError",

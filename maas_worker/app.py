@@ -13,42 +13,10 @@ from typing import Any
 
 from celery import Celery
 
-from maas_worker.broker.app import (
-    ARGS_REPR,
-    BROKER_CONNECT_TIMEOUT_S,
-    BROKER_SOCKET_TIMEOUT_S,
-    EXCHANGE,
-    PAYLOAD_REF_PREFIX,
-    QUEUE_NAMES,
-    TASK_NAME,
-    TRANSPORT,
-    payload_ref,
-    payload_ref_tenant,
-    producer_config,
-    transport_options,
-)
+from maas_worker.broker.app import TRANSPORT, producer_config
 from maas_worker.monitoring.samples import celery_options as monitoring_options
 from maas_worker.monitoring.samples import monitor_queue
 from maas_worker.settings import Settings
-
-# The producer half's names, still importable from here (they moved to broker/app.py).
-__all__ = [
-    "ARGS_REPR",
-    "BROKER_CONNECT_TIMEOUT_S",
-    "BROKER_SOCKET_TIMEOUT_S",
-    "EXCHANGE",
-    "PAYLOAD_REF_PREFIX",
-    "QUEUE_NAMES",
-    "TASK_NAME",
-    "TRANSPORT",
-    "WORKER_MODULES",
-    "app",
-    "celery_config",
-    "make_app",
-    "payload_ref",
-    "payload_ref_tenant",
-    "transport_options",
-]
 
 #: Modules holding tasks and worker hooks, imported by workers only.
 WORKER_MODULES = ["maas_worker.worker.tasks", "maas_worker.monitoring.tasks"]

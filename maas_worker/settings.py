@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from maas_worker.errors import ConfigError
+from maas_worker.protocol import PRIORITIES
 
 V = TypeVar("V")
 
@@ -55,17 +56,6 @@ DEFAULT_SAMPLE_INTERVAL_S = 15.0
 DEFAULT_METRICS_PORT = 9540
 DEFAULT_FLEET_METRICS_PORT = 9541
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
-
-PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
-QUEUE_PREFIX = "maas."
-
-
-def queue_for(priority: str) -> str:
-    """Return the Celery queue name that carries jobs of ``priority``."""
-    if priority not in PRIORITIES:
-        raise ConfigError(f"unknown priority {priority!r}; use one of {', '.join(PRIORITIES)}")
-    return QUEUE_PREFIX + priority
-
 
 def _default_keyring(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")

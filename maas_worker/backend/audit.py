@@ -18,15 +18,13 @@ from typing import Any
 import redis
 
 from maas_worker.backend import keyspace
+from maas_worker.protocol import AuditReason
 
 # The name operators route audit records by; it predates the backend/ folder.
 log = logging.getLogger("maas_worker.audit")
 
 #: The reasons a record may carry (the contract's list).
-REASONS: frozenset[str] = frozenset({
-    "tampered", "replayed", "expired", "unknown_key", "malformed", "oversize", "policy",
-    "rate_limited", "model_rejected",
-})
+REASONS: frozenset[str] = frozenset(AuditReason)
 #: Longest job id or tenant stored; anything longer is cut (it is untrusted).
 _MAX_FIELD = 128
 
@@ -66,7 +64,7 @@ class AuditLog:
         self._maxlen = maxlen
         self._worker = socket.gethostname()
 
-    def record(self, *, job_id: str, tenant: str, reason: str, verified: bool,
+    def record(self, *, job_id: str, tenant: str, reason: AuditReason, verified: bool,
                detail: str = "") -> None:
         """Append one record; never raises (a failed write is logged, not fatal).
 

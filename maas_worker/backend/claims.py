@@ -29,16 +29,35 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 import redis
 
 from maas_worker.backend import keyspace, scripts
+from maas_worker.protocol import JobState
 
 log = logging.getLogger(__name__)
 
-ClaimOutcome = Literal["claimed", "busy", "replayed", "exhausted", "cancelled",
-                       "rate_limited", "error"]
+
+class ClaimOutcome(StrEnum):
+    """What the claim script decided for one job (its reply; the module docstring)."""
+
+    #: This process runs the job.
+    CLAIMED = "claimed"
+    #: Another live worker runs it now: retry the message later.
+    BUSY = "busy"
+    #: It finished or is closed: never run it again.
+    REPLAYED = "replayed"
+    #: Claimed, but it already started too often: fail it (``worker_lost``), do not run it.
+    EXHAUSTED = "exhausted"
+    #: Its tenant asked to cancel it (the request is returned to verify): not claimed.
+    CANCELLED = "cancelled"
+    #: Over its tenant's rate or in-flight quota: not claimed.
+    RATE_LIMITED = "rate_limited"
+    #: This job's script failed (`JobGuard.claim_many` only).
+    ERROR = "error"
+
 
 #: Runs a job may start before it is failed with ``worker_lost`` instead: a
 #: job that kills its worker every time must not be redelivered forever.
@@ -140,7 +159,7 @@ class JobGuard:
         """
         replies = scripts.eval_many(self._r, self._claim,
                                     [self._claim_call(req) for req in requests])
-        return [Claim("error", error=reply) if isinstance(reply, Exception)
+        return [Claim(ClaimOutcome.ERROR, error=reply) if isinstance(reply, Exception)
                 else self._claimed(req.tenant, req.job_id, reply)
                 for req, reply in zip(requests, replies, strict=True)]
 
@@ -159,16 +178,16 @@ class JobGuard:
 
     def _claimed(self, tenant: str, job_id: str, reply: Any) -> Claim:
         raw_outcome, raw_detail = reply
-        outcome = _text(raw_outcome)
+        outcome = ClaimOutcome(_text(raw_outcome))
         detail = _text(raw_detail)
-        if outcome in ("claimed", "exhausted"):
+        if outcome in (ClaimOutcome.CLAIMED, ClaimOutcome.EXHAUSTED):
             with self._held_lock:
                 self._held.add((tenant, job_id))
-        if outcome == "cancelled":
-            return Claim("cancelled", cancel_token=detail)
-        if outcome == "rate_limited":
-            return Claim("rate_limited", retry_after_s=int(detail) / 1000 if detail else None)
-        return Claim(outcome)  # type: ignore[arg-type]
+        if outcome == ClaimOutcome.CANCELLED:
+            return Claim(outcome, cancel_token=detail)
+        if outcome == ClaimOutcome.RATE_LIMITED:
+            return Claim(outcome, retry_after_s=int(detail) / 1000 if detail else None)
+        return Claim(outcome)
 
     def close(self, tenant: str, job_id: str, *, window_ms: int) -> None:
         """Close a job that will never run (cancelled): replays are recognised as such."""
@@ -233,7 +252,7 @@ class JobGuard:
         return data if isinstance(data, bytes) and data else None
 
     def mark_rejected(self, tenant: str, job_id: str, *, ttl_s: int,
-                      state: str = "rejected") -> None:
+                      state: JobState = JobState.REJECTED) -> None:
         """Record that an authenticated message of this job was refused (never over a result).
 
         ``state`` is what the client's status shows: ``rejected`` or ``expired``.

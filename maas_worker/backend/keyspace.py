@@ -7,7 +7,7 @@ the same id. The braces are Redis Cluster's hash tag: all of one tenant's
 keys (its jobs and its quota) hash to one slot, as the claim script that
 charges the quota needs. The tenant is always the authenticated one (from a
 verified header, or the client's own); tenant names are restricted by
-`keys.TENANT_RE`, job ids to canonical UUIDs (`is_job_id`), so the parts
+`protocol.TENANT_RE`, job ids to canonical UUIDs (`is_job_id`), so the parts
 cannot run into each other.
 
 Who writes what (the least-privilege roles of docs/security.md follow it):

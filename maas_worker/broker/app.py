@@ -15,23 +15,9 @@ from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from maas_worker.broker.scheduling import STRATEGY
-from maas_worker.settings import PRIORITIES, Settings, queue_for
-from maas_worker.tenancy.keyring import TENANT_RE
+from maas_worker.protocol import QUEUE_NAMES, Priority, queue_for
+from maas_worker.settings import Settings
 
-# TASK_NAME, ARGS_REPR, SAMPLE_TASK and MONITOR_EXCHANGE are wire vocabulary:
-# defined here, below the worker and monitoring (the queue-entry checks of every
-# transport, a producer's included, name them), until protocol.py takes them (#14).
-TASK_NAME = "maas.infer"
-SAMPLE_TASK = "maas.sample"
-#: Fanout exchange (and the broadcast queue's name) that carries sample requests.
-MONITOR_EXCHANGE = "maas.monitor"
-#: What a job's argument shows as (Celery's ``argsrepr``: Flower, events, logs).
-ARGS_REPR = "('<sealed envelope>',)"
-#: A task argument ``ref:payload:<tenant>`` says "the sealed request waits at
-#: the tenant's payload key of this job" (a large request: claim check).
-PAYLOAD_REF_PREFIX = "ref:payload:"
-#: Queues in the order a worker consumes them: high first, low last.
-QUEUE_NAMES: tuple[str, ...] = tuple(queue_for(p) for p in PRIORITIES)
 EXCHANGE = "maas"
 #: Producers' ``broker_transport``: kombu's Redis transport with the wake-up ring
 #: (transport.py; named, not imported, so kombu loads it only when connecting).
@@ -42,25 +28,6 @@ TRANSPORT = "maas_worker.broker.transport:Transport"
 #: error, not a hang; longer than kombu's 1 s BRPOP poll.
 BROKER_SOCKET_TIMEOUT_S = 10.0
 BROKER_CONNECT_TIMEOUT_S = 5.0
-
-
-def payload_ref(tenant: str) -> str:
-    """The task argument of a claim-checked request of ``tenant``."""
-    return PAYLOAD_REF_PREFIX + tenant
-
-
-def payload_ref_tenant(arg: str) -> str | None:
-    """The tenant named by a claim-check argument; None if ``arg`` is not one.
-
-    Unverified (whoever wrote the queue entry chose it): it only says where to
-    look, and the envelope found there must be that tenant's (pipeline.py).
-    An argument that starts like a reference but names no valid tenant gives
-    ``""``.
-    """
-    if not arg.startswith(PAYLOAD_REF_PREFIX):
-        return None
-    tenant = arg[len(PAYLOAD_REF_PREFIX):]
-    return tenant if TENANT_RE.fullmatch(tenant) else ""
 
 
 def transport_options(settings: Settings) -> dict[str, Any]:
@@ -119,7 +86,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "task_queues": job_queues(),
         "task_default_exchange": EXCHANGE,
-        "task_default_queue": queue_for("normal"),
+        "task_default_queue": queue_for(Priority.NORMAL),
         "task_create_missing_queues": False,
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,

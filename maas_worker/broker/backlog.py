@@ -26,7 +26,8 @@ import redis
 from maas_worker.backend import functions
 from maas_worker.backend.redis import redis_client
 from maas_worker.crypto.envelope import TYPE_REQUEST, VERSION
-from maas_worker.settings import PRIORITIES, Settings, queue_for
+from maas_worker.protocol import PRIORITIES, queue_for
+from maas_worker.settings import Settings
 
 #: Enough of a message to reach the envelope's fixed header through two layers
 #: of base64 (kombu's body encoding, then the envelope argument itself).

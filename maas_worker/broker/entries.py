@@ -31,8 +31,16 @@ from typing import Any
 
 from maas_worker import jsonlimits
 from maas_worker.backend.keyspace import is_job_id
-from maas_worker.broker.app import ARGS_REPR, MONITOR_EXCHANGE, SAMPLE_TASK, TASK_NAME
-from maas_worker.settings import PRIORITIES, Settings, queue_for
+from maas_worker.protocol import (
+    ARGS_REPR,
+    MONITOR_EXCHANGE,
+    PRIORITIES,
+    SAMPLE_TASK,
+    TASK_NAME,
+    AuditReason,
+    queue_for,
+)
+from maas_worker.settings import Settings
 
 #: The only task each consumed queue may carry.
 _TASK_OF_QUEUE: dict[str, str] = {
@@ -58,7 +66,7 @@ def max_body_chars(settings: Settings) -> int:
 class Refused(Exception):
     """A queue entry that must not reach Celery; ``reason`` is the audit reason."""
 
-    def __init__(self, reason: str, why: str) -> None:
+    def __init__(self, reason: AuditReason, why: str) -> None:
         super().__init__(why)
         self.reason = reason
 
@@ -100,47 +108,48 @@ def check_message(raw: Any, queue: str, *, max_body_chars: int) -> list[Any] | N
     ``[args, kwargs, embed]`` with no workflow in ``embed``.
     """
     if not isinstance(raw, dict) or not isinstance(raw.get("properties"), dict):
-        raise Refused("malformed", "not a kombu message")
+        raise Refused(AuditReason.MALFORMED, "not a kombu message")
     props = raw["properties"]
     if not str_field(props, "delivery_tag"):
-        raise Refused("malformed", "no delivery tag")
+        raise Refused(AuditReason.MALFORMED, "no delivery tag")
     info = props.get("delivery_info")
     if info is not None and not isinstance(info, dict):
-        raise Refused("malformed", "bad delivery_info")
+        raise Refused(AuditReason.MALFORMED, "bad delivery_info")
     body = raw.get("body")
     if body is not None and not isinstance(body, str):
-        raise Refused("malformed", "body is not text")
+        raise Refused(AuditReason.MALFORMED, "body is not text")
     if not isinstance(raw.get("headers", {}), dict):
-        raise Refused("malformed", "headers are not a mapping")
+        raise Refused(AuditReason.MALFORMED, "headers are not a mapping")
     expected_task = _TASK_OF_QUEUE.get(queue)
     if expected_task is None:
         return None  # Celery's own queues (remote control, events): structure only
     if raw.get("content-type") != "application/json" or \
             raw.get("content-encoding") not in ("utf-8", None):
-        raise Refused("malformed", "content type is not JSON")
+        raise Refused(AuditReason.MALFORMED, "content type is not JSON")
     if props.get("body_encoding") not in ("base64", None):
-        raise Refused("malformed", "unknown body encoding")
+        raise Refused(AuditReason.MALFORMED, "unknown body encoding")
     if str_field(raw.get("headers"), "task") != expected_task:
-        raise Refused("malformed", f"not a {expected_task} message")
+        raise Refused(AuditReason.MALFORMED, f"not a {expected_task} message")
     if not is_job_id(str_field(raw.get("headers"), "id")):
-        raise Refused("malformed", "task id is not a canonical UUID")
+        raise Refused(AuditReason.MALFORMED, "task id is not a canonical UUID")
     if body is not None and len(body) > max_body_chars:
-        raise Refused("oversize", "body over the size limit")
+        raise Refused(AuditReason.OVERSIZE, "body over the size limit")
     try:
         decoded = base64.b64decode(body or "", validate=True)
     except (binascii.Error, ValueError):
-        raise Refused("malformed", "body is not base64") from None
+        raise Refused(AuditReason.MALFORMED, "body is not base64") from None
     if queue not in JOB_QUEUES:
         return None
     try:
         call = jsonlimits.loads(decoded, max_depth=jsonlimits.MAX_MESSAGE_DEPTH)
     except ValueError:
-        raise Refused("malformed", "body is not a JSON task call") from None
+        raise Refused(AuditReason.MALFORMED, "body is not a JSON task call") from None
     if not isinstance(call, list) or len(call) != 3 or not isinstance(call[1], dict) \
             or not isinstance(call[2], dict | None):
-        raise Refused("malformed", "body is not [args, kwargs, embed]")
+        raise Refused(AuditReason.MALFORMED, "body is not [args, kwargs, embed]")
     if call[2] and any(call[2].get(k) for k in _WORKFLOW_KEYS):
-        raise Refused("malformed", "callbacks, errbacks, chains and chords are not allowed")
+        raise Refused(AuditReason.MALFORMED,
+                      "callbacks, errbacks, chains and chords are not allowed")
     return call
 
 

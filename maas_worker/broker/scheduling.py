@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from kombu.utils.scheduling import priority_cycle
 
-from maas_worker.settings import PRIORITIES, Settings, queue_for
+from maas_worker.protocol import PRIORITIES, queue_for
+from maas_worker.settings import Settings
 
 STRATEGY = "maas_worker.broker.scheduling:ReservedShareCycle"
 

@@ -65,6 +65,7 @@ from maas_worker.broker.entries import (
     str_field,
     unverified_entry_id,
 )
+from maas_worker.protocol import AuditReason
 from maas_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class _Auditor:
     def __init__(self) -> None:
         self._audit: Any = None
 
-    def record(self, raw: Any, reason: str, *, job_id: str | None = None,
+    def record(self, raw: Any, reason: AuditReason, *, job_id: str | None = None,
                detail: str = "") -> None:
         """One record for a refused entry (or control command): its id from ``raw``
         (parsed) or ``job_id``."""
@@ -256,7 +257,7 @@ class HardenedChannel(kombu_redis.Channel):
         if not (queue in CONSUMED_QUEUES or queue in self._fanout_queues
                 or queue.endswith(REPLY_QUEUE_SUFFIX)):
             log.warning("not consuming queue %.64r: not one of this deployment's queues", queue)
-            auditor.record(None, "policy", job_id="",
+            auditor.record(None, AuditReason.POLICY, job_id="",
                            detail=f"queue {queue[:64]!r} is not configured: not consumed")
             return kwargs.get("consumer_tag") or (args[1] if len(args) > 1 else None)
         if no_ack:
@@ -297,7 +298,7 @@ class HardenedChannel(kombu_redis.Channel):
                 log.warning("queue %s: refused an entry Celery could not read (%s)",
                             queue, type(exc).__name__)
                 self._forget(raw)
-                auditor.record(raw, "malformed")
+                auditor.record(raw, AuditReason.MALFORMED)
                 return None
 
         self.connection._callbacks[queue] = deliver
@@ -374,7 +375,8 @@ class HardenedChannel(kombu_redis.Channel):
             if taken.tag is not None:
                 self.qos.prereserved.add(taken.tag)
                 self.qos.forget(taken.tag)
-            reason = "oversize" if len(taken.raw) > self._limit() else "malformed"
+            reason = AuditReason.OVERSIZE if len(taken.raw) > self._limit() \
+                else AuditReason.MALFORMED
             log.warning("queue %s: refused a queue entry (%s) that cannot be read as a "
                         "message", taken.queue, reason)
             auditor.record(None, reason, job_id=unverified_entry_id(taken.raw))

@@ -10,7 +10,7 @@ import click
 
 from maas_worker.cli.context import Command, Invocation, json_option, pass_invocation, tenant_option
 from maas_worker.errors import ConfigError, JobError
-from maas_worker.settings import PRIORITIES
+from maas_worker.protocol import PRIORITIES
 
 #: Seconds ``submit --wait`` and ``result`` wait for a result by default.
 DEFAULT_WAIT_S = 60.0
@@ -86,9 +86,9 @@ def status(inv: Invocation, job_id: str, as_json: bool, tenant: str | None) -> i
     """Print a job's state (and the reason if it failed)."""
     info = _client(inv, tenant).job(job_id).info()
     if as_json:
-        print(json.dumps(info))
+        print(json.dumps(info.as_dict()))
     else:
-        print(info["state"] + (f" ({info['reason']})" if info["reason"] else ""))
+        print(info.state + (f" ({info.reason})" if info.reason else ""))
     return 0
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from maas_worker.cli.context import Group, json_option, pass_settings
-from maas_worker.settings import PRIORITIES, Settings
+from maas_worker.protocol import PRIORITIES
+from maas_worker.settings import Settings
 
 TENANT_HELP = "the tenant (a lowercase name)"
 

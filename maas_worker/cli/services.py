@@ -50,7 +50,8 @@ def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
            hostname: str | None, pool: str | None, batch_consumer: bool, loglevel: str) -> int:
     """Run a Celery worker on the job queues (high, then normal, then low)."""
     inv.exec_with_flags()
-    from maas_worker.app import QUEUE_NAMES, app, celery_config
+    from maas_worker.app import app, celery_config
+    from maas_worker.protocol import QUEUE_NAMES
     from maas_worker.tenancy.keyring import load_keyring
 
     settings = inv.settings
@@ -67,7 +68,7 @@ def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
         if autoscale or pool:
             raise ConfigError("--batch-consumer sizes its own processes (--concurrency); "
                               "it does not take --autoscale or --pool")
-        from maas_worker.broker.app import MONITOR_EXCHANGE
+        from maas_worker.protocol import MONITOR_EXCHANGE
         from maas_worker.worker.batch import supervisor
 
         supervisor.configure(app, processes=concurrency or os.cpu_count() or 1, loglevel=loglevel)

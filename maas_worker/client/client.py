@@ -24,7 +24,7 @@ from kombu.exceptions import BatchPublishError, OperationalError
 from maas_worker import jsonlimits
 from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.redis import backend_client, redis_client
-from maas_worker.broker.app import ARGS_REPR, TASK_NAME, make_producer_app, payload_ref
+from maas_worker.broker.app import make_producer_app
 from maas_worker.client.job import Job, backend_errors
 from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.crypto.primitives import CryptoBackend, crypto_backend
@@ -42,7 +42,15 @@ from maas_worker.errors import (
 )
 from maas_worker.models.base import parse_model_ref
 from maas_worker.models.diagnostic import diagnostic_refs
-from maas_worker.settings import MAX_JOB_TTL_S, PRIORITIES, Settings, queue_for, redact_url
+from maas_worker.protocol import (
+    ARGS_REPR,
+    PRIORITIES,
+    TASK_NAME,
+    Priority,
+    payload_ref,
+    queue_for,
+)
+from maas_worker.settings import MAX_JOB_TTL_S, Settings, redact_url
 from maas_worker.tenancy.keyring import Keyring, KeyringSource
 from maas_worker.tenancy.quota import Quotas
 
@@ -254,6 +262,8 @@ class Client:
     def _seal_raw(self, model: str, inputs: Any, *, priority: str, ttl_s: int | None,
                   job_id: str | None = None) -> tuple[Header, bytes]:
         """`seal` without the base64: a claim-checked request is stored raw."""
+        if isinstance(priority, Priority):
+            priority = priority.value  # the header and the error messages hold the plain name
         self._check(model, priority)
         if job_id is not None and not keyspace.is_job_id(job_id):
             raise SubmitError("job_id must be a UUID in canonical form (lowercase, hyphenated)")
@@ -283,7 +293,8 @@ class Client:
                ttl_s: int | None = None) -> Job:
         """Seal ``inputs`` for ``model`` and enqueue it; returns the `Job`.
 
-        ``ttl_s`` bounds how long the job may wait in the queue: a worker
+        ``priority`` is a `Priority` or its name (``"high"``, ``"normal"``,
+        ``"low"``). ``ttl_s`` bounds how long the job may wait in the queue: a worker
         refuses it (``expired``) after that.
         """
         return self.submit_many(model, [inputs], priority=priority, ttl_s=ttl_s)[0]

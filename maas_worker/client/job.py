@@ -11,7 +11,6 @@ result counts only once it opens with this tenant's key and names this job
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -31,6 +30,7 @@ from maas_worker.errors import (
     UnknownJob,
     connection_cause,
 )
+from maas_worker.protocol import JobInfo, JobState, ResultDoc
 from maas_worker.settings import Settings, redact_url
 from maas_worker.tenancy.cancellation import make_token, verify_token
 
@@ -68,7 +68,7 @@ class Job:
     def __repr__(self) -> str:
         return f"Job(id={self.id!r})"
 
-    def _open(self, sealed: bytes) -> dict[str, Any]:
+    def _open(self, sealed: bytes) -> ResultDoc:
         s = self.client.settings
         header, body = open_envelope(
             sealed, expect="result", keyring=self.client.own_keyring(),
@@ -77,14 +77,13 @@ class Job:
         if header.job_id != self.id or header.tenant != self.client.tenant or (
                 self._request_hash is not None and header.request_hash != self._request_hash):
             raise InvalidEnvelope()
-        doc: dict[str, Any] = json.loads(body)
-        return doc
+        return ResultDoc.from_json(body)
 
     def _cancelled(self, token: bytes | None) -> bool:
         return verify_token(token, self.client.keyring, self.client.tenant, self.id)
 
-    def info(self) -> dict[str, Any]:
-        """``{"job_id", "state", "reason", "model"}``; ``reason`` is set for failed jobs only.
+    def info(self) -> JobInfo:
+        """The job's id, `JobState`, ``reason`` (failed jobs only) and ``model``.
 
         ``model`` is the ``name@version`` that ran the job, from its sealed
         result (None until there is one, and for jobs that never ran).
@@ -105,34 +104,33 @@ class Job:
             sealed, rejected, cancel, claim, submitted = pipe.execute()
         doc = self._open(sealed) if sealed is not None else None
         state, reason = self._state(doc, rejected, cancel, claim, submitted)
-        model = doc.get("model") if doc is not None else None
-        return {"job_id": self.id, "state": state, "reason": reason,
-                "model": model if isinstance(model, str) else None}
+        return JobInfo(self.id, state, reason, doc.model if doc is not None else None)
 
-    def _state(self, doc: dict[str, Any] | None, rejected: bytes | None, cancel: bytes | None,
-               claim: bytes | None, submitted: bytes | None) -> tuple[str, str | None]:
+    def _state(self, doc: ResultDoc | None, rejected: bytes | None, cancel: bytes | None,
+               claim: bytes | None, submitted: bytes | None) -> tuple[JobState, str | None]:
         if doc is not None:
-            if doc.get("ok"):
-                return "succeeded", None
-            error = str(doc.get("error", "error"))
-            return ("cancelled", None) if error == "cancelled" else ("failed", error)
+            if doc.ok:
+                return JobState.SUCCEEDED, None
+            return (JobState.CANCELLED, None) if doc.cancelled else (JobState.FAILED, doc.error)
         if rejected is not None:
-            return ("expired" if rejected == b"expired" else "rejected"), None
+            # The worker wrote the state a client sees (claims.JobGuard.mark_rejected).
+            expired = rejected == JobState.EXPIRED.encode()
+            return (JobState.EXPIRED if expired else JobState.REJECTED), None
         if cancel is not None and self._cancelled(cancel):
-            return "cancelled", None
+            return JobState.CANCELLED, None
         if claim is not None and claim != b"done":
-            return "running", None
+            return JobState.RUNNING, None
         if submitted is not None:
             expires = int(submitted) if submitted.isdigit() else None
             skew_ms = self.client.settings.clock_skew_s * 1000
             if expires is not None and now_ms() > expires + skew_ms:
-                return "expired", None
-            return "queued", None
+                return JobState.EXPIRED, None
+            return JobState.QUEUED, None
         raise UnknownJob(self.id, "unknown job (never submitted, or expired)")
 
-    def status(self) -> str:
-        """The job's state (see `info`)."""
-        return str(self.info()["state"])
+    def status(self) -> JobState:
+        """The job's state (see `info`): a `JobState`, equal to its string (``"queued"``)."""
+        return self.info().state
 
     def cancel(self) -> bool:
         """Ask for the job to be cancelled; False if it had already finished.
@@ -187,14 +185,13 @@ class Job:
                 sealed, rejected, cancel, claim = pipe.execute()
             if sealed is not None:
                 doc = self._open(sealed)
-                if doc.get("ok"):
-                    output: dict[str, Any] = doc.get("output", {})
+                if doc.ok:
+                    output: dict[str, Any] = doc.output
                     return output
-                error = str(doc.get("error", "error"))
-                if error == "cancelled":
+                if doc.cancelled:
                     raise JobCancelled(self.id, "cancelled")
-                raise JobFailed(self.id, error, str(doc.get("message", "")))
-            if rejected == b"expired":
+                raise JobFailed(self.id, str(doc.error), doc.message)
+            if rejected == JobState.EXPIRED.encode():
                 raise JobExpired(self.id, "expired in the queue before a worker ran it")
             if rejected is not None:
                 raise JobRejected(self.id, "rejected by a worker (see `maas-worker audit`)")

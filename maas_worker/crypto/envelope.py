@@ -30,13 +30,13 @@ from typing import Literal, Protocol
 
 from maas_worker.crypto.primitives import DEFAULT, CryptoBackend
 from maas_worker.errors import EnvelopeRejected, InvalidEnvelope
+from maas_worker.protocol import PRIORITY_CODES, AuditReason
 
 VERSION = 0x01
 TYPE_REQUEST = 0x01
 TYPE_RESULT = 0x02
 Kind = Literal["request", "result"]
 _TYPE_OF: dict[Kind, int] = {"request": TYPE_REQUEST, "result": TYPE_RESULT}
-PRIORITY_CODES: dict[str, int] = {"high": 0, "normal": 1, "low": 2}
 _PRIORITY_NAMES = {v: k for k, v in PRIORITY_CODES.items()}
 
 NONCE_BYTES = 12
@@ -151,22 +151,22 @@ def parse_unverified_header(data: bytes) -> Header:
     try:
         version, type_, size, kver, iat, exp, prio = _FIXED.unpack_from(data, 0)
         if version != VERSION:
-            raise EnvelopeRejected("malformed")
+            raise EnvelopeRejected(AuditReason.MALFORMED)
         kind: Kind
         if type_ == TYPE_REQUEST:
             kind = "request"
         elif type_ == TYPE_RESULT:
             kind = "result"
         else:
-            raise EnvelopeRejected("malformed")
+            raise EnvelopeRejected(AuditReason.MALFORMED)
         if prio not in _PRIORITY_NAMES or size > len(data) - NONCE_BYTES - TAG_BYTES - MAC_BYTES:
-            raise EnvelopeRejected("malformed")
+            raise EnvelopeRejected(AuditReason.MALFORMED)
         pos = _FIXED.size
         strings = []
         for _ in range(4):
             n = data[pos]
             if n == 0:
-                raise EnvelopeRejected("malformed")
+                raise EnvelopeRejected(AuditReason.MALFORMED)
             strings.append(bytes(data[pos + 1:pos + 1 + n]).decode())
             pos += 1 + n
         req_hash = None
@@ -174,9 +174,9 @@ def parse_unverified_header(data: bytes) -> Header:
             req_hash = bytes(data[pos:pos + HASH_BYTES])
             pos += HASH_BYTES
         if pos != size:
-            raise EnvelopeRejected("malformed")
+            raise EnvelopeRejected(AuditReason.MALFORMED)
     except (struct.error, IndexError, UnicodeDecodeError):
-        raise EnvelopeRejected("malformed") from None
+        raise EnvelopeRejected(AuditReason.MALFORMED) from None
     tenant, job_id, task, model = strings
     return Header(kind, kver, iat, exp, _PRIORITY_NAMES[prio], tenant, job_id, task, model,
                   req_hash, bytes(data[:size]))
@@ -225,7 +225,8 @@ class Verified:
             plaintext = self.crypto.open(key, bytes(body[:NONCE_BYTES]), body[NONCE_BYTES:],
                                          self.header.raw)
         except ValueError:
-            raise EnvelopeRejected("tampered", self.header, authenticated=True) from None
+            raise EnvelopeRejected(AuditReason.TAMPERED, self.header,
+                                   authenticated=True) from None
         return plaintext
 
 
@@ -244,28 +245,28 @@ def verify(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
     `Verified.decrypt` will use.
     """
     if len(data) > max_bytes:
-        raise EnvelopeRejected("oversize")
+        raise EnvelopeRejected(AuditReason.OVERSIZE)
     if len(data) < MIN_ENVELOPE:
-        raise EnvelopeRejected("malformed")
+        raise EnvelopeRejected(AuditReason.MALFORMED)
     header = parse_unverified_header(data)
     if header.kind != expect:
-        raise EnvelopeRejected("malformed", header)
+        raise EnvelopeRejected(AuditReason.MALFORMED, header)
     kv = keyring.usable(header.tenant, header.key_version)
     if kv is None:
-        raise EnvelopeRejected("unknown_key", header)
+        raise EnvelopeRejected(AuditReason.UNKNOWN_KEY, header)
     keys = kv.keys(header.tenant)
     view = memoryview(data)
     expected = hmac.digest(keys.mac, view[:-MAC_BYTES], "sha256")
     if not hmac.compare_digest(expected, view[-MAC_BYTES:]):
-        raise EnvelopeRejected("tampered", header)
+        raise EnvelopeRejected(AuditReason.TAMPERED, header)
     # -- authenticated from here on ---------------------------------------------
     now = now_ms() if at_ms is None else at_ms
     if header.issued_at_ms > now + skew_ms or header.expires_at_ms <= now - skew_ms \
             or header.expires_at_ms < header.issued_at_ms:
-        raise EnvelopeRejected("expired", header, authenticated=True)
+        raise EnvelopeRejected(AuditReason.EXPIRED, header, authenticated=True)
     if max_lifetime_ms is not None \
             and header.expires_at_ms - header.issued_at_ms > max_lifetime_ms:
-        raise EnvelopeRejected("malformed", header, authenticated=True)
+        raise EnvelopeRejected(AuditReason.MALFORMED, header, authenticated=True)
     return Verified(header, keys, view[len(header.raw):-MAC_BYTES], crypto)
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import redis
 
-from maas_worker.app import ARGS_REPR, TASK_NAME
 from maas_worker.backend.audit import AuditLog, AuditRecord
 from maas_worker.client.client import Client
 from maas_worker.client.job import Job
@@ -26,7 +25,8 @@ from maas_worker.crypto.envelope import NONCE_BYTES, encode_header
 from maas_worker.errors import JobRejected, MaasError
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
-from maas_worker.settings import BUNDLED_MODEL_DIR, PRIORITIES, Settings, queue_for
+from maas_worker.protocol import ARGS_REPR, PRIORITIES, TASK_NAME, AuditReason, queue_for
+from maas_worker.settings import BUNDLED_MODEL_DIR, Settings
 from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 DEMO_TENANT = "demo"
@@ -166,7 +166,8 @@ def run_demo(jobs_per_priority: int = 2) -> int:
             print(f"demo: scanned {keys_read} Redis keys for the plaintext: "
                   f"{'none found' if not hits else 'FOUND in ' + ', '.join(hits)}")
             elapsed = time.monotonic() - started
-            passed = rec is not None and rec.reason == "tampered" and not hits and digits_ok
+            passed = (rec is not None and rec.reason == AuditReason.TAMPERED and not hits
+                      and digits_ok)
             print(f"demo: {ok} jobs succeeded ({', '.join(PRIORITIES)}), 1 forged job rejected "
                   f"and audited, {'no leak' if not hits else 'LEAK'}; {elapsed:.1f} s "
                   f"{'OK' if passed else 'FAILED'}")

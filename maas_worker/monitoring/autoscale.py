@@ -35,8 +35,8 @@ import redis
 from celery.worker import state as worker_state
 from celery.worker.autoscale import Autoscaler
 
-from maas_worker.broker.app import TASK_NAME
 from maas_worker.broker.backlog import Backlog, broker_client, read_backlog
+from maas_worker.protocol import TASK_NAME
 from maas_worker.settings import AutoscalePolicy, Settings
 
 log = logging.getLogger(__name__)

@@ -39,6 +39,8 @@ from typing import Any, Protocol
 
 import psutil
 
+from maas_worker.protocol import AuditReason, Outcome
+
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -48,10 +50,10 @@ _DIR_PREFIX = "maas-metrics-"
 _ARCHIVE = "archive"
 
 #: Job outcomes as the pipeline reports them (tasks.process, the batch consumer) besides rejections.
-OUTCOMES = frozenset({"succeeded", "failed", "duplicate", "cancelled", "finished"})
-#: Audit reasons: a job refused for one of these counts as outcome ``rejected``.
-REJECT_REASONS = frozenset({"tampered", "replayed", "expired", "unknown_key", "malformed",
-                            "oversize", "policy", "rate_limited"})
+OUTCOMES: frozenset[str] = frozenset(Outcome)
+#: Audit reasons: a job refused for one of these counts as outcome ``rejected``
+#: (``model_rejected`` is a model's, never a job's).
+REJECT_REASONS: frozenset[str] = frozenset(AuditReason) - {AuditReason.MODEL_REJECTED}
 _LABEL_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 QUEUE_WAIT_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,

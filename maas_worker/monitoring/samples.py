@@ -37,7 +37,7 @@ import psutil
 import redis
 
 from maas_worker.backend import keyspace
-from maas_worker.broker.app import MONITOR_EXCHANGE, SAMPLE_TASK
+from maas_worker.protocol import MONITOR_EXCHANGE, SAMPLE_TASK
 from maas_worker.settings import Settings
 
 #: A sample older than this many intervals is not current (and its key is gone).

@@ -20,13 +20,9 @@ from billiard.process import current_process  # type: ignore[import-untyped]
 from celery import Task, shared_task, signals
 
 from maas_worker.backend.redis import backend_client
-from maas_worker.broker.app import SAMPLE_TASK, TASK_NAME
 from maas_worker.monitoring import metrics
-from maas_worker.monitoring.samples import (
-    SampleStore,
-    summarize,
-    take_sample,
-)
+from maas_worker.monitoring.samples import SampleStore, summarize, take_sample
+from maas_worker.protocol import SAMPLE_TASK, TASK_NAME
 from maas_worker.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -39,8 +39,8 @@ from maas_worker.backend import keyspace
 from maas_worker.broker import fetch
 from maas_worker.errors import ConfigError, connection_cause
 from maas_worker.files import write_atomic
-from maas_worker.settings import PRIORITIES, Settings, queue_for
-from maas_worker.tenancy.keyring import TENANT_RE
+from maas_worker.protocol import PRIORITIES, TENANT_RE, queue_for
+from maas_worker.settings import Settings
 
 #: The fixed roles, in the order they are written (producers follow, by tenant).
 ROLES = ("operator", "worker", "beat", "monitor", "flower")

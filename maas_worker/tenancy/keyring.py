@@ -39,12 +39,12 @@ from typing import Any, Literal
 from maas_worker.crypto import primitives
 from maas_worker.errors import KeyringError, UnknownTenant
 from maas_worker.files import write_atomic
+from maas_worker.protocol import PRIORITIES, TENANT_RE
 
 KeyState = Literal["decrypt-only", "primary", "retired"]
 KEY_STATES: tuple[KeyState, ...] = ("decrypt-only", "primary", "retired")
 SECRET_BYTES = 32
 KEYRING_FORMAT = 1
-TENANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 #: A model signer's key id (see maas_worker.models.signing.key_id).
 SIGNER_ID_RE = re.compile(r"[0-9a-f]{16,64}")
 MAX_KEY_VERSION = 2**32 - 1  # a u32 in the envelope header
@@ -141,8 +141,7 @@ class TenantPolicy:
 
     def allows_priority(self, priority: str) -> bool:
         """True if ``priority`` is not above the tenant's highest allowed priority."""
-        order = ("high", "normal", "low")
-        return order.index(priority) >= order.index(self.max_priority)
+        return PRIORITIES.index(priority) >= PRIORITIES.index(self.max_priority)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"max_priority": self.max_priority}
@@ -177,7 +176,7 @@ class TenantPolicy:
             raise KeyringError("tenant policy must be an object")
         models = raw.get("allowed_models")
         max_priority = raw.get("max_priority", "high")
-        if max_priority not in ("high", "normal", "low"):
+        if max_priority not in PRIORITIES:
             raise KeyringError(f"invalid max_priority {max_priority!r}")
         if models is not None and not (
             isinstance(models, list) and all(isinstance(m, str) for m in models)

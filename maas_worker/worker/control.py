@@ -36,6 +36,7 @@ from typing import Any
 from kombu.pidbox import Node
 
 from maas_worker.backend.keyspace import JOB_ID_RE
+from maas_worker.protocol import AuditReason
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,8 @@ class GatedNode(Node):
 
         shown = _shown(method)
         log.warning("refused remote control command %s", shown)
-        transport.auditor.record(None, "policy", job_id=_single_task_id(arguments or {}),
+        transport.auditor.record(None, AuditReason.POLICY,
+                                 job_id=_single_task_id(arguments or {}),
                                  detail=f"remote {shown} refused")
         return {"error": why}
 
@@ -142,7 +144,7 @@ def _refuse_merge(task_ids: Any) -> None:
     from maas_worker.broker import transport
 
     log.warning("refused %d revoked task id(s) offered by another node", len(ids))
-    transport.auditor.record(None, "policy", job_id=_single_task_id({"task_id": ids}),
+    transport.auditor.record(None, AuditReason.POLICY, job_id=_single_task_id({"task_id": ids}),
                              detail="remote revoke refused (revoked ids in a hello)")
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -44,15 +43,25 @@ import redis
 
 from maas_worker import jsonlimits
 from maas_worker.backend import keyspace
-from maas_worker.backend.claims import Claim
-from maas_worker.broker.app import payload_ref_tenant
+from maas_worker.backend.claims import Claim, ClaimOutcome
 from maas_worker.crypto.envelope import Header, Verified, now_ms, seal, verify
 from maas_worker.errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
 from maas_worker.models import Model
 from maas_worker.monitoring import metrics
-from maas_worker.settings import MAX_JOB_TTL_S, Settings, queue_for
+from maas_worker.protocol import (
+    TENANT_RE,
+    AuditReason,
+    FailureCode,
+    JobOutcome,
+    JobState,
+    Outcome,
+    ResultDoc,
+    payload_ref_tenant,
+    queue_for,
+)
+from maas_worker.settings import MAX_JOB_TTL_S, Settings
 from maas_worker.tenancy.cancellation import token_actor, verify_token
-from maas_worker.tenancy.keyring import TENANT_RE, TenantPolicy
+from maas_worker.tenancy.keyring import TenantPolicy
 from maas_worker.tenancy.quota import admission_args, admission_keys
 from maas_worker.worker.batching import DynamicBatcher
 from maas_worker.worker.runtime import WorkerRuntime
@@ -74,7 +83,7 @@ UNAVAILABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.Timeout
 class Stop(Exception):
     """The delivery is finished with ``outcome`` (a result stored or a rejection recorded)."""
 
-    def __init__(self, outcome: str) -> None:
+    def __init__(self, outcome: JobOutcome) -> None:
         super().__init__(outcome)
         self.outcome = outcome
 
@@ -100,7 +109,7 @@ class Prepared:
 HardHook = Callable[[], None]
 
 
-def reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
+def reject(rt: WorkerRuntime, job_id: str, reason: AuditReason, header: Header | None,
            *, authenticated: bool, detail: str = "") -> None:
     """Audit a refused delivery; tell the job's client if the refusal is authenticated.
 
@@ -117,16 +126,17 @@ def reject(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None,
         job_id = header.job_id
     rt.audit.record(job_id=job_id, tenant=tenant, reason=reason, verified=authenticated,
                     detail=detail)
-    if reason != "replayed" and keyspace.is_job_id(job_id):
+    if reason != AuditReason.REPLAYED and keyspace.is_job_id(job_id):
         if authenticated:
             rt.guard.mark_rejected(tenant, job_id, ttl_s=rt.settings.result_ttl_s,
-                                   state="expired" if reason == "expired" else "rejected")
+                                   state=JobState.EXPIRED if reason == AuditReason.EXPIRED
+                                   else JobState.REJECTED)
         elif TENANT_RE.fullmatch(tenant):
             rt.guard.mark_suspect(tenant, job_id, ttl_s=rt.settings.result_ttl_s)
     log.warning("job %r rejected: %s", job_id[:64], reason)
 
 
-def _stop(rt: WorkerRuntime, job_id: str, reason: str, header: Header | None = None, *,
+def _stop(rt: WorkerRuntime, job_id: str, reason: AuditReason, header: Header | None = None, *,
           authenticated: bool = False) -> Stop:
     reject(rt, job_id, reason, header, authenticated=authenticated)
     return Stop(reason)
@@ -140,9 +150,9 @@ def refuse_unreadable(rt: WorkerRuntime, job_id: str, exc: BaseException) -> Sto
     """
     log.error("job %r: refusing a message that raised %s before it was authenticated",
               job_id[:64], type(exc).__name__)
-    reject(rt, job_id, "malformed", None, authenticated=False,
+    reject(rt, job_id, AuditReason.MALFORMED, None, authenticated=False,
            detail=f"unreadable: {type(exc).__name__}")
-    return Stop("malformed")
+    return Stop(AuditReason.MALFORMED)
 
 
 # -- checks on untrusted bytes ------------------------------------------------------------
@@ -150,10 +160,10 @@ def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
     """The task's one argument (the base64 envelope or a payload reference), size-checked."""
     if not isinstance(args, list | tuple) or len(args) != 1 or kwargs \
             or not isinstance(args[0], str):
-        raise _stop(rt, job_id, "malformed")
+        raise _stop(rt, job_id, AuditReason.MALFORMED)
     text: str = args[0]
     if len(text) > rt.settings.max_envelope_chars:
-        raise _stop(rt, job_id, "oversize")
+        raise _stop(rt, job_id, AuditReason.OVERSIZE)
     return text
 
 
@@ -169,18 +179,18 @@ def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
         try:
             return base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise _stop(rt, job_id, "malformed") from None
+            raise _stop(rt, job_id, AuditReason.MALFORMED) from None
     if not tenant or not keyspace.is_job_id(job_id):
-        raise _stop(rt, job_id, "malformed")
+        raise _stop(rt, job_id, AuditReason.MALFORMED)
     if fetched == -1:
-        raise _stop(rt, job_id, "oversize")
+        raise _stop(rt, job_id, AuditReason.OVERSIZE)
     if not isinstance(fetched, bytes):
         # A finished job's request is deleted with its result stored: this
         # is a redelivery or a replay of it, not a broken message.
         if rt.backend.delete(keyspace.killed(tenant, job_id)):
-            raise Stop("finished")
-        reason = "replayed" if rt.backend.exists(keyspace.result(tenant, job_id)) \
-            else "malformed"
+            raise Stop(Outcome.FINISHED)
+        reason = AuditReason.REPLAYED if rt.backend.exists(keyspace.result(tenant, job_id)) \
+            else AuditReason.MALFORMED
         raise _stop(rt, job_id, reason)
     return fetched
 
@@ -197,16 +207,18 @@ def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: st
                           crypto=rt.crypto)
     except EnvelopeRejected as exc:
         header = exc.unverified_header if isinstance(exc.unverified_header, Header) else None
-        raise _stop(rt, job_id, exc.reason, header, authenticated=exc.authenticated) from None
+        # errors.py sits below protocol.py, so the error carries the reason as a string.
+        raise _stop(rt, job_id, AuditReason(exc.reason), header,
+                    authenticated=exc.authenticated) from None
     header = verified.header
     # -- authenticated from here on --------------------------------------------
     if not keyspace.is_job_id(header.job_id):
-        raise _stop(rt, header.job_id, "malformed", header, authenticated=True)
+        raise _stop(rt, header.job_id, AuditReason.MALFORMED, header, authenticated=True)
     ref_tenant = payload_ref_tenant(text)
     if header.job_id != job_id or header.task != task_name or (
             routed is not None and routed != queue_for(header.priority)) or (
             ref_tenant is not None and ref_tenant != header.tenant):
-        raise _stop(rt, job_id, "tampered", header)
+        raise _stop(rt, job_id, AuditReason.TAMPERED, header)
     return verified
 
 
@@ -228,9 +240,10 @@ def tenant_policy(rt: WorkerRuntime, header: Header) -> TenantPolicy:
     try:
         policy = rt.keyring.get().tenant(header.tenant).policy
     except KeyringError:
-        raise _stop(rt, header.job_id, "unknown_key", header, authenticated=True) from None
+        raise _stop(rt, header.job_id, AuditReason.UNKNOWN_KEY, header,
+                    authenticated=True) from None
     if not (policy.allows_model(header.model) and policy.allows_priority(header.priority)):
-        raise _stop(rt, header.job_id, "policy", header, authenticated=True)
+        raise _stop(rt, header.job_id, AuditReason.POLICY, header, authenticated=True)
     return policy
 
 
@@ -273,32 +286,31 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
     header = verified.header
     tenant, job_id = header.tenant, header.job_id
     outcome = first
-    if outcome.outcome == "error":
+    if outcome.outcome == ClaimOutcome.ERROR:
         assert outcome.error is not None
         raise outcome.error
-    if outcome.outcome == "cancelled":
+    if outcome.outcome == ClaimOutcome.CANCELLED:
         if verify_token(outcome.cancel_token, rt.keyring.get(), tenant, job_id):
             rt.guard.close(tenant, job_id, window_ms=window_ms(rt, header))
             rt.quotas.release(tenant, job_id, policy)
-            raise Stop("cancelled")
+            raise Stop(Outcome.CANCELLED)
         refuse_cancel(rt, header, outcome.cancel_token)
         outcome = rt.guard.claim_job(tenant, job_id, window_ms=window_ms(rt, header),
                                      admission=admission(header, policy), ignore_cancel=True)
-    if outcome.outcome == "replayed":
+    if outcome.outcome == ClaimOutcome.REPLAYED:
         if rt.backend.delete(keyspace.killed(tenant, job_id)):
-            raise Stop("finished")  # the copy of a job whose process was ended on purpose
-        raise _stop(rt, job_id, "replayed", header, authenticated=True)
-    if outcome.outcome == "rate_limited":
-        raise _stop(rt, job_id, "rate_limited", header, authenticated=True)
-    if outcome.outcome == "exhausted":
+            raise Stop(Outcome.FINISHED)  # the copy of a job whose process was ended on purpose
+        raise _stop(rt, job_id, AuditReason.REPLAYED, header, authenticated=True)
+    if outcome.outcome == ClaimOutcome.RATE_LIMITED:
+        raise _stop(rt, job_id, AuditReason.RATE_LIMITED, header, authenticated=True)
+    if outcome.outcome == ClaimOutcome.EXHAUSTED:
         log.error("job %s started %d times, each ending with a dead worker; failing it",
                   job_id, rt.guard.max_attempts)
-        lost: dict[str, Any] = {
-            "ok": False, "error": "worker_lost",
-            "message": f"the job was started {rt.guard.max_attempts} times and its worker "
-                       "died each time"}
+        lost = ResultDoc.failure(
+            FailureCode.WORKER_LOST,
+            f"the job was started {rt.guard.max_attempts} times and its worker died each time")
         raise Stop(finish(rt, verified, lost))
-    if outcome.outcome == "busy":
+    if outcome.outcome == ClaimOutcome.BUSY:
         # Another live worker runs this job. Do not run it twice, and do not
         # drop this copy either: if that worker dies, this copy is the job.
         raise Defer(retry_delay_s(rt.settings, rt.settings.lease_s))
@@ -314,7 +326,8 @@ def refuse_cancel(rt: WorkerRuntime, header: Header, token: str | bytes | None) 
     """
     actor, genuine = token_actor(token, rt.keyring.get(), header.job_id)
     rt.audit.record(job_id=header.job_id, tenant=actor,
-                    reason="policy" if genuine else "tampered", verified=genuine,
+                    reason=AuditReason.POLICY if genuine else AuditReason.TAMPERED,
+                    verified=genuine,
                     detail="cancel request for another tenant's job")
     log.warning("job %s: refused a cancel request not made by its tenant", header.job_id)
     if token is not None:
@@ -343,16 +356,16 @@ def fault(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy | None,
                   n, rt.guard.max_faults)
         return Defer(retry_delay_s(rt.settings, FAULT_BACKOFF_S))
     log.error("job %s: %s while handling it, %d times; failing it", header.job_id, name, n)
-    rt.audit.record(job_id=header.job_id, tenant=header.tenant, reason="malformed",
+    rt.audit.record(job_id=header.job_id, tenant=header.tenant, reason=AuditReason.MALFORMED,
                     verified=True, detail=f"dead letter after {n} errors ({name})")
-    doc = {"ok": False, "error": "internal_error",
-           "message": f"handling the job failed {n} times; it will not be retried"}
+    doc = ResultDoc.failure(FailureCode.INTERNAL_ERROR,
+                            f"handling the job failed {n} times; it will not be retried")
     return Stop(finish(rt, verified, doc))
 
 
 # -- running ------------------------------------------------------------------------------
 def prepare(rt: WorkerRuntime, verified: Verified,
-            policy: TenantPolicy) -> Prepared | dict[str, Any]:
+            policy: TenantPolicy) -> Prepared | ResultDoc:
     """Decrypt, parse (bounded in size and depth), resolve the model.
 
     Returns the job ready to run, or a failed result document to store
@@ -363,28 +376,28 @@ def prepare(rt: WorkerRuntime, verified: Verified,
     try:
         plaintext = verified.decrypt()
     except EnvelopeRejected:
-        raise _stop(rt, job_id, "tampered", header, authenticated=True) from None
+        raise _stop(rt, job_id, AuditReason.TAMPERED, header, authenticated=True) from None
     if len(plaintext) > rt.settings.max_input_bytes:
-        raise _stop(rt, job_id, "oversize", header, authenticated=True)
+        raise _stop(rt, job_id, AuditReason.OVERSIZE, header, authenticated=True)
     try:
         inputs = jsonlimits.loads(plaintext, max_depth=jsonlimits.MAX_INPUT_DEPTH)
     except ValueError:
-        raise _stop(rt, job_id, "malformed", header, authenticated=True) from None
+        raise _stop(rt, job_id, AuditReason.MALFORMED, header, authenticated=True) from None
     del plaintext
     try:
         model = rt.registry.resolve(header.model, signers=policy.allowed_signers)
     except ModelRejected as exc:
         # The model exists but fails verification (audited model_rejected when
         # its load was refused): fail the job clearly; the worker serves on.
-        return {"ok": False, "error": exc.reason, "message": str(exc)}
+        return ResultDoc.failure(exc.reason, str(exc))
     except ModelError:
-        raise _stop(rt, job_id, "policy", header, authenticated=True) from None
+        raise _stop(rt, job_id, AuditReason.POLICY, header, authenticated=True) from None
     soft_s, hard_s = rt.settings.limits_for(header.model)
     return Prepared(model, inputs, soft_s, hard_s)
 
 
 def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
-            on_hard_also: HardHook | None = None) -> dict[str, Any]:
+            on_hard_also: HardHook | None = None) -> ResultDoc:
     """Run one job under the watchdog; the result document.
 
     ``on_hard_also`` runs (in the watchdog thread) just before the process is
@@ -421,11 +434,11 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
                                  hard_limit_s=job.hard_s, is_cancelled=is_cancelled,
                                  on_hard=on_hard):
             output = metrics.timed_predict(header, runner, job.inputs)
-        doc = {"ok": True, "output": output}
+        doc = ResultDoc.success(output)
     except JobInterrupted as exc:
         doc = interrupted(exc.reason, job.soft_s)
     except ModelError as exc:
-        doc = {"ok": False, "error": exc.reason, "message": str(exc)}
+        doc = ResultDoc.failure(exc.reason, str(exc))
     except Exception as exc:
         # The exception text may quote the input: log its type only.
         log.error("job %s: model %s raised %s", header.job_id, header.model,
@@ -435,7 +448,7 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
 
 
 def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
-              on_hard_also: HardHook | None = None) -> list[dict[str, Any]]:
+              on_hard_also: HardHook | None = None) -> list[ResultDoc]:
     """Run jobs of one model in ONE ``predict_batch`` call; a result document each.
 
     The batch runs under the watchdog with the model's limits (every job of a
@@ -472,8 +485,8 @@ def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
         log.info("running the %d jobs of that batch one by one", len(jobs))
         return [run_one(rt, v, j, on_hard_also=on_hard_also) for v, j in jobs]
     log.debug("batch of %d for %s", len(jobs), model.name)
-    return [produced_by(model, {"ok": False, "error": out.reason, "message": str(out)}
-                        if isinstance(out, ModelError) else {"ok": True, "output": out})
+    return [produced_by(model, ResultDoc.failure(out.reason, str(out))
+                        if isinstance(out, ModelError) else ResultDoc.success(out))
             for out in outputs]
 
 
@@ -482,18 +495,17 @@ def can_batch(model: Model) -> bool:
     return callable(getattr(model, "predict_batch", None))
 
 
-def produced_by(model: Model, doc: dict[str, Any]) -> dict[str, Any]:
+def produced_by(model: Model, doc: ResultDoc) -> ResultDoc:
     """``doc`` naming the model version that ran the job (``name@version``).
 
     Sealed with the result, so its client learns which version answered (a
     bare model name resolves to the owner's signed release: docs/models.md).
     """
-    doc["model"] = f"{model.name}@{model.version}"
-    return doc
+    return doc.produced_by(f"{model.name}@{model.version}")
 
 
-def _internal_error() -> dict[str, Any]:
-    return {"ok": False, "error": "internal_error", "message": "the model failed"}
+def _internal_error() -> ResultDoc:
+    return ResultDoc.failure(FailureCode.INTERNAL_ERROR, "the model failed")
 
 
 class _Batched:
@@ -509,38 +521,34 @@ class _Batched:
         return self._batcher.predict(inputs, timeout_s=self._timeout_s)
 
 
-def interrupted(reason: str, soft_s: float) -> dict[str, Any]:
+def interrupted(reason: str, soft_s: float) -> ResultDoc:
     """The failed result of a job stopped by its time limit or a cancel."""
     if reason == "cancelled":
-        return {"ok": False, "error": "cancelled", "message": "the job was cancelled"}
-    return {"ok": False, "error": "timeout",
-            "message": f"the job exceeded its time limit ({soft_s:g} s)"}
+        return ResultDoc.failure(FailureCode.CANCELLED, "the job was cancelled")
+    return ResultDoc.failure(FailureCode.TIMEOUT,
+                             f"the job exceeded its time limit ({soft_s:g} s)")
 
 
 # -- the result ---------------------------------------------------------------------------
-def _model_of(doc: dict[str, Any]) -> dict[str, Any]:
-    return {"model": doc["model"]} if isinstance(doc.get("model"), str) else {}
-
-
-def _result_body(rt: WorkerRuntime, doc: dict[str, Any]) -> tuple[bytes, bool]:
+def _result_body(rt: WorkerRuntime, doc: ResultDoc) -> tuple[bytes, bool]:
     """The result document as JSON (or a failure document if it cannot be one), and ok."""
     try:
-        body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        body = doc.to_json()
     except (TypeError, ValueError, RecursionError):
         # A model's output that is not JSON (NaN, an object): this job fails,
         # with no detail that could quote its data.
-        doc = {"ok": False, "error": "internal_error",
-               "message": "the model's output is not JSON", **_model_of(doc)}
-        body = json.dumps(doc, separators=(",", ":")).encode()
+        doc = ResultDoc.failure(FailureCode.INTERNAL_ERROR, "the model's output is not JSON",
+                                model=doc.model)
+        body = doc.to_json()
     if len(body) > rt.settings.max_result_bytes:
-        doc = {"ok": False, "error": "oversize", "message": "the result exceeds the size limit",
-               **_model_of(doc)}
-        body = json.dumps(doc, separators=(",", ":")).encode()
-    return body, bool(doc.get("ok"))
+        doc = ResultDoc.failure(FailureCode.OVERSIZE, "the result exceeds the size limit",
+                                model=doc.model)
+        body = doc.to_json()
+    return body, doc.ok
 
 
 def seal_result(rt: WorkerRuntime, verified: Verified,
-                doc: dict[str, Any]) -> tuple[bytes, bool]:
+                doc: ResultDoc) -> tuple[bytes, bool]:
     """The result envelope for ``doc``, bound to the request (its own nonce), and whether
     it holds a success (a failure document replaces output that cannot be stored)."""
     body, ok = _result_body(rt, doc)
@@ -552,12 +560,12 @@ def seal_result(rt: WorkerRuntime, verified: Verified,
     return seal(verified.keys, header, body, crypto=rt.crypto), ok
 
 
-def finished_outcome(ok: bool, stored: bool) -> str:
+def finished_outcome(ok: bool, stored: bool) -> Outcome:
     """The log outcome of a result that was (or, ``duplicate``, was not) stored."""
-    return ("succeeded" if ok else "failed") if stored else "duplicate"
+    return (Outcome.SUCCEEDED if ok else Outcome.FAILED) if stored else Outcome.DUPLICATE
 
 
-def finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
+def finish(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> Outcome:
     """Seal and store the result write-once; the outcome for the log."""
     header = verified.header
     sealed, ok = seal_result(rt, verified, doc)
@@ -567,11 +575,11 @@ def finish(rt: WorkerRuntime, verified: Verified, doc: dict[str, Any]) -> str:
     return finished_outcome(ok, stored)
 
 
-def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> str:
+def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> JobOutcome:
     """Everything after the claim, for one job: the outcome."""
     try:
         job = prepare(rt, verified, policy)
     except Stop as stop:
         return stop.outcome
-    doc = job if isinstance(job, dict) else run_one(rt, verified, job)
+    doc = job if isinstance(job, ResultDoc) else run_one(rt, verified, job)
     return finish(rt, verified, doc)

@@ -27,6 +27,7 @@ from maas_worker.errors import ConfigError
 from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
 from maas_worker.models.repository import RejectHook
 from maas_worker.monitoring import metrics
+from maas_worker.protocol import AuditReason
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import KeyringSource
 from maas_worker.tenancy.quota import Quotas
@@ -103,7 +104,7 @@ def audit_rejections(audit: AuditLog, *, stage: str) -> RejectHook:
     """
     def hook(ref: str, why: str, at: str) -> None:
         if at == stage:
-            audit.record(job_id="", tenant="", reason="model_rejected", verified=False,
+            audit.record(job_id="", tenant="", reason=AuditReason.MODEL_REJECTED, verified=False,
                          detail=f"{ref}: {why}")
     return hook
 

@@ -28,8 +28,8 @@ from celery import Task, shared_task, signals
 from celery.exceptions import Reject, Retry
 
 from maas_worker.broker import transport
-from maas_worker.broker.app import TASK_NAME, payload_ref_tenant
 from maas_worker.monitoring import metrics
+from maas_worker.protocol import TASK_NAME, payload_ref_tenant
 from maas_worker.tenancy.keyring import TenantPolicy
 from maas_worker.worker.pipeline import (
     UNAVAILABLE,

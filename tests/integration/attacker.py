@@ -19,12 +19,11 @@ import uuid
 from typing import Any
 
 from maas_worker import Client, Job
-from maas_worker.app import ARGS_REPR, TASK_NAME
 from maas_worker.backend import keyspace
 from maas_worker.backend.audit import AuditRecord
 from maas_worker.broker.fetch import ring
 from maas_worker.crypto.envelope import Header, now_ms, seal
-from maas_worker.settings import queue_for
+from maas_worker.protocol import ARGS_REPR, TASK_NAME, queue_for
 from maas_worker.tenancy.keyring import TenantPolicy, load_keyring, save_keyring
 
 from .conftest import Stack, wait_for

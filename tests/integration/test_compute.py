@@ -19,10 +19,9 @@ from maas_worker import (
     ResultTimeout,
     UnknownJob,
 )
-from maas_worker.app import TASK_NAME
 from maas_worker.backend import keyspace
 from maas_worker.crypto.envelope import Header, now_ms, seal
-from maas_worker.settings import queue_for
+from maas_worker.protocol import TASK_NAME, queue_for
 from maas_worker.tenancy.cancellation import make_token
 from maas_worker.tenancy.keyring import TenantPolicy, load_keyring
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from maas_worker.settings import queue_for
+from maas_worker.protocol import queue_for
 
 from .attacker import Attacker, records_for, wait_drained
 from .conftest import Stack, wait_for

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from maas_worker.settings import queue_for
+from maas_worker.protocol import queue_for
 from maas_worker.tenancy.keyring import TenantPolicy
 
 from .attacker import (

@@ -19,12 +19,11 @@ from maas_worker import (
     UnknownModel,
     UnknownTenant,
 )
-from maas_worker.app import TASK_NAME
 from maas_worker.backend import keyspace
 from maas_worker.backend.audit import AuditRecord
 from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.local.demo import scan_for
-from maas_worker.settings import queue_for
+from maas_worker.protocol import TASK_NAME, queue_for
 from maas_worker.tenancy.keyring import load_keyring
 
 from .conftest import Stack, message_envelope, replace_envelope, wait_for

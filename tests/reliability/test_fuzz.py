@@ -35,7 +35,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from maas_worker.app import PAYLOAD_REF_PREFIX, payload_ref, payload_ref_tenant
 from maas_worker.backend import keyspace
 from maas_worker.backend.audit import REASONS
 from maas_worker.broker import entries
@@ -50,6 +49,7 @@ from maas_worker.crypto.envelope import (
 )
 from maas_worker.errors import EnvelopeRejected, InvalidEnvelope
 from maas_worker.local.embedded import EmbeddedRedis
+from maas_worker.protocol import PAYLOAD_REF_PREFIX, payload_ref, payload_ref_tenant
 from maas_worker.settings import Settings
 from maas_worker.tenancy.cancellation import make_token, verify_token
 from maas_worker.tenancy.keyring import save_keyring

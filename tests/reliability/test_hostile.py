@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from maas_worker.app import TASK_NAME
+from maas_worker.protocol import TASK_NAME
 
 from .conftest import SIZE, Stack, wait_for
 

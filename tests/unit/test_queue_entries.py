@@ -21,7 +21,6 @@ from celery import Celery
 from kombu.transport import memory
 
 from maas_worker import jsonlimits
-from maas_worker.app import ARGS_REPR, TASK_NAME
 from maas_worker.broker.entries import (
     JOB_QUEUES,
     Refused,
@@ -30,7 +29,7 @@ from maas_worker.broker.entries import (
     parse_entry,
     sanitize_headers,
 )
-from maas_worker.monitoring.samples import MONITOR_EXCHANGE, SAMPLE_TASK
+from maas_worker.protocol import ARGS_REPR, MONITOR_EXCHANGE, SAMPLE_TASK, TASK_NAME
 from maas_worker.settings import Settings
 
 LIMIT = max_body_chars(Settings.from_env({}))

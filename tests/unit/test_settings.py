@@ -9,6 +9,7 @@ import pytest
 
 from maas_worker import settings as settings_module
 from maas_worker.errors import ConfigError
+from maas_worker.protocol import PRIORITIES, queue_for
 from maas_worker.settings import (
     BUNDLED_MODEL_DIR,
     BUNDLED_SIGNERS_DIR,
@@ -22,9 +23,7 @@ from maas_worker.settings import (
     DEFAULT_RESULT_TTL_S,
     DEFAULT_VISIBILITY_TIMEOUT_S,
     MAX_JOB_TTL_S,
-    PRIORITIES,
     Settings,
-    queue_for,
     redact_url,
 )
 

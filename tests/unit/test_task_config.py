@@ -29,7 +29,7 @@ def test_a_sweep_lock_left_behind_expires_in_seconds_not_minutes() -> None:
     # lock expires no sweep runs, and messages whose take reply was lost stay
     # reserved (kombu's default: 300 s). Ours: a tenth of the visibility
     # timeout, at least 10 s.
-    from maas_worker.app import transport_options
+    from maas_worker.broker.app import transport_options
 
     for vt_s, expire_s in ((5, 10), (600, 60), (3600, 360)):
         opts = transport_options(Settings.from_env({"MAAS_VISIBILITY_TIMEOUT_S": str(vt_s)}))

@@ -51,9 +51,8 @@ from typing import Any
 import redis
 
 from maas_worker.backend import keyspace
-from maas_worker.backend.claims import Claim, ClaimRequest
+from maas_worker.backend.claims import Claim, ClaimOutcome, ClaimRequest
 from maas_worker.broker import fetch
-from maas_worker.broker.app import QUEUE_NAMES, TASK_NAME, payload_ref_tenant
 from maas_worker.broker.entries import (
     Refused,
     check_message,
@@ -64,6 +63,14 @@ from maas_worker.broker.entries import (
 from maas_worker.broker.scheduling import ReservedShareCycle
 from maas_worker.crypto.envelope import Verified
 from maas_worker.monitoring import metrics
+from maas_worker.protocol import (
+    QUEUE_NAMES,
+    TASK_NAME,
+    AuditReason,
+    JobOutcome,
+    ResultDoc,
+    payload_ref_tenant,
+)
 from maas_worker.tenancy.keyring import TenantPolicy
 from maas_worker.worker.batch.events import TaskEvents
 from maas_worker.worker.pipeline import (
@@ -111,13 +118,13 @@ class _Delivery:
     verified: Verified | None = None
     policy: TenantPolicy | None = None
     job: Prepared | None = None
-    doc: dict[str, Any] | None = None
+    doc: ResultDoc | None = None
     #: This process holds the job's claim (its quota is released after the batch).
     claimed: bool = False
     #: Refused at the transport check: audited, never a job outcome line.
     refused: bool = False
     #: Final outcome (the message is acknowledged); None while undecided.
-    outcome: str | None = None
+    outcome: JobOutcome | None = None
     #: Set when the message is kept and retried after this many seconds.
     defer_s: float | None = None
 
@@ -263,7 +270,7 @@ class BatchConsumer:
                          admission(_verified(d).header, _policy(d))) for d in to_claim])
         for d, first in zip(to_claim, claims, strict=True):
             # Held from here: if anything fails before it runs, it is given back.
-            d.claimed = first.outcome in ("claimed", "exhausted")
+            d.claimed = first.outcome in (ClaimOutcome.CLAIMED, ClaimOutcome.EXHAUSTED)
         for d, first in zip(to_claim, claims, strict=True):
             self._stage(d, functools.partial(self._settle_claim, first=first))
         for d in ds:
@@ -294,15 +301,15 @@ class BatchConsumer:
         if not taken.reserved:
             # Popped but not reserved: over the size limit or not a message at all.
             d.job_id = unverified_entry_id(taken.raw)
-            self._refuse(d, "oversize" if len(taken.raw) > self._max_chars
-                         else "malformed", "not a message that can be reserved")
+            self._refuse(d, AuditReason.OVERSIZE if len(taken.raw) > self._max_chars
+                         else AuditReason.MALFORMED, "not a message that can be reserved")
             return d
         raw = parse_entry(taken.raw, max_chars=self._max_chars)
         headers = raw.get("headers") if isinstance(raw, dict) else None
         job_id = headers.get("id") if isinstance(headers, dict) else None
         d.job_id = job_id if isinstance(job_id, str) else unverified_entry_id(taken.raw)
         if raw is None and len(taken.raw) > self._max_chars:
-            self._refuse(d, "oversize", "over the size limit")
+            self._refuse(d, AuditReason.OVERSIZE, "over the size limit")
             return d
         try:
             body = check_message(raw, taken.queue, max_body_chars=self._max_chars)
@@ -314,7 +321,7 @@ class BatchConsumer:
         self._stage(d, lambda d: setattr(d, "text", request_text(rt, d.job_id, args, kwargs)))
         return d
 
-    def _refuse(self, d: _Delivery, reason: str, why: str) -> None:
+    def _refuse(self, d: _Delivery, reason: AuditReason, why: str) -> None:
         log.warning("queue %s: refused an entry (%s): %s", d.taken.queue, reason, why)
         self.rt.audit.record(job_id=d.job_id, tenant="", reason=reason, verified=False)
         d.outcome = reason
@@ -363,7 +370,7 @@ class BatchConsumer:
 
     def _prepare(self, d: _Delivery) -> None:
         job = prepare(self.rt, _verified(d), _policy(d))
-        if isinstance(job, dict):
+        if isinstance(job, ResultDoc):
             d.doc = job
         else:
             d.job = job
@@ -384,7 +391,7 @@ class BatchConsumer:
 
     def _store(self, done: list[_Delivery]) -> None:
         rt = self.rt
-        sealed = [seal_result(rt, _verified(d), d.doc or {}) for d in done]
+        sealed = [seal_result(rt, _verified(d), _doc(d)) for d in done]
         stored = rt.guard.store_many(
             [(_verified(d).header.tenant, d.job_id, envelope, window_ms(rt, _verified(d).header))
              for d, (envelope, _) in zip(done, sealed, strict=True)],
@@ -504,6 +511,11 @@ def _verified(d: _Delivery) -> Verified:
 def _policy(d: _Delivery) -> TenantPolicy:
     assert d.policy is not None
     return d.policy
+
+
+def _doc(d: _Delivery) -> ResultDoc:
+    assert d.doc is not None
+    return d.doc
 
 
 def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> int:

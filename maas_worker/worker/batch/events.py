@@ -20,7 +20,8 @@ import logging
 import time
 from typing import Any
 
-from maas_worker.broker.app import ARGS_REPR, make_producer_app
+from maas_worker.broker.app import make_producer_app
+from maas_worker.protocol import ARGS_REPR
 from maas_worker.settings import Settings
 
 log = logging.getLogger(__name__)
