@@ -23,7 +23,8 @@ import pytest
 from maas_worker import InvalidEnvelope, JobRejected, ResultTimeout, UnknownJob
 from maas_worker.app import TASK_NAME, make_app
 from maas_worker.backend import keyspace
-from maas_worker.settings import BUNDLED_MODEL_DIR, queue_for
+from maas_worker.models.paths import BUNDLED_MODEL_DIR
+from maas_worker.settings import queue_for
 
 from ..modelkit import holdout
 from . import test_pipeline as pipeline_tests
