@@ -1,7 +1,8 @@
 """The Celery application: ``celery -A maas_worker.app worker`` works as well as the CLI.
 
-Configuration is computed lazily from `Settings.from_env` the first time
-Celery reads it, so importing this module reads no environment.
+An app holds one `Settings` (`settings_of`): the ones it was made or
+`configure`d with, else read from the environment the first time Celery reads
+its configuration, so importing this module reads no environment.
 """
 
 from __future__ import annotations
@@ -147,10 +148,30 @@ def make_app(settings: Settings | None = None, *, include_tasks: bool = True) ->
         # kombu's transport whatever this setting says.
         app.conf.broker_transport = TRANSPORT
     if settings is None:
-        app.add_defaults(lambda: celery_config(Settings.from_env()))
+        app.add_defaults(lambda: celery_config(settings_of(app)))
     else:
-        app.conf.update(celery_config(settings))
+        configure(app, settings)
     return app
+
+
+#: The attribute of a Celery app holding its `Settings`.
+_SETTINGS_ATTR = "maas_settings"
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Configure ``app`` from ``settings``, which `settings_of` then returns (its hooks' too)."""
+    setattr(app, _SETTINGS_ATTR, settings)
+    app.conf.update(celery_config(settings))
+
+
+def settings_of(app: Celery) -> Settings:
+    """The settings ``app`` runs with, read from the environment on first use if it was
+    given none (``celery -A maas_worker.app``); worker hooks and tasks take theirs here."""
+    settings: Settings | None = getattr(app, _SETTINGS_ATTR, None)
+    if settings is None:
+        settings = Settings.from_env()
+        setattr(app, _SETTINGS_ATTR, settings)
+    return settings
 
 
 app = make_app()

@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from celery import Task, shared_task, signals
 
-from maas_worker.app import TASK_NAME
+from maas_worker.app import TASK_NAME, settings_of
 from maas_worker.monitoring import metrics
 from maas_worker.monitoring.autoscale import pool_state
 from maas_worker.monitoring.samples import (
@@ -57,7 +57,7 @@ def _store(settings: Settings) -> SampleStore:
 @shared_task(name=SAMPLE_TASK, bind=True, acks_late=False, ignore_result=True)
 def sample(self: Task) -> dict[str, str]:
     """Record this node's resource sample; the readable summary is the result (Flower)."""
-    settings = Settings.from_env()
+    settings = settings_of(self.app)
     node = _node or str(self.request.hostname or "")
     taken = take_sample(node, main_pid=_main_pid or os.getpid(),
                         interval_s=settings.sample_interval_s, jobs=metrics.local_job_totals())
@@ -75,9 +75,9 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def _on_worker_ready(**_: Any) -> None:
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     global _server
-    settings = Settings.from_env()
+    settings = settings_of(sender.app)
     path = metrics.multiprocess_dir()
     if path is not None and _node:
         _server = metrics.serve(metrics.WorkerCollector(path, _node, pool_state),
@@ -85,12 +85,12 @@ def _on_worker_ready(**_: Any) -> None:
 
 
 @signals.worker_shutdown.connect
-def _on_worker_shutdown(**_: Any) -> None:
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
     if _server is not None:
         _server.shutdown()
     if _node:
         with contextlib.suppress(redis.RedisError):
-            _store(Settings.from_env()).forget(_node)
+            _store(settings_of(sender.app)).forget(_node)
     metrics.remove_multiprocess_dir()
 
 

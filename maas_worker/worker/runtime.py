@@ -207,14 +207,18 @@ _runtime_pid: int | None = None
 _runtime_lock = threading.Lock()
 
 
-def get_runtime() -> WorkerRuntime:
-    """This process's runtime, built on first use (and rebuilt after a fork)."""
+def get_runtime(settings: Settings | None = None) -> WorkerRuntime:
+    """This process's runtime, built on first use (and rebuilt after a fork).
+
+    It is built from ``settings``, or, when none are given (a Celery pool
+    child), from the environment the worker's main process hands its children.
+    """
     global _runtime, _runtime_pid
     pid = os.getpid()
     if _runtime is None or _runtime_pid != pid:
         with _runtime_lock:
             if _runtime is None or _runtime_pid != pid:
-                _runtime = WorkerRuntime(Settings.from_env())
+                _runtime = WorkerRuntime(settings or Settings.from_env())
                 _runtime_pid = pid
     return _runtime
 

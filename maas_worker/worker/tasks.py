@@ -27,10 +27,9 @@ from typing import Any
 from celery import Task, shared_task, signals
 from celery.exceptions import Reject, Retry
 
-from maas_worker.app import TASK_NAME, payload_ref_tenant
+from maas_worker.app import TASK_NAME, payload_ref_tenant, settings_of
 from maas_worker.broker import transport
 from maas_worker.monitoring import metrics
-from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import TenantPolicy
 from maas_worker.worker import control
 from maas_worker.worker.batch import supervisor
@@ -150,7 +149,10 @@ def _lock_remote_control(sender: Any = None, **_: Any) -> None:
     # Before the consumer builds its pidbox node: from the first command on,
     # only what MAAS_REMOTE_CONTROL allows runs (control.py).
     app = sender.app
-    control.configure(app, mode=Settings.from_env().remote_control,
+    settings = settings_of(app)
+    # The channel's limits and its audit records of refused entries: this worker's settings.
+    transport.install(settings)
+    control.configure(app, mode=settings.remote_control,
                       queues=[q.name for q in app.conf.task_queues or ()])
 
 
@@ -160,11 +162,11 @@ _advertiser: Advertiser | None = None
 @signals.worker_ready.connect
 def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     global _advertiser
-    settings = Settings.from_env()
+    settings = settings_of(sender.app)
     node = getattr(sender, "hostname", None)
     # With --batch-consumer, the consumer processes take the job queues: the
     # node is announced (clients and tests wait for that) once they are ready.
-    supervisor.start_configured(node)
+    supervisor.start_configured(node, settings)
     _advertiser = Advertiser(settings, node)
     _advertiser.start()
     log.info("maas worker %s ready; models: %s", _advertiser.node,

@@ -367,3 +367,25 @@ def test_max_envelope_chars_grows_with_the_input_limit() -> None:
     large = Settings.from_env({"MAAS_MAX_INPUT_BYTES": "100000"})
     assert small.max_envelope_chars > 1000 * 4 // 3
     assert large.max_envelope_chars > small.max_envelope_chars
+
+
+#: The entry points that may build settings from the environment; everything
+#: else is given them. Each builds them once for its process.
+ENTRY_MODULES = {
+    "cli",  # the command line (one Settings from its global options)
+    "app.py",  # the Celery app, loaded by ``celery -A maas_worker.app`` too
+    "worker/runtime.py",  # get_runtime() in Celery pool children
+    "worker/batch/consumer.py",  # serve(), a batch consumer process
+    "client/client.py",  # Client.from_env(), Client() without settings
+    "local/demo.py",  # the demo's own stack, on its embedded server
+}
+
+
+def test_settings_are_read_from_the_environment_only_at_entry_points() -> None:
+    package = Path(settings_module.__file__).parent
+    readers = set()
+    for path in package.rglob("*.py"):
+        if "Settings.from_env(" in path.read_text():
+            readers.add(path.relative_to(package).as_posix())
+    allowed = {r for r in readers if r.split("/")[0] in ENTRY_MODULES or r in ENTRY_MODULES}
+    assert readers - allowed == set()

@@ -179,12 +179,12 @@ def configure(*, processes: int, loglevel: str) -> None:
     _configured = {"processes": processes, "loglevel": loglevel}
 
 
-def start_configured(node: str | None) -> None:
-    """Start the consumers if `configure` was called (the worker is ready)."""
+def start_configured(node: str | None, settings: Settings) -> None:
+    """Start the consumers if `configure` was called (the worker is ready, with ``settings``)."""
     global _pool
     if _configured is None or _pool is not None:
         return
-    _pool = ConsumerPool(Settings.from_env(), node=node or "maas", **_configured)
+    _pool = ConsumerPool(settings, node=node or "maas", **_configured)
     _pool.start()
 
 
