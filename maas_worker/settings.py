@@ -1,7 +1,7 @@
 """Settings: one frozen value holding every ``MAAS_*`` variable.
 
 Each field is declared once, with its variable, parser, bounds and doc
-(`Option`, in the field's metadata); docs/configuration.md's table is
+(`options.Option`, in the field's metadata); docs/configuration.md's table is
 generated from those declarations (``scripts/settings_docs.py``).
 
 Invariants: a `Settings` is built once per process, at an entry point, by
@@ -17,16 +17,41 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from collections.abc import Callable, Collection, Iterator, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from maas_worker.errors import ConfigError
 from maas_worker.models.paths import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR
-
-V = TypeVar("V")
+from maas_worker.options import (
+    Option,
+    are_paths,
+    declared,
+    group,
+    int_in,
+    is_bool,
+    is_number,
+    is_optional_str,
+    is_path,
+    is_str,
+    mapping_of,
+    number_in,
+    one_of,
+    pairs,
+    parse_flag,
+    parse_float,
+    parse_int,
+    parse_lower,
+    parse_path,
+    parse_paths,
+    parse_text,
+    read,
+    require,
+    setting,
+    validate,
+)
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT_S = 600
@@ -84,182 +109,6 @@ def _default_model_keys(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "maas-worker" / "model-keys.json"
 
-
-# -- declarations ----------------------------------------------------------------------
-#: Field metadata keys: a setting's `Option`, or the class of a group of settings.
-_OPTION = "maas_option"
-_GROUP = "maas_group"
-
-
-@dataclass(frozen=True, kw_only=True)
-class Option:
-    """How one setting is read, checked and documented (kept in its field's metadata)."""
-
-    #: The environment variable.
-    env: str
-    #: Its meaning, as docs/configuration.md shows it (Markdown).
-    doc: str
-    #: Its default, as docs/configuration.md shows it (Markdown).
-    default_doc: str
-    #: ``(variable, text) -> value``; raises `ConfigError` for text it cannot read.
-    parse: Callable[[str, str], Any]
-    #: ``(variable, value)``; raises `ConfigError` out of bounds, `TypeError` for a wrong type.
-    check: Callable[[str, Any], None]
-    #: The default when it depends on the environment read (``XDG_CONFIG_HOME``).
-    env_default: Callable[[Mapping[str, str]], Any] | None = None
-
-
-def _setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None, env: str,
-             doc: str, parse: Callable[[str, str], Any], check: Callable[[str, Any], None],
-             shown: str | None = None, secret: bool = False,
-             env_default: Callable[[Mapping[str, str]], Any] | None = None) -> Any:
-    """A dataclass field declared with its `Option`; ``secret`` keeps it out of ``repr``."""
-    option = Option(env=env, doc=doc, parse=parse, check=check, env_default=env_default,
-                    default_doc=shown if shown is not None else f"`{_show(default)}`")
-    metadata = {_OPTION: option}
-    if factory is not None:
-        return field(default_factory=factory, repr=not secret, metadata=metadata)
-    return field(default=default, repr=not secret, metadata=metadata)
-
-
-def _group(cls: type) -> Any:
-    """A field holding a group of settings (itself declared with `_setting` fields)."""
-    return field(default_factory=cls, metadata={_GROUP: cls})
-
-
-def _show(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _require(name: str, value: Any, kind: type | tuple[type, ...], what: str) -> None:
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise TypeError(f"{name} must be {what}, got a bool")
-    if not isinstance(value, kind):
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
-
-
-# -- parsers and checks: (variable, text) -> value and (variable, value) -> None --------------
-def _text(_: str, raw: str) -> str:
-    return raw
-
-
-def _path(_: str, raw: str) -> Path:
-    return Path(raw)
-
-
-def _paths(_: str, raw: str) -> tuple[Path, ...]:
-    """``a:b:c`` (os.pathsep) as paths; empty parts are ignored."""
-    return tuple(Path(p) for p in raw.split(os.pathsep) if p)
-
-
-def _parse_int(name: str, raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-
-
-def _parse_float(name: str, raw: str) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-
-
-def _parse_flag(name: str, raw: str) -> bool:
-    text = raw.strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be 1 or 0, got {text!r}")
-
-
-def _lower(_: str, raw: str) -> str:
-    return raw.strip().lower()
-
-
-def _is_str(name: str, value: Any) -> None:
-    _require(name, value, str, "a string")
-
-
-def _is_optional_str(name: str, value: Any) -> None:
-    if value is not None:
-        _require(name, value, str, "a string or None")
-
-
-def _is_bool(name: str, value: Any) -> None:
-    _require(name, value, bool, "a bool")
-
-
-def _is_path(name: str, value: Any) -> None:
-    _require(name, value, Path, "a Path")
-
-
-def _are_paths(name: str, value: Any) -> None:
-    _require(name, value, tuple, "a tuple of Paths")
-    for path in value:
-        _is_path(name, path)
-
-
-def _int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], None]:
-    def check(name: str, value: Any) -> None:
-        _require(name, value, int, "an integer")
-        if value < lo:
-            raise ConfigError(f"{name} must be >= {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{name} must be <= {hi}, got {value}")
-    return check
-
-
-def _number_in(lo: float, hi: float) -> Callable[[str, Any], None]:
-    def check(name: str, value: Any) -> None:
-        _require(name, value, (int, float), "a number")
-        if not lo <= value <= hi:
-            raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
-    return check
-
-
-def _one_of(options: tuple[str, ...]) -> Callable[[str, Any], None]:
-    def check(name: str, value: Any) -> None:
-        _require(name, value, str, "a string")
-        if value not in options:
-            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
-    return check
-
-
-def _pairs(name: str, raw: str, value: Callable[[str, str], V], usage: str) -> dict[str, V]:
-    """Parse ``key=VALUE,key=VALUE``; ``value(key, text)`` raises ValueError when wrong."""
-    out: dict[str, V] = {}
-    try:
-        for part in raw.strip().split(","):
-            key, _, text = part.partition("=")
-            if not key.strip():
-                raise ValueError
-            out[key.strip()] = value(key.strip(), text)
-    except ValueError:
-        raise ConfigError(f"{name} must look like {usage}") from None
-    return out
-
-
-def _mapping_of(usage: str, ok: Callable[[str, Any], bool]) -> Callable[[str, Any], None]:
-    """Check a ``key=VALUE,...`` setting: a dict whose every ``ok(key, value)`` holds."""
-    def check(name: str, value: Any) -> None:
-        _require(name, value, dict, "a dict")
-        for key, item in value.items():
-            try:
-                good = isinstance(key, str) and ok(key, item)
-            except (TypeError, ValueError):
-                good = False
-            if not good:
-                raise ConfigError(f"{name} must look like {usage}")
-    return check
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 _LIMITS_USAGE = "model=SOFT:HARD,... (seconds, 0 < SOFT <= HARD)"
 
 
@@ -269,12 +118,12 @@ def _parse_time_limits(name: str, raw: str) -> dict[str, tuple[float, float]]:
         soft, _, hard = text.partition(":")
         soft_s = float(soft)
         return soft_s, float(hard) if hard else soft_s + 30
-    return _pairs(name, raw, limits, _LIMITS_USAGE)
+    return pairs(name, raw, limits, _LIMITS_USAGE)
 
 
 def _limits_ok(_: str, value: Any) -> bool:
     soft, hard = value
-    return _is_number(soft) and _is_number(hard) and 0 < soft <= hard
+    return is_number(soft) and is_number(hard) and 0 < soft <= hard
 
 
 _BATCH_USAGE = "model=MAX_BATCH:MAX_WAIT_MS,... (1..4096 jobs, 0..1000 ms)"
@@ -285,12 +134,12 @@ def _parse_batching(name: str, raw: str) -> dict[str, tuple[int, float]]:
     def spec(_: str, text: str) -> tuple[int, float]:
         size, _, wait = text.partition(":")
         return int(size), float(wait or 2)
-    return _pairs(name, raw, spec, _BATCH_USAGE)
+    return pairs(name, raw, spec, _BATCH_USAGE)
 
 
 def _batch_ok(_: str, value: Any) -> bool:
     batch, wait_ms = value
-    return (isinstance(batch, int) and not isinstance(batch, bool) and _is_number(wait_ms)
+    return (isinstance(batch, int) and not isinstance(batch, bool) and is_number(wait_ms)
             and 1 <= batch <= 4096 and 0 <= wait_ms <= 1000)
 
 
@@ -310,11 +159,11 @@ def _parse_depth(name: str, raw: str) -> dict[str, int]:
             raise ValueError
         return max(1, int(text))
     return {**dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH),
-            **_pairs(name, raw, count, _DEPTH_USAGE)}
+            **pairs(name, raw, count, _DEPTH_USAGE)}
 
 
 def _check_depth(name: str, value: Any) -> None:
-    _mapping_of(_DEPTH_USAGE, lambda priority, n: priority in PRIORITIES and isinstance(
+    mapping_of(_DEPTH_USAGE, lambda priority, n: priority in PRIORITIES and isinstance(
         n, int) and not isinstance(n, bool) and n >= 1)(name, value)
     if set(value) != set(PRIORITIES):
         raise ConfigError(f"{name} must look like {_DEPTH_USAGE}")
@@ -343,7 +192,7 @@ _QUERY_TLS = re.compile(r"(?i)(^|&)ssl[a-z_]*=")
 
 
 def _check_url(name: str, url: Any) -> None:
-    _require(name, url, str, "a string")
+    require(name, url, str, "a string")
     parts = urlsplit(url)
     what = "broker" if name == "MAAS_BROKER_URL" else "result backend"
     if parts.scheme not in {"redis", "rediss", "redis+socket", "unix"}:
@@ -375,48 +224,14 @@ def _parse_verify(name: str, raw: str) -> bool:
 def _existing_file(name: str, value: Any) -> None:
     if value is None:
         return
-    _is_path(name, value)
+    is_path(name, value)
     if not value.is_file():
         raise ConfigError(f"{name}: {value} is not a readable file")
 
 
-# -- validation and reading, shared by Settings and its groups -------------------------------
-def _validate(obj: Any) -> None:
-    """Check every declared field of ``obj`` (a settings dataclass) against its `Option`."""
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if _OPTION in f.metadata:
-            f.metadata[_OPTION].check(f.metadata[_OPTION].env, value)
-        elif _GROUP in f.metadata:
-            _require(f.name, value, f.metadata[_GROUP], f"a {f.metadata[_GROUP].__name__}")
-
-
-def _read(cls: type, env: Mapping[str, str], skip: Collection[str] = ()) -> dict[str, Any]:
-    """Keyword arguments for ``cls`` from ``env``: only the variables that are set
-    (an empty value means the default); fields named in ``skip`` are not read."""
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        if _GROUP in f.metadata:
-            values[f.name] = f.metadata[_GROUP](**_read(f.metadata[_GROUP], env))
-            continue
-        option: Option = f.metadata[_OPTION]
-        raw = env.get(option.env, "")
-        if raw.strip():
-            values[f.name] = option.parse(option.env, raw)
-        elif option.env_default is not None:
-            values[f.name] = option.env_default(env)
-    return values
-
-
-def options(cls: type | None = None) -> Iterator[Option]:
-    """Every declared setting of ``cls`` (`Settings` by default), groups included, in order."""
-    for f in fields(cls or Settings):
-        if _GROUP in f.metadata:
-            yield from options(f.metadata[_GROUP])
-        else:
-            yield f.metadata[_OPTION]
+def options() -> Iterator[Option]:
+    """Every declared setting, the groups' included, in order (the docs table's rows)."""
+    return declared(Settings)
 
 
 def markdown_table() -> str:
@@ -438,19 +253,19 @@ class RedisTLS:
     travel in the URL (``rediss://user:password@host:port/db``).
     """
 
-    ca: Path | None = _setting(
-        None, env="MAAS_REDIS_TLS_CA", parse=_path, check=_existing_file,
+    ca: Path | None = setting(
+        None, env="MAAS_REDIS_TLS_CA", parse=parse_path, check=_existing_file,
         shown="the system's CAs",
         doc="CA bundle (PEM) the Redis server's certificate must chain to, for every "
             "`rediss://` connection (Celery's broker, Flower, every redis-py client)")
-    cert: Path | None = _setting(
-        None, env="MAAS_REDIS_TLS_CERT", parse=_path, check=_existing_file, shown="none",
+    cert: Path | None = setting(
+        None, env="MAAS_REDIS_TLS_CERT", parse=parse_path, check=_existing_file, shown="none",
         doc="client certificate (PEM), for a server with `tls-auth-clients yes`")
-    key: Path | None = _setting(
-        None, env="MAAS_REDIS_TLS_KEY", parse=_path, check=_existing_file, shown="none",
+    key: Path | None = setting(
+        None, env="MAAS_REDIS_TLS_KEY", parse=parse_path, check=_existing_file, shown="none",
         doc="the client certificate's private key (PEM); needs `MAAS_REDIS_TLS_CERT`")
-    verify: bool = _setting(
-        True, env="MAAS_REDIS_TLS_VERIFY", parse=_parse_verify, check=_is_bool,
+    verify: bool = setting(
+        True, env="MAAS_REDIS_TLS_VERIFY", parse=_parse_verify, check=is_bool,
         shown="`required`",
         doc="`required`: check the server's certificate chain and host name; `none`: "
             "encrypt without checking (tests only). Setting any `MAAS_REDIS_TLS_*` while no "
@@ -458,7 +273,7 @@ class RedisTLS:
             "user and password go in the URL: `rediss://user:password@host:port/db`")
 
     def __post_init__(self) -> None:
-        _validate(self)
+        validate(self)
         if self.key is not None and self.cert is None:
             raise ConfigError("MAAS_REDIS_TLS_KEY needs MAAS_REDIS_TLS_CERT (the client "
                               "certificate it belongs to)")
@@ -494,52 +309,52 @@ _AUTOSCALE = "`worker --autoscale`: "
 class AutoscalePolicy:
     """How ``worker --autoscale MAX,MIN`` sizes its pool (autoscale.py)."""
 
-    interval_s: float = _setting(
-        1.0, env="MAAS_AUTOSCALE_INTERVAL_S", parse=_parse_float, check=_number_in(0.05, 60),
+    interval_s: float = setting(
+        1.0, env="MAAS_AUTOSCALE_INTERVAL_S", parse=parse_float, check=number_in(0.05, 60),
         doc=_AUTOSCALE + "how often the backlog and host headroom are read and the pool size "
             "decided")
-    keepalive_s: float = _setting(
-        30.0, env="MAAS_AUTOSCALE_KEEPALIVE_S", parse=_parse_float,
-        check=_number_in(0.1, 86400),
+    keepalive_s: float = setting(
+        30.0, env="MAAS_AUTOSCALE_KEEPALIVE_S", parse=parse_float,
+        check=number_in(0.1, 86400),
         doc=_AUTOSCALE + "the pool shrinks only after this long with no job waiting")
-    grow_after_s: float = _setting(
-        1.0, env="MAAS_AUTOSCALE_GROW_AFTER_S", parse=_parse_float, check=_number_in(0, 3600),
+    grow_after_s: float = setting(
+        1.0, env="MAAS_AUTOSCALE_GROW_AFTER_S", parse=parse_float, check=number_in(0, 3600),
         doc=_AUTOSCALE + "grow only for a queued job that has waited this long (jobs already "
             "reserved by the worker always count)")
-    max_memory_pct: float = _setting(
-        85.0, env="MAAS_AUTOSCALE_MAX_MEMORY_PCT", parse=_parse_float,
-        check=_number_in(0, 100),
+    max_memory_pct: float = setting(
+        85.0, env="MAAS_AUTOSCALE_MAX_MEMORY_PCT", parse=parse_float,
+        check=number_in(0, 100),
         doc=_AUTOSCALE + "no growing while host memory use is above this percentage")
-    max_cpu_pct: float = _setting(
-        90.0, env="MAAS_AUTOSCALE_MAX_CPU_PCT", parse=_parse_float, check=_number_in(0, 100),
+    max_cpu_pct: float = setting(
+        90.0, env="MAAS_AUTOSCALE_MAX_CPU_PCT", parse=parse_float, check=number_in(0, 100),
         doc=_AUTOSCALE + "no growing while host CPU use is above this percentage")
 
     def __post_init__(self) -> None:
-        _validate(self)
+        validate(self)
 
 
 @dataclass(frozen=True, kw_only=True)
 class FleetPolicy:
     """How ``maas-worker scale`` sizes the fleet of worker nodes (fleet.py)."""
 
-    min_nodes: int = _setting(
-        1, env="MAAS_FLEET_MIN_NODES", parse=_parse_int, check=_int_in(0),
+    min_nodes: int = setting(
+        1, env="MAAS_FLEET_MIN_NODES", parse=parse_int, check=int_in(0),
         doc="`scale` / `maas_fleet_desired_nodes`: fewest worker nodes recommended (`0` "
             "allows scaling to zero)")
-    max_nodes: int = _setting(
-        20, env="MAAS_FLEET_MAX_NODES", parse=_parse_int, check=_int_in(1),
+    max_nodes: int = setting(
+        20, env="MAAS_FLEET_MAX_NODES", parse=parse_int, check=int_in(1),
         doc="most worker nodes recommended")
-    target_wait_s: float = _setting(
-        30.0, env="MAAS_FLEET_TARGET_WAIT_S", parse=_parse_float, check=_number_in(0.1, 86400),
+    target_wait_s: float = setting(
+        30.0, env="MAAS_FLEET_TARGET_WAIT_S", parse=parse_float, check=number_in(0.1, 86400),
         doc="the backlog should drain within this many seconds; an older oldest job asks for "
             "one more node")
-    backlog_per_node: int = _setting(
-        10, env="MAAS_FLEET_BACKLOG_PER_NODE", parse=_parse_int, check=_int_in(1),
+    backlog_per_node: int = setting(
+        10, env="MAAS_FLEET_BACKLOG_PER_NODE", parse=parse_int, check=int_in(1),
         doc="jobs one node is assumed to clear per target wait until throughput has been "
             "measured")
 
     def __post_init__(self) -> None:
-        _validate(self)
+        validate(self)
         if self.min_nodes > self.max_nodes:
             raise ConfigError("MAAS_FLEET_MIN_NODES must be <= MAAS_FLEET_MAX_NODES")
 
@@ -551,169 +366,169 @@ _CONSUMER = "`worker --batch-consumer`: "
 class Settings:
     """Deployment settings: build once with `Settings.from_env` and pass them down."""
 
-    broker_url: str = _setting(
-        DEFAULT_BROKER_URL, env="MAAS_BROKER_URL", parse=_text, check=_check_url, secret=True,
+    broker_url: str = setting(
+        DEFAULT_BROKER_URL, env="MAAS_BROKER_URL", parse=parse_text, check=_check_url, secret=True,
         doc="Redis URL of the broker (`redis://`, `rediss://`, `redis+socket://`)")
     #: ``""`` (the default) means the broker URL.
-    result_backend: str = _setting(
-        "", env="MAAS_RESULT_BACKEND", parse=_text, check=_check_url, secret=True,
+    result_backend: str = setting(
+        "", env="MAAS_RESULT_BACKEND", parse=parse_text, check=_check_url, secret=True,
         shown="the broker URL",
         doc="Redis URL for sealed results, job claims, the audit log and the model catalogue")
-    redis_tls: RedisTLS = _group(RedisTLS)
-    keyring_path: Path = _setting(
+    redis_tls: RedisTLS = group(RedisTLS)
+    keyring_path: Path = setting(
         factory=lambda: _default_keyring(os.environ), env_default=_default_keyring,
-        env="MAAS_KEYRING", parse=_path, check=_is_path,
+        env="MAAS_KEYRING", parse=parse_path, check=is_path,
         shown="`$XDG_CONFIG_HOME/maas-worker/keyring.json`, i.e. "
               "`~/.config/maas-worker/keyring.json`",
         doc="keyring file (JSON, mode 0600, refused if group/others can access it)")
     # Not type-checked: `maas-worker acl` passes its --tenant list here (cli/, being
     # rewritten); a client checks the name against the keyring.
-    tenant: str | None = _setting(
-        None, env="MAAS_TENANT", parse=_text, check=lambda name, value: None,
+    tenant: str | None = setting(
+        None, env="MAAS_TENANT", parse=parse_text, check=lambda name, value: None,
         shown="none (a client needs one)", doc="tenant a client submits as")
-    model_dir: Path = _setting(
-        BUNDLED_MODEL_DIR, env="MAAS_MODEL_DIR", parse=_path, check=_is_path,
+    model_dir: Path = setting(
+        BUNDLED_MODEL_DIR, env="MAAS_MODEL_DIR", parse=parse_path, check=is_path,
         shown="the repository bundled in the package, `maas_worker/models/bundled` (the "
               "signed `digits` model)",
         doc="model repository folder: `<name>/<version>/` with the artifact, `manifest.json` "
             "and `manifest.sig` ([models.md](models.md)); rescanned every 2 s, so new "
             "versions need no restart")
-    trusted_signers: tuple[Path, ...] = _setting(
+    trusted_signers: tuple[Path, ...] = setting(
         (BUNDLED_SIGNERS_DIR,), env="MAAS_TRUSTED_SIGNERS",
-        parse=lambda name, raw: _paths(name, raw) or (BUNDLED_SIGNERS_DIR,), check=_are_paths,
+        parse=lambda name, raw: parse_paths(name, raw) or (BUNDLED_SIGNERS_DIR,), check=are_paths,
         shown="the bundled key, `maas_worker/models/trusted_signers`",
         doc="Ed25519 public keys (PEM) models may be signed with: files, or folders whose "
             "`*.pub`/`*.pem` are read, separated by `:`; re-read when they change (removing a "
             "key revokes its models). A worker refuses to start if one is missing or holds a "
             "private key")
-    model_keys_path: Path = _setting(
+    model_keys_path: Path = setting(
         factory=lambda: _default_model_keys(os.environ), env_default=_default_model_keys,
-        env="MAAS_MODEL_KEYS", parse=_path, check=_is_path,
+        env="MAAS_MODEL_KEYS", parse=parse_path, check=is_path,
         shown="`$XDG_CONFIG_HOME/maas-worker/model-keys.json`",
         doc="model encryption keys (JSON, mode 0600, refused if group/others can access it); "
             "needed only by workers serving encrypted models")
-    visibility_timeout_s: int = _setting(
-        DEFAULT_VISIBILITY_TIMEOUT_S, env="MAAS_VISIBILITY_TIMEOUT_S", parse=_parse_int,
-        check=_int_in(1),
+    visibility_timeout_s: int = setting(
+        DEFAULT_VISIBILITY_TIMEOUT_S, env="MAAS_VISIBILITY_TIMEOUT_S", parse=parse_int,
+        check=int_in(1),
         doc="seconds after which a message taken by a worker that never acknowledged it (it "
             "died) is delivered again; also scales kombu's restore sweep (every "
             "`min(10, T/4)` s)")
-    diagnostic_models: bool = _setting(
-        False, env="MAAS_DIAGNOSTIC_MODELS", parse=_parse_flag, check=_is_bool,
+    diagnostic_models: bool = setting(
+        False, env="MAAS_DIAGNOSTIC_MODELS", parse=parse_flag, check=is_bool,
         shown="off (on in `demo`)", doc="`1` registers the `echo` and `sleep` models")
-    job_ttl_s: int = _setting(
-        DEFAULT_JOB_TTL_S, env="MAAS_JOB_TTL_S", parse=_parse_int,
-        check=_int_in(1, MAX_JOB_TTL_S), shown=f"`{DEFAULT_JOB_TTL_S}` (max 7 days)",
+    job_ttl_s: int = setting(
+        DEFAULT_JOB_TTL_S, env="MAAS_JOB_TTL_S", parse=parse_int,
+        check=int_in(1, MAX_JOB_TTL_S), shown=f"`{DEFAULT_JOB_TTL_S}` (max 7 days)",
         doc="default lifetime of a submitted job; a worker refuses it (`expired`) after that")
-    result_ttl_s: int = _setting(
-        DEFAULT_RESULT_TTL_S, env="MAAS_RESULT_TTL_S", parse=_parse_int, check=_int_in(1),
+    result_ttl_s: int = setting(
+        DEFAULT_RESULT_TTL_S, env="MAAS_RESULT_TTL_S", parse=parse_int, check=int_in(1),
         doc="how long a sealed result (and a `rejected` marker) is kept")
-    max_input_bytes: int = _setting(
-        DEFAULT_MAX_INPUT_BYTES, env="MAAS_MAX_INPUT_BYTES", parse=_parse_int,
-        check=_int_in(1),
+    max_input_bytes: int = setting(
+        DEFAULT_MAX_INPUT_BYTES, env="MAAS_MAX_INPUT_BYTES", parse=parse_int,
+        check=int_in(1),
         doc="largest job input (compact JSON) accepted, at the client and at the worker "
             "(`oversize`)")
-    max_result_bytes: int = _setting(
-        DEFAULT_MAX_RESULT_BYTES, env="MAAS_MAX_RESULT_BYTES", parse=_parse_int,
-        check=_int_in(1), doc="largest result; a bigger one fails the job with `oversize`")
-    clock_skew_s: int = _setting(
-        DEFAULT_CLOCK_SKEW_S, env="MAAS_CLOCK_SKEW_S", parse=_parse_int, check=_int_in(0),
+    max_result_bytes: int = setting(
+        DEFAULT_MAX_RESULT_BYTES, env="MAAS_MAX_RESULT_BYTES", parse=parse_int,
+        check=int_in(1), doc="largest result; a bigger one fails the job with `oversize`")
+    clock_skew_s: int = setting(
+        DEFAULT_CLOCK_SKEW_S, env="MAAS_CLOCK_SKEW_S", parse=parse_int, check=int_in(0),
         doc="clock difference tolerated between clients and workers in the time-window check")
-    lease_s: int = _setting(
-        DEFAULT_LEASE_S, env="MAAS_LEASE_S", parse=_parse_int, check=_int_in(3),
+    lease_s: int = setting(
+        DEFAULT_LEASE_S, env="MAAS_LEASE_S", parse=parse_int, check=int_in(3),
         doc="a running job's claim lapses this long after its worker stops renewing it "
             "(crash)")
-    audit_maxlen: int = _setting(
-        DEFAULT_AUDIT_MAXLEN, env="MAAS_AUDIT_MAXLEN", parse=_parse_int, check=_int_in(100),
+    audit_maxlen: int = setting(
+        DEFAULT_AUDIT_MAXLEN, env="MAAS_AUDIT_MAXLEN", parse=parse_int, check=int_in(100),
         doc="audit records kept (a capped Redis stream)")
-    soft_time_limit_s: float = _setting(
-        DEFAULT_SOFT_TIME_LIMIT_S, env="MAAS_SOFT_TIME_LIMIT_S", parse=_parse_float,
-        check=_number_in(0.001, 86400),
+    soft_time_limit_s: float = setting(
+        DEFAULT_SOFT_TIME_LIMIT_S, env="MAAS_SOFT_TIME_LIMIT_S", parse=parse_float,
+        check=number_in(0.001, 86400),
         doc="default per-job soft time limit: the job is interrupted (reason `timeout`)")
-    hard_time_limit_s: float = _setting(
-        DEFAULT_HARD_TIME_LIMIT_S, env="MAAS_HARD_TIME_LIMIT_S", parse=_parse_float,
-        check=_number_in(0.001, 86400),
+    hard_time_limit_s: float = setting(
+        DEFAULT_HARD_TIME_LIMIT_S, env="MAAS_HARD_TIME_LIMIT_S", parse=parse_float,
+        check=number_in(0.001, 86400),
         doc="default per-job hard time limit: the job's process is ended")
-    time_limits: dict[str, tuple[float, float]] = _setting(
+    time_limits: dict[str, tuple[float, float]] = setting(
         factory=dict, env="MAAS_TIME_LIMITS", parse=_parse_time_limits,
-        check=_mapping_of(_LIMITS_USAGE, _limits_ok), shown="none",
+        check=mapping_of(_LIMITS_USAGE, _limits_ok), shown="none",
         doc="per-model limits, `model=SOFT:HARD,...` (seconds)")
-    max_queue_depth: dict[str, int] = _setting(
+    max_queue_depth: dict[str, int] = setting(
         factory=lambda: dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH),
         env="MAAS_MAX_QUEUE_DEPTH", parse=_parse_depth, check=_check_depth,
         shown=f"`{DEFAULT_MAX_QUEUE_DEPTH}`",
         doc="backpressure: submit refuses (`QueueFull`) at this many queued jobs; `N` or "
             "`high=N,normal=N,low=N`")
-    memory_high_water_pct: float = _setting(
-        DEFAULT_MEMORY_HIGH_WATER_PCT, env="MAAS_MEMORY_HIGH_WATER_PCT", parse=_parse_float,
-        check=_number_in(1, 100),
+    memory_high_water_pct: float = setting(
+        DEFAULT_MEMORY_HIGH_WATER_PCT, env="MAAS_MEMORY_HIGH_WATER_PCT", parse=parse_float,
+        check=number_in(1, 100),
         doc="a worker does not start a job while host memory use is above this (the job is "
             "retried 5 s later)")
-    max_memory_per_child_mb: int = _setting(
-        DEFAULT_MAX_MEMORY_PER_CHILD_MB, env="MAAS_MAX_MEMORY_PER_CHILD_MB", parse=_parse_int,
-        check=_int_in(0),
+    max_memory_per_child_mb: int = setting(
+        DEFAULT_MAX_MEMORY_PER_CHILD_MB, env="MAAS_MAX_MEMORY_PER_CHILD_MB", parse=parse_int,
+        check=int_in(0),
         doc="a pool process is replaced after its job if its resident memory grew past this "
             "(`0` = never)")
-    low_priority_share: float = _setting(
-        DEFAULT_LOW_PRIORITY_SHARE, env="MAAS_LOW_PRIORITY_SHARE", parse=_parse_float,
-        check=_number_in(0, 0.5),
+    low_priority_share: float = setting(
+        DEFAULT_LOW_PRIORITY_SHARE, env="MAAS_LOW_PRIORITY_SHARE", parse=parse_float,
+        check=number_in(0, 0.5),
         doc="share of fetches guaranteed to normal and to low jobs under a steady high load "
             "(`0` = strict priority)")
-    crypto_backend: str = _setting(
-        "auto", env="MAAS_CRYPTO_BACKEND", parse=_lower,
-        check=_one_of(("auto", "pycryptodome", "openssl")),
+    crypto_backend: str = setting(
+        "auto", env="MAAS_CRYPTO_BACKEND", parse=parse_lower,
+        check=one_of(("auto", "pycryptodome", "openssl")),
         doc="AES-GCM implementation: `auto` (OpenSSL via `cryptography` when installed, else "
             "pycryptodome), `pycryptodome`, `openssl`; the wire format is identical")
-    batching: dict[str, tuple[int, float]] = _setting(
+    batching: dict[str, tuple[int, float]] = setting(
         factory=dict, env="MAAS_BATCH", parse=_parse_batching,
-        check=_mapping_of(_BATCH_USAGE, _batch_ok), shown="none",
+        check=mapping_of(_BATCH_USAGE, _batch_ok), shown="none",
         doc="dynamic batching for models that support it, `model=MAX_BATCH:MAX_WAIT_MS,...` "
             "(workers started with `--pool threads`)")
-    consumer_batch: int = _setting(
-        DEFAULT_CONSUMER_BATCH, env="MAAS_CONSUMER_BATCH", parse=_parse_int, check=_int_in(1),
+    consumer_batch: int = setting(
+        DEFAULT_CONSUMER_BATCH, env="MAAS_CONSUMER_BATCH", parse=parse_int, check=int_in(1),
         doc=_CONSUMER + "most jobs a consumer process takes and runs as one batch "
             "([operations.md](operations.md#the-batch-consumer))")
-    consumer_wait_ms: float = _setting(
-        DEFAULT_CONSUMER_WAIT_MS, env="MAAS_CONSUMER_WAIT_MS", parse=_parse_float,
-        check=_number_in(0, 1000),
+    consumer_wait_ms: float = setting(
+        DEFAULT_CONSUMER_WAIT_MS, env="MAAS_CONSUMER_WAIT_MS", parse=parse_float,
+        check=number_in(0, 1000),
         doc=_CONSUMER + "how long a batch that is not full keeps gathering jobs (`0`: run what "
             "is there at once; a busy consumer's batches fill by themselves)")
-    flower_basic_auth: str | None = _setting(
-        None, env="MAAS_FLOWER_BASIC_AUTH", parse=_text, check=_is_optional_str, secret=True,
+    flower_basic_auth: str | None = setting(
+        None, env="MAAS_FLOWER_BASIC_AUTH", parse=parse_text, check=is_optional_str, secret=True,
         shown="none",
         doc="`user:password` for `maas-worker flower`, which refuses to start without it")
-    remote_control: str = _setting(
-        DEFAULT_REMOTE_CONTROL, env="MAAS_REMOTE_CONTROL", parse=_lower,
-        check=_one_of(REMOTE_CONTROL_MODES),
+    remote_control: str = setting(
+        DEFAULT_REMOTE_CONTROL, env="MAAS_REMOTE_CONTROL", parse=parse_lower,
+        check=one_of(REMOTE_CONTROL_MODES),
         doc="Celery remote control on workers and Flower: `inspect` answers read-only "
             "commands only; `operator` also obeys shutdown, pool, consumer, rate- and "
             "time-limit commands (docs/security.md#remote-control). `revoke` and "
             "unconfigured queues are refused either way")
-    sample_interval_s: float = _setting(
-        DEFAULT_SAMPLE_INTERVAL_S, env="MAAS_SAMPLE_INTERVAL_S", parse=_parse_float,
-        check=_number_in(0.2, 3600),
+    sample_interval_s: float = setting(
+        DEFAULT_SAMPLE_INTERVAL_S, env="MAAS_SAMPLE_INTERVAL_S", parse=parse_float,
+        check=number_in(0.2, 3600),
         doc="beat asks every worker node for a resource sample this often; a sample older "
             "than 3 intervals is no longer current ([monitoring.md](monitoring.md)); set the "
             "same value for beat and workers")
-    metrics_port: int = _setting(
-        DEFAULT_METRICS_PORT, env="MAAS_METRICS_PORT", parse=_parse_int, check=_int_in(0),
+    metrics_port: int = setting(
+        DEFAULT_METRICS_PORT, env="MAAS_METRICS_PORT", parse=parse_int, check=int_in(0),
         doc="each worker's Prometheus endpoint (its jobs and autoscaler); `0` turns it off; a "
             "port in use only logs a warning")
-    fleet_metrics_port: int = _setting(
-        DEFAULT_FLEET_METRICS_PORT, env="MAAS_FLEET_METRICS_PORT", parse=_parse_int,
-        check=_int_in(0),
+    fleet_metrics_port: int = setting(
+        DEFAULT_FLEET_METRICS_PORT, env="MAAS_FLEET_METRICS_PORT", parse=parse_int,
+        check=int_in(0),
         doc="port of the fleet exporter, `maas-worker metrics` (backlog, samples, desired "
             "nodes)")
-    metrics_address: str = _setting(
-        DEFAULT_METRICS_ADDRESS, env="MAAS_METRICS_ADDRESS", parse=_text, check=_is_str,
+    metrics_address: str = setting(
+        DEFAULT_METRICS_ADDRESS, env="MAAS_METRICS_ADDRESS", parse=parse_text, check=is_str,
         doc="address both metrics endpoints bind to (`0.0.0.0` in a container)")
-    autoscale: AutoscalePolicy = _group(AutoscalePolicy)
-    fleet: FleetPolicy = _group(FleetPolicy)
+    autoscale: AutoscalePolicy = group(AutoscalePolicy)
+    fleet: FleetPolicy = group(FleetPolicy)
 
     def __post_init__(self) -> None:
         if self.result_backend == "":
             object.__setattr__(self, "result_backend", self.broker_url)
-        _validate(self)
+        validate(self)
         if self.redis_tls.configured and not (
                 is_tls_url(self.broker_url) or is_tls_url(self.result_backend)):
             # Certificates configured for plain connections: the operator
@@ -732,7 +547,7 @@ class Settings:
         env = os.environ if env is None else env
         given = {name: value for name, value in overrides.items() if value is not None}
         # A variable a flag overrides is not read: a broken value cannot stop the flag.
-        return cls(**{**_read(cls, env, skip=given), **given})
+        return cls(**{**read(cls, env, skip=given), **given})
 
     def redis_ssl(self, url: str) -> dict[str, Any] | None:
         """TLS options for a connection to ``url`` (`RedisTLS.options`); None unless rediss://."""
