@@ -42,15 +42,31 @@ class Option:
     check: Callable[[str, Any], None]
     #: The default when it depends on the environment read (``XDG_CONFIG_HOME``).
     env_default: Callable[[Mapping[str, str]], Any] | None = None
+    #: A secret (a password, in a URL or not): kept out of ``repr``.
+    secret: bool = False
+    #: What values are accepted, as the docs show it, when the check cannot say it.
+    accepted_doc: str = ""
+
+    @property
+    def accepted(self) -> str:
+        """What values are accepted, for the docs: the bounds or choices checked."""
+        if self.accepted_doc:
+            return self.accepted_doc
+        return str(self.check) if isinstance(self.check, Range | Choices) else ""
 
 
 def setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None, env: str,
              doc: str, parse: Callable[[str, str], Any], check: Callable[[str, Any], None],
-             shown: str | None = None, secret: bool = False,
+             shown: str | None = None, accepted: str = "", secret: bool = False,
              env_default: Callable[[Mapping[str, str]], Any] | None = None) -> Any:
-    """A dataclass field declared with its `Option`; ``secret`` keeps it out of ``repr``."""
+    """A dataclass field declared with its `Option`; ``secret`` keeps it out of ``repr``.
+
+    ``shown`` and ``accepted`` are the docs' default and accepted values when
+    the default's text and the check's bounds do not say it.
+    """
     option = Option(env=env, doc=doc, parse=parse, check=check, env_default=env_default,
-                    default_doc=shown if shown is not None else f"`{_show(default)}`")
+                    default_doc=shown if shown is not None else f"`{_show(default)}`",
+                    secret=secret, accepted_doc=accepted)
     metadata = {OPTION: option}
     if factory is not None:
         return field(default_factory=factory, repr=not secret, metadata=metadata)
@@ -149,33 +165,70 @@ def are_paths(name: str, value: Any) -> None:
         is_path(name, path)
 
 
-def int_in(lo: int, hi: int | None = None) -> Callable[[str, Any], None]:
+@dataclass(frozen=True)
+class Range:
+    """Check: an integer from ``lo`` (to ``hi`` when given), or a number from ``lo`` to ``hi``."""
+
+    lo: float
+    hi: float | None = None
+    integer: bool = False
+
+    def __call__(self, name: str, value: Any) -> None:
+        """Raise `ConfigError` out of bounds, `TypeError` for a value of another type."""
+        if self.integer:
+            require(name, value, int, "an integer")
+        else:
+            require(name, value, (int, float), "a number")
+        lo, hi = _number(self.lo), None if self.hi is None else _number(self.hi)
+        if hi is None or self.integer:
+            if value < self.lo:
+                raise ConfigError(f"{name} must be >= {lo}, got {_number(value)}")
+            if self.hi is not None and value > self.hi:
+                raise ConfigError(f"{name} must be <= {hi}, got {_number(value)}")
+        elif not self.lo <= value <= self.hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {_number(value)}")
+
+    def __str__(self) -> str:
+        what = "an integer" if self.integer else "a number"
+        if self.hi is None:
+            return f"{what} >= {_number(self.lo)}"
+        return f"{what} from {_number(self.lo)} to {_number(self.hi)}"
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def int_in(lo: int, hi: int | None = None) -> Range:
     """Check: an integer, ``lo`` <= value (<= ``hi`` when given)."""
-    def check(name: str, value: Any) -> None:
-        require(name, value, int, "an integer")
-        if value < lo:
-            raise ConfigError(f"{name} must be >= {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{name} must be <= {hi}, got {value}")
-    return check
+    return Range(lo, hi, integer=True)
 
 
-def number_in(lo: float, hi: float) -> Callable[[str, Any], None]:
+def number_in(lo: float, hi: float) -> Range:
     """Check: a number, ``lo`` <= value <= ``hi``."""
-    def check(name: str, value: Any) -> None:
-        require(name, value, (int, float), "a number")
-        if not lo <= value <= hi:
-            raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
-    return check
+    return Range(lo, hi)
 
 
-def one_of(options: tuple[str, ...]) -> Callable[[str, Any], None]:
-    """Check: one of ``options``."""
-    def check(name: str, value: Any) -> None:
+@dataclass(frozen=True)
+class Choices:
+    """Check: one of ``options`` (strings)."""
+
+    options: tuple[str, ...]
+
+    def __call__(self, name: str, value: Any) -> None:
+        """Raise `ConfigError` for another string, `TypeError` for a value of another type."""
         require(name, value, str, "a string")
-        if value not in options:
-            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
-    return check
+        if value not in self.options:
+            raise ConfigError(f"{name} must be one of {', '.join(self.options)}, "
+                              f"got {value!r}")
+
+    def __str__(self) -> str:
+        return ", ".join(f"`{o}`" for o in self.options)
+
+
+def one_of(options: tuple[str, ...]) -> Choices:
+    """Check: one of ``options``."""
+    return Choices(options)
 
 
 def pairs(name: str, raw: str, value: Callable[[str, str], V], usage: str) -> dict[str, V]:

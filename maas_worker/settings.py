@@ -236,8 +236,8 @@ def options() -> Iterator[Option]:
 
 def markdown_table() -> str:
     """The variables table of docs/configuration.md, generated from the declarations."""
-    lines = ["| variable | meaning | default |", "| --- | --- | --- |"]
-    lines += [f"| `{o.env}` | {o.doc} | {o.default_doc} |" for o in options()]
+    lines = ["| variable | meaning | accepted | default |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{o.env}` | {o.doc} | {o.accepted} | {o.default_doc} |" for o in options()]
     return "\n".join(lines) + "\n"
 
 
@@ -266,6 +266,7 @@ class RedisTLS:
         doc="the client certificate's private key (PEM); needs `MAAS_REDIS_TLS_CERT`")
     verify: bool = setting(
         True, env="MAAS_REDIS_TLS_VERIFY", parse=_parse_verify, check=is_bool,
+        accepted=", ".join(f"`{mode}`" for mode in TLS_VERIFY_MODES),
         shown="`required`",
         doc="`required`: check the server's certificate chain and host name; `none`: "
             "encrypt without checking (tests only). Setting any `MAAS_REDIS_TLS_*` while no "
@@ -360,6 +361,8 @@ class FleetPolicy:
 
 
 _CONSUMER = "`worker --batch-consumer`: "
+_URLS = "`redis://`, `rediss://`, `redis+socket://`, `unix://`"
+_FLAG = "`1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -368,10 +371,12 @@ class Settings:
 
     broker_url: str = setting(
         DEFAULT_BROKER_URL, env="MAAS_BROKER_URL", parse=parse_text, check=_check_url, secret=True,
-        doc="Redis URL of the broker (`redis://`, `rediss://`, `redis+socket://`)")
+        accepted=_URLS,
+        doc="Redis URL of the broker")
     #: ``""`` (the default) means the broker URL.
     result_backend: str = setting(
         "", env="MAAS_RESULT_BACKEND", parse=parse_text, check=_check_url, secret=True,
+        accepted=_URLS,
         shown="the broker URL",
         doc="Redis URL for sealed results, job claims, the audit log and the model catalogue")
     redis_tls: RedisTLS = group(RedisTLS)
@@ -414,12 +419,13 @@ class Settings:
             "died) is delivered again; also scales kombu's restore sweep (every "
             "`min(10, T/4)` s)")
     diagnostic_models: bool = setting(
-        False, env="MAAS_DIAGNOSTIC_MODELS", parse=parse_flag, check=is_bool,
+        False, env="MAAS_DIAGNOSTIC_MODELS", parse=parse_flag, check=is_bool, accepted=_FLAG,
         shown="off (on in `demo`)", doc="`1` registers the `echo` and `sleep` models")
     job_ttl_s: int = setting(
         DEFAULT_JOB_TTL_S, env="MAAS_JOB_TTL_S", parse=parse_int,
-        check=int_in(1, MAX_JOB_TTL_S), shown=f"`{DEFAULT_JOB_TTL_S}` (max 7 days)",
-        doc="default lifetime of a submitted job; a worker refuses it (`expired`) after that")
+        check=int_in(1, MAX_JOB_TTL_S),
+        doc="default lifetime of a submitted job; a worker refuses it (`expired`) after that "
+            "(at most 7 days)")
     result_ttl_s: int = setting(
         DEFAULT_RESULT_TTL_S, env="MAAS_RESULT_TTL_S", parse=parse_int, check=int_in(1),
         doc="how long a sealed result (and a `rejected` marker) is kept")

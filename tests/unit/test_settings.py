@@ -154,6 +154,20 @@ def test_every_declared_variable_is_read() -> None:
         assert changed != Settings.from_env(env), option.env
 
 
+def test_secrets_are_declared_and_kept_out_of_repr() -> None:
+    secret = {o.env for o in options() if o.secret}
+    assert secret == {"MAAS_BROKER_URL", "MAAS_RESULT_BACKEND", "MAAS_FLOWER_BASIC_AUTH"}
+    hidden = {f.name for f in dataclasses.fields(Settings) if not f.repr}
+    assert hidden == {"broker_url", "result_backend", "flower_basic_auth"}
+
+
+def test_bounds_and_choices_are_declared_for_the_docs() -> None:
+    accepted = {o.env: o.accepted for o in options()}
+    assert accepted["MAAS_LEASE_S"] == "an integer >= 3"
+    assert accepted["MAAS_LOW_PRIORITY_SHARE"] == "a number from 0 to 0.5"
+    assert accepted["MAAS_REMOTE_CONTROL"] == "`inspect`, `operator`"
+
+
 def test_the_docs_table_is_generated_from_the_declarations() -> None:
     _, table, _ = settings_docs.split(settings_docs.DOC.read_text())
     assert table == markdown_table(), (
