@@ -403,3 +403,27 @@ def test_settings_are_read_from_the_environment_only_at_entry_points() -> None:
             readers.add(path.relative_to(package).as_posix())
     allowed = {r for r in readers if r.split("/")[0] in ENTRY_MODULES or r in ENTRY_MODULES}
     assert readers - allowed == set()
+
+
+def test_an_app_holds_the_settings_it_was_made_with() -> None:
+    from maas_worker.app import configure, make_app, settings_of
+
+    given = Settings.from_env({**HOME_ENV, "MAAS_SAMPLE_INTERVAL_S": "5"})
+    app = make_app(given, include_tasks=False)
+    assert settings_of(app) is given
+    other = dataclasses.replace(given, remote_control="operator")
+    configure(app, other)
+    assert settings_of(app) is other
+
+
+def test_an_app_made_without_settings_reads_them_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from maas_worker.app import make_app, settings_of
+
+    monkeypatch.setenv("MAAS_SAMPLE_INTERVAL_S", "7")
+    app = make_app(include_tasks=False)
+    # Celery reads its configuration: the settings are built from the environment.
+    assert app.conf.beat_schedule["maas-sample"]["schedule"] == 7
+    first = settings_of(app)
+    monkeypatch.setenv("MAAS_SAMPLE_INTERVAL_S", "9")
+    assert settings_of(app) is first
+    assert first.sample_interval_s == 7
