@@ -109,6 +109,8 @@ def _default_model_keys(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "maas-worker" / "model-keys.json"
 
+
+# -- the settings' own syntaxes: parsers (variable, text) and checks (variable, value) ---
 _LIMITS_USAGE = "model=SOFT:HARD,... (seconds, 0 < SOFT <= HARD)"
 
 
