@@ -196,10 +196,11 @@ class HardenedChannel(kombu_redis.Channel):
         self._no_ack: set[str] = set()
         self._sync_client: Any = None
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        if isinstance(self._queue_cycle, ReservedShareCycle):
+        if HardenedChannel.settings is not None and isinstance(self._queue_cycle,
+                                                               ReservedShareCycle):
             # kombu makes the cycle without arguments: give it this worker's share.
             self._queue_cycle = ReservedShareCycle(
-                share=self._worker_settings().low_priority_share)
+                share=HardenedChannel.settings.low_priority_share)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """A redis-py client on the channel's pool, reused for every synchronous command.
