@@ -460,13 +460,15 @@ class Settings:
     time_limits: dict[str, tuple[float, float]] = setting(
         factory=dict, env="MAAS_TIME_LIMITS", parse=_parse_time_limits,
         check=mapping_of(_LIMITS_USAGE, _limits_ok), shown="none",
-        doc="per-model limits, `model=SOFT:HARD,...` (seconds)")
+        accepted="`model=SOFT:HARD,...` (seconds, 0 < SOFT <= HARD; HARD: SOFT + 30 if left out)",
+        doc="per-model time limits, instead of the default ones")
     max_queue_depth: dict[str, int] = setting(
         factory=lambda: dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH),
         env="MAAS_MAX_QUEUE_DEPTH", parse=_parse_depth, check=_check_depth,
         shown=f"`{DEFAULT_MAX_QUEUE_DEPTH}`",
-        doc="backpressure: submit refuses (`QueueFull`) at this many queued jobs; `N` or "
-            "`high=N,normal=N,low=N`")
+        accepted="`N` or `high=N,normal=N,low=N` (N >= 1; a priority left out: the default)",
+        doc="backpressure: submit refuses (`QueueFull`) at this many queued jobs, for every "
+            "priority or for each")
     memory_high_water_pct: float = setting(
         DEFAULT_MEMORY_HIGH_WATER_PCT, env="MAAS_MEMORY_HIGH_WATER_PCT", parse=parse_float,
         check=number_in(1, 100),
@@ -490,8 +492,10 @@ class Settings:
     batching: dict[str, tuple[int, float]] = setting(
         factory=dict, env="MAAS_BATCH", parse=_parse_batching,
         check=mapping_of(_BATCH_USAGE, _batch_ok), shown="none",
-        doc="dynamic batching for models that support it, `model=MAX_BATCH:MAX_WAIT_MS,...` "
-            "(workers started with `--pool threads`)")
+        accepted="`model=MAX_BATCH:MAX_WAIT_MS,...` (1 to 4096 jobs, 0 to 1000 ms; "
+                 "MAX_WAIT_MS: 2 if left out)",
+        doc="dynamic batching for models that support it (workers started with "
+            "`--pool threads`)")
     consumer_batch: int = setting(
         DEFAULT_CONSUMER_BATCH, env="MAAS_CONSUMER_BATCH", parse=parse_int, check=int_in(1),
         doc=_CONSUMER + "most jobs a consumer process takes and runs as one batch "
