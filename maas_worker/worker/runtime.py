@@ -210,8 +210,9 @@ _runtime_lock = threading.Lock()
 def get_runtime(settings: Settings | None = None) -> WorkerRuntime:
     """This process's runtime, built on first use (and rebuilt after a fork).
 
-    It is built from ``settings``, or, when none are given (a Celery pool
-    child), from the environment the worker's main process hands its children.
+    It is built from ``settings`` (a pool child: its app's, inherited from the
+    main process), or from the environment when none are given (the first job
+    of a solo or threads pool).
     """
     global _runtime, _runtime_pid
     pid = os.getpid()

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import Any
 
-from celery import Task, shared_task, signals
+from celery import Task, current_app, shared_task, signals
 from celery.exceptions import Reject, Retry
 
 from maas_worker.app import TASK_NAME, payload_ref_tenant, settings_of
@@ -186,7 +186,8 @@ def _on_process_init(**_: Any) -> None:
     # Build the runtime (and its lease thread) in each pool child up front, so
     # the first job does not pay for it and configuration errors show at start.
     # The watchdog installs a signal handler: it must be made in this thread.
-    get_runtime().watchdog.ensure_started()
+    # The settings are the main process's, inherited through the fork.
+    get_runtime(settings_of(current_app)).watchdog.ensure_started()
 
 
 @signals.after_setup_logger.connect
