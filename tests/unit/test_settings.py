@@ -388,7 +388,7 @@ def test_max_envelope_chars_grows_with_the_input_limit() -> None:
 ENTRY_MODULES = {
     "cli",  # the command line (one Settings from its global options)
     "app.py",  # the Celery app, loaded by ``celery -A maas_worker.app`` too
-    "worker/runtime.py",  # get_runtime() in Celery pool children
+    "worker/runtime.py",  # get_runtime() given none (a solo or threads pool's first job)
     "worker/batch/consumer.py",  # serve(), a batch consumer process
     "client/client.py",  # Client.from_env(), Client() without settings
     "local/demo.py",  # the demo's own stack, on its embedded server
