@@ -3,8 +3,9 @@
 The composition root of a worker node: the producer's configuration
 (broker/app.py) plus the worker's limits, the monitoring options (events, the
 sample schedule, the autoscaler) and the task modules it includes.
-Configuration is computed lazily from `Settings.from_env` the first time
-Celery reads it, so importing this module reads no environment.
+An app holds one `Settings` (`settings_of`): the ones it was made or
+`configure`d with, else read from the environment the first time Celery reads
+its configuration, so importing this module reads no environment.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from celery import Celery
 
-from maas_worker.broker.app import TRANSPORT, producer_config
+from maas_worker.broker.app import SETTINGS_ATTR, TRANSPORT, producer_config, settings_of
 from maas_worker.monitoring.samples import celery_options as monitoring_options
 from maas_worker.monitoring.samples import monitor_queue
 from maas_worker.settings import Settings
@@ -67,10 +68,16 @@ def make_app(settings: Settings | None = None, *, include_tasks: bool = True) ->
         # Producers ring the wake-up list with each publish (broker/app.py).
         app.conf.broker_transport = TRANSPORT
     if settings is None:
-        app.add_defaults(lambda: celery_config(Settings.from_env()))
+        app.add_defaults(lambda: celery_config(settings_of(app)))
     else:
-        app.conf.update(celery_config(settings))
+        configure(app, settings)
     return app
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Configure ``app`` from ``settings``, which `settings_of` then returns (its hooks' too)."""
+    setattr(app, SETTINGS_ATTR, settings)
+    app.conf.update(celery_config(settings))
 
 
 app = make_app()

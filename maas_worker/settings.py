@@ -1,8 +1,15 @@
-"""Settings: one frozen value built from the environment, once, never at import.
+"""Settings: one frozen value holding every ``MAAS_*`` variable.
 
-Every ``MAAS_*`` variable is read here and nowhere else; docs/configuration.md
-lists them all. Command-line flags override by passing keyword arguments to
-`Settings.from_env`.
+Each field is declared once, with its variable, parser, bounds and doc
+(`options.Option`, in the field's metadata); docs/configuration.md's table is
+generated from those declarations (``scripts/settings_docs.py``).
+
+Invariants: a `Settings` is built once per process, at an entry point, by
+`Settings.from_env`, never at import, and passed down; every value is checked
+on the type, so ``Settings(...)``, `dataclasses.replace` and ``from_env``
+overrides are validated alike, an invalid value raising `ConfigError` with
+one line naming its variable; secrets (URLs, Flower credentials) stay out of
+``repr``.
 """
 
 from __future__ import annotations
@@ -10,16 +17,42 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from maas_worker.errors import ConfigError
+from maas_worker.models.paths import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR
+from maas_worker.options import (
+    Option,
+    are_paths,
+    declared,
+    group,
+    int_in,
+    is_bool,
+    is_number,
+    is_optional_str,
+    is_path,
+    is_str,
+    mapping_of,
+    number_in,
+    one_of,
+    pairs,
+    parse_flag,
+    parse_float,
+    parse_int,
+    parse_lower,
+    parse_path,
+    parse_paths,
+    parse_text,
+    read,
+    require,
+    setting,
+    validate,
+)
 from maas_worker.protocol import PRIORITIES
-
-V = TypeVar("V")
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_VISIBILITY_TIMEOUT_S = 600
@@ -62,126 +95,70 @@ def _default_keyring(env: Mapping[str, str]) -> Path:
     return Path(base) / "maas-worker" / "keyring.json"
 
 
-#: The signed models that ship inside the package (the ``digits`` classifier).
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models" / "bundled"
-#: The public key(s) the bundled models are signed with.
-BUNDLED_SIGNERS_DIR = Path(__file__).resolve().parent / "models" / "trusted_signers"
-
-
-def _default_model_dir(env: Mapping[str, str]) -> Path:
-    # The bundled repository, so `digits` is served out of the box.
-    return BUNDLED_MODEL_DIR
-
-
 def _default_model_keys(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "maas-worker" / "model-keys.json"
 
 
-def _paths(raw: str) -> tuple[Path, ...]:
-    """``a:b:c`` (os.pathsep) as paths; empty parts are ignored."""
-    return tuple(Path(p) for p in raw.split(os.pathsep) if p)
+# -- the settings' own syntaxes: parsers (variable, text) and checks (variable, value) ---
+_LIMITS_USAGE = "model=SOFT:HARD,... (seconds, 0 < SOFT <= HARD)"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
+def _parse_time_limits(name: str, raw: str) -> dict[str, tuple[float, float]]:
+    """``sleep=5:10,digits=2:4``: model -> (soft, hard) seconds (hard: soft + 30 if left out)."""
+    def limits(_: str, text: str) -> tuple[float, float]:
+        soft, _, hard = text.partition(":")
+        soft_s = float(soft)
+        return soft_s, float(hard) if hard else soft_s + 30
+    return pairs(name, raw, limits, _LIMITS_USAGE)
 
 
-def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}")
-    return value
+def _limits_ok(_: str, value: Any) -> bool:
+    soft, hard = value
+    return is_number(soft) and is_number(hard) and 0 < soft <= hard
 
 
-def _pairs(env: Mapping[str, str], name: str, value: Callable[[str, str], V],
-           usage: str) -> dict[str, V]:
-    """Parse ``key=VALUE,key=VALUE``; ``value(key, text)`` raises ValueError when wrong."""
-    raw = env.get(name, "").strip()
-    out: dict[str, V] = {}
-    if not raw:
-        return out
-    try:
-        for part in raw.split(","):
-            key, _, text = part.partition("=")
-            if not key.strip():
-                raise ValueError
-            out[key.strip()] = value(key.strip(), text)
-    except ValueError:
-        raise ConfigError(f"{name} must look like {usage}") from None
-    return out
+_BATCH_USAGE = "model=MAX_BATCH:MAX_WAIT_MS,... (1..4096 jobs, 0..1000 ms)"
 
 
-def _per_priority(env: Mapping[str, str], name: str, default: int) -> dict[str, int]:
-    """``1000`` (every priority) or ``high=100,normal=1000,low=10000``."""
-    raw = env.get(name, "").strip()
-    usage = "a number or high=N,normal=N,low=N"
-    if raw and "=" not in raw:
+def _parse_batching(name: str, raw: str) -> dict[str, tuple[int, float]]:
+    """``digits=32:5``: model -> (largest batch, longest wait in ms; 2 if left out)."""
+    def spec(_: str, text: str) -> tuple[int, float]:
+        size, _, wait = text.partition(":")
+        return int(size), float(wait or 2)
+    return pairs(name, raw, spec, _BATCH_USAGE)
+
+
+def _batch_ok(_: str, value: Any) -> bool:
+    batch, wait_ms = value
+    return (isinstance(batch, int) and not isinstance(batch, bool) and is_number(wait_ms)
+            and 1 <= batch <= 4096 and 0 <= wait_ms <= 1000)
+
+
+_DEPTH_USAGE = "a number or high=N,normal=N,low=N"
+
+
+def _parse_depth(name: str, raw: str) -> dict[str, int]:
+    """``1000`` (every priority) or ``high=100,normal=1000,low=10000`` (the rest: default)."""
+    if "=" not in raw:
         try:
             return dict.fromkeys(PRIORITIES, max(1, int(raw)))
         except ValueError:
-            raise ConfigError(f"{name} must look like {usage}") from None
+            raise ConfigError(f"{name} must look like {_DEPTH_USAGE}") from None
 
     def count(priority: str, text: str) -> int:
         if priority not in PRIORITIES:
             raise ValueError
         return max(1, int(text))
-    return {**dict.fromkeys(PRIORITIES, default), **_pairs(env, name, count, usage)}
+    return {**dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH),
+            **pairs(name, raw, count, _DEPTH_USAGE)}
 
 
-def _time_limits(env: Mapping[str, str], name: str) -> dict[str, tuple[float, float]]:
-    """``sleep=5:10,digits=2:4``: model -> (soft, hard) seconds."""
-    def limits(_: str, text: str) -> tuple[float, float]:
-        soft, _, hard = text.partition(":")
-        soft_s = float(soft)
-        hard_s = float(hard) if hard else soft_s + 30
-        if not 0 < soft_s <= hard_s:
-            raise ValueError
-        return soft_s, hard_s
-    return _pairs(env, name, limits, "model=SOFT:HARD,... (seconds, 0 < SOFT <= HARD)")
-
-
-def _batching(env: Mapping[str, str], name: str) -> dict[str, tuple[int, float]]:
-    """``digits=32:5``: model -> (largest batch, longest wait in ms)."""
-    def spec(_: str, text: str) -> tuple[int, float]:
-        size, _, wait = text.partition(":")
-        batch, wait_ms = int(size), float(wait or 2)
-        if not (1 <= batch <= 4096 and 0 <= wait_ms <= 1000):
-            raise ValueError
-        return batch, wait_ms
-    return _pairs(env, name, spec,
-                  "model=MAX_BATCH:MAX_WAIT_MS,... (1..4096 jobs, 0..1000 ms)")
-
-
-def _choice(env: Mapping[str, str], name: str, options: tuple[str, ...]) -> str:
-    raw = env.get(name, "").strip().lower() or options[0]
-    if raw not in options:
-        raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
-    return raw
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"", "0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+def _check_depth(name: str, value: Any) -> None:
+    mapping_of(_DEPTH_USAGE, lambda priority, n: priority in PRIORITIES and isinstance(
+        n, int) and not isinstance(n, bool) and n >= 1)(name, value)
+    if set(value) != set(PRIORITIES):
+        raise ConfigError(f"{name} must look like {_DEPTH_USAGE}")
 
 
 _QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
@@ -206,7 +183,8 @@ def redact_url(url: str) -> str:
 _QUERY_TLS = re.compile(r"(?i)(^|&)ssl[a-z_]*=")
 
 
-def _check_url(name: str, url: str) -> str:
+def _check_url(name: str, url: Any) -> None:
+    require(name, url, str, "a string")
     parts = urlsplit(url)
     what = "broker" if name == "MAAS_BROKER_URL" else "result backend"
     if parts.scheme not in {"redis", "rediss", "redis+socket", "unix"}:
@@ -215,7 +193,6 @@ def _check_url(name: str, url: str) -> str:
     if _QUERY_TLS.search(parts.query):
         raise ConfigError(f"the {what} URL ({name}) must not carry ssl_* options: "
                           "set MAAS_REDIS_TLS_CA, _CERT, _KEY and _VERIFY instead")
-    return url
 
 
 def is_tls_url(url: str) -> bool:
@@ -229,16 +206,34 @@ def is_tls_url(url: str) -> bool:
 TLS_VERIFY_MODES: tuple[str, ...] = ("required", "none")
 
 
-def _existing_file(env: Mapping[str, str], name: str) -> Path | None:
-    raw = env.get(name, "")
-    if not raw:
-        return None
-    path = Path(raw)
-    if not path.is_file():
-        raise ConfigError(f"{name}: {path} is not a readable file")
-    return path
+def _parse_verify(name: str, raw: str) -> bool:
+    mode = raw.strip().lower()
+    if mode not in TLS_VERIFY_MODES:
+        raise ConfigError(f"{name} must be required or none, got {mode!r}")
+    return mode == "required"
 
 
+def _existing_file(name: str, value: Any) -> None:
+    if value is None:
+        return
+    is_path(name, value)
+    if not value.is_file():
+        raise ConfigError(f"{name}: {value} is not a readable file")
+
+
+def options() -> Iterator[Option]:
+    """Every declared setting, the groups' included, in order (the docs table's rows)."""
+    return declared(Settings)
+
+
+def markdown_table() -> str:
+    """The variables table of docs/configuration.md, generated from the declarations."""
+    lines = ["| variable | meaning | accepted | default |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{o.env}` | {o.doc} | {o.accepted} | {o.default_doc} |" for o in options()]
+    return "\n".join(lines) + "\n"
+
+
+# -- the settings ------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class RedisTLS:
     """TLS for every ``rediss://`` connection: Celery's broker and each redis-py client.
@@ -250,28 +245,31 @@ class RedisTLS:
     travel in the URL (``rediss://user:password@host:port/db``).
     """
 
-    #: CA bundle (PEM) the server's certificate must chain to.
-    ca: Path | None = None
-    #: Client certificate (PEM) and its private key, for mutual TLS.
-    cert: Path | None = None
-    key: Path | None = None
-    verify: bool = True
+    ca: Path | None = setting(
+        None, env="MAAS_REDIS_TLS_CA", parse=parse_path, check=_existing_file,
+        shown="the system's CAs",
+        doc="CA bundle (PEM) the Redis server's certificate must chain to, for every "
+            "`rediss://` connection (Celery's broker, Flower, every redis-py client)")
+    cert: Path | None = setting(
+        None, env="MAAS_REDIS_TLS_CERT", parse=parse_path, check=_existing_file, shown="none",
+        doc="client certificate (PEM), for a server with `tls-auth-clients yes`")
+    key: Path | None = setting(
+        None, env="MAAS_REDIS_TLS_KEY", parse=parse_path, check=_existing_file, shown="none",
+        doc="the client certificate's private key (PEM); needs `MAAS_REDIS_TLS_CERT`")
+    verify: bool = setting(
+        True, env="MAAS_REDIS_TLS_VERIFY", parse=_parse_verify, check=is_bool,
+        accepted=", ".join(f"`{mode}`" for mode in TLS_VERIFY_MODES),
+        shown="`required`",
+        doc="`required`: check the server's certificate chain and host name; `none`: "
+            "encrypt without checking (tests only). Setting any `MAAS_REDIS_TLS_*` while no "
+            "URL is `rediss://` is an error, and so are `ssl_*` options in a URL. The ACL "
+            "user and password go in the URL: `rediss://user:password@host:port/db`")
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> RedisTLS:
-        """Read ``MAAS_REDIS_TLS_CA``, ``_CERT``, ``_KEY`` and ``_VERIFY``."""
-        verify = (env.get("MAAS_REDIS_TLS_VERIFY") or "required").strip().lower()
-        if verify not in TLS_VERIFY_MODES:
-            raise ConfigError("MAAS_REDIS_TLS_VERIFY must be required or none, "
-                              f"got {verify!r}")
-        tls = cls(ca=_existing_file(env, "MAAS_REDIS_TLS_CA"),
-                  cert=_existing_file(env, "MAAS_REDIS_TLS_CERT"),
-                  key=_existing_file(env, "MAAS_REDIS_TLS_KEY"),
-                  verify=verify == "required")
-        if tls.key is not None and tls.cert is None:
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.key is not None and self.cert is None:
             raise ConfigError("MAAS_REDIS_TLS_KEY needs MAAS_REDIS_TLS_CERT (the client "
                               "certificate it belongs to)")
-        return tls
 
     @property
     def configured(self) -> bool:
@@ -297,180 +295,262 @@ class RedisTLS:
         return opts
 
 
+_AUTOSCALE = "`worker --autoscale`: "
+
+
 @dataclass(frozen=True, kw_only=True)
 class AutoscalePolicy:
     """How ``worker --autoscale MAX,MIN`` sizes its pool (autoscale.py)."""
 
-    #: How often the backlog and the host's headroom are read.
-    interval_s: float = 1.0
-    #: A pool shrinks only after this long without a waiting job.
-    keepalive_s: float = 30.0
-    #: Grow only for a job that has waited at least this long (not for a blip).
-    grow_after_s: float = 1.0
-    #: Refuse to grow while host memory use (percent) is above this.
-    max_memory_pct: float = 85.0
-    #: Refuse to grow while host CPU use (percent, all cores) is above this.
-    max_cpu_pct: float = 90.0
+    interval_s: float = setting(
+        1.0, env="MAAS_AUTOSCALE_INTERVAL_S", parse=parse_float, check=number_in(0.05, 60),
+        doc=_AUTOSCALE + "how often the backlog and host headroom are read and the pool size "
+            "decided")
+    keepalive_s: float = setting(
+        30.0, env="MAAS_AUTOSCALE_KEEPALIVE_S", parse=parse_float,
+        check=number_in(0.1, 86400),
+        doc=_AUTOSCALE + "the pool shrinks only after this long with no job waiting")
+    grow_after_s: float = setting(
+        1.0, env="MAAS_AUTOSCALE_GROW_AFTER_S", parse=parse_float, check=number_in(0, 3600),
+        doc=_AUTOSCALE + "grow only for a queued job that has waited this long (jobs already "
+            "reserved by the worker always count)")
+    max_memory_pct: float = setting(
+        85.0, env="MAAS_AUTOSCALE_MAX_MEMORY_PCT", parse=parse_float,
+        check=number_in(0, 100),
+        doc=_AUTOSCALE + "no growing while host memory use is above this percentage")
+    max_cpu_pct: float = setting(
+        90.0, env="MAAS_AUTOSCALE_MAX_CPU_PCT", parse=parse_float, check=number_in(0, 100),
+        doc=_AUTOSCALE + "no growing while host CPU use is above this percentage")
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> AutoscalePolicy:
-        """Read the ``MAAS_AUTOSCALE_*`` variables."""
-        d = cls()
-        return cls(
-            interval_s=_float(env, "MAAS_AUTOSCALE_INTERVAL_S", d.interval_s, 0.05, 60),
-            keepalive_s=_float(env, "MAAS_AUTOSCALE_KEEPALIVE_S", d.keepalive_s, 0.1, 86400),
-            grow_after_s=_float(env, "MAAS_AUTOSCALE_GROW_AFTER_S", d.grow_after_s, 0, 3600),
-            max_memory_pct=_float(env, "MAAS_AUTOSCALE_MAX_MEMORY_PCT", d.max_memory_pct,
-                                  0, 100),
-            max_cpu_pct=_float(env, "MAAS_AUTOSCALE_MAX_CPU_PCT", d.max_cpu_pct, 0, 100))
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass(frozen=True, kw_only=True)
 class FleetPolicy:
     """How ``maas-worker scale`` sizes the fleet of worker nodes (fleet.py)."""
 
-    min_nodes: int = 1
-    max_nodes: int = 20
-    #: The longest a job should wait in the queue: the backlog is to drain within it.
-    target_wait_s: float = 30.0
-    #: Jobs one node is assumed to clear per target wait before any is measured.
-    backlog_per_node: int = 10
+    min_nodes: int = setting(
+        1, env="MAAS_FLEET_MIN_NODES", parse=parse_int, check=int_in(0),
+        doc="`scale` / `maas_fleet_desired_nodes`: fewest worker nodes recommended (`0` "
+            "allows scaling to zero)")
+    max_nodes: int = setting(
+        20, env="MAAS_FLEET_MAX_NODES", parse=parse_int, check=int_in(1),
+        doc="most worker nodes recommended")
+    target_wait_s: float = setting(
+        30.0, env="MAAS_FLEET_TARGET_WAIT_S", parse=parse_float, check=number_in(0.1, 86400),
+        doc="the backlog should drain within this many seconds; an older oldest job asks for "
+            "one more node")
+    backlog_per_node: int = setting(
+        10, env="MAAS_FLEET_BACKLOG_PER_NODE", parse=parse_int, check=int_in(1),
+        doc="jobs one node is assumed to clear per target wait until throughput has been "
+            "measured")
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> FleetPolicy:
-        """Read the ``MAAS_FLEET_*`` variables."""
-        d = cls()
-        policy = cls(
-            min_nodes=_int(env, "MAAS_FLEET_MIN_NODES", d.min_nodes, minimum=0),
-            max_nodes=_int(env, "MAAS_FLEET_MAX_NODES", d.max_nodes),
-            target_wait_s=_float(env, "MAAS_FLEET_TARGET_WAIT_S", d.target_wait_s, 0.1, 86400),
-            backlog_per_node=_int(env, "MAAS_FLEET_BACKLOG_PER_NODE", d.backlog_per_node))
-        if policy.min_nodes > policy.max_nodes:
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.min_nodes > self.max_nodes:
             raise ConfigError("MAAS_FLEET_MIN_NODES must be <= MAAS_FLEET_MAX_NODES")
-        return policy
+
+
+_CONSUMER = "`worker --batch-consumer`: "
+_URLS = "`redis://`, `rediss://`, `redis+socket://`, `unix://`"
+_FLAG = "`1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Deployment settings; build with `Settings.from_env`."""
+    """Deployment settings: build once with `Settings.from_env` and pass them down."""
 
-    broker_url: str = field(default=DEFAULT_BROKER_URL, repr=False)
-    result_backend: str = field(default=DEFAULT_BROKER_URL, repr=False)
-    flower_basic_auth: str | None = field(default=None, repr=False)
-    #: Celery remote control on worker nodes (control.py): ``inspect`` answers
-    #: the read-only commands only; ``operator`` also obeys shutdown, pool and
-    #: consumer changes, rate and time limits.
-    remote_control: str = DEFAULT_REMOTE_CONTROL
-    soft_time_limit_s: float = DEFAULT_SOFT_TIME_LIMIT_S
-    hard_time_limit_s: float = DEFAULT_HARD_TIME_LIMIT_S
-    time_limits: dict[str, tuple[float, float]] = field(default_factory=dict)
-    max_queue_depth: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH))
-    memory_high_water_pct: float = DEFAULT_MEMORY_HIGH_WATER_PCT
-    max_memory_per_child_mb: int = DEFAULT_MAX_MEMORY_PER_CHILD_MB
-    low_priority_share: float = DEFAULT_LOW_PRIORITY_SHARE
-    crypto_backend: str = "auto"
-    batching: dict[str, tuple[int, float]] = field(default_factory=dict)
-    consumer_batch: int = DEFAULT_CONSUMER_BATCH
-    consumer_wait_ms: float = DEFAULT_CONSUMER_WAIT_MS
-    keyring_path: Path = field(default_factory=lambda: _default_keyring(os.environ))
-    tenant: str | None = None
-    model_dir: Path = field(default_factory=lambda: _default_model_dir(os.environ))
-    trusted_signers: tuple[Path, ...] = (BUNDLED_SIGNERS_DIR,)
-    model_keys_path: Path = field(default_factory=lambda: _default_model_keys(os.environ))
-    visibility_timeout_s: int = DEFAULT_VISIBILITY_TIMEOUT_S
-    diagnostic_models: bool = False
-    job_ttl_s: int = DEFAULT_JOB_TTL_S
-    result_ttl_s: int = DEFAULT_RESULT_TTL_S
-    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
-    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
-    clock_skew_s: int = DEFAULT_CLOCK_SKEW_S
-    lease_s: int = DEFAULT_LEASE_S
-    audit_maxlen: int = DEFAULT_AUDIT_MAXLEN
-    sample_interval_s: float = DEFAULT_SAMPLE_INTERVAL_S
-    metrics_port: int = DEFAULT_METRICS_PORT
-    fleet_metrics_port: int = DEFAULT_FLEET_METRICS_PORT
-    metrics_address: str = DEFAULT_METRICS_ADDRESS
-    autoscale: AutoscalePolicy = field(default_factory=AutoscalePolicy)
-    fleet: FleetPolicy = field(default_factory=FleetPolicy)
-    redis_tls: RedisTLS = field(default_factory=RedisTLS)
+    broker_url: str = setting(
+        DEFAULT_BROKER_URL, env="MAAS_BROKER_URL", parse=parse_text, check=_check_url, secret=True,
+        accepted=_URLS,
+        doc="Redis URL of the broker")
+    #: ``""`` (the default) means the broker URL.
+    result_backend: str = setting(
+        "", env="MAAS_RESULT_BACKEND", parse=parse_text, check=_check_url, secret=True,
+        accepted=_URLS,
+        shown="the broker URL",
+        doc="Redis URL for sealed results, job claims, the audit log and the model catalogue")
+    redis_tls: RedisTLS = group(RedisTLS)
+    keyring_path: Path = setting(
+        factory=lambda: _default_keyring(os.environ), env_default=_default_keyring,
+        env="MAAS_KEYRING", parse=parse_path, check=is_path,
+        shown="`$XDG_CONFIG_HOME/maas-worker/keyring.json`, i.e. "
+              "`~/.config/maas-worker/keyring.json`",
+        doc="keyring file (JSON, mode 0600, refused if group/others can access it)")
+    # Not type-checked: `maas-worker acl` passes its --tenant list here (cli/, being
+    # rewritten); a client checks the name against the keyring.
+    tenant: str | None = setting(
+        None, env="MAAS_TENANT", parse=parse_text, check=lambda name, value: None,
+        shown="none (a client needs one)", doc="tenant a client submits as")
+    model_dir: Path = setting(
+        BUNDLED_MODEL_DIR, env="MAAS_MODEL_DIR", parse=parse_path, check=is_path,
+        shown="the repository bundled in the package, `maas_worker/models/bundled` (the "
+              "signed `digits` model)",
+        doc="model repository folder: `<name>/<version>/` with the artifact, `manifest.json` "
+            "and `manifest.sig` ([models.md](models.md)); rescanned every 2 s, so new "
+            "versions need no restart")
+    trusted_signers: tuple[Path, ...] = setting(
+        (BUNDLED_SIGNERS_DIR,), env="MAAS_TRUSTED_SIGNERS",
+        parse=lambda name, raw: parse_paths(name, raw) or (BUNDLED_SIGNERS_DIR,), check=are_paths,
+        shown="the bundled key, `maas_worker/models/trusted_signers`",
+        doc="Ed25519 public keys (PEM) models may be signed with: files, or folders whose "
+            "`*.pub`/`*.pem` are read, separated by `:`; re-read when they change (removing a "
+            "key revokes its models). A worker refuses to start if one is missing or holds a "
+            "private key")
+    model_keys_path: Path = setting(
+        factory=lambda: _default_model_keys(os.environ), env_default=_default_model_keys,
+        env="MAAS_MODEL_KEYS", parse=parse_path, check=is_path,
+        shown="`$XDG_CONFIG_HOME/maas-worker/model-keys.json`",
+        doc="model encryption keys (JSON, mode 0600, refused if group/others can access it); "
+            "needed only by workers serving encrypted models")
+    visibility_timeout_s: int = setting(
+        DEFAULT_VISIBILITY_TIMEOUT_S, env="MAAS_VISIBILITY_TIMEOUT_S", parse=parse_int,
+        check=int_in(1),
+        doc="seconds after which a message taken by a worker that never acknowledged it (it "
+            "died) is delivered again; also scales kombu's restore sweep (every "
+            "`min(10, T/4)` s)")
+    diagnostic_models: bool = setting(
+        False, env="MAAS_DIAGNOSTIC_MODELS", parse=parse_flag, check=is_bool, accepted=_FLAG,
+        shown="off (on in `demo`)", doc="`1` registers the `echo` and `sleep` models")
+    job_ttl_s: int = setting(
+        DEFAULT_JOB_TTL_S, env="MAAS_JOB_TTL_S", parse=parse_int,
+        check=int_in(1, MAX_JOB_TTL_S),
+        doc="default lifetime of a submitted job; a worker refuses it (`expired`) after that "
+            "(at most 7 days)")
+    result_ttl_s: int = setting(
+        DEFAULT_RESULT_TTL_S, env="MAAS_RESULT_TTL_S", parse=parse_int, check=int_in(1),
+        doc="how long a sealed result (and a `rejected` marker) is kept")
+    max_input_bytes: int = setting(
+        DEFAULT_MAX_INPUT_BYTES, env="MAAS_MAX_INPUT_BYTES", parse=parse_int,
+        check=int_in(1),
+        doc="largest job input (compact JSON) accepted, at the client and at the worker "
+            "(`oversize`)")
+    max_result_bytes: int = setting(
+        DEFAULT_MAX_RESULT_BYTES, env="MAAS_MAX_RESULT_BYTES", parse=parse_int,
+        check=int_in(1), doc="largest result; a bigger one fails the job with `oversize`")
+    clock_skew_s: int = setting(
+        DEFAULT_CLOCK_SKEW_S, env="MAAS_CLOCK_SKEW_S", parse=parse_int, check=int_in(0),
+        doc="clock difference tolerated between clients and workers in the time-window check")
+    lease_s: int = setting(
+        DEFAULT_LEASE_S, env="MAAS_LEASE_S", parse=parse_int, check=int_in(3),
+        doc="a running job's claim lapses this long after its worker stops renewing it "
+            "(crash)")
+    audit_maxlen: int = setting(
+        DEFAULT_AUDIT_MAXLEN, env="MAAS_AUDIT_MAXLEN", parse=parse_int, check=int_in(100),
+        doc="audit records kept (a capped Redis stream)")
+    soft_time_limit_s: float = setting(
+        DEFAULT_SOFT_TIME_LIMIT_S, env="MAAS_SOFT_TIME_LIMIT_S", parse=parse_float,
+        check=number_in(0.001, 86400),
+        doc="default per-job soft time limit: the job is interrupted (reason `timeout`)")
+    hard_time_limit_s: float = setting(
+        DEFAULT_HARD_TIME_LIMIT_S, env="MAAS_HARD_TIME_LIMIT_S", parse=parse_float,
+        check=number_in(0.001, 86400),
+        doc="default per-job hard time limit: the job's process is ended")
+    time_limits: dict[str, tuple[float, float]] = setting(
+        factory=dict, env="MAAS_TIME_LIMITS", parse=_parse_time_limits,
+        check=mapping_of(_LIMITS_USAGE, _limits_ok), shown="none",
+        accepted="`model=SOFT:HARD,...` (seconds, 0 < SOFT <= HARD; HARD: SOFT + 30 if left out)",
+        doc="per-model time limits, instead of the default ones")
+    max_queue_depth: dict[str, int] = setting(
+        factory=lambda: dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH),
+        env="MAAS_MAX_QUEUE_DEPTH", parse=_parse_depth, check=_check_depth,
+        shown=f"`{DEFAULT_MAX_QUEUE_DEPTH}`",
+        accepted="`N` or `high=N,normal=N,low=N` (N >= 1; a priority left out: the default)",
+        doc="backpressure: submit refuses (`QueueFull`) at this many queued jobs, for every "
+            "priority or for each")
+    memory_high_water_pct: float = setting(
+        DEFAULT_MEMORY_HIGH_WATER_PCT, env="MAAS_MEMORY_HIGH_WATER_PCT", parse=parse_float,
+        check=number_in(1, 100),
+        doc="a worker does not start a job while host memory use is above this (the job is "
+            "retried 5 s later)")
+    max_memory_per_child_mb: int = setting(
+        DEFAULT_MAX_MEMORY_PER_CHILD_MB, env="MAAS_MAX_MEMORY_PER_CHILD_MB", parse=parse_int,
+        check=int_in(0),
+        doc="a pool process is replaced after its job if its resident memory grew past this "
+            "(`0` = never)")
+    low_priority_share: float = setting(
+        DEFAULT_LOW_PRIORITY_SHARE, env="MAAS_LOW_PRIORITY_SHARE", parse=parse_float,
+        check=number_in(0, 0.5),
+        doc="share of fetches guaranteed to normal and to low jobs under a steady high load "
+            "(`0` = strict priority)")
+    crypto_backend: str = setting(
+        "auto", env="MAAS_CRYPTO_BACKEND", parse=parse_lower,
+        check=one_of(("auto", "pycryptodome", "openssl")),
+        doc="AES-GCM implementation of a client's or worker's envelopes, chosen once when it "
+            "starts: `auto` (OpenSSL via `cryptography`), `pycryptodome`, `openssl`; the wire "
+            "format is identical")
+    batching: dict[str, tuple[int, float]] = setting(
+        factory=dict, env="MAAS_BATCH", parse=_parse_batching,
+        check=mapping_of(_BATCH_USAGE, _batch_ok), shown="none",
+        accepted="`model=MAX_BATCH:MAX_WAIT_MS,...` (1 to 4096 jobs, 0 to 1000 ms; "
+                 "MAX_WAIT_MS: 2 if left out)",
+        doc="dynamic batching for models that support it (workers started with "
+            "`--pool threads`)")
+    consumer_batch: int = setting(
+        DEFAULT_CONSUMER_BATCH, env="MAAS_CONSUMER_BATCH", parse=parse_int, check=int_in(1),
+        doc=_CONSUMER + "most jobs a consumer process takes and runs as one batch "
+            "([operations.md](operations.md#the-batch-consumer))")
+    consumer_wait_ms: float = setting(
+        DEFAULT_CONSUMER_WAIT_MS, env="MAAS_CONSUMER_WAIT_MS", parse=parse_float,
+        check=number_in(0, 1000),
+        doc=_CONSUMER + "how long a batch that is not full keeps gathering jobs (`0`: run what "
+            "is there at once; a busy consumer's batches fill by themselves)")
+    flower_basic_auth: str | None = setting(
+        None, env="MAAS_FLOWER_BASIC_AUTH", parse=parse_text, check=is_optional_str, secret=True,
+        shown="none",
+        doc="`user:password` for `maas-worker flower`, which refuses to start without it")
+    remote_control: str = setting(
+        DEFAULT_REMOTE_CONTROL, env="MAAS_REMOTE_CONTROL", parse=parse_lower,
+        check=one_of(REMOTE_CONTROL_MODES),
+        doc="Celery remote control on workers and Flower: `inspect` answers read-only "
+            "commands only; `operator` also obeys shutdown, pool, consumer, rate- and "
+            "time-limit commands (docs/security.md#remote-control). `revoke` and "
+            "unconfigured queues are refused either way")
+    sample_interval_s: float = setting(
+        DEFAULT_SAMPLE_INTERVAL_S, env="MAAS_SAMPLE_INTERVAL_S", parse=parse_float,
+        check=number_in(0.2, 3600),
+        doc="beat asks every worker node for a resource sample this often; a sample older "
+            "than 3 intervals is no longer current ([monitoring.md](monitoring.md)); set the "
+            "same value for beat and workers")
+    metrics_port: int = setting(
+        DEFAULT_METRICS_PORT, env="MAAS_METRICS_PORT", parse=parse_int, check=int_in(0),
+        doc="each worker's Prometheus endpoint (its jobs and autoscaler); `0` turns it off; a "
+            "port in use only logs a warning")
+    fleet_metrics_port: int = setting(
+        DEFAULT_FLEET_METRICS_PORT, env="MAAS_FLEET_METRICS_PORT", parse=parse_int,
+        check=int_in(0),
+        doc="port of the fleet exporter, `maas-worker metrics` (backlog, samples, desired "
+            "nodes)")
+    metrics_address: str = setting(
+        DEFAULT_METRICS_ADDRESS, env="MAAS_METRICS_ADDRESS", parse=parse_text, check=is_str,
+        doc="address both metrics endpoints bind to (`0.0.0.0` in a container)")
+    autoscale: AutoscalePolicy = group(AutoscalePolicy)
+    fleet: FleetPolicy = group(FleetPolicy)
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read every ``MAAS_*`` variable; keyword arguments (flags) win over the environment.
-
-        Raises `ConfigError` with one clear line for an invalid value.
-        """
-        env = os.environ if env is None else env
-        broker = _check_url("MAAS_BROKER_URL", overrides.get("broker_url")
-                            or env.get("MAAS_BROKER_URL") or DEFAULT_BROKER_URL)
-        backend = _check_url("MAAS_RESULT_BACKEND", overrides.get("result_backend")
-                             or env.get("MAAS_RESULT_BACKEND") or broker)
-        job_ttl = _int(env, "MAAS_JOB_TTL_S", DEFAULT_JOB_TTL_S)
-        if job_ttl > MAX_JOB_TTL_S:
-            raise ConfigError(f"MAAS_JOB_TTL_S must be <= {MAX_JOB_TTL_S}")
-        tls = RedisTLS.from_env(env)
-        if tls.configured and not (is_tls_url(broker) or is_tls_url(backend)):
+    def __post_init__(self) -> None:
+        if self.result_backend == "":
+            object.__setattr__(self, "result_backend", self.broker_url)
+        validate(self)
+        if self.redis_tls.configured and not (
+                is_tls_url(self.broker_url) or is_tls_url(self.result_backend)):
             # Certificates configured for plain connections: the operator
             # believes the traffic is protected and it is not.
             raise ConfigError("MAAS_REDIS_TLS_* is set but neither MAAS_BROKER_URL nor "
                               "MAAS_RESULT_BACKEND is rediss://")
-        settings = cls(
-            broker_url=broker,
-            result_backend=backend,
-            keyring_path=Path(env["MAAS_KEYRING"]) if env.get("MAAS_KEYRING")
-            else _default_keyring(env),
-            tenant=env.get("MAAS_TENANT") or None,
-            model_dir=Path(env["MAAS_MODEL_DIR"]) if env.get("MAAS_MODEL_DIR")
-            else _default_model_dir(env),
-            trusted_signers=_paths(env.get("MAAS_TRUSTED_SIGNERS", ""))
-            or (BUNDLED_SIGNERS_DIR,),
-            model_keys_path=Path(env["MAAS_MODEL_KEYS"]) if env.get("MAAS_MODEL_KEYS")
-            else _default_model_keys(env),
-            visibility_timeout_s=_int(env, "MAAS_VISIBILITY_TIMEOUT_S",
-                                      DEFAULT_VISIBILITY_TIMEOUT_S),
-            diagnostic_models=_flag(env, "MAAS_DIAGNOSTIC_MODELS"),
-            job_ttl_s=job_ttl,
-            result_ttl_s=_int(env, "MAAS_RESULT_TTL_S", DEFAULT_RESULT_TTL_S),
-            max_input_bytes=_int(env, "MAAS_MAX_INPUT_BYTES", DEFAULT_MAX_INPUT_BYTES),
-            max_result_bytes=_int(env, "MAAS_MAX_RESULT_BYTES", DEFAULT_MAX_RESULT_BYTES),
-            clock_skew_s=_int(env, "MAAS_CLOCK_SKEW_S", DEFAULT_CLOCK_SKEW_S, minimum=0),
-            lease_s=_int(env, "MAAS_LEASE_S", DEFAULT_LEASE_S, minimum=3),
-            audit_maxlen=_int(env, "MAAS_AUDIT_MAXLEN", DEFAULT_AUDIT_MAXLEN, minimum=100),
-            flower_basic_auth=env.get("MAAS_FLOWER_BASIC_AUTH") or None,
-            remote_control=_choice(env, "MAAS_REMOTE_CONTROL", REMOTE_CONTROL_MODES),
-            sample_interval_s=_float(env, "MAAS_SAMPLE_INTERVAL_S", DEFAULT_SAMPLE_INTERVAL_S,
-                                     0.2, 3600),
-            metrics_port=_int(env, "MAAS_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0),
-            fleet_metrics_port=_int(env, "MAAS_FLEET_METRICS_PORT", DEFAULT_FLEET_METRICS_PORT,
-                                    minimum=0),
-            metrics_address=env.get("MAAS_METRICS_ADDRESS") or DEFAULT_METRICS_ADDRESS,
-            autoscale=AutoscalePolicy.from_env(env),
-            fleet=FleetPolicy.from_env(env),
-            redis_tls=tls,
-            soft_time_limit_s=_float(env, "MAAS_SOFT_TIME_LIMIT_S", DEFAULT_SOFT_TIME_LIMIT_S,
-                                     0.001, 86400),
-            hard_time_limit_s=_float(env, "MAAS_HARD_TIME_LIMIT_S", DEFAULT_HARD_TIME_LIMIT_S,
-                                     0.001, 86400),
-            time_limits=_time_limits(env, "MAAS_TIME_LIMITS"),
-            max_queue_depth=_per_priority(env, "MAAS_MAX_QUEUE_DEPTH", DEFAULT_MAX_QUEUE_DEPTH),
-            memory_high_water_pct=_float(env, "MAAS_MEMORY_HIGH_WATER_PCT",
-                                         DEFAULT_MEMORY_HIGH_WATER_PCT, 1, 100),
-            max_memory_per_child_mb=_int(env, "MAAS_MAX_MEMORY_PER_CHILD_MB",
-                                         DEFAULT_MAX_MEMORY_PER_CHILD_MB, minimum=0),
-            low_priority_share=_float(env, "MAAS_LOW_PRIORITY_SHARE", DEFAULT_LOW_PRIORITY_SHARE,
-                                      0, 0.5),
-            crypto_backend=_choice(env, "MAAS_CRYPTO_BACKEND",
-                                   ("auto", "pycryptodome", "openssl")),
-            batching=_batching(env, "MAAS_BATCH"),
-            consumer_batch=_int(env, "MAAS_CONSUMER_BATCH", DEFAULT_CONSUMER_BATCH),
-            consumer_wait_ms=_float(env, "MAAS_CONSUMER_WAIT_MS", DEFAULT_CONSUMER_WAIT_MS,
-                                    0, 1000),
-        )
-        overrides.pop("broker_url", None)
-        overrides.pop("result_backend", None)
-        clean = {k: v for k, v in overrides.items() if v is not None}
-        return replace(settings, **clean) if clean else settings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every ``MAAS_*`` variable (of ``os.environ`` by default); keyword arguments
+        (flags) win over the environment, and None means "not given".
+
+        Raises `ConfigError` with one clear line for an invalid value, overrides
+        included; `TypeError` for an unknown keyword.
+        """
+        env = os.environ if env is None else env
+        given = {name: value for name, value in overrides.items() if value is not None}
+        # A variable a flag overrides is not read: a broken value cannot stop the flag.
+        return cls(**{**read(cls, env, skip=given), **given})
 
     def redis_ssl(self, url: str) -> dict[str, Any] | None:
         """TLS options for a connection to ``url`` (`RedisTLS.options`); None unless rediss://."""

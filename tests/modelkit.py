@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from maas_worker.models.artifact_crypto import ModelKey, ModelKeys, encrypt_stream
+from maas_worker.models.paths import BUNDLED_MODEL_DIR
 from maas_worker.models.publish import sign_version
 from maas_worker.models.release import Release, write_release
 from maas_worker.models.repository import verify_manifest
 from maas_worker.models.signing import SigningKey, TrustedSigners
-from maas_worker.settings import BUNDLED_MODEL_DIR
 
 BUNDLED_DIGITS = BUNDLED_MODEL_DIR / "digits" / "1" / "model.onnx"
 DIGITS_OUTPUTS = {"label": "labels", "probabilities": "probabilities"}

@@ -106,4 +106,19 @@ def make_producer_app(settings: Settings) -> Celery:
     # kombu's transport whatever this setting says.
     app.conf.broker_transport = TRANSPORT
     app.conf.update(producer_config(settings))
+    setattr(app, SETTINGS_ATTR, settings)
     return app
+
+
+#: The attribute of a Celery app holding its `Settings`.
+SETTINGS_ATTR = "maas_settings"
+
+
+def settings_of(app: Celery) -> Settings:
+    """The settings ``app`` runs with, read from the environment on first use if it was
+    given none (``celery -A maas_worker.app``); worker hooks and tasks take theirs here."""
+    settings: Settings | None = getattr(app, SETTINGS_ATTR, None)
+    if settings is None:
+        settings = Settings.from_env()
+        setattr(app, SETTINGS_ATTR, settings)
+    return settings

@@ -14,7 +14,8 @@ the policy is:
   deliveries (default 5%: one in twenty), whatever the high load.
 
 Selected with ``broker_transport_options["queue_order_strategy"]`` =
-``"maas_worker.broker.scheduling:ReservedShareCycle"``; the share comes from
+``"maas_worker.broker.scheduling:ReservedShareCycle"``; kombu makes it without
+arguments, and the worker's channel (transport.py) remakes it with the share of
 ``MAAS_LOW_PRIORITY_SHARE`` (0 = strict priority).
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from kombu.utils.scheduling import priority_cycle
 
 from maas_worker.protocol import PRIORITIES, queue_for
-from maas_worker.settings import Settings
+from maas_worker.settings import DEFAULT_LOW_PRIORITY_SHARE
 
 STRATEGY = "maas_worker.broker.scheduling:ReservedShareCycle"
 
@@ -31,10 +32,9 @@ STRATEGY = "maas_worker.broker.scheduling:ReservedShareCycle"
 class ReservedShareCycle(priority_cycle):
     """kombu queue cycle: priority order plus a guaranteed share for lower queues."""
 
-    def __init__(self, it: list[str] | None = None, *, share: float | None = None) -> None:
+    def __init__(self, it: list[str] | None = None, *,
+                 share: float = DEFAULT_LOW_PRIORITY_SHARE) -> None:
         super().__init__(it)  # type: ignore[no-untyped-call]
-        if share is None:
-            share = Settings.from_env().low_priority_share
         self.every = round(1 / share) if share > 0 else 0
         self._lower = [queue_for(p) for p in PRIORITIES[1:]]  # normal, low
         self._since = dict.fromkeys(self._lower, 0)

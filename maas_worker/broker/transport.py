@@ -65,6 +65,7 @@ from maas_worker.broker.entries import (
     str_field,
     unverified_entry_id,
 )
+from maas_worker.broker.scheduling import ReservedShareCycle
 from maas_worker.protocol import AuditReason
 from maas_worker.settings import Settings
 
@@ -84,6 +85,8 @@ class _Auditor:
 
     def __init__(self) -> None:
         self._audit: Any = None
+        #: The worker's settings (`install`): where records go, how many are kept.
+        self.settings: Settings | None = None
 
     def record(self, raw: Any, reason: AuditReason, *, job_id: str | None = None,
                detail: str = "") -> None:
@@ -94,7 +97,9 @@ class _Auditor:
                 from maas_worker.backend.audit import AuditLog
                 from maas_worker.backend.redis import backend_client
 
-                settings = Settings.from_env()
+                settings = self.settings
+                if settings is None:
+                    raise RuntimeError("transport.install was given no settings")
                 self._audit = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen)
             self._audit.record(job_id=_job_id(raw) if job_id is None else job_id, tenant="",
                                reason=reason, verified=False, detail=detail)
@@ -177,7 +182,9 @@ class HardenedChannel(kombu_redis.Channel):
     """kombu's Redis channel: atomic takes, wake-ups, and refusal of foreign entries."""
 
     QoS = HardenedQoS
-    _settings: Settings | None = None
+    #: The worker's settings (`install`); a channel without them (a producer's)
+    #: applies the defaults' limits.
+    settings: Settings | None = None
     #: Whether the next poll takes (EVAL) rather than waits for a wake-up (BRPOP).
     _ready = True
     #: What the command in flight on the poll connection is: "take" or "wait".
@@ -190,6 +197,11 @@ class HardenedChannel(kombu_redis.Channel):
         self._no_ack: set[str] = set()
         self._sync_client: Any = None
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        if HardenedChannel.settings is not None and isinstance(self._queue_cycle,
+                                                               ReservedShareCycle):
+            # kombu makes the cycle without arguments: give it this worker's share.
+            self._queue_cycle = ReservedShareCycle(
+                share=HardenedChannel.settings.low_priority_share)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """A redis-py client on the channel's pool, reused for every synchronous command.
@@ -208,9 +220,9 @@ class HardenedChannel(kombu_redis.Channel):
         return self._sync_client
 
     def _worker_settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = Settings.from_env()
-        return self._settings
+        if HardenedChannel.settings is None:
+            HardenedChannel.settings = Settings()
+        return HardenedChannel.settings
 
     def _limit(self) -> int:
         return max_body_chars(self._worker_settings())
@@ -394,6 +406,12 @@ class Transport(kombu_redis.Transport):
 
 
 
-def install() -> None:
-    """Make kombu's Redis transport use `HardenedChannel` in this process (idempotent)."""
+def install(settings: Settings | None = None) -> None:
+    """Make kombu's Redis transport use `HardenedChannel` in this process (idempotent).
+
+    ``settings`` (the worker's) set the channels' limits, their queue order's
+    reserved share and where refused entries are audited.
+    """
     kombu_redis.Transport.Channel = HardenedChannel
+    if settings is not None:
+        HardenedChannel.settings = auditor.settings = settings

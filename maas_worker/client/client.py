@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,7 @@ class Client:
             overrides["result_backend"] = result_backend or broker_url
         if isinstance(keyring, str | Path):
             overrides["keyring_path"] = Path(keyring)
-        self.settings = Settings.from_env({}, **{**_fields(base), **{
-            k: v for k, v in overrides.items() if v is not None}})
+        self.settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
         if self.settings.tenant is None:
             raise SubmitError("no tenant: set MAAS_TENANT or pass tenant=")
         try:
@@ -430,7 +430,3 @@ class Client:
             raise UnknownJob(repr(job_id[:64]), "not a job id (job ids are UUIDs such as "
                              "0b7e8c6a-3f1d-4c2e-9a7b-5d6e4f3a2b1c)")
         return Job(self, job_id)
-
-
-def _fields(s: Settings) -> dict[str, Any]:
-    return {f: getattr(s, f) for f in s.__dataclass_fields__}

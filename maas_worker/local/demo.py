@@ -25,8 +25,9 @@ from maas_worker.crypto.envelope import NONCE_BYTES, encode_header
 from maas_worker.errors import JobRejected, MaasError
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
+from maas_worker.models.paths import BUNDLED_MODEL_DIR
 from maas_worker.protocol import ARGS_REPR, PRIORITIES, TASK_NAME, AuditReason, queue_for
-from maas_worker.settings import BUNDLED_MODEL_DIR, Settings
+from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 DEMO_TENANT = "demo"

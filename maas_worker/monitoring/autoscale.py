@@ -32,12 +32,14 @@ from typing import Any
 
 import psutil
 import redis
+from celery import current_app
 from celery.worker import state as worker_state
 from celery.worker.autoscale import Autoscaler
 
+from maas_worker.broker.app import settings_of
 from maas_worker.broker.backlog import Backlog, broker_client, read_backlog
 from maas_worker.protocol import TASK_NAME
-from maas_worker.settings import AutoscalePolicy, Settings
+from maas_worker.settings import AutoscalePolicy
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ class BacklogAutoscaler(Autoscaler):  # type: ignore[misc]  # Celery is untyped
     def __init__(self, pool: Any, max_concurrency: int, min_concurrency: int = 0, *,
                  worker: Any = None, keepalive: float | None = None, mutex: Any = None,
                  ) -> None:
-        settings = Settings.from_env()
+        settings = settings_of(worker.app if worker is not None else current_app)
         self.policy = settings.autoscale
         # Celery calls maybe_scale every `keepalive` seconds from its event loop:
         # that is our decision interval. The idle keep-alive is policy.keepalive_s.

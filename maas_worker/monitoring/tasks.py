@@ -20,6 +20,7 @@ from billiard.process import current_process  # type: ignore[import-untyped]
 from celery import Task, shared_task, signals
 
 from maas_worker.backend.redis import backend_client
+from maas_worker.broker.app import settings_of
 from maas_worker.monitoring import metrics
 from maas_worker.monitoring.samples import SampleStore, summarize, take_sample
 from maas_worker.protocol import SAMPLE_TASK, TASK_NAME
@@ -42,7 +43,7 @@ def _store(settings: Settings) -> SampleStore:
 @shared_task(name=SAMPLE_TASK, bind=True, acks_late=False, ignore_result=True)
 def sample(self: Task) -> dict[str, str]:
     """Record this node's resource sample; the readable summary is the result (Flower)."""
-    settings = Settings.from_env()
+    settings = settings_of(self.app)
     node = str(self.request.hostname or "")
     taken = take_sample(node, main_pid=_main_pid(),
                         interval_s=settings.sample_interval_s, jobs=metrics.local_job_totals())

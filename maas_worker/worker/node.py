@@ -38,6 +38,8 @@ import redis
 from celery import bootsteps
 
 from maas_worker.backend.redis import backend_client
+from maas_worker.broker import transport
+from maas_worker.broker.app import settings_of
 from maas_worker.monitoring import autoscale, metrics
 from maas_worker.monitoring.samples import SampleStore, monitor_queue
 from maas_worker.settings import Settings
@@ -71,6 +73,8 @@ class Node:
 
     def prepare(self) -> None:
         """In the worker's main process, before its consumer is built and its pool forks."""
+        # The channel's limits and its audit records of refused entries: this worker's settings.
+        transport.install(self.settings)
         # From the first command on, only what MAAS_REMOTE_CONTROL allows runs.
         control.configure(self.app, mode=self.settings.remote_control,
                           queues=[q.name for q in self.app.conf.task_queues or ()])
@@ -158,7 +162,7 @@ class NodeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is unty
 
     def create(self, w: Any) -> Node:
         """The node of worker ``w``, prepared."""
-        node = w.maas_node = Node(w.app, w.hostname, Settings.from_env(),
+        node = w.maas_node = Node(w.app, w.hostname, settings_of(w.app),
                                   batch=supervisor.requested(w.app))
         node.prepare()
         return node

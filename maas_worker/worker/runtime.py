@@ -168,14 +168,19 @@ _runtime_pid: int | None = None
 _runtime_lock = threading.Lock()
 
 
-def get_runtime() -> WorkerRuntime:
-    """This process's runtime, built on first use (and rebuilt after a fork)."""
+def get_runtime(settings: Settings | None = None) -> WorkerRuntime:
+    """This process's runtime, built on first use (and rebuilt after a fork).
+
+    It is built from ``settings`` (a pool child: its app's, inherited from the
+    main process), or from the environment when none are given (the first job
+    of a solo or threads pool).
+    """
     global _runtime, _runtime_pid  # noqa: PLW0603 -- a per-process cache, one per pool child
     pid = os.getpid()
     if _runtime is None or _runtime_pid != pid:
         with _runtime_lock:
             if _runtime is None or _runtime_pid != pid:
-                _runtime = WorkerRuntime(Settings.from_env())
+                _runtime = WorkerRuntime(settings or Settings.from_env())
                 _runtime_pid = pid
     return _runtime
 

@@ -24,10 +24,11 @@ import logging
 import time
 from typing import Any
 
-from celery import Task, shared_task, signals
+from celery import Task, current_app, shared_task, signals
 from celery.exceptions import Reject, Retry
 
 from maas_worker.broker import transport
+from maas_worker.broker.app import settings_of
 from maas_worker.monitoring import metrics
 from maas_worker.protocol import TASK_NAME, payload_ref_tenant
 from maas_worker.tenancy.keyring import TenantPolicy
@@ -150,7 +151,8 @@ def _on_process_init(**_: Any) -> None:
     # Build the runtime (and its lease thread) in each pool child up front, so
     # the first job does not pay for it and configuration errors show at start.
     # The watchdog installs a signal handler: it must be made in this thread.
-    get_runtime().watchdog.ensure_started()
+    # The settings are the main process's, inherited through the fork.
+    get_runtime(settings_of(current_app)).watchdog.ensure_started()
 
 
 @signals.after_setup_logger.connect

@@ -23,8 +23,8 @@ import pytest
 from maas_worker import InvalidEnvelope, JobRejected, ResultTimeout, UnknownJob
 from maas_worker.app import make_app
 from maas_worker.backend import keyspace
+from maas_worker.models.paths import BUNDLED_MODEL_DIR
 from maas_worker.protocol import TASK_NAME, queue_for
-from maas_worker.settings import BUNDLED_MODEL_DIR
 
 from ..modelkit import holdout
 from . import test_pipeline as pipeline_tests

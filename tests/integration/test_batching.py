@@ -7,7 +7,7 @@ import re
 import pytest
 
 from maas_worker import JobFailed
-from maas_worker.settings import BUNDLED_MODEL_DIR
+from maas_worker.models.paths import BUNDLED_MODEL_DIR
 
 from ..modelkit import holdout
 from .conftest import wait_for

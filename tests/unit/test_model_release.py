@@ -22,6 +22,7 @@ from maas_worker.errors import ModelRejected
 from maas_worker.models import ModelRegistry
 from maas_worker.models.artifact_crypto import ModelKeysSource
 from maas_worker.models.manifest import canonical_json
+from maas_worker.models.paths import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR
 from maas_worker.models.release import (
     RELEASE_CONTEXT,
     RELEASE_FILE,
@@ -32,7 +33,7 @@ from maas_worker.models.release import (
 )
 from maas_worker.models.repository import ModelRepository, verify_manifest
 from maas_worker.models.signing import SigningKey, TrustedSigners, TrustedSignersSource
-from maas_worker.settings import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR, Settings
+from maas_worker.settings import Settings
 from maas_worker.worker.runtime import RedisReleaseFloor, audit_rejections, build_registry
 from tests.modelkit import Clock, ModelKit, Rejections, holdout
 

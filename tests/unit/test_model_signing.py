@@ -12,6 +12,7 @@ import pytest
 
 from maas_worker.errors import ConfigError, ModelRejected
 from maas_worker.models.manifest import FileEntry, InputSpec, Manifest, OutputSpec
+from maas_worker.models.paths import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR
 from maas_worker.models.signing import (
     SIGNATURE_CONTEXT,
     SigningKey,
@@ -20,7 +21,6 @@ from maas_worker.models.signing import (
     key_id,
     load_public_key,
 )
-from maas_worker.settings import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR
 
 
 def manifest(signer: str = "ab" * 16, **kw: object) -> Manifest:

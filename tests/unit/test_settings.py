@@ -1,4 +1,4 @@
-"""Settings.from_env: defaults, every MAAS_* variable, validation, overrides, redaction."""
+"""Settings: defaults, every MAAS_* variable, validation on the type, overrides, the docs table."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ import pytest
 
 from maas_worker import settings as settings_module
 from maas_worker.errors import ConfigError
+from maas_worker.models.paths import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR
 from maas_worker.protocol import PRIORITIES, queue_for
 from maas_worker.settings import (
-    BUNDLED_MODEL_DIR,
-    BUNDLED_SIGNERS_DIR,
     DEFAULT_AUDIT_MAXLEN,
     DEFAULT_BROKER_URL,
     DEFAULT_CLOCK_SKEW_S,
@@ -23,9 +22,15 @@ from maas_worker.settings import (
     DEFAULT_RESULT_TTL_S,
     DEFAULT_VISIBILITY_TIMEOUT_S,
     MAX_JOB_TTL_S,
+    AutoscalePolicy,
+    FleetPolicy,
+    RedisTLS,
     Settings,
+    markdown_table,
+    options,
     redact_url,
 )
+from scripts import settings_docs
 
 HOME_ENV = {"XDG_CONFIG_HOME": "/cfg", "XDG_DATA_HOME": "/data"}
 
@@ -116,22 +121,58 @@ def test_every_variable_is_read() -> None:
     assert s.audit_maxlen == 500
 
 
-def test_every_setting_has_a_variable() -> None:
-    """Each field but the two URL/path pairs maps to MAAS_<FIELD>; none is left unread."""
-    source = Path(settings_module.__file__).read_text()
-    names = {f.name for f in dataclasses.fields(Settings)}
-    special = {"broker_url": "MAAS_BROKER_URL", "result_backend": "MAAS_RESULT_BACKEND",
-               "keyring_path": "MAAS_KEYRING", "diagnostic_models": "MAAS_DIAGNOSTIC_MODELS",
-               "model_keys_path": "MAAS_MODEL_KEYS", "batching": "MAAS_BATCH"}
-    # Grouped settings: each field of the group maps to MAAS_<GROUP>_<FIELD>.
-    groups = {"autoscale": "MAAS_AUTOSCALE_", "fleet": "MAAS_FLEET_",
-              "redis_tls": "MAAS_REDIS_TLS_"}
-    for name in names:
-        if name in groups:
-            for sub in dataclasses.fields(getattr(Settings(), name)):
-                assert f'"{groups[name]}{sub.name.upper()}"' in source, f"{name}.{sub.name}"
-            continue
-        assert f'"{special.get(name, "MAAS_" + name.upper())}"' in source, name
+def test_every_setting_is_declared_with_its_own_variable() -> None:
+    names = [o.env for o in options()]
+    assert all(name.startswith("MAAS_") for name in names)
+    assert len(names) == len(set(names))
+    for cls in (Settings, RedisTLS, AutoscalePolicy, FleetPolicy):
+        for f in dataclasses.fields(cls):
+            assert f.metadata, f"{cls.__name__}.{f.name} has no declaration"
+
+
+def test_every_declared_variable_is_read() -> None:
+    """Each variable, set to a value other than its default, changes the settings."""
+    pem = Path(__file__)  # any readable file
+    values = {"MAAS_BROKER_URL": "redis://b/1", "MAAS_RESULT_BACKEND": "redis://r/2",
+              "MAAS_REDIS_TLS_CA": str(pem), "MAAS_REDIS_TLS_CERT": str(pem),
+              "MAAS_REDIS_TLS_KEY": str(pem), "MAAS_REDIS_TLS_VERIFY": "none",
+              "MAAS_KEYRING": "/k.json", "MAAS_TENANT": "acme", "MAAS_MODEL_DIR": "/m",
+              "MAAS_TRUSTED_SIGNERS": "/s", "MAAS_MODEL_KEYS": "/mk.json",
+              "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_TIME_LIMITS": "echo=1:2",
+              "MAAS_MAX_QUEUE_DEPTH": "7", "MAAS_CRYPTO_BACKEND": "openssl",
+              "MAAS_BATCH": "digits=8:1", "MAAS_FLOWER_BASIC_AUTH": "ops:pw",
+              "MAAS_REMOTE_CONTROL": "operator", "MAAS_METRICS_ADDRESS": "0.0.0.0",
+              "MAAS_LOW_PRIORITY_SHARE": "0.25", "MAAS_FLEET_MIN_NODES": "2",
+              "MAAS_AUDIT_MAXLEN": "500"}
+    for option in options():
+        # TLS files need a rediss:// URL, and the client key its certificate.
+        env = {**HOME_ENV, "MAAS_BROKER_URL": "rediss://tls/0"}
+        if option.env == "MAAS_REDIS_TLS_KEY":
+            env["MAAS_REDIS_TLS_CERT"] = str(pem)
+        changed = Settings.from_env({**env, option.env: values.get(option.env, "50")})
+        assert changed != Settings.from_env(env), option.env
+
+
+def test_secrets_are_declared_and_kept_out_of_repr() -> None:
+    secret = {o.env for o in options() if o.secret}
+    assert secret == {"MAAS_BROKER_URL", "MAAS_RESULT_BACKEND", "MAAS_FLOWER_BASIC_AUTH"}
+    hidden = {f.name for f in dataclasses.fields(Settings) if not f.repr}
+    assert hidden == {"broker_url", "result_backend", "flower_basic_auth"}
+
+
+def test_bounds_and_choices_are_declared_for_the_docs() -> None:
+    accepted = {o.env: o.accepted for o in options()}
+    assert accepted["MAAS_LEASE_S"] == "an integer >= 3"
+    assert accepted["MAAS_LOW_PRIORITY_SHARE"] == "a number from 0 to 0.5"
+    assert accepted["MAAS_REMOTE_CONTROL"] == "`inspect`, `operator`"
+
+
+def test_the_docs_table_is_generated_from_the_declarations() -> None:
+    _, table, _ = settings_docs.split(settings_docs.DOC.read_text())
+    assert table == markdown_table(), (
+        "docs/configuration.md is stale: run python scripts/settings_docs.py --write")
+    for option in options():
+        assert f"| `{option.env}` |" in table
 
 
 def test_result_backend_defaults_to_the_broker_url() -> None:
@@ -186,6 +227,15 @@ def test_empty_values_mean_default(name: str) -> None:
         ("MAAS_LEASE_S", "2"),
         ("MAAS_AUDIT_MAXLEN", "99"),
         ("MAAS_AUDIT_MAXLEN", "lots"),
+        ("MAAS_SAMPLE_INTERVAL_S", "0.1"),
+        ("MAAS_LOW_PRIORITY_SHARE", "half"),
+        ("MAAS_CRYPTO_BACKEND", "rot13"),
+        ("MAAS_DIAGNOSTIC_MODELS", "maybe"),
+        ("MAAS_TIME_LIMITS", "echo=5:1"),
+        ("MAAS_TIME_LIMITS", "echo"),
+        ("MAAS_BATCH", "digits=5000:1"),
+        ("MAAS_MAX_QUEUE_DEPTH", "urgent=5"),
+        ("MAAS_MAX_QUEUE_DEPTH", "many"),
     ],
 )
 def test_invalid_values_name_the_variable(name: str, value: str) -> None:
@@ -234,6 +284,56 @@ def test_overrides_are_validated() -> None:
         Settings.from_env({}, broker_url="http://not-redis:80")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ({"lease_s": 0}, "MAAS_LEASE_S"),
+        ({"job_ttl_s": MAX_JOB_TTL_S + 1}, "MAAS_JOB_TTL_S"),
+        ({"low_priority_share": 0.9}, "MAAS_LOW_PRIORITY_SHARE"),
+        ({"remote_control": "all"}, "MAAS_REMOTE_CONTROL"),
+        ({"result_backend": "db+sqlite:///r.db"}, "MAAS_RESULT_BACKEND"),
+        ({"time_limits": {"echo": (5.0, 1.0)}}, "MAAS_TIME_LIMITS"),
+        ({"batching": {"digits": (0, 2.0)}}, "MAAS_BATCH"),
+        ({"max_queue_depth": {"high": 1}}, "MAAS_MAX_QUEUE_DEPTH"),
+    ],
+)
+def test_out_of_bounds_overrides_name_the_variable(overrides: dict[str, object],
+                                                   name: str) -> None:
+    with pytest.raises(ConfigError, match=name) as info:
+        Settings.from_env({}, **overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_construction_and_replace_are_validated_too() -> None:
+    with pytest.raises(ConfigError, match="MAAS_LEASE_S must be >= 3, got 2"):
+        Settings(lease_s=2)
+    s = Settings.from_env(HOME_ENV)
+    with pytest.raises(ConfigError, match="MAAS_AUDIT_MAXLEN"):
+        dataclasses.replace(s, audit_maxlen=1)
+    with pytest.raises(ConfigError, match="MAAS_AUTOSCALE_MAX_CPU_PCT"):
+        AutoscalePolicy(max_cpu_pct=150)
+    with pytest.raises(ConfigError, match="MAAS_FLEET_MIN_NODES"):
+        FleetPolicy(min_nodes=3, max_nodes=2)
+    with pytest.raises(ConfigError, match="MAAS_REDIS_TLS_CA"):
+        RedisTLS(ca=Path("/nonexistent/ca.pem"))
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"lease_s": "30"}, {"lease_s": True}, {"keyring_path": "/k.json"},
+                  {"flower_basic_auth": 7}, {"autoscale": FleetPolicy()}])
+def test_a_wrong_type_is_a_programmer_error(overrides: dict[str, object]) -> None:
+    with pytest.raises(TypeError):
+        Settings.from_env({}, **overrides)
+
+
+def test_a_flag_wins_over_an_invalid_variable() -> None:
+    assert Settings.from_env({"MAAS_LEASE_S": "soon"}, lease_s=20).lease_s == 20
+
+
+def test_a_constructed_result_backend_defaults_to_the_broker_url() -> None:
+    assert Settings(broker_url="redis://b/1").result_backend == "redis://b/1"
+
+
 def test_repr_never_contains_a_url_password() -> None:
     env = {"MAAS_BROKER_URL": "redis://user:s3cr3t-broker@broker:6379/0",
            "MAAS_RESULT_BACKEND": "rediss://:s3cr3t-backend@backend:6380/0"}
@@ -280,3 +380,53 @@ def test_max_envelope_chars_grows_with_the_input_limit() -> None:
     large = Settings.from_env({"MAAS_MAX_INPUT_BYTES": "100000"})
     assert small.max_envelope_chars > 1000 * 4 // 3
     assert large.max_envelope_chars > small.max_envelope_chars
+
+
+#: The entry points that may build settings from the environment; everything
+#: else is given them. Each builds them once for its process.
+ENTRY_MODULES = {
+    "cli",  # the command line (one Settings from its global options)
+    # A Celery app given no Settings (``celery -A maas_worker.app``) reads them once,
+    # on first use: settings_of, beside the producer app it belongs to.
+    "broker/app.py",
+    "worker/runtime.py",  # get_runtime() given none (a solo or threads pool's first job)
+    "worker/batch/consumer.py",  # serve(), a batch consumer process
+    "client/client.py",  # Client.from_env(), Client() without settings
+    "local/demo.py",  # the demo's own stack, on its embedded server
+}
+
+
+def test_settings_are_read_from_the_environment_only_at_entry_points() -> None:
+    package = Path(settings_module.__file__).parent
+    readers = set()
+    for path in package.rglob("*.py"):
+        if "Settings.from_env(" in path.read_text():
+            readers.add(path.relative_to(package).as_posix())
+    allowed = {r for r in readers if r.split("/")[0] in ENTRY_MODULES or r in ENTRY_MODULES}
+    assert readers - allowed == set()
+
+
+def test_an_app_holds_the_settings_it_was_made_with() -> None:
+    from maas_worker.app import configure, make_app
+    from maas_worker.broker.app import settings_of
+
+    given = Settings.from_env({**HOME_ENV, "MAAS_SAMPLE_INTERVAL_S": "5"})
+    app = make_app(given, include_tasks=False)
+    assert settings_of(app) is given
+    other = dataclasses.replace(given, remote_control="operator")
+    configure(app, other)
+    assert settings_of(app) is other
+
+
+def test_an_app_made_without_settings_reads_them_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from maas_worker.app import make_app
+    from maas_worker.broker.app import settings_of
+
+    monkeypatch.setenv("MAAS_SAMPLE_INTERVAL_S", "7")
+    app = make_app(include_tasks=False)
+    # Celery reads its configuration: the settings are built from the environment.
+    assert app.conf.beat_schedule["maas-sample"]["schedule"] == 7
+    first = settings_of(app)
+    monkeypatch.setenv("MAAS_SAMPLE_INTERVAL_S", "9")
+    assert settings_of(app) is first
+    assert first.sample_interval_s == 7

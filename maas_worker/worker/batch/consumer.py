@@ -534,8 +534,8 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
 
     logging.basicConfig(level=loglevel.upper(),
                         format=f"[%(asctime)s: %(levelname)s/{name}] %(message)s")
-    settings = Settings.from_env()
-    rt = get_runtime()
+    settings = Settings.from_env()  # this process's entry point: built once, passed down
+    rt = get_runtime(settings)
     rt.watchdog.ensure_started()
     broker = redis_client(settings.broker_url, tls=settings.redis_tls)
     stop = threading.Event()
