@@ -50,7 +50,7 @@ def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
            hostname: str | None, pool: str | None, batch_consumer: bool, loglevel: str) -> int:
     """Run a Celery worker on the job queues (high, then normal, then low)."""
     inv.exec_with_flags()
-    from maas_worker.app import app, celery_config
+    from maas_worker.app import app, configure
     from maas_worker.protocol import QUEUE_NAMES
     from maas_worker.tenancy.keyring import load_keyring
 
@@ -59,7 +59,7 @@ def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
     from maas_worker.models.signing import TrustedSigners
 
     TrustedSigners.from_paths(settings.trusted_signers)  # ... or without its model signers
-    app.conf.update(celery_config(settings))
+    configure(app, settings)
     argv = ["worker", "-Q", ",".join(QUEUE_NAMES), "--loglevel", loglevel]
     if batch_consumer:
         # The job queues go to batch consumer processes (supervisor.py); the
@@ -106,9 +106,9 @@ def batch_consumer(inv: Invocation, name: str, ready_fd: int | None, loglevel: s
 def beat(inv: Invocation, loglevel: str) -> int:
     """Run Celery beat: the resource-sample schedule (exactly one per deployment)."""
     inv.exec_with_flags()
-    from maas_worker.app import app, celery_config
+    from maas_worker.app import app, configure
 
-    app.conf.update(celery_config(inv.settings))
+    configure(app, inv.settings)
     app.start(["beat", "--loglevel", loglevel])
     return 0
 
@@ -187,11 +187,11 @@ def ping(inv: Invocation, node: str | None, timeout: float) -> int:
     from celery.utils.nodenames import default_nodename
     from kombu.exceptions import OperationalError
 
-    from maas_worker.app import app, celery_config
+    from maas_worker.app import app, configure
     from maas_worker.errors import ServiceUnavailable
 
     settings = inv.settings
-    app.conf.update(celery_config(settings))
+    configure(app, settings)
     node = node or default_nodename(None)  # the worker's default: celery@<this host>
     try:
         replies = app.control.ping(destination=[node], timeout=timeout)
