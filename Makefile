@@ -63,7 +63,7 @@ bench: venv
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/batching.py
 
-.PHONY: format coverage
+.PHONY: format coverage lock
 
 # The code ruff formats (configured in [tool.ruff.format] of pyproject.toml).
 FORMAT_PATHS := maas_worker tests benchmarks scripts
@@ -86,5 +86,30 @@ COV_ARGS := --cov=maas_worker --cov-report=term-missing:skip-covered
 coverage: venv
 	$(BIN)/pytest $(COV_ARGS) --cov-report=html
 
+# The image's dependencies are resolved on the image's Python (3.11) against PyPI alone
+# (whatever pip.conf says), so the lock has PyPI's sha256 of every file of each pinned
+# release, for every platform. pip-compile runs from its own venv: .venv may be another
+# Python.
+LOCK_PYTHON ?= python3.11
+LOCK_VENV := .venv-lock
+LOCK_INDEX ?= https://pypi.org/simple
+# Kept pins stay where requirements.in still allows them; LOCK_ARGS=--upgrade takes the
+# newest releases it allows (then run the tests: .venv should have the same versions).
+LOCK_ARGS ?=
+
+## lock: regenerate docker/requirements.lock (exact versions and hashes; the Dockerfile
+## installs it with --require-hashes) from docker/requirements.in
+lock:
+	@$(LOCK_PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "make lock needs Python 3.11, the image's (LOCK_PYTHON=...)" >&2; exit 1; }
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(LOCK_PYTHON) -m venv $(LOCK_VENV) && \
+		$(LOCK_VENV)/bin/python -m pip install --quiet 'pip-tools>=7.4,<8'; }
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+		CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet \
+		--generate-hashes --allow-unsafe --strip-extras $(LOCK_ARGS) \
+		--index-url=$(LOCK_INDEX) --no-emit-index-url --no-emit-find-links \
+		--output-file=docker/requirements.lock docker/requirements.in
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info .coverage .coverage.* htmlcov
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info \
+		.coverage .coverage.* htmlcov
