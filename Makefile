@@ -81,10 +81,10 @@ format: venv
 COV_ARGS := --cov=maas_worker --cov-report=term-missing:skip-covered
 
 ## coverage: every test under coverage, the worker, beat and Flower processes the tests
-## start included (coverage's subprocess patch); several minutes slower than `make test`,
-## so CI does not run it. Report in the terminal and in htmlcov/index.html.
+## start included (coverage's subprocess patch, [tool.coverage.run]); minutes slower than
+## `make test`, so CI does not run it. Report in the terminal and in htmlcov/index.html.
 coverage: venv
-	$(BIN)/pytest $(COV_ARGS) --cov-report=html
+	COVERAGE_PATCH_SUBPROCESS=subprocess $(BIN)/pytest $(COV_ARGS) --cov-report=html
 
 # The image's dependencies are resolved on the image's Python (3.11) against PyPI alone
 # (whatever pip.conf says), so the lock has PyPI's sha256 of every file of each pinned
