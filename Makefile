@@ -23,15 +23,18 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/maas-worker demo
 
-## test: lint, type-check, then every test (unit and integration); the 20 slowest are listed
-## (CI must stay under ~20 minutes on 2 cores)
+## test: lint, type-check, the unit tests with a coverage report, then every other test
+## (integration, reliability at its small size) without one; the 20 slowest of those are
+## listed (CI must stay under ~20 minutes on 2 cores)
 test: check
-	$(BIN)/pytest --durations=20
+	$(BIN)/pytest tests/unit $(COV_ARGS)
+	$(BIN)/pytest --ignore=tests/unit --durations=20
 
 check: lint typecheck imports
 
 lint: venv
 	$(BIN)/ruff check maas_worker tests $(wildcard benchmarks/*.py)
+	$(if $(filter 1,$(FORMAT_CHECK)),$(BIN)/ruff format --check $(FORMAT_PATHS))
 
 typecheck: venv
 	$(BIN)/mypy
@@ -60,5 +63,53 @@ bench: venv
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/batching.py
 
+.PHONY: format coverage lock
+
+# The code ruff formats (configured in [tool.ruff.format] of pyproject.toml).
+FORMAT_PATHS := maas_worker tests benchmarks scripts
+# 1 once the tree has been reformatted with `make format`: `make lint` (so `make check`
+# and `make test`) then also fails on code ruff would format differently. Until then
+# `make lint FORMAT_CHECK=1` shows what the reformat would change.
+FORMAT_CHECK ?= 0
+
+## format: apply ruff's automatic lint fixes, then its formatter; `make lint` reports the rest
+format: venv
+	$(BIN)/ruff check --fix-only $(FORMAT_PATHS)
+	$(BIN)/ruff format $(FORMAT_PATHS)
+
+# Coverage of maas_worker with branches; [tool.coverage.*] in pyproject.toml.
+COV_ARGS := --cov=maas_worker --cov-report=term-missing:skip-covered
+
+## coverage: every test under coverage, the worker, beat and Flower processes the tests
+## start included (coverage's subprocess patch, [tool.coverage.run]); minutes slower than
+## `make test`, so CI does not run it. Report in the terminal and in htmlcov/index.html.
+coverage: venv
+	COVERAGE_PATCH_SUBPROCESS=subprocess $(BIN)/pytest $(COV_ARGS) --cov-report=html
+
+# The image's dependencies are resolved on the image's Python (3.11) against PyPI alone
+# (whatever pip.conf says), so the lock has PyPI's sha256 of every file of each pinned
+# release, for every platform. pip-compile runs from its own venv: .venv may be another
+# Python.
+LOCK_PYTHON ?= python3.11
+LOCK_VENV := .venv-lock
+LOCK_INDEX ?= https://pypi.org/simple
+# Kept pins stay where requirements.in still allows them; LOCK_ARGS=--upgrade takes the
+# newest releases it allows (then run the tests: .venv should have the same versions).
+LOCK_ARGS ?=
+
+## lock: regenerate docker/requirements.lock (exact versions and hashes; the Dockerfile
+## installs it with --require-hashes) from docker/requirements.in
+lock:
+	@$(LOCK_PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+		{ echo "make lock needs Python 3.11, the image's (LOCK_PYTHON=...)" >&2; exit 1; }
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(LOCK_PYTHON) -m venv $(LOCK_VENV) && \
+		$(LOCK_VENV)/bin/python -m pip install --quiet 'pip-tools>=7.4,<8'; }
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+		CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet \
+		--generate-hashes --allow-unsafe --strip-extras $(LOCK_ARGS) \
+		--index-url=$(LOCK_INDEX) --no-emit-index-url --no-emit-find-links \
+		--output-file=docker/requirements.lock docker/requirements.in
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info \
+		.coverage .coverage.* htmlcov

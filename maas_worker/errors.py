@@ -213,4 +213,3 @@ def connection_cause(exc: BaseException) -> str:
         if isinstance(e, ConnectionResetError):
             return "connection reset by the server"
     return type(chain[-1]).__name__
-

@@ -184,4 +184,3 @@ def json_option(help_text: str) -> Callable[[F], F]:
 def tenant_option(help_text: str = "tenant (default: $MAAS_TENANT)") -> Callable[[F], F]:
     """``--tenant``: the tenant a producer command acts as."""
     return click.option("--tenant", help=help_text)
-

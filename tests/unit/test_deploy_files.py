@@ -6,7 +6,8 @@ checked without one is checked: the compose files parse, every command they
 and the Dockerfile run (and the steps they document) is a real ``maas-worker``
 command line, nothing runs as root, the base image is pinned, exactly one beat,
 Flower authenticated, Redis with an ACL and an append-only file, every service
-on its own Redis role, and no secret in any file.
+on its own Redis role, the image's dependencies installed only from a lock with
+every file's hash, and no secret in any file.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from maas_worker.cli import validate
 
@@ -28,6 +32,8 @@ DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 COMPOSE_TLS = DOCKER / "compose.tls.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"
+LOCK = DOCKER / "requirements.lock"
+LOCK_IN = DOCKER / "requirements.in"
 PROCFILE = ROOT / "Procfile"
 #: Services that run the maas-worker image.
 MAAS_SERVICES = {"worker", "beat", "flower", "metrics", "producer", "cli"}
@@ -298,10 +304,91 @@ def test_dockerfile_copies_only_the_package_sources() -> None:
     copies = [rest for kind, rest in dockerfile_instructions() if kind == "COPY"]
     sources = [c.split()[:-1] for c in copies if not c.startswith("--from=")]
     assert sorted(s for group in sources for s in group) == \
-        ["README.md", "maas_worker", "pyproject.toml"]
+        ["README.md", "docker/requirements.lock", "maas_worker", "pyproject.toml"]
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("**")] == "**"  # everything else stays out of the context
+    assert "!docker/requirements.lock" in ignore
     assert {"**/*.key", "**/keyring*.json", "**/.env"} <= set(ignore)
+
+
+def pip_installs() -> list[list[str]]:
+    """The arguments after ``pip install`` of each install the Dockerfile runs."""
+    installs = []
+    for kind, rest in dockerfile_instructions():
+        if kind != "RUN":
+            continue
+        for command in rest.split("&&"):
+            argv = shlex.split(command)
+            for i in range(len(argv) - 1):
+                if Path(argv[i]).name in ("pip", "pip3") and argv[i + 1] == "install":
+                    installs.append(argv[i + 2:])
+    return installs
+
+
+def test_dockerfile_installs_dependencies_only_from_the_hashed_lock() -> None:
+    installs = pip_installs()
+    from_lock = [args for args in installs if "-r" in args]
+    assert len(from_lock) == 1, installs
+    assert "--require-hashes" in from_lock[0]
+    assert from_lock[0][from_lock[0].index("-r") + 1] == "docker/requirements.lock"
+    # Every other install is the package alone: nothing is resolved or fetched
+    # outside the lock (no `pip install --upgrade pip`, no build isolation).
+    others = [args for args in installs if args is not from_lock[0]]
+    assert others, "the package itself is installed"
+    for args in others:
+        assert {"--no-deps", "--no-build-isolation"} <= set(args), args
+        assert [a for a in args if not a.startswith("-")] == ["."], args
+
+
+# -- requirements.in and requirements.lock ---------------------------------------------------
+def requirements_in() -> list[Requirement]:
+    lines = (line.split("#", 1)[0].strip() for line in LOCK_IN.read_text().splitlines())
+    return [Requirement(line) for line in lines if line]
+
+
+def lock_pins() -> dict[str, tuple[str, list[str]]]:
+    """Each package of requirements.lock: (its pinned version, its sha256 hashes)."""
+    pins = {}
+    for line in LOCK.read_text().replace("\\\n", " ").splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        name, _, version = words[0].partition("==")
+        assert all(w.startswith("--hash=sha256:") for w in words[1:]), line
+        pins[canonicalize_name(name)] = (version, [w.split(":", 1)[1] for w in words[1:]])
+    return pins
+
+
+def test_the_lock_pins_every_package_with_hashes() -> None:
+    pins = lock_pins()
+    assert {"celery", "kombu", "onnxruntime", "flower", "setuptools"} <= set(pins)
+    for name, (version, hashes) in pins.items():
+        assert re.fullmatch(r"[\w.]+", version), f"{name} is not pinned to one version"
+        assert hashes, f"{name} has no hash"
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
+
+
+def test_the_lock_satisfies_requirements_in() -> None:
+    pins = lock_pins()
+    for req in requirements_in():
+        version = pins.get(canonicalize_name(req.name), ("", []))[0]
+        assert version, f"{req.name} is missing from requirements.lock: run `make lock`"
+        assert req.specifier.contains(version, prereleases=True), \
+            f"requirements.lock has {req.name}=={version}, not {req}: run `make lock`"
+
+
+def test_requirements_in_is_what_pyproject_gives_the_image() -> None:
+    """The core dependencies, the worker and flower extras, and the build backend."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extras = pyproject["project"]["optional-dependencies"]
+    wanted = [*pyproject["project"]["dependencies"], *extras["worker"], *extras["flower"],
+              *pyproject["build-system"]["requires"]]
+
+    def normal(req: Requirement) -> str:
+        return f"{canonicalize_name(req.name)}{sorted(req.extras)}{req.specifier}{req.marker}"
+
+    assert sorted(map(normal, requirements_in())) == sorted(normal(Requirement(r))
+                                                             for r in wanted)
 
 
 # -- Procfile ------------------------------------------------------------------------------
@@ -339,6 +426,7 @@ _SECRET_PATTERNS = {
     [p for p in DOCKER.iterdir() if p.is_file() and p.name != ".gitignore"]
     + [PROCFILE, ROOT / ".dockerignore"]), ids=lambda p: p.name)
 def test_no_secret_values_in_deployment_files(path: Path) -> None:
-    text = path.read_text()
+    # The lock's pins are sha256 digests of public release files, not secrets.
+    text = re.sub(r"--hash=sha256:[0-9a-f]{64}", "", path.read_text())
     for what, pattern in _SECRET_PATTERNS.items():
         assert not pattern.search(text), f"{path.name}: {what}: {pattern.search(text)}"
