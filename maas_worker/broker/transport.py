@@ -197,8 +197,8 @@ class HardenedChannel(kombu_redis.Channel):
         """A redis-py client on the channel's pool, reused for every synchronous command.
 
         kombu builds a new client object for each acknowledgement and each
-        event it publishes: about 8% of a busy worker's main-process CPU in a
-        py-spy profile (docs/benchmarks.md). A redis-py client is thread-safe
+        event it publishes, a visible share of a busy worker's main-process CPU
+        (docs/benchmarks.md). A redis-py client is thread-safe
         (each command borrows a connection from the pool), so one per pool
         does; a new pool (after a reconnection) gets a new client.
         """
