@@ -1,17 +1,16 @@
 """JSON from anyone else is bounded before it is parsed: size, then nesting depth.
 
-Python's ``json`` parser recurses once per nesting level: a document nested
-a few hundred thousand levels deep (a few hundred kilobytes of ``[``) raises
-`RecursionError`, which is not a `ValueError` and escaped every handler that
-expected one. Every untrusted document (a queue entry, a Celery message body,
-a job's decrypted input) passes `loads` instead: over the depth limit it is a
-plain `ValueError`, like any other malformed document.
+Python's ``json`` parser recurses once per nesting level, so a deep enough document
+raises `RecursionError`, which is not a `ValueError`. Invariant: every untrusted
+document (a queue entry, a Celery message body, a job's decrypted input) passes `loads`
+instead of ``json.loads``: over the depth limit it is a plain `ValueError`, like any
+other malformed document.
 
 The check costs two ``count`` calls for ordinary documents (fewer brackets
 than the limit cannot nest deeper than it). A document with more brackets is
 measured in C (`depth_within`): at most ``max_depth`` passes of
 ``bytes.replace`` over its brackets, so a hostile megabyte costs about what
-parsing it would, never a Python loop per bracket.
+parsing it would, never a Python loop per bracket (figures: docs/benchmarks.md).
 """
 
 from __future__ import annotations

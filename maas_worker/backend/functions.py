@@ -1,14 +1,12 @@
 """The Redis function library: the Lua that producers and monitors run, loaded once.
 
-Producers cancel a job and check their quota with a Lua script each, and
-the backlog reader (fleet exporter, ``stats``, the autoscaler) fetches a
-queue's oldest message prefix with one. Sent as ``EVAL``, a script is
-whatever text the sender chose: a role allowed ``EVAL`` can run any Lua,
-and one endless loop blocks Redis for everyone. So these scripts live in a
-Redis 7 *function library* instead, loaded by a worker at start (or by the
-operator, ``maas-worker acl --load-functions``), and the roles that only
-call them get ``+fcall`` / ``+fcall_ro`` (docs/operations.md, Redis roles).
-Every command a function runs is still checked against the caller's ACL.
+Producers cancel a job and check their quota with a Lua script each, and the backlog
+reader (fleet exporter, ``stats``, the autoscaler) fetches a queue's oldest message
+prefix with one. A role allowed ``EVAL`` could run any Lua, so these scripts live in a
+Redis 7 *function library* instead, loaded by a worker at start (or by the operator,
+``maas-worker acl --load-functions``), and the roles that only call them get ``+fcall``
+/ ``+fcall_ro`` (docs/operations.md and docs/security.md, "Redis roles"). Every
+command a function runs is still checked against the caller's ACL.
 
 The scripts are ``.lua`` files like every other (`backend.scripts`:
 ``backend/lua/cancel.lua``, ``backend/lua/advise_many.lua``,

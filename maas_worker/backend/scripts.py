@@ -16,9 +16,9 @@ token bucket, is so written once for the worker's charge (``admit.lua``, inside
 
 The header is documentation and is not sent. The text Redis runs is the code
 below it, as one block between a leading and a trailing newline (so preludes
-and scripts concatenate line by line): byte for byte the text the scripts had
-as Python strings, with the same SHA1s, and the same function library
-(functions.py, whose text is pinned per version).
+and scripts concatenate line by line). Changing it changes the script's SHA1;
+for a script of the function library (functions.py) it also needs a new
+library version, since tests/unit/test_functions.py pins the text per version.
 """
 
 from __future__ import annotations

@@ -1,28 +1,24 @@
 """Taking messages from the job queues atomically: pop and reserve in one step.
 
-kombu's Redis transport takes a message with ``BRPOP`` and records it as
-reserved (in the ``unacked`` hash and its ``unacked_index``) with a second
-command. Between the two only the worker holds the message: if Redis dies
-after executing the ``BRPOP`` but before its reply reaches the worker, the
-message is gone from the queue and was never recorded anywhere. The
-reliability suite saw that lose a job in about one Redis crash out of twenty.
+kombu's Redis transport takes a message with ``BRPOP`` and records it as reserved (in
+the ``unacked`` hash and its ``unacked_index``) with a second command; a Redis crash
+between the two loses the message (docs/reliability.md, defect 11).
 
-Here one Lua script does both: it pops the first message of the first
-non-empty list (in the order given: priority order) and, in the same atomic
-step, writes it to the ``unacked`` hash and index exactly as kombu would
-(``[message, exchange, routing_key]`` under its delivery tag, scored with the
-time). Redis persists the script's effects together, so after any crash the
-message is either still in its queue or reserved, and kombu's visibility
-sweep returns reserved messages whose worker never acknowledged them.
+Invariant: after any crash a message is either still in its queue or reserved. One Lua
+script pops the first message of the first non-empty list (in the order given: priority
+order) and, in the same atomic step, writes it to the ``unacked`` hash and index exactly
+as kombu would (``[message, exchange, routing_key]`` under its delivery tag, scored with
+the time). Redis persists the script's effects together, and kombu's visibility sweep
+returns reserved messages whose worker never acknowledged them.
 
-A script cannot block, so waiting for work is separate: producers using the
-maas transport push a token to `WAKE_KEY` with every message they publish,
-and an idle consumer waits on it with ``BRPOP`` (tokens are only a hint: the
-wait also ends after a timeout, so a message published without one, or put
-back by the sweep, is found within that timeout).
+A script cannot block, so waiting for work is separate: producers using the maas
+transport push a token to `WAKE_KEY` with every message they publish, and an idle
+consumer waits on it with ``BRPOP`` (tokens are only a hint: the wait also ends after a
+timeout, so a message published without one, or put back by the sweep, is found within
+that timeout).
 
-Used by the Celery consumer (`transport.HardenedChannel`, one message at a
-time) and by anything that takes batches of messages (`take` with a count).
+Used by the Celery consumer (`transport.HardenedChannel`, one message at a time) and by
+anything that takes batches of messages (`take` with a count).
 """
 
 from __future__ import annotations

@@ -1,43 +1,34 @@
 """The worker's guard at the Redis transport: what a Redis writer puts in a queue.
 
-kombu's Redis channel takes a message from a queue, parses it and hands it to
-Celery. Whatever sits in a queue list was written by someone with Redis write
-access, so before this guard:
+kombu's Redis channel takes a message from a queue, parses it and hands it to Celery.
+Whatever sits in a queue list was written by someone with Redis write access.
+`HardenedChannel` keeps the consumer alive and the queue truthful:
 
-* one entry that is not a kombu message (not JSON, no ``properties``, no
-  delivery tag, a ``delivery_info`` without an exchange) raised inside the
-  consumer loop, and Celery stopped the whole worker ("Unrecoverable error");
-* ``delivery_info["routing_key"]``, which the pipeline compares with the
-  priority in the sealed header, was whatever the message said, not the queue
-  it was actually taken from;
-* any registered task name (``maas.sample``, Celery's own ``celery.*``
-  built-ins) could be sent to the job queues.
+* each entry must pass `entries.check_message` (on the job queues only well-formed
+  protocol-2 JSON messages of ``maas.infer`` with a UUID task id, no larger than the
+  envelope limit allows, whose body is a plain task call; on the monitoring queue only
+  ``maas.sample``), parsed with bounded depth;
+* it is stamped with the queue it was really taken from, which the pipeline compares
+  with the priority in the sealed header (never the routing key the message carries);
+* a job message's Celery headers are replaced with ours (`entries.sanitize_headers`): no
+  ``expires``, ``timelimit`` or far ``eta`` a Redis writer set decides whether or when a
+  job runs;
+* anything else is dropped (it was already popped, so it is gone), logged and audited
+  as ``malformed`` (``oversize`` for a body over the limit), and the worker carries on;
+  connection errors still propagate, so kombu reconnects.
 
-`HardenedChannel` keeps the consumer alive and the queue truthful: each
-entry must pass `queue_entries.check_message` (on the job queues only
-well-formed protocol-2 JSON messages of ``maas.infer`` with a UUID task id,
-no larger than the envelope limit allows, whose body is a plain task call;
-on the monitoring queue only ``maas.sample``), and is stamped with the queue
-it came from. A job message's Celery headers are then replaced with ours
-(`queue_entries.sanitize_headers`): no ``expires``, ``timelimit`` or far
-``eta`` a Redis writer set decides whether or when a job runs. Anything else
-is dropped (it was already popped, so it is gone), logged and audited as
-``malformed`` (``oversize`` for a body over the limit). JSON is parsed with
-bounded depth. Connection errors still propagate, so kombu reconnects.
+Taking a message is atomic: the channel pops and reserves in one Lua script (`fetch`),
+and an idle channel waits on the wake-up list its producers ring with every publish. A
+lost connection must not stop the worker either: `HardenedQoS` leaves to the
+visibility sweep what kombu cannot put back, acknowledge or reject on a channel the
+lost connection tore down. The defects each of these closes are in docs/reliability.md
+("Defects the suite found").
 
-Taking a message is atomic: instead of kombu's ``BRPOP`` followed by a
-separate write recording the reservation (a Redis crash between the two lost
-the message), the channel pops and reserves in one Lua script (`fetch`), and
-an idle channel waits on the wake-up list its producers ring with every
-publish. A lost connection must not stop the worker either: `HardenedQoS`
-leaves to the visibility sweep what kombu cannot put back, acknowledge or
-reject on a channel the lost connection tore down.
-
-Producers (`Client`) select `Transport` as their app's ``broker_transport``
-so that they ring the wake-up list; worker processes `install` the channel
-over kombu's Redis transport (``tasks.py`` does). A producer on a
-``redis+socket://`` URL gets kombu's plain transport (the URL names it):
-its jobs are found by the idle poll instead, within a second.
+Producers (`Client`) select `Transport` as their app's ``broker_transport`` so that
+they ring the wake-up list; worker processes `install` the channel over kombu's Redis
+transport (``tasks.py`` does). A producer on a ``redis+socket://`` URL gets kombu's
+plain transport (the URL names it): its jobs are found by the idle poll instead, within
+a second.
 """
 
 from __future__ import annotations
@@ -119,11 +110,10 @@ class HardenedQoS(kombu_redis.QoS):
     were running then finish and ack or reject their message on that closed
     channel. With the connection gone each of these can fail inside kombu with
     an AttributeError (its transport is already torn down), not a connection
-    error, which Celery treats as unrecoverable: the worker stopped instead of
-    reconnecting. Found by the reliability suite (Redis killed mid-run).
-    Nothing is lost by skipping them: the messages are still in the unacked
-    set in Redis, and the visibility sweep brings them back (a finished job's
-    copy is then refused as already done).
+    error, which Celery treats as unrecoverable (docs/reliability.md, defect 7), so each
+    is skipped here and the worker reconnects. Nothing is lost by skipping them: the
+    messages are still in the unacked set in Redis, and the visibility sweep brings them
+    back (a finished job's copy is then refused as already done).
 
     A message taken by `fetch` is already reserved in Redis: recording it
     again would only cost a round trip, so only the local bookkeeping is done.
@@ -207,8 +197,8 @@ class HardenedChannel(kombu_redis.Channel):
         """A redis-py client on the channel's pool, reused for every synchronous command.
 
         kombu builds a new client object for each acknowledgement and each
-        event it publishes: about 8% of a busy worker's main-process CPU in a
-        py-spy profile (docs/benchmarks.md). A redis-py client is thread-safe
+        event it publishes, a visible share of a busy worker's main-process CPU
+        (docs/benchmarks.md). A redis-py client is thread-safe
         (each command borrows a connection from the pool), so one per pool
         does; a new pool (after a reconnection) gets a new client.
         """

@@ -7,8 +7,7 @@ and sign with one and check with the other, known answers on both), so what a
 process chose never shows on the wire, and clients and workers may differ.
 
 An implementation is an immutable `CryptoBackend`, picked once by name with
-`crypto_backend` (``auto`` is OpenSSL: ~0.6 us per 1 KiB AES-GCM message here
-against ~36 us, because pycryptodome builds a cipher object per message). The
+`crypto_backend` (``auto`` is OpenSSL, the faster: docs/benchmarks.md). The
 `Client` and the `WorkerRuntime` pick theirs from ``MAAS_CRYPTO_BACKEND`` and
 pass it to the envelope; `DEFAULT`, the ``auto`` choice made at import, serves
 everything else (key derivation, model signatures, model artifacts) and any

@@ -1,32 +1,24 @@
 """The signed release pointer: which version a bare model name means.
 
-``<root>/<name>/release.json`` is one small, self-contained file (canonical
-JSON, `canonical_json`), so that it is replaced atomically with one rename:
+``<root>/<name>/release.json`` is one small, self-contained file (canonical JSON,
+`canonical_json`), so that it is replaced atomically with one rename; docs/models.md,
+"The release pointer", gives its format and rules. The signature is Ed25519 by the
+model's owner over ``"maas-worker model release v1\0" || canonical_json(release)``.
 
-.. code-block:: json
+Invariants:
 
-    {
-      "release": {"format": 1, "name": "digits", "version": "1", "serial": 3,
-                  "manifest_sha256": "<SHA-256 of the version's manifest.json>",
-                  "signer": "<key id>", "issued_at": "2026-01-01T00:00:00Z"},
-      "signature": {"key_id": "<key id>", "signature": "<base64 Ed25519>"}
-    }
-
-The signature is Ed25519 by the model's owner over
-``"maas-worker model release v1\\0" || canonical_json(release)`` (its own
-label: a manifest signature never verifies as a release, nor the reverse).
-The release names the model (it must equal its folder), the version a bare
-name resolves to, the exact manifest of that version (so a different build
-signed under the same version number is not it), the signer (the verifying
-key; it must also be the signer of the version it names) and a ``serial``
-that only ever grows: workers keep the highest serial they have seen per
-model (`ReleaseFloor`, persisted in Redis) and refuse an older release, so an
-old, validly signed release copied back is a refused rollback, not a silent
-one. The owner rolls back on purpose by signing a NEW release (higher serial)
-that names the older version.
-
-A file name, not a directory: the repository's scan only considers
-directories as versions, so ``release.json`` is never mistaken for one.
+* its own signing label: a manifest signature never verifies as a release, nor the
+  reverse;
+* the release names the model (it must equal its folder), the version a bare name
+  resolves to, the exact manifest of that version (so a different build signed under
+  the same version number is not it) and the signer, who must also be the signer of
+  the version it names;
+* its ``serial`` only ever grows: workers keep the highest serial they have seen per
+  model (`ReleaseFloor`, persisted in Redis) and refuse an older release, so an old,
+  validly signed release copied back is a refused rollback. The owner rolls back on
+  purpose by signing a NEW release (higher serial) that names the older version;
+* it is a file, not a directory: the repository's scan only considers directories as
+  versions, so ``release.json`` is never mistaken for one.
 """
 
 from __future__ import annotations

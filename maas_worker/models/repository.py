@@ -1,42 +1,36 @@
 """The model repository: signed (optionally encrypted) ONNX models under ``MAAS_MODEL_DIR``.
 
-Layout: ``<root>/<name>/<version>/`` holds ``manifest.json``, ``manifest.sig``
-and the files the manifest lists. Directory names that are not valid model
-names or versions (``.staging``, say) are ignored, so a version can be staged
-beside the live ones and renamed into place atomically.
+Layout: ``<root>/<name>/<version>/`` holds ``manifest.json``, ``manifest.sig`` and the
+files the manifest lists. Directory names that are not valid model names or versions
+(``.staging``, say) are ignored, so a version can be staged beside the live ones and
+renamed into place atomically. docs/models.md ("What is verified, when", "The release
+pointer") explains each check.
 
-What is checked when:
+- **scan** (every `DEFAULT_RESCAN_INTERVAL_S` at most, when models are listed or
+  resolved; cheap, so also in the worker's main process for the catalogue): the
+  manifest signature, then the manifest, then every listed file's presence and size.
+- **load** (once per version per worker process, on first use): the scan again, then
+  every file's SHA-256, then AES-GCM decryption chunk by chunk into an anonymous
+  in-memory file (``memfd``), then ONNX Runtime builds the session and the graph is
+  checked against the manifest.
 
-- **scan** (every `DEFAULT_RESCAN_INTERVAL_S` at most, when models are listed
-  or resolved): the manifest signature against the trusted signers, then the
-  manifest (canonical, names this directory's name and version and the signer
-  that verified it), then every listed file's presence and size. Cheap, so it
-  also runs in the worker's main process for the model catalogue.
-- **load** (once per version per worker process, on first use): the same
-  again, then every file's SHA-256, then for an encrypted artifact AES-GCM
-  decryption chunk by chunk into an anonymous in-memory file (``memfd``; the
-  plaintext never touches disk), then ONNX Runtime builds the session and the
-  graph is checked against the manifest. The artifact is read once: the hash
-  covers exactly the bytes that are decrypted, and nothing decrypted is used
-  before both the hash and every chunk's tag have verified.
+Invariants:
 
-A version that fails is refused with `ModelRejected` and reported through the
-``on_reject`` hook (the worker writes a ``model_rejected`` audit record); every
-other model keeps being served. A version that changes on disk is verified
-afresh, and only a replacement that verifies takes the place of one already
-loaded. Changing the trusted signers re-verifies everything: removing a key
-revokes the models it signed.
-
-A name without a version resolves ONLY to the version named by the model's
-signed release pointer (``<name>/release.json``, see `release`), never to
-another one: no release, a release that does not verify, names another model,
-is not signed by the signer of the version it names, names a version that is
-missing or refused (at scan or load), or whose ``serial`` is below the highest
-serial seen for the model (the floor: in memory, and persisted through the
-optional `ReleaseFloor`), and the bare name is unavailable (`ModelRejected`,
-reported through ``on_reject`` under the bare name, once per change). A
-tenant restricted to some signers sees only releases signed by one of them.
-``name@version`` is unaffected: the client sealed that choice.
+* the signature is checked before anything in the manifest is read; nothing decrypted
+  is used before both the hash and every chunk's tag have verified (the artifact is
+  read once, so the hash covers exactly the bytes decrypted); the plaintext never
+  touches disk;
+* a version that fails is refused with `ModelRejected` and reported through the
+  ``on_reject`` hook (the worker audits ``model_rejected``); every other model keeps
+  being served; only a replacement that verifies takes the place of a loaded version;
+  changing the trusted signers re-verifies everything;
+* a name without a version resolves ONLY to the version named by the model's signed
+  release pointer (`release`), never to another one: a missing or unverifiable release,
+  one naming a missing or refused version or signed by another signer, or one whose
+  ``serial`` is below the floor (in memory, and persisted through the optional
+  `ReleaseFloor`) makes the bare name unavailable (`ModelRejected`, reported under the
+  bare name, once per change). A tenant restricted to some signers sees only releases
+  signed by one of them. ``name@version`` is unaffected: the client sealed that choice.
 """
 
 from __future__ import annotations

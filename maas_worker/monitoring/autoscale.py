@@ -1,10 +1,8 @@
 """Pool autoscaling inside a worker: ``maas-worker worker --autoscale MAX,MIN``.
 
-Celery's own autoscaler sizes the pool by the requests the worker has
-already reserved, which with ``acks_late`` is at most the prefetch window
-(MAX under ``--autoscale``): it never sees the jobs still in Redis, how long
-they have waited, or whether the host has room for another process. This
-autoscaler (``worker_autoscaler`` in app.celery_config) sizes the pool by
+Unlike Celery's own autoscaler, which sees only what the worker has reserved
+(docs/monitoring.md, "Autoscaling inside a worker"), this one
+(``worker_autoscaler`` in app.celery_config) sizes the pool by
 
 - demand: jobs running + jobs reserved and waiting for a process + jobs
   queued in Redis (all priorities; every node consumes all of them);

@@ -5,8 +5,8 @@ outcomes and timings and its autoscaler. What describes the fleet is read
 from Redis at each scrape and served here, by a process that does not
 depend on any worker running (KEDA must see a backlog to scale from zero):
 
-- the backlog: jobs and the oldest job's age per priority (backlog.py);
-- every worker node's latest resource sample (monitoring.py), as gauges
+- the backlog: jobs and the oldest job's age per priority (broker/backlog.py);
+- every worker node's latest resource sample (samples.py), as gauges
   with a ``worker`` label (and the OS's cumulative disk and network counters
   as counters);
 - the fleet-size recommendation (fleet.py): ``maas_fleet_desired_nodes``.

@@ -1,9 +1,7 @@
 """How many worker nodes the fleet needs: ``maas-worker scale`` and ``maas_fleet_desired_nodes``.
 
-SageMaker's asynchronous endpoints scale on one number, the backlog per
-instance, through CloudWatch alarms that need minutes of data points (scale
-out after about 3 minutes, in after about 15). Here the same idea is computed
-from live readings, each time it is asked:
+Backlog-per-node target tracking, computed from live readings each time it is asked
+(docs/monitoring.md, "Autoscaling the fleet", explains the choice):
 
 - ``capacity``: jobs per second one node clears when its pool is fully busy,
   measured from the nodes' samples (jobs finished per second divided by the
@@ -13,7 +11,7 @@ from live readings, each time it is asked:
 - ``drain``: nodes needed to clear the queued backlog within the target wait
   (``MAAS_FLEET_TARGET_WAIT_S``): backlog / (capacity x target wait). Before
   anything is measured a node is assumed to clear ``MAAS_FLEET_BACKLOG_PER_NODE``
-  jobs per target wait (SageMaker's backlog-per-instance target);
+  jobs per target wait;
 - ``age``: if the oldest queued job has already waited longer than the target,
   the estimate is evidently short: at least one node more than now;
 - within 10% of the current size (`TOLERANCE`), the current size;

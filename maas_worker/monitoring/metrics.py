@@ -1,25 +1,21 @@
 """Prometheus metrics of a worker node: jobs by outcome, queue wait, run and load times.
 
-Jobs run in prefork pool children, which are separate processes that come and
-go (``--autoscale``, a child replaced after a memory limit or a crash). Their
-metrics are aggregated with prometheus_client's multiprocess mode:
+Jobs run in prefork pool children that come and go, so metrics use prometheus_client's
+multiprocess mode (docs/monitoring.md, "Aggregating pool processes"):
 
-- the worker's main process makes a PRIVATE directory (mode 0700) before the
-  pool forks and points ``PROMETHEUS_MULTIPROC_DIR`` at it; every child (and
-  the main process itself with ``--pool solo``) writes its own
-  ``counter_<pid>.db``/``histogram_<pid>.db`` memory-mapped files;
-- the main process serves ``/metrics`` (`serve`), summing the files of all
-  processes, so the counters of a child that exited are not lost;
+- the worker's main process makes a PRIVATE directory (mode 0700) before the pool forks
+  and points ``PROMETHEUS_MULTIPROC_DIR`` at it; every child (and the main process
+  itself with ``--pool solo``) writes its own memory-mapped files;
+- the main process serves ``/metrics`` (`serve`), summing the files of all processes,
+  so the counters of a child that exited are not lost;
 - files of dead children are folded into ``*_archive.db`` at each scrape
-  (`compact_dead_files`), so a week of autoscaling does not leave thousands
-  of files behind. Folding and reading hold one lock (a thread lock and an
+  (`compact_dead_files`). Folding and reading hold one lock (a thread lock and an
   ``flock``), so no scrape ever sees a value twice or not at all.
 
-Only counters and histograms are written by children (their sums across
-processes are meaningful); gauges of the node come from the main process at
-scrape time. Labels are drawn from closed sets (outcomes, audit reasons,
-failure codes, model references the registry resolved): nothing from a
-payload can reach a label.
+Invariants: children write only counters and histograms (their sums across processes
+are meaningful); gauges of the node come from the main process at scrape time. Labels
+are drawn from closed sets (outcomes, audit reasons, failure codes, model references
+the registry resolved): nothing from a payload can reach a label.
 """
 
 from __future__ import annotations

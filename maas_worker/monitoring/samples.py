@@ -1,25 +1,17 @@
 """Resource samples: what every worker node records on each beat tick, and where.
 
-How a sample is taken (docs/monitoring.md has the full design):
+Beat broadcasts one ``maas.sample`` message every ``MAAS_SAMPLE_INTERVAL_S`` on the
+fanout exchange ``maas.monitor`` (a kombu ``Broadcast`` queue): every node subscribed
+at that moment samples itself once, in its pool; the message is acknowledged on receipt
+and expires after one interval. A sample covers the whole host (CPU, memory, swap,
+load, disk and network counters, NVML GPUs when ``nvidia-ml-py`` is installed), the
+worker's own pool and the node's job counters (metrics.py). docs/monitoring.md,
+"Resource samples", has the design and the fields.
 
-- beat sends one ``maas.sample`` message every ``MAAS_SAMPLE_INTERVAL_S`` to
-  the fanout exchange ``maas.monitor`` (a kombu ``Broadcast`` queue). On Redis
-  a fanout is a ``PUBLISH``: every worker node subscribed at that moment gets
-  its own copy and runs the task once, in its pool. It is a broadcast, not a
-  per-node queue: beat needs no list of nodes, and a node that is down simply
-  misses the tick instead of finding a pile of stale requests when it returns.
-- the task is acknowledged on receipt and expires after one interval, so a
-  node whose pool is busy with long jobs runs at most one late sample.
-- it samples the whole host (CPU total and per core, memory, swap, load,
-  disk and network counters, NVML GPUs when ``nvidia-ml-py`` is installed)
-  and the worker's own pool (processes, resident memory and open file
-  descriptors of each), plus the node's job counters (metrics.py).
-
-Where it goes: one key per node in the result backend, ``maas:sample:<node>``,
-with a TTL of `SAMPLE_TTL_INTERVALS` intervals, and an index sorted set pruned
-on every write. Nothing else is kept, so storage is bounded by the number of
-live nodes however long the system runs; a node that stops stops being shown
-within a few intervals. A sample holds no job data at all.
+Invariants: one key per node in the result backend, ``maas:sample:<node>``, with a TTL
+of `SAMPLE_TTL_INTERVALS` intervals, and an index sorted set pruned on every write, so
+storage is bounded by the number of live nodes however long the system runs; a sample
+holds no job data at all.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The ``maas.sample`` task and the per-task hooks behind the busy-time metric.
 
 ``maas.sample`` takes no arguments and never sees a job: it samples the host
-and this worker's pool (monitoring.py), stores the sample, and returns a
+and this worker's pool (samples.py), stores the sample, and returns a
 short readable summary, which is what Flower shows as its result.
 
 Task hooks (Celery signals: Celery has no bootstep per task):

@@ -1,11 +1,9 @@
 """Celery remote control on maas-worker nodes: read-only unless an operator opens it.
 
-Anyone who can publish on the broker's remote-control channel can send a
-worker a command, and Celery obeys every one: ``shutdown``, ``pool_restart``,
-``rate_limit maas.infer 1/m``, ``add_consumer`` of any queue. That is a
-Redis writer (or a Flower login) stopping or throttling the fleet, or making
-it consume a queue nobody checks. Here the worker's pidbox node is a
-`GatedNode`, which answers:
+Celery obeys every command published on the broker's remote-control channel, so a
+Redis writer (or a Flower login) could stop or throttle the fleet, or make it consume a
+queue nobody checks (docs/security.md, "Remote control"). Here the worker's pidbox node
+is a `GatedNode`, which answers:
 
 * the read-only commands Flower and ``celery inspect`` need
   (`INSPECT_COMMANDS`), always;

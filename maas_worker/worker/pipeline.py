@@ -1,32 +1,39 @@
 """The job pipeline's stages, shared by the ``maas.infer`` task and the batch consumer.
 
-Checks run in this order and fail closed (docs/security.md explains each):
-size -> version/type -> key lookup -> HMAC -> time window and lifetime cap
--> task name/id binding -> tenant policy -> memory headroom -> replay claim
-with cancel check and quota charge (one Lua script) -> decrypt -> bounded
-parse -> model -> run under the watchdog (time limits, cancellation) -> seal
--> store write-once. A rejected message is audited; an authenticated one is
-also marked so its client learns of it (a message that did not authenticate
-never changes any job's state). The caller acknowledges it and carries on.
+This docstring is the one place the check order is written down; tasks.py, consumer.py,
+README.md and docs/security.md (which explains each check) refer to it. Before the
+pipeline, the consumer checks the queue entry (broker/entries.py). Then, each failing
+closed, in this order::
 
-A job is (tenant, job id), the tenant the authenticated one: every key a
-stage reads or writes is that tenant's, so one tenant's job can never close,
-pre-empt, cancel or read another's of the same id.
+    task argument and size (base64, or the claim-check payload)
+    -> size -> version/type -> key lookup -> HMAC -> time window and lifetime cap
+    -> binding: job id = task id, task name, queue, payload reference's tenant
+    -> tenant policy (model, priority) -> memory headroom (else wait, unclaimed)
+    -> replay claim with cancel check and quota charge (one Lua script)
+    -> decrypt -> input size and bounded parse -> model (exists, verifies, signer allowed)
+    -> run under the watchdog (time limits, cancellation) -> seal -> store write-once
 
-The binding check sits before the claim (the design lists it after decrypt)
-because after the HMAC the header is already authentic: checking it first
-means an envelope copied into a message with another task id can never take
-the real job's claim.
+Invariants:
 
-Each stage either returns what the next one needs or raises `Stop` (the
-delivery is over, with its outcome: already audited and recorded) or `Defer`
-(keep the message and try again later: the job is busy elsewhere, or memory
-is short). Any other error while handling an authenticated job is that job's
-own fault (`fault`): it is retried a few times, then failed and audited,
-never requeued for ever and never charged to another job. The Celery task
-(tasks.py) runs the stages for one message; the batch consumer (consumer.py)
-runs each stage for a whole batch, with the Redis work of a stage pipelined
-across the batch.
+* nothing is decrypted, claimed or charged before the HMAC has verified; a message
+  that did not authenticate is audited and never changes any job's state, while a
+  refused authenticated one is also marked so its client learns of it;
+* a job is (tenant, job id), the tenant the authenticated one: every key a stage reads
+  or writes is that tenant's, so one tenant's job can never close, pre-empt, cancel or
+  read another's of the same id;
+* the binding check sits before the claim (the design lists it after decrypt): the
+  header is already authentic, so an envelope copied into a message with another task
+  id can never take the real job's claim; the policy check sits before the claim too,
+  so a job its tenant may not run takes no claim and is not charged.
+
+Each stage either returns what the next one needs or raises `Stop` (the delivery is
+over, with its outcome: already audited and recorded) or `Defer` (keep the message and
+try again later: the job is busy elsewhere, or memory is short). Any other error while
+handling an authenticated job is that job's own fault (`fault`): it is retried a few
+times, then failed and audited, never requeued for ever and never charged to another
+job. The Celery task (tasks.py) runs the stages for one message; the batch consumer
+(consumer.py) runs each stage for a whole batch, with the Redis work of a stage
+pipelined across the batch.
 """
 
 from __future__ import annotations

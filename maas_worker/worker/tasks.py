@@ -1,20 +1,15 @@
 """The ``maas.infer`` task: open the sealed job, run the model, seal the result.
 
-The stages and their order are in pipeline.py (shared with the batch
-consumer, consumer.py): size -> version/type -> key lookup -> HMAC -> time
-window -> task name/id binding -> tenant policy -> memory headroom -> replay
-claim with cancel check and quota charge -> decrypt -> bounded parse ->
-model -> run under the watchdog -> seal -> store write-once. A rejected
-message is acknowledged and audited (and, if authenticated, marked so its
-client learns of it); the worker carries on with the next message. A job
-that must wait (busy elsewhere, memory short) is retried with a delay. An
-error while handling one job is that job's own: it is retried a few times,
-then failed (`pipeline.fault`); only Redis out of reach hands the message
-back as it is.
+The task runs the stages of pipeline.py for one message; their order and invariants are
+documented there, once. A rejected message is acknowledged and audited; the worker
+carries on with the next message. A job that must wait (busy elsewhere, memory short)
+is retried with a delay. An error while handling one job is that job's own: it is
+retried a few times, then failed (`pipeline.fault`); only Redis out of reach hands the
+message back as it is.
 
-Celery's remote control is read-only on these nodes unless an operator
-opens it (control.py): ``revoke`` and friends, which would discard a job
-silently, are refused with a pointer to ``maas-worker cancel``, and audited.
+Celery's remote control is read-only on these nodes unless an operator opens it
+(control.py): ``revoke`` and friends, which would discard a job silently, are refused
+with a pointer to ``maas-worker cancel``, and audited.
 """
 
 from __future__ import annotations

@@ -1,41 +1,37 @@
 """The batch consumer: the job pipeline run for many messages at a time.
 
-One Celery task per job pays, per job, Celery's task machinery, kombu's
-reservation and acknowledgement round trips, and the claim and result round
-trips (docs/benchmarks.md). A batch consumer process instead takes up to
-``MAAS_CONSUMER_BATCH`` messages from the job queues in one round trip
-(`fetch.take`: popped and reserved atomically in kombu's unacked hash), runs
-each stage of the pipeline (pipeline.py) for the whole batch and pipelines the
-Redis work of a stage: one round trip for the claims, one for the results, one
-for the acknowledgements. A model with ``predict_batch`` runs once per batch;
-others job by job. Each job is still verified, bound to its message and queue,
-claimed, decrypted, policy-checked, sealed and stored on its own, and its
-outcome logged and counted as the task does.
+A batch consumer process takes up to ``MAAS_CONSUMER_BATCH`` messages from the job
+queues in one round trip (`fetch.take`: popped and reserved atomically in kombu's
+unacked hash), runs each stage of pipeline.py (whose docstring holds the check order)
+for the whole batch and pipelines the Redis work of a stage: one round trip for the
+claims, one for the results, one for the acknowledgements (why that pays:
+docs/benchmarks.md). A model with ``predict_batch`` runs once per batch; others job by
+job. Each job is still verified, bound to its message and queue, claimed, decrypted,
+policy-checked, sealed and stored on its own, and its outcome logged and counted as the
+task does.
 
-Gathering works like Triton's dynamic batcher: take what is waiting (at most
-the batch size); if that is less than a batch and ``MAAS_CONSUMER_WAIT_MS`` is
-set, keep taking until the batch is full or the window is over. Under load
-batches fill by themselves: jobs arrive while the previous batch runs.
+Gathering works like Triton's dynamic batcher: take what is waiting (at most the batch
+size); if that is less than a batch and ``MAAS_CONSUMER_WAIT_MS`` is set, keep taking
+until the batch is full or the window is over.
 
-Nothing accepted is lost, nothing runs twice:
+Invariants: nothing accepted is lost, nothing runs twice.
 
-* a message is acknowledged only once its job's result is stored or the job
-  is rejected (a refused queue entry is audited and dropped, as the Celery
-  consumer does);
-* a job another live worker is running (``busy``), or one waiting for memory,
-  stays reserved here and is retried after a delay; each retry refreshes the
-  reservation's time so the sweep does not put a second copy back; on
-  shutdown it is handed back to its queue;
-* an error while handling one job (its parse, claim, model or store raised)
-  is that job's alone: it is retried a few times, then failed and audited
-  (pipeline.fault); the rest of the batch goes on, and a job whose shared
-  model call raised runs again on its own;
-* when Redis is out of reach mid-batch, claims of unfinished jobs are given
-  back and their messages handed back to their queues (once Redis answers);
-* a process that dies (killed, or ended at a hard time limit) leaves its
-  messages reserved: the visibility sweep (supervisor.py) returns them after
-  ``MAAS_VISIBILITY_TIMEOUT_S``, and the job claims tell finished jobs from
-  unfinished ones.
+* a message is acknowledged only once its job's result is stored or the job is
+  rejected (a refused queue entry is audited and dropped, as the Celery consumer does);
+* a job another live worker is running (``busy``), or one waiting for memory, stays
+  reserved here and is retried after a delay; each retry refreshes the reservation's
+  time so the sweep does not put a second copy back; on shutdown it is handed back to
+  its queue;
+* an error while handling one job (its parse, claim, model or store raised) is that
+  job's alone: it is retried a few times, then failed and audited (pipeline.fault); the
+  rest of the batch goes on, and a job whose shared model call raised runs again on its
+  own;
+* when Redis is out of reach mid-batch, claims of unfinished jobs are given back and
+  their messages handed back to their queues (once Redis answers);
+* a process that dies (killed, or ended at a hard time limit) leaves its messages
+  reserved: the visibility sweep (supervisor.py) returns them after
+  ``MAAS_VISIBILITY_TIMEOUT_S``, and the job claims tell finished jobs from unfinished
+  ones.
 """
 
 from __future__ import annotations

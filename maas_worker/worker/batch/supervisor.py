@@ -2,8 +2,8 @@
 
 The Celery worker keeps what makes it a node of the fleet: remote control
 (``ping``, Flower), the broadcast queue beat's resource samples arrive on,
-task events, the metrics endpoint and the model advertisement. It no longer
-consumes the job queues: once it is ready it starts ``--concurrency``
+task events, the metrics endpoint and the model advertisement. It does not
+consume the job queues: once it is ready it starts ``--concurrency``
 consumer processes (`consumer.BatchConsumer`, one each, in its main thread so
 the watchdog can interrupt a job at its soft limit) and waits until each has
 built its runtime; it restarts one that dies (a hard time limit ends its
