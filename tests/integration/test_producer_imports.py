@@ -89,7 +89,7 @@ def test_the_cli_without_the_worker_extras_submits_and_waits(stack: Stack) -> No
     (("stats",), "worker"),
     (("worker", "--concurrency", "1"), "worker"),
     (("metrics",), "worker"),
-    (("demo",), "worker"),
+    (("beat",), "worker"),
 ])
 def test_a_worker_side_command_without_its_extra_says_which_to_install(
         stack: Stack, command: tuple[str, ...], extra: str) -> None:
