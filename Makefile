@@ -33,8 +33,8 @@ test: check
 check: lint typecheck imports
 
 lint: venv
-	$(BIN)/ruff check maas_worker tests $(wildcard benchmarks/*.py)
-	$(if $(filter 1,$(FORMAT_CHECK)),$(BIN)/ruff format --check $(FORMAT_PATHS))
+	$(BIN)/ruff check $(FORMAT_PATHS)
+	$(BIN)/ruff format --check $(FORMAT_PATHS)
 
 typecheck: venv
 	$(BIN)/mypy
@@ -67,10 +67,6 @@ bench: venv
 
 # The code ruff formats (configured in [tool.ruff.format] of pyproject.toml).
 FORMAT_PATHS := maas_worker tests benchmarks scripts
-# 1 once the tree has been reformatted with `make format`: `make lint` (so `make check`
-# and `make test`) then also fails on code ruff would format differently. Until then
-# `make lint FORMAT_CHECK=1` shows what the reformat would change.
-FORMAT_CHECK ?= 0
 
 ## format: apply ruff's automatic lint fixes, then its formatter; `make lint` reports the rest
 format: venv

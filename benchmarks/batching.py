@@ -67,33 +67,52 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=3000)
-    ap.add_argument("--latency-jobs", type=int, default=200,
-                    help="sequential jobs for the latency figures")
+    ap.add_argument(
+        "--latency-jobs", type=int, default=200, help="sequential jobs for the latency figures"
+    )
     args = ap.parse_args()
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}"
+    )
     samples = holdout()["inputs"]
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as server:
         keyring = Path(tmp) / "keyring.json"
         save_keyring(keyring, Keyring().with_new_tenant("bench"))
-        env = {**os.environ, "MAAS_BROKER_URL": server.url, "MAAS_KEYRING": str(keyring),
-               "MAAS_TENANT": "bench", "MAAS_MAX_QUEUE_DEPTH": "1000000",
-               "MAAS_METRICS_PORT": "0"}
+        env = {
+            **os.environ,
+            "MAAS_BROKER_URL": server.url,
+            "MAAS_KEYRING": str(keyring),
+            "MAAS_TENANT": "bench",
+            "MAAS_MAX_QUEUE_DEPTH": "1000000",
+            "MAAS_METRICS_PORT": "0",
+        }
         env.pop("MAAS_MODEL_DIR", None)  # the bundled, signed digits
         client = Client(settings=Settings.from_env(env))
         setups = {
             "one-per-call (prefork x2)": ((), 2, {}),
-            "batched calls (threads x32, digits=32:5)": (("--pool", "threads"), 32,
-                                                         {"MAAS_BATCH": "digits=32:5"}),
-            "batch consumer (x2, batch 64)": (("--batch-consumer",), 2,
-                                              {"MAAS_CONSUMER_BATCH": "64"}),
+            "batched calls (threads x32, digits=32:5)": (
+                ("--pool", "threads"),
+                32,
+                {"MAAS_BATCH": "digits=32:5"},
+            ),
+            "batch consumer (x2, batch 64)": (
+                ("--batch-consumer",),
+                2,
+                {"MAAS_CONSUMER_BATCH": "64"},
+            ),
         }
         results: dict[str, list[float]] = {name: [] for name in setups}
         lat: dict[str, list[tuple[float, float]]] = {name: [] for name in setups}
         for rep in range(args.repeat):
             for name, (extra, conc, more) in setups.items():
-                w = WorkerProcess(env={**env, **more}, name="b", log_path=Path(tmp) / "w.log",
-                                  concurrency=conc, extra_args=extra)
+                w = WorkerProcess(
+                    env={**env, **more},
+                    name="b",
+                    log_path=Path(tmp) / "w.log",
+                    concurrency=conc,
+                    extra_args=extra,
+                )
                 w.start()
                 try:
                     w.wait_ready(client.backend)
@@ -102,17 +121,22 @@ def main() -> None:
                     lat[name].append(latency(client, samples, args.latency_jobs))
                 finally:
                     w.stop()
-                print(f"  run {rep + 1}: {name:<42} {results[name][-1]:7.1f} jobs/s  "
-                      f"p50 {lat[name][-1][0]:.2f} ms p99 {lat[name][-1][1]:.2f} ms", flush=True)
+                print(
+                    f"  run {rep + 1}: {name:<42} {results[name][-1]:7.1f} jobs/s  "
+                    f"p50 {lat[name][-1][0]:.2f} ms p99 {lat[name][-1][1]:.2f} ms",
+                    flush=True,
+                )
     base = statistics.median(results["one-per-call (prefork x2)"])
     print(f"\ndigits, {args.jobs} jobs per run, {args.repeat} runs (median [min-max])")
     for name, values in results.items():
         p50s = [x[0] for x in lat[name]]
         p99s = [x[1] for x in lat[name]]
-        print(f"  {name:<42} {statistics.median(values):7.1f} jobs/s "
-              f"[{min(values):.0f}-{max(values):.0f}]  x{statistics.median(values) / base:.2f}  "
-              f"latency p50 {statistics.median(p50s):.2f} ms [{min(p50s):.2f}-{max(p50s):.2f}] "
-              f"p99 {statistics.median(p99s):.2f} ms [{min(p99s):.2f}-{max(p99s):.2f}]")
+        print(
+            f"  {name:<42} {statistics.median(values):7.1f} jobs/s "
+            f"[{min(values):.0f}-{max(values):.0f}]  x{statistics.median(values) / base:.2f}  "
+            f"latency p50 {statistics.median(p50s):.2f} ms [{min(p50s):.2f}-{max(p50s):.2f}] "
+            f"p99 {statistics.median(p99s):.2f} ms [{min(p99s):.2f}-{max(p99s):.2f}]"
+        )
 
 
 if __name__ == "__main__":

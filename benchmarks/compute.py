@@ -80,12 +80,25 @@ def bench_quota(settings: Settings, repeat: int, n: int) -> dict[str, list[float
     quotas = Quotas(client.backend)
     guard = JobGuard(client.backend, lease_s=60)
     policy = TenantPolicy(rate_per_s=1e9, burst=10**9, max_in_flight=10**9)
-    out: dict[str, list[float]] = {"ping": [], "claim_plain": [], "claim_quota": [],
-                                   "advise": [], "submit_plain": [], "submit_quota": []}
-    metered = Client(settings=Settings.from_env({**os.environ, "MAAS_TENANT": "metered",
-                                                  "MAAS_KEYRING": str(settings.keyring_path),
-                                                  "MAAS_BROKER_URL": settings.broker_url,
-                                                  "MAAS_DIAGNOSTIC_MODELS": "1"}))
+    out: dict[str, list[float]] = {
+        "ping": [],
+        "claim_plain": [],
+        "claim_quota": [],
+        "advise": [],
+        "submit_plain": [],
+        "submit_quota": [],
+    }
+    metered = Client(
+        settings=Settings.from_env(
+            {
+                **os.environ,
+                "MAAS_TENANT": "metered",
+                "MAAS_KEYRING": str(settings.keyring_path),
+                "MAAS_BROKER_URL": settings.broker_url,
+                "MAAS_DIAGNOSTIC_MODELS": "1",
+            }
+        )
+    )
     for _ in range(repeat):
         t = time.perf_counter()
         for _ in range(n):
@@ -96,8 +109,11 @@ def bench_quota(settings: Settings, repeat: int, n: int) -> dict[str, list[float
             ids = [str(uuid.uuid4()) for _ in range(n)]
             t = time.perf_counter()
             for job_id in ids:
-                admission = (admission_keys("bench"), admission_args(job_id, policy, exp)) \
-                    if charged else None
+                admission = (
+                    (admission_keys("bench"), admission_args(job_id, policy, exp))
+                    if charged
+                    else None
+                )
                 guard.claim_job("bench", job_id, window_ms=3_600_000, admission=admission)
             out[name].append((time.perf_counter() - t) / n * 1e6)
         t = time.perf_counter()
@@ -118,28 +134,44 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--backlog", type=int, default=2000)
     args = ap.parse_args()
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}"
+    )
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as server:
         keyring = Path(tmp) / "keyring.json"
-        ring = Keyring().with_new_tenant("acme").with_new_tenant(
-            "metered", TenantPolicy(rate_per_s=1e9, burst=10**9, max_in_flight=10**9))
+        ring = (
+            Keyring()
+            .with_new_tenant("acme")
+            .with_new_tenant(
+                "metered", TenantPolicy(rate_per_s=1e9, burst=10**9, max_in_flight=10**9)
+            )
+        )
         save_keyring(keyring, ring)
-        env = {**os.environ, "MAAS_BROKER_URL": server.url, "MAAS_KEYRING": str(keyring),
-               "MAAS_TENANT": "acme", "MAAS_DIAGNOSTIC_MODELS": "1",
-               "MAAS_MAX_QUEUE_DEPTH": "1000000"}
+        env = {
+            **os.environ,
+            "MAAS_BROKER_URL": server.url,
+            "MAAS_KEYRING": str(keyring),
+            "MAAS_TENANT": "acme",
+            "MAAS_DIAGNOSTIC_MODELS": "1",
+            "MAAS_MAX_QUEUE_DEPTH": "1000000",
+        }
         settings = Settings.from_env(env)
         quota = bench_quota(settings, args.repeat, 2000)
         print("\nquota cost, us per job (median of runs [min-max]):")
         for name, values in quota.items():
-            print(f"  {name:<13} {statistics.median(values):8.1f}  "
-                  f"[{min(values):.1f}-{max(values):.1f}]")
+            print(
+                f"  {name:<13} {statistics.median(values):8.1f}  "
+                f"[{min(values):.1f}-{max(values):.1f}]"
+            )
         base = statistics.median(quota["ping"])
         ratio = statistics.median(quota["submit_quota"]) / statistics.median(quota["submit_plain"])
         charge = statistics.median(quota["claim_quota"]) - statistics.median(quota["claim_plain"])
-        print(f"  quota charge in the claim / ping = {charge / base:.2f}; "
-              f"advise / ping = {statistics.median(quota['advise']) / base:.2f}; "
-              f"submit with quota / without = {ratio:.2f}")
+        print(
+            f"  quota charge in the claim / ping = {charge / base:.2f}; "
+            f"advise / ping = {statistics.median(quota['advise']) / base:.2f}; "
+            f"submit with quota / without = {ratio:.2f}"
+        )
         worker = WorkerProcess(env=env, name="bench", log_path=Path(tmp) / "w.log", concurrency=2)
         worker.start()
         try:
@@ -153,8 +185,10 @@ def main() -> None:
         p50 = statistics.median(r[0] for r in runs)
         p99 = statistics.median(r[1] for r in runs)
         spread = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in runs)
-        print(f"  {name:<8} p50 {p50:7.1f}  p99 {p99:7.1f}   p50/idle p50 = {p50 / idle50:.2f}"
-              f"   runs (p50/p99): {spread}")
+        print(
+            f"  {name:<8} p50 {p50:7.1f}  p99 {p99:7.1f}   p50/idle p50 = {p50 / idle50:.2f}"
+            f"   runs (p50/p99): {spread}"
+        )
 
 
 if __name__ == "__main__":

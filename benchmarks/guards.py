@@ -57,8 +57,9 @@ def job_message(input_bytes: int) -> str:
     """A queue entry as it sits in Redis: Celery's message around a sealed ~1 KiB job."""
     app = Celery("guards-bench", broker="memory://", set_as_current=False)
     envelope = base64.b64encode(os.urandom(input_bytes + 150)).decode()
-    app.send_task(TASK_NAME, args=[envelope], task_id=JOB, queue=QUEUE, argsrepr=ARGS_REPR,
-                  kwargsrepr="{}")
+    app.send_task(
+        TASK_NAME, args=[envelope], task_id=JOB, queue=QUEUE, argsrepr=ARGS_REPR, kwargsrepr="{}"
+    )
     entry = memory.Channel.queues.pop(QUEUE).get_nowait()
     app.close()
     return json.dumps(entry)
@@ -71,22 +72,36 @@ def old_check(raw: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}"
+    )
     limit = max_body_chars(Settings.from_env({}))
     text = job_message(1024)
     raw = json.loads(text)
     inputs = json.dumps({"data": "x" * 1000, "rows": [[0.5] * 8] * 2}).encode()
     n = 20_000
     rows = [
-        ("parse the queue entry", median_us(lambda: json.loads(text), n),
-         median_us(lambda: parse_entry(text, max_chars=limit), n)),
-        ("check the message (body)", median_us(lambda: old_check(raw), n),
-         median_us(lambda: check_message(raw, QUEUE, max_body_chars=limit), n)),
-        ("replace Celery's headers", 0.0,
-         median_us(lambda: sanitize_headers(dict(raw), max_eta_s=300), n)),
-        ("parse the job's input", median_us(lambda: json.loads(inputs), n),
-         median_us(lambda: jsonlimits.loads(inputs, max_depth=jsonlimits.MAX_INPUT_DEPTH), n)),
+        (
+            "parse the queue entry",
+            median_us(lambda: json.loads(text), n),
+            median_us(lambda: parse_entry(text, max_chars=limit), n),
+        ),
+        (
+            "check the message (body)",
+            median_us(lambda: old_check(raw), n),
+            median_us(lambda: check_message(raw, QUEUE, max_body_chars=limit), n),
+        ),
+        (
+            "replace Celery's headers",
+            0.0,
+            median_us(lambda: sanitize_headers(dict(raw), max_eta_s=300), n),
+        ),
+        (
+            "parse the job's input",
+            median_us(lambda: json.loads(inputs), n),
+            median_us(lambda: jsonlimits.loads(inputs, max_depth=jsonlimits.MAX_INPUT_DEPTH), n),
+        ),
     ]
     print(f"\nper 1 KiB job, us (median of 5 repeats of {n}):")
     print(f"  {'step':<28} {'before':>8} {'now':>8} {'added':>8}")
@@ -106,14 +121,22 @@ def main() -> None:
             jsonlimits.loads(data, max_depth=jsonlimits.MAX_INPUT_DEPTH)
 
     print("\nhostile 1 MiB inputs, ms (median of 5 repeats of 3):")
-    print(f"  {len(wide) // 3:,} sibling arrays ('[],' x N), parsed:   "
-          f"{median_us(lambda: refuse(wide), 3) / 1000:8.2f}")
-    print(f"  1 MiB of '[' (refused at depth {jsonlimits.MAX_INPUT_DEPTH + 1}):       "
-          f"{median_us(lambda: refuse(deep), 3) / 1000:8.2f}")
-    print(f"  1 MiB of groups {jsonlimits.MAX_INPUT_DEPTH} deep, parsed:       "
-          f"{median_us(lambda: refuse(deepest), 3) / 1000:8.2f}")
-    print(f"  the same, plain json.loads (no bound):     "
-          f"{median_us(lambda: json.loads(deepest), 3) / 1000:8.2f}")
+    print(
+        f"  {len(wide) // 3:,} sibling arrays ('[],' x N), parsed:   "
+        f"{median_us(lambda: refuse(wide), 3) / 1000:8.2f}"
+    )
+    print(
+        f"  1 MiB of '[' (refused at depth {jsonlimits.MAX_INPUT_DEPTH + 1}):       "
+        f"{median_us(lambda: refuse(deep), 3) / 1000:8.2f}"
+    )
+    print(
+        f"  1 MiB of groups {jsonlimits.MAX_INPUT_DEPTH} deep, parsed:       "
+        f"{median_us(lambda: refuse(deepest), 3) / 1000:8.2f}"
+    )
+    print(
+        f"  the same, plain json.loads (no bound):     "
+        f"{median_us(lambda: json.loads(deepest), 3) / 1000:8.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -39,17 +39,30 @@ def best_us(fn: object, size: int) -> float:
 
 
 def main() -> None:
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}"
+    )
     ring = Keyring().with_new_tenant("bench")
     kv = ring.tenant("bench").primary()
     keys = kv.keys("bench")
     key, nonce, aad = os.urandom(32), os.urandom(12), os.urandom(80)
-    header = Header("request", kv.version, now_ms(), now_ms() + 3_600_000, "normal", "bench",
-                    "0" * 36, "maas.infer", "echo")
-    print(f"\n{'size':>8} | {'pyc GCM':>9} {'ssl GCM':>9} {'HMAC':>9} | "
-          f"{'seal pyc':>9} {'open pyc':>9} | {'seal ssl':>9} {'open ssl':>9} | "
-          f"seal/(GCM+HMAC) pyc  ssl   (us per message)")
+    header = Header(
+        "request",
+        kv.version,
+        now_ms(),
+        now_ms() + 3_600_000,
+        "normal",
+        "bench",
+        "0" * 36,
+        "maas.infer",
+        "echo",
+    )
+    print(
+        f"\n{'size':>8} | {'pyc GCM':>9} {'ssl GCM':>9} {'HMAC':>9} | "
+        f"{'seal pyc':>9} {'open pyc':>9} | {'seal ssl':>9} {'open ssl':>9} | "
+        f"seal/(GCM+HMAC) pyc  ssl   (us per message)"
+    )
     for size in SIZES:
         pt = os.urandom(size)
         gcm = AESGCM(key)
@@ -67,13 +80,18 @@ def main() -> None:
             crypto = crypto_backend(name)
             env = seal(keys, header, pt, crypto=crypto)
             s = best_us(lambda pt=pt, c=crypto: seal(keys, header, pt, crypto=c), size)
-            o = best_us(lambda env=env, c=crypto: verify(env, expect="request", keyring=ring,
-                                                         max_bytes=1 << 30, crypto=c).decrypt(),
-                        size)
+            o = best_us(
+                lambda env=env, c=crypto: verify(
+                    env, expect="request", keyring=ring, max_bytes=1 << 30, crypto=c
+                ).decrypt(),
+                size,
+            )
             row += [s, o]
-        print(f"{size:>8} | {raw_pyc:9.1f} {raw_ssl:9.1f} {raw_mac:9.1f} | "
-              f"{row[0]:9.1f} {row[1]:9.1f} | {row[2]:9.1f} {row[3]:9.1f} | "
-              f"{row[0] / (raw_pyc + raw_mac):19.2f} {row[2] / (raw_ssl + raw_mac):5.2f}")
+        print(
+            f"{size:>8} | {raw_pyc:9.1f} {raw_ssl:9.1f} {raw_mac:9.1f} | "
+            f"{row[0]:9.1f} {row[1]:9.1f} | {row[2]:9.1f} {row[3]:9.1f} | "
+            f"{row[0] / (raw_pyc + raw_mac):19.2f} {row[2] / (raw_ssl + raw_mac):5.2f}"
+        )
 
 
 if __name__ == "__main__":

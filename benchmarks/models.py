@@ -66,14 +66,21 @@ def bench_load(tmp: Path, repeat: int, big_mib: int) -> list[tuple[str, float, f
         enc = kit.publish(name, "2", model=data, encrypt=True, chunk_bytes=DEFAULT_CHUNK_BYTES)
 
         def raw(data: bytes = data) -> None:
-            ort.InferenceSession(data, sess_options=session_options(),
-                                 providers=["CPUExecutionProvider"])
+            ort.InferenceSession(
+                data, sess_options=session_options(), providers=["CPUExecutionProvider"]
+            )
 
         def verified(path: Path) -> Callable[[], None]:
             return lambda: load_verified(path, verify_manifest(path, signers), lambda: keys)
 
-        rows.append((label, median_ms(raw, repeat), median_ms(verified(plain), repeat),
-                     median_ms(verified(enc), repeat)))
+        rows.append(
+            (
+                label,
+                median_ms(raw, repeat),
+                median_ms(verified(plain), repeat),
+                median_ms(verified(enc), repeat),
+            )
+        )
     return rows
 
 
@@ -82,8 +89,14 @@ def start_stack(tmp: Path) -> tuple[EmbeddedRedis, WorkerProcess, Client]:
     keyring = tmp / "keyring.json"
     save_keyring(keyring, Keyring().with_new_tenant("bench"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    env.update({"MAAS_BROKER_URL": server.url, "MAAS_KEYRING": str(keyring),
-                "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_TENANT": "bench"})
+    env.update(
+        {
+            "MAAS_BROKER_URL": server.url,
+            "MAAS_KEYRING": str(keyring),
+            "MAAS_DIAGNOSTIC_MODELS": "1",
+            "MAAS_TENANT": "bench",
+        }
+    )
     worker = WorkerProcess(env=env, name="bench", log_path=tmp / "worker.log", concurrency=1)
     worker.start()
     import redis
@@ -109,17 +122,22 @@ def bench_pipeline(client: Client, jobs: int, sample: list[float]) -> dict[str, 
         for job in batch:
             job.result(timeout=120)
         elapsed = time.perf_counter() - t
-        out[model] = {"latency_ms": statistics.median(lat) * 1000,
-                      "p90_ms": sorted(lat)[int(len(lat) * 0.9)] * 1000,
-                      "jobs_per_s": len(batch) / elapsed}
+        out[model] = {
+            "latency_ms": statistics.median(lat) * 1000,
+            "p90_ms": sorted(lat)[int(len(lat) * 0.9)] * 1000,
+            "jobs_per_s": len(batch) / elapsed,
+        }
     return out
 
 
 def bench_bare_run(sample: list[float], repeat: int) -> float:
     import numpy as np
 
-    session = ort.InferenceSession(BUNDLED_DIGITS.read_bytes(), sess_options=session_options(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        BUNDLED_DIGITS.read_bytes(),
+        sess_options=session_options(),
+        providers=["CPUExecutionProvider"],
+    )
     x = np.array([sample], dtype=np.float32)
     return median_ms(lambda: session.run(None, {"float_input": x}), repeat)
 
@@ -130,16 +148,22 @@ def main() -> int:
     args = p.parse_args()
     repeat, jobs, big_mib = (5, 50, 16) if args.quick else (15, 200, 64)
     sample = [float(v) for v in holdout()["inputs"][0]]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-          f"{platform.python_implementation()} {platform.python_version()}, "
-          f"onnxruntime {ort.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"{platform.python_implementation()} {platform.python_version()}, "
+        f"onnxruntime {ort.__version__}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         print("\nmodel load, median of", repeat, "(ms)")
-        print(f"{'model':<28} {'ORT only':>9} {'verified':>9} {'encrypted':>10} "
-              f"{'plain/ORT':>10} {'enc/plain':>10}")
+        print(
+            f"{'model':<28} {'ORT only':>9} {'verified':>9} {'encrypted':>10} "
+            f"{'plain/ORT':>10} {'enc/plain':>10}"
+        )
         for label, raw, plain, enc in bench_load(Path(tmp), repeat, big_mib):
-            print(f"{label:<28} {raw:>9.2f} {plain:>9.2f} {enc:>10.2f} "
-                  f"{plain / raw:>10.2f} {enc / plain:>10.2f}")
+            print(
+                f"{label:<28} {raw:>9.2f} {plain:>9.2f} {enc:>10.2f} "
+                f"{plain / raw:>10.2f} {enc / plain:>10.2f}"
+            )
         bare = bench_bare_run(sample, 2000)
         server, worker, client = start_stack(Path(tmp))
         try:
@@ -149,13 +173,14 @@ def main() -> int:
             server.stop()
     d, e = res["digits"], res["echo"]
     print(f"\nbare session.run, one sample: {bare * 1000:.0f} us (median of 2000)")
-    print(f"\npipeline, one worker pool process, {jobs} sequential jobs "
-          f"then {jobs * 4} in flight")
+    print(f"\npipeline, one worker pool process, {jobs} sequential jobs then {jobs * 4} in flight")
     print(f"{'model':<8} {'latency ms':>11} {'p90 ms':>8} {'jobs/s/core':>12}")
     for name, r in res.items():
         print(f"{name:<8} {r['latency_ms']:>11.2f} {r['p90_ms']:>8.2f} {r['jobs_per_s']:>12.0f}")
-    print(f"digits/echo: latency x{d['latency_ms'] / e['latency_ms']:.3f}, "
-          f"throughput x{d['jobs_per_s'] / e['jobs_per_s']:.3f}")
+    print(
+        f"digits/echo: latency x{d['latency_ms'] / e['latency_ms']:.3f}, "
+        f"throughput x{d['jobs_per_s'] / e['jobs_per_s']:.3f}"
+    )
     return 0
 
 

@@ -69,9 +69,27 @@ class Plain:
     def __init__(self, url: str, log: Path) -> None:
         env = {**os.environ, "BENCH_BROKER_URL": url, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "benchmarks.plain_app", "worker", "-c", "2",
-             "-Q", "plain", "-l", "WARNING", "-n", "plain@%h"],
-            env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "benchmarks.plain_app",
+                "worker",
+                "-c",
+                "2",
+                "-Q",
+                "plain",
+                "-l",
+                "WARNING",
+                "-n",
+                "plain@%h",
+            ],
+            env=env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         os.environ["BENCH_BROKER_URL"] = url
         from benchmarks.plain_app import app, echo
 
@@ -116,11 +134,15 @@ class Secure:
         self.worker.stop()
 
 
-def throughput(system: Any, payload: dict[str, Any], n: int,
-               redis_pid: int) -> tuple[float, dict[str, float]]:
+def throughput(
+    system: Any, payload: dict[str, Any], n: int, redis_pid: int
+) -> tuple[float, dict[str, float]]:
     """Jobs/s, and CPU ms per job of the client, the worker and Redis."""
-    parts = {"client": (os.getpid(), False), "worker": (system.pid, True),
-             "redis": (redis_pid, False)}
+    parts = {
+        "client": (os.getpid(), False),
+        "worker": (system.pid, True),
+        "redis": (redis_pid, False),
+    }
     before = {k: cpu_s(pid, tree=tree) for k, (pid, tree) in parts.items()}
     t = time.perf_counter()
     handles = [system.submit(payload) for _ in range(n)]
@@ -140,8 +162,9 @@ def latencies(system: Any, payload: dict[str, Any], n: int) -> list[float]:
     return out
 
 
-def stored_bytes(r: redis.Redis, before: Callable[[], None], system: Any,
-                 payload: dict[str, Any], n: int) -> float:
+def stored_bytes(
+    r: redis.Redis, before: Callable[[], None], system: Any, payload: dict[str, Any], n: int
+) -> float:
     """Bytes Redis holds per finished job (results, markers), from used_memory."""
     before()
     m0 = int(r.info("memory")["used_memory"])
@@ -154,8 +177,10 @@ def stored_bytes(r: redis.Redis, before: Callable[[], None], system: Any,
 def print_ratio(what: str, secure: list[float], plain: list[float]) -> None:
     """The secure/plain ratio of each run (same run, same machine state) and their median."""
     ratio = [s / p for s, p in zip(secure, plain, strict=True)]
-    print(f"  secure/plain {what}: median {statistics.median(ratio):.3f} "
-          f"(runs: {', '.join(f'{x:.3f}' for x in ratio)})")
+    print(
+        f"  secure/plain {what}: median {statistics.median(ratio):.3f} "
+        f"(runs: {', '.join(f'{x:.3f}' for x in ratio)})"
+    )
 
 
 def main() -> None:
@@ -165,15 +190,23 @@ def main() -> None:
     ap.add_argument("--sizes", default="1024,65536,1048576,8388608")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; repeat {args.repeat}")
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; repeat {args.repeat}"
+    )
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as server:
         keyring = Path(tmp) / "keyring.json"
         save_keyring(keyring, Keyring().with_new_tenant("bench"))
-        env = {**os.environ, "MAAS_BROKER_URL": server.url, "MAAS_KEYRING": str(keyring),
-               "MAAS_TENANT": "bench", "MAAS_DIAGNOSTIC_MODELS": "1",
-               "MAAS_MAX_QUEUE_DEPTH": "1000000", "MAAS_MAX_INPUT_BYTES": str(16 << 20),
-               "MAAS_MAX_RESULT_BYTES": str(32 << 20)}
+        env = {
+            **os.environ,
+            "MAAS_BROKER_URL": server.url,
+            "MAAS_KEYRING": str(keyring),
+            "MAAS_TENANT": "bench",
+            "MAAS_DIAGNOSTIC_MODELS": "1",
+            "MAAS_MAX_QUEUE_DEPTH": "1000000",
+            "MAAS_MAX_INPUT_BYTES": str(16 << 20),
+            "MAAS_MAX_RESULT_BYTES": str(32 << 20),
+        }
         r = redis.Redis.from_url(server.url)
         plain = Plain(server.url, Path(tmp) / "plain.log")
         secure = Secure(env, Path(tmp) / "secure.log")
@@ -193,19 +226,23 @@ def main() -> None:
                         row.setdefault("cpu", []).append(sum(cpu.values()))
                         row.setdefault("p50", []).append(pct(lat, 50))
                         row.setdefault("p99", []).append(pct(lat, 99))
-                per_job = {name: stored_bytes(r, lambda: None, system, payload, min(n, 200))
-                           for name, system in (("plain", plain), ("secure", secure))}
+                per_job = {
+                    name: stored_bytes(r, lambda: None, system, payload, min(n, 200))
+                    for name, system in (("plain", plain), ("secure", secure))
+                }
                 print(f"\npayload {size} B, {n} jobs per throughput run")
                 for name in ("plain", "secure"):
                     row = res[name]
                     med = {k: statistics.median(v) for k, v in row.items()}
-                    print(f"  {name:<7} jobs/s {med['jobs/s']:8.1f} "
-                          f"[{min(row['jobs/s']):.0f}-{max(row['jobs/s']):.0f}]  "
-                          f"p50 {med['p50']:7.2f} ms  p99 {med['p99']:7.2f} ms  "
-                          f"Redis {per_job[name] / 1024:8.1f} KiB/job\n"
-                          f"  {name:<7} CPU ms/job: client {med['client']:.3f}, worker "
-                          f"{med['worker']:.3f}, Redis {med['redis']:.3f}, total "
-                          f"{med['cpu']:.3f} [{min(row['cpu']):.3f}-{max(row['cpu']):.3f}]")
+                    print(
+                        f"  {name:<7} jobs/s {med['jobs/s']:8.1f} "
+                        f"[{min(row['jobs/s']):.0f}-{max(row['jobs/s']):.0f}]  "
+                        f"p50 {med['p50']:7.2f} ms  p99 {med['p99']:7.2f} ms  "
+                        f"Redis {per_job[name] / 1024:8.1f} KiB/job\n"
+                        f"  {name:<7} CPU ms/job: client {med['client']:.3f}, worker "
+                        f"{med['worker']:.3f}, Redis {med['redis']:.3f}, total "
+                        f"{med['cpu']:.3f} [{min(row['cpu']):.3f}-{max(row['cpu']):.3f}]"
+                    )
                 print_ratio("throughput", res["secure"]["jobs/s"], res["plain"]["jobs/s"])
                 print_ratio("CPU per job", res["secure"]["cpu"], res["plain"]["cpu"])
         finally:

@@ -23,35 +23,41 @@ from maas_worker.settings import Settings
 WORKER_MODULES = ["maas_worker.worker.tasks", "maas_worker.monitoring.tasks"]
 #: The worker node's bootsteps (worker/node.py), by blueprint; named, not imported,
 #: so producers load none of the worker's code.
-WORKER_STEPS = {"worker": "maas_worker.worker.node:NodeStep",
-                "consumer": "maas_worker.worker.node:ServeStep"}
+WORKER_STEPS = {
+    "worker": "maas_worker.worker.node:NodeStep",
+    "consumer": "maas_worker.worker.node:ServeStep",
+}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """The complete Celery configuration of a worker node (and beat, Flower, the CLI)."""
     config = producer_config(settings)
-    config.update({
-        "task_acks_late": True,
-        # A child killed mid-job hands its message back instead of acking it as
-        # failed; the job lease decides whether it runs again.
-        "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        # The job claim already marks a job running; STARTED would cost a GET,
-        # a SET and a PUBLISH per job.
-        "task_track_started": False,
-        "task_queues": [*config["task_queues"], monitor_queue()],
-        "worker_hijack_root_logger": True,
-        "worker_redirect_stdouts": False,
-        "task_default_rate_limit": None,
-        # Task events for Flower, the resource-sample schedule, the autoscaler.
-        **monitoring_options(settings),
-        # Per-job limits are the watchdog's (watchdog.py, from the worker's own
-        # settings); Celery's hard limit is only a backstop behind them.
-        "task_time_limit": max([settings.hard_time_limit_s,
-                                *(h for _, h in settings.time_limits.values())]) + 60,
-        # Replace a pool child whose resident memory grew past the limit (KiB).
-        "worker_max_memory_per_child": settings.max_memory_per_child_mb * 1024 or None,
-    })
+    config.update(
+        {
+            "task_acks_late": True,
+            # A child killed mid-job hands its message back instead of acking it as
+            # failed; the job lease decides whether it runs again.
+            "task_reject_on_worker_lost": True,
+            "worker_prefetch_multiplier": 1,
+            # The job claim already marks a job running; STARTED would cost a GET,
+            # a SET and a PUBLISH per job.
+            "task_track_started": False,
+            "task_queues": [*config["task_queues"], monitor_queue()],
+            "worker_hijack_root_logger": True,
+            "worker_redirect_stdouts": False,
+            "task_default_rate_limit": None,
+            # Task events for Flower, the resource-sample schedule, the autoscaler.
+            **monitoring_options(settings),
+            # Per-job limits are the watchdog's (watchdog.py, from the worker's own
+            # settings); Celery's hard limit is only a backstop behind them.
+            "task_time_limit": max(
+                [settings.hard_time_limit_s, *(h for _, h in settings.time_limits.values())]
+            )
+            + 60,
+            # Replace a pool child whose resident memory grew past the limit (KiB).
+            "worker_max_memory_per_child": settings.max_memory_per_child_mb * 1024 or None,
+        }
+    )
     return config
 
 

@@ -166,8 +166,9 @@ class EnvelopeRejected(InvalidEnvelope):
     header could be parsed, which is untrusted unless ``authenticated``.
     """
 
-    def __init__(self, reason: str, unverified_header: object | None = None,
-                 *, authenticated: bool = False) -> None:
+    def __init__(
+        self, reason: str, unverified_header: object | None = None, *, authenticated: bool = False
+    ) -> None:
         super().__init__()
         self.reason = reason
         self.unverified_header = unverified_header
@@ -195,7 +196,8 @@ def connection_cause(exc: BaseException) -> str:
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
             return "TLS: certificate verify failed" + (
-                f": {e.verify_message}" if e.verify_message else "")
+                f": {e.verify_message}" if e.verify_message else ""
+            )
         if isinstance(e, ssl.SSLEOFError):
             return "TLS: the server ended the handshake (does it require a client certificate?)"
         if isinstance(e, ssl.SSLError):

@@ -55,18 +55,34 @@ class Option:
         return str(self.check) if isinstance(self.check, Range | Choices) else ""
 
 
-def setting(default: Any = MISSING, *, factory: Callable[[], Any] | None = None, env: str,
-             doc: str, parse: Callable[[str, str], Any], check: Callable[[str, Any], None],
-             shown: str | None = None, accepted: str = "", secret: bool = False,
-             env_default: Callable[[Mapping[str, str]], Any] | None = None) -> Any:
+def setting(
+    default: Any = MISSING,
+    *,
+    factory: Callable[[], Any] | None = None,
+    env: str,
+    doc: str,
+    parse: Callable[[str, str], Any],
+    check: Callable[[str, Any], None],
+    shown: str | None = None,
+    accepted: str = "",
+    secret: bool = False,
+    env_default: Callable[[Mapping[str, str]], Any] | None = None,
+) -> Any:
     """A dataclass field declared with its `Option`; ``secret`` keeps it out of ``repr``.
 
     ``shown`` and ``accepted`` are the docs' default and accepted values when
     the default's text and the check's bounds do not say it.
     """
-    option = Option(env=env, doc=doc, parse=parse, check=check, env_default=env_default,
-                    default_doc=shown if shown is not None else f"`{_show(default)}`",
-                    secret=secret, accepted_doc=accepted)
+    option = Option(
+        env=env,
+        doc=doc,
+        parse=parse,
+        check=check,
+        env_default=env_default,
+        default_doc=shown if shown is not None else f"`{_show(default)}`",
+        secret=secret,
+        accepted_doc=accepted,
+    )
     metadata = {OPTION: option}
     if factory is not None:
         return field(default_factory=factory, repr=not secret, metadata=metadata)
@@ -219,8 +235,7 @@ class Choices:
         """Raise `ConfigError` for another string, `TypeError` for a value of another type."""
         require(name, value, str, "a string")
         if value not in self.options:
-            raise ConfigError(f"{name} must be one of {', '.join(self.options)}, "
-                              f"got {value!r}")
+            raise ConfigError(f"{name} must be one of {', '.join(self.options)}, got {value!r}")
 
     def __str__(self) -> str:
         return ", ".join(f"`{o}`" for o in self.options)
@@ -247,6 +262,7 @@ def pairs(name: str, raw: str, value: Callable[[str, str], V], usage: str) -> di
 
 def mapping_of(usage: str, ok: Callable[[str, Any], bool]) -> Callable[[str, Any], None]:
     """Check a ``key=VALUE,...`` setting: a dict whose every ``ok(key, value)`` holds."""
+
     def check(name: str, value: Any) -> None:
         require(name, value, dict, "a dict")
         for key, item in value.items():
@@ -256,6 +272,7 @@ def mapping_of(usage: str, ok: Callable[[str, Any], bool]) -> Callable[[str, Any
                 good = False
             if not good:
                 raise ConfigError(f"{name} must look like {usage}")
+
     return check
 
 

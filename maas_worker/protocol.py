@@ -49,8 +49,11 @@ class Priority(StrEnum):
 #: The priority names, highest first (plain strings: CLI choices, settings keys).
 PRIORITIES: tuple[str, ...] = tuple(p.value for p in Priority)
 #: The envelope header's ``priority`` byte for each priority (docs/envelope.md 3.1).
-PRIORITY_CODES: dict[str, int] = {Priority.HIGH.value: 0, Priority.NORMAL.value: 1,
-                                  Priority.LOW.value: 2}
+PRIORITY_CODES: dict[str, int] = {
+    Priority.HIGH.value: 0,
+    Priority.NORMAL.value: 1,
+    Priority.LOW.value: 2,
+}
 
 
 def queue_for(priority: str) -> str:
@@ -86,7 +89,7 @@ def payload_ref_tenant(arg: str) -> str | None:
     """
     if not arg.startswith(PAYLOAD_REF_PREFIX):
         return None
-    tenant = arg[len(PAYLOAD_REF_PREFIX):]
+    tenant = arg[len(PAYLOAD_REF_PREFIX) :]
     return tenant if TENANT_RE.fullmatch(tenant) else ""
 
 
@@ -243,8 +246,7 @@ class ResultDoc:
         model = model if isinstance(model, str) else None
         if doc.get("ok"):
             return cls.success(doc.get("output", {}), model=model)
-        return cls.failure(str(doc.get("error", "error")), str(doc.get("message", "")),
-                           model=model)
+        return cls.failure(str(doc.get("error", "error")), str(doc.get("message", "")), model=model)
 
     @property
     def cancelled(self) -> bool:
@@ -253,9 +255,12 @@ class ResultDoc:
 
 
 def _dict_access(how: str) -> None:
-    warnings.warn(f"Job.info() returns a JobInfo: {how} is deprecated and goes in 0.3; "
-                  "use its attributes (info.state) or info.as_dict()",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"Job.info() returns a JobInfo: {how} is deprecated and goes in 0.3; "
+        "use its attributes (info.state) or info.as_dict()",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ DEFAULT_METRICS_PORT = 9540
 DEFAULT_FLEET_METRICS_PORT = 9541
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 
+
 def _default_keyring(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "maas-worker" / "keyring.json"
@@ -106,10 +107,12 @@ _LIMITS_USAGE = "model=SOFT:HARD,... (seconds, 0 < SOFT <= HARD)"
 
 def _parse_time_limits(name: str, raw: str) -> dict[str, tuple[float, float]]:
     """``sleep=5:10,digits=2:4``: model -> (soft, hard) seconds (hard: soft + 30 if left out)."""
+
     def limits(_: str, text: str) -> tuple[float, float]:
         soft, _, hard = text.partition(":")
         soft_s = float(soft)
         return soft_s, float(hard) if hard else soft_s + 30
+
     return pairs(name, raw, limits, _LIMITS_USAGE)
 
 
@@ -123,16 +126,23 @@ _BATCH_USAGE = "model=MAX_BATCH:MAX_WAIT_MS,... (1..4096 jobs, 0..1000 ms)"
 
 def _parse_batching(name: str, raw: str) -> dict[str, tuple[int, float]]:
     """``digits=32:5``: model -> (largest batch, longest wait in ms; 2 if left out)."""
+
     def spec(_: str, text: str) -> tuple[int, float]:
         size, _, wait = text.partition(":")
         return int(size), float(wait or 2)
+
     return pairs(name, raw, spec, _BATCH_USAGE)
 
 
 def _batch_ok(_: str, value: Any) -> bool:
     batch, wait_ms = value
-    return (isinstance(batch, int) and not isinstance(batch, bool) and is_number(wait_ms)
-            and 1 <= batch <= 4096 and 0 <= wait_ms <= 1000)
+    return (
+        isinstance(batch, int)
+        and not isinstance(batch, bool)
+        and is_number(wait_ms)
+        and 1 <= batch <= 4096
+        and 0 <= wait_ms <= 1000
+    )
 
 
 _DEPTH_USAGE = "a number or high=N,normal=N,low=N"
@@ -150,13 +160,20 @@ def _parse_depth(name: str, raw: str) -> dict[str, int]:
         if priority not in PRIORITIES:
             raise ValueError
         return max(1, int(text))
-    return {**dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH),
-            **pairs(name, raw, count, _DEPTH_USAGE)}
+
+    return {
+        **dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH),
+        **pairs(name, raw, count, _DEPTH_USAGE),
+    }
 
 
 def _check_depth(name: str, value: Any) -> None:
-    mapping_of(_DEPTH_USAGE, lambda priority, n: priority in PRIORITIES and isinstance(
-        n, int) and not isinstance(n, bool) and n >= 1)(name, value)
+    mapping_of(
+        _DEPTH_USAGE,
+        lambda priority, n: (
+            priority in PRIORITIES and isinstance(n, int) and not isinstance(n, bool) and n >= 1
+        ),
+    )(name, value)
     if set(value) != set(PRIORITIES):
         raise ConfigError(f"{name} must look like {_DEPTH_USAGE}")
 
@@ -175,8 +192,11 @@ def redact_url(url: str) -> str:
     if parts.password is not None:
         netloc = parts.netloc.rsplit("@", 1)[1]
         parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
-    return urlunsplit(parts) if parts.query or parts.password is not None \
-        or "***" in parts.netloc else url
+    return (
+        urlunsplit(parts)
+        if parts.query or parts.password is not None or "***" in parts.netloc
+        else url
+    )
 
 
 #: TLS options in a URL's query (redis-py and kombu read them) would bypass MAAS_REDIS_TLS_*.
@@ -188,11 +208,12 @@ def _check_url(name: str, url: Any) -> None:
     parts = urlsplit(url)
     what = "broker" if name == "MAAS_BROKER_URL" else "result backend"
     if parts.scheme not in {"redis", "rediss", "redis+socket", "unix"}:
-        raise ConfigError(f"the {what} URL ({name}) must be redis://, rediss:// or "
-                          "redis+socket://")
+        raise ConfigError(f"the {what} URL ({name}) must be redis://, rediss:// or redis+socket://")
     if _QUERY_TLS.search(parts.query):
-        raise ConfigError(f"the {what} URL ({name}) must not carry ssl_* options: "
-                          "set MAAS_REDIS_TLS_CA, _CERT, _KEY and _VERIFY instead")
+        raise ConfigError(
+            f"the {what} URL ({name}) must not carry ssl_* options: "
+            "set MAAS_REDIS_TLS_CA, _CERT, _KEY and _VERIFY instead"
+        )
 
 
 def is_tls_url(url: str) -> bool:
@@ -246,30 +267,50 @@ class RedisTLS:
     """
 
     ca: Path | None = setting(
-        None, env="MAAS_REDIS_TLS_CA", parse=parse_path, check=_existing_file,
+        None,
+        env="MAAS_REDIS_TLS_CA",
+        parse=parse_path,
+        check=_existing_file,
         shown="the system's CAs",
         doc="CA bundle (PEM) the Redis server's certificate must chain to, for every "
-            "`rediss://` connection (Celery's broker, Flower, every redis-py client)")
+        "`rediss://` connection (Celery's broker, Flower, every redis-py client)",
+    )
     cert: Path | None = setting(
-        None, env="MAAS_REDIS_TLS_CERT", parse=parse_path, check=_existing_file, shown="none",
-        doc="client certificate (PEM), for a server with `tls-auth-clients yes`")
+        None,
+        env="MAAS_REDIS_TLS_CERT",
+        parse=parse_path,
+        check=_existing_file,
+        shown="none",
+        doc="client certificate (PEM), for a server with `tls-auth-clients yes`",
+    )
     key: Path | None = setting(
-        None, env="MAAS_REDIS_TLS_KEY", parse=parse_path, check=_existing_file, shown="none",
-        doc="the client certificate's private key (PEM); needs `MAAS_REDIS_TLS_CERT`")
+        None,
+        env="MAAS_REDIS_TLS_KEY",
+        parse=parse_path,
+        check=_existing_file,
+        shown="none",
+        doc="the client certificate's private key (PEM); needs `MAAS_REDIS_TLS_CERT`",
+    )
     verify: bool = setting(
-        True, env="MAAS_REDIS_TLS_VERIFY", parse=_parse_verify, check=is_bool,
+        True,
+        env="MAAS_REDIS_TLS_VERIFY",
+        parse=_parse_verify,
+        check=is_bool,
         accepted=", ".join(f"`{mode}`" for mode in TLS_VERIFY_MODES),
         shown="`required`",
         doc="`required`: check the server's certificate chain and host name; `none`: "
-            "encrypt without checking (tests only). Setting any `MAAS_REDIS_TLS_*` while no "
-            "URL is `rediss://` is an error, and so are `ssl_*` options in a URL. The ACL "
-            "user and password go in the URL: `rediss://user:password@host:port/db`")
+        "encrypt without checking (tests only). Setting any `MAAS_REDIS_TLS_*` while no "
+        "URL is `rediss://` is an error, and so are `ssl_*` options in a URL. The ACL "
+        "user and password go in the URL: `rediss://user:password@host:port/db`",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
         if self.key is not None and self.cert is None:
-            raise ConfigError("MAAS_REDIS_TLS_KEY needs MAAS_REDIS_TLS_CERT (the client "
-                              "certificate it belongs to)")
+            raise ConfigError(
+                "MAAS_REDIS_TLS_KEY needs MAAS_REDIS_TLS_CERT (the client "
+                "certificate it belongs to)"
+            )
 
     @property
     def configured(self) -> bool:
@@ -303,24 +344,42 @@ class AutoscalePolicy:
     """How ``worker --autoscale MAX,MIN`` sizes its pool (autoscale.py)."""
 
     interval_s: float = setting(
-        1.0, env="MAAS_AUTOSCALE_INTERVAL_S", parse=parse_float, check=number_in(0.05, 60),
+        1.0,
+        env="MAAS_AUTOSCALE_INTERVAL_S",
+        parse=parse_float,
+        check=number_in(0.05, 60),
         doc=_AUTOSCALE + "how often the backlog and host headroom are read and the pool size "
-            "decided")
+        "decided",
+    )
     keepalive_s: float = setting(
-        30.0, env="MAAS_AUTOSCALE_KEEPALIVE_S", parse=parse_float,
+        30.0,
+        env="MAAS_AUTOSCALE_KEEPALIVE_S",
+        parse=parse_float,
         check=number_in(0.1, 86400),
-        doc=_AUTOSCALE + "the pool shrinks only after this long with no job waiting")
+        doc=_AUTOSCALE + "the pool shrinks only after this long with no job waiting",
+    )
     grow_after_s: float = setting(
-        1.0, env="MAAS_AUTOSCALE_GROW_AFTER_S", parse=parse_float, check=number_in(0, 3600),
+        1.0,
+        env="MAAS_AUTOSCALE_GROW_AFTER_S",
+        parse=parse_float,
+        check=number_in(0, 3600),
         doc=_AUTOSCALE + "grow only for a queued job that has waited this long (jobs already "
-            "reserved by the worker always count)")
+        "reserved by the worker always count)",
+    )
     max_memory_pct: float = setting(
-        85.0, env="MAAS_AUTOSCALE_MAX_MEMORY_PCT", parse=parse_float,
+        85.0,
+        env="MAAS_AUTOSCALE_MAX_MEMORY_PCT",
+        parse=parse_float,
         check=number_in(0, 100),
-        doc=_AUTOSCALE + "no growing while host memory use is above this percentage")
+        doc=_AUTOSCALE + "no growing while host memory use is above this percentage",
+    )
     max_cpu_pct: float = setting(
-        90.0, env="MAAS_AUTOSCALE_MAX_CPU_PCT", parse=parse_float, check=number_in(0, 100),
-        doc=_AUTOSCALE + "no growing while host CPU use is above this percentage")
+        90.0,
+        env="MAAS_AUTOSCALE_MAX_CPU_PCT",
+        parse=parse_float,
+        check=number_in(0, 100),
+        doc=_AUTOSCALE + "no growing while host CPU use is above this percentage",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -331,20 +390,35 @@ class FleetPolicy:
     """How ``maas-worker scale`` sizes the fleet of worker nodes (fleet.py)."""
 
     min_nodes: int = setting(
-        1, env="MAAS_FLEET_MIN_NODES", parse=parse_int, check=int_in(0),
+        1,
+        env="MAAS_FLEET_MIN_NODES",
+        parse=parse_int,
+        check=int_in(0),
         doc="`scale` / `maas_fleet_desired_nodes`: fewest worker nodes recommended (`0` "
-            "allows scaling to zero)")
+        "allows scaling to zero)",
+    )
     max_nodes: int = setting(
-        20, env="MAAS_FLEET_MAX_NODES", parse=parse_int, check=int_in(1),
-        doc="most worker nodes recommended")
+        20,
+        env="MAAS_FLEET_MAX_NODES",
+        parse=parse_int,
+        check=int_in(1),
+        doc="most worker nodes recommended",
+    )
     target_wait_s: float = setting(
-        30.0, env="MAAS_FLEET_TARGET_WAIT_S", parse=parse_float, check=number_in(0.1, 86400),
+        30.0,
+        env="MAAS_FLEET_TARGET_WAIT_S",
+        parse=parse_float,
+        check=number_in(0.1, 86400),
         doc="the backlog should drain within this many seconds; an older oldest job asks for "
-            "one more node")
+        "one more node",
+    )
     backlog_per_node: int = setting(
-        10, env="MAAS_FLEET_BACKLOG_PER_NODE", parse=parse_int, check=int_in(1),
-        doc="jobs one node is assumed to clear per target wait until throughput has been "
-            "measured")
+        10,
+        env="MAAS_FLEET_BACKLOG_PER_NODE",
+        parse=parse_int,
+        check=int_in(1),
+        doc="jobs one node is assumed to clear per target wait until throughput has been measured",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -362,169 +436,289 @@ class Settings:
     """Deployment settings: build once with `Settings.from_env` and pass them down."""
 
     broker_url: str = setting(
-        DEFAULT_BROKER_URL, env="MAAS_BROKER_URL", parse=parse_text, check=_check_url, secret=True,
+        DEFAULT_BROKER_URL,
+        env="MAAS_BROKER_URL",
+        parse=parse_text,
+        check=_check_url,
+        secret=True,
         accepted=_URLS,
-        doc="Redis URL of the broker")
+        doc="Redis URL of the broker",
+    )
     #: ``""`` (the default) means the broker URL.
     result_backend: str = setting(
-        "", env="MAAS_RESULT_BACKEND", parse=parse_text, check=_check_url, secret=True,
+        "",
+        env="MAAS_RESULT_BACKEND",
+        parse=parse_text,
+        check=_check_url,
+        secret=True,
         accepted=_URLS,
         shown="the broker URL",
-        doc="Redis URL for sealed results, job claims, the audit log and the model catalogue")
+        doc="Redis URL for sealed results, job claims, the audit log and the model catalogue",
+    )
     redis_tls: RedisTLS = group(RedisTLS)
     keyring_path: Path = setting(
-        factory=lambda: _default_keyring(os.environ), env_default=_default_keyring,
-        env="MAAS_KEYRING", parse=parse_path, check=is_path,
+        factory=lambda: _default_keyring(os.environ),
+        env_default=_default_keyring,
+        env="MAAS_KEYRING",
+        parse=parse_path,
+        check=is_path,
         shown="`$XDG_CONFIG_HOME/maas-worker/keyring.json`, i.e. "
-              "`~/.config/maas-worker/keyring.json`",
-        doc="keyring file (JSON, mode 0600, refused if group/others can access it)")
+        "`~/.config/maas-worker/keyring.json`",
+        doc="keyring file (JSON, mode 0600, refused if group/others can access it)",
+    )
     # Not type-checked: `maas-worker acl` passes its --tenant list here (cli/, being
     # rewritten); a client checks the name against the keyring.
     tenant: str | None = setting(
-        None, env="MAAS_TENANT", parse=parse_text, check=lambda name, value: None,
-        shown="none (a client needs one)", doc="tenant a client submits as")
+        None,
+        env="MAAS_TENANT",
+        parse=parse_text,
+        check=lambda name, value: None,
+        shown="none (a client needs one)",
+        doc="tenant a client submits as",
+    )
     model_dir: Path = setting(
-        BUNDLED_MODEL_DIR, env="MAAS_MODEL_DIR", parse=parse_path, check=is_path,
+        BUNDLED_MODEL_DIR,
+        env="MAAS_MODEL_DIR",
+        parse=parse_path,
+        check=is_path,
         shown="the repository bundled in the package, `maas_worker/models/bundled` (the "
-              "signed `digits` model)",
+        "signed `digits` model)",
         doc="model repository folder: `<name>/<version>/` with the artifact, `manifest.json` "
-            "and `manifest.sig` ([models.md](models.md)); rescanned every 2 s, so new "
-            "versions need no restart")
+        "and `manifest.sig` ([models.md](models.md)); rescanned every 2 s, so new "
+        "versions need no restart",
+    )
     trusted_signers: tuple[Path, ...] = setting(
-        (BUNDLED_SIGNERS_DIR,), env="MAAS_TRUSTED_SIGNERS",
-        parse=lambda name, raw: parse_paths(name, raw) or (BUNDLED_SIGNERS_DIR,), check=are_paths,
+        (BUNDLED_SIGNERS_DIR,),
+        env="MAAS_TRUSTED_SIGNERS",
+        parse=lambda name, raw: parse_paths(name, raw) or (BUNDLED_SIGNERS_DIR,),
+        check=are_paths,
         shown="the bundled key, `maas_worker/models/trusted_signers`",
         doc="Ed25519 public keys (PEM) models may be signed with: files, or folders whose "
-            "`*.pub`/`*.pem` are read, separated by `:`; re-read when they change (removing a "
-            "key revokes its models). A worker refuses to start if one is missing or holds a "
-            "private key")
+        "`*.pub`/`*.pem` are read, separated by `:`; re-read when they change (removing a "
+        "key revokes its models). A worker refuses to start if one is missing or holds a "
+        "private key",
+    )
     model_keys_path: Path = setting(
-        factory=lambda: _default_model_keys(os.environ), env_default=_default_model_keys,
-        env="MAAS_MODEL_KEYS", parse=parse_path, check=is_path,
+        factory=lambda: _default_model_keys(os.environ),
+        env_default=_default_model_keys,
+        env="MAAS_MODEL_KEYS",
+        parse=parse_path,
+        check=is_path,
         shown="`$XDG_CONFIG_HOME/maas-worker/model-keys.json`",
         doc="model encryption keys (JSON, mode 0600, refused if group/others can access it); "
-            "needed only by workers serving encrypted models")
+        "needed only by workers serving encrypted models",
+    )
     visibility_timeout_s: int = setting(
-        DEFAULT_VISIBILITY_TIMEOUT_S, env="MAAS_VISIBILITY_TIMEOUT_S", parse=parse_int,
+        DEFAULT_VISIBILITY_TIMEOUT_S,
+        env="MAAS_VISIBILITY_TIMEOUT_S",
+        parse=parse_int,
         check=int_in(1),
         doc="seconds after which a message taken by a worker that never acknowledged it (it "
-            "died) is delivered again; also scales kombu's restore sweep (every "
-            "`min(10, T/4)` s)")
+        "died) is delivered again; also scales kombu's restore sweep (every "
+        "`min(10, T/4)` s)",
+    )
     diagnostic_models: bool = setting(
-        False, env="MAAS_DIAGNOSTIC_MODELS", parse=parse_flag, check=is_bool, accepted=_FLAG,
-        shown="off (on in `demo`)", doc="`1` registers the `echo` and `sleep` models")
+        False,
+        env="MAAS_DIAGNOSTIC_MODELS",
+        parse=parse_flag,
+        check=is_bool,
+        accepted=_FLAG,
+        shown="off (on in `demo`)",
+        doc="`1` registers the `echo` and `sleep` models",
+    )
     job_ttl_s: int = setting(
-        DEFAULT_JOB_TTL_S, env="MAAS_JOB_TTL_S", parse=parse_int,
+        DEFAULT_JOB_TTL_S,
+        env="MAAS_JOB_TTL_S",
+        parse=parse_int,
         check=int_in(1, MAX_JOB_TTL_S),
         doc="default lifetime of a submitted job; a worker refuses it (`expired`) after that "
-            "(at most 7 days)")
+        "(at most 7 days)",
+    )
     result_ttl_s: int = setting(
-        DEFAULT_RESULT_TTL_S, env="MAAS_RESULT_TTL_S", parse=parse_int, check=int_in(1),
-        doc="how long a sealed result (and a `rejected` marker) is kept")
+        DEFAULT_RESULT_TTL_S,
+        env="MAAS_RESULT_TTL_S",
+        parse=parse_int,
+        check=int_in(1),
+        doc="how long a sealed result (and a `rejected` marker) is kept",
+    )
     max_input_bytes: int = setting(
-        DEFAULT_MAX_INPUT_BYTES, env="MAAS_MAX_INPUT_BYTES", parse=parse_int,
+        DEFAULT_MAX_INPUT_BYTES,
+        env="MAAS_MAX_INPUT_BYTES",
+        parse=parse_int,
         check=int_in(1),
         doc="largest job input (compact JSON) accepted, at the client and at the worker "
-            "(`oversize`)")
+        "(`oversize`)",
+    )
     max_result_bytes: int = setting(
-        DEFAULT_MAX_RESULT_BYTES, env="MAAS_MAX_RESULT_BYTES", parse=parse_int,
-        check=int_in(1), doc="largest result; a bigger one fails the job with `oversize`")
+        DEFAULT_MAX_RESULT_BYTES,
+        env="MAAS_MAX_RESULT_BYTES",
+        parse=parse_int,
+        check=int_in(1),
+        doc="largest result; a bigger one fails the job with `oversize`",
+    )
     clock_skew_s: int = setting(
-        DEFAULT_CLOCK_SKEW_S, env="MAAS_CLOCK_SKEW_S", parse=parse_int, check=int_in(0),
-        doc="clock difference tolerated between clients and workers in the time-window check")
+        DEFAULT_CLOCK_SKEW_S,
+        env="MAAS_CLOCK_SKEW_S",
+        parse=parse_int,
+        check=int_in(0),
+        doc="clock difference tolerated between clients and workers in the time-window check",
+    )
     lease_s: int = setting(
-        DEFAULT_LEASE_S, env="MAAS_LEASE_S", parse=parse_int, check=int_in(3),
-        doc="a running job's claim lapses this long after its worker stops renewing it "
-            "(crash)")
+        DEFAULT_LEASE_S,
+        env="MAAS_LEASE_S",
+        parse=parse_int,
+        check=int_in(3),
+        doc="a running job's claim lapses this long after its worker stops renewing it (crash)",
+    )
     audit_maxlen: int = setting(
-        DEFAULT_AUDIT_MAXLEN, env="MAAS_AUDIT_MAXLEN", parse=parse_int, check=int_in(100),
-        doc="audit records kept (a capped Redis stream)")
+        DEFAULT_AUDIT_MAXLEN,
+        env="MAAS_AUDIT_MAXLEN",
+        parse=parse_int,
+        check=int_in(100),
+        doc="audit records kept (a capped Redis stream)",
+    )
     soft_time_limit_s: float = setting(
-        DEFAULT_SOFT_TIME_LIMIT_S, env="MAAS_SOFT_TIME_LIMIT_S", parse=parse_float,
+        DEFAULT_SOFT_TIME_LIMIT_S,
+        env="MAAS_SOFT_TIME_LIMIT_S",
+        parse=parse_float,
         check=number_in(0.001, 86400),
-        doc="default per-job soft time limit: the job is interrupted (reason `timeout`)")
+        doc="default per-job soft time limit: the job is interrupted (reason `timeout`)",
+    )
     hard_time_limit_s: float = setting(
-        DEFAULT_HARD_TIME_LIMIT_S, env="MAAS_HARD_TIME_LIMIT_S", parse=parse_float,
+        DEFAULT_HARD_TIME_LIMIT_S,
+        env="MAAS_HARD_TIME_LIMIT_S",
+        parse=parse_float,
         check=number_in(0.001, 86400),
-        doc="default per-job hard time limit: the job's process is ended")
+        doc="default per-job hard time limit: the job's process is ended",
+    )
     time_limits: dict[str, tuple[float, float]] = setting(
-        factory=dict, env="MAAS_TIME_LIMITS", parse=_parse_time_limits,
-        check=mapping_of(_LIMITS_USAGE, _limits_ok), shown="none",
+        factory=dict,
+        env="MAAS_TIME_LIMITS",
+        parse=_parse_time_limits,
+        check=mapping_of(_LIMITS_USAGE, _limits_ok),
+        shown="none",
         accepted="`model=SOFT:HARD,...` (seconds, 0 < SOFT <= HARD; HARD: SOFT + 30 if left out)",
-        doc="per-model time limits, instead of the default ones")
+        doc="per-model time limits, instead of the default ones",
+    )
     max_queue_depth: dict[str, int] = setting(
         factory=lambda: dict.fromkeys(PRIORITIES, DEFAULT_MAX_QUEUE_DEPTH),
-        env="MAAS_MAX_QUEUE_DEPTH", parse=_parse_depth, check=_check_depth,
+        env="MAAS_MAX_QUEUE_DEPTH",
+        parse=_parse_depth,
+        check=_check_depth,
         shown=f"`{DEFAULT_MAX_QUEUE_DEPTH}`",
         accepted="`N` or `high=N,normal=N,low=N` (N >= 1; a priority left out: the default)",
         doc="backpressure: submit refuses (`QueueFull`) at this many queued jobs, for every "
-            "priority or for each")
+        "priority or for each",
+    )
     memory_high_water_pct: float = setting(
-        DEFAULT_MEMORY_HIGH_WATER_PCT, env="MAAS_MEMORY_HIGH_WATER_PCT", parse=parse_float,
+        DEFAULT_MEMORY_HIGH_WATER_PCT,
+        env="MAAS_MEMORY_HIGH_WATER_PCT",
+        parse=parse_float,
         check=number_in(1, 100),
         doc="a worker does not start a job while host memory use is above this (the job is "
-            "retried 5 s later)")
+        "retried 5 s later)",
+    )
     max_memory_per_child_mb: int = setting(
-        DEFAULT_MAX_MEMORY_PER_CHILD_MB, env="MAAS_MAX_MEMORY_PER_CHILD_MB", parse=parse_int,
+        DEFAULT_MAX_MEMORY_PER_CHILD_MB,
+        env="MAAS_MAX_MEMORY_PER_CHILD_MB",
+        parse=parse_int,
         check=int_in(0),
         doc="a pool process is replaced after its job if its resident memory grew past this "
-            "(`0` = never)")
+        "(`0` = never)",
+    )
     low_priority_share: float = setting(
-        DEFAULT_LOW_PRIORITY_SHARE, env="MAAS_LOW_PRIORITY_SHARE", parse=parse_float,
+        DEFAULT_LOW_PRIORITY_SHARE,
+        env="MAAS_LOW_PRIORITY_SHARE",
+        parse=parse_float,
         check=number_in(0, 0.5),
         doc="share of fetches guaranteed to normal and to low jobs under a steady high load "
-            "(`0` = strict priority)")
+        "(`0` = strict priority)",
+    )
     crypto_backend: str = setting(
-        "auto", env="MAAS_CRYPTO_BACKEND", parse=parse_lower,
+        "auto",
+        env="MAAS_CRYPTO_BACKEND",
+        parse=parse_lower,
         check=one_of(("auto", "pycryptodome", "openssl")),
         doc="AES-GCM implementation of a client's or worker's envelopes, chosen once when it "
-            "starts: `auto` (OpenSSL via `cryptography`), `pycryptodome`, `openssl`; the wire "
-            "format is identical")
+        "starts: `auto` (OpenSSL via `cryptography`), `pycryptodome`, `openssl`; the wire "
+        "format is identical",
+    )
     batching: dict[str, tuple[int, float]] = setting(
-        factory=dict, env="MAAS_BATCH", parse=_parse_batching,
-        check=mapping_of(_BATCH_USAGE, _batch_ok), shown="none",
+        factory=dict,
+        env="MAAS_BATCH",
+        parse=_parse_batching,
+        check=mapping_of(_BATCH_USAGE, _batch_ok),
+        shown="none",
         accepted="`model=MAX_BATCH:MAX_WAIT_MS,...` (1 to 4096 jobs, 0 to 1000 ms; "
-                 "MAX_WAIT_MS: 2 if left out)",
-        doc="dynamic batching for models that support it (workers started with "
-            "`--pool threads`)")
+        "MAX_WAIT_MS: 2 if left out)",
+        doc="dynamic batching for models that support it (workers started with `--pool threads`)",
+    )
     consumer_batch: int = setting(
-        DEFAULT_CONSUMER_BATCH, env="MAAS_CONSUMER_BATCH", parse=parse_int, check=int_in(1),
+        DEFAULT_CONSUMER_BATCH,
+        env="MAAS_CONSUMER_BATCH",
+        parse=parse_int,
+        check=int_in(1),
         doc=_CONSUMER + "most jobs a consumer process takes and runs as one batch "
-            "([operations.md](operations.md#the-batch-consumer))")
+        "([operations.md](operations.md#the-batch-consumer))",
+    )
     consumer_wait_ms: float = setting(
-        DEFAULT_CONSUMER_WAIT_MS, env="MAAS_CONSUMER_WAIT_MS", parse=parse_float,
+        DEFAULT_CONSUMER_WAIT_MS,
+        env="MAAS_CONSUMER_WAIT_MS",
+        parse=parse_float,
         check=number_in(0, 1000),
         doc=_CONSUMER + "how long a batch that is not full keeps gathering jobs (`0`: run what "
-            "is there at once; a busy consumer's batches fill by themselves)")
+        "is there at once; a busy consumer's batches fill by themselves)",
+    )
     flower_basic_auth: str | None = setting(
-        None, env="MAAS_FLOWER_BASIC_AUTH", parse=parse_text, check=is_optional_str, secret=True,
+        None,
+        env="MAAS_FLOWER_BASIC_AUTH",
+        parse=parse_text,
+        check=is_optional_str,
+        secret=True,
         shown="none",
-        doc="`user:password` for `maas-worker flower`, which refuses to start without it")
+        doc="`user:password` for `maas-worker flower`, which refuses to start without it",
+    )
     remote_control: str = setting(
-        DEFAULT_REMOTE_CONTROL, env="MAAS_REMOTE_CONTROL", parse=parse_lower,
+        DEFAULT_REMOTE_CONTROL,
+        env="MAAS_REMOTE_CONTROL",
+        parse=parse_lower,
         check=one_of(REMOTE_CONTROL_MODES),
         doc="Celery remote control on workers and Flower: `inspect` answers read-only "
-            "commands only; `operator` also obeys shutdown, pool, consumer, rate- and "
-            "time-limit commands (docs/security.md#remote-control). `revoke` and "
-            "unconfigured queues are refused either way")
+        "commands only; `operator` also obeys shutdown, pool, consumer, rate- and "
+        "time-limit commands (docs/security.md#remote-control). `revoke` and "
+        "unconfigured queues are refused either way",
+    )
     sample_interval_s: float = setting(
-        DEFAULT_SAMPLE_INTERVAL_S, env="MAAS_SAMPLE_INTERVAL_S", parse=parse_float,
+        DEFAULT_SAMPLE_INTERVAL_S,
+        env="MAAS_SAMPLE_INTERVAL_S",
+        parse=parse_float,
         check=number_in(0.2, 3600),
         doc="beat asks every worker node for a resource sample this often; a sample older "
-            "than 3 intervals is no longer current ([monitoring.md](monitoring.md)); set the "
-            "same value for beat and workers")
+        "than 3 intervals is no longer current ([monitoring.md](monitoring.md)); set the "
+        "same value for beat and workers",
+    )
     metrics_port: int = setting(
-        DEFAULT_METRICS_PORT, env="MAAS_METRICS_PORT", parse=parse_int, check=int_in(0),
-        doc="each worker's Prometheus endpoint (its jobs and autoscaler); `0` turns it off; a "
-            "port in use only logs a warning")
-    fleet_metrics_port: int = setting(
-        DEFAULT_FLEET_METRICS_PORT, env="MAAS_FLEET_METRICS_PORT", parse=parse_int,
+        DEFAULT_METRICS_PORT,
+        env="MAAS_METRICS_PORT",
+        parse=parse_int,
         check=int_in(0),
-        doc="port of the fleet exporter, `maas-worker metrics` (backlog, samples, desired "
-            "nodes)")
+        doc="each worker's Prometheus endpoint (its jobs and autoscaler); `0` turns it off; a "
+        "port in use only logs a warning",
+    )
+    fleet_metrics_port: int = setting(
+        DEFAULT_FLEET_METRICS_PORT,
+        env="MAAS_FLEET_METRICS_PORT",
+        parse=parse_int,
+        check=int_in(0),
+        doc="port of the fleet exporter, `maas-worker metrics` (backlog, samples, desired nodes)",
+    )
     metrics_address: str = setting(
-        DEFAULT_METRICS_ADDRESS, env="MAAS_METRICS_ADDRESS", parse=parse_text, check=is_str,
-        doc="address both metrics endpoints bind to (`0.0.0.0` in a container)")
+        DEFAULT_METRICS_ADDRESS,
+        env="MAAS_METRICS_ADDRESS",
+        parse=parse_text,
+        check=is_str,
+        doc="address both metrics endpoints bind to (`0.0.0.0` in a container)",
+    )
     autoscale: AutoscalePolicy = group(AutoscalePolicy)
     fleet: FleetPolicy = group(FleetPolicy)
 
@@ -533,11 +727,14 @@ class Settings:
             object.__setattr__(self, "result_backend", self.broker_url)
         validate(self)
         if self.redis_tls.configured and not (
-                is_tls_url(self.broker_url) or is_tls_url(self.result_backend)):
+            is_tls_url(self.broker_url) or is_tls_url(self.result_backend)
+        ):
             # Certificates configured for plain connections: the operator
             # believes the traffic is protected and it is not.
-            raise ConfigError("MAAS_REDIS_TLS_* is set but neither MAAS_BROKER_URL nor "
-                              "MAAS_RESULT_BACKEND is rediss://")
+            raise ConfigError(
+                "MAAS_REDIS_TLS_* is set but neither MAAS_BROKER_URL nor "
+                "MAAS_RESULT_BACKEND is rediss://"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -559,8 +756,11 @@ class Settings:
     def limits_for(self, model: str) -> tuple[float, float]:
         """(soft, hard) time limit in seconds for ``model`` (``name`` or ``name@version``)."""
         name = model.split("@", 1)[0]
-        soft, hard = self.time_limits.get(model) or self.time_limits.get(name) or (
-            self.soft_time_limit_s, self.hard_time_limit_s)
+        soft, hard = (
+            self.time_limits.get(model)
+            or self.time_limits.get(name)
+            or (self.soft_time_limit_s, self.hard_time_limit_s)
+        )
         return soft, max(hard, soft)
 
     @property

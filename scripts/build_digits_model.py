@@ -77,8 +77,9 @@ def current_release(signers: TrustedSigners) -> Release | None:
 
 def release(key: SigningKey, manifest: Manifest, previous: Release | None) -> Release:
     """Sign ``digits/release.json`` naming ``manifest``'s version (serial = previous + 1)."""
-    rel = write_release(BUNDLED / "digits", key, manifest,
-                        previous.serial + 1 if previous is not None else 1)
+    rel = write_release(
+        BUNDLED / "digits", key, manifest, previous.serial + 1 if previous is not None else 1
+    )
     print(f"released {rel.ref} (serial {rel.serial}, signer {rel.signer})")
     return rel
 
@@ -102,8 +103,11 @@ def resign(key_path: Path, version: str) -> int:
         manifest = verify_manifest(target, old_signers)
         load_verified(target, manifest, ModelKeys)  # every byte as the old owner signed it
     except ModelRejected as exc:
-        print(f"digits@{version} does not verify under the bundled public key ({exc}); "
-              "refusing to re-sign what nobody signed", file=sys.stderr)
+        print(
+            f"digits@{version} does not verify under the bundled public key ({exc}); "
+            "refusing to re-sign what nobody signed",
+            file=sys.stderr,
+        )
         return 1
     previous = current_release(old_signers)
     key = owner_key(key_path)
@@ -146,17 +150,24 @@ def train(key_path: Path, version: str) -> int:
 
     x, y = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=TEST_SIZE, random_state=SEED, stratify=y)
-    clf = make_pipeline(StandardScaler(),
-                        MLPClassifier(hidden_layer_sizes=(64,), max_iter=1000, random_state=SEED))
+        x, y, test_size=TEST_SIZE, random_state=SEED, stratify=y
+    )
+    clf = make_pipeline(
+        StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), max_iter=1000, random_state=SEED)
+    )
     clf.fit(x_train, y_train)
     sk_pred = clf.predict(x_test)
     accuracy = float((sk_pred == y_test).mean())
-    onx = to_onnx(clf, initial_types=[("float_input", FloatTensorType([None, 64]))],
-                  options={"zipmap": False}, target_opset=TARGET_OPSET)
+    onx = to_onnx(
+        clf,
+        initial_types=[("float_input", FloatTensorType([None, 64]))],
+        options={"zipmap": False},
+        target_opset=TARGET_OPSET,
+    )
 
-    previous = current_release(TrustedSigners.from_paths([SIGNERS_DIR])) \
-        if SIGNERS_DIR.is_dir() else None
+    previous = (
+        current_release(TrustedSigners.from_paths([SIGNERS_DIR])) if SIGNERS_DIR.is_dir() else None
+    )
     key = owner_key(key_path)
     SIGNERS_DIR.mkdir(exist_ok=True)
     (SIGNERS_DIR / f"{KEY_NAME}.pub").write_text(key.public_pem())
@@ -169,11 +180,16 @@ def train(key_path: Path, version: str) -> int:
         stage.mkdir(parents=True)
         (stage / "model.onnx").write_bytes(onx.SerializeToString())
         manifest = sign_version(
-            stage, key, output_keys={"label": "labels", "probabilities": "probabilities"},
-            metadata={"dataset": "scikit-learn digits (8x8, 1797 images)",
-                      "classifier": "StandardScaler + MLPClassifier(64)",
-                      "held_out_samples": len(y_test),
-                      "held_out_accuracy": round(accuracy, 4)})
+            stage,
+            key,
+            output_keys={"label": "labels", "probabilities": "probabilities"},
+            metadata={
+                "dataset": "scikit-learn digits (8x8, 1797 images)",
+                "classifier": "StandardScaler + MLPClassifier(64)",
+                "held_out_samples": len(y_test),
+                "held_out_accuracy": round(accuracy, 4),
+            },
+        )
         # Check it the way a worker will, before it replaces anything.
         signers = TrustedSigners.from_paths([SIGNERS_DIR])
         model = load_verified(stage, verify_manifest(stage, signers), ModelKeys)
@@ -191,14 +207,19 @@ def train(key_path: Path, version: str) -> int:
     holdout.parent.mkdir(exist_ok=True)
     doc: dict[str, Any] = {
         "note": "held-out split of sklearn's digits (test_size=0.25, random_state=0, "
-                "stratified); written by scripts/build_digits_model.py",
-        "inputs": x_test.astype(int).tolist(), "labels": y_test.tolist(),
-        "sklearn_predictions": sk_pred.tolist()}
+        "stratified); written by scripts/build_digits_model.py",
+        "inputs": x_test.astype(int).tolist(),
+        "labels": y_test.tolist(),
+        "sklearn_predictions": sk_pred.tolist(),
+    }
     holdout.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
-    print(f"digits@{manifest.version}: signer {key.key_id}, "
-          f"{manifest.files['model.onnx'].size} bytes")
-    print(f"held-out accuracy: scikit-learn {accuracy:.4f}, ONNX Runtime {ort_acc:.4f} "
-          f"({len(y_test)} samples; agreement {agree:.4f})")
+    print(
+        f"digits@{manifest.version}: signer {key.key_id}, {manifest.files['model.onnx'].size} bytes"
+    )
+    print(
+        f"held-out accuracy: scikit-learn {accuracy:.4f}, ONNX Runtime {ort_acc:.4f} "
+        f"({len(y_test)} samples; agreement {agree:.4f})"
+    )
     return 0 if accuracy >= 0.95 and agree == 1.0 else 1
 
 
@@ -206,8 +227,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--key", type=Path, default=DEFAULT_KEY, help="private signing key")
     p.add_argument("--version", default="1")
-    p.add_argument("--resign-only", action="store_true",
-                   help="re-sign the shipped version with --key and release it; no training")
+    p.add_argument(
+        "--resign-only",
+        action="store_true",
+        help="re-sign the shipped version with --key and release it; no training",
+    )
     args = p.parse_args()
     if args.resign_only:
         return resign(args.key, args.version)

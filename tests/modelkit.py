@@ -66,13 +66,25 @@ class ModelKit:
 
     def env(self) -> dict[str, str]:
         """The ``MAAS_*`` variables that make a worker serve this repository."""
-        return {"MAAS_MODEL_DIR": str(self.root), "MAAS_TRUSTED_SIGNERS": str(self.signers_dir),
-                "MAAS_MODEL_KEYS": str(self.keys_path)}
+        return {
+            "MAAS_MODEL_DIR": str(self.root),
+            "MAAS_TRUSTED_SIGNERS": str(self.signers_dir),
+            "MAAS_MODEL_KEYS": str(self.keys_path),
+        }
 
-    def publish(self, name: str, version: str, *, model: bytes | None = None,
-                encrypt: bool = False, key: SigningKey | None = None,
-                extra_files: dict[str, bytes] | None = None, chunk_bytes: int = 4096,
-                max_batch: int = 1024, release: bool = True) -> Path:
+    def publish(
+        self,
+        name: str,
+        version: str,
+        *,
+        model: bytes | None = None,
+        encrypt: bool = False,
+        key: SigningKey | None = None,
+        extra_files: dict[str, bytes] | None = None,
+        chunk_bytes: int = 4096,
+        max_batch: int = 1024,
+        release: bool = True,
+    ) -> Path:
         """Stage, sign and rename ``<name>/<version>`` into the repository; its path.
 
         Small chunks by default, so that even the 21 KB digits model spans
@@ -90,8 +102,13 @@ class ModelKit:
             (stage / "model.onnx").write_bytes(data)
         for fname, content in (extra_files or {}).items():
             (stage / fname).write_bytes(content)
-        sign_version(stage, key or self.key, output_keys=DIGITS_OUTPUTS, max_batch=max_batch,
-                     model_keys=ModelKeys().with_key(self.model_key))
+        sign_version(
+            stage,
+            key or self.key,
+            output_keys=DIGITS_OUTPUTS,
+            max_batch=max_batch,
+            model_keys=ModelKeys().with_key(self.model_key),
+        )
         target = self.root / name / version
         target.parent.mkdir(parents=True, exist_ok=True)
         stage.rename(target)
@@ -99,8 +116,9 @@ class ModelKit:
             self.release(name, version, key=key)
         return target
 
-    def release(self, name: str, version: str, *, key: SigningKey | None = None,
-                serial: int | None = None) -> Release:
+    def release(
+        self, name: str, version: str, *, key: SigningKey | None = None, serial: int | None = None
+    ) -> Release:
         """Sign ``<name>/release.json`` naming ``version`` (serial: the kit's last + 1)."""
         key = key or self.key
         signers = TrustedSigners({key.key_id: key.key.public_key()})

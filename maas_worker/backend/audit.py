@@ -64,8 +64,9 @@ class AuditLog:
         self._maxlen = maxlen
         self._worker = socket.gethostname()
 
-    def record(self, *, job_id: str, tenant: str, reason: AuditReason, verified: bool,
-               detail: str = "") -> None:
+    def record(
+        self, *, job_id: str, tenant: str, reason: AuditReason, verified: bool, detail: str = ""
+    ) -> None:
         """Append one record; never raises (a failed write is logged, not fatal).
 
         ``detail`` (optional, cut to 128 printable characters) must hold no
@@ -73,14 +74,23 @@ class AuditLog:
         """
         if reason not in REASONS:
             raise ValueError(f"unknown audit reason {reason!r}")
-        fields = {"job_id": _clean(job_id), "tenant": _clean(tenant), "reason": reason,
-                  "at": f"{time.time():.6f}", "worker": self._worker,
-                  "verified": "1" if verified else "0"}
+        fields = {
+            "job_id": _clean(job_id),
+            "tenant": _clean(tenant),
+            "reason": reason,
+            "at": f"{time.time():.6f}",
+            "worker": self._worker,
+            "verified": "1" if verified else "0",
+        }
         if detail:
             fields["detail"] = _clean(detail)
         try:
-            self._r.xadd(keyspace.AUDIT_STREAM, fields,  # type: ignore[arg-type]
-                         maxlen=self._maxlen, approximate=True)
+            self._r.xadd(
+                keyspace.AUDIT_STREAM,
+                fields,  # type: ignore[arg-type]
+                maxlen=self._maxlen,
+                approximate=True,
+            )
         except redis.RedisError:
             log.error("audit write failed for job %s (reason %s)", fields["job_id"], reason)
 
@@ -90,9 +100,15 @@ class AuditLog:
         out = []
         for _id, raw in rows:
             f = {_text(k): _text(v) for k, v in (raw or {}).items()}
-            out.append(AuditRecord(job_id=f.get("job_id", ""), tenant=f.get("tenant", ""),
-                                   reason=f.get("reason", ""), at=float(f.get("at", 0)),
-                                   worker=f.get("worker", ""),
-                                   verified=f.get("verified") == "1",
-                                   detail=f.get("detail", "")))
+            out.append(
+                AuditRecord(
+                    job_id=f.get("job_id", ""),
+                    tenant=f.get("tenant", ""),
+                    reason=f.get("reason", ""),
+                    at=float(f.get("at", 0)),
+                    worker=f.get("worker", ""),
+                    verified=f.get("verified") == "1",
+                    detail=f.get("detail", ""),
+                )
+            )
         return out

@@ -69,6 +69,7 @@ DEFAULT_ATTEMPTS_WINDOW_MS = 24 * 3600 * 1000
 #: is dead-lettered, never requeued for ever.
 DEFAULT_MAX_FAULTS = 3
 
+
 @dataclass(frozen=True)
 class ClaimRequest:
     """One job of `JobGuard.claim_many`: its tenant, id, replay window and quota admission."""
@@ -108,9 +109,15 @@ class JobGuard:
     one: every method takes both, and every key is the tenant's (keyspace.py).
     """
 
-    def __init__(self, client: redis.Redis, *, lease_s: int, holder: str | None = None,
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-                 max_faults: int = DEFAULT_MAX_FAULTS) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        lease_s: int,
+        holder: str | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_faults: int = DEFAULT_MAX_FAULTS,
+    ) -> None:
         self._r = client
         self.lease_ms = lease_s * 1000
         self.max_attempts = max_attempts
@@ -128,15 +135,21 @@ class JobGuard:
         self._held: set[tuple[str, str]] = set()
         self._held_lock = threading.Lock()
 
-    def claim(self, tenant: str, job_id: str, *,
-              window_ms: int = DEFAULT_ATTEMPTS_WINDOW_MS) -> ClaimOutcome:
+    def claim(
+        self, tenant: str, job_id: str, *, window_ms: int = DEFAULT_ATTEMPTS_WINDOW_MS
+    ) -> ClaimOutcome:
         """`claim_job` without quotas, returning only the outcome."""
         return self.claim_job(tenant, job_id, window_ms=window_ms).outcome
 
-    def claim_job(self, tenant: str, job_id: str, *,
-                  window_ms: int = DEFAULT_ATTEMPTS_WINDOW_MS,
-                  admission: tuple[list[str], list[str | float]] | None = None,
-                  ignore_cancel: bool = False) -> Claim:
+    def claim_job(
+        self,
+        tenant: str,
+        job_id: str,
+        *,
+        window_ms: int = DEFAULT_ATTEMPTS_WINDOW_MS,
+        admission: tuple[list[str], list[str | float]] | None = None,
+        ignore_cancel: bool = False,
+    ) -> Claim:
         """Try to take the job (see the module docstring), in one round trip.
 
         ``exhausted`` means this process now holds the claim, but the job has
@@ -147,8 +160,9 @@ class JobGuard:
         starts; ``cancelled`` returns the cancel request for the caller to
         verify (the job is not claimed). A Redis error raises.
         """
-        keys, args = self._claim_call(ClaimRequest(tenant, job_id, window_ms, admission),
-                                      ignore_cancel=ignore_cancel)
+        keys, args = self._claim_call(
+            ClaimRequest(tenant, job_id, window_ms, admission), ignore_cancel=ignore_cancel
+        )
         return self._claimed(tenant, job_id, self._claim(keys=keys, args=args))
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]:
@@ -157,20 +171,34 @@ class JobGuard:
         A job whose script fails gets outcome ``error`` (with the error); the
         others are decided as usual. A lost connection raises.
         """
-        replies = scripts.eval_many(self._r, self._claim,
-                                    [self._claim_call(req) for req in requests])
-        return [Claim(ClaimOutcome.ERROR, error=reply) if isinstance(reply, Exception)
-                else self._claimed(req.tenant, req.job_id, reply)
-                for req, reply in zip(requests, replies, strict=True)]
+        replies = scripts.eval_many(
+            self._r, self._claim, [self._claim_call(req) for req in requests]
+        )
+        return [
+            Claim(ClaimOutcome.ERROR, error=reply)
+            if isinstance(reply, Exception)
+            else self._claimed(req.tenant, req.job_id, reply)
+            for req, reply in zip(requests, replies, strict=True)
+        ]
 
-    def _claim_call(self, req: ClaimRequest, *,
-                    ignore_cancel: bool = False) -> tuple[list[str], list[Any]]:
+    def _claim_call(
+        self, req: ClaimRequest, *, ignore_cancel: bool = False
+    ) -> tuple[list[str], list[Any]]:
         """The claim script's keys and arguments for one job."""
         t, j = req.tenant, req.job_id
-        keys = [keyspace.claim(t, j), keyspace.result(t, j), keyspace.attempts(t, j),
-                keyspace.cancel(t, j)]
-        args: list[Any] = [self.holder, self.lease_ms, keyspace.clamp_ttl_ms(req.window_ms),
-                           self.max_attempts, "1" if ignore_cancel else "0"]
+        keys = [
+            keyspace.claim(t, j),
+            keyspace.result(t, j),
+            keyspace.attempts(t, j),
+            keyspace.cancel(t, j),
+        ]
+        args: list[Any] = [
+            self.holder,
+            self.lease_ms,
+            keyspace.clamp_ttl_ms(req.window_ms),
+            self.max_attempts,
+            "1" if ignore_cancel else "0",
+        ]
         if req.admission is not None:
             keys += req.admission[0]
             args += req.admission[1]
@@ -191,10 +219,16 @@ class JobGuard:
 
     def close(self, tenant: str, job_id: str, *, window_ms: int) -> None:
         """Close a job that will never run (cancelled): replays are recognised as such."""
-        self._close(keys=[keyspace.result(tenant, job_id), keyspace.claim(tenant, job_id),
-                          keyspace.done(tenant, job_id), keyspace.payload(tenant, job_id),
-                          keyspace.pending(tenant)],
-                    args=[keyspace.clamp_ttl_ms(window_ms), job_id])
+        self._close(
+            keys=[
+                keyspace.result(tenant, job_id),
+                keyspace.claim(tenant, job_id),
+                keyspace.done(tenant, job_id),
+                keyspace.payload(tenant, job_id),
+                keyspace.pending(tenant),
+            ],
+            args=[keyspace.clamp_ttl_ms(window_ms), job_id],
+        )
 
     def held(self) -> list[tuple[str, str]]:
         """(tenant, job id) of the jobs this process is running now."""
@@ -213,18 +247,23 @@ class JobGuard:
 
     def record_fault(self, tenant: str, job_id: str, *, window_ms: int) -> int:
         """Count one error while handling the job; how many it has had (`max_faults` ends it)."""
-        return int(self._fault(keys=[keyspace.faults(tenant, job_id)],
-                               args=[keyspace.clamp_ttl_ms(window_ms)]))
+        return int(
+            self._fault(
+                keys=[keyspace.faults(tenant, job_id)], args=[keyspace.clamp_ttl_ms(window_ms)]
+            )
+        )
 
-    def store_result(self, tenant: str, job_id: str, sealed: bytes, *, result_ttl_s: int,
-                     replay_window_ms: int) -> bool:
+    def store_result(
+        self, tenant: str, job_id: str, sealed: bytes, *, result_ttl_s: int, replay_window_ms: int
+    ) -> bool:
         """Store the sealed result once; False if a result was already stored."""
         self._forget(tenant, job_id)
         keys, args = _store_call(tenant, job_id, sealed, replay_window_ms, result_ttl_s)
         return bool(self._store(keys=keys, args=args))
 
-    def store_many(self, results: Sequence[tuple[str, str, bytes, int]], *,
-                   result_ttl_s: int) -> list[bool | Exception]:
+    def store_many(
+        self, results: Sequence[tuple[str, str, bytes, int]], *, result_ttl_s: int
+    ) -> list[bool | Exception]:
         """`store_result` for many ``(tenant, job id, sealed, replay window ms)``, ONE round trip.
 
         A job whose store fails gets its error in place (the others are stored);
@@ -232,16 +271,23 @@ class JobGuard:
         """
         for tenant, job_id, _, _ in results:
             self._forget(tenant, job_id)
-        replies = scripts.eval_many(self._r, self._store, [
-            _store_call(tenant, job_id, sealed, window, result_ttl_s)
-            for tenant, job_id, sealed, window in results])
+        replies = scripts.eval_many(
+            self._r,
+            self._store,
+            [
+                _store_call(tenant, job_id, sealed, window, result_ttl_s)
+                for tenant, job_id, sealed, window in results
+            ],
+        )
         return [r if isinstance(r, Exception) else bool(r) for r in replies]
 
-    def fetch_payloads(self, jobs: Sequence[tuple[str, str]],
-                       max_bytes: int) -> list[bytes | int | None]:
+    def fetch_payloads(
+        self, jobs: Sequence[tuple[str, str]], max_bytes: int
+    ) -> list[bytes | int | None]:
         """`fetch_payload` for many (tenant, job id) in ONE round trip."""
-        replies = scripts.eval_many(self._r, self._fetch,
-                                    [([keyspace.payload(t, j)], [max_bytes]) for t, j in jobs])
+        replies = scripts.eval_many(
+            self._r, self._fetch, [([keyspace.payload(t, j)], [max_bytes]) for t, j in jobs]
+        )
         return [-1 if r == -1 else r if isinstance(r, bytes) and r else None for r in replies]
 
     def fetch_payload(self, tenant: str, job_id: str, max_bytes: int) -> bytes | int | None:
@@ -251,8 +297,9 @@ class JobGuard:
             return -1
         return data if isinstance(data, bytes) and data else None
 
-    def mark_rejected(self, tenant: str, job_id: str, *, ttl_s: int,
-                      state: JobState = JobState.REJECTED) -> None:
+    def mark_rejected(
+        self, tenant: str, job_id: str, *, ttl_s: int, state: JobState = JobState.REJECTED
+    ) -> None:
         """Record that an authenticated message of this job was refused (never over a result).
 
         ``state`` is what the client's status shows: ``rejected`` or ``expired``.
@@ -262,9 +309,16 @@ class JobGuard:
         self._forget(tenant, job_id)
         t, j = tenant, job_id
         self._reject(
-            keys=[keyspace.result(t, j), keyspace.rejected(t, j), keyspace.done(t, j),
-                  keyspace.claim(t, j), keyspace.payload(t, j), keyspace.pending(t)],
-            args=[keyspace.clamp_ttl_ms(ttl_s * 1000), self.holder, state, j])
+            keys=[
+                keyspace.result(t, j),
+                keyspace.rejected(t, j),
+                keyspace.done(t, j),
+                keyspace.claim(t, j),
+                keyspace.payload(t, j),
+                keyspace.pending(t),
+            ],
+            args=[keyspace.clamp_ttl_ms(ttl_s * 1000), self.holder, state, j],
+        )
 
     def drop_cancel(self, tenant: str, job_id: str, token: str | bytes) -> None:
         """Delete the job's cancel request if it still is ``token`` (a refused one)."""
@@ -272,22 +326,23 @@ class JobGuard:
 
     def mark_suspect(self, tenant: str, job_id: str, *, ttl_s: int) -> None:
         """Note that a message naming this job failed authentication (state unchanged)."""
-        self._r.set(keyspace.suspect(tenant, job_id), "1",
-                    px=keyspace.clamp_ttl_ms(ttl_s * 1000))
+        self._r.set(keyspace.suspect(tenant, job_id), "1", px=keyspace.clamp_ttl_ms(ttl_s * 1000))
 
     def _forget(self, tenant: str, job_id: str) -> None:
         with self._held_lock:
             self._held.discard((tenant, job_id))
 
 
-def _store_call(tenant: str, job_id: str, sealed: bytes, replay_window_ms: int,
-                result_ttl_s: int) -> tuple[list[str], list[Any]]:
+def _store_call(
+    tenant: str, job_id: str, sealed: bytes, replay_window_ms: int, result_ttl_s: int
+) -> tuple[list[str], list[Any]]:
     """The store script's keys and arguments for one result."""
     keep_ms = keyspace.clamp_ttl_ms(max(replay_window_ms, result_ttl_s * 1000))
     t, j = tenant, job_id
-    return ([keyspace.result(t, j), keyspace.claim(t, j), keyspace.done(t, j),
-             keyspace.payload(t, j)],
-            [sealed, keyspace.clamp_ttl_ms(result_ttl_s * 1000), keep_ms])
+    return (
+        [keyspace.result(t, j), keyspace.claim(t, j), keyspace.done(t, j), keyspace.payload(t, j)],
+        [sealed, keyspace.clamp_ttl_ms(result_ttl_s * 1000), keep_ms],
+    )
 
 
 def _text(value: bytes | str | int | None) -> str:

@@ -43,8 +43,10 @@ ADVISE_MANY = LIBRARY + "_advise_many"
 TAIL_PREFIX = LIBRARY + "_tail_prefix"
 
 #: The fix, as said to a caller that may not load the library.
-LOAD_HINT = ("run `maas-worker acl --load-functions` as the operator, or start a worker "
-             "(it loads the library)")
+LOAD_HINT = (
+    "run `maas-worker acl --load-functions` as the operator, or start a worker "
+    "(it loads the library)"
+)
 
 
 def library_code() -> str:
@@ -54,17 +56,22 @@ def library_code() -> str:
     bodies = ("cancel", "advise_many", "tail_prefix")
     # The library is one Lua chunk: the preludes its scripts use, once, before them all.
     preludes = dict.fromkeys(p for name in bodies for p in scripts.preludes(name))
-    return "\n".join([
-        f"#!lua name={LIBRARY}",
-        "".join(scripts.source(p).code for p in preludes),
-        *(line for name in bodies
-          for line in (f"local function {name}(KEYS, ARGV)", scripts.source(name).code, "end")),
-        f"redis.register_function('{CANCEL}', cancel)",
-        f"redis.register_function('{ADVISE_MANY}', advise_many)",
-        f"redis.register_function{{function_name='{TAIL_PREFIX}', callback=tail_prefix, "
-        "flags={'no-writes'}}",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"#!lua name={LIBRARY}",
+            "".join(scripts.source(p).code for p in preludes),
+            *(
+                line
+                for name in bodies
+                for line in (f"local function {name}(KEYS, ARGV)", scripts.source(name).code, "end")
+            ),
+            f"redis.register_function('{CANCEL}', cancel)",
+            f"redis.register_function('{ADVISE_MANY}', advise_many)",
+            f"redis.register_function{{function_name='{TAIL_PREFIX}', callback=tail_prefix, "
+            "flags={'no-writes'}}",
+            "",
+        ]
+    )
 
 
 def load(client: redis.Redis) -> None:
@@ -75,8 +82,10 @@ def load(client: redis.Redis) -> None:
     try:
         client.function_load(library_code(), replace=True)
     except redis.exceptions.NoPermissionError:
-        raise ConfigError(f"the Redis function library {LIBRARY} is not loaded and this "
-                          f"Redis user may not load it: {LOAD_HINT}") from None
+        raise ConfigError(
+            f"the Redis function library {LIBRARY} is not loaded and this "
+            f"Redis user may not load it: {LOAD_HINT}"
+        ) from None
 
 
 def is_missing(exc: BaseException) -> bool:
@@ -84,8 +93,14 @@ def is_missing(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and "function not found" in str(exc).lower()
 
 
-def call(client: redis.Redis, name: str, keys: Sequence[Any], args: Sequence[Any], *,
-         readonly: bool = False) -> Any:
+def call(
+    client: redis.Redis,
+    name: str,
+    keys: Sequence[Any],
+    args: Sequence[Any],
+    *,
+    readonly: bool = False,
+) -> Any:
     """``FCALL`` (``FCALL_RO`` if ``readonly``) of one library function.
 
     Loads the library first if the server does not have it (see `load`).

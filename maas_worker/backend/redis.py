@@ -26,9 +26,14 @@ def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
     if url.startswith("redis+socket://"):
         url = "unix://" + url.removeprefix("redis+socket://")
     ssl_options = tls.options() if is_tls_url(url) else {}
-    return redis.Redis.from_url(url, health_check_interval=25, socket_keepalive=True,
-                                socket_connect_timeout=5, socket_timeout=BACKEND_SOCKET_TIMEOUT_S,
-                                **ssl_options)
+    return redis.Redis.from_url(
+        url,
+        health_check_interval=25,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        socket_timeout=BACKEND_SOCKET_TIMEOUT_S,
+        **ssl_options,
+    )
 
 
 def backend_client(settings: Settings) -> redis.Redis:

@@ -88,8 +88,9 @@ def source(name: str) -> Source:
     while n < len(lines) and lines[n].startswith("--"):
         n += 1
     header = tuple(line.rstrip("\n") for line in lines[:n])
-    uses = tuple(u.strip() for line in header if (m := _USES.match(line))
-                 for u in m.group(1).split(","))
+    uses = tuple(
+        u.strip() for line in header if (m := _USES.match(line)) for u in m.group(1).split(",")
+    )
     return Source(name, header, uses, "\n" + "".join(lines[n:]).strip("\n") + "\n")
 
 
@@ -113,8 +114,9 @@ def register(client: redis.Redis, name: str) -> Script:
     return client.register_script(text(name))
 
 
-def eval_many(client: redis.Redis, script: Script,
-              calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> list[Any]:
+def eval_many(
+    client: redis.Redis, script: Script, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+) -> list[Any]:
     """Run ``script`` once per ``(keys, args)`` in ONE pipeline; the replies, in order.
 
     A call whose script failed has its `redis.ResponseError` in place of a

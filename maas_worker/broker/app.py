@@ -64,9 +64,14 @@ def transport_options(settings: Settings) -> dict[str, Any]:
 
 def job_queues() -> list[Any]:
     """The three job queues (kombu ``Queue``), high first, on the direct exchange."""
-    return [Queue(name, Exchange(EXCHANGE, type="direct"),  # type: ignore[no-untyped-call]
-                  routing_key=name)
-            for name in QUEUE_NAMES]
+    return [
+        Queue(
+            name,
+            Exchange(EXCHANGE, type="direct"),  # type: ignore[no-untyped-call]
+            routing_key=name,
+        )
+        for name in QUEUE_NAMES
+    ]
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:

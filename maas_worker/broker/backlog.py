@@ -60,8 +60,11 @@ class Backlog:
 
     def to_json(self) -> dict[str, Any]:
         """``{"depth": {...}, "oldest_age_s": {...}, "total": n}``."""
-        return {"depth": dict(self.depth), "oldest_age_s": dict(self.oldest_age_s),
-                "total": self.total}
+        return {
+            "depth": dict(self.depth),
+            "oldest_age_s": dict(self.oldest_age_s),
+            "total": self.total,
+        }
 
 
 def broker_client(settings: Settings) -> redis.Redis:
@@ -103,6 +106,7 @@ def read_backlog(broker: redis.Redis, *, now: float | None = None) -> Backlog:
         for priority in PRIORITIES:
             pipe.llen(queue_for(priority))
             pipe.fcall_ro(functions.TAIL_PREFIX, 1, queue_for(priority), _PREFIX_CHARS)
+
     replies = functions.execute(broker, build)
     depth: dict[str, int] = {}
     ages: dict[str, float | None] = {}

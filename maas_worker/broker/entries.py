@@ -44,7 +44,9 @@ from maas_worker.settings import Settings
 
 #: The only task each consumed queue may carry.
 _TASK_OF_QUEUE: dict[str, str] = {
-    **{queue_for(p): TASK_NAME for p in PRIORITIES}, MONITOR_EXCHANGE: SAMPLE_TASK}
+    **{queue_for(p): TASK_NAME for p in PRIORITIES},
+    MONITOR_EXCHANGE: SAMPLE_TASK,
+}
 #: Every list queue a worker consumes (besides Celery's own fanout and reply
 #: queues): nothing else is, whatever ``add_consumer`` names.
 CONSUMED_QUEUES: frozenset[str] = frozenset(_TASK_OF_QUEUE)
@@ -92,8 +94,9 @@ def unverified_entry_id(text: str) -> str:
 def parse_entry(text: str | bytes, *, max_chars: int) -> Any:
     """A queue entry's JSON, bounded in size and depth; None if it is not such JSON."""
     try:
-        return jsonlimits.loads(text, max_depth=jsonlimits.MAX_MESSAGE_DEPTH,
-                                max_size=max_chars + _MESSAGE_OVERHEAD)
+        return jsonlimits.loads(
+            text, max_depth=jsonlimits.MAX_MESSAGE_DEPTH, max_size=max_chars + _MESSAGE_OVERHEAD
+        )
     except ValueError:
         return None
 
@@ -123,8 +126,10 @@ def check_message(raw: Any, queue: str, *, max_body_chars: int) -> list[Any] | N
     expected_task = _TASK_OF_QUEUE.get(queue)
     if expected_task is None:
         return None  # Celery's own queues (remote control, events): structure only
-    if raw.get("content-type") != "application/json" or \
-            raw.get("content-encoding") not in ("utf-8", None):
+    if raw.get("content-type") != "application/json" or raw.get("content-encoding") not in (
+        "utf-8",
+        None,
+    ):
         raise Refused(AuditReason.MALFORMED, "content type is not JSON")
     if props.get("body_encoding") not in ("base64", None):
         raise Refused(AuditReason.MALFORMED, "unknown body encoding")
@@ -144,17 +149,21 @@ def check_message(raw: Any, queue: str, *, max_body_chars: int) -> list[Any] | N
         call = jsonlimits.loads(decoded, max_depth=jsonlimits.MAX_MESSAGE_DEPTH)
     except ValueError:
         raise Refused(AuditReason.MALFORMED, "body is not a JSON task call") from None
-    if not isinstance(call, list) or len(call) != 3 or not isinstance(call[1], dict) \
-            or not isinstance(call[2], dict | None):
+    if (
+        not isinstance(call, list)
+        or len(call) != 3
+        or not isinstance(call[1], dict)
+        or not isinstance(call[2], dict | None)
+    ):
         raise Refused(AuditReason.MALFORMED, "body is not [args, kwargs, embed]")
     if call[2] and any(call[2].get(k) for k in _WORKFLOW_KEYS):
-        raise Refused(AuditReason.MALFORMED,
-                      "callbacks, errbacks, chains and chords are not allowed")
+        raise Refused(
+            AuditReason.MALFORMED, "callbacks, errbacks, chains and chords are not allowed"
+        )
     return call
 
 
-def sanitize_headers(raw: dict[str, Any], *, max_eta_s: float,
-                     now: datetime | None = None) -> None:
+def sanitize_headers(raw: dict[str, Any], *, max_eta_s: float, now: datetime | None = None) -> None:
     """Replace a checked job message's Celery headers with the ones our client sends.
 
     Keeps the task id, the retry count (a small non-negative integer, else
@@ -167,12 +176,24 @@ def sanitize_headers(raw: dict[str, Any], *, max_eta_s: float,
     if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries < 10**6:
         retries = 0
     raw["headers"] = {
-        "lang": "py", "task": TASK_NAME, "id": job_id, "shadow": None,
-        "eta": _eta(headers.get("eta"), max_eta_s, now), "expires": None,
-        "group": None, "group_index": None, "retries": retries,
-        "timelimit": [None, None], "root_id": job_id, "parent_id": None,
-        "argsrepr": ARGS_REPR, "kwargsrepr": "{}", "origin": _origin(headers.get("origin")),
-        "ignore_result": True, "replaced_task_nesting": 0, "stamped_headers": None,
+        "lang": "py",
+        "task": TASK_NAME,
+        "id": job_id,
+        "shadow": None,
+        "eta": _eta(headers.get("eta"), max_eta_s, now),
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": retries,
+        "timelimit": [None, None],
+        "root_id": job_id,
+        "parent_id": None,
+        "argsrepr": ARGS_REPR,
+        "kwargsrepr": "{}",
+        "origin": _origin(headers.get("origin")),
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
         "stamps": {},
     }
 

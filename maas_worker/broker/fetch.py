@@ -70,21 +70,28 @@ class Taken:
 
 def expand(queues: Sequence[str]) -> list[str]:
     """The Redis lists behind ``queues``, in kombu's order (each priority step, then queue)."""
-    return [q if pri == 0 else f"{q}{PRIORITY_SEP}{pri}"
-            for pri in PRIORITY_STEPS for q in queues]
+    return [q if pri == 0 else f"{q}{PRIORITY_SEP}{pri}" for pri in PRIORITY_STEPS for q in queues]
 
 
 def base_queue(key: str, prefix: str = "") -> str:
     """The queue a Redis list belongs to (strips kombu's priority suffix and key prefix)."""
     if prefix and key.startswith(prefix):
-        key = key[len(prefix):]
+        key = key[len(prefix) :]
     return key.split(PRIORITY_SEP, 1)[0]
 
 
-def command(queues: Sequence[str], *, count: int, max_chars: int, now: float | None = None,
-            unacked_key: str = UNACKED_KEY, index_key: str = UNACKED_INDEX_KEY,
-            prefix: str = "", unreserved: Collection[str] = (),
-            by_sha: bool = False) -> list[Any]:
+def command(
+    queues: Sequence[str],
+    *,
+    count: int,
+    max_chars: int,
+    now: float | None = None,
+    unacked_key: str = UNACKED_KEY,
+    index_key: str = UNACKED_INDEX_KEY,
+    prefix: str = "",
+    unreserved: Collection[str] = (),
+    by_sha: bool = False,
+) -> list[Any]:
     """The ``EVAL`` command taking up to ``count`` messages from ``queues`` (in order).
 
     Sent as a raw command by the Celery consumer (its event loop waits for the
@@ -98,8 +105,17 @@ def command(queues: Sequence[str], *, count: int, max_chars: int, now: float | N
     flags = "".join("0" if base_queue(k) in unreserved else "1" for k in lists)
     keys = [prefix + k for k in (unacked_key, index_key, *lists)]
     script = ["EVALSHA", POP_RESERVE_SHA] if by_sha else ["EVAL", POP_RESERVE]
-    return [*script, len(keys), *keys, count,
-            repr(time.time() if now is None else now), max_chars, PRIORITY_SEP, prefix, flags]
+    return [
+        *script,
+        len(keys),
+        *keys,
+        count,
+        repr(time.time() if now is None else now),
+        max_chars,
+        PRIORITY_SEP,
+        prefix,
+        flags,
+    ]
 
 
 def parse(reply: Any, prefix: str = "") -> list[Taken]:
@@ -107,21 +123,23 @@ def parse(reply: Any, prefix: str = "") -> list[Taken]:
     items = list(reply or [])
     out = []
     for i in range(0, len(items) - 2, 3):
-        key, raw, tag = (_text(x) for x in items[i:i + 3])
+        key, raw, tag = (_text(x) for x in items[i : i + 3])
         out.append(Taken(base_queue(key, prefix), raw, tag or None))
     return out
 
 
-def take(client: Any, queues: Sequence[str], *, count: int, max_chars: int,
-         now: float | None = None) -> list[Taken]:
+def take(
+    client: Any, queues: Sequence[str], *, count: int, max_chars: int, now: float | None = None
+) -> list[Taken]:
     """Pop and reserve up to ``count`` messages from ``queues``, first queue first.
 
     ``client`` is a redis-py client on the broker database. Every message
     returned with ``reserved`` set is in kombu's unacked hash until `ack`
     (or the visibility sweep puts it back).
     """
-    return parse(client.execute_command(*command(queues, count=count, max_chars=max_chars,
-                                                 now=now)))
+    return parse(
+        client.execute_command(*command(queues, count=count, max_chars=max_chars, now=now))
+    )
 
 
 def ack(client: Any, tags: Iterable[str]) -> None:

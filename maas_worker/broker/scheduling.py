@@ -32,8 +32,9 @@ STRATEGY = "maas_worker.broker.scheduling:ReservedShareCycle"
 class ReservedShareCycle(priority_cycle):
     """kombu queue cycle: priority order plus a guaranteed share for lower queues."""
 
-    def __init__(self, it: list[str] | None = None, *,
-                 share: float = DEFAULT_LOW_PRIORITY_SHARE) -> None:
+    def __init__(
+        self, it: list[str] | None = None, *, share: float = DEFAULT_LOW_PRIORITY_SHARE
+    ) -> None:
         super().__init__(it)  # type: ignore[no-untyped-call]
         self.every = round(1 / share) if share > 0 else 0
         self._lower = [queue_for(p) for p in PRIORITIES[1:]]  # normal, low
@@ -46,8 +47,10 @@ class ReservedShareCycle(priority_cycle):
             return items
         # Starved queues go first, longest-waiting first; an empty one costs
         # nothing (the take falls through), so it cannot block the next one's turn.
-        due = sorted((q for q in self._lower if q in items and self._since[q] >= self.every),
-                     key=lambda q: -self._since[q])
+        due = sorted(
+            (q for q in self._lower if q in items and self._since[q] >= self.every),
+            key=lambda q: -self._since[q],
+        )
         return due + [q for q in items if q not in due]
 
     def rotate(self, last_used: str) -> None:

@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 #: (``<uuid>.reply.celery.pidbox``): the sender consumes its own.
 REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
 
+
 def _job_id(raw: Any) -> str:
     headers = raw.get("headers") if isinstance(raw, dict) else None
     return str_field(headers, "id") or ""
@@ -79,8 +80,9 @@ class _Auditor:
         #: The worker's settings (`install`): where records go, how many are kept.
         self.settings: Settings | None = None
 
-    def record(self, raw: Any, reason: AuditReason, *, job_id: str | None = None,
-               detail: str = "") -> None:
+    def record(
+        self, raw: Any, reason: AuditReason, *, job_id: str | None = None, detail: str = ""
+    ) -> None:
         """One record for a refused entry (or control command): its id from ``raw``
         (parsed) or ``job_id``."""
         try:
@@ -92,8 +94,13 @@ class _Auditor:
                 if settings is None:
                     raise RuntimeError("transport.install was given no settings")
                 self._audit = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen)
-            self._audit.record(job_id=_job_id(raw) if job_id is None else job_id, tenant="",
-                               reason=reason, verified=False, detail=detail)
+            self._audit.record(
+                job_id=_job_id(raw) if job_id is None else job_id,
+                tenant="",
+                reason=reason,
+                verified=False,
+                detail=detail,
+            )
         except Exception:  # never let auditing stop the consumer
             log.error("could not audit a refused queue entry", exc_info=False)
 
@@ -164,8 +171,13 @@ class HardenedQoS(kombu_redis.QoS):
 
 
 def _left_to_sweep(what: str, count: int, exc: Exception) -> None:
-    log.warning("could not %s %d reserved message(s) on a closed connection (%s); they return "
-                "after the visibility timeout", what, count, type(exc).__name__)
+    log.warning(
+        "could not %s %d reserved message(s) on a closed connection (%s); they return "
+        "after the visibility timeout",
+        what,
+        count,
+        type(exc).__name__,
+    )
 
 
 class HardenedChannel(kombu_redis.Channel):
@@ -187,11 +199,13 @@ class HardenedChannel(kombu_redis.Channel):
         self._no_ack: set[str] = set()
         self._sync_client: Any = None
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        if HardenedChannel.settings is not None and isinstance(self._queue_cycle,
-                                                               ReservedShareCycle):
+        if HardenedChannel.settings is not None and isinstance(
+            self._queue_cycle, ReservedShareCycle
+        ):
             # kombu makes the cycle without arguments: give it this worker's share.
             self._queue_cycle = ReservedShareCycle(
-                share=HardenedChannel.settings.low_priority_share)
+                share=HardenedChannel.settings.low_priority_share
+            )
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         """A redis-py client on the channel's pool, reused for every synchronous command.
@@ -230,22 +244,29 @@ class HardenedChannel(kombu_redis.Channel):
             batch.add("ltrim", fetch.WAKE_KEY, 0, fetch.WAKE_MAX - 1)
             if expires:
                 for pri in self.priority_steps:
-                    batch.add("pexpire", self._q_for_pri(queue, pri),  # type: ignore[no-untyped-call]
-                              expires)
+                    batch.add(
+                        "pexpire",
+                        self._q_for_pri(queue, pri),  # type: ignore[no-untyped-call]
+                        expires,
+                    )
             return
         with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
             pipe.lpush(key, json.dumps(message))
             fetch.ring(pipe)
             if expires:
                 for pri in self.priority_steps:
-                    pipe.pexpire(self._q_for_pri(queue, pri),  # type: ignore[no-untyped-call]
-                                 expires)
+                    pipe.pexpire(
+                        self._q_for_pri(queue, pri),  # type: ignore[no-untyped-call]
+                        expires,
+                    )
             pipe.execute()
 
-    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str,
-                            pipe: Any, leftmost: bool = False) -> None:
+    def _do_restore_message(
+        self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
+    ) -> None:
         super()._do_restore_message(  # type: ignore[no-untyped-call]
-            payload, exchange, routing_key, pipe, leftmost)
+            payload, exchange, routing_key, pipe, leftmost
+        )
         fetch.ring(pipe)  # a put-back message is work too: wake a consumer
 
     # -- consuming -------------------------------------------------------------
@@ -256,18 +277,26 @@ class HardenedChannel(kombu_redis.Channel):
         consumed: a queue named by anything else (``add_consumer`` sent by
         whoever could publish) is not, so no message there is ever run.
         """
-        if not (queue in CONSUMED_QUEUES or queue in self._fanout_queues
-                or queue.endswith(REPLY_QUEUE_SUFFIX)):
+        if not (
+            queue in CONSUMED_QUEUES
+            or queue in self._fanout_queues
+            or queue.endswith(REPLY_QUEUE_SUFFIX)
+        ):
             log.warning("not consuming queue %.64r: not one of this deployment's queues", queue)
-            auditor.record(None, AuditReason.POLICY, job_id="",
-                           detail=f"queue {queue[:64]!r} is not configured: not consumed")
+            auditor.record(
+                None,
+                AuditReason.POLICY,
+                job_id="",
+                detail=f"queue {queue[:64]!r} is not configured: not consumed",
+            )
             return kwargs.get("consumer_tag") or (args[1] if len(args) > 1 else None)
         if no_ack:
             self._no_ack.add(queue)  # taken unreserved: nothing will acknowledge them
         else:
             self._no_ack.discard(queue)
         ret = super().basic_consume(  # type: ignore[no-untyped-call]
-            queue, no_ack, *args, **kwargs)
+            queue, no_ack, *args, **kwargs
+        )
         inner: Callable[[Any], Any] = self.connection._callbacks[queue]
         fanout = queue in self._fanout_queues
 
@@ -297,8 +326,11 @@ class HardenedChannel(kombu_redis.Channel):
                 # Celery could not take it after all. Drop its reservation too:
                 # a message held unacknowledged forever would use up the
                 # prefetch and stop this worker consuming.
-                log.warning("queue %s: refused an entry Celery could not read (%s)",
-                            queue, type(exc).__name__)
+                log.warning(
+                    "queue %s: refused an entry Celery could not read (%s)",
+                    queue,
+                    type(exc).__name__,
+                )
                 self._forget(raw)
                 auditor.record(raw, AuditReason.MALFORMED)
                 return None
@@ -321,10 +353,16 @@ class HardenedChannel(kombu_redis.Channel):
             return
         prefix = self.global_keyprefix or ""
         if self._ready:
-            args = fetch.command(queues, count=1, max_chars=self._limit(),
-                                 unacked_key=self.unacked_key,
-                                 index_key=self.unacked_index_key, prefix=prefix,
-                                 unreserved=self._no_ack, by_sha=self._script_known)
+            args = fetch.command(
+                queues,
+                count=1,
+                max_chars=self._limit(),
+                unacked_key=self.unacked_key,
+                index_key=self.unacked_index_key,
+                prefix=prefix,
+                unreserved=self._no_ack,
+                by_sha=self._script_known,
+            )
             self._sent = "take"
         else:
             args = ["BRPOP", prefix + fetch.WAKE_KEY, timeout or 0]
@@ -338,7 +376,8 @@ class HardenedChannel(kombu_redis.Channel):
         try:
             try:
                 reply = self.client.parse_response(
-                    self.client.connection, "EVAL" if sent == "take" else "BRPOP", **options)
+                    self.client.connection, "EVAL" if sent == "take" else "BRPOP", **options
+                )
             except self.connection_errors:
                 # Reconnect on the next poll, and take first: the wake-up
                 # tokens may have been lost with the server.
@@ -377,10 +416,14 @@ class HardenedChannel(kombu_redis.Channel):
             if taken.tag is not None:
                 self.qos.prereserved.add(taken.tag)
                 self.qos.forget(taken.tag)
-            reason = AuditReason.OVERSIZE if len(taken.raw) > self._limit() \
-                else AuditReason.MALFORMED
-            log.warning("queue %s: refused a queue entry (%s) that cannot be read as a "
-                        "message", taken.queue, reason)
+            reason = (
+                AuditReason.OVERSIZE if len(taken.raw) > self._limit() else AuditReason.MALFORMED
+            )
+            log.warning(
+                "queue %s: refused a queue entry (%s) that cannot be read as a message",
+                taken.queue,
+                reason,
+            )
             auditor.record(None, reason, job_id=unverified_entry_id(taken.raw))
             return True
         if taken.tag is not None:
@@ -393,7 +436,6 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with `HardenedChannel` (producers' ``broker_transport``)."""
 
     Channel = HardenedChannel
-
 
 
 def install(settings: Settings | None = None) -> None:

@@ -43,10 +43,25 @@ def cli(ctx: click.Context, broker_url: str | None, keyring: str | None) -> None
     inv.broker_url, inv.keyring = broker_url, keyring
 
 
-for _command in (keys.keys, services.worker, services.batch_consumer, services.beat,
-                 services.flower, jobs.submit, jobs.status, jobs.cancel, jobs.result,
-                 fleet.audit, services.ping, fleet.stats, services.demo, models.models,
-                 fleet.scale, fleet.metrics, acl.acl):
+for _command in (
+    keys.keys,
+    services.worker,
+    services.batch_consumer,
+    services.beat,
+    services.flower,
+    jobs.submit,
+    jobs.status,
+    jobs.cancel,
+    jobs.result,
+    fleet.audit,
+    services.ping,
+    fleet.stats,
+    services.demo,
+    models.models,
+    fleet.scale,
+    fleet.metrics,
+    acl.acl,
+):
     cli.add_command(_command)
 
 
@@ -118,17 +133,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except redis.RedisError as exc:
         s = inv.settings
-        where = redact_url(s.broker_url) if s.result_backend == s.broker_url else \
-            f"broker {redact_url(s.broker_url)} or result backend {redact_url(s.result_backend)}"
-        print(f"{PROG}: error: Redis unavailable ({where}): {connection_cause(exc)}",
-              file=sys.stderr)
+        broker, backend = redact_url(s.broker_url), redact_url(s.result_backend)
+        where = (
+            broker
+            if s.result_backend == s.broker_url
+            else f"broker {broker} or result backend {backend}"
+        )
+        print(
+            f"{PROG}: error: Redis unavailable ({where}): {connection_cause(exc)}", file=sys.stderr
+        )
         return EXIT_ERROR
     except ModuleNotFoundError as exc:
         extra = EXTRA_OF.get((exc.name or "").partition(".")[0])
         if extra is None:
             raise
-        print(f"{PROG}: error: this command needs the {extra} extra (no module {exc.name}): "
-              f"pip install 'maas-worker[{extra}]'", file=sys.stderr)
+        print(
+            f"{PROG}: error: this command needs the {extra} extra (no module {exc.name}): "
+            f"pip install 'maas-worker[{extra}]'",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     except (KeyboardInterrupt, click.Abort):
         return EXIT_INTERRUPTED

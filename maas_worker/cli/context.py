@@ -37,8 +37,13 @@ def spell_out_prefixes(command: click.Command, ctx: click.Context, args: list[st
     it; click does not. A group only looks at its own options, before the
     subcommand's name; ``--`` ends the options.
     """
-    longs = {name: param for param in command.get_params(ctx) if isinstance(param, click.Option)
-             for name in (*param.opts, *param.secondary_opts) if name.startswith("--")}
+    longs = {
+        name: param
+        for param in command.get_params(ctx)
+        if isinstance(param, click.Option)
+        for name in (*param.opts, *param.secondary_opts)
+        if name.startswith("--")
+    }
     out: list[str] = []
     i = 0
     while i < len(args):
@@ -55,8 +60,9 @@ def spell_out_prefixes(command: click.Command, ctx: click.Context, args: list[st
         if name not in longs and len(matches) == 1:
             name = matches[0]
         elif name not in longs and matches:
-            raise click.UsageError(f"ambiguous option: {name} could match "
-                                   f"{', '.join(matches)}", ctx)
+            raise click.UsageError(
+                f"ambiguous option: {name} could match {', '.join(matches)}", ctx
+            )
         out.append(name + eq + value)
         option = longs.get(name)
         if option is not None and not option.is_flag and not eq and i < len(args):

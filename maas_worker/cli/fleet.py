@@ -18,11 +18,11 @@ from maas_worker.settings import Settings
 DEFAULT_AUDIT_LIMIT = 50
 
 
-@click.command(cls=Command,
-               short_help="security events, newest first")
+@click.command(cls=Command, short_help="security events, newest first")
 @json_option("one JSON object per record instead of text")
-@click.option("--limit", type=int, default=DEFAULT_AUDIT_LIMIT,
-              help="how many records (default 50)")
+@click.option(
+    "--limit", type=int, default=DEFAULT_AUDIT_LIMIT, help="how many records (default 50)"
+)
 @pass_settings
 def audit(settings: Settings, as_json: bool, limit: int) -> int:
     """Security events (refused, tampered, expired jobs...), newest first."""
@@ -35,14 +35,15 @@ def audit(settings: Settings, as_json: bool, limit: int) -> int:
             print(json.dumps(rec.to_json()))
         else:
             when = datetime.fromtimestamp(rec.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-            print(f"{when}  {rec.reason:<12} tenant={rec.tenant or '-'}"
-                  f"{'' if rec.verified else '(unverified)'}  job={rec.job_id}  "
-                  f"worker={rec.worker}{'  ' + rec.detail if rec.detail else ''}")
+            print(
+                f"{when}  {rec.reason:<12} tenant={rec.tenant or '-'}"
+                f"{'' if rec.verified else '(unverified)'}  job={rec.job_id}  "
+                f"worker={rec.worker}{'  ' + rec.detail if rec.detail else ''}"
+            )
     return 0
 
 
-@click.command(cls=Command,
-               short_help="each worker's latest resource sample, and the backlog")
+@click.command(cls=Command, short_help="each worker's latest resource sample, and the backlog")
 @json_option("one JSON document instead of text")
 @pass_settings
 def stats(settings: Settings, as_json: bool) -> int:
@@ -56,24 +57,37 @@ def stats(settings: Settings, as_json: bool) -> int:
     backend: Any = backend_client(settings)
     reading = read_fleet(settings, backend=backend)
     now = time.time()
-    seen = {n.decode(): score for n, score in backend.zrange(keyspace.NODES, 0, -1,
-                                                             withscores=True)}
+    seen = {
+        n.decode(): score for n, score in backend.zrange(keyspace.NODES, 0, -1, withscores=True)
+    }
     names = sorted(set(seen) | set(reading.samples))
     workers: list[dict[str, Any]] = [
-        {"worker": name,
-         "last_seen_s_ago": round(now - seen[name], 1) if name in seen else None,
-         "sample": reading.samples.get(name)}
-        for name in names]
+        {
+            "worker": name,
+            "last_seen_s_ago": round(now - seen[name], 1) if name in seen else None,
+            "sample": reading.samples.get(name),
+        }
+        for name in names
+    ]
     backlog = reading.backlog
     if as_json:
-        print(json.dumps({"backlog": dict(backlog.depth),
-                          "oldest_age_s": dict(backlog.oldest_age_s),
-                          "sample_interval_s": settings.sample_interval_s,
-                          "workers": workers}))
+        print(
+            json.dumps(
+                {
+                    "backlog": dict(backlog.depth),
+                    "oldest_age_s": dict(backlog.oldest_age_s),
+                    "sample_interval_s": settings.sample_interval_s,
+                    "workers": workers,
+                }
+            )
+        )
         return 0
     oldest = backlog.oldest_s
-    print("backlog: " + "  ".join(f"{k}={v}" for k, v in backlog.depth.items())
-          + (f"  (oldest job waiting {oldest:.1f} s)" if oldest is not None else ""))
+    print(
+        "backlog: "
+        + "  ".join(f"{k}={v}" for k, v in backlog.depth.items())
+        + (f"  (oldest job waiting {oldest:.1f} s)" if oldest is not None else "")
+    )
     for w in workers:
         seen_text = "never" if w["last_seen_s_ago"] is None else f"{w['last_seen_s_ago']} s ago"
         sample = w["sample"]
@@ -83,13 +97,13 @@ def stats(settings: Settings, as_json: bool) -> int:
         text = summarize(sample)
         print(f"{w['worker']}  (seen {seen_text}; sampled {now - sample['at']:.1f} s ago)")
         print(f"    cpu {text['cpu']}  memory {text['memory']}  swap {text['swap']}")
-        print(f"    load {text['load']}  pool {text['pool']}  gpu {text['gpu']}  "
-              f"jobs {text['jobs']}")
+        print(
+            f"    load {text['load']}  pool {text['pool']}  gpu {text['gpu']}  jobs {text['jobs']}"
+        )
     return 0
 
 
-@click.command(cls=Command,
-               short_help="how many worker nodes the backlog calls for")
+@click.command(cls=Command, short_help="how many worker nodes the backlog calls for")
 @json_option("one JSON document instead of text")
 @pass_settings
 def scale(settings: Settings, as_json: bool) -> int:
@@ -102,13 +116,14 @@ def scale(settings: Settings, as_json: bool) -> int:
         print(json.dumps({**advice.to_json(), "backlog_by_priority": dict(reading.backlog.depth)}))
         return 0
     print(f"desired worker nodes: {advice.desired_nodes} (now {advice.current_nodes})")
-    print(f"  {advice.reason}; backlog {advice.backlog}, throughput "
-          f"{advice.throughput_jobs_per_s:g} jobs/s, target wait {advice.target_wait_s:g} s")
+    print(
+        f"  {advice.reason}; backlog {advice.backlog}, throughput "
+        f"{advice.throughput_jobs_per_s:g} jobs/s, target wait {advice.target_wait_s:g} s"
+    )
     return 0
 
 
-@click.command(cls=Command,
-               short_help="serve the fleet's Prometheus metrics")
+@click.command(cls=Command, short_help="serve the fleet's Prometheus metrics")
 @click.option("--port", type=int, help="default $MAAS_FLEET_METRICS_PORT or 9541")
 @click.option("--address", help="default $MAAS_METRICS_ADDRESS or 127.0.0.1")
 @pass_settings

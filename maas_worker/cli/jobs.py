@@ -42,8 +42,7 @@ class _SubmitCommand(Command):
         rest = super().parse_args(ctx, args)
         given = [ctx.params.get(name) is not None for name in ("input_text", "input_file")]
         if all(given):
-            raise click.UsageError("argument --input-file: not allowed with argument --input",
-                                   ctx)
+            raise click.UsageError("argument --input-file: not allowed with argument --input", ctx)
         if not any(given):
             raise click.UsageError("one of the arguments --input --input-file is required", ctx)
         return rest
@@ -51,19 +50,36 @@ class _SubmitCommand(Command):
 
 @click.command(cls=_SubmitCommand, short_help="submit a job")
 @click.option("--model", required=True, help="the model to run (name or name@version)")
-@click.option("--priority", type=click.Choice(PRIORITIES), default="normal",
-              help="the job's queue (default normal)")
+@click.option(
+    "--priority",
+    type=click.Choice(PRIORITIES),
+    default="normal",
+    help="the job's queue (default normal)",
+)
 @click.option("--input", "input_text", help="the input as JSON")
 @click.option("--input-file", help="a file holding the input as JSON")
 @click.option("--wait", is_flag=True, help="wait and print the result as JSON")
-@click.option("--timeout", type=float, default=DEFAULT_WAIT_S,
-              help="seconds --wait waits for the result (default 60)")
+@click.option(
+    "--timeout",
+    type=float,
+    default=DEFAULT_WAIT_S,
+    help="seconds --wait waits for the result (default 60)",
+)
 @click.option("--ttl", type=int, help="seconds the job may wait in the queue")
 @tenant_option()
 @pass_invocation
-def submit(inv: Invocation, *, model: str, priority: str, input_text: str | None,
-           input_file: str | None, wait: bool, timeout: float, ttl: int | None,
-           tenant: str | None) -> int:
+def submit(
+    inv: Invocation,
+    *,
+    model: str,
+    priority: str,
+    input_text: str | None,
+    input_file: str | None,
+    wait: bool,
+    timeout: float,
+    ttl: int | None,
+    tenant: str | None,
+) -> int:
     """Submit a job; print its id, or with --wait its result as JSON.
 
     Exactly one of --input and --input-file gives the input.
@@ -107,8 +123,12 @@ def cancel(inv: Invocation, job_id: str, tenant: str | None) -> int:
 
 @click.command(cls=Command, short_help="wait for a job's result and print it as JSON")
 @click.argument("job_id")
-@click.option("--timeout", type=float, default=DEFAULT_WAIT_S,
-              help="seconds to wait for the result (default 60)")
+@click.option(
+    "--timeout",
+    type=float,
+    default=DEFAULT_WAIT_S,
+    help="seconds to wait for the result (default 60)",
+)
 @tenant_option("the job's tenant (default: $MAAS_TENANT)")
 @pass_invocation
 def result(inv: Invocation, job_id: str, timeout: float, tenant: str | None) -> int:

@@ -15,33 +15,44 @@ from maas_worker.settings import Settings
 TENANT_HELP = "the tenant (a lowercase name)"
 
 
-@click.group(cls=Group, no_args_is_help=False,
-             short_help="manage tenant keys")
+@click.group(cls=Group, no_args_is_help=False, short_help="manage tenant keys")
 def keys() -> None:
     """Manage tenant keys."""
 
 
 @keys.command(short_help="create a tenant with a fresh primary key")
 @click.option("--tenant", required=True, help=TENANT_HELP)
-@click.option("--allow-models",
-              help="comma-separated models the tenant may use (default all)")
-@click.option("--max-priority", type=click.Choice(PRIORITIES), default="high",
-              help="the highest priority the tenant may submit at (default high)")
-@click.option("--allow-signers", help="comma-separated key ids of the model signers "
-              "whose models the tenant may run (default: every trusted signer)")
+@click.option("--allow-models", help="comma-separated models the tenant may use (default all)")
+@click.option(
+    "--max-priority",
+    type=click.Choice(PRIORITIES),
+    default="high",
+    help="the highest priority the tenant may submit at (default high)",
+)
+@click.option(
+    "--allow-signers",
+    help="comma-separated key ids of the model signers "
+    "whose models the tenant may run (default: every trusted signer)",
+)
 @pass_settings
-def init(settings: Settings, tenant: str, allow_models: str | None, max_priority: str,
-         allow_signers: str | None) -> int:
+def init(
+    settings: Settings,
+    tenant: str,
+    allow_models: str | None,
+    max_priority: str,
+    allow_signers: str | None,
+) -> int:
     """Create a tenant with a fresh primary key."""
     from maas_worker.tenancy.keyring import TenantPolicy, edit_keyring
 
     path = settings.keyring_path
     policy = TenantPolicy(
-        tuple(m for m in allow_models.split(",") if m) if allow_models else None,
-        max_priority)
+        tuple(m for m in allow_models.split(",") if m) if allow_models else None, max_priority
+    )
     if allow_signers:
-        policy = TenantPolicy.from_json({**policy.to_json(), "allowed_signers": [
-            s for s in allow_signers.split(",") if s]})
+        policy = TenantPolicy.from_json(
+            {**policy.to_json(), "allowed_signers": [s for s in allow_signers.split(",") if s]}
+        )
     with edit_keyring(path, create=True) as editor:
         editor.ring = editor.ring.with_new_tenant(tenant, policy)
     print(f"tenant {tenant}: key version 1 is primary ({path})")
@@ -51,18 +62,29 @@ def init(settings: Settings, tenant: str, allow_models: str | None, max_priority
 @keys.command(short_help="show or change a tenant's policy and quotas")
 @click.option("--tenant", required=True, help=TENANT_HELP)
 @click.option("--allow-models", help="comma-separated models, or * for all")
-@click.option("--max-priority", type=click.Choice(PRIORITIES),
-              help="the highest priority the tenant may submit at")
+@click.option(
+    "--max-priority",
+    type=click.Choice(PRIORITIES),
+    help="the highest priority the tenant may submit at",
+)
 @click.option("--rate", type=float, help="jobs per second (0 = unlimited)")
 @click.option("--burst", type=int, help="jobs allowed in one burst")
-@click.option("--max-in-flight", type=int,
-              help="jobs queued or running at once (0 = no cap)")
-@click.option("--allow-signers",
-              help="comma-separated model signer key ids, or * for every trusted signer")
+@click.option("--max-in-flight", type=int, help="jobs queued or running at once (0 = no cap)")
+@click.option(
+    "--allow-signers", help="comma-separated model signer key ids, or * for every trusted signer"
+)
 @pass_settings
-def policy(settings: Settings, *, tenant: str, allow_models: str | None,
-           max_priority: str | None, rate: float | None, burst: int | None,
-           max_in_flight: int | None, allow_signers: str | None) -> int:
+def policy(
+    settings: Settings,
+    *,
+    tenant: str,
+    allow_models: str | None,
+    max_priority: str | None,
+    rate: float | None,
+    burst: int | None,
+    max_in_flight: int | None,
+    allow_signers: str | None,
+) -> int:
     """Show or change a tenant's policy and quotas (options not given stay as they are)."""
     from maas_worker.tenancy.keyring import TenantPolicy, edit_keyring
 
@@ -70,8 +92,11 @@ def policy(settings: Settings, *, tenant: str, allow_models: str | None,
         current = editor.ring.tenant(tenant).policy
         models = current.allowed_models
         if allow_models is not None:
-            models = tuple(m for m in allow_models.split(",") if m) \
-                if allow_models not in ("", "*") else None
+            models = (
+                tuple(m for m in allow_models.split(",") if m)
+                if allow_models not in ("", "*")
+                else None
+            )
         updated = dataclasses.replace(
             current,
             allowed_models=models,
@@ -81,10 +106,11 @@ def policy(settings: Settings, *, tenant: str, allow_models: str | None,
             max_in_flight=current.max_in_flight if max_in_flight is None else max_in_flight,
         )
         if allow_signers is not None:
-            ids = None if allow_signers in ("", "*") else [
-                s for s in allow_signers.split(",") if s]
-            updated = dataclasses.replace(updated, allowed_signers=TenantPolicy.from_json(
-                {"allowed_signers": ids}).allowed_signers)  # validates the ids
+            ids = None if allow_signers in ("", "*") else [s for s in allow_signers.split(",") if s]
+            updated = dataclasses.replace(
+                updated,
+                allowed_signers=TenantPolicy.from_json({"allowed_signers": ids}).allowed_signers,
+            )  # validates the ids
         editor.ring = editor.ring.with_policy(tenant, updated)
     print(f"tenant {tenant}: {json.dumps(updated.to_json())}")
     return 0
@@ -92,8 +118,7 @@ def policy(settings: Settings, *, tenant: str, allow_models: str | None,
 
 @keys.command(short_help="add a new key version and make it primary")
 @click.option("--tenant", required=True, help=TENANT_HELP)
-@click.option("--stage", is_flag=True,
-              help="add it decrypt-only (step 1 of a multi-host rotation)")
+@click.option("--stage", is_flag=True, help="add it decrypt-only (step 1 of a multi-host rotation)")
 @pass_settings
 def rotate(settings: Settings, tenant: str, stage: bool) -> int:
     """Add a new key version and make it primary (or, with --stage, decrypt-only)."""
@@ -148,8 +173,9 @@ def list_keys(settings: Settings, as_json: bool) -> int:
     else:
         print(f"{'TENANT':<24} {'VERSION':>7}  {'STATE':<13} CREATED")
         for row in rows:
-            print(f"{row['tenant']:<24} {row['version']:>7}  {row['state']:<13} "
-                  f"{row['created_at']}")
+            print(
+                f"{row['tenant']:<24} {row['version']:>7}  {row['state']:<13} {row['created_at']}"
+            )
     return 0
 
 

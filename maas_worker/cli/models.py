@@ -55,8 +55,10 @@ def _serial(ctx: click.Context, param: click.Parameter, value: int | None) -> in
 
 
 def _is_version_dir(path: Path) -> bool:
-    return path.is_dir() and (any((path / f).exists() for f in (MANIFEST_FILE, SIGNATURE_FILE))
-                              or any(path.glob("*.onnx*")))
+    return path.is_dir() and (
+        any((path / f).exists() for f in (MANIFEST_FILE, SIGNATURE_FILE))
+        or any(path.glob("*.onnx*"))
+    )
 
 
 def _version_dirs(path: Path) -> list[Path]:
@@ -68,18 +70,27 @@ def _version_dirs(path: Path) -> list[Path]:
     children = [c for c in sorted(path.iterdir()) if c.is_dir()]
     if any(_is_version_dir(c) for c in children):
         return [c for c in children if VERSION_RE.fullmatch(c.name)]
-    return [v for c in children if MODEL_NAME_RE.fullmatch(c.name)
-            for v in sorted(c.iterdir()) if v.is_dir() and VERSION_RE.fullmatch(v.name)]
+    return [
+        v
+        for c in children
+        if MODEL_NAME_RE.fullmatch(c.name)
+        for v in sorted(c.iterdir())
+        if v.is_dir() and VERSION_RE.fullmatch(v.name)
+    ]
 
 
-def inspect_version(version_dir: Path, signers: TrustedSigners,
-                    keys_path: Path) -> dict[str, Any]:
+def inspect_version(version_dir: Path, signers: TrustedSigners, keys_path: Path) -> dict[str, Any]:
     """Verify one version as a worker loads it; a row for ``list``/``verify``."""
     from maas_worker.models.repository import load_verified, verify_manifest
 
-    row: dict[str, Any] = {"name": version_dir.parent.name, "version": version_dir.name,
-                           "signer": None, "encrypted": None, "verifies": False,
-                           "error": None}
+    row: dict[str, Any] = {
+        "name": version_dir.parent.name,
+        "version": version_dir.name,
+        "signer": None,
+        "encrypted": None,
+        "verifies": False,
+        "error": None,
+    }
 
     def keys() -> ModelKeys:
         try:
@@ -115,23 +126,26 @@ def _print_listing(rows: list[dict[str, Any]], as_json: bool) -> None:
         for row in rows:
             print(json.dumps(row))
         return
-    print(f"{'MODEL':<24} {'VERSION':<10} {'SIGNER':<34} {'ENCRYPTED':<10} "
-          f"{'RELEASED':<10} VERIFIES")
+    print(
+        f"{'MODEL':<24} {'VERSION':<10} {'SIGNER':<34} {'ENCRYPTED':<10} {'RELEASED':<10} VERIFIES"
+    )
     for r in rows:
         if r["version"] is None:
             continue
         enc = "-" if r["encrypted"] is None else ("yes" if r["encrypted"] else "no")
         rel = f"serial {r['serial']}" if r["released"] else "-"
         ok = "yes" if r["verifies"] else f"NO: {r['error']}"
-        print(f"{r['name']:<24} {r['version']:<10} {r['signer'] or '-':<34} {enc:<10} "
-              f"{rel:<10} {ok}")
+        print(
+            f"{r['name']:<24} {r['version']:<10} {r['signer'] or '-':<34} {enc:<10} {rel:<10} {ok}"
+        )
     problems = {r["name"]: r["release_error"] for r in rows if r["release_error"]}
     for name, why in sorted(problems.items()):
         print(f"{name}: the bare name is NOT served: {why}")
 
 
-def release_status(model_dir: Path, signers: TrustedSigners,
-                   rows: list[dict[str, Any]]) -> tuple[Release | None, str | None]:
+def release_status(
+    model_dir: Path, signers: TrustedSigners, rows: list[dict[str, Any]]
+) -> tuple[Release | None, str | None]:
     """The model's release and why its bare name would not be served (None: it would).
 
     ``rows`` are the model's `inspect_version` rows. Checks what a worker
@@ -182,23 +196,33 @@ def next_serial(model_dir: Path, signers: TrustedSigners, given: int | None) -> 
                 raise ConfigError(
                     f"{model_dir / RELEASE_FILE} does not verify ({exc}); pass --serial N "
                     "above the highest serial workers have seen (their model_rejected "
-                    "audit records name it)") from None
+                    "audit records name it)"
+                ) from None
     if given is None:
         return current.serial + 1 if current is not None else 1
     if current is not None and given <= current.serial:
-        raise ConfigError(f"--serial {given} is not above the current release's serial "
-                          f"{current.serial}: workers would refuse it as a rollback")
+        raise ConfigError(
+            f"--serial {given} is not above the current release's serial "
+            f"{current.serial}: workers would refuse it as a rollback"
+        )
     return given
 
 
-def _release(model_dir: Path, key: SigningKey, manifest: Manifest,
-             signers: TrustedSigners, serial: int | None) -> Release:
-    release = write_release(model_dir, key, manifest,
-                            next_serial(model_dir, _with_key(signers, key), serial))
-    print(f"released {release.ref} (serial {release.serial}, signer {release.signer}): "
-          f"{model_dir / RELEASE_FILE}")
+def _release(
+    model_dir: Path,
+    key: SigningKey,
+    manifest: Manifest,
+    signers: TrustedSigners,
+    serial: int | None,
+) -> Release:
+    release = write_release(
+        model_dir, key, manifest, next_serial(model_dir, _with_key(signers, key), serial)
+    )
+    print(
+        f"released {release.ref} (serial {release.serial}, signer {release.signer}): "
+        f"{model_dir / RELEASE_FILE}"
+    )
     return release
-
 
 
 def _output_key(text: str) -> tuple[str, str]:
@@ -207,16 +231,16 @@ def _output_key(text: str) -> tuple[str, str]:
     return (name, key) if sep else (name, name)
 
 
-@click.group(cls=Group, no_args_is_help=False,
-             short_help="sign, encrypt, verify and list models")
+@click.group(cls=Group, no_args_is_help=False, short_help="sign, encrypt, verify and list models")
 def models() -> None:
     """Sign, encrypt, verify and list models."""
 
 
 @models.command(short_help="new signing key pair, or (--encryption) model key")
 @click.option("--out", type=Path, help="private signing key file to create (0600)")
-@click.option("--encryption", is_flag=True,
-              help="add a model encryption key to the model keys file instead")
+@click.option(
+    "--encryption", is_flag=True, help="add a model encryption key to the model keys file instead"
+)
 @click.option("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
 @pass_settings
 def keygen(settings: Settings, out: Path | None, encryption: bool, keys: Path | None) -> int:
@@ -230,8 +254,9 @@ def keygen(settings: Settings, out: Path | None, encryption: bool, keys: Path | 
         print(f"model key {key.key_id} added to {path} (mode 0600)")
         return 0
     if out is None:
-        raise ConfigError("keygen needs --out PATH for the private signing key "
-                          "(keep it off the workers)")
+        raise ConfigError(
+            "keygen needs --out PATH for the private signing key (keep it off the workers)"
+        )
     signing = SigningKey.generate()
     pub = signing.save(out)
     print(f"signing key {signing.key_id}: private {out} (mode 0600), public {pub}")
@@ -242,22 +267,44 @@ def keygen(settings: Settings, out: Path | None, encryption: bool, keys: Path | 
 @click.argument("version_dir", type=Path)
 @click.option("--key", type=Path, required=True, help="private signing key")
 @click.option("--artifact", help="the model file (default: the one *.onnx[.enc])")
-@click.option("--input-key", default="inputs",
-              help="member of the job's JSON input holding the tensor (default inputs)")
-@click.option("--output", multiple=True, metavar="NAME[=KEY]",
-              help="graph output to return, under KEY (repeat; default all, by name)")
-@click.option("--max-batch", type=int, default=1024,
-              help="the most inputs one model call takes (default 1024)")
+@click.option(
+    "--input-key",
+    default="inputs",
+    help="member of the job's JSON input holding the tensor (default inputs)",
+)
+@click.option(
+    "--output",
+    multiple=True,
+    metavar="NAME[=KEY]",
+    help="graph output to return, under KEY (repeat; default all, by name)",
+)
+@click.option(
+    "--max-batch",
+    type=int,
+    default=1024,
+    help="the most inputs one model call takes (default 1024)",
+)
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="signed metadata (repeat)")
 @click.option("--keys", type=Path, help="model keys, to read an encrypted artifact")
-@click.option("--no-release", is_flag=True,
-              help="stage the version: do not point the bare model name at it")
-@click.option("--serial", type=int, callback=_serial,
-              help="release serial (default: current + 1)")
+@click.option(
+    "--no-release", is_flag=True, help="stage the version: do not point the bare model name at it"
+)
+@click.option("--serial", type=int, callback=_serial, help="release serial (default: current + 1)")
 @pass_settings
-def sign(settings: Settings, *, version_dir: Path, key: Path, artifact: str | None,
-         input_key: str, output: tuple[str, ...], max_batch: int, meta: tuple[str, ...],
-         keys: Path | None, no_release: bool, serial: int | None) -> int:
+def sign(
+    settings: Settings,
+    *,
+    version_dir: Path,
+    key: Path,
+    artifact: str | None,
+    input_key: str,
+    output: tuple[str, ...],
+    max_batch: int,
+    meta: tuple[str, ...],
+    keys: Path | None,
+    no_release: bool,
+    serial: int | None,
+) -> int:
     """Write manifest.json (hashes of every file, input and outputs read from the ONNX
     graph) and manifest.sig for a <name>/<version>/ directory, then release that version
     (<name>/release.json, serial + 1) unless --no-release stages it."""
@@ -267,31 +314,45 @@ def sign(settings: Settings, *, version_dir: Path, key: Path, artifact: str | No
     metadata = dict(m.split("=", 1) for m in meta if "=" in m)
     model_keys = ModelKeys.load(keys) if keys else None
     signing = SigningKey.load(key)
-    manifest = sign_version(version_dir, signing,
-                            artifact=artifact, input_key=input_key,
-                            output_keys=outputs or None, max_batch=max_batch,
-                            metadata=metadata, model_keys=model_keys)
-    print(f"signed {manifest.ref} ({len(manifest.files)} file(s), signer "
-          f"{manifest.signer}{', encrypted' if manifest.encrypted else ''})")
+    manifest = sign_version(
+        version_dir,
+        signing,
+        artifact=artifact,
+        input_key=input_key,
+        output_keys=outputs or None,
+        max_batch=max_batch,
+        metadata=metadata,
+        model_keys=model_keys,
+    )
+    print(
+        f"signed {manifest.ref} ({len(manifest.files)} file(s), signer "
+        f"{manifest.signer}{', encrypted' if manifest.encrypted else ''})"
+    )
     if no_release:
         print(f"staged, not released: the bare name {manifest.name} is unchanged")
     else:
-        _release(version_dir.resolve().parent, signing, manifest,
-                 _trusted_or_none(settings), serial)
+        _release(
+            version_dir.resolve().parent, signing, manifest, _trusted_or_none(settings), serial
+        )
     return 0
 
 
 @models.command(short_help="point the bare model name at a version (signed)")
 @click.argument("name")
 @click.argument("version")
-@click.option("--key", type=Path, required=True,
-              help="private signing key (the version's signer)")
+@click.option("--key", type=Path, required=True, help="private signing key (the version's signer)")
 @click.option("--model-dir", type=Path, help="the repository (default: $MAAS_MODEL_DIR)")
-@click.option("--serial", type=int, callback=_serial,
-              help="release serial (default: current + 1)")
+@click.option("--serial", type=int, callback=_serial, help="release serial (default: current + 1)")
 @pass_settings
-def release(settings: Settings, *, name: str, version: str, key: Path, model_dir: Path | None,
-            serial: int | None) -> int:
+def release(
+    settings: Settings,
+    *,
+    name: str,
+    version: str,
+    key: Path,
+    model_dir: Path | None,
+    serial: int | None,
+) -> int:
     """Sign a new release pointer: the bare model NAME then means VERSION.
 
     The version must exist, verify under the trusted signers and be signed by
@@ -313,8 +374,10 @@ def release(settings: Settings, *, name: str, version: str, key: Path, model_dir
         raise ConfigError(f"{ref} does not verify ({row['error']}); nothing released")
     manifest = verify_manifest(version_dir, signers)
     if manifest.signer != signing.key_id:
-        raise ConfigError(f"{ref} is signed by {manifest.signer}, not by this key "
-                          f"({signing.key_id}): a release is signed by the version's own signer")
+        raise ConfigError(
+            f"{ref} is signed by {manifest.signer}, not by this key "
+            f"({signing.key_id}): a release is signed by the version's own signer"
+        )
     _release(root / name, signing, manifest, signers, serial)
     return 0
 
@@ -324,11 +387,22 @@ def release(settings: Settings, *, name: str, version: str, key: Path, model_dir
 @click.argument("dst", type=Path)
 @click.option("--keys", type=Path, help="model keys file (default: $MAAS_MODEL_KEYS)")
 @click.option("--key-id", help="which model key (default: the only one)")
-@click.option("--chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
-              help=f"plaintext bytes per sealed chunk (default {DEFAULT_CHUNK_BYTES})")
+@click.option(
+    "--chunk-bytes",
+    type=int,
+    default=DEFAULT_CHUNK_BYTES,
+    help=f"plaintext bytes per sealed chunk (default {DEFAULT_CHUNK_BYTES})",
+)
 @pass_settings
-def encrypt(settings: Settings, *, src: Path, dst: Path, keys: Path | None, key_id: str | None,
-            chunk_bytes: int) -> int:
+def encrypt(
+    settings: Settings,
+    *,
+    src: Path,
+    dst: Path,
+    keys: Path | None,
+    key_id: str | None,
+    chunk_bytes: int,
+) -> int:
     """Encrypt the model file SRC to DST (AES-256-GCM, chunked) for a version directory."""
     from maas_worker.models.publish import encrypt_file
 
@@ -374,19 +448,37 @@ def list_models(settings: Settings, as_json: bool) -> int:
     model_dir = settings.model_dir
     dirs = _version_dirs(model_dir) if model_dir.is_dir() else []
     rows = [inspect_version(d, signers, settings.model_keys_path) for d in dirs]
-    names = sorted({r["name"] for r in rows} | {
-        d.name for d in (model_dir.iterdir() if model_dir.is_dir() else ())
-        if MODEL_NAME_RE.fullmatch(d.name) and (d / RELEASE_FILE).exists()})
+    names = sorted(
+        {r["name"] for r in rows}
+        | {
+            d.name
+            for d in (model_dir.iterdir() if model_dir.is_dir() else ())
+            if MODEL_NAME_RE.fullmatch(d.name) and (d / RELEASE_FILE).exists()
+        }
+    )
     for name in names:
         own = [r for r in rows if r["name"] == name]
         current, problem = release_status(model_dir / name, signers, own)
         for r in own:
             is_it = current is not None and r["version"] == current.version
-            r.update(released=is_it, serial=current.serial if is_it and current else None,
-                     release_error=problem)
+            r.update(
+                released=is_it,
+                serial=current.serial if is_it and current else None,
+                release_error=problem,
+            )
         if not own:  # a release but no version at all
-            rows.append({"name": name, "version": None, "signer": None, "encrypted": None,
-                         "verifies": False, "error": None, "released": False,
-                         "serial": None, "release_error": problem})
+            rows.append(
+                {
+                    "name": name,
+                    "version": None,
+                    "signer": None,
+                    "encrypted": None,
+                    "verifies": False,
+                    "error": None,
+                    "released": False,
+                    "serial": None,
+                    "release_error": problem,
+                }
+            )
     _print_listing(rows, as_json)
     return 0

@@ -29,25 +29,42 @@ LOGLEVEL_HELP = "Celery's log level (default INFO)"
 _loglevel = click.option("--loglevel", default="INFO", help=LOGLEVEL_HELP)
 
 
-@click.command(cls=Command,
-               short_help="run a Celery worker")
-@click.option("--concurrency", type=int,
-              help="pool processes (threads with --pool threads; batch consumers with "
-              "--batch-consumer); default: the number of CPUs")
-@click.option("--autoscale", metavar="MAX,MIN",
-              help="grow and shrink the pool between MIN and MAX processes")
+@click.command(cls=Command, short_help="run a Celery worker")
+@click.option(
+    "--concurrency",
+    type=int,
+    help="pool processes (threads with --pool threads; batch consumers with "
+    "--batch-consumer); default: the number of CPUs",
+)
+@click.option(
+    "--autoscale", metavar="MAX,MIN", help="grow and shrink the pool between MIN and MAX processes"
+)
 @click.option("--hostname", "-n", help="node name (default celery@HOST)")
 # "threads" is for dynamic batching (MAAS_BATCH): there a running job
 # cannot be interrupted, only failed at its soft limit (docs/compute.md).
-@click.option("--pool", type=click.Choice(("prefork", "solo", "threads")),
-              help="the pool (default prefork; threads for dynamic batching, MAAS_BATCH)")
-@click.option("--batch-consumer", is_flag=True,
-              help="take the job queues in batches: one round trip per stage for many "
-              "jobs, one model call per batch (--concurrency processes; docs/operations.md)")
+@click.option(
+    "--pool",
+    type=click.Choice(("prefork", "solo", "threads")),
+    help="the pool (default prefork; threads for dynamic batching, MAAS_BATCH)",
+)
+@click.option(
+    "--batch-consumer",
+    is_flag=True,
+    help="take the job queues in batches: one round trip per stage for many "
+    "jobs, one model call per batch (--concurrency processes; docs/operations.md)",
+)
 @_loglevel
 @pass_invocation
-def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
-           hostname: str | None, pool: str | None, batch_consumer: bool, loglevel: str) -> int:
+def worker(
+    inv: Invocation,
+    *,
+    concurrency: int | None,
+    autoscale: str | None,
+    hostname: str | None,
+    pool: str | None,
+    batch_consumer: bool,
+    loglevel: str,
+) -> int:
     """Run a Celery worker on the job queues (high, then normal, then low)."""
     inv.exec_with_flags()
     from maas_worker.app import app, configure
@@ -66,8 +83,10 @@ def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
         # Celery worker keeps remote control and the broadcast queue, and runs
         # the resource samples in its own process.
         if autoscale or pool:
-            raise ConfigError("--batch-consumer sizes its own processes (--concurrency); "
-                              "it does not take --autoscale or --pool")
+            raise ConfigError(
+                "--batch-consumer sizes its own processes (--concurrency); "
+                "it does not take --autoscale or --pool"
+            )
         from maas_worker.protocol import MONITOR_EXCHANGE
         from maas_worker.worker.batch import supervisor
 
@@ -87,8 +106,9 @@ def worker(inv: Invocation, *, concurrency: int | None, autoscale: str | None,
 
 @click.command("batch-consumer", cls=Command, hidden=True)
 @click.option("--name", default="consumer", help="this consumer's name in logs and metrics")
-@click.option("--ready-fd", type=int,
-              help="file descriptor to write to once ready (set by the supervisor)")
+@click.option(
+    "--ready-fd", type=int, help="file descriptor to write to once ready (set by the supervisor)"
+)
 @_loglevel
 @pass_invocation
 def batch_consumer(inv: Invocation, name: str, ready_fd: int | None, loglevel: str) -> int:
@@ -99,8 +119,7 @@ def batch_consumer(inv: Invocation, name: str, ready_fd: int | None, loglevel: s
     return serve(name=name, loglevel=loglevel, ready_fd=ready_fd)
 
 
-@click.command(cls=Command,
-               short_help="run Celery beat (exactly one per deployment)")
+@click.command(cls=Command, short_help="run Celery beat (exactly one per deployment)")
 @_loglevel
 @pass_invocation
 def beat(inv: Invocation, loglevel: str) -> int:
@@ -113,14 +132,23 @@ def beat(inv: Invocation, loglevel: str) -> int:
     return 0
 
 
-@click.command(cls=Command,
-               short_help="run Flower (authentication required)")
-@click.option("--port", type=int, default=DEFAULT_FLOWER_PORT,
-              help="the port Flower listens on (default 5555)")
-@click.option("--address", default=DEFAULT_FLOWER_ADDRESS,
-              help="the address Flower listens on (default 127.0.0.1)")
-@click.option("--unauthenticated", is_flag=True,
-              help="allow Flower without authentication (local debugging only)")
+@click.command(cls=Command, short_help="run Flower (authentication required)")
+@click.option(
+    "--port",
+    type=int,
+    default=DEFAULT_FLOWER_PORT,
+    help="the port Flower listens on (default 5555)",
+)
+@click.option(
+    "--address",
+    default=DEFAULT_FLOWER_ADDRESS,
+    help="the address Flower listens on (default 127.0.0.1)",
+)
+@click.option(
+    "--unauthenticated",
+    is_flag=True,
+    help="allow Flower without authentication (local debugging only)",
+)
 @pass_invocation
 def flower(inv: Invocation, port: int, address: str, unauthenticated: bool) -> int:
     """Run Flower, the monitoring web UI, behind $MAAS_FLOWER_BASIC_AUTH."""
@@ -133,8 +161,10 @@ def flower(inv: Invocation, port: int, address: str, unauthenticated: bool) -> i
     settings = inv.settings
     auth = settings.flower_basic_auth
     if not auth and not unauthenticated:
-        raise ConfigError("refusing to start Flower without authentication: set "
-                          "MAAS_FLOWER_BASIC_AUTH=user:password (or pass --unauthenticated)")
+        raise ConfigError(
+            "refusing to start Flower without authentication: set "
+            "MAAS_FLOWER_BASIC_AUTH=user:password (or pass --unauthenticated)"
+        )
     # Flower's own app, without the worker's modules (Flower imports an app's
     # modules, and the worker's install its transport, which takes with Lua),
     # and no expiry on its event and reply queues (kombu keeps expiring ones
@@ -145,12 +175,15 @@ def flower(inv: Invocation, port: int, address: str, unauthenticated: bool) -> i
 
     kombu_redis.QoS.restore_visible = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
     app = Celery("maas_worker")
-    app.conf.update(celery_config(settings), control_queue_expires=None,
-                    event_queue_expires=None)
+    app.conf.update(celery_config(settings), control_queue_expires=None, event_queue_expires=None)
     # Arguments and results are shown: jobs' are "<sealed envelope>" and None,
     # resource samples' result is the sample in readable form.
-    argv = ["flower", f"--port={port}", f"--address={address}",
-            f"--tasks_columns={FLOWER_TASK_COLUMNS}"]
+    argv = [
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+        f"--tasks_columns={FLOWER_TASK_COLUMNS}",
+    ]
     if auth:
         argv.append(f"--basic-auth={auth}")
         _authenticate_flower_metrics()
@@ -176,11 +209,14 @@ def _authenticate_flower_metrics() -> None:
         Metrics.get = guarded
 
 
-@click.command(cls=Command,
-               short_help="check that a worker node answers (exit 1 if not)")
+@click.command(cls=Command, short_help="check that a worker node answers (exit 1 if not)")
 @click.option("--node", help="worker node name (default: celery@<this host>)")
-@click.option("--timeout", type=float, default=DEFAULT_PING_TIMEOUT_S,
-              help="seconds to wait for the answer (default 5)")
+@click.option(
+    "--timeout",
+    type=float,
+    default=DEFAULT_PING_TIMEOUT_S,
+    help="seconds to wait for the answer (default 5)",
+)
 @pass_invocation
 def ping(inv: Invocation, node: str | None, timeout: float) -> int:
     """Ask one worker node to answer through the broker (a container's HEALTHCHECK)."""
@@ -197,16 +233,15 @@ def ping(inv: Invocation, node: str | None, timeout: float) -> int:
         replies = app.control.ping(destination=[node], timeout=timeout)
     except OperationalError as exc:
         raise ServiceUnavailable(
-            f"broker unavailable ({redact_url(settings.broker_url)}: "
-            f"{connection_cause(exc)})") from None
+            f"broker unavailable ({redact_url(settings.broker_url)}: {connection_cause(exc)})"
+        ) from None
     if not any(node in reply for reply in replies or ()):
         raise ServiceUnavailable(f"worker {node} did not answer within {timeout:g} s")
     print(f"{node}: pong")
     return 0
 
 
-@click.command(cls=Command,
-               short_help="run the whole system locally and exit")
+@click.command(cls=Command, short_help="run the whole system locally and exit")
 @click.option("--jobs", type=int, default=2, help="echo jobs per priority")
 def demo(jobs: int) -> int:
     """Run the whole system locally (embedded Valkey, a worker, every priority) and exit."""

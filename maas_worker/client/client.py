@@ -70,6 +70,7 @@ QUEUE_FULL_RETRY_S = 1.0
 #: client's Redis user may publish at all (a producer role may not).
 PUBLISH_PROBE_CHANNEL = "maas:publish-probe"
 
+
 class Client:
     """Submit sealed inference jobs as one tenant.
 
@@ -81,9 +82,15 @@ class Client:
         job.result(timeout=10)
     """
 
-    def __init__(self, *, broker_url: str | None = None, result_backend: str | None = None,
-                 tenant: str | None = None, keyring: Keyring | str | Path | None = None,
-                 settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        broker_url: str | None = None,
+        result_backend: str | None = None,
+        tenant: str | None = None,
+        keyring: Keyring | str | Path | None = None,
+        settings: Settings | None = None,
+    ) -> None:
         base = settings or Settings.from_env()
         overrides: dict[str, Any] = {"broker_url": broker_url, "tenant": tenant}
         if result_backend is not None or broker_url is not None:
@@ -100,8 +107,7 @@ class Client:
             raise ConfigError(str(exc)) from None
         self.tenant = self.settings.tenant
         self._static_ring = keyring if isinstance(keyring, Keyring) else None
-        self._ring_source = None if self._static_ring else KeyringSource(
-            self.settings.keyring_path)
+        self._ring_source = None if self._static_ring else KeyringSource(self.settings.keyring_path)
         self.keyring.tenant(self.tenant).primary()  # fail now, not at the first submit
         self._app: Celery | None = None
         self._backend: redis.Redis | None = None
@@ -183,6 +189,7 @@ class Client:
 
             def cancel(keys: Sequence[str], args: Sequence[Any]) -> Any:
                 return functions.call(backend, functions.CANCEL, keys, args)
+
             self._cancel = cancel
         return self._cancel
 
@@ -245,22 +252,39 @@ class Client:
         if not policy.allows_model(model):
             raise PolicyDenied(f"tenant {self.tenant!r} may not use model {model!r}")
         if not policy.allows_priority(priority):
-            raise PolicyDenied(f"tenant {self.tenant!r} may not submit at priority {priority!r}"
-                               f" (highest allowed: {policy.max_priority})")
+            raise PolicyDenied(
+                f"tenant {self.tenant!r} may not submit at priority {priority!r}"
+                f" (highest allowed: {policy.max_priority})"
+            )
         served = self._serves(model)
         if served is not None:
             offer = ", ".join(sorted(r for r in served if "@" not in r)) or "none"
             raise UnknownModel(f"unknown model {model!r} (served: {offer})")
 
-    def seal(self, model: str, inputs: Any, *, priority: str = "normal",
-             ttl_s: int | None = None, job_id: str | None = None) -> tuple[Header, str]:
+    def seal(
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        priority: str = "normal",
+        ttl_s: int | None = None,
+        job_id: str | None = None,
+    ) -> tuple[Header, str]:
         """Validate and seal a job without sending it: (header, base64 envelope)."""
-        header, sealed = self._seal_raw(model, inputs, priority=priority, ttl_s=ttl_s,
-                                        job_id=job_id)
+        header, sealed = self._seal_raw(
+            model, inputs, priority=priority, ttl_s=ttl_s, job_id=job_id
+        )
         return header, base64.b64encode(sealed).decode("ascii")
 
-    def _seal_raw(self, model: str, inputs: Any, *, priority: str, ttl_s: int | None,
-                  job_id: str | None = None) -> tuple[Header, bytes]:
+    def _seal_raw(
+        self,
+        model: str,
+        inputs: Any,
+        *,
+        priority: str,
+        ttl_s: int | None,
+        job_id: str | None = None,
+    ) -> tuple[Header, bytes]:
         """`seal` without the base64: a claim-checked request is stored raw."""
         if isinstance(priority, Priority):
             priority = priority.value  # the header and the error messages hold the plain name
@@ -270,27 +294,41 @@ class Client:
         try:
             body = json.dumps(inputs, separators=(",", ":"), allow_nan=False).encode()
         except RecursionError:
-            raise SubmitError("inputs nest too deeply (the limit is "
-                              f"{jsonlimits.MAX_INPUT_DEPTH} levels)") from None
+            raise SubmitError(
+                f"inputs nest too deeply (the limit is {jsonlimits.MAX_INPUT_DEPTH} levels)"
+            ) from None
         except (TypeError, ValueError) as exc:
             raise SubmitError(f"inputs are not JSON-serialisable: {exc}") from None
         if len(body) > self.settings.max_input_bytes:
-            raise InputTooLarge(f"input is {len(body)} bytes; the limit is "
-                                f"{self.settings.max_input_bytes} (MAAS_MAX_INPUT_BYTES)")
+            raise InputTooLarge(
+                f"input is {len(body)} bytes; the limit is "
+                f"{self.settings.max_input_bytes} (MAAS_MAX_INPUT_BYTES)"
+            )
         if not jsonlimits.depth_within(body, jsonlimits.MAX_INPUT_DEPTH):
-            raise SubmitError(f"inputs nest deeper than {jsonlimits.MAX_INPUT_DEPTH} levels, "
-                              "the limit")
+            raise SubmitError(
+                f"inputs nest deeper than {jsonlimits.MAX_INPUT_DEPTH} levels, the limit"
+            )
         ttl = self.settings.job_ttl_s if ttl_s is None else ttl_s
         if not 0 < ttl <= MAX_JOB_TTL_S:
             raise SubmitError(f"ttl_s must be in 1..{MAX_JOB_TTL_S}")
         kv = self.keyring.tenant(self.tenant).primary()
         issued = now_ms()
-        header = Header("request", kv.version, issued, issued + ttl * 1000, priority,
-                        self.tenant, job_id or str(uuid.uuid4()), TASK_NAME, model)
+        header = Header(
+            "request",
+            kv.version,
+            issued,
+            issued + ttl * 1000,
+            priority,
+            self.tenant,
+            job_id or str(uuid.uuid4()),
+            TASK_NAME,
+            model,
+        )
         return header, seal(kv.keys(self.tenant), header, body, crypto=self.crypto)
 
-    def submit(self, model: str, inputs: Any, *, priority: str = "normal",
-               ttl_s: int | None = None) -> Job:
+    def submit(
+        self, model: str, inputs: Any, *, priority: str = "normal", ttl_s: int | None = None
+    ) -> Job:
         """Seal ``inputs`` for ``model`` and enqueue it; returns the `Job`.
 
         ``priority`` is a `Priority` or its name (``"high"``, ``"normal"``,
@@ -299,8 +337,14 @@ class Client:
         """
         return self.submit_many(model, [inputs], priority=priority, ttl_s=ttl_s)[0]
 
-    def submit_many(self, model: str, inputs: Sequence[Any], *, priority: str = "normal",
-                    ttl_s: int | None = None) -> list[Job]:
+    def submit_many(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        *,
+        priority: str = "normal",
+        ttl_s: int | None = None,
+    ) -> list[Job]:
         """Seal each of ``inputs`` as its own job and enqueue them all in one go.
 
         Every job is sealed, audited and acknowledged on its own, exactly as
@@ -313,8 +357,7 @@ class Client:
             raise SubmitError("submit_many takes a list of inputs")
         if not inputs:
             return []
-        sealed = [self._seal_raw(model, item, priority=priority, ttl_s=ttl_s)
-                  for item in inputs]
+        sealed = [self._seal_raw(model, item, priority=priority, ttl_s=ttl_s) for item in inputs]
         self._check_depth(priority, len(sealed))
         self._admit([h for h, _ in sealed])
         queue = queue_for(priority)
@@ -326,8 +369,11 @@ class Client:
             with backend_errors(self.settings):
                 pipe = self.backend.pipeline(transaction=False)
                 for header, raw in large:
-                    pipe.set(keyspace.payload(self.tenant, header.job_id), raw,
-                             px=header.expires_at_ms - header.issued_at_ms + 60_000)
+                    pipe.set(
+                        keyspace.payload(self.tenant, header.job_id),
+                        raw,
+                        px=header.expires_at_ms - header.issued_at_ms + 60_000,
+                    )
                 pipe.execute()
         try:
             # kombu's producer batch puts every message (and its task-sent
@@ -336,14 +382,21 @@ class Client:
                 ref = payload_ref(self.tenant)
                 for header, raw in sealed:
                     # base64 only what travels inside the message
-                    arg = ref if len(raw) > INLINE_MAX_BYTES \
+                    arg = (
+                        ref
+                        if len(raw) > INLINE_MAX_BYTES
                         else base64.b64encode(raw).decode("ascii")
+                    )
                     self.app.send_task(
-                        TASK_NAME, args=[arg], task_id=header.job_id, queue=queue,
+                        TASK_NAME,
+                        args=[arg],
+                        task_id=header.job_id,
+                        queue=queue,
                         producer=producer,
                         # Celery copies args into message headers and events for
                         # display; say what it is instead of repeating the ciphertext.
-                        argsrepr=ARGS_REPR, kwargsrepr="{}",
+                        argsrepr=ARGS_REPR,
+                        kwargsrepr="{}",
                         # Declare nothing: the job queues are the workers' (they
                         # bind them), and a producer's Redis user may only push
                         # to them (docs/security.md, Redis roles).
@@ -352,7 +405,8 @@ class Client:
         except OperationalError as exc:
             raise ServiceUnavailable(
                 f"broker unavailable ({redact_url(self.settings.broker_url)}: "
-                f"{connection_cause(exc)}); the jobs were not submitted, retry later") from None
+                f"{connection_cause(exc)}); the jobs were not submitted, retry later"
+            ) from None
         except BatchPublishError:
             # The connection broke while the batch was being sent: some jobs
             # may be queued all the same. Say so, and which, rather than
@@ -362,7 +416,8 @@ class Client:
                 f"({redact_url(self.settings.broker_url)}); these jobs may or may not have "
                 "been enqueued: check their status (ServiceUnavailable.job_ids) once the "
                 "broker is back, before submitting them again",
-                job_ids=[h.job_id for h, _ in sealed]) from None
+                job_ids=[h.job_id for h, _ in sealed],
+            ) from None
         # After the send: a marker for a job that never got enqueued would
         # report it "queued" forever. It holds the expiry, so status can tell
         # queued from expired. The jobs are enqueued by now: if the markers
@@ -371,14 +426,17 @@ class Client:
         try:
             pipe = self.backend.pipeline(transaction=False)
             for header, _ in sealed:
-                pipe.set(keyspace.submitted(self.tenant, header.job_id),
-                         str(header.expires_at_ms),
-                         ex=(header.expires_at_ms - header.issued_at_ms) // 1000
-                         + self.settings.result_ttl_s)
+                pipe.set(
+                    keyspace.submitted(self.tenant, header.job_id),
+                    str(header.expires_at_ms),
+                    ex=(header.expires_at_ms - header.issued_at_ms) // 1000
+                    + self.settings.result_ttl_s,
+                )
             pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError):
-            log.warning("%d job(s) enqueued, but their queued markers could not be written",
-                        len(sealed))
+            log.warning(
+                "%d job(s) enqueued, but their queued markers could not be written", len(sealed)
+            )
         return [Job(self, h.job_id, request_hash=h.digest()) for h, _ in sealed]
 
     def _check_depth(self, priority: str, adding: int = 1) -> None:
@@ -400,33 +458,49 @@ class Client:
         self._depth[priority] = (read_at, depth + adding)
         if depth + adding > limit:
             self._depth.pop(priority, None)
-            raise QueueFull(f"the {priority} queue is full ({depth} jobs, limit {limit}, "
-                            "MAAS_MAX_QUEUE_DEPTH); retry later", QUEUE_FULL_RETRY_S)
+            raise QueueFull(
+                f"the {priority} queue is full ({depth} jobs, limit {limit}, "
+                "MAAS_MAX_QUEUE_DEPTH); retry later",
+                QUEUE_FULL_RETRY_S,
+            )
 
     def _admit(self, headers: list[Header]) -> None:
         """Check the tenant's quota now, for fast feedback (advisory: workers charge it)."""
         policy = self.keyring.tenant(self.tenant).policy
         with backend_errors(self.settings):
-            verdict = self.quotas.advise_many(self.tenant, [h.job_id for h in headers], policy,
-                                              max(h.expires_at_ms for h in headers))
+            verdict = self.quotas.advise_many(
+                self.tenant,
+                [h.job_id for h in headers],
+                policy,
+                max(h.expires_at_ms for h in headers),
+            )
         if verdict.admitted:
             return
         if verdict.over == "rate" and verdict.retry_after_s is None:
-            raise RateLimited(f"a batch of {len(headers)} jobs is larger than tenant "
-                              f"{self.tenant!r}'s burst ({policy.effective_burst}); "
-                              "submit fewer at a time", None)
+            raise RateLimited(
+                f"a batch of {len(headers)} jobs is larger than tenant "
+                f"{self.tenant!r}'s burst ({policy.effective_burst}); "
+                "submit fewer at a time",
+                None,
+            )
         if verdict.over == "rate":
             raise RateLimited(
                 f"tenant {self.tenant!r} is over its rate limit ({policy.rate_per_s:g} jobs/s, "
                 f"burst {policy.effective_burst}); retry after {verdict.retry_after_s:.3f} s",
-                verdict.retry_after_s)
-        raise RateLimited(f"tenant {self.tenant!r} has {policy.max_in_flight} jobs in flight, "
-                          "its maximum; retry when one finishes", None)
+                verdict.retry_after_s,
+            )
+        raise RateLimited(
+            f"tenant {self.tenant!r} has {policy.max_in_flight} jobs in flight, "
+            "its maximum; retry when one finishes",
+            None,
+        )
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job of this client's tenant, by id (`UnknownJob` if the
         id is not a job id)."""
         if not keyspace.is_job_id(job_id):
-            raise UnknownJob(repr(job_id[:64]), "not a job id (job ids are UUIDs such as "
-                             "0b7e8c6a-3f1d-4c2e-9a7b-5d6e4f3a2b1c)")
+            raise UnknownJob(
+                repr(job_id[:64]),
+                "not a job id (job ids are UUIDs such as 0b7e8c6a-3f1d-4c2e-9a7b-5d6e4f3a2b1c)",
+            )
         return Job(self, job_id)

@@ -52,8 +52,8 @@ def backend_errors(settings: Settings) -> Iterator[None]:
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         raise ServiceUnavailable(
             f"result backend unavailable ({redact_url(settings.result_backend)}: "
-            f"{connection_cause(exc)}); retry later") from None
-
+            f"{connection_cause(exc)}); retry later"
+        ) from None
 
 
 class Job:
@@ -71,11 +71,18 @@ class Job:
     def _open(self, sealed: bytes) -> ResultDoc:
         s = self.client.settings
         header, body = open_envelope(
-            sealed, expect="result", keyring=self.client.own_keyring(),
-            max_bytes=s.max_result_bytes + _ENVELOPE_OVERHEAD, skew_ms=s.clock_skew_s * 1000,
-            crypto=self.client.crypto)
-        if header.job_id != self.id or header.tenant != self.client.tenant or (
-                self._request_hash is not None and header.request_hash != self._request_hash):
+            sealed,
+            expect="result",
+            keyring=self.client.own_keyring(),
+            max_bytes=s.max_result_bytes + _ENVELOPE_OVERHEAD,
+            skew_ms=s.clock_skew_s * 1000,
+            crypto=self.client.crypto,
+        )
+        if (
+            header.job_id != self.id
+            or header.tenant != self.client.tenant
+            or (self._request_hash is not None and header.request_hash != self._request_hash)
+        ):
             raise InvalidEnvelope()
         return ResultDoc.from_json(body)
 
@@ -97,8 +104,13 @@ class Job:
         r = self.client.backend
         t, j = self.tenant, self.id
         pipe = r.pipeline(transaction=False)
-        for key in (keyspace.result(t, j), keyspace.rejected(t, j), keyspace.cancel(t, j),
-                    keyspace.claim(t, j), keyspace.submitted(t, j)):
+        for key in (
+            keyspace.result(t, j),
+            keyspace.rejected(t, j),
+            keyspace.cancel(t, j),
+            keyspace.claim(t, j),
+            keyspace.submitted(t, j),
+        ):
             pipe.get(key)
         with backend_errors(self.client.settings):
             sealed, rejected, cancel, claim, submitted = pipe.execute()
@@ -106,8 +118,14 @@ class Job:
         state, reason = self._state(doc, rejected, cancel, claim, submitted)
         return JobInfo(self.id, state, reason, doc.model if doc is not None else None)
 
-    def _state(self, doc: ResultDoc | None, rejected: bytes | None, cancel: bytes | None,
-               claim: bytes | None, submitted: bytes | None) -> tuple[JobState, str | None]:
+    def _state(
+        self,
+        doc: ResultDoc | None,
+        rejected: bytes | None,
+        cancel: bytes | None,
+        claim: bytes | None,
+        submitted: bytes | None,
+    ) -> tuple[JobState, str | None]:
         if doc is not None:
             if doc.ok:
                 return JobState.SUCCEEDED, None
@@ -147,14 +165,26 @@ class Job:
         default_ms = (s.job_ttl_s + s.result_ttl_s) * 1000
         t, j = self.tenant, self.id
         with backend_errors(s):
-            done = int(self.client.cancel_script(
-                keys=[keyspace.result(t, j), keyspace.cancel(t, j), keyspace.done(t, j),
-                      keyspace.submitted(t, j), keyspace.rejected(t, j), keyspace.claim(t, j),
-                      keyspace.pending(t)],
-                args=[token, default_ms, s.result_ttl_s * 1000, j, keyspace.MAX_TTL_MS]))
+            done = int(
+                self.client.cancel_script(
+                    keys=[
+                        keyspace.result(t, j),
+                        keyspace.cancel(t, j),
+                        keyspace.done(t, j),
+                        keyspace.submitted(t, j),
+                        keyspace.rejected(t, j),
+                        keyspace.claim(t, j),
+                        keyspace.pending(t),
+                    ],
+                    args=[token, default_ms, s.result_ttl_s * 1000, j, keyspace.MAX_TTL_MS],
+                )
+            )
         if done < 0:
-            raise UnknownJob(self.id, f"no job of tenant {self.tenant!r} with this id "
-                             "(never submitted by this tenant, or expired); nothing cancelled")
+            raise UnknownJob(
+                self.id,
+                f"no job of tenant {self.tenant!r} with this id "
+                "(never submitted by this tenant, or expired); nothing cancelled",
+            )
         return bool(done)
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
@@ -179,8 +209,12 @@ class Job:
             rejected = cancel = claim = None
             if sealed is None:
                 pipe = r.pipeline(transaction=False)
-                for key in (keyspace.result(t, j), keyspace.rejected(t, j),
-                            keyspace.cancel(t, j), keyspace.claim(t, j)):
+                for key in (
+                    keyspace.result(t, j),
+                    keyspace.rejected(t, j),
+                    keyspace.cancel(t, j),
+                    keyspace.claim(t, j),
+                ):
                     pipe.get(key)
                 sealed, rejected, cancel, claim = pipe.execute()
             if sealed is not None:
@@ -196,8 +230,11 @@ class Job:
             if rejected is not None:
                 raise JobRejected(self.id, "rejected by a worker (see `maas-worker audit`)")
             # A running job still stores a (cancelled) result: wait for it.
-            if cancel is not None and (claim is None or claim == b"done") \
-                    and self._cancelled(cancel):
+            if (
+                cancel is not None
+                and (claim is None or claim == b"done")
+                and self._cancelled(cancel)
+            ):
                 raise JobCancelled(self.id, "cancelled")
             wait = _WAIT_SLICE_S
             if deadline is not None:
@@ -217,11 +254,15 @@ class Job:
         and may yet run): only the wait's end tells them apart.
         """
         suspect = claim is None and self.client.backend.exists(
-            keyspace.suspect(self.tenant, self.id))
+            keyspace.suspect(self.tenant, self.id)
+        )
         if suspect:
-            raise JobRejected(self.id, f"no result within {timeout:g} s; a worker refused a "
-                              "message carrying this job id that did not authenticate "
-                              "(altered or forged in Redis, or sealed with a key the "
-                              "workers do not hold; see `maas-worker audit`); the job has "
-                              "not started")
+            raise JobRejected(
+                self.id,
+                f"no result within {timeout:g} s; a worker refused a "
+                "message carrying this job id that did not authenticate "
+                "(altered or forged in Redis, or sealed with a key the "
+                "workers do not hold; see `maas-worker audit`); the job has "
+                "not started",
+            )
         raise ResultTimeout(f"job {self.id}: no result within {timeout:g} s")

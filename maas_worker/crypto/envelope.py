@@ -131,14 +131,25 @@ def encode_header(h: Header) -> bytes:
         raise ValueError("key_version must fit in 32 bits")
     if not (0 <= h.issued_at_ms < 2**64 and 0 <= h.expires_at_ms < 2**64):
         raise ValueError("timestamps must be non-negative milliseconds below 2**64")
-    tail = b"".join((
-        _str8(h.tenant, "tenant"), _str8(h.job_id, "job_id"),
-        _str8(h.task, "task"), _str8(h.model, "model"),
-        h.request_hash or b"",
-    ))
+    tail = b"".join(
+        (
+            _str8(h.tenant, "tenant"),
+            _str8(h.job_id, "job_id"),
+            _str8(h.task, "task"),
+            _str8(h.model, "model"),
+            h.request_hash or b"",
+        )
+    )
     size = _FIXED.size + len(tail)
-    fixed = _FIXED.pack(VERSION, _TYPE_OF[h.kind], size, h.key_version,
-                        h.issued_at_ms, h.expires_at_ms, PRIORITY_CODES[h.priority])
+    fixed = _FIXED.pack(
+        VERSION,
+        _TYPE_OF[h.kind],
+        size,
+        h.key_version,
+        h.issued_at_ms,
+        h.expires_at_ms,
+        PRIORITY_CODES[h.priority],
+    )
     return fixed + tail
 
 
@@ -167,24 +178,40 @@ def parse_unverified_header(data: bytes) -> Header:
             n = data[pos]
             if n == 0:
                 raise EnvelopeRejected(AuditReason.MALFORMED)
-            strings.append(bytes(data[pos + 1:pos + 1 + n]).decode())
+            strings.append(bytes(data[pos + 1 : pos + 1 + n]).decode())
             pos += 1 + n
         req_hash = None
         if kind == "result":
-            req_hash = bytes(data[pos:pos + HASH_BYTES])
+            req_hash = bytes(data[pos : pos + HASH_BYTES])
             pos += HASH_BYTES
         if pos != size:
             raise EnvelopeRejected(AuditReason.MALFORMED)
     except (struct.error, IndexError, UnicodeDecodeError):
         raise EnvelopeRejected(AuditReason.MALFORMED) from None
     tenant, job_id, task, model = strings
-    return Header(kind, kver, iat, exp, _PRIORITY_NAMES[prio], tenant, job_id, task, model,
-                  req_hash, bytes(data[:size]))
+    return Header(
+        kind,
+        kver,
+        iat,
+        exp,
+        _PRIORITY_NAMES[prio],
+        tenant,
+        job_id,
+        task,
+        model,
+        req_hash,
+        bytes(data[:size]),
+    )
 
 
-def seal(keys: EnvelopeKeys, header: Header, plaintext: bytes, *,
-         crypto: CryptoBackend = DEFAULT,
-         _nonce_for_test_vectors: bytes | None = None) -> bytes:
+def seal(
+    keys: EnvelopeKeys,
+    header: Header,
+    plaintext: bytes,
+    *,
+    crypto: CryptoBackend = DEFAULT,
+    _nonce_for_test_vectors: bytes | None = None,
+) -> bytes:
     """Encrypt ``plaintext`` under ``header`` and return the envelope bytes.
 
     ``crypto`` is the AES-GCM implementation (the process's choice; every one
@@ -198,8 +225,9 @@ def seal(keys: EnvelopeKeys, header: Header, plaintext: bytes, *,
     enc_key = keys.request_enc if header.kind == "request" else keys.result_enc
     if _nonce_for_test_vectors is not None and len(_nonce_for_test_vectors) != NONCE_BYTES:
         raise ValueError("a nonce is 12 bytes")
-    nonce = _nonce_for_test_vectors if _nonce_for_test_vectors is not None \
-        else os.urandom(NONCE_BYTES)
+    nonce = (
+        _nonce_for_test_vectors if _nonce_for_test_vectors is not None else os.urandom(NONCE_BYTES)
+    )
     parts = (raw, nonce, *crypto.seal_parts(enc_key, nonce, plaintext, raw))
     mac = hmac.new(keys.mac, digestmod="sha256")
     for part in parts:
@@ -222,18 +250,25 @@ class Verified:
         body = self._body
         key = self.keys.request_enc if self.header.kind == "request" else self.keys.result_enc
         try:
-            plaintext = self.crypto.open(key, bytes(body[:NONCE_BYTES]), body[NONCE_BYTES:],
-                                         self.header.raw)
+            plaintext = self.crypto.open(
+                key, bytes(body[:NONCE_BYTES]), body[NONCE_BYTES:], self.header.raw
+            )
         except ValueError:
-            raise EnvelopeRejected(AuditReason.TAMPERED, self.header,
-                                   authenticated=True) from None
+            raise EnvelopeRejected(AuditReason.TAMPERED, self.header, authenticated=True) from None
         return plaintext
 
 
-def verify(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
-           at_ms: int | None = None, skew_ms: int = 30_000,
-           max_lifetime_ms: int | None = None,
-           crypto: CryptoBackend = DEFAULT) -> Verified:
+def verify(
+    data: bytes,
+    *,
+    expect: Kind,
+    keyring: KeyLookup,
+    max_bytes: int,
+    at_ms: int | None = None,
+    skew_ms: int = 30_000,
+    max_lifetime_ms: int | None = None,
+    crypto: CryptoBackend = DEFAULT,
+) -> Verified:
     """Run every check that needs no Redis and no decryption, in the documented order.
 
     Raises `EnvelopeRejected` (an `InvalidEnvelope`) with the audit reason:
@@ -261,22 +296,38 @@ def verify(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
         raise EnvelopeRejected(AuditReason.TAMPERED, header)
     # -- authenticated from here on ---------------------------------------------
     now = now_ms() if at_ms is None else at_ms
-    if header.issued_at_ms > now + skew_ms or header.expires_at_ms <= now - skew_ms \
-            or header.expires_at_ms < header.issued_at_ms:
+    if (
+        header.issued_at_ms > now + skew_ms
+        or header.expires_at_ms <= now - skew_ms
+        or header.expires_at_ms < header.issued_at_ms
+    ):
         raise EnvelopeRejected(AuditReason.EXPIRED, header, authenticated=True)
-    if max_lifetime_ms is not None \
-            and header.expires_at_ms - header.issued_at_ms > max_lifetime_ms:
+    if max_lifetime_ms is not None and header.expires_at_ms - header.issued_at_ms > max_lifetime_ms:
         raise EnvelopeRejected(AuditReason.MALFORMED, header, authenticated=True)
-    return Verified(header, keys, view[len(header.raw):-MAC_BYTES], crypto)
+    return Verified(header, keys, view[len(header.raw) : -MAC_BYTES], crypto)
 
 
-def open_envelope(data: bytes, *, expect: Kind, keyring: KeyLookup, max_bytes: int,
-                  at_ms: int | None = None, skew_ms: int = 30_000,
-                  crypto: CryptoBackend = DEFAULT) -> tuple[Header, bytes]:
+def open_envelope(
+    data: bytes,
+    *,
+    expect: Kind,
+    keyring: KeyLookup,
+    max_bytes: int,
+    at_ms: int | None = None,
+    skew_ms: int = 30_000,
+    crypto: CryptoBackend = DEFAULT,
+) -> tuple[Header, bytes]:
     """Verify and decrypt in one step; any failure is `InvalidEnvelope` (no reason)."""
     try:
-        verified = verify(data, expect=expect, keyring=keyring, max_bytes=max_bytes,
-                          at_ms=at_ms, skew_ms=skew_ms, crypto=crypto)
+        verified = verify(
+            data,
+            expect=expect,
+            keyring=keyring,
+            max_bytes=max_bytes,
+            at_ms=at_ms,
+            skew_ms=skew_ms,
+            crypto=crypto,
+        )
         return verified.header, verified.decrypt()
     except Exception:
         # One opaque error: no reason attribute, no unverified header, and no

@@ -58,8 +58,9 @@ class CryptoBackend(ABC):
 
     # -- AES-256-GCM ---------------------------------------------------------------
     @abstractmethod
-    def seal_parts(self, key: bytes, nonce: bytes, plaintext: Buffer,
-                   aad: Buffer) -> tuple[bytes, ...]:
+    def seal_parts(
+        self, key: bytes, nonce: bytes, plaintext: Buffer, aad: Buffer
+    ) -> tuple[bytes, ...]:
         """AES-256-GCM encrypt: ciphertext || 16-byte tag, as pieces to join once.
 
         .. warning:: a nonce must never repeat under one key.
@@ -75,8 +76,9 @@ class CryptoBackend(ABC):
 
     # -- HKDF-SHA256 (RFC 5869) ------------------------------------------------------
     @abstractmethod
-    def hkdf_sha256(self, secret: bytes, *, info: bytes, salt: bytes = b"",
-                    length: int = 32) -> bytes:
+    def hkdf_sha256(
+        self, secret: bytes, *, info: bytes, salt: bytes = b"", length: int = 32
+    ) -> bytes:
         """``length`` bytes of HKDF-SHA256; an empty salt is the RFC's zero salt."""
 
     # -- Ed25519 (RFC 8032, pure) ----------------------------------------------------
@@ -127,8 +129,9 @@ class OpenSsl(CryptoBackend):
             c = self._ciphers[key] = AESGCM(key)
         return c
 
-    def seal_parts(self, key: bytes, nonce: bytes, plaintext: Buffer,
-                   aad: Buffer) -> tuple[bytes, ...]:
+    def seal_parts(
+        self, key: bytes, nonce: bytes, plaintext: Buffer, aad: Buffer
+    ) -> tuple[bytes, ...]:
         """AES-256-GCM encrypt (one piece: OpenSSL returns ciphertext and tag joined)."""
         return (self._cipher(key).encrypt(nonce, plaintext, aad),)
 
@@ -139,11 +142,13 @@ class OpenSsl(CryptoBackend):
         except InvalidTag:
             raise ValueError("tag mismatch") from None
 
-    def hkdf_sha256(self, secret: bytes, *, info: bytes, salt: bytes = b"",
-                    length: int = 32) -> bytes:
+    def hkdf_sha256(
+        self, secret: bytes, *, info: bytes, salt: bytes = b"", length: int = 32
+    ) -> bytes:
         """``length`` bytes of HKDF-SHA256."""
-        return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt or None,
-                    info=info).derive(secret)
+        return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt or None, info=info).derive(
+            secret
+        )
 
     def ed25519_public(self, seed: bytes) -> bytes:
         """The raw public key of ``seed``."""
@@ -163,14 +168,25 @@ class OpenSsl(CryptoBackend):
 
     def ed25519_private_pem(self, seed: bytes) -> str:
         """PKCS#8 PEM."""
-        return ed25519.Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()).decode()
+        return (
+            ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+            .private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            .decode()
+        )
 
     def ed25519_public_pem(self, public: bytes) -> str:
         """SubjectPublicKeyInfo PEM."""
-        return ed25519.Ed25519PublicKey.from_public_bytes(public).public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        return (
+            ed25519.Ed25519PublicKey.from_public_bytes(public)
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+            .decode()
+        )
 
     def ed25519_load_pem(self, text: str) -> tuple[bytes, bool]:
         """The raw key of an Ed25519 PEM (or OpenSSH) text and whether it is private."""
@@ -201,8 +217,9 @@ class Pycryptodome(CryptoBackend):
 
     name = "pycryptodome"
 
-    def seal_parts(self, key: bytes, nonce: bytes, plaintext: Buffer,
-                   aad: Buffer) -> tuple[bytes, ...]:
+    def seal_parts(
+        self, key: bytes, nonce: bytes, plaintext: Buffer, aad: Buffer
+    ) -> tuple[bytes, ...]:
         """AES-256-GCM encrypt (two pieces: the caller joins once, no extra copy of the body)."""
         cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=TAG_BYTES)
         cipher.update(aad)
@@ -219,8 +236,9 @@ class Pycryptodome(CryptoBackend):
         plaintext: bytes = cipher.decrypt_and_verify(view[:-TAG_BYTES], view[-TAG_BYTES:])
         return plaintext
 
-    def hkdf_sha256(self, secret: bytes, *, info: bytes, salt: bytes = b"",
-                    length: int = 32) -> bytes:
+    def hkdf_sha256(
+        self, secret: bytes, *, info: bytes, salt: bytes = b"", length: int = 32
+    ) -> bytes:
         """``length`` bytes of HKDF-SHA256."""
         key = PycHKDF(secret, length, salt, SHA256, context=info)
         assert isinstance(key, bytes)
@@ -228,14 +246,14 @@ class Pycryptodome(CryptoBackend):
 
     def ed25519_public(self, seed: bytes) -> bytes:
         """The raw public key of ``seed``."""
-        raw: bytes = ECC.construct(curve="Ed25519", seed=seed).public_key().export_key(
-            format="raw")
+        raw: bytes = ECC.construct(curve="Ed25519", seed=seed).public_key().export_key(format="raw")
         return raw
 
     def ed25519_sign(self, seed: bytes, message: bytes) -> bytes:
         """The signature of ``message``."""
-        signature: bytes = eddsa.new(ECC.construct(curve="Ed25519", seed=seed),
-                                     "rfc8032").sign(message)
+        signature: bytes = eddsa.new(ECC.construct(curve="Ed25519", seed=seed), "rfc8032").sign(
+            message
+        )
         return signature
 
     def ed25519_verify(self, public: bytes, message: bytes, signature: bytes) -> bool:

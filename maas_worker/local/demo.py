@@ -33,15 +33,204 @@ from maas_worker.tenancy.keyring import Keyring, save_keyring
 DEMO_TENANT = "demo"
 #: Three 8x8 handwritten digits from scikit-learn's held-out set (labels 2, 0, 4).
 DIGITS_SAMPLES = [
-    [0, 0, 7, 16, 14, 3, 0, 0, 0, 0, 9, 14, 11, 15, 0, 0, 0, 0, 1, 5, 0, 15, 5, 0, 0, 0, 0, 0,
-     0, 16, 5, 0, 0, 0, 0, 0, 3, 16, 4, 0, 0, 0, 0, 1, 12, 14, 1, 0, 0, 0, 5, 12, 16, 16, 14,
-     1, 0, 0, 8, 16, 14, 10, 13, 3],
-    [0, 0, 2, 14, 13, 3, 0, 0, 0, 0, 13, 13, 9, 11, 0, 0, 0, 0, 16, 7, 0, 12, 0, 0, 0, 3, 16,
-     5, 0, 10, 5, 0, 0, 5, 16, 1, 0, 8, 5, 0, 0, 3, 16, 1, 0, 10, 5, 0, 0, 0, 16, 8, 5, 14, 3,
-     0, 0, 0, 4, 16, 16, 9, 1, 0],
-    [0, 0, 0, 10, 9, 0, 0, 0, 0, 0, 5, 15, 0, 0, 9, 5, 0, 0, 14, 10, 0, 7, 16, 4, 0, 5, 16, 7,
-     5, 16, 6, 0, 0, 11, 16, 16, 16, 14, 0, 0, 0, 3, 4, 11, 16, 8, 0, 0, 0, 0, 0, 7, 16, 2, 0,
-     0, 0, 0, 0, 12, 12, 0, 0, 0],
+    [
+        0,
+        0,
+        7,
+        16,
+        14,
+        3,
+        0,
+        0,
+        0,
+        0,
+        9,
+        14,
+        11,
+        15,
+        0,
+        0,
+        0,
+        0,
+        1,
+        5,
+        0,
+        15,
+        5,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        16,
+        5,
+        0,
+        0,
+        0,
+        0,
+        0,
+        3,
+        16,
+        4,
+        0,
+        0,
+        0,
+        0,
+        1,
+        12,
+        14,
+        1,
+        0,
+        0,
+        0,
+        5,
+        12,
+        16,
+        16,
+        14,
+        1,
+        0,
+        0,
+        8,
+        16,
+        14,
+        10,
+        13,
+        3,
+    ],
+    [
+        0,
+        0,
+        2,
+        14,
+        13,
+        3,
+        0,
+        0,
+        0,
+        0,
+        13,
+        13,
+        9,
+        11,
+        0,
+        0,
+        0,
+        0,
+        16,
+        7,
+        0,
+        12,
+        0,
+        0,
+        0,
+        3,
+        16,
+        5,
+        0,
+        10,
+        5,
+        0,
+        0,
+        5,
+        16,
+        1,
+        0,
+        8,
+        5,
+        0,
+        0,
+        3,
+        16,
+        1,
+        0,
+        10,
+        5,
+        0,
+        0,
+        0,
+        16,
+        8,
+        5,
+        14,
+        3,
+        0,
+        0,
+        0,
+        4,
+        16,
+        16,
+        9,
+        1,
+        0,
+    ],
+    [
+        0,
+        0,
+        0,
+        10,
+        9,
+        0,
+        0,
+        0,
+        0,
+        0,
+        5,
+        15,
+        0,
+        0,
+        9,
+        5,
+        0,
+        0,
+        14,
+        10,
+        0,
+        7,
+        16,
+        4,
+        0,
+        5,
+        16,
+        7,
+        5,
+        16,
+        6,
+        0,
+        0,
+        11,
+        16,
+        16,
+        16,
+        14,
+        0,
+        0,
+        0,
+        3,
+        4,
+        11,
+        16,
+        8,
+        0,
+        0,
+        0,
+        0,
+        0,
+        7,
+        16,
+        2,
+        0,
+        0,
+        0,
+        0,
+        0,
+        12,
+        12,
+        0,
+        0,
+        0,
+    ],
 ]
 DIGITS_LABELS = [2, 0, 4]
 RESULT_TIMEOUT_S = 60.0
@@ -70,9 +259,12 @@ def scan_for(client: redis.Redis, markers: list[bytes]) -> tuple[int, list[str]]
             elif kind == "zset":
                 values = [m for m, _ in c.zrange(key, 0, -1, withscores=True)]
             elif kind == "stream":
-                values = [json.dumps({k.decode(): v.decode(errors="replace")
-                                      for k, v in f.items()}).encode()
-                          for _, f in c.xrange(key)]
+                values = [
+                    json.dumps(
+                        {k.decode(): v.decode(errors="replace") for k, v in f.items()}
+                    ).encode()
+                    for _, f in c.xrange(key)
+                ]
             else:
                 values = []
             blob = key + b"\n" + b"\n".join(values)
@@ -87,9 +279,14 @@ def _forge(client: Client) -> str:
     header, envelope = client.seal("echo", {"text": "forged"}, priority="high")
     raw = bytearray(base64.b64decode(envelope))
     raw[len(encode_header(header)) + NONCE_BYTES + 2] ^= 0x01  # one bit of the ciphertext
-    client.app.send_task(TASK_NAME, args=[base64.b64encode(bytes(raw)).decode()],
-                         task_id=header.job_id, queue=queue_for("high"),
-                         argsrepr=ARGS_REPR, kwargsrepr="{}")
+    client.app.send_task(
+        TASK_NAME,
+        args=[base64.b64encode(bytes(raw)).decode()],
+        task_id=header.job_id,
+        queue=queue_for("high"),
+        argsrepr=ARGS_REPR,
+        kwargsrepr="{}",
+    )
     return header.job_id
 
 
@@ -111,16 +308,21 @@ def run_demo(jobs_per_priority: int = 2) -> int:
         tmpdir = Path(tmp)
         keyring_path = tmpdir / "keyring.json"
         save_keyring(keyring_path, Keyring().with_new_tenant(DEMO_TENANT))
-        env = {**os.environ, "MAAS_BROKER_URL": server.url, "MAAS_RESULT_BACKEND": server.url,
-               "MAAS_KEYRING": str(keyring_path), "MAAS_TENANT": DEMO_TENANT,
-               "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_VISIBILITY_TIMEOUT_S": "60",
-               # the signed models shipped in the package (the digits classifier)
-               "MAAS_MODEL_DIR": str(BUNDLED_MODEL_DIR)}
+        env = {
+            **os.environ,
+            "MAAS_BROKER_URL": server.url,
+            "MAAS_RESULT_BACKEND": server.url,
+            "MAAS_KEYRING": str(keyring_path),
+            "MAAS_TENANT": DEMO_TENANT,
+            "MAAS_DIAGNOSTIC_MODELS": "1",
+            "MAAS_VISIBILITY_TIMEOUT_S": "60",
+            # the signed models shipped in the package (the digits classifier)
+            "MAAS_MODEL_DIR": str(BUNDLED_MODEL_DIR),
+        }
         for name in ("MAAS_TRUSTED_SIGNERS", "MAAS_MODEL_KEYS"):
             env.pop(name, None)
         print(f"demo: embedded Valkey at {server.url}; keyring {keyring_path} (mode 0600)")
-        worker = WorkerProcess(env=env, name="demo", log_path=tmpdir / "worker.log",
-                               concurrency=2)
+        worker = WorkerProcess(env=env, name="demo", log_path=tmpdir / "worker.log", concurrency=2)
         backend = redis.Redis.from_url(server.url)
         settings = Settings.from_env(env)
         try:
@@ -132,8 +334,9 @@ def run_demo(jobs_per_priority: int = 2) -> int:
             jobs: list[tuple[str, str, Job, float]] = []
             for priority in reversed(PRIORITIES):  # low first: high still overtakes
                 for i in range(jobs_per_priority):
-                    job = client.submit("echo", {"text": f"{marker} {priority} #{i}"},
-                                        priority=priority)
+                    job = client.submit(
+                        "echo", {"text": f"{marker} {priority} #{i}"}, priority=priority
+                    )
                     jobs.append((priority, "echo", job, time.monotonic()))
             job = client.submit("sleep", {"seconds": 0.2}, priority="normal")
             jobs.append(("normal", "sleep", job, time.monotonic()))
@@ -161,17 +364,24 @@ def run_demo(jobs_per_priority: int = 2) -> int:
                 return 1
             except JobRejected:
                 pass
-            print(f"  [forged] one bit flipped in Redis -> refused, audit: "
-                  f"{rec.reason if rec else 'MISSING'}; the model never ran")
+            print(
+                f"  [forged] one bit flipped in Redis -> refused, audit: "
+                f"{rec.reason if rec else 'MISSING'}; the model never ran"
+            )
             keys_read, hits = scan_for(backend, [marker.encode(), b"forged"])
-            print(f"demo: scanned {keys_read} Redis keys for the plaintext: "
-                  f"{'none found' if not hits else 'FOUND in ' + ', '.join(hits)}")
+            print(
+                f"demo: scanned {keys_read} Redis keys for the plaintext: "
+                f"{'none found' if not hits else 'FOUND in ' + ', '.join(hits)}"
+            )
             elapsed = time.monotonic() - started
-            passed = (rec is not None and rec.reason == AuditReason.TAMPERED and not hits
-                      and digits_ok)
-            print(f"demo: {ok} jobs succeeded ({', '.join(PRIORITIES)}), 1 forged job rejected "
-                  f"and audited, {'no leak' if not hits else 'LEAK'}; {elapsed:.1f} s "
-                  f"{'OK' if passed else 'FAILED'}")
+            passed = (
+                rec is not None and rec.reason == AuditReason.TAMPERED and not hits and digits_ok
+            )
+            print(
+                f"demo: {ok} jobs succeeded ({', '.join(PRIORITIES)}), 1 forged job rejected "
+                f"and audited, {'no leak' if not hits else 'LEAK'}; {elapsed:.1f} s "
+                f"{'OK' if passed else 'FAILED'}"
+            )
             return 0 if passed else 1
         except MaasError as exc:
             print(f"demo: FAILED: {exc}\n--- worker log ---\n{worker.log_tail()}")

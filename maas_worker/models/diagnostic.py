@@ -35,10 +35,12 @@ class SleepModel:
     def predict(self, inputs: Any) -> dict[str, Any]:
         """Sleep, then return how long it slept."""
         seconds = inputs.get("seconds") if isinstance(inputs, dict) else None
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
-                or not 0 <= seconds <= MAX_SLEEP_S:
-            raise ModelError(f"sleep needs {{\"seconds\": 0..{MAX_SLEEP_S:g}}}",
-                             reason="bad_input")
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not 0 <= seconds <= MAX_SLEEP_S
+        ):
+            raise ModelError(f'sleep needs {{"seconds": 0..{MAX_SLEEP_S:g}}}', reason="bad_input")
         start = time.monotonic()
         time.sleep(seconds)
         return {"slept": round(time.monotonic() - start, 3)}

@@ -108,11 +108,17 @@ class Manifest:
             "version": self.version,
             "runtime": self.runtime,
             "artifact": self.artifact,
-            "input": {"name": self.input.name, "key": self.input.key,
-                      "shape": list(self.input.shape), "dtype": self.input.dtype},
+            "input": {
+                "name": self.input.name,
+                "key": self.input.key,
+                "shape": list(self.input.shape),
+                "dtype": self.input.dtype,
+            },
             "outputs": [{"name": o.name, "key": o.key} for o in self.outputs],
-            "files": {n: {"sha256": f.sha256, "size": f.size, "encrypted": f.encrypted}
-                      for n, f in self.files.items()},
+            "files": {
+                n: {"sha256": f.sha256, "size": f.size, "encrypted": f.encrypted}
+                for n, f in self.files.items()
+            },
             "signer": self.signer,
             "created_at": self.created_at,
             "max_batch": self.max_batch,
@@ -145,8 +151,9 @@ class Manifest:
 
 def canonical_json(doc: Mapping[str, Any]) -> bytes:
     """Sorted keys, two-space indent, ASCII only, one final newline."""
-    return (json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=True,
-                       allow_nan=False) + "\n").encode("ascii")
+    return (
+        json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=True, allow_nan=False) + "\n"
+    ).encode("ascii")
 
 
 def now_iso() -> str:
@@ -156,16 +163,24 @@ def now_iso() -> str:
 
 def check_file_name(name: object) -> str:
     """``name`` if it is a plain file name allowed in a version directory, else ValueError."""
-    if not isinstance(name, str) or not FILE_NAME_RE.fullmatch(name) or ".." in name \
-            or name in _RESERVED:
+    if (
+        not isinstance(name, str)
+        or not FILE_NAME_RE.fullmatch(name)
+        or ".." in name
+        or name in _RESERVED
+    ):
         raise ValueError("invalid file name in manifest")
     return name
 
 
 def _str(doc: Mapping[str, Any], key: str, pattern: re.Pattern[str] | None = None) -> str:
     value = doc.get(key)
-    if not isinstance(value, str) or not value or len(value) > 256 or (
-            pattern is not None and not pattern.fullmatch(value)):
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 256
+        or (pattern is not None and not pattern.fullmatch(value))
+    ):
         raise ValueError(f"manifest field {key!r} is missing or invalid")
     return value
 
@@ -201,16 +216,18 @@ def _from_json(doc: object) -> Manifest:
     raw_out = doc.get("outputs")
     if not isinstance(raw_out, list) or not raw_out:
         raise ValueError("manifest outputs must be a non-empty list")
-    outputs = tuple(OutputSpec(_str(o, "name"), _str(o, "key"))
-                    for o in (_obj(o, "outputs") for o in raw_out))
+    outputs = tuple(
+        OutputSpec(_str(o, "name"), _str(o, "key")) for o in (_obj(o, "outputs") for o in raw_out)
+    )
     files: dict[str, FileEntry] = {}
     for name, raw in _obj(doc.get("files"), "files").items():
         entry = _obj(raw, "files")
         encrypted = entry.get("encrypted", False)
         if not isinstance(encrypted, bool):
             raise ValueError("manifest field 'encrypted' must be a boolean")
-        files[check_file_name(name)] = FileEntry(_str(entry, "sha256", _SHA256_RE),
-                                                 _int(entry.get("size"), "size", 0), encrypted)
+        files[check_file_name(name)] = FileEntry(
+            _str(entry, "sha256", _SHA256_RE), _int(entry.get("size"), "size", 0), encrypted
+        )
     artifact = check_file_name(_str(doc, "artifact"))
     if artifact not in files:
         raise ValueError("manifest artifact is not among its files")
@@ -220,14 +237,21 @@ def _from_json(doc: object) -> Manifest:
     if (key_id is None) == any(f.encrypted for f in files.values()):
         raise ValueError("encrypted files need exactly one encryption_key_id")
     metadata = _obj(doc.get("metadata", {}), "metadata")
-    if not all(isinstance(v, str | int | float) and not isinstance(v, bool)
-               for v in metadata.values()):
+    if not all(
+        isinstance(v, str | int | float) and not isinstance(v, bool) for v in metadata.values()
+    ):
         raise ValueError("manifest metadata values must be strings or numbers")
     return Manifest(
-        name=_str(doc, "name", MODEL_NAME_RE), version=_str(doc, "version", VERSION_RE),
-        artifact=artifact, input=inp, outputs=outputs, files=files,
-        signer=_str(doc, "signer", KEY_ID_RE), created_at=_str(doc, "created_at"),
-        runtime=runtime, encryption_key_id=key_id,
+        name=_str(doc, "name", MODEL_NAME_RE),
+        version=_str(doc, "version", VERSION_RE),
+        artifact=artifact,
+        input=inp,
+        outputs=outputs,
+        files=files,
+        signer=_str(doc, "signer", KEY_ID_RE),
+        created_at=_str(doc, "created_at"),
+        runtime=runtime,
+        encryption_key_id=key_id,
         max_batch=_int(doc.get("max_batch", DEFAULT_MAX_BATCH), "max_batch", 1),
         metadata=metadata,
     )

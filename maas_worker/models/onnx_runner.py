@@ -23,8 +23,12 @@ from maas_worker.errors import ModelError, ModelRejected
 from maas_worker.models.manifest import InputSpec, Manifest
 
 #: ONNX Runtime's tensor type names for the dtypes a manifest may declare.
-ORT_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)",
-             "int32": "tensor(int32)", "int64": "tensor(int64)"}
+ORT_TYPES = {
+    "float32": "tensor(float)",
+    "float64": "tensor(double)",
+    "int32": "tensor(int32)",
+    "int64": "tensor(int64)",
+}
 _KINDS = {"float32": "iuf", "float64": "iuf", "int32": "iu", "int64": "iu"}
 
 
@@ -46,8 +50,9 @@ def create_session(model: bytes | str) -> ort.InferenceSession:
     `ModelRejected` if ONNX Runtime cannot load it.
     """
     try:
-        return ort.InferenceSession(model, sess_options=session_options(),
-                                    providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model, sess_options=session_options(), providers=["CPUExecutionProvider"]
+        )
     except Exception:
         raise ModelRejected("not a loadable ONNX model") from None
 
@@ -60,8 +65,12 @@ def check_session(session: ort.InferenceSession, manifest: Manifest) -> None:
     """Refuse a model whose graph does not match what its manifest declares."""
     inputs = session.get_inputs()
     spec = manifest.input
-    if len(inputs) != 1 or inputs[0].name != spec.name \
-            or inputs[0].type != ORT_TYPES[spec.dtype] or len(inputs[0].shape) != len(spec.shape):
+    if (
+        len(inputs) != 1
+        or inputs[0].name != spec.name
+        or inputs[0].type != ORT_TYPES[spec.dtype]
+        or len(inputs[0].shape) != len(spec.shape)
+    ):
         raise ModelRejected("the model's input does not match its manifest")
     for declared, actual in zip(spec.shape, inputs[0].shape, strict=True):
         if isinstance(actual, int) and declared != actual:
@@ -89,34 +98,41 @@ class OnnxModel:
     def validate(self, inputs: Any) -> np.ndarray[Any, Any]:
         """The job's input as an array the model accepts, or `ModelError` (bad_input)."""
         spec = self.manifest.input
-        expected = (f"{{{spec.key!r}: array of numbers with shape {_shape_text(spec)}"
-                    f", N <= {self.manifest.max_batch}}}")
+        expected = (
+            f"{{{spec.key!r}: array of numbers with shape {_shape_text(spec)}"
+            f", N <= {self.manifest.max_batch}}}"
+        )
         if not isinstance(inputs, dict) or spec.key not in inputs:
             raise ModelError(f"{self.manifest.ref} takes {expected}", reason="bad_input")
         try:
             raw = np.array(inputs[spec.key])
         except (ValueError, TypeError, OverflowError):
-            raise ModelError(f"{self.manifest.ref} takes {expected}: got a ragged array",
-                             reason="bad_input") from None
+            raise ModelError(
+                f"{self.manifest.ref} takes {expected}: got a ragged array", reason="bad_input"
+            ) from None
         if raw.dtype.kind not in _KINDS[spec.dtype]:
-            raise ModelError(f"{self.manifest.ref} takes {expected}: got non-numbers",
-                             reason="bad_input")
+            raise ModelError(
+                f"{self.manifest.ref} takes {expected}: got non-numbers", reason="bad_input"
+            )
         got = "[" + ", ".join(str(d) for d in raw.shape) + "]"
         ok = raw.ndim == len(spec.shape) and all(
-            d is None or d == n for d, n in zip(spec.shape, raw.shape, strict=True))
-        batch_ok = all(1 <= n <= self.manifest.max_batch
-                       for d, n in zip(spec.shape, raw.shape, strict=False) if d is None)
+            d is None or d == n for d, n in zip(spec.shape, raw.shape, strict=True)
+        )
+        batch_ok = all(
+            1 <= n <= self.manifest.max_batch
+            for d, n in zip(spec.shape, raw.shape, strict=False)
+            if d is None
+        )
         if not (ok and batch_ok):
-            raise ModelError(f"{self.manifest.ref} takes {expected}: got shape {got}",
-                             reason="bad_input")
+            raise ModelError(
+                f"{self.manifest.ref} takes {expected}: got shape {got}", reason="bad_input"
+            )
         with np.errstate(over="ignore", invalid="ignore"):
             array = raw.astype(spec.dtype)
         if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise ModelError(f"{self.manifest.ref} takes finite numbers only",
-                             reason="bad_input")
+            raise ModelError(f"{self.manifest.ref} takes finite numbers only", reason="bad_input")
         if array.dtype.kind != "f" and not np.array_equal(array, raw):
-            raise ModelError(f"{self.manifest.ref} takes {spec.dtype} values",
-                             reason="bad_input")
+            raise ModelError(f"{self.manifest.ref} takes {spec.dtype} values", reason="bad_input")
         return array
 
     def predict(self, inputs: Any) -> dict[str, Any]:
@@ -156,7 +172,7 @@ class OnnxModel:
             rows = array.shape[0]
             result: dict[str, Any] = {}
             for spec, value in zip(self.manifest.outputs, values, strict=True):
-                part = value[start:start + rows]
+                part = value[start : start + rows]
                 if part.dtype.kind == "f" and not np.isfinite(part).all():
                     out[i] = ModelError("the model produced a non-finite value")
                     break

@@ -39,13 +39,18 @@ from maas_worker.models.manifest import (
 from maas_worker.models.signing import SigningKey
 
 #: ONNX Runtime's type names back to numpy dtype names.
-_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
-           "tensor(int32)": "int32", "tensor(int64)": "int64"}
+_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
 ARTIFACT_SUFFIXES = (".onnx", ".onnx.enc")
 
 
-def encrypt_file(src: Path, dst: Path, key: ModelKey, *,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def encrypt_file(
+    src: Path, dst: Path, key: ModelKey, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> int:
     """Encrypt the file ``src`` to ``dst`` (streamed; written atomically); bytes written."""
     tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}")
     try:
@@ -76,8 +81,9 @@ def _plain_model_bytes(path: Path, model_keys: ModelKeys | None) -> bytes:
     if not is_encrypted(head):
         return path.read_bytes()
     if model_keys is None:
-        raise ConfigError(f"{path.name} is encrypted: pass the model keys (--keys) to read "
-                          "its inputs and outputs")
+        raise ConfigError(
+            f"{path.name} is encrypted: pass the model keys (--keys) to read its inputs and outputs"
+        )
     key = model_keys.get(key_id_of(head))
     sink = io.BytesIO()
     with path.open("rb") as f:
@@ -97,23 +103,33 @@ def introspect(model_bytes: bytes) -> tuple[InputSpec, list[str]]:
     if len(inputs) != 1 or inputs[0].type not in _DTYPES:
         raise ConfigError("the model must have exactly one float or integer tensor input")
     shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape)
-    return (InputSpec(inputs[0].name, "inputs", shape, _DTYPES[inputs[0].type]),
-            [o.name for o in session.get_outputs()])
+    return (
+        InputSpec(inputs[0].name, "inputs", shape, _DTYPES[inputs[0].type]),
+        [o.name for o in session.get_outputs()],
+    )
 
 
 def _find_artifact(version_dir: Path, files: list[str]) -> str:
     found = [f for f in files if f.endswith(ARTIFACT_SUFFIXES)]
     if len(found) != 1:
-        raise ConfigError(f"{version_dir}: expected exactly one *.onnx or *.onnx.enc file, "
-                          f"found {len(found)}; name it with --artifact")
+        raise ConfigError(
+            f"{version_dir}: expected exactly one *.onnx or *.onnx.enc file, "
+            f"found {len(found)}; name it with --artifact"
+        )
     return found[0]
 
 
-def build_manifest(version_dir: Path, signer: str, *, artifact: str | None = None,
-                   input_key: str = "inputs", output_keys: Mapping[str, str] | None = None,
-                   max_batch: int = DEFAULT_MAX_BATCH,
-                   metadata: Mapping[str, str | int | float] | None = None,
-                   model_keys: ModelKeys | None = None) -> Manifest:
+def build_manifest(
+    version_dir: Path,
+    signer: str,
+    *,
+    artifact: str | None = None,
+    input_key: str = "inputs",
+    output_keys: Mapping[str, str] | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    metadata: Mapping[str, str | int | float] | None = None,
+    model_keys: ModelKeys | None = None,
+) -> Manifest:
     """The manifest for the files now in ``version_dir`` (``<name>/<version>/``).
 
     Input and outputs are read from the ONNX graph (an encrypted artifact is
@@ -123,9 +139,13 @@ def build_manifest(version_dir: Path, signer: str, *, artifact: str | None = Non
     name, version = version_dir.resolve().parent.name, version_dir.resolve().name
     if not MODEL_NAME_RE.fullmatch(name) or not VERSION_RE.fullmatch(version):
         raise ConfigError(f"{version_dir} is not <model name>/<version>/ (e.g. digits/2)")
-    names = sorted(p.name for p in version_dir.iterdir()
-                   if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)
-                   and not p.name.startswith("."))
+    names = sorted(
+        p.name
+        for p in version_dir.iterdir()
+        if p.is_file()
+        and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)
+        and not p.name.startswith(".")
+    )
     for n in names:
         try:
             check_file_name(n)
@@ -150,15 +170,21 @@ def build_manifest(version_dir: Path, signer: str, *, artifact: str | None = Non
     keys = dict(output_keys) if output_keys else {o: o for o in outputs}
     missing = set(keys) - set(outputs)
     if missing:
-        raise ConfigError(f"the model has no output(s) {', '.join(sorted(missing))} "
-                          f"(it has {', '.join(outputs)})")
+        raise ConfigError(
+            f"the model has no output(s) {', '.join(sorted(missing))} (it has {', '.join(outputs)})"
+        )
     return Manifest(
-        name=name, version=version, artifact=artifact,
+        name=name,
+        version=version,
+        artifact=artifact,
         input=InputSpec(spec.name, input_key, spec.shape, spec.dtype),
         outputs=tuple(OutputSpec(o, keys[o]) for o in outputs if o in keys),
-        files=files, signer=signer, created_at=now_iso(),
+        files=files,
+        signer=signer,
+        created_at=now_iso(),
         encryption_key_id=next(iter(key_ids)) if key_ids else None,
-        max_batch=max_batch, metadata=dict(metadata or {}),
+        max_batch=max_batch,
+        metadata=dict(metadata or {}),
     )
 
 

@@ -86,9 +86,15 @@ class Release:
 
     def body(self) -> dict[str, Any]:
         """The signed document."""
-        return {"format": RELEASE_FORMAT, "name": self.name, "version": self.version,
-                "serial": self.serial, "manifest_sha256": self.manifest_sha256,
-                "signer": self.signer, "issued_at": self.issued_at}
+        return {
+            "format": RELEASE_FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "serial": self.serial,
+            "manifest_sha256": self.manifest_sha256,
+            "signer": self.signer,
+            "issued_at": self.issued_at,
+        }
 
     def signed_bytes(self) -> bytes:
         """What the signature covers (after `RELEASE_CONTEXT`)."""
@@ -113,17 +119,22 @@ class Release:
             doc = json.loads(data)
         except (ValueError, RecursionError):
             raise ModelRejected("release.json is not JSON") from None
-        if not isinstance(doc, dict) or set(doc) != {"release", "signature"} \
-                or not isinstance(doc["release"], dict) or not isinstance(doc["signature"], dict) \
-                or set(doc["signature"]) != {"key_id", "signature"}:
+        if (
+            not isinstance(doc, dict)
+            or set(doc) != {"release", "signature"}
+            or not isinstance(doc["release"], dict)
+            or not isinstance(doc["signature"], dict)
+            or set(doc["signature"]) != {"key_id", "signature"}
+        ):
             raise ModelRejected("release.json is malformed")
         try:
             body_bytes = canonical_json(doc["release"])
         except ValueError:
             raise ModelRejected("release.json is malformed") from None
         try:
-            signer = signers.verify(body_bytes, canonical_json(doc["signature"]),
-                                    context=RELEASE_CONTEXT)
+            signer = signers.verify(
+                body_bytes, canonical_json(doc["signature"]), context=RELEASE_CONTEXT
+            )
         except ModelRejected as exc:
             raise ModelRejected(f"release {exc}") from None
         try:
@@ -140,8 +151,15 @@ class Release:
 def _from_json(doc: Mapping[str, Any]) -> Release:
     if doc.get("format") != RELEASE_FORMAT:
         raise ValueError(f"unsupported release format (expected {RELEASE_FORMAT})")
-    if set(doc) != {"format", "name", "version", "serial", "manifest_sha256", "signer",
-                    "issued_at"}:
+    if set(doc) != {
+        "format",
+        "name",
+        "version",
+        "serial",
+        "manifest_sha256",
+        "signer",
+        "issued_at",
+    }:
         raise ValueError("release fields are missing or unknown")
 
     def text(key: str) -> str:
@@ -150,8 +168,12 @@ def _from_json(doc: Mapping[str, Any]) -> Release:
             raise ValueError(f"release field {key!r} is invalid")
         return value
 
-    name, version, signer, digest = (text("name"), text("version"), text("signer"),
-                                     text("manifest_sha256"))
+    name, version, signer, digest = (
+        text("name"),
+        text("version"),
+        text("signer"),
+        text("manifest_sha256"),
+    )
     serial = doc["serial"]
     if not MODEL_NAME_RE.fullmatch(name) or not VERSION_RE.fullmatch(version):
         raise ValueError("release names an invalid model or version")
@@ -171,8 +193,10 @@ def mismatch(release: Release, manifest: Manifest, digest: str | None = None) ->
     owner) and name that exact manifest (``digest``: its SHA-256, if known).
     """
     if manifest.signer != release.signer:
-        return (f"the release is signed by {release.signer}, not by the signer of "
-                f"{release.ref} (the model's owner)")
+        return (
+            f"the release is signed by {release.signer}, not by the signer of "
+            f"{release.ref} (the model's owner)"
+        )
     if (digest or manifest_digest(manifest)) != release.manifest_sha256:
         return f"{release.ref} is not the build the release names (its manifest differs)"
     return None
@@ -228,7 +252,8 @@ def write_release(model_dir: Path, key: SigningKey, manifest: Manifest, serial: 
         raise ValueError("the manifest is for another model than this folder")
     if isinstance(serial, bool) or not 1 <= serial <= MAX_SERIAL:
         raise ValueError(f"serial must be from 1 to {MAX_SERIAL}")
-    release = Release(manifest.name, manifest.version, serial, manifest_digest(manifest),
-                      key.key_id, now_iso())
+    release = Release(
+        manifest.name, manifest.version, serial, manifest_digest(manifest), key.key_id, now_iso()
+    )
     write_atomic(model_dir / RELEASE_FILE, release.to_file(key), private=False)
     return release

@@ -100,10 +100,10 @@ def _read_small(path: Path, limit: int, missing: str) -> bytes:
 
 def verify_manifest(version_dir: Path, signers: TrustedSigners) -> Manifest:
     """Signature, then manifest, then every file's presence and size; `ModelRejected`."""
-    sig = _read_small(version_dir / SIGNATURE_FILE, MAX_SIGNATURE_FILE,
-                      "unsigned (no manifest.sig)")
-    raw = _read_small(version_dir / MANIFEST_FILE, MAX_MANIFEST_BYTES,
-                      "no manifest.json")
+    sig = _read_small(
+        version_dir / SIGNATURE_FILE, MAX_SIGNATURE_FILE, "unsigned (no manifest.sig)"
+    )
+    raw = _read_small(version_dir / MANIFEST_FILE, MAX_MANIFEST_BYTES, "no manifest.json")
     signer = signers.verify(raw, sig)
     try:
         manifest = Manifest.parse_verified(raw)
@@ -151,8 +151,9 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_verified(version_dir: Path, manifest: Manifest,
-                  model_keys: Callable[[], ModelKeys]) -> OnnxModel:
+def load_verified(
+    version_dir: Path, manifest: Manifest, model_keys: Callable[[], ModelKeys]
+) -> OnnxModel:
     """Hash every file, decrypt the artifact in memory if needed, build the session.
 
     ``manifest`` must come from `verify_manifest`. Raises `ModelRejected`.
@@ -202,9 +203,11 @@ def _plaintext_sink() -> Iterator[tuple[BinaryIO, Callable[[], bytes | str]]]:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("maas-model", os.MFD_CLOEXEC)
         with os.fdopen(fd, "w+b") as mem:
+
             def path() -> str:
                 mem.flush()
                 return f"/proc/self/fd/{mem.fileno()}"
+
             yield mem, path
     else:  # pragma: no cover - not Linux
         buf = io.BytesIO()
@@ -260,12 +263,18 @@ class ModelRepository:
     instance's memory only). Thread-safe: a lock serialises scans and loads.
     """
 
-    def __init__(self, root: Path, *, signers: Callable[[], tuple[TrustedSigners, bool]],
-                 model_keys: Callable[[], ModelKeys], on_reject: RejectHook | None = None,
-                 on_load: LoadHook | None = None,
-                 rescan_interval_s: float = DEFAULT_RESCAN_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic,
-                 release_floor: ReleaseFloor | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        signers: Callable[[], tuple[TrustedSigners, bool]],
+        model_keys: Callable[[], ModelKeys],
+        on_reject: RejectHook | None = None,
+        on_load: LoadHook | None = None,
+        rescan_interval_s: float = DEFAULT_RESCAN_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        release_floor: ReleaseFloor | None = None,
+    ) -> None:
         self.root = root
         self._signers = signers
         self._model_keys = model_keys
@@ -303,8 +312,9 @@ class ModelRepository:
             out.extend(f"{name}@{v}" for v in sorted(by_name.get(name, ()), key=version_key))
         return out
 
-    def get(self, name: str, version: str | None, *,
-            signers: Collection[str] | None = None) -> Model | None:
+    def get(
+        self, name: str, version: str | None, *, signers: Collection[str] | None = None
+    ) -> Model | None:
         """The loaded model, None if there is no such (allowed) model.
 
         Raises `ModelRejected` when the asked-for version fails verification,
@@ -333,8 +343,10 @@ class ModelRepository:
             try:
                 return self._loaded(name, release.version, entry)
             except ModelRejected:
-                raise ModelRejected(f"{name}: released version {release.ref} is refused: "
-                                    f"{entry.rejected or 'refused'}") from None
+                raise ModelRejected(
+                    f"{name}: released version {release.ref} is refused: "
+                    f"{entry.rejected or 'refused'}"
+                ) from None
 
     def scan(self) -> None:
         """Rescan now."""
@@ -387,8 +399,12 @@ class ModelRepository:
                 entry.failed, entry.rejected = True, str(exc)
                 self._reject(ref, str(exc), "load")
                 raise ModelRejected(f"{ref}: {exc}") from None
-            log.info("model %s loaded (signer %s%s)", ref, entry.manifest.signer,
-                     ", encrypted" if entry.manifest.encrypted else "")
+            log.info(
+                "model %s loaded (signer %s%s)",
+                ref,
+                entry.manifest.signer,
+                ", encrypted" if entry.manifest.encrypted else "",
+            )
         return entry.model
 
     def _status(self, name: str) -> tuple[_Entry | None, str | None]:
@@ -411,8 +427,10 @@ class ModelRepository:
             return None, wrong
         self._check_floor(name, state)
         if release.serial < state.floor_high:
-            return None, (f"release serial {release.serial} is below the highest seen "
-                          f"({state.floor_high}): rollback refused")
+            return None, (
+                f"release serial {release.serial} is below the highest seen "
+                f"({state.floor_high}): rollback refused"
+            )
         if entry.failed:
             return entry, f"released version {release.ref} is refused: {entry.rejected}"
         return entry, None
@@ -431,8 +449,11 @@ class ModelRepository:
                 log.exception("could not record the release serial of %s", name)
             state.floor_retry_at = now + FLOOR_RETRY_S if persisted is None else None
             if persisted is None:
-                log.warning("release floor unreachable: %s checked against this process's "
-                            "memory only, for now", name)
+                log.warning(
+                    "release floor unreachable: %s checked against this process's "
+                    "memory only, for now",
+                    name,
+                )
         high = max(self._floor.get(name, 0), persisted or 0, serial)
         state.floor_checked, state.floor_high = True, high
         if serial >= high:
@@ -478,10 +499,14 @@ class ModelRepository:
             del self._entries[key]
         self._scan_releases(layout, signers)
 
-    def _scan_releases(self, layout: dict[str, tuple[Path, list[Path]]],
-                       signers: TrustedSigners) -> None:
-        names = {name for name, (model_dir, versions) in layout.items()
-                 if versions or release_stamp(model_dir) is not None}
+    def _scan_releases(
+        self, layout: dict[str, tuple[Path, list[Path]]], signers: TrustedSigners
+    ) -> None:
+        names = {
+            name
+            for name, (model_dir, versions) in layout.items()
+            if versions or release_stamp(model_dir) is not None
+        }
         for name in set(self._releases) - names:
             del self._releases[name]
         for name in sorted(names):
@@ -503,8 +528,7 @@ class ModelRepository:
                 if problem is not None:
                     self._reject(name, problem, "scan")
                 elif (release := self._releases[name].release) is not None:
-                    log.info("model %s released: %s (serial %d)", name, release.ref,
-                             release.serial)
+                    log.info("model %s released: %s (serial %d)", name, release.ref, release.serial)
         for name in set(self._problems) - names:
             del self._problems[name]
 
@@ -520,8 +544,11 @@ class ModelRepository:
                 continue
             versions: list[Path] = []
             with contextlib.suppress(OSError):
-                versions = [v for v in sorted(name_dir.iterdir())
-                            if VERSION_RE.fullmatch(v.name) and v.is_dir()]
+                versions = [
+                    v
+                    for v in sorted(name_dir.iterdir())
+                    if VERSION_RE.fullmatch(v.name) and v.is_dir()
+                ]
             out[name_dir.name] = (name_dir, versions)
         return out
 

@@ -71,8 +71,7 @@ class SigningKey:
         such as a release pointer, signs under its own label).
         """
         sig = self.key.sign(context + manifest_bytes)
-        return canonical_json({"key_id": self.key_id,
-                               "signature": base64.b64encode(sig).decode()})
+        return canonical_json({"key_id": self.key_id, "signature": base64.b64encode(sig).decode()})
 
     def save(self, path: Path) -> Path:
         """Write the private key (mode 0600, refusing to overwrite) and ``<path>.pub``.
@@ -100,8 +99,9 @@ class SigningKey:
         except OSError as exc:
             raise ConfigError(f"cannot read signing key {path}: {exc.strerror}") from None
         if mode & 0o077:
-            raise ConfigError(f"signing key {path} is accessible by group or others; "
-                              f"run: chmod 600 {path}")
+            raise ConfigError(
+                f"signing key {path} is accessible by group or others; run: chmod 600 {path}"
+            )
         try:
             key = load_ed25519_pem(text)
         except ValueError:
@@ -130,8 +130,9 @@ def _key_files(paths: Iterable[Path]) -> list[Path]:
     files: list[Path] = []
     for p in paths:
         if p.is_dir():
-            files.extend(sorted(f for f in p.iterdir()
-                                if f.is_file() and f.suffix in PUBLIC_KEY_SUFFIXES))
+            files.extend(
+                sorted(f for f in p.iterdir() if f.is_file() and f.suffix in PUBLIC_KEY_SUFFIXES)
+            )
         elif p.is_file():
             files.append(p)
         else:
@@ -154,8 +155,9 @@ class TrustedSigners:
             keys[key_id(key)] = key
         return cls(keys)
 
-    def verify(self, manifest_bytes: bytes, signature_file: bytes, *,
-               context: bytes = SIGNATURE_CONTEXT) -> str:
+    def verify(
+        self, manifest_bytes: bytes, signature_file: bytes, *, context: bytes = SIGNATURE_CONTEXT
+    ) -> str:
         """Check ``manifest.sig`` over the manifest bytes; return the signer's key id.
 
         Raises `ModelRejected` (unsigned/malformed signature, untrusted signer,

@@ -67,8 +67,9 @@ class Decision:
     reason: str
 
 
-def decide(view: PoolView, *, min_size: int, max_size: int, policy: AutoscalePolicy,
-           quiet_for_s: float) -> Decision:
+def decide(
+    view: PoolView, *, min_size: int, max_size: int, policy: AutoscalePolicy, quiet_for_s: float
+) -> Decision:
     """The pure sizing rule (module docstring); ``quiet_for_s``: time since a job waited."""
     demand = view.running + view.waiting + view.queued
     wanted = max(min_size, min(max_size, demand))
@@ -78,12 +79,17 @@ def decide(view: PoolView, *, min_size: int, max_size: int, policy: AutoscalePol
         old_enough = view.oldest_age_s is None or view.oldest_age_s >= policy.grow_after_s
         if view.waiting > 0 or (view.queued > 0 and old_enough):
             if view.memory_pct > policy.max_memory_pct:
-                return Decision(view.current, wanted,
-                                f"no headroom: memory {view.memory_pct:.0f}% > "
-                                f"{policy.max_memory_pct:g}%")
+                return Decision(
+                    view.current,
+                    wanted,
+                    f"no headroom: memory {view.memory_pct:.0f}% > {policy.max_memory_pct:g}%",
+                )
             if view.cpu_pct > policy.max_cpu_pct:
-                return Decision(view.current, wanted,
-                                f"no headroom: cpu {view.cpu_pct:.0f}% > {policy.max_cpu_pct:g}%")
+                return Decision(
+                    view.current,
+                    wanted,
+                    f"no headroom: cpu {view.cpu_pct:.0f}% > {policy.max_cpu_pct:g}%",
+                )
             return Decision(wanted, wanted, "backlog")
         return Decision(view.current, wanted, "backlog too young")
     floor = max(min_size, view.running)
@@ -110,8 +116,7 @@ class HeadroomProbe:
         self.interval_s = interval_s
         self.reading: _Reading | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="maas-autoscale-probe",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="maas-autoscale-probe", daemon=True)
         self._failing = False
 
     def start(self) -> None:
@@ -133,13 +138,19 @@ class HeadroomProbe:
             backlog = read_backlog(self._client)
         except redis.RedisError as exc:
             if not self._failing:
-                log.warning("autoscaler cannot read the backlog (%s); holding the pool size",
-                            type(exc).__name__)
+                log.warning(
+                    "autoscaler cannot read the backlog (%s); holding the pool size",
+                    type(exc).__name__,
+                )
             self._failing = True
             return
         self._failing = False
-        self.reading = _Reading(backlog, float(psutil.virtual_memory().percent),
-                                float(psutil.cpu_percent(interval=None)), time.monotonic())
+        self.reading = _Reading(
+            backlog,
+            float(psutil.virtual_memory().percent),
+            float(psutil.cpu_percent(interval=None)),
+            time.monotonic(),
+        )
 
 
 def pool_state(scaler: Any) -> dict[str, int] | None:
@@ -148,22 +159,39 @@ def pool_state(scaler: Any) -> dict[str, int] | None:
         return None
     decision = scaler.last_decision
     current = scaler.processes
-    return {"current": current, "desired": decision.wanted if decision else current,
-            "min": scaler.min_concurrency, "max": scaler.max_concurrency}
+    return {
+        "current": current,
+        "desired": decision.wanted if decision else current,
+        "min": scaler.min_concurrency,
+        "max": scaler.max_concurrency,
+    }
 
 
 class BacklogAutoscaler(Autoscaler):  # type: ignore[misc]  # Celery is untyped
     """Celery ``worker_autoscaler`` that sizes the pool by the Redis backlog and headroom."""
 
-    def __init__(self, pool: Any, max_concurrency: int, min_concurrency: int = 0, *,
-                 worker: Any = None, keepalive: float | None = None, mutex: Any = None,
-                 ) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        max_concurrency: int,
+        min_concurrency: int = 0,
+        *,
+        worker: Any = None,
+        keepalive: float | None = None,
+        mutex: Any = None,
+    ) -> None:
         settings = settings_of(worker.app if worker is not None else current_app)
         self.policy = settings.autoscale
         # Celery calls maybe_scale every `keepalive` seconds from its event loop:
         # that is our decision interval. The idle keep-alive is policy.keepalive_s.
-        super().__init__(pool, max_concurrency, min_concurrency, worker=worker,
-                         keepalive=self.policy.interval_s, mutex=mutex)
+        super().__init__(
+            pool,
+            max_concurrency,
+            min_concurrency,
+            worker=worker,
+            keepalive=self.policy.interval_s,
+            mutex=mutex,
+        )
         self._settings = settings
         self._probe: HeadroomProbe | None = None
         self._quiet_since = time.monotonic()
@@ -177,8 +205,13 @@ class BacklogAutoscaler(Autoscaler):  # type: ignore[misc]  # Celery is untyped
         now = time.monotonic()
         if view.queued or view.waiting:
             self._quiet_since = now
-        decision = decide(view, min_size=self.min_concurrency, max_size=self.max_concurrency,
-                          policy=self.policy, quiet_for_s=now - self._quiet_since)
+        decision = decide(
+            view,
+            min_size=self.min_concurrency,
+            max_size=self.max_concurrency,
+            policy=self.policy,
+            quiet_for_s=now - self._quiet_since,
+        )
         self._log(decision, view)
         self.last_decision = decision
         if decision.target > view.current:
@@ -212,22 +245,35 @@ class BacklogAutoscaler(Autoscaler):  # type: ignore[misc]  # Celery is untyped
             self._probe.start()
         reading = self._probe.reading
         if reading is None or time.monotonic() - reading.at > STALE_INTERVALS * max(
-                self.policy.interval_s, 1.0):
+            self.policy.interval_s, 1.0
+        ):
             return None
         # Jobs only: a resource sample passing through must not hold the pool up.
         running = sum(1 for r in list(worker_state.active_requests) if r.name == TASK_NAME)
         reserved = sum(1 for r in list(worker_state.reserved_requests) if r.name == TASK_NAME)
-        return PoolView(current=self.processes, running=running,
-                        waiting=max(0, reserved - running), queued=reading.backlog.total,
-                        oldest_age_s=reading.backlog.oldest_s, memory_pct=reading.memory_pct,
-                        cpu_pct=reading.cpu_pct)
+        return PoolView(
+            current=self.processes,
+            running=running,
+            waiting=max(0, reserved - running),
+            queued=reading.backlog.total,
+            oldest_age_s=reading.backlog.oldest_s,
+            memory_pct=reading.memory_pct,
+            cpu_pct=reading.cpu_pct,
+        )
 
     def _log(self, decision: Decision, view: PoolView) -> None:
         last = self.last_decision
         if last is not None and (last.target, last.reason) == (decision.target, decision.reason):
             return
         if decision.target != view.current or decision.reason.startswith("no headroom"):
-            log.info("autoscale: %d -> %d processes (%s; running %d, waiting %d, queued %d, "
-                     "oldest %s s)", view.current, decision.target, decision.reason,
-                     view.running, view.waiting, view.queued,
-                     "-" if view.oldest_age_s is None else f"{view.oldest_age_s:.1f}")
+            log.info(
+                "autoscale: %d -> %d processes (%s; running %d, waiting %d, queued %d, "
+                "oldest %s s)",
+                view.current,
+                decision.target,
+                decision.reason,
+                view.running,
+                view.waiting,
+                view.queued,
+                "-" if view.oldest_age_s is None else f"{view.oldest_age_s:.1f}",
+            )

@@ -41,20 +41,26 @@ def _sample_gauges(samples: dict[str, dict[str, Any]], now: float) -> Iterator[A
     load = gauge("maas_worker_load_average", "Host load average", ("period",))
     procs = gauge("maas_worker_pool_processes", "Pool processes of the worker")
     rss = gauge("maas_worker_pool_rss_bytes", "Resident memory of all pool processes")
-    rss_max = gauge("maas_worker_pool_max_child_rss_bytes", "Resident memory of the largest "
-                    "pool process")
+    rss_max = gauge(
+        "maas_worker_pool_max_child_rss_bytes", "Resident memory of the largest pool process"
+    )
     fds = gauge("maas_worker_pool_open_fds", "Open file descriptors of all pool processes")
     rate = gauge("maas_worker_jobs_per_second", "Jobs finished per second over the last interval")
-    busy = gauge("maas_worker_busy_fraction", "Share of the pool busy with jobs over the last "
-                 "interval")
+    busy = gauge(
+        "maas_worker_busy_fraction", "Share of the pool busy with jobs over the last interval"
+    )
     age = gauge("maas_worker_sample_age_seconds", "Age of the worker's latest sample")
     gpu_util = gauge("maas_worker_gpu_utilization_percent", "GPU utilisation (NVML)", ("gpu",))
     gpu_mem = gauge("maas_worker_gpu_memory_used_bytes", "GPU memory in use (NVML)", ("gpu",))
-    io = {name: CounterMetricFamily(name, text, labels=["worker"]) for name, text in (
-        ("maas_worker_disk_read_bytes", "Host disk bytes read"),
-        ("maas_worker_disk_written_bytes", "Host disk bytes written"),
-        ("maas_worker_network_received_bytes", "Host network bytes received"),
-        ("maas_worker_network_sent_bytes", "Host network bytes sent"))}
+    io = {
+        name: CounterMetricFamily(name, text, labels=["worker"])
+        for name, text in (
+            ("maas_worker_disk_read_bytes", "Host disk bytes read"),
+            ("maas_worker_disk_written_bytes", "Host disk bytes written"),
+            ("maas_worker_network_received_bytes", "Host network bytes received"),
+            ("maas_worker_network_sent_bytes", "Host network bytes sent"),
+        )
+    }
     for node, s in samples.items():
         w = [node]
         c = s.get("cpu") or {}
@@ -83,14 +89,32 @@ def _sample_gauges(samples: dict[str, dict[str, Any]], now: float) -> Iterator[A
             gpu_util.add_metric([node, str(g["index"])], g["utilization_percent"])
             gpu_mem.add_metric([node, str(g["index"])], g["memory_used_bytes"])
         d, n = s.get("disk") or {}, s.get("net") or {}
-        for name, value in (("maas_worker_disk_read_bytes", d.get("read_bytes")),
-                            ("maas_worker_disk_written_bytes", d.get("write_bytes")),
-                            ("maas_worker_network_received_bytes", n.get("bytes_recv")),
-                            ("maas_worker_network_sent_bytes", n.get("bytes_sent"))):
+        for name, value in (
+            ("maas_worker_disk_read_bytes", d.get("read_bytes")),
+            ("maas_worker_disk_written_bytes", d.get("write_bytes")),
+            ("maas_worker_network_received_bytes", n.get("bytes_recv")),
+            ("maas_worker_network_sent_bytes", n.get("bytes_sent")),
+        ):
             if value is not None:
                 io[name].add_metric(w, value)
-    yield from (cpu, core, mem, avail, swap, load, procs, rss, rss_max, fds, rate, busy, age,
-                gpu_util, gpu_mem, *io.values())
+    yield from (
+        cpu,
+        core,
+        mem,
+        avail,
+        swap,
+        load,
+        procs,
+        rss,
+        rss_max,
+        fds,
+        rate,
+        busy,
+        age,
+        gpu_util,
+        gpu_mem,
+        *io.values(),
+    )
 
 
 class FleetCollector:
@@ -114,11 +138,14 @@ class FleetCollector:
             return
         up.add_metric([], 1)
         yield up
-        depth = GaugeMetricFamily("maas_queue_depth", "Jobs waiting in a priority queue",
-                                  labels=["priority"])
-        oldest = GaugeMetricFamily("maas_queue_oldest_age_seconds",
-                                   "Age of the oldest job waiting in a priority queue",
-                                   labels=["priority"])
+        depth = GaugeMetricFamily(
+            "maas_queue_depth", "Jobs waiting in a priority queue", labels=["priority"]
+        )
+        oldest = GaugeMetricFamily(
+            "maas_queue_oldest_age_seconds",
+            "Age of the oldest job waiting in a priority queue",
+            labels=["priority"],
+        )
         for priority, n in reading.backlog.depth.items():
             depth.add_metric([priority], n)
             age = reading.backlog.oldest_age_s.get(priority)
@@ -128,17 +155,25 @@ class FleetCollector:
         yield from _sample_gauges(reading.samples, time.time())
         advice = reading.advice
         for name, text, value in (
-                ("maas_fleet_nodes", "Worker nodes with a current sample",
-                 advice.current_nodes),
-                ("maas_fleet_desired_nodes", "Worker nodes the backlog and throughput call for",
-                 advice.desired_nodes),
-                ("maas_fleet_throughput_jobs_per_second", "Jobs the fleet finished per second",
-                 advice.throughput_jobs_per_s)):
+            ("maas_fleet_nodes", "Worker nodes with a current sample", advice.current_nodes),
+            (
+                "maas_fleet_desired_nodes",
+                "Worker nodes the backlog and throughput call for",
+                advice.desired_nodes,
+            ),
+            (
+                "maas_fleet_throughput_jobs_per_second",
+                "Jobs the fleet finished per second",
+                advice.throughput_jobs_per_s,
+            ),
+        ):
             g = GaugeMetricFamily(name, text)
             g.add_metric([], value)
             yield g
-        cap = GaugeMetricFamily("maas_fleet_node_capacity_jobs_per_second",
-                                "Measured jobs per second of one fully busy node")
+        cap = GaugeMetricFamily(
+            "maas_fleet_node_capacity_jobs_per_second",
+            "Measured jobs per second of one fully busy node",
+        )
         if advice.node_capacity_jobs_per_s is not None:
             cap.add_metric([], advice.node_capacity_jobs_per_s)
         yield cap

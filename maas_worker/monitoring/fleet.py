@@ -65,8 +65,12 @@ def node_capacity(samples: Mapping[str, Mapping[str, Any]]) -> float | None:
     for sample in samples.values():
         jobs = sample.get("jobs") or {}
         rate, busy = jobs.get("per_s"), jobs.get("busy_fraction")
-        if isinstance(rate, int | float) and isinstance(busy, int | float) and rate > 0 \
-                and busy >= MIN_BUSY_FRACTION:
+        if (
+            isinstance(rate, int | float)
+            and isinstance(busy, int | float)
+            and rate > 0
+            and busy >= MIN_BUSY_FRACTION
+        ):
             estimates.append(rate / busy)
     return sum(estimates) / len(estimates) if estimates else None
 
@@ -81,8 +85,9 @@ def throughput(samples: Mapping[str, Mapping[str, Any]]) -> float:
     return total
 
 
-def recommend(backlog: Backlog, samples: Mapping[str, Mapping[str, Any]],
-              policy: FleetPolicy) -> FleetAdvice:
+def recommend(
+    backlog: Backlog, samples: Mapping[str, Mapping[str, Any]], policy: FleetPolicy
+) -> FleetAdvice:
     """The number of worker nodes the backlog, throughput and oldest job call for."""
     current = len(samples)
     queued = backlog.total
@@ -110,11 +115,16 @@ def recommend(backlog: Backlog, samples: Mapping[str, Mapping[str, Any]],
     desired = max(policy.min_nodes, min(policy.max_nodes, want))
     if desired != want:
         reason += f"; clamped to {policy.min_nodes}..{policy.max_nodes}"
-    return FleetAdvice(current_nodes=current, desired_nodes=desired, backlog=queued,
-                       oldest_age_s=None if oldest is None else round(oldest, 3),
-                       throughput_jobs_per_s=round(rate, 4),
-                       node_capacity_jobs_per_s=None if capacity is None else round(capacity, 4),
-                       target_wait_s=target, reason=reason)
+    return FleetAdvice(
+        current_nodes=current,
+        desired_nodes=desired,
+        backlog=queued,
+        oldest_age_s=None if oldest is None else round(oldest, 3),
+        throughput_jobs_per_s=round(rate, 4),
+        node_capacity_jobs_per_s=None if capacity is None else round(capacity, 4),
+        target_wait_s=target,
+        reason=reason,
+    )
 
 
 @dataclass(frozen=True)

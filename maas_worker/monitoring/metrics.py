@@ -52,21 +52,57 @@ OUTCOMES: frozenset[str] = frozenset(Outcome)
 REJECT_REASONS: frozenset[str] = frozenset(AuditReason) - {AuditReason.MODEL_REJECTED}
 _LABEL_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
-QUEUE_WAIT_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                        300.0, 600.0, 1800.0, 3600.0)
-RUN_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                 60.0, 120.0, 300.0)
+QUEUE_WAIT_BUCKETS_S = (
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+)
+RUN_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
 LOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 #: name -> (type, help): every family a worker's endpoint exposes (docs/monitoring.md).
 WORKER_FAMILIES: dict[str, tuple[str, str]] = {
     "maas_jobs": ("counter", "Jobs finished by this worker node, by outcome and reason"),
     "maas_job_queue_wait_seconds": (
-        "histogram", "Time from submission (envelope issued-at) to the model starting"),
+        "histogram",
+        "Time from submission (envelope issued-at) to the model starting",
+    ),
     "maas_job_run_seconds": ("histogram", "Time the model spent on one job"),
     "maas_model_load_seconds": ("histogram", "Time to load (verify, decrypt, open) a model"),
     "maas_job_busy_seconds": (
-        "counter", "Time pool processes spent in maas.infer tasks (for capacity estimates)"),
+        "counter",
+        "Time pool processes spent in maas.infer tasks (for capacity estimates)",
+    ),
 }
 AUTOSCALER_FAMILIES: dict[str, str] = {
     "maas_autoscaler_pool_size": "Pool processes now",
@@ -83,18 +119,33 @@ class _JobMetrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Histogram
 
-        self.jobs = Counter("maas_jobs", WORKER_FAMILIES["maas_jobs"][1],
-                            ["outcome", "reason"], registry=None)
-        self.queue_wait = Histogram("maas_job_queue_wait_seconds",
-                                    WORKER_FAMILIES["maas_job_queue_wait_seconds"][1],
-                                    ["model"], buckets=QUEUE_WAIT_BUCKETS_S, registry=None)
-        self.run = Histogram("maas_job_run_seconds", WORKER_FAMILIES["maas_job_run_seconds"][1],
-                             ["model"], buckets=RUN_BUCKETS_S, registry=None)
-        self.load = Histogram("maas_model_load_seconds",
-                              WORKER_FAMILIES["maas_model_load_seconds"][1], ["model"],
-                              buckets=LOAD_BUCKETS_S, registry=None)
-        self.busy = Counter("maas_job_busy_seconds", WORKER_FAMILIES["maas_job_busy_seconds"][1],
-                            registry=None)
+        self.jobs = Counter(
+            "maas_jobs", WORKER_FAMILIES["maas_jobs"][1], ["outcome", "reason"], registry=None
+        )
+        self.queue_wait = Histogram(
+            "maas_job_queue_wait_seconds",
+            WORKER_FAMILIES["maas_job_queue_wait_seconds"][1],
+            ["model"],
+            buckets=QUEUE_WAIT_BUCKETS_S,
+            registry=None,
+        )
+        self.run = Histogram(
+            "maas_job_run_seconds",
+            WORKER_FAMILIES["maas_job_run_seconds"][1],
+            ["model"],
+            buckets=RUN_BUCKETS_S,
+            registry=None,
+        )
+        self.load = Histogram(
+            "maas_model_load_seconds",
+            WORKER_FAMILIES["maas_model_load_seconds"][1],
+            ["model"],
+            buckets=LOAD_BUCKETS_S,
+            registry=None,
+        )
+        self.busy = Counter(
+            "maas_job_busy_seconds", WORKER_FAMILIES["maas_job_busy_seconds"][1], registry=None
+        )
 
 
 _metrics: _JobMetrics | None = None
@@ -142,8 +193,11 @@ def timed_predict(header: _Header, model: _Model, inputs: Any) -> dict[str, Any]
     is remembered as the job's failure reason for `job_finished`.
     """
     ref = header.model
-    _safely(lambda: _m().queue_wait.labels(ref).observe(
-        max(0.0, time.time() - header.issued_at_ms / 1000)))
+    _safely(
+        lambda: (
+            _m().queue_wait.labels(ref).observe(max(0.0, time.time() - header.issued_at_ms / 1000))
+        )
+    )
     start = time.perf_counter()
     try:
         return model.predict(inputs)
@@ -160,8 +214,9 @@ class _BatchModel(Protocol):
     def predict_batch(self, batch: list[Any]) -> list[Any]: ...
 
 
-def timed_predict_batch(headers: Sequence[_Header], model: _BatchModel,
-                        inputs: list[Any]) -> list[Any]:
+def timed_predict_batch(
+    headers: Sequence[_Header], model: _BatchModel, inputs: list[Any]
+) -> list[Any]:
     """``model.predict_batch(inputs)`` for the jobs of ``headers``, recording each job.
 
     Every job's queue wait is recorded, and as its run time the time of the
@@ -275,8 +330,11 @@ def _sweep_stale_dirs() -> None:
     for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
         pid = path.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
         with contextlib.suppress(OSError):
-            if pid.isdigit() and not psutil.pid_exists(int(pid)) and \
-                    path.stat().st_uid == os.getuid():
+            if (
+                pid.isdigit()
+                and not psutil.pid_exists(int(pid))
+                and path.stat().st_uid == os.getuid()
+            ):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -325,8 +383,11 @@ def _is_our_live_process(pid: int) -> bool:
         return False
 
 
-def compact_dead_files(path: Path, *, alive: Callable[[int], bool] = _is_our_live_process,
-                       ) -> int:
+def compact_dead_files(
+    path: Path,
+    *,
+    alive: Callable[[int], bool] = _is_our_live_process,
+) -> int:
     """Fold the files of exited processes into ``*_archive.db``; returns how many.
 
     Caller holds the directory lock. Counter and histogram values add up per
@@ -404,10 +465,12 @@ class WorkerCollector:
                 yield Metric(name, text, typ)
         state = self.pool_state() if self.pool_state is not None else None
         if state is not None:
-            for key, name in (("current", "maas_autoscaler_pool_size"),
-                              ("desired", "maas_autoscaler_desired_pool_size"),
-                              ("min", "maas_autoscaler_min_pool_size"),
-                              ("max", "maas_autoscaler_max_pool_size")):
+            for key, name in (
+                ("current", "maas_autoscaler_pool_size"),
+                ("desired", "maas_autoscaler_desired_pool_size"),
+                ("min", "maas_autoscaler_min_pool_size"),
+                ("max", "maas_autoscaler_max_pool_size"),
+            ):
                 g = GaugeMetricFamily(name, AUTOSCALER_FAMILIES[name], labels=["worker"])
                 g.add_metric([self.node], state[key])
                 yield g
@@ -428,8 +491,12 @@ def serve(collector: Any, *, port: int, address: str) -> Any | None:
     try:
         server, _thread = start_http_server(port, address, registry)
     except OSError as exc:
-        log.warning("metrics endpoint %s:%d unavailable (%s); continuing without it",
-                    address, port, exc.strerror or type(exc).__name__)
+        log.warning(
+            "metrics endpoint %s:%d unavailable (%s); continuing without it",
+            address,
+            port,
+            exc.strerror or type(exc).__name__,
+        )
         return None
     log.info("metrics on http://%s:%d/metrics", address, port)
     return server

@@ -54,8 +54,12 @@ def monitor_queue() -> Any:
     # the name, and one name keeps kombu's binding table from growing by one
     # entry per worker start. The routing key is explicit because kombu's
     # Redis fanout channel name includes it: publisher and subscribers agree.
-    return Broadcast(MONITOR_EXCHANGE, queue=MONITOR_EXCHANGE,  # type: ignore[no-untyped-call]
-                     exchange=monitor_exchange(), routing_key=MONITOR_EXCHANGE)
+    return Broadcast(
+        MONITOR_EXCHANGE,
+        queue=MONITOR_EXCHANGE,  # type: ignore[no-untyped-call]
+        exchange=monitor_exchange(),
+        routing_key=MONITOR_EXCHANGE,
+    )
 
 
 def sample_options(interval_s: float) -> dict[str, Any]:
@@ -65,9 +69,13 @@ def sample_options(interval_s: float) -> dict[str, Any]:
     kombu's Redis transport treats an undeclared exchange as direct (it would
     LPUSH to a list nobody reads): declare the fanout exchange explicitly.
     """
-    return {"queue": MONITOR_EXCHANGE, "exchange": MONITOR_EXCHANGE,
-            "routing_key": MONITOR_EXCHANGE, "declare": [monitor_exchange()],
-            "expires": interval_s}
+    return {
+        "queue": MONITOR_EXCHANGE,
+        "exchange": MONITOR_EXCHANGE,
+        "routing_key": MONITOR_EXCHANGE,
+        "declare": [monitor_exchange()],
+        "expires": interval_s,
+    }
 
 
 def celery_options(settings: Settings) -> dict[str, Any]:
@@ -77,9 +85,13 @@ def celery_options(settings: Settings) -> dict[str, Any]:
         # workers (the task-sent event is the producers', broker/app.py).
         "worker_send_task_events": True,
         "task_routes": {SAMPLE_TASK: {"queue": MONITOR_EXCHANGE}},
-        "beat_schedule": {"maas-sample": {
-            "task": SAMPLE_TASK, "schedule": settings.sample_interval_s,
-            "options": sample_options(settings.sample_interval_s)}},
+        "beat_schedule": {
+            "maas-sample": {
+                "task": SAMPLE_TASK,
+                "schedule": settings.sample_interval_s,
+                "options": sample_options(settings.sample_interval_s),
+            }
+        },
         # The schedule is one fixed interval: nothing worth persisting, and no
         # celerybeat-schedule file left in the working directory.
         "beat_scheduler": "celery.beat:Scheduler",
@@ -143,16 +155,22 @@ def gpu_sample() -> list[dict[str, Any]] | None:
             handle = nvml.nvmlDeviceGetHandleByIndex(i)
             util = nvml.nvmlDeviceGetUtilizationRates(handle)
             mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append({"index": i, "utilization_percent": float(util.gpu),
-                         "memory_used_bytes": int(mem.used),
-                         "memory_total_bytes": int(mem.total)})
+            gpus.append(
+                {
+                    "index": i,
+                    "utilization_percent": float(util.gpu),
+                    "memory_used_bytes": int(mem.used),
+                    "memory_total_bytes": int(mem.total),
+                }
+            )
         return gpus
     except Exception:
         return None
 
 
-def take_sample(node: str, *, main_pid: int, interval_s: float,
-                jobs: tuple[float, float] | None = None) -> dict[str, Any]:
+def take_sample(
+    node: str, *, main_pid: int, interval_s: float, jobs: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """A JSON-ready resource sample of this host and of the worker ``main_pid``.
 
     ``jobs`` is (jobs finished, busy seconds) of the node so far, for
@@ -172,21 +190,42 @@ def take_sample(node: str, *, main_pid: int, interval_s: float,
         "node": node,
         "at": time.time(),
         "interval_s": interval_s,
-        "cpu": {"percent": round(sum(per_core) / len(per_core), 1) if per_core else None,
-                "per_core": per_core, "cores": len(per_core)},
-        "memory": {"total_bytes": int(vm.total), "available_bytes": int(vm.available),
-                   "used_percent": float(vm.percent)},
-        "swap": {"total_bytes": int(swap.total), "used_bytes": int(swap.used),
-                 "used_percent": float(swap.percent)},
+        "cpu": {
+            "percent": round(sum(per_core) / len(per_core), 1) if per_core else None,
+            "per_core": per_core,
+            "cores": len(per_core),
+        },
+        "memory": {
+            "total_bytes": int(vm.total),
+            "available_bytes": int(vm.available),
+            "used_percent": float(vm.percent),
+        },
+        "swap": {
+            "total_bytes": int(swap.total),
+            "used_bytes": int(swap.used),
+            "used_percent": float(swap.percent),
+        },
         "load": load,
-        "disk": None if disk is None else {
-            "read_bytes": int(disk.read_bytes), "write_bytes": int(disk.write_bytes),
-            "reads": int(disk.read_count), "writes": int(disk.write_count)},
-        "net": None if net is None else {
-            "bytes_sent": int(net.bytes_sent), "bytes_recv": int(net.bytes_recv),
-            "packets_sent": int(net.packets_sent), "packets_recv": int(net.packets_recv),
-            "errors_in": int(net.errin), "errors_out": int(net.errout),
-            "drops_in": int(net.dropin), "drops_out": int(net.dropout)},
+        "disk": None
+        if disk is None
+        else {
+            "read_bytes": int(disk.read_bytes),
+            "write_bytes": int(disk.write_bytes),
+            "reads": int(disk.read_count),
+            "writes": int(disk.write_count),
+        },
+        "net": None
+        if net is None
+        else {
+            "bytes_sent": int(net.bytes_sent),
+            "bytes_recv": int(net.bytes_recv),
+            "packets_sent": int(net.packets_sent),
+            "packets_recv": int(net.packets_recv),
+            "errors_in": int(net.errin),
+            "errors_out": int(net.errout),
+            "drops_in": int(net.dropin),
+            "drops_out": int(net.dropout),
+        },
         "pool": pool_sample(main_pid),
         "jobs": None if jobs is None else {"finished": jobs[0], "busy_s": round(jobs[1], 3)},
     }
@@ -213,21 +252,28 @@ def summarize(sample: Mapping[str, Any]) -> dict[str, str]:
         "node": str(sample.get("node")),
         "cpu": f"{cpu.get('percent')}% (per core: {shown})",
         "memory": f"{mem.get('used_percent')}% used, "
-                  f"{_mib(mem.get('available_bytes', 0))} available",
+        f"{_mib(mem.get('available_bytes', 0))} available",
         "swap": f"{swap.get('used_percent')}% used",
         "load": " ".join(str(x) for x in sample.get("load") or []) or "n/a",
         "pool": f"{pool.get('processes', 0)} processes, RSS "
-                + (" + ".join(_mib(r) for r in (pool.get("rss_bytes") or [])[:8]) or "-")
-                + f", open fds {sum(pool.get('open_fds') or [])}",
+        + (" + ".join(_mib(r) for r in (pool.get("rss_bytes") or [])[:8]) or "-")
+        + f", open fds {sum(pool.get('open_fds') or [])}",
     }
     gpus = sample.get("gpu")
-    out["gpu"] = "; ".join(
-        f"#{g['index']} {g['utilization_percent']:.0f}% {_mib(g['memory_used_bytes'])}/"
-        f"{_mib(g['memory_total_bytes'])}" for g in gpus) if gpus else "none"
+    out["gpu"] = (
+        "; ".join(
+            f"#{g['index']} {g['utilization_percent']:.0f}% {_mib(g['memory_used_bytes'])}/"
+            f"{_mib(g['memory_total_bytes'])}"
+            for g in gpus
+        )
+        if gpus
+        else "none"
+    )
     jobs = sample.get("jobs") or {}
     rate = jobs.get("per_s")
     out["jobs"] = f"{jobs.get('finished', 0):.0f} finished" + (
-        f", {rate:.2f}/s" if isinstance(rate, int | float) else "")
+        f", {rate:.2f}/s" if isinstance(rate, int | float) else ""
+    )
     return out
 
 

@@ -45,8 +45,12 @@ def sample(self: Task) -> dict[str, str]:
     """Record this node's resource sample; the readable summary is the result (Flower)."""
     settings = settings_of(self.app)
     node = str(self.request.hostname or "")
-    taken = take_sample(node, main_pid=_main_pid(),
-                        interval_s=settings.sample_interval_s, jobs=metrics.local_job_totals())
+    taken = take_sample(
+        node,
+        main_pid=_main_pid(),
+        interval_s=settings.sample_interval_s,
+        jobs=metrics.local_job_totals(),
+    )
     return summarize(_store(settings).record(taken))
 
 

@@ -49,14 +49,27 @@ PRODUCER_PREFIX = "producer-"
 #: Redis 7.2+, named through its category: Redis 7.0 refuses the unknown
 #: subcommand), PING, SELECT, MULTI/EXEC; no key tracking (its broadcast mode
 #: would report other tenants' key names) and nothing administrative.
-_CONNECT = ("+@connection", "-@admin", "-@dangerous", "-client|tracking", "-client|caching",
-            "-client|trackinginfo", "-client|getredir", "+select", "+multi", "+exec",
-            "+discard")
+_CONNECT = (
+    "+@connection",
+    "-@admin",
+    "-@dangerous",
+    "-client|tracking",
+    "-client|caching",
+    "-client|trackinginfo",
+    "-client|getredir",
+    "+select",
+    "+multi",
+    "+exec",
+    "+discard",
+)
 _JOB_QUEUES = tuple(queue_for(p) for p in PRIORITIES)
 #: Celery's remote-control (pidbox) exchange and kombu's keys around it.
 _PIDBOX = "celery.pidbox"
-_REPLY_KEYS = ("~*.reply.celery.pidbox*", "~_kombu.binding.reply.celery.pidbox",
-               "~_kombu.binding_permanent.reply.celery.pidbox")
+_REPLY_KEYS = (
+    "~*.reply.celery.pidbox*",
+    "~_kombu.binding.reply.celery.pidbox",
+    "~_kombu.binding_permanent.reply.celery.pidbox",
+)
 
 
 def producer(tenant: str) -> str:
@@ -89,18 +102,31 @@ def producer_rules(tenant: str) -> list[str]:
     """
     t = keyspace.tenant_prefix(tenant)
     return [
-        *_CONNECT, "+time",
+        *_CONNECT,
+        "+time",
         # Read its own keys (status, results, the cancel and quota scripts'
         # reads) and the model catalogue.
-        f"%R~{t}*", f"%R~{keyspace.CATALOG}",
-        "+get", "+exists", "+hmget", "+zcount", "+zrangebyscore",
+        f"%R~{t}*",
+        f"%R~{keyspace.CATALOG}",
+        "+get",
+        "+exists",
+        "+hmget",
+        "+zcount",
+        "+zrangebyscore",
         _sel("+llen", *(f"%R~{q}" for q in _JOB_QUEUES)),  # backpressure: length only
         _sel("+lpush", *(f"%W~{q}" for q in _JOB_QUEUES)),  # publish: push only
         _sel("+lpush", "+ltrim", f"~{fetch.WAKE_KEY}"),
         _sel("+set", f"~{t}job:*", f"~{t}payload:*", f"~{t}cancel:*"),
         _sel("+blpop", "+rpush", "+pexpire", f"~{t}done:*"),
-        _sel("+zadd", "+zrem", "+zremrangebyscore", "+zcard", "+pttl", "+pexpire",
-             f"~{keyspace.pending(tenant)}"),
+        _sel(
+            "+zadd",
+            "+zrem",
+            "+zremrangebyscore",
+            "+zcard",
+            "+pttl",
+            "+pexpire",
+            f"~{keyspace.pending(tenant)}",
+        ),
         # The library's functions on its own keys; what they run is checked
         # against the rules above (the in-flight set and bucket: read only).
         _sel("+fcall", f"~{t}*"),
@@ -110,21 +136,37 @@ def producer_rules(tenant: str) -> list[str]:
 def worker_rules(dbs: Sequence[int]) -> list[str]:
     """What ``maas-worker worker`` (and its consumers, advertiser, samples) may do."""
     return [
-        "~maas:*", "~maas.*", f"~{fetch.UNACKED_KEY}", f"~{fetch.UNACKED_INDEX_KEY}",
-        "~unacked_mutex", "~_kombu.binding.*", "~_kombu.binding_permanent.*",
-        "~_kombu.binding_deadlines", f"~*.{_PIDBOX}*", "~celeryev.*",
+        "~maas:*",
+        "~maas.*",
+        f"~{fetch.UNACKED_KEY}",
+        f"~{fetch.UNACKED_INDEX_KEY}",
+        "~unacked_mutex",
+        "~_kombu.binding.*",
+        "~_kombu.binding_permanent.*",
+        "~_kombu.binding_deadlines",
+        f"~*.{_PIDBOX}*",
+        "~celeryev.*",
         *_channels(dbs, _PIDBOX, "celeryev/*", "celeryev/worker.*", "maas.monitor/maas.monitor"),
-        "+@all", "-@admin", "-@dangerous",
+        "+@all",
+        "-@admin",
+        "-@dangerous",
         # Nothing that drops or kills other clients' scripts and functions.
-        "-script|flush", "-script|kill", "-function|flush", "-function|delete",
-        "-function|restore", "-function|kill",
+        "-script|flush",
+        "-script|kill",
+        "-function|flush",
+        "-function|delete",
+        "-function|restore",
+        "-function|kill",
     ]
 
 
 def beat_rules(dbs: Sequence[int]) -> list[str]:
     """What ``maas-worker beat`` may do: publish the sample request and its event."""
-    return [*_CONNECT, "+publish",
-            *_channels(dbs, "maas.monitor/maas.monitor", "celeryev/task.sent")]
+    return [
+        *_CONNECT,
+        "+publish",
+        *_channels(dbs, "maas.monitor/maas.monitor", "celeryev/task.sent"),
+    ]
 
 
 def monitor_rules() -> list[str]:
@@ -132,35 +174,69 @@ def monitor_rules() -> list[str]:
     return [
         *_CONNECT,
         *(f"%R~{q}*" for q in _JOB_QUEUES),
-        f"%R~{keyspace.NODES}", f"%R~{keyspace.SAMPLES}", f"%R~{keyspace.PREFIX}sample:*",
+        f"%R~{keyspace.NODES}",
+        f"%R~{keyspace.SAMPLES}",
+        f"%R~{keyspace.PREFIX}sample:*",
         f"%R~{keyspace.CATALOG}",
-        "+llen", "+lindex", "+fcall_ro", "+get", "+mget", "+exists", "+zrange",
-        "+zrangebyscore", "+zcard", "+zscore",
+        "+llen",
+        "+lindex",
+        "+fcall_ro",
+        "+get",
+        "+mget",
+        "+exists",
+        "+zrange",
+        "+zrangebyscore",
+        "+zcard",
+        "+zscore",
     ]
 
 
 def flower_rules(dbs: Sequence[int]) -> list[str]:
     """Flower: events, queue lengths, and inspect commands with a reply queue."""
     return [
-        *_CONNECT, "+psubscribe", "+punsubscribe", *_channels(dbs, "celeryev/*"),
-        "%R~maas.*", "+llen",
+        *_CONNECT,
+        "+psubscribe",
+        "+punsubscribe",
+        *_channels(dbs, "celeryev/*"),
+        "%R~maas.*",
+        "+llen",
         _sel("+publish", *_channels(dbs, _PIDBOX)),
-        _sel("+sadd", "+srem", "+smembers", "+llen", "+rpop", "+brpop", "+del", "+exists",
-             *_REPLY_KEYS, "~celeryev.*", "~_kombu.binding.celeryev",
-             "~_kombu.binding_permanent.celeryev"),
+        _sel(
+            "+sadd",
+            "+srem",
+            "+smembers",
+            "+llen",
+            "+rpop",
+            "+brpop",
+            "+del",
+            "+exists",
+            *_REPLY_KEYS,
+            "~celeryev.*",
+            "~_kombu.binding.celeryev",
+            "~_kombu.binding_permanent.celeryev",
+        ),
     ]
 
 
 def operator_rules() -> list[str]:
     """The administrator: every key and channel; no dangerous command but ACL LOAD."""
-    return ["~*", "&*", "+@all", "-@admin", "-@dangerous", "+acl|load", "+acl|log",
-            "+acl|whoami", "+info"]
+    return [
+        "~*",
+        "&*",
+        "+@all",
+        "-@admin",
+        "-@dangerous",
+        "+acl|load",
+        "+acl|log",
+        "+acl|whoami",
+        "+info",
+    ]
 
 
 def role_rules(role: str, *, dbs: Sequence[int] = (0,)) -> list[str]:
     """The rules of ``role`` (a fixed role or ``producer-<tenant>``)."""
     if role.startswith(PRODUCER_PREFIX):
-        return producer_rules(role[len(PRODUCER_PREFIX):])
+        return producer_rules(role[len(PRODUCER_PREFIX) :])
     if role in ("worker", "beat", "flower"):
         return {"worker": worker_rules, "beat": beat_rules, "flower": flower_rules}[role](dbs)
     if role in ("operator", "monitor"):
@@ -204,14 +280,18 @@ def _read_password(path: Path) -> str:
     try:
         st = path.stat()
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"password file {path} is accessible by group or others "
-                              f"(mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}")
+            raise ConfigError(
+                f"password file {path} is accessible by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}"
+            )
         password = path.read_text().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read password file {path}: {exc.strerror}") from None
     if len(password) < 32 or any(c.isspace() for c in password):
-        raise ConfigError(f"password file {path} holds no usable password (at least 32 "
-                          "characters, no spaces); delete it to get a new one")
+        raise ConfigError(
+            f"password file {path} holds no usable password (at least 32 "
+            "characters, no spaces); delete it to get a new one"
+        )
     return password
 
 
@@ -245,8 +325,9 @@ class Written:
     changed: bool
 
 
-def generate(tenants: Iterable[str], *, acl_file: Path, passwords_dir: Path,
-             dbs: Sequence[int] = (0,)) -> Written:
+def generate(
+    tenants: Iterable[str], *, acl_file: Path, passwords_dir: Path, dbs: Sequence[int] = (0,)
+) -> Written:
     """Write the ACL file and any missing password file for ``tenants``' deployment."""
     roles = roles_for(tenants)
     passwords, new = ensure_passwords(passwords_dir, roles)
@@ -314,11 +395,13 @@ def apply(server: str, password: str, roles: dict[str, str], settings: Settings)
                 raise ConfigError(
                     f"{where} reloaded an ACL file without user {role} (or with another "
                     "password): is --acl-file the file the server was started with "
-                    "(--aclfile)?") from None
+                    "(--aclfile)?"
+                ) from None
         client.close()
     except redis.RedisError as exc:
-        raise ConfigError(f"cannot apply the ACL on {where} as the operator: "
-                          f"{connection_cause(exc)}") from None
+        raise ConfigError(
+            f"cannot apply the ACL on {where} as the operator: {connection_cause(exc)}"
+        ) from None
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -333,27 +416,36 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             functions.load(client)
         finally:
             client.close()
-        print(f"loaded the function library {functions.LIBRARY} on "
-              f"{server_url(settings.broker_url)}", file=sys.stderr)
+        print(
+            f"loaded the function library {functions.LIBRARY} on {server_url(settings.broker_url)}",
+            file=sys.stderr,
+        )
         return 0
     server = args.server or settings.broker_url
     known = set(load_keyring(settings.keyring_path).tenants)
     tenants = args.tenant or sorted(known)
     unknown = sorted(set(tenants) - known)
     if unknown:
-        raise ConfigError(f"unknown tenant {unknown[0]!r} (the keyring "
-                          f"{settings.keyring_path} has: {', '.join(sorted(known)) or 'none'})")
+        raise ConfigError(
+            f"unknown tenant {unknown[0]!r} (the keyring "
+            f"{settings.keyring_path} has: {', '.join(sorted(known)) or 'none'})"
+        )
     dbs = sorted(set(args.db or [database(server)]))
-    done = generate(tenants, acl_file=Path(args.acl_file), passwords_dir=Path(args.passwords),
-                    dbs=dbs)
+    done = generate(
+        tenants, acl_file=Path(args.acl_file), passwords_dir=Path(args.passwords), dbs=dbs
+    )
     passwords, _ = ensure_passwords(done.passwords_dir, done.roles)
-    print(f"{'wrote' if done.changed else 'kept (unchanged)'} {done.acl_file}: "
-          f"{len(done.roles)} users, default off; passwords in {done.passwords_dir}/<user> "
-          f"(mode 0600; new: {', '.join(done.new) or 'none'})", file=sys.stderr)
+    print(
+        f"{'wrote' if done.changed else 'kept (unchanged)'} {done.acl_file}: "
+        f"{len(done.roles)} users, default off; passwords in {done.passwords_dir}/<user> "
+        f"(mode 0600; new: {', '.join(done.new) or 'none'})",
+        file=sys.stderr,
+    )
     for role in done.roles:
         print(f"{role:<24} {role_url(server, role, passwords[role] if args.urls else None)}")
     if args.apply:
         apply(server, passwords["operator"], passwords, settings)
-        print(f"applied on {server_url(server)}: ACL LOAD, function library loaded",
-              file=sys.stderr)
+        print(
+            f"applied on {server_url(server)}: ACL LOAD, function library loaded", file=sys.stderr
+        )
     return 0

@@ -37,8 +37,12 @@ def verify_token(token: str | bytes | None, keyring: Keyring, tenant: str, job_i
     version, _, mac_hex = rest.partition(":")
     # Untrusted text from Redis: ASCII digits only (str.isdigit also accepts
     # "²" or "①", which int() refuses) and short enough for int() to parse.
-    if claimed_tenant != tenant or not (version.isascii() and version.isdigit()) \
-            or len(version) > 10 or len(mac_hex) != 64:
+    if (
+        claimed_tenant != tenant
+        or not (version.isascii() and version.isdigit())
+        or len(version) > 10
+        or len(mac_hex) != 64
+    ):
         return False
     kv = keyring.usable(tenant, int(version))
     if kv is None:

@@ -81,6 +81,7 @@ def _info(label: bytes, tenant: str, version: int) -> bytes:
 @lru_cache(maxsize=1024)
 def derive_keys(secret: bytes, tenant: str, version: int) -> DerivedKeys:
     """Derive (and cache) the request, result and MAC keys of one key version."""
+
     def one(label: bytes) -> bytes:
         return primitives.DEFAULT.hkdf_sha256(secret, info=_info(label, tenant, version))
 
@@ -163,8 +164,10 @@ class TenantPolicy:
         signers = raw.get("allowed_signers") if isinstance(raw, dict) else None
         if signers is None:
             return policy
-        if not (isinstance(signers, list) and all(
-                isinstance(s, str) and SIGNER_ID_RE.fullmatch(s) for s in signers)):
+        if not (
+            isinstance(signers, list)
+            and all(isinstance(s, str) and SIGNER_ID_RE.fullmatch(s) for s in signers)
+        ):
             raise KeyringError("allowed_signers must be a list of signer key ids (hex)")
         return replace(policy, allowed_signers=tuple(signers))
 
@@ -185,8 +188,12 @@ class TenantPolicy:
         quota: dict[str, Any] = {}
         for name, kind in (("rate_per_s", float), ("burst", int), ("max_in_flight", int)):
             value = raw.get(name, 0)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 \
-                    or (kind is int and not float(value).is_integer()):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or value < 0
+                or (kind is int and not float(value).is_integer())
+            ):
                 raise KeyringError(f"{name} must be a non-negative {kind.__name__}")
             quota[name] = kind(value)
         return cls(tuple(models) if models is not None else None, max_priority, **quota)
@@ -241,8 +248,12 @@ class Keyring:
     def summary(self) -> list[dict[str, Any]]:
         """One row per tenant and version, never a secret."""
         return [
-            {"tenant": t.name, "version": kv.version, "state": kv.state,
-             "created_at": kv.created_at}
+            {
+                "tenant": t.name,
+                "version": kv.version,
+                "state": kv.state,
+                "created_at": kv.created_at,
+            }
             for t in sorted(self.tenants.values(), key=lambda t: t.name)
             for kv in t.versions
         ]
@@ -266,8 +277,7 @@ class Keyring:
         """
         t = self.tenant(name)
         new_version = max(kv.version for kv in t.versions) + 1
-        kv = KeyVersion(new_version, "decrypt-only", secrets.token_bytes(SECRET_BYTES),
-                        _now_iso())
+        kv = KeyVersion(new_version, "decrypt-only", secrets.token_bytes(SECRET_BYTES), _now_iso())
         ring = self._replace_tenant(replace(t, versions=(*t.versions, kv)))
         if not stage:
             ring = ring.with_state(name, new_version, "primary")
@@ -283,8 +293,10 @@ class Keyring:
             raise KeyringError(f"tenant {name!r} has no key version {version}")
         if current.state == "retired" and state != "retired":
             # A retired secret may have been exposed since; never bring it back.
-            raise KeyringError(f"tenant {name!r} key version {version} is retired for good; "
-                               "rotate to a new version instead")
+            raise KeyringError(
+                f"tenant {name!r} key version {version} is retired for good; "
+                "rotate to a new version instead"
+            )
         versions = []
         for kv in t.versions:
             if kv.version == version:
@@ -317,9 +329,12 @@ class Keyring:
                 t.name: {
                     "policy": t.policy.to_json(),
                     "keys": [
-                        {"version": kv.version, "state": kv.state,
-                         "secret": base64.b64encode(kv.secret).decode(),
-                         "created_at": kv.created_at}
+                        {
+                            "version": kv.version,
+                            "state": kv.state,
+                            "secret": base64.b64encode(kv.secret).decode(),
+                            "created_at": kv.created_at,
+                        }
                         for kv in t.versions
                     ],
                 }
@@ -344,12 +359,16 @@ class Keyring:
             for k in raw["keys"]:
                 try:
                     secret = base64.b64decode(k["secret"], validate=True)
-                    kv = KeyVersion(int(k["version"]), k["state"], secret,
-                                    str(k.get("created_at", "")))
+                    kv = KeyVersion(
+                        int(k["version"]), k["state"], secret, str(k.get("created_at", ""))
+                    )
                 except (KeyError, TypeError, ValueError):
                     raise KeyringError(f"tenant {name!r}: malformed key entry") from None
-                if kv.state not in KEY_STATES or len(secret) != SECRET_BYTES \
-                        or not 1 <= kv.version <= MAX_KEY_VERSION:
+                if (
+                    kv.state not in KEY_STATES
+                    or len(secret) != SECRET_BYTES
+                    or not 1 <= kv.version <= MAX_KEY_VERSION
+                ):
                     raise KeyringError(f"tenant {name!r}: invalid key version {kv.version}")
                 versions.append(kv)
             if not versions:
@@ -429,8 +448,7 @@ def edit_keyring(path: Path, *, create: bool = False) -> Iterator[KeyringEditor]
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        editor = KeyringEditor(load_keyring(path) if (path.exists() or not create)
-                               else Keyring())
+        editor = KeyringEditor(load_keyring(path) if (path.exists() or not create) else Keyring())
         yield editor
         if editor.changed:
             save_keyring(path, editor.ring)

@@ -45,8 +45,7 @@ def admission_keys(tenant: str) -> list[str]:
 
 def admission_args(job_id: str, policy: TenantPolicy, expires_at_ms: int) -> list[str | float]:
     """ARGV of ``admit()`` (admit.lua): job, rate, burst, max in flight, expiry."""
-    return [job_id, policy.rate_per_s, policy.effective_burst, policy.max_in_flight,
-            expires_at_ms]
+    return [job_id, policy.rate_per_s, policy.effective_burst, policy.max_in_flight, expires_at_ms]
 
 
 def verdict(code: int, wait_ms: int) -> Verdict:
@@ -65,8 +64,9 @@ class Quotas:
     def __init__(self, client: redis.Redis) -> None:
         self._r = client
 
-    def advise_many(self, tenant: str, job_ids: list[str], policy: TenantPolicy,
-                    expires_at_ms: int) -> Verdict:
+    def advise_many(
+        self, tenant: str, job_ids: list[str], policy: TenantPolicy, expires_at_ms: int
+    ) -> Verdict:
         """Whether workers will start this batch now (all or none); records it as pending.
 
         Advisory: nothing is charged here (workers charge each job as they
@@ -75,9 +75,17 @@ class Quotas:
         if not policy.limited or not job_ids:
             return Verdict(True)
         code, wait_ms = functions.call(
-            self._r, functions.ADVISE_MANY, admission_keys(tenant),
-            [policy.rate_per_s, policy.effective_burst, policy.max_in_flight,
-             expires_at_ms, *job_ids])
+            self._r,
+            functions.ADVISE_MANY,
+            admission_keys(tenant),
+            [
+                policy.rate_per_s,
+                policy.effective_burst,
+                policy.max_in_flight,
+                expires_at_ms,
+                *job_ids,
+            ],
+        )
         return verdict(int(code), int(wait_ms))
 
     def release(self, tenant: str, job_id: str, policy: TenantPolicy) -> None:

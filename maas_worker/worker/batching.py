@@ -57,8 +57,9 @@ class DynamicBatcher:
         self.batches = 0
         self.jobs = 0
         self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, daemon=True,
-                                        name=f"maas-batch-{model.name}")
+        self._thread = threading.Thread(
+            target=self._loop, daemon=True, name=f"maas-batch-{model.name}"
+        )
         self._thread.start()
 
     def predict(self, inputs: Any, *, timeout_s: float) -> dict[str, Any]:
@@ -66,8 +67,7 @@ class DynamicBatcher:
         pending = _Pending(inputs)
         self._queue.put(pending)
         if not pending.done.wait(timeout_s):
-            raise ModelError(f"the job exceeded its time limit ({timeout_s:g} s)",
-                             reason="timeout")
+            raise ModelError(f"the job exceeded its time limit ({timeout_s:g} s)", reason="timeout")
         if isinstance(pending.result, BaseException):
             raise pending.result
         assert pending.result is not None
@@ -79,8 +79,11 @@ class DynamicBatcher:
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
-                batch.append(self._queue.get(timeout=remaining) if remaining > 0
-                             else self._queue.get_nowait())
+                batch.append(
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
         return batch
@@ -90,11 +93,13 @@ class DynamicBatcher:
             batch = self._gather()
             try:
                 outputs: list[dict[str, Any] | ModelError] = self.model.predict_batch(
-                    [p.inputs for p in batch])
+                    [p.inputs for p in batch]
+                )
             except Exception as exc:
                 # Never echo the exception text: it may quote an input.
-                log.error("batch of %d for %s raised %s", len(batch), self.model.name,
-                          type(exc).__name__)
+                log.error(
+                    "batch of %d for %s raised %s", len(batch), self.model.name, type(exc).__name__
+                )
                 outputs = [ModelError("the model failed", reason="internal_error")] * len(batch)
             self.batches += 1
             self.jobs += len(batch)

@@ -41,22 +41,45 @@ log = logging.getLogger(__name__)
 #: Read-only commands (and Celery's own bookkeeping between workers: ``hello``
 #: at start-up, ``heartbeat``, ``enable_events``, which Flower sends and which
 #: only turns on what is already on).
-INSPECT_COMMANDS: frozenset[str] = frozenset({
-    "ping", "stats", "active", "dump_active", "reserved", "dump_reserved", "scheduled",
-    "dump_schedule", "registered", "dump_tasks", "active_queues", "conf", "dump_conf",
-    "revoked", "dump_revoked", "query_task", "clock", "report", "hello", "heartbeat",
-    "enable_events",
-})
+INSPECT_COMMANDS: frozenset[str] = frozenset(
+    {
+        "ping",
+        "stats",
+        "active",
+        "dump_active",
+        "reserved",
+        "dump_reserved",
+        "scheduled",
+        "dump_schedule",
+        "registered",
+        "dump_tasks",
+        "active_queues",
+        "conf",
+        "dump_conf",
+        "revoked",
+        "dump_revoked",
+        "query_task",
+        "clock",
+        "report",
+        "hello",
+        "heartbeat",
+        "enable_events",
+    }
+)
 #: Refused whatever the setting (see the module docstring).
 NEVER_COMMANDS: frozenset[str] = frozenset({"revoke", "terminate", "revoke_by_stamped_headers"})
 #: MAAS_REMOTE_CONTROL value that lets the operator's commands through.
 OPERATOR_MODE = "operator"
 
-REVOKE_REFUSED = ("revoke is disabled on maas-worker nodes (it would drop jobs silently): "
-                  "cancel a job with `maas-worker cancel JOB_ID`, signed by its tenant")
-OPERATOR_REFUSED = ("remote control command {command!r} is disabled on maas-worker nodes: "
-                    "only inspect commands are answered (an operator can allow it with "
-                    "MAAS_REMOTE_CONTROL=operator on the workers)")
+REVOKE_REFUSED = (
+    "revoke is disabled on maas-worker nodes (it would drop jobs silently): "
+    "cancel a job with `maas-worker cancel JOB_ID`, signed by its tenant"
+)
+OPERATOR_REFUSED = (
+    "remote control command {command!r} is disabled on maas-worker nodes: "
+    "only inspect commands are answered (an operator can allow it with "
+    "MAAS_REMOTE_CONTROL=operator on the workers)"
+)
 QUEUE_REFUSED = "queue {queue!r} is not one of this deployment's queues: it is never consumed"
 
 #: Flower's control buttons and their inputs (worker and task pages), hidden
@@ -65,7 +88,8 @@ _HIDE_CONTROLS = (
     b"<style>#worker-shutdown,#worker-pool-restart,#worker-pool-grow,#worker-pool-shrink,"
     b"#worker-pool-autoscale,#pool-size,#min-autoscale,#max-autoscale,#worker-add-consumer,"
     b"#add-consumer-name,[id^=worker-cancel-consumer-],#limits-table button,"
-    b"#limits-table input,#task-terminate,#task-revoke{display:none!important}</style>")
+    b"#limits-table input,#task-terminate,#task-revoke{display:none!important}</style>"
+)
 
 _PRINTABLE = re.compile(r"[^\x21-\x7e]")
 
@@ -83,8 +107,9 @@ def _single_task_id(arguments: dict[str, Any]) -> str:
     return ids if isinstance(ids, str) and JOB_ID_RE.fullmatch(ids) else ""
 
 
-def refusal(command: str, arguments: dict[str, Any], *, mode: str,
-            queues: Collection[str]) -> str | None:
+def refusal(
+    command: str, arguments: dict[str, Any], *, mode: str, queues: Collection[str]
+) -> str | None:
     """Why ``command`` is refused on a worker in ``mode``; None if it may run.
 
     ``queues`` are the configured queue names (the only ones ``add_consumer``
@@ -122,9 +147,12 @@ class GatedNode(Node):
 
         shown = _shown(method)
         log.warning("refused remote control command %s", shown)
-        transport.auditor.record(None, AuditReason.POLICY,
-                                 job_id=_single_task_id(arguments or {}),
-                                 detail=f"remote {shown} refused")
+        transport.auditor.record(
+            None,
+            AuditReason.POLICY,
+            job_id=_single_task_id(arguments or {}),
+            detail=f"remote {shown} refused",
+        )
         return {"error": why}
 
 
@@ -142,8 +170,12 @@ def _refuse_merge(task_ids: Any) -> None:
     from maas_worker.broker import transport
 
     log.warning("refused %d revoked task id(s) offered by another node", len(ids))
-    transport.auditor.record(None, AuditReason.POLICY, job_id=_single_task_id({"task_id": ids}),
-                             detail="remote revoke refused (revoked ids in a hello)")
+    transport.auditor.record(
+        None,
+        AuditReason.POLICY,
+        job_id=_single_task_id({"task_id": ids}),
+        detail="remote revoke refused (revoked ids in a hello)",
+    )
 
 
 def configure(app: Any, *, mode: str, queues: Collection[str]) -> None:
@@ -170,12 +202,14 @@ def lock_flower(mode: str) -> None:
 
     def refuse(self: Any, *args: Any, **kwargs: Any) -> None:
         raise tornado.web.HTTPError(
-            403, reason="remote control is disabled (MAAS_REMOTE_CONTROL=inspect)")
+            403, reason="remote control is disabled (MAAS_REMOTE_CONTROL=inspect)"
+        )
 
     from flower.views import BaseHandler  # type: ignore[import-untyped]
 
     render_string = BaseHandler.render_string
     if not getattr(render_string, "maas_locked", False):
+
         def without_controls(self: Any, template_name: str, **kwargs: Any) -> bytes:
             html: bytes = render_string(self, template_name, **kwargs)
             return html.replace(b"</head>", _HIDE_CONTROLS + b"</head>", 1)
@@ -184,6 +218,9 @@ def lock_flower(mode: str) -> None:
         BaseHandler.render_string = without_controls
     for name in dir(flower_control):
         handler = getattr(flower_control, name)
-        if isinstance(handler, type) and issubclass(handler, flower_control.ControlHandler) \
-                and handler is not flower_control.ControlHandler:
+        if (
+            isinstance(handler, type)
+            and issubclass(handler, flower_control.ControlHandler)
+            and handler is not flower_control.ControlHandler
+        ):
             handler.post = tornado.web.authenticated(refuse)  # type: ignore[attr-defined]

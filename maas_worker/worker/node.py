@@ -57,8 +57,9 @@ class Node:
     consumers, else None.
     """
 
-    def __init__(self, app: Any, name: str, settings: Settings, *,
-                 batch: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, app: Any, name: str, settings: Settings, *, batch: dict[str, Any] | None = None
+    ) -> None:
         self.app = app
         self.name = name
         self.settings = settings
@@ -76,13 +77,18 @@ class Node:
         # The channel's limits and its audit records of refused entries: this worker's settings.
         transport.install(self.settings)
         # From the first command on, only what MAAS_REMOTE_CONTROL allows runs.
-        control.configure(self.app, mode=self.settings.remote_control,
-                          queues=[q.name for q in self.app.conf.task_queues or ()])
+        control.configure(
+            self.app,
+            mode=self.settings.remote_control,
+            queues=[q.name for q in self.app.conf.task_queues or ()],
+        )
         try:
             self.metrics_dir = metrics.init_multiprocess_dir()
         except OSError as exc:  # metrics are never a reason for a worker not to run
-            log.warning("no metrics directory (%s); continuing without metrics",
-                        exc.strerror or type(exc).__name__)
+            log.warning(
+                "no metrics directory (%s); continuing without metrics",
+                exc.strerror or type(exc).__name__,
+            )
         self.app.amqp.queues.select_add(monitor_queue())
 
     def serve(self, autoscaler: Any = None) -> None:
@@ -95,20 +101,26 @@ class Node:
             # With --batch-consumer, the consumer processes take the job queues:
             # the node is announced once they are ready.
             if self.batch is not None:
-                self.consumers = supervisor.ConsumerPool(self.settings, node=self.name or "maas",
-                                                         **self.batch)
+                self.consumers = supervisor.ConsumerPool(
+                    self.settings, node=self.name or "maas", **self.batch
+                )
                 self.consumers.start()
             self.advertiser = Advertiser(self.settings, self.name)
             self.advertiser.start()
-            log.info("maas worker %s ready; models: %s", self.advertiser.node,
-                     ", ".join(build_registry(self.settings).refs()) or "(none)")
+            log.info(
+                "maas worker %s ready; models: %s",
+                self.advertiser.node,
+                ", ".join(build_registry(self.settings).refs()) or "(none)",
+            )
         except Exception:
             log.exception("could not start the node's consumers or advertisement")
         try:
             if self.metrics_dir is not None and self.name:
                 self.metrics_server = metrics.serve(
                     metrics.WorkerCollector(self.metrics_dir, self.name, self.pool_state),
-                    port=self.settings.metrics_port, address=self.settings.metrics_address)
+                    port=self.settings.metrics_port,
+                    address=self.settings.metrics_address,
+                )
         except Exception:
             log.exception("could not start the metrics endpoint")
 
@@ -137,8 +149,9 @@ class Node:
                 self.metrics_server.shutdown()
             if self.name:
                 with contextlib.suppress(redis.RedisError):
-                    SampleStore(backend_client(self.settings),
-                                interval_s=self.settings.sample_interval_s).forget(self.name)
+                    SampleStore(
+                        backend_client(self.settings), interval_s=self.settings.sample_interval_s
+                    ).forget(self.name)
             if self.metrics_dir is not None:
                 metrics.remove_multiprocess_dir(self.metrics_dir)
         except Exception:
@@ -162,8 +175,9 @@ class NodeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is unty
 
     def create(self, w: Any) -> Node:
         """The node of worker ``w``, prepared."""
-        node = w.maas_node = Node(w.app, w.hostname, settings_of(w.app),
-                                  batch=supervisor.requested(w.app))
+        node = w.maas_node = Node(
+            w.app, w.hostname, settings_of(w.app), batch=supervisor.requested(w.app)
+        )
         node.prepare()
         return node
 
@@ -192,8 +206,12 @@ class ServeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is unt
     # Started after the steps that make the node serve: the task consumer,
     # remote control, heartbeats and gossip (all that Celery starts before its
     # event loop, where it would send ``worker_ready``).
-    requires = ("celery.worker.consumer.tasks:Tasks", "celery.worker.consumer.control:Control",
-                "celery.worker.consumer.heart:Heart", "celery.worker.consumer.gossip:Gossip")
+    requires = (
+        "celery.worker.consumer.tasks:Tasks",
+        "celery.worker.consumer.control:Control",
+        "celery.worker.consumer.heart:Heart",
+        "celery.worker.consumer.gossip:Gossip",
+    )
 
     def start(self, c: Any) -> None:
         """Serve the node (the first time only)."""

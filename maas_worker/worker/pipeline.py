@@ -83,8 +83,7 @@ FAULT_BACKOFF_S = 1.0
 #: Errors that are no job's fault: Redis out of reach, the keyring file
 #: unreadable. The whole delivery (or batch) is handed back and retried once
 #: they pass; nothing is counted against a job.
-UNAVAILABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError,
-                                            KeyringError)
+UNAVAILABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError, KeyringError)
 
 
 class Stop(Exception):
@@ -116,8 +115,15 @@ class Prepared:
 HardHook = Callable[[], None]
 
 
-def reject(rt: WorkerRuntime, job_id: str, reason: AuditReason, header: Header | None,
-           *, authenticated: bool, detail: str = "") -> None:
+def reject(
+    rt: WorkerRuntime,
+    job_id: str,
+    reason: AuditReason,
+    header: Header | None,
+    *,
+    authenticated: bool,
+    detail: str = "",
+) -> None:
     """Audit a refused delivery; tell the job's client if the refusal is authenticated.
 
     An authenticated refusal (the header's MAC verified) is about the job
@@ -131,20 +137,30 @@ def reject(rt: WorkerRuntime, job_id: str, reason: AuditReason, header: Header |
     tenant = header.tenant if header is not None else ""
     if authenticated and header is not None:
         job_id = header.job_id
-    rt.audit.record(job_id=job_id, tenant=tenant, reason=reason, verified=authenticated,
-                    detail=detail)
+    rt.audit.record(
+        job_id=job_id, tenant=tenant, reason=reason, verified=authenticated, detail=detail
+    )
     if reason != AuditReason.REPLAYED and keyspace.is_job_id(job_id):
         if authenticated:
-            rt.guard.mark_rejected(tenant, job_id, ttl_s=rt.settings.result_ttl_s,
-                                   state=JobState.EXPIRED if reason == AuditReason.EXPIRED
-                                   else JobState.REJECTED)
+            rt.guard.mark_rejected(
+                tenant,
+                job_id,
+                ttl_s=rt.settings.result_ttl_s,
+                state=JobState.EXPIRED if reason == AuditReason.EXPIRED else JobState.REJECTED,
+            )
         elif TENANT_RE.fullmatch(tenant):
             rt.guard.mark_suspect(tenant, job_id, ttl_s=rt.settings.result_ttl_s)
     log.warning("job %r rejected: %s", job_id[:64], reason)
 
 
-def _stop(rt: WorkerRuntime, job_id: str, reason: AuditReason, header: Header | None = None, *,
-          authenticated: bool = False) -> Stop:
+def _stop(
+    rt: WorkerRuntime,
+    job_id: str,
+    reason: AuditReason,
+    header: Header | None = None,
+    *,
+    authenticated: bool = False,
+) -> Stop:
     reject(rt, job_id, reason, header, authenticated=authenticated)
     return Stop(reason)
 
@@ -155,18 +171,31 @@ def refuse_unreadable(rt: WorkerRuntime, job_id: str, exc: BaseException) -> Sto
     Only unauthenticated bytes have been read at that point, so no job's
     state changes; the error type (never its text) is logged and audited.
     """
-    log.error("job %r: refusing a message that raised %s before it was authenticated",
-              job_id[:64], type(exc).__name__)
-    reject(rt, job_id, AuditReason.MALFORMED, None, authenticated=False,
-           detail=f"unreadable: {type(exc).__name__}")
+    log.error(
+        "job %r: refusing a message that raised %s before it was authenticated",
+        job_id[:64],
+        type(exc).__name__,
+    )
+    reject(
+        rt,
+        job_id,
+        AuditReason.MALFORMED,
+        None,
+        authenticated=False,
+        detail=f"unreadable: {type(exc).__name__}",
+    )
     return Stop(AuditReason.MALFORMED)
 
 
 # -- checks on untrusted bytes ------------------------------------------------------------
 def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
     """The task's one argument (the base64 envelope or a payload reference), size-checked."""
-    if not isinstance(args, list | tuple) or len(args) != 1 or kwargs \
-            or not isinstance(args[0], str):
+    if (
+        not isinstance(args, list | tuple)
+        or len(args) != 1
+        or kwargs
+        or not isinstance(args[0], str)
+    ):
         raise _stop(rt, job_id, AuditReason.MALFORMED)
     text: str = args[0]
     if len(text) > rt.settings.max_envelope_chars:
@@ -174,8 +203,9 @@ def request_text(rt: WorkerRuntime, job_id: str, args: Any, kwargs: Any) -> str:
     return text
 
 
-def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
-                  fetched: bytes | int | None = None) -> bytes:
+def request_bytes(
+    rt: WorkerRuntime, job_id: str, text: str, fetched: bytes | int | None = None
+) -> bytes:
     """The sealed request: base64-decoded, or ``fetched`` from Redis for a payload reference.
 
     ``fetched`` is what `JobGuard.fetch_payload` returned for this job. Whatever
@@ -196,35 +226,48 @@ def request_bytes(rt: WorkerRuntime, job_id: str, text: str,
         # is a redelivery or a replay of it, not a broken message.
         if rt.backend.delete(keyspace.killed(tenant, job_id)):
             raise Stop(Outcome.FINISHED)
-        reason = AuditReason.REPLAYED if rt.backend.exists(keyspace.result(tenant, job_id)) \
+        reason = (
+            AuditReason.REPLAYED
+            if rt.backend.exists(keyspace.result(tenant, job_id))
             else AuditReason.MALFORMED
+        )
         raise _stop(rt, job_id, reason)
     return fetched
 
 
-def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: str,
-                   routed: str | None, text: str) -> Verified:
+def verify_request(
+    rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: str, routed: str | None, text: str
+) -> Verified:
     """Verify the envelope, then bind it to the message's task id, task name, queue and
     payload reference (``text``, the task argument)."""
     s = rt.settings
     try:
-        verified = verify(data, expect="request", keyring=rt.keyring.get(),
-                          max_bytes=s.max_envelope_chars, skew_ms=s.clock_skew_s * 1000,
-                          max_lifetime_ms=MAX_JOB_TTL_S * 1000 + s.clock_skew_s * 1000,
-                          crypto=rt.crypto)
+        verified = verify(
+            data,
+            expect="request",
+            keyring=rt.keyring.get(),
+            max_bytes=s.max_envelope_chars,
+            skew_ms=s.clock_skew_s * 1000,
+            max_lifetime_ms=MAX_JOB_TTL_S * 1000 + s.clock_skew_s * 1000,
+            crypto=rt.crypto,
+        )
     except EnvelopeRejected as exc:
         header = exc.unverified_header if isinstance(exc.unverified_header, Header) else None
         # errors.py sits below protocol.py, so the error carries the reason as a string.
-        raise _stop(rt, job_id, AuditReason(exc.reason), header,
-                    authenticated=exc.authenticated) from None
+        raise _stop(
+            rt, job_id, AuditReason(exc.reason), header, authenticated=exc.authenticated
+        ) from None
     header = verified.header
     # -- authenticated from here on --------------------------------------------
     if not keyspace.is_job_id(header.job_id):
         raise _stop(rt, header.job_id, AuditReason.MALFORMED, header, authenticated=True)
     ref_tenant = payload_ref_tenant(text)
-    if header.job_id != job_id or header.task != task_name or (
-            routed is not None and routed != queue_for(header.priority)) or (
-            ref_tenant is not None and ref_tenant != header.tenant):
+    if (
+        header.job_id != job_id
+        or header.task != task_name
+        or (routed is not None and routed != queue_for(header.priority))
+        or (ref_tenant is not None and ref_tenant != header.tenant)
+    ):
         raise _stop(rt, job_id, AuditReason.TAMPERED, header)
     return verified
 
@@ -232,8 +275,9 @@ def verify_request(rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: st
 def check_memory(rt: WorkerRuntime, header: Header) -> None:
     """`Defer` while the host is short of memory: not started, not claimed, not counted."""
     if rt.memory_pressure():
-        log.warning("job %s waits: host memory above %g%%", header.job_id,
-                    rt.settings.memory_high_water_pct)
+        log.warning(
+            "job %s waits: host memory above %g%%", header.job_id, rt.settings.memory_high_water_pct
+        )
         raise Defer(retry_delay_s(rt.settings, MEMORY_BACKOFF_S))
 
 
@@ -247,8 +291,9 @@ def tenant_policy(rt: WorkerRuntime, header: Header) -> TenantPolicy:
     try:
         policy = rt.keyring.get().tenant(header.tenant).policy
     except KeyringError:
-        raise _stop(rt, header.job_id, AuditReason.UNKNOWN_KEY, header,
-                    authenticated=True) from None
+        raise _stop(
+            rt, header.job_id, AuditReason.UNKNOWN_KEY, header, authenticated=True
+        ) from None
     if not (policy.allows_model(header.model) and policy.allows_priority(header.priority)):
         raise _stop(rt, header.job_id, AuditReason.POLICY, header, authenticated=True)
     return policy
@@ -267,28 +312,33 @@ def retry_delay_s(s: Settings, wanted_s: float) -> float:
 # -- the claim ----------------------------------------------------------------------------
 def window_ms(rt: WorkerRuntime, header: Header) -> int:
     """How long replay state for this job must be kept: its remaining lifetime (clamped)."""
-    return keyspace.clamp_ttl_ms(max(0, header.expires_at_ms - now_ms())
-                                 + rt.settings.clock_skew_s * 1000)
+    return keyspace.clamp_ttl_ms(
+        max(0, header.expires_at_ms - now_ms()) + rt.settings.clock_skew_s * 1000
+    )
 
 
-def admission(header: Header,
-              policy: TenantPolicy) -> tuple[list[str], list[str | float]] | None:
+def admission(header: Header, policy: TenantPolicy) -> tuple[list[str], list[str | float]] | None:
     """The quota charge the claim script runs with (None: the tenant has no quotas)."""
     if not policy.limited:
         return None
-    return (admission_keys(header.tenant),
-            admission_args(header.job_id, policy, header.expires_at_ms))
+    return (
+        admission_keys(header.tenant),
+        admission_args(header.job_id, policy, header.expires_at_ms),
+    )
 
 
 def claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Claim:
     """Try to take the job (one round trip); `settle_claim` decides what follows."""
     header = verified.header
-    return rt.guard.claim_job(header.tenant, header.job_id, window_ms=window_ms(rt, header),
-                              admission=admission(header, policy))
+    return rt.guard.claim_job(
+        header.tenant,
+        header.job_id,
+        window_ms=window_ms(rt, header),
+        admission=admission(header, policy),
+    )
 
 
-def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
-                 first: Claim) -> None:
+def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy, first: Claim) -> None:
     """Return if the job is ours to run; else `Stop` (final) or `Defer` (``busy``)."""
     header = verified.header
     tenant, job_id = header.tenant, header.job_id
@@ -302,8 +352,13 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
             rt.quotas.release(tenant, job_id, policy)
             raise Stop(Outcome.CANCELLED)
         refuse_cancel(rt, header, outcome.cancel_token)
-        outcome = rt.guard.claim_job(tenant, job_id, window_ms=window_ms(rt, header),
-                                     admission=admission(header, policy), ignore_cancel=True)
+        outcome = rt.guard.claim_job(
+            tenant,
+            job_id,
+            window_ms=window_ms(rt, header),
+            admission=admission(header, policy),
+            ignore_cancel=True,
+        )
     if outcome.outcome == ClaimOutcome.REPLAYED:
         if rt.backend.delete(keyspace.killed(tenant, job_id)):
             raise Stop(Outcome.FINISHED)  # the copy of a job whose process was ended on purpose
@@ -311,11 +366,15 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy,
     if outcome.outcome == ClaimOutcome.RATE_LIMITED:
         raise _stop(rt, job_id, AuditReason.RATE_LIMITED, header, authenticated=True)
     if outcome.outcome == ClaimOutcome.EXHAUSTED:
-        log.error("job %s started %d times, each ending with a dead worker; failing it",
-                  job_id, rt.guard.max_attempts)
+        log.error(
+            "job %s started %d times, each ending with a dead worker; failing it",
+            job_id,
+            rt.guard.max_attempts,
+        )
         lost = ResultDoc.failure(
             FailureCode.WORKER_LOST,
-            f"the job was started {rt.guard.max_attempts} times and its worker died each time")
+            f"the job was started {rt.guard.max_attempts} times and its worker died each time",
+        )
         raise Stop(finish(rt, verified, lost))
     if outcome.outcome == ClaimOutcome.BUSY:
         # Another live worker runs this job. Do not run it twice, and do not
@@ -332,17 +391,21 @@ def refuse_cancel(rt: WorkerRuntime, header: Header, token: str | bytes | None) 
     so it blocks nothing: the job runs, and its own tenant's cancel counts.
     """
     actor, genuine = token_actor(token, rt.keyring.get(), header.job_id)
-    rt.audit.record(job_id=header.job_id, tenant=actor,
-                    reason=AuditReason.POLICY if genuine else AuditReason.TAMPERED,
-                    verified=genuine,
-                    detail="cancel request for another tenant's job")
+    rt.audit.record(
+        job_id=header.job_id,
+        tenant=actor,
+        reason=AuditReason.POLICY if genuine else AuditReason.TAMPERED,
+        verified=genuine,
+        detail="cancel request for another tenant's job",
+    )
     log.warning("job %s: refused a cancel request not made by its tenant", header.job_id)
     if token is not None:
         rt.guard.drop_cancel(header.tenant, header.job_id, token)
 
 
-def fault(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy | None,
-          exc: BaseException) -> Stop | Defer:
+def fault(
+    rt: WorkerRuntime, verified: Verified, policy: TenantPolicy | None, exc: BaseException
+) -> Stop | Defer:
     """An error while handling this authenticated job: retry it, or give up on it.
 
     Gives back the job's claim and in-flight count (no-ops unless this
@@ -359,20 +422,30 @@ def fault(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy | None,
     n = rt.guard.record_fault(header.tenant, header.job_id, window_ms=window_ms(rt, header))
     name = type(exc).__name__
     if n < rt.guard.max_faults:
-        log.error("job %s: %s while handling it (%d of %d); retrying", header.job_id, name,
-                  n, rt.guard.max_faults)
+        log.error(
+            "job %s: %s while handling it (%d of %d); retrying",
+            header.job_id,
+            name,
+            n,
+            rt.guard.max_faults,
+        )
         return Defer(retry_delay_s(rt.settings, FAULT_BACKOFF_S))
     log.error("job %s: %s while handling it, %d times; failing it", header.job_id, name, n)
-    rt.audit.record(job_id=header.job_id, tenant=header.tenant, reason=AuditReason.MALFORMED,
-                    verified=True, detail=f"dead letter after {n} errors ({name})")
-    doc = ResultDoc.failure(FailureCode.INTERNAL_ERROR,
-                            f"handling the job failed {n} times; it will not be retried")
+    rt.audit.record(
+        job_id=header.job_id,
+        tenant=header.tenant,
+        reason=AuditReason.MALFORMED,
+        verified=True,
+        detail=f"dead letter after {n} errors ({name})",
+    )
+    doc = ResultDoc.failure(
+        FailureCode.INTERNAL_ERROR, f"handling the job failed {n} times; it will not be retried"
+    )
     return Stop(finish(rt, verified, doc))
 
 
 # -- running ------------------------------------------------------------------------------
-def prepare(rt: WorkerRuntime, verified: Verified,
-            policy: TenantPolicy) -> Prepared | ResultDoc:
+def prepare(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Prepared | ResultDoc:
     """Decrypt, parse (bounded in size and depth), resolve the model.
 
     Returns the job ready to run, or a failed result document to store
@@ -403,8 +476,9 @@ def prepare(rt: WorkerRuntime, verified: Verified,
     return Prepared(model, inputs, soft_s, hard_s)
 
 
-def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
-            on_hard_also: HardHook | None = None) -> ResultDoc:
+def run_one(
+    rt: WorkerRuntime, verified: Verified, job: Prepared, *, on_hard_also: HardHook | None = None
+) -> ResultDoc:
     """Run one job under the watchdog; the result document.
 
     ``on_hard_also`` runs (in the watchdog thread) just before the process is
@@ -426,20 +500,28 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
 
     def on_hard(reason: str) -> None:
         # Runs in the watchdog thread just before this process is ended.
-        rt.backend.set(keyspace.killed(header.tenant, header.job_id), "1",
-                       ex=rt.settings.result_ttl_s)
+        rt.backend.set(
+            keyspace.killed(header.tenant, header.job_id), "1", ex=rt.settings.result_ttl_s
+        )
         finish(rt, verified, produced_by(job.model, interrupted(reason, job.soft_s)))
         if on_hard_also is not None:
             on_hard_also()
 
     # In the threads pool, a model listed in MAAS_BATCH runs in shared batches.
-    batcher = rt.batcher_for(job.model) if threading.current_thread() \
-        is not threading.main_thread() else None
+    batcher = (
+        rt.batcher_for(job.model)
+        if threading.current_thread() is not threading.main_thread()
+        else None
+    )
     runner = _Batched(batcher, job.soft_s) if batcher is not None else job.model
     try:
-        with rt.watchdog.running(header.job_id, soft_limit_s=job.soft_s,
-                                 hard_limit_s=job.hard_s, is_cancelled=is_cancelled,
-                                 on_hard=on_hard):
+        with rt.watchdog.running(
+            header.job_id,
+            soft_limit_s=job.soft_s,
+            hard_limit_s=job.hard_s,
+            is_cancelled=is_cancelled,
+            on_hard=on_hard,
+        ):
             output = metrics.timed_predict(header, runner, job.inputs)
         doc = ResultDoc.success(output)
     except JobInterrupted as exc:
@@ -448,14 +530,17 @@ def run_one(rt: WorkerRuntime, verified: Verified, job: Prepared, *,
         doc = ResultDoc.failure(exc.reason, str(exc))
     except Exception as exc:
         # The exception text may quote the input: log its type only.
-        log.error("job %s: model %s raised %s", header.job_id, header.model,
-                  type(exc).__name__)
+        log.error("job %s: model %s raised %s", header.job_id, header.model, type(exc).__name__)
         doc = _internal_error()
     return produced_by(job.model, doc)
 
 
-def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
-              on_hard_also: HardHook | None = None) -> list[ResultDoc]:
+def run_batch(
+    rt: WorkerRuntime,
+    jobs: Sequence[tuple[Verified, Prepared]],
+    *,
+    on_hard_also: HardHook | None = None,
+) -> list[ResultDoc]:
     """Run jobs of one model in ONE ``predict_batch`` call; a result document each.
 
     The batch runs under the watchdog with the model's limits (every job of a
@@ -471,18 +556,27 @@ def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
 
     def on_hard(reason: str) -> None:
         for verified, job in jobs:
-            rt.backend.set(keyspace.killed(verified.header.tenant, verified.header.job_id),
-                           "1", ex=rt.settings.result_ttl_s)
+            rt.backend.set(
+                keyspace.killed(verified.header.tenant, verified.header.job_id),
+                "1",
+                ex=rt.settings.result_ttl_s,
+            )
             finish(rt, verified, produced_by(job.model, interrupted(reason, job.soft_s)))
         if on_hard_also is not None:
             on_hard_also()
 
     label = f"batch of {len(jobs)} ({jobs[0][0].header.job_id}, ...)"
     try:
-        with rt.watchdog.running(label, soft_limit_s=first.soft_s, hard_limit_s=first.hard_s,
-                                 is_cancelled=lambda: False, on_hard=on_hard):
-            outputs = metrics.timed_predict_batch([v.header for v, _ in jobs], model,
-                                                  [j.inputs for _, j in jobs])
+        with rt.watchdog.running(
+            label,
+            soft_limit_s=first.soft_s,
+            hard_limit_s=first.hard_s,
+            is_cancelled=lambda: False,
+            on_hard=on_hard,
+        ):
+            outputs = metrics.timed_predict_batch(
+                [v.header for v, _ in jobs], model, [j.inputs for _, j in jobs]
+            )
     except JobInterrupted as exc:
         return [produced_by(model, interrupted(exc.reason, first.soft_s)) for _ in jobs]
     except Exception as exc:
@@ -492,9 +586,15 @@ def run_batch(rt: WorkerRuntime, jobs: Sequence[tuple[Verified, Prepared]], *,
         log.info("running the %d jobs of that batch one by one", len(jobs))
         return [run_one(rt, v, j, on_hard_also=on_hard_also) for v, j in jobs]
     log.debug("batch of %d for %s", len(jobs), model.name)
-    return [produced_by(model, ResultDoc.failure(out.reason, str(out))
-                        if isinstance(out, ModelError) else ResultDoc.success(out))
-            for out in outputs]
+    return [
+        produced_by(
+            model,
+            ResultDoc.failure(out.reason, str(out))
+            if isinstance(out, ModelError)
+            else ResultDoc.success(out),
+        )
+        for out in outputs
+    ]
 
 
 def can_batch(model: Model) -> bool:
@@ -532,8 +632,7 @@ def interrupted(reason: str, soft_s: float) -> ResultDoc:
     """The failed result of a job stopped by its time limit or a cancel."""
     if reason == "cancelled":
         return ResultDoc.failure(FailureCode.CANCELLED, "the job was cancelled")
-    return ResultDoc.failure(FailureCode.TIMEOUT,
-                             f"the job exceeded its time limit ({soft_s:g} s)")
+    return ResultDoc.failure(FailureCode.TIMEOUT, f"the job exceeded its time limit ({soft_s:g} s)")
 
 
 # -- the result ---------------------------------------------------------------------------
@@ -544,26 +643,36 @@ def _result_body(rt: WorkerRuntime, doc: ResultDoc) -> tuple[bytes, bool]:
     except (TypeError, ValueError, RecursionError):
         # A model's output that is not JSON (NaN, an object): this job fails,
         # with no detail that could quote its data.
-        doc = ResultDoc.failure(FailureCode.INTERNAL_ERROR, "the model's output is not JSON",
-                                model=doc.model)
+        doc = ResultDoc.failure(
+            FailureCode.INTERNAL_ERROR, "the model's output is not JSON", model=doc.model
+        )
         body = doc.to_json()
     if len(body) > rt.settings.max_result_bytes:
-        doc = ResultDoc.failure(FailureCode.OVERSIZE, "the result exceeds the size limit",
-                                model=doc.model)
+        doc = ResultDoc.failure(
+            FailureCode.OVERSIZE, "the result exceeds the size limit", model=doc.model
+        )
         body = doc.to_json()
     return body, doc.ok
 
 
-def seal_result(rt: WorkerRuntime, verified: Verified,
-                doc: ResultDoc) -> tuple[bytes, bool]:
+def seal_result(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> tuple[bytes, bool]:
     """The result envelope for ``doc``, bound to the request (its own nonce), and whether
     it holds a success (a failure document replaces output that cannot be stored)."""
     body, ok = _result_body(rt, doc)
     req = verified.header
     issued = now_ms()
-    header = Header("result", req.key_version, issued, issued + rt.settings.result_ttl_s * 1000,
-                    req.priority, req.tenant, req.job_id, req.task, req.model,
-                    req.digest())
+    header = Header(
+        "result",
+        req.key_version,
+        issued,
+        issued + rt.settings.result_ttl_s * 1000,
+        req.priority,
+        req.tenant,
+        req.job_id,
+        req.task,
+        req.model,
+        req.digest(),
+    )
     return seal(verified.keys, header, body, crypto=rt.crypto), ok
 
 
@@ -576,9 +685,13 @@ def finish(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> Outcome:
     """Seal and store the result write-once; the outcome for the log."""
     header = verified.header
     sealed, ok = seal_result(rt, verified, doc)
-    stored = rt.guard.store_result(header.tenant, header.job_id, sealed,
-                                   result_ttl_s=rt.settings.result_ttl_s,
-                                   replay_window_ms=window_ms(rt, header))
+    stored = rt.guard.store_result(
+        header.tenant,
+        header.job_id,
+        sealed,
+        result_ttl_s=rt.settings.result_ttl_s,
+        replay_window_ms=window_ms(rt, header),
+    )
     return finished_outcome(ok, stored)
 
 

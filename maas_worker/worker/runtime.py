@@ -66,8 +66,9 @@ class RedisReleaseFloor:
         return None
 
 
-def build_registry(settings: Settings, on_reject: RejectHook | None = None,
-                   backend: redis.Redis | None = None) -> ModelRegistry:
+def build_registry(
+    settings: Settings, on_reject: RejectHook | None = None, backend: redis.Redis | None = None
+) -> ModelRegistry:
     """The models this worker serves: the diagnostics (if enabled) and the signed repository.
 
     Cheap to build and to list: the repository verifies signatures when it
@@ -84,11 +85,16 @@ def build_registry(settings: Settings, on_reject: RejectHook | None = None,
     if settings.diagnostic_models:
         registry.register(EchoModel())
         registry.register(SleepModel())
-    registry.add_source(ModelRepository(
-        settings.model_dir, signers=TrustedSignersSource(settings.trusted_signers).get,
-        model_keys=ModelKeysSource(settings.model_keys_path).get, on_reject=on_reject,
-        on_load=metrics.observe_model_load,
-        release_floor=RedisReleaseFloor(backend) if backend is not None else None))
+    registry.add_source(
+        ModelRepository(
+            settings.model_dir,
+            signers=TrustedSignersSource(settings.trusted_signers).get,
+            model_keys=ModelKeysSource(settings.model_keys_path).get,
+            on_reject=on_reject,
+            on_load=metrics.observe_model_load,
+            release_floor=RedisReleaseFloor(backend) if backend is not None else None,
+        )
+    )
     return registry
 
 
@@ -102,10 +108,17 @@ def audit_rejections(audit: AuditLog, *, stage: str) -> RejectHook:
     release (missing, refused, rolled back) is a scan refusal, recorded by the
     main process once per change with the bare name as the reference.
     """
+
     def hook(ref: str, why: str, at: str) -> None:
         if at == stage:
-            audit.record(job_id="", tenant="", reason=AuditReason.MODEL_REJECTED, verified=False,
-                         detail=f"{ref}: {why}")
+            audit.record(
+                job_id="",
+                tenant="",
+                reason=AuditReason.MODEL_REJECTED,
+                verified=False,
+                detail=f"{ref}: {why}",
+            )
+
     return hook
 
 
@@ -120,9 +133,9 @@ class WorkerRuntime:
         self.backend = backend_client(settings)
         self.guard = JobGuard(self.backend, lease_s=settings.lease_s)
         self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen)
-        self.registry = build_registry(settings,
-                                       on_reject=audit_rejections(self.audit, stage="load"),
-                                       backend=self.backend)
+        self.registry = build_registry(
+            settings, on_reject=audit_rejections(self.audit, stage="load"), backend=self.backend
+        )
         self.quotas = Quotas(self.backend)
         self._lease_keeper = LeaseKeeper(self.guard)
         self._lease_keeper.start()
@@ -135,7 +148,8 @@ class WorkerRuntime:
     def batcher_for(self, model: Model) -> DynamicBatcher | None:
         """The dynamic batcher of ``model`` if ``MAAS_BATCH`` lists it and it can batch."""
         spec = self.settings.batching.get(model.name) or self.settings.batching.get(
-            f"{model.name}@{model.version}")
+            f"{model.name}@{model.version}"
+        )
         if spec is None or not hasattr(model, "predict_batch"):
             return None
         key = (model.name, model.version, id(model))  # a hot-reloaded model gets its own
@@ -143,7 +157,10 @@ class WorkerRuntime:
             batcher = self._batchers.get(key)
             if batcher is None:
                 batcher = self._batchers[key] = DynamicBatcher(
-                    model, max_batch=spec[0], max_wait_s=spec[1] / 1000)  # type: ignore[arg-type]
+                    model,  # type: ignore[arg-type]
+                    max_batch=spec[0],
+                    max_wait_s=spec[1] / 1000,
+                )
         return batcher
 
     @property
@@ -191,9 +208,13 @@ class Advertiser:
     def __init__(self, settings: Settings, node: str | None = None) -> None:
         self.node = node or socket.gethostname()
         self._client = backend_client(settings)
-        self._registry = build_registry(settings, on_reject=audit_rejections(
-            AuditLog(self._client, maxlen=settings.audit_maxlen), stage="scan"),
-            backend=self._client)
+        self._registry = build_registry(
+            settings,
+            on_reject=audit_rejections(
+                AuditLog(self._client, maxlen=settings.audit_maxlen), stage="scan"
+            ),
+            backend=self._client,
+        )
         self._refs: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="maas-advertise", daemon=True)
@@ -205,8 +226,7 @@ class Advertiser:
             # find the library producers and monitors call (functions.py).
             functions.load(self._client)
         except (ConfigError, redis.RedisError) as exc:
-            log.warning("could not load the Redis function library %s: %s",
-                        functions.LIBRARY, exc)
+            log.warning("could not load the Redis function library %s: %s", functions.LIBRARY, exc)
         advertise(self._client, self.node, self.refs())
         self._thread.start()
 

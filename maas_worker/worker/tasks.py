@@ -55,8 +55,7 @@ transport.install()
 INFRA_BACKOFF_S = 1.0
 
 
-def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
-            kwargs: dict[str, Any]) -> str:
+def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """Run one delivery through the pipeline; returns the outcome (for logs and tests).
 
     Raises `Retry` for a job that must wait, and one of `UNAVAILABLE` when
@@ -68,11 +67,13 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...],
     try:
         text = request_text(rt, job_id, args, kwargs)
         ref_tenant = payload_ref_tenant(text)
-        fetched = rt.guard.fetch_payload(ref_tenant, job_id, rt.settings.max_envelope_chars) \
-            if ref_tenant else None
+        fetched = (
+            rt.guard.fetch_payload(ref_tenant, job_id, rt.settings.max_envelope_chars)
+            if ref_tenant
+            else None
+        )
         data = request_bytes(rt, job_id, text, fetched)
-        verified = verify_request(rt, job_id, data, task_name=task.name, routed=routed,
-                                  text=text)
+        verified = verify_request(rt, job_id, data, task_name=task.name, routed=routed, text=text)
     except Stop as stop:
         return stop.outcome
     except UNAVAILABLE:

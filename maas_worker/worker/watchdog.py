@@ -94,15 +94,28 @@ class Watchdog:
         raise JobInterrupted(job.pending or "timeout")
 
     @contextmanager
-    def running(self, job_id: str, *, soft_limit_s: float, hard_limit_s: float,
-                is_cancelled: Callable[[], bool],
-                on_hard: Callable[[str], None]) -> Iterator[None]:
+    def running(
+        self,
+        job_id: str,
+        *,
+        soft_limit_s: float,
+        hard_limit_s: float,
+        is_cancelled: Callable[[], bool],
+        on_hard: Callable[[str], None],
+    ) -> Iterator[None]:
         """Run the body as job ``job_id``; raises `JobInterrupted` to stop it."""
         now = time.monotonic()
         ident = threading.get_ident()
         interruptible = self.interruptible and ident == self._main_ident
-        job = _Running(job_id, ident, interruptible, now + soft_limit_s,
-                       now + max(hard_limit_s, soft_limit_s), is_cancelled, on_hard)
+        job = _Running(
+            job_id,
+            ident,
+            interruptible,
+            now + soft_limit_s,
+            now + max(hard_limit_s, soft_limit_s),
+            is_cancelled,
+            on_hard,
+        )
         with self._lock:
             self._jobs[ident] = job
         if interruptible:

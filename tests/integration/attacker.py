@@ -51,22 +51,44 @@ class Attacker:
         self.client: Client = stack.client(tenant, keyring=path)
         self.key = self.client.keyring.tenant(tenant).primary()
 
-    def seal(self, body: bytes, *, model: str = "echo", priority: str = "normal",
-             job_id: str | None = None, issued_at_ms: int | None = None,
-             expires_at_ms: int | None = None, tenant: str | None = None) -> tuple[Header, str]:
+    def seal(
+        self,
+        body: bytes,
+        *,
+        model: str = "echo",
+        priority: str = "normal",
+        job_id: str | None = None,
+        issued_at_ms: int | None = None,
+        expires_at_ms: int | None = None,
+        tenant: str | None = None,
+    ) -> tuple[Header, str]:
         """An envelope sealed with the attacker's own key, every header field its choice."""
         issued = now_ms() if issued_at_ms is None else issued_at_ms
         expires = issued + 60_000 if expires_at_ms is None else expires_at_ms
-        header = Header("request", self.key.version, issued, expires, priority,
-                        tenant or self.tenant, job_id or str(uuid.uuid4()), TASK_NAME, model)
+        header = Header(
+            "request",
+            self.key.version,
+            issued,
+            expires,
+            priority,
+            tenant or self.tenant,
+            job_id or str(uuid.uuid4()),
+            TASK_NAME,
+            model,
+        )
         return header, base64.b64encode(seal(self.key.keys(self.tenant), header, body)).decode()
 
-    def send(self, envelope: str, *, job_id: str, priority: str = "normal",
-             **options: Any) -> None:
+    def send(self, envelope: str, *, job_id: str, priority: str = "normal", **options: Any) -> None:
         """Publish with Celery's own producer (``options``: expires, eta, time_limit...)."""
-        self.client.app.send_task(TASK_NAME, args=[envelope], task_id=job_id,
-                                  queue=queue_for(priority), argsrepr=ARGS_REPR,
-                                  kwargsrepr="{}", **options)
+        self.client.app.send_task(
+            TASK_NAME,
+            args=[envelope],
+            task_id=job_id,
+            queue=queue_for(priority),
+            argsrepr=ARGS_REPR,
+            kwargsrepr="{}",
+            **options,
+        )
 
     def job(self, job_id: str) -> Job:
         """A handle on one of the attacker's own jobs."""
@@ -82,22 +104,40 @@ class Attacker:
 
 def celery_message(job_id: str, envelope: str, **headers: Any) -> dict[str, Any]:
     """A queue entry shaped exactly as kombu's Redis transport writes one."""
-    body = base64.b64encode(json.dumps([[envelope], {}, {
-        "callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()).decode()
+    body = base64.b64encode(
+        json.dumps(
+            [[envelope], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+        ).encode()
+    ).decode()
     return {
-        "body": body, "content-encoding": "utf-8", "content-type": "application/json",
-        "headers": {"lang": "py", "task": TASK_NAME, "id": job_id, "root_id": job_id,
-                    "retries": 0, "timelimit": [None, None], "argsrepr": ARGS_REPR,
-                    "kwargsrepr": "{}", **headers},
-        "properties": {"correlation_id": job_id, "delivery_mode": 2,
-                       "delivery_info": {"exchange": "", "routing_key": "maas.normal"},
-                       "priority": 0, "body_encoding": "base64",
-                       "delivery_tag": str(uuid.uuid4())},
+        "body": body,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": TASK_NAME,
+            "id": job_id,
+            "root_id": job_id,
+            "retries": 0,
+            "timelimit": [None, None],
+            "argsrepr": ARGS_REPR,
+            "kwargsrepr": "{}",
+            **headers,
+        },
+        "properties": {
+            "correlation_id": job_id,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": "maas.normal"},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
     }
 
 
-def victims(stack: Stack, n: int = 6, *,
-            priority: str = "high") -> list[tuple[Job, dict[str, Any]]]:
+def victims(
+    stack: Stack, n: int = 6, *, priority: str = "high"
+) -> list[tuple[Job, dict[str, Any]]]:
     """The victim tenant submits ``n`` echo jobs: (job, the input it sent)."""
     client = stack.client("acme")
     out = []
@@ -118,8 +158,9 @@ def records_for(stack: Stack, job_id: str) -> list[AuditRecord]:
     return [r for r in stack.audit() if r.job_id == job_id]
 
 
-def wait_audited_once(stack: Stack, job_id: str, reason: str, tenant: str, *,
-                      verified: bool = True) -> AuditRecord:
+def wait_audited_once(
+    stack: Stack, job_id: str, reason: str, tenant: str, *, verified: bool = True
+) -> AuditRecord:
     """Exactly one record for ``job_id``: this reason, under the tenant that acted."""
     rec = stack.wait_audit(job_id, reason, WAIT_S)
     assert (rec.tenant, rec.verified) == (tenant, verified)
@@ -140,6 +181,16 @@ def wait_drained(stack: Stack) -> None:
     wait_for(lambda: job_queues_drained(stack), WAIT_S, "the job queues to drain")
 
 
-__all__ = ["VICTIM_S", "Attacker", "assert_victims_done", "celery_message",
-           "job_queues_drained", "keyspace", "records_for", "set_policy", "victims",
-           "wait_audited_once", "wait_drained"]
+__all__ = [
+    "VICTIM_S",
+    "Attacker",
+    "assert_victims_done",
+    "celery_message",
+    "job_queues_drained",
+    "keyspace",
+    "records_for",
+    "set_policy",
+    "victims",
+    "wait_audited_once",
+    "wait_drained",
+]

@@ -26,10 +26,18 @@ from typing import Any
 
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run",
-                  "--disable-dev-shm-usage", "--remote-debugging-port=0",
-                  "--remote-allow-origins=*")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-port=0",
+    "--remote-allow-origins=*",
+)
 START_TIMEOUT_S = 30.0
 
 
@@ -58,8 +66,7 @@ class Page:
         msg_id = next(self._ids)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[msg_id] = fut
-        await self._ws.write_message(json.dumps({"id": msg_id, "method": method,
-                                                 "params": params}))
+        await self._ws.write_message(json.dumps({"id": msg_id, "method": method, "params": params}))
         return await asyncio.wait_for(fut, 30)
 
     async def _read(self) -> None:
@@ -90,16 +97,21 @@ class Page:
             if self._auth is None:
                 response = {"response": "CancelAuth"}
             else:
-                response = {"response": "ProvideCredentials", "username": self._auth[0],
-                            "password": self._auth[1]}
-            await self.call("Fetch.continueWithAuth", requestId=params["requestId"],
-                            authChallengeResponse=response)
+                response = {
+                    "response": "ProvideCredentials",
+                    "username": self._auth[0],
+                    "password": self._auth[1],
+                }
+            await self.call(
+                "Fetch.continueWithAuth",
+                requestId=params["requestId"],
+                authChallengeResponse=response,
+            )
 
     async def login_with_basic_auth(self, user: str, password: str) -> None:
         """Answer every HTTP authentication challenge with these credentials."""
         self._auth = (user, password)
-        await self.call("Fetch.enable", handleAuthRequests=True,
-                        patterns=[{"urlPattern": "*"}])
+        await self.call("Fetch.enable", handleAuthRequests=True, patterns=[{"urlPattern": "*"}])
 
     async def goto(self, url: str) -> None:
         """Navigate and wait for the load event."""
@@ -108,12 +120,16 @@ class Page:
 
     async def text(self) -> str:
         """The page's visible text."""
-        res = await self.call("Runtime.evaluate", expression="document.body ? "
-                              "document.body.innerText : ''", returnByValue=True)
+        res = await self.call(
+            "Runtime.evaluate",
+            expression="document.body ? document.body.innerText : ''",
+            returnByValue=True,
+        )
         return str(res["result"].get("value", ""))
 
-    async def wait_for_text(self, *needles: str, timeout_s: float = 60.0,
-                            reload_s: float | None = None) -> str:
+    async def wait_for_text(
+        self, *needles: str, timeout_s: float = 60.0, reload_s: float | None = None
+    ) -> str:
         """Poll the page text until it contains every needle (fail after timeout).
 
         With ``reload_s``, reload the page that often while waiting.
@@ -133,8 +149,13 @@ class Page:
 
     async def screenshot(self, path: Path, *, width: int = 1600, height: int = 900) -> None:
         """Save a PNG of the viewport."""
-        await self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                        deviceScaleFactor=1, mobile=False)
+        await self.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
         res = await self.call("Page.captureScreenshot", format="png")
         path.write_bytes(base64.b64decode(res["data"]))
 
@@ -147,10 +168,13 @@ class Page:
 async def chromium(executable: str) -> AsyncIterator[Page]:
     """A headless Chromium with a fresh profile; yields its first tab."""
     profile = Path(tempfile.mkdtemp(prefix="maas-chromium-"))
-    proc = subprocess.Popen([executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-                             "about:blank"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     page: Page | None = None
     try:
         port_file = profile / "DevToolsActivePort"

@@ -51,21 +51,31 @@ class Stack:
     def client(self, tenant: str = "acme", **kw: Any) -> Client:
         return Client(settings=Settings.from_env({**self.env, "MAAS_TENANT": tenant}), **kw)
 
-    def start_worker(self, name: str | None = None, *, concurrency: int = 2,
-                     env: dict[str, str] | None = None,
-                     args: tuple[str, ...] = ()) -> WorkerProcess:
+    def start_worker(
+        self,
+        name: str | None = None,
+        *,
+        concurrency: int = 2,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> WorkerProcess:
         name = name or f"w{len(self.workers) + 1}"
-        w = WorkerProcess(env={**self.env, **(env or {})}, name=name,
-                          log_path=self.tmp / f"{name}.log", concurrency=concurrency,
-                          extra_args=(*self.worker_args, *args))
+        w = WorkerProcess(
+            env={**self.env, **(env or {})},
+            name=name,
+            log_path=self.tmp / f"{name}.log",
+            concurrency=concurrency,
+            extra_args=(*self.worker_args, *args),
+        )
         self.workers.append(w)
         w.start()
         w.wait_ready(self.backend)
         return w
 
     def worker_logs(self) -> str:
-        return "\n".join(w.log_path.read_text(errors="replace") for w in self.workers
-                         if w.log_path.exists())
+        return "\n".join(
+            w.log_path.read_text(errors="replace") for w in self.workers if w.log_path.exists()
+        )
 
     def outcomes(self, job_id: str, at_least: int = 1) -> list[str]:
         """The outcome lines the workers logged for ``job_id``, in order.
@@ -78,6 +88,7 @@ class Stack:
         def lines() -> list[str]:
             found = pattern.findall(self.worker_logs())
             return found if len(found) >= at_least else []
+
         result: list[str] = wait_for(lines, WAIT_S, f"{at_least} outcome line(s) for {job_id}")
         return result
 
@@ -88,6 +99,7 @@ class Stack:
         def order() -> list[str]:
             found = pattern.findall(self.worker_logs())
             return found if set(job_ids) <= set(found) else []
+
         result: list[str] = wait_for(order, WAIT_S, "the jobs' outcome lines")
         return result
 
@@ -96,9 +108,12 @@ class Stack:
 
     def wait_audit(self, job_id: str, reason: str, timeout: float = WAIT_S) -> AuditRecord:
         """Wait until an audit record for ``job_id`` with ``reason`` exists."""
+
         def found() -> AuditRecord | None:
-            return next((r for r in self.audit() if r.job_id == job_id and r.reason == reason),
-                        None)
+            return next(
+                (r for r in self.audit() if r.job_id == job_id and r.reason == reason), None
+            )
+
         return wait_for(found, timeout, f"audit {reason} for {job_id}")
 
     def queued_messages(self, queue: str) -> list[bytes]:
@@ -148,12 +163,16 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
         keyring_path = tmp / "keyring.json"
         save_keyring(keyring_path, make_keyring())
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-        env.update({
-            "MAAS_BROKER_URL": url, "MAAS_KEYRING": str(keyring_path),
-            "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_TENANT": "acme",
-            "MAAS_MODEL_DIR": str(tmp / "models"),
-            **extra_env,
-        })
+        env.update(
+            {
+                "MAAS_BROKER_URL": url,
+                "MAAS_KEYRING": str(keyring_path),
+                "MAAS_DIAGNOSTIC_MODELS": "1",
+                "MAAS_TENANT": "acme",
+                "MAAS_MODEL_DIR": str(tmp / "models"),
+                **extra_env,
+            }
+        )
         stack = Stack(url, tmp, keyring_path, env, redis.Redis.from_url(url))
         made.append((stack, server))
         return stack
@@ -177,8 +196,14 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     keyring_path = tmp / "keyring.json"
     save_keyring(keyring_path, make_keyring())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    env.update({"MAAS_BROKER_URL": url, "MAAS_KEYRING": str(keyring_path),
-                "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_TENANT": "acme"})
+    env.update(
+        {
+            "MAAS_BROKER_URL": url,
+            "MAAS_KEYRING": str(keyring_path),
+            "MAAS_DIAGNOSTIC_MODELS": "1",
+            "MAAS_TENANT": "acme",
+        }
+    )
     stack = Stack(url, tmp, keyring_path, env, redis.Redis.from_url(url))
     stack.start_worker("shared", concurrency=2)
     yield stack
@@ -214,11 +239,14 @@ WORKER_MODES: dict[str, tuple[str, ...]] = {"task": (), "batch": ("--batch-consu
 
 
 @pytest.fixture(params=list(WORKER_MODES))
-def iso_stack(request: pytest.FixtureRequest,
-              make_stack: Callable[..., Stack]) -> Callable[..., Stack]:
+def iso_stack(
+    request: pytest.FixtureRequest, make_stack: Callable[..., Stack]
+) -> Callable[..., Stack]:
     """`make_stack` whose workers run in one of the two modes (a test using it runs in both)."""
+
     def factory(**env: str) -> Stack:
         stack = make_stack(**env)
         stack.worker_args = WORKER_MODES[request.param]
         return stack
+
     return factory

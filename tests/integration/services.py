@@ -21,15 +21,20 @@ from .conftest import Stack
 class Service:
     """``python -m maas_worker ARGS`` in its own session, with a log file."""
 
-    def __init__(self, stack: Stack, name: str, *args: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, stack: Stack, name: str, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.log_path: Path = stack.tmp / f"{name}.log"
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "maas_worker", *args],
-                                         env={**stack.env, **(env or {})},
-                                         stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "maas_worker", *args],
+                env={**stack.env, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -48,12 +53,22 @@ class Service:
         self.proc.wait()
 
 
-def start_worker(stack: Stack, name: str, *, extra_args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None, concurrency: int = 1) -> WorkerProcess:
+def start_worker(
+    stack: Stack,
+    name: str,
+    *,
+    extra_args: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    concurrency: int = 1,
+) -> WorkerProcess:
     """A worker with extra flags (``--autoscale``), torn down with the stack."""
-    w = WorkerProcess(env={**stack.env, **(env or {})}, name=name,
-                      log_path=stack.tmp / f"{name}.log", concurrency=concurrency,
-                      extra_args=extra_args)
+    w = WorkerProcess(
+        env={**stack.env, **(env or {})},
+        name=name,
+        log_path=stack.tmp / f"{name}.log",
+        concurrency=concurrency,
+        extra_args=extra_args,
+    )
     stack.workers.append(w)
     w.start()
     w.wait_ready(stack.backend)

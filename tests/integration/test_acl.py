@@ -59,8 +59,9 @@ class Deployment:
     worker: WorkerProcess
 
     def url(self, role: str) -> str:
-        return acl.role_url(f"redis://127.0.0.1:{self.port}/0", role,
-                            (self.passwords / role).read_text().strip())
+        return acl.role_url(
+            f"redis://127.0.0.1:{self.port}/0", role, (self.passwords / role).read_text().strip()
+        )
 
     def env(self, role: str, **extra: str) -> dict[str, str]:
         return {**self.stack.env, "MAAS_BROKER_URL": self.url(role), **extra}
@@ -69,13 +70,19 @@ class Deployment:
         return redis.Redis.from_url(self.url(role))
 
     def client(self, tenant: str = "acme") -> Client:
-        return Client(settings=Settings.from_env(self.env(f"producer-{tenant}",
-                                                          MAAS_TENANT=tenant)))
+        return Client(
+            settings=Settings.from_env(self.env(f"producer-{tenant}", MAAS_TENANT=tenant))
+        )
 
     def cli(self, role: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "maas_worker", *args],
-                              env=self.env(role, **env), capture_output=True, text=True,
-                              timeout=120, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "maas_worker", *args],
+            env=self.env(role, **env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
 
 def denials(operator: redis.Redis) -> list[tuple[str, str, str]]:
@@ -85,8 +92,10 @@ def denials(operator: redis.Redis) -> list[tuple[str, str, str]]:
     out = []
     for row in rows:
         entry = row if isinstance(row, dict) else dict(zip(row[::2], row[1::2], strict=True))
-        text = {(k.decode() if isinstance(k, bytes) else k):
-                (v.decode() if isinstance(v, bytes) else v) for k, v in entry.items()}
+        text = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in entry.items()
+        }
         out.append((text["username"], text["reason"], text["object"]))
     return out
 
@@ -98,18 +107,36 @@ PROBE = ("producer-acme", "command", "publish")
 
 def _start_server(d: Path, port: int, acl_file: Path, operator: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [str(server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(d), "--logfile", str(d / "server.log"),
-         "--aclfile", str(acl_file)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    probe = redis.Redis(port=port, username="operator", password=operator,
-                        socket_connect_timeout=1)
+        [
+            str(server_binary()),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d),
+            "--logfile",
+            str(d / "server.log"),
+            "--aclfile",
+            str(acl_file),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    probe = redis.Redis(port=port, username="operator", password=operator, socket_connect_timeout=1)
     try:
+
         def up() -> bool:
             assert proc.poll() is None, (d / "server.log").read_text()[-500:]
             with contextlib.suppress(redis.ConnectionError):
                 return bool(probe.ping())
             return False
+
         wait_for(up, 10, "the server with the ACL file")
     finally:
         probe.close()
@@ -127,15 +154,27 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     port = free_port()
     proc = _start_server(tmp, port, acl_file, (passwords / "operator").read_text().strip())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    env.update(MAAS_KEYRING=str(keyring_path), MAAS_DIAGNOSTIC_MODELS="1",
-               MAAS_SAMPLE_INTERVAL_S="1", MAAS_METRICS_PORT="0",
-               MAAS_MODEL_DIR=str(tmp / "models"))
-    operator_url = acl.role_url(f"redis://127.0.0.1:{port}/0", "operator",
-                                (passwords / "operator").read_text().strip())
-    worker_url = acl.role_url(f"redis://127.0.0.1:{port}/0", "worker",
-                              (passwords / "worker").read_text().strip())
-    stack = Stack(operator_url, tmp, keyring_path, {**env, "MAAS_BROKER_URL": worker_url},
-                  redis.Redis.from_url(operator_url), worker_args=())
+    env.update(
+        MAAS_KEYRING=str(keyring_path),
+        MAAS_DIAGNOSTIC_MODELS="1",
+        MAAS_SAMPLE_INTERVAL_S="1",
+        MAAS_METRICS_PORT="0",
+        MAAS_MODEL_DIR=str(tmp / "models"),
+    )
+    operator_url = acl.role_url(
+        f"redis://127.0.0.1:{port}/0", "operator", (passwords / "operator").read_text().strip()
+    )
+    worker_url = acl.role_url(
+        f"redis://127.0.0.1:{port}/0", "worker", (passwords / "worker").read_text().strip()
+    )
+    stack = Stack(
+        operator_url,
+        tmp,
+        keyring_path,
+        {**env, "MAAS_BROKER_URL": worker_url},
+        redis.Redis.from_url(operator_url),
+        worker_args=(),
+    )
     # --autoscale: the autoscaler reads the backlog (a read-only library function).
     worker = stack.start_worker("aclw", concurrency=2, args=("--autoscale", "2,1"))
     denials(stack.backend)
@@ -168,14 +207,14 @@ def test_a_producer_submits_waits_and_cancels_with_its_role(deployment: Deployme
     assert set(denials(deployment.stack.backend)) <= {PROBE}
 
 
-def test_a_batch_consumer_worker_runs_jobs_with_the_worker_role(
-        deployment: Deployment) -> None:
+def test_a_batch_consumer_worker_runs_jobs_with_the_worker_role(deployment: Deployment) -> None:
     batch = deployment.stack.start_worker("aclb", concurrency=1, args=("--batch-consumer",))
     try:
         with deployment.client() as client:
             jobs = client.submit_many("echo", [{"b": i} for i in range(8)], priority="low")
-            assert [j.result(timeout=WAIT_S) for j in jobs] == \
-                [{"echo": {"b": i}} for i in range(8)]
+            assert [j.result(timeout=WAIT_S) for j in jobs] == [
+                {"echo": {"b": i}} for i in range(8)
+            ]
     finally:
         batch.stop(timeout_s=10)
     assert "no permissions" not in batch.log_path.read_text()
@@ -184,23 +223,33 @@ def test_a_batch_consumer_worker_runs_jobs_with_the_worker_role(
 
 def test_beat_monitor_and_operator_roles_do_their_jobs(deployment: Deployment) -> None:
     stack = deployment.stack
-    beat = Service(stack, "acl-beat", "beat", "--loglevel", "WARNING",
-                   env=deployment.env("beat"))
+    beat = Service(stack, "acl-beat", "beat", "--loglevel", "WARNING", env=deployment.env("beat"))
     port = free_port()
-    exporter = Service(stack, "acl-metrics", "metrics", "--port", str(port),
-                       env=deployment.env("monitor"))
+    exporter = Service(
+        stack, "acl-metrics", "metrics", "--port", str(port), env=deployment.env("monitor")
+    )
     try:
-        wait_for(lambda: stack.backend.zscore(keyspace.SAMPLES, deployment.worker.node),
-                 WAIT_S, "a resource sample requested by beat")
-        body = wait_for(lambda: (r := http_get(f"http://127.0.0.1:{port}/metrics"))[0] == 200
-                        and r[1], WAIT_S, "the fleet exporter")
+        wait_for(
+            lambda: stack.backend.zscore(keyspace.SAMPLES, deployment.worker.node),
+            WAIT_S,
+            "a resource sample requested by beat",
+        )
+        body = wait_for(
+            lambda: (r := http_get(f"http://127.0.0.1:{port}/metrics"))[0] == 200 and r[1],
+            WAIT_S,
+            "the fleet exporter",
+        )
         assert "maas_fleet_up 1.0" in body
     finally:
         beat.stop()
         exporter.stop()
-    for role, args in (("monitor", ("stats", "--json")), ("monitor", ("scale", "--json")),
-                       ("operator", ("stats", "--json")), ("operator", ("audit", "--json")),
-                       ("operator", ("ping", "--node", deployment.worker.node))):
+    for role, args in (
+        ("monitor", ("stats", "--json")),
+        ("monitor", ("scale", "--json")),
+        ("operator", ("stats", "--json")),
+        ("operator", ("audit", "--json")),
+        ("operator", ("ping", "--node", deployment.worker.node)),
+    ):
         done = deployment.cli(role, *args)
         assert done.returncode == 0, (role, args, done.stderr)
     stats = json.loads(deployment.cli("monitor", "stats", "--json").stdout)
@@ -211,30 +260,60 @@ def test_beat_monitor_and_operator_roles_do_their_jobs(deployment: Deployment) -
 
 def test_flower_serves_with_its_role_and_the_operator_inspects(deployment: Deployment) -> None:
     port = free_port()
-    flower = Service(deployment.stack, "acl-flower", "flower", "--port", str(port),
-                     env=deployment.env("flower", MAAS_FLOWER_BASIC_AUTH=":".join(FLOWER_AUTH)))
+    flower = Service(
+        deployment.stack,
+        "acl-flower",
+        "flower",
+        "--port",
+        str(port),
+        env=deployment.env("flower", MAAS_FLOWER_BASIC_AUTH=":".join(FLOWER_AUTH)),
+    )
     base = f"http://127.0.0.1:{port}"
     try:
-        workers = wait_for(lambda: (r := http_get(f"{base}/api/workers?refresh=1",
-                                                  auth=FLOWER_AUTH))[0] == 200
-                           and deployment.worker.node in r[1] and r[1], WAIT_S,
-                           "Flower to list the worker (inspect through the pidbox)")
+        workers = wait_for(
+            lambda: (
+                (r := http_get(f"{base}/api/workers?refresh=1", auth=FLOWER_AUTH))[0] == 200
+                and deployment.worker.node in r[1]
+                and r[1]
+            ),
+            WAIT_S,
+            "Flower to list the worker (inspect through the pidbox)",
+        )
         assert "stats" in json.loads(workers)[deployment.worker.node]
         status, body = http_get(f"{base}/api/queues/length", auth=FLOWER_AUTH)
         assert status == 200 and "maas.high" in body
         with deployment.client() as client:
             job = client.submit("echo", {"flower": 1})
             job.result(timeout=WAIT_S)
-        wait_for(lambda: http_get(f"{base}/api/task/info/{job.id}", auth=FLOWER_AUTH)[0] == 200,
-                 WAIT_S, "Flower to follow the job from its task events")
+        wait_for(
+            lambda: http_get(f"{base}/api/task/info/{job.id}", auth=FLOWER_AUTH)[0] == 200,
+            WAIT_S,
+            "Flower to follow the job from its task events",
+        )
     finally:
         flower.stop()
     assert "no permissions" not in flower.log() and "NOPERM" not in flower.log()
     assert set(denials(deployment.stack.backend)) <= {PROBE}
     inspect = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "maas_worker.app", "inspect", "ping", "-t", "5",
-         "-d", deployment.worker.node], env=deployment.env("operator"), capture_output=True,
-        text=True, timeout=60, check=False)
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "maas_worker.app",
+            "inspect",
+            "ping",
+            "-t",
+            "5",
+            "-d",
+            deployment.worker.node,
+        ],
+        env=deployment.env("operator"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert inspect.returncode == 0 and "pong" in inspect.stdout, inspect.stderr
 
 
@@ -243,55 +322,131 @@ JOB = "0b7e8c6a-3f1d-4c2e-9a7b-5d6e4f3a2b1c"
 ACME, GLOBEX = keyspace.tenant_prefix("acme"), keyspace.tenant_prefix("globex")
 FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
     "producer-acme": [
-        *(("DEL", f"{ACME}{kind}:{JOB}") for kind in
-          ("claim", "result", "attempts", "faults", "rejected", "suspect", "killed")),
-        *(("SET", f"{ACME}{kind}:{JOB}", "done") for kind in
-          ("claim", "result", "attempts", "faults", "rejected", "suspect", "killed")),
-        ("HSET", f"{ACME}bucket", "tokens", "1000"), ("DEL", f"{ACME}bucket"),
-        ("ZADD", f"{ACME}inflight", "1", JOB), ("ZREM", f"{ACME}inflight", JOB),
-        ("DEL", f"{ACME}inflight"), ("ZREMRANGEBYSCORE", f"{ACME}inflight", "-inf", "+inf"),
-        ("XADD", keyspace.AUDIT_STREAM, "*", "reason", "forged"), ("DEL", keyspace.AUDIT_STREAM),
+        *(
+            ("DEL", f"{ACME}{kind}:{JOB}")
+            for kind in ("claim", "result", "attempts", "faults", "rejected", "suspect", "killed")
+        ),
+        *(
+            ("SET", f"{ACME}{kind}:{JOB}", "done")
+            for kind in ("claim", "result", "attempts", "faults", "rejected", "suspect", "killed")
+        ),
+        ("HSET", f"{ACME}bucket", "tokens", "1000"),
+        ("DEL", f"{ACME}bucket"),
+        ("ZADD", f"{ACME}inflight", "1", JOB),
+        ("ZREM", f"{ACME}inflight", JOB),
+        ("DEL", f"{ACME}inflight"),
+        ("ZREMRANGEBYSCORE", f"{ACME}inflight", "-inf", "+inf"),
+        ("XADD", keyspace.AUDIT_STREAM, "*", "reason", "forged"),
+        ("DEL", keyspace.AUDIT_STREAM),
         ("XTRIM", keyspace.AUDIT_STREAM, "MAXLEN", "0"),
-        ("GET", f"{GLOBEX}result:{JOB}"), ("EXISTS", f"{GLOBEX}job:{JOB}"),
-        ("SET", f"{GLOBEX}cancel:{JOB}", "x"), ("SET", f"{GLOBEX}job:{JOB}", "1"),
-        ("FCALL", functions.CANCEL, "7", *(f"{GLOBEX}{k}:{JOB}" for k in
-                                           ("result", "cancel", "done", "job", "rejected",
-                                            "claim")), f"{GLOBEX}pending", "t", "1", "1", JOB,
-         "1"),
-        ("DEL", "maas.high"), ("LPOP", "maas.high"), ("RPOP", "maas.normal"),
-        ("LTRIM", "maas.low", "1", "0"), ("LRANGE", "maas.high", "0", "-1"),
-        ("LINDEX", "maas.high", "0"), ("RPUSH", "maas.high", "{}"), ("LPUSH", "maas.monitor", "x"),
-        ("HSET", "unacked", "tag", "[]"), ("HDEL", "unacked", "tag"),
-        ("ZADD", "unacked_index", "1", "tag"), ("HGETALL", "unacked"),
+        ("GET", f"{GLOBEX}result:{JOB}"),
+        ("EXISTS", f"{GLOBEX}job:{JOB}"),
+        ("SET", f"{GLOBEX}cancel:{JOB}", "x"),
+        ("SET", f"{GLOBEX}job:{JOB}", "1"),
+        (
+            "FCALL",
+            functions.CANCEL,
+            "7",
+            *(
+                f"{GLOBEX}{k}:{JOB}"
+                for k in ("result", "cancel", "done", "job", "rejected", "claim")
+            ),
+            f"{GLOBEX}pending",
+            "t",
+            "1",
+            "1",
+            JOB,
+            "1",
+        ),
+        ("DEL", "maas.high"),
+        ("LPOP", "maas.high"),
+        ("RPOP", "maas.normal"),
+        ("LTRIM", "maas.low", "1", "0"),
+        ("LRANGE", "maas.high", "0", "-1"),
+        ("LINDEX", "maas.high", "0"),
+        ("RPUSH", "maas.high", "{}"),
+        ("LPUSH", "maas.monitor", "x"),
+        ("HSET", "unacked", "tag", "[]"),
+        ("HDEL", "unacked", "tag"),
+        ("ZADD", "unacked_index", "1", "tag"),
+        ("HGETALL", "unacked"),
         ("SADD", "_kombu.binding.maas", "maas.high\x06\x16\x06\x16unacked"),
         ("SREM", "_kombu.binding.maas", "x"),
-        ("ZADD", keyspace.NODES, "1", "fake"), ("ZADD", keyspace.CATALOG, "1", "fake@1"),
-        ("PUBLISH", "/0.celery.pidbox", "{}"), ("PUBLISH", "/0.celeryev/task.succeeded", "{}"),
+        ("ZADD", keyspace.NODES, "1", "fake"),
+        ("ZADD", keyspace.CATALOG, "1", "fake@1"),
+        ("PUBLISH", "/0.celery.pidbox", "{}"),
+        ("PUBLISH", "/0.celeryev/task.succeeded", "{}"),
         ("PUBLISH", "/0.celeryev/task.sent", "{}"),
         ("PUBLISH", "/0.maas.monitor/maas.monitor", "{}"),
-        ("EVAL", "return 1", "0"), ("EVALSHA", "0" * 40, "0"), ("SCRIPT", "LOAD", "return 1"),
-        ("FUNCTION", "LOAD", "#!lua name=evil\nredis.register_function('f', "
-         "function() while true do end end)"), ("FUNCTION", "FLUSH"),
+        ("EVAL", "return 1", "0"),
+        ("EVALSHA", "0" * 40, "0"),
+        ("SCRIPT", "LOAD", "return 1"),
+        (
+            "FUNCTION",
+            "LOAD",
+            "#!lua name=evil\nredis.register_function('f', function() while true do end end)",
+        ),
+        ("FUNCTION", "FLUSH"),
         ("FUNCTION", "DELETE", functions.LIBRARY),
-        ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("SCAN", "0"),
-        ("ACL", "LIST"), ("CLIENT", "LIST"), ("MONITOR",), ("SHUTDOWN",),
+        ("FLUSHALL",),
+        ("FLUSHDB",),
+        ("CONFIG", "GET", "*"),
+        ("KEYS", "*"),
+        ("SCAN", "0"),
+        ("ACL", "LIST"),
+        ("CLIENT", "LIST"),
+        ("MONITOR",),
+        ("SHUTDOWN",),
     ],
-    "monitor": [("SET", keyspace.NODES, "x"), ("DEL", "maas.high"), ("LPUSH", "maas.high", "x"),
-                ("RPOP", "maas.high"), ("GET", f"{ACME}result:{JOB}"),
-                ("XRANGE", keyspace.AUDIT_STREAM, "-", "+"), ("PUBLISH", "/0.celery.pidbox", "x"),
-                ("EVAL", "return 1", "0"), ("FUNCTION", "LOAD", "x"), ("KEYS", "*")],
-    "flower": [("LPUSH", "maas.high", "x"), ("DEL", "maas.high"), ("RPOP", "maas.high"),
-               ("GET", f"{ACME}result:{JOB}"), ("PUBLISH", "/0.celeryev/task.sent", "{}"),
-               ("PUBLISH", "/0.maas.monitor/maas.monitor", "{}"), ("HSET", "unacked", "t", "x"),
-               ("EVAL", "return 1", "0"), ("FLUSHALL",)],
-    "beat": [("GET", f"{ACME}result:{JOB}"), ("LPUSH", "maas.high", "x"),
-             ("PUBLISH", "/0.celery.pidbox", "{}"), ("EVAL", "return 1", "0")],
-    "worker": [("FLUSHALL",), ("FLUSHDB",), ("KEYS", "*"), ("CONFIG", "SET", "save", ""),
-               ("FUNCTION", "FLUSH"), ("SCRIPT", "FLUSH"), ("ACL", "LOAD"),
-               ("GET", "someone-else:key"), ("SET", "someone-else:key", "x"),
-               ("PUBLISH", "someone-else", "x"), ("SHUTDOWN",)],
-    "operator": [("FLUSHALL",), ("KEYS", "*"), ("CONFIG", "SET", "save", ""), ("SHUTDOWN",),
-                 ("ACL", "SETUSER", "evil", "on", "nopass", "+@all", "~*")],
+    "monitor": [
+        ("SET", keyspace.NODES, "x"),
+        ("DEL", "maas.high"),
+        ("LPUSH", "maas.high", "x"),
+        ("RPOP", "maas.high"),
+        ("GET", f"{ACME}result:{JOB}"),
+        ("XRANGE", keyspace.AUDIT_STREAM, "-", "+"),
+        ("PUBLISH", "/0.celery.pidbox", "x"),
+        ("EVAL", "return 1", "0"),
+        ("FUNCTION", "LOAD", "x"),
+        ("KEYS", "*"),
+    ],
+    "flower": [
+        ("LPUSH", "maas.high", "x"),
+        ("DEL", "maas.high"),
+        ("RPOP", "maas.high"),
+        ("GET", f"{ACME}result:{JOB}"),
+        ("PUBLISH", "/0.celeryev/task.sent", "{}"),
+        ("PUBLISH", "/0.maas.monitor/maas.monitor", "{}"),
+        ("HSET", "unacked", "t", "x"),
+        ("EVAL", "return 1", "0"),
+        ("FLUSHALL",),
+    ],
+    "beat": [
+        ("GET", f"{ACME}result:{JOB}"),
+        ("LPUSH", "maas.high", "x"),
+        ("PUBLISH", "/0.celery.pidbox", "{}"),
+        ("EVAL", "return 1", "0"),
+    ],
+    "worker": [
+        ("FLUSHALL",),
+        ("FLUSHDB",),
+        ("KEYS", "*"),
+        ("CONFIG", "SET", "save", ""),
+        ("FUNCTION", "FLUSH"),
+        ("SCRIPT", "FLUSH"),
+        ("ACL", "LOAD"),
+        ("GET", "someone-else:key"),
+        ("SET", "someone-else:key", "x"),
+        ("PUBLISH", "someone-else", "x"),
+        ("SHUTDOWN",),
+    ],
+    "operator": [
+        ("FLUSHALL",),
+        ("KEYS", "*"),
+        ("CONFIG", "SET", "save", ""),
+        ("SHUTDOWN",),
+        ("ACL", "SETUSER", "evil", "on", "nopass", "+@all", "~*"),
+    ],
 }
 
 
@@ -319,7 +474,8 @@ def test_the_default_user_is_off(deployment: Deployment) -> None:
 
 
 def test_replaying_a_finished_job_after_trying_to_delete_its_state_fails(
-        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The attack of issue #13 with producer-acme's credentials: keep a copy of the
     message, let the job finish, delete its claim, result and attempts (refused),
     push the copy again: the worker refuses it as replayed; the result stays."""
@@ -330,11 +486,12 @@ def test_replaying_a_finished_job_after_trying_to_delete_its_state_fails(
         if name == "lpush" and str(args[0]).startswith("maas."):
             sent.append((str(args[0]), str(args[1])))  # what this producer itself sent
         add(self, name, *args)
+
     monkeypatch.setattr(kombu_redis.PublishBatch, "add", wiretap)
     with deployment.client() as client:
         job = client.submit("echo", {"once": True}, priority="high")
         assert job.result(timeout=WAIT_S) == {"echo": {"once": True}}
-    (queue, copy), = sent
+    ((queue, copy),) = sent
     operator = deployment.stack.backend
     result = operator.get(keyspace.result("acme", job.id))
     producer = deployment.redis("producer-acme")
@@ -346,9 +503,14 @@ def test_replaying_a_finished_job_after_trying_to_delete_its_state_fails(
         producer.lpush("maas:wake", "1")
     finally:
         producer.close()
-    wait_for(lambda: any(r.job_id == job.id and r.reason == "replayed" for r in
-                         AuditLog(operator, maxlen=10_000).latest(1000)),
-             WAIT_S, "the replay to be refused")
+    wait_for(
+        lambda: any(
+            r.job_id == job.id and r.reason == "replayed"
+            for r in AuditLog(operator, maxlen=10_000).latest(1000)
+        ),
+        WAIT_S,
+        "the replay to be refused",
+    )
     assert operator.get(keyspace.result("acme", job.id)) == result
     # One run, one refusal: the model did not run again.
     assert deployment.stack.outcomes(job.id, at_least=2) == ["succeeded", "replayed"]
@@ -358,13 +520,19 @@ def test_replaying_a_finished_job_after_trying_to_delete_its_state_fails(
 
 # -- the function library and the generator against the server ---------------------------------
 def test_a_producer_without_the_library_says_how_to_load_it(
-        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A library version this server lacks (a worker here would load the real
     # one again at once: its autoscaler reads the backlog with it).
     monkeypatch.setattr(functions, "CANCEL", "maas_v0_cancel")
-    with deployment.client() as client, \
-            pytest.raises(ConfigError, match=r"may not load it: run `maas-worker acl "
-                          r"--load-functions` as the operator"):
+    with (
+        deployment.client() as client,
+        pytest.raises(
+            ConfigError,
+            match=r"may not load it: run `maas-worker acl "
+            r"--load-functions` as the operator",
+        ),
+    ):
         client.job(JOB).cancel()
     monkeypatch.undo()
     operator = deployment.stack.backend
@@ -372,8 +540,7 @@ def test_a_producer_without_the_library_says_how_to_load_it(
     loaded = deployment.cli("operator", "acl", "--load-functions")
     assert loaded.returncode == 0, loaded.stderr
     assert operator.function_list(library=functions.LIBRARY)
-    with deployment.client() as client, \
-            pytest.raises(Exception, match="no job of tenant 'acme'"):
+    with deployment.client() as client, pytest.raises(Exception, match="no job of tenant 'acme'"):
         client.job(JOB).cancel()
 
 
@@ -381,8 +548,15 @@ def test_a_new_tenant_gets_its_user_by_rerunning_acl_with_apply(deployment: Depl
     before = {p.name: p.read_text() for p in deployment.passwords.iterdir()}
     ring = load_keyring(deployment.stack.keyring_path).with_new_tenant("initech")
     save_keyring(deployment.stack.keyring_path, ring)
-    done = deployment.cli("operator", "acl", "--acl-file", str(deployment.acl_file),
-                          "--passwords", str(deployment.passwords), "--apply")
+    done = deployment.cli(
+        "operator",
+        "acl",
+        "--acl-file",
+        str(deployment.acl_file),
+        "--passwords",
+        str(deployment.passwords),
+        "--apply",
+    )
     assert done.returncode == 0, done.stderr
     after = {p.name: p.read_text() for p in deployment.passwords.iterdir()}
     assert set(after) - set(before) == {"producer-initech"}

@@ -20,10 +20,15 @@ JOB_S = 1.5
 
 
 def test_grows_from_min_toward_max_under_a_backlog_and_shrinks_when_idle(
-        make_stack: Callable[..., Stack]) -> None:
-    stack = make_stack(MAAS_AUTOSCALE_KEEPALIVE_S="1", MAAS_AUTOSCALE_GROW_AFTER_S="0",
-                       MAAS_AUTOSCALE_MAX_CPU_PCT="100", MAAS_AUTOSCALE_MAX_MEMORY_PCT="100",
-                       MAAS_METRICS_PORT="0")
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(
+        MAAS_AUTOSCALE_KEEPALIVE_S="1",
+        MAAS_AUTOSCALE_GROW_AFTER_S="0",
+        MAAS_AUTOSCALE_MAX_CPU_PCT="100",
+        MAAS_AUTOSCALE_MAX_MEMORY_PCT="100",
+        MAAS_METRICS_PORT="0",
+    )
     w = start_worker(stack, "auto", extra_args=("--autoscale", "3,1"))
     assert pool_size(w) == 1
     client = stack.client()
@@ -44,14 +49,18 @@ def test_grows_from_min_toward_max_under_a_backlog_and_shrinks_when_idle(
 
 
 def test_refuses_to_grow_when_memory_use_is_above_the_threshold(
-        make_stack: Callable[..., Stack]) -> None:
+    make_stack: Callable[..., Stack],
+) -> None:
     used = psutil.virtual_memory().percent
     threshold = round(used / 2, 1)  # below current use: no headroom
     port = free_port()
-    stack = make_stack(MAAS_AUTOSCALE_KEEPALIVE_S="1", MAAS_AUTOSCALE_GROW_AFTER_S="0",
-                       MAAS_AUTOSCALE_MAX_CPU_PCT="100",
-                       MAAS_AUTOSCALE_MAX_MEMORY_PCT=str(threshold),
-                       MAAS_METRICS_PORT=str(port))
+    stack = make_stack(
+        MAAS_AUTOSCALE_KEEPALIVE_S="1",
+        MAAS_AUTOSCALE_GROW_AFTER_S="0",
+        MAAS_AUTOSCALE_MAX_CPU_PCT="100",
+        MAAS_AUTOSCALE_MAX_MEMORY_PCT=str(threshold),
+        MAAS_METRICS_PORT=str(port),
+    )
     w = start_worker(stack, "tight", extra_args=("--autoscale", "3,1"))
     client = stack.client()
     jobs = [client.submit("sleep", {"seconds": 1.0}) for _ in range(4)]
@@ -64,8 +73,11 @@ def test_refuses_to_grow_when_memory_use_is_above_the_threshold(
         return {k: float(v) for k, v in values.items()} or None
 
     # the backlog calls for 3 processes; the autoscaler says so and stays at 1
-    state = wait_for(lambda: (s := scaler()) and s.get("desired_pool_size", 0) >= 2 and s,
-                     WAIT_S, "the autoscaler to want more processes")
+    state = wait_for(
+        lambda: (s := scaler()) and s.get("desired_pool_size", 0) >= 2 and s,
+        WAIT_S,
+        "the autoscaler to want more processes",
+    )
     assert state["pool_size"] == 1
     assert pool_size(w) == 1
     wait_for(lambda: "no headroom: memory" in stack.worker_logs(), WAIT_S, "the refusal logged")

@@ -38,29 +38,36 @@ BATCH = ("--batch-consumer",)
 @pytest.fixture
 def batch_stack(make_stack: Callable[..., Stack]) -> Callable[..., Stack]:
     """`make_stack`, whose workers run batch consumers."""
+
     def factory(**env: str) -> Stack:
         stack = make_stack(**env)
         stack.worker_args = BATCH
         return stack
+
     return factory
 
 
-@pytest.mark.parametrize("test", [
-    pipeline_tests.test_message_altered_in_redis_is_rejected_and_audited,
-    pipeline_tests.test_every_header_field_altered_in_redis_is_rejected,
-    pipeline_tests.test_byte_identical_replay_is_refused_and_the_first_result_stays,
-    pipeline_tests.test_envelope_moved_to_another_task_id_is_refused,
-    pipeline_tests.test_expired_job_is_not_run,
-    pipeline_tests.test_unknown_key_and_worker_side_policy,
-    pipeline_tests.test_job_of_a_killed_worker_is_redelivered_and_completes_once,
-    pipeline_tests.test_duplicate_delivery_while_running_is_not_run_twice,
-    pipeline_tests.test_no_plaintext_in_redis_or_worker_logs,
-    pipeline_tests.test_queues_are_consumed_high_then_normal_then_low,
-    pipeline_tests.test_a_job_that_keeps_killing_its_worker_fails_as_worker_lost,
-    pipeline_tests.test_large_requests_travel_by_claim_check,
-], ids=lambda t: t.__name__.removeprefix("test_"))
+@pytest.mark.parametrize(
+    "test",
+    [
+        pipeline_tests.test_message_altered_in_redis_is_rejected_and_audited,
+        pipeline_tests.test_every_header_field_altered_in_redis_is_rejected,
+        pipeline_tests.test_byte_identical_replay_is_refused_and_the_first_result_stays,
+        pipeline_tests.test_envelope_moved_to_another_task_id_is_refused,
+        pipeline_tests.test_expired_job_is_not_run,
+        pipeline_tests.test_unknown_key_and_worker_side_policy,
+        pipeline_tests.test_job_of_a_killed_worker_is_redelivered_and_completes_once,
+        pipeline_tests.test_duplicate_delivery_while_running_is_not_run_twice,
+        pipeline_tests.test_no_plaintext_in_redis_or_worker_logs,
+        pipeline_tests.test_queues_are_consumed_high_then_normal_then_low,
+        pipeline_tests.test_a_job_that_keeps_killing_its_worker_fails_as_worker_lost,
+        pipeline_tests.test_large_requests_travel_by_claim_check,
+    ],
+    ids=lambda t: t.__name__.removeprefix("test_"),
+)
 def test_pipeline_semantics_hold_in_the_batch_consumer(
-        batch_stack: Callable[..., Stack], test: Callable[[Callable[..., Stack]], None]) -> None:
+    batch_stack: Callable[..., Stack], test: Callable[[Callable[..., Stack]], None]
+) -> None:
     test(batch_stack)
 
 
@@ -75,7 +82,8 @@ def _batch_sizes(stack: Stack) -> list[int]:
 
 
 def test_batches_give_each_job_its_own_result_opened_with_its_tenant_key(
-        batch_stack: Callable[..., Stack]) -> None:
+    batch_stack: Callable[..., Stack],
+) -> None:
     stack = batch_stack(MAAS_MODEL_DIR=str(BUNDLED_MODEL_DIR), MAAS_CONSUMER_BATCH="32")
     data = holdout()
     samples, expected = data["inputs"][:60], data["sklearn_predictions"][:60]
@@ -98,25 +106,36 @@ def test_batches_give_each_job_its_own_result_opened_with_its_tenant_key(
             other.job(job.id)._open(sealed)
         with pytest.raises(UnknownJob):
             other.job(job.id).status()
-    sizes = wait_for(lambda: sum(_batch_sizes(stack)) == 61 and _batch_sizes(stack),
-                     TIMEOUT, "batch log lines for 61 digits jobs")
+    sizes = wait_for(
+        lambda: sum(_batch_sizes(stack)) == 61 and _batch_sizes(stack),
+        TIMEOUT,
+        "batch log lines for 61 digits jobs",
+    )
     assert max(sizes) > 1 and len(sizes) < 61  # jobs really shared model calls
     for job in [*digits, bad, *echoes]:
         assert len(stack.outcomes(job.id)) == 1
 
 
 def test_hostile_entries_are_audited_and_the_consumer_keeps_consuming(
-        batch_stack: Callable[..., Stack]) -> None:
+    batch_stack: Callable[..., Stack],
+) -> None:
     stack = batch_stack()
     client = stack.client()
     # task arguments the pipeline refuses (the Celery path: test_pipeline.py)
     hostile_args: list[tuple[list[Any], dict[str, Any]]] = [
-        ([], {}), ([1], {}), (["a", "b"], {}), (["not base64!"], {}), (["QUJD"], {}),
-        ([{"envelope": "x"}], {}), (["QUJD"], {"extra": 1})]
+        ([], {}),
+        ([1], {}),
+        (["a", "b"], {}),
+        (["not base64!"], {}),
+        (["QUJD"], {}),
+        ([{"envelope": "x"}], {}),
+        (["QUJD"], {"extra": 1}),
+    ]
     hostile_ids = [str(uuid.uuid4()) for _ in hostile_args]
     for task_id, (args, kwargs) in zip(hostile_ids, hostile_args, strict=True):
-        client.app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=task_id,
-                             queue=queue_for("high"))
+        client.app.send_task(
+            TASK_NAME, args=args, kwargs=kwargs, task_id=task_id, queue=queue_for("high")
+        )
     # queue entries that are not our messages at all
     good = client.submit("echo", {"n": 0}, priority="high")
     raw = stack.backend.lindex(queue_for("high"), 0)
@@ -126,30 +145,46 @@ def test_hostile_entries_are_audited_and_the_consumer_keeps_consuming(
     # a task id that is not a canonical UUID, and a body that is not a plain task call
     bad_id = {**msg, "headers": {**msg["headers"], "id": "hostile-1"}}
     workflow_id = str(uuid.uuid4())
-    workflow = {**msg, "headers": {**msg["headers"], "id": workflow_id},
-                "body": base64.b64encode(json.dumps(
-                    [["QUJD"], {}, {"callbacks": [{"task": "maas.infer"}]}]).encode()).decode()}
-    stack.backend.lpush(queue_for("high"), b"not json at all", b'{"no": "properties"}',
-                        json.dumps(wrong_task), json.dumps(bad_id), json.dumps(workflow))
+    workflow = {
+        **msg,
+        "headers": {**msg["headers"], "id": workflow_id},
+        "body": base64.b64encode(
+            json.dumps([["QUJD"], {}, {"callbacks": [{"task": "maas.infer"}]}]).encode()
+        ).decode(),
+    }
+    stack.backend.lpush(
+        queue_for("high"),
+        b"not json at all",
+        b'{"no": "properties"}',
+        json.dumps(wrong_task),
+        json.dumps(bad_id),
+        json.dumps(workflow),
+    )
     # a forged envelope (random bytes) and a tampered one
     forged = client.submit("echo", {"n": 1}, priority="normal")
     raw_forged = stack.backend.lpop(queue_for("normal"))
-    stack.backend.lpush(queue_for("normal"), replace_envelope(
-        raw_forged, base64.b64encode(b"\x01" + bytes(200)).decode()))
+    stack.backend.lpush(
+        queue_for("normal"),
+        replace_envelope(raw_forged, base64.b64encode(b"\x01" + bytes(200)).decode()),
+    )
     tampered = client.submit("echo", {"n": 2}, priority="normal")
     raw_t = stack.backend.lpop(queue_for("normal"))
     data = bytearray(base64.b64decode(message_envelope(raw_t)[1]))
     data[-5] ^= 0x01  # inside the MAC
-    stack.backend.lpush(queue_for("normal"),
-                        replace_envelope(raw_t, base64.b64encode(bytes(data)).decode()))
+    stack.backend.lpush(
+        queue_for("normal"), replace_envelope(raw_t, base64.b64encode(bytes(data)).decode())
+    )
     stack.start_worker(concurrency=1)
     assert good.result(timeout=TIMEOUT) == {"echo": {"n": 0}}
     for task_id in hostile_ids:
         assert stack.wait_audit(task_id, "malformed").tenant == ""
     for task_id in (wrong_id, "hostile-1", workflow_id):
         stack.wait_audit(task_id, "malformed")
-    wait_for(lambda: sum(1 for r in stack.audit() if r.job_id == "" and r.reason == "malformed")
-             >= 2, TIMEOUT, "the two non-messages audited")
+    wait_for(
+        lambda: sum(1 for r in stack.audit() if r.job_id == "" and r.reason == "malformed") >= 2,
+        TIMEOUT,
+        "the two non-messages audited",
+    )
     # Neither the forged nor the tampered message authenticates: both are
     # audited and change no job's state (anyone who can write a queue could
     # have sent them). The tampered one still names its tenant, so its
@@ -169,11 +204,15 @@ def test_hostile_entries_are_audited_and_the_consumer_keeps_consuming(
 
 
 def test_sigkill_mid_batch_loses_nothing_and_delivers_nothing_twice(
-        batch_stack: Callable[..., Stack]) -> None:
+    batch_stack: Callable[..., Stack],
+) -> None:
     stack = batch_stack(MAAS_VISIBILITY_TIMEOUT_S="3", MAAS_LEASE_S="3")
     client = stack.client()
-    sleepers = [client.submit("sleep", {"seconds": 0.3}, priority=p)
-                for p in ("high", "normal", "low") for _ in range(3)]
+    sleepers = [
+        client.submit("sleep", {"seconds": 0.3}, priority=p)
+        for p in ("high", "normal", "low")
+        for _ in range(3)
+    ]
     echoes = client.submit_many("echo", [{"i": i} for i in range(30)], priority="low")
     doomed = stack.start_worker("doomed", concurrency=1)
     # a batch is under way: its first job is claimed and running
@@ -183,8 +222,8 @@ def test_sigkill_mid_batch_loses_nothing_and_delivers_nothing_twice(
     stack.start_worker("rescuer", concurrency=2)
     jobs = [*sleepers, *echoes]
     results = [j.result(timeout=TIMEOUT) for j in jobs]
-    assert results[len(sleepers):] == [{"echo": {"i": i}} for i in range(30)]
-    assert all(r["slept"] >= 0.3 for r in results[:len(sleepers)])
+    assert results[len(sleepers) :] == [{"echo": {"i": i}} for i in range(30)]
+    assert all(r["slept"] >= 0.3 for r in results[: len(sleepers)])
     for job in jobs:  # exactly one result per job, never replaced
         assert stack.outcomes(job.id).count("succeeded") == 1
         assert "duplicate" not in stack.outcomes(job.id)
@@ -193,13 +232,19 @@ def test_sigkill_mid_batch_loses_nothing_and_delivers_nothing_twice(
 
 
 def test_warm_shutdown_finishes_the_batch_and_the_node_answers_remote_control(
-        batch_stack: Callable[..., Stack]) -> None:
+    batch_stack: Callable[..., Stack],
+) -> None:
     stack = batch_stack()
     client = stack.client()
     worker = stack.start_worker("warm", concurrency=1)
-    ping = subprocess.run([sys.executable, "-m", "maas_worker", "ping", "--node", worker.node],
-                          env=stack.env, capture_output=True, text=True, timeout=TIMEOUT,
-                          check=False)
+    ping = subprocess.run(
+        [sys.executable, "-m", "maas_worker", "ping", "--node", worker.node],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert ping.returncode == 0, ping.stderr
     assert "pong" in ping.stdout
     # The reply was consumed without acknowledgement: nothing left reserved.
@@ -216,7 +261,8 @@ def test_warm_shutdown_finishes_the_batch_and_the_node_answers_remote_control(
 
 
 def test_flower_sees_batch_jobs_finish_through_celery_task_events(
-        batch_stack: Callable[..., Stack]) -> None:
+    batch_stack: Callable[..., Stack],
+) -> None:
     """Without task events Flower would show every batch job as sent, for ever."""
     stack = batch_stack()
     worker = stack.start_worker("ev", concurrency=1)
@@ -233,6 +279,7 @@ def test_flower_sees_batch_jobs_finish_through_celery_task_events(
                 receiver.capture(limit=None, timeout=TIMEOUT, wakeup=False)
             except BaseException as exc:
                 errors.append(exc)
+
         listener = threading.Thread(target=listen, daemon=True)
         listener.start()
         ids: list[str] = []
@@ -252,5 +299,6 @@ def test_flower_sees_batch_jobs_finish_through_celery_task_events(
     assert done["hostname"] == worker.node and done["result"] == "None"
     received = [e for e in seen if e["type"] == "task-received" and e["uuid"] == done["uuid"]]
     assert [(e["name"], e["args"], e["kwargs"]) for e in received] == [
-        (TASK_NAME, "('<sealed envelope>',)", "{}")]
+        (TASK_NAME, "('<sealed envelope>',)", "{}")
+    ]
     assert marker not in json.dumps(seen, default=str)  # an event never carries the data

@@ -21,16 +21,20 @@ def test_digits_jobs_are_batched_and_each_gets_its_own_result(make_stack) -> Non
     data = holdout()
     samples = data["inputs"][:48]
     expected = data["sklearn_predictions"][:48]
-    stack.start_worker(concurrency=16, env={"MAAS_BATCH": "digits=16:20"},
-                       args=("--pool", "threads", "--loglevel", "DEBUG"))
+    stack.start_worker(
+        concurrency=16,
+        env={"MAAS_BATCH": "digits=16:20"},
+        args=("--pool", "threads", "--loglevel", "DEBUG"),
+    )
     client = stack.client()
     # one pipeline: the worker finds many jobs at once
     jobs = client.submit_many("digits", [{"inputs": [s]} for s in samples])
     labels = [job.result(timeout=TIMEOUT)["labels"] for job in jobs]
     assert labels == [[e] for e in expected]  # each job got ITS OWN rows back
     # a bad input fails only its own job, even inside a batch
-    mixed = client.submit_many("digits", [{"inputs": [samples[0]]}, {"inputs": [[1, 2]]},
-                                          {"inputs": [samples[1]]}])
+    mixed = client.submit_many(
+        "digits", [{"inputs": [samples[0]]}, {"inputs": [[1, 2]]}, {"inputs": [samples[1]]}]
+    )
     assert mixed[0].result(timeout=TIMEOUT)["labels"] == [expected[0]]
     assert mixed[2].result(timeout=TIMEOUT)["labels"] == [expected[1]]
     # Its batch-mates finishing first says nothing about when it finishes: wait for it.
@@ -38,9 +42,11 @@ def test_digits_jobs_are_batched_and_each_gets_its_own_result(make_stack) -> Non
         mixed[1].result(timeout=TIMEOUT)
     assert mixed[1].info()["state"] == "failed"
     assert mixed[1].info()["reason"] == "bad_input"
-    sizes = wait_for(lambda: [int(n) for n in re.findall(r"batch of (\d+) for digits",
-                                                          stack.worker_logs())],
-                     TIMEOUT, "batch log lines")
+    sizes = wait_for(
+        lambda: [int(n) for n in re.findall(r"batch of (\d+) for digits", stack.worker_logs())],
+        TIMEOUT,
+        "batch log lines",
+    )
     assert sum(sizes) == 51
     assert max(sizes) > 1  # jobs really shared model calls
     assert len(sizes) < 51

@@ -19,14 +19,32 @@ class CeleryWorker(WorkerProcess):
     """Celery's own command line on the package's app, not the maas-worker CLI."""
 
     def start(self) -> WorkerProcess:
-        cmd = [sys.executable, "-m", "celery", "-A", "maas_worker.app", "worker",
-               "-Q", ",".join(QUEUE_NAMES), "--hostname", self.node,
-               "--concurrency", str(self.concurrency), "--loglevel", "INFO"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "maas_worker.app",
+            "worker",
+            "-Q",
+            ",".join(QUEUE_NAMES),
+            "--hostname",
+            self.node,
+            "--concurrency",
+            str(self.concurrency),
+            "--loglevel",
+            "INFO",
+        ]
         log = self.log_path.open("ab")
         try:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log.close()
         return self
@@ -34,8 +52,9 @@ class CeleryWorker(WorkerProcess):
 
 def test_celery_dash_a_maas_worker_app_serves_jobs(make_stack: Callable[..., Stack]) -> None:
     stack = make_stack()
-    worker = CeleryWorker(env=stack.env, name="celery", log_path=stack.tmp / "celery.log",
-                          concurrency=1)
+    worker = CeleryWorker(
+        env=stack.env, name="celery", log_path=stack.tmp / "celery.log", concurrency=1
+    )
     stack.workers.append(worker)  # the fixture stops it
     worker.start().wait_ready(stack.backend)
     with stack.client() as client:

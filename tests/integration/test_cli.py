@@ -17,13 +17,30 @@ NO_SUCH_JOB = str(uuid.uuid4())
 
 
 def run(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "maas_worker", *args], env=stack.env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "maas_worker", *args],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_submit_wait_prints_the_result_as_json(shared_stack: Stack) -> None:
-    out = run(shared_stack, "submit", "--model", "echo", "--priority", "high",
-              "--input", '{"text": "cli"}', "--wait", "--timeout", "60")
+    out = run(
+        shared_stack,
+        "submit",
+        "--model",
+        "echo",
+        "--priority",
+        "high",
+        "--input",
+        '{"text": "cli"}',
+        "--wait",
+        "--timeout",
+        "60",
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"echo": {"text": "cli"}}
 
@@ -42,25 +59,35 @@ def test_submit_then_status_and_result(shared_stack: Stack, tmp_path) -> None:
     assert (st.returncode, st.stdout.strip()) == (0, "succeeded")
     # which model version answered is in the sealed result, shown by status --json
     st = run(shared_stack, "status", job_id, "--json")
-    assert json.loads(st.stdout) == {"job_id": job_id, "state": "succeeded", "reason": None,
-                                     "model": "sleep@1"}
+    assert json.loads(st.stdout) == {
+        "job_id": job_id,
+        "state": "succeeded",
+        "reason": None,
+        "model": "sleep@1",
+    }
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["submit", "--model", "echo", "--input", "{not json"], "not valid JSON"),
-    (["submit", "--model", "nope", "--input", "{}"], "unknown model 'nope'"),
-    (["submit", "--model", "echo", "--input", "{}", "--tenant", "initech"], "unknown tenant"),
-    (["submit", "--model", "echo", "--input-file", "/nonexistent.json"], "cannot read"),
-    (["--keyring", "/nonexistent/k.json", "submit", "--model", "echo", "--input", "{}"],
-     "keys init"),
-    (["status", NO_SUCH_JOB], "unknown job"),
-    (["result", NO_SUCH_JOB, "--timeout", "0.2"], "no result within"),
-    (["status", "no-such-job"], "not a job id"),
-    (["result", "no-such-job", "--timeout", "0.2"], "not a job id"),
-    (["cancel", NO_SUCH_JOB], "no job of tenant 'acme'"),
-])
-def test_errors_are_one_line_on_stderr_and_exit_nonzero(shared_stack: Stack, args: list[str],
-                                                        message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["submit", "--model", "echo", "--input", "{not json"], "not valid JSON"),
+        (["submit", "--model", "nope", "--input", "{}"], "unknown model 'nope'"),
+        (["submit", "--model", "echo", "--input", "{}", "--tenant", "initech"], "unknown tenant"),
+        (["submit", "--model", "echo", "--input-file", "/nonexistent.json"], "cannot read"),
+        (
+            ["--keyring", "/nonexistent/k.json", "submit", "--model", "echo", "--input", "{}"],
+            "keys init",
+        ),
+        (["status", NO_SUCH_JOB], "unknown job"),
+        (["result", NO_SUCH_JOB, "--timeout", "0.2"], "no result within"),
+        (["status", "no-such-job"], "not a job id"),
+        (["result", "no-such-job", "--timeout", "0.2"], "not a job id"),
+        (["cancel", NO_SUCH_JOB], "no job of tenant 'acme'"),
+    ],
+)
+def test_errors_are_one_line_on_stderr_and_exit_nonzero(
+    shared_stack: Stack, args: list[str], message: str
+) -> None:
     out = run(shared_stack, *args)
     assert out.returncode == 1
     assert out.stdout == ""
@@ -105,8 +132,14 @@ def test_stats_lists_the_worker_and_backlog(shared_stack: Stack) -> None:
 
 def test_demo_runs_the_whole_system_and_exits_zero(tmp_path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "maas_worker", "demo"], env=env,
-                         capture_output=True, text=True, timeout=180, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "maas_worker", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     for priority in ("high", "normal", "low"):
         assert f"[{priority:<6}] echo" in out.stdout

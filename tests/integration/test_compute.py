@@ -38,15 +38,26 @@ def with_policy(stack: Stack, tenant: str, policy: TenantPolicy) -> None:
     stack.rotate_keyring(ring.with_policy(tenant, policy))
 
 
-def bypass(stack: Stack, tenant: str, model: str, body: bytes, *, job_id: str,
-           priority: str = "normal") -> None:
+def bypass(
+    stack: Stack, tenant: str, model: str, body: bytes, *, job_id: str, priority: str = "normal"
+) -> None:
     """Seal and enqueue like a client that skips every client-side check."""
     kv = load_keyring(stack.keyring_path).tenant(tenant).primary()
-    h = Header("request", kv.version, now_ms(), now_ms() + 600_000, priority, tenant, job_id,
-               TASK_NAME, model)
+    h = Header(
+        "request",
+        kv.version,
+        now_ms(),
+        now_ms() + 600_000,
+        priority,
+        tenant,
+        job_id,
+        TASK_NAME,
+        model,
+    )
     envelope = base64.b64encode(seal(kv.keys(tenant), h, body)).decode()
-    stack.client().app.send_task(TASK_NAME, args=[envelope], task_id=job_id,
-                                 queue=queue_for(priority))
+    stack.client().app.send_task(
+        TASK_NAME, args=[envelope], task_id=job_id, queue=queue_for(priority)
+    )
 
 
 # -- priority ------------------------------------------------------------------------------------
@@ -178,8 +189,12 @@ def test_job_past_its_time_limit_fails_and_the_worker_carries_on(make_stack) -> 
         job.result(timeout=TIMEOUT)
     assert err.value.reason == "timeout"
     assert time.monotonic() - started < 20
-    assert job.info() == {"job_id": job.id, "state": "failed", "reason": "timeout",
-                          "model": "sleep@1"}
+    assert job.info() == {
+        "job_id": job.id,
+        "state": "failed",
+        "reason": "timeout",
+        "model": "sleep@1",
+    }
     assert client.submit("echo", {"next": 1}).result(timeout=TIMEOUT) == {"echo": {"next": 1}}
 
 
@@ -187,8 +202,11 @@ def test_memory_high_water_keeps_a_job_waiting(make_stack) -> None:
     stack = make_stack()
     stack.start_worker(concurrency=1, env={"MAAS_MEMORY_HIGH_WATER_PCT": "1"})
     job = stack.client().submit("echo", {"x": 1})
-    wait_for(lambda: f"job {job.id} waits: host memory above" in stack.worker_logs(),
-             TIMEOUT, "the worker to hold the job back")
+    wait_for(
+        lambda: f"job {job.id} waits: host memory above" in stack.worker_logs(),
+        TIMEOUT,
+        "the worker to hold the job back",
+    )
     assert job.status() == "queued"  # not started, not lost
 
 

@@ -28,12 +28,19 @@ pytestmark = pytest.mark.integration
 
 
 def cli(stack: Stack, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "maas_worker", *args], env={**stack.env, **env},
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "maas_worker", *args],
+        env={**stack.env, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_a_cancel_by_another_tenant_is_refused_and_the_owners_cancel_works(
-        iso_stack: Callable[..., Stack]) -> None:
+    iso_stack: Callable[..., Stack],
+) -> None:
     stack = iso_stack()
     attacker = Attacker(stack)
     victim = stack.client("acme").submit("sleep", {"seconds": 30})
@@ -56,7 +63,8 @@ def test_a_cancel_by_another_tenant_is_refused_and_the_owners_cancel_works(
 
 
 def test_a_foreign_cancel_request_planted_in_redis_is_refused_and_blocks_nothing(
-        iso_stack: Callable[..., Stack]) -> None:
+    iso_stack: Callable[..., Stack],
+) -> None:
     stack = iso_stack()
     attacker = Attacker(stack)
     queued = stack.client("acme").submit("echo", {"queued": 1})
@@ -69,8 +77,10 @@ def test_a_foreign_cancel_request_planted_in_redis_is_refused_and_blocks_nothing
     # While a job runs: the planted request is refused; the owner's own still stops it.
     running = stack.client("acme").submit("sleep", {"seconds": 20})
     wait_for(lambda: running.status() == "running", 30, "the job to start")
-    stack.backend.set(keyspace.cancel("acme", running.id),
-                      make_token(load_keyring(attacker.keyring_path), "globex", running.id))
+    stack.backend.set(
+        keyspace.cancel("acme", running.id),
+        make_token(load_keyring(attacker.keyring_path), "globex", running.id),
+    )
     wait_audited_once(stack, running.id, "policy", "globex")
     assert running.status() == "running"
     assert running.cancel()

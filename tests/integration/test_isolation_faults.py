@@ -39,7 +39,8 @@ DEPTH = 100_000  # far past Python's recursion limit (about 1,000)
 
 
 def test_poison_jobs_and_entries_fail_alone_and_their_batch_mates_run(
-        iso_stack: Callable[..., Stack]) -> None:
+    iso_stack: Callable[..., Stack],
+) -> None:
     stack = iso_stack()
     attacker = Attacker(stack)
     # An authentic job whose input nests far past Python's recursion limit.
@@ -58,8 +59,9 @@ def test_poison_jobs_and_entries_fail_alone_and_their_batch_mates_run(
     message["body"] = base64.b64encode(b"[" * DEPTH + b"]" * DEPTH).decode()
     attacker.push_raw("normal", message)
     attacker.push_raw("normal", json.loads("[" * 900 + "]" * 900))  # type: ignore[arg-type]
-    attacker.push_raw("normal", celery_message(str(uuid.uuid4()), "x",
-                                               origin=json.loads("[" * 500 + "]" * 500)))
+    attacker.push_raw(
+        "normal", celery_message(str(uuid.uuid4()), "x", origin=json.loads("[" * 500 + "]" * 500))
+    )
     jobs = victims(stack, 8, priority="normal")  # behind them: the same batch
     stack.start_worker()
     assert_victims_done(jobs)
@@ -75,7 +77,8 @@ def test_poison_jobs_and_entries_fail_alone_and_their_batch_mates_run(
 
 
 def test_a_job_that_keeps_failing_is_dead_lettered_not_requeued_for_ever(
-        iso_stack: Callable[..., Stack]) -> None:
+    iso_stack: Callable[..., Stack],
+) -> None:
     """An error in a job's own claim (its tenant's bucket made unusable in Redis)."""
     stack = iso_stack()
     set_policy(stack, "globex", TenantPolicy(("echo",), "normal", rate_per_s=100, burst=100))

@@ -41,7 +41,8 @@ def rewrite_headers(stack: Stack, job_id: str, priority: str, **headers: Any) ->
 
 
 def test_rewritten_celery_headers_neither_drop_nor_delay_nor_kill_a_job(
-        iso_stack: Callable[..., Stack]) -> None:
+    iso_stack: Callable[..., Stack],
+) -> None:
     stack = iso_stack()
     client = stack.client("acme")
     past = (datetime.now(UTC) - timedelta(days=1)).isoformat()
@@ -53,15 +54,27 @@ def test_rewritten_celery_headers_neither_drop_nor_delay_nor_kill_a_job(
     limited = client.submit("sleep", {"seconds": 1.5})
     rewrite_headers(stack, limited.id, "normal", timelimit=[0.2, 0.3])
     renamed = client.submit("echo", {"h": "shadow"})
-    rewrite_headers(stack, renamed.id, "normal", shadow="celery.backend_cleanup",
-                    group=str(uuid.uuid4()), retries="many", stamped_headers=["x"],
-                    stamps={"x": "y"})
+    rewrite_headers(
+        stack,
+        renamed.id,
+        "normal",
+        shadow="celery.backend_cleanup",
+        group=str(uuid.uuid4()),
+        retries="many",
+        stamped_headers=["x"],
+        stamps={"x": "y"},
+    )
     # The attacker's own job, sent with Celery's options for the same effects.
     attacker = Attacker(stack)
     own = str(uuid.uuid4())
     _, envelope = attacker.seal(b'{"own": 1}', job_id=own)
-    attacker.send(envelope, job_id=own, expires=datetime.now(UTC) - timedelta(hours=1),
-                  time_limit=0.2, soft_time_limit=0.1)
+    attacker.send(
+        envelope,
+        job_id=own,
+        expires=datetime.now(UTC) - timedelta(hours=1),
+        time_limit=0.2,
+        soft_time_limit=0.1,
+    )
     stack.start_worker()
     assert expired.result(timeout=TIMEOUT) == {"echo": {"h": "expires"}}
     assert parked.result(timeout=TIMEOUT) == {"echo": {"h": "eta"}}
@@ -75,7 +88,8 @@ def test_rewritten_celery_headers_neither_drop_nor_delay_nor_kill_a_job(
 
 
 def test_a_remote_revoke_is_refused_audited_and_drops_nothing(
-        iso_stack: Callable[..., Stack]) -> None:
+    iso_stack: Callable[..., Stack],
+) -> None:
     stack = iso_stack()
     worker = stack.start_worker(concurrency=1)
     client = stack.client("acme")
@@ -83,9 +97,12 @@ def test_a_remote_revoke_is_refused_audited_and_drops_nothing(
     wait_for(lambda: blocker.status() == "running", TIMEOUT, "the first job to start")
     target = client.submit("echo", {"revoked": False})
     control = Attacker(stack).client.app.control
-    for replies in (control.revoke(target.id, reply=True, timeout=5, destination=[worker.node]),
-                    control.terminate(blocker.id, signal="KILL", reply=True, timeout=5,
-                                      destination=[worker.node])):
+    for replies in (
+        control.revoke(target.id, reply=True, timeout=5, destination=[worker.node]),
+        control.terminate(
+            blocker.id, signal="KILL", reply=True, timeout=5, destination=[worker.node]
+        ),
+    ):
         assert len(replies) == 1
         (answer,) = replies[0].values()
         assert "maas-worker cancel" in answer["error"]

@@ -34,12 +34,12 @@ pytestmark = pytest.mark.integration
 
 def queued_ids(stack: Stack, priority: str) -> list[str]:
     """Job ids as anyone who can read a queue sees them."""
-    return [json.loads(raw)["headers"]["id"]
-            for raw in stack.backend.lrange(queue_for(priority), 0, -1)]
+    return [
+        json.loads(raw)["headers"]["id"] for raw in stack.backend.lrange(queue_for(priority), 0, -1)
+    ]
 
 
-def test_another_tenants_job_under_the_same_id_runs_apart(
-        iso_stack: Callable[..., Stack]) -> None:
+def test_another_tenants_job_under_the_same_id_runs_apart(iso_stack: Callable[..., Stack]) -> None:
     stack = iso_stack()
     # Two tokens and no refill to speak of: the third of globex's echo jobs is over its rate.
     # High is allowed, so globex's jobs are taken before acme's queued ones.
@@ -49,13 +49,13 @@ def test_another_tenants_job_under_the_same_id_runs_apart(
     x, y, z, w, _ = queued_ids(stack, "normal")[::-1]  # oldest first
     # The attacker's own authentic jobs, under the victim's ids, ahead of them:
     _, squat = attacker.seal(b'{"attacker": 1}', job_id=x, priority="high")
-    attacker.send(squat, job_id=x, priority="high")            # runs under acme's id
+    attacker.send(squat, job_id=x, priority="high")  # runs under acme's id
     _, forbidden = attacker.seal(b'{"seconds": 0}', model="sleep", job_id=y, priority="high")
-    attacker.send(forbidden, job_id=y, priority="high")        # refused: policy
+    attacker.send(forbidden, job_id=y, priority="high")  # refused: policy
     _, first = attacker.seal(b'{"n": 1}', job_id=z, priority="high")
-    attacker.send(first, job_id=z, priority="high")            # with x, globex's two tokens...
+    attacker.send(first, job_id=z, priority="high")  # with x, globex's two tokens...
     _, second = attacker.seal(b'{"n": 2}', job_id=w, priority="high")
-    attacker.send(second, job_id=w, priority="high")           # ...so one of x, z, w: rate_limited
+    attacker.send(second, job_id=w, priority="high")  # ...so one of x, z, w: rate_limited
     stack.start_worker()
     assert_victims_done(jobs)
     for job, _ in jobs:
@@ -63,8 +63,9 @@ def test_another_tenants_job_under_the_same_id_runs_apart(
         assert job.info()["reason"] is None
     wait_audited_once(stack, y, "policy", "globex")
     wait_drained(stack)
-    limited = [j for j in (x, z, w)
-               if any(r.reason == "rate_limited" for r in records_for(stack, j))]
+    limited = [
+        j for j in (x, z, w) if any(r.reason == "rate_limited" for r in records_for(stack, j))
+    ]
     assert len(limited) == 1
     wait_audited_once(stack, limited[0], "rate_limited", "globex")
     assert attacker.job(limited[0]).status() == "rejected"
@@ -75,14 +76,15 @@ def test_another_tenants_job_under_the_same_id_runs_apart(
 
 
 def test_a_forged_message_naming_a_victims_job_changes_nothing(
-        iso_stack: Callable[..., Stack]) -> None:
+    iso_stack: Callable[..., Stack],
+) -> None:
     """A message that does not authenticate (signed with the attacker's key, naming acme)."""
     stack = iso_stack()
     attacker = Attacker(stack)
     jobs = victims(stack, 3, priority="normal")
     target = jobs[0][0].id
     _, forged = attacker.seal(b'{"forged": 1}', job_id=target, tenant="acme")
-    attacker.send(forged, job_id=target, priority="high")      # taken before the real one
+    attacker.send(forged, job_id=target, priority="high")  # taken before the real one
     stack.start_worker()
     assert_victims_done(jobs)
     rec = wait_audited_once(stack, target, "tampered", "acme", verified=False)

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_an_unbounded_lifetime_is_refused_once_and_the_queue_drains(
-        iso_stack: Callable[..., Stack]) -> None:
+    iso_stack: Callable[..., Stack],
+) -> None:
     stack = iso_stack()
     attacker = Attacker(stack)
     poison = []
@@ -43,10 +44,18 @@ def test_an_unbounded_lifetime_is_refused_once_and_the_queue_drains(
         for priority in ("high", "normal"):
             job_id = str(uuid.uuid4())
             issued = now_ms()
-            expires = 2**64 - 1 if lifetime == "max-u64" \
+            expires = (
+                2**64 - 1
+                if lifetime == "max-u64"
                 else issued + (MAX_JOB_TTL_S + DEFAULT_CLOCK_SKEW_S + 1) * 1000
-            _, envelope = attacker.seal(b'{"x": 1}', priority=priority, job_id=job_id,
-                                        issued_at_ms=issued, expires_at_ms=expires)
+            )
+            _, envelope = attacker.seal(
+                b'{"x": 1}',
+                priority=priority,
+                job_id=job_id,
+                issued_at_ms=issued,
+                expires_at_ms=expires,
+            )
             attacker.send(envelope, job_id=job_id, priority=priority)
             poison.append(job_id)
     # The victim's jobs queue up behind the poison, so a batch consumer takes

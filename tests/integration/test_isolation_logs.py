@@ -27,15 +27,18 @@ BAD_ID = "x\n" + FORGED
 def test_a_job_id_cannot_forge_lines_in_the_worker_log(iso_stack: Callable[..., Stack]) -> None:
     stack = iso_stack()
     attacker = Attacker(stack)
-    attacker.push_raw("normal", celery_message(BAD_ID, "QUJD"))      # a Redis writer's entry
+    attacker.push_raw("normal", celery_message(BAD_ID, "QUJD"))  # a Redis writer's entry
     _, envelope = attacker.seal(b'{"x": 1}', job_id=BAD_ID)
-    attacker.send(envelope, job_id=BAD_ID)                            # Celery's own producer
-    attacker.send(envelope, job_id=str(uuid.uuid4()))                 # a sealed bad id
+    attacker.send(envelope, job_id=BAD_ID)  # Celery's own producer
+    attacker.send(envelope, job_id=str(uuid.uuid4()))  # a sealed bad id
     jobs = victims(stack, 4, priority="normal")
     stack.start_worker()
     assert_victims_done(jobs)
-    wait_for(lambda: len([r for r in stack.audit() if FORGED_ID in r.job_id]) >= 3, 60,
-             "the three refusals")
+    wait_for(
+        lambda: len([r for r in stack.audit() if FORGED_ID in r.job_id]) >= 3,
+        60,
+        "the three refusals",
+    )
     records = [r for r in stack.audit() if FORGED_ID in r.job_id]
     assert {r.reason for r in records} == {"malformed"}
     assert all("\n" not in r.job_id for r in records)

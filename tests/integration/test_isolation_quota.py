@@ -45,9 +45,9 @@ def test_presetting_every_producer_key_buys_no_extra_jobs(iso_stack: Callable[..
     far = now_ms() + 3_600_000
     ids = [str(uuid.uuid4()) for _ in range(JOBS)]
     for job_id in ids:
-        r.set(f"maas:admit:{job_id}", "1")                  # the old "already charged" marker
-        r.set(f"maas:{{globex}}:admit:{job_id}", "1")       # and one in the tenant's keys
-        r.zadd(keyspace.pending("globex"), {job_id: far})   # the advisory set
+        r.set(f"maas:admit:{job_id}", "1")  # the old "already charged" marker
+        r.set(f"maas:{{globex}}:admit:{job_id}", "1")  # and one in the tenant's keys
+        r.zadd(keyspace.pending("globex"), {job_id: far})  # the advisory set
         r.set(keyspace.submitted("globex", job_id), str(far))
     started = time.monotonic()
     for job_id in ids:  # sent straight to the queue: the client's own check skipped

@@ -45,7 +45,8 @@ def refused(stack: Stack, ref: str) -> JobFailed:
 
 
 def test_a_corrupted_newest_version_never_rolls_the_bare_name_back(
-        make_stack, tmp_path: Path) -> None:
+    make_stack, tmp_path: Path
+) -> None:
     kit = make_kit(tmp_path)
     kit.publish("digits", "1", max_batch=2)  # release serial 1 -> digits@1
     old_release = (kit.root / "digits" / RELEASE_FILE).read_bytes()
@@ -53,8 +54,10 @@ def test_a_corrupted_newest_version_never_rolls_the_bare_name_back(
     stack = make_stack(**kit.env())
     stack.start_worker(concurrency=1)
     client = stack.client()
-    assert client.submit("digits", FOUR).result(timeout=TIMEOUT)["labels"] == \
-        SAMPLES["sklearn_predictions"][:4]  # digits@2 (digits@1 takes 2 rows at most)
+    assert (
+        client.submit("digits", FOUR).result(timeout=TIMEOUT)["labels"]
+        == SAMPLES["sklearn_predictions"][:4]
+    )  # digits@2 (digits@1 takes 2 rows at most)
     assert stack.backend.hget(keyspace.RELEASES, "digits") == b"2"  # the persisted floor
 
     # 1. One byte of the released version flipped, then a restart: the bare
@@ -66,11 +69,18 @@ def test_a_corrupted_newest_version_never_rolls_the_bare_name_back(
     err = refused(stack, "digits")
     assert err.reason == "model_rejected"
     assert "released version digits@2 is refused" in str(err)
-    wait_for(lambda: "digits@2: file model.onnx does not match its hash (altered)"
-             in model_rejections(stack), TIMEOUT, "audit of digits@2")
+    wait_for(
+        lambda: (
+            "digits@2: file model.onnx does not match its hash (altered)" in model_rejections(stack)
+        ),
+        TIMEOUT,
+        "audit of digits@2",
+    )
     # digits@1 is there and fine, asked for by its version (the client's choice).
-    assert client.submit("digits@1", TWO).result(timeout=TIMEOUT)["labels"] == \
-        SAMPLES["sklearn_predictions"][:2]
+    assert (
+        client.submit("digits@1", TWO).result(timeout=TIMEOUT)["labels"]
+        == SAMPLES["sklearn_predictions"][:2]
+    )
     restart(stack)
     assert refused(stack, "digits").reason == "model_rejected"
 

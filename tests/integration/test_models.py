@@ -46,8 +46,7 @@ def test_digits_job_returns_the_right_labels_for_held_out_samples(shared_stack: 
     assert all(abs(sum(p) - 1) < 1e-3 and len(p) == 10 for p in out["probabilities"])
 
 
-def test_wrong_input_shape_fails_the_job_and_the_worker_keeps_serving(
-        shared_stack: Stack) -> None:
+def test_wrong_input_shape_fails_the_job_and_the_worker_keeps_serving(shared_stack: Stack) -> None:
     client = shared_stack.client()
     for bad in ({"inputs": [[0.25] * 63]}, {"inputs": [["x"] * 64]}, {"pixels": []}):
         with pytest.raises(JobFailed) as err:
@@ -82,8 +81,12 @@ def _files_containing(needle: bytes, roots: list[Path], since: float = 0.0) -> l
                 path = Path(dirpath) / name
                 try:
                     st = path.stat()
-                    if path.is_file() and st.st_mtime >= since \
-                            and st.st_size < 64 * 1024 * 1024 and needle in path.read_bytes():
+                    if (
+                        path.is_file()
+                        and st.st_mtime >= since
+                        and st.st_size < 64 * 1024 * 1024
+                        and needle in path.read_bytes()
+                    ):
                         found.append(str(path))
                 except OSError:
                     continue
@@ -101,8 +104,7 @@ def test_signed_repository_in_a_running_worker(make_stack, tmp_path: Path) -> No
     # A second version, encrypted at rest, is picked up by the running worker.
     marker = b"PLAINTEXT-MODEL-" + secrets.token_hex(16).encode()
     since = time.time() - 1  # any plaintext written from now on would be newer
-    kit.publish("digits", "2", model=with_marker(BUNDLED_DIGITS.read_bytes(), marker),
-                encrypt=True)
+    kit.publish("digits", "2", model=with_marker(BUNDLED_DIGITS.read_bytes(), marker), encrypt=True)
     wait_for(lambda: "digits@2" in catalogue(stack), TIMEOUT, "digits@2 advertised")
     assert client.submit("digits@2", FEW).result(timeout=TIMEOUT)["labels"] == FEW_LABELS
     assert client.submit("digits", FEW).result(timeout=TIMEOUT)["labels"] == FEW_LABELS
@@ -112,8 +114,12 @@ def test_signed_repository_in_a_running_worker(make_stack, tmp_path: Path) -> No
     assert _files_containing(marker, roots, since) == []
     open_files = _worker_open_files(stack)
     assert not [t for t in open_files if "memfd:" in t]
-    assert _files_containing(marker, [Path(t) for t in open_files if t.startswith("/")
-                                      and Path(t).is_file()]) == []
+    assert (
+        _files_containing(
+            marker, [Path(t) for t in open_files if t.startswith("/") and Path(t).is_file()]
+        )
+        == []
+    )
 
     # A newer version, staged (signed, not released), whose artifact was altered
     # after signing: refused at load, audited; asked for by name it fails the
@@ -126,23 +132,28 @@ def test_signed_repository_in_a_running_worker(make_stack, tmp_path: Path) -> No
     with pytest.raises(JobFailed) as err:
         client.submit("digits@3", FEW).result(timeout=TIMEOUT)
     assert err.value.reason == "model_rejected" and "digits@3" in str(err.value)
-    assert "digits@3: file model.onnx does not match its hash (altered)" \
-        in model_rejections(stack)
+    assert "digits@3: file model.onnx does not match its hash (altered)" in model_rejections(stack)
     # "digits" still means the released version (digits@2).
     assert client.submit("digits", FEW).result(timeout=TIMEOUT)["labels"] == FEW_LABELS
 
     # Validly signed, but by a key the workers do not trust: never advertised.
     kit.publish("digits", "4", key=SigningKey.generate(), release=False)
-    wait_for(lambda: "digits@4: signed by an untrusted key" in model_rejections(stack),
-             TIMEOUT, "audit of digits@4")
+    wait_for(
+        lambda: "digits@4: signed by an untrusted key" in model_rejections(stack),
+        TIMEOUT,
+        "audit of digits@4",
+    )
     assert "digits@4" not in catalogue(stack)
     rec = next(r for r in stack.audit() if r.reason == "model_rejected")
     assert rec.job_id == "" and rec.tenant == ""
 
     # A tenant restricted to another signer may not run these models at all.
     ring = load_keyring(stack.keyring_path)
-    stack.rotate_keyring(ring.with_new_tenant(
-        "initech", TenantPolicy(allowed_signers=(SigningKey.generate().key_id,))))
+    stack.rotate_keyring(
+        ring.with_new_tenant(
+            "initech", TenantPolicy(allowed_signers=(SigningKey.generate().key_id,))
+        )
+    )
     restricted = stack.client("initech")
     with pytest.raises(JobRejected):
         restricted.submit("digits", FEW).result(timeout=TIMEOUT)

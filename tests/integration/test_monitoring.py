@@ -34,8 +34,14 @@ WAIT_S = 60.0
 
 
 def run(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "maas_worker", *args], env=stack.env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "maas_worker", *args],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def documented_metrics() -> set[str]:
@@ -65,17 +71,29 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    env.update({"MAAS_BROKER_URL": url, "MAAS_KEYRING": str(keyring_path),
-                "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_TENANT": "acme",
-                "MAAS_SAMPLE_INTERVAL_S": str(INTERVAL_S), "MAAS_METRICS_PORT": "0",
-                "MAAS_AUTOSCALE_MAX_CPU_PCT": "100", "MAAS_AUTOSCALE_MAX_MEMORY_PCT": "100"})
+    env.update(
+        {
+            "MAAS_BROKER_URL": url,
+            "MAAS_KEYRING": str(keyring_path),
+            "MAAS_DIAGNOSTIC_MODELS": "1",
+            "MAAS_TENANT": "acme",
+            "MAAS_SAMPLE_INTERVAL_S": str(INTERVAL_S),
+            "MAAS_METRICS_PORT": "0",
+            "MAAS_AUTOSCALE_MAX_CPU_PCT": "100",
+            "MAAS_AUTOSCALE_MAX_MEMORY_PCT": "100",
+        }
+    )
     stack = Stack(url, tmp, keyring_path, env, redis.Redis.from_url(url))
     ports = {"mon1": free_port(), "mon2": free_port(), "fleet": free_port()}
     services: list[Service] = []
     try:
         w1 = start_worker(stack, "mon1", env={"MAAS_METRICS_PORT": str(ports["mon1"])})
-        w2 = start_worker(stack, "mon2", extra_args=("--autoscale", "2,1"),
-                          env={"MAAS_METRICS_PORT": str(ports["mon2"])})
+        w2 = start_worker(
+            stack,
+            "mon2",
+            extra_args=("--autoscale", "2,1"),
+            env={"MAAS_METRICS_PORT": str(ports["mon2"])},
+        )
         services.append(Service(stack, "beat", "beat", "--loglevel", "WARNING"))
         services.append(Service(stack, "exporter", "metrics", "--port", str(ports["fleet"])))
         yield {"stack": stack, "workers": (w1, w2), "ports": ports, "services": services}
@@ -90,7 +108,8 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
 
 
 def test_stats_json_has_each_workers_latest_sample_and_the_backlog(
-        monitored: dict[str, Any]) -> None:
+    monitored: dict[str, Any],
+) -> None:
     stack: Stack = monitored["stack"]
     w1, w2 = monitored["workers"]
     wait_for(lambda: {w1.node, w2.node} <= set(samples(stack)), WAIT_S, "both samples")
@@ -116,12 +135,14 @@ def test_stats_json_has_each_workers_latest_sample_and_the_backlog(
         assert len(s["load"]) == 3
         assert {"bytes_sent", "bytes_recv"} <= set(s["net"])
         assert s["pool"]["processes"] >= 1
-        assert len(s["pool"]["rss_bytes"]) == len(s["pool"]["open_fds"]) == \
-            s["pool"]["processes"]
+        assert len(s["pool"]["rss_bytes"]) == len(s["pool"]["open_fds"]) == s["pool"]["processes"]
         assert {"finished", "busy_s", "per_s", "busy_fraction"} <= set(s["jobs"])
     # a job was counted by whichever node ran it, and shows in a later sample
-    wait_for(lambda: sum(s["jobs"]["finished"] for s in samples(stack).values()) >= 1,
-             WAIT_S, "the job counted in a sample")
+    wait_for(
+        lambda: sum(s["jobs"]["finished"] for s in samples(stack).values()) >= 1,
+        WAIT_S,
+        "the job counted in a sample",
+    )
     text = run(stack, "stats")
     assert text.returncode == 0
     assert "backlog: high=0" in text.stdout
@@ -138,8 +159,7 @@ def test_samples_never_carry_job_data(monitored: dict[str, Any]) -> None:
     assert job.id not in dump
 
 
-def test_metrics_endpoints_parse_and_have_the_documented_names(
-        monitored: dict[str, Any]) -> None:
+def test_metrics_endpoints_parse_and_have_the_documented_names(monitored: dict[str, Any]) -> None:
     stack: Stack = monitored["stack"]
     ports = monitored["ports"]
     client = stack.client()
@@ -155,11 +175,14 @@ def test_metrics_endpoints_parse_and_have_the_documented_names(
         status, body = http_get(f"http://127.0.0.1:{port}/metrics")
         return body if status == 200 else None
 
-    worker_texts = [wait_for(lambda p=ports[n]: scrape(p), WAIT_S, f"{n} metrics")
-                    for n in ("mon1", "mon2")]
+    worker_texts = [
+        wait_for(lambda p=ports[n]: scrape(p), WAIT_S, f"{n} metrics") for n in ("mon1", "mon2")
+    ]
     fleet_text = wait_for(
         lambda: (t := scrape(ports["fleet"])) and "maas_worker_cpu_percent{" in t and t,
-        WAIT_S, "fleet metrics with samples")
+        WAIT_S,
+        "fleet metrics with samples",
+    )
     names = set().union(*(exposed(t) for t in worker_texts), exposed(fleet_text))
     documented = documented_metrics()
     assert len(documented) >= 30
@@ -168,14 +191,18 @@ def test_metrics_endpoints_parse_and_have_the_documented_names(
     assert ours <= documented, f"exposed but not documented: {ours - documented}"
     # the values make sense
     joined = "\n".join(worker_texts)
-    finished = sum(float(v) for v in re.findall(
-        r'^maas_jobs_total\{outcome="succeeded",reason="none"\} (\S+)$', joined, re.M))
+    finished = sum(
+        float(v)
+        for v in re.findall(
+            r'^maas_jobs_total\{outcome="succeeded",reason="none"\} (\S+)$', joined, re.M
+        )
+    )
     assert finished >= 4
-    assert re.search(r'^maas_jobs_total\{outcome="failed",reason="bad_input"\} 1\.0$', joined,
-                     re.M)
+    assert re.search(r'^maas_jobs_total\{outcome="failed",reason="bad_input"\} 1\.0$', joined, re.M)
     assert re.search(r'^maas_job_run_seconds_count\{model="echo"\} ', joined, re.M)
-    assert re.search(r'^maas_model_load_seconds_count\{model="digits@[^"]+"\} 1\.0$', joined,
-                     re.M), joined
+    assert re.search(
+        r'^maas_model_load_seconds_count\{model="digits@[^"]+"\} 1\.0$', joined, re.M
+    ), joined
     assert 'maas_autoscaler_max_pool_size{worker="mon2@' in worker_texts[1]
     assert "maas_autoscaler_pool_size" not in worker_texts[0]  # not autoscaled
     assert re.search(r'^maas_queue_depth\{priority="high"\} 0\.0$', fleet_text, re.M)
@@ -184,14 +211,18 @@ def test_metrics_endpoints_parse_and_have_the_documented_names(
 
 
 def test_samples_from_two_nodes_expire_when_a_worker_stops(
-        make_stack: Callable[..., Stack]) -> None:
+    make_stack: Callable[..., Stack],
+) -> None:
     stack = make_stack(MAAS_SAMPLE_INTERVAL_S=str(INTERVAL_S), MAAS_METRICS_PORT="0")
     a = stack.start_worker("exp-a", concurrency=1)
     b = stack.start_worker("exp-b", concurrency=1)
     beat = Service(stack, "beat", "beat", "--loglevel", "WARNING")
     try:
-        latest = wait_for(lambda: (s := samples(stack)) and {a.node, b.node} <= set(s) and s,
-                          WAIT_S, "samples from both nodes")
+        latest = wait_for(
+            lambda: (s := samples(stack)) and {a.node, b.node} <= set(s) and s,
+            WAIT_S,
+            "samples from both nodes",
+        )
         # each node sampled its own pool, not one node for all
         assert latest[a.node]["node"] == a.node and latest[b.node]["node"] == b.node
         pools = [set(_pool_pids(w)) for w in (a, b)]
@@ -218,9 +249,11 @@ def _pool_pids(worker: WorkerProcess) -> list[int]:
 
 
 def test_scale_json_recommends_more_nodes_for_a_larger_backlog(
-        make_stack: Callable[..., Stack]) -> None:
-    stack = make_stack(MAAS_FLEET_BACKLOG_PER_NODE="10", MAAS_FLEET_MAX_NODES="20",
-                       MAAS_FLEET_MIN_NODES="0")
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack(
+        MAAS_FLEET_BACKLOG_PER_NODE="10", MAAS_FLEET_MAX_NODES="20", MAAS_FLEET_MIN_NODES="0"
+    )
     client = stack.client()
 
     def advice() -> dict[str, Any]:

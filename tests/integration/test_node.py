@@ -37,8 +37,9 @@ def metrics_dirs(worker: WorkerProcess) -> list[Path]:
 def batch_consumers(worker: WorkerProcess) -> list[psutil.Process]:
     """The ``maas-worker batch-consumer`` children of ``worker``."""
     assert worker.proc is not None
-    return [c for c in psutil.Process(worker.proc.pid).children()
-            if "batch-consumer" in c.cmdline()]
+    return [
+        c for c in psutil.Process(worker.proc.pid).children() if "batch-consumer" in c.cmdline()
+    ]
 
 
 def warm_stop(worker: WorkerProcess) -> int:
@@ -50,7 +51,8 @@ def warm_stop(worker: WorkerProcess) -> int:
 
 @pytest.mark.parametrize("mode", [(), ("--batch-consumer",)], ids=["task", "batch"])
 def test_what_starts_with_the_worker_stops_with_a_warm_shutdown(
-        make_stack: Callable[..., Stack], mode: tuple[str, ...]) -> None:
+    make_stack: Callable[..., Stack], mode: tuple[str, ...]
+) -> None:
     port = free_port()
     stack = make_stack(MAAS_METRICS_PORT=str(port), MAAS_METRICS_ADDRESS="127.0.0.1")
     worker = stack.start_worker("life", concurrency=2, args=mode)

@@ -40,10 +40,12 @@ def outcome_lines(stack: Stack, job_id: str, at_least: int = 1) -> list[str]:
 @pytest.mark.parametrize("priority", ["high", "normal", "low"])
 def test_round_trip_every_priority(shared_stack: Stack, priority: str) -> None:
     client = shared_stack.client()
-    job = client.submit("echo", {"text": f"hello {priority}", "n": [1, 2.5, None]},
-                        priority=priority)
-    assert job.result(timeout=TIMEOUT) == {"echo": {"text": f"hello {priority}",
-                                                     "n": [1, 2.5, None]}}
+    job = client.submit(
+        "echo", {"text": f"hello {priority}", "n": [1, 2.5, None]}, priority=priority
+    )
+    assert job.result(timeout=TIMEOUT) == {
+        "echo": {"text": f"hello {priority}", "n": [1, 2.5, None]}
+    }
     assert job.status() == "succeeded"
 
 
@@ -94,8 +96,10 @@ def test_client_refuses_bad_input_before_enqueueing(shared_stack: Stack) -> None
         shared_stack.client("initech")
     assert _queued(shared_stack) == before
     queued_markers = shared_stack.backend.keys(keyspace.submitted("acme", "*"))
-    assert all(shared_stack.client().job(k.decode().rsplit(":", 1)[1]).status() != "queued"
-               for k in queued_markers)
+    assert all(
+        shared_stack.client().job(k.decode().rsplit(":", 1)[1]).status() != "queued"
+        for k in queued_markers
+    )
 
 
 def test_missing_keyring_is_one_clear_error(shared_stack: Stack) -> None:
@@ -116,8 +120,9 @@ def test_message_altered_in_redis_is_rejected_and_audited(make_stack) -> None:
     _, envelope = message_envelope(raw)
     data = bytearray(base64.b64decode(envelope))
     data[-40] ^= 0x80  # inside the GCM tag
-    stack.backend.lset(queue_for("high"), 0,
-                       replace_envelope(raw, base64.b64encode(bytes(data)).decode()))
+    stack.backend.lset(
+        queue_for("high"), 0, replace_envelope(raw, base64.b64encode(bytes(data)).decode())
+    )
     stack.start_worker()
     rec = stack.wait_audit(victim.id, "tampered")
     assert rec.tenant == "acme" and not rec.verified
@@ -145,14 +150,16 @@ def test_every_header_field_altered_in_redis_is_rejected(make_stack) -> None:
         _, envelope = message_envelope(raw)
         data = bytearray(base64.b64decode(envelope))
         data[offset] ^= 0x01
-        stack.backend.lpush(queue_for("low"),
-                            replace_envelope(raw, base64.b64encode(bytes(data)).decode()))
+        stack.backend.lpush(
+            queue_for("low"), replace_envelope(raw, base64.b64encode(bytes(data)).decode())
+        )
         jobs.append(job)
     stack.start_worker()
 
     def all_audited() -> dict[str, AuditRecord] | None:
         found = {r.job_id: r for r in stack.audit()}
         return found if {j.id for j in jobs} <= set(found) else None
+
     records = wait_for(all_audited, TIMEOUT, "an audit record for every job")
     assert {r.reason for r in records.values()} <= {"tampered", "malformed", "unknown_key"}
     assert not any(r.verified for r in records.values())
@@ -182,10 +189,10 @@ def test_envelope_moved_to_another_task_id_is_refused(make_stack) -> None:
     client = stack.client()
     header, envelope = client.seal("echo", {"text": "x"}, priority="high")
     someone_else = str(uuid.uuid4())
-    client.app.send_task(TASK_NAME, args=[envelope], task_id=someone_else,
-                         queue=queue_for("high"))
-    client.app.send_task(TASK_NAME, args=[envelope], task_id=header.job_id,
-                         queue=queue_for("low"))  # moved to another priority queue
+    client.app.send_task(TASK_NAME, args=[envelope], task_id=someone_else, queue=queue_for("high"))
+    client.app.send_task(
+        TASK_NAME, args=[envelope], task_id=header.job_id, queue=queue_for("low")
+    )  # moved to another priority queue
     stack.start_worker()
     stack.wait_audit(someone_else, "tampered")
     stack.wait_audit(header.job_id, "tampered")
@@ -217,27 +224,45 @@ def test_unknown_key_and_worker_side_policy(make_stack) -> None:
     ring = load_keyring(stack.keyring_path)
     kv = ring.tenant("globex").primary()
     bypass = str(uuid.uuid4())
-    h = Header("request", kv.version, now_ms(), now_ms() + 60_000, "normal", "globex",
-               bypass, TASK_NAME, "sleep")
+    h = Header(
+        "request",
+        kv.version,
+        now_ms(),
+        now_ms() + 60_000,
+        "normal",
+        "globex",
+        bypass,
+        TASK_NAME,
+        "sleep",
+    )
     env = base64.b64encode(seal(kv.keys("globex"), h, b'{"seconds": 0}')).decode()
-    stack.client().app.send_task(TASK_NAME, args=[env], task_id=bypass,
-                                 queue=queue_for("normal"))
+    stack.client().app.send_task(TASK_NAME, args=[env], task_id=bypass, queue=queue_for("normal"))
     stack.start_worker()
     stack.wait_audit(j1.id, "unknown_key")
     rec = stack.wait_audit(bypass, "policy")
     assert rec.tenant == "globex" and rec.verified
 
 
-@pytest.mark.parametrize(("args", "kwargs"), [
-    ([], {}), ([1], {}), (["a", "b"], {}), (["not base64!"], {}), (["QUJD"], {}),
-    ([{"envelope": "x"}], {}), (["QUJD"], {"extra": 1}),
-])
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ([], {}),
+        ([1], {}),
+        (["a", "b"], {}),
+        (["not base64!"], {}),
+        (["QUJD"], {}),
+        ([{"envelope": "x"}], {}),
+        (["QUJD"], {"extra": 1}),
+    ],
+)
 def test_hostile_task_arguments_are_rejected_and_the_worker_carries_on(
-        shared_stack: Stack, args: list[object], kwargs: dict[str, object]) -> None:
+    shared_stack: Stack, args: list[object], kwargs: dict[str, object]
+) -> None:
     client = shared_stack.client()
     task_id = str(uuid.uuid4())
-    client.app.send_task(TASK_NAME, args=args, kwargs=kwargs, task_id=task_id,
-                         queue=queue_for("high"))
+    client.app.send_task(
+        TASK_NAME, args=args, kwargs=kwargs, task_id=task_id, queue=queue_for("high")
+    )
     rec = shared_stack.wait_audit(task_id, "malformed")
     assert rec.tenant == ""
     assert client.submit("echo", {"ok": 1}).result(timeout=TIMEOUT) == {"echo": {"ok": 1}}
@@ -307,8 +332,10 @@ def test_no_plaintext_in_redis_or_worker_logs(make_stack) -> None:
     client = stack.client()
     marker = f"secret-input-{time.time_ns()}"
     stack.start_worker()
-    jobs = [client.submit("echo", {"text": marker, "i": i}, priority=p)
-            for i, p in enumerate(["high", "normal", "low"] * 3)]
+    jobs = [
+        client.submit("echo", {"text": marker, "i": i}, priority=p)
+        for i, p in enumerate(["high", "normal", "low"] * 3)
+    ]
     failing = client.submit("sleep", {"seconds": marker})  # error path too
     for job in jobs:
         assert job.result(timeout=TIMEOUT)["echo"]["text"] == marker
@@ -352,8 +379,14 @@ def test_a_job_that_keeps_killing_its_worker_fails_as_worker_lost(make_stack) ->
     for attempt in range(DEFAULT_MAX_ATTEMPTS):
         worker = stack.start_worker(f"crash{attempt}", concurrency=1)
         started = str(attempt + 1).encode()
-        wait_for(lambda n=started: stack.backend.get(keyspace.attempts("acme", job.id)) == n
-                 and job.status() == "running", TIMEOUT, f"start #{attempt + 1}")
+        wait_for(
+            lambda n=started: (
+                stack.backend.get(keyspace.attempts("acme", job.id)) == n
+                and job.status() == "running"
+            ),
+            TIMEOUT,
+            f"start #{attempt + 1}",
+        )
         worker.kill()
     stack.start_worker("last", concurrency=1)
     with pytest.raises(JobFailed) as err:
@@ -397,6 +430,7 @@ def test_large_requests_travel_by_claim_check(make_stack) -> None:
     stack.wait_audit(job.id, "replayed")
     # a pointer to a request that was never stored is malformed
     no_payload = str(uuid.uuid4())
-    client.app.send_task(TASK_NAME, args=["ref:payload:acme"], task_id=no_payload,
-                         queue=queue_for("normal"))
+    client.app.send_task(
+        TASK_NAME, args=["ref:payload:acme"], task_id=no_payload, queue=queue_for("normal")
+    )
     stack.wait_audit(no_payload, "malformed")

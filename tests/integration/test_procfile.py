@@ -65,8 +65,13 @@ class Honcho:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [str(HONCHO), "start", "--no-colour", "-f", str(PROCFILE), "-d", str(workdir)],
-                env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                env=env,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.seen: dict[int, psutil.Process] = {}
 
     def log(self) -> str:
@@ -104,12 +109,14 @@ class Honcho:
 @pytest.fixture
 def procfile_env(make_stack: Callable[..., Stack]) -> tuple[Stack, dict[str, str]]:
     stack = make_stack(MAAS_SAMPLE_INTERVAL_S="1")
-    env = {**stack.env,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MAAS_FLOWER_BASIC_AUTH": f"ops:{secrets.token_hex(16)}",
-           "MAAS_FLOWER_PORT": str(free_port()),
-           "MAAS_METRICS_PORT": str(free_port()),
-           "MAAS_FLEET_METRICS_PORT": str(free_port())}
+    env = {
+        **stack.env,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MAAS_FLOWER_BASIC_AUTH": f"ops:{secrets.token_hex(16)}",
+        "MAAS_FLOWER_PORT": str(free_port()),
+        "MAAS_METRICS_PORT": str(free_port()),
+        "MAAS_FLEET_METRICS_PORT": str(free_port()),
+    }
     return stack, env
 
 
@@ -125,7 +132,8 @@ def honcho(procfile_env: tuple[Stack, dict[str, str]]) -> Iterator[Honcho]:
 
 
 def test_procfile_runs_a_job_end_to_end_and_stops_cleanly(
-        procfile_env: tuple[Stack, dict[str, str]], honcho: Honcho) -> None:
+    procfile_env: tuple[Stack, dict[str, str]], honcho: Honcho
+) -> None:
     stack, env = procfile_env
     node = default_nodename(None)
 
@@ -148,12 +156,19 @@ def test_procfile_runs_a_job_end_to_end_and_stops_cleanly(
     # beat is alive: its sample requests reach the worker, which stores a sample.
     wait_for(lambda: stack.backend.exists(keyspace.sample(node)), 30, "a resource sample")
     exporter = f"http://127.0.0.1:{env['MAAS_FLEET_METRICS_PORT']}/metrics"
-    _, body = wait_for(lambda: (r := http_status(exporter))[0] == 200 and r, 30,
-                       "the fleet exporter")
+    _, body = wait_for(
+        lambda: (r := http_status(exporter))[0] == 200 and r, 30, "the fleet exporter"
+    )
     assert "maas_fleet_up 1.0" in body
 
-    ping = subprocess.run([sys.executable, "-m", "maas_worker", "ping"], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    ping = subprocess.run(
+        [sys.executable, "-m", "maas_worker", "ping"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert ping.returncode == 0, ping.stderr
     assert ping.stdout.strip() == f"{node}: pong"
 

@@ -35,7 +35,9 @@ class Refuse(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Refuse())
 """
 
-_SUBMIT = _REFUSE + f"""
+_SUBMIT = (
+    _REFUSE
+    + f"""
 import json
 from maas_worker import Client
 with Client.from_env() as client:
@@ -47,11 +49,15 @@ worker_side = sorted(m for m in sys.modules
                      or m in ("maas_worker.worker", "maas_worker.monitoring", "maas_worker.app"))
 print(json.dumps({{"result": result, "worker_side": worker_side}}))
 """
+)
 
-_CLI = _REFUSE + """
+_CLI = (
+    _REFUSE
+    + """
 from maas_worker.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 @pytest.fixture
@@ -62,8 +68,14 @@ def stack(make_stack: Callable[..., Stack]) -> Stack:
 
 
 def _run(stack: Stack, code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code, *args], check=False, env=stack.env,
-                          capture_output=True, text=True, timeout=WAIT_S * 2)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        check=False,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S * 2,
+    )
 
 
 def test_the_refusal_is_real(stack: Stack) -> None:
@@ -85,14 +97,18 @@ def test_the_cli_without_the_worker_extras_submits_and_waits(stack: Stack) -> No
     assert json.loads(proc.stdout) == {"echo": {"text": "cli"}}
 
 
-@pytest.mark.parametrize(("command", "extra"), [
-    (("stats",), "worker"),
-    (("worker", "--concurrency", "1"), "worker"),
-    (("metrics",), "worker"),
-    (("beat",), "worker"),
-])
+@pytest.mark.parametrize(
+    ("command", "extra"),
+    [
+        (("stats",), "worker"),
+        (("worker", "--concurrency", "1"), "worker"),
+        (("metrics",), "worker"),
+        (("beat",), "worker"),
+    ],
+)
 def test_a_worker_side_command_without_its_extra_says_which_to_install(
-        stack: Stack, command: tuple[str, ...], extra: str) -> None:
+    stack: Stack, command: tuple[str, ...], extra: str
+) -> None:
     proc = _run(stack, _CLI, *command)
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1, proc.stderr

@@ -41,15 +41,26 @@ OPERATOR_COMMANDS: list[tuple[str, dict[str, Any]]] = [
     ("no_such_command", {}),
 ]
 #: What Flower and `celery inspect` ask.
-INSPECT_COMMANDS = ["ping", "stats", "active_queues", "registered", "conf", "active",
-                    "reserved", "scheduled", "revoked", "report"]
+INSPECT_COMMANDS = [
+    "ping",
+    "stats",
+    "active_queues",
+    "registered",
+    "conf",
+    "active",
+    "reserved",
+    "scheduled",
+    "revoked",
+    "report",
+]
 
 
 def _ask(stack: Stack, node: str, command: str, arguments: dict[str, Any]) -> Any:
     """The one reply of ``node`` to ``command`` (as `celery control`/`inspect` send it)."""
     with stack.client("acme") as client:
-        replies = client.app.control.broadcast(command, arguments=arguments, reply=True,
-                                               timeout=5, destination=[node])
+        replies = client.app.control.broadcast(
+            command, arguments=arguments, reply=True, timeout=5, destination=[node]
+        )
     assert len(replies) == 1, f"{command}: {replies!r}"
     ((name, answer),) = replies[0].items()
     assert name == node
@@ -59,17 +70,42 @@ def _ask(stack: Stack, node: str, command: str, arguments: dict[str, Any]) -> An
 def _push_starmap(stack: Stack, queue: str) -> None:
     """A well-formed Celery message for the built-in ``celery.starmap`` on ``queue``."""
     task_id = str(uuid.uuid4())
-    body = [[], {"task": {"task": "maas.sample", "args": [], "kwargs": {}, "options": {},
-                          "subtask_type": None, "immutable": False}, "it": [[]]},
-            {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    message = {"body": base64.b64encode(json.dumps(body).encode()).decode(),
-               "content-encoding": "utf-8", "content-type": "application/json",
-               "headers": {"lang": "py", "task": "celery.starmap", "id": task_id,
-                           "root_id": task_id, "argsrepr": "()", "kwargsrepr": "{}"},
-               "properties": {"correlation_id": task_id, "delivery_mode": 2,
-                              "delivery_info": {"exchange": "", "routing_key": queue},
-                              "priority": 0, "body_encoding": "base64",
-                              "delivery_tag": str(uuid.uuid4())}}
+    body = [
+        [],
+        {
+            "task": {
+                "task": "maas.sample",
+                "args": [],
+                "kwargs": {},
+                "options": {},
+                "subtask_type": None,
+                "immutable": False,
+            },
+            "it": [[]],
+        },
+        {"callbacks": None, "errbacks": None, "chain": None, "chord": None},
+    ]
+    message = {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": "celery.starmap",
+            "id": task_id,
+            "root_id": task_id,
+            "argsrepr": "()",
+            "kwargsrepr": "{}",
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
     stack.backend.lpush(queue, json.dumps(message))
 
 
@@ -78,8 +114,9 @@ def _alive(worker: Any) -> bool:
 
 
 def _refusals(stack: Stack) -> list[str]:
-    return [r.detail for r in stack.audit() if r.reason == "policy"
-            and r.detail.startswith("remote ")]
+    return [
+        r.detail for r in stack.audit() if r.reason == "policy" and r.detail.startswith("remote ")
+    ]
 
 
 def _queues(stack: Stack, node: str) -> set[str]:
@@ -87,13 +124,19 @@ def _queues(stack: Stack, node: str) -> set[str]:
 
 
 def _celery(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "celery", "-A", "maas_worker.app", *args],
-                          env=stack.env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "maas_worker.app", *args],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_workers_answer_inspect_and_refuse_every_other_command(
-        make_stack: Callable[..., Stack]) -> None:
+    make_stack: Callable[..., Stack],
+) -> None:
     stack = make_stack()
     worker = stack.start_worker(concurrency=1)
     queues = _queues(stack, worker.node)
@@ -127,8 +170,13 @@ def test_workers_answer_inspect_and_refuse_every_other_command(
     _, envelope = attacker.seal(b'{"not": "revoked"}', job_id=target)
     attacker.send(envelope, job_id=target)
     assert attacker.job(target).result(timeout=WAIT_S) == {"echo": {"not": "revoked"}}
-    assert sorted(wait_for(lambda: len(_refusals(stack)) >= len(expected) and _refusals(stack),
-                           WAIT_S, "an audit record per refused command")) == sorted(expected)
+    assert sorted(
+        wait_for(
+            lambda: len(_refusals(stack)) >= len(expected) and _refusals(stack),
+            WAIT_S,
+            "an audit record per refused command",
+        )
+    ) == sorted(expected)
 
     # The worker is up, consumes what it did, at its own pace and limits.
     assert _alive(worker)
@@ -143,11 +191,13 @@ def test_workers_answer_inspect_and_refuse_every_other_command(
 
 
 def test_an_operator_can_open_the_control_but_not_other_queues_nor_revoke(
-        make_stack: Callable[..., Stack]) -> None:
+    make_stack: Callable[..., Stack],
+) -> None:
     stack = make_stack(MAAS_REMOTE_CONTROL="operator")
     worker = stack.start_worker(concurrency=1)
-    answer = _ask(stack, worker.node, "rate_limit",
-                  {"task_name": "maas.infer", "rate_limit": "1000/s"})
+    answer = _ask(
+        stack, worker.node, "rate_limit", {"task_name": "maas.infer", "rate_limit": "1000/s"}
+    )
     assert "error" not in answer and "rate limit" in answer["ok"]
     _push_starmap(stack, "evil")
     answer = _ask(stack, worker.node, "add_consumer", {"queue": "evil"})
@@ -158,9 +208,11 @@ def test_an_operator_can_open_the_control_but_not_other_queues_nor_revoke(
     assert job.result(timeout=WAIT_S) == {"echo": {"kept": True}}
     assert "evil" not in _queues(stack, worker.node)
     assert stack.backend.llen("evil") == 1
-    assert sorted(wait_for(lambda: len(_refusals(stack)) >= 2 and _refusals(stack), WAIT_S,
-                           "two audit records")) == ["remote add_consumer refused",
-                                                     "remote revoke refused"]
+    assert sorted(
+        wait_for(
+            lambda: len(_refusals(stack)) >= 2 and _refusals(stack), WAIT_S, "two audit records"
+        )
+    ) == ["remote add_consumer refused", "remote revoke refused"]
     with stack.client("acme") as client:  # a worker that shuts down sends no reply
         client.app.control.broadcast("shutdown", destination=[worker.node])
     wait_for(lambda: not _alive(worker), WAIT_S, "the worker to obey the operator's shutdown")
@@ -168,8 +220,9 @@ def test_an_operator_can_open_the_control_but_not_other_queues_nor_revoke(
 
 def _post(url: str, auth: tuple[str, str]) -> tuple[int, str]:
     token = base64.b64encode(":".join(auth).encode()).decode()
-    req = urllib.request.Request(url, data=b"", method="POST",
-                                 headers={"Authorization": f"Basic {token}"})
+    req = urllib.request.Request(
+        url, data=b"", method="POST", headers={"Authorization": f"Basic {token}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, resp.reason
@@ -179,12 +232,17 @@ def _post(url: str, auth: tuple[str, str]) -> tuple[int, str]:
 
 AUTH = ("ops", "flower-test-password")
 #: Flower's control endpoints (what its buttons post to).
-FLOWER_CONTROLS = ["worker/shutdown/{node}", "worker/pool/restart/{node}",
-                   "worker/pool/grow/{node}?n=1", "worker/pool/autoscale/{node}?min=1&max=3",
-                   "worker/queue/add-consumer/{node}?queue=evil",
-                   "worker/queue/cancel-consumer/{node}?queue=maas.high",
-                   "task/rate-limit/maas.infer?ratelimit=1/m",
-                   "task/timeout/maas.infer?soft=1&hard=2", "task/revoke/{job}"]
+FLOWER_CONTROLS = [
+    "worker/shutdown/{node}",
+    "worker/pool/restart/{node}",
+    "worker/pool/grow/{node}?n=1",
+    "worker/pool/autoscale/{node}?min=1&max=3",
+    "worker/queue/add-consumer/{node}?queue=evil",
+    "worker/queue/cancel-consumer/{node}?queue=maas.high",
+    "task/rate-limit/maas.infer?ratelimit=1/m",
+    "task/timeout/maas.infer?soft=1&hard=2",
+    "task/revoke/{job}",
+]
 
 
 def test_flower_control_buttons_follow_the_setting(make_stack: Callable[..., Stack]) -> None:
@@ -194,19 +252,23 @@ def test_flower_control_buttons_follow_the_setting(make_stack: Callable[..., Sta
     flower = Service(stack, "flower", "flower", "--port", str(port))
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: http_get(f"{base}/api/workers", auth=AUTH)[0] == 200, WAIT_S,
-                 "Flower to answer")
+        wait_for(
+            lambda: http_get(f"{base}/api/workers", auth=AUTH)[0] == 200, WAIT_S, "Flower to answer"
+        )
         for path in FLOWER_CONTROLS:
             url = f"{base}/api/{path.format(node=worker.node, job=uuid.uuid4())}"
             assert _post(url, ("ops", "wrong"))[0] == 401
             assert _post(url, AUTH) == (
-                403, "remote control is disabled (MAAS_REMOTE_CONTROL=inspect)"), path
+                403,
+                "remote control is disabled (MAAS_REMOTE_CONTROL=inspect)",
+            ), path
         # The worker's page still shows, without the buttons; the worker is as it was.
         status, page = http_get(f"{base}/worker/{worker.node}", auth=AUTH)
         assert status == 200 and "#worker-shutdown," in page and "display:none" in page
         assert _alive(worker)
         assert stack.client().submit("echo", {"after": 1}).result(timeout=WAIT_S) == {
-            "echo": {"after": 1}}
+            "echo": {"after": 1}
+        }
         assert not _refusals(stack)  # refused by Flower itself: nothing reached a worker
     finally:
         flower.stop()

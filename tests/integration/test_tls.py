@@ -44,8 +44,14 @@ from .conftest import make_keyring, wait_for
 from .test_procfile import http_status
 
 #: The fixed roles' password variables in .env, and the example producer's.
-ROLE_VARS = {"operator": "OPERATOR", "worker": "WORKER", "beat": "BEAT", "monitor": "MONITOR",
-             "flower": "FLOWER", "producer-acme": "PRODUCER"}
+ROLE_VARS = {
+    "operator": "OPERATOR",
+    "worker": "WORKER",
+    "beat": "BEAT",
+    "monitor": "MONITOR",
+    "flower": "FLOWER",
+    "producer-acme": "PRODUCER",
+}
 ROOT = Path(__file__).resolve().parents[2]
 INIT_SECRETS = ROOT / "docker" / "init-secrets.sh"
 START_TIMEOUT_S = 10.0
@@ -71,17 +77,26 @@ class TLSDeployment:
         """The worker role's password."""
         return self.passwords["worker"]
 
-    def url(self, host: str = "127.0.0.1", password: str | None = None,
-            scheme: str = "rediss", role: str = "worker") -> str:
-        return f"{scheme}://{role}:{self.passwords[role] if password is None else password}" \
-               f"@{host}:{self.port}/0"
+    def url(
+        self,
+        host: str = "127.0.0.1",
+        password: str | None = None,
+        scheme: str = "rediss",
+        role: str = "worker",
+    ) -> str:
+        return (
+            f"{scheme}://{role}:{self.passwords[role] if password is None else password}"
+            f"@{host}:{self.port}/0"
+        )
 
     def env(self, role: str = "worker", **overrides: str) -> dict[str, str]:
         """Client settings: CA, client certificate and key, the role's ACL user in the URL."""
-        base = {"MAAS_BROKER_URL": self.url(role=role),
-                "MAAS_REDIS_TLS_CA": str(self.tls_dir / "ca.crt"),
-                "MAAS_REDIS_TLS_CERT": str(self.tls_dir / "client.crt"),
-                "MAAS_REDIS_TLS_KEY": str(self.tls_dir / "client.key")}
+        base = {
+            "MAAS_BROKER_URL": self.url(role=role),
+            "MAAS_REDIS_TLS_CA": str(self.tls_dir / "ca.crt"),
+            "MAAS_REDIS_TLS_CERT": str(self.tls_dir / "client.crt"),
+            "MAAS_REDIS_TLS_KEY": str(self.tls_dir / "client.key"),
+        }
         return {k: v for k, v in {**base, **overrides}.items() if v}
 
 
@@ -97,16 +112,49 @@ def _start(binary: Path, d: Path, port: int, operator: str) -> subprocess.Popen[
     tls = d / "secrets" / "tls"
     log = d / f"{binary.name}.log"
     proc = subprocess.Popen(
-        [str(binary), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "127.0.0.2",
-         "--tls-cert-file", str(tls / "redis.crt"), "--tls-key-file", str(tls / "redis.key"),
-         "--tls-ca-cert-file", str(tls / "ca.crt"), "--tls-auth-clients", "yes",
-         "--aclfile", str(d / "secrets" / "redis-acl" / "users.acl"), "--save", "",
-         "--appendonly", "no", "--dir", str(d / "data" / "redis"), "--logfile", str(log)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    probe = redis.Redis(host="127.0.0.1", port=port, username="operator", password=operator,
-                        ssl=True, ssl_ca_certs=str(tls / "ca.crt"),
-                        ssl_certfile=str(tls / "client.crt"), ssl_keyfile=str(tls / "client.key"),
-                        socket_connect_timeout=1)
+        [
+            str(binary),
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "127.0.0.2",
+            "--tls-cert-file",
+            str(tls / "redis.crt"),
+            "--tls-key-file",
+            str(tls / "redis.key"),
+            "--tls-ca-cert-file",
+            str(tls / "ca.crt"),
+            "--tls-auth-clients",
+            "yes",
+            "--aclfile",
+            str(d / "secrets" / "redis-acl" / "users.acl"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d / "data" / "redis"),
+            "--logfile",
+            str(log),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    probe = redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        username="operator",
+        password=operator,
+        ssl=True,
+        ssl_ca_certs=str(tls / "ca.crt"),
+        ssl_certfile=str(tls / "client.crt"),
+        ssl_keyfile=str(tls / "client.key"),
+        socket_connect_timeout=1,
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -127,22 +175,40 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSDeployment]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed (docker/init-secrets.sh needs it)")
     d = tmp_path_factory.mktemp("tls-deploy")
-    subprocess.run(["bash", str(INIT_SECRETS), str(d)], check=True, capture_output=True,
-                   timeout=60)
+    subprocess.run(["bash", str(INIT_SECRETS), str(d)], check=True, capture_output=True, timeout=60)
     # The operator's next step (keys init, then acl): the roles' users, for the
     # tenants of this module's keyring; databases 0 and 1 (the compose test's).
     keyring = d / "acl-keyring.json"
     save_keyring(keyring, make_keyring())
     made = subprocess.run(
-        [sys.executable, "-m", "maas_worker", "acl", "--acl-file",
-         str(d / "secrets" / "redis-acl" / "users.acl"), "--passwords",
-         str(d / "secrets" / "redis-passwords"), "--db", "0", "--db", "1"],
-        env={"PATH": os.environ["PATH"], "MAAS_KEYRING": str(keyring),
-             "MAAS_BROKER_URL": "rediss://127.0.0.1:6379/0"},
-        capture_output=True, text=True, timeout=60, check=False)
+        [
+            sys.executable,
+            "-m",
+            "maas_worker",
+            "acl",
+            "--acl-file",
+            str(d / "secrets" / "redis-acl" / "users.acl"),
+            "--passwords",
+            str(d / "secrets" / "redis-passwords"),
+            "--db",
+            "0",
+            "--db",
+            "1",
+        ],
+        env={
+            "PATH": os.environ["PATH"],
+            "MAAS_KEYRING": str(keyring),
+            "MAAS_BROKER_URL": "rediss://127.0.0.1:6379/0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert made.returncode == 0, made.stderr
-    passwords = {p.name: p.read_text().strip()
-                 for p in (d / "secrets" / "redis-passwords").iterdir()}
+    passwords = {
+        p.name: p.read_text().strip() for p in (d / "secrets" / "redis-passwords").iterdir()
+    }
     why: list[str] = []
     for binary in _candidates():
         port = free_port()
@@ -154,8 +220,10 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSDeployment]:
         started.terminate()
         started.wait(10)
         return
-    pytest.skip("no TLS-capable Redis server here (install Debian's redis-server): "
-                + "; ".join(why or ["none found"]))
+    pytest.skip(
+        "no TLS-capable Redis server here (install Debian's redis-server): "
+        + "; ".join(why or ["none found"])
+    )
 
 
 @dataclass
@@ -179,8 +247,13 @@ def tls_stack(tls: TLSDeployment, tmp_path_factory: pytest.TempPathFactory) -> I
     keyring = tmp / "keyring.json"
     save_keyring(keyring, make_keyring())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    env.update(tls.env(), MAAS_KEYRING=str(keyring), MAAS_DIAGNOSTIC_MODELS="1",
-               MAAS_TENANT="acme", MAAS_METRICS_PORT="0")
+    env.update(
+        tls.env(),
+        MAAS_KEYRING=str(keyring),
+        MAAS_DIAGNOSTIC_MODELS="1",
+        MAAS_TENANT="acme",
+        MAAS_METRICS_PORT="0",
+    )
     settings = Settings.from_env(env)
     backend = backend_client(settings)
     worker = WorkerProcess(env=env, name="tls", log_path=tmp / "worker.log").start()
@@ -193,17 +266,32 @@ def tls_stack(tls: TLSDeployment, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "maas_worker", *args], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "maas_worker", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_init_secrets_makes_private_files_and_keeps_them_on_a_second_run(
-        tls: TLSDeployment) -> None:
+    tls: TLSDeployment,
+) -> None:
     d = tls.dir
     files = [*sorted(p for p in (d / "secrets").rglob("*") if p.is_file()), d / ".env"]
-    assert {p.name for p in files} >= {*ROLE_VARS, "users.acl", "ca.crt", "ca.key",
-                                       "redis.crt", "redis.key", "client.crt", "client.key",
-                                       ".env"}
+    assert {p.name for p in files} >= {
+        *ROLE_VARS,
+        "users.acl",
+        "ca.crt",
+        "ca.key",
+        "redis.crt",
+        "redis.key",
+        "client.crt",
+        "client.key",
+        ".env",
+    }
     for p in files:
         assert p.stat().st_mode & 0o077 == 0, f"{p} is not private"
     env_file = (d / ".env").read_text()
@@ -217,23 +305,26 @@ def test_init_secrets_makes_private_files_and_keeps_them_on_a_second_run(
     for password in tls.passwords.values():
         assert password not in acl  # only its SHA-256
     before = {p: p.read_bytes() for p in files}
-    subprocess.run(["bash", str(INIT_SECRETS), str(d)], check=True, capture_output=True,
-                   timeout=60)
+    subprocess.run(["bash", str(INIT_SECRETS), str(d)], check=True, capture_output=True, timeout=60)
     assert {p: p.read_bytes() for p in files} == before
 
 
-def test_jobs_run_over_tls_as_the_acl_user_with_a_client_certificate(
-        tls_stack: TLSStack) -> None:
+def test_jobs_run_over_tls_as_the_acl_user_with_a_client_certificate(tls_stack: TLSStack) -> None:
     with tls_stack.client() as client:
-        jobs = [client.submit("echo", {"n": i}, priority=p)
-                for i, p in enumerate(("high", "normal", "low"))]
+        jobs = [
+            client.submit("echo", {"n": i}, priority=p)
+            for i, p in enumerate(("high", "normal", "low"))
+        ]
         assert [j.result(timeout=30) for j in jobs] == [{"echo": {"n": i}} for i in range(3)]
         assert client.job(jobs[0].id).cancel() is False  # the library function, over TLS
     # The CLI goes through the same clients: result backend, broker and control,
     # each command as the role that runs it.
-    for role, args in (("monitor", ("stats", "--json")), ("operator", ("audit", "--json")),
-                       ("producer-acme", ("status", jobs[0].id)),
-                       ("operator", ("ping", "--node", tls_stack.worker.node))):
+    for role, args in (
+        ("monitor", ("stats", "--json")),
+        ("operator", ("audit", "--json")),
+        ("producer-acme", ("status", jobs[0].id)),
+        ("operator", ("ping", "--node", tls_stack.worker.node)),
+    ):
         done = run_cli(tls_stack.role_env(role), *args)
         assert done.returncode == 0, (args, done.stderr)
     log = tls_stack.worker.log_path.read_text()
@@ -251,13 +342,19 @@ def test_flower_reads_the_broker_over_tls(tls_stack: TLSStack) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "maas_worker", "flower", "--port", str(port)],
             env={**tls_stack.role_env("flower"), "MAAS_FLOWER_BASIC_AUTH": ":".join(auth)},
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         url = f"http://127.0.0.1:{port}/api/queues/length"
         # The queue lengths come from Flower's own redis-py client (broker_use_ssl).
-        _, body = wait_for(lambda: (r := http_status(url, auth))[0] == 200 and r, 60,
-                           "Flower's queue lengths over TLS")
+        _, body = wait_for(
+            lambda: (r := http_status(url, auth))[0] == 200 and r,
+            60,
+            "Flower's queue lengths over TLS",
+        )
         assert "maas.high" in body
     finally:
         proc.terminate()
@@ -271,10 +368,19 @@ def test_flower_reads_the_broker_over_tls(tls_stack: TLSStack) -> None:
     assert "no permissions" not in text
 
 
-@pytest.mark.parametrize("case", ["system CAs only", "no client certificate", "wrong password",
-                                  "host name not in the certificate", "plain redis://"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "system CAs only",
+        "no client certificate",
+        "wrong password",
+        "host name not in the certificate",
+        "plain redis://",
+    ],
+)
 def test_connections_that_must_fail_fail_cleanly_without_the_password(
-        tls_stack: TLSStack, case: str) -> None:
+    tls_stack: TLSStack, case: str
+) -> None:
     t = tls_stack.tls
     wrong = "not-" + t.password
     env = {
@@ -284,8 +390,12 @@ def test_connections_that_must_fail_fail_cleanly_without_the_password(
         # 127.0.0.2 is the same server, but the certificate names only 127.0.0.1,
         # localhost and redis: the host name check must refuse it.
         "host name not in the certificate": {"MAAS_BROKER_URL": t.url(host="127.0.0.2")},
-        "plain redis://": {"MAAS_BROKER_URL": t.url(scheme="redis"), "MAAS_REDIS_TLS_CA": "",
-                           "MAAS_REDIS_TLS_CERT": "", "MAAS_REDIS_TLS_KEY": ""},
+        "plain redis://": {
+            "MAAS_BROKER_URL": t.url(scheme="redis"),
+            "MAAS_REDIS_TLS_CA": "",
+            "MAAS_REDIS_TLS_CERT": "",
+            "MAAS_REDIS_TLS_KEY": "",
+        },
     }[case]
     # What the one-line error says went wrong: something an operator can act on.
     cause = {
@@ -294,7 +404,7 @@ def test_connections_that_must_fail_fail_cleanly_without_the_password(
         # thinks the handshake is done, so the refusal arrives as the server's
         # alert or, depending on timing, as the connection closing.
         "no client certificate": "TLS: the server requires a client certificate|"
-                                 "TLS: the server ended the handshake|connection reset",
+        "TLS: the server ended the handshake|connection reset",
         "wrong password": "authentication failed",
         "host name not in the certificate": "TLS: certificate verify failed: IP address mismatch",
         "plain redis://": "connection reset by the server",
@@ -313,8 +423,11 @@ def test_connections_that_must_fail_fail_cleanly_without_the_password(
 
 def test_verify_none_connects_without_checking_the_server(tls_stack: TLSStack) -> None:
     t = tls_stack.tls
-    env = {**tls_stack.env, "MAAS_BROKER_URL": t.url(host="127.0.0.2"),
-           "MAAS_REDIS_TLS_VERIFY": "none"}
+    env = {
+        **tls_stack.env,
+        "MAAS_BROKER_URL": t.url(host="127.0.0.2"),
+        "MAAS_REDIS_TLS_VERIFY": "none",
+    }
     env.pop("MAAS_REDIS_TLS_CA")
     client = backend_client(Settings.from_env(env))
     try:
@@ -351,8 +464,9 @@ def _dockerfile_env() -> dict[str, str]:
     return env
 
 
-def compose_service(tls: TLSDeployment, name: str
-                    ) -> tuple[list[str], dict[str, str], Callable[[str], str]]:
+def compose_service(
+    tls: TLSDeployment, name: str
+) -> tuple[list[str], dict[str, str], Callable[[str], str]]:
     """(argv, environment, path mapper) of a compose service with the TLS overlay, on this host.
 
     Container paths become the host folders and secret files compose would
@@ -363,9 +477,14 @@ def compose_service(tls: TLSDeployment, name: str
     over = yaml.safe_load((ROOT / "docker" / "compose.tls.yaml").read_text())
     svc, extra = base["services"][name], over["services"][name]
     values = dotenv(tls.dir / ".env")
-    env = {k: interpolate(str(v), values) for k, v in
-           {**_dockerfile_env(), **svc.get("environment", {}),
-            **extra.get("environment", {})}.items()}
+    env = {
+        k: interpolate(str(v), values)
+        for k, v in {
+            **_dockerfile_env(),
+            **svc.get("environment", {}),
+            **extra.get("environment", {}),
+        }.items()
+    }
     mounts = {}
     for volume in svc.get("volumes", []):
         source, target = interpolate(volume, values).split(":")[:2]
@@ -377,7 +496,7 @@ def compose_service(tls: TLSDeployment, name: str
     def host(value: str) -> str:
         for target, source in mounts.items():
             if value == target or value.startswith(target + "/"):
-                return str(source) + value[len(target):]
+                return str(source) + value[len(target) :]
         # Database 1: this module's other worker (tls_stack, another keyring)
         # consumes database 0 of the same server and would take these jobs.
         return value.replace("@redis:6379/0", f"@127.0.0.1:{tls.port}/1")
@@ -390,18 +509,23 @@ def compose_service(tls: TLSDeployment, name: str
 
 def dotenv(path: Path) -> dict[str, str]:
     """The variables of a .env file (what compose interpolates with)."""
-    return dict(line.split("=", 1) for line in path.read_text().splitlines()
-                if "=" in line and not line.startswith("#"))
+    return dict(
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
 
 
 def interpolate(value: str, env: dict[str, str]) -> str:
     """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}``."""
+
     def sub(m: re.Match[str]) -> str:
         if m.group(1) in env:
             return env[m.group(1)]
         if m.group(2) == ":-":
             return m.group(3)
         pytest.fail(f"compose would refuse to start: {m.group(1)} is not set")
+
     return re.sub(r"\$\{(\w+)(?:(:[-?])([^}]*))?\}", sub, value)
 
 
@@ -419,40 +543,84 @@ def test_compose_services_run_as_plain_processes_over_tls(tls: TLSDeployment) ->
     """
     cli_argv, cli_env, cli_path = compose_service(tls, "cli")
     assert cli_argv == ["maas-worker", "stats"]
-    for step in (["maas-worker", "keys", "init", "--tenant", "acme"],
-                 ["maas-worker", "keys", "export", "--tenant", "acme",
-                  "--out", "/run/maas/clients/acme/keyring.json"],
-                 # --db 0: the module's other worker still uses database 0.
-                 ["maas-worker", "acl", "--acl-file", "/run/maas/redis-acl/users.acl",
-                  "--passwords", "/run/maas/redis-passwords", "--apply", "--db", "0",
-                  "--db", "1"]):
-        done = subprocess.run(maas([cli_path(a) for a in step]), env=cli_env,
-                              capture_output=True, text=True, timeout=60, check=False)
+    for step in (
+        ["maas-worker", "keys", "init", "--tenant", "acme"],
+        [
+            "maas-worker",
+            "keys",
+            "export",
+            "--tenant",
+            "acme",
+            "--out",
+            "/run/maas/clients/acme/keyring.json",
+        ],
+        # --db 0: the module's other worker still uses database 0.
+        [
+            "maas-worker",
+            "acl",
+            "--acl-file",
+            "/run/maas/redis-acl/users.acl",
+            "--passwords",
+            "/run/maas/redis-passwords",
+            "--apply",
+            "--db",
+            "0",
+            "--db",
+            "1",
+        ],
+    ):
+        done = subprocess.run(
+            maas([cli_path(a) for a in step]),
+            env=cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
 
     worker_argv, worker_env, _ = compose_service(tls, "worker")
     log_path = tls.dir / "compose-worker.log"
     with log_path.open("ab") as log:
-        worker = subprocess.Popen(maas(worker_argv), env=worker_env,
-                                  stdin=subprocess.DEVNULL, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            maas(worker_argv),
+            env=worker_env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         node = f"celery@{socket.gethostname()}"
         backend = backend_client(Settings.from_env(worker_env))
         try:
-            wait_for(lambda: worker.poll() is None and backend.zscore(keyspace.NODES, node),
-                     60, f"the compose worker ({log_path})")
+            wait_for(
+                lambda: worker.poll() is None and backend.zscore(keyspace.NODES, node),
+                60,
+                f"the compose worker ({log_path})",
+            )
         finally:
             backend.close()
         producer_argv, producer_env, _ = compose_service(tls, "producer")
-        done = subprocess.run(maas(producer_argv), env=producer_env,
-                              capture_output=True, text=True, timeout=90, check=False)
+        done = subprocess.run(
+            maas(producer_argv),
+            env=producer_env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["labels"] == [2]  # the holdout digit it sends
         # Dockerfile HEALTHCHECK: `maas-worker ping` in the worker's container.
-        ping = subprocess.run(maas(["maas-worker", "ping", "--timeout", "5"]),
-                              env=worker_env, capture_output=True, text=True, timeout=60,
-                              check=False)
+        ping = subprocess.run(
+            maas(["maas-worker", "ping", "--timeout", "5"]),
+            env=worker_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert ping.returncode == 0, ping.stderr
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -41,26 +41,46 @@ if SCALE not in ("small", "full"):
 class Size:
     """How much each scenario does at one scale."""
 
-    kill_jobs: int          # jobs in flight when a worker is SIGKILLed
-    kill_rounds: int        # workers killed one after another
-    shutdown_jobs: int      # jobs in flight when a worker gets SIGTERM
-    restart_jobs: int       # jobs accepted around a Redis restart
-    restarts: int           # Redis restarts in one run
-    fuzz_envelope: int      # hypothesis examples, envelope opening
-    fuzz_task: int          # hypothesis examples, the task entry point
-    fuzz_result: int        # hypothesis examples, a client opening a result
-    fuzz_queue: int         # hypothesis examples, the transport's queue guard
-    load_jobs: int          # scenario 6
-    huge_body_mb: int       # the hostile oversized message
+    kill_jobs: int  # jobs in flight when a worker is SIGKILLed
+    kill_rounds: int  # workers killed one after another
+    shutdown_jobs: int  # jobs in flight when a worker gets SIGTERM
+    restart_jobs: int  # jobs accepted around a Redis restart
+    restarts: int  # Redis restarts in one run
+    fuzz_envelope: int  # hypothesis examples, envelope opening
+    fuzz_task: int  # hypothesis examples, the task entry point
+    fuzz_result: int  # hypothesis examples, a client opening a result
+    fuzz_queue: int  # hypothesis examples, the transport's queue guard
+    load_jobs: int  # scenario 6
+    huge_body_mb: int  # the hostile oversized message
 
 
 SIZES = {
-    "small": Size(kill_jobs=60, kill_rounds=1, shutdown_jobs=40, restart_jobs=150, restarts=1,
-                  fuzz_envelope=600, fuzz_task=300, fuzz_result=300, fuzz_queue=300,
-                  load_jobs=600, huge_body_mb=8),
-    "full": Size(kill_jobs=400, kill_rounds=3, shutdown_jobs=300, restart_jobs=2000, restarts=3,
-                 fuzz_envelope=6000, fuzz_task=3000, fuzz_result=2000, fuzz_queue=2000,
-                 load_jobs=10_000, huge_body_mb=64),
+    "small": Size(
+        kill_jobs=60,
+        kill_rounds=1,
+        shutdown_jobs=40,
+        restart_jobs=150,
+        restarts=1,
+        fuzz_envelope=600,
+        fuzz_task=300,
+        fuzz_result=300,
+        fuzz_queue=300,
+        load_jobs=600,
+        huge_body_mb=8,
+    ),
+    "full": Size(
+        kill_jobs=400,
+        kill_rounds=3,
+        shutdown_jobs=300,
+        restart_jobs=2000,
+        restarts=3,
+        fuzz_envelope=6000,
+        fuzz_task=3000,
+        fuzz_result=2000,
+        fuzz_queue=2000,
+        load_jobs=10_000,
+        huge_body_mb=64,
+    ),
 }
 SIZE = SIZES[SCALE]
 
@@ -70,8 +90,10 @@ _figures: dict[str, dict[str, Any]] = {}
 @pytest.fixture
 def report(request: pytest.FixtureRequest) -> Callable[..., None]:
     """``report(**figures)``: record this test's figures for the run summary."""
+
     def add(**figures: Any) -> None:
         _figures.setdefault(request.node.name, {}).update(figures)
+
     return add
 
 
@@ -94,24 +116,31 @@ def make_keyring() -> Keyring:
 
 
 @pytest.fixture
-def make_stack(tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[Callable[..., tuple[Stack, EmbeddedRedis]]]:
+def make_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., tuple[Stack, EmbeddedRedis]]]:
     """Factory: ``make_stack(appendonly=False, **env)`` -> (`Stack`, its own server)."""
     made: list[tuple[Stack, EmbeddedRedis]] = []
 
-    def factory(*, appendonly: bool = False, server_args: tuple[str, ...] = (),
-                **extra_env: str) -> tuple[Stack, EmbeddedRedis]:
+    def factory(
+        *, appendonly: bool = False, server_args: tuple[str, ...] = (), **extra_env: str
+    ) -> tuple[Stack, EmbeddedRedis]:
         tmp = tmp_path_factory.mktemp("rstack")
         server = EmbeddedRedis(appendonly=appendonly, extra_args=server_args).start()
         keyring_path = tmp / "keyring.json"
         save_keyring(keyring_path, make_keyring())
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-        env.update({
-            "MAAS_BROKER_URL": server.url, "MAAS_KEYRING": str(keyring_path),
-            "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_TENANT": TENANTS[0],
-            "MAAS_MODEL_DIR": str(tmp / "models"), "MAAS_METRICS_PORT": "0",
-            **extra_env,
-        })
+        env.update(
+            {
+                "MAAS_BROKER_URL": server.url,
+                "MAAS_KEYRING": str(keyring_path),
+                "MAAS_DIAGNOSTIC_MODELS": "1",
+                "MAAS_TENANT": TENANTS[0],
+                "MAAS_MODEL_DIR": str(tmp / "models"),
+                "MAAS_METRICS_PORT": "0",
+                **extra_env,
+            }
+        )
         stack = Stack(server.url, tmp, keyring_path, env, redis.Redis.from_url(server.url))
         made.append((stack, server))
         return stack, server
@@ -144,14 +173,21 @@ def assert_once(stack: Stack, jobs: list[Any]) -> dict[str, Counter[str]]:
     ``duplicate`` line would be a second completed run (its result discarded
     by the write-once store): that must never happen.
     """
+
     def all_logged() -> dict[str, Counter[str]] | None:
         counts = outcome_counts(stack.worker_logs())
-        ok = all(counts.get(j.id, Counter())["succeeded"]
-                 or counts.get(j.id, Counter())["replayed"] for j in jobs)
+        ok = all(
+            counts.get(j.id, Counter())["succeeded"] or counts.get(j.id, Counter())["replayed"]
+            for j in jobs
+        )
         return counts if ok else None
+
     counts: dict[str, Counter[str]] = wait_for(all_logged, 60.0, "every job's outcome line")
-    assert {j.id: counts[j.id] for j in jobs if counts[j.id]["succeeded"] > 1
-            or counts[j.id]["duplicate"]} == {}
+    assert {
+        j.id: counts[j.id]
+        for j in jobs
+        if counts[j.id]["succeeded"] > 1 or counts[j.id]["duplicate"]
+    } == {}
     return counts
 
 

@@ -39,7 +39,8 @@ def submit_mixed(stack: Stack, n: int, seconds: float) -> list[Job]:
     jobs: list[Job] = []
     for (tenant, priority), count in per.items():
         jobs += clients[tenant].submit_many(
-            "sleep", [{"seconds": seconds} for _ in range(count)], priority=priority)
+            "sleep", [{"seconds": seconds} for _ in range(count)], priority=priority
+        )
     return jobs
 
 
@@ -69,9 +70,12 @@ def check_once(stack: Stack, jobs: list[Job], sealed: dict[str, bytes]) -> dict[
     counts = assert_once(stack, jobs)
     for job in jobs:
         assert job.client.backend.get(keyspace.result(job.tenant, job.id)) == sealed[job.id]
-    return {"replayed": sum(counts[j.id]["replayed"] for j in jobs),
-            "rejected_other": sum(sum(c.values()) - c["succeeded"] - c["replayed"]
-                                  for c in (counts[j.id] for j in jobs))}
+    return {
+        "replayed": sum(counts[j.id]["replayed"] for j in jobs),
+        "rejected_other": sum(
+            sum(c.values()) - c["succeeded"] - c["replayed"] for c in (counts[j.id] for j in jobs)
+        ),
+    }
 
 
 def held_by(stack: Stack, worker: WorkerProcess) -> set[str]:
@@ -90,7 +94,8 @@ def held_by(stack: Stack, worker: WorkerProcess) -> set[str]:
 
 
 def test_sigkill_under_load_loses_nothing_and_runs_each_job_once(
-        make_stack: Any, report: Any) -> None:
+    make_stack: Any, report: Any
+) -> None:
     stack, _ = make_stack(**FAST_RECOVERY)
     stack.start_worker("steady", concurrency=2)
     jobs: list[Job] = []
@@ -100,15 +105,26 @@ def test_sigkill_under_load_loses_nothing_and_runs_each_job_once(
         batch = submit_mixed(stack, SIZE.kill_jobs, seconds=0.05)
         jobs += batch
         # Kill it while it holds jobs and after it has finished some.
-        wait_for(lambda v=victim, b=batch: held_by(stack, v) and sum(
-            1 for j in b if stack.backend.exists(keyspace.result(j.tenant, j.id))) > 3,
-            WAIT_S, "the victim to be busy")
+        wait_for(
+            lambda v=victim, b=batch: (
+                held_by(stack, v)
+                and sum(1 for j in b if stack.backend.exists(keyspace.result(j.tenant, j.id))) > 3
+            ),
+            WAIT_S,
+            "the victim to be busy",
+        )
         killed_holding += len(held_by(stack, victim))
         victim.kill()
     sealed = collect(jobs)
     figures = check_once(stack, jobs, sealed)
-    report(jobs=len(jobs), workers_killed=SIZE.kill_rounds, jobs_held_at_kill=killed_holding,
-           lost=0, duplicated=0, **figures)
+    report(
+        jobs=len(jobs),
+        workers_killed=SIZE.kill_rounds,
+        jobs_held_at_kill=killed_holding,
+        lost=0,
+        duplicated=0,
+        **figures,
+    )
 
 
 def test_result_stored_before_the_crash_is_not_run_again(make_stack: Any, report: Any) -> None:
@@ -121,8 +137,11 @@ def test_result_stored_before_the_crash_is_not_run_again(make_stack: Any, report
     # Freeze the main process (it acks); its pool child finishes the job alone.
     os.kill(doomed.proc.pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: stack.backend.exists(keyspace.result(job.tenant, job.id)), WAIT_S,
-                 "the result to be stored")
+        wait_for(
+            lambda: stack.backend.exists(keyspace.result(job.tenant, job.id)),
+            WAIT_S,
+            "the result to be stored",
+        )
         assert stack.backend.hlen("unacked") == 1  # stored, never acknowledged
     finally:
         doomed.kill()  # SIGKILL reaches the stopped process too
@@ -140,16 +159,22 @@ def test_result_stored_before_the_crash_is_not_run_again(make_stack: Any, report
 
 
 def test_sigterm_under_load_finishes_running_jobs_and_requeues_the_rest(
-        make_stack: Any, report: Any) -> None:
+    make_stack: Any, report: Any
+) -> None:
     # A visibility timeout far longer than the test: anything requeued got
     # back at once through the warm shutdown, not through the crash sweep.
     stack, _ = make_stack(MAAS_VISIBILITY_TIMEOUT_S="600", MAAS_LEASE_S="3")
     stopping = stack.start_worker("stopping", concurrency=2)
     jobs = submit_mixed(stack, SIZE.shutdown_jobs, seconds=0.3)
-    held = wait_for(lambda: held_by(stack, stopping) if sum(
-        1 for j in jobs if stack.backend.exists(keyspace.result(j.tenant, j.id))) >= 2
-        else None,
-        WAIT_S, "the worker to be running jobs")
+    held = wait_for(
+        lambda: (
+            held_by(stack, stopping)
+            if sum(1 for j in jobs if stack.backend.exists(keyspace.result(j.tenant, j.id))) >= 2
+            else None
+        ),
+        WAIT_S,
+        "the worker to be running jobs",
+    )
     assert stopping.proc is not None
     stopping.proc.send_signal(signal.SIGTERM)  # warm shutdown
     started = time.monotonic()
@@ -163,5 +188,11 @@ def test_sigterm_under_load_finishes_running_jobs_and_requeues_the_rest(
     stack.start_worker("next", concurrency=2)
     sealed = collect(jobs)
     figures = check_once(stack, jobs, sealed)
-    report(jobs=len(jobs), running_at_sigterm=len(held), warm_shutdown_s=round(stop_s, 2),
-           lost=0, duplicated=0, **figures)
+    report(
+        jobs=len(jobs),
+        running_at_sigterm=len(held),
+        warm_shutdown_s=round(stop_s, 2),
+        lost=0,
+        duplicated=0,
+        **figures,
+    )

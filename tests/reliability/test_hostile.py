@@ -40,30 +40,56 @@ class _Trap:
         return (Path.touch, (self.path,))
 
 
-def message(*, body: bytes, content_type: str = "application/json", task: str = TASK_NAME,
-            task_id: str | None = None, queue: str = QUEUE,
-            headers: dict[str, Any] | None = None) -> tuple[str, str]:
+def message(
+    *,
+    body: bytes,
+    content_type: str = "application/json",
+    task: str = TASK_NAME,
+    task_id: str | None = None,
+    queue: str = QUEUE,
+    headers: dict[str, Any] | None = None,
+) -> tuple[str, str]:
     """A kombu Redis message as a producer would write it: (JSON text, task id)."""
     task_id = task_id or str(uuid.uuid4())
-    hdrs = {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "retries": 0,
-            "argsrepr": "('<sealed envelope>',)", "kwargsrepr": "{}"}
+    hdrs = {
+        "lang": "py",
+        "task": task,
+        "id": task_id,
+        "root_id": task_id,
+        "retries": 0,
+        "argsrepr": "('<sealed envelope>',)",
+        "kwargsrepr": "{}",
+    }
     if headers is not None:
         hdrs = headers
-    props = {"correlation_id": task_id, "delivery_mode": 2, "priority": 0,
-             "delivery_info": {"exchange": "", "routing_key": queue},
-             "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())}
-    return json.dumps({"body": base64.b64encode(body).decode(), "content-encoding": "utf-8",
-                       "content-type": content_type, "headers": hdrs,
-                       "properties": props}), task_id
+    props = {
+        "correlation_id": task_id,
+        "delivery_mode": 2,
+        "priority": 0,
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "body_encoding": "base64",
+        "delivery_tag": str(uuid.uuid4()),
+    }
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": content_type,
+            "headers": hdrs,
+            "properties": props,
+        }
+    ), task_id
 
 
 def celery_body(args: list[Any], kwargs: dict[str, Any] | None = None) -> bytes:
-    return json.dumps([args, kwargs or {}, {"callbacks": None, "errbacks": None,
-                                            "chain": None, "chord": None}]).encode()
+    return json.dumps(
+        [args, kwargs or {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    ).encode()
 
 
 def test_hostile_queue_entries_are_refused_audited_and_the_worker_carries_on(
-        make_stack: Any, report: Any, tmp_path: Path) -> None:
+    make_stack: Any, report: Any, tmp_path: Path
+) -> None:
     stack: Stack
     stack, _ = make_stack()
     worker = stack.start_worker("target", concurrency=1)
@@ -82,10 +108,20 @@ def test_hostile_queue_entries_are_refused_audited_and_the_worker_carries_on(
         else:
             entries[name] = (entry, None)
 
-    add("pickle", message(body=pickle.dumps(((_Trap(trap),), {}, {})),
-                          content_type="application/x-python-serialize"))
-    add("yaml", message(body=f"- !!python/object/apply:pathlib.Path.touch [{trap}]\n"
-                        "- {}\n- {}\n".encode(), content_type="application/x-yaml"))
+    add(
+        "pickle",
+        message(
+            body=pickle.dumps(((_Trap(trap),), {}, {})),
+            content_type="application/x-python-serialize",
+        ),
+    )
+    add(
+        "yaml",
+        message(
+            body=f"- !!python/object/apply:pathlib.Path.touch [{trap}]\n- {{}}\n- {{}}\n".encode(),
+            content_type="application/x-yaml",
+        ),
+    )
     add("application/data", message(body=b"\x00\x01\x02", content_type="application/data"))
     add("missing argument", message(body=celery_body([])))
     add("extra argument", message(body=celery_body([envelope, "extra"])))
@@ -93,36 +129,66 @@ def test_hostile_queue_entries_are_refused_audited_and_the_worker_carries_on(
     add("wrong type", message(body=celery_body([{"envelope": envelope}])))
     for task in ("maas.sample", "celery.accumulate", "celery.chord_unlock", "no.such.task"):
         add(f"task {task}", message(body=celery_body([envelope]), task=task))
-    add("protocol 1", message(body=json.dumps(
-        {"task": TASK_NAME, "id": str(uuid.uuid4()), "args": [envelope], "kwargs": {}}).encode(),
-        headers={}), by_id=False)
+    add(
+        "protocol 1",
+        message(
+            body=json.dumps(
+                {"task": TASK_NAME, "id": str(uuid.uuid4()), "args": [envelope], "kwargs": {}}
+            ).encode(),
+            headers={},
+        ),
+        by_id=False,
+    )
     add("huge body", message(body=celery_body(["A" * (SIZE.huge_body_mb << 20)])))
-    add("task id not a UUID", message(body=celery_body([envelope]),
-                                      task_id=f"hostile-{uuid.uuid4()}"))
-    add("task id of another form", message(body=celery_body([envelope]),
-                                           task_id=str(uuid.uuid4()).upper()))
-    add("workflow", message(body=json.dumps(
-        [[envelope], {}, {"callbacks": [{"task": "celery.accumulate", "args": []}]}]).encode()))
+    add(
+        "task id not a UUID",
+        message(body=celery_body([envelope]), task_id=f"hostile-{uuid.uuid4()}"),
+    )
+    add(
+        "task id of another form",
+        message(body=celery_body([envelope]), task_id=str(uuid.uuid4()).upper()),
+    )
+    add(
+        "workflow",
+        message(
+            body=json.dumps(
+                [[envelope], {}, {"callbacks": [{"task": "celery.accumulate", "args": []}]}]
+            ).encode()
+        ),
+    )
     add("not a task call", message(body=json.dumps({"args": [envelope]}).encode()))
-    add("nested too deep", message(  # [args, kwargs, embed], kwargs 100,000 levels deep
-        body=b'[["' + envelope.encode() + b'"], {"x": ' + b"[" * 100_000 + b"]" * 100_000
-        + b"}, {}]"))
+    add(
+        "nested too deep",
+        message(  # [args, kwargs, embed], kwargs 100,000 levels deep
+            body=b'[["'
+            + envelope.encode()
+            + b'"], {"x": '
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}, {}]"
+        ),
+    )
     add("not JSON", "this is not a kombu message")
     add("JSON, not a message", "[1, 2, 3]")
     add("no delivery tag", json.dumps({"body": "", "headers": {}, "properties": {}}))
     add("bad base64 body", message(body=b"")[0].replace('"body": ""', '"body": "%%%"'), False)
     add("empty body", message(body=b""))  # not a task call: refused before Celery reads it
     # A sealed low job moved to the high queue, its routing key forged to say "low".
-    add("moved priority", message(body=celery_body([low_job[1]]), task_id=low_job[0].job_id,
-                                  queue="maas.low"))
+    add(
+        "moved priority",
+        message(body=celery_body([low_job[1]]), task_id=low_job[0].job_id, queue="maas.low"),
+    )
 
     for entry, _ in entries.values():
         stack.backend.lpush(QUEUE, entry)
     # The worker carries on: a real job behind all of them completes.
     job = client.submit("echo", {"text": "after"}, priority="high")
     assert job.result(timeout=WAIT_S) == {"echo": {"text": "after"}}
-    wait_for(lambda: stack.backend.llen(QUEUE) == 0 and stack.backend.hlen("unacked") == 0,
-             WAIT_S, "every hostile entry to be consumed, none left reserved")
+    wait_for(
+        lambda: stack.backend.llen(QUEUE) == 0 and stack.backend.hlen("unacked") == 0,
+        WAIT_S,
+        "every hostile entry to be consumed, none left reserved",
+    )
     assert worker.proc.poll() is None and worker.proc.pid == pid  # same process, alive
 
     audited = {r.job_id: r.reason for r in stack.audit()}
@@ -135,5 +201,6 @@ def test_hostile_queue_entries_are_refused_audited_and_the_worker_carries_on(
     logs = stack.worker_logs()
     assert "Unrecoverable error" not in logs
     assert header.job_id not in logs  # the envelope's own job never ran either
-    report(hostile_entries=len(entries), audited=len(stack.audit()),
-           worker_restarts=0, deserialised=0)
+    report(
+        hostile_entries=len(entries), audited=len(stack.audit()), worker_restarts=0, deserialised=0
+    )

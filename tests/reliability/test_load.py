@@ -48,8 +48,9 @@ SKEW_S = 2
 
 def flower_get(port: int, path: str) -> tuple[int, str]:
     token = base64.b64encode(f"{FLOWER_USER}:{FLOWER_PASSWORD}".encode()).decode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
-                                 headers={"Authorization": f"Basic {token}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Basic {token}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, resp.read().decode()
@@ -75,8 +76,13 @@ def key_material(stack: Stack) -> list[bytes]:
         kv = ring.tenant(tenant).primary()
         keys = kv.keys(tenant)
         for raw in (kv.secret, keys.mac, keys.request_enc, keys.result_enc):
-            out += [raw, raw.hex().encode(), base64.b64encode(raw),
-                    base64.urlsafe_b64encode(raw), base64.b64encode(raw).rstrip(b"=")]
+            out += [
+                raw,
+                raw.hex().encode(),
+                base64.b64encode(raw),
+                base64.urlsafe_b64encode(raw),
+                base64.b64encode(raw).rstrip(b"="),
+            ]
     return out
 
 
@@ -86,15 +92,22 @@ _NOT_JOB_KEY = re.compile(rb"maas:\{[^}]*\}:(?:bucket|inflight|pending)|maas:sam
 
 def job_keys(stack: Stack) -> int:
     """Keys that belong to jobs (all of them expire)."""
-    return sum(1 for key in stack.backend.scan_iter("maas:*:*", count=5000)
-               if not _NOT_JOB_KEY.fullmatch(key))
+    return sum(
+        1
+        for key in stack.backend.scan_iter("maas:*:*", count=5000)
+        if not _NOT_JOB_KEY.fullmatch(key)
+    )
 
 
 def test_load_three_tenants_two_nodes_no_loss_no_duplicate_no_leak(
-        make_stack: Any, report: Any) -> None:
-    stack, _ = make_stack(MAAS_RESULT_TTL_S=str(RESULT_TTL_S), MAAS_CLOCK_SKEW_S=str(SKEW_S),
-                          MAAS_MAX_QUEUE_DEPTH="1000000",
-                          MAAS_FLOWER_BASIC_AUTH=f"{FLOWER_USER}:{FLOWER_PASSWORD}")
+    make_stack: Any, report: Any
+) -> None:
+    stack, _ = make_stack(
+        MAAS_RESULT_TTL_S=str(RESULT_TTL_S),
+        MAAS_CLOCK_SKEW_S=str(SKEW_S),
+        MAAS_MAX_QUEUE_DEPTH="1000000",
+        MAAS_FLOWER_BASIC_AUTH=f"{FLOWER_USER}:{FLOWER_PASSWORD}",
+    )
     port = free_port()
     flower = Service(stack, "flower", "flower", "--port", str(port))
     try:
@@ -119,8 +132,10 @@ def _run(stack: Stack, port: int, flower: Service, report: Any) -> None:
     started = time.monotonic()
     while len(expected) < SIZE.load_jobs:
         tenant, priority = next(combos)
-        inputs = [{"m": marker, "t": tenant, "i": len(expected) + i}
-                  for i in range(min(BATCH, SIZE.load_jobs - len(expected)))]
+        inputs = [
+            {"m": marker, "t": tenant, "i": len(expected) + i}
+            for i in range(min(BATCH, SIZE.load_jobs - len(expected)))
+        ]
         jobs = clients[tenant].submit_many("echo", inputs, priority=priority, ttl_s=JOB_TTL_S)
         expected += list(zip(jobs, inputs, strict=True))
     submit_s = time.monotonic() - started
@@ -150,11 +165,11 @@ def _run(stack: Stack, port: int, flower: Service, report: Any) -> None:
             # The other tenant's secret under this tenant's name, too.
             forged = ring.only(other).tenant(other)
             with pytest.raises(InvalidEnvelope):
-                open_envelope(sealed, expect="result", keyring=ring.only(other),
-                              max_bytes=1 << 20)
+                open_envelope(sealed, expect="result", keyring=ring.only(other), max_bytes=1 << 20)
             with pytest.raises(InvalidEnvelope):
-                open_envelope(sealed, expect="result", keyring=_renamed(forged, sent["t"]),
-                              max_bytes=1 << 20)
+                open_envelope(
+                    sealed, expect="result", keyring=_renamed(forged, sent["t"]), max_bytes=1 << 20
+                )
             crossed += 2
 
     counts = assert_once(stack, [j for j, _ in expected])
@@ -174,25 +189,41 @@ def _run(stack: Stack, port: int, flower: Service, report: Any) -> None:
     assert seen_by_flower > 0 and "<sealed envelope>" in tasks_json
     logs = stack.worker_logs() + flower.log()
     assert "succeeded" in logs
-    leaks = [m for m in markers + secrets if m.decode(errors="replace") in tasks_json
-             or m.decode(errors="replace") in logs]
+    leaks = [
+        m
+        for m in markers + secrets
+        if m.decode(errors="replace") in tasks_json or m.decode(errors="replace") in logs
+    ]
     assert leaks == []
 
     # -- Redis memory after expiry -------------------------------------------------------
-    wait_for(lambda: job_keys(stack) == 0, JOB_TTL_S + RESULT_TTL_S + SKEW_S + 120,
-             "every job key to expire")
+    wait_for(
+        lambda: job_keys(stack) == 0,
+        JOB_TTL_S + RESULT_TTL_S + SKEW_S + 120,
+        "every job key to expire",
+    )
     memory_end = int(stack.backend.info("memory")["used_memory"])
     growth = {pid: rss_after.get(pid, 0) - rss for pid, rss in rss_before.items()}
-    report(jobs=len(expected), tenants=len(TENANTS), nodes=len(nodes),
-           submit_s=round(submit_s, 1), run_s=round(run_s, 1),
-           jobs_per_s=round(len(expected) / run_s), lost=len(lost), duplicated=0,
-           replayed_copies=replayed, cross_tenant_opens_refused=crossed,
-           redis_keys_scanned=keys_read, leaks_found=len(hits) + len(leaks),
-           flower_tasks_checked=len(flower_tasks), flower_saw_our_jobs=seen_by_flower,
-           pool_rss_mb_before=[round(v / 2**20, 1) for v in rss_before.values()],
-           pool_rss_growth_mb=[round(v / 2**20, 1) for v in growth.values()],
-           redis_used_memory_mb_start=round(memory_start / 2**20, 2),
-           redis_used_memory_mb_after_expiry=round(memory_end / 2**20, 2))
+    report(
+        jobs=len(expected),
+        tenants=len(TENANTS),
+        nodes=len(nodes),
+        submit_s=round(submit_s, 1),
+        run_s=round(run_s, 1),
+        jobs_per_s=round(len(expected) / run_s),
+        lost=len(lost),
+        duplicated=0,
+        replayed_copies=replayed,
+        cross_tenant_opens_refused=crossed,
+        redis_keys_scanned=keys_read,
+        leaks_found=len(hits) + len(leaks),
+        flower_tasks_checked=len(flower_tasks),
+        flower_saw_our_jobs=seen_by_flower,
+        pool_rss_mb_before=[round(v / 2**20, 1) for v in rss_before.values()],
+        pool_rss_growth_mb=[round(v / 2**20, 1) for v in growth.values()],
+        redis_used_memory_mb_start=round(memory_start / 2**20, 2),
+        redis_used_memory_mb_after_expiry=round(memory_end / 2**20, 2),
+    )
     # Bounded: a pool process may settle at a higher plateau, not grow per job.
     assert all(g < 64 * 2**20 for g in growth.values()), growth
     assert memory_end < memory_start + max(4 * 2**20, memory_start // 4)

@@ -61,7 +61,8 @@ class Producer(threading.Thread):
             started = time.monotonic()
             try:
                 self.accepted += client.submit_many(
-                    "echo", [{"n": n + i} for i in range(BATCH)], priority=priority)
+                    "echo", [{"n": n + i} for i in range(BATCH)], priority=priority
+                )
                 n += BATCH
             except ServiceUnavailable as exc:
                 self.uncertain += [client.job(j) for j in exc.job_ids]
@@ -149,17 +150,29 @@ def wait_results(stack: Stack, jobs: list[Job], quiet_s: float) -> list[Job]:
     return pending
 
 
-@pytest.mark.parametrize("kind, mode", [
-    ("restart", "celery"), ("crash", "celery"), ("freeze", "celery"),
-    ("crash", "batch"), ("freeze", "batch")])
-def test_redis_outages_mid_run_lose_no_accepted_job(make_stack: Any, report: Any,
-                                                    kind: str, mode: str) -> None:
+@pytest.mark.parametrize(
+    "kind, mode",
+    [
+        ("restart", "celery"),
+        ("crash", "celery"),
+        ("freeze", "celery"),
+        ("crash", "batch"),
+        ("freeze", "batch"),
+    ],
+)
+def test_redis_outages_mid_run_lose_no_accepted_job(
+    make_stack: Any, report: Any, kind: str, mode: str
+) -> None:
     """restart: SIGTERM (Valkey writes the AOF and exits); crash: SIGKILL;
     freeze: SIGSTOP, then SIGCONT (a hung server: nothing answers, nothing closes).
     mode: Celery's task consumer, or the batch consumer (``--batch-consumer``)."""
     visibility_s = 5
-    stack, server = make_stack(appendonly=True, server_args=("--appendfsync", "always"),
-                               MAAS_VISIBILITY_TIMEOUT_S=str(visibility_s), MAAS_LEASE_S="3")
+    stack, server = make_stack(
+        appendonly=True,
+        server_args=("--appendfsync", "always"),
+        MAAS_VISIBILITY_TIMEOUT_S=str(visibility_s),
+        MAAS_LEASE_S="3",
+    )
     args = ("--batch-consumer",) if mode == "batch" else ()
     workers = [stack.start_worker(f"r{i}", concurrency=2, args=args) for i in range(2)]
     pids = [w.proc.pid for w in workers if w.proc is not None]
@@ -168,8 +181,11 @@ def test_redis_outages_mid_run_lose_no_accepted_job(make_stack: Any, report: Any
     timings = []
     per_round = SIZE.restart_jobs // (SIZE.restarts + 1)
     for i in range(SIZE.restarts):
-        wait_for(lambda n=(i + 1) * per_round: len(producer.accepted) >= n, WAIT_S,
-                 f"{(i + 1) * per_round} accepted jobs")
+        wait_for(
+            lambda n=(i + 1) * per_round: len(producer.accepted) >= n,
+            WAIT_S,
+            f"{(i + 1) * per_round} accepted jobs",
+        )
         timings.append(outage(server, stack, kind))
     producer.join(WAIT_S)
     assert not producer.is_alive()  # no submit hung
@@ -198,11 +214,18 @@ def test_redis_outages_mid_run_lose_no_accepted_job(make_stack: Any, report: Any
     for job in done:
         assert job.result(timeout=WAIT_S)["echo"]["n"] >= 0
     assert_once(stack, done)
-    report(jobs=len(jobs), outages=SIZE.restarts, kind=kind, mode=mode,
-           refused_submits_while_down=producer.refused,
-           slowest_refusal_s=round(producer.slowest_refusal_s, 2),
-           slowest_submit_s=round(producer.slowest_call_s, 2),
-           slowest_client_error_s=round(max(max(t.values()) for t in timings), 2),
-           lost=0, duplicated=0,
-           cut_off_mid_send=len(producer.uncertain), cut_off_but_enqueued=uncertain_ran,
-           requeued_by_workers=stack.worker_logs().count("; requeueing"))
+    report(
+        jobs=len(jobs),
+        outages=SIZE.restarts,
+        kind=kind,
+        mode=mode,
+        refused_submits_while_down=producer.refused,
+        slowest_refusal_s=round(producer.slowest_refusal_s, 2),
+        slowest_submit_s=round(producer.slowest_call_s, 2),
+        slowest_client_error_s=round(max(max(t.values()) for t in timings), 2),
+        lost=0,
+        duplicated=0,
+        cut_off_mid_send=len(producer.uncertain),
+        cut_off_but_enqueued=uncertain_ran,
+        requeued_by_workers=stack.worker_logs().count("; requeueing"),
+    )

@@ -34,15 +34,17 @@ def server() -> Iterator[EmbeddedRedis]:
         yield s
 
 
-def open_consumer(server: EmbeddedRedis, *, no_ack: bool = False,
-                  **transport_options: Any) -> tuple[Connection, list[Any]]:
+def open_consumer(
+    server: EmbeddedRedis, *, no_ack: bool = False, **transport_options: Any
+) -> tuple[Connection, list[Any]]:
     """A hardened kombu connection consuming the high queue; the messages it got."""
     transport.install()
     conn = Connection(server.url, transport_options=transport_options)
     got: list[Any] = []
     queue = Queue(QUEUE, Exchange("maas", type="direct"), routing_key=QUEUE)
-    conn.Consumer([queue], callbacks=[lambda body, msg: got.append(msg)],
-                  accept=["json"], no_ack=no_ack).consume()
+    conn.Consumer(
+        [queue], callbacks=[lambda body, msg: got.append(msg)], accept=["json"], no_ack=no_ack
+    ).consume()
     return conn, got
 
 
@@ -55,14 +57,19 @@ def consumer(server: EmbeddedRedis) -> Iterator[tuple[Connection, list[Any]]]:
         conn.release()
 
 
-def publish(server: EmbeddedRedis, task: str = "maas.infer", job_id: str = JOB_ID,
-            **extra: Any) -> None:
+def publish(
+    server: EmbeddedRedis, task: str = "maas.infer", job_id: str = JOB_ID, **extra: Any
+) -> None:
     with Connection(server.url) as conn:
-        conn.Producer().publish([["QUJD"], {}, {}], exchange="maas", routing_key=QUEUE,
-                                declare=[Queue(QUEUE, Exchange("maas", type="direct"),
-                                               routing_key=QUEUE)],
-                                headers={"task": task, "id": job_id}, serializer="json",
-                                **extra)
+        conn.Producer().publish(
+            [["QUJD"], {}, {}],
+            exchange="maas",
+            routing_key=QUEUE,
+            declare=[Queue(QUEUE, Exchange("maas", type="direct"), routing_key=QUEUE)],
+            headers={"task": task, "id": job_id},
+            serializer="json",
+            **extra,
+        )
 
 
 def drain(conn: Connection) -> None:
@@ -71,7 +78,8 @@ def drain(conn: Connection) -> None:
 
 
 def test_a_take_whose_reply_is_lost_leaves_the_message_reserved_for_the_sweep(
-        server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]) -> None:
+    server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]
+) -> None:
     """Redis runs the take, then the connection dies before the reply arrives.
 
     With kombu's BRPOP the message was then gone: popped by Redis, never
@@ -100,7 +108,8 @@ def test_a_take_whose_reply_is_lost_leaves_the_message_reserved_for_the_sweep(
 
 
 def test_a_command_sent_into_a_frozen_redis_still_runs_after_the_thaw(
-        server: EmbeddedRedis) -> None:
+    server: EmbeddedRedis,
+) -> None:
     """Why a sweep can be cut off holding its lock (the test below): a client that
     timed out on a frozen server has still sent its command, which runs later."""
     r = redis.Redis.from_url(server.url, socket_timeout=0.5)
@@ -122,7 +131,8 @@ def test_a_command_sent_into_a_frozen_redis_still_runs_after_the_thaw(
 
 
 def test_a_sweep_lock_left_behind_by_a_cut_off_sweep_only_delays_the_sweep(
-        server: EmbeddedRedis) -> None:
+    server: EmbeddedRedis,
+) -> None:
     """A sweep that loses Redis mid-pass cannot release its lock; the next sweeps
     skip until the lock expires (`app.transport_options` keeps that to seconds).
     Then a message whose take reply was lost is put back as usual."""
@@ -153,7 +163,8 @@ def test_a_sweep_lock_left_behind_by_a_cut_off_sweep_only_delays_the_sweep(
 
 
 def test_an_idle_consumer_is_woken_by_a_publish_not_by_its_poll_timeout(
-        server: EmbeddedRedis) -> None:
+    server: EmbeddedRedis,
+) -> None:
     # A poll timeout far longer than the wait below: only the wake-up token
     # published with the message can end the idle wait in time.
     conn, got = open_consumer(server, brpop_timeout=60)
@@ -169,7 +180,8 @@ def test_an_idle_consumer_is_woken_by_a_publish_not_by_its_poll_timeout(
 
 
 def test_a_server_that_forgot_the_take_script_gets_it_again(
-        server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]) -> None:
+    server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]
+) -> None:
     conn, got = consumer
     publish(server)
     drain(conn)
@@ -198,24 +210,28 @@ def test_a_no_ack_consumer_leaves_nothing_reserved(server: EmbeddedRedis) -> Non
         conn.release()
 
 
-def test_every_publish_rings_the_wake_up_list_which_stays_bounded(
-        server: EmbeddedRedis) -> None:
+def test_every_publish_rings_the_wake_up_list_which_stays_bounded(server: EmbeddedRedis) -> None:
     r = redis.Redis.from_url(server.url)
     publish(server)
     assert r.llen(fetch.WAKE_KEY) == 1
     for _ in range(3):
         with Connection(server.url) as conn, conn.Producer() as producer:
             for _ in range(100):
-                producer.publish([["QUJD"], {}, {}], exchange="maas", routing_key=QUEUE,
-                                 headers={"task": "maas.infer", "id": JOB_ID},
-                                 serializer="json")
+                producer.publish(
+                    [["QUJD"], {}, {}],
+                    exchange="maas",
+                    routing_key=QUEUE,
+                    headers={"task": "maas.infer", "id": JOB_ID},
+                    serializer="json",
+                )
     assert r.llen(QUEUE) == 301
     assert r.llen(fetch.WAKE_KEY) == fetch.WAKE_MAX
     r.close()
 
 
 def test_ack_and_reject_on_a_closed_channel_leave_the_message_to_the_sweep(
-        server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]) -> None:
+    server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]
+) -> None:
     conn, got = consumer
     publish(server)
     publish(server)
@@ -235,7 +251,8 @@ def test_ack_and_reject_on_a_closed_channel_leave_the_message_to_the_sweep(
 
 
 def test_a_refused_entry_is_dropped_and_the_consumer_goes_on(
-        server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]) -> None:
+    server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]
+) -> None:
     conn, got = consumer
     r = redis.Redis.from_url(server.url)
     r.lpush(QUEUE, b"not a message")

@@ -24,7 +24,8 @@ from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 TENANTS = ("acme", "globex", "initech")
 USER_LINE = re.compile(
-    r"user (?P<name>[a-z0-9._-]+) reset on #(?P<hash>[0-9a-f]{64}) (?P<rules>.+)")
+    r"user (?P<name>[a-z0-9._-]+) reset on #(?P<hash>[0-9a-f]{64}) (?P<rules>.+)"
+)
 
 
 @pytest.fixture
@@ -45,12 +46,21 @@ def users(acl_file: Path) -> dict[str, tuple[str, str]]:
 
 
 def test_one_user_per_role_and_per_tenant_with_the_password_hashed(
-        files: tuple[Path, Path]) -> None:
+    files: tuple[Path, Path],
+) -> None:
     acl_file, passwords = files
     done = acl.generate(TENANTS, acl_file=acl_file, passwords_dir=passwords)
     found = users(acl_file)
-    assert list(found) == ["operator", "worker", "beat", "monitor", "flower",
-                           "producer-acme", "producer-globex", "producer-initech"]
+    assert list(found) == [
+        "operator",
+        "worker",
+        "beat",
+        "monitor",
+        "flower",
+        "producer-acme",
+        "producer-globex",
+        "producer-initech",
+    ]
     assert done.roles == list(found) and done.new == list(found) and done.changed
     text = acl_file.read_text()
     for name, (digest, _) in found.items():
@@ -67,11 +77,22 @@ def test_a_producer_is_confined_to_its_own_tenant(files: tuple[Path, Path]) -> N
     rules = users(acl_file)["producer-globex"][1]
     own = keyspace.tenant_prefix("globex")
     for pattern in re.findall(r"~(\S+?)(?=[ )]|$)", rules):
-        assert pattern.startswith((own, "maas.high", "maas.normal", "maas.low", "maas:wake",
-                                   keyspace.CATALOG)), pattern
+        assert pattern.startswith(
+            (own, "maas.high", "maas.normal", "maas.low", "maas:wake", keyspace.CATALOG)
+        ), pattern
     assert "&" not in rules  # no channel at all
-    for command in ("+eval", "+evalsha", "+function", "+publish", "+subscribe", "+del",
-                    "+@all", "+@write", "+unlink", "+script"):
+    for command in (
+        "+eval",
+        "+evalsha",
+        "+function",
+        "+publish",
+        "+subscribe",
+        "+del",
+        "+@all",
+        "+@write",
+        "+unlink",
+        "+script",
+    ):
         assert f"{command} " not in rules + " " and f"{command})" not in rules, command
     # Writes only where keyspace.py says producers write.
     assert f"(+set ~{own}job:* ~{own}payload:* ~{own}cancel:*)" in rules
@@ -81,7 +102,8 @@ def test_a_producer_is_confined_to_its_own_tenant(files: tuple[Path, Path]) -> N
 
 
 def test_the_worker_has_no_admin_commands_and_no_catch_all_key_pattern(
-        files: tuple[Path, Path]) -> None:
+    files: tuple[Path, Path],
+) -> None:
     acl_file, passwords = files
     acl.generate(["acme"], acl_file=acl_file, passwords_dir=passwords, dbs=[0, 3])
     rules = users(acl_file)["worker"][1].split()
@@ -94,7 +116,8 @@ def test_the_worker_has_no_admin_commands_and_no_catch_all_key_pattern(
 
 
 def test_a_rerun_changes_nothing_and_a_new_tenant_keeps_everyone_elses_password(
-        files: tuple[Path, Path]) -> None:
+    files: tuple[Path, Path],
+) -> None:
     acl_file, passwords = files
     acl.generate(["acme"], acl_file=acl_file, passwords_dir=passwords)
     first = acl_file.read_bytes()
@@ -121,7 +144,8 @@ def test_everything_written_is_private(files: tuple[Path, Path]) -> None:
 
 
 def test_a_password_file_others_can_read_or_an_empty_one_is_refused(
-        files: tuple[Path, Path]) -> None:
+    files: tuple[Path, Path],
+) -> None:
     acl_file, passwords = files
     acl.generate(["acme"], acl_file=acl_file, passwords_dir=passwords)
     (passwords / "beat").chmod(0o644)
@@ -138,12 +162,15 @@ def test_names_and_urls() -> None:
         acl.roles_for(["Bad Tenant"])
     with pytest.raises(ConfigError, match="unknown role"):
         acl.role_rules("root")
-    assert acl.server_url("rediss://maas:secret@redis.internal:6380/2") == \
-        "rediss://redis.internal:6380/2"
+    assert (
+        acl.server_url("rediss://maas:secret@redis.internal:6380/2")
+        == "rediss://redis.internal:6380/2"
+    )
     assert acl.database("redis://h:1/5") == 5 and acl.database("redis://h:1") == 0
     assert acl.role_url("redis://x:y@h:1/0", "worker", None) == "redis://worker:****@h:1/0"
-    assert acl.role_url("redis://h:1/0", "producer-acme", "p/w") == \
-        "redis://producer-acme:p%2Fw@h:1/0"
+    assert (
+        acl.role_url("redis://h:1/0", "producer-acme", "p/w") == "redis://producer-acme:p%2Fw@h:1/0"
+    )
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -161,7 +188,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_the_command_writes_the_files_and_prints_urls_without_passwords(
-        env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["acl"]) == 0
     out, err = capsys.readouterr()
     assert (env / "users.acl").is_file() and (env / "redis-passwords" / "producer-globex").is_file()
@@ -179,13 +207,17 @@ def test_the_command_writes_the_files_and_prints_urls_without_passwords(
     assert "&/1.celery.pidbox" in (env / "users.acl").read_text()
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["acl", "--tenant", "nobody"], "unknown tenant 'nobody'"),
-    (["acl", "--acl-file", "keyring.json/users.acl"], "cannot write keyring.json/users.acl"),
-    (["acl", "--passwords", "keyring.json"], "cannot"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["acl", "--tenant", "nobody"], "unknown tenant 'nobody'"),
+        (["acl", "--acl-file", "keyring.json/users.acl"], "cannot write keyring.json/users.acl"),
+        (["acl", "--passwords", "keyring.json"], "cannot"),
+    ],
+)
 def test_bad_input_is_one_line_and_a_non_zero_exit(
-        env: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    env: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
     assert main(argv) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("maas-worker: error: ")
@@ -193,10 +225,12 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(
 
 
 def test_an_apply_that_fails_says_so_in_one_line_after_writing(
-        env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["acl", "--apply", "--server", "redis://127.0.0.1:1/0"]) == 1
     _, err = capsys.readouterr()
     wrote, error = err.splitlines()  # the files are written; then the reload fails
     assert wrote.startswith("wrote users.acl")
-    assert error.startswith("maas-worker: error: cannot apply the ACL on "
-                            "redis://127.0.0.1:1/0 as the operator: ")
+    assert error.startswith(
+        "maas-worker: error: cannot apply the ACL on redis://127.0.0.1:1/0 as the operator: "
+    )

@@ -18,7 +18,8 @@ def _error_classes() -> dict[str, type[BaseException]]:
     return {
         name: obj
         for name, obj in vars(errors).items()
-        if inspect.isclass(obj) and issubclass(obj, BaseException)
+        if inspect.isclass(obj)
+        and issubclass(obj, BaseException)
         and obj.__module__ == errors.__name__
     }
 
@@ -44,8 +45,11 @@ def test_every_public_error_is_exported() -> None:
 def test_internal_errors_are_caught_as_an_exported_base() -> None:
     for name in INTERNAL_ERRORS:
         cls = getattr(errors, name)
-        exported = [base for base in cls.__mro__[1:]
-                    if base.__name__ in maas_worker.__all__ and base is not errors.MaasError]
+        exported = [
+            base
+            for base in cls.__mro__[1:]
+            if base.__name__ in maas_worker.__all__ and base is not errors.MaasError
+        ]
         assert exported, name
 
 

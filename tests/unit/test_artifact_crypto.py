@@ -64,8 +64,17 @@ def test_same_plaintext_encrypts_differently() -> None:
 def test_every_byte_position_is_authenticated() -> None:
     blob = encrypt(os.urandom(2 * CHUNK + 100))
     # Header, first ciphertext, first tag, a middle chunk, the last tag.
-    for pos in (0, 9, 13, 30, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + CHUNK,
-                HEADER_BYTES + CHUNK + TAG_BYTES + 5, len(blob) - 1):
+    for pos in (
+        0,
+        9,
+        13,
+        30,
+        HEADER_BYTES - 1,
+        HEADER_BYTES,
+        HEADER_BYTES + CHUNK,
+        HEADER_BYTES + CHUNK + TAG_BYTES + 5,
+        len(blob) - 1,
+    ):
         bad = bytearray(blob)
         bad[pos] ^= 0x01
         with pytest.raises(ModelRejected):
@@ -74,7 +83,7 @@ def test_every_byte_position_is_authenticated() -> None:
 
 def test_truncated_at_a_chunk_boundary_is_refused() -> None:
     blob = encrypt(os.urandom(3 * CHUNK))
-    cut = blob[:HEADER_BYTES + 2 * (CHUNK + TAG_BYTES)]
+    cut = blob[: HEADER_BYTES + 2 * (CHUNK + TAG_BYTES)]
     with pytest.raises(ModelRejected, match="authentication"):
         decrypt(cut)
 
@@ -88,9 +97,12 @@ def test_truncated_anywhere_is_refused(keep: int) -> None:
 def test_reordered_chunks_are_refused() -> None:
     blob = encrypt(os.urandom(3 * CHUNK))
     full = CHUNK + TAG_BYTES
-    head, c0, c1, rest = (blob[:HEADER_BYTES], blob[HEADER_BYTES:HEADER_BYTES + full],
-                          blob[HEADER_BYTES + full:HEADER_BYTES + 2 * full],
-                          blob[HEADER_BYTES + 2 * full:])
+    head, c0, c1, rest = (
+        blob[:HEADER_BYTES],
+        blob[HEADER_BYTES : HEADER_BYTES + full],
+        blob[HEADER_BYTES + full : HEADER_BYTES + 2 * full],
+        blob[HEADER_BYTES + 2 * full :],
+    )
     with pytest.raises(ModelRejected):
         decrypt(head + c1 + c0 + rest)
 

@@ -13,8 +13,16 @@ import pytest
 from maas_worker.backend import keyspace
 from maas_worker.backend.audit import REASONS, AuditLog, AuditRecord
 
-CONTRACT_REASONS = {"tampered", "replayed", "expired", "unknown_key", "malformed", "oversize",
-                    "policy", "rate_limited"}
+CONTRACT_REASONS = {
+    "tampered",
+    "replayed",
+    "expired",
+    "unknown_key",
+    "malformed",
+    "oversize",
+    "policy",
+    "rate_limited",
+}
 #: Added by the signed-model repository: a model version refused at load.
 MODEL_REASONS = {"model_rejected"}
 
@@ -90,8 +98,16 @@ def test_to_json_has_the_contract_fields(audit: AuditLog) -> None:
 
 @pytest.mark.parametrize(
     "evil",
-    ["job\nFAKE tampered", "job\r\x1b[2Jclear", "\x00nul", "tab\there", "bell\x07",
-     "\u2028line-sep", "\x85nel", "del\x7f"],
+    [
+        "job\nFAKE tampered",
+        "job\r\x1b[2Jclear",
+        "\x00nul",
+        "tab\there",
+        "bell\x07",
+        "\u2028line-sep",
+        "\x85nel",
+        "del\x7f",
+    ],
 )
 def test_non_printable_characters_are_replaced(audit: AuditLog, evil: str) -> None:
     audit.record(job_id=evil, tenant=evil, reason="malformed", verified=False)
@@ -127,9 +143,15 @@ def test_record_holds_no_other_fields(server: fakeredis.FakeServer, audit: Audit
 
 
 def test_detail_is_stored_only_when_given_and_cleaned(
-        server: fakeredis.FakeServer, audit: AuditLog) -> None:
-    audit.record(job_id="", tenant="", reason="model_rejected", verified=False,
-                 detail="digits@2: signature does not verify\n" + "x" * 500)
+    server: fakeredis.FakeServer, audit: AuditLog
+) -> None:
+    audit.record(
+        job_id="",
+        tenant="",
+        reason="model_rejected",
+        verified=False,
+        detail="digits@2: signature does not verify\n" + "x" * 500,
+    )
     rec = audit.latest(1)[0]
     assert rec.reason == "model_rejected"
     assert rec.detail == ("digits@2: signature does not verify?" + "x" * 500)[:128]

@@ -12,14 +12,27 @@ POLICY = AutoscalePolicy(keepalive_s=30, grow_after_s=1.0, max_memory_pct=85, ma
 
 
 def view(**kw: object) -> PoolView:
-    base: dict[str, object] = {"current": 1, "running": 1, "waiting": 0, "queued": 0,
-                               "oldest_age_s": None, "memory_pct": 40.0, "cpu_pct": 20.0}
+    base: dict[str, object] = {
+        "current": 1,
+        "running": 1,
+        "waiting": 0,
+        "queued": 0,
+        "oldest_age_s": None,
+        "memory_pct": 40.0,
+        "cpu_pct": 20.0,
+    }
     base.update(kw)
     return PoolView(**base)  # type: ignore[arg-type]
 
 
-def size(v: PoolView, *, quiet_for_s: float = 0.0, lo: int = 1, hi: int = 4,
-         policy: AutoscalePolicy = POLICY) -> Decision:
+def size(
+    v: PoolView,
+    *,
+    quiet_for_s: float = 0.0,
+    lo: int = 1,
+    hi: int = 4,
+    policy: AutoscalePolicy = POLICY,
+) -> Decision:
     return decide(v, min_size=lo, max_size=hi, policy=policy, quiet_for_s=quiet_for_s)
 
 
@@ -90,9 +103,13 @@ def test_below_min_it_restores_min() -> None:
 
 
 def test_policy_from_environment() -> None:
-    s = Settings.from_env({"MAAS_AUTOSCALE_KEEPALIVE_S": "2.5",
-                           "MAAS_AUTOSCALE_MAX_MEMORY_PCT": "70",
-                           "MAAS_AUTOSCALE_GROW_AFTER_S": "0"})
+    s = Settings.from_env(
+        {
+            "MAAS_AUTOSCALE_KEEPALIVE_S": "2.5",
+            "MAAS_AUTOSCALE_MAX_MEMORY_PCT": "70",
+            "MAAS_AUTOSCALE_GROW_AFTER_S": "0",
+        }
+    )
     assert s.autoscale.keepalive_s == 2.5
     assert s.autoscale.max_memory_pct == 70
     assert s.autoscale.grow_after_s == 0

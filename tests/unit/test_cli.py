@@ -35,25 +35,54 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_every_command_and_option_has_help_text() -> None:
-    missing = [f"{path} {param.opts[0]}" for path, command in ALL_COMMANDS
-               for param in command.params
-               if isinstance(param, click.Option) and not (param.help or "").strip()]
+    missing = [
+        f"{path} {param.opts[0]}"
+        for path, command in ALL_COMMANDS
+        for param in command.params
+        if isinstance(param, click.Option) and not (param.help or "").strip()
+    ]
     assert missing == []
     assert [path for path, command in ALL_COMMANDS if not command.get_short_help_str()] == []
 
 
 def test_the_commands_of_the_interface_contract_are_all_there() -> None:
     names = {path.removeprefix("maas-worker ") for path, _ in ALL_COMMANDS}
-    assert {"keys init", "keys policy", "keys rotate", "keys promote", "keys retire",
-            "keys list", "keys export", "worker", "batch-consumer", "beat", "flower", "ping",
-            "submit", "status", "cancel", "result", "audit", "stats", "scale", "metrics",
-            "acl", "demo", "models keygen", "models sign", "models release",
-            "models encrypt", "models verify", "models list"} <= names
+    assert {
+        "keys init",
+        "keys policy",
+        "keys rotate",
+        "keys promote",
+        "keys retire",
+        "keys list",
+        "keys export",
+        "worker",
+        "batch-consumer",
+        "beat",
+        "flower",
+        "ping",
+        "submit",
+        "status",
+        "cancel",
+        "result",
+        "audit",
+        "stats",
+        "scale",
+        "metrics",
+        "acl",
+        "demo",
+        "models keygen",
+        "models sign",
+        "models release",
+        "models encrypt",
+        "models verify",
+        "models list",
+    } <= names
 
 
 @pytest.mark.parametrize("path", [path for path, _ in ALL_COMMANDS])
 def test_help_prints_for_every_command_and_exits_zero(
-        path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = [*path.split()[1:], "--help"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
@@ -61,22 +90,27 @@ def test_help_prints_for_every_command_and_exits_zero(
     assert main([*argv[:-1], "-h"]) == 0
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    ([], "Missing command"),
-    (["nope"], "No such command 'nope'"),
-    (["keys"], "Missing command"),
-    (["keys", "init"], "Missing option '--tenant'"),
-    (["submit", "--model", "echo"], "one of the arguments --input --input-file is required"),
-    (["submit", "--model", "echo", "--input", "{}", "--input-file", "x.json"],
-     "not allowed with argument --input"),
-    (["worker", "--pool", "gevent"], "'gevent' is not one of"),
-    (["ping", "--timeout", "soon"], "'soon' is not a valid float"),
-    (["models", "release", "m", "1", "--key", "k", "--serial", "0"], "must be from 1 to"),
-    (["--broker-url"], "requires an argument"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "Missing command"),
+        (["nope"], "No such command 'nope'"),
+        (["keys"], "Missing command"),
+        (["keys", "init"], "Missing option '--tenant'"),
+        (["submit", "--model", "echo"], "one of the arguments --input --input-file is required"),
+        (
+            ["submit", "--model", "echo", "--input", "{}", "--input-file", "x.json"],
+            "not allowed with argument --input",
+        ),
+        (["worker", "--pool", "gevent"], "'gevent' is not one of"),
+        (["ping", "--timeout", "soon"], "'soon' is not a valid float"),
+        (["models", "release", "m", "1", "--key", "k", "--serial", "0"], "must be from 1 to"),
+        (["--broker-url"], "requires an argument"),
+    ],
+)
 def test_a_command_line_that_does_not_parse_is_one_line_and_exit_2(
-        clean_env: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
-        message: str) -> None:
+    clean_env: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
@@ -93,8 +127,8 @@ def test_validate_accepts_a_good_command_line_without_running_it(clean_env: Path
 
 
 def test_usage_errors_come_before_settings_errors(
-        clean_env: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("MAAS_JOB_TTL_S", "soon")
     assert main(["submit", "--model", "echo"]) == 2
     assert main(["keys", "list"]) == 1
@@ -102,7 +136,8 @@ def test_usage_errors_come_before_settings_errors(
 
 
 def test_the_global_flags_reach_the_settings_not_the_environment(
-        clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = dict(os.environ)
     # Nothing listens on port 1: the error names the URL given by the flag.
     assert main(["--broker-url", "redis://127.0.0.1:1/0", "audit"]) == 1
@@ -130,11 +165,12 @@ def execve(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str], dict[s
     return calls
 
 
-@pytest.mark.parametrize("command", [["worker"], ["beat"], ["flower"],
-                                     ["batch-consumer", "--name", "c1"]])
+@pytest.mark.parametrize(
+    "command", [["worker"], ["beat"], ["flower"], ["batch-consumer", "--name", "c1"]]
+)
 def test_services_run_again_with_the_flags_in_their_environment(
-        clean_env: Path, execve: list[tuple[str, list[str], dict[str, str]]],
-        command: list[str]) -> None:
+    clean_env: Path, execve: list[tuple[str, list[str], dict[str, str]]], command: list[str]
+) -> None:
     before = dict(os.environ)
     argv = ["--broker-url", "redis://broker:6380/2", "--keyring", "/etc/k.json", *command]
     with pytest.raises(Execed):
@@ -142,15 +178,20 @@ def test_services_run_again_with_the_flags_in_their_environment(
     [(path, child_argv, env)] = execve
     assert path == sys.executable
     assert child_argv == [sys.executable, "-m", "maas_worker", *argv]
-    assert env == {**before, "MAAS_BROKER_URL": "redis://broker:6380/2",
-                   "MAAS_KEYRING": "/etc/k.json"}
+    assert env == {
+        **before,
+        "MAAS_BROKER_URL": "redis://broker:6380/2",
+        "MAAS_KEYRING": "/etc/k.json",
+    }
     assert dict(os.environ) == before
 
 
 def test_a_service_whose_environment_carries_the_flags_runs_in_place(
-        clean_env: Path, monkeypatch: pytest.MonkeyPatch,
-        execve: list[tuple[str, list[str], dict[str, str]]],
-        capsys: pytest.CaptureFixture[str]) -> None:
+    clean_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    execve: list[tuple[str, list[str], dict[str, str]]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["flower"]) == 1  # no flags: no exec; Flower refuses to run unauthenticated
     monkeypatch.setenv("MAAS_BROKER_URL", "redis://broker:6380/2")  # as exec'd with the flag
     assert main(["--broker-url", "redis://broker:6380/2", "flower"]) == 1
@@ -166,7 +207,8 @@ def test_click_runner_invokes_the_group_too(clean_env: Path) -> None:
 
 
 def test_a_unique_prefix_of_a_long_option_is_taken_as_argparse_took_it(
-        clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ring = clean_env / "ring.json"
     assert main(["--keyr", str(ring), "keys", "init", "--ten=acme", "--max-p", "low"]) == 0
     assert main(["--keyring", str(ring), "keys", "list", "--js"]) == 0
@@ -177,5 +219,7 @@ def test_a_unique_prefix_of_a_long_option_is_taken_as_argparse_took_it(
     # an option's value is never read as an option, and ambiguous prefixes are refused
     validate(["submit", "--model", "--wai", "--input", "{}"])
     assert main(["keys", "policy", "--tenant", "acme", "--max", "low"]) == 2
-    assert "ambiguous option: --max could match --max-priority, --max-in-flight" in \
-        capsys.readouterr().err
+    assert (
+        "ambiguous option: --max could match --max-priority, --max-in-flight"
+        in capsys.readouterr().err
+    )

@@ -74,8 +74,17 @@ def test_init_creates_a_private_file(keyring: Path, capsys: pytest.CaptureFixtur
 
 
 def test_init_with_policy(keyring: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ok(capsys, "keys", "init", "--tenant", "acme", "--allow-models", "echo,digits@1",
-       "--max-priority", "normal")
+    ok(
+        capsys,
+        "keys",
+        "init",
+        "--tenant",
+        "acme",
+        "--allow-models",
+        "echo,digits@1",
+        "--max-priority",
+        "normal",
+    )
     policy = load_keyring(keyring).tenant("acme").policy
     assert policy.allowed_models == ("echo", "digits@1")
     assert policy.max_priority == "normal"
@@ -133,8 +142,11 @@ def test_list(keyring: Path, capsys: pytest.CaptureFixture[str]) -> None:
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["TENANT", "VERSION", "STATE"]
     rows = [line.split()[:3] for line in lines[1:]]
-    assert rows == [["acme", "1", "decrypt-only"], ["acme", "2", "primary"],
-                    ["globex", "1", "primary"]]
+    assert rows == [
+        ["acme", "1", "decrypt-only"],
+        ["acme", "2", "primary"],
+        ["globex", "1", "primary"],
+    ]
     for secret in secrets_of(keyring):
         assert secret not in out
 
@@ -145,7 +157,9 @@ def test_list_json(keyring: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = ok(capsys, "keys", "list", "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["tenant"], r["version"], r["state"]) for r in rows] == [
-        ("acme", 1, "primary"), ("acme", 2, "decrypt-only")]
+        ("acme", 1, "primary"),
+        ("acme", 2, "decrypt-only"),
+    ]
     for row in rows:
         assert "secret" not in row
         assert row["created_at"]
@@ -275,9 +289,27 @@ def test_policy_sets_and_shows_quotas(tmp_path, monkeypatch, capsys) -> None:  #
     path = tmp_path / "k.json"
     monkeypatch.setenv("MAAS_KEYRING", str(path))
     assert main(["keys", "init", "--tenant", "acme"]) == 0
-    assert main(["keys", "policy", "--tenant", "acme", "--rate", "5", "--burst", "10",
-                 "--max-in-flight", "3", "--allow-models", "echo", "--max-priority",
-                 "normal"]) == 0
+    assert (
+        main(
+            [
+                "keys",
+                "policy",
+                "--tenant",
+                "acme",
+                "--rate",
+                "5",
+                "--burst",
+                "10",
+                "--max-in-flight",
+                "3",
+                "--allow-models",
+                "echo",
+                "--max-priority",
+                "normal",
+            ]
+        )
+        == 0
+    )
     policy = load_keyring(path).tenant("acme").policy
     assert (policy.rate_per_s, policy.burst, policy.max_in_flight) == (5.0, 10, 3)
     assert policy.allowed_models == ("echo",) and policy.max_priority == "normal"

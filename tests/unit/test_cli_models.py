@@ -43,9 +43,20 @@ def test_the_whole_owner_workflow(env: Path, capsys: pytest.CaptureFixture[str])
     plain = env / "repo" / "digits" / "1"
     plain.mkdir(parents=True)
     shutil.copy(BUNDLED_DIGITS, plain / "model.onnx")
-    code, out, _ = run(capsys, "models", "sign", str(plain), "--key", str(env / "owner.key"),
-                       "--output", "label=labels", "--output", "probabilities",
-                       "--meta", "owner=ml-team")
+    code, out, _ = run(
+        capsys,
+        "models",
+        "sign",
+        str(plain),
+        "--key",
+        str(env / "owner.key"),
+        "--output",
+        "label=labels",
+        "--output",
+        "probabilities",
+        "--meta",
+        "owner=ml-team",
+    )
     assert code == 0 and "signed digits@1" in out
     manifest = json.loads((plain / "manifest.json").read_text())
     assert manifest["metadata"] == {"owner": "ml-team"}
@@ -53,17 +64,28 @@ def test_the_whole_owner_workflow(env: Path, capsys: pytest.CaptureFixture[str])
 
     enc = env / "repo" / "digits" / "2"
     enc.mkdir()
-    code, out, _ = run(capsys, "models", "encrypt", str(BUNDLED_DIGITS),
-                       str(enc / "model.onnx.enc"))
+    code, out, _ = run(
+        capsys, "models", "encrypt", str(BUNDLED_DIGITS), str(enc / "model.onnx.enc")
+    )
     assert code == 0 and "encrypted" in out
-    code, out, _ = run(capsys, "models", "sign", str(enc), "--key", str(env / "owner.key"),
-                       "--keys", str(env / "model-keys.json"))
+    code, out, _ = run(
+        capsys,
+        "models",
+        "sign",
+        str(enc),
+        "--key",
+        str(env / "owner.key"),
+        "--keys",
+        str(env / "model-keys.json"),
+    )
     assert code == 0 and "encrypted" in out
 
     code, out, _ = run(capsys, "models", "list", "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["version"], r["encrypted"], r["verifies"]) for r in rows] == [
-        ("1", False, True), ("2", True, True)]
+        ("1", False, True),
+        ("2", True, True),
+    ]
     code, out, _ = run(capsys, "models", "verify")
     assert code == 0 and out.count(" yes") == 3  # two verifies + one encrypted
 
@@ -109,7 +131,8 @@ def test_tenant_policy_allowed_signers_round_trip() -> None:
 
 
 def test_keys_policy_sets_and_clears_allow_signers(
-        env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     signer = "cd" * 16
     run(capsys, "keys", "init", "--tenant", "acme", "--max-priority", "normal")
     code, out, _ = run(capsys, "keys", "policy", "--tenant", "acme", "--allow-signers", signer)
@@ -125,7 +148,8 @@ def test_keys_policy_sets_and_clears_allow_signers(
 
 
 def test_release_command_sign_no_release_and_list(
-        env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     key = str(env / "owner.key")
     run(capsys, "models", "keygen", "--out", key)
     repo = env / "repo" / "digits"
@@ -149,8 +173,9 @@ def test_release_command_sign_no_release_and_list(
     code, out, _ = run(capsys, "models", "release", "digits", "2", "--key", key)
     assert code == 0 and "released digits@2 (serial 2" in out
     # The owner rolls back on purpose: a new release (serial 3) naming version 1.
-    code, out, _ = run(capsys, "models", "release", "digits", "1", "--key", key,
-                       "--model-dir", str(env / "repo"))
+    code, out, _ = run(
+        capsys, "models", "release", "digits", "1", "--key", key, "--model-dir", str(env / "repo")
+    )
     assert code == 0 and "released digits@1 (serial 3" in out
     code, _, err = run(capsys, "models", "release", "digits", "1", "--key", key, "--serial", "3")
     assert code == 1 and "not above the current release's serial 3" in err

@@ -24,8 +24,7 @@ def client() -> Client:
 
 
 @pytest.mark.parametrize("priority", [Priority.HIGH, "high"])
-def test_a_priority_member_and_its_name_seal_the_same_header(client: Client,
-                                                            priority: str) -> None:
+def test_a_priority_member_and_its_name_seal_the_same_header(client: Client, priority: str) -> None:
     header, sealed = client.seal("echo", {"text": "hi"}, priority=priority)
     assert header.priority == "high" and type(header.priority) is str
     assert parse_unverified_header(base64.b64decode(sealed)).priority == "high"

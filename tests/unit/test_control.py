@@ -20,10 +20,20 @@ def test_only_read_only_commands_run_by_default() -> None:
         else:
             assert why is not None, command
     # what Flower and `celery inspect` ask is all there
-    for command in ("ping", "stats", "active", "reserved", "scheduled", "registered",
-                    "active_queues", "conf", "revoked", "query_task", "enable_events"):
-        assert command in Panel.meta and refusal(command, {}, mode="inspect",
-                                                 queues=QUEUES) is None
+    for command in (
+        "ping",
+        "stats",
+        "active",
+        "reserved",
+        "scheduled",
+        "registered",
+        "active_queues",
+        "conf",
+        "revoked",
+        "query_task",
+        "enable_events",
+    ):
+        assert command in Panel.meta and refusal(command, {}, mode="inspect", queues=QUEUES) is None
 
 
 def test_every_inspect_command_is_one_celery_calls_inspect() -> None:
@@ -32,11 +42,22 @@ def test_every_inspect_command_is_one_celery_calls_inspect() -> None:
         assert Panel.meta[command].type == "inspect", command
 
 
-@pytest.mark.parametrize("command", ["shutdown", "pool_restart", "rate_limit", "time_limit",
-                                     "autoscale", "cancel_consumer", "disable_events"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "shutdown",
+        "pool_restart",
+        "rate_limit",
+        "time_limit",
+        "autoscale",
+        "cancel_consumer",
+        "disable_events",
+    ],
+)
 def test_the_operator_setting_opens_the_rest(command: str) -> None:
     assert "MAAS_REMOTE_CONTROL=operator" in str(
-        refusal(command, {}, mode="inspect", queues=QUEUES))
+        refusal(command, {}, mode="inspect", queues=QUEUES)
+    )
     assert refusal(command, {}, mode="operator", queues=QUEUES) is None
 
 

@@ -107,8 +107,11 @@ def test_every_command_and_healthcheck_is_a_real_cli_command(compose: dict[str, 
 
 def test_exactly_one_beat_and_the_worker_scales(compose: dict[str, Any]) -> None:
     services = interpolate(compose["services"])
-    beats = [n for n, s in services.items() if s.get("command", [None, None])[:2]
-             == ["maas-worker", "beat"]]
+    beats = [
+        n
+        for n, s in services.items()
+        if s.get("command", [None, None])[:2] == ["maas-worker", "beat"]
+    ]
     assert beats == ["beat"]
     assert services["beat"].get("deploy", {}).get("replicas", 1) == 1
     worker = services["worker"]
@@ -121,14 +124,16 @@ def test_flower_requires_authentication(compose: dict[str, Any]) -> None:
     flower = compose["services"]["flower"]
     assert "--unauthenticated" not in flower["command"]
     auth = flower["environment"]["MAAS_FLOWER_BASIC_AUTH"]
-    assert re.fullmatch(r"\$\{MAAS_FLOWER_BASIC_AUTH:\?[^}]+\}", auth), \
+    assert re.fullmatch(r"\$\{MAAS_FLOWER_BASIC_AUTH:\?[^}]+\}", auth), (
         "Flower's credentials must come from the environment, and be required"
+    )
     for port in flower.get("ports", []):
         assert str(port).startswith("127.0.0.1:"), "Flower is published on loopback only"
 
 
 def test_redis_has_an_acl_and_an_append_only_file_and_is_not_published(
-        compose: dict[str, Any]) -> None:
+    compose: dict[str, Any],
+) -> None:
     redis_svc = compose["services"]["redis"]
     cmd = redis_svc["command"]
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
@@ -145,33 +150,41 @@ def test_redis_has_an_acl_and_an_append_only_file_and_is_not_published(
 
 
 #: The Redis role (ACL user) each service connects as, and its password variable in .env.
-SERVICE_ROLES = {"worker": ("worker", "WORKER"), "beat": ("beat", "BEAT"),
-                 "flower": ("flower", "FLOWER"), "metrics": ("monitor", "MONITOR"),
-                 "cli": ("operator", "OPERATOR"),
-                 "producer": ("producer-${MAAS_EXAMPLE_TENANT:-acme}", "PRODUCER")}
+SERVICE_ROLES = {
+    "worker": ("worker", "WORKER"),
+    "beat": ("beat", "BEAT"),
+    "flower": ("flower", "FLOWER"),
+    "metrics": ("monitor", "MONITOR"),
+    "cli": ("operator", "OPERATOR"),
+    "producer": ("producer-${MAAS_EXAMPLE_TENANT:-acme}", "PRODUCER"),
+}
 
 
 def role_url(service: str, scheme: str = "redis") -> str:
     user, var = SERVICE_ROLES[service]
-    return (rf"{scheme}://{re.escape(user)}:\$\{{MAAS_REDIS_PASSWORD_{var}:\?[^}}]+\}}"
-            r"@redis:6379/0")
+    return (
+        rf"{scheme}://{re.escape(user)}:\$\{{MAAS_REDIS_PASSWORD_{var}:\?[^}}]+\}}"
+        r"@redis:6379/0"
+    )
 
 
-def test_every_service_connects_as_its_own_least_privilege_role(
-        compose: dict[str, Any]) -> None:
+def test_every_service_connects_as_its_own_least_privilege_role(compose: dict[str, Any]) -> None:
     from maas_worker.tenancy import acl
 
     assert set(SERVICE_ROLES) == MAAS_SERVICES
     assert {user for user, _ in SERVICE_ROLES.values()} - {
-        "producer-${MAAS_EXAMPLE_TENANT:-acme}"} == set(acl.ROLES)
+        "producer-${MAAS_EXAMPLE_TENANT:-acme}"
+    } == set(acl.ROLES)
     for name in MAAS_SERVICES:
         url = compose["services"][name]["environment"]["MAAS_BROKER_URL"]
         assert re.fullmatch(role_url(name), url), (name, url)
     # Only the operator's cli writes the ACL and the password files; Redis reads
     # the ACL file only and never sees a password.
     cli = set(compose["services"]["cli"]["volumes"])
-    assert {"./secrets/redis-acl:/run/maas/redis-acl",
-            "./secrets/redis-passwords:/run/maas/redis-passwords"} <= cli
+    assert {
+        "./secrets/redis-acl:/run/maas/redis-acl",
+        "./secrets/redis-passwords:/run/maas/redis-passwords",
+    } <= cli
     for name, svc in compose["services"].items():
         for volume in svc.get("volumes", []):
             if "redis-passwords" in volume or "redis-acl" in volume:
@@ -183,10 +196,12 @@ def test_init_secrets_makes_the_password_of_every_role_compose_uses() -> None:
     script = (DOCKER / "init-secrets.sh").read_text()
     roles = re.search(r'^roles="([^"]+)"$', script, re.MULTILINE)
     assert roles, "init-secrets.sh lists the roles it makes passwords for"
-    made = {("PRODUCER" if r.startswith("producer-") else r.upper()) for r in
-            roles.group(1).split()}
-    used = set(re.findall(r"MAAS_REDIS_PASSWORD_(\w+)",
-                          COMPOSE.read_text() + COMPOSE_TLS.read_text()))
+    made = {
+        ("PRODUCER" if r.startswith("producer-") else r.upper()) for r in roles.group(1).split()
+    }
+    used = set(
+        re.findall(r"MAAS_REDIS_PASSWORD_(\w+)", COMPOSE.read_text() + COMPOSE_TLS.read_text())
+    )
     assert used == made
     assert "producer-$example_tenant" in roles.group(1)
 
@@ -207,13 +222,13 @@ def test_the_documented_steps_are_real_cli_commands(path: Path) -> None:
     commands = documented_commands(path.read_text())
     assert any(c[:2] == ["maas-worker", "acl"] for c in commands), "the acl step is documented"
     for argv in commands:
-        assert_cli_command([interpolate(a, {"example_tenant": "acme"}) for a in argv],
-                           path.name)
+        assert_cli_command([interpolate(a, {"example_tenant": "acme"}) for a in argv], path.name)
 
 
 def test_nothing_runs_as_root_or_privileged(compose: dict[str, Any]) -> None:
-    for name, svc in interpolate(compose["services"], {"MAAS_UID": "1000",
-                                                       "MAAS_GID": "1000"}).items():
+    for name, svc in interpolate(
+        compose["services"], {"MAAS_UID": "1000", "MAAS_GID": "1000"}
+    ).items():
         assert svc.get("user"), f"{name} sets no user"
         assert svc["user"].split(":")[0] not in {"0", "root"}, name
         assert not svc.get("privileged"), name
@@ -236,7 +251,8 @@ def test_keyring_and_models_are_mounted_not_baked(compose: dict[str, Any]) -> No
 
 # -- compose.tls.yaml ------------------------------------------------------------------------
 def test_tls_overlay_puts_every_connection_on_rediss_with_certificates(
-        compose: dict[str, Any]) -> None:
+    compose: dict[str, Any],
+) -> None:
     tls = load(COMPOSE_TLS)
     assert set(tls["services"]) == set(compose["services"])
     cmd = tls["services"]["redis"]["command"]
@@ -257,8 +273,12 @@ def test_tls_overlay_puts_every_connection_on_rediss_with_certificates(
         for var in ("MAAS_REDIS_TLS_CA", "MAAS_REDIS_TLS_CERT", "MAAS_REDIS_TLS_KEY"):
             assert env[var] in mounted, (name, var)
         assert "MAAS_REDIS_TLS_VERIFY" not in env  # verification stays on
-    assert set(tls["secrets"]) >= {s for svc in tls["services"].values()
-                                   for s in svc.get("secrets", []) if s != "redis-users.acl"}
+    assert set(tls["secrets"]) >= {
+        s
+        for svc in tls["services"].values()
+        for s in svc.get("secrets", [])
+        if s != "redis-users.acl"
+    }
 
 
 # -- Dockerfile ------------------------------------------------------------------------------
@@ -295,7 +315,7 @@ def test_dockerfile_commands_are_real_cli_commands() -> None:
     assert_cli_command(cmd[0], "Dockerfile CMD")
     health = [rest for kind, rest in instructions if kind == "HEALTHCHECK"]
     assert len(health) == 1
-    probe = json.loads(health[0][health[0].index("CMD ") + 4:])
+    probe = json.loads(health[0][health[0].index("CMD ") + 4 :])
     assert_cli_command(probe, "Dockerfile HEALTHCHECK")
     assert probe[:2] == ["maas-worker", "ping"]  # it asks the worker
 
@@ -303,8 +323,12 @@ def test_dockerfile_commands_are_real_cli_commands() -> None:
 def test_dockerfile_copies_only_the_package_sources() -> None:
     copies = [rest for kind, rest in dockerfile_instructions() if kind == "COPY"]
     sources = [c.split()[:-1] for c in copies if not c.startswith("--from=")]
-    assert sorted(s for group in sources for s in group) == \
-        ["README.md", "docker/requirements.lock", "maas_worker", "pyproject.toml"]
+    assert sorted(s for group in sources for s in group) == [
+        "README.md",
+        "docker/requirements.lock",
+        "maas_worker",
+        "pyproject.toml",
+    ]
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignore[ignore.index("**")] == "**"  # everything else stays out of the context
     assert "!docker/requirements.lock" in ignore
@@ -321,7 +345,7 @@ def pip_installs() -> list[list[str]]:
             argv = shlex.split(command)
             for i in range(len(argv) - 1):
                 if Path(argv[i]).name in ("pip", "pip3") and argv[i + 1] == "install":
-                    installs.append(argv[i + 2:])
+                    installs.append(argv[i + 2 :])
     return installs
 
 
@@ -373,22 +397,26 @@ def test_the_lock_satisfies_requirements_in() -> None:
     for req in requirements_in():
         version = pins.get(canonicalize_name(req.name), ("", []))[0]
         assert version, f"{req.name} is missing from requirements.lock: run `make lock`"
-        assert req.specifier.contains(version, prereleases=True), \
+        assert req.specifier.contains(version, prereleases=True), (
             f"requirements.lock has {req.name}=={version}, not {req}: run `make lock`"
+        )
 
 
 def test_requirements_in_is_what_pyproject_gives_the_image() -> None:
     """The core dependencies, the worker and flower extras, and the build backend."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     extras = pyproject["project"]["optional-dependencies"]
-    wanted = [*pyproject["project"]["dependencies"], *extras["worker"], *extras["flower"],
-              *pyproject["build-system"]["requires"]]
+    wanted = [
+        *pyproject["project"]["dependencies"],
+        *extras["worker"],
+        *extras["flower"],
+        *pyproject["build-system"]["requires"],
+    ]
 
     def normal(req: Requirement) -> str:
         return f"{canonicalize_name(req.name)}{sorted(req.extras)}{req.specifier}{req.marker}"
 
-    assert sorted(map(normal, requirements_in())) == sorted(normal(Requirement(r))
-                                                             for r in wanted)
+    assert sorted(map(normal, requirements_in())) == sorted(normal(Requirement(r)) for r in wanted)
 
 
 # -- Procfile ------------------------------------------------------------------------------
@@ -422,9 +450,14 @@ _SECRET_PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("path", sorted(
-    [p for p in DOCKER.iterdir() if p.is_file() and p.name != ".gitignore"]
-    + [PROCFILE, ROOT / ".dockerignore"]), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        [p for p in DOCKER.iterdir() if p.is_file() and p.name != ".gitignore"]
+        + [PROCFILE, ROOT / ".dockerignore"]
+    ),
+    ids=lambda p: p.name,
+)
 def test_no_secret_values_in_deployment_files(path: Path) -> None:
     # The lock's pins are sha256 digests of public release files, not secrets.
     text = re.sub(r"--hash=sha256:[0-9a-f]{64}", "", path.read_text())

@@ -34,8 +34,9 @@ from maas_worker.errors import EnvelopeRejected, InvalidEnvelope
 from maas_worker.tenancy.keyring import DerivedKeys, Keyring, KeyVersion, Tenant, derive_keys
 
 
-@pytest.fixture(autouse=True, params=[("pycryptodome", "openssl"), ("openssl", "pycryptodome")],
-                ids="-to-".join)
+@pytest.fixture(
+    autouse=True, params=[("pycryptodome", "openssl"), ("openssl", "pycryptodome")], ids="-to-".join
+)
 def aes_backends(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test here runs twice: sealed with one AES-GCM implementation, opened with the other.
 
@@ -48,6 +49,7 @@ def aes_backends(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(module, "seal", partial(envelope.seal, crypto=sealer))
     monkeypatch.setattr(module, "verify", partial(envelope.verify, crypto=opener))
     monkeypatch.setattr(module, "open_envelope", partial(envelope.open_envelope, crypto=opener))
+
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "envelope.md"
 
@@ -118,8 +120,18 @@ def request_header(**changes: object) -> Header:
 
 def result_header(request: Header | None = None, **changes: object) -> Header:
     req = request or request_header()
-    h = Header("result", req.key_version, RES_IAT, RES_EXP, req.priority, req.tenant,
-               req.job_id, req.task, req.model, req.digest())
+    h = Header(
+        "result",
+        req.key_version,
+        RES_IAT,
+        RES_EXP,
+        req.priority,
+        req.tenant,
+        req.job_id,
+        req.task,
+        req.model,
+        req.digest(),
+    )
     return replace(h, **changes)  # type: ignore[arg-type]
 
 
@@ -131,18 +143,38 @@ def kat_result() -> bytes:
     return seal(KEYS, result_header(), RES_PLAINTEXT, _nonce_for_test_vectors=RES_NONCE)
 
 
-def open_req(data: bytes, *, ring: Keyring = RING, at_ms: int = IAT,
-             max_bytes: int = MAX, skew_ms: int = SKEW) -> tuple[Header, bytes]:
-    return open_envelope(data, expect="request", keyring=ring, max_bytes=max_bytes,
-                         at_ms=at_ms, skew_ms=skew_ms)
+def open_req(
+    data: bytes,
+    *,
+    ring: Keyring = RING,
+    at_ms: int = IAT,
+    max_bytes: int = MAX,
+    skew_ms: int = SKEW,
+) -> tuple[Header, bytes]:
+    return open_envelope(
+        data, expect="request", keyring=ring, max_bytes=max_bytes, at_ms=at_ms, skew_ms=skew_ms
+    )
 
 
-def reason(data: bytes, *, expect: str = "request", ring: Keyring = RING, at_ms: int = IAT,
-           max_bytes: int = MAX, skew_ms: int = SKEW) -> str:
+def reason(
+    data: bytes,
+    *,
+    expect: str = "request",
+    ring: Keyring = RING,
+    at_ms: int = IAT,
+    max_bytes: int = MAX,
+    skew_ms: int = SKEW,
+) -> str:
     """The audit reason `verify` gives, or "ok" if it passes."""
     try:
-        verify(data, expect=expect, keyring=ring, max_bytes=max_bytes,  # type: ignore[arg-type]
-               at_ms=at_ms, skew_ms=skew_ms)
+        verify(
+            data,
+            expect=expect,
+            keyring=ring,
+            max_bytes=max_bytes,  # type: ignore[arg-type]
+            at_ms=at_ms,
+            skew_ms=skew_ms,
+        )
     except EnvelopeRejected as exc:
         return exc.reason
     return "ok"
@@ -156,8 +188,11 @@ def test_derived_keys_known_answer() -> None:
 
 
 def test_derived_keys_are_bound_to_tenant_version_and_secret() -> None:
-    variants = [derive_keys(SECRET, TENANT, 2), derive_keys(SECRET, "acmf", 1),
-                derive_keys(OTHER_SECRET, TENANT, 1)]
+    variants = [
+        derive_keys(SECRET, TENANT, 2),
+        derive_keys(SECRET, "acmf", 1),
+        derive_keys(OTHER_SECRET, TENANT, 1),
+    ]
     seen = {KEYS.request_enc, KEYS.result_enc, KEYS.mac}
     assert len(seen) == 3
     for keys in variants:
@@ -187,8 +222,9 @@ def test_request_envelope_known_answer() -> None:
 def test_result_envelope_known_answer() -> None:
     env = kat_result()
     assert env.hex() == KAT_RESULT
-    header, plaintext = open_envelope(env, expect="result", keyring=RING, max_bytes=MAX,
-                                      at_ms=RES_IAT)
+    header, plaintext = open_envelope(
+        env, expect="result", keyring=RING, max_bytes=MAX, at_ms=RES_IAT
+    )
     assert plaintext == RES_PLAINTEXT
     assert header.request_hash is not None
     assert header.request_hash.hex() == KAT_REQUEST_HASH
@@ -197,8 +233,15 @@ def test_result_envelope_known_answer() -> None:
 
 def test_documented_vectors_match() -> None:
     doc = re.sub(r"\s", "", DOC.read_text())
-    for value in (KAT_REQUEST_ENC, KAT_RESULT_ENC, KAT_MAC, KAT_REQUEST, KAT_REQUEST_B64,
-                  KAT_REQUEST_HASH, KAT_RESULT):
+    for value in (
+        KAT_REQUEST_ENC,
+        KAT_RESULT_ENC,
+        KAT_MAC,
+        KAT_REQUEST,
+        KAT_REQUEST_B64,
+        KAT_REQUEST_HASH,
+        KAT_RESULT,
+    ):
         assert value in doc
 
 
@@ -214,13 +257,18 @@ def test_nonces_are_fresh() -> None:
     a = seal(KEYS, request_header(), REQ_PLAINTEXT)
     b = seal(KEYS, request_header(), REQ_PLAINTEXT)
     header_len = len(KAT_REQUEST_HEADER) // 2
-    assert a[header_len:header_len + 12] != b[header_len:header_len + 12]
+    assert a[header_len : header_len + 12] != b[header_len : header_len + 12]
     assert open_req(a)[1] == open_req(b)[1] == REQ_PLAINTEXT
 
 
 # -- round trips ---------------------------------------------------------------------
-PLAINTEXTS = [b"", b"\x00\xff", REQ_PLAINTEXT, bytes(range(256)) * 4,
-              random.Random(7).randbytes(1 << 20)]
+PLAINTEXTS = [
+    b"",
+    b"\x00\xff",
+    REQ_PLAINTEXT,
+    bytes(range(256)) * 4,
+    random.Random(7).randbytes(1 << 20),
+]
 
 
 @pytest.mark.parametrize("plaintext", PLAINTEXTS, ids=["empty", "00ff", "json", "1k", "1MiB"])
@@ -234,8 +282,9 @@ def test_round_trip_request(plaintext: bytes) -> None:
 @pytest.mark.parametrize("plaintext", PLAINTEXTS, ids=["empty", "00ff", "json", "1k", "1MiB"])
 def test_round_trip_result(plaintext: bytes) -> None:
     env = seal(KEYS, result_header(), plaintext)
-    header, out = open_envelope(env, expect="result", keyring=RING, max_bytes=len(env),
-                                at_ms=RES_IAT)
+    header, out = open_envelope(
+        env, expect="result", keyring=RING, max_bytes=len(env), at_ms=RES_IAT
+    )
     assert out == plaintext
     assert header.request_hash == request_header().digest()
 
@@ -251,10 +300,16 @@ def test_digest_of_received_header_is_the_bytes_sent() -> None:
     assert header.digest() == hashlib.sha256(bytes.fromhex(KAT_REQUEST_HEADER)).digest()
 
 
-@pytest.mark.parametrize("bad", [
-    {"tenant": ""}, {"job_id": "x" * 256}, {"model": "\u00e9" * 128}, {"priority": "urgent"},
-    {"request_hash": b"\x00" * 32},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"tenant": ""},
+        {"job_id": "x" * 256},
+        {"model": "\u00e9" * 128},
+        {"priority": "urgent"},
+        {"request_hash": b"\x00" * 32},
+    ],
+)
 def test_encode_header_programmer_errors(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         encode_header(request_header(**bad))
@@ -312,8 +367,7 @@ def test_flipping_any_byte_of_a_result_is_rejected(i: int) -> None:
     mutated = bytearray(kat_result())
     mutated[i] ^= 0x01
     with pytest.raises(InvalidEnvelope):
-        open_envelope(bytes(mutated), expect="result", keyring=RING, max_bytes=MAX,
-                      at_ms=RES_IAT)
+        open_envelope(bytes(mutated), expect="result", keyring=RING, max_bytes=MAX, at_ms=RES_IAT)
 
 
 def test_swapping_the_tenant_for_another_known_tenant_is_tampered() -> None:
@@ -356,11 +410,15 @@ def test_another_tenants_secret_does_not_open() -> None:
         open_req(kat_request(), ring=ring)
 
 
-@pytest.mark.parametrize("keys", [
-    derive_keys(SECRET, TENANT, 2),        # same secret, another version
-    derive_keys(SECRET, "beta", 1),        # same secret, another tenant
-    derive_keys(OTHER_SECRET, TENANT, 1),  # another secret
-], ids=["version", "tenant", "secret"])
+@pytest.mark.parametrize(
+    "keys",
+    [
+        derive_keys(SECRET, TENANT, 2),  # same secret, another version
+        derive_keys(SECRET, "beta", 1),  # same secret, another tenant
+        derive_keys(OTHER_SECRET, TENANT, 1),  # another secret
+    ],
+    ids=["version", "tenant", "secret"],
+)
 def test_sealed_with_wrong_derived_keys(keys: DerivedKeys) -> None:
     env = seal(keys, request_header(), REQ_PLAINTEXT)
     assert reason(env) == "tampered"
@@ -389,18 +447,21 @@ def test_decrypt_only_key_still_opens() -> None:
 
 
 # -- time ----------------------------------------------------------------------------
-@pytest.mark.parametrize(("at_ms", "skew_ms", "expected"), [
-    (IAT, SKEW, "ok"),
-    (IAT - SKEW, SKEW, "ok"),            # issued exactly skew in the future
-    (IAT - SKEW - 1, SKEW, "expired"),   # issued beyond the skew in the future
-    (EXP, SKEW, "ok"),                   # past expiry, within the skew
-    (EXP + SKEW - 1, SKEW, "ok"),
-    (EXP + SKEW, SKEW, "expired"),       # exactly at the boundary: expired
-    (EXP - 1, 0, "ok"),
-    (EXP, 0, "expired"),
-    (IAT - 1, 0, "expired"),
-    (IAT, 0, "ok"),
-])
+@pytest.mark.parametrize(
+    ("at_ms", "skew_ms", "expected"),
+    [
+        (IAT, SKEW, "ok"),
+        (IAT - SKEW, SKEW, "ok"),  # issued exactly skew in the future
+        (IAT - SKEW - 1, SKEW, "expired"),  # issued beyond the skew in the future
+        (EXP, SKEW, "ok"),  # past expiry, within the skew
+        (EXP + SKEW - 1, SKEW, "ok"),
+        (EXP + SKEW, SKEW, "expired"),  # exactly at the boundary: expired
+        (EXP - 1, 0, "ok"),
+        (EXP, 0, "expired"),
+        (IAT - 1, 0, "expired"),
+        (IAT, 0, "ok"),
+    ],
+)
 def test_time_window(at_ms: int, skew_ms: int, expected: str) -> None:
     env = kat_request()
     assert reason(env, at_ms=at_ms, skew_ms=skew_ms) == expected
@@ -414,16 +475,21 @@ def test_time_window(at_ms: int, skew_ms: int, expected: str) -> None:
 def test_time_refusals_come_after_the_mac_and_are_authenticated() -> None:
     env = kat_request()
     with pytest.raises(EnvelopeRejected) as info:
-        verify(env, expect="request", keyring=RING, max_bytes=MAX, at_ms=EXP + SKEW,
-               skew_ms=SKEW)
+        verify(env, expect="request", keyring=RING, max_bytes=MAX, at_ms=EXP + SKEW, skew_ms=SKEW)
     assert info.value.reason == "expired" and info.value.authenticated
     assert isinstance(info.value.unverified_header, Header)
     # Expired AND altered: the MAC decides first, and nothing is authenticated.
     mutated = bytearray(env)
     mutated[-1] ^= 0x01
     with pytest.raises(EnvelopeRejected) as info:
-        verify(bytes(mutated), expect="request", keyring=RING, max_bytes=MAX, at_ms=EXP + SKEW,
-               skew_ms=SKEW)
+        verify(
+            bytes(mutated),
+            expect="request",
+            keyring=RING,
+            max_bytes=MAX,
+            at_ms=EXP + SKEW,
+            skew_ms=SKEW,
+        )
     assert info.value.reason == "tampered" and not info.value.authenticated
 
 
@@ -432,12 +498,26 @@ def test_a_lifetime_over_the_cap_is_refused_whatever_the_sender_chose(lifetime_m
     env = seal(KEYS, request_header(expires_at_ms=IAT + lifetime_ms), b"x")
     assert reason(env) == "ok"  # no cap asked for: the time window alone
     with pytest.raises(EnvelopeRejected) as info:
-        verify(env, expect="request", keyring=RING, max_bytes=MAX, at_ms=IAT, skew_ms=SKEW,
-               max_lifetime_ms=EXP - IAT)
+        verify(
+            env,
+            expect="request",
+            keyring=RING,
+            max_bytes=MAX,
+            at_ms=IAT,
+            skew_ms=SKEW,
+            max_lifetime_ms=EXP - IAT,
+        )
     assert info.value.reason == "malformed" and info.value.authenticated
     exact = seal(KEYS, request_header(expires_at_ms=EXP), b"x")
-    verify(exact, expect="request", keyring=RING, max_bytes=MAX, at_ms=IAT, skew_ms=SKEW,
-           max_lifetime_ms=EXP - IAT)
+    verify(
+        exact,
+        expect="request",
+        keyring=RING,
+        max_bytes=MAX,
+        at_ms=IAT,
+        skew_ms=SKEW,
+        max_lifetime_ms=EXP - IAT,
+    )
 
 
 def test_expiry_before_issue_is_expired() -> None:
@@ -553,7 +633,7 @@ def _fuzz_inputs(seed: int, count: int) -> list[bytes]:
         for _ in range(rng.randrange(1, 5)):
             data[rng.randrange(len(data))] = rng.randrange(256)
         if rng.random() < 0.3:
-            data = data[:rng.randrange(len(data) + 1)]
+            data = data[: rng.randrange(len(data) + 1)]
         if rng.random() < 0.2:
             data += rng.randbytes(rng.randrange(1, 64))
         out.append(bytes(data))
@@ -565,8 +645,13 @@ def test_only_invalid_envelope_escapes_for_random_input() -> None:
     for data in _fuzz_inputs(seed=20231114, count=4000):
         for expect, at_ms in (("request", IAT), ("result", RES_IAT)):
             try:
-                open_envelope(data, expect=expect, keyring=RING,  # type: ignore[arg-type]
-                              max_bytes=MAX, at_ms=at_ms)
+                open_envelope(
+                    data,
+                    expect=expect,
+                    keyring=RING,  # type: ignore[arg-type]
+                    max_bytes=MAX,
+                    at_ms=at_ms,
+                )
                 opened += 1
             except InvalidEnvelope as exc:
                 assert str(exc) == "invalid envelope"

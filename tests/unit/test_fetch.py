@@ -18,9 +18,14 @@ HIGH, LOW = "maas.high", "maas.low"
 
 
 def message(tag: str, **props: Any) -> str:
-    return json.dumps({"body": "QUJD", "content-type": "application/json",
-                       "headers": {"task": "maas.infer", "id": tag, "empty": [], "map": {}},
-                       "properties": {"delivery_tag": tag, **props}})
+    return json.dumps(
+        {
+            "body": "QUJD",
+            "content-type": "application/json",
+            "headers": {"task": "maas.infer", "id": tag, "empty": [], "map": {}},
+            "properties": {"delivery_tag": tag, **props},
+        }
+    )
 
 
 @pytest.fixture
@@ -28,13 +33,14 @@ def r() -> fakeredis.FakeRedis:
     return fakeredis.FakeRedis()
 
 
-def test_takes_in_queue_order_and_reserves_each_in_kombus_format(
-        r: fakeredis.FakeRedis) -> None:
+def test_takes_in_queue_order_and_reserves_each_in_kombus_format(r: fakeredis.FakeRedis) -> None:
     r.lpush(LOW, message("l1"))
     r.lpush(HIGH, message("h1"), message("h2"))  # h1 is the oldest: taken first
     taken = fetch.take(r, [HIGH, LOW], count=2, max_chars=10_000, now=100.5)
     assert [(t.queue, json.loads(t.raw)["headers"]["id"], t.reserved) for t in taken] == [
-        (HIGH, "h1", True), (HIGH, "h2", True)]
+        (HIGH, "h1", True),
+        (HIGH, "h2", True),
+    ]
     assert r.llen(HIGH) == 0 and r.llen(LOW) == 1
     # kombu's QoS reads these back to restore: [message, exchange, routing key].
     stored, exchange, routing_key = json.loads(r.hget("unacked", "h1"))
@@ -46,7 +52,8 @@ def test_takes_in_queue_order_and_reserves_each_in_kombus_format(
 
 
 def test_priority_sub_queues_come_after_every_plain_queue_like_kombus_brpop(
-        r: fakeredis.FakeRedis) -> None:
+    r: fakeredis.FakeRedis,
+) -> None:
     r.lpush(HIGH + fetch.PRIORITY_SEP + "3", message("h3"))
     r.lpush(LOW, message("l0"))
     taken = fetch.take(r, [HIGH, LOW], count=2, max_chars=10_000)
@@ -56,17 +63,27 @@ def test_priority_sub_queues_come_after_every_plain_queue_like_kombus_brpop(
 
 
 def test_the_recorded_queue_is_where_it_was_taken_not_what_it_claims(
-        r: fakeredis.FakeRedis) -> None:
+    r: fakeredis.FakeRedis,
+) -> None:
     r.lpush(LOW, message("x", delivery_info={"exchange": "", "routing_key": HIGH}))
     fetch.take(r, [HIGH, LOW], count=1, max_chars=10_000)
     assert json.loads(r.hget("unacked", "x"))[2] == LOW
 
 
-@pytest.mark.parametrize("entry", [
-    b"not json", b"\xff\xfe binary", b"[1, 2]", b'{"properties": "x"}',
-    b'{"properties": {"delivery_tag": 7}}', b'{"properties": {"delivery_tag": ""}}'])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        b"not json",
+        b"\xff\xfe binary",
+        b"[1, 2]",
+        b'{"properties": "x"}',
+        b'{"properties": {"delivery_tag": 7}}',
+        b'{"properties": {"delivery_tag": ""}}',
+    ],
+)
 def test_an_entry_without_a_delivery_tag_is_taken_unreserved(
-        r: fakeredis.FakeRedis, entry: bytes) -> None:
+    r: fakeredis.FakeRedis, entry: bytes
+) -> None:
     r.lpush(HIGH, entry)
     [taken] = fetch.take(r, [HIGH], count=1, max_chars=10_000)
     assert taken.reserved is False and taken.queue == HIGH
@@ -74,8 +91,7 @@ def test_an_entry_without_a_delivery_tag_is_taken_unreserved(
     assert r.hlen("unacked") == 0 and r.zcard("unacked_index") == 0
 
 
-def test_an_entry_over_the_size_limit_is_not_decoded_nor_reserved(
-        r: fakeredis.FakeRedis) -> None:
+def test_an_entry_over_the_size_limit_is_not_decoded_nor_reserved(r: fakeredis.FakeRedis) -> None:
     r.lpush(HIGH, message("big") + " " * 1000)
     [taken] = fetch.take(r, [HIGH], count=1, max_chars=500)
     assert not taken.reserved and r.hlen("unacked") == 0
@@ -90,7 +106,8 @@ def test_ack_removes_many_reservations_at_once(r: fakeredis.FakeRedis) -> None:
 
 
 def test_key_prefix_applies_to_every_key_and_not_to_the_recorded_queue(
-        r: fakeredis.FakeRedis) -> None:
+    r: fakeredis.FakeRedis,
+) -> None:
     r.lpush("p:" + HIGH, message("t"))
     reply = r.execute_command(*fetch.command([HIGH], count=1, max_chars=10_000, prefix="p:"))
     [taken] = fetch.parse(reply, "p:")
@@ -115,7 +132,8 @@ def test_queues_of_no_ack_consumers_are_taken_unreserved(r: fakeredis.FakeRedis)
     reply = "abc.reply.celery.pidbox"
     r.lpush(reply, message("pong"))
     r.lpush(HIGH, message("job"))
-    reply_ = r.execute_command(*fetch.command([reply, HIGH], count=2, max_chars=10_000,
-                                              unreserved={reply}))
+    reply_ = r.execute_command(
+        *fetch.command([reply, HIGH], count=2, max_chars=10_000, unreserved={reply})
+    )
     assert [(t.queue, t.reserved) for t in fetch.parse(reply_)] == [(reply, False), (HIGH, True)]
     assert r.hkeys("unacked") == [b"job"]

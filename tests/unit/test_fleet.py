@@ -15,8 +15,9 @@ POLICY = FleetPolicy(min_nodes=1, max_nodes=20, target_wait_s=30, backlog_per_no
 
 
 def backlog(normal: int, oldest: float | None = None) -> Backlog:
-    return Backlog({"high": 0, "normal": normal, "low": 0},
-                   {"high": None, "normal": oldest, "low": None})
+    return Backlog(
+        {"high": 0, "normal": normal, "low": 0}, {"high": None, "normal": oldest, "low": None}
+    )
 
 
 def node(per_s: float | None, busy: float | None) -> dict[str, Any]:
@@ -71,15 +72,28 @@ def test_clamped_to_min_and_max() -> None:
 
 def test_json_form() -> None:
     doc = recommend(backlog(11), {}, POLICY).to_json()
-    assert set(doc) == {"current_nodes", "desired_nodes", "backlog", "oldest_age_s",
-                        "throughput_jobs_per_s", "node_capacity_jobs_per_s", "target_wait_s",
-                        "reason"}
+    assert set(doc) == {
+        "current_nodes",
+        "desired_nodes",
+        "backlog",
+        "oldest_age_s",
+        "throughput_jobs_per_s",
+        "node_capacity_jobs_per_s",
+        "target_wait_s",
+        "reason",
+    }
     assert doc["desired_nodes"] == 2
 
 
 def test_policy_from_environment() -> None:
-    s = Settings.from_env({"MAAS_FLEET_MIN_NODES": "0", "MAAS_FLEET_MAX_NODES": "5",
-                           "MAAS_FLEET_TARGET_WAIT_S": "10", "MAAS_FLEET_BACKLOG_PER_NODE": "3"})
+    s = Settings.from_env(
+        {
+            "MAAS_FLEET_MIN_NODES": "0",
+            "MAAS_FLEET_MAX_NODES": "5",
+            "MAAS_FLEET_TARGET_WAIT_S": "10",
+            "MAAS_FLEET_BACKLOG_PER_NODE": "3",
+        }
+    )
     assert s.fleet == FleetPolicy(min_nodes=0, max_nodes=5, target_wait_s=10, backlog_per_node=3)
     with pytest.raises(ConfigError, match="MAAS_FLEET_MIN_NODES"):
         Settings.from_env({"MAAS_FLEET_MIN_NODES": "6", "MAAS_FLEET_MAX_NODES": "5"})

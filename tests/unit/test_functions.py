@@ -25,18 +25,24 @@ JOB = "0b7e8c6a-3f1d-4c2e-9a7b-5d6e4f3a2b1c"
 def test_the_library_text_is_pinned_to_its_version() -> None:
     code = functions.library_code()
     assert code.startswith(f"#!lua name={functions.LIBRARY}\n")
-    assert hashlib.sha256(code.encode()).hexdigest() == PINNED[functions.LIBRARY], \
+    assert hashlib.sha256(code.encode()).hexdigest() == PINNED[functions.LIBRARY], (
         "the library changed: bump functions.LIBRARY and pin the new text in PINNED"
+    )
     for name in ("bucket", "cancel", "advise_many", "tail_prefix"):
         assert scripts.source(name).code in code  # the scripts' bodies, unchanged
 
 
 def test_loading_is_idempotent_and_a_missing_library_is_loaded_by_the_caller() -> None:
     r = fakeredis.FakeRedis()
-    keys = [keyspace.result("acme", JOB), keyspace.cancel("acme", JOB),
-            keyspace.done("acme", JOB), keyspace.submitted("acme", JOB),
-            keyspace.rejected("acme", JOB), keyspace.claim("acme", JOB),
-            keyspace.pending("acme")]
+    keys = [
+        keyspace.result("acme", JOB),
+        keyspace.cancel("acme", JOB),
+        keyspace.done("acme", JOB),
+        keyspace.submitted("acme", JOB),
+        keyspace.rejected("acme", JOB),
+        keyspace.claim("acme", JOB),
+        keyspace.pending("acme"),
+    ]
     args = ["token", 60_000, 60_000, JOB, keyspace.MAX_TTL_MS]
     assert functions.call(r, functions.CANCEL, keys, args) == -1  # loaded it, then ran
     functions.load(r)
@@ -58,6 +64,7 @@ def test_a_pipeline_is_sent_again_once_the_library_is_loaded() -> None:
     def build(pipe: redis.client.Pipeline) -> None:
         pipe.llen("maas.high")
         pipe.fcall_ro(functions.TAIL_PREFIX, 1, "maas.high", 512)
+
     assert functions.execute(r, build) == [1, b"x" * 512]
 
 

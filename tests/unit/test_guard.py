@@ -52,8 +52,9 @@ def b(server: fakeredis.FakeServer) -> JobGuard:
 
 
 def _store(guard: JobGuard, sealed: bytes, job_id: str = JOB, tenant: str = TENANT) -> bool:
-    return guard.store_result(tenant, job_id, sealed, result_ttl_s=RESULT_TTL_S,
-                              replay_window_ms=REPLAY_WINDOW_MS)
+    return guard.store_result(
+        tenant, job_id, sealed, result_ttl_s=RESULT_TTL_S, replay_window_ms=REPLAY_WINDOW_MS
+    )
 
 
 def _wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
@@ -440,8 +441,12 @@ def test_rejecting_or_closing_one_tenants_job_leaves_the_others(
     b.close(OTHER, JOB_2, window_ms=60_000)
     b.mark_suspect(OTHER, JOB_3, ttl_s=60)
     for job_id in (JOB, JOB_2, JOB_3):
-        for key in (keyspace.rejected(TENANT, job_id), keyspace.claim(TENANT, job_id),
-                    keyspace.done(TENANT, job_id), keyspace.suspect(TENANT, job_id)):
+        for key in (
+            keyspace.rejected(TENANT, job_id),
+            keyspace.claim(TENANT, job_id),
+            keyspace.done(TENANT, job_id),
+            keyspace.suspect(TENANT, job_id),
+        ):
             assert not r.exists(key), key
     assert r.get(keyspace.payload(TENANT, JOB)) == b"acme request"
     assert a.claim(TENANT, JOB) == "claimed"
@@ -492,8 +497,12 @@ def test_busy_and_replayed_sightings_do_not_count_as_attempts(
 def test_a_huge_window_is_clamped(r: fakeredis.FakeRedis, a: JobGuard, window_ms: int) -> None:
     assert a.claim(TENANT, JOB, window_ms=window_ms) == "claimed"
     assert 0 < r.pttl(keyspace.attempts(TENANT, JOB)) <= keyspace.MAX_TTL_MS
-    assert a.store_result(TENANT, JOB, b"sealed", result_ttl_s=RESULT_TTL_S,
-                          replay_window_ms=window_ms) is True
+    assert (
+        a.store_result(
+            TENANT, JOB, b"sealed", result_ttl_s=RESULT_TTL_S, replay_window_ms=window_ms
+        )
+        is True
+    )
     assert 0 < r.pttl(keyspace.claim(TENANT, JOB)) <= keyspace.MAX_TTL_MS
 
 
@@ -562,13 +571,15 @@ def test_record_fault_counts_up_with_a_ttl(r: fakeredis.FakeRedis, a: JobGuard) 
 
 
 # -- the batch consumer's pipelined forms ------------------------------------------------------
-def test_claim_many_matches_one_claim_each(r: fakeredis.FakeRedis, a: JobGuard,
-                                           b: JobGuard) -> None:
+def test_claim_many_matches_one_claim_each(
+    r: fakeredis.FakeRedis, a: JobGuard, b: JobGuard
+) -> None:
     new, busy, done = JOB, JOB_2, JOB_3
     assert b.claim(TENANT, busy) == "claimed"
     _store(a, b"sealed", done)
-    claims = a.claim_many([ClaimRequest(TENANT, j, REPLAY_WINDOW_MS)
-                           for j in (new, busy, done, new)])
+    claims = a.claim_many(
+        [ClaimRequest(TENANT, j, REPLAY_WINDOW_MS) for j in (new, busy, done, new)]
+    )
     # the same job twice in one batch: the second copy finds it held (busy), never runs
     assert [c.outcome for c in claims] == ["claimed", "busy", "replayed", "busy"]
     assert a.held() == [(TENANT, new)]
@@ -581,13 +592,23 @@ def test_claim_many_gives_a_failing_job_its_error_and_decides_the_others(
     policy = TenantPolicy(rate_per_s=10, burst=10)
     far = now_ms() + 3_600_000
     r.rpush(keyspace.bucket(OTHER), "not a hash")  # HMGET on it: WRONGTYPE
-    claims = a.claim_many([
-        ClaimRequest(TENANT, JOB, REPLAY_WINDOW_MS,
-                     (admission_keys(TENANT), admission_args(JOB, policy, far))),
-        ClaimRequest(OTHER, JOB_2, REPLAY_WINDOW_MS,
-                     (admission_keys(OTHER), admission_args(JOB_2, policy, far))),
-        ClaimRequest(TENANT, JOB_3, REPLAY_WINDOW_MS),
-    ])
+    claims = a.claim_many(
+        [
+            ClaimRequest(
+                TENANT,
+                JOB,
+                REPLAY_WINDOW_MS,
+                (admission_keys(TENANT), admission_args(JOB, policy, far)),
+            ),
+            ClaimRequest(
+                OTHER,
+                JOB_2,
+                REPLAY_WINDOW_MS,
+                (admission_keys(OTHER), admission_args(JOB_2, policy, far)),
+            ),
+            ClaimRequest(TENANT, JOB_3, REPLAY_WINDOW_MS),
+        ]
+    )
     assert [c.outcome for c in claims] == ["claimed", "error", "claimed"]
     assert isinstance(claims[1].error, redis.ResponseError)
     assert "WRONGTYPE" in str(claims[1].error)
@@ -602,8 +623,11 @@ def test_claim_job_raises_a_redis_error(r: fakeredis.FakeRedis, a: JobGuard) -> 
     policy = TenantPolicy(max_in_flight=2)
     r.set(keyspace.in_flight(TENANT), "not a sorted set")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
-        a.claim_job(TENANT, JOB, admission=(admission_keys(TENANT),
-                                            admission_args(JOB, policy, now_ms() + 60_000)))
+        a.claim_job(
+            TENANT,
+            JOB,
+            admission=(admission_keys(TENANT), admission_args(JOB, policy, now_ms() + 60_000)),
+        )
     assert not r.exists(keyspace.claim(TENANT, JOB))
     assert a.held() == []
 
@@ -611,9 +635,10 @@ def test_claim_job_raises_a_redis_error(r: fakeredis.FakeRedis, a: JobGuard) -> 
 def test_store_many_is_write_once_per_job(r: fakeredis.FakeRedis, a: JobGuard) -> None:
     _store(a, b"first", JOB)
     assert a.claim(TENANT, JOB_2) == "claimed"
-    stored = a.store_many([(TENANT, JOB, b"second", REPLAY_WINDOW_MS),
-                           (TENANT, JOB_2, b"r2", REPLAY_WINDOW_MS)],
-                          result_ttl_s=RESULT_TTL_S)
+    stored = a.store_many(
+        [(TENANT, JOB, b"second", REPLAY_WINDOW_MS), (TENANT, JOB_2, b"r2", REPLAY_WINDOW_MS)],
+        result_ttl_s=RESULT_TTL_S,
+    )
     assert stored == [False, True]
     assert r.get(keyspace.result(TENANT, JOB)) == b"first"
     assert r.get(keyspace.result(TENANT, JOB_2)) == b"r2"
@@ -629,8 +654,10 @@ def test_a_wake_up_list_a_client_spoilt_does_not_fail_a_store(
     for job_id in (JOB, JOB_2, JOB_3):
         assert a.claim(TENANT, job_id) == "claimed"
     r.set(keyspace.done(TENANT, JOB_2), "not a list")  # RPUSH on it: WRONGTYPE, ignored
-    stored = a.store_many([(TENANT, j, f"r-{j}".encode(), REPLAY_WINDOW_MS)
-                           for j in (JOB, JOB_2, JOB_3)], result_ttl_s=RESULT_TTL_S)
+    stored = a.store_many(
+        [(TENANT, j, f"r-{j}".encode(), REPLAY_WINDOW_MS) for j in (JOB, JOB_2, JOB_3)],
+        result_ttl_s=RESULT_TTL_S,
+    )
     assert stored == [True, True, True]
     for job_id in (JOB, JOB_2, JOB_3):
         assert r.get(keyspace.result(TENANT, job_id)) == f"r-{job_id}".encode()
@@ -651,15 +678,22 @@ def test_fetch_payloads_reads_each_within_the_limit(r: fakeredis.FakeRedis, a: J
     r.set(keyspace.payload(TENANT, big), b"x" * 100)
     r.rpush(keyspace.payload(TENANT, listed), b"a")
     assert a.fetch_payloads([(TENANT, j) for j in (small, big, missing, listed)], 10) == [
-        b"abc", -1, None, None]
+        b"abc",
+        -1,
+        None,
+        None,
+    ]
     assert a.fetch_payloads([(OTHER, small)], 10) == [None]
     assert a.fetch_payloads([], 10) == []
 
 
-def test_pipelined_scripts_are_reloaded_after_a_script_flush(r: fakeredis.FakeRedis,
-                                                             a: JobGuard) -> None:
+def test_pipelined_scripts_are_reloaded_after_a_script_flush(
+    r: fakeredis.FakeRedis, a: JobGuard
+) -> None:
     assert [c.outcome for c in a.claim_many([ClaimRequest(TENANT, JOB, REPLAY_WINDOW_MS)])] == [
-        "claimed"]
+        "claimed"
+    ]
     r.script_flush()  # a Redis restart empties the script cache
-    assert [c.outcome for c in a.claim_many([ClaimRequest(TENANT, JOB_2, REPLAY_WINDOW_MS)])
-            ] == ["claimed"]
+    assert [c.outcome for c in a.claim_many([ClaimRequest(TENANT, JOB_2, REPLAY_WINDOW_MS)])] == [
+        "claimed"
+    ]

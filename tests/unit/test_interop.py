@@ -75,8 +75,16 @@ def build_header(f: Fields) -> bytes:
     if f.kind == "result":
         assert f.request_hash is not None and len(f.request_hash) == 32
         tail += f.request_hash
-    fixed = struct.pack(FIXED, 0x01, TYPES[f.kind], FIXED_LEN + len(tail), f.key_version,
-                        f.issued_at_ms, f.expires_at_ms, PRIORITIES[f.priority])
+    fixed = struct.pack(
+        FIXED,
+        0x01,
+        TYPES[f.kind],
+        FIXED_LEN + len(tail),
+        f.key_version,
+        f.issued_at_ms,
+        f.expires_at_ms,
+        PRIORITIES[f.priority],
+    )
     return fixed + tail
 
 
@@ -90,8 +98,15 @@ def ind_seal(root_secret: bytes, f: Fields, plaintext: bytes, nonce: bytes | Non
     return signed + hmac.new(mac_key, signed, hashlib.sha256).digest()
 
 
-def ind_open(data: bytes, *, expect: str, roots: dict[tuple[str, int], bytes],
-             now_ms: int, skew_ms: int = 30_000, max_bytes: int = 1 << 20) -> tuple[Fields, bytes]:
+def ind_open(
+    data: bytes,
+    *,
+    expect: str,
+    roots: dict[tuple[str, int], bytes],
+    now_ms: int,
+    skew_ms: int = 30_000,
+    max_bytes: int = 1 << 20,
+) -> tuple[Fields, bytes]:
     """Open ``data`` from root secrets keyed by (tenant, key version), section 4's order."""
     # 1. size
     if len(data) > max_bytes or len(data) < FIXED_LEN + 8 + OVERHEAD:
@@ -112,13 +127,13 @@ def ind_open(data: bytes, *, expect: str, roots: dict[tuple[str, int], bytes],
         if n == 0 or pos + 1 + n > header_len:
             raise Rejected("malformed")
         try:
-            strings.append(data[pos + 1:pos + 1 + n].decode("utf-8"))
+            strings.append(data[pos + 1 : pos + 1 + n].decode("utf-8"))
         except UnicodeDecodeError:
             raise Rejected("malformed") from None
         pos += 1 + n
     request_hash = None
     if kinds[type_] == "result":
-        request_hash, pos = data[pos:pos + 32], pos + 32
+        request_hash, pos = data[pos : pos + 32], pos + 32
     if pos != header_len or kinds[type_] != expect:
         raise Rejected("malformed")
     tenant, job_id, task, model = strings
@@ -136,15 +151,16 @@ def ind_open(data: bytes, *, expect: str, roots: dict[tuple[str, int], bytes],
         raise Rejected("tampered")
     # 8. decrypt, header as associated data
     header = data[:header_len]
-    nonce = data[header_len:header_len + 12]
-    ct_and_tag = data[header_len + 12:-32]
+    nonce = data[header_len : header_len + 12]
+    ct_and_tag = data[header_len + 12 : -32]
     enc_key = hkdf32(root, LABELS[kinds[type_]], tenant, kver)
     try:
         plaintext = AESGCM(enc_key).decrypt(nonce, ct_and_tag, header)
     except InvalidTag:
         raise Rejected("tampered") from None
-    fields = Fields(kinds[type_], kver, iat, exp, names[prio], tenant, job_id, task, model,
-                    request_hash)
+    fields = Fields(
+        kinds[type_], kver, iat, exp, names[prio], tenant, job_id, task, model, request_hash
+    )
     return fields, plaintext
 
 
@@ -165,19 +181,38 @@ KAT_REQUEST = bytes.fromhex(
 
 
 def request_fields(**changes: object) -> Fields:
-    f = Fields("request", 1, IAT, IAT + 300_000, "high", TENANT, "job-0001", "maas.infer",
-               "echo@1")
+    f = Fields("request", 1, IAT, IAT + 300_000, "high", TENANT, "job-0001", "maas.infer", "echo@1")
     return replace(f, **changes)  # type: ignore[arg-type]
 
 
 def project_header(f: Fields) -> Header:
-    return Header(f.kind, f.key_version, f.issued_at_ms, f.expires_at_ms,  # type: ignore[arg-type]
-                  f.priority, f.tenant, f.job_id, f.task, f.model, f.request_hash)
+    return Header(
+        f.kind,
+        f.key_version,
+        f.issued_at_ms,
+        f.expires_at_ms,  # type: ignore[arg-type]
+        f.priority,
+        f.tenant,
+        f.job_id,
+        f.task,
+        f.model,
+        f.request_hash,
+    )
 
 
 def result_fields(request_header_bytes: bytes) -> Fields:
-    return Fields("result", 1, IAT + 1_000, IAT + 3_601_000, "high", TENANT, "job-0001",
-                  "maas.infer", "echo@1", hashlib.sha256(request_header_bytes).digest())
+    return Fields(
+        "result",
+        1,
+        IAT + 1_000,
+        IAT + 3_601_000,
+        "high",
+        TENANT,
+        "job-0001",
+        "maas.infer",
+        "echo@1",
+        hashlib.sha256(request_header_bytes).digest(),
+    )
 
 
 def test_independent_hkdf_matches_project() -> None:
@@ -202,11 +237,15 @@ def test_independent_sealer_reproduces_the_documented_vector() -> None:
     assert ind_seal(SECRET, request_fields(), b'{"text":"hi"}', nonce) == KAT_REQUEST
 
 
-@pytest.mark.parametrize("plaintext", [b"", b"\x00\xff", b'{"inputs":[[0.5,1.5]]}',
-                                       BLOB], ids=["empty", "00ff", "json", "100k"])
+@pytest.mark.parametrize(
+    "plaintext",
+    [b"", b"\x00\xff", b'{"inputs":[[0.5,1.5]]}', BLOB],
+    ids=["empty", "00ff", "json", "100k"],
+)
 def test_project_request_opens_independently(plaintext: bytes) -> None:
-    f = request_fields(priority="low", job_id="0f8fad5b-d9cb-469f-a165-70867728950e",
-                       model="digits@1")
+    f = request_fields(
+        priority="low", job_id="0f8fad5b-d9cb-469f-a165-70867728950e", model="digits@1"
+    )
     env = seal(derive_keys(SECRET, TENANT, 1), project_header(f), plaintext)
     fields, out = ind_open(env, expect="request", roots=ROOTS, now_ms=IAT)
     assert (fields, out) == (f, plaintext)
@@ -215,8 +254,9 @@ def test_project_request_opens_independently(plaintext: bytes) -> None:
 def test_project_result_opens_independently() -> None:
     keys = derive_keys(SECRET, TENANT, 1)
     request = seal(keys, project_header(request_fields()), b'{"text":"hi"}')
-    req_header, _ = open_envelope(request, expect="request", keyring=RING, max_bytes=1 << 20,
-                                  at_ms=IAT)
+    req_header, _ = open_envelope(
+        request, expect="request", keyring=RING, max_bytes=1 << 20, at_ms=IAT
+    )
     doc = {"ok": False, "error": "model_error", "message": "bad input shape"}
     body = json.dumps(doc, separators=(",", ":")).encode()
     env = seal(keys, project_header(result_fields(req_header.raw)), body)
@@ -228,13 +268,11 @@ def test_project_result_opens_independently() -> None:
         ind_open(env, expect="request", roots=ROOTS, now_ms=IAT + 1_000)
 
 
-@pytest.mark.parametrize("plaintext", [b"", b"\x00\xff", BLOB],
-                         ids=["empty", "00ff", "100k"])
+@pytest.mark.parametrize("plaintext", [b"", b"\x00\xff", BLOB], ids=["empty", "00ff", "100k"])
 def test_independent_request_opens_in_project(plaintext: bytes) -> None:
     f = request_fields(priority="normal", model="echo")
     env = ind_seal(SECRET, f, plaintext)
-    header, out = open_envelope(env, expect="request", keyring=RING, max_bytes=1 << 20,
-                                at_ms=IAT)
+    header, out = open_envelope(env, expect="request", keyring=RING, max_bytes=1 << 20, at_ms=IAT)
     assert out == plaintext
     assert header == project_header(f)
     # The base64 text form of a Celery argument round-trips too.
@@ -244,13 +282,18 @@ def test_independent_request_opens_in_project(plaintext: bytes) -> None:
 
 def test_independent_result_opens_in_project() -> None:
     request = ind_seal(SECRET, request_fields(), b'{"text":"hi"}')
-    req_header, _ = open_envelope(request, expect="request", keyring=RING, max_bytes=1 << 20,
-                                  at_ms=IAT)
+    req_header, _ = open_envelope(
+        request, expect="request", keyring=RING, max_bytes=1 << 20, at_ms=IAT
+    )
     doc = {"ok": True, "output": {"text": "hi"}}
-    env = ind_seal(SECRET, result_fields(request[:len(req_header.raw)]),
-                   json.dumps(doc, separators=(",", ":")).encode())
-    header, out = open_envelope(env, expect="result", keyring=RING, max_bytes=1 << 20,
-                                at_ms=IAT + 1_000)
+    env = ind_seal(
+        SECRET,
+        result_fields(request[: len(req_header.raw)]),
+        json.dumps(doc, separators=(",", ":")).encode(),
+    )
+    header, out = open_envelope(
+        env, expect="result", keyring=RING, max_bytes=1 << 20, at_ms=IAT + 1_000
+    )
     assert json.loads(out) == doc
     assert header.request_hash == req_header.digest()
     with pytest.raises(InvalidEnvelope):
@@ -265,8 +308,9 @@ def test_both_implementations_reject_the_same_tampering() -> None:
         with pytest.raises(Rejected):
             ind_open(bytes(mutated), expect="request", roots=ROOTS, now_ms=IAT)
         with pytest.raises(InvalidEnvelope):
-            open_envelope(bytes(mutated), expect="request", keyring=RING, max_bytes=1 << 20,
-                          at_ms=IAT)
+            open_envelope(
+                bytes(mutated), expect="request", keyring=RING, max_bytes=1 << 20, at_ms=IAT
+            )
 
 
 def test_wrong_root_secret_is_rejected_by_both() -> None:

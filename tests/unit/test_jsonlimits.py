@@ -28,8 +28,13 @@ def as_bytes_too(text: str) -> list[str | bytes]:
     return [text, text.encode()]
 
 
-@pytest.mark.parametrize("doc", as_bytes_too('{"a": [1, 2, {"b": null}], "c": "x"}')
-                         + as_bytes_too("[]") + as_bytes_too('"plain"') + as_bytes_too("42"))
+@pytest.mark.parametrize(
+    "doc",
+    as_bytes_too('{"a": [1, 2, {"b": null}], "c": "x"}')
+    + as_bytes_too("[]")
+    + as_bytes_too('"plain"')
+    + as_bytes_too("42"),
+)
 def test_shallow_documents_pass_and_parse_as_json_does(doc: str | bytes) -> None:
     assert depth_within(doc, 3)
     assert loads(doc, max_depth=3) == json.loads(doc)
@@ -51,8 +56,10 @@ def test_few_brackets_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> Non
         depth_within(doc, 3)  # more brackets than the limit: measured
 
 
-@pytest.mark.parametrize("doc", as_bytes_too("[" * ABYSS) + as_bytes_too(nested(ABYSS))
-                         + as_bytes_too(nested_objects(ABYSS)))
+@pytest.mark.parametrize(
+    "doc",
+    as_bytes_too("[" * ABYSS) + as_bytes_too(nested(ABYSS)) + as_bytes_too(nested_objects(ABYSS)),
+)
 def test_an_abyss_is_a_value_error_not_a_recursion_error(doc: str | bytes) -> None:
     with pytest.raises(RecursionError):
         json.loads(doc)  # what the bound protects against
@@ -85,14 +92,17 @@ def test_siblings_do_not_add_up() -> None:
         assert loads(text, max_depth=2) == json.loads(doc)
 
 
-@pytest.mark.parametrize("value", [
-    "[[[[[[[[[[",
-    "{{{{{{{{{{",
-    '"[[[[ \\" [[[[[ still inside',
-    '\\\\"',  # an escaped backslash, then the string ends
-    "]]]]]]]]]]]",
-    "\\u005b\\u005b",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "[[[[[[[[[[",
+        "{{{{{{{{{{",
+        '"[[[[ \\" [[[[[ still inside',
+        '\\\\"',  # an escaped backslash, then the string ends
+        "]]]]]]]]]]]",
+        "\\u005b\\u005b",
+    ],
+)
 def test_brackets_inside_strings_do_not_count(value: str) -> None:
     doc = json.dumps({"key [[[[[[[[[[": [value, value * 20], value: {"x": value}})
     assert doc.count("[") + doc.count("{") > 10  # past the fast path
@@ -147,9 +157,12 @@ def _depth(value: Any) -> int:
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab,:'),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), inner, max_size=4),
-    max_leaves=40)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), inner, max_size=4)
+    ),
+    max_leaves=40,
+)
 
 
 @settings(max_examples=400, deadline=None)

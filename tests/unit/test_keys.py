@@ -45,8 +45,13 @@ def _secret_forms(ring: Keyring) -> list[str]:
         for kv in t.versions:
             derived = kv.keys(t.name)
             for raw in (kv.secret, derived.request_enc, derived.result_enc, derived.mac):
-                forms += [base64.b64encode(raw).decode(), raw.hex(), raw.hex().upper(),
-                          base64.urlsafe_b64encode(raw).decode().rstrip("="), repr(raw)]
+                forms += [
+                    base64.b64encode(raw).decode(),
+                    raw.hex(),
+                    raw.hex().upper(),
+                    base64.urlsafe_b64encode(raw).decode().rstrip("="),
+                    repr(raw),
+                ]
     return forms
 
 
@@ -260,7 +265,9 @@ def test_summary_and_reprs_never_contain_secrets() -> None:
     forms = _secret_forms(ring)
     summary = ring.summary()
     assert {(r["tenant"], r["version"], r["state"]) for r in summary} == {
-        ("acme", 1, "retired"), ("acme", 2, "primary"), ("acme", 3, "decrypt-only"),
+        ("acme", 1, "retired"),
+        ("acme", 2, "primary"),
+        ("acme", 3, "decrypt-only"),
         ("globex", 1, "primary"),
     }
     for row in summary:
@@ -380,12 +387,14 @@ def _key(doc: dict[str, Any]) -> dict[str, Any]:
 def _set(field: str, value: object) -> Edit:
     def edit(doc: dict[str, Any]) -> None:
         _key(doc)[field] = value
+
     return edit
 
 
 def _del(field: str) -> Edit:
     def edit(doc: dict[str, Any]) -> None:
         del _key(doc)[field]
+
     return edit
 
 
@@ -406,8 +415,10 @@ def _duplicate_version(doc: dict[str, Any]) -> None:
         pytest.param(lambda d: d.pop("format"), id="no-format"),
         pytest.param(lambda d: d.pop("tenants"), id="no-tenants"),
         pytest.param(lambda d: d.__setitem__("tenants", []), id="tenants-list"),
-        pytest.param(lambda d: d["tenants"].__setitem__("Bad Name", d["tenants"]["acme"]),
-                     id="bad-tenant-name"),
+        pytest.param(
+            lambda d: d["tenants"].__setitem__("Bad Name", d["tenants"]["acme"]),
+            id="bad-tenant-name",
+        ),
         pytest.param(lambda d: d["tenants"].__setitem__("acme", "x"), id="tenant-not-object"),
         pytest.param(lambda d: d["tenants"]["acme"].pop("keys"), id="no-keys"),
         pytest.param(lambda d: d["tenants"]["acme"].__setitem__("keys", [1]), id="key-not-object"),
@@ -422,10 +433,14 @@ def _duplicate_version(doc: dict[str, Any]) -> None:
         pytest.param(_second_primary, id="two-primaries"),
         pytest.param(_duplicate_version, id="duplicate-version"),
         pytest.param(lambda d: d["tenants"]["acme"].__setitem__("policy", []), id="policy-list"),
-        pytest.param(lambda d: d["tenants"]["acme"].__setitem__(
-            "policy", {"max_priority": "urgent"}), id="policy-priority"),
-        pytest.param(lambda d: d["tenants"]["acme"].__setitem__(
-            "policy", {"allowed_models": "echo"}), id="policy-models"),
+        pytest.param(
+            lambda d: d["tenants"]["acme"].__setitem__("policy", {"max_priority": "urgent"}),
+            id="policy-priority",
+        ),
+        pytest.param(
+            lambda d: d["tenants"]["acme"].__setitem__("policy", {"allowed_models": "echo"}),
+            id="policy-models",
+        ),
     ],
 )
 def test_invalid_format_refused(path: Path, edit: Edit) -> None:

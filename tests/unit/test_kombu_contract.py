@@ -28,16 +28,42 @@ from kombu.transport import virtual
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Methods of kombu's Redis channel we override (same signature use) or call.
-CHANNEL_METHODS = ["_put", "_do_restore_message", "basic_consume", "_brpop_start",
-                   "_brpop_read", "_create_client", "_get_message_priority", "_q_for_pri",
-                   "_flush_brpop_reauth", "conn_or_acquire", "basic_cancel"]
+CHANNEL_METHODS = [
+    "_put",
+    "_do_restore_message",
+    "basic_consume",
+    "_brpop_start",
+    "_brpop_read",
+    "_create_client",
+    "_get_message_priority",
+    "_q_for_pri",
+    "_flush_brpop_reauth",
+    "conn_or_acquire",
+    "basic_cancel",
+]
 #: Attributes kombu's Redis channel sets (in its source) that we read or write.
-CHANNEL_ATTRIBUTES = ["_fanout_queues", "_queue_cycle", "_in_poll", "_brpop_sent_at",
-                      "priority_steps", "global_keyprefix", "unacked_key",
-                      "unacked_index_key", "brpop_timeout", "active_queues", "_expires"]
+CHANNEL_ATTRIBUTES = [
+    "_fanout_queues",
+    "_queue_cycle",
+    "_in_poll",
+    "_brpop_sent_at",
+    "priority_steps",
+    "global_keyprefix",
+    "unacked_key",
+    "unacked_index_key",
+    "brpop_timeout",
+    "active_queues",
+    "_expires",
+]
 #: kombu's Redis QoS: overridden or called.
-QOS_METHODS = ["append", "restore_unacked_once", "ack", "reject", "_remove_from_indices",
-               "restore_visible"]
+QOS_METHODS = [
+    "append",
+    "restore_unacked_once",
+    "ack",
+    "reject",
+    "_remove_from_indices",
+    "restore_visible",
+]
 QOS_ATTRIBUTES = ["_delivered"]
 
 
@@ -74,8 +100,7 @@ def test_the_qos_and_transport_members_exist() -> None:
 
 def test_the_remote_control_members_exist() -> None:
     assert pidbox.Mailbox.node_cls is pidbox.Node  # control.configure swaps it
-    assert list(inspect.signature(pidbox.Node.handle).parameters) == [
-        "self", "method", "arguments"]
+    assert list(inspect.signature(pidbox.Node.handle).parameters) == ["self", "method", "arguments"]
     assert callable(worker_state.merge_revoked)  # control.configure replaces it
     # the two ways revoked ids arrive from other nodes both go through it
     assert "worker_state.merge_revoked(" in _source(worker_control.hello)
@@ -93,6 +118,7 @@ def test_the_worker_members_the_node_steps_lean_on_exist() -> None:
     assert "w.autoscaler = " in _source(autoscale.WorkerComponent.create)
     assert "self.consumer.shutdown()" in _source(worker.WorkController.on_stopped)
     assert "'shutdown'" in _source(Consumer.Blueprint.shutdown)
+
 
 def test_kombu_and_celery_are_pinned_to_the_tested_minor() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()

@@ -15,19 +15,23 @@ from maas_worker.errors import ModelError
 from maas_worker.monitoring import metrics
 
 
-@pytest.mark.parametrize(("outcome", "failure", "labels"), [
-    ("succeeded", None, ("succeeded", "none")),
-    ("failed", "bad_input", ("failed", "bad_input")),
-    ("failed", None, ("failed", "unknown")),
-    ("tampered", None, ("rejected", "tampered")),
-    ("rate_limited", None, ("rejected", "rate_limited")),
-    ("duplicate", None, ("duplicate", "none")),
-    ("cancelled", None, ("cancelled", "none")),
-    ("something_new", None, ("other", "something_new")),
-    ("Not A Label {x}", None, ("other", "other")),
-])
-def test_outcome_labels_come_from_closed_sets(outcome: str, failure: str | None,
-                                              labels: tuple[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("outcome", "failure", "labels"),
+    [
+        ("succeeded", None, ("succeeded", "none")),
+        ("failed", "bad_input", ("failed", "bad_input")),
+        ("failed", None, ("failed", "unknown")),
+        ("tampered", None, ("rejected", "tampered")),
+        ("rate_limited", None, ("rejected", "rate_limited")),
+        ("duplicate", None, ("duplicate", "none")),
+        ("cancelled", None, ("cancelled", "none")),
+        ("something_new", None, ("other", "something_new")),
+        ("Not A Label {x}", None, ("other", "other")),
+    ],
+)
+def test_outcome_labels_come_from_closed_sets(
+    outcome: str, failure: str | None, labels: tuple[str, str]
+) -> None:
     assert metrics.outcome_labels(outcome, failure) == labels
 
 
@@ -109,8 +113,9 @@ AGGREGATE = textwrap.dedent("""
 
 
 def test_children_that_exit_are_folded_and_nothing_is_lost() -> None:
-    out = subprocess.run([sys.executable, "-c", AGGREGATE], capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", AGGREGATE], capture_output=True, text=True, timeout=60, check=True
+    )
     doc = json.loads(out.stdout)
     assert doc["first"] == [12.0, 3.0]
     assert doc["second"] == [14.0, 4.0]

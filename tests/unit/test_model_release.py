@@ -52,10 +52,14 @@ class Repo:
     def __init__(self, kit: ModelKit, floor: ReleaseFloor | None) -> None:
         self.rejected: Rejections = []
         self.clock = Clock()
-        self.repo = ModelRepository(kit.root, signers=TrustedSignersSource([kit.signers_dir]).get,
-                                    model_keys=ModelKeysSource(kit.keys_path).get,
-                                    on_reject=lambda *a: self.rejected.append(a),
-                                    clock=self.clock, release_floor=floor)
+        self.repo = ModelRepository(
+            kit.root,
+            signers=TrustedSignersSource([kit.signers_dir]).get,
+            model_keys=ModelKeysSource(kit.keys_path).get,
+            on_reject=lambda *a: self.rejected.append(a),
+            clock=self.clock,
+            release_floor=floor,
+        )
 
     def rescan(self) -> None:
         self.clock.tick()
@@ -68,9 +72,11 @@ class Repo:
 @pytest.fixture
 def start(kit: ModelKit, server: fakeredis.FakeServer) -> Callable[..., Repo]:
     """A new repository instance (a worker (re)start); by default with the Redis floor."""
+
     def factory(persisted: bool = True) -> Repo:
         floor = RedisReleaseFloor(fakeredis.FakeRedis(server=server)) if persisted else None
         return Repo(kit, floor)
+
     return factory
 
 
@@ -88,7 +94,8 @@ def two_versions(kit: ModelKit) -> tuple[Path, Path]:
 
 
 def test_the_bare_name_is_the_released_version_not_the_newest(
-        kit: ModelKit, start: Callable[..., Repo]) -> None:
+    kit: ModelKit, start: Callable[..., Repo]
+) -> None:
     kit.publish("digits", "1")
     kit.publish("digits", "2", release=False)  # staged: signed, not released
     w = start()
@@ -102,7 +109,8 @@ def test_the_bare_name_is_the_released_version_not_the_newest(
 
 
 def test_released_version_with_a_flipped_byte_is_unavailable_not_the_older_one(
-        kit: ModelKit, start: Callable[..., Repo]) -> None:
+    kit: ModelKit, start: Callable[..., Repo]
+) -> None:
     _, v2 = two_versions(kit)
     flip(v2 / "model.onnx")
     for w in (start(), start()):  # and again after a restart
@@ -120,7 +128,8 @@ def test_released_version_with_a_flipped_byte_is_unavailable_not_the_older_one(
 
 
 def test_released_version_deleted_is_unavailable_audited_once(
-        kit: ModelKit, start: Callable[..., Repo]) -> None:
+    kit: ModelKit, start: Callable[..., Repo]
+) -> None:
     _, v2 = two_versions(kit)
     w = start()
     assert w.repo.get("digits", None).version == "2"
@@ -152,7 +161,8 @@ def test_release_deleted_is_unavailable(kit: ModelKit, start: Callable[..., Repo
 
 
 def test_a_folder_with_versions_and_no_release_serves_no_bare_name(
-        kit: ModelKit, start: Callable[..., Repo]) -> None:
+    kit: ModelKit, start: Callable[..., Repo]
+) -> None:
     kit.publish("digits", "1", release=False)
     w = start()
     with pytest.raises(ModelRejected, match="no signed release"):
@@ -163,7 +173,8 @@ def test_a_folder_with_versions_and_no_release_serves_no_bare_name(
 
 
 def test_an_older_release_copied_back_is_refused_also_after_a_restart(
-        kit: ModelKit, start: Callable[..., Repo], server: fakeredis.FakeServer) -> None:
+    kit: ModelKit, start: Callable[..., Repo], server: fakeredis.FakeServer
+) -> None:
     kit.publish("digits", "1", max_batch=2)
     old_release = (kit.root / "digits" / RELEASE_FILE).read_bytes()  # serial 1 -> digits@1
     kit.publish("digits", "2")  # serial 2 -> digits@2
@@ -191,7 +202,8 @@ def test_an_older_release_copied_back_is_refused_also_after_a_restart(
 
 
 def test_the_owner_rolls_back_on_purpose_with_a_newer_release(
-        kit: ModelKit, start: Callable[..., Repo]) -> None:
+    kit: ModelKit, start: Callable[..., Repo]
+) -> None:
     _, v2 = two_versions(kit)
     w = start()
     assert w.repo.get("digits", None).version == "2"
@@ -206,7 +218,8 @@ def test_the_owner_rolls_back_on_purpose_with_a_newer_release(
 
 
 def test_a_release_signed_by_an_untrusted_key_or_not_at_all_is_refused(
-        kit: ModelKit, start: Callable[..., Repo]) -> None:
+    kit: ModelKit, start: Callable[..., Repo]
+) -> None:
     kit.publish("digits", "1", release=False)
     stranger = SigningKey.generate()
     forged = Release("digits", "1", 1, "0" * 64, stranger.key_id, "2026-01-01T00:00:00Z")
@@ -247,7 +260,8 @@ def test_a_release_signed_by_an_untrusted_key_or_not_at_all_is_refused(
 
 
 def test_a_release_of_another_signer_or_model_or_build_is_refused(
-        kit: ModelKit, start: Callable[..., Repo]) -> None:
+    kit: ModelKit, start: Callable[..., Repo]
+) -> None:
     other = SigningKey.generate()  # trusted too, but not the owner of digits
     (kit.signers_dir / "other.pub").write_text(other.public_pem())
     kit.publish("digits", "1", release=False)
@@ -257,8 +271,9 @@ def test_a_release_of_another_signer_or_model_or_build_is_refused(
     # Another trusted signer signs a release of the owner's version: not the owner.
     trusted = TrustedSigners({kit.key.key_id: kit.key.key.public_key()})
     m = verify_manifest(kit.root / "digits" / "1", trusted)
-    foreign = Release("digits", "1", 10**12, manifest_digest(m), other.key_id,
-                      "2026-01-01T00:00:00Z")
+    foreign = Release(
+        "digits", "1", 10**12, manifest_digest(m), other.key_id, "2026-01-01T00:00:00Z"
+    )
     (kit.root / "digits" / RELEASE_FILE).write_bytes(foreign.to_file(other))
     w.rescan()
     with pytest.raises(ModelRejected, match="not by the signer of digits@1"):
@@ -303,7 +318,8 @@ def test_a_symlinked_or_huge_release_is_refused(kit: ModelKit, start: Callable[.
 
 
 def test_tenants_restricted_to_signers_see_only_their_signers_releases(
-        kit: ModelKit, start: Callable[..., Repo]) -> None:
+    kit: ModelKit, start: Callable[..., Repo]
+) -> None:
     other = SigningKey.generate()
     (kit.signers_dir / "other.pub").write_text(other.public_pem())
     kit.publish("digits", "1")
@@ -362,8 +378,7 @@ def test_redis_release_floor_keeps_the_highest_serial(server: fakeredis.FakeServ
     assert floor.record("digits", 2) == 3
     assert floor.record("digits", 2**53 - 1) == 2**53 - 1
     assert floor.record("other", 1) == 1
-    assert client.hgetall(keyspace.RELEASES) == {b"digits": str(2**53 - 1).encode(),
-                                                 b"other": b"1"}
+    assert client.hgetall(keyspace.RELEASES) == {b"digits": str(2**53 - 1).encode(), b"other": b"1"}
     client.hset(keyspace.RELEASES, "digits", "garbage")
     assert floor.record("digits", 4) == 4  # a value that is not a number is replaced
     dead = RedisReleaseFloor(redis.Redis(port=1, socket_connect_timeout=0.2))
@@ -371,17 +386,22 @@ def test_redis_release_floor_keeps_the_highest_serial(server: fakeredis.FakeServ
 
 
 def test_a_rollback_is_audited_model_rejected_by_the_worker_hook(
-        kit: ModelKit, server: fakeredis.FakeServer) -> None:
+    kit: ModelKit, server: fakeredis.FakeServer
+) -> None:
     kit.publish("digits", "1")
     old = (kit.root / "digits" / RELEASE_FILE).read_bytes()
     kit.publish("digits", "2")
     client = fakeredis.FakeRedis(server=server)
     audit = AuditLog(client, maxlen=100)
     clock = Clock()
-    repo = ModelRepository(kit.root, signers=TrustedSignersSource([kit.signers_dir]).get,
-                           model_keys=ModelKeysSource(kit.keys_path).get,
-                           on_reject=audit_rejections(audit, stage="scan"), clock=clock,
-                           release_floor=RedisReleaseFloor(client))
+    repo = ModelRepository(
+        kit.root,
+        signers=TrustedSignersSource([kit.signers_dir]).get,
+        model_keys=ModelKeysSource(kit.keys_path).get,
+        on_reject=audit_rejections(audit, stage="scan"),
+        clock=clock,
+        release_floor=RedisReleaseFloor(client),
+    )
     assert "digits" in repo.refs()
     (kit.root / "digits" / RELEASE_FILE).write_bytes(old)
     for _ in range(3):
@@ -389,12 +409,14 @@ def test_a_rollback_is_audited_model_rejected_by_the_worker_hook(
         assert "digits" not in repo.refs()
     records = [r for r in audit.latest() if r.reason == "model_rejected"]
     assert [r.detail for r in records] == [
-        "digits: release serial 1 is below the highest seen (2): rollback refused"]
+        "digits: release serial 1 is below the highest seen (2): rollback refused"
+    ]
     assert records[0].job_id == "" and records[0].tenant == ""
 
 
 def test_registry_resolution_and_catalogue_follow_the_release(
-        kit: ModelKit, start: Callable[..., Repo]) -> None:
+    kit: ModelKit, start: Callable[..., Repo]
+) -> None:
     _, v2 = two_versions(kit)
     w = start()
     reg = ModelRegistry(sources=[w.repo])

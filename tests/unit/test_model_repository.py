@@ -41,10 +41,15 @@ def make_repo(kit: ModelKit) -> Callable[..., tuple[ModelRepository, Rejections,
     def factory() -> tuple[ModelRepository, Rejections, Clock]:
         rejected: Rejections = []
         clock = Clock()
-        repo = ModelRepository(kit.root, signers=TrustedSignersSource([kit.signers_dir]).get,
-                               model_keys=ModelKeysSource(kit.keys_path).get,
-                               on_reject=lambda *a: rejected.append(a), clock=clock)
+        repo = ModelRepository(
+            kit.root,
+            signers=TrustedSignersSource([kit.signers_dir]).get,
+            model_keys=ModelKeysSource(kit.keys_path).get,
+            on_reject=lambda *a: rejected.append(a),
+            clock=clock,
+        )
         return repo, rejected, clock
+
     return factory
 
 
@@ -88,26 +93,37 @@ def _flip(path: Path, pos: int = -10) -> None:
 
 TAMPERS: dict[str, tuple[Callable[[Path], None], str]] = {
     "artifact byte": (lambda d: _flip(d / "model.onnx", 200), "does not match its hash"),
-    "artifact truncated": (lambda d: (d / "model.onnx").write_bytes(
-        (d / "model.onnx").read_bytes()[:-100]), "wrong size"),
-    "artifact replaced": (lambda d: (d / "model.onnx").write_bytes(
-        b"\x00" * (d / "model.onnx").stat().st_size), "does not match its hash"),
+    "artifact truncated": (
+        lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:-100]),
+        "wrong size",
+    ),
+    "artifact replaced": (
+        lambda d: (d / "model.onnx").write_bytes(b"\x00" * (d / "model.onnx").stat().st_size),
+        "does not match its hash",
+    ),
     "artifact missing": (lambda d: (d / "model.onnx").unlink(), "missing"),
     "extra file altered": (lambda d: _flip(d / "labels.txt", 0), "labels.txt does not match"),
-    "manifest byte": (lambda d: (d / "manifest.json").write_bytes(
-        (d / "manifest.json").read_bytes().replace(b'"inputs"', b'"inputz"')),
-        "does not verify"),
+    "manifest byte": (
+        lambda d: (d / "manifest.json").write_bytes(
+            (d / "manifest.json").read_bytes().replace(b'"inputs"', b'"inputz"')
+        ),
+        "does not verify",
+    ),
     "manifest missing": (lambda d: (d / "manifest.json").unlink(), "no manifest"),
-    "signature byte": (lambda d: (d / "manifest.sig").write_bytes(
-        (d / "manifest.sig").read_bytes().replace(b'"signature": "', b'"signature": "AA')),
-        "malformed|does not verify"),
+    "signature byte": (
+        lambda d: (d / "manifest.sig").write_bytes(
+            (d / "manifest.sig").read_bytes().replace(b'"signature": "', b'"signature": "AA')
+        ),
+        "malformed|does not verify",
+    ),
     "signature missing": (lambda d: (d / "manifest.sig").unlink(), "unsigned"),
 }
 
 
 @pytest.mark.parametrize("tamper", sorted(TAMPERS))
 def test_tampering_is_refused_audited_and_others_keep_serving(
-        kit: ModelKit, make_repo: Any, tamper: str) -> None:
+    kit: ModelKit, make_repo: Any, tamper: str
+) -> None:
     kit.publish("other", "1")
     victim = kit.publish("digits", "1", extra_files={"labels.txt": b"0123456789"})
     action, why = TAMPERS[tamper]
@@ -139,14 +155,17 @@ def test_valid_signature_from_an_untrusted_key_is_refused(kit: ModelKit, make_re
     kit.publish("digits", "1", key=SigningKey.generate())
     repo, rejected, _ = make_repo()
     assert repo.refs() == []
-    assert rejected == [("digits@1", "signed by an untrusted key", "scan"),
-                        ("digits", "release signed by an untrusted key", "scan")]
+    assert rejected == [
+        ("digits@1", "signed by an untrusted key", "scan"),
+        ("digits", "release signed by an untrusted key", "scan"),
+    ]
     with pytest.raises(ModelRejected, match="untrusted"):
         repo.get("digits", "1")
 
 
 def test_a_signed_version_moved_to_another_name_or_version_is_refused(
-        kit: ModelKit, make_repo: Any) -> None:
+    kit: ModelKit, make_repo: Any
+) -> None:
     v1 = kit.publish("digits", "1")
     shutil.copytree(v1, kit.root / "digits" / "9")
     shutil.copytree(v1, kit.root / "evil" / "1")
@@ -159,8 +178,11 @@ def test_a_signed_version_moved_to_another_name_or_version_is_refused(
 
 def test_encrypted_model_loads_and_serves(kit: ModelKit, make_repo: Any) -> None:
     path = kit.publish("digits", "1", encrypt=True)
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "manifest.sig",
-                                                      "model.onnx.enc"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "manifest.json",
+        "manifest.sig",
+        "model.onnx.enc",
+    ]
     assert BUNDLED_DIGITS.read_bytes()[:200] not in (path / "model.onnx.enc").read_bytes()
     repo, rejected, _ = make_repo()
     model = repo.get("digits", None)
@@ -169,7 +191,8 @@ def test_encrypted_model_loads_and_serves(kit: ModelKit, make_repo: Any) -> None
 
 
 def test_encrypted_model_tampered_or_without_its_key_is_refused(
-        kit: ModelKit, make_repo: Any) -> None:
+    kit: ModelKit, make_repo: Any
+) -> None:
     path = kit.publish("digits", "1", encrypt=True)
     _flip(path / "model.onnx.enc", 3000)
     repo, rejected, clock = make_repo()
@@ -189,9 +212,12 @@ def test_load_hook_hears_each_successful_load_with_its_duration(kit: ModelKit) -
     path = kit.publish("digits", "2", encrypt=True)
     _flip(path / "model.onnx.enc", 3000)
     loads: list[tuple[str, float]] = []
-    repo = ModelRepository(kit.root, signers=TrustedSignersSource([kit.signers_dir]).get,
-                           model_keys=ModelKeysSource(kit.keys_path).get,
-                           on_load=lambda ref, s: loads.append((ref, s)))
+    repo = ModelRepository(
+        kit.root,
+        signers=TrustedSignersSource([kit.signers_dir]).get,
+        model_keys=ModelKeysSource(kit.keys_path).get,
+        on_load=lambda ref, s: loads.append((ref, s)),
+    )
     repo.get("digits", "1")
     repo.get("digits", "1")  # loaded once, reused
     with pytest.raises(ModelRejected):
@@ -221,8 +247,12 @@ def _files_containing(needle: bytes, since: float, *roots: Path) -> list[Path]:
                 p = Path(dirpath) / name
                 try:
                     st = p.stat()
-                    if p.is_file() and st.st_mtime >= since and st.st_size < 2**26 \
-                            and needle in p.read_bytes():
+                    if (
+                        p.is_file()
+                        and st.st_mtime >= since
+                        and st.st_size < 2**26
+                        and needle in p.read_bytes()
+                    ):
                         found.append(p)
                 except OSError:
                     continue
@@ -231,7 +261,8 @@ def _files_containing(needle: bytes, since: float, *roots: Path) -> list[Path]:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
 def test_no_plaintext_model_bytes_on_disk_after_an_encrypted_load(
-        kit: ModelKit, make_repo: Any) -> None:
+    kit: ModelKit, make_repo: Any
+) -> None:
     marker = b"PLAINTEXT-MODEL-" + secrets.token_hex(16).encode()
     plain = with_marker(BUNDLED_DIGITS.read_bytes(), marker)
     since = time.time() - 1
@@ -247,13 +278,21 @@ def test_no_plaintext_model_bytes_on_disk_after_an_encrypted_load(
 
 
 def test_wrong_input_shape_is_a_clear_bad_input_without_echoing(
-        kit: ModelKit, make_repo: Any) -> None:
+    kit: ModelKit, make_repo: Any
+) -> None:
     kit.publish("digits", "1")
     model = make_repo()[0].get("digits", None)
     secret = 12345.678
-    for bad in ({"inputs": [[secret] * 63]}, {"inputs": [[secret] * 64, [secret]]},
-                {"inputs": [["text"] * 64]}, {"wrong": 1}, [secret], {"inputs": []},
-                {"inputs": [[float("nan")] * 64]}, {"inputs": [[secret] * 64] * 2000}):
+    for bad in (
+        {"inputs": [[secret] * 63]},
+        {"inputs": [[secret] * 64, [secret]]},
+        {"inputs": [["text"] * 64]},
+        {"wrong": 1},
+        [secret],
+        {"inputs": []},
+        {"inputs": [[float("nan")] * 64]},
+        {"inputs": [[secret] * 64] * 2000},
+    ):
         with pytest.raises(ModelError) as err:
             model.predict(bad)
         assert err.value.reason == "bad_input"
@@ -280,8 +319,7 @@ def test_released_version_and_hot_reload(kit: ModelKit, make_repo: Any) -> None:
     assert repo.get("digits", None).version == "2"
     with pytest.raises(ModelRejected):
         repo.get("digits", "10")
-    assert rejected == [("digits@10", "file model.onnx does not match its hash (altered)",
-                         "load")]
+    assert rejected == [("digits@10", "file model.onnx does not match its hash (altered)", "load")]
     assert "digits@10" not in repo.refs() and "digits@9" in repo.refs()
     unsigned = kit.root / "digits" / "11"
     unsigned.mkdir()
@@ -299,7 +337,8 @@ def test_released_version_and_hot_reload(kit: ModelKit, make_repo: Any) -> None:
 
 
 def test_a_loaded_version_altered_on_disk_keeps_its_verified_session(
-        kit: ModelKit, make_repo: Any) -> None:
+    kit: ModelKit, make_repo: Any
+) -> None:
     path = kit.publish("digits", "1")
     repo, rejected, clock = make_repo()
     model = repo.get("digits", "1")
@@ -326,7 +365,8 @@ def test_removing_a_trusted_signer_revokes_its_models(kit: ModelKit, make_repo: 
 
 
 def test_signer_restriction_sees_only_releases_of_allowed_signers(
-        kit: ModelKit, make_repo: Any) -> None:
+    kit: ModelKit, make_repo: Any
+) -> None:
     other = SigningKey.generate()
     (kit.signers_dir / "other.pub").write_text(other.public_pem())
     kit.publish("digits", "1")
@@ -341,8 +381,7 @@ def test_signer_restriction_sees_only_releases_of_allowed_signers(
     assert repo.get("digits", None, signers=[]) is None
 
 
-def test_registry_puts_built_in_models_first_and_merges_refs(
-        kit: ModelKit, make_repo: Any) -> None:
+def test_registry_puts_built_in_models_first_and_merges_refs(kit: ModelKit, make_repo: Any) -> None:
     kit.publish("digits", "1")
     kit.publish("echo", "5")  # cannot shadow a built-in model
     repo = make_repo()[0]

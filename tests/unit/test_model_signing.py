@@ -25,11 +25,15 @@ from maas_worker.models.signing import (
 
 def manifest(signer: str = "ab" * 16, **kw: object) -> Manifest:
     base = Manifest(
-        name="digits", version="2", artifact="model.onnx",
+        name="digits",
+        version="2",
+        artifact="model.onnx",
         input=InputSpec("float_input", "inputs", (None, 64), "float32"),
         outputs=(OutputSpec("label", "labels"),),
-        files={"model.onnx": FileEntry("0" * 64, 10)}, signer=signer,
-        created_at="2026-01-01T00:00:00Z")
+        files={"model.onnx": FileEntry("0" * 64, 10)},
+        signer=signer,
+        created_at="2026-01-01T00:00:00Z",
+    )
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
@@ -47,16 +51,26 @@ def test_non_canonical_manifest_is_refused() -> None:
         Manifest.parse_verified(json.dumps(doc).encode())
 
 
-@pytest.mark.parametrize("change", [
-    {"format": 2}, {"runtime": "pickle"}, {"name": "../evil"}, {"version": ""},
-    {"artifact": "other.onnx"}, {"files": {"../../etc/passwd": {"sha256": "0" * 64, "size": 1}}},
-    {"files": {"model.onnx": {"sha256": "xyz", "size": 1}}},
-    {"files": {"model.onnx": {"sha256": "0" * 64, "size": -1}}},
-    {"files": {"model.onnx": {"sha256": "0" * 64, "size": 1, "encrypted": True}}},
-    {"input": {"name": "x", "key": "inputs", "shape": [None, 64], "dtype": "object"}},
-    {"input": {"name": "x", "key": "inputs", "shape": [], "dtype": "float32"}},
-    {"outputs": []}, {"signer": "not hex"}, {"max_batch": 0}, {"metadata": {"a": [1]}},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"format": 2},
+        {"runtime": "pickle"},
+        {"name": "../evil"},
+        {"version": ""},
+        {"artifact": "other.onnx"},
+        {"files": {"../../etc/passwd": {"sha256": "0" * 64, "size": 1}}},
+        {"files": {"model.onnx": {"sha256": "xyz", "size": 1}}},
+        {"files": {"model.onnx": {"sha256": "0" * 64, "size": -1}}},
+        {"files": {"model.onnx": {"sha256": "0" * 64, "size": 1, "encrypted": True}}},
+        {"input": {"name": "x", "key": "inputs", "shape": [None, 64], "dtype": "object"}},
+        {"input": {"name": "x", "key": "inputs", "shape": [], "dtype": "float32"}},
+        {"outputs": []},
+        {"signer": "not hex"},
+        {"max_batch": 0},
+        {"metadata": {"a": [1]}},
+    ],
+)
 def test_invalid_manifests_are_refused(change: dict[str, object]) -> None:
     doc = {**manifest().to_json(), **change}
     data = (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
@@ -111,9 +125,17 @@ def test_valid_signature_from_an_untrusted_key_is_refused() -> None:
         trusted.verify(data, json.dumps(doc).encode())
 
 
-@pytest.mark.parametrize("sig", [b"", b"not json", b"{}", b'{"key_id": 1, "signature": ""}',
-                                 b'{"key_id": "ab", "signature": "AAAA"}',
-                                 b'{"key_id": "ab", "signature": "!!"}'])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        b"",
+        b"not json",
+        b"{}",
+        b'{"key_id": 1, "signature": ""}',
+        b'{"key_id": "ab", "signature": "AAAA"}',
+        b'{"key_id": "ab", "signature": "!!"}',
+    ],
+)
 def test_malformed_signature_files_are_refused(sig: bytes) -> None:
     with pytest.raises(ModelRejected, match="malformed"):
         TrustedSigners().verify(b"{}", sig)
@@ -149,8 +171,10 @@ def test_bundled_model_verifies_with_the_bundled_key() -> None:
     trusted = TrustedSigners.from_paths([BUNDLED_SIGNERS_DIR])
     version = BUNDLED_MODEL_DIR / "digits" / "1"
     data = (version / "manifest.json").read_bytes()
-    assert trusted.verify(data, (version / "manifest.sig").read_bytes()) \
+    assert (
+        trusted.verify(data, (version / "manifest.sig").read_bytes())
         == Manifest.parse_verified(data).signer
+    )
 
 
 def test_no_private_key_is_shipped() -> None:

@@ -33,16 +33,28 @@ IAT_MS = 1_700_000_000_000
 
 def kombu_message(envelope_b64: str, *, argsrepr: str = "('<sealed envelope>',)") -> bytes:
     """A message as kombu's Redis transport stores it (virtual Channel.prepare_message)."""
-    body = json.dumps([[envelope_b64], {}, {"callbacks": None, "errbacks": None,
-                                            "chain": None, "chord": None}])
-    return json.dumps({
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8", "content-type": "application/json",
-        "headers": {"lang": "py", "task": "maas.infer", "id": "job-0001",
-                    "argsrepr": argsrepr, "kwargsrepr": "{}"},
-        "properties": {"delivery_tag": "t", "body_encoding": "base64",
-                       "delivery_info": {"exchange": "maas", "routing_key": "maas.normal"}},
-    }).encode()
+    body = json.dumps(
+        [[envelope_b64], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    )
+    return json.dumps(
+        {
+            "body": base64.b64encode(body.encode()).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {
+                "lang": "py",
+                "task": "maas.infer",
+                "id": "job-0001",
+                "argsrepr": argsrepr,
+                "kwargsrepr": "{}",
+            },
+            "properties": {
+                "delivery_tag": "t",
+                "body_encoding": "base64",
+                "delivery_info": {"exchange": "maas", "routing_key": "maas.normal"},
+            },
+        }
+    ).encode()
 
 
 @pytest.fixture
@@ -57,8 +69,10 @@ def test_issued_at_is_read_from_a_message_prefix() -> None:
     assert _unverified_issued_at_ms(msg[:512]) == IAT_MS  # what read_backlog fetches
 
 
-@pytest.mark.parametrize("raw", [b"", b"{}", b"not json", kombu_message("Zm9yZ2Vk"),
-                                 kombu_message("!!!"), b'{"body": "////"}'])
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"{}", b"not json", kombu_message("Zm9yZ2Vk"), kombu_message("!!!"), b'{"body": "////"}'],
+)
 def test_anything_else_has_no_age(raw: bytes) -> None:
     assert _unverified_issued_at_ms(raw) is None
 
@@ -115,8 +129,14 @@ def test_without_nvml_there_is_no_gpu_section() -> None:
 def test_summary_is_short_readable_text() -> None:
     s = take_sample("w1@host", main_pid=os.getpid(), interval_s=15, jobs=(3, 1.5))
     s["cpu"]["per_core"] = [float(i) for i in range(64)]
-    s["gpu"] = [{"index": 0, "utilization_percent": 55.0, "memory_used_bytes": 2**30,
-                 "memory_total_bytes": 2**34}]
+    s["gpu"] = [
+        {
+            "index": 0,
+            "utilization_percent": 55.0,
+            "memory_used_bytes": 2**30,
+            "memory_total_bytes": 2**34,
+        }
+    ]
     text = summarize(s)
     assert all(isinstance(v, str) for v in text.values())
     assert len(repr(text)) < 1024  # Flower's result column truncates at 1024
@@ -127,8 +147,13 @@ def test_summary_is_short_readable_text() -> None:
 
 # -- storage -------------------------------------------------------------------------------------
 def sample_at(node: str, at: float, finished: float = 0, busy: float = 0) -> dict[str, object]:
-    return {"v": 1, "node": node, "at": at, "pool": {"processes": 2},
-            "jobs": {"finished": finished, "busy_s": busy}}
+    return {
+        "v": 1,
+        "node": node,
+        "at": at,
+        "pool": {"processes": 2},
+        "jobs": {"finished": finished, "busy_s": busy},
+    }
 
 
 def test_store_keeps_only_current_samples(r: fakeredis.FakeRedis) -> None:

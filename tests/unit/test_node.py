@@ -46,8 +46,9 @@ def events(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def _worker(tmp_path: Path) -> tuple[Any, Any, Node]:
     """A worker and its consumer as the two steps see them, with an unprepared node."""
-    settings = Settings.from_env({"MAAS_DIAGNOSTIC_MODELS": "1",
-                                  "MAAS_MODEL_DIR": str(tmp_path / "models")})
+    settings = Settings.from_env(
+        {"MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_MODEL_DIR": str(tmp_path / "models")}
+    )
     node = Node(None, "n@host", settings)
     worker = SimpleNamespace(maas_node=node, autoscaler=None)
     return worker, SimpleNamespace(controller=worker), node
@@ -63,11 +64,12 @@ def test_the_worker_app_carries_the_node_steps_and_a_producer_app_none() -> None
 
 
 def test_a_broker_reconnection_neither_withdraws_nor_announces_again(
-        tmp_path: Path, events: list[str]) -> None:
+    tmp_path: Path, events: list[str]
+) -> None:
     _, consumer, _ = _worker(tmp_path)
     serve = ServeStep(consumer)
     serve.start(consumer)
-    serve.stop(consumer)   # Celery restarts a consumer's steps when the connection drops
+    serve.stop(consumer)  # Celery restarts a consumer's steps when the connection drops
     serve.start(consumer)
     assert events == ["announced"]
     serve.shutdown(consumer)  # the worker stops (warm)

@@ -14,7 +14,8 @@ def test_the_version_is_written_once() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {
-        "attr": "maas_worker.__version__"}
+        "attr": "maas_worker.__version__"
+    }
     # the compose file's default image tag follows it
     compose = (ROOT / "docker" / "compose.yaml").read_text()
     assert f"maas-worker:{maas_worker.__version__}}}" in compose

@@ -22,17 +22,28 @@ from maas_worker.crypto.primitives import (
 )
 
 IMPLEMENTATIONS = [pytest.param(impl, id=impl.name) for impl in primitives.IMPLEMENTATIONS]
-PAIRS = [pytest.param(a, b, id=f"{a.name}-to-{b.name}")
-         for a in primitives.IMPLEMENTATIONS for b in primitives.IMPLEMENTATIONS]
+PAIRS = [
+    pytest.param(a, b, id=f"{a.name}-to-{b.name}")
+    for a in primitives.IMPLEMENTATIONS
+    for b in primitives.IMPLEMENTATIONS
+]
 
 # RFC 5869, appendix A: test cases 1 (salt and info) and 3 (neither).
 HKDF_VECTORS = [
-    (bytes([0x0B] * 22), bytes(range(13)), bytes(range(0xF0, 0xFA)), 42,
-     "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
-     "34007208d5b887185865"),
-    (bytes([0x0B] * 22), b"", b"", 42,
-     "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d"
-     "9d201395faa4b61a96c8"),
+    (
+        bytes([0x0B] * 22),
+        bytes(range(13)),
+        bytes(range(0xF0, 0xFA)),
+        42,
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865",
+    ),
+    (
+        bytes([0x0B] * 22),
+        b"",
+        b"",
+        42,
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8",
+    ),
 ]
 # The envelope's derived request key (docs/envelope.md section 7; test_envelope.py).
 ENVELOPE_SECRET = bytes(range(32))
@@ -41,22 +52,29 @@ ENVELOPE_REQUEST_ENC = "ab49c80d54be03409401455a7ae485cb396a11a6b08e2d0a59f2911f
 
 # RFC 8032, section 7.1: tests 1 (empty message) and 2 (one byte).
 ED25519_VECTORS = [
-    ("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
-     "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a", "",
-     "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555"
-     "fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"),
-    ("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
-     "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c", "72",
-     "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da0"
-     "85ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00"),
+    (
+        "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+        "",
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555"
+        "fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+    ),
+    (
+        "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
+        "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+        "72",
+        "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da0"
+        "85ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+    ),
 ]
 
 
 # -- HKDF-SHA256 ---------------------------------------------------------------------
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize(("ikm", "salt", "info", "length", "okm"), HKDF_VECTORS)
-def test_hkdf_known_answers(impl: CryptoBackend, ikm: bytes, salt: bytes, info: bytes,
-                            length: int, okm: str) -> None:
+def test_hkdf_known_answers(
+    impl: CryptoBackend, ikm: bytes, salt: bytes, info: bytes, length: int, okm: str
+) -> None:
     assert impl.hkdf_sha256(ikm, info=info, salt=salt, length=length).hex() == okm
 
 
@@ -68,16 +86,18 @@ def test_hkdf_gives_the_envelope_keys_of_the_documented_vectors(impl: CryptoBack
 def test_hkdf_implementations_agree_on_random_input() -> None:
     for _ in range(50):
         secret, salt, info = os.urandom(32), os.urandom(os.urandom(1)[0] % 40), os.urandom(20)
-        out = {impl.hkdf_sha256(secret, info=info, salt=salt)
-               for impl in primitives.IMPLEMENTATIONS}
+        out = {
+            impl.hkdf_sha256(secret, info=info, salt=salt) for impl in primitives.IMPLEMENTATIONS
+        }
         assert len(out) == 1
 
 
 # -- Ed25519 ---------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize(("seed", "public", "message", "signature"), ED25519_VECTORS)
-def test_ed25519_known_answers(impl: CryptoBackend, seed: str, public: str, message: str,
-                               signature: str) -> None:
+def test_ed25519_known_answers(
+    impl: CryptoBackend, seed: str, public: str, message: str, signature: str
+) -> None:
     raw_seed, raw_public, msg = bytes.fromhex(seed), bytes.fromhex(public), bytes.fromhex(message)
     assert impl.ed25519_public(raw_seed).hex() == public
     assert impl.ed25519_sign(raw_seed, msg).hex() == signature
@@ -85,8 +105,9 @@ def test_ed25519_known_answers(impl: CryptoBackend, seed: str, public: str, mess
 
 
 @pytest.mark.parametrize(("signer", "verifier"), PAIRS)
-def test_ed25519_signatures_cross_and_any_change_fails(signer: CryptoBackend,
-                                                       verifier: CryptoBackend) -> None:
+def test_ed25519_signatures_cross_and_any_change_fails(
+    signer: CryptoBackend, verifier: CryptoBackend
+) -> None:
     seed, message = os.urandom(32), b"maas-worker model manifest v1\x00{}"
     public = signer.ed25519_public(seed)
     signature = signer.ed25519_sign(seed, message)
@@ -102,8 +123,9 @@ def test_ed25519_signatures_cross_and_any_change_fails(signer: CryptoBackend,
 
 
 @pytest.mark.parametrize(("writer", "reader"), PAIRS)
-def test_ed25519_key_files_are_identical_and_read_back(writer: CryptoBackend,
-                                                       reader: CryptoBackend) -> None:
+def test_ed25519_key_files_are_identical_and_read_back(
+    writer: CryptoBackend, reader: CryptoBackend
+) -> None:
     seed = os.urandom(32)
     public = writer.ed25519_public(seed)
     private_pem, public_pem = writer.ed25519_private_pem(seed), writer.ed25519_public_pem(public)
@@ -128,8 +150,16 @@ MC4CAQAwBQYDK2VuBCIEIFDDerqxTmbEQe/AZciJCgLcoEluiuHtSEPCTT1oTiRp
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize("text", ["", "hello", P256_PUBLIC_PEM, X25519_PRIVATE_PEM,
-                                  "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "hello",
+        P256_PUBLIC_PEM,
+        X25519_PRIVATE_PEM,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    ],
+)
 def test_ed25519_load_refuses_anything_else(impl: CryptoBackend, text: str) -> None:
     with pytest.raises(ValueError):
         impl.ed25519_load_pem(text)
@@ -149,9 +179,22 @@ def test_key_values_round_trip_and_never_print_the_seed() -> None:
 def test_only_the_primitives_module_imports_a_crypto_library() -> None:
     # The ruff banned-api rule (TID251) is the guard; this shows it is configured.
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--select", "TID251", "--stdin-filename",
-         "maas_worker/example.py", "-"],
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "check",
+            "--select",
+            "TID251",
+            "--stdin-filename",
+            "maas_worker/example.py",
+            "-",
+        ],
         input="from Crypto.Cipher import AES\nimport cryptography.fernet\n",
-        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[2])
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert result.returncode == 1
     assert result.stdout.count("TID251") == 2

@@ -35,17 +35,25 @@ from maas_worker.protocol import (
 def test_protocol_is_the_bottom_layer() -> None:
     # It may import errors only, so that every layer (crypto included) can import it.
     tree = ast.parse(Path(protocol.__file__).read_text())
-    imported = {node.module for node in ast.walk(tree)
-                if isinstance(node, ast.ImportFrom) and node.module}
-    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                 for alias in node.names}
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    imported |= {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
     assert {m for m in imported if m.startswith("maas_worker")} == {"maas_worker.errors"}
 
 
 def test_task_names_are_the_documented_ones() -> None:
     # docs/envelope.md (header task), docs/monitoring.md (the sample broadcast)
-    assert (TASK_NAME, SAMPLE_TASK, MONITOR_EXCHANGE) == ("maas.infer", "maas.sample",
-                                                         "maas.monitor")
+    assert (TASK_NAME, SAMPLE_TASK, MONITOR_EXCHANGE) == (
+        "maas.infer",
+        "maas.sample",
+        "maas.monitor",
+    )
     assert ARGS_REPR == "('<sealed envelope>',)"
 
 
@@ -64,7 +72,14 @@ def test_priorities_and_queues_are_the_documented_names() -> None:
 def test_job_states_are_the_documented_strings() -> None:
     # DESIGN's job.status() contract and docs/compute.md "Job states"
     assert [s.value for s in JobState] == [
-        "queued", "running", "succeeded", "failed", "rejected", "cancelled", "expired"]
+        "queued",
+        "running",
+        "succeeded",
+        "failed",
+        "rejected",
+        "cancelled",
+        "expired",
+    ]
     assert JobState.QUEUED == "queued"
     assert f"{JobState.RUNNING}" == str(JobState.RUNNING) == "running"
     assert json.dumps(JobState.FAILED) == '"failed"'
@@ -74,17 +89,35 @@ def test_audit_reasons_are_the_contract_list() -> None:
     # DESIGN: tampered, replayed, expired, unknown_key, malformed, oversize, policy,
     # rate_limited; docs/models.md adds model_rejected (a model's, not a job's)
     assert {r.value for r in AuditReason} == {
-        "tampered", "replayed", "expired", "unknown_key", "malformed", "oversize", "policy",
-        "rate_limited", "model_rejected"}
+        "tampered",
+        "replayed",
+        "expired",
+        "unknown_key",
+        "malformed",
+        "oversize",
+        "policy",
+        "rate_limited",
+        "model_rejected",
+    }
     assert "%s" % AuditReason.UNKNOWN_KEY == "unknown_key"  # noqa: UP031 (the log format)
 
 
 def test_outcomes_and_failure_codes_are_the_documented_strings() -> None:
     # docs/monitoring.md (maas_jobs_total outcome label), docs/compute.md (failure codes)
     assert {o.value for o in Outcome} == {
-        "succeeded", "failed", "duplicate", "cancelled", "finished"}
+        "succeeded",
+        "failed",
+        "duplicate",
+        "cancelled",
+        "finished",
+    }
     assert {c.value for c in FailureCode} == {
-        "timeout", "cancelled", "worker_lost", "internal_error", "oversize"}
+        "timeout",
+        "cancelled",
+        "worker_lost",
+        "internal_error",
+        "oversize",
+    }
 
 
 def test_payload_reference() -> None:
@@ -97,34 +130,49 @@ def test_payload_reference() -> None:
 # Result documents as the worker wrote them before ResultDoc (pipeline.py's dicts through
 # json.dumps(doc, separators=(",", ":"), allow_nan=False)), pinned byte for byte.
 PINNED = [
-    (ResultDoc.success({"label": 7, "scores": [0.1, 2.5e-07, 1], "text": "h\u00e9 \"q\""},
-                       model="digits@2"),
-     b'{"ok":true,"output":{"label":7,"scores":[0.1,2.5e-07,1],'
-     b'"text":"h\\u00e9 \\"q\\""},"model":"digits@2"}'),
-    (ResultDoc.failure("timeout", "the job exceeded its time limit (1.5 s)", model="digits@2"),
-     b'{"ok":false,"error":"timeout","message":"the job exceeded its time limit (1.5 s)",'
-     b'"model":"digits@2"}'),
-    (ResultDoc.failure("cancelled", "the job was cancelled", model="digits@2"),
-     b'{"ok":false,"error":"cancelled","message":"the job was cancelled","model":"digits@2"}'),
-    (ResultDoc.failure("internal_error", "the model failed", model="digits@2"),
-     b'{"ok":false,"error":"internal_error","message":"the model failed","model":"digits@2"}'),
-    (ResultDoc.failure("worker_lost",
-                       "the job was started 3 times and its worker died each time"),
-     b'{"ok":false,"error":"worker_lost",'
-     b'"message":"the job was started 3 times and its worker died each time"}'),
-    (ResultDoc.failure("oversize", "the result exceeds the size limit", model="digits@2"),
-     b'{"ok":false,"error":"oversize","message":"the result exceeds the size limit",'
-     b'"model":"digits@2"}'),
-    (ResultDoc.failure("internal_error", "the model's output is not JSON"),
-     b'{"ok":false,"error":"internal_error","message":"the model\'s output is not JSON"}'),
+    (
+        ResultDoc.success(
+            {"label": 7, "scores": [0.1, 2.5e-07, 1], "text": 'h\u00e9 "q"'}, model="digits@2"
+        ),
+        b'{"ok":true,"output":{"label":7,"scores":[0.1,2.5e-07,1],'
+        b'"text":"h\\u00e9 \\"q\\""},"model":"digits@2"}',
+    ),
+    (
+        ResultDoc.failure("timeout", "the job exceeded its time limit (1.5 s)", model="digits@2"),
+        b'{"ok":false,"error":"timeout","message":"the job exceeded its time limit (1.5 s)",'
+        b'"model":"digits@2"}',
+    ),
+    (
+        ResultDoc.failure("cancelled", "the job was cancelled", model="digits@2"),
+        b'{"ok":false,"error":"cancelled","message":"the job was cancelled","model":"digits@2"}',
+    ),
+    (
+        ResultDoc.failure("internal_error", "the model failed", model="digits@2"),
+        b'{"ok":false,"error":"internal_error","message":"the model failed","model":"digits@2"}',
+    ),
+    (
+        ResultDoc.failure(
+            "worker_lost", "the job was started 3 times and its worker died each time"
+        ),
+        b'{"ok":false,"error":"worker_lost",'
+        b'"message":"the job was started 3 times and its worker died each time"}',
+    ),
+    (
+        ResultDoc.failure("oversize", "the result exceeds the size limit", model="digits@2"),
+        b'{"ok":false,"error":"oversize","message":"the result exceeds the size limit",'
+        b'"model":"digits@2"}',
+    ),
+    (
+        ResultDoc.failure("internal_error", "the model's output is not JSON"),
+        b'{"ok":false,"error":"internal_error","message":"the model\'s output is not JSON"}',
+    ),
     (ResultDoc.success({"text": "hi"}), b'{"ok":true,"output":{"text":"hi"}}'),
     (ResultDoc.success(None), b'{"ok":true,"output":null}'),
 ]
 
 
 @pytest.mark.parametrize(("doc", "body"), PINNED)
-def test_result_documents_are_byte_identical_and_round_trip(doc: ResultDoc,
-                                                            body: bytes) -> None:
+def test_result_documents_are_byte_identical_and_round_trip(doc: ResultDoc, body: bytes) -> None:
     assert doc.to_json() == body
     assert ResultDoc.from_json(body) == doc
     assert ResultDoc.from_json(body).to_json() == body
@@ -152,8 +200,9 @@ def test_reading_is_as_lenient_as_the_client_always_was() -> None:
     assert not ResultDoc.from_json(b'{"ok":false,"error":"timeout"}').cancelled
 
 
-@pytest.mark.parametrize("body", [b"", b"not json", b"[1,2]", b'"ok"', b"null", b"\xff\xfe",
-                                  b"[" * 100_000])
+@pytest.mark.parametrize(
+    "body", [b"", b"not json", b"[1,2]", b'"ok"', b"null", b"\xff\xfe", b"[" * 100_000]
+)
 def test_a_body_that_is_not_a_json_object_is_an_invalid_envelope(body: bytes) -> None:
     with pytest.raises(InvalidEnvelope) as caught:
         ResultDoc.from_json(body)
@@ -166,10 +215,15 @@ JOB = "5e0c6a4e-7d1b-4c38-9a51-2f7f9a0c1b2d"
 def test_job_info_has_attributes_and_prints_as_before() -> None:
     info = JobInfo(JOB, JobState.FAILED, "timeout", "digits@2")
     assert (info.job_id, info.state, info.reason, info.model) == (
-        JOB, "failed", "timeout", "digits@2")
+        JOB,
+        "failed",
+        "timeout",
+        "digits@2",
+    )
     # `maas-worker status --json` prints as_dict(): the same JSON as the old dict
     assert json.dumps(info.as_dict()) == json.dumps(
-        {"job_id": JOB, "state": "failed", "reason": "timeout", "model": "digits@2"})
+        {"job_id": JOB, "state": "failed", "reason": "timeout", "model": "digits@2"}
+    )
     assert info == JobInfo(JOB, JobState.FAILED, "timeout", "digits@2")
     assert len({info, JobInfo(JOB, JobState.FAILED, "timeout", "digits@2")}) == 1
 

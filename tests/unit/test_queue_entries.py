@@ -47,10 +47,23 @@ def send() -> Iterator[Send]:
     """Send a task as our client does; the queue entry as it would sit in Redis (parsed)."""
     app = Celery("queue-entries-test", broker="memory://", set_as_current=False)
 
-    def _send(*, task: str = TASK_NAME, task_id: str = JOB, queue: str = QUEUE,
-              args: list[Any] | None = None, **options: Any) -> dict[str, Any]:
-        app.send_task(task, args=[ENVELOPE] if args is None else args, task_id=task_id,
-                      queue=queue, argsrepr=ARGS_REPR, kwargsrepr="{}", **options)
+    def _send(
+        *,
+        task: str = TASK_NAME,
+        task_id: str = JOB,
+        queue: str = QUEUE,
+        args: list[Any] | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        app.send_task(
+            task,
+            args=[ENVELOPE] if args is None else args,
+            task_id=task_id,
+            queue=queue,
+            argsrepr=ARGS_REPR,
+            kwargsrepr="{}",
+            **options,
+        )
         stored = memory.Channel.queues.pop(queue).get_nowait()
         # Round trip through JSON, as the Redis transport stores and reads it.
         entry: dict[str, Any] = json.loads(json.dumps(stored))
@@ -64,8 +77,9 @@ def body_of(raw: dict[str, Any]) -> Any:
     return json.loads(base64.b64decode(raw["body"]))
 
 
-def with_body(raw: dict[str, Any], body: Any = None, *, text: str | bytes | None = None
-              ) -> dict[str, Any]:
+def with_body(
+    raw: dict[str, Any], body: Any = None, *, text: str | bytes | None = None
+) -> dict[str, Any]:
     """``raw`` with another body: ``body`` as JSON, or ``text`` as it is (then base64)."""
     raw = copy.deepcopy(raw)
     data = text if text is not None else json.dumps(body)
@@ -124,19 +138,23 @@ def test_celerys_own_queues_are_checked_for_structure_only() -> None:
     assert refused({"properties": {}}, "celery.pidbox").reason == "malformed"
 
 
-@pytest.mark.parametrize("task_id", [
-    "job-1",
-    JOB + "\n",
-    "\n" + JOB,
-    JOB.upper(),
-    JOB.replace("-", ""),
-    "{" + JOB + "}",
-    "urn:uuid:" + JOB,
-    JOB[:-1],
-    JOB + "0",
-    "",
-    "0b7e8c6a-3f1d-4c2e-9a7b-5d6e4f3a2b1g",
-], ids=repr)
+@pytest.mark.parametrize(
+    "task_id",
+    [
+        "job-1",
+        JOB + "\n",
+        "\n" + JOB,
+        JOB.upper(),
+        JOB.replace("-", ""),
+        "{" + JOB + "}",
+        "urn:uuid:" + JOB,
+        JOB[:-1],
+        JOB + "0",
+        "",
+        "0b7e8c6a-3f1d-4c2e-9a7b-5d6e4f3a2b1g",
+    ],
+    ids=repr,
+)
 def test_a_task_id_that_is_not_a_canonical_uuid_is_refused(send: Send, task_id: str) -> None:
     raw = send()
     raw["headers"]["id"] = task_id
@@ -180,7 +198,7 @@ def test_an_empty_workflow_passes(send: Send, embed: Any) -> None:
 def test_a_body_nested_deeper_than_the_limit_is_refused(send: Send, depth: int) -> None:
     # [[arg], {}, {}] is 2 deep already: the argument makes it deeper than the limit.
     arg = "[" * depth + "]" * depth
-    raw = with_body(send(), text=f'[[{arg}], {{}}, {{}}]')
+    raw = with_body(send(), text=f"[[{arg}], {{}}, {{}}]")
     assert len(raw["body"]) <= LIMIT
     err = refused(raw)
     assert err.reason == "malformed"
@@ -193,16 +211,20 @@ def test_a_body_at_the_depth_limit_passes(send: Send) -> None:
     assert check_message(raw, QUEUE, max_body_chars=LIMIT) is not None
 
 
-@pytest.mark.parametrize("body", [
-    {"args": [ENVELOPE], "kwargs": {}},
-    [[ENVELOPE], {}],
-    [[ENVELOPE], {}, {}, {}],
-    [[ENVELOPE], [], {}],
-    [[ENVELOPE], {}, []],
-    [[ENVELOPE], {}, "embed"],
-    ENVELOPE,
-    None,
-], ids=repr)
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"args": [ENVELOPE], "kwargs": {}},
+        [[ENVELOPE], {}],
+        [[ENVELOPE], {}, {}, {}],
+        [[ENVELOPE], [], {}],
+        [[ENVELOPE], {}, []],
+        [[ENVELOPE], {}, "embed"],
+        ENVELOPE,
+        None,
+    ],
+    ids=repr,
+)
 def test_a_body_that_is_not_args_kwargs_embed_is_refused(send: Send, body: Any) -> None:
     err = refused(with_body(send(), body))
     assert err.reason == "malformed"
@@ -224,17 +246,21 @@ def test_a_body_over_the_size_limit_is_oversize(send: Send) -> None:
     assert refused(raw).reason == "oversize"
 
 
-@pytest.mark.parametrize("tamper", [
-    pytest.param(lambda m: m.update({"content-type": "application/x-python-serialize"}),
-                 id="pickle"),
-    pytest.param(lambda m: m.update({"content-encoding": "binary"}), id="encoding"),
-    pytest.param(lambda m: m["properties"].update({"body_encoding": "rot13"}), id="body-enc"),
-    pytest.param(lambda m: m["headers"].update({"task": "celery.chord_unlock"}), id="task"),
-    pytest.param(lambda m: m["properties"].pop("delivery_tag"), id="no-tag"),
-    pytest.param(lambda m: m["properties"].update({"delivery_info": "x"}), id="info"),
-    pytest.param(lambda m: m.update({"headers": ["x"]}), id="headers"),
-    pytest.param(lambda m: m.update({"body": 12}), id="body-type"),
-])
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(
+            lambda m: m.update({"content-type": "application/x-python-serialize"}), id="pickle"
+        ),
+        pytest.param(lambda m: m.update({"content-encoding": "binary"}), id="encoding"),
+        pytest.param(lambda m: m["properties"].update({"body_encoding": "rot13"}), id="body-enc"),
+        pytest.param(lambda m: m["headers"].update({"task": "celery.chord_unlock"}), id="task"),
+        pytest.param(lambda m: m["properties"].pop("delivery_tag"), id="no-tag"),
+        pytest.param(lambda m: m["properties"].update({"delivery_info": "x"}), id="info"),
+        pytest.param(lambda m: m.update({"headers": ["x"]}), id="headers"),
+        pytest.param(lambda m: m.update({"body": 12}), id="body-type"),
+    ],
+)
 def test_other_tampering_is_refused(send: Send, tamper: Callable[[dict[str, Any]], Any]) -> None:
     raw = send()
     tamper(raw)
@@ -249,15 +275,28 @@ def test_what_is_not_a_kombu_message_is_refused(raw: Any) -> None:
 # -- sanitize_headers --------------------------------------------------------------------------
 def hostile(raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` with every header a Redis writer could use against a worker."""
-    raw["headers"].update({
-        "expires": (NOW + timedelta(seconds=1)).isoformat(),
-        "timelimit": [1, 1], "shadow": "innocent.task", "group": "g-1", "group_index": 3,
-        "stamps": {"on_revoke": ["x"]}, "stamped_headers": ["on_revoke"],
-        "parent_id": "p", "root_id": "r", "argsrepr": "('the plaintext?',)",
-        "kwargsrepr": "{'model': 'x'}", "ignore_result": False, "replaced_task_nesting": 7,
-        "origin": "evil\nlog line", "x-unknown": "kept?", "lang": "js", "retries": -4,
-        "eta": (NOW + timedelta(days=365)).isoformat(),
-    })
+    raw["headers"].update(
+        {
+            "expires": (NOW + timedelta(seconds=1)).isoformat(),
+            "timelimit": [1, 1],
+            "shadow": "innocent.task",
+            "group": "g-1",
+            "group_index": 3,
+            "stamps": {"on_revoke": ["x"]},
+            "stamped_headers": ["on_revoke"],
+            "parent_id": "p",
+            "root_id": "r",
+            "argsrepr": "('the plaintext?',)",
+            "kwargsrepr": "{'model': 'x'}",
+            "ignore_result": False,
+            "replaced_task_nesting": 7,
+            "origin": "evil\nlog line",
+            "x-unknown": "kept?",
+            "lang": "js",
+            "retries": -4,
+            "eta": (NOW + timedelta(days=365)).isoformat(),
+        }
+    )
     return raw
 
 
@@ -272,11 +311,25 @@ def test_hostile_headers_are_replaced_by_the_clients_own(send: Send) -> None:
     body = raw["body"]
     headers = sanitized(raw)
     assert headers == {
-        "lang": "py", "task": TASK_NAME, "id": JOB, "shadow": None, "eta": None,
-        "expires": None, "group": None, "group_index": None, "retries": 0,
-        "timelimit": [None, None], "root_id": JOB, "parent_id": None,
-        "argsrepr": ARGS_REPR, "kwargsrepr": "{}", "origin": None, "ignore_result": True,
-        "replaced_task_nesting": 0, "stamped_headers": None, "stamps": {},
+        "lang": "py",
+        "task": TASK_NAME,
+        "id": JOB,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": JOB,
+        "parent_id": None,
+        "argsrepr": ARGS_REPR,
+        "kwargsrepr": "{}",
+        "origin": None,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
     }
     assert raw["body"] == body
     # Still a message the check passes.
@@ -306,41 +359,63 @@ def test_a_near_eta_from_celery_is_kept_a_far_one_dropped(send: Send) -> None:
     assert far["headers"]["eta"] is None
 
 
-@pytest.mark.parametrize("eta, kept", [
-    ((NOW + timedelta(seconds=MAX_ETA_S)).isoformat(), True),
-    ((NOW + timedelta(seconds=MAX_ETA_S + 4)).isoformat(), True),  # within the slack
-    ((NOW + timedelta(seconds=MAX_ETA_S + 6)).isoformat(), False),
-    ((NOW - timedelta(days=3)).isoformat(), True),  # due already
-    ((NOW + timedelta(seconds=10)).replace(tzinfo=None).isoformat(), True),  # naive: UTC
-    ((NOW + timedelta(days=1)).replace(tzinfo=None).isoformat(), False),
-    ("9999-12-31T23:59:59+00:00", False),
-    ("tomorrow", False),
-    ("2030-13-45T00:00:00", False),
-    ("2030-01-01T12:00:00+00:00" + " " * 60, False),  # longer than any timestamp
-    (1_900_000_000, False),
-    (["2030-01-01T12:00:00"], False),
-    (None, False),
-])
+@pytest.mark.parametrize(
+    "eta, kept",
+    [
+        ((NOW + timedelta(seconds=MAX_ETA_S)).isoformat(), True),
+        ((NOW + timedelta(seconds=MAX_ETA_S + 4)).isoformat(), True),  # within the slack
+        ((NOW + timedelta(seconds=MAX_ETA_S + 6)).isoformat(), False),
+        ((NOW - timedelta(days=3)).isoformat(), True),  # due already
+        ((NOW + timedelta(seconds=10)).replace(tzinfo=None).isoformat(), True),  # naive: UTC
+        ((NOW + timedelta(days=1)).replace(tzinfo=None).isoformat(), False),
+        ("9999-12-31T23:59:59+00:00", False),
+        ("tomorrow", False),
+        ("2030-13-45T00:00:00", False),
+        ("2030-01-01T12:00:00+00:00" + " " * 60, False),  # longer than any timestamp
+        (1_900_000_000, False),
+        (["2030-01-01T12:00:00"], False),
+        (None, False),
+    ],
+)
 def test_eta(send: Send, eta: Any, kept: bool) -> None:
     raw = send()
     raw["headers"]["eta"] = eta
     assert sanitized(raw)["eta"] == (eta if kept else None)
 
 
-@pytest.mark.parametrize("retries, expected", [
-    (0, 0), (3, 3), (999_999, 999_999), (10**6, 0), (-1, 0), (True, 0), (2.0, 0),
-    ("3", 0), (None, 0), ([1], 0),
-])
+@pytest.mark.parametrize(
+    "retries, expected",
+    [
+        (0, 0),
+        (3, 3),
+        (999_999, 999_999),
+        (10**6, 0),
+        (-1, 0),
+        (True, 0),
+        (2.0, 0),
+        ("3", 0),
+        (None, 0),
+        ([1], 0),
+    ],
+)
 def test_retries_are_a_small_non_negative_int(send: Send, retries: Any, expected: int) -> None:
     raw = send()
     raw["headers"]["retries"] = retries
     assert sanitized(raw)["retries"] == expected
 
 
-@pytest.mark.parametrize("origin, kept", [
-    ("gen123@worker-host", True), ("", True), ("a\nb", False), ("\x1b[31mred", False),
-    ("x" * 256, False), (42, False), (None, False),
-])
+@pytest.mark.parametrize(
+    "origin, kept",
+    [
+        ("gen123@worker-host", True),
+        ("", True),
+        ("a\nb", False),
+        ("\x1b[31mred", False),
+        ("x" * 256, False),
+        (42, False),
+        (None, False),
+    ],
+)
 def test_origin_is_printable_and_short_or_nothing(send: Send, origin: Any, kept: bool) -> None:
     raw = send()
     raw["headers"]["origin"] = origin

@@ -43,11 +43,20 @@ def guard(r: fakeredis.FakeRedis) -> JobGuard:
     return JobGuard(r, lease_s=15, holder="worker-a")
 
 
-def start(guard: JobGuard, job_id: str, policy: TenantPolicy, *, tenant: str = TENANT,
-          expires_at_ms: int = FAR) -> Claim:
+def start(
+    guard: JobGuard,
+    job_id: str,
+    policy: TenantPolicy,
+    *,
+    tenant: str = TENANT,
+    expires_at_ms: int = FAR,
+) -> Claim:
     """A worker starting the job: the claim script, charging the tenant's quota."""
-    return guard.claim_job(tenant, job_id, admission=(
-        admission_keys(tenant), admission_args(job_id, policy, expires_at_ms)))
+    return guard.claim_job(
+        tenant,
+        job_id,
+        admission=(admission_keys(tenant), admission_args(job_id, policy, expires_at_ms)),
+    )
 
 
 def die(r: fakeredis.FakeRedis, job_id: str, tenant: str = TENANT) -> None:
@@ -113,9 +122,7 @@ def test_a_batch_larger_than_the_burst_can_never_pass(q: Quotas) -> None:
     assert not v.admitted and v.over == "rate" and v.retry_after_s is None
 
 
-def test_tokens_the_workers_charged_are_not_advised_again(
-    q: Quotas, guard: JobGuard
-) -> None:
+def test_tokens_the_workers_charged_are_not_advised_again(q: Quotas, guard: JobGuard) -> None:
     policy = TenantPolicy(rate_per_s=SLOW, burst=2)
     assert start(guard, J1, policy).outcome == "claimed"
     assert start(guard, J2, policy).outcome == "claimed"
@@ -175,8 +182,7 @@ def test_every_start_is_charged(guard: JobGuard, r: fakeredis.FakeRedis) -> None
     assert r.pttl(keyspace.bucket(TENANT)) > 0
 
 
-def test_a_rate_limited_start_says_when_to_retry(guard: JobGuard,
-                                                 r: fakeredis.FakeRedis) -> None:
+def test_a_rate_limited_start_says_when_to_retry(guard: JobGuard, r: fakeredis.FakeRedis) -> None:
     policy = TenantPolicy(rate_per_s=SLOW, burst=1)
     assert start(guard, J1, policy).outcome == "claimed"
     limited = start(guard, J2, policy)
@@ -230,8 +236,9 @@ def test_starting_a_job_moves_it_from_pending_to_in_flight(
     assert r.pttl(keyspace.in_flight(TENANT)) > 0
 
 
-def test_release_frees_the_in_flight_slot(q: Quotas, guard: JobGuard,
-                                          r: fakeredis.FakeRedis) -> None:
+def test_release_frees_the_in_flight_slot(
+    q: Quotas, guard: JobGuard, r: fakeredis.FakeRedis
+) -> None:
     policy = TenantPolicy(max_in_flight=2)
     assert start(guard, J1, policy).outcome == "claimed"
     assert start(guard, J2, policy).outcome == "claimed"
@@ -256,8 +263,11 @@ def test_workers_charge_tenants_separately(guard: JobGuard) -> None:
     assert start(guard, J2, policy, tenant=OTHER).outcome == "claimed"
 
 
-@pytest.mark.parametrize("policy", [TenantPolicy(rate_per_s=SLOW, burst=2),
-                                    TenantPolicy(max_in_flight=2)], ids=["rate", "in-flight"])
+@pytest.mark.parametrize(
+    "policy",
+    [TenantPolicy(rate_per_s=SLOW, burst=2), TenantPolicy(max_in_flight=2)],
+    ids=["rate", "in-flight"],
+)
 def test_a_client_that_skips_the_advice_is_still_charged_and_limited(
     guard: JobGuard, policy: TenantPolicy
 ) -> None:
@@ -265,8 +275,11 @@ def test_a_client_that_skips_the_advice_is_still_charged_and_limited(
     assert outcomes == ["claimed", "claimed", "rate_limited"]
 
 
-@pytest.mark.parametrize("policy", [TenantPolicy(rate_per_s=SLOW, burst=2),
-                                    TenantPolicy(max_in_flight=2)], ids=["rate", "in-flight"])
+@pytest.mark.parametrize(
+    "policy",
+    [TenantPolicy(rate_per_s=SLOW, burst=2), TenantPolicy(max_in_flight=2)],
+    ids=["rate", "in-flight"],
+)
 def test_keys_a_client_writes_get_no_job_past_the_charge(
     guard: JobGuard, r: fakeredis.FakeRedis, policy: TenantPolicy
 ) -> None:
@@ -306,11 +319,20 @@ def test_policy_json_round_trip_with_quotas() -> None:
 def _cancel(r: fakeredis.FakeRedis, job_id: str) -> int:
     """The client's cancel script (cancel.lua), as `Job.cancel` runs it."""
     t = TENANT
-    return int(scripts.register(r, "cancel")(
-        keys=[keyspace.result(t, job_id), keyspace.cancel(t, job_id), keyspace.done(t, job_id),
-              keyspace.submitted(t, job_id), keyspace.rejected(t, job_id),
-              keyspace.claim(t, job_id), keyspace.pending(t)],
-        args=["token", 60_000, 60_000, job_id, keyspace.MAX_TTL_MS]))
+    return int(
+        scripts.register(r, "cancel")(
+            keys=[
+                keyspace.result(t, job_id),
+                keyspace.cancel(t, job_id),
+                keyspace.done(t, job_id),
+                keyspace.submitted(t, job_id),
+                keyspace.rejected(t, job_id),
+                keyspace.claim(t, job_id),
+                keyspace.pending(t),
+            ],
+            args=["token", 60_000, 60_000, job_id, keyspace.MAX_TTL_MS],
+        )
+    )
 
 
 def test_a_cancelled_queued_job_frees_its_place_at_once(r: fakeredis.FakeRedis, q: Quotas) -> None:
@@ -327,8 +349,7 @@ def test_a_cancel_of_no_job_of_this_tenant_writes_nothing(r: fakeredis.FakeRedis
     assert r.keys("*") == []
 
 
-def test_a_job_closed_by_a_worker_leaves_the_pending_set(r: fakeredis.FakeRedis,
-                                                          q: Quotas) -> None:
+def test_a_job_closed_by_a_worker_leaves_the_pending_set(r: fakeredis.FakeRedis, q: Quotas) -> None:
     policy = TenantPolicy(max_in_flight=1)
     assert q.advise_many(TENANT, [J1], policy, FAR).admitted
     JobGuard(r, lease_s=15, holder="w").close(TENANT, J1, window_ms=60_000)

@@ -55,8 +55,9 @@ def test_every_script_documents_its_keys_args_and_reply(name: str) -> None:
                 documented[m.group(1)].add(int(m.group(2)))
     for kind, index in {(k, int(i)) for k, i in _INDEX.findall(src.code)}:
         start = open_from[kind]
-        assert index in documented[kind] or (start is not None and index >= start), \
+        assert index in documented[kind] or (start is not None and index >= start), (
             f"{name}.lua uses {kind}[{index}] without a '-- {kind}[{index}] = ...' line"
+        )
     assert any(line.startswith("-- returns") for line in src.header), name
 
 
@@ -67,12 +68,18 @@ def test_every_file_is_used_by_the_code() -> None:
         if path.name == "scripts.py":
             continue
         tree = ast.parse(path.read_text())
-        if not any(isinstance(node, ast.ImportFrom) and node.module == "maas_worker.backend"
-                   and any(a.name == "scripts" for a in node.names)
-                   for node in ast.walk(tree)):
+        if not any(
+            isinstance(node, ast.ImportFrom)
+            and node.module == "maas_worker.backend"
+            and any(a.name == "scripts" for a in node.names)
+            for node in ast.walk(tree)
+        ):
             continue
-        named |= {node.value for node in ast.walk(tree)
-                  if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+        named |= {
+            node.value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        }
     used = {name for name in scripts.names() if name in named}
     used |= {p for name in used for p in scripts.preludes(name)}
     assert used == set(scripts.names())
@@ -91,12 +98,14 @@ def test_no_lua_is_left_in_python() -> None:
 
 def test_the_package_data_ships_every_lua_file() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]
+        "package-data"
+    ]
     for path in _lua_files().values():
         package = ".".join(path.parent.parent.relative_to(ROOT).parts)
         relative = path.relative_to(path.parent.parent).as_posix()
-        assert any(fnmatch.fnmatch(relative, glob) for glob in data.get(package, [])), \
+        assert any(fnmatch.fnmatch(relative, glob) for glob in data.get(package, [])), (
             f"{relative} is not in [tool.setuptools.package-data] {package!r}"
+        )
 
 
 def test_the_header_is_not_sent_and_preludes_come_first() -> None:
@@ -107,12 +116,14 @@ def test_the_header_is_not_sent_and_preludes_come_first() -> None:
     assert scripts.preludes("claim") == ["bucket", "admit"]
     assert scripts.preludes("advise_many") == ["bucket"]
     assert scripts.text("claim") == "".join(
-        scripts.source(n).code for n in ("bucket", "admit", "claim"))
+        scripts.source(n).code for n in ("bucket", "admit", "claim")
+    )
 
 
 def test_the_token_bucket_is_written_once() -> None:
-    defined = [name for name in scripts.names()
-               if "local function tokens_at(" in scripts.source(name).code]
+    defined = [
+        name for name in scripts.names() if "local function tokens_at(" in scripts.source(name).code
+    ]
     assert defined == ["bucket"]
     for user in ("claim", "advise_many"):  # the worker's charge and the client's check
         assert "tokens_at(" in scripts.text(user)
@@ -149,6 +160,7 @@ def test_eval_many_is_one_pipeline_and_reloads_a_flushed_script_once() -> None:
 def test_eval_many_gives_a_failing_call_its_error_in_place() -> None:
     r = fakeredis.FakeRedis()
     r.set("k", "not a number")
-    replies = scripts.eval_many(r, scripts.register(r, "fault"), [(["k"], [60_000]),
-                                                                  (["j"], [60_000])])
+    replies = scripts.eval_many(
+        r, scripts.register(r, "fault"), [(["k"], [60_000]), (["j"], [60_000])]
+    )
     assert isinstance(replies[0], Exception) and replies[1] == 1

@@ -133,17 +133,30 @@ def test_every_setting_is_declared_with_its_own_variable() -> None:
 def test_every_declared_variable_is_read() -> None:
     """Each variable, set to a value other than its default, changes the settings."""
     pem = Path(__file__)  # any readable file
-    values = {"MAAS_BROKER_URL": "redis://b/1", "MAAS_RESULT_BACKEND": "redis://r/2",
-              "MAAS_REDIS_TLS_CA": str(pem), "MAAS_REDIS_TLS_CERT": str(pem),
-              "MAAS_REDIS_TLS_KEY": str(pem), "MAAS_REDIS_TLS_VERIFY": "none",
-              "MAAS_KEYRING": "/k.json", "MAAS_TENANT": "acme", "MAAS_MODEL_DIR": "/m",
-              "MAAS_TRUSTED_SIGNERS": "/s", "MAAS_MODEL_KEYS": "/mk.json",
-              "MAAS_DIAGNOSTIC_MODELS": "1", "MAAS_TIME_LIMITS": "echo=1:2",
-              "MAAS_MAX_QUEUE_DEPTH": "7", "MAAS_CRYPTO_BACKEND": "openssl",
-              "MAAS_BATCH": "digits=8:1", "MAAS_FLOWER_BASIC_AUTH": "ops:pw",
-              "MAAS_REMOTE_CONTROL": "operator", "MAAS_METRICS_ADDRESS": "0.0.0.0",
-              "MAAS_LOW_PRIORITY_SHARE": "0.25", "MAAS_FLEET_MIN_NODES": "2",
-              "MAAS_AUDIT_MAXLEN": "500"}
+    values = {
+        "MAAS_BROKER_URL": "redis://b/1",
+        "MAAS_RESULT_BACKEND": "redis://r/2",
+        "MAAS_REDIS_TLS_CA": str(pem),
+        "MAAS_REDIS_TLS_CERT": str(pem),
+        "MAAS_REDIS_TLS_KEY": str(pem),
+        "MAAS_REDIS_TLS_VERIFY": "none",
+        "MAAS_KEYRING": "/k.json",
+        "MAAS_TENANT": "acme",
+        "MAAS_MODEL_DIR": "/m",
+        "MAAS_TRUSTED_SIGNERS": "/s",
+        "MAAS_MODEL_KEYS": "/mk.json",
+        "MAAS_DIAGNOSTIC_MODELS": "1",
+        "MAAS_TIME_LIMITS": "echo=1:2",
+        "MAAS_MAX_QUEUE_DEPTH": "7",
+        "MAAS_CRYPTO_BACKEND": "openssl",
+        "MAAS_BATCH": "digits=8:1",
+        "MAAS_FLOWER_BASIC_AUTH": "ops:pw",
+        "MAAS_REMOTE_CONTROL": "operator",
+        "MAAS_METRICS_ADDRESS": "0.0.0.0",
+        "MAAS_LOW_PRIORITY_SHARE": "0.25",
+        "MAAS_FLEET_MIN_NODES": "2",
+        "MAAS_AUDIT_MAXLEN": "500",
+    }
     for option in options():
         # TLS files need a rediss:// URL, and the client key its certificate.
         env = {**HOME_ENV, "MAAS_BROKER_URL": "rediss://tls/0"}
@@ -170,7 +183,8 @@ def test_bounds_and_choices_are_declared_for_the_docs() -> None:
 def test_the_docs_table_is_generated_from_the_declarations() -> None:
     _, table, _ = settings_docs.split(settings_docs.DOC.read_text())
     assert table == markdown_table(), (
-        "docs/configuration.md is stale: run python scripts/settings_docs.py --write")
+        "docs/configuration.md is stale: run python scripts/settings_docs.py --write"
+    )
     for option in options():
         assert f"| `{option.env}` |" in table
 
@@ -247,16 +261,31 @@ def test_invalid_values_name_the_variable(name: str, value: str) -> None:
 
 
 def test_limits_at_their_minimum_are_accepted() -> None:
-    s = Settings.from_env({"MAAS_CLOCK_SKEW_S": "0", "MAAS_LEASE_S": "3",
-                           "MAAS_AUDIT_MAXLEN": "100", "MAAS_JOB_TTL_S": str(MAX_JOB_TTL_S)})
+    s = Settings.from_env(
+        {
+            "MAAS_CLOCK_SKEW_S": "0",
+            "MAAS_LEASE_S": "3",
+            "MAAS_AUDIT_MAXLEN": "100",
+            "MAAS_JOB_TTL_S": str(MAX_JOB_TTL_S),
+        }
+    )
     assert (s.clock_skew_s, s.lease_s, s.audit_maxlen, s.job_ttl_s) == (0, 3, 100, MAX_JOB_TTL_S)
 
 
 def test_overrides_win() -> None:
-    env = {"MAAS_BROKER_URL": "redis://env/0", "MAAS_TENANT": "acme",
-           "MAAS_KEYRING": "/env/keyring.json", "MAAS_LEASE_S": "9"}
-    s = Settings.from_env(env, tenant="globex", keyring_path=Path("/flag/keyring.json"),
-                          broker_url="redis://flag/1", lease_s=30)
+    env = {
+        "MAAS_BROKER_URL": "redis://env/0",
+        "MAAS_TENANT": "acme",
+        "MAAS_KEYRING": "/env/keyring.json",
+        "MAAS_LEASE_S": "9",
+    }
+    s = Settings.from_env(
+        env,
+        tenant="globex",
+        keyring_path=Path("/flag/keyring.json"),
+        broker_url="redis://flag/1",
+        lease_s=30,
+    )
     assert s.tenant == "globex"
     assert s.keyring_path == Path("/flag/keyring.json")
     assert s.broker_url == "redis://flag/1"
@@ -297,8 +326,7 @@ def test_overrides_are_validated() -> None:
         ({"max_queue_depth": {"high": 1}}, "MAAS_MAX_QUEUE_DEPTH"),
     ],
 )
-def test_out_of_bounds_overrides_name_the_variable(overrides: dict[str, object],
-                                                   name: str) -> None:
+def test_out_of_bounds_overrides_name_the_variable(overrides: dict[str, object], name: str) -> None:
     with pytest.raises(ConfigError, match=name) as info:
         Settings.from_env({}, **overrides)
     assert "\n" not in str(info.value)
@@ -319,8 +347,15 @@ def test_construction_and_replace_are_validated_too() -> None:
 
 
 @pytest.mark.parametrize(
-    "overrides", [{"lease_s": "30"}, {"lease_s": True}, {"keyring_path": "/k.json"},
-                  {"flower_basic_auth": 7}, {"autoscale": FleetPolicy()}])
+    "overrides",
+    [
+        {"lease_s": "30"},
+        {"lease_s": True},
+        {"keyring_path": "/k.json"},
+        {"flower_basic_auth": 7},
+        {"autoscale": FleetPolicy()},
+    ],
+)
 def test_a_wrong_type_is_a_programmer_error(overrides: dict[str, object]) -> None:
     with pytest.raises(TypeError):
         Settings.from_env({}, **overrides)
@@ -335,8 +370,10 @@ def test_a_constructed_result_backend_defaults_to_the_broker_url() -> None:
 
 
 def test_repr_never_contains_a_url_password() -> None:
-    env = {"MAAS_BROKER_URL": "redis://user:s3cr3t-broker@broker:6379/0",
-           "MAAS_RESULT_BACKEND": "rediss://:s3cr3t-backend@backend:6380/0"}
+    env = {
+        "MAAS_BROKER_URL": "redis://user:s3cr3t-broker@broker:6379/0",
+        "MAAS_RESULT_BACKEND": "rediss://:s3cr3t-backend@backend:6380/0",
+    }
     s = Settings.from_env(env)
     for text in (repr(s), str(s), repr(Settings.from_env({}, broker_url=env["MAAS_BROKER_URL"]))):
         assert "s3cr3t" not in text

@@ -15,8 +15,13 @@ def _soft(conn) -> None:  # type: ignore[no-untyped-def]
     dog = Watchdog()
     t0 = time.monotonic()
     try:
-        with dog.running("j", soft_limit_s=0.3, hard_limit_s=10, is_cancelled=lambda: False,
-                         on_hard=lambda r: None):
+        with dog.running(
+            "j",
+            soft_limit_s=0.3,
+            hard_limit_s=10,
+            is_cancelled=lambda: False,
+            on_hard=lambda r: None,
+        ):
             time.sleep(30)
         conn.send(("finished", 0.0))
     except JobInterrupted as exc:
@@ -27,8 +32,13 @@ def _cancel(conn) -> None:  # type: ignore[no-untyped-def]
     dog = Watchdog()
     asked = time.monotonic() + 0.5
     try:
-        with dog.running("j", soft_limit_s=30, hard_limit_s=60,
-                         is_cancelled=lambda: time.monotonic() > asked, on_hard=lambda r: None):
+        with dog.running(
+            "j",
+            soft_limit_s=30,
+            hard_limit_s=60,
+            is_cancelled=lambda: time.monotonic() > asked,
+            on_hard=lambda r: None,
+        ):
             time.sleep(30)
         conn.send("finished")
     except JobInterrupted as exc:
@@ -39,8 +49,9 @@ def _stubborn(conn) -> None:  # type: ignore[no-untyped-def]
     dog = Watchdog()
     # A job that cannot be interrupted (signal blocked, like a long C call).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
-    with dog.running("j", soft_limit_s=0.2, hard_limit_s=0.6, is_cancelled=lambda: False,
-                     on_hard=conn.send):
+    with dog.running(
+        "j", soft_limit_s=0.2, hard_limit_s=0.6, is_cancelled=lambda: False, on_hard=conn.send
+    ):
         time.sleep(30)
     conn.send("finished")
 
@@ -90,8 +101,9 @@ def _threaded_hard(conn) -> None:  # type: ignore[no-untyped-def]
     dog = Watchdog()
 
     def job() -> None:
-        with dog.running("j", soft_limit_s=0.2, hard_limit_s=0.6, is_cancelled=lambda: False,
-                         on_hard=conn.send):
+        with dog.running(
+            "j", soft_limit_s=0.2, hard_limit_s=0.6, is_cancelled=lambda: False, on_hard=conn.send
+        ):
             time.sleep(30)  # a worker thread: no signal reaches it
 
     threading.Thread(target=job, daemon=True).start()

@@ -137,8 +137,15 @@ class _Delivery:
 class BatchConsumer:
     """Takes batches of job messages and runs them through the pipeline (one process)."""
 
-    def __init__(self, rt: WorkerRuntime, broker: redis.Redis, *, max_jobs: int,
-                 wait_s: float = 0.0, events: TaskEvents | None = None) -> None:
+    def __init__(
+        self,
+        rt: WorkerRuntime,
+        broker: redis.Redis,
+        *,
+        max_jobs: int,
+        wait_s: float = 0.0,
+        events: TaskEvents | None = None,
+    ) -> None:
         self.rt = rt
         self.events = events
         self.broker = broker
@@ -162,8 +169,9 @@ class BatchConsumer:
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; then finish the batch, acknowledge, hand back."""
         done = threading.Event()
-        keeper = threading.Thread(target=self._keep_reserved, args=(done,),
-                                  name="maas-reservations", daemon=True)
+        keeper = threading.Thread(
+            target=self._keep_reserved, args=(done,), name="maas-reservations", daemon=True
+        )
         keeper.start()
         try:
             while not stop.is_set():
@@ -227,11 +235,13 @@ class BatchConsumer:
         if order != list(QUEUE_NAMES):
             # A lower queue's reserved share is due: it goes first for a share
             # of the batch, the rest in strict priority order (scheduling.py).
-            taken = fetch.take(self.broker, order, count=min(count, self._share_n),
-                               max_chars=self._max_chars)
+            taken = fetch.take(
+                self.broker, order, count=min(count, self._share_n), max_chars=self._max_chars
+            )
         if len(taken) < count:
-            taken += fetch.take(self.broker, QUEUE_NAMES, count=count - len(taken),
-                                max_chars=self._max_chars)
+            taken += fetch.take(
+                self.broker, QUEUE_NAMES, count=count - len(taken), max_chars=self._max_chars
+            )
         for t in taken:
             self._cycle.rotate(t.queue)
         return taken
@@ -252,18 +262,29 @@ class BatchConsumer:
         received_at = time.time()
         self._current = ds = [self._open(t) for t in batch]
         need = [(d, tenant) for d in ds if d.pending and (tenant := payload_ref_tenant(d.text))]
-        for (d, _), got in zip(need, rt.guard.fetch_payloads(
-                [(tenant, d.job_id) for d, tenant in need],
-                rt.settings.max_envelope_chars), strict=True):
+        for (d, _), got in zip(
+            need,
+            rt.guard.fetch_payloads(
+                [(tenant, d.job_id) for d, tenant in need], rt.settings.max_envelope_chars
+            ),
+            strict=True,
+        ):
             d.fetched = got
         for d in ds:
             if d.pending:
                 self._stage(d, self._authenticate)
         to_claim = [d for d in ds if d.pending]
-        claims = rt.guard.claim_many([
-            ClaimRequest(_verified(d).header.tenant, d.job_id,
-                         window_ms(rt, _verified(d).header),
-                         admission(_verified(d).header, _policy(d))) for d in to_claim])
+        claims = rt.guard.claim_many(
+            [
+                ClaimRequest(
+                    _verified(d).header.tenant,
+                    d.job_id,
+                    window_ms(rt, _verified(d).header),
+                    admission(_verified(d).header, _policy(d)),
+                )
+                for d in to_claim
+            ]
+        )
         for d, first in zip(to_claim, claims, strict=True):
             # Held from here: if anything fails before it runs, it is given back.
             d.claimed = first.outcome in (ClaimOutcome.CLAIMED, ClaimOutcome.EXHAUSTED)
@@ -281,8 +302,7 @@ class BatchConsumer:
                 log.info("job %r %s", d.job_id[:64], d.outcome)
                 metrics.job_finished(d.job_id, d.outcome)
                 if self.events is not None:
-                    self.events.finished(d.job_id, received_at=received_at,
-                                         runtime_s=runtime_s)
+                    self.events.finished(d.job_id, received_at=received_at, runtime_s=runtime_s)
         self.batches += 1
         self.jobs += len(ds)
         metrics.add_busy(runtime_s)
@@ -297,8 +317,11 @@ class BatchConsumer:
         if not taken.reserved:
             # Popped but not reserved: over the size limit or not a message at all.
             d.job_id = unverified_entry_id(taken.raw)
-            self._refuse(d, AuditReason.OVERSIZE if len(taken.raw) > self._max_chars
-                         else AuditReason.MALFORMED, "not a message that can be reserved")
+            self._refuse(
+                d,
+                AuditReason.OVERSIZE if len(taken.raw) > self._max_chars else AuditReason.MALFORMED,
+                "not a message that can be reserved",
+            )
             return d
         raw = parse_entry(taken.raw, max_chars=self._max_chars)
         headers = raw.get("headers") if isinstance(raw, dict) else None
@@ -355,8 +378,9 @@ class BatchConsumer:
     def _authenticate(self, d: _Delivery) -> None:
         rt = self.rt
         data = request_bytes(rt, d.job_id, d.text, d.fetched)
-        d.verified = verify_request(rt, d.job_id, data, task_name=TASK_NAME,
-                                    routed=d.taken.queue, text=d.text)
+        d.verified = verify_request(
+            rt, d.job_id, data, task_name=TASK_NAME, routed=d.taken.queue, text=d.text
+        )
         d.policy = tenant_policy(rt, d.verified.header)
         check_memory(rt, d.verified.header)
 
@@ -380,8 +404,11 @@ class BatchConsumer:
             else:
                 d.doc = run_one(self.rt, _verified(d), d.job, on_hard_also=self._on_hard)
         for group in groups.values():
-            docs = run_batch(self.rt, [(_verified(d), d.job) for d in group  # type: ignore[misc]
-                                       ], on_hard_also=self._on_hard)
+            docs = run_batch(
+                self.rt,
+                [(_verified(d), d.job) for d in group],  # type: ignore[misc]
+                on_hard_also=self._on_hard,
+            )
             for d, doc in zip(group, docs, strict=True):
                 d.doc = doc
 
@@ -389,9 +416,12 @@ class BatchConsumer:
         rt = self.rt
         sealed = [seal_result(rt, _verified(d), _doc(d)) for d in done]
         stored = rt.guard.store_many(
-            [(_verified(d).header.tenant, d.job_id, envelope, window_ms(rt, _verified(d).header))
-             for d, (envelope, _) in zip(done, sealed, strict=True)],
-            result_ttl_s=rt.settings.result_ttl_s)
+            [
+                (_verified(d).header.tenant, d.job_id, envelope, window_ms(rt, _verified(d).header))
+                for d, (envelope, _) in zip(done, sealed, strict=True)
+            ],
+            result_ttl_s=rt.settings.result_ttl_s,
+        )
         for d, (_, ok), reply in zip(done, sealed, stored, strict=True):
             if isinstance(reply, Exception):
                 self._fault(d, reply)
@@ -399,8 +429,9 @@ class BatchConsumer:
                 d.outcome = finished_outcome(ok, reply)
 
     def _release_quotas(self, claimed: list[_Delivery]) -> None:
-        limited = [(_verified(d).header.tenant, d.job_id) for d in claimed
-                   if _policy(d).max_in_flight]
+        limited = [
+            (_verified(d).header.tenant, d.job_id) for d in claimed if _policy(d).max_in_flight
+        ]
         if limited:
             self.rt.quotas.release_many(limited)
 
@@ -438,12 +469,14 @@ class BatchConsumer:
                 pipe.zadd(fetch.UNACKED_INDEX_KEY, {tag: now}, xx=True, ch=True)
             replies = pipe.execute()
         self._to_ack, self._to_hand_back, self._to_touch = [], [], []
-        gone = {tag for tag, changed in zip(touch, replies[len(replies) - len(touch):],
-                                            strict=True) if not changed}
+        gone = {
+            tag
+            for tag, changed in zip(touch, replies[len(replies) - len(touch) :], strict=True)
+            if not changed
+        }
         if gone:
             # The sweep put these back in their queue: that copy is the job now.
-            self._deferred = [(w, t) for w, t in self._deferred
-                              if t.tag not in gone]
+            self._deferred = [(w, t) for w, t in self._deferred if t.tag not in gone]
 
     def _recover(self, exc: Exception) -> None:
         """After an error mid-batch: give back claims, keep what is decided for later."""
@@ -477,8 +510,9 @@ class BatchConsumer:
                     continue
                 tenant = d.verified.header.tenant
                 if d.outcome is not None:
-                    rt.backend.set(keyspace.killed(tenant, d.job_id), "1",
-                                   ex=rt.settings.result_ttl_s)
+                    rt.backend.set(
+                        keyspace.killed(tenant, d.job_id), "1", ex=rt.settings.result_ttl_s
+                    )
                 elif d.claimed:
                     rt.guard.release(tenant, d.job_id)  # a no-op once its result is stored
             except Exception:
@@ -495,8 +529,10 @@ class BatchConsumer:
             except redis.RedisError:
                 if attempt < 2:
                     time.sleep(INFRA_BACKOFF_S)
-        log.warning("could not hand %d message(s) back; they return after the visibility "
-                    "timeout", len(self._to_hand_back) + len(self._to_ack))
+        log.warning(
+            "could not hand %d message(s) back; they return after the visibility timeout",
+            len(self._to_hand_back) + len(self._to_ack),
+        )
 
 
 def _verified(d: _Delivery) -> Verified:
@@ -528,8 +564,9 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
     from maas_worker.settings import Settings
     from maas_worker.worker.runtime import get_runtime
 
-    logging.basicConfig(level=loglevel.upper(),
-                        format=f"[%(asctime)s: %(levelname)s/{name}] %(message)s")
+    logging.basicConfig(
+        level=loglevel.upper(), format=f"[%(asctime)s: %(levelname)s/{name}] %(message)s"
+    )
     settings = Settings.from_env()  # this process's entry point: built once, passed down
     rt = get_runtime(settings)
     rt.watchdog.ensure_started()
@@ -538,22 +575,34 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
 
     def on_signal(signum: int, _frame: Any) -> None:
         if not stop.is_set():
-            log.info("batch consumer %s: finishing the current batch (%s)", name,
-                     signal.Signals(signum).name)
+            log.info(
+                "batch consumer %s: finishing the current batch (%s)",
+                name,
+                signal.Signals(signum).name,
+            )
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # Task events under the worker node's name (``node/index`` is this process).
     events = TaskEvents(settings, name.rsplit("/", 1)[0], task_name=TASK_NAME)
-    consumer = BatchConsumer(rt, broker, max_jobs=settings.consumer_batch,
-                             wait_s=settings.consumer_wait_ms / 1000, events=events)
+    consumer = BatchConsumer(
+        rt,
+        broker,
+        max_jobs=settings.consumer_batch,
+        wait_s=settings.consumer_wait_ms / 1000,
+        events=events,
+    )
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
     log.info("batch consumer %s ready (pid %d)", name, os.getpid())
     consumer.run(stop)
     events.close()
-    log.info("batch consumer %s stopped after %d jobs in %d batches", name, consumer.jobs,
-             consumer.batches)
+    log.info(
+        "batch consumer %s stopped after %d jobs in %d batches",
+        name,
+        consumer.jobs,
+        consumer.batches,
+    )
     return 0

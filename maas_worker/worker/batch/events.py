@@ -42,20 +42,35 @@ class TaskEvents:
         if self._dispatcher is None:
             self._conn = self._app.connection_for_write()
             self._dispatcher = self._app.events.Dispatcher(
-                self._conn, hostname=self.hostname, buffer_group=["task"],
-                buffer_limit=1_000_000)  # flushed by `flush`, once per batch
+                self._conn, hostname=self.hostname, buffer_group=["task"], buffer_limit=1_000_000
+            )  # flushed by `flush`, once per batch
         return self._dispatcher
 
     def finished(self, job_id: str, *, received_at: float, runtime_s: float) -> None:
         """Record a job the consumer finished (any outcome: the task returns None for all)."""
         try:
             d = self._ensure()
-            d.send("task-received", uuid=job_id, name=self.task_name, args=ARGS_REPR,
-                   kwargs="{}", root_id=job_id, parent_id=None, retries=0, eta=None,
-                   expires=None, timestamp=received_at)
+            d.send(
+                "task-received",
+                uuid=job_id,
+                name=self.task_name,
+                args=ARGS_REPR,
+                kwargs="{}",
+                root_id=job_id,
+                parent_id=None,
+                retries=0,
+                eta=None,
+                expires=None,
+                timestamp=received_at,
+            )
             d.send("task-started", uuid=job_id, timestamp=received_at)
-            d.send("task-succeeded", uuid=job_id, result="None", runtime=runtime_s,
-                   timestamp=time.time())
+            d.send(
+                "task-succeeded",
+                uuid=job_id,
+                result="None",
+                runtime=runtime_s,
+                timestamp=time.time(),
+            )
         except Exception as exc:
             self._failed(exc)
 

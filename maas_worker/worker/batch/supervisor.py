@@ -50,8 +50,9 @@ WATCH_INTERVAL_S = 0.5
 class ConsumerPool:
     """``processes`` batch consumer processes, watched and restarted."""
 
-    def __init__(self, settings: Settings, *, processes: int, node: str,
-                 loglevel: str = "INFO") -> None:
+    def __init__(
+        self, settings: Settings, *, processes: int, node: str, loglevel: str = "INFO"
+    ) -> None:
         self.settings = settings
         self.processes = processes
         self.node = node
@@ -68,8 +69,12 @@ class ConsumerPool:
             self._procs[i] = self._spawn(i)
         self._watcher.start()
         self._sweeper.start()
-        log.info("%d batch consumer process(es) ready (batch %d, wait %g ms)", self.processes,
-                 self.settings.consumer_batch, self.settings.consumer_wait_ms)
+        log.info(
+            "%d batch consumer process(es) ready (batch %d, wait %g ms)",
+            self.processes,
+            self.settings.consumer_batch,
+            self.settings.consumer_wait_ms,
+        )
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Warm shutdown: each consumer finishes its batch, acknowledges it and exits."""
@@ -85,8 +90,11 @@ class ConsumerPool:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("batch consumer %d did not stop; killing it (its messages return "
-                          "after the visibility timeout)", p.pid)
+                log.error(
+                    "batch consumer %d did not stop; killing it (its messages return "
+                    "after the visibility timeout)",
+                    p.pid,
+                )
                 p.kill()
                 p.wait()
 
@@ -99,16 +107,27 @@ class ConsumerPool:
         read_fd, write_fd = os.pipe()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "maas_worker", "batch-consumer", "--ready-fd",
-                 str(write_fd), "--name", f"{self.node}/{index}", "--loglevel", self.loglevel],
-                pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+                [
+                    sys.executable,
+                    "-m",
+                    "maas_worker",
+                    "batch-consumer",
+                    "--ready-fd",
+                    str(write_fd),
+                    "--name",
+                    f"{self.node}/{index}",
+                    "--loglevel",
+                    self.loglevel,
+                ],
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             os.close(write_fd)
         try:
             ready, _, _ = select.select([read_fd], [], [], READY_TIMEOUT_S)
             if not ready or not os.read(read_fd, 1):
-                log.error("batch consumer %d did not start (exit status %s)", proc.pid,
-                          proc.poll())
+                log.error("batch consumer %d did not start (exit status %s)", proc.pid, proc.poll())
         finally:
             os.close(read_fd)
         return proc
@@ -118,8 +137,11 @@ class ConsumerPool:
             for i, proc in enumerate(list(self._procs)):
                 if proc is None or proc.poll() is None or self._stopping.is_set():
                     continue
-                log.error("batch consumer %d exited with status %s; starting another",
-                          proc.pid, proc.returncode)
+                log.error(
+                    "batch consumer %d exited with status %s; starting another",
+                    proc.pid,
+                    proc.returncode,
+                )
                 time.sleep(RESTART_BACKOFF_S)
                 if self._stopping.is_set():
                     return
@@ -154,8 +176,9 @@ class Sweeper:
 
         if self._conn is None:
             s = self.settings
-            self._conn = Connection(s.broker_url, transport_options=self.options,
-                                    ssl=s.redis_ssl(s.broker_url) or False)  # type: ignore[no-untyped-call]
+            self._conn = Connection(
+                s.broker_url, transport_options=self.options, ssl=s.redis_ssl(s.broker_url) or False
+            )  # type: ignore[no-untyped-call]
         channel = self._conn.default_channel
         channel.qos.restore_visible(num=channel.unacked_restore_limit, interval=1)
 
