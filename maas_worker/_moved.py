@@ -16,6 +16,8 @@ import importlib.util
 import sys
 import types
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 #: Old dotted path -> new dotted path.
 MOVED: dict[str, str] = {
@@ -81,6 +83,30 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         """The module is the new one, already executed."""
+
+
+def forwarder(package: str, module: str) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for ``package`` that finds its old names in ``module``.
+
+    For a package that was a module before 0.2: ``maas_worker.client.log`` warns and
+    returns ``maas_worker.client.client.log``. Lazy (``module`` is imported on the first
+    old name asked for), and a submodule's name is left to the import system.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name.startswith("__") or importlib.util.find_spec(f"{package}.{name}") is not None:
+            raise AttributeError(name)
+        target = importlib.import_module(module)
+        if not hasattr(target, name):
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        warnings.warn(
+            f"{package}.{name} moved to {module}.{name}; the old path will be removed in 0.3",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(target, name)
+
+    return __getattr__
 
 
 def install() -> None:

@@ -45,9 +45,9 @@ class WorkerProcess:
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> WorkerProcess:
-        """Start the worker (in its own process group, so the pool dies with it)."""
-        cmd = [
+    def argv(self) -> list[str]:
+        """The command line the worker runs (`maas-worker worker` on this node name)."""
+        return [
             sys.executable,
             "-m",
             "maas_worker",
@@ -58,6 +58,10 @@ class WorkerProcess:
             str(self.concurrency),
             *self.extra_args,
         ]
+
+    def start(self) -> WorkerProcess:
+        """Start the worker (in its own process group, so the pool dies with it)."""
+        cmd = self.argv()
         log = self.log_path.open("ab")
         try:
             self.proc = subprocess.Popen(

@@ -95,8 +95,8 @@ def test_batches_give_each_job_its_own_result_opened_with_its_tenant_key(
     echoes = [globex.submit("echo", {"i": i}) for i in range(5)]
     assert [j.result(timeout=TIMEOUT)["labels"] for j in digits] == [[e] for e in expected]
     assert [j.result(timeout=TIMEOUT) for j in echoes] == [{"echo": {"i": i}} for i in range(5)]
-    wait_for(lambda: bad.info()["state"] == "failed", TIMEOUT, "the bad job's failure")
-    assert bad.info()["reason"] == "bad_input"
+    wait_for(lambda: bad.info().state == "failed", TIMEOUT, "the bad job's failure")
+    assert bad.info().reason == "bad_input"
     # every result is sealed for its own tenant: another tenant cannot open it,
     # nor even see the job (its keys are the job's tenant's)
     for owner, other, job in (("acme", globex, digits[0]), ("globex", acme, echoes[0])):

@@ -40,8 +40,8 @@ def test_digits_jobs_are_batched_and_each_gets_its_own_result(make_stack) -> Non
     # Its batch-mates finishing first says nothing about when it finishes: wait for it.
     with pytest.raises(JobFailed):
         mixed[1].result(timeout=TIMEOUT)
-    assert mixed[1].info()["state"] == "failed"
-    assert mixed[1].info()["reason"] == "bad_input"
+    assert mixed[1].info().state == "failed"
+    assert mixed[1].info().reason == "bad_input"
     sizes = wait_for(
         lambda: [int(n) for n in re.findall(r"batch of (\d+) for digits", stack.worker_logs())],
         TIMEOUT,

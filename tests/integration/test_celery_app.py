@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -18,8 +17,8 @@ pytestmark = pytest.mark.integration
 class CeleryWorker(WorkerProcess):
     """Celery's own command line on the package's app, not the maas-worker CLI."""
 
-    def start(self) -> WorkerProcess:
-        cmd = [
+    def argv(self) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "celery",
@@ -35,19 +34,6 @@ class CeleryWorker(WorkerProcess):
             "--loglevel",
             "INFO",
         ]
-        log = self.log_path.open("ab")
-        try:
-            self.proc = subprocess.Popen(
-                cmd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        return self
 
 
 def test_celery_dash_a_maas_worker_app_serves_jobs(make_stack: Callable[..., Stack]) -> None:

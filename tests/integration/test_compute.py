@@ -189,7 +189,7 @@ def test_job_past_its_time_limit_fails_and_the_worker_carries_on(make_stack) -> 
         job.result(timeout=TIMEOUT)
     assert err.value.reason == "timeout"
     assert time.monotonic() - started < 20
-    assert job.info() == {
+    assert job.info().as_dict() == {
         "job_id": job.id,
         "state": "failed",
         "reason": "timeout",

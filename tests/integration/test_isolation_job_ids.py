@@ -60,7 +60,7 @@ def test_another_tenants_job_under_the_same_id_runs_apart(iso_stack: Callable[..
     assert_victims_done(jobs)
     for job, _ in jobs:
         assert job.status() == "succeeded"
-        assert job.info()["reason"] is None
+        assert job.info().reason is None
     wait_audited_once(stack, y, "policy", "globex")
     wait_drained(stack)
     limited = [

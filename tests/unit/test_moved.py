@@ -55,3 +55,12 @@ def test_the_new_paths_import_without_any_deprecation_warning() -> None:
         "import maas_worker.app"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_importing_a_submodule_does_not_go_through_the_old_names() -> None:
+    code = (
+        "import sys, warnings; warnings.simplefilter('error');"
+        "from maas_worker.monitoring import autoscale;"
+        "assert 'maas_worker.monitoring.samples' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
