@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "maas-worker needs Python 3.11 or newer on PATH" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,worker,flower,local]'
+	@# PYTHONWARNINGS: setuptools warns on every editable build that a folder named like
+	@# the package may shadow it, which is this checkout, on purpose.
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[dev,worker,flower,local]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

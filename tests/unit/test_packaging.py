@@ -24,7 +24,8 @@ def test_the_version_is_written_once() -> None:
 
 def test_the_licence_and_type_hints_ship() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["license"] == {"text": "Apache-2.0"}
+    assert project["project"]["license"] == "Apache-2.0"
+    assert project["project"]["license-files"] == ["LICENSE"]
     assert "Apache License" in (ROOT / "LICENSE").read_text()[:200]
     assert (ROOT / "maas_worker" / "py.typed").exists()
     assert "py.typed" in project["tool"]["setuptools"]["package-data"]["maas_worker"]
