@@ -223,3 +223,21 @@ def test_a_unique_prefix_of_a_long_option_is_taken_as_argparse_took_it(
         "ambiguous option: --max could match --max-priority, --max-in-flight"
         in capsys.readouterr().err
     )
+
+
+def test_version_prints_the_package_version_and_exits_zero(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+
+    from maas_worker import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr() == (f"maas-worker {__version__}\n", "")
+    done = subprocess.run(
+        [sys.executable, "-m", "maas_worker", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"maas-worker {__version__}\n", "")
