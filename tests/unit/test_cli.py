@@ -241,3 +241,38 @@ def test_version_prints_the_package_version_and_exits_zero(
         check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, f"maas-worker {__version__}\n", "")
+
+
+def test_flower_hands_further_options_to_flower(clean_env: Path) -> None:
+    from maas_worker.cli.services import flower, flower_argv, flower_options
+
+    args = ["--port", "5556", "--max_tasks=5000", "--url_prefix", "flower", "--unauth"]
+    params = flower.make_context("flower", [*args, "--persistent", "--address=0.0.0.0"]).params
+    # our own options still parse wherever they stand; the rest is Flower's
+    assert (params["port"], params["address"], params["unauthenticated"]) == (5556, "0.0.0.0", True)
+    extra = flower_options(params["flower_args"])
+    assert extra == ["--max_tasks=5000", "--url_prefix=flower", "--persistent"]
+    argv = flower_argv(port=5556, address="0.0.0.0", basic_auth="ops:pw", extra=extra)
+    assert argv[:3] == ["flower", "--port=5556", "--address=0.0.0.0"]
+    assert "--basic-auth=ops:pw" in argv
+    assert argv[-3:] == extra
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max_task=5"], "no such Flower option: --max_task"),
+        (["--max_tasks=lots"], "invalid value for Flower option --max_tasks: 'lots'"),
+        (["--url_prefix"], "Flower option --url_prefix requires a value"),
+        (["stray"], "unexpected argument 'stray'"),
+        (["--basic_auth=u:p"], "--basic_auth is set from MAAS_FLOWER_BASIC_AUTH"),
+    ],
+)
+def test_a_bad_flower_option_is_one_line_and_exit_2(
+    clean_env: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["flower", "--unauthenticated", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"maas-worker: error: {message}")
+    assert err.rstrip().endswith("(see `maas-worker flower --help`)")
