@@ -131,12 +131,23 @@ def rotate(settings: Settings, tenant: str, stage: bool) -> int:
     return 0
 
 
-def _set_state(settings: Settings, tenant: str, version: int, state: str) -> int:
-    from maas_worker.tenancy.keyring import KeyState, edit_keyring
+def _set_state(settings: Settings, tenant: str, version: int, state: str, *, force: bool) -> int:
+    from maas_worker.errors import KeyringError
+    from maas_worker.tenancy.keyring import Keyring, KeyState, edit_keyring
+
+    def has_primary(ring: Keyring) -> bool:
+        return any(kv.state == "primary" for kv in ring.tenant(tenant).versions)
 
     new_state: KeyState = "primary" if state == "primary" else "retired"
     with edit_keyring(settings.keyring_path) as editor:
-        editor.ring = editor.ring.with_state(tenant, version, new_state)
+        ring = editor.ring.with_state(tenant, version, new_state)
+        # A tenant without a primary cannot seal a job: every client's submit fails.
+        if not force and has_primary(editor.ring) and not has_primary(ring):
+            raise KeyringError(
+                f"would leave tenant {tenant!r} with no primary key: every submit would fail; "
+                f"rotate first (maas-worker keys rotate --tenant {tenant}) or pass --force"
+            )
+        editor.ring = ring
     print(f"tenant {tenant}: key version {version} is {new_state}")
     return 0
 
@@ -147,16 +158,24 @@ def _set_state(settings: Settings, tenant: str, version: int, state: str) -> int
 @pass_settings
 def promote(settings: Settings, tenant: str, version: int) -> int:
     """Make a key version primary (new jobs are sealed with it)."""
-    return _set_state(settings, tenant, version, "primary")
+    return _set_state(settings, tenant, version, "primary", force=False)
 
 
 @keys.command(short_help="retire a version")
 @click.option("--tenant", required=True, help=TENANT_HELP)
 @click.option("--version", type=int, required=True, help="the key version to retire")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="retire it even if it is the tenant's primary (every submit then fails until a rotate)",
+)
 @pass_settings
-def retire(settings: Settings, tenant: str, version: int) -> int:
-    """Retire a key version (jobs sealed with it are refused from then on)."""
-    return _set_state(settings, tenant, version, "retired")
+def retire(settings: Settings, tenant: str, version: int, force: bool) -> int:
+    """Retire a key version (jobs sealed with it are refused from then on).
+
+    The tenant's primary is retired only with --force: rotate first.
+    """
+    return _set_state(settings, tenant, version, "retired", force=force)
 
 
 @keys.command("list", short_help="tenants, versions and states (never secrets)")

@@ -202,6 +202,31 @@ def test_rotate_stage_promote_retire(keyring: Path, capsys: pytest.CaptureFixtur
     assert {p.name for p in keyring.parent.iterdir()} == {"keyring.json", "keyring.json.lock"}
 
 
+def test_retiring_the_only_primary_is_refused_without_force(
+    keyring: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok(capsys, "keys", "init", "--tenant", "acme")
+    ok(capsys, "keys", "init", "--tenant", "globex")  # another tenant's primary is no help
+    ok(capsys, "keys", "rotate", "--tenant", "acme", "--stage")  # nor is a decrypt-only one
+    before = keyring.read_bytes()
+    err = one_line_error(capsys, "keys", "retire", "--tenant", "acme", "--version", "1")
+    assert err == (
+        "maas-worker: error: would leave tenant 'acme' with no primary key: every submit "
+        "would fail; rotate first (maas-worker keys rotate --tenant acme) or pass --force\n"
+    )
+    assert keyring.read_bytes() == before
+    # a version that is not the primary retires as before
+    out = ok(capsys, "keys", "retire", "--tenant", "acme", "--version", "2")
+    assert "version 2 is retired" in out
+    out = ok(capsys, "keys", "retire", "--tenant", "acme", "--version", "1", "--force")
+    assert "version 1 is retired" in out
+    assert states(keyring) == {1: "retired", 2: "retired"}
+    assert states(keyring, "globex") == {1: "primary"}
+    # a rotate gives the tenant a primary again
+    ok(capsys, "keys", "rotate", "--tenant", "acme")
+    assert states(keyring) == {1: "retired", 2: "retired", 3: "primary"}
+
+
 @pytest.mark.parametrize(
     "argv",
     [
