@@ -200,12 +200,30 @@ def list_keys(settings: Settings, as_json: bool) -> int:
 
 @keys.command(short_help="write a keyring holding one tenant (for its clients)")
 @click.option("--tenant", required=True, help="the tenant to export")
-@click.option("--out", required=True, help="the keyring file to write (mode 0600)")
+@click.option(
+    "--out",
+    required=True,
+    help="the keyring file to write (mode 0600; a missing folder is created, mode 0700)",
+)
+@click.option("--force", is_flag=True, help="replace the file if it exists")
 @pass_settings
-def export(settings: Settings, tenant: str, out: str) -> int:
-    """Write a keyring holding one tenant's keys (for that tenant's clients)."""
+def export(settings: Settings, tenant: str, out: str, force: bool) -> int:
+    """Write a keyring holding one tenant's keys (for that tenant's clients).
+
+    An existing file is replaced only with --force (after a rotation, say).
+    """
+    from maas_worker.errors import KeyringError
     from maas_worker.tenancy.keyring import load_keyring, save_keyring
 
-    save_keyring(Path(out), load_keyring(settings.keyring_path).only(tenant))
+    ring = load_keyring(settings.keyring_path).only(tenant)
+    path = Path(out)
+    if path.is_dir():
+        raise KeyringError(f"{out} is a directory: --out names the keyring file to write")
+    if not force and (path.exists() or path.is_symlink()):
+        raise KeyringError(f"{out} already exists: pass --force to replace it")
+    try:
+        save_keyring(path, ring)
+    except OSError as exc:
+        raise KeyringError(f"cannot write {out}: {exc.strerror}") from None
     print(f"wrote {out} with tenant {tenant} only (mode 0600)")
     return 0

@@ -278,8 +278,44 @@ def test_export_over_an_open_file_makes_it_private(
     out_path = tmp_path / "acme.json"
     out_path.write_text("old")
     out_path.chmod(0o644)
-    ok(capsys, "keys", "export", "--tenant", "acme", "--out", str(out_path))
+    ok(capsys, "keys", "export", "--tenant", "acme", "--out", str(out_path), "--force")
     assert mode(out_path) == 0o600
+    assert list(load_keyring(out_path).tenants) == ["acme"]
+
+
+def test_export_refuses_to_replace_a_file_without_force(
+    keyring: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok(capsys, "keys", "init", "--tenant", "acme")
+    out_path = tmp_path / "acme.json"
+    out_path.write_text("a keyring handed out earlier")
+    err = one_line_error(capsys, "keys", "export", "--tenant", "acme", "--out", str(out_path))
+    assert err == f"maas-worker: error: {out_path} already exists: pass --force to replace it\n"
+    assert out_path.read_text() == "a keyring handed out earlier"
+    # a dangling symbolic link is a file name already taken too
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "nowhere.json")
+    one_line_error(capsys, "keys", "export", "--tenant", "acme", "--out", str(link))
+    assert not (tmp_path / "nowhere.json").exists()
+    # a folder is never replaced, --force or not
+    err = one_line_error(
+        capsys, "keys", "export", "--tenant", "acme", "--out", str(tmp_path), "--force"
+    )
+    assert err == (
+        f"maas-worker: error: {tmp_path} is a directory: --out names the keyring file to write\n"
+    )
+
+
+def test_export_that_cannot_write_is_one_line(
+    keyring: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok(capsys, "keys", "init", "--tenant", "acme")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = one_line_error(
+        capsys, "keys", "export", "--tenant", "acme", "--out", str(blocker / "acme.json")
+    )
+    assert err.startswith(f"maas-worker: error: cannot write {blocker / 'acme.json'}: ")
 
 
 @pytest.mark.parametrize("unsafe", [0o640, 0o604])
