@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -179,7 +180,7 @@ def retire(settings: Settings, tenant: str, version: int, force: bool) -> int:
 
 
 @keys.command("list", short_help="tenants, versions and states (never secrets)")
-@json_option("one JSON object per key version instead of a table")
+@json_option('one JSON document instead of a table: {"tenants": [{"tenant", "versions"}]}')
 @pass_settings
 def list_keys(settings: Settings, as_json: bool) -> int:
     """Tenants, key versions and their states (never secrets)."""
@@ -187,8 +188,13 @@ def list_keys(settings: Settings, as_json: bool) -> int:
 
     rows = load_keyring(settings.keyring_path).summary()
     if as_json:
+        tenants: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
-            print(json.dumps(row))
+            tenants.setdefault(row["tenant"], []).append(
+                {k: v for k, v in row.items() if k != "tenant"}
+            )
+        doc = [{"tenant": name, "versions": versions} for name, versions in tenants.items()]
+        print(json.dumps({"tenants": doc}))
     else:
         print(f"{'TENANT':<24} {'VERSION':>7}  {'STATE':<13} CREATED")
         for row in rows:

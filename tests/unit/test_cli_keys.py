@@ -154,15 +154,19 @@ def test_list(keyring: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_list_json(keyring: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ok(capsys, "keys", "init", "--tenant", "acme")
     ok(capsys, "keys", "rotate", "--tenant", "acme", "--stage")
+    ok(capsys, "keys", "init", "--tenant", "globex")
     out = ok(capsys, "keys", "list", "--json")
-    rows = [json.loads(line) for line in out.splitlines()]
-    assert [(r["tenant"], r["version"], r["state"]) for r in rows] == [
-        ("acme", 1, "primary"),
-        ("acme", 2, "decrypt-only"),
+    doc = json.loads(out)  # one document, as `stats --json`
+    assert [t["tenant"] for t in doc["tenants"]] == ["acme", "globex"]
+    acme, globex = doc["tenants"]
+    assert [(v["version"], v["state"]) for v in acme["versions"]] == [
+        (1, "primary"),
+        (2, "decrypt-only"),
     ]
-    for row in rows:
-        assert "secret" not in row
-        assert row["created_at"]
+    assert [(v["version"], v["state"]) for v in globex["versions"]] == [(1, "primary")]
+    for version in acme["versions"] + globex["versions"]:
+        assert set(version) == {"version", "state", "created_at"}
+        assert version["created_at"]
     for secret in secrets_of(keyring):
         assert secret not in out
 
