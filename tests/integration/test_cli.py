@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -120,6 +121,16 @@ def test_rejected_job_exits_nonzero_and_shows_in_audit(shared_stack: Stack) -> N
     text = run(shared_stack, "audit", "--limit", "5")
     assert forged in text.stdout
     assert "(unverified)" in text.stdout
+
+
+def test_audit_with_no_records_says_so_on_stderr_and_exits_zero(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack()  # a fresh Redis: nothing audited yet
+    text = run(stack, "audit")
+    assert (text.returncode, text.stdout, text.stderr) == (0, "", "no audit records\n")
+    as_json = run(stack, "audit", "--json")
+    assert (as_json.returncode, as_json.stdout, as_json.stderr) == (0, "", "")
 
 
 def test_stats_lists_the_worker_and_backlog(shared_stack: Stack) -> None:
