@@ -276,3 +276,83 @@ def test_a_bad_flower_option_is_one_line_and_exit_2(
     assert out == "" and err.count("\n") == 1
     assert err.startswith(f"maas-worker: error: {message}")
     assert err.rstrip().endswith("(see `maas-worker flower --help`)")
+
+
+# -- error wording: the flag's name on the command line, the parameter's in Python ----------
+def test_no_tenant_names_the_flag_and_the_variable(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ring = clean_env / "ring.json"
+    assert main(["--keyring", str(ring), "keys", "init", "--tenant", "acme"]) == 0
+    capsys.readouterr()
+    job = "5e0c6a4e-7d1b-4c38-9a51-2f7f9a0c1b2d"
+    base = ["--keyring", str(ring), "--broker-url", "redis://127.0.0.1:1/0"]
+    for argv in (["submit", "--model", "echo", "--input", "{}"], ["status", job]):
+        assert main([*base, *argv]) == 1
+        assert capsys.readouterr() == (
+            "",
+            "maas-worker: error: no tenant: pass --tenant or set MAAS_TENANT\n",
+        )
+    # the Python API keeps naming its keyword
+    from maas_worker import Client, Settings, SubmitError
+
+    with pytest.raises(SubmitError, match="pass tenant="):
+        Client(settings=Settings.from_env({"MAAS_KEYRING": str(ring)}))
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5", "604801"])
+def test_a_ttl_out_of_bounds_names_the_flag(
+    clean_env: Path, capsys: pytest.CaptureFixture[str], ttl: str
+) -> None:
+    argv = ["submit", "--model", "echo", "--input", "{}", "--ttl", ttl]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "maas-worker: error: --ttl must be 1..604800 seconds (see `maas-worker submit --help`)\n"
+    )
+    with pytest.raises(SystemExit):
+        validate(argv)
+    # the Python API keeps naming its parameter
+    import fakeredis
+
+    from maas_worker import Client, Settings, SubmitError
+    from maas_worker.tenancy.keyring import Keyring
+
+    settings = Settings.from_env({"MAAS_TENANT": "acme", "MAAS_DIAGNOSTIC_MODELS": "1"})
+    client = Client(settings=settings, keyring=Keyring().with_new_tenant("acme"))
+    client._backend = fakeredis.FakeRedis()  # the served-model catalogue is read from here
+    with pytest.raises(SubmitError, match=r"ttl_s must be in 1\.\.604800"):
+        client.seal("echo", {}, ttl_s=int(ttl))
+
+
+def test_redis_failures_are_named_in_words_not_exception_classes() -> None:
+    import socket
+
+    import redis
+
+    from maas_worker.errors import connection_cause
+
+    def chained(outer: BaseException, inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException:
+                raise outer  # noqa: B904 (as redis-py raises it: the inner one as context)
+        except BaseException as exc:
+            return exc
+
+    unknown = chained(
+        redis.ConnectionError("Error -2 connecting to nohost:6379."),
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+    )
+    assert connection_cause(unknown) == "unknown host (Name or service not known)"
+    db = redis.ResponseError("DB index is out of range")
+    assert connection_cause(db) == "no such database on the server (DB index is out of range)"
+    noperm = redis.ResponseError("NOPERM User u has no permissions to run the 'get' command")
+    assert connection_cause(noperm) == "the Redis user may not run that command (NOPERM)"
+    assert connection_cause(redis.ResponseError("WRONGTYPE x")) == (
+        "the server refused a command (WRONGTYPE)"
+    )
+    unreachable = chained(redis.ConnectionError("x"), OSError(113, "No route to host"))
+    assert connection_cause(unreachable) == "No route to host"

@@ -399,3 +399,16 @@ def test_the_keyring_editor_saves_only_a_replaced_ring(keyring: Path) -> None:
         editor.ring = editor.ring.with_new_tenant("globex")
         raise RuntimeError("the edit fails half way")
     assert keyring.read_bytes() == before
+
+
+@pytest.mark.parametrize("folder_mode", [0o755, 0o700])
+def test_a_keyring_path_that_is_a_folder_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], folder_mode: int
+) -> None:
+    folder = tmp_path / "keys"
+    folder.mkdir(mode=folder_mode)
+    folder.chmod(folder_mode)
+    for argv in (("keys", "list"), ("keys", "rotate", "--tenant", "acme")):
+        err = one_line_error(capsys, "--keyring", str(folder), *argv)
+        assert err == f"maas-worker: error: keyring {folder} is a directory, not a keyring file\n"
+    assert list(folder.iterdir()) == []
