@@ -180,8 +180,10 @@ def connection_cause(exc: BaseException) -> str:
 
     Looks through the exception chain (redis-py and kombu wrap the socket or
     TLS error) for what an operator can act on: a certificate that does not
-    verify, a refused or timed-out connection, a wrong password. Never the
-    exception text of the outer errors, which can quote a URL.
+    verify, a refused or timed-out connection, a wrong password, an unknown
+    host, a database the server does not have. Never the exception text of
+    the outer errors, which can quote a URL, nor an exception's class name
+    when there are words for it.
     """
     import socket
     import ssl
@@ -214,4 +216,19 @@ def connection_cause(exc: BaseException) -> str:
             return "timed out"
         if isinstance(e, ConnectionResetError):
             return "connection reset by the server"
-    return type(chain[-1]).__name__
+        if isinstance(e, socket.gaierror):
+            return f"unknown host ({e.strerror})" if e.strerror else "unknown host"
+        if isinstance(e, redis.ResponseError):
+            # The server's own words, of which only the error code is repeated:
+            # a command's error can quote its arguments.
+            text = str(e)
+            if "DB index is out of range" in text:
+                return "no such database on the server (DB index is out of range)"
+            code = text.split(" ", 1)[0]
+            if code == "NOPERM":
+                return "the Redis user may not run that command (NOPERM)"
+            return f"the server refused a command ({code})" if code.isupper() else "server error"
+    last = chain[-1]
+    if isinstance(last, OSError) and last.strerror:
+        return last.strerror
+    return type(last).__name__

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import click
 import redis
 
+from maas_worker import __version__
 from maas_worker.cli import acl, fleet, jobs, keys, models, services
 from maas_worker.cli.context import CONTEXT_SETTINGS, Group, Invocation
 from maas_worker.errors import MaasError, connection_cause
@@ -32,6 +33,9 @@ PROG = "maas-worker"
 
 
 @click.group(cls=Group, context_settings=CONTEXT_SETTINGS, no_args_is_help=False)
+@click.version_option(
+    __version__, prog_name=PROG, message="%(prog)s %(version)s", help="print the version and exit"
+)
 @click.option("--broker-url", metavar="URL", help="Redis URL (default: $MAAS_BROKER_URL)")
 @click.option("--keyring", metavar="PATH", help="keyring file (default: $MAAS_KEYRING)")
 @click.pass_context

@@ -30,6 +30,9 @@ def audit(settings: Settings, as_json: bool, limit: int) -> int:
     from maas_worker.backend.redis import backend_client
 
     records = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen).latest(limit)
+    if not records and not as_json:
+        # Said on stderr: stdout stays the (empty) list, and --json stays silent.
+        print("no audit records", file=sys.stderr)
     for rec in records:
         if as_json:
             print(json.dumps(rec.to_json()))

@@ -11,6 +11,7 @@ import click
 from maas_worker.cli.context import Command, Invocation, json_option, pass_invocation, tenant_option
 from maas_worker.errors import ConfigError, JobError
 from maas_worker.protocol import PRIORITIES
+from maas_worker.settings import MAX_JOB_TTL_S
 
 #: Seconds ``submit --wait`` and ``result`` wait for a result by default.
 DEFAULT_WAIT_S = 60.0
@@ -19,7 +20,10 @@ DEFAULT_WAIT_S = 60.0
 def _client(inv: Invocation, tenant: str | None) -> Any:
     from maas_worker.client.client import Client
 
-    return Client(settings=inv.settings_for(tenant))
+    settings = inv.settings_for(tenant)
+    if settings.tenant is None:  # said here in the flag's words, not Client's keyword's
+        raise ConfigError("no tenant: pass --tenant or set MAAS_TENANT")
+    return Client(settings=settings)
 
 
 def _read_input(text: str | None, input_file: str | None) -> Any:
@@ -35,16 +39,20 @@ def _read_input(text: str | None, input_file: str | None) -> Any:
 
 
 class _SubmitCommand(Command):
-    """``submit``: exactly one of --input and --input-file, checked as the line is parsed."""
+    """``submit``: exactly one of --input and --input-file, and a --ttl in bounds, checked as
+    the line is parsed."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        """Parse, then refuse both or neither input option (argparse's words)."""
+        """Parse, then refuse both or neither input option (argparse's words), or a bad --ttl."""
         rest = super().parse_args(ctx, args)
         given = [ctx.params.get(name) is not None for name in ("input_text", "input_file")]
         if all(given):
             raise click.UsageError("argument --input-file: not allowed with argument --input", ctx)
         if not any(given):
             raise click.UsageError("one of the arguments --input --input-file is required", ctx)
+        ttl = ctx.params.get("ttl")
+        if ttl is not None and not 0 < ttl <= MAX_JOB_TTL_S:
+            raise click.UsageError(f"--ttl must be 1..{MAX_JOB_TTL_S} seconds", ctx)
         return rest
 
 
@@ -65,7 +73,11 @@ class _SubmitCommand(Command):
     default=DEFAULT_WAIT_S,
     help="seconds --wait waits for the result (default 60)",
 )
-@click.option("--ttl", type=int, help="seconds the job may wait in the queue")
+@click.option(
+    "--ttl",
+    type=int,
+    help=f"seconds the job may wait in the queue (1..{MAX_JOB_TTL_S}; default $MAAS_JOB_TTL_S)",
+)
 @tenant_option()
 @pass_invocation
 def submit(

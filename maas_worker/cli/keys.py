@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -131,12 +132,23 @@ def rotate(settings: Settings, tenant: str, stage: bool) -> int:
     return 0
 
 
-def _set_state(settings: Settings, tenant: str, version: int, state: str) -> int:
-    from maas_worker.tenancy.keyring import KeyState, edit_keyring
+def _set_state(settings: Settings, tenant: str, version: int, state: str, *, force: bool) -> int:
+    from maas_worker.errors import KeyringError
+    from maas_worker.tenancy.keyring import Keyring, KeyState, edit_keyring
+
+    def has_primary(ring: Keyring) -> bool:
+        return any(kv.state == "primary" for kv in ring.tenant(tenant).versions)
 
     new_state: KeyState = "primary" if state == "primary" else "retired"
     with edit_keyring(settings.keyring_path) as editor:
-        editor.ring = editor.ring.with_state(tenant, version, new_state)
+        ring = editor.ring.with_state(tenant, version, new_state)
+        # A tenant without a primary cannot seal a job: every client's submit fails.
+        if not force and has_primary(editor.ring) and not has_primary(ring):
+            raise KeyringError(
+                f"would leave tenant {tenant!r} with no primary key: every submit would fail; "
+                f"rotate first (maas-worker keys rotate --tenant {tenant}) or pass --force"
+            )
+        editor.ring = ring
     print(f"tenant {tenant}: key version {version} is {new_state}")
     return 0
 
@@ -147,20 +159,28 @@ def _set_state(settings: Settings, tenant: str, version: int, state: str) -> int
 @pass_settings
 def promote(settings: Settings, tenant: str, version: int) -> int:
     """Make a key version primary (new jobs are sealed with it)."""
-    return _set_state(settings, tenant, version, "primary")
+    return _set_state(settings, tenant, version, "primary", force=False)
 
 
 @keys.command(short_help="retire a version")
 @click.option("--tenant", required=True, help=TENANT_HELP)
 @click.option("--version", type=int, required=True, help="the key version to retire")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="retire it even if it is the tenant's primary (every submit then fails until a rotate)",
+)
 @pass_settings
-def retire(settings: Settings, tenant: str, version: int) -> int:
-    """Retire a key version (jobs sealed with it are refused from then on)."""
-    return _set_state(settings, tenant, version, "retired")
+def retire(settings: Settings, tenant: str, version: int, force: bool) -> int:
+    """Retire a key version (jobs sealed with it are refused from then on).
+
+    The tenant's primary is retired only with --force: rotate first.
+    """
+    return _set_state(settings, tenant, version, "retired", force=force)
 
 
 @keys.command("list", short_help="tenants, versions and states (never secrets)")
-@json_option("one JSON object per key version instead of a table")
+@json_option('one JSON document instead of a table: {"tenants": [{"tenant", "versions"}]}')
 @pass_settings
 def list_keys(settings: Settings, as_json: bool) -> int:
     """Tenants, key versions and their states (never secrets)."""
@@ -168,8 +188,13 @@ def list_keys(settings: Settings, as_json: bool) -> int:
 
     rows = load_keyring(settings.keyring_path).summary()
     if as_json:
+        tenants: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
-            print(json.dumps(row))
+            tenants.setdefault(row["tenant"], []).append(
+                {k: v for k, v in row.items() if k != "tenant"}
+            )
+        doc = [{"tenant": name, "versions": versions} for name, versions in tenants.items()]
+        print(json.dumps({"tenants": doc}))
     else:
         print(f"{'TENANT':<24} {'VERSION':>7}  {'STATE':<13} CREATED")
         for row in rows:
@@ -181,12 +206,30 @@ def list_keys(settings: Settings, as_json: bool) -> int:
 
 @keys.command(short_help="write a keyring holding one tenant (for its clients)")
 @click.option("--tenant", required=True, help="the tenant to export")
-@click.option("--out", required=True, help="the keyring file to write (mode 0600)")
+@click.option(
+    "--out",
+    required=True,
+    help="the keyring file to write (mode 0600; a missing folder is created, mode 0700)",
+)
+@click.option("--force", is_flag=True, help="replace the file if it exists")
 @pass_settings
-def export(settings: Settings, tenant: str, out: str) -> int:
-    """Write a keyring holding one tenant's keys (for that tenant's clients)."""
+def export(settings: Settings, tenant: str, out: str, force: bool) -> int:
+    """Write a keyring holding one tenant's keys (for that tenant's clients).
+
+    An existing file is replaced only with --force (after a rotation, say).
+    """
+    from maas_worker.errors import KeyringError
     from maas_worker.tenancy.keyring import load_keyring, save_keyring
 
-    save_keyring(Path(out), load_keyring(settings.keyring_path).only(tenant))
+    ring = load_keyring(settings.keyring_path).only(tenant)
+    path = Path(out)
+    if path.is_dir():
+        raise KeyringError(f"{out} is a directory: --out names the keyring file to write")
+    if not force and (path.exists() or path.is_symlink()):
+        raise KeyringError(f"{out} already exists: pass --force to replace it")
+    try:
+        save_keyring(path, ring)
+    except OSError as exc:
+        raise KeyringError(f"cannot write {out}: {exc.strerror}") from None
     print(f"wrote {out} with tenant {tenant} only (mode 0600)")
     return 0

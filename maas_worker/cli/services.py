@@ -9,6 +9,7 @@ this process writing its own ``os.environ``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import click
 
@@ -132,7 +133,90 @@ def beat(inv: Invocation, loglevel: str) -> int:
     return 0
 
 
-@click.command(cls=Command, short_help="run Flower (authentication required)")
+#: Flower options ``maas-worker flower`` sets itself, and where they come from instead.
+OWN_FLOWER_OPTIONS = {"basic-auth": "MAAS_FLOWER_BASIC_AUTH"}
+
+
+def flower_options(args: Sequence[str]) -> list[str]:
+    """Flower's own options given after ours, checked and in the ``--name=value`` form Flower takes.
+
+    Flower reads its options with tornado, which silently drops arguments it
+    does not know and fails with a traceback on ``--name value``: here an
+    unknown option, a missing or bad value, or a stray argument is one usage
+    error instead, and ``--name value`` is joined into ``--name=value``.
+    """
+    import copy
+    import importlib
+
+    from tornado.options import options as registry
+
+    importlib.import_module("flower.options")  # defines Flower's options in tornado's registry
+
+    out: list[str] = []
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--") or name == "--":
+            raise click.UsageError(
+                f"unexpected argument {arg!r}: Flower's options are --name=value",
+                click.get_current_context(silent=True),
+            )
+        key = name[2:].replace("_", "-")  # tornado's spelling of an option's name
+        option = registry._options.get(key)  # tornado keeps no public lookup with the type
+        if option is None or key == "help":
+            raise click.UsageError(
+                f"no such Flower option: {name}",
+                click.get_current_context(silent=True),
+            )
+        if key in OWN_FLOWER_OPTIONS:
+            raise click.UsageError(
+                f"{name} is set from {OWN_FLOWER_OPTIONS[key]}, not on the command line",
+                click.get_current_context(silent=True),
+            )
+        if not eq and option.type is not bool:
+            if not rest:
+                raise click.UsageError(
+                    f"Flower option {name} requires a value",
+                    click.get_current_context(silent=True),
+                )
+            value = rest.pop(0)
+        if eq or option.type is not bool:
+            try:
+                copy.copy(option).parse(value)  # a copy: the registry is Flower's to fill
+            except Exception:  # tornado raises ValueError or its own Error
+                raise click.UsageError(
+                    f"invalid value for Flower option {name}: {value!r}",
+                    click.get_current_context(silent=True),
+                ) from None
+            out.append(f"{name}={value}")
+        else:
+            out.append(name)
+    return out
+
+
+def flower_argv(
+    *, port: int, address: str, basic_auth: str | None, extra: Sequence[str] = ()
+) -> list[str]:
+    """The command line handed to Flower: ours first, then ``extra`` (from `flower_options`)."""
+    # Arguments and results are shown: jobs' are "<sealed envelope>" and None,
+    # resource samples' result is the sample in readable form.
+    argv = [
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+        f"--tasks_columns={FLOWER_TASK_COLUMNS}",
+    ]
+    if basic_auth:
+        argv.append(f"--basic-auth={basic_auth}")
+    return [*argv, *extra]
+
+
+@click.command(
+    cls=Command,
+    short_help="run Flower (authentication required)",
+    context_settings={"ignore_unknown_options": True},
+)
 @click.option(
     "--port",
     type=int,
@@ -149,10 +233,19 @@ def beat(inv: Invocation, loglevel: str) -> int:
     is_flag=True,
     help="allow Flower without authentication (local debugging only)",
 )
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED, metavar="[FLOWER_OPTIONS]...")
 @pass_invocation
-def flower(inv: Invocation, port: int, address: str, unauthenticated: bool) -> int:
-    """Run Flower, the monitoring web UI, behind $MAAS_FLOWER_BASIC_AUTH."""
+def flower(
+    inv: Invocation, port: int, address: str, unauthenticated: bool, flower_args: tuple[str, ...]
+) -> int:
+    """Run Flower, the monitoring web UI, behind $MAAS_FLOWER_BASIC_AUTH.
+
+    Any further option is Flower's own and goes to Flower as given, e.g.
+    --max_tasks=5000 --url_prefix=flower (the list: Flower's documentation,
+    https://flower.readthedocs.io/en/latest/config.html).
+    """
     inv.exec_with_flags()
+    extra = flower_options(flower_args)  # a bad command line first, then the settings
     from celery import Celery
 
     from maas_worker.app import celery_config
@@ -160,6 +253,7 @@ def flower(inv: Invocation, port: int, address: str, unauthenticated: bool) -> i
 
     settings = inv.settings
     auth = settings.flower_basic_auth
+    argv = flower_argv(port=port, address=address, basic_auth=auth, extra=extra)
     if not auth and not unauthenticated:
         raise ConfigError(
             "refusing to start Flower without authentication: set "
@@ -176,16 +270,7 @@ def flower(inv: Invocation, port: int, address: str, unauthenticated: bool) -> i
     kombu_redis.QoS.restore_visible = lambda self, *args, **kwargs: None  # type: ignore[method-assign]
     app = Celery("maas_worker")
     app.conf.update(celery_config(settings), control_queue_expires=None, event_queue_expires=None)
-    # Arguments and results are shown: jobs' are "<sealed envelope>" and None,
-    # resource samples' result is the sample in readable form.
-    argv = [
-        "flower",
-        f"--port={port}",
-        f"--address={address}",
-        f"--tasks_columns={FLOWER_TASK_COLUMNS}",
-    ]
     if auth:
-        argv.append(f"--basic-auth={auth}")
         _authenticate_flower_metrics()
     # Its buttons (shut down, pool, consumers, rate limits, revoke) do what the
     # workers would allow, no more.

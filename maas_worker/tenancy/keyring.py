@@ -393,6 +393,8 @@ def check_permissions(path: Path) -> os.stat_result:
         ) from None
     except OSError as exc:
         raise KeyringError(f"keyring {path} unreadable: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):  # before the mode: no chmod makes a folder a keyring
+        raise KeyringError(f"keyring {path} is a directory, not a keyring file")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyringError(
             f"keyring {path} is accessible by group or others "

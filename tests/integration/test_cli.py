@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -97,6 +98,35 @@ def test_errors_are_one_line_on_stderr_and_exit_nonzero(
     assert message in lines[0]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["audit"], ["stats"], ["submit", "--model", "echo", "--input", "{}"], ["status", NO_SUCH_JOB]],
+)
+@pytest.mark.parametrize(
+    ("where", "cause"),
+    [
+        ("database 99", "no such database on the server (DB index is out of range)"),
+        ("unknown host", "unknown host ("),
+    ],
+)
+def test_a_bad_redis_url_is_one_line_naming_the_cause(
+    shared_stack: Stack, command: list[str], where: str, cause: str
+) -> None:
+    if where == "database 99":  # the server holds 16
+        url = shared_stack.url.rsplit("/", 1)[0] + "/99"
+    else:
+        url = "redis://no-such-host.invalid:6379/0"
+    out = run(shared_stack, "--broker-url", url, *command)
+    assert out.returncode == 1
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("maas-worker: error: ")
+    assert f"unavailable ({url}" in lines[0] and cause in lines[0]
+    for name in ("Error", "gaierror", "Traceback"):
+        assert name not in lines[0]
+
+
 def test_rejected_job_exits_nonzero_and_shows_in_audit(shared_stack: Stack) -> None:
     from maas_worker.local.demo import _forge
 
@@ -120,6 +150,16 @@ def test_rejected_job_exits_nonzero_and_shows_in_audit(shared_stack: Stack) -> N
     text = run(shared_stack, "audit", "--limit", "5")
     assert forged in text.stdout
     assert "(unverified)" in text.stdout
+
+
+def test_audit_with_no_records_says_so_on_stderr_and_exits_zero(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack()  # a fresh Redis: nothing audited yet
+    text = run(stack, "audit")
+    assert (text.returncode, text.stdout, text.stderr) == (0, "", "no audit records\n")
+    as_json = run(stack, "audit", "--json")
+    assert (as_json.returncode, as_json.stdout, as_json.stderr) == (0, "", "")
 
 
 def test_stats_lists_the_worker_and_backlog(shared_stack: Stack) -> None:

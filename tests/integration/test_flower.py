@@ -49,6 +49,23 @@ def test_flower_refuses_to_start_without_authentication(make_stack: Callable[...
     ]
 
 
+def test_flower_takes_its_own_options_after_ours(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(MAAS_FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
+    port = free_port()
+    flower = Service(
+        stack, "flower", "flower", "--port", str(port), "--max_tasks=50", "--url_prefix", "ops"
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_get(f"{base}/ops/healthcheck")[0] == 200, WAIT_S, "Flower to answer")
+        assert http_get(f"{base}/healthcheck")[0] == 404  # everything moved under the prefix
+        assert http_get(f"{base}/ops/api/workers")[0] == 401  # and still behind the credentials
+        assert http_get(f"{base}/ops/api/workers", auth=(USER, PASSWORD))[0] == 200
+        assert http_get(f"{base}/ops/metrics")[0] == 401
+    finally:
+        flower.stop()
+
+
 def test_flower_in_a_browser_shows_samples_and_only_sealed_jobs(
     make_stack: Callable[..., Stack], tmp_path: Path
 ) -> None:

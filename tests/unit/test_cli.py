@@ -223,3 +223,136 @@ def test_a_unique_prefix_of_a_long_option_is_taken_as_argparse_took_it(
         "ambiguous option: --max could match --max-priority, --max-in-flight"
         in capsys.readouterr().err
     )
+
+
+def test_version_prints_the_package_version_and_exits_zero(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import subprocess
+
+    from maas_worker import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr() == (f"maas-worker {__version__}\n", "")
+    done = subprocess.run(
+        [sys.executable, "-m", "maas_worker", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"maas-worker {__version__}\n", "")
+
+
+def test_flower_hands_further_options_to_flower(clean_env: Path) -> None:
+    from maas_worker.cli.services import flower, flower_argv, flower_options
+
+    args = ["--port", "5556", "--max_tasks=5000", "--url_prefix", "flower", "--unauth"]
+    params = flower.make_context("flower", [*args, "--persistent", "--address=0.0.0.0"]).params
+    # our own options still parse wherever they stand; the rest is Flower's
+    assert (params["port"], params["address"], params["unauthenticated"]) == (5556, "0.0.0.0", True)
+    extra = flower_options(params["flower_args"])
+    assert extra == ["--max_tasks=5000", "--url_prefix=flower", "--persistent"]
+    argv = flower_argv(port=5556, address="0.0.0.0", basic_auth="ops:pw", extra=extra)
+    assert argv[:3] == ["flower", "--port=5556", "--address=0.0.0.0"]
+    assert "--basic-auth=ops:pw" in argv
+    assert argv[-3:] == extra
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max_task=5"], "no such Flower option: --max_task"),
+        (["--max_tasks=lots"], "invalid value for Flower option --max_tasks: 'lots'"),
+        (["--url_prefix"], "Flower option --url_prefix requires a value"),
+        (["stray"], "unexpected argument 'stray'"),
+        (["--basic_auth=u:p"], "--basic_auth is set from MAAS_FLOWER_BASIC_AUTH"),
+    ],
+)
+def test_a_bad_flower_option_is_one_line_and_exit_2(
+    clean_env: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["flower", "--unauthenticated", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"maas-worker: error: {message}")
+    assert err.rstrip().endswith("(see `maas-worker flower --help`)")
+
+
+# -- error wording: the flag's name on the command line, the parameter's in Python ----------
+def test_no_tenant_names_the_flag_and_the_variable(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ring = clean_env / "ring.json"
+    assert main(["--keyring", str(ring), "keys", "init", "--tenant", "acme"]) == 0
+    capsys.readouterr()
+    job = "5e0c6a4e-7d1b-4c38-9a51-2f7f9a0c1b2d"
+    base = ["--keyring", str(ring), "--broker-url", "redis://127.0.0.1:1/0"]
+    for argv in (["submit", "--model", "echo", "--input", "{}"], ["status", job]):
+        assert main([*base, *argv]) == 1
+        assert capsys.readouterr() == (
+            "",
+            "maas-worker: error: no tenant: pass --tenant or set MAAS_TENANT\n",
+        )
+    # the Python API keeps naming its keyword
+    from maas_worker import Client, Settings, SubmitError
+
+    with pytest.raises(SubmitError, match="pass tenant="):
+        Client(settings=Settings.from_env({"MAAS_KEYRING": str(ring)}))
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5", "604801"])
+def test_a_ttl_out_of_bounds_names_the_flag(
+    clean_env: Path, capsys: pytest.CaptureFixture[str], ttl: str
+) -> None:
+    argv = ["submit", "--model", "echo", "--input", "{}", "--ttl", ttl]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        "maas-worker: error: --ttl must be 1..604800 seconds (see `maas-worker submit --help`)\n"
+    )
+    with pytest.raises(SystemExit):
+        validate(argv)
+    # the Python API keeps naming its parameter
+    import fakeredis
+
+    from maas_worker import Client, Settings, SubmitError
+    from maas_worker.tenancy.keyring import Keyring
+
+    settings = Settings.from_env({"MAAS_TENANT": "acme", "MAAS_DIAGNOSTIC_MODELS": "1"})
+    client = Client(settings=settings, keyring=Keyring().with_new_tenant("acme"))
+    client._backend = fakeredis.FakeRedis()  # the served-model catalogue is read from here
+    with pytest.raises(SubmitError, match=r"ttl_s must be in 1\.\.604800"):
+        client.seal("echo", {}, ttl_s=int(ttl))
+
+
+def test_redis_failures_are_named_in_words_not_exception_classes() -> None:
+    import socket
+
+    import redis
+
+    from maas_worker.errors import connection_cause
+
+    def chained(outer: BaseException, inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException:
+                raise outer  # noqa: B904 (as redis-py raises it: the inner one as context)
+        except BaseException as exc:
+            return exc
+
+    unknown = chained(
+        redis.ConnectionError("Error -2 connecting to nohost:6379."),
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+    )
+    assert connection_cause(unknown) == "unknown host (Name or service not known)"
+    db = redis.ResponseError("DB index is out of range")
+    assert connection_cause(db) == "no such database on the server (DB index is out of range)"
+    noperm = redis.ResponseError("NOPERM User u has no permissions to run the 'get' command")
+    assert connection_cause(noperm) == "the Redis user may not run that command (NOPERM)"
+    assert connection_cause(redis.ResponseError("WRONGTYPE x")) == (
+        "the server refused a command (WRONGTYPE)"
+    )
+    unreachable = chained(redis.ConnectionError("x"), OSError(113, "No route to host"))
+    assert connection_cause(unreachable) == "No route to host"

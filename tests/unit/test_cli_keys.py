@@ -154,15 +154,19 @@ def test_list(keyring: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_list_json(keyring: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ok(capsys, "keys", "init", "--tenant", "acme")
     ok(capsys, "keys", "rotate", "--tenant", "acme", "--stage")
+    ok(capsys, "keys", "init", "--tenant", "globex")
     out = ok(capsys, "keys", "list", "--json")
-    rows = [json.loads(line) for line in out.splitlines()]
-    assert [(r["tenant"], r["version"], r["state"]) for r in rows] == [
-        ("acme", 1, "primary"),
-        ("acme", 2, "decrypt-only"),
+    doc = json.loads(out)  # one document, as `stats --json`
+    assert [t["tenant"] for t in doc["tenants"]] == ["acme", "globex"]
+    acme, globex = doc["tenants"]
+    assert [(v["version"], v["state"]) for v in acme["versions"]] == [
+        (1, "primary"),
+        (2, "decrypt-only"),
     ]
-    for row in rows:
-        assert "secret" not in row
-        assert row["created_at"]
+    assert [(v["version"], v["state"]) for v in globex["versions"]] == [(1, "primary")]
+    for version in acme["versions"] + globex["versions"]:
+        assert set(version) == {"version", "state", "created_at"}
+        assert version["created_at"]
     for secret in secrets_of(keyring):
         assert secret not in out
 
@@ -200,6 +204,31 @@ def test_rotate_stage_promote_retire(keyring: Path, capsys: pytest.CaptureFixtur
     assert load_keyring(keyring).usable("acme", 1) is None
     assert mode(keyring) == 0o600
     assert {p.name for p in keyring.parent.iterdir()} == {"keyring.json", "keyring.json.lock"}
+
+
+def test_retiring_the_only_primary_is_refused_without_force(
+    keyring: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok(capsys, "keys", "init", "--tenant", "acme")
+    ok(capsys, "keys", "init", "--tenant", "globex")  # another tenant's primary is no help
+    ok(capsys, "keys", "rotate", "--tenant", "acme", "--stage")  # nor is a decrypt-only one
+    before = keyring.read_bytes()
+    err = one_line_error(capsys, "keys", "retire", "--tenant", "acme", "--version", "1")
+    assert err == (
+        "maas-worker: error: would leave tenant 'acme' with no primary key: every submit "
+        "would fail; rotate first (maas-worker keys rotate --tenant acme) or pass --force\n"
+    )
+    assert keyring.read_bytes() == before
+    # a version that is not the primary retires as before
+    out = ok(capsys, "keys", "retire", "--tenant", "acme", "--version", "2")
+    assert "version 2 is retired" in out
+    out = ok(capsys, "keys", "retire", "--tenant", "acme", "--version", "1", "--force")
+    assert "version 1 is retired" in out
+    assert states(keyring) == {1: "retired", 2: "retired"}
+    assert states(keyring, "globex") == {1: "primary"}
+    # a rotate gives the tenant a primary again
+    ok(capsys, "keys", "rotate", "--tenant", "acme")
+    assert states(keyring) == {1: "retired", 2: "retired", 3: "primary"}
 
 
 @pytest.mark.parametrize(
@@ -253,8 +282,44 @@ def test_export_over_an_open_file_makes_it_private(
     out_path = tmp_path / "acme.json"
     out_path.write_text("old")
     out_path.chmod(0o644)
-    ok(capsys, "keys", "export", "--tenant", "acme", "--out", str(out_path))
+    ok(capsys, "keys", "export", "--tenant", "acme", "--out", str(out_path), "--force")
     assert mode(out_path) == 0o600
+    assert list(load_keyring(out_path).tenants) == ["acme"]
+
+
+def test_export_refuses_to_replace_a_file_without_force(
+    keyring: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok(capsys, "keys", "init", "--tenant", "acme")
+    out_path = tmp_path / "acme.json"
+    out_path.write_text("a keyring handed out earlier")
+    err = one_line_error(capsys, "keys", "export", "--tenant", "acme", "--out", str(out_path))
+    assert err == f"maas-worker: error: {out_path} already exists: pass --force to replace it\n"
+    assert out_path.read_text() == "a keyring handed out earlier"
+    # a dangling symbolic link is a file name already taken too
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "nowhere.json")
+    one_line_error(capsys, "keys", "export", "--tenant", "acme", "--out", str(link))
+    assert not (tmp_path / "nowhere.json").exists()
+    # a folder is never replaced, --force or not
+    err = one_line_error(
+        capsys, "keys", "export", "--tenant", "acme", "--out", str(tmp_path), "--force"
+    )
+    assert err == (
+        f"maas-worker: error: {tmp_path} is a directory: --out names the keyring file to write\n"
+    )
+
+
+def test_export_that_cannot_write_is_one_line(
+    keyring: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ok(capsys, "keys", "init", "--tenant", "acme")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = one_line_error(
+        capsys, "keys", "export", "--tenant", "acme", "--out", str(blocker / "acme.json")
+    )
+    assert err.startswith(f"maas-worker: error: cannot write {blocker / 'acme.json'}: ")
 
 
 @pytest.mark.parametrize("unsafe", [0o640, 0o604])
@@ -334,3 +399,16 @@ def test_the_keyring_editor_saves_only_a_replaced_ring(keyring: Path) -> None:
         editor.ring = editor.ring.with_new_tenant("globex")
         raise RuntimeError("the edit fails half way")
     assert keyring.read_bytes() == before
+
+
+@pytest.mark.parametrize("folder_mode", [0o755, 0o700])
+def test_a_keyring_path_that_is_a_folder_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], folder_mode: int
+) -> None:
+    folder = tmp_path / "keys"
+    folder.mkdir(mode=folder_mode)
+    folder.chmod(folder_mode)
+    for argv in (("keys", "list"), ("keys", "rotate", "--tenant", "acme")):
+        err = one_line_error(capsys, "--keyring", str(folder), *argv)
+        assert err == f"maas-worker: error: keyring {folder} is a directory, not a keyring file\n"
+    assert list(folder.iterdir()) == []
