@@ -53,7 +53,7 @@ def test_wrong_input_shape_fails_the_job_and_the_worker_keeps_serving(shared_sta
             client.submit("digits", bad).result(timeout=TIMEOUT)
         assert err.value.reason == "bad_input"
         assert "shape [N, 64]" in str(err.value) and "0.25" not in str(err.value)
-    assert client.submit("digits@1", FEW).result(timeout=TIMEOUT)["labels"] == FEW_LABELS
+    assert client.submit("digits@2", FEW).result(timeout=TIMEOUT)["labels"] == FEW_LABELS
     assert all(w.proc is not None and w.proc.poll() is None for w in shared_stack.workers)
 
 

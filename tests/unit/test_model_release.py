@@ -434,9 +434,9 @@ def test_registry_resolution_and_catalogue_follow_the_release(
 def test_the_bundled_digits_is_released_and_served_by_bare_name() -> None:
     signers = TrustedSigners.from_paths([BUNDLED_SIGNERS_DIR])
     release = read_release(BUNDLED_MODEL_DIR / "digits", signers)
-    assert (release.name, release.version) == ("digits", "1") and release.serial >= 1
+    assert (release.name, release.version) == ("digits", "2") and release.serial >= 2
     assert set(signers.keys) == {release.signer}
     registry = build_registry(Settings.from_env({}))
     model = registry.resolve("digits")
-    assert model.version == "1"
+    assert model.version == "2"
     assert model.predict(ROWS4)["labels"] == SAMPLES["sklearn_predictions"][:4]

@@ -396,7 +396,7 @@ def test_registry_puts_built_in_models_first_and_merges_refs(kit: ModelKit, make
 
 def test_build_registry_serves_the_bundled_digits_by_default() -> None:
     registry = build_registry(Settings.from_env({}))
-    assert "digits" in registry.refs() and "digits@1" in registry.refs()
+    assert "digits" in registry.refs() and "digits@2" in registry.refs()
     model = registry.resolve("digits")
     assert model.predict(FIRST)["labels"] == SAMPLES["sklearn_predictions"][:5]
 

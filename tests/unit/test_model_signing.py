@@ -169,7 +169,7 @@ def test_a_private_key_is_never_accepted_as_a_trusted_signer(tmp_path: Path) -> 
 
 def test_bundled_model_verifies_with_the_bundled_key() -> None:
     trusted = TrustedSigners.from_paths([BUNDLED_SIGNERS_DIR])
-    version = BUNDLED_MODEL_DIR / "digits" / "1"
+    version = BUNDLED_MODEL_DIR / "digits" / "2"
     data = (version / "manifest.json").read_bytes()
     assert (
         trusted.verify(data, (version / "manifest.sig").read_bytes())

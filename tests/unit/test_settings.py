@@ -42,7 +42,7 @@ def test_defaults() -> None:
     assert s.keyring_path == Path("/cfg/maas-worker/keyring.json")
     assert s.tenant is None
     assert s.model_dir == BUNDLED_MODEL_DIR
-    assert (BUNDLED_MODEL_DIR / "digits" / "1" / "manifest.sig").is_file()
+    assert (BUNDLED_MODEL_DIR / "digits" / "2" / "manifest.sig").is_file()
     assert s.trusted_signers == (BUNDLED_SIGNERS_DIR,)
     assert any(BUNDLED_SIGNERS_DIR.glob("*.pub"))
     assert s.model_keys_path == Path("/cfg/maas-worker/model-keys.json")
