@@ -22,6 +22,7 @@
     │   └── UnknownJob         no such job (never submitted, or expired)
     ├── ResultTimeout          no result within the timeout (also a TimeoutError)
     ├── ServiceUnavailable     Redis (broker or result backend) unreachable: retry later
+    ├── JobNotSucceeded        a job's delivery did not succeed (worker side: Flower shows it)
     └── ModelError             a model could not run an input (becomes JobFailed)
         └── ModelRejected      a model artifact failed verification and is not served
 
@@ -139,6 +140,15 @@ class ServiceUnavailable(MaasError):
     def __init__(self, message: str, *, job_ids: list[str] | tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.job_ids = tuple(job_ids)
+
+
+class JobNotSucceeded(MaasError):
+    """Raised by the ``maas.infer`` task for a job that did not succeed, so Celery reports
+    FAILURE (and Flower shows it); its text is outcome and reason words only.
+
+    Worker side only: the message is acknowledged as for any finished job and Celery's
+    result backend is not written (worker/task_state.py).
+    """
 
 
 class ModelError(MaasError):

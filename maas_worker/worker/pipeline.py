@@ -87,11 +87,17 @@ UNAVAILABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.Timeout
 
 
 class Stop(Exception):
-    """The delivery is finished with ``outcome`` (a result stored or a rejection recorded)."""
+    """The delivery is finished with ``outcome`` (a result stored or a rejection recorded).
 
-    def __init__(self, outcome: JobOutcome) -> None:
+    ``code`` is the failure code of the result stored for a ``failed`` outcome
+    (``bad_input``, ``timeout``, ...; never payload): what Celery's task
+    events, and so Flower, show for it (worker/task_state.py).
+    """
+
+    def __init__(self, outcome: JobOutcome, code: str | None = None) -> None:
         super().__init__(outcome)
         self.outcome = outcome
+        self.code = code
 
 
 class Defer(Exception):
@@ -375,7 +381,7 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy, fi
             FailureCode.WORKER_LOST,
             f"the job was started {rt.guard.max_attempts} times and its worker died each time",
         )
-        raise Stop(finish(rt, verified, lost))
+        raise finish(rt, verified, lost)
     if outcome.outcome == ClaimOutcome.BUSY:
         # Another live worker runs this job. Do not run it twice, and do not
         # drop this copy either: if that worker dies, this copy is the job.
@@ -441,7 +447,7 @@ def fault(
     doc = ResultDoc.failure(
         FailureCode.INTERNAL_ERROR, f"handling the job failed {n} times; it will not be retried"
     )
-    return Stop(finish(rt, verified, doc))
+    return finish(rt, verified, doc)
 
 
 # -- running ------------------------------------------------------------------------------
@@ -636,8 +642,9 @@ def interrupted(reason: str, soft_s: float) -> ResultDoc:
 
 
 # -- the result ---------------------------------------------------------------------------
-def _result_body(rt: WorkerRuntime, doc: ResultDoc) -> tuple[bytes, bool]:
-    """The result document as JSON (or a failure document if it cannot be one), and ok."""
+def _result_body(rt: WorkerRuntime, doc: ResultDoc) -> tuple[bytes, ResultDoc]:
+    """The result document as JSON (or a failure document if it cannot be one), and the
+    document that JSON holds."""
     try:
         body = doc.to_json()
     except (TypeError, ValueError, RecursionError):
@@ -652,13 +659,13 @@ def _result_body(rt: WorkerRuntime, doc: ResultDoc) -> tuple[bytes, bool]:
             FailureCode.OVERSIZE, "the result exceeds the size limit", model=doc.model
         )
         body = doc.to_json()
-    return body, doc.ok
+    return body, doc
 
 
-def seal_result(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> tuple[bytes, bool]:
-    """The result envelope for ``doc``, bound to the request (its own nonce), and whether
-    it holds a success (a failure document replaces output that cannot be stored)."""
-    body, ok = _result_body(rt, doc)
+def seal_result(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> tuple[bytes, ResultDoc]:
+    """The result envelope for ``doc``, bound to the request (its own nonce), and the
+    document it holds (a failure document replaces output that cannot be stored)."""
+    body, sealed_doc = _result_body(rt, doc)
     req = verified.header
     issued = now_ms()
     header = Header(
@@ -673,18 +680,23 @@ def seal_result(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> tuple[
         req.model,
         req.digest(),
     )
-    return seal(verified.keys, header, body, crypto=rt.crypto), ok
+    return seal(verified.keys, header, body, crypto=rt.crypto), sealed_doc
 
 
-def finished_outcome(ok: bool, stored: bool) -> Outcome:
-    """The log outcome of a result that was (or, ``duplicate``, was not) stored."""
-    return (Outcome.SUCCEEDED if ok else Outcome.FAILED) if stored else Outcome.DUPLICATE
+def finished(doc: ResultDoc, stored: bool) -> Stop:
+    """The end of a delivery whose result ``doc`` was (or, ``duplicate``, was not) stored:
+    its outcome, with the failure code of a ``failed`` one."""
+    if not stored:
+        return Stop(Outcome.DUPLICATE)
+    if doc.ok:
+        return Stop(Outcome.SUCCEEDED)
+    return Stop(Outcome.FAILED, doc.error)
 
 
-def finish(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> Outcome:
-    """Seal and store the result write-once; the outcome for the log."""
+def finish(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> Stop:
+    """Seal and store the result write-once; the delivery's end (returned, not raised)."""
     header = verified.header
-    sealed, ok = seal_result(rt, verified, doc)
+    sealed, sealed_doc = seal_result(rt, verified, doc)
     stored = rt.guard.store_result(
         header.tenant,
         header.job_id,
@@ -692,14 +704,14 @@ def finish(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> Outcome:
         result_ttl_s=rt.settings.result_ttl_s,
         replay_window_ms=window_ms(rt, header),
     )
-    return finished_outcome(ok, stored)
+    return finished(sealed_doc, stored)
 
 
-def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> JobOutcome:
-    """Everything after the claim, for one job: the outcome."""
+def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Stop:
+    """Everything after the claim, for one job: the delivery's end (returned, not raised)."""
     try:
         job = prepare(rt, verified, policy)
     except Stop as stop:
-        return stop.outcome
+        return stop
     doc = job if isinstance(job, ResultDoc) else run_one(rt, verified, job)
     return finish(rt, verified, doc)

@@ -24,6 +24,7 @@ from celery.exceptions import Reject, Retry
 
 from maas_worker.broker import transport
 from maas_worker.broker.app import settings_of
+from maas_worker.errors import JobNotSucceeded
 from maas_worker.monitoring import metrics
 from maas_worker.protocol import TASK_NAME, payload_ref_tenant
 from maas_worker.tenancy.keyring import TenantPolicy
@@ -43,6 +44,7 @@ from maas_worker.worker.pipeline import (
     verify_request,
 )
 from maas_worker.worker.runtime import WorkerRuntime, get_runtime
+from maas_worker.worker.task_state import not_succeeded
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,9 @@ transport.install()
 INFRA_BACKOFF_S = 1.0
 
 
-def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """Run one delivery through the pipeline; returns the outcome (for logs and tests).
+def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Stop:
+    """Run one delivery through the pipeline; returns its end (`Stop`: the outcome, and
+    a failed job's failure code).
 
     Raises `Retry` for a job that must wait, and one of `UNAVAILABLE` when
     Redis is out of reach or the keyring unreadable (the task hands the
@@ -75,11 +78,11 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[s
         data = request_bytes(rt, job_id, text, fetched)
         verified = verify_request(rt, job_id, data, task_name=task.name, routed=routed, text=text)
     except Stop as stop:
-        return stop.outcome
+        return stop
     except UNAVAILABLE:
         raise
     except Exception as exc:
-        return refuse_unreadable(rt, job_id, exc).outcome
+        return refuse_unreadable(rt, job_id, exc)
     policy: TenantPolicy | None = None
     claimed = False
     try:
@@ -89,7 +92,7 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[s
         claimed = True
         return run_claimed(rt, verified, policy)
     except Stop as stop:
-        return stop.outcome
+        return stop
     except Defer as defer:
         # Not started (or another live worker runs it): back after a delay.
         raise task.retry(countdown=defer.delay_s) from None
@@ -105,7 +108,7 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[s
         claimed = False
         verdict = fault(rt, verified, policy, exc)
         if isinstance(verdict, Stop):
-            return verdict.outcome
+            return verdict
         raise task.retry(countdown=verdict.delay_s) from None
     finally:
         if claimed and policy is not None:
@@ -114,19 +117,32 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[s
 
 # max_retries=None: a retry (another worker runs the job, memory is short, or
 # the job's own error is retried) must never turn into a failure that acks
-# the message; expiry and the fault count bound it.
-@shared_task(name=TASK_NAME, bind=True, ignore_result=True, acks_late=True, max_retries=None)
+# the message; expiry and the fault count bound it. JobNotSucceeded is the one
+# failure the task raises on purpose: `throws` makes Celery log it at INFO
+# (quietened below) without a traceback, and with acks_late Celery acknowledges
+# it (task_acks_on_failure_or_timeout, on by default) exactly as a success.
+@shared_task(
+    name=TASK_NAME,
+    bind=True,
+    ignore_result=True,
+    acks_late=True,
+    max_retries=None,
+    throws=(JobNotSucceeded,),
+)
 def infer(self: Task, *args: Any, **kwargs: Any) -> None:
     """Celery entry point. Takes exactly one argument: the base64 envelope.
 
     Returns nothing: the sealed result is stored by the pipeline, so neither
-    Celery's result backend nor Flower ever sees it.
+    Celery's result backend nor Flower ever sees it. Raises `JobNotSucceeded`
+    (outcome and reason words only) for a job that did not succeed, so Celery's
+    task event, and Flower, say FAILURE rather than SUCCESS (task_state.py);
+    ``ignore_result`` keeps that out of the result backend too.
     """
     try:
         rt = get_runtime()
-        outcome = process(rt, self, args, kwargs)
-        log.info("job %r %s", str(self.request.id)[:64], outcome)
-        metrics.job_finished(str(self.request.id), outcome)
+        end = process(rt, self, args, kwargs)
+        log.info("job %r %s", str(self.request.id)[:64], end.outcome)
+        metrics.job_finished(str(self.request.id), end.outcome)
     except (Retry, Reject):
         raise
     except Exception as exc:
@@ -137,6 +153,9 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         log.error("job %r: %s; requeueing", str(self.request.id)[:64], type(exc).__name__)
         time.sleep(INFRA_BACKOFF_S)
         raise Reject(type(exc).__name__, requeue=True) from None
+    failure = not_succeeded(end.outcome, end.code)
+    if failure is not None:
+        raise failure
 
 
 # The node's start and stop (remote-control gate, advertisement, batch

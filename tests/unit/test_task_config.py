@@ -35,3 +35,16 @@ def test_a_sweep_lock_left_behind_expires_in_seconds_not_minutes() -> None:
         opts = transport_options(Settings.from_env({"MAAS_VISIBILITY_TIMEOUT_S": str(vt_s)}))
         assert opts["unacked_mutex_expire"] == expire_s
         assert opts["unacked_mutex_expire"] >= opts["unacked_restore_interval"]
+
+
+def test_a_job_that_did_not_succeed_is_a_failure_celery_acks_and_does_not_store() -> None:
+    # The task raises JobNotSucceeded (worker/task_state.py) so its event says FAILURE:
+    # acknowledged like a success, never retried, logged without a traceback,
+    # and kept out of any result backend.
+    from maas_worker.errors import JobNotSucceeded
+
+    assert JobNotSucceeded in infer.throws
+    assert infer.acks_on_failure_or_timeout is True
+    assert infer.store_errors_even_if_ignored is False
+    assert not getattr(infer, "autoretry_for", ())
+    assert "task_acks_on_failure_or_timeout" not in celery_config(Settings.from_env({}))

@@ -78,7 +78,7 @@ from maas_worker.worker.pipeline import (
     can_batch,
     check_memory,
     fault,
-    finished_outcome,
+    finished,
     prepare,
     refuse_unreadable,
     request_bytes,
@@ -92,6 +92,7 @@ from maas_worker.worker.pipeline import (
     window_ms,
 )
 from maas_worker.worker.runtime import WorkerRuntime
+from maas_worker.worker.task_state import not_succeeded
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class _Delivery:
     refused: bool = False
     #: Final outcome (the message is acknowledged); None while undecided.
     outcome: JobOutcome | None = None
+    #: The failure code of a ``failed`` outcome (what its task event shows).
+    code: str | None = None
     #: Set when the message is kept and retried after this many seconds.
     defer_s: float | None = None
 
@@ -302,7 +305,12 @@ class BatchConsumer:
                 log.info("job %r %s", d.job_id[:64], d.outcome)
                 metrics.job_finished(d.job_id, d.outcome)
                 if self.events is not None:
-                    self.events.finished(d.job_id, received_at=received_at, runtime_s=runtime_s)
+                    self.events.finished(
+                        d.job_id,
+                        received_at=received_at,
+                        runtime_s=runtime_s,
+                        failure=not_succeeded(d.outcome, d.code),
+                    )
         self.batches += 1
         self.jobs += len(ds)
         metrics.add_busy(runtime_s)
@@ -354,7 +362,7 @@ class BatchConsumer:
         try:
             run(d)
         except Stop as stop:
-            d.outcome = stop.outcome
+            self._end(d, stop)
         except Defer as defer:
             d.defer_s = defer.delay_s
         except UNAVAILABLE:
@@ -371,7 +379,7 @@ class BatchConsumer:
         d.claimed = False  # given back by fault()
         verdict = fault(rt, d.verified, d.policy, exc)
         if isinstance(verdict, Stop):
-            d.outcome = verdict.outcome
+            self._end(d, verdict)
         else:
             d.defer_s = verdict.delay_s
 
@@ -422,11 +430,15 @@ class BatchConsumer:
             ],
             result_ttl_s=rt.settings.result_ttl_s,
         )
-        for d, (_, ok), reply in zip(done, sealed, stored, strict=True):
+        for d, (_, sealed_doc), reply in zip(done, sealed, stored, strict=True):
             if isinstance(reply, Exception):
                 self._fault(d, reply)
             else:
-                d.outcome = finished_outcome(ok, reply)
+                self._end(d, finished(sealed_doc, reply))
+
+    @staticmethod
+    def _end(d: _Delivery, stop: Stop) -> None:
+        d.outcome, d.code = stop.outcome, stop.code
 
     def _release_quotas(self, claimed: list[_Delivery]) -> None:
         limited = [

@@ -1,13 +1,16 @@
 """Celery task events for jobs run by a batch consumer, so Flower follows them too.
 
 A Celery worker sends ``task-received``, ``task-started`` and
-``task-succeeded`` for every task it runs; Flower's task list is built from
-them (and from the producer's ``task-sent``). The batch consumer runs jobs
-outside Celery's task machinery, so without these its jobs would sit in
-Flower as sent and never finish. It sends the same three events per finished
-job, with what a Celery worker shows: the arguments as ``<sealed
-envelope>``, the result as ``None`` (the sealed result is in Redis, never in
-an event), the runtime, and the worker node's name. They are buffered like
+``task-succeeded`` or ``task-failed`` for every task it runs; Flower's task
+list is built from them (and from the producer's ``task-sent``). The batch
+consumer runs jobs outside Celery's task machinery, so without these its jobs
+would sit in Flower as sent and never finish. It sends the same three events
+per finished job, with what a Celery worker shows for the ``maas.infer``
+task: the arguments as ``<sealed envelope>``, the result as ``None`` (the
+sealed result is in Redis, never in an event), or for a job that did not
+succeed ``task-failed`` with the same `JobNotSucceeded` words the task
+raises (worker/task_state.py) and no traceback; the runtime, and the worker
+node's name. They are buffered like
 a Celery worker's and published once per batch, after its acknowledgement.
 
 Events are best effort, as in Celery: a failure to publish them is logged
@@ -21,6 +24,7 @@ import time
 from typing import Any
 
 from maas_worker.broker.app import make_producer_app
+from maas_worker.errors import JobNotSucceeded
 from maas_worker.protocol import ARGS_REPR
 from maas_worker.settings import Settings
 
@@ -46,8 +50,15 @@ class TaskEvents:
             )  # flushed by `flush`, once per batch
         return self._dispatcher
 
-    def finished(self, job_id: str, *, received_at: float, runtime_s: float) -> None:
-        """Record a job the consumer finished (any outcome: the task returns None for all)."""
+    def finished(
+        self,
+        job_id: str,
+        *,
+        received_at: float,
+        runtime_s: float,
+        failure: JobNotSucceeded | None = None,
+    ) -> None:
+        """Record a job the consumer finished: succeeded, or ``failure`` (task_state.py)."""
         try:
             d = self._ensure()
             d.send(
@@ -64,13 +75,24 @@ class TaskEvents:
                 timestamp=received_at,
             )
             d.send("task-started", uuid=job_id, timestamp=received_at)
-            d.send(
-                "task-succeeded",
-                uuid=job_id,
-                result="None",
-                runtime=runtime_s,
-                timestamp=time.time(),
-            )
+            if failure is None:
+                d.send(
+                    "task-succeeded",
+                    uuid=job_id,
+                    result="None",
+                    runtime=runtime_s,
+                    timestamp=time.time(),
+                )
+            else:
+                # What a Celery worker sends for the task's JobNotSucceeded (its
+                # repr: outcome and reason words only), without the traceback.
+                d.send(
+                    "task-failed",
+                    uuid=job_id,
+                    exception=repr(failure),
+                    traceback="",
+                    timestamp=time.time(),
+                )
         except Exception as exc:
             self._failed(exc)
 
