@@ -147,6 +147,7 @@ def reject(
                 job_id,
                 ttl_s=rt.settings.result_ttl_s,
                 state=JobState.EXPIRED if reason == AuditReason.EXPIRED else JobState.REJECTED,
+                reason=reason,
             )
         elif TENANT_RE.fullmatch(tenant):
             rt.guard.mark_suspect(tenant, job_id, ttl_s=rt.settings.result_ttl_s)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 import time
 import uuid
 
@@ -241,6 +243,35 @@ def test_unknown_key_and_worker_side_policy(make_stack) -> None:
     stack.wait_audit(j1.id, "unknown_key")
     rec = stack.wait_audit(bypass, "policy")
     assert rec.tenant == "globex" and rec.verified
+    # The refused message was globex's own, authenticated: its client learns why.
+    job = stack.client("globex").job(bypass)
+    with pytest.raises(JobRejected) as caught:
+        job.result(timeout=TIMEOUT)
+    assert caught.value.reason == "policy"
+    assert (job.info().state, job.info().reason) == ("rejected", "policy")
+    cli = [sys.executable, "-m", "maas_worker"]
+    status = subprocess.run(
+        [*cli, "status", bypass, "--tenant", "globex"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert (status.returncode, status.stdout) == (0, "rejected (policy)\n"), status.stderr
+    result = subprocess.run(
+        [*cli, "result", bypass, "--tenant", "globex", "--timeout", "5"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"maas-worker: error: job {bypass}: rejected by a worker: policy "
+        "(see `maas-worker audit`)\n"
+    )
 
 
 @pytest.mark.parametrize(
