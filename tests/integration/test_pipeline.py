@@ -222,6 +222,13 @@ def test_unknown_key_and_worker_side_policy(make_stack) -> None:
     save_keyring(foreign, Keyring().with_new_tenant("intruder"))
     intruder = stack.client("intruder", keyring=foreign)
     j1 = intruder.submit("echo", {"text": "x"})
+    # acme's name and key version 1 with another secret: the MAC fails (tampered);
+    # a key version the workers do not have is unknown_key, not tampered.
+    wrong, newer = stack.tmp / "wrong.json", stack.tmp / "newer.json"
+    save_keyring(wrong, Keyring().with_new_tenant("acme"))
+    save_keyring(newer, Keyring().with_new_tenant("acme").with_rotation("acme")[0])
+    j2 = stack.client(keyring=wrong).submit("echo", {"text": "x"})
+    j3 = stack.client(keyring=newer).submit("echo", {"text": "x"})
     # A client that skips its own policy check: globex may not use "sleep".
     ring = load_keyring(stack.keyring_path)
     kv = ring.tenant("globex").primary()
@@ -241,6 +248,9 @@ def test_unknown_key_and_worker_side_policy(make_stack) -> None:
     stack.client().app.send_task(TASK_NAME, args=[env], task_id=bypass, queue=queue_for("normal"))
     stack.start_worker()
     stack.wait_audit(j1.id, "unknown_key")
+    assert stack.wait_audit(j2.id, "tampered").tenant == "acme"
+    assert stack.wait_audit(j3.id, "unknown_key").tenant == "acme"
+    assert [r.reason for r in stack.audit() if r.job_id in (j2.id, j3.id)].count("tampered") == 1
     rec = stack.wait_audit(bypass, "policy")
     assert rec.tenant == "globex" and rec.verified
     # The refused message was globex's own, authenticated: its client learns why.
