@@ -12,6 +12,7 @@ import pytest
 
 from maas_worker import (
     InputTooLarge,
+    JobExpired,
     JobFailed,
     JobRejected,
     KeyringError,
@@ -201,16 +202,31 @@ def test_envelope_moved_to_another_task_id_is_refused(make_stack) -> None:
 
 
 def test_expired_job_is_not_run(make_stack) -> None:
-    stack = make_stack(MAAS_CLOCK_SKEW_S="0")
-    job = stack.client().submit("echo", {"text": "late"}, ttl_s=1)
-    # the job must wait in the queue past its expiry: wait on the clock itself
-    expiry = time.time() + 1.05
+    # The default 30 s skew tolerance does not stretch a 2 s ttl: its grace
+    # past expiry is a tenth of it (docs/security.md, the time window).
+    stack = make_stack()
+    job = stack.client().submit("echo", {"text": "late"}, ttl_s=2)
+    # A client whose clock is 20 s ahead of the workers' (issued "in the
+    # future", within the skew) with the same 2 s ttl: its job still runs.
+    ring = load_keyring(stack.keyring_path)
+    kv = ring.tenant("acme").primary()
+    ahead = str(uuid.uuid4())
+    issued = now_ms() + 20_000
+    h = Header(
+        "request", kv.version, issued, issued + 2_000, "normal", "acme", ahead, TASK_NAME, "echo"
+    )
+    env = base64.b64encode(seal(kv.keys("acme"), h, b'{"text": "ahead"}')).decode()
+    # the first job must wait in the queue past its expiry and grace: wait on the clock itself
+    expiry = time.time() + 2.25
     while time.time() < expiry:
         time.sleep(expiry - time.time())
+    stack.client().app.send_task(TASK_NAME, args=[env], task_id=ahead, queue=queue_for("normal"))
     stack.start_worker()
-    with pytest.raises(JobRejected):
+    with pytest.raises(JobExpired):
         job.result(timeout=TIMEOUT)
     stack.wait_audit(job.id, "expired")
+    assert job.status() == "expired"
+    assert stack.client().job(ahead).result(timeout=TIMEOUT) == {"echo": {"text": "ahead"}}
 
 
 def test_unknown_key_and_worker_side_policy(make_stack) -> None:
