@@ -188,7 +188,7 @@ class Outcome(StrEnum):
     FAILED = "failed"
     #: A result was already stored; this one was dropped (the first stays).
     DUPLICATE = "duplicate"
-    #: Cancelled by its tenant before it started.
+    #: Cancelled by its tenant before it started, or while it ran (its result says so).
     CANCELLED = "cancelled"
     #: A copy of a job whose process was ended on purpose; already finished.
     FINISHED = "finished"

@@ -269,6 +269,11 @@ def test_unknown_key_and_worker_side_policy(make_stack) -> None:
     assert [r.reason for r in stack.audit() if r.job_id in (j2.id, j3.id)].count("tampered") == 1
     rec = stack.wait_audit(bypass, "policy")
     assert rec.tenant == "globex" and rec.verified
+    # one log line for the refusal: its outcome line
+    assert stack.outcomes(bypass) == ["policy"]
+    assert [line for line in stack.worker_logs().splitlines() if bypass in line] == [
+        line for line in stack.worker_logs().splitlines() if f"job '{bypass}' policy" in line
+    ]
     # The refused message was globex's own, authenticated: its client learns why.
     job = stack.client("globex").job(bypass)
     with pytest.raises(JobRejected) as caught:
