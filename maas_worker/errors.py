@@ -15,7 +15,7 @@
     │   ├── RateLimited        the tenant is over its rate or in-flight quota (retry_after_s)
     │   └── QueueFull          the priority's queue is at its maximum depth (retry_after_s)
     ├── JobError               a submitted job did not produce a result
-    │   ├── JobRejected        a worker refused the job (reason: see `maas-worker audit`)
+    │   ├── JobRejected        a worker refused the job (reason: policy, expired, ...)
     │   │   └── JobExpired     ...because it waited in the queue past its expiry
     │   ├── JobFailed          the model ran and failed (reason: timeout, bad_input, ...)
     │   ├── JobCancelled       the job was cancelled
@@ -102,7 +102,17 @@ class JobError(MaasError):
 
 
 class JobRejected(JobError):
-    """Raised when a worker refused the job; the reason is in the audit log only."""
+    """Raised when a worker refused the job.
+
+    ``reason`` is the audit reason word when the worker recorded one for this
+    tenant's own authenticated message (``policy``, ``rate_limited``,
+    ``unknown_key``, ...); None when it is not known (an older worker, or a
+    message that did not authenticate). The details are in the audit log only.
+    """
+
+    def __init__(self, job_id: str, message: str, *, reason: str | None = None) -> None:
+        super().__init__(job_id, message)
+        self.reason = reason
 
 
 class JobFailed(JobError):
@@ -119,6 +129,9 @@ class JobCancelled(JobError):
 
 class JobExpired(JobRejected):
     """Raised when the job waited in the queue past its expiry and was not run."""
+
+    def __init__(self, job_id: str, message: str) -> None:
+        super().__init__(job_id, message, reason="expired")
 
 
 class UnknownJob(JobError):

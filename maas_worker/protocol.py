@@ -105,7 +105,7 @@ class JobState(StrEnum):
     SUCCEEDED = "succeeded"
     #: A result is stored and says why (`ResultDoc.error`).
     FAILED = "failed"
-    #: A worker refused an authenticated message of this job (the reason is audited only).
+    #: A worker refused an authenticated message of this job (`JobInfo.reason` says why).
     REJECTED = "rejected"
     #: Cancelled before or while running.
     CANCELLED = "cancelled"
@@ -139,6 +139,43 @@ class AuditReason(StrEnum):
     MODEL_REJECTED = "model_rejected"
 
 
+#: Separates the state from the reason in a job's rejected marker (``rejected:policy``).
+_MARKER_SEP = ":"
+
+
+def rejected_marker(state: JobState, reason: AuditReason | None = None) -> str:
+    """The value of a job's rejected marker (docs/envelope.md 3): ``expired``, or
+    ``rejected`` followed by ``:<reason>`` when the refusal's reason is given.
+
+    Clients before 0.2 read any value but ``expired`` as ``rejected``, so they
+    keep working; newer ones learn the reason (`read_rejected_marker`).
+    """
+    if state == JobState.EXPIRED:
+        return JobState.EXPIRED.value
+    if state != JobState.REJECTED:
+        raise ValueError(f"a rejected marker holds rejected or expired, not {state!r}")
+    return state.value + (_MARKER_SEP + reason.value if reason is not None else "")
+
+
+def read_rejected_marker(value: bytes | str) -> tuple[JobState, AuditReason | None]:
+    """The state and reason a rejected marker holds (whatever a Redis writer left there).
+
+    ``expired`` is `JobState.EXPIRED` (the state says why); anything else is
+    `JobState.REJECTED`, with its reason only when that is an `AuditReason` (never
+    other text).
+    """
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    if text == JobState.EXPIRED.value:
+        return JobState.EXPIRED, None
+    state, sep, word = text.partition(_MARKER_SEP)
+    if sep and state == JobState.REJECTED.value:
+        try:
+            return JobState.REJECTED, AuditReason(word)
+        except ValueError:
+            pass
+    return JobState.REJECTED, None
+
+
 class Outcome(StrEnum):
     """How the pipeline ended a delivery that was not refused (the worker's log line).
 
@@ -151,7 +188,7 @@ class Outcome(StrEnum):
     FAILED = "failed"
     #: A result was already stored; this one was dropped (the first stays).
     DUPLICATE = "duplicate"
-    #: Cancelled by its tenant before it started.
+    #: Cancelled by its tenant before it started, or while it ran (its result says so).
     CANCELLED = "cancelled"
     #: A copy of a job whose process was ended on purpose; already finished.
     FINISHED = "finished"
@@ -274,7 +311,8 @@ class JobInfo:
 
     job_id: str
     state: JobState
-    #: The failure code of a ``failed`` job (``timeout``, ``bad_input``, ...); else None.
+    #: The failure code of a ``failed`` job (``timeout``, ``bad_input``, ...), the audit
+    #: reason of a ``rejected`` one (``policy``, ...; None if unknown); else None.
     reason: str | None = None
     #: ``name@version`` that ran the job, from its result; None until there is one.
     model: str | None = None

@@ -35,7 +35,7 @@ from typing import Any
 import redis
 
 from maas_worker.backend import keyspace, scripts
-from maas_worker.protocol import JobState
+from maas_worker.protocol import AuditReason, JobState, rejected_marker
 
 log = logging.getLogger(__name__)
 
@@ -298,13 +298,22 @@ class JobGuard:
         return data if isinstance(data, bytes) and data else None
 
     def mark_rejected(
-        self, tenant: str, job_id: str, *, ttl_s: int, state: JobState = JobState.REJECTED
+        self,
+        tenant: str,
+        job_id: str,
+        *,
+        ttl_s: int,
+        state: JobState = JobState.REJECTED,
+        reason: AuditReason | None = None,
     ) -> None:
         """Record that an authenticated message of this job was refused (never over a result).
 
-        ``state`` is what the client's status shows: ``rejected`` or ``expired``.
-        Only for authenticated refusals: a message that did not authenticate
-        never changes a job's state (`mark_suspect`).
+        ``state`` is what the client's status shows: ``rejected`` or ``expired``;
+        ``reason`` (for ``rejected``) is the audit reason its client learns: the
+        refused message was the tenant's own, so the word tells it nothing of
+        anyone else (`protocol.rejected_marker`). Only for authenticated
+        refusals: a message that did not authenticate never changes a job's
+        state (`mark_suspect`).
         """
         self._forget(tenant, job_id)
         t, j = tenant, job_id
@@ -317,7 +326,12 @@ class JobGuard:
                 keyspace.payload(t, j),
                 keyspace.pending(t),
             ],
-            args=[keyspace.clamp_ttl_ms(ttl_s * 1000), self.holder, state, j],
+            args=[
+                keyspace.clamp_ttl_ms(ttl_s * 1000),
+                self.holder,
+                rejected_marker(state, reason),
+                j,
+            ],
         )
 
     def drop_cancel(self, tenant: str, job_id: str, token: str | bytes) -> None:

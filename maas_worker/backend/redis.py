@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import redis
 
+from maas_worker.errors import ConfigError
 from maas_worker.settings import RedisTLS, Settings, is_tls_url
 
 #: Longer than the longest blocking call (a client's 1 s BLPOP slice).
@@ -39,3 +40,26 @@ def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
 def backend_client(settings: Settings) -> redis.Redis:
     """A Redis client for the result backend (claims, results, audit)."""
     return redis_client(settings.result_backend, tls=settings.redis_tls)
+
+
+def check_credentials(url: str, *, tls: RedisTLS, who: str) -> None:
+    """Raise `ConfigError` if the Redis at ``url`` refuses the credentials it gives (one PING).
+
+    A wrong password or user never gets better by retrying, so a process
+    checks before it starts retrying connections (Celery retries a broker it
+    cannot reach a hundred times). A server that is not reachable yet is
+    left to those retries; ``sentinel://`` URLs are resolved by kombu, not here.
+    The message is Redis's own refusal (``WRONGPASS ...``), never the URL.
+    """
+    if url.startswith("sentinel://"):
+        return
+    client = redis_client(url, tls=tls)
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        code = getattr(exc, "status_code", None) or "AUTH"
+        raise ConfigError(f"Redis refused {who}'s credentials ({code} {str(exc)[:80]})") from None
+    except redis.RedisError:
+        return
+    finally:
+        client.close()

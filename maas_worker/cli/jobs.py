@@ -105,13 +105,15 @@ def submit(
     return 0
 
 
-@click.command(cls=Command, short_help="a job's state (and the reason if it failed)")
+@click.command(
+    cls=Command, short_help="a job's state (and the reason if it failed or was rejected)"
+)
 @click.argument("job_id")
 @json_option('{"job_id", "state", "reason"}')
 @tenant_option("the job's tenant (default: $MAAS_TENANT)")
 @pass_invocation
 def status(inv: Invocation, job_id: str, as_json: bool, tenant: str | None) -> int:
-    """Print a job's state (and the reason if it failed)."""
+    """Print a job's state (and the reason if it failed or was rejected)."""
     info = _client(inv, tenant).job(job_id).info()
     if as_json:
         print(json.dumps(info.as_dict()))

@@ -30,7 +30,7 @@ from maas_worker.errors import (
     UnknownJob,
     connection_cause,
 )
-from maas_worker.protocol import JobInfo, JobState, ResultDoc
+from maas_worker.protocol import JobInfo, JobState, ResultDoc, read_rejected_marker
 from maas_worker.settings import Settings, redact_url
 from maas_worker.tenancy.cancellation import make_token, verify_token
 
@@ -90,16 +90,18 @@ class Job:
         return verify_token(token, self.client.keyring, self.client.tenant, self.id)
 
     def info(self) -> JobInfo:
-        """The job's id, `JobState`, ``reason`` (failed jobs only) and ``model``.
+        """The job's id, `JobState`, ``reason`` (failed and rejected jobs) and ``model``.
 
         ``model`` is the ``name@version`` that ran the job, from its sealed
         result (None until there is one, and for jobs that never ran).
 
         States: ``queued``, ``running``, ``succeeded``, ``failed``, ``rejected``,
-        ``cancelled``, ``expired``. The reason is a short code (``timeout``,
-        ``bad_input``, ``worker_lost``, ...), never payload; why a job was
-        rejected is in the audit log only. Raises `UnknownJob` for an unknown
-        (or long expired) job id.
+        ``cancelled``, ``expired``. The reason is a short code, never payload:
+        for a failed job its failure code (``timeout``, ``bad_input``,
+        ``worker_lost``, ...), for a rejected one the audit reason of its own
+        refused message (``policy``, ``rate_limited``, ``unknown_key``, ...;
+        None from workers before 0.2); the details are in the audit log only.
+        Raises `UnknownJob` for an unknown (or long expired) job id.
         """
         r = self.client.backend
         t, j = self.tenant, self.id
@@ -131,9 +133,8 @@ class Job:
                 return JobState.SUCCEEDED, None
             return (JobState.CANCELLED, None) if doc.cancelled else (JobState.FAILED, doc.error)
         if rejected is not None:
-            # The worker wrote the state a client sees (claims.JobGuard.mark_rejected).
-            expired = rejected == JobState.EXPIRED.encode()
-            return (JobState.EXPIRED if expired else JobState.REJECTED), None
+            # The worker wrote the state and reason a client sees (claims.JobGuard.mark_rejected).
+            return read_rejected_marker(rejected)
         if cancel is not None and self._cancelled(cancel):
             return JobState.CANCELLED, None
         if claim is not None and claim != b"done":
@@ -228,7 +229,11 @@ class Job:
             if rejected == JobState.EXPIRED.encode():
                 raise JobExpired(self.id, "expired in the queue before a worker ran it")
             if rejected is not None:
-                raise JobRejected(self.id, "rejected by a worker (see `maas-worker audit`)")
+                _, why = read_rejected_marker(rejected)
+                said = f": {why}" if why is not None else ""
+                raise JobRejected(
+                    self.id, f"rejected by a worker{said} (see `maas-worker audit`)", reason=why
+                )
             # A running job still stores a (cancelled) result: wait for it.
             if (
                 cancel is not None

@@ -47,6 +47,9 @@ _FIXED = struct.Struct(">BBHIQQB")  # version type header_len key_version iat ex
 MAX_STR = 255
 #: Smallest possible envelope: fixed part, four 1-byte strings, nonce, tag, mac.
 MIN_ENVELOPE = _FIXED.size + 4 * 2 + NONCE_BYTES + TAG_BYTES + MAC_BYTES
+#: The clock-skew grace past an envelope's expiry is at most this share of its
+#: lifetime: a 2 s ttl is 2.2 s at most, not 32 s (docs/envelope.md 4).
+EXPIRY_GRACE_SHARE = 10
 
 
 # What the envelope needs of a keyring, as protocols: the format layer reads no
@@ -84,6 +87,17 @@ class KeyLookup(Protocol):
 def now_ms() -> int:
     """Current Unix time in milliseconds (the envelope's clock unit)."""
     return time.time_ns() // 1_000_000
+
+
+def expiry_grace_ms(lifetime_ms: int, skew_ms: int) -> int:
+    """How long past its ``expires_at_ms`` an envelope of ``lifetime_ms`` still opens.
+
+    The clock skew tolerated, but at most a tenth of the lifetime its sender
+    chose: the skew absorbs a sender whose clock is behind, without turning a
+    short lifetime into a long one (``issued_at_ms`` in the future still gets
+    the whole skew).
+    """
+    return max(0, min(skew_ms, lifetime_ms // EXPIRY_GRACE_SHARE))
 
 
 @dataclass(frozen=True)
@@ -273,6 +287,8 @@ def verify(
 
     Raises `EnvelopeRejected` (an `InvalidEnvelope`) with the audit reason:
     ``oversize``, ``malformed``, ``unknown_key``, ``tampered`` or ``expired``.
+    The time window: issued at most ``skew_ms`` in the future, and not past
+    ``expires_at_ms`` by `expiry_grace_ms` (the skew, at most a tenth of the lifetime).
     The MAC is checked before the time window, so every refusal after it
     (``expired``, and ``malformed`` for a lifetime over ``max_lifetime_ms``,
     the worker's cap whatever lifetime the sender chose) is authenticated:
@@ -296,13 +312,14 @@ def verify(
         raise EnvelopeRejected(AuditReason.TAMPERED, header)
     # -- authenticated from here on ---------------------------------------------
     now = now_ms() if at_ms is None else at_ms
+    lifetime_ms = header.expires_at_ms - header.issued_at_ms
     if (
         header.issued_at_ms > now + skew_ms
-        or header.expires_at_ms <= now - skew_ms
-        or header.expires_at_ms < header.issued_at_ms
+        or header.expires_at_ms <= now - expiry_grace_ms(lifetime_ms, skew_ms)
+        or lifetime_ms < 0
     ):
         raise EnvelopeRejected(AuditReason.EXPIRED, header, authenticated=True)
-    if max_lifetime_ms is not None and header.expires_at_ms - header.issued_at_ms > max_lifetime_ms:
+    if max_lifetime_ms is not None and lifetime_ms > max_lifetime_ms:
         raise EnvelopeRejected(AuditReason.MALFORMED, header, authenticated=True)
     return Verified(header, keys, view[len(header.raw) : -MAC_BYTES], crypto)
 

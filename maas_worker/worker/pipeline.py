@@ -41,10 +41,11 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -86,18 +87,47 @@ FAULT_BACKOFF_S = 1.0
 UNAVAILABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError, KeyringError)
 
 
+#: A failure code as an outcome line shows it.
+_CODE_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+class Ended(NamedTuple):
+    """How a delivery ended: its outcome, and a failed job's failure code (``timeout``)."""
+
+    outcome: JobOutcome
+    failure: str | None = None
+
+    @property
+    def line(self) -> str:
+        """What the worker logs after ``job '<id>'``: ``succeeded``, ``failed: timeout``,
+        ``cancelled``, or the reason of a refusal (``policy``)."""
+        if not self.failure:
+            return str(self.outcome)
+        # A model chooses its own codes: one word, or the line says "other".
+        code = self.failure if _CODE_RE.fullmatch(self.failure) else "other"
+        return f"{self.outcome}: {code}"
+
+    @property
+    def level(self) -> int:
+        """The line's log level: a refusal is a warning (it is also audited)."""
+        return logging.WARNING if isinstance(self.outcome, AuditReason) else logging.INFO
+
+
 class Stop(Exception):
     """The delivery is finished with ``outcome`` (a result stored or a rejection recorded).
 
-    ``code`` is the failure code of the result stored for a ``failed`` outcome
-    (``bad_input``, ``timeout``, ...; never payload): what Celery's task
-    events, and so Flower, show for it (worker/task_state.py).
+    ``failure`` is the failure code of a failed job's stored result.
     """
 
-    def __init__(self, outcome: JobOutcome, code: str | None = None) -> None:
+    def __init__(self, outcome: JobOutcome, failure: str | None = None) -> None:
         super().__init__(outcome)
         self.outcome = outcome
-        self.code = code
+        self.failure = failure
+
+    @property
+    def ended(self) -> Ended:
+        """The outcome and failure code together."""
+        return Ended(self.outcome, self.failure)
 
 
 class Defer(Exception):
@@ -153,10 +183,11 @@ def reject(
                 job_id,
                 ttl_s=rt.settings.result_ttl_s,
                 state=JobState.EXPIRED if reason == AuditReason.EXPIRED else JobState.REJECTED,
+                reason=reason,
             )
         elif TENANT_RE.fullmatch(tenant):
             rt.guard.mark_suspect(tenant, job_id, ttl_s=rt.settings.result_ttl_s)
-    log.warning("job %r rejected: %s", job_id[:64], reason)
+    # The delivery's outcome line (`Ended.line`: ``job '<id>' policy``) is its one log line.
 
 
 def _stop(
@@ -381,7 +412,7 @@ def settle_claim(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy, fi
             FailureCode.WORKER_LOST,
             f"the job was started {rt.guard.max_attempts} times and its worker died each time",
         )
-        raise finish(rt, verified, lost)
+        raise Stop(*finish(rt, verified, lost))
     if outcome.outcome == ClaimOutcome.BUSY:
         # Another live worker runs this job. Do not run it twice, and do not
         # drop this copy either: if that worker dies, this copy is the job.
@@ -447,7 +478,7 @@ def fault(
     doc = ResultDoc.failure(
         FailureCode.INTERNAL_ERROR, f"handling the job failed {n} times; it will not be retried"
     )
-    return finish(rt, verified, doc)
+    return Stop(*finish(rt, verified, doc))
 
 
 # -- running ------------------------------------------------------------------------------
@@ -643,8 +674,8 @@ def interrupted(reason: str, soft_s: float) -> ResultDoc:
 
 # -- the result ---------------------------------------------------------------------------
 def _result_body(rt: WorkerRuntime, doc: ResultDoc) -> tuple[bytes, ResultDoc]:
-    """The result document as JSON (or a failure document if it cannot be one), and the
-    document that JSON holds."""
+    """The result document as JSON (or a failure document if it cannot be one), and that
+    document."""
     try:
         body = doc.to_json()
     except (TypeError, ValueError, RecursionError):
@@ -665,7 +696,7 @@ def _result_body(rt: WorkerRuntime, doc: ResultDoc) -> tuple[bytes, ResultDoc]:
 def seal_result(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> tuple[bytes, ResultDoc]:
     """The result envelope for ``doc``, bound to the request (its own nonce), and the
     document it holds (a failure document replaces output that cannot be stored)."""
-    body, sealed_doc = _result_body(rt, doc)
+    body, doc = _result_body(rt, doc)
     req = verified.header
     issued = now_ms()
     header = Header(
@@ -680,23 +711,24 @@ def seal_result(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> tuple[
         req.model,
         req.digest(),
     )
-    return seal(verified.keys, header, body, crypto=rt.crypto), sealed_doc
+    return seal(verified.keys, header, body, crypto=rt.crypto), doc
 
 
-def finished(doc: ResultDoc, stored: bool) -> Stop:
-    """The end of a delivery whose result ``doc`` was (or, ``duplicate``, was not) stored:
-    its outcome, with the failure code of a ``failed`` one."""
+def finished_outcome(doc: ResultDoc, stored: bool) -> Ended:
+    """How a delivery whose result ``doc`` was (or, ``duplicate``, was not) stored ended."""
     if not stored:
-        return Stop(Outcome.DUPLICATE)
+        return Ended(Outcome.DUPLICATE)
     if doc.ok:
-        return Stop(Outcome.SUCCEEDED)
-    return Stop(Outcome.FAILED, doc.error)
+        return Ended(Outcome.SUCCEEDED)
+    if doc.cancelled:
+        return Ended(Outcome.CANCELLED)
+    return Ended(Outcome.FAILED, doc.error)
 
 
-def finish(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> Stop:
-    """Seal and store the result write-once; the delivery's end (returned, not raised)."""
+def finish(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> Ended:
+    """Seal and store the result write-once; how the delivery ended (for the log)."""
     header = verified.header
-    sealed, sealed_doc = seal_result(rt, verified, doc)
+    sealed, doc = seal_result(rt, verified, doc)
     stored = rt.guard.store_result(
         header.tenant,
         header.job_id,
@@ -704,14 +736,14 @@ def finish(rt: WorkerRuntime, verified: Verified, doc: ResultDoc) -> Stop:
         result_ttl_s=rt.settings.result_ttl_s,
         replay_window_ms=window_ms(rt, header),
     )
-    return finished(sealed_doc, stored)
+    return finished_outcome(doc, stored)
 
 
-def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Stop:
-    """Everything after the claim, for one job: the delivery's end (returned, not raised)."""
+def run_claimed(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Ended:
+    """Everything after the claim, for one job: how it ended."""
     try:
         job = prepare(rt, verified, policy)
     except Stop as stop:
-        return stop
+        return stop.ended
     doc = job if isinstance(job, ResultDoc) else run_one(rt, verified, job)
     return finish(rt, verified, doc)

@@ -31,6 +31,7 @@ from maas_worker.tenancy.keyring import TenantPolicy
 from maas_worker.worker.pipeline import (
     UNAVAILABLE,
     Defer,
+    Ended,
     Stop,
     check_memory,
     claim,
@@ -57,9 +58,8 @@ transport.install()
 INFRA_BACKOFF_S = 1.0
 
 
-def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Stop:
-    """Run one delivery through the pipeline; returns its end (`Stop`: the outcome, and
-    a failed job's failure code).
+def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Ended:
+    """Run one delivery through the pipeline; returns how it ended (for logs and tests).
 
     Raises `Retry` for a job that must wait, and one of `UNAVAILABLE` when
     Redis is out of reach or the keyring unreadable (the task hands the
@@ -78,11 +78,11 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[s
         data = request_bytes(rt, job_id, text, fetched)
         verified = verify_request(rt, job_id, data, task_name=task.name, routed=routed, text=text)
     except Stop as stop:
-        return stop
+        return stop.ended
     except UNAVAILABLE:
         raise
     except Exception as exc:
-        return refuse_unreadable(rt, job_id, exc)
+        return refuse_unreadable(rt, job_id, exc).ended
     policy: TenantPolicy | None = None
     claimed = False
     try:
@@ -92,7 +92,7 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[s
         claimed = True
         return run_claimed(rt, verified, policy)
     except Stop as stop:
-        return stop
+        return stop.ended
     except Defer as defer:
         # Not started (or another live worker runs it): back after a delay.
         raise task.retry(countdown=defer.delay_s) from None
@@ -108,7 +108,7 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[s
         claimed = False
         verdict = fault(rt, verified, policy, exc)
         if isinstance(verdict, Stop):
-            return verdict
+            return verdict.ended
         raise task.retry(countdown=verdict.delay_s) from None
     finally:
         if claimed and policy is not None:
@@ -140,9 +140,9 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
     """
     try:
         rt = get_runtime()
-        end = process(rt, self, args, kwargs)
-        log.info("job %r %s", str(self.request.id)[:64], end.outcome)
-        metrics.job_finished(str(self.request.id), end.outcome)
+        ended = process(rt, self, args, kwargs)
+        log.log(ended.level, "job %r %s", str(self.request.id)[:64], ended.line)
+        metrics.job_finished(str(self.request.id), ended.outcome)
     except (Retry, Reject):
         raise
     except Exception as exc:
@@ -153,7 +153,7 @@ def infer(self: Task, *args: Any, **kwargs: Any) -> None:
         log.error("job %r: %s; requeueing", str(self.request.id)[:64], type(exc).__name__)
         time.sleep(INFRA_BACKOFF_S)
         raise Reject(type(exc).__name__, requeue=True) from None
-    failure = not_succeeded(end.outcome, end.code)
+    failure = not_succeeded(ended.outcome, ended.failure)
     if failure is not None:
         raise failure
 
@@ -174,7 +174,7 @@ def _on_process_init(**_: Any) -> None:
 def _quiet_per_task_lines(**_: Any) -> None:
     # Celery logs two INFO lines per task ("Received task", "Task ... succeeded
     # in"); the pipeline logs one with the job's actual outcome (succeeded,
-    # failed, rejected: reason, cancelled, ...). One line a job is plenty and
+    # failed: timeout, a refusal's reason, cancelled, ...). One line a job is plenty and
     # measurably cheaper at hundreds of jobs a second.
     for name in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -83,7 +83,7 @@ class Stack:
         A worker logs the outcome just after storing the result, so a client
         can hold the result a moment before the line is written: wait for it.
         """
-        pattern = re.compile(rf"job '{re.escape(job_id)}' (\w+)\n")
+        pattern = re.compile(rf"job '{re.escape(job_id)}' (\w+)(?:: \w+)?\n")
 
         def lines() -> list[str]:
             found = pattern.findall(self.worker_logs())
@@ -94,7 +94,7 @@ class Stack:
 
     def finished_order(self, job_ids: list[str]) -> list[str]:
         """Job ids in the order workers finished them, once all of ``job_ids`` have."""
-        pattern = re.compile(r"job '([0-9a-f-]+)' (?:succeeded|failed)\n")
+        pattern = re.compile(r"job '([0-9a-f-]+)' (?:succeeded|failed(?:: \w+)?)\n")
 
         def order() -> list[str]:
             found = pattern.findall(self.worker_logs())

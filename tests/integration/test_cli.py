@@ -162,6 +162,27 @@ def test_audit_with_no_records_says_so_on_stderr_and_exits_zero(
     assert (as_json.returncode, as_json.stdout, as_json.stderr) == (0, "", "")
 
 
+def test_a_worker_whose_credentials_redis_refuses_exits_with_the_cause(
+    shared_stack: Stack,
+) -> None:
+    url = shared_stack.env["MAAS_BROKER_URL"].replace("redis://", "redis://nobody:wrong@", 1)
+    out = subprocess.run(
+        [sys.executable, "-m", "maas_worker", "worker", "--concurrency", "1"],
+        env={**shared_stack.env, "MAAS_BROKER_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert out.stderr == (
+        "maas-worker: error: Redis refused the worker's credentials "
+        "(WRONGPASS invalid username-password pair or user is disabled.)\n"
+    )
+    assert "wrong" not in out.stderr + out.stdout  # the password never shows
+    assert "Trying again" not in out.stderr + out.stdout
+
+
 def test_stats_lists_the_worker_and_backlog(shared_stack: Stack) -> None:
     out = run(shared_stack, "stats", "--json")
     assert out.returncode == 0, out.stderr

@@ -196,6 +196,9 @@ def test_job_past_its_time_limit_fails_and_the_worker_carries_on(make_stack) -> 
         "model": "sleep@1",
     }
     assert client.submit("echo", {"next": 1}).result(timeout=TIMEOUT) == {"echo": {"next": 1}}
+    # the worker's one line for it says why it failed
+    assert stack.outcomes(job.id) == ["failed"]
+    assert f"job '{job.id}' failed: timeout\n" in stack.worker_logs()
 
 
 def test_memory_high_water_keeps_a_job_waiting(make_stack) -> None:
@@ -240,6 +243,9 @@ def test_cancel_a_running_job_stops_it(make_stack) -> None:
     assert time.monotonic() - started < 10
     assert job.status() == "cancelled"
     assert client.submit("echo", {"n": 1}).result(timeout=TIMEOUT) == {"echo": {"n": 1}}
+    # logged as what it is, not as a failure
+    assert stack.outcomes(job.id) == ["cancelled"]
+    assert f"job '{job.id}' failed" not in stack.worker_logs()
 
 
 def test_another_tenant_cannot_cancel_a_job(make_stack) -> None:

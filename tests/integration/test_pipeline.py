@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 import time
 import uuid
 
@@ -10,6 +12,7 @@ import pytest
 
 from maas_worker import (
     InputTooLarge,
+    JobExpired,
     JobFailed,
     JobRejected,
     KeyringError,
@@ -199,16 +202,31 @@ def test_envelope_moved_to_another_task_id_is_refused(make_stack) -> None:
 
 
 def test_expired_job_is_not_run(make_stack) -> None:
-    stack = make_stack(MAAS_CLOCK_SKEW_S="0")
-    job = stack.client().submit("echo", {"text": "late"}, ttl_s=1)
-    # the job must wait in the queue past its expiry: wait on the clock itself
-    expiry = time.time() + 1.05
+    # The default 30 s skew tolerance does not stretch a 2 s ttl: its grace
+    # past expiry is a tenth of it (docs/security.md, the time window).
+    stack = make_stack()
+    job = stack.client().submit("echo", {"text": "late"}, ttl_s=2)
+    # A client whose clock is 20 s ahead of the workers' (issued "in the
+    # future", within the skew) with the same 2 s ttl: its job still runs.
+    ring = load_keyring(stack.keyring_path)
+    kv = ring.tenant("acme").primary()
+    ahead = str(uuid.uuid4())
+    issued = now_ms() + 20_000
+    h = Header(
+        "request", kv.version, issued, issued + 2_000, "normal", "acme", ahead, TASK_NAME, "echo"
+    )
+    env = base64.b64encode(seal(kv.keys("acme"), h, b'{"text": "ahead"}')).decode()
+    # the first job must wait in the queue past its expiry and grace: wait on the clock itself
+    expiry = time.time() + 2.25
     while time.time() < expiry:
         time.sleep(expiry - time.time())
+    stack.client().app.send_task(TASK_NAME, args=[env], task_id=ahead, queue=queue_for("normal"))
     stack.start_worker()
-    with pytest.raises(JobRejected):
+    with pytest.raises(JobExpired):
         job.result(timeout=TIMEOUT)
     stack.wait_audit(job.id, "expired")
+    assert job.status() == "expired"
+    assert stack.client().job(ahead).result(timeout=TIMEOUT) == {"echo": {"text": "ahead"}}
 
 
 def test_unknown_key_and_worker_side_policy(make_stack) -> None:
@@ -220,6 +238,13 @@ def test_unknown_key_and_worker_side_policy(make_stack) -> None:
     save_keyring(foreign, Keyring().with_new_tenant("intruder"))
     intruder = stack.client("intruder", keyring=foreign)
     j1 = intruder.submit("echo", {"text": "x"})
+    # acme's name and key version 1 with another secret: the MAC fails (tampered);
+    # a key version the workers do not have is unknown_key, not tampered.
+    wrong, newer = stack.tmp / "wrong.json", stack.tmp / "newer.json"
+    save_keyring(wrong, Keyring().with_new_tenant("acme"))
+    save_keyring(newer, Keyring().with_new_tenant("acme").with_rotation("acme")[0])
+    j2 = stack.client(keyring=wrong).submit("echo", {"text": "x"})
+    j3 = stack.client(keyring=newer).submit("echo", {"text": "x"})
     # A client that skips its own policy check: globex may not use "sleep".
     ring = load_keyring(stack.keyring_path)
     kv = ring.tenant("globex").primary()
@@ -239,8 +264,45 @@ def test_unknown_key_and_worker_side_policy(make_stack) -> None:
     stack.client().app.send_task(TASK_NAME, args=[env], task_id=bypass, queue=queue_for("normal"))
     stack.start_worker()
     stack.wait_audit(j1.id, "unknown_key")
+    assert stack.wait_audit(j2.id, "tampered").tenant == "acme"
+    assert stack.wait_audit(j3.id, "unknown_key").tenant == "acme"
+    assert [r.reason for r in stack.audit() if r.job_id in (j2.id, j3.id)].count("tampered") == 1
     rec = stack.wait_audit(bypass, "policy")
     assert rec.tenant == "globex" and rec.verified
+    # one log line for the refusal: its outcome line
+    assert stack.outcomes(bypass) == ["policy"]
+    assert [line for line in stack.worker_logs().splitlines() if bypass in line] == [
+        line for line in stack.worker_logs().splitlines() if f"job '{bypass}' policy" in line
+    ]
+    # The refused message was globex's own, authenticated: its client learns why.
+    job = stack.client("globex").job(bypass)
+    with pytest.raises(JobRejected) as caught:
+        job.result(timeout=TIMEOUT)
+    assert caught.value.reason == "policy"
+    assert (job.info().state, job.info().reason) == ("rejected", "policy")
+    cli = [sys.executable, "-m", "maas_worker"]
+    status = subprocess.run(
+        [*cli, "status", bypass, "--tenant", "globex"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert (status.returncode, status.stdout) == (0, "rejected (policy)\n"), status.stderr
+    result = subprocess.run(
+        [*cli, "result", bypass, "--tenant", "globex", "--timeout", "5"],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"maas-worker: error: job {bypass}: rejected by a worker: policy "
+        "(see `maas-worker audit`)\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,16 @@ import base64
 import fakeredis
 import pytest
 
-from maas_worker import Client, JobInfo, JobState, Priority, Settings, SubmitError
+from maas_worker import (
+    Client,
+    JobExpired,
+    JobInfo,
+    JobRejected,
+    JobState,
+    Priority,
+    Settings,
+    SubmitError,
+)
 from maas_worker.backend import keyspace
 from maas_worker.crypto.envelope import now_ms, parse_unverified_header
 from maas_worker.tenancy.keyring import Keyring
@@ -49,3 +58,28 @@ def test_job_info_and_status_read_the_state_from_redis(client: Client) -> None:
     assert (info.state, info.reason, info.model) == ("expired", None, None)
     r.set(keyspace.rejected("acme", JOB), "rejected")
     assert job.status() == "rejected"
+    assert job.info().reason is None  # a worker before 0.2 wrote no reason
+    r.set(keyspace.rejected("acme", JOB), "rejected:policy")
+    assert job.info() == JobInfo(JOB, JobState.REJECTED, "policy")
+    r.set(keyspace.rejected("acme", JOB), "rejected:not a reason")
+    assert job.info() == JobInfo(JOB, JobState.REJECTED, None)
+
+
+def test_result_of_a_rejected_job_raises_with_its_reason(client: Client) -> None:
+    job = client.job(JOB)
+    client.backend.set(keyspace.rejected("acme", JOB), "rejected:rate_limited")
+    with pytest.raises(JobRejected) as caught:
+        job.result(timeout=1)
+    assert caught.value.reason == "rate_limited"
+    assert str(caught.value) == (
+        f"job {JOB}: rejected by a worker: rate_limited (see `maas-worker audit`)"
+    )
+    client.backend.set(keyspace.rejected("acme", JOB), "expired")
+    with pytest.raises(JobExpired) as expired:
+        job.result(timeout=1)
+    assert expired.value.reason == "expired"
+    client.backend.set(keyspace.rejected("acme", JOB), "rejected")
+    with pytest.raises(JobRejected) as old:
+        job.result(timeout=1)
+    assert old.value.reason is None
+    assert str(old.value) == f"job {JOB}: rejected by a worker (see `maas-worker audit`)"

@@ -24,6 +24,7 @@ from maas_worker.crypto.envelope import (
     MIN_ENVELOPE,
     Header,
     encode_header,
+    expiry_grace_ms,
     open_envelope,
     parse_unverified_header,
     seal,
@@ -472,6 +473,32 @@ def test_time_window(at_ms: int, skew_ms: int, expected: str) -> None:
             open_req(env, at_ms=at_ms, skew_ms=skew_ms)
 
 
+@pytest.mark.parametrize(
+    ("lifetime_ms", "at_ms", "expected"),
+    [
+        # a 2 s lifetime: 200 ms of grace past its expiry, not the 30 s skew
+        (2_000, IAT + 2_199, "ok"),
+        (2_000, IAT + 2_200, "expired"),
+        (2_000, IAT + 20_000, "expired"),
+        # a sender whose clock is 20 s ahead: issued "in the future", still runs
+        (2_000, IAT - 20_000, "ok"),
+        (2_000, IAT - SKEW, "ok"),
+        (2_000, IAT - SKEW - 1, "expired"),
+        # a long lifetime gets the whole skew
+        (3_600_000, IAT + 3_600_000 + SKEW - 1, "ok"),
+        (3_600_000, IAT + 3_600_000 + SKEW, "expired"),
+        (0, IAT - 1, "ok"),
+        (0, IAT, "expired"),
+    ],
+)
+def test_the_grace_past_expiry_is_at_most_a_tenth_of_the_lifetime(
+    lifetime_ms: int, at_ms: int, expected: str
+) -> None:
+    env = seal(KEYS, request_header(expires_at_ms=IAT + lifetime_ms), b"x")
+    assert reason(env, at_ms=at_ms, skew_ms=SKEW) == expected
+    assert expiry_grace_ms(lifetime_ms, SKEW) == min(SKEW, lifetime_ms // 10)
+
+
 def test_time_refusals_come_after_the_mac_and_are_authenticated() -> None:
     env = kat_request()
     with pytest.raises(EnvelopeRejected) as info:
@@ -524,7 +551,9 @@ def test_expiry_before_issue_is_expired() -> None:
     env = seal(KEYS, request_header(expires_at_ms=IAT - 1), b"x")
     assert reason(env) == "expired"
     env = seal(KEYS, request_header(expires_at_ms=IAT), b"x")
-    assert reason(env, at_ms=IAT) == "ok"  # a zero-length window is still a window
+    # a zero-length lifetime has no grace past its expiry, but the skew before its issue
+    assert reason(env, at_ms=IAT - 1) == "ok"
+    assert reason(env, at_ms=IAT) == "expired"
 
 
 def test_default_clock_is_used_without_at_ms() -> None:

@@ -16,6 +16,7 @@ import redis
 from maas_worker.backend import keyspace
 from maas_worker.backend.claims import ClaimRequest, JobGuard, new_holder_id
 from maas_worker.crypto.envelope import now_ms
+from maas_worker.protocol import AuditReason
 from maas_worker.tenancy.keyring import TenantPolicy
 from maas_worker.tenancy.quota import admission_args, admission_keys
 
@@ -306,8 +307,8 @@ def test_mark_rejected_never_overwrites_a_result(
 
 def test_authenticated_rejection_closes_the_claim(r: fakeredis.FakeRedis, a: JobGuard) -> None:
     assert a.claim(TENANT, JOB) == "claimed"
-    a.mark_rejected(TENANT, JOB, ttl_s=60)
-    assert r.get(keyspace.rejected(TENANT, JOB)) == b"rejected"
+    a.mark_rejected(TENANT, JOB, ttl_s=60, reason=AuditReason.POLICY)
+    assert r.get(keyspace.rejected(TENANT, JOB)) == b"rejected:policy"
     assert 0 < r.pttl(keyspace.rejected(TENANT, JOB)) <= 60_000
     assert r.get(keyspace.claim(TENANT, JOB)) == b"done"
     assert a.held() == []

@@ -29,6 +29,8 @@ from maas_worker.protocol import (
     payload_ref,
     payload_ref_tenant,
     queue_for,
+    read_rejected_marker,
+    rejected_marker,
 )
 
 
@@ -100,6 +102,28 @@ def test_audit_reasons_are_the_contract_list() -> None:
         "model_rejected",
     }
     assert "%s" % AuditReason.UNKNOWN_KEY == "unknown_key"  # noqa: UP031 (the log format)
+
+
+@pytest.mark.parametrize("reason", [r for r in AuditReason if r != AuditReason.EXPIRED])
+def test_a_rejected_marker_carries_its_reason_and_old_clients_still_read_rejected(
+    reason: AuditReason,
+) -> None:
+    marker = rejected_marker(JobState.REJECTED, reason)
+    assert marker == f"rejected:{reason}"
+    assert read_rejected_marker(marker.encode()) == (JobState.REJECTED, reason)
+    # a client before 0.2 reads every marker but "expired" as rejected
+    assert marker != "expired"
+
+
+def test_rejected_markers_of_before_and_junk_read_without_a_reason() -> None:
+    assert rejected_marker(JobState.REJECTED) == "rejected"
+    assert rejected_marker(JobState.EXPIRED, AuditReason.EXPIRED) == "expired"
+    assert read_rejected_marker(b"rejected") == (JobState.REJECTED, None)
+    assert read_rejected_marker(b"expired") == (JobState.EXPIRED, None)
+    for junk in (b"rejected:", b"rejected:secret text", b"rejected:policy ", b"\xff", b"x:policy"):
+        assert read_rejected_marker(junk) == (JobState.REJECTED, None)
+    with pytest.raises(ValueError):
+        rejected_marker(JobState.FAILED, AuditReason.POLICY)
 
 
 def test_outcomes_and_failure_codes_are_the_documented_strings() -> None:

@@ -11,7 +11,7 @@
 -- KEYS[6] = the tenant's pending set
 -- ARGV[1] = ttl ms
 -- ARGV[2] = this worker's holder id
--- ARGV[3] = the state a client sees: 'expired' or 'rejected'
+-- ARGV[3] = the marker a client reads: 'expired', 'rejected' or 'rejected:<reason>'
 -- ARGV[4] = job id
 -- returns 1 recorded, 0 not (a result is stored, or another holder runs it).
 

@@ -72,13 +72,14 @@ from maas_worker.worker.batch.events import TaskEvents
 from maas_worker.worker.pipeline import (
     UNAVAILABLE,
     Defer,
+    Ended,
     Prepared,
     Stop,
     admission,
     can_batch,
     check_memory,
     fault,
-    finished,
+    finished_outcome,
     prepare,
     refuse_unreadable,
     request_bytes,
@@ -122,8 +123,8 @@ class _Delivery:
     refused: bool = False
     #: Final outcome (the message is acknowledged); None while undecided.
     outcome: JobOutcome | None = None
-    #: The failure code of a ``failed`` outcome (what its task event shows).
-    code: str | None = None
+    #: The failure code of a failed job's stored result (its outcome line says it).
+    failure: str | None = None
     #: Set when the message is kept and retried after this many seconds.
     defer_s: float | None = None
 
@@ -302,14 +303,15 @@ class BatchConsumer:
         runtime_s = time.perf_counter() - started
         for d in ds:
             if d.outcome is not None and not d.refused:
-                log.info("job %r %s", d.job_id[:64], d.outcome)
+                ended = Ended(d.outcome, d.failure)
+                log.log(ended.level, "job %r %s", d.job_id[:64], ended.line)
                 metrics.job_finished(d.job_id, d.outcome)
                 if self.events is not None:
                     self.events.finished(
                         d.job_id,
                         received_at=received_at,
                         runtime_s=runtime_s,
-                        failure=not_succeeded(d.outcome, d.code),
+                        failure=not_succeeded(d.outcome, d.failure),
                     )
         self.batches += 1
         self.jobs += len(ds)
@@ -362,7 +364,7 @@ class BatchConsumer:
         try:
             run(d)
         except Stop as stop:
-            self._end(d, stop)
+            d.outcome, d.failure = stop.ended
         except Defer as defer:
             d.defer_s = defer.delay_s
         except UNAVAILABLE:
@@ -379,7 +381,7 @@ class BatchConsumer:
         d.claimed = False  # given back by fault()
         verdict = fault(rt, d.verified, d.policy, exc)
         if isinstance(verdict, Stop):
-            self._end(d, verdict)
+            d.outcome, d.failure = verdict.ended
         else:
             d.defer_s = verdict.delay_s
 
@@ -430,15 +432,11 @@ class BatchConsumer:
             ],
             result_ttl_s=rt.settings.result_ttl_s,
         )
-        for d, (_, sealed_doc), reply in zip(done, sealed, stored, strict=True):
+        for d, (_, doc), reply in zip(done, sealed, stored, strict=True):
             if isinstance(reply, Exception):
                 self._fault(d, reply)
             else:
-                self._end(d, finished(sealed_doc, reply))
-
-    @staticmethod
-    def _end(d: _Delivery, stop: Stop) -> None:
-        d.outcome, d.code = stop.outcome, stop.code
+                d.outcome, d.failure = finished_outcome(doc, reply)
 
     def _release_quotas(self, claimed: list[_Delivery]) -> None:
         limited = [
