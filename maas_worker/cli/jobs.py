@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,8 @@ def submit(
     """
     inputs = _read_input(input_text, input_file)
     job = _client(inv, tenant).submit(model, inputs, priority=priority, ttl_s=ttl)
+    if job.worker_live is False:
+        print(f"queued; no worker is consuming right now (job {job.id})", file=sys.stderr)
     if not wait:
         print(job.id)
         return 0

@@ -59,11 +59,21 @@ def backend_errors(settings: Settings) -> Iterator[None]:
 class Job:
     """One submitted job: its id, state and (sealed-for-you) result."""
 
-    def __init__(self, client: Client, job_id: str, *, request_hash: bytes | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        job_id: str,
+        *,
+        request_hash: bytes | None = None,
+        worker_live: bool | None = None,
+    ) -> None:
         self.client = client
         self.id = job_id
         self._request_hash = request_hash
         self.tenant = client.tenant
+        #: Whether any worker was live when the job was submitted: False means it
+        #: waits in its queue until one starts (None: not known, e.g. `Client.job`).
+        self.worker_live = worker_live
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r})"
