@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from maas_worker.cli.context import Command, Invocation, json_option, pass_invocation, tenant_option
-from maas_worker.errors import ConfigError, JobError
+from maas_worker.errors import ConfigError, JobError, MaasError
 from maas_worker.protocol import PRIORITIES
 
 #: Seconds ``submit --wait`` and ``result`` wait for a result by default.
@@ -87,13 +87,34 @@ def submit(
     """
     inputs = _read_input(input_text, input_file)
     job = _client(inv, tenant).submit(model, inputs, priority=priority, ttl_s=ttl)
-    if job.worker_live is False:
-        print(f"queued; no worker is consuming right now (job {job.id})", file=sys.stderr)
+    idle = job.worker_live is False
     if not wait:
+        if idle:
+            print(f"queued; no worker is consuming right now (job {job.id})", file=sys.stderr)
         print(job.id)
         return 0
-    print(json.dumps(job.result(timeout=timeout)))
+    notice = "; no worker is consuming right now" if idle else ""
+    try:
+        # The id at once, so that whatever happens while waiting, the job can be found.
+        print(f"job {job.id} queued{notice}", file=sys.stderr, flush=True)
+        output = job.result(timeout=timeout)
+    except KeyboardInterrupt:
+        print(_interrupted(job), file=sys.stderr)
+        raise  # main() exits 130
+    print(json.dumps(output))
     return 0
+
+
+def _interrupted(job: Any) -> str:
+    """What Ctrl-C during ``submit --wait`` leaves behind: the job, and how to stop it."""
+    try:
+        state = job.info().state
+    except MaasError as exc:
+        return f"job {job.id} was left waiting; its state is unknown now ({exc})"
+    if state in ("queued", "running"):
+        then = "it will run" if state == "queued" else "it will finish"
+        return f"job {job.id} is still {state} ({then}; maas-worker cancel {job.id} to stop it)"
+    return f"job {job.id} is {state} (maas-worker status {job.id})"
 
 
 @click.command(cls=Command, short_help="a job's state (and the reason if it failed)")

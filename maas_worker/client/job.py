@@ -203,11 +203,17 @@ class Job:
         Raises `JobFailed` if the model failed (``reason`` says why: ``timeout``,
         ``bad_input``, ...), `JobCancelled`, `JobExpired`, `JobRejected` if a
         worker refused the job, `ResultTimeout` after ``timeout`` seconds,
-        `ServiceUnavailable` if Redis cannot be reached, and `InvalidEnvelope`
-        if what is stored is not a genuine result for this job.
+        `ServiceUnavailable` if Redis cannot be reached (its message names the
+        job), and `InvalidEnvelope` if what is stored is not a genuine result for
+        this job. A `ResultTimeout` says whether the job is still queued or
+        running and whether any worker is live.
         """
-        with backend_errors(self.client.settings):
-            return self._wait(timeout)
+        try:
+            with backend_errors(self.client.settings):
+                return self._wait(timeout)
+        except ServiceUnavailable as exc:
+            # Name the job: the caller may have no other record of its id.
+            raise ServiceUnavailable(f"job {self.id}: {exc}") from None
 
     def _wait(self, timeout: float | None) -> dict[str, Any]:
         r = self.client.backend
@@ -255,8 +261,9 @@ class Job:
             r.blpop([keyspace.done(t, j)], timeout=max(wait, 0.01))
 
     def _timed_out(self, timeout: float | None, claim: bytes | None) -> NoReturn:
-        """Raise at the end of a wait: `ResultTimeout`, or `JobRejected` if the job never
-        started and a worker refused a message naming it that did not authenticate.
+        """Raise at the end of a wait: `ResultTimeout` (saying where the job stands), or
+        `JobRejected` if the job never started and a worker refused a message naming it
+        that did not authenticate.
 
         That message may have been this job's own, altered in Redis or sealed
         with a key version the workers have retired (the job is then gone), or
@@ -275,4 +282,19 @@ class Job:
                 "workers do not hold; see `maas-worker audit`); the job has "
                 "not started",
             )
-        raise ResultTimeout(f"job {self.id}: no result within {timeout:g} s")
+        raise ResultTimeout(f"no result within {timeout:g} s: {self.waiting()}")
+
+    def waiting(self) -> str:
+        """Where the job stands, for a wait that ends without its result:
+        ``job <id> is still queued and no worker is consuming``, ``job <id> is
+        still running (1 worker live)``, ... (`UnknownJob` if there is no such job)."""
+        state = self.info().state
+        if state not in (JobState.QUEUED, JobState.RUNNING):
+            return f"job {self.id} is {state}"
+        live = self.client.live_workers()
+        where = (
+            f" ({live} worker{'s' if live != 1 else ''} live)"
+            if live
+            else " and no worker is consuming"
+        )
+        return f"job {self.id} is still {state}{where}"
