@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from maas_worker.cli.context import Command, Invocation, json_option, pass_invocation, tenant_option
-from maas_worker.errors import ConfigError, JobError, MaasError
+from maas_worker.errors import ConfigError, JobError, MaasError, UnknownJob
 from maas_worker.protocol import PRIORITIES
 
 #: Seconds ``submit --wait`` and ``result`` wait for a result by default.
@@ -140,7 +140,7 @@ def cancel(inv: Invocation, job_id: str, tenant: str | None) -> int:
     """Cancel a queued or running job of the client's own tenant."""
     job = _client(inv, tenant).job(job_id)
     if not job.cancel():
-        raise JobError(job_id, "already finished; nothing to cancel")
+        raise JobError(job_id, f"already {job.status()}; nothing to cancel")
     print(job.status())
     return 0
 
@@ -157,5 +157,8 @@ def cancel(inv: Invocation, job_id: str, tenant: str | None) -> int:
 @pass_invocation
 def result(inv: Invocation, job_id: str, timeout: float, tenant: str | None) -> int:
     """Wait for a job's result and print it as JSON."""
-    print(json.dumps(_client(inv, tenant).job(job_id).result(timeout=timeout)))
+    job = _client(inv, tenant).job(job_id)
+    if not job.exists():  # no result will ever come: say so now, not after the timeout
+        raise UnknownJob(job_id, "unknown job (never submitted, or expired)")
+    print(json.dumps(job.result(timeout=timeout)))
     return 0

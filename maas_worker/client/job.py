@@ -156,6 +156,26 @@ class Job:
             return JobState.QUEUED, None
         raise UnknownJob(self.id, "unknown job (never submitted, or expired)")
 
+    def exists(self) -> bool:
+        """Whether this tenant has a job of this id (queued, running or finished).
+
+        False for an id never submitted by this tenant (another tenant's job id
+        included) or long expired, and also for a message sent without
+        `Client.submit` (no queued marker) until a worker takes it.
+        """
+        t, j = self.tenant, self.id
+        with backend_errors(self.client.settings):
+            found = self.client.backend.exists(
+                keyspace.result(t, j),
+                keyspace.rejected(t, j),
+                keyspace.cancel(t, j),
+                keyspace.claim(t, j),
+                keyspace.submitted(t, j),
+                # a refused message naming it: `result` says so when its wait ends
+                keyspace.suspect(t, j),
+            )
+        return bool(found)
+
     def status(self) -> JobState:
         """The job's state (see `info`): a `JobState`, equal to its string (``"queued"``)."""
         return self.info().state
@@ -192,7 +212,7 @@ class Job:
         if done < 0:
             raise UnknownJob(
                 self.id,
-                f"no job of tenant {self.tenant!r} with this id "
+                f"unknown job: no job of tenant {self.tenant!r} with this id "
                 "(never submitted by this tenant, or expired); nothing cancelled",
             )
         return bool(done)
@@ -205,8 +225,10 @@ class Job:
         worker refused the job, `ResultTimeout` after ``timeout`` seconds,
         `ServiceUnavailable` if Redis cannot be reached (its message names the
         job), and `InvalidEnvelope` if what is stored is not a genuine result for
-        this job. A `ResultTimeout` says whether the job is still queued or
-        running and whether any worker is live.
+        this job. A wait that ends without the result raises `ResultTimeout`,
+        saying whether the job is still queued or running and whether any worker
+        is live; or `UnknownJob` if by then no key of this tenant's names the job
+        (`exists` asks before waiting).
         """
         try:
             with backend_errors(self.client.settings):
