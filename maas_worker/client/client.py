@@ -72,6 +72,14 @@ QUEUE_FULL_RETRY_S = 1.0
 PUBLISH_PROBE_CHANNEL = "maas:publish-probe"
 
 
+def _size(n: int) -> str:
+    """A byte count as a person reads it: ``2.1 MB (2100000 bytes)``, ``512 bytes``."""
+    if n < 1000:
+        return f"{n} bytes"
+    scaled = f"{n / 1e6:.1f} MB" if n >= 1_000_000 else f"{n / 1e3:.1f} kB"
+    return f"{scaled} ({n} bytes)"
+
+
 class Client:
     """Submit sealed inference jobs as one tenant.
 
@@ -326,8 +334,8 @@ class Client:
             raise SubmitError(f"inputs are not JSON-serialisable: {exc}") from None
         if len(body) > self.settings.max_input_bytes:
             raise InputTooLarge(
-                f"input is {len(body)} bytes; the limit is "
-                f"{self.settings.max_input_bytes} (MAAS_MAX_INPUT_BYTES)"
+                f"input is {_size(len(body))}, more than the limit "
+                f"MAAS_MAX_INPUT_BYTES={self.settings.max_input_bytes}"
             )
         if not jsonlimits.depth_within(body, jsonlimits.MAX_INPUT_DEPTH):
             raise SubmitError(
@@ -375,14 +383,25 @@ class Client:
         Every job is sealed, audited and acknowledged on its own, exactly as
         with `submit`; only the trip to Redis is shared (one pipeline for the
         messages, one for the markers). All or nothing: if any input fails a
-        check, or the batch does not fit the tenant's quota or the queue,
+        check (the error names it by its index: ``item 3: input is 2.1 MB
+        ...``), or the batch does not fit the tenant's quota or the queue,
         nothing is enqueued.
         """
         if isinstance(inputs, str | bytes) or not isinstance(inputs, Sequence):
             raise SubmitError("submit_many takes a list of inputs")
         if not inputs:
             return []
-        sealed = [self._seal_raw(model, item, priority=priority, ttl_s=ttl_s) for item in inputs]
+        sealed = []
+        for index, item in enumerate(inputs):
+            try:
+                sealed.append(self._seal_raw(model, item, priority=priority, ttl_s=ttl_s))
+            except (UnknownModel, PolicyDenied):
+                raise  # the same for every item
+            except SubmitError as exc:
+                if len(inputs) == 1:
+                    raise
+                # Say which input failed (its index in ``inputs``); nothing is enqueued.
+                raise type(exc)(f"item {index}: {exc}") from None
         self._check_depth(priority, len(sealed))
         self._admit([h for h, _ in sealed])
         queue = queue_for(priority)
