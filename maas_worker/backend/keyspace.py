@@ -13,7 +13,8 @@ cannot run into each other.
 Who writes what (the least-privilege roles of docs/security.md follow it):
 
 * producers: ``job`` (queued marker), ``payload`` (claim check), ``cancel``,
-  ``pending`` (advisory quota), and they pop their ``done`` list;
+  ``pending`` (advisory quota), and they pop their ``done`` list; they read
+  the model catalogue (``catalog``, ``models``) and the node list (``nodes``);
 * workers: everything else (claims, results, attempts, faults, rejections,
   the quota bucket and in-flight set, the audit stream, the model release
   floor ``releases``).
@@ -30,6 +31,9 @@ PREFIX = "maas:"
 AUDIT_STREAM = PREFIX + "audit"
 #: Sorted set: model reference -> last time (unix s) a worker said it serves it.
 CATALOG = PREFIX + "catalog"
+#: Set: every model reference a worker of this deployment ever advertised (no
+#: TTL: a client accepts jobs for these while no worker is live).
+MODELS = PREFIX + "models"
 #: Sorted set: worker node name -> last heartbeat (unix s).
 NODES = PREFIX + "nodes"
 #: Sorted set: worker node -> time (unix s) of its latest resource sample.

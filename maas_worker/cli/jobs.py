@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
 from maas_worker.cli.context import Command, Invocation, json_option, pass_invocation, tenant_option
-from maas_worker.errors import ConfigError, JobError
+from maas_worker.errors import ConfigError, JobError, MaasError, UnknownJob
 from maas_worker.protocol import PRIORITIES
 from maas_worker.settings import MAX_JOB_TTL_S
 
@@ -98,11 +99,34 @@ def submit(
     """
     inputs = _read_input(input_text, input_file)
     job = _client(inv, tenant).submit(model, inputs, priority=priority, ttl_s=ttl)
+    idle = job.worker_live is False
     if not wait:
+        if idle:
+            print(f"queued; no worker is consuming right now (job {job.id})", file=sys.stderr)
         print(job.id)
         return 0
-    print(json.dumps(job.result(timeout=timeout)))
+    notice = "; no worker is consuming right now" if idle else ""
+    try:
+        # The id at once, so that whatever happens while waiting, the job can be found.
+        print(f"job {job.id} queued{notice}", file=sys.stderr, flush=True)
+        output = job.result(timeout=timeout)
+    except KeyboardInterrupt:
+        print(_interrupted(job), file=sys.stderr)
+        raise  # main() exits 130
+    print(json.dumps(output))
     return 0
+
+
+def _interrupted(job: Any) -> str:
+    """What Ctrl-C during ``submit --wait`` leaves behind: the job, and how to stop it."""
+    try:
+        state = job.info().state
+    except MaasError as exc:
+        return f"job {job.id} was left waiting; its state is unknown now ({exc})"
+    if state in ("queued", "running"):
+        then = "it will run" if state == "queued" else "it will finish"
+        return f"job {job.id} is still {state} ({then}; maas-worker cancel {job.id} to stop it)"
+    return f"job {job.id} is {state} (maas-worker status {job.id})"
 
 
 @click.command(
@@ -130,7 +154,7 @@ def cancel(inv: Invocation, job_id: str, tenant: str | None) -> int:
     """Cancel a queued or running job of the client's own tenant."""
     job = _client(inv, tenant).job(job_id)
     if not job.cancel():
-        raise JobError(job_id, "already finished; nothing to cancel")
+        raise JobError(job_id, f"already {job.status()}; nothing to cancel")
     print(job.status())
     return 0
 
@@ -147,5 +171,8 @@ def cancel(inv: Invocation, job_id: str, tenant: str | None) -> int:
 @pass_invocation
 def result(inv: Invocation, job_id: str, timeout: float, tenant: str | None) -> int:
     """Wait for a job's result and print it as JSON."""
-    print(json.dumps(_client(inv, tenant).job(job_id).result(timeout=timeout)))
+    job = _client(inv, tenant).job(job_id)
+    if not job.exists():  # no result will ever come: say so now, not after the timeout
+        raise UnknownJob(job_id, "unknown job (never submitted, or expired)")
+    print(json.dumps(job.result(timeout=timeout)))
     return 0

@@ -43,6 +43,7 @@ from maas_worker.errors import (
 )
 from maas_worker.models.base import parse_model_ref
 from maas_worker.models.diagnostic import diagnostic_refs
+from maas_worker.models.paths import bundled_refs
 from maas_worker.protocol import (
     ARGS_REPR,
     PRIORITIES,
@@ -69,6 +70,14 @@ QUEUE_FULL_RETRY_S = 1.0
 #: A channel no one subscribes to: publishing nothing there tells whether the
 #: client's Redis user may publish at all (a producer role may not).
 PUBLISH_PROBE_CHANNEL = "maas:publish-probe"
+
+
+def _size(n: int) -> str:
+    """A byte count as a person reads it: ``2.1 MB (2100000 bytes)``, ``512 bytes``."""
+    if n < 1000:
+        return f"{n} bytes"
+    scaled = f"{n / 1e6:.1f} MB" if n >= 1_000_000 else f"{n / 1e3:.1f} kB"
+    return f"{scaled} ({n} bytes)"
 
 
 class Client:
@@ -115,6 +124,7 @@ class Client:
         self._quotas: Quotas | None = None
         self._cancel: Any = None
         self._served: tuple[float, set[str]] = (0.0, set())
+        self._live: tuple[float, int] = (0.0, 0)
         self._depth: dict[str, tuple[float, int]] = {}
         self._own: tuple[Keyring | None, Keyring] = (None, self.keyring)
 
@@ -219,17 +229,40 @@ class Client:
 
     # -- submitting --------------------------------------------------------------
     def served_models(self) -> set[str]:
-        """Model references that workers advertised within the last hour.
+        """Model references this deployment serves: what workers advertised within the
+        last hour, and every reference a worker of it ever advertised (so a job is
+        accepted, and waits in its queue, while no worker is up).
 
-        Plus the diagnostic models when this client enables them, so a client
-        can submit before any worker has started in a test or the demo.
+        Before any worker has ever advertised, the models the package ships
+        (the bundled ``digits``); plus the diagnostic models when this client
+        enables them, so a client can submit before any worker has started.
         """
         with backend_errors(self.settings):
-            refs = catalog.advertised(self.backend)
+            try:
+                refs, ever = catalog.offered(self.backend)
+            except redis.exceptions.NoPermissionError:
+                # A Redis ACL from before the durable catalogue: the live one
+                # only, as before (`maas-worker acl --apply` lets producers read it).
+                refs, ever = catalog.advertised(self.backend), True
+        if not ever:
+            refs |= bundled_refs()
         if self.settings.diagnostic_models:
             refs |= set(diagnostic_refs())
         self._served = (time.monotonic() + CATALOG_CACHE_S, refs)
         return refs
+
+    def live_workers(self) -> int:
+        """How many worker nodes are live (sent a heartbeat within `catalog.NODE_LIVE_S`).
+
+        Reused for `CATALOG_CACHE_S` while some are; re-read at each call while none is.
+        """
+        expires, count = self._live
+        if count and time.monotonic() < expires:
+            return count
+        with backend_errors(self.settings):
+            count = catalog.live_nodes(self.backend)
+        self._live = (time.monotonic() + CATALOG_CACHE_S, count)
+        return count
 
     def _serves(self, model: str) -> set[str] | None:
         """None if ``model`` is served; else the served set (re-read if the cache is stale)."""
@@ -301,8 +334,8 @@ class Client:
             raise SubmitError(f"inputs are not JSON-serialisable: {exc}") from None
         if len(body) > self.settings.max_input_bytes:
             raise InputTooLarge(
-                f"input is {len(body)} bytes; the limit is "
-                f"{self.settings.max_input_bytes} (MAAS_MAX_INPUT_BYTES)"
+                f"input is {_size(len(body))}, more than the limit "
+                f"MAAS_MAX_INPUT_BYTES={self.settings.max_input_bytes}"
             )
         if not jsonlimits.depth_within(body, jsonlimits.MAX_INPUT_DEPTH):
             raise SubmitError(
@@ -350,14 +383,25 @@ class Client:
         Every job is sealed, audited and acknowledged on its own, exactly as
         with `submit`; only the trip to Redis is shared (one pipeline for the
         messages, one for the markers). All or nothing: if any input fails a
-        check, or the batch does not fit the tenant's quota or the queue,
+        check (the error names it by its index: ``item 3: input is 2.1 MB
+        ...``), or the batch does not fit the tenant's quota or the queue,
         nothing is enqueued.
         """
         if isinstance(inputs, str | bytes) or not isinstance(inputs, Sequence):
             raise SubmitError("submit_many takes a list of inputs")
         if not inputs:
             return []
-        sealed = [self._seal_raw(model, item, priority=priority, ttl_s=ttl_s) for item in inputs]
+        sealed = []
+        for index, item in enumerate(inputs):
+            try:
+                sealed.append(self._seal_raw(model, item, priority=priority, ttl_s=ttl_s))
+            except (UnknownModel, PolicyDenied):
+                raise  # the same for every item
+            except SubmitError as exc:
+                if len(inputs) == 1:
+                    raise
+                # Say which input failed (its index in ``inputs``); nothing is enqueued.
+                raise type(exc)(f"item {index}: {exc}") from None
         self._check_depth(priority, len(sealed))
         self._admit([h for h, _ in sealed])
         queue = queue_for(priority)
@@ -437,7 +481,13 @@ class Client:
             log.warning(
                 "%d job(s) enqueued, but their queued markers could not be written", len(sealed)
             )
-        return [Job(self, h.job_id, request_hash=h.digest()) for h, _ in sealed]
+        try:
+            live: bool | None = self.live_workers() > 0
+        except (ServiceUnavailable, redis.exceptions.NoPermissionError):
+            live = None  # not known (Redis gone, or an ACL from before); the jobs are queued
+        if live is False:
+            log.info("%d job(s) queued; no worker is consuming right now", len(sealed))
+        return [Job(self, h.job_id, request_hash=h.digest(), worker_live=live) for h, _ in sealed]
 
     def _check_depth(self, priority: str, adding: int = 1) -> None:
         """Backpressure: refuse while the priority's queue is at its maximum depth."""

@@ -59,11 +59,21 @@ def backend_errors(settings: Settings) -> Iterator[None]:
 class Job:
     """One submitted job: its id, state and (sealed-for-you) result."""
 
-    def __init__(self, client: Client, job_id: str, *, request_hash: bytes | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        job_id: str,
+        *,
+        request_hash: bytes | None = None,
+        worker_live: bool | None = None,
+    ) -> None:
         self.client = client
         self.id = job_id
         self._request_hash = request_hash
         self.tenant = client.tenant
+        #: Whether any worker was live when the job was submitted: False means it
+        #: waits in its queue until one starts (None: not known, e.g. `Client.job`).
+        self.worker_live = worker_live
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r})"
@@ -147,6 +157,26 @@ class Job:
             return JobState.QUEUED, None
         raise UnknownJob(self.id, "unknown job (never submitted, or expired)")
 
+    def exists(self) -> bool:
+        """Whether this tenant has a job of this id (queued, running or finished).
+
+        False for an id never submitted by this tenant (another tenant's job id
+        included) or long expired, and also for a message sent without
+        `Client.submit` (no queued marker) until a worker takes it.
+        """
+        t, j = self.tenant, self.id
+        with backend_errors(self.client.settings):
+            found = self.client.backend.exists(
+                keyspace.result(t, j),
+                keyspace.rejected(t, j),
+                keyspace.cancel(t, j),
+                keyspace.claim(t, j),
+                keyspace.submitted(t, j),
+                # a refused message naming it: `result` says so when its wait ends
+                keyspace.suspect(t, j),
+            )
+        return bool(found)
+
     def status(self) -> JobState:
         """The job's state (see `info`): a `JobState`, equal to its string (``"queued"``)."""
         return self.info().state
@@ -183,7 +213,7 @@ class Job:
         if done < 0:
             raise UnknownJob(
                 self.id,
-                f"no job of tenant {self.tenant!r} with this id "
+                f"unknown job: no job of tenant {self.tenant!r} with this id "
                 "(never submitted by this tenant, or expired); nothing cancelled",
             )
         return bool(done)
@@ -194,11 +224,19 @@ class Job:
         Raises `JobFailed` if the model failed (``reason`` says why: ``timeout``,
         ``bad_input``, ...), `JobCancelled`, `JobExpired`, `JobRejected` if a
         worker refused the job, `ResultTimeout` after ``timeout`` seconds,
-        `ServiceUnavailable` if Redis cannot be reached, and `InvalidEnvelope`
-        if what is stored is not a genuine result for this job.
+        `ServiceUnavailable` if Redis cannot be reached (its message names the
+        job), and `InvalidEnvelope` if what is stored is not a genuine result for
+        this job. A wait that ends without the result raises `ResultTimeout`,
+        saying whether the job is still queued or running and whether any worker
+        is live; or `UnknownJob` if by then no key of this tenant's names the job
+        (`exists` asks before waiting).
         """
-        with backend_errors(self.client.settings):
-            return self._wait(timeout)
+        try:
+            with backend_errors(self.client.settings):
+                return self._wait(timeout)
+        except ServiceUnavailable as exc:
+            # Name the job: the caller may have no other record of its id.
+            raise ServiceUnavailable(f"job {self.id}: {exc}") from None
 
     def _wait(self, timeout: float | None) -> dict[str, Any]:
         r = self.client.backend
@@ -250,8 +288,9 @@ class Job:
             r.blpop([keyspace.done(t, j)], timeout=max(wait, 0.01))
 
     def _timed_out(self, timeout: float | None, claim: bytes | None) -> NoReturn:
-        """Raise at the end of a wait: `ResultTimeout`, or `JobRejected` if the job never
-        started and a worker refused a message naming it that did not authenticate.
+        """Raise at the end of a wait: `ResultTimeout` (saying where the job stands), or
+        `JobRejected` if the job never started and a worker refused a message naming it
+        that did not authenticate.
 
         That message may have been this job's own, altered in Redis or sealed
         with a key version the workers have retired (the job is then gone), or
@@ -270,4 +309,19 @@ class Job:
                 "workers do not hold; see `maas-worker audit`); the job has "
                 "not started",
             )
-        raise ResultTimeout(f"job {self.id}: no result within {timeout:g} s")
+        raise ResultTimeout(f"no result within {timeout:g} s: {self.waiting()}")
+
+    def waiting(self) -> str:
+        """Where the job stands, for a wait that ends without its result:
+        ``job <id> is still queued and no worker is consuming``, ``job <id> is
+        still running (1 worker live)``, ... (`UnknownJob` if there is no such job)."""
+        state = self.info().state
+        if state not in (JobState.QUEUED, JobState.RUNNING):
+            return f"job {self.id} is {state}"
+        live = self.client.live_workers()
+        where = (
+            f" ({live} worker{'s' if live != 1 else ''} live)"
+            if live
+            else " and no worker is consuming"
+        )
+        return f"job {self.id} is still {state}{where}"

@@ -97,7 +97,8 @@ def producer_rules(tenant: str) -> list[str]:
     Write its queued markers, payloads, cancel requests and pending set
     (keyspace.py), pop its ``done`` lists, read its own keys, push to the job
     queues (no pop, trim, delete or read beyond their length), ring the
-    wake-up list, read the catalogue, call the library (no EVAL, no FUNCTION
+    wake-up list, read the catalogue (live and durable) and the node list
+    (whether a worker is live), call the library (no EVAL, no FUNCTION
     LOAD); no Pub/Sub, no other tenant's key.
     """
     t = keyspace.tenant_prefix(tenant)
@@ -105,14 +106,17 @@ def producer_rules(tenant: str) -> list[str]:
         *_CONNECT,
         "+time",
         # Read its own keys (status, results, the cancel and quota scripts'
-        # reads) and the model catalogue.
+        # reads), the model catalogue and the node list.
         f"%R~{t}*",
         f"%R~{keyspace.CATALOG}",
+        f"%R~{keyspace.MODELS}",
+        f"%R~{keyspace.NODES}",
         "+get",
         "+exists",
         "+hmget",
         "+zcount",
         "+zrangebyscore",
+        "+smembers",
         _sel("+llen", *(f"%R~{q}" for q in _JOB_QUEUES)),  # backpressure: length only
         _sel("+lpush", *(f"%W~{q}" for q in _JOB_QUEUES)),  # publish: push only
         _sel("+lpush", "+ltrim", f"~{fetch.WAKE_KEY}"),

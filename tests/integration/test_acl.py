@@ -29,7 +29,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 from maas_worker import Client
-from maas_worker.backend import functions, keyspace
+from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.audit import AuditLog
 from maas_worker.errors import ConfigError, JobCancelled
 from maas_worker.local.embedded import free_port, server_binary
@@ -192,6 +192,8 @@ def test_a_producer_submits_waits_and_cancels_with_its_role(deployment: Deployme
     with deployment.client() as client:
         jobs = client.submit_many("echo", [{"n": i} for i in range(3)], priority="high")
         big = client.submit("echo", {"text": "x" * 60_000})  # claim check: a payload key
+        # It read the live node list (and the catalogue, live and durable) with its role.
+        assert all(j.worker_live for j in jobs)
         assert [j.result(timeout=WAIT_S) for j in jobs] == [{"echo": {"n": i}} for i in range(3)]
         assert big.result(timeout=WAIT_S) == {"echo": {"text": "x" * 60_000}}
         slow = client.submit("sleep", {"seconds": 30})
@@ -203,6 +205,8 @@ def test_a_producer_submits_waits_and_cancels_with_its_role(deployment: Deployme
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["state"] == "succeeded"
     assert "NOPERM" not in deployment.stack.worker_logs()
+    # The worker's advertiser recorded what it serves in the durable catalogue.
+    assert {"echo@1", "sleep@1"} <= catalog.known(deployment.stack.backend)
     # Nothing the producer or the worker did was refused, but the probe.
     assert set(denials(deployment.stack.backend)) <= {PROBE}
 
@@ -374,6 +378,8 @@ FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
         ("SREM", "_kombu.binding.maas", "x"),
         ("ZADD", keyspace.NODES, "1", "fake"),
         ("ZADD", keyspace.CATALOG, "1", "fake@1"),
+        ("SADD", keyspace.MODELS, "fake@1"),
+        ("DEL", keyspace.MODELS),
         ("PUBLISH", "/0.celery.pidbox", "{}"),
         ("PUBLISH", "/0.celeryev/task.succeeded", "{}"),
         ("PUBLISH", "/0.celeryev/task.sent", "{}"),

@@ -80,7 +80,7 @@ def test_submit_then_status_and_result(shared_stack: Stack, tmp_path) -> None:
             "keys init",
         ),
         (["status", NO_SUCH_JOB], "unknown job"),
-        (["result", NO_SUCH_JOB, "--timeout", "0.2"], "no result within"),
+        (["result", NO_SUCH_JOB, "--timeout", "0.2"], "unknown job"),
         (["status", "no-such-job"], "not a job id"),
         (["result", "no-such-job", "--timeout", "0.2"], "not a job id"),
         (["cancel", NO_SUCH_JOB], "no job of tenant 'acme'"),

@@ -78,8 +78,11 @@ def test_a_producer_is_confined_to_its_own_tenant(files: tuple[Path, Path]) -> N
     own = keyspace.tenant_prefix("globex")
     for pattern in re.findall(r"~(\S+?)(?=[ )]|$)", rules):
         assert pattern.startswith(
-            (own, "maas.high", "maas.normal", "maas.low", "maas:wake", keyspace.CATALOG)
-        ), pattern
+            (own, "maas.high", "maas.normal", "maas.low", "maas:wake")
+        ) or pattern in (keyspace.CATALOG, keyspace.MODELS, keyspace.NODES), pattern
+    # The catalogue (live and durable) and the node list: read only.
+    for key in (keyspace.CATALOG, keyspace.MODELS, keyspace.NODES):
+        assert f"%R~{key}" in rules.split(), key
     assert "&" not in rules  # no channel at all
     for command in (
         "+eval",

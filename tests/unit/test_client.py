@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import fakeredis
 import pytest
+import redis
 
 from maas_worker import (
     Client,
@@ -16,8 +18,9 @@ from maas_worker import (
     Priority,
     Settings,
     SubmitError,
+    UnknownModel,
 )
-from maas_worker.backend import keyspace
+from maas_worker.backend import catalog, keyspace
 from maas_worker.crypto.envelope import now_ms, parse_unverified_header
 from maas_worker.tenancy.keyring import Keyring
 
@@ -83,3 +86,43 @@ def test_result_of_a_rejected_job_raises_with_its_reason(client: Client) -> None
         job.result(timeout=1)
     assert old.value.reason is None
     assert str(old.value) == f"job {JOB}: rejected by a worker (see `maas-worker audit`)"
+
+
+def test_before_any_worker_the_bundled_models_are_served_then_what_workers_advertised(
+    client: Client,
+) -> None:
+    # A fresh deployment: the shipped digits release, by name and by version.
+    assert {"digits", "digits@2", "echo"} <= client.served_models()
+    assert client.seal("digits", {"inputs": []})[0].model == "digits"
+    # Once a worker has advertised, the durable record is the truth: a model
+    # this deployment never served is refused, even the bundled one...
+    catalog.advertise(client.backend, "node-1", ["custom", "custom@3"])
+    client.backend.delete(keyspace.CATALOG)  # ...and even after the live entries aged out
+    served = client.served_models()
+    assert {"custom", "custom@3"} <= served and "digits" not in served
+    with pytest.raises(UnknownModel, match="unknown model 'digits'"):
+        client.seal("digits", {"inputs": []})
+    assert client.seal("custom@3", {})[0].model == "custom@3"
+
+
+def test_live_workers_counts_nodes_with_a_recent_heartbeat(client: Client) -> None:
+    assert client.live_workers() == 0
+    client.backend.zadd(keyspace.NODES, {"old": time.time() - catalog.NODE_LIVE_S - 5})
+    assert client.live_workers() == 0
+    catalog.advertise(client.backend, "node-1", [])
+    assert client.live_workers() == 1
+    catalog.withdraw(client.backend, "node-1")
+    client._live = (0.0, 0)  # past the cache
+    assert client.live_workers() == 0
+
+
+def test_a_redis_acl_from_before_the_durable_catalogue_falls_back_to_the_live_one(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(_: object) -> None:
+        raise redis.exceptions.NoPermissionError("NOPERM maas:models")
+
+    monkeypatch.setattr(catalog, "offered", refused)
+    catalog.advertise(client.backend, "node-1", ["custom@3"])
+    served = client.served_models()
+    assert "custom@3" in served and "digits" not in served
