@@ -20,6 +20,7 @@ where they are used; those are not crypto libraries for this rule.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -191,25 +192,33 @@ class OpenSsl(CryptoBackend):
     def ed25519_load_pem(self, text: str) -> tuple[bytes, bool]:
         """The raw key of an Ed25519 PEM (or OpenSSH) text and whether it is private."""
         data = text.strip().encode()
-        key: object
-        try:
-            # The formats pycryptodome's ECC.import_key reads for Ed25519, so a
-            # key file one implementation accepts the other accepts too.
-            if data.startswith(b"ssh-ed25519 "):
-                key = serialization.load_ssh_public_key(data)
-            elif data.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----"):
-                key = serialization.load_ssh_private_key(data, password=None)
-            elif b"PRIVATE KEY-----" in data:
-                key = serialization.load_pem_private_key(data, password=None)
-            else:
-                key = serialization.load_pem_public_key(data)
-        except (ValueError, TypeError, UnsupportedAlgorithm):
-            raise ValueError("not an Ed25519 key in PEM") from None
+        key = _first_key(data)
         if isinstance(key, ed25519.Ed25519PrivateKey):
             return key.private_bytes_raw(), True
         if isinstance(key, ed25519.Ed25519PublicKey):
             return key.public_bytes_raw(), False
         raise ValueError("not an Ed25519 key in PEM")
+
+
+#: The formats pycryptodome's ECC.import_key reads for Ed25519 (so a key file one
+#: implementation accepts the other accepts too), tried in turn: a text is at most
+#: one of them, and each loader refuses the others' texts.
+_KEY_LOADERS: tuple[Callable[[bytes], object], ...] = (
+    serialization.load_ssh_public_key,
+    lambda data: serialization.load_pem_private_key(data, password=None),
+    lambda data: serialization.load_ssh_private_key(data, password=None),
+    serialization.load_pem_public_key,
+)
+
+
+def _first_key(data: bytes) -> object:
+    """The key the first loader that accepts ``data`` reads; ValueError if none does."""
+    for load in _KEY_LOADERS:
+        try:
+            return load(data)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            continue
+    raise ValueError("not an Ed25519 key in PEM")
 
 
 class Pycryptodome(CryptoBackend):

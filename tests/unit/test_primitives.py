@@ -137,6 +137,27 @@ def test_ed25519_key_files_are_identical_and_read_back(
     assert reader.ed25519_load_pem(public_pem) == (public, False)
 
 
+# OpenSSH's own texts of the Ed25519 key with seed 00 01 .. 1f (ssh-keygen's formats).
+OPENSSH_PRIVATE = """-----BEGIN OPENSSH PRIVATE KEY-----
+b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtz
+c2gtZWQyNTUxOQAAACADoQe/884Qvh1w3RjnS8CZZ+TWMJulDV8d3IZkElUxuAAA
+AIgGGE79BhhO/QAAAAtzc2gtZWQyNTUxOQAAACADoQe/884Qvh1w3RjnS8CZZ+TW
+MJulDV8d3IZkElUxuAAAAEAAAQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0e
+HwOhB7/zzhC+HXDdGOdLwJln5NYwm6UNXx3chmQSVTG4AAAAAAECAwQF
+-----END OPENSSH PRIVATE KEY-----
+"""
+OPENSSH_PUBLIC = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAOhB7/zzhC+HXDdGOdLwJln5NYwm6UNXx3chmQSVTG4"
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_ed25519_load_reads_openssh_key_files_too(impl: CryptoBackend) -> None:
+    seed = bytes(range(32))
+    public = bytes.fromhex("03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8")
+    assert impl.ed25519_public(seed) == public
+    assert impl.ed25519_load_pem(OPENSSH_PRIVATE) == (seed, True)
+    assert impl.ed25519_load_pem(OPENSSH_PUBLIC) == (public, False)
+
+
 # Valid keys that are not Ed25519 (fixed texts: this file imports no crypto library).
 P256_PUBLIC_PEM = """-----BEGIN PUBLIC KEY-----
 MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAExX/7xC1vFGiOJwoMC3ZwD8e9H1KJ
