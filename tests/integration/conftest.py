@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +52,19 @@ class Stack:
 
     def client(self, tenant: str = "acme", **kw: Any) -> Client:
         return Client(settings=Settings.from_env({**self.env, "MAAS_TENANT": tenant}), **kw)
+
+    def cli(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """``maas-worker ARGS`` as a user runs it, with this stack's environment."""
+        return subprocess.run(
+            [sys.executable, "-m", "maas_worker", *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def start_worker(
         self,

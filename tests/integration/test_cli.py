@@ -17,20 +17,8 @@ pytestmark = pytest.mark.integration
 NO_SUCH_JOB = str(uuid.uuid4())
 
 
-def run(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "maas_worker", *args],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def test_submit_wait_prints_the_result_as_json(shared_stack: Stack) -> None:
-    out = run(
-        shared_stack,
+    out = shared_stack.cli(
         "submit",
         "--model",
         "echo",
@@ -49,17 +37,17 @@ def test_submit_wait_prints_the_result_as_json(shared_stack: Stack) -> None:
 def test_submit_then_status_and_result(shared_stack: Stack, tmp_path) -> None:
     path = tmp_path / "input.json"
     path.write_text('{"seconds": 0.1}')
-    out = run(shared_stack, "submit", "--model", "sleep", "--input-file", str(path))
+    out = shared_stack.cli("submit", "--model", "sleep", "--input-file", str(path))
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
     assert len(out.stdout.splitlines()) == 1
-    res = run(shared_stack, "result", job_id, "--timeout", "60")
+    res = shared_stack.cli("result", job_id, "--timeout", "60")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["slept"] >= 0.1
-    st = run(shared_stack, "status", job_id)
+    st = shared_stack.cli("status", job_id)
     assert (st.returncode, st.stdout.strip()) == (0, "succeeded")
     # which model version answered is in the sealed result, shown by status --json
-    st = run(shared_stack, "status", job_id, "--json")
+    st = shared_stack.cli("status", job_id, "--json")
     assert json.loads(st.stdout) == {
         "job_id": job_id,
         "state": "succeeded",
@@ -89,7 +77,7 @@ def test_submit_then_status_and_result(shared_stack: Stack, tmp_path) -> None:
 def test_errors_are_one_line_on_stderr_and_exit_nonzero(
     shared_stack: Stack, args: list[str], message: str
 ) -> None:
-    out = run(shared_stack, *args)
+    out = shared_stack.cli(*args)
     assert out.returncode == 1
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
@@ -116,7 +104,7 @@ def test_a_bad_redis_url_is_one_line_naming_the_cause(
         url = shared_stack.url.rsplit("/", 1)[0] + "/99"
     else:
         url = "redis://no-such-host.invalid:6379/0"
-    out = run(shared_stack, "--broker-url", url, *command)
+    out = shared_stack.cli("--broker-url", url, *command)
     assert out.returncode == 1
     assert out.stdout == ""
     lines = out.stderr.strip().splitlines()
@@ -135,10 +123,10 @@ def test_rejected_job_exits_nonzero_and_shows_in_audit(shared_stack: Stack) -> N
     # it); the job's client learns of it when its wait ends.
     forged = _forge(shared_stack.client())
     shared_stack.wait_audit(forged, "tampered")
-    res = run(shared_stack, "result", forged, "--timeout", "1")
+    res = shared_stack.cli("result", forged, "--timeout", "1")
     assert res.returncode == 1
     assert "did not authenticate" in res.stderr
-    audit = run(shared_stack, "audit", "--json", "--limit", "1000")
+    audit = shared_stack.cli("audit", "--json", "--limit", "1000")
     assert audit.returncode == 0
     records = [json.loads(line) for line in audit.stdout.splitlines()]
     mine = [r for r in records if r["job_id"] == forged]
@@ -147,7 +135,7 @@ def test_rejected_job_exits_nonzero_and_shows_in_audit(shared_stack: Stack) -> N
     assert {"job_id", "tenant", "reason", "at"} <= set(mine[0])
     ats = [r["at"] for r in records]
     assert ats == sorted(ats, reverse=True)  # newest first
-    text = run(shared_stack, "audit", "--limit", "5")
+    text = shared_stack.cli("audit", "--limit", "5")
     assert forged in text.stdout
     assert "(unverified)" in text.stdout
 
@@ -156,9 +144,9 @@ def test_audit_with_no_records_says_so_on_stderr_and_exits_zero(
     make_stack: Callable[..., Stack],
 ) -> None:
     stack = make_stack()  # a fresh Redis: nothing audited yet
-    text = run(stack, "audit")
+    text = stack.cli("audit")
     assert (text.returncode, text.stdout, text.stderr) == (0, "", "no audit records\n")
-    as_json = run(stack, "audit", "--json")
+    as_json = stack.cli("audit", "--json")
     assert (as_json.returncode, as_json.stdout, as_json.stderr) == (0, "", "")
 
 
@@ -184,7 +172,7 @@ def test_a_worker_whose_credentials_redis_refuses_exits_with_the_cause(
 
 
 def test_stats_lists_the_worker_and_backlog(shared_stack: Stack) -> None:
-    out = run(shared_stack, "stats", "--json")
+    out = shared_stack.cli("stats", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert set(doc["backlog"]) == {"high", "normal", "low"}

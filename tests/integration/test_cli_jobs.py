@@ -4,7 +4,6 @@ has no job of say ``unknown job`` at once; cancelling a finished job says what i
 from __future__ import annotations
 
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -19,14 +18,7 @@ PATIENCE_S = 30.0
 
 
 def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "maas_worker", *args],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=PATIENCE_S,
-        check=False,
-    )
+    return stack.cli(*args, timeout=PATIENCE_S)
 
 
 def test_cancel_of_an_unknown_id_is_an_error_and_writes_nothing(shared_stack: Stack) -> None:

@@ -21,17 +21,6 @@ pytestmark = pytest.mark.integration
 QUEUED_LINE = re.compile(r"job ([0-9a-f-]{36}) queued(; no worker is consuming right now)?\n")
 
 
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "maas_worker", *args],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def start_wait(stack: Stack, model: str, inputs: str) -> tuple[subprocess.Popen[str], str, bool]:
     """``submit --wait`` in the background: the process, its job id (read from its first
     stderr line, printed before it waits) and whether it said no worker is consuming."""
@@ -54,7 +43,7 @@ def test_timeout_says_the_job_is_still_queued_and_no_worker_is_consuming(
     make_stack: Callable[..., Stack],
 ) -> None:
     stack = make_stack()
-    out = cli(stack, "submit", "--model", "echo", "--input", "{}", "--wait", "--timeout", "1")
+    out = stack.cli("submit", "--model", "echo", "--input", "{}", "--wait", "--timeout", "1")
     assert out.returncode == 1 and out.stdout == ""
     first, last = out.stderr.splitlines()
     found = QUEUED_LINE.fullmatch(first + "\n")
@@ -80,7 +69,7 @@ def test_ctrl_c_says_where_the_job_stands_and_it_still_runs(
         f"job {queued} is still queued (it will run; maas-worker cancel {queued} to stop it)\n"
     )
     stack.start_worker()
-    res = cli(stack, "result", queued, "--timeout", str(WAIT_S))
+    res = stack.cli("result", queued, "--timeout", str(WAIT_S))
     assert (res.returncode, json.loads(res.stdout)) == (0, {"echo": {"n": 1}}), res.stderr
 
     # A running job: a timeout and Ctrl-C both say it is running, and on which fleet.
@@ -88,7 +77,7 @@ def test_ctrl_c_says_where_the_job_stands_and_it_still_runs(
     assert not idle
     job = stack.client().job(running)
     wait_for(lambda: job.status() == "running", WAIT_S, "the sleep job to start")
-    late = cli(stack, "result", running, "--timeout", "0.5")
+    late = stack.cli("result", running, "--timeout", "0.5")
     assert late.returncode == 1
     assert late.stderr == (
         f"maas-worker: error: no result within 0.5 s: job {running} is still running "
@@ -101,7 +90,7 @@ def test_ctrl_c_says_where_the_job_stands_and_it_still_runs(
         f"job {running} is still running (it will finish; maas-worker cancel {running} "
         "to stop it)\n"
     )
-    assert cli(stack, "cancel", running).returncode == 0
+    assert stack.cli("cancel", running).returncode == 0
 
 
 @pytest.mark.skipif(

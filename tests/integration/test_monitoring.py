@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,17 +29,6 @@ pytestmark = pytest.mark.integration
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "monitoring.md"
 INTERVAL_S = 1.0
 WAIT_S = 60.0
-
-
-def run(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "maas_worker", *args],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def documented_metrics() -> set[str]:
@@ -115,7 +102,7 @@ def test_stats_json_has_each_workers_latest_sample_and_the_backlog(
     wait_for(lambda: {w1.node, w2.node} <= set(samples(stack)), WAIT_S, "both samples")
     job = stack.client().submit("echo", {"text": "counted"}, priority="high")
     job.result(timeout=WAIT_S)
-    out = run(stack, "stats", "--json")
+    out = stack.cli("stats", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert set(doc) == {"backlog", "oldest_age_s", "sample_interval_s", "workers"}
@@ -143,7 +130,7 @@ def test_stats_json_has_each_workers_latest_sample_and_the_backlog(
         WAIT_S,
         "the job counted in a sample",
     )
-    text = run(stack, "stats")
+    text = stack.cli("stats")
     assert text.returncode == 0
     assert "backlog: high=0" in text.stdout
     assert w1.node in text.stdout and "per core" in text.stdout
@@ -257,7 +244,7 @@ def test_scale_json_recommends_more_nodes_for_a_larger_backlog(
     client = stack.client()
 
     def advice() -> dict[str, Any]:
-        out = run(stack, "scale", "--json")
+        out = stack.cli("scale", "--json")
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
@@ -277,5 +264,5 @@ def test_scale_json_recommends_more_nodes_for_a_larger_backlog(
     # the oldest job's age is read from the real queued messages
     assert large["oldest_age_s"] is not None and 0 <= large["oldest_age_s"] < WAIT_S
     assert large["current_nodes"] == 0
-    text = run(stack, "scale")
+    text = stack.cli("scale")
     assert text.returncode == 0 and "desired worker nodes: 5" in text.stdout

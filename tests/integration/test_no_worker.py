@@ -9,8 +9,6 @@ A model nobody ever served is still refused at the client.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
@@ -28,36 +26,25 @@ FEW = {"inputs": SAMPLES["inputs"][:2]}
 FEW_LABELS = SAMPLES["sklearn_predictions"][:2]
 
 
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "maas_worker", *args],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_digits_is_queued_before_any_worker_and_runs_once_one_starts(
     make_stack: Callable[..., Stack],
 ) -> None:
     # A fresh deployment of the shipped model: an empty Redis, no worker ever.
     stack = make_stack(MAAS_MODEL_DIR=str(BUNDLED_MODEL_DIR), MAAS_DIAGNOSTIC_MODELS="0")
-    out = cli(stack, "submit", "--model", "digits", "--input", json.dumps(FEW))
+    out = stack.cli("submit", "--model", "digits", "--input", json.dumps(FEW))
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
     assert out.stderr == f"queued; no worker is consuming right now (job {job_id})\n"
-    assert cli(stack, "status", job_id).stdout.strip() == "queued"
+    assert stack.cli("status", job_id).stdout.strip() == "queued"
 
     # A model nobody has ever served is still refused, before anything is enqueued.
-    never = cli(stack, "submit", "--model", "nosuch", "--input", "{}")
+    never = stack.cli("submit", "--model", "nosuch", "--input", "{}")
     assert never.returncode == 1
     assert "unknown model 'nosuch'" in never.stderr and len(never.stderr.splitlines()) == 1
     assert stack.backend.llen(queue_for("normal")) == 1
 
     worker = stack.start_worker()
-    res = cli(stack, "result", job_id, "--timeout", str(WAIT_S))
+    res = stack.cli("result", job_id, "--timeout", str(WAIT_S))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["labels"] == FEW_LABELS
 
@@ -73,7 +60,7 @@ def test_digits_is_queued_before_any_worker_and_runs_once_one_starts(
     later = stack.client().submit("digits@2", FEW)
     assert later.worker_live is False
     assert later.status() == "queued"
-    refused = cli(stack, "submit", "--model", "nosuch", "--input", "{}")
+    refused = stack.cli("submit", "--model", "nosuch", "--input", "{}")
     assert refused.returncode == 1 and "unknown model 'nosuch'" in refused.stderr
 
 
@@ -84,6 +71,6 @@ def test_a_deployment_that_never_served_the_bundled_model_refuses_it(
     stack = make_stack()
     stack.start_worker().stop()
     assert stack.client().submit("echo", {"a": 1}).worker_live is False
-    out = cli(stack, "submit", "--model", "digits", "--input", json.dumps(FEW))
+    out = stack.cli("submit", "--model", "digits", "--input", json.dumps(FEW))
     assert out.returncode == 1
     assert "unknown model 'digits'" in out.stderr
