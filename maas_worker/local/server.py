@@ -148,7 +148,9 @@ class LocalServer:
                         f"port {self.port} is in use on {LOOPBACK} (another Redis?): "
                         "choose another with --port"
                     ) from None
-                raise ConfigError(f"cannot listen on {LOOPBACK}:{self.port}: {exc.strerror}") from None
+                raise ConfigError(
+                    f"cannot listen on {LOOPBACK}:{self.port}: {exc.strerror}"
+                ) from None
 
     def _prepare(self) -> None:
         pid = self.running_pid()
@@ -231,7 +233,9 @@ class LocalServer:
 
         return self._wait_ready(pid_of, exited, timeout_s)
 
-    def run_foreground(self, on_ready: Callable[[int], None], timeout_s: float = READY_TIMEOUT_S) -> int:
+    def run_foreground(
+        self, on_ready: Callable[[int], None], timeout_s: float = READY_TIMEOUT_S
+    ) -> int:
         """Run the server until SIGINT or SIGTERM; ``on_ready(pid)`` once it accepts connections.
 
         Returns 0 after a stop asked for by a signal, 1 if the server exited on its own.
@@ -258,9 +262,7 @@ class LocalServer:
         previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             try:
-                pid = self._wait_ready(
-                    lambda: proc.pid, lambda: proc.poll() is not None, timeout_s
-                )
+                pid = self._wait_ready(lambda: proc.pid, lambda: proc.poll() is not None, timeout_s)
             except ConfigError:
                 if stopping:
                     proc.wait()
@@ -302,4 +304,3 @@ class LocalServer:
                 raise ConfigError(f"the server (pid {pid}) did not stop within {timeout_s:g} s")
             time.sleep(0.02)
         return pid
-
