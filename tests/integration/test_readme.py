@@ -18,13 +18,15 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 
 from maas_worker.local.embedded import free_port
-from tests.integration.conftest import Stack
+from tests.integration.conftest import WAIT_S, Stack
+from tests.modelkit import BUNDLED_DIGITS, holdout, with_marker
 
 pytestmark = pytest.mark.integration
 
@@ -56,11 +58,11 @@ def processes_with_home(home: Path) -> list[psutil.Process]:
     return found
 
 
-def test_readme_using_it_shell_block_runs_in_a_fresh_shell(tmp_path: Path) -> None:
-    block = readme_block("Using it", "sh")
-    assert block.count(README_PORT) >= 3  # the server, the URL and the stop
-    port = free_port()
-    script = block.replace(README_PORT, str(port))
+def fresh_shell(tmp_path: Path, *, activated: bool) -> tuple[Path, Path, dict[str, str]]:
+    """A checkout folder (``.venv`` linked to this virtualenv), a HOME, and their environment.
+
+    ``activated``: the virtualenv's ``bin`` is on PATH, as after ``. .venv/bin/activate``.
+    """
     work, home = tmp_path / "checkout", tmp_path / "home"
     work.mkdir()
     home.mkdir()
@@ -71,6 +73,17 @@ def test_readme_using_it_shell_block_runs_in_a_fresh_shell(tmp_path: Path) -> No
         if not k.startswith(("MAAS_", "XDG_", "VIRTUAL_ENV", "PYTHON"))
     }
     env["HOME"] = str(home)
+    if activated:
+        env["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return work, home, env
+
+
+def test_readme_using_it_shell_block_runs_in_a_fresh_shell(tmp_path: Path) -> None:
+    block = readme_block("Using it", "sh")
+    assert block.count(README_PORT) >= 3  # the server, the URL and the stop
+    port = free_port()
+    script = block.replace(README_PORT, str(port))
+    work, home, env = fresh_shell(tmp_path, activated=False)  # the block activates it
     proc = None
     try:
         proc = subprocess.Popen(
@@ -135,3 +148,48 @@ def test_readme_using_it_python_block_runs(shared_stack: Stack) -> None:
     assert lines[1] == "{'echo': {'text': 'hi'}}"
     assert lines[2].startswith("JobInfo(") and "succeeded" in lines[2]
     assert re.fullmatch(r"\[\[\d\], \[\d\]\]", lines[3]), lines
+
+
+def test_readme_model_security_block_runs_and_a_worker_serves_the_encrypted_model(
+    tmp_path: Path, make_stack: Callable[..., Stack]
+) -> None:
+    """The block, unchanged, on two throw-away models named as it names them."""
+    work, home, env = fresh_shell(tmp_path, activated=True)
+    digits = BUNDLED_DIGITS.read_bytes()
+    (work / "fraud-2.onnx").write_bytes(with_marker(digits, b"readme fraud 2"))
+    (work / "fraud-3.onnx").write_bytes(with_marker(digits, b"readme fraud 3"))
+    out = subprocess.run(
+        ["bash", "-e", "-c", readme_block("Model security", "sh")],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, f"stdout:\n{out.stdout}\nstderr:\n{out.stderr}"
+    assert out.stderr == ""
+    rows = {
+        tuple(line.split()[:2]): line
+        for line in out.stdout.splitlines()
+        if line.startswith("fraud ")
+    }
+    # `list`: 3 encrypted, 2 plain, both verify; the rollback released 2 (serial 3).
+    assert re.search(r"\byes\s+-\s+yes$", rows[("fraud", "3")]), out.stdout
+    assert re.search(r"\bno\s+serial 3\s+yes$", rows[("fraud", "2")]), out.stdout
+    keys = home / ".config" / "maas-worker" / "model-keys.json"
+    assert (keys.stat().st_mode & 0o777) == 0o600
+    assert b"readme fraud 3" not in (work / "models/fraud/3/model.onnx.enc").read_bytes()
+    # A worker with the variables the block exported, and its keys file, serves both.
+    stack = make_stack(
+        MAAS_MODEL_DIR=str(work / "models"),
+        MAAS_TRUSTED_SIGNERS=str(work / "owner.key.pub"),
+        MAAS_MODEL_KEYS=str(keys),
+    )
+    stack.start_worker(concurrency=1)
+    data = holdout()
+    few = {"inputs": data["inputs"][:3]}
+    with stack.client() as client:
+        encrypted = client.submit("fraud@3", few).result(timeout=WAIT_S)
+        released = client.submit("fraud", few).result(timeout=WAIT_S)
+    assert encrypted["label"] == released["label"] == data["labels"][:3]
