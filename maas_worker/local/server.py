@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import redis
 
@@ -238,10 +239,15 @@ class LocalServer:
     ) -> int:
         """Run the server until SIGINT or SIGTERM; ``on_ready(pid)`` once it accepts connections.
 
-        Returns 0 after a stop asked for by a signal, 1 if the server exited on its own.
+        Returns 0 after a stop asked for by a signal; raises `ConfigError` if the
+        server did not start or exited on its own.
         """
         self._prepare()
-        err = tempfile.TemporaryFile()
+        with tempfile.TemporaryFile() as err:
+            return self._supervise(err, on_ready, timeout_s)
+
+    def _supervise(self, err: IO[bytes], on_ready: Callable[[int], None], timeout_s: float) -> int:
+        """`run_foreground`'s body; the server's early stderr goes to ``err``."""
         # Its own session: Ctrl-C reaches this process only, which stops the
         # server once (SIGTERM: it flushes its append-only file and exits).
         proc = subprocess.Popen(
@@ -287,7 +293,6 @@ class LocalServer:
                     proc.wait()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            err.close()
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM the server of this folder and wait until it has exited; its pid."""

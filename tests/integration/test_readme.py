@@ -12,6 +12,7 @@ process it started outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -123,10 +124,8 @@ def test_readme_using_it_shell_block_runs_in_a_fresh_shell(tmp_path: Path) -> No
             proc.kill()
             proc.wait()
         if proc is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         for leftover in processes_with_home(home):
             leftover.kill()
 
