@@ -89,7 +89,6 @@ def configure(app: Celery, settings: Settings) -> None:
 app = make_app()
 
 
-@signals.celeryd_init.connect
 def _refuse_bad_credentials(instance: Any = None, options: Any = None, **_: Any) -> None:
     """A worker of a maas app whose credentials Redis refuses exits 1 with the cause.
 
@@ -103,3 +102,6 @@ def _refuse_bad_credentials(instance: Any = None, options: Any = None, **_: Any)
     from maas_worker.worker.node import refuse_bad_credentials
 
     refuse_bad_credentials(settings_of(app), logfile=(options or {}).get("logfile"))
+
+
+signals.celeryd_init.connect(_refuse_bad_credentials)
