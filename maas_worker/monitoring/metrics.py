@@ -50,6 +50,8 @@ OUTCOMES: frozenset[str] = frozenset(Outcome)
 #: Audit reasons: a job refused for one of these counts as outcome ``rejected``
 #: (``model_rejected`` is a model's, never a job's).
 REJECT_REASONS: frozenset[str] = frozenset(AuditReason) - {AuditReason.MODEL_REJECTED}
+#: Every audit reason, ``model_rejected`` included: the labels of ``maas_refusals_total``.
+AUDIT_REASONS: frozenset[str] = frozenset(AuditReason)
 _LABEL_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 QUEUE_WAIT_BUCKETS_S = (
@@ -103,6 +105,10 @@ WORKER_FAMILIES: dict[str, tuple[str, str]] = {
         "counter",
         "Time pool processes spent in maas.infer tasks (for capacity estimates)",
     ),
+    "maas_refusals": (
+        "counter",
+        "Messages, commands and model versions this worker node refused, by audit reason",
+    ),
 }
 AUTOSCALER_FAMILIES: dict[str, str] = {
     "maas_autoscaler_pool_size": "Pool processes now",
@@ -145,6 +151,9 @@ class _JobMetrics:
         )
         self.busy = Counter(
             "maas_job_busy_seconds", WORKER_FAMILIES["maas_job_busy_seconds"][1], registry=None
+        )
+        self.refusals = Counter(
+            "maas_refusals", WORKER_FAMILIES["maas_refusals"][1], ["reason"], registry=None
         )
 
 
@@ -286,6 +295,19 @@ def job_finished(job_id: str, outcome: str) -> None:
     """Count one job's outcome (called where the task logs it)."""
     labels = outcome_labels(outcome, _failures.pop(job_id, None))
     _safely(lambda: _m().jobs.labels(*labels).inc())
+
+
+def refused(reason: str) -> None:
+    """Count one audit record of this process (`AuditLog`'s ``on_record`` hook).
+
+    Every refusal a worker audits passes here, wherever it happens: the
+    pipeline's (also counted in ``maas_jobs_total`` as ``rejected``), the queue
+    entry check's and the remote-control gate's in the main process (which never
+    become a job), and refused model versions (``model_rejected``). The label
+    is the audit reason, a closed set; anything else counts as ``other``.
+    """
+    label = reason if reason in AUDIT_REASONS else "other"
+    _safely(lambda: _m().refusals.labels(label).inc())
 
 
 def observe_model_load(model_ref: str, seconds: float) -> None:

@@ -132,7 +132,9 @@ class WorkerRuntime:
         self.keyring = KeyringSource(settings.keyring_path)
         self.backend = backend_client(settings)
         self.guard = JobGuard(self.backend, lease_s=settings.lease_s)
-        self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen)
+        self.audit = AuditLog(
+            self.backend, maxlen=settings.audit_maxlen, on_record=metrics.refused
+        )
         self.registry = build_registry(
             settings, on_reject=audit_rejections(self.audit, stage="load"), backend=self.backend
         )
@@ -211,7 +213,10 @@ class Advertiser:
         self._registry = build_registry(
             settings,
             on_reject=audit_rejections(
-                AuditLog(self._client, maxlen=settings.audit_maxlen), stage="scan"
+                AuditLog(
+                    self._client, maxlen=settings.audit_maxlen, on_record=metrics.refused
+                ),
+                stage="scan",
             ),
             backend=self._client,
         )
