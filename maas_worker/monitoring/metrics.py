@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from maas_worker.protocol import AuditReason, Outcome
+from maas_worker.protocol import AuditReason, FailureCode, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,37 @@ def refused(reason: str) -> None:
     """
     label = reason if reason in AUDIT_REASONS else "other"
     _safely(lambda: _m().refusals.labels(label).inc())
+
+
+#: Failure codes a failed job is counted under from the start (others appear when first seen):
+#: the worker's own (`FailureCode`), the diagnostic and bundled models' ``bad_input``, and
+#: ``unknown`` (`outcome_labels`).
+DECLARED_FAILURES: frozenset[str] = frozenset(FailureCode) | {"bad_input", "unknown"}
+
+
+def declare_series() -> None:
+    """Create every outcome and refusal series of the closed sets at 0 (worker main process).
+
+    A labelled counter otherwise appears only at its first increment, and
+    Prometheus' ``rate()`` and ``increase()`` count nothing for a series's first
+    sample: the first job rejected as ``tampered`` on a node would never show
+    on a rate panel. Declared in the main process once its metrics directory
+    exists, the zeros are on the first scrape and every later increment (in any
+    pool process) is a visible increase. About 30 series, all from closed sets.
+    """
+
+    def declare() -> None:
+        m = _m()
+        for outcome in sorted(OUTCOMES - {Outcome.FAILED}):
+            m.jobs.labels(outcome, "none")
+        for reason in sorted(REJECT_REASONS):
+            m.jobs.labels("rejected", reason)
+        for code in sorted(DECLARED_FAILURES):
+            m.jobs.labels("failed", code)
+        for reason in sorted(AUDIT_REASONS):
+            m.refusals.labels(reason)
+
+    _safely(declare)
 
 
 def observe_model_load(model_ref: str, seconds: float) -> None:

@@ -86,6 +86,7 @@ class Node:
         )
         try:
             self.metrics_dir = metrics.init_multiprocess_dir()
+            metrics.declare_series()
         except OSError as exc:  # metrics are never a reason for a worker not to run
             log.warning(
                 "no metrics directory (%s); continuing without metrics",
