@@ -341,6 +341,24 @@ def declare_series() -> None:
     _safely(declare)
 
 
+def declare_models(refs: Iterable[str]) -> None:
+    """Create the queue-wait and run-time series of each served model reference at 0.
+
+    Called with the references the worker serves (every ``name`` and
+    ``name@version`` the registry lists, the labels a job of it is recorded
+    under), for the reason `declare_series` gives. Model loads are not declared:
+    they are rare, and the dashboard reads them over all time, not as a rate.
+    """
+
+    def declare() -> None:
+        m = _m()
+        for ref in refs:
+            m.queue_wait.labels(ref)
+            m.run.labels(ref)
+
+    _safely(declare)
+
+
 def observe_model_load(model_ref: str, seconds: float) -> None:
     """Record how long loading ``model_ref`` (a verified, registered reference) took."""
     _safely(lambda: _m().load.labels(model_ref).observe(seconds))

@@ -94,7 +94,9 @@ def test_every_panel_has_a_provisioned_datasource_targets_a_unit_and_a_unique_id
     source = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yaml").read_text())
     (ds,) = source["datasources"]
     assert (ds["type"], ds["url"]) == ("prometheus", "http://prometheus:9090")
-    ids = [p["id"] for p in doc["panels"]] + [p["id"] for p in panels(doc) if p not in doc["panels"]]
+    ids = [p["id"] for p in doc["panels"]] + [
+        p["id"] for p in panels(doc) if p not in doc["panels"]
+    ]
     assert len(ids) == len(set(ids)), "panel ids are unique"
     assert len(panels(doc)) >= 15
     for p in panels(doc):
@@ -109,7 +111,7 @@ def test_every_panel_has_a_provisioned_datasource_targets_a_unit_and_a_unique_id
         assert p["fieldConfig"]["defaults"]["unit"], f"{where} has no unit"
         assert p.get("description"), f"{where} says what it shows"
         grid = p["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, where
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, where
 
 
 def test_the_dashboard_covers_what_the_issue_asks_for() -> None:
