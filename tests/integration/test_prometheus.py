@@ -313,6 +313,19 @@ def test_every_dashboard_query_answers_from_a_real_prometheus(
                 f"Prometheus to count the jobs {expected}",
             )
 
+        # A queue entry that is not a message at all: refused (and audited) by the
+        # worker's main process before it becomes a job, so it is a refusal and
+        # not a job outcome.
+        attacker.push_raw("normal", ["not", "a", "message"])  # type: ignore[arg-type]
+        wait_for(
+            lambda: (
+                prom.values("sum by (reason) (maas_refusals_total)", "reason").get("malformed") == 1
+            ),
+            WAIT_S,
+            "the refused entry counted in Prometheus",
+        )
+        assert any(r.reason == "malformed" for r in stack.audit())
+
         # A backlog: long jobs occupy both workers' single process (and their
         # one prefetched message each), so the low-priority jobs wait.
         client = stack.client()
@@ -384,7 +397,11 @@ def test_every_dashboard_query_answers_from_a_real_prometheus(
     assert answer("Failures by code")["reason=bad_input"] > 0
     refusals = answer("Refusals by audit reason")
     assert refusals["reason=policy"] > 0 and refusals["reason=expired"] > 0
-    assert {k for k, v in refusals.items() if v} == {"reason=policy", "reason=expired"}
+    assert {k for k, v in refusals.items() if v} == {
+        "reason=policy",
+        "reason=expired",
+        "reason=malformed",
+    }
     # queue depth and age per priority
     depth = answer("Queue depth per priority")
     assert depth["priority=low"] == BACKLOG_LOW
