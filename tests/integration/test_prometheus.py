@@ -290,8 +290,9 @@ def test_every_dashboard_query_answers_from_a_real_prometheus(
 
         attacker = Attacker(stack)
         rejected: list[str] = []
-        for _ in range(2):  # two rounds, a scrape between: histograms that appeared in
-            # the first (per model) increase in the second
+        # Two rounds, each counted by Prometheus before the next: the totals are
+        # checked as they grow, not only at the end.
+        for _ in range(2):
             rejected += _jobs_round(stack, attacker)
             done = len(rejected) // 2
             expected = {

@@ -501,6 +501,7 @@ _SECRET_PATTERNS = {
     "path",
     sorted(
         [p for p in DOCKER.iterdir() if p.is_file() and p.name != ".gitignore"]
+        + [p for p in (DOCKER / "grafana").rglob("*") if p.is_file()]
         + [PROCFILE, ROOT / ".dockerignore"]
     ),
     ids=lambda p: p.name,
