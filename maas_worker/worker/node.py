@@ -75,7 +75,9 @@ class Node:
     def prepare(self) -> None:
         """In the worker's main process, before its consumer is built and its pool forks."""
         # The channel's limits and its audit records of refused entries: this worker's settings.
-        transport.install(self.settings)
+        # Refusals the main process audits (the entry check, the control gate) are
+        # counted too: they never become jobs, so maas_jobs_total never sees them.
+        transport.install(self.settings, on_record=metrics.refused)
         # From the first command on, only what MAAS_REMOTE_CONTROL allows runs.
         control.configure(
             self.app,
@@ -84,6 +86,7 @@ class Node:
         )
         try:
             self.metrics_dir = metrics.init_multiprocess_dir()
+            metrics.declare_series()
         except OSError as exc:  # metrics are never a reason for a worker not to run
             log.warning(
                 "no metrics directory (%s); continuing without metrics",
