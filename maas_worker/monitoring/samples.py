@@ -261,12 +261,15 @@ def summarize(sample: Mapping[str, Any]) -> dict[str, str]:
         "node": str(sample.get("node")),
         "cpu": f"{cpu.get('percent')}% (per core: {shown})",
         "memory": f"{mem.get('used_percent')}% used, "
-        f"{_mib(mem.get('available_bytes', 0))} available",
-        "swap": f"{swap.get('used_percent')}% used",
+        f"{_mib(mem.get('available_bytes', 0))} available of {_mib(mem.get('total_bytes', 0))}",
+        "swap": f"{swap.get('used_percent')}% used of {_mib(swap['total_bytes'])}"
+        if swap.get("total_bytes")
+        else "none",
         "load": " ".join(str(x) for x in sample.get("load") or []) or "n/a",
         "pool": f"{processes} process{'' if processes == 1 else 'es'}, RSS "
         + (" + ".join(_mib(r) for r in (pool.get("rss_bytes") or [])[:8]) or "-")
-        + f", open fds {sum(pool.get('open_fds') or [])}",
+        + f", open fds {sum(pool.get('open_fds') or [])}"
+        + (f"; main process RSS {_mib(main)}" if (main := pool.get("main_rss_bytes")) else ""),
     }
     gpus = sample.get("gpu")
     out["gpu"] = (

@@ -149,15 +149,26 @@ def test_summary_is_short_readable_text() -> None:
 
 def test_summary_counts_processes_in_words_and_shows_throughput() -> None:
     s = take_sample("w1@host", main_pid=os.getpid(), interval_s=15, jobs=(3, 1.5))
-    s["pool"] = {"processes": 1, "rss_bytes": [60 * 2**20], "open_fds": [14]}
+    s["pool"] = {
+        "processes": 1,
+        "rss_bytes": [60 * 2**20],
+        "open_fds": [14],
+        "main_rss_bytes": 75 * 2**20,
+    }
+    s["memory"] = {"total_bytes": 2**33, "available_bytes": 2**32, "used_percent": 50.0}
+    s["swap"] = {"total_bytes": 2**30, "used_bytes": 2**28, "used_percent": 25.0}
     s["jobs"].update(per_s=0.5, busy_fraction=0.25)
     text = summarize(s)
-    assert text["pool"] == "1 process, RSS 60 MiB, open fds 14"
+    assert text["pool"] == "1 process, RSS 60 MiB, open fds 14; main process RSS 75 MiB"
+    assert text["memory"] == "50.0% used, 4096 MiB available of 8192 MiB"
+    assert text["swap"] == "25.0% used of 1024 MiB"
     assert text["jobs"] == "3 finished, 0.50/s, pool 25% busy"
     s["pool"] = {"processes": 2, "rss_bytes": [2**20, 2**21], "open_fds": [1, 2]}
+    s["swap"] = {"total_bytes": 0, "used_bytes": 0, "used_percent": 0.0}  # no swap at all
     s["jobs"].update(per_s=None, busy_fraction=None)  # the first sample after a start
     text = summarize(s)
     assert text["pool"] == "2 processes, RSS 1 MiB + 2 MiB, open fds 3"
+    assert text["swap"] == "none"
     assert text["jobs"] == "3 finished"
 
 
