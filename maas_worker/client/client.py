@@ -31,13 +31,13 @@ from maas_worker.client.core import (
     Sealed,
     check_inputs,
     check_job_id,
-    message_arg,
     run_plan,
 )
 from maas_worker.client.job import Job, backend_errors
+from maas_worker.client.wire import send_args
 from maas_worker.crypto.envelope import Header
 from maas_worker.errors import ServiceUnavailable, connection_cause
-from maas_worker.protocol import ARGS_REPR, TASK_NAME, Priority, payload_ref, queue_for
+from maas_worker.protocol import TASK_NAME, Priority, queue_for
 from maas_worker.settings import redact_url
 from maas_worker.tenancy.quota import Quotas
 
@@ -274,22 +274,11 @@ class Client(ClientCore):
             # kombu's producer batch puts every message (and its task-sent
             # event) into one Redis pipeline: one round trip, not two per job.
             with self.app.producer_or_acquire() as producer, producer.batch():
-                ref = payload_ref(self.tenant)
                 for header, raw in sealed:
                     self.app.send_task(
                         TASK_NAME,
-                        args=[message_arg(ref, raw)],  # base64 only what travels inside
-                        task_id=header.job_id,
-                        queue=queue,
                         producer=producer,
-                        # Celery copies args into message headers and events for
-                        # display; say what it is instead of repeating the ciphertext.
-                        argsrepr=ARGS_REPR,
-                        kwargsrepr="{}",
-                        # Declare nothing: the job queues are the workers' (they
-                        # bind them), and a producer's Redis user may only push
-                        # to them (docs/security.md, Redis roles).
-                        declare=[],
+                        **send_args(self.tenant, header.job_id, raw, queue),
                     )
         except OperationalError as exc:
             raise ServiceUnavailable(
