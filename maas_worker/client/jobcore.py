@@ -189,6 +189,10 @@ class JobCore:
             )
         raise ResultTimeout(f"no result within {timeout:g} s: {where}")
 
+    def claim_key(self) -> str:
+        """The job's claim: its holder while it runs, ``done`` once it has."""
+        return keyspace.claim(self.tenant, self.id)
+
     def suspect_key(self) -> str:
         """The marker of a refused message naming this job that did not authenticate."""
         return keyspace.suspect(self.tenant, self.id)
