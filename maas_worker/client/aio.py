@@ -28,15 +28,17 @@ from maas_worker.client.core import (
     ClientCore,
     Plan,
     Sealed,
+    Step,
+    adrive,
     arun_plan,
-    check_inputs,
+    broker_unavailable,
     check_job_id,
+    send_interrupted,
 )
 from maas_worker.client.job import backend_errors
 from maas_worker.client.jobcore import JobCore
 from maas_worker.client.waiter import Outcome, Waiter
 from maas_worker.client.wire import MessageBuilder
-from maas_worker.crypto.envelope import Header
 from maas_worker.errors import ResultTimeout, ServiceUnavailable, connection_cause
 from maas_worker.protocol import JobInfo, JobState, Priority, queue_for
 from maas_worker.settings import redact_url
@@ -149,35 +151,33 @@ class AsyncClient(ClientCore):
         """Seal each of ``inputs`` as its own job and enqueue them all in one go, all or
         nothing (see `Client.submit_many`): one pipeline for the messages, one for the
         markers."""
-        check_inputs(inputs)
-        if not inputs:
-            return []
-        if self.needs_catalog(model, priority):
-            await self.served_models()
-        sealed = self.seal_many(model, inputs, priority=priority, ttl_s=ttl_s)
-        plain = sealed[0][0].priority
-        await self._check_depth(plain, len(sealed))
-        await self._admit([h for h, _ in sealed])
-        payloads = self.payload_commands(sealed)
-        if payloads:
-            with backend_errors(self.settings):
-                await arun_plan(self.backend, Plan(payloads, lambda replies: None))
-        await self._send(sealed, queue_for(plain))
-        try:
-            await arun_plan(self.backend, Plan(self.marker_commands(sealed), lambda r: None))
-        except (redis.ConnectionError, redis.TimeoutError):
-            log.warning(
-                "%d job(s) enqueued, but their queued markers could not be written", len(sealed)
-            )
-        try:
-            live: bool | None = await self.live_workers() > 0
-        except (ServiceUnavailable, redis.exceptions.NoPermissionError):
-            live = None
-        if live is False:
-            log.info("%d job(s) queued; no worker is consuming right now", len(sealed))
+        flow = self.submit_flow(model, inputs, priority=priority, ttl_s=ttl_s)
+        sealed, live = await adrive(flow, self._carry_out)
         return [
             AsyncJob(self, h.job_id, request_hash=h.digest(), worker_live=live) for h, _ in sealed
         ]
+
+    async def _carry_out(self, step: Step) -> Any:
+        """Do one I/O step of `submit_flow` (core.py) on ``redis.asyncio``."""
+        if step.kind == "catalog":
+            return await self.served_models()
+        if step.kind == "depth":
+            try:
+                return int(await self.broker.llen(queue_for(step.arg)))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise broker_unavailable(self.settings, exc) from None
+        if step.kind == "admit":
+            with backend_errors(self.settings):
+                return await functions.acall(self.backend, *step.arg)
+        if step.kind == "payloads":
+            with backend_errors(self.settings):
+                return await arun_plan(self.backend, Plan(step.arg, lambda replies: None))
+        if step.kind == "send":
+            return await self._send(*step.arg)
+        if step.kind == "markers":
+            return await arun_plan(self.backend, Plan(step.arg, lambda replies: None))
+        assert step.kind == "live", step
+        return await self.live_workers()
 
     async def _send(self, sealed: list[Sealed], queue: str) -> None:
         """Push the messages (framed as the sync client's: wire.py) and ring the wake-up list."""
@@ -192,34 +192,8 @@ class AsyncClient(ClientCore):
             await pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError):
             # One pipeline: whether it reached Redis before the connection broke is
-            # not known. Say so, and which jobs, rather than invite a blind resubmission.
-            raise ServiceUnavailable(
-                f"broker connection lost while submitting "
-                f"({redact_url(self.settings.broker_url)}); these jobs may or may not have "
-                "been enqueued: check their status (ServiceUnavailable.job_ids) once the "
-                "broker is back, before submitting them again",
-                job_ids=[h.job_id for h, _ in sealed],
-            ) from None
-
-    async def _check_depth(self, priority: str, adding: int) -> None:
-        read = None
-        if self.depth_needs_read(priority, adding):
-            try:
-                read = int(await self.broker.llen(queue_for(priority)))
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise ServiceUnavailable(
-                    f"broker unavailable ({redact_url(self.settings.broker_url)}: "
-                    f"{connection_cause(exc)}); the job was not submitted, retry later"
-                ) from None
-        self.commit_depth(priority, adding, read)
-
-    async def _admit(self, headers: list[Header]) -> None:
-        call = self.admit_call(headers)
-        if call is None:
-            return
-        with backend_errors(self.settings):
-            reply = await functions.acall(self.backend, *call)
-        self.admit_verdict(headers, reply)
+            # not known (the broker was reachable a moment ago: the depth check).
+            raise send_interrupted(self.settings, sealed) from None
 
     def job(self, job_id: str) -> AsyncJob:
         """A handle on an existing job of this client's tenant, by id (see `Client.job`)."""
@@ -230,18 +204,9 @@ class AsyncClient(ClientCore):
 class AsyncJob(JobCore):
     """One submitted job, followed from asyncio code (see `Job`: the same states and errors)."""
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        job_id: str,
-        *,
-        request_hash: bytes | None = None,
-        worker_live: bool | None = None,
-    ) -> None:
-        super().__init__(client, job_id, request_hash=request_hash, worker_live=worker_live)
-        self.client = client
-        #: The outcome `as_completed` learnt, so `result` needs no further round trip.
-        self._outcome: Outcome | None = None
+    client: AsyncClient
+    #: The outcome `as_completed` learnt, so `result` needs no further round trip.
+    _outcome: Outcome | None = None
 
     async def info(self) -> JobInfo:
         """The job's id, state, reason and model (see `Job.info`)."""

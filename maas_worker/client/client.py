@@ -29,20 +29,22 @@ from maas_worker.client.core import (
     ClientCore,
     Plan,
     Sealed,
-    check_inputs,
+    Step,
+    broker_unavailable,
     check_job_id,
+    drive,
     run_plan,
+    send_interrupted,
 )
 from maas_worker.client.job import Job, backend_errors
 from maas_worker.client.wire import send_args
 from maas_worker.crypto.envelope import Header
-from maas_worker.errors import ServiceUnavailable, connection_cause
-from maas_worker.protocol import TASK_NAME, Priority, queue_for
-from maas_worker.settings import redact_url
+from maas_worker.protocol import TASK_NAME, queue_for
 from maas_worker.tenancy.quota import Quotas
 
 log = logging.getLogger(__name__)
 
+# Names of maas_worker.client from before 0.2 (its module is now this one), kept.
 __all__ = [
     "CATALOG_CACHE_S",
     "DEPTH_CACHE_S",
@@ -189,13 +191,6 @@ class Client(ClientCore):
         with backend_errors(self.settings):
             return run_plan(self.backend, plan)
 
-    def _sealed(
-        self, model: str, inputs: Sequence[Any], priority: str | Priority, ttl_s: int | None
-    ) -> list[Sealed]:
-        if self.needs_catalog(model, priority):
-            self.served_models()
-        return self.seal_many(model, inputs, priority=priority, ttl_s=ttl_s)
-
     def seal(
         self,
         model: str,
@@ -239,34 +234,31 @@ class Client(ClientCore):
         ...``), or the batch does not fit the tenant's quota or the queue,
         nothing is enqueued.
         """
-        check_inputs(inputs)
-        if not inputs:
-            return []
-        sealed = self._sealed(model, inputs, priority, ttl_s)
-        priority = sealed[0][0].priority
-        self._check_depth(priority, len(sealed))
-        self._admit([h for h, _ in sealed])
-        payloads = self.payload_commands(sealed)
-        if payloads:
-            with backend_errors(self.settings):
-                run_plan(self.backend, Plan(payloads, lambda replies: None))
-        self._send(sealed, queue_for(priority))
-        # The jobs are enqueued by now: if the markers cannot be written, they
-        # are still accepted (status is unknown until a worker takes them), not
-        # reported as failed and submitted twice.
-        try:
-            run_plan(self.backend, Plan(self.marker_commands(sealed), lambda replies: None))
-        except (redis.ConnectionError, redis.TimeoutError):
-            log.warning(
-                "%d job(s) enqueued, but their queued markers could not be written", len(sealed)
-            )
-        try:
-            live: bool | None = self.live_workers() > 0
-        except (ServiceUnavailable, redis.exceptions.NoPermissionError):
-            live = None  # not known (Redis gone, or an ACL from before); the jobs are queued
-        if live is False:
-            log.info("%d job(s) queued; no worker is consuming right now", len(sealed))
+        flow = self.submit_flow(model, inputs, priority=priority, ttl_s=ttl_s)
+        sealed, live = drive(flow, self._carry_out)
         return [Job(self, h.job_id, request_hash=h.digest(), worker_live=live) for h, _ in sealed]
+
+    def _carry_out(self, step: Step) -> Any:
+        """Do one I/O step of `submit_flow` (core.py) on redis-py and kombu."""
+        if step.kind == "catalog":
+            return self.served_models()
+        if step.kind == "depth":
+            try:
+                return int(self.broker.llen(queue_for(step.arg)))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise broker_unavailable(self.settings, exc) from None
+        if step.kind == "admit":
+            with backend_errors(self.settings):
+                return functions.call(self.backend, *step.arg)
+        if step.kind == "payloads":
+            with backend_errors(self.settings):
+                return run_plan(self.backend, Plan(step.arg, lambda replies: None))
+        if step.kind == "send":
+            return self._send(*step.arg)
+        if step.kind == "markers":
+            return run_plan(self.backend, Plan(step.arg, lambda replies: None))
+        assert step.kind == "live", step
+        return self.live_workers()
 
     def _send(self, sealed: list[Sealed], queue: str) -> None:
         """Enqueue the sealed requests with Celery's producer (kombu's Redis transport)."""
@@ -281,43 +273,12 @@ class Client(ClientCore):
                         **send_args(self.tenant, header.job_id, raw, queue),
                     )
         except OperationalError as exc:
-            raise ServiceUnavailable(
-                f"broker unavailable ({redact_url(self.settings.broker_url)}: "
-                f"{connection_cause(exc)}); the jobs were not submitted, retry later"
+            raise broker_unavailable(
+                self.settings, exc, what="the jobs were not submitted"
             ) from None
         except BatchPublishError:
-            # The connection broke while the batch was being sent: some jobs
-            # may be queued all the same. Say so, and which, rather than
-            # invite a blind resubmission that would run them twice.
-            raise ServiceUnavailable(
-                f"broker connection lost while submitting "
-                f"({redact_url(self.settings.broker_url)}); these jobs may or may not have "
-                "been enqueued: check their status (ServiceUnavailable.job_ids) once the "
-                "broker is back, before submitting them again",
-                job_ids=[h.job_id for h, _ in sealed],
-            ) from None
-
-    def _check_depth(self, priority: str, adding: int = 1) -> None:
-        """Backpressure: refuse while the priority's queue is at its maximum depth."""
-        read = None
-        if self.depth_needs_read(priority, adding):
-            try:
-                read = int(self.broker.llen(queue_for(priority)))
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise ServiceUnavailable(
-                    f"broker unavailable ({redact_url(self.settings.broker_url)}: "
-                    f"{connection_cause(exc)}); the job was not submitted, retry later"
-                ) from None
-        self.commit_depth(priority, adding, read)
-
-    def _admit(self, headers: list[Header]) -> None:
-        """Check the tenant's quota now, for fast feedback (advisory: workers charge it)."""
-        call = self.admit_call(headers)
-        if call is None:
-            return
-        with backend_errors(self.settings):
-            reply = functions.call(self.backend, *call)
-        self.admit_verdict(headers, reply)
+            # The connection broke while the batch was being sent.
+            raise send_interrupted(self.settings, sealed) from None
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job of this client's tenant, by id (`UnknownJob` if the

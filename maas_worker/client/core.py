@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+import redis
 
 from maas_worker import jsonlimits
 from maas_worker.backend import catalog, keyspace
@@ -30,17 +33,21 @@ from maas_worker.errors import (
     PolicyDenied,
     QueueFull,
     RateLimited,
+    ServiceUnavailable,
     SubmitError,
     UnknownJob,
     UnknownModel,
+    connection_cause,
 )
 from maas_worker.models.base import parse_model_ref
 from maas_worker.models.diagnostic import diagnostic_refs
 from maas_worker.models.paths import bundled_refs
-from maas_worker.protocol import PRIORITIES, TASK_NAME, Priority
-from maas_worker.settings import MAX_JOB_TTL_S, Settings
+from maas_worker.protocol import PRIORITIES, TASK_NAME, Priority, queue_for
+from maas_worker.settings import MAX_JOB_TTL_S, Settings, redact_url
 from maas_worker.tenancy import quota
 from maas_worker.tenancy.keyring import Keyring, KeyringSource
+
+log = logging.getLogger("maas_worker.client.client")
 
 #: How long the model catalogue read from Redis is reused by a client.
 CATALOG_CACHE_S = 5.0
@@ -388,6 +395,57 @@ class ClientCore:
             None,
         )
 
+    # -- the submit, step by step ------------------------------------------------------------
+    def submit_flow(
+        self,
+        model: str,
+        inputs: Sequence[Any],
+        *,
+        priority: str | Priority,
+        ttl_s: int | None,
+    ) -> SubmitFlow:
+        """`Client.submit_many` without its I/O: yields each `Step` in order and returns
+        the sealed requests and whether a worker was live.
+
+        All or nothing: every check and the quota come before anything is
+        written; large requests are stored before their messages point at them;
+        the queued markers are written after the send.
+        """
+        check_inputs(inputs)
+        if not inputs:
+            return [], None
+        if self.needs_catalog(model, priority):
+            yield Step("catalog")
+        sealed = self.seal_many(model, inputs, priority=priority, ttl_s=ttl_s)
+        plain = sealed[0][0].priority
+        read = (yield Step("depth", plain)) if self.depth_needs_read(plain, len(sealed)) else None
+        self.commit_depth(plain, len(sealed), read)
+        headers = [h for h, _ in sealed]
+        call = self.admit_call(headers)
+        if call is not None:
+            self.admit_verdict(headers, (yield Step("admit", call)))
+        payloads = self.payload_commands(sealed)
+        if payloads:
+            yield Step("payloads", payloads)
+        yield Step("send", (sealed, queue_for(plain)))
+        try:
+            yield Step("markers", self.marker_commands(sealed))
+        except (redis.ConnectionError, redis.TimeoutError):
+            # The jobs are enqueued by now: they are still accepted (status is
+            # unknown until a worker takes them), not reported as failed and
+            # submitted twice.
+            log.warning(
+                "%d job(s) enqueued, but their queued markers could not be written", len(sealed)
+            )
+        live: bool | None
+        try:
+            live = (yield Step("live")) > 0
+        except (ServiceUnavailable, redis.exceptions.NoPermissionError):
+            live = None  # not known (Redis gone, or an ACL from before); the jobs are queued
+        if live is False:
+            log.info("%d job(s) queued; no worker is consuming right now", len(sealed))
+        return sealed, live
+
     # -- what goes to Redis ---------------------------------------------------------------
     def payload_commands(self, sealed: list[Sealed]) -> list[Command]:
         """Claim check: a large sealed request goes to Redis as raw bytes, and its message
@@ -427,22 +485,100 @@ def message_arg(tenant_ref: str, raw: bytes) -> str:
     return tenant_ref if len(raw) > INLINE_MAX_BYTES else base64.b64encode(raw).decode("ascii")
 
 
+@dataclass(frozen=True)
+class Step:
+    """One I/O step of `ClientCore.submit_flow`, for the driving client to carry out.
+
+    ``kind`` and what the flow expects back:
+
+    * ``catalog``: read the served models (`catalog_plan`); nothing;
+    * ``depth``: the length of queue ``arg`` (a priority's queue, on the broker): an int;
+    * ``admit``: ``FCALL`` of ``arg`` (function, keys, args) on the backend: its reply;
+    * ``payloads``: run the commands ``arg`` on the backend; nothing;
+    * ``send``: enqueue ``arg`` = (sealed requests, queue); nothing;
+    * ``markers``: run the commands ``arg`` on the backend; nothing;
+    * ``live``: how many workers are live (`Client.live_workers`).
+
+    A step that fails is thrown into the flow (`drive` and `adrive` do both).
+    """
+
+    kind: str
+    arg: Any = None
+
+
+#: What `ClientCore.submit_flow` yields, is sent back, and returns.
+SubmitFlow = Generator[Step, Any, tuple[list[Sealed], bool | None]]
+
+
+class _Driving:
+    """Where a driven `SubmitFlow` stands: the next step, then its result."""
+
+    def __init__(self, flow: SubmitFlow) -> None:
+        self._flow = flow
+        self.result: tuple[list[Sealed], bool | None] = ([], None)
+
+    def next(self, reply: Any = None, error: BaseException | None = None) -> Step | None:
+        """Hand the last step's reply (or its error) to the flow: its next step, or None."""
+        try:
+            return self._flow.send(reply) if error is None else self._flow.throw(error)
+        except StopIteration as end:
+            self.result = end.value
+            return None
+
+
+def drive(flow: SubmitFlow, carry_out: Callable[[Step], Any]) -> tuple[list[Sealed], bool | None]:
+    """Run ``flow`` to its end, doing each step with ``carry_out`` (sync clients)."""
+    driving = _Driving(flow)
+    step = driving.next()
+    while step is not None:
+        try:
+            reply = carry_out(step)
+        except Exception as exc:  # the flow decides: it handles the error or raises it
+            step = driving.next(error=exc)
+        else:
+            step = driving.next(reply)
+    return driving.result
+
+
+async def adrive(
+    flow: SubmitFlow, carry_out: Callable[[Step], Awaitable[Any]]
+) -> tuple[list[Sealed], bool | None]:
+    """`drive` for asyncio clients: ``carry_out`` is a coroutine function."""
+    driving = _Driving(flow)
+    step = driving.next()
+    while step is not None:
+        try:
+            reply = await carry_out(step)
+        except Exception as exc:  # the flow decides: it handles the error or raises it
+            step = driving.next(error=exc)
+        else:
+            step = driving.next(reply)
+    return driving.result
+
+
+def broker_unavailable(
+    settings: Settings, exc: BaseException, *, what: str = "the job was not submitted"
+) -> ServiceUnavailable:
+    """The error for a broker that cannot be reached before anything was sent."""
+    return ServiceUnavailable(
+        f"broker unavailable ({redact_url(settings.broker_url)}: "
+        f"{connection_cause(exc)}); {what}, retry later"
+    )
+
+
+def send_interrupted(settings: Settings, sealed: list[Sealed]) -> ServiceUnavailable:
+    """The error for a connection lost while the messages were being sent: some jobs may
+    be queued all the same. It says so, and which, rather than invite a blind
+    resubmission that would run them twice."""
+    return ServiceUnavailable(
+        f"broker connection lost while submitting "
+        f"({redact_url(settings.broker_url)}); these jobs may or may not have "
+        "been enqueued: check their status (ServiceUnavailable.job_ids) once the "
+        "broker is back, before submitting them again",
+        job_ids=[h.job_id for h, _ in sealed],
+    )
+
+
 def _plain(priority: str | Priority) -> str:
     # The header and the error messages hold the plain name.
     return priority.value if isinstance(priority, Priority) else priority
-
-
-__all__ = [
-    "CATALOG_CACHE_S",
-    "DEPTH_CACHE_S",
-    "INLINE_MAX_BYTES",
-    "PUBLISH_PROBE_CHANNEL",
-    "QUEUE_FULL_RETRY_S",
-    "ClientCore",
-    "Plan",
-    "arun_plan",
-    "check_inputs",
-    "check_job_id",
-    "message_arg",
-    "run_plan",
-]

@@ -48,16 +48,7 @@ def backend_errors(settings: Settings) -> Iterator[None]:
 class Job(JobCore):
     """One submitted job: its id, state and (sealed-for-you) result."""
 
-    def __init__(
-        self,
-        client: Client,
-        job_id: str,
-        *,
-        request_hash: bytes | None = None,
-        worker_live: bool | None = None,
-    ) -> None:
-        super().__init__(client, job_id, request_hash=request_hash, worker_live=worker_live)
-        self.client = client
+    client: Client
 
     def info(self) -> JobInfo:
         """The job's id, `JobState`, ``reason`` (failed and rejected jobs) and ``model``.

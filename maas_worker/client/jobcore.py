@@ -55,6 +55,8 @@ class JobCore:
         worker_live: bool | None = None,
     ) -> None:
         self.id = job_id
+        #: The client this handle reads and writes through.
+        self.client = client
         self._core = client
         self._request_hash = request_hash
         self.tenant = client.tenant
