@@ -8,19 +8,21 @@ close.lua, cancel.lua). The sync `Job.result` blocks on that one list. The
 (docs/async.md):
 
 * **reads in batches**: jobs whose outcome may have changed (newly awaited,
-  or woken) are read together, four ``GET`` per job in one pipeline: one
-  round trip for the whole batch;
+  or woken) are read together, the four keys of each (`jobcore.wait_keys`)
+  in one ``MGET``: one command and one round trip for the whole batch (all
+  of a tenant's keys share its hash tag: one Redis Cluster slot);
 * **lanes**: the jobs still pending after that read are split into lanes of
-  up to `LANE_KEYS`; each lane is one task on one connection blocked in one
-  ``BLPOP`` over its jobs' ``done`` lists. A push wakes the lane, which hands
-  that job to the next read and blocks again on the jobs left;
+  `LANE_KEYS` (more per lane beyond `MAX_LANES` lanes); each lane is one task
+  on one connection blocked in one ``BLPOP`` over its jobs' ``done`` lists.
+  A push wakes the lane, which hands that job to the next read and blocks
+  again on the jobs left;
 * **recheck**: a lane whose ``BLPOP`` times out (`RECHECK_S`) hands all its
   jobs to a read: another waiter (a second client of the same job) may have
   taken the element meant for us. That is the only polling, once per
   `RECHECK_S` per lane's jobs, and only for jobs that take that long.
 
 No thread, and no task or connection per job: 10,000 jobs awaited together
-cost 40 lane tasks and connections.
+cost 32 lane tasks and connections (`MAX_LANES`; lanes of 313 keys).
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ from maas_worker.errors import MaasError
 
 log = logging.getLogger(__name__)
 
-#: Most ``done`` lists one lane blocks on in one ``BLPOP``.
+#: ``done`` lists one lane blocks on in one ``BLPOP`` (more once there are `MAX_LANES`).
 LANE_KEYS = 256
+#: Lanes (connections blocked in ``BLPOP``) of one client at a time, about.
+MAX_LANES = 32
 #: A lane that saw no push for this long re-reads its jobs (a wake-up taken by another
 #: waiter of the same job); shorter than the connections' socket timeout.
 RECHECK_S = 5.0
@@ -107,13 +111,10 @@ class Waiter:
                 await self._read(batch)
 
     async def _read(self, batch: list[str]) -> None:
-        pipe = self._r.pipeline(transaction=False)
-        for job_id in batch:
-            for key in wait_keys(self._jobs[job_id].tenant, job_id):
-                pipe.get(key)
+        keys = [k for job_id in batch for k in wait_keys(self._jobs[job_id].tenant, job_id)]
         self.round_trips += 1
         try:
-            replies = await pipe.execute()
+            replies = await self._r.mget(keys)
         except Exception as exc:  # Redis errors: every job of the batch hears of it
             for job_id in batch:
                 self._resolve(job_id, self._fail(exc))
@@ -132,10 +133,12 @@ class Waiter:
                 self._resolve(job_id, output)
             else:
                 pending.append(job_id)
-        for start in range(0, len(pending), LANE_KEYS):
-            lane = asyncio.get_running_loop().create_task(
-                self._lane(pending[start : start + LANE_KEYS])
-            )
+        # Lanes are connections: at most MAX_LANES at a time (redis-py's pools hold 100
+        # connections), so beyond that many jobs a lane blocks on more keys.
+        room = max(1, MAX_LANES - len(self._lanes))
+        size = max(LANE_KEYS, -(-len(pending) // room))
+        for start in range(0, len(pending), size):
+            lane = asyncio.get_running_loop().create_task(self._lane(pending[start : start + size]))
             self._lanes.add(lane)
             lane.add_done_callback(self._lanes.discard)
 
