@@ -49,8 +49,14 @@ class BlockingAsyncClient:
         return self.run(self.aio.live_workers())
 
     def close(self) -> None:
-        if not self._loop.is_closed():
-            self.run(self.aio.aclose())
+        if self._loop.is_closed():
+            return
+        closing = self.aio.aclose()
+        try:
+            self.run(closing)
+        except RuntimeError:  # collected while another adapter's loop runs in this thread
+            closing.close()
+        finally:
             self._loop.close()
 
     def __enter__(self) -> BlockingAsyncClient:
