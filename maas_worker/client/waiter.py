@@ -36,7 +36,6 @@ from typing import Any
 
 from maas_worker.backend import keyspace
 from maas_worker.client.jobcore import JobCore, wait_keys
-from maas_worker.errors import MaasError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ class Waiter:
                 continue  # no one waits any more
             try:
                 output, _ = job.outcome(replies[4 * n : 4 * n + 4])
-            except MaasError as exc:
+            except Exception as exc:  # the job's error (or a bug): its awaiters hear it
                 self._resolve(job_id, exc)
                 continue
             if output is not None:

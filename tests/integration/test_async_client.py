@@ -18,7 +18,10 @@ import pytest
 
 from maas_worker import AsyncClient, JobCancelled, ResultTimeout, as_completed
 from maas_worker.backend import keyspace
+from maas_worker.client import waiter
 from maas_worker.protocol import queue_for
+from maas_worker.tenancy.cancellation import make_token
+from maas_worker.tenancy.keyring import load_keyring
 
 from .conftest import WAIT_S, Stack
 
@@ -175,3 +178,26 @@ def test_thousands_of_jobs_awaited_from_one_loop_without_a_thread_each(
     # job at worst, however many jobs are awaited (a poll per job would be one per
     # job per poll interval).
     assert waiting_commands / n <= 3, waiting_commands / n
+
+
+def test_an_outcome_whose_wake_up_another_waiter_took_is_found_by_the_recheck(
+    make_stack: Callable[..., Stack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = make_stack()
+    monkeypatch.setattr(waiter, "RECHECK_S", 0.5)
+
+    async def scenario() -> float:
+        async with stack.async_client() as client:
+            job = await client.submit("echo", {"a": 1})
+            waiting = asyncio.create_task(job.result(timeout=WAIT_S))
+            await asyncio.sleep(0.2)
+            # The job's own cancel request, with no push to its done list: as if
+            # another waiter of the job had popped the element meant for this one.
+            token = make_token(load_keyring(stack.keyring_path), "acme", job.id)
+            stack.backend.set(keyspace.cancel("acme", job.id), token)
+            started = time.monotonic()
+            with pytest.raises(JobCancelled):
+                await waiting
+            return time.monotonic() - started
+
+    assert asyncio.run(scenario()) < 3 * waiter.RECHECK_S + 1
