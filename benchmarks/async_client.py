@@ -12,12 +12,12 @@ processes) serving ``echo``; the two clients take turns on the same stack:
   waited on by more threads fails ("Too many connections").
 
 For each: wall time from the first submit to the last result, the client
-process's CPU time, its peak Python heap (tracemalloc) and resident memory
-growth, its threads at the peak, and the Redis commands its own connections
-sent per job (``CLIENT LIST`` ``tot-cmds``: submit and wait, pipelined
-commands counted one by one).
+process's CPU time, its threads at the peak, the Redis commands its own
+connections sent per job (``CLIENT LIST`` ``tot-cmds``: submit and wait,
+pipelined commands counted one by one) and, with ``--heap``, its peak Python
+heap (tracemalloc).
 
-    .venv/bin/python benchmarks/async_client.py [--jobs 10000] [--threads 64]
+    .venv/bin/python benchmarks/async_client.py [--jobs 10000] [--threads 64] [--heap]
 """
 
 from __future__ import annotations
@@ -57,16 +57,8 @@ class Figures:
     wall_s: float
     cpu_s: float
     heap_peak_mib: float
-    rss_growth_mib: float
     threads: int
     commands_per_job: float
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _commands(r: redis.Redis) -> int:
@@ -79,30 +71,34 @@ def _commands(r: redis.Redis) -> int:
     return total
 
 
-def _measure(n: int, r: redis.Redis, body: Callable[[Callable[[], None]], int]) -> Figures:
+def _measure(
+    n: int, r: redis.Redis, body: Callable[[Callable[[], None]], int], heap: bool
+) -> Figures:
     """Run ``body`` and take the figures. ``body`` calls its argument while it waits (the
     thread count is sampled there) and returns `_commands` read before its client closed
     (a closed connection leaves ``CLIENT LIST``)."""
     threads = [threading.active_count()]
-    tracemalloc.start()
-    rss0, cpu0, commands0 = _rss_mib(), resource.getrusage(resource.RUSAGE_SELF), _commands(r)
+    if heap:
+        tracemalloc.start()
+    cpu0, commands0 = resource.getrusage(resource.RUSAGE_SELF), _commands(r)
     t0 = time.perf_counter()
     commands1 = body(lambda: threads.append(threading.active_count()))
     wall = time.perf_counter() - t0
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    peak = float("nan")
+    if heap:
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
     return Figures(
         wall,
         (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
-        peak / 2**20,
-        _rss_mib() - rss0,
+        peak,
         max(threads),
         (commands1 - commands0) / n,
     )
 
 
-def run_async(settings: Settings, n: int, r: redis.Redis) -> Figures:
+def run_async(settings: Settings, n: int, r: redis.Redis, heap: bool) -> Figures:
     def body(sample: Callable[[], None]) -> int:
         async def main() -> int:
             async with AsyncClient(settings=settings) as client:
@@ -126,10 +122,10 @@ def run_async(settings: Settings, n: int, r: redis.Redis) -> Figures:
 
         return asyncio.run(main())
 
-    return _measure(n, r, body)
+    return _measure(n, r, body, heap)
 
 
-def run_threads(settings: Settings, n: int, r: redis.Redis, threads: int) -> Figures:
+def run_threads(settings: Settings, n: int, r: redis.Redis, threads: int, heap: bool) -> Figures:
     def body(sample: Callable[[], None]) -> int:
         with Client(settings=settings) as client:
             for conn in (client.backend, client.broker):
@@ -147,7 +143,7 @@ def run_threads(settings: Settings, n: int, r: redis.Redis, threads: int) -> Fig
                 assert list(pool.map(wait, jobs)) == list(range(n))
             return _commands(r)
 
-    return _measure(n, r, body)
+    return _measure(n, r, body, heap)
 
 
 def main() -> None:
@@ -156,6 +152,12 @@ def main() -> None:
     # redis-py's connection pool holds 100 connections: a Client waited on by more
     # threads fails with "Too many connections" (shown as ServiceUnavailable).
     ap.add_argument("--threads", type=int, default=64, help="the sync client's waiting threads")
+    ap.add_argument(
+        "--heap",
+        action="store_true",
+        help="trace the Python heap's peak (tracemalloc: slows both clients, so the times "
+        "of such a run are not comparable with a run without it)",
+    )
     args = ap.parse_args()
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
@@ -186,24 +188,23 @@ def main() -> None:
         try:
             worker.wait_ready(r)
             rows = [
-                ("async, one event loop", run_async(settings, args.jobs, r)),
+                ("async, one event loop", run_async(settings, args.jobs, r, args.heap)),
                 (
                     f"sync, {args.threads} threads",
-                    run_threads(settings, args.jobs, r, args.threads),
+                    run_threads(settings, args.jobs, r, args.threads, args.heap),
                 ),
             ]
         finally:
             worker.stop()
     print(
-        "| client | wall s | jobs/s | client CPU s | peak Python heap MiB | RSS growth MiB "
+        "| client | wall s | jobs/s | client CPU s | peak Python heap MiB "
         "| threads at peak | Redis commands/job |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, f in rows:
         print(
             f"| {name} | {f.wall_s:.1f} | {args.jobs / f.wall_s:.0f} | {f.cpu_s:.1f} "
-            f"| {f.heap_peak_mib:.1f} | {f.rss_growth_mib:.1f} | {f.threads} "
-            f"| {f.commands_per_job:.1f} |"
+            f"| {f.heap_peak_mib:.1f} | {f.threads} | {f.commands_per_job:.2f} |"
         )
 
 
