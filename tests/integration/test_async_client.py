@@ -201,3 +201,20 @@ def test_an_outcome_whose_wake_up_another_waiter_took_is_found_by_the_recheck(
             return time.monotonic() - started
 
     assert asyncio.run(scenario()) < 3 * waiter.RECHECK_S + 1
+
+
+def test_a_large_request_travels_by_claim_check(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack(MAAS_MAX_INPUT_BYTES=str(4 << 20), MAAS_MAX_RESULT_BYTES=str(8 << 20))
+    big = {"text": "y" * (1 << 20)}
+
+    async def scenario() -> None:
+        async with stack.async_client() as client:
+            job = await client.submit("echo", big)
+            raw = stack.backend.lindex(queue_for("normal"), 0)
+            assert raw is not None and len(raw) < 8192  # the message only points at it
+            assert stack.backend.strlen(keyspace.payload("acme", job.id)) > 1 << 20
+            stack.start_worker()
+            assert await job.result(timeout=WAIT_S) == {"echo": big}
+            assert not stack.backend.exists(keyspace.payload("acme", job.id))
+
+    asyncio.run(scenario())

@@ -201,11 +201,11 @@ def test_envelope_moved_to_another_task_id_is_refused(make_stack) -> None:
     stack.wait_audit(header.job_id, "tampered")
 
 
-def test_expired_job_is_not_run(make_stack) -> None:
+def test_expired_job_is_not_run(make_stack, client_kind: str) -> None:
     # The default 30 s skew tolerance does not stretch a 2 s ttl: its grace
     # past expiry is a tenth of it (docs/security.md, the time window).
     stack = make_stack()
-    job = stack.client().submit("echo", {"text": "late"}, ttl_s=2)
+    job = stack.client(kind=client_kind).submit("echo", {"text": "late"}, ttl_s=2)
     # A client whose clock is 20 s ahead of the workers' (issued "in the
     # future", within the skew) with the same 2 s ttl: its job still runs.
     ring = load_keyring(stack.keyring_path)
