@@ -64,6 +64,7 @@ bench: venv
 	$(BIN)/python benchmarks/compute.py
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/batching.py
+	$(BIN)/python benchmarks/async_client.py
 
 .PHONY: format coverage lock
 

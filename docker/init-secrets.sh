@@ -3,7 +3,7 @@
 # next to docker/compose.yaml (or in the folder given):
 #
 #   .env                      MAAS_REDIS_PASSWORD_<ROLE> (one per Redis role, below),
-#                             MAAS_FLOWER_BASIC_AUTH, MAAS_UID/GID
+#                             MAAS_FLOWER_BASIC_AUTH, MAAS_GRAFANA_ADMIN_PASSWORD, MAAS_UID/GID
 #   secrets/redis-passwords/  one password file per Redis role (random, 256 bits):
 #                             operator worker beat monitor flower producer-<example tenant>
 #   secrets/redis-acl/        users.acl: only `default` off until `maas-worker acl` writes
@@ -13,7 +13,7 @@
 #   secrets/keyring/          empty: `maas-worker keys init` goes here (workers read it)
 #   secrets/clients/          one-tenant keyrings for producers (`maas-worker keys export`)
 #   secrets/model-keys/       empty: model-keys.json for encrypted models, if any
-#   data/redis/  models/  signers/
+#   data/redis/ data/prometheus/ data/grafana/  models/  signers/
 #
 # Existing files are kept (a .env without the role passwords gets them appended),
 # so running it again is safe. Everything is created
@@ -36,6 +36,7 @@ command -v openssl >/dev/null 2>&1 || { echo "init-secrets: openssl is required"
 secrets=$dir/secrets
 tls=$secrets/tls
 mkdir -p "$secrets/keyring" "$secrets/clients" "$secrets/model-keys" "$tls" "$dir/data/redis" \
+    "$dir/data/prometheus" "$dir/data/grafana" \
     "$dir/models" "$dir/signers" "$secrets/redis-passwords" "$secrets/redis-acl"
 
 random_hex() { openssl rand -hex 32; }
@@ -112,6 +113,9 @@ if [ ! -s "$dir/.env" ]; then
         echo "MAAS_GID=$gid"
     } > "$dir/.env"
 fi
+# Grafana's admin password (the `grafana` service), added to an existing .env too.
+grep -q "^MAAS_GRAFANA_ADMIN_PASSWORD=" "$dir/.env" \
+    || echo "MAAS_GRAFANA_ADMIN_PASSWORD=$(random_hex)" >> "$dir/.env"
 # Each role's password for compose (MAAS_REDIS_PASSWORD_WORKER, ..._PRODUCER for
 # the example producer), added to an existing .env when missing.
 for role in $roles; do

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from maas_worker import _moved
-from maas_worker.client import Client, Job
+from maas_worker.client import AsyncClient, AsyncJob, Client, Job, as_completed
 from maas_worker.errors import (
     ConfigError,
     InputTooLarge,
@@ -37,12 +37,15 @@ _moved.install()
 
 __all__ = [
     # client
+    "AsyncClient",
+    "AsyncJob",
     "Client",
     "Job",
     "JobInfo",
     "JobState",
     "Priority",
     "Settings",
+    "as_completed",
     # errors
     "ConfigError",
     "InputTooLarge",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -57,12 +58,25 @@ def _text(value: bytes | str) -> str:
 
 
 class AuditLog:
-    """Append to and read the audit stream."""
+    """Append to and read the audit stream.
 
-    def __init__(self, client: redis.Redis, *, maxlen: int) -> None:
+    ``on_record`` hears the reason of every record this instance writes (the
+    worker counts them in ``maas_refusals_total``); it is called before the
+    write, so a refusal is counted even when Redis is out of reach, and an
+    exception it raises is logged, never passed on.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        maxlen: int,
+        on_record: Callable[[AuditReason], None] | None = None,
+    ) -> None:
         self._r = client
         self._maxlen = maxlen
         self._worker = socket.gethostname()
+        self._on_record = on_record
 
     def record(
         self, *, job_id: str, tenant: str, reason: AuditReason, verified: bool, detail: str = ""
@@ -84,6 +98,11 @@ class AuditLog:
         }
         if detail:
             fields["detail"] = _clean(detail)
+        if self._on_record is not None:
+            try:
+                self._on_record(reason)
+            except Exception:
+                log.debug("audit record hook failed", exc_info=True)
         try:
             self._r.xadd(
                 keyspace.AUDIT_STREAM,

@@ -82,10 +82,14 @@ def load(client: redis.Redis) -> None:
     try:
         client.function_load(library_code(), replace=True)
     except redis.exceptions.NoPermissionError:
-        raise ConfigError(
-            f"the Redis function library {LIBRARY} is not loaded and this "
-            f"Redis user may not load it: {LOAD_HINT}"
-        ) from None
+        raise _not_loadable() from None
+
+
+def _not_loadable() -> ConfigError:
+    return ConfigError(
+        f"the Redis function library {LIBRARY} is not loaded and this "
+        f"Redis user may not load it: {LOAD_HINT}"
+    )
 
 
 def is_missing(exc: BaseException) -> bool:
@@ -113,6 +117,20 @@ def call(
             raise
     load(client)
     return fcall(name, len(keys), *keys, *args)
+
+
+async def acall(client: Any, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """`call` on a ``redis.asyncio`` client (loads the library first if it is missing)."""
+    try:
+        return await client.fcall(name, len(keys), *keys, *args)
+    except redis.ResponseError as exc:
+        if not is_missing(exc):
+            raise
+    try:
+        await client.function_load(library_code(), replace=True)
+    except redis.exceptions.NoPermissionError:
+        raise _not_loadable() from None
+    return await client.fcall(name, len(keys), *keys, *args)
 
 
 def execute(client: redis.Redis, build: Callable[[Any], None]) -> list[Any]:

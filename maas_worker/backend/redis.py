@@ -7,13 +7,30 @@ on a server that stops answering.
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
+import redis.asyncio
 
 from maas_worker.errors import ConfigError
 from maas_worker.settings import RedisTLS, Settings, is_tls_url
 
 #: Longer than the longest blocking call (a client's 1 s BLPOP slice).
 BACKEND_SOCKET_TIMEOUT_S = 10.0
+
+
+def _options(url: str, tls: RedisTLS) -> tuple[str, dict[str, Any]]:
+    """The URL redis-py reads and the options of every client of ours (sync or async)."""
+    if url.startswith("redis+socket://"):
+        url = "unix://" + url.removeprefix("redis+socket://")
+    ssl_options = tls.options() if is_tls_url(url) else {}
+    return url, {
+        "health_check_interval": 25,
+        "socket_keepalive": True,
+        "socket_connect_timeout": 5,
+        "socket_timeout": BACKEND_SOCKET_TIMEOUT_S,
+        **ssl_options,
+    }
 
 
 def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
@@ -24,17 +41,14 @@ def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
     user and password come from the URL. Timeouts: a dead or unreachable
     server must become an error, not a hang.
     """
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
-    ssl_options = tls.options() if is_tls_url(url) else {}
-    return redis.Redis.from_url(
-        url,
-        health_check_interval=25,
-        socket_keepalive=True,
-        socket_connect_timeout=5,
-        socket_timeout=BACKEND_SOCKET_TIMEOUT_S,
-        **ssl_options,
-    )
+    url, options = _options(url, tls)
+    return redis.Redis.from_url(url, **options)
+
+
+def async_redis_client(url: str, *, tls: RedisTLS) -> redis.asyncio.Redis:
+    """`redis_client` for asyncio code (``redis.asyncio``): the same URL handling and options."""
+    url, options = _options(url, tls)
+    return redis.asyncio.Redis.from_url(url, **options)
 
 
 def backend_client(settings: Settings) -> redis.Redis:

@@ -79,6 +79,8 @@ class _Auditor:
         self._audit: Any = None
         #: The worker's settings (`install`): where records go, how many are kept.
         self.settings: Settings | None = None
+        #: Hears each record's reason (`install`; the worker counts refusals with it).
+        self.on_record: Callable[[AuditReason], None] | None = None
 
     def record(
         self, raw: Any, reason: AuditReason, *, job_id: str | None = None, detail: str = ""
@@ -93,7 +95,11 @@ class _Auditor:
                 settings = self.settings
                 if settings is None:
                     raise RuntimeError("transport.install was given no settings")
-                self._audit = AuditLog(backend_client(settings), maxlen=settings.audit_maxlen)
+                self._audit = AuditLog(
+                    backend_client(settings),
+                    maxlen=settings.audit_maxlen,
+                    on_record=self.on_record,
+                )
             self._audit.record(
                 job_id=_job_id(raw) if job_id is None else job_id,
                 tenant="",
@@ -438,12 +444,18 @@ class Transport(kombu_redis.Transport):
     Channel = HardenedChannel
 
 
-def install(settings: Settings | None = None) -> None:
+def install(
+    settings: Settings | None = None,
+    on_record: Callable[[AuditReason], None] | None = None,
+) -> None:
     """Make kombu's Redis transport use `HardenedChannel` in this process (idempotent).
 
     ``settings`` (the worker's) set the channels' limits, their queue order's
-    reserved share and where refused entries are audited.
+    reserved share and where refused entries are audited; ``on_record`` hears
+    the reason of each of those records (the worker's refusal counter).
     """
     kombu_redis.Transport.Channel = HardenedChannel
     if settings is not None:
         HardenedChannel.settings = auditor.settings = settings
+    if on_record is not None:
+        auditor.on_record = on_record

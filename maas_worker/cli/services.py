@@ -17,7 +17,7 @@ from maas_worker.cli.context import Command, Invocation, pass_invocation
 from maas_worker.errors import ConfigError, connection_cause
 from maas_worker.settings import redact_url
 
-FLOWER_TASK_COLUMNS = "name,uuid,state,args,result,received,runtime,worker"
+FLOWER_TASK_COLUMNS = "name,uuid,state,exception,args,result,received,runtime,worker"
 #: Flower's listening port and address by default.
 DEFAULT_FLOWER_PORT = 5555
 DEFAULT_FLOWER_ADDRESS = "127.0.0.1"
@@ -201,8 +201,8 @@ def flower_argv(
     *, port: int, address: str, basic_auth: str | None, extra: Sequence[str] = ()
 ) -> list[str]:
     """The command line handed to Flower: ours first, then ``extra`` (from `flower_options`)."""
-    # Arguments and results are shown: jobs' are "<sealed envelope>" and None,
-    # resource samples' result is the sample in readable form.
+    # A job's state and exception (its outcome and reason words) next to its
+    # arguments and result, which show only "<sealed envelope>" and None.
     argv = [
         "flower",
         f"--port={port}",

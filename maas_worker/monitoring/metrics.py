@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from maas_worker.protocol import AuditReason, Outcome
+from maas_worker.protocol import AuditReason, FailureCode, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ OUTCOMES: frozenset[str] = frozenset(Outcome)
 #: Audit reasons: a job refused for one of these counts as outcome ``rejected``
 #: (``model_rejected`` is a model's, never a job's).
 REJECT_REASONS: frozenset[str] = frozenset(AuditReason) - {AuditReason.MODEL_REJECTED}
+#: Every audit reason, ``model_rejected`` included: the labels of ``maas_refusals_total``.
+AUDIT_REASONS: frozenset[str] = frozenset(AuditReason)
 _LABEL_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 QUEUE_WAIT_BUCKETS_S = (
@@ -103,6 +105,10 @@ WORKER_FAMILIES: dict[str, tuple[str, str]] = {
         "counter",
         "Time pool processes spent in maas.infer tasks (for capacity estimates)",
     ),
+    "maas_refusals": (
+        "counter",
+        "Messages, commands and model versions this worker node refused, by audit reason",
+    ),
 }
 AUTOSCALER_FAMILIES: dict[str, str] = {
     "maas_autoscaler_pool_size": "Pool processes now",
@@ -145,6 +151,9 @@ class _JobMetrics:
         )
         self.busy = Counter(
             "maas_job_busy_seconds", WORKER_FAMILIES["maas_job_busy_seconds"][1], registry=None
+        )
+        self.refusals = Counter(
+            "maas_refusals", WORKER_FAMILIES["maas_refusals"][1], ["reason"], registry=None
         )
 
 
@@ -286,6 +295,68 @@ def job_finished(job_id: str, outcome: str) -> None:
     """Count one job's outcome (called where the task logs it)."""
     labels = outcome_labels(outcome, _failures.pop(job_id, None))
     _safely(lambda: _m().jobs.labels(*labels).inc())
+
+
+def refused(reason: str) -> None:
+    """Count one audit record of this process (`AuditLog`'s ``on_record`` hook).
+
+    Every refusal a worker audits passes here, wherever it happens: the
+    pipeline's (also counted in ``maas_jobs_total`` as ``rejected``), the queue
+    entry check's and the remote-control gate's in the main process (which never
+    become a job), and refused model versions (``model_rejected``). The label
+    is the audit reason, a closed set; anything else counts as ``other``.
+    """
+    label = reason if reason in AUDIT_REASONS else "other"
+    _safely(lambda: _m().refusals.labels(label).inc())
+
+
+#: Failure codes a failed job is counted under from the start (others appear when first seen):
+#: the worker's own (`FailureCode`), the diagnostic and bundled models' ``bad_input``, and
+#: ``unknown`` (`outcome_labels`).
+DECLARED_FAILURES: frozenset[str] = frozenset(FailureCode) | {"bad_input", "unknown"}
+
+
+def declare_series() -> None:
+    """Create every outcome and refusal series of the closed sets at 0 (worker main process).
+
+    A labelled counter otherwise appears only at its first increment, and
+    Prometheus' ``rate()`` and ``increase()`` count nothing for a series's first
+    sample: the first job rejected as ``tampered`` on a node would never show
+    on a rate panel. Declared in the main process once its metrics directory
+    exists, the zeros are on the first scrape and every later increment (in any
+    pool process) is a visible increase. About 30 series, all from closed sets.
+    """
+
+    def declare() -> None:
+        m = _m()
+        for outcome in sorted(OUTCOMES - {Outcome.FAILED}):
+            m.jobs.labels(outcome, "none")
+        for reason in sorted(REJECT_REASONS):
+            m.jobs.labels("rejected", reason)
+        for code in sorted(DECLARED_FAILURES):
+            m.jobs.labels("failed", code)
+        for reason in sorted(AUDIT_REASONS):
+            m.refusals.labels(reason)
+
+    _safely(declare)
+
+
+def declare_models(refs: Iterable[str]) -> None:
+    """Create the queue-wait and run-time series of each served model reference at 0.
+
+    Called with the references the worker serves (every ``name`` and
+    ``name@version`` the registry lists, the labels a job of it is recorded
+    under), for the reason `declare_series` gives. Model loads are not declared:
+    they are rare, and the dashboard reads them over all time, not as a rate.
+    """
+
+    def declare() -> None:
+        m = _m()
+        for ref in refs:
+            m.queue_wait.labels(ref)
+            m.run.labels(ref)
+
+    _safely(declare)
 
 
 def observe_model_load(model_ref: str, seconds: float) -> None:

@@ -12,6 +12,11 @@ Invariants: one key per node in the result backend, ``maas:sample:<node>``, with
 of `SAMPLE_TTL_INTERVALS` intervals, and an index sorted set pruned on every write, so
 storage is bounded by the number of live nodes however long the system runs; a sample
 holds no job data at all.
+
+Where a sample is read: ``maas-worker stats`` and the fleet exporter (`SampleStore.latest`),
+and the node's own ``stats`` remote-control reply (`stats_fields`), which is what Flower
+shows on the worker's page and in ``/api/workers``. The sample task sends no task events
+(monitoring/tasks.py), so samples never appear in Flower's task list or counters.
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ def celery_options(settings: Settings) -> dict[str, Any]:
         # Flower shows jobs from the moment they are queued: task events from
         # workers (the task-sent event is the producers', broker/app.py).
         "worker_send_task_events": True,
+        # The one task this app publishes is beat's sample request: its
+        # task-sent event would add a row to Flower's task list every tick.
+        "task_send_sent_event": False,
         "task_routes": {SAMPLE_TASK: {"queue": MONITOR_EXCHANGE}},
         "beat_schedule": {
             "maas-sample": {
@@ -239,7 +247,7 @@ def take_sample(
     return sample
 
 
-# -- readable form (Flower, `maas-worker stats`) ---------------------------------------------
+# -- readable form (`maas-worker stats`, Flower's worker page) ------------------------------
 def _mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
@@ -252,16 +260,20 @@ def summarize(sample: Mapping[str, Any]) -> dict[str, str]:
     mem = sample.get("memory") or {}
     swap = sample.get("swap") or {}
     pool = sample.get("pool") or {}
+    processes = int(pool.get("processes") or 0)
     out = {
         "node": str(sample.get("node")),
         "cpu": f"{cpu.get('percent')}% (per core: {shown})",
         "memory": f"{mem.get('used_percent')}% used, "
-        f"{_mib(mem.get('available_bytes', 0))} available",
-        "swap": f"{swap.get('used_percent')}% used",
+        f"{_mib(mem.get('available_bytes', 0))} available of {_mib(mem.get('total_bytes', 0))}",
+        "swap": f"{swap.get('used_percent')}% used of {_mib(swap['total_bytes'])}"
+        if swap.get("total_bytes")
+        else "none",
         "load": " ".join(str(x) for x in sample.get("load") or []) or "n/a",
-        "pool": f"{pool.get('processes', 0)} processes, RSS "
+        "pool": f"{processes} process{'' if processes == 1 else 'es'}, RSS "
         + (" + ".join(_mib(r) for r in (pool.get("rss_bytes") or [])[:8]) or "-")
-        + f", open fds {sum(pool.get('open_fds') or [])}",
+        + f", open fds {sum(pool.get('open_fds') or [])}"
+        + (f"; main process RSS {_mib(main)}" if (main := pool.get("main_rss_bytes")) else ""),
     }
     gpus = sample.get("gpu")
     out["gpu"] = (
@@ -275,10 +287,53 @@ def summarize(sample: Mapping[str, Any]) -> dict[str, str]:
     )
     jobs = sample.get("jobs") or {}
     rate = jobs.get("per_s")
-    out["jobs"] = f"{jobs.get('finished', 0):.0f} finished" + (
-        f", {rate:.2f}/s" if isinstance(rate, int | float) else ""
+    busy = jobs.get("busy_fraction")
+    out["jobs"] = (
+        f"{jobs.get('finished', 0):.0f} finished"
+        + (f", {rate:.2f}/s" if isinstance(rate, int | float) else "")
+        + (f", pool {busy:.0%} busy" if isinstance(busy, int | float) else "")
     )
     return out
+
+
+#: Key of the whole sample document in a worker's ``stats`` reply (`stats_fields`).
+STATS_KEY = "sample"
+#: Prefix of the readable rows next to it (``sample cpu``, ``sample memory``, ...).
+STATS_ROW_PREFIX = "sample "
+
+
+def stats_fields(
+    sample: Mapping[str, Any] | None, *, now: float, interval_s: float
+) -> dict[str, Any]:
+    """A node's latest sample as its ``stats`` remote-control reply carries it.
+
+    Flower shows the reply on the worker's page and returns it from
+    ``/api/workers``; the page lists every key Celery does not define on its
+    *Other* tab, one row per key, with ``str()`` of the value. So the sample
+    comes twice: flat readable rows (``sample taken``, ``sample cpu``, ...,
+    `summarize`'s text), which read as a table there, then the whole document
+    under `STATS_KEY` for programs (``None`` when the node has no current
+    sample: beat is not running, or the node was too busy to take one).
+    """
+    if sample is None:
+        return {
+            f"{STATS_ROW_PREFIX}taken": f"none in the last {sample_ttl_s(interval_s)} s "
+            f"(beat asks for one every {interval_s:g} s: is it running?)",
+            STATS_KEY: None,
+        }
+    at = float(sample.get("at") or 0.0)
+    taken = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+    rows: dict[str, Any] = {
+        f"{STATS_ROW_PREFIX}taken": f"{taken}, {max(0.0, now - at):.1f} s before this reply "
+        f"(one every {interval_s:g} s)"
+    }
+    rows.update(
+        (f"{STATS_ROW_PREFIX}{name}", text)
+        for name, text in summarize(sample).items()
+        if name != "node"  # the page is the node's own
+    )
+    rows[STATS_KEY] = dict(sample)
+    return rows
 
 
 # -- storage -----------------------------------------------------------------------------------
@@ -322,6 +377,14 @@ class SampleStore:
             if sample is not None and now - float(sample.get("at", 0)) <= self.ttl_s:
                 out[node] = sample
         return dict(sorted(out.items()))
+
+    def get(self, node: str, *, now: float | None = None) -> dict[str, Any] | None:
+        """The current sample of ``node`` (younger than the TTL), or None."""
+        now = time.time() if now is None else now
+        sample = self._load(self.client.get(keyspace.sample(node)))
+        if sample is None or now - float(sample.get("at", 0)) > self.ttl_s:
+            return None
+        return sample
 
     def forget(self, node: str) -> None:
         """Remove a node's sample at once (clean shutdown)."""

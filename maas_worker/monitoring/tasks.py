@@ -1,8 +1,11 @@
 """The ``maas.sample`` task and the per-task hooks behind the busy-time metric.
 
 ``maas.sample`` takes no arguments and never sees a job: it samples the host
-and this worker's pool (samples.py), stores the sample, and returns a
-short readable summary, which is what Flower shows as its result.
+and this worker's pool (samples.py) and stores the sample. It sends no task
+events (``send_events=False``) and returns nothing: a row per tick and per
+node would crowd the jobs out of Flower's task list and count in its
+Processed and Succeeded columns. Flower shows the node's latest sample on the
+worker's page instead, from the node's ``stats`` reply (worker/node.py).
 
 Task hooks (Celery signals: Celery has no bootstep per task):
 task_prerun/task_postrun, in the process running the task: busy time. The
@@ -22,7 +25,7 @@ from celery import Task, shared_task, signals
 from maas_worker.backend.redis import backend_client
 from maas_worker.broker.app import settings_of
 from maas_worker.monitoring import metrics
-from maas_worker.monitoring.samples import SampleStore, summarize, take_sample
+from maas_worker.monitoring.samples import SampleStore, take_sample
 from maas_worker.protocol import SAMPLE_TASK, TASK_NAME
 from maas_worker.settings import Settings
 
@@ -40,9 +43,9 @@ def _store(settings: Settings) -> SampleStore:
     return _stores[pid]
 
 
-@shared_task(name=SAMPLE_TASK, bind=True, acks_late=False, ignore_result=True)
-def sample(self: Task) -> dict[str, str]:
-    """Record this node's resource sample; the readable summary is the result (Flower)."""
+@shared_task(name=SAMPLE_TASK, bind=True, acks_late=False, ignore_result=True, send_events=False)
+def sample(self: Task) -> None:
+    """Record this node's resource sample in the result backend (samples.py)."""
     settings = settings_of(self.app)
     node = str(self.request.hostname or "")
     taken = take_sample(
@@ -51,7 +54,7 @@ def sample(self: Task) -> dict[str, str]:
         interval_s=settings.sample_interval_s,
         jobs=metrics.local_job_totals(),
     )
-    return summarize(_store(settings).record(taken))
+    _store(settings).record(taken)
 
 
 def _main_pid() -> int:

@@ -165,11 +165,11 @@ def worker_rules(dbs: Sequence[int]) -> list[str]:
 
 
 def beat_rules(dbs: Sequence[int]) -> list[str]:
-    """What ``maas-worker beat`` may do: publish the sample request and its event."""
+    """What ``maas-worker beat`` may do: publish the sample request (it sends no task event)."""
     return [
         *_CONNECT,
         "+publish",
-        *_channels(dbs, "maas.monitor/maas.monitor", "celeryev/task.sent"),
+        *_channels(dbs, "maas.monitor/maas.monitor"),
     ]
 
 

@@ -58,6 +58,23 @@ def verdict(code: int, wait_ms: int) -> Verdict:
     return Verdict(False, None, "in_flight")
 
 
+def advise_call(
+    tenant: str, job_ids: list[str], policy: TenantPolicy, expires_at_ms: int
+) -> tuple[str, list[str], list[str | float]] | None:
+    """The advisory check of a batch as (library function, keys, args) for ``FCALL``, or
+    None when there is nothing to ask (no quota, no job). Sync and async clients send it."""
+    if not policy.limited or not job_ids:
+        return None
+    args: list[str | float] = [
+        policy.rate_per_s,
+        policy.effective_burst,
+        policy.max_in_flight,
+        expires_at_ms,
+        *job_ids,
+    ]
+    return functions.ADVISE_MANY, admission_keys(tenant), args
+
+
 class Quotas:
     """The client's advisory quota check, and the worker's release of a finished job."""
 
@@ -72,20 +89,10 @@ class Quotas:
         Advisory: nothing is charged here (workers charge each job as they
         start it); a tenant without quotas needs no round trip.
         """
-        if not policy.limited or not job_ids:
+        call = advise_call(tenant, job_ids, policy, expires_at_ms)
+        if call is None:
             return Verdict(True)
-        code, wait_ms = functions.call(
-            self._r,
-            functions.ADVISE_MANY,
-            admission_keys(tenant),
-            [
-                policy.rate_per_s,
-                policy.effective_burst,
-                policy.max_in_flight,
-                expires_at_ms,
-                *job_ids,
-            ],
-        )
+        code, wait_ms = functions.call(self._r, *call)
         return verdict(int(code), int(wait_ms))
 
     def release(self, tenant: str, job_id: str, policy: TenantPolicy) -> None:

@@ -12,6 +12,9 @@ One `Node` per worker main process owns the node's objects and their order:
   advertisement (`runtime.Advertiser`: the node is announced, which is what
   clients and tests wait for), then the ``/metrics`` endpoint, whose pool
   gauges read the worker's autoscaler;
+- whenever the node answers ``stats`` (Flower's worker page and
+  ``/api/workers``, ``celery inspect stats``): its latest resource sample
+  (`Node.stats`, read from the result backend; both worker modes);
 - at a warm shutdown, after the pool has drained (`Node.close`): the batch
   consumers finish their batch and stop, the node is withdrawn, the endpoint
   closes, the node's resource sample is withdrawn and the metrics directory
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,13 @@ from maas_worker.broker import transport
 from maas_worker.broker.app import settings_of
 from maas_worker.errors import ConfigError
 from maas_worker.monitoring import autoscale, metrics
-from maas_worker.monitoring.samples import SampleStore, monitor_queue
+from maas_worker.monitoring.samples import (
+    STATS_KEY,
+    STATS_ROW_PREFIX,
+    SampleStore,
+    monitor_queue,
+    stats_fields,
+)
 from maas_worker.settings import Settings
 from maas_worker.worker import control
 from maas_worker.worker.batch import supervisor
@@ -71,13 +81,16 @@ class Node:
         self.consumers: supervisor.ConsumerPool | None = None
         self.advertiser: Advertiser | None = None
         self.metrics_server: Any = None
+        self.samples: SampleStore | None = None
         self._serving = False
         self._abandoned = False
 
     def prepare(self) -> None:
         """In the worker's main process, before its consumer is built and its pool forks."""
         # The channel's limits and its audit records of refused entries: this worker's settings.
-        transport.install(self.settings)
+        # Refusals the main process audits (the entry check, the control gate) are
+        # counted too: they never become jobs, so maas_jobs_total never sees them.
+        transport.install(self.settings, on_record=metrics.refused)
         # From the first command on, only what MAAS_REMOTE_CONTROL allows runs.
         control.configure(
             self.app,
@@ -86,6 +99,7 @@ class Node:
         )
         try:
             self.metrics_dir = metrics.init_multiprocess_dir()
+            metrics.declare_series()
         except OSError as exc:  # metrics are never a reason for a worker not to run
             log.warning(
                 "no metrics directory (%s); continuing without metrics",
@@ -125,6 +139,28 @@ class Node:
                 )
         except Exception:
             log.exception("could not start the metrics endpoint")
+
+    def stats(self) -> dict[str, Any]:
+        """What the node adds to Celery's ``stats`` reply: its latest resource sample.
+
+        Read from the result backend, where the node's sample task stores it
+        (in a pool child, or in this process under ``--batch-consumer``):
+        one GET per ``stats`` command, which Flower sends when a worker's
+        page is opened or its list refreshed. A reply without the sample
+        beats no reply: a Redis error is reported in the reply, not raised.
+        """
+        interval_s = self.settings.sample_interval_s
+        try:
+            if self.samples is None:
+                self.samples = SampleStore(backend_client(self.settings), interval_s=interval_s)
+            sample = self.samples.get(self.name)
+        except redis.RedisError as exc:
+            return {
+                f"{STATS_ROW_PREFIX}taken": "unknown: the result backend did not answer "
+                f"({type(exc).__name__})",
+                STATS_KEY: None,
+            }
+        return stats_fields(sample, now=time.time(), interval_s=interval_s)
 
     def pool_state(self) -> dict[str, int] | None:
         """Current, desired, min and max pool size (None without our autoscaler)."""
@@ -219,6 +255,11 @@ class NodeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is unty
         """Cold shutdown: leave the node's entries to expire, as before (`Node.abandon`)."""
         if self.obj is not None:
             self.obj.abandon()
+
+    def info(self, w: Any) -> dict[str, Any]:
+        """The node's part of the worker's ``stats`` reply (`Node.stats`)."""
+        node: Node | None = getattr(w, "maas_node", None)
+        return node.stats() if node is not None else {}
 
 
 class ServeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped

@@ -132,7 +132,7 @@ class WorkerRuntime:
         self.keyring = KeyringSource(settings.keyring_path)
         self.backend = backend_client(settings)
         self.guard = JobGuard(self.backend, lease_s=settings.lease_s)
-        self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen)
+        self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen, on_record=metrics.refused)
         self.registry = build_registry(
             settings, on_reject=audit_rejections(self.audit, stage="load"), backend=self.backend
         )
@@ -211,7 +211,8 @@ class Advertiser:
         self._registry = build_registry(
             settings,
             on_reject=audit_rejections(
-                AuditLog(self._client, maxlen=settings.audit_maxlen), stage="scan"
+                AuditLog(self._client, maxlen=settings.audit_maxlen, on_record=metrics.refused),
+                stage="scan",
             ),
             backend=self._client,
         )
@@ -242,6 +243,9 @@ class Advertiser:
             self._refs = self._registry.refs()
         except Exception:
             log.exception("could not list the models; advertising the previous list")
+        # Each model's queue-wait and run series exist from the first scrape,
+        # so its first job is an increase rate() sees (metrics.declare_models).
+        metrics.declare_models(self._refs)
         return self._refs
 
     def _run(self) -> None:

@@ -3,7 +3,7 @@
 Debian's ``chromium`` is started with a fresh profile and a DevTools port;
 the page is driven through its websocket with tornado's client (already a
 dependency of Flower). Only what the Flower test needs: basic-auth login,
-navigation, reading the page's text, a screenshot.
+navigation, reading the page's text, a click, a screenshot.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ CHROMIUM_FLAGS = (
     "--remote-allow-origins=*",
 )
 START_TIMEOUT_S = 30.0
+#: Viewport (width, height) until `Page.viewport` sets another.
+DEFAULT_VIEWPORT = (1600, 900)
 
 
 def chromium_path() -> str | None:
@@ -59,6 +61,8 @@ class Page:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._auth: tuple[str, str] | None = None
         self._events: set[asyncio.Future[None]] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._size = DEFAULT_VIEWPORT
         self._reader = asyncio.ensure_future(self._read())
 
     async def call(self, method: str, **params: Any) -> Any:
@@ -86,6 +90,9 @@ class Page:
                     else:
                         fut.set_result(msg.get("result"))
             else:
+                for fut in self._waiters.pop(msg["method"], []):
+                    if not fut.done():
+                        fut.set_result(None)
                 task = asyncio.ensure_future(self._on_event(msg["method"], msg.get("params", {})))
                 self._events.add(task)  # keep a reference until it is done
                 task.add_done_callback(self._events.discard)
@@ -113,19 +120,43 @@ class Page:
         self._auth = (user, password)
         await self.call("Fetch.enable", handleAuthRequests=True, patterns=[{"urlPattern": "*"}])
 
-    async def goto(self, url: str) -> None:
-        """Navigate and wait for the load event."""
+    async def goto(self, url: str, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Navigate and wait for the new page's load event (its scripts have run)."""
         await self.call("Page.enable")
+        loaded = self._next_event("Page.loadEventFired")
         await self.call("Page.navigate", url=url)
+        await asyncio.wait_for(loaded, timeout_s)
+
+    def _next_event(self, method: str) -> asyncio.Future[None]:
+        """A future set by the next ``method`` event (ask before causing the event)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(method, []).append(fut)
+        return fut
+
+    async def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page."""
+        res = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return res["result"].get("value")
 
     async def text(self) -> str:
         """The page's visible text."""
-        res = await self.call(
-            "Runtime.evaluate",
-            expression="document.body ? document.body.innerText : ''",
-            returnByValue=True,
+        return str(await self.evaluate("document.body ? document.body.innerText : ''") or "")
+
+    async def click(self, selector: str) -> None:
+        """Click the element ``selector`` finds (fails if there is none)."""
+        found = await self.evaluate(
+            f"(e => e ? (e.click(), true) : false)(document.querySelector({json.dumps(selector)}))"
         )
-        return str(res["result"].get("value", ""))
+        if not found:
+            raise AssertionError(f"nothing on the page matches {selector!r}")
+
+    async def wait_until(self, expression: str, timeout_s: float = 10.0) -> None:
+        """Poll a JavaScript expression until it is true (fail after the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while not await self.evaluate(expression):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never true in the page: {expression}")
+            await asyncio.sleep(0.05)
 
     async def wait_for_text(
         self, *needles: str, timeout_s: float = 60.0, reload_s: float | None = None
@@ -147,8 +178,8 @@ class Page:
             await asyncio.sleep(0.25)
         raise AssertionError(f"page never showed {needles!r}; it showed:\n{text[:2000]}")
 
-    async def screenshot(self, path: Path, *, width: int = 1600, height: int = 900) -> None:
-        """Save a PNG of the viewport."""
+    async def viewport(self, width: int, height: int) -> None:
+        """Size the viewport (CSS pixels, scale 1); set it before the page lays out."""
         await self.call(
             "Emulation.setDeviceMetricsOverride",
             width=width,
@@ -156,7 +187,19 @@ class Page:
             deviceScaleFactor=1,
             mobile=False,
         )
-        res = await self.call("Page.captureScreenshot", format="png")
+        self._size = (width, height)
+
+    async def screenshot(self, path: Path, *, full_page: bool = False) -> None:
+        """Save a PNG of the viewport, or with ``full_page`` of the whole page's height."""
+        width, height = self._size
+        if full_page:
+            content = int(await self.evaluate("document.documentElement.scrollHeight"))
+            await self.viewport(width, max(height, content))
+        try:
+            res = await self.call("Page.captureScreenshot", format="png")
+        finally:
+            if full_page:
+                await self.viewport(width, height)
         path.write_bytes(base64.b64decode(res["data"]))
 
     def close(self) -> None:

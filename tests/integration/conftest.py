@@ -22,12 +22,14 @@ from typing import Any
 import pytest
 import redis
 
-from maas_worker import Client
+from maas_worker import AsyncClient, Client
 from maas_worker.backend.audit import AuditLog, AuditRecord
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import Keyring, TenantPolicy, save_keyring
+
+from .aioshim import BlockingAsyncClient
 
 WAIT_S = 60.0
 _db_counter = iter(range(1, 16))
@@ -50,8 +52,16 @@ class Stack:
     def settings(self) -> Settings:
         return Settings.from_env(self.env)
 
-    def client(self, tenant: str = "acme", **kw: Any) -> Client:
+    def client(self, tenant: str = "acme", *, kind: str = "sync", **kw: Any) -> Any:
+        """A `Client`; with ``kind="async"`` an `AsyncClient` behind the same sync
+        interface (aioshim.py), so a test taking `client_kind` checks both."""
+        if kind == "async":
+            return BlockingAsyncClient(self.async_client(tenant, **kw))
         return Client(settings=Settings.from_env({**self.env, "MAAS_TENANT": tenant}), **kw)
+
+    def async_client(self, tenant: str = "acme", **kw: Any) -> AsyncClient:
+        """`client` for asyncio code (the same settings)."""
+        return AsyncClient(settings=Settings.from_env({**self.env, "MAAS_TENANT": tenant}), **kw)
 
     def cli(
         self, *args: str, env: dict[str, str] | None = None, timeout: float = 120
@@ -247,6 +257,17 @@ def replace_envelope(raw: bytes, envelope: str) -> bytes:
     body[0][0] = envelope
     msg["body"] = base64.b64encode(json.dumps(body).encode()).decode()
     return json.dumps(msg).encode()
+
+
+#: The clients a behavioural test of the client runs against (`Stack.client`'s ``kind``).
+CLIENT_KINDS = ("sync", "async")
+
+
+@pytest.fixture(params=CLIENT_KINDS)
+def client_kind(request: pytest.FixtureRequest) -> str:
+    """``"sync"`` then ``"async"``: a test using it runs against `Client` and `AsyncClient`."""
+    kind: str = request.param
+    return kind
 
 
 #: The two worker modes every tenant-isolation test runs against.

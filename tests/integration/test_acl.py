@@ -431,6 +431,7 @@ FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
         ("GET", f"{ACME}result:{JOB}"),
         ("LPUSH", "maas.high", "x"),
         ("PUBLISH", "/0.celery.pidbox", "{}"),
+        ("PUBLISH", "/0.celeryev/task.sent", "{}"),
         ("EVAL", "return 1", "0"),
     ],
     "worker": [

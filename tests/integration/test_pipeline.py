@@ -41,8 +41,8 @@ def outcome_lines(stack: Stack, job_id: str, at_least: int = 1) -> list[str]:
 
 # -- the happy path ---------------------------------------------------------------
 @pytest.mark.parametrize("priority", ["high", "normal", "low"])
-def test_round_trip_every_priority(shared_stack: Stack, priority: str) -> None:
-    client = shared_stack.client()
+def test_round_trip_every_priority(shared_stack: Stack, priority: str, client_kind: str) -> None:
+    client = shared_stack.client(kind=client_kind)
     job = client.submit(
         "echo", {"text": f"hello {priority}", "n": [1, 2.5, None]}, priority=priority
     )
@@ -52,24 +52,24 @@ def test_round_trip_every_priority(shared_stack: Stack, priority: str) -> None:
     assert job.status() == "succeeded"
 
 
-def test_status_moves_from_running_to_succeeded(shared_stack: Stack) -> None:
-    job = shared_stack.client().submit("sleep", {"seconds": 1.5})
+def test_status_moves_from_running_to_succeeded(shared_stack: Stack, client_kind: str) -> None:
+    job = shared_stack.client(kind=client_kind).submit("sleep", {"seconds": 1.5})
     wait_for(lambda: job.status() == "running", TIMEOUT, "status running")
     assert job.result(timeout=TIMEOUT)["slept"] >= 1.5
     assert job.status() == "succeeded"
 
 
-def test_model_error_fails_the_job_with_a_reason(shared_stack: Stack) -> None:
-    job = shared_stack.client().submit("sleep", {"seconds": "forever"})
+def test_model_error_fails_the_job_with_a_reason(shared_stack: Stack, client_kind: str) -> None:
+    job = shared_stack.client(kind=client_kind).submit("sleep", {"seconds": "forever"})
     with pytest.raises(JobFailed) as err:
         job.result(timeout=TIMEOUT)
     assert err.value.reason == "bad_input"
     assert job.status() == "failed"
 
 
-def test_unknown_job_id(shared_stack: Stack) -> None:
+def test_unknown_job_id(shared_stack: Stack, client_kind: str) -> None:
     with pytest.raises(UnknownJob):
-        shared_stack.client().job("no-such-job").status()
+        shared_stack.client(kind=client_kind).job("no-such-job").status()
 
 
 # -- bad input at the client: nothing is enqueued ------------------------------------------
@@ -77,8 +77,8 @@ def _queued(stack: Stack) -> int:
     return sum(int(stack.backend.llen(queue_for(p))) for p in ("high", "normal", "low"))
 
 
-def test_client_refuses_bad_input_before_enqueueing(shared_stack: Stack) -> None:
-    client = shared_stack.client()
+def test_client_refuses_bad_input_before_enqueueing(shared_stack: Stack, client_kind: str) -> None:
+    client = shared_stack.client(kind=client_kind)
     before = _queued(shared_stack)
     with pytest.raises(UnknownModel, match="unknown model 'nope'"):
         client.submit("nope", {})
@@ -90,17 +90,17 @@ def test_client_refuses_bad_input_before_enqueueing(shared_stack: Stack) -> None
         client.submit("echo", {"x": "a" * (client.settings.max_input_bytes + 1)})
     with pytest.raises(SubmitError, match="priority"):
         client.submit("echo", {}, priority="urgent")
-    globex = shared_stack.client("globex")
+    globex = shared_stack.client("globex", kind=client_kind)
     with pytest.raises(PolicyDenied, match="priority"):
         globex.submit("echo", {}, priority="high")
     with pytest.raises(PolicyDenied, match="model"):
         globex.submit("sleep", {"seconds": 0})
     with pytest.raises(UnknownTenant):
-        shared_stack.client("initech")
+        shared_stack.client("initech", kind=client_kind)
     assert _queued(shared_stack) == before
     queued_markers = shared_stack.backend.keys(keyspace.submitted("acme", "*"))
     assert all(
-        shared_stack.client().job(k.decode().rsplit(":", 1)[1]).status() != "queued"
+        shared_stack.client(kind=client_kind).job(k.decode().rsplit(":", 1)[1]).status() != "queued"
         for k in queued_markers
     )
 
@@ -201,11 +201,11 @@ def test_envelope_moved_to_another_task_id_is_refused(make_stack) -> None:
     stack.wait_audit(header.job_id, "tampered")
 
 
-def test_expired_job_is_not_run(make_stack) -> None:
+def test_expired_job_is_not_run(make_stack, client_kind: str) -> None:
     # The default 30 s skew tolerance does not stretch a 2 s ttl: its grace
     # past expiry is a tenth of it (docs/security.md, the time window).
     stack = make_stack()
-    job = stack.client().submit("echo", {"text": "late"}, ttl_s=2)
+    job = stack.client(kind=client_kind).submit("echo", {"text": "late"}, ttl_s=2)
     # A client whose clock is 20 s ahead of the workers' (issued "in the
     # future", within the skew) with the same 2 s ttl: its job still runs.
     ring = load_keyring(stack.keyring_path)
@@ -457,7 +457,7 @@ def test_a_job_that_keeps_killing_its_worker_fails_as_worker_lost(make_stack) ->
     assert outcome_lines(stack, job.id) == ["failed"]
 
 
-def test_redis_down_is_a_clear_retryable_error_not_a_hang(make_stack) -> None:
+def test_redis_down_is_a_clear_retryable_error_not_a_hang(make_stack, client_kind: str) -> None:
     from maas_worker import ServiceUnavailable
     from maas_worker.local.embedded import free_port
 
@@ -466,9 +466,9 @@ def test_redis_down_is_a_clear_retryable_error_not_a_hang(make_stack) -> None:
     stack.env.update(MAAS_BROKER_URL=dead, MAAS_RESULT_BACKEND=dead)
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable, match="retry later"):
-        stack.client().submit("echo", {})
+        stack.client(kind=client_kind).submit("echo", {})
     with pytest.raises(ServiceUnavailable, match="retry later"):
-        stack.client().job(str(uuid.uuid4())).result(timeout=30)
+        stack.client(kind=client_kind).job(str(uuid.uuid4())).result(timeout=30)
     assert time.monotonic() - started < 30
 
 

@@ -51,6 +51,26 @@ print(json.dumps({{"result": result, "worker_side": worker_side}}))
 """
 )
 
+_SUBMIT_ASYNC = (
+    _REFUSE
+    + """
+import asyncio, json
+from maas_worker import AsyncClient, as_completed
+
+async def main():
+    async with AsyncClient.from_env() as client:
+        jobs = await client.submit_many("echo", [{"text": "light"}, {"text": "async"}])
+        return sorted([(await j.result())["echo"]["text"] async for j in as_completed(jobs)])
+
+result = asyncio.run(main())
+worker_side = sorted(m for m in sys.modules
+                     if m.split(".")[0] in REFUSED
+                     or m.startswith(("maas_worker.worker.", "maas_worker.monitoring."))
+                     or m in ("maas_worker.worker", "maas_worker.monitoring", "maas_worker.app"))
+print(json.dumps({"result": result, "worker_side": worker_side}))
+"""
+)
+
 _CLI = (
     _REFUSE
     + """
@@ -88,6 +108,14 @@ def test_a_client_without_the_worker_extras_submits_and_reads_the_result(stack: 
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["result"] == {"echo": {"text": "light"}}
+    assert out["worker_side"] == []
+
+
+def test_the_async_client_without_the_worker_extras_submits_and_awaits(stack: Stack) -> None:
+    proc = _run(stack, _SUBMIT_ASYNC)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["result"] == ["async", "light"]
     assert out["worker_side"] == []
 
 

@@ -15,11 +15,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_one_oversized_item_is_named_and_nothing_is_enqueued(
-    make_stack: Callable[..., Stack],
+    make_stack: Callable[..., Stack], client_kind: str
 ) -> None:
     stack = make_stack()
     items = [{"i": 0}, {"i": 1}, {"i": 2}, {"text": "x" * 2_100_000}, {"i": 4}]
-    with stack.client() as client:
+    with stack.client(kind=client_kind) as client:
         with pytest.raises(InputTooLarge) as caught:
             client.submit_many("echo", items)
         size = len('{"text":""}') + 2_100_000

@@ -12,6 +12,7 @@ import pytest
 
 from maas_worker.backend import keyspace
 from maas_worker.backend.audit import REASONS, AuditLog, AuditRecord
+from maas_worker.protocol import AuditReason
 
 CONTRACT_REASONS = {
     "tampered",
@@ -192,3 +193,28 @@ def test_reading_works_with_decoded_responses(server: fakeredis.FakeServer) -> N
     log.record(job_id="j1", tenant="acme", reason="expired", verified=True)
     rec = log.latest(1)[0]
     assert (rec.job_id, rec.tenant, rec.reason, rec.verified) == ("j1", "acme", "expired", True)
+
+
+def test_on_record_hears_every_reason_even_when_redis_is_down(
+    server: fakeredis.FakeServer,
+) -> None:
+    heard: list[str] = []
+    log_ = AuditLog(fakeredis.FakeRedis(server=server), maxlen=1000, on_record=heard.append)
+    log_.record(job_id="j1", tenant="acme", reason=AuditReason.POLICY, verified=True)
+    server.connected = False
+    log_.record(job_id="j2", tenant="acme", reason=AuditReason.TAMPERED, verified=False)
+    server.connected = True
+    assert heard == ["policy", "tampered"]
+    assert [r.job_id for r in log_.latest()] == ["j1"]  # the second write failed, not the hook
+    with pytest.raises(ValueError):  # an unknown reason is refused before the hook
+        log_.record(job_id="j3", tenant="", reason="nope", verified=False)  # type: ignore[arg-type]
+    assert heard == ["policy", "tampered"]
+
+
+def test_a_failing_on_record_hook_never_stops_the_record(server: fakeredis.FakeServer) -> None:
+    def boom(reason: str) -> None:
+        raise RuntimeError("metrics broken")
+
+    log_ = AuditLog(fakeredis.FakeRedis(server=server), maxlen=1000, on_record=boom)
+    log_.record(job_id="j1", tenant="acme", reason=AuditReason.REPLAYED, verified=True)
+    assert [r.reason for r in log_.latest()] == ["replayed"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from typing import Any
 
 import fakeredis
 import pytest
@@ -119,10 +120,17 @@ def test_live_workers_counts_nodes_with_a_recent_heartbeat(client: Client) -> No
 def test_a_redis_acl_from_before_the_durable_catalogue_falls_back_to_the_live_one(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refused(_: object) -> None:
-        raise redis.exceptions.NoPermissionError("NOPERM maas:models")
+    from maas_worker.client import client as client_module
 
-    monkeypatch.setattr(catalog, "offered", refused)
+    real_run = client_module.run_plan
+
+    def refusing(r: Any, plan: Any) -> Any:
+        # The durable catalogue is one of the keys an old ACL did not let producers read.
+        if ("SMEMBERS", keyspace.MODELS) in plan.commands:
+            raise redis.exceptions.NoPermissionError("NOPERM maas:models")
+        return real_run(r, plan)
+
+    monkeypatch.setattr(client_module, "run_plan", refusing)
     catalog.advertise(client.backend, "node-1", ["custom@3"])
     served = client.served_models()
     assert "custom@3" in served and "digits" not in served

@@ -37,6 +37,8 @@ LOCK_IN = DOCKER / "requirements.in"
 PROCFILE = ROOT / "Procfile"
 #: Services that run the maas-worker image.
 MAAS_SERVICES = {"worker", "beat", "flower", "metrics", "producer", "cli"}
+#: Services of other images that never connect to Redis: the metrics stack.
+MONITORING_SERVICES = {"prometheus", "grafana"}
 
 _VAR = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|\$(?P<bare>\w+)")
 
@@ -93,7 +95,7 @@ def assert_healthcheck(test: list[str], where: str) -> None:
 
 # -- compose.yaml --------------------------------------------------------------------------
 def test_compose_has_the_services_of_the_issue(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == MAAS_SERVICES | {"redis"}
+    assert set(compose["services"]) == MAAS_SERVICES | MONITORING_SERVICES | {"redis"}
 
 
 def test_every_command_and_healthcheck_is_a_real_cli_command(compose: dict[str, Any]) -> None:
@@ -249,12 +251,57 @@ def test_keyring_and_models_are_mounted_not_baked(compose: dict[str, Any]) -> No
     assert "MAAS_MODEL_DIR=/srv/models" in dockerfile
 
 
+def test_prometheus_and_grafana_are_pinned_on_loopback_and_grafana_needs_a_password(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", services["prometheus"]["image"])
+    assert re.fullmatch(r"grafana/grafana-oss:\d+\.\d+\.\d+", services["grafana"]["image"])
+    for name in MONITORING_SERVICES:
+        svc = services[name]
+        assert svc["ports"], name
+        for port in svc["ports"]:
+            assert str(port).startswith("127.0.0.1:"), f"{name} is published on loopback only"
+        assert svc.get("read_only") is True and svc.get("cap_drop") == ["ALL"], name
+        assert "MAAS_BROKER_URL" not in svc.get("environment", {}), f"{name} needs no Redis"
+    grafana_env = services["grafana"]["environment"]
+    assert re.fullmatch(
+        r"\$\{MAAS_GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", grafana_env["GF_SECURITY_ADMIN_PASSWORD"]
+    ), "Grafana's admin password must come from .env, and be required"
+    assert grafana_env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert grafana_env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    # init-secrets.sh writes the password (and the data folders the services mount).
+    script = (DOCKER / "init-secrets.sh").read_text()
+    assert 'echo "MAAS_GRAFANA_ADMIN_PASSWORD=$(random_hex)"' in script
+    assert '"$dir/data/prometheus" "$dir/data/grafana"' in script
+    # What they mount exists in the repository (the data folders are made at setup).
+    for name in MONITORING_SERVICES:
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if not source.startswith("./data/"):
+                assert (DOCKER / source).exists(), (name, source)
+    prom_cmd = services["prometheus"]["command"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom_cmd
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+
+
+def test_prometheus_finds_every_worker_replica_and_the_exporter() -> None:
+    config = load(DOCKER / "prometheus.yml")
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"maas-worker", "maas-fleet"}
+    # `--scale worker=N`: every replica is an A record of the service name.
+    (dns,) = jobs["maas-worker"]["dns_sd_configs"]
+    assert dns == {"names": ["worker"], "type": "A", "port": 9540, "refresh_interval": "15s"}
+    assert jobs["maas-fleet"]["static_configs"] == [{"targets": ["metrics:9541"]}]
+
+
 # -- compose.tls.yaml ------------------------------------------------------------------------
 def test_tls_overlay_puts_every_connection_on_rediss_with_certificates(
     compose: dict[str, Any],
 ) -> None:
     tls = load(COMPOSE_TLS)
-    assert set(tls["services"]) == set(compose["services"])
+    # Every service that connects to Redis; Prometheus and Grafana never do.
+    assert set(tls["services"]) == set(compose["services"]) - MONITORING_SERVICES
     cmd = tls["services"]["redis"]["command"]
     assert cmd[cmd.index("--port") + 1] == "0", "no plaintext port"
     assert cmd[cmd.index("--tls-auth-clients") + 1] == "yes"
@@ -454,6 +501,7 @@ _SECRET_PATTERNS = {
     "path",
     sorted(
         [p for p in DOCKER.iterdir() if p.is_file() and p.name != ".gitignore"]
+        + [p for p in (DOCKER / "grafana").rglob("*") if p.is_file()]
         + [PROCFILE, ROOT / ".dockerignore"]
     ),
     ids=lambda p: p.name,

@@ -135,3 +135,64 @@ def test_an_empty_directory_still_lists_every_family(tmp_path: Any) -> None:
     (tmp_path / ".lock").touch()
     names = {f.name for f in metrics.WorkerCollector(tmp_path, "w@h").collect()}
     assert set(metrics.WORKER_FAMILIES) <= names
+
+
+DECLARED = textwrap.dedent("""
+    import json, os
+    from maas_worker.monitoring import metrics
+
+    path = metrics.init_multiprocess_dir()      # the worker's main process ...
+    metrics.declare_series()                    # ... declares before the pool forks
+    metrics.declare_models(["echo", "digits", "digits@2"])
+    pid = os.fork()
+    if pid == 0:                                # a pool child refuses two jobs
+        metrics.refused("policy")
+        metrics.refused("policy")
+        metrics.job_finished("j1", "policy")
+        metrics.refused("not-an-audit-reason")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    metrics.refused("malformed")                # the main process's entry check
+    series = {}
+    for fam in metrics.read_families(path, compact=True):
+        for s in fam.samples:
+            if s.name in ("maas_jobs_total", "maas_refusals_total") or (
+                s.name == "maas_job_run_seconds_count"
+            ):
+                key = s.name + json.dumps(s.labels, sort_keys=True)
+                series[key] = series.get(key, 0) + s.value
+    metrics.remove_multiprocess_dir(path)
+    print(json.dumps(series))
+""")
+
+
+def test_outcome_refusal_and_model_series_are_declared_at_zero_and_counted() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", DECLARED], capture_output=True, text=True, timeout=60, check=True
+    )
+    series = json.loads(out.stdout)
+
+    def value(name: str, **labels: str) -> float:
+        return float(series[name + json.dumps(labels, sort_keys=True)])
+
+    # every audit reason, every rejection and the closed outcomes exist before any job
+    for reason in metrics.AUDIT_REASONS:
+        assert f'maas_refusals_total{{"reason": "{reason}"}}' in series
+    for reason in metrics.REJECT_REASONS:
+        assert f'maas_jobs_total{{"outcome": "rejected", "reason": "{reason}"}}' in series
+    for outcome in ("succeeded", "cancelled", "duplicate", "finished"):
+        assert value("maas_jobs_total", outcome=outcome, reason="none") == 0
+    for code in ("bad_input", "timeout", "internal_error", "unknown"):
+        assert value("maas_jobs_total", outcome="failed", reason=code) == 0
+    for ref in ("echo", "digits", "digits@2"):
+        assert value("maas_job_run_seconds_count", model=ref) == 0
+    # increments in a child and in the main process add up on the declared series
+    assert value("maas_refusals_total", reason="policy") == 2
+    assert value("maas_refusals_total", reason="malformed") == 1
+    assert value("maas_refusals_total", reason="other") == 1  # never the raw text
+    assert value("maas_jobs_total", outcome="rejected", reason="policy") == 1
+    assert value("maas_refusals_total", reason="tampered") == 0
+    # bounded: the closed sets and nothing else
+    assert len([k for k in series if k.startswith("maas_refusals_total")]) == (
+        len(metrics.AUDIT_REASONS) + 1
+    )

@@ -13,10 +13,12 @@ from maas_worker.backend import keyspace
 from maas_worker.broker.backlog import _unverified_issued_at_ms, read_backlog
 from maas_worker.monitoring.samples import (
     SAMPLE_TTL_INTERVALS,
+    STATS_KEY,
     SampleStore,
     celery_options,
     gpu_sample,
     sample_ttl_s,
+    stats_fields,
     summarize,
     take_sample,
 )
@@ -145,6 +147,65 @@ def test_summary_is_short_readable_text() -> None:
     assert "..." in text["cpu"]
 
 
+def test_summary_counts_processes_in_words_and_shows_throughput() -> None:
+    s = take_sample("w1@host", main_pid=os.getpid(), interval_s=15, jobs=(3, 1.5))
+    s["pool"] = {
+        "processes": 1,
+        "rss_bytes": [60 * 2**20],
+        "open_fds": [14],
+        "main_rss_bytes": 75 * 2**20,
+    }
+    s["memory"] = {"total_bytes": 2**33, "available_bytes": 2**32, "used_percent": 50.0}
+    s["swap"] = {"total_bytes": 2**30, "used_bytes": 2**28, "used_percent": 25.0}
+    s["jobs"].update(per_s=0.5, busy_fraction=0.25)
+    text = summarize(s)
+    assert text["pool"] == "1 process, RSS 60 MiB, open fds 14; main process RSS 75 MiB"
+    assert text["memory"] == "50.0% used, 4096 MiB available of 8192 MiB"
+    assert text["swap"] == "25.0% used of 1024 MiB"
+    assert text["jobs"] == "3 finished, 0.50/s, pool 25% busy"
+    s["pool"] = {"processes": 2, "rss_bytes": [2**20, 2**21], "open_fds": [1, 2]}
+    s["swap"] = {"total_bytes": 0, "used_bytes": 0, "used_percent": 0.0}  # no swap at all
+    s["jobs"].update(per_s=None, busy_fraction=None)  # the first sample after a start
+    text = summarize(s)
+    assert text["pool"] == "2 processes, RSS 1 MiB + 2 MiB, open fds 3"
+    assert text["swap"] == "none"
+    assert text["jobs"] == "3 finished"
+
+
+def test_stats_fields_are_readable_rows_then_the_whole_document() -> None:
+    s = take_sample("w1@host", main_pid=os.getpid(), interval_s=15, jobs=(3, 1.5))
+    s["at"] = 1_800_000_000.0
+    fields = stats_fields(s, now=s["at"] + 2.5, interval_s=15)
+    # the rows come first (Flower lists them in this order), the document last
+    assert list(fields) == [
+        "sample taken",
+        "sample cpu",
+        "sample memory",
+        "sample swap",
+        "sample load",
+        "sample pool",
+        "sample gpu",
+        "sample jobs",
+        STATS_KEY,
+    ]
+    rows = {k: v for k, v in fields.items() if k != STATS_KEY}
+    assert all(isinstance(v, str) for v in rows.values())
+    assert fields["sample taken"] == (
+        "2027-01-15 08:00:00 UTC, 2.5 s before this reply (one every 15 s)"
+    )
+    assert fields["sample cpu"].startswith(f"{s['cpu']['percent']}% (per core: ")
+    assert fields[STATS_KEY] == s
+    assert json.loads(json.dumps(fields)) == fields  # a remote-control reply is JSON
+
+
+def test_stats_fields_without_a_current_sample_say_why() -> None:
+    fields = stats_fields(None, now=1000.0, interval_s=15)
+    assert fields == {
+        "sample taken": "none in the last 45 s (beat asks for one every 15 s: is it running?)",
+        STATS_KEY: None,
+    }
+
+
 # -- storage -------------------------------------------------------------------------------------
 def sample_at(node: str, at: float, finished: float = 0, busy: float = 0) -> dict[str, object]:
     return {
@@ -193,6 +254,14 @@ def test_forget_removes_at_once(r: fakeredis.FakeRedis) -> None:
     assert r.zcard(keyspace.SAMPLES) == 0
 
 
+def test_get_gives_one_nodes_current_sample(r: fakeredis.FakeRedis) -> None:
+    store = SampleStore(r, interval_s=10)
+    store.record(sample_at("a", 1000.0))
+    assert store.get("a", now=1001.0) == store.latest(now=1001.0)["a"]
+    assert store.get("a", now=1031.0) is None  # older than 3 intervals
+    assert store.get("b", now=1001.0) is None
+
+
 def test_junk_in_redis_is_ignored(r: fakeredis.FakeRedis) -> None:
     store = SampleStore(r, interval_s=10)
     r.zadd(keyspace.SAMPLES, {"x": 1000.0, "y": 1000.0})
@@ -216,6 +285,17 @@ def test_celery_options_enable_events_and_schedule_the_sample() -> None:
     assert entry["options"]["expires"] == 5.0
     assert entry["options"]["exchange"] == "maas.monitor"
     assert opts["worker_autoscaler"] == "maas_worker.monitoring.autoscale:BacklogAutoscaler"
+    # beat's sample request sends no task-sent event (jobs' is the producers' app's)
+    assert opts["task_send_sent_event"] is False
+
+
+def test_the_sample_task_sends_no_task_events_and_returns_nothing() -> None:
+    # No row in Flower's task list, nothing in its Processed/Succeeded counts.
+    from maas_worker.monitoring.tasks import sample
+
+    assert sample.send_events is False
+    assert sample.ignore_result is True
+    assert sample.__annotations__["return"] in (None, "None")
 
 
 def test_beat_asks_for_the_first_sample_as_it_starts_then_each_interval() -> None:

@@ -7,6 +7,8 @@ cold.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -84,3 +86,49 @@ def test_a_cold_shutdown_leaves_the_node_to_expire(tmp_path: Path, events: list[
     step.terminate(worker)
     ServeStep(consumer).shutdown(consumer)
     assert events == ["announced"]
+
+
+def test_the_stats_reply_carries_the_nodes_latest_sample(tmp_path: Path, events: list[str]) -> None:
+    import time
+
+    from maas_worker.backend import keyspace
+    from maas_worker.monitoring.samples import SampleStore, take_sample
+
+    worker, _, node = _worker(tmp_path)
+    step = NodeStep(worker)
+    worker.maas_node = step.obj = node  # as Celery does: the step, then the node it creates
+    backend = fakeredis.FakeRedis()
+    node.samples = SampleStore(backend, interval_s=node.settings.sample_interval_s)
+    none_yet = step.info(worker)
+    assert none_yet["sample"] is None and none_yet["sample taken"].startswith("none in the last")
+    sample = take_sample("n@host", main_pid=os.getpid(), interval_s=15, jobs=(2, 0.5))
+    node.samples.record(sample)
+    node.samples.record(take_sample("other@host", main_pid=os.getpid(), interval_s=15))
+    info = step.info(worker)
+    assert info["sample"] == json.loads(backend.get(keyspace.sample("n@host")))
+    assert info["sample"]["node"] == "n@host"  # this node's, not another's
+    assert info["sample jobs"] == "2 finished"
+    assert time.time() - info["sample"]["at"] < 60
+
+
+def test_a_stats_reply_survives_an_unreachable_result_backend(
+    tmp_path: Path, events: list[str]
+) -> None:
+    import redis
+
+    worker, _, node = _worker(tmp_path)
+
+    class Down(fakeredis.FakeRedis):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            raise redis.ConnectionError("down")
+
+    from maas_worker.monitoring.samples import SampleStore
+
+    node.samples = SampleStore(Down(), interval_s=15)
+    step = NodeStep(worker)
+    worker.maas_node = step.obj = node
+    info = step.info(worker)
+    assert info == {
+        "sample taken": "unknown: the result backend did not answer (ConnectionError)",
+        "sample": None,
+    }

@@ -428,7 +428,7 @@ ENTRY_MODULES = {
     "broker/app.py",
     "worker/runtime.py",  # get_runtime() given none (a solo or threads pool's first job)
     "worker/batch/consumer.py",  # serve(), a batch consumer process
-    "client/client.py",  # Client.from_env(), Client() without settings
+    "client/core.py",  # Client/AsyncClient .from_env(), or built without settings
     "local/demo.py",  # the demo's own stack, on its embedded server
 }
 
