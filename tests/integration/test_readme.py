@@ -149,6 +149,24 @@ def test_readme_using_it_python_block_runs(shared_stack: Stack) -> None:
     assert re.fullmatch(r"\[\[\d\], \[\d\]\]", lines[3]), lines
 
 
+def test_readme_using_it_asyncio_block_runs(shared_stack: Stack) -> None:
+    """The asyncio block (the second Python block), unchanged, against a running worker."""
+    text = README.read_text()
+    section = text[text.index("\n## Using it\n") :]
+    blocks = re.findall(r"```python\n(.*?)```", section[: section.find("\n## ", 1)], re.S)
+    assert len(blocks) == 2 and "AsyncClient" in blocks[1]
+    out = subprocess.run(
+        [sys.executable, "-c", blocks[1]],
+        env=shared_stack.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["{'echo': {'text': 'hi'}}", "100 done"]
+
+
 def test_readme_model_security_block_runs_and_a_worker_serves_the_encrypted_model(
     tmp_path: Path, make_stack: Callable[..., Stack]
 ) -> None:
