@@ -67,7 +67,6 @@ def test_the_producer_role_allows_what_the_page_lists() -> None:
     }
     missing = sorted(c for c in granted if f"`{c}`" not in table and c not in table)
     assert not missing, f"docs/protocol.md 2.2 does not list {missing}"
-    assert "MGET" not in granted  # the page says so
 
 
 def test_the_python_clients_entry_has_the_documented_fields() -> None:
