@@ -112,6 +112,7 @@ def producer_rules(tenant: str) -> list[str]:
         f"%R~{keyspace.MODELS}",
         f"%R~{keyspace.NODES}",
         "+get",
+        "+mget",  # the async client reads a batch of jobs in one round trip
         "+exists",
         "+hmget",
         "+zcount",

@@ -13,6 +13,7 @@ the job run twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -28,7 +29,7 @@ import pytest
 import redis
 from kombu.transport import redis as kombu_redis
 
-from maas_worker import Client
+from maas_worker import AsyncClient, Client, as_completed
 from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.audit import AuditLog
 from maas_worker.errors import ConfigError, JobCancelled
@@ -208,6 +209,30 @@ def test_a_producer_submits_waits_and_cancels_with_its_role(deployment: Deployme
     # The worker's advertiser recorded what it serves in the durable catalogue.
     assert {"echo@1", "sleep@1"} <= catalog.known(deployment.stack.backend)
     # Nothing the producer or the worker did was refused, but the probe.
+    assert set(denials(deployment.stack.backend)) <= {PROBE}
+
+
+def test_the_async_client_submits_waits_and_cancels_with_the_producer_role(
+    deployment: Deployment,
+) -> None:
+    settings = Settings.from_env(deployment.env("producer-acme", MAAS_TENANT="acme"))
+
+    async def scenario() -> tuple[list[dict[str, Any]], bool, str]:
+        async with AsyncClient(settings=settings) as client:
+            jobs = await client.submit_many("echo", [{"n": i} for i in range(5)])
+            # Its waiter reads a batch of jobs with one MGET and blocks on the done lists.
+            outputs = [await done.result() async for done in as_completed(jobs, timeout=WAIT_S)]
+            slow = await client.submit("sleep", {"seconds": 30})
+            deadline = time.monotonic() + WAIT_S
+            while await slow.status() != "running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            cancelled = await slow.cancel()
+            return outputs, cancelled, str(await slow.status())
+
+    outputs, cancelled, state = asyncio.run(scenario())
+    assert sorted(o["echo"]["n"] for o in outputs) == list(range(5))
+    assert cancelled and state == "cancelled"
+    assert "NOPERM" not in deployment.stack.worker_logs()
     assert set(denials(deployment.stack.backend)) <= {PROBE}
 
 
