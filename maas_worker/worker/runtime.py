@@ -233,7 +233,6 @@ class Advertiser:
         except (ConfigError, redis.RedisError) as exc:
             log.warning("could not load the Redis function library %s: %s", functions.LIBRARY, exc)
         advertise(self._client, self.node, self.refs())
-        self.share(reannounce=True)
         self._thread.start()
 
     def share(self, *, reannounce: bool = False) -> None:
