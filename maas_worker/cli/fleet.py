@@ -122,7 +122,16 @@ def scale(settings: Settings, as_json: bool) -> int:
     reading = read_fleet(settings)
     advice = reading.advice
     if as_json:
-        print(json.dumps({**advice.to_json(), "backlog_by_priority": dict(reading.backlog.depth)}))
+        backlog = reading.backlog
+        print(
+            json.dumps(
+                {
+                    **advice.to_json(),
+                    "backlog_by_priority": dict(backlog.depth),
+                    "backlog_by_tenant": backlog.by_tenant(),
+                }
+            )
+        )
         return 0
     print(f"desired worker nodes: {advice.desired_nodes} (now {advice.current_nodes})")
     print(
