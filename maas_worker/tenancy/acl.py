@@ -185,6 +185,7 @@ def monitor_rules() -> list[str]:
         *(f"%R~{q}*" for q in _JOB_QUEUES),  # their own lists and the tenants'
         f"%R~{fetch.RING_PREFIX}*",
         f"%R~{fetch.ARRIVALS_PREFIX}*",
+        f"%R~{fetch.WAKE_KEY}",  # a KEDA list scaler's wake from zero (operations.md)
         f"%R~{keyspace.NODES}",
         f"%R~{keyspace.SAMPLES}",
         f"%R~{keyspace.PREFIX}sample:*",

@@ -5,14 +5,16 @@
 --
 --   ring   = the tenants with work at this priority, a list; the one at the
 --            right end has the turn;
---   credit = hash ring .. ':credit': takes left in the current turn of each
---            tenant in the ring (a tenant is in the ring iff it is here);
+--   credit = hash ring .. ':credit': takes already given in the current turn
+--            of each tenant in the ring (a tenant is in the ring iff it is
+--            here; written only for a weight above 1);
 --   arrivals = set ARGV[8] .. queue: tenants that pushed (producers SADD
 --            their own name after each push); admitted at the left end, so a
 --            newcomer waits at most one turn of each tenant already waiting;
 --   tenant list = ARGV[5] .. queue .. '.' .. tenant;
 --   weight = KEYS[3][tenant] (workers write it from the keyring; default 1):
---            the takes a tenant gets per turn (weighted round robin).
+--            the takes a tenant gets per turn (weighted round robin), read at
+--            each take from the tenant (one HGET: a change holds at once).
 --
 -- Each take costs O(1) in tenants and jobs: at most ARGV[9] arrivals looked
 -- at and a bounded number of stale ring entries dropped.
@@ -88,7 +90,7 @@ local function admit(queue, ring, credit, arrivals)
        and redis.call('HEXISTS', credit, t) == 0
        and redis.call('LLEN', prefix .. queue .. '.' .. t) > 0 then
       redis.call('LPUSH', ring, t)
-      redis.call('HSET', credit, t, weight(t))
+      redis.call('HSET', credit, t, 0)
     end
   end
 end
@@ -112,14 +114,18 @@ local function take_ring(key)
       if stale >= STALE_MAX then return end
     else
       emit(queue, source, msg, reserve(msg, source))
-      local left = redis.call('HINCRBY', credit, t, -1)
       if redis.call('LLEN', list) == 0 then
+        -- Nothing more queued: out of the ring (a push announces it again).
         redis.call('RPOP', key)
         redis.call('HDEL', credit, t)
-      elseif left <= 0 then
-        -- Turn over: to the back of the ring, with a fresh turn's credit.
-        redis.call('LMOVE', key, key, 'RIGHT', 'LEFT')
-        redis.call('HSET', credit, t, weight(t))
+      else
+        local w = weight(t)
+        -- Weight 1 (the default) writes nothing but the move: its turn is one take.
+        if w == 1 or redis.call('HINCRBY', credit, t, 1) >= w then
+          -- Turn over: to the back of the ring, the next turn starts afresh.
+          if w > 1 then redis.call('HSET', credit, t, 0) end
+          redis.call('LMOVE', key, key, 'RIGHT', 'LEFT')
+        end
       end
     end
   end
