@@ -139,33 +139,27 @@ def run(r: redis.Redis, command: list[Any], takes: int) -> tuple[float, float]:
     r.config_resetstat()
     t = time.perf_counter()
     for _ in range(takes):
-        reply = r.execute_command(*command)
+        reply = r.execute_command(*command)  # type: ignore[no-untyped-call]
         assert reply, "ran out of jobs"
     client_us = (time.perf_counter() - t) / takes * 1e6
     return client_us, server_us_per_call(r)
 
 
-def bench(r: redis.Redis, tenants: int | None, takes: int, repeat: int) -> dict[str, float]:
-    clients, servers = [], []
-    for _ in range(repeat):
-        fill(r, tenants or 0, takes)
-        r.script_load(SINGLE_LIST_TAKE)
-        r.script_load(fetch.POP_RESERVE)
-        if tenants is None:
-            command = single_list_command()
-        else:
-            command = fair_command()
-            # Admit every tenant first (16 arrivals per take): the steady state.
-            while r.scard(fetch.arrivals_key(NORMAL)):
-                r.execute_command(*command)
-            # (A tenant served twice while the ring was still filling may have
-            # run out: newcomers join at the back. A handful, at 1,000 and more.)
-            ring = r.llen(fetch.ring_key(NORMAL))
-            assert ring >= 0.99 * (tenants or 0), (tenants, ring)
-        c, s = run(r, command, takes)
-        clients.append(c)
-        servers.append(s)
-    return {"client_us": statistics.median(clients), "server_us": statistics.median(servers)}
+def once(r: redis.Redis, tenants: int | None, takes: int) -> tuple[float, float]:
+    """One run: fill, admit every tenant (the steady state), time ``takes`` takes."""
+    fill(r, tenants or 0, takes)
+    r.script_load(SINGLE_LIST_TAKE)
+    r.script_load(fetch.POP_RESERVE)
+    if tenants is None:
+        return run(r, single_list_command(), takes)
+    command = fair_command()
+    while r.scard(fetch.arrivals_key(NORMAL)):  # 16 arrivals admitted per take
+        r.execute_command(*command)  # type: ignore[no-untyped-call]
+    # (A tenant served twice while the ring was still filling may have run out:
+    # newcomers join at the back. A handful, at 1,000 and more.)
+    ring = r.llen(fetch.ring_key(NORMAL))
+    assert ring >= 0.99 * (tenants or 0), (tenants, ring)
+    return run(r, command, takes)
 
 
 def ping_us(r: redis.Redis, n: int) -> float:
@@ -189,12 +183,27 @@ def main() -> None:
         version = r.info("server").get("valkey_version") or r.info("server")["redis_version"]
         print(f"server: {version}")
         ping = statistics.median(ping_us(r, args.takes) for _ in range(args.repeat))
-        rows: list[tuple[str, dict[str, float]]] = [
-            ("single list (before fair share)", bench(r, None, args.takes, args.repeat)),
-            ("fair, old single list (migration)", bench(r, 0, args.takes, args.repeat)),
+        configs: list[tuple[str, int | None]] = [
+            ("single list (before fair share)", None),
+            ("fair, old single list (migration)", 0),
+            *((f"fair, {n:,} tenant(s) with work", n) for n in TENANTS),
         ]
-        for n in TENANTS:
-            rows.append((f"fair, {n:,} tenant(s) with work", bench(r, n, args.takes, args.repeat)))
+        # Every configuration once per round, so a slower minute of a shared
+        # machine falls on all of them alike.
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in configs}
+        for _ in range(args.repeat):
+            for name, tenants in configs:
+                runs[name].append(once(r, tenants, args.takes))
+        rows = [
+            (
+                name,
+                {
+                    "client_us": statistics.median(c for c, _ in runs[name]),
+                    "server_us": statistics.median(s for _, s in runs[name]),
+                },
+            )
+            for name, _ in configs
+        ]
         base = rows[0][1]
         print(f"\nPING: {ping:.1f} us")
         print("| take | us per take (client) | / single list | Redis us per take | / single list |")
