@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from maas_worker.broker.app import SETTINGS_ATTR, TRANSPORT, producer_config, settings_of
 from maas_worker.monitoring.samples import celery_options as monitoring_options
@@ -87,3 +87,21 @@ def configure(app: Celery, settings: Settings) -> None:
 
 
 app = make_app()
+
+
+def _refuse_bad_credentials(instance: Any = None, options: Any = None, **_: Any) -> None:
+    """A worker of a maas app whose credentials Redis refuses exits 1 with the cause.
+
+    ``celeryd_init`` is the first thing a Celery worker sends, before its
+    banner, its logging and its connection retries: the one place both
+    ``celery -A maas_worker.app worker`` and ``maas-worker worker`` pass.
+    """
+    app = getattr(instance, "app", None)
+    if app is None or app.main != "maas_worker":
+        return  # another app's worker in this process
+    from maas_worker.worker.node import refuse_bad_credentials
+
+    refuse_bad_credentials(settings_of(app), logfile=(options or {}).get("logfile"))
+
+
+signals.celeryd_init.connect(_refuse_bad_credentials)

@@ -63,15 +63,18 @@ def check_credentials(url: str, *, tls: RedisTLS, who: str) -> None:
     checks before it starts retrying connections (Celery retries a broker it
     cannot reach a hundred times). A server that is not reachable yet is
     left to those retries; ``sentinel://`` URLs are resolved by kombu, not here.
-    The message is Redis's own refusal (``WRONGPASS ...``), never the URL.
+    The message is Redis's own refusal (``WRONGPASS ...``, ``NOAUTH ...``,
+    ``NOPERM ...``), never the URL.
     """
     if url.startswith("sentinel://"):
         return
     client = redis_client(url, tls=tls)
     try:
         client.ping()
-    except redis.AuthenticationError as exc:
-        code = getattr(exc, "status_code", None) or "AUTH"
+    except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
+        # WRONGPASS, NOAUTH (a password is needed) or NOPERM (a user without the rights).
+        default = "NOPERM" if isinstance(exc, redis.exceptions.NoPermissionError) else "AUTH"
+        code = getattr(exc, "status_code", None) or default
         raise ConfigError(f"Redis refused {who}'s credentials ({code} {str(exc)[:80]})") from None
     except redis.RedisError:
         return

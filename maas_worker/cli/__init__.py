@@ -5,7 +5,8 @@ exits non-zero (2 for a command line that does not parse, 1 otherwise);
 stdout carries only results (job ids, JSON).
 
 The commands live by group: ``keys.py`` (tenant keys), ``jobs.py`` (submit,
-status, cancel, result), ``services.py`` (worker, beat, Flower, ping, demo),
+status, cancel, result), ``services.py`` (worker, beat, Flower, ping, demo), ``server.py``
+(the bundled Valkey server),
 ``fleet.py`` (audit, stats, scale, metrics), ``acl.py`` and ``models.py``.
 The group's global flags and the environment make one `Settings`
 (`context.Invocation`), passed down through click's ``ctx.obj``.
@@ -20,7 +21,7 @@ import click
 import redis
 
 from maas_worker import __version__
-from maas_worker.cli import acl, fleet, jobs, keys, models, services
+from maas_worker.cli import acl, fleet, jobs, keys, models, server, services
 from maas_worker.cli.context import CONTEXT_SETTINGS, Group, Invocation
 from maas_worker.errors import MaasError, connection_cause
 from maas_worker.settings import redact_url
@@ -61,6 +62,7 @@ for _command in (
     services.ping,
     fleet.stats,
     services.demo,
+    server.server,
     models.models,
     fleet.scale,
     fleet.metrics,

@@ -46,11 +46,47 @@ def audit(settings: Settings, as_json: bool, limit: int) -> int:
     return 0
 
 
+def _wait_for_samples(backend: Any, settings: Settings, wait_s: float) -> None:
+    """Return once every live worker node has a current sample, or after ``wait_s`` seconds.
+
+    A node is live if it sent its heartbeat within `catalog.NODE_LIVE_S`; with
+    none live there is nothing to wait for.
+    """
+    from maas_worker.backend import keyspace
+    from maas_worker.backend.catalog import NODE_LIVE_S
+    from maas_worker.monitoring.samples import SampleStore
+
+    store = SampleStore(backend, interval_s=settings.sample_interval_s)
+    deadline = time.monotonic() + wait_s
+    while True:
+        live = {
+            n.decode()
+            for n in backend.zrangebyscore(keyspace.NODES, time.time() - NODE_LIVE_S, "+inf")
+        }
+        if not live - set(store.latest()) or time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
+
+
 @click.command(cls=Command, short_help="each worker's latest resource sample, and the backlog")
 @json_option("one JSON document instead of text")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="S",
+    help="wait up to S seconds for every live worker's first sample (a worker or beat "
+    "that just started)",
+)
 @pass_settings
-def stats(settings: Settings, as_json: bool) -> int:
-    """Each worker's latest resource sample, and the backlog of each queue."""
+def stats(settings: Settings, as_json: bool, wait_s: float) -> int:
+    """Each worker's latest resource sample, and the backlog of each queue.
+
+    Beat asks every worker for a sample when it starts and then each
+    $MAAS_SAMPLE_INTERVAL_S: a worker with no current sample is one that
+    started since, or a deployment without `maas-worker beat`.
+    """
     from maas_worker.backend import keyspace
     from maas_worker.backend.redis import backend_client
     from maas_worker.monitoring.fleet import read_fleet
@@ -58,6 +94,8 @@ def stats(settings: Settings, as_json: bool) -> int:
 
     # redis-py types replies as unions; these are plain bytes/float replies.
     backend: Any = backend_client(settings)
+    if wait_s:
+        _wait_for_samples(backend, settings, wait_s)
     reading = read_fleet(settings, backend=backend)
     now = time.time()
     seen = {
@@ -101,7 +139,10 @@ def stats(settings: Settings, as_json: bool) -> int:
         seen_text = "never" if w["last_seen_s_ago"] is None else f"{w['last_seen_s_ago']} s ago"
         sample = w["sample"]
         if sample is None:
-            print(f"{w['worker']}  (seen {seen_text}; no current sample)")
+            print(
+                f"{w['worker']}  (seen {seen_text}; no current sample: beat samples every "
+                f"{settings.sample_interval_s:g} s; is `maas-worker beat` running?)"
+            )
             continue
         text = summarize(sample)
         print(f"{w['worker']}  (seen {seen_text}; sampled {now - sample['at']:.1f} s ago)")

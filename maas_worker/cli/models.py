@@ -285,7 +285,11 @@ def keygen(settings: Settings, out: Path | None, encryption: bool, keys: Path | 
     help="the most inputs one model call takes (default 1024)",
 )
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="signed metadata (repeat)")
-@click.option("--keys", type=Path, help="model keys, to read an encrypted artifact")
+@click.option(
+    "--keys",
+    type=Path,
+    help="model keys, to read an encrypted artifact (default: $MAAS_MODEL_KEYS)",
+)
 @click.option(
     "--no-release", is_flag=True, help="stage the version: do not point the bare model name at it"
 )
@@ -312,7 +316,11 @@ def sign(
 
     outputs = dict(_output_key(o) for o in output)
     metadata = dict(m.split("=", 1) for m in meta if "=" in m)
-    model_keys = ModelKeys.load(keys) if keys else None
+    # The keys `encrypt` used and `verify` and the workers read: --keys, else
+    # $MAAS_MODEL_KEYS (or its default) when there is one; only an encrypted
+    # artifact needs them.
+    keys_path = keys or settings.model_keys_path
+    model_keys = ModelKeys.load(keys_path) if keys or keys_path.exists() else None
     signing = SigningKey.load(key)
     manifest = sign_version(
         version_dir,
@@ -406,7 +414,8 @@ def encrypt(
     """Encrypt the model file SRC to DST (AES-256-GCM, chunked) for a version directory."""
     from maas_worker.models.publish import encrypt_file
 
-    ring = ModelKeys.load(keys or settings.model_keys_path)
+    keys_path = keys or settings.model_keys_path
+    ring = ModelKeys.load(keys_path)
     if key_id is None and len(ring.keys) != 1:
         raise ConfigError("the model keys file holds several keys: choose one with --key-id")
     key_id = key_id or next(iter(ring.keys))
@@ -415,7 +424,7 @@ def encrypt(
     except ModelRejected:
         raise ConfigError(f"no model key {key_id}") from None
     written = encrypt_file(src, dst, key, chunk_bytes=chunk_bytes)
-    print(f"encrypted {src} -> {dst} ({written} bytes, model key {key_id})")
+    print(f"encrypted {src} -> {dst} ({written} bytes, model key {key_id} of {keys_path})")
     return 0
 
 

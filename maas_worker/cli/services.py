@@ -77,11 +77,8 @@ def worker(
     from maas_worker.models.signing import TrustedSigners
 
     TrustedSigners.from_paths(settings.trusted_signers)  # ... or without its model signers
-    from maas_worker.backend.redis import check_credentials
-
-    # ... or with credentials Redis refuses (Celery would retry them for minutes).
-    for url in dict.fromkeys((settings.broker_url, settings.result_backend)):
-        check_credentials(url, tls=settings.redis_tls, who="the worker")
+    # Credentials Redis refuses stop the worker itself (worker/node.py), under
+    # `celery -A maas_worker.app worker` too.
     configure(app, settings)
     argv = ["worker", "-Q", ",".join(QUEUE_NAMES), "--loglevel", loglevel]
     if batch_consumer:

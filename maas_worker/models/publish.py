@@ -82,7 +82,8 @@ def _plain_model_bytes(path: Path, model_keys: ModelKeys | None) -> bytes:
         return path.read_bytes()
     if model_keys is None:
         raise ConfigError(
-            f"{path.name} is encrypted: pass the model keys (--keys) to read its inputs and outputs"
+            f"{path.name} is encrypted: no model keys to read its inputs and outputs "
+            "(MAAS_MODEL_KEYS or --keys: the file `models encrypt` used)"
         )
     key = model_keys.get(key_id_of(head))
     sink = io.BytesIO()

@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import psutil
@@ -98,6 +99,9 @@ def celery_options(settings: Settings) -> dict[str, Any]:
                 "task": SAMPLE_TASK,
                 "schedule": settings.sample_interval_s,
                 "options": sample_options(settings.sample_interval_s),
+                # Due at once when beat starts, not one interval later: a fresh
+                # deployment's `maas-worker stats` has samples within a second.
+                "last_run_at": datetime.fromtimestamp(0, UTC),
             }
         },
         # The schedule is one fixed interval: nothing worth persisting, and no

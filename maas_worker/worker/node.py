@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,10 @@ from typing import Any
 import redis
 from celery import bootsteps
 
-from maas_worker.backend.redis import backend_client
+from maas_worker.backend.redis import backend_client, check_credentials
 from maas_worker.broker import transport
 from maas_worker.broker.app import settings_of
+from maas_worker.errors import ConfigError
 from maas_worker.monitoring import autoscale, metrics
 from maas_worker.monitoring.samples import (
     STATS_KEY,
@@ -194,6 +196,32 @@ class Node:
                 metrics.remove_multiprocess_dir(self.metrics_dir)
         except Exception:
             log.exception("could not withdraw the node's sample or metrics")
+
+
+def refuse_bad_credentials(settings: Settings, *, logfile: str | None = None) -> None:
+    """Exit 1 with one line naming the cause if Redis refuses the worker's credentials.
+
+    Celery retries a broker connection that fails a hundred times ("Trying
+    again in 2.00 seconds... (1/100)"), but a wrong password, an unknown user
+    or a user without the worker's rights (WRONGPASS, NOAUTH, NOPERM) never
+    gets better by retrying. One PING per URL at start (the broker's and the
+    result backend's), none per job; a server that is not reachable yet is
+    left to Celery's retries. The worker app runs it as the worker starts
+    (app.py, ``celeryd_init``), so that ``celery -A maas_worker.app worker``
+    and ``maas-worker worker`` both exit. The line is Redis's refusal, never
+    the URL or password; it goes to stderr and, with ``--logfile`` (Celery's
+    logging is not set up yet), is appended to the log file too.
+    """
+    for url in dict.fromkeys((settings.broker_url, settings.result_backend)):
+        try:
+            check_credentials(url, tls=settings.redis_tls, who="the worker")
+        except ConfigError as exc:
+            line = f"maas-worker: error: {exc}"
+            if logfile:
+                with contextlib.suppress(OSError), open(logfile, "a") as f:
+                    f.write(line + "\n")
+            print(line, file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
 
 
 class NodeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -195,3 +196,6 @@ def test_demo_runs_the_whole_system_and_exits_zero(tmp_path) -> None:
     assert "refused, audit: tampered; the model never ran" in out.stdout
     assert "none found" in out.stdout
     assert out.stdout.rstrip().endswith("OK")
+    # Nothing a reader would take for a problem (#15: `make demo` showed warnings).
+    assert not re.search(r"warn|deprecat|traceback", out.stdout + out.stderr, re.I)
+    assert out.stderr == ""

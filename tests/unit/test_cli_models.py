@@ -207,3 +207,24 @@ def test_release_command_sign_no_release_and_list(
     assert code == 1 and "pass --serial" in err
     code, out, _ = run(capsys, "models", "release", "digits", "1", "--key", key, "--serial", "12")
     assert code == 0 and "serial 12" in out
+
+
+def test_sign_reads_an_encrypted_artifact_with_the_model_keys_encrypt_used(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """encrypt then sign, both on $MAAS_MODEL_KEYS, as README's model block runs them."""
+    assert run(capsys, "models", "keygen", "--out", str(env / "owner.key"))[0] == 0
+    assert run(capsys, "models", "keygen", "--encryption")[0] == 0
+    version = env / "repo" / "fraud" / "3"
+    version.mkdir(parents=True)
+    code, out, _ = run(
+        capsys, "models", "encrypt", str(BUNDLED_DIGITS), str(version / "model.onnx.enc")
+    )
+    assert code == 0 and str(env / "model-keys.json") in out  # says which keys file
+    code, out, err = run(capsys, "models", "sign", str(version), "--key", str(env / "owner.key"))
+    assert (code, err) == (0, "") and "encrypted" in out
+    assert run(capsys, "models", "verify", str(version))[0] == 0
+    # Without any model keys: one line saying where they are read from.
+    (env / "model-keys.json").unlink()
+    code, _, err = run(capsys, "models", "sign", str(version), "--key", str(env / "owner.key"))
+    assert code == 1 and "MAAS_MODEL_KEYS or --keys" in err and err.count("\n") == 1

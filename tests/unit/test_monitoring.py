@@ -298,6 +298,17 @@ def test_the_sample_task_sends_no_task_events_and_returns_nothing() -> None:
     assert sample.__annotations__["return"] in (None, "None")
 
 
+def test_beat_asks_for_the_first_sample_as_it_starts_then_each_interval() -> None:
+    from celery import Celery
+    from celery.beat import ScheduleEntry
+
+    app = Celery("t")
+    entry = celery_options(Settings.from_env({"MAAS_SAMPLE_INTERVAL_S": "5"}))["beat_schedule"]
+    first = ScheduleEntry(**dict(entry["maas-sample"], name="maas-sample", app=app))
+    assert first.is_due() == (True, 5.0)  # due now, not one interval after beat starts
+    assert next(first).is_due()[0] is False  # then every interval
+
+
 def test_the_app_is_json_only_and_consumes_the_broadcast_queue() -> None:
     from maas_worker.app import celery_config
 
