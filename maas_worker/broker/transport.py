@@ -25,10 +25,13 @@ lost connection tore down. The defects each of these closes are in docs/reliabil
 ("Defects the suite found").
 
 Producers (`Client`) select `Transport` as their app's ``broker_transport`` so that
-they ring the wake-up list; worker processes `install` the channel over kombu's Redis
-transport (``tasks.py`` does). A producer on a ``redis+socket://`` URL gets kombu's
-plain transport (the URL names it): its jobs are found by the idle poll instead, within
-a second.
+they ring the wake-up list and push each job to its tenant's list of the queue (the
+message property `fetch.TENANT_PROPERTY` names it) with the tenant's arrival (fair
+share, fetch.py); a put-back job returns to the list it was taken from. Worker
+processes `install` the channel over kombu's Redis transport (``tasks.py`` does). A
+producer on a ``redis+socket://`` URL gets kombu's plain transport (the URL names it):
+its jobs go to the queue's own list (taken first, outside the tenant ring) and are
+found by the idle poll instead, within a second.
 """
 
 from __future__ import annotations
