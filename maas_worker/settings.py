@@ -607,8 +607,8 @@ class Settings:
         check=_check_depth,
         shown=f"`{DEFAULT_MAX_QUEUE_DEPTH}`",
         accepted="`N` or `high=N,normal=N,low=N` (N >= 1; a priority left out: the default)",
-        doc="backpressure: submit refuses (`QueueFull`) at this many queued jobs, for every "
-        "priority or for each",
+        doc="backpressure: submit refuses (`QueueFull`) at this many queued jobs of its tenant, "
+        "for every priority or for each",
     )
     memory_high_water_pct: float = setting(
         DEFAULT_MEMORY_HIGH_WATER_PCT,

@@ -32,6 +32,7 @@ from kombu.transport import redis as kombu_redis
 from maas_worker import AsyncClient, Client, as_completed
 from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.audit import AuditLog
+from maas_worker.broker import fetch
 from maas_worker.errors import ConfigError, JobCancelled
 from maas_worker.local.embedded import free_port, server_binary
 from maas_worker.local.processes import WorkerProcess
@@ -390,6 +391,20 @@ FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
         ("DEL", "maas.high"),
         ("LPOP", "maas.high"),
         ("RPOP", "maas.normal"),
+        # Fair share: only its own list of each queue, and only its name added to
+        # the arrivals; no other tenant's list, the old shared list or the ring.
+        ("LPUSH", "maas.high", "x"),
+        ("LPUSH", "maas.normal.globex", "x"),
+        ("LLEN", "maas.normal.globex"),
+        ("RPOP", "maas.normal.acme"),
+        ("LRANGE", "maas.normal.acme", "0", "-1"),
+        ("SREM", "maas:arrivals:maas.normal", "globex"),
+        ("SPOP", "maas:arrivals:maas.normal"),
+        ("SMEMBERS", "maas:arrivals:maas.normal"),
+        ("LPUSH", "maas:ring:maas.normal", "acme"),
+        ("LMOVE", "maas:ring:maas.normal", "maas:ring:maas.normal", "RIGHT", "RIGHT"),
+        ("HSET", "maas:ring:maas.normal:credit", "acme", "1000"),
+        ("HSET", "maas:weights", "acme", "100"),
         ("LTRIM", "maas.low", "1", "0"),
         ("LRANGE", "maas.high", "0", "-1"),
         ("LINDEX", "maas.high", "0"),
@@ -434,6 +449,10 @@ FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
         ("DEL", "maas.high"),
         ("LPUSH", "maas.high", "x"),
         ("RPOP", "maas.high"),
+        ("RPOP", "maas.high.acme"),
+        ("LPUSH", "maas:ring:maas.high", "acme"),
+        ("SADD", "maas:arrivals:maas.high", "acme"),
+        ("HSET", "maas:weights", "acme", "100"),
         ("GET", f"{ACME}result:{JOB}"),
         ("XRANGE", keyspace.AUDIT_STREAM, "-", "+"),
         ("PUBLISH", "/0.celery.pidbox", "x"),
@@ -532,6 +551,7 @@ def test_replaying_a_finished_job_after_trying_to_delete_its_state_fails(
             with pytest.raises(redis.exceptions.NoPermissionError):
                 producer.delete(f"{ACME}{kind}:{job.id}")
         producer.lpush(queue, copy)
+        producer.sadd(fetch.arrivals_key("maas.high"), "acme")  # as the client does
         producer.lpush("maas:wake", "1")
     finally:
         producer.close()
