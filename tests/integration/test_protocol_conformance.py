@@ -197,9 +197,10 @@ class Producer:
         )
         if spoil_mac:
             envelope = envelope[:-1] + bytes([envelope[-1] ^ 1])
-        queue = f"maas.{priority}"  # 3.7
-        # 3.3: backpressure, the queue's length against MAAS_MAX_QUEUE_DEPTH.
-        assert int(self.r.llen(queue)) + 1 <= MAX_QUEUE_DEPTH
+        queue = f"maas.{priority}"  # 3.7: the priority's queue
+        tenant_list = f"{queue}.{self.tenant}"  # 3.7: this tenant's list of it
+        # 3.3: backpressure, the tenant's list's length against MAAS_MAX_QUEUE_DEPTH.
+        assert int(self.r.llen(tenant_list)) + 1 <= MAX_QUEUE_DEPTH
         # 3.4: the advisory quota check, for a tenant with a quota.
         if self.policy.get("rate_per_s") or self.policy.get("max_in_flight"):
             code, _ = self.r.fcall(
@@ -239,11 +240,14 @@ class Producer:
                 "body_encoding": "base64",
                 "delivery_tag": str(uuid.uuid4()),
                 "delivery_info": {"exchange": "", "routing_key": queue},
+                "maas_tenant": self.tenant,
             },
         }
-        # 3.7 and 3.8: the entry, its wake-up token and the trim, in one pipeline.
-        pipe = self.r.pipeline(transaction=False)
-        pipe.lpush(queue, json.dumps(entry))
+        # 3.7 and 3.8: the entry, the tenant's arrival, the wake-up token and the
+        # trim, in one MULTI/EXEC.
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lpush(tenant_list, json.dumps(entry))
+        pipe.sadd(f"maas:arrivals:{queue}", self.tenant)
         if wake:
             pipe.lpush("maas:wake", "1")
             pipe.ltrim("maas:wake", 0, 255)
@@ -547,7 +551,8 @@ def test_refusals_reach_the_producer_as_documented(deployment: Deployment) -> No
         "headers": {"task": "maas.infer", "id": job_id},
         "properties": {"body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
     }
-    acme.r.lpush("maas.high", json.dumps(entry))
+    acme.r.lpush("maas.high.acme", json.dumps(entry))
+    acme.r.sadd("maas:arrivals:maas.high", "acme")
     assert deployment.audited(job_id, "tampered")["verified"] == "0"
     # 3.4: a batch over the cap on jobs in flight (100) is refused, nothing recorded.
     code, wait_ms = acme.r.fcall(
@@ -574,10 +579,14 @@ def test_the_wake_up_token_is_taken_by_an_idle_worker(deployment: Deployment) ->
 
 def test_a_producer_cannot_step_outside_its_role(deployment: Deployment) -> None:
     acme = deployment.producers["acme"]
-    # 2.2: no reading a queue's messages, no other tenant's keys, no Lua, no MGET that names another tenant's key.
+    # 2.2: no reading a queue's messages, no other tenant's keys, no Lua,
+    # no MGET that names another tenant's key.
     job = str(uuid.uuid4())
     for command in (
-        ("LRANGE", "maas.normal", 0, -1),
+        ("LRANGE", "maas.normal.acme", 0, -1),
+        ("LPUSH", "maas.normal", "x"),  # 3.7: only its own list of a queue
+        ("LPUSH", "maas.normal.globex", "x"),
+        ("SMEMBERS", "maas:arrivals:maas.normal"),  # 3.7: add only
         ("GET", f"maas:{{globex}}:job:{job}"),
         ("EVAL", "return 1", 0),
         ("PUBLISH", "maas.monitor", "x"),
