@@ -31,7 +31,7 @@
 #   COMPOSE_TEST_CACHE  a folder to keep the stand-in root file systems in between
 #                       runs (default: none, everything is made again and removed)
 #   COMPOSE_TEST_PULL_TIMEOUT  seconds to try pulling the pinned images (default 60)
-set -euo pipefail
+set -Eeuo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 started=$(date +%s)
@@ -126,6 +126,7 @@ stop_everything() {
     exit "$rc"
 }
 trap stop_everything EXIT
+trap 'printf "[compose-test] line %s failed: %s\n" "$LINENO" "$BASH_COMMAND" >&2' ERR
 trap 'exit 130' INT TERM
 
 # -- 1. the private daemon ---------------------------------------------------------------
@@ -157,7 +158,7 @@ pinned_redis=$(sed -n 's/^ *image: ${MAAS_REDIS_IMAGE:-\(.*\)}$/\1/p' "$repo/doc
 mirror=${DEBIAN_MIRROR:-$(
     { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
       grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}'; } |
-        grep -v -e security -e '^https' | head -n 1
+        grep -v -e security -e '^https' | head -n 1 || true
 )}
 mirror=${mirror:-http://deb.debian.org/debian}
 
@@ -180,9 +181,13 @@ standin() {
             cp -R /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
         fi
         chroot "$root" /bin/sh -c "$setup"
+        # Whatever debootstrap left mounted in it (/proc, where it runs in a container).
+        { grep -F " $root/" /proc/mounts || true; } | awk '{print $2}' | sort -r | while read -r m; do
+            umount -l "$m"
+        done
         rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
         tar="${tar:-$tmp/standin-$name.tar}"
-        tar -C "$root" -cf "$tar" .
+        tar -C "$root" --one-file-system -cf "$tar" .
         rm -rf "$root"
     fi
     local changes=()
@@ -202,7 +207,7 @@ if try_pull "$pinned_python"; then
 else
     log "cannot pull $pinned_python: making a stand-in"
     standin python ca-certificates,python3,python3-venv,python-is-python3 \
-        "update-ca-certificates >/dev/null" \
+        "update-ca-certificates >/dev/null 2>&1" \
         "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
         "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt" \
         'CMD ["python3"]'
@@ -214,7 +219,7 @@ if try_pull "$pinned_redis"; then
 else
     log "cannot pull $pinned_redis: making a stand-in (Debian's redis-server as valkey-server)"
     standin valkey ca-certificates,redis-server \
-        "update-ca-certificates >/dev/null && ln -s /usr/bin/redis-server /usr/local/bin/valkey-server && mkdir -p /data" \
+        "update-ca-certificates >/dev/null 2>&1 && ln -s /usr/bin/redis-server /usr/local/bin/valkey-server && mkdir -p /data" \
         "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
         "WORKDIR /data" 'CMD ["valkey-server"]'
     export MAAS_REDIS_IMAGE=maas-standin/valkey:bookworm
