@@ -50,7 +50,9 @@ roles="operator worker beat monitor flower producer-$example_tenant"
 for role in $roles; do
     [ -s "$secrets/redis-passwords/$role" ] || random_hex > "$secrets/redis-passwords/$role"
 done
-[ -s "$secrets/redis-acl/users.acl" ] || echo "user default reset off" \
+# (Off, yet with every permission: the server replays the append-only file's
+# transactions as `default`; maas_worker/tenancy/acl.py, DEFAULT_USER.)
+[ -s "$secrets/redis-acl/users.acl" ] || echo "user default reset off ~* &* +@all" \
     > "$secrets/redis-acl/users.acl"
 
 # -- TLS: a private CA, the server's certificate, one client certificate.

@@ -80,7 +80,7 @@ compose() { (cd "$deploy" && docker compose "${compose_files[@]}" "$@"); }
 stop_everything() {
     local rc=$?
     set +e
-    trap - EXIT INT TERM
+    trap - EXIT INT TERM ERR
     if [ -n "$dockerd_pid" ] && kill -0 "$dockerd_pid" 2>/dev/null; then
         if [ "$rc" != 0 ] && [ -d "$deploy" ]; then
             log "logs of the stack (the run failed):"
@@ -328,7 +328,9 @@ echo "    no login: $anon, wrong password: $wrong, the password of .env: $good"
 
 log "a job queued while the workers are stopped survives a Valkey restart"
 compose stop --timeout 60 worker >/dev/null 2>&1
-job=$("${host_env[@]}" "$maas_cli" submit --model digits --input "$digit" 2>&1) || fail "submit: $job"
+out=$("${host_env[@]}" "$maas_cli" submit --model digits --input "$digit" 2>&1) || fail "submit: $out"
+job=$(grep -oE '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}' <<<"$out" | head -n 1)
+[ -n "$job" ] || fail "no job id in: $out"
 state=$("${host_env[@]}" "$maas_cli" status "$job" 2>&1 || true)
 echo "    job $job: $state"
 compose restart --timeout 30 redis >/dev/null 2>&1
