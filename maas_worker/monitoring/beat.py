@@ -48,7 +48,7 @@ def is_alive(path: Path, now: float | None = None) -> bool:
     return (time.time() if now is None else now) <= deadline
 
 
-class AliveScheduler(Scheduler):
+class AliveScheduler(Scheduler):  # type: ignore[misc]  # Celery is untyped
     """Celery's in-memory scheduler that records its next tick's deadline after each tick."""
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
