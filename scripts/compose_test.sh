@@ -341,7 +341,13 @@ out=$("${host_env[@]}" "$maas_cli" result --timeout 120 "$job" 2>&1) ||
 grep -q '"labels": \[2\]' <<<"$out" || fail "the queued job's result: $out"
 echo "    after the restart: $(cut -c1-80 <<<"$out")"
 
-log "the services' logs: no traceback, no onnxruntime telemetry warning"
+log "the services' logs: no traceback, no onnxruntime telemetry warning, no replay error"
+# A replayed append-only file whose transactions the server refused (the ACL's
+# `default` user; maas_worker/tenancy/acl.py, DEFAULT_USER) is logged as CRITICAL.
+if compose logs redis 2>&1 | grep -q 'CRITICAL'; then
+    compose logs redis 2>&1 | grep CRITICAL | head -n 3
+    fail "Valkey refused part of its append-only file on the restart"
+fi
 if compose logs worker 2>&1 | grep -q 'Failed to persist telemetry'; then
     fail "onnxruntime could not write under HOME"
 fi
