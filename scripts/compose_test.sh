@@ -334,7 +334,25 @@ job=$(grep -oE '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}' <<
 [ -n "$job" ] || fail "no job id in: $out"
 state=$("${host_env[@]}" "$maas_cli" status "$job" 2>&1 || true)
 echo "    job $job: $state"
+# A transaction of two writes, as workers' library functions write claims and
+# results: the server must replay it from its append-only file after the restart.
+operator_url="redis://operator:$(cat "$deploy/secrets/redis-passwords/operator")@$redis_ip:6379/0"
+tx() {  # tx write|read: a MULTI/EXEC of two SETs, or the two values
+    env -i PATH="$PATH" URL="$operator_url" "$repo/.venv/bin/python" -c '
+import os, sys, redis
+r = redis.Redis.from_url(os.environ["URL"])
+keys = ("maas:compose-test:tx:1", "maas:compose-test:tx:2")
+if sys.argv[1] == "write":
+    r.pipeline(transaction=True).set(keys[0], "1").set(keys[1], "2").execute()
+else:
+    print(r.mget(*keys))' "$1"
+}
+tx write
 compose restart --timeout 30 redis >/dev/null 2>&1
+for _ in $(seq 60); do tx read >/dev/null 2>&1 && break; sleep 0.5; done
+replayed=$(tx read 2>&1)
+echo "    a MULTI/EXEC of two writes, after the restart: $replayed"
+[ "$replayed" = "[b'1', b'2']" ] || fail "Valkey did not replay a transaction from its append-only file"
 compose start worker >/dev/null 2>&1
 out=$("${host_env[@]}" "$maas_cli" result --timeout 120 "$job" 2>&1) ||
     fail "the queued job after the restart: $out"
