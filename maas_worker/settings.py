@@ -234,6 +234,12 @@ def _parse_verify(name: str, raw: str) -> bool:
     return mode == "required"
 
 
+def _optional_path(name: str, value: Any) -> None:
+    """Check: a Path or None."""
+    if value is not None:
+        is_path(name, value)
+
+
 def _existing_file(name: str, value: Any) -> None:
     if value is None:
         return
@@ -696,6 +702,16 @@ class Settings:
         doc="beat asks every worker node for a resource sample this often; a sample older "
         "than 3 intervals is no longer current ([monitoring.md](monitoring.md)); set the "
         "same value for beat and workers",
+    )
+    beat_alive_file: Path | None = setting(
+        None,
+        env="MAAS_BEAT_ALIVE_FILE",
+        parse=parse_path,
+        check=_optional_path,
+        shown="none",
+        doc="beat writes here, after each tick, the unix time by which it will have ticked "
+        "again: a liveness check passes while that time is ahead (the compose `beat` "
+        "service's health check); unset: no file",
     )
     metrics_port: int = setting(
         DEFAULT_METRICS_PORT,

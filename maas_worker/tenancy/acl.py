@@ -264,9 +264,19 @@ def password_digest(password: str) -> str:
     return hashlib.sha256(password.encode()).hexdigest()
 
 
+#: The ``default`` user: off (no connection is ever logged in as it, and it has no
+#: password to log in with), yet allowed every command. The server replays its
+#: append-only file as ``default`` and re-checks each MULTI/EXEC against that
+#: user's rules: with none (``reset off`` alone), every transaction in the file
+#: (a producer's submit, a worker's claim) is dropped silently on a restart, and
+#: queued jobs vanish (valkey-io/valkey#3983, redis/redis#14541; seen with
+#: Redis 7.0 by `make compose-test`).
+DEFAULT_USER = "user default reset off ~* &* +@all"
+
+
 def acl_text(passwords: dict[str, str], *, dbs: Sequence[int] = (0,)) -> str:
     """The ACL file for ``passwords`` (role -> password): ``default`` off, then each role."""
-    lines = ["user default reset off"]
+    lines = [DEFAULT_USER]
     # Fixed roles first, in `ROLES` order, then producers by tenant.
     for role in sorted(passwords, key=lambda r: (ROLES.index(r) if r in ROLES else 99, r)):
         rules = " ".join(role_rules(role, dbs=dbs))

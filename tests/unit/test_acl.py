@@ -36,7 +36,9 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
 def users(acl_file: Path) -> dict[str, tuple[str, str]]:
     """user -> (password hash, rules), every line checked against the format."""
     lines = acl_file.read_text().splitlines()
-    assert lines[0] == "user default reset off"
+    # Off (nobody logs in as it), with every permission: the server replays its
+    # append-only file's transactions as `default` (acl.DEFAULT_USER says why).
+    assert lines[0] == "user default reset off ~* &* +@all"
     out = {}
     for line in lines[1:]:
         m = USER_LINE.fullmatch(line)
