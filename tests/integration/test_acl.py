@@ -583,7 +583,9 @@ def test_a_queued_job_survives_a_restart_with_the_generated_acl(
         operator = redis.Redis.from_url(acl.role_url(url, "operator", operator_password))
         try:
             log = (tmp_path / "server.log").read_text()[-800:]
-            assert operator.llen("maas.high") == 1, log
+            # The job is in acme's list of the queue, and acme still among its arrivals.
+            assert operator.llen("maas.high.acme") == 1, log
+            assert operator.smembers("maas:arrivals:maas.high") == {b"acme"}, log
             assert operator.mget("maas:aof-check", "maas:aof-check:2") == [b"1", b"2"], log
         finally:
             operator.close()
