@@ -386,7 +386,7 @@ class GatewaySettings:
         parse=parse_path,
         check=_existing_file,
         shown="none (plain HTTP)",
-        doc=_GATEWAY + "server certificate chain (PEM): it serves HTTPS",
+        doc=_GATEWAY + "server certificate chain (PEM; may hold the key too): it serves HTTPS",
     )
     tls_key: Path | None = setting(
         None,
@@ -420,8 +420,10 @@ class GatewaySettings:
 
     def __post_init__(self) -> None:
         validate(self)
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ConfigError("MAAS_GATEWAY_TLS_CERT and MAAS_GATEWAY_TLS_KEY go together")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ConfigError(
+                "MAAS_GATEWAY_TLS_KEY needs MAAS_GATEWAY_TLS_CERT (the certificate it belongs to)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
