@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -313,7 +316,6 @@ def test_redis_down_is_503(idle: tuple[Stack, GatewayProcess, Caller]) -> None:
     stack, gw, acme = idle
     _, raw = acme.seal({"text": "x"})
     server_pid = stack.backend.info("server")["process_id"]
-    import os
     import signal
 
     os.kill(server_pid, signal.SIGSTOP)  # Redis hangs: reads time out
@@ -329,3 +331,33 @@ def test_redis_down_is_503(idle: tuple[Stack, GatewayProcess, Caller]) -> None:
         assert int(resp.headers["Retry-After"]) >= 1
     finally:
         os.kill(server_pid, signal.SIGCONT)
+
+
+# -- a client in another language ------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_client_seals_submits_and_opens(shared_stack: Stack, gateway: GatewayProcess) -> None:
+    kv = load_keyring(shared_stack.keyring_path).tenant("acme").primary()
+    proc = subprocess.run(
+        ["node", str(Path(__file__).with_name("gateway_client.mjs"))],
+        env={
+            "PATH": os.environ["PATH"],
+            "GATEWAY_URL": gateway.url,
+            "MAAS_TENANT": "acme",
+            "ROOT_SECRET_B64": base64.b64encode(kv.secret).decode(),
+            "KEY_VERSION": str(kv.version),
+            "MODEL": "echo",
+            "INPUT_JSON": json.dumps({"from": "node", "n": 7}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["result"] == {
+        "ok": True,
+        "output": {"echo": {"from": "node", "n": 7}},
+        "model": out["result"]["model"],
+    }
+    assert out["result"]["model"].startswith("echo@")
