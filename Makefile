@@ -65,6 +65,7 @@ bench: venv
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/batching.py
 	$(BIN)/python benchmarks/async_client.py
+	$(BIN)/python benchmarks/gateway.py
 
 .PHONY: format coverage lock
 
