@@ -450,13 +450,14 @@ def test_the_lock_satisfies_requirements_in() -> None:
 
 
 def test_requirements_in_is_what_pyproject_gives_the_image() -> None:
-    """The core dependencies, the worker and flower extras, and the build backend."""
+    """The core dependencies, the worker, flower and gateway extras, and the build backend."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     extras = pyproject["project"]["optional-dependencies"]
     wanted = [
         *pyproject["project"]["dependencies"],
         *extras["worker"],
         *extras["flower"],
+        *extras["gateway"],
         *pyproject["build-system"]["requires"],
     ]
 
