@@ -425,8 +425,13 @@ def lock_pins() -> dict[str, tuple[str, list[str]]]:
         if not words:
             continue
         name, _, version = words[0].partition("==")
-        assert all(w.startswith("--hash=sha256:") for w in words[1:]), line
-        pins[canonicalize_name(name)] = (version, [w.split(":", 1)[1] for w in words[1:]])
+        # An environment marker (`; sys_platform != "win32"`) may sit between the pin and
+        # its hashes.
+        rest = words[1:]
+        if rest and rest[0] == ";":
+            rest = rest[next(i for i, w in enumerate(rest) if w.startswith("--")) :]
+        assert all(w.startswith("--hash=sha256:") for w in rest), line
+        pins[canonicalize_name(name)] = (version, [w.split(":", 1)[1] for w in rest])
     return pins
 
 
