@@ -92,6 +92,7 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 DEFAULT_GATEWAY_ADDRESS = "127.0.0.1"
 DEFAULT_GATEWAY_PORT = 9550
 DEFAULT_GATEWAY_MAX_BATCH = 1000
+DEFAULT_GATEWAY_MAX_BATCH_BYTES = 16 * 1024 * 1024
 DEFAULT_GATEWAY_BODY_TIMEOUT_S = 10.0
 DEFAULT_GATEWAY_MAX_WAIT_S = 60.0
 
@@ -402,6 +403,14 @@ class GatewaySettings:
         parse=parse_int,
         check=int_in(1, 100_000),
         doc=_GATEWAY + "most envelopes in one `POST /v1/jobs:batch`",
+    )
+    max_batch_bytes: int = setting(
+        DEFAULT_GATEWAY_MAX_BATCH_BYTES,
+        env="MAAS_GATEWAY_MAX_BATCH_BYTES",
+        parse=parse_int,
+        check=int_in(1024),
+        doc=_GATEWAY + "largest `POST /v1/jobs:batch` body (bytes; `413` beyond, enforced "
+        "while it streams in): what one request may make the gateway hold in memory",
     )
     body_timeout_s: float = setting(
         DEFAULT_GATEWAY_BODY_TIMEOUT_S,

@@ -128,8 +128,7 @@ async def submit_batch(gateway: Gateway, request: Request) -> Response:
     tenant = _bearer(gateway, request)
     _content_type(request, BATCH_TYPE)
     s = gateway.settings.gateway
-    per_item = (gateway.max_envelope_bytes + 2) * 4 // 3 + 8
-    raw = await _body(request, s.max_batch * per_item + 64, s.body_timeout_s)
+    raw = await _body(request, s.max_batch_bytes, s.body_timeout_s)
     try:
         doc = json.loads(raw)
         items = doc["envelopes"]

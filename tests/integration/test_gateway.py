@@ -35,7 +35,10 @@ BODY_TIMEOUT_S = 1.0
 @pytest.fixture(scope="module")
 def gateway(shared_stack: Stack) -> Iterator[GatewayProcess]:
     gw = GatewayProcess(
-        shared_stack, MAAS_GATEWAY_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S), MAAS_GATEWAY_MAX_BATCH="8"
+        shared_stack,
+        MAAS_GATEWAY_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
+        MAAS_GATEWAY_MAX_BATCH="8",
+        MAAS_GATEWAY_MAX_BATCH_BYTES="65536",
     )
     yield gw
     gw.stop()
@@ -78,6 +81,10 @@ def test_submit_wait_and_open_the_result(acme: Caller) -> None:
     body = done.json()
     assert body["state"] == "completed", body
     assert acme.open(body["result"], header.job_id)["output"] == {"echo": {"text": "hi"}}
+    # Replayed after it ran: accepted as the same job again, not queued again.
+    again = acme.submit(raw)
+    assert again.status_code == 202 and again.json()["duplicate"] is True
+    assert acme.http.get(resp.headers["Location"]).json() == body
 
 
 def test_the_gateway_keyring_holds_no_key_that_decrypts(gateway: GatewayProcess) -> None:
@@ -244,7 +251,9 @@ def test_batch_one_status_per_item(acme: Caller) -> None:
     too_many = acme.http.post(
         "/v1/jobs:batch", json={"envelopes": [base64.b64encode(good[0][1]).decode()] * 9}
     )
-    assert too_many.status_code == 413
+    assert too_many.status_code == 413 and _error(too_many) == "too_many"
+    too_big = acme.http.post("/v1/jobs:batch", json={"envelopes": ["A" * 70_000]})
+    assert too_big.status_code == 413 and _error(too_big) == "too_large"
     assert acme.http.post("/v1/jobs:batch", json={"items": []}).status_code == 400
 
 
