@@ -143,3 +143,17 @@ def test_openapi_document_is_checked_in() -> None:
     assert json.loads(path.read_text()) == document(), (
         "regenerate: python -m maas_worker.gateway.openapi > docs/gateway-openapi.json"
     )
+
+
+def test_client_with_a_gateway_url_is_a_gateway_client(tmp_path: Path) -> None:
+    from maas_worker import Client
+    from maas_worker.client.viagateway import GatewayClient
+    from maas_worker.errors import ConfigError
+    from maas_worker.settings import Settings
+
+    settings = Settings.from_env({"MAAS_TENANT": "acme", "HOME": str(tmp_path)})
+    client = Client(settings=settings, keyring=_ring(), gateway_url="http://127.0.0.1:1/")
+    assert isinstance(client, GatewayClient) and client.gateway_url == "http://127.0.0.1:1"
+    assert type(Client(settings=settings, keyring=_ring())) is Client
+    with pytest.raises(ConfigError):
+        Client(settings=settings, keyring=_ring(), gateway_url="file:///etc/passwd")

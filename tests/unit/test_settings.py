@@ -161,6 +161,7 @@ def test_every_declared_variable_is_read() -> None:
         "MAAS_GATEWAY_TLS_KEY": str(pem),
         "MAAS_GATEWAY_ADDRESS": "0.0.0.0",
         "MAAS_GATEWAY_KEYRING": "/g.json",
+        "MAAS_GATEWAY_MAX_BATCH_BYTES": "4096",
     }
     for option in options():
         # TLS files need a rediss:// URL, and the client key its certificate.
