@@ -9,6 +9,7 @@ keyring `keys export --mac-only` writes.
 from __future__ import annotations
 
 import socket
+import ssl
 import uuid
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,19 @@ def export_gateway_keyring(stack: Stack, path: Path | None = None) -> Path:
 class GatewayProcess:
     """``maas-worker gateway`` on a free port, serving ``stack``."""
 
-    def __init__(self, stack: Stack, name: str = "gateway", **env: str) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        name: str = "gateway",
+        *,
+        verify: ssl.SSLContext | bool = True,
+        **env: str,
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "MAAS_GATEWAY_TLS_CERT" in env else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        #: What httpx checks the server's certificate with (a CA file for TLS tests).
+        self.verify = verify
         self.keyring_path = export_gateway_keyring(stack)
         self.service = Service(
             stack,
@@ -58,7 +69,8 @@ class GatewayProcess:
         def up() -> bool:
             assert self.service.alive(), self.service.log()
             try:
-                return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
+                resp = httpx.get(self.url + "/healthz", timeout=2, verify=self.verify)
+                return resp.status_code == 200
             except httpx.HTTPError:
                 return False
 
@@ -80,6 +92,7 @@ class Caller:
         self.token = bearer_token(kv.secret, tenant, kv.version)
         self.http = httpx.Client(
             base_url=gateway.url,
+            verify=gateway.verify,
             headers={"Authorization": f"Bearer {self.token}"},
             timeout=WAIT_S,
         )

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -370,3 +371,35 @@ def test_node_client_seals_submits_and_opens(shared_stack: Stack, gateway: Gatew
         "model": out["result"]["model"],
     }
     assert out["result"]["model"].startswith("echo@")
+
+
+# -- TLS --------------------------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_tls_serves_https_only(shared_stack: Stack, tmp_path: Path) -> None:
+    cert, key = tmp_path / "gw.crt", tmp_path / "gw.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
+         "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    gw = GatewayProcess(
+        shared_stack,
+        "gateway-tls",
+        verify=ssl.create_default_context(cafile=str(cert)),
+        MAAS_GATEWAY_TLS_CERT=str(cert),
+        MAAS_GATEWAY_TLS_KEY=str(key),
+    )
+    try:
+        assert gw.url.startswith("https://")
+        caller = Caller(shared_stack, gw)
+        header, raw = caller.seal({"over": "tls"})
+        assert caller.submit(raw).status_code == 202
+        done = caller.http.get(f"/v1/jobs/{header.job_id}", params={"wait": 30}).json()
+        assert caller.open(done["result"], header.job_id)["output"] == {"echo": {"over": "tls"}}
+        caller.http.close()
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on the TLS port
+            httpx.get(f"http://127.0.0.1:{gw.port}/healthz", timeout=5)
+    finally:
+        gw.stop()
