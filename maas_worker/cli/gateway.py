@@ -49,5 +49,8 @@ def gateway(  # noqa: PLR0917 (click passes options by position)
         "tls_key": Path(tls_key) if tls_key else None,
     }
     g = replace(settings.gateway, **{k: v for k, v in given.items() if v is not None})
+    from maas_worker.tenancy.gatekeys import load_gateway_keyring
+
+    load_gateway_keyring(g.keyring_path)  # a missing or unsafe keyring: one line, before serving
     run(replace(settings, gateway=g), log_level=log_level)
     return 0

@@ -267,7 +267,7 @@ class Gateway:
             )
         try:
             previous = await pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
             for n, _ in accepted:
                 replies[n] = error(503, "unavailable", f"Redis unavailable: {exc}", 1.0)
             return []
@@ -306,7 +306,7 @@ class Gateway:
             # A send cut off midway may have queued some: releasing their ids lets the
             # caller resubmit, and the workers' claim runs each job once whatever.
             reply = error(503, "unavailable", str(exc), UNAVAILABLE_RETRY_S)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
             reply = error(503, "unavailable", f"Redis unavailable: {exc}", UNAVAILABLE_RETRY_S)
         with contextlib.suppress(redis.RedisError):
             await self.backend.delete(*(keyspace.gateway_seen(tenant, h.job_id) for h, _ in sealed))
@@ -327,7 +327,7 @@ class Gateway:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(fut, wait_s)
                 body = await self._read(tenant, job_id)
-        except (redis.ConnectionError, redis.TimeoutError, ServiceUnavailable) as exc:
+        except (redis.RedisError, ServiceUnavailable) as exc:
             return error(503, "unavailable", f"Redis unavailable: {exc}", UNAVAILABLE_RETRY_S)
         return _unknown(job_id) if body is None else Reply(200, body)
 
@@ -392,7 +392,7 @@ class Gateway:
             requested = job.cancel_reply(reply)
         except UnknownJob:
             return _unknown(job_id)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:
             return error(503, "unavailable", f"Redis unavailable: {exc}", UNAVAILABLE_RETRY_S)
         return Reply(200, {"job_id": job_id, "cancel_requested": requested})
 

@@ -248,6 +248,11 @@ class GatewayKeyring:
 
 def load_gateway_keyring(path: Path) -> GatewayKeyring:
     """Read a gateway keyring file, refusing it if it is not private to its owner."""
+    if not path.exists():
+        raise KeyringError(
+            f"gateway keyring {path} not found: write one with `maas-worker keys export "
+            f"--mac-only --out {path}` or set MAAS_GATEWAY_KEYRING"
+        )
     check_permissions(path)
     try:
         doc = json.loads(path.read_bytes())
