@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from maas_worker.gateway import metrics as metrics_mod
 from maas_worker.gateway.openapi import document
-from maas_worker.gateway.service import Gateway, Reply, error
+from maas_worker.gateway.service import UNAVAILABLE_RETRY_S, Gateway, Reply, error
 from maas_worker.settings import Settings
 
 #: ``Content-Type`` of one envelope (``POST /v1/jobs``).
@@ -182,7 +182,7 @@ async def healthz(gateway: Gateway, request: Request) -> Response:
     """``GET /healthz``: 200 while Redis answers, else 503."""
     if await gateway.healthy():
         return JSONResponse({"ok": True})
-    return _respond(error(503, "unavailable", "Redis does not answer", 1.0))
+    return _respond(error(503, "unavailable", "Redis does not answer", UNAVAILABLE_RETRY_S))
 
 
 async def metrics(gateway: Gateway, request: Request) -> Response:

@@ -14,6 +14,7 @@ one audit record naming the authenticated tenant.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -41,6 +42,7 @@ from maas_worker.errors import (
     SubmitError,
     UnknownJob,
     UnknownModel,
+    connection_cause,
 )
 from maas_worker.gateway.lanes import GatewayJob, TenantLane
 from maas_worker.gateway.metrics import Metrics
@@ -269,7 +271,7 @@ class Gateway:
             previous = await pipe.execute()
         except redis.RedisError as exc:
             for n, _ in accepted:
-                replies[n] = error(503, "unavailable", f"Redis unavailable: {exc}", 1.0)
+                replies[n] = _unavailable(exc)
             return []
         fresh = []
         for (n, (header, raw)), before in zip(accepted, previous, strict=True):
@@ -307,7 +309,7 @@ class Gateway:
             # caller resubmit, and the workers' claim runs each job once whatever.
             reply = error(503, "unavailable", str(exc), UNAVAILABLE_RETRY_S)
         except redis.RedisError as exc:
-            reply = error(503, "unavailable", f"Redis unavailable: {exc}", UNAVAILABLE_RETRY_S)
+            reply = _unavailable(exc)
         with contextlib.suppress(redis.RedisError):
             await self.backend.delete(*(keyspace.gateway_seen(tenant, h.job_id) for h, _ in sealed))
         return reply
@@ -327,8 +329,10 @@ class Gateway:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(fut, wait_s)
                 body = await self._read(tenant, job_id)
-        except (redis.RedisError, ServiceUnavailable) as exc:
-            return error(503, "unavailable", f"Redis unavailable: {exc}", UNAVAILABLE_RETRY_S)
+        except ServiceUnavailable as exc:
+            return error(503, "unavailable", str(exc), UNAVAILABLE_RETRY_S)
+        except redis.RedisError as exc:
+            return _unavailable(exc)
         return _unknown(job_id) if body is None else Reply(200, body)
 
     async def _read(self, tenant: str, job_id: str) -> dict[str, Any] | None:
@@ -365,8 +369,6 @@ class Gateway:
 
     def _result(self, tenant: str, job_id: str, sealed: bytes) -> dict[str, Any]:
         """A stored result, checked with the MAC key (it cannot be opened here)."""
-        import base64
-
         try:
             header = verify(
                 sealed,
@@ -393,7 +395,7 @@ class Gateway:
         except UnknownJob:
             return _unknown(job_id)
         except redis.RedisError as exc:
-            return error(503, "unavailable", f"Redis unavailable: {exc}", UNAVAILABLE_RETRY_S)
+            return _unavailable(exc)
         return Reply(200, {"job_id": job_id, "cancel_requested": requested})
 
     async def healthy(self) -> bool:
@@ -404,6 +406,16 @@ class Gateway:
         except redis.RedisError:
             return False
         return True
+
+
+def _unavailable(exc: BaseException) -> Reply:
+    # The cause only (connection_cause): never a URL, which may hold a password.
+    return error(
+        503,
+        "unavailable",
+        f"Redis unavailable ({connection_cause(exc)}); retry later",
+        UNAVAILABLE_RETRY_S,
+    )
 
 
 def _unknown(job_id: str) -> Reply:
