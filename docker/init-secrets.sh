@@ -50,7 +50,9 @@ roles="operator worker beat monitor flower producer-$example_tenant"
 for role in $roles; do
     [ -s "$secrets/redis-passwords/$role" ] || random_hex > "$secrets/redis-passwords/$role"
 done
-[ -s "$secrets/redis-acl/users.acl" ] || echo "user default reset off" \
+# (Off, yet with every permission: the server replays the append-only file's
+# transactions as `default`; maas_worker/tenancy/acl.py, DEFAULT_USER.)
+[ -s "$secrets/redis-acl/users.acl" ] || echo "user default reset off ~* &* +@all" \
     > "$secrets/redis-acl/users.acl"
 
 # -- TLS: a private CA, the server's certificate, one client certificate.
@@ -99,11 +101,13 @@ fi
 uid=$(id -u)
 gid=$(id -g)
 if [ "$uid" = 0 ]; then
-    # Never run the services as root: use the image's user and hand the files to it.
+    # Never run the services as root: use the image's user and hand the files to
+    # it (the keyring folder must be its own: `keys init` writes a lock file there).
     uid=10001
     gid=10001
-    echo "init-secrets: running as root; then run:" \
-        "chown -R 10001:10001 $secrets $dir/data $dir/models $dir/signers" >&2
+    chown -R "$uid:$gid" "$secrets" "$dir/data" "$dir/models" "$dir/signers"
+    echo "init-secrets: running as root: the containers run as $uid:$gid, which now" \
+        "owns secrets/, data/, models/ and signers/" >&2
 fi
 if [ ! -s "$dir/.env" ]; then
     {
@@ -119,7 +123,7 @@ grep -q "^MAAS_GRAFANA_ADMIN_PASSWORD=" "$dir/.env" \
 # Each role's password for compose (MAAS_REDIS_PASSWORD_WORKER, ..._PRODUCER for
 # the example producer), added to an existing .env when missing.
 for role in $roles; do
-    case $role in producer-*) name=PRODUCER ;; *) name=$(echo "$role" | tr a-z A-Z) ;; esac
+    case $role in producer-*) name=PRODUCER ;; *) name=$(echo "$role" | tr '[:lower:]' '[:upper:]') ;; esac
     grep -q "^MAAS_REDIS_PASSWORD_$name=" "$dir/.env" \
         || echo "MAAS_REDIS_PASSWORD_$name=$(cat "$secrets/redis-passwords/$role")" >> "$dir/.env"
 done

@@ -69,6 +69,8 @@ QUEUE_NAMES: tuple[str, ...] = tuple(queue_for(p) for p in PRIORITIES)
 # -- the task argument -------------------------------------------------------------------
 #: A valid tenant name (it is part of Redis keys and payload references).
 TENANT_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+#: A tenant's fair-share weight (takes per turn, docs/compute.md) is 1 to this.
+MAX_TENANT_WEIGHT = 100
 #: A task argument ``ref:payload:<tenant>`` says "the sealed request waits at
 #: the tenant's payload key of this job" (a large request: claim check).
 PAYLOAD_REF_PREFIX = "ref:payload:"

@@ -240,6 +240,12 @@ def _parse_verify(name: str, raw: str) -> bool:
     return mode == "required"
 
 
+def _optional_path(name: str, value: Any) -> None:
+    """Check: a Path or None."""
+    if value is not None:
+        is_path(name, value)
+
+
 def _existing_file(name: str, value: Any) -> None:
     if value is None:
         return
@@ -703,8 +709,8 @@ class Settings:
         check=_check_depth,
         shown=f"`{DEFAULT_MAX_QUEUE_DEPTH}`",
         accepted="`N` or `high=N,normal=N,low=N` (N >= 1; a priority left out: the default)",
-        doc="backpressure: submit refuses (`QueueFull`) at this many queued jobs, for every "
-        "priority or for each",
+        doc="backpressure: submit refuses (`QueueFull`) at this many queued jobs of its tenant, "
+        "for every priority or for each",
     )
     memory_high_water_pct: float = setting(
         DEFAULT_MEMORY_HIGH_WATER_PCT,
@@ -792,6 +798,16 @@ class Settings:
         doc="beat asks every worker node for a resource sample this often; a sample older "
         "than 3 intervals is no longer current ([monitoring.md](monitoring.md)); set the "
         "same value for beat and workers",
+    )
+    beat_alive_file: Path | None = setting(
+        None,
+        env="MAAS_BEAT_ALIVE_FILE",
+        parse=parse_path,
+        check=_optional_path,
+        shown="none",
+        doc="beat writes here, after each tick, the unix time by which it will have ticked "
+        "again: a liveness check passes while that time is ahead (the compose `beat` "
+        "service's health check); unset: no file",
     )
     metrics_port: int = setting(
         DEFAULT_METRICS_PORT,

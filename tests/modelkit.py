@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,3 +205,42 @@ def make_kit(tmp: Path) -> ModelKit:
     root = tmp / "models"
     root.mkdir()
     return ModelKit(tmp, root, key, signers, keys_path, model_key)
+
+
+def files_containing(needle: bytes, roots: list[Path], since: float = 0.0) -> list[str]:
+    """Regular files under ``roots`` changed after ``since`` that contain ``needle``.
+
+    Stays on each root's filesystem: /tmp of a shared machine may hold other
+    mounts (a container's overlay, a chroot's /proc), whose special files can
+    block a read forever (/proc/kmsg) and which nothing under test wrote.
+    """
+    found = []
+    for root in roots:
+        try:
+            device = root.stat().st_dev
+        except OSError:
+            continue
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if _on_device(Path(dirpath) / d, device)]
+            for name in files:
+                path = Path(dirpath) / name
+                try:
+                    st = path.lstat()
+                    if (
+                        stat.S_ISREG(st.st_mode)
+                        and st.st_dev == device
+                        and st.st_mtime >= since
+                        and st.st_size < 64 * 1024 * 1024
+                        and needle in path.read_bytes()
+                    ):
+                        found.append(str(path))
+                except OSError:
+                    continue
+    return found
+
+
+def _on_device(path: Path, device: int) -> bool:
+    try:
+        return path.lstat().st_dev == device
+    except OSError:
+        return False

@@ -1,7 +1,10 @@
 """The real backlog: how many jobs wait in each priority queue, and for how long.
 
 Read straight from the broker's lists (``LLEN``), not from what a worker has
-reserved, so it counts what no worker has taken yet. The oldest job is the
+reserved, so it counts what no worker has taken yet. A priority's jobs sit in
+one list per tenant (fair share, fetch.py) plus the queue's own list (jobs from
+before an upgrade): the tenants are those of the priority's ring and arrivals,
+so a read costs two round trips and a command or two per tenant with work. The oldest job is the
 tail of each list (kombu ``LPUSH``-es, workers pop from the right); its age comes from
 the issued-at time in its envelope header, read WITHOUT verifying anything:
 a forged message can only make the backlog look older, which an attacker who
@@ -18,15 +21,16 @@ import re
 import struct
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from maas_worker.backend import functions
 from maas_worker.backend.redis import redis_client
+from maas_worker.broker import fetch
 from maas_worker.crypto.envelope import TYPE_REQUEST, VERSION
-from maas_worker.protocol import PRIORITIES, queue_for
+from maas_worker.protocol import PRIORITIES, TENANT_RE, queue_for
 from maas_worker.settings import Settings
 
 #: Enough of a message to reach the envelope's fixed header through two layers
@@ -42,10 +46,21 @@ _MAX_FUTURE_S = 300.0
 
 @dataclass(frozen=True)
 class Backlog:
-    """Queued jobs per priority and the age (seconds) of the oldest of each."""
+    """Queued jobs per priority and the age (seconds) of the oldest of each, in all and
+    per tenant (priority -> tenant -> ...; only tenants with jobs queued)."""
 
     depth: Mapping[str, int]
     oldest_age_s: Mapping[str, float | None]
+    tenant_depth: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    tenant_oldest_age_s: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
+
+    def by_tenant(self) -> dict[str, int]:
+        """Jobs waiting per tenant, all priorities together."""
+        out: dict[str, int] = {}
+        for per in self.tenant_depth.values():
+            for tenant, n in per.items():
+                out[tenant] = out.get(tenant, 0) + n
+        return out
 
     @property
     def total(self) -> int:
@@ -59,11 +74,19 @@ class Backlog:
         return max(ages) if ages else None
 
     def to_json(self) -> dict[str, Any]:
-        """``{"depth": {...}, "oldest_age_s": {...}, "total": n}``."""
+        """``{"depth": {...}, "oldest_age_s": {...}, "total": n, "tenants": {priority:
+        {tenant: {"depth": n, "oldest_age_s": s}}}}``."""
         return {
             "depth": dict(self.depth),
             "oldest_age_s": dict(self.oldest_age_s),
             "total": self.total,
+            "tenants": {
+                p: {
+                    t: {"depth": n, "oldest_age_s": self.tenant_oldest_age_s.get(p, {}).get(t)}
+                    for t, n in per.items()
+                }
+                for p, per in self.tenant_depth.items()
+            },
         }
 
 
@@ -98,25 +121,63 @@ def _unverified_issued_at_ms(message_prefix: bytes) -> int | None:
     return int(issued_at_ms)
 
 
+def _age(tail: Any, now: float) -> float | None:
+    issued = _unverified_issued_at_ms(tail) if isinstance(tail, bytes) else None
+    age = None if issued is None else now - issued / 1000
+    return None if age is None or age < -_MAX_FUTURE_S else max(0.0, age)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def read_backlog(broker: redis.Redis, *, now: float | None = None) -> Backlog:
-    """Queue lengths and oldest-job ages of every priority, in one round trip."""
+    """Queue lengths and oldest-job ages of every priority and tenant, in two round trips."""
     now = time.time() if now is None else now
 
     def build(pipe: Any) -> None:
         for priority in PRIORITIES:
-            pipe.llen(queue_for(priority))
-            pipe.fcall_ro(functions.TAIL_PREFIX, 1, queue_for(priority), _PREFIX_CHARS)
+            q = queue_for(priority)
+            pipe.llen(q)
+            pipe.fcall_ro(functions.TAIL_PREFIX, 1, q, _PREFIX_CHARS)
+            pipe.lrange(fetch.ring_key(q), 0, -1)
+            pipe.smembers(fetch.arrivals_key(q))
 
     replies = functions.execute(broker, build)
     depth: dict[str, int] = {}
     ages: dict[str, float | None] = {}
+    tenants: dict[str, list[str]] = {}
     for i, priority in enumerate(PRIORITIES):
-        depth[priority] = int(replies[2 * i])
-        tail = replies[2 * i + 1]
-        issued = _unverified_issued_at_ms(tail) if isinstance(tail, bytes) else None
-        age = None if issued is None else now - issued / 1000
-        ages[priority] = None if age is None or age < -_MAX_FUTURE_S else max(0.0, age)
-    return Backlog(depth, ages)
+        depth[priority] = int(replies[4 * i])
+        ages[priority] = _age(replies[4 * i + 1], now)
+        # Whoever can push wrote the arrivals: names only, checked.
+        named = {_text(t) for t in [*replies[4 * i + 2], *replies[4 * i + 3]]}
+        tenants[priority] = sorted(t for t in named if TENANT_RE.fullmatch(t))
+
+    def build_tenants(pipe: Any) -> None:
+        for priority in PRIORITIES:
+            for t in tenants[priority]:
+                key = fetch.tenant_queue(queue_for(priority), t)
+                pipe.llen(key)
+                pipe.fcall_ro(functions.TAIL_PREFIX, 1, key, _PREFIX_CHARS)
+
+    more = functions.execute(broker, build_tenants) if any(tenants.values()) else []
+    tenant_depth: dict[str, dict[str, int]] = {}
+    tenant_ages: dict[str, dict[str, float | None]] = {}
+    k = 0
+    for priority in PRIORITIES:
+        per: dict[str, int] = {}
+        per_age: dict[str, float | None] = {}
+        for t in tenants[priority]:
+            n, age = int(more[k]), _age(more[k + 1], now)
+            k += 2
+            if n:
+                per[t], per_age[t] = n, age
+                depth[priority] += n
+                if age is not None and (ages[priority] is None or age > (ages[priority] or 0)):
+                    ages[priority] = age
+        tenant_depth[priority], tenant_ages[priority] = per, per_age
+    return Backlog(depth, ages, tenant_depth, tenant_ages)
 
 
 def empty_backlog() -> Backlog:

@@ -17,6 +17,14 @@ consumer waits on it with ``BRPOP`` (tokens are only a hint: the wait also ends 
 timeout, so a message published without one, or put back by the sweep, is found within
 that timeout).
 
+Fair share (docs/compute.md, "Fair share across tenants"): producers push a job of
+tenant ``T`` at priority ``P`` to ``maas.P.T`` (`tenant_queue`) and add ``T`` to the
+priority's arrivals set (`arrivals_key`); the same script admits arrivals to the
+priority's ring of tenants with work (`ring_key`) and takes from the tenant whose
+turn it is, ``weight`` takes per turn (`WEIGHTS_KEY`, written by workers from the
+keyring). The old single list ``maas.P`` is still taken, before the ring: jobs
+queued there before an upgrade, and by producers that do not name a tenant.
+
 Used by the Celery consumer (`transport.HardenedChannel`, one message at a time) and by
 anything that takes batches of messages (`take` with a count).
 """
@@ -25,11 +33,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from maas_worker.backend import scripts
+from maas_worker.protocol import MAX_TENANT_WEIGHT, QUEUE_NAMES, TENANT_RE
 
 #: kombu's names for the reservation hash and its time index (Channel defaults).
 UNACKED_KEY = "unacked"
@@ -41,6 +50,20 @@ WAKE_MAX = 256
 #: kombu's priority sub-queues: message priority 0-9 goes to one of these steps.
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITY_SEP = "\x06\x16"
+
+#: A job queue's ring of tenants with work: ``maas:ring:<queue>`` (its credit hash
+#: is ``<ring>:credit``). Written by the take only.
+RING_PREFIX = "maas:ring:"
+#: Tenants that pushed to a job queue: ``maas:arrivals:<queue>`` (producers ``SADD``).
+ARRIVALS_PREFIX = "maas:arrivals:"
+#: Tenant -> weight (takes per turn; absent = 1), written by workers from the keyring.
+WEIGHTS_KEY = "maas:weights"
+#: The message property naming the tenant whose list a producer's message goes to.
+TENANT_PROPERTY = "maas_tenant"
+#: Arrivals admitted to a ring per take at most (keeps a take O(1)).
+ADMIT_PER_TAKE = 16
+#: The highest weight honoured (a turn longer than this is a monopoly, not a share).
+MAX_WEIGHT = MAX_TENANT_WEIGHT
 
 #: The take script (broker/lua/pop_reserve.lua; its header: KEYS, ARGV, reply).
 POP_RESERVE = scripts.text("pop_reserve")
@@ -61,6 +84,15 @@ class Taken:
     #: Its delivery tag when it is recorded in the unacked hash (it must then be
     #: acknowledged); None when it was taken unreserved.
     tag: str | None
+    #: The list it was taken from (a tenant's list, or the queue's own for jobs
+    #: queued without a tenant): where it goes back if handed back.
+    source: str = ""
+
+    @property
+    def tenant(self) -> str | None:
+        """The tenant whose list it came from (None: the queue's own list)."""
+        split = split_tenant_queue(self.source)
+        return split[1] if split else None
 
     @property
     def reserved(self) -> bool:
@@ -68,9 +100,48 @@ class Taken:
         return self.tag is not None
 
 
+def tenant_queue(queue: str, tenant: str) -> str:
+    """The list holding ``tenant``'s jobs of job queue ``queue`` (``maas.normal.acme``)."""
+    return f"{queue}.{tenant}"
+
+
+def split_tenant_queue(key: str) -> tuple[str, str] | None:
+    """``(queue, tenant)`` of a tenant list name (`tenant_queue`); None for anything else."""
+    for queue in QUEUE_NAMES:
+        if key.startswith(queue + "."):
+            tenant = key[len(queue) + 1 :]
+            return (queue, tenant) if TENANT_RE.fullmatch(tenant) else None
+    return None
+
+
+def ring_key(queue: str) -> str:
+    """The ring of tenants with work in job queue ``queue``."""
+    return RING_PREFIX + queue
+
+
+def arrivals_key(queue: str) -> str:
+    """The set of tenants that pushed to job queue ``queue`` since the last take."""
+    return ARRIVALS_PREFIX + queue
+
+
 def expand(queues: Sequence[str]) -> list[str]:
     """The Redis lists behind ``queues``, in kombu's order (each priority step, then queue)."""
     return [q if pri == 0 else f"{q}{PRIORITY_SEP}{pri}" for pri in PRIORITY_STEPS for q in queues]
+
+
+def sources(queues: Sequence[str], fair: Collection[str] = QUEUE_NAMES) -> list[tuple[str, str]]:
+    """What a take looks at, in order: ``(kind, key)`` with kind ``list`` or ``ring``.
+
+    kombu's order (`expand`), with each job queue's tenant ring right after its
+    own list: jobs queued in the old single list (before an upgrade) go first.
+    """
+    out: list[tuple[str, str]] = []
+    for pri in PRIORITY_STEPS:
+        for q in queues:
+            out.append(("list", q if pri == 0 else f"{q}{PRIORITY_SEP}{pri}"))
+            if pri == 0 and q in fair:
+                out.append(("ring", ring_key(q)))
+    return out
 
 
 def base_queue(key: str, prefix: str = "") -> str:
@@ -101,9 +172,11 @@ def command(
     ``by_sha`` sends ``EVALSHA`` (the server must have seen the script: on
     ``NOSCRIPT``, send it once more without).
     """
-    lists = expand(queues)
-    flags = "".join("0" if base_queue(k) in unreserved else "1" for k in lists)
-    keys = [prefix + k for k in (unacked_key, index_key, *lists)]
+    srcs = sources(queues)
+    flags = "".join(
+        "r" if kind == "ring" else "0" if base_queue(k) in unreserved else "1" for kind, k in srcs
+    )
+    keys = [prefix + k for k in (unacked_key, index_key, WEIGHTS_KEY, *(k for _, k in srcs))]
     script = ["EVALSHA", POP_RESERVE_SHA] if by_sha else ["EVAL", POP_RESERVE]
     return [
         *script,
@@ -115,6 +188,10 @@ def command(
         PRIORITY_SEP,
         prefix,
         flags,
+        RING_PREFIX,
+        ARRIVALS_PREFIX,
+        ADMIT_PER_TAKE,
+        MAX_WEIGHT,
     ]
 
 
@@ -122,9 +199,9 @@ def parse(reply: Any, prefix: str = "") -> list[Taken]:
     """The messages in a `command` reply."""
     items = list(reply or [])
     out = []
-    for i in range(0, len(items) - 2, 3):
-        key, raw, tag = (_text(x) for x in items[i : i + 3])
-        out.append(Taken(base_queue(key, prefix), raw, tag or None))
+    for i in range(0, len(items) - 3, 4):
+        queue, source, raw, tag = (_text(x) for x in items[i : i + 4])
+        out.append(Taken(queue, raw, tag or None, source))
     return out
 
 
@@ -151,6 +228,67 @@ def ack(client: Any, tags: Iterable[str]) -> None:
     pipe.zrem(UNACKED_INDEX_KEY, *tags)
     pipe.hdel(UNACKED_KEY, *tags)
     pipe.execute()
+
+
+def push(pipe: Any, queue: str, tenant: str, messages: Sequence[str]) -> None:
+    """Add the push of ``tenant``'s ``messages`` to job queue ``queue`` to ``pipe``.
+
+    Its list first, then its name to the arrivals (after: a take that admits
+    it then finds the jobs), then the wake-up tokens. Run it in a transaction
+    (``MULTI``) where a crash between the two must not leave jobs outside the ring.
+    """
+    pipe.lpush(tenant_queue(queue, tenant), *messages)
+    pipe.sadd(arrivals_key(queue), tenant)
+    ring(pipe, len(messages))
+
+
+def announce(pipe: Any, source: str) -> None:
+    """Add to ``pipe`` what makes a message put back in list ``source`` takeable: its
+    tenant's arrival (for a tenant list) and a wake-up token."""
+    split = split_tenant_queue(source)
+    if split is not None:
+        pipe.sadd(arrivals_key(split[0]), split[1])
+    ring(pipe)
+
+
+def publish_weights(client: Any, weights: Mapping[str, int]) -> bool:
+    """Make `WEIGHTS_KEY` hold ``weights`` (tenant -> takes per turn; 1 is left out);
+    True if it changed. Workers call it from their keyring: the take reads a tenant's
+    weight once per turn, never the keyring."""
+    want = {t: str(w) for t, w in weights.items() if w != 1}
+    have = {_text(k): _text(v) for k, v in client.hgetall(WEIGHTS_KEY).items()}
+    if want == have:
+        return False
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(WEIGHTS_KEY)
+        if want:
+            pipe.hset(WEIGHTS_KEY, mapping=want)
+        pipe.execute()
+    return True
+
+
+def reannounce(client: Any, tenants: Iterable[str]) -> int:
+    """Announce every tenant of ``tenants`` with jobs queued in a job queue (`announce`);
+    returns how many (tenant, queue) pairs were.
+
+    A safety net, run when a worker starts: a push is its list then its arrival,
+    and a Redis that crashed between the two (a non-transactional pipeline: kombu's
+    publish batch) would leave the jobs outside the ring until the tenant's next push.
+    """
+    pairs = [(q, t) for t in tenants for q in QUEUE_NAMES]
+    if not pairs:
+        return 0
+    pipe = client.pipeline(transaction=False)
+    for q, t in pairs:
+        pipe.llen(tenant_queue(q, t))
+    waiting = [(q, t) for (q, t), n in zip(pairs, pipe.execute(), strict=True) if int(n) > 0]
+    if waiting:
+        pipe = client.pipeline(transaction=False)
+        for q, t in waiting:
+            pipe.sadd(arrivals_key(q), t)
+        ring(pipe, len(waiting))
+        pipe.execute()
+    return len(waiting)
 
 
 def ring(pipe: Any, count: int = 1) -> None:

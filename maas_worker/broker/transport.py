@@ -25,14 +25,18 @@ lost connection tore down. The defects each of these closes are in docs/reliabil
 ("Defects the suite found").
 
 Producers (`Client`) select `Transport` as their app's ``broker_transport`` so that
-they ring the wake-up list; worker processes `install` the channel over kombu's Redis
-transport (``tasks.py`` does). A producer on a ``redis+socket://`` URL gets kombu's
-plain transport (the URL names it): its jobs are found by the idle poll instead, within
-a second.
+they ring the wake-up list and push each job to its tenant's list of the queue (the
+message property `fetch.TENANT_PROPERTY` names it) with the tenant's arrival (fair
+share, fetch.py); a put-back job returns to the list it was taken from. Worker
+processes `install` the channel over kombu's Redis transport (``tasks.py`` does). A
+producer on a ``redis+socket://`` URL gets kombu's plain transport (the URL names it):
+its jobs go to the queue's own list (taken first, outside the tenant ring) and are
+found by the idle poll instead, within a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -57,7 +61,7 @@ from maas_worker.broker.entries import (
     unverified_entry_id,
 )
 from maas_worker.broker.scheduling import ReservedShareCycle
-from maas_worker.protocol import AuditReason
+from maas_worker.protocol import TENANT_RE, AuditReason
 from maas_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -186,6 +190,15 @@ def _left_to_sweep(what: str, count: int, exc: Exception) -> None:
     )
 
 
+def _tenant_of(queue: str, message: Any) -> str | None:
+    """The tenant a producer's job message is for (`fetch.TENANT_PROPERTY`), if it names
+    a valid one and goes to a job queue; None sends it to the queue's own list."""
+    if queue not in JOB_QUEUES or not isinstance(message, dict):
+        return None
+    tenant = str_field(message.get("properties"), fetch.TENANT_PROPERTY)
+    return tenant if tenant and TENANT_RE.fullmatch(tenant) else None
+
+
 class HardenedChannel(kombu_redis.Channel):
     """kombu's Redis channel: atomic takes, wake-ups, and refusal of foreign entries."""
 
@@ -241,6 +254,20 @@ class HardenedChannel(kombu_redis.Channel):
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         """Push ``message`` to ``queue`` and ring the wake-up list, in one round trip."""
         batch = kwargs.pop("_publish_batch", None)
+        tenant = _tenant_of(queue, message)
+        if tenant is not None:
+            # Fair share: the job goes to its tenant's list, and the tenant to the
+            # queue's arrivals (after the push: fetch.push).
+            if batch is not None:
+                batch.add("lpush", fetch.tenant_queue(queue, tenant), json.dumps(message))
+                batch.add("sadd", fetch.arrivals_key(queue), tenant)
+                batch.add("lpush", fetch.WAKE_KEY, "1")
+                batch.add("ltrim", fetch.WAKE_KEY, 0, fetch.WAKE_MAX - 1)
+                return
+            with self.conn_or_acquire() as client, client.pipeline(transaction=True) as pipe:
+                fetch.push(pipe, queue, tenant, [json.dumps(message)])
+                pipe.execute()
+            return
         pri = self._get_message_priority(message, reverse=False)  # type: ignore[no-untyped-call]
         key = self._q_for_pri(queue, pri)  # type: ignore[no-untyped-call]
         expires = self._expires.get(queue) if self._expires else None
@@ -270,6 +297,17 @@ class HardenedChannel(kombu_redis.Channel):
     def _do_restore_message(
         self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
     ) -> None:
+        if not exchange and fetch.split_tenant_queue(routing_key) is not None:
+            # Taken from a tenant's list (the take recorded that list as the
+            # routing key): back to that list as it is, whatever priority the
+            # message claims, and the tenant announced again (fetch.announce).
+            with contextlib.suppress(KeyError, TypeError):
+                payload["headers"]["redelivered"] = True
+                payload["properties"]["delivery_info"]["redelivered"] = True
+            # (kombu's client adds a global key prefix itself.)
+            (pipe.lpush if leftmost else pipe.rpush)(routing_key, json.dumps(payload))
+            fetch.announce(pipe, routing_key)
+            return
         super()._do_restore_message(  # type: ignore[no-untyped-call]
             payload, exchange, routing_key, pipe, leftmost
         )

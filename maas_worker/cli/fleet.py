@@ -117,6 +117,7 @@ def stats(settings: Settings, as_json: bool, wait_s: float) -> int:
                 {
                     "backlog": dict(backlog.depth),
                     "oldest_age_s": dict(backlog.oldest_age_s),
+                    "backlog_by_tenant": {p: dict(t) for p, t in backlog.tenant_depth.items()},
                     "sample_interval_s": settings.sample_interval_s,
                     "workers": workers,
                 }
@@ -129,6 +130,11 @@ def stats(settings: Settings, as_json: bool, wait_s: float) -> int:
         + "  ".join(f"{k}={v}" for k, v in backlog.depth.items())
         + (f"  (oldest job waiting {oldest:.1f} s)" if oldest is not None else "")
     )
+    per_tenant = backlog.by_tenant()
+    if per_tenant:
+        # The busiest first, at most ten (the JSON has them all, per priority).
+        busiest = sorted(per_tenant.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+        print("by tenant: " + "  ".join(f"{t}={n}" for t, n in busiest))
     for w in workers:
         seen_text = "never" if w["last_seen_s_ago"] is None else f"{w['last_seen_s_ago']} s ago"
         sample = w["sample"]
@@ -157,7 +163,16 @@ def scale(settings: Settings, as_json: bool) -> int:
     reading = read_fleet(settings)
     advice = reading.advice
     if as_json:
-        print(json.dumps({**advice.to_json(), "backlog_by_priority": dict(reading.backlog.depth)}))
+        backlog = reading.backlog
+        print(
+            json.dumps(
+                {
+                    **advice.to_json(),
+                    "backlog_by_priority": dict(backlog.depth),
+                    "backlog_by_tenant": backlog.by_tenant(),
+                }
+            )
+        )
         return 0
     print(f"desired worker nodes: {advice.desired_nodes} (now {advice.current_nodes})")
     print(

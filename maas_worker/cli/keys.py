@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from maas_worker.cli.context import Group, json_option, pass_settings
-from maas_worker.protocol import PRIORITIES
+from maas_worker.protocol import MAX_TENANT_WEIGHT, PRIORITIES
 from maas_worker.settings import Settings
 
 TENANT_HELP = "the tenant (a lowercase name)"
@@ -74,6 +74,11 @@ def init(
 @click.option(
     "--allow-signers", help="comma-separated model signer key ids, or * for every trusted signer"
 )
+@click.option(
+    "--weight",
+    type=click.IntRange(1, MAX_TENANT_WEIGHT),
+    help="fair share: jobs taken per turn while other tenants wait too (default 1)",
+)
 @pass_settings
 def policy(
     settings: Settings,
@@ -85,6 +90,7 @@ def policy(
     burst: int | None,
     max_in_flight: int | None,
     allow_signers: str | None,
+    weight: int | None,
 ) -> int:
     """Show or change a tenant's policy and quotas (options not given stay as they are)."""
     from maas_worker.tenancy.keyring import TenantPolicy, edit_keyring
@@ -105,6 +111,7 @@ def policy(
             rate_per_s=current.rate_per_s if rate is None else rate,
             burst=current.burst if burst is None else burst,
             max_in_flight=current.max_in_flight if max_in_flight is None else max_in_flight,
+            weight=current.weight if weight is None else weight,
         )
         if allow_signers is not None:
             ids = None if allow_signers in ("", "*") else [s for s in allow_signers.split(",") if s]

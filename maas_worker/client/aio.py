@@ -40,7 +40,7 @@ from maas_worker.client.jobcore import JobCore
 from maas_worker.client.waiter import Outcome, Waiter
 from maas_worker.client.wire import MessageBuilder
 from maas_worker.errors import ResultTimeout, ServiceUnavailable, connection_cause
-from maas_worker.protocol import JobInfo, JobState, Priority, queue_for
+from maas_worker.protocol import JobInfo, JobState, Priority
 from maas_worker.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class AsyncClient(ClientCore):
             return await self.served_models()
         if step.kind == "depth":
             try:
-                return int(await self.broker.llen(queue_for(step.arg)))
+                return int(await self.broker.llen(self.depth_key(step.arg)))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise broker_unavailable(self.settings, exc) from None
         if step.kind == "admit":
@@ -184,10 +184,9 @@ class AsyncClient(ClientCore):
         if self._wire is None:
             self._wire = MessageBuilder(self.settings)
         messages = self._wire.messages(self.tenant, sealed, queue)
-        pipe = self.broker.pipeline(transaction=False)
-        for message in messages:
-            pipe.lpush(queue, message)
-        fetch.ring(pipe, len(messages))
+        # One transaction: the jobs and their tenant's arrival (fetch.push) together.
+        pipe = self.broker.pipeline(transaction=True)
+        fetch.push(pipe, queue, self.tenant, messages)
         try:
             await pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError):

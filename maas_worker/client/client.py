@@ -39,7 +39,7 @@ from maas_worker.client.core import (
 from maas_worker.client.job import Job, backend_errors
 from maas_worker.client.wire import send_args
 from maas_worker.crypto.envelope import Header
-from maas_worker.protocol import TASK_NAME, queue_for
+from maas_worker.protocol import TASK_NAME
 from maas_worker.tenancy.quota import Quotas
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class Client(ClientCore):
             return self.served_models()
         if step.kind == "depth":
             try:
-                return int(self.broker.llen(queue_for(step.arg)))
+                return int(self.broker.llen(self.depth_key(step.arg)))
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise broker_unavailable(self.settings, exc) from None
         if step.kind == "admit":

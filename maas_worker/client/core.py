@@ -25,6 +25,7 @@ import redis
 
 from maas_worker import jsonlimits
 from maas_worker.backend import catalog, keyspace
+from maas_worker.broker import fetch
 from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.crypto.primitives import CryptoBackend, crypto_backend
 from maas_worker.errors import (
@@ -348,9 +349,18 @@ class ClientCore:
         return sealed
 
     # -- backpressure and quota -------------------------------------------------------
+    def depth_key(self, priority: str) -> str:
+        """The list whose length is this tenant's queue depth at ``priority``: its own
+        list of the priority's queue (fair share, broker/fetch.py)."""
+        return fetch.tenant_queue(queue_for(priority), self.tenant)
+
     def depth_needs_read(self, priority: str, adding: int) -> bool:
         """Whether the queue length must be read before `commit_depth` (cache stale or
-        close to the limit); the read is ``LLEN queue_for(priority)`` on the broker."""
+        close to the limit); the read is ``LLEN`` of `depth_key` on the broker.
+
+        The limit is per tenant: a tenant sees only its own list (its Redis user
+        may read no other), and behind fair share one tenant's backlog no longer
+        delays the others, so it is the one each tenant must bound."""
         limit = self.settings.max_queue_depth[priority]
         read_at, depth = self._depth.get(priority, (0.0, 0))
         return time.monotonic() - read_at > DEPTH_CACHE_S or depth + adding >= limit * 0.9
@@ -368,7 +378,8 @@ class ClientCore:
         if depth + adding > limit:
             self._depth.pop(priority, None)
             raise QueueFull(
-                f"the {priority} queue is full ({depth} jobs, limit {limit}, "
+                f"the {priority} queue is full for tenant {self.tenant!r} "
+                f"({depth} jobs, limit {limit}, "
                 "MAAS_MAX_QUEUE_DEPTH); retry later",
                 QUEUE_FULL_RETRY_S,
             )
@@ -514,7 +525,8 @@ class Step:
     ``kind`` and what the flow expects back:
 
     * ``catalog``: read the served models (`catalog_plan`); nothing;
-    * ``depth``: the length of queue ``arg`` (a priority's queue, on the broker): an int;
+    * ``depth``: the length of the tenant's list of priority ``arg`` (`ClientCore.depth_key`,
+      on the broker): an int;
     * ``admit``: ``FCALL`` of ``arg`` (function, keys, args) on the backend: its reply;
     * ``payloads``: run the commands ``arg`` on the backend; nothing;
     * ``send``: enqueue ``arg`` = (sealed requests, queue); nothing;

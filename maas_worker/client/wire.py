@@ -22,6 +22,7 @@ from typing import Any
 from celery import Celery
 from kombu import Connection, Producer  # type: ignore[attr-defined]
 
+from maas_worker.broker import fetch
 from maas_worker.broker.app import make_producer_app
 from maas_worker.client.core import Sealed, message_arg
 from maas_worker.protocol import ARGS_REPR, TASK_NAME, payload_ref
@@ -41,6 +42,9 @@ def send_args(tenant: str, header_job_id: str, raw: bytes, queue: str) -> dict[s
         # Declare nothing: the job queues are the workers' (they bind them), and a
         # producer's Redis user may only push to them (docs/security.md, Redis roles).
         "declare": [],
+        # A message property: the producer's channel pushes the job to this
+        # tenant's list of the queue (fair share, broker/fetch.py).
+        fetch.TENANT_PROPERTY: tenant,
     }
 
 
@@ -56,7 +60,7 @@ class MessageBuilder:
 
     def messages(self, tenant: str, sealed: list[Sealed], queue: str) -> list[str]:
         """The JSON text of each job's message for ``queue``, as kombu's Redis channel
-        pushes it (``LPUSH <queue> <text>``; priority 0 is the queue itself)."""
+        pushes it (to the tenant's list of ``queue``: `fetch.push`)."""
         out = []
         for header, raw in sealed:
             self._app.send_task(

@@ -5,7 +5,8 @@ outcomes and timings and its autoscaler. What describes the fleet is read
 from Redis at each scrape and served here, by a process that does not
 depend on any worker running (KEDA must see a backlog to scale from zero):
 
-- the backlog: jobs and the oldest job's age per priority (broker/backlog.py);
+- the backlog: jobs and the oldest job's age per priority, per priority and tenant,
+  and the total (broker/backlog.py);
 - every worker node's latest resource sample (samples.py), as gauges
   with a ``worker`` label (and the OS's cumulative disk and network counters
   as counters);
@@ -146,12 +147,35 @@ class FleetCollector:
             "Age of the oldest job waiting in a priority queue",
             labels=["priority"],
         )
-        for priority, n in reading.backlog.depth.items():
+        total = GaugeMetricFamily(
+            "maas_queue_depth_total",
+            "Jobs waiting in all priority queues together (one series: KEDA's trigger)",
+        )
+        tenant_depth = GaugeMetricFamily(
+            "maas_queue_tenant_depth",
+            "Jobs a tenant has waiting in a priority queue (tenants with jobs queued)",
+            labels=["priority", "tenant"],
+        )
+        tenant_oldest = GaugeMetricFamily(
+            "maas_queue_tenant_oldest_age_seconds",
+            "Age of a tenant's oldest job waiting in a priority queue",
+            labels=["priority", "tenant"],
+        )
+        backlog = reading.backlog
+        for priority, n in backlog.depth.items():
             depth.add_metric([priority], n)
-            age = reading.backlog.oldest_age_s.get(priority)
+            age = backlog.oldest_age_s.get(priority)
             oldest.add_metric([priority], age if age is not None else 0.0)
+            for tenant, tn in backlog.tenant_depth.get(priority, {}).items():
+                tenant_depth.add_metric([priority, tenant], tn)
+                t_age = backlog.tenant_oldest_age_s.get(priority, {}).get(tenant)
+                tenant_oldest.add_metric([priority, tenant], t_age if t_age is not None else 0.0)
+        total.add_metric([], backlog.total)
         yield depth
         yield oldest
+        yield total
+        yield tenant_depth
+        yield tenant_oldest
         yield from _sample_gauges(reading.samples, time.time())
         advice = reading.advice
         for name, text, value in (

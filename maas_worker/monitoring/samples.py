@@ -105,8 +105,12 @@ def celery_options(settings: Settings) -> dict[str, Any]:
             }
         },
         # The schedule is one fixed interval: nothing worth persisting, and no
-        # celerybeat-schedule file left in the working directory.
-        "beat_scheduler": "celery.beat:Scheduler",
+        # celerybeat-schedule file left in the working directory. Celery's
+        # in-memory scheduler, plus a liveness file for health checks.
+        "beat_scheduler": "maas_worker.monitoring.beat:AliveScheduler",
+        "maas_beat_alive_file": (
+            str(settings.beat_alive_file) if settings.beat_alive_file else None
+        ),
         "worker_autoscaler": "maas_worker.monitoring.autoscale:BacklogAutoscaler",
     }
 

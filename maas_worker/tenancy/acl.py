@@ -98,8 +98,10 @@ def producer_rules(tenant: str) -> list[str]:
     """What `Client`/`Job` and ``submit``, ``status``, ``result``, ``cancel`` do for ``tenant``.
 
     Write its queued markers, payloads, cancel requests and pending set
-    (keyspace.py), pop its ``done`` lists, read its own keys, push to the job
-    queues (no pop, trim, delete or read beyond their length), ring the
+    (keyspace.py), pop its ``done`` lists, read its own keys, push to its own
+    list of each job queue (no pop, trim, delete or read beyond their length;
+    no other tenant's list, nor the queue's own), add its name to the queues'
+    arrivals (`fetch.push`: nothing else on them), ring the
     wake-up list, read the catalogue (live and durable) and the node list
     (whether a worker is live), call the library (no EVAL, no FUNCTION
     LOAD); no Pub/Sub, no other tenant's key.
@@ -115,13 +117,17 @@ def producer_rules(tenant: str) -> list[str]:
         f"%R~{keyspace.MODELS}",
         f"%R~{keyspace.NODES}",
         "+get",
+        "+mget",  # the async client reads a batch of jobs in one round trip
         "+exists",
         "+hmget",
         "+zcount",
         "+zrangebyscore",
         "+smembers",
-        _sel("+llen", *(f"%R~{q}" for q in _JOB_QUEUES)),  # backpressure: length only
-        _sel("+lpush", *(f"%W~{q}" for q in _JOB_QUEUES)),  # publish: push only
+        # Its own list of each job queue only (fair share, broker/fetch.py): the
+        # length (backpressure) and push; its name to the arrivals (add only).
+        _sel("+llen", *(f"%R~{fetch.tenant_queue(q, tenant)}" for q in _JOB_QUEUES)),
+        _sel("+lpush", *(f"%W~{fetch.tenant_queue(q, tenant)}" for q in _JOB_QUEUES)),
+        _sel("+sadd", *(f"%W~{fetch.arrivals_key(q)}" for q in _JOB_QUEUES)),
         _sel("+lpush", "+ltrim", f"~{fetch.WAKE_KEY}"),
         _sel("+set", f"~{t}job:*", f"~{t}payload:*", f"~{t}cancel:*"),
         _sel("+blpop", "+rpush", "+pexpire", f"~{t}done:*"),
@@ -194,13 +200,18 @@ def monitor_rules() -> list[str]:
     """Read-only: the fleet exporter, ``stats``, ``scale``, a KEDA list scaler."""
     return [
         *_CONNECT,
-        *(f"%R~{q}*" for q in _JOB_QUEUES),
+        *(f"%R~{q}*" for q in _JOB_QUEUES),  # their own lists and the tenants'
+        f"%R~{fetch.RING_PREFIX}*",
+        f"%R~{fetch.ARRIVALS_PREFIX}*",
+        f"%R~{fetch.WAKE_KEY}",  # a KEDA list scaler's wake from zero (operations.md)
         f"%R~{keyspace.NODES}",
         f"%R~{keyspace.SAMPLES}",
         f"%R~{keyspace.PREFIX}sample:*",
         f"%R~{keyspace.CATALOG}",
         "+llen",
         "+lindex",
+        "+lrange",
+        "+smembers",
         "+fcall_ro",
         "+get",
         "+mget",
@@ -273,9 +284,19 @@ def password_digest(password: str) -> str:
     return hashlib.sha256(password.encode()).hexdigest()
 
 
+#: The ``default`` user: off (no connection is ever logged in as it, and it has no
+#: password to log in with), yet allowed every command. The server replays its
+#: append-only file as ``default`` and re-checks each MULTI/EXEC against that
+#: user's rules: with none (``reset off`` alone), every transaction in the file
+#: (a producer's submit, a worker's claim) is dropped silently on a restart, and
+#: queued jobs vanish (valkey-io/valkey#3983, redis/redis#14541; seen with
+#: Redis 7.0 by `make compose-test`).
+DEFAULT_USER = "user default reset off ~* &* +@all"
+
+
 def acl_text(passwords: dict[str, str], *, dbs: Sequence[int] = (0,)) -> str:
     """The ACL file for ``passwords`` (role -> password): ``default`` off, then each role."""
-    lines = ["user default reset off"]
+    lines = [DEFAULT_USER]
     tenants = sorted(r[len(PRODUCER_PREFIX) :] for r in passwords if r.startswith(PRODUCER_PREFIX))
 
     # Fixed roles first, in `ROLES` order, then producers by tenant, then the gateway

@@ -39,7 +39,7 @@ from typing import Any, Literal
 from maas_worker.crypto import primitives
 from maas_worker.errors import KeyringError, UnknownTenant
 from maas_worker.files import write_atomic
-from maas_worker.protocol import PRIORITIES, TENANT_RE
+from maas_worker.protocol import MAX_TENANT_WEIGHT, PRIORITIES, TENANT_RE
 
 KeyState = Literal["decrypt-only", "primary", "retired"]
 KEY_STATES: tuple[KeyState, ...] = ("decrypt-only", "primary", "retired")
@@ -132,6 +132,9 @@ class TenantPolicy:
     #: Key ids of the model signers whose (repository) models this tenant may
     #: run; ``None`` allows every trusted signer. Built-in models are unaffected.
     allowed_signers: tuple[str, ...] | None = None
+    #: Fair share: takes per turn of the tenant ring while it has work, 1 to
+    #: `MAX_TENANT_WEIGHT` (docs/compute.md, "Fair share across tenants").
+    weight: int = 1
 
     def allows_model(self, model: str) -> bool:
         """True if the policy admits ``model`` (``name`` or ``name@version``)."""
@@ -155,6 +158,8 @@ class TenantPolicy:
             out["burst"] = self.effective_burst
         if self.max_in_flight:
             out["max_in_flight"] = self.max_in_flight
+        if self.weight != 1:
+            out["weight"] = self.weight
         return out
 
     @classmethod
@@ -196,7 +201,16 @@ class TenantPolicy:
             ):
                 raise KeyringError(f"{name} must be a non-negative {kind.__name__}")
             quota[name] = kind(value)
-        return cls(tuple(models) if models is not None else None, max_priority, **quota)
+        weight = raw.get("weight", 1)
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, int)
+            or not 1 <= weight <= MAX_TENANT_WEIGHT
+        ):
+            raise KeyringError(f"weight must be a whole number from 1 to {MAX_TENANT_WEIGHT}")
+        return cls(
+            tuple(models) if models is not None else None, max_priority, **quota, weight=weight
+        )
 
 
 @dataclass(frozen=True)

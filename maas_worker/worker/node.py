@@ -116,12 +116,14 @@ class Node:
         try:
             # With --batch-consumer, the consumer processes take the job queues:
             # the node is announced once they are ready.
+            self.advertiser = Advertiser(self.settings, self.name)
+            # Fair share: the tenants' weights are in Redis before any take reads them.
+            self.advertiser.share(reannounce=True)
             if self.batch is not None:
                 self.consumers = supervisor.ConsumerPool(
                     self.settings, node=self.name or "maas", **self.batch
                 )
                 self.consumers.start()
-            self.advertiser = Advertiser(self.settings, self.name)
             self.advertiser.start()
             log.info(
                 "maas worker %s ready; models: %s",

@@ -21,7 +21,8 @@ from maas_worker.backend import functions, keyspace, scripts
 from maas_worker.backend.audit import AuditLog
 from maas_worker.backend.catalog import advertise, withdraw
 from maas_worker.backend.claims import JobGuard, LeaseKeeper
-from maas_worker.backend.redis import backend_client
+from maas_worker.backend.redis import backend_client, redis_client
+from maas_worker.broker import fetch
 from maas_worker.crypto.primitives import CryptoBackend, crypto_backend
 from maas_worker.errors import ConfigError
 from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
@@ -219,6 +220,9 @@ class Advertiser:
         self._refs: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="maas-advertise", daemon=True)
+        # Fair share: the tenants' weights, where the take reads them (fetch.py).
+        self._broker = redis_client(settings.broker_url, tls=settings.redis_tls)
+        self._keyring = KeyringSource(settings.keyring_path)
 
     def start(self) -> None:
         """Load the function library, advertise now and then every `ADVERTISE_INTERVAL_S`."""
@@ -230,6 +234,20 @@ class Advertiser:
             log.warning("could not load the Redis function library %s: %s", functions.LIBRARY, exc)
         advertise(self._client, self.node, self.refs())
         self._thread.start()
+
+    def share(self, *, reannounce: bool = False) -> None:
+        """Publish the keyring's fair-share weights (`fetch.publish_weights`) and, with
+        ``reannounce``, put back in the rings any tenant whose queued jobs are outside
+        them (`fetch.reannounce`). A Redis error is logged: the next round retries."""
+        try:
+            ring = self._keyring.get()
+            fetch.publish_weights(
+                self._broker, {name: t.policy.weight for name, t in ring.tenants.items()}
+            )
+            if reannounce and (n := fetch.reannounce(self._broker, ring.tenants)):
+                log.info("fair share: %d tenant queue(s) with jobs announced again", n)
+        except redis.RedisError as exc:
+            log.warning("could not publish the tenants' fair-share weights: %s", exc)
 
     def stop(self) -> None:
         """Stop and withdraw the node."""
@@ -252,5 +270,6 @@ class Advertiser:
         while not self._stop.wait(ADVERTISE_INTERVAL_S):
             try:
                 advertise(self._client, self.node, self.refs())
+                self.share()
             except redis.RedisError:
                 log.warning("could not refresh the model catalogue; retrying")

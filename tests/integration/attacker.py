@@ -21,6 +21,8 @@ from typing import Any
 from maas_worker import Client, Job
 from maas_worker.backend import keyspace
 from maas_worker.backend.audit import AuditRecord
+from maas_worker.broker import fetch
+from maas_worker.broker.backlog import read_backlog
 from maas_worker.broker.fetch import ring
 from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.protocol import ARGS_REPR, TASK_NAME, queue_for
@@ -171,9 +173,12 @@ def wait_audited_once(
 def job_queues_drained(stack: Stack) -> bool:
     """No job message left in a queue or reserved (taken and not acknowledged)."""
     queues = {queue_for(p) for p in ("high", "normal", "low")}
-    if any(stack.backend.llen(q) for q in queues):
+    if read_backlog(stack.backend).total:
         return False
-    return not any(json.loads(v)[2] in queues for v in stack.backend.hvals("unacked"))
+    return not any(
+        json.loads(v)[2] in queues or fetch.split_tenant_queue(json.loads(v)[2])
+        for v in stack.backend.hvals("unacked")
+    )
 
 
 def wait_drained(stack: Stack) -> None:

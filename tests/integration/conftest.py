@@ -24,8 +24,10 @@ import redis
 
 from maas_worker import AsyncClient, Client
 from maas_worker.backend.audit import AuditLog, AuditRecord
+from maas_worker.broker import fetch
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
+from maas_worker.protocol import queue_for
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import Keyring, TenantPolicy, save_keyring
 
@@ -140,6 +142,16 @@ class Stack:
             )
 
         return wait_for(found, timeout, f"audit {reason} for {job_id}")
+
+    def tenant_queue(self, priority: str, tenant: str = "acme") -> str:
+        """The list a client of ``tenant`` pushes its ``priority`` jobs to (fair share)."""
+        return fetch.tenant_queue(queue_for(priority), tenant)
+
+    def job_lists(self, priority: str) -> list[str]:
+        """Every list holding ``priority`` jobs: the queue's own, then each tenant's."""
+        queue = queue_for(priority)
+        tenants = sorted(k.decode() for k in self.backend.keys(f"{queue}.*"))
+        return [queue, *(k for k in tenants if fetch.split_tenant_queue(k))]
 
     def queued_messages(self, queue: str) -> list[bytes]:
         return list(self.backend.lrange(queue, 0, -1))

@@ -13,9 +13,11 @@ the job run twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,9 +30,10 @@ import pytest
 import redis
 from kombu.transport import redis as kombu_redis
 
-from maas_worker import Client
+from maas_worker import AsyncClient, Client, as_completed
 from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.audit import AuditLog
+from maas_worker.broker import fetch
 from maas_worker.errors import ConfigError, JobCancelled
 from maas_worker.local.embedded import free_port, server_binary
 from maas_worker.local.processes import WorkerProcess
@@ -105,10 +108,18 @@ def denials(operator: redis.Redis) -> list[tuple[str, str, str]]:
 PROBE = ("producer-acme", "command", "publish")
 
 
-def _start_server(d: Path, port: int, acl_file: Path, operator: str) -> subprocess.Popen[bytes]:
+def _start_server(
+    d: Path,
+    port: int,
+    acl_file: Path,
+    operator: str,
+    *,
+    appendonly: bool = False,
+    binary: str | None = None,
+) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
         [
-            str(server_binary()),
+            binary or str(server_binary()),
             "--port",
             str(port),
             "--bind",
@@ -116,7 +127,7 @@ def _start_server(d: Path, port: int, acl_file: Path, operator: str) -> subproce
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if appendonly else "no",
             "--dir",
             str(d),
             "--logfile",
@@ -238,6 +249,30 @@ def test_the_gateway_serves_every_tenant_with_its_role(deployment: Deployment) -
     finally:
         gw.stop()
     assert "NOPERM" not in gw.service.log()
+    assert set(denials(deployment.stack.backend)) <= {PROBE}
+
+
+def test_the_async_client_submits_waits_and_cancels_with_the_producer_role(
+    deployment: Deployment,
+) -> None:
+    settings = Settings.from_env(deployment.env("producer-acme", MAAS_TENANT="acme"))
+
+    async def scenario() -> tuple[list[dict[str, Any]], bool, str]:
+        async with AsyncClient(settings=settings) as client:
+            jobs = await client.submit_many("echo", [{"n": i} for i in range(5)])
+            # Its waiter reads a batch of jobs with one MGET and blocks on the done lists.
+            outputs = [await done.result() async for done in as_completed(jobs, timeout=WAIT_S)]
+            slow = await client.submit("sleep", {"seconds": 30})
+            deadline = time.monotonic() + WAIT_S
+            while await slow.status() != "running" and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            cancelled = await slow.cancel()
+            return outputs, cancelled, str(await slow.status())
+
+    outputs, cancelled, state = asyncio.run(scenario())
+    assert sorted(o["echo"]["n"] for o in outputs) == list(range(5))
+    assert cancelled and state == "cancelled"
+    assert "NOPERM" not in deployment.stack.worker_logs()
     assert set(denials(deployment.stack.backend)) <= {PROBE}
 
 
@@ -410,6 +445,20 @@ FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
         ("DEL", "maas.high"),
         ("LPOP", "maas.high"),
         ("RPOP", "maas.normal"),
+        # Fair share: only its own list of each queue, and only its name added to
+        # the arrivals; no other tenant's list, the old shared list or the ring.
+        ("LPUSH", "maas.high", "x"),
+        ("LPUSH", "maas.normal.globex", "x"),
+        ("LLEN", "maas.normal.globex"),
+        ("RPOP", "maas.normal.acme"),
+        ("LRANGE", "maas.normal.acme", "0", "-1"),
+        ("SREM", "maas:arrivals:maas.normal", "globex"),
+        ("SPOP", "maas:arrivals:maas.normal"),
+        ("SMEMBERS", "maas:arrivals:maas.normal"),
+        ("LPUSH", "maas:ring:maas.normal", "acme"),
+        ("LMOVE", "maas:ring:maas.normal", "maas:ring:maas.normal", "RIGHT", "RIGHT"),
+        ("HSET", "maas:ring:maas.normal:credit", "acme", "1000"),
+        ("HSET", "maas:weights", "acme", "100"),
         ("LTRIM", "maas.low", "1", "0"),
         ("LRANGE", "maas.high", "0", "-1"),
         ("LINDEX", "maas.high", "0"),
@@ -454,6 +503,10 @@ FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
         ("DEL", "maas.high"),
         ("LPUSH", "maas.high", "x"),
         ("RPOP", "maas.high"),
+        ("RPOP", "maas.high.acme"),
+        ("LPUSH", "maas:ring:maas.high", "acme"),
+        ("SADD", "maas:arrivals:maas.high", "acme"),
+        ("HSET", "maas:weights", "acme", "100"),
         ("GET", f"{ACME}result:{JOB}"),
         ("XRANGE", keyspace.AUDIT_STREAM, "-", "+"),
         ("PUBLISH", "/0.celery.pidbox", "x"),
@@ -525,6 +578,67 @@ def test_the_default_user_is_off(deployment: Deployment) -> None:
     conn.close()
 
 
+def _servers() -> list[Any]:
+    """The embedded Valkey, and the system's redis-server where there is one (CI installs
+    Debian's, 7.0): servers before the fix of valkey-io/valkey#3983 lose the jobs."""
+    system = shutil.which("redis-server")
+    skip = pytest.mark.skipif(system is None, reason="no redis-server on PATH")
+    return [pytest.param(None, id="embedded"), pytest.param(system, id="system", marks=skip)]
+
+
+@pytest.mark.parametrize("binary", _servers())
+def test_a_queued_job_survives_a_restart_with_the_generated_acl(
+    tmp_path: Path, binary: str | None
+) -> None:
+    """The append-only file is replayed as `default`, whose rules older servers check
+    every transaction in it against: a `default` with no permissions drops each one
+    (a submit is a MULTI/EXEC) and the queued job is gone after a restart."""
+    keyring_path = tmp_path / "keyring.json"
+    save_keyring(keyring_path, Keyring().with_new_tenant("acme"))
+    acl_file, passwords = tmp_path / "redis" / "users.acl", tmp_path / "redis" / "passwords"
+    acl.generate(["acme"], acl_file=acl_file, passwords_dir=passwords)
+    operator_password = (passwords / "operator").read_text().strip()
+    producer_password = (passwords / "producer-acme").read_text().strip()
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    env = {
+        "MAAS_KEYRING": str(keyring_path),
+        "MAAS_TENANT": "acme",
+        "MAAS_BROKER_URL": acl.role_url(url, "producer-acme", producer_password),
+    }
+    start = {"appendonly": True, "binary": binary}
+    proc = _start_server(tmp_path, port, acl_file, operator_password, **start)
+    try:
+        with Client(settings=Settings.from_env(env)) as client:
+            # No worker has run here: the bundled model is what a client may ask for.
+            job = client.submit("digits", {"inputs": [[0] * 64]}, priority="high")
+            assert job.status() == "queued"
+        # What workers' library functions write reaches the file as MULTI/EXEC
+        # (a claim, a result): one transaction of the operator's stands for them
+        # (two writes: a server writes a transaction of one without MULTI/EXEC).
+        operator = redis.Redis.from_url(acl.role_url(url, "operator", operator_password))
+        try:
+            tx = operator.pipeline(transaction=True)
+            tx.set("maas:aof-check", "1").set("maas:aof-check:2", "2").execute()
+        finally:
+            operator.close()
+        proc.terminate()  # a clean shutdown: the append-only file is flushed
+        proc.wait(10)
+        proc = _start_server(tmp_path, port, acl_file, operator_password, **start)
+        operator = redis.Redis.from_url(acl.role_url(url, "operator", operator_password))
+        try:
+            log = (tmp_path / "server.log").read_text()[-800:]
+            assert operator.llen("maas.high") == 1, log
+            assert operator.mget("maas:aof-check", "maas:aof-check:2") == [b"1", b"2"], log
+        finally:
+            operator.close()
+        with Client(settings=Settings.from_env(env)) as client:
+            assert client.job(job.id).status() == "queued"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_replaying_a_finished_job_after_trying_to_delete_its_state_fails(
     deployment: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -552,6 +666,7 @@ def test_replaying_a_finished_job_after_trying_to_delete_its_state_fails(
             with pytest.raises(redis.exceptions.NoPermissionError):
                 producer.delete(f"{ACME}{kind}:{job.id}")
         producer.lpush(queue, copy)
+        producer.sadd(fetch.arrivals_key("maas.high"), "acme")  # as the client does
         producer.lpush("maas:wake", "1")
     finally:
         producer.close()

@@ -18,6 +18,7 @@ import pytest
 
 from maas_worker import AsyncClient, JobCancelled, ResultTimeout, as_completed
 from maas_worker.backend import keyspace
+from maas_worker.broker import fetch
 from maas_worker.client import waiter
 from maas_worker.protocol import queue_for
 from maas_worker.tenancy.cancellation import make_token
@@ -70,18 +71,21 @@ def test_its_messages_are_the_sync_clients_byte_for_byte_but_the_ids(
 ) -> None:
     stack = make_stack()
     stack.client().submit("echo", {"a": 1}, priority="high")
-    sync_raw = stack.backend.rpop(queue_for("high"))
+    sync_raw = stack.backend.rpop(stack.tenant_queue("high"))
 
     async def submit() -> str:
         async with stack.async_client() as client:
             return (await client.submit("echo", {"a": 1}, priority="high")).id
 
     job_id = asyncio.run(submit())
-    async_raw = stack.backend.rpop(queue_for("high"))
+    async_raw = stack.backend.rpop(stack.tenant_queue("high"))
     assert json.loads(async_raw)["headers"]["id"] == job_id
     assert list(json.loads(async_raw)) == list(json.loads(sync_raw))  # same key order too
     assert _masked(async_raw) == _masked(sync_raw)
-    # Both rang the wake-up list and wrote the queued marker.
+    # Both pushed to the tenant's list, announced it (fair share), rang the wake-up
+    # list and wrote the queued marker.
+    assert stack.backend.smembers(fetch.arrivals_key(queue_for("high"))) == {b"acme"}
+    assert json.loads(sync_raw)["properties"][fetch.TENANT_PROPERTY] == "acme"
     assert stack.backend.llen("maas:wake") >= 2
     assert stack.backend.exists(keyspace.submitted("acme", job_id))
 
@@ -210,7 +214,7 @@ def test_a_large_request_travels_by_claim_check(make_stack: Callable[..., Stack]
     async def scenario() -> None:
         async with stack.async_client() as client:
             job = await client.submit("echo", big)
-            raw = stack.backend.lindex(queue_for("normal"), 0)
+            raw = stack.backend.lindex(stack.tenant_queue("normal"), 0)
             assert raw is not None and len(raw) < 8192  # the message only points at it
             assert stack.backend.strlen(keyspace.payload("acme", job.id)) > 1 << 20
             stack.start_worker()

@@ -73,7 +73,7 @@ def test_high_job_overtakes_a_backlog_of_1000_low_jobs(make_stack) -> None:
     lows_before = order.index(high.id)
     # at most what the pool had reserved, plus one reserved-share delivery
     assert lows_before <= concurrency + 2, lows_before
-    assert int(stack.backend.llen(queue_for("low"))) > 900  # the backlog was real
+    assert int(stack.backend.llen(stack.tenant_queue("low"))) > 900  # the backlog was real
     assert lows[0].status() in ("queued", "running", "succeeded")
 
 
@@ -103,7 +103,7 @@ def test_tenant_over_its_rate_gets_rate_limited_and_others_are_unaffected(make_s
     with pytest.raises(RateLimited, match="rate limit") as err:
         metered.submit("echo", {"n": 3})
     assert err.value.retry_after_s is not None and 0 < err.value.retry_after_s <= 5
-    before = int(stack.backend.llen(queue_for("normal")))
+    before = int(stack.backend.llen(stack.tenant_queue("normal", "metered")))
     assert before == 2  # the refused job was never enqueued
     # another tenant is not held by metered's bucket
     acme = stack.client()
@@ -149,7 +149,7 @@ def test_full_queue_refuses_submits(make_stack) -> None:
     with pytest.raises(QueueFull, match="low queue is full") as err:
         client.submit("echo", {"i": 3}, priority="low")
     assert err.value.retry_after_s > 0
-    assert int(stack.backend.llen(queue_for("low"))) == 3
+    assert int(stack.backend.llen(stack.tenant_queue("low"))) == 3
     client.submit("echo", {"other": 1}, priority="high")  # other priorities still open
 
 

@@ -19,8 +19,6 @@ from typing import Any
 
 import pytest
 
-from maas_worker.protocol import queue_for
-
 from .attacker import Attacker, records_for, wait_drained
 from .conftest import Stack, wait_for
 
@@ -30,13 +28,13 @@ TIMEOUT = 30.0
 
 def rewrite_headers(stack: Stack, job_id: str, priority: str, **headers: Any) -> None:
     """What a Redis writer does to a queued message: change its Celery headers in place."""
-    queue = queue_for(priority)
-    for i, raw in enumerate(stack.backend.lrange(queue, 0, -1)):
-        msg = json.loads(raw)
-        if msg["headers"]["id"] == job_id:
-            msg["headers"].update(headers)
-            stack.backend.lset(queue, i, json.dumps(msg))
-            return
+    for queue in stack.job_lists(priority):
+        for i, raw in enumerate(stack.backend.lrange(queue, 0, -1)):
+            msg = json.loads(raw)
+            if msg["headers"]["id"] == job_id:
+                msg["headers"].update(headers)
+                stack.backend.lset(queue, i, json.dumps(msg))
+                return
     raise AssertionError(f"{job_id} is not queued")
 
 

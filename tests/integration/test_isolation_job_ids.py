@@ -15,7 +15,6 @@ from collections.abc import Callable
 
 import pytest
 
-from maas_worker.protocol import queue_for
 from maas_worker.tenancy.keyring import TenantPolicy
 
 from .attacker import (
@@ -35,7 +34,9 @@ pytestmark = pytest.mark.integration
 def queued_ids(stack: Stack, priority: str) -> list[str]:
     """Job ids as anyone who can read a queue sees them."""
     return [
-        json.loads(raw)["headers"]["id"] for raw in stack.backend.lrange(queue_for(priority), 0, -1)
+        json.loads(raw)["headers"]["id"]
+        for queue in stack.job_lists(priority)
+        for raw in stack.backend.lrange(queue, 0, -1)
     ]
 
 

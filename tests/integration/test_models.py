@@ -18,7 +18,7 @@ from maas_worker import JobFailed, JobRejected
 from maas_worker.backend import keyspace
 from maas_worker.models.signing import SigningKey
 from maas_worker.tenancy.keyring import TenantPolicy, load_keyring
-from tests.modelkit import BUNDLED_DIGITS, holdout, make_kit, with_marker
+from tests.modelkit import BUNDLED_DIGITS, files_containing, holdout, make_kit, with_marker
 
 from .conftest import Stack, wait_for
 
@@ -72,27 +72,6 @@ def _worker_open_files(stack: Stack) -> list[str]:
     return targets
 
 
-def _files_containing(needle: bytes, roots: list[Path], since: float = 0.0) -> list[str]:
-    """Files under ``roots`` (changed after ``since``) that contain ``needle``."""
-    found = []
-    for root in roots:
-        for dirpath, _dirs, files in os.walk(root):
-            for name in files:
-                path = Path(dirpath) / name
-                try:
-                    st = path.stat()
-                    if (
-                        path.is_file()
-                        and st.st_mtime >= since
-                        and st.st_size < 64 * 1024 * 1024
-                        and needle in path.read_bytes()
-                    ):
-                        found.append(str(path))
-                except OSError:
-                    continue
-    return found
-
-
 def test_signed_repository_in_a_running_worker(make_stack, tmp_path: Path) -> None:
     kit = make_kit(tmp_path)
     kit.publish("digits", "1")
@@ -111,11 +90,11 @@ def test_signed_repository_in_a_running_worker(make_stack, tmp_path: Path) -> No
     # It was decrypted in memory only: no file anywhere we can see holds the
     # plaintext, and the worker keeps no in-memory file (memfd) open.
     roots = [tmp_path, stack.tmp, Path(tempfile.gettempdir())]
-    assert _files_containing(marker, roots, since) == []
+    assert files_containing(marker, roots, since) == []
     open_files = _worker_open_files(stack)
     assert not [t for t in open_files if "memfd:" in t]
     assert (
-        _files_containing(
+        files_containing(
             marker, [Path(t) for t in open_files if t.startswith("/") and Path(t).is_file()]
         )
         == []

@@ -105,7 +105,14 @@ def test_stats_json_has_each_workers_latest_sample_and_the_backlog(
     out = stack.cli("stats", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert set(doc) == {"backlog", "oldest_age_s", "sample_interval_s", "workers"}
+    assert set(doc) == {
+        "backlog",
+        "oldest_age_s",
+        "backlog_by_tenant",
+        "sample_interval_s",
+        "workers",
+    }
+    assert doc["backlog_by_tenant"] == {"high": {}, "normal": {}, "low": {}}
     assert set(doc["backlog"]) == set(doc["oldest_age_s"]) == {"high", "normal", "low"}
     assert all(isinstance(v, int) for v in doc["backlog"].values())
     assert doc["sample_interval_s"] == INTERVAL_S
@@ -261,6 +268,19 @@ def test_scale_json_recommends_more_nodes_for_a_larger_backlog(
     assert large["desired_nodes"] == 5
     assert large["desired_nodes"] > small["desired_nodes"]
     assert large["backlog_by_priority"] == {"high": 0, "normal": 40, "low": 5}
+    assert large["backlog_by_tenant"] == {"acme": 45}
+    # Another tenant's jobs: counted in the total and on their own.
+    stack.client("globex").submit_many("echo", [{"g": i} for i in range(3)])
+    both = advice()
+    assert both["backlog"] == 48 and both["backlog_by_tenant"] == {"acme": 45, "globex": 3}
+    assert both["backlog_by_priority"] == {"high": 0, "normal": 43, "low": 5}
+    stats = json.loads(stack.cli("stats", "--json").stdout)
+    assert stats["backlog_by_tenant"] == {
+        "high": {},
+        "normal": {"acme": 40, "globex": 3},
+        "low": {"acme": 5},
+    }
+    assert "by tenant: acme=45  globex=3" in stack.cli("stats").stdout
     # the oldest job's age is read from the real queued messages
     assert large["oldest_age_s"] is not None and 0 <= large["oldest_age_s"] < WAIT_S
     assert large["current_nodes"] == 0

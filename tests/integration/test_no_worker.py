@@ -15,7 +15,6 @@ import pytest
 
 from maas_worker.backend import keyspace
 from maas_worker.models.paths import BUNDLED_MODEL_DIR
-from maas_worker.protocol import queue_for
 from tests.modelkit import holdout
 
 from .conftest import WAIT_S, Stack
@@ -41,7 +40,7 @@ def test_digits_is_queued_before_any_worker_and_runs_once_one_starts(
     never = stack.cli("submit", "--model", "nosuch", "--input", "{}")
     assert never.returncode == 1
     assert "unknown model 'nosuch'" in never.stderr and len(never.stderr.splitlines()) == 1
-    assert stack.backend.llen(queue_for("normal")) == 1
+    assert stack.backend.llen(stack.tenant_queue("normal")) == 1
 
     worker = stack.start_worker()
     res = stack.cli("result", job_id, "--timeout", str(WAIT_S))

@@ -24,6 +24,7 @@ from maas_worker import (
 )
 from maas_worker.backend import keyspace
 from maas_worker.backend.audit import AuditRecord
+from maas_worker.broker.backlog import read_backlog
 from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.local.demo import scan_for
 from maas_worker.protocol import TASK_NAME, queue_for
@@ -74,7 +75,7 @@ def test_unknown_job_id(shared_stack: Stack, client_kind: str) -> None:
 
 # -- bad input at the client: nothing is enqueued ------------------------------------------
 def _queued(stack: Stack) -> int:
-    return sum(int(stack.backend.llen(queue_for(p))) for p in ("high", "normal", "low"))
+    return read_backlog(stack.backend).total  # every list: the queues' own and the tenants'
 
 
 def test_client_refuses_bad_input_before_enqueueing(shared_stack: Stack, client_kind: str) -> None:
@@ -119,12 +120,12 @@ def test_message_altered_in_redis_is_rejected_and_audited(make_stack) -> None:
     stack = make_stack()
     client = stack.client()
     victim = client.submit("echo", {"text": "original"}, priority="high")
-    raw = stack.backend.lindex(queue_for("high"), 0)
+    raw = stack.backend.lindex(stack.tenant_queue("high"), 0)
     _, envelope = message_envelope(raw)
     data = bytearray(base64.b64decode(envelope))
     data[-40] ^= 0x80  # inside the GCM tag
     stack.backend.lset(
-        queue_for("high"), 0, replace_envelope(raw, base64.b64encode(bytes(data)).decode())
+        stack.tenant_queue("high"), 0, replace_envelope(raw, base64.b64encode(bytes(data)).decode())
     )
     stack.start_worker()
     rec = stack.wait_audit(victim.id, "tampered")
@@ -149,12 +150,13 @@ def test_every_header_field_altered_in_redis_is_rejected(make_stack) -> None:
     jobs = []
     for offset in (1, 5, 10, 20, 24, 26, 30, 40, 60, 80):
         job = client.submit("echo", {"text": "x"}, priority="low")
-        raw = stack.backend.lpop(queue_for("low"))  # the newest (kombu LPUSHes); put back altered
+        # the newest (pushed at the left); put back altered
+        raw = stack.backend.lpop(stack.tenant_queue("low"))
         _, envelope = message_envelope(raw)
         data = bytearray(base64.b64decode(envelope))
         data[offset] ^= 0x01
         stack.backend.lpush(
-            queue_for("low"), replace_envelope(raw, base64.b64encode(bytes(data)).decode())
+            stack.tenant_queue("low"), replace_envelope(raw, base64.b64encode(bytes(data)).decode())
         )
         jobs.append(job)
     stack.start_worker()
@@ -175,7 +177,7 @@ def test_byte_identical_replay_is_refused_and_the_first_result_stays(make_stack)
     stack = make_stack()
     client = stack.client()
     job = client.submit("echo", {"text": "once"}, priority="normal")
-    raw = stack.backend.lindex(queue_for("normal"), 0)
+    raw = stack.backend.lindex(stack.tenant_queue("normal"), 0)
     stack.start_worker()
     assert job.result(timeout=TIMEOUT) == {"echo": {"text": "once"}}
     stored = stack.backend.get(keyspace.result("acme", job.id))
@@ -379,7 +381,7 @@ def test_duplicate_delivery_while_running_is_not_run_twice(make_stack) -> None:
     stack = make_stack(MAAS_LEASE_S="3")
     client = stack.client()
     job = client.submit("sleep", {"seconds": 2}, priority="normal")
-    raw = stack.backend.lindex(queue_for("normal"), 0)
+    raw = stack.backend.lindex(stack.tenant_queue("normal"), 0)
     stack.start_worker(concurrency=2)
     wait_for(lambda: job.status() == "running", TIMEOUT, "the job to start")
     stack.backend.lpush(queue_for("normal"), raw)  # a second copy, e.g. redelivery
@@ -479,7 +481,7 @@ def test_large_requests_travel_by_claim_check(make_stack) -> None:
     marker = f"big-secret-{time.time_ns()}"
     big = {"text": marker + "y" * (1 << 20)}
     job = client.submit("echo", big, priority="normal")
-    raw = stack.backend.lindex(queue_for("normal"), 0)
+    raw = stack.backend.lindex(stack.tenant_queue("normal"), 0)
     assert len(raw) < 8192  # the message is small: no double-encoded megabytes
     assert stack.backend.strlen(keyspace.payload("acme", job.id)) > 1 << 20
     stack.start_worker()

@@ -7,7 +7,6 @@ from collections.abc import Callable
 import pytest
 
 from maas_worker import InputTooLarge, SubmitError
-from maas_worker.protocol import queue_for
 
 from .conftest import Stack
 
@@ -29,7 +28,7 @@ def test_one_oversized_item_is_named_and_nothing_is_enqueued(
         )
         with pytest.raises(SubmitError, match=r"^item 1: inputs are not JSON-serialisable"):
             client.submit_many("echo", [{"i": 0}, {"bad": object()}])
-        assert stack.backend.llen(queue_for("normal")) == 0
+        assert stack.backend.llen(stack.tenant_queue("normal")) == 0
         assert not stack.backend.keys("maas:{acme}:*")  # no marker, payload or pending entry
         # One input alone is not numbered.
         with pytest.raises(InputTooLarge, match=r"^input is 2\.1 MB"):

@@ -25,6 +25,7 @@ import pytest
 
 from maas_worker import ServiceUnavailable, UnknownJob
 from maas_worker.backend import keyspace
+from maas_worker.broker.backlog import read_backlog
 from maas_worker.client.job import Job
 from maas_worker.local.embedded import EmbeddedRedis
 
@@ -80,7 +81,8 @@ def where_are(stack: Stack, job_ids: list[str]) -> dict[str, list[str]]:
     """Where each lost job's traces are in Redis (for the failure message)."""
     r = stack.backend
     found: dict[str, list[str]] = {j: [] for j in job_ids}
-    for q in ("maas.high", "maas.normal", "maas.low"):
+    lists = [k.decode() for p in ("high", "normal", "low") for k in r.keys(f"maas.{p}*")]
+    for q in lists:
         for raw in r.lrange(q, 0, -1):
             for j in job_ids:
                 if j.encode() in raw:
@@ -122,7 +124,7 @@ def outage(server: EmbeddedRedis, stack: Stack, kind: str) -> dict[str, float]:
 def settled(stack: Stack) -> bool:
     """Nothing queued, nothing reserved, no claim held by a running job."""
     r = stack.backend
-    if any(r.llen(f"maas.{p}") for p in ("high", "normal", "low")) or r.hlen("unacked"):
+    if read_backlog(r).total or r.hlen("unacked"):  # every list, the tenants' too
         return False
     return all(r.get(k) == b"done" for k in r.scan_iter(keyspace.claim("*", "*"), count=1000))
 

@@ -107,6 +107,38 @@ def test_a_take_whose_reply_is_lost_leaves_the_message_reserved_for_the_sweep(
     r.close()
 
 
+def test_a_lost_take_from_a_tenants_list_goes_back_to_that_list_and_takes_its_turn(
+    server: EmbeddedRedis, consumer: tuple[Connection, list[Any]]
+) -> None:
+    """Fair share: the same lost reply, for a job a producer pushed to its tenant's
+    list. The take reserved it under that list (not the queue's own), so the sweep
+    puts it back there and announces the tenant again: it is taken once more."""
+    conn, got = consumer
+    publish(server, **{fetch.TENANT_PROPERTY: "acme"})
+    r = redis.Redis.from_url(server.url)
+    own = fetch.tenant_queue(QUEUE, "acme")
+    assert r.llen(QUEUE) == 0 and r.llen(own) == 1
+    assert r.smembers(fetch.arrivals_key(QUEUE)) == {b"acme"}
+    channel = conn.default_channel
+    channel._ready = True
+    conn.transport.cycle._register_BRPOP(channel)  # the take is sent and run ...
+    assert r.llen(own) == 0 and r.hlen("unacked") == 1
+    assert r.llen(fetch.ring_key(QUEUE)) == 0  # its list is empty: out of the ring
+    assert json.loads(next(iter(r.hvals("unacked"))))[2] == own  # where it goes back
+    channel.client.connection.disconnect()  # ... and its reply never read
+    channel._in_poll = None
+    assert got == []
+    channel.qos.visibility_timeout = 0
+    channel.qos.restore_visible(num=10, interval=1)
+    assert r.hlen("unacked") == 0 and r.llen(own) == 1 and r.llen(QUEUE) == 0
+    assert r.smembers(fetch.arrivals_key(QUEUE)) == {b"acme"}
+    assert json.loads(r.lindex(own, 0))["properties"]["delivery_info"]["redelivered"] is True
+    drain(conn)  # and the consumer takes it again, through the ring
+    assert [m.headers["id"] for m in got] == [JOB_ID]
+    assert r.llen(own) == 0
+    r.close()
+
+
 def test_a_command_sent_into_a_frozen_redis_still_runs_after_the_thaw(
     server: EmbeddedRedis,
 ) -> None:

@@ -36,7 +36,9 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
 def users(acl_file: Path) -> dict[str, tuple[str, str]]:
     """user -> (password hash, rules), every line checked against the format."""
     lines = acl_file.read_text().splitlines()
-    assert lines[0] == "user default reset off"
+    # Off (nobody logs in as it), with every permission: the server replays its
+    # append-only file's transactions as `default` (acl.DEFAULT_USER says why).
+    assert lines[0] == "user default reset off ~* &* +@all"
     out = {}
     for line in lines[1:]:
         m = USER_LINE.fullmatch(line)
@@ -77,10 +79,19 @@ def test_a_producer_is_confined_to_its_own_tenant(files: tuple[Path, Path]) -> N
     acl.generate(TENANTS, acl_file=acl_file, passwords_dir=passwords)
     rules = users(acl_file)["producer-globex"][1]
     own = keyspace.tenant_prefix("globex")
+    # Its own list of each job queue (fair share), never another's nor the shared one.
+    own_lists = {f"maas.{p}.globex" for p in ("high", "normal", "low")}
+    arrivals = {f"maas:arrivals:maas.{p}" for p in ("high", "normal", "low")}
     for pattern in re.findall(r"~(\S+?)(?=[ )]|$)", rules):
-        assert pattern.startswith(
-            (own, "maas.high", "maas.normal", "maas.low", "maas:wake")
-        ) or pattern in (keyspace.CATALOG, keyspace.MODELS, keyspace.NODES), pattern
+        assert (
+            pattern.startswith((own, "maas:wake"))
+            or pattern in own_lists | arrivals
+            or pattern in (keyspace.CATALOG, keyspace.MODELS, keyspace.NODES)
+        ), pattern
+    for queue in own_lists:
+        assert f"%W~{queue}" in rules and f"%R~{queue}" in rules, queue
+    # The arrivals: SADD only (its name; the take checks it, fetch.py).
+    assert re.search(r"\(\+sadd( %W~maas:arrivals:maas\.\w+){3}\)", rules), rules
     # The catalogue (live and durable) and the node list: read only.
     for key in (keyspace.CATALOG, keyspace.MODELS, keyspace.NODES):
         assert f"%R~{key}" in rules.split(), key

@@ -384,6 +384,29 @@ def test_policy_sets_and_shows_quotas(tmp_path, monkeypatch, capsys) -> None:  #
     assert '"rate_per_s": 5.0' in capsys.readouterr().out
 
 
+def test_policy_sets_the_fair_share_weight(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from maas_worker.cli import main
+    from maas_worker.tenancy.keyring import KeyringError, TenantPolicy, load_keyring
+
+    path = tmp_path / "k.json"
+    monkeypatch.setenv("MAAS_KEYRING", str(path))
+    assert main(["keys", "init", "--tenant", "acme"]) == 0
+    assert load_keyring(path).tenant("acme").policy.weight == 1  # the default
+    assert main(["keys", "policy", "--tenant", "acme", "--weight", "3"]) == 0
+    assert '"weight": 3' in capsys.readouterr().out
+    assert load_keyring(path).tenant("acme").policy.weight == 3
+    assert main(["keys", "policy", "--tenant", "acme", "--rate", "5"]) == 0  # kept
+    assert load_keyring(path).tenant("acme").policy.weight == 3
+    for bad in ("0", "101", "x"):
+        assert main(["keys", "policy", "--tenant", "acme", "--weight", bad]) != 0
+    assert load_keyring(path).tenant("acme").policy.weight == 3
+    assert TenantPolicy.from_json({"weight": 3}).weight == 3
+    assert "weight" not in TenantPolicy().to_json()  # 1 is not written
+    for raw in (0, 101, 2.5, True, "3"):
+        with pytest.raises(KeyringError, match="weight"):
+            TenantPolicy.from_json({"weight": raw})
+
+
 def test_the_keyring_editor_saves_only_a_replaced_ring(keyring: Path) -> None:
     from maas_worker.tenancy.keyring import edit_keyring
 

@@ -70,7 +70,9 @@ def test_the_steps_in_order_and_the_markers_after_the_send() -> None:
 def test_a_stale_catalogue_is_read_first_and_nothing_is_sent_when_a_check_fails() -> None:
     c = core(MAAS_MAX_QUEUE_DEPTH="3")
     script = Script(c, depth=2)
-    with pytest.raises(QueueFull, match=r"the normal queue is full \(2 jobs, limit 3"):
+    with pytest.raises(
+        QueueFull, match=r"the normal queue is full for tenant .acme. \(2 jobs, limit 3"
+    ):
         drive(flow(c), script)
     assert script.steps == ["catalog", "depth"]
 

@@ -31,6 +31,7 @@ from tests.modelkit import (
     Clock,
     ModelKit,
     Rejections,
+    files_containing,
     holdout,
     with_marker,
 )
@@ -238,27 +239,6 @@ def _open_memfds() -> list[str]:
     return out
 
 
-def _files_containing(needle: bytes, since: float, *roots: Path) -> list[Path]:
-    """Files under ``roots`` changed after ``since`` that contain ``needle``."""
-    found = []
-    for root in roots:
-        for dirpath, _dirs, files in os.walk(root):
-            for name in files:
-                p = Path(dirpath) / name
-                try:
-                    st = p.stat()
-                    if (
-                        p.is_file()
-                        and st.st_mtime >= since
-                        and st.st_size < 2**26
-                        and needle in p.read_bytes()
-                    ):
-                        found.append(p)
-                except OSError:
-                    continue
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc")
 def test_no_plaintext_model_bytes_on_disk_after_an_encrypted_load(
     kit: ModelKit, make_repo: Any
@@ -270,10 +250,10 @@ def test_no_plaintext_model_bytes_on_disk_after_an_encrypted_load(
     before = set(_open_memfds())
     model = make_repo()[0].get("digits", None)
     assert labels(model) == SAMPLES["sklearn_predictions"][:5]
-    assert _files_containing(marker, since, kit.tmp, Path(tempfile.gettempdir())) == []
+    assert files_containing(marker, [kit.tmp, Path(tempfile.gettempdir())], since) == []
     control = kit.tmp / "control.bin"  # the scan does find plaintext where there is some
     control.write_bytes(plain)
-    assert _files_containing(marker, since, kit.tmp) == [control]
+    assert files_containing(marker, [kit.tmp], since) == [str(control)]
     assert set(_open_memfds()) == before  # the in-memory file is closed after the load
 
 

@@ -30,6 +30,9 @@ class FakeAdvertiser:
     def __init__(self, settings: Settings, node: str) -> None:
         self.node = node
 
+    def share(self, *, reannounce: bool = False) -> None:
+        self.events.append("weights published")
+
     def start(self) -> None:
         self.events.append("announced")
 
@@ -73,9 +76,10 @@ def test_a_broker_reconnection_neither_withdraws_nor_announces_again(
     serve.start(consumer)
     serve.stop(consumer)  # Celery restarts a consumer's steps when the connection drops
     serve.start(consumer)
-    assert events == ["announced"]
+    # The weights first: the take reads them from the first job on (fair share).
+    assert events == ["weights published", "announced"]
     serve.shutdown(consumer)  # the worker stops (warm)
-    assert events == ["announced", "withdrawn"]
+    assert events == ["weights published", "announced", "withdrawn"]
 
 
 def test_a_cold_shutdown_leaves_the_node_to_expire(tmp_path: Path, events: list[str]) -> None:
@@ -85,7 +89,7 @@ def test_a_cold_shutdown_leaves_the_node_to_expire(tmp_path: Path, events: list[
     ServeStep(consumer).start(consumer)
     step.terminate(worker)
     ServeStep(consumer).shutdown(consumer)
-    assert events == ["announced"]
+    assert events == ["weights published", "announced"]
 
 
 def test_the_stats_reply_carries_the_nodes_latest_sample(tmp_path: Path, events: list[str]) -> None:

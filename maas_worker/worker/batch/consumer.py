@@ -468,9 +468,11 @@ class BatchConsumer:
         touch = self._to_touch
         with self.broker.pipeline(transaction=True) as pipe:
             for b in back:
-                pipe.rpush(b.queue, b.raw)  # taken from the right: it is next
-            if back:
-                fetch.ring(pipe, len(back))  # work for idle consumers
+                # To the list it came from (its tenant's), taken from the right:
+                # it is next; its tenant announced again (the ring may have let
+                # it go) and a consumer woken.
+                pipe.rpush(b.source or b.queue, b.raw)
+                fetch.announce(pipe, b.source or b.queue)
             if tags:
                 pipe.zrem(fetch.UNACKED_INDEX_KEY, *tags)
                 pipe.hdel(fetch.UNACKED_KEY, *tags)
