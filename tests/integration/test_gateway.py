@@ -23,6 +23,8 @@ import httpx
 import pytest
 
 from maas_worker.backend import keyspace
+from maas_worker.broker import fetch
+from maas_worker.protocol import queue_for
 from maas_worker.tenancy.keyring import TenantPolicy, load_keyring, save_keyring
 
 from .conftest import Stack, wait_for
@@ -31,6 +33,8 @@ from .gatewaykit import Caller, GatewayProcess
 pytestmark = pytest.mark.integration
 
 BODY_TIMEOUT_S = 1.0
+#: Where acme's normal jobs wait (fair share: one list per tenant and priority).
+ACME_NORMAL = fetch.tenant_queue(queue_for("normal"), "acme")
 
 
 @pytest.fixture(scope="module")
@@ -291,11 +295,11 @@ def test_idempotent_on_the_job_id(idle: tuple[Stack, GatewayProcess, Caller]) ->
     again = acme.submit(raw)
     assert first.status_code == again.status_code == 202
     assert again.json()["duplicate"] is True
-    assert stack.backend.llen("maas.normal") == 1
+    assert stack.backend.llen(ACME_NORMAL) == 1
     _, other = acme.seal({"text": "other"}, job_id=header.job_id)
     conflict = acme.submit(other)
     assert conflict.status_code == 409 and _error(conflict) == "conflict"
-    assert stack.backend.llen("maas.normal") == 1
+    assert stack.backend.llen(ACME_NORMAL) == 1
     assert acme.http.get(f"/v1/jobs/{header.job_id}").json()["state"] == "queued"
 
 
@@ -308,7 +312,7 @@ def test_queue_full_is_503_with_retry_after(idle: tuple[Stack, GatewayProcess, C
     assert resp.status_code == 503 and _error(resp) == "queue_full"
     assert int(resp.headers["Retry-After"]) >= 1
     # Refused, not half-accepted: the same envelope goes through once there is room.
-    stack.backend.rpop("maas.normal")
+    stack.backend.rpop(ACME_NORMAL)
     assert acme.submit(raw).status_code == 202
 
 
