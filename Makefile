@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@# PYTHONWARNINGS: setuptools warns on every editable build that a folder named like
 	@# the package may shadow it, which is this checkout, on purpose.
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[dev,worker,flower,local]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[dev,worker,flower,local,gateway]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -75,6 +75,7 @@ bench: venv
 	$(BIN)/python benchmarks/batching.py
 	$(BIN)/python benchmarks/async_client.py
 	$(BIN)/python benchmarks/fairshare.py
+	$(BIN)/python benchmarks/gateway.py
 
 .PHONY: format coverage lock compose-test lint-containers
 

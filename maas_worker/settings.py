@@ -89,6 +89,12 @@ DEFAULT_SAMPLE_INTERVAL_S = 15.0
 DEFAULT_METRICS_PORT = 9540
 DEFAULT_FLEET_METRICS_PORT = 9541
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+DEFAULT_GATEWAY_ADDRESS = "127.0.0.1"
+DEFAULT_GATEWAY_PORT = 9550
+DEFAULT_GATEWAY_MAX_BATCH = 1000
+DEFAULT_GATEWAY_MAX_BATCH_BYTES = 16 * 1024 * 1024
+DEFAULT_GATEWAY_BODY_TIMEOUT_S = 10.0
+DEFAULT_GATEWAY_MAX_WAIT_S = 60.0
 
 
 def _default_keyring(env: Mapping[str, str]) -> Path:
@@ -343,6 +349,96 @@ class RedisTLS:
 
 
 _AUTOSCALE = "`worker --autoscale`: "
+
+
+def _default_gateway_keyring(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "maas-worker" / "gateway-keyring.json"
+
+
+_GATEWAY = "`maas-worker gateway` ([gateway.md](gateway.md)): "
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySettings:
+    """The HTTP gateway (`maas-worker gateway`, docs/gateway.md)."""
+
+    keyring_path: Path = setting(
+        factory=lambda: _default_gateway_keyring(os.environ),
+        env_default=_default_gateway_keyring,
+        env="MAAS_GATEWAY_KEYRING",
+        parse=parse_path,
+        check=is_path,
+        shown="`$XDG_CONFIG_HOME/maas-worker/gateway-keyring.json`",
+        doc=_GATEWAY + "its keyring: MAC keys and bearer-token hashes only, written by "
+        "`maas-worker keys export --mac-only` (mode 0600)",
+    )
+    address: str = setting(
+        DEFAULT_GATEWAY_ADDRESS,
+        env="MAAS_GATEWAY_ADDRESS",
+        parse=parse_text,
+        check=is_str,
+        doc=_GATEWAY + "address it listens on (`0.0.0.0` in a container)",
+    )
+    port: int = setting(
+        DEFAULT_GATEWAY_PORT,
+        env="MAAS_GATEWAY_PORT",
+        parse=parse_int,
+        check=int_in(0, 65535),
+        doc=_GATEWAY + "TCP port it listens on",
+    )
+    tls_cert: Path | None = setting(
+        None,
+        env="MAAS_GATEWAY_TLS_CERT",
+        parse=parse_path,
+        check=_existing_file,
+        shown="none (plain HTTP)",
+        doc=_GATEWAY + "server certificate chain (PEM; may hold the key too): it serves HTTPS",
+    )
+    tls_key: Path | None = setting(
+        None,
+        env="MAAS_GATEWAY_TLS_KEY",
+        parse=parse_path,
+        check=_existing_file,
+        shown="none",
+        doc=_GATEWAY + "the server certificate's private key (PEM); needs `MAAS_GATEWAY_TLS_CERT`",
+    )
+    max_batch: int = setting(
+        DEFAULT_GATEWAY_MAX_BATCH,
+        env="MAAS_GATEWAY_MAX_BATCH",
+        parse=parse_int,
+        check=int_in(1, 100_000),
+        doc=_GATEWAY + "most envelopes in one `POST /v1/jobs:batch`",
+    )
+    max_batch_bytes: int = setting(
+        DEFAULT_GATEWAY_MAX_BATCH_BYTES,
+        env="MAAS_GATEWAY_MAX_BATCH_BYTES",
+        parse=parse_int,
+        check=int_in(1024),
+        doc=_GATEWAY + "largest `POST /v1/jobs:batch` body (bytes; `413` beyond, enforced "
+        "while it streams in): what one request may make the gateway hold in memory",
+    )
+    body_timeout_s: float = setting(
+        DEFAULT_GATEWAY_BODY_TIMEOUT_S,
+        env="MAAS_GATEWAY_BODY_TIMEOUT_S",
+        parse=parse_float,
+        check=number_in(0.1, 3600),
+        doc=_GATEWAY + "a request body must arrive whole within this long (`408` otherwise)",
+    )
+    max_wait_s: float = setting(
+        DEFAULT_GATEWAY_MAX_WAIT_S,
+        env="MAAS_GATEWAY_MAX_WAIT_S",
+        parse=parse_float,
+        check=number_in(0, 3600),
+        doc=_GATEWAY + "longest long-poll `GET /v1/jobs/{id}?wait=S` holds a request",
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ConfigError(
+                "MAAS_GATEWAY_TLS_KEY needs MAAS_GATEWAY_TLS_CERT (the certificate it belongs to)"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -736,6 +832,7 @@ class Settings:
         doc="address both metrics endpoints bind to (`0.0.0.0` in a container)",
     )
     autoscale: AutoscalePolicy = group(AutoscalePolicy)
+    gateway: GatewaySettings = group(GatewaySettings)
     fleet: FleetPolicy = group(FleetPolicy)
 
     def __post_init__(self) -> None:

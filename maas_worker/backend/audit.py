@@ -57,6 +57,26 @@ def _text(value: bytes | str) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
+def record_fields(
+    *, job_id: str, tenant: str, reason: AuditReason, verified: bool, worker: str, detail: str = ""
+) -> dict[str, str]:
+    """The stream entry of one record (`AuditLog.record`; the gateway writes the same
+    with ``redis.asyncio``): untrusted strings cut and made printable."""
+    if reason not in REASONS:
+        raise ValueError(f"unknown audit reason {reason!r}")
+    fields = {
+        "job_id": _clean(job_id),
+        "tenant": _clean(tenant),
+        "reason": reason,
+        "at": f"{time.time():.6f}",
+        "worker": worker,
+        "verified": "1" if verified else "0",
+    }
+    if detail:
+        fields["detail"] = _clean(detail)
+    return fields
+
+
 class AuditLog:
     """Append to and read the audit stream.
 
@@ -86,18 +106,14 @@ class AuditLog:
         ``detail`` (optional, cut to 128 printable characters) must hold no
         payload, key or path: e.g. ``digits@2: signature does not verify``.
         """
-        if reason not in REASONS:
-            raise ValueError(f"unknown audit reason {reason!r}")
-        fields = {
-            "job_id": _clean(job_id),
-            "tenant": _clean(tenant),
-            "reason": reason,
-            "at": f"{time.time():.6f}",
-            "worker": self._worker,
-            "verified": "1" if verified else "0",
-        }
-        if detail:
-            fields["detail"] = _clean(detail)
+        fields = record_fields(
+            job_id=job_id,
+            tenant=tenant,
+            reason=reason,
+            verified=verified,
+            worker=self._worker,
+            detail=detail,
+        )
         if self._on_record is not None:
             try:
                 self._on_record(reason)

@@ -127,6 +127,12 @@ def submitted(tenant: str, job_id: str) -> str:
     return _job("job", tenant, job_id)
 
 
+def gateway_seen(tenant: str, job_id: str) -> str:
+    """Written by the gateway as it accepts a job: the SHA-256 (hex) of its envelope, so the
+    same envelope again is not enqueued twice and another one with its id is refused."""
+    return _job("gateway", tenant, job_id)
+
+
 def bucket(tenant: str) -> str:
     """A tenant's token bucket (hash: tokens, ts), charged by workers only."""
     return f"{tenant_prefix(tenant)}bucket"

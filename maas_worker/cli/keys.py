@@ -211,32 +211,76 @@ def list_keys(settings: Settings, as_json: bool) -> int:
     return 0
 
 
-@keys.command(short_help="write a keyring holding one tenant (for its clients)")
-@click.option("--tenant", required=True, help="the tenant to export")
+@keys.command(short_help="write a keyring holding one tenant (for its clients), or a gateway's")
+@click.option("--tenant", help="the tenant to export (with --mac-only: default every tenant)")
 @click.option(
     "--out",
     required=True,
     help="the keyring file to write (mode 0600; a missing folder is created, mode 0700)",
 )
 @click.option("--force", is_flag=True, help="replace the file if it exists")
+@click.option(
+    "--mac-only",
+    is_flag=True,
+    help="a gateway keyring: MAC keys and bearer-token hashes, no key that decrypts "
+    "(docs/gateway.md)",
+)
 @pass_settings
-def export(settings: Settings, tenant: str, out: str, force: bool) -> int:
+def export(settings: Settings, tenant: str | None, out: str, force: bool, mac_only: bool) -> int:
     """Write a keyring holding one tenant's keys (for that tenant's clients).
 
-    An existing file is replaced only with --force (after a rotation, say).
+    With --mac-only, write the keyring of `maas-worker gateway` instead: each
+    tenant's MAC keys and the hash of its bearer token, nothing that opens an
+    envelope. An existing file is replaced only with --force (after a rotation, say).
     """
     from maas_worker.errors import KeyringError
+    from maas_worker.tenancy.gatekeys import GatewayKeyring, save_gateway_keyring
     from maas_worker.tenancy.keyring import load_keyring, save_keyring
 
-    ring = load_keyring(settings.keyring_path).only(tenant)
+    if tenant is None and not mac_only:
+        raise KeyringError("--tenant is required (only --mac-only exports every tenant)")
+    ring = load_keyring(settings.keyring_path)
+    if tenant is not None:
+        ring = ring.only(tenant)
     path = Path(out)
     if path.is_dir():
         raise KeyringError(f"{out} is a directory: --out names the keyring file to write")
     if not force and (path.exists() or path.is_symlink()):
         raise KeyringError(f"{out} already exists: pass --force to replace it")
     try:
-        save_keyring(path, ring)
+        if mac_only:
+            save_gateway_keyring(path, GatewayKeyring.from_keyring(ring))
+        else:
+            save_keyring(path, ring)
     except OSError as exc:
         raise KeyringError(f"cannot write {out}: {exc.strerror}") from None
-    print(f"wrote {out} with tenant {tenant} only (mode 0600)")
+    what = f"tenant {tenant} only" if tenant else "every tenant"
+    kind = "gateway keyring (MAC keys only)" if mac_only else "keyring"
+    print(f"wrote {out}: {kind} with {what} (mode 0600)")
+    return 0
+
+
+@keys.command(short_help="write a tenant's gateway bearer token to a file")
+@click.option("--tenant", required=True, help="the tenant")
+@click.option("--out", required=True, help="the file to write (mode 0600)")
+@click.option("--force", is_flag=True, help="replace the file if it exists")
+@pass_settings
+def bearer(settings: Settings, tenant: str, out: str, force: bool) -> int:
+    """Write the bearer token ``tenant`` presents to the gateway (its primary key version's).
+
+    The token is derived from the tenant's root secret (docs/gateway.md), so a
+    client holding the tenant's keyring can derive it itself; this writes it for
+    tools such as curl.
+    """
+    from maas_worker.errors import KeyringError
+    from maas_worker.files import write_atomic
+    from maas_worker.tenancy.gatekeys import bearer_token
+    from maas_worker.tenancy.keyring import load_keyring
+
+    kv = load_keyring(settings.keyring_path).tenant(tenant).primary()
+    path = Path(out)
+    if not force and (path.exists() or path.is_symlink()):
+        raise KeyringError(f"{out} already exists: pass --force to replace it")
+    write_atomic(path, bearer_token(kv.secret, tenant, kv.version).encode(), private=True)
+    print(f"wrote {out}: the bearer token of tenant {tenant}, key version {kv.version} (mode 0600)")
     return 0

@@ -69,8 +69,19 @@ class Client(ClientCore):
     `ClientCore` (core.py).
     """
 
+    def __new__(cls, **kwargs: Any) -> Client:
+        # Client(gateway_url=...) submits and follows jobs through the HTTP gateway
+        # (viagateway.py): the same sealing, the same jobs and errors, another carrier.
+        if cls is Client and kwargs.get("gateway_url") is not None:
+            from maas_worker.client.viagateway import GatewayClient
+
+            return super().__new__(GatewayClient)
+        return super().__new__(cls)
+
     def __init__(self, **kwargs: Any) -> None:
-        # Keyword-only, as `ClientCore`: broker_url, result_backend, tenant, keyring, settings.
+        # Keyword-only, as `ClientCore`: broker_url, result_backend, tenant, keyring, settings;
+        # and gateway_url (docs/gateway.md: then `GatewayClient` is what is built).
+        kwargs.pop("gateway_url", None)
         super().__init__(**kwargs)
         self._app: Celery | None = None
         self._backend: redis.Redis | None = None

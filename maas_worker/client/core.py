@@ -46,7 +46,8 @@ from maas_worker.models.paths import bundled_refs
 from maas_worker.protocol import PRIORITIES, TASK_NAME, Priority, queue_for
 from maas_worker.settings import MAX_JOB_TTL_S, Settings, redact_url
 from maas_worker.tenancy import quota
-from maas_worker.tenancy.keyring import Keyring, KeyringSource
+from maas_worker.tenancy.cancellation import make_token
+from maas_worker.tenancy.keyring import Keyring, KeyringSource, TenantPolicy
 
 log = logging.getLogger("maas_worker.client.client")
 
@@ -158,13 +159,26 @@ class ClientCore:
         self.tenant = self.settings.tenant
         self._static_ring = keyring if isinstance(keyring, Keyring) else None
         self._ring_source = None if self._static_ring else KeyringSource(self.settings.keyring_path)
-        self.keyring.tenant(self.tenant).primary()  # fail now, not at the first submit
+        self._check_keys()  # fail now, not at the first submit
         self._served: tuple[float, set[str]] = (0.0, set())
         self._live: tuple[float, int] = (0.0, 0)
         self._depth: dict[str, tuple[float, int]] = {}
         self._own: tuple[Keyring | None, Keyring] = (None, self.keyring)
 
     # -- keys ------------------------------------------------------------------
+    def _check_keys(self) -> None:
+        """Raise unless the keyring can seal this tenant's jobs (it has a primary key)."""
+        self.keyring.tenant(self.tenant).primary()
+
+    @property
+    def policy(self) -> TenantPolicy:
+        """This tenant's policy (models, priority, quotas), from the keyring in force."""
+        return self.keyring.tenant(self.tenant).policy
+
+    def cancel_token(self, job_id: str) -> str:
+        """A cancel request for ``job_id`` signed with this tenant's primary MAC key."""
+        return make_token(self.keyring, self.tenant, job_id)
+
     @property
     def keyring(self) -> Keyring:
         """The keyring in force (re-read when its file changes)."""
@@ -249,7 +263,7 @@ class ClientCore:
             raise UnknownModel(str(exc)) from None
         if priority not in PRIORITIES:
             raise SubmitError(f"invalid priority {priority!r}: use high, normal or low")
-        policy = self.keyring.tenant(self.tenant).policy
+        policy = self.policy
         if not policy.allows_model(model):
             raise PolicyDenied(f"tenant {self.tenant!r} may not use model {model!r}")
         if not policy.allows_priority(priority):
@@ -376,7 +390,7 @@ class ClientCore:
         return quota.advise_call(
             self.tenant,
             [h.job_id for h in headers],
-            self.keyring.tenant(self.tenant).policy,
+            self.policy,
             max(h.expires_at_ms for h in headers),
         )
 
@@ -386,7 +400,7 @@ class ClientCore:
         verdict = quota.verdict(int(code), int(wait_ms))
         if verdict.admitted:
             return
-        policy = self.keyring.tenant(self.tenant).policy
+        policy = self.policy
         if verdict.over == "rate" and verdict.retry_after_s is None:
             raise RateLimited(
                 f"a batch of {len(headers)} jobs is larger than tenant "
@@ -428,6 +442,14 @@ class ClientCore:
         if self.needs_catalog(model, priority):
             yield Step("catalog")
         sealed = self.seal_many(model, inputs, priority=priority, ttl_s=ttl_s)
+        return (yield from self.enqueue_flow(sealed))
+
+    def enqueue_flow(self, sealed: list[Sealed]) -> SubmitFlow:
+        """The I/O half of `submit_flow` for requests sealed already (all of one priority):
+        backpressure, the advisory quota, payloads, the send, the markers.
+
+        The gateway (maas_worker/gateway) drives it with envelopes its callers sealed.
+        """
         plain = sealed[0][0].priority
         read = (yield Step("depth", plain)) if self.depth_needs_read(plain, len(sealed)) else None
         self.commit_depth(plain, len(sealed), read)

@@ -24,7 +24,7 @@ from maas_worker.errors import (
     UnknownJob,
 )
 from maas_worker.protocol import JobInfo, JobState, ResultDoc, read_rejected_marker
-from maas_worker.tenancy.cancellation import make_token, verify_token
+from maas_worker.tenancy.cancellation import verify_token
 
 if TYPE_CHECKING:
     from maas_worker.client.core import ClientCore
@@ -213,7 +213,7 @@ class JobCore:
 
     def cancel_call(self) -> tuple[str, list[str], list[Any]]:
         """The cancel request as (library function, keys, args) for ``FCALL``."""
-        token = make_token(self._core.keyring, self.tenant, self.id)
+        token = self._core.cancel_token(self.id)
         s = self._core.settings
         default_ms = (s.job_ttl_s + s.result_ttl_s) * 1000
         t, j = self.tenant, self.id

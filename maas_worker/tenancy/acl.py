@@ -4,8 +4,9 @@
 ``default`` user off, and one user per role (docs/operations.md, "Redis
 roles"; the guarantees are in docs/security.md, "Redis roles"):
 
-``producer-<tenant>`` (one per tenant), ``worker``, ``beat``, ``monitor``,
-``flower`` and ``operator``, each allowed what its process does and no
+``producer-<tenant>`` (one per tenant), ``gateway`` (the HTTP gateway: a
+producer of every tenant), ``worker``, ``beat``, ``monitor``, ``flower`` and
+``operator``, each allowed what its process does and no
 more (the ``*_rules`` functions below say what).
 
 Rules use Redis 7 key permissions (``%R~`` read, ``%W~`` write) and
@@ -45,6 +46,8 @@ from maas_worker.settings import Settings
 #: The fixed roles, in the order they are written (producers follow, by tenant).
 ROLES = ("operator", "worker", "beat", "monitor", "flower")
 PRODUCER_PREFIX = "producer-"
+#: The HTTP gateway's user (docs/gateway.md): a producer of every tenant it serves.
+GATEWAY = "gateway"
 #: What every user needs to connect: redis-py's handshake (HELLO, CLIENT SETINFO on
 #: Redis 7.2+, named through its category: Redis 7.0 refuses the unknown
 #: subcommand), PING, SELECT, MULTI/EXEC; no key tracking (its broadcast mode
@@ -141,6 +144,20 @@ def producer_rules(tenant: str) -> list[str]:
         # against the rules above (the in-flight set and bucket: read only).
         _sel("+fcall", f"~{t}*"),
     ]
+
+
+def gateway_rules(tenants: Sequence[str]) -> list[str]:
+    """What ``maas-worker gateway`` does: what each tenant's producer does, for every
+    tenant, plus its idempotency records (``SET NX GET``, ``DEL`` on
+    ``maas:{<tenant>}:gateway:*``), ``MGET`` of a tenant's keys (its waiter), and
+    appending to the audit stream. Nothing a producer may not do beyond that."""
+    rules = list(_CONNECT)
+    for tenant in tenants:
+        t = keyspace.tenant_prefix(tenant)
+        rules += [r for r in producer_rules(tenant) if r not in _CONNECT]
+        rules += [_sel("+mget", f"%R~{t}*"), _sel("+set", "+del", f"~{t}gateway:*")]
+    rules.append(_sel("+xadd", f"%W~{keyspace.AUDIT_STREAM}"))
+    return list(dict.fromkeys(rules))  # one copy of the rules every tenant shares
 
 
 def worker_rules(dbs: Sequence[int]) -> list[str]:
@@ -248,8 +265,11 @@ def operator_rules() -> list[str]:
     ]
 
 
-def role_rules(role: str, *, dbs: Sequence[int] = (0,)) -> list[str]:
-    """The rules of ``role`` (a fixed role or ``producer-<tenant>``)."""
+def role_rules(role: str, *, dbs: Sequence[int] = (0,), tenants: Sequence[str] = ()) -> list[str]:
+    """The rules of ``role`` (a fixed role, ``gateway`` serving ``tenants``, or
+    ``producer-<tenant>``)."""
+    if role == GATEWAY:
+        return gateway_rules(tenants)
     if role.startswith(PRODUCER_PREFIX):
         return producer_rules(role[len(PRODUCER_PREFIX) :])
     if role in ("worker", "beat", "flower"):
@@ -277,9 +297,15 @@ DEFAULT_USER = "user default reset off ~* &* +@all"
 def acl_text(passwords: dict[str, str], *, dbs: Sequence[int] = (0,)) -> str:
     """The ACL file for ``passwords`` (role -> password): ``default`` off, then each role."""
     lines = [DEFAULT_USER]
-    # Fixed roles first, in `ROLES` order, then producers by tenant.
-    for role in sorted(passwords, key=lambda r: (ROLES.index(r) if r in ROLES else 99, r)):
-        rules = " ".join(role_rules(role, dbs=dbs))
+    tenants = sorted(r[len(PRODUCER_PREFIX) :] for r in passwords if r.startswith(PRODUCER_PREFIX))
+
+    # Fixed roles first, in `ROLES` order, then producers by tenant, then the gateway
+    # (its line names every tenant: last, so a new tenant changes no line before it).
+    def rank(r: str) -> tuple[int, str]:
+        return (ROLES.index(r) if r in ROLES else 100 if r == GATEWAY else 99, r)
+
+    for role in sorted(passwords, key=rank):
+        rules = " ".join(role_rules(role, dbs=dbs, tenants=tenants))
         lines.append(f"user {role} reset on #{password_digest(passwords[role])} {rules}")
     return "\n".join(lines) + "\n"
 
@@ -289,7 +315,8 @@ def roles_for(tenants: Iterable[str]) -> list[str]:
     for t in tenants:
         if not TENANT_RE.fullmatch(t):
             raise ConfigError(f"invalid tenant name {t!r}")
-    return [*ROLES, *(producer(t) for t in sorted(tenants))]
+    producers = [producer(t) for t in sorted(tenants)]
+    return [*ROLES, *producers, *([GATEWAY] if producers else [])]
 
 
 # -- files ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 
+from maas_worker.crypto.envelope import KeyLookup
 from maas_worker.tenancy.keyring import Keyring
 
 LABEL = b"maas-worker/v1/cancel\x00"
@@ -27,7 +28,7 @@ def make_token(keyring: Keyring, tenant: str, job_id: str) -> str:
     return f"{tenant}:{kv.version}:{mac.hex()}"
 
 
-def verify_token(token: str | bytes | None, keyring: Keyring, tenant: str, job_id: str) -> bool:
+def verify_token(token: str | bytes | None, keyring: KeyLookup, tenant: str, job_id: str) -> bool:
     """True if ``token`` is a genuine cancel request by ``tenant`` for ``job_id``."""
     if token is None:
         return False

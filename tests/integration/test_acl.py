@@ -222,6 +222,36 @@ def test_a_producer_submits_waits_and_cancels_with_its_role(deployment: Deployme
     assert set(denials(deployment.stack.backend)) <= {PROBE}
 
 
+def test_the_gateway_serves_every_tenant_with_its_role(deployment: Deployment) -> None:
+    from .gatewaykit import Caller, GatewayProcess
+
+    gw = GatewayProcess(deployment.stack, "aclgw", MAAS_BROKER_URL=deployment.url("gateway"))
+    try:
+        for tenant in ("acme", "globex"):  # acme has a quota: the advisory check runs
+            caller = Caller(deployment.stack, gw, tenant)
+            header, raw = caller.seal({"t": tenant})
+            assert caller.submit(raw).status_code == 202
+            assert caller.submit(raw).json()["duplicate"] is True
+            done = caller.http.get(f"/v1/jobs/{header.job_id}", params={"wait": WAIT_S}).json()
+            assert caller.open(done["result"], header.job_id)["output"] == {"echo": {"t": tenant}}
+            forged_header, forged = caller.seal({"t": "forged"})
+            forged = forged[:-1] + bytes([forged[-1] ^ 1])
+            assert caller.submit(forged).status_code == 401
+            deployment.stack.wait_audit(forged_header.job_id, "tampered")
+            caller.http.close()
+        acme = Caller(deployment.stack, gw, "acme")
+        slow_header, slow = acme.seal({"seconds": 30}, model="sleep")
+        assert acme.submit(slow).status_code == 202
+        assert acme.http.delete(f"/v1/jobs/{slow_header.job_id}").status_code == 200
+        ended = acme.http.get(f"/v1/jobs/{slow_header.job_id}", params={"wait": WAIT_S}).json()
+        assert ended["state"] in ("cancelled", "completed")
+        acme.http.close()
+    finally:
+        gw.stop()
+    assert "NOPERM" not in gw.service.log()
+    assert set(denials(deployment.stack.backend)) <= {PROBE}
+
+
 def test_the_async_client_submits_waits_and_cancels_with_the_producer_role(
     deployment: Deployment,
 ) -> None:
@@ -360,6 +390,21 @@ def test_flower_serves_with_its_role_and_the_operator_inspects(deployment: Deplo
 JOB = "0b7e8c6a-3f1d-4c2e-9a7b-5d6e4f3a2b1c"
 ACME, GLOBEX = keyspace.tenant_prefix("acme"), keyspace.tenant_prefix("globex")
 FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
+    # The HTTP gateway: every tenant's producer, and its own records; no more.
+    "gateway": [
+        *(("DEL", f"{ACME}{kind}:{JOB}") for kind in ("result", "claim", "rejected", "job")),
+        ("SET", f"{ACME}result:{JOB}", "x"),
+        ("SET", f"{GLOBEX}claim:{JOB}", "x"),
+        ("DEL", "maas.high"),
+        ("RPOP", "maas.high"),
+        ("XDEL", keyspace.AUDIT_STREAM, "0-1"),
+        ("DEL", keyspace.AUDIT_STREAM),
+        ("PUBLISH", "/0.celeryev/task.sent", "{}"),
+        ("EVAL", "return 1", "0"),
+        ("KEYS", "*"),
+        ("SET", "someone-else:key", "x"),
+        ("FLUSHALL",),
+    ],
     "producer-acme": [
         *(
             ("DEL", f"{ACME}{kind}:{JOB}")

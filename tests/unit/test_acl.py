@@ -62,6 +62,7 @@ def test_one_user_per_role_and_per_tenant_with_the_password_hashed(
         "producer-acme",
         "producer-globex",
         "producer-initech",
+        "gateway",
     ]
     assert done.roles == list(found) and done.new == list(found) and done.changed
     text = acl_file.read_text()
@@ -113,6 +114,22 @@ def test_a_producer_is_confined_to_its_own_tenant(files: tuple[Path, Path]) -> N
     assert f"(+fcall ~{own}*)" in rules
     assert f"~{keyspace.bucket('globex')}" not in rules
     assert "acme" not in rules and "initech" not in rules
+
+
+def test_the_gateway_is_every_tenants_producer_and_writes_only_its_own_records_beyond(
+    files: tuple[Path, Path],
+) -> None:
+    acl_file, passwords = files
+    acl.generate(["acme", "globex"], acl_file=acl_file, passwords_dir=passwords)
+    rules = users(acl_file)["gateway"][1]
+    for tenant in ("acme", "globex"):
+        own = keyspace.tenant_prefix(tenant)
+        for rule in acl.producer_rules(tenant):
+            assert rule in rules, rule
+        assert f"(+set +del ~{own}gateway:*)" in rules
+    assert f"(+xadd %W~{keyspace.AUDIT_STREAM})" in rules
+    for command in ("+@all", "+@write", "+eval", "+publish", "+flushall", "+keys", "~*"):
+        assert f"{command} " not in rules + " " and f"{command})" not in rules, command
 
 
 def test_the_worker_has_no_admin_commands_and_no_catch_all_key_pattern(
@@ -209,7 +226,7 @@ def test_the_command_writes_the_files_and_prints_urls_without_passwords(
     assert (env / "users.acl").is_file() and (env / "redis-passwords" / "producer-globex").is_file()
     lines = dict(line.split() for line in out.splitlines())
     assert lines["worker"] == "redis://worker:****@redis.internal:6379/0"
-    assert set(lines) == {*acl.ROLES, "producer-acme", "producer-globex"}
+    assert set(lines) == {*acl.ROLES, "gateway", "producer-acme", "producer-globex"}
     secrets = [p.read_text().strip() for p in (env / "redis-passwords").iterdir()]
     assert not any(s in out + err for s in [*secrets, "not-printed"])
     assert main(["acl", "--urls", "--tenant", "acme", "--server", "rediss://r:6380/1"]) == 0

@@ -435,3 +435,43 @@ def test_a_keyring_path_that_is_a_folder_says_so(
         err = one_line_error(capsys, "--keyring", str(folder), *argv)
         assert err == f"maas-worker: error: keyring {folder} is a directory, not a keyring file\n"
     assert list(folder.iterdir()) == []
+
+
+def test_export_mac_only_is_a_gateway_keyring_without_secrets(
+    keyring: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from maas_worker.tenancy.gatekeys import GatewayKeyring, load_gateway_keyring
+
+    ok(capsys, "keys", "init", "--tenant", "acme")
+    ok(capsys, "keys", "init", "--tenant", "globex")
+    out_path = tmp_path / "gw" / "gateway.json"
+    out = ok(capsys, "keys", "export", "--mac-only", "--out", str(out_path))
+    assert "MAC keys only" in out and mode(out_path) == 0o600
+    gate = load_gateway_keyring(out_path)
+    assert gate == GatewayKeyring.from_keyring(load_keyring(keyring))
+    assert set(gate.tenants) == {"acme", "globex"}
+    text = out_path.read_text()
+    for secret in secrets_of(keyring):
+        assert secret not in text and secret not in out
+    one = tmp_path / "acme-gw.json"
+    ok(capsys, "keys", "export", "--mac-only", "--tenant", "acme", "--out", str(one))
+    assert set(load_gateway_keyring(one).tenants) == {"acme"}
+    assert "--tenant is required" in one_line_error(
+        capsys, "keys", "export", "--out", str(tmp_path / "x.json")
+    )
+
+
+def test_bearer_writes_the_token_privately(
+    keyring: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from maas_worker.tenancy.gatekeys import GatewayKeyring
+
+    ok(capsys, "keys", "init", "--tenant", "acme")
+    token_path = tmp_path / "token.txt"
+    out = ok(capsys, "keys", "bearer", "--tenant", "acme", "--out", str(token_path))
+    token = token_path.read_text()
+    assert mode(token_path) == 0o600 and token not in out
+    assert GatewayKeyring.from_keyring(load_keyring(keyring)).bearer_tenant(token) == "acme"
+    assert "already exists" in one_line_error(
+        capsys, "keys", "bearer", "--tenant", "acme", "--out", str(token_path)
+    )

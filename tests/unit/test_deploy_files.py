@@ -484,8 +484,13 @@ def lock_pins() -> dict[str, tuple[str, list[str]]]:
         if not words:
             continue
         name, _, version = words[0].partition("==")
-        assert all(w.startswith("--hash=sha256:") for w in words[1:]), line
-        pins[canonicalize_name(name)] = (version, [w.split(":", 1)[1] for w in words[1:]])
+        # An environment marker (`; sys_platform != "win32"`) may sit between the pin and
+        # its hashes.
+        rest = words[1:]
+        if rest and rest[0] == ";":
+            rest = rest[next(i for i, w in enumerate(rest) if w.startswith("--")) :]
+        assert all(w.startswith("--hash=sha256:") for w in rest), line
+        pins[canonicalize_name(name)] = (version, [w.split(":", 1)[1] for w in rest])
     return pins
 
 
@@ -509,13 +514,14 @@ def test_the_lock_satisfies_requirements_in() -> None:
 
 
 def test_requirements_in_is_what_pyproject_gives_the_image() -> None:
-    """The core dependencies, the worker and flower extras, and the build backend."""
+    """The core dependencies, the worker, flower and gateway extras, and the build backend."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     extras = pyproject["project"]["optional-dependencies"]
     wanted = [
         *pyproject["project"]["dependencies"],
         *extras["worker"],
         *extras["flower"],
+        *extras["gateway"],
         *pyproject["build-system"]["requires"],
         # Locked unconditionally for a base image's Python below 3.11.3
         # (requirements.in says why).

@@ -24,6 +24,7 @@ from maas_worker.settings import (
     MAX_JOB_TTL_S,
     AutoscalePolicy,
     FleetPolicy,
+    GatewaySettings,
     RedisTLS,
     Settings,
     markdown_table,
@@ -125,7 +126,7 @@ def test_every_setting_is_declared_with_its_own_variable() -> None:
     names = [o.env for o in options()]
     assert all(name.startswith("MAAS_") for name in names)
     assert len(names) == len(set(names))
-    for cls in (Settings, RedisTLS, AutoscalePolicy, FleetPolicy):
+    for cls in (Settings, RedisTLS, AutoscalePolicy, FleetPolicy, GatewaySettings):
         for f in dataclasses.fields(cls):
             assert f.metadata, f"{cls.__name__}.{f.name} has no declaration"
 
@@ -156,12 +157,19 @@ def test_every_declared_variable_is_read() -> None:
         "MAAS_LOW_PRIORITY_SHARE": "0.25",
         "MAAS_FLEET_MIN_NODES": "2",
         "MAAS_AUDIT_MAXLEN": "500",
+        "MAAS_GATEWAY_TLS_CERT": str(pem),
+        "MAAS_GATEWAY_TLS_KEY": str(pem),
+        "MAAS_GATEWAY_ADDRESS": "0.0.0.0",
+        "MAAS_GATEWAY_KEYRING": "/g.json",
+        "MAAS_GATEWAY_MAX_BATCH_BYTES": "4096",
     }
     for option in options():
         # TLS files need a rediss:// URL, and the client key its certificate.
         env = {**HOME_ENV, "MAAS_BROKER_URL": "rediss://tls/0"}
         if option.env == "MAAS_REDIS_TLS_KEY":
             env["MAAS_REDIS_TLS_CERT"] = str(pem)
+        if option.env == "MAAS_GATEWAY_TLS_KEY":
+            env["MAAS_GATEWAY_TLS_CERT"] = str(pem)
         changed = Settings.from_env({**env, option.env: values.get(option.env, "50")})
         assert changed != Settings.from_env(env), option.env
 

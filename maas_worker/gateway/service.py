@@ -1,0 +1,423 @@
+"""What the gateway does, without HTTP: check sealed envelopes, enqueue, report, cancel.
+
+Each public coroutine takes the tenant the bearer token authenticated and
+returns `Reply` values (an HTTP status, a JSON body, an optional
+``Retry-After``); http.py only frames them. The order of the checks on a
+submitted envelope mirrors the worker's (docs/envelope.md section 4) up to
+the point where the worker would need the encryption key: size, structure,
+the credential's tenant, key lookup, MAC (constant time), time window and
+lifetime cap, binding (task name, job id), policy, quota and backpressure,
+then the enqueue. Every refusal of an envelope after the bearer check writes
+one audit record naming the authenticated tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from maas_worker.backend import functions, keyspace
+from maas_worker.backend.audit import record_fields
+from maas_worker.backend.redis import async_redis_client
+from maas_worker.client.core import Plan, Sealed, adrive, arun_plan
+from maas_worker.client.wire import MessageBuilder
+from maas_worker.crypto.envelope import Header, now_ms, parse_unverified_header, verify
+from maas_worker.errors import (
+    EnvelopeRejected,
+    InvalidEnvelope,
+    PolicyDenied,
+    QueueFull,
+    RateLimited,
+    ServiceUnavailable,
+    SubmitError,
+    UnknownJob,
+    UnknownModel,
+    connection_cause,
+)
+from maas_worker.gateway.lanes import GatewayJob, TenantLane
+from maas_worker.gateway.metrics import Metrics
+from maas_worker.protocol import TASK_NAME, AuditReason, JobState, read_rejected_marker
+from maas_worker.settings import MAX_JOB_TTL_S, Settings
+from maas_worker.tenancy.cancellation import verify_token
+from maas_worker.tenancy.gatekeys import GatewayKeyring, GatewayKeyringSource
+
+log = logging.getLogger(__name__)
+
+#: Bytes an envelope adds around its plaintext, at most (header, nonce, tag, MAC).
+ENVELOPE_OVERHEAD = 1024
+#: Retry-After (s) when Redis is out of reach or a queue is full.
+UNAVAILABLE_RETRY_S = 1.0
+#: Retry-After (s) when a tenant is at its cap on jobs in flight (no token time to give).
+IN_FLIGHT_RETRY_S = 1.0
+#: The job state the gateway reports when a sealed result is there to open.
+COMPLETED = "completed"
+
+#: HTTP status of each refusal reason of an envelope.
+_STATUS = {
+    AuditReason.OVERSIZE: 413,
+    AuditReason.MALFORMED: 400,
+    AuditReason.UNKNOWN_KEY: 401,
+    AuditReason.TAMPERED: 401,
+    AuditReason.EXPIRED: 422,
+    AuditReason.POLICY: 403,
+}
+_MESSAGES = {
+    AuditReason.OVERSIZE: "the envelope is larger than MAAS_MAX_INPUT_BYTES allows",
+    AuditReason.MALFORMED: "not a well-formed request envelope for maas.infer (docs/envelope.md)",
+    AuditReason.UNKNOWN_KEY: "the envelope does not authenticate",
+    AuditReason.TAMPERED: "the envelope does not authenticate",
+    AuditReason.EXPIRED: "the envelope is outside its time window (expired, or issued "
+    "in the future: check the clock)",
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer: HTTP status, JSON body, and ``Retry-After`` seconds when it applies."""
+
+    status: int
+    body: dict[str, Any]
+    retry_after_s: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def error(status: int, code: str, message: str, retry_after_s: float | None = None) -> Reply:
+    """A refusal: ``{"error": code, "message": message}``."""
+    return Reply(status, {"error": code, "message": message}, retry_after_s)
+
+
+def job_url(job_id: str) -> str:
+    """The path of a job's resource (the ``Location`` of its ``202``)."""
+    return f"/v1/jobs/{job_id}"
+
+
+class Gateway:
+    """The state of one gateway process: keyring, Redis pools, one lane per tenant."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ring_source = GatewayKeyringSource(settings.gateway.keyring_path)
+        self.backend: redis.asyncio.Redis = async_redis_client(
+            settings.result_backend, tls=settings.redis_tls
+        )
+        self.broker: redis.asyncio.Redis = async_redis_client(
+            settings.broker_url, tls=settings.redis_tls
+        )
+        self.wire = MessageBuilder(settings)
+        self.metrics = Metrics()
+        self._lanes: dict[str, TenantLane] = {}
+        self._host = f"gateway@{socket.gethostname()}"
+        #: Largest single envelope accepted (bytes).
+        self.max_envelope_bytes = settings.max_input_bytes + ENVELOPE_OVERHEAD
+
+    @property
+    def keyring(self) -> GatewayKeyring:
+        """The gateway keyring in force (re-read when its file changes)."""
+        return self._ring_source.get()
+
+    def lane(self, tenant: str) -> TenantLane:
+        """The tenant's lane (made at its first request)."""
+        lane = self._lanes.get(tenant)
+        if lane is None:
+            lane = self._lanes[tenant] = TenantLane(self, tenant)
+        return lane
+
+    def authenticate(self, token: str) -> str | None:
+        """The tenant a bearer token names and proves, or None (constant time)."""
+        return self.keyring.bearer_tenant(token)
+
+    async def aclose(self) -> None:
+        """Stop every waiter and close the pools."""
+        for lane in self._lanes.values():
+            await lane.aclose()
+        for conn in (self.backend, self.broker):
+            with contextlib.suppress(Exception):
+                await conn.aclose()
+        self.wire.close()
+
+    # -- audit ---------------------------------------------------------------------------
+    async def _audit(self, tenant: str, job_id: str, reason: AuditReason, verified: bool) -> None:
+        self.metrics.refused(reason)
+        fields = record_fields(
+            job_id=job_id,
+            tenant=tenant,
+            reason=reason,
+            verified=verified,
+            worker=self._host,
+            detail="gateway",
+        )
+        try:
+            await self.backend.xadd(
+                keyspace.AUDIT_STREAM,
+                fields,  # type: ignore[arg-type]
+                maxlen=self.settings.audit_maxlen,
+                approximate=True,
+            )
+        except redis.RedisError:
+            log.error("audit write failed for job %s (reason %s)", fields["job_id"], reason)
+
+    # -- submitting ------------------------------------------------------------------------
+    async def check(self, tenant: str, raw: bytes) -> Header | Reply:
+        """Check one envelope of ``tenant`` as far as the MAC key goes: its header, or the
+        refusal (audited)."""
+        try:
+            claimed = parse_unverified_header(raw) if len(raw) <= self.max_envelope_bytes else None
+        except InvalidEnvelope:
+            claimed = None
+        if claimed is not None and claimed.tenant != tenant:
+            # Not audited under the envelope's tenant: that claim is unauthenticated.
+            await self._audit(tenant, claimed.job_id, AuditReason.POLICY, False)
+            return error(403, "policy", "the envelope names another tenant than the bearer token")
+        skew_ms = self.settings.clock_skew_s * 1000
+        try:
+            header = verify(
+                raw,
+                expect="request",
+                keyring=self.keyring,
+                max_bytes=self.max_envelope_bytes,
+                skew_ms=skew_ms,
+                max_lifetime_ms=MAX_JOB_TTL_S * 1000 + skew_ms,
+            ).header
+        except EnvelopeRejected as exc:
+            reason = AuditReason(exc.reason)
+            job_id = claimed.job_id if claimed is not None else ""
+            await self._audit(tenant, job_id, reason, exc.authenticated)
+            return error(_STATUS[reason], reason.value, _MESSAGES[reason])
+        if header.task != TASK_NAME or not keyspace.is_job_id(header.job_id):
+            await self._audit(tenant, header.job_id, AuditReason.MALFORMED, True)
+            return error(
+                400,
+                "malformed",
+                f"the envelope's task must be {TASK_NAME!r} and its job id a lowercase, "
+                "hyphenated UUID",
+            )
+        lane = self.lane(tenant)
+        try:
+            if lane.needs_catalog(header.model, header.priority):
+                await lane.served_models()
+            lane.check(header.model, header.priority)
+        except PolicyDenied as exc:
+            await self._audit(tenant, header.job_id, AuditReason.POLICY, True)
+            return error(403, "policy", str(exc))
+        except UnknownModel as exc:
+            return error(422, "unknown_model", str(exc))
+        except ServiceUnavailable as exc:
+            return error(503, "unavailable", str(exc), UNAVAILABLE_RETRY_S)
+        except SubmitError as exc:
+            return error(400, "malformed", str(exc))
+        return header
+
+    async def submit(self, tenant: str, envelopes: Sequence[bytes]) -> list[Reply]:
+        """Check and enqueue ``envelopes`` of ``tenant``: one `Reply` each, in order.
+
+        Idempotent on the job id: the same envelope again is accepted again and
+        not enqueued twice; another envelope with an id in use is a ``409``.
+        """
+        replies: list[Reply | None] = [None] * len(envelopes)
+        accepted: list[tuple[int, Sealed]] = []
+        for n, raw in enumerate(envelopes):
+            checked = await self.check(tenant, raw)
+            if isinstance(checked, Reply):
+                replies[n] = checked
+            else:
+                accepted.append((n, (checked, raw)))
+        fresh = await self._claim_ids(tenant, accepted, replies)
+        by_priority: dict[str, list[tuple[int, Sealed]]] = {}
+        for n, sealed in fresh:
+            by_priority.setdefault(sealed[0].priority, []).append((n, sealed))
+        for group in by_priority.values():
+            outcome = await self._enqueue(tenant, [s for _, s in group])
+            for n, (header, _) in group:
+                replies[n] = outcome if outcome is not None else self._accepted(header, False)
+        self.metrics.enqueued(len(fresh))
+        return [r for r in replies if r is not None]
+
+    def _accepted(self, header: Header, duplicate: bool) -> Reply:
+        url = job_url(header.job_id)
+        return Reply(
+            202,
+            {"job_id": header.job_id, "state": "queued", "url": url, "duplicate": duplicate},
+            headers={"Location": url},
+        )
+
+    async def _claim_ids(
+        self, tenant: str, accepted: list[tuple[int, Sealed]], replies: list[Reply | None]
+    ) -> list[tuple[int, Sealed]]:
+        """Record each job id with its envelope's hash (``SET NX``, one round trip); return
+        the jobs seen for the first time, answer the others (same envelope: 202 again;
+        another: 409)."""
+        if not accepted:
+            return []
+        pipe = self.backend.pipeline(transaction=False)
+        for _, (header, raw) in accepted:
+            pipe.set(
+                keyspace.gateway_seen(tenant, header.job_id),
+                hashlib.sha256(raw).hexdigest(),
+                nx=True,
+                ex=self._seen_ttl_s(header),
+                get=True,
+            )
+        try:
+            previous = await pipe.execute()
+        except redis.RedisError as exc:
+            for n, _ in accepted:
+                replies[n] = _unavailable(exc)
+            return []
+        fresh = []
+        for (n, (header, raw)), before in zip(accepted, previous, strict=True):
+            if before is None:
+                fresh.append((n, (header, raw)))
+            elif before.decode() == hashlib.sha256(raw).hexdigest():
+                replies[n] = self._accepted(header, True)
+            else:
+                replies[n] = error(
+                    409,
+                    "conflict",
+                    f"job id {header.job_id} is in use by another envelope of this tenant",
+                )
+        return fresh
+
+    def _seen_ttl_s(self, header: Header) -> int:
+        return max(1, (header.expires_at_ms - header.issued_at_ms) // 1000) + (
+            self.settings.result_ttl_s
+        )
+
+    async def _enqueue(self, tenant: str, sealed: list[Sealed]) -> Reply | None:
+        """Run the client's enqueue flow; None once queued, else the refusal (and the ids
+        are released, so the same envelopes may be submitted again)."""
+        lane = self.lane(tenant)
+        try:
+            await adrive(lane.enqueue_flow(sealed), lane._carry_out)
+            return None
+        except RateLimited as exc:
+            reply = error(429, "rate_limited", str(exc), exc.retry_after_s or IN_FLIGHT_RETRY_S)
+            await self._audit(tenant, sealed[0][0].job_id, AuditReason.RATE_LIMITED, True)
+        except QueueFull as exc:
+            reply = error(503, "queue_full", str(exc), exc.retry_after_s)
+        except ServiceUnavailable as exc:
+            # A send cut off midway may have queued some: releasing their ids lets the
+            # caller resubmit, and the workers' claim runs each job once whatever.
+            reply = error(503, "unavailable", str(exc), UNAVAILABLE_RETRY_S)
+        except redis.RedisError as exc:
+            reply = _unavailable(exc)
+        with contextlib.suppress(redis.RedisError):
+            await self.backend.delete(*(keyspace.gateway_seen(tenant, h.job_id) for h, _ in sealed))
+        return reply
+
+    # -- following ---------------------------------------------------------------------------
+    async def status(self, tenant: str, job_id: str, wait_s: float = 0.0) -> Reply:
+        """The job's state, reason and sealed result (base64) if any; with ``wait_s``, first
+        wait up to that long (capped by MAAS_GATEWAY_MAX_WAIT_S) for it to end."""
+        if not keyspace.is_job_id(job_id):
+            return _unknown(job_id)
+        try:
+            body = await self._read(tenant, job_id)
+            wait_s = min(wait_s, self.settings.gateway.max_wait_s)
+            if body is not None and body["state"] in ("queued", "running") and wait_s > 0:
+                lane = self.lane(tenant)
+                fut = lane.waiter.watch(GatewayJob(lane, job_id))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fut, wait_s)
+                body = await self._read(tenant, job_id)
+        except ServiceUnavailable as exc:
+            return error(503, "unavailable", str(exc), UNAVAILABLE_RETRY_S)
+        except redis.RedisError as exc:
+            return _unavailable(exc)
+        return _unknown(job_id) if body is None else Reply(200, body)
+
+    async def _read(self, tenant: str, job_id: str) -> dict[str, Any] | None:
+        keys = [
+            keyspace.result(tenant, job_id),
+            keyspace.rejected(tenant, job_id),
+            keyspace.cancel(tenant, job_id),
+            keyspace.claim(tenant, job_id),
+            keyspace.submitted(tenant, job_id),
+            keyspace.gateway_seen(tenant, job_id),
+        ]
+        sealed, rejected, cancel, claim, submitted, seen = await arun_plan(
+            self.backend, Plan([("GET", k) for k in keys], lambda r: r)
+        )
+        body: dict[str, Any] = {"job_id": job_id, "reason": None, "result": None}
+        if sealed is not None:
+            body.update(self._result(tenant, job_id, sealed))
+        elif rejected is not None:
+            state, reason = read_rejected_marker(rejected)
+            body.update(state=str(state), reason=reason)
+        elif cancel is not None and verify_token(cancel, self.keyring, tenant, job_id):
+            body["state"] = JobState.CANCELLED.value if claim in (None, b"done") else "running"
+        elif claim is not None and claim != b"done":
+            body["state"] = JobState.RUNNING.value
+        elif submitted is not None:
+            expires = int(submitted) if submitted.isdigit() else None
+            late = expires is not None and now_ms() > expires + self.settings.clock_skew_s * 1000
+            body["state"] = JobState.EXPIRED.value if late else JobState.QUEUED.value
+        elif seen is not None:
+            body["state"] = JobState.QUEUED.value  # accepted; its marker not written (yet)
+        else:
+            return None
+        return body
+
+    def _result(self, tenant: str, job_id: str, sealed: bytes) -> dict[str, Any]:
+        """A stored result, checked with the MAC key (it cannot be opened here)."""
+        try:
+            header = verify(
+                sealed,
+                expect="result",
+                keyring=self.keyring,
+                max_bytes=self.settings.max_result_bytes + ENVELOPE_OVERHEAD,
+                skew_ms=self.settings.clock_skew_s * 1000,
+            ).header
+        except InvalidEnvelope:
+            header = None
+        if header is None or header.job_id != job_id or header.tenant != tenant:
+            return {"state": JobState.FAILED.value, "reason": "invalid_result"}
+        return {"state": COMPLETED, "result": base64.b64encode(sealed).decode("ascii")}
+
+    async def cancel(self, tenant: str, job_id: str) -> Reply:
+        """Ask for the job to be cancelled, as its tenant (a MAC-signed cancel request)."""
+        if not keyspace.is_job_id(job_id):
+            return _unknown(job_id)
+        lane = self.lane(tenant)
+        job = GatewayJob(lane, job_id)
+        try:
+            reply = await functions.acall(lane.backend, *job.cancel_call())
+            requested = job.cancel_reply(reply)
+        except UnknownJob:
+            return _unknown(job_id)
+        except redis.RedisError as exc:
+            return _unavailable(exc)
+        return Reply(200, {"job_id": job_id, "cancel_requested": requested})
+
+    async def healthy(self) -> bool:
+        """True if both Redis connections answer a PING."""
+        try:
+            await self.backend.ping()
+            await self.broker.ping()
+        except redis.RedisError:
+            return False
+        return True
+
+
+def _unavailable(exc: BaseException) -> Reply:
+    # The cause only (connection_cause): never a URL, which may hold a password.
+    return error(
+        503,
+        "unavailable",
+        f"Redis unavailable ({connection_cause(exc)}); retry later",
+        UNAVAILABLE_RETRY_S,
+    )
+
+
+def _unknown(job_id: str) -> Reply:
+    # The same answer for a job of another tenant as for none at all: no oracle.
+    return error(404, "unknown_job", "no such job (never submitted by this tenant, or expired)")
