@@ -198,7 +198,6 @@ def command(
         PRIORITY_SEP,
         prefix,
         "".join(flags),
-        RING_PREFIX,
         ADMIT_PER_TAKE,
         MAX_WEIGHT,
     ]

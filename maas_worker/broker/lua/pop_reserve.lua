@@ -12,21 +12,23 @@
 --   arrivals = tenants that pushed (producers SADD their own name after each
 --            push); admitted at the left end, so a newcomer waits at most one
 --            turn of each tenant already waiting;
---   tenant list = ARGV[5] .. queue .. '.' .. tenant;
+--   tenant list = the old list's name .. '.' .. tenant;
 --   weight = KEYS[3][tenant] (workers write it from the keyring; absent: 1):
 --            the takes a tenant gets per turn (weighted round robin), read
---            once per take and tenant (a change holds at the next take).
+--            once per take and tenant (a change holds from the next take).
 --
--- Each take costs O(1) in tenants and jobs: at most ARGV[8] arrivals looked
+-- Each take costs O(1) in tenants and jobs: at most ARGV[7] arrivals looked
 -- at and a bounded number of stale ring entries dropped.
 --
--- Cost (docs/benchmarks.md, "Fair share"): every redis.call() costs about as
--- much as the work it does here, so the common cases are kept to few calls.
--- One EXISTS tells that a source and the next one's list and arrivals are
--- empty (a priority with nothing queued costs one call, as an empty RPOP did
--- before fair share), and whether any tenant has a weight (the hash exists)
--- at all; the front tenant is read and moved to the back in one LMOVE (its
--- turn is usually one take), and moved back only if its weighted turn goes on.
+-- Cost (docs/benchmarks.md, "Fair share"): each redis.call() costs about a
+-- microsecond, as much as the work it does here, so the common cases take
+-- few. One EXISTS tells that a source and the next one's old list and
+-- arrivals are empty (an idle priority costs one call, as its empty RPOP did
+-- before fair share), which of those two are not, and whether any tenant has
+-- a weight at all (the hash exists); the front tenant is read and moved to
+-- the back in one LMOVE (its turn is usually one take), and moved back only
+-- while a weighted turn goes on. A busy priority's take is then EXISTS,
+-- LMOVE, RPOP, the reservation (HSET, ZADD) and LLEN (does it leave the ring).
 --
 -- An entry that is not JSON or has no delivery tag cannot be reserved under a
 -- tag: it is popped and returned unreserved, and the consumer drops it.
@@ -34,7 +36,8 @@
 -- KEYS[2] = kombu's unacked index
 -- KEYS[3] = the tenants' weights (hash)
 -- KEYS[4..] = the sources, in order, each one key or four (ARGV[6] says):
---   a list; or a fair job queue's old list, ring, credit hash, arrivals set
+--   a list; or a fair job queue's old list (named as the queue), ring,
+--   credit hash, arrivals set. Every key but the tenant lists is named here.
 -- ARGV[1] = how many messages at most
 -- ARGV[2] = now (seconds, kombu's index score)
 -- ARGV[3] = the longest message worth decoding (longer ones are popped
@@ -46,28 +49,27 @@
 --   list, do not (a no-ack consumer's queue, such as a remote-control reply:
 --   never acknowledged, a reservation would be put back by the sweep again
 --   and again); 'r' a fair job queue (four keys, reserved)
--- ARGV[7] = the ring key prefix (after ARGV[5]; the rest is the queue name)
--- ARGV[8] = arrivals admitted at most per take and ring
--- ARGV[9] = the highest weight honoured
+-- ARGV[7] = arrivals admitted at most per take and ring
+-- ARGV[8] = the highest weight honoured
 -- returns a flat list {queue, source, message, delivery tag ('' when not
 -- reserved), ...}: queue the consumed queue (no prefix, no priority suffix),
 -- source the list it came from (no prefix: where a restore puts it back).
 
+-- Kept lean: here plain Lua (a table, a closure, a string.sub) costs a
+-- noticeable share of a take, so the sources are walked in place.
 local out = {}
+local o = 0  -- #out
 local want = tonumber(ARGV[1]) * 4
 local maxlen = tonumber(ARGV[3])
 local prefix = ARGV[5]
 local flags = ARGV[6]
-local admit_max = tonumber(ARGV[8])
-local max_weight = tonumber(ARGV[9])
--- Stale ring entries (a tenant list emptied behind the ring's back) dropped
--- per take at most: a bound, so one take stays O(1); the next drops more.
-local STALE_MAX = 32
+local n = #flags
+local FAIR = 114  -- string.byte('r')
 -- Whether KEYS[3] exists (nil: not known yet): without it every weight is 1
 -- and no tenant's weight is read.
 local weighted = nil
 -- Weights read in this take (a batch take reads each tenant's once).
-local weights = {}
+local weights = nil
 
 local function reserve(msg, restore_to)
   if #msg > maxlen then return '' end
@@ -82,174 +84,166 @@ local function reserve(msg, restore_to)
   return tag
 end
 
-local function emit(queue, source, msg, tag)
-  out[#out + 1] = queue
-  out[#out + 1] = source
-  out[#out + 1] = msg
-  out[#out + 1] = tag
-end
-
-local function weight(tenant)
-  if weighted == false then return 1 end
-  local w = weights[tenant]
-  if w then return w end
-  w = tonumber(redis.call('HGET', KEYS[3], tenant))
-  if not w or w < 1 then w = 1
-  elseif w > max_weight then w = max_weight
-  else w = math.floor(w) end
-  weights[tenant] = w
-  return w
-end
-
--- The sources: kind[s] ('1', '0' or 'r') and at[s], the index of its first key.
-local n = #flags
-local kind, at = {}, {}
-do
-  local k = 4
-  for s = 1, n do
-    local f = string.sub(flags, s, s)
-    kind[s], at[s] = f, k
-    if f == 'r' then k = k + 4 else k = k + 1 end
-  end
-end
-
--- How many of these keys exist: source s's keys, and the keys that must be
--- empty before source s + 1's ring (its old list and its arrivals) when
--- ahead is set. The first call of a take also learns whether KEYS[3]
--- exists: it is named once more than there are other keys, so the count is
--- (those that exist) + (that many + 1 if KEYS[3] exists).
-local function exists(s, ahead)
-  local keys = {KEYS[at[s]]}
-  if kind[s] == 'r' then
-    keys[2], keys[3] = KEYS[at[s] + 1], KEYS[at[s] + 3]
-  end
-  if ahead and s < n then
-    local k = at[s + 1]
-    keys[#keys + 1] = KEYS[k]
-    if kind[s + 1] == 'r' then keys[#keys + 1] = KEYS[k + 3] end
-  end
+-- How many of keys exist. The first call of a take also learns whether
+-- KEYS[3] exists: it is named once more than there are other keys, so the
+-- count is (those that exist) + (that many + 1 if KEYS[3] exists).
+local function exists(keys)
   local others = #keys
-  if weighted == nil then
-    for _ = 1, others + 1 do keys[#keys + 1] = KEYS[3] end
-  end
+  if weighted ~= nil then return redis.call('EXISTS', unpack(keys)) end
+  for i = others + 1, 2 * others + 1 do keys[i] = KEYS[3] end
   local found = redis.call('EXISTS', unpack(keys))
-  if weighted == nil then
-    weighted = found > others
-    found = found % (others + 1)
-  end
-  return found
+  weighted = found > others
+  return found % (others + 1)
 end
 
--- Take from list key while it has messages; false if it had none.
-local function take_list(key, reserving)
-  local source = string.sub(key, #prefix + 1)
-  local queue = source
-  local sep = string.find(queue, ARGV[4], 1, true)
-  if sep then queue = string.sub(queue, 1, sep - 1) end
-  local any = false
-  while #out < want do
-    local msg = redis.call('RPOP', key)
-    if not msg then return any end
-    any = true
-    local tag = ''
-    if reserving then tag = reserve(msg, queue) end
-    emit(queue, source, msg, tag)
-  end
-  return any
-end
-
--- Tenant names from the arrivals set: whoever can push wrote them, so each
--- is checked (a tenant name, not already in the ring, with work queued).
-local function admit(queue, ring, credit, arrivals)
-  local names = redis.call('SPOP', arrivals, admit_max)
-  for _, t in ipairs(names) do
-    -- HSETNX: membership checked and taken in one call (most arrivals are
-    -- tenants already in the ring: a push names its tenant every time).
-    if #t <= 63 and string.find(t, '^[a-z0-9][a-z0-9._-]*$')
-       and redis.call('HSETNX', credit, t, 0) == 1 then
-      if redis.call('LLEN', prefix .. queue .. '.' .. t) > 0 then
-        redis.call('LPUSH', ring, t)
-      else
-        redis.call('HDEL', credit, t)
+-- What source s's old list and arrivals hold: -1 not known yet, else
+-- L + 2 * A (L: the list holds something, A: the arrivals do; a plain list
+-- has no arrivals). Learnt for the next source with this one's EXISTS, which
+-- names the next arrivals twice: one call tells that a source and the next
+-- one's keys before its ring are empty, and which of those is not.
+local known = -1
+local k = 4  -- KEYS index of source s's first key
+for s = 1, n do
+  if o >= want then break end
+  local fair = string.byte(flags, s) == FAIR
+  local list = KEYS[k]
+  local pre, skip, nxt = known, false, -1
+  -- Whether the last EXISTS counted only this list and the next source's keys.
+  local list_or_next = false
+  local found = 0
+  if known == -1 then
+    -- This source's keys and those of the next source that come before its
+    -- ring (its old list, its arrivals).
+    local nfair = s < n and string.byte(flags, s + 1) == FAIR
+    if fair and nfair and weighted == nil then
+      -- The common first call (high, then normal's list and arrivals),
+      -- spelled out: a table and unpack() cost as much as a call.
+      local w, na = KEYS[3], KEYS[k + 7]
+      found = redis.call('EXISTS', list, KEYS[k + 1], KEYS[k + 3], KEYS[k + 4], na, na,
+                         w, w, w, w, w, w, w)
+      weighted = found > 6
+      found = found % 7
+    else
+      local keys = {list}
+      if fair then keys[2], keys[3] = KEYS[k + 1], KEYS[k + 3] end
+      if s < n then
+        local nk = fair and k + 4 or k + 1
+        keys[#keys + 1] = KEYS[nk]
+        if nfair then keys[#keys + 1], keys[#keys + 2] = KEYS[nk + 3], KEYS[nk + 3] end
       end
+      found = exists(keys)
+    end
+    if found == 0 then
+      skip, nxt = true, 0
+    elseif fair and s < n then
+      local own = exists({list, KEYS[k + 1], KEYS[k + 3]})
+      skip, nxt = own == 0, found - own
+    else
+      list_or_next = not fair
     end
   end
-end
-
-local function take_ring(ring, credit)
-  local queue = string.sub(ring, #prefix + #ARGV[7] + 1)
-  local stale = 0
-  while #out < want do
-    -- The front tenant, moved to the back at once: with weight 1 (the
-    -- default) its turn is this one take. Until the end of this loop turn it
-    -- is at the left end.
-    local t = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
-    if not t then return end
-    local source = queue .. '.' .. t
-    local list = prefix .. source
-    local msg = redis.call('RPOP', list)
-    if not msg then
-      -- Nothing queued after all: out of the ring.
-      redis.call('LPOP', ring)
-      redis.call('HDEL', credit, t)
-      stale = stale + 1
-      if stale >= STALE_MAX then return end
-    else
-      emit(queue, source, msg, reserve(msg, source))
-      if redis.call('LLEN', list) == 0 then
-        -- Nothing more queued: out of the ring (a push announces it again).
-        redis.call('LPOP', ring)
-        redis.call('HDEL', credit, t)
-      else
-        local w = weight(t)
-        if w > 1 then
-          if redis.call('HINCRBY', credit, t, 1) < w then
-            -- Its turn goes on: back to the front.
-            redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+  if not skip and fair then
+    local ring, credit = KEYS[k + 1], KEYS[k + 2]
+    -- The old list's name is the queue's.
+    local queue = string.sub(list, #prefix + 1)
+    -- Arrivals, then the old list: admitting only changes the ring, taken
+    -- after both, so this order is the rule's.
+    if pre == -1 or pre >= 2 then
+      -- Tenant names from the arrivals set: whoever can push wrote them, so
+      -- each is checked (a tenant name, not already in the ring, with work
+      -- queued). HSETNX checks membership and takes it in one call (most
+      -- arrivals are tenants already in the ring: a push names its tenant
+      -- every time).
+      for _, t in ipairs(redis.call('SPOP', KEYS[k + 3], ARGV[7])) do
+        if #t <= 63 and string.find(t, '^[a-z0-9][a-z0-9._-]*$')
+           and redis.call('HSETNX', credit, t, 0) == 1 then
+          if redis.call('LLEN', prefix .. queue .. '.' .. t) > 0 then
+            redis.call('LPUSH', ring, t)
           else
-            -- Turn over (it stays at the back): the next starts afresh.
-            redis.call('HSET', credit, t, 0)
+            redis.call('HDEL', credit, t)
           end
         end
       end
     end
-  end
-end
-
--- What is known of the next source's old list and arrivals: 'unknown',
--- 'empty' or 'some' (at least one of them holds something).
-local known = 'unknown'
-for s = 1, n do
-  if #out >= want then break end
-  local k = at[s]
-  local fair = kind[s] == 'r'
-  local this, nxt = known, 'unknown'
-  -- Whether something exists in this list or the next source's old list and
-  -- arrivals (and nothing else was looked at).
-  local list_or_next = false
-  if known == 'unknown' then
-    local found = exists(s, true)
-    if found == 0 then
-      this, nxt = 'skip', 'empty'
-    elseif s < n and fair then
-      local own = exists(s, false)
-      if own == 0 then this = 'skip' else this = 'some' end
-      if own == found then nxt = 'empty' else nxt = 'some' end
-    else
-      this, list_or_next = 'some', not fair
+    if pre == -1 or pre % 2 == 1 then
+      -- The old list first: jobs from before fair share.
+      while o < want do
+        local msg = redis.call('RPOP', list)
+        if not msg then break end
+        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, queue, msg, reserve(msg, queue)
+        o = o + 4
+      end
     end
-  end
-  if this == 'some' then
-    -- The old list first (jobs from before fair share), then the arrivals.
-    local any = take_list(KEYS[k], kind[s] ~= '0')
-    if list_or_next and not any and s < n then nxt = 'some' end
-    if fair and #out < want then
-      admit(string.sub(KEYS[k + 1], #prefix + #ARGV[7] + 1), KEYS[k + 1], KEYS[k + 2], KEYS[k + 3])
+    -- Stale ring entries (a tenant list emptied behind the ring's back)
+    -- dropped per take at most: a bound, so one take stays O(1).
+    local stale = 0
+    while o < want and stale < 32 do
+      -- The front tenant, moved to the back at once: with weight 1 (the
+      -- default) its turn is this one take. Until the end of this loop turn
+      -- it is at the left end.
+      local t = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
+      if not t then break end
+      local source = queue .. '.' .. t
+      local tlist = source
+      if prefix ~= '' then tlist = prefix .. source end
+      local msg = redis.call('RPOP', tlist)
+      if not msg then
+        -- Nothing queued after all: out of the ring.
+        redis.call('LPOP', ring)
+        redis.call('HDEL', credit, t)
+        stale = stale + 1
+      else
+        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, source, msg, reserve(msg, source)
+        o = o + 4
+        if redis.call('LLEN', tlist) == 0 then
+          -- Nothing more queued: out of the ring (a push announces it again).
+          redis.call('LPOP', ring)
+          redis.call('HDEL', credit, t)
+        elseif weighted ~= false then
+          weights = weights or {}
+          local w = weights[t]
+          if not w then
+            w = tonumber(redis.call('HGET', KEYS[3], t))
+            if not w or w < 1 then w = 1
+            elseif w > tonumber(ARGV[8]) then w = tonumber(ARGV[8])
+            else w = math.floor(w) end
+            weights[t] = w
+          end
+          if w > 1 then
+            if redis.call('HINCRBY', credit, t, 1) < w then
+              -- Its turn goes on: back to the front.
+              redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+            else
+              -- Turn over (it stays at the back): the next starts afresh.
+              redis.call('HSET', credit, t, 0)
+            end
+          end
+        end
+      end
     end
-  end
-  if fair and this ~= 'skip' and #out < want then
-    take_ring(KEYS[k + 1], KEYS[k + 2])
+  elseif not skip then
+    -- A plain list.
+    local source = string.sub(list, #prefix + 1)
+    local queue = source
+    local sep = string.find(queue, ARGV[4], 1, true)
+    if sep then queue = string.sub(queue, 1, sep - 1) end
+    local reserving = string.byte(flags, s) == 49  -- '1'
+    local any = false
+    if pre ~= 0 then
+      while o < want do
+        local msg = redis.call('RPOP', list)
+        if not msg then break end
+        any = true
+        local tag = ''
+        if reserving then tag = reserve(msg, queue) end
+        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, source, msg, tag
+        o = o + 4
+      end
+    end
+    -- Nothing here: what the EXISTS counted is the next source's.
+    if list_or_next and not any then nxt = found end
   end
   known = nxt
+  if fair then k = k + 4 else k = k + 1 end
 end
 return out
