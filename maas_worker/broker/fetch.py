@@ -174,12 +174,12 @@ def command(
     ``by_sha`` sends ``EVALSHA`` (the server must have seen the script: on
     ``NOSCRIPT``, send it once more without).
     """
-    flags = []
+    flags: list[str] = []
     keys = [unacked_key, index_key, WEIGHTS_KEY]
     for kind, k in sources(queues):
         if kind == "ring":
             # A fair job queue: its old list (the source just before) and its
-            # ring's keys, all named here (none built inside the script).
+            # ring's keys, named here (the script builds only tenant lists' names).
             queue = k[len(RING_PREFIX) :]
             flags[-1] = "r"
             keys += [k, f"{k}{CREDIT_SUFFIX}", arrivals_key(queue)]

@@ -146,9 +146,16 @@ for s = 1, n do
     local ring, credit = KEYS[k + 1], KEYS[k + 2]
     -- The old list's name is the queue's.
     local queue = string.sub(list, #prefix + 1)
-    -- Arrivals, then the old list: admitting only changes the ring, taken
-    -- after both, so this order is the rule's.
-    if pre == -1 or pre >= 2 then
+    if pre == -1 or pre % 2 == 1 then
+      -- The old list first: jobs from before fair share.
+      while o < want do
+        local msg = redis.call('RPOP', list)
+        if not msg then break end
+        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, queue, msg, reserve(msg, queue)
+        o = o + 4
+      end
+    end
+    if (pre == -1 or pre >= 2) and o < want then
       -- Tenant names from the arrivals set: whoever can push wrote them, so
       -- each is checked (a tenant name, not already in the ring, with work
       -- queued). HSETNX checks membership and takes it in one call (most
@@ -163,15 +170,6 @@ for s = 1, n do
             redis.call('HDEL', credit, t)
           end
         end
-      end
-    end
-    if pre == -1 or pre % 2 == 1 then
-      -- The old list first: jobs from before fair share.
-      while o < want do
-        local msg = redis.call('RPOP', list)
-        if not msg then break end
-        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, queue, msg, reserve(msg, queue)
-        o = o + 4
       end
     end
     -- Stale ring entries (a tenant list emptied behind the ring's back)
