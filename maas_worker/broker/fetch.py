@@ -181,7 +181,7 @@ def command(
             # A fair job queue: its old list (the source just before) and its
             # ring's keys, named here (the script builds only tenant lists' names).
             queue = k[len(RING_PREFIX) :]
-            flags[-1] = "r"
+            flags[-1] = "n" if flags[-1] == "0" else "r"
             keys += [k, f"{k}{CREDIT_SUFFIX}", arrivals_key(queue)]
         else:
             flags.append("0" if base_queue(k) in unreserved else "1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -215,10 +216,15 @@ def test_tenant_list_names_are_parsed_strictly() -> None:
 REFERENCE_TAKE = (Path(__file__).parent / "data" / "pop_reserve_as_merged.lua").read_text()
 
 
-def reference_command(queues: list[str], count: int, prefix: str = "") -> list[Any]:
+def reference_command(
+    queues: list[str], count: int, prefix: str = "", unreserved: Collection[str] = ()
+) -> list[Any]:
     """The reference take's command (its KEYS and ARGV layout, as fetch.command built it)."""
     srcs = fetch.sources(queues)
-    flags = "".join("r" if kind == "ring" else "1" for kind, _ in srcs)
+    flags = "".join(
+        "r" if kind == "ring" else "0" if fetch.base_queue(k) in unreserved else "1"
+        for kind, k in srcs
+    )
     names = ("unacked", "unacked_index", fetch.WEIGHTS_KEY, *(k for _, k in srcs))
     keys = [prefix + k for k in names]
     return [
@@ -241,7 +247,10 @@ def reference_command(queues: list[str], count: int, prefix: str = "") -> list[A
 
 def state(r: fakeredis.FakeRedis, prefix: str) -> dict[str, Any]:
     """Everything the take writes, under ``prefix``."""
-    out: dict[str, Any] = {"unacked": sorted(r.hkeys(prefix + "unacked"))}
+    out: dict[str, Any] = {
+        "unacked": sorted(r.hgetall(prefix + "unacked").items()),
+        REPLY: r.llen(prefix + REPLY),
+    }
     for q in QUEUES:
         ring = prefix + fetch.ring_key(q)
         out[q] = (
@@ -255,14 +264,18 @@ def state(r: fakeredis.FakeRedis, prefix: str) -> dict[str, Any]:
 
 
 ALL_TENANTS = ("acme", "beta", "gamma", "delta", "omega")
+#: A queue outside fair share, consumed without acknowledgement (a remote-control reply).
+REPLY = "abc.reply.celery.pidbox"
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_the_take_does_what_the_merged_take_did(seed: int) -> None:
     """Random pushes, old-list jobs, weights, junk arrivals, lists emptied behind
-    the ring's back and takes of any size, on two servers: one taken by the
-    reference (the take as merged), one by fetch.command; the same messages
-    come out, in the same order, and every key the take writes ends the same."""
+    the ring's back and takes of any size, the queues in any order (the worker
+    lets a starved lower priority go first) with a plain list among them, on two
+    servers: one taken by the reference (the take as merged), one by
+    fetch.command; the same messages come out, in the same order, and every key
+    the take writes ends the same."""
     rng = random.Random(seed)
     prefix = rng.choice(["", "pfx:"])
     ref = fakeredis.FakeRedis(server=fakeredis.FakeServer())
@@ -290,17 +303,35 @@ def test_the_take_does_what_the_merged_take_did(seed: int) -> None:
                 r.sadd(prefix + fetch.arrivals_key(queue), junk)
             elif op < 0.57:
                 r.delete(prefix + fetch.tenant_queue(queue, tenant))  # behind the ring's back
+            elif op < 0.6:
+                r.lpush(prefix + REPLY, msgs[0])
+            elif op < 0.63:  # kombu's priority sub-queue of a message with a priority set
+                r.lpush(prefix + queue + fetch.PRIORITY_SEP + "3", msgs[0])
         n += 4
         count = rng.choice([1, 1, 1, 2, 5])
+        queues = rng.sample(QUEUES, 3)
+        if rng.random() < 0.3:
+            queues.insert(rng.randint(0, 3), REPLY)
+        # A no-ack consumer of a job queue takes its old list unreserved.
+        unreserved = {REPLY, *(rng.sample(QUEUES, 1) if rng.random() < 0.2 else ())}
         # Several tenants waiting in the arrivals are admitted in SPOP's random
         # order; fakeredis draws it from Python's random: the same seed, the
         # same draw for both takes.
         random.seed(step)
-        before = fetch.parse(ref.execute_command(*reference_command(QUEUES, count, prefix)))
+        before = fetch.parse(
+            ref.execute_command(*reference_command(queues, count, prefix, unreserved))
+        )
         random.seed(step)
         after = fetch.parse(
             new.execute_command(
-                *fetch.command(QUEUES, count=count, max_chars=100_000, now=1.0, prefix=prefix)
+                *fetch.command(
+                    queues,
+                    count=count,
+                    max_chars=100_000,
+                    now=1.0,
+                    prefix=prefix,
+                    unreserved=unreserved,
+                )
             )
         )
         assert after == before, step

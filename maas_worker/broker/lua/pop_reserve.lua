@@ -48,7 +48,8 @@
 -- ARGV[6] = one flag per source: '1' a list, reserve what is taken; '0' a
 --   list, do not (a no-ack consumer's queue, such as a remote-control reply:
 --   never acknowledged, a reservation would be put back by the sweep again
---   and again); 'r' a fair job queue (four keys, reserved)
+--   and again); 'r' a fair job queue (four keys), 'n' one whose old list
+--   is taken unreserved (as '0'; what its ring gives is reserved)
 -- ARGV[7] = arrivals admitted at most per take and ring
 -- ARGV[8] = the highest weight honoured
 -- returns a flat list {queue, source, message, delivery tag ('' when not
@@ -64,7 +65,9 @@ local maxlen = tonumber(ARGV[3])
 local prefix = ARGV[5]
 local flags = ARGV[6]
 local n = #flags
-local FAIR = 114  -- string.byte('r')
+-- string.byte of the flags: a fair job queue whose old list is reserved, or
+-- not ('r', 'n'), a plain list reserved ('1').
+local FAIR, FAIR_NO_ACK, RESERVED = 114, 110, 49
 -- Whether KEYS[3] exists (nil: not known yet): without it every weight is 1
 -- and no tenant's weight is read.
 local weighted = nil
@@ -105,7 +108,8 @@ local known = -1
 local k = 4  -- KEYS index of source s's first key
 for s = 1, n do
   if o >= want then break end
-  local fair = string.byte(flags, s) == FAIR
+  local flag = string.byte(flags, s)
+  local fair = flag == FAIR or flag == FAIR_NO_ACK
   local list = KEYS[k]
   local pre, skip, nxt = known, false, -1
   -- Whether the last EXISTS counted only this list and the next source's keys.
@@ -114,7 +118,8 @@ for s = 1, n do
   if known == -1 then
     -- This source's keys and those of the next source that come before its
     -- ring (its old list, its arrivals).
-    local nfair = s < n and string.byte(flags, s + 1) == FAIR
+    local nflag = s < n and string.byte(flags, s + 1)
+    local nfair = nflag == FAIR or nflag == FAIR_NO_ACK
     if fair and nfair and weighted == nil then
       -- The common first call (high, then normal's list and arrivals),
       -- spelled out: a table and unpack() cost as much as a call.
@@ -151,7 +156,9 @@ for s = 1, n do
       while o < want do
         local msg = redis.call('RPOP', list)
         if not msg then break end
-        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, queue, msg, reserve(msg, queue)
+        local tag = ''
+        if flag == FAIR then tag = reserve(msg, queue) end
+        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, queue, msg, tag
         o = o + 4
       end
     end
@@ -225,7 +232,7 @@ for s = 1, n do
     local queue = source
     local sep = string.find(queue, ARGV[4], 1, true)
     if sep then queue = string.sub(queue, 1, sep - 1) end
-    local reserving = string.byte(flags, s) == 49  -- '1'
+    local reserving = flag == RESERVED
     local any = false
     if pre ~= 0 then
       while o < want do
