@@ -262,7 +262,8 @@ def announce(pipe: Any, source: str) -> None:
 def publish_weights(client: Any, weights: Mapping[str, int]) -> bool:
     """Make `WEIGHTS_KEY` hold ``weights`` (tenant -> takes per turn; 1 is left out);
     True if it changed. Workers call it from their keyring: the take reads a tenant's
-    weight once per turn, never the keyring."""
+    weight from here (once per take, and only while the hash exists: with every weight
+    1 it is deleted and the take reads none), never the keyring."""
     want = {t: str(w) for t, w in weights.items() if w != 1}
     have = {_text(k): _text(v) for k, v in client.hgetall(WEIGHTS_KEY).items()}
     if want == have:
