@@ -122,7 +122,7 @@ for s = 1, n do
     local nfair = nflag == FAIR or nflag == FAIR_NO_ACK
     if fair and nfair and weighted == nil then
       -- The common first call (high, then normal's list and arrivals),
-      -- spelled out: a table and unpack() cost as much as a call.
+      -- spelled out: a table and unpack() cost nearly what a call does.
       local w, na = KEYS[3], KEYS[k + 7]
       found = redis.call('EXISTS', list, KEYS[k + 1], KEYS[k + 3], KEYS[k + 4], na, na,
                          w, w, w, w, w, w, w)
