@@ -1,10 +1,12 @@
 """Benchmark: the fair-share take against the single-list take it replaced.
 
 Not a test. One embedded Valkey, one connection, takes sent one at a time
-(``EVALSHA``, as a consumer polls): per take, the client's round trip (us)
-and the server's time inside the script (``INFO commandstats``, the
-``evalsha`` usec per call: Redis CPU per job taken), median of ``--repeat``
-runs of ``--takes`` takes each, against a ``PING`` on the same connection:
+(``EVALSHA``, as a consumer polls): per take, the client's round trip (us),
+the server's time inside the script (``INFO commandstats``, the ``evalsha``
+usec per call: Redis CPU per job taken) and the commands the script ran
+(``redis.call``s, counted by commandstats under their own names: the part of
+the cost a busy shared machine does not blur), median of ``--repeat`` runs
+of ``--takes`` takes each, against a ``PING`` on the same connection:
 
 * ``single list``: the take before fair share (its script is kept below, as
   it was), all jobs in ``maas.normal``;
@@ -129,23 +131,31 @@ def fill(r: redis.Redis, tenants: int, takes: int) -> None:
     pipe.execute()
 
 
-def server_us_per_call(r: redis.Redis) -> float:
-    stats = r.info("commandstats").get("cmdstat_evalsha", {})
-    return float(stats.get("usec_per_call", 0.0))
+def server_stats(r: redis.Redis, takes: int) -> tuple[float, float]:
+    """(us per ``EVALSHA``, commands the script ran per take) since the last reset."""
+    stats = r.info("commandstats")
+    us = float(stats.get("cmdstat_evalsha", {}).get("usec_per_call", 0.0))
+    # Commands a script runs are counted under their own names.
+    inner = sum(
+        int(v["calls"])
+        for k, v in stats.items()
+        if k not in ("cmdstat_evalsha", "cmdstat_config|resetstat")
+    )
+    return us, inner / takes
 
 
-def run(r: redis.Redis, command: list[Any], takes: int) -> tuple[float, float]:
-    """(client us per take, server us per take) over ``takes`` takes."""
+def run(r: redis.Redis, command: list[Any], takes: int) -> tuple[float, float, float]:
+    """(client us per take, server us per take, commands per take) over ``takes`` takes."""
     r.config_resetstat()
     t = time.perf_counter()
     for _ in range(takes):
         reply = r.execute_command(*command)  # type: ignore[no-untyped-call]
         assert reply, "ran out of jobs"
     client_us = (time.perf_counter() - t) / takes * 1e6
-    return client_us, server_us_per_call(r)
+    return (client_us, *server_stats(r, takes))
 
 
-def once(r: redis.Redis, tenants: int | None, takes: int) -> tuple[float, float]:
+def once(r: redis.Redis, tenants: int | None, takes: int) -> tuple[float, float, float]:
     """One run: fill, admit every tenant (the steady state), time ``takes`` takes."""
     fill(r, tenants or 0, takes)
     r.script_load(SINGLE_LIST_TAKE)
@@ -190,7 +200,7 @@ def main() -> None:
         ]
         # Every configuration once per round, so a slower minute of a shared
         # machine falls on all of them alike.
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in configs}
+        runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in configs}
         for _ in range(args.repeat):
             for name, tenants in configs:
                 runs[name].append(once(r, tenants, args.takes))
@@ -198,20 +208,25 @@ def main() -> None:
             (
                 name,
                 {
-                    "client_us": statistics.median(c for c, _ in runs[name]),
-                    "server_us": statistics.median(s for _, s in runs[name]),
+                    "client_us": statistics.median(c for c, _, _ in runs[name]),
+                    "server_us": statistics.median(s for _, s, _ in runs[name]),
+                    "commands": statistics.median(n for _, _, n in runs[name]),
                 },
             )
             for name, _ in configs
         ]
         base = rows[0][1]
         print(f"\nPING: {ping:.1f} us")
-        print("| take | us per take (client) | / single list | Redis us per take | / single list |")
-        print("| --- | ---: | ---: | ---: | ---: |")
+        print(
+            "| take | us per take (client) | / single list | Redis us per take | / single list"
+            " | commands per take |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, row in rows:
             print(
                 f"| {name} | {row['client_us']:.1f} | {row['client_us'] / base['client_us']:.2f}"
-                f" | {row['server_us']:.2f} | {row['server_us'] / base['server_us']:.2f} |"
+                f" | {row['server_us']:.2f} | {row['server_us'] / base['server_us']:.2f}"
+                f" | {row['commands']:.2f} |"
             )
         r.close()
 

@@ -54,6 +54,8 @@ PRIORITY_SEP = "\x06\x16"
 #: A job queue's ring of tenants with work: ``maas:ring:<queue>`` (its credit hash
 #: is ``<ring>:credit``). Written by the take only.
 RING_PREFIX = "maas:ring:"
+#: Suffix of a ring's credit hash (``maas:ring:<queue>:credit``).
+CREDIT_SUFFIX = ":credit"
 #: Tenants that pushed to a job queue: ``maas:arrivals:<queue>`` (producers ``SADD``).
 ARRIVALS_PREFIX = "maas:arrivals:"
 #: Tenant -> weight (takes per turn; absent = 1), written by workers from the keyring.
@@ -172,11 +174,19 @@ def command(
     ``by_sha`` sends ``EVALSHA`` (the server must have seen the script: on
     ``NOSCRIPT``, send it once more without).
     """
-    srcs = sources(queues)
-    flags = "".join(
-        "r" if kind == "ring" else "0" if base_queue(k) in unreserved else "1" for kind, k in srcs
-    )
-    keys = [prefix + k for k in (unacked_key, index_key, WEIGHTS_KEY, *(k for _, k in srcs))]
+    flags: list[str] = []
+    keys = [unacked_key, index_key, WEIGHTS_KEY]
+    for kind, k in sources(queues):
+        if kind == "ring":
+            # A fair job queue: its old list (the source just before) and its
+            # ring's keys, named here (the script builds only tenant lists' names).
+            queue = k[len(RING_PREFIX) :]
+            flags[-1] = "n" if flags[-1] == "0" else "r"
+            keys += [k, f"{k}{CREDIT_SUFFIX}", arrivals_key(queue)]
+        else:
+            flags.append("0" if base_queue(k) in unreserved else "1")
+            keys.append(k)
+    keys = [prefix + k for k in keys]
     script = ["EVALSHA", POP_RESERVE_SHA] if by_sha else ["EVAL", POP_RESERVE]
     return [
         *script,
@@ -187,9 +197,7 @@ def command(
         max_chars,
         PRIORITY_SEP,
         prefix,
-        flags,
-        RING_PREFIX,
-        ARRIVALS_PREFIX,
+        "".join(flags),
         ADMIT_PER_TAKE,
         MAX_WEIGHT,
     ]
@@ -254,7 +262,8 @@ def announce(pipe: Any, source: str) -> None:
 def publish_weights(client: Any, weights: Mapping[str, int]) -> bool:
     """Make `WEIGHTS_KEY` hold ``weights`` (tenant -> takes per turn; 1 is left out);
     True if it changed. Workers call it from their keyring: the take reads a tenant's
-    weight once per turn, never the keyring."""
+    weight from here (once per take, and only while the hash exists: with every weight
+    1 it is deleted and the take reads none), never the keyring."""
     want = {t: str(w) for t, w in weights.items() if w != 1}
     have = {_text(k): _text(v) for k, v in client.hgetall(WEIGHTS_KEY).items()}
     if want == have:

@@ -9,7 +9,10 @@ test_fairshare.py.
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
+from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -206,3 +209,130 @@ def test_tenant_list_names_are_parsed_strictly() -> None:
     assert fetch.split_tenant_queue("maas.high.a.b-c_d") == ("maas.high", "a.b-c_d")
     for bad in ("maas.normal", "maas.normal.", "maas.normal.ACME", "other.acme", "maas.monitor.x"):
         assert fetch.split_tenant_queue(bad) is None, bad
+
+
+#: The take as merged with fair share (#20), before it was made cheaper: the
+#: reference for the rule. The current take must do exactly what it did.
+REFERENCE_TAKE = (Path(__file__).parent / "data" / "pop_reserve_as_merged.lua").read_text()
+
+
+def reference_command(
+    queues: list[str], count: int, prefix: str = "", unreserved: Collection[str] = ()
+) -> list[Any]:
+    """The reference take's command (its KEYS and ARGV layout, as fetch.command built it)."""
+    srcs = fetch.sources(queues)
+    flags = "".join(
+        "r" if kind == "ring" else "0" if fetch.base_queue(k) in unreserved else "1"
+        for kind, k in srcs
+    )
+    names = ("unacked", "unacked_index", fetch.WEIGHTS_KEY, *(k for _, k in srcs))
+    keys = [prefix + k for k in names]
+    return [
+        "EVAL",
+        REFERENCE_TAKE,
+        len(keys),
+        *keys,
+        count,
+        "1.0",
+        100_000,
+        fetch.PRIORITY_SEP,
+        prefix,
+        flags,
+        fetch.RING_PREFIX,
+        fetch.ARRIVALS_PREFIX,
+        fetch.ADMIT_PER_TAKE,
+        fetch.MAX_WEIGHT,
+    ]
+
+
+def state(r: fakeredis.FakeRedis, prefix: str) -> dict[str, Any]:
+    """Everything the take writes, under ``prefix``."""
+    out: dict[str, Any] = {
+        "unacked": sorted(r.hgetall(prefix + "unacked").items()),
+        REPLY: r.llen(prefix + REPLY),
+    }
+    for q in QUEUES:
+        ring = prefix + fetch.ring_key(q)
+        out[q] = (
+            r.lrange(ring, 0, -1),
+            r.hgetall(ring + fetch.CREDIT_SUFFIX),
+            sorted(r.smembers(prefix + fetch.arrivals_key(q))),
+            r.llen(prefix + q),
+            {t: r.llen(prefix + fetch.tenant_queue(q, t)) for t in ALL_TENANTS},
+        )
+    return out
+
+
+ALL_TENANTS = ("acme", "beta", "gamma", "delta", "omega")
+#: A queue outside fair share, consumed without acknowledgement (a remote-control reply).
+REPLY = "abc.reply.celery.pidbox"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_take_does_what_the_merged_take_did(seed: int) -> None:
+    """Random pushes, old-list jobs, weights, junk arrivals, lists emptied behind
+    the ring's back and takes of any size, the queues in any order (the worker
+    lets a starved lower priority go first) with a plain list among them, on two
+    servers: one taken by the reference (the take as merged), one by
+    fetch.command; the same messages come out, in the same order, and every key
+    the take writes ends the same."""
+    rng = random.Random(seed)
+    prefix = rng.choice(["", "pfx:"])
+    ref = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    new = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    n = 0
+    for step in range(300):
+        op = rng.random()
+        queue = rng.choice(QUEUES)
+        tenant = rng.choice(ALL_TENANTS)
+        msgs = [message(f"m{n + i}") for i in range(rng.randint(1, 4))]
+        weights = {t: rng.randint(1, 4) for t in rng.sample(ALL_TENANTS, 2)}
+        keep_weights = rng.random() < 0.7
+        junk = rng.choice(["BAD!", "nobody", tenant])
+        for r in (ref, new):
+            if op < 0.45:
+                r.lpush(prefix + fetch.tenant_queue(queue, tenant), *msgs)
+                r.sadd(prefix + fetch.arrivals_key(queue), tenant)
+            elif op < 0.5:
+                r.lpush(prefix + queue, msgs[0])  # queued before an upgrade
+            elif op < 0.53:
+                r.delete(prefix + fetch.WEIGHTS_KEY)
+                if keep_weights:
+                    r.hset(prefix + fetch.WEIGHTS_KEY, mapping=weights)
+            elif op < 0.55:
+                r.sadd(prefix + fetch.arrivals_key(queue), junk)
+            elif op < 0.57:
+                r.delete(prefix + fetch.tenant_queue(queue, tenant))  # behind the ring's back
+            elif op < 0.6:
+                r.lpush(prefix + REPLY, msgs[0])
+            elif op < 0.63:  # kombu's priority sub-queue of a message with a priority set
+                r.lpush(prefix + queue + fetch.PRIORITY_SEP + "3", msgs[0])
+        n += 4
+        count = rng.choice([1, 1, 1, 2, 5])
+        queues = rng.sample(QUEUES, 3)
+        if rng.random() < 0.3:
+            queues.insert(rng.randint(0, 3), REPLY)
+        # A no-ack consumer of a job queue takes its old list unreserved.
+        unreserved = {REPLY, *(rng.sample(QUEUES, 1) if rng.random() < 0.2 else ())}
+        # Several tenants waiting in the arrivals are admitted in SPOP's random
+        # order; fakeredis draws it from Python's random: the same seed, the
+        # same draw for both takes.
+        random.seed(step)
+        before = fetch.parse(
+            ref.execute_command(*reference_command(queues, count, prefix, unreserved))
+        )
+        random.seed(step)
+        after = fetch.parse(
+            new.execute_command(
+                *fetch.command(
+                    queues,
+                    count=count,
+                    max_chars=100_000,
+                    now=1.0,
+                    prefix=prefix,
+                    unreserved=unreserved,
+                )
+            )
+        )
+        assert after == before, step
+        assert state(new, prefix) == state(ref, prefix), step
