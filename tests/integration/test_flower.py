@@ -19,6 +19,7 @@ docs/flower-worker.png.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import json
 import os
@@ -27,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,17 +107,8 @@ def test_flower_in_a_browser_shows_every_job_state_and_the_workers_sample(
     browser = chromium_path()
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
-    stack = make_stack(
-        MAAS_SAMPLE_INTERVAL_S="1",
-        MAAS_METRICS_PORT="0",
-        MAAS_FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}",
-    )
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    flower = Service(stack, "flower", "flower", "--port", str(port))
-    beat = Service(stack, "beat", "beat", "--loglevel", "WARNING")
-    try:
-        wait_for(lambda: http_get(f"{base}/healthcheck")[0] == 200, WAIT_S, "Flower to answer")
+    stack = make_stack(**MONITORED)
+    with flower_and_beat(stack) as base:
         # authentication is on: no or wrong credentials are refused
         assert http_get(f"{base}/tasks")[0] == 401
         assert http_get(f"{base}/api/tasks", auth=(USER, "wrong"))[0] == 401
@@ -139,9 +131,6 @@ def test_flower_in_a_browser_shows_every_job_state_and_the_workers_sample(
         tasks_text, worker_text = asyncio.run(
             _browse(browser, base, worker.node, [job_id for job_id, _ in jobs.values()], shots)
         )
-    finally:
-        beat.stop()
-        flower.stop()
 
     # maas-worker status says what each job became; Flower agrees, job by job
     assert {name: s["state"] for name, s in statuses.items()} == {name: name for name in jobs}
@@ -210,17 +199,8 @@ def test_flower_in_a_browser_shows_every_job_state_and_the_workers_sample(
 def test_the_worker_page_shows_the_sample_in_both_worker_modes(
     iso_stack: Callable[..., Stack],
 ) -> None:
-    stack = iso_stack(
-        MAAS_SAMPLE_INTERVAL_S="1",
-        MAAS_METRICS_PORT="0",
-        MAAS_FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}",
-    )
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    flower = Service(stack, "flower", "flower", "--port", str(port))
-    beat = Service(stack, "beat", "beat", "--loglevel", "WARNING")
-    try:
-        wait_for(lambda: http_get(f"{base}/healthcheck")[0] == 200, WAIT_S, "Flower to answer")
+    stack = iso_stack(**MONITORED)
+    with flower_and_beat(stack) as base:
         worker = stack.start_worker("fl2", concurrency=1)
         listening_since = _flower_follows(base, worker)
         job = stack.client().submit("echo", {"text": SECRET})
@@ -238,9 +218,6 @@ def test_the_worker_page_shows_the_sample_in_both_worker_modes(
         page = _page_text(base, f"/worker/{worker.node}")
         tasks = _api(base, "/api/tasks")
         counters = _counters(base, worker.node)
-    finally:
-        beat.stop()
-        flower.stop()
     # the pool is the prefork child, or the batch consumer process: one either way
     assert stats["sample"]["node"] == worker.node
     assert stats["sample"]["pool"]["processes"] == 1
@@ -253,6 +230,29 @@ def test_the_worker_page_shows_the_sample_in_both_worker_modes(
 
 
 # -- helpers -------------------------------------------------------------------------------------
+#: A stack whose workers sample every second, behind Flower's basic auth.
+MONITORED = {
+    "MAAS_SAMPLE_INTERVAL_S": "1",
+    "MAAS_METRICS_PORT": "0",
+    "MAAS_FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}",
+}
+
+
+@contextlib.contextmanager
+def flower_and_beat(stack: Stack) -> Iterator[str]:
+    """Flower (on a free port, answering) and beat for ``stack``; yields Flower's URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    flower = Service(stack, "flower", "flower", "--port", str(port))
+    beat = Service(stack, "beat", "beat", "--loglevel", "WARNING")
+    try:
+        wait_for(lambda: http_get(f"{base}/healthcheck")[0] == 200, WAIT_S, "Flower to answer")
+        yield base
+    finally:
+        beat.stop()
+        flower.stop()
+
+
 def _api(base: str, path: str) -> dict[str, Any]:
     status, body = http_get(f"{base}{path}", auth=(USER, PASSWORD))
     assert status == 200, (path, status, body[:200])
