@@ -392,7 +392,9 @@ class _Outcomes(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.msg in ("job %r %s", "job %s %s") and isinstance(record.args, tuple):
-            self.last = str(record.args[1])
+            word = str(record.args[1])
+            # A failure is logged with its code ("failed: bad_input"): the outcome is "failed".
+            self.last = "failed" if word.startswith("failed:") else word
 
 
 @pytest.fixture(scope="module")
