@@ -259,8 +259,8 @@ class Gateway:
         (same envelope: 202 again; another: 409).
 
         The marker is the one `ClientCore.marker_commands` writes after the send (the lane
-        skips that step): written here, a batch costs the gateway one round trip less and
-        its jobs two replies each to parse, not three. ``NX`` keeps a repeat from
+        skips that step): written here, a request costs the gateway one round trip less
+        (the same replies to parse: docs/benchmarks.md). ``NX`` keeps a repeat from
         touching the marker of the job it repeats (the worker never deletes a marker: it
         expires with the idempotency record, same lifetime). Written before the send, a
         marker of a job that then fails to enqueue is deleted with its record
