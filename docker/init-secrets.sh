@@ -5,13 +5,14 @@
 #   .env                      MAAS_REDIS_PASSWORD_<ROLE> (one per Redis role, below),
 #                             MAAS_FLOWER_BASIC_AUTH, MAAS_GRAFANA_ADMIN_PASSWORD, MAAS_UID/GID
 #   secrets/redis-passwords/  one password file per Redis role (random, 256 bits):
-#                             operator worker beat monitor flower producer-<example tenant>
+#                             operator worker beat monitor flower gateway producer-<example tenant>
 #   secrets/redis-acl/        users.acl: only `default` off until `maas-worker acl` writes
 #                             every role's user into it (after `keys init`)
 #   secrets/tls/              a private CA, the Redis server certificate and a client
 #                             certificate (for docker/compose.tls.yaml, or any rediss:// setup)
 #   secrets/keyring/          empty: `maas-worker keys init` goes here (workers read it)
 #   secrets/clients/          one-tenant keyrings for producers (`maas-worker keys export`)
+#   secrets/gateway-keyring/  empty: the gateway's MAC-only keyring (`keys export --mac-only`)
 #   secrets/model-keys/       empty: model-keys.json for encrypted models, if any
 #   data/redis/ data/prometheus/ data/grafana/  models/  signers/
 #
@@ -35,7 +36,7 @@ command -v openssl >/dev/null 2>&1 || { echo "init-secrets: openssl is required"
 
 secrets=$dir/secrets
 tls=$secrets/tls
-mkdir -p "$secrets/keyring" "$secrets/clients" "$secrets/model-keys" "$tls" "$dir/data/redis" \
+mkdir -p "$secrets/keyring" "$secrets/clients" "$secrets/gateway-keyring" "$secrets/model-keys" "$tls" "$dir/data/redis" \
     "$dir/data/prometheus" "$dir/data/grafana" \
     "$dir/models" "$dir/signers" "$secrets/redis-passwords" "$secrets/redis-acl"
 
@@ -46,7 +47,7 @@ random_hex() { openssl rand -hex 32; }
 # `keys init`) keeps them and writes every role's user, with its least
 # privilege, into redis-acl/users.acl (docs/operations.md, Redis roles).
 # Until then the file only turns the default user off: nobody can connect.
-roles="operator worker beat monitor flower producer-$example_tenant"
+roles="operator worker beat monitor flower gateway producer-$example_tenant"
 for role in $roles; do
     [ -s "$secrets/redis-passwords/$role" ] || random_hex > "$secrets/redis-passwords/$role"
 done
@@ -134,6 +135,8 @@ Created in $dir (existing files were kept). Next, from the folder of compose.yam
   docker compose --profile tools run --rm --no-deps cli maas-worker keys init --tenant $example_tenant
   docker compose --profile tools run --rm --no-deps cli maas-worker keys export \\
       --tenant $example_tenant --out /run/maas/clients/$example_tenant/keyring.json
+  docker compose --profile tools run --rm --no-deps cli maas-worker keys export --mac-only \\
+      --out /run/maas/gateway-keyring/keyring.json
   docker compose --profile tools run --rm --no-deps cli maas-worker acl \\
       --acl-file /run/maas/redis-acl/users.acl --passwords /run/maas/redis-passwords
   docker compose up --detach --scale worker=2

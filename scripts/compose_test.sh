@@ -259,12 +259,16 @@ out=$(cli keys init --tenant acme 2>&1) || fail "keys init: $out"
 ! grep -q Traceback <<<"$out" || fail "keys init printed a traceback: $out"
 cli keys export --tenant acme --out /run/maas/clients/acme/keyring.json >/dev/null 2>&1 ||
     fail "keys export"
+cli keys export --mac-only --out /run/maas/gateway-keyring/keyring.json >/dev/null 2>&1 ||
+    fail "keys export --mac-only (the gateway's keyring)"
 cli acl --acl-file /run/maas/redis-acl/users.acl --passwords /run/maas/redis-passwords \
     >/dev/null 2>&1 || fail "acl"
 
 # -- 4. the stack --------------------------------------------------------------------------
 flower_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export MAAS_FLOWER_PORT=$flower_port
+gateway_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export MAAS_GATEWAY_PORT=$gateway_port
 log "docker compose up --wait --scale worker=2"
 up_start=$(date +%s)
 compose up --detach --wait --wait-timeout 240 --scale worker=2 >"$tmp/up.log" 2>&1 ||
@@ -320,6 +324,8 @@ echo "    $(cut -c1-100 <<<"$out")"
 log "Flower's login on 127.0.0.1:$flower_port"
 flower_auth=$(sed -n 's/^MAAS_FLOWER_BASIC_AUTH=//p' "$deploy/.env")
 code() { curl --silent --output /dev/null --write-out '%{http_code}' --max-time 10 "$@"; }
+log "the gateway's /healthz on 127.0.0.1:$gateway_port"
+[ "$(code "http://127.0.0.1:$gateway_port/healthz")" = 200 ] || fail "gateway /healthz"
 anon=$(code "http://127.0.0.1:$flower_port/")
 wrong=$(code --user "ops:wrong" "http://127.0.0.1:$flower_port/")
 good=$(code --user "$flower_auth" "http://127.0.0.1:$flower_port/")

@@ -231,12 +231,12 @@ class Gateway:
                 replies[n] = checked
             else:
                 accepted.append((n, (checked, raw)))
-        fresh = await self._claim_ids(tenant, accepted, replies)
+        fresh, marked = await self._claim_ids(tenant, accepted, replies)
         by_priority: dict[str, list[tuple[int, Sealed]]] = {}
         for n, sealed in fresh:
             by_priority.setdefault(sealed[0].priority, []).append((n, sealed))
         for group in by_priority.values():
-            outcome = await self._enqueue(tenant, [s for _, s in group])
+            outcome = await self._enqueue(tenant, [s for _, s in group], marked)
             for n, (header, _) in group:
                 replies[n] = outcome if outcome is not None else self._accepted(header, False)
         self.metrics.enqueued(len(fresh))
@@ -252,14 +252,25 @@ class Gateway:
 
     async def _claim_ids(
         self, tenant: str, accepted: list[tuple[int, Sealed]], replies: list[Reply | None]
-    ) -> list[tuple[int, Sealed]]:
-        """Record each job id with its envelope's hash (``SET NX``, one round trip); return
-        the jobs seen for the first time, answer the others (same envelope: 202 again;
-        another: 409)."""
+    ) -> tuple[list[tuple[int, Sealed]], set[str]]:
+        """Record each job id with its envelope's hash (``SET NX GET``) and write its queued
+        marker (``SET NX``), all in one round trip before the send; return the jobs seen
+        for the first time and the ids whose marker this wrote, and answer the others
+        (same envelope: 202 again; another: 409).
+
+        The marker is the one `ClientCore.marker_commands` writes after the send (the lane
+        skips that step): written here, a request costs the gateway one round trip less
+        (the same replies to parse: docs/benchmarks.md). ``NX`` keeps a repeat from
+        touching the marker of the job it repeats (the worker never deletes a marker: it
+        expires with the idempotency record, same lifetime). Written before the send, a
+        marker of a job that then fails to enqueue is deleted with its record
+        (`_enqueue`); a gateway killed in between leaves the job "queued" until its
+        expiry, then "expired", as its idempotency record alone already did."""
         if not accepted:
-            return []
+            return [], set()
         pipe = self.backend.pipeline(transaction=False)
-        for _, (header, raw) in accepted:
+        markers = self.lane(tenant).marker_commands([s for _, s in accepted])
+        for (_, (header, raw)), marker in zip(accepted, markers, strict=True):
             pipe.set(
                 keyspace.gateway_seen(tenant, header.job_id),
                 hashlib.sha256(raw).hexdigest(),
@@ -267,16 +278,22 @@ class Gateway:
                 ex=self._seen_ttl_s(header),
                 get=True,
             )
+            pipe.execute_command(*marker, "NX")
         try:
-            previous = await pipe.execute()
+            answers = await pipe.execute()
         except redis.RedisError as exc:
             for n, _ in accepted:
                 replies[n] = _unavailable(exc)
-            return []
+            return [], set()
         fresh = []
-        for (n, (header, raw)), before in zip(accepted, previous, strict=True):
+        marked: set[str] = set()
+        for (n, (header, raw)), before, wrote in zip(
+            accepted, answers[0::2], answers[1::2], strict=True
+        ):
             if before is None:
                 fresh.append((n, (header, raw)))
+                if wrote:
+                    marked.add(header.job_id)
             elif before.decode() == hashlib.sha256(raw).hexdigest():
                 replies[n] = self._accepted(header, True)
             else:
@@ -285,16 +302,17 @@ class Gateway:
                     "conflict",
                     f"job id {header.job_id} is in use by another envelope of this tenant",
                 )
-        return fresh
+        return fresh, marked
 
     def _seen_ttl_s(self, header: Header) -> int:
         return max(1, (header.expires_at_ms - header.issued_at_ms) // 1000) + (
             self.settings.result_ttl_s
         )
 
-    async def _enqueue(self, tenant: str, sealed: list[Sealed]) -> Reply | None:
+    async def _enqueue(self, tenant: str, sealed: list[Sealed], marked: set[str]) -> Reply | None:
         """Run the client's enqueue flow; None once queued, else the refusal (and the ids
-        are released, so the same envelopes may be submitted again)."""
+        are released, with the queued markers `_claim_ids` wrote for them, so the same
+        envelopes may be submitted again)."""
         lane = self.lane(tenant)
         try:
             await adrive(lane.enqueue_flow(sealed), lane._carry_out)
@@ -310,8 +328,10 @@ class Gateway:
             reply = error(503, "unavailable", str(exc), UNAVAILABLE_RETRY_S)
         except redis.RedisError as exc:
             reply = _unavailable(exc)
+        keys = [keyspace.gateway_seen(tenant, h.job_id) for h, _ in sealed]
+        keys += [keyspace.submitted(tenant, h.job_id) for h, _ in sealed if h.job_id in marked]
         with contextlib.suppress(redis.RedisError):
-            await self.backend.delete(*(keyspace.gateway_seen(tenant, h.job_id) for h, _ in sealed))
+            await self.backend.delete(*keys)
         return reply
 
     # -- following ---------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class Stack:
     workers: list[WorkerProcess] = field(default_factory=list)
     #: Flags every worker of this stack starts with (``--batch-consumer``).
     worker_args: tuple[str, ...] = ()
+    #: The stack's gateway process (gatewaykit.GatewayProcess), once a
+    #: ``kind="gateway"`` client asked for it: one per stack, stopped with it.
+    gateway: Any = None
 
     @property
     def settings(self) -> Settings:
@@ -56,10 +59,30 @@ class Stack:
 
     def client(self, tenant: str = "acme", *, kind: str = "sync", **kw: Any) -> Any:
         """A `Client`; with ``kind="async"`` an `AsyncClient` behind the same sync
-        interface (aioshim.py), so a test taking `client_kind` checks both."""
+        interface (aioshim.py), with ``kind="gateway"`` a `Client(gateway_url=...)`
+        through this stack's gateway (started at the first such client), so a test
+        taking `client_kind` checks all three."""
         if kind == "async":
             return BlockingAsyncClient(self.async_client(tenant, **kw))
-        return Client(settings=Settings.from_env({**self.env, "MAAS_TENANT": tenant}), **kw)
+        settings = Settings.from_env({**self.env, "MAAS_TENANT": tenant})
+        if kind == "gateway":
+            return Client(settings=settings, gateway_url=self.gateway_url(), **kw)
+        return Client(settings=settings, **kw)
+
+    def gateway_url(self) -> str:
+        """The URL of this stack's ``maas-worker gateway``, started on first use."""
+        if self.gateway is None:
+            from .gatewaykit import GatewayProcess  # it imports this module
+
+            self.gateway = GatewayProcess(self, "client-kind-gateway")
+        url: str = self.gateway.url
+        return url
+
+    def stop_gateway(self) -> None:
+        """Stop the gateway `gateway_url` started, if any."""
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
 
     def async_client(self, tenant: str = "acme", **kw: Any) -> AsyncClient:
         """`client` for asyncio code (the same settings)."""
@@ -216,6 +239,7 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
 
     yield factory
     for stack, server in made:
+        stack.stop_gateway()
         for w in stack.workers:
             # Nothing is at stake at teardown: do not sit through billiard's
             # 30 s wait when a task finished during the warm shutdown.
@@ -244,6 +268,7 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stack = Stack(url, tmp, keyring_path, env, redis.Redis.from_url(url))
     stack.start_worker("shared", concurrency=2)
     yield stack
+    stack.stop_gateway()
     for w in stack.workers:
         w.stop()
     stack.backend.close()
@@ -272,14 +297,23 @@ def replace_envelope(raw: bytes, envelope: str) -> bytes:
 
 
 #: The clients a behavioural test of the client runs against (`Stack.client`'s ``kind``).
-CLIENT_KINDS = ("sync", "async")
+CLIENT_KINDS = ("sync", "async", "gateway")
 
 
 @pytest.fixture(params=CLIENT_KINDS)
 def client_kind(request: pytest.FixtureRequest) -> str:
-    """``"sync"`` then ``"async"``: a test using it runs against `Client` and `AsyncClient`."""
+    """``"sync"``, ``"async"`` then ``"gateway"``: a test using it runs against `Client`,
+    `AsyncClient` and `Client(gateway_url=...)` (the stack's gateway process: one per
+    stack, so one per module for `shared_stack`). A test that needs what only a direct
+    Redis connection has skips the gateway kind with `not_through_gateway`."""
     kind: str = request.param
     return kind
+
+
+def not_through_gateway(client_kind: str, why: str) -> None:
+    """Skip the ``"gateway"`` kind of a `client_kind` test, saying why it does not apply."""
+    if client_kind == "gateway":
+        pytest.skip(f"not through the gateway: {why}")
 
 
 #: The two worker modes every tenant-isolation test runs against.

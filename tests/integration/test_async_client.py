@@ -1,7 +1,8 @@
 """What only the asyncio client has: many awaits on one loop, cancelled awaits, its wire format.
 
 The behaviours it shares with `Client` are checked by the client's own tests,
-which run against both (``client_kind``: test_pipeline.py, test_submit_many.py).
+which run against both, and through the gateway (``client_kind``: test_pipeline.py,
+test_submit_many.py).
 """
 
 from __future__ import annotations

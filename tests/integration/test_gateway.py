@@ -296,10 +296,15 @@ def test_idempotent_on_the_job_id(idle: tuple[Stack, GatewayProcess, Caller]) ->
     assert first.status_code == again.status_code == 202
     assert again.json()["duplicate"] is True
     assert stack.backend.llen(ACME_NORMAL) == 1
-    _, other = acme.seal({"text": "other"}, job_id=header.job_id)
+    marker = keyspace.submitted("acme", header.job_id)
+    assert stack.backend.get(marker) == str(header.expires_at_ms).encode()
+    other_header, other = acme.seal({"text": "other"}, job_id=header.job_id, ttl_s=120)
+    assert other_header.expires_at_ms != header.expires_at_ms
     conflict = acme.submit(other)
     assert conflict.status_code == 409 and _error(conflict) == "conflict"
     assert stack.backend.llen(ACME_NORMAL) == 1
+    # The conflict wrote nothing over the first job's queued marker.
+    assert stack.backend.get(marker) == str(header.expires_at_ms).encode()
     assert acme.http.get(f"/v1/jobs/{header.job_id}").json()["state"] == "queued"
 
 
@@ -307,10 +312,14 @@ def test_queue_full_is_503_with_retry_after(idle: tuple[Stack, GatewayProcess, C
     stack, _, acme = idle
     for n in range(3):
         assert acme.submit(acme.seal({"n": n})[1]).status_code == 202
-    _, raw = acme.seal({"n": 3})
+    header, raw = acme.seal({"n": 3})
     resp = acme.submit(raw)
     assert resp.status_code == 503 and _error(resp) == "queue_full"
     assert int(resp.headers["Retry-After"]) >= 1
+    # Its idempotency record and its queued marker (written before the send) are gone.
+    assert not stack.backend.exists(keyspace.gateway_seen("acme", header.job_id))
+    assert not stack.backend.exists(keyspace.submitted("acme", header.job_id))
+    assert acme.http.get(f"/v1/jobs/{header.job_id}").status_code == 404
     # Refused, not half-accepted: the same envelope goes through once there is room.
     stack.backend.rpop(ACME_NORMAL)
     assert acme.submit(raw).status_code == 202

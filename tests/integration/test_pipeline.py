@@ -30,7 +30,7 @@ from maas_worker.local.demo import scan_for
 from maas_worker.protocol import TASK_NAME, queue_for
 from maas_worker.tenancy.keyring import load_keyring
 
-from .conftest import Stack, message_envelope, replace_envelope, wait_for
+from .conftest import Stack, message_envelope, not_through_gateway, replace_envelope, wait_for
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60.0
@@ -463,6 +463,11 @@ def test_redis_down_is_a_clear_retryable_error_not_a_hang(make_stack, client_kin
     from maas_worker import ServiceUnavailable
     from maas_worker.local.embedded import free_port
 
+    not_through_gateway(
+        client_kind,
+        "a gateway does not start without its Redis (its 503 while Redis is down is "
+        "test_gateway.py::test_redis_down_is_503)",
+    )
     stack = make_stack()
     dead = f"redis://127.0.0.1:{free_port()}/0"
     stack.env.update(MAAS_BROKER_URL=dead, MAAS_RESULT_BACKEND=dead)

@@ -36,7 +36,7 @@ LOCK = DOCKER / "requirements.lock"
 LOCK_IN = DOCKER / "requirements.in"
 PROCFILE = ROOT / "Procfile"
 #: Services that run the maas-worker image.
-MAAS_SERVICES = {"worker", "beat", "flower", "metrics", "producer", "cli"}
+MAAS_SERVICES = {"worker", "beat", "flower", "metrics", "gateway", "producer", "cli"}
 #: Services of other images that never connect to Redis: the metrics stack.
 MONITORING_SERVICES = {"prometheus", "grafana"}
 
@@ -133,6 +133,44 @@ def test_flower_requires_authentication(compose: dict[str, Any]) -> None:
         assert str(port).startswith("127.0.0.1:"), "Flower is published on loopback only"
 
 
+def test_gateway_is_hardened_on_loopback_with_the_mac_only_keyring(
+    compose: dict[str, Any],
+) -> None:
+    gateway = interpolate(compose["services"]["gateway"])
+    assert gateway["command"][:2] == ["maas-worker", "gateway"]
+    port = gateway["command"][gateway["command"].index("--port") + 1]
+    # Published on the host's loopback only, to the port it listens on.
+    assert gateway["ports"] == [f"127.0.0.1:9550:{port}"]
+    assert gateway["read_only"] is True and gateway["cap_drop"] == ["ALL"]
+    assert "no-new-privileges:true" in gateway["security_opt"]
+    assert not gateway.get("cap_add") and not gateway.get("privileged")
+    # The MAC-only keyring's folder, read-only; never the full keyring.
+    keyring = gateway["environment"]["MAAS_GATEWAY_KEYRING"]
+    mounts = {v.split(":")[1]: v for v in gateway["volumes"]}
+    assert mounts == {
+        "/run/maas/gateway-keyring": "./secrets/gateway-keyring:/run/maas/gateway-keyring:ro"
+    }
+    assert keyring.startswith("/run/maas/gateway-keyring/")
+    assert not any("secrets/keyring" in v or "model-keys" in v for v in gateway["volumes"])
+    # `up --wait` waits on its /healthz (which also checks its Redis).
+    test = gateway["healthcheck"]["test"]
+    assert test[:2] == ["CMD", "python"] and f"127.0.0.1:{port}/healthz" in test[-1]
+    # The documented steps write that keyring with `keys export --mac-only`, in the
+    # cli service, which mounts the folder writable.
+    exports = [
+        c
+        for path in (COMPOSE, DOCKER / "init-secrets.sh")
+        for c in documented_commands(path.read_text())
+        if c[:3] == ["maas-worker", "keys", "export"] and "--mac-only" in c
+    ]
+    assert exports and all(c[c.index("--out") + 1] == keyring for c in exports)
+    assert (
+        "./secrets/gateway-keyring:/run/maas/gateway-keyring"
+        in (compose["services"]["cli"]["volumes"])
+    )
+    assert '"$secrets/gateway-keyring"' in (DOCKER / "init-secrets.sh").read_text()
+
+
 def test_redis_has_an_acl_and_an_append_only_file_and_is_not_published(
     compose: dict[str, Any],
 ) -> None:
@@ -160,6 +198,7 @@ SERVICE_ROLES = {
     "flower": ("flower", "FLOWER"),
     "metrics": ("monitor", "MONITOR"),
     "cli": ("operator", "OPERATOR"),
+    "gateway": ("gateway", "GATEWAY"),
     "producer": ("producer-${MAAS_EXAMPLE_TENANT:-acme}", "PRODUCER"),
 }
 
@@ -178,7 +217,7 @@ def test_every_service_connects_as_its_own_least_privilege_role(compose: dict[st
     assert set(SERVICE_ROLES) == MAAS_SERVICES
     assert {user for user, _ in SERVICE_ROLES.values()} - {
         "producer-${MAAS_EXAMPLE_TENANT:-acme}"
-    } == set(acl.ROLES)
+    } == {*acl.ROLES, acl.GATEWAY}
     for name in MAAS_SERVICES:
         url = compose["services"][name]["environment"]["MAAS_BROKER_URL"]
         assert re.fullmatch(role_url(name), url), (name, url)
@@ -401,7 +440,7 @@ def test_monitoring_services_are_behind_a_profile(compose: dict[str, Any]) -> No
     for name in MONITORING_SERVICES:
         assert compose["services"][name]["profiles"] == ["monitoring"], name
     core = [name for name, svc in compose["services"].items() if "profiles" not in svc]
-    assert sorted(core) == ["beat", "flower", "metrics", "redis", "worker"]
+    assert sorted(core) == ["beat", "flower", "gateway", "metrics", "redis", "worker"]
 
 
 def test_compose_says_it_needs_compose_v2() -> None:
