@@ -27,10 +27,11 @@ demo: venv
 
 ## test: lint, type-check, the unit tests with a coverage report, then every other test
 ## (integration, reliability at its small size) without one; the 20 slowest of those are
-## listed (CI must stay under ~20 minutes on 2 cores)
+## listed (CI must stay under ~20 minutes on 2 cores). Those run two files at a time
+## (pytest-xdist, whole files per process: a module's shared stack stays in one process)
 test: check
 	$(BIN)/pytest tests/unit $(COV_ARGS)
-	$(BIN)/pytest --ignore=tests/unit --durations=20
+	$(BIN)/pytest --ignore=tests/unit --durations=20 -n 2 --dist loadfile
 
 check: lint typecheck imports lint-containers
 
