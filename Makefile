@@ -27,11 +27,13 @@ demo: venv
 
 ## test: lint, type-check, the unit tests with a coverage report, then every other test
 ## (integration, reliability at its small size) without one; the 20 slowest of those are
-## listed (CI must stay under ~20 minutes on 2 cores). Those run two files at a time
-## (pytest-xdist, whole files per process: a module's shared stack stays in one process)
+## listed (CI must stay under ~20 minutes on 2 cores). The integration files run two at a
+## time (pytest-xdist, whole files per process: a module's shared stack stays in one
+## process); the reliability files alone, since they time how fast clients fail
 test: check
 	$(BIN)/pytest tests/unit $(COV_ARGS)
-	$(BIN)/pytest --ignore=tests/unit --durations=20 -n 2 --dist loadfile
+	$(BIN)/pytest tests/integration --durations=20 -n 2 --dist loadfile
+	$(BIN)/pytest tests/reliability --durations=10
 
 check: lint typecheck imports lint-containers
 
