@@ -11,6 +11,7 @@ import itertools
 import os
 import signal
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -138,11 +139,16 @@ def test_result_stored_before_the_crash_is_not_run_again(make_stack: Any, report
     # Freeze the main process (it acks); its pool child finishes the job alone.
     os.kill(doomed.proc.pid, signal.SIGSTOP)
     try:
+        # The pool child logs ``succeeded`` just after storing the result;
+        # killing the group between the two would lose the line, not the job.
         wait_for(
-            lambda: stack.backend.exists(keyspace.result(job.tenant, job.id)),
+            lambda: outcome_counts(doomed.log_path.read_text(errors="replace")).get(
+                job.id, Counter()
+            )["succeeded"],
             WAIT_S,
-            "the result to be stored",
+            "the result to be stored and logged",
         )
+        assert stack.backend.exists(keyspace.result(job.tenant, job.id))
         assert stack.backend.hlen("unacked") == 1  # stored, never acknowledged
     finally:
         doomed.kill()  # SIGKILL reaches the stopped process too
