@@ -389,7 +389,13 @@ class BatchConsumer:
         rt = self.rt
         data = request_bytes(rt, d.job_id, d.text, d.fetched)
         d.verified = verify_request(
-            rt, d.job_id, data, task_name=TASK_NAME, routed=d.taken.queue, text=d.text
+            rt,
+            d.job_id,
+            data,
+            task_name=TASK_NAME,
+            routed=d.taken.queue,
+            text=d.text,
+            list_tenant=d.taken.tenant,
         )
         d.policy = tenant_policy(rt, d.verified.header)
         check_memory(rt, d.verified.header)
