@@ -121,6 +121,7 @@ def test_a_victims_entry_copied_into_the_attackers_own_list_is_refused_as_the_at
     assert_victims_done(jobs)
     rec = wait_audited_once(stack, copied, "tampered", "globex", verified=False)
     assert "acme" in rec.detail
+    assert rec.worker == stack.workers[-1].node  # the Celery node, not only the host
     wait_drained(stack)
     for job, _ in jobs:
         assert job.status() == "succeeded"
