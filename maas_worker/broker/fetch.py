@@ -254,6 +254,30 @@ def push(pipe: Any, queue: str, tenant: str, messages: Sequence[str]) -> None:
     ring(pipe, len(messages))
 
 
+def hand_back(client: Any, taken: Sequence[Taken]) -> set[str]:
+    """Put reserved messages back at the front of the lists they came from, each only
+    while its reservation is held (broker/lua/hand_back.lua); the tags handed back.
+
+    One the visibility sweep already put back is dropped: that copy is the job now
+    (a second would be refused ``replayed``). One script: nothing lost or doubled
+    by a crash.
+    """
+    args: list[str] = [str(WAKE_MAX)]
+    for t in taken:
+        if t.tag is None:
+            continue
+        source = t.source or t.queue
+        split = split_tenant_queue(source)
+        arrivals, tenant = (arrivals_key(split[0]), split[1]) if split else ("", "")
+        args += [t.tag, source, t.raw, arrivals, tenant]
+    if len(args) == 1:
+        return set()
+    # redis-py's Script: EVALSHA, loaded again on NOSCRIPT (a restarted server).
+    script = scripts.register(client, "hand_back")
+    reply = script(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, WAKE_KEY], args=args)
+    return {_text(tag) for tag in reply}
+
+
 def announce(pipe: Any, source: str) -> None:
     """Add to ``pipe`` what makes a message put back in list ``source`` takeable: its
     tenant's arrival (for a tenant list) and a wake-up token."""

@@ -469,16 +469,23 @@ class BatchConsumer:
         """Apply pending acknowledgements, hand-backs and reservation refreshes atomically."""
         if not (self._to_ack or self._to_hand_back or self._to_touch):
             return
-        back = self._to_hand_back
-        tags = self._to_ack + [b.tag for b in back if b.tag is not None]
+        if self._to_hand_back:
+            # Each to the list it came from (its tenant's), taken next, while
+            # this process still holds it: after a partition longer than the
+            # visibility timeout the sweep has put it back already (fetch.hand_back).
+            handed = fetch.hand_back(self.broker, self._to_hand_back)
+            if dropped := len(self._to_hand_back) - len(handed):
+                log.info(
+                    "batch consumer: %d message(s) were put back by the visibility sweep "
+                    "while this process was cut off; its copies dropped",
+                    dropped,
+                )
+            self._to_hand_back = []
+        tags = self._to_ack
         touch = self._to_touch
+        if not (tags or touch):
+            return
         with self.broker.pipeline(transaction=True) as pipe:
-            for b in back:
-                # To the list it came from (its tenant's), taken from the right:
-                # it is next; its tenant announced again (the ring may have let
-                # it go) and a consumer woken.
-                pipe.rpush(b.source or b.queue, b.raw)
-                fetch.announce(pipe, b.source or b.queue)
             if tags:
                 pipe.zrem(fetch.UNACKED_INDEX_KEY, *tags)
                 pipe.hdel(fetch.UNACKED_KEY, *tags)
@@ -486,7 +493,7 @@ class BatchConsumer:
             for tag in touch:
                 pipe.zadd(fetch.UNACKED_INDEX_KEY, {tag: now}, xx=True, ch=True)
             replies = pipe.execute()
-        self._to_ack, self._to_hand_back, self._to_touch = [], [], []
+        self._to_ack, self._to_touch = [], []
         gone = {
             tag
             for tag, changed in zip(touch, replies[len(replies) - len(touch) :], strict=True)
