@@ -26,17 +26,16 @@ def replayed(stack: Stack) -> list[Any]:
     return [r for r in stack.audit() if r.reason == "replayed"]
 
 
-def test_a_batch_consumer_cut_off_mid_batch_hands_back_nothing_already_swept(
-    make_stack: Any, report: Any
+@pytest.mark.parametrize("mode", ["batch", "celery"])
+def test_a_node_cut_off_mid_batch_hands_back_nothing_already_swept(
+    make_stack: Any, report: Any, mode: str
 ) -> None:
     stack, server = make_stack(**FAST_RECOVERY)
     link = LinkCut(server.port)
+    args = ("--batch-consumer",) if mode == "batch" else ()
     try:
         cutoff = stack.start_worker(
-            "cutoff",
-            concurrency=1,
-            args=("--batch-consumer",),
-            env={"MAAS_BROKER_URL": link.url},
+            "cutoff", concurrency=1, args=args, env={"MAAS_BROKER_URL": link.url}
         )
         jobs = submit_mixed(stack, 12, seconds=0.4)
         # It holds a batch and runs it (sleep jobs run one after another).
@@ -44,16 +43,17 @@ def test_a_batch_consumer_cut_off_mid_batch_hands_back_nothing_already_swept(
         link.cut()
         # Another host runs everything once the sweep has put the cut host's
         # messages back and its claims have lapsed.
-        stack.start_worker("rescuer", concurrency=1, args=("--batch-consumer",))
+        stack.start_worker("rescuer", concurrency=1, args=args)
         sealed = collect(jobs)
         link.restore()
         # The cut host reconnects and settles what it held: none of it is
         # still its own, so nothing goes back to a queue (a copy it pushed
         # would be taken and refused ``replayed``).
         log = cutoff.log_path
+        back = "put back by the visibility sweep" if mode == "batch" else "Connected to redis"
         wait_for(
             lambda: (
-                "put back by the visibility sweep" in log.read_text(errors="replace")
+                log.read_text(errors="replace").count(back) >= (mode == "celery") + 1
                 or replayed(stack)
             ),
             WAIT_S,
