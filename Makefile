@@ -79,6 +79,7 @@ bench: venv
 	$(BIN)/python benchmarks/async_client.py
 	$(BIN)/python benchmarks/fairshare.py
 	$(BIN)/python benchmarks/gateway.py
+	$(BIN)/python benchmarks/idle.py
 
 .PHONY: format coverage lock compose-test lint-containers
 

@@ -37,6 +37,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from maas_worker.backend import scripts
 from maas_worker.protocol import MAX_TENANT_WEIGHT, QUEUE_NAMES, TENANT_RE
 
@@ -226,9 +228,15 @@ def take(
     returned with ``reserved`` set is in kombu's unacked hash until `ack`
     (or the visibility sweep puts it back).
     """
-    return parse(
-        client.execute_command(*command(queues, count=count, max_chars=max_chars, now=now))
-    )
+    try:
+        # By SHA: the script's text is 10 KB, sent only when the server lacks it.
+        reply = client.execute_command(
+            *command(queues, count=count, max_chars=max_chars, now=now, by_sha=True)
+        )
+    except NoScriptError:
+        # A restarted or flushed server: the script itself (cached from then on).
+        reply = client.execute_command(*command(queues, count=count, max_chars=max_chars, now=now))
+    return parse(reply)
 
 
 def ack(client: Any, tags: Iterable[str]) -> None:

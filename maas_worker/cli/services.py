@@ -112,14 +112,22 @@ def worker(
 @click.option(
     "--ready-fd", type=int, help="file descriptor to write to once ready (set by the supervisor)"
 )
+@click.option(
+    "--siblings",
+    type=click.IntRange(min=1),
+    default=1,
+    help="the node's consumer processes, this one included (they share the idle polling)",
+)
 @_loglevel
 @pass_invocation
-def batch_consumer(inv: Invocation, name: str, ready_fd: int | None, loglevel: str) -> int:
+def batch_consumer(
+    inv: Invocation, name: str, ready_fd: int | None, siblings: int, loglevel: str
+) -> int:
     """One batch consumer process (started by ``worker --batch-consumer``)."""
     inv.exec_with_flags()
     from maas_worker.worker.batch.consumer import serve
 
-    return serve(name=name, loglevel=loglevel, ready_fd=ready_fd)
+    return serve(name=name, loglevel=loglevel, ready_fd=ready_fd, siblings=siblings)
 
 
 @click.command(cls=Command, short_help="run Celery beat (exactly one per deployment)")

@@ -219,6 +219,7 @@ def monitor_rules() -> list[str]:
         "+zrange",
         "+zrangebyscore",
         "+zcard",
+        "+zcount",
         "+zscore",
     ]
 

@@ -99,10 +99,16 @@ log = logging.getLogger(__name__)
 
 #: Pause after a Redis or keyring error before trying again.
 INFRA_BACKOFF_S = 1.0
-#: An idle consumer waits for a wake-up this long at first, doubling up to the
-#: maximum while nothing arrives (a publish rings the wake-up list at once).
+#: An idle consumer waits for a wake-up this long at first, doubling while
+#: nothing arrives up to `IDLE_PERIOD_S` times the node's consumer processes
+#: (at most `IDLE_MAX_S`): a publish rings the wake-up list, which ends the wait
+#: at once, so the timeout only bounds how late a job that came without a
+#: wake-up (a restarted server) is seen. An idle node so sends about one take and
+#: one wait per `IDLE_PERIOD_S` whatever its concurrency (docs/scaling.md).
 IDLE_MIN_S = 0.001
-IDLE_MAX_S = 0.05
+IDLE_PERIOD_S = 1.0
+#: Longest idle wait of one process (a warm shutdown waits for it to end).
+IDLE_MAX_S = 5.0
 
 
 @dataclass
@@ -149,6 +155,7 @@ class BatchConsumer:
         max_jobs: int,
         wait_s: float = 0.0,
         events: TaskEvents | None = None,
+        siblings: int = 1,
     ) -> None:
         self.rt = rt
         self.events = events
@@ -168,6 +175,9 @@ class BatchConsumer:
         self._to_touch: list[str] = []
         self._current: list[_Delivery] = []
         self._idle_s = IDLE_MIN_S
+        #: This process's longest idle wait: the node's processes together poll
+        #: about once per IDLE_PERIOD_S.
+        self._idle_max_s = min(IDLE_MAX_S, IDLE_PERIOD_S * max(1, siblings))
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -256,7 +266,7 @@ class BatchConsumer:
             first = min(when for when, _ in self._deferred) - time.monotonic()
             timeout = max(IDLE_MIN_S, min(timeout, first))
         fetch.wait(self.broker, timeout)
-        self._idle_s = min(self._idle_s * 2, IDLE_MAX_S)
+        self._idle_s = min(self._idle_s * 2, self._idle_max_s)
 
     # -- one batch ----------------------------------------------------------------------
     def process(self, batch: list[fetch.Taken]) -> None:
@@ -575,12 +585,15 @@ def _doc(d: _Delivery) -> ResultDoc:
     return d.doc
 
 
-def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> int:
+def serve(
+    *, name: str, loglevel: str = "INFO", ready_fd: int | None = None, siblings: int = 1
+) -> int:
     """Run one batch consumer process until SIGTERM/SIGINT (``maas-worker batch-consumer``).
 
     Started by `supervisor.ConsumerPool`; writes one byte to ``ready_fd`` once
     its runtime is built. Runs in the main thread, so the watchdog can
-    interrupt a job at its soft limit.
+    interrupt a job at its soft limit. ``siblings``: the node's consumer
+    processes, this one included (they share the idle polling).
     """
     import os
     import signal
@@ -619,6 +632,7 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
         max_jobs=settings.consumer_batch,
         wait_s=settings.consumer_wait_ms / 1000,
         events=events,
+        siblings=siblings,
     )
     if ready_fd is not None:
         os.write(ready_fd, b"1")
