@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@# PYTHONWARNINGS: setuptools warns on every editable build that a folder named like
 	@# the package may shadow it, which is this checkout, on purpose.
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[dev,worker,flower,local,gateway]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[dev,worker,flower,local,gateway,private]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
