@@ -98,7 +98,9 @@ def private_accuracy(model: Any, rows: list[list[int]], labels: list[int]) -> tu
     spec = private_spec(model)
     assert spec is not None
     layer = affine_of(model.predict, *spec)
-    runner = PrivateModel(model.name, model.version, layer, load_public(key.public_bytes, key.digest))
+    runner = PrivateModel(
+        model.name, model.version, layer, load_public(key.public_bytes, key.digest)
+    )
     plain = model.predict({"inputs": rows})["logits"]
     right, worst = 0, 0.0
     for row, label, want in zip(rows, labels, plain, strict=True):

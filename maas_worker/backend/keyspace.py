@@ -13,8 +13,9 @@ cannot run into each other.
 Who writes what (the least-privilege roles of docs/security.md follow it):
 
 * producers: ``job`` (queued marker), ``payload`` (claim check), ``cancel``,
-  ``pending`` (advisory quota), ``ckks`` (public CKKS contexts, private inference), and they pop their ``done`` list; they read
-  the model catalogue (``catalog``, ``models``) and the node list (``nodes``);
+  ``pending`` (advisory quota), ``ckks`` (public CKKS contexts, private
+  inference), and they pop their ``done`` list; they read the model catalogue
+  (``catalog``, ``models``) and the node list (``nodes``);
 * workers: everything else (claims, results, attempts, faults, rejections,
   the quota bucket and in-flight set, the audit stream, the model release
   floor ``releases``).

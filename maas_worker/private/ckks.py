@@ -26,7 +26,7 @@ from maas_worker.private import params
 TENSEAL_VERSION = "0.3.18"
 MISSING = "private inference needs the private extra: pip install 'maas-worker[private]'"
 #: The files of a tenant's key, in the folder `Settings.private_key_dir` names.
-SECRET_SUFFIX = ".ckks"
+SECRET_SUFFIX = ".ckks"  # noqa: S105 (a file name)
 PUBLIC_SUFFIX = ".ckks.pub"
 
 

@@ -68,7 +68,9 @@ def private_spec(model: Any) -> tuple[str, str, int] | None:
     return manifest.input.key, str(output), shape[1]
 
 
-def affine_of(predict: Callable[[Any], dict[str, Any]], in_key: str, out_key: str, width: int) -> Affine:
+def affine_of(
+    predict: Callable[[Any], dict[str, Any]], in_key: str, out_key: str, width: int
+) -> Affine:
     """The affine layer of a model: its output on 0 and on each unit vector, then checked.
 
     `ModelRejected` if the output is not affine (the manifest's claim is false).
@@ -84,7 +86,10 @@ def affine_of(predict: Callable[[Any], dict[str, Any]], in_key: str, out_key: st
     got = predict({in_key: [probe]})[out_key][0]
     want = layer.apply(probe)
     scale = max(1.0, *(abs(v) for v in want))
-    if any(not math.isfinite(g) or abs(g - w) > AFFINE_TOLERANCE * scale for g, w in zip(got, want, strict=True)):
+    if any(
+        not math.isfinite(g) or abs(g - w) > AFFINE_TOLERANCE * scale
+        for g, w in zip(got, want, strict=True)
+    ):
         raise ModelRejected("the model's private output is not affine in its input")
     return layer
 

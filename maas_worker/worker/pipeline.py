@@ -53,7 +53,13 @@ from maas_worker import jsonlimits
 from maas_worker.backend import keyspace
 from maas_worker.backend.claims import Claim, ClaimOutcome
 from maas_worker.crypto.envelope import Header, Verified, now_ms, seal, verify
-from maas_worker.errors import ConfigError, EnvelopeRejected, KeyringError, ModelError, ModelRejected
+from maas_worker.errors import (
+    ConfigError,
+    EnvelopeRejected,
+    KeyringError,
+    ModelError,
+    ModelRejected,
+)
 from maas_worker.models import Model
 from maas_worker.monitoring import metrics
 from maas_worker.private.ckks import ContextRefused, load_public
@@ -515,7 +521,7 @@ def prepare(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Prep
     soft_s, hard_s = rt.settings.limits_for(header.model)
     request = private_request(inputs)
     if request is not None:
-        return prepare_private(rt, verified, model, request, soft_s, hard_s)
+        return prepare_private(rt, verified, model, request, limits=(soft_s, hard_s))
     return Prepared(model, inputs, soft_s, hard_s)
 
 
@@ -524,8 +530,8 @@ def prepare_private(
     verified: Verified,
     model: Model,
     request: tuple[str, str],
-    soft_s: float,
-    hard_s: float,
+    *,
+    limits: tuple[float, float],
 ) -> Prepared | ResultDoc:
     """A private job (docs/private-inference.md): the model's affine layer on the tenant's
     ciphertext, under the tenant's registered public context.
@@ -584,7 +590,7 @@ def prepare_private(
         layer = rt.private.layer(model, spec)
     except ModelError as exc:
         return ResultDoc.failure(exc.reason, str(exc))
-    return Prepared(PrivateModel(model.name, model.version, layer, context), vector, soft_s, hard_s)
+    return Prepared(PrivateModel(model.name, model.version, layer, context), vector, *limits)
 
 
 class _NoContext(Exception):
