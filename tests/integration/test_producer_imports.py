@@ -17,6 +17,9 @@ import pytest
 
 from tests.integration.conftest import WAIT_S, Stack
 
+#: What a producer without the `private` extra is told (maas_worker.private.ckks.MISSING).
+MISSING = "private inference needs the private extra: pip install 'maas-worker[private]'"
+
 pytestmark = pytest.mark.integration
 
 #: Import names of what only a worker node, Flower or the demo installs.
@@ -154,9 +157,7 @@ with Client.from_env() as client:
     )
     cli = _run(stack, _CLI, "private", "submit", "--model", "digits-he", "--input", "[[1, 2]]")
     assert cli.returncode == 1
-    assert cli.stderr.strip().splitlines() == [
-        "maas-worker: error: private inference needs the private extra: pip install 'maas-worker[private]'"
-    ]
+    assert cli.stderr.strip().splitlines() == [f"maas-worker: error: {MISSING}"]
 
 
 @pytest.mark.parametrize(
