@@ -78,6 +78,7 @@ bench: venv
 	$(BIN)/python benchmarks/batching.py
 	$(BIN)/python benchmarks/async_client.py
 	$(BIN)/python benchmarks/fairshare.py
+	$(BIN)/python benchmarks/private.py
 	$(BIN)/python benchmarks/gateway.py
 
 .PHONY: format coverage lock compose-test lint-containers
