@@ -166,7 +166,10 @@ def load_public(data: bytes, expected_digest: str) -> Any:
         raise ContextRefused("the registered context does not match its digest")
     ts = tenseal()
     try:
-        ctx = ts.context_from(data)
+        # One thread: a pool process is one core's worth of work, as for every other
+        # model (MAAS concurrency scales it); TenSEAL would otherwise start a thread
+        # per core in every pool process.
+        ctx = ts.context_from(data, n_threads=1)
     except (ValueError, TypeError, RuntimeError) as exc:
         # SEAL re-checks 128-bit security while loading, so an over-sized modulus
         # usually stops here.
