@@ -650,7 +650,7 @@ class Settings:
         parse=parse_int,
         check=int_in(1, 1024),
         doc="public CKKS contexts each worker process keeps loaded (least recently used "
-        "first out; each is ~50 MB in memory)",
+        "first out; each is about 12 MB in memory)",
     )
     visibility_timeout_s: int = setting(
         DEFAULT_VISIBILITY_TIMEOUT_S,
