@@ -248,3 +248,19 @@ def test_context_below_the_minimum_is_refused(shared_stack: Stack, tmp_path: Pat
     assert record.verified
     assert "ring dimension 4096 is below 8192" in record.detail
     assert [r for r in shared_stack.audit() if r.job_id == job.id] == [record]
+
+
+def test_the_cli_submits_privately(shared_stack: Stack, tmp_path: Path) -> None:
+    rows = holdout()["inputs"][:2]
+    env = {"MAAS_PRIVATE_KEY_DIR": str(tmp_path)}
+    made = shared_stack.cli("private", "keygen", env=env)
+    assert made.returncode == 0, made.stderr
+    assert "N=8192 modulus=160 bits" in made.stdout
+    again = shared_stack.cli("private", "keygen", env=env)
+    assert again.returncode == 1 and "--rotate" in again.stderr
+    proc = shared_stack.cli(
+        "private", "submit", "--model", MODEL, "--input", json.dumps({"inputs": rows}), env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["labels"] == [max(range(10), key=lg.__getitem__) for lg in plaintext_logits(rows)]
