@@ -11,6 +11,8 @@ closed, in this order::
     -> tenant policy (model, priority) -> memory headroom (else wait, unclaimed)
     -> replay claim with cancel check and quota charge (one Lua script)
     -> decrypt -> input size and bounded parse -> model (exists, verifies, signer allowed)
+    -> [a private job: the model declares private evaluation -> the tenant's CKKS
+       context: registered, matches the sealed digest, public, not below the minimum]
     -> run under the watchdog (time limits, cancellation) -> seal -> store write-once
 
 Invariants:

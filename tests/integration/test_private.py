@@ -28,7 +28,7 @@ from maas_worker.backend import keyspace
 from maas_worker.local.demo import scan_for
 from maas_worker.models.paths import BUNDLED_MODEL_DIR
 from maas_worker.private import params
-from maas_worker.private.ckks import tenseal
+from maas_worker.private.ckks import SecretContext, tenseal
 
 from ..modelkit import holdout
 from .conftest import Stack, wait_for
@@ -264,3 +264,28 @@ def test_the_cli_submits_privately(shared_stack: Stack, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["labels"] == [max(range(10), key=lg.__getitem__) for lg in plaintext_logits(rows)]
+
+
+def test_a_replaced_or_missing_context_is_refused(shared_stack: Stack, tmp_path: Path) -> None:
+    """The digest inside the sealed job authenticates the context: bytes written in its
+    place (by anyone who can write Redis) are refused ``tampered``; a context that is
+    gone fails the job with a reason the client can act on."""
+    client = private_client(shared_stack, tmp_path)
+    other = SecretContext.generate()  # a context nobody registered under its own name
+    body = client._private_jobs().inputs([holdout()["inputs"][0]])[0]
+    body[params.FIELD]["context"] = other.digest
+    missing = client.submit(MODEL, body)
+    with pytest.raises(JobFailed) as err:
+        missing.result(timeout=TIMEOUT)
+    assert err.value.reason == "unknown_context"
+
+    # Registered, but with the bytes of the tenant's real context (not those it names).
+    shared_stack.backend.set(
+        keyspace.ckks_context("acme", other.digest), client._private_jobs().key.public_bytes
+    )
+    replaced = client.submit(MODEL, body)
+    with pytest.raises(JobRejected) as rejected:
+        replaced.result(timeout=TIMEOUT)
+    assert rejected.value.reason == "tampered"
+    record = shared_stack.wait_audit(replaced.id, "tampered")
+    assert record.verified and "does not match its digest" in record.detail
