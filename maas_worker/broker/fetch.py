@@ -62,6 +62,10 @@ ARRIVALS_PREFIX = "maas:arrivals:"
 WEIGHTS_KEY = "maas:weights"
 #: The message property naming the tenant whose list a producer's message goes to.
 TENANT_PROPERTY = "maas_tenant"
+#: The Celery header the worker's transport writes on a job taken from a tenant's
+#: list, naming that tenant (the pipeline checks it against the sealed one).
+#: Never the producer's: the transport rebuilds a job's headers on delivery.
+LIST_TENANT_HEADER = "maas_list_tenant"
 #: Arrivals admitted to a ring per take at most (keeps a take O(1)).
 ADMIT_PER_TAKE = 16
 #: The highest weight honoured (a turn longer than this is a monopoly, not a share).

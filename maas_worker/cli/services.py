@@ -251,6 +251,7 @@ def flower(
     from celery import Celery
 
     from maas_worker.app import celery_config
+    from maas_worker.monitoring import flowerbroker
     from maas_worker.worker import control
 
     settings = inv.settings
@@ -277,6 +278,8 @@ def flower(
     # Its buttons (shut down, pool, consumers, rate limits, revoke) do what the
     # workers would allow, no more.
     control.lock_flower(settings.remote_control)
+    # Its Broker page counts the jobs in the tenants' lists too (fair share).
+    flowerbroker.install()
     app.start(argv)
     return 0
 

@@ -234,6 +234,9 @@ def flower_rules(dbs: Sequence[int]) -> list[str]:
         *_channels(dbs, "celeryev/*"),
         "%R~maas.*",
         "+llen",
+        # The tenants with work (the Broker page counts their lists), never a message.
+        _sel("+lrange", "%R~maas:ring:*"),
+        _sel("+smembers", "%R~maas:arrivals:*"),
         _sel("+publish", *_channels(dbs, _PIDBOX)),
         _sel(
             "+sadd",

@@ -170,6 +170,7 @@ def reject(
     *,
     authenticated: bool,
     detail: str = "",
+    actor: str = "",
 ) -> None:
     """Audit a refused delivery; tell the job's client if the refusal is authenticated.
 
@@ -180,12 +181,19 @@ def reject(
     that did not authenticate could have been sent by anyone with access to
     a queue, so it changes no job's state: it is audited, and a note lets
     the named job's client say so if its own wait times out.
+
+    ``actor`` is the tenant the record names when it is known to be another
+    than the header's (whose tenant list the message was queued in).
     """
     tenant = header.tenant if header is not None else ""
     if authenticated and header is not None:
         job_id = header.job_id
     rt.audit.record(
-        job_id=job_id, tenant=tenant, reason=reason, verified=authenticated, detail=detail
+        job_id=job_id,
+        tenant=actor or tenant,
+        reason=reason,
+        verified=authenticated,
+        detail=detail,
     )
     if reason != AuditReason.REPLAYED and keyspace.is_job_id(job_id):
         if authenticated:
@@ -284,10 +292,25 @@ def request_bytes(
 
 
 def verify_request(
-    rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: str, routed: str | None, text: str
+    rt: WorkerRuntime,
+    job_id: str,
+    data: bytes,
+    *,
+    task_name: str,
+    routed: str | None,
+    text: str,
+    list_tenant: str | None = None,
 ) -> Verified:
-    """Verify the envelope, then bind it to the message's task id, task name, queue and
-    payload reference (``text``, the task argument)."""
+    """Verify the envelope, then bind it to the message's task id, task name, queue,
+    payload reference (``text``, the task argument) and tenant list.
+
+    ``list_tenant`` is the tenant whose fair-share list the message was taken
+    from (None: the queue's own list). Under the ACLs only that tenant's
+    credentials push there, so a message sealed for another tenant was put
+    there by the list's tenant (a copied envelope, to spend its victim's
+    claim or to run in its own turn): refused ``tampered`` and audited under
+    the list's tenant, the actor.
+    """
     s = rt.settings
     try:
         verified = verify(
@@ -317,6 +340,17 @@ def verify_request(
         or (ref_tenant is not None and ref_tenant != header.tenant)
     ):
         raise _stop(rt, job_id, AuditReason.TAMPERED, header)
+    if list_tenant is not None and list_tenant != header.tenant:
+        reject(
+            rt,
+            job_id,
+            AuditReason.TAMPERED,
+            header,
+            authenticated=False,
+            actor=list_tenant,
+            detail=f"sealed for tenant {header.tenant}, queued in this tenant's list",
+        )
+        raise Stop(AuditReason.TAMPERED)
     return verified
 
 

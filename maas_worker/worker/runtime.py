@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: How often a worker refreshes its entry in the model catalogue and node list.
 ADVERTISE_INTERVAL_S = 10.0
+#: How soon a failed advertisement is tried again.
+ADVERTISE_RETRY_S = 1.0
 MEMORY_CHECK_INTERVAL_S = 1.0
 
 
@@ -270,9 +272,14 @@ class Advertiser:
         return self._refs
 
     def _run(self) -> None:
-        while not self._stop.wait(ADVERTISE_INTERVAL_S):
+        wait_s = ADVERTISE_INTERVAL_S
+        while not self._stop.wait(wait_s):
             try:
                 advertise(self._client, self.node, self.refs())
                 self.share()
+                wait_s = ADVERTISE_INTERVAL_S
             except redis.RedisError:
                 log.warning("could not refresh the model catalogue; retrying")
+                # Listed live again as soon as Redis answers (after a partition,
+                # say), not up to a whole interval later.
+                wait_s = ADVERTISE_RETRY_S

@@ -46,7 +46,7 @@ from typing import Any
 
 import redis
 
-from maas_worker.backend import keyspace
+from maas_worker.backend import audit, keyspace
 from maas_worker.backend.claims import Claim, ClaimOutcome, ClaimRequest
 from maas_worker.broker import fetch
 from maas_worker.broker.entries import (
@@ -389,7 +389,13 @@ class BatchConsumer:
         rt = self.rt
         data = request_bytes(rt, d.job_id, d.text, d.fetched)
         d.verified = verify_request(
-            rt, d.job_id, data, task_name=TASK_NAME, routed=d.taken.queue, text=d.text
+            rt,
+            d.job_id,
+            data,
+            task_name=TASK_NAME,
+            routed=d.taken.queue,
+            text=d.text,
+            list_tenant=d.taken.tenant,
         )
         d.policy = tenant_policy(rt, d.verified.header)
         check_memory(rt, d.verified.header)
@@ -580,6 +586,8 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
         level=loglevel.upper(), format=f"[%(asctime)s: %(levelname)s/{name}] %(message)s"
     )
     settings = Settings.from_env()  # this process's entry point: built once, passed down
+    node = name.rsplit("/", 1)[0]  # ``node/index``: this process is one of the node's
+    audit.name_worker(node)
     rt = get_runtime(settings)
     rt.watchdog.ensure_started()
     broker = redis_client(settings.broker_url, tls=settings.redis_tls)
@@ -596,8 +604,8 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # Task events under the worker node's name (``node/index`` is this process).
-    events = TaskEvents(settings, name.rsplit("/", 1)[0], task_name=TASK_NAME)
+    # Task events under the worker node's name too.
+    events = TaskEvents(settings, node, task_name=TASK_NAME)
     consumer = BatchConsumer(
         rt,
         broker,
