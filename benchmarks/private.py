@@ -155,8 +155,8 @@ def pipeline(client: Client, rows: list[list[int]], labels: list[int], n: int) -
     out["private_acc"] = sum(p == y for p, y in zip(private, labels, strict=True)) / len(rows)
     out["agree"] = sum(a == b for a, b in zip(plain, private, strict=True)) / len(rows)
     # Bytes per job on the wire: the sealed request as sent (claim check above 48 KB).
-    key = client._private_jobs()
-    _, sealed_private = client.seal(MODEL, key.inputs([sample])[0])
+    private = client._private_jobs()
+    _, sealed_private = client.seal(MODEL, private.inputs(private.key, [sample])[0])
     _, sealed_plain = client.seal(MODEL, {"inputs": [sample]})
     out["request_private_bytes"] = len(base64.b64decode(sealed_private))
     out["request_plain_bytes"] = len(base64.b64decode(sealed_plain))

@@ -29,16 +29,17 @@ def keygen(inv: Invocation, rotate: bool, tenant: str | None) -> int:
     """
     from maas_worker.private.ckks import SECRET_SUFFIX, SecretContext
 
-    settings = inv.settings_for(tenant)
-    if settings.tenant is None:
-        raise ConfigError("no tenant: pass --tenant or set MAAS_TENANT")
+    client = _client(inv, tenant)
+    settings, name = client.settings, client.tenant
     folder: Path = settings.private_key_dir
-    if (folder / f"{settings.tenant}{SECRET_SUFFIX}").exists() and not rotate:
+    if (folder / f"{name}{SECRET_SUFFIX}").exists() and not rotate:
         raise ConfigError(
-            f"tenant {settings.tenant!r} already has a CKKS key in {folder} (--rotate replaces it)"
+            f"tenant {name!r} already has a CKKS key in {folder} (--rotate replaces it)"
         )
     key = SecretContext.generate()
-    key.save(folder, settings.tenant)
+    # Recorded with the envelope key version it follows: the next rotation of the
+    # envelope keys makes the client generate a new one (client/private.py).
+    key.save(folder, name, envelope_version=client.envelope_version())
     n, bits = key.parameters
     print(f"{key.digest}  N={n} modulus={bits} bits  public context {len(key.public_bytes)} bytes")
     return 0

@@ -172,16 +172,19 @@ class AsyncClient(ClientCore):
         `Client.submit_private`). Encryption and decryption run in a thread: a few
         milliseconds each, CPU-bound."""
         if self._private is None:
-            self._private = PrivateJobs(self.settings, self.tenant)
+            self._private = PrivateJobs(self.settings, self.tenant, self.envelope_version)
         private = self._private
-        inputs = await asyncio.to_thread(private.inputs, vectors)
+        # Loading (or making) the key and encrypting are CPU work: off the event loop.
+        key = await asyncio.to_thread(lambda: private.key)
+        inputs = await asyncio.to_thread(private.inputs, key, vectors)
         with backend_errors(self.settings):
-            if private.needs_registration(int(await self.backend.ttl(private.context_key)), ttl_s):
-                key, data, keep_s = private.registration()
-                await self.backend.set(key, data, ex=keep_s)
+            ttl = int(await self.backend.ttl(private.context_key(key)))
+            if private.needs_registration(ttl, ttl_s):
+                name, data, keep_s = private.registration(key)
+                await self.backend.set(name, data, ex=keep_s)
         jobs = await self.submit_many(model, inputs, priority=priority, ttl_s=ttl_s)
         outputs = await asyncio.gather(*(job.result(timeout=timeout) for job in jobs))
-        return await asyncio.to_thread(private.open, [job.id for job in jobs], outputs)
+        return await asyncio.to_thread(private.open, key, [job.id for job in jobs], outputs)
 
     async def _carry_out(self, step: Step) -> Any:
         """Do one I/O step of `submit_flow` (core.py) on ``redis.asyncio``."""

@@ -271,18 +271,19 @@ class Client(ClientCore):
         not installed, and what `submit_many` and `Job.result` raise.
         """
         private = self._private_jobs()
-        inputs = private.inputs(vectors)
+        key = private.key  # one key for the whole call: its jobs' results open with it
+        inputs = private.inputs(key, vectors)
         with backend_errors(self.settings):
-            if private.needs_registration(int(self.backend.ttl(private.context_key)), ttl_s):
-                key, data, keep_s = private.registration()
-                self.backend.set(key, data, ex=keep_s)
+            if private.needs_registration(int(self.backend.ttl(private.context_key(key))), ttl_s):
+                name, data, keep_s = private.registration(key)
+                self.backend.set(name, data, ex=keep_s)
         jobs = self.submit_many(model, inputs, priority=priority, ttl_s=ttl_s)
         outputs = [job.result(timeout=timeout) for job in jobs]
-        return private.open([job.id for job in jobs], outputs)
+        return private.open(key, [job.id for job in jobs], outputs)
 
     def _private_jobs(self) -> PrivateJobs:
         if self._private is None:
-            self._private = PrivateJobs(self.settings, self.tenant)
+            self._private = PrivateJobs(self.settings, self.tenant, self.envelope_version)
         return self._private
 
     def _carry_out(self, step: Step) -> Any:

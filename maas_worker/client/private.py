@@ -11,7 +11,7 @@ raises `ConfigError` with one line, and nothing else changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from maas_worker.backend import keyspace
@@ -28,22 +28,30 @@ class PrivateJobs:
     """One client's private submissions: its key, its context's key in Redis, the inputs it
     sends and how results are opened."""
 
-    def __init__(self, settings: Settings, tenant: str) -> None:
+    def __init__(
+        self, settings: Settings, tenant: str, envelope_version: Callable[[], int]
+    ) -> None:
         self.settings = settings
         self.tenant = tenant
-        self._key: SecretContext | None = None
+        self._envelope_version = envelope_version
+        self._key: tuple[int, SecretContext] | None = None
 
     @property
     def key(self) -> SecretContext:
-        """The tenant's CKKS key (loaded, or generated and saved, on first use)."""
-        if self._key is None:
-            self._key = SecretContext.load_or_generate(self.settings.private_key_dir, self.tenant)
-        return self._key
+        """The tenant's CKKS key: loaded, or generated and saved, on first use, and again
+        (a new key) once the tenant's primary envelope key is newer than the one it was
+        made under: the CKKS key rotates with the envelope keys."""
+        version = self._envelope_version()
+        if self._key is None or self._key[0] != version:
+            key = SecretContext.load_or_generate(
+                self.settings.private_key_dir, self.tenant, envelope_version=version
+            )
+            self._key = (version, key)
+        return self._key[1]
 
-    @property
-    def context_key(self) -> str:
-        """Where the tenant's public context is registered (named by its digest)."""
-        return keyspace.ckks_context(self.tenant, self.key.digest)
+    def context_key(self, key: SecretContext) -> str:
+        """Where ``key``'s public context is registered (named by its digest)."""
+        return keyspace.ckks_context(self.tenant, key.digest)
 
     def needs_registration(self, ttl_left_s: int, ttl_s: int | None) -> bool:
         """Whether to (re)write the context: missing (``-2``), or expiring before the jobs
@@ -51,15 +59,17 @@ class PrivateJobs:
         lifetime = self.settings.job_ttl_s if ttl_s is None else ttl_s
         return ttl_left_s != -1 and ttl_left_s < lifetime + REGISTER_MARGIN_S
 
-    def registration(self) -> tuple[str, bytes, int]:
-        """(key, public context, seconds to keep it): the SET that registers the context."""
-        return self.context_key, self.key.public_bytes, self.settings.private_context_ttl_s
+    def registration(self, key: SecretContext) -> tuple[str, bytes, int]:
+        """(Redis key, public context, seconds to keep it): the SET that registers ``key``'s
+        public context."""
+        return self.context_key(key), key.public_bytes, self.settings.private_context_ttl_s
 
-    def inputs(self, vectors: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
-        """One job input per vector: the vector encrypted under the tenant's key."""
+    def inputs(
+        self, key: SecretContext, vectors: Sequence[Sequence[float]]
+    ) -> list[dict[str, Any]]:
+        """One job input per vector: the vector encrypted under ``key``."""
         if not isinstance(vectors, list | tuple) or not vectors:
             raise ValueError("submit_private takes a non-empty list of vectors")
-        key = self.key
         out = []
         for i, vector in enumerate(vectors):
             try:
@@ -69,8 +79,11 @@ class PrivateJobs:
             out.append({params.FIELD: {"context": key.digest, "vector": text}})
         return out
 
-    def open(self, job_ids: Sequence[str], outputs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """The decrypted results of the jobs, in order: ``labels`` (argmax),
+    def open(
+        self, key: SecretContext, job_ids: Sequence[str], outputs: Sequence[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The results of the jobs, decrypted with ``key`` (the one their inputs were
+        encrypted under), in order: ``labels`` (argmax),
         ``probabilities`` (softmax of the logits) and ``logits``."""
         logits: list[list[float]] = []
         for job_id, output in zip(job_ids, outputs, strict=True):
@@ -82,7 +95,7 @@ class PrivateJobs:
             ):
                 raise JobFailed(job_id, "bad_output", "the model returned no private result")
             try:
-                logits.append(self.key.decrypt(body["vector"], body["size"]))
+                logits.append(key.decrypt(body["vector"], body["size"]))
             except ValueError as exc:
                 raise JobFailed(job_id, "bad_output", str(exc)) from None
         probabilities = [softmax(row) for row in logits]

@@ -105,16 +105,23 @@ class SecretContext:
         return cls(ctx, pub)
 
     @classmethod
-    def load_or_generate(cls, folder: Path, tenant: str) -> SecretContext:
-        """The tenant's key from ``folder``, generated and saved there if it has none."""
-        if not _paths(folder, tenant)[0].exists():
+    def load_or_generate(
+        cls, folder: Path, tenant: str, *, envelope_version: int = 0
+    ) -> SecretContext:
+        """The tenant's key from ``folder``; a new one (saved there) if it has none, or if
+        its key was made under an envelope key version older than ``envelope_version``:
+        the CKKS key rotates with the tenant's envelope keys."""
+        if not _paths(folder, tenant)[0].exists() or (
+            key_version(folder, tenant) < envelope_version
+        ):
             key = cls.generate()
-            key.save(folder, tenant)
+            key.save(folder, tenant, envelope_version=envelope_version)
             return key
         return cls.load(folder, tenant)
 
-    def save(self, folder: Path, tenant: str) -> None:
-        """Write the key (secret part mode 0600, folder 0700) and its public context."""
+    def save(self, folder: Path, tenant: str, *, envelope_version: int = 0) -> None:
+        """Write the key (secret part mode 0600, folder 0700), its public context and the
+        envelope key version it follows (`key_version`)."""
         secret, public = _paths(folder, tenant)
         # Without the Galois keys (tens of MB): the public file holds them.
         data = self._ctx.serialize(
@@ -122,6 +129,7 @@ class SecretContext:
         )
         write_atomic(secret, data, private=True)
         write_atomic(public, self.public_bytes, private=True)
+        write_atomic(_version_path(folder, tenant), b"%d\n" % envelope_version, private=True)
 
     @property
     def parameters(self) -> tuple[int, int]:
@@ -152,6 +160,18 @@ class SecretContext:
 
 def _paths(folder: Path, tenant: str) -> tuple[Path, Path]:
     return folder / f"{tenant}{SECRET_SUFFIX}", folder / f"{tenant}{PUBLIC_SUFFIX}"
+
+
+def _version_path(folder: Path, tenant: str) -> Path:
+    return folder / f"{tenant}{SECRET_SUFFIX}.version"
+
+
+def key_version(folder: Path, tenant: str) -> int:
+    """The envelope key version the tenant's CKKS key was made under (0 if not recorded)."""
+    try:
+        return int(_version_path(folder, tenant).read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def load_public(data: bytes, expected_digest: str) -> Any:

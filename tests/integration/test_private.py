@@ -184,9 +184,9 @@ def test_async_client_submit_private(shared_stack: Stack, tmp_path: Path) -> Non
 def _private_job(client: Client, vector: str | None = None, digest: str | None = None) -> Any:
     """Submit one private job as `submit_private` does, without waiting (the job)."""
     private = client._private_jobs()
-    key, data, keep_s = private.registration()
-    client.backend.set(key, data, ex=keep_s)
-    body = private.inputs([holdout()["inputs"][0]])[0]
+    name, data, keep_s = private.registration(private.key)
+    client.backend.set(name, data, ex=keep_s)
+    body = private.inputs(private.key, [holdout()["inputs"][0]])[0]
     if vector is not None:
         body[params.FIELD]["vector"] = vector
     if digest is not None:
@@ -272,7 +272,8 @@ def test_a_replaced_or_missing_context_is_refused(shared_stack: Stack, tmp_path:
     gone fails the job with a reason the client can act on."""
     client = private_client(shared_stack, tmp_path)
     other = SecretContext.generate()  # a context nobody registered under its own name
-    body = client._private_jobs().inputs([holdout()["inputs"][0]])[0]
+    private = client._private_jobs()
+    body = private.inputs(private.key, [holdout()["inputs"][0]])[0]
     body[params.FIELD]["context"] = other.digest
     missing = client.submit(MODEL, body)
     with pytest.raises(JobFailed) as err:
@@ -280,12 +281,39 @@ def test_a_replaced_or_missing_context_is_refused(shared_stack: Stack, tmp_path:
     assert err.value.reason == "unknown_context"
 
     # Registered, but with the bytes of the tenant's real context (not those it names).
-    shared_stack.backend.set(
-        keyspace.ckks_context("acme", other.digest), client._private_jobs().key.public_bytes
-    )
+    shared_stack.backend.set(keyspace.ckks_context("acme", other.digest), private.key.public_bytes)
     replaced = client.submit(MODEL, body)
     with pytest.raises(JobRejected) as rejected:
         replaced.result(timeout=TIMEOUT)
     assert rejected.value.reason == "tampered"
     record = shared_stack.wait_audit(replaced.id, "tampered")
     assert record.verified and "does not match its digest" in record.detail
+
+
+def test_the_ckks_key_rotates_with_the_envelope_keys(shared_stack: Stack, tmp_path: Path) -> None:
+    """After the tenant's envelope keys rotate, the client makes a new CKKS key and
+    registers its context; the previous context is left to expire. (Last in the module:
+    it rotates the shared stack's keyring.)"""
+    import time
+
+    from maas_worker.private.ckks import key_version
+    from maas_worker.tenancy.keyring import RELOAD_CHECK_S, load_keyring
+
+    rows = holdout()["inputs"][:1]
+    want = [max(range(10), key=lg.__getitem__) for lg in plaintext_logits(rows)]
+    client = private_client(shared_stack, tmp_path)
+    assert client.submit_private(MODEL, rows, timeout=TIMEOUT)["labels"] == want
+    first = SecretContext.load(tmp_path, "acme").digest
+    before = key_version(tmp_path, "acme")
+    ring, version = load_keyring(shared_stack.keyring_path).with_rotation("acme")
+    shared_stack.rotate_keyring(ring)
+    assert version > before
+    # Workers and clients re-read a changed keyring file at their first use after
+    # RELOAD_CHECK_S: past it, both are certain to see the new primary key.
+    time.sleep(RELOAD_CHECK_S + 0.2)
+
+    assert client.submit_private(MODEL, rows, timeout=TIMEOUT)["labels"] == want
+    second = SecretContext.load(tmp_path, "acme").digest
+    assert second != first and key_version(tmp_path, "acme") == version
+    for digest in (first, second):
+        assert shared_stack.backend.exists(keyspace.ckks_context("acme", digest))

@@ -158,3 +158,16 @@ def test_the_client_key_round_trips_and_its_secret_file_is_private(
         key.encrypt([float("nan")])
     with pytest.raises(ValueError, match="not a ciphertext"):
         key.decrypt("AAAA", 3)
+
+
+def test_the_client_key_follows_the_envelope_key_version(key: Any, tmp_path: Path) -> None:
+    from maas_worker.private.ckks import SecretContext, key_version
+
+    key.save(tmp_path, "acme", envelope_version=2)
+    assert key_version(tmp_path, "acme") == 2
+    assert SecretContext.load_or_generate(tmp_path, "acme", envelope_version=2).digest == (
+        key.digest
+    )
+    newer = SecretContext.load_or_generate(tmp_path, "acme", envelope_version=3)
+    assert newer.digest != key.digest and key_version(tmp_path, "acme") == 3
+    assert SecretContext.load(tmp_path, "acme").digest == newer.digest
