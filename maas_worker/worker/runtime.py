@@ -28,6 +28,7 @@ from maas_worker.errors import ConfigError
 from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
 from maas_worker.models.repository import RejectHook
 from maas_worker.monitoring import metrics
+from maas_worker.private.evaluate import PrivateCache
 from maas_worker.protocol import AuditReason
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import KeyringSource
@@ -140,6 +141,8 @@ class WorkerRuntime:
             settings, on_reject=audit_rejections(self.audit, stage="load"), backend=self.backend
         )
         self.quotas = Quotas(self.backend)
+        #: Private inference: loaded public CKKS contexts and models' affine layers.
+        self.private = PrivateCache(settings.private_context_cache)
         self._lease_keeper = LeaseKeeper(self.guard)
         self._lease_keeper.start()
         self._watchdog: Watchdog | None = None
