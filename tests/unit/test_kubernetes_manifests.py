@@ -819,8 +819,8 @@ def secret_problems(
     problems = []
     for name, text in texts.items():
         for m in _URL_WITH_PASSWORD.finditer(text):
-            # The templates' placeholder, or a comment's <password>.
-            if m.group("password") != PLACEHOLDER and not re.fullmatch(r"<\w+>", m.group("password")):
+            # The templates' placeholder, or a comment's <password> or printf's %s.
+            if not re.fullmatch(rf"{PLACEHOLDER}|<\w+>|%s", m.group("password")):
                 problems.append(f"{name}: a URL with a password")
         if _LONG_HEX.search(text) or ("BEGIN" in text and "PRIVATE KEY" in text):
             problems.append(f"{name}: what looks like a key")
