@@ -863,6 +863,41 @@ def test_no_secret_value_is_committed(docs: list[Doc]) -> None:
     assert secret_problems(docs, templates(), committed_texts()) == []
 
 
+def documented_steps() -> list[list[str]]:
+    """The shell lines of docs/operations.md's "Kubernetes" section, as words."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("\n## Kubernetes\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    joined = re.sub(r"\\\n\s*", " ", "".join(blocks))
+    return [shlex.split(line, comments=True) for line in joined.splitlines() if line.strip()]
+
+
+def test_the_documented_steps_are_real_commands_and_make_the_templates_secrets() -> None:
+    steps = documented_steps()
+    for line in steps:
+        command = [w for w in line if not re.fullmatch(r"MAAS_\w+=.*", w)]
+        if command[:1] == ["maas-worker"]:
+            assert_cli_command(command, "docs/operations.md, Kubernetes")
+    shapes = {t["metadata"]["name"]: set(t["stringData"]) for t in templates()}
+    made: dict[str, set[str]] = {}
+    for words in steps:
+        if words[:6] == ["kubectl", "-n", "maas", "create", "secret", "generic"]:
+            keys = made.setdefault(words[6], set())
+            for arg in words[7:]:
+                if arg.startswith("--from-file=") and "=" in arg[len("--from-file=") :]:
+                    keys.add(arg[len("--from-file=") :].split("=", 1)[0])
+                elif arg == "--from-file=redis-urls/":
+                    keys.update(shapes["maas-redis-urls"])  # one file per role, checked below
+                elif arg.startswith("--from-file="):
+                    keys.add(Path(arg[len("--from-file=") :]).name)
+    # maas-model-keys is optional (encrypted models only): its step is a comment.
+    assert set(made) == set(shapes) - {"maas-model-keys"}
+    for name, keys in made.items():
+        assert keys == shapes[name], name
+    loop = next(w for w in steps if w[:3] == ["for", "role", "in"])
+    assert {w.rstrip(";") for w in loop[3 : loop.index("do")]} == shapes["maas-redis-urls"]
+
+
 # -- each check can fail ---------------------------------------------------------------------
 def _set(path: str, value: Any) -> Callable[[Doc], None]:
     def mutate(doc: Doc) -> None:
