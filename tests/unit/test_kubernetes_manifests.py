@@ -564,6 +564,10 @@ def security_problems(docs: list[Doc]) -> list[str]:
             problems.append(f"{name}: mounts a service account token it never uses")
         if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
             problems.append(f"{name}: shares a host namespace")
+        if spec.get("enableServiceLinks") is not False:
+            # Service links would put MAAS_REDIS_PORT=tcp://... and the like (from the
+            # maas-* Services) into every process's MAAS_* settings namespace.
+            problems.append(f"{name}: Service links put MAAS_* variables in the pod")
         for c in containers(doc, init=True):
             where = f"{name}/{c['name']}"
             sc = c.get("securityContext", {})
@@ -645,6 +649,39 @@ def test_key_files_are_copied_0600_into_memory(docs: list[Doc]) -> None:
     # The Dockerfile's defaults are what the worker reads (it sets neither variable).
     worker_env = env_of(by_component(docs)["worker"]["spec"]["template"]["spec"]["containers"][0])
     assert "MAAS_KEYRING" not in worker_env and "MAAS_MODEL_KEYS" not in worker_env
+
+
+def test_the_init_copy_turns_a_secret_file_into_one_the_loaders_accept(
+    docs: list[Doc], tmp_path: Path
+) -> None:
+    """The worker's init script, run for real on a Secret volume's file modes."""
+    from maas_worker.models.artifact_crypto import ModelKey, ModelKeys
+    from maas_worker.tenancy.keyring import Keyring, KeyringError, load_keyring, save_keyring
+
+    (init,) = by_component(docs)["worker"]["spec"]["template"]["spec"]["initContainers"]
+    script = init["command"][2].replace("/run/maas/", f"{tmp_path}/")
+    for folder in ("secrets/keyring", "secrets/model-keys", "keyring", "model-keys"):
+        (tmp_path / folder).mkdir(parents=True)
+    secret = tmp_path / "secrets" / "keyring" / "keyring.json"
+    save_keyring(secret, Keyring().with_new_tenant("acme"))
+    secret.chmod(0o440)  # what a Secret volume shows with fsGroup, whatever defaultMode
+    with pytest.raises(KeyringError, match="group or others"):
+        load_keyring(secret)
+
+    subprocess.run(["sh", "-ec", script], check=True, timeout=30)
+    copy_ = tmp_path / "keyring" / "keyring.json"
+    assert copy_.stat().st_mode & 0o777 == 0o600
+    assert set(load_keyring(copy_).tenants) == {"acme"}
+    assert not (tmp_path / "model-keys" / "model-keys.json").exists()  # optional
+
+    keys = tmp_path / "secrets" / "model-keys" / "model-keys.json"
+    key = ModelKey.generate()
+    ModelKeys({key.key_id: key}).save(keys)
+    keys.chmod(0o440)
+    with pytest.raises(ConfigError, match="group or others"):
+        ModelKeys.load(keys)
+    subprocess.run(["sh", "-ec", script], check=True, timeout=30)
+    assert ModelKeys.load(tmp_path / "model-keys" / "model-keys.json").get(key.key_id) == key
 
 
 def compose_problems(docs: list[Doc]) -> list[str]:
@@ -975,6 +1012,8 @@ BROKEN: list[tuple[str, str, Callable[[Doc], None], Callable[[list[Doc]], list[s
         _set(f"{_MAIN}.securityContext.readOnlyRootFilesystem", False),
         security_problems,
     ),
+    ("service links", "metrics", _set(f"{_POD}.enableServiceLinks", _DELETE), security_problems),
+    ("service links", "metrics", _set(f"{_POD}.enableServiceLinks", _DELETE), security_problems),
     ("no limits", "flower", _set(f"{_MAIN}.resources", {}), security_problems),
     ("keyring on disk", "worker", _set(f"{_POD}.volumes.2.emptyDir", {}), key_file_problems),
     (
