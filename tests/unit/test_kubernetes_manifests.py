@@ -2,10 +2,12 @@
 
 Every manifest is validated, offline, against the Kubernetes API's own schemas as
 PyPI's ``kubernetes-validate`` ships them (strict: an unknown or misspelt field is an
-error, as ``kubectl apply``'s default server-side field validation makes it), for the
-oldest and the newest release checked here; the KEDA ScaledObject against the schema
-below, KEDA 2.20's CRD for the fields it uses (set ``MAAS_KEDA_CRD`` to a copy of KEDA's
-``config/crd/bases/keda.sh_scaledobjects.yaml`` to validate against the whole of it).
+error, as ``kubectl apply``'s default server-side field validation makes it), for
+Kubernetes 1.30 and the newest release the package ships; the KEDA ScaledObject against
+SCALEDOBJECT_SCHEMA below, the spec of KEDA 2.20.2's CRD written out (every field, its
+type, bounds and required fields; the CRD itself is not vendored: set ``MAAS_KEDA_CRD``
+to a copy of KEDA's ``config/crd/bases/keda.sh_scaledobjects.yaml`` to validate against
+it as well).
 Then the project's facts: every variable a manifest sets is a setting of
 maas_worker/settings.py with a valid value, every command is a real ``maas-worker``
 command line, exactly one beat, the worker's grace period above the longest job, the
@@ -55,13 +57,13 @@ ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kubernetes"
 TEMPLATES = KUBE / "secret-templates"
 MONITORING_DOC = ROOT / "docs" / "monitoring.md"
-#: The oldest Kubernetes minor KEDA 2.20 supports, and the newest the package ships.
+#: An older release still common in clusters, and the newest the package ships: no
+#: field newer than 1.30, and none removed since.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 #: What a Secret template holds instead of a value.
 PLACEHOLDER = "REPLACE_ME"
 #: compose service -> the component label of the workload that mirrors it.
-COMPONENTS = {"worker": "worker", "beat": "beat", "flower": "flower", "metrics": "metrics"}
-COMPONENTS["gateway"] = "gateway"
+COMPONENTS = {s: s for s in ("worker", "beat", "flower", "metrics", "gateway")}
 #: Key files the processes load (the loaders refuse them unless mode 0600/0400).
 KEY_SECRETS = {"maas-keyring", "maas-model-keys", "maas-gateway-keyring"}
 SETTINGS = {option.env: option for option in declared(Settings)}
