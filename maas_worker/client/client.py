@@ -15,10 +15,10 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu.exceptions import BatchPublishError, OperationalError
 
 from maas_worker.backend import functions
 from maas_worker.backend.redis import backend_client, redis_client
+from maas_worker.broker import fetch
 from maas_worker.broker.app import make_producer_app
 from maas_worker.client.core import (
     CATALOG_CACHE_S,
@@ -37,9 +37,8 @@ from maas_worker.client.core import (
     send_interrupted,
 )
 from maas_worker.client.job import Job, backend_errors
-from maas_worker.client.wire import send_args
+from maas_worker.client.wire import MessageBuilder, sent_event_fields
 from maas_worker.crypto.envelope import Header
-from maas_worker.protocol import TASK_NAME
 from maas_worker.tenancy.quota import Quotas
 
 log = logging.getLogger(__name__)
@@ -88,6 +87,10 @@ class Client(ClientCore):
         self._broker: redis.Redis | None = None
         self._quotas: Quotas | None = None
         self._cancel: Any = None
+        self._wire = MessageBuilder()
+        self._events: Any = None  # Celery's event dispatcher, for task-sent (`_send_events`)
+        self._events_conn: Any = None
+        self._events_warned = False
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
@@ -97,7 +100,7 @@ class Client(ClientCore):
     # -- plumbing --------------------------------------------------------------
     @property
     def app(self) -> Celery:
-        """The producer's Celery app (created on first use)."""
+        """The producer's Celery app (created on first use): its task-sent events."""
         if self._app is None:
             app = make_producer_app(self.settings)
             if not self._may_publish():
@@ -161,6 +164,7 @@ class Client(ClientCore):
         for conn in (self._backend, self._broker):
             if conn is not None:
                 conn.close()
+        self._close_events()
         if self._app is not None:
             self._app.close()
 
@@ -272,24 +276,57 @@ class Client(ClientCore):
         return self.live_workers()
 
     def _send(self, sealed: list[Sealed], queue: str) -> None:
-        """Enqueue the sealed requests with Celery's producer (kombu's Redis transport)."""
+        """Push the batch's queue entries (wire.py) with the tenant's arrival and the
+        wake-up tokens in one transaction (`fetch.push`), then its task-sent events."""
+        entries = self._wire.messages(self.tenant, sealed, queue)
+        # One transaction: the jobs and their tenant's arrival (fetch.push) together.
+        pipe = self.broker.pipeline(transaction=True)
+        fetch.push(pipe, queue, self.tenant, entries)
         try:
-            # kombu's producer batch puts every message (and its task-sent
-            # event) into one Redis pipeline: one round trip, not two per job.
-            with self.app.producer_or_acquire() as producer, producer.batch():
-                for header, raw in sealed:
-                    self.app.send_task(
-                        TASK_NAME,
-                        producer=producer,
-                        **send_args(self.tenant, header.job_id, raw, queue),
-                    )
-        except OperationalError as exc:
-            raise broker_unavailable(
-                self.settings, exc, what="the jobs were not submitted"
-            ) from None
-        except BatchPublishError:
-            # The connection broke while the batch was being sent.
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError):
+            # One pipeline: whether it reached Redis before the connection broke is
+            # not known (the broker was reachable a moment ago, or the depth check
+            # would have said so).
             raise send_interrupted(self.settings, sealed) from None
+        self._send_events(sealed, queue)
+
+    def _send_events(self, sealed: list[Sealed], queue: str) -> None:
+        """Celery's task-sent event of each job (Flower lists a job from the moment it is
+        queued), buffered and published as one message per batch, as the batch consumer
+        does its own; when this client's Redis user may publish. Best effort, as in
+        Celery: a failure is logged once and never touches the jobs, already queued."""
+        if not self.app.conf.task_send_sent_event:
+            return
+        try:
+            if self._events is None:
+                self._events_conn = self.app.connection_for_write()
+                self._events = self.app.events.Dispatcher(
+                    self._events_conn,
+                    buffer_group=["task"],
+                    buffer_limit=1_000_000,  # flushed once per batch, below
+                    buffer_while_offline=False,
+                )
+            for header, _ in sealed:
+                self._events.send("task-sent", **sent_event_fields(header.job_id, queue))
+            self._events.flush()
+        except Exception as exc:
+            if not self._events_warned:
+                log.warning(
+                    "task-sent events not sent (%s); Flower may miss jobs", type(exc).__name__
+                )
+                self._events_warned = True
+            self._close_events()
+
+    def _close_events(self) -> None:
+        events, conn, self._events, self._events_conn = self._events, self._events_conn, None, None
+        try:
+            if events is not None:
+                events.close()
+            if conn is not None:
+                conn.release()
+        except Exception:
+            log.debug("closing the event connection failed", exc_info=False)
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job of this client's tenant, by id (`UnknownJob` if the
