@@ -167,4 +167,5 @@ def test_the_task_sent_event_has_celerys_fields(oracle: CeleryOracle, queue: str
         declare=[],
         event_dispatcher=events,
     )
+    oracle.channel._get(queue)  # kombu's memory queues are shared by the whole process
     assert events.sent == [("task-sent", sent_event_fields(header.job_id, queue))]

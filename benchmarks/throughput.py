@@ -1,0 +1,230 @@
+"""Benchmark: end-to-end jobs/s of sealed jobs against plain Celery's best, in one run (#18).
+
+Not a test. One embedded Valkey; the producer (this process), Valkey and the
+worker share the machine. A run submits ``--jobs`` jobs and waits for every
+result; the time runs from the first submit to the last result in hand.
+
+* secure: `AsyncClient.submit_many` in chunks of ``--chunk`` (one event loop),
+  every job sealed, verified, claimed once, decrypted, run, sealed again and
+  stored write-once; results awaited with `as_completed` (one read per batch
+  of jobs) and opened. Per worker mode: ``batch`` (``worker --batch-consumer
+  --concurrency 2``) and ``perjob`` (``worker --concurrency 2``, one Celery
+  task per job).
+* plain: plain Celery (benchmarks/plain_app.py), no crypto, the same echo job:
+  its best configuration found here, a ``group`` of the tasks published on
+  one producer, prefetch multiplier ``--plain-prefetch`` (16), results read
+  with ``join_native`` (Celery's batched read of its Redis backend), the
+  same worker (prefork, 2 processes), late ack.
+
+Plain Celery stays up for the whole run (it polls its own queue only); each
+secure mode runs its ``--repeat`` rounds alternating with a plain run, so each
+ratio compares runs a few seconds apart. Reported: medians of the rounds with
+[min-max], and the CPU each job cost the producer, the worker (all its
+processes) and Valkey (psutil; sums of user and system time).
+
+    .venv/bin/python benchmarks/throughput.py [--jobs 4000] [--repeat 3]
+        [--modes batch,perjob] [--model echo|digits]
+
+``--model digits`` runs the bundled digits model (one 8x8 sample per job) in
+the secure modes; plain Celery has no digits task, so its echo rate stays the
+reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis
+
+from benchmarks.pipeline import cpu_s
+from maas_worker import AsyncClient, as_completed
+from maas_worker.local.embedded import EmbeddedRedis
+from maas_worker.local.processes import WorkerProcess
+from maas_worker.settings import Settings
+from maas_worker.tenancy.keyring import Keyring, save_keyring
+
+ECHO = {"data": "x" * 1024}
+MODES: dict[str, tuple[str, ...]] = {
+    "batch": ("--batch-consumer",),
+    "perjob": (),
+}
+
+
+class PlainCelery:
+    """Plain Celery's worker and producer app, on ``url``."""
+
+    def __init__(self, url: str, log: Path, prefetch: int) -> None:
+        env = {
+            **os.environ,
+            "BENCH_BROKER_URL": url,
+            "BENCH_PREFETCH": str(prefetch),
+            "PYTHONPATH": str(ROOT),
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "benchmarks.plain_app", "worker",
+             "-c", "2", "-Q", "plain", "-l", "WARNING", "-n", "plain@%h"],
+            env=env,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        os.environ["BENCH_BROKER_URL"] = url
+        from benchmarks.plain_app import app, echo
+
+        self.app, self.echo = app, echo
+        deadline = time.monotonic() + 60
+        while not self.app.control.ping(timeout=0.5):
+            if time.monotonic() > deadline:
+                raise RuntimeError("plain worker did not start")
+
+    def run(self, n: int) -> None:
+        from celery import group
+
+        result = group(self.echo.s(ECHO) for _ in range(n)).apply_async()
+        outputs = result.join_native(timeout=300)
+        assert len(outputs) == n and outputs[0] == {"echo": ECHO}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def digits_inputs(n: int) -> list[dict[str, Any]]:
+    """``n`` digits jobs of one 8x8 sample each (pixel values 0-16)."""
+    return [{"inputs": [[(i + j) % 17 for j in range(64)]]} for i in range(n)]
+
+
+def secure_run(settings: Settings, model: str, n: int, chunk: int) -> None:
+    async def main() -> None:
+        inputs = [ECHO] * n if model == "echo" else digits_inputs(n)
+        async with AsyncClient(settings=settings) as client:
+            jobs = []
+            for start in range(0, n, chunk):
+                jobs += await client.submit_many(model, inputs[start : start + chunk])
+            done = 0
+            async for job in as_completed(jobs, timeout=300):
+                await job.result()  # opened: verified and bound to its request
+                done += 1
+            assert done == n
+
+    asyncio.run(main())
+
+
+def measure(
+    run: Callable[[], None], n: int, pids: dict[str, int]
+) -> tuple[float, dict[str, float]]:
+    """Jobs/s of ``run`` and its CPU ms per job by process (worker: with its children)."""
+    before = {k: cpu_s(pid, tree=k == "worker") for k, pid in pids.items()}
+    t = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - t
+    cpu = {k: (cpu_s(pid, tree=k == "worker") - before[k]) * 1000 / n for k, pid in pids.items()}
+    return n / elapsed, cpu
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
+
+
+def cpu_summary(cpus: list[dict[str, float]]) -> str:
+    parts = {k: statistics.median(c[k] for c in cpus) for k in cpus[0]}
+    total = statistics.median(sum(c.values()) for c in cpus)
+    inner = " + ".join(f"{v:.3f}" for v in parts.values())
+    return f"{total:.3f} ({inner})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=4000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=500)
+    ap.add_argument("--modes", default="batch,perjob")
+    ap.add_argument("--model", choices=("echo", "digits"), default="echo")
+    ap.add_argument("--plain-prefetch", type=int, default=16)
+    args = ap.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; {args.jobs} {args.model} jobs a run, "
+        f"chunks of {args.chunk}, {args.repeat} rounds"
+    )
+    rows: dict[str, list[tuple[float, dict[str, float]]]] = {}
+    ratios: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp_name, EmbeddedRedis() as server:
+        tmp = Path(tmp_name)
+        keyring = tmp / "keyring.json"
+        save_keyring(keyring, Keyring().with_new_tenant("acme"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+        env.update(
+            MAAS_BROKER_URL=server.url,
+            MAAS_KEYRING=str(keyring),
+            MAAS_TENANT="acme",
+            MAAS_DIAGNOSTIC_MODELS="1",
+            MAAS_MAX_QUEUE_DEPTH=str(args.jobs * 4),
+            MAAS_CONSUMER_BATCH="64",
+            MAAS_CONSUMER_WAIT_MS="0",
+        )
+        settings = Settings.from_env(env)
+        redis_pid = server.pid
+        plain = PlainCelery(server.url, tmp / "plain.log", args.plain_prefetch)
+        try:
+            plain.run(min(200, args.jobs))  # warm-up
+            for mode in modes:
+                worker = WorkerProcess(
+                    env=env, name=mode, log_path=tmp / f"{mode}.log", extra_args=MODES[mode]
+                )
+                worker.start()
+                try:
+                    worker.wait_ready(redis.Redis.from_url(server.url))
+                    assert worker.proc is not None
+                    secure_run(settings, args.model, min(200, args.jobs), args.chunk)  # warm-up
+                    for _ in range(args.repeat):
+                        p = measure(
+                            lambda: plain.run(args.jobs),
+                            args.jobs,
+                            {"producer": os.getpid(), "worker": plain.proc.pid, "redis": redis_pid},
+                        )
+                        s = measure(
+                            lambda: secure_run(settings, args.model, args.jobs, args.chunk),
+                            args.jobs,
+                            {
+                                "producer": os.getpid(),
+                                "worker": worker.proc.pid,
+                                "redis": redis_pid,
+                            },
+                        )
+                        rows.setdefault("plain Celery", []).append(p)
+                        rows.setdefault(f"secure, {mode}", []).append(s)
+                        ratios.setdefault(mode, []).append(s[0] / p[0])
+                        print(f"  {mode}: {s[0]:.0f} jobs/s; plain {p[0]:.0f} jobs/s", flush=True)
+                finally:
+                    worker.stop()
+        finally:
+            plain.stop()
+    print("\n| setup | jobs/s median [min-max] | CPU ms/job (producer + worker + Redis) |")
+    print("| --- | ---: | --- |")
+    for name, runs in rows.items():
+        print(f"| {name} | {summary([r[0] for r in runs])} | {cpu_summary([r[1] for r in runs])} |")
+    for mode, rs in ratios.items():
+        print(
+            f"secure {mode} / plain (same round): median {statistics.median(rs):.2f} "
+            f"(rounds: {', '.join(f'{r:.2f}' for r in rs)})"
+        )
+
+
+if __name__ == "__main__":
+    main()
