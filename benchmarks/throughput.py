@@ -25,6 +25,13 @@ processes) and Valkey (psutil; sums of user and system time).
     .venv/bin/python benchmarks/throughput.py [--jobs 4000] [--repeat 3]
         [--modes batch,perjob] [--model echo|digits]
 
+``--profile DIR`` also profiles the secure runs: the producer with cProfile
+(``DIR/producer-<mode>.prof``, summarised by library as
+benchmarks/profile_submit.py does), the worker with py-spy (``pip install
+py-spy``; ``py-spy record --subprocesses --format raw``, every process of the
+worker sampled, ``DIR/worker-<mode>.txt``, summarised by library and by
+function). Profiled runs are slower: quote the figures of a run without it.
+
 ``--model digits`` runs the bundled digits model (one 8x8 sample per job) in
 the secure modes; plain Celery has no digits task, so its echo rate stays the
 reference.
@@ -34,13 +41,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import os
 import platform
+import pstats
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +62,7 @@ sys.path.insert(0, str(ROOT))
 import redis
 
 from benchmarks.pipeline import cpu_s
+from benchmarks.profile_submit import library
 from maas_worker import AsyncClient, as_completed
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
@@ -136,6 +148,54 @@ def measure(
     return n / elapsed, cpu
 
 
+def print_producer_profile(prof: cProfile.Profile, jobs: int, out: Path) -> None:
+    """The producer's own time per job by library (and the stats file)."""
+    stats = pstats.Stats(prof)
+    stats.dump_stats(out)
+    own: Counter[str] = Counter()
+    raw = stats.stats  # type: ignore[attr-defined]
+    for (filename, _line, name), (_cc, _nc, tt, _ct, _callers) in raw.items():
+        own[library(filename, name)] += tt
+    total = sum(own.values())
+    print(f"  producer under cProfile: {total / jobs * 1e6:.1f} us/job own time ({out})")
+    for lib, tt in own.most_common():
+        print(f"    {lib:28s} {tt / jobs * 1e6:7.1f} us/job  {tt / total:6.1%}")
+    stats.sort_stats("tottime").print_stats(12)
+
+
+def print_spy_profile(path: Path, top: int = 25) -> None:
+    """A py-spy raw profile (collapsed stacks) by process, by library of the leaf
+    frame, and its leaf functions."""
+    by_lib: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    procs: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        leaf = frames[-1]
+        # "function (file:line)"
+        func, _, where = leaf.partition(" (")
+        filename = where.rsplit(":", 1)[0]
+        by_lib[library(filename, func)] += n
+        leaves[leaf] += n
+        procs[frames[0][:60]] += n
+        total += n
+    if not total:
+        print(f"  worker: no samples in {path}")
+        return
+    print(f"  worker under py-spy: {total} samples ({path})")
+    for proc, n in procs.most_common(6):
+        print(f"    process {proc}: {n / total:6.1%}")
+    for lib, n in by_lib.most_common():
+        print(f"    {lib:28s} {n / total:6.1%}")
+    for leaf, n in leaves.most_common(top):
+        print(f"    {n / total:6.1%}  {leaf[:150]}")
+
+
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
 
@@ -155,6 +215,7 @@ def main() -> None:
     ap.add_argument("--modes", default="batch,perjob")
     ap.add_argument("--model", choices=("echo", "digits"), default="echo")
     ap.add_argument("--plain-prefetch", type=int, default=16)
+    ap.add_argument("--profile", type=Path, help="profile the secure runs into this folder")
     args = ap.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     print(
@@ -192,12 +253,27 @@ def main() -> None:
                     worker.wait_ready(redis.Redis.from_url(server.url))
                     assert worker.proc is not None
                     secure_run(settings, args.model, min(200, args.jobs), args.chunk)  # warm-up
+                    spy: subprocess.Popen[bytes] | None = None
+                    prof: cProfile.Profile | None = None
+                    if args.profile:
+                        args.profile.mkdir(parents=True, exist_ok=True)
+                        prof = cProfile.Profile()
+                        spy = subprocess.Popen(
+                            [str(Path(sys.executable).parent / "py-spy"), "record",
+                             "--subprocesses", "--nonblocking", "--format", "raw",
+                             "--rate", "200", "-o", str(args.profile / f"worker-{mode}.txt"),
+                             "-p", str(worker.proc.pid)],
+                            stdout=subprocess.DEVNULL,
+                            stderr=(args.profile / f"py-spy-{mode}.log").open("wb"),
+                        )  # fmt: skip
                     for _ in range(args.repeat):
                         p = measure(
                             lambda: plain.run(args.jobs),
                             args.jobs,
                             {"producer": os.getpid(), "worker": plain.proc.pid, "redis": redis_pid},
                         )
+                        if prof is not None:
+                            prof.enable()
                         s = measure(
                             lambda: secure_run(settings, args.model, args.jobs, args.chunk),
                             args.jobs,
@@ -207,10 +283,19 @@ def main() -> None:
                                 "redis": redis_pid,
                             },
                         )
+                        if prof is not None:
+                            prof.disable()
                         rows.setdefault("plain Celery", []).append(p)
                         rows.setdefault(f"secure, {mode}", []).append(s)
                         ratios.setdefault(mode, []).append(s[0] / p[0])
                         print(f"  {mode}: {s[0]:.0f} jobs/s; plain {p[0]:.0f} jobs/s", flush=True)
+                    if spy is not None and prof is not None and args.profile:
+                        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                        spy.wait(60)
+                        print_producer_profile(
+                            prof, args.jobs * args.repeat, args.profile / f"producer-{mode}.prof"
+                        )
+                        print_spy_profile(args.profile / f"worker-{mode}.txt")
                 finally:
                     worker.stop()
         finally:
