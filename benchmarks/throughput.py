@@ -59,6 +59,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import psutil
 import redis
 
 from benchmarks.pipeline import cpu_s
@@ -163,37 +164,53 @@ def print_producer_profile(prof: cProfile.Profile, jobs: int, out: Path) -> None
     stats.sort_stats("tottime").print_stats(12)
 
 
-def print_spy_profile(path: Path, top: int = 25) -> None:
-    """A py-spy raw profile (collapsed stacks) by process, by library of the leaf
-    frame, and its leaf functions."""
+def print_spy_profile(paths: list[Path], top: int = 30) -> None:
+    """py-spy raw profiles (collapsed stacks, one file per process): the share of
+    samples by process, by library of the leaf frame, and the leaf functions.
+
+    Idle frames (waiting on a socket, a lock or a sleep) are counted apart:
+    py-spy records them when it cannot tell a thread is idle."""
     by_lib: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
     procs: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        n = int(count)
-        frames = stack.split(";")
-        leaf = frames[-1]
-        # "function (file:line)"
-        func, _, where = leaf.partition(" (")
-        filename = where.rsplit(":", 1)[0]
-        by_lib[library(filename, func)] += n
-        leaves[leaf] += n
-        procs[frames[0][:60]] += n
-        total += n
+    total = idle = 0
+    for path in paths:
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            leaf = stack.split(";")[-1]
+            func, _, where = leaf.partition(" (")
+            if any(w in leaf for w in IDLE_LEAVES):
+                idle += n
+                continue
+            by_lib[library(where.rsplit(":", 1)[0], func)] += n
+            leaves[leaf] += n
+            procs[path.stem] += n
+            total += n
     if not total:
-        print(f"  worker: no samples in {path}")
+        print("  worker: no samples")
         return
-    print(f"  worker under py-spy: {total} samples ({path})")
-    for proc, n in procs.most_common(6):
-        print(f"    process {proc}: {n / total:6.1%}")
+    print(f"  worker under py-spy: {total} busy samples ({idle} idle left out)")
+    for proc, n in procs.most_common():
+        print(f"    {proc}: {n / total:6.1%}")
     for lib, n in by_lib.most_common():
         print(f"    {lib:28s} {n / total:6.1%}")
     for leaf, n in leaves.most_common(top):
         print(f"    {n / total:6.1%}  {leaf[:150]}")
+
+
+#: Leaf frames of a thread that waits (py-spy --nonblocking cannot always tell).
+IDLE_LEAVES = (
+    "_read_from_socket",
+    "Condition.wait",
+    "_epoll.poll",
+    "select (selectors.py",
+    "Watchdog._loop",
+    "sleep",
+    "readinto (socket.py",
+)
 
 
 def summary(values: list[float]) -> str:
@@ -253,19 +270,24 @@ def main() -> None:
                     worker.wait_ready(redis.Redis.from_url(server.url))
                     assert worker.proc is not None
                     secure_run(settings, args.model, min(200, args.jobs), args.chunk)  # warm-up
-                    spy: subprocess.Popen[bytes] | None = None
+                    spies: list[subprocess.Popen[bytes]] = []
                     prof: cProfile.Profile | None = None
                     if args.profile:
                         args.profile.mkdir(parents=True, exist_ok=True)
                         prof = cProfile.Profile()
-                        spy = subprocess.Popen(
-                            [str(Path(sys.executable).parent / "py-spy"), "record",
-                             "--subprocesses", "--nonblocking", "--format", "raw",
-                             "--rate", "200", "-o", str(args.profile / f"worker-{mode}.txt"),
-                             "-p", str(worker.proc.pid)],
-                            stdout=subprocess.DEVNULL,
-                            stderr=(args.profile / f"py-spy-{mode}.log").open("wb"),
-                        )  # fmt: skip
+                        # One py-spy per process of the worker (its main process, the
+                        # pool or the batch consumers), so every one is sampled.
+                        spy_bin = str(Path(sys.executable).parent / "py-spy")
+                        procs = [psutil.Process(worker.proc.pid)]
+                        procs += procs[0].children(recursive=True)
+                        for proc in procs:
+                            out = args.profile / f"worker-{mode}-{proc.pid}.txt"
+                            spies.append(subprocess.Popen(
+                                [spy_bin, "record", "--nonblocking", "--format", "raw",
+                                 "--rate", "200", "-o", str(out), "-p", str(proc.pid)],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL,
+                            ))  # fmt: skip
                     for _ in range(args.repeat):
                         p = measure(
                             lambda: plain.run(args.jobs),
@@ -289,13 +311,15 @@ def main() -> None:
                         rows.setdefault(f"secure, {mode}", []).append(s)
                         ratios.setdefault(mode, []).append(s[0] / p[0])
                         print(f"  {mode}: {s[0]:.0f} jobs/s; plain {p[0]:.0f} jobs/s", flush=True)
-                    if spy is not None and prof is not None and args.profile:
-                        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-                        spy.wait(60)
+                    if prof is not None and args.profile:
+                        for spy in spies:
+                            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                        for spy in spies:
+                            spy.wait(60)
                         print_producer_profile(
                             prof, args.jobs * args.repeat, args.profile / f"producer-{mode}.prof"
                         )
-                        print_spy_profile(args.profile / f"worker-{mode}.txt")
+                        print_spy_profile(sorted(args.profile.glob(f"worker-{mode}-*.txt")))
                 finally:
                     worker.stop()
         finally:
