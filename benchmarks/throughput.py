@@ -213,6 +213,16 @@ IDLE_LEAVES = (
 )
 
 
+def add_commandstats(into: Counter[str], r: redis.Redis) -> None:
+    """Add the server's ``INFO commandstats`` (calls and microseconds by command) to
+    ``into`` as ``<command>:calls`` and ``<command>:usec``."""
+    stats: dict[str, Any] = r.info("commandstats")
+    for name, row in stats.items():
+        command = name.removeprefix("cmdstat_")
+        into[command + ":calls"] += int(row["calls"])
+        into[command + ":usec"] += int(row["usec"])
+
+
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
 
@@ -242,6 +252,8 @@ def main() -> None:
     )
     rows: dict[str, list[tuple[float, dict[str, float]]]] = {}
     ratios: dict[str, list[float]] = {}
+    #: Per mode: Redis commands run and server microseconds, by command (secure runs).
+    redis_work: dict[str, Counter[str]] = {}
     with tempfile.TemporaryDirectory() as tmp_name, EmbeddedRedis() as server:
         tmp = Path(tmp_name)
         keyring = tmp / "keyring.json"
@@ -258,6 +270,7 @@ def main() -> None:
         )
         settings = Settings.from_env(env)
         redis_pid = server.pid
+        admin = redis.Redis.from_url(server.url)
         plain = PlainCelery(server.url, tmp / "plain.log", args.plain_prefetch)
         try:
             plain.run(min(200, args.jobs))  # warm-up
@@ -296,6 +309,7 @@ def main() -> None:
                         )
                         if prof is not None:
                             prof.enable()
+                        admin.config_resetstat()
                         s = measure(
                             lambda: secure_run(settings, args.model, args.jobs, args.chunk),
                             args.jobs,
@@ -307,6 +321,7 @@ def main() -> None:
                         )
                         if prof is not None:
                             prof.disable()
+                        add_commandstats(redis_work.setdefault(mode, Counter()), admin)
                         rows.setdefault("plain Celery", []).append(p)
                         rows.setdefault(f"secure, {mode}", []).append(s)
                         ratios.setdefault(mode, []).append(s[0] / p[0])
@@ -328,6 +343,21 @@ def main() -> None:
     print("| --- | ---: | --- |")
     for name, runs in rows.items():
         print(f"| {name} | {summary([r[0] for r in runs])} | {cpu_summary([r[1] for r in runs])} |")
+    for mode, work in redis_work.items():
+        jobs = args.jobs * args.repeat
+        usec = sum(v for k, v in work.items() if k.endswith(":usec"))
+        print(
+            f"\nRedis, secure {mode}: {usec / jobs:.1f} us of server time per job "
+            "(INFO commandstats; commands run by scripts counted under their own names)"
+        )
+        print("| command | calls/job | us/job |")
+        print("| --- | ---: | ---: |")
+        names = sorted({k.rsplit(":", 1)[0] for k in work}, key=lambda n: -work[n + ":usec"])
+        for name in names[:14]:
+            print(
+                f"| {name} | {work[name + ':calls'] / jobs:.3f} "
+                f"| {work[name + ':usec'] / jobs:.2f} |"
+            )
     for mode, rs in ratios.items():
         print(
             f"secure {mode} / plain (same round): median {statistics.median(rs):.2f} "

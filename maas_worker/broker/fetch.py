@@ -37,6 +37,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from maas_worker.backend import scripts
 from maas_worker.protocol import MAX_TENANT_WEIGHT, QUEUE_NAMES, TENANT_RE
 
@@ -220,11 +222,18 @@ def take(
 
     ``client`` is a redis-py client on the broker database. Every message
     returned with ``reserved`` set is in kombu's unacked hash until `ack`
-    (or the visibility sweep puts it back).
+    (or the visibility sweep puts it back). Sent as ``EVALSHA``: the script is
+    11 KB, which ``EVAL`` would send and the server hash at every take (a third
+    of the server's time per job under a batch consumer, docs/benchmarks.md);
+    on ``NOSCRIPT`` (a restarted or flushed server) once more as ``EVAL``.
     """
-    return parse(
-        client.execute_command(*command(queues, count=count, max_chars=max_chars, now=now))
-    )
+    try:
+        reply = client.execute_command(
+            *command(queues, count=count, max_chars=max_chars, now=now, by_sha=True)
+        )
+    except NoScriptError:
+        reply = client.execute_command(*command(queues, count=count, max_chars=max_chars, now=now))
+    return parse(reply)
 
 
 def ack(client: Any, tags: Iterable[str]) -> None:
