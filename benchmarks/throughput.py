@@ -171,6 +171,7 @@ def print_spy_profile(paths: list[Path], top: int = 30) -> None:
     Idle frames (waiting on a socket, a lock or a sleep) are counted apart:
     py-spy records them when it cannot tell a thread is idle."""
     by_lib: Counter[str] = Counter()
+    by_stage: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
     procs: Counter[str] = Counter()
     total = idle = 0
@@ -186,6 +187,7 @@ def print_spy_profile(paths: list[Path], top: int = 30) -> None:
                 idle += n
                 continue
             by_lib[library(where.rsplit(":", 1)[0], func)] += n
+            by_stage[stage(stack)] += n
             leaves[leaf] += n
             procs[path.stem] += n
             total += n
@@ -197,8 +199,32 @@ def print_spy_profile(paths: list[Path], top: int = 30) -> None:
         print(f"    {proc}: {n / total:6.1%}")
     for lib, n in by_lib.most_common():
         print(f"    {lib:28s} {n / total:6.1%}")
+    print("  by stage (the first that the stack is in):")
+    for name, n in by_stage.most_common():
+        print(f"    {name:44s} {n / total:6.1%}")
     for leaf, n in leaves.most_common(top):
         print(f"    {n / total:6.1%}  {leaf[:150]}")
+
+
+#: A batch consumer's stages, by a frame a sample's stack holds (first match wins).
+STAGES = [
+    ("task events", ("TaskEvents", "EventDispatcher", "celery/events/")),
+    ("metrics", ("prometheus_client", "monitoring/metrics.py")),
+    ("redis-py (pack, send, parse: every pipeline)", ("redis/",)),
+    ("entry checks (parse, check, decode)", ("BatchConsumer._open",)),
+    ("verify, decrypt (authenticate, prepare)", ("_authenticate", "BatchConsumer._prepare")),
+    ("model run", ("_run_models",)),
+    ("seal and store results (but Redis)", ("BatchConsumer._store",)),
+    ("logging", ("logging/",)),
+]
+
+
+def stage(stack: str) -> str:
+    """The stage a py-spy stack (frames joined by ``;``) belongs to."""
+    for name, marks in STAGES:
+        if any(m in stack for m in marks):
+            return name
+    return "other"
 
 
 #: Leaf frames of a thread that waits (py-spy --nonblocking cannot always tell).
