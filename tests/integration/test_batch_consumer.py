@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,6 +125,25 @@ def test_batches_give_each_job_its_own_result_opened_with_its_tenant_key(
     assert max(sizes) > 1 and len(sizes) < 61  # jobs really shared model calls
     for job in [*digits, bad, *echoes]:
         assert len(stack.outcomes(job.id)) == 1
+
+
+def test_private_jobs_run_in_the_batch_consumer_beside_plaintext_ones(
+    batch_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """A private job (docs/private-inference.md) is run on its own, never in a shared
+    model call; plaintext jobs of the same model still batch."""
+    pytest.importorskip("tenseal", reason="the private extra is not installed")
+    import dataclasses
+
+    from maas_worker import Client
+
+    stack = batch_stack(MAAS_MODEL_DIR=str(BUNDLED_MODEL_DIR), MAAS_CONSUMER_BATCH="8")
+    stack.start_worker("batch", concurrency=1)
+    rows = holdout()["inputs"][:3]
+    client = Client(settings=dataclasses.replace(stack.settings, private_key_dir=tmp_path))
+    plain = client.submit_many("digits-he", [{"inputs": [r]} for r in rows])
+    private = client.submit_private("digits-he", rows, timeout=TIMEOUT)
+    assert private["labels"] == [j.result(timeout=TIMEOUT)["labels"][0] for j in plain]
 
 
 def test_hostile_entries_are_audited_and_the_consumer_keeps_consuming(

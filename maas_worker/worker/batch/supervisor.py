@@ -116,6 +116,8 @@ class ConsumerPool:
                     str(write_fd),
                     "--name",
                     f"{self.node}/{index}",
+                    "--siblings",
+                    str(self.processes),
                     "--loglevel",
                     self.loglevel,
                 ],
