@@ -27,10 +27,10 @@ processes) and Valkey (psutil; sums of user and system time).
 
 ``--profile DIR`` also profiles the secure runs: the producer with cProfile
 (``DIR/producer-<mode>.prof``, summarised by library as
-benchmarks/profile_submit.py does), the worker with py-spy (``pip install
-py-spy``; ``py-spy record --subprocesses --format raw``, every process of the
-worker sampled, ``DIR/worker-<mode>.txt``, summarised by library and by
-function). Profiled runs are slower: quote the figures of a run without it.
+benchmarks/profile_submit.py does), the worker with py-spy (in the ``dev``
+extra; one ``py-spy record --format raw`` per process of the worker,
+``DIR/worker-<mode>-<pid>.txt``, summarised by process, library, stage of the
+batch consumer and function). Profiled runs are slower: quote the figures of a run without it.
 
 ``--model digits`` runs the bundled digits model (one 8x8 sample per job) in
 the secure modes; plain Celery has no digits task, so its echo rate stays the
