@@ -188,11 +188,13 @@ class Waiter:
                     self._wake.set()
                     return
                 key = popped[0].decode() if isinstance(popped[0], bytes) else popped[0]
-                if key not in keys:
-                    continue
+                woken = order[: order.index(keys[key]) + 1] if key in keys else []
+                woken = [j for j in woken if j in self._jobs]  # still awaited
+                if not woken or self._reader is None or self._reader.done():
+                    continue  # nothing to read, or no reader (no one awaits): re-check
                 read: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._read_waiters.append(read)
-                self._to_read.update(order[: order.index(keys[key]) + 1])
+                self._to_read.update(woken)
                 self._wake.set()
                 await read
         finally:
