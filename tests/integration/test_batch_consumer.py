@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import inspect
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -260,6 +262,29 @@ def test_sigkill_mid_batch_loses_nothing_and_delivers_nothing_twice(
         assert "duplicate" not in stack.outcomes(job.id)
     wait_for(lambda: _job_reservations(stack) == 0, TIMEOUT, "every message acknowledged")
     assert read_backlog(stack.backend).total == 0
+
+
+def test_consumers_stop_when_their_node_is_sigkilled(batch_stack: Callable[..., Stack]) -> None:
+    """Only the node's main process killed (not its group): its consumers do not consume on
+    for a node that no longer answers remote control, heartbeats or shutdown."""
+    import psutil
+
+    stack = batch_stack()
+    node = stack.start_worker("orphaning", concurrency=2)
+    assert node.proc is not None
+    consumers = [
+        c
+        for c in psutil.Process(node.proc.pid).children(recursive=True)
+        if "batch-consumer" in " ".join(c.cmdline())
+    ]
+    assert len(consumers) == 2
+    os.kill(node.proc.pid, signal.SIGKILL)
+    node.proc.wait()
+    _, alive = psutil.wait_procs(consumers, timeout=TIMEOUT)
+    assert alive == []
+    # Nothing was taken after the node died: a job submitted now waits for a node.
+    job = stack.client().submit("echo", {"after": 1})
+    assert job.status() == "queued"
 
 
 def test_warm_shutdown_finishes_the_batch_and_the_node_answers_remote_control(
