@@ -58,7 +58,7 @@ class AsyncClient(ClientCore):
         super().__init__(**kwargs)
         self._backend: redis.asyncio.Redis | None = None
         self._broker: redis.asyncio.Redis | None = None
-        self._wire: MessageBuilder | None = None
+        self._wire = MessageBuilder()
         self._waiter: Waiter | None = None
         self._private: PrivateJobs | None = None
 
@@ -106,8 +106,6 @@ class AsyncClient(ClientCore):
         for conn in (self._backend, self._broker):
             if conn is not None:
                 await conn.aclose()
-        if self._wire is not None:
-            self._wire.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -209,9 +207,7 @@ class AsyncClient(ClientCore):
         return await self.live_workers()
 
     async def _send(self, sealed: list[Sealed], queue: str) -> None:
-        """Push the messages (framed as the sync client's: wire.py) and ring the wake-up list."""
-        if self._wire is None:
-            self._wire = MessageBuilder(self.settings)
+        """Push the queue entries (wire.py) and ring the wake-up list, as the sync client."""
         messages = self._wire.messages(self.tenant, sealed, queue)
         # One transaction: the jobs and their tenant's arrival (fetch.push) together.
         pipe = self.broker.pipeline(transaction=True)

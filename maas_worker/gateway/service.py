@@ -113,7 +113,7 @@ class Gateway:
         self.broker: redis.asyncio.Redis = async_redis_client(
             settings.broker_url, tls=settings.redis_tls
         )
-        self.wire = MessageBuilder(settings)
+        self.wire = MessageBuilder()
         self.metrics = Metrics()
         self._lanes: dict[str, TenantLane] = {}
         self._host = f"gateway@{socket.gethostname()}"
@@ -143,7 +143,6 @@ class Gateway:
         for conn in (self.backend, self.broker):
             with contextlib.suppress(Exception):
                 await conn.aclose()
-        self.wire.close()
 
     # -- audit ---------------------------------------------------------------------------
     async def _audit(self, tenant: str, job_id: str, reason: AuditReason, verified: bool) -> None:
