@@ -14,7 +14,13 @@ from typing import Any
 
 from celery import Celery, signals
 
-from maas_worker.broker.app import SETTINGS_ATTR, TRANSPORT, producer_config, settings_of
+from maas_worker.broker.app import (
+    SETTINGS_ATTR,
+    TRANSPORT,
+    producer_config,
+    producer_transport,
+    settings_of,
+)
 from maas_worker.monitoring.samples import celery_options as monitoring_options
 from maas_worker.monitoring.samples import monitor_queue
 from maas_worker.settings import Settings
@@ -72,7 +78,9 @@ def make_app(settings: Settings | None = None, *, include_tasks: bool = True) ->
             app.steps[blueprint].add(step)
     if not include_tasks:
         # Producers ring the wake-up list with each publish (broker/app.py).
-        app.conf.broker_transport = TRANSPORT
+        app.conf.broker_transport = (
+            producer_transport(settings.broker_url) if settings is not None else TRANSPORT
+        )
     if settings is None:
         app.add_defaults(lambda: celery_config(settings_of(app)))
     else:

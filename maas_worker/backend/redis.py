@@ -11,12 +11,23 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 
 from maas_worker.errors import ConfigError
-from maas_worker.settings import RedisTLS, Settings, is_tls_url
+from maas_worker.settings import (
+    RedisHA,
+    RedisTLS,
+    Settings,
+    is_sentinel_url,
+    is_tls_url,
+    sentinel_hosts,
+)
 
 #: Longer than the longest blocking call (a client's 1 s BLPOP slice).
 BACKEND_SOCKET_TIMEOUT_S = 10.0
+#: A sentinel that does not answer this fast is skipped for the next one.
+SENTINEL_SOCKET_TIMEOUT_S = 2.0
 
 
 def _options(url: str, tls: RedisTLS) -> tuple[str, dict[str, Any]]:
@@ -24,51 +35,105 @@ def _options(url: str, tls: RedisTLS) -> tuple[str, dict[str, Any]]:
     if url.startswith("redis+socket://"):
         url = "unix://" + url.removeprefix("redis+socket://")
     ssl_options = tls.options() if is_tls_url(url) else {}
-    return url, {
+    return url, {**_common(), **ssl_options}
+
+
+def _common() -> dict[str, Any]:
+    return {
         "health_check_interval": 25,
         "socket_keepalive": True,
         "socket_connect_timeout": 5,
         "socket_timeout": BACKEND_SOCKET_TIMEOUT_S,
-        **ssl_options,
     }
 
 
-def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
+def sentinel_options(
+    url: str, *, tls: RedisTLS, ha: RedisHA
+) -> tuple[list[tuple[str, int]], dict[str, Any], dict[str, Any]]:
+    """(sentinel addresses, the sentinels' own connection options, the primary's options)
+    for a ``sentinel://`` URL: what ``redis.sentinel.Sentinel`` (sync or async) takes."""
+    parsed = sentinel_hosts(url)
+    ssl_options: dict[str, Any] = {"ssl": True, **tls.options()} if ha.sentinel_tls else {}
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": SENTINEL_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT_S,
+        **ssl_options,
+    }
+    if ha.sentinel_password is not None:
+        sentinel_kwargs["password"] = ha.sentinel_password
+    primary: dict[str, Any] = {**_common(), **ssl_options, "db": parsed.db}
+    if parsed.password is not None:
+        primary.update(username=parsed.username, password=parsed.password)
+    return list(parsed.hosts), sentinel_kwargs, primary
+
+
+def _master_name(ha: RedisHA | None) -> str:
+    if ha is None or not ha.sentinel_master:
+        raise ConfigError(
+            "a sentinel:// URL needs MAAS_REDIS_SENTINEL_MASTER (the master name the "
+            "sentinels monitor)"
+        )
+    return ha.sentinel_master
+
+
+def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis.Redis:
     """A redis-py client for one of our URLs; every client of a user URL is made here.
 
     ``redis+socket://`` is kombu's unix socket. A ``rediss://`` URL gets the
     TLS options of ``tls`` (certificate and host name checked by default);
-    user and password come from the URL. Timeouts: a dead or unreachable
+    user and password come from the URL. A ``sentinel://`` URL gives a client
+    of the primary its sentinels name for ``ha.sentinel_master``: after a
+    failover (or a ``READONLY`` reply from a demoted primary) its next
+    connection goes to the new primary. Timeouts: a dead or unreachable
     server must become an error, not a hang.
     """
+    if is_sentinel_url(url):
+        hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
+        name = _master_name(ha)
+        sentinel: Any = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs=sentinel_kwargs
+        )
+        client: redis.Redis = sentinel.master_for(name, redis_class=redis.Redis, **primary)
+        return client
     url, options = _options(url, tls)
     return redis.Redis.from_url(url, **options)
 
 
-def async_redis_client(url: str, *, tls: RedisTLS) -> redis.asyncio.Redis:
+def async_redis_client(
+    url: str, *, tls: RedisTLS, ha: RedisHA | None = None
+) -> redis.asyncio.Redis:
     """`redis_client` for asyncio code (``redis.asyncio``): the same URL handling and options."""
+    if is_sentinel_url(url):
+        hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
+        name = _master_name(ha)
+        asentinel: Any = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs=sentinel_kwargs
+        )
+        aclient: redis.asyncio.Redis = asentinel.master_for(
+            name, redis_class=redis.asyncio.Redis, **primary
+        )
+        return aclient
     url, options = _options(url, tls)
     return redis.asyncio.Redis.from_url(url, **options)
 
 
 def backend_client(settings: Settings) -> redis.Redis:
     """A Redis client for the result backend (claims, results, audit)."""
-    return redis_client(settings.result_backend, tls=settings.redis_tls)
+    return redis_client(settings.result_backend, tls=settings.redis_tls, ha=settings.redis_ha)
 
 
-def check_credentials(url: str, *, tls: RedisTLS, who: str) -> None:
+def check_credentials(url: str, *, tls: RedisTLS, who: str, ha: RedisHA | None = None) -> None:
     """Raise `ConfigError` if the Redis at ``url`` refuses the credentials it gives (one PING).
 
     A wrong password or user never gets better by retrying, so a process
     checks before it starts retrying connections (Celery retries a broker it
     cannot reach a hundred times). A server that is not reachable yet is
-    left to those retries; ``sentinel://`` URLs are resolved by kombu, not here.
+    left to those retries (and so is a ``sentinel://`` URL none of whose sentinels
+    names a primary yet).
     The message is Redis's own refusal (``WRONGPASS ...``, ``NOAUTH ...``,
     ``NOPERM ...``), never the URL.
     """
-    if url.startswith("sentinel://"):
-        return
-    client = redis_client(url, tls=tls)
+    client = redis_client(url, tls=tls, ha=ha)
     try:
         client.ping()
     except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
@@ -80,3 +145,26 @@ def check_credentials(url: str, *, tls: RedisTLS, who: str) -> None:
         return
     finally:
         client.close()
+
+
+class NotReplicated(redis.ConnectionError):
+    """``WAIT`` confirmed fewer replicas than ``MAAS_REDIS_WAIT_REPLICAS`` within
+    ``MAAS_REDIS_WAIT_TIMEOUT_MS``: the writes before it are on the primary only, and a
+    failover now could lose them. A connection error: retried as an outage is."""
+
+
+def wait_replicated(reply: Any, ha: RedisHA, what: str) -> None:
+    """Raise `NotReplicated` unless ``reply`` (a ``WAIT``'s) reaches ``ha.wait_replicas``.
+
+    ``WAIT`` counts the replicas that hold every write *its own connection*
+    made before it (Redis keeps the offset per connection), so it must follow
+    the writes it vouches for on the same connection: the same pipeline.
+    """
+    if isinstance(reply, Exception):
+        raise reply
+    count = int(reply)
+    if count < ha.wait_replicas:
+        raise NotReplicated(
+            f"{what}: {count} of {ha.wait_replicas} replica(s) confirmed within "
+            f"{ha.wait_timeout_ms} ms (MAAS_REDIS_WAIT_REPLICAS)"
+        )

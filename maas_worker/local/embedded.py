@@ -6,6 +6,13 @@ private temporary folder, stopped (and the folder removed) on exit::
 
     with EmbeddedRedis() as server:
         print(server.url)            # redis://127.0.0.1:PORT/0
+
+`SentinelGroup` starts a primary, its replicas and the Redis Sentinels that
+watch them (the server binary in sentinel mode, ``--sentinel``), for the
+failover tests (docs/scaling.md)::
+
+    with SentinelGroup(replicas=1, sentinels=3) as group:
+        print(group.url)             # sentinel://127.0.0.1:P1;sentinel://...;.../0
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -203,6 +212,229 @@ class EmbeddedRedis:
         self._requested_port = self.port
 
     def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+#: The master name a `SentinelGroup`'s sentinels monitor.
+DEFAULT_MASTER_NAME = "maas"
+
+
+class EmbeddedSentinel(EmbeddedRedis):
+    """A Redis Sentinel on a free loopback port: the server binary with ``--sentinel``.
+
+    A sentinel rewrites its configuration file as it learns (replicas, other
+    sentinels, the epoch), so the file is written into its data folder at
+    each (re)start, monitoring ``primary_port`` under ``master_name``.
+    """
+
+    def __init__(
+        self,
+        primary_port: int,
+        *,
+        master_name: str = DEFAULT_MASTER_NAME,
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 10_000,
+    ) -> None:
+        super().__init__()
+        self.primary_port = primary_port
+        self.master_name = master_name
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    def _command(self) -> list[str]:
+        conf = self.data_dir / "sentinel.conf"
+        if not conf.exists():  # a restart keeps what the sentinel learnt
+            name = self.master_name
+            conf.write_text(
+                "\n".join(
+                    [
+                        f"port {self.port}",
+                        "bind 127.0.0.1",
+                        f"dir {self.data_dir}",
+                        f"logfile {self.log_path}",
+                        f"sentinel monitor {name} 127.0.0.1 {self.primary_port} {self.quorum}",
+                        f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+                        f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+                        f"sentinel parallel-syncs {name} 1",
+                        "",
+                    ]
+                )
+            )
+        return [str(server_binary()), str(conf), "--sentinel"]
+
+
+class SentinelGroup:
+    """A primary, ``replicas`` replicas and ``sentinels`` sentinels, on free loopback ports.
+
+    The data nodes keep no data on disk unless ``appendonly``, so a node
+    killed and started again comes back empty (the failover the issue
+    measured: an old primary returning empty). `primary` asks the sentinels
+    which node is the primary now; `wait_failover` waits until they name
+    another one; `wait_replicated` until every replica is in sync.
+    """
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        master_name: str = DEFAULT_MASTER_NAME,
+        appendonly: bool = False,
+        down_after_ms: int = 1000,
+    ) -> None:
+        self.master_name = master_name
+        self.nodes = [EmbeddedRedis(appendonly=appendonly) for _ in range(replicas + 1)]
+        self._sentinel_count = sentinels
+        self._down_after_ms = down_after_ms
+        self.sentinels: list[EmbeddedSentinel] = []
+
+    def url(self, db: int = 0) -> str:
+        """The ``sentinel://`` URL of every sentinel (MAAS_BROKER_URL / MAAS_RESULT_BACKEND)."""
+        return ";".join(f"sentinel://127.0.0.1:{s.port}" for s in self.sentinels) + f"/{db}"
+
+    def start(self) -> SentinelGroup:
+        """Start the primary, its replicas (in sync) and the sentinels (all agreeing)."""
+        try:
+            primary = self.nodes[0].start()
+            for node in self.nodes[1:]:
+                node._extra = ("--replicaof", "127.0.0.1", str(primary.port))
+                node.start()
+            self.wait_replicated()
+            quorum = self._sentinel_count // 2 + 1
+            for _ in range(self._sentinel_count):
+                sentinel = EmbeddedSentinel(
+                    primary.port,
+                    master_name=self.master_name,
+                    quorum=quorum,
+                    down_after_ms=self._down_after_ms,
+                )
+                self.sentinels.append(sentinel)
+                sentinel.start()
+            # Ready when every sentinel knows every replica and the other sentinels:
+            # a failover needs both.
+            self._wait(
+                lambda: all(
+                    int(info.get("num-slaves", 0)) >= len(self.nodes) - 1
+                    and int(info.get("num-other-sentinels", 0)) >= self._sentinel_count - 1
+                    for info in self._masters()
+                ),
+                "the sentinels to discover the replicas and each other",
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _masters(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for sentinel in self.sentinels:
+            with contextlib.closing(self._client(sentinel.port)) as client:
+                out.append(client.sentinel_master(self.master_name))
+        return out
+
+    @staticmethod
+    def _client(port: int) -> Any:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+
+    @staticmethod
+    def _wait(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                if condition():
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gave up waiting for {what} after {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def primary_port(self) -> int:
+        """The port of the primary the sentinels name now (the first that answers)."""
+        for sentinel in self.sentinels:
+            with contextlib.suppress(redis.RedisError), self._client(sentinel.port) as client:
+                reply = client.sentinel_get_master_addr_by_name(self.master_name)
+                if reply:
+                    return int(reply[1])
+        raise redis.ConnectionError("no sentinel names a primary")
+
+    def node(self, port: int) -> EmbeddedRedis:
+        """The data node on ``port``."""
+        return next(n for n in self.nodes if n.port == port)
+
+    def primary(self) -> EmbeddedRedis:
+        """The data node the sentinels name as primary now."""
+        return self.node(self.primary_port())
+
+    def replicas(self) -> list[EmbeddedRedis]:
+        """The data nodes other than the primary the sentinels name."""
+        port = self.primary_port()
+        return [n for n in self.nodes if n.port != port]
+
+    def wait_failover(self, old_port: int, timeout_s: float = 60.0) -> EmbeddedRedis:
+        """Wait until every sentinel names a primary other than ``old_port`` and that node
+        says it is one (``ROLE``); returns it."""
+
+        def promoted() -> bool:
+            ports = set()
+            for sentinel in self.sentinels:
+                with contextlib.closing(self._client(sentinel.port)) as client:
+                    reply = client.sentinel_get_master_addr_by_name(self.master_name)
+                ports.add(int(reply[1]))
+            if len(ports) != 1 or old_port in ports:
+                return False
+            with contextlib.closing(self._client(ports.pop())) as client:
+                return bool(client.execute_command("ROLE")[0] == b"master")
+
+        self._wait(promoted, "the sentinels to promote a replica", timeout_s)
+        return self.primary()
+
+    def wait_replicated(self, timeout_s: float = 30.0) -> None:
+        """Wait until every other running node is an in-sync replica of the primary
+        (``INFO replication``: online, at the primary's offset)."""
+
+        def synced() -> bool:
+            primary = self.nodes[0] if not self.sentinels else self.primary()
+            with contextlib.closing(self._client(primary.port)) as client:
+                info = client.info("replication")
+            offset = int(info["master_repl_offset"])
+            running = [n for n in self.nodes if n is not primary and n._proc is not None]
+            online = [
+                v
+                for k, v in info.items()
+                if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+            ]
+            return len(online) >= len(running) and all(int(v["offset"]) >= offset for v in online)
+
+        self._wait(synced, "the replicas to catch up", timeout_s)
+
+    def wait_role(self, node: EmbeddedRedis, role: str, timeout_s: float = 60.0) -> None:
+        """Wait until ``node`` says (``ROLE``) it is ``master`` or a ``slave`` in sync."""
+
+        def has_role() -> bool:
+            with contextlib.closing(self._client(node.port)) as client:
+                reply = client.execute_command("ROLE")
+            if role == "slave":
+                return bool(reply[0] == b"slave" and reply[3] == b"connected")
+            return bool(reply[0] == role.encode())
+
+        self._wait(has_role, f"node {node.port} to be a {role}", timeout_s)
+
+    def stop(self) -> None:
+        """Stop every sentinel and node and remove their folders."""
+        for process in (*self.sentinels, *self.nodes):
+            with contextlib.suppress(Exception):
+                process.stop()
+
+    def __enter__(self) -> SentinelGroup:
         return self.start()
 
     def __exit__(

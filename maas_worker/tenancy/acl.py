@@ -432,12 +432,12 @@ def apply(server: str, password: str, roles: dict[str, str], settings: Settings)
     url = role_url(server, "operator", password)
     where = server_url(server)
     try:
-        loader: Any = redis_client(url, tls=settings.redis_tls)
+        loader: Any = redis_client(url, tls=settings.redis_tls, ha=settings.redis_ha)
         # Redis 7.0 then drops every connection (Valkey keeps those whose user
         # is unchanged): clients reconnect, and so do we.
         with contextlib.closing(loader), contextlib.suppress(redis.ConnectionError):
             loader.execute_command("ACL", "LOAD")
-        client: Any = redis_client(url, tls=settings.redis_tls)
+        client: Any = redis_client(url, tls=settings.redis_tls, ha=settings.redis_ha)
         functions.load(client)
         # The server read ITS file: make sure it is the one just written.
         for role, secret in roles.items():
@@ -463,7 +463,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from maas_worker.tenancy.keyring import load_keyring
 
     if args.load_functions:
-        client = redis_client(settings.broker_url, tls=settings.redis_tls)
+        client = redis_client(settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha)
         try:
             functions.load(client)
         finally:

@@ -582,7 +582,7 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
     settings = Settings.from_env()  # this process's entry point: built once, passed down
     rt = get_runtime(settings)
     rt.watchdog.ensure_started()
-    broker = redis_client(settings.broker_url, tls=settings.redis_tls)
+    broker = redis_client(settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
