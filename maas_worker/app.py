@@ -45,6 +45,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # failed; the job lease decides whether it runs again.
             "task_reject_on_worker_lost": True,
             "worker_prefetch_multiplier": 1,
+            # Reconnect for as long as the broker is away (Celery gives up after 100
+            # attempts, a few minutes): a primary demoted behind a fixed address, or
+            # a failover still electing, is an outage to wait out, never a stopped
+            # worker (issue #17).
+            "broker_connection_max_retries": None,
             # The job claim already marks a job running; STARTED would cost a GET,
             # a SET and a PUBLISH per job.
             "task_track_started": False,

@@ -30,12 +30,72 @@ BACKEND_SOCKET_TIMEOUT_S = 10.0
 SENTINEL_SOCKET_TIMEOUT_S = 2.0
 
 
-def _options(url: str, tls: RedisTLS) -> tuple[str, dict[str, Any]]:
+class _ReadOnlyIsOutage:
+    """A ``READONLY`` reply drops the connection and raises a connection error.
+
+    A server on a fixed address that answers READONLY is a primary demoted
+    under us (a failover behind a DNS name or a virtual IP): every later write
+    there fails, so the reply is an outage to retry on a new connection, not a
+    bad command (issue #17: producers got ``ReadOnlyError`` on every submit).
+    redis-py's Sentinel connections do the same (`redis.sentinel`).
+    """
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.ReadOnlyError:
+            self.disconnect()  # type: ignore[attr-defined]
+            raise redis.ConnectionError("READONLY: the server is a replica now") from None
+
+
+class _AsyncReadOnlyIsOutage:
+    """`_ReadOnlyIsOutage` for ``redis.asyncio`` connections."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.ReadOnlyError:
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise redis.ConnectionError("READONLY: the server is a replica now") from None
+
+
+class _Connection(_ReadOnlyIsOutage, redis.Connection):
+    pass
+
+
+class _SSLConnection(_ReadOnlyIsOutage, redis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_ReadOnlyIsOutage, redis.UnixDomainSocketConnection):
+    pass
+
+
+class _AsyncConnection(_AsyncReadOnlyIsOutage, redis.asyncio.Connection):
+    pass
+
+
+class _AsyncSSLConnection(_AsyncReadOnlyIsOutage, redis.asyncio.SSLConnection):
+    pass
+
+
+class _AsyncUnixConnection(_AsyncReadOnlyIsOutage, redis.asyncio.UnixDomainSocketConnection):
+    pass
+
+
+def _options(url: str, tls: RedisTLS, *, asynchronous: bool) -> tuple[str, dict[str, Any]]:
     """The URL redis-py reads and the options of every client of ours (sync or async)."""
     if url.startswith("redis+socket://"):
         url = "unix://" + url.removeprefix("redis+socket://")
     ssl_options = tls.options() if is_tls_url(url) else {}
-    return url, {**_common(), **ssl_options}
+    kinds: tuple[type, type, type] = (
+        (_AsyncUnixConnection, _AsyncSSLConnection, _AsyncConnection)
+        if asynchronous
+        else (_UnixConnection, _SSLConnection, _Connection)
+    )
+    unix, tls_class, plain = kinds
+    connection_class = unix if url.startswith("unix://") else tls_class if ssl_options else plain
+    return url, {**_common(), **ssl_options, "connection_class": connection_class}
 
 
 def _common() -> dict[str, Any]:
@@ -95,7 +155,7 @@ def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis
         )
         client: redis.Redis = sentinel.master_for(name, redis_class=redis.Redis, **primary)
         return client
-    url, options = _options(url, tls)
+    url, options = _options(url, tls, asynchronous=False)
     return redis.Redis.from_url(url, **options)
 
 
@@ -113,7 +173,7 @@ def async_redis_client(
             name, redis_class=redis.asyncio.Redis, **primary
         )
         return aclient
-    url, options = _options(url, tls)
+    url, options = _options(url, tls, asynchronous=True)
     return redis.asyncio.Redis.from_url(url, **options)
 
 

@@ -46,7 +46,8 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from redis.exceptions import NoScriptError, ReadOnlyError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from maas_worker.broker import fetch
 from maas_worker.broker.entries import (
@@ -69,6 +70,20 @@ log = logging.getLogger(__name__)
 #: Queues kombu declares for the replies to a remote-control broadcast
 #: (``<uuid>.reply.celery.pidbox``): the sender consumes its own.
 REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
+
+#: What a Redis demoted to a replica answers a client blocked in BRPOP (``-UNBLOCKED
+#: force unblock from blocking operation, instance state changed (master -> replica?)``).
+DEMOTED_REPLY = "UNBLOCKED"
+
+#: A ``READONLY`` reply (a replica, or a primary demoted under us) is a connection
+#: to the wrong server, not a bad command: on a fixed address Celery stopped
+#: consuming ("Unrecoverable error: ReadOnlyError", issue #17); as a connection
+#: error the worker reconnects instead and keeps trying until a writable primary
+#: answers there.
+CONNECTION_ERRORS: Any = (
+    *kombu_redis.Transport.connection_errors,
+    ReadOnlyError,
+)
 
 
 def _job_id(raw: Any) -> str:
@@ -434,6 +449,15 @@ class HardenedChannel(kombu_redis.Channel):
                 self._script_known = False
                 self._ready = True
                 raise Empty() from None
+            except ResponseError as exc:
+                if not str(exc).startswith(DEMOTED_REPLY):
+                    raise
+                # The server became a replica under our BRPOP (a failover):
+                # reconnect (through the sentinels, if any), as for a lost one.
+                self._ready = True
+                self._script_known = False
+                self.client.connection.disconnect()
+                raise RedisConnectionError("the server became a replica") from None
             if sent == "wait":
                 # Woken (or timed out: something may have arrived without a
                 # token, such as a message put back by the sweep): take next.
@@ -486,17 +510,6 @@ class HardenedSentinelChannel(HardenedChannel, kombu_redis.SentinelChannel):
     reconnects to the new primary. The take, the wake-ups and the checks are
     `HardenedChannel`'s, unchanged.
     """
-
-
-#: A ``READONLY`` reply (a replica, or a primary demoted under us) is a connection
-#: to the wrong server, not a bad command: on a fixed address Celery stopped
-#: consuming ("Unrecoverable error: ReadOnlyError", issue #17); as a connection
-#: error the worker reconnects instead and keeps trying until a writable primary
-#: answers there.
-CONNECTION_ERRORS: Any = (
-    *kombu_redis.Transport.connection_errors,
-    ReadOnlyError,
-)
 
 
 class Transport(kombu_redis.Transport):

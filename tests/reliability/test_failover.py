@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from maas_worker import UnknownJob
+from maas_worker import ServiceUnavailable, UnknownJob
 from maas_worker.backend.audit import AuditLog
 from maas_worker.backend.redis import backend_client
-from maas_worker.local.embedded import DEFAULT_MASTER_NAME, SentinelGroup
+from maas_worker.local.embedded import DEFAULT_MASTER_NAME, EmbeddedRedis, SentinelGroup
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import save_keyring
 
@@ -165,3 +165,35 @@ def test_sentinel_failover_under_load_loses_nothing(
         not_confirmed_but_ran=uncertain_ran,
         requeued_by_workers=stack.worker_logs().count("; requeueing"),
     )
+
+
+def test_demoted_primary_on_a_fixed_address_is_a_reconnect(make_stack: Any, report: Any) -> None:
+    """A ``redis://`` server that becomes a replica (a failover behind a fixed address):
+    submits fail with `ServiceUnavailable` (not ``ReadOnlyError``), the worker keeps
+    running (it stopped on "Unrecoverable error: ReadOnlyError"), and once the address
+    is a primary again both carry on with no restart."""
+    stack, _ = make_stack()
+    worker = stack.start_worker("ro", concurrency=1)
+    client = stack.client("acme")
+    assert client.submit("echo", {"n": 1}).result(timeout=WAIT_S)["echo"]["n"] == 1
+    with EmbeddedRedis() as other:
+        stack.backend.execute_command("REPLICAOF", "127.0.0.1", str(other.port))
+        wait_for(
+            lambda: stack.backend.execute_command("ROLE")[3] == b"connected",
+            WAIT_S,
+            "the demoted server to sync",
+        )
+        with pytest.raises(ServiceUnavailable):
+            client.submit("echo", {"n": 2})
+        # The worker's poll is cut (UNBLOCKED) and its takes meet READONLY: wait
+        # until it has been retrying a while, then bring the primary back.
+        wait_for(
+            lambda: stack.worker_logs().count("read only replica") >= 3,
+            WAIT_S,
+            "the worker to retry against the replica",
+        )
+        stack.backend.execute_command("REPLICAOF", "NO", "ONE")
+    assert worker.proc is not None and worker.proc.poll() is None
+    assert "Unrecoverable error" not in stack.worker_logs()
+    assert client.submit("echo", {"n": 3}).result(timeout=WAIT_S)["echo"]["n"] == 3
+    report(worker_restarts=0)
