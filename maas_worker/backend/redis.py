@@ -159,6 +159,22 @@ def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis
     return redis.Redis.from_url(url, **options)
 
 
+def sentinel_nodes(url: str, *, tls: RedisTLS, ha: RedisHA) -> list[tuple[str, int]]:
+    """(host, port) of the primary, then of each replica, that the sentinels of a
+    ``sentinel://`` URL know of now (`redis.RedisError` if none names a primary)."""
+    hosts, sentinel_kwargs, _ = sentinel_options(url, tls=tls, ha=ha)
+    name = _master_name(ha)
+    sentinel: Any = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        hosts, sentinel_kwargs=sentinel_kwargs
+    )
+    try:
+        primary = sentinel.discover_master(name)
+        return [tuple(primary), *(tuple(r) for r in sentinel.discover_slaves(name))]
+    finally:
+        for client in sentinel.sentinels:
+            client.close()
+
+
 def async_redis_client(
     url: str, *, tls: RedisTLS, ha: RedisHA | None = None
 ) -> redis.asyncio.Redis:
