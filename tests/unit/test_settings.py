@@ -165,6 +165,7 @@ def test_every_declared_variable_is_read() -> None:
         "MAAS_REDIS_SENTINEL_MASTER": "maas",
         "MAAS_REDIS_SENTINEL_PASSWORD": "spw",
         "MAAS_REDIS_SENTINEL_TLS": "1",
+        "MAAS_REDIS_WAIT_REPLICAS": "2",
     }
     for option in options():
         # TLS files need a rediss:// URL, and the client key its certificate.
