@@ -1,0 +1,119 @@
+"""Redis Sentinel and chosen durability against real servers (docs/scaling.md).
+
+One `SentinelGroup` (a primary, a replica, three sentinels) for the module;
+nothing here fails over (tests/reliability/test_failover.py does). Checked:
+clients and workers find the primary through ``sentinel://`` URLs, the
+async client and the gateway's factory too; ``MAAS_REDIS_WAIT_REPLICAS``
+asking for more replicas than there are fails a submit with the job ids and
+hands a finished job back at the worker rather than acknowledging it; and
+``maas-worker acl --apply`` finds every data node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from maas_worker import ServiceUnavailable
+from maas_worker.backend import keyspace
+from maas_worker.backend.redis import async_redis_client, backend_client, redis_client
+from maas_worker.local.embedded import DEFAULT_MASTER_NAME, SentinelGroup
+from maas_worker.settings import Settings
+from maas_worker.tenancy import acl
+from maas_worker.tenancy.keyring import Keyring, save_keyring
+
+from .conftest import WAIT_S, Stack, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[SentinelGroup]:
+    with SentinelGroup(replicas=1, sentinels=3) as g:
+        yield g
+
+
+@pytest.fixture
+def stack(group: SentinelGroup, tmp_path: Path) -> Iterator[Stack]:
+    keyring_path = tmp_path / "keyring.json"
+    save_keyring(keyring_path, Keyring().with_new_tenant("acme"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    env.update(
+        MAAS_BROKER_URL=group.url(),
+        MAAS_REDIS_SENTINEL_MASTER=DEFAULT_MASTER_NAME,
+        MAAS_KEYRING=str(keyring_path),
+        MAAS_DIAGNOSTIC_MODELS="1",
+        MAAS_TENANT="acme",
+        MAAS_MODEL_DIR=str(tmp_path / "models"),
+        MAAS_METRICS_PORT="0",
+        MAAS_REDIS_WAIT_TIMEOUT_MS="200",
+    )
+    backend = backend_client(Settings.from_env(env))
+    s = Stack(group.url(), tmp_path, keyring_path, env, backend)
+    try:
+        yield s
+    finally:
+        for w in s.workers:
+            w.stop(timeout_s=5)
+        backend.flushdb()  # the group's own servers, shared by this module only
+        backend.close()
+
+
+def test_clients_and_workers_find_the_primary_and_wait_for_the_replica(
+    group: SentinelGroup, stack: Stack
+) -> None:
+    stack.env["MAAS_REDIS_WAIT_REPLICAS"] = "1"
+    stack.start_worker("s1", concurrency=1)
+    with stack.client("acme") as client:
+        job = client.submit("echo", {"n": 1})
+        # Acknowledged after WAIT: the replica holds the job's queued marker already.
+        replica = redis_client(group.replicas()[0].url, tls=stack.settings.redis_tls)
+        assert replica.exists(keyspace.submitted("acme", job.id))
+        assert job.result(timeout=WAIT_S) == {"echo": {"n": 1}}
+        wait_for(lambda: replica.exists(keyspace.result("acme", job.id)), WAIT_S, "the result")
+        replica.close()
+    assert stack.outcomes(job.id) == ["succeeded"]
+
+    async def ping() -> bool:
+        s = stack.settings
+        client = async_redis_client(s.broker_url, tls=s.redis_tls, ha=s.redis_ha)
+        try:
+            return bool(await client.ping())
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(ping())
+
+
+def test_a_submit_not_confirmed_by_enough_replicas_fails_with_its_job_ids(stack: Stack) -> None:
+    stack.env["MAAS_REDIS_WAIT_REPLICAS"] = "2"  # there is one
+    with stack.client("acme") as client, pytest.raises(ServiceUnavailable) as caught:
+        client.submit_many("echo", [{"n": 1}, {"n": 2}])
+    assert "1 of 2 replica(s) confirmed within 200 ms" in str(caught.value)
+    assert "check their status" in str(caught.value)
+    assert len(caught.value.job_ids) == 2
+    # Queued on the primary all the same (no failover happened): status says so.
+    with stack.client("acme") as client:
+        assert {client.job(j).status() for j in caught.value.job_ids} == {"queued"}
+
+
+def test_a_worker_does_not_acknowledge_a_result_the_replicas_did_not_confirm(
+    stack: Stack,
+) -> None:
+    with stack.client("acme") as client:
+        job = client.submit("echo", {"n": 7})  # the client waits for no replica
+    stack.start_worker("s2", concurrency=1, env={"MAAS_REDIS_WAIT_REPLICAS": "2"})
+    assert job.result(timeout=WAIT_S) == {"echo": {"n": 7}}
+    # Stored, but not confirmed: handed back instead of acknowledged.
+    wait_for(lambda: "NotReplicated; requeueing" in stack.worker_logs(), WAIT_S, "the hand-back")
+
+
+def test_acl_apply_finds_every_data_node(group: SentinelGroup, stack: Stack) -> None:
+    nodes = acl.data_nodes(group.url(), stack.settings)
+    ports = [int(n.rsplit(":", 1)[1].split("/")[0]) for n in nodes]
+    assert ports[0] == group.primary_port()
+    assert sorted(ports) == sorted(n.port for n in group.nodes)
