@@ -197,3 +197,39 @@ def test_demoted_primary_on_a_fixed_address_is_a_reconnect(make_stack: Any, repo
     assert "Unrecoverable error" not in stack.worker_logs()
     assert client.submit("echo", {"n": 3}).result(timeout=WAIT_S)["echo"]["n"] == 3
     report(worker_restarts=0)
+
+
+def test_replica_lag_fails_submits_with_their_ids_and_loses_no_job(
+    sentinel_stack: Any, report: Any
+) -> None:
+    """Replicas that stop acknowledging (SIGSTOP: replication lag without end), with
+    ``MAAS_REDIS_WAIT_REPLICAS=1``: a submit fails within the wait's timeout, naming
+    its jobs (queued on the primary all the same), never a hang; a worker that ran
+    such a job hands it back rather than trusting the unconfirmed result; once the
+    replicas catch up every job is done, once."""
+    stack, group = sentinel_stack(
+        MAAS_REDIS_WAIT_REPLICAS="1", MAAS_REDIS_WAIT_TIMEOUT_MS="300", MAAS_LEASE_S="3"
+    )
+    stack.start_worker("lag", concurrency=1)
+    client = stack.client("acme")
+    first = client.submit("echo", {"n": 0})
+    assert first.result(timeout=WAIT_S) == {"echo": {"n": 0}}
+    replicas = group.replicas()
+    for node in replicas:
+        node.freeze()
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="0 of 1 replica") as caught:
+            client.submit_many("echo", [{"n": 1}, {"n": 2}])
+        refused_s = time.monotonic() - started
+        assert refused_s < 5.0
+        assert len(caught.value.job_ids) == 2
+        wait_for(lambda: "NotReplicated; requeueing" in stack.worker_logs(), WAIT_S, "a hand-back")
+    finally:
+        for node in replicas:
+            node.thaw()
+    group.wait_replicated()
+    jobs = [client.job(j) for j in caught.value.job_ids]
+    assert sorted(j.result(timeout=WAIT_S)["echo"]["n"] for j in jobs) == [1, 2]
+    assert_once(stack, [first, *jobs])
+    report(refused_submit_s=round(refused_s, 2), lost=0, duplicated=0)
