@@ -47,6 +47,7 @@ def test_sentinel_tls_needs_a_sentinel_url_and_enables_the_tls_options() -> None
     s = Settings.from_env({**ENV, "MAAS_REDIS_SENTINEL_TLS": "1", "MAAS_REDIS_TLS_VERIFY": "none"})
     assert s.redis_ssl(s.broker_url) == s.redis_tls.options()
     hosts, sentinel_kwargs, primary = sentinel_options(URL, tls=s.redis_tls, ha=s.redis_ha)
+    assert hosts[1] == ("10.0.0.2", 26380)
     assert sentinel_kwargs["ssl"] is True and primary["ssl"] is True
     assert primary["password"] == "pw" and primary["db"] == 2
 
