@@ -241,12 +241,12 @@ def is_sentinel_url(url: str) -> bool:
 
 @dataclass(frozen=True)
 class SentinelURL:
-    """A ``sentinel://[user:password@]host:port[/db];sentinel://host:port;...`` URL, read.
+    """A ``sentinel://[user:password@]host:port[/db];sentinel://...`` URL, read.
 
     The sentinels are asked which server is the primary of the master name
     (`RedisHA.sentinel_master`); ``username`` and ``password`` are the data
-    nodes' ACL user (as kombu reads them: the first URL that has them), and
-    ``db`` the database number on them.
+    nodes' ACL user, and ``db`` the database number on them (the same in
+    every part: `sentinel_hosts`).
     """
 
     hosts: tuple[tuple[str, int], ...]
@@ -256,10 +256,14 @@ class SentinelURL:
 
 
 def sentinel_hosts(url: str, *, name: str = "the URL") -> SentinelURL:
-    """Read a ``sentinel://`` URL (`SentinelURL`); `ConfigError` naming ``name`` if malformed."""
+    """Read a ``sentinel://`` URL (`SentinelURL`); `ConfigError` naming ``name`` if malformed.
+
+    Every part must carry the same user, password and database (none: no
+    password, database 0): kombu takes them from whichever part it is
+    connected through, and moves to the next part when a sentinel is down.
+    """
     hosts: list[tuple[str, int]] = []
-    username = password = None
-    db = 0
+    seen: set[tuple[str | None, str | None, int]] = set()
     for part in url.split(";"):
         parts = urlsplit(part.strip())
         try:
@@ -268,17 +272,21 @@ def sentinel_hosts(url: str, *, name: str = "the URL") -> SentinelURL:
             port = -1
         if parts.scheme != "sentinel" or not parts.hostname or port < 1:
             raise ConfigError(
-                f"{name} must look like sentinel://host:port;sentinel://host:port/db "
+                f"{name} must look like sentinel://host:port/db;sentinel://host:port/db "
                 "(every part a sentinel:// address)"
             )
         hosts.append((parts.hostname, port))
-        if password is None and parts.password is not None:
-            username, password = parts.username or None, parts.password
         path = parts.path.strip("/")
-        if path:
-            if not path.isdigit():
-                raise ConfigError(f"{name}: the database must be a number, got {path[:16]!r}")
-            db = int(path)
+        if path and not path.isdigit():
+            raise ConfigError(f"{name}: the database must be a number, got {path[:16]!r}")
+        seen.add((parts.username or None, parts.password, int(path or 0)))
+    if len(seen) != 1:
+        raise ConfigError(
+            f"{name}: every sentinel:// part must give the same user, password and "
+            "database (kombu reads them from the sentinel it connects through): "
+            "sentinel://user:password@h1:26379/0;sentinel://user:password@h2:26379/0"
+        )
+    username, password, db = seen.pop()
     return SentinelURL(tuple(hosts), username, password, db)
 
 

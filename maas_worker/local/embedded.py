@@ -12,7 +12,7 @@ watch them (the server binary in sentinel mode, ``--sentinel``), for the
 failover tests (docs/scaling.md)::
 
     with SentinelGroup(replicas=1, sentinels=3) as group:
-        print(group.url)             # sentinel://127.0.0.1:P1;sentinel://...;.../0
+        print(group.url())           # sentinel://127.0.0.1:P1/0;sentinel://127.0.0.1:P2/0;...
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ class EmbeddedRedis:
         data_dir: Path | None = None,
         appendonly: bool = False,
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
     ) -> None:
+        #: ``requirepass`` (and ``masterauth``, for a replica), or None.
+        self.password = password
         self._requested_port = port
         self.port = port or 0
         self._own_dir = data_dir is None
@@ -116,6 +119,11 @@ class EmbeddedRedis:
             "no",
             "--protected-mode",
             "yes",
+            *(
+                ("--requirepass", self.password, "--masterauth", self.password)
+                if self.password
+                else ()
+            ),
             *self._extra,
         ]
 
@@ -138,7 +146,9 @@ class EmbeddedRedis:
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5
+        )
         try:
             while time.monotonic() < deadline:
                 if self._proc is None or self._proc.poll() is not None:
@@ -243,8 +253,12 @@ class EmbeddedSentinel(EmbeddedRedis):
         quorum: int = 2,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 10_000,
+        auth_pass: str | None = None,
+        password: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(password=password)
+        #: The data nodes' password (``sentinel auth-pass``), or None.
+        self.auth_pass = auth_pass
         self.primary_port = primary_port
         self.master_name = master_name
         self.quorum = quorum
@@ -266,6 +280,20 @@ class EmbeddedSentinel(EmbeddedRedis):
                         f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
                         f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
                         f"sentinel parallel-syncs {name} 1",
+                        *(
+                            [f"sentinel auth-pass {name} {self.auth_pass}"]
+                            if self.auth_pass
+                            else []
+                        ),
+                        # Its own password, and the one it gives the other sentinels.
+                        *(
+                            [
+                                f"requirepass {self.password}",
+                                f"sentinel sentinel-pass {self.password}",
+                            ]
+                            if self.password
+                            else []
+                        ),
                         "",
                     ]
                 )
@@ -291,16 +319,25 @@ class SentinelGroup:
         master_name: str = DEFAULT_MASTER_NAME,
         appendonly: bool = False,
         down_after_ms: int = 1000,
+        password: str | None = None,
+        sentinel_password: str | None = None,
     ) -> None:
         self.master_name = master_name
-        self.nodes = [EmbeddedRedis(appendonly=appendonly) for _ in range(replicas + 1)]
+        #: The data nodes' ``requirepass``, and the sentinels' own, or None.
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.nodes = [
+            EmbeddedRedis(appendonly=appendonly, password=password) for _ in range(replicas + 1)
+        ]
         self._sentinel_count = sentinels
         self._down_after_ms = down_after_ms
         self.sentinels: list[EmbeddedSentinel] = []
 
     def url(self, db: int = 0) -> str:
-        """The ``sentinel://`` URL of every sentinel (MAAS_BROKER_URL / MAAS_RESULT_BACKEND)."""
-        return ";".join(f"sentinel://127.0.0.1:{s.port}" for s in self.sentinels) + f"/{db}"
+        """The ``sentinel://`` URL of every sentinel (MAAS_BROKER_URL / MAAS_RESULT_BACKEND),
+        with the data nodes' password in each part."""
+        auth = f":{self.password}@" if self.password else ""
+        return ";".join(f"sentinel://{auth}127.0.0.1:{s.port}/{db}" for s in self.sentinels)
 
     def start(self) -> SentinelGroup:
         """Start the primary, its replicas (in sync) and the sentinels (all agreeing)."""
@@ -317,6 +354,8 @@ class SentinelGroup:
                     master_name=self.master_name,
                     quorum=quorum,
                     down_after_ms=self._down_after_ms,
+                    auth_pass=self.password,
+                    password=self.sentinel_password,
                 )
                 self.sentinels.append(sentinel)
                 sentinel.start()
@@ -342,9 +381,15 @@ class SentinelGroup:
                 out.append(client.sentinel_master(self.master_name))
         return out
 
-    @staticmethod
-    def _client(port: int) -> Any:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+    def _client(self, port: int) -> Any:
+        sentinel = any(s.port == port for s in self.sentinels)
+        return redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            password=self.sentinel_password if sentinel else self.password,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+        )
 
     @staticmethod
     def _wait(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:

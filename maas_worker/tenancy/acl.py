@@ -422,12 +422,12 @@ def database(url: str) -> int:
 def role_url(server: str, role: str, password: str | None) -> str:
     """The URL ``role`` connects with; ``****`` in place of the password if it is None.
 
-    For a ``sentinel://`` URL the user and password go on its first part (kombu reads
-    them there); they are the data nodes' user, not the sentinels'.
+    For a ``sentinel://`` URL the user and password go on every part (kombu reads them
+    from the sentinel it connects through); they are the data nodes' user, not the
+    sentinels'.
     """
     if ";" in server:
-        first, rest = server_url(server).split(";", 1)
-        return role_url(first, role, password) + ";" + rest
+        return ";".join(role_url(part, role, password) for part in server.split(";"))
     parts = urlsplit(server_url(server))
     secret = "****" if password is None else quote(password, safe="")
     netloc = f"{quote(role, safe='')}:{secret}@{parts.netloc}"

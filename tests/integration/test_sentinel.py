@@ -1,6 +1,7 @@
 """Redis Sentinel and chosen durability against real servers (docs/scaling.md).
 
-One `SentinelGroup` (a primary, a replica, three sentinels) for the module;
+One `SentinelGroup` (a primary, a replica, three sentinels; passwords on the
+data nodes and on the sentinels) for the module;
 nothing here fails over (tests/reliability/test_failover.py does). Checked:
 clients and workers find the primary through ``sentinel://`` URLs, the
 async client and the gateway's factory too; ``MAAS_REDIS_WAIT_REPLICAS``
@@ -33,7 +34,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def group() -> Iterator[SentinelGroup]:
-    with SentinelGroup(replicas=1, sentinels=3) as g:
+    # Passwords on the data nodes (in the URL) and on the sentinels themselves.
+    with SentinelGroup(
+        replicas=1, sentinels=3, password="node-pw", sentinel_password="sentinel-pw"
+    ) as g:
         yield g
 
 
@@ -45,6 +49,7 @@ def stack(group: SentinelGroup, tmp_path: Path) -> Iterator[Stack]:
     env.update(
         MAAS_BROKER_URL=group.url(),
         MAAS_REDIS_SENTINEL_MASTER=DEFAULT_MASTER_NAME,
+        MAAS_REDIS_SENTINEL_PASSWORD="sentinel-pw",
         MAAS_KEYRING=str(keyring_path),
         MAAS_DIAGNOSTIC_MODELS="1",
         MAAS_TENANT="acme",
@@ -71,7 +76,10 @@ def test_clients_and_workers_find_the_primary_and_wait_for_the_replica(
     with stack.client("acme") as client:
         job = client.submit("echo", {"n": 1})
         # Acknowledged after WAIT: the replica holds the job's queued marker already.
-        replica = redis_client(group.replicas()[0].url, tls=stack.settings.redis_tls)
+        node = group.replicas()[0]
+        replica = redis_client(
+            f"redis://:node-pw@127.0.0.1:{node.port}/0", tls=stack.settings.redis_tls
+        )
         assert replica.exists(keyspace.submitted("acme", job.id))
         assert job.result(timeout=WAIT_S) == {"echo": {"n": 1}}
         wait_for(lambda: replica.exists(keyspace.result("acme", job.id)), WAIT_S, "the result")

@@ -48,7 +48,10 @@ def sentinel_stack(
 
     def factory(**extra_env: str) -> tuple[Stack, SentinelGroup]:
         tmp = tmp_path_factory.mktemp("sstack")
-        group = SentinelGroup(replicas=2, sentinels=3).start()
+        # Passwords on the data nodes and the sentinels, as in production.
+        group = SentinelGroup(
+            replicas=2, sentinels=3, password="node-pw", sentinel_password="sentinel-pw"
+        ).start()
         keyring_path = tmp / "keyring.json"
         save_keyring(keyring_path, make_keyring())
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
@@ -56,6 +59,7 @@ def sentinel_stack(
             {
                 "MAAS_BROKER_URL": group.url(),
                 "MAAS_REDIS_SENTINEL_MASTER": DEFAULT_MASTER_NAME,
+                "MAAS_REDIS_SENTINEL_PASSWORD": "sentinel-pw",
                 "MAAS_KEYRING": str(keyring_path),
                 "MAAS_DIAGNOSTIC_MODELS": "1",
                 "MAAS_TENANT": TENANTS[0],
@@ -91,9 +95,20 @@ def sentinel_stack(
         ),
     ],
 )
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "celery",
+        pytest.param(
+            "batch",
+            marks=pytest.mark.skipif(SCALE == "small", reason="full size only (make reliability)"),
+        ),
+    ],
+)
 def test_sentinel_failover_under_load_loses_nothing(
-    sentinel_stack: Any, report: Any, old_primary: str
+    sentinel_stack: Any, report: Any, old_primary: str, mode: str
 ) -> None:
+    """mode: Celery's task consumer, or the batch consumer (``--batch-consumer``)."""
     visibility_s = 5
     stack, group = sentinel_stack(
         MAAS_VISIBILITY_TIMEOUT_S=str(visibility_s),
@@ -101,7 +116,8 @@ def test_sentinel_failover_under_load_loses_nothing(
         MAAS_REDIS_WAIT_REPLICAS="1",
         MAAS_REDIS_WAIT_TIMEOUT_MS="2000",
     )
-    workers = [stack.start_worker(f"f{i}", concurrency=2) for i in range(2)]
+    args = ("--batch-consumer",) if mode == "batch" else ()
+    workers = [stack.start_worker(f"f{i}", concurrency=2, args=args) for i in range(2)]
     pids = [w.proc.pid for w in workers if w.proc is not None]
     # A dead primary that stays down leaves one replica: one failover.
     failovers = SIZE.failovers if old_primary == "returns" else 1
@@ -170,6 +186,7 @@ def test_sentinel_failover_under_load_loses_nothing(
         jobs=len(jobs),
         failovers=failovers,
         old_primary=old_primary,
+        mode=mode,
         failover_s=[round(t, 2) for t in took],
         old_primary_demoted_after_s=[round(t, 1) for t in demoted],
         refused_submits=producer.refused,
