@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -57,6 +57,18 @@ def server_binary() -> Path:
     )
 
 
+class TLSFiles(NamedTuple):
+    """The PEM files of a TLS-only `EmbeddedRedis`: its server certificate and key, the CA,
+    and the certificate it presents when it connects as a client (a replica to its
+    primary, a sentinel to the data nodes; a server certificate may not be valid for it)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -79,9 +91,15 @@ class EmbeddedRedis:
         appendonly: bool = False,
         extra_args: tuple[str, ...] = (),
         password: str | None = None,
+        tls_files: TLSFiles | None = None,
+        binary: Path | None = None,
     ) -> None:
         #: ``requirepass`` (and ``masterauth``, for a replica), or None.
         self.password = password
+        #: Listen with TLS only, replicate over TLS (`TLSFiles`); None: plain.
+        self.tls_files = tls_files
+        #: The server binary (one built with TLS, for ``tls_files``); None: `server_binary`.
+        self.binary = binary
         self._requested_port = port
         self.port = port or 0
         self._own_dir = data_dir is None
@@ -100,9 +118,35 @@ class EmbeddedRedis:
         """The server's log file."""
         return self.data_dir / "server.log"
 
+    def _tls_options(self) -> list[str]:
+        """Listen on TLS only (``port 0``), replicate over TLS; clients need no certificate."""
+        if self.tls_files is None:
+            return []
+        files = self.tls_files
+        client = (
+            [f"tls-client-cert-file {files.client_cert}", f"tls-client-key-file {files.client_key}"]
+            if files.client_cert and files.client_key
+            else []
+        )
+        return [
+            "port 0",
+            f"tls-port {self.port}",
+            f"tls-cert-file {files.cert}",
+            f"tls-key-file {files.key}",
+            f"tls-ca-cert-file {files.ca}",
+            *client,
+            "tls-replication yes",
+            "tls-auth-clients optional",
+        ]
+
+    def probe_options(self) -> dict[str, Any]:
+        """redis-py options of a client of this server (password, TLS)."""
+        ssl = {"ssl": True, "ssl_ca_certs": str(self.tls_files.ca)} if self.tls_files else {}
+        return {"password": self.password, **ssl}
+
     def _command(self) -> list[str]:
         return [
-            str(server_binary()),
+            str(self.binary or server_binary()),
             "--port",
             str(self.port),
             "--bind",
@@ -124,6 +168,7 @@ class EmbeddedRedis:
                 if self.password
                 else ()
             ),
+            *(arg for line in self._tls_options() for arg in ("--" + line).split(" ", 1)),
             *self._extra,
         ]
 
@@ -147,7 +192,7 @@ class EmbeddedRedis:
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         client = redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, socket_connect_timeout=0.5
+            host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, **self.probe_options()
         )
         try:
             while time.monotonic() < deadline:
@@ -255,8 +300,10 @@ class EmbeddedSentinel(EmbeddedRedis):
         failover_timeout_ms: int = 10_000,
         auth_pass: str | None = None,
         password: str | None = None,
+        tls_files: TLSFiles | None = None,
+        binary: Path | None = None,
     ) -> None:
-        super().__init__(password=password)
+        super().__init__(password=password, tls_files=tls_files, binary=binary)
         #: The data nodes' password (``sentinel auth-pass``), or None.
         self.auth_pass = auth_pass
         self.primary_port = primary_port
@@ -294,11 +341,12 @@ class EmbeddedSentinel(EmbeddedRedis):
                             if self.password
                             else []
                         ),
+                        *self._tls_options(),
                         "",
                     ]
                 )
             )
-        return [str(server_binary()), str(conf), "--sentinel"]
+        return [str(self.binary or server_binary()), str(conf), "--sentinel"]
 
 
 class SentinelGroup:
@@ -321,13 +369,20 @@ class SentinelGroup:
         down_after_ms: int = 1000,
         password: str | None = None,
         sentinel_password: str | None = None,
+        tls_files: TLSFiles | None = None,
+        binary: Path | None = None,
     ) -> None:
         self.master_name = master_name
+        self._tls_files = tls_files
+        self._binary = binary
         #: The data nodes' ``requirepass``, and the sentinels' own, or None.
         self.password = password
         self.sentinel_password = sentinel_password
         self.nodes = [
-            EmbeddedRedis(appendonly=appendonly, password=password) for _ in range(replicas + 1)
+            EmbeddedRedis(
+                appendonly=appendonly, password=password, tls_files=tls_files, binary=binary
+            )
+            for _ in range(replicas + 1)
         ]
         self._sentinel_count = sentinels
         self._down_after_ms = down_after_ms
@@ -356,6 +411,8 @@ class SentinelGroup:
                     down_after_ms=self._down_after_ms,
                     auth_pass=self.password,
                     password=self.sentinel_password,
+                    tls_files=self._tls_files,
+                    binary=self._binary,
                 )
                 self.sentinels.append(sentinel)
                 sentinel.start()
@@ -382,13 +439,13 @@ class SentinelGroup:
         return out
 
     def _client(self, port: int) -> Any:
-        sentinel = any(s.port == port for s in self.sentinels)
+        process = next(p for p in (*self.sentinels, *self.nodes) if p.port == port)
         return redis.Redis(
             host="127.0.0.1",
             port=port,
-            password=self.sentinel_password if sentinel else self.password,
             socket_timeout=2,
             socket_connect_timeout=2,
+            **process.probe_options(),
         )
 
     @staticmethod
