@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@# PYTHONWARNINGS: setuptools warns on every editable build that a folder named like
 	@# the package may shadow it, which is this checkout, on purpose.
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[dev,worker,flower,local,gateway]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install --quiet -e '.[dev,worker,flower,local,gateway,private]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -78,7 +78,9 @@ bench: venv
 	$(BIN)/python benchmarks/batching.py
 	$(BIN)/python benchmarks/async_client.py
 	$(BIN)/python benchmarks/fairshare.py
+	$(BIN)/python benchmarks/private.py
 	$(BIN)/python benchmarks/gateway.py
+	$(BIN)/python benchmarks/idle.py
 
 .PHONY: format coverage lock compose-test lint-containers
 

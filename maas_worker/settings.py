@@ -63,6 +63,9 @@ DEFAULT_JOB_TTL_S = 3600
 DEFAULT_RESULT_TTL_S = 3600
 DEFAULT_MAX_INPUT_BYTES = 1024 * 1024
 DEFAULT_MAX_RESULT_BYTES = 4 * 1024 * 1024
+DEFAULT_PRIVATE_CONTEXT_TTL_S = 7 * 24 * 3600
+DEFAULT_PRIVATE_MAX_CONTEXT_BYTES = 64 * 1024 * 1024
+DEFAULT_PRIVATE_CONTEXT_CACHE = 4
 DEFAULT_CLOCK_SKEW_S = 30
 #: A claim holder is presumed dead when its liveness key is this old.
 DEFAULT_LEASE_S = 15
@@ -100,6 +103,11 @@ DEFAULT_GATEWAY_MAX_WAIT_S = 60.0
 def _default_keyring(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "maas-worker" / "keyring.json"
+
+
+def _default_private_keys(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "maas-worker" / "private"
 
 
 def _default_model_keys(env: Mapping[str, str]) -> Path:
@@ -742,6 +750,40 @@ class Settings:
         shown="`$XDG_CONFIG_HOME/maas-worker/model-keys.json`",
         doc="model encryption keys (JSON, mode 0600, refused if group/others can access it); "
         "needed only by workers serving encrypted models",
+    )
+    private_key_dir: Path = setting(
+        factory=lambda: _default_private_keys(os.environ),
+        env_default=_default_private_keys,
+        env="MAAS_PRIVATE_KEY_DIR",
+        parse=parse_path,
+        check=is_path,
+        shown="`$XDG_CONFIG_HOME/maas-worker/private`",
+        doc="the client's CKKS keys for private inference, `<tenant>.ckks` (secret, 0600) and "
+        "`<tenant>.ckks.pub` ([private-inference.md](private-inference.md)); never on a worker",
+    )
+    private_context_ttl_s: int = setting(
+        DEFAULT_PRIVATE_CONTEXT_TTL_S,
+        env="MAAS_PRIVATE_CONTEXT_TTL_S",
+        parse=parse_int,
+        check=int_in(60, MAX_JOB_TTL_S * 2),
+        doc="how long a registered public CKKS context is kept in Redis; the client "
+        "registers it again when it is gone, and refreshes it when it has less than a job's "
+        "lifetime left",
+    )
+    private_max_context_bytes: int = setting(
+        DEFAULT_PRIVATE_MAX_CONTEXT_BYTES,
+        env="MAAS_PRIVATE_MAX_CONTEXT_BYTES",
+        parse=parse_int,
+        check=int_in(1),
+        doc="largest public CKKS context a worker loads (the default parameters need ~19 MB)",
+    )
+    private_context_cache: int = setting(
+        DEFAULT_PRIVATE_CONTEXT_CACHE,
+        env="MAAS_PRIVATE_CONTEXT_CACHE",
+        parse=parse_int,
+        check=int_in(1, 1024),
+        doc="public CKKS contexts each worker process keeps loaded (least recently used "
+        "first out; each is about 12 MB in memory)",
     )
     visibility_timeout_s: int = setting(
         DEFAULT_VISIBILITY_TIMEOUT_S,

@@ -102,8 +102,9 @@ def release(key: SigningKey, manifest: Manifest, previous: Release | None) -> Re
 def check_served(key: SigningKey, version: str) -> None:
     """Resolve the bare name as a worker does, trusting only the new public key."""
     signers = TrustedSigners.from_paths([SIGNERS_DIR])
-    if set(signers.keys) != {key.key_id}:
-        raise SystemExit(f"{SIGNERS_DIR} holds other keys than {key.key_id}")
+    # The folder also holds the key of digits-he (scripts/build_digits_he_model.py).
+    if key.key_id not in signers.keys:
+        raise SystemExit(f"{SIGNERS_DIR} does not hold {key.key_id}")
     repo = ModelRepository(BUNDLED, signers=lambda: (signers, False), model_keys=ModelKeys)
     model = repo.get("digits", None)
     if model is None or model.version != version:

@@ -2,9 +2,10 @@
 
 A record holds the job id, the tenant (as claimed by the message, with
 ``verified`` saying whether its MAC checked), the reason, the time and the
-worker; never payload, keys or ciphertext. ``model_rejected`` records a model
-version refused at load (job id and tenant empty) and carries a ``detail``:
-the model reference and the check that failed, never a path or model bytes.
+worker (its Celery node name: `name_worker`); never payload, keys or
+ciphertext. ``model_rejected`` records a model version refused at load (job
+id and tenant empty) and carries a ``detail``: the model reference and the
+check that failed, never a path or model bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 
@@ -28,6 +29,16 @@ log = logging.getLogger("maas_worker.audit")
 REASONS: frozenset[str] = frozenset(AuditReason)
 #: Longest job id or tenant stored; anything longer is cut (it is untrusted).
 _MAX_FIELD = 128
+
+
+def name_worker(node: str) -> None:
+    """Make this process's records (and its children's) name worker node ``node``.
+
+    A worker calls it with its Celery node name (``celery@host``, ``-n``) before
+    its pool starts: several nodes on one host, or hosts that share a hostname,
+    are then told apart. A process that never calls it names its host.
+    """
+    AuditLog.node = node
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,9 @@ class AuditLog:
     exception it raises is logged, never passed on.
     """
 
+    #: The worker node this process's records name (`name_worker`); None: the host's.
+    node: ClassVar[str | None] = None
+
     def __init__(
         self,
         client: redis.Redis,
@@ -95,7 +109,7 @@ class AuditLog:
     ) -> None:
         self._r = client
         self._maxlen = maxlen
-        self._worker = socket.gethostname()
+        self._host = socket.gethostname()
         self._on_record = on_record
 
     def record(
@@ -111,7 +125,7 @@ class AuditLog:
             tenant=tenant,
             reason=reason,
             verified=verified,
-            worker=self._worker,
+            worker=AuditLog.node or self._host,
             detail=detail,
         )
         if self._on_record is not None:

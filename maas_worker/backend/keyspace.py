@@ -13,14 +13,16 @@ cannot run into each other.
 Who writes what (the least-privilege roles of docs/security.md follow it):
 
 * producers: ``job`` (queued marker), ``payload`` (claim check), ``cancel``,
-  ``pending`` (advisory quota), and they pop their ``done`` list; they read
-  the model catalogue (``catalog``, ``models``) and the node list (``nodes``);
+  ``pending`` (advisory quota), ``ckks`` (public CKKS contexts, private
+  inference), and they pop their ``done`` list; they read the model catalogue
+  (``catalog``, ``models``) and the node list (``nodes``);
 * workers: everything else (claims, results, attempts, faults, rejections,
   the quota bucket and in-flight set, the audit stream, the model release
   floor ``releases``).
 
 None of them ever holds plaintext: results are sealed envelopes, the rest
-are markers, holder ids and audit records without payload.
+are markers, holder ids and audit records without payload (a ``ckks`` context
+is a public key set: no secret key, no input).
 """
 
 from __future__ import annotations
@@ -120,6 +122,15 @@ def killed(tenant: str, job_id: str) -> str:
 def payload(tenant: str, job_id: str) -> str:
     """A large sealed request, stored raw beside its small Celery message (claim check)."""
     return _job("payload", tenant, job_id)
+
+
+def ckks_context(tenant: str, digest: str) -> str:
+    """A tenant's public CKKS evaluation context (private inference), named by its SHA-256.
+
+    Written by the tenant's client (its producer role), read by workers, which check
+    the bytes against the digest the sealed job names (docs/private-inference.md).
+    """
+    return f"{tenant_prefix(tenant)}ckks:{digest}"
 
 
 def submitted(tenant: str, job_id: str) -> str:

@@ -20,7 +20,7 @@ import binascii
 import re
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +131,14 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def tenants_named(ring: Iterable[Any], arrivals: Iterable[Any]) -> list[str]:
+    """The tenants with work in a job queue, from its ring and arrivals (replies of
+    ``LRANGE`` and ``SMEMBERS``), sorted. Whoever can push wrote the arrivals: names
+    only, checked."""
+    named = {_text(t) for t in [*ring, *arrivals]}
+    return sorted(t for t in named if TENANT_RE.fullmatch(t))
+
+
 def read_backlog(broker: redis.Redis, *, now: float | None = None) -> Backlog:
     """Queue lengths and oldest-job ages of every priority and tenant, in two round trips."""
     now = time.time() if now is None else now
@@ -150,9 +158,7 @@ def read_backlog(broker: redis.Redis, *, now: float | None = None) -> Backlog:
     for i, priority in enumerate(PRIORITIES):
         depth[priority] = int(replies[4 * i])
         ages[priority] = _age(replies[4 * i + 1], now)
-        # Whoever can push wrote the arrivals: names only, checked.
-        named = {_text(t) for t in [*replies[4 * i + 2], *replies[4 * i + 3]]}
-        tenants[priority] = sorted(t for t in named if TENANT_RE.fullmatch(t))
+        tenants[priority] = tenants_named(replies[4 * i + 2], replies[4 * i + 3])
 
     def build_tenants(pipe: Any) -> None:
         for priority in PRIORITIES:

@@ -37,6 +37,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 from maas_worker.backend import scripts
 from maas_worker.protocol import MAX_TENANT_WEIGHT, QUEUE_NAMES, TENANT_RE
 
@@ -62,6 +64,10 @@ ARRIVALS_PREFIX = "maas:arrivals:"
 WEIGHTS_KEY = "maas:weights"
 #: The message property naming the tenant whose list a producer's message goes to.
 TENANT_PROPERTY = "maas_tenant"
+#: The Celery header the worker's transport writes on a job taken from a tenant's
+#: list, naming that tenant (the pipeline checks it against the sealed one).
+#: Never the producer's: the transport rebuilds a job's headers on delivery.
+LIST_TENANT_HEADER = "maas_list_tenant"
 #: Arrivals admitted to a ring per take at most (keeps a take O(1)).
 ADMIT_PER_TAKE = 16
 #: The highest weight honoured (a turn longer than this is a monopoly, not a share).
@@ -222,9 +228,15 @@ def take(
     returned with ``reserved`` set is in kombu's unacked hash until `ack`
     (or the visibility sweep puts it back).
     """
-    return parse(
-        client.execute_command(*command(queues, count=count, max_chars=max_chars, now=now))
-    )
+    try:
+        # By SHA: the script's text is 10 KB, sent only when the server lacks it.
+        reply = client.execute_command(
+            *command(queues, count=count, max_chars=max_chars, now=now, by_sha=True)
+        )
+    except NoScriptError:
+        # A restarted or flushed server: the script itself (cached from then on).
+        reply = client.execute_command(*command(queues, count=count, max_chars=max_chars, now=now))
+    return parse(reply)
 
 
 def ack(client: Any, tags: Iterable[str]) -> None:
@@ -248,6 +260,30 @@ def push(pipe: Any, queue: str, tenant: str, messages: Sequence[str]) -> None:
     pipe.lpush(tenant_queue(queue, tenant), *messages)
     pipe.sadd(arrivals_key(queue), tenant)
     ring(pipe, len(messages))
+
+
+def hand_back(client: Any, taken: Sequence[Taken]) -> set[str]:
+    """Put reserved messages back at the front of the lists they came from, each only
+    while its reservation is held (broker/lua/hand_back.lua); the tags handed back.
+
+    One the visibility sweep already put back is dropped: that copy is the job now
+    (a second would be refused ``replayed``). One script: nothing lost or doubled
+    by a crash.
+    """
+    args: list[str] = [str(WAKE_MAX)]
+    for t in taken:
+        if t.tag is None:
+            continue
+        source = t.source or t.queue
+        split = split_tenant_queue(source)
+        arrivals, tenant = (arrivals_key(split[0]), split[1]) if split else ("", "")
+        args += [t.tag, source, t.raw, arrivals, tenant]
+    if len(args) == 1:
+        return set()
+    # redis-py's Script: EVALSHA, loaded again on NOSCRIPT (a restarted server).
+    script = scripts.register(client, "hand_back")
+    reply = script(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, WAKE_KEY], args=args)
+    return {_text(tag) for tag in reply}
 
 
 def announce(pipe: Any, source: str) -> None:

@@ -227,6 +227,8 @@ class HardenedChannel(kombu_redis.Channel):
     _sent = "wait"
     #: Whether the server has the take script cached (EVALSHA, not EVAL).
     _script_known = False
+    #: The tenant whose list the message being delivered was taken from.
+    _list_tenant: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         #: Queues consumed without acknowledgement (remote-control replies).
@@ -375,6 +377,9 @@ class HardenedChannel(kombu_redis.Channel):
             if queue in JOB_QUEUES:
                 # An eta no further ahead than our own retries set one.
                 sanitize_headers(raw, max_eta_s=self._worker_settings().max_retry_delay_s)
+                if self._list_tenant is not None:
+                    # Celery hands headers to the task as request attributes.
+                    raw["headers"][fetch.LIST_TENANT_HEADER] = self._list_tenant
             try:
                 return inner(raw)
             except (*self.connection.connection_errors, *self.connection.channel_errors):
@@ -496,7 +501,13 @@ class HardenedChannel(kombu_redis.Channel):
             return True
         if taken.tag is not None:
             self.qos.prereserved.add(taken.tag)
-        self.connection._deliver(raw, taken.queue)
+        # Read by the delivery callback (basic_consume's deliver), which runs
+        # inside _deliver: the tenant list is known here, not in the message.
+        self._list_tenant = taken.tenant
+        try:
+            self.connection._deliver(raw, taken.queue)
+        finally:
+            self._list_tenant = None
         return True
 
 

@@ -21,7 +21,7 @@ import click
 import redis
 
 from maas_worker import __version__
-from maas_worker.cli import acl, fleet, gateway, jobs, keys, models, server, services
+from maas_worker.cli import acl, fleet, gateway, jobs, keys, models, private, server, services
 from maas_worker.cli.context import CONTEXT_SETTINGS, Group, Invocation
 from maas_worker.errors import MaasError, connection_cause
 from maas_worker.settings import redact_url
@@ -68,6 +68,7 @@ for _command in (
     fleet.metrics,
     acl.acl,
     gateway.gateway,
+    private.private,
 ):
     cli.add_command(_command)
 

@@ -88,6 +88,7 @@ def stats(settings: Settings, as_json: bool, wait_s: float) -> int:
     started since, or a deployment without `maas-worker beat`.
     """
     from maas_worker.backend import keyspace
+    from maas_worker.backend.catalog import NODE_LIVE_S
     from maas_worker.backend.redis import backend_client
     from maas_worker.monitoring.fleet import read_fleet
     from maas_worker.monitoring.samples import summarize
@@ -105,6 +106,8 @@ def stats(settings: Settings, as_json: bool, wait_s: float) -> int:
     workers: list[dict[str, Any]] = [
         {
             "worker": name,
+            # Down after NODE_LIVE_S of silence (three missed heartbeats), up at its next.
+            "state": "up" if name in seen and now - seen[name] <= NODE_LIVE_S else "down",
             "last_seen_s_ago": round(now - seen[name], 1) if name in seen else None,
             "sample": reading.samples.get(name),
         }
@@ -119,6 +122,7 @@ def stats(settings: Settings, as_json: bool, wait_s: float) -> int:
                     "oldest_age_s": dict(backlog.oldest_age_s),
                     "backlog_by_tenant": {p: dict(t) for p, t in backlog.tenant_depth.items()},
                     "sample_interval_s": settings.sample_interval_s,
+                    "down_after_s": NODE_LIVE_S,
                     "workers": workers,
                 }
             )
@@ -137,6 +141,12 @@ def stats(settings: Settings, as_json: bool, wait_s: float) -> int:
         print("by tenant: " + "  ".join(f"{t}={n}" for t, n in busiest))
     for w in workers:
         seen_text = "never" if w["last_seen_s_ago"] is None else f"{w['last_seen_s_ago']} s ago"
+        if w["state"] == "down":
+            print(
+                f"{w['worker']}  DOWN (seen {seen_text}; a node is down after "
+                f"{NODE_LIVE_S:g} s without a heartbeat)"
+            )
+            continue
         sample = w["sample"]
         if sample is None:
             print(

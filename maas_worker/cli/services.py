@@ -112,14 +112,22 @@ def worker(
 @click.option(
     "--ready-fd", type=int, help="file descriptor to write to once ready (set by the supervisor)"
 )
+@click.option(
+    "--siblings",
+    type=click.IntRange(min=1),
+    default=1,
+    help="the node's consumer processes, this one included (they share the idle polling)",
+)
 @_loglevel
 @pass_invocation
-def batch_consumer(inv: Invocation, name: str, ready_fd: int | None, loglevel: str) -> int:
+def batch_consumer(
+    inv: Invocation, name: str, ready_fd: int | None, siblings: int, loglevel: str
+) -> int:
     """One batch consumer process (started by ``worker --batch-consumer``)."""
     inv.exec_with_flags()
     from maas_worker.worker.batch.consumer import serve
 
-    return serve(name=name, loglevel=loglevel, ready_fd=ready_fd)
+    return serve(name=name, loglevel=loglevel, ready_fd=ready_fd, siblings=siblings)
 
 
 @click.command(cls=Command, short_help="run Celery beat (exactly one per deployment)")
@@ -251,6 +259,7 @@ def flower(
     from celery import Celery
 
     from maas_worker.app import celery_config
+    from maas_worker.monitoring import flowerbroker
     from maas_worker.worker import control
 
     settings = inv.settings
@@ -277,6 +286,8 @@ def flower(
     # Its buttons (shut down, pool, consumers, rate limits, revoke) do what the
     # workers would allow, no more.
     control.lock_flower(settings.remote_control)
+    # Its Broker page counts the jobs in the tenants' lists too (fair share).
+    flowerbroker.install()
     app.start(argv)
     return 0
 

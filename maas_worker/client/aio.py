@@ -37,6 +37,7 @@ from maas_worker.client.core import (
 )
 from maas_worker.client.job import backend_errors
 from maas_worker.client.jobcore import JobCore
+from maas_worker.client.private import PrivateJobs
 from maas_worker.client.waiter import Outcome, Waiter
 from maas_worker.client.wire import MessageBuilder
 from maas_worker.errors import ResultTimeout, ServiceUnavailable, connection_cause
@@ -59,6 +60,7 @@ class AsyncClient(ClientCore):
         self._broker: redis.asyncio.Redis | None = None
         self._wire: MessageBuilder | None = None
         self._waiter: Waiter | None = None
+        self._private: PrivateJobs | None = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> AsyncClient:
@@ -158,6 +160,33 @@ class AsyncClient(ClientCore):
         return [
             AsyncJob(self, h.job_id, request_hash=h.digest(), worker_live=live) for h, _ in sealed
         ]
+
+    async def submit_private(
+        self,
+        model: str,
+        vectors: Sequence[Sequence[float]],
+        *,
+        priority: str = "normal",
+        ttl_s: int | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Run ``model`` on encrypted ``vectors``; the decrypted results (see
+        `Client.submit_private`). Encryption and decryption run in a thread: a few
+        milliseconds each, CPU-bound."""
+        if self._private is None:
+            self._private = PrivateJobs(self.settings, self.tenant, self.envelope_version)
+        private = self._private
+        # Loading (or making) the key and encrypting are CPU work: off the event loop.
+        key = await asyncio.to_thread(lambda: private.key)
+        inputs = await asyncio.to_thread(private.inputs, key, vectors)
+        with backend_errors(self.settings):
+            ttl = int(await self.backend.ttl(private.context_key(key)))
+            if private.needs_registration(ttl, ttl_s):
+                name, data, keep_s = private.registration(key)
+                await self.backend.set(name, data, ex=keep_s)
+        jobs = await self.submit_many(model, inputs, priority=priority, ttl_s=ttl_s)
+        outputs = await asyncio.gather(*(job.result(timeout=timeout) for job in jobs))
+        return await asyncio.to_thread(private.open, key, [job.id for job in jobs], outputs)
 
     async def _carry_out(self, step: Step) -> Any:
         """Do one I/O step of `submit_flow` (core.py) on ``redis.asyncio``."""

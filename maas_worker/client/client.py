@@ -37,6 +37,7 @@ from maas_worker.client.core import (
     send_interrupted,
 )
 from maas_worker.client.job import Job, backend_errors
+from maas_worker.client.private import PrivateJobs
 from maas_worker.client.wire import send_args
 from maas_worker.crypto.envelope import Header
 from maas_worker.protocol import TASK_NAME
@@ -88,6 +89,7 @@ class Client(ClientCore):
         self._broker: redis.Redis | None = None
         self._quotas: Quotas | None = None
         self._cancel: Any = None
+        self._private: PrivateJobs | None = None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
@@ -250,6 +252,41 @@ class Client(ClientCore):
         flow = self.submit_flow(model, inputs, priority=priority, ttl_s=ttl_s)
         sealed, live = drive(flow, self._carry_out)
         return [Job(self, h.job_id, request_hash=h.digest(), worker_live=live) for h, _ in sealed]
+
+    def submit_private(
+        self,
+        model: str,
+        vectors: Sequence[Sequence[float]],
+        *,
+        priority: str = "normal",
+        ttl_s: int | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Run ``model`` on ``vectors`` without any worker seeing them; the decrypted results.
+
+        Private inference (docs/private-inference.md, the ``private`` extra): each
+        vector is encrypted under the tenant's own CKKS key (``MAAS_PRIVATE_KEY_DIR``,
+        created on first use; the secret key never leaves this machine) and sent as
+        its own job; the worker evaluates the model on the ciphertext. Returns
+        ``{"labels": [...], "probabilities": [[...]], "logits": [[...]]}``, one row per
+        vector. ``timeout`` bounds each job's wait. Raises `ConfigError` if the extra is
+        not installed, and what `submit_many` and `Job.result` raise.
+        """
+        private = self._private_jobs()
+        key = private.key  # one key for the whole call: its jobs' results open with it
+        inputs = private.inputs(key, vectors)
+        with backend_errors(self.settings):
+            if private.needs_registration(int(self.backend.ttl(private.context_key(key))), ttl_s):
+                name, data, keep_s = private.registration(key)
+                self.backend.set(name, data, ex=keep_s)
+        jobs = self.submit_many(model, inputs, priority=priority, ttl_s=ttl_s)
+        outputs = [job.result(timeout=timeout) for job in jobs]
+        return private.open(key, [job.id for job in jobs], outputs)
+
+    def _private_jobs(self) -> PrivateJobs:
+        if self._private is None:
+            self._private = PrivateJobs(self.settings, self.tenant, self.envelope_version)
+        return self._private
 
     def _carry_out(self, step: Step) -> Any:
         """Do one I/O step of `submit_flow` (core.py) on redis-py and kombu."""

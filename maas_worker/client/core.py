@@ -171,6 +171,11 @@ class ClientCore:
         """Raise unless the keyring can seal this tenant's jobs (it has a primary key)."""
         self.keyring.tenant(self.tenant).primary()
 
+    def envelope_version(self) -> int:
+        """The version of this tenant's primary envelope key (what new jobs are sealed
+        with; a private-inference key follows it: client/private.py)."""
+        return self.keyring.tenant(self.tenant).primary().version
+
     @property
     def policy(self) -> TenantPolicy:
         """This tenant's policy (models, priority, quotas), from the keyring in force."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from maas_worker.client.client import Client
 from maas_worker.client.job import Job
+from maas_worker.client.private import gateway_refusal
 from maas_worker.errors import (
     ConfigError,
     InputTooLarge,
@@ -99,6 +100,18 @@ class GatewayClient(Client):
     def needs_catalog(self, model: str, priority: str | Priority) -> bool:
         """Never: the gateway reads the catalogue."""
         return False
+
+    def submit_private(
+        self,
+        model: str,
+        vectors: Sequence[Sequence[float]],
+        *,
+        priority: str = "normal",
+        ttl_s: int | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Not through a gateway: `ConfigError` (the context is registered in Redis)."""
+        raise gateway_refusal()
 
     def submit_many(
         self,

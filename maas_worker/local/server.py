@@ -37,6 +37,7 @@ from typing import IO
 
 import redis
 
+from maas_worker.children import ends_with_parent
 from maas_worker.errors import ConfigError
 from maas_worker.local.embedded import server_binary
 
@@ -256,6 +257,9 @@ class LocalServer:
             stdout=subprocess.DEVNULL,
             stderr=err,
             start_new_session=True,
+            # This process SIGKILLed: the server still stops (SIGTERM: it
+            # flushes its append-only file) instead of holding port and data.
+            preexec_fn=ends_with_parent(),  # noqa: PLW1509 (children.py: no lock taken)
         )
         stopping = False
 

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from maas_worker.backend.catalog import live_nodes
 from maas_worker.broker.backlog import Backlog, broker_client, read_backlog
 from maas_worker.monitoring.samples import SampleStore
 from maas_worker.settings import FleetPolicy, Settings
@@ -86,10 +87,20 @@ def throughput(samples: Mapping[str, Mapping[str, Any]]) -> float:
 
 
 def recommend(
-    backlog: Backlog, samples: Mapping[str, Mapping[str, Any]], policy: FleetPolicy
+    backlog: Backlog,
+    samples: Mapping[str, Mapping[str, Any]],
+    policy: FleetPolicy,
+    *,
+    live_nodes: int | None = None,
 ) -> FleetAdvice:
-    """The number of worker nodes the backlog, throughput and oldest job call for."""
-    current = len(samples)
+    """The number of worker nodes the backlog, throughput and oldest job call for.
+
+    ``live_nodes`` is the fleet's size now (nodes whose heartbeat is fresh,
+    `catalog.live_nodes`); without it, the nodes with a current sample. The
+    heartbeat counts a node back at once after a partition, where its next
+    sample may be a whole sample interval away.
+    """
+    current = len(samples) if live_nodes is None else live_nodes
     queued = backlog.total
     oldest = backlog.oldest_s
     target = policy.target_wait_s
@@ -144,4 +155,5 @@ def read_fleet(settings: Settings, *, broker: Any = None, backend: Any = None) -
     backend = backend if backend is not None else backend_client(settings)
     backlog = read_backlog(broker)
     samples = SampleStore(backend, interval_s=settings.sample_interval_s).latest()
-    return FleetReading(backlog, samples, recommend(backlog, samples, settings.fleet))
+    advice = recommend(backlog, samples, settings.fleet, live_nodes=live_nodes(backend))
+    return FleetReading(backlog, samples, advice)

@@ -97,7 +97,7 @@ def _channels(dbs: Sequence[int], *names: str) -> list[str]:
 def producer_rules(tenant: str) -> list[str]:
     """What `Client`/`Job` and ``submit``, ``status``, ``result``, ``cancel`` do for ``tenant``.
 
-    Write its queued markers, payloads, cancel requests and pending set
+    Write its queued markers, payloads, cancel requests, public CKKS contexts and pending set
     (keyspace.py), pop its ``done`` lists, read its own keys, push to its own
     list of each job queue (no pop, trim, delete or read beyond their length;
     no other tenant's list, nor the queue's own), add its name to the queues'
@@ -129,7 +129,9 @@ def producer_rules(tenant: str) -> list[str]:
         _sel("+lpush", *(f"%W~{fetch.tenant_queue(q, tenant)}" for q in _JOB_QUEUES)),
         _sel("+sadd", *(f"%W~{fetch.arrivals_key(q)}" for q in _JOB_QUEUES)),
         _sel("+lpush", "+ltrim", f"~{fetch.WAKE_KEY}"),
-        _sel("+set", f"~{t}job:*", f"~{t}payload:*", f"~{t}cancel:*"),
+        # Its public CKKS contexts (private inference): registered once, refreshed.
+        _sel("+set", f"~{t}job:*", f"~{t}payload:*", f"~{t}cancel:*", f"~{t}ckks:*"),
+        _sel("+ttl", f"%R~{t}ckks:*"),
         _sel("+blpop", "+rpush", "+pexpire", f"~{t}done:*"),
         _sel(
             "+zadd",
@@ -219,6 +221,7 @@ def monitor_rules() -> list[str]:
         "+zrange",
         "+zrangebyscore",
         "+zcard",
+        "+zcount",
         "+zscore",
     ]
 
@@ -232,6 +235,9 @@ def flower_rules(dbs: Sequence[int]) -> list[str]:
         *_channels(dbs, "celeryev/*"),
         "%R~maas.*",
         "+llen",
+        # The tenants with work (the Broker page counts their lists), never a message.
+        _sel("+lrange", "%R~maas:ring:*"),
+        _sel("+smembers", "%R~maas:arrivals:*"),
         _sel("+publish", *_channels(dbs, _PIDBOX)),
         _sel(
             "+sadd",

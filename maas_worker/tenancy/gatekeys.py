@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,6 @@ from typing import Any
 
 from maas_worker.crypto import primitives
 from maas_worker.errors import KeyringError
-from maas_worker.files import write_atomic
 from maas_worker.tenancy.keyring import (
     KEY_STATES,
     KEYRING_FORMAT,
@@ -43,8 +41,9 @@ from maas_worker.tenancy.keyring import (
     Keyring,
     KeyState,
     TenantPolicy,
-    check_permissions,
     check_tenant_name,
+    read_private_json,
+    write_private_json,
 )
 
 #: HKDF label of the bearer token a tenant presents to the gateway (its own label:
@@ -253,19 +252,12 @@ def load_gateway_keyring(path: Path) -> GatewayKeyring:
             f"gateway keyring {path} not found: write one with `maas-worker keys export "
             f"--mac-only --out {path}` or set MAAS_GATEWAY_KEYRING"
         )
-    check_permissions(path)
-    try:
-        doc = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise KeyringError(f"keyring {path} unreadable: {exc.strerror}") from None
-    except ValueError:
-        raise KeyringError(f"keyring {path} is not valid JSON") from None
-    return GatewayKeyring.from_json(doc)
+    return GatewayKeyring.from_json(read_private_json(path))
 
 
 def save_gateway_keyring(path: Path, ring: GatewayKeyring) -> None:
     """Write a gateway keyring atomically, mode 0600."""
-    write_atomic(path, json.dumps(ring.to_json(), indent=2).encode(), private=True)
+    write_private_json(path, ring.to_json())
 
 
 class GatewayKeyringSource:

@@ -417,21 +417,32 @@ def check_permissions(path: Path) -> os.stat_result:
     return st
 
 
-def load_keyring(path: Path) -> Keyring:
-    """Read the keyring file, refusing it if it is not private to its owner."""
+def read_private_json(path: Path) -> Any:
+    """The JSON document in key file ``path``, refused (`KeyringError`) unless the
+    file is private to its owner. Every key file (keyring, gateway keyring) is read
+    here."""
     check_permissions(path)
     try:
-        doc = json.loads(path.read_bytes())
+        return json.loads(path.read_bytes())
     except OSError as exc:
         raise KeyringError(f"keyring {path} unreadable: {exc.strerror}") from None
     except ValueError:
         raise KeyringError(f"keyring {path} is not valid JSON") from None
-    return Keyring.from_json(doc)
+
+
+def write_private_json(path: Path, doc: Any) -> None:
+    """Write ``doc`` to key file ``path`` atomically (temp file + fsync + rename), mode 0600."""
+    write_atomic(path, json.dumps(doc, indent=2).encode(), private=True)
+
+
+def load_keyring(path: Path) -> Keyring:
+    """Read the keyring file, refusing it if it is not private to its owner."""
+    return Keyring.from_json(read_private_json(path))
 
 
 def save_keyring(path: Path, ring: Keyring) -> None:
     """Write the keyring atomically (temp file + fsync + rename), mode 0600."""
-    write_atomic(path, json.dumps(ring.to_json(), indent=2).encode(), private=True)
+    write_private_json(path, ring.to_json())
 
 
 class KeyringEditor:

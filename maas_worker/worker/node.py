@@ -42,6 +42,7 @@ from typing import Any
 import redis
 from celery import bootsteps
 
+from maas_worker.backend import audit
 from maas_worker.backend.redis import backend_client, check_credentials
 from maas_worker.broker import transport
 from maas_worker.broker.app import settings_of
@@ -241,6 +242,8 @@ class NodeStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is unty
 
     def create(self, w: Any) -> Node:
         """The node of worker ``w``, prepared."""
+        # Before the pool forks: every process of the node audits under its name.
+        audit.name_worker(w.hostname)
         node = w.maas_node = Node(
             w.app, w.hostname, settings_of(w.app), batch=supervisor.requested(w.app)
         )

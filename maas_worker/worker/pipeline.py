@@ -11,6 +11,8 @@ closed, in this order::
     -> tenant policy (model, priority) -> memory headroom (else wait, unclaimed)
     -> replay claim with cancel check and quota charge (one Lua script)
     -> decrypt -> input size and bounded parse -> model (exists, verifies, signer allowed)
+    -> [a private job: the model declares private evaluation -> the tenant's CKKS
+       context: registered, matches the sealed digest, public, not below the minimum]
     -> run under the watchdog (time limits, cancellation) -> seal -> store write-once
 
 Invariants:
@@ -53,9 +55,18 @@ from maas_worker import jsonlimits
 from maas_worker.backend import keyspace
 from maas_worker.backend.claims import Claim, ClaimOutcome
 from maas_worker.crypto.envelope import Header, Verified, now_ms, seal, verify
-from maas_worker.errors import EnvelopeRejected, KeyringError, ModelError, ModelRejected
+from maas_worker.errors import (
+    ConfigError,
+    EnvelopeRejected,
+    KeyringError,
+    ModelError,
+    ModelRejected,
+)
 from maas_worker.models import Model
 from maas_worker.monitoring import metrics
+from maas_worker.private.ckks import ContextRefused, load_public
+from maas_worker.private.evaluate import PrivateModel, private_spec
+from maas_worker.private.params import is_digest, private_request
 from maas_worker.protocol import (
     TENANT_RE,
     AuditReason,
@@ -159,6 +170,7 @@ def reject(
     *,
     authenticated: bool,
     detail: str = "",
+    actor: str = "",
 ) -> None:
     """Audit a refused delivery; tell the job's client if the refusal is authenticated.
 
@@ -169,12 +181,19 @@ def reject(
     that did not authenticate could have been sent by anyone with access to
     a queue, so it changes no job's state: it is audited, and a note lets
     the named job's client say so if its own wait times out.
+
+    ``actor`` is the tenant the record names when it is known to be another
+    than the header's (whose tenant list the message was queued in).
     """
     tenant = header.tenant if header is not None else ""
     if authenticated and header is not None:
         job_id = header.job_id
     rt.audit.record(
-        job_id=job_id, tenant=tenant, reason=reason, verified=authenticated, detail=detail
+        job_id=job_id,
+        tenant=actor or tenant,
+        reason=reason,
+        verified=authenticated,
+        detail=detail,
     )
     if reason != AuditReason.REPLAYED and keyspace.is_job_id(job_id):
         if authenticated:
@@ -273,10 +292,25 @@ def request_bytes(
 
 
 def verify_request(
-    rt: WorkerRuntime, job_id: str, data: bytes, *, task_name: str, routed: str | None, text: str
+    rt: WorkerRuntime,
+    job_id: str,
+    data: bytes,
+    *,
+    task_name: str,
+    routed: str | None,
+    text: str,
+    list_tenant: str | None = None,
 ) -> Verified:
-    """Verify the envelope, then bind it to the message's task id, task name, queue and
-    payload reference (``text``, the task argument)."""
+    """Verify the envelope, then bind it to the message's task id, task name, queue,
+    payload reference (``text``, the task argument) and tenant list.
+
+    ``list_tenant`` is the tenant whose fair-share list the message was taken
+    from (None: the queue's own list). Under the ACLs only that tenant's
+    credentials push there, so a message sealed for another tenant was put
+    there by the list's tenant (a copied envelope, to spend its victim's
+    claim or to run in its own turn): refused ``tampered`` and audited under
+    the list's tenant, the actor.
+    """
     s = rt.settings
     try:
         verified = verify(
@@ -306,6 +340,17 @@ def verify_request(
         or (ref_tenant is not None and ref_tenant != header.tenant)
     ):
         raise _stop(rt, job_id, AuditReason.TAMPERED, header)
+    if list_tenant is not None and list_tenant != header.tenant:
+        reject(
+            rt,
+            job_id,
+            AuditReason.TAMPERED,
+            header,
+            authenticated=False,
+            actor=list_tenant,
+            detail=f"sealed for tenant {header.tenant}, queued in this tenant's list",
+        )
+        raise Stop(AuditReason.TAMPERED)
     return verified
 
 
@@ -510,7 +555,82 @@ def prepare(rt: WorkerRuntime, verified: Verified, policy: TenantPolicy) -> Prep
     except ModelError:
         raise _stop(rt, job_id, AuditReason.POLICY, header, authenticated=True) from None
     soft_s, hard_s = rt.settings.limits_for(header.model)
+    request = private_request(inputs)
+    if request is not None:
+        return prepare_private(rt, verified, model, request, limits=(soft_s, hard_s))
     return Prepared(model, inputs, soft_s, hard_s)
+
+
+def prepare_private(
+    rt: WorkerRuntime,
+    verified: Verified,
+    model: Model,
+    request: tuple[str, str],
+    *,
+    limits: tuple[float, float],
+) -> Prepared | ResultDoc:
+    """A private job (docs/private-inference.md): the model's affine layer on the tenant's
+    ciphertext, under the tenant's registered public context.
+
+    A context that is not registered, or a model without private evaluation, fails the
+    job with a clear reason; a context that does not match its digest (``tampered``) or
+    is below the parameter minimum, too large or holds a secret key (``policy``) is
+    refused with one audit record.
+    """
+    header = verified.header
+    digest, vector = request
+    spec = private_spec(model)
+    if spec is None:
+        return ResultDoc.failure(
+            "bad_input", f"{model.name}@{model.version} has no private evaluation"
+        )
+    if not is_digest(digest) or not vector:
+        return ResultDoc.failure(
+            "bad_input", "a private input is {'ckks': {'context': sha256, 'vector': base64}}"
+        )
+    key = keyspace.ckks_context(header.tenant, digest)
+
+    def load() -> Any:
+        size = rt.backend.strlen(key)
+        if not size:
+            raise _NoContext
+        if size > rt.settings.private_max_context_bytes:
+            raise ContextRefused(f"context of {size} bytes is over the limit", weak=True)
+        data = rt.backend.get(key)
+        if not isinstance(data, bytes):
+            raise _NoContext
+        return load_public(data, digest)
+
+    try:
+        context = rt.private.context(header.tenant, digest, load)
+    except ConfigError:
+        # No `private` extra on this worker: the job fails clearly, the worker serves on.
+        return ResultDoc.failure(
+            "unsupported", "this worker cannot run private jobs (no private extra)"
+        )
+    except _NoContext:
+        return ResultDoc.failure(
+            "unknown_context", "the job's CKKS context is not registered: register it again"
+        )
+    except ContextRefused as exc:
+        reject(
+            rt,
+            header.job_id,
+            AuditReason.POLICY if exc.weak else AuditReason.TAMPERED,
+            header,
+            authenticated=True,
+            detail=f"ckks context refused: {exc.why}",
+        )
+        raise Stop(AuditReason.POLICY if exc.weak else AuditReason.TAMPERED) from None
+    try:
+        layer = rt.private.layer(model, spec)
+    except ModelError as exc:
+        return ResultDoc.failure(exc.reason, str(exc))
+    return Prepared(PrivateModel(model.name, model.version, layer, context), vector, *limits)
+
+
+class _NoContext(Exception):
+    """The job's context is not (or no longer) registered."""
 
 
 def run_one(

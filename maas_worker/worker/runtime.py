@@ -28,6 +28,7 @@ from maas_worker.errors import ConfigError
 from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
 from maas_worker.models.repository import RejectHook
 from maas_worker.monitoring import metrics
+from maas_worker.private.evaluate import PrivateCache
 from maas_worker.protocol import AuditReason
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import KeyringSource
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: How often a worker refreshes its entry in the model catalogue and node list.
 ADVERTISE_INTERVAL_S = 10.0
+#: How soon a failed advertisement is tried again.
+ADVERTISE_RETRY_S = 1.0
 MEMORY_CHECK_INTERVAL_S = 1.0
 
 
@@ -138,6 +141,8 @@ class WorkerRuntime:
             settings, on_reject=audit_rejections(self.audit, stage="load"), backend=self.backend
         )
         self.quotas = Quotas(self.backend)
+        #: Private inference: loaded public CKKS contexts and models' affine layers.
+        self.private = PrivateCache(settings.private_context_cache)
         self._lease_keeper = LeaseKeeper(self.guard)
         self._lease_keeper.start()
         self._watchdog: Watchdog | None = None
@@ -269,9 +274,14 @@ class Advertiser:
         return self._refs
 
     def _run(self) -> None:
-        while not self._stop.wait(ADVERTISE_INTERVAL_S):
+        wait_s = ADVERTISE_INTERVAL_S
+        while not self._stop.wait(wait_s):
             try:
                 advertise(self._client, self.node, self.refs())
                 self.share()
+                wait_s = ADVERTISE_INTERVAL_S
             except redis.RedisError:
                 log.warning("could not refresh the model catalogue; retrying")
+                # Listed live again as soon as Redis answers (after a partition,
+                # say), not up to a whole interval later.
+                wait_s = ADVERTISE_RETRY_S

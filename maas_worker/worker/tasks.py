@@ -22,7 +22,7 @@ from typing import Any
 from celery import Task, current_app, shared_task, signals
 from celery.exceptions import Reject, Retry
 
-from maas_worker.broker import transport
+from maas_worker.broker import fetch, transport
 from maas_worker.broker.app import settings_of
 from maas_worker.errors import JobNotSucceeded
 from maas_worker.monitoring import metrics
@@ -76,7 +76,15 @@ def process(rt: WorkerRuntime, task: Task, args: tuple[Any, ...], kwargs: dict[s
             else None
         )
         data = request_bytes(rt, job_id, text, fetched)
-        verified = verify_request(rt, job_id, data, task_name=task.name, routed=routed, text=text)
+        verified = verify_request(
+            rt,
+            job_id,
+            data,
+            task_name=task.name,
+            routed=routed,
+            text=text,
+            list_tenant=getattr(task.request, fetch.LIST_TENANT_HEADER, None),
+        )
     except Stop as stop:
         return stop.ended
     except UNAVAILABLE:

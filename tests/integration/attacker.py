@@ -103,6 +103,13 @@ class Attacker:
         ring(pipe)
         pipe.execute()
 
+    def push_to_own_list(self, priority: str, message: dict[str, Any]) -> None:
+        """Queue an entry in the attacker's own fair-share list of ``priority`` (all
+        its producer role may write there), announced as a producer does."""
+        pipe = self.stack.backend.pipeline(transaction=True)
+        fetch.push(pipe, queue_for(priority), self.tenant, [json.dumps(message)])
+        pipe.execute()
+
 
 def celery_message(job_id: str, envelope: str, **headers: Any) -> dict[str, Any]:
     """A queue entry shaped exactly as kombu's Redis transport writes one."""

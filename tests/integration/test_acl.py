@@ -222,6 +222,20 @@ def test_a_producer_submits_waits_and_cancels_with_its_role(deployment: Deployme
     assert set(denials(deployment.stack.backend)) <= {PROBE}
 
 
+def test_a_producer_registers_its_ckks_context_with_its_role(deployment: Deployment) -> None:
+    """What `Client.submit_private` does before its jobs: read the TTL of its public CKKS
+    context's key and (re)write it (docs/private-inference.md)."""
+    key = keyspace.ckks_context("acme", "ab" * 32)
+    conn = deployment.redis("producer-acme")
+    try:
+        assert conn.ttl(key) == -2
+        assert conn.set(key, b"public context", ex=600)
+        assert 0 < conn.ttl(key) <= 600
+    finally:
+        conn.close()
+    assert deployment.stack.backend.get(key) == b"public context"
+
+
 def test_the_gateway_serves_every_tenant_with_its_role(deployment: Deployment) -> None:
     from .gatewaykit import Caller, GatewayProcess
 
@@ -406,6 +420,10 @@ FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
         ("FLUSHALL",),
     ],
     "producer-acme": [
+        # Another tenant's public CKKS context (private inference), and deleting its own.
+        ("SET", f"{GLOBEX}ckks:{'0' * 64}", "x"),
+        ("TTL", f"{GLOBEX}ckks:{'0' * 64}"),
+        ("DEL", f"{ACME}ckks:{'0' * 64}"),
         *(
             ("DEL", f"{ACME}{kind}:{JOB}")
             for kind in ("claim", "result", "attempts", "faults", "rejected", "suspect", "killed")
@@ -518,6 +536,9 @@ FORBIDDEN: dict[str, list[tuple[str, ...]]] = {
         ("LPUSH", "maas.high", "x"),
         ("DEL", "maas.high"),
         ("RPOP", "maas.high"),
+        # It counts the tenants' lists (from the ring), never reads their messages.
+        ("LRANGE", "maas.normal.acme", "0", "-1"),
+        ("LPUSH", "maas:ring:maas.normal", "globex"),
         ("GET", f"{ACME}result:{JOB}"),
         ("PUBLISH", "/0.celeryev/task.sent", "{}"),
         ("PUBLISH", "/0.maas.monitor/maas.monitor", "{}"),

@@ -10,13 +10,16 @@ from __future__ import annotations
 import base64
 import inspect
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,6 +127,25 @@ def test_batches_give_each_job_its_own_result_opened_with_its_tenant_key(
     assert max(sizes) > 1 and len(sizes) < 61  # jobs really shared model calls
     for job in [*digits, bad, *echoes]:
         assert len(stack.outcomes(job.id)) == 1
+
+
+def test_private_jobs_run_in_the_batch_consumer_beside_plaintext_ones(
+    batch_stack: Callable[..., Stack], tmp_path: Path
+) -> None:
+    """A private job (docs/private-inference.md) is run on its own, never in a shared
+    model call; plaintext jobs of the same model still batch."""
+    pytest.importorskip("tenseal", reason="the private extra is not installed")
+    import dataclasses
+
+    from maas_worker import Client
+
+    stack = batch_stack(MAAS_MODEL_DIR=str(BUNDLED_MODEL_DIR), MAAS_CONSUMER_BATCH="8")
+    stack.start_worker("batch", concurrency=1)
+    rows = holdout()["inputs"][:3]
+    client = Client(settings=dataclasses.replace(stack.settings, private_key_dir=tmp_path))
+    plain = client.submit_many("digits-he", [{"inputs": [r]} for r in rows])
+    private = client.submit_private("digits-he", rows, timeout=TIMEOUT)
+    assert private["labels"] == [j.result(timeout=TIMEOUT)["labels"][0] for j in plain]
 
 
 def test_hostile_entries_are_audited_and_the_consumer_keeps_consuming(
@@ -240,6 +262,29 @@ def test_sigkill_mid_batch_loses_nothing_and_delivers_nothing_twice(
         assert "duplicate" not in stack.outcomes(job.id)
     wait_for(lambda: _job_reservations(stack) == 0, TIMEOUT, "every message acknowledged")
     assert read_backlog(stack.backend).total == 0
+
+
+def test_consumers_stop_when_their_node_is_sigkilled(batch_stack: Callable[..., Stack]) -> None:
+    """Only the node's main process killed (not its group): its consumers do not consume on
+    for a node that no longer answers remote control, heartbeats or shutdown."""
+    import psutil
+
+    stack = batch_stack()
+    node = stack.start_worker("orphaning", concurrency=2)
+    assert node.proc is not None
+    consumers = [
+        c
+        for c in psutil.Process(node.proc.pid).children(recursive=True)
+        if "batch-consumer" in " ".join(c.cmdline())
+    ]
+    assert len(consumers) == 2
+    os.kill(node.proc.pid, signal.SIGKILL)
+    node.proc.wait()
+    _, alive = psutil.wait_procs(consumers, timeout=TIMEOUT)
+    assert alive == []
+    # Nothing was taken after the node died: a job submitted now waits for a node.
+    job = stack.client().submit("echo", {"after": 1})
+    assert job.status() == "queued"
 
 
 def test_warm_shutdown_finishes_the_batch_and_the_node_answers_remote_control(

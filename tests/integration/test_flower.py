@@ -101,6 +101,31 @@ def test_flower_takes_its_own_options_after_ours(make_stack: Callable[..., Stack
         flower.stop()
 
 
+def test_flowers_broker_page_counts_the_jobs_in_every_tenants_list(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """Fair share queues jobs in one list per tenant; Flower counts them all."""
+    stack = make_stack(MAAS_FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
+    with stack.client("acme") as acme, stack.client("globex") as globex:
+        acme.submit_many("echo", [{"i": i} for i in range(5)], priority="normal")
+        acme.submit("echo", {"i": 0}, priority="high")
+        globex.submit_many("echo", [{"i": i} for i in range(3)], priority="normal")
+    port = free_port()
+    flower = Service(stack, "flower", "flower", "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_get(f"{base}/healthcheck")[0] == 200, WAIT_S, "Flower to answer")
+        status, body = http_get(f"{base}/api/queues/length", auth=(USER, PASSWORD))
+        page = http_get(f"{base}/broker", auth=(USER, PASSWORD))[1]
+    finally:
+        flower.stop()
+    assert status == 200
+    counts = {q["name"]: q["messages"] for q in json.loads(body)["active_queues"]}
+    assert (counts["maas.high"], counts["maas.normal"], counts["maas.low"]) == (1, 8, 0)
+    assert "maas.normal" in page
+    assert "Traceback" not in flower.log()
+
+
 def test_flower_in_a_browser_shows_every_job_state_and_the_workers_sample(
     make_stack: Callable[..., Stack], tmp_path: Path
 ) -> None:

@@ -11,10 +11,13 @@ job is (tenant, job id): every key of its state is its tenant's.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 
 import pytest
 
+from maas_worker.broker import fetch
+from maas_worker.protocol import queue_for
 from maas_worker.tenancy.keyring import TenantPolicy
 
 from .attacker import (
@@ -91,3 +94,34 @@ def test_a_forged_message_naming_a_victims_job_changes_nothing(
     rec = wait_audited_once(stack, target, "tampered", "acme", verified=False)
     assert rec.detail == ""
     wait_drained(stack)
+
+
+def test_a_victims_entry_copied_into_the_attackers_own_list_is_refused_as_the_attackers(
+    iso_stack: Callable[..., Stack],
+) -> None:
+    """Fair share: a job runs only from its own tenant's list.
+
+    Before: the worker never compared the list a job was taken from with the
+    tenant sealed in it. Tenant globex, whose producer role may push only to
+    its own lists, copied acme's queued entry (as any reader of Redis sees it)
+    into its own list: acme's job could run in globex's turn, and the copy
+    that lost the race was audited ``replayed`` under acme. Now the copy is
+    refused ``tampered``, audited once under globex (who put it there), and
+    acme's job runs from acme's list.
+    """
+    stack = iso_stack()
+    attacker = Attacker(stack)
+    jobs = victims(stack, 3, priority="normal")
+    victim_list = fetch.tenant_queue(queue_for("normal"), "acme")
+    copy = json.loads(stack.backend.lindex(victim_list, -1))  # acme's oldest
+    copied = copy["headers"]["id"]
+    copy["properties"]["delivery_tag"] = str(uuid.uuid4())
+    attacker.push_to_own_list("normal", copy)
+    stack.start_worker()
+    assert_victims_done(jobs)
+    rec = wait_audited_once(stack, copied, "tampered", "globex", verified=False)
+    assert "acme" in rec.detail
+    assert rec.worker == stack.workers[-1].node  # the Celery node, not only the host
+    wait_drained(stack)
+    for job, _ in jobs:
+        assert job.status() == "succeeded"

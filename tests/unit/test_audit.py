@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 
 from maas_worker.backend import keyspace
-from maas_worker.backend.audit import REASONS, AuditLog, AuditRecord
+from maas_worker.backend.audit import REASONS, AuditLog, AuditRecord, name_worker
 from maas_worker.protocol import AuditReason
 
 CONTRACT_REASONS = {
@@ -58,6 +58,16 @@ def test_records_round_trip_newest_first(audit: AuditLog) -> None:
         assert before - 1 <= rec.at <= after + 1
         assert rec.worker == socket.gethostname()
     assert records[0].at >= records[1].at >= records[2].at
+
+
+def test_records_name_the_worker_node_once_it_is_known(audit: AuditLog) -> None:
+    audit.record(job_id="j1", tenant="acme", reason="tampered", verified=False)
+    name_worker("gpu-a@host1")
+    try:
+        audit.record(job_id="j2", tenant="acme", reason="tampered", verified=False)
+    finally:
+        AuditLog.node = None
+    assert [r.worker for r in audit.latest()] == ["gpu-a@host1", socket.gethostname()]
 
 
 def test_latest_limit(audit: AuditLog) -> None:

@@ -137,3 +137,29 @@ def test_queues_of_no_ack_consumers_are_taken_unreserved(r: fakeredis.FakeRedis)
     )
     assert [(t.queue, t.reserved) for t in fetch.parse(reply_)] == [(reply, False), (HIGH, True)]
     assert r.hkeys("unacked") == [b"job"]
+
+
+def test_hand_back_returns_only_what_is_still_reserved(r: fakeredis.FakeRedis) -> None:
+    """A message the visibility sweep already put back is not pushed a second time."""
+    acme = fetch.tenant_queue("maas.normal", "acme")
+    r.lpush(acme, message("a1"), message("a2"))
+    r.sadd(fetch.arrivals_key("maas.normal"), "acme")
+    r.lpush(HIGH, message("h1"))
+    taken = fetch.take(r, [HIGH, "maas.normal"], count=3, max_chars=10_000)
+    assert [t.tag for t in taken] == ["h1", "a1", "a2"]
+    assert r.llen(acme) == r.llen(HIGH) == 0
+    # The sweep restored a2 while its consumer was cut off (kombu: HDEL, ZREM, push).
+    r.hdel(fetch.UNACKED_KEY, "a2")
+    r.zrem(fetch.UNACKED_INDEX_KEY, "a2")
+    r.rpush(acme, message("a2"))
+    r.delete(fetch.arrivals_key("maas.normal"), fetch.WAKE_KEY)
+    assert fetch.hand_back(r, taken) == {"h1", "a1"}
+    # Each once, at the taking end of its own list; acme announced again; one token.
+    assert r.lrange(acme, 0, -1) == [message("a2").encode(), message("a1").encode()]
+    assert r.lrange(HIGH, 0, -1) == [message("h1").encode()]
+    assert r.smembers(fetch.arrivals_key("maas.normal")) == {b"acme"}
+    assert r.hlen(fetch.UNACKED_KEY) == r.zcard(fetch.UNACKED_INDEX_KEY) == 0
+    assert r.llen(fetch.WAKE_KEY) == 1
+    # Handing back again changes nothing: none is held any more.
+    assert fetch.hand_back(r, taken) == set()
+    assert r.llen(acme) == 2 and r.llen(HIGH) == 1

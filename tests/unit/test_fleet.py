@@ -97,3 +97,10 @@ def test_policy_from_environment() -> None:
     assert s.fleet == FleetPolicy(min_nodes=0, max_nodes=5, target_wait_s=10, backlog_per_node=3)
     with pytest.raises(ConfigError, match="MAAS_FLEET_MIN_NODES"):
         Settings.from_env({"MAAS_FLEET_MIN_NODES": "6", "MAAS_FLEET_MAX_NODES": "5"})
+
+
+def test_the_fleet_size_is_the_live_nodes_when_known() -> None:
+    """A node back from a partition counts at its heartbeat, before its next sample."""
+    samples = {"a": node(2.0, 0.5)}
+    assert recommend(backlog(0), samples, POLICY).current_nodes == 1
+    assert recommend(backlog(0), samples, POLICY, live_nodes=2).current_nodes == 2

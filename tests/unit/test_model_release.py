@@ -435,7 +435,9 @@ def test_the_bundled_digits_is_released_and_served_by_bare_name() -> None:
     signers = TrustedSigners.from_paths([BUNDLED_SIGNERS_DIR])
     release = read_release(BUNDLED_MODEL_DIR / "digits", signers)
     assert (release.name, release.version) == ("digits", "2") and release.serial >= 2
-    assert set(signers.keys) == {release.signer}
+    # The bundled keys: the digits owner's and digits-he's (its release is its own).
+    he = read_release(BUNDLED_MODEL_DIR / "digits-he", signers)
+    assert set(signers.keys) == {release.signer, he.signer}
     registry = build_registry(Settings.from_env({}))
     model = registry.resolve("digits")
     assert model.version == "2"

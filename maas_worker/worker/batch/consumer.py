@@ -46,7 +46,7 @@ from typing import Any
 
 import redis
 
-from maas_worker.backend import keyspace
+from maas_worker.backend import audit, keyspace
 from maas_worker.backend.claims import Claim, ClaimOutcome, ClaimRequest
 from maas_worker.broker import fetch
 from maas_worker.broker.entries import (
@@ -99,10 +99,16 @@ log = logging.getLogger(__name__)
 
 #: Pause after a Redis or keyring error before trying again.
 INFRA_BACKOFF_S = 1.0
-#: An idle consumer waits for a wake-up this long at first, doubling up to the
-#: maximum while nothing arrives (a publish rings the wake-up list at once).
+#: An idle consumer waits for a wake-up this long at first, doubling while
+#: nothing arrives up to `IDLE_PERIOD_S` times the node's consumer processes
+#: (at most `IDLE_MAX_S`): a publish rings the wake-up list, which ends the wait
+#: at once, so the timeout only bounds how late a job that came without a
+#: wake-up (a restarted server) is seen. An idle node so sends about one take and
+#: one wait per `IDLE_PERIOD_S` whatever its concurrency (docs/scaling.md).
 IDLE_MIN_S = 0.001
-IDLE_MAX_S = 0.05
+IDLE_PERIOD_S = 1.0
+#: Longest idle wait of one process (a warm shutdown waits for it to end).
+IDLE_MAX_S = 5.0
 
 
 @dataclass
@@ -149,6 +155,7 @@ class BatchConsumer:
         max_jobs: int,
         wait_s: float = 0.0,
         events: TaskEvents | None = None,
+        siblings: int = 1,
     ) -> None:
         self.rt = rt
         self.events = events
@@ -168,6 +175,9 @@ class BatchConsumer:
         self._to_touch: list[str] = []
         self._current: list[_Delivery] = []
         self._idle_s = IDLE_MIN_S
+        #: This process's longest idle wait: the node's processes together poll
+        #: about once per IDLE_PERIOD_S.
+        self._idle_max_s = min(IDLE_MAX_S, IDLE_PERIOD_S * max(1, siblings))
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -256,7 +266,7 @@ class BatchConsumer:
             first = min(when for when, _ in self._deferred) - time.monotonic()
             timeout = max(IDLE_MIN_S, min(timeout, first))
         fetch.wait(self.broker, timeout)
-        self._idle_s = min(self._idle_s * 2, IDLE_MAX_S)
+        self._idle_s = min(self._idle_s * 2, self._idle_max_s)
 
     # -- one batch ----------------------------------------------------------------------
     def process(self, batch: list[fetch.Taken]) -> None:
@@ -389,7 +399,13 @@ class BatchConsumer:
         rt = self.rt
         data = request_bytes(rt, d.job_id, d.text, d.fetched)
         d.verified = verify_request(
-            rt, d.job_id, data, task_name=TASK_NAME, routed=d.taken.queue, text=d.text
+            rt,
+            d.job_id,
+            data,
+            task_name=TASK_NAME,
+            routed=d.taken.queue,
+            text=d.text,
+            list_tenant=d.taken.tenant,
         )
         d.policy = tenant_policy(rt, d.verified.header)
         check_memory(rt, d.verified.header)
@@ -463,16 +479,23 @@ class BatchConsumer:
         """Apply pending acknowledgements, hand-backs and reservation refreshes atomically."""
         if not (self._to_ack or self._to_hand_back or self._to_touch):
             return
-        back = self._to_hand_back
-        tags = self._to_ack + [b.tag for b in back if b.tag is not None]
+        if self._to_hand_back:
+            # Each to the list it came from (its tenant's), taken next, while
+            # this process still holds it: after a partition longer than the
+            # visibility timeout the sweep has put it back already (fetch.hand_back).
+            handed = fetch.hand_back(self.broker, self._to_hand_back)
+            if dropped := len(self._to_hand_back) - len(handed):
+                log.info(
+                    "batch consumer: %d message(s) were put back by the visibility sweep "
+                    "while this process was cut off; its copies dropped",
+                    dropped,
+                )
+            self._to_hand_back = []
+        tags = self._to_ack
         touch = self._to_touch
+        if not (tags or touch):
+            return
         with self.broker.pipeline(transaction=True) as pipe:
-            for b in back:
-                # To the list it came from (its tenant's), taken from the right:
-                # it is next; its tenant announced again (the ring may have let
-                # it go) and a consumer woken.
-                pipe.rpush(b.source or b.queue, b.raw)
-                fetch.announce(pipe, b.source or b.queue)
             if tags:
                 pipe.zrem(fetch.UNACKED_INDEX_KEY, *tags)
                 pipe.hdel(fetch.UNACKED_KEY, *tags)
@@ -480,7 +503,7 @@ class BatchConsumer:
             for tag in touch:
                 pipe.zadd(fetch.UNACKED_INDEX_KEY, {tag: now}, xx=True, ch=True)
             replies = pipe.execute()
-        self._to_ack, self._to_hand_back, self._to_touch = [], [], []
+        self._to_ack, self._to_touch = [], []
         gone = {
             tag
             for tag, changed in zip(touch, replies[len(replies) - len(touch) :], strict=True)
@@ -562,12 +585,15 @@ def _doc(d: _Delivery) -> ResultDoc:
     return d.doc
 
 
-def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> int:
+def serve(
+    *, name: str, loglevel: str = "INFO", ready_fd: int | None = None, siblings: int = 1
+) -> int:
     """Run one batch consumer process until SIGTERM/SIGINT (``maas-worker batch-consumer``).
 
     Started by `supervisor.ConsumerPool`; writes one byte to ``ready_fd`` once
     its runtime is built. Runs in the main thread, so the watchdog can
-    interrupt a job at its soft limit.
+    interrupt a job at its soft limit. ``siblings``: the node's consumer
+    processes, this one included (they share the idle polling).
     """
     import os
     import signal
@@ -580,6 +606,8 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
         level=loglevel.upper(), format=f"[%(asctime)s: %(levelname)s/{name}] %(message)s"
     )
     settings = Settings.from_env()  # this process's entry point: built once, passed down
+    node = name.rsplit("/", 1)[0]  # ``node/index``: this process is one of the node's
+    audit.name_worker(node)
     rt = get_runtime(settings)
     rt.watchdog.ensure_started()
     broker = redis_client(settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha)
@@ -596,14 +624,15 @@ def serve(*, name: str, loglevel: str = "INFO", ready_fd: int | None = None) -> 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    # Task events under the worker node's name (``node/index`` is this process).
-    events = TaskEvents(settings, name.rsplit("/", 1)[0], task_name=TASK_NAME)
+    # Task events under the worker node's name too.
+    events = TaskEvents(settings, node, task_name=TASK_NAME)
     consumer = BatchConsumer(
         rt,
         broker,
         max_jobs=settings.consumer_batch,
         wait_s=settings.consumer_wait_ms / 1000,
         events=events,
+        siblings=siblings,
     )
     if ready_fd is not None:
         os.write(ready_fd, b"1")

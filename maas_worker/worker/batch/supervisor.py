@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any
 
+from maas_worker.children import ends_with_parent
 from maas_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -116,11 +117,16 @@ class ConsumerPool:
                     str(write_fd),
                     "--name",
                     f"{self.node}/{index}",
+                    "--siblings",
+                    str(self.processes),
                     "--loglevel",
                     self.loglevel,
                 ],
                 pass_fds=(write_fd,),
                 stdin=subprocess.DEVNULL,
+                # SIGKILLed, the node's consumers finish their batch and stop
+                # instead of consuming on for a node that is gone.
+                preexec_fn=ends_with_parent(),  # noqa: PLW1509 (children.py: no lock taken)
             )
         finally:
             os.close(write_fd)
