@@ -93,9 +93,12 @@ class EmbeddedRedis:
         password: str | None = None,
         tls_files: TLSFiles | None = None,
         binary: Path | None = None,
+        probe_auth: tuple[str, str] | None = None,
     ) -> None:
         #: ``requirepass`` (and ``masterauth``, for a replica), or None.
         self.password = password
+        #: (user, password) this object's own clients use, for a server on an ACL file.
+        self.probe_auth = probe_auth
         #: Listen with TLS only, replicate over TLS (`TLSFiles`); None: plain.
         self.tls_files = tls_files
         #: The server binary (one built with TLS, for ``tls_files``); None: `server_binary`.
@@ -142,7 +145,8 @@ class EmbeddedRedis:
     def probe_options(self) -> dict[str, Any]:
         """redis-py options of a client of this server (password, TLS)."""
         ssl = {"ssl": True, "ssl_ca_certs": str(self.tls_files.ca)} if self.tls_files else {}
-        return {"password": self.password, **ssl}
+        user, password = self.probe_auth or (None, self.password)
+        return {"username": user, "password": password, **ssl}
 
     def _command(self) -> list[str]:
         return [
@@ -299,13 +303,16 @@ class EmbeddedSentinel(EmbeddedRedis):
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 10_000,
         auth_pass: str | None = None,
+        auth_user: str | None = None,
         password: str | None = None,
         tls_files: TLSFiles | None = None,
         binary: Path | None = None,
     ) -> None:
         super().__init__(password=password, tls_files=tls_files, binary=binary)
-        #: The data nodes' password (``sentinel auth-pass``), or None.
+        #: The user and password it connects to the data nodes with (``sentinel
+        #: auth-user``, ``auth-pass``), or None.
         self.auth_pass = auth_pass
+        self.auth_user = auth_user
         self.primary_port = primary_port
         self.master_name = master_name
         self.quorum = quorum
@@ -330,6 +337,11 @@ class EmbeddedSentinel(EmbeddedRedis):
                         *(
                             [f"sentinel auth-pass {name} {self.auth_pass}"]
                             if self.auth_pass
+                            else []
+                        ),
+                        *(
+                            [f"sentinel auth-user {name} {self.auth_user}"]
+                            if self.auth_user
                             else []
                         ),
                         # Its own password, and the one it gives the other sentinels.
@@ -371,16 +383,29 @@ class SentinelGroup:
         sentinel_password: str | None = None,
         tls_files: TLSFiles | None = None,
         binary: Path | None = None,
+        node_args: tuple[str, ...] = (),
+        node_auth: tuple[str, str] | None = None,
+        sentinel_auth: tuple[str, str] | None = None,
     ) -> None:
+        """``node_args``: more arguments of every data node (``--aclfile``,
+        ``--masteruser``); ``node_auth``: the (user, password) of this object's own
+        clients of the data nodes; ``sentinel_auth``: the user and password the
+        sentinels use on the data nodes (else ``password``)."""
         self.master_name = master_name
         self._tls_files = tls_files
         self._binary = binary
+        self._sentinel_auth = sentinel_auth
         #: The data nodes' ``requirepass``, and the sentinels' own, or None.
         self.password = password
         self.sentinel_password = sentinel_password
         self.nodes = [
             EmbeddedRedis(
-                appendonly=appendonly, password=password, tls_files=tls_files, binary=binary
+                appendonly=appendonly,
+                password=password,
+                tls_files=tls_files,
+                binary=binary,
+                extra_args=node_args,
+                probe_auth=node_auth,
             )
             for _ in range(replicas + 1)
         ]
@@ -399,7 +424,7 @@ class SentinelGroup:
         try:
             primary = self.nodes[0].start()
             for node in self.nodes[1:]:
-                node._extra = ("--replicaof", "127.0.0.1", str(primary.port))
+                node._extra = (*node._extra, "--replicaof", "127.0.0.1", str(primary.port))
                 node.start()
             self.wait_replicated()
             quorum = self._sentinel_count // 2 + 1
@@ -409,7 +434,8 @@ class SentinelGroup:
                     master_name=self.master_name,
                     quorum=quorum,
                     down_after_ms=self._down_after_ms,
-                    auth_pass=self.password,
+                    auth_pass=self._sentinel_auth[1] if self._sentinel_auth else self.password,
+                    auth_user=self._sentinel_auth[0] if self._sentinel_auth else None,
                     password=self.sentinel_password,
                     tls_files=self._tls_files,
                     binary=self._binary,

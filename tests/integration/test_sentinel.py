@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
-from maas_worker import ServiceUnavailable
+from maas_worker import Client, ServiceUnavailable
 from maas_worker.backend import keyspace
 from maas_worker.backend.redis import async_redis_client, backend_client, redis_client
 from maas_worker.local.embedded import DEFAULT_MASTER_NAME, SentinelGroup
@@ -125,3 +126,58 @@ def test_acl_apply_finds_every_data_node(group: SentinelGroup, stack: Stack) -> 
     ports = [int(n.rsplit(":", 1)[1].split("/")[0]) for n in nodes]
     assert ports[0] == group.primary_port()
     assert sorted(ports) == sorted(n.port for n in group.nodes)
+
+
+#: The two users Sentinel and replication need on data nodes with an ACL file, as
+#: docs/scaling.md tells the operator to append them.
+_HA_USERS = (
+    "user replica-user on >replica-pw +psync +replconf +ping\n"
+    "user sentinel-user on >sentinel-user-pw allchannels +multi +slaveof +ping +exec "
+    "+subscribe +config|rewrite +role +publish +info +client|setname +client|kill "
+    "+script|kill\n"
+)
+
+
+def test_acl_apply_loads_the_acl_on_every_data_node(tmp_path: Path) -> None:
+    """Data nodes on one ACL file (``default`` off, the roles, the two users above):
+    a tenant added later gets its user on the primary AND the replica through
+    ``acl.apply`` with the ``sentinel://`` URL (ACL changes are not replicated), and
+    its producer submits through Sentinel with it."""
+    keyring_path = tmp_path / "keyring.json"
+    acl_file, passwords_dir = tmp_path / "users.acl", tmp_path / "passwords"
+    ring = Keyring().with_new_tenant("acme")
+    save_keyring(keyring_path, ring)
+    acl.generate(ring.tenants, acl_file=acl_file, passwords_dir=passwords_dir)
+    acl_file.write_text(acl_file.read_text() + _HA_USERS)
+    operator = (passwords_dir / "operator").read_text().strip()
+    node_args = ("--aclfile", str(acl_file), "--masteruser", "replica-user")
+    with SentinelGroup(
+        replicas=1,
+        sentinels=3,
+        node_args=(*node_args, "--masterauth", "replica-pw"),
+        node_auth=("operator", operator),
+        sentinel_auth=("sentinel-user", "sentinel-user-pw"),
+    ) as group:
+        ring = ring.with_new_tenant("globex")
+        save_keyring(keyring_path, ring)
+        acl.generate(ring.tenants, acl_file=acl_file, passwords_dir=passwords_dir)
+        acl_file.write_text(acl_file.read_text() + _HA_USERS)
+        passwords = {p.name: p.read_text().strip() for p in passwords_dir.iterdir()}
+        env = {
+            "MAAS_BROKER_URL": group.url(),
+            "MAAS_REDIS_SENTINEL_MASTER": DEFAULT_MASTER_NAME,
+            "MAAS_KEYRING": str(keyring_path),
+            "MAAS_DIAGNOSTIC_MODELS": "1",
+        }
+        acl.apply(group.url(), operator, passwords, Settings.from_env(env))
+        for node in group.nodes:  # the new user on every node, the replica too
+            client = redis.Redis(
+                port=node.port, username="producer-globex", password=passwords["producer-globex"]
+            )
+            assert client.ping()
+            client.close()
+        url = acl.role_url(group.url(), "producer-globex", passwords["producer-globex"])
+        producer = Settings.from_env({**env, "MAAS_BROKER_URL": url, "MAAS_TENANT": "globex"})
+        with Client(settings=producer) as client:
+            assert client.submit("echo", {"n": 1}).status() == "queued"
+        group.wait_replicated()  # replication still authenticates after the reload
