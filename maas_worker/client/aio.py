@@ -73,7 +73,7 @@ class AsyncClient(ClientCore):
         """``redis.asyncio`` client of the result backend."""
         if self._backend is None:
             self._backend = async_redis_client(
-                self.settings.result_backend, tls=self.settings.redis_tls
+                self.settings.result_backend, tls=self.settings.redis_tls, ha=self.settings.redis_ha
             )
         return self._backend
 
@@ -81,7 +81,9 @@ class AsyncClient(ClientCore):
     def broker(self) -> redis.asyncio.Redis:
         """``redis.asyncio`` client of the broker (the job queues)."""
         if self._broker is None:
-            self._broker = async_redis_client(self.settings.broker_url, tls=self.settings.redis_tls)
+            self._broker = async_redis_client(
+                self.settings.broker_url, tls=self.settings.redis_tls, ha=self.settings.redis_ha
+            )
         return self._broker
 
     @property
@@ -203,6 +205,8 @@ class AsyncClient(ClientCore):
             return await self._send(*step.arg)
         if step.kind == "markers":
             return await arun_plan(self.backend, Plan(step.arg, lambda replies: None))
+        if step.kind == "replicate":
+            return await arun_plan(self.broker, Plan(step.arg, lambda replies: replies))
         assert step.kind == "live", step
         return await self.live_workers()
 

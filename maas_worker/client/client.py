@@ -136,7 +136,9 @@ class Client(ClientCore):
     def broker(self) -> redis.Redis:
         """Redis client of the broker (queue depths)."""
         if self._broker is None:
-            self._broker = redis_client(self.settings.broker_url, tls=self.settings.redis_tls)
+            self._broker = redis_client(
+                self.settings.broker_url, tls=self.settings.redis_tls, ha=self.settings.redis_ha
+            )
         return self._broker
 
     @property
@@ -316,6 +318,8 @@ class Client(ClientCore):
             return self._send(*step.arg)
         if step.kind == "markers":
             return run_plan(self.backend, Plan(step.arg, lambda replies: None))
+        if step.kind == "replicate":
+            return run_plan(self.broker, Plan(step.arg, lambda replies: replies))
         assert step.kind == "live", step
         return self.live_workers()
 

@@ -108,10 +108,10 @@ class Gateway:
         self.settings = settings
         self._ring_source = GatewayKeyringSource(settings.gateway.keyring_path)
         self.backend: redis.asyncio.Redis = async_redis_client(
-            settings.result_backend, tls=settings.redis_tls
+            settings.result_backend, tls=settings.redis_tls, ha=settings.redis_ha
         )
         self.broker: redis.asyncio.Redis = async_redis_client(
-            settings.broker_url, tls=settings.redis_tls
+            settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha
         )
         self.wire = MessageBuilder()
         self.metrics = Metrics()
