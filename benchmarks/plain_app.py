@@ -21,7 +21,9 @@ app.conf.update(
     accept_content=["json"],
     result_serializer="json",
     task_acks_late=True,
-    worker_prefetch_multiplier=1,
+    # 1 as maas-worker's pool; benchmarks/throughput.py raises it (BENCH_PREFETCH) for
+    # plain Celery's best rate.
+    worker_prefetch_multiplier=int(os.environ.get("BENCH_PREFETCH", "1")),
     task_track_started=False,
     task_default_queue="plain",
     broker_connection_retry_on_startup=True,

@@ -14,7 +14,13 @@ from typing import Any
 
 from celery import Celery, signals
 
-from maas_worker.broker.app import SETTINGS_ATTR, TRANSPORT, producer_config, settings_of
+from maas_worker.broker.app import (
+    SETTINGS_ATTR,
+    TRANSPORT,
+    producer_config,
+    producer_transport,
+    settings_of,
+)
 from maas_worker.monitoring.samples import celery_options as monitoring_options
 from maas_worker.monitoring.samples import monitor_queue
 from maas_worker.settings import Settings
@@ -39,6 +45,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # failed; the job lease decides whether it runs again.
             "task_reject_on_worker_lost": True,
             "worker_prefetch_multiplier": 1,
+            # Reconnect for as long as the broker is away (Celery gives up after 100
+            # attempts, a few minutes): a primary demoted behind a fixed address, or
+            # a failover still electing, is an outage to wait out, never a stopped
+            # worker (issue #17).
+            "broker_connection_max_retries": None,
             # The job claim already marks a job running; STARTED would cost a GET,
             # a SET and a PUBLISH per job.
             "task_track_started": False,
@@ -72,7 +83,9 @@ def make_app(settings: Settings | None = None, *, include_tasks: bool = True) ->
             app.steps[blueprint].add(step)
     if not include_tasks:
         # Producers ring the wake-up list with each publish (broker/app.py).
-        app.conf.broker_transport = TRANSPORT
+        app.conf.broker_transport = (
+            producer_transport(settings.broker_url) if settings is not None else TRANSPORT
+        )
     if settings is None:
         app.add_defaults(lambda: celery_config(settings_of(app)))
     else:

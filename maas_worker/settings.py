@@ -198,8 +198,11 @@ _QUERY_PASSWORD = re.compile(r"(?i)(^|&)(password=)[^&]*")
 def redact_url(url: str) -> str:
     """Return ``url`` with any password replaced by ``***`` (safe to print or log).
 
-    Covers the userinfo part and redis-py's ``?password=`` query parameter.
+    Covers the userinfo part and redis-py's ``?password=`` query parameter, in
+    each part of a ``sentinel://...;sentinel://...`` URL.
     """
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.query:
         parts = parts._replace(query=_QUERY_PASSWORD.sub(r"\1\2***", parts.query))
@@ -221,8 +224,12 @@ def _check_url(name: str, url: Any) -> None:
     require(name, url, str, "a string")
     parts = urlsplit(url)
     what = "broker" if name == "MAAS_BROKER_URL" else "result backend"
-    if parts.scheme not in {"redis", "rediss", "redis+socket", "unix"}:
-        raise ConfigError(f"the {what} URL ({name}) must be redis://, rediss:// or redis+socket://")
+    if parts.scheme == "sentinel":
+        sentinel_hosts(url, name=name)
+    elif parts.scheme not in {"redis", "rediss", "redis+socket", "unix"}:
+        raise ConfigError(
+            f"the {what} URL ({name}) must be redis://, rediss://, redis+socket:// or sentinel://"
+        )
     if _QUERY_TLS.search(parts.query):
         raise ConfigError(
             f"the {what} URL ({name}) must not carry ssl_* options: "
@@ -233,6 +240,62 @@ def _check_url(name: str, url: Any) -> None:
 def is_tls_url(url: str) -> bool:
     """True for a ``rediss://`` URL (Redis over TLS)."""
     return urlsplit(url).scheme == "rediss"
+
+
+def is_sentinel_url(url: str) -> bool:
+    """True for a ``sentinel://`` URL (the primary found through Redis Sentinel)."""
+    return url.startswith("sentinel://")
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """A ``sentinel://[user:password@]host:port[/db];sentinel://...`` URL, read.
+
+    The sentinels are asked which server is the primary of the master name
+    (`RedisHA.sentinel_master`); ``username`` and ``password`` are the data
+    nodes' ACL user, and ``db`` the database number on them (the same in
+    every part: `sentinel_hosts`).
+    """
+
+    hosts: tuple[tuple[str, int], ...]
+    username: str | None
+    password: str | None
+    db: int
+
+
+def sentinel_hosts(url: str, *, name: str = "the URL") -> SentinelURL:
+    """Read a ``sentinel://`` URL (`SentinelURL`); `ConfigError` naming ``name`` if malformed.
+
+    Every part must carry the same user, password and database (none: no
+    password, database 0): kombu takes them from whichever part it is
+    connected through, and moves to the next part when a sentinel is down.
+    """
+    hosts: list[tuple[str, int]] = []
+    seen: set[tuple[str | None, str | None, int]] = set()
+    for part in url.split(";"):
+        parts = urlsplit(part.strip())
+        try:
+            port = parts.port or 26379
+        except ValueError:
+            port = -1
+        if parts.scheme != "sentinel" or not parts.hostname or port < 1:
+            raise ConfigError(
+                f"{name} must look like sentinel://host:port/db;sentinel://host:port/db "
+                "(every part a sentinel:// address)"
+            )
+        hosts.append((parts.hostname, port))
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ConfigError(f"{name}: the database must be a number, got {path[:16]!r}")
+        seen.add((parts.username or None, parts.password, int(path or 0)))
+    if len(seen) != 1:
+        raise ConfigError(
+            f"{name}: every sentinel:// part must give the same user, password and "
+            "database (kombu reads them from the sentinel it connects through): "
+            "sentinel://user:password@h1:26379/0;sentinel://user:password@h2:26379/0"
+        )
+    username, password, db = seen.pop()
+    return SentinelURL(tuple(hosts), username, password, db)
 
 
 #: ``MAAS_REDIS_TLS_VERIFY`` values: check the server's certificate chain and
@@ -354,6 +417,75 @@ class RedisTLS:
         if self.key is not None:
             opts["ssl_keyfile"] = str(self.key)
         return opts
+
+
+_HA = "Redis high availability ([scaling.md](scaling.md)): "
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisHA:
+    """Redis Sentinel discovery and replicated writes (docs/scaling.md).
+
+    ``sentinel_master`` names the primary a ``sentinel://`` URL's sentinels
+    are asked for. ``wait_replicas`` > 0 makes every acknowledged submit and
+    every stored result wait (``WAIT``) until that many replicas hold it, or
+    fail after ``wait_timeout_ms``.
+    """
+
+    sentinel_master: str = setting(
+        "",
+        env="MAAS_REDIS_SENTINEL_MASTER",
+        parse=parse_text,
+        check=is_str,
+        shown="none",
+        doc=_HA + "master name the sentinels of a `sentinel://` URL are asked for (their "
+        "`sentinel monitor NAME ...`); needed when a URL is `sentinel://`",
+    )
+    sentinel_password: str | None = setting(
+        None,
+        env="MAAS_REDIS_SENTINEL_PASSWORD",
+        parse=parse_text,
+        check=is_optional_str,
+        secret=True,
+        shown="none",
+        doc=_HA + "password of the sentinels themselves (their `requirepass`); the data "
+        "nodes' user and password go in the URL: `sentinel://user:password@host:26379;...`",
+    )
+    sentinel_tls: bool = setting(
+        False,
+        env="MAAS_REDIS_SENTINEL_TLS",
+        parse=parse_flag,
+        check=is_bool,
+        accepted="`1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`",
+        shown="off",
+        doc=_HA + "`1`: a `sentinel://` URL's sentinels and data nodes are reached over TLS, "
+        "with the `MAAS_REDIS_TLS_*` options",
+    )
+    wait_replicas: int = setting(
+        0,
+        env="MAAS_REDIS_WAIT_REPLICAS",
+        parse=parse_int,
+        check=int_in(0, 16),
+        shown="`0` (no wait)",
+        doc=_HA + "a submit is acknowledged, and a worker acknowledges a job's message, only "
+        "once this many replicas hold the jobs (the result): `WAIT` after the writes; fewer "
+        "within the timeout is an error (`ServiceUnavailable` at the client, a job handed "
+        "back at the worker). `0` on a single node",
+    )
+    wait_timeout_ms: int = setting(
+        1000,
+        env="MAAS_REDIS_WAIT_TIMEOUT_MS",
+        parse=parse_int,
+        check=int_in(1, 60_000),
+        doc=_HA + "longest a `WAIT` for `MAAS_REDIS_WAIT_REPLICAS` replicas blocks",
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def wait_command(self) -> tuple[str, int, int] | None:
+        """``("WAIT", replicas, timeout ms)``, or None when no replica is waited for."""
+        return ("WAIT", self.wait_replicas, self.wait_timeout_ms) if self.wait_replicas else None
 
 
 _AUTOSCALE = "`worker --autoscale`: "
@@ -537,7 +669,7 @@ class FleetPolicy:
 
 
 _CONSUMER = "`worker --batch-consumer`: "
-_URLS = "`redis://`, `rediss://`, `redis+socket://`, `unix://`"
+_URLS = "`redis://`, `rediss://`, `redis+socket://`, `unix://`, `sentinel://` (with `;`)"
 _FLAG = "`1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`"
 
 
@@ -566,6 +698,7 @@ class Settings:
         doc="Redis URL for sealed results, job claims, the audit log and the model catalogue",
     )
     redis_tls: RedisTLS = group(RedisTLS)
+    redis_ha: RedisHA = group(RedisHA)
     keyring_path: Path = setting(
         factory=lambda: _default_keyring(os.environ),
         env_default=_default_keyring,
@@ -882,14 +1015,27 @@ class Settings:
             object.__setattr__(self, "result_backend", self.broker_url)
         validate(self)
         if self.redis_tls.configured and not (
-            is_tls_url(self.broker_url) or is_tls_url(self.result_backend)
+            self.uses_tls(self.broker_url) or self.uses_tls(self.result_backend)
         ):
             # Certificates configured for plain connections: the operator
             # believes the traffic is protected and it is not.
             raise ConfigError(
                 "MAAS_REDIS_TLS_* is set but neither MAAS_BROKER_URL nor "
-                "MAAS_RESULT_BACKEND is rediss://"
+                "MAAS_RESULT_BACKEND is rediss:// (or sentinel:// with MAAS_REDIS_SENTINEL_TLS)"
             )
+        sentinel = [u for u in (self.broker_url, self.result_backend) if is_sentinel_url(u)]
+        if sentinel and not self.redis_ha.sentinel_master:
+            raise ConfigError(
+                "a sentinel:// URL needs MAAS_REDIS_SENTINEL_MASTER (the master name the "
+                "sentinels monitor)"
+            )
+        if self.redis_ha.sentinel_tls and not sentinel:
+            raise ConfigError("MAAS_REDIS_SENTINEL_TLS is set but no URL is sentinel://")
+
+    def uses_tls(self, url: str) -> bool:
+        """Whether connections for ``url`` use TLS (rediss://, or sentinel:// with
+        MAAS_REDIS_SENTINEL_TLS)."""
+        return is_tls_url(url) or (is_sentinel_url(url) and self.redis_ha.sentinel_tls)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -905,8 +1051,9 @@ class Settings:
         return cls(**{**read(cls, env, skip=given), **given})
 
     def redis_ssl(self, url: str) -> dict[str, Any] | None:
-        """TLS options for a connection to ``url`` (`RedisTLS.options`); None unless rediss://."""
-        return self.redis_tls.options() if is_tls_url(url) else None
+        """TLS options for a connection to ``url`` (`RedisTLS.options`); None unless it
+        uses TLS (`uses_tls`)."""
+        return self.redis_tls.options() if self.uses_tls(url) else None
 
     def limits_for(self, model: str) -> tuple[float, float]:
         """(soft, hard) time limit in seconds for ``model`` (``name`` or ``name@version``)."""

@@ -35,7 +35,9 @@ from typing import Any
 import redis
 
 from maas_worker.backend import keyspace, scripts
+from maas_worker.backend.redis import wait_replicated
 from maas_worker.protocol import AuditReason, JobState, rejected_marker
+from maas_worker.settings import RedisHA
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +119,11 @@ class JobGuard:
         holder: str | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         max_faults: int = DEFAULT_MAX_FAULTS,
+        ha: RedisHA | None = None,
     ) -> None:
         self._r = client
+        #: ``WAIT`` after each result is stored (`RedisHA.wait_command`), or None.
+        self._ha = ha or RedisHA()
         self.lease_ms = lease_s * 1000
         self.max_attempts = max_attempts
         self.max_faults = max_faults
@@ -256,10 +261,22 @@ class JobGuard:
     def store_result(
         self, tenant: str, job_id: str, sealed: bytes, *, result_ttl_s: int, replay_window_ms: int
     ) -> bool:
-        """Store the sealed result once; False if a result was already stored."""
+        """Store the sealed result once; False if a result was already stored.
+
+        With ``MAAS_REDIS_WAIT_REPLICAS`` it returns only once that many replicas
+        hold the result, and raises `NotReplicated` (a connection error: the job is
+        handed back, its message not acknowledged) if they do not in time.
+        """
         self._forget(tenant, job_id)
         keys, args = _store_call(tenant, job_id, sealed, replay_window_ms, result_ttl_s)
-        return bool(self._store(keys=keys, args=args))
+        if self._ha.wait_command() is None:
+            return bool(self._store(keys=keys, args=args))
+        reply = self.store_many(
+            [(tenant, job_id, sealed, replay_window_ms)], result_ttl_s=result_ttl_s
+        )
+        if isinstance(reply[0], Exception):
+            raise reply[0]
+        return reply[0]
 
     def store_many(
         self, results: Sequence[tuple[str, str, bytes, int]], *, result_ttl_s: int
@@ -267,10 +284,12 @@ class JobGuard:
         """`store_result` for many ``(tenant, job id, sealed, replay window ms)``, ONE round trip.
 
         A job whose store fails gets its error in place (the others are stored);
-        a lost connection raises.
+        a lost connection raises, and so does `NotReplicated` (``WAIT``, as in
+        `store_result`: in the same pipeline, after the stores).
         """
         for tenant, job_id, _, _ in results:
             self._forget(tenant, job_id)
+        wait = self._ha.wait_command()
         replies = scripts.eval_many(
             self._r,
             self._store,
@@ -278,7 +297,10 @@ class JobGuard:
                 _store_call(tenant, job_id, sealed, window, result_ttl_s)
                 for tenant, job_id, sealed, window in results
             ],
+            then=wait,
         )
+        if wait is not None:
+            wait_replicated(replies.pop(), self._ha, f"{len(results)} result(s) stored")
         return [r if isinstance(r, Exception) else bool(r) for r in replies]
 
     def fetch_payloads(

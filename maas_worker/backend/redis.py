@@ -11,64 +11,205 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 
 from maas_worker.errors import ConfigError
-from maas_worker.settings import RedisTLS, Settings, is_tls_url
+from maas_worker.settings import (
+    RedisHA,
+    RedisTLS,
+    Settings,
+    is_sentinel_url,
+    is_tls_url,
+    sentinel_hosts,
+)
 
 #: Longer than the longest blocking call (a client's 1 s BLPOP slice).
 BACKEND_SOCKET_TIMEOUT_S = 10.0
+#: A sentinel that does not answer this fast is skipped for the next one.
+SENTINEL_SOCKET_TIMEOUT_S = 2.0
 
 
-def _options(url: str, tls: RedisTLS) -> tuple[str, dict[str, Any]]:
+class _ReadOnlyIsOutage:
+    """A ``READONLY`` reply drops the connection and raises a connection error.
+
+    A server on a fixed address that answers READONLY is a primary demoted
+    under us (a failover behind a DNS name or a virtual IP): every later write
+    there fails, so the reply is an outage to retry on a new connection, not a
+    bad command (issue #17: producers got ``ReadOnlyError`` on every submit).
+    redis-py's Sentinel connections do the same (`redis.sentinel`).
+    """
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.ReadOnlyError:
+            self.disconnect()  # type: ignore[attr-defined]
+            raise redis.ConnectionError("READONLY: the server is a replica now") from None
+
+
+class _AsyncReadOnlyIsOutage:
+    """`_ReadOnlyIsOutage` for ``redis.asyncio`` connections."""
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.ReadOnlyError:
+            await self.disconnect()  # type: ignore[attr-defined]
+            raise redis.ConnectionError("READONLY: the server is a replica now") from None
+
+
+class _Connection(_ReadOnlyIsOutage, redis.Connection):
+    pass
+
+
+class _SSLConnection(_ReadOnlyIsOutage, redis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_ReadOnlyIsOutage, redis.UnixDomainSocketConnection):
+    pass
+
+
+class _AsyncConnection(_AsyncReadOnlyIsOutage, redis.asyncio.Connection):
+    pass
+
+
+class _AsyncSSLConnection(_AsyncReadOnlyIsOutage, redis.asyncio.SSLConnection):
+    pass
+
+
+class _AsyncUnixConnection(_AsyncReadOnlyIsOutage, redis.asyncio.UnixDomainSocketConnection):
+    pass
+
+
+def _options(url: str, tls: RedisTLS, *, asynchronous: bool) -> tuple[str, dict[str, Any]]:
     """The URL redis-py reads and the options of every client of ours (sync or async)."""
     if url.startswith("redis+socket://"):
         url = "unix://" + url.removeprefix("redis+socket://")
     ssl_options = tls.options() if is_tls_url(url) else {}
-    return url, {
+    kinds: tuple[type, type, type] = (
+        (_AsyncUnixConnection, _AsyncSSLConnection, _AsyncConnection)
+        if asynchronous
+        else (_UnixConnection, _SSLConnection, _Connection)
+    )
+    unix, tls_class, plain = kinds
+    connection_class = unix if url.startswith("unix://") else tls_class if ssl_options else plain
+    return url, {**_common(), **ssl_options, "connection_class": connection_class}
+
+
+def _common() -> dict[str, Any]:
+    return {
         "health_check_interval": 25,
         "socket_keepalive": True,
         "socket_connect_timeout": 5,
         "socket_timeout": BACKEND_SOCKET_TIMEOUT_S,
-        **ssl_options,
     }
 
 
-def redis_client(url: str, *, tls: RedisTLS) -> redis.Redis:
+def sentinel_options(
+    url: str, *, tls: RedisTLS, ha: RedisHA
+) -> tuple[list[tuple[str, int]], dict[str, Any], dict[str, Any]]:
+    """(sentinel addresses, the sentinels' own connection options, the primary's options)
+    for a ``sentinel://`` URL: what ``redis.sentinel.Sentinel`` (sync or async) takes."""
+    parsed = sentinel_hosts(url)
+    ssl_options: dict[str, Any] = {"ssl": True, **tls.options()} if ha.sentinel_tls else {}
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": SENTINEL_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT_S,
+        **ssl_options,
+    }
+    if ha.sentinel_password is not None:
+        sentinel_kwargs["password"] = ha.sentinel_password
+    primary: dict[str, Any] = {**_common(), **ssl_options, "db": parsed.db}
+    if parsed.password is not None:
+        primary.update(username=parsed.username, password=parsed.password)
+    return list(parsed.hosts), sentinel_kwargs, primary
+
+
+def _master_name(ha: RedisHA | None) -> str:
+    if ha is None or not ha.sentinel_master:
+        raise ConfigError(
+            "a sentinel:// URL needs MAAS_REDIS_SENTINEL_MASTER (the master name the "
+            "sentinels monitor)"
+        )
+    return ha.sentinel_master
+
+
+def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis.Redis:
     """A redis-py client for one of our URLs; every client of a user URL is made here.
 
     ``redis+socket://`` is kombu's unix socket. A ``rediss://`` URL gets the
     TLS options of ``tls`` (certificate and host name checked by default);
-    user and password come from the URL. Timeouts: a dead or unreachable
+    user and password come from the URL. A ``sentinel://`` URL gives a client
+    of the primary its sentinels name for ``ha.sentinel_master``: after a
+    failover (or a ``READONLY`` reply from a demoted primary) its next
+    connection goes to the new primary. Timeouts: a dead or unreachable
     server must become an error, not a hang.
     """
-    url, options = _options(url, tls)
+    if is_sentinel_url(url):
+        hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
+        name = _master_name(ha)
+        sentinel: Any = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs=sentinel_kwargs
+        )
+        client: redis.Redis = sentinel.master_for(name, redis_class=redis.Redis, **primary)
+        return client
+    url, options = _options(url, tls, asynchronous=False)
     return redis.Redis.from_url(url, **options)
 
 
-def async_redis_client(url: str, *, tls: RedisTLS) -> redis.asyncio.Redis:
+def sentinel_nodes(url: str, *, tls: RedisTLS, ha: RedisHA) -> list[tuple[str, int]]:
+    """(host, port) of the primary, then of each replica, that the sentinels of a
+    ``sentinel://`` URL know of now (`redis.RedisError` if none names a primary)."""
+    hosts, sentinel_kwargs, _ = sentinel_options(url, tls=tls, ha=ha)
+    name = _master_name(ha)
+    sentinel: Any = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        hosts, sentinel_kwargs=sentinel_kwargs
+    )
+    try:
+        primary = sentinel.discover_master(name)
+        return [tuple(primary), *(tuple(r) for r in sentinel.discover_slaves(name))]
+    finally:
+        for client in sentinel.sentinels:
+            client.close()
+
+
+def async_redis_client(
+    url: str, *, tls: RedisTLS, ha: RedisHA | None = None
+) -> redis.asyncio.Redis:
     """`redis_client` for asyncio code (``redis.asyncio``): the same URL handling and options."""
-    url, options = _options(url, tls)
+    if is_sentinel_url(url):
+        hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
+        name = _master_name(ha)
+        asentinel: Any = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs=sentinel_kwargs
+        )
+        aclient: redis.asyncio.Redis = asentinel.master_for(
+            name, redis_class=redis.asyncio.Redis, **primary
+        )
+        return aclient
+    url, options = _options(url, tls, asynchronous=True)
     return redis.asyncio.Redis.from_url(url, **options)
 
 
 def backend_client(settings: Settings) -> redis.Redis:
     """A Redis client for the result backend (claims, results, audit)."""
-    return redis_client(settings.result_backend, tls=settings.redis_tls)
+    return redis_client(settings.result_backend, tls=settings.redis_tls, ha=settings.redis_ha)
 
 
-def check_credentials(url: str, *, tls: RedisTLS, who: str) -> None:
+def check_credentials(url: str, *, tls: RedisTLS, who: str, ha: RedisHA | None = None) -> None:
     """Raise `ConfigError` if the Redis at ``url`` refuses the credentials it gives (one PING).
 
     A wrong password or user never gets better by retrying, so a process
     checks before it starts retrying connections (Celery retries a broker it
     cannot reach a hundred times). A server that is not reachable yet is
-    left to those retries; ``sentinel://`` URLs are resolved by kombu, not here.
+    left to those retries (and so is a ``sentinel://`` URL none of whose sentinels
+    names a primary yet).
     The message is Redis's own refusal (``WRONGPASS ...``, ``NOAUTH ...``,
     ``NOPERM ...``), never the URL.
     """
-    if url.startswith("sentinel://"):
-        return
-    client = redis_client(url, tls=tls)
+    client = redis_client(url, tls=tls, ha=ha)
     try:
         client.ping()
     except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
@@ -80,3 +221,26 @@ def check_credentials(url: str, *, tls: RedisTLS, who: str) -> None:
         return
     finally:
         client.close()
+
+
+class NotReplicated(redis.ConnectionError):
+    """``WAIT`` confirmed fewer replicas than ``MAAS_REDIS_WAIT_REPLICAS`` within
+    ``MAAS_REDIS_WAIT_TIMEOUT_MS``: the writes before it are on the primary only, and a
+    failover now could lose them. A connection error: retried as an outage is."""
+
+
+def wait_replicated(reply: Any, ha: RedisHA, what: str) -> None:
+    """Raise `NotReplicated` unless ``reply`` (a ``WAIT``'s) reaches ``ha.wait_replicas``.
+
+    ``WAIT`` counts the replicas that hold every write *its own connection*
+    made before it (Redis keeps the offset per connection), so it must follow
+    the writes it vouches for on the same connection: the same pipeline.
+    """
+    if isinstance(reply, Exception):
+        raise reply
+    count = int(reply)
+    if count < ha.wait_replicas:
+        raise NotReplicated(
+            f"{what}: {count} of {ha.wait_replicas} replica(s) confirmed within "
+            f"{ha.wait_timeout_ms} ms (MAAS_REDIS_WAIT_REPLICAS)"
+        )

@@ -115,9 +115,16 @@ def register(client: redis.Redis, name: str) -> Script:
 
 
 def eval_many(
-    client: redis.Redis, script: Script, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+    client: redis.Redis,
+    script: Script,
+    calls: Sequence[tuple[Sequence[Any], Sequence[Any]]],
+    *,
+    then: Sequence[Any] | None = None,
 ) -> list[Any]:
     """Run ``script`` once per ``(keys, args)`` in ONE pipeline; the replies, in order.
+
+    ``then`` is one more command sent last in the same pipeline (``WAIT``, which
+    must run on the connection that wrote), its reply last.
 
     A call whose script failed has its `redis.ResponseError` in place of a
     reply, so one job's error never decides another's; a lost connection
@@ -138,6 +145,8 @@ def eval_many(
         pipe = client.pipeline(transaction=False)
         for keys, args in calls:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
+        if then is not None:
+            pipe.execute_command(*then)  # type: ignore[no-untyped-call]
         replies = pipe.execute(raise_on_error=False)
         if not any(isinstance(r, NoScriptError) for r in replies):
             break

@@ -16,12 +16,20 @@ from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
 from maas_worker.broker.scheduling import STRATEGY
 from maas_worker.protocol import QUEUE_NAMES, Priority, queue_for
-from maas_worker.settings import Settings
+from maas_worker.settings import Settings, is_sentinel_url
 
 EXCHANGE = "maas"
 #: Producers' ``broker_transport``: kombu's Redis transport with the wake-up ring
 #: (transport.py; named, not imported, so kombu loads it only when connecting).
 TRANSPORT = "maas_worker.broker.transport:Transport"
+#: The same for a ``sentinel://`` broker URL (kombu's Sentinel transport underneath).
+SENTINEL_TRANSPORT = "maas_worker.broker.transport:SentinelTransport"
+
+
+def producer_transport(broker_url: str) -> str:
+    """The producers' ``broker_transport`` for ``broker_url``: an explicit transport wins
+    over the URL's scheme in kombu, so a ``sentinel://`` URL needs its own."""
+    return SENTINEL_TRANSPORT if is_sentinel_url(broker_url) else TRANSPORT
 
 
 #: A broker command (a publish, a reservation) waiting longer than this is an
@@ -59,7 +67,21 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
         "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
         "socket_keepalive": True,
+        **sentinel_transport_options(settings),
     }
+
+
+def sentinel_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Sentinel options for a ``sentinel://`` broker URL (none otherwise): the
+    master name, and the sentinels' own password, TLS and timeouts."""
+    if not is_sentinel_url(settings.broker_url):
+        return {}
+    from maas_worker.backend.redis import sentinel_options
+
+    _, sentinel_kwargs, _ = sentinel_options(
+        settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha
+    )
+    return {"master_name": settings.redis_ha.sentinel_master, "sentinel_kwargs": sentinel_kwargs}
 
 
 def job_queues() -> list[Any]:
@@ -109,7 +131,7 @@ def make_producer_app(settings: Settings) -> Celery:
     # that keeps the redis:// scheme that Celery's banner and Flower's
     # broker view know, and covers redis+socket:// URLs, which name
     # kombu's transport whatever this setting says.
-    app.conf.broker_transport = TRANSPORT
+    app.conf.broker_transport = producer_transport(settings.broker_url)
     app.conf.update(producer_config(settings))
     setattr(app, SETTINGS_ATTR, settings)
     return app

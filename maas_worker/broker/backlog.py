@@ -93,7 +93,7 @@ class Backlog:
 def broker_client(settings: Settings) -> redis.Redis:
     """A Redis client for the broker (reads queue lengths only)."""
     # The one factory (backend.redis): rediss:// gets MAAS_REDIS_TLS_*.
-    return redis_client(settings.broker_url, tls=settings.redis_tls)
+    return redis_client(settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha)
 
 
 def _unverified_issued_at_ms(message_prefix: bytes) -> int | None:

@@ -46,7 +46,8 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
 from maas_worker.broker import fetch
 from maas_worker.broker.entries import (
@@ -69,6 +70,20 @@ log = logging.getLogger(__name__)
 #: Queues kombu declares for the replies to a remote-control broadcast
 #: (``<uuid>.reply.celery.pidbox``): the sender consumes its own.
 REPLY_QUEUE_SUFFIX = ".reply.celery.pidbox"
+
+#: What a Redis demoted to a replica answers a client blocked in BRPOP (``-UNBLOCKED
+#: force unblock from blocking operation, instance state changed (master -> replica?)``).
+DEMOTED_REPLY = "UNBLOCKED"
+
+#: A ``READONLY`` reply (a replica, or a primary demoted under us) is a connection
+#: to the wrong server, not a bad command: on a fixed address Celery stopped
+#: consuming ("Unrecoverable error: ReadOnlyError", issue #17); as a connection
+#: error the worker reconnects instead and keeps trying until a writable primary
+#: answers there.
+CONNECTION_ERRORS: Any = (
+    *kombu_redis.Transport.connection_errors,
+    ReadOnlyError,
+)
 
 
 def _job_id(raw: Any) -> str:
@@ -439,6 +454,15 @@ class HardenedChannel(kombu_redis.Channel):
                 self._script_known = False
                 self._ready = True
                 raise Empty() from None
+            except ResponseError as exc:
+                if not str(exc).startswith(DEMOTED_REPLY):
+                    raise
+                # The server became a replica under our BRPOP (a failover):
+                # reconnect (through the sentinels, if any), as for a lost one.
+                self._ready = True
+                self._script_known = False
+                self.client.connection.disconnect()
+                raise RedisConnectionError("the server became a replica") from None
             if sent == "wait":
                 # Woken (or timed out: something may have arrived without a
                 # token, such as a message put back by the sweep): take next.
@@ -487,23 +511,49 @@ class HardenedChannel(kombu_redis.Channel):
         return True
 
 
+class HardenedSentinelChannel(HardenedChannel, kombu_redis.SentinelChannel):
+    """`HardenedChannel` on kombu's Sentinel channel (a ``sentinel://`` broker URL).
+
+    kombu's Sentinel channel only changes where connections go: its pool asks
+    the sentinels for the primary of the ``master_name`` transport option at
+    each new connection, and its connections drop themselves on a ``READONLY``
+    reply (a primary demoted under them) with a connection error, so Celery
+    reconnects to the new primary. The take, the wake-ups and the checks are
+    `HardenedChannel`'s, unchanged.
+    """
+
+
 class Transport(kombu_redis.Transport):
     """kombu's Redis transport with `HardenedChannel` (producers' ``broker_transport``)."""
 
     Channel = HardenedChannel
+    connection_errors = CONNECTION_ERRORS
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with `HardenedSentinelChannel` (a producer's
+    ``broker_transport`` for a ``sentinel://`` URL)."""
+
+    Channel = HardenedSentinelChannel
+    connection_errors = CONNECTION_ERRORS
 
 
 def install(
     settings: Settings | None = None,
     on_record: Callable[[AuditReason], None] | None = None,
 ) -> None:
-    """Make kombu's Redis transport use `HardenedChannel` in this process (idempotent).
+    """Make kombu's Redis transport use `HardenedChannel` in this process (idempotent),
+    and its Sentinel transport `HardenedSentinelChannel`.
 
     ``settings`` (the worker's) set the channels' limits, their queue order's
     reserved share and where refused entries are audited; ``on_record`` hears
     the reason of each of those records (the worker's refusal counter).
     """
     kombu_redis.Transport.Channel = HardenedChannel
+    kombu_redis.SentinelTransport.Channel = HardenedSentinelChannel
+    # A demoted primary's READONLY: reconnect, never stop consuming (CONNECTION_ERRORS).
+    kombu_redis.Transport.connection_errors = CONNECTION_ERRORS
+    kombu_redis.SentinelTransport.connection_errors = CONNECTION_ERRORS
     if settings is not None:
         HardenedChannel.settings = auditor.settings = settings
     if on_record is not None:

@@ -58,7 +58,7 @@ class AsyncClient(ClientCore):
         super().__init__(**kwargs)
         self._backend: redis.asyncio.Redis | None = None
         self._broker: redis.asyncio.Redis | None = None
-        self._wire: MessageBuilder | None = None
+        self._wire = MessageBuilder()
         self._waiter: Waiter | None = None
         self._private: PrivateJobs | None = None
 
@@ -73,7 +73,7 @@ class AsyncClient(ClientCore):
         """``redis.asyncio`` client of the result backend."""
         if self._backend is None:
             self._backend = async_redis_client(
-                self.settings.result_backend, tls=self.settings.redis_tls
+                self.settings.result_backend, tls=self.settings.redis_tls, ha=self.settings.redis_ha
             )
         return self._backend
 
@@ -81,7 +81,9 @@ class AsyncClient(ClientCore):
     def broker(self) -> redis.asyncio.Redis:
         """``redis.asyncio`` client of the broker (the job queues)."""
         if self._broker is None:
-            self._broker = async_redis_client(self.settings.broker_url, tls=self.settings.redis_tls)
+            self._broker = async_redis_client(
+                self.settings.broker_url, tls=self.settings.redis_tls, ha=self.settings.redis_ha
+            )
         return self._broker
 
     @property
@@ -106,8 +108,6 @@ class AsyncClient(ClientCore):
         for conn in (self._backend, self._broker):
             if conn is not None:
                 await conn.aclose()
-        if self._wire is not None:
-            self._wire.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -205,13 +205,13 @@ class AsyncClient(ClientCore):
             return await self._send(*step.arg)
         if step.kind == "markers":
             return await arun_plan(self.backend, Plan(step.arg, lambda replies: None))
+        if step.kind == "replicate":
+            return await arun_plan(self.broker, Plan(step.arg, lambda replies: replies))
         assert step.kind == "live", step
         return await self.live_workers()
 
     async def _send(self, sealed: list[Sealed], queue: str) -> None:
-        """Push the messages (framed as the sync client's: wire.py) and ring the wake-up list."""
-        if self._wire is None:
-            self._wire = MessageBuilder(self.settings)
+        """Push the queue entries (wire.py) and ring the wake-up list, as the sync client."""
         messages = self._wire.messages(self.tenant, sealed, queue)
         # One transaction: the jobs and their tenant's arrival (fetch.push) together.
         pipe = self.broker.pipeline(transaction=True)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
 from celery import Celery
-from kombu.exceptions import BatchPublishError, OperationalError
 
-from maas_worker.backend import functions
+from maas_worker.backend import functions, keyspace
 from maas_worker.backend.redis import backend_client, redis_client
+from maas_worker.broker import fetch
 from maas_worker.broker.app import make_producer_app
 from maas_worker.client.core import (
     CATALOG_CACHE_S,
@@ -36,14 +37,19 @@ from maas_worker.client.core import (
     run_plan,
     send_interrupted,
 )
-from maas_worker.client.job import Job, backend_errors
+from maas_worker.client.job import WAIT_SLICE_S, Job, backend_errors
+from maas_worker.client.jobcore import wait_keys
 from maas_worker.client.private import PrivateJobs
-from maas_worker.client.wire import send_args
+from maas_worker.client.waiter import LANE_KEYS
+from maas_worker.client.wire import MessageBuilder, sent_event_fields
 from maas_worker.crypto.envelope import Header
-from maas_worker.protocol import TASK_NAME
+from maas_worker.errors import InvalidEnvelope, JobError, ResultTimeout
 from maas_worker.tenancy.quota import Quotas
 
 log = logging.getLogger(__name__)
+
+#: Jobs whose keys one ``MGET`` of `Client.as_completed` reads (4 keys each).
+READ_CHUNK = 1024
 
 # Names of maas_worker.client from before 0.2 (its module is now this one), kept.
 __all__ = [
@@ -90,6 +96,10 @@ class Client(ClientCore):
         self._quotas: Quotas | None = None
         self._cancel: Any = None
         self._private: PrivateJobs | None = None
+        self._wire = MessageBuilder()
+        self._events: Any = None  # Celery's event dispatcher, for task-sent (`_send_events`)
+        self._events_conn: Any = None
+        self._events_warned = False
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Client:
@@ -99,7 +109,7 @@ class Client(ClientCore):
     # -- plumbing --------------------------------------------------------------
     @property
     def app(self) -> Celery:
-        """The producer's Celery app (created on first use)."""
+        """The producer's Celery app (created on first use): its task-sent events."""
         if self._app is None:
             app = make_producer_app(self.settings)
             if not self._may_publish():
@@ -126,7 +136,9 @@ class Client(ClientCore):
     def broker(self) -> redis.Redis:
         """Redis client of the broker (queue depths)."""
         if self._broker is None:
-            self._broker = redis_client(self.settings.broker_url, tls=self.settings.redis_tls)
+            self._broker = redis_client(
+                self.settings.broker_url, tls=self.settings.redis_tls, ha=self.settings.redis_ha
+            )
         return self._broker
 
     @property
@@ -163,6 +175,7 @@ class Client(ClientCore):
         for conn in (self._backend, self._broker):
             if conn is not None:
                 conn.close()
+        self._close_events()
         if self._app is not None:
             self._app.close()
 
@@ -305,31 +318,147 @@ class Client(ClientCore):
             return self._send(*step.arg)
         if step.kind == "markers":
             return run_plan(self.backend, Plan(step.arg, lambda replies: None))
+        if step.kind == "replicate":
+            return run_plan(self.broker, Plan(step.arg, lambda replies: replies))
         assert step.kind == "live", step
         return self.live_workers()
 
     def _send(self, sealed: list[Sealed], queue: str) -> None:
-        """Enqueue the sealed requests with Celery's producer (kombu's Redis transport)."""
+        """Push the batch's queue entries (wire.py) with the tenant's arrival and the
+        wake-up tokens in one transaction (`fetch.push`), then its task-sent events."""
+        entries = self._wire.messages(self.tenant, sealed, queue)
+        # One transaction: the jobs and their tenant's arrival (fetch.push) together.
+        pipe = self.broker.pipeline(transaction=True)
+        fetch.push(pipe, queue, self.tenant, entries)
         try:
-            # kombu's producer batch puts every message (and its task-sent
-            # event) into one Redis pipeline: one round trip, not two per job.
-            with self.app.producer_or_acquire() as producer, producer.batch():
-                for header, raw in sealed:
-                    self.app.send_task(
-                        TASK_NAME,
-                        producer=producer,
-                        **send_args(self.tenant, header.job_id, raw, queue),
-                    )
-        except OperationalError as exc:
-            raise broker_unavailable(
-                self.settings, exc, what="the jobs were not submitted"
-            ) from None
-        except BatchPublishError:
-            # The connection broke while the batch was being sent.
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError):
+            # One pipeline: whether it reached Redis before the connection broke is
+            # not known (the broker was reachable a moment ago, or the depth check
+            # would have said so).
             raise send_interrupted(self.settings, sealed) from None
+        self._send_events(sealed, queue)
+
+    def _send_events(self, sealed: list[Sealed], queue: str) -> None:
+        """Celery's task-sent event of each job (Flower lists a job from the moment it is
+        queued), buffered and published as one message per batch, as the batch consumer
+        does its own; when this client's Redis user may publish. Best effort, as in
+        Celery: a failure is logged once and never touches the jobs, already queued."""
+        if not self.app.conf.task_send_sent_event:
+            return
+        try:
+            if self._events is None:
+                self._events_conn = self.app.connection_for_write()
+                self._events = self.app.events.Dispatcher(
+                    self._events_conn,
+                    buffer_group=["task"],
+                    buffer_limit=1_000_000,  # flushed once per batch, below
+                    buffer_while_offline=False,
+                )
+            for header, _ in sealed:
+                self._events.send("task-sent", **sent_event_fields(header.job_id, queue))
+            self._events.flush()
+        except Exception as exc:
+            if not self._events_warned:
+                log.warning(
+                    "task-sent events not sent (%s); Flower may miss jobs", type(exc).__name__
+                )
+                self._events_warned = True
+            self._close_events()
+
+    def _close_events(self) -> None:
+        events, conn, self._events, self._events_conn = self._events, self._events_conn, None, None
+        try:
+            if events is not None:
+                events.close()
+            if conn is not None:
+                conn.release()
+        except Exception:
+            log.debug("closing the event connection failed", exc_info=False)
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job of this client's tenant, by id (`UnknownJob` if the
         id is not a job id)."""
         check_job_id(job_id)
         return Job(self, job_id)
+
+    # -- waiting for many jobs --------------------------------------------------------------
+    def as_completed(self, jobs: Iterable[Job], *, timeout: float | None = None) -> Iterator[Job]:
+        """Yield each of ``jobs`` (this client's) once it has ended, about in the order
+        they end; ``job.result()`` on a yielded job then returns (or raises) at once.
+
+        Round trips go by batch, not by job: the jobs' keys are read with ``MGET``
+        (`jobcore.wait_keys`), and the wait is one ``BLPOP`` over the ``done`` lists
+        of the oldest `LANE_KEYS` pending jobs, newest first; the list it pops is
+        the newest that ended, and that job and every one awaited before it are
+        read together (a tenant's queue is first in, first out, so they have most
+        likely ended too). A ``BLPOP`` that hears nothing for a second re-reads
+        every pending job (a job after the lane may have ended first, or another
+        waiter taken a wake-up). The same rules as `AsyncClient`'s `as_completed`
+        (waiter.py). Raises `ResultTimeout` if ``timeout`` seconds pass before all
+        have ended, `ServiceUnavailable` if Redis cannot be reached.
+        """
+        jobs = list(jobs)
+        if any(job.client is not self for job in jobs):
+            raise ValueError("as_completed takes jobs of this client only")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = list(dict.fromkeys(j for j in jobs if j._outcome is None))
+        yield from (j for j in jobs if j._outcome is not None)
+        to_read = pending
+        with backend_errors(self.settings):
+            while pending:
+                ended = self._read_outcomes(to_read)
+                yield from ended
+                if ended:
+                    pending = [j for j in pending if j._outcome is None]
+                if not pending:
+                    return
+                wait = WAIT_SLICE_S
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise ResultTimeout(
+                            f"{len(pending)} of {len(jobs)} jobs had not ended within "
+                            f"{timeout:g} s (the first: "
+                            f"{pending[0].waiting() if pending else ''})"
+                        )
+                lane = pending[:LANE_KEYS]
+                keys = {keyspace.done(j.tenant, j.id): n for n, j in enumerate(lane)}
+                popped = self.backend.blpop(list(reversed(keys)), timeout=max(wait, 0.01))
+                if popped is None:
+                    to_read = pending  # recheck every pending job
+                else:
+                    key = popped[0].decode() if isinstance(popped[0], bytes) else popped[0]
+                    to_read = lane[: keys[key] + 1]
+
+    def _read_outcomes(self, jobs: list[Job]) -> list[Job]:
+        """Read the outcome of each of ``jobs`` (one round trip: an ``MGET`` per
+        `READ_CHUNK` jobs, pipelined); record it in the ended ones, which it returns."""
+        pipe = self.backend.pipeline(transaction=False)
+        for start in range(0, len(jobs), READ_CHUNK):
+            pipe.mget(
+                [k for j in jobs[start : start + READ_CHUNK] for k in wait_keys(j.tenant, j.id)]
+            )
+        replies = [value for chunk in pipe.execute() for value in chunk]
+        ended = []
+        for n, job in enumerate(jobs):
+            try:
+                output, _ = job.outcome(replies[4 * n : 4 * n + 4])
+            except (JobError, InvalidEnvelope) as exc:
+                job._outcome = exc
+            else:
+                if output is None:
+                    continue
+                job._outcome = output
+            ended.append(job)
+        return ended
+
+    def results(self, jobs: Iterable[Job], *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The output of each of ``jobs``, in their order, waited for together
+        (`as_completed`: round trips by batch, not by job). Raises what `Job.result`
+        raises for the first job, in that order, that did not succeed; each job's
+        own `result` still says its outcome."""
+        jobs = list(jobs)
+        for _ in self.as_completed(jobs, timeout=timeout):
+            pass
+        return [job.result() for job in jobs]

@@ -25,6 +25,7 @@ import redis
 
 from maas_worker import jsonlimits
 from maas_worker.backend import catalog, keyspace
+from maas_worker.backend.redis import NotReplicated, wait_replicated
 from maas_worker.broker import fetch
 from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.crypto.primitives import CryptoBackend, crypto_backend
@@ -475,6 +476,12 @@ class ClientCore:
             log.warning(
                 "%d job(s) enqueued, but their queued markers could not be written", len(sealed)
             )
+        if self.settings.redis_ha.wait_replicas:
+            try:
+                replies = yield Step("replicate", self.replicate_commands())
+                wait_replicated(replies[-1], self.settings.redis_ha, "submit")
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise not_replicated(self.settings, sealed, exc) from None
         live: bool | None
         try:
             live = (yield Step("live")) > 0
@@ -499,6 +506,26 @@ class ClientCore:
             )
             for h, raw in sealed
             if len(raw) > INLINE_MAX_BYTES
+        ]
+
+    def replicate_commands(self) -> list[Command]:
+        """The durability step (``MAAS_REDIS_WAIT_REPLICAS``), sent to the broker after
+        everything else: a write, then ``WAIT`` in the same pipeline.
+
+        ``WAIT`` vouches only for the writes of its own connection (Redis keeps
+        the replication offset per connection), and the send went through
+        another. So this pipeline writes first (one more wake-up token: harmless,
+        a consumer that finds nothing waits again): its offset is past every
+        write that came before, the send's and, when the result backend is the
+        same Redis, the payloads' and markers' too, so the ``WAIT`` covers them
+        all. (A result backend on another Redis: docs/scaling.md.)
+        """
+        wait = self.settings.redis_ha.wait_command()
+        assert wait is not None
+        return [
+            ("LPUSH", fetch.WAKE_KEY, "1"),
+            ("LTRIM", fetch.WAKE_KEY, 0, fetch.WAKE_MAX - 1),
+            wait,
         ]
 
     def marker_commands(self, sealed: list[Sealed]) -> list[Command]:
@@ -602,6 +629,21 @@ def broker_unavailable(
     return ServiceUnavailable(
         f"broker unavailable ({redact_url(settings.broker_url)}: "
         f"{connection_cause(exc)}); {what}, retry later"
+    )
+
+
+def not_replicated(
+    settings: Settings, sealed: list[Sealed], exc: BaseException
+) -> ServiceUnavailable:
+    """The error for a submit whose jobs are queued on the primary but not confirmed on
+    ``MAAS_REDIS_WAIT_REPLICAS`` replicas (`NotReplicated`, or the connection lost
+    before ``WAIT`` answered): a failover now could lose them, or not."""
+    return ServiceUnavailable(
+        f"submitted, but not confirmed on the replicas "
+        f"({exc if isinstance(exc, NotReplicated) else connection_cause(exc)}); "
+        "these jobs are queued unless a failover loses them: check their status "
+        "(ServiceUnavailable.job_ids) before submitting them again",
+        job_ids=[h.job_id for h, _ in sealed],
     )
 
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 #: Longest single blocking wait on Redis while waiting for a result; short so a
 #: second waiter whose wake-up was taken still notices the result soon.
-_WAIT_SLICE_S = 1.0
+WAIT_SLICE_S = 1.0
 
 
 @contextlib.contextmanager
@@ -49,6 +49,9 @@ class Job(JobCore):
     """One submitted job: its id, state and (sealed-for-you) result."""
 
     client: Client
+    #: The outcome `Client.as_completed` learnt (the output, or the error `result`
+    #: raises), so `result` needs no further round trip.
+    _outcome: dict[str, Any] | BaseException | None = None
 
     def info(self) -> JobInfo:
         """The job's id, `JobState`, ``reason`` (failed and rejected jobs) and ``model``.
@@ -109,6 +112,10 @@ class Job(JobCore):
         is live; or `UnknownJob` if by then no key of this tenant's names the job
         (`exists` asks before waiting).
         """
+        if isinstance(self._outcome, BaseException):
+            raise self._outcome
+        if self._outcome is not None:
+            return self._outcome
         try:
             with backend_errors(self.client.settings):
                 return self._wait(timeout)
@@ -129,7 +136,7 @@ class Job(JobCore):
                 output, claim = run_plan(r, self.wait_plan())
             if output is not None:
                 return output
-            wait = _WAIT_SLICE_S
+            wait = WAIT_SLICE_S
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

@@ -13,9 +13,10 @@ close.lua, cancel.lua). The sync `Job.result` blocks on that one list. The
   of a tenant's keys share its hash tag: one Redis Cluster slot);
 * **lanes**: the jobs still pending after that read are split into lanes of
   `LANE_KEYS` (more per lane beyond `MAX_LANES` lanes); each lane is one task
-  on one connection blocked in one ``BLPOP`` over its jobs' ``done`` lists.
-  A push wakes the lane, which hands that job to the next read and blocks
-  again on the jobs left;
+  on one connection blocked in one ``BLPOP`` over its jobs' ``done`` lists,
+  newest first. A push wakes the lane, which hands that job and the lane's
+  jobs awaited before it (most likely ended too: queues are first in, first
+  out) to the next read, in one ``MGET``;
 * **recheck**: a lane whose ``BLPOP`` times out (`RECHECK_S`) hands all its
   jobs to a read: another waiter (a second client of the same job) may have
   taken the element meant for us. That is the only polling, once per
@@ -67,6 +68,10 @@ class Waiter:
         self._wake = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._lanes: set[asyncio.Task[None]] = set()
+        #: Jobs some lane blocks on (a read starts no second lane for them).
+        self._laned: set[str] = set()
+        #: Lanes waiting for the next read to finish (`_lane`).
+        self._read_waiters: list[asyncio.Future[None]] = []
         #: Redis round trips made (reads and BLPOPs), for the tests and the benchmark.
         self.round_trips = 0
 
@@ -101,13 +106,19 @@ class Waiter:
 
     # -- reading --------------------------------------------------------------------
     async def _read_loop(self) -> None:
-        while self._futures:
-            await self._wake.wait()
-            self._wake.clear()
-            batch = [j for j in self._to_read if j in self._jobs]
-            self._to_read.clear()
-            if batch:
-                await self._read(batch)
+        try:
+            while self._futures:
+                await self._wake.wait()
+                self._wake.clear()
+                waiters, self._read_waiters = self._read_waiters, []
+                batch = [j for j in self._to_read if j in self._jobs]
+                self._to_read.clear()
+                if batch:
+                    await self._read(batch)
+                _release(waiters)
+        finally:
+            _release(self._read_waiters)
+            self._read_waiters = []
 
     async def _read(self, batch: list[str]) -> None:
         keys = [k for job_id in batch for k in wait_keys(self._jobs[job_id].tenant, job_id)]
@@ -130,7 +141,7 @@ class Waiter:
                 continue
             if output is not None:
                 self._resolve(job_id, output)
-            else:
+            elif job_id not in self._laned:
                 pending.append(job_id)
         # Lanes are connections: at most MAX_LANES at a time (redis-py's pools hold 100
         # connections), so beyond that many jobs a lane blocks on more keys.
@@ -143,30 +154,51 @@ class Waiter:
 
     # -- lanes -----------------------------------------------------------------------------
     async def _lane(self, members: list[str]) -> None:
-        """Block on the ``done`` lists of ``members`` until each is handed to a read."""
+        """Block on the ``done`` lists of ``members`` until each is handed to a read.
+
+        ``members`` are in the order they were awaited (for `as_completed` over a
+        submit, the order of submission), and a tenant's jobs are taken first in,
+        first out: when one of them ends, those awaited before it have most likely
+        ended too (a batch consumer ends 64 at a time). So the ``BLPOP`` names the
+        lists newest first: the list it pops is the newest job that ended, and that
+        job and every member before it go to the next read together, one wake and
+        one ``MGET`` per batch of jobs ended, not per job. The lane waits for that
+        read (so it does not wake again on the lists of jobs just read), then
+        blocks on the members still pending: those read too early stay in it.
+        """
         left = dict.fromkeys(members)
-        while True:
-            keys = {keyspace.done(self._jobs[j].tenant, j): j for j in left if j in self._jobs}
-            if not keys:
-                return
-            self.round_trips += 1
-            try:
-                popped = await self._r.blpop(list(keys), timeout=RECHECK_S)
-            except Exception as exc:
-                for job_id in keys.values():
-                    self._resolve(job_id, self._fail(exc))
-                return
-            if popped is None:
-                woken = list(keys.values())  # recheck: a wake-up may have been taken
-            else:
+        self._laned.update(members)
+        try:
+            while True:
+                keys = {keyspace.done(self._jobs[j].tenant, j): j for j in left if j in self._jobs}
+                if not keys:
+                    return
+                self.round_trips += 1
+                try:
+                    popped = await self._r.blpop(list(reversed(keys)), timeout=RECHECK_S)
+                except Exception as exc:
+                    for job_id in keys.values():
+                        self._resolve(job_id, self._fail(exc))
+                    return
+                order = list(keys.values())
+                if popped is None:
+                    # Recheck: a wake-up may have been taken. The read starts new
+                    # lanes for the jobs still pending (not laned once this returns).
+                    self._to_read.update(order)
+                    self._wake.set()
+                    return
                 key = popped[0].decode() if isinstance(popped[0], bytes) else popped[0]
-                woken = [keys[key]] if key in keys else []
-            for job_id in woken:
-                left.pop(job_id, None)
-                self._to_read.add(job_id)
-            self._wake.set()
-            if popped is None:
-                return  # the read starts new lanes for the jobs still pending
+                woken = order[: order.index(keys[key]) + 1] if key in keys else []
+                woken = [j for j in woken if j in self._jobs]  # still awaited
+                if not woken or self._reader is None or self._reader.done():
+                    continue  # nothing to read, or no reader (no one awaits): re-check
+                read: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._read_waiters.append(read)
+                self._to_read.update(woken)
+                self._wake.set()
+                await read
+        finally:
+            self._laned.difference_update(left)
 
     async def close(self) -> None:
         """Stop the reader and the lanes (awaiters are cancelled)."""
@@ -178,3 +210,9 @@ class Waiter:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _release(waiters: list[asyncio.Future[None]]) -> None:
+    for fut in waiters:
+        if not fut.done():
+            fut.set_result(None)

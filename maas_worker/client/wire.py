@@ -1,78 +1,151 @@
-"""The job messages of `AsyncClient`, built by the very code `Client` sends them with.
+"""The queue entries of sealed requests, built directly, once per batch (every client).
 
-`Client` sends through Celery's producer on kombu's Redis transport, which
-blocks. The async client needs the same bytes without that I/O: it asks
-Celery (``send_task``, the same call with the same arguments, `send_args`)
-to publish into kombu's in-memory transport, takes the framed message back
-out (headers, properties, base64 body: kombu's virtual channel frames it
-exactly as its Redis channel does) and pushes it with ``redis.asyncio``
-itself. Nothing is parsed or framed here by hand, so the wire format cannot
-drift from the sync client's.
+A queue entry is kombu's Redis JSON message around a Celery protocol 2 task
+call (docs/protocol.md 3.6 specifies it byte by byte). Clients used to have
+Celery's ``send_task`` frame each one (the sync client through kombu's Redis
+transport, the async client and the gateway through kombu's in-memory one):
+about half of a producer's time per job, for a message whose only parts that
+change from job to job are the job id, the envelope and kombu's delivery tag
+(docs/benchmarks.md, "Throughput"). `MessageBuilder` lays out the same JSON
+text itself: what is the same for every job of a batch (tenant, queue, the
+producer's origin) is escaped once per batch, and the per-job parts are a job
+id (a canonical UUID), base64 text and a fresh UUID4, none of which needs
+escaping. tests/unit/test_wire.py compares the bytes with what Celery and
+kombu produce for the same job, field for field and byte for byte, so the
+format cannot drift from theirs unnoticed; pushing the entries is
+`fetch.push` (one ``MULTI`` per batch).
 
-The one difference: no task-sent event (the sync client publishes one when
-its Redis user may publish, which a producer role may not). Flower shows an
-async client's job from the moment a worker receives it.
+Celery's ``task-sent`` event is not part of an entry: the sync client
+publishes the events of a batch as one buffered message, when its Redis user
+may publish (client.py).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
+import uuid
 from typing import Any
 
-from celery import Celery
-from kombu import Connection, Producer  # type: ignore[attr-defined]
-
-from maas_worker.broker import fetch
-from maas_worker.broker.app import make_producer_app
+from maas_worker.backend import keyspace
 from maas_worker.client.core import Sealed, message_arg
 from maas_worker.protocol import ARGS_REPR, TASK_NAME, payload_ref
-from maas_worker.settings import Settings
+
+#: The task call's ``kwargs`` and ``embed`` (no callbacks, chain or chord), as
+#: kombu's JSON serialiser writes them after the argument list.
+_BODY_TAIL = b'"], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
+#: The fields of an entry, in the order Celery and kombu write them; ``{..}`` are
+#: filled per batch (`_batch_template`), ``%s`` per job: body, id, root id,
+#: correlation id, delivery tag.
+_ENTRY = (
+    '{"body": "%s", "content-encoding": "utf-8", "content-type": "application/json", '
+    '"headers": {"lang": "py", "task": {task}, "id": "%s", "shadow": null, "eta": null, '
+    '"expires": null, "group": null, "group_index": null, "retries": 0, '
+    '"timelimit": [null, null], "root_id": "%s", "parent_id": null, '
+    '"argsrepr": {argsrepr}, "kwargsrepr": "{}", "origin": {origin}, '
+    '"ignore_result": null, "replaced_task_nesting": 0, "stamped_headers": null, '
+    '"stamps": {}}, '
+    '"properties": {"correlation_id": "%s", "reply_to": {reply_to}, '
+    '"argsrepr": {argsrepr}, "kwargsrepr": "{}", "maas_tenant": {tenant}, '
+    '"delivery_mode": 2, "delivery_info": {"exchange": "", "routing_key": {queue}}, '
+    '"priority": 0, "body_encoding": "base64", "delivery_tag": "%s"}}'
+)
 
 
-def send_args(tenant: str, header_job_id: str, raw: bytes, queue: str) -> dict[str, Any]:
-    """The keywords of Celery's ``send_task`` for one sealed request (both clients)."""
-    return {
-        "args": [message_arg(payload_ref(tenant), raw)],  # base64 only what travels inside
-        "task_id": header_job_id,
-        "queue": queue,
-        # Celery copies args into message headers and events for display; say
-        # what it is instead of repeating the ciphertext.
-        "argsrepr": ARGS_REPR,
-        "kwargsrepr": "{}",
-        # Declare nothing: the job queues are the workers' (they bind them), and a
-        # producer's Redis user may only push to them (docs/security.md, Redis roles).
-        "declare": [],
-        # A message property: the producer's channel pushes the job to this
-        # tenant's list of the queue (fair share, broker/fetch.py).
-        fetch.TENANT_PROPERTY: tenant,
-    }
+def _batch_template(**fields: str) -> str:
+    """`_ENTRY` with the batch's fields JSON-escaped in (a ``%`` in them doubled)."""
+    out = _ENTRY
+    for name, value in fields.items():
+        out = out.replace("{" + name + "}", json.dumps(value).replace("%", "%%"))
+    return out
+
+
+def uuid4_texts(n: int) -> list[str]:
+    """``n`` random UUID4s in canonical text form, from one read of the OS RNG.
+
+    What ``str(uuid.uuid4())`` gives, a third of its cost: kombu's delivery tags.
+    """
+    pool = os.urandom(16 * n)
+    out = []
+    for i in range(0, 16 * n, 16):
+        b = bytearray(pool[i : i + 16])
+        b[6] = (b[6] & 0x0F) | 0x40  # version 4
+        b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+        h = b.hex()
+        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return out
 
 
 class MessageBuilder:
-    """Frames job messages in memory (kombu's ``memory://`` transport): no I/O."""
+    """Builds the queue entries of sealed requests (no I/O, no Celery)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._app: Celery = make_producer_app(settings)
-        self._app.conf.task_send_sent_event = False
-        self._conn = Connection("memory://")  # type: ignore[no-untyped-call]
-        self._channel: Any = self._conn.channel()  # type: ignore[no-untyped-call]
-        self._producer = Producer(self._channel)  # type: ignore[no-untyped-call]
+    def __init__(self) -> None:
+        #: Celery's ``reply_to``: an id per producer (Celery's is per app and thread);
+        #: nothing reads it, since results never travel by reply.
+        self.reply_to = str(uuid.uuid4())
+        self._templates: dict[tuple[str, str, str], str] = {}
+
+    @staticmethod
+    def origin() -> str:
+        """Celery's ``origin`` header: ``gen<pid>@<host>`` (what Flower shows as the
+        producer); read per batch, so a forked producer names its own pid."""
+        return f"gen{os.getpid()}@{socket.gethostname()}"
+
+    def _template(self, tenant: str, queue: str) -> str:
+        origin = self.origin()
+        key = (tenant, queue, origin)
+        template = self._templates.get(key)
+        if template is None:
+            template = _batch_template(
+                task=TASK_NAME,
+                argsrepr=ARGS_REPR,
+                origin=origin,
+                reply_to=self.reply_to,
+                tenant=tenant,
+                queue=queue,
+            )
+            if len(self._templates) > 64:  # a gateway with many tenants: stay bounded
+                self._templates.clear()
+            self._templates[key] = template
+        return template
 
     def messages(self, tenant: str, sealed: list[Sealed], queue: str) -> list[str]:
-        """The JSON text of each job's message for ``queue``, as kombu's Redis channel
-        pushes it (to the tenant's list of ``queue``: `fetch.push`)."""
+        """The JSON text of each job's queue entry for ``queue``, as pushed to the
+        tenant's list of it (`fetch.push`): docs/protocol.md 3.6."""
+        template = self._template(tenant, queue)
+        ref = payload_ref(tenant)
+        b64 = base64.b64encode
+        tags = uuid4_texts(len(sealed))
         out = []
-        for header, raw in sealed:
-            self._app.send_task(
-                TASK_NAME,
-                producer=self._producer,
-                **send_args(tenant, header.job_id, raw, queue),
-            )
-            out.append(json.dumps(self._channel._get(queue)))
+        for (header, raw), tag in zip(sealed, tags, strict=True):
+            # The argument is base64 text or a claim-check reference (a valid tenant
+            # name): JSON-safe as it is, like the job id (a canonical UUID).
+            arg = message_arg(ref, raw)
+            body = b64(b'[["' + arg.encode("ascii") + _BODY_TAIL).decode("ascii")
+            job = header.job_id
+            if not keyspace.is_job_id(job):  # laid out unescaped: it must be a UUID
+                raise ValueError("a job id must be a canonical UUID")
+            out.append(template % (body, job, job, job, tag))
         return out
 
-    def close(self) -> None:
-        """Release the in-memory channel."""
-        self._channel.close()
-        self._conn.release()  # type: ignore[no-untyped-call]
-        self._app.close()
+
+def sent_event_fields(job_id: str, queue: str) -> dict[str, Any]:
+    """The fields of Celery's ``task-sent`` event for a job sent to ``queue`` (what
+    ``send_task`` publishes for it, so Flower lists the job from the moment it is
+    queued)."""
+    return {
+        "uuid": job_id,
+        "root_id": job_id,
+        "parent_id": None,
+        "name": TASK_NAME,
+        "args": ARGS_REPR,
+        "kwargs": "{}",
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "queue": queue,
+        "exchange": "",
+        "routing_key": queue,
+    }

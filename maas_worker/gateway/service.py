@@ -108,12 +108,12 @@ class Gateway:
         self.settings = settings
         self._ring_source = GatewayKeyringSource(settings.gateway.keyring_path)
         self.backend: redis.asyncio.Redis = async_redis_client(
-            settings.result_backend, tls=settings.redis_tls
+            settings.result_backend, tls=settings.redis_tls, ha=settings.redis_ha
         )
         self.broker: redis.asyncio.Redis = async_redis_client(
-            settings.broker_url, tls=settings.redis_tls
+            settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha
         )
-        self.wire = MessageBuilder(settings)
+        self.wire = MessageBuilder()
         self.metrics = Metrics()
         self._lanes: dict[str, TenantLane] = {}
         self._host = f"gateway@{socket.gethostname()}"
@@ -143,7 +143,6 @@ class Gateway:
         for conn in (self.backend, self.broker):
             with contextlib.suppress(Exception):
                 await conn.aclose()
-        self.wire.close()
 
     # -- audit ---------------------------------------------------------------------------
     async def _audit(self, tenant: str, job_id: str, reason: AuditReason, verified: bool) -> None:

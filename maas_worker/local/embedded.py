@@ -6,6 +6,13 @@ private temporary folder, stopped (and the folder removed) on exit::
 
     with EmbeddedRedis() as server:
         print(server.url)            # redis://127.0.0.1:PORT/0
+
+`SentinelGroup` starts a primary, its replicas and the Redis Sentinels that
+watch them (the server binary in sentinel mode, ``--sentinel``), for the
+failover tests (docs/scaling.md)::
+
+    with SentinelGroup(replicas=1, sentinels=3) as group:
+        print(group.url())           # sentinel://127.0.0.1:P1/0;sentinel://127.0.0.1:P2/0;...
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any, NamedTuple
 
 import redis
 
@@ -48,6 +57,18 @@ def server_binary() -> Path:
     )
 
 
+class TLSFiles(NamedTuple):
+    """The PEM files of a TLS-only `EmbeddedRedis`: its server certificate and key, the CA,
+    and the certificate it presents when it connects as a client (a replica to its
+    primary, a sentinel to the data nodes; a server certificate may not be valid for it)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -69,7 +90,19 @@ class EmbeddedRedis:
         data_dir: Path | None = None,
         appendonly: bool = False,
         extra_args: tuple[str, ...] = (),
+        password: str | None = None,
+        tls_files: TLSFiles | None = None,
+        binary: Path | None = None,
+        probe_auth: tuple[str, str] | None = None,
     ) -> None:
+        #: ``requirepass`` (and ``masterauth``, for a replica), or None.
+        self.password = password
+        #: (user, password) this object's own clients use, for a server on an ACL file.
+        self.probe_auth = probe_auth
+        #: Listen with TLS only, replicate over TLS (`TLSFiles`); None: plain.
+        self.tls_files = tls_files
+        #: The server binary (one built with TLS, for ``tls_files``); None: `server_binary`.
+        self.binary = binary
         self._requested_port = port
         self.port = port or 0
         self._own_dir = data_dir is None
@@ -88,9 +121,36 @@ class EmbeddedRedis:
         """The server's log file."""
         return self.data_dir / "server.log"
 
+    def _tls_options(self) -> list[str]:
+        """Listen on TLS only (``port 0``), replicate over TLS; clients need no certificate."""
+        if self.tls_files is None:
+            return []
+        files = self.tls_files
+        client = (
+            [f"tls-client-cert-file {files.client_cert}", f"tls-client-key-file {files.client_key}"]
+            if files.client_cert and files.client_key
+            else []
+        )
+        return [
+            "port 0",
+            f"tls-port {self.port}",
+            f"tls-cert-file {files.cert}",
+            f"tls-key-file {files.key}",
+            f"tls-ca-cert-file {files.ca}",
+            *client,
+            "tls-replication yes",
+            "tls-auth-clients optional",
+        ]
+
+    def probe_options(self) -> dict[str, Any]:
+        """redis-py options of a client of this server (password, TLS)."""
+        ssl = {"ssl": True, "ssl_ca_certs": str(self.tls_files.ca)} if self.tls_files else {}
+        user, password = self.probe_auth or (None, self.password)
+        return {"username": user, "password": password, **ssl}
+
     def _command(self) -> list[str]:
         return [
-            str(server_binary()),
+            str(self.binary or server_binary()),
             "--port",
             str(self.port),
             "--bind",
@@ -107,6 +167,12 @@ class EmbeddedRedis:
             "no",
             "--protected-mode",
             "yes",
+            *(
+                ("--requirepass", self.password, "--masterauth", self.password)
+                if self.password
+                else ()
+            ),
+            *(arg for line in self._tls_options() for arg in ("--" + line).split(" ", 1)),
             *self._extra,
         ]
 
@@ -129,7 +195,9 @@ class EmbeddedRedis:
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, **self.probe_options()
+        )
         try:
             while time.monotonic() < deadline:
                 if self._proc is None or self._proc.poll() is not None:
@@ -203,6 +271,298 @@ class EmbeddedRedis:
         self._requested_port = self.port
 
     def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+#: The master name a `SentinelGroup`'s sentinels monitor.
+DEFAULT_MASTER_NAME = "maas"
+
+
+class EmbeddedSentinel(EmbeddedRedis):
+    """A Redis Sentinel on a free loopback port: the server binary with ``--sentinel``.
+
+    A sentinel rewrites its configuration file as it learns (replicas, other
+    sentinels, the epoch), so the file is written into its data folder at
+    each (re)start, monitoring ``primary_port`` under ``master_name``.
+    """
+
+    def __init__(
+        self,
+        primary_port: int,
+        *,
+        master_name: str = DEFAULT_MASTER_NAME,
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 10_000,
+        auth_pass: str | None = None,
+        auth_user: str | None = None,
+        password: str | None = None,
+        tls_files: TLSFiles | None = None,
+        binary: Path | None = None,
+    ) -> None:
+        super().__init__(password=password, tls_files=tls_files, binary=binary)
+        #: The user and password it connects to the data nodes with (``sentinel
+        #: auth-user``, ``auth-pass``), or None.
+        self.auth_pass = auth_pass
+        self.auth_user = auth_user
+        self.primary_port = primary_port
+        self.master_name = master_name
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+
+    def _command(self) -> list[str]:
+        conf = self.data_dir / "sentinel.conf"
+        if not conf.exists():  # a restart keeps what the sentinel learnt
+            name = self.master_name
+            conf.write_text(
+                "\n".join(
+                    [
+                        f"port {self.port}",
+                        "bind 127.0.0.1",
+                        f"dir {self.data_dir}",
+                        f"logfile {self.log_path}",
+                        f"sentinel monitor {name} 127.0.0.1 {self.primary_port} {self.quorum}",
+                        f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+                        f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+                        f"sentinel parallel-syncs {name} 1",
+                        *(
+                            [f"sentinel auth-pass {name} {self.auth_pass}"]
+                            if self.auth_pass
+                            else []
+                        ),
+                        *(
+                            [f"sentinel auth-user {name} {self.auth_user}"]
+                            if self.auth_user
+                            else []
+                        ),
+                        # Its own password, and the one it gives the other sentinels.
+                        *(
+                            [
+                                f"requirepass {self.password}",
+                                f"sentinel sentinel-pass {self.password}",
+                            ]
+                            if self.password
+                            else []
+                        ),
+                        *self._tls_options(),
+                        "",
+                    ]
+                )
+            )
+        return [str(self.binary or server_binary()), str(conf), "--sentinel"]
+
+
+class SentinelGroup:
+    """A primary, ``replicas`` replicas and ``sentinels`` sentinels, on free loopback ports.
+
+    The data nodes keep no data on disk unless ``appendonly``, so a node
+    killed and started again comes back empty (the failover the issue
+    measured: an old primary returning empty). `primary` asks the sentinels
+    which node is the primary now; `wait_failover` waits until they name
+    another one; `wait_replicated` until every replica is in sync.
+    """
+
+    def __init__(
+        self,
+        *,
+        replicas: int = 1,
+        sentinels: int = 3,
+        master_name: str = DEFAULT_MASTER_NAME,
+        appendonly: bool = False,
+        down_after_ms: int = 1000,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        tls_files: TLSFiles | None = None,
+        binary: Path | None = None,
+        node_args: tuple[str, ...] = (),
+        node_auth: tuple[str, str] | None = None,
+        sentinel_auth: tuple[str, str] | None = None,
+    ) -> None:
+        """``node_args``: more arguments of every data node (``--aclfile``,
+        ``--masteruser``); ``node_auth``: the (user, password) of this object's own
+        clients of the data nodes; ``sentinel_auth``: the user and password the
+        sentinels use on the data nodes (else ``password``)."""
+        self.master_name = master_name
+        self._tls_files = tls_files
+        self._binary = binary
+        self._sentinel_auth = sentinel_auth
+        #: The data nodes' ``requirepass``, and the sentinels' own, or None.
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.nodes = [
+            EmbeddedRedis(
+                appendonly=appendonly,
+                password=password,
+                tls_files=tls_files,
+                binary=binary,
+                extra_args=node_args,
+                probe_auth=node_auth,
+            )
+            for _ in range(replicas + 1)
+        ]
+        self._sentinel_count = sentinels
+        self._down_after_ms = down_after_ms
+        self.sentinels: list[EmbeddedSentinel] = []
+
+    def url(self, db: int = 0) -> str:
+        """The ``sentinel://`` URL of every sentinel (MAAS_BROKER_URL / MAAS_RESULT_BACKEND),
+        with the data nodes' password in each part."""
+        auth = f":{self.password}@" if self.password else ""
+        return ";".join(f"sentinel://{auth}127.0.0.1:{s.port}/{db}" for s in self.sentinels)
+
+    def start(self) -> SentinelGroup:
+        """Start the primary, its replicas (in sync) and the sentinels (all agreeing)."""
+        try:
+            primary = self.nodes[0].start()
+            for node in self.nodes[1:]:
+                node._extra = (*node._extra, "--replicaof", "127.0.0.1", str(primary.port))
+                node.start()
+            self.wait_replicated()
+            quorum = self._sentinel_count // 2 + 1
+            for _ in range(self._sentinel_count):
+                sentinel = EmbeddedSentinel(
+                    primary.port,
+                    master_name=self.master_name,
+                    quorum=quorum,
+                    down_after_ms=self._down_after_ms,
+                    auth_pass=self._sentinel_auth[1] if self._sentinel_auth else self.password,
+                    auth_user=self._sentinel_auth[0] if self._sentinel_auth else None,
+                    password=self.sentinel_password,
+                    tls_files=self._tls_files,
+                    binary=self._binary,
+                )
+                self.sentinels.append(sentinel)
+                sentinel.start()
+            # Ready when every sentinel knows every replica and the other sentinels:
+            # a failover needs both.
+            self._wait(
+                lambda: all(
+                    int(info.get("num-slaves", 0)) >= len(self.nodes) - 1
+                    and int(info.get("num-other-sentinels", 0)) >= self._sentinel_count - 1
+                    for info in self._masters()
+                ),
+                "the sentinels to discover the replicas and each other",
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _masters(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for sentinel in self.sentinels:
+            with contextlib.closing(self._client(sentinel.port)) as client:
+                out.append(client.sentinel_master(self.master_name))
+        return out
+
+    def _client(self, port: int) -> Any:
+        process = next(p for p in (*self.sentinels, *self.nodes) if p.port == port)
+        return redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            **process.probe_options(),
+        )
+
+    @staticmethod
+    def _wait(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                if condition():
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gave up waiting for {what} after {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def primary_port(self) -> int:
+        """The port of the primary the sentinels name now (the first that answers)."""
+        for sentinel in self.sentinels:
+            with contextlib.suppress(redis.RedisError), self._client(sentinel.port) as client:
+                reply = client.sentinel_get_master_addr_by_name(self.master_name)
+                if reply:
+                    return int(reply[1])
+        raise redis.ConnectionError("no sentinel names a primary")
+
+    def node(self, port: int) -> EmbeddedRedis:
+        """The data node on ``port``."""
+        return next(n for n in self.nodes if n.port == port)
+
+    def primary(self) -> EmbeddedRedis:
+        """The data node the sentinels name as primary now."""
+        return self.node(self.primary_port())
+
+    def replicas(self) -> list[EmbeddedRedis]:
+        """The data nodes other than the primary the sentinels name."""
+        port = self.primary_port()
+        return [n for n in self.nodes if n.port != port]
+
+    def wait_failover(self, old_port: int, timeout_s: float = 60.0) -> EmbeddedRedis:
+        """Wait until every sentinel names a primary other than ``old_port`` and that node
+        says it is one (``ROLE``); returns it."""
+
+        def promoted() -> bool:
+            ports = set()
+            for sentinel in self.sentinels:
+                with contextlib.closing(self._client(sentinel.port)) as client:
+                    reply = client.sentinel_get_master_addr_by_name(self.master_name)
+                ports.add(int(reply[1]))
+            if len(ports) != 1 or old_port in ports:
+                return False
+            with contextlib.closing(self._client(ports.pop())) as client:
+                return bool(client.execute_command("ROLE")[0] == b"master")
+
+        self._wait(promoted, "the sentinels to promote a replica", timeout_s)
+        return self.primary()
+
+    def wait_replicated(self, timeout_s: float = 30.0) -> None:
+        """Wait until every other running node is an in-sync replica of the primary
+        (``INFO replication``: online, at the primary's offset)."""
+
+        def synced() -> bool:
+            primary = self.nodes[0] if not self.sentinels else self.primary()
+            with contextlib.closing(self._client(primary.port)) as client:
+                info = client.info("replication")
+            offset = int(info["master_repl_offset"])
+            running = [n for n in self.nodes if n is not primary and n._proc is not None]
+            online = [
+                v
+                for k, v in info.items()
+                if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+            ]
+            return len(online) >= len(running) and all(int(v["offset"]) >= offset for v in online)
+
+        self._wait(synced, "the replicas to catch up", timeout_s)
+
+    def wait_role(self, node: EmbeddedRedis, role: str, timeout_s: float = 60.0) -> None:
+        """Wait until ``node`` says (``ROLE``) it is ``master`` or a ``slave`` in sync."""
+
+        def has_role() -> bool:
+            with contextlib.closing(self._client(node.port)) as client:
+                reply = client.execute_command("ROLE")
+            if role == "slave":
+                return bool(reply[0] == b"slave" and reply[3] == b"connected")
+            return bool(reply[0] == role.encode())
+
+        self._wait(has_role, f"node {node.port} to be a {role}", timeout_s)
+
+    def stop(self) -> None:
+        """Stop every sentinel and node and remove their folders."""
+        for process in (*self.sentinels, *self.nodes):
+            with contextlib.suppress(Exception):
+                process.stop()
+
+    def __enter__(self) -> SentinelGroup:
         return self.start()
 
     def __exit__(

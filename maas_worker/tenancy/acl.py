@@ -41,7 +41,7 @@ from maas_worker.broker import fetch
 from maas_worker.errors import ConfigError, connection_cause
 from maas_worker.files import write_atomic
 from maas_worker.protocol import PRIORITIES, TENANT_RE, queue_for
-from maas_worker.settings import Settings
+from maas_worker.settings import Settings, is_sentinel_url, sentinel_hosts
 
 #: The fixed roles, in the order they are written (producers follow, by tenant).
 ROLES = ("operator", "worker", "beat", "monitor", "flower")
@@ -401,7 +401,10 @@ def generate(
 
 # -- URLs ----------------------------------------------------------------------------------
 def server_url(url: str) -> str:
-    """``url`` without its user and password (the server each role's URL points at)."""
+    """``url`` without its user and password (the server each role's URL points at);
+    each part of a ``sentinel://...;sentinel://...`` URL."""
+    if ";" in url:
+        return ";".join(server_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:
@@ -412,6 +415,8 @@ def server_url(url: str) -> str:
 
 def database(url: str) -> int:
     """The database number of a Redis URL (0 when it names none)."""
+    if is_sentinel_url(url):
+        return sentinel_hosts(url, name=server_url(url)).db
     path = urlsplit(url).path.strip("/")
     if not path:
         return 0
@@ -421,7 +426,14 @@ def database(url: str) -> int:
 
 
 def role_url(server: str, role: str, password: str | None) -> str:
-    """The URL ``role`` connects with; ``****`` in place of the password if it is None."""
+    """The URL ``role`` connects with; ``****`` in place of the password if it is None.
+
+    For a ``sentinel://`` URL the user and password go on every part (kombu reads them
+    from the sentinel it connects through); they are the data nodes' user, not the
+    sentinels'.
+    """
+    if ";" in server:
+        return ";".join(role_url(part, role, password) for part in server.split(";"))
     parts = urlsplit(server_url(server))
     secret = "****" if password is None else quote(password, safe="")
     netloc = f"{quote(role, safe='')}:{secret}@{parts.netloc}"
@@ -429,14 +441,59 @@ def role_url(server: str, role: str, password: str | None) -> str:
 
 
 # -- the command -----------------------------------------------------------------------------
+def data_nodes(server: str, settings: Settings) -> list[str]:
+    """The URL (no user) of each Redis server ``server`` stands for: itself, or, for a
+    ``sentinel://`` URL, the primary and every replica its sentinels know of.
+
+    ACL changes are not replicated (each server reads its own ACL file), so the
+    ACL is loaded on every data node: a replica promoted by a failover must
+    know the same users.
+    """
+    if not is_sentinel_url(server):
+        return [server_url(server)]
+    from maas_worker.backend.redis import sentinel_nodes
+
+    name = settings.redis_ha.sentinel_master
+    try:
+        nodes = sentinel_nodes(server, tls=settings.redis_tls, ha=settings.redis_ha)
+    except redis.RedisError as exc:
+        raise ConfigError(
+            f"the sentinels of {server_url(server)} name no primary for {name!r}: "
+            f"{connection_cause(exc)}"
+        ) from None
+    scheme = "rediss" if settings.redis_ha.sentinel_tls else "redis"
+    db = database(server)
+    return [f"{scheme}://{host}:{port}/{db}" for host, port in nodes]
+
+
 def apply(server: str, password: str, roles: dict[str, str], settings: Settings) -> None:
-    """As the operator: ``ACL LOAD`` on ``server``, check every role's password, load the
-    function library. Raises `ConfigError` with one line if any step fails."""
+    """As the operator: ``ACL LOAD`` on ``server`` (on every data node of a ``sentinel://``
+    URL: `data_nodes`), check every role's password there, load the function library
+    (on the primary; replicas receive it). Raises `ConfigError` with one line if any
+    step fails."""
     from maas_worker.backend import functions
     from maas_worker.backend.redis import redis_client
 
+    for node in data_nodes(server, settings):
+        _load_acl(node, password, roles, settings)
     url = role_url(server, "operator", password)
-    where = server_url(server)
+    try:
+        client: Any = redis_client(url, tls=settings.redis_tls, ha=settings.redis_ha)
+        with contextlib.closing(client):
+            functions.load(client)
+    except redis.RedisError as exc:
+        raise ConfigError(
+            f"cannot load the function library on {server_url(server)} as the operator: "
+            f"{connection_cause(exc)}"
+        ) from None
+
+
+def _load_acl(node: str, password: str, roles: dict[str, str], settings: Settings) -> None:
+    """``ACL LOAD`` on one server, then check that it knows every role's password."""
+    from maas_worker.backend.redis import redis_client
+
+    url = role_url(node, "operator", password)
+    where = server_url(node)
     try:
         loader: Any = redis_client(url, tls=settings.redis_tls)
         # Redis 7.0 then drops every connection (Valkey keeps those whose user
@@ -444,18 +501,17 @@ def apply(server: str, password: str, roles: dict[str, str], settings: Settings)
         with contextlib.closing(loader), contextlib.suppress(redis.ConnectionError):
             loader.execute_command("ACL", "LOAD")
         client: Any = redis_client(url, tls=settings.redis_tls)
-        functions.load(client)
         # The server read ITS file: make sure it is the one just written.
-        for role, secret in roles.items():
-            try:
-                client.execute_command("AUTH", role, secret)
-            except redis.AuthenticationError:
-                raise ConfigError(
-                    f"{where} reloaded an ACL file without user {role} (or with another "
-                    "password): is --acl-file the file the server was started with "
-                    "(--aclfile)?"
-                ) from None
-        client.close()
+        with contextlib.closing(client):
+            for role, secret in roles.items():
+                try:
+                    client.execute_command("AUTH", role, secret)
+                except redis.AuthenticationError:
+                    raise ConfigError(
+                        f"{where} reloaded an ACL file without user {role} (or with another "
+                        "password): is --acl-file the file the server was started with "
+                        "(--aclfile)? With Sentinel, every data node needs the same file"
+                    ) from None
     except redis.RedisError as exc:
         raise ConfigError(
             f"cannot apply the ACL on {where} as the operator: {connection_cause(exc)}"
@@ -469,7 +525,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from maas_worker.tenancy.keyring import load_keyring
 
     if args.load_functions:
-        client = redis_client(settings.broker_url, tls=settings.redis_tls)
+        client = redis_client(settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha)
         try:
             functions.load(client)
         finally:
@@ -503,7 +559,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{role:<24} {role_url(server, role, passwords[role] if args.urls else None)}")
     if args.apply:
         apply(server, passwords["operator"], passwords, settings)
-        print(
-            f"applied on {server_url(server)}: ACL LOAD, function library loaded", file=sys.stderr
-        )
+        nodes = ", ".join(data_nodes(server, settings))
+        print(f"applied on {nodes}: ACL LOAD, function library loaded", file=sys.stderr)
     return 0

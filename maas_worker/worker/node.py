@@ -215,7 +215,7 @@ def refuse_bad_credentials(settings: Settings, *, logfile: str | None = None) ->
     """
     for url in dict.fromkeys((settings.broker_url, settings.result_backend)):
         try:
-            check_credentials(url, tls=settings.redis_tls, who="the worker")
+            check_credentials(url, tls=settings.redis_tls, ha=settings.redis_ha, who="the worker")
         except ConfigError as exc:
             line = f"maas-worker: error: {exc}"
             if logfile:

@@ -135,7 +135,7 @@ class WorkerRuntime:
         self.crypto: CryptoBackend = crypto_backend(settings.crypto_backend)
         self.keyring = KeyringSource(settings.keyring_path)
         self.backend = backend_client(settings)
-        self.guard = JobGuard(self.backend, lease_s=settings.lease_s)
+        self.guard = JobGuard(self.backend, lease_s=settings.lease_s, ha=settings.redis_ha)
         self.audit = AuditLog(self.backend, maxlen=settings.audit_maxlen, on_record=metrics.refused)
         self.registry = build_registry(
             settings, on_reject=audit_rejections(self.audit, stage="load"), backend=self.backend
@@ -226,7 +226,9 @@ class Advertiser:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="maas-advertise", daemon=True)
         # Fair share: the tenants' weights, where the take reads them (fetch.py).
-        self._broker = redis_client(settings.broker_url, tls=settings.redis_tls)
+        self._broker = redis_client(
+            settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha
+        )
         self._keyring = KeyringSource(settings.keyring_path)
 
     def start(self) -> None:

@@ -28,12 +28,12 @@ from typing import Any
 
 import pytest
 import redis
-from kombu.transport import redis as kombu_redis
 
 from maas_worker import AsyncClient, Client, as_completed
 from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.audit import AuditLog
 from maas_worker.broker import fetch
+from maas_worker.client.wire import MessageBuilder
 from maas_worker.errors import ConfigError, JobCancelled
 from maas_worker.local.embedded import free_port, server_binary
 from maas_worker.local.processes import WorkerProcess
@@ -669,14 +669,15 @@ def test_replaying_a_finished_job_after_trying_to_delete_its_state_fails(
     message, let the job finish, delete its claim, result and attempts (refused),
     push the copy again: the worker refuses it as replayed; the result stays."""
     sent: list[tuple[str, str]] = []
-    add = kombu_redis.PublishBatch.add
+    build = MessageBuilder.messages
 
-    def wiretap(self: Any, name: str, *args: Any) -> None:
-        if name == "lpush" and str(args[0]).startswith("maas."):
-            sent.append((str(args[0]), str(args[1])))  # what this producer itself sent
-        add(self, name, *args)
+    def wiretap(self: Any, tenant: str, sealed: Any, queue: str) -> list[str]:
+        entries = build(self, tenant, sealed, queue)
+        # What this producer itself sent, to its tenant's list of the queue (fetch.push).
+        sent.extend((fetch.tenant_queue(queue, tenant), e) for e in entries)
+        return entries
 
-    monkeypatch.setattr(kombu_redis.PublishBatch, "add", wiretap)
+    monkeypatch.setattr(MessageBuilder, "messages", wiretap)
     with deployment.client() as client:
         job = client.submit("echo", {"once": True}, priority="high")
         assert job.result(timeout=WAIT_S) == {"echo": {"once": True}}

@@ -23,6 +23,7 @@ import pytest
 
 from maas_worker.app import make_app
 from maas_worker.local.embedded import free_port
+from maas_worker.protocol import ARGS_REPR
 
 from .attacker import Attacker
 from .conftest import Stack, wait_for
@@ -229,3 +230,33 @@ def test_flower_shows_each_jobs_real_outcome_with_its_reason_word(
     assert flower_tasks["rejected"]["exception"] == "JobNotSucceeded('rejected: policy')"
     assert SECRET not in json.dumps(flower_tasks)
     assert failed_counter == len(failed_ids)
+
+
+def test_a_batch_submitted_shows_as_sent_before_any_worker_runs_it(
+    make_stack: Callable[..., Stack],
+) -> None:
+    # The sync client publishes Celery's task-sent event of each job (one buffered
+    # message per batch, wire.py): Flower lists a queued job from the moment it is
+    # queued, named and with its arguments hidden, as when Celery framed each message.
+    stack = make_stack()
+    events = Events(stack)
+    with events.listening():
+        probe = f"probe-{uuid.uuid4()}"
+
+        def subscribed() -> bool:
+            events.send_probe(probe)
+            time.sleep(0.2)
+            return events.has(probe)
+
+        wait_for(subscribed, WAIT_S, "the event receiver to subscribe")
+        with stack.client() as client:
+            jobs = client.submit_many("echo", [{"text": SECRET}] * 3, priority="high")
+        wait_for(lambda: all(events.has(j.id) for j in jobs), WAIT_S, "the task-sent events")
+    assert events.errors == []
+    for job in jobs:
+        (sent,) = [e for e in events.seen if e.get("uuid") == job.id]
+        assert sent["type"] == "task-sent"
+        assert (sent["name"], sent["args"], sent["kwargs"]) == ("maas.infer", ARGS_REPR, "{}")
+        assert (sent["queue"], sent["routing_key"]) == ("maas.high", "maas.high")
+        assert events.state.tasks[job.id].state == "PENDING"  # Celery's state for "sent"
+        assert SECRET not in json.dumps(sent)

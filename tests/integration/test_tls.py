@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -35,7 +36,13 @@ from maas_worker import Client
 from maas_worker.backend import keyspace
 from maas_worker.backend.redis import backend_client
 from maas_worker.errors import ServiceUnavailable
-from maas_worker.local.embedded import free_port, server_binary
+from maas_worker.local.embedded import (
+    DEFAULT_MASTER_NAME,
+    SentinelGroup,
+    TLSFiles,
+    free_port,
+    server_binary,
+)
 from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
 from maas_worker.tenancy import acl as acl_mod
@@ -640,3 +647,53 @@ def test_compose_services_run_as_plain_processes_over_tls(tls: TLSDeployment) ->
     assert "no permissions" not in text
     for password in tls.passwords.values():
         assert password not in text
+
+
+def test_sentinel_over_tls_follows_a_failover(tls: TLSDeployment, tmp_path: Path) -> None:
+    """``sentinel://`` with ``MAAS_REDIS_SENTINEL_TLS=1``: sentinels and data nodes
+    TLS-only (replication too), certificates from init-secrets.sh; jobs run before and
+    after the primary is killed, with no restart (docs/scaling.md)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no TLS-capable redis-server here (the embedded Valkey has no TLS)")
+    d = tls.tls_dir
+    files = TLSFiles(
+        d / "redis.crt", d / "redis.key", d / "ca.crt", d / "client.crt", d / "client.key"
+    )
+    with SentinelGroup(
+        replicas=1, sentinels=3, password="node-pw", tls_files=files, binary=Path(binary)
+    ) as group:
+        keyring_path = tmp_path / "keyring.json"
+        save_keyring(keyring_path, make_keyring())
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+        env.update(
+            tls.env(
+                MAAS_BROKER_URL=group.url(),
+                MAAS_REDIS_SENTINEL_MASTER=DEFAULT_MASTER_NAME,
+                MAAS_REDIS_SENTINEL_TLS="1",
+            ),
+            MAAS_KEYRING=str(keyring_path),
+            MAAS_DIAGNOSTIC_MODELS="1",
+            MAAS_METRICS_PORT="0",
+            MAAS_MODEL_DIR=str(tmp_path / "models"),
+        )
+        worker = WorkerProcess(env=env, name="stls", log_path=tmp_path / "stls.log", concurrency=1)
+        worker.start()
+        try:
+            settings = Settings.from_env({**env, "MAAS_TENANT": "acme"})
+            with Client(settings=settings) as client:
+                assert client.submit("echo", {"n": 1}).result(timeout=60) == {"echo": {"n": 1}}
+                old = group.primary()
+                old.kill()
+                group.wait_failover(old.port)
+                job = wait_for(lambda: _submitted(client), 60, "a submit after the failover")
+                assert job.result(timeout=60) == {"echo": {"n": 2}}
+            assert worker.proc is not None and worker.proc.poll() is None
+        finally:
+            worker.stop(timeout_s=5)
+
+
+def _submitted(client: Client) -> Any:
+    with contextlib.suppress(ServiceUnavailable):
+        return client.submit("echo", {"n": 2})
+    return None

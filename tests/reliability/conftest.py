@@ -52,6 +52,8 @@ class Size:
     fuzz_queue: int  # hypothesis examples, the transport's queue guard
     load_jobs: int  # scenario 6
     huge_body_mb: int  # the hostile oversized message
+    failover_jobs: int  # jobs accepted around Sentinel failovers
+    failovers: int  # primaries killed in one run (the old one returning each time)
 
 
 SIZES = {
@@ -67,6 +69,8 @@ SIZES = {
         fuzz_queue=300,
         load_jobs=600,
         huge_body_mb=8,
+        failover_jobs=150,
+        failovers=1,
     ),
     "full": Size(
         kill_jobs=400,
@@ -80,6 +84,8 @@ SIZES = {
         fuzz_queue=2000,
         load_jobs=10_000,
         huge_body_mb=64,
+        failover_jobs=2000,
+        failovers=2,
     ),
 }
 SIZE = SIZES[SCALE]

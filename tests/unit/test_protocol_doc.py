@@ -70,11 +70,7 @@ def test_the_producer_role_allows_what_the_page_lists() -> None:
 
 
 def test_the_python_clients_entry_has_the_documented_fields() -> None:
-    builder = MessageBuilder(Settings())
-    try:
-        (text,) = builder.messages("acme", [(_header(), b"\x01" * 100)], "maas.normal")
-    finally:
-        builder.close()
+    (text,) = MessageBuilder().messages("acme", [(_header(), b"\x01" * 100)], "maas.normal")
     entry = json.loads(text)
     example = DOC.split("The Python client sends this", 1)[1].split("```json", 1)[1]
     example = example.split("```", 1)[0]

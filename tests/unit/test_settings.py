@@ -166,10 +166,16 @@ def test_every_declared_variable_is_read() -> None:
         "MAAS_GATEWAY_ADDRESS": "0.0.0.0",
         "MAAS_GATEWAY_KEYRING": "/g.json",
         "MAAS_GATEWAY_MAX_BATCH_BYTES": "4096",
+        "MAAS_REDIS_SENTINEL_MASTER": "maas",
+        "MAAS_REDIS_SENTINEL_PASSWORD": "spw",
+        "MAAS_REDIS_SENTINEL_TLS": "1",
+        "MAAS_REDIS_WAIT_REPLICAS": "2",
     }
     for option in options():
         # TLS files need a rediss:// URL, and the client key its certificate.
         env = {**HOME_ENV, "MAAS_BROKER_URL": "rediss://tls/0"}
+        if option.env == "MAAS_REDIS_SENTINEL_TLS":  # needs a sentinel:// URL (and a name)
+            env.update(MAAS_BROKER_URL="sentinel://s:26379/0", MAAS_REDIS_SENTINEL_MASTER="m")
         if option.env == "MAAS_REDIS_TLS_KEY":
             env["MAAS_REDIS_TLS_CERT"] = str(pem)
         if option.env == "MAAS_GATEWAY_TLS_KEY":
@@ -180,7 +186,12 @@ def test_every_declared_variable_is_read() -> None:
 
 def test_secrets_are_declared_and_kept_out_of_repr() -> None:
     secret = {o.env for o in options() if o.secret}
-    assert secret == {"MAAS_BROKER_URL", "MAAS_RESULT_BACKEND", "MAAS_FLOWER_BASIC_AUTH"}
+    assert secret == {
+        "MAAS_BROKER_URL",
+        "MAAS_RESULT_BACKEND",
+        "MAAS_FLOWER_BASIC_AUTH",
+        "MAAS_REDIS_SENTINEL_PASSWORD",
+    }
     hidden = {f.name for f in dataclasses.fields(Settings) if not f.repr}
     assert hidden == {"broker_url", "result_backend", "flower_basic_auth"}
 

@@ -610,7 +610,7 @@ def serve(
     audit.name_worker(node)
     rt = get_runtime(settings)
     rt.watchdog.ensure_started()
-    broker = redis_client(settings.broker_url, tls=settings.redis_tls)
+    broker = redis_client(settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -1,0 +1,81 @@
+"""`Client.as_completed` and `Client.results`: many jobs waited for by batch, not by job.
+
+Real Redis and a real batch consumer. The sync client's round trips are counted on the
+server (``CLIENT LIST`` ``tot-cmds`` of its named connection), as the asyncio client's
+are in test_async_client.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from maas_worker import Client, JobFailed, ResultTimeout
+
+from .conftest import WAIT_S, Stack
+
+pytestmark = pytest.mark.integration
+
+CLIENT_NAME = "maas-results-test"
+JOBS = 1500
+
+
+def _named(client: Client) -> Client:
+    client.backend.connection_pool.connection_kwargs["client_name"] = CLIENT_NAME
+    return client
+
+
+def _our_commands(stack: Stack) -> int:
+    total = 0
+    for line in stack.backend.execute_command("CLIENT", "LIST").decode().splitlines():
+        fields = dict(f.split("=", 1) for f in line.split(" ") if "=" in f)
+        if fields.get("name") == CLIENT_NAME:
+            total += int(fields["tot-cmds"])
+    return total
+
+
+def test_many_jobs_are_waited_for_by_batch_and_each_yielded_once(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack()
+    with _named(stack.client()) as client:
+        jobs = []
+        for start in range(0, JOBS, 500):
+            jobs += client.submit_many("echo", [{"i": i} for i in range(start, start + 500)])
+        failing = client.submit("sleep", {"seconds": "not a number"})  # bad_input
+        everything = [*jobs, failing]
+        before = _our_commands(stack)
+        stack.start_worker("rs", args=("--batch-consumer",))
+        seen = [job.id for job in client.as_completed(everything, timeout=WAIT_S * 3)]
+        waiting = _our_commands(stack) - before
+        assert sorted(seen) == sorted(j.id for j in everything)  # each once
+        # Each yielded job's result is in hand: no further command.
+        outputs = [job.result() for job in jobs]
+        assert [o["echo"]["i"] for o in outputs] == list(range(JOBS))
+        with pytest.raises(JobFailed) as failed:
+            failing.result()
+        assert failed.value.reason == "bad_input"
+        assert _our_commands(stack) - before == waiting
+        # By batch: a BLPOP and an MGET per batch of jobs ended (up to 64 a batch
+        # here), plus one re-read per second of waiting; one per job would be 1,500.
+        assert waiting <= JOBS / 5, waiting
+        # results(): outputs in order, the first failure raised.
+        with pytest.raises(JobFailed):
+            client.results(everything)
+        assert client.results(jobs[:3]) == [{"echo": {"i": i}} for i in range(3)]
+
+
+def test_a_wait_for_many_that_times_out_says_how_many_are_left(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack()
+    with stack.client() as client:
+        jobs = client.submit_many("echo", [{"a": 1}, {"a": 2}])
+        started = time.monotonic()
+        with pytest.raises(ResultTimeout, match=r"^2 of 2 jobs had not ended within 0.5 s"):
+            list(client.as_completed(jobs, timeout=0.5))
+        assert 0.5 <= time.monotonic() - started < 5
+        with pytest.raises(ValueError, match="this client only"), stack.client() as other:
+            list(other.as_completed(jobs))
