@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from maas_worker import ServiceUnavailable, UnknownJob
+from maas_worker import ServiceUnavailable
 from maas_worker.backend.audit import AuditLog
 from maas_worker.backend.redis import backend_client
 from maas_worker.local.embedded import DEFAULT_MASTER_NAME, EmbeddedRedis, SentinelGroup
@@ -34,7 +34,7 @@ from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import save_keyring
 
 from .conftest import SCALE, SIZE, TENANTS, Stack, assert_once, make_keyring, wait_for
-from .test_redis_restart import WAIT_S, Producer, settled, wait_results, where_are
+from .test_redis_restart import WAIT_S, Producer, completed_once, settled
 
 pytestmark = [pytest.mark.reliability, pytest.mark.integration]
 
@@ -146,23 +146,7 @@ def test_sentinel_failover_under_load_loses_nothing(
     producer.join(WAIT_S * 2)
     assert not producer.is_alive()  # no submit hung
     assert producer.other_errors == []
-    # Same processes throughout: they followed the failover on their own.
-    assert [w.proc.pid for w in workers if w.proc is not None and w.proc.poll() is None] == pids
-    jobs = producer.accepted
-    missing = wait_results(stack, jobs, quiet_s=visibility_s + 3)
-    traces = where_are(stack, [j.id for j in missing])
-    assert {j.id: traces[j.id] for j in missing} == {}, "accepted jobs lost"
-    uncertain_ran = 0
-    for job in producer.uncertain:
-        try:
-            job.status()
-        except UnknownJob:
-            continue
-        job.result(timeout=WAIT_S)
-        uncertain_ran += 1
-    for job in jobs:
-        assert job.result(timeout=WAIT_S)["echo"]["n"] >= 0
-    counts = assert_once(stack, jobs)
+    jobs, uncertain_ran, counts = completed_once(stack, producer, workers, pids, visibility_s)
     wait_for(lambda: settled(stack), WAIT_S, "queues drained")
     # The only audit records allowed: a finished job's message delivered again
     # because its acknowledgement was lost with the killed primary (the result,

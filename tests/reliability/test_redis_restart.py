@@ -19,6 +19,7 @@ import itertools
 import threading
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -152,6 +153,39 @@ def wait_results(stack: Stack, jobs: list[Job], quiet_s: float) -> list[Job]:
     return pending
 
 
+def completed_once(
+    stack: Stack,
+    producer: Producer,
+    workers: list[Any],
+    pids: list[int],
+    visibility_s: float,
+) -> tuple[list[Job], int, dict[str, Counter[str]]]:
+    """After the faults: the same worker processes throughout (they reconnected or
+    followed the failover on their own), every job the producer was told was accepted
+    completed, once. Returns the accepted jobs, how many of the jobs cut off mid-send
+    ran after all (each either never got in, or ran once), and the outcome counts."""
+    assert [w.proc.pid for w in workers if w.proc is not None and w.proc.poll() is None] == pids
+    jobs = producer.accepted
+    missing = wait_results(stack, jobs, quiet_s=visibility_s + 3)
+    traces = where_are(stack, [j.id for j in missing])
+    # (kombu's BRPOP lost one now and then: a pop the crashed server executed
+    # and persisted whose reply never reached the worker. Takes are atomic
+    # now: such a message stays reserved and the visibility sweep returns it;
+    # fetch.py.)
+    assert {j.id: traces[j.id] for j in missing} == {}, "accepted jobs lost"
+    uncertain_ran = 0
+    for job in producer.uncertain:
+        try:
+            job.status()
+        except UnknownJob:
+            continue
+        job.result(timeout=WAIT_S)
+        uncertain_ran += 1
+    for job in jobs:
+        assert job.result(timeout=WAIT_S)["echo"]["n"] >= 0
+    return jobs, uncertain_ran, assert_once(stack, jobs)
+
+
 @pytest.mark.parametrize(
     "kind, mode",
     [
@@ -193,29 +227,7 @@ def test_redis_outages_mid_run_lose_no_accepted_job(
     assert not producer.is_alive()  # no submit hung
     assert producer.slowest_call_s < FAIL_FAST_S
     assert producer.other_errors == []
-    # Same processes throughout: they reconnected on their own.
-    assert [w.proc.pid for w in workers if w.proc is not None and w.proc.poll() is None] == pids
-    jobs = producer.accepted
-    missing = wait_results(stack, jobs, quiet_s=visibility_s + 3)
-    traces = where_are(stack, [j.id for j in missing])
-    # Every accepted job completes. (kombu's BRPOP lost one now and then: a
-    # pop the crashed server executed and persisted whose reply never reached
-    # the worker. Takes are atomic now: such a message stays reserved and the
-    # visibility sweep returns it; fetch.py.)
-    assert {j.id: traces[j.id] for j in missing} == {}, "accepted jobs lost"
-    # Submits cut off mid-send: each job either never got in, or ran once.
-    uncertain_ran = 0
-    for job in producer.uncertain:
-        try:
-            job.status()
-        except UnknownJob:
-            continue
-        job.result(timeout=WAIT_S)
-        uncertain_ran += 1
-    done = jobs
-    for job in done:
-        assert job.result(timeout=WAIT_S)["echo"]["n"] >= 0
-    assert_once(stack, done)
+    jobs, uncertain_ran, _ = completed_once(stack, producer, workers, pids, visibility_s)
     report(
         jobs=len(jobs),
         outages=SIZE.restarts,
