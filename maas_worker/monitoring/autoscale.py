@@ -36,6 +36,7 @@ from celery.worker.autoscale import Autoscaler
 
 from maas_worker.broker.app import settings_of
 from maas_worker.broker.backlog import Backlog, broker_client, read_backlog
+from maas_worker.monitoring.memory import read_memory
 from maas_worker.protocol import TASK_NAME
 from maas_worker.settings import AutoscalePolicy
 
@@ -147,7 +148,7 @@ class HeadroomProbe:
         self._failing = False
         self.reading = _Reading(
             backlog,
-            float(psutil.virtual_memory().percent),
+            read_memory().used_percent,
             float(psutil.cpu_percent(interval=None)),
             time.monotonic(),
         )

@@ -35,6 +35,7 @@ import psutil
 import redis
 
 from maas_worker.backend import keyspace
+from maas_worker.monitoring.memory import read_memory
 from maas_worker.protocol import MONITOR_EXCHANGE, SAMPLE_TASK
 from maas_worker.settings import Settings
 
@@ -193,7 +194,7 @@ def take_sample(
     throughput (`SampleStore.record` turns it into rates).
     """
     per_core = [float(p) for p in psutil.cpu_percent(interval=CPU_WINDOW_S, percpu=True)]
-    vm = psutil.virtual_memory()
+    vm = read_memory()
     swap = psutil.swap_memory()
     disk = psutil.disk_io_counters(perdisk=False)
     net = psutil.net_io_counters(pernic=False)
@@ -212,9 +213,11 @@ def take_sample(
             "cores": len(per_core),
         },
         "memory": {
-            "total_bytes": int(vm.total),
-            "available_bytes": int(vm.available),
-            "used_percent": float(vm.percent),
+            # The container's limit and use where it has one (memory.py): "scope".
+            "total_bytes": vm.total_bytes,
+            "available_bytes": vm.available_bytes,
+            "used_percent": vm.used_percent,
+            "scope": vm.scope,
         },
         "swap": {
             "total_bytes": int(swap.total),
@@ -269,7 +272,8 @@ def summarize(sample: Mapping[str, Any]) -> dict[str, str]:
         "node": str(sample.get("node")),
         "cpu": f"{cpu.get('percent')}% (per core: {shown})",
         "memory": f"{mem.get('used_percent')}% used, "
-        f"{_mib(mem.get('available_bytes', 0))} available of {_mib(mem.get('total_bytes', 0))}",
+        f"{_mib(mem.get('available_bytes', 0))} available of {_mib(mem.get('total_bytes', 0))}"
+        + (" (container limit)" if mem.get("scope") == "cgroup" else ""),
         "swap": f"{swap.get('used_percent')}% used of {_mib(swap['total_bytes'])}"
         if swap.get("total_bytes")
         else "none",

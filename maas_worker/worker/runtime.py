@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 
-import psutil
 import redis
 
 from maas_worker.backend import functions, keyspace, scripts
@@ -28,6 +27,7 @@ from maas_worker.errors import ConfigError
 from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
 from maas_worker.models.repository import RejectHook
 from maas_worker.monitoring import metrics
+from maas_worker.monitoring.memory import read_memory
 from maas_worker.private.evaluate import PrivateCache
 from maas_worker.protocol import AuditReason
 from maas_worker.settings import Settings
@@ -177,11 +177,12 @@ class WorkerRuntime:
         return self._watchdog
 
     def memory_pressure(self) -> bool:
-        """True while host memory use is above the high-water mark (checked at most 1/s)."""
+        """True while memory use is above the high-water mark (checked at most 1/s): the
+        container's, against its limit, where it has one (monitoring/memory.py)."""
         now = time.monotonic()
         if now - self._memory_checked >= MEMORY_CHECK_INTERVAL_S:
             self._memory_checked = now
-            used = psutil.virtual_memory().percent
+            used = read_memory().used_percent
             self._memory_high = used > self.settings.memory_high_water_pct
         return self._memory_high
 
