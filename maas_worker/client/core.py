@@ -467,24 +467,31 @@ class ClientCore:
         if payloads:
             yield Step("payloads", payloads)
         yield Step("send", (sealed, queue_for(plain)))
+        unreachable: Exception | None = None
         try:
             yield Step("markers", self.marker_commands(sealed))
-        except (redis.ConnectionError, redis.TimeoutError):
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             # The jobs are enqueued by now: they are still accepted (status is
             # unknown until a worker takes them), not reported as failed and
             # submitted twice.
             log.warning(
                 "%d job(s) enqueued, but their queued markers could not be written", len(sealed)
             )
+            unreachable = exc
         if self.settings.redis_ha.wait_replicas:
+            if unreachable is not None:
+                raise not_replicated(self.settings, sealed, unreachable)
             try:
                 replies = yield Step("replicate", self.replicate_commands())
                 wait_replicated(replies[-1], self.settings.redis_ha, "submit")
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise not_replicated(self.settings, sealed, exc) from None
-        live: bool | None
+        live: bool | None = None
         try:
-            live = (yield Step("live")) > 0
+            # Not asked of a server that just failed to answer: a hung one would
+            # hold the submit for a second socket timeout (the jobs are queued).
+            if unreachable is None:
+                live = (yield Step("live")) > 0
         except (ServiceUnavailable, redis.exceptions.NoPermissionError):
             live = None  # not known (Redis gone, or an ACL from before); the jobs are queued
         if live is False:

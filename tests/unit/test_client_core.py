@@ -91,6 +91,19 @@ def test_lost_markers_are_logged_and_an_unknown_worker_count_is_none(
         sealed, live = drive(flow(c), script)
     assert live is None and len(sealed) == 2
     assert "2 job(s) enqueued, but their queued markers could not be written" in caplog.text
+    # A server that did not answer the markers is not asked again (a hung one would
+    # hold the submit for a second socket timeout): the submit fails fast.
+    assert script.steps == ["depth", "send", "markers"]
+
+
+def test_with_wait_lost_markers_fail_the_submit_with_its_ids_at_once() -> None:
+    c = core(MAAS_REDIS_WAIT_REPLICAS="1")
+    c._remember_served(set(), True)
+    script = Script(depth=0, markers=redis.TimeoutError("timed out"))
+    with pytest.raises(ServiceUnavailable, match="not confirmed on the replicas") as err:
+        drive(flow(c), script)
+    assert len(err.value.job_ids) == 2
+    assert script.steps == ["depth", "send", "markers"]
 
 
 def test_a_failed_send_or_depth_read_ends_the_submit_with_its_error() -> None:
