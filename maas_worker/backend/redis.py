@@ -26,6 +26,11 @@ from maas_worker.settings import (
 
 #: Longer than the longest blocking call (a client's 1 s BLPOP slice).
 BACKEND_SOCKET_TIMEOUT_S = 10.0
+#: Connections one synchronous client opens at most, on demand (redis-py's own
+#: default is 100); more threads wait for one to be free (`redis_client`). Each
+#: thread blocked in a result wait holds one: for many jobs, `Client.results` and
+#: `Client.as_completed` wait on a few connections for all of them.
+MAX_CONNECTIONS = 1024
 #: A sentinel that does not answer this fast is skipped for the next one.
 SENTINEL_SOCKET_TIMEOUT_S = 2.0
 
@@ -156,7 +161,15 @@ def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis
         client: redis.Redis = sentinel.master_for(name, redis_class=redis.Redis, **primary)
         return client
     url, options = _options(url, tls, asynchronous=False)
-    return redis.Redis.from_url(url, **options)
+    # redis-py's own pool refuses a 101st connection ("Too many connections"):
+    # a Client shared by more threads than that (each waiting for a result
+    # holds one for a 1 s slice) failed jobs it should only have delayed. This
+    # one opens up to MAX_CONNECTIONS, then makes a thread wait for a free
+    # connection, up to the socket timeout (then the usual ServiceUnavailable).
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=BACKEND_SOCKET_TIMEOUT_S, **options
+    )
+    return redis.Redis(connection_pool=pool)
 
 
 def sentinel_nodes(url: str, *, tls: RedisTLS, ha: RedisHA) -> list[tuple[str, int]]:

@@ -14,7 +14,7 @@ import pytest
 
 from maas_worker import Client, JobFailed, ResultTimeout
 
-from .conftest import WAIT_S, Stack
+from .conftest import WAIT_S, Stack, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -79,3 +79,27 @@ def test_a_wait_for_many_that_times_out_says_how_many_are_left(
         assert 0.5 <= time.monotonic() - started < 5
         with pytest.raises(ValueError, match="this client only"), stack.client() as other:
             list(other.as_completed(jobs))
+
+
+def test_one_client_waited_on_by_more_threads_than_connections_loses_no_job(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """150 threads each in `Job.result` on one `Client`: each holds a connection while it
+    waits; past redis-py's default pool of 100 the 101st failed with ServiceUnavailable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stack = make_stack()
+    threads = 150
+    with stack.client() as client:
+        jobs = client.submit_many("echo", [{"i": i} for i in range(threads)])
+        with ThreadPoolExecutor(threads) as pool:
+            waits = [pool.submit(job.result, timeout=WAIT_S) for job in jobs]
+            # Every thread is in its wait (a connection each) before a worker starts.
+            wait_for(
+                lambda: int(stack.backend.info("clients")["connected_clients"]) >= threads,
+                WAIT_S,
+                "every thread to wait on its own connection",
+            )
+            stack.start_worker("many", args=("--batch-consumer",))
+            outputs = [w.result() for w in waits]
+    assert [o["echo"]["i"] for o in outputs] == list(range(threads))
