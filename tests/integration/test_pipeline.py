@@ -408,9 +408,14 @@ def test_no_plaintext_in_redis_or_worker_logs(make_stack) -> None:
     keys_read, hits = scan_for(stack.backend, [marker.encode()])
     assert keys_read > 10
     assert hits == []
-    logs = stack.worker_logs()
+    # The outcome lines are written just after the results are stored: the log
+    # searched is the real one once they are there.
+    logs = wait_for(
+        lambda: (text := stack.worker_logs()).count("succeeded") >= len(jobs) and text,
+        TIMEOUT,
+        "the workers' outcome lines",
+    )
     assert marker not in logs
-    assert "succeeded" in logs  # the log we searched is the real one
     secret = load_keyring(stack.keyring_path).tenant("acme").primary().secret
     assert base64.b64encode(secret).decode() not in logs
     assert secret.hex() not in logs
