@@ -84,13 +84,22 @@ SINGLE_LIST_SHA = hashlib.sha1(SINGLE_LIST_TAKE.encode(), usedforsecurity=False)
 
 
 def message(tag: str) -> str:
+    """A queue entry laid out as kombu and the clients write one (properties last,
+    its delivery tag last: where the take reads it without decoding)."""
     return json.dumps(
         {
             "body": PAD,
             "content-encoding": "utf-8",
             "content-type": "application/json",
-            "headers": {"task": "maas.infer", "id": tag},
-            "properties": {"delivery_tag": tag, "body_encoding": "base64"},
+            "headers": {"lang": "py", "task": "maas.infer", "id": tag, "retries": 0},
+            "properties": {
+                "correlation_id": tag,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": "maas.normal"},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": tag,
+            },
         }
     )
 

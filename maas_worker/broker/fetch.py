@@ -107,6 +107,20 @@ class Taken:
         """Whether the message is in the unacked hash, under `tag`."""
         return self.tag is not None
 
+    def tag_agrees(self, raw: Any) -> bool:
+        """Whether the entry, once parsed (``raw``), names the delivery tag it is
+        reserved under (always true when taken unreserved).
+
+        The take reads the tag at the entry's end without decoding the entry
+        (pop_reserve.lua); an entry built to make that read differ from its
+        ``properties.delivery_tag`` must be refused, or kombu would acknowledge
+        a tag that reserves nothing and leave the real reservation to come back.
+        """
+        if self.tag is None:
+            return True
+        props = raw.get("properties") if isinstance(raw, dict) else None
+        return isinstance(props, dict) and props.get("delivery_tag") == self.tag
+
 
 def tenant_queue(queue: str, tenant: str) -> str:
     """The list holding ``tenant``'s jobs of job queue ``queue`` (``maas.normal.acme``)."""

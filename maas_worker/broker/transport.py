@@ -482,10 +482,10 @@ class HardenedChannel(kombu_redis.Channel):
     def _deliver_taken(self, taken: fetch.Taken) -> bool:
         self._queue_cycle.rotate(taken.queue)
         raw = parse_entry(taken.raw, max_chars=self._limit())
-        if not isinstance(raw, dict):
+        if not isinstance(raw, dict) or not taken.tag_agrees(raw):
             # Not a message at all (it was popped, unreserved, or reserved
-            # and too deep to parse): drop it instead of letting it stop the
-            # worker.
+            # and too deep to parse), or one whose tag the take misread (built
+            # to): drop it instead of letting it stop the worker.
             if taken.tag is not None:
                 self.qos.prereserved.add(taken.tag)
                 self.qos.forget(taken.tag)

@@ -97,3 +97,28 @@ def test_a_job_that_keeps_failing_is_dead_lettered_not_requeued_for_ever(
     assert "dead letter" in rec.detail
     wait_drained(stack)
     assert stack.outcomes(job_id) == ["failed"]
+
+
+def test_an_entry_ending_in_a_decoy_delivery_tag_is_refused_and_holds_no_reservation(
+    iso_stack: Callable[..., Stack],
+) -> None:
+    """The take reads a delivery tag at the entry's end without decoding the entry
+    (pop_reserve.lua). An entry built so that its end names another tag than its
+    ``properties.delivery_tag`` would be reserved under the decoy while kombu
+    acknowledged the real one: the reservation would come back for ever. Both
+    worker modes compare the tag with the parsed entry and refuse it, once."""
+    stack = iso_stack()
+    attacker = Attacker(stack)
+    job_id = str(uuid.uuid4())
+    _, envelope = attacker.seal(b'{"x": 1}', job_id=job_id)
+    message = celery_message(job_id, envelope)
+    decoy = str(uuid.uuid4())
+    message["decoy"] = {"delivery_tag": decoy}  # after "properties": the entry's end
+    assert json.dumps(message).endswith(f'"delivery_tag": "{decoy}"}}}}')
+    attacker.push_to_own_list("normal", message)
+    jobs = victims(stack, 4, priority="normal")
+    stack.start_worker()
+    assert_victims_done(jobs)
+    wait_audited_once(stack, job_id, "malformed", "", verified=False)
+    wait_drained(stack)
+    assert not stack.backend.exists(keyspace.result("globex", job_id))  # it never ran

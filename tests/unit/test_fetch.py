@@ -97,6 +97,47 @@ def test_an_entry_over_the_size_limit_is_not_decoded_nor_reserved(r: fakeredis.F
     assert not taken.reserved and r.hlen("unacked") == 0
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        # kombu's and our clients' layout: the tag read at the end, not decoded
+        message("tail-1"),
+        # any other layout: decoded
+        message("deco-1", priority=0),
+        '{"properties": {"delivery_tag": "spaced-1"} }',
+        '{"properties":{"delivery_tag":"compact-1"}}',
+        json.dumps({"properties": {"delivery_tag": "x" * 65}}),  # longer than the tail read
+        json.dumps({"properties": {"delivery_tag": "caf\u00e9"}}),  # not [a-zA-Z0-9-]
+    ],
+)
+def test_the_tag_reserved_is_the_one_the_entry_names(r: fakeredis.FakeRedis, entry: str) -> None:
+    r.lpush(HIGH, entry)
+    [taken] = fetch.take(r, [HIGH], count=1, max_chars=10_000)
+    tag = json.loads(entry)["properties"]["delivery_tag"]
+    assert taken.tag == tag and taken.tag_agrees(json.loads(taken.raw))
+    assert r.hkeys("unacked") == [tag.encode()]
+
+
+def test_an_entry_whose_end_names_a_decoy_tag_is_reserved_under_it_and_disagrees(
+    r: fakeredis.FakeRedis,
+) -> None:
+    """What the tail read cannot tell (which object the tag ends): the consumer's
+    check on the parsed entry refuses it (tests/integration/test_isolation_faults.py)."""
+    entry = json.dumps({"properties": {"delivery_tag": "real"}, "x": {"delivery_tag": "decoy"}})
+    r.lpush(HIGH, entry)
+    [taken] = fetch.take(r, [HIGH], count=1, max_chars=10_000)
+    assert taken.tag == "decoy" and not taken.tag_agrees(json.loads(taken.raw))
+    assert r.hkeys("unacked") == [b"decoy"]  # acknowledged when the consumer refuses it
+
+
+def test_an_entry_not_json_at_all_but_ending_like_one_is_reserved_and_disagrees(
+    r: fakeredis.FakeRedis,
+) -> None:
+    r.lpush(HIGH, 'garbage "delivery_tag": "t-1"}}')
+    [taken] = fetch.take(r, [HIGH], count=1, max_chars=10_000)
+    assert taken.tag == "t-1" and not taken.tag_agrees(None)
+
+
 def test_ack_removes_many_reservations_at_once(r: fakeredis.FakeRedis) -> None:
     r.lpush(HIGH, *(message(f"t{i}") for i in range(5)))
     taken = fetch.take(r, [HIGH], count=5, max_chars=10_000)

@@ -355,6 +355,9 @@ class BatchConsumer:
         except Refused as exc:
             self._refuse(d, exc.reason, str(exc))
             return d
+        if not taken.tag_agrees(raw):
+            self._refuse(d, AuditReason.MALFORMED, "not the delivery tag it was taken under")
+            return d
         assert body is not None  # a job queue's message: its task call
         args, kwargs = body[0], body[1]
         self._stage(d, lambda d: setattr(d, "text", request_text(rt, d.job_id, args, kwargs)))
