@@ -11,6 +11,8 @@ job is (tenant, job id): every key of its state is its tenant's.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import uuid
 from collections.abc import Callable
 
@@ -23,15 +25,18 @@ from maas_worker.tenancy.keyring import TenantPolicy
 from .attacker import (
     Attacker,
     assert_victims_done,
+    keyspace,
     records_for,
     set_policy,
     victims,
     wait_audited_once,
     wait_drained,
 )
-from .conftest import Stack
+from .conftest import Stack, wait_for
 
 pytestmark = pytest.mark.integration
+#: How long acme's job sleeps: longer than globex's echo takes on a loaded machine.
+SLEEP_S = 6
 
 
 def queued_ids(stack: Stack, priority: str) -> list[str]:
@@ -125,3 +130,45 @@ def test_a_victims_entry_copied_into_the_attackers_own_list_is_refused_as_the_at
     wait_drained(stack)
     for job, _ in jobs:
         assert job.status() == "succeeded"
+
+
+def test_a_verbatim_copy_never_replaces_the_victims_reservation(
+    iso_stack: Callable[..., Stack],
+) -> None:
+    """A copy under the victim's own delivery tag waits for the victim's reservation.
+
+    Before: the take filed every entry's reservation with HSET. Globex copied
+    acme's entry verbatim (its delivery tag too) into its own list while acme's
+    job ran: the copy's reservation replaced acme's, and refusing the copy
+    acknowledged that tag. A crash of the worker running acme's job then lost
+    it: nothing was left to put it back. Now the copy is not taken while the tag
+    is reserved; acme's job survives the crash and runs, and the copy is
+    refused once, under globex, after acme's reservation ends.
+    """
+    stack = iso_stack(MAAS_VISIBILITY_TIMEOUT_S="3", MAAS_LEASE_S="3")
+    attacker = Attacker(stack)
+    client = stack.client("acme")
+    job = client.submit("sleep", {"seconds": SLEEP_S}, priority="normal")
+    victim_list = fetch.tenant_queue(queue_for("normal"), "acme")
+    copy = json.loads(stack.backend.lindex(victim_list, -1))
+    tag = copy["properties"]["delivery_tag"]
+    doomed = stack.start_worker("doomed", concurrency=2)
+    wait_for(lambda: job.status() == "running", 30, "acme's job running")
+    held = stack.backend.hget("unacked", tag)
+    attacker.push_to_own_list("normal", copy)
+    # Globex's next job, behind the copy in its list: once it has run, the
+    # copy has been taken in turn, or held back.
+    after = attacker.client.submit("echo", {"after": 0}, priority="normal")
+    assert after.result(timeout=30) == {"echo": {"after": 0}}
+    assert stack.backend.hget("unacked", tag) == held  # still acme's reservation
+    assert doomed.proc is not None
+    os.killpg(doomed.proc.pid, signal.SIGSTOP)  # frozen: acme's job cannot end now
+    try:
+        # The crash must come while acme's job runs (else its result is stored).
+        assert not stack.backend.exists(keyspace.result("acme", job.id)), "sleep too short"
+    finally:
+        doomed.kill()  # SIGKILL reaches the stopped processes too
+    stack.start_worker("rescuer", concurrency=2)
+    assert job.result(timeout=60)["slept"] >= SLEEP_S
+    wait_audited_once(stack, job.id, "tampered", "globex", verified=False)
+    wait_drained(stack)

@@ -138,6 +138,43 @@ def test_an_entry_not_json_at_all_but_ending_like_one_is_reserved_and_disagrees(
     assert taken.tag == "t-1" and not taken.tag_agrees(None)
 
 
+def test_a_copy_of_a_reserved_entry_waits_until_the_reservation_ends(
+    r: fakeredis.FakeRedis,
+) -> None:
+    """A second entry under a tag still reserved never replaces that reservation
+    (acknowledging one would drop the other's, and a crash would lose it): it
+    goes back to the far end of its list, and is taken once the first is acked."""
+    r.lpush(HIGH, message("t1"))
+    [first] = fetch.take(r, [HIGH], count=1, max_chars=10_000)
+    held = r.hget("unacked", "t1")
+    r.lpush(HIGH, message("t1", copy=True), message("t2"))  # the copy is taken first
+    assert [t.tag for t in fetch.take(r, [HIGH], count=5, max_chars=10_000)] == []
+    assert r.hget("unacked", "t1") == held and r.lrange(HIGH, 0, -1) == [
+        message("t1", copy=True).encode(),
+        message("t2").encode(),
+    ]
+    assert [t.tag for t in fetch.take(r, [HIGH], count=5, max_chars=10_000)] == ["t2"]
+    assert fetch.take(r, [HIGH], count=5, max_chars=10_000) == []  # still held
+    fetch.ack(r, [first.tag or ""])
+    [copy] = fetch.take(r, [HIGH], count=5, max_chars=10_000)
+    assert json.loads(copy.raw)["properties"]["copy"] is True and copy.tag == "t1"
+
+
+def test_a_copy_in_a_tenant_list_passes_that_tenants_turn_only(r: fakeredis.FakeRedis) -> None:
+    acme, beta = (fetch.tenant_queue("maas.normal", t) for t in ("acme", "beta"))
+    r.lpush(acme, message("a1"))
+    r.sadd(fetch.arrivals_key("maas.normal"), "acme")
+    [first] = fetch.take(r, ["maas.normal"], count=1, max_chars=10_000)
+    r.lpush(acme, message("a1", copy=True))  # acme's only entry: the copy
+    r.lpush(beta, message("b1"), message("b2"))
+    r.sadd(fetch.arrivals_key("maas.normal"), "acme", "beta")
+    taken = fetch.take(r, ["maas.normal"], count=5, max_chars=10_000)
+    assert [t.tag for t in taken] == ["b1", "b2"]
+    assert r.llen(acme) == 1 and r.hget("unacked", "a1") is not None
+    fetch.ack(r, [first.tag or ""])
+    assert [t.tag for t in fetch.take(r, ["maas.normal"], count=5, max_chars=10_000)] == ["a1"]
+
+
 def test_ack_removes_many_reservations_at_once(r: fakeredis.FakeRedis) -> None:
     r.lpush(HIGH, *(message(f"t{i}") for i in range(5)))
     taken = fetch.take(r, [HIGH], count=5, max_chars=10_000)

@@ -28,10 +28,12 @@
 -- a weight at all (the hash exists); the front tenant is read and moved to
 -- the back in one LMOVE (its turn is usually one take), and moved back only
 -- while a weighted turn goes on. A busy priority's take is then EXISTS,
--- LMOVE, RPOP, the reservation (HSET, ZADD) and LLEN (does it leave the ring).
+-- LMOVE, RPOP, the reservation (HSETNX, ZADD) and LLEN (does it leave the ring).
 --
 -- An entry that is not JSON or has no delivery tag cannot be reserved under a
--- tag: it is popped and returned unreserved, and the consumer drops it.
+-- tag: it is popped and returned unreserved, and the consumer drops it. An
+-- entry whose tag is already reserved (another message holds it) is not
+-- taken: it goes back to the far end of its list until that reservation ends.
 -- KEYS[1] = kombu's unacked hash
 -- KEYS[2] = kombu's unacked index
 -- KEYS[3] = the tenants' weights (hash)
@@ -77,7 +79,7 @@ local weighted = nil
 -- Weights read in this take (a batch take reads each tenant's once).
 local weights = nil
 
-local function reserve(msg, restore_to)
+local function reserve(msg, restore_to, list)
   if #msg > maxlen then return '' end
   -- The tag is read at the entry's end, where kombu and our clients write it
   -- (properties last, its delivery_tag last: docs/protocol.md 3.6), without
@@ -86,9 +88,9 @@ local function reserve(msg, restore_to)
   -- What the match cannot prove (that the object it ends is the top-level
   -- "properties") the consumer checks on the entry it parses anyway: a tag
   -- that disagrees with the parsed one is refused as malformed (fetch.Taken).
-  local from = #msg - TAIL
-  if from < 1 then from = 1 end
-  local tag = string.match(msg, '"delivery_tag": "([%w%-]+)"}}$', from)
+  local tail = #msg - TAIL
+  if tail < 1 then tail = 1 end
+  local tag = string.match(msg, '"delivery_tag": "([%w%-]+)"}}$', tail)
   if not tag then
     local ok, m = pcall(cjson.decode, msg)
     tag = ok and type(m) == 'table' and type(m.properties) == 'table'
@@ -96,8 +98,17 @@ local function reserve(msg, restore_to)
     if type(tag) ~= 'string' or tag == '' then return '' end
   end
   -- The message text itself, not a re-encoding: cjson would turn an empty
-  -- list into an object and round numbers.
-  redis.call('HSET', KEYS[1], tag, '[' .. msg .. ',"",' .. cjson.encode(restore_to) .. ']')
+  -- list into an object and round numbers. HSETNX: a second entry with the
+  -- tag of a message still reserved (a copy, or a tag chosen to match) must
+  -- not replace that reservation, or acknowledging the one would drop the
+  -- other's and a crash would lose it. The copy goes back to the far end of
+  -- its list (`list`) to be taken once the reservation ends; nil tells the
+  -- caller to stop taking from that list in this take (it may be the only
+  -- entry there).
+  if redis.call('HSETNX', KEYS[1], tag, '[' .. msg .. ',"",' .. cjson.encode(restore_to) .. ']') == 0 then
+    redis.call('LPUSH', list, msg)
+    return nil
+  end
   redis.call('ZADD', KEYS[2], ARGV[2], tag)
   return tag
 end
@@ -172,7 +183,8 @@ for s = 1, n do
         local msg = redis.call('RPOP', list)
         if not msg then break end
         local tag = ''
-        if flag == FAIR then tag = reserve(msg, queue) end
+        if flag == FAIR then tag = reserve(msg, queue, list) end
+        if not tag then break end
         out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, queue, msg, tag
         o = o + 4
       end
@@ -197,23 +209,31 @@ for s = 1, n do
     -- Stale ring entries (a tenant list emptied behind the ring's back)
     -- dropped per take at most: a bound, so one take stays O(1).
     local stale = 0
+    -- Tenants whose entry went back in this take (reserve() returned nil).
+    local held = nil
     while o < want and stale < 32 do
       -- The front tenant, moved to the back at once: with weight 1 (the
       -- default) its turn is this one take. Until the end of this loop turn
       -- it is at the left end.
       local t = redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
-      if not t then break end
+      if not t or (held and held[t]) then break end  -- held: once round the ring
       local source = queue .. '.' .. t
       local tlist = source
       if prefix ~= '' then tlist = prefix .. source end
       local msg = redis.call('RPOP', tlist)
+      local tag = msg and reserve(msg, source, tlist)
       if not msg then
         -- Nothing queued after all: out of the ring.
         redis.call('LPOP', ring)
         redis.call('HDEL', credit, t)
         stale = stale + 1
+      elseif not tag then
+        -- Its front entry's tag is reserved: put back, its turn passes (it
+        -- stays in the ring).
+        held = held or {}
+        held[t] = true
       else
-        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, source, msg, reserve(msg, source)
+        out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, source, msg, tag
         o = o + 4
         if redis.call('LLEN', tlist) == 0 then
           -- Nothing more queued: out of the ring (a push announces it again).
@@ -255,7 +275,8 @@ for s = 1, n do
         if not msg then break end
         any = true
         local tag = ''
-        if reserving then tag = reserve(msg, queue) end
+        if reserving then tag = reserve(msg, queue, list) end
+        if not tag then break end
         out[o + 1], out[o + 2], out[o + 3], out[o + 4] = queue, source, msg, tag
         o = o + 4
       end
