@@ -130,6 +130,9 @@ class JobCost:
     redis_cpu_ms: float
     #: Of ``redis_cpu_ms``, the kernel's (system calls: reading and writing sockets).
     redis_sys_ms: float
+    #: ``used_memory`` growth per job over a run: what a finished job leaves behind
+    #: (its result and markers) until ``MAAS_RESULT_TTL_S`` expires it.
+    held_bytes: float = 0.0
     worker_cpu_ms: float = 0.0
     producer_cpu_ms: float = 0.0
     jobs_per_s: float = 0.0
@@ -162,6 +165,7 @@ def job_cost(before: Counters, after: Counters, jobs: int) -> JobCost:
         bytes_out=(after.net_out - before.net_out) / jobs,
         redis_cpu_ms=(after.cpu_s - before.cpu_s) * 1000 / jobs,
         redis_sys_ms=(after.sys_cpu_s - before.sys_cpu_s) * 1000 / jobs,
+        held_bytes=(after.used_memory - before.used_memory) / jobs,
     )
 
 
@@ -182,6 +186,7 @@ def median_cost(costs: list[JobCost]) -> JobCost:
         bytes_out=med(lambda c: c.bytes_out),
         redis_cpu_ms=med(lambda c: c.redis_cpu_ms),
         redis_sys_ms=med(lambda c: c.redis_sys_ms),
+        held_bytes=med(lambda c: c.held_bytes),
         worker_cpu_ms=med(lambda c: c.worker_cpu_ms),
         producer_cpu_ms=med(lambda c: c.producer_cpu_ms),
         jobs_per_s=med(lambda c: c.jobs_per_s),
@@ -472,7 +477,8 @@ def print_setup(name: str, cost: JobCost, found: Census | None, top: int) -> Non
     print(
         f"{cost.commands:.1f} commands/job: "
         + ", ".join(f"{side} {by_side[side]:.1f}" for side in SIDES)
-        + f"; {cost.bytes_in:,.0f} bytes in, {cost.bytes_out:,.0f} out per job"
+        + f"; {cost.bytes_in:,.0f} bytes in, {cost.bytes_out:,.0f} out per job; "
+        + f"{cost.held_bytes:,.0f} bytes held per finished job"
         + (
             " ("
             + ", ".join(

@@ -86,6 +86,7 @@ def test_job_cost_is_the_per_job_difference_without_the_benchmarks_own_commands(
     assert (cost.bytes_in, cost.bytes_out) == (6_000, 1_800)
     assert cost.redis_cpu_ms == pytest.approx(0.35)  # (0.5 user + 0.2 sys) s / 2,000 jobs
     assert cost.redis_sys_ms == pytest.approx(0.1)
+    assert cost.held_bytes == 3_000  # (7,000,000 - 1,000,000) bytes / 2,000 jobs
 
 
 def test_capacity_is_one_core_over_the_redis_cpu_per_job() -> None:
