@@ -7,10 +7,14 @@ run the server's ``INFO all`` is read twice and the difference, divided by the
 jobs, is the cost of a job:
 
 * commands by name (``INFO commandstats``: calls and server microseconds; the
-  commands a script runs count there under their own names too, so a
-  ``--census`` run per setup, under ``MONITOR``, untimed, says who sent each
-  command: the producer, the worker, or a script (``EVALSHA``/``FCALL``));
+  commands a script runs count there under their own names too, so one more
+  run per setup under ``MONITOR``, untimed (the census; ``--no-census`` skips
+  it), says who sent each command: the producer, the worker, or a script
+  (``EVALSHA``/``FCALL``), and, from each connection's ``tot-net-in/out``, whose
+  bytes they were);
 * bytes in and out (``total_net_input_bytes`` / ``total_net_output_bytes``);
+* memory held per finished job (``used_memory`` growth over the run: results
+  and markers, until ``MAAS_RESULT_TTL_S``);
 * Redis CPU: ``used_cpu_user + used_cpu_sys`` of the server process (``INFO
   cpu``), and the worker's and producer's CPU (psutil);
 * memory held per queued job: with no worker up, ``used_memory`` and ``DBSIZE``
@@ -22,6 +26,9 @@ rate, the worker cores per 1,000 jobs/s, the memory per million queued jobs.
 
     .venv/bin/python benchmarks/capacity.py [--jobs 2000] [--repeat 3]
         [--models echo,digits] [--modes celery,batch] [--producers async,sync,single]
+        [--top 16] [--no-census]
+
+The worker modes' flags are named in one place, `worker_modes`.
 
 Producers: ``async`` = `AsyncClient.submit_many` in chunks of ``--chunk`` and
 `as_completed` (as benchmarks/throughput.py); ``sync`` = `Client.submit_many`
@@ -61,7 +68,7 @@ from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 ECHO = {"data": "x" * 1024}
 #: Commands of this benchmark itself (its reads of the counters, the census's end mark).
-OWN_COMMANDS = frozenset({"info", "echo", "monitor"})
+OWN_COMMANDS = frozenset({"info", "echo", "monitor", "client|list"})
 #: Commands whose first argument is a subcommand (commandstats names them ``a|b``).
 CONTAINERS = frozenset(
     {"acl", "client", "cluster", "command", "config", "function", "memory", "object",
