@@ -81,6 +81,7 @@ bench: venv
 	$(BIN)/python benchmarks/private.py
 	$(BIN)/python benchmarks/gateway.py
 	$(BIN)/python benchmarks/idle.py
+	$(BIN)/python benchmarks/capacity.py
 
 .PHONY: format coverage lock compose-test lint-containers
 
