@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import redis
 
@@ -76,7 +76,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class EmbeddedRedis:
+class _Servers:
+    """Started by ``with`` (`start`), stopped when the block ends (`stop`)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedRedis(_Servers):
     """A private Redis-compatible server on a free loopback port.
 
     ``appendonly=True`` persists to an AOF in ``data_dir`` so a test can
@@ -270,17 +291,6 @@ class EmbeddedRedis:
             self._proc.wait()
         self._requested_port = self.port
 
-    def __enter__(self) -> EmbeddedRedis:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 #: The master name a `SentinelGroup`'s sentinels monitor.
 DEFAULT_MASTER_NAME = "maas"
@@ -361,7 +371,7 @@ class EmbeddedSentinel(EmbeddedRedis):
         return [str(self.binary or server_binary()), str(conf), "--sentinel"]
 
 
-class SentinelGroup:
+class SentinelGroup(_Servers):
     """A primary, ``replicas`` replicas and ``sentinels`` sentinels, on free loopback ports.
 
     The data nodes keep no data on disk unless ``appendonly``, so a node
@@ -561,14 +571,3 @@ class SentinelGroup:
         for process in (*self.sentinels, *self.nodes):
             with contextlib.suppress(Exception):
                 process.stop()
-
-    def __enter__(self) -> SentinelGroup:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
