@@ -91,10 +91,21 @@ def test_the_function_and_the_fallback_leave_the_same_keys() -> None:
     assert outcomes[0][0] == "sckqq"
 
 
-def test_the_async_driver_answers_alike() -> None:
-    r = fakeredis.FakeAsyncRedis()
-    batch = markers.claim("acme", [(header(1), "h1", 60), (header(1), "h1", 60)], 60)
-    assert asyncio.run(markers.awrite(r, batch)) == "qs"  # a repeat within one batch
+class _AsyncRefusing(fakeredis.FakeAsyncRedis):
+    async def function_load(self, *args: object, **kwargs: object) -> str:
+        raise redis.exceptions.NoPermissionError("this user has no permissions")
+
+
+@pytest.mark.parametrize("server", [fakeredis.FakeAsyncRedis, _AsyncRefusing])
+def test_the_async_driver_answers_alike(server: type) -> None:
+    r = server()
+    batch = markers.claim("acme", [(header(1), "h1", 60), (header(2), "h2", 60)], 60)
+    again = markers.claim("acme", [(header(1), "h1", 60), (header(2), "other", 60)], 60)
+
+    async def both() -> tuple[str, str]:
+        return await markers.awrite(r, batch), await markers.awrite(r, again)
+
+    assert asyncio.run(both()) == ("qq", "sc")
 
 
 def test_the_call_names_every_key_and_one_string_of_fields() -> None:
