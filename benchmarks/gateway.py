@@ -17,7 +17,10 @@ on the same machine. Every path seals in the timed loop.
 
 ``--repeat N`` runs the direct path and the gateway path N times, alternately,
 against the same gateway and Valkey, and prints the median [min-max] of each
-figure. ``--phases batched`` runs the batched phase only.
+figure. ``--phases batched`` runs the batched phase only. The batched phase
+also reports CPU time per job (user + system, psutil) of every process on the
+path: the client, or the caller and the gateway, and Valkey; on a shared
+machine it is steadier than submits/s.
 
 ``--profile DIR`` profiles the batched phase (cProfile) on every side: the
 direct client (``DIR/direct.prof``), the gateway's caller (sealing, base64,
@@ -26,9 +29,13 @@ JSON, the HTTP exchange: ``DIR/caller.prof``) and the gateway process itself
 which turns cProfile on and off at SIGUSR1 and SIGUSR2 around the phase). It
 prints each side's own time per job by library and its top functions; the
 timed figures of a profiled run are not comparable with an unprofiled one.
+``--spy FILE`` instead samples the gateway process with py-spy (no cProfile
+overhead; the ``dev`` extra) during the batched phase, writes the raw stacks
+to FILE and prints the share of its busy samples under each step of a submit.
 
     .venv/bin/python benchmarks/gateway.py [--single 2000] [--jobs 20000] [--batch 500]
         [--repeat 3] [--phases single,concurrent,batched] [--profile DIR] [--top 20]
+        [--spy FILE]
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,6 +80,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_submit import library
 
 PHASES = ("single", "concurrent", "batched")
+#: The steps of a gateway submit, as py-spy names their frames (``--spy``).
+SPY_STEPS = (
+    ("HTTP handler (uvicorn, Starlette, body, JSON, base64)", "submit_batch (maas_worker"),
+    ("Gateway.submit", "submit (maas_worker/gateway/service.py"),
+    ("  check (every envelope)", "check (maas_worker/gateway/service.py"),
+    ("    verify (MAC, time window)", "verify (maas_worker/crypto/envelope.py"),
+    ("    policy and catalogue", "_check_policy (maas_worker"),
+    ("  claim ids and markers (FCALL)", "_claim_ids (maas_worker"),
+    ("  enqueue (depth, quota, entries, push)", "_enqueue (maas_worker"),
+    ("    queue entries (wire.py)", "messages (maas_worker/client/wire.py"),
+    ("  accepted replies", "_accepted (maas_worker"),
+    ("redis-py packing (anywhere)", "pack_command (redis"),
+    ("redis-py replies (anywhere)", "read_response (redis"),
+)
 
 
 class Sealer:
@@ -100,6 +122,15 @@ def _free_port() -> int:
 
 def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1000
+
+
+def _cpu_s(pids: list[int]) -> list[float]:
+    """User + system CPU seconds of each process of ``pids``."""
+    return [sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids]
+
+
+def _cpu_us_per_job(before: list[float], pids: list[int], jobs: int) -> list[float]:
+    return [(after - b) * 1e6 / jobs for b, after in zip(before, _cpu_s(pids), strict=True)]
 
 
 @contextlib.contextmanager
@@ -136,12 +167,15 @@ async def direct(settings: Settings, args: argparse.Namespace) -> dict[str, Any]
         if "batched" in args.phases:
             await client.submit_many("echo", [{"n": n} for n in range(args.batch)])  # warm
             prof = args.profilers.get("direct")
+            pids = [os.getpid(), args.redis_pid]
+            cpu = _cpu_s(pids)
             t = time.perf_counter()
             with _profiled(prof):
                 for start in range(0, args.jobs, args.batch):
                     inputs = [{"n": n} for n in range(start, start + args.batch)]
                     await client.submit_many("echo", inputs)
             out["batched"] = args.jobs / (time.perf_counter() - t)
+            out["cpu"] = _cpu_us_per_job(cpu, pids, args.jobs)
     return out
 
 
@@ -211,11 +245,25 @@ async def gateway(
         if prof is not None:
             server.send_signal(signal.SIGUSR1)  # the gateway's profiler on (--serve-profiled)
             await asyncio.sleep(0.2)
+        spy = None
+        if args.spy:
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(server.pid),
+                 "--format", "raw", "--nonblocking", "-r", "250", "-o", args.spy],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            await asyncio.sleep(1.0)  # py-spy attaches
+        pids = [os.getpid(), server.pid, args.redis_pid]
+        cpu = _cpu_s(pids)
         t = time.perf_counter()
         with _profiled(prof):
             for start in range(0, args.jobs, args.batch):
                 await batch(start, args.batch)
         out["batched"] = args.jobs / (time.perf_counter() - t)
+        out["cpu"] = _cpu_us_per_job(cpu, pids, args.jobs)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(30)
         if prof is not None:
             server.send_signal(signal.SIGUSR2)  # off, and its stats (so far) written
     for c in conns:
@@ -259,6 +307,23 @@ def report_profile(path: Path, jobs: int, top: int, title: str) -> float:
     return total / jobs * 1e6
 
 
+def report_spy(path: str) -> None:
+    """The share of the gateway's busy samples (in a request) under each step."""
+    busy = 0
+    under: dict[str, int] = defaultdict(int)
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if "run_asgi" not in stack:
+            continue  # the event loop waiting, or py-spy's own idle stacks
+        busy += int(count)
+        for name, frame in SPY_STEPS:
+            if frame in stack:
+                under[name] += int(count)
+    print(f"\ngateway process under py-spy ({path}): {busy} busy samples")
+    for name, _ in SPY_STEPS:
+        print(f"  {name:56s} {under[name] / max(busy, 1):6.1%}")
+
+
 def _median(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.0f}"
@@ -277,13 +342,15 @@ def main() -> None:
     ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the batched phase on each side")
     ap.add_argument("--top", type=int, default=20, help="functions listed per profile")
+    ap.add_argument("--spy", metavar="FILE", help="py-spy the gateway in the batched phase")
     args = ap.parse_args()
     args.phases = set(args.phases.split(","))
     # One profiler per side in this process, kept over the rounds (the gateway's own
     # does the same in its process).
     args.profilers = {}
-    if args.profile:
+    if args.profile or args.spy:
         args.phases.add("batched")
+    if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         args.profilers = {"direct": cProfile.Profile(), "caller": cProfile.Profile()}
     print(
@@ -307,6 +374,7 @@ def main() -> None:
             MAAS_GATEWAY_MAX_BATCH=str(args.batch),
         )
         settings = Settings.from_env(env)
+        args.redis_pid = server.pid
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         serve = ["gateway", "--port", str(port), "--log-level", "warning"]
@@ -364,6 +432,18 @@ def main() -> None:
             + ", ".join(f"{r:.2f}" for r in ratios)
             + f"; median {statistics.median(ratios):.2f}"
         )
+    if "batched" in ds[0]:
+        print("CPU per job, batched (us, user + system; median of rounds):")
+        for name, runs, parts in (
+            ("direct AsyncClient", ds, ("client", "Valkey")),
+            ("through the gateway", gs, ("caller", "gateway", "Valkey")),
+        ):
+            each = [statistics.median(r["cpu"][i] for r in runs) for i in range(len(parts))]
+            total = statistics.median(sum(r["cpu"]) for r in runs)
+            detail = " + ".join(f"{p} {v:.1f}" for p, v in zip(parts, each, strict=True))
+            print(f"  {name}: {total:.1f} ({detail})")
+    if args.spy:
+        report_spy(args.spy)
     if args.profile:
         out = Path(args.profile)
         for side, prof in args.profilers.items():
