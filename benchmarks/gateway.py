@@ -13,7 +13,9 @@ on the same machine. Every path seals in the timed loop.
   request at once (asyncio tasks, one connection each; `AsyncClient.submit`
   for the direct path);
 * throughput, batched: ``submit_many`` of ``--batch`` jobs against
-  ``POST /v1/jobs:batch`` of as many envelopes, one after the other.
+  ``POST /v1/jobs:batch`` of as many envelopes, one after the other (with
+  ``--inflight N``, N at a time: N concurrent ``submit_many`` on the one
+  client, or N connections to the gateway).
 
 ``--repeat N`` runs the direct path and the gateway path N times, alternately,
 against the same gateway and Valkey, and prints the median [min-max] of each
@@ -170,10 +172,14 @@ async def direct(settings: Settings, args: argparse.Namespace) -> dict[str, Any]
             pids = [os.getpid(), args.redis_pid]
             cpu = _cpu_s(pids)
             t = time.perf_counter()
-            with _profiled(prof):
-                for start in range(0, args.jobs, args.batch):
+
+            async def lane(first: int) -> None:
+                for start in range(first, args.jobs, args.batch * args.inflight):
                     inputs = [{"n": n} for n in range(start, start + args.batch)]
                     await client.submit_many("echo", inputs)
+
+            with _profiled(prof):
+                await asyncio.gather(*(lane(i * args.batch) for i in range(args.inflight)))
             out["batched"] = args.jobs / (time.perf_counter() - t)
             out["cpu"] = _cpu_us_per_job(cpu, pids, args.jobs)
     return out
@@ -220,10 +226,11 @@ async def gateway(
         )
         assert status == 202, body
 
-    async def batch(start: int, size: int) -> None:
+    async def batch(start: int, size: int, conn: Conn | None = None) -> None:
         envelopes = [base64.b64encode(sealer.seal(n)).decode() for n in range(start, start + size)]
         doc = json.dumps({"envelopes": envelopes}).encode()
-        status, body = await conns[0].post("/v1/jobs:batch", doc, "application/json", sealer.token)
+        conn = conn or conns[0]
+        status, body = await conn.post("/v1/jobs:batch", doc, "application/json", sealer.token)
         assert status == 200 and all(i["status"] == 202 for i in json.loads(body)["items"])
 
     await one(conns[0], -1)
@@ -256,9 +263,13 @@ async def gateway(
         pids = [os.getpid(), server.pid, args.redis_pid]
         cpu = _cpu_s(pids)
         t = time.perf_counter()
+
+        async def lane(first: int, conn: Conn) -> None:
+            for start in range(first, args.jobs, args.batch * args.inflight):
+                await batch(start, args.batch, conn)
+
         with _profiled(prof):
-            for start in range(0, args.jobs, args.batch):
-                await batch(start, args.batch)
+            await asyncio.gather(*(lane(i * args.batch, conns[i]) for i in range(args.inflight)))
         out["batched"] = args.jobs / (time.perf_counter() - t)
         out["cpu"] = _cpu_us_per_job(cpu, pids, args.jobs)
         if spy is not None:
@@ -338,6 +349,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=20_000, help="jobs for each throughput figure")
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument(
+        "--inflight", type=int, default=1, help="batches in flight at once (batched phase)"
+    )
     ap.add_argument("--repeat", type=int, default=1, help="rounds of each path, alternately")
     ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the batched phase on each side")
