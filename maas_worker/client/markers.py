@@ -33,6 +33,10 @@ KEPT = "k"
 SAME = "s"
 #: (gateway) The job id was recorded before for another envelope.
 CONFLICT = "c"
+#: Jobs per call at most: a function runs alone on the server, so a very large
+#: `submit_many` is written in several calls (one round trip each) rather than
+#: one that holds every other client back for its whole length.
+CHUNK_JOBS = 1000
 
 
 def marker_ttl_s(header: Header, result_ttl_s: int) -> int:
@@ -59,6 +63,18 @@ class MarkerWrite:
             "claim" if self.claim else "mark",
             " ".join(" ".join(map(str, job)) for job in self.fields),
         ]
+
+    def chunks(self) -> list[MarkerWrite]:
+        """This write cut into writes of at most `CHUNK_JOBS` jobs, in order."""
+        n = len(self.fields)
+        if n <= CHUNK_JOBS:
+            return [self]
+        out = []
+        for lo in range(0, n, CHUNK_JOBS):
+            hi = min(lo + CHUNK_JOBS, n)
+            keys = self.keys[lo:hi] + (self.keys[n + lo : n + hi] if self.claim else [])
+            out.append(MarkerWrite(keys, self.fields[lo:hi], self.claim))
+        return out
 
     def fill(self, pipe: Any) -> None:
         """The fallback's first pipeline: ``SET`` of each marker, or, with ``claim``,
@@ -121,6 +137,8 @@ def _answer(reply: Any) -> str:
 
 def write(r: Any, batch: MarkerWrite) -> str:
     """Carry out ``batch`` on a redis-py client: one character per job (see the module)."""
+    if len(batch.fields) > CHUNK_JOBS:
+        return "".join(write(r, chunk) for chunk in batch.chunks())
 
     def fallback() -> str:
         pipe = r.pipeline(transaction=False)
@@ -138,6 +156,8 @@ def write(r: Any, batch: MarkerWrite) -> str:
 
 async def awrite(r: Any, batch: MarkerWrite) -> str:
     """`write` on a ``redis.asyncio`` client."""
+    if len(batch.fields) > CHUNK_JOBS:
+        return "".join([await awrite(r, chunk) for chunk in batch.chunks()])
 
     async def fallback() -> str:
         pipe = r.pipeline(transaction=False)

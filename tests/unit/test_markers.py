@@ -130,3 +130,28 @@ def test_fields_that_do_not_match_the_keys_are_refused() -> None:
     with pytest.raises(redis.ResponseError, match="mode is mark or claim"):
         r.fcall(functions.MARK_QUEUED, 1, "maas:{acme}:job:a", "other", "1 2")
     assert not r.exists("maas:{acme}:job:a", "maas:{acme}:job:b")
+
+
+def test_a_large_batch_goes_in_chunks_with_the_same_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    jobs = [(header(n), f"h{n}", 60 + n) for n in range(7)]
+    whole = fakeredis.FakeRedis()
+    expected = markers.write(whole, markers.claim("acme", jobs, 60))
+    monkeypatch.setattr(markers, "CHUNK_JOBS", 3)
+    batch = markers.claim("acme", jobs, 60)
+    assert [len(c.fields) for c in batch.chunks()] == [3, 3, 1]
+    assert [k for c in batch.chunks() for k in c.keys[: len(c.fields)]] == batch.keys[:7]
+    r = fakeredis.FakeRedis()
+    r.set(keyspace.gateway_seen("acme", jobs[4][0].job_id), "h4", ex=64)
+    assert markers.write(r, batch) == "qqqqsqq"
+    assert expected == "q" * 7
+    assert (
+        state(r, batch.keys)
+        == [
+            *state(whole, batch.keys[:4]),
+            (None, -2),  # the repeat wrote no marker
+            *state(whole, batch.keys[5:]),
+        ]
+    )
+    assert asyncio.run(markers.awrite(fakeredis.FakeAsyncRedis(), batch)) == "q" * 7
