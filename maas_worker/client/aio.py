@@ -24,6 +24,7 @@ import redis.asyncio
 from maas_worker.backend import functions
 from maas_worker.backend.redis import async_redis_client
 from maas_worker.broker import fetch
+from maas_worker.client import markers
 from maas_worker.client.core import (
     ClientCore,
     Plan,
@@ -204,7 +205,7 @@ class AsyncClient(ClientCore):
         if step.kind == "send":
             return await self._send(*step.arg)
         if step.kind == "markers":
-            return await arun_plan(self.backend, Plan(step.arg, lambda replies: None))
+            return await markers.awrite(self.backend, step.arg)
         if step.kind == "replicate":
             return await arun_plan(self.broker, Plan(step.arg, lambda replies: replies))
         assert step.kind == "live", step

@@ -21,6 +21,7 @@ from maas_worker.backend import functions, keyspace
 from maas_worker.backend.redis import backend_client, redis_client
 from maas_worker.broker import fetch
 from maas_worker.broker.app import make_producer_app
+from maas_worker.client import markers
 from maas_worker.client.core import (
     CATALOG_CACHE_S,
     DEPTH_CACHE_S,
@@ -317,7 +318,7 @@ class Client(ClientCore):
         if step.kind == "send":
             return self._send(*step.arg)
         if step.kind == "markers":
-            return run_plan(self.backend, Plan(step.arg, lambda replies: None))
+            return markers.write(self.backend, step.arg)
         if step.kind == "replicate":
             return run_plan(self.broker, Plan(step.arg, lambda replies: replies))
         assert step.kind == "live", step

@@ -27,6 +27,7 @@ from maas_worker import jsonlimits
 from maas_worker.backend import catalog, keyspace
 from maas_worker.backend.redis import NotReplicated, wait_replicated
 from maas_worker.broker import fetch
+from maas_worker.client import markers
 from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.crypto.primitives import CryptoBackend, crypto_backend
 from maas_worker.errors import (
@@ -469,7 +470,7 @@ class ClientCore:
         yield Step("send", (sealed, queue_for(plain)))
         unreachable: Exception | None = None
         try:
-            yield Step("markers", self.marker_commands(sealed))
+            yield Step("markers", self.marker_write(sealed))
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # The jobs are enqueued by now: they are still accepted (status is
             # unknown until a worker takes them), not reported as failed and
@@ -535,20 +536,11 @@ class ClientCore:
             wait,
         ]
 
-    def marker_commands(self, sealed: list[Sealed]) -> list[Command]:
+    def marker_write(self, sealed: list[Sealed]) -> markers.MarkerWrite:
         """The queued markers, written after the send: a marker for a job that never got
         enqueued would report it "queued" forever. Each holds the expiry, so status can
-        tell queued from expired."""
-        return [
-            (
-                "SET",
-                keyspace.submitted(self.tenant, h.job_id),
-                str(h.expires_at_ms),
-                "EX",
-                (h.expires_at_ms - h.issued_at_ms) // 1000 + self.settings.result_ttl_s,
-            )
-            for h, _ in sealed
-        ]
+        tell queued from expired. One library call for the batch (client/markers.py)."""
+        return markers.mark(self.tenant, [h for h, _ in sealed], self.settings.result_ttl_s)
 
 
 def message_arg(tenant_ref: str, raw: bytes) -> str:
@@ -569,7 +561,8 @@ class Step:
     * ``admit``: ``FCALL`` of ``arg`` (function, keys, args) on the backend: its reply;
     * ``payloads``: run the commands ``arg`` on the backend; nothing;
     * ``send``: enqueue ``arg`` = (sealed requests, queue); nothing;
-    * ``markers``: run the commands ``arg`` on the backend; nothing;
+    * ``markers``: write the queued markers ``arg`` (a `markers.MarkerWrite`) on the
+      backend (`markers.write`); nothing;
     * ``live``: how many workers are live (`Client.live_workers`).
 
     A step that fails is thrown into the flow (`drive` and `adrive` do both).

@@ -218,6 +218,24 @@ def parse_unverified_header(data: bytes) -> Header:
     )
 
 
+def parse_unverified_tenant(data: bytes) -> str | None:
+    """The tenant an envelope's header names, read WITHOUT authenticating or checking
+    anything else (None if the bytes hold no such field).
+
+    A shortcut for routing only (the gateway's "is this the bearer's tenant?"):
+    where the whole header parses, `parse_unverified_header` names the same
+    tenant; nothing it returns may be trusted until `verify` has checked the MAC.
+    """
+    n = data[_FIXED.size] if len(data) > _FIXED.size else 0
+    field = data[_FIXED.size + 1 : _FIXED.size + 1 + n]
+    if n == 0 or len(field) != n:
+        return None
+    try:
+        return bytes(field).decode()
+    except UnicodeDecodeError:
+        return None
+
+
 def seal(
     keys: EnvelopeKeys,
     header: Header,

@@ -29,9 +29,16 @@ import redis.asyncio
 from maas_worker.backend import functions, keyspace
 from maas_worker.backend.audit import record_fields
 from maas_worker.backend.redis import async_redis_client
+from maas_worker.client import markers
 from maas_worker.client.core import Plan, Sealed, adrive, arun_plan
 from maas_worker.client.wire import MessageBuilder
-from maas_worker.crypto.envelope import Header, now_ms, parse_unverified_header, verify
+from maas_worker.crypto.envelope import (
+    Header,
+    now_ms,
+    parse_unverified_header,
+    parse_unverified_tenant,
+    verify,
+)
 from maas_worker.errors import (
     EnvelopeRejected,
     InvalidEnvelope,
@@ -166,17 +173,27 @@ class Gateway:
             log.error("audit write failed for job %s (reason %s)", fields["job_id"], reason)
 
     # -- submitting ------------------------------------------------------------------------
-    async def check(self, tenant: str, raw: bytes) -> Header | Reply:
+    async def check(
+        self, tenant: str, raw: bytes, verdicts: dict[tuple[str, str], Reply | None] | None = None
+    ) -> Header | Reply:
         """Check one envelope of ``tenant`` as far as the MAC key goes: its header, or the
-        refusal (audited)."""
-        try:
-            claimed = parse_unverified_header(raw) if len(raw) <= self.max_envelope_bytes else None
-        except InvalidEnvelope:
-            claimed = None
-        if claimed is not None and claimed.tenant != tenant:
-            # Not audited under the envelope's tenant: that claim is unauthenticated.
-            await self._audit(tenant, claimed.job_id, AuditReason.POLICY, False)
-            return error(403, "policy", "the envelope names another tenant than the bearer token")
+        refusal (audited).
+
+        ``verdicts`` (one dict per request) keeps the outcome of the policy and
+        catalogue checks for each (model, priority) already checked in the request:
+        they depend on nothing else, and a batch's envelopes mostly share one."""
+        if len(raw) <= self.max_envelope_bytes and parse_unverified_tenant(raw) != tenant:
+            # Another tenant, or no tenant field at all: the whole header says which.
+            try:
+                claimed: Header | None = parse_unverified_header(raw)
+            except InvalidEnvelope:
+                claimed = None
+            if claimed is not None and claimed.tenant != tenant:
+                # Not audited under the envelope's tenant: that claim is unauthenticated.
+                await self._audit(tenant, claimed.job_id, AuditReason.POLICY, False)
+                return error(
+                    403, "policy", "the envelope names another tenant than the bearer token"
+                )
         skew_ms = self.settings.clock_skew_s * 1000
         try:
             header = verify(
@@ -189,7 +206,9 @@ class Gateway:
             ).header
         except EnvelopeRejected as exc:
             reason = AuditReason(exc.reason)
-            job_id = claimed.job_id if claimed is not None else ""
+            # The header verify parsed, if it got that far (unauthenticated unless it says).
+            unverified = exc.unverified_header
+            job_id = unverified.job_id if isinstance(unverified, Header) else ""
             await self._audit(tenant, job_id, reason, exc.authenticated)
             return error(_STATUS[reason], reason.value, _MESSAGES[reason])
         if header.task != TASK_NAME or not keyspace.is_job_id(header.job_id):
@@ -200,13 +219,27 @@ class Gateway:
                 f"the envelope's task must be {TASK_NAME!r} and its job id a lowercase, "
                 "hyphenated UUID",
             )
+        if verdicts is None:
+            verdicts = {}
+        what = (header.model, header.priority)
+        if what not in verdicts:
+            verdicts[what] = await self._check_policy(tenant, *what)
+        refused = verdicts[what]
+        if refused is None:
+            return header
+        if refused.body["error"] == "policy":
+            await self._audit(tenant, header.job_id, AuditReason.POLICY, True)
+        return refused
+
+    async def _check_policy(self, tenant: str, model: str, priority: str) -> Reply | None:
+        """The tenant's policy and the catalogue on (model, priority): None, or the refusal
+        (not audited: `check` audits it for each envelope it refuses)."""
         lane = self.lane(tenant)
         try:
-            if lane.needs_catalog(header.model, header.priority):
+            if lane.needs_catalog(model, priority):
                 await lane.served_models()
-            lane.check(header.model, header.priority)
+            lane.check(model, priority)
         except PolicyDenied as exc:
-            await self._audit(tenant, header.job_id, AuditReason.POLICY, True)
             return error(403, "policy", str(exc))
         except UnknownModel as exc:
             return error(422, "unknown_model", str(exc))
@@ -214,7 +247,7 @@ class Gateway:
             return error(503, "unavailable", str(exc), UNAVAILABLE_RETRY_S)
         except SubmitError as exc:
             return error(400, "malformed", str(exc))
-        return header
+        return None
 
     async def submit(self, tenant: str, envelopes: Sequence[bytes]) -> list[Reply]:
         """Check and enqueue ``envelopes`` of ``tenant``: one `Reply` each, in order.
@@ -224,8 +257,9 @@ class Gateway:
         """
         replies: list[Reply | None] = [None] * len(envelopes)
         accepted: list[tuple[int, Sealed]] = []
+        verdicts: dict[tuple[str, str], Reply | None] = {}
         for n, raw in enumerate(envelopes):
-            checked = await self.check(tenant, raw)
+            checked = await self.check(tenant, raw, verdicts)
             if isinstance(checked, Reply):
                 replies[n] = checked
             else:
@@ -252,48 +286,41 @@ class Gateway:
     async def _claim_ids(
         self, tenant: str, accepted: list[tuple[int, Sealed]], replies: list[Reply | None]
     ) -> tuple[list[tuple[int, Sealed]], set[str]]:
-        """Record each job id with its envelope's hash (``SET NX GET``) and write its queued
-        marker (``SET NX``), all in one round trip before the send; return the jobs seen
-        for the first time and the ids whose marker this wrote, and answer the others
-        (same envelope: 202 again; another: 409).
+        """Record each job id with its envelope's hash and write its queued marker, in one
+        library call before the send (`markers.claim`, ``FCALL`` of
+        `functions.MARK_QUEUED`); return the jobs seen for the first time and the ids whose
+        marker this wrote, and answer the others (same envelope: 202 again; another: 409).
 
-        The marker is the one `ClientCore.marker_commands` writes after the send (the lane
-        skips that step): written here, a request costs the gateway one round trip less
-        (the same replies to parse: docs/benchmarks.md). ``NX`` keeps a repeat from
-        touching the marker of the job it repeats (the worker never deletes a marker: it
-        expires with the idempotency record, same lifetime). Written before the send, a
-        marker of a job that then fails to enqueue is deleted with its record
+        The marker is the one `ClientCore.marker_write` writes after the send (the lane
+        skips that step): written here, a request costs the gateway one round trip less,
+        and the records and markers of a batch cost one command and one reply
+        (docs/benchmarks.md). A repeat never touches the marker of the job it repeats
+        (the worker never deletes a marker: it expires with the idempotency record, same
+        lifetime), and a marker already there is kept (``NX``). Written before the send,
+        a marker of a job that then fails to enqueue is deleted with its record
         (`_enqueue`); a gateway killed in between leaves the job "queued" until its
         expiry, then "expired", as its idempotency record alone already did."""
         if not accepted:
             return [], set()
-        pipe = self.backend.pipeline(transaction=False)
-        markers = self.lane(tenant).marker_commands([s for _, s in accepted])
-        for (_, (header, raw)), marker in zip(accepted, markers, strict=True):
-            pipe.set(
-                keyspace.gateway_seen(tenant, header.job_id),
-                hashlib.sha256(raw).hexdigest(),
-                nx=True,
-                ex=self._seen_ttl_s(header),
-                get=True,
-            )
-            pipe.execute_command(*marker, "NX")
+        batch = markers.claim(
+            tenant,
+            [(h, hashlib.sha256(raw).hexdigest(), self._seen_ttl_s(h)) for _, (h, raw) in accepted],
+            self.settings.result_ttl_s,
+        )
         try:
-            answers = await pipe.execute()
+            answers = await markers.awrite(self.backend, batch)
         except redis.RedisError as exc:
             for n, _ in accepted:
                 replies[n] = _unavailable(exc)
             return [], set()
         fresh = []
         marked: set[str] = set()
-        for (n, (header, raw)), before, wrote in zip(
-            accepted, answers[0::2], answers[1::2], strict=True
-        ):
-            if before is None:
+        for (n, (header, raw)), answer in zip(accepted, answers, strict=True):
+            if answer in (markers.MARKED, markers.KEPT):
                 fresh.append((n, (header, raw)))
-                if wrote:
+                if answer == markers.MARKED:
                     marked.add(header.job_id)
-            elif before.decode() == hashlib.sha256(raw).hexdigest():
+            elif answer == markers.SAME:
                 replies[n] = self._accepted(header, True)
             else:
                 replies[n] = error(

@@ -531,7 +531,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             client.close()
         print(
-            f"loaded the function library {functions.LIBRARY} on {server_url(settings.broker_url)}",
+            f"loaded the function libraries {', '.join(functions.VERSIONS)} on "
+            f"{server_url(settings.broker_url)}",
             file=sys.stderr,
         )
         return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -733,6 +734,25 @@ def test_a_producer_without_the_library_says_how_to_load_it(
     assert operator.function_list(library=functions.LIBRARY)
     with deployment.client() as client, pytest.raises(Exception, match="no job of tenant 'acme'"):
         client.job(JOB).cancel()
+
+
+def test_a_producer_without_the_new_library_writes_its_markers_one_by_one(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A rolling upgrade: the server has an older library only, and a producer may not
+    # load the new one. The jobs are queued by the time the markers are written: the
+    # markers must not fail for want of a function, so they go per job, as before.
+    monkeypatch.setattr(functions, "MARK_QUEUED", "maas_v0_mark_queued")
+    with (
+        caplog.at_level(logging.WARNING, logger="maas_worker.backend.functions"),
+        deployment.client() as client,
+    ):
+        jobs = client.submit_many("echo", [{"n": i} for i in range(3)])
+        results = [j.result(timeout=WAIT_S) for j in jobs]
+    assert results == [{"echo": {"n": i}} for i in range(3)]
+    assert "maas_v0_mark_queued is not loaded" in caplog.text
+    for job in jobs:
+        assert deployment.stack.backend.exists(keyspace.submitted("acme", job.id))
 
 
 def test_a_new_tenant_gets_its_user_by_rerunning_acl_with_apply(deployment: Deployment) -> None:

@@ -204,7 +204,7 @@ class Producer:
         # 3.4: the advisory quota check, for a tenant with a quota.
         if self.policy.get("rate_per_s") or self.policy.get("max_in_flight"):
             code, _ = self.r.fcall(
-                "maas_v1_advise_many",
+                "maas_v2_advise_many",
                 3,
                 f"maas:{{{self.tenant}}}:bucket",
                 f"maas:{{{self.tenant}}}:inflight",
@@ -252,10 +252,16 @@ class Producer:
             pipe.lpush("maas:wake", "1")
             pipe.ltrim("maas:wake", 0, 255)
         pipe.execute()
-        # 3.9: the queued marker, after the push: expires_at_ms, decimal; TTL in seconds.
-        self.r.set(
-            self.key("job", job_id), str(expires), ex=(expires - issued) // 1000 + RESULT_TTL_S
+        # 3.9: the queued marker, after the push: expires_at_ms, decimal; TTL in seconds;
+        # by the library (a batch's markers in one call; here a batch of one).
+        answer = self.r.fcall(
+            "maas_v2_mark_queued",
+            1,
+            self.key("job", job_id),
+            "mark",
+            f"{expires} {(expires - issued) // 1000 + RESULT_TTL_S}",
         )
+        assert answer == b"q"
         self.sent[job_id] = Sent(job_id, header, expires)
         return job_id
 
@@ -327,11 +333,11 @@ class Producer:
         return self.open(job_id, result)
 
     def cancel(self, job_id: str) -> int:
-        """Section 5: maas_v1_cancel with the token of the primary version."""
+        """Section 5: maas_v2_cancel with the token of the primary version."""
         t = self.tenant
         token = cancel_token(self.keys[self.primary], self.primary, t, job_id)
         reply = self.r.fcall(
-            "maas_v1_cancel",
+            "maas_v2_cancel",
             7,
             *(
                 self.key(k, job_id)
@@ -556,7 +562,7 @@ def test_refusals_reach_the_producer_as_documented(deployment: Deployment) -> No
     assert deployment.audited(job_id, "tampered")["verified"] == "0"
     # 3.4: a batch over the cap on jobs in flight (100) is refused, nothing recorded.
     code, wait_ms = acme.r.fcall(
-        "maas_v1_advise_many", 3, "maas:{acme}:bucket", "maas:{acme}:inflight",
+        "maas_v2_advise_many", 3, "maas:{acme}:bucket", "maas:{acme}:inflight",
         "maas:{acme}:pending", 1000.0, 1000, 100, int(time.time() * 1000) + 60_000,
         *(str(uuid.uuid4()) for _ in range(101)),
     )  # fmt: skip

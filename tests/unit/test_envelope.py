@@ -27,6 +27,7 @@ from maas_worker.crypto.envelope import (
     expiry_grace_ms,
     open_envelope,
     parse_unverified_header,
+    parse_unverified_tenant,
     seal,
     verify,
 )
@@ -686,6 +687,21 @@ def test_only_invalid_envelope_escapes_for_random_input() -> None:
                 assert str(exc) == "invalid envelope"
     # Only inputs that mutated nothing (a byte set to its own value) may open.
     assert opened < 100
+
+
+def test_the_unverified_tenant_is_the_whole_headers_wherever_that_parses() -> None:
+    # The gateway's shortcut (parse_unverified_tenant) decides only whether the whole
+    # header must be parsed: wherever that parses, both name the same tenant.
+    assert parse_unverified_tenant(kat_request()) == request_header().tenant
+    assert parse_unverified_tenant(b"") is None
+    assert parse_unverified_tenant(kat_request()[:28]) is None  # the field cut short
+    for data in _fuzz_inputs(seed=11, count=3000):
+        tenant = parse_unverified_tenant(data)
+        try:
+            header = parse_unverified_header(data)
+        except EnvelopeRejected:
+            continue
+        assert tenant == header.tenant
 
 
 def test_verify_raises_only_envelope_rejected() -> None:

@@ -36,7 +36,7 @@ def test_names_and_limits_are_the_codes() -> None:
     assert f"`{TASK_NAME}`" in DOC and ARGS_REPR in DOC
     for queue in QUEUE_NAMES:
         assert f"`{queue}`" in DOC
-    for name in (functions.LIBRARY, functions.CANCEL, functions.ADVISE_MANY):
+    for name in (functions.LIBRARY, functions.CANCEL, functions.ADVISE_MANY, functions.MARK_QUEUED):
         assert f"`{name}`" in DOC
     assert str(keyspace.MAX_TTL_MS) in DOC
     assert keyspace.submitted("T", "J") == "maas:{T}:job:J"  # 3.9's key
@@ -46,14 +46,19 @@ def test_the_queued_marker_is_the_documented_command() -> None:
     settings = Settings(result_ttl_s=3600)
     core = ClientCore(settings=settings, keyring=Keyring().with_new_tenant("acme"), tenant="acme")
     header = _header()
-    ((command, key, value, unit, ttl),) = core.marker_commands([(header, b"")])
-    # 3.9: the expiry in ms, decimal; EX (lifetime ms // 1000) + result TTL s.
-    assert (command, key, unit) == ("SET", keyspace.submitted("acme", JOB), "EX")
-    assert value == str(header.expires_at_ms)
-    assert ttl == 600 + 3600
+    batch = core.marker_write([(header, b""), (header, b"")])
+    # 3.9: the expiry in ms, decimal; EX (lifetime ms // 1000) + result TTL s; a batch's
+    # markers in one FCALL, every key in KEYS, the fields in one string.
+    assert batch.keys == [keyspace.submitted("acme", JOB)] * 2
+    one = f"{header.expires_at_ms} {600 + 3600}"
+    assert batch.args == ["mark", f"{one} {one}"]
     assert (
         "SET maas:{T}:job:<job> <expires_at_ms in decimal ASCII> "
         "EX <(expires_at_ms - issued_at_ms) // 1000 + result_ttl_s>"
+    ) in DOC
+    assert (
+        f"FCALL {functions.MARK_QUEUED} <n> maas:{{T}}:job:<job 1> ... maas:{{T}}:job:<job n>\n"
+        '      mark "<expires_at_ms 1> <ttl_s 1> ... <expires_at_ms n> <ttl_s n>"'
     ) in DOC
 
 

@@ -31,7 +31,7 @@ def _lua_files() -> dict[str, Path]:
 
 def test_every_lua_file_in_the_package_is_read_by_scripts_py() -> None:
     assert scripts.names() == sorted(_lua_files())
-    assert len(scripts.names()) == 16  # 14 scripts and 2 preludes
+    assert len(scripts.names()) == 17  # 15 scripts and 2 preludes
     for name, path in _lua_files().items():
         assert path.parent.name == "lua", path
         assert f"maas_worker.{path.parent.parent.name}" in scripts.PACKAGES, path

@@ -5,7 +5,7 @@
 -- it, docs/security.md "Redis roles"): expired entries are pruned only where
 -- the caller may (no ACL, workers, the operator), and only the live ones
 -- (score = expiry, later than now) are counted either way.
--- Run as the library function maas_v1_advise_many (functions.py;
+-- Run as the library function maas_v2_advise_many (functions.py;
 -- docs/envelope.md 3.5), not EVAL.
 -- uses: bucket
 -- KEYS[1] = the tenant's token bucket

@@ -3,7 +3,7 @@
 -- nothing); the newest request stands (a stale or planted value cannot block
 -- the owner's); wake waiting clients; a job not started no longer counts as
 -- queued in the tenant's advisory pending set.
--- Run as the library function maas_v1_cancel (functions.py; docs/envelope.md
+-- Run as the library function maas_v2_cancel (functions.py; docs/envelope.md
 -- 3.5), not EVAL: a producer's Redis user may call the library's functions but
 -- not send Lua of its own.
 -- KEYS[1] = the job's result
