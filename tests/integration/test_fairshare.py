@@ -38,9 +38,9 @@ def mode_stack(request: pytest.FixtureRequest, make_stack: Callable[..., Stack])
         # Smaller batches than the default 64: what a consumer already holds when
         # another tenant's jobs arrive is its batch, and the bounds below count it.
         stack = make_stack(MAAS_CONSUMER_BATCH=str(BATCH))
-        stack.worker_args = ("--batch-consumer",)
     else:
         stack = make_stack()
+        stack.worker_args = ("--celery-tasks",)
     ring = load_keyring(stack.keyring_path)
     for tenant in ("beta", "gamma"):
         ring = ring.with_new_tenant(tenant, TenantPolicy())

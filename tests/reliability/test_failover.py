@@ -108,7 +108,7 @@ def sentinel_stack(
 def test_sentinel_failover_under_load_loses_nothing(
     sentinel_stack: Any, report: Any, old_primary: str, mode: str
 ) -> None:
-    """mode: Celery's task consumer, or the batch consumer (``--batch-consumer``)."""
+    """mode: Celery's task consumer (``--celery-tasks``), or the batch consumer (the default)."""
     visibility_s = 5
     stack, group = sentinel_stack(
         MAAS_VISIBILITY_TIMEOUT_S=str(visibility_s),
@@ -116,7 +116,7 @@ def test_sentinel_failover_under_load_loses_nothing(
         MAAS_REDIS_WAIT_REPLICAS="1",
         MAAS_REDIS_WAIT_TIMEOUT_MS="2000",
     )
-    args = ("--batch-consumer",) if mode == "batch" else ()
+    args = () if mode == "batch" else ("--celery-tasks",)
     workers = [stack.start_worker(f"f{i}", concurrency=2, args=args) for i in range(2)]
     pids = [w.proc.pid for w in workers if w.proc is not None]
     # A dead primary that stays down leaves one replica: one failover.
