@@ -116,7 +116,8 @@ def worker(
     Celery's pool instead (docs/operations.md, "Worker modes").
     """
     inv.exec_with_flags()
-    pool_options = [name for name, value in zip(POOL_OPTIONS, (autoscale, pool)) if value]
+    given = {"--autoscale": autoscale, "--pool": pool}
+    pool_options = [name for name in POOL_OPTIONS if given[name]]
     settings = inv.settings
     mode = worker_mode(
         settings.worker_mode,
