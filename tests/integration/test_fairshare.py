@@ -57,7 +57,7 @@ def set_weight(stack: Stack, tenant: str, weight: int) -> None:
 def held(stack: Stack, concurrency: int) -> int:
     """Jobs a worker may hold already taken when another tenant's arrive: a batch per
     consumer process, or the prefork pool's prefetch (Celery's default multiplier, 4)."""
-    return concurrency * (BATCH if stack.worker_args else 4)
+    return concurrency * (4 if "--celery-tasks" in stack.worker_args else BATCH)
 
 
 def finished(stack: Stack) -> list[str]:
