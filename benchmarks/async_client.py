@@ -180,8 +180,7 @@ def main() -> None:
             env=env,
             name="bench",
             log_path=Path(tmp) / "worker.log",
-            concurrency=2,
-            extra_args=("--batch-consumer",),
+            concurrency=2,  # batch consumers (the default mode)
         )
         worker.start()
         try:

@@ -2,10 +2,10 @@
 
 Not a test. One run, same embedded Valkey, alternating the worker setups:
 
-* baseline: prefork pool, 2 processes, one model call per job;
+* baseline: ``worker --celery-tasks``, prefork pool, 2 processes, one model call per job;
 * batched model calls: threads pool, 32 threads, ``MAAS_BATCH=digits=32:5``
   (up to 32 jobs per model call, waiting at most 5 ms for more);
-* batch consumer: ``worker --batch-consumer --concurrency 2`` (up to
+* batch consumer: ``worker --concurrency 2`` (the default mode; up to
   ``MAAS_CONSUMER_BATCH`` jobs per batch: one round trip per pipeline stage
   and one model call per batch).
 
@@ -90,14 +90,14 @@ def main() -> None:
         env.pop("MAAS_MODEL_DIR", None)  # the bundled, signed digits
         client = Client(settings=Settings.from_env(env))
         setups = {
-            "one-per-call (prefork x2)": ((), 2, {}),
+            "one-per-call (prefork x2)": (("--celery-tasks",), 2, {}),
             "batched calls (threads x32, digits=32:5)": (
                 ("--pool", "threads"),
                 32,
                 {"MAAS_BATCH": "digits=32:5"},
             ),
             "batch consumer (x2, batch 64)": (
-                ("--batch-consumer",),
+                (),
                 2,
                 {"MAAS_CONSUMER_BATCH": "64"},
             ),

@@ -171,7 +171,13 @@ def main() -> None:
             f"advise / ping = {statistics.median(quota['advise']) / base:.2f}; "
             f"submit with quota / without = {ratio:.2f}"
         )
-        worker = WorkerProcess(env=env, name="bench", log_path=Path(tmp) / "w.log", concurrency=2)
+        worker = WorkerProcess(
+            env=env,
+            name="bench",
+            log_path=Path(tmp) / "w.log",
+            concurrency=2,
+            extra_args=("--celery-tasks",),
+        )
         worker.start()
         try:
             worker.wait_ready(Client(settings=settings).backend)

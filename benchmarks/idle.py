@@ -30,10 +30,10 @@ from maas_worker.local.processes import WorkerProcess
 from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 MODES = [
-    ("celery", 2, ()),
-    ("celery", 8, ()),
-    ("batch consumer", 2, ("--batch-consumer",)),
-    ("batch consumer", 8, ("--batch-consumer",)),
+    ("celery", 2, ("--celery-tasks",)),
+    ("celery", 8, ("--celery-tasks",)),
+    ("batch consumer", 2, ()),
+    ("batch consumer", 8, ()),
 ]
 
 

@@ -97,7 +97,13 @@ def start_stack(tmp: Path) -> tuple[EmbeddedRedis, WorkerProcess, Client]:
             "MAAS_TENANT": "bench",
         }
     )
-    worker = WorkerProcess(env=env, name="bench", log_path=tmp / "worker.log", concurrency=1)
+    worker = WorkerProcess(
+        env=env,
+        name="bench",
+        log_path=tmp / "worker.log",
+        concurrency=1,
+        extra_args=("--celery-tasks",),
+    )
     worker.start()
     import redis
 

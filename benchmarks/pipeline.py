@@ -116,7 +116,9 @@ class Secure:
     """maas-worker: a worker process and a Client."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.worker = WorkerProcess(env=env, name="secure", log_path=log, concurrency=2)
+        self.worker = WorkerProcess(
+            env=env, name="secure", log_path=log, concurrency=2, extra_args=("--celery-tasks",)
+        )
         self.client = Client(settings=Settings.from_env(env))
         self.worker.start()
         self.worker.wait_ready(self.client.backend)

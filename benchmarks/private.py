@@ -122,7 +122,13 @@ def start(tmp: Path) -> tuple[EmbeddedRedis, WorkerProcess, Client]:
             "MAAS_PRIVATE_KEY_DIR": str(tmp / "ckks"),
         }
     )
-    worker = WorkerProcess(env=env, name="bench", log_path=tmp / "worker.log", concurrency=1)
+    worker = WorkerProcess(
+        env=env,
+        name="bench",
+        log_path=tmp / "worker.log",
+        concurrency=1,
+        extra_args=("--celery-tasks",),
+    )
     worker.start()
     worker.wait_ready(redis.Redis.from_url(server.url))
     return server, worker, Client(settings=Settings.from_env(env))

@@ -7,9 +7,9 @@ result; the time runs from the first submit to the last result in hand.
 * secure: `AsyncClient.submit_many` in chunks of ``--chunk`` (one event loop),
   every job sealed, verified, claimed once, decrypted, run, sealed again and
   stored write-once; results awaited with `as_completed` (one read per batch
-  of jobs) and opened. Per worker mode: ``batch`` (``worker --batch-consumer
-  --concurrency 2``) and ``perjob`` (``worker --concurrency 2``, one Celery
-  task per job).
+  of jobs) and opened. Per worker mode: ``batch`` (``worker --concurrency 2``,
+  the batch consumer, the default) and ``perjob`` (``worker --celery-tasks
+  --concurrency 2``, one Celery task per job).
 * plain: plain Celery (benchmarks/plain_app.py), no crypto, the same echo job:
   its best configuration found here, a ``group`` of the tasks published on
   one producer, prefetch multiplier ``--plain-prefetch`` (16), results read
@@ -72,8 +72,8 @@ from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 ECHO = {"data": "x" * 1024}
 MODES: dict[str, tuple[str, ...]] = {
-    "batch": ("--batch-consumer",),
-    "perjob": (),
+    "batch": (),
+    "perjob": ("--celery-tasks",),
 }
 
 

@@ -80,7 +80,13 @@ DEFAULT_MEMORY_HIGH_WATER_PCT = 90.0
 DEFAULT_MAX_MEMORY_PER_CHILD_MB = 2048
 #: Share of fetches guaranteed to normal and to low jobs while they wait.
 DEFAULT_LOW_PRIORITY_SHARE = 0.05
-#: Batch consumer (``worker --batch-consumer``): most jobs taken and run per
+#: Values of MAAS_WORKER_MODE, named like the ``maas-worker worker`` flags that
+#: choose them; the first is the default: batch consumer processes take the
+#: job queues (docs/operations.md, "The batch consumer"), or one Celery task
+#: per job in Celery's pool.
+WORKER_MODES = ("batch-consumer", "celery-tasks")
+DEFAULT_WORKER_MODE = WORKER_MODES[0]
+#: Batch consumer (the default worker mode): most jobs taken and run per
 #: batch, and how long a batch that is not full waits for more (0: no wait).
 DEFAULT_CONSUMER_BATCH = 64
 DEFAULT_CONSUMER_WAIT_MS = 0.0
@@ -668,7 +674,7 @@ class FleetPolicy:
             raise ConfigError("MAAS_FLEET_MIN_NODES must be <= MAAS_FLEET_MAX_NODES")
 
 
-_CONSUMER = "`worker --batch-consumer`: "
+_CONSUMER = "batch consumer (`worker`'s default mode): "
 _URLS = "`redis://`, `rediss://`, `redis+socket://`, `unix://`, `sentinel://` (with `;`)"
 _FLAG = "`1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`"
 
@@ -929,6 +935,17 @@ class Settings:
         accepted="`model=MAX_BATCH:MAX_WAIT_MS,...` (1 to 4096 jobs, 0 to 1000 ms; "
         "MAX_WAIT_MS: 2 if left out)",
         doc="dynamic batching for models that support it (workers started with `--pool threads`)",
+    )
+    worker_mode: str = setting(
+        DEFAULT_WORKER_MODE,
+        env="MAAS_WORKER_MODE",
+        parse=parse_lower,
+        check=one_of(WORKER_MODES),
+        doc="what `maas-worker worker` runs on the job queues when no flag says: "
+        "`batch-consumer` (batch consumer processes, many jobs per round trip and per model "
+        "call) or `celery-tasks` (one Celery task per job in Celery's pool); `--batch-consumer` "
+        "or `--celery-tasks` override it, and `--autoscale` or `--pool` select `celery-tasks` "
+        "([operations.md](operations.md#worker-modes))",
     )
     consumer_batch: int = setting(
         DEFAULT_CONSUMER_BATCH,

@@ -30,15 +30,59 @@ LOGLEVEL_HELP = "Celery's log level (default INFO)"
 _loglevel = click.option("--loglevel", default="INFO", help=LOGLEVEL_HELP)
 
 
-@click.command(cls=Command, short_help="run a Celery worker")
+#: Options of Celery's pool: they choose the Celery-task mode (`worker_mode`).
+POOL_OPTIONS = ("--autoscale", "--pool")
+
+
+def worker_mode(
+    settings_mode: str, *, batch_consumer: bool, celery_tasks: bool, pool_options: Sequence[str]
+) -> str:
+    """The mode ``maas-worker worker`` runs: ``"batch-consumer"`` or ``"celery-tasks"``.
+
+    A mode flag decides; else a pool option (``--autoscale``, ``--pool``: only
+    Celery's pool has them) means Celery tasks, so ``worker --autoscale MAX,MIN``
+    keeps the meaning it has always had; else ``$MAAS_WORKER_MODE`` (default
+    batch consumer). ``pool_options``: the pool options given. A pool option with
+    ``--batch-consumer`` is a `ConfigError`, as are both mode flags.
+    """
+    if batch_consumer and celery_tasks:
+        raise ConfigError("--batch-consumer and --celery-tasks exclude each other")
+    if batch_consumer and pool_options:
+        what = "is an option" if len(pool_options) == 1 else "are options"
+        raise ConfigError(
+            f"{' and '.join(pool_options)} {what} of Celery's pool (--celery-tasks), "
+            "not of --batch-consumer: it runs --concurrency processes"
+        )
+    if batch_consumer:
+        return "batch-consumer"
+    if celery_tasks or pool_options:
+        return "celery-tasks"
+    return settings_mode
+
+
+@click.command(cls=Command, short_help="run a worker node (batch consumers by default)")
 @click.option(
     "--concurrency",
     type=int,
-    help="pool processes (threads with --pool threads; batch consumers with "
-    "--batch-consumer); default: the number of CPUs",
+    help="batch consumer processes, or with --celery-tasks pool processes (threads with "
+    "--pool threads); default: the number of CPUs",
 )
 @click.option(
-    "--autoscale", metavar="MAX,MIN", help="grow and shrink the pool between MIN and MAX processes"
+    "--celery-tasks",
+    is_flag=True,
+    help="run one Celery task per job in Celery's pool instead of the batch consumers "
+    "(also MAAS_WORKER_MODE=celery-tasks; implied by --autoscale and --pool)",
+)
+@click.option(
+    "--batch-consumer",
+    is_flag=True,
+    help="batch consumer processes take the jobs: the default, so a no-op kept for existing "
+    "command lines, except that it overrides MAAS_WORKER_MODE",
+)
+@click.option(
+    "--autoscale",
+    metavar="MAX,MIN",
+    help="grow and shrink Celery's pool between MIN and MAX processes (implies --celery-tasks)",
 )
 @click.option("--hostname", "-n", help="node name (default celery@HOST)")
 # "threads" is for dynamic batching (MAAS_BATCH): there a running job
@@ -46,13 +90,8 @@ _loglevel = click.option("--loglevel", default="INFO", help=LOGLEVEL_HELP)
 @click.option(
     "--pool",
     type=click.Choice(("prefork", "solo", "threads")),
-    help="the pool (default prefork; threads for dynamic batching, MAAS_BATCH)",
-)
-@click.option(
-    "--batch-consumer",
-    is_flag=True,
-    help="take the job queues in batches: one round trip per stage for many "
-    "jobs, one model call per batch (--concurrency processes; docs/operations.md)",
+    help="Celery's pool (default prefork; threads for dynamic batching, MAAS_BATCH; "
+    "implies --celery-tasks)",
 )
 @_loglevel
 @pass_invocation
@@ -60,19 +99,36 @@ def worker(
     inv: Invocation,
     *,
     concurrency: int | None,
+    celery_tasks: bool,
+    batch_consumer: bool,
     autoscale: str | None,
     hostname: str | None,
     pool: str | None,
-    batch_consumer: bool,
     loglevel: str,
 ) -> int:
-    """Run a Celery worker on the job queues (high, then normal, then low)."""
+    """Run a worker node on the job queues (high, then normal, then low).
+
+    By default batch consumer processes take the jobs, many per Redis round
+    trip and per model call, each still checked, sealed, audited and
+    acknowledged on its own; the Celery worker keeps the node's identity
+    (ping, remote control, Flower, resource samples). With --celery-tasks
+    (or MAAS_WORKER_MODE=celery-tasks) each job is one Celery task in
+    Celery's pool instead (docs/operations.md, "Worker modes").
+    """
     inv.exec_with_flags()
+    given = {"--autoscale": autoscale, "--pool": pool}
+    pool_options = [name for name in POOL_OPTIONS if given[name]]
+    settings = inv.settings
+    mode = worker_mode(
+        settings.worker_mode,
+        batch_consumer=batch_consumer,
+        celery_tasks=celery_tasks,
+        pool_options=pool_options,
+    )
     from maas_worker.app import app, configure
     from maas_worker.protocol import QUEUE_NAMES
     from maas_worker.tenancy.keyring import load_keyring
 
-    settings = inv.settings
     load_keyring(settings.keyring_path)  # refuse to start without a usable keyring
     from maas_worker.models.signing import TrustedSigners
 
@@ -81,15 +137,10 @@ def worker(
     # `celery -A maas_worker.app worker` too.
     configure(app, settings)
     argv = ["worker", "-Q", ",".join(QUEUE_NAMES), "--loglevel", loglevel]
-    if batch_consumer:
+    if mode == "batch-consumer":
         # The job queues go to batch consumer processes (supervisor.py); the
         # Celery worker keeps remote control and the broadcast queue, and runs
         # the resource samples in its own process.
-        if autoscale or pool:
-            raise ConfigError(
-                "--batch-consumer sizes its own processes (--concurrency); "
-                "it does not take --autoscale or --pool"
-            )
         from maas_worker.protocol import MONITOR_EXCHANGE
         from maas_worker.worker.batch import supervisor
 
@@ -99,10 +150,10 @@ def worker(
         argv += ["--concurrency", str(concurrency)]
     if autoscale:
         argv += ["--autoscale", autoscale]
-    if hostname:
-        argv += ["--hostname", hostname]
     if pool:
         argv += ["--pool", pool]
+    if hostname:
+        argv += ["--hostname", hostname]
     app.worker_main(argv)
     return 0
 
@@ -123,7 +174,7 @@ def worker(
 def batch_consumer(
     inv: Invocation, name: str, ready_fd: int | None, siblings: int, loglevel: str
 ) -> int:
-    """One batch consumer process (started by ``worker --batch-consumer``)."""
+    """One batch consumer process (started by ``worker``'s batch consumer mode)."""
     inv.exec_with_flags()
     from maas_worker.worker.batch.consumer import serve
 

@@ -328,7 +328,12 @@ def run_demo(jobs_per_priority: int = 2) -> int:
         try:
             worker.start()
             worker.wait_ready(backend)
-            print(f"demo: worker {worker.node} ready (2 processes; queues high > normal > low)")
+            engine = (  # the worker's mode: MAAS_WORKER_MODE, if the caller set it
+                "2 batch consumer processes"
+                if settings.worker_mode == "batch-consumer"
+                else "2 pool processes, one Celery task per job"
+            )
+            print(f"demo: worker {worker.node} ready ({engine}; queues high > normal > low)")
             client = Client(settings=settings)
             marker = f"plaintext-marker-{os.getpid()}-{time.time_ns()}"
             jobs: list[tuple[str, str, Job, float]] = []

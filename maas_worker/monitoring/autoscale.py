@@ -1,5 +1,9 @@
 """Pool autoscaling inside a worker: ``maas-worker worker --autoscale MAX,MIN``.
 
+Celery's pool only: ``--autoscale`` selects the Celery-task mode (cli/services.py,
+`worker_mode`); batch consumer processes, the default mode, are sized by
+``--concurrency``.
+
 Unlike Celery's own autoscaler, which sees only what the worker has reserved
 (docs/monitoring.md, "Autoscaling inside a worker"), this one
 (``worker_autoscaler`` in app.celery_config) sizes the pool by

@@ -8,7 +8,7 @@ One `Node` per worker main process owns the node's objects and their order:
   the broadcast queue of resource samples, added to whatever ``-Q`` selected
   (so ``celery -A maas_worker.app worker -Q ...`` samples too);
 - once the node can serve (`Node.serve`): the batch-consumer processes if
-  ``worker --batch-consumer`` asked for them (supervisor.py), then the model
+  ``maas-worker worker`` asked for them (its default mode; supervisor.py), then the model
   advertisement (`runtime.Advertiser`: the node is announced, which is what
   clients and tests wait for), then the ``/metrics`` endpoint, whose pool
   gauges read the worker's autoscaler;
@@ -61,6 +61,9 @@ from maas_worker.worker.batch import supervisor
 from maas_worker.worker.runtime import Advertiser, build_registry
 
 log = logging.getLogger(__name__)
+
+#: The row of a node's ``stats`` reply that says how it runs jobs (`Node.mode_text`).
+MODE_KEY = "worker mode"
 
 
 class Node:
@@ -115,8 +118,8 @@ class Node:
         self._serving = True
         self.autoscaler = autoscaler
         try:
-            # With --batch-consumer, the consumer processes take the job queues:
-            # the node is announced once they are ready.
+            # In the batch consumer mode the consumer processes take the job
+            # queues: the node is announced once they are ready.
             self.advertiser = Advertiser(self.settings, self.name)
             # Fair share: the tenants' weights are in Redis before any take reads them.
             self.advertiser.share(reannounce=True)
@@ -126,9 +129,12 @@ class Node:
                 )
                 self.consumers.start()
             self.advertiser.start()
+            # The mode in the line operators and tests read, since it is no
+            # longer visible on the command line.
             log.info(
-                "maas worker %s ready; models: %s",
+                "maas worker %s ready (%s); models: %s",
                 self.advertiser.node,
+                self.mode_text(),
                 ", ".join(build_registry(self.settings).refs()) or "(none)",
             )
         except Exception:
@@ -143,27 +149,35 @@ class Node:
         except Exception:
             log.exception("could not start the metrics endpoint")
 
+    def mode_text(self) -> str:
+        """How this node runs jobs, in words (its ready line and ``stats``)."""
+        if self.batch is not None:
+            return f"batch consumer, {self.batch['processes']} process(es)"
+        return "Celery tasks"
+
     def stats(self) -> dict[str, Any]:
-        """What the node adds to Celery's ``stats`` reply: its latest resource sample.
+        """What the node adds to Celery's ``stats`` reply: its mode and latest resource sample.
 
         Read from the result backend, where the node's sample task stores it
-        (in a pool child, or in this process under ``--batch-consumer``):
+        (in a pool child, or in this process in the batch consumer mode):
         one GET per ``stats`` command, which Flower sends when a worker's
         page is opened or its list refreshed. A reply without the sample
         beats no reply: a Redis error is reported in the reply, not raised.
         """
         interval_s = self.settings.sample_interval_s
+        mode = {MODE_KEY: self.mode_text()}
         try:
             if self.samples is None:
                 self.samples = SampleStore(backend_client(self.settings), interval_s=interval_s)
             sample = self.samples.get(self.name)
         except redis.RedisError as exc:
             return {
+                **mode,
                 f"{STATS_ROW_PREFIX}taken": "unknown: the result backend did not answer "
                 f"({type(exc).__name__})",
                 STATS_KEY: None,
             }
-        return stats_fields(sample, now=time.time(), interval_s=interval_s)
+        return {**mode, **stats_fields(sample, now=time.time(), interval_s=interval_s)}
 
     def pool_state(self) -> dict[str, int] | None:
         """Current, desired, min and max pool size (None without our autoscaler)."""

@@ -6,7 +6,7 @@ can (any header field, any lifetime, any job id, any input bytes), and can
 write the queues the way any producer can (Celery's own ``send_task`` with
 every option it has, or raw entries). Tenant ``acme`` is the victim, an
 honest client. Each test runs against a Celery worker and against a batch
-consumer (``worker --batch-consumer``): the ``iso_stack`` fixture
+consumer (``worker``'s default mode): the ``iso_stack`` fixture
 (conftest.py) gives stacks of each mode.
 """
 

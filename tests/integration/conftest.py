@@ -47,7 +47,8 @@ class Stack:
     env: dict[str, str]
     backend: redis.Redis
     workers: list[WorkerProcess] = field(default_factory=list)
-    #: Flags every worker of this stack starts with (``--batch-consumer``).
+    #: Flags every worker of this stack starts with (``--celery-tasks``; without
+    #: any, a worker runs the batch consumer, the default mode).
     worker_args: tuple[str, ...] = ()
     #: The stack's gateway process (gatewaykit.GatewayProcess), once a
     #: ``kind="gateway"`` client asked for it: one per stack, stopped with it.
@@ -316,8 +317,9 @@ def not_through_gateway(client_kind: str, why: str) -> None:
         pytest.skip(f"not through the gateway: {why}")
 
 
-#: The two worker modes every tenant-isolation test runs against.
-WORKER_MODES: dict[str, tuple[str, ...]] = {"task": (), "batch": ("--batch-consumer",)}
+#: The two worker modes every tenant-isolation test runs against: the flags that choose
+#: them (none for the batch consumer, the default).
+WORKER_MODES: dict[str, tuple[str, ...]] = {"task": ("--celery-tasks",), "batch": ()}
 
 
 @pytest.fixture(params=list(WORKER_MODES))

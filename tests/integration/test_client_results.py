@@ -47,7 +47,7 @@ def test_many_jobs_are_waited_for_by_batch_and_each_yielded_once(
         failing = client.submit("sleep", {"seconds": "not a number"})  # bad_input
         everything = [*jobs, failing]
         before = _our_commands(stack)
-        stack.start_worker("rs", args=("--batch-consumer",))
+        stack.start_worker("rs")  # batch consumers
         seen = [job.id for job in client.as_completed(everything, timeout=WAIT_S * 3)]
         waiting = _our_commands(stack) - before
         assert sorted(seen) == sorted(j.id for j in everything)  # each once
@@ -100,6 +100,6 @@ def test_one_client_waited_on_by_more_threads_than_connections_loses_no_job(
                 WAIT_S,
                 "every thread to wait on its own connection",
             )
-            stack.start_worker("many", args=("--batch-consumer",))
+            stack.start_worker("many")  # batch consumers
             outputs = [w.result() for w in waits]
     assert [o["echo"]["i"] for o in outputs] == list(range(threads))

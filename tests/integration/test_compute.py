@@ -67,7 +67,9 @@ def test_high_job_overtakes_a_backlog_of_1000_low_jobs(make_stack) -> None:
     lows = [client.submit("echo", {"i": i}, priority="low") for i in range(1000)]
     high = client.submit("echo", {"urgent": True}, priority="high")
     concurrency = 2
-    stack.start_worker(concurrency=concurrency)
+    # The pool's bound (prefetch 1 per process); the batch consumer's, a batch per
+    # process: test_batch_consumer.py and test_fairshare.py.
+    stack.start_worker(concurrency=concurrency, args=("--celery-tasks",))
     assert high.result(timeout=TIMEOUT) == {"echo": {"urgent": True}}
     order = stack.finished_order([high.id])
     lows_before = order.index(high.id)
@@ -82,7 +84,8 @@ def test_low_jobs_progress_under_a_steady_high_load(make_stack) -> None:
     client = stack.client()
     highs = [client.submit("echo", {"h": i}, priority="high") for i in range(60)]
     lows = [client.submit("echo", {"l": i}, priority="low") for i in range(3)]
-    stack.start_worker(concurrency=1)
+    # One delivery at a time (Celery's pool): a batch consumer takes 60 jobs at once.
+    stack.start_worker(concurrency=1, args=("--celery-tasks",))
     for job in lows:
         job.result(timeout=TIMEOUT)
     order = stack.finished_order([j.id for j in lows])

@@ -38,9 +38,9 @@ def mode_stack(request: pytest.FixtureRequest, make_stack: Callable[..., Stack])
         # Smaller batches than the default 64: what a consumer already holds when
         # another tenant's jobs arrive is its batch, and the bounds below count it.
         stack = make_stack(MAAS_CONSUMER_BATCH=str(BATCH))
-        stack.worker_args = ("--batch-consumer",)
     else:
         stack = make_stack()
+        stack.worker_args = ("--celery-tasks",)
     ring = load_keyring(stack.keyring_path)
     for tenant in ("beta", "gamma"):
         ring = ring.with_new_tenant(tenant, TenantPolicy())
@@ -57,7 +57,7 @@ def set_weight(stack: Stack, tenant: str, weight: int) -> None:
 def held(stack: Stack, concurrency: int) -> int:
     """Jobs a worker may hold already taken when another tenant's arrive: a batch per
     consumer process, or the prefork pool's prefetch (Celery's default multiplier, 4)."""
-    return concurrency * (BATCH if stack.worker_args else 4)
+    return concurrency * (4 if "--celery-tasks" in stack.worker_args else BATCH)
 
 
 def finished(stack: Stack) -> list[str]:

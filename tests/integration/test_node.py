@@ -3,7 +3,7 @@
 Real Valkey, real workers. While a worker runs, it is announced, its models
 are in the catalogue, its ``/metrics`` answers and its private metrics
 directory exists; after a warm shutdown (SIGTERM) the node is withdrawn, the
-endpoint closed, the directory removed and, with ``--batch-consumer``, its
+endpoint closed, the directory removed and, in the batch consumer mode, its
 consumer processes have exited on their own.
 """
 
@@ -49,7 +49,7 @@ def warm_stop(worker: WorkerProcess) -> int:
     return worker.proc.wait(WAIT_S)
 
 
-@pytest.mark.parametrize("mode", [(), ("--batch-consumer",)], ids=["task", "batch"])
+@pytest.mark.parametrize("mode", [("--celery-tasks",), ()], ids=["task", "batch"])
 def test_what_starts_with_the_worker_stops_with_a_warm_shutdown(
     make_stack: Callable[..., Stack], mode: tuple[str, ...]
 ) -> None:
@@ -62,7 +62,7 @@ def test_what_starts_with_the_worker_stops_with_a_warm_shutdown(
     assert status == 200 and "maas_jobs_total" in body
     assert len(metrics_dirs(worker)) == 1
     consumers = batch_consumers(worker)
-    assert len(consumers) == (2 if mode else 0)
+    assert len(consumers) == (0 if "--celery-tasks" in mode else 2)
     assert stack.client().submit("echo", {"x": 1}).result(timeout=WAIT_S) == {"echo": {"x": 1}}
 
     assert warm_stop(worker) == 0

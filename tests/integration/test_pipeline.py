@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -34,6 +35,19 @@ from .conftest import Stack, message_envelope, not_through_gateway, replace_enve
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 60.0
+
+
+@pytest.fixture
+def make_stack(make_stack: Callable[..., Stack]) -> Callable[..., Stack]:
+    """conftest's `make_stack`, its workers in the Celery-task mode (``--celery-tasks``):
+    test_batch_consumer.py runs the same tests on batch consumers, the default mode."""
+
+    def factory(**env: str) -> Stack:
+        stack = make_stack(**env)
+        stack.worker_args = ("--celery-tasks",)
+        return stack
+
+    return factory
 
 
 def outcome_lines(stack: Stack, job_id: str, at_least: int = 1) -> list[str]:

@@ -138,7 +138,9 @@ def test_workers_answer_inspect_and_refuse_every_other_command(
     make_stack: Callable[..., Stack],
 ) -> None:
     stack = make_stack()
-    worker = stack.start_worker(concurrency=1)
+    # Celery's consumer of the job queues (a batch consumer node's Celery worker
+    # consumes only the broadcast queue; the other tests here run that default mode).
+    worker = stack.start_worker(concurrency=1, args=("--celery-tasks",))
     queues = _queues(stack, worker.node)
     assert {"maas.high", "maas.normal", "maas.low"} <= queues
     for command in INSPECT_COMMANDS:

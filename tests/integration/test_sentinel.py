@@ -110,15 +110,23 @@ def test_a_submit_not_confirmed_by_enough_replicas_fails_with_its_job_ids(stack:
         assert {client.job(j).status() for j in caught.value.job_ids} == {"queued"}
 
 
+@pytest.mark.parametrize(
+    ("args", "hand_back"),
+    [
+        (("--celery-tasks",), "NotReplicated; requeueing"),
+        ((), "NotReplicated; handing the unfinished jobs back"),
+    ],
+    ids=["task", "batch"],
+)
 def test_a_worker_does_not_acknowledge_a_result_the_replicas_did_not_confirm(
-    stack: Stack,
+    stack: Stack, args: tuple[str, ...], hand_back: str
 ) -> None:
     with stack.client("acme") as client:
         job = client.submit("echo", {"n": 7})  # the client waits for no replica
-    stack.start_worker("s2", concurrency=1, env={"MAAS_REDIS_WAIT_REPLICAS": "2"})
+    stack.start_worker("s2", concurrency=1, env={"MAAS_REDIS_WAIT_REPLICAS": "2"}, args=args)
     assert job.result(timeout=WAIT_S) == {"echo": {"n": 7}}
     # Stored, but not confirmed: handed back instead of acknowledged.
-    wait_for(lambda: "NotReplicated; requeueing" in stack.worker_logs(), WAIT_S, "the hand-back")
+    wait_for(lambda: hand_back in stack.worker_logs(), WAIT_S, "the hand-back")
 
 
 def test_acl_apply_finds_every_data_node(group: SentinelGroup, stack: Stack) -> None:

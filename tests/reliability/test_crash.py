@@ -132,7 +132,10 @@ def test_sigkill_under_load_loses_nothing_and_runs_each_job_once(
 def test_result_stored_before_the_crash_is_not_run_again(make_stack: Any, report: Any) -> None:
     """The worker dies after storing the result but before acking: the copy is not run."""
     stack, _ = make_stack(**FAST_RECOVERY)
-    doomed = stack.start_worker("doomed", concurrency=1)
+    # Celery's pool: its main process acknowledges, a child stores (a batch consumer
+    # does both: test_batch_consumer.py, test_sigkill_mid_batch_loses_nothing_...).
+    # The rescuer runs the default mode: the copy is refused across modes too.
+    doomed = stack.start_worker("doomed", concurrency=1, args=("--celery-tasks",))
     job = stack.client().submit("sleep", {"seconds": 1.0}, priority="high")
     wait_for(lambda: job.status() == "running", WAIT_S, "the job to start")
     assert doomed.proc is not None

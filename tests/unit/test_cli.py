@@ -149,6 +149,64 @@ def test_the_global_flags_reach_the_settings_not_the_environment(
     assert dict(os.environ) == before
 
 
+@pytest.mark.parametrize(
+    ("env_mode", "flags", "pool_options", "mode"),
+    [
+        ("batch-consumer", {}, [], "batch-consumer"),  # the default
+        ("celery-tasks", {}, [], "celery-tasks"),  # MAAS_WORKER_MODE
+        ("batch-consumer", {"celery_tasks": True}, [], "celery-tasks"),  # the opt-out
+        ("celery-tasks", {"batch_consumer": True}, [], "batch-consumer"),  # a flag beats env
+        ("batch-consumer", {}, ["--autoscale"], "celery-tasks"),  # the contract's --autoscale
+        ("batch-consumer", {}, ["--pool"], "celery-tasks"),
+        ("batch-consumer", {"celery_tasks": True}, ["--autoscale", "--pool"], "celery-tasks"),
+    ],
+)
+def test_the_worker_mode_comes_from_the_flags_then_pool_options_then_the_environment(
+    env_mode: str, flags: dict[str, bool], pool_options: list[str], mode: str
+) -> None:
+    from maas_worker.cli.services import worker_mode
+
+    given = {"batch_consumer": False, "celery_tasks": False, **flags}
+    assert worker_mode(env_mode, pool_options=pool_options, **given) == mode
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["worker", "--batch-consumer", "--autoscale", "4,1"],
+            "--autoscale is an option of Celery's pool (--celery-tasks), not of "
+            "--batch-consumer: it runs --concurrency processes",
+        ),
+        (
+            ["worker", "--batch-consumer", "--pool", "threads", "--autoscale", "4,1"],
+            "--autoscale and --pool are options of Celery's pool (--celery-tasks)",
+        ),
+        (
+            ["worker", "--batch-consumer", "--celery-tasks"],
+            "--batch-consumer and --celery-tasks exclude each other",
+        ),
+    ],
+)
+def test_a_worker_mode_that_cannot_be_is_one_line_and_exit_1(
+    clean_env: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"maas-worker: error: {message}")
+    assert not (clean_env / ".config").exists()  # refused before the keyring is read
+
+
+def test_an_unknown_worker_mode_in_the_environment_names_the_variable(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MAAS_WORKER_MODE", "threads")
+    assert main(["worker"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("maas-worker: error: ") and "MAAS_WORKER_MODE" in err
+
+
 class Execed(Exception):
     """Raised by the fake execve: the process image would have been replaced."""
 

@@ -133,6 +133,7 @@ def test_a_stats_reply_survives_an_unreachable_result_backend(
     worker.maas_node = step.obj = node
     info = step.info(worker)
     assert info == {
+        "worker mode": "Celery tasks",
         "sample taken": "unknown: the result backend did not answer (ConnectionError)",
         "sample": None,
     }

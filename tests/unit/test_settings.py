@@ -157,6 +157,7 @@ def test_every_declared_variable_is_read() -> None:
         "MAAS_BATCH": "digits=8:1",
         "MAAS_FLOWER_BASIC_AUTH": "ops:pw",
         "MAAS_REMOTE_CONTROL": "operator",
+        "MAAS_WORKER_MODE": "celery-tasks",
         "MAAS_METRICS_ADDRESS": "0.0.0.0",
         "MAAS_LOW_PRIORITY_SHARE": "0.25",
         "MAAS_FLEET_MIN_NODES": "2",
