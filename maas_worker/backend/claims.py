@@ -194,9 +194,7 @@ class JobGuard:
         for n, req in enumerate(requests):
             outcome, detail = reply[2 * n], reply[2 * n + 1]
             if _text(outcome) == ClaimOutcome.ERROR:
-                claims.append(
-                    Claim(ClaimOutcome.ERROR, error=redis.ResponseError(_text(detail)))
-                )
+                claims.append(Claim(ClaimOutcome.ERROR, error=redis.ResponseError(_text(detail))))
             else:
                 claims.append(self._claimed(req.tenant, req.job_id, (outcome, detail)))
         return claims
@@ -349,10 +347,7 @@ class JobGuard:
         (reply,) = replies
         if isinstance(reply, Exception):
             return [reply for _ in results]
-        return [
-            bool(r) if isinstance(r, int) else redis.ResponseError(_text(r))
-            for r in reply
-        ]
+        return [bool(r) if isinstance(r, int) else redis.ResponseError(_text(r)) for r in reply]
 
     def fetch_payloads(
         self, jobs: Sequence[tuple[str, str]], max_bytes: int

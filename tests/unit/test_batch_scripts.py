@@ -62,7 +62,7 @@ def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[[], Backen
     def fresh() -> Backend:
         if request.param == "fakeredis":
             server = fakeredis.FakeServer()
-            pair = [fakeredis.FakeRedis(server=server) for _ in range(2)]
+            pair: list[redis.Redis] = [fakeredis.FakeRedis(server=server) for _ in range(2)]
         else:
             # One database a backend (16 on the server): tests flush only their own.
             url = request.getfixturevalue("valkey").url.rsplit("/", 1)[0]
@@ -133,7 +133,8 @@ def _mixed_batch(be: Backend) -> list[tuple[ClaimRequest, str]]:
 def _state(r: redis.Redis) -> dict[bytes, Any]:
     """Every key's type and value (TTLs aside; the bucket's floats and clock as present)."""
     out: dict[bytes, Any] = {}
-    for key in sorted(r.keys("*")):
+    for name in sorted(r.keys("*")):
+        key = name if isinstance(name, bytes) else name.encode()
         kind = r.type(key)
         if kind == b"string":
             out[key] = r.get(key)
@@ -156,8 +157,8 @@ def test_a_mixed_batch_has_every_outcome(backend: Backend) -> None:
     assert [c.outcome for c in claims] == [outcome for _, outcome in batch]
     by_job = {(req.tenant, req.job_id): c for (req, _), c in zip(batch, claims, strict=True)}
     assert by_job[FREE, "cancelled"].cancel_token == "token-1"
-    assert by_job[RATED, "rated-2"].retry_after_s is not None
-    assert by_job[RATED, "rated-2"].retry_after_s > 0
+    wait_s = by_job[RATED, "rated-2"].retry_after_s
+    assert wait_s is not None and wait_s > 0
     assert by_job[CAPPED, "capped-2"].retry_after_s is None
     broken = by_job[BROKEN, "broken"]
     assert isinstance(broken.error, redis.ResponseError)
@@ -179,8 +180,11 @@ def test_a_mixed_batch_has_every_outcome(backend: Backend) -> None:
         assert 0 < r.pttl(keyspace.claim(tenant, job)) <= LEASE_S * 1000
     assert r.get(keyspace.attempts(FREE, "exhausted")) == b"4"
     # Refused, cancelled and failed jobs: no claim written, no attempt counted.
-    for tenant, job in [(FREE, "cancelled"), (RATED, "rated-2"), (CAPPED, "capped-2")] + [
-        (BROKEN, "broken")
+    for tenant, job in [
+        (FREE, "cancelled"),
+        (RATED, "rated-2"),
+        (CAPPED, "capped-2"),
+        (BROKEN, "broken"),
     ]:
         assert not r.exists(keyspace.claim(tenant, job)), job
         assert not r.exists(keyspace.attempts(tenant, job)), job
@@ -216,7 +220,7 @@ def test_a_batch_decides_and_writes_what_one_claim_at_a_time_does(
 
 def test_the_quota_keys_of_a_tenant_are_sent_once(backend: Backend) -> None:
     a = _guard(backend.r)
-    keys, args = a._claim_batch_call([_request(CAPPED, f"j{n}") for n in range(3)])
+    keys, _ = a._claim_batch_call([_request(CAPPED, f"j{n}") for n in range(3)])
     assert keys[12:] == admission_keys(CAPPED)
     assert len(keys) == 15
     claims = a.claim_many([_request(CAPPED, f"j{n}") for n in range(3)])

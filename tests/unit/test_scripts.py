@@ -124,8 +124,13 @@ def test_the_header_is_not_sent_and_preludes_come_first() -> None:
 
 def test_a_job_s_claim_and_store_are_written_once() -> None:
     """claim.lua and claim_batch.lua run one body (claim_job.lua); store's likewise."""
-    for body, users in (("claim_job", ("claim", "claim_batch")), ("store_job", ("store", "store_batch"))):
-        defined = [n for n in scripts.names() if f"local function {body}(" in scripts.source(n).code]
+    for body, users in (
+        ("claim_job", ("claim", "claim_batch")),
+        ("store_job", ("store", "store_batch")),
+    ):
+        defined = [
+            n for n in scripts.names() if f"local function {body}(" in scripts.source(n).code
+        ]
         assert defined == [body]
         for user in users:
             assert scripts.text(user).count(f"local function {body}(") == 1
