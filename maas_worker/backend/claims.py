@@ -332,8 +332,8 @@ class JobGuard:
         """
         if not results:
             return []
-        for tenant, job_id, _, _ in results:
-            self._forget(tenant, job_id)
+        with self._held_lock:  # once for the batch: the lease thread takes it too
+            self._held.difference_update((tenant, job_id) for tenant, job_id, _, _ in results)
         keys: list[str] = []
         args: list[Any] = [keyspace.clamp_ttl_ms(result_ttl_s * 1000)]
         for tenant, job_id, sealed, window in results:
