@@ -31,9 +31,9 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from maas_worker.backend import keyspace, scripts  # noqa: E402
-from maas_worker.backend.claims import ClaimRequest, JobGuard, _store_call  # noqa: E402
-from maas_worker.local.embedded import EmbeddedRedis  # noqa: E402
+from maas_worker.backend import keyspace, scripts
+from maas_worker.backend.claims import ClaimRequest, JobGuard, _store_call
+from maas_worker.local.embedded import EmbeddedRedis
 
 TENANT = "acme"
 WINDOW_MS = 120_000
