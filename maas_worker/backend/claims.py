@@ -182,6 +182,10 @@ class JobGuard:
         on a quota key of another type) gets outcome ``error`` with a
         `redis.ResponseError`; the others are decided as usual. A lost
         connection raises.
+
+        Every key is passed in KEYS, but the jobs of a batch may be several
+        tenants' (several hash slots): on Redis Cluster the call would have
+        to be split by tenant.
         """
         if not requests:
             return []

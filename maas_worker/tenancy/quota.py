@@ -1,7 +1,7 @@
 """Tenant quotas: a token bucket (rate with burst) and a cap on jobs in flight.
 
 The authority is the worker: a job is charged as a worker starts it, inside
-the claim script (backend/lua/claim.lua), against a bucket and an in-flight set that only
+the claim script (backend/lua/claim_job.lua, in claim.lua and claim_batch.lua), against a bucket and an in-flight set that only
 workers write. A job over the rate or the cap is refused ``rate_limited``.
 There is no "already charged" marker a producer could set: a job is charged
 every time a worker starts it (once, unless its worker died and it runs
