@@ -192,7 +192,8 @@ class JobGuard:
         keys, args = self._claim_batch_call(requests)
         (reply,) = scripts.eval_many(self._r, self._claim_batch, [(keys, args)])
         if isinstance(reply, Exception):
-            # The script as a whole failed (none of it ran a job's claim to the end).
+            # Refused as a whole (before it ran, or a malformed call): each job
+            # gets the error, and its fault handling gives back any claim taken.
             return [Claim(ClaimOutcome.ERROR, error=reply) for _ in requests]
         claims: list[Claim] = []
         for n, req in enumerate(requests):
