@@ -57,7 +57,7 @@ class ClaimOutcome(StrEnum):
     CANCELLED = "cancelled"
     #: Over its tenant's rate or in-flight quota: not claimed.
     RATE_LIMITED = "rate_limited"
-    #: This job's script failed (`JobGuard.claim_many` only).
+    #: A command of this job's claim failed (`JobGuard.claim_many` only).
     ERROR = "error"
 
 
@@ -133,6 +133,9 @@ class JobGuard:
         self._renew = scripts.register(client, "renew")
         self._delete_if = scripts.register(client, "delete_if")
         self._store = scripts.register(client, "store")
+        # The batch consumer's: a batch's claims, and its results, in one call each.
+        self._claim_batch = scripts.register(client, "claim_batch")
+        self._store_batch = scripts.register(client, "store_batch")
         self._reject = scripts.register(client, "reject")
         self._close = scripts.register(client, "close")
         self._fetch = scripts.register(client, "fetch_payload")
@@ -171,20 +174,63 @@ class JobGuard:
         return self._claimed(tenant, job_id, self._claim(keys=keys, args=args))
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]:
-        """`claim_job` for many jobs in ONE round trip (the same script, pipelined).
+        """`claim_job` for many jobs in ONE script call (claim_batch.lua).
 
-        A job whose script fails gets outcome ``error`` (with the error); the
-        others are decided as usual. A lost connection raises.
+        Each job is decided as `claim_job` decides it, one after the other in
+        the order given (the same job twice: the second copy finds it
+        ``busy``). A job whose claim failed (a command of its claim raised, as
+        on a quota key of another type) gets outcome ``error`` with a
+        `redis.ResponseError`; the others are decided as usual. A lost
+        connection raises.
+
+        Every key is passed in KEYS, but the jobs of a batch may be several
+        tenants' (several hash slots): on Redis Cluster the call would have
+        to be split by tenant.
         """
-        replies = scripts.eval_many(
-            self._r, self._claim, [self._claim_call(req) for req in requests]
-        )
-        return [
-            Claim(ClaimOutcome.ERROR, error=reply)
-            if isinstance(reply, Exception)
-            else self._claimed(req.tenant, req.job_id, reply)
-            for req, reply in zip(requests, replies, strict=True)
-        ]
+        if not requests:
+            return []
+        keys, args = self._claim_batch_call(requests)
+        (reply,) = scripts.eval_many(self._r, self._claim_batch, [(keys, args)])
+        if isinstance(reply, Exception):
+            # Refused as a whole (before it ran, or a malformed call): each job
+            # gets the error, and its fault handling gives back any claim taken.
+            return [Claim(ClaimOutcome.ERROR, error=reply) for _ in requests]
+        claims: list[Claim] = []
+        for n, req in enumerate(requests):
+            outcome, detail = reply[2 * n], reply[2 * n + 1]
+            if _text(outcome) == ClaimOutcome.ERROR:
+                claims.append(Claim(ClaimOutcome.ERROR, error=redis.ResponseError(_text(detail))))
+            else:
+                claims.append(self._claimed(req.tenant, req.job_id, (outcome, detail)))
+        return claims
+
+    def _claim_batch_call(self, requests: Sequence[ClaimRequest]) -> tuple[list[str], list[Any]]:
+        """claim_batch.lua's keys and arguments: 4 keys a job, then each quota's 3 once."""
+        keys: list[str] = []
+        args: list[Any] = [self.holder, self.lease_ms, self.max_attempts, len(requests)]
+        quota_keys: list[str] = []
+        # Where each tenant's quota keys start in KEYS (1-based, Lua's), once a tenant.
+        quota_at: dict[tuple[str, ...], int] = {}
+        first_quota_key = 4 * len(requests) + 1
+        for req in requests:
+            t, j = req.tenant, req.job_id
+            keys += [
+                keyspace.claim(t, j),
+                keyspace.result(t, j),
+                keyspace.attempts(t, j),
+                keyspace.cancel(t, j),
+            ]
+            window = keyspace.clamp_ttl_ms(req.window_ms)
+            if req.admission is None:
+                args += [window, 0]
+                continue
+            admit_keys, admit_args = req.admission
+            at = quota_at.get(tuple(admit_keys))
+            if at is None:
+                at = quota_at[tuple(admit_keys)] = first_quota_key + len(quota_keys)
+                quota_keys += admit_keys
+            args += [window, at, *admit_args]
+        return keys + quota_keys, args
 
     def _claim_call(
         self, req: ClaimRequest, *, ignore_cancel: bool = False
@@ -281,27 +327,32 @@ class JobGuard:
     def store_many(
         self, results: Sequence[tuple[str, str, bytes, int]], *, result_ttl_s: int
     ) -> list[bool | Exception]:
-        """`store_result` for many ``(tenant, job id, sealed, replay window ms)``, ONE round trip.
+        """`store_result` for many ``(tenant, job id, sealed, replay window ms)``, ONE
+        script call (store_batch.lua: store.lua's work for each job in turn).
 
-        A job whose store fails gets its error in place (the others are stored);
-        a lost connection raises, and so does `NotReplicated` (``WAIT``, as in
-        `store_result`: in the same pipeline, after the stores).
+        A job whose store fails gets a `redis.ResponseError` in place (the
+        others are stored); a lost connection raises, and so does
+        `NotReplicated` (``WAIT``, as in `store_result`: in the same pipeline,
+        after the stores).
         """
-        for tenant, job_id, _, _ in results:
-            self._forget(tenant, job_id)
+        if not results:
+            return []
+        with self._held_lock:  # once for the batch: the lease thread takes it too
+            self._held.difference_update((tenant, job_id) for tenant, job_id, _, _ in results)
+        keys: list[str] = []
+        args: list[Any] = [keyspace.clamp_ttl_ms(result_ttl_s * 1000)]
+        for tenant, job_id, sealed, window in results:
+            job_keys, (_, _, keep_ms) = _store_call(tenant, job_id, sealed, window, result_ttl_s)
+            keys += job_keys
+            args += [sealed, keep_ms]
         wait = self._ha.wait_command()
-        replies = scripts.eval_many(
-            self._r,
-            self._store,
-            [
-                _store_call(tenant, job_id, sealed, window, result_ttl_s)
-                for tenant, job_id, sealed, window in results
-            ],
-            then=wait,
-        )
+        replies = scripts.eval_many(self._r, self._store_batch, [(keys, args)], then=wait)
         if wait is not None:
             wait_replicated(replies.pop(), self._ha, f"{len(results)} result(s) stored")
-        return [r if isinstance(r, Exception) else bool(r) for r in replies]
+        (reply,) = replies
+        if isinstance(reply, Exception):
+            return [reply for _ in results]
+        return [bool(r) if isinstance(r, int) else redis.ResponseError(_text(r)) for r in reply]
 
     def fetch_payloads(
         self, jobs: Sequence[tuple[str, str]], max_bytes: int

@@ -12,7 +12,9 @@ Every file starts with a header of ``--`` lines: what the script does, one
 script names the preludes it needs with ``-- uses: a, b`` and they are
 prepended to it (with the preludes they use, each once). ``bucket.lua``, the
 token bucket, is so written once for the worker's charge (``admit.lua``, inside
-``claim.lua``) and the client's advisory check (``advise_many.lua``).
+``claim_job.lua``) and the client's advisory check (``advise_many.lua``); a job's
+claim and store likewise for one job (``claim.lua``, ``store.lua``) and a batch
+(``claim_batch.lua``, ``store_batch.lua``).
 
 The header is documentation and is not sent. The text Redis runs is the code
 below it, as one block between a leading and a trailing newline (so preludes

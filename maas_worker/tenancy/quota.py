@@ -1,11 +1,12 @@
 """Tenant quotas: a token bucket (rate with burst) and a cap on jobs in flight.
 
-The authority is the worker: a job is charged as a worker starts it, inside
-the claim script (backend/lua/claim.lua), against a bucket and an in-flight set that only
-workers write. A job over the rate or the cap is refused ``rate_limited``.
-There is no "already charged" marker a producer could set: a job is charged
-every time a worker starts it (once, unless its worker died and it runs
-again), and a copy that finds the job busy elsewhere is not charged.
+The authority is the worker: a job is charged as a worker starts it, inside the
+claim script (backend/lua/claim_job.lua, in claim.lua and claim_batch.lua),
+against a bucket and an in-flight set that only workers write. A job over the
+rate or the cap is refused ``rate_limited``. There is no "already charged"
+marker a producer could set: a job is charged every time a worker starts it
+(once, unless its worker died and it runs again), and a copy that finds the job
+busy elsewhere is not charged.
 
 A client checks first, for fast feedback (`RateLimited` with a retry-after),
 but that check is advisory and writes only the tenant's ``pending`` set: the

@@ -31,7 +31,7 @@ def _lua_files() -> dict[str, Path]:
 
 def test_every_lua_file_in_the_package_is_read_by_scripts_py() -> None:
     assert scripts.names() == sorted(_lua_files())
-    assert len(scripts.names()) == 17  # 15 scripts and 2 preludes
+    assert len(scripts.names()) == 22  # 17 scripts and 5 preludes
     for name, path in _lua_files().items():
         assert path.parent.name == "lua", path
         assert f"maas_worker.{path.parent.parent.name}" in scripts.PACKAGES, path
@@ -113,11 +113,27 @@ def test_the_header_is_not_sent_and_preludes_come_first() -> None:
         text = scripts.text(name)
         assert text.startswith("\n") and text.endswith("\n") and "\n\n\n" not in text
         assert not any(line in text for line in scripts.source(name).header if "=" in line)
-    assert scripts.preludes("claim") == ["bucket", "admit"]
+    assert scripts.preludes("claim") == ["bucket", "admit", "claim_job"]
+    assert scripts.preludes("claim_batch") == ["bucket", "admit", "claim_job", "job_error"]
+    assert scripts.preludes("store_batch") == ["store_job", "job_error"]
     assert scripts.preludes("advise_many") == ["bucket"]
     assert scripts.text("claim") == "".join(
-        scripts.source(n).code for n in ("bucket", "admit", "claim")
+        scripts.source(n).code for n in ("bucket", "admit", "claim_job", "claim")
     )
+
+
+def test_a_job_s_claim_and_store_are_written_once() -> None:
+    """claim.lua and claim_batch.lua run one body (claim_job.lua); store's likewise."""
+    for body, users in (
+        ("claim_job", ("claim", "claim_batch")),
+        ("store_job", ("store", "store_batch")),
+    ):
+        defined = [
+            n for n in scripts.names() if f"local function {body}(" in scripts.source(n).code
+        ]
+        assert defined == [body]
+        for user in users:
+            assert scripts.text(user).count(f"local function {body}(") == 1
 
 
 def test_the_token_bucket_is_written_once() -> None:

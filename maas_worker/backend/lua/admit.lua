@@ -1,5 +1,5 @@
 -- The worker's admission: charge one start of a job against its tenant's
--- quota, inside the claim script (claim.lua).
+-- quota, inside a job's claim (claim_job.lua: claim.lua, claim_batch.lua).
 -- prelude: defines admit(bucket, inflight, pending, job, rate, burst, maxf,
 --   exp_ms); uses no KEYS or ARGV.
 -- uses: bucket

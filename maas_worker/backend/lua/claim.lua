@@ -1,6 +1,7 @@
 -- Take a job's claim (claims.JobGuard.claim_job): the replay check, the lease,
 -- the attempt count and, for a tenant with quotas, the quota charge, atomically.
--- uses: bucket, admit
+-- The body is claim_job.lua's (claim_batch.lua runs the same for a batch).
+-- uses: claim_job
 -- KEYS[1] = the job's claim (the lease: its holder's id, or 'done')
 -- KEYS[2] = the job's result
 -- KEYS[3] = the job's attempt count
@@ -21,36 +22,10 @@
 -- returns {outcome, detail}: 'claimed', 'busy', 'replayed', 'exhausted' (detail
 --   ''), 'cancelled' (the cancel token), 'rate_limited' (the wait ms; '' when
 --   over the in-flight cap).
--- Every check comes before the first write, and no step can fail on what a
--- Redis writer left in a key (a GET of another type, a count that is not a
--- number): a script error here once left a job claimed and its attempt
--- counted, and the job requeued for ever.
 
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'replayed', ''} end
-local cur = redis.pcall('GET', KEYS[1])
-if type(cur) == 'table' then cur = false end
-if cur == 'done' then return {'replayed', ''} end
-if cur then return {'busy', ''} end
-if ARGV[5] ~= '1' then
-  local c = redis.pcall('GET', KEYS[4])
-  if type(c) == 'string' then return {'cancelled', c} end
-end
-local prev = redis.pcall('GET', KEYS[3])
-local n = type(prev) == 'string' and tonumber(prev) or 0
-if n ~= n or n < 0 then n = 0 end
-n = math.min(math.floor(n), 1000000) + 1
-if n > tonumber(ARGV[4]) then
-  -- Held so that the caller can store its failed result; never run, never charged.
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  redis.call('SET', KEYS[3], n, 'PX', ARGV[3])
-  return {'exhausted', ''}
-end
+local quota = nil
 if #KEYS > 4 then
-  local v = admit(KEYS[5], KEYS[6], KEYS[7], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8]),
-                  tonumber(ARGV[9]), tonumber(ARGV[10]))
-  if v[1] == 0 then return {'rate_limited', string.format('%d', v[2])} end
-  if v[1] == -1 then return {'rate_limited', ''} end
+  quota = {KEYS[5], KEYS[6], KEYS[7], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]}
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SET', KEYS[3], n, 'PX', ARGV[3])
-return {'claimed', ''}
+return claim_job(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3],
+                 tonumber(ARGV[4]), ARGV[5] == '1', quota)

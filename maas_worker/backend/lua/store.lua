@@ -1,7 +1,7 @@
 -- Store a result once; mark the claim done for as long as the request could be
--- replayed; wake a waiting client. The done list is popped by clients (a
--- producer's key), so pushing to it is a pcall: nothing a client left there
--- can fail a store.
+-- replayed; wake a waiting client (claims.JobGuard.store_result). The body is
+-- store_job.lua's (store_batch.lua runs the same for a batch).
+-- uses: store_job
 -- KEYS[1] = the job's result
 -- KEYS[2] = the job's claim
 -- KEYS[3] = the job's done list
@@ -12,12 +12,4 @@
 -- returns 1 stored by this call, 0 a result was already there (the first one
 --   is kept unchanged).
 
-local stored = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-redis.call('SET', KEYS[2], 'done', 'PX', ARGV[3])
-redis.call('DEL', KEYS[4])
-if stored then
-  redis.pcall('RPUSH', KEYS[3], '1')
-  redis.pcall('PEXPIRE', KEYS[3], ARGV[2])
-  return 1
-end
-return 0
+return store_job(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3])

@@ -3,9 +3,11 @@
 A batch consumer process takes up to ``MAAS_CONSUMER_BATCH`` messages from the job
 queues in one round trip (`fetch.take`: popped and reserved atomically in kombu's
 unacked hash), runs each stage of pipeline.py (whose docstring holds the check order)
-for the whole batch and pipelines the Redis work of a stage: one round trip for the
-claims, one for the results, one for the acknowledgements (why that pays:
-docs/benchmarks.md). A model with ``predict_batch`` runs once per batch; others job by
+for the whole batch and pipelines the Redis work of a stage: one script call for the
+claims (claim_batch.lua), one for the results (store_batch.lua), one round trip for the
+acknowledgements (why that pays: docs/benchmarks.md). The batch scripts run, job by
+job, the body of the one-job claim and store scripts, so each job's claim is still
+decided and charged on its own. A model with ``predict_batch`` runs once per batch; others job by
 job. Each job is still verified, bound to its message and queue, claimed, decrypted,
 policy-checked, sealed and stored on its own, and its outcome logged and counted as the
 task does.
