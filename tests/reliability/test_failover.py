@@ -223,19 +223,7 @@ def test_demoted_primary_on_a_fixed_address_is_a_reconnect(make_stack: Any, repo
     ("args", "hand_back"),
     [
         (("--celery-tasks",), "NotReplicated; requeueing"),
-        pytest.param(
-            (),
-            "NotReplicated; handing the unfinished jobs back",
-            # Found by this variant (2026-11-30): after the NotReplicated hand-back the
-            # consumer's next step fails with IndexError (its hand-back of the batch,
-            # fetch.hand_back through a client that WAITs for replicas, is the
-            # suspect) and the two jobs are not taken again within 60 s: their results
-            # are stored, their messages stay reserved until the visibility sweep.
-            marks=pytest.mark.xfail(
-                reason="batch consumer: IndexError after a NotReplicated hand-back",
-                strict=False,
-            ),
-        ),
+        ((), "NotReplicated; handing the unfinished jobs back"),
     ],
     ids=["task", "batch"],
 )
