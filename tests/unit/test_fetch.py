@@ -168,8 +168,11 @@ def test_a_copy_in_a_tenant_list_passes_that_tenants_turn_only(r: fakeredis.Fake
     r.lpush(acme, message("a1", copy=True))  # acme's only entry: the copy
     r.lpush(beta, message("b1"), message("b2"))
     r.sadd(fetch.arrivals_key("maas.normal"), "acme", "beta")
-    taken = fetch.take(r, ["maas.normal"], count=5, max_chars=10_000)
-    assert [t.tag for t in taken] == ["b1", "b2"]
+    # Arrivals are admitted in SPOP's (random) order: a take goes once round the
+    # ring past acme's held entry, so beta's two may take one take or two.
+    once = [t.tag for t in fetch.take(r, ["maas.normal"], count=5, max_chars=10_000)]
+    again = [t.tag for t in fetch.take(r, ["maas.normal"], count=5, max_chars=10_000)]
+    assert once and once + again == ["b1", "b2"]
     assert r.llen(acme) == 1 and r.hget("unacked", "a1") is not None
     fetch.ack(r, [first.tag or ""])
     assert [t.tag for t in fetch.take(r, ["maas.normal"], count=5, max_chars=10_000)] == ["a1"]
