@@ -42,11 +42,11 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.stack import bench_env
 from maas_worker import AsyncClient, Client
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
-from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 CHUNK = 500
 NAME = "maas-bench-client"
@@ -163,14 +163,9 @@ def main() -> None:
         f"{platform.python_version()}; {args.jobs} jobs each"
     )
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as server:
-        keyring = Path(tmp) / "keyring.json"
-        save_keyring(keyring, Keyring().with_new_tenant("acme"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-        env.update(
-            MAAS_BROKER_URL=server.url,
-            MAAS_KEYRING=str(keyring),
-            MAAS_TENANT="acme",
-            MAAS_DIAGNOSTIC_MODELS="1",
+        env = bench_env(
+            Path(tmp),
+            server.url,
             MAAS_MODEL_DIR=str(Path(tmp) / "models"),
             MAAS_MAX_QUEUE_DEPTH=str(args.jobs * 2),
         )

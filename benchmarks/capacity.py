@@ -60,11 +60,11 @@ sys.path.insert(0, str(ROOT))
 import psutil
 import redis
 
+from benchmarks.stack import bench_env, cpu_s
 from maas_worker import AsyncClient, Client, as_completed
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
-from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 ECHO = {"data": "x" * 1024}
 #: Commands of this benchmark itself (its reads of the counters, the census's end mark).
@@ -284,21 +284,6 @@ def produce(
         if wait:
             assert len(client.results(jobs, timeout=600)) == n
         before_close()
-
-
-def cpu_s(pid: int, *, tree: bool) -> float:
-    """User + system CPU seconds of a process (with ``tree``, and of its live children)."""
-    procs = [psutil.Process(pid)]
-    if tree:
-        procs += procs[0].children(recursive=True)
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += t.user + t.system
-    return total
 
 
 def client_ports(pids: Iterable[int], server_port: int) -> set[int]:
@@ -537,14 +522,9 @@ def main() -> None:
     memory: dict[str, tuple[list[tuple[float, float]], Counter[str]]] = {}
     with tempfile.TemporaryDirectory() as tmp_name, EmbeddedRedis() as server:
         tmp = Path(tmp_name)
-        keyring = tmp / "keyring.json"
-        save_keyring(keyring, Keyring().with_new_tenant("acme"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-        env.update(
-            MAAS_BROKER_URL=server.url,
-            MAAS_KEYRING=str(keyring),
-            MAAS_TENANT="acme",
-            MAAS_DIAGNOSTIC_MODELS="1",
+        env = bench_env(
+            tmp,
+            server.url,
             MAAS_METRICS_PORT="0",  # other workers may hold the default port
             MAAS_MAX_QUEUE_DEPTH=str(args.jobs * (args.repeat + 1) * len(models) * 2),
         )

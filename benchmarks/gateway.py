@@ -70,12 +70,13 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.stack import bench_env
 from maas_worker import AsyncClient
 from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.settings import Settings
 from maas_worker.tenancy.gatekeys import GatewayKeyring, bearer_token, save_gateway_keyring
-from maas_worker.tenancy.keyring import Keyring, save_keyring
+from maas_worker.tenancy.keyring import Keyring
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -373,16 +374,13 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as server:
         ring = Keyring().with_new_tenant("acme")
-        save_keyring(Path(tmp) / "keyring.json", ring)
         save_gateway_keyring(Path(tmp) / "gateway.json", GatewayKeyring.from_keyring(ring))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
         rounds = args.repeat * (args.jobs * 2 + args.single + 2 * args.batch + 2)
-        env.update(
-            MAAS_BROKER_URL=server.url,
-            MAAS_KEYRING=str(Path(tmp) / "keyring.json"),
+        env = bench_env(
+            Path(tmp),
+            server.url,
+            keyring=ring,
             MAAS_GATEWAY_KEYRING=str(Path(tmp) / "gateway.json"),
-            MAAS_TENANT="acme",
-            MAAS_DIAGNOSTIC_MODELS="1",
             MAAS_MODEL_DIR=str(Path(tmp) / "models"),
             MAAS_MAX_QUEUE_DEPTH=str(2 * rounds + 100),
             MAAS_GATEWAY_MAX_BATCH=str(args.batch),

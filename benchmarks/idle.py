@@ -25,9 +25,9 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.stack import bench_env
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
-from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 MODES = [
     ("celery", 2, ("--celery-tasks",)),
@@ -46,14 +46,9 @@ def idle_rates(
     settle: float,
 ) -> tuple[dict[str, float], float]:
     """Commands per second by name and bytes in per second of one idle node."""
-    keyring = tmp / "keyring.json"
-    save_keyring(keyring, Keyring().with_new_tenant("acme"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    env.update(
-        MAAS_BROKER_URL=server.url,
-        MAAS_KEYRING=str(keyring),
-        MAAS_TENANT="acme",
-        MAAS_DIAGNOSTIC_MODELS="1",
+    env = bench_env(
+        tmp,
+        server.url,
         MAAS_MODEL_DIR=str(tmp / "models"),
         MAAS_METRICS_PORT="0",
     )

@@ -31,15 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import onnxruntime as ort
 
+from benchmarks.stack import start_stack
 from maas_worker.client.client import Client
-from maas_worker.local.embedded import EmbeddedRedis
-from maas_worker.local.processes import WorkerProcess
 from maas_worker.models.artifact_crypto import DEFAULT_CHUNK_BYTES, ModelKeys
 from maas_worker.models.onnx_runner import session_options
 from maas_worker.models.repository import load_verified, verify_manifest
 from maas_worker.models.signing import TrustedSigners
-from maas_worker.settings import Settings
-from maas_worker.tenancy.keyring import Keyring, save_keyring
 from tests.modelkit import BUNDLED_DIGITS, holdout, make_kit, with_marker
 
 
@@ -82,34 +79,6 @@ def bench_load(tmp: Path, repeat: int, big_mib: int) -> list[tuple[str, float, f
             )
         )
     return rows
-
-
-def start_stack(tmp: Path) -> tuple[EmbeddedRedis, WorkerProcess, Client]:
-    server = EmbeddedRedis().start()
-    keyring = tmp / "keyring.json"
-    save_keyring(keyring, Keyring().with_new_tenant("bench"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    env.update(
-        {
-            "MAAS_BROKER_URL": server.url,
-            "MAAS_KEYRING": str(keyring),
-            "MAAS_DIAGNOSTIC_MODELS": "1",
-            "MAAS_TENANT": "bench",
-        }
-    )
-    worker = WorkerProcess(
-        env=env,
-        name="bench",
-        log_path=tmp / "worker.log",
-        concurrency=1,
-        extra_args=("--celery-tasks",),
-    )
-    worker.start()
-    import redis
-
-    worker.wait_ready(redis.Redis.from_url(server.url))
-    client = Client(settings=Settings.from_env(env))
-    return server, worker, client
 
 
 def bench_pipeline(client: Client, jobs: int, sample: list[float]) -> dict[str, Any]:
@@ -171,7 +140,7 @@ def main() -> int:
                 f"{plain / raw:>10.2f} {enc / plain:>10.2f}"
             )
         bare = bench_bare_run(sample, 2000)
-        server, worker, client = start_stack(Path(tmp))
+        server, worker, client = start_stack(Path(tmp), tenant="bench")
         try:
             res = bench_pipeline(client, jobs, sample)
         finally:

@@ -33,29 +33,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import psutil
 import redis
 
+from benchmarks.stack import cpu_s
 from maas_worker.client.client import Client
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
 from maas_worker.tenancy.keyring import Keyring, save_keyring
-
-
-def cpu_s(pid: int, *, tree: bool) -> float:
-    """User + system CPU seconds of a process (and, with ``tree``, its live children)."""
-    procs = [psutil.Process(pid)]
-    if tree:
-        procs += procs[0].children(recursive=True)
-    total = 0.0
-    for proc in procs:
-        try:
-            t = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += t.user + t.system
-    return total
 
 
 def pct(values: list[float], p: float) -> float:

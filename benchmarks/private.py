@@ -30,11 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import redis
-
+from benchmarks.stack import start_stack
 from maas_worker.client.client import Client
-from maas_worker.local.embedded import EmbeddedRedis
-from maas_worker.local.processes import WorkerProcess
 from maas_worker.models.artifact_crypto import ModelKeys
 from maas_worker.models.paths import BUNDLED_MODEL_DIR, BUNDLED_SIGNERS_DIR
 from maas_worker.models.repository import load_verified, verify_manifest
@@ -42,8 +39,6 @@ from maas_worker.models.signing import TrustedSigners
 from maas_worker.private import params
 from maas_worker.private.ckks import SecretContext, load_public
 from maas_worker.private.evaluate import PrivateModel, affine_of, private_spec
-from maas_worker.settings import Settings
-from maas_worker.tenancy.keyring import Keyring, save_keyring
 from tests.modelkit import holdout
 
 MODEL = "digits-he"
@@ -109,31 +104,6 @@ def worker_side(key: SecretContext, rows: list[list[int]]) -> dict[str, Any]:
     }
 
 
-def start(tmp: Path) -> tuple[EmbeddedRedis, WorkerProcess, Client]:
-    server = EmbeddedRedis().start()
-    keyring = tmp / "keyring.json"
-    save_keyring(keyring, Keyring().with_new_tenant("bench"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    env.update(
-        {
-            "MAAS_BROKER_URL": server.url,
-            "MAAS_KEYRING": str(keyring),
-            "MAAS_TENANT": "bench",
-            "MAAS_PRIVATE_KEY_DIR": str(tmp / "ckks"),
-        }
-    )
-    worker = WorkerProcess(
-        env=env,
-        name="bench",
-        log_path=tmp / "worker.log",
-        concurrency=1,
-        extra_args=("--celery-tasks",),
-    )
-    worker.start()
-    worker.wait_ready(redis.Redis.from_url(server.url))
-    return server, worker, Client(settings=Settings.from_env(env))
-
-
 def pipeline(client: Client, rows: list[list[int]], labels: list[int], n: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     sample = rows[0]
@@ -197,7 +167,12 @@ def main() -> int:
         f"evaluation {ms(w['eval'])} vs ONNX Runtime {ms(w['plain_eval'])}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        server, worker, client = start(Path(tmp))
+        server, worker, client = start_stack(
+            Path(tmp),
+            tenant="bench",
+            diagnostic_models=False,
+            MAAS_PRIVATE_KEY_DIR=str(Path(tmp) / "ckks"),
+        )
         try:
             p = pipeline(client, rows, labels, args.latency_jobs)
         finally:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import os
 import pstats
 import sys
 import tempfile
@@ -33,10 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.stack import bench_env
 from maas_worker import Client
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.settings import Settings
-from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 #: The input of a 1 KiB echo job (its JSON is 1,035 bytes).
 PAYLOAD = {"data": "x" * 1024}
@@ -69,14 +68,9 @@ def library(filename: str, name: str) -> str:
 
 def setup(tmp: Path, server: EmbeddedRedis, jobs: int) -> Settings:
     """Settings of a client of tenant ``acme`` on ``server`` (queue room for ``jobs``)."""
-    keyring = tmp / "keyring.json"
-    save_keyring(keyring, Keyring().with_new_tenant("acme"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-    env.update(
-        MAAS_BROKER_URL=server.url,
-        MAAS_KEYRING=str(keyring),
-        MAAS_TENANT="acme",
-        MAAS_DIAGNOSTIC_MODELS="1",
+    env = bench_env(
+        tmp,
+        server.url,
         MAAS_MODEL_DIR=str(tmp / "models"),
         MAAS_MAX_QUEUE_DEPTH=str(jobs * 4),
     )

@@ -62,13 +62,12 @@ sys.path.insert(0, str(ROOT))
 import psutil
 import redis
 
-from benchmarks.pipeline import cpu_s
 from benchmarks.profile_submit import library
+from benchmarks.stack import bench_env, cpu_s
 from maas_worker import AsyncClient, as_completed
 from maas_worker.local.embedded import EmbeddedRedis
 from maas_worker.local.processes import WorkerProcess
 from maas_worker.settings import Settings
-from maas_worker.tenancy.keyring import Keyring, save_keyring
 
 ECHO = {"data": "x" * 1024}
 MODES: dict[str, tuple[str, ...]] = {
@@ -282,14 +281,9 @@ def main() -> None:
     redis_work: dict[str, Counter[str]] = {}
     with tempfile.TemporaryDirectory() as tmp_name, EmbeddedRedis() as server:
         tmp = Path(tmp_name)
-        keyring = tmp / "keyring.json"
-        save_keyring(keyring, Keyring().with_new_tenant("acme"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
-        env.update(
-            MAAS_BROKER_URL=server.url,
-            MAAS_KEYRING=str(keyring),
-            MAAS_TENANT="acme",
-            MAAS_DIAGNOSTIC_MODELS="1",
+        env = bench_env(
+            tmp,
+            server.url,
             MAAS_MAX_QUEUE_DEPTH=str(args.jobs * 4),
             MAAS_CONSUMER_BATCH="64",
             MAAS_CONSUMER_WAIT_MS="0",
