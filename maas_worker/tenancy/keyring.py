@@ -502,6 +502,27 @@ class KeyringSource:
         st = self._path.stat()
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
+    def refresh(self) -> bool:
+        """Check the file now, whatever the interval; True if a changed keyring loaded.
+
+        For an envelope under a key this process does not hold: the operator
+        may have added its tenant or rotated a moment ago (`keys init`, `keys
+        rotate`), and a refusal is final, so the file is looked at before
+        refusing. A ``stat`` each time (a flood of unknown keys costs that);
+        the file is read only when it changed.
+        """
+        with self._lock:
+            self._checked = time.monotonic()
+            try:
+                stamp = self._stat_stamp()
+                if stamp == self._stamp:
+                    return False
+                self._ring = load_keyring(self._path)
+                self._stamp = stamp
+            except (OSError, KeyringError):
+                return False  # keep the last good keyring
+            return True
+
     def get(self) -> Keyring:
         """The current keyring (re-read at most every ``check_interval_s``)."""
         now = time.monotonic()

@@ -312,8 +312,9 @@ def verify_request(
     the list's tenant, the actor.
     """
     s = rt.settings
-    try:
-        verified = verify(
+
+    def check() -> Verified:
+        return verify(
             data,
             expect="request",
             keyring=rt.keyring.get(),
@@ -322,6 +323,17 @@ def verify_request(
             max_lifetime_ms=MAX_JOB_TTL_S * 1000 + s.clock_skew_s * 1000,
             crypto=rt.crypto,
         )
+
+    try:
+        try:
+            verified = check()
+        except EnvelopeRejected as exc:
+            # A key not held yet may be one the operator just added (a new tenant,
+            # a rotation) within the keyring's reload interval: look at the file
+            # before a refusal that cannot be undone.
+            if AuditReason(exc.reason) is not AuditReason.UNKNOWN_KEY or not rt.keyring.refresh():
+                raise
+            verified = check()
     except EnvelopeRejected as exc:
         header = exc.unverified_header if isinstance(exc.unverified_header, Header) else None
         # errors.py sits below protocol.py, so the error carries the reason as a string.

@@ -488,6 +488,20 @@ def test_source_waits_for_its_check_interval(path: Path) -> None:
     assert source.get() is first
 
 
+def test_refresh_reads_a_changed_file_at_once_whatever_the_interval(path: Path) -> None:
+    """What a worker does before refusing an envelope under a key it does not hold."""
+    save_keyring(path, _ring("acme"))
+    source = KeyringSource(path, check_interval_s=3600)
+    first = source.get()
+    assert source.refresh() is False and source.get() is first  # unchanged: not re-read
+    added = first.with_new_tenant("initech")
+    save_keyring(path, added)
+    assert source.refresh() is True
+    assert source.get() == added
+    _write_private(path, b'{"format": 1, "tenants": ')  # half-written
+    assert source.refresh() is False and source.get() == added
+
+
 def test_source_keeps_last_good_keyring_when_file_is_corrupted(path: Path) -> None:
     save_keyring(path, _ring("acme"))
     source = KeyringSource(path, check_interval_s=0)
