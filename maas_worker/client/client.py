@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: Jobs whose keys one ``MGET`` of `Client.as_completed` reads (4 keys each).
 READ_CHUNK = 1024
+#: Longest a batch's task-sent events may wait on the broker (seconds).
+EVENTS_TIMEOUT_S = 1.0
 
 # Names of maas_worker.client from before 0.2 (its module is now this one), kept.
 __all__ = [
@@ -349,7 +351,15 @@ class Client(ClientCore):
             return
         try:
             if self._events is None:
-                self._events_conn = self.app.connection_for_write()
+                # A short socket timeout: the events are best effort, and a broker
+                # that stopped answering just after the push must not hold the
+                # submit for a full timeout here and another for the markers.
+                self._events_conn = self.app.connection_for_write(
+                    transport_options={
+                        "socket_timeout": EVENTS_TIMEOUT_S,
+                        "socket_connect_timeout": EVENTS_TIMEOUT_S,
+                    }
+                )
                 self._events = self.app.events.Dispatcher(
                     self._events_conn,
                     buffer_group=["task"],
