@@ -47,10 +47,11 @@ def audit(settings: Settings, as_json: bool, limit: int) -> int:
 
 
 def _wait_for_samples(backend: Any, settings: Settings, wait_s: float) -> None:
-    """Return once every live worker node has a current sample, or after ``wait_s`` seconds.
+    """Return once a worker node is live and every live one has a current sample,
+    or after ``wait_s`` seconds.
 
-    A node is live if it sent its heartbeat within `catalog.NODE_LIVE_S`; with
-    none live there is nothing to wait for.
+    A node is live if it sent its heartbeat within `catalog.NODE_LIVE_S`. With
+    none live yet, a worker may be starting: that is waited for too.
     """
     from maas_worker.backend import keyspace
     from maas_worker.backend.catalog import NODE_LIVE_S
@@ -63,7 +64,7 @@ def _wait_for_samples(backend: Any, settings: Settings, wait_s: float) -> None:
             n.decode()
             for n in backend.zrangebyscore(keyspace.NODES, time.time() - NODE_LIVE_S, "+inf")
         }
-        if not live - set(store.latest()) or time.monotonic() >= deadline:
+        if (live and not live - set(store.latest())) or time.monotonic() >= deadline:
             return
         time.sleep(0.1)
 
@@ -76,8 +77,8 @@ def _wait_for_samples(backend: Any, settings: Settings, wait_s: float) -> None:
     type=click.FloatRange(min=0),
     default=0.0,
     metavar="S",
-    help="wait up to S seconds for every live worker's first sample (a worker or beat "
-    "that just started)",
+    help="wait up to S seconds for a live worker and every live worker's first sample "
+    "(a worker or beat that just started)",
 )
 @pass_settings
 def stats(settings: Settings, as_json: bool, wait_s: float) -> int:

@@ -339,8 +339,32 @@ def flower(
     control.lock_flower(settings.remote_control)
     # Its Broker page counts the jobs in the tenants' lists too (fair share).
     flowerbroker.install()
+    _stop_flower_cleanly_on_sigterm()
     app.start(argv)
     return 0
+
+
+def _stop_flower_cleanly_on_sigterm() -> None:
+    """Make SIGTERM stop Flower's event loop instead of raising SystemExit where it lands.
+
+    Flower's handler calls ``sys.exit``: when the signal arrives while Python
+    runs a weakref callback or a ``__del__`` (its event thread makes many),
+    the SystemExit is swallowed ("Exception ignored in ...", a traceback in
+    the log) and Flower serves on until it is killed. Stopping the loop from
+    the loop ends ``Flower.start``; its ``atexit`` hook stops the rest.
+    """
+    import logging
+
+    import flower.command  # type: ignore[import-untyped]
+    from tornado.ioloop import IOLoop
+
+    def stop(signum: int, _frame: object) -> None:
+        logging.getLogger("flower.command").info("%s detected, shutting down", signum)
+        loop = IOLoop.current()
+        loop.add_callback(loop.stop)  # thread- and signal-safe: a write to the loop's waker
+
+    # Flower installs the handler by this module-level name when it starts.
+    flower.command.sigterm_handler = stop
 
 
 def _authenticate_flower_metrics() -> None:

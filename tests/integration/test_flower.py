@@ -124,6 +124,7 @@ def test_flowers_broker_page_counts_the_jobs_in_every_tenants_list(
     assert (counts["maas.high"], counts["maas.normal"], counts["maas.low"]) == (1, 8, 0)
     assert "maas.normal" in page
     assert "Traceback" not in flower.log()
+    assert flower.proc.returncode == 0, "SIGTERM did not end Flower (it was killed)"
 
 
 def test_flower_in_a_browser_shows_every_job_state_and_the_workers_sample(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -316,3 +318,31 @@ def test_scale_json_recommends_more_nodes_for_a_larger_backlog(
     assert large["current_nodes"] == 0
     text = stack.cli("scale")
     assert text.returncode == 0 and "desired worker nodes: 5" in text.stdout
+
+
+def test_stats_wait_started_before_any_worker_shows_it_once_it_is_sampled(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """The README's `stats --wait 30` right after starting a worker: the node
+    may not be announced yet; stats waits for it and its first sample."""
+    stack = make_stack(MAAS_SAMPLE_INTERVAL_S=str(INTERVAL_S), MAAS_METRICS_PORT="0")
+    stats = subprocess.Popen(
+        [sys.executable, "-m", "maas_worker", "stats", "--wait", str(WAIT_S)],
+        env=stack.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    beat = None
+    try:
+        worker = stack.start_worker("late", concurrency=2)
+        beat = Service(stack, "beat", "beat", "--loglevel", "WARNING")
+        out, err = stats.communicate(timeout=WAIT_S + 30)
+    finally:
+        if stats.poll() is None:
+            stats.kill()
+        if beat is not None:
+            beat.stop()
+    assert stats.returncode == 0, err
+    rows = [ln for ln in out.splitlines() if ln.startswith(worker.node)]
+    assert rows and "sampled" in rows[0], out

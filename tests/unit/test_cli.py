@@ -316,6 +316,56 @@ def test_flower_hands_further_options_to_flower(clean_env: Path) -> None:
     assert argv[-3:] == extra
 
 
+def test_sigterm_stops_flower_even_inside_a_weakref_callback() -> None:
+    """Flower's own handler raises SystemExit; inside a weakref callback Python
+    swallows it ("Exception ignored") and Flower serves on. Ours stops the loop."""
+    import asyncio
+    import signal
+    import weakref
+
+    import flower.command  # type: ignore[import-untyped]
+    from tornado.ioloop import IOLoop
+
+    from maas_worker.cli.services import _stop_flower_cleanly_on_sigterm
+
+    original = flower.command.sigterm_handler
+    previous = signal.getsignal(signal.SIGTERM)
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    loop = IOLoop.current()  # Flower's loop: the main thread's
+    outcome: list[str] = []
+
+    class Thing:
+        pass
+
+    def on_collected(_ref: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(100_000))  # bytecode, where Python runs the pending handler
+
+    def collect_with_the_signal_inside() -> None:
+        thing = Thing()
+        ref = weakref.ref(thing, on_collected)
+        del thing  # on_collected runs now, with `ref` still alive
+        assert ref() is None
+
+    def too_late() -> None:
+        outcome.append("still running")
+        loop.stop()
+
+    try:
+        _stop_flower_cleanly_on_sigterm()
+        signal.signal(signal.SIGTERM, flower.command.sigterm_handler)  # as Flower does
+        loop.add_callback(collect_with_the_signal_inside)
+        timer = loop.call_later(10, too_late)
+        loop.start()
+        loop.remove_timeout(timer)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        flower.command.sigterm_handler = original
+        loop.close(all_fds=True)
+        asyncio.set_event_loop(None)
+    assert outcome == []
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

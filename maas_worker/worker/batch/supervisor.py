@@ -66,8 +66,14 @@ class ConsumerPool:
 
     def start(self) -> None:
         """Start every consumer and wait until each is ready; then watch them."""
-        for i in range(self.processes):
-            self._procs[i] = self._spawn(i)
+        # All at once: each takes seconds to import and load its models, and
+        # the node is announced only when the last one is ready (its first
+        # could otherwise serve jobs for seconds from a node no one lists).
+        launched = [self._launch(i) for i in range(self.processes)]
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for i, (proc, read_fd) in enumerate(launched):
+            self._await_ready(proc, read_fd, deadline)
+            self._procs[i] = proc
         self._watcher.start()
         self._sweeper.start()
         log.info(
@@ -105,6 +111,12 @@ class ConsumerPool:
             return [p.pid for p in self._procs if p is not None and p.poll() is None]
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        proc, read_fd = self._launch(index)
+        self._await_ready(proc, read_fd, time.monotonic() + READY_TIMEOUT_S)
+        return proc
+
+    def _launch(self, index: int) -> tuple[subprocess.Popen[bytes], int]:
+        """Start consumer ``index``; returns it and the pipe end its readiness arrives on."""
         read_fd, write_fd = os.pipe()
         try:
             proc = subprocess.Popen(
@@ -128,15 +140,23 @@ class ConsumerPool:
                 # instead of consuming on for a node that is gone.
                 preexec_fn=ends_with_parent(),  # noqa: PLW1509 (children.py: no lock taken)
             )
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
+        return proc, read_fd
+
+    @staticmethod
+    def _await_ready(proc: subprocess.Popen[bytes], read_fd: int, deadline: float) -> None:
+        """Wait until ``proc`` says it is ready (or exits, or ``deadline`` passes)."""
         try:
-            ready, _, _ = select.select([read_fd], [], [], READY_TIMEOUT_S)
+            wait_s = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([read_fd], [], [], wait_s)
             if not ready or not os.read(read_fd, 1):
                 log.error("batch consumer %d did not start (exit status %s)", proc.pid, proc.poll())
         finally:
             os.close(read_fd)
-        return proc
 
     def _watch(self) -> None:
         while not self._stopping.wait(WATCH_INTERVAL_S):
