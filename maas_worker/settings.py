@@ -248,6 +248,12 @@ def is_tls_url(url: str) -> bool:
     return urlsplit(url).scheme == "rediss"
 
 
+def url_db(url: str) -> int:
+    """The database number a ``redis://``/``rediss://`` URL names (0 when none)."""
+    path = urlsplit(url).path.strip("/")
+    return int(path) if path.isdigit() else 0
+
+
 def is_sentinel_url(url: str) -> bool:
     """True for a ``sentinel://`` URL (the primary found through Redis Sentinel)."""
     return url.startswith("sentinel://")
@@ -486,8 +492,43 @@ class RedisHA:
         doc=_HA + "longest a `WAIT` for `MAAS_REDIS_WAIT_REPLICAS` replicas blocks",
     )
 
+    cluster: bool = setting(
+        False,
+        env="MAAS_REDIS_CLUSTER",
+        parse=parse_flag,
+        check=is_bool,
+        accepted="`1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`",
+        shown="off",
+        doc=_HA + "`1`: the broker and result-store URLs name a node of a Redis Cluster "
+        "(any node: the client finds the others); the queues are sharded "
+        "(`MAAS_QUEUE_SHARDS`), each shard's keys under one hash tag",
+    )
+    cluster_nodes: str = setting(
+        "",
+        env="MAAS_REDIS_CLUSTER_NODES",
+        parse=parse_text,
+        check=is_str,
+        shown="none",
+        doc=_HA + "more Redis Cluster nodes to start from, `host:port,host:port` (the URL's "
+        "user, password and TLS apply): a client still starts when the URL's node is down",
+    )
+    queue_shards: int = setting(
+        1,
+        env="MAAS_QUEUE_SHARDS",
+        parse=parse_int,
+        check=int_in(1, 1024),
+        doc=_HA + "queue shards: tenant T's jobs go to shard `crc32(T) mod N`; every broker "
+        "key of shard K is under the hash tag `{maas-qK}` (one Redis Cluster slot). Every "
+        "producer and worker of a deployment must use the same N",
+    )
+
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether broker keys carry a shard's hash tag (a cluster, or more than one shard)."""
+        return self.cluster or self.queue_shards > 1
 
     def wait_command(self) -> tuple[str, int, int] | None:
         """``("WAIT", replicas, timeout ms)``, or None when no replica is waited for."""
@@ -1048,6 +1089,17 @@ class Settings:
             )
         if self.redis_ha.sentinel_tls and not sentinel:
             raise ConfigError("MAAS_REDIS_SENTINEL_TLS is set but no URL is sentinel://")
+        if self.redis_ha.cluster:
+            for url in (self.broker_url, self.result_backend):
+                if is_sentinel_url(url) or url.startswith("redis+socket://"):
+                    raise ConfigError(
+                        "MAAS_REDIS_CLUSTER needs redis:// or rediss:// URLs (a node of the "
+                        "cluster), not sentinel:// or a unix socket"
+                    )
+                if url_db(url) != 0:
+                    raise ConfigError("a Redis Cluster has database 0 only: end the URL with /0")
+        elif self.redis_ha.cluster_nodes:
+            raise ConfigError("MAAS_REDIS_CLUSTER_NODES is set but MAAS_REDIS_CLUSTER is not")
 
     def uses_tls(self, url: str) -> bool:
         """Whether connections for ``url`` use TLS (rediss://, or sentinel:// with

@@ -571,3 +571,184 @@ class SentinelGroup(_Servers):
         for process in (*self.sentinels, *self.nodes):
             with contextlib.suppress(Exception):
                 process.stop()
+
+
+#: Redis Cluster's hash slots.
+CLUSTER_SLOTS = 16384
+
+
+class ClusterGroup(_Servers):
+    """A Redis Cluster on loopback: ``primaries`` primaries with ``replicas`` replicas each.
+
+    The nodes are servers started with ``--cluster-enabled``; the group joins
+    them (``CLUSTER MEET``), gives each primary an equal range of the 16,384
+    hash slots (``CLUSTER ADDSLOTSRANGE``) and makes the replicas follow them
+    (``CLUSTER REPLICATE``), as ``redis-cli --cluster create`` would, without
+    needing redis-cli. `kill` a primary and `wait_failover` for the cluster to
+    promote its replica (after ``node_timeout_ms``)::
+
+        with ClusterGroup(primaries=3, replicas=1) as cluster:
+            print(cluster.url)       # redis://127.0.0.1:P/0 (any node: a seed)
+    """
+
+    def __init__(
+        self,
+        *,
+        primaries: int = 3,
+        replicas: int = 1,
+        node_timeout_ms: int = 1000,
+        appendonly: bool = False,
+        binary: Path | None = None,
+    ) -> None:
+        self.node_timeout_ms = node_timeout_ms
+        args = (
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(node_timeout_ms),
+            # A replica with a stale link still takes over (tests kill primaries under load).
+            "--cluster-replica-validity-factor",
+            "0",
+        )
+        self.nodes = [
+            EmbeddedRedis(appendonly=appendonly, binary=binary, extra_args=args)
+            for _ in range(primaries * (replicas + 1))
+        ]
+        self._primaries = primaries
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0`` of the first node (any node is a seed)."""
+        return self.nodes[0].url
+
+    @property
+    def seeds(self) -> str:
+        """Every node as ``host:port,host:port,...`` (MAAS_REDIS_CLUSTER_NODES)."""
+        return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> ClusterGroup:
+        """Start every node, join them, share the slots and wait until the cluster is ok."""
+        try:
+            for node in self.nodes:
+                node.start()
+            first = self._client(self.nodes[0].port)
+            for node in self.nodes[1:]:
+                first.execute_command("CLUSTER", "MEET", "127.0.0.1", node.port)
+            step = CLUSTER_SLOTS // self._primaries
+            for i, node in enumerate(self.nodes[: self._primaries]):
+                last = CLUSTER_SLOTS - 1 if i == self._primaries - 1 else (i + 1) * step - 1
+                with contextlib.closing(self._client(node.port)) as client:
+                    client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+            first.close()
+            self._wait(
+                lambda: all(
+                    self._info(n.port)["cluster_known_nodes"] == len(self.nodes) for n in self.nodes
+                ),
+                "the nodes to meet",
+            )
+            ids = [self.node_id(n.port) for n in self.nodes[: self._primaries]]
+            for i, node in enumerate(self.nodes[self._primaries :]):
+                with contextlib.closing(self._client(node.port)) as client:
+                    client.execute_command("CLUSTER", "REPLICATE", ids[i % self._primaries])
+            self.wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _client(self, port: int) -> Any:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+
+    def _info(self, port: int) -> dict[str, Any]:
+        with contextlib.closing(self._client(port)) as client:
+            text = client.execute_command("CLUSTER", "INFO")
+        if isinstance(text, bytes):
+            text = text.decode()
+        return {
+            k: int(v) if v.isdigit() else v
+            for k, v in (line.split(":", 1) for line in str(text).split() if ":" in line)
+        }
+
+    _wait = staticmethod(SentinelGroup._wait)
+
+    def node_id(self, port: int) -> str:
+        """The cluster id of the node on ``port``."""
+        with contextlib.closing(self._client(port)) as client:
+            return str(client.execute_command("CLUSTER", "MYID").decode())
+
+    def running(self) -> list[EmbeddedRedis]:
+        """The nodes not killed or stopped."""
+        return [n for n in self.nodes if n._proc is not None and n._proc.poll() is None]
+
+    def primaries(self) -> list[EmbeddedRedis]:
+        """The running nodes that say they are primaries (``ROLE``)."""
+        out = []
+        for node in self.running():
+            with (
+                contextlib.suppress(redis.RedisError),
+                contextlib.closing(self._client(node.port)) as client,
+            ):
+                if client.execute_command("ROLE")[0] == b"master":
+                    out.append(node)
+        return out
+
+    def owner(self, key: str) -> EmbeddedRedis:
+        """The running primary that serves ``key``'s hash slot now."""
+        for node in self.running():
+            with (
+                contextlib.suppress(redis.RedisError),
+                contextlib.closing(self._client(node.port)) as client,
+            ):
+                slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+                for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                    if start <= slot <= end:
+                        return self.node(int(primary[1]))
+        raise redis.ConnectionError("no running node answers CLUSTER SLOTS")
+
+    def node(self, port: int) -> EmbeddedRedis:
+        """The node on ``port``."""
+        return next(n for n in self.nodes if n.port == port)
+
+    def wait_ok(self, timeout_s: float = 60.0) -> None:
+        """Wait until every running node says ``cluster_state:ok`` with all slots served
+        and every running replica is linked to its primary."""
+
+        def ok() -> bool:
+            for node in self.running():
+                info = self._info(node.port)
+                if info["cluster_state"] != "ok" or info["cluster_slots_ok"] != CLUSTER_SLOTS:
+                    return False
+                with contextlib.closing(self._client(node.port)) as client:
+                    role = client.execute_command("ROLE")
+                if role[0] == b"slave" and role[3] != b"connected":
+                    return False
+            return True
+
+        self._wait(ok, "the cluster to be ok", timeout_s)
+
+    def wait_failover(self, old: EmbeddedRedis, timeout_s: float = 60.0) -> None:
+        """Wait until the slots ``old`` (killed) served are served by another primary
+        and the cluster is ok again."""
+
+        def moved() -> bool:
+            for node in self.running():
+                with contextlib.closing(self._client(node.port)) as client:
+                    for _s, _e, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                        if int(primary[1]) == old.port:
+                            return False
+            return True
+
+        self._wait(moved, f"the cluster to replace primary {old.port}", timeout_s)
+        self._wait(
+            lambda: all(self._info(n.port)["cluster_state"] == "ok" for n in self.running()),
+            "the cluster to be ok",
+            timeout_s,
+        )
+
+    def stop(self) -> None:
+        """Stop every node and remove its folder."""
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.stop()
