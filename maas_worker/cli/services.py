@@ -364,7 +364,7 @@ def flower(
     # workers would allow, no more.
     control.lock_flower(settings.remote_control)
     # Its Broker page counts the jobs in the tenants' lists too (fair share).
-    flowerbroker.install()
+    flowerbroker.install(settings)
     _stop_flower_cleanly_on_sigterm()
     app.start(argv)
     return 0

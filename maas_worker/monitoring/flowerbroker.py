@@ -89,22 +89,19 @@ async def sharded_queue_lengths(
     return [{"name": name, "messages": total[name]} for name in names]
 
 
-def install() -> None:
+def install(settings: Any = None) -> None:
     """Make Flower's Redis brokers (plain, TLS, socket, Sentinel) count tenant lists
-    (idempotent; call before Flower starts)."""
+    (idempotent; call before Flower starts); with queue shards (``settings``) every
+    shard's."""
     from flower.utils import broker as flower_broker  # type: ignore[import-untyped]
 
     base = flower_broker.RedisBase
     if getattr(base.queues, "maas_fair", False):
         return
 
-    from maas_worker.settings import Settings
-
-    settings = Settings.from_env()
-
     async def queues(self: Any, names: Iterable[str]) -> list[dict[str, Any]]:
         try:
-            if settings.redis_ha.sharded:
+            if settings is not None and settings.redis_ha.sharded:
                 return await sharded_queue_lengths(settings, self, names)
             return await queue_lengths(self, names)
         finally:

@@ -171,6 +171,10 @@ def test_every_declared_variable_is_read() -> None:
         "MAAS_REDIS_SENTINEL_PASSWORD": "spw",
         "MAAS_REDIS_SENTINEL_TLS": "1",
         "MAAS_REDIS_WAIT_REPLICAS": "2",
+        "MAAS_REDIS_CLUSTER": "1",
+        "MAAS_REDIS_CLUSTER_NODES": "n1:7000,n2:7000",
+        "MAAS_QUEUE_SHARDS": "4",
+        "MAAS_WORKER_SHARDS": "0,2",
     }
     for option in options():
         # TLS files need a rediss:// URL, and the client key its certificate.
@@ -179,6 +183,8 @@ def test_every_declared_variable_is_read() -> None:
             env.update(MAAS_BROKER_URL="sentinel://s:26379/0", MAAS_REDIS_SENTINEL_MASTER="m")
         if option.env == "MAAS_REDIS_TLS_KEY":
             env["MAAS_REDIS_TLS_CERT"] = str(pem)
+        if option.env == "MAAS_REDIS_CLUSTER_NODES":  # needs a cluster
+            env["MAAS_REDIS_CLUSTER"] = "1"
         if option.env == "MAAS_GATEWAY_TLS_KEY":
             env["MAAS_GATEWAY_TLS_CERT"] = str(pem)
         changed = Settings.from_env({**env, option.env: values.get(option.env, "50")})
