@@ -8,6 +8,7 @@ was given (``--shards``), and every job of every tenant runs exactly once.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.integration
 N = 3
 #: Tenants and the shard the placement rule puts each on (checked below).
 TENANTS = {"initech": 0, "globex": 1, "wayne": 1, "acme": 2}
+#: How each tenant submits: every producer places by the same rule.
+KINDS = {"initech": "sync", "globex": "async", "wayne": "gateway", "acme": "sync"}
 JOBS_PER_TENANT = 12
 
 
@@ -61,7 +64,7 @@ def test_tenants_on_different_shards_run_once_on_the_nodes_of_their_shard(
     last = stack.start_worker("s2", concurrency=1, args=("--shards", "2"))
     jobs: dict[str, list[str]] = {}
     for tenant in TENANTS:
-        with stack.client(tenant) as client:
+        with stack.client(tenant, kind=KINDS[tenant]) as client:
             submitted = client.submit_many("echo", [{"i": i} for i in range(JOBS_PER_TENANT)])
             jobs[tenant] = [j.id for j in submitted]
 
@@ -93,6 +96,11 @@ def test_tenants_on_different_shards_run_once_on_the_nodes_of_their_shard(
     ]
     assert broker_keys == []
     assert stack.backend.exists("{maas-q2}" + fetch.WEIGHTS_KEY) == 0  # every weight 1
+    # The monitors sum the shards: shards 0 and 1 hold 36 jobs, shard 2 up to 12.
+    stats = json.loads(stack.cli("stats", "--json").stdout)
+    assert 3 * JOBS_PER_TENANT <= stats["backlog"]["normal"] <= 4 * JOBS_PER_TENANT
+    assert stats["backlog_by_tenant"]["normal"]["initech"] == JOBS_PER_TENANT
+    assert stats["backlog_by_tenant"]["normal"]["wayne"] == JOBS_PER_TENANT
 
     if mode == "batch":
         # One node consumes two shards with two consumer processes.
@@ -104,7 +112,7 @@ def test_tenants_on_different_shards_run_once_on_the_nodes_of_their_shard(
             stack.start_worker("s1", concurrency=1, args=("--shards", "1")),
         ]
     for tenant, ids in jobs.items():
-        with stack.client(tenant) as client:
+        with stack.client(tenant, kind=KINDS[tenant]) as client:
             for job_id in ids:
                 assert client.job(job_id).result(timeout=WAIT_S)["echo"]["i"] >= 0
 
