@@ -143,3 +143,37 @@ def test_a_node_needs_a_consumer_process_per_shard_and_celery_tasks_one_shard(
     bad = stack.cli("worker", "--shards", "3")
     assert bad.returncode != 0
     assert "shard 3 does not exist" in bad.stderr
+
+
+def test_flowers_queue_counts_sum_every_shard(make_stack: Callable[..., Stack]) -> None:
+    import asyncio
+
+    from maas_worker.monitoring.flowerbroker import sharded_queue_lengths
+
+    stack = make_stack(MAAS_QUEUE_SHARDS=str(N))
+    settings = stack.settings
+    for tenant, shard in TENANTS.items():
+        pipe = stack.backend.pipeline(transaction=True)
+        fetch.push(
+            pipe,
+            queue_for("normal"),
+            tenant,
+            ["{}"] * (shard + 1),
+            shards.prefix(shard, sharded=True),
+        )
+        pipe.execute()
+
+    class FlowerBroker:  # what Flower's RedisBase offers queue_lengths
+        priority_steps = fetch.PRIORITY_STEPS
+
+        @staticmethod
+        def _q_for_pri(queue: str, pri: int) -> str:
+            return queue if pri == 0 else f"{queue}{fetch.PRIORITY_SEP}{pri}"
+
+    counts = asyncio.run(
+        sharded_queue_lengths(settings, FlowerBroker(), [queue_for("normal"), queue_for("low")])
+    )
+    assert counts == [
+        {"name": queue_for("normal"), "messages": sum(k + 1 for k in TENANTS.values())},
+        {"name": queue_for("low"), "messages": 0},
+    ]
