@@ -33,6 +33,8 @@ pytestmark = pytest.mark.integration
 
 N = 3
 TENANTS = {"initech": 0, "globex": 1, "acme": 2}
+#: How each tenant submits (sync and asyncio pinned connections, the gateway's pools).
+KINDS = {"initech": "sync", "globex": "async", "acme": "gateway"}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +90,7 @@ def cluster_stack(
 
     yield factory
     for stack, servers in made:
+        stack.stop_gateway()
         for w in stack.workers:
             w.stop(timeout_s=5)
         stack.backend.close()
@@ -112,7 +115,7 @@ def test_the_whole_pipeline_runs_on_the_cluster(
         for k in range(N):  # a Celery-task node consumes one shard
             stack.start_worker(f"c{k}", concurrency=1, args=("--shards", str(k)))
     for tenant in TENANTS:
-        with stack.client(tenant) as client:
+        with stack.client(tenant, kind=KINDS[tenant]) as client:
             jobs = client.submit_many("echo", [{"t": tenant, "i": i} for i in range(5)])
             assert [j.result(timeout=WAIT_S) for j in jobs] == [
                 {"echo": {"t": tenant, "i": i}} for i in range(5)
