@@ -241,8 +241,7 @@ class _Pinned:
             self.locator.forget()
             self.disconnect()  # type: ignore[attr-defined]
             raise redis.ConnectionError(
-                f"{str(exc).split(' ', 1)[0] or type(exc).__name__}: shard slot "
-                f"{self.locator.slot} is not served here now"
+                f"{type(exc).__name__}: shard slot {self.locator.slot} is not served here now"
             ) from None
         except (redis.ConnectionError, redis.TimeoutError):
             self.locator.forget()
@@ -267,8 +266,7 @@ class _AsyncPinned(_Pinned):
             self.locator.forget()
             await self.disconnect()  # type: ignore[attr-defined]
             raise redis.ConnectionError(
-                f"{str(exc).split(' ', 1)[0] or type(exc).__name__}: shard slot "
-                f"{self.locator.slot} is not served here now"
+                f"{type(exc).__name__}: shard slot {self.locator.slot} is not served here now"
             ) from None
         except (redis.ConnectionError, redis.TimeoutError):
             self.locator.forget()
