@@ -43,7 +43,7 @@ from maas_worker.client.jobcore import wait_keys
 from maas_worker.client.private import PrivateJobs
 from maas_worker.client.waiter import LANE_KEYS
 from maas_worker.client.wire import MessageBuilder, sent_event_fields
-from maas_worker.crypto.envelope import Header
+from maas_worker.crypto.envelope import Header, sealed_header_digest
 from maas_worker.errors import InvalidEnvelope, JobError, ResultTimeout
 from maas_worker.tenancy.quota import Quotas
 
@@ -265,7 +265,10 @@ class Client(ClientCore):
         """
         flow = self.submit_flow(model, inputs, priority=priority, ttl_s=ttl_s)
         sealed, live = drive(flow, self._carry_out)
-        return [Job(self, h.job_id, request_hash=h.digest(), worker_live=live) for h, _ in sealed]
+        return [
+            Job(self, h.job_id, request_hash=sealed_header_digest(raw), worker_live=live)
+            for h, raw in sealed
+        ]
 
     def submit_private(
         self,
