@@ -39,16 +39,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import redis  # noqa: E402
-import redis.cluster  # noqa: E402
+import redis
+import redis.cluster
 
-from benchmarks.stack import bench_env  # noqa: E402
-from maas_worker import AsyncClient, as_completed  # noqa: E402
-from maas_worker.broker.shards import shard_of  # noqa: E402
-from maas_worker.local.embedded import ClusterGroup  # noqa: E402
-from maas_worker.local.processes import WorkerProcess  # noqa: E402
-from maas_worker.settings import Settings  # noqa: E402
-from maas_worker.tenancy.keyring import Keyring  # noqa: E402
+from benchmarks.stack import bench_env
+from maas_worker import AsyncClient, as_completed
+from maas_worker.broker.shards import shard_of
+from maas_worker.local.embedded import ClusterGroup
+from maas_worker.local.processes import WorkerProcess
+from maas_worker.settings import Settings
+from maas_worker.tenancy.keyring import Keyring
 
 ECHO = {"data": "x" * 1024}
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
