@@ -171,12 +171,16 @@ def test_every_declared_variable_is_read() -> None:
         "MAAS_REDIS_SENTINEL_PASSWORD": "spw",
         "MAAS_REDIS_SENTINEL_TLS": "1",
         "MAAS_REDIS_WAIT_REPLICAS": "2",
+        "MAAS_REDIS_CLUSTER": "1",
+        "MAAS_REDIS_CLUSTER_NODES": "n2:7001,n3:7002",
     }
     for option in options():
         # TLS files need a rediss:// URL, and the client key its certificate.
         env = {**HOME_ENV, "MAAS_BROKER_URL": "rediss://tls/0"}
         if option.env == "MAAS_REDIS_SENTINEL_TLS":  # needs a sentinel:// URL (and a name)
             env.update(MAAS_BROKER_URL="sentinel://s:26379/0", MAAS_REDIS_SENTINEL_MASTER="m")
+        if option.env == "MAAS_REDIS_CLUSTER_NODES":  # more seeds of a cluster
+            env["MAAS_REDIS_CLUSTER"] = "1"
         if option.env == "MAAS_REDIS_TLS_KEY":
             env["MAAS_REDIS_TLS_CERT"] = str(pem)
         if option.env == "MAAS_GATEWAY_TLS_KEY":
