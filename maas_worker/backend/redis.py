@@ -7,12 +7,24 @@ on a server that stops answering.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.sentinel
+import redis.cluster
 import redis.sentinel
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import (
+    ClusterError,
+    RedisClusterException,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.retry import Retry
 
 from maas_worker.errors import ConfigError
 from maas_worker.settings import (
@@ -33,6 +45,13 @@ BACKEND_SOCKET_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 1024
 #: A sentinel that does not answer this fast is skipped for the next one.
 SENTINEL_SOCKET_TIMEOUT_S = 2.0
+#: Redis Cluster: how often a command that met a moved slot, a dead node or a cluster
+#: that is down is retried (the slot map refreshed between tries), and the backoff
+#: between tries (s): about 5 s in all, longer than a replica takes to replace a
+#: killed primary (``cluster-node-timeout`` plus about a second).
+CLUSTER_RETRIES = 10
+CLUSTER_BACKOFF_BASE_S = 0.1
+CLUSTER_BACKOFF_CAP_S = 1.0
 
 
 class _ReadOnlyIsOutage:
@@ -141,6 +160,118 @@ def _master_name(ha: RedisHA | None) -> str:
     return ha.sentinel_master
 
 
+class ClusterUnavailable(redis.ConnectionError):
+    """Raised when a Redis Cluster could not serve a command after every retry: no node
+    reachable, a slot without a primary, or the cluster down (a failover longer than the
+    retries). A connection error, so every caller treats it as the outage it is."""
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` (from a cluster client) is the cluster being unavailable, not a
+    mistake in the command. redis-py raises some of these as `RedisClusterException`,
+    which is not even a `redis.RedisError`: callers would take it for a bug."""
+    if isinstance(exc, ClusterError | TryAgainError | SlotNotCoveredError):
+        return True  # CLUSTERDOWN, MASTERDOWN, TRYAGAIN, a slot nobody serves
+    # NodesManager.initialize when no startup node answers.
+    return type(exc) is RedisClusterException and "cannot be connected" in str(exc)
+
+
+def _outage(exc: BaseException) -> ClusterUnavailable:
+    return ClusterUnavailable(f"Redis Cluster unavailable: {str(exc)[:120]}")
+
+
+class _ClusterPipeline(redis.cluster.ClusterPipeline):
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return super().execute(raise_on_error)
+        except (ResponseError, RedisClusterException) as exc:
+            if _is_outage(exc):
+                raise _outage(exc) from exc
+            raise
+
+
+class _Cluster(redis.cluster.RedisCluster):
+    """redis-py's cluster client whose outages are connection errors (`ClusterUnavailable`)."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except (ResponseError, RedisClusterException) as exc:
+            if _is_outage(exc):
+                raise _outage(exc) from exc
+            raise
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
+        # redis-py builds its own ClusterPipeline here; only `execute` differs in ours.
+        pipe.__class__ = _ClusterPipeline
+        return pipe
+
+
+class _AsyncClusterPipeline(redis.asyncio.cluster.ClusterPipeline):
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except (ResponseError, RedisClusterException) as exc:
+            if _is_outage(exc):
+                raise _outage(exc) from exc
+            raise
+
+
+class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """`_Cluster` for ``redis.asyncio``."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (ResponseError, RedisClusterException) as exc:
+            if _is_outage(exc):
+                raise _outage(exc) from exc
+            raise
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        pipe.__class__ = _AsyncClusterPipeline  # type: ignore[type-abstract]
+        return pipe
+
+
+def cluster_options(
+    url: str, *, tls: RedisTLS, ha: RedisHA
+) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """(startup nodes, client options) of a Redis Cluster whose node ``url`` names:
+    the URL's node then those of ``MAAS_REDIS_CLUSTER_NODES``; the URL's user,
+    password and TLS (``rediss://``) for every node; our timeouts and retries."""
+    parts = urlsplit(url)
+    nodes = [(parts.hostname or "localhost", parts.port or 6379)]
+    for seed in filter(None, (s.strip() for s in ha.cluster_nodes.split(","))):
+        host, _, port = seed.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"MAAS_REDIS_CLUSTER_NODES: {seed!r} is not host:port")
+        node = (host.strip("[]"), int(port))
+        if node not in nodes:
+            nodes.append(node)
+    options: dict[str, Any] = {
+        **_common(),
+        "retry": Retry(
+            EqualJitterBackoff(cap=CLUSTER_BACKOFF_CAP_S, base=CLUSTER_BACKOFF_BASE_S),
+            CLUSTER_RETRIES,
+        ),
+    }
+    if parts.password is not None:
+        options["username"] = unquote(parts.username) if parts.username else None
+        options["password"] = unquote(parts.password)
+    if is_tls_url(url):
+        options.update(ssl=True, **tls.options())
+    return nodes, options
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is a Redis Cluster client (`redis_client` with ``ha.cluster``)."""
+    return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
+
+
 def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis.Redis:
     """A redis-py client for one of our URLs; every client of a user URL is made here.
 
@@ -151,7 +282,21 @@ def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis
     failover (or a ``READONLY`` reply from a demoted primary) its next
     connection goes to the new primary. Timeouts: a dead or unreachable
     server must become an error, not a hang.
+
+    With ``ha.cluster`` it is redis-py's `redis.cluster.RedisCluster` (typed as
+    `redis.Redis`: not a subclass, but it answers the same commands; test with
+    `is_cluster` where they differ): it follows ``MOVED``/``ASK``, refreshes its
+    slot map and retries through a failover (`CLUSTER_RETRIES`), and raises a
+    connection error (`ClusterUnavailable`) when the cluster stays unavailable.
+    Every command and script call must then name keys of one hash slot.
     """
+    if ha is not None and ha.cluster:
+        nodes, options = cluster_options(url, tls=tls, ha=ha)
+        cluster = _Cluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],  # type: ignore[no-untyped-call]
+            **options,
+        )
+        return cast("redis.Redis", cluster)
     if is_sentinel_url(url):
         hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
         name = _master_name(ha)
@@ -191,7 +336,14 @@ def sentinel_nodes(url: str, *, tls: RedisTLS, ha: RedisHA) -> list[tuple[str, i
 def async_redis_client(
     url: str, *, tls: RedisTLS, ha: RedisHA | None = None
 ) -> redis.asyncio.Redis:
-    """`redis_client` for asyncio code (``redis.asyncio``): the same URL handling and options."""
+    """`redis_client` for asyncio code (``redis.asyncio``): the same URL handling and options
+    (with ``ha.cluster``, `redis.asyncio.cluster.RedisCluster`, typed as `redis.asyncio.Redis`)."""
+    if ha is not None and ha.cluster:
+        nodes, options = cluster_options(url, tls=tls, ha=ha)
+        acluster = _AsyncCluster(
+            startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in nodes], **options
+        )
+        return cast("redis.asyncio.Redis", acluster)
     if is_sentinel_url(url):
         hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
         name = _master_name(ha)
