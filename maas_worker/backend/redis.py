@@ -7,6 +7,7 @@ on a server that stops answering.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -17,6 +18,7 @@ import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
 from redis.backoff import EqualJitterBackoff
+from redis.crc import key_slot
 from redis.exceptions import (
     ClusterError,
     RedisClusterException,
@@ -270,6 +272,19 @@ def cluster_options(
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` is a Redis Cluster client (`redis_client` with ``ha.cluster``)."""
     return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
+
+
+def by_slot(client: Any, keys: Sequence[str]) -> list[list[int]]:
+    """The positions of ``keys`` grouped by hash slot on a Redis Cluster, each group in
+    the order given and the groups in the order of their first key; on one server, one
+    group of them all (a batch stays one call). A script call's keys must share a slot
+    on a cluster: a batch of many tenants' jobs is one call per group."""
+    if not is_cluster(client):
+        return [list(range(len(keys)))] if keys else []
+    groups: dict[int, list[int]] = {}
+    for n, key in enumerate(keys):
+        groups.setdefault(key_slot(key.encode()), []).append(n)
+    return list(groups.values())
 
 
 def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis.Redis:

@@ -35,7 +35,9 @@ from typing import Any
 
 import redis
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, TryAgainError
+
+from maas_worker.backend.redis import ClusterUnavailable
 
 #: The packages whose ``lua/`` folder holds scripts (package data, pyproject.toml).
 PACKAGES = ("maas_worker.backend", "maas_worker.broker")
@@ -140,13 +142,21 @@ def eval_many(
     handles the rare miss itself: after a Redis restart (an empty script
     cache) every call answers ``NOSCRIPT``, which means the call did nothing,
     so the script is loaded and the calls are sent once more.
+
+    On a Redis Cluster (`redis.is_cluster`) each call must name keys of one hash
+    slot (`redis.by_slot` splits a batch); the pipeline sends each node its calls,
+    and ``SCRIPT LOAD`` goes to every primary. A cluster still unavailable after
+    redis-py's retries raises `ClusterUnavailable` rather than failing the calls'
+    jobs one by one.
     """
     if not calls:
         return []
     for attempt in range(2):
         pipe = client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            # execute_command: redis-py's cluster pipeline refuses its ``evalsha``
+            # method, not the command (it routes it by its keys like any other).
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
         if then is not None:
             pipe.execute_command(*then)  # type: ignore[no-untyped-call]
         replies = pipe.execute(raise_on_error=False)
@@ -157,4 +167,13 @@ def eval_many(
     for reply in replies:
         if isinstance(reply, Exception) and not isinstance(reply, redis.ResponseError):
             raise reply
+        if isinstance(reply, _CLUSTER_OUTAGE):
+            # A Redis Cluster still moving or electing after redis-py's retries: the
+            # call's job is not at fault (this is no error of its script).
+            raise ClusterUnavailable(f"Redis Cluster unavailable: {str(reply)[:120]}")
     return list(replies)
+
+
+#: Replies of a cluster pipeline that are an outage, not a script's error (ResponseErrors
+#: for redis-py): the cluster down, a slot moving (after redis-py's own redirections).
+_CLUSTER_OUTAGE = (ClusterDownError, TryAgainError, AskError)
