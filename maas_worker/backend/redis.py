@@ -178,7 +178,11 @@ def _is_outage(exc: BaseException) -> bool:
     return type(exc) is RedisClusterException and "cannot be connected" in str(exc)
 
 
-def _outage(exc: BaseException) -> ClusterUnavailable:
+def _outage(exc: BaseException) -> redis.ConnectionError:
+    cause = exc.__cause__
+    if isinstance(cause, redis.AuthenticationError | redis.exceptions.NoPermissionError):
+        # No node would let us in: wrong credentials (`check_credentials`), not an outage.
+        return redis.AuthenticationError(str(cause))
     return ClusterUnavailable(f"Redis Cluster unavailable: {str(exc)[:120]}")
 
 
@@ -287,6 +291,45 @@ def by_slot(client: Any, keys: Sequence[str]) -> list[list[int]]:
     return list(groups.values())
 
 
+def _mget_spans(client: Any, keys: Sequence[str], chunk: int) -> list[list[int]]:
+    spans = []
+    for group in by_slot(client, keys):
+        step = chunk or len(group)
+        spans += [group[start : start + step] for start in range(0, len(group), step)]
+    return spans
+
+
+def _mget_spread(keys: Sequence[str], spans: list[list[int]], replies: list[Any]) -> list[Any]:
+    values: list[Any] = [None] * len(keys)
+    for span, reply in zip(spans, replies, strict=True):
+        if isinstance(reply, Exception):
+            raise reply
+        for n, value in zip(span, reply, strict=True):
+            values[n] = value
+    return values
+
+
+def mget_many(client: Any, keys: Sequence[str], *, chunk: int = 0) -> list[Any]:
+    """The values of ``keys``, in order, in one round trip: ``MGET`` (of ``chunk`` keys at
+    most if given), pipelined; on a Redis Cluster, one ``MGET`` per hash slot (an
+    ``MGET`` across slots is refused there)."""
+    spans = _mget_spans(client, keys, chunk)
+    pipe = client.pipeline(transaction=False)
+    for span in spans:
+        # execute_command: a cluster pipeline refuses its ``mget`` method.
+        pipe.execute_command("MGET", *(keys[n] for n in span))
+    return _mget_spread(keys, spans, pipe.execute() if spans else [])
+
+
+async def amget_many(client: Any, keys: Sequence[str], *, chunk: int = 0) -> list[Any]:
+    """`mget_many` on a ``redis.asyncio`` client."""
+    spans = _mget_spans(client, keys, chunk)
+    pipe = client.pipeline(transaction=False)
+    for span in spans:
+        pipe.execute_command("MGET", *(keys[n] for n in span))
+    return _mget_spread(keys, spans, await pipe.execute() if spans else [])
+
+
 def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis.Redis:
     """A redis-py client for one of our URLs; every client of a user URL is made here.
 
@@ -307,10 +350,16 @@ def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis
     """
     if ha is not None and ha.cluster:
         nodes, options = cluster_options(url, tls=tls, ha=ha)
-        cluster = _Cluster(
-            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],  # type: ignore[no-untyped-call]
-            **options,
-        )
+        try:
+            # redis-py's sync cluster client reads the slot map as it is made.
+            cluster = _Cluster(
+                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],  # type: ignore[no-untyped-call]
+                **options,
+            )
+        except RedisClusterException as exc:
+            if _is_outage(exc):
+                raise _outage(exc) from exc
+            raise
         return cast("redis.Redis", cluster)
     if is_sentinel_url(url):
         hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
