@@ -7,8 +7,10 @@ on a server that stops answering.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -17,16 +19,13 @@ import redis.asyncio.cluster
 import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
-from redis.backoff import EqualJitterBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     ClusterError,
     RedisClusterException,
-    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
-from redis.retry import Retry
 
 from maas_worker.errors import ConfigError
 from maas_worker.settings import (
@@ -47,12 +46,14 @@ BACKEND_SOCKET_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 1024
 #: A sentinel that does not answer this fast is skipped for the next one.
 SENTINEL_SOCKET_TIMEOUT_S = 2.0
-#: Redis Cluster: how often a command that met a moved slot, a dead node or a cluster
-#: that is down is retried (the slot map refreshed between tries), and the backoff
-#: between tries (s): about 5 s in all, longer than a replica takes to replace a
-#: killed primary (``cluster-node-timeout`` plus about a second).
-CLUSTER_RETRIES = 10
-CLUSTER_BACKOFF_BASE_S = 0.1
+#: Redis Cluster: how long a command that met a dead node or a cluster that is down
+#: is tried again (the slot map refreshed each time) before its connection error is
+#: raised: as long as a client waits for one silent server (`BACKEND_SOCKET_TIMEOUT_S`),
+#: longer than a replica takes to replace a killed primary with a short
+#: ``cluster-node-timeout`` (its 15 s default makes a failover an outage for callers).
+CLUSTER_FAILOVER_S = BACKEND_SOCKET_TIMEOUT_S
+#: The first pause between those tries, doubled each time up to the cap (s).
+CLUSTER_BACKOFF_BASE_S = 0.05
 CLUSTER_BACKOFF_CAP_S = 1.0
 
 
@@ -186,30 +187,87 @@ def _outage(exc: BaseException) -> redis.ConnectionError:
     return ClusterUnavailable(f"Redis Cluster unavailable: {str(exc)[:120]}")
 
 
-class _ClusterPipeline(redis.cluster.ClusterPipeline):
+def _retry_outage(exc: BaseException) -> bool:
+    """Whether a cluster call that raised ``exc`` may be sent again after a pause: a
+    node that refused or dropped the connection, the cluster down or moving; never
+    credentials refused, never a timeout (the command may be running, and the caller
+    waited a socket timeout already)."""
+    if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError):
+        return False
+    if isinstance(exc, redis.TimeoutError):
+        return False
+    return isinstance(exc, redis.ConnectionError) or _is_outage(exc)
+
+
+class _Backoff:
+    """The pauses between the tries of one call through a failover (`CLUSTER_FAILOVER_S`)."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + CLUSTER_FAILOVER_S
+        self.delay = CLUSTER_BACKOFF_BASE_S
+
+    def next(self) -> float | None:
+        """The pause before the next try, or None when the time is up."""
+        delay, self.delay = self.delay, min(self.delay * 2, CLUSTER_BACKOFF_CAP_S)
+        return delay if time.monotonic() + delay < self.deadline else None
+
+
+def _raise(exc: BaseException) -> NoReturn:
+    if _is_outage(exc):
+        raise _outage(exc) from exc
+    raise exc
+
+
+class _FailoverRetry:
+    """Retries a cluster command with pauses while a failover runs.
+
+    redis-py retries a command that met a dead node at once, ten
+    times, refreshing its slot map each time; but until a replica is promoted
+    (``cluster-node-timeout`` and an election, a second or two at best) the map
+    still names the dead primary, so those tries all fail within milliseconds.
+    This retries them for up to `CLUSTER_FAILOVER_S`, pausing between tries, as a
+    client of one server waits for it. A pipeline's commands that met the dead node
+    come here too (redis-py sends them again one by one), the others not again.
+    """
+
+    def _internal_execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        backoff = _Backoff()
+        while True:
+            try:
+                return super()._internal_execute_command(*args, **kwargs)  # type: ignore[misc]
+            except (redis.RedisError, RedisClusterException) as exc:
+                pause = backoff.next() if _retry_outage(exc) else None
+                if pause is None:
+                    _raise(exc)
+                time.sleep(pause)
+
+
+class _ClusterPipeline(_FailoverRetry, redis.cluster.ClusterPipeline):
     def execute(self, raise_on_error: bool = True) -> list[Any]:
-        try:
-            return super().execute(raise_on_error)
-        except (ResponseError, RedisClusterException) as exc:
-            if _is_outage(exc):
-                raise _outage(exc) from exc
-            raise
+        strategy: Any = self._execution_strategy
+        stack = list(strategy.command_queue)
+        backoff = _Backoff()
+        while True:
+            try:
+                return super().execute(raise_on_error)
+            except (redis.RedisError, RedisClusterException) as exc:
+                # Sent again only if no command was (no node's connection could be had:
+                # redis-py raises before writing any); else the error is the caller's.
+                unsent = all(c.result is None for c in stack)
+                pause = backoff.next() if unsent and _retry_outage(exc) else None
+                if pause is None:
+                    _raise(exc)
+                time.sleep(pause)
+                strategy.command_queue = list(stack)
 
 
-class _Cluster(redis.cluster.RedisCluster):
-    """redis-py's cluster client whose outages are connection errors (`ClusterUnavailable`)."""
-
-    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except (ResponseError, RedisClusterException) as exc:
-            if _is_outage(exc):
-                raise _outage(exc) from exc
-            raise
+class _Cluster(_FailoverRetry, redis.cluster.RedisCluster):
+    """redis-py's cluster client that waits through a failover (`_FailoverRetry`) and
+    whose outages are connection errors (`ClusterUnavailable`)."""
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
-        # redis-py builds its own ClusterPipeline here; only `execute` differs in ours.
+        # redis-py builds its own ClusterPipeline here; ours adds only the retries.
         pipe.__class__ = _ClusterPipeline
         return pipe
 
@@ -220,22 +278,24 @@ class _AsyncClusterPipeline(redis.asyncio.cluster.ClusterPipeline):
     ) -> list[Any]:
         try:
             return await super().execute(raise_on_error, allow_redirections)
-        except (ResponseError, RedisClusterException) as exc:
-            if _is_outage(exc):
-                raise _outage(exc) from exc
-            raise
+        except (redis.RedisError, RedisClusterException) as exc:
+            _raise(exc)
 
 
 class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
-    """`_Cluster` for ``redis.asyncio``."""
+    """`_Cluster` for ``redis.asyncio`` (a pipeline's commands that met a dead node are
+    sent again through `execute_command`)."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().execute_command(*args, **kwargs)
-        except (ResponseError, RedisClusterException) as exc:
-            if _is_outage(exc):
-                raise _outage(exc) from exc
-            raise
+        backoff = _Backoff()
+        while True:
+            try:
+                return await super().execute_command(*args, **kwargs)
+            except (redis.RedisError, RedisClusterException) as exc:
+                pause = backoff.next() if _retry_outage(exc) else None
+                if pause is None:
+                    _raise(exc)
+                await asyncio.sleep(pause)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)
@@ -258,13 +318,7 @@ def cluster_options(
         node = (host.strip("[]"), int(port))
         if node not in nodes:
             nodes.append(node)
-    options: dict[str, Any] = {
-        **_common(),
-        "retry": Retry(
-            EqualJitterBackoff(cap=CLUSTER_BACKOFF_CAP_S, base=CLUSTER_BACKOFF_BASE_S),
-            CLUSTER_RETRIES,
-        ),
-    }
+    options: dict[str, Any] = _common()
     if parts.password is not None:
         options["username"] = unquote(parts.username) if parts.username else None
         options["password"] = unquote(parts.password)
@@ -344,7 +398,7 @@ def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis
     With ``ha.cluster`` it is redis-py's `redis.cluster.RedisCluster` (typed as
     `redis.Redis`: not a subclass, but it answers the same commands; test with
     `is_cluster` where they differ): it follows ``MOVED``/``ASK``, refreshes its
-    slot map and retries through a failover (`CLUSTER_RETRIES`), and raises a
+    slot map and retries through a failover (`CLUSTER_FAILOVER_S`), and raises a
     connection error (`ClusterUnavailable`) when the cluster stays unavailable.
     Every command and script call must then name keys of one hash slot.
     """
