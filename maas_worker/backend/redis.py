@@ -404,17 +404,24 @@ def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis
     """
     if ha is not None and ha.cluster:
         nodes, options = cluster_options(url, tls=tls, ha=ha)
-        try:
-            # redis-py's sync cluster client reads the slot map as it is made.
-            cluster = _Cluster(
-                startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],  # type: ignore[no-untyped-call]
-                **options,
-            )
-        except RedisClusterException as exc:
-            if _is_outage(exc):
-                raise _outage(exc) from exc
-            raise
-        return cast("redis.Redis", cluster)
+        # redis-py's sync cluster client reads the slot map as it is made: a cluster
+        # that cannot be reached is waited for as a call would wait (`_Backoff`).
+        backoff = _Backoff()
+        while True:
+            try:
+                cluster = _Cluster(
+                    startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],  # type: ignore[no-untyped-call]
+                    **options,
+                )
+                return cast("redis.Redis", cluster)
+            except (redis.RedisError, RedisClusterException) as exc:
+                if not _is_outage(exc) and not isinstance(exc, redis.ConnectionError):
+                    raise
+                failure = _outage(exc) if _is_outage(exc) else exc
+                pause = backoff.next() if _retry_outage(failure) else None
+                if pause is None:
+                    raise failure from exc
+                time.sleep(pause)
     if is_sentinel_url(url):
         hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
         name = _master_name(ha)
@@ -492,8 +499,10 @@ def check_credentials(url: str, *, tls: RedisTLS, who: str, ha: RedisHA | None =
     The message is Redis's own refusal (``WRONGPASS ...``, ``NOAUTH ...``,
     ``NOPERM ...``), never the URL.
     """
-    client = redis_client(url, tls=tls, ha=ha)
+    client: redis.Redis | None = None
     try:
+        # (A cluster client connects as it is made: inside the try.)
+        client = redis_client(url, tls=tls, ha=ha)
         client.ping()
     except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
         # WRONGPASS, NOAUTH (a password is needed) or NOPERM (a user without the rights).
@@ -503,7 +512,8 @@ def check_credentials(url: str, *, tls: RedisTLS, who: str, ha: RedisHA | None =
     except redis.RedisError:
         return
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 class NotReplicated(redis.ConnectionError):
