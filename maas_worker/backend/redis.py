@@ -218,6 +218,17 @@ def _raise(exc: BaseException) -> NoReturn:
     raise exc
 
 
+#: Commands whose keys follow their third word (``numkeys``): scripts and functions.
+_NUMKEYS_COMMANDS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
+
+
+def _numkeys_keys(command: Any, numkeys: Any, rest: Sequence[Any]) -> list[Any] | None:
+    """The keys of a script or function call, read from its arguments (None for others)."""
+    if str(command).upper() not in _NUMKEYS_COMMANDS:
+        return None
+    return list(rest[: int(numkeys)])
+
+
 class _FailoverRetry:
     """Retries a cluster command with pauses while a failover runs.
 
@@ -229,6 +240,17 @@ class _FailoverRetry:
     client of one server waits for it. A pipeline's commands that met the dead node
     come here too (redis-py sends them again one by one), the others not again.
     """
+
+    def _get_command_keys(self, *args: Any) -> Any:
+        # redis-py asks the default node (``COMMAND GETKEYS``: a round trip per call)
+        # for the keys of commands like FCALL, and of EVALSHA in a pipeline; a dead
+        # default node then fails every such call until it is replaced, which
+        # redis-py does not do on this path. The keys are in the arguments.
+        if len(args) >= 3:
+            keys = _numkeys_keys(args[0], args[2], args[3:])
+            if keys is not None:
+                return keys
+        return super()._get_command_keys(*args)  # type: ignore[misc]
 
     def _internal_execute_command(self, *args: Any, **kwargs: Any) -> Any:
         backoff = _Backoff()
@@ -285,6 +307,16 @@ class _AsyncClusterPipeline(redis.asyncio.cluster.ClusterPipeline):
 class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
     """`_Cluster` for ``redis.asyncio`` (a pipeline's commands that met a dead node are
     sent again through `execute_command`)."""
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # As `_FailoverRetry._get_command_keys`: FCALL's keys from its arguments.
+        keys = _numkeys_keys(command, args[1], args[2:]) if len(args) >= 2 else None
+        if keys:
+            slots = {self.keyslot(key) for key in keys}
+            if len(slots) != 1:
+                raise RedisClusterException(f"{command} - all keys must map to the same key slot")
+            return slots.pop()
+        return await super()._determine_slot(command, *args)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         backoff = _Backoff()

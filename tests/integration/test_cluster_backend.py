@@ -178,10 +178,13 @@ def test_a_job_of_a_tenant_on_each_primary_is_claimed_stored_and_replayed(
     assert guard.fetch_payloads([(t, "p") for t in TENANTS], 1024) == [t.encode() for t in TENANTS]
 
 
-def test_the_function_library_answers_for_a_tenant_on_each_primary(r: redis.Redis) -> None:
+def test_the_function_library_answers_for_a_tenant_on_each_primary(
+    cluster: ClusterGroup, r: redis.Redis
+) -> None:
     """FCALL goes to the slot of its keys: cancel (a library function) on each primary,
     then the claim sees the cancel request there."""
     r.function_flush()  # every primary: the first call loads the library again
+    _reset_stats(cluster)
     guard = _guard(r)
     for tenant in TENANTS:
         r.set(keyspace.submitted(tenant, "c1"), str(now_ms() + 60_000), px=60_000)
@@ -204,6 +207,24 @@ def test_the_function_library_answers_for_a_tenant_on_each_primary(r: redis.Redi
         if node.server_type == "primary":
             libraries = node.redis_connection.function_list(library=functions.LIBRARY)
             assert len(libraries) == 1, node.name
+    # The keys of FCALL and of pipelined EVALSHA come from their arguments, not from
+    # COMMAND GETKEYS sent to one node (a round trip each, and failing while it is dead).
+    assert _getkeys_calls(cluster) == 0
+
+
+def _reset_stats(cluster: ClusterGroup) -> None:
+    for node in cluster.running():
+        with redis.Redis(port=node.port) as client:
+            client.config_resetstat()
+
+
+def _getkeys_calls(cluster: ClusterGroup) -> int:
+    calls = 0
+    for node in cluster.running():
+        with redis.Redis(port=node.port) as client:
+            stats: dict[str, Any] = client.info("commandstats")
+            calls += int(stats.get("cmdstat_command|getkeys", {}).get("calls", 0))
+    return calls
 
 
 def test_queued_markers_of_a_batch_per_tenant(r: redis.Redis) -> None:
@@ -280,7 +301,9 @@ def test_the_async_client_reads_and_calls_across_primaries(
         finally:
             await client.aclose()
 
+    _reset_stats(cluster)
     values, marked = asyncio.run(go())
+    assert _getkeys_calls(cluster) == 0
     assert values == [t.encode() for t in TENANTS] + [None]
     assert marked == markers.MARKED
 
@@ -302,9 +325,9 @@ def test_wait_is_refused_on_a_cluster(cluster: ClusterGroup) -> None:
         Settings.from_env(env)
 
 
-# -- last: it kills a primary ----------------------------------------------------------------
+# -- last: they kill primaries ---------------------------------------------------------------
 def test_a_client_follows_a_primary_killed_mid_sequence(cluster: ClusterGroup) -> None:
-    """Claim, kill the tenant's primary, store at once: redis-py retries through the
+    """Claim, kill the tenant's primary, store at once: the client retries through the
     failover (its replica promoted) and the store succeeds; batches over every primary
     work after it. Nothing is asserted kept: replication is asynchronous."""
     client = _client(cluster)
@@ -323,17 +346,59 @@ def test_a_client_follows_a_primary_killed_mid_sequence(cluster: ClusterGroup) -
         assert cluster.owner(keyspace.claim(tenant, "f1")).port != old.port
         assert client.get(keyspace.result(tenant, "f1")) == b"after"
         requests = [ClaimRequest(t, "f2", WINDOW_MS) for t in TENANTS]
+        # The promoted replica has no script cache: its call misses (NOSCRIPT) and is
+        # sent again alone; the other primaries' claims ran once (not found busy).
         assert [c.outcome for c in guard.claim_many(requests)] == [ClaimOutcome.CLAIMED] * 3
-        assert (
-            guard.store_many([(t, "f2", b"r", WINDOW_MS) for t in TENANTS], result_ttl_s=60)
-            == [True] * 3
-        )
+        stored = guard.store_many([(t, "f2", b"r", WINDOW_MS) for t in TENANTS], result_ttl_s=60)
+        assert stored == [True] * 3
         # The function library is on the promoted replica (FUNCTION LOAD is replicated).
         client.set(keyspace.submitted(tenant, "f3"), str(now_ms() + 60_000), px=60_000)
         assert int(functions.call(client, functions.CANCEL, *_cancel(tenant, "f3"))) >= 0
         assert took < 15, f"the store took {took:.1f} s through the failover"
     finally:
         client.close()
+
+
+def test_a_batch_pipeline_rides_through_a_primary_killed_just_before(
+    cluster: ClusterGroup,
+) -> None:
+    """A batch over every primary sent while one of them is dead: the pipeline cannot
+    reach that node, sends nothing, waits and sends the batch once the replica has taken
+    over (each job claimed once, none found busy by a second send)."""
+    client = _client(cluster)
+    try:
+        guard = _guard(client)
+        assert [
+            c.outcome for c in guard.claim_many([ClaimRequest(t, "g0", WINDOW_MS) for t in TENANTS])
+        ] == [ClaimOutcome.CLAIMED] * 3
+        old = cluster.owner(keyspace.claim(TENANTS[1], "g1"))
+        old.kill()
+        claims = guard.claim_many([ClaimRequest(t, "g1", WINDOW_MS) for t in TENANTS])
+        assert [c.outcome for c in claims] == [ClaimOutcome.CLAIMED] * 3
+        assert (
+            guard.store_many([(t, "g1", b"r", WINDOW_MS) for t in TENANTS], result_ttl_s=60)
+            == [True] * 3
+        )
+        cluster.wait_failover(old)
+    finally:
+        client.close()
+
+
+def test_the_async_client_rides_through_a_primary_killed(cluster: ClusterGroup) -> None:
+    tenant = TENANTS[2]
+    old = cluster.owner(keyspace.claim(tenant, "h1"))
+
+    async def go() -> Any:
+        client: Any = async_redis_client(cluster.url, tls=RedisTLS(), ha=_ha(cluster))
+        try:
+            await client.set(keyspace.submitted(tenant, "h1"), str(now_ms() + 60_000))
+            old.kill()
+            return await functions.acall(client, functions.CANCEL, *_cancel(tenant, "h1"))
+        finally:
+            await client.aclose()
+
+    assert int(asyncio.run(go())) >= 0
+    cluster.wait_failover(old)
 
 
 def _cancel(tenant: str, job: str) -> tuple[list[str], list[Any]]:
