@@ -35,7 +35,8 @@ from typing import Any
 import redis
 
 from maas_worker.backend import keyspace, scripts
-from maas_worker.backend.redis import by_slot, wait_replicated
+from maas_worker.backend.cluster import by_slot
+from maas_worker.backend.redis import wait_replicated
 from maas_worker.protocol import AuditReason, JobState, rejected_marker
 from maas_worker.settings import RedisHA
 

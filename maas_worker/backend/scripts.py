@@ -37,7 +37,7 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import AskError, ClusterDownError, NoScriptError, TryAgainError
 
-from maas_worker.backend.redis import ClusterUnavailable
+from maas_worker.backend.cluster import ClusterUnavailable
 
 #: The packages whose ``lua/`` folder holds scripts (package data, pyproject.toml).
 PACKAGES = ("maas_worker.backend", "maas_worker.broker")
@@ -143,8 +143,8 @@ def eval_many(
     cache) every call answers ``NOSCRIPT``, which means the call did nothing,
     so the script is loaded and the calls that missed are sent once more.
 
-    On a Redis Cluster (`redis.is_cluster`) each call must name keys of one hash
-    slot (`redis.by_slot` splits a batch); the pipeline sends each node its calls,
+    On a Redis Cluster (`cluster.is_cluster`) each call must name keys of one hash
+    slot (`cluster.by_slot` splits a batch); the pipeline sends each node its calls,
     and ``SCRIPT LOAD`` goes to every primary. A cluster still unavailable after
     redis-py's retries raises `ClusterUnavailable` rather than failing the calls'
     jobs one by one.

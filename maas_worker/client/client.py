@@ -18,7 +18,8 @@ import redis
 from celery import Celery
 
 from maas_worker.backend import functions, keyspace
-from maas_worker.backend.redis import backend_client, mget_many, redis_client
+from maas_worker.backend.cluster import mget_many
+from maas_worker.backend.redis import backend_client, redis_client
 from maas_worker.broker import fetch
 from maas_worker.broker.app import make_producer_app
 from maas_worker.client import markers

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from maas_worker.backend import keyspace
-from maas_worker.backend.redis import amget_many
+from maas_worker.backend.cluster import amget_many
 from maas_worker.client.jobcore import JobCore, wait_keys
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ import psutil
 import redis
 
 from maas_worker.backend import keyspace
-from maas_worker.backend.redis import mget_many
+from maas_worker.backend.cluster import mget_many
 from maas_worker.monitoring.memory import read_memory
 from maas_worker.protocol import MONITOR_EXCHANGE, SAMPLE_TASK
 from maas_worker.settings import Settings

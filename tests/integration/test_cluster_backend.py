@@ -28,7 +28,8 @@ import redis.cluster
 from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.audit import AuditLog
 from maas_worker.backend.claims import ClaimOutcome, ClaimRequest, JobGuard
-from maas_worker.backend.redis import amget_many, async_redis_client, is_cluster, redis_client
+from maas_worker.backend.cluster import amget_many, is_cluster
+from maas_worker.backend.redis import async_redis_client, redis_client
 from maas_worker.client import markers
 from maas_worker.crypto.envelope import now_ms
 from maas_worker.errors import ConfigError

@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 
-from maas_worker.backend.redis import (
+from maas_worker.backend.cluster import (
     ClusterUnavailable,
     _is_outage,
     _outage,
@@ -28,10 +28,12 @@ from maas_worker.settings import RedisHA, RedisTLS, Settings
 
 def test_the_startup_nodes_are_the_url_s_then_the_listed_ones_once() -> None:
     ha = RedisHA(cluster=True, cluster_nodes="10.0.0.2:7001, 10.0.0.1:7000,[::1]:7002")
-    nodes, options = cluster_options("redis://app:p%40ss@10.0.0.1:7000/0", tls=RedisTLS(), ha=ha)
+    nodes, options = cluster_options(
+        "redis://app:p%40ss@10.0.0.1:7000/0", tls=RedisTLS(), ha=ha, common={"socket_timeout": 10}
+    )
     assert nodes == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)]
     assert (options["username"], options["password"]) == ("app", "p@ss")
-    assert options["socket_timeout"] == 10.0
+    assert options["socket_timeout"] == 10
     assert "ssl" not in options
 
 
