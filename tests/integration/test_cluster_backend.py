@@ -9,9 +9,10 @@ tenant on each primary; the batch consumer's batch scripts over tenants on every
 primary decide and write what they do on one server (the single-node tests of
 tests/unit/test_batch_scripts.py, run again with the batch on the cluster and the
 one-at-a-time reference on a plain server); the queued markers, the audit stream, the
-model catalogue and the fleet's samples; ``acl --apply``'s node list; and last (it
-kills a primary, so later tests would see a cluster with one replica fewer) a client
-that follows a failover without being told.
+model catalogue and the fleet's samples; ``acl --apply``'s node list; and last (each
+kills a primary, so they run after the others) a store sent just after its primary was
+killed, a batch pipeline sent with one primary dead, and an async call through a
+failover: each waits for the replica to take over and succeeds, without being told.
 """
 
 from __future__ import annotations
