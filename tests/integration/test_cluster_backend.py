@@ -395,6 +395,9 @@ def test_the_async_client_rides_through_a_primary_killed(cluster: ClusterGroup) 
         try:
             await client.set(keyspace.submitted(tenant, "h1"), str(now_ms() + 60_000))
             old.kill()
+            # A pipeline first (one MGET per primary, the dead one's sent again alone).
+            values = await amget_many(client, [keyspace.submitted(t, "h1") for t in TENANTS])
+            assert values[:2] == [None, None]
             return await functions.acall(client, functions.CANCEL, *_cancel(tenant, "h1"))
         finally:
             await client.aclose()
