@@ -229,6 +229,15 @@ def _getkeys_calls(cluster: ClusterGroup) -> int:
     return calls
 
 
+def test_a_client_waits_on_many_done_lists_of_its_tenant(r: redis.Redis) -> None:
+    """A client's BLPOP names the done lists of its own tenant's jobs: one slot."""
+    for tenant in TENANTS:
+        keys = [keyspace.done(tenant, f"w{n}") for n in range(5)]
+        r.rpush(keys[3], "1")
+        popped = r.blpop(list(reversed(keys)), timeout=1)
+        assert popped is not None and popped[0] == keys[3].encode()
+
+
 def test_queued_markers_of_a_batch_per_tenant(r: redis.Redis) -> None:
     expires = now_ms() + 60_000
     for tenant in TENANTS:
