@@ -18,6 +18,7 @@ import redis
 from celery import Celery
 
 from maas_worker.backend import functions, keyspace
+from maas_worker.backend.cluster import mget_many
 from maas_worker.backend.redis import backend_client, redis_client
 from maas_worker.broker import fetch
 from maas_worker.broker.app import make_producer_app
@@ -448,12 +449,8 @@ class Client(ClientCore):
     def _read_outcomes(self, jobs: list[Job]) -> list[Job]:
         """Read the outcome of each of ``jobs`` (one round trip: an ``MGET`` per
         `READ_CHUNK` jobs, pipelined); record it in the ended ones, which it returns."""
-        pipe = self.backend.pipeline(transaction=False)
-        for start in range(0, len(jobs), READ_CHUNK):
-            pipe.mget(
-                [k for j in jobs[start : start + READ_CHUNK] for k in wait_keys(j.tenant, j.id)]
-            )
-        replies = [value for chunk in pipe.execute() for value in chunk]
+        keys = [k for j in jobs for k in wait_keys(j.tenant, j.id)]
+        replies = mget_many(self.backend, keys, chunk=4 * READ_CHUNK)
         ended = []
         for n, job in enumerate(jobs):
             try:
