@@ -1109,6 +1109,13 @@ class Settings:
                     )
                 if url_db(url) != 0:
                     raise ConfigError("a Redis Cluster has database 0 only: end the URL with /0")
+            if self.redis_ha.wait_replicas:
+                # WAIT vouches for the writes of its own connection only, and a cluster
+                # client spreads a batch's writes over one connection per primary.
+                raise ConfigError(
+                    "MAAS_REDIS_WAIT_REPLICAS is not supported with MAAS_REDIS_CLUSTER "
+                    "(set it to 0)"
+                )
         elif self.redis_ha.cluster_nodes:
             raise ConfigError("MAAS_REDIS_CLUSTER_NODES is set but MAAS_REDIS_CLUSTER is not")
 

@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 from maas_worker.backend import keyspace, scripts
+from maas_worker.backend.cluster import by_slot
 from maas_worker.backend.redis import wait_replicated
 from maas_worker.protocol import AuditReason, JobState, rejected_marker
 from maas_worker.settings import RedisHA
@@ -183,21 +184,34 @@ class JobGuard:
         `redis.ResponseError`; the others are decided as usual. A lost
         connection raises.
 
-        Every key is passed in KEYS, but the jobs of a batch may be several
-        tenants' (several hash slots): on Redis Cluster the call would have
-        to be split by tenant.
+        Every key is passed in KEYS, and the jobs of a batch may be several
+        tenants' (several hash slots): on a Redis Cluster the batch is one call
+        per slot (`by_slot`), all in one pipeline, and a call refused (or a node
+        lost) touches only its own slot's jobs.
         """
         if not requests:
             return []
-        keys, args = self._claim_batch_call(requests)
-        (reply,) = scripts.eval_many(self._r, self._claim_batch, [(keys, args)])
+        groups = by_slot(self._r, [keyspace.tenant_prefix(r.tenant) for r in requests])
+        calls = [self._claim_batch_call([requests[n] for n in group]) for group in groups]
+        replies = scripts.eval_many(self._r, self._claim_batch, calls)
+        claims: list[Claim] = [Claim(ClaimOutcome.ERROR)] * len(requests)
+        for group, reply in zip(groups, replies, strict=True):
+            for n, claim in zip(group, self._batch_claims(group, requests, reply), strict=True):
+                claims[n] = claim
+        return claims
+
+    def _batch_claims(
+        self, group: list[int], requests: Sequence[ClaimRequest], reply: Any
+    ) -> list[Claim]:
+        """The claims of the jobs at ``group`` of ``requests`` from one claim_batch.lua reply."""
         if isinstance(reply, Exception):
             # Refused as a whole (before it ran, or a malformed call): each job
             # gets the error, and its fault handling gives back any claim taken.
-            return [Claim(ClaimOutcome.ERROR, error=reply) for _ in requests]
+            return [Claim(ClaimOutcome.ERROR, error=reply) for _ in group]
         claims: list[Claim] = []
-        for n, req in enumerate(requests):
-            outcome, detail = reply[2 * n], reply[2 * n + 1]
+        for i, n in enumerate(group):
+            req = requests[n]
+            outcome, detail = reply[2 * i], reply[2 * i + 1]
             if _text(outcome) == ClaimOutcome.ERROR:
                 claims.append(Claim(ClaimOutcome.ERROR, error=redis.ResponseError(_text(detail))))
             else:
@@ -333,26 +347,39 @@ class JobGuard:
         A job whose store fails gets a `redis.ResponseError` in place (the
         others are stored); a lost connection raises, and so does
         `NotReplicated` (``WAIT``, as in `store_result`: in the same pipeline,
-        after the stores).
+        after the stores). On a Redis Cluster, one call per hash slot (as in
+        `claim_many`; ``WAIT`` is refused there by the settings).
         """
         if not results:
             return []
         with self._held_lock:  # once for the batch: the lease thread takes it too
             self._held.difference_update((tenant, job_id) for tenant, job_id, _, _ in results)
-        keys: list[str] = []
-        args: list[Any] = [keyspace.clamp_ttl_ms(result_ttl_s * 1000)]
-        for tenant, job_id, sealed, window in results:
-            job_keys, (_, _, keep_ms) = _store_call(tenant, job_id, sealed, window, result_ttl_s)
-            keys += job_keys
-            args += [sealed, keep_ms]
+        groups = by_slot(self._r, [keyspace.tenant_prefix(tenant) for tenant, *_ in results])
+        calls: list[tuple[list[str], list[Any]]] = []
+        for group in groups:
+            keys: list[str] = []
+            args: list[Any] = [keyspace.clamp_ttl_ms(result_ttl_s * 1000)]
+            for n in group:
+                tenant, job_id, sealed, window = results[n]
+                job_keys, (_, _, keep_ms) = _store_call(
+                    tenant, job_id, sealed, window, result_ttl_s
+                )
+                keys += job_keys
+                args += [sealed, keep_ms]
+            calls.append((keys, args))
         wait = self._ha.wait_command()
-        replies = scripts.eval_many(self._r, self._store_batch, [(keys, args)], then=wait)
+        replies = scripts.eval_many(self._r, self._store_batch, calls, then=wait)
         if wait is not None:
             wait_replicated(replies.pop(), self._ha, f"{len(results)} result(s) stored")
-        (reply,) = replies
-        if isinstance(reply, Exception):
-            return [reply for _ in results]
-        return [bool(r) if isinstance(r, int) else redis.ResponseError(_text(r)) for r in reply]
+        stored: list[bool | Exception] = [False] * len(results)
+        for group, reply in zip(groups, replies, strict=True):
+            for i, n in enumerate(group):
+                if isinstance(reply, Exception):
+                    stored[n] = reply
+                else:
+                    r = reply[i]
+                    stored[n] = bool(r) if isinstance(r, int) else redis.ResponseError(_text(r))
+        return stored
 
     def fetch_payloads(
         self, jobs: Sequence[tuple[str, str]], max_bytes: int

@@ -14,6 +14,7 @@ import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
 
+from maas_worker.backend import cluster
 from maas_worker.errors import ConfigError
 from maas_worker.settings import (
     RedisHA,
@@ -151,7 +152,16 @@ def redis_client(url: str, *, tls: RedisTLS, ha: RedisHA | None = None) -> redis
     failover (or a ``READONLY`` reply from a demoted primary) its next
     connection goes to the new primary. Timeouts: a dead or unreachable
     server must become an error, not a hang.
+
+    With ``ha.cluster`` it is redis-py's `redis.cluster.RedisCluster` (typed as
+    `redis.Redis`: not a subclass, but it answers the same commands; test with
+    `cluster.is_cluster` where they differ): it follows ``MOVED``/``ASK``, refreshes its
+    slot map and retries through a failover (`cluster.CLUSTER_FAILOVER_S`), and raises
+    a connection error (`cluster.ClusterUnavailable`) when the cluster stays unavailable.
+    Every command and script call must then name keys of one hash slot (`cluster.by_slot`).
     """
+    if ha is not None and ha.cluster:
+        return cluster.cluster_client(url, tls=tls, ha=ha, common=_common())
     if is_sentinel_url(url):
         hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
         name = _master_name(ha)
@@ -191,7 +201,10 @@ def sentinel_nodes(url: str, *, tls: RedisTLS, ha: RedisHA) -> list[tuple[str, i
 def async_redis_client(
     url: str, *, tls: RedisTLS, ha: RedisHA | None = None
 ) -> redis.asyncio.Redis:
-    """`redis_client` for asyncio code (``redis.asyncio``): the same URL handling and options."""
+    """`redis_client` for asyncio code (``redis.asyncio``): the same URL handling and options
+    (with ``ha.cluster``, `redis.asyncio.cluster.RedisCluster`, typed as `redis.asyncio.Redis`)."""
+    if ha is not None and ha.cluster:
+        return cluster.async_cluster_client(url, tls=tls, ha=ha, common=_common())
     if is_sentinel_url(url):
         hosts, sentinel_kwargs, primary = sentinel_options(url, tls=tls, ha=ha or RedisHA())
         name = _master_name(ha)
@@ -222,8 +235,10 @@ def check_credentials(url: str, *, tls: RedisTLS, who: str, ha: RedisHA | None =
     The message is Redis's own refusal (``WRONGPASS ...``, ``NOAUTH ...``,
     ``NOPERM ...``), never the URL.
     """
-    client = redis_client(url, tls=tls, ha=ha)
+    client: redis.Redis | None = None
     try:
+        # (A cluster client connects as it is made: inside the try.)
+        client = redis_client(url, tls=tls, ha=ha)
         client.ping()
     except (redis.AuthenticationError, redis.exceptions.NoPermissionError) as exc:
         # WRONGPASS, NOAUTH (a password is needed) or NOPERM (a user without the rights).
@@ -233,7 +248,8 @@ def check_credentials(url: str, *, tls: RedisTLS, who: str, ha: RedisHA | None =
     except redis.RedisError:
         return
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 class NotReplicated(redis.ConnectionError):

@@ -35,7 +35,9 @@ from typing import Any
 
 import redis
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, TryAgainError
+
+from maas_worker.backend.cluster import ClusterUnavailable
 
 #: The packages whose ``lua/`` folder holds scripts (package data, pyproject.toml).
 PACKAGES = ("maas_worker.backend", "maas_worker.broker")
@@ -139,22 +141,56 @@ def eval_many(
     trip per batch (docs/benchmarks.md). So this sends ``EVALSHA`` directly and
     handles the rare miss itself: after a Redis restart (an empty script
     cache) every call answers ``NOSCRIPT``, which means the call did nothing,
-    so the script is loaded and the calls are sent once more.
+    so the script is loaded and the calls that missed are sent once more.
+
+    On a Redis Cluster (`cluster.is_cluster`) each call must name keys of one hash
+    slot (`cluster.by_slot` splits a batch); the pipeline sends each node its calls,
+    and ``SCRIPT LOAD`` goes to every primary. A cluster still unavailable after
+    redis-py's retries raises `ClusterUnavailable` rather than failing the calls'
+    jobs one by one.
     """
     if not calls:
         return []
-    for attempt in range(2):
-        pipe = client.pipeline(transaction=False)
-        for keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+    replies = _send(client, script, calls, then)
+    missed = [n for n, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missed:
+        script.sha = client.script_load(script.script)
+        # Only the calls that missed, which did nothing: on a Redis Cluster only the
+        # nodes without the script (a replica just promoted) miss, and the others' calls
+        # ran (a claim sent twice would find itself busy).
+        # ``then`` again too: a WAIT must follow the writes it vouches for.
+        again = _send(client, script, [calls[n] for n in missed], then)
+        for n, reply in zip(missed, again, strict=False):
+            replies[n] = reply
         if then is not None:
-            pipe.execute_command(*then)  # type: ignore[no-untyped-call]
-        replies = pipe.execute(raise_on_error=False)
-        if not any(isinstance(r, NoScriptError) for r in replies):
-            break
-        if attempt == 0:
-            script.sha = client.script_load(script.script)
+            replies[-1] = again[-1]
     for reply in replies:
         if isinstance(reply, Exception) and not isinstance(reply, redis.ResponseError):
             raise reply
+        if isinstance(reply, _CLUSTER_OUTAGE):
+            # A Redis Cluster still moving or electing after redis-py's retries: the
+            # call's job is not at fault (this is no error of its script).
+            raise ClusterUnavailable(f"Redis Cluster unavailable: {str(reply)[:120]}")
     return list(replies)
+
+
+def _send(
+    client: redis.Redis,
+    script: Script,
+    calls: Sequence[tuple[Sequence[Any], Sequence[Any]]],
+    then: Sequence[Any] | None,
+) -> list[Any]:
+    """One pipeline of ``EVALSHA`` per call (and ``then``): its replies, errors in place."""
+    pipe = client.pipeline(transaction=False)
+    for keys, args in calls:
+        # execute_command: redis-py's cluster pipeline refuses its ``evalsha``
+        # method, not the command (it routes it by its keys like any other).
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+    if then is not None:
+        pipe.execute_command(*then)  # type: ignore[no-untyped-call]
+    return list(pipe.execute(raise_on_error=False))
+
+
+#: Replies of a cluster pipeline that are an outage, not a script's error (ResponseErrors
+#: for redis-py): the cluster down, a slot moving (after redis-py's own redirections).
+_CLUSTER_OUTAGE = (ClusterDownError, TryAgainError, AskError)

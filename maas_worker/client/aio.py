@@ -41,6 +41,7 @@ from maas_worker.client.jobcore import JobCore
 from maas_worker.client.private import PrivateJobs
 from maas_worker.client.waiter import Outcome, Waiter
 from maas_worker.client.wire import MessageBuilder
+from maas_worker.crypto.envelope import sealed_header_digest
 from maas_worker.errors import ResultTimeout, ServiceUnavailable, connection_cause
 from maas_worker.protocol import JobInfo, JobState, Priority
 from maas_worker.settings import redact_url
@@ -155,7 +156,8 @@ class AsyncClient(ClientCore):
         flow = self.submit_flow(model, inputs, priority=priority, ttl_s=ttl_s)
         sealed, live = await adrive(flow, self._carry_out)
         return [
-            AsyncJob(self, h.job_id, request_hash=h.digest(), worker_live=live) for h, _ in sealed
+            AsyncJob(self, h.job_id, request_hash=sealed_header_digest(raw), worker_live=live)
+            for h, raw in sealed
         ]
 
     async def submit_private(

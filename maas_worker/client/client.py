@@ -18,6 +18,7 @@ import redis
 from celery import Celery
 
 from maas_worker.backend import functions, keyspace
+from maas_worker.backend.cluster import mget_many
 from maas_worker.backend.redis import backend_client
 from maas_worker.broker import fetch, shards
 from maas_worker.broker.app import make_producer_app
@@ -43,7 +44,7 @@ from maas_worker.client.jobcore import wait_keys
 from maas_worker.client.private import PrivateJobs
 from maas_worker.client.waiter import LANE_KEYS
 from maas_worker.client.wire import MessageBuilder, sent_event_fields
-from maas_worker.crypto.envelope import Header
+from maas_worker.crypto.envelope import Header, sealed_header_digest
 from maas_worker.errors import InvalidEnvelope, JobError, ResultTimeout
 from maas_worker.tenancy.quota import Quotas
 
@@ -263,7 +264,10 @@ class Client(ClientCore):
         """
         flow = self.submit_flow(model, inputs, priority=priority, ttl_s=ttl_s)
         sealed, live = drive(flow, self._carry_out)
-        return [Job(self, h.job_id, request_hash=h.digest(), worker_live=live) for h, _ in sealed]
+        return [
+            Job(self, h.job_id, request_hash=sealed_header_digest(raw), worker_live=live)
+            for h, raw in sealed
+        ]
 
     def submit_private(
         self,
@@ -443,12 +447,8 @@ class Client(ClientCore):
     def _read_outcomes(self, jobs: list[Job]) -> list[Job]:
         """Read the outcome of each of ``jobs`` (one round trip: an ``MGET`` per
         `READ_CHUNK` jobs, pipelined); record it in the ended ones, which it returns."""
-        pipe = self.backend.pipeline(transaction=False)
-        for start in range(0, len(jobs), READ_CHUNK):
-            pipe.mget(
-                [k for j in jobs[start : start + READ_CHUNK] for k in wait_keys(j.tenant, j.id)]
-            )
-        replies = [value for chunk in pipe.execute() for value in chunk]
+        keys = [k for j in jobs for k in wait_keys(j.tenant, j.id)]
+        replies = mget_many(self.backend, keys, chunk=4 * READ_CHUNK)
         ended = []
         for n, job in enumerate(jobs):
             try:

@@ -22,6 +22,7 @@ from typing import Any
 from maas_worker.client.client import Client
 from maas_worker.client.job import Job
 from maas_worker.client.private import gateway_refusal
+from maas_worker.crypto.envelope import sealed_header_digest
 from maas_worker.errors import (
     ConfigError,
     InputTooLarge,
@@ -134,7 +135,9 @@ class GatewayClient(Client):
         for item in body["items"]:
             if item["status"] != 202:
                 raise _submit_error(item["status"], item, item.get("retry_after"))
-        return [GatewayJob(self, h.job_id, request_hash=h.digest()) for h, _ in sealed]
+        return [
+            GatewayJob(self, h.job_id, request_hash=sealed_header_digest(raw)) for h, raw in sealed
+        ]
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job of this client's tenant, by id."""

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from maas_worker.backend import keyspace
+from maas_worker.backend.cluster import amget_many
 from maas_worker.client.jobcore import JobCore, wait_keys
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Waiter:
         keys = [k for job_id in batch for k in wait_keys(self._jobs[job_id].tenant, job_id)]
         self.round_trips += 1
         try:
-            replies = await self._r.mget(keys)
+            replies = await amget_many(self._r, keys)
         except Exception as exc:  # Redis errors: every job of the batch hears of it
             for job_id in batch:
                 self._resolve(job_id, self._fail(exc))

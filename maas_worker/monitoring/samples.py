@@ -35,6 +35,7 @@ import psutil
 import redis
 
 from maas_worker.backend import keyspace
+from maas_worker.backend.cluster import mget_many
 from maas_worker.monitoring.memory import read_memory
 from maas_worker.protocol import MONITOR_EXCHANGE, SAMPLE_TASK
 from maas_worker.settings import Settings
@@ -378,7 +379,8 @@ class SampleStore:
         nodes = [n.decode() for n in self._zrange(now - self.ttl_s)]
         if not nodes:
             return {}
-        raw: list[Any] = self.client.mget([keyspace.sample(n) for n in nodes])
+        # One slot a node on a Redis Cluster: mget_many reads each node's where it is.
+        raw = mget_many(self.client, [keyspace.sample(n) for n in nodes])
         out = {}
         for node, data in zip(nodes, raw, strict=True):
             sample = self._load(data)

@@ -466,17 +466,46 @@ def data_nodes(server: str, settings: Settings) -> list[str]:
     return [f"{scheme}://{host}:{port}/{db}" for host, port in nodes]
 
 
+def cluster_data_nodes(url: str, settings: Settings) -> list[str]:
+    """The URL (no user) of every node, primaries and replicas, of the Redis Cluster that
+    ``url`` (a node of it, with the operator's user and password) belongs to.
+
+    As with Sentinel, ACL changes are not replicated, and on a cluster not shared
+    either: every node reads its own file, and a replica promoted by a failover
+    must know the same users.
+    """
+    from maas_worker.backend.redis import redis_client
+
+    scheme = urlsplit(url).scheme
+    try:
+        client: Any = redis_client(url, tls=settings.redis_tls, ha=settings.redis_ha)
+        with contextlib.closing(client):
+            nodes = [(n.host, n.port) for n in client.get_nodes()]
+    except redis.RedisError as exc:
+        raise ConfigError(
+            f"cannot list the nodes of the Redis Cluster at {server_url(url)}: "
+            f"{connection_cause(exc)}"
+        ) from None
+    return [f"{scheme}://{host}:{port}/0" for host, port in sorted(set(nodes))]
+
+
 def apply(server: str, password: str, roles: dict[str, str], settings: Settings) -> None:
     """As the operator: ``ACL LOAD`` on ``server`` (on every data node of a ``sentinel://``
-    URL: `data_nodes`), check every role's password there, load the function library
-    (on the primary; replicas receive it). Raises `ConfigError` with one line if any
+    URL: `data_nodes`; of a Redis Cluster: `cluster_data_nodes`), check every role's
+    password there, load the function library (on the primary, on a cluster on every
+    primary; replicas receive it). Raises `ConfigError` with one line if any
     step fails."""
     from maas_worker.backend import functions
     from maas_worker.backend.redis import redis_client
 
-    for node in data_nodes(server, settings):
-        _load_acl(node, password, roles, settings)
     url = role_url(server, "operator", password)
+    nodes = (
+        cluster_data_nodes(url, settings)
+        if settings.redis_ha.cluster
+        else data_nodes(server, settings)
+    )
+    for node in nodes:
+        _load_acl(node, password, roles, settings)
     try:
         client: Any = redis_client(url, tls=settings.redis_tls, ha=settings.redis_ha)
         with contextlib.closing(client):

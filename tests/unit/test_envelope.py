@@ -29,6 +29,7 @@ from maas_worker.crypto.envelope import (
     parse_unverified_header,
     parse_unverified_tenant,
     seal,
+    sealed_header_digest,
     verify,
 )
 from maas_worker.crypto.primitives import crypto_backend
@@ -300,6 +301,17 @@ def test_round_trip_unicode_and_long_fields() -> None:
 def test_digest_of_received_header_is_the_bytes_sent() -> None:
     header, _ = open_req(kat_request())
     assert header.digest() == hashlib.sha256(bytes.fromhex(KAT_REQUEST_HEADER)).digest()
+
+
+def test_sealed_header_digest_is_the_header_digest() -> None:
+    """What a client binds its job to, read from the envelope instead of re-encoding."""
+    for h in (request_header(), request_header(job_id="j" * 255, task="t\u00e9"), result_header()):
+        env = seal(KEYS, h, b"payload")
+        assert sealed_header_digest(env) == h.digest()
+    assert (
+        sealed_header_digest(kat_request())
+        == hashlib.sha256(bytes.fromhex(KAT_REQUEST_HEADER)).digest()
+    )
 
 
 @pytest.mark.parametrize(

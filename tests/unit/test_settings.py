@@ -172,7 +172,7 @@ def test_every_declared_variable_is_read() -> None:
         "MAAS_REDIS_SENTINEL_TLS": "1",
         "MAAS_REDIS_WAIT_REPLICAS": "2",
         "MAAS_REDIS_CLUSTER": "1",
-        "MAAS_REDIS_CLUSTER_NODES": "n1:7000,n2:7000",
+        "MAAS_REDIS_CLUSTER_NODES": "n2:7001,n3:7002",
         "MAAS_QUEUE_SHARDS": "4",
         "MAAS_WORKER_SHARDS": "0,2",
     }
@@ -181,10 +181,10 @@ def test_every_declared_variable_is_read() -> None:
         env = {**HOME_ENV, "MAAS_BROKER_URL": "rediss://tls/0"}
         if option.env == "MAAS_REDIS_SENTINEL_TLS":  # needs a sentinel:// URL (and a name)
             env.update(MAAS_BROKER_URL="sentinel://s:26379/0", MAAS_REDIS_SENTINEL_MASTER="m")
+        if option.env == "MAAS_REDIS_CLUSTER_NODES":  # more seeds of a cluster
+            env["MAAS_REDIS_CLUSTER"] = "1"
         if option.env == "MAAS_REDIS_TLS_KEY":
             env["MAAS_REDIS_TLS_CERT"] = str(pem)
-        if option.env == "MAAS_REDIS_CLUSTER_NODES":  # needs a cluster
-            env["MAAS_REDIS_CLUSTER"] = "1"
         if option.env == "MAAS_GATEWAY_TLS_KEY":
             env["MAAS_GATEWAY_TLS_CERT"] = str(pem)
         changed = Settings.from_env({**env, option.env: values.get(option.env, "50")})
