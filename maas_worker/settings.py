@@ -988,6 +988,17 @@ class Settings:
         "or `--celery-tasks` override it, and `--autoscale` or `--pool` select `celery-tasks` "
         "([operations.md](operations.md#worker-modes))",
     )
+    worker_shards: str = setting(
+        "",
+        env="MAAS_WORKER_SHARDS",
+        parse=parse_text,
+        check=is_str,
+        shown="all shards",
+        doc="the queue shards a worker node consumes (`MAAS_QUEUE_SHARDS`), e.g. `0,2-3`; "
+        "`worker --shards` overrides it. Batch consumer process i consumes the i-th of them "
+        "(round robin); a `--celery-tasks` node exactly one "
+        "([scaling.md](scaling.md#sharding-on-redis-cluster))",
+    )
     consumer_batch: int = setting(
         DEFAULT_CONSUMER_BATCH,
         env="MAAS_CONSUMER_BATCH",

@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue  # type: ignore[attr-defined]
 
+from maas_worker.broker import shards
 from maas_worker.broker.scheduling import STRATEGY
 from maas_worker.protocol import QUEUE_NAMES, Priority, queue_for
 from maas_worker.settings import Settings, is_sentinel_url
@@ -38,8 +39,9 @@ BROKER_SOCKET_TIMEOUT_S = 10.0
 BROKER_CONNECT_TIMEOUT_S = 5.0
 
 
-def transport_options(settings: Settings) -> dict[str, Any]:
-    """Redis transport options derived from the settings.
+def transport_options(settings: Settings, shard: int | None = None) -> dict[str, Any]:
+    """Redis transport options derived from the settings, for queue shard ``shard``
+    (default: the node's first; shards.shard_transport_options).
 
     The sweep that puts a dead worker's unacked messages back runs every
     ``unacked_restore_interval * unacked_restore_throttle`` seconds (about
@@ -68,6 +70,7 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
         "socket_keepalive": True,
         **sentinel_transport_options(settings),
+        **shards.shard_transport_options(settings, shard),
     }
 
 
@@ -96,8 +99,9 @@ def job_queues() -> list[Any]:
     ]
 
 
-def producer_config(settings: Settings) -> dict[str, Any]:
-    """The Celery configuration a producer needs (the worker's starts from it)."""
+def producer_config(settings: Settings, shard: int | None = None) -> dict[str, Any]:
+    """The Celery configuration a producer needs (the worker's starts from it), its
+    connection on queue shard ``shard`` (default: the node's first)."""
     return {
         "broker_url": settings.broker_url,
         # Results never go through Celery's backend: the task stores its sealed
@@ -115,7 +119,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "task_default_exchange": EXCHANGE,
         "task_default_queue": queue_for(Priority.NORMAL),
         "task_create_missing_queues": False,
-        "broker_transport_options": transport_options(settings),
+        "broker_transport_options": transport_options(settings, shard),
         "broker_connection_retry_on_startup": True,
         # rediss://: verify the server (kombu alone would silently use CERT_NONE)
         # and present the client certificate; Flower's broker view reads it too.
@@ -123,8 +127,9 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def make_producer_app(settings: Settings) -> Celery:
-    """A Celery app that sends jobs (and task events) and runs none."""
+def make_producer_app(settings: Settings, shard: int | None = None) -> Celery:
+    """A Celery app that sends jobs (and task events) and runs none, on queue shard
+    ``shard`` (default: the node's first; one app, one broker connection, one shard)."""
     app = Celery("maas_worker", include=[])
     # Producers ring the wake-up list with each publish (transport.py).
     # Workers install the same channel over kombu's own instead (tasks.py):
@@ -132,7 +137,7 @@ def make_producer_app(settings: Settings) -> Celery:
     # broker view know, and covers redis+socket:// URLs, which name
     # kombu's transport whatever this setting says.
     app.conf.broker_transport = producer_transport(settings.broker_url)
-    app.conf.update(producer_config(settings))
+    app.conf.update(producer_config(settings, shard))
     setattr(app, SETTINGS_ATTR, settings)
     return app
 

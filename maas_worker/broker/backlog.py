@@ -28,7 +28,7 @@ import redis
 
 from maas_worker.backend import functions
 from maas_worker.backend.redis import redis_client
-from maas_worker.broker import fetch
+from maas_worker.broker import fetch, shards
 from maas_worker.crypto.envelope import TYPE_REQUEST, VERSION
 from maas_worker.protocol import PRIORITIES, TENANT_RE, queue_for
 from maas_worker.settings import Settings
@@ -90,8 +90,29 @@ class Backlog:
         }
 
 
-def broker_client(settings: Settings) -> redis.Redis:
-    """A Redis client for the broker (reads queue lengths only)."""
+@dataclass(frozen=True)
+class ShardBrokers:
+    """The broker of every queue shard: ``(client, key prefix)`` each (shards.py).
+    `read_backlog` sums over them."""
+
+    shards: tuple[tuple[redis.Redis, str], ...]
+
+    def close(self) -> None:
+        """Close every shard's client."""
+        for client, _ in self.shards:
+            client.close()
+
+
+def broker_client(settings: Settings) -> redis.Redis | ShardBrokers:
+    """What `read_backlog` reads: a Redis client of the broker, or with queue shards
+    (MAAS_QUEUE_SHARDS, a Redis Cluster) a client of each shard (`ShardBrokers`)."""
+    if settings.redis_ha.sharded:
+        return ShardBrokers(
+            tuple(
+                (shards.broker_client(settings, k), shards.key_prefix(settings, k))
+                for k in shards.all_shards(settings)
+            )
+        )
     # The one factory (backend.redis): rediss:// gets MAAS_REDIS_TLS_*.
     return redis_client(settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha)
 
@@ -139,17 +160,47 @@ def tenants_named(ring: Iterable[Any], arrivals: Iterable[Any]) -> list[str]:
     return sorted(t for t in named if TENANT_RE.fullmatch(t))
 
 
-def read_backlog(broker: redis.Redis, *, now: float | None = None) -> Backlog:
-    """Queue lengths and oldest-job ages of every priority and tenant, in two round trips."""
+def read_backlog(broker: Any, *, now: float | None = None) -> Backlog:
+    """Queue lengths and oldest-job ages of every priority and tenant, in two round trips
+    (per shard: ``broker`` a `ShardBrokers` sums the shards' backlogs)."""
     now = time.time() if now is None else now
+    if isinstance(broker, ShardBrokers):
+        return merge([read_shard_backlog(c, prefix, now=now) for c, prefix in broker.shards])
+    return read_shard_backlog(broker, "", now=now)
+
+
+def merge(backlogs: Iterable[Backlog]) -> Backlog:
+    """The backlogs of several queue shards as one: depths summed, the oldest age kept
+    (a tenant's jobs are in one shard, but a tenant placed by an older N may be in two)."""
+    depth: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
+    ages: dict[str, float | None] = dict.fromkeys(PRIORITIES, None)
+    tenant_depth: dict[str, dict[str, int]] = {p: {} for p in PRIORITIES}
+    tenant_ages: dict[str, dict[str, float | None]] = {p: {} for p in PRIORITIES}
+
+    def older(a: float | None, b: float | None) -> float | None:
+        return b if a is None else a if b is None else max(a, b)
+
+    for b in backlogs:
+        for p in PRIORITIES:
+            depth[p] += b.depth.get(p, 0)
+            ages[p] = older(ages[p], b.oldest_age_s.get(p))
+            for t, n in b.tenant_depth.get(p, {}).items():
+                tenant_depth[p][t] = tenant_depth[p].get(t, 0) + n
+                age = b.tenant_oldest_age_s.get(p, {}).get(t)
+                tenant_ages[p][t] = older(tenant_ages[p].get(t), age)
+    return Backlog(depth, ages, tenant_depth, tenant_ages)
+
+
+def read_shard_backlog(broker: redis.Redis, prefix: str, *, now: float) -> Backlog:
+    """`read_backlog` of one queue shard (its keys under ``prefix``)."""
 
     def build(pipe: Any) -> None:
         for priority in PRIORITIES:
             q = queue_for(priority)
-            pipe.llen(q)
-            pipe.fcall_ro(functions.TAIL_PREFIX, 1, q, _PREFIX_CHARS)
-            pipe.lrange(fetch.ring_key(q), 0, -1)
-            pipe.smembers(fetch.arrivals_key(q))
+            pipe.llen(prefix + q)
+            pipe.fcall_ro(functions.TAIL_PREFIX, 1, prefix + q, _PREFIX_CHARS)
+            pipe.lrange(prefix + fetch.ring_key(q), 0, -1)
+            pipe.smembers(prefix + fetch.arrivals_key(q))
 
     replies = functions.execute(broker, build)
     depth: dict[str, int] = {}
@@ -163,7 +214,7 @@ def read_backlog(broker: redis.Redis, *, now: float | None = None) -> Backlog:
     def build_tenants(pipe: Any) -> None:
         for priority in PRIORITIES:
             for t in tenants[priority]:
-                key = fetch.tenant_queue(queue_for(priority), t)
+                key = prefix + fetch.tenant_queue(queue_for(priority), t)
                 pipe.llen(key)
                 pipe.fcall_ro(functions.TAIL_PREFIX, 1, key, _PREFIX_CHARS)
 

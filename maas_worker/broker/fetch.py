@@ -234,49 +234,58 @@ def parse(reply: Any, prefix: str = "") -> list[Taken]:
 
 
 def take(
-    client: Any, queues: Sequence[str], *, count: int, max_chars: int, now: float | None = None
+    client: Any,
+    queues: Sequence[str],
+    *,
+    count: int,
+    max_chars: int,
+    now: float | None = None,
+    prefix: str = "",
 ) -> list[Taken]:
     """Pop and reserve up to ``count`` messages from ``queues``, first queue first.
 
     ``client`` is a redis-py client on the broker database. Every message
     returned with ``reserved`` set is in kombu's unacked hash until `ack`
-    (or the visibility sweep puts it back).
+    (or the visibility sweep puts it back). ``prefix``: the shard's key prefix
+    (shards.py; every function here takes one, ``""`` when not sharded).
     """
     try:
         # By SHA: the script's text is 10 KB, sent only when the server lacks it.
         reply = client.execute_command(
-            *command(queues, count=count, max_chars=max_chars, now=now, by_sha=True)
+            *command(queues, count=count, max_chars=max_chars, now=now, prefix=prefix, by_sha=True)
         )
     except NoScriptError:
         # A restarted or flushed server: the script itself (cached from then on).
-        reply = client.execute_command(*command(queues, count=count, max_chars=max_chars, now=now))
-    return parse(reply)
+        reply = client.execute_command(
+            *command(queues, count=count, max_chars=max_chars, now=now, prefix=prefix)
+        )
+    return parse(reply, prefix)
 
 
-def ack(client: Any, tags: Iterable[str]) -> None:
+def ack(client: Any, tags: Iterable[str], prefix: str = "") -> None:
     """Acknowledge reserved messages by delivery tag, in one round trip."""
     tags = list(tags)
     if not tags:
         return
     pipe = client.pipeline(transaction=False)
-    pipe.zrem(UNACKED_INDEX_KEY, *tags)
-    pipe.hdel(UNACKED_KEY, *tags)
+    pipe.zrem(prefix + UNACKED_INDEX_KEY, *tags)
+    pipe.hdel(prefix + UNACKED_KEY, *tags)
     pipe.execute()
 
 
-def push(pipe: Any, queue: str, tenant: str, messages: Sequence[str]) -> None:
+def push(pipe: Any, queue: str, tenant: str, messages: Sequence[str], prefix: str = "") -> None:
     """Add the push of ``tenant``'s ``messages`` to job queue ``queue`` to ``pipe``.
 
     Its list first, then its name to the arrivals (after: a take that admits
     it then finds the jobs), then the wake-up tokens. Run it in a transaction
     (``MULTI``) where a crash between the two must not leave jobs outside the ring.
     """
-    pipe.lpush(tenant_queue(queue, tenant), *messages)
-    pipe.sadd(arrivals_key(queue), tenant)
-    ring(pipe, len(messages))
+    pipe.lpush(prefix + tenant_queue(queue, tenant), *messages)
+    pipe.sadd(prefix + arrivals_key(queue), tenant)
+    ring(pipe, len(messages), prefix)
 
 
-def hand_back(client: Any, taken: Sequence[Taken]) -> set[str]:
+def hand_back(client: Any, taken: Sequence[Taken], prefix: str = "") -> set[str]:
     """Put reserved messages back at the front of the lists they came from, each only
     while its reservation is held (broker/lua/hand_back.lua); the tags handed back.
 
@@ -290,43 +299,45 @@ def hand_back(client: Any, taken: Sequence[Taken]) -> set[str]:
             continue
         source = t.source or t.queue
         split = split_tenant_queue(source)
-        arrivals, tenant = (arrivals_key(split[0]), split[1]) if split else ("", "")
-        args += [t.tag, source, t.raw, arrivals, tenant]
+        arrivals, tenant = (prefix + arrivals_key(split[0]), split[1]) if split else ("", "")
+        args += [t.tag, prefix + source, t.raw, arrivals, tenant]
     if len(args) == 1:
         return set()
     # redis-py's Script: EVALSHA, loaded again on NOSCRIPT (a restarted server).
     script = scripts.register(client, "hand_back")
-    reply = script(keys=[UNACKED_KEY, UNACKED_INDEX_KEY, WAKE_KEY], args=args)
+    keys = [prefix + UNACKED_KEY, prefix + UNACKED_INDEX_KEY, prefix + WAKE_KEY]
+    reply = script(keys=keys, args=args)
     return {_text(tag) for tag in reply}
 
 
-def announce(pipe: Any, source: str) -> None:
+def announce(pipe: Any, source: str, prefix: str = "") -> None:
     """Add to ``pipe`` what makes a message put back in list ``source`` takeable: its
     tenant's arrival (for a tenant list) and a wake-up token."""
     split = split_tenant_queue(source)
     if split is not None:
-        pipe.sadd(arrivals_key(split[0]), split[1])
-    ring(pipe)
+        pipe.sadd(prefix + arrivals_key(split[0]), split[1])
+    ring(pipe, 1, prefix)
 
 
-def publish_weights(client: Any, weights: Mapping[str, int]) -> bool:
+def publish_weights(client: Any, weights: Mapping[str, int], prefix: str = "") -> bool:
     """Make `WEIGHTS_KEY` hold ``weights`` (tenant -> takes per turn; 1 is left out);
     True if it changed. Workers call it from their keyring: the take reads a tenant's
     weight from here (once per take, and only while the hash exists: with every weight
     1 it is deleted and the take reads none), never the keyring."""
     want = {t: str(w) for t, w in weights.items() if w != 1}
-    have = {_text(k): _text(v) for k, v in client.hgetall(WEIGHTS_KEY).items()}
+    key = prefix + WEIGHTS_KEY
+    have = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
     if want == have:
         return False
     with client.pipeline(transaction=True) as pipe:
-        pipe.delete(WEIGHTS_KEY)
+        pipe.delete(key)
         if want:
-            pipe.hset(WEIGHTS_KEY, mapping=want)
+            pipe.hset(key, mapping=want)
         pipe.execute()
     return True
 
 
-def reannounce(client: Any, tenants: Iterable[str]) -> int:
+def reannounce(client: Any, tenants: Iterable[str], prefix: str = "") -> int:
     """Announce every tenant of ``tenants`` with jobs queued in a job queue (`announce`);
     returns how many (tenant, queue) pairs were.
 
@@ -339,26 +350,26 @@ def reannounce(client: Any, tenants: Iterable[str]) -> int:
         return 0
     pipe = client.pipeline(transaction=False)
     for q, t in pairs:
-        pipe.llen(tenant_queue(q, t))
+        pipe.llen(prefix + tenant_queue(q, t))
     waiting = [(q, t) for (q, t), n in zip(pairs, pipe.execute(), strict=True) if int(n) > 0]
     if waiting:
         pipe = client.pipeline(transaction=False)
         for q, t in waiting:
-            pipe.sadd(arrivals_key(q), t)
-        ring(pipe, len(waiting))
+            pipe.sadd(prefix + arrivals_key(q), t)
+        ring(pipe, len(waiting), prefix)
         pipe.execute()
     return len(waiting)
 
 
-def ring(pipe: Any, count: int = 1) -> None:
+def ring(pipe: Any, count: int = 1, prefix: str = "") -> None:
     """Add wake-up tokens for ``count`` new messages to ``pipe`` (a redis-py pipeline)."""
-    pipe.lpush(WAKE_KEY, *("1" * min(count, WAKE_MAX)))
-    pipe.ltrim(WAKE_KEY, 0, WAKE_MAX - 1)
+    pipe.lpush(prefix + WAKE_KEY, *("1" * min(count, WAKE_MAX)))
+    pipe.ltrim(prefix + WAKE_KEY, 0, WAKE_MAX - 1)
 
 
-def wait(client: Any, timeout_s: float) -> bool:
+def wait(client: Any, timeout_s: float, prefix: str = "") -> bool:
     """Block until a wake-up token arrives (True) or ``timeout_s`` passes (False)."""
-    return client.brpop([WAKE_KEY], timeout=timeout_s) is not None
+    return client.brpop([prefix + WAKE_KEY], timeout=timeout_s) is not None
 
 
 def _text(value: Any) -> str:

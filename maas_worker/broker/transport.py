@@ -37,6 +37,7 @@ found by the idle poll instead, within a second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -44,12 +45,13 @@ from queue import Empty
 from time import monotonic
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
-from maas_worker.broker import fetch
+from maas_worker.broker import fetch, shards
 from maas_worker.broker.entries import (
     CONSUMED_QUEUES,
     JOB_QUEUES,
@@ -84,6 +86,34 @@ CONNECTION_ERRORS: Any = (
     *kombu_redis.Transport.connection_errors,
     ReadOnlyError,
 )
+
+
+class _PrefixedCommands(kombu_redis.GlobalKeyPrefixMixin):
+    """kombu's key prefixing, also for the commands our channel adds (``LTRIM`` of
+    the wake-up list): with a shard's prefix every key must carry it (shards.py)."""
+
+    # A list, as kombu's (it tests membership per command).
+    PREFIXED_SIMPLE_COMMANDS = [  # noqa: RUF012
+        *kombu_redis.GlobalKeyPrefixMixin.PREFIXED_SIMPLE_COMMANDS,
+        "LTRIM",
+    ]
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        return PrefixedPipeline(  # type: ignore[no-untyped-call]
+            self.connection_pool,  # type: ignore[attr-defined]
+            self.response_callbacks,  # type: ignore[attr-defined]
+            transaction,
+            shard_hint,
+            global_keyprefix=self.global_keyprefix,  # type: ignore[attr-defined]
+        )
+
+
+class PrefixedClient(_PrefixedCommands, kombu_redis.PrefixedStrictRedis):
+    """kombu's prefixing client with `_PrefixedCommands`."""
+
+
+class PrefixedPipeline(_PrefixedCommands, kombu_redis.PrefixedRedisPipeline):
+    """kombu's prefixing pipeline with `_PrefixedCommands`."""
 
 
 def _job_id(raw: Any) -> str:
@@ -258,6 +288,31 @@ class HardenedChannel(kombu_redis.Channel):
         if self._sync_client is None or self._sync_client.connection_pool is not pool:
             self._sync_client = super()._create_client()  # type: ignore[no-untyped-call]
         return self._sync_client
+
+    def _get_client(self) -> Any:
+        """kombu's client class; with a key prefix (a shard's) ours, which prefixes
+        every command the channel sends (`PrefixedClient`)."""
+        if self.global_keyprefix:
+            return functools.partial(PrefixedClient, global_keyprefix=self.global_keyprefix)
+        return super()._get_client()  # type: ignore[no-untyped-call]
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        """kombu's connection parameters; on a Redis Cluster (`shards.CLUSTER_SEEDS_OPTION`)
+        its connections go to the primary serving the shard's hash tag, found at
+        each connection, and a MOVED-like reply is a connection error: Celery
+        reconnects and the new connection finds the slot's owner again (shards.py)."""
+        params = super()._connparams(asynchronous=asynchronous)  # type: ignore[no-untyped-call]
+        seeds = self.connection.client.transport_options.get(shards.CLUSTER_SEEDS_OPTION)
+        if seeds and self.global_keyprefix:
+            base = params["connection_class"]
+            ssl = issubclass(base, redis.SSLConnection)
+            owner = shards.locator(
+                [(h, int(p)) for h, p in seeds], shards.slot_of_prefix(self.global_keyprefix)
+            )
+            params["connection_class"] = shards.pinned_class(
+                base, owner, seed_class=redis.SSLConnection if ssl else redis.Connection
+            )
+        return params
 
     def _worker_settings(self) -> Settings:
         if HardenedChannel.settings is None:

@@ -84,6 +84,12 @@ def worker_mode(
     metavar="MAX,MIN",
     help="grow and shrink Celery's pool between MIN and MAX processes (implies --celery-tasks)",
 )
+@click.option(
+    "--shards",
+    metavar="LIST",
+    help="the queue shards this node consumes, e.g. 0,2-3 (default: MAAS_WORKER_SHARDS, "
+    "else all of MAAS_QUEUE_SHARDS); --celery-tasks: exactly one",
+)
 @click.option("--hostname", "-n", help="node name (default celery@HOST)")
 # "threads" is for dynamic batching (MAAS_BATCH): there a running job
 # cannot be interrupted, only failed at its soft limit (docs/compute.md).
@@ -102,6 +108,7 @@ def worker(
     celery_tasks: bool,
     batch_consumer: bool,
     autoscale: str | None,
+    shards: str | None,
     hostname: str | None,
     pool: str | None,
     loglevel: str,
@@ -116,6 +123,9 @@ def worker(
     Celery's pool instead (docs/operations.md, "Worker modes").
     """
     inv.exec_with_flags()
+    if shards:
+        # Read by this node's settings and by its consumer processes and pool children.
+        os.environ["MAAS_WORKER_SHARDS"] = shards
     given = {"--autoscale": autoscale, "--pool": pool}
     pool_options = [name for name in POOL_OPTIONS if given[name]]
     settings = inv.settings
@@ -126,8 +136,23 @@ def worker(
         pool_options=pool_options,
     )
     from maas_worker.app import app, configure
+    from maas_worker.broker import shards as shard_rules
     from maas_worker.protocol import QUEUE_NAMES
     from maas_worker.tenancy.keyring import load_keyring
+
+    consumed = shard_rules.consumed(settings)
+    if mode == "celery-tasks" and len(consumed) != 1:
+        # One Celery app has one broker connection, under one shard's key prefix.
+        raise ConfigError(
+            f"a --celery-tasks worker consumes exactly one queue shard, not {len(consumed)} "
+            f"(MAAS_QUEUE_SHARDS={settings.redis_ha.queue_shards}): name one with --shards"
+        )
+    procs = concurrency or os.cpu_count() or 1
+    if mode == "batch-consumer" and procs < len(consumed):
+        raise ConfigError(
+            f"{procs} batch consumer process(es) cannot consume {len(consumed)} queue shards: "
+            "give --concurrency at least the number of shards (or fewer --shards)"
+        )
 
     load_keyring(settings.keyring_path)  # refuse to start without a usable keyring
     from maas_worker.models.signing import TrustedSigners
@@ -144,7 +169,7 @@ def worker(
         from maas_worker.protocol import MONITOR_EXCHANGE
         from maas_worker.worker.batch import supervisor
 
-        supervisor.configure(app, processes=concurrency or os.cpu_count() or 1, loglevel=loglevel)
+        supervisor.configure(app, processes=procs, loglevel=loglevel)
         argv = ["worker", "-Q", MONITOR_EXCHANGE, "--pool", "solo", "--loglevel", loglevel]
     elif concurrency:
         argv += ["--concurrency", str(concurrency)]
@@ -169,16 +194,17 @@ def worker(
     default=1,
     help="the node's consumer processes, this one included (they share the idle polling)",
 )
+@click.option("--shard", type=click.IntRange(min=0), default=0, help="the queue shard it consumes")
 @_loglevel
 @pass_invocation
 def batch_consumer(
-    inv: Invocation, name: str, ready_fd: int | None, siblings: int, loglevel: str
+    inv: Invocation, *, name: str, ready_fd: int | None, siblings: int, shard: int, loglevel: str
 ) -> int:
     """One batch consumer process (started by ``worker``'s batch consumer mode)."""
     inv.exec_with_flags()
     from maas_worker.worker.batch.consumer import serve
 
-    return serve(name=name, loglevel=loglevel, ready_fd=ready_fd, siblings=siblings)
+    return serve(name=name, loglevel=loglevel, ready_fd=ready_fd, siblings=siblings, shard=shard)
 
 
 @click.command(cls=Command, short_help="run Celery beat (exactly one per deployment)")
@@ -338,7 +364,7 @@ def flower(
     # workers would allow, no more.
     control.lock_flower(settings.remote_control)
     # Its Broker page counts the jobs in the tenants' lists too (fair share).
-    flowerbroker.install()
+    flowerbroker.install(settings)
     _stop_flower_cleanly_on_sigterm()
     app.start(argv)
     return 0

@@ -23,7 +23,7 @@ import redis.asyncio
 
 from maas_worker.backend import functions
 from maas_worker.backend.redis import async_redis_client
-from maas_worker.broker import fetch
+from maas_worker.broker import fetch, shards
 from maas_worker.client import markers
 from maas_worker.client.core import (
     ClientCore,
@@ -81,11 +81,9 @@ class AsyncClient(ClientCore):
 
     @property
     def broker(self) -> redis.asyncio.Redis:
-        """``redis.asyncio`` client of the broker (the job queues)."""
+        """``redis.asyncio`` client of the broker (the job queues): of the tenant's shard."""
         if self._broker is None:
-            self._broker = async_redis_client(
-                self.settings.broker_url, tls=self.settings.redis_tls, ha=self.settings.redis_ha
-            )
+            self._broker = shards.async_broker_client(self.settings, self.shard)
         return self._broker
 
     @property
@@ -218,7 +216,7 @@ class AsyncClient(ClientCore):
         messages = self._wire.messages(self.tenant, sealed, queue)
         # One transaction: the jobs and their tenant's arrival (fetch.push) together.
         pipe = self.broker.pipeline(transaction=True)
-        fetch.push(pipe, queue, self.tenant, messages)
+        fetch.push(pipe, queue, self.tenant, messages, self.key_prefix)
         try:
             await pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError):

@@ -19,8 +19,8 @@ from celery import Celery
 
 from maas_worker.backend import functions, keyspace
 from maas_worker.backend.cluster import mget_many
-from maas_worker.backend.redis import backend_client, redis_client
-from maas_worker.broker import fetch
+from maas_worker.backend.redis import backend_client
+from maas_worker.broker import fetch, shards
 from maas_worker.broker.app import make_producer_app
 from maas_worker.client import markers
 from maas_worker.client.core import (
@@ -115,7 +115,7 @@ class Client(ClientCore):
     def app(self) -> Celery:
         """The producer's Celery app (created on first use): its task-sent events."""
         if self._app is None:
-            app = make_producer_app(self.settings)
+            app = make_producer_app(self.settings, self.shard)
             if not self._may_publish():
                 # A producer's Redis user may not publish (docs/security.md,
                 # Redis roles): no task-sent event, or every submit would fail.
@@ -138,11 +138,9 @@ class Client(ClientCore):
 
     @property
     def broker(self) -> redis.Redis:
-        """Redis client of the broker (queue depths)."""
+        """Redis client of the broker (queue depths): of the tenant's queue shard."""
         if self._broker is None:
-            self._broker = redis_client(
-                self.settings.broker_url, tls=self.settings.redis_tls, ha=self.settings.redis_ha
-            )
+            self._broker = shards.broker_client(self.settings, self.shard)
         return self._broker
 
     @property
@@ -336,7 +334,7 @@ class Client(ClientCore):
         entries = self._wire.messages(self.tenant, sealed, queue)
         # One transaction: the jobs and their tenant's arrival (fetch.push) together.
         pipe = self.broker.pipeline(transaction=True)
-        fetch.push(pipe, queue, self.tenant, entries)
+        fetch.push(pipe, queue, self.tenant, entries, self.key_prefix)
         try:
             pipe.execute()
         except (redis.ConnectionError, redis.TimeoutError):

@@ -26,7 +26,7 @@ import redis
 from maas_worker import jsonlimits
 from maas_worker.backend import catalog, keyspace
 from maas_worker.backend.redis import NotReplicated, wait_replicated
-from maas_worker.broker import fetch
+from maas_worker.broker import fetch, shards
 from maas_worker.client import markers
 from maas_worker.crypto.envelope import Header, now_ms, seal
 from maas_worker.crypto.primitives import CryptoBackend, crypto_backend
@@ -355,11 +355,22 @@ class ClientCore:
                 raise type(exc)(f"item {index}: {exc}") from None
         return sealed
 
+    # -- queue shard ------------------------------------------------------------------
+    @property
+    def shard(self) -> int:
+        """The queue shard this tenant's jobs go to (`shards.shard_of`, the placement rule)."""
+        return shards.shard_of(self.tenant, self.settings.redis_ha.queue_shards)
+
+    @property
+    def key_prefix(self) -> str:
+        """The key prefix of this tenant's queue shard (``""`` when not sharded)."""
+        return shards.key_prefix(self.settings, self.shard)
+
     # -- backpressure and quota -------------------------------------------------------
     def depth_key(self, priority: str) -> str:
         """The list whose length is this tenant's queue depth at ``priority``: its own
-        list of the priority's queue (fair share, broker/fetch.py)."""
-        return fetch.tenant_queue(queue_for(priority), self.tenant)
+        list of the priority's queue (fair share, broker/fetch.py), in its shard."""
+        return self.key_prefix + fetch.tenant_queue(queue_for(priority), self.tenant)
 
     def depth_needs_read(self, priority: str, adding: int) -> bool:
         """Whether the queue length must be read before `commit_depth` (cache stale or
@@ -530,11 +541,8 @@ class ClientCore:
         """
         wait = self.settings.redis_ha.wait_command()
         assert wait is not None
-        return [
-            ("LPUSH", fetch.WAKE_KEY, "1"),
-            ("LTRIM", fetch.WAKE_KEY, 0, fetch.WAKE_MAX - 1),
-            wait,
-        ]
+        wake = self.key_prefix + fetch.WAKE_KEY  # on the tenant's shard's connection
+        return [("LPUSH", wake, "1"), ("LTRIM", wake, 0, fetch.WAKE_MAX - 1), wait]
 
     def marker_write(self, sealed: list[Sealed]) -> markers.MarkerWrite:
         """The queued markers, written after the send: a marker for a job that never got

@@ -33,7 +33,7 @@ class TenantLane(AsyncClient):
         # An empty keyring: nothing here can seal or open; `_check_keys` skips the check.
         super().__init__(settings=replace(gateway.settings, tenant=tenant), keyring=Keyring())
         self._backend = gateway.backend
-        self._broker = gateway.broker
+        self._broker = gateway.brokers[self.shard]
         self._wire = gateway.wire
 
     def _check_keys(self) -> None:

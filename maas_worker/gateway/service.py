@@ -29,6 +29,7 @@ import redis.asyncio
 from maas_worker.backend import functions, keyspace
 from maas_worker.backend.audit import record_fields
 from maas_worker.backend.redis import async_redis_client
+from maas_worker.broker import shards
 from maas_worker.client import markers
 from maas_worker.client.core import Plan, Sealed, adrive, arun_plan
 from maas_worker.client.wire import MessageBuilder
@@ -117,9 +118,12 @@ class Gateway:
         self.backend: redis.asyncio.Redis = async_redis_client(
             settings.result_backend, tls=settings.redis_tls, ha=settings.redis_ha
         )
-        self.broker: redis.asyncio.Redis = async_redis_client(
-            settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha
-        )
+        #: One broker client per queue shard (on a Redis Cluster each pinned to the
+        #: primary serving its shard): a tenant's lane pushes on its shard's.
+        self.brokers: list[redis.asyncio.Redis] = [
+            shards.async_broker_client(settings, k) for k in shards.all_shards(settings)
+        ]
+        self.broker: redis.asyncio.Redis = self.brokers[0]
         self.wire = MessageBuilder()
         self.metrics = Metrics()
         self._lanes: dict[str, TenantLane] = {}
@@ -147,7 +151,7 @@ class Gateway:
         """Stop every waiter and close the pools."""
         for lane in self._lanes.values():
             await lane.aclose()
-        for conn in (self.backend, self.broker):
+        for conn in (self.backend, *self.brokers):
             with contextlib.suppress(Exception):
                 await conn.aclose()
 
@@ -445,10 +449,11 @@ class Gateway:
         return Reply(200, {"job_id": job_id, "cancel_requested": requested})
 
     async def healthy(self) -> bool:
-        """True if both Redis connections answer a PING."""
+        """True if the result store and every queue shard's Redis answer a PING."""
         try:
             await self.backend.ping()
-            await self.broker.ping()
+            for broker in self.brokers:
+                await broker.ping()
         except redis.RedisError:
             return False
         return True

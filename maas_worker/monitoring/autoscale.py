@@ -116,7 +116,7 @@ class _Reading:
 class HeadroomProbe:
     """Daemon thread reading the backlog and the host's memory and CPU use."""
 
-    def __init__(self, client: redis.Redis, interval_s: float) -> None:
+    def __init__(self, client: Any, interval_s: float) -> None:
         self._client = client
         self.interval_s = interval_s
         self.reading: _Reading | None = None

@@ -12,6 +12,7 @@ time is ahead of the clock, whatever the sample interval:
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from celery.beat import Scheduler
+
+log = logging.getLogger(__name__)
 
 #: Celery configuration key holding the file (set from Settings.beat_alive_file).
 ALIVE_FILE_CONF = "maas_beat_alive_file"
@@ -49,7 +52,44 @@ def is_alive(path: Path, now: float | None = None) -> bool:
 
 
 class AliveScheduler(Scheduler):  # type: ignore[misc]  # Celery is untyped
-    """Celery's in-memory scheduler that records its next tick's deadline after each tick."""
+    """Celery's in-memory scheduler that records its next tick's deadline after each tick,
+    and sends each task on every queue shard (MAAS_QUEUE_SHARDS): a worker node hears
+    the ``maas.sample`` broadcast on its own Celery connection, which is on its first
+    shard (shards.py), so every shard gets it."""
+
+    _shard_apps: list[Any] | None = None
+
+    def apply_async(
+        self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any
+    ) -> Any:
+        """Send ``entry`` as Celery does (on beat's own shard), then on each other shard."""
+        result = super().apply_async(entry, producer=producer, advance=advance, **kwargs)
+        for app in self._other_shards():
+            try:
+                app.send_task(entry.task, args=entry.args, kwargs=entry.kwargs, **entry.options)
+            except Exception as exc:  # one shard's outage must not stop the others' ticks
+                log.warning("could not send %s on a queue shard: %s", entry.task, exc)
+        return result
+
+    def _other_shards(self) -> list[Any]:
+        """One Celery app per queue shard other than beat's own (built once)."""
+        if self._shard_apps is None:
+            from celery import Celery
+
+            from maas_worker.broker import shards
+            from maas_worker.broker.app import settings_of, transport_options
+
+            settings = settings_of(self.app)
+            own = shards.consumed(settings)[0]
+            self._shard_apps = []
+            for k in shards.all_shards(settings):
+                if k == own:
+                    continue
+                app = Celery("maas_worker", set_as_current=False)
+                app.conf.update(dict(self.app.conf.changes))
+                app.conf.broker_transport_options = transport_options(settings, k)
+                self._shard_apps.append(app)
+        return self._shard_apps
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Run what is due, then promise the next tick (when the file is configured)."""

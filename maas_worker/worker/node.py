@@ -137,6 +137,15 @@ class Node:
                 self.mode_text(),
                 ", ".join(build_registry(self.settings).refs()) or "(none)",
             )
+            if self.settings.redis_ha.sharded:
+                from maas_worker.broker import shards
+
+                log.info(
+                    "maas worker %s consumes queue shard(s) %s of %d",
+                    self.advertiser.node,
+                    ",".join(map(str, shards.consumed(self.settings))),
+                    self.settings.redis_ha.queue_shards,
+                )
         except Exception:
             log.exception("could not start the node's consumers or advertisement")
         try:

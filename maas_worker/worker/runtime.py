@@ -20,8 +20,8 @@ from maas_worker.backend import functions, keyspace, scripts
 from maas_worker.backend.audit import AuditLog
 from maas_worker.backend.catalog import advertise, withdraw
 from maas_worker.backend.claims import JobGuard, LeaseKeeper
-from maas_worker.backend.redis import backend_client, redis_client
-from maas_worker.broker import fetch
+from maas_worker.backend.redis import backend_client
+from maas_worker.broker import fetch, shards
 from maas_worker.crypto.primitives import CryptoBackend, crypto_backend
 from maas_worker.errors import ConfigError
 from maas_worker.models import EchoModel, Model, ModelRegistry, SleepModel
@@ -226,10 +226,12 @@ class Advertiser:
         self._refs: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="maas-advertise", daemon=True)
-        # Fair share: the tenants' weights, where the take reads them (fetch.py).
-        self._broker = redis_client(
-            settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha
-        )
+        # Fair share: the tenants' weights, where the take reads them (fetch.py):
+        # in each queue shard the node consumes (shards.py).
+        self._brokers = [
+            (shards.broker_client(settings, k), shards.key_prefix(settings, k))
+            for k in shards.consumed(settings)
+        ]
         self._keyring = KeyringSource(settings.keyring_path)
 
     def start(self) -> None:
@@ -249,13 +251,21 @@ class Advertiser:
         them (`fetch.reannounce`). A Redis error is logged: the next round retries."""
         try:
             ring = self._keyring.get()
-            fetch.publish_weights(
-                self._broker, {name: t.policy.weight for name, t in ring.tenants.items()}
-            )
-            if reannounce and (n := fetch.reannounce(self._broker, ring.tenants)):
-                log.info("fair share: %d tenant queue(s) with jobs announced again", n)
         except redis.RedisError as exc:
             log.warning("could not publish the tenants' fair-share weights: %s", exc)
+            return
+        weights = {name: t.policy.weight for name, t in ring.tenants.items()}
+        for broker, prefix in self._brokers:
+            try:
+                fetch.publish_weights(broker, weights, prefix)
+                if reannounce and (n := fetch.reannounce(broker, ring.tenants, prefix)):
+                    log.info(
+                        "fair share: %d tenant queue(s) with jobs announced again%s",
+                        n,
+                        f" (shard {prefix})" if prefix else "",
+                    )
+            except redis.RedisError as exc:
+                log.warning("could not publish the tenants' fair-share weights: %s", exc)
 
     def stop(self) -> None:
         """Stop and withdraw the node."""

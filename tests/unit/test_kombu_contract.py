@@ -40,6 +40,9 @@ CHANNEL_METHODS = [
     "_flush_brpop_reauth",
     "conn_or_acquire",
     "basic_cancel",
+    # Queue shards (shards.py): our prefixing client, and pinned connections.
+    "_get_client",
+    "_connparams",
 ]
 #: Attributes kombu's Redis channel sets (in its source) that we read or write.
 CHANNEL_ATTRIBUTES = [
@@ -85,6 +88,25 @@ def test_the_channel_members_exist() -> None:
         assert callable(getattr(kombu_redis.Channel, name, None)), name
     for name in CHANNEL_ATTRIBUTES:
         assert _defined(name), name
+
+
+def test_the_key_prefixing_members_the_shards_lean_on_exist() -> None:
+    """transport.PrefixedClient extends kombu's prefixing mixin (its command lists, its
+    pipeline class) and HardenedChannel._connparams swaps the connection class."""
+    mixin = kombu_redis.GlobalKeyPrefixMixin
+    assert isinstance(mixin.PREFIXED_SIMPLE_COMMANDS, list)
+    assert {"LPUSH", "SADD", "PUBLISH", "ZADD", "HDEL"} <= set(mixin.PREFIXED_SIMPLE_COMMANDS)
+    assert "BRPOP" in mixin.PREFIXED_COMPLEX_COMMANDS
+    assert issubclass(kombu_redis.PrefixedStrictRedis, mixin)
+    assert issubclass(kombu_redis.PrefixedRedisPipeline, mixin)
+    # Fan-out channel names (SUBSCRIBE) carry the prefix too.
+    assert "global_keyprefix" in inspect.getsource(kombu_redis.PrefixedRedisPubSub)
+    # _connparams returns the connection class it chose (we subclass it).
+    assert "connparams['connection_class'] = connection_cls" in inspect.getsource(
+        kombu_redis.Channel._connparams
+    )
+    # Unknown transport options stay on the connection for the channel to read.
+    assert "transport_options" in inspect.getsource(kombu.Connection.__init__)
 
 
 def test_the_qos_and_transport_members_exist() -> None:

@@ -173,6 +173,8 @@ def test_every_declared_variable_is_read() -> None:
         "MAAS_REDIS_WAIT_REPLICAS": "2",
         "MAAS_REDIS_CLUSTER": "1",
         "MAAS_REDIS_CLUSTER_NODES": "n2:7001,n3:7002",
+        "MAAS_QUEUE_SHARDS": "4",
+        "MAAS_WORKER_SHARDS": "0,2",
     }
     for option in options():
         # TLS files need a rediss:// URL, and the client key its certificate.

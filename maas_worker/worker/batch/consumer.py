@@ -158,8 +158,11 @@ class BatchConsumer:
         wait_s: float = 0.0,
         events: TaskEvents | None = None,
         siblings: int = 1,
+        prefix: str = "",
     ) -> None:
         self.rt = rt
+        #: The key prefix of the queue shard this process consumes (shards.py).
+        self.prefix = prefix
         self.events = events
         self.broker = broker
         self.max_jobs = max_jobs
@@ -217,7 +220,9 @@ class BatchConsumer:
                 continue
             try:
                 now = time.time()
-                self.broker.zadd(fetch.UNACKED_INDEX_KEY, dict.fromkeys(tags, now), xx=True)
+                self.broker.zadd(
+                    self.prefix + fetch.UNACKED_INDEX_KEY, dict.fromkeys(tags, now), xx=True
+                )
             except redis.RedisError:
                 log.debug("reservation refresh failed", exc_info=False)
 
@@ -241,7 +246,7 @@ class BatchConsumer:
         if taken and self.wait_s > 0:
             deadline = now + self.wait_s
             while len(taken) < room and (left := deadline - time.monotonic()) > 0:
-                fetch.wait(self.broker, left)
+                fetch.wait(self.broker, left, self.prefix)
                 taken += self._take(room - len(taken))
         return due + taken
 
@@ -252,11 +257,19 @@ class BatchConsumer:
             # A lower queue's reserved share is due: it goes first for a share
             # of the batch, the rest in strict priority order (scheduling.py).
             taken = fetch.take(
-                self.broker, order, count=min(count, self._share_n), max_chars=self._max_chars
+                self.broker,
+                order,
+                count=min(count, self._share_n),
+                max_chars=self._max_chars,
+                prefix=self.prefix,
             )
         if len(taken) < count:
             taken += fetch.take(
-                self.broker, QUEUE_NAMES, count=count - len(taken), max_chars=self._max_chars
+                self.broker,
+                QUEUE_NAMES,
+                count=count - len(taken),
+                max_chars=self._max_chars,
+                prefix=self.prefix,
             )
         for t in taken:
             self._cycle.rotate(t.queue)
@@ -267,7 +280,7 @@ class BatchConsumer:
         if self._deferred:
             first = min(when for when, _ in self._deferred) - time.monotonic()
             timeout = max(IDLE_MIN_S, min(timeout, first))
-        fetch.wait(self.broker, timeout)
+        fetch.wait(self.broker, timeout, self.prefix)
         self._idle_s = min(self._idle_s * 2, self._idle_max_s)
 
     # -- one batch ----------------------------------------------------------------------
@@ -488,7 +501,7 @@ class BatchConsumer:
             # Each to the list it came from (its tenant's), taken next, while
             # this process still holds it: after a partition longer than the
             # visibility timeout the sweep has put it back already (fetch.hand_back).
-            handed = fetch.hand_back(self.broker, self._to_hand_back)
+            handed = fetch.hand_back(self.broker, self._to_hand_back, self.prefix)
             if dropped := len(self._to_hand_back) - len(handed):
                 log.info(
                     "batch consumer: %d message(s) were put back by the visibility sweep "
@@ -502,11 +515,11 @@ class BatchConsumer:
             return
         with self.broker.pipeline(transaction=True) as pipe:
             if tags:
-                pipe.zrem(fetch.UNACKED_INDEX_KEY, *tags)
-                pipe.hdel(fetch.UNACKED_KEY, *tags)
+                pipe.zrem(self.prefix + fetch.UNACKED_INDEX_KEY, *tags)
+                pipe.hdel(self.prefix + fetch.UNACKED_KEY, *tags)
             now = time.time()
             for tag in touch:
-                pipe.zadd(fetch.UNACKED_INDEX_KEY, {tag: now}, xx=True, ch=True)
+                pipe.zadd(self.prefix + fetch.UNACKED_INDEX_KEY, {tag: now}, xx=True, ch=True)
             replies = pipe.execute()
         self._to_ack, self._to_touch = [], []
         gone = {
@@ -591,19 +604,25 @@ def _doc(d: _Delivery) -> ResultDoc:
 
 
 def serve(
-    *, name: str, loglevel: str = "INFO", ready_fd: int | None = None, siblings: int = 1
+    *,
+    name: str,
+    loglevel: str = "INFO",
+    ready_fd: int | None = None,
+    siblings: int = 1,
+    shard: int = 0,
 ) -> int:
     """Run one batch consumer process until SIGTERM/SIGINT (``maas-worker batch-consumer``).
 
     Started by `supervisor.ConsumerPool`; writes one byte to ``ready_fd`` once
     its runtime is built. Runs in the main thread, so the watchdog can
     interrupt a job at its soft limit. ``siblings``: the node's consumer
-    processes, this one included (they share the idle polling).
+    processes, this one included (they share the idle polling). ``shard``: the
+    queue shard it consumes (shards.py).
     """
     import os
     import signal
 
-    from maas_worker.backend.redis import redis_client
+    from maas_worker.broker import shards
     from maas_worker.settings import Settings
     from maas_worker.worker.runtime import get_runtime
 
@@ -615,7 +634,7 @@ def serve(
     audit.name_worker(node)
     rt = get_runtime(settings)
     rt.watchdog.ensure_started()
-    broker = redis_client(settings.broker_url, tls=settings.redis_tls, ha=settings.redis_ha)
+    broker = shards.broker_client(settings, shard)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -630,7 +649,7 @@ def serve(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # Task events under the worker node's name too.
-    events = TaskEvents(settings, node, task_name=TASK_NAME)
+    events = TaskEvents(settings, node, task_name=TASK_NAME, shard=shard)
     consumer = BatchConsumer(
         rt,
         broker,
@@ -638,11 +657,12 @@ def serve(
         wait_s=settings.consumer_wait_ms / 1000,
         events=events,
         siblings=siblings,
+        prefix=shards.key_prefix(settings, shard),
     )
     if ready_fd is not None:
         os.write(ready_fd, b"1")
         os.close(ready_fd)
-    log.info("batch consumer %s ready (pid %d)", name, os.getpid())
+    log.info("batch consumer %s ready on queue shard %d (pid %d)", name, shard, os.getpid())
     consumer.run(stop)
     events.close()
     log.info(

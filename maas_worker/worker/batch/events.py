@@ -34,10 +34,13 @@ log = logging.getLogger(__name__)
 class TaskEvents:
     """Buffers the task events of finished jobs and publishes them in one message."""
 
-    def __init__(self, settings: Settings, hostname: str, *, task_name: str) -> None:
+    def __init__(
+        self, settings: Settings, hostname: str, *, task_name: str, shard: int | None = None
+    ) -> None:
         self.hostname = hostname
         self.task_name = task_name
-        self._app = make_producer_app(settings)
+        # On the queue shard of the jobs (its event channels carry its prefix).
+        self._app = make_producer_app(settings, shard)
         self._conn: Any = None
         self._dispatcher: Any = None
         self._warned = False

@@ -49,12 +49,31 @@ WATCH_INTERVAL_S = 0.5
 
 
 class ConsumerPool:
-    """``processes`` batch consumer processes, watched and restarted."""
+    """``processes`` batch consumer processes, watched and restarted.
+
+    Process i consumes queue shard ``shards[i % len(shards)]`` (default: the
+    shards the node consumes, shards.consumed): every shard needs one.
+    """
 
     def __init__(
-        self, settings: Settings, *, processes: int, node: str, loglevel: str = "INFO"
+        self,
+        settings: Settings,
+        *,
+        processes: int,
+        node: str,
+        loglevel: str = "INFO",
+        shards: list[int] | None = None,
     ) -> None:
+        from maas_worker.broker import shards as shard_rules
+        from maas_worker.errors import ConfigError
+
         self.settings = settings
+        self.shards = shards if shards is not None else shard_rules.consumed(settings)
+        if processes < len(self.shards):
+            raise ConfigError(
+                f"{processes} batch consumer process(es) cannot consume {len(self.shards)} "
+                "queue shards: give --concurrency at least the number of shards"
+            )
         self.processes = processes
         self.node = node
         self.loglevel = loglevel
@@ -62,7 +81,7 @@ class ConsumerPool:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._watcher = threading.Thread(target=self._watch, name="maas-consumers", daemon=True)
-        self._sweeper = Sweeper(settings)
+        self._sweepers = [Sweeper(settings, k) for k in self.shards]
 
     def start(self) -> None:
         """Start every consumer and wait until each is ready; then watch them."""
@@ -75,7 +94,8 @@ class ConsumerPool:
             self._await_ready(proc, read_fd, deadline)
             self._procs[i] = proc
         self._watcher.start()
-        self._sweeper.start()
+        for sweeper in self._sweepers:
+            sweeper.start()
         log.info(
             "%d batch consumer process(es) ready (batch %d, wait %g ms)",
             self.processes,
@@ -86,7 +106,8 @@ class ConsumerPool:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Warm shutdown: each consumer finishes its batch, acknowledges it and exits."""
         self._stopping.set()
-        self._sweeper.stop()
+        for sweeper in self._sweepers:
+            sweeper.stop()
         with self._lock:
             procs = [p for p in self._procs if p is not None]
         for p in procs:
@@ -131,6 +152,8 @@ class ConsumerPool:
                     f"{self.node}/{index}",
                     "--siblings",
                     str(self.processes),
+                    "--shard",
+                    str(self.shards[index % len(self.shards)]),
                     "--loglevel",
                     self.loglevel,
                 ],
@@ -176,16 +199,19 @@ class ConsumerPool:
 
 
 class Sweeper:
-    """kombu's visibility sweep, run from a thread (see the module docstring)."""
+    """kombu's visibility sweep of queue shard ``shard``, run from a thread (see the
+    module docstring)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, shard: int | None = None) -> None:
         from maas_worker.broker.app import transport_options
 
         self.settings = settings
-        self.options = transport_options(settings)
+        self.options = transport_options(settings, shard)
         self.interval_s = float(self.options["unacked_restore_interval"])
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="maas-sweep", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"maas-sweep-{shard or 0}", daemon=True
+        )
         self._conn: Any = None
 
     def start(self) -> None:
