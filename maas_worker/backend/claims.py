@@ -34,8 +34,8 @@ from typing import Any
 
 import redis
 
-from maas_worker.backend import keyspace, scripts
-from maas_worker.backend.cluster import by_slot
+from maas_worker.backend import barrier, keyspace, scripts
+from maas_worker.backend.cluster import by_slot, is_cluster
 from maas_worker.backend.redis import wait_replicated
 from maas_worker.protocol import AuditReason, JobState, rejected_marker
 from maas_worker.settings import RedisHA
@@ -348,7 +348,8 @@ class JobGuard:
         others are stored); a lost connection raises, and so does
         `NotReplicated` (``WAIT``, as in `store_result`: in the same pipeline,
         after the stores). On a Redis Cluster, one call per hash slot (as in
-        `claim_many`; ``WAIT`` is refused there by the settings).
+        `claim_many`), and ``WAIT`` by the durability barrier (backend/barrier.py) on
+        each node the stores went to.
         """
         if not results:
             return []
@@ -368,9 +369,17 @@ class JobGuard:
                 args += [sealed, keep_ms]
             calls.append((keys, args))
         wait = self._ha.wait_command()
-        replies = scripts.eval_many(self._r, self._store_batch, calls, then=wait)
-        if wait is not None:
-            wait_replicated(replies.pop(), self._ha, f"{len(results)} result(s) stored")
+        what = f"{len(results)} result(s) stored"
+        if wait is not None and is_cluster(self._r):
+            # The stores go over one connection per primary: a WAIT after them would
+            # vouch for none of it. The barrier, on each node they touched, does.
+            pinned = barrier.pin(self._r, dict.fromkeys(t for t, *_ in results))
+            replies = scripts.eval_many(self._r, self._store_batch, calls)
+            barrier.confirm(self._r, pinned, self._ha, what)
+        else:
+            replies = scripts.eval_many(self._r, self._store_batch, calls, then=wait)
+            if wait is not None:
+                wait_replicated(replies.pop(), self._ha, what)
         stored: list[bool | Exception] = [False] * len(results)
         for group, reply in zip(groups, replies, strict=True):
             for i, n in enumerate(group):
