@@ -38,7 +38,8 @@ def start_workers(stack: Stack, mode: str, shards: range = range(N)) -> None:
     Celery-task node per shard (it consumes exactly one)."""
     stack.worker_args = WORKER_MODES[mode]
     if mode == "batch":
-        stack.start_worker("b", concurrency=len(shards))
+        spec = ",".join(map(str, shards))
+        stack.start_worker("b", concurrency=len(shards), args=("--shards", spec))
     else:
         for k in shards:
             stack.start_worker(f"c{k}", concurrency=1, args=("--shards", str(k)))
