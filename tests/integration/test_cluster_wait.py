@@ -24,9 +24,10 @@ from maas_worker.settings import RedisHA
 
 from ..reliability.conftest import assert_once
 from .conftest import WAIT_S, WORKER_MODES, Stack, wait_for
-from .test_shards_cluster import KINDS, N, TENANTS
-from .test_shards_cluster import cluster as cluster  # noqa: F401 (a fixture)
-from .test_shards_cluster import cluster_stack as cluster_stack  # noqa: F401 (a fixture)
+from .test_shards_cluster import KINDS, TENANTS, N, cluster, cluster_stack
+
+# The fixtures of test_shards_cluster (a cluster for this module, a stack on it).
+__all__ = ["cluster", "cluster_stack"]
 
 pytestmark = pytest.mark.integration
 
