@@ -220,7 +220,9 @@ class JobGuard:
         a Redis Cluster the two are on different nodes: so the result is confirmed
         first (the barrier on its tenant's node), and a job whose result is not is
         ``busy`` instead (retried later, not acknowledged)."""
-        replayed = {t for t, c in zip(tenants, claims, strict=True) if c.outcome == "replayed"}
+        replayed = {
+            t for t, c in zip(tenants, claims, strict=True) if c.outcome == ClaimOutcome.REPLAYED
+        }
         if pinned is None or not replayed:
             return claims
         by_node: dict[str, list[str]] = {}
@@ -234,7 +236,9 @@ class JobGuard:
                 log.warning("a replayed job's result is not confirmed on the replicas: %s", exc)
                 unconfirmed.update(on_node)
         return [
-            Claim(ClaimOutcome.BUSY) if c.outcome == "replayed" and t in unconfirmed else c
+            Claim(ClaimOutcome.BUSY)
+            if c.outcome == ClaimOutcome.REPLAYED and t in unconfirmed
+            else c
             for t, c in zip(tenants, claims, strict=True)
         ]
 
