@@ -135,11 +135,11 @@ def test_cluster_failover_under_load_with_wait_loses_nothing(
     per_round = SIZE.failover_jobs // (failovers + 1)
     took: list[float] = []
 
-    def accepted(n: int, what: str) -> None:
+    def wait_accepted(n: int, what: str) -> None:
         wait_for(lambda: len(producer.accepted) >= n, WAIT_S, f"{n} accepted jobs ({what})")
 
     for i in range(failovers):
-        accepted((i + 1) * per_round, "before a kill")
+        wait_accepted((i + 1) * per_round, "before a kill")
         victim = group.owner(shards.prefix(i % N, sharded=True))
         victim.kill()
         killed_at = time.monotonic()
@@ -148,7 +148,7 @@ def test_cluster_failover_under_load_with_wait_loses_nothing(
         if old_primary == "returns":
             victim.start()  # empty: it rejoins as a replica of its old replica
             group.wait_ok()
-    accepted(max(SIZE.failover_jobs, len(producer.accepted) + per_round // 2), "after")
+    wait_accepted(max(SIZE.failover_jobs, len(producer.accepted) + per_round // 2), "after")
     producer.stop.set()
     producer.join(WAIT_S * 2)
     assert not producer.is_alive()  # no submit hung
