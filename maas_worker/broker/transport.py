@@ -559,9 +559,7 @@ class HardenedChannel(kombu_redis.Channel):
                 taken.queue,
                 reason,
             )
-            auditor.record(
-                None, reason, job_id=unverified_entry_id(taken.raw), tenant=taken.tenant
-            )
+            auditor.record(None, reason, job_id=unverified_entry_id(taken.raw), tenant=taken.tenant)
             return True
         if taken.tag is not None:
             self.qos.prereserved.add(taken.tag)
