@@ -227,7 +227,12 @@ def worker_rules(dbs: Sequence[int], layout: ShardLayout = UNSHARDED) -> list[st
         "~celeryev.*",
     )
     channels = _channels(
-        dbs, layout.prefixes, _PIDBOX, "celeryev/*", "celeryev/worker.*", "maas.monitor/maas.monitor"
+        dbs,
+        layout.prefixes,
+        _PIDBOX,
+        "celeryev/*",
+        "celeryev/worker.*",
+        "maas.monitor/maas.monitor",
     )
     # The result store's keys (maas:...) first, unprefixed; one copy when not sharded.
     return [
