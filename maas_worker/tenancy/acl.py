@@ -80,15 +80,19 @@ class ShardLayout:
     """The deployment's queue shards as the roles see them (docs/security.md, "Roles
     with queue shards"): ``count`` shards (MAAS_QUEUE_SHARDS), and whether broker keys
     carry their shard's prefix (`shards.prefix`: with more than one shard, or on a
-    Redis Cluster). The default, one unprefixed shard, is an unsharded deployment."""
+    Redis Cluster, ``cluster``). The default, one unprefixed shard, is an unsharded
+    deployment."""
 
     count: int = 1
     sharded: bool = False
+    #: On a Redis Cluster every client asks where the slots are (``CLUSTER SLOTS``).
+    cluster: bool = False
 
     @classmethod
     def of(cls, settings: Settings) -> ShardLayout:
         """The layout of ``settings`` (MAAS_QUEUE_SHARDS, MAAS_REDIS_CLUSTER)."""
-        return cls(settings.redis_ha.queue_shards, settings.redis_ha.sharded)
+        ha = settings.redis_ha
+        return cls(ha.queue_shards, ha.sharded, ha.cluster)
 
     @property
     def prefixes(self) -> list[str]:
@@ -102,6 +106,12 @@ class ShardLayout:
 
 #: One shard, keys unprefixed: the rules name broker keys as they are.
 UNSHARDED = ShardLayout()
+
+
+def _connect(layout: ShardLayout) -> tuple[str, ...]:
+    """`_CONNECT`, and on a Redis Cluster ``CLUSTER SLOTS``: the shard connections and
+    redis-py's cluster client ask any node where each slot is served."""
+    return (*_CONNECT, "+cluster|slots") if layout.cluster else _CONNECT
 
 
 def producer(tenant: str) -> str:
@@ -151,7 +161,7 @@ def producer_rules(tenant: str, layout: ShardLayout = UNSHARDED) -> list[str]:
     t = keyspace.tenant_prefix(tenant)
     p = layout.prefix_of(tenant)
     return [
-        *_CONNECT,
+        *_connect(layout),
         "+time",
         # Read its own keys (status, results, the cancel and quota scripts'
         # reads), the model catalogue and the node list.
@@ -197,10 +207,11 @@ def gateway_rules(tenants: Sequence[str], layout: ShardLayout = UNSHARDED) -> li
     ``maas:{<tenant>}:gateway:*``), ``MGET`` of a tenant's keys (its waiter), and
     appending to the audit stream. Nothing a producer may not do beyond that (with
     queue shards: each tenant's lists on that tenant's shard)."""
-    rules = list(_CONNECT)
+    connect = _connect(layout)
+    rules = list(connect)
     for tenant in tenants:
         t = keyspace.tenant_prefix(tenant)
-        rules += [r for r in producer_rules(tenant, layout) if r not in _CONNECT]
+        rules += [r for r in producer_rules(tenant, layout) if r not in connect]
         rules += [_sel("+mget", f"%R~{t}*"), _sel("+set", "+del", f"~{t}gateway:*")]
     rules.append(_sel("+xadd", f"%W~{keyspace.AUDIT_STREAM}"))
     return list(dict.fromkeys(rules))  # one copy of the rules every tenant shares
@@ -255,7 +266,7 @@ def beat_rules(dbs: Sequence[int], layout: ShardLayout = UNSHARDED) -> list[str]
     """What ``maas-worker beat`` may do: publish the sample request (it sends no task
     event), on every shard."""
     return [
-        *_CONNECT,
+        *_connect(layout),
         "+publish",
         *_channels(dbs, layout.prefixes, "maas.monitor/maas.monitor"),
     ]
@@ -264,7 +275,7 @@ def beat_rules(dbs: Sequence[int], layout: ShardLayout = UNSHARDED) -> list[str]
 def monitor_rules(layout: ShardLayout = UNSHARDED) -> list[str]:
     """Read-only: the fleet exporter, ``stats``, ``scale``, a KEDA list scaler (every shard)."""
     return [
-        *_CONNECT,
+        *_connect(layout),
         *_keys(
             layout.prefixes,
             *(f"%R~{q}*" for q in _JOB_QUEUES),  # their own lists and the tenants'
@@ -297,7 +308,7 @@ def flower_rules(dbs: Sequence[int], layout: ShardLayout = UNSHARDED) -> list[st
     shard: Flower follows the first shard of its MAAS_WORKER_SHARDS, which may be any)."""
     ps = layout.prefixes
     return [
-        *_CONNECT,
+        *_connect(layout),
         "+psubscribe",
         "+punsubscribe",
         *_channels(dbs, ps, "celeryev/*"),

@@ -45,7 +45,16 @@ def test_the_layout_follows_the_settings() -> None:
     assert layout(MAAS_QUEUE_SHARDS="3") == LAYOUT
     assert LAYOUT.prefixes == TAGS
     # A Redis Cluster with one shard: still under its tag.
+    assert layout(MAAS_REDIS_CLUSTER="1") == acl.ShardLayout(1, sharded=True, cluster=True)
     assert layout(MAAS_REDIS_CLUSTER="1").prefixes == ["{maas-q0}"]
+
+
+@pytest.mark.parametrize("role", ["producer-acme", "gateway", "beat", "monitor", "flower"])
+def test_on_a_cluster_every_role_may_ask_where_the_slots_are(role: str) -> None:
+    on_cluster = acl.ShardLayout(N, sharded=True, cluster=True)
+    rules = acl.role_rules(role, tenants=("acme",), layout=on_cluster)
+    assert rules.count("+cluster|slots") == 1
+    assert "+cluster|slots" not in acl.role_rules(role, tenants=("acme",), layout=LAYOUT)
 
 
 def test_the_default_layout_changes_no_rule() -> None:
