@@ -322,3 +322,126 @@ def test_a_producer_may_push_only_to_its_own_lists_on_its_own_shard(deployment: 
     finally:
         conn.close()
     assert denials(deployment.stack.backend) == []
+
+
+# -- the same roles on a Redis Cluster ------------------------------------------------------------
+#: The group's own user on the nodes (CLUSTER MEET, ADDSLOTSRANGE: admin commands no role
+#: has), added to the generated file as an operator adds replication's (scaling.md).
+CLUSTER_ADMIN = ("clusteradmin", "cluster-admin-test-password-0123456789")
+
+
+@pytest.fixture(scope="module")
+def on_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sharded]:
+    """3 primaries (no replicas: no replication user to add) each started with the ACL
+    file for a cluster of 3 shards; a batch node on shards 0-1, a task node on 2."""
+    from maas_worker.backend.redis import backend_client
+    from maas_worker.local.embedded import ClusterGroup
+
+    tmp = tmp_path_factory.mktemp("aclcluster")
+    keyring_path = tmp / "keyring.json"
+    ring = Keyring()
+    for tenant in TENANTS:
+        ring = ring.with_new_tenant(tenant)
+    save_keyring(keyring_path, ring)
+    acl_file, passwords = tmp / "redis" / "users.acl", tmp / "redis" / "passwords"
+    layout = acl.ShardLayout(N, sharded=True, cluster=True)
+    acl.generate(ring.tenants, acl_file=acl_file, passwords_dir=passwords, layout=layout)
+    with acl_file.open("a") as f:
+        f.write(f"user {CLUSTER_ADMIN[0]} on >{CLUSTER_ADMIN[1]} ~* &* +@all\n")
+    group = ClusterGroup(
+        primaries=3, replicas=0, extra_args=("--aclfile", str(acl_file)), probe_auth=CLUSTER_ADMIN
+    ).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAAS_")}
+    env.update(
+        MAAS_KEYRING=str(keyring_path),
+        MAAS_DIAGNOSTIC_MODELS="1",
+        MAAS_SAMPLE_INTERVAL_S="1",
+        MAAS_METRICS_PORT="0",
+        MAAS_MODEL_DIR=str(tmp / "models"),
+        MAAS_QUEUE_SHARDS=str(N),
+        MAAS_REDIS_CLUSTER="1",
+        MAAS_REDIS_CLUSTER_NODES=group.seeds,
+    )
+    server = group.url
+    operator_url = acl.role_url(server, "operator", (passwords / "operator").read_text().strip())
+    worker_url = acl.role_url(server, "worker", (passwords / "worker").read_text().strip())
+    backend = backend_client(Settings.from_env({**env, "MAAS_BROKER_URL": operator_url}))
+    stack = Stack(operator_url, tmp, keyring_path, {**env, "MAAS_BROKER_URL": worker_url}, backend)
+    try:
+        batch = stack.start_worker("aclcb", concurrency=2, args=("--shards", "0-1"))
+        tasks = stack.start_worker("aclct", concurrency=1, args=("--celery-tasks", "--shards", "2"))
+        yield Sharded(stack, group.nodes[0].port, acl_file, passwords, batch, tasks)
+    finally:
+        for w in stack.workers:
+            w.stop(timeout_s=5)
+        backend.close()
+        group.stop()
+
+
+def cluster_denials(d: Sharded) -> set[tuple[str, str, str]]:
+    """The refusals every node logged since the last call."""
+    found: set[tuple[str, str, str]] = set()
+    for port in (
+        int(p.rpartition(":")[2]) for p in d.stack.env["MAAS_REDIS_CLUSTER_NODES"].split(",")
+    ):
+        with redis.Redis(port=port, username=CLUSTER_ADMIN[0], password=CLUSTER_ADMIN[1]) as node:
+            found |= set(denials(node))
+    return found
+
+
+def test_every_role_does_its_job_on_a_cluster_and_a_producer_stays_on_its_shard(
+    on_cluster: Sharded,
+) -> None:
+    from .gatewaykit import Caller, GatewayProcess
+
+    d = on_cluster
+    assert d.task_worker is not None
+    cluster_denials(d)
+    for tenant in TENANTS:
+        with d.client(tenant) as client:
+            jobs = client.submit_many("echo", [{"t": tenant, "i": i} for i in range(3)])
+            assert [j.result(timeout=WAIT_S) for j in jobs] == [
+                {"echo": {"t": tenant, "i": i}} for i in range(3)
+            ]
+    gw = GatewayProcess(d.stack, "aclcgw", MAAS_BROKER_URL=d.url("gateway"))
+    try:
+        caller = Caller(d.stack, gw, "globex")
+        header, raw = caller.seal({"t": "gw"})
+        assert caller.submit(raw).status_code == 202
+        done = caller.http.get(f"/v1/jobs/{header.job_id}", params={"wait": WAIT_S}).json()
+        assert caller.open(done["result"], header.job_id)["output"] == {"echo": {"t": "gw"}}
+        caller.http.close()
+    finally:
+        gw.stop()
+    assert "NOPERM" not in gw.service.log()
+    beat = Service(d.stack, "aclc-beat", "beat", "--loglevel", "WARNING", env=d.env("beat"))
+    try:
+        for node in (d.worker.node, d.task_worker.node):
+            wait_for(
+                lambda node=node: d.stack.backend.zscore(keyspace.SAMPLES, node),
+                WAIT_S,
+                f"a resource sample from {node} requested by beat",
+            )
+    finally:
+        beat.stop()
+    stats = d.cli("monitor", "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    assert {d.worker.node, d.task_worker.node} <= {
+        w["worker"] for w in json.loads(stats.stdout)["workers"]
+    }
+    assert "NOPERM" not in d.stack.worker_logs() + beat.log()
+    assert cluster_denials(d) <= PROBES
+
+    # On any node (the ACL is checked before the slot): no list of another shard.
+    conn = d.redis("producer-acme")
+    allowed = []
+    try:
+        for command in FORBIDDEN["producer-acme"]:
+            try:
+                conn.execute_command(*command)
+            except redis.exceptions.NoPermissionError:
+                continue
+            allowed.append(command[:2])
+    finally:
+        conn.close()
+    assert allowed == []
