@@ -130,8 +130,11 @@ def test_each_producer_submits_on_its_shard_and_both_worker_modes_run_the_jobs(
             jobs[tenant] = [j.id for j in submitted]
     assert deployment.task_worker is not None
     # acme (shard 2) ran on the --celery-tasks node, the others on the batch node.
-    assert set(jobs["acme"]) <= ran_by(deployment.task_worker)
-    assert set(jobs["initech"]) | set(jobs["globex"]) <= ran_by(deployment.worker)
+    # (A node logs `succeeded` just after it stores the result: wait for the line.)
+    task_worker, worker = deployment.task_worker, deployment.worker
+    wait_for(lambda: set(jobs["acme"]) <= ran_by(task_worker), WAIT_S, "acme's jobs logged")
+    others = set(jobs["initech"]) | set(jobs["globex"])
+    wait_for(lambda: others <= ran_by(worker), WAIT_S, "the other tenants' jobs logged")
     no_refusals(deployment)
 
 
