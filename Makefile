@@ -82,6 +82,7 @@ bench: venv
 	$(BIN)/python benchmarks/gateway.py
 	$(BIN)/python benchmarks/idle.py
 	$(BIN)/python benchmarks/capacity.py
+	$(BIN)/python benchmarks/cluster.py
 
 .PHONY: format coverage lock compose-test lint-containers
 

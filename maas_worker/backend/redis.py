@@ -216,7 +216,11 @@ def async_redis_client(
         )
         return aclient
     url, options = _options(url, tls, asynchronous=True)
-    return redis.asyncio.Redis.from_url(url, **options)
+    aclient = redis.asyncio.Redis.from_url(url, **options)
+    # redis.asyncio's from_url puts the class of the URL's scheme (SSLConnection for
+    # rediss://, the Unix one for unix://) over the one given (the sync one keeps it).
+    aclient.connection_pool.connection_class = options["connection_class"]
+    return aclient
 
 
 def backend_client(settings: Settings) -> redis.Redis:

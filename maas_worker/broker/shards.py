@@ -352,8 +352,13 @@ def async_broker_client(settings: Settings, shard: int) -> redis.asyncio.Redis:
         settings.broker_url, settings.redis_tls, asynchronous=True
     )
     base = options["connection_class"]
-    options["connection_class"] = pinned_class(base, locator(seeds_of(settings), tag_slot(shard)))
-    return redis.asyncio.Redis.from_url(url, **options)
+    pinned = pinned_class(base, locator(seeds_of(settings), tag_slot(shard)))
+    client = redis.asyncio.Redis.from_url(url, **options)
+    # redis.asyncio's from_url puts the class of the URL's scheme (SSLConnection for
+    # rediss://) over the one given (the sync one keeps it): pin here, or TLS
+    # connections would go to the URL's node, whatever it serves.
+    client.connection_pool.connection_class = pinned
+    return client
 
 
 def key_prefix(settings: Settings, shard: int) -> str:

@@ -132,10 +132,17 @@ class _Auditor:
         self.on_record: Callable[[AuditReason], None] | None = None
 
     def record(
-        self, raw: Any, reason: AuditReason, *, job_id: str | None = None, detail: str = ""
+        self,
+        raw: Any,
+        reason: AuditReason,
+        *,
+        job_id: str | None = None,
+        detail: str = "",
+        tenant: str | None = None,
     ) -> None:
         """One record for a refused entry (or control command): its id from ``raw``
-        (parsed) or ``job_id``."""
+        (parsed) or ``job_id``; ``tenant``: the tenant whose list the entry was
+        taken from (only that tenant's producers may push there), else none."""
         try:
             if self._audit is None:
                 from maas_worker.backend.audit import AuditLog
@@ -151,7 +158,7 @@ class _Auditor:
                 )
             self._audit.record(
                 job_id=_job_id(raw) if job_id is None else job_id,
-                tenant="",
+                tenant=tenant or "",
                 reason=reason,
                 verified=False,
                 detail=detail,
@@ -422,7 +429,7 @@ class HardenedChannel(kombu_redis.Channel):
             except Refused as exc:
                 log.warning("queue %s: refused an entry (%s): %s", queue, exc.reason, exc)
                 self._forget(raw)
-                auditor.record(raw, exc.reason)
+                auditor.record(raw, exc.reason, tenant=self._list_tenant)
                 return None
             if not fanout:
                 # The list it was popped from, not what the message claims: the
@@ -451,7 +458,7 @@ class HardenedChannel(kombu_redis.Channel):
                     type(exc).__name__,
                 )
                 self._forget(raw)
-                auditor.record(raw, AuditReason.MALFORMED)
+                auditor.record(raw, AuditReason.MALFORMED, tenant=self._list_tenant)
                 return None
 
         self.connection._callbacks[queue] = deliver
@@ -552,7 +559,7 @@ class HardenedChannel(kombu_redis.Channel):
                 taken.queue,
                 reason,
             )
-            auditor.record(None, reason, job_id=unverified_entry_id(taken.raw))
+            auditor.record(None, reason, job_id=unverified_entry_id(taken.raw), tenant=taken.tenant)
             return True
         if taken.tag is not None:
             self.qos.prereserved.add(taken.tag)

@@ -589,6 +589,14 @@ class ClusterGroup(_Servers):
 
         with ClusterGroup(primaries=3, replicas=1) as cluster:
             print(cluster.url)       # redis://127.0.0.1:P/0 (any node: a seed)
+
+    With ``tls_files`` every node listens on TLS only, and the cluster bus and
+    replication speak TLS too (``tls-cluster``, ``tls-replication``): the nodes
+    announce their TLS ports, and the certificate must be valid for 127.0.0.1
+    (an IP SAN), the address they announce. ``binary`` must then be a server
+    built with TLS (the embedded Valkey is not). ``extra_args`` go to every node
+    (``--aclfile``, say); ``probe_auth`` is the (user, password) the group's own
+    clients log in with on such nodes.
     """
 
     def __init__(
@@ -599,8 +607,12 @@ class ClusterGroup(_Servers):
         node_timeout_ms: int = 1000,
         appendonly: bool = False,
         binary: Path | None = None,
+        tls_files: TLSFiles | None = None,
+        extra_args: tuple[str, ...] = (),
+        probe_auth: tuple[str, str] | None = None,
     ) -> None:
         self.node_timeout_ms = node_timeout_ms
+        self.tls_files = tls_files
         args = (
             "--cluster-enabled",
             "yes",
@@ -611,17 +623,27 @@ class ClusterGroup(_Servers):
             # A replica with a stale link still takes over (tests kill primaries under load).
             "--cluster-replica-validity-factor",
             "0",
+            *(("--tls-cluster", "yes") if tls_files else ()),
+            *extra_args,
         )
         self.nodes = [
-            EmbeddedRedis(appendonly=appendonly, binary=binary, extra_args=args)
+            EmbeddedRedis(
+                appendonly=appendonly,
+                binary=binary,
+                extra_args=args,
+                tls_files=tls_files,
+                probe_auth=probe_auth,
+            )
             for _ in range(primaries * (replicas + 1))
         ]
         self._primaries = primaries
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0`` of the first node (any node is a seed)."""
-        return self.nodes[0].url
+        """``redis://127.0.0.1:PORT/0`` of the first node (any node is a seed); ``rediss://``
+        with ``tls_files``."""
+        url = self.nodes[0].url
+        return "rediss" + url[len("redis") :] if self.tls_files else url
 
     @property
     def seeds(self) -> str:
@@ -659,7 +681,13 @@ class ClusterGroup(_Servers):
         return self
 
     def _client(self, port: int) -> Any:
-        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+        return redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            **self.nodes[0].probe_options(),
+        )
 
     def _info(self, port: int) -> dict[str, Any]:
         with contextlib.closing(self._client(port)) as client:

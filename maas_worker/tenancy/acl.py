@@ -37,7 +37,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import redis
 
 from maas_worker.backend import keyspace
-from maas_worker.broker import fetch
+from maas_worker.broker import fetch, shards
 from maas_worker.errors import ConfigError, connection_cause
 from maas_worker.files import write_atomic
 from maas_worker.protocol import PRIORITIES, TENANT_RE, queue_for
@@ -75,6 +75,45 @@ _REPLY_KEYS = (
 )
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """The deployment's queue shards as the roles see them (docs/security.md, "Roles
+    with queue shards"): ``count`` shards (MAAS_QUEUE_SHARDS), and whether broker keys
+    carry their shard's prefix (`shards.prefix`: with more than one shard, or on a
+    Redis Cluster, ``cluster``). The default, one unprefixed shard, is an unsharded
+    deployment."""
+
+    count: int = 1
+    sharded: bool = False
+    #: On a Redis Cluster every client asks where the slots are (``CLUSTER SLOTS``).
+    cluster: bool = False
+
+    @classmethod
+    def of(cls, settings: Settings) -> ShardLayout:
+        """The layout of ``settings`` (MAAS_QUEUE_SHARDS, MAAS_REDIS_CLUSTER)."""
+        ha = settings.redis_ha
+        return cls(ha.queue_shards, ha.sharded, ha.cluster)
+
+    @property
+    def prefixes(self) -> list[str]:
+        """Every shard's key prefix (``[""]`` when not sharded)."""
+        return [shards.prefix(k, sharded=self.sharded) for k in range(self.count)]
+
+    def prefix_of(self, tenant: str) -> str:
+        """The key prefix of the one shard ``tenant``'s jobs go to (`shards.shard_of`)."""
+        return shards.prefix(shards.shard_of(tenant, self.count), sharded=self.sharded)
+
+
+#: One shard, keys unprefixed: the rules name broker keys as they are.
+UNSHARDED = ShardLayout()
+
+
+def _connect(layout: ShardLayout) -> tuple[str, ...]:
+    """`_CONNECT`, and on a Redis Cluster ``CLUSTER SLOTS``: the shard connections and
+    redis-py's cluster client ask any node where each slot is served."""
+    return (*_CONNECT, "+cluster|slots") if layout.cluster else _CONNECT
+
+
 def producer(tenant: str) -> str:
     """The ACL user name of ``tenant``'s producers."""
     return PRODUCER_PREFIX + tenant
@@ -85,16 +124,28 @@ def _sel(*rules: str) -> str:
     return "(" + " ".join(rules) + ")"
 
 
-def _channels(dbs: Sequence[int], *names: str) -> list[str]:
-    """Channel rules for kombu's fanout topics (``/<db>.<exchange>...``) in each database.
+def _channels(dbs: Sequence[int], prefixes: Sequence[str], *names: str) -> list[str]:
+    """Channel rules for kombu's fanout topics (``<prefix>/<db>.<exchange>...``) in each
+    database and shard (kombu puts its ``global_keyprefix`` before the channel names it
+    publishes and subscribes to, e.g. ``{maas-q1}/0.celeryev/worker.heartbeat``).
 
     ``PSUBSCRIBE`` needs its pattern listed literally, so the subscribed
     patterns are rules of their own.
     """
-    return [f"&/{db}.{name}" for db in dbs for name in names]
+    return [f"&{p}/{db}.{name}" for p in prefixes for db in dbs for name in names]
 
 
-def producer_rules(tenant: str) -> list[str]:
+def _keys(prefixes: Sequence[str], *patterns: str) -> list[str]:
+    """``patterns`` (key rules such as ``~x*`` or ``%R~x*``) for each shard's keys."""
+    out = []
+    for p in prefixes:
+        for rule in patterns:
+            perm, tilde, key = rule.partition("~")
+            out.append(f"{perm}{tilde}{p}{key}")
+    return out
+
+
+def producer_rules(tenant: str, layout: ShardLayout = UNSHARDED) -> list[str]:
     """What `Client`/`Job` and ``submit``, ``status``, ``result``, ``cancel`` do for ``tenant``.
 
     Write its queued markers, payloads, cancel requests, public CKKS contexts, pending set
@@ -104,11 +155,13 @@ def producer_rules(tenant: str) -> list[str]:
     arrivals (`fetch.push`: nothing else on them), ring the
     wake-up list, read the catalogue (live and durable) and the node list
     (whether a worker is live), call the library (no EVAL, no FUNCTION
-    LOAD); no Pub/Sub, no other tenant's key.
+    LOAD); no Pub/Sub, no other tenant's key. With queue shards, the broker keys
+    are those of ``tenant``'s own shard only (`ShardLayout.prefix_of`).
     """
     t = keyspace.tenant_prefix(tenant)
+    p = layout.prefix_of(tenant)
     return [
-        *_CONNECT,
+        *_connect(layout),
         "+time",
         # Read its own keys (status, results, the cancel and quota scripts'
         # reads), the model catalogue and the node list.
@@ -125,10 +178,10 @@ def producer_rules(tenant: str) -> list[str]:
         "+smembers",
         # Its own list of each job queue only (fair share, broker/fetch.py): the
         # length (backpressure) and push; its name to the arrivals (add only).
-        _sel("+llen", *(f"%R~{fetch.tenant_queue(q, tenant)}" for q in _JOB_QUEUES)),
-        _sel("+lpush", *(f"%W~{fetch.tenant_queue(q, tenant)}" for q in _JOB_QUEUES)),
-        _sel("+sadd", *(f"%W~{fetch.arrivals_key(q)}" for q in _JOB_QUEUES)),
-        _sel("+lpush", "+ltrim", f"~{fetch.WAKE_KEY}"),
+        _sel("+llen", *(f"%R~{p}{fetch.tenant_queue(q, tenant)}" for q in _JOB_QUEUES)),
+        _sel("+lpush", *(f"%W~{p}{fetch.tenant_queue(q, tenant)}" for q in _JOB_QUEUES)),
+        _sel("+sadd", *(f"%W~{p}{fetch.arrivals_key(q)}" for q in _JOB_QUEUES)),
+        _sel("+lpush", "+ltrim", f"~{p}{fetch.WAKE_KEY}"),
         # Its public CKKS contexts (private inference): registered once, refreshed.
         # ... and the durability barrier on a Redis Cluster (keyspace.barrier).
         _sel(
@@ -156,23 +209,31 @@ def producer_rules(tenant: str) -> list[str]:
     ]
 
 
-def gateway_rules(tenants: Sequence[str]) -> list[str]:
+def gateway_rules(tenants: Sequence[str], layout: ShardLayout = UNSHARDED) -> list[str]:
     """What ``maas-worker gateway`` does: what each tenant's producer does, for every
     tenant, plus its idempotency records (``SET NX GET``, ``DEL`` on
     ``maas:{<tenant>}:gateway:*``), ``MGET`` of a tenant's keys (its waiter), and
-    appending to the audit stream. Nothing a producer may not do beyond that."""
-    rules = list(_CONNECT)
+    appending to the audit stream. Nothing a producer may not do beyond that (with
+    queue shards: each tenant's lists on that tenant's shard)."""
+    connect = _connect(layout)
+    rules = list(connect)
     for tenant in tenants:
         t = keyspace.tenant_prefix(tenant)
-        rules += [r for r in producer_rules(tenant) if r not in _CONNECT]
+        rules += [r for r in producer_rules(tenant, layout) if r not in connect]
         rules += [_sel("+mget", f"%R~{t}*"), _sel("+set", "+del", f"~{t}gateway:*")]
     rules.append(_sel("+xadd", f"%W~{keyspace.AUDIT_STREAM}"))
     return list(dict.fromkeys(rules))  # one copy of the rules every tenant shares
 
 
-def worker_rules(dbs: Sequence[int]) -> list[str]:
-    """What ``maas-worker worker`` (and its consumers, advertiser, samples) may do."""
-    return [
+def worker_rules(dbs: Sequence[int], layout: ShardLayout = UNSHARDED) -> list[str]:
+    """What ``maas-worker worker`` (and its consumers, advertiser, samples) may do.
+
+    With queue shards: every shard's broker keys and channels. One role serves the
+    deployment's every node, whichever shards it consumes (``--shards`` is a node's
+    choice, not a permission).
+    """
+    broker = _keys(
+        layout.prefixes,
         "~maas:*",
         "~maas.*",
         f"~{fetch.UNACKED_KEY}",
@@ -183,7 +244,19 @@ def worker_rules(dbs: Sequence[int]) -> list[str]:
         "~_kombu.binding_deadlines",
         f"~*.{_PIDBOX}*",
         "~celeryev.*",
-        *_channels(dbs, _PIDBOX, "celeryev/*", "celeryev/worker.*", "maas.monitor/maas.monitor"),
+    )
+    channels = _channels(
+        dbs,
+        layout.prefixes,
+        _PIDBOX,
+        "celeryev/*",
+        "celeryev/worker.*",
+        "maas.monitor/maas.monitor",
+    )
+    # The result store's keys (maas:...) first, unprefixed; one copy when not sharded.
+    return [
+        *dict.fromkeys(["~maas:*", *broker]),
+        *channels,
         "+@all",
         "-@admin",
         "-@dangerous",
@@ -197,23 +270,27 @@ def worker_rules(dbs: Sequence[int]) -> list[str]:
     ]
 
 
-def beat_rules(dbs: Sequence[int]) -> list[str]:
-    """What ``maas-worker beat`` may do: publish the sample request (it sends no task event)."""
+def beat_rules(dbs: Sequence[int], layout: ShardLayout = UNSHARDED) -> list[str]:
+    """What ``maas-worker beat`` may do: publish the sample request (it sends no task
+    event), on every shard."""
     return [
-        *_CONNECT,
+        *_connect(layout),
         "+publish",
-        *_channels(dbs, "maas.monitor/maas.monitor"),
+        *_channels(dbs, layout.prefixes, "maas.monitor/maas.monitor"),
     ]
 
 
-def monitor_rules() -> list[str]:
-    """Read-only: the fleet exporter, ``stats``, ``scale``, a KEDA list scaler."""
+def monitor_rules(layout: ShardLayout = UNSHARDED) -> list[str]:
+    """Read-only: the fleet exporter, ``stats``, ``scale``, a KEDA list scaler (every shard)."""
     return [
-        *_CONNECT,
-        *(f"%R~{q}*" for q in _JOB_QUEUES),  # their own lists and the tenants'
-        f"%R~{fetch.RING_PREFIX}*",
-        f"%R~{fetch.ARRIVALS_PREFIX}*",
-        f"%R~{fetch.WAKE_KEY}",  # a KEDA list scaler's wake from zero (operations.md)
+        *_connect(layout),
+        *_keys(
+            layout.prefixes,
+            *(f"%R~{q}*" for q in _JOB_QUEUES),  # their own lists and the tenants'
+            f"%R~{fetch.RING_PREFIX}*",
+            f"%R~{fetch.ARRIVALS_PREFIX}*",
+            f"%R~{fetch.WAKE_KEY}",  # a KEDA list scaler's wake from zero (operations.md)
+        ),
         f"%R~{keyspace.NODES}",
         f"%R~{keyspace.SAMPLES}",
         f"%R~{keyspace.PREFIX}sample:*",
@@ -234,19 +311,21 @@ def monitor_rules() -> list[str]:
     ]
 
 
-def flower_rules(dbs: Sequence[int]) -> list[str]:
-    """Flower: events, queue lengths, and inspect commands with a reply queue."""
+def flower_rules(dbs: Sequence[int], layout: ShardLayout = UNSHARDED) -> list[str]:
+    """Flower: events, queue lengths, and inspect commands with a reply queue (on every
+    shard: Flower follows the first shard of its MAAS_WORKER_SHARDS, which may be any)."""
+    ps = layout.prefixes
     return [
-        *_CONNECT,
+        *_connect(layout),
         "+psubscribe",
         "+punsubscribe",
-        *_channels(dbs, "celeryev/*"),
-        "%R~maas.*",
+        *_channels(dbs, ps, "celeryev/*"),
+        *_keys(ps, "%R~maas.*"),
         "+llen",
         # The tenants with work (the Broker page counts their lists), never a message.
-        _sel("+lrange", "%R~maas:ring:*"),
-        _sel("+smembers", "%R~maas:arrivals:*"),
-        _sel("+publish", *_channels(dbs, _PIDBOX)),
+        _sel("+lrange", *_keys(ps, f"%R~{fetch.RING_PREFIX}*")),
+        _sel("+smembers", *_keys(ps, f"%R~{fetch.ARRIVALS_PREFIX}*")),
+        _sel("+publish", *_channels(dbs, ps, _PIDBOX)),
         _sel(
             "+sadd",
             "+srem",
@@ -256,10 +335,13 @@ def flower_rules(dbs: Sequence[int]) -> list[str]:
             "+brpop",
             "+del",
             "+exists",
-            *_REPLY_KEYS,
-            "~celeryev.*",
-            "~_kombu.binding.celeryev",
-            "~_kombu.binding_permanent.celeryev",
+            *_keys(
+                ps,
+                *_REPLY_KEYS,
+                "~celeryev.*",
+                "~_kombu.binding.celeryev",
+                "~_kombu.binding_permanent.celeryev",
+            ),
         ),
     ]
 
@@ -279,17 +361,24 @@ def operator_rules() -> list[str]:
     ]
 
 
-def role_rules(role: str, *, dbs: Sequence[int] = (0,), tenants: Sequence[str] = ()) -> list[str]:
+def role_rules(
+    role: str,
+    *,
+    dbs: Sequence[int] = (0,),
+    tenants: Sequence[str] = (),
+    layout: ShardLayout = UNSHARDED,
+) -> list[str]:
     """The rules of ``role`` (a fixed role, ``gateway`` serving ``tenants``, or
-    ``producer-<tenant>``)."""
+    ``producer-<tenant>``) in a deployment with the queue shards of ``layout``."""
     if role == GATEWAY:
-        return gateway_rules(tenants)
+        return gateway_rules(tenants, layout)
     if role.startswith(PRODUCER_PREFIX):
-        return producer_rules(role[len(PRODUCER_PREFIX) :])
+        return producer_rules(role[len(PRODUCER_PREFIX) :], layout)
     if role in ("worker", "beat", "flower"):
-        return {"worker": worker_rules, "beat": beat_rules, "flower": flower_rules}[role](dbs)
+        per_db = {"worker": worker_rules, "beat": beat_rules, "flower": flower_rules}[role]
+        return per_db(dbs, layout)
     if role in ("operator", "monitor"):
-        return operator_rules() if role == "operator" else monitor_rules()
+        return operator_rules() if role == "operator" else monitor_rules(layout)
     raise ConfigError(f"unknown role {role!r}")
 
 
@@ -308,7 +397,9 @@ def password_digest(password: str) -> str:
 DEFAULT_USER = "user default reset off ~* &* +@all"
 
 
-def acl_text(passwords: dict[str, str], *, dbs: Sequence[int] = (0,)) -> str:
+def acl_text(
+    passwords: dict[str, str], *, dbs: Sequence[int] = (0,), layout: ShardLayout = UNSHARDED
+) -> str:
     """The ACL file for ``passwords`` (role -> password): ``default`` off, then each role."""
     lines = [DEFAULT_USER]
     tenants = sorted(r[len(PRODUCER_PREFIX) :] for r in passwords if r.startswith(PRODUCER_PREFIX))
@@ -319,7 +410,7 @@ def acl_text(passwords: dict[str, str], *, dbs: Sequence[int] = (0,)) -> str:
         return (ROLES.index(r) if r in ROLES else 100 if r == GATEWAY else 99, r)
 
     for role in sorted(passwords, key=rank):
-        rules = " ".join(role_rules(role, dbs=dbs, tenants=tenants))
+        rules = " ".join(role_rules(role, dbs=dbs, tenants=tenants, layout=layout))
         lines.append(f"user {role} reset on #{password_digest(passwords[role])} {rules}")
     return "\n".join(lines) + "\n"
 
@@ -392,12 +483,18 @@ class Written:
 
 
 def generate(
-    tenants: Iterable[str], *, acl_file: Path, passwords_dir: Path, dbs: Sequence[int] = (0,)
+    tenants: Iterable[str],
+    *,
+    acl_file: Path,
+    passwords_dir: Path,
+    dbs: Sequence[int] = (0,),
+    layout: ShardLayout = UNSHARDED,
 ) -> Written:
-    """Write the ACL file and any missing password file for ``tenants``' deployment."""
+    """Write the ACL file and any missing password file for ``tenants``' deployment
+    (with the queue shards of ``layout``: `ShardLayout.of` its settings)."""
     roles = roles_for(tenants)
     passwords, new = ensure_passwords(passwords_dir, roles)
-    text = acl_text(passwords, dbs=dbs)
+    text = acl_text(passwords, dbs=dbs, layout=layout)
     try:
         unchanged = acl_file.read_text() == text
     except OSError:
@@ -584,7 +681,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         )
     dbs = sorted(set(args.db or [database(server)]))
     done = generate(
-        tenants, acl_file=Path(args.acl_file), passwords_dir=Path(args.passwords), dbs=dbs
+        tenants,
+        acl_file=Path(args.acl_file),
+        passwords_dir=Path(args.passwords),
+        dbs=dbs,
+        layout=ShardLayout.of(settings),
     )
     passwords, _ = ensure_passwords(done.passwords_dir, done.roles)
     print(

@@ -119,6 +119,26 @@ def test_an_entry_ending_in_a_decoy_delivery_tag_is_refused_and_holds_no_reserva
     jobs = victims(stack, 4, priority="normal")
     stack.start_worker()
     assert_victims_done(jobs)
-    wait_audited_once(stack, job_id, "malformed", "", verified=False)
+    # Unverified, and named after the tenant whose list it was in: only that
+    # tenant's producers may push there.
+    wait_audited_once(stack, job_id, "malformed", "globex", verified=False)
     wait_drained(stack)
     assert not stack.backend.exists(keyspace.result("globex", job_id))  # it never ran
+
+
+def test_an_unreadable_entry_in_a_tenants_list_is_audited_under_that_tenant(
+    iso_stack: Callable[..., Stack],
+) -> None:
+    """A producer that pushes garbage to its own list is the acting tenant of the
+    refusal (its list, its role): the audit record names it, unverified, once."""
+    stack = iso_stack()
+    attacker = Attacker(stack)
+    job_id = str(uuid.uuid4())
+    message = celery_message(job_id, "x")
+    message["headers"]["task"] = "maas.sample"  # not a job's task: refused before any key
+    attacker.push_to_own_list("normal", message)
+    jobs = victims(stack, 4, priority="normal")
+    stack.start_worker()
+    assert_victims_done(jobs)
+    wait_audited_once(stack, job_id, "malformed", "globex", verified=False)
+    wait_drained(stack)

@@ -179,3 +179,23 @@ def test_backlogs_of_shards_are_summed() -> None:
     assert both.depth == {"high": 1, "normal": 5, "low": 1}
     assert both.oldest_age_s == {"high": 5.0, "normal": 7.0, "low": 2.0}
     assert both.by_tenant() == {"acme": 2, "globex": 3}
+
+
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_async_clients_keep_our_connection_class_whatever_the_scheme(scheme: str) -> None:
+    """redis.asyncio's from_url puts the URL scheme's class over the one given: a
+    ``rediss://`` shard client once lost its pinning (its connections went to the
+    URL's node), and the plain TLS client its READONLY-is-an-outage class."""
+    import redis.asyncio
+
+    from maas_worker.backend.redis import async_redis_client
+    from maas_worker.settings import Settings
+
+    url = f"{scheme}://127.0.0.1:7000/0"
+    plain = Settings.from_env({"MAAS_BROKER_URL": url})
+    client = async_redis_client(url, tls=plain.redis_tls)
+    assert client.connection_pool.connection_class.__module__ == "maas_worker.backend.redis"
+    on_cluster = Settings.from_env({"MAAS_BROKER_URL": url, "MAAS_REDIS_CLUSTER": "1"})
+    pinned = shards.async_broker_client(on_cluster, 1).connection_pool.connection_class
+    assert pinned.__name__.startswith("Pinned") and pinned.locator.slot == shards.tag_slot(1)
+    assert issubclass(pinned, redis.asyncio.SSLConnection) is (scheme == "rediss")

@@ -380,7 +380,10 @@ class BatchConsumer:
 
     def _refuse(self, d: _Delivery, reason: AuditReason, why: str) -> None:
         log.warning("queue %s: refused an entry (%s): %s", d.taken.queue, reason, why)
-        self.rt.audit.record(job_id=d.job_id, tenant="", reason=reason, verified=False)
+        # The acting tenant: whose list it came from (only that tenant's producers
+        # may push there); unverified, like everything about the entry.
+        tenant = d.taken.tenant or ""
+        self.rt.audit.record(job_id=d.job_id, tenant=tenant, reason=reason, verified=False)
         d.outcome = reason
         d.refused = True
 
