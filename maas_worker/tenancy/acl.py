@@ -148,9 +148,9 @@ def _keys(prefixes: Sequence[str], *patterns: str) -> list[str]:
 def producer_rules(tenant: str, layout: ShardLayout = UNSHARDED) -> list[str]:
     """What `Client`/`Job` and ``submit``, ``status``, ``result``, ``cancel`` do for ``tenant``.
 
-    Write its queued markers, payloads, cancel requests, public CKKS contexts, pending set
-    and durability barrier (keyspace.py), pop its ``done`` lists, read its own keys, push to its own
-    list of each job queue (no pop, trim, delete or read beyond their length;
+    Write its queued markers, payloads, cancel requests, public CKKS contexts, pending
+    set and durability barrier (keyspace.py), pop its ``done`` lists, read its own
+    keys, push to its own list of each job queue (no pop, trim, delete or read beyond their length;
     no other tenant's list, nor the queue's own), add its name to the queues'
     arrivals (`fetch.push`: nothing else on them), ring the
     wake-up list, read the catalogue (live and durable) and the node list
