@@ -480,7 +480,8 @@ class RedisHA:
         check=int_in(0, 16),
         shown="`0` (no wait)",
         doc=_HA + "a submit is acknowledged, and a worker acknowledges a job's message, only "
-        "once this many replicas hold the jobs (the result): `WAIT` after the writes; fewer "
+        "once this many replicas hold the jobs (the result): `WAIT` after the writes (on a Redis "
+        "Cluster after a barrier write on each primary written to, docs/scaling.md); fewer "
         "within the timeout is an error (`ServiceUnavailable` at the client, a job handed "
         "back at the worker). `0` on a single node",
     )
@@ -1109,13 +1110,6 @@ class Settings:
                     )
                 if url_db(url) != 0:
                     raise ConfigError("a Redis Cluster has database 0 only: end the URL with /0")
-            if self.redis_ha.wait_replicas:
-                # WAIT vouches for the writes of its own connection only, and a cluster
-                # client spreads a batch's writes over one connection per primary.
-                raise ConfigError(
-                    "MAAS_REDIS_WAIT_REPLICAS is not supported with MAAS_REDIS_CLUSTER "
-                    "(set it to 0)"
-                )
         elif self.redis_ha.cluster_nodes:
             raise ConfigError("MAAS_REDIS_CLUSTER_NODES is set but MAAS_REDIS_CLUSTER is not")
 

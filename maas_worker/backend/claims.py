@@ -34,8 +34,8 @@ from typing import Any
 
 import redis
 
-from maas_worker.backend import keyspace, scripts
-from maas_worker.backend.cluster import by_slot
+from maas_worker.backend import barrier, keyspace, scripts
+from maas_worker.backend.cluster import by_slot, is_cluster
 from maas_worker.backend.redis import wait_replicated
 from maas_worker.protocol import AuditReason, JobState, rejected_marker
 from maas_worker.settings import RedisHA
@@ -172,7 +172,9 @@ class JobGuard:
         keys, args = self._claim_call(
             ClaimRequest(tenant, job_id, window_ms, admission), ignore_cancel=ignore_cancel
         )
-        return self._claimed(tenant, job_id, self._claim(keys=keys, args=args))
+        pinned = self._pin_replays([tenant])
+        claim = self._claimed(tenant, job_id, self._claim(keys=keys, args=args))
+        return self._confirm_replays(pinned, [tenant], [claim])[0]
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[Claim]:
         """`claim_job` for many jobs in ONE script call (claim_batch.lua).
@@ -193,12 +195,52 @@ class JobGuard:
             return []
         groups = by_slot(self._r, [keyspace.tenant_prefix(r.tenant) for r in requests])
         calls = [self._claim_batch_call([requests[n] for n in group]) for group in groups]
+        tenants = [r.tenant for r in requests]
+        pinned = self._pin_replays(tenants)
         replies = scripts.eval_many(self._r, self._claim_batch, calls)
         claims: list[Claim] = [Claim(ClaimOutcome.ERROR)] * len(requests)
         for group, reply in zip(groups, replies, strict=True):
             for n, claim in zip(group, self._batch_claims(group, requests, reply), strict=True):
                 claims[n] = claim
-        return claims
+        return self._confirm_replays(pinned, tenants, claims)
+
+    def _pin_replays(self, tenants: Sequence[str]) -> barrier.Pin | None:
+        """With ``WAIT`` on a Redis Cluster: where ``tenants``' state is, before a claim."""
+        if not self._ha.wait_replicas or not is_cluster(self._r):
+            return None
+        return barrier.pin(self._r, dict.fromkeys(tenants))
+
+    def _confirm_replays(
+        self, pinned: barrier.Pin | None, tenants: Sequence[str], claims: list[Claim]
+    ) -> list[Claim]:
+        """A job refused as ``replayed`` has its message acknowledged, for good; its result
+        (or ``done``) may be one a worker stored but could not confirm on the replicas
+        (`NotReplicated`: it handed the job back). On one Redis replication keeps the
+        order of writes: no replica can hold the acknowledgement without the result. On
+        a Redis Cluster the two are on different nodes: so the result is confirmed
+        first (the barrier on its tenant's node), and a job whose result is not is
+        ``busy`` instead (retried later, not acknowledged)."""
+        replayed = {
+            t for t, c in zip(tenants, claims, strict=True) if c.outcome == ClaimOutcome.REPLAYED
+        }
+        if pinned is None or not replayed:
+            return claims
+        by_node: dict[str, list[str]] = {}
+        for tenant in replayed:
+            by_node.setdefault(pinned[tenant], []).append(tenant)
+        unconfirmed: set[str] = set()
+        for node, on_node in by_node.items():  # one barrier a node
+            try:
+                barrier.confirm(self._r, {on_node[0]: node}, self._ha, "replayed job")
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("a replayed job's result is not confirmed on the replicas: %s", exc)
+                unconfirmed.update(on_node)
+        return [
+            Claim(ClaimOutcome.BUSY)
+            if c.outcome == ClaimOutcome.REPLAYED and t in unconfirmed
+            else c
+            for t, c in zip(tenants, claims, strict=True)
+        ]
 
     def _batch_claims(
         self, group: list[int], requests: Sequence[ClaimRequest], reply: Any
@@ -348,7 +390,8 @@ class JobGuard:
         others are stored); a lost connection raises, and so does
         `NotReplicated` (``WAIT``, as in `store_result`: in the same pipeline,
         after the stores). On a Redis Cluster, one call per hash slot (as in
-        `claim_many`; ``WAIT`` is refused there by the settings).
+        `claim_many`), and ``WAIT`` by the durability barrier (backend/barrier.py) on
+        each node the stores went to.
         """
         if not results:
             return []
@@ -368,9 +411,17 @@ class JobGuard:
                 args += [sealed, keep_ms]
             calls.append((keys, args))
         wait = self._ha.wait_command()
-        replies = scripts.eval_many(self._r, self._store_batch, calls, then=wait)
-        if wait is not None:
-            wait_replicated(replies.pop(), self._ha, f"{len(results)} result(s) stored")
+        what = f"{len(results)} result(s) stored"
+        if wait is not None and is_cluster(self._r):
+            # The stores go over one connection per primary: a WAIT after them would
+            # vouch for none of it. The barrier, on each node they touched, does.
+            pinned = barrier.pin(self._r, dict.fromkeys(t for t, *_ in results))
+            replies = scripts.eval_many(self._r, self._store_batch, calls)
+            barrier.confirm(self._r, pinned, self._ha, what)
+        else:
+            replies = scripts.eval_many(self._r, self._store_batch, calls, then=wait)
+            if wait is not None:
+                wait_replicated(replies.pop(), self._ha, what)
         stored: list[bool | Exception] = [False] * len(results)
         for group, reply in zip(groups, replies, strict=True):
             for i, n in enumerate(group):

@@ -14,8 +14,9 @@ Who writes what (the least-privilege roles of docs/security.md follow it):
 
 * producers: ``job`` (queued marker), ``payload`` (claim check), ``cancel``,
   ``pending`` (advisory quota), ``ckks`` (public CKKS contexts, private
-  inference), and they pop their ``done`` list; they read the model catalogue
-  (``catalog``, ``models``) and the node list (``nodes``);
+  inference), ``barrier`` (``WAIT`` on a Redis Cluster), and they pop their
+  ``done`` list; they read the model catalogue (``catalog``, ``models``) and
+  the node list (``nodes``);
 * workers: everything else (claims, results, attempts, faults, rejections,
   the quota bucket and in-flight set, the audit stream, the model release
   floor ``releases``).
@@ -161,6 +162,16 @@ def pending(tenant: str) -> str:
     worker removes a job from it when it starts it. Nothing is enforced from it.
     """
     return f"{tenant_prefix(tenant)}pending"
+
+
+def barrier(tenant: str) -> str:
+    """A throwaway write on the tenant's Redis Cluster node (a short ``PX``): the
+    durability barrier of ``MAAS_REDIS_WAIT_REPLICAS`` (backend/barrier.py). A node runs
+    its commands one at a time, so this write, made after the tenant's others were
+    answered, is past them all in the node's replication stream, and the ``WAIT``
+    that follows it on its connection vouches for them. Written by producers, the
+    gateway and workers; its value means nothing."""
+    return f"{tenant_prefix(tenant)}barrier"
 
 
 def sample(node: str) -> str:

@@ -144,10 +144,14 @@ class SlotOwner:
         self._known = list(dict.fromkeys(seeds))
         self._owner: tuple[str, int] | None = None
         self._lock = threading.Lock()
+        #: How many times the owner was forgotten: unchanged between two reads, every
+        #: connection made in between went to the same node (`epoch`).
+        self.forgotten = 0
 
     def forget(self) -> None:
         """The remembered owner is wrong (or gone): ask again at the next connection."""
         self._owner = None
+        self.forgotten += 1
 
     def candidates(self) -> list[tuple[str, int]]:
         """The nodes to ask, the last one that answered first."""
@@ -394,3 +398,15 @@ def shard_transport_options(settings: Settings, shard: int | None = None) -> dic
 def all_shards(settings: Settings) -> list[int]:
     """Every shard of the deployment: ``[0, ..., MAAS_QUEUE_SHARDS - 1]``."""
     return list(range(settings.redis_ha.queue_shards))
+
+
+def epoch(client: Any) -> int | None:
+    """How many times the node of a pinned broker client's shard was forgotten (a
+    failover, a slot moved, a connection lost), None for a client of one server.
+
+    ``WAIT`` on a shard's connection vouches for the writes made to the same node
+    before it: the producer notes this before its send and checks it after its
+    ``WAIT`` (client/core.py), so a send and a ``WAIT`` that went to two nodes are
+    never taken for a confirmation."""
+    owner = getattr(client.connection_pool.connection_class, "locator", None)
+    return owner.forgotten if isinstance(owner, SlotOwner) else None

@@ -21,7 +21,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from maas_worker.backend import functions
+from maas_worker.backend import barrier, functions
 from maas_worker.backend.redis import async_redis_client
 from maas_worker.broker import fetch, shards
 from maas_worker.client import markers
@@ -34,6 +34,7 @@ from maas_worker.client.core import (
     arun_plan,
     broker_unavailable,
     check_job_id,
+    check_shard,
     send_interrupted,
 )
 from maas_worker.client.job import backend_errors
@@ -206,8 +207,14 @@ class AsyncClient(ClientCore):
             return await self._send(*step.arg)
         if step.kind == "markers":
             return await markers.awrite(self.backend, step.arg)
+        if step.kind == "pin":
+            return await barrier.apin(self.backend, [self.tenant]), shards.epoch(self.broker)
         if step.kind == "replicate":
-            return await arun_plan(self.broker, Plan(step.arg, lambda replies: replies))
+            commands, (pinned, epoch) = step.arg
+            replies = await arun_plan(self.broker, Plan(commands, lambda replies: replies))
+            check_shard(self.broker, epoch)
+            await barrier.aconfirm(self.backend, pinned, self.settings.redis_ha, "submit")
+            return replies
         assert step.kind == "live", step
         return await self.live_workers()
 

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from maas_worker.backend import functions, keyspace
+from maas_worker.backend import barrier, functions, keyspace
 from maas_worker.backend.cluster import mget_many
 from maas_worker.backend.redis import backend_client
 from maas_worker.broker import fetch, shards
@@ -35,6 +35,7 @@ from maas_worker.client.core import (
     Step,
     broker_unavailable,
     check_job_id,
+    check_shard,
     drive,
     run_plan,
     send_interrupted,
@@ -323,8 +324,15 @@ class Client(ClientCore):
             return self._send(*step.arg)
         if step.kind == "markers":
             return markers.write(self.backend, step.arg)
+        if step.kind == "pin":
+            return barrier.pin(self.backend, [self.tenant]), shards.epoch(self.broker)
         if step.kind == "replicate":
-            return run_plan(self.broker, Plan(step.arg, lambda replies: replies))
+            commands, (pinned, epoch) = step.arg
+            replies = run_plan(self.broker, Plan(commands, lambda replies: replies))
+            check_shard(self.broker, epoch)
+            # The payloads and markers: on the tenant's node of a cluster result store.
+            barrier.confirm(self.backend, pinned, self.settings.redis_ha, "submit")
+            return replies
         assert step.kind == "live", step
         return self.live_workers()
 

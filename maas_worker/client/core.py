@@ -462,15 +462,20 @@ class ClientCore:
         sealed = self.seal_many(model, inputs, priority=priority, ttl_s=ttl_s)
         return (yield from self.enqueue_flow(sealed))
 
-    def enqueue_flow(self, sealed: list[Sealed]) -> SubmitFlow:
+    def enqueue_flow(self, sealed: list[Sealed], *, pinned: Any = None) -> SubmitFlow:
         """The I/O half of `submit_flow` for requests sealed already (all of one priority):
         backpressure, the advisory quota, payloads, the send, the markers.
 
-        The gateway (maas_worker/gateway) drives it with envelopes its callers sealed.
+        The gateway (maas_worker/gateway) drives it with envelopes its callers sealed,
+        and hands ``pinned`` (the ``pin`` step's reply) noted before it wrote their
+        markers.
         """
         plain = sealed[0][0].priority
         read = (yield Step("depth", plain)) if self.depth_needs_read(plain, len(sealed)) else None
         self.commit_depth(plain, len(sealed), read)
+        if self.settings.redis_ha.wait_replicas and pinned is None:
+            # Where the writes below go, for the replicate step to check (a Redis Cluster).
+            pinned = yield Step("pin")
         headers = [h for h, _ in sealed]
         call = self.admit_call(headers)
         if call is not None:
@@ -494,7 +499,7 @@ class ClientCore:
             if unreachable is not None:
                 raise not_replicated(self.settings, sealed, unreachable)
             try:
-                replies = yield Step("replicate", self.replicate_commands())
+                replies = yield Step("replicate", (self.replicate_commands(), pinned))
                 wait_replicated(replies[-1], self.settings.redis_ha, "submit")
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 raise not_replicated(self.settings, sealed, exc) from None
@@ -566,11 +571,17 @@ class Step:
     * ``catalog``: read the served models (`catalog_plan`); nothing;
     * ``depth``: the length of the tenant's list of priority ``arg`` (`ClientCore.depth_key`,
       on the broker): an int;
+    * ``pin``: with ``MAAS_REDIS_WAIT_REPLICAS``, before anything is written: where the
+      writes will go (`barrier.pin` of the backend, `shards.epoch` of the broker; no
+      I/O but an asyncio cluster client's first slot map), handed back to ``replicate``;
     * ``admit``: ``FCALL`` of ``arg`` (function, keys, args) on the backend: its reply;
     * ``payloads``: run the commands ``arg`` on the backend; nothing;
     * ``send``: enqueue ``arg`` = (sealed requests, queue); nothing;
     * ``markers``: write the queued markers ``arg`` (a `markers.MarkerWrite`) on the
       backend (`markers.write`); nothing;
+    * ``replicate``: ``arg`` = (commands, the ``pin`` reply): run the commands on the
+      broker (`ClientCore.replicate_commands`), then `check_shard` and the backend's
+      barrier (`barrier.confirm`; a Redis Cluster only): their replies;
     * ``live``: how many workers are live (`Client.live_workers`).
 
     A step that fails is thrown into the flow (`drive` and `adrive` do both).
@@ -628,6 +639,14 @@ async def adrive(
         else:
             step = driving.next(reply)
     return driving.result
+
+
+def check_shard(broker: Any, epoch: int | None) -> None:
+    """After the replicate step's ``WAIT`` on the tenant's shard connection: refuse
+    (`NotReplicated`) if the shard's node was forgotten since the ``pin`` step (on a
+    Redis Cluster: the send and the ``WAIT`` may have gone to two nodes)."""
+    if epoch is not None and shards.epoch(broker) != epoch:
+        raise NotReplicated("the node of the tenant's queue shard changed during the submit")
 
 
 def broker_unavailable(

@@ -31,7 +31,7 @@ from maas_worker.backend.audit import record_fields
 from maas_worker.backend.redis import async_redis_client
 from maas_worker.broker import shards
 from maas_worker.client import markers
-from maas_worker.client.core import Plan, Sealed, adrive, arun_plan
+from maas_worker.client.core import Plan, Sealed, Step, adrive, arun_plan
 from maas_worker.client.wire import MessageBuilder
 from maas_worker.crypto.envelope import (
     Header,
@@ -268,12 +268,13 @@ class Gateway:
                 replies[n] = checked
             else:
                 accepted.append((n, (checked, raw)))
+        pinned = await self._pin(tenant) if accepted else None
         fresh, marked = await self._claim_ids(tenant, accepted, replies)
         by_priority: dict[str, list[tuple[int, Sealed]]] = {}
         for n, sealed in fresh:
             by_priority.setdefault(sealed[0].priority, []).append((n, sealed))
         for group in by_priority.values():
-            outcome = await self._enqueue(tenant, [s for _, s in group], marked)
+            outcome = await self._enqueue(tenant, [s for _, s in group], marked, pinned)
             for n, (header, _) in group:
                 replies[n] = outcome if outcome is not None else self._accepted(header, False)
         self.metrics.enqueued(len(fresh))
@@ -339,13 +340,27 @@ class Gateway:
             self.settings.result_ttl_s
         )
 
-    async def _enqueue(self, tenant: str, sealed: list[Sealed], marked: set[str]) -> Reply | None:
+    async def _pin(self, tenant: str) -> Any:
+        """With ``MAAS_REDIS_WAIT_REPLICAS``: where the tenant's writes go, noted before
+        `_claim_ids` writes its markers (the flow's ``pin`` step, core.py), so the
+        replicate step vouches for those too; None otherwise, or if the cluster's slot
+        map cannot be read now (the flow then pins after the markers)."""
+        if not self.settings.redis_ha.wait_replicas:
+            return None
+        try:
+            return await self.lane(tenant)._carry_out(Step("pin"))
+        except redis.RedisError:
+            return None
+
+    async def _enqueue(
+        self, tenant: str, sealed: list[Sealed], marked: set[str], pinned: Any = None
+    ) -> Reply | None:
         """Run the client's enqueue flow; None once queued, else the refusal (and the ids
         are released, with the queued markers `_claim_ids` wrote for them, so the same
         envelopes may be submitted again)."""
         lane = self.lane(tenant)
         try:
-            await adrive(lane.enqueue_flow(sealed), lane._carry_out)
+            await adrive(lane.enqueue_flow(sealed, pinned=pinned), lane._carry_out)
             return None
         except RateLimited as exc:
             reply = error(429, "rate_limited", str(exc), exc.retry_after_s or IN_FLIGHT_RETRY_S)

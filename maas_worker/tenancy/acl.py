@@ -148,9 +148,9 @@ def _keys(prefixes: Sequence[str], *patterns: str) -> list[str]:
 def producer_rules(tenant: str, layout: ShardLayout = UNSHARDED) -> list[str]:
     """What `Client`/`Job` and ``submit``, ``status``, ``result``, ``cancel`` do for ``tenant``.
 
-    Write its queued markers, payloads, cancel requests, public CKKS contexts and pending set
-    (keyspace.py), pop its ``done`` lists, read its own keys, push to its own
-    list of each job queue (no pop, trim, delete or read beyond their length;
+    Write its queued markers, payloads, cancel requests, public CKKS contexts, pending
+    set and durability barrier (keyspace.py), pop its ``done`` lists, read its own
+    keys, push to its own list of each job queue (no pop, trim, delete or read beyond their length;
     no other tenant's list, nor the queue's own), add its name to the queues'
     arrivals (`fetch.push`: nothing else on them), ring the
     wake-up list, read the catalogue (live and durable) and the node list
@@ -183,7 +183,15 @@ def producer_rules(tenant: str, layout: ShardLayout = UNSHARDED) -> list[str]:
         _sel("+sadd", *(f"%W~{p}{fetch.arrivals_key(q)}" for q in _JOB_QUEUES)),
         _sel("+lpush", "+ltrim", f"~{p}{fetch.WAKE_KEY}"),
         # Its public CKKS contexts (private inference): registered once, refreshed.
-        _sel("+set", f"~{t}job:*", f"~{t}payload:*", f"~{t}cancel:*", f"~{t}ckks:*"),
+        # ... and the durability barrier on a Redis Cluster (keyspace.barrier).
+        _sel(
+            "+set",
+            f"~{t}job:*",
+            f"~{t}payload:*",
+            f"~{t}cancel:*",
+            f"~{t}ckks:*",
+            f"~{keyspace.barrier(tenant)}",
+        ),
         _sel("+ttl", f"%R~{t}ckks:*"),
         _sel("+blpop", "+rpush", "+pexpire", f"~{t}done:*"),
         _sel(

@@ -14,6 +14,7 @@ another shard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -434,6 +435,18 @@ def test_every_role_does_its_job_on_a_cluster_and_a_producer_stays_on_its_shard(
     }
     assert "NOPERM" not in d.stack.worker_logs() + beat.log()
     assert cluster_denials(d) <= PROBES
+
+    # WAIT on a cluster (backend/barrier.py): a producer and the gateway may write their
+    # tenant's barrier key and WAIT (a MOVED reply: the ACL let it through, the slot
+    # is another node's).
+    for user, tenant in (("producer-acme", "acme"), ("gateway", "globex")):
+        conn = d.redis(user)
+        try:
+            with contextlib.suppress(redis.exceptions.MovedError):
+                conn.execute_command("SET", keyspace.barrier(tenant), "1", "PX", 10_000)
+            assert conn.execute_command("WAIT", 0, 0) == 0
+        finally:
+            conn.close()
 
     # On any node (the ACL is checked before the slot): no list of another shard.
     conn = d.redis("producer-acme")

@@ -30,10 +30,9 @@ from maas_worker.backend import catalog, functions, keyspace
 from maas_worker.backend.audit import AuditLog
 from maas_worker.backend.claims import ClaimOutcome, ClaimRequest, JobGuard
 from maas_worker.backend.cluster import amget_many, is_cluster
-from maas_worker.backend.redis import async_redis_client, redis_client
+from maas_worker.backend.redis import NotReplicated, async_redis_client, redis_client
 from maas_worker.client import markers
 from maas_worker.crypto.envelope import now_ms
-from maas_worker.errors import ConfigError
 from maas_worker.local.embedded import ClusterGroup, EmbeddedRedis
 from maas_worker.monitoring.samples import SAMPLE_VERSION, SampleStore
 from maas_worker.protocol import AuditReason
@@ -326,14 +325,48 @@ def test_acl_apply_finds_every_node(cluster: ClusterGroup) -> None:
     assert nodes == sorted(f"redis://127.0.0.1:{n.port}/0" for n in cluster.nodes)
 
 
-def test_wait_is_refused_on_a_cluster(cluster: ClusterGroup) -> None:
+def test_wait_on_a_cluster_confirms_stores_on_every_primary(cluster: ClusterGroup) -> None:
+    """``MAAS_REDIS_WAIT_REPLICAS`` is accepted on a cluster, and a batch of results of
+    tenants on three primaries is confirmed by the barrier on each (backend/barrier.py);
+    a replayed job is confirmed too before it is refused. Replicas that stop: the
+    store raises `NotReplicated` (the job is handed back), and the replayed copy is
+    ``busy`` (retried later), not acknowledged on an unconfirmed result."""
     env = {
         "MAAS_BROKER_URL": cluster.url,
         "MAAS_REDIS_CLUSTER": "1",
+        "MAAS_REDIS_CLUSTER_NODES": cluster.seeds,
         "MAAS_REDIS_WAIT_REPLICAS": "1",
+        "MAAS_REDIS_WAIT_TIMEOUT_MS": "300",
     }
-    with pytest.raises(ConfigError, match="MAAS_REDIS_WAIT_REPLICAS"):
-        Settings.from_env(env)
+    ha = Settings.from_env(env).redis_ha
+    client = _client(cluster)
+    try:
+        guard = JobGuard(client, lease_s=LEASE_S, holder="w", ha=ha)
+        requests = [ClaimRequest(t, "wait-1", WINDOW_MS) for t in TENANTS]
+        assert [c.outcome for c in guard.claim_many(requests)] == [ClaimOutcome.CLAIMED] * 3
+        stored = guard.store_many(
+            [(t, "wait-1", b"r", WINDOW_MS) for t in TENANTS], result_ttl_s=60
+        )
+        assert stored == [True] * 3
+        for tenant in TENANTS:  # the barrier key, in the tenant's slot, expiring
+            assert 0 < client.pttl(keyspace.barrier(tenant)) <= 10_000
+        assert [c.outcome for c in guard.claim_many(requests)] == [ClaimOutcome.REPLAYED] * 3
+        primaries = {n.port for n in cluster.primaries()}
+        replicas = [n for n in cluster.running() if n.port not in primaries]
+        for node in replicas:
+            node.freeze()
+        try:
+            with pytest.raises(NotReplicated, match="0 of 1 replica"):
+                guard.store_result("acme", "wait-2", b"r", result_ttl_s=60, replay_window_ms=1)
+            # Stored, not confirmed: its next copy is retried later, not acknowledged.
+            assert guard.claim_job("acme", "wait-2").outcome == ClaimOutcome.BUSY
+        finally:
+            for node in replicas:
+                node.thaw()
+        cluster.wait_ok()
+        assert guard.claim_job("acme", "wait-2").outcome == ClaimOutcome.REPLAYED
+    finally:
+        client.close()
 
 
 # -- last: they kill primaries ---------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_a_producer_is_confined_to_its_own_tenant(files: tuple[Path, Path]) -> N
     ):
         assert f"{command} " not in rules + " " and f"{command})" not in rules, command
     # Writes only where keyspace.py says producers write.
-    assert f"(+set ~{own}job:* ~{own}payload:* ~{own}cancel:* ~{own}ckks:*)" in rules
+    barrier = keyspace.barrier("globex")  # WAIT on a Redis Cluster (backend/barrier.py)
+    assert f"(+set ~{own}job:* ~{own}payload:* ~{own}cancel:* ~{own}ckks:* ~{barrier})" in rules
     # Its public CKKS contexts (private inference): their TTL too, read only.
     assert f"(+ttl %R~{own}ckks:*)" in rules
     assert f"(+fcall ~{own}*)" in rules

@@ -103,7 +103,38 @@ def test_with_wait_lost_markers_fail_the_submit_with_its_ids_at_once() -> None:
     with pytest.raises(ServiceUnavailable, match="not confirmed on the replicas") as err:
         drive(flow(c), script)
     assert len(err.value.job_ids) == 2
-    assert script.steps == ["depth", "send", "markers"]
+    assert script.steps == ["depth", "pin", "send", "markers"]
+
+
+def test_with_wait_the_pin_is_taken_before_any_write_and_handed_to_replicate() -> None:
+    # Where the writes go (a Redis Cluster's nodes), noted before them: the replicate
+    # step checks the WAIT and the barrier went to the same nodes (backend/barrier.py).
+    c = core(MAAS_REDIS_WAIT_REPLICAS="1")
+    c._remember_served(set(), True)
+    args: list[Any] = []
+
+    def carry_out(step: Step) -> Any:
+        if step.kind == "pin":
+            return "where"
+        if step.kind == "replicate":
+            args.append(step.arg)
+            return [1, True, 1]  # LPUSH, LTRIM, WAIT: one replica
+        return 0
+
+    drive(flow(c), carry_out)
+    ((commands, pinned),) = args
+    assert pinned == "where" and commands[-1][0] == "WAIT"
+    # The gateway pins before it writes its markers, and hands the pin in: no pin step.
+    script = Script(depth=0, replicate=[1, True, 1], live=1)
+    sealed = c.seal_many("echo", [{"i": 1}], priority="normal", ttl_s=None)
+    drive(c.enqueue_flow(sealed, pinned="early"), script)
+    assert "pin" not in script.steps and "replicate" in script.steps
+    # Without WAIT there is no pin step at all: the flow is as before.
+    plain = core()
+    plain._remember_served(set(), True)
+    script = Script(depth=0, live=1)
+    drive(flow(plain), script)
+    assert script.steps == ["depth", "send", "markers", "live"]
 
 
 def test_a_failed_send_or_depth_read_ends_the_submit_with_its_error() -> None:
