@@ -88,14 +88,16 @@ def test_the_whole_pipeline_runs_with_wait_on_the_cluster(
     assert "NotReplicated" not in stack.worker_logs()
 
 
+# Each producer kind once and each worker mode at least once: a producer's refusal
+# does not depend on the worker mode, nor a worker's hand-back on who submitted.
 @pytest.mark.parametrize(
-    ("mode", "hand_back"),
+    ("kind", "mode", "hand_back"),
     [
-        ("task", "NotReplicated; requeueing"),
-        ("batch", "NotReplicated; handing the unfinished jobs back"),
+        ("sync", "task", "NotReplicated; requeueing"),
+        ("async", "batch", "NotReplicated; handing the unfinished jobs back"),
+        ("gateway", "batch", "NotReplicated; handing the unfinished jobs back"),
     ],
 )
-@pytest.mark.parametrize("kind", ["sync", "async", "gateway"])
 def test_replica_lag_on_the_cluster_fails_submits_with_their_ids_and_loses_no_job(
     cluster: ClusterGroup,
     cluster_stack: Callable[..., Stack],
