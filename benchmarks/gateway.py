@@ -86,14 +86,15 @@ PHASES = ("single", "concurrent", "batched")
 #: The steps of a gateway submit, as py-spy names their frames (``--spy``).
 SPY_STEPS = (
     ("HTTP handler (uvicorn, Starlette, body, JSON, base64)", "submit_batch (maas_worker"),
-    ("Gateway.submit", "submit (maas_worker/gateway/service.py"),
-    ("  check (every envelope)", "check (maas_worker/gateway/service.py"),
+    ("Gateway.submit_items", "submit_items (maas_worker/gateway/service.py"),
+    ("  screen (every envelope, no I/O)", "_screen (maas_worker/gateway/service.py"),
     ("    verify (MAC, time window)", "verify (maas_worker/crypto/envelope.py"),
     ("    policy and catalogue", "_check_policy (maas_worker"),
     ("  claim ids and markers (FCALL)", "_claim_ids (maas_worker"),
     ("  enqueue (depth, quota, entries, push)", "_enqueue (maas_worker"),
     ("    queue entries (wire.py)", "messages (maas_worker/client/wire.py"),
-    ("  accepted replies", "_accepted (maas_worker"),
+    ("  answers of refused or repeated envelopes", "_accepted (maas_worker"),
+    ("RESP packing (anywhere)", "pack (maas_worker/backend/resp.py"),
     ("redis-py packing (anywhere)", "pack_command (redis"),
     ("redis-py replies (anywhere)", "read_response (redis"),
 )

@@ -52,9 +52,12 @@ JOB_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 MAX_TTL_MS = 30 * 24 * 3600 * 1000
 
 
+_job_id_match = JOB_ID_RE.fullmatch
+
+
 def is_job_id(value: object) -> bool:
     """True for a canonical UUID string (the only job ids a worker accepts)."""
-    return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
+    return type(value) is str and len(value) == 36 and _job_id_match(value) is not None
 
 
 def clamp_ttl_ms(ms: float) -> int:

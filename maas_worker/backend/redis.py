@@ -13,8 +13,9 @@ import redis
 import redis.asyncio
 import redis.asyncio.sentinel
 import redis.sentinel
+from redis.utils import HIREDIS_AVAILABLE
 
-from maas_worker.backend import cluster
+from maas_worker.backend import cluster, resp
 from maas_worker.errors import ConfigError
 from maas_worker.settings import (
     RedisHA,
@@ -65,27 +66,53 @@ class _AsyncReadOnlyIsOutage:
             raise redis.ConnectionError("READONLY: the server is a replica now") from None
 
 
-class _Connection(_ReadOnlyIsOutage, redis.Connection):
+def _packs_utf8(encoder: Any) -> bool:
+    """True where `resp.pack` frames what this connection's encoder would (the default)."""
+    return bool(encoder.encoding in ("utf-8", "utf8") and encoder.encoding_errors == "strict")
+
+
+class _FastPacking:
+    """Commands packed by `resp.pack` (redis-py's C packer, hiredis, where installed)."""
+
+    def _construct_command_packer(self, packer: Any) -> Any:
+        chosen = super()._construct_command_packer(packer)  # type: ignore[misc]
+        if packer is None and not HIREDIS_AVAILABLE and _packs_utf8(self.encoder):  # type: ignore[attr-defined]
+            return resp.Packer(chosen)
+        return chosen
+
+
+class _AsyncFastPacking:
+    """`_FastPacking` for ``redis.asyncio`` connections (which pack by a method)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if _packs_utf8(self.encoder):  # type: ignore[attr-defined]
+            return resp.pack(args, super().pack_command)  # type: ignore[misc]
+        return super().pack_command(*args)  # type: ignore[misc,no-any-return]
+
+
+class _Connection(_FastPacking, _ReadOnlyIsOutage, redis.Connection):
     pass
 
 
-class _SSLConnection(_ReadOnlyIsOutage, redis.SSLConnection):
+class _SSLConnection(_FastPacking, _ReadOnlyIsOutage, redis.SSLConnection):
     pass
 
 
-class _UnixConnection(_ReadOnlyIsOutage, redis.UnixDomainSocketConnection):
+class _UnixConnection(_FastPacking, _ReadOnlyIsOutage, redis.UnixDomainSocketConnection):
     pass
 
 
-class _AsyncConnection(_AsyncReadOnlyIsOutage, redis.asyncio.Connection):
+class _AsyncConnection(_AsyncFastPacking, _AsyncReadOnlyIsOutage, redis.asyncio.Connection):
     pass
 
 
-class _AsyncSSLConnection(_AsyncReadOnlyIsOutage, redis.asyncio.SSLConnection):
+class _AsyncSSLConnection(_AsyncFastPacking, _AsyncReadOnlyIsOutage, redis.asyncio.SSLConnection):
     pass
 
 
-class _AsyncUnixConnection(_AsyncReadOnlyIsOutage, redis.asyncio.UnixDomainSocketConnection):
+class _AsyncUnixConnection(
+    _AsyncFastPacking, _AsyncReadOnlyIsOutage, redis.asyncio.UnixDomainSocketConnection
+):
     pass
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from maas_worker.backend import functions, keyspace
@@ -61,7 +62,7 @@ class MarkerWrite:
         """The ``FCALL``'s arguments: the mode, then every job's fields in one string."""
         return [
             "claim" if self.claim else "mark",
-            " ".join(" ".join(map(str, job)) for job in self.fields),
+            " ".join(map(str, chain.from_iterable(self.fields))),
         ]
 
     def chunks(self) -> list[MarkerWrite]:

@@ -22,7 +22,7 @@ may publish (client.py).
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
 import os
 import socket
@@ -30,7 +30,7 @@ import uuid
 from typing import Any
 
 from maas_worker.backend import keyspace
-from maas_worker.client.core import Sealed, message_arg
+from maas_worker.client.core import INLINE_MAX_BYTES, Sealed
 from maas_worker.protocol import ARGS_REPR, TASK_NAME, payload_ref
 
 #: The task call's ``kwargs`` and ``embed`` (no callbacks, chain or chord), as
@@ -115,15 +115,16 @@ class MessageBuilder:
         """The JSON text of each job's queue entry for ``queue``, as pushed to the
         tenant's list of it (`fetch.push`): docs/protocol.md 3.6."""
         template = self._template(tenant, queue)
-        ref = payload_ref(tenant)
-        b64 = base64.b64encode
+        ref = payload_ref(tenant).encode()
+        b64 = binascii.b2a_base64  # base64.b64encode's own call, without its wrapper
         tags = uuid4_texts(len(sealed))
         out = []
         for (header, raw), tag in zip(sealed, tags, strict=True):
             # The argument is base64 text or a claim-check reference (a valid tenant
-            # name): JSON-safe as it is, like the job id (a canonical UUID).
-            arg = message_arg(ref, raw)
-            body = b64(b'[["' + arg.encode("ascii") + _BODY_TAIL).decode("ascii")
+            # name): JSON-safe as it is, like the job id (a canonical UUID). The
+            # choice `message_arg` makes, inlined (test_wire.py compares the bytes).
+            arg = ref if len(raw) > INLINE_MAX_BYTES else b64(raw, newline=False)
+            body = b64(b'[["' + arg + _BODY_TAIL, newline=False).decode("ascii")
             job = header.job_id
             if not keyspace.is_job_id(job):  # laid out unescaped: it must be a UUID
                 raise ValueError("a job id must be a canonical UUID")

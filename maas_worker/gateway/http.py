@@ -25,7 +25,13 @@ from starlette.routing import Route
 
 from maas_worker.gateway import metrics as metrics_mod
 from maas_worker.gateway.openapi import document
-from maas_worker.gateway.service import UNAVAILABLE_RETRY_S, Gateway, Reply, error
+from maas_worker.gateway.service import (
+    UNAVAILABLE_RETRY_S,
+    Gateway,
+    Reply,
+    accepted_item,
+    error,
+)
 from maas_worker.settings import Settings
 
 #: ``Content-Type`` of one envelope (``POST /v1/jobs``).
@@ -147,16 +153,23 @@ async def submit_batch(gateway: Gateway, request: Request) -> Response:
                 f"a batch holds 1 to {s.max_batch} envelopes (MAAS_GATEWAY_MAX_BATCH)",
             )
         )
-    replies = await gateway.submit(tenant, envelopes)
-    items_out = [
-        {
-            "status": r.status,
-            **r.body,
-            **({"retry_after": r.retry_after_s} if r.retry_after_s else {}),
-        }
-        for r in replies
+    items = [
+        _item(r) if isinstance(r, Reply) else accepted_item(r)
+        for r in await gateway.submit_items(tenant, envelopes)
     ]
-    return JSONResponse({"items": items_out}, status_code=200)
+    # Laid out by hand (an item a job: compact JSON, as JSONResponse writes it).
+    return Response('{"items":[' + ",".join(items) + "]}", status_code=200, media_type=BATCH_TYPE)
+
+
+def _item(reply: Reply) -> str:
+    """A batch answer's item for an envelope not queued by this request (compact JSON)."""
+    extra = {"retry_after": reply.retry_after_s} if reply.retry_after_s else {}
+    return json.dumps(
+        {"status": reply.status, **reply.body, **extra},
+        ensure_ascii=False,
+        allow_nan=False,
+        separators=(",", ":"),
+    )
 
 
 async def status(gateway: Gateway, request: Request) -> Response:

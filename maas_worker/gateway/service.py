@@ -104,9 +104,34 @@ def error(status: int, code: str, message: str, retry_after_s: float | None = No
     return Reply(status, {"error": code, "message": message}, retry_after_s)
 
 
+@dataclass(frozen=True)
+class _Refusal:
+    """An envelope refused by `Gateway._screen`: the answer, and the audit record it
+    owes (job id, reason, authenticated), if any."""
+
+    reply: Reply
+    audit: tuple[str, AuditReason, bool] | None
+
+
+#: Not in a request's verdicts yet (None there means "allowed").
+_UNCHECKED = Reply(0, {})
+
+
 def job_url(job_id: str) -> str:
     """The path of a job's resource (the ``Location`` of its ``202``)."""
     return f"/v1/jobs/{job_id}"
+
+
+#: The JSON of a batch item queued by its request (`accepted_item`), a canonical UUID
+#: twice: laid out directly, as `Gateway._accepted`'s body says, key for key.
+_ACCEPTED_ITEM = (
+    '{"status":202,"job_id":"%s","state":"queued","url":"/v1/jobs/%s","duplicate":false}'
+)
+
+
+def accepted_item(header: Header) -> str:
+    """The batch answer's item (compact JSON) for a job its request queued."""
+    return _ACCEPTED_ITEM % (header.job_id, header.job_id)
 
 
 class Gateway:
@@ -186,6 +211,39 @@ class Gateway:
         ``verdicts`` (one dict per request) keeps the outcome of the policy and
         catalogue checks for each (model, priority) already checked in the request:
         they depend on nothing else, and a batch's envelopes mostly share one."""
+        return await self._conclude(tenant, self._screen(tenant, raw), verdicts)
+
+    async def _conclude(
+        self,
+        tenant: str,
+        screened: Header | _Refusal,
+        verdicts: dict[tuple[str, str], Reply | None] | None,
+    ) -> Header | Reply:
+        """`check` after `_screen`: the audit record of a refusal, the policy verdict."""
+        if isinstance(screened, _Refusal):
+            if screened.audit is not None:
+                await self._audit(tenant, *screened.audit)
+            return screened.reply
+        header = screened
+        if verdicts is None:
+            verdicts = {}
+        what = (header.model, header.priority)
+        refused = verdicts.get(what, _UNCHECKED)
+        if refused is _UNCHECKED:
+            refused = verdicts[what] = await self._check_policy(tenant, *what)
+        if refused is None:
+            return header
+        assert isinstance(refused, Reply)
+        if refused.body["error"] == "policy":
+            await self._audit(tenant, header.job_id, AuditReason.POLICY, True)
+        return refused
+
+    def _screen(
+        self, tenant: str, raw: bytes, keyring: GatewayKeyring | None = None
+    ) -> Header | _Refusal:
+        """The checks of `check` that need no I/O (no await: a batch's envelopes go
+        through here one after the other at the cost of a function call each): the
+        header, or the refusal and the audit record it owes."""
         if len(raw) <= self.max_envelope_bytes and parse_unverified_tenant(raw) != tenant:
             # Another tenant, or no tenant field at all: the whole header says which.
             try:
@@ -194,16 +252,16 @@ class Gateway:
                 claimed = None
             if claimed is not None and claimed.tenant != tenant:
                 # Not audited under the envelope's tenant: that claim is unauthenticated.
-                await self._audit(tenant, claimed.job_id, AuditReason.POLICY, False)
-                return error(
-                    403, "policy", "the envelope names another tenant than the bearer token"
+                return _Refusal(
+                    error(403, "policy", "the envelope names another tenant than the bearer token"),
+                    (claimed.job_id, AuditReason.POLICY, False),
                 )
         skew_ms = self.settings.clock_skew_s * 1000
         try:
             header = verify(
                 raw,
                 expect="request",
-                keyring=self.keyring,
+                keyring=keyring or self.keyring,
                 max_bytes=self.max_envelope_bytes,
                 skew_ms=skew_ms,
                 max_lifetime_ms=MAX_JOB_TTL_S * 1000 + skew_ms,
@@ -213,27 +271,21 @@ class Gateway:
             # The header verify parsed, if it got that far (unauthenticated unless it says).
             unverified = exc.unverified_header
             job_id = unverified.job_id if isinstance(unverified, Header) else ""
-            await self._audit(tenant, job_id, reason, exc.authenticated)
-            return error(_STATUS[reason], reason.value, _MESSAGES[reason])
-        if header.task != TASK_NAME or not keyspace.is_job_id(header.job_id):
-            await self._audit(tenant, header.job_id, AuditReason.MALFORMED, True)
-            return error(
-                400,
-                "malformed",
-                f"the envelope's task must be {TASK_NAME!r} and its job id a lowercase, "
-                "hyphenated UUID",
+            return _Refusal(
+                error(_STATUS[reason], reason.value, _MESSAGES[reason]),
+                (job_id, reason, exc.authenticated),
             )
-        if verdicts is None:
-            verdicts = {}
-        what = (header.model, header.priority)
-        if what not in verdicts:
-            verdicts[what] = await self._check_policy(tenant, *what)
-        refused = verdicts[what]
-        if refused is None:
-            return header
-        if refused.body["error"] == "policy":
-            await self._audit(tenant, header.job_id, AuditReason.POLICY, True)
-        return refused
+        if header.task != TASK_NAME or not keyspace.is_job_id(header.job_id):
+            return _Refusal(
+                error(
+                    400,
+                    "malformed",
+                    f"the envelope's task must be {TASK_NAME!r} and its job id a lowercase, "
+                    "hyphenated UUID",
+                ),
+                (header.job_id, AuditReason.MALFORMED, True),
+            )
+        return header
 
     async def _check_policy(self, tenant: str, model: str, priority: str) -> Reply | None:
         """The tenant's policy and the catalogue on (model, priority): None, or the refusal
@@ -259,11 +311,29 @@ class Gateway:
         Idempotent on the job id: the same envelope again is accepted again and
         not enqueued twice; another envelope with an id in use is a ``409``.
         """
-        replies: list[Reply | None] = [None] * len(envelopes)
+        return [
+            self._accepted(r, False) if isinstance(r, Header) else r
+            for r in await self.submit_items(tenant, envelopes)
+        ]
+
+    async def submit_items(self, tenant: str, envelopes: Sequence[bytes]) -> list[Reply | Header]:
+        """`submit`, where each envelope accepted and queued by this call is answered by
+        its header alone (its ``202`` is `accepted_item`): a batch's answer costs no
+        object per job it queued."""
+        replies: list[Reply | Header | None] = [None] * len(envelopes)
         accepted: list[tuple[int, Sealed]] = []
         verdicts: dict[tuple[str, str], Reply | None] = {}
+        screen = self._screen
+        keyring = self.keyring  # one keyring for the whole request
         for n, raw in enumerate(envelopes):
-            checked = await self.check(tenant, raw, verdicts)
+            screened = screen(tenant, raw, keyring)
+            if (
+                type(screened) is Header
+                and verdicts.get((screened.model, screened.priority), _UNCHECKED) is None
+            ):
+                accepted.append((n, (screened, raw)))  # the common case: no await
+                continue
+            checked = await self._conclude(tenant, screened, verdicts)
             if isinstance(checked, Reply):
                 replies[n] = checked
             else:
@@ -276,7 +346,7 @@ class Gateway:
         for group in by_priority.values():
             outcome = await self._enqueue(tenant, [s for _, s in group], marked, pinned)
             for n, (header, _) in group:
-                replies[n] = outcome if outcome is not None else self._accepted(header, False)
+                replies[n] = outcome if outcome is not None else header
         self.metrics.enqueued(len(fresh))
         return [r for r in replies if r is not None]
 
@@ -289,7 +359,10 @@ class Gateway:
         )
 
     async def _claim_ids(
-        self, tenant: str, accepted: list[tuple[int, Sealed]], replies: list[Reply | None]
+        self,
+        tenant: str,
+        accepted: list[tuple[int, Sealed]],
+        replies: list[Reply | Header | None],
     ) -> tuple[list[tuple[int, Sealed]], set[str]]:
         """Record each job id with its envelope's hash and write its queued marker, in one
         library call before the send (`markers.claim`, ``FCALL`` of
@@ -307,10 +380,15 @@ class Gateway:
         expiry, then "expired", as its idempotency record alone already did."""
         if not accepted:
             return [], set()
+        result_ttl_s = self.settings.result_ttl_s
+        sha256 = hashlib.sha256
         batch = markers.claim(
             tenant,
-            [(h, hashlib.sha256(raw).hexdigest(), self._seen_ttl_s(h)) for _, (h, raw) in accepted],
-            self.settings.result_ttl_s,
+            [
+                (h, sha256(raw).hexdigest(), _seen_ttl_s(h, result_ttl_s))
+                for _, (h, raw) in accepted
+            ],
+            result_ttl_s,
         )
         try:
             answers = await markers.awrite(self.backend, batch)
@@ -334,11 +412,6 @@ class Gateway:
                     f"job id {header.job_id} is in use by another envelope of this tenant",
                 )
         return fresh, marked
-
-    def _seen_ttl_s(self, header: Header) -> int:
-        return max(1, (header.expires_at_ms - header.issued_at_ms) // 1000) + (
-            self.settings.result_ttl_s
-        )
 
     async def _pin(self, tenant: str) -> Any:
         """With ``MAAS_REDIS_WAIT_REPLICAS``: where the tenant's writes go, noted before
@@ -472,6 +545,11 @@ class Gateway:
         except redis.RedisError:
             return False
         return True
+
+
+def _seen_ttl_s(header: Header, result_ttl_s: int) -> int:
+    """How long the gateway remembers a job id (s): the job's lifetime, then its result's."""
+    return max(1, (header.expires_at_ms - header.issued_at_ms) // 1000) + result_ttl_s
 
 
 def _unavailable(exc: BaseException) -> Reply:

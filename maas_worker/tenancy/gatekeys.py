@@ -106,10 +106,15 @@ class GatewayKey:
     state: KeyState
     mac: bytes = field(repr=False)
     bearer_sha256: bytes = field(repr=False)
+    _keys: MacOnlyKeys = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Made once: every envelope checked asks for them.
+        object.__setattr__(self, "_keys", MacOnlyKeys(self.mac))
 
     def keys(self, tenant: str) -> MacOnlyKeys:
         """The keys of this version (``tenant`` is bound in already: the MAC key is derived)."""
-        return MacOnlyKeys(self.mac)
+        return self._keys
 
 
 @dataclass(frozen=True)
