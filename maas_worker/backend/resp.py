@@ -24,6 +24,8 @@ from typing import Any
 
 #: redis-py's own cutoff: an argument longer than this is written as its own chunk.
 BUFFER_CUTOFF = 6000
+#: Below this an argument is framed in one formatting step (keys, numbers).
+_SMALL = 512
 
 
 class _Slow(Exception):
@@ -58,8 +60,13 @@ def _fast(args: tuple[Any, ...], cutoff: int) -> list[bytes]:
             out.append(data)
             pieces = [b"\r\n"]
             held = 0
-        else:
+        elif size < _SMALL:
             pieces.append(b"$%d\r\n%b\r\n" % (size, data))
+            held += size
+        else:
+            # Appended as it is, joined once per chunk: formatting it into a new
+            # bytes object first would copy it twice.
+            pieces += (b"$%d\r\n" % size, data, b"\r\n")
             held += size
             if held > cutoff:
                 out.append(b"".join(pieces))

@@ -44,6 +44,11 @@ TAG_BYTES = 16
 MAC_BYTES = 32
 HASH_BYTES = 32
 _FIXED = struct.Struct(">BBHIQQB")  # version type header_len key_version iat exp priority
+_unpack_fixed = _FIXED.unpack_from
+_FIXED_SIZE = _FIXED.size
+_KIND_OF: dict[int, Kind] = {TYPE_REQUEST: "request", TYPE_RESULT: "result"}
+#: Makes a frozen dataclass instance whose fields the caller then sets at once.
+_new_header = object.__new__
 MAX_STR = 255
 #: Smallest possible envelope: fixed part, four 1-byte strings, nonce, tag, mac.
 MIN_ENVELOPE = _FIXED.size + 4 * 2 + NONCE_BYTES + TAG_BYTES + MAC_BYTES
@@ -185,26 +190,32 @@ def parse_unverified_header(data: bytes) -> Header:
     returns may be trusted until `verify` has checked the MAC.
     """
     try:
-        version, type_, size, kver, iat, exp, prio = _FIXED.unpack_from(data, 0)
-        if version != VERSION:
+        version, type_, size, kver, iat, exp, prio = _unpack_fixed(data, 0)
+        kind = _KIND_OF.get(type_)
+        if (
+            version != VERSION
+            or kind is None
+            or prio not in _PRIORITY_NAMES
+            or size > len(data) - NONCE_BYTES - TAG_BYTES - MAC_BYTES
+        ):
             raise EnvelopeRejected(AuditReason.MALFORMED)
-        kind: Kind
-        if type_ == TYPE_REQUEST:
-            kind = "request"
-        elif type_ == TYPE_RESULT:
-            kind = "result"
-        else:
+        # Four str8 fields, unrolled: this runs for every envelope a gateway or a
+        # worker checks. str(..., "utf-8") reads bytes and memoryviews alike.
+        pos = _FIXED_SIZE
+        n = data[pos]
+        tenant = str(data[pos + 1 : pos + 1 + n], "utf-8")
+        pos += 1 + n
+        m = data[pos]
+        job_id = str(data[pos + 1 : pos + 1 + m], "utf-8")
+        pos += 1 + m
+        t = data[pos]
+        task = str(data[pos + 1 : pos + 1 + t], "utf-8")
+        pos += 1 + t
+        d = data[pos]
+        model = str(data[pos + 1 : pos + 1 + d], "utf-8")
+        pos += 1 + d
+        if not (n and m and t and d):
             raise EnvelopeRejected(AuditReason.MALFORMED)
-        if prio not in _PRIORITY_NAMES or size > len(data) - NONCE_BYTES - TAG_BYTES - MAC_BYTES:
-            raise EnvelopeRejected(AuditReason.MALFORMED)
-        pos = _FIXED.size
-        strings = []
-        for _ in range(4):
-            n = data[pos]
-            if n == 0:
-                raise EnvelopeRejected(AuditReason.MALFORMED)
-            strings.append(bytes(data[pos + 1 : pos + 1 + n]).decode())
-            pos += 1 + n
         req_hash = None
         if kind == "result":
             req_hash = bytes(data[pos : pos + HASH_BYTES])
@@ -213,20 +224,24 @@ def parse_unverified_header(data: bytes) -> Header:
             raise EnvelopeRejected(AuditReason.MALFORMED)
     except (struct.error, IndexError, UnicodeDecodeError):
         raise EnvelopeRejected(AuditReason.MALFORMED) from None
-    tenant, job_id, task, model = strings
-    return Header(
-        kind,
-        kver,
-        iat,
-        exp,
-        _PRIORITY_NAMES[prio],
-        tenant,
-        job_id,
-        task,
-        model,
-        req_hash,
-        bytes(data[:size]),
+    # The fields set at once: a frozen dataclass's __init__ sets them one by one
+    # through object.__setattr__, half the cost of this whole parse. Header has
+    # no __post_init__ and no slots; tests/unit/test_envelope.py compares the two.
+    header = _new_header(Header)
+    header.__dict__.update(
+        kind=kind,
+        key_version=kver,
+        issued_at_ms=iat,
+        expires_at_ms=exp,
+        priority=_PRIORITY_NAMES[prio],
+        tenant=tenant,
+        job_id=job_id,
+        task=task,
+        model=model,
+        request_hash=req_hash,
+        raw=bytes(data[:size]),
     )
+    return header
 
 
 def parse_unverified_tenant(data: bytes) -> str | None:
@@ -350,7 +365,12 @@ def verify(
         raise EnvelopeRejected(AuditReason.EXPIRED, header, authenticated=True)
     if max_lifetime_ms is not None and lifetime_ms > max_lifetime_ms:
         raise EnvelopeRejected(AuditReason.MALFORMED, header, authenticated=True)
-    return Verified(header, keys, view[len(header.raw) : -MAC_BYTES], crypto)
+    # Filled at once, as `parse_unverified_header` fills its Header (same reason).
+    verified = _new_header(Verified)
+    verified.__dict__.update(
+        header=header, keys=keys, _body=view[len(header.raw) : -MAC_BYTES], crypto=crypto
+    )
+    return verified
 
 
 def open_envelope(

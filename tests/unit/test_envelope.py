@@ -659,6 +659,36 @@ def test_parse_unverified_header_reads_the_kat() -> None:
     assert header.raw.hex() == KAT_REQUEST_HEADER
 
 
+@pytest.mark.parametrize("kind", ["request", "result"])
+def test_a_parsed_header_is_the_one_its_constructor_makes(kind: str) -> None:
+    # parse_unverified_header fills the fields at once, not through __init__: every
+    # field must be there, and the object must behave as a constructed one.
+    data = kat_request() if kind == "request" else kat_result()
+    made = request_header() if kind == "request" else result_header()
+    made = replace(made, raw=data[: len(encode_header(made))])
+    parsed = parse_unverified_header(data)
+    assert vars(parsed) == vars(made)
+    assert parsed == made and hash(parsed) == hash(made) and repr(parsed) == repr(made)
+    assert replace(parsed, model="other").model == "other"
+    with pytest.raises(AttributeError):
+        parsed.tenant = "mallory"  # type: ignore[misc]
+
+
+def test_a_verified_envelope_is_the_one_its_constructor_makes() -> None:
+    verified = verify(
+        kat_request(),
+        expect="request",
+        keyring=RING,
+        max_bytes=MAX,
+        at_ms=IAT,  # type: ignore[arg-type]
+    )
+    made = envelope.Verified(verified.header, verified.keys, verified._body, verified.crypto)
+    assert vars(verified).keys() == vars(made).keys()
+    assert verified.decrypt() == made.decrypt()
+    with pytest.raises(AttributeError):
+        verified.header = request_header()  # type: ignore[misc]
+
+
 # -- fuzzing -----------------------------------------------------------------------------
 def _fuzz_inputs(seed: int, count: int) -> list[bytes]:
     rng = random.Random(seed)
