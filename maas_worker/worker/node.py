@@ -112,11 +112,22 @@ class Node:
         self.app.amqp.queues.select_add(monitor_queue())
 
     def serve(self, autoscaler: Any = None) -> None:
-        """The node can serve: start its consumers, announce it, open ``/metrics``. Once."""
+        """The node can serve: open ``/metrics``, start its consumers, announce it. Once."""
         if self._serving:
             return
         self._serving = True
         self.autoscaler = autoscaler
+        # /metrics first: a node announced ready answers its scrape (a test read
+        # the ready line, scraped, and found nothing listening yet).
+        try:
+            if self.metrics_dir is not None and self.name:
+                self.metrics_server = metrics.serve(
+                    metrics.WorkerCollector(self.metrics_dir, self.name, self.pool_state),
+                    port=self.settings.metrics_port,
+                    address=self.settings.metrics_address,
+                )
+        except Exception:
+            log.exception("could not start the metrics endpoint")
         try:
             # In the batch consumer mode the consumer processes take the job
             # queues: the node is announced once they are ready.
@@ -148,15 +159,6 @@ class Node:
                 )
         except Exception:
             log.exception("could not start the node's consumers or advertisement")
-        try:
-            if self.metrics_dir is not None and self.name:
-                self.metrics_server = metrics.serve(
-                    metrics.WorkerCollector(self.metrics_dir, self.name, self.pool_state),
-                    port=self.settings.metrics_port,
-                    address=self.settings.metrics_address,
-                )
-        except Exception:
-            log.exception("could not start the metrics endpoint")
 
     def mode_text(self) -> str:
         """How this node runs jobs, in words (its ready line and ``stats``)."""
