@@ -273,7 +273,9 @@ def ack(client: Any, tags: Iterable[str], prefix: str = "") -> None:
     pipe.execute()
 
 
-def push(pipe: Any, queue: str, tenant: str, messages: Sequence[str], prefix: str = "") -> None:
+def push(
+    pipe: Any, queue: str, tenant: str, messages: Sequence[str | bytes], prefix: str = ""
+) -> None:
     """Add the push of ``tenant``'s ``messages`` to job queue ``queue`` to ``pipe``.
 
     Its list first, then its name to the arrivals (after: a take that admits

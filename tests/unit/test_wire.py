@@ -103,7 +103,9 @@ def test_an_entry_is_celerys_message_byte_for_byte(
     batch = [_sealed(tenant, size), _sealed(tenant, size + 3)]
     ours = builder.messages(tenant, batch, queue)
     assert len(ours) == 2
-    for sealed, text in zip(batch, ours, strict=True):
+    for sealed, entry in zip(batch, ours, strict=True):
+        assert isinstance(entry, bytes)
+        text = entry.decode("ascii")
         theirs = oracle.entry(tenant, sealed, queue)
         # The two per-message fields (module docstring) are taken from ours.
         (tag,) = TAG.findall(text)
