@@ -123,13 +123,13 @@ def claim(tenant: str, jobs: Sequence[tuple[Header, str, int]], result_ttl_s: in
     """The gateway's claim of each job id of ``jobs`` (header, envelope hash, record TTL
     in s) and, for the ids new to it, their markers (``NX``: never over a marker that
     is there)."""
-    keys = [keyspace.submitted(tenant, h.job_id) for h, _, _ in jobs]
-    keys += [keyspace.gateway_seen(tenant, h.job_id) for h, _, _ in jobs]
-    return MarkerWrite(
-        keys,
-        [(h.expires_at_ms, marker_ttl_s(h, result_ttl_s), d, ttl) for h, d, ttl in jobs],
-        claim=True,
-    )
+    marker_keys, record_keys, fields = [], [], []
+    submitted, seen = keyspace.submitted, keyspace.gateway_seen
+    for h, digest, ttl in jobs:  # one pass: a gateway batch holds hundreds
+        marker_keys.append(submitted(tenant, h.job_id))
+        record_keys.append(seen(tenant, h.job_id))
+        fields.append((h.expires_at_ms, marker_ttl_s(h, result_ttl_s), digest, ttl))
+    return MarkerWrite(marker_keys + record_keys, fields, claim=True)
 
 
 def _answer(reply: Any) -> str:

@@ -10,7 +10,6 @@ and a comparison each. Bodies are read as they stream in, against a size cap
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import gc
 import json
@@ -141,7 +140,9 @@ async def submit_batch(gateway: Gateway, request: Request) -> Response:
         items = doc["envelopes"]
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
             raise TypeError
-        envelopes = [base64.b64decode(i, validate=True) for i in items]
+        # Strict (an alphabet and padding check in C): what b64decode(validate=True)
+        # accepts, without its regular expression over each envelope.
+        envelopes = [binascii.a2b_base64(i, strict_mode=True) for i in items]
     except (ValueError, KeyError, TypeError, binascii.Error):
         return _respond(
             error(400, "malformed", 'the body must be {"envelopes": [<base64 envelope>, ...]}')
