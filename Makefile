@@ -80,6 +80,7 @@ bench: venv
 	$(BIN)/python benchmarks/fairshare.py
 	$(BIN)/python benchmarks/private.py
 	$(BIN)/python benchmarks/gateway.py
+	$(BIN)/python benchmarks/hotpath.py
 	$(BIN)/python benchmarks/idle.py
 	$(BIN)/python benchmarks/capacity.py
 	$(BIN)/python benchmarks/cluster.py

@@ -47,8 +47,9 @@ _FIXED = struct.Struct(">BBHIQQB")  # version type header_len key_version iat ex
 _unpack_fixed = _FIXED.unpack_from
 _FIXED_SIZE = _FIXED.size
 _KIND_OF: dict[int, Kind] = {TYPE_REQUEST: "request", TYPE_RESULT: "result"}
-#: Makes a frozen dataclass instance whose fields the caller then sets at once.
-_new_header = object.__new__
+#: An instance of a frozen dataclass not yet initialised: its fields are then set
+#: at once (`parse_unverified_header`, `verify`).
+_allocate = object.__new__
 MAX_STR = 255
 #: Smallest possible envelope: fixed part, four 1-byte strings, nonce, tag, mac.
 MIN_ENVELOPE = _FIXED.size + 4 * 2 + NONCE_BYTES + TAG_BYTES + MAC_BYTES
@@ -199,23 +200,17 @@ def parse_unverified_header(data: bytes) -> Header:
             or size > len(data) - NONCE_BYTES - TAG_BYTES - MAC_BYTES
         ):
             raise EnvelopeRejected(AuditReason.MALFORMED)
-        # Four str8 fields, unrolled: this runs for every envelope a gateway or a
-        # worker checks. str(..., "utf-8") reads bytes and memoryviews alike.
+        # Four str8 fields: tenant, job id, task, model. str(..., "utf-8") reads
+        # bytes and memoryviews alike.
         pos = _FIXED_SIZE
-        n = data[pos]
-        tenant = str(data[pos + 1 : pos + 1 + n], "utf-8")
-        pos += 1 + n
-        m = data[pos]
-        job_id = str(data[pos + 1 : pos + 1 + m], "utf-8")
-        pos += 1 + m
-        t = data[pos]
-        task = str(data[pos + 1 : pos + 1 + t], "utf-8")
-        pos += 1 + t
-        d = data[pos]
-        model = str(data[pos + 1 : pos + 1 + d], "utf-8")
-        pos += 1 + d
-        if not (n and m and t and d):
-            raise EnvelopeRejected(AuditReason.MALFORMED)
+        strings = []
+        for _ in range(4):
+            n = data[pos]
+            if n == 0:
+                raise EnvelopeRejected(AuditReason.MALFORMED)
+            strings.append(str(data[pos + 1 : pos + 1 + n], "utf-8"))
+            pos += 1 + n
+        tenant, job_id, task, model = strings
         req_hash = None
         if kind == "result":
             req_hash = bytes(data[pos : pos + HASH_BYTES])
@@ -227,7 +222,7 @@ def parse_unverified_header(data: bytes) -> Header:
     # The fields set at once: a frozen dataclass's __init__ sets them one by one
     # through object.__setattr__, half the cost of this whole parse. Header has
     # no __post_init__ and no slots; tests/unit/test_envelope.py compares the two.
-    header = _new_header(Header)
+    header = _allocate(Header)
     header.__dict__.update(
         kind=kind,
         key_version=kver,
@@ -366,7 +361,7 @@ def verify(
     if max_lifetime_ms is not None and lifetime_ms > max_lifetime_ms:
         raise EnvelopeRejected(AuditReason.MALFORMED, header, authenticated=True)
     # Filled at once, as `parse_unverified_header` fills its Header (same reason).
-    verified = _new_header(Verified)
+    verified = _allocate(Verified)
     verified.__dict__.update(
         header=header, keys=keys, _body=view[len(header.raw) : -MAC_BYTES], crypto=crypto
     )

@@ -107,10 +107,10 @@ def error(status: int, code: str, message: str, retry_after_s: float | None = No
 @dataclass(frozen=True)
 class _Refusal:
     """An envelope refused by `Gateway._screen`: the answer, and the audit record it
-    owes (job id, reason, authenticated), if any."""
+    owes (job id, reason, authenticated)."""
 
     reply: Reply
-    audit: tuple[str, AuditReason, bool] | None
+    audit: tuple[str, AuditReason, bool]
 
 
 #: Not in a request's verdicts yet (None there means "allowed").
@@ -211,7 +211,7 @@ class Gateway:
         ``verdicts`` (one dict per request) keeps the outcome of the policy and
         catalogue checks for each (model, priority) already checked in the request:
         they depend on nothing else, and a batch's envelopes mostly share one."""
-        return await self._conclude(tenant, self._screen(tenant, raw), verdicts)
+        return await self._conclude(tenant, self._screen(tenant, raw, self.keyring), verdicts)
 
     async def _conclude(
         self,
@@ -221,8 +221,7 @@ class Gateway:
     ) -> Header | Reply:
         """`check` after `_screen`: the audit record of a refusal, the policy verdict."""
         if isinstance(screened, _Refusal):
-            if screened.audit is not None:
-                await self._audit(tenant, *screened.audit)
+            await self._audit(tenant, *screened.audit)
             return screened.reply
         header = screened
         if verdicts is None:
@@ -238,9 +237,7 @@ class Gateway:
             await self._audit(tenant, header.job_id, AuditReason.POLICY, True)
         return refused
 
-    def _screen(
-        self, tenant: str, raw: bytes, keyring: GatewayKeyring | None = None
-    ) -> Header | _Refusal:
+    def _screen(self, tenant: str, raw: bytes, keyring: GatewayKeyring) -> Header | _Refusal:
         """The checks of `check` that need no I/O (no await: a batch's envelopes go
         through here one after the other at the cost of a function call each): the
         header, or the refusal and the audit record it owes."""
@@ -261,7 +258,7 @@ class Gateway:
             header = verify(
                 raw,
                 expect="request",
-                keyring=keyring or self.keyring,
+                keyring=keyring,
                 max_bytes=self.max_envelope_bytes,
                 skew_ms=skew_ms,
                 max_lifetime_ms=MAX_JOB_TTL_S * 1000 + skew_ms,

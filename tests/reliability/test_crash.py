@@ -95,6 +95,15 @@ def held_by(stack: Stack, worker: WorkerProcess) -> set[str]:
     return held
 
 
+def busy_or_done(stack: Stack, victim: WorkerProcess, batch: list[Job]) -> str | None:
+    """ "busy" while ``victim`` holds a job and more than 3 of ``batch`` have ended,
+    "done" once all of ``batch`` has, else None."""
+    done = sum(1 for j in batch if stack.backend.exists(keyspace.result(j.tenant, j.id)))
+    if done == len(batch):
+        return "done"
+    return "busy" if done > 3 and held_by(stack, victim) else None
+
+
 def test_sigkill_under_load_loses_nothing_and_runs_each_job_once(
     make_stack: Any, report: Any
 ) -> None:
@@ -104,17 +113,22 @@ def test_sigkill_under_load_loses_nothing_and_runs_each_job_once(
     killed_holding = 0
     for round_ in range(SIZE.kill_rounds):
         victim = stack.start_worker(f"victim{round_}", concurrency=2)
-        batch = submit_mixed(stack, SIZE.kill_jobs, seconds=0.05)
-        jobs += batch
-        # Kill it while it holds jobs and after it has finished some.
-        wait_for(
-            lambda v=victim, b=batch: (
-                held_by(stack, v)
-                and sum(1 for j in b if stack.backend.exists(keyspace.result(j.tenant, j.id))) > 3
-            ),
-            WAIT_S,
-            "the victim to be busy",
-        )
+        # Kill it while it holds jobs and after some have finished. The steady
+        # worker may take a whole batch before the victim takes any (a batch
+        # consumer takes up to 64 at once): then the batch ends with the victim
+        # holding nothing, and another batch is sent.
+        for _attempt in range(5):
+            batch = submit_mixed(stack, SIZE.kill_jobs, seconds=0.05)
+            jobs += batch
+            state = wait_for(
+                lambda v=victim, b=batch: busy_or_done(stack, v, b),
+                WAIT_S,
+                "the victim to be busy or the batch to end",
+            )
+            if state == "busy":
+                break
+        else:
+            pytest.fail("the victim held no job in 5 batches")
         killed_holding += len(held_by(stack, victim))
         victim.kill()
     sealed = collect(jobs)
